@@ -1,0 +1,41 @@
+//! The `sglp-engine` command line. Each subcommand lives in its own file with its clap arguments and
+//! a `run` function; this file only lists them.
+
+mod cka;
+mod info;
+mod segment;
+
+use crate::error::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sglp-engine",
+    version,
+    about = "Similarity-guided layer pruning: all-pairs CKA, Fisher segmentation, gradient-norm importance"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// All-pairs CKA between the layers of a calibration set.
+    Cka(cka::CkaArgs),
+    /// Fisher's optimal segmentation of the layers from a CKA JSON.
+    Segment(segment::SegmentArgs),
+    /// `cka` then `segment` in one go.
+    Run(cka::RunArgs),
+    /// List the inputs' layers, shapes and dtypes, and the backends available on this machine.
+    Info(info::InfoArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Cka(a) => cka::run_cka(a),
+        Command::Segment(a) => segment::run(a),
+        Command::Run(a) => cka::run_pipeline(a),
+        Command::Info(a) => info::run(a),
+    }
+}

@@ -1,0 +1,74 @@
+//! The crate's one error type. Every fallible function returns [`Result`]; the CLI prints the error's
+//! `Display` on one line and exits with [`Error::exit_code`].
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be opened, read, or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's content is not what its format promises (truncated, corrupt header, unsupported dtype...).
+    #[error("{}: {msg}", path.display())]
+    Format { path: PathBuf, msg: String },
+    /// Something wrong with one layer of an input file (shape mismatch, NaN, ...).
+    #[error("{}: layer '{layer}': {msg}", path.display())]
+    Layer {
+        path: PathBuf,
+        layer: String,
+        msg: String,
+    },
+    /// Input that is well-formed but cannot be used as asked (bad option values, too few samples, ...).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A model checkpoint or config the runtime cannot run.
+    #[error("{0}")]
+    Model(String),
+    /// The CUDA backend was asked for but cannot run, or a CUDA call failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+impl Error {
+    /// Exit code for the CLI. Every variant is something the user meets through their input, options or
+    /// machine, so all map to 2 (clap's own usage errors also exit 2).
+    pub fn exit_code(&self) -> i32 {
+        2
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn layer(
+        path: impl Into<PathBuf>,
+        layer: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Layer {
+            path: path.into(),
+            layer: layer.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

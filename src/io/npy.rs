@@ -1,0 +1,1 @@
+//! Directories of `.npy` activation files (memory-mapped). Skeleton: the io helper fills this in.

@@ -1,0 +1,1 @@
+//! `.safetensors` activation files (memory-mapped). Skeleton: the io helper fills this in.

@@ -1,0 +1,1 @@
+//! Fisher optimal segmentation (being written).

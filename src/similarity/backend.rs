@@ -1,0 +1,66 @@
+//! The compute interface of the similarity stage: one trait, a CPU implementation ([`super::cpu`]) and a
+//! CUDA implementation ([`super::cuda`]). The accumulator ([`super::CkaAccumulator`]) owns the streaming,
+//! re-batching and the f64 state; a backend only turns one batch into numbers.
+
+use crate::error::Result;
+use crate::io::BatchRef;
+
+/// Which HSIC estimator.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Estimator {
+    /// HSIC₀ = tr(KHLH)/(n−1)² over all n samples (Kornblith et al. 2019).
+    Biased,
+    /// HSIC₁ of Song et al. (2012) on minibatches, averaged (Nguyen, Raghu & Kornblith 2021).
+    Unbiased,
+}
+
+/// Which kernel builds the Gram matrices.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum Kernel {
+    /// K = X Xᵀ.
+    Linear,
+    /// K_ij = exp(−d²_ij / (2 t² m)), m the median of all squared distances of the batch (diagonal
+    /// included), t = `threshold`: Kornblith et al.'s reference `gram_rbf`.
+    Rbf { threshold: f64 },
+}
+
+/// How a linear-kernel HSIC is computed. Both routes give the same numbers; they differ in cost.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Pick the cheaper one from the shapes.
+    Auto,
+    /// n×n Gram matrices per batch, centred, all pairs as one product of the stacked Grams.
+    Gram,
+    /// D×D feature products (D = Σ widths): cheaper when the widths are small next to the batch.
+    Feature,
+}
+
+/// A compute backend for the similarity stage.
+pub trait Backend {
+    /// Human-readable name of the device, e.g. `cpu (2 threads)` or `cuda:0 NVIDIA H100`.
+    fn name(&self) -> String;
+
+    /// Gram route: the HSIC of every pair of layers on one batch of `batch.rows` samples.
+    ///
+    /// Returns the row-major L×L matrix (symmetric), already divided by the estimator's normaliser:
+    /// (n−1)² for [`Estimator::Biased`] (double-centred Grams), n(n−3) for [`Estimator::Unbiased`]
+    /// (U-centred Grams with zero diagonal), n = `batch.rows`.
+    fn batch_hsic(
+        &mut self,
+        batch: &BatchRef<'_>,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<Vec<f64>>;
+
+    /// Feature route: add ZᵀZ of the batch into `cross` (D×D row-major, f64), Z = the batch's layers side
+    /// by side (`rows × D`). Only the blocks on and below the diagonal (layer m ≤ layer l) need be filled;
+    /// the caller reads no others.
+    fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()>;
+}

@@ -1,0 +1,444 @@
+//! All-pairs CKA (centered kernel alignment) between the layers of a calibration set.
+//!
+//! [`CkaAccumulator`] streams: it takes chunks of rows of all layers ([`crate::io::Batch`]), re-batches them
+//! into estimator batches (which may straddle chunks and shards), hands each batch to a [`Backend`] and
+//! keeps the f64 state:
+//!
+//! * unbiased (minibatch) estimator: Σ_batches HSIC₁(l, m) — an L×L matrix, whatever the number of batches;
+//! * biased estimator, feature route: ZᵀZ and the column sums over all samples (D×D, D = Σ widths);
+//! * biased estimator, Gram route: the samples themselves (the biased HSIC needs every sample's kernel
+//!   against every other; use the unbiased estimator, or the feature route, to stream).
+//!
+//! CKA(l, m) = HSIC(l, m) / √(HSIC(l, l)·HSIC(m, m)), with the minibatch CKA taking means over batches
+//! before the ratio (Nguyen, Raghu & Kornblith 2021).
+
+mod backend;
+pub mod cpu;
+pub mod device;
+mod feature;
+
+pub use backend::{Backend, Estimator, Kernel, Route};
+
+use crate::error::{Error, Result};
+use crate::io::{ActivationSource, Batch, BatchRef, LayerMeta};
+
+/// What to compute.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CkaSpec {
+    pub estimator: Estimator,
+    pub kernel: Kernel,
+    /// Samples per batch for the unbiased estimator (ignored by the biased one, which uses all samples).
+    pub batch_size: usize,
+    pub route: Route,
+}
+
+impl Default for CkaSpec {
+    fn default() -> Self {
+        CkaSpec {
+            estimator: Estimator::Unbiased,
+            kernel: Kernel::Linear,
+            batch_size: 256,
+            route: Route::Auto,
+        }
+    }
+}
+
+/// The result, serialised as the `sglp-cka/1` JSON format. NaN entries serialise as `null`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CkaResult {
+    pub format: String,
+    pub layers: Vec<String>,
+    pub estimator: Estimator,
+    pub kernel: Kernel,
+    /// Samples per batch (the unbiased estimator), or all samples (biased).
+    pub batch_size: usize,
+    pub n_samples: usize,
+    pub n_batches: usize,
+    /// The route actually used ("gram" or "feature").
+    pub route: Route,
+    pub backend: String,
+    pub cka: Vec<Vec<Option<f64>>>,
+    pub hsic: Vec<Vec<Option<f64>>>,
+    pub warnings: Vec<String>,
+}
+
+pub const CKA_FORMAT: &str = "sglp-cka/1";
+
+impl CkaResult {
+    /// The CKA matrix with `null` (NaN) entries as NaN.
+    pub fn cka_matrix(&self) -> Vec<Vec<f64>> {
+        self.cka
+            .iter()
+            .map(|r| r.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+            .collect()
+    }
+
+    /// CSV: a header row of layer names, then one row per layer (`layer,cka...`).
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from("layer");
+        for l in &self.layers {
+            s.push(',');
+            s.push_str(l);
+        }
+        s.push('\n');
+        for (name, row) in self.layers.iter().zip(&self.cka) {
+            s.push_str(name);
+            for v in row {
+                s.push(',');
+                match v {
+                    Some(x) => s.push_str(&format!("{x}")),
+                    None => s.push_str("nan"),
+                }
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// Streaming all-pairs CKA over a calibration set.
+///
+/// ```
+/// use sglp_engine::io::{Batch, DType, LayerMeta};
+/// use sglp_engine::similarity::{cpu::CpuBackend, CkaAccumulator, CkaSpec};
+///
+/// // Two layers, the second a scaled copy of the first: CKA 1.
+/// let layers = vec![
+///     LayerMeta { name: "a".into(), cols: 3, dtype: DType::F32, shape: vec![8, 3] },
+///     LayerMeta { name: "b".into(), cols: 3, dtype: DType::F32, shape: vec![8, 3] },
+/// ];
+/// let x: Vec<f32> = (0..24).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+/// let y: Vec<f32> = x.iter().map(|v| 2.0 * v).collect();
+/// let spec = CkaSpec { batch_size: 8, ..CkaSpec::default() };
+/// let mut acc = CkaAccumulator::new(&layers, spec, None).unwrap();
+/// let mut cpu = CpuBackend::new(1);
+/// acc.push(&Batch::from_f32(8, &[(3, &x), (3, &y)]).as_ref(), &mut cpu).unwrap();
+/// let res = acc.finish(&mut cpu).unwrap();
+/// assert!((res.cka[0][1].unwrap() - 1.0).abs() < 1e-9);
+/// ```
+pub struct CkaAccumulator {
+    layers: Vec<LayerMeta>,
+    spec: CkaSpec,
+    route: Route,
+    /// Rows waiting to complete a batch (unbiased) or every row (biased, Gram route).
+    pending: Batch,
+    /// Σ_batches HSIC (unbiased) — L×L.
+    hsic_sum: Vec<f64>,
+    n_batches: usize,
+    n_samples: usize,
+    /// Feature route state.
+    feature: Option<feature::FeatureState>,
+    warnings: Vec<String>,
+}
+
+impl CkaAccumulator {
+    /// `n_samples_hint`: total samples when known (helps the biased estimator pick its route).
+    pub fn new(layers: &[LayerMeta], spec: CkaSpec, n_samples_hint: Option<usize>) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(Error::invalid("no layers to compare"));
+        }
+        if spec.estimator == Estimator::Unbiased && spec.batch_size < 4 {
+            return Err(Error::invalid(format!(
+                "the unbiased estimator needs batches of at least 4 samples (got --batch-size {})",
+                spec.batch_size
+            )));
+        }
+        if let Kernel::Rbf { threshold } = spec.kernel {
+            if !(threshold.is_finite() && threshold > 0.0) {
+                return Err(Error::invalid(format!(
+                    "--rbf-threshold must be positive (got {threshold})"
+                )));
+            }
+        }
+        let route = choose_route(layers, &spec, n_samples_hint)?;
+        let l = layers.len();
+        let feature = (route == Route::Feature).then(|| feature::FeatureState::new(layers));
+        Ok(CkaAccumulator {
+            layers: layers.to_vec(),
+            spec,
+            route,
+            pending: Batch::empty(layers),
+            hsic_sum: vec![0.0; l * l],
+            n_batches: 0,
+            n_samples: 0,
+            feature,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// The route this accumulator uses.
+    pub fn route(&self) -> Route {
+        self.route
+    }
+
+    /// Add rows of every layer (any number of rows; batches are formed internally).
+    pub fn push(&mut self, chunk: &BatchRef<'_>, backend: &mut dyn Backend) -> Result<()> {
+        if chunk.layers.len() != self.layers.len() {
+            return Err(Error::invalid(format!(
+                "chunk has {} layers, expected {}",
+                chunk.layers.len(),
+                self.layers.len()
+            )));
+        }
+        for (s, m) in chunk.layers.iter().zip(&self.layers) {
+            if s.cols != m.cols
+                || s.dtype != m.dtype
+                || s.bytes.len() != chunk.rows * s.cols * s.dtype.size()
+            {
+                return Err(Error::invalid(format!(
+                    "layer '{}': chunk does not match the layer's width {} and dtype {}",
+                    m.name,
+                    m.cols,
+                    m.dtype.name()
+                )));
+            }
+        }
+        self.n_samples += chunk.rows;
+        match (self.spec.estimator, self.route) {
+            (Estimator::Biased, Route::Gram) => {
+                self.pending.extend_from(chunk);
+                Ok(())
+            }
+            (Estimator::Biased, _) => {
+                let st = self.feature.as_mut().expect("feature state");
+                st.add_biased(chunk, backend)
+            }
+            (Estimator::Unbiased, _) => self.push_unbiased(chunk, backend),
+        }
+    }
+
+    fn push_unbiased(&mut self, chunk: &BatchRef<'_>, backend: &mut dyn Backend) -> Result<()> {
+        let b = self.spec.batch_size;
+        let mut start = 0;
+        // Complete a partly filled batch first.
+        if self.pending.rows > 0 {
+            let take = (b - self.pending.rows).min(chunk.rows);
+            self.pending.extend_from(&sub_batch(chunk, 0, take));
+            start = take;
+            if self.pending.rows == b {
+                let full = std::mem::replace(&mut self.pending, Batch::empty(&self.layers));
+                self.add_unbiased_batch(&full.as_ref(), backend)?;
+            }
+        }
+        // Whole batches straight from the chunk, without copying.
+        while chunk.rows - start >= b {
+            self.add_unbiased_batch(&sub_batch(chunk, start, start + b), backend)?;
+            start += b;
+        }
+        if start < chunk.rows {
+            self.pending
+                .extend_from(&sub_batch(chunk, start, chunk.rows));
+        }
+        Ok(())
+    }
+
+    fn add_unbiased_batch(
+        &mut self,
+        batch: &BatchRef<'_>,
+        backend: &mut dyn Backend,
+    ) -> Result<()> {
+        let h = match self.route {
+            Route::Feature => self
+                .feature
+                .as_mut()
+                .expect("feature state")
+                .unbiased_batch_hsic(batch, backend)?,
+            _ => backend.batch_hsic(batch, Estimator::Unbiased, self.spec.kernel)?,
+        };
+        for (s, v) in self.hsic_sum.iter_mut().zip(&h) {
+            *s += v;
+        }
+        self.n_batches += 1;
+        Ok(())
+    }
+
+    /// Finish: the mean HSIC over batches and the CKA matrix.
+    pub fn finish(mut self, backend: &mut dyn Backend) -> Result<CkaResult> {
+        let l = self.layers.len();
+        let (hsic, batch_size) = match self.spec.estimator {
+            Estimator::Unbiased => {
+                if self.pending.rows > 0 {
+                    let r = self.pending.rows;
+                    if r >= 4 {
+                        // A short final batch is still an unbiased estimate; keep it.
+                        let last = std::mem::replace(&mut self.pending, Batch::empty(&self.layers));
+                        self.add_unbiased_batch(&last.as_ref(), backend)?;
+                        self.warnings.push(format!(
+                            "the last batch has {r} samples instead of {}",
+                            self.spec.batch_size
+                        ));
+                    } else {
+                        self.warnings.push(format!(
+                            "dropped the last {r} sample(s): the unbiased estimator needs at least 4 per batch"
+                        ));
+                        self.n_samples -= r;
+                    }
+                }
+                if self.n_batches == 0 {
+                    return Err(Error::invalid(format!(
+                        "the unbiased estimator needs at least 4 samples (got {})",
+                        self.n_samples
+                    )));
+                }
+                let nb = self.n_batches as f64;
+                (
+                    self.hsic_sum.iter().map(|v| v / nb).collect::<Vec<_>>(),
+                    self.spec.batch_size,
+                )
+            }
+            Estimator::Biased => {
+                let n = self.n_samples;
+                if n < 2 {
+                    return Err(Error::invalid(format!(
+                        "the biased estimator needs at least 2 samples (got {n})"
+                    )));
+                }
+                self.n_batches = 1;
+                let h = match self.route {
+                    Route::Gram => backend.batch_hsic(
+                        &self.pending.as_ref(),
+                        Estimator::Biased,
+                        self.spec.kernel,
+                    )?,
+                    _ => self.feature.as_ref().expect("feature state").biased_hsic(),
+                };
+                (h, n)
+            }
+        };
+        let mut warnings = std::mem::take(&mut self.warnings);
+        let cka = cka_from_hsic(&hsic, l);
+        for (i, meta) in self.layers.iter().enumerate() {
+            let d = hsic[i * l + i];
+            if d == 0.0 {
+                warnings.push(format!(
+                    "layer '{}' has zero variance: its CKA row is NaN",
+                    meta.name
+                ));
+            } else if d < 0.0 {
+                warnings.push(format!(
+                    "layer '{}': HSIC with itself is negative ({d:.3e}); its CKA row is NaN",
+                    meta.name
+                ));
+            } else if !d.is_finite() {
+                warnings.push(format!(
+                    "layer '{}': HSIC with itself is not finite",
+                    meta.name
+                ));
+            }
+        }
+        let negatives = (0..l)
+            .flat_map(|i| (0..i).map(move |j| (i, j)))
+            .filter(|&(i, j)| cka[i * l + j] < 0.0)
+            .count();
+        if negatives > 0 {
+            warnings.push(format!(
+                "{negatives} layer pair(s) have a negative CKA estimate (kept as computed, not clamped)"
+            ));
+        }
+        let to_rows = |v: &[f64]| -> Vec<Vec<Option<f64>>> {
+            v.chunks(l)
+                .map(|r| r.iter().map(|&x| x.is_finite().then_some(x)).collect())
+                .collect()
+        };
+        Ok(CkaResult {
+            format: CKA_FORMAT.to_string(),
+            layers: self.layers.iter().map(|m| m.name.clone()).collect(),
+            estimator: self.spec.estimator,
+            kernel: self.spec.kernel,
+            batch_size,
+            n_samples: self.n_samples,
+            n_batches: self.n_batches,
+            route: self.route,
+            backend: backend.name(),
+            cka: to_rows(&cka),
+            hsic: to_rows(&hsic),
+            warnings,
+        })
+    }
+}
+
+/// Rows `[start, end)` of a borrowed batch.
+pub(crate) fn sub_batch<'a>(b: &BatchRef<'a>, start: usize, end: usize) -> BatchRef<'a> {
+    BatchRef {
+        rows: end - start,
+        layers: b
+            .layers
+            .iter()
+            .map(|s| {
+                let w = s.cols * s.dtype.size();
+                crate::io::LayerSlice {
+                    dtype: s.dtype,
+                    cols: s.cols,
+                    bytes: &s.bytes[start * w..end * w],
+                }
+            })
+            .collect(),
+    }
+}
+
+/// CKA(l, m) = HSIC(l, m) / √(HSIC(l, l)·HSIC(m, m)); NaN where the denominator is not positive.
+pub fn cka_from_hsic(hsic: &[f64], l: usize) -> Vec<f64> {
+    let mut out = vec![f64::NAN; l * l];
+    for i in 0..l {
+        for j in 0..l {
+            let den = hsic[i * l + i] * hsic[j * l + j];
+            if den > 0.0 {
+                out[i * l + j] = hsic[i * l + j] / den.sqrt();
+            }
+        }
+    }
+    out
+}
+
+/// Choose the route from the shapes: the cheaper one by multiply-adds, per batch of b samples (the biased
+/// Gram route takes all n samples as one batch).
+fn choose_route(layers: &[LayerMeta], spec: &CkaSpec, n_hint: Option<usize>) -> Result<Route> {
+    let linear = matches!(spec.kernel, Kernel::Linear);
+    match spec.route {
+        Route::Feature if !linear => {
+            Err(Error::invalid("the feature route needs the linear kernel"))
+        }
+        Route::Gram | Route::Feature => Ok(spec.route),
+        Route::Auto if !linear => Ok(Route::Gram),
+        Route::Auto => {
+            let l = layers.len() as f64;
+            let d: f64 = layers.iter().map(|m| m.cols as f64).sum();
+            let b = match spec.estimator {
+                Estimator::Unbiased => spec.batch_size as f64,
+                // Unknown n: the feature route streams, the Gram route keeps every sample.
+                Estimator::Biased => n_hint.map(|n| n as f64).unwrap_or(f64::INFINITY),
+            };
+            // Gram: Σ_l b²·d_l/2 (symmetric Grams) + L²·b²/2 (pairs). Feature: b·D²/2.
+            let gram = b * b * d / 2.0 + l * l * b * b / 2.0;
+            let feat = b * d * d / 2.0;
+            Ok(if feat <= gram {
+                Route::Feature
+            } else {
+                Route::Gram
+            })
+        }
+    }
+}
+
+/// Run the whole calibration set through an accumulator. Shows a progress bar over samples when the total
+/// is known.
+pub fn compute_cka(
+    source: &mut dyn ActivationSource,
+    spec: &CkaSpec,
+    backend: &mut dyn Backend,
+) -> Result<CkaResult> {
+    let layers = source.layers().to_vec();
+    let hint = source.n_samples_hint();
+    let mut acc = CkaAccumulator::new(&layers, *spec, hint)?;
+    let chunk_rows = spec.batch_size.max(1);
+    let pb = crate::progress::bar(hint.unwrap_or(0) as u64, "samples");
+    if hint.is_none() {
+        pb.set_length(0);
+    }
+    while let Some(chunk) = source.next_chunk(chunk_rows)? {
+        acc.push(&chunk.as_ref(), backend)?;
+        pb.inc(chunk.rows as u64);
+    }
+    pb.finish_and_clear();
+    acc.finish(backend)
+}
