@@ -12,6 +12,7 @@ pub mod error;
 pub mod io;
 pub mod linalg;
 pub mod progress;
+pub mod runtime;
 pub mod segmentation;
 pub mod similarity;
 
