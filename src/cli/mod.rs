@@ -1,7 +1,9 @@
 //! The `sglp-engine` command line. Each subcommand lives in its own file with its clap arguments and
 //! a `run` function; this file only lists them.
 
+mod capture;
 mod cka;
+mod gradnorm;
 mod info;
 mod segment;
 
@@ -29,6 +31,10 @@ pub enum Command {
     Run(cka::RunArgs),
     /// List the inputs' layers, shapes and dtypes, and the backends available on this machine.
     Info(info::InfoArgs),
+    /// Per-decoder-layer gradient norms of a LLaMA-family checkpoint on calibration tokens.
+    Gradnorm(gradnorm::GradnormArgs),
+    /// Every decoder layer's hidden states on calibration tokens, as a safetensors file for `cka`.
+    Capture(capture::CaptureArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -37,5 +43,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Segment(a) => segment::run(a),
         Command::Run(a) => cka::run_pipeline(a),
         Command::Info(a) => info::run(a),
+        Command::Gradnorm(a) => gradnorm::run(a),
+        Command::Capture(a) => capture::run(a),
     }
 }
