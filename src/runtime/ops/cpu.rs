@@ -719,10 +719,13 @@ pub fn cross_entropy_backward(
             if t < 0 {
                 return;
             }
-            let lse = logsumexp(row) as f32;
-            let scale32 = scale as f32;
-            for (dv, &v) in d.iter_mut().zip(row) {
-                *dv += scale32 * (v - lse).exp();
+            // One exponential per logit: e = exp(v − max) kept in a row buffer, then scaled by 1/Σe.
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+            let sum: f64 = e.iter().map(|&x| x as f64).sum();
+            let k = (scale / sum) as f32;
+            for (dv, &x) in d.iter_mut().zip(&e) {
+                *dv += k * x;
             }
             d[t as usize] -= scale as f32;
         });
