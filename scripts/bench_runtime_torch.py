@@ -8,7 +8,7 @@ Builds a random LlamaForCausalLM (hidden 768, 12 layers, intermediate 2048, 12 h
 vocab 32000: ~125M parameters), saves it as an f32 safetensors checkpoint, times PyTorch's forward +
 backward (loss = mean next-token cross-entropy, f32) on 4 sequences of 256 tokens, then runs the engine on
 the same checkpoint and tokens and reports the median times and their ratio. The first step of each is a
-warm-up and is not counted.
+warm-up and is not counted; PyTorch's timed steps are split before and after the engine's run.
 """
 import argparse
 import json
@@ -60,9 +60,16 @@ def main():
 
     torch_step()
     torch_times, torch_loss = [], None
-    for _ in range(args.reps):
-        t, torch_loss = torch_step()
-        torch_times.append(t)
+
+    def time_torch(reps):
+        nonlocal torch_loss
+        for _ in range(reps):
+            t, torch_loss = torch_step()
+            torch_times.append(t)
+
+    # Half of PyTorch's steps before the engine and half after, so a change in machine load during the run
+    # shows up on both sides.
+    time_torch((args.reps + 1) // 2)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
         model.save_pretrained(d, safe_serialization=True)
@@ -78,6 +85,7 @@ def main():
         with open(out) as f:
             res = json.load(f)
     engine_times = res["timing"]["forward_backward_s"][1:]
+    time_torch(args.reps // 2)
 
     tm, em = statistics.median(torch_times), statistics.median(engine_times)
     report = {
@@ -92,6 +100,11 @@ def main():
         "torch_median_s": tm,
         "engine_median_s": em,
         "engine_over_torch": em / tm,
+        # On a shared machine load only adds time: the minimum is the least disturbed step of each.
+        "torch_min_s": min(torch_times),
+        "engine_min_s": min(engine_times),
+        "engine_over_torch_min": min(engine_times) / min(torch_times),
+        "load_average_after": os.getloadavg(),
         "torch_loss": torch_loss,
         "engine_loss": res["loss"],
         "engine_process_wall_s": engine_wall,
