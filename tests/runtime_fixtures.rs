@@ -59,6 +59,7 @@ fn hidden_states_and_loss_match_pytorch() {
         let (model, tokens) = load(name);
         let (refs, _) = reference(name);
         let mut seen = vec![false; model.num_layers() + 1];
+        let mut worst = 0f64;
         let loss = model
             .forward(&tokens, &[], &mut |i, h| {
                 let want = &refs[&format!("hidden.{i}")];
@@ -75,6 +76,7 @@ fn hidden_states_and_loss_match_pytorch() {
                     err / scale
                 );
                 seen[i] = true;
+                worst = worst.max(err / scale);
             })
             .unwrap();
         assert!(
@@ -91,6 +93,10 @@ fn hidden_states_and_loss_match_pytorch() {
         }
         let want = sum / count as f64;
         assert!(rel(loss, want) < 1e-5, "{name}: loss {loss} vs {want}");
+        eprintln!(
+            "{name}: hidden max rel err {worst:.2e}, loss rel err {:.2e}",
+            rel(loss, want)
+        );
     }
 }
 
@@ -99,6 +105,7 @@ fn gradient_norms_match_pytorch() {
     for name in FIXTURES {
         let (model, tokens) = load(name);
         let (refs, batch) = reference(name);
+        let mut worst = 0f64;
         for (k, start) in (0..tokens.sequences).step_by(batch).enumerate() {
             let g = model.grad_norms(&tokens.batch(start, batch), &[]).unwrap();
             let want_loss = refs[&format!("loss.b{k}")][0];
@@ -110,6 +117,7 @@ fn gradient_norms_match_pytorch() {
             let want = &refs[&format!("gradnorm.b{k}")];
             for (l, (&got, &w)) in g.per_layer.iter().zip(want).enumerate() {
                 assert!(rel(got, w) < 1e-4, "{name} b{k} layer {l}: {got} vs {w}");
+                worst = worst.max(rel(got, w));
             }
             let extra = &refs[&format!("extra.b{k}")];
             assert!(
@@ -133,6 +141,7 @@ fn gradient_norms_match_pytorch() {
                 None => assert!(extra[2] < 0.0, "{name}: lm_head missing but untied"),
             }
         }
+        eprintln!("{name}: layer gradient norm max rel err {worst:.2e}");
     }
 }
 
