@@ -268,9 +268,9 @@ impl Model {
             out: kr,
         });
         let att = tape.buffer(format!("{pre}.attn"), n, qd);
-        let probs = tape.buffer(
-            format!("{pre}.attn_probs"),
-            shape.seqs * shape.heads * shape.tokens,
+        let lse = tape.buffer(
+            format!("{pre}.attn_lse"),
+            shape.seqs * shape.heads,
             shape.tokens,
         );
         tape.push(Op::Attention {
@@ -279,7 +279,7 @@ impl Model {
             v,
             shape,
             out: att,
-            probs,
+            lse,
         });
         let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
         let x1 = tape.buffer(format!("{pre}.resid_attn"), n, h);

@@ -1,6 +1,7 @@
 //! The tape: a model is a list of ops over numbered buffers (each with a name, for errors and debugging).
-//! `forward` runs the ops in order and keeps what the backward needs (the activations and the attention
-//! probabilities); `backward` replays the tape in reverse. Parameters are not buffers: they are fetched
+//! `forward` runs the ops in order and keeps only what the backward reads (each op lists it: inputs of
+//! linears, norms and activations, q/k/v and the attention's row log-sum-exps; nothing for rope and add);
+//! `backward` replays the tape in reverse. Parameters are not buffers: they are fetched
 //! from a [`ParamStore`] when an op runs (memory-mapped weights, converted to f32 per op) and dropped after,
 //! and a parameter's gradient lives only until its first forward use has been replayed, when it is folded
 //! into its group's sum of squares and freed. So the peak memory is the weights' mmap, the activations,
@@ -74,7 +75,7 @@ pub enum Op {
         v: BufId,
         shape: AttnShape,
         out: BufId,
-        probs: BufId,
+        lse: BufId,
     },
     Silu {
         x: BufId,
@@ -130,7 +131,7 @@ impl Op {
             | Op::Gelu { out, .. }
             | Op::Mul { out, .. }
             | Op::Add { out, .. } => vec![out],
-            Op::Attention { out, probs, .. } => vec![out, probs],
+            Op::Attention { out, lse, .. } => vec![out, lse],
             Op::CrossEntropy { .. } => vec![],
         }
     }
@@ -147,6 +148,22 @@ impl Op {
             | Op::Gelu { x, .. } => vec![x],
             Op::Attention { q, k, v, .. } => vec![q, k, v],
             Op::Mul { a, b, .. } | Op::Add { a, b, .. } => vec![a, b],
+            Op::CrossEntropy { logits } => vec![logits],
+        }
+    }
+
+    /// Buffers whose contents this op's backward reads (rope and add need none: they are linear with
+    /// constant coefficients).
+    fn saved(&self) -> Vec<BufId> {
+        match *self {
+            Op::Embedding { .. } | Op::Rope { .. } | Op::Add { .. } => vec![],
+            Op::Linear { x, .. }
+            | Op::RmsNorm { x, .. }
+            | Op::LayerNorm { x, .. }
+            | Op::Silu { x, .. }
+            | Op::Gelu { x, .. } => vec![x],
+            Op::Attention { q, k, v, lse, .. } => vec![q, k, v, lse],
+            Op::Mul { a, b, .. } => vec![a, b],
             Op::CrossEntropy { logits } => vec![logits],
         }
     }
@@ -263,8 +280,9 @@ impl Tape {
         self.bufs[b].rows * self.bufs[b].cols
     }
 
-    /// Run the ops in order, calling `on_mark(index, data)` for every mark. With `keep` false (forward
-    /// only) a buffer is freed after its last reader has run. Returns the loss.
+    /// Run the ops in order, calling `on_mark(index, data)` for every mark. A buffer is freed after its
+    /// last reader has run, unless `keep` (a backward follows) and some op's backward reads it. Returns the
+    /// loss.
     pub fn forward(
         &mut self,
         store: &dyn ParamStore,
@@ -284,6 +302,12 @@ impl Tape {
         for m in &self.marks {
             last_use[m.buf] = last_use[m.buf].max(m.after_ops.saturating_sub(1));
         }
+        let mut saved = vec![false; self.bufs.len()];
+        if keep {
+            for b in self.ops.iter().flat_map(Op::saved) {
+                saved[b] = true;
+            }
+        }
         let mut next_mark = 0;
         self.emit_marks(0, &mut next_mark, on_mark);
         for i in 0..self.ops.len() {
@@ -297,11 +321,9 @@ impl Tape {
                 p.add(op.kind(), "forward", t0);
             }
             self.emit_marks(i + 1, &mut next_mark, on_mark);
-            if !keep {
-                for b in op.inputs().into_iter().chain(op.outputs()) {
-                    if last_use[b] == i {
-                        self.data[b] = Vec::new();
-                    }
+            for b in op.inputs().into_iter().chain(op.outputs()) {
+                if last_use[b] == i && !saved[b] {
+                    self.data[b] = Vec::new();
                 }
             }
         }
@@ -365,10 +387,10 @@ impl Tape {
                 v,
                 shape,
                 out,
-                probs,
+                lse,
             } => {
                 let mut y = std::mem::take(&mut self.data[out]);
-                let mut p = std::mem::take(&mut self.data[probs]);
+                let mut p = std::mem::take(&mut self.data[lse]);
                 cpu::attention_forward(
                     &self.data[q],
                     &self.data[k],
@@ -378,7 +400,7 @@ impl Tape {
                     &mut p,
                 );
                 self.data[out] = y;
-                self.data[probs] = p;
+                self.data[lse] = p;
             }
             Op::Silu { x, out } | Op::Gelu { x, out } => {
                 let mut y = std::mem::take(&mut self.data[out]);
@@ -573,7 +595,7 @@ impl Tape {
                 v,
                 shape,
                 out,
-                probs,
+                lse,
             } => {
                 if self.grads[out].is_empty() {
                     return Ok(());
@@ -584,7 +606,7 @@ impl Tape {
                     &self.data[q],
                     &self.data[k],
                     &self.data[v],
-                    &self.data[probs],
+                    &self.data[lse],
                     &self.grads[out],
                     shape,
                     &mut dq,

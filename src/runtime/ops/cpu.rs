@@ -426,40 +426,47 @@ impl AttnShape {
     }
 }
 
-/// Writes `out` and the attention probabilities `probs` (`[seqs, heads, tokens, tokens]`, zero above the
-/// diagonal), which the backward reuses.
+/// Writes `out` and, per (sequence, head, query row), the log-sum-exp of the scaled scores `lse`
+/// (`[seqs, heads, tokens]`): the backward recomputes the probabilities from it, so the saved state is
+/// linear in the sequence length, not quadratic.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     sh: AttnShape,
     out: &mut [f32],
-    probs: &mut [f32],
+    lse: &mut [f32],
 ) {
     let (t, d) = (sh.tokens, sh.head_dim);
-    let tiles: Vec<Vec<f32>> = probs
-        .par_chunks_mut(t * t)
+    let tiles: Vec<Vec<f32>> = lse
+        .par_chunks_mut(t)
         .enumerate()
-        .map(|(sh_idx, p)| {
+        .map(|(sh_idx, lse_rows)| {
             let (s, h) = (sh_idx / sh.heads, sh_idx % sh.heads);
             let g = h / sh.group();
-            let qh = sh.head(q, sh.heads, s, h);
-            let kh = sh.head(k, sh.kv_heads, s, g);
-            let vh = sh.head(v, sh.kv_heads, s, g);
-            matmul(p, t, qh, kh.t(), sh.scale(), false, false);
-            for (i, row) in p.chunks_mut(t).enumerate() {
-                causal_softmax_row(row, i);
+            let mut p = vec![0f32; t * t];
+            scaled_scores(q, k, sh, s, h, g, &mut p);
+            for (i, (row, l)) in p.chunks_mut(t).zip(lse_rows.iter_mut()).enumerate() {
+                *l = causal_softmax_row(row, i);
             }
             let mut tile = vec![0f32; t * d];
-            matmul(&mut tile, d, MatRef::rm(p, t, t), vh, 1.0, false, false);
+            let vh = sh.head(v, sh.kv_heads, s, g);
+            matmul(&mut tile, d, MatRef::rm(&p, t, t), vh, 1.0, false, false);
             tile
         })
         .collect();
     scatter_heads(&tiles, sh, sh.heads, out, false);
 }
 
-/// Softmax over `row[..=i]` (computed in f64 for the sum), zero beyond: the causal mask.
-fn causal_softmax_row(row: &mut [f32], i: usize) {
+/// `p = scale · Q_h K_gᵀ` for sequence `s` (`[tokens, tokens]`).
+fn scaled_scores(q: &[f32], k: &[f32], sh: AttnShape, s: usize, h: usize, g: usize, p: &mut [f32]) {
+    let qh = sh.head(q, sh.heads, s, h);
+    let kh = sh.head(k, sh.kv_heads, s, g);
+    matmul(p, sh.tokens, qh, kh.t(), sh.scale(), false, false);
+}
+
+/// Softmax over `row[..=i]` (sum in f64), zero beyond (the causal mask); returns the row's log-sum-exp.
+fn causal_softmax_row(row: &mut [f32], i: usize) -> f32 {
     let (live, masked) = row.split_at_mut(i + 1);
     let max = live.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
@@ -473,6 +480,7 @@ fn causal_softmax_row(row: &mut [f32], i: usize) {
         *x = (*x as f64 * inv) as f32;
     }
     masked.fill(0.0);
+    (max as f64 + sum.ln()) as f32
 }
 
 /// Write (or add) per-(sequence, head) tiles `[tokens, head_dim]` (tile index `s * n_heads + h`) into a
@@ -498,14 +506,15 @@ fn scatter_heads(tiles: &[Vec<f32>], sh: AttnShape, n_heads: usize, dst: &mut [f
         });
 }
 
-/// Per kv head g (one rayon task), over the query heads h of its group, with P the probabilities:
+/// Per kv head g (one rayon task), over the query heads h of its group, with P the probabilities
+/// recomputed from the scores and the forward's log-sum-exp (P = exp(S − lse) on and below the diagonal):
 /// dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ_h = scale dS K, dK += scale dSᵀ Q_h, dV += Pᵀ dO.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    probs: &[f32],
+    lse: &[f32],
     dout: &[f32],
     sh: AttnShape,
     dq: &mut [f32],
@@ -524,9 +533,16 @@ pub fn attention_backward(
             let mut dk_t = vec![0f32; t * d];
             let mut dv_t = vec![0f32; t * d];
             let mut dp = vec![0f32; t * t];
+            let mut p = vec![0f32; t * t];
             let mut dq_tiles = Vec::with_capacity(grp);
             for h in g * grp..(g + 1) * grp {
-                let p = &probs[(s * sh.heads + h) * t * t..(s * sh.heads + h + 1) * t * t];
+                scaled_scores(q, k, sh, s, h, g, &mut p);
+                let lse_rows = &lse[(s * sh.heads + h) * t..(s * sh.heads + h + 1) * t];
+                for (i, (row, &l)) in p.chunks_mut(t).zip(lse_rows).enumerate() {
+                    row[..=i].iter_mut().for_each(|x| *x = (*x - l).exp());
+                    row[i + 1..].fill(0.0);
+                }
+                let p = &p[..];
                 let doh = sh.head(dout, sh.heads, s, h);
                 let qh = sh.head(q, sh.heads, s, h);
                 matmul(&mut dv_t, d, MatRef::rm(p, t, t).t(), doh, 1.0, true, false);
@@ -954,7 +970,7 @@ mod tests {
         };
         let nq = sh.seqs * sh.tokens * sh.heads * sh.head_dim;
         let nk = sh.seqs * sh.tokens * sh.kv_heads * sh.head_dim;
-        let np = sh.seqs * sh.heads * sh.tokens * sh.tokens;
+        let np = sh.seqs * sh.heads * sh.tokens;
         let ins = vec![
             rand_vec(&mut rng, nq),
             rand_vec(&mut rng, nk),
