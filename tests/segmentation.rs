@@ -117,14 +117,15 @@ fn auto_k_takes_the_largest_k_with_a_relative_gain_above_the_threshold() {
     assert_eq!(choose_k(&[100.0, 50.0, 25.0, 24.75, 19.8], 0.05), 5);
     assert_eq!(choose_k(&[100.0, 99.0, 98.5], 0.05), 1);
     assert_eq!(choose_k(&[10.0, 0.0, 0.0], 0.05), 2);
-    // Three clear blocks of layers: the loss curve flattens after k = 3.
-    let x: Vec<Vec<f64>> = [1.0, 1.1, 0.9, 5.0, 5.2, 4.9, 5.1, 9.0, 9.1]
+    // Three constant blocks: L(3) = 0, so nothing is gained past k = 3. (With noise inside the blocks the
+    // rule as published keeps splitting the noise: each further split still gains > 5% of a tiny loss.)
+    let x: Vec<Vec<f64>> = [1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0, 9.0, 9.0]
         .iter()
         .map(|&v| vec![v])
         .collect();
     let curve = loss_curve(&x, 8, 1).unwrap();
     let k = choose_k(&curve, 0.05);
-    assert!((3..=4).contains(&k), "k = {k} from {curve:?}");
+    assert_eq!(k, 3, "from {curve:?}");
     assert!(
         curve.windows(2).all(|w| w[1] <= w[0] + 1e-12),
         "loss curve must not increase: {curve:?}"
