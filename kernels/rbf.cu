@@ -52,16 +52,16 @@ extern "C" __global__ void rbf_select_init(u32* __restrict__ state, int layers, 
 
 extern "C" __global__ void __launch_bounds__(256)
 rbf_select_hist(const float* __restrict__ K, u64 nn, const u32* __restrict__ state,
-                u32* __restrict__ hist, int shift) {
+                u32* __restrict__ hist, int shift, int bits) {
     __shared__ u32 bins[RBF_BINS];
     for (int b = threadIdx.x; b < RBF_BINS; b += blockDim.x) bins[b] = 0u;
     __syncthreads();
     const int s = blockIdx.y * 2 + blockIdx.z;
-    const u32 prefix = state[s * 4 + 0], mask = state[s * 4 + 1];
+    const u32 prefix = state[s * 4 + 0], mask = state[s * 4 + 1], digit_mask = (1u << bits) - 1u;
     const float* k = K + (u64)blockIdx.y * nn;
     for (u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x; e < nn; e += (u64)gridDim.x * blockDim.x) {
         const u32 key = float_key(k[e]);
-        if ((key & mask) == prefix) atomicAdd(&bins[(key >> shift) & (RBF_BINS - 1)], 1u);
+        if ((key & mask) == prefix) atomicAdd(&bins[(key >> shift) & digit_mask], 1u);
     }
     __syncthreads();
     u32* h = hist + (u64)s * RBF_BINS;

@@ -57,10 +57,9 @@ pub struct DeviceInfo {
 /// The GPUs the driver sees, or why none can be used.
 pub fn list_devices() -> Result<Vec<DeviceInfo>> {
     if !driver_available() {
-        return Err(Error::Cuda(format!(
-            "no CUDA driver found (looked for {})",
-            cudarc::get_lib_name_candidates("cuda").join(", ")
-        )));
+        return Err(Error::Cuda(
+            "no CUDA driver found (libcuda.so.1 could not be loaded)".into(),
+        ));
     }
     cu::init().cu("cuInit")?;
     let count = cu::device::get_count().cu("cuDeviceGetCount")?;
@@ -602,6 +601,7 @@ fn rbf_in_place(
                 .arg(&*state)
                 .arg(&mut *hist)
                 .arg(&shift)
+                .arg(&bits)
                 .launch(grid(hist_blocks, nl, 2, 256))
                 .cu("launching rbf_select_hist")?;
             s.launch_builder(&k.rbf_select_step)
