@@ -172,6 +172,42 @@ pub struct CudaBackend {
     cpu: CpuBackend,
     /// Device bytes the plan may use at most (tests set it to force layer blocks).
     budget_cap: Option<usize>,
+    /// Profiling: timed events around each stage's launches, summed after each batch.
+    profile: bool,
+    spans: Vec<(Stage, CudaEvent, CudaEvent)>,
+    last_times: Option<StageTimes>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Gram,
+    Centre,
+    Pairs,
+}
+
+/// Device time of the stages of the last batch (with profiling on), in milliseconds. `wall_ms` is the
+/// host time of the whole `batch_hsic` call (uploads and synchronisation included).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    /// The Gram products (gram_fma / gram_mma).
+    pub gram_ms: f64,
+    /// RBF (when used) and centring/packing.
+    pub centre_ms: f64,
+    /// The all-pairs product.
+    pub pairs_ms: f64,
+    pub wall_ms: f64,
+}
+
+/// A timed event recorded on `s` when profiling, else nothing.
+fn mark(ctx: &Arc<CudaContext>, s: &CudaStream, on: bool) -> Result<Option<CudaEvent>> {
+    if !on {
+        return Ok(None);
+    }
+    let e = ctx
+        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .cu("event")?;
+    e.record(s).cu("event record")?;
+    Ok(Some(e))
 }
 
 /// Stored dtype code of the kernels (`DT_*` in kernels/common.cuh).
@@ -256,7 +292,29 @@ impl CudaBackend {
             ws: None,
             cpu: CpuBackend::new(cpu_threads),
             budget_cap: None,
+            profile: false,
+            spans: Vec::new(),
+            last_times: None,
         })
+    }
+
+    /// Time each stage of every batch with CUDA events (costs a little; for benchmarks).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on;
+        self.last_times = None;
+    }
+
+    /// Stage times of the last batch, when profiling is on.
+    pub fn last_stage_times(&self) -> Option<StageTimes> {
+        self.last_times
+    }
+
+    fn span(&mut self, stage: Stage, start: Option<CudaEvent>) -> Result<()> {
+        if let Some(start) = start {
+            let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
+            self.spans.push((stage, start, end));
+        }
+        Ok(())
     }
 
     /// Cap the device memory the plan may use (to exercise the layer-block path on a large GPU).
@@ -420,6 +478,7 @@ impl CudaBackend {
             self.compute.wait(&uploaded[slot]).cu("stream wait")?;
             let (first, n_fma, n_mma) = spans[ci];
             let nl = ch.end - ch.start;
+            let t_gram = mark(&self.ctx, &self.compute, self.profile)?;
             if n_fma > 0 {
                 let table = descs_dev.slice(first * 3..(first + n_fma) * 3);
                 let cfg = grid(tri(n.div_ceil(64)), n_fma, 1, 256);
@@ -451,6 +510,11 @@ impl CudaBackend {
                 .cu("launching gram_mma")?;
             }
             consumed[slot].record(&self.compute).cu("event record")?;
+            if let Some(start) = t_gram {
+                let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
+                self.spans.push((Stage::Gram, start, end));
+            }
+            let t_centre = mark(&self.ctx, &self.compute, self.profile)?;
             if let Kernel::Rbf { threshold } = kernel {
                 rbf_in_place(
                     &self.k,
@@ -499,6 +563,10 @@ impl CudaBackend {
                     .launch(grid(p.div_ceil(256), nl, 1, 256))
                     .cu("launching centre_pack")?;
             }
+            if let Some(start) = t_centre {
+                let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
+                self.spans.push((Stage::Centre, start, end));
+            }
         }
         Ok(())
     }
@@ -528,6 +596,7 @@ impl CudaBackend {
         let splits = (4 * self.sms).div_ceil(tiles).clamp(1, p.div_ceil(1024));
         let chunk = p.div_ceil(splits).div_ceil(32) * 32;
         let cfg = grid(p.div_ceil(chunk), tiles, 1, 256);
+        let t_pairs = mark(&self.ctx, &self.compute, self.profile)?;
         let ws = self.ws.as_mut().expect("workspace planned");
         let a = ws.g.slice(ga * p..(ga + la) * p);
         let b = ws.g.slice(gb * p..(gb + lb) * p);
@@ -552,7 +621,7 @@ impl CudaBackend {
                 .launch(cfg)
         }
         .cu("launching hsic_pairs")?;
-        Ok(())
+        self.span(Stage::Pairs, t_pairs)
     }
 }
 
@@ -663,6 +732,8 @@ impl Backend for CudaBackend {
             .iter()
             .map(|&w| plan::layer_bytes(n, w, 1))
             .collect();
+        let wall = std::time::Instant::now();
+        self.spans.clear();
         self.workspace(n, &row_bytes)?;
         let (block, blocks) = {
             let ws = self.ws.as_mut().expect("workspace planned");
@@ -688,6 +759,21 @@ impl Backend for CudaBackend {
             .clone_dtoh(&ws.out)
             .cu("downloading the result")?;
         self.compute.synchronize().cu("synchronize")?;
+        if self.profile {
+            let mut t = StageTimes {
+                wall_ms: wall.elapsed().as_secs_f64() * 1e3,
+                ..StageTimes::default()
+            };
+            for (stage, a, b) in self.spans.drain(..) {
+                let ms = a.elapsed_ms(&b).cu("event timing")? as f64;
+                match stage {
+                    Stage::Gram => t.gram_ms += ms,
+                    Stage::Centre => t.centre_ms += ms,
+                    Stage::Pairs => t.pairs_ms += ms,
+                }
+            }
+            self.last_times = Some(t);
+        }
         let scale = 2.0 / normaliser(estimator, n);
         let mut h = vec![0.0f64; l * l];
         for i in 0..l {
