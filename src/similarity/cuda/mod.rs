@@ -458,10 +458,7 @@ impl CudaBackend {
             uploaded[slot].synchronize().cu("waiting for an upload")?;
             {
                 let host = staging[slot].as_mut_slice().cu("pinned staging")?;
-                for (k, l) in (ch.start..ch.end).enumerate() {
-                    let bytes = batch.layers[l].bytes;
-                    host[ch.offsets[k]..ch.offsets[k] + bytes.len()].copy_from_slice(bytes);
-                }
+                fill_staging(&mut host[..ch.bytes], batch, sizes, ch.start, ch.end);
             }
             // 2. Upload on the copy stream, after the kernels that last read this device slot.
             self.copy.wait(&consumed[slot]).cu("stream wait")?;
@@ -623,6 +620,24 @@ impl CudaBackend {
         .cu("launching hsic_pairs")?;
         self.span(Stage::Pairs, t_pairs)
     }
+}
+
+/// Copy layers `[start, end)` of the batch into the staging slot (layer l at its 16-byte-aligned offset,
+/// `sizes[l]` bytes apart), in parallel: one thread copies at a few GB/s, below the PCIe rate.
+fn fill_staging(host: &mut [u8], batch: &BatchRef<'_>, sizes: &[usize], start: usize, end: usize) {
+    use rayon::prelude::*;
+    const PIECE: usize = 1 << 20;
+    let mut rest = host;
+    let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
+    for l in start..end {
+        let (slot, tail) = std::mem::take(&mut rest).split_at_mut(sizes[l]);
+        rest = tail;
+        let src = batch.layers[l].bytes;
+        pieces.extend(slot[..src.len()].chunks_mut(PIECE).zip(src.chunks(PIECE)));
+    }
+    pieces
+        .into_par_iter()
+        .for_each(|(dst, src)| dst.copy_from_slice(src));
 }
 
 /// RBF kernel matrices in place on the `nl` Grams in `gram` (see kernels/rbf.cu).
@@ -789,5 +804,55 @@ impl Backend for CudaBackend {
     fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {
         // The feature route has no GPU kernel yet: ZᵀZ on the CPU backend.
         self.cpu.accumulate_cross(batch, cross)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Batch;
+
+    #[test]
+    fn staging_places_each_layer_at_its_aligned_offset() {
+        // Three layers of odd byte widths (not multiples of 16), more than one 1 MiB piece for one.
+        let n = 3;
+        let widths = [5usize, 100_003, 7];
+        let data: Vec<Vec<f32>> = widths
+            .iter()
+            .enumerate()
+            .map(|(l, &w)| (0..n * w).map(|i| (i * 7 + l) as f32).collect())
+            .collect();
+        let batch = Batch::from_f32(
+            n,
+            &[
+                (widths[0], &data[0]),
+                (widths[1], &data[1]),
+                (widths[2], &data[2]),
+            ],
+        );
+        let b = batch.as_ref();
+        let sizes: Vec<usize> = widths
+            .iter()
+            .map(|&w| plan::layer_bytes(n, w * 4, 1))
+            .collect();
+        let chunks = plan::chunks(&sizes, 0, 3, sizes.iter().sum(), 8);
+        assert_eq!(chunks.len(), 1);
+        let ch = &chunks[0];
+        let mut host = vec![0xAAu8; ch.bytes];
+        fill_staging(&mut host, &b, &sizes, ch.start, ch.end);
+        for (k, l) in (ch.start..ch.end).enumerate() {
+            assert_eq!(ch.offsets[k] % 16, 0);
+            let src = b.layers[l].bytes;
+            assert_eq!(&host[ch.offsets[k]..ch.offsets[k] + src.len()], src);
+        }
+        // A chunk starting past layer 0 fills from its own first layer.
+        let tail = plan::chunks(&sizes, 1, 3, sizes.iter().sum(), 8);
+        let mut host = vec![0u8; tail[0].bytes];
+        fill_staging(&mut host, &b, &sizes, 1, 3);
+        assert_eq!(&host[..b.layers[1].bytes.len()], b.layers[1].bytes);
+        assert_eq!(
+            &host[tail[0].offsets[1]..tail[0].offsets[1] + b.layers[2].bytes.len()],
+            b.layers[2].bytes
+        );
     }
 }
