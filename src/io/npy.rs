@@ -8,12 +8,14 @@ use super::shards::StoredTensor;
 use super::{natural_cmp, DType};
 use crate::error::{Error, Result};
 use npyz::{NpyHeader, Order, TypeChar};
+use regex::Regex;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Read the header of every `.npy` file in `dir` and list them as layers in natural order of their stems.
-pub(crate) fn read_dir_headers(dir: &Path) -> Result<Vec<StoredTensor>> {
+/// Only the layers `keep` accepts are opened.
+pub(crate) fn read_dir_headers(dir: &Path, keep: Option<&Regex>) -> Result<Vec<StoredTensor>> {
     let mut files = npy_files(dir)?;
     if files.is_empty() {
         return Err(Error::format(dir, "directory holds no .npy files"));
@@ -21,6 +23,7 @@ pub(crate) fn read_dir_headers(dir: &Path) -> Result<Vec<StoredTensor>> {
     files.sort_by(|a, b| natural_cmp(&a.0, &b.0));
     files
         .into_iter()
+        .filter(|(name, _)| keep.is_none_or(|re| re.is_match(name)))
         .map(|(name, path)| read_header(&path, name))
         .collect()
 }

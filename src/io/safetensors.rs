@@ -6,6 +6,7 @@
 use super::shards::StoredTensor;
 use super::{natural_cmp, DType};
 use crate::error::{Error, Result};
+use regex::Regex;
 use safetensors::tensor::Metadata;
 use std::fs::File;
 use std::io::Read;
@@ -19,8 +20,8 @@ const LEN_PREFIX: u64 = 8;
 
 /// Read the header of the `.safetensors` file at `path` and list its layers in order: the metadata key
 /// `layers` (comma-separated tensor names; other tensors are ignored) when present, else every tensor in
-/// natural name order.
-pub(crate) fn read_header(path: &Path) -> Result<Vec<StoredTensor>> {
+/// natural name order. Only the layers `keep` accepts are checked and listed.
+pub(crate) fn read_header(path: &Path, keep: Option<&Regex>) -> Result<Vec<StoredTensor>> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let header_len = read_header_len(&mut file, path, file_len)?;
@@ -47,6 +48,7 @@ pub(crate) fn read_header(path: &Path) -> Result<Vec<StoredTensor>> {
     let names = layer_order(&metadata, path)?;
     names
         .into_iter()
+        .filter(|name| keep.is_none_or(|re| re.is_match(name)))
         .map(|name| {
             let info = metadata
                 .info(&name)

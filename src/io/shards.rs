@@ -225,16 +225,23 @@ impl ActivationSource for ActivationSet {
     }
 }
 
-/// Read the headers of one input, keep the layers `opts.layers` matches, and turn each into a matrix.
+/// Read the headers of one input, keeping the layers `opts.layers` matches, and turn each into a matrix.
 fn open_shard(path: &Path, opts: &ReadOptions) -> Result<(ShardInfo, Vec<StoredTensor>)> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    let (format, stored) = if meta.is_dir() {
-        ("npy-dir", super::npy::read_dir_headers(path)?)
+    // The readers apply the `--layers` filter themselves, so filtered-out tensors are never checked.
+    let (format, kept) = if meta.is_dir() {
+        (
+            "npy-dir",
+            super::npy::read_dir_headers(path, opts.layers.as_ref())?,
+        )
     } else if path
         .extension()
         .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
     {
-        ("safetensors", super::safetensors::read_header(path)?)
+        (
+            "safetensors",
+            super::safetensors::read_header(path, opts.layers.as_ref())?,
+        )
     } else {
         return Err(Error::format(
             path,
@@ -242,13 +249,6 @@ fn open_shard(path: &Path, opts: &ReadOptions) -> Result<(ShardInfo, Vec<StoredT
         ));
     };
 
-    let kept: Vec<StoredTensor> = match &opts.layers {
-        Some(re) => stored
-            .into_iter()
-            .filter(|t| re.is_match(&t.name))
-            .collect(),
-        None => stored,
-    };
     if kept.is_empty() {
         let re = opts.layers.as_ref().map_or("", |r| r.as_str());
         return Err(Error::format(
