@@ -237,14 +237,39 @@ fn rbf_both_estimators() {
     }
 }
 
+/// The largest budget (in 64 KiB steps, from 64 MiB down) whose memory plan splits the layers into
+/// blocks of 4 or more (fewer than all of them).
+fn blocking_cap(n: usize, layers: &[(usize, DType)]) -> usize {
+    let row_bytes: Vec<usize> = layers.iter().map(|&(d, t)| d * t.size()).collect();
+    let mut cap: usize = 64 << 20;
+    while cap > 0 {
+        match cuda::plan::plan(n, &row_bytes, cap) {
+            Ok(p) if p.layer_block < layers.len() && p.layer_block >= 4 => return cap,
+            _ => cap -= 64 << 10,
+        }
+    }
+    panic!("no budget gives layer blocks")
+}
+
+#[test]
+fn a_budget_that_forces_layer_blocks_exists() {
+    // Runs without a GPU: the cap the next test uses is found from the plan alone.
+    let layers: Vec<_> = (0..23).map(|i| (10 + 7 * i, DType::F32)).collect();
+    let cap = blocking_cap(150, &layers);
+    let row_bytes: Vec<usize> = layers.iter().map(|&(d, _)| d * 4).collect();
+    let p = cuda::plan::plan(150, &row_bytes, cap).unwrap();
+    assert!(p.layer_block < 23 && p.device_bytes <= cap, "{p:?}");
+    assert!(p.blocks(23) >= 2);
+}
+
 #[test]
 fn layer_blocks_when_memory_is_short_give_the_same_result() {
     let Some(mut gpu) = gpu_or_skip() else { return };
     let layers: Vec<_> = (0..23).map(|i| (10 + 7 * i, DType::F32)).collect();
     let batch = random_batch(23, 150, &layers);
     // Room for a handful of packed Grams only: forces blocks of layers (and upload chunks).
-    let p = 150 * 151 / 2 * 4;
-    gpu.set_memory_cap(Some(3 * 150 * 150 * 4 + 8 * p + (8 << 20)));
+    let cap = blocking_cap(150, &layers);
+    gpu.set_memory_cap(Some(cap));
     check(
         &mut gpu,
         &batch,
