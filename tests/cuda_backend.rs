@@ -260,7 +260,18 @@ fn a_budget_that_forces_layer_blocks_exists() {
     let p = cuda::plan::plan(150, &row_bytes, cap).unwrap();
     assert!(p.layer_block < 23 && p.device_bytes <= cap, "{p:?}");
     assert!(p.blocks(23) >= 2);
+    // The "impossible" cap of the next test: too small for b = 150, enough for a smaller batch.
+    let e = cuda::plan::plan(150, &row_bytes, TINY_CAP)
+        .unwrap_err()
+        .to_string();
+    let m = cuda::plan::largest_batch_that_fits(&row_bytes, TINY_CAP).unwrap();
+    assert!(
+        (4..150).contains(&m) && e.contains(&format!("--batch-size {m}")),
+        "{e}"
+    );
 }
+
+const TINY_CAP: usize = 256 << 10;
 
 #[test]
 fn layer_blocks_when_memory_is_short_give_the_same_result() {
@@ -281,7 +292,7 @@ fn layer_blocks_when_memory_is_short_give_the_same_result() {
     let plan = gpu.memory_plan().expect("planned").clone();
     assert!(plan.layer_block < 23, "expected blocks, got {plan:?}");
     // And an impossible cap names a batch size that fits.
-    gpu.set_memory_cap(Some(1 << 20));
+    gpu.set_memory_cap(Some(TINY_CAP));
     let e = gpu
         .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
         .unwrap_err()
