@@ -779,3 +779,18 @@ fn file_shrunk_after_open_is_an_error_not_a_crash() {
         "{e}"
     );
 }
+
+#[test]
+fn inputs_without_samples_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    write_st(&a, &[t("l", DType::F32, &[0, 3], 1)], None);
+    write_st(&b, &[t("l", DType::F32, &[0, 3], 2)], None);
+    let e = err_of(open(&[&a, &b]));
+    assert!(e.contains(&path_str(&a)) && e.contains("no samples"), "{e}");
+    // An empty shard among others is fine (skipped when streaming: see the unequal-shards test).
+    let c = dir.path().join("c.safetensors");
+    write_st(&c, &[t("l", DType::F32, &[2, 3], 3)], None);
+    assert_eq!(open(&[&a, &c, &b]).unwrap().n_samples(), 2);
+}
