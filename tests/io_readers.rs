@@ -726,6 +726,27 @@ fn corrupt_and_unsupported_npy_files() {
     let e = check(&d, &f, "huge header");
     assert!(e.contains("exceeds the file size"), "{e}");
 
+    // Hand-written headers whose shapes declare far more data than the file holds (or overflow).
+    for shape in [
+        "(1000000000000, 4)",
+        "(18446744073709551615, 18446744073709551615)",
+    ] {
+        let text = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        let pad = 64 - (10 + text.len() + 1) % 64;
+        npy.extend(((text.len() + pad + 1) as u16).to_le_bytes());
+        npy.extend(text.as_bytes());
+        npy.extend(std::iter::repeat_n(b' ', pad));
+        npy.push(b'\n');
+        npy.extend([0u8; 16]);
+        std::fs::write(&f, &npy).unwrap();
+        let e = check(&d, &f, shape);
+        assert!(
+            e.contains("layer 'x'") && e.contains("truncated or corrupt"),
+            "{e}"
+        );
+    }
+
     // Fortran order (2-D, both axes > 1), and big-endian.
     let d = mk_dir("fortran");
     let f = d.join("f.npy");
