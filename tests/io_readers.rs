@@ -815,3 +815,47 @@ fn inputs_without_samples_are_an_error() {
     write_st(&c, &[t("l", DType::F32, &[2, 3], 3)], None);
     assert_eq!(open(&[&a, &c, &b]).unwrap().n_samples(), 2);
 }
+
+/// Random byte damage and truncation anywhere in a file: always an error or a readable set, never a panic.
+#[test]
+fn damaged_files_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("valid.safetensors");
+    write_st(
+        &st,
+        &[
+            t("a", DType::F16, &[5, 3], 1),
+            t("b", DType::F32, &[5, 2, 2], 2),
+        ],
+        Some("b,a"),
+    );
+    let npy_dir = dir.path().join("npy");
+    write_npy_dir(&npy_dir, &[t("a", DType::F64, &[5, 3], 3)]);
+    let npy = npy_dir.join("a.npy");
+    let mut rng = StdRng::seed_from_u64(42);
+    for (target, input) in [(&st, &st), (&npy, &npy_dir)] {
+        let good = std::fs::read(target).unwrap();
+        for trial in 0..200 {
+            let mut bytes = good.clone();
+            if trial % 3 == 0 {
+                bytes.truncate(rng.random_range(0..good.len()));
+            } else {
+                // Mostly in the header, where the interesting parsing happens.
+                let span = if trial % 3 == 1 {
+                    160.min(good.len())
+                } else {
+                    good.len()
+                };
+                for _ in 0..rng.random_range(1..4) {
+                    let i = rng.random_range(0..span);
+                    bytes[i] = rng.random();
+                }
+            }
+            std::fs::write(target, &bytes).unwrap();
+            if let Ok(mut set) = open(&[input]) {
+                while let Ok(Some(_)) = set.next_chunk(2) {}
+            }
+        }
+        std::fs::write(target, &good).unwrap();
+    }
+}
