@@ -178,6 +178,8 @@ pub fn run_pipeline(a: RunArgs) -> Result<()> {
         res.estimator,
         res.backend
     );
+    let curve: Vec<String> = seg.loss_curve.iter().map(|v| format!("{v:.4}")).collect();
+    println!("segmentation loss L(k), k = 1..: {}", curve.join(" "));
     println!("k = {} segments (loss {:.6}):", seg.k, seg.loss);
     for (s, names) in seg.segments.iter().zip(&seg.segment_layers) {
         println!("  [{:>3}, {:>3}]  {}", s[0], s[1], names.join(" "));
