@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 pub struct InputArgs {
     /// Activation file: a `.safetensors` file or a directory of `.npy` files. Repeat for consecutive
     /// shards of one calibration set.
-    #[arg(long = "input", short = 'i', required = true)]
+    #[arg(long = "input", short = 'i')]
     pub inputs: Vec<PathBuf>,
     /// 3-D tensors [sequences, tokens, hidden]: `samples` (every token is a sample) or `features`
     /// (tokens flattened into features).
@@ -26,6 +26,11 @@ pub struct InputArgs {
 
 impl InputArgs {
     pub fn open(&self) -> Result<ActivationSet> {
+        if self.inputs.is_empty() {
+            return Err(Error::invalid(
+                "no activations given: pass --input FILE (repeat for shards)",
+            ));
+        }
         let layers = match &self.layers {
             Some(r) => {
                 Some(regex::Regex::new(r).map_err(|e| Error::invalid(format!("--layers: {e}")))?)
