@@ -207,7 +207,8 @@ impl Model {
             b: None,
             out: logits,
         });
-        tape.push(Op::CrossEntropy { logits });
+        let lse = tape.buffer("logits_lse", n, 1);
+        tape.push(Op::CrossEntropy { logits, lse });
         Ok(tape)
     }
 

@@ -98,6 +98,7 @@ pub enum Op {
     /// Mean softmax cross-entropy of the rows of `logits` against the tape's targets (−1 = not predicted).
     CrossEntropy {
         logits: BufId,
+        lse: BufId,
     },
 }
 
@@ -132,7 +133,7 @@ impl Op {
             | Op::Mul { out, .. }
             | Op::Add { out, .. } => vec![out],
             Op::Attention { out, lse, .. } => vec![out, lse],
-            Op::CrossEntropy { .. } => vec![],
+            Op::CrossEntropy { lse, .. } => vec![lse],
         }
     }
 
@@ -148,7 +149,7 @@ impl Op {
             | Op::Gelu { x, .. } => vec![x],
             Op::Attention { q, k, v, .. } => vec![q, k, v],
             Op::Mul { a, b, .. } | Op::Add { a, b, .. } => vec![a, b],
-            Op::CrossEntropy { logits } => vec![logits],
+            Op::CrossEntropy { logits, .. } => vec![logits],
         }
     }
 
@@ -164,7 +165,7 @@ impl Op {
             | Op::Gelu { x, .. } => vec![x],
             Op::Attention { q, k, v, lse, .. } => vec![q, k, v, lse],
             Op::Mul { a, b, .. } => vec![a, b],
-            Op::CrossEntropy { logits } => vec![logits],
+            Op::CrossEntropy { logits, lse } => vec![logits, lse],
         }
     }
 
@@ -420,12 +421,15 @@ impl Tape {
                 }
                 self.data[out] = y;
             }
-            Op::CrossEntropy { logits } => {
+            Op::CrossEntropy { logits, lse } => {
+                let mut l = std::mem::take(&mut self.data[lse]);
                 let (sum, count) = cpu::cross_entropy_forward(
                     &self.data[logits],
                     self.bufs[logits].cols,
                     &self.targets,
+                    &mut l,
                 );
+                self.data[lse] = l;
                 if count == 0 {
                     return Err(crate::Error::invalid(
                         "no predicted positions in the batch (sequences need at least 2 tokens)",
@@ -491,18 +495,21 @@ impl Tape {
 
     fn run_backward(&mut self, op: &Op, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
         match *op {
-            Op::CrossEntropy { logits } => {
+            Op::CrossEntropy { logits, lse } => {
                 let (_, count) = self.loss_count();
-                let mut d = self.take_grad(logits);
-                let v = self.bufs[logits].cols;
-                cpu::cross_entropy_backward(
-                    &self.data[logits],
-                    v,
-                    &self.targets,
-                    1.0 / count as f64,
+                // The logits are read by nothing else's backward: their storage becomes their gradient.
+                let mut d = std::mem::take(&mut self.data[logits]);
+                cpu::cross_entropy_backward_in_place(
                     &mut d,
+                    self.bufs[logits].cols,
+                    &self.targets,
+                    &self.data[lse],
+                    1.0 / count as f64,
                 );
-                self.grads[logits] = d;
+                let prior = std::mem::replace(&mut self.grads[logits], d);
+                if !prior.is_empty() {
+                    cpu::accumulate(&mut self.grads[logits], &prior);
+                }
             }
             Op::Embedding { table, out } => {
                 let dy = &self.grads[out];

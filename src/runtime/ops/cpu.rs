@@ -699,13 +699,23 @@ pub fn accumulate(dst: &mut [f32], src: &[f32]) {
 // Softmax cross-entropy over rows of logits; target −1 = position not predicted
 // ---------------------------------------------------------------------------------------------------------
 
-/// Returns (Σ −log softmax(row)[target], number of predicted rows).
-pub fn cross_entropy_forward(logits: &[f32], vocab: usize, targets: &[i64]) -> (f64, usize) {
+/// Returns (Σ −log softmax(row)[target], number of predicted rows), and writes each predicted row's
+/// log-sum-exp into `lse` (`[rows]`) for the backward.
+pub fn cross_entropy_forward(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[i64],
+    lse: &mut [f32],
+) -> (f64, usize) {
     logits
         .par_chunks(vocab)
-        .zip(targets.par_iter())
-        .filter(|(_, &t)| t >= 0)
-        .map(|(row, &t)| (logsumexp(row) - row[t as usize] as f64, 1usize))
+        .zip(targets.par_iter().zip(lse.par_iter_mut()))
+        .filter(|(_, (&t, _))| t >= 0)
+        .map(|(row, (&t, l))| {
+            let lse_row = logsumexp(row);
+            *l = lse_row as f32;
+            (lse_row - row[t as usize] as f64, 1usize)
+        })
         .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
@@ -720,30 +730,30 @@ fn logsumexp(row: &[f32]) -> f64 {
             .ln()
 }
 
-/// `dlogits += scale (softmax(row) − onehot(target))` for predicted rows (scale = dloss / count).
-pub fn cross_entropy_backward(
-    logits: &[f32],
+/// Overwrites `logits` with `scale (softmax(row) − onehot(target))` (zero for rows not predicted; scale =
+/// dloss / count), using the forward's log-sum-exps: one exponential per logit. The exception to the
+/// accumulate convention: the loss is the tape's root, so its gradient is the first one written, and
+/// reusing the logits' storage saves allocating (and page-faulting) a second rows × vocab buffer.
+pub fn cross_entropy_backward_in_place(
+    logits: &mut [f32],
     vocab: usize,
     targets: &[i64],
+    lse: &[f32],
     scale: f64,
-    dlogits: &mut [f32],
 ) {
-    dlogits
+    let scale = scale as f32;
+    logits
         .par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
-        .for_each(|(d, (row, &t))| {
+        .zip(targets.par_iter().zip(lse))
+        .for_each(|(row, (&t, &l))| {
             if t < 0 {
+                row.fill(0.0);
                 return;
             }
-            // One exponential per logit: e = exp(v − max) kept in a row buffer, then scaled by 1/Σe.
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
-            let sum: f64 = e.iter().map(|&x| x as f64).sum();
-            let k = (scale / sum) as f32;
-            for (dv, &x) in d.iter_mut().zip(&e) {
-                *dv += k * x;
+            for v in row.iter_mut() {
+                *v = scale * (*v - l).exp();
             }
-            d[t as usize] -= scale as f32;
+            row[t as usize] -= scale;
         });
 }
 
@@ -755,6 +765,10 @@ pub fn cross_entropy_backward(
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    fn lse0_of(row: &[f32]) -> f64 {
+        row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln()
+    }
 
     type GradsFn<'a> = dyn Fn(&[Vec<f32>], &[f32]) -> Vec<Vec<f32>> + 'a;
 
@@ -1078,7 +1092,9 @@ mod tests {
             .iter()
             .map(|v| 2.0 * v)
             .collect();
-        let (sum, count) = cross_entropy_forward(&logits, vocab, &targets);
+        let mut lse = vec![0f32; rows];
+        let (sum, count) = cross_entropy_forward(&logits, vocab, &targets, &mut lse);
+        assert!((lse[0] as f64 - lse0_of(&logits[..vocab])).abs() < 1e-5);
         assert_eq!(count, 3);
         // Reference value for row 0 in f64.
         let row0: Vec<f64> = logits[..vocab].iter().map(|&v| v as f64).collect();
@@ -1087,10 +1103,15 @@ mod tests {
         check_grads(
             vec![logits],
             1,
-            &|i| vec![(cross_entropy_forward(&i[0], vocab, &targets).0 / 3.0) as f32],
+            &|i| {
+                let mut l = vec![0f32; rows];
+                vec![(cross_entropy_forward(&i[0], vocab, &targets, &mut l).0 / 3.0) as f32]
+            },
             &|i, c| {
-                let mut d = vec![0.0; rows * vocab];
-                cross_entropy_backward(&i[0], vocab, &targets, c[0] as f64 / 3.0, &mut d);
+                let mut d = i[0].clone();
+                let mut l = vec![0f32; rows];
+                cross_entropy_forward(&i[0], vocab, &targets, &mut l);
+                cross_entropy_backward_in_place(&mut d, vocab, &targets, &l, c[0] as f64 / 3.0);
                 vec![d]
             },
             2e-3,
