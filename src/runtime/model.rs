@@ -4,17 +4,19 @@
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
-use super::tape::{BufId, Op, Tape};
+use super::tape::{BufId, Op, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, Tokens};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct Model {
     pub config: ModelConfig,
     pub dir: PathBuf,
     weights: Weights,
+    /// Activation and gradient buffers recycled from one batch to the next (see [`Pool`]).
+    pool: Mutex<Pool>,
 }
 
 impl Model {
@@ -27,6 +29,7 @@ impl Model {
             config,
             dir: dir.to_path_buf(),
             weights,
+            pool: Mutex::new(Pool::default()),
         };
         model.check_weights()?;
         Ok(model)
@@ -103,7 +106,9 @@ impl Model {
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<f64> {
         let mut tape = self.build_tape(tokens, skip)?;
-        tape.forward(&self.weights, false, on_hidden)
+        let loss = tape.forward(&self.weights, false, on_hidden);
+        self.return_pool(tape);
+        loss
     }
 
     /// Forward + backward: the loss and each decoder layer's gradient norm (skipped layers: 0), plus the
@@ -111,9 +116,14 @@ impl Model {
     /// gets both contributions and is reported as `embed_tokens`; `lm_head` is `None`.
     pub fn grad_norms(&self, tokens: &Tokens, skip: &[usize]) -> Result<GradNorms> {
         let mut tape = self.build_tape(tokens, skip)?;
-        let loss = tape.forward(&self.weights, true, &mut |_, _| {})?;
+        let run = |tape: &mut Tape| -> Result<(f64, Vec<f64>)> {
+            let loss = tape.forward(&self.weights, true, &mut |_, _| {})?;
+            Ok((loss, tape.backward(&self.weights, self.num_layers() + 3)?))
+        };
+        let result = run(&mut tape);
+        self.return_pool(tape);
+        let (loss, sumsq) = result?;
         let n = self.num_layers();
-        let sumsq = tape.backward(&self.weights, n + 3)?;
         Ok(GradNorms {
             loss,
             per_layer: sumsq[..n].iter().map(|s| s.sqrt()).collect(),
@@ -121,6 +131,14 @@ impl Model {
             norm: sumsq[n + 1].sqrt(),
             lm_head: (!self.config.tie_word_embeddings).then(|| sumsq[n + 2].sqrt()),
         })
+    }
+
+    fn take_pool(&self) -> Pool {
+        std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn return_pool(&self, tape: Tape) {
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = tape.into_pool();
     }
 
     /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2.
@@ -162,7 +180,7 @@ impl Model {
                 }
             })
             .collect();
-        let mut tape = Tape::new(tokens.data.clone(), targets);
+        let mut tape = Tape::with_pool(tokens.data.clone(), targets, self.take_pool());
         let rope = Arc::new(RopeTable::new(&c.inv_freq(), t, 1.0));
         let shape = AttnShape {
             seqs,
