@@ -170,3 +170,25 @@ fn capture_source_yields_every_layer_in_chunks() {
         assert!(max_rel(got, &want) < 1e-5, "layer {l}");
     }
 }
+
+#[test]
+fn capture_source_features_mode_flattens_tokens() {
+    let name = "llama_bf16_tied";
+    let model = Model::load(&dir(name)).unwrap();
+    let tokens = Tokens::load_npy(&dir(name).join("tokens.npy")).unwrap();
+    let h = model.hidden_size();
+    let mut src = CaptureSource::new(&model, &tokens, 2, TokenMode::Features);
+    assert_eq!(src.n_samples_hint(), Some(3));
+    assert_eq!(src.layers()[0].cols, tokens.len * h);
+    let mut rows = 0;
+    let mut last: Vec<f32> = Vec::new();
+    while let Some(chunk) = src.next_chunk(1).unwrap() {
+        assert_eq!(chunk.rows, 1);
+        rows += 1;
+        last.extend_from_slice(bytemuck::cast_slice(&chunk.layers[1].data));
+    }
+    assert_eq!(rows, 3);
+    // Sequence-major rows of [tokens * hidden] are the [sequences, tokens, hidden] tensor.
+    let want = ref_tensor(name, "hidden.2");
+    assert!(max_rel(&last, &want) < 1e-5);
+}
