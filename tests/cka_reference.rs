@@ -1,0 +1,460 @@
+//! The CPU CKA estimators against a plain float64 reference (explicit centring matrix H, O(n³)), and the
+//! identities CKA must satisfy. Tolerance: 1e-6 absolute on CKA (the bound; the f64 engine is
+//! typically within 1e-12).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use sglp_engine::io::{Batch, DType, LayerBlock, LayerMeta};
+use sglp_engine::similarity::cpu::CpuBackend;
+use sglp_engine::similarity::{CkaAccumulator, CkaResult, CkaSpec, Estimator, Kernel, Route};
+
+type Mat = Vec<Vec<f64>>; // rows
+
+fn matmul(a: &Mat, b: &Mat) -> Mat {
+    let (n, k, m) = (a.len(), b.len(), b[0].len());
+    let mut c = vec![vec![0.0; m]; n];
+    for i in 0..n {
+        for t in 0..k {
+            let v = a[i][t];
+            for j in 0..m {
+                c[i][j] += v * b[t][j];
+            }
+        }
+    }
+    c
+}
+fn transpose(a: &Mat) -> Mat {
+    (0..a[0].len())
+        .map(|j| a.iter().map(|r| r[j]).collect())
+        .collect()
+}
+fn trace(a: &Mat) -> f64 {
+    (0..a.len()).map(|i| a[i][i]).sum()
+}
+
+fn ref_gram(x: &Mat, kernel: Kernel) -> Mat {
+    let k = matmul(x, &transpose(x));
+    match kernel {
+        Kernel::Linear => k,
+        Kernel::Rbf { threshold } => {
+            let n = k.len();
+            let d2: Mat = (0..n)
+                .map(|i| (0..n).map(|j| k[i][i] + k[j][j] - 2.0 * k[i][j]).collect())
+                .collect();
+            let mut all: Vec<f64> = d2.iter().flatten().copied().collect();
+            all.sort_by(|a, b| a.total_cmp(b));
+            let m = if all.len() % 2 == 1 {
+                all[all.len() / 2]
+            } else {
+                0.5 * (all[all.len() / 2 - 1] + all[all.len() / 2])
+            };
+            d2.iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|v| (-v / (2.0 * threshold * threshold * m)).exp())
+                        .collect()
+                })
+                .collect()
+        }
+    }
+}
+
+/// tr(KHLH)/(n−1)² with H = I − 11ᵀ/n as an explicit matrix.
+fn ref_hsic0(k: &Mat, l: &Mat) -> f64 {
+    let n = k.len();
+    let h: Mat = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| f64::from(u8::from(i == j)) - 1.0 / n as f64)
+                .collect()
+        })
+        .collect();
+    let khlh = matmul(&matmul(&matmul(k, &h), l), &h);
+    trace(&khlh) / ((n as f64 - 1.0) * (n as f64 - 1.0))
+}
+
+/// Song et al. (2012) HSIC₁, the formula as written.
+fn ref_hsic1(k: &Mat, l: &Mat) -> f64 {
+    let n = k.len();
+    let zd = |m: &Mat| -> Mat {
+        (0..n)
+            .map(|i| (0..n).map(|j| if i == j { 0.0 } else { m[i][j] }).collect())
+            .collect()
+    };
+    let (kt, lt) = (zd(k), zd(l));
+    let sum = |m: &Mat| m.iter().flatten().sum::<f64>();
+    let kl = matmul(&kt, &lt);
+    let nf = n as f64;
+    (trace(&kl) + sum(&kt) * sum(&lt) / ((nf - 1.0) * (nf - 2.0)) - 2.0 / (nf - 2.0) * sum(&kl))
+        / (nf * (nf - 3.0))
+}
+
+/// Reference CKA of all pairs: biased over all rows, or minibatch means over consecutive batches
+/// (a last batch of 4 or more rows kept, fewer dropped).
+fn ref_cka(layers: &[Mat], est: Estimator, kernel: Kernel, b: usize) -> Mat {
+    let n = layers[0].len();
+    let bounds: Vec<(usize, usize)> = match est {
+        Estimator::Biased => vec![(0, n)],
+        Estimator::Unbiased => (0..n)
+            .step_by(b)
+            .map(|s| (s, (s + b).min(n)))
+            .filter(|(s, e)| e - s >= 4)
+            .collect(),
+    };
+    let nl = layers.len();
+    let mut h = vec![vec![0.0; nl]; nl];
+    for &(s, e) in &bounds {
+        let grams: Vec<Mat> = layers
+            .iter()
+            .map(|x| ref_gram(&x[s..e].to_vec(), kernel))
+            .collect();
+        for i in 0..nl {
+            for j in 0..nl {
+                h[i][j] += match est {
+                    Estimator::Biased => ref_hsic0(&grams[i], &grams[j]),
+                    Estimator::Unbiased => ref_hsic1(&grams[i], &grams[j]),
+                } / bounds.len() as f64;
+            }
+        }
+    }
+    (0..nl)
+        .map(|i| {
+            (0..nl)
+                .map(|j| h[i][j] / (h[i][i] * h[j][j]).sqrt())
+                .collect()
+        })
+        .collect()
+}
+
+/// Structured activations: a shared latent seen through per-layer random maps, plus noise that grows
+/// with depth, so the CKA matrix has graded, non-trivial structure.
+fn structured(rng: &mut StdRng, n: usize, widths: &[usize]) -> Vec<Mat> {
+    let g = Normal::new(0.0, 1.0).unwrap();
+    let latent_dim = 5;
+    let z: Mat = (0..n)
+        .map(|_| (0..latent_dim).map(|_| g.sample(rng)).collect())
+        .collect();
+    widths
+        .iter()
+        .enumerate()
+        .map(|(li, &d)| {
+            let w: Mat = (0..latent_dim)
+                .map(|_| (0..d).map(|_| g.sample(rng)).collect())
+                .collect();
+            let mut x = matmul(&z, &w);
+            for r in &mut x {
+                for v in r.iter_mut() {
+                    *v += (0.3 + 0.4 * li as f64) * g.sample(rng) + 0.7; // non-zero mean too
+                }
+            }
+            x
+        })
+        .collect()
+}
+
+fn metas(layers: &[Mat]) -> Vec<LayerMeta> {
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, x)| LayerMeta {
+            name: format!("layer{i}"),
+            cols: x[0].len(),
+            dtype: DType::F64,
+            shape: vec![x.len(), x[0].len()],
+        })
+        .collect()
+}
+
+/// Rows [s, e) of every layer as an f64 batch.
+fn batch(layers: &[Mat], s: usize, e: usize) -> Batch {
+    Batch {
+        rows: e - s,
+        layers: layers
+            .iter()
+            .map(|x| LayerBlock {
+                dtype: DType::F64,
+                cols: x[0].len(),
+                data: x[s..e]
+                    .iter()
+                    .flatten()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Run the engine, pushing the rows in chunks of the given sizes (cycled).
+fn engine(layers: &[Mat], spec: CkaSpec, chunks: &[usize]) -> CkaResult {
+    let n = layers[0].len();
+    let mut acc = CkaAccumulator::new(&metas(layers), spec, Some(n)).unwrap();
+    let mut cpu = CpuBackend::new(2);
+    let (mut s, mut c) = (0, 0);
+    while s < n {
+        let e = (s + chunks[c % chunks.len()]).min(n);
+        acc.push(&batch(layers, s, e).as_ref(), &mut cpu).unwrap();
+        s = e;
+        c += 1;
+    }
+    acc.finish(&mut cpu).unwrap()
+}
+
+fn assert_close(got: &CkaResult, want: &Mat, tol: f64, what: &str) {
+    let g = got.cka_matrix();
+    for i in 0..want.len() {
+        for j in 0..want.len() {
+            let d = (g[i][j] - want[i][j]).abs();
+            assert!(
+                d <= tol,
+                "{what}: CKA[{i}][{j}] = {} vs reference {} (|Δ| = {d:.2e})",
+                g[i][j],
+                want[i][j]
+            );
+        }
+    }
+}
+
+const TOL: f64 = 1e-6;
+
+#[test]
+fn every_estimator_route_and_kernel_matches_the_f64_reference() {
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    // Widths below and above the batch size, so both routes are exercised by the auto rule too.
+    let layers = structured(&mut rng, 47, &[3, 20, 1, 64, 9]);
+    let rbf = Kernel::Rbf { threshold: 0.8 };
+    for (est, kernel, route, b) in [
+        (Estimator::Biased, Kernel::Linear, Route::Gram, 0),
+        (Estimator::Biased, Kernel::Linear, Route::Feature, 0),
+        (Estimator::Biased, rbf, Route::Gram, 0),
+        (Estimator::Unbiased, Kernel::Linear, Route::Gram, 12),
+        (Estimator::Unbiased, Kernel::Linear, Route::Feature, 12),
+        (Estimator::Unbiased, rbf, Route::Gram, 12),
+        (Estimator::Unbiased, Kernel::Linear, Route::Auto, 47),
+    ] {
+        let spec = CkaSpec {
+            estimator: est,
+            kernel,
+            batch_size: b.max(4),
+            route,
+        };
+        let want = ref_cka(&layers, est, kernel, b);
+        // Chunks that straddle batches in every way.
+        let got = engine(&layers, spec, &[5, 13, 1, 30]);
+        assert_close(
+            &got,
+            &want,
+            TOL,
+            &format!("{est:?} {kernel:?} {route:?} b={b}"),
+        );
+        // 47 = 3·12 + 11: the short last batch is kept (≥ 4 samples) with a warning.
+        if est == Estimator::Unbiased && b == 12 {
+            assert_eq!(got.n_batches, 4);
+            assert!(
+                got.warnings.iter().any(|w| w.contains("last batch has 11")),
+                "{:?}",
+                got.warnings
+            );
+        }
+    }
+}
+
+#[test]
+fn a_last_batch_under_four_samples_is_dropped_with_a_warning() {
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    let layers = structured(&mut rng, 22, &[6, 7]);
+    let spec = CkaSpec {
+        estimator: Estimator::Unbiased,
+        kernel: Kernel::Linear,
+        batch_size: 10,
+        route: Route::Gram,
+    };
+    let got = engine(&layers, spec, &[22]);
+    assert_eq!((got.n_batches, got.n_samples), (2, 20));
+    assert!(got
+        .warnings
+        .iter()
+        .any(|w| w.contains("dropped the last 2")));
+    assert_close(
+        &got,
+        &ref_cka(&layers, Estimator::Unbiased, Kernel::Linear, 10),
+        TOL,
+        "dropped tail",
+    );
+}
+
+#[test]
+fn cka_is_symmetric_with_unit_diagonal_and_invariant_to_scaling_and_rotation() {
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    let layers = structured(&mut rng, 64, &[8, 8, 12]);
+    for est in [Estimator::Biased, Estimator::Unbiased] {
+        let spec = CkaSpec {
+            estimator: est,
+            kernel: Kernel::Linear,
+            batch_size: 32,
+            route: Route::Gram,
+        };
+        let base = engine(&layers, spec, &[64]).cka_matrix();
+        for i in 0..3 {
+            assert!((base[i][i] - 1.0).abs() < 1e-12);
+            for j in 0..3 {
+                assert!((base[i][j] - base[j][i]).abs() < 1e-12);
+            }
+        }
+        // Layer 1 scaled by 7.5 and rotated by a random orthogonal matrix (Gram–Schmidt of a Gaussian).
+        let g = Normal::new(0.0, 1.0).unwrap();
+        let mut q: Mat = (0..8)
+            .map(|_| (0..8).map(|_| g.sample(&mut rng)).collect())
+            .collect();
+        for i in 0..8 {
+            for j in 0..i {
+                let dot: f64 = (0..8).map(|t| q[i][t] * q[j][t]).sum();
+                for t in 0..8 {
+                    q[i][t] -= dot * q[j][t];
+                }
+            }
+            let norm = q[i].iter().map(|v| v * v).sum::<f64>().sqrt();
+            q[i].iter_mut().for_each(|v| *v /= norm);
+        }
+        let mut moved = layers.clone();
+        moved[1] = matmul(&layers[1], &q)
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| 7.5 * v).collect())
+            .collect();
+        let after = engine(&moved, spec, &[64]).cka_matrix();
+        for i in 0..3 {
+            for j in 0..3 {
+                assert!(
+                    (after[i][j] - base[i][j]).abs() < 1e-9,
+                    "{est:?} [{i}][{j}] {} vs {}",
+                    after[i][j],
+                    base[i][j]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn biased_cka_of_independent_data_falls_with_n_while_unbiased_stays_near_zero() {
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    let g = Normal::new(0.0, 1.0).unwrap();
+    let mut at = |n: usize, est: Estimator| -> f64 {
+        let mut sum = 0.0;
+        let reps = 6;
+        for _ in 0..reps {
+            let layers: Vec<Mat> = (0..2)
+                .map(|_| {
+                    (0..n)
+                        .map(|_| (0..64).map(|_| g.sample(&mut rng)).collect())
+                        .collect()
+                })
+                .collect();
+            let spec = CkaSpec {
+                estimator: est,
+                kernel: Kernel::Linear,
+                batch_size: n,
+                route: Route::Gram,
+            };
+            sum += engine(&layers, spec, &[n]).cka_matrix()[0][1];
+        }
+        sum / reps as f64
+    };
+    let (b32, b256) = (at(32, Estimator::Biased), at(256, Estimator::Biased));
+    let (u32_, u256) = (at(32, Estimator::Unbiased), at(256, Estimator::Unbiased));
+    assert!(
+        b32 > 0.3 && b256 < 0.35 && b256 < b32 / 2.0,
+        "biased: {b32} at n=32, {b256} at n=256"
+    );
+    assert!(
+        u32_.abs() < 0.05 && u256.abs() < 0.02,
+        "unbiased: {u32_} at n=32, {u256} at n=256"
+    );
+}
+
+#[test]
+fn zero_variance_layer_gives_nan_row_and_a_warning() {
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    let mut layers = structured(&mut rng, 16, &[4, 4]);
+    for r in &mut layers[1] {
+        r.iter_mut().for_each(|v| *v = 3.25); // constant, not zero
+    }
+    for est in [Estimator::Biased, Estimator::Unbiased] {
+        let spec = CkaSpec {
+            estimator: est,
+            kernel: Kernel::Linear,
+            batch_size: 16,
+            route: Route::Gram,
+        };
+        let got = engine(&layers, spec, &[16]);
+        assert!(got.cka[1].iter().all(|v| v.is_none()), "{:?}", got.cka);
+        assert!(got.cka[0][0].is_some());
+        assert!(
+            got.warnings
+                .iter()
+                .any(|w| w.contains("'layer1'") && w.contains("zero variance")),
+            "{:?}",
+            got.warnings
+        );
+    }
+}
+
+#[test]
+fn half_precision_inputs_match_their_f32_values() {
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    let layers = structured(&mut rng, 40, &[7, 5]);
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        // Round to the dtype, then compare against the reference on the rounded values.
+        let round = |v: f64| match dtype {
+            DType::F16 => half::f16::from_f64(v).to_f64(),
+            DType::BF16 => half::bf16::from_f64(v).to_f64(),
+            _ => v as f32 as f64,
+        };
+        let rounded: Vec<Mat> = layers
+            .iter()
+            .map(|x| {
+                x.iter()
+                    .map(|r| r.iter().map(|&v| round(v)).collect())
+                    .collect()
+            })
+            .collect();
+        let blocks = rounded
+            .iter()
+            .map(|x| LayerBlock {
+                dtype,
+                cols: x[0].len(),
+                data: x
+                    .iter()
+                    .flatten()
+                    .flat_map(|&v| match dtype {
+                        DType::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
+                        DType::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
+                        _ => (v as f32).to_le_bytes().to_vec(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let b = Batch {
+            rows: 40,
+            layers: blocks,
+        };
+        let mut meta = metas(&rounded);
+        meta.iter_mut().for_each(|m| m.dtype = dtype);
+        let spec = CkaSpec {
+            estimator: Estimator::Unbiased,
+            kernel: Kernel::Linear,
+            batch_size: 20,
+            route: Route::Gram,
+        };
+        let mut acc = CkaAccumulator::new(&meta, spec, None).unwrap();
+        let mut cpu = CpuBackend::new(1);
+        acc.push(&b.as_ref(), &mut cpu).unwrap();
+        let got = acc.finish(&mut cpu).unwrap();
+        assert_close(
+            &got,
+            &ref_cka(&rounded, Estimator::Unbiased, Kernel::Linear, 20),
+            TOL,
+            dtype.name(),
+        );
+    }
+}
