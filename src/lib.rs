@@ -14,6 +14,7 @@ pub mod linalg;
 pub mod progress;
 pub mod pruning;
 pub mod report;
+pub mod runtime;
 pub mod segmentation;
 pub mod similarity;
 

@@ -1,0 +1,314 @@
+//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2), both config
+//! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// Positions divided by `factor` (equivalently, frequencies).
+    Linear { factor: f64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (qwen2 always; llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (llama with `attention_bias`).
+    pub o_bias: bool,
+    /// gate/up/down carry a bias (llama with `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Sliding-window attention span, when the config enables one (not implemented: sequences longer
+    /// than the window are refused).
+    pub sliding_window: Option<usize>,
+}
+
+fn model_err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Model(format!("{}: {msg}", path.display()))
+}
+
+fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| {
+            model_err(
+                path,
+                format!("field '{key}' is missing or not a non-negative integer"),
+            )
+        })
+}
+
+fn opt_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(|x| Some(x as usize))
+            .ok_or_else(|| model_err(path, format!("field '{key}' is not a non-negative integer"))),
+    }
+}
+
+fn opt_f64(v: &Value, key: &str, path: &Path) -> Result<Option<f64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| model_err(path, format!("field '{key}' is not a number"))),
+    }
+}
+
+fn opt_bool(v: &Value, key: &str, path: &Path) -> Result<Option<bool>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| model_err(path, format!("field '{key}' is not a boolean"))),
+    }
+}
+
+impl ModelConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        Self::from_json(&v, path)
+    }
+
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
+            .to_string();
+        if !["llama", "mistral", "qwen2"].contains(&model_type.as_str()) {
+            return Err(model_err(
+                path,
+                format!("model_type '{model_type}' is not supported (llama, mistral, qwen2)"),
+            ));
+        }
+        let act = v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if act != "silu" {
+            return Err(model_err(
+                path,
+                format!("hidden_act '{act}' is not supported (silu)"),
+            ));
+        }
+        let hidden_size = get_usize(v, "hidden_size", path)?;
+        let num_attention_heads = get_usize(v, "num_attention_heads", path)?;
+        let num_key_value_heads =
+            opt_usize(v, "num_key_value_heads", path)?.unwrap_or(num_attention_heads);
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
+            return Err(model_err(
+                path,
+                format!(
+                    "num_attention_heads ({num_attention_heads}) is not a positive multiple of \
+                     num_key_value_heads ({num_key_value_heads})"
+                ),
+            ));
+        }
+        let head_dim = opt_usize(v, "head_dim", path)?.unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(model_err(
+                path,
+                format!("head_dim {head_dim} must be even and positive"),
+            ));
+        }
+        // transformers 5.x nests the rope settings in `rope_parameters` (theta included); 4.x has
+        // top-level `rope_theta` and an optional `rope_scaling` object.
+        let (rope_theta, scaling) = match v.get("rope_parameters") {
+            Some(rp @ Value::Object(_)) => (
+                opt_f64(rp, "rope_theta", path)?
+                    .or(opt_f64(v, "rope_theta", path)?)
+                    .unwrap_or(10000.0),
+                Some(rp),
+            ),
+            _ => (
+                opt_f64(v, "rope_theta", path)?.unwrap_or(10000.0),
+                v.get("rope_scaling").filter(|s| !s.is_null()),
+            ),
+        };
+        let rope_scaling = parse_rope_scaling(scaling, path)?;
+        let attention_bias = opt_bool(v, "attention_bias", path)?.unwrap_or(false);
+        let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match model_type.as_str() {
+            "qwen2" => (true, false),
+            "llama" => (attention_bias, attention_bias),
+            _ => (false, false),
+        };
+        let sliding_window = match model_type.as_str() {
+            "mistral" => opt_usize(v, "sliding_window", path)?,
+            "qwen2" if opt_bool(v, "use_sliding_window", path)?.unwrap_or(false) => {
+                opt_usize(v, "sliding_window", path)?
+            }
+            _ => None,
+        };
+        Ok(ModelConfig {
+            vocab_size: get_usize(v, "vocab_size", path)?,
+            intermediate_size: get_usize(v, "intermediate_size", path)?,
+            num_hidden_layers: get_usize(v, "num_hidden_layers", path)?,
+            rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
+            tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(false),
+            mlp_bias: model_type == "llama" && mlp_bias,
+            model_type,
+            hidden_size,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rope_theta,
+            rope_scaling,
+            qkv_bias,
+            o_bias,
+            sliding_window,
+        })
+    }
+
+    /// Inverse RoPE frequencies (`head_dim / 2`), after the configured scaling (HF's
+    /// `_compute_default_rope_parameters` / `_compute_llama3_parameters`).
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| {
+                // HF computes this in f32; round the same way.
+                (1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32)) as f64
+            })
+            .collect();
+        match self.rope_scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn parse_rope_scaling(s: Option<&Value>, path: &Path) -> Result<RopeScaling> {
+    let Some(s) = s else {
+        return Ok(RopeScaling::Default);
+    };
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let need = |key: &str| -> Result<f64> {
+        opt_f64(s, key, path)?
+            .ok_or_else(|| model_err(path, format!("rope scaling field '{key}' is missing")))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: need("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: need("original_max_position_embeddings")?,
+        }),
+        other => Err(model_err(
+            path,
+            format!("rope_scaling rope_type '{other}' is not supported (default, linear, llama3)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Value {
+        serde_json::json!({
+            "model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0
+        })
+    }
+
+    #[test]
+    fn reads_both_rope_generations() {
+        let p = Path::new("config.json");
+        let mut v4 = base();
+        v4["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c4 = ModelConfig::from_json(&v4, p).unwrap();
+        let mut v5 = base();
+        v5.as_object_mut().unwrap().remove("rope_theta");
+        v5["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let c5 = ModelConfig::from_json(&v5, p).unwrap();
+        assert_eq!(c4.rope_scaling, c5.rope_scaling);
+        assert_eq!(c4.rope_theta, c5.rope_theta);
+        assert_eq!(c4.head_dim, 8);
+        assert!(matches!(c4.rope_scaling, RopeScaling::Llama3 { .. }));
+    }
+
+    #[test]
+    fn unsupported_fields_are_named() {
+        let p = Path::new("config.json");
+        let mut v = base();
+        v["model_type"] = "gpt2".into();
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("model_type"), "{e}");
+        let mut v = base();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0});
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+    }
+}

@@ -1,0 +1,246 @@
+//! A minimal runtime for LLaMA-family checkpoints: forward passes that capture every decoder layer's hidden
+//! states, and forward + backward passes that reduce the gradient to one norm per decoder layer
+//! (GradNorm importance), on the CPU, with no Python.
+//!
+//! - [`ops`]: the ops as free functions over slices, one module per device ([`ops::cpu`]).
+//! - [`tape`]: a model as a list of ops over buffers; forward in order, backward in reverse, gradient norms
+//!   reduced during the backward.
+//! - [`model`]: the LLaMA / Mistral / Qwen2 decoder built on the tape; [`config`], [`weights`]: the
+//!   checkpoint's `config.json` and memory-mapped safetensors.
+
+pub mod config;
+pub mod model;
+pub mod ops;
+pub mod tape;
+pub mod weights;
+
+pub use config::{ModelConfig, RopeScaling};
+pub use model::Model;
+
+use crate::error::{Error, Result};
+use crate::io::{ActivationSource, Batch, DType, LayerMeta, TokenMode};
+use std::path::Path;
+
+/// Calibration tokens: `sequences × len` ids, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tokens {
+    pub data: Vec<i64>,
+    pub sequences: usize,
+    pub len: usize,
+}
+
+impl Tokens {
+    /// Read a 2-D `.npy` of int32 or int64 ids, `[sequences, tokens]`.
+    pub fn load_npy(path: &Path) -> Result<Tokens> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let npy = npyz::NpyFile::new(&bytes[..])
+            .map_err(|e| Error::format(path, format!("not a .npy file: {e}")))?;
+        let shape = npy.shape().to_vec();
+        if shape.len() != 2 {
+            return Err(Error::format(
+                path,
+                format!("token array has shape {shape:?}, expected [sequences, tokens]"),
+            ));
+        }
+        if npy.order() != npyz::Order::C {
+            return Err(Error::format(
+                path,
+                "Fortran-ordered arrays are not supported",
+            ));
+        }
+        let descr = npy.dtype().descr();
+        let data: Vec<i64> = match descr.as_str() {
+            "<i8" => npy.into_vec::<i64>(),
+            "<i4" => npy
+                .into_vec::<i32>()
+                .map(|v| v.into_iter().map(i64::from).collect()),
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "token dtype '{other}' is not supported (int32 or int64, little-endian)"
+                    ),
+                ))
+            }
+        }
+        .map_err(|e| Error::format(path, format!("cannot read the token array: {e}")))?;
+        Ok(Tokens {
+            data,
+            sequences: shape[0] as usize,
+            len: shape[1] as usize,
+        })
+    }
+
+    /// Every id must be in `0..vocab`; the error names the first bad (sequence, token).
+    pub fn check_vocab(&self, vocab: usize, path: &Path) -> Result<()> {
+        if let Some(i) = self
+            .data
+            .iter()
+            .position(|&t| t < 0 || t as u64 >= vocab as u64)
+        {
+            return Err(Error::format(
+                path,
+                format!(
+                    "token id {} at (sequence {}, token {}) is outside the vocabulary (0..{vocab})",
+                    self.data[i],
+                    i / self.len.max(1),
+                    i % self.len.max(1)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sequences `first_seq .. first_seq + n_seqs` (clamped to the end).
+    pub fn batch(&self, first_seq: usize, n_seqs: usize) -> Tokens {
+        let end = (first_seq + n_seqs).min(self.sequences);
+        let start = first_seq.min(end);
+        Tokens {
+            data: self.data[start * self.len..end * self.len].to_vec(),
+            sequences: end - start,
+            len: self.len,
+        }
+    }
+}
+
+/// The result of one forward + backward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradNorms {
+    pub loss: f64,
+    /// ‖∂loss/∂θ_l‖ over all parameters of decoder layer l (0 for skipped layers).
+    pub per_layer: Vec<f64>,
+    pub embed_tokens: f64,
+    pub norm: f64,
+    /// `None` when lm_head is tied to embed_tokens (its gradient is then inside `embed_tokens`).
+    pub lm_head: Option<f64>,
+}
+
+/// An [`ActivationSource`] running the model batch by batch: layers `model.layers.{i}` are the decoder
+/// layers' outputs (f32), samples are tokens (`TokenMode::Samples`) or sequences (`Features`).
+pub struct CaptureSource<'a> {
+    model: &'a Model,
+    tokens: Tokens,
+    batch_seqs: usize,
+    mode: TokenMode,
+    layers: Vec<LayerMeta>,
+    next_seq: usize,
+    /// The current model batch, handed out `max_rows` at a time.
+    pending: Option<Batch>,
+    pending_row: usize,
+    samples_done: usize,
+}
+
+impl<'a> CaptureSource<'a> {
+    pub fn new(model: &'a Model, tokens: &Tokens, batch_seqs: usize, mode: TokenMode) -> Self {
+        let (h, t) = (model.hidden_size(), tokens.len);
+        let cols = match mode {
+            TokenMode::Samples => h,
+            TokenMode::Features => t * h,
+        };
+        let layers = model
+            .layer_names()
+            .into_iter()
+            .map(|name| LayerMeta {
+                name,
+                cols,
+                dtype: DType::F32,
+                shape: vec![tokens.sequences, t, h],
+            })
+            .collect();
+        CaptureSource {
+            model,
+            tokens: tokens.clone(),
+            batch_seqs: batch_seqs.max(1),
+            mode,
+            layers,
+            next_seq: 0,
+            pending: None,
+            pending_row: 0,
+            samples_done: 0,
+        }
+    }
+
+    /// Run the model on the next batch of sequences; its layers as one chunk.
+    fn run_batch(&mut self) -> Result<Option<Batch>> {
+        if self.next_seq >= self.tokens.sequences {
+            return Ok(None);
+        }
+        let batch = self.tokens.batch(self.next_seq, self.batch_seqs);
+        self.next_seq += batch.sequences;
+        let n_layers = self.model.num_layers();
+        let mut outs: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
+        self.model.forward(&batch, &[], &mut |i, h| {
+            if i >= 1 {
+                outs[i - 1] = h.to_vec();
+            }
+        })?;
+        let rows = match self.mode {
+            TokenMode::Samples => batch.sequences * batch.len,
+            TokenMode::Features => batch.sequences,
+        };
+        let cols = self.layers[0].cols;
+        let layers: Vec<(usize, &[f32])> = outs.iter().map(|o| (cols, &o[..])).collect();
+        Ok(Some(Batch::from_f32(rows, &layers)))
+    }
+}
+
+impl ActivationSource for CaptureSource<'_> {
+    fn layers(&self) -> &[LayerMeta] {
+        &self.layers
+    }
+
+    fn n_samples_hint(&self) -> Option<usize> {
+        Some(match self.mode {
+            TokenMode::Samples => self.tokens.sequences * self.tokens.len,
+            TokenMode::Features => self.tokens.sequences,
+        })
+    }
+
+    fn next_chunk(&mut self, max_rows: usize) -> Result<Option<Batch>> {
+        if self.layers.is_empty() {
+            return Ok(None);
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_none_or(|p| self.pending_row >= p.rows)
+        {
+            self.pending = self.run_batch()?;
+            self.pending_row = 0;
+        }
+        let Some(p) = &self.pending else {
+            return Ok(None);
+        };
+        let end = (self.pending_row + max_rows.max(1)).min(p.rows);
+        let slice = p.slice(self.pending_row, end);
+        crate::io::check_finite(&slice, &self.layers, self.samples_done, &self.model.dir)?;
+        let mut out = Batch::empty(&self.layers);
+        out.extend_from(&slice);
+        self.samples_done += end - self.pending_row;
+        self.pending_row = end;
+        Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_batch_and_vocab_check() {
+        let t = Tokens {
+            data: (0..12).collect(),
+            sequences: 3,
+            len: 4,
+        };
+        let b = t.batch(1, 5);
+        assert_eq!(b.sequences, 2);
+        assert_eq!(b.data[0], 4);
+        assert!(t.check_vocab(12, Path::new("t.npy")).is_ok());
+        let e = t
+            .check_vocab(10, Path::new("t.npy"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sequence 2, token 2"), "{e}");
+    }
+}

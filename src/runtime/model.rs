@@ -1,0 +1,312 @@
+//! A LLaMA-family decoder (llama, mistral, qwen2) as a tape: embedding → per layer
+//! [RMSNorm → q/k/v → RoPE → causal GQA attention → o → residual → RMSNorm → SwiGLU MLP → residual]
+//! → final RMSNorm → lm_head → cross-entropy.
+
+use super::config::ModelConfig;
+use super::ops::{cpu::AttnShape, RopeTable};
+use super::tape::{BufId, Op, Tape};
+use super::weights::Weights;
+use super::{GradNorms, Tokens};
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub dir: PathBuf,
+    weights: Weights,
+}
+
+impl Model {
+    /// Read `config.json`, map the weights and check that every tensor the config implies is there with
+    /// its shape.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let config = ModelConfig::load(&dir.join("config.json"))?;
+        let weights = Weights::open(dir)?;
+        let model = Model {
+            config,
+            dir: dir.to_path_buf(),
+            weights,
+        };
+        model.check_weights()?;
+        Ok(model)
+    }
+
+    fn check_weights(&self) -> Result<()> {
+        let c = &self.config;
+        let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
+        let (qd, kvd) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        self.weights.expect("model.embed_tokens.weight", &[v, h])?;
+        self.weights.expect("model.norm.weight", &[h])?;
+        if !c.tie_word_embeddings {
+            if !self.weights.contains("lm_head.weight") {
+                return Err(Error::Model(format!(
+                    "{}: checkpoint has no 'lm_head.weight' and config.json has tie_word_embeddings false",
+                    self.dir.display()
+                )));
+            }
+            self.weights.expect("lm_head.weight", &[v, h])?;
+        }
+        for l in 0..c.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<()> {
+                self.weights
+                    .expect(&p(&format!("{name}.weight")), &[out, inp])?;
+                if bias {
+                    self.weights.expect(&p(&format!("{name}.bias")), &[out])?;
+                }
+                Ok(())
+            };
+            self.weights.expect(&p("input_layernorm.weight"), &[h])?;
+            self.weights
+                .expect(&p("post_attention_layernorm.weight"), &[h])?;
+            lin("self_attn.q_proj", qd, h, c.qkv_bias)?;
+            lin("self_attn.k_proj", kvd, h, c.qkv_bias)?;
+            lin("self_attn.v_proj", kvd, h, c.qkv_bias)?;
+            lin("self_attn.o_proj", h, qd, c.o_bias)?;
+            lin("mlp.gate_proj", i, h, c.mlp_bias)?;
+            lin("mlp.up_proj", i, h, c.mlp_bias)?;
+            lin("mlp.down_proj", h, i, c.mlp_bias)?;
+        }
+        Ok(())
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    pub fn layer_names(&self) -> Vec<String> {
+        (0..self.num_layers())
+            .map(|i| format!("model.layers.{i}"))
+            .collect()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// Forward only. `skip`: decoder layers bypassed (identity). Calls `on_hidden(i, h)` with i = 0 for the
+    /// embedding output and i = l + 1 for the output of decoder layer l (a skipped layer reports its input),
+    /// h = `[seqs * tokens, hidden]`. Returns the mean next-token cross-entropy. Activations are freed as
+    /// soon as nothing reads them any more.
+    pub fn forward(
+        &self,
+        tokens: &Tokens,
+        skip: &[usize],
+        on_hidden: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<f64> {
+        let mut tape = self.build_tape(tokens, skip)?;
+        tape.forward(&self.weights, false, on_hidden)
+    }
+
+    /// Forward + backward: the loss and each decoder layer's gradient norm (skipped layers: 0), plus the
+    /// embedding's, the final norm's and (untied) the lm_head's. With tied embeddings the shared matrix
+    /// gets both contributions and is reported as `embed_tokens`; `lm_head` is `None`.
+    pub fn grad_norms(&self, tokens: &Tokens, skip: &[usize]) -> Result<GradNorms> {
+        let mut tape = self.build_tape(tokens, skip)?;
+        let loss = tape.forward(&self.weights, true, &mut |_, _| {})?;
+        let n = self.num_layers();
+        let sumsq = tape.backward(&self.weights, n + 3)?;
+        Ok(GradNorms {
+            loss,
+            per_layer: sumsq[..n].iter().map(|s| s.sqrt()).collect(),
+            embed_tokens: sumsq[n].sqrt(),
+            norm: sumsq[n + 1].sqrt(),
+            lm_head: (!self.config.tie_word_embeddings).then(|| sumsq[n + 2].sqrt()),
+        })
+    }
+
+    /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2.
+    fn build_tape(&self, tokens: &Tokens, skip: &[usize]) -> Result<Tape> {
+        let c = &self.config;
+        let (seqs, t) = (tokens.sequences, tokens.len);
+        if seqs == 0 || t < 2 {
+            return Err(Error::invalid(
+                "a batch needs at least one sequence of at least 2 tokens",
+            ));
+        }
+        if let Some(w) = c.sliding_window {
+            if t > w {
+                return Err(Error::Model(format!(
+                    "{}: sliding_window {w} is smaller than the sequence length {t}; sliding-window \
+                     attention is not implemented (use sequences of at most {w} tokens)",
+                    self.dir.join("config.json").display()
+                )));
+            }
+        }
+        if let Some(&l) = skip.iter().find(|&&l| l >= self.num_layers()) {
+            return Err(Error::invalid(format!(
+                "skip: layer {l} does not exist (the model has {} layers)",
+                self.num_layers()
+            )));
+        }
+        let n = seqs * t;
+        let (h, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (heads, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let nl = self.num_layers();
+        let (g_embed, g_norm, g_head) = (nl, nl + 1, nl + 2);
+
+        let targets = (0..n)
+            .map(|r| {
+                if r % t + 1 < t {
+                    tokens.data[r + 1]
+                } else {
+                    -1
+                }
+            })
+            .collect();
+        let mut tape = Tape::new(tokens.data.clone(), targets);
+        let rope = Arc::new(RopeTable::new(&c.inv_freq(), t, 1.0));
+        let shape = AttnShape {
+            seqs,
+            tokens: t,
+            heads,
+            kv_heads: kv,
+            head_dim: hd,
+        };
+
+        let embed = tape.param("model.embed_tokens.weight", g_embed, vocab * h);
+        let mut x = tape.buffer("embed", n, h);
+        tape.push(Op::Embedding {
+            table: embed,
+            out: x,
+        });
+        tape.mark(0, x);
+
+        for l in 0..nl {
+            if !skip.contains(&l) {
+                x = self.push_layer(&mut tape, l, x, n, shape, &rope, inter);
+            }
+            tape.mark(l + 1, x);
+        }
+
+        let norm = tape.param("model.norm.weight", g_norm, h);
+        let xn = tape.buffer("norm", n, h);
+        tape.push(Op::RmsNorm {
+            x,
+            w: norm,
+            eps: c.rms_norm_eps,
+            out: xn,
+        });
+        let head = if c.tie_word_embeddings {
+            embed
+        } else {
+            tape.param("lm_head.weight", g_head, vocab * h)
+        };
+        let logits = tape.buffer("logits", n, vocab);
+        tape.push(Op::Linear {
+            x: xn,
+            w: head,
+            b: None,
+            out: logits,
+        });
+        tape.push(Op::CrossEntropy { logits });
+        Ok(tape)
+    }
+
+    /// Push decoder layer `l` reading the residual stream `x`; returns the layer's output buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn push_layer(
+        &self,
+        tape: &mut Tape,
+        l: usize,
+        x: BufId,
+        n: usize,
+        shape: AttnShape,
+        rope: &Arc<RopeTable>,
+        inter: usize,
+    ) -> BufId {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let (qd, kvd) = (
+            shape.heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
+        let pre = format!("model.layers.{l}");
+        let linear = |tape: &mut Tape, x: BufId, name: &str, inp: usize, out: usize, bias: bool| {
+            let w = tape.param(format!("{pre}.{name}.weight"), l, out * inp);
+            let b = bias.then(|| tape.param(format!("{pre}.{name}.bias"), l, out));
+            let y = tape.buffer(format!("{pre}.{name}"), n, out);
+            tape.push(Op::Linear { x, w, b, out: y });
+            y
+        };
+        let rms = |tape: &mut Tape, x: BufId, name: &str| {
+            let w = tape.param(format!("{pre}.{name}.weight"), l, h);
+            let y = tape.buffer(format!("{pre}.{name}"), n, h);
+            tape.push(Op::RmsNorm {
+                x,
+                w,
+                eps: c.rms_norm_eps,
+                out: y,
+            });
+            y
+        };
+
+        let a = rms(tape, x, "input_layernorm");
+        let q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
+        let k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
+        let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
+        let qr = tape.buffer(format!("{pre}.q_rope"), n, qd);
+        tape.push(Op::Rope {
+            x: q,
+            heads: shape.heads,
+            table: rope.clone(),
+            out: qr,
+        });
+        let kr = tape.buffer(format!("{pre}.k_rope"), n, kvd);
+        tape.push(Op::Rope {
+            x: k,
+            heads: shape.kv_heads,
+            table: rope.clone(),
+            out: kr,
+        });
+        let att = tape.buffer(format!("{pre}.attn"), n, qd);
+        let probs = tape.buffer(
+            format!("{pre}.attn_probs"),
+            shape.seqs * shape.heads * shape.tokens,
+            shape.tokens,
+        );
+        tape.push(Op::Attention {
+            q: qr,
+            k: kr,
+            v,
+            shape,
+            out: att,
+            probs,
+        });
+        let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
+        let x1 = tape.buffer(format!("{pre}.resid_attn"), n, h);
+        tape.push(Op::Add {
+            a: x,
+            b: o,
+            out: x1,
+        });
+
+        let b = rms(tape, x1, "post_attention_layernorm");
+        let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
+        let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
+        let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
+        tape.push(Op::Silu { x: gate, out: act });
+        let m = tape.buffer(format!("{pre}.mlp.mul"), n, inter);
+        tape.push(Op::Mul {
+            a: act,
+            b: up,
+            out: m,
+        });
+        let d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
+        let x2 = tape.buffer(format!("{pre}.out"), n, h);
+        tape.push(Op::Add {
+            a: x1,
+            b: d,
+            out: x2,
+        });
+        x2
+    }
+}

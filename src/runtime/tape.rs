@@ -1,0 +1,601 @@
+//! The tape: a model is a list of ops over numbered buffers (each with a name, for errors and debugging).
+//! `forward` runs the ops in order and keeps what the backward needs (the activations and the attention
+//! probabilities); `backward` replays the tape in reverse. Parameters are not buffers: they are fetched
+//! from a [`ParamStore`] when an op runs (memory-mapped weights, converted to f32 per op) and dropped after,
+//! and a parameter's gradient lives only until its first forward use has been replayed, when it is folded
+//! into its group's sum of squares and freed. So the peak memory is the weights' mmap, the activations,
+//! and the gradients of the parameters in flight, never a full gradient copy of the model.
+
+use super::ops::cpu;
+use super::ops::{cpu::AttnShape, RopeTable};
+use crate::error::Result;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+pub type BufId = usize;
+pub type ParamId = usize;
+
+/// Where the tape reads parameters from: a name → f32 values (row-major, PyTorch layout).
+pub trait ParamStore {
+    fn param(&self, name: &str) -> Result<Cow<'_, [f32]>>;
+}
+
+/// A parameter the tape reads, and the group its gradient norm is reduced into.
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub group: usize,
+    pub len: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Buffer {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// One op of the tape. Inputs and outputs are buffer ids, parameters are [`ParamId`]s.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// out[r] = table[ids[r]] (ids: the tape's token ids).
+    Embedding {
+        table: ParamId,
+        out: BufId,
+    },
+    Linear {
+        x: BufId,
+        w: ParamId,
+        b: Option<ParamId>,
+        out: BufId,
+    },
+    RmsNorm {
+        x: BufId,
+        w: ParamId,
+        eps: f64,
+        out: BufId,
+    },
+    LayerNorm {
+        x: BufId,
+        w: ParamId,
+        b: ParamId,
+        eps: f64,
+        out: BufId,
+    },
+    Rope {
+        x: BufId,
+        heads: usize,
+        table: Arc<RopeTable>,
+        out: BufId,
+    },
+    Attention {
+        q: BufId,
+        k: BufId,
+        v: BufId,
+        shape: AttnShape,
+        out: BufId,
+        probs: BufId,
+    },
+    Silu {
+        x: BufId,
+        out: BufId,
+    },
+    Gelu {
+        x: BufId,
+        out: BufId,
+    },
+    Mul {
+        a: BufId,
+        b: BufId,
+        out: BufId,
+    },
+    Add {
+        a: BufId,
+        b: BufId,
+        out: BufId,
+    },
+    /// Mean softmax cross-entropy of the rows of `logits` against the tape's targets (−1 = not predicted).
+    CrossEntropy {
+        logits: BufId,
+    },
+}
+
+impl Op {
+    /// Buffers this op writes.
+    fn outputs(&self) -> Vec<BufId> {
+        match *self {
+            Op::Embedding { out, .. }
+            | Op::Linear { out, .. }
+            | Op::RmsNorm { out, .. }
+            | Op::LayerNorm { out, .. }
+            | Op::Rope { out, .. }
+            | Op::Silu { out, .. }
+            | Op::Gelu { out, .. }
+            | Op::Mul { out, .. }
+            | Op::Add { out, .. } => vec![out],
+            Op::Attention { out, probs, .. } => vec![out, probs],
+            Op::CrossEntropy { .. } => vec![],
+        }
+    }
+
+    /// Buffers this op reads.
+    fn inputs(&self) -> Vec<BufId> {
+        match *self {
+            Op::Embedding { .. } => vec![],
+            Op::Linear { x, .. }
+            | Op::RmsNorm { x, .. }
+            | Op::LayerNorm { x, .. }
+            | Op::Rope { x, .. }
+            | Op::Silu { x, .. }
+            | Op::Gelu { x, .. } => vec![x],
+            Op::Attention { q, k, v, .. } => vec![q, k, v],
+            Op::Mul { a, b, .. } | Op::Add { a, b, .. } => vec![a, b],
+            Op::CrossEntropy { logits } => vec![logits],
+        }
+    }
+
+    fn params(&self) -> Vec<ParamId> {
+        match *self {
+            Op::Embedding { table, .. } => vec![table],
+            Op::Linear { w, b, .. } => std::iter::once(w).chain(b).collect(),
+            Op::RmsNorm { w, .. } => vec![w],
+            Op::LayerNorm { w, b, .. } => vec![w, b],
+            _ => vec![],
+        }
+    }
+}
+
+/// A hidden state to report during the forward: after `after_ops` ops have run, buffer `buf` is hidden
+/// state number `index`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark {
+    pub after_ops: usize,
+    pub index: usize,
+    pub buf: BufId,
+}
+
+/// The program (ops, buffers, params, marks) plus the batch it runs on (ids, targets) and, once run, the
+/// buffers' contents.
+pub struct Tape {
+    pub ops: Vec<Op>,
+    pub bufs: Vec<Buffer>,
+    pub params: Vec<Param>,
+    pub marks: Vec<Mark>,
+    /// Token ids, one per row of the activations (`seqs * tokens`).
+    pub ids: Vec<i64>,
+    /// Next-token targets per row, −1 where nothing is predicted (the last token of each sequence).
+    pub targets: Vec<i64>,
+    data: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    loss: Option<f64>,
+}
+
+impl Tape {
+    pub fn new(ids: Vec<i64>, targets: Vec<i64>) -> Self {
+        Tape {
+            ops: Vec::new(),
+            bufs: Vec::new(),
+            params: Vec::new(),
+            marks: Vec::new(),
+            ids,
+            targets,
+            data: Vec::new(),
+            grads: Vec::new(),
+            loss: None,
+        }
+    }
+
+    pub fn buffer(&mut self, name: impl Into<String>, rows: usize, cols: usize) -> BufId {
+        self.bufs.push(Buffer {
+            name: name.into(),
+            rows,
+            cols,
+        });
+        self.bufs.len() - 1
+    }
+
+    pub fn param(&mut self, name: impl Into<String>, group: usize, len: usize) -> ParamId {
+        let name = name.into();
+        if let Some(i) = self.params.iter().position(|p| p.name == name) {
+            return i;
+        }
+        self.params.push(Param { name, group, len });
+        self.params.len() - 1
+    }
+
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Report `buf` as hidden state `index` once the ops pushed so far have run.
+    pub fn mark(&mut self, index: usize, buf: BufId) {
+        self.marks.push(Mark {
+            after_ops: self.ops.len(),
+            index,
+            buf,
+        });
+    }
+
+    fn len_of(&self, b: BufId) -> usize {
+        self.bufs[b].rows * self.bufs[b].cols
+    }
+
+    /// Run the ops in order, calling `on_mark(index, data)` for every mark. With `keep` false (forward
+    /// only) a buffer is freed after its last reader has run. Returns the loss.
+    pub fn forward(
+        &mut self,
+        store: &dyn ParamStore,
+        keep: bool,
+        on_mark: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<f64> {
+        self.data = vec![Vec::new(); self.bufs.len()];
+        self.grads = vec![Vec::new(); self.bufs.len()];
+        self.loss = None;
+        // Last op (by position) reading each buffer; marks count as reads at their position.
+        let mut last_use = vec![0usize; self.bufs.len()];
+        for (i, op) in self.ops.iter().enumerate() {
+            for b in op.inputs().into_iter().chain(op.outputs()) {
+                last_use[b] = last_use[b].max(i);
+            }
+        }
+        for m in &self.marks {
+            last_use[m.buf] = last_use[m.buf].max(m.after_ops.saturating_sub(1));
+        }
+        let mut next_mark = 0;
+        self.emit_marks(0, &mut next_mark, on_mark);
+        for i in 0..self.ops.len() {
+            let op = self.ops[i].clone();
+            for b in op.outputs() {
+                self.data[b] = vec![0f32; self.len_of(b)];
+            }
+            self.run_forward(&op, store)?;
+            self.emit_marks(i + 1, &mut next_mark, on_mark);
+            if !keep {
+                for b in op.inputs().into_iter().chain(op.outputs()) {
+                    if last_use[b] == i {
+                        self.data[b] = Vec::new();
+                    }
+                }
+            }
+        }
+        self.loss
+            .ok_or_else(|| crate::Error::Model("the model has no loss op".into()))
+    }
+
+    fn emit_marks(&self, done: usize, next: &mut usize, on_mark: &mut dyn FnMut(usize, &[f32])) {
+        while *next < self.marks.len() && self.marks[*next].after_ops == done {
+            let m = self.marks[*next];
+            on_mark(m.index, &self.data[m.buf]);
+            *next += 1;
+        }
+    }
+
+    fn p<'s>(&self, store: &'s dyn ParamStore, id: ParamId) -> Result<Cow<'s, [f32]>> {
+        store.param(&self.params[id].name)
+    }
+
+    fn run_forward(&mut self, op: &Op, store: &dyn ParamStore) -> Result<()> {
+        // Outputs are taken out of `data` while inputs are borrowed from it (ids differ by construction).
+        match *op {
+            Op::Embedding { table, out } => {
+                let t = self.p(store, table)?;
+                let mut y = std::mem::take(&mut self.data[out]);
+                cpu::embedding_forward(&self.ids, &t, self.bufs[out].cols, &mut y);
+                self.data[out] = y;
+            }
+            Op::Linear { x, w, b, out } => {
+                let (wv, bv) = (self.p(store, w)?, b.map(|b| self.p(store, b)).transpose()?);
+                let (n, k, m) = (self.bufs[x].rows, self.bufs[x].cols, self.bufs[out].cols);
+                let mut y = std::mem::take(&mut self.data[out]);
+                cpu::linear_forward(&self.data[x], &wv, bv.as_deref(), n, k, m, &mut y);
+                self.data[out] = y;
+            }
+            Op::RmsNorm { x, w, eps, out } => {
+                let wv = self.p(store, w)?;
+                let mut y = std::mem::take(&mut self.data[out]);
+                cpu::rmsnorm_forward(&self.data[x], &wv, self.bufs[x].cols, eps, &mut y);
+                self.data[out] = y;
+            }
+            Op::LayerNorm { x, w, b, eps, out } => {
+                let (wv, bv) = (self.p(store, w)?, self.p(store, b)?);
+                let mut y = std::mem::take(&mut self.data[out]);
+                cpu::layernorm_forward(&self.data[x], &wv, &bv, self.bufs[x].cols, eps, &mut y);
+                self.data[out] = y;
+            }
+            Op::Rope {
+                x,
+                heads,
+                ref table,
+                out,
+            } => {
+                let mut y = std::mem::take(&mut self.data[out]);
+                cpu::rope_forward(&self.data[x], heads, table, &mut y);
+                self.data[out] = y;
+            }
+            Op::Attention {
+                q,
+                k,
+                v,
+                shape,
+                out,
+                probs,
+            } => {
+                let mut y = std::mem::take(&mut self.data[out]);
+                let mut p = std::mem::take(&mut self.data[probs]);
+                cpu::attention_forward(
+                    &self.data[q],
+                    &self.data[k],
+                    &self.data[v],
+                    shape,
+                    &mut y,
+                    &mut p,
+                );
+                self.data[out] = y;
+                self.data[probs] = p;
+            }
+            Op::Silu { x, out } | Op::Gelu { x, out } => {
+                let mut y = std::mem::take(&mut self.data[out]);
+                if matches!(op, Op::Silu { .. }) {
+                    cpu::silu_forward(&self.data[x], &mut y);
+                } else {
+                    cpu::gelu_forward(&self.data[x], &mut y);
+                }
+                self.data[out] = y;
+            }
+            Op::Mul { a, b, out } | Op::Add { a, b, out } => {
+                let mut y = std::mem::take(&mut self.data[out]);
+                if matches!(op, Op::Mul { .. }) {
+                    cpu::mul_forward(&self.data[a], &self.data[b], &mut y);
+                } else {
+                    cpu::add_forward(&self.data[a], &self.data[b], &mut y);
+                }
+                self.data[out] = y;
+            }
+            Op::CrossEntropy { logits } => {
+                let (sum, count) = cpu::cross_entropy_forward(
+                    &self.data[logits],
+                    self.bufs[logits].cols,
+                    &self.targets,
+                );
+                if count == 0 {
+                    return Err(crate::Error::invalid(
+                        "no predicted positions in the batch (sequences need at least 2 tokens)",
+                    ));
+                }
+                self.loss = Some(sum / count as f64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gradient buffer of `b`, allocated (zeroed) on first use; taken out so it can be written while other
+    /// buffers are read.
+    fn take_grad(&mut self, b: BufId) -> Vec<f32> {
+        let g = std::mem::take(&mut self.grads[b]);
+        if g.is_empty() {
+            vec![0f32; self.len_of(b)]
+        } else {
+            g
+        }
+    }
+
+    /// Replay the tape in reverse from d(loss) = 1 after a `forward(.., keep = true, ..)`. Returns the sum
+    /// of squared gradient entries per parameter group (`n_groups` groups). Activations and gradients are
+    /// freed as soon as the op that produced them has been replayed.
+    pub fn backward(&mut self, store: &dyn ParamStore, n_groups: usize) -> Result<Vec<f64>> {
+        let mut sumsq = vec![0f64; n_groups];
+        // A parameter's gradient is complete once its first forward use has been replayed.
+        let mut first_use = vec![usize::MAX; self.params.len()];
+        for (i, op) in self.ops.iter().enumerate() {
+            for p in op.params() {
+                first_use[p] = first_use[p].min(i);
+            }
+        }
+        let mut pgrads: Vec<Vec<f32>> = vec![Vec::new(); self.params.len()];
+        for i in (0..self.ops.len()).rev() {
+            let op = self.ops[i].clone();
+            for p in op.params() {
+                if pgrads[p].is_empty() {
+                    pgrads[p] = vec![0f32; self.params[p].len];
+                }
+            }
+            self.run_backward(&op, store, &mut pgrads)?;
+            for p in op.params() {
+                if first_use[p] == i {
+                    let g = std::mem::take(&mut pgrads[p]);
+                    sumsq[self.params[p].group] += sum_sq(&g);
+                }
+            }
+            for b in op.outputs() {
+                self.data[b] = Vec::new();
+                self.grads[b] = Vec::new();
+            }
+        }
+        self.data.iter_mut().for_each(|d| *d = Vec::new());
+        self.grads.iter_mut().for_each(|g| *g = Vec::new());
+        Ok(sumsq)
+    }
+
+    fn run_backward(&mut self, op: &Op, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
+        match *op {
+            Op::CrossEntropy { logits } => {
+                let (_, count) = self.loss_count();
+                let mut d = self.take_grad(logits);
+                let v = self.bufs[logits].cols;
+                cpu::cross_entropy_backward(
+                    &self.data[logits],
+                    v,
+                    &self.targets,
+                    1.0 / count as f64,
+                    &mut d,
+                );
+                self.grads[logits] = d;
+            }
+            Op::Embedding { table, out } => {
+                let dy = &self.grads[out];
+                if !dy.is_empty() {
+                    cpu::embedding_backward(&self.ids, dy, self.bufs[out].cols, &mut pg[table]);
+                }
+            }
+            Op::Linear { x, w, b, out } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let wv = self.p(store, w)?;
+                let (n, k, m) = (self.bufs[x].rows, self.bufs[x].cols, self.bufs[out].cols);
+                let mut dx = self.take_grad(x);
+                let mut dw = std::mem::take(&mut pg[w]);
+                let mut db = b.map(|b| std::mem::take(&mut pg[b]));
+                cpu::linear_backward(
+                    &self.data[x],
+                    &wv,
+                    &self.grads[out],
+                    n,
+                    k,
+                    m,
+                    Some(&mut dx),
+                    &mut dw,
+                    db.as_deref_mut(),
+                );
+                self.grads[x] = dx;
+                pg[w] = dw;
+                if let (Some(b), Some(db)) = (b, db) {
+                    pg[b] = db;
+                }
+            }
+            Op::RmsNorm { x, w, eps, out } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let wv = self.p(store, w)?;
+                let mut dx = self.take_grad(x);
+                let mut dw = std::mem::take(&mut pg[w]);
+                cpu::rmsnorm_backward(
+                    &self.data[x],
+                    &wv,
+                    &self.grads[out],
+                    self.bufs[x].cols,
+                    eps,
+                    &mut dx,
+                    &mut dw,
+                );
+                self.grads[x] = dx;
+                pg[w] = dw;
+            }
+            Op::LayerNorm { x, w, b, eps, out } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let wv = self.p(store, w)?;
+                let mut dx = self.take_grad(x);
+                let (mut dw, mut db) = (std::mem::take(&mut pg[w]), std::mem::take(&mut pg[b]));
+                cpu::layernorm_backward(
+                    &self.data[x],
+                    &wv,
+                    &self.grads[out],
+                    self.bufs[x].cols,
+                    eps,
+                    &mut dx,
+                    &mut dw,
+                    &mut db,
+                );
+                self.grads[x] = dx;
+                pg[w] = dw;
+                pg[b] = db;
+            }
+            Op::Rope {
+                x,
+                heads,
+                ref table,
+                out,
+            } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let mut dx = self.take_grad(x);
+                cpu::rope_backward(&self.grads[out], heads, table, &mut dx);
+                self.grads[x] = dx;
+            }
+            Op::Attention {
+                q,
+                k,
+                v,
+                shape,
+                out,
+                probs,
+            } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let (mut dq, mut dk, mut dv) =
+                    (self.take_grad(q), self.take_grad(k), self.take_grad(v));
+                cpu::attention_backward(
+                    &self.data[q],
+                    &self.data[k],
+                    &self.data[v],
+                    &self.data[probs],
+                    &self.grads[out],
+                    shape,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                );
+                self.grads[q] = dq;
+                self.grads[k] = dk;
+                self.grads[v] = dv;
+            }
+            Op::Silu { x, out } | Op::Gelu { x, out } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let mut dx = self.take_grad(x);
+                if matches!(op, Op::Silu { .. }) {
+                    cpu::silu_backward(&self.data[x], &self.grads[out], &mut dx);
+                } else {
+                    cpu::gelu_backward(&self.data[x], &self.grads[out], &mut dx);
+                }
+                self.grads[x] = dx;
+            }
+            Op::Mul { a, b, out } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let (mut da, mut db) = (self.take_grad(a), self.take_grad(b));
+                cpu::mul_backward(
+                    &self.data[a],
+                    &self.data[b],
+                    &self.grads[out],
+                    &mut da,
+                    &mut db,
+                );
+                self.grads[a] = da;
+                self.grads[b] = db;
+            }
+            Op::Add { a, b, out } => {
+                if self.grads[out].is_empty() {
+                    return Ok(());
+                }
+                let dy = std::mem::take(&mut self.grads[out]);
+                for inp in [a, b] {
+                    let mut d = self.take_grad(inp);
+                    cpu::accumulate(&mut d, &dy);
+                    self.grads[inp] = d;
+                }
+                self.grads[out] = dy;
+            }
+        }
+        Ok(())
+    }
+
+    fn loss_count(&self) -> (f64, usize) {
+        let count = self.targets.iter().filter(|&&t| t >= 0).count();
+        (self.loss.unwrap_or(f64::NAN), count)
+    }
+}
+
+fn sum_sq(g: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    g.par_chunks(16_384)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum()
+}

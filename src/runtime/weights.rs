@@ -1,0 +1,174 @@
+//! Memory-mapped safetensors weights (`model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`). Nothing is copied at load: a tensor is read when an op asks for it,
+//! borrowed straight from the map when it is f32 and aligned, otherwise converted to f32 for that op
+//! (bf16/f16 → f32, rayon-parallel) and dropped when the op is done.
+
+use super::tape::ParamStore;
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+struct TensorLoc {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+pub struct Weights {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, TensorLoc>,
+}
+
+impl Weights {
+    /// Open the checkpoint directory's safetensors file(s) and index their tensors.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::format(&index, "no 'weight_map' object"))?;
+            let mut files: Vec<String> = map
+                .values()
+                .map(|f| {
+                    f.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::format(&index, "weight_map values must be file names")
+                    })
+                })
+                .collect::<Result<_>>()?;
+            files.sort();
+            files.dedup();
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            return Err(Error::Model(format!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            )));
+        };
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for path in names {
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the checkpoint is opened read-only; like every mmap-based loader we assume the file
+            // is not truncated by another process while it is mapped.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let (n, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| Error::format(&path, format!("not a safetensors file: {e}")))?;
+            let base = 8 + n;
+            for (name, info) in meta.tensors() {
+                tensors.insert(
+                    name,
+                    TensorLoc {
+                        file: files.len(),
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + info.data_offsets.0,
+                        end: base + info.data_offsets.1,
+                    },
+                );
+            }
+            files.push((path, map));
+        }
+        Ok(Weights { files, tensors })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Check that `name` exists with `shape` and a float dtype the runtime reads.
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let loc = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{name}'")))?;
+        let path = &self.files[loc.file].0;
+        if loc.shape != shape {
+            return Err(Error::layer(
+                path,
+                name,
+                format!("shape {:?}, the config implies {:?}", loc.shape, shape),
+            ));
+        }
+        if !matches!(
+            loc.dtype,
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+        ) {
+            return Err(Error::layer(
+                path,
+                name,
+                format!(
+                    "dtype {:?} is not supported (f32, f16, bf16, f64)",
+                    loc.dtype
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The tensor as f32: borrowed when stored as aligned f32, converted otherwise.
+    pub fn get_f32(&self, name: &str) -> Result<Cow<'_, [f32]>> {
+        let loc = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{name}'")))?;
+        let (path, map) = &self.files[loc.file];
+        let bytes = map
+            .get(loc.start..loc.end)
+            .ok_or_else(|| Error::layer(path, name, "data offsets run past the end of the file"))?;
+        let conv = |size: usize, f: &(dyn Fn(&[u8]) -> f32 + Sync)| -> Vec<f32> {
+            let mut out = vec![0f32; bytes.len() / size];
+            out.par_chunks_mut(8192)
+                .zip(bytes.par_chunks(8192 * size))
+                .for_each(|(o, b)| {
+                    o.iter_mut()
+                        .zip(b.chunks_exact(size))
+                        .for_each(|(o, c)| *o = f(c))
+                });
+            out
+        };
+        Ok(match loc.dtype {
+            Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                Ok(s) if cfg!(target_endian = "little") => Cow::Borrowed(s),
+                _ => Cow::Owned(conv(4, &|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            },
+            Dtype::BF16 => Cow::Owned(conv(2, &|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+            Dtype::F16 => Cow::Owned(conv(2, &|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+            Dtype::F64 => Cow::Owned(conv(8, &|c| {
+                f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32
+            })),
+            other => {
+                return Err(Error::layer(
+                    path,
+                    name,
+                    format!("dtype {other:?} is not supported (f32, f16, bf16, f64)"),
+                ))
+            }
+        })
+    }
+
+    /// Names of every tensor (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+}
+
+impl ParamStore for Weights {
+    fn param(&self, name: &str) -> Result<Cow<'_, [f32]>> {
+        self.get_f32(name)
+    }
+}
