@@ -2,7 +2,10 @@
 //! a `run` function; this file only lists them.
 
 mod cka;
+mod compare;
+mod eval;
 mod info;
+mod prune;
 mod segment;
 
 use crate::error::Result;
@@ -29,6 +32,13 @@ pub enum Command {
     Run(cka::RunArgs),
     /// List the inputs' layers, shapes and dtypes, and the backends available on this machine.
     Info(info::InfoArgs),
+    /// Prune decoder layers of a checkpoint with SGLP: capture, CKA, segments, gradient norms, pruned
+    /// checkpoint and report.
+    Prune(prune::PruneArgs),
+    /// Perplexity of a checkpoint on a tokens file.
+    Eval(eval::EvalArgs),
+    /// SGLP beside ShortGPT, angular distance, MPruner and random removal, on held-out perplexity.
+    Compare(compare::CompareArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -37,5 +47,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Segment(a) => segment::run(a),
         Command::Run(a) => cka::run_pipeline(a),
         Command::Info(a) => info::run(a),
+        Command::Prune(a) => prune::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }

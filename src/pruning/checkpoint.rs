@@ -6,7 +6,8 @@
 //!   tensors, `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order),
 //!   dtype, shape and bytes unchanged, the file's `__metadata__` kept. A sharded checkpoint keeps its
 //!   sharding (a shard left empty is dropped) and gets a rewritten `model.safetensors.index.json`.
-//! * every other regular file (tokenizer, generation config, chat template, …) is copied as is.
+//! * the tokenizer and generation files (tokenizer*, special_tokens_map, generation_config, chat
+//!   template, vocab/merges, …) are copied as is.
 //!
 //! The directory is built in a temporary directory beside OUTDIR and renamed into place at the end
 //! ([`StagedDir`]), so an interrupted run leaves no half-written OUTDIR.
@@ -62,6 +63,7 @@ impl StagedDir {
     /// Move the directory into place. With `force`, an existing destination is first renamed aside and
     /// deleted only after the new one is in place.
     pub fn commit(self) -> Result<PathBuf> {
+        set_public_modes(self.tmp.path())?;
         let staged = self.tmp.keep();
         let mut old = None;
         if self.dest.exists() {
@@ -296,37 +298,60 @@ pub fn write_pruned_checkpoint(
         write_json(&out.join(INDEX_FILE), &index)?;
         written.files.push(INDEX_FILE.into());
     }
-    copy_other_files(model_dir, out, &files)?;
+    copy_other_files(model_dir, out)?;
     Ok(written)
 }
 
-/// Copy every regular file that is not a weight file, the index or the config.
-fn copy_other_files(model_dir: &Path, out: &Path, weights: &[String]) -> Result<()> {
+/// Whether a file of a checkpoint directory is a tokenizer or generation file to copy as is.
+fn is_companion_file(name: &str) -> bool {
+    const PREFIXES: [&str; 9] = [
+        "tokenizer",
+        "special_tokens_map",
+        "added_tokens",
+        "generation_config",
+        "chat_template",
+        "vocab",
+        "merges",
+        "spiece",
+        "preprocessor_config",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || name.ends_with(".tiktoken")
+}
+
+/// Copy the tokenizer and generation files (see [`is_companion_file`]).
+fn copy_other_files(model_dir: &Path, out: &Path) -> Result<()> {
     let entries = std::fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(model_dir, e))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        let skip = name == "config.json"
-            || name == INDEX_FILE
-            || name == "sglp-report.json"
-            || weights.contains(&name)
-            || [
-                ".safetensors",
-                ".bin",
-                ".pt",
-                ".pth",
-                ".gguf",
-                ".png",
-                ".html",
-            ]
-            .iter()
-            .any(|ext| name.ends_with(ext));
-        if skip || !path.is_file() {
-            continue;
+        if is_companion_file(&name) && path.is_file() {
+            std::fs::copy(&path, out.join(&name)).map_err(|e| Error::io(&path, e))?;
         }
-        std::fs::copy(&path, out.join(&name)).map_err(|e| Error::io(&path, e))?;
     }
+    Ok(())
+}
+
+/// Give the staged directory and its files the usual modes (temporary files are created private).
+#[cfg(unix)]
+fn set_public_modes(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(p, e))
+    };
+    set(dir, 0o755)?;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_file() {
+            set(&path, 0o644)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn set_public_modes(_dir: &Path) -> Result<()> {
     Ok(())
 }
 

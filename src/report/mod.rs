@@ -209,14 +209,20 @@ pub fn html_page(dir: &Path, r: &PruneReport) -> Result<String> {
     ))
 }
 
-/// Write `sglp-report.json`, the pictures and the HTML page into `dir`.
-pub fn write_report(dir: &Path, r: &PruneReport) -> Result<()> {
+/// Write `sglp-report.json` and the HTML page into `dir` (the pictures must be there:
+/// [`write_plots`]).
+pub fn write_json_and_html(dir: &Path, r: &PruneReport) -> Result<()> {
     let json_path = dir.join(REPORT_FILE);
     let mut json =
         serde_json::to_string_pretty(r).map_err(|e| Error::format(&json_path, e.to_string()))?;
     json.push('\n');
     crate::io::output::write_atomic(&json_path, json.as_bytes())?;
-    write_plots(dir, r)?;
     let html = html_page(dir, r)?;
     crate::io::output::write_atomic(&dir.join(HTML_FILE), html.as_bytes())
+}
+
+/// Write the pictures, `sglp-report.json` and the HTML page into `dir`.
+pub fn write_report(dir: &Path, r: &PruneReport) -> Result<()> {
+    write_plots(dir, r)?;
+    write_json_and_html(dir, r)
 }
