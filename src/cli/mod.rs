@@ -1,9 +1,11 @@
 //! The `sglp-engine` command line. Each subcommand lives in its own file with its clap arguments and
 //! a `run` function; this file only lists them.
 
+mod capture;
 mod cka;
 mod compare;
 mod eval;
+mod gradnorm;
 mod info;
 mod prune;
 mod segment;
@@ -32,6 +34,10 @@ pub enum Command {
     Run(cka::RunArgs),
     /// List the inputs' layers, shapes and dtypes, and the backends available on this machine.
     Info(info::InfoArgs),
+    /// Per-decoder-layer gradient norms of a LLaMA-family checkpoint on calibration tokens.
+    Gradnorm(gradnorm::GradnormArgs),
+    /// Every decoder layer's hidden states on calibration tokens, as a safetensors file for `cka`.
+    Capture(capture::CaptureArgs),
     /// Prune decoder layers of a checkpoint with SGLP: capture, CKA, segments, gradient norms, pruned
     /// checkpoint and report.
     Prune(prune::PruneArgs),
@@ -47,6 +53,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Segment(a) => segment::run(a),
         Command::Run(a) => cka::run_pipeline(a),
         Command::Info(a) => info::run(a),
+        Command::Gradnorm(a) => gradnorm::run(a),
+        Command::Capture(a) => capture::run(a),
         Command::Prune(a) => prune::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Compare(a) => compare::run(a),

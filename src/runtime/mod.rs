@@ -48,7 +48,10 @@ impl Tokens {
                 "Fortran-ordered arrays are not supported",
             ));
         }
-        let descr = npy.dtype().descr();
+        let descr = match npy.dtype() {
+            npyz::DType::Plain(ts) => ts.to_string(),
+            other => other.descr(),
+        };
         let data: Vec<i64> = match descr.as_str() {
             "<i8" => npy.into_vec::<i64>(),
             "<i4" => npy

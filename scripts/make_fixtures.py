@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 checkpoints made with Hugging Face
+`transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
+numbers (loss, per-layer gradient norms, per-layer hidden states).
+
+    /work/venvs/torch/bin/python scripts/make_fixtures.py [--out tests/fixtures]
+
+Each fixture directory holds a checkpoint (config.json + safetensors), tokens.npy and reference.safetensors:
+  hidden.{i}        f64 [sequences, tokens, hidden]: i = 0 embedding output, i = l + 1 output of decoder
+                    layer l (before the final norm), whole token set in one forward
+  loss.b{k}         f64 [1]: mean next-token cross-entropy of batch k (batches of BATCH sequences)
+  gradnorm.b{k}     f64 [layers]: sqrt(sum of squared gradients of the layer's parameters), batch k
+  extra.b{k}        f64 [3]: gradient norms of embed_tokens, norm, lm_head (lm_head = -1 when tied; the tied
+                    matrix's whole gradient is in embed_tokens)
+  loss_skip1        f64 [1]: loss of the whole token set with decoder layer 1 removed
+The reference runs in float64 (model.double()) on the checkpoint's stored values (bf16/f16 weights are
+rounded first, then computed in f64).
+"""
+import argparse
+import copy
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+import transformers
+
+BATCH = 2
+SEQS, TOKENS = 3, 16
+
+FIXTURES = [
+    # name, model_type, config overrides, weight dtype, options
+    dict(name="llama_llama3_rope", model_type="llama", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=4.0,
+                                       low_freq_factor=1.0, high_freq_factor=8.0,
+                                       original_max_position_embeddings=32)),
+         old_config=True, seed=1),
+    dict(name="llama_bf16_tied", model_type="llama", dtype=torch.bfloat16, token_dtype=np.int32,
+         cfg=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=100, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=2),
+    dict(name="mistral_sharded", model_type="mistral", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=160, rms_norm_eps=1e-5, sliding_window=4096,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         shard="40KB", seed=3),
+    dict(name="qwen2_f16_bias", model_type="qwen2", dtype=torch.float16, token_dtype=np.int64,
+         cfg=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=150, rms_norm_eps=1e-6, head_dim=8,
+                  use_sliding_window=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         seed=4),
+]
+
+
+def make_model(spec):
+    cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
+    config = cfg_cls(**spec["cfg"], attn_implementation="eager")
+    torch.manual_seed(spec["seed"])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    # Random, non-trivial values everywhere (HF's init leaves norms at 1 and biases at 0).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+        # Round to the stored dtype so the f64 reference sees exactly the checkpoint's values.
+        for p in model.parameters():
+            p.copy_(p.to(spec["dtype"]).to(torch.float32))
+    model.eval()
+    return model
+
+
+def to_old_config(path):
+    """Rewrite config.json in the transformers 4.x form: top-level rope_theta and rope_scaling."""
+    with open(path) as f:
+        c = json.load(f)
+    rp = c.pop("rope_parameters")
+    c["rope_theta"] = rp.pop("rope_theta")
+    c["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def decoder_layers(model):
+    return model.model.layers
+
+
+def reference(model, ids, tied):
+    """f64 loss, per-layer gradient norms, extras, for one batch."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, use_cache=False)
+    logits = out.logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+
+    def norm(params):
+        return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)))
+
+    per_layer = [norm(list(layer.parameters())) for layer in decoder_layers(model)]
+    embed = norm([model.model.embed_tokens.weight])
+    fnorm = norm([model.model.norm.weight])
+    head = -1.0 if tied else norm([model.lm_head.weight])
+    return float(loss.detach()), per_layer, [embed, fnorm, head]
+
+
+def hidden_states(model, ids):
+    """Embedding output and every decoder layer's output (before the final norm), via hooks."""
+    hs = {}
+
+    def hook(i):
+        def f(_mod, _inp, out):
+            hs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return f
+
+    handles = [model.model.embed_tokens.register_forward_hook(hook(0))]
+    for l, layer in enumerate(decoder_layers(model)):
+        handles.append(layer.register_forward_hook(hook(l + 1)))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return hs
+
+
+def loss_without_layer(model, ids, skip):
+    layers = decoder_layers(model)
+    kept = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != skip])
+    model.model.layers = kept
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    model.model.layers = layers
+    return float(loss)
+
+
+def build(spec, out_root):
+    d = os.path.join(out_root, spec["name"])
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    model = make_model(spec)
+    tied = bool(spec["cfg"].get("tie_word_embeddings", False))
+    kw = dict(safe_serialization=True)
+    if "shard" in spec:
+        kw["max_shard_size"] = spec["shard"]
+    # Save a converted copy: `.to(bf16)` would also round the rotary inv_freq buffer, which a checkpoint
+    # loaded with from_pretrained never has, so the reference runs on the f32 model (weights pre-rounded).
+    copy.deepcopy(model).to(spec["dtype"]).save_pretrained(d, **kw)
+    for extra in ["generation_config.json"]:
+        if os.path.exists(os.path.join(d, extra)):
+            os.remove(os.path.join(d, extra))
+    if spec.get("old_config"):
+        to_old_config(os.path.join(d, "config.json"))
+
+    rng = np.random.default_rng(spec["seed"])
+    vocab = spec["cfg"]["vocab_size"]
+    tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
+    np.save(os.path.join(d, "tokens.npy"), tokens)
+
+    model = model.double()
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    ref = {}
+    hs = hidden_states(model, ids)
+    for i, h in hs.items():
+        ref[f"hidden.{i}"] = h.double().contiguous()
+    for k, start in enumerate(range(0, SEQS, BATCH)):
+        loss, per_layer, extra = reference(model, ids[start:start + BATCH], tied)
+        ref[f"loss.b{k}"] = torch.tensor([loss], dtype=torch.float64)
+        ref[f"gradnorm.b{k}"] = torch.tensor(per_layer, dtype=torch.float64)
+        ref[f"extra.b{k}"] = torch.tensor(extra, dtype=torch.float64)
+    ref["loss_skip1"] = torch.tensor([loss_without_layer(model, ids, 1)], dtype=torch.float64)
+    save_file(ref, os.path.join(d, "reference.safetensors"), metadata={"batch": str(BATCH)})
+    files = sorted(os.listdir(d))
+    size = sum(os.path.getsize(os.path.join(d, f)) for f in files)
+    print(f"{spec['name']}: {files} {size / 1024:.0f} KiB")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for spec in FIXTURES:
+        build(spec, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+//! `sglp-engine gradnorm`: per-decoder-layer gradient norms (GradNorm importance) of a checkpoint on
+//! calibration tokens, with the engine's own runtime.
+
+use crate::error::{Error, Result};
+use crate::runtime::{Model, Tokens};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct GradnormArgs {
+    /// Hugging Face checkpoint directory (config.json + safetensors) of a llama, mistral or qwen2 model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Calibration tokens: .npy [sequences, tokens], int32 or int64.
+    #[arg(long)]
+    pub tokens: PathBuf,
+    /// Sequences per forward + backward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Output JSON.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Record the wall time of every batch's forward + backward in the JSON (`timing`) and on stderr.
+    #[arg(long)]
+    pub timing: bool,
+}
+
+pub fn run(a: GradnormArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        return Err(Error::invalid("--batch-size must be at least 1"));
+    }
+    let model = Model::load(&a.model)?;
+    let tokens = Tokens::load_npy(&a.tokens)?;
+    tokens.check_vocab(model.vocab_size(), &a.tokens)?;
+    let n_batches = tokens.sequences.div_ceil(a.batch_size);
+    if n_batches == 0 {
+        return Err(Error::format(&a.tokens, "no sequences"));
+    }
+    let nl = model.num_layers();
+    let (mut per_layer, mut loss) = (vec![0f64; nl], 0f64);
+    let (mut embed, mut norm, mut head) = (0f64, 0f64, 0f64);
+    let mut seconds = Vec::with_capacity(n_batches);
+    let bar = crate::progress::bar(n_batches as u64, "gradnorm batches");
+    for b in 0..n_batches {
+        let batch = tokens.batch(b * a.batch_size, a.batch_size);
+        let t0 = Instant::now();
+        let g = model.grad_norms(&batch, &[])?;
+        let dt = t0.elapsed().as_secs_f64();
+        if a.timing {
+            bar.suspend(|| eprintln!("batch {b}: forward+backward {dt:.3} s"));
+        }
+        seconds.push(dt);
+        for (s, v) in per_layer.iter_mut().zip(&g.per_layer) {
+            *s += v;
+        }
+        loss += g.loss;
+        embed += g.embed_tokens;
+        norm += g.norm;
+        head += g.lm_head.unwrap_or(0.0);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let nb = n_batches as f64;
+    let mut extra = serde_json::json!({ "embed_tokens": embed / nb, "norm": norm / nb });
+    // Tied embeddings: lm_head is embed_tokens, whose norm already holds both gradients; no lm_head key.
+    if !model.config.tie_word_embeddings {
+        extra["lm_head"] = (head / nb).into();
+    }
+    let mut out = serde_json::json!({
+        "format": "sglp-gradnorm/1",
+        "model": a.model.display().to_string(),
+        "tokens": a.tokens.display().to_string(),
+        "sequences": tokens.sequences,
+        "tokens_per_sequence": tokens.len,
+        "batch_size": a.batch_size,
+        "batches": n_batches,
+        "tie_word_embeddings": model.config.tie_word_embeddings,
+        "layers": model.layer_names(),
+        "gradnorm": per_layer.iter().map(|s| s / nb).collect::<Vec<_>>(),
+        "loss": loss / nb,
+        "extra": extra,
+    });
+    if a.timing {
+        out["timing"] = serde_json::json!({ "forward_backward_s": seconds });
+    }
+    let text = serde_json::to_string_pretty(&out).expect("JSON of plain values");
+    crate::io::output::write_atomic(&a.out, text.as_bytes())
+}

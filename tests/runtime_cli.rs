@@ -1,0 +1,172 @@
+//! `gradnorm` and `capture` end to end on the PyTorch fixtures, and `CaptureSource` against the same
+//! reference hidden states.
+
+use npyz::WriterBuilder;
+use safetensors::SafeTensors;
+use sglp_engine::io::{ActivationSource, TokenMode};
+use sglp_engine::runtime::{CaptureSource, Model, Tokens};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn ref_tensor(name: &str, key: &str) -> Vec<f64> {
+    let bytes = std::fs::read(dir(name).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(key)
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn engine(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()))
+        / scale
+}
+
+#[test]
+fn gradnorm_command_matches_pytorch_batch_means() {
+    for (name, tied) in [("llama_llama3_rope", false), ("llama_bf16_tied", true)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("g.json");
+        let d = dir(name);
+        let o = engine(&[
+            "gradnorm",
+            "--model",
+            d.to_str().unwrap(),
+            "--tokens",
+            d.join("tokens.npy").to_str().unwrap(),
+            "--batch-size",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(j["format"], "sglp-gradnorm/1");
+        assert_eq!(j["batches"], 2);
+        let (g0, g1) = (
+            ref_tensor(name, "gradnorm.b0"),
+            ref_tensor(name, "gradnorm.b1"),
+        );
+        let layers = j["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), g0.len());
+        assert_eq!(layers[0], "model.layers.0");
+        for (l, v) in j["gradnorm"].as_array().unwrap().iter().enumerate() {
+            let want = (g0[l] + g1[l]) / 2.0;
+            let got = v.as_f64().unwrap();
+            assert!(
+                (got - want).abs() / want < 1e-4,
+                "{name} layer {l}: {got} vs {want}"
+            );
+        }
+        let want_loss = (ref_tensor(name, "loss.b0")[0] + ref_tensor(name, "loss.b1")[0]) / 2.0;
+        let got_loss = j["loss"].as_f64().unwrap();
+        assert!((got_loss - want_loss).abs() / want_loss < 1e-5);
+        assert_eq!(j["extra"].get("lm_head").is_none(), tied, "{name}");
+        assert!(j["extra"]["embed_tokens"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn capture_command_writes_cka_input() {
+    let name = "mistral_sharded";
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("h.safetensors");
+    let d = dir(name);
+    let o = engine(&[
+        "capture",
+        "--model",
+        d.to_str().unwrap(),
+        "--tokens",
+        d.join("tokens.npy").to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata().as_ref().unwrap()["layers"],
+        "model.layers.0,model.layers.1,model.layers.2"
+    );
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for l in 0..3 {
+        let t = st.tensor(&format!("model.layers.{l}")).unwrap();
+        assert_eq!(t.shape(), &[3, 16, 32]);
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+        let want = ref_tensor(name, &format!("hidden.{}", l + 1));
+        assert!(max_rel(&got, &want) < 1e-5, "layer {l}");
+    }
+}
+
+#[test]
+fn bad_tokens_exit_2_naming_the_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = tmp.path().join("t.npy");
+    let mut w = npyz::WriteOptions::<i64>::new()
+        .default_dtype()
+        .shape(&[2, 4])
+        .writer(std::fs::File::create(&tok).unwrap())
+        .begin_nd()
+        .unwrap();
+    w.extend([1i64, 2, 3, 4, 5, 6, 999, 7]).unwrap();
+    w.finish().unwrap();
+    let d = dir("llama_llama3_rope");
+    let o = engine(&[
+        "gradnorm",
+        "--model",
+        d.to_str().unwrap(),
+        "--tokens",
+        tok.to_str().unwrap(),
+        "--out",
+        tmp.path().join("g.json").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("sequence 1, token 2"), "{err}");
+}
+
+#[test]
+fn capture_source_yields_every_layer_in_chunks() {
+    let name = "qwen2_f16_bias";
+    let model = Model::load(&dir(name)).unwrap();
+    let tokens = Tokens::load_npy(&dir(name).join("tokens.npy")).unwrap();
+    let mut src = CaptureSource::new(&model, &tokens, 2, TokenMode::Samples);
+    assert_eq!(src.n_samples_hint(), Some(48));
+    let names: Vec<_> = src.layers().iter().map(|l| l.name.clone()).collect();
+    assert_eq!(names, ["model.layers.0", "model.layers.1"]);
+    let h = model.hidden_size();
+    let mut per_layer: Vec<Vec<f32>> = vec![Vec::new(); 2];
+    // 20-row chunks straddle the 32-row model batches.
+    while let Some(chunk) = src.next_chunk(20).unwrap() {
+        assert!(chunk.rows <= 20 && chunk.rows > 0);
+        for (l, block) in chunk.layers.iter().enumerate() {
+            assert_eq!(block.cols, h);
+            per_layer[l].extend_from_slice(bytemuck::cast_slice(&block.data));
+        }
+    }
+    for (l, got) in per_layer.iter().enumerate() {
+        let want = ref_tensor(name, &format!("hidden.{}", l + 1));
+        assert!(max_rel(got, &want) < 1e-5, "layer {l}");
+    }
+}
