@@ -1,1 +1,165 @@
-//! Directories of `.npy` activation files (memory-mapped). Skeleton: the io helper fills this in.
+//! Directories of `.npy` activation files, one file per layer, the layer named by the file stem.
+//!
+//! Headers are parsed by `npyz`; the data is memory-mapped later, one shard at a time, by
+//! [`super::shards`]. Supported: little-endian f32 / f64 / f16 in C order (or any order when at most one
+//! axis is longer than 1, where both orders coincide).
+
+use super::shards::StoredTensor;
+use super::{natural_cmp, DType};
+use crate::error::{Error, Result};
+use npyz::{NpyHeader, Order, TypeChar};
+use regex::Regex;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// Read the header of every `.npy` file in `dir` and list them as layers in natural order of their stems.
+/// Only the layers `keep` accepts are opened.
+pub(crate) fn read_dir_headers(dir: &Path, keep: Option<&Regex>) -> Result<Vec<StoredTensor>> {
+    let mut files = npy_files(dir)?;
+    if files.is_empty() {
+        return Err(Error::format(dir, "directory holds no .npy files"));
+    }
+    files.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    files
+        .into_iter()
+        .filter(|(name, _)| keep.is_none_or(|re| re.is_match(name)))
+        .map(|(name, path)| read_header(&path, name))
+        .collect()
+}
+
+/// `(stem, path)` of every regular `.npy` file directly in `dir`.
+fn npy_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let is_npy = path
+            .extension()
+            .is_some_and(|x| x.eq_ignore_ascii_case("npy"));
+        if is_npy && path.is_file() {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            files.push((stem, path));
+        }
+    }
+    Ok(files)
+}
+
+/// Parse one `.npy` header and check that the data it declares is exactly what follows it in the file.
+fn read_header(path: &Path, name: String) -> Result<StoredTensor> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    check_header_len(&mut file, path, file_len)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
+    // `File` is unbuffered, so after the header the stream position is exactly the data offset.
+    let header = NpyHeader::from_reader(&mut file)
+        .map_err(|e| Error::format(path, format!("corrupt npy header: {e}")))?;
+    let offset = file.stream_position().map_err(|e| Error::io(path, e))?;
+
+    let dtype = dtype_of(&header).map_err(|msg| Error::layer(path, &name, msg))?;
+    let shape: Vec<usize> = header
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| Error::layer(path, &name, "shape does not fit in memory"))?;
+    let fortran_differs = shape.iter().filter(|&&d| d > 1).count() > 1;
+    if header.order() == Order::Fortran && fortran_differs {
+        return Err(Error::layer(
+            path,
+            &name,
+            "Fortran-order arrays are not supported; save with np.ascontiguousarray",
+        ));
+    }
+    let data_bytes = shape
+        .iter()
+        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64));
+    if data_bytes.and_then(|b| b.checked_add(offset)) != Some(file_len) {
+        let declared = data_bytes.map_or("an overflowing number of".to_string(), |b| b.to_string());
+        return Err(Error::layer(
+            path,
+            &name,
+            format!(
+                "truncated or corrupt npy file: shape {shape:?} of {} declares {declared} bytes of data \
+                 but the file holds {}",
+                dtype.name(),
+                file_len - offset
+            ),
+        ));
+    }
+    Ok(StoredTensor {
+        name,
+        dtype,
+        shape,
+        file: path.to_path_buf(),
+        offset,
+        file_len,
+    })
+}
+
+/// npyz reads the header text into a buffer sized by the header-length field; make sure that field fits
+/// in the file before letting it (magic, version, then a u16 or u32 length, per the npy format).
+fn check_header_len(file: &mut File, path: &Path, file_len: u64) -> Result<()> {
+    let truncated = || Error::format(path, "truncated or corrupt npy file (no complete header)");
+    let mut pre = [0u8; 12];
+    let n = file
+        .take(12)
+        .read(&mut pre)
+        .map_err(|e| Error::io(path, e))?;
+    if n < 10 || &pre[..6] != b"\x93NUMPY" {
+        return Err(Error::format(path, "not an npy file (magic not found)"));
+    }
+    let (prefix, text_len) = match pre[6] {
+        1 => (10u64, u16::from_le_bytes([pre[8], pre[9]]) as u64),
+        2 | 3 if n == 12 => (
+            12,
+            u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]) as u64,
+        ),
+        2 | 3 => return Err(truncated()),
+        v => {
+            return Err(Error::format(
+                path,
+                format!("unsupported npy format version {v}"),
+            ))
+        }
+    };
+    if prefix + text_len > file_len {
+        return Err(Error::format(
+            path,
+            format!(
+                "truncated or corrupt npy file: header of {text_len} bytes exceeds the file size {file_len}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Our dtype for a plain little-endian float npy dtype, or why not.
+fn dtype_of(header: &NpyHeader) -> std::result::Result<DType, String> {
+    let npyz::DType::Plain(ts) = header.dtype() else {
+        return Err(format!(
+            "unsupported npy dtype {} (expected <f4, <f8 or <f2)",
+            header.dtype().descr()
+        ));
+    };
+    let unsupported = || format!("unsupported npy dtype '{ts}' (expected <f4, <f8 or <f2)");
+    if ts.type_char() != TypeChar::Float {
+        return Err(unsupported());
+    }
+    let dtype = match ts.size_field() {
+        4 => DType::F32,
+        8 => DType::F64,
+        2 => DType::F16,
+        _ => return Err(unsupported()),
+    };
+    if ts.endianness() == npyz::Endianness::Big && dtype.size() > 1 {
+        return Err(format!(
+            "big-endian npy dtype '{ts}' is not supported (expected little-endian)"
+        ));
+    }
+    Ok(dtype)
+}

@@ -1,9 +1,15 @@
 //! A calibration set spread over one or more files (shards), streamed chunk by chunk.
-//! (Skeleton: the io helper fills this in.)
+//!
+//! `open` reads and cross-checks only headers. `next_chunk` memory-maps one shard at a time (the maps of
+//! the previous shard are dropped when the next one starts), copies up to `max_rows` rows of every layer
+//! out of the maps, and checks them for NaN/Inf. So memory is one shard's pages (reclaimable, they are
+//! file-backed) plus the current chunk, however many shards there are.
 
-use super::{ActivationSource, Batch, LayerMeta};
+use super::{check_finite, ActivationSource, Batch, DType, LayerBlock, LayerMeta};
 use crate::error::{Error, Result};
-use std::path::PathBuf;
+use memmap2::Mmap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 /// How a 3-D tensor `[sequences, tokens, hidden]` becomes a matrix.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -23,22 +29,137 @@ pub struct ReadOptions {
     pub layers: Option<regex::Regex>,
 }
 
+/// One tensor as a reader found it in a file header: what it holds and where its bytes start.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredTensor {
+    pub name: String,
+    pub dtype: DType,
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+    /// The file holding the data (the shard itself for safetensors, the layer's file for npy).
+    pub file: PathBuf,
+    /// Byte offset of element 0 in `file`; the elements are contiguous, row-major, little-endian.
+    pub offset: u64,
+    /// The file's size when its header was read; checked again when it is mapped.
+    pub file_len: u64,
+}
+
+/// One shard as `info` shows it: its path, its sample count, and its (kept) layers.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ShardInfo {
+    pub path: PathBuf,
+    /// `"safetensors"` or `"npy-dir"`.
+    pub format: &'static str,
+    /// Samples (matrix rows, after `--tokens`) in this shard.
+    pub rows: usize,
+    /// Per layer: name, features per sample, dtype, and the shape as stored in this shard.
+    pub layers: Vec<LayerMeta>,
+}
+
 /// The shards of one calibration set: validated headers, data read lazily chunk by chunk.
 pub struct ActivationSet {
+    /// Layers of the whole set; `shape` is the first shard's with axis 0 summed over all shards.
     layers: Vec<LayerMeta>,
     paths: Vec<PathBuf>,
+    shards: Vec<ShardInfo>,
+    /// Per shard, per kept layer: where its data lies.
+    tensors: Vec<Vec<StoredTensor>>,
+    cursor: Cursor,
+}
+
+/// Where the stream stands: the shard being read, its maps, and the next row.
+#[derive(Default)]
+struct Cursor {
+    shard: usize,
+    /// Next row within `shard`.
+    row: usize,
+    /// Global index of that row (rows of earlier shards included).
+    global: usize,
+    /// The maps of `shard`, once its first chunk was asked for.
+    mapped: Option<MappedShard>,
+}
+
+/// The memory maps of one shard, and per layer the index of the map that holds it.
+struct MappedShard {
+    maps: Vec<Mmap>,
+    map_of_layer: Vec<usize>,
 }
 
 impl ActivationSet {
     /// Open every input (a `.safetensors` file or a directory of `.npy` files), read and cross-check
     /// their headers; no activation data is read yet.
-    pub fn open(inputs: &[PathBuf], _opts: &ReadOptions) -> Result<Self> {
-        let _ = inputs;
-        Err(Error::invalid("activation readers are not written yet"))
+    pub fn open(inputs: &[PathBuf], opts: &ReadOptions) -> Result<Self> {
+        if inputs.is_empty() {
+            return Err(Error::invalid("no input given"));
+        }
+        let mut shards = Vec::with_capacity(inputs.len());
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for path in inputs {
+            let (info, stored) = open_shard(path, opts)?;
+            if let Some(first) = shards.first() {
+                check_same_layers(first, &info)?;
+            }
+            shards.push(info);
+            tensors.push(stored);
+        }
+        let layers = set_layers(&shards);
+        if shards.iter().all(|s| s.rows == 0) {
+            return Err(Error::invalid(format!(
+                "{}: no samples in the input",
+                inputs[0].display()
+            )));
+        }
+        Ok(ActivationSet {
+            layers,
+            paths: inputs.to_vec(),
+            shards,
+            tensors,
+            cursor: Cursor::default(),
+        })
     }
 
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths
+    }
+
+    /// Per shard: path, format, rows, and each kept layer's name, shape, features and dtype.
+    pub fn describe(&self) -> &[ShardInfo] {
+        &self.shards
+    }
+
+    /// Samples (matrix rows) in each shard, in input order.
+    pub fn shard_rows(&self) -> Vec<usize> {
+        self.shards.iter().map(|s| s.rows).collect()
+    }
+
+    /// Total samples over all shards.
+    pub fn n_samples(&self) -> usize {
+        self.shards.iter().map(|s| s.rows).sum()
+    }
+
+    /// Go back to the first sample (drops any mapped shard).
+    pub fn rewind(&mut self) {
+        self.cursor = Cursor::default();
+    }
+
+    /// Map the files of shard `s`, checking that they still have the sizes their headers were read with
+    /// (touching a mapped page past the end of a file that shrank would kill the process).
+    fn map_shard(&self, s: usize) -> Result<MappedShard> {
+        let mut maps: Vec<Mmap> = Vec::new();
+        let mut files: Vec<&Path> = Vec::new();
+        let mut map_of_layer = Vec::with_capacity(self.tensors[s].len());
+        for t in &self.tensors[s] {
+            let idx = match files.iter().position(|&f| f == t.file) {
+                Some(i) => i,
+                None => {
+                    maps.push(map_file(&t.file, t.file_len)?);
+                    files.push(&t.file);
+                    maps.len() - 1
+                }
+            };
+            map_of_layer.push(idx);
+        }
+        Ok(MappedShard { maps, map_of_layer })
     }
 }
 
@@ -46,10 +167,224 @@ impl ActivationSource for ActivationSet {
     fn layers(&self) -> &[LayerMeta] {
         &self.layers
     }
+
     fn n_samples_hint(&self) -> Option<usize> {
-        None
+        Some(self.n_samples())
     }
-    fn next_chunk(&mut self, _max_rows: usize) -> Result<Option<Batch>> {
-        Ok(None)
+
+    fn next_chunk(&mut self, max_rows: usize) -> Result<Option<Batch>> {
+        if max_rows == 0 {
+            return Err(Error::invalid("chunk size must be at least 1 row"));
+        }
+        // Skip finished (or empty) shards, releasing their maps.
+        while self.cursor.shard < self.shards.len()
+            && self.cursor.row >= self.shards[self.cursor.shard].rows
+        {
+            self.cursor.shard += 1;
+            self.cursor.row = 0;
+            self.cursor.mapped = None;
+        }
+        let s = self.cursor.shard;
+        if s == self.shards.len() {
+            return Ok(None);
+        }
+        if self.cursor.mapped.is_none() {
+            self.cursor.mapped = Some(self.map_shard(s)?);
+        }
+        let mapped = self.cursor.mapped.as_ref().expect("mapped just above");
+
+        let start = self.cursor.row;
+        let rows = max_rows.min(self.shards[s].rows - start);
+        let blocks = self.tensors[s]
+            .iter()
+            .zip(&self.layers)
+            .zip(&mapped.map_of_layer)
+            .map(|((t, meta), &m)| {
+                let row_bytes = meta.cols * meta.dtype.size();
+                let from = t.offset as usize + start * row_bytes;
+                LayerBlock {
+                    dtype: meta.dtype,
+                    cols: meta.cols,
+                    data: mapped.maps[m][from..from + rows * row_bytes].to_vec(),
+                }
+            })
+            .collect();
+        let batch = Batch {
+            rows,
+            layers: blocks,
+        };
+        check_finite(
+            &batch.as_ref(),
+            &self.layers,
+            self.cursor.global,
+            &self.shards[s].path,
+        )?;
+        self.cursor.row += rows;
+        self.cursor.global += rows;
+        Ok(Some(batch))
     }
+}
+
+/// Read the headers of one input, keeping the layers `opts.layers` matches, and turn each into a matrix.
+fn open_shard(path: &Path, opts: &ReadOptions) -> Result<(ShardInfo, Vec<StoredTensor>)> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    // The readers apply the `--layers` filter themselves, so filtered-out tensors are never checked.
+    let (format, kept) = if meta.is_dir() {
+        (
+            "npy-dir",
+            super::npy::read_dir_headers(path, opts.layers.as_ref())?,
+        )
+    } else if path
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
+    {
+        (
+            "safetensors",
+            super::safetensors::read_header(path, opts.layers.as_ref())?,
+        )
+    } else {
+        return Err(Error::format(
+            path,
+            "not a .safetensors file or a directory of .npy files",
+        ));
+    };
+
+    if kept.is_empty() {
+        let re = opts.layers.as_ref().map_or("", |r| r.as_str());
+        return Err(Error::format(
+            path,
+            format!("no layer matches --layers '{re}'"),
+        ));
+    }
+
+    let mut rows = None;
+    let mut layers = Vec::with_capacity(kept.len());
+    for t in &kept {
+        let (r, cols) = matrix_shape(&t.shape, opts.tokens)
+            .map_err(|msg| Error::layer(&t.file, &t.name, msg))?;
+        match rows {
+            None => rows = Some((r, &t.name)),
+            Some((r0, first)) if r0 != r => {
+                return Err(Error::layer(
+                    &t.file,
+                    &t.name,
+                    format!("{r} samples, but layer '{first}' has {r0} (layers of one input must have the same sample count)"),
+                ))
+            }
+            Some(_) => {}
+        }
+        layers.push(LayerMeta {
+            name: t.name.clone(),
+            cols,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        });
+    }
+    let info = ShardInfo {
+        path: path.to_path_buf(),
+        format,
+        rows: rows.map_or(0, |(r, _)| r),
+        layers,
+    };
+    Ok((info, kept))
+}
+
+/// `(rows, cols)` of the matrix a stored tensor is read as: axis 0 is samples, the other axes features,
+/// except that a 3-D `[sequences, tokens, hidden]` tensor follows `tokens`.
+fn matrix_shape(shape: &[usize], tokens: TokenMode) -> std::result::Result<(usize, usize), String> {
+    let product = |dims: &[usize]| {
+        dims.iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("shape {shape:?} overflows"))
+    };
+    let (rows, cols) = match (shape, tokens) {
+        ([], _) => return Err("0-D tensor (a scalar) has no sample axis".to_string()),
+        ([s, t, h], TokenMode::Samples) => (product(&[*s, *t])?, *h),
+        ([n, rest @ ..], _) => (*n, product(rest)?),
+    };
+    if cols == 0 {
+        return Err(format!("shape {shape:?} has no features"));
+    }
+    Ok((rows, cols))
+}
+
+/// Shards after the first must hold the same layers, in the same order, with the same widths and dtypes.
+fn check_same_layers(first: &ShardInfo, other: &ShardInfo) -> Result<()> {
+    let names = |s: &ShardInfo| {
+        s.layers
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if first.layers.len() != other.layers.len()
+        || first
+            .layers
+            .iter()
+            .zip(&other.layers)
+            .any(|(a, b)| a.name != b.name)
+    {
+        return Err(Error::format(
+            &other.path,
+            format!(
+                "layers differ from the first input {}: [{}] vs [{}]",
+                first.path.display(),
+                names(other),
+                names(first)
+            ),
+        ));
+    }
+    for (a, b) in first.layers.iter().zip(&other.layers) {
+        if a.cols != b.cols {
+            return Err(Error::layer(
+                &other.path,
+                &b.name,
+                format!(
+                    "{} features per sample (shape {:?}), but {} in the first input {} (shape {:?})",
+                    b.cols,
+                    b.shape,
+                    a.cols,
+                    first.path.display(),
+                    a.shape
+                ),
+            ));
+        }
+        if a.dtype != b.dtype {
+            return Err(Error::layer(
+                &other.path,
+                &b.name,
+                format!(
+                    "dtype {}, but {} in the first input {}",
+                    b.dtype.name(),
+                    a.dtype.name(),
+                    first.path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The set's layers: the first shard's, with axis 0 of the stored shape summed over the shards.
+fn set_layers(shards: &[ShardInfo]) -> Vec<LayerMeta> {
+    let mut layers = shards[0].layers.clone();
+    for (i, layer) in layers.iter_mut().enumerate() {
+        layer.shape[0] = shards.iter().map(|s| s.layers[i].shape[0]).sum();
+    }
+    layers
+}
+
+/// Memory-map `path`, which must still be `expected_len` bytes long.
+fn map_file(path: &Path, expected_len: u64) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len != expected_len {
+        return Err(Error::format(
+            path,
+            format!("file changed since it was opened: {len} bytes, its header was read at {expected_len}"),
+        ));
+    }
+    // SAFETY: the map is only read, and its size was just checked against the header. Another process
+    // truncating the file while we read it is outside what any reader of mapped files can prevent.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
