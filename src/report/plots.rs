@@ -60,8 +60,22 @@ fn tick_step(n: usize, max_ticks: usize) -> usize {
     n.div_ceil(max_ticks.max(1)).max(1)
 }
 
-/// The CKA matrix as a heatmap (layer 0 top-left; colour scale 0 → 1, negatives drawn as 0, NaN grey),
-/// each segment's diagonal block outlined in white, removed layers crossed in red on the diagonal and
+/// The colour scale of a CKA heatmap: from the smallest finite entry (not from 0, so the near-1
+/// matrices of LLM hidden states still show contrast) to 1.
+fn cka_colour_range(cka: &[Vec<f64>]) -> (f64, f64) {
+    let lo = cka
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::min)
+        .max(-1.0);
+    // A constant matrix still gets a non-empty range.
+    (lo.min(1.0 - 1e-3), 1.0)
+}
+
+/// The CKA matrix as a heatmap (layer 0 top-left; colour scale from the smallest entry to 1, NaN grey),
+/// each segment's diagonal block outlined in black, removed layers crossed in red on the diagonal and
 /// marked along both axes.
 pub fn cka_heatmap(
     path: &Path,
@@ -71,7 +85,8 @@ pub fn cka_heatmap(
 ) -> Result<()> {
     register_font();
     let l = cka.len();
-    let root = BitMapBackend::new(path, (760, 680)).into_drawing_area();
+    let (lo, hi) = cka_colour_range(cka);
+    let root = BitMapBackend::new(path, (780, 680)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let (main, bar) = root.split_horizontally(660);
     let mut chart = ChartBuilder::on(&main)
@@ -103,7 +118,7 @@ pub fn cka_heatmap(
         .map(|(i, j)| {
             let v = cka[i][j];
             let colour = if v.is_finite() {
-                viridis(v)
+                viridis((v - lo) / (hi - lo))
             } else {
                 RGBColor(160, 160, 160)
             };
@@ -122,7 +137,7 @@ pub fn cka_heatmap(
                 (s as f64 - 0.5, s as f64 - 0.5),
                 (e as f64 + 0.5, e as f64 + 0.5),
             ],
-            WHITE.stroke_width(3),
+            BLACK.stroke_width(2),
         )
     });
     chart.draw_series(outlines).map_err(|e| plot_err(path, e))?;
@@ -148,7 +163,7 @@ pub fn cka_heatmap(
                 .map_err(|e| plot_err(path, e))?;
         }
     }
-    draw_colour_bar(path, &bar)?;
+    draw_colour_bar(path, &bar, lo, hi)?;
     root.present().map_err(|e| plot_err(path, e))?;
     Ok(())
 }
@@ -156,20 +171,23 @@ pub fn cka_heatmap(
 fn draw_colour_bar(
     path: &Path,
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    lo: f64,
+    hi: f64,
 ) -> Result<()> {
     let mut chart = ChartBuilder::on(area)
         .margin_top(45)
         .margin_bottom(50)
         .margin_right(10)
-        .y_label_area_size(40)
-        .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, lo..hi)
         .map_err(|e| plot_err(path, e))?;
+    let digits = if hi - lo < 0.05 { 4 } else { 2 };
     chart
         .configure_mesh()
         .disable_mesh()
         .disable_x_axis()
         .y_labels(6)
-        .y_label_formatter(&|v| format!("{v:.1}"))
+        .y_label_formatter(&|v| format!("{v:.digits$}"))
         .label_style((FONT, 12))
         .draw()
         .map_err(|e| plot_err(path, e))?;
@@ -177,7 +195,8 @@ fn draw_colour_bar(
     chart
         .draw_series((0..n).map(|i| {
             let (a, b) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
-            Rectangle::new([(0.0, a), (1.0, b)], viridis((a + b) / 2.0).filled())
+            let (ya, yb) = (lo + a * (hi - lo), lo + b * (hi - lo));
+            Rectangle::new([(0.0, ya), (1.0, yb)], viridis((a + b) / 2.0).filled())
         }))
         .map_err(|e| plot_err(path, e))?;
     Ok(())
@@ -243,17 +262,23 @@ pub fn gradnorm_bars(
     Ok(())
 }
 
-/// The segmentation loss against the number of segments, the chosen k circled in red.
+/// The segmentation loss against the number of segments, the chosen k circled in red. When the losses
+/// span more than two decades the axis is logarithmic (zero losses drawn at the bottom edge).
 pub fn loss_curve(path: &Path, curve: &[(usize, f64)], chosen_k: usize) -> Result<()> {
     register_font();
     let kmax = curve.iter().map(|p| p.0).max().unwrap_or(1).max(2);
-    let top = curve
-        .iter()
-        .map(|p| p.1)
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(1e-12)
-        * 1.1;
+    let finite = || curve.iter().map(|p| p.1).filter(|v| v.is_finite());
+    let max = finite().fold(0.0f64, f64::max).max(1e-300);
+    let min_pos = finite().filter(|&v| v > 0.0).fold(max, f64::min);
+    let log = max / min_pos > 100.0;
+    // On the log axis y = log10(loss); the floor sits half a decade under the smallest positive loss.
+    let floor = min_pos.log10() - 0.5;
+    let y_of = |v: f64| if log { v.log10().max(floor) } else { v };
+    let (bottom, top) = if log {
+        (floor, max.log10() + 0.2)
+    } else {
+        (0.0, max * 1.1)
+    };
     let root = BitMapBackend::new(path, (560, 380)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -261,16 +286,26 @@ pub fn loss_curve(path: &Path, curve: &[(usize, f64)], chosen_k: usize) -> Resul
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.5f64..kmax as f64 + 0.5, 0f64..top)
+        .build_cartesian_2d(0.5f64..kmax as f64 + 0.5, bottom..top)
         .map_err(|e| plot_err(path, e))?;
     chart
         .configure_mesh()
         .light_line_style(WHITE)
         .x_labels(kmax.min(20))
         .x_label_formatter(&|v| format!("{}", v.round() as usize))
-        .y_label_formatter(&|v| format!("{v:.3}"))
+        .y_label_formatter(&|v| {
+            if log {
+                format!("{:.0e}", 10f64.powf(*v))
+            } else {
+                format!("{v:.3}")
+            }
+        })
         .x_desc("k (segments)")
-        .y_desc("within-segment sum of squares")
+        .y_desc(if log {
+            "within-segment sum of squares (log)"
+        } else {
+            "within-segment sum of squares"
+        })
         .label_style((FONT, 12))
         .axis_desc_style((FONT, 13))
         .draw()
@@ -278,7 +313,7 @@ pub fn loss_curve(path: &Path, curve: &[(usize, f64)], chosen_k: usize) -> Resul
     let pts: Vec<(f64, f64)> = curve
         .iter()
         .filter(|p| p.1.is_finite())
-        .map(|&(k, v)| (k as f64, v))
+        .map(|&(k, v)| (k as f64, y_of(v)))
         .collect();
     chart
         .draw_series(LineSeries::new(
@@ -336,7 +371,14 @@ mod tests {
         gradnorm_bars(&q, &g, &segs, &[2, 8]).unwrap();
         let r = dir.join("loss.png");
         loss_curve(&r, &[(1, 3.0), (2, 1.0), (3, 0.4), (4, 0.3)], 3).unwrap();
-        for f in [p, q, r] {
+        let r2 = dir.join("loss-log.png");
+        loss_curve(
+            &r2,
+            &[(1, 0.75), (2, 1e-2), (3, 1e-4), (4, 2e-5), (5, 0.0)],
+            5,
+        )
+        .unwrap();
+        for f in [p, q, r, r2] {
             let bytes = std::fs::read(&f).unwrap();
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", f.display());
         }
