@@ -145,6 +145,11 @@ fn existing_outdir_needs_force() {
     assert!(!out.join("keep.txt").exists());
     assert!(out.join("sglp-report.json").exists());
     assert_no_leftovers(tmp.path(), &["o"]);
+    // Never over the input model, even with --force.
+    assert_exit2(
+        &prune(&fixture(), &["--remove", "1", "--force"]),
+        "--out is the input model",
+    );
 }
 
 fn write_tokens(path: &Path, seqs: u64, len: u64, ids: &[i64]) {

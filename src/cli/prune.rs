@@ -122,6 +122,14 @@ pub(crate) fn params_before_after(
 pub fn run(a: PruneArgs) -> Result<()> {
     let t0 = Instant::now();
     let opts = a.sglp.options()?;
+    if let (Ok(o), Ok(m)) = (a.out.canonicalize(), a.model.canonicalize()) {
+        if o == m {
+            return Err(Error::invalid(format!(
+                "{}: --out is the input model directory; choose another OUTDIR",
+                a.out.display()
+            )));
+        }
+    }
     // Refuse an existing OUTDIR before any work; the staging directory lives beside it.
     let staged = StagedDir::new(&a.out, a.force)?;
     let model = Model::load(&a.model)?;

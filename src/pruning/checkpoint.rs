@@ -44,6 +44,7 @@ impl StagedDir {
         let name = dest
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{}: not a directory name", dest.display())))?;
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{}.tmp-", name.to_string_lossy()))
             .tempdir_in(&parent)
