@@ -1,5 +1,5 @@
-//! `prune`, `eval` and `compare` from the command line: outputs, and clear errors with exit code 2 on bad
-//! input. Uses the runtime's tiny fixture model tests/fixtures/llama_llama3_rope (3 layers, vocab 128).
+//! `prune`, `eval` and `compare` from the command line: outputs (ShortGPT / angular statistics checked
+//! against PyTorch's hidden states), and clear errors with exit code 2 on bad input. Uses the runtime's tiny fixture model tests/fixtures/llama_llama3_rope (3 layers, vocab 128).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -263,6 +263,7 @@ fn compare_runs_every_criterion() {
         assert!(r["perplexity"].as_f64().unwrap().is_finite());
         assert!(r["params"].as_u64().unwrap() < base);
     }
+    check_criteria_against_reference_hidden_states(rows);
     assert_exit2(
         &engine(&[
             "compare",
@@ -277,4 +278,63 @@ fn compare_runs_every_criterion() {
         ]),
         "--remove must be between",
     );
+}
+
+/// ShortGPT's block influence and the angular distances (span 1) from PyTorch's float64 hidden states of
+/// the fixture (tests/fixtures/*/reference.safetensors, `hidden.{i}` [sequences, tokens, hidden]).
+fn check_criteria_against_reference_hidden_states(rows: &[serde_json::Value]) {
+    let bytes = std::fs::read(fixture().join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let hidden = |i: usize| -> (Vec<usize>, Vec<f64>) {
+        let t = st.tensor(&format!("hidden.{i}")).unwrap();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (t.shape().to_vec(), v)
+    };
+    let cos = |a: &[f64], b: &[f64]| {
+        let ab: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let aa: f64 = a.iter().map(|x| x * x).sum();
+        let bb: f64 = b.iter().map(|x| x * x).sum();
+        ab / (aa.sqrt() * bb.sqrt())
+    };
+    let get = |name: &str, key: &str| -> Vec<f64> {
+        let r = rows.iter().find(|r| r["criterion"] == name).unwrap();
+        r["details"][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let bi = get("shortgpt", "block_influence");
+    let ad = get("angular", "angular_distance");
+    assert_eq!(bi.len(), 3);
+    for l in 0..3 {
+        let (shape, a) = hidden(l);
+        let (_, b) = hidden(l + 1);
+        let (seqs, t, d) = (shape[0], shape[1], shape[2]);
+        let rows_cos: Vec<f64> = a
+            .chunks_exact(d)
+            .zip(b.chunks_exact(d))
+            .map(|(x, y)| cos(x, y))
+            .collect();
+        let want_bi = 1.0 - rows_cos.iter().sum::<f64>() / (seqs * t) as f64;
+        assert!(
+            (bi[l] - want_bi).abs() < 1e-5,
+            "BI[{l}] {} vs {want_bi}",
+            bi[l]
+        );
+        let want_ad = (0..seqs)
+            .map(|q| rows_cos[q * t + t - 1].clamp(-1.0, 1.0).acos() / std::f64::consts::PI)
+            .sum::<f64>()
+            / seqs as f64;
+        assert!(
+            (ad[l] - want_ad).abs() < 1e-5,
+            "angular[{l}] {} vs {want_ad}",
+            ad[l]
+        );
+    }
 }

@@ -28,7 +28,9 @@ pub struct CompareArgs {
     /// Seed of the `random` criterion.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// MPruner: grow a cluster while CKA(first, next)·100 ≥ this.
+    /// MPruner: grow a cluster while CKA(first, next)·100 ≥ this. When the clusters hold fewer removable
+    /// (non-first) layers than --remove, the threshold is lowered one point at a time until they do (the
+    /// threshold used is in the JSON).
     #[arg(long, default_value_t = 98.0)]
     pub mpruner_threshold: f64,
     /// Criteria to run, comma-separated.
