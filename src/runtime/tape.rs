@@ -101,6 +101,23 @@ pub enum Op {
 }
 
 impl Op {
+    /// The op's kind, for the per-op profile.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Embedding { .. } => "embedding",
+            Op::Linear { .. } => "linear",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::Silu { .. } => "silu",
+            Op::Gelu { .. } => "gelu",
+            Op::Mul { .. } => "mul",
+            Op::Add { .. } => "add",
+            Op::CrossEntropy { .. } => "cross_entropy",
+        }
+    }
+
     /// Buffers this op writes.
     fn outputs(&self) -> Vec<BufId> {
         match *self {
@@ -168,6 +185,31 @@ pub struct Tape {
     data: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     loss: Option<f64>,
+    profile: Option<Profile>,
+}
+
+/// Wall time per (op kind, direction), printed on stderr when `SGLP_PROFILE` is set.
+#[derive(Default)]
+struct Profile {
+    secs: std::collections::BTreeMap<(&'static str, &'static str), (f64, usize)>,
+}
+
+impl Profile {
+    fn add(&mut self, kind: &'static str, dir: &'static str, t: std::time::Instant) {
+        let e = self.secs.entry((kind, dir)).or_default();
+        e.0 += t.elapsed().as_secs_f64();
+        e.1 += 1;
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        let total: f64 = self.secs.values().map(|v| v.0).sum();
+        eprintln!("runtime profile ({total:.3} s in ops):");
+        for ((kind, dir), (s, n)) in &self.secs {
+            eprintln!("  {kind:>14} {dir:>8}: {s:8.3} s over {n} calls");
+        }
+    }
 }
 
 impl Tape {
@@ -182,6 +224,7 @@ impl Tape {
             data: Vec::new(),
             grads: Vec::new(),
             loss: None,
+            profile: std::env::var_os("SGLP_PROFILE").map(|_| Profile::default()),
         }
     }
 
@@ -248,7 +291,11 @@ impl Tape {
             for b in op.outputs() {
                 self.data[b] = vec![0f32; self.len_of(b)];
             }
+            let t0 = std::time::Instant::now();
             self.run_forward(&op, store)?;
+            if let Some(p) = &mut self.profile {
+                p.add(op.kind(), "forward", t0);
+            }
             self.emit_marks(i + 1, &mut next_mark, on_mark);
             if !keep {
                 for b in op.inputs().into_iter().chain(op.outputs()) {
@@ -399,7 +446,11 @@ impl Tape {
                     pgrads[p] = vec![0f32; self.params[p].len];
                 }
             }
+            let t0 = std::time::Instant::now();
             self.run_backward(&op, store, &mut pgrads)?;
+            if let Some(p) = &mut self.profile {
+                p.add(op.kind(), "backward", t0);
+            }
             for p in op.params() {
                 if first_use[p] == i {
                     let g = std::mem::take(&mut pgrads[p]);

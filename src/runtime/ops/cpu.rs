@@ -693,13 +693,15 @@ pub fn cross_entropy_forward(logits: &[f32], vocab: usize, targets: &[i64]) -> (
         .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
+/// log Σ exp(row): exponentials in f32 (the vocabulary-sized loop is the hot one), summed in f64.
 fn logsumexp(row: &[f32]) -> f64 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    max + row
-        .iter()
-        .map(|&v| (v as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    max as f64
+        + row
+            .iter()
+            .map(|&v| (v - max).exp() as f64)
+            .sum::<f64>()
+            .ln()
 }
 
 /// `dlogits += scale (softmax(row) − onehot(target))` for predicted rows (scale = dloss / count).
@@ -717,9 +719,13 @@ pub fn cross_entropy_backward(
             if t < 0 {
                 return;
             }
-            let lse = logsumexp(row);
-            for (dv, &v) in d.iter_mut().zip(row) {
-                *dv += (scale * (v as f64 - lse).exp()) as f32;
+            // One exponential per logit: e = exp(v − max) kept in a row buffer, then scaled by 1/Σe.
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+            let sum: f64 = e.iter().map(|&x| x as f64).sum();
+            let k = (scale / sum) as f32;
+            for (dv, &x) in d.iter_mut().zip(&e) {
+                *dv += k * x;
             }
             d[t as usize] -= scale as f32;
         });
