@@ -726,6 +726,27 @@ fn corrupt_and_unsupported_npy_files() {
     let e = check(&d, &f, "huge header");
     assert!(e.contains("exceeds the file size"), "{e}");
 
+    // Hand-written headers whose shapes declare far more data than the file holds (or overflow).
+    for shape in [
+        "(1000000000000, 4)",
+        "(18446744073709551615, 18446744073709551615)",
+    ] {
+        let text = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        let pad = 64 - (10 + text.len() + 1) % 64;
+        npy.extend(((text.len() + pad + 1) as u16).to_le_bytes());
+        npy.extend(text.as_bytes());
+        npy.extend(std::iter::repeat_n(b' ', pad));
+        npy.push(b'\n');
+        npy.extend([0u8; 16]);
+        std::fs::write(&f, &npy).unwrap();
+        let e = check(&d, &f, shape);
+        assert!(
+            e.contains("layer 'x'") && e.contains("truncated or corrupt"),
+            "{e}"
+        );
+    }
+
     // Fortran order (2-D, both axes > 1), and big-endian.
     let d = mk_dir("fortran");
     let f = d.join("f.npy");
@@ -778,4 +799,63 @@ fn file_shrunk_after_open_is_an_error_not_a_crash() {
         e.contains(&path_str(&b)) && e.contains("changed since it was opened"),
         "{e}"
     );
+}
+
+#[test]
+fn inputs_without_samples_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    write_st(&a, &[t("l", DType::F32, &[0, 3], 1)], None);
+    write_st(&b, &[t("l", DType::F32, &[0, 3], 2)], None);
+    let e = err_of(open(&[&a, &b]));
+    assert!(e.contains(&path_str(&a)) && e.contains("no samples"), "{e}");
+    // An empty shard among others is fine (skipped when streaming: see the unequal-shards test).
+    let c = dir.path().join("c.safetensors");
+    write_st(&c, &[t("l", DType::F32, &[2, 3], 3)], None);
+    assert_eq!(open(&[&a, &c, &b]).unwrap().n_samples(), 2);
+}
+
+/// Random byte damage and truncation anywhere in a file: always an error or a readable set, never a panic.
+#[test]
+fn damaged_files_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("valid.safetensors");
+    write_st(
+        &st,
+        &[
+            t("a", DType::F16, &[5, 3], 1),
+            t("b", DType::F32, &[5, 2, 2], 2),
+        ],
+        Some("b,a"),
+    );
+    let npy_dir = dir.path().join("npy");
+    write_npy_dir(&npy_dir, &[t("a", DType::F64, &[5, 3], 3)]);
+    let npy = npy_dir.join("a.npy");
+    let mut rng = StdRng::seed_from_u64(42);
+    for (target, input) in [(&st, &st), (&npy, &npy_dir)] {
+        let good = std::fs::read(target).unwrap();
+        for trial in 0..200 {
+            let mut bytes = good.clone();
+            if trial % 3 == 0 {
+                bytes.truncate(rng.random_range(0..good.len()));
+            } else {
+                // Mostly in the header, where the interesting parsing happens.
+                let span = if trial % 3 == 1 {
+                    160.min(good.len())
+                } else {
+                    good.len()
+                };
+                for _ in 0..rng.random_range(1..4) {
+                    let i = rng.random_range(0..span);
+                    bytes[i] = rng.random();
+                }
+            }
+            std::fs::write(target, &bytes).unwrap();
+            if let Ok(mut set) = open(&[input]) {
+                while let Ok(Some(_)) = set.next_chunk(2) {}
+            }
+        }
+        std::fs::write(target, &good).unwrap();
+    }
 }

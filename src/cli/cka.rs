@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 pub struct InputArgs {
     /// Activation file: a `.safetensors` file or a directory of `.npy` files. Repeat for consecutive
     /// shards of one calibration set.
-    #[arg(long = "input", short = 'i', required = true)]
+    #[arg(long = "input", short = 'i')]
     pub inputs: Vec<PathBuf>,
     /// 3-D tensors [sequences, tokens, hidden]: `samples` (every token is a sample) or `features`
     /// (tokens flattened into features).
@@ -26,6 +26,11 @@ pub struct InputArgs {
 
 impl InputArgs {
     pub fn open(&self) -> Result<ActivationSet> {
+        if self.inputs.is_empty() {
+            return Err(Error::invalid(
+                "no activations given: pass --input FILE (repeat for shards)",
+            ));
+        }
         let layers = match &self.layers {
             Some(r) => {
                 Some(regex::Regex::new(r).map_err(|e| Error::invalid(format!("--layers: {e}")))?)
@@ -178,6 +183,8 @@ pub fn run_pipeline(a: RunArgs) -> Result<()> {
         res.estimator,
         res.backend
     );
+    let curve: Vec<String> = seg.loss_curve.iter().map(|v| format!("{v:.4}")).collect();
+    println!("segmentation loss L(k), k = 1..: {}", curve.join(" "));
     println!("k = {} segments (loss {:.6}):", seg.k, seg.loss);
     for (s, names) in seg.segments.iter().zip(&seg.segment_layers) {
         println!("  [{:>3}, {:>3}]  {}", s[0], s[1], names.join(" "));

@@ -14,16 +14,27 @@ pub struct InfoArgs {
 pub fn run(a: InfoArgs) -> Result<()> {
     if let Some(input) = &a.input {
         let set = input.open()?;
-        for p in set.paths() {
-            println!("shard: {}", p.display());
-        }
-        if let Some(n) = set.n_samples_hint() {
-            println!("samples: {n} (with --tokens {:?})", input.tokens);
-        }
-        println!("{:<40} {:>8} {:>10}  shape", "layer", "dtype", "features");
-        for m in set.layers() {
+        for shard in set.describe() {
             println!(
-                "{:<40} {:>8} {:>10}  {:?}",
+                "{} ({}, {} samples)",
+                shard.path.display(),
+                shard.format,
+                shard.rows
+            );
+        }
+        println!(
+            "{} layers, {} samples in all (--tokens {:?})",
+            set.layers().len(),
+            set.n_samples(),
+            input.tokens
+        );
+        println!(
+            "  {:<40} {:>5} {:>10}  shape (first shard)",
+            "layer", "dtype", "features"
+        );
+        for m in &set.describe()[0].layers {
+            println!(
+                "  {:<40} {:>5} {:>10}  {:?}",
                 m.name,
                 m.dtype.name(),
                 m.cols,

@@ -14,6 +14,7 @@
 
 mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 mod feature;
 

@@ -1,0 +1,186 @@
+//! GPU benchmark of the CUDA backend's Gram route on two workloads (prints a skip message and exits 0
+//! without a usable GPU):
+//!
+//! * ResNet-like: 28 layers (ResNet-56 on CIFAR: conv1 and 9 blocks at 16×32×32 = 16,384 features, 9 at
+//!   8,192, 9 at 4,096), b = 500, f32; the published calibration is 5 such batches;
+//! * LLM-like: 32 layers, b = 1,024 tokens, d = 4,096, bf16; 64 batches.
+//!
+//! `cargo bench --bench cka_gpu` runs criterion on one batch of each (throughput in Gram FLOP/s, the full
+//! L·b²·d·2 count). With `SGLP_BENCH_JSON=<file>` it instead times every batch of both workloads with
+//! CUDA events per stage and writes medians and totals as JSON (what scripts/bench_gpu.py reads).
+
+use criterion::{Criterion, Throughput};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sglp_engine::io::{Batch, DType, LayerBlock};
+use sglp_engine::similarity::cuda::CudaBackend;
+use sglp_engine::similarity::{Backend, Estimator, Kernel};
+use std::time::Duration;
+
+struct Workload {
+    name: &'static str,
+    rows: usize,
+    widths: Vec<usize>,
+    dtype: DType,
+    batches: usize,
+}
+
+fn workloads() -> Vec<Workload> {
+    let resnet: Vec<usize> = std::iter::repeat_n(16384, 10)
+        .chain(std::iter::repeat_n(8192, 9))
+        .chain(std::iter::repeat_n(4096, 9))
+        .collect();
+    vec![
+        Workload {
+            name: "resnet_like",
+            rows: 500,
+            widths: resnet,
+            dtype: DType::F32,
+            batches: 5,
+        },
+        Workload {
+            name: "llm_like",
+            rows: 1024,
+            widths: vec![4096; 32],
+            dtype: DType::BF16,
+            batches: 64,
+        },
+    ]
+}
+
+impl Workload {
+    /// Gram-stage FLOPs per batch, full products: Σ_l b²·d_l·2.
+    fn gram_flops(&self) -> f64 {
+        let b = self.rows as f64;
+        self.widths.iter().map(|&d| b * b * d as f64 * 2.0).sum()
+    }
+
+    /// All-pairs FLOPs per batch on the full n² Grams: L²·b²·2.
+    fn pairs_flops(&self) -> f64 {
+        let (l, b) = (self.widths.len() as f64, self.rows as f64);
+        l * l * b * b * 2.0
+    }
+
+    /// A batch of uniform random values in [−1, 1) (cheap to generate for hundreds of MB).
+    fn batch(&self, seed: u64) -> Batch {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let layers = self
+            .widths
+            .iter()
+            .map(|&cols| {
+                let len = self.rows * cols;
+                let data: Vec<u8> = match self.dtype {
+                    DType::BF16 => (0..len)
+                        .flat_map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())
+                        .collect(),
+                    _ => (0..len)
+                        .flat_map(|_| rng.random_range(-1.0f32..1.0).to_le_bytes())
+                        .collect(),
+                };
+                LayerBlock {
+                    dtype: self.dtype,
+                    cols,
+                    data,
+                }
+            })
+            .collect();
+        Batch {
+            rows: self.rows,
+            layers,
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        0.5 * (v[m - 1] + v[m])
+    }
+}
+
+/// Every batch of every workload, timed per stage; JSON to `path`.
+fn json_report(gpu: &mut CudaBackend, path: &str) {
+    gpu.set_profiling(true);
+    let mut entries = Vec::new();
+    for w in workloads() {
+        // Two distinct host batches, alternated (the upload is part of the time).
+        let data = [w.batch(1), w.batch(2)];
+        for b in &data {
+            gpu.batch_hsic(&b.as_ref(), Estimator::Unbiased, Kernel::Linear)
+                .expect("warm-up batch");
+        }
+        let (mut wall, mut gram, mut centre, mut pairs) = (vec![], vec![], vec![], vec![]);
+        let t0 = std::time::Instant::now();
+        for i in 0..w.batches {
+            gpu.batch_hsic(&data[i % 2].as_ref(), Estimator::Unbiased, Kernel::Linear)
+                .expect("batch");
+            let t = gpu.last_stage_times().expect("profiling on");
+            wall.push(t.wall_ms);
+            gram.push(t.gram_ms);
+            centre.push(t.centre_ms);
+            pairs.push(t.pairs_ms);
+        }
+        let total_s = t0.elapsed().as_secs_f64();
+        let plan = gpu.memory_plan().expect("planned").clone();
+        let gram_ms = median(&mut gram);
+        let entry = serde_json::json!({
+            "workload": w.name,
+            "layers": w.widths.len(),
+            "rows": w.rows,
+            "dtype": w.dtype.name(),
+            "batches": w.batches,
+            "total_s": total_s,
+            "batch_wall_ms_median": median(&mut wall),
+            "gram_ms_median": gram_ms,
+            "centre_ms_median": median(&mut centre),
+            "pairs_ms_median": median(&mut pairs),
+            "gram_flops_per_batch": w.gram_flops(),
+            "pairs_flops_per_batch": w.pairs_flops(),
+            "gram_tflops_full_count": w.gram_flops() / (gram_ms * 1e-3) / 1e12,
+            "gram_tflops_performed": w.gram_flops() / 2.0 / (gram_ms * 1e-3) / 1e12,
+            "plan_device_bytes": plan.device_bytes,
+            "plan_layer_block": plan.layer_block,
+            "backend": gpu.name(),
+        });
+        eprintln!("{entry}");
+        entries.push(entry);
+    }
+    let text = serde_json::to_string_pretty(&entries).expect("json");
+    std::fs::write(path, text).expect("writing the benchmark JSON");
+}
+
+fn main() {
+    let mut gpu = match CudaBackend::open(0, 1) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("cka_gpu: skipped, no usable GPU ({e})");
+            return;
+        }
+    };
+    if let Ok(path) = std::env::var("SGLP_BENCH_JSON") {
+        json_report(&mut gpu, &path);
+        return;
+    }
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
+    for w in workloads() {
+        let batch = w.batch(1);
+        let mut group = c.benchmark_group(w.name);
+        group.throughput(Throughput::Elements(w.gram_flops() as u64));
+        group.bench_function("batch_hsic_unbiased_linear", |bench| {
+            bench.iter(|| {
+                gpu.batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
+                    .expect("batch")
+            })
+        });
+        group.finish();
+    }
+    c.final_summary();
+}

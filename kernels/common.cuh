@@ -1,0 +1,62 @@
+// common.cuh — shared definitions of the similarity kernels (no CUDA headers needed: NVRTC compiles
+// these without an include path).
+//
+// Inputs arrive as the raw bytes of each layer in its stored dtype; the host packs the layers of a
+// batch side by side in one device buffer and passes a table of `LayerDesc`, one per layer of the
+// launch (layers of different widths and dtypes share one launch; grid.y walks the table).
+#pragma once
+
+#define DT_F32 0
+#define DT_F64 1
+#define DT_F16 2
+#define DT_BF16 3
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// One layer of a launch. Matches `LayerDesc` in src/similarity/cuda/launch.rs (#[repr(C)], 24 bytes).
+struct LayerDesc {
+    u64 in_off;   // byte offset of the layer's rows (n × cols, row-major) in the input buffer
+    u64 out_off;  // element offset of the layer's output (an n × n Gram, or a packed G row)
+    int cols;     // features per sample
+    int dtype;    // DT_*
+};
+
+// f16 → f32 without cuda_fp16.h.
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// bf16 → f32: the bf16 bits are the high half of the f32 bits.
+__device__ __forceinline__ float bf16_bits_to_f32(u16 h) {
+    return __uint_as_float(((u32)h) << 16);
+}
+
+// Element `idx` of a layer stored as `dtype`, converted to f32 in registers.
+__device__ __forceinline__ float load_as_f32(const unsigned char* base, int dtype, u64 idx) {
+    switch (dtype) {
+        case DT_F32: return ((const float*)base)[idx];
+        case DT_F64: return (float)((const double*)base)[idx];
+        case DT_F16: return f16_bits_to_f32(((const u16*)base)[idx]);
+        default: return bf16_bits_to_f32(((const u16*)base)[idx]);
+    }
+}
+
+// Lower-triangular tile enumeration: tile t ↦ (bi, bj) with bj ≤ bi, row-major over the triangle.
+__device__ __forceinline__ void tri_tile(int t, int* bi, int* bj) {
+    int i = (int)((sqrtf(8.0f * (float)t + 1.0f) - 1.0f) * 0.5f);
+    // Correct float rounding at triangle boundaries.
+    while (i * (i + 1) / 2 > t) --i;
+    while ((i + 1) * (i + 2) / 2 <= t) ++i;
+    *bi = i;
+    *bj = t - i * (i + 1) / 2;
+}
+
+// Warp sum of a double.
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}

@@ -1,0 +1,193 @@
+// gram_linear.cu — linear Gram matrices K_l = X_l X_lᵀ (n × n, f32) of one batch for every layer of a
+// launch, layers of different widths and dtypes side by side (a per-launch LayerDesc table; grid.y picks
+// the layer). Only tiles on/below the diagonal are computed; each off-diagonal tile is also written
+// mirrored, so K is full and symmetric afterwards.
+//
+// gram_fma  (f32 / f64 inputs): 64×64 tiles, 256 threads, 4×4 outputs per thread, f32 FMA; inputs are
+//           converted to f32 as they are staged in shared memory.
+// gram_mma  (f16 / bf16 inputs): 128×128 tiles, 256 threads = 8 warps (4 along rows × 2 along cols),
+//           warp tile 32×64, tensor cores via `mma.sync.m16n8k16` (16-bit operands, f32 accumulate).
+//
+// grid = (T(T+1)/2, layers), T = ⌈n / tile⌉; output K + desc.out_off, row-major n × n.
+// Cost per layer: n²·d multiply-adds over the lower triangle (n²·d·2 FLOPs for the full product, about
+// half computed); reads n·d inputs per tile row (re-read T times, from L2), writes n² f32.
+#include "common.cuh"
+
+// ---------------------------------------------------------------- f32 / f64 inputs: FMA path
+#define FM 64
+#define FK 16
+
+extern "C" __global__ void __launch_bounds__(256)
+gram_fma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
+         float* __restrict__ K) {
+    const LayerDesc L = layers[blockIdx.y];
+    const unsigned char* x = in + L.in_off;
+    const int d = L.cols, dt = L.dtype;
+    int bi, bj;
+    tri_tile(blockIdx.x, &bi, &bj);
+    const int i0 = bi * FM, j0 = bj * FM;
+    __shared__ __align__(16) float As[FK][FM + 4];
+    __shared__ __align__(16) float Bs[FK][FM + 4];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    float acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+
+    for (int k0 = 0; k0 < d; k0 += FK) {
+        // Stage 64 rows × 16 features of each side, transposed (feature-major), as f32.
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int idx = tid + e * 256, r = idx >> 4, c = idx & 15;
+            const int gk = k0 + c, gi = i0 + r, gj = j0 + r;
+            As[c][r] = (gi < n && gk < d) ? load_as_f32(x, dt, (u64)gi * d + gk) : 0.0f;
+            Bs[c][r] = (gj < n && gk < d) ? load_as_f32(x, dt, (u64)gj * d + gk) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < FK; ++k) {
+            const float4 a = *(const float4*)&As[k][ty * 4];
+            const float4 b = *(const float4*)&Bs[k][tx * 4];
+            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(av[r], bv[c], acc[r][c]);
+        }
+        __syncthreads();
+    }
+    float* k_out = K + L.out_off;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int gi = i0 + ty * 4 + r;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int gj = j0 + tx * 4 + c;
+            if (gi < n && gj < n) {
+                k_out[(u64)gi * n + gj] = acc[r][c];
+                if (bi != bj) k_out[(u64)gj * n + gi] = acc[r][c];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- f16 / bf16 inputs: tensor cores
+#define MM 128
+#define MK 32
+#define MPAD 8  // halves of padding per shared row: 80-byte rows, conflict-free fragment loads
+
+__device__ __forceinline__ u32 lds_u32(const u16* p) { return *(const u32*)p; }
+
+template <int DT>
+__device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1) {
+    if (DT == DT_BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Stage rows [r0, r0+128) × features [k0, k0+32) of x (16-bit elements) into S, zero outside.
+// `vec`: rows start 16-byte aligned and d % 8 == 0, so 8 features move as one 16-byte load.
+__device__ __forceinline__ void stage_rows_u16(u16 (*S)[MK + MPAD], const u16* __restrict__ x, int n,
+                                               int d, int r0, int k0, bool vec, int tid) {
+    if (vec) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int q = tid + e * 256, r = q >> 2, c = (q & 3) * 8;
+            const int gr = r0 + r, gk = k0 + c;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (gr < n && gk < d) v = *(const uint4*)(x + (u64)gr * d + gk);
+            *(uint4*)&S[r][c] = v;
+        }
+    } else {
+#pragma unroll 4
+        for (int e = 0; e < 16; ++e) {
+            const int idx = tid + e * 256, r = idx >> 5, c = idx & 31;
+            const int gr = r0 + r, gk = k0 + c;
+            S[r][c] = (gr < n && gk < d) ? x[(u64)gr * d + gk] : (u16)0;
+        }
+    }
+}
+
+template <int DT>
+__device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int bi, int bj, bool vec,
+                              u16 (*As)[MK + MPAD], u16 (*Bs)[MK + MPAD], float* __restrict__ k_out) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 3, wn = warp >> 2;  // warp tile: rows wm*32.., cols wn*64..
+    const int g = lane >> 2, t = lane & 3;
+    const int i0 = bi * MM, j0 = bj * MM;
+    float acc[2][8][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
+
+    for (int k0 = 0; k0 < d; k0 += MK) {
+        stage_rows_u16(As, x, n, d, i0, k0, vec, tid);
+        stage_rows_u16(Bs, x, n, d, j0, k0, vec, tid);
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < MK; ks += 16) {
+            u32 a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                const int r = wm * 32 + mt * 16 + g;
+                a[mt][0] = lds_u32(&As[r][ks + 2 * t]);
+                a[mt][1] = lds_u32(&As[r + 8][ks + 2 * t]);
+                a[mt][2] = lds_u32(&As[r][ks + 2 * t + 8]);
+                a[mt][3] = lds_u32(&As[r + 8][ks + 2 * t + 8]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int c = wn * 64 + nt * 8 + g;
+                const u32 b0 = lds_u32(&Bs[c][ks + 2 * t]);
+                const u32 b1 = lds_u32(&Bs[c][ks + 2 * t + 8]);
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) mma_16816<DT>(acc[mt][nt], a[mt], b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+    // Accumulator layout of m16n8: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, 2t..2t+1).
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
+                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
+                if (gi < n && gj < n) {
+                    k_out[(u64)gi * n + gj] = acc[mt][nt][h];
+                    if (bi != bj) k_out[(u64)gj * n + gi] = acc[mt][nt][h];
+                }
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gram_mma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
+         float* __restrict__ K) {
+    __shared__ __align__(16) u16 As[MM][MK + MPAD];
+    __shared__ __align__(16) u16 Bs[MM][MK + MPAD];
+    const LayerDesc L = layers[blockIdx.y];
+    const u16* x = (const u16*)(in + L.in_off);
+    int bi, bj;
+    tri_tile(blockIdx.x, &bi, &bj);
+    const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
+    if (L.dtype == DT_BF16)
+        gram_mma_tile<DT_BF16>(x, n, L.cols, bi, bj, vec, As, Bs, K + L.out_off);
+    else
+        gram_mma_tile<DT_F16>(x, n, L.cols, bi, bj, vec, As, Bs, K + L.out_off);
+}

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""GPU benchmark: sglp-engine's CUDA backend against PyTorch on the same GPU, in one run.
+
+Workloads (unbiased linear CKA, all layer pairs):
+  resnet_like: 28 layers (10 x 16,384, 9 x 8,192, 9 x 4,096 features), b = 500, f32, 5 batches;
+  llm_like:    32 layers, b = 1,024, d = 4,096, bf16, 64 batches.
+
+Contenders:
+  engine      the bench binary (benches/cka_gpu.rs, SGLP_BENCH_JSON mode): per batch, uploads from host
+              memory included, stage times from CUDA events;
+  torch_loop  (a) a per-pair loop as the popular PyTorch CKA tools do it (torch_cka / anatome style): for
+              every pair (i, j) both Grams are formed and three HSIC terms computed, float32;
+  torch_batch (b) the batched formulation: U-centred Grams of all layers stacked, one matmul for all pairs
+              (Grams in the input dtype with fp32 accumulation, the pair product in float32).
+  torch_batch_host  (b) with every batch uploaded from pinned host memory, as the engine's batches are.
+The torch_loop / torch_batch inputs live on the GPU already (no upload counted), stated in the output.
+
+Reported: time per workload, ratio vs (b), Gram-stage TFLOP/s vs measured bf16 matmul throughput
+(torch.matmul on a large square), peak GPU memory. Timing with CUDA events, medians over repeats.
+Usage (on the GPU machine, repository root):  python3 scripts/bench_gpu.py [--out DIR] [--loop-batches K]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    "resnet_like": dict(rows=500, widths=[16384] * 10 + [8192] * 9 + [4096] * 9, dtype="float32", batches=5),
+    "llm_like": dict(rows=1024, widths=[4096] * 32, dtype="bfloat16", batches=64),
+}
+
+
+def run_engine(out_dir):
+    """Build and run the bench binary in JSON mode; returns {workload: entry}."""
+    path = os.path.join(out_dir, "engine.json")
+    env = dict(os.environ, SGLP_BENCH_JSON=os.path.abspath(path))
+    cmd = ["cargo", "bench", "--bench", "cka_gpu"]
+    print("+", " ".join(cmd), file=sys.stderr)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with open(os.path.join(out_dir, "engine.log"), "w") as f:
+        f.write(proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0 or not os.path.exists(path):
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("engine benchmark failed (see engine.log)")
+    with open(path) as f:
+        return {e["workload"]: e for e in json.load(f)}
+
+
+def cuda_time_ms(torch, fn, warmup=2, repeat=5):
+    """Median milliseconds of fn() measured with CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def bf16_matmul_tflops(torch, size=8192):
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time_ms(torch, lambda: torch.matmul(a, b), warmup=3, repeat=20)
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def u_centre(torch, k):
+    """U-centre a stack of Grams (L, n, n), float32 (Song et al. 2012)."""
+    n = k.shape[-1]
+    k = k.clone()
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    m = k.sum(-1) / (n - 2)
+    m = m - m.sum(-1, keepdim=True) / (2 * (n - 1))
+    k = k - m[..., :, None] - m[..., None, :]
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    return k
+
+
+def hsic1_pair(torch, k, l):
+    """Unbiased HSIC of two Grams, the closed form per-pair tools use (float32)."""
+    n = k.shape[0]
+    k = k.clone()
+    l = l.clone()
+    k.fill_diagonal_(0)
+    l.fill_diagonal_(0)
+    one = torch.ones(n, 1, device=k.device, dtype=k.dtype)
+    tr = torch.trace(k @ l)
+    s = (one.T @ k @ one) * (one.T @ l @ one) / ((n - 1) * (n - 2))
+    t = 2 / (n - 2) * (one.T @ k @ l @ one)
+    return ((tr + s - t) / (n * (n - 3))).squeeze()
+
+
+def torch_loop_batch(torch, xs):
+    """(a) per-pair loop: for every pair both Grams and the three HSIC terms, float32."""
+    nl = len(xs)
+    h = torch.zeros(nl, nl, device="cuda", dtype=torch.float64)
+    for i in range(nl):
+        for j in range(nl):
+            xi, xj = xs[i].float(), xs[j].float()
+            k, l = xi @ xi.T, xj @ xj.T
+            h[i, j] = hsic1_pair(torch, k, l)
+    return h
+
+
+def torch_batched_batch(torch, xs):
+    """(b) U-centred Grams of all layers stacked, one matmul for all pairs."""
+    grams = torch.stack([(x @ x.T).float() for x in xs])  # input dtype, fp32 accumulate
+    g = u_centre(torch, grams).reshape(len(xs), -1)
+    n = xs[0].shape[0]
+    return (g @ g.T).double() / (n * (n - 3))
+
+
+def make_inputs(torch, spec, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dt = getattr(torch, spec["dtype"])
+    return [
+        (torch.rand(spec["rows"], d, device="cuda", generator=gen) * 2 - 1).to(dt)
+        for d in spec["widths"]
+    ]
+
+
+def bench_torch(torch, name, spec, loop_batches):
+    rows, widths = spec["rows"], spec["widths"]
+    data = [make_inputs(torch, spec, 1), make_inputs(torch, spec, 2)]
+    res = {}
+    # (b) batched: every batch (alternating two input sets), events around each.
+    torch.cuda.reset_peak_memory_stats()
+    per_batch = cuda_time_ms(torch, lambda: torch_batched_batch(torch, data[0]), warmup=2, repeat=3)
+    t0 = time.perf_counter()
+    for i in range(spec["batches"]):
+        torch_batched_batch(torch, data[i % 2])
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    # Gram stage alone, for its TFLOP/s.
+    gram_ms = cuda_time_ms(torch, lambda: [x @ x.T for x in data[0]], warmup=2, repeat=5)
+    res["torch_batch"] = dict(
+        total_s=total,
+        batch_ms_median=per_batch,
+        gram_ms_median=gram_ms,
+        peak_mem_bytes=torch.cuda.max_memory_allocated(),
+    )
+    # (b') the same from host memory: each batch uploaded (pinned CPU tensors), as the engine's times are.
+    host = [[x.cpu().pin_memory() for x in d] for d in data]
+    torch.cuda.reset_peak_memory_stats()
+    per_batch_h = cuda_time_ms(
+        torch, lambda: torch_batched_batch(torch, [x.cuda(non_blocking=True) for x in host[0]]), warmup=2, repeat=3
+    )
+    t0 = time.perf_counter()
+    for i in range(spec["batches"]):
+        torch_batched_batch(torch, [x.cuda(non_blocking=True) for x in host[i % 2]])
+    torch.cuda.synchronize()
+    res["torch_batch_host"] = dict(
+        total_s=time.perf_counter() - t0,
+        batch_ms_median=per_batch_h,
+        peak_mem_bytes=torch.cuda.max_memory_allocated(),
+    )
+    del host
+    # (a) per-pair loop: a few batches, extrapolated to all.
+    torch.cuda.reset_peak_memory_stats()
+    k = min(loop_batches, spec["batches"])
+    ms = []
+    for i in range(k):
+        ms.append(cuda_time_ms(torch, lambda: torch_loop_batch(torch, data[i % 2]), warmup=0 if i else 1, repeat=1))
+    res["torch_loop"] = dict(
+        total_s=statistics.median(ms) * 1e-3 * spec["batches"],
+        batch_ms_median=statistics.median(ms),
+        extrapolated_from_batches=k,
+        peak_mem_bytes=torch.cuda.max_memory_allocated(),
+    )
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--loop-batches", type=int, default=2, help="batches timed for the per-pair loop")
+    ap.add_argument("--skip-engine", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device visible to torch")
+    dev = torch.cuda.get_device_name(0)
+    peak_bf16 = bf16_matmul_tflops(torch)
+    engine = {} if args.skip_engine else run_engine(args.out)
+    report = dict(device=dev, bf16_matmul_tflops=peak_bf16, workloads={})
+    for name, spec in WORKLOADS.items():
+        gram_flops = sum(spec["rows"] ** 2 * d * 2 for d in spec["widths"])
+        t = bench_torch(torch, name, spec, args.loop_batches)
+        entry = dict(gram_flops_per_batch=gram_flops, **t)
+        entry["torch_batch"]["gram_tflops"] = gram_flops / (t["torch_batch"]["gram_ms_median"] * 1e-3) / 1e12
+        if name in engine:
+            e = engine[name]
+            entry["engine"] = dict(
+                total_s=e["total_s"],
+                batch_ms_median=e["batch_wall_ms_median"],
+                gram_ms_median=e["gram_ms_median"],
+                gram_tflops=e["gram_tflops_full_count"],
+                peak_mem_bytes=e["plan_device_bytes"],
+                stages_ms=dict(gram=e["gram_ms_median"], centre=e["centre_ms_median"], pairs=e["pairs_ms_median"]),
+            )
+        report["workloads"][name] = entry
+    with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"device: {dev}; bf16 matmul {peak_bf16:.0f} TFLOP/s (torch.matmul 8192^2)")
+    print("torch_loop/torch_batch inputs are already on the GPU; engine and torch_batch_host upload every batch")
+    hdr = f"{'workload':<12} {'contender':<12} {'total s':>9} {'ms/batch':>9} {'vs (b)':>7} {'Gram TF/s':>10} {'% bf16':>7} {'peak GiB':>9}"
+    print(hdr)
+    for name, entry in report["workloads"].items():
+        base = entry["torch_batch"]["total_s"]
+        for who in ("engine", "torch_loop", "torch_batch", "torch_batch_host"):
+            if who not in entry:
+                continue
+            r = entry[who]
+            tf = r.get("gram_tflops")
+            tf_s = f"{tf:10.1f}" if tf else f"{'-':>10}"
+            pct = f"{100 * tf / peak_bf16:6.1f}%" if tf else f"{'-':>7}"
+            print(
+                f"{name:<12} {who:<12} {r['total_s']:9.3f} {r['batch_ms_median']:9.2f} "
+                f"{base / r['total_s']:6.2f}x {tf_s} {pct} {r['peak_mem_bytes'] / 2**30:9.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

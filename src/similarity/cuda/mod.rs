@@ -1,0 +1,858 @@
+//! CUDA backend of the similarity stage: hand-written kernels (`kernels/*.cu`) compiled at first use by
+//! NVRTC for the device's own architecture (cached on disk, see [`nvrtc`]), driven through cudarc.
+//!
+//! Gram route, per batch of n samples and L layers (see [`CudaBackend::batch_hsic`]):
+//! 1. the layers' raw rows (stored dtype) go up in chunks of consecutive layers through two pinned
+//!    staging buffers on a copy stream, so chunk c+1 uploads while chunk c computes;
+//! 2. per chunk, one launch computes the Grams of all its f32/f64 layers (FMA) and one those of its
+//!    f16/bf16 layers (tensor cores), then (RBF) distances, an exact radix-select median and exp, then
+//!    the centring (double or U) packs each Gram's lower triangle into a row of G (L × n(n+1)/2 f32);
+//! 3. all pairs are one split-K product G·Gᵀ with f32 tiles reduced into f64.
+//!
+//! The feature route ([`Backend::accumulate_cross`]) runs on the CPU backend held inside (no GPU kernel
+//! for ZᵀZ yet); the name of the backend says so.
+
+pub mod nvrtc;
+pub mod plan;
+
+use super::backend::{Backend, Estimator, Kernel};
+use super::cpu::{normaliser, CpuBackend};
+use crate::error::{Error, Result};
+use crate::io::{BatchRef, DType};
+use cudarc::driver::{
+    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use plan::MemoryPlan;
+use std::sync::Arc;
+
+/// Device memory left free besides the plan (the driver, other processes, fragmentation).
+const RESERVE_BYTES: usize = 512 << 20;
+
+/// Whether the CUDA driver library (libcuda) can be loaded. Checked before ANY driver call: cudarc
+/// panics when it calls into a library that is not there.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen the library names cudarc knows.
+    unsafe { sys::is_culib_present() }
+}
+
+trait CuResult<T> {
+    fn cu(self, what: &str) -> Result<T>;
+}
+impl<T> CuResult<T> for std::result::Result<T, DriverError> {
+    fn cu(self, what: &str) -> Result<T> {
+        self.map_err(|e| Error::Cuda(format!("{what}: {e}")))
+    }
+}
+
+/// One GPU as `info` shows it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub total_mem: usize,
+    pub compute_capability: (i32, i32),
+}
+
+/// The GPUs the driver sees, or why none can be used.
+pub fn list_devices() -> Result<Vec<DeviceInfo>> {
+    if !driver_available() {
+        return Err(Error::Cuda(
+            "no CUDA driver found (libcuda.so.1 could not be loaded)".into(),
+        ));
+    }
+    cu::init().cu("cuInit")?;
+    let count = cu::device::get_count().cu("cuDeviceGetCount")?;
+    let attr = |dev, a| unsafe { cu::device::get_attribute(dev, a) };
+    (0..count)
+        .map(|i| {
+            let dev = cu::device::get(i).cu("cuDeviceGet")?;
+            let major = attr(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .cu("cuDeviceGetAttribute")?;
+            let minor = attr(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            )
+            .cu("cuDeviceGetAttribute")?;
+            Ok(DeviceInfo {
+                ordinal: i as usize,
+                name: cu::device::get_name(dev).cu("cuDeviceGetName")?,
+                // SAFETY: `dev` is a valid device handle from cuDeviceGet.
+                total_mem: unsafe { cu::device::total_mem(dev) }.cu("cuDeviceTotalMem")?,
+                compute_capability: (major, minor),
+            })
+        })
+        .collect()
+}
+
+/// The kernels, loaded from the modules of the embedded sources.
+struct Kernels {
+    gram_fma: CudaFunction,
+    gram_mma: CudaFunction,
+    gram_row_sums: CudaFunction,
+    centre_offsets: CudaFunction,
+    centre_pack: CudaFunction,
+    hsic_pairs: CudaFunction,
+    rbf_copy_diag: CudaFunction,
+    rbf_sqdist: CudaFunction,
+    rbf_select_init: CudaFunction,
+    rbf_select_hist: CudaFunction,
+    rbf_select_step: CudaFunction,
+    rbf_exp: CudaFunction,
+}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
+        let mut modules = Vec::new();
+        for file in nvrtc::kernel_files() {
+            let (cubin, _cached) = nvrtc::cubin_cached(file, arch)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .cu(&format!("loading {file} ({arch})"))?;
+            modules.push((file, module));
+        }
+        let get = |file: &str, name: &str| -> Result<CudaFunction> {
+            let (_, m) = modules
+                .iter()
+                .find(|(f, _)| *f == file)
+                .ok_or_else(|| Error::Cuda(format!("kernel file {file} is not embedded")))?;
+            m.load_function(name)
+                .cu(&format!("kernel {name} in {file}"))
+        };
+        Ok(Kernels {
+            gram_fma: get("gram_linear.cu", "gram_fma")?,
+            gram_mma: get("gram_linear.cu", "gram_mma")?,
+            gram_row_sums: get("gram_centre.cu", "gram_row_sums")?,
+            centre_offsets: get("gram_centre.cu", "centre_offsets")?,
+            centre_pack: get("gram_centre.cu", "centre_pack")?,
+            hsic_pairs: get("hsic_pairs.cu", "hsic_pairs")?,
+            rbf_copy_diag: get("rbf.cu", "rbf_copy_diag")?,
+            rbf_sqdist: get("rbf.cu", "rbf_sqdist")?,
+            rbf_select_init: get("rbf.cu", "rbf_select_init")?,
+            rbf_select_hist: get("rbf.cu", "rbf_select_hist")?,
+            rbf_select_step: get("rbf.cu", "rbf_select_step")?,
+            rbf_exp: get("rbf.cu", "rbf_exp")?,
+        })
+    }
+}
+
+/// Device buffers for one batch shape (n and the layers' row widths), allocated once per shape.
+struct Workspace {
+    key: (usize, Vec<usize>),
+    plan: MemoryPlan,
+    staging: [PinnedHostSlice<u8>; 2],
+    dev_in: [CudaSlice<u8>; 2],
+    /// Recorded on the copy stream after slot s's upload; the host waits on it before refilling slot s,
+    /// the compute stream before reading it.
+    uploaded: [CudaEvent; 2],
+    /// Recorded on the compute stream after the Gram launches that read slot s.
+    consumed: [CudaEvent; 2],
+    gram: CudaSlice<f32>,
+    rowsum: CudaSlice<f64>,
+    offsets: CudaSlice<f64>,
+    diag: CudaSlice<f32>,
+    select_state: CudaSlice<u32>,
+    select_hist: CudaSlice<u32>,
+    g: CudaSlice<f32>,
+    out: CudaSlice<f64>,
+}
+
+/// The CUDA backend of one device.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    k: Kernels,
+    name: String,
+    sms: usize,
+    ws: Option<Workspace>,
+    cpu: CpuBackend,
+    /// Device bytes the plan may use at most (tests set it to force layer blocks).
+    budget_cap: Option<usize>,
+    /// Profiling: timed events around each stage's launches, summed after each batch.
+    profile: bool,
+    spans: Vec<(Stage, CudaEvent, CudaEvent)>,
+    last_times: Option<StageTimes>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Gram,
+    Centre,
+    Pairs,
+}
+
+/// Device time of the stages of the last batch (with profiling on), in milliseconds. `wall_ms` is the
+/// host time of the whole `batch_hsic` call (uploads and synchronisation included).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    /// The Gram products (gram_fma / gram_mma).
+    pub gram_ms: f64,
+    /// RBF (when used) and centring/packing.
+    pub centre_ms: f64,
+    /// The all-pairs product.
+    pub pairs_ms: f64,
+    pub wall_ms: f64,
+}
+
+/// A timed event recorded on `s` when profiling, else nothing.
+fn mark(ctx: &Arc<CudaContext>, s: &CudaStream, on: bool) -> Result<Option<CudaEvent>> {
+    if !on {
+        return Ok(None);
+    }
+    let e = ctx
+        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .cu("event")?;
+    e.record(s).cu("event record")?;
+    Ok(Some(e))
+}
+
+/// Stored dtype code of the kernels (`DT_*` in kernels/common.cuh).
+fn dtype_code(d: DType) -> u64 {
+    match d {
+        DType::F32 => 0,
+        DType::F64 => 1,
+        DType::F16 => 2,
+        DType::BF16 => 3,
+    }
+}
+
+fn is_16bit(d: DType) -> bool {
+    matches!(d, DType::F16 | DType::BF16)
+}
+
+fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x.max(1) as u32, y.max(1) as u32, z.max(1) as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn tri(t: usize) -> usize {
+    t * (t + 1) / 2
+}
+
+impl CudaBackend {
+    /// Open device `ordinal`: create its context and streams and load the kernels (compiled by NVRTC
+    /// for its architecture on first use, then from the disk cache). `cpu_threads` sizes the CPU
+    /// backend used for the feature route.
+    pub fn open(ordinal: usize, cpu_threads: usize) -> Result<Self> {
+        let devices = list_devices()?;
+        let info = devices.get(ordinal).ok_or_else(|| {
+            Error::Cuda(if devices.is_empty() {
+                "the CUDA driver sees no GPU".to_string()
+            } else {
+                format!(
+                    "cuda:{ordinal} requested but there are {} GPU(s) (cuda:0..cuda:{})",
+                    devices.len(),
+                    devices.len() - 1
+                )
+            })
+        })?;
+        let (major, minor) = info.compute_capability;
+        if major < 8 {
+            return Err(Error::Cuda(format!(
+                "{} has compute capability {major}.{minor}; the kernels need 8.0 or newer \
+                 (bf16 tensor-core mma)",
+                info.name
+            )));
+        }
+        if !nvrtc::nvrtc_available() {
+            return Err(Error::Cuda(format!(
+                "NVRTC (libnvrtc) not found, needed to compile the kernels: install the CUDA toolkit or \
+                 `pip install nvidia-cuda-nvrtc-cu12` and add its lib directory to LD_LIBRARY_PATH \
+                 (looked for {})",
+                nvrtc::nvrtc_library_names().join(", ")
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).cu("creating the CUDA context")?;
+        let arch = format!("sm_{major}{minor}");
+        let k = Kernels::load(&ctx, &arch)?;
+        let compute = ctx.new_stream().cu("creating a stream")?;
+        let copy = ctx.new_stream().cu("creating a stream")?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .cu("cuDeviceGetAttribute")? as usize;
+        let name = format!(
+            "cuda:{ordinal} {} (sm_{major}{minor}, {:.0} GiB)",
+            info.name,
+            info.total_mem as f64 / (1u64 << 30) as f64
+        );
+        Ok(CudaBackend {
+            ctx,
+            compute,
+            copy,
+            k,
+            name,
+            sms,
+            ws: None,
+            cpu: CpuBackend::new(cpu_threads),
+            budget_cap: None,
+            profile: false,
+            spans: Vec::new(),
+            last_times: None,
+        })
+    }
+
+    /// Time each stage of every batch with CUDA events (costs a little; for benchmarks).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on;
+        self.last_times = None;
+    }
+
+    /// Stage times of the last batch, when profiling is on.
+    pub fn last_stage_times(&self) -> Option<StageTimes> {
+        self.last_times
+    }
+
+    fn span(&mut self, stage: Stage, start: Option<CudaEvent>) -> Result<()> {
+        if let Some(start) = start {
+            let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
+            self.spans.push((stage, start, end));
+        }
+        Ok(())
+    }
+
+    /// Cap the device memory the plan may use (to exercise the layer-block path on a large GPU).
+    pub fn set_memory_cap(&mut self, bytes: Option<usize>) {
+        self.budget_cap = bytes;
+        self.ws = None;
+    }
+
+    /// The plan in use for the last batch shape, if any.
+    pub fn memory_plan(&self) -> Option<&MemoryPlan> {
+        self.ws.as_ref().map(|w| &w.plan)
+    }
+
+    /// Buffers for batches of n rows and these per-row byte widths (re-planned when the shape changes).
+    fn workspace(&mut self, n: usize, row_bytes: &[usize]) -> Result<()> {
+        let key = (n, row_bytes.to_vec());
+        if self.ws.as_ref().is_some_and(|w| w.key == key) {
+            return Ok(());
+        }
+        self.ws = None; // free the old buffers before measuring what is free
+        self.compute.synchronize().cu("synchronize")?;
+        let (free, _total) = self.ctx.mem_get_info().cu("cuMemGetInfo")?;
+        let mut budget = free.saturating_sub(RESERVE_BYTES);
+        if let Some(cap) = self.budget_cap {
+            budget = budget.min(cap);
+        }
+        let plan = plan::plan(n, row_bytes, budget)?;
+        let l = row_bytes.len();
+        let s = &self.compute;
+        let alloc_err =
+            |what: &str| format!("allocating {what} ({} MiB plan)", plan.device_bytes >> 20);
+        let gl = plan.gram_layers;
+        // SAFETY: pinned host memory, written before every read (only the filled prefix is copied).
+        let pinned = || unsafe { self.ctx.alloc_pinned::<u8>(plan.stage_bytes) };
+        // SAFETY: device buffers that every kernel writes before it reads them (the result and the
+        // histograms are zeroed explicitly).
+        let ws = unsafe {
+            Workspace {
+                key,
+                staging: [
+                    pinned().cu("pinned staging")?,
+                    pinned().cu("pinned staging")?,
+                ],
+                dev_in: [
+                    s.alloc::<u8>(plan.stage_bytes)
+                        .cu(&alloc_err("upload slot"))?,
+                    s.alloc::<u8>(plan.stage_bytes)
+                        .cu(&alloc_err("upload slot"))?,
+                ],
+                uploaded: [
+                    self.ctx.new_event(None).cu("event")?,
+                    self.ctx.new_event(None).cu("event")?,
+                ],
+                consumed: [
+                    self.ctx.new_event(None).cu("event")?,
+                    self.ctx.new_event(None).cu("event")?,
+                ],
+                gram: s.alloc::<f32>(gl * n * n).cu(&alloc_err("Gram scratch"))?,
+                rowsum: s.alloc::<f64>(gl * n).cu(&alloc_err("row sums"))?,
+                offsets: s.alloc::<f64>(gl * n).cu(&alloc_err("centring offsets"))?,
+                diag: s.alloc::<f32>(gl * n).cu(&alloc_err("diagonals"))?,
+                select_state: s.alloc::<u32>(gl * 2 * 4).cu(&alloc_err("median state"))?,
+                select_hist: s
+                    .alloc_zeros::<u32>(gl * 2 * 2048)
+                    .cu(&alloc_err("histograms"))?,
+                g: s.alloc::<f32>(plan.g_rows * plan::packed_len(n))
+                    .cu(&alloc_err("packed Grams"))?,
+                out: s.alloc_zeros::<f64>(l * l).cu(&alloc_err("result"))?,
+                plan,
+            }
+        };
+        self.ws = Some(ws);
+        Ok(())
+    }
+
+    /// Upload layers `[start, end)` chunk by chunk and turn each into centred, packed Grams in G rows
+    /// `g_row0 ..`. Uploads of chunk c+1 overlap the kernels of chunk c.
+    #[allow(clippy::too_many_arguments)]
+    fn compute_block(
+        &mut self,
+        batch: &BatchRef<'_>,
+        sizes: &[usize],
+        start: usize,
+        end: usize,
+        g_row0: usize,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
+        let n = batch.rows;
+        let nn = n * n;
+        let p = plan::packed_len(n);
+        let ws = self.ws.as_mut().expect("workspace planned");
+        let chunks = plan::chunks(sizes, start, end, ws.plan.stage_bytes, ws.plan.gram_layers);
+        // Layer tables of every chunk (f32/f64 layers first, then 16-bit ones), uploaded once.
+        let mut descs: Vec<u64> = Vec::new();
+        let mut spans = Vec::with_capacity(chunks.len());
+        for ch in &chunks {
+            let first = descs.len() / 3;
+            let mut push = |sixteen: bool| {
+                let mut count = 0;
+                for (k, l) in (ch.start..ch.end).enumerate() {
+                    let s = &batch.layers[l];
+                    if is_16bit(s.dtype) == sixteen {
+                        descs.extend([
+                            ch.offsets[k] as u64,
+                            (k * nn) as u64,
+                            s.cols as u64 | (dtype_code(s.dtype) << 32),
+                        ]);
+                        count += 1;
+                    }
+                }
+                count
+            };
+            let n_fma = push(false);
+            let n_mma = push(true);
+            spans.push((first, n_fma, n_mma));
+        }
+        let descs_dev = self
+            .compute
+            .clone_htod(&descs)
+            .cu("uploading layer tables")?;
+        let unbiased = i32::from(estimator == Estimator::Unbiased);
+        let n_i = n as i32;
+        let Workspace {
+            staging,
+            dev_in,
+            uploaded,
+            consumed,
+            gram,
+            rowsum,
+            offsets,
+            diag,
+            select_state,
+            select_hist,
+            g,
+            ..
+        } = ws;
+        for (ci, ch) in chunks.iter().enumerate() {
+            let slot = ci % 2;
+            // 1. Refill the pinned slot once its previous upload has finished.
+            uploaded[slot].synchronize().cu("waiting for an upload")?;
+            {
+                let host = staging[slot].as_mut_slice().cu("pinned staging")?;
+                fill_staging(&mut host[..ch.bytes], batch, sizes, ch.start, ch.end);
+            }
+            // 2. Upload on the copy stream, after the kernels that last read this device slot.
+            self.copy.wait(&consumed[slot]).cu("stream wait")?;
+            {
+                let host = staging[slot].as_mut_slice().cu("pinned staging")?;
+                let (dst, _record) = dev_in[slot].device_ptr_mut(&self.copy);
+                // SAFETY: `dst` holds stage_bytes ≥ ch.bytes; the pinned source stays alive and
+                // untouched until `uploaded[slot]` completes (waited on before the next refill).
+                unsafe { cu::memcpy_htod_async(dst, &host[..ch.bytes], self.copy.cu_stream()) }
+                    .cu("uploading activations")?;
+            }
+            uploaded[slot].record(&self.copy).cu("event record")?;
+            // 3. Kernels on the compute stream.
+            self.compute.wait(&uploaded[slot]).cu("stream wait")?;
+            let (first, n_fma, n_mma) = spans[ci];
+            let nl = ch.end - ch.start;
+            let t_gram = mark(&self.ctx, &self.compute, self.profile)?;
+            if n_fma > 0 {
+                let table = descs_dev.slice(first * 3..(first + n_fma) * 3);
+                let cfg = grid(tri(n.div_ceil(64)), n_fma, 1, 256);
+                // SAFETY: argument types match gram_fma's signature; buffers sized by the plan.
+                unsafe {
+                    self.compute
+                        .launch_builder(&self.k.gram_fma)
+                        .arg(&dev_in[slot])
+                        .arg(&table)
+                        .arg(&n_i)
+                        .arg(&mut *gram)
+                        .launch(cfg)
+                }
+                .cu("launching gram_fma")?;
+            }
+            if n_mma > 0 {
+                let table = descs_dev.slice((first + n_fma) * 3..(first + n_fma + n_mma) * 3);
+                let cfg = grid(tri(n.div_ceil(128)), n_mma, 1, 256);
+                // SAFETY: as above, for gram_mma.
+                unsafe {
+                    self.compute
+                        .launch_builder(&self.k.gram_mma)
+                        .arg(&dev_in[slot])
+                        .arg(&table)
+                        .arg(&n_i)
+                        .arg(&mut *gram)
+                        .launch(cfg)
+                }
+                .cu("launching gram_mma")?;
+            }
+            consumed[slot].record(&self.compute).cu("event record")?;
+            if let Some(start) = t_gram {
+                let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
+                self.spans.push((Stage::Gram, start, end));
+            }
+            let t_centre = mark(&self.ctx, &self.compute, self.profile)?;
+            if let Kernel::Rbf { threshold } = kernel {
+                rbf_in_place(
+                    &self.k,
+                    &self.compute,
+                    self.sms,
+                    gram,
+                    diag,
+                    select_state,
+                    select_hist,
+                    n,
+                    nl,
+                    threshold,
+                )?;
+            }
+            // Centre and pack into G.
+            let row0 = (g_row0 + ch.start - start) as u64;
+            let p64 = p as u64;
+            // SAFETY: argument types match the kernels in gram_centre.cu; buffers sized by the plan
+            // (gram_layers ≥ nl).
+            unsafe {
+                self.compute
+                    .launch_builder(&self.k.gram_row_sums)
+                    .arg(&*gram)
+                    .arg(&n_i)
+                    .arg(&unbiased)
+                    .arg(&mut *rowsum)
+                    .launch(grid(n.div_ceil(8), nl, 1, 256))
+                    .cu("launching gram_row_sums")?;
+                self.compute
+                    .launch_builder(&self.k.centre_offsets)
+                    .arg(&*rowsum)
+                    .arg(&n_i)
+                    .arg(&unbiased)
+                    .arg(&mut *offsets)
+                    .launch(grid(nl, 1, 1, 256))
+                    .cu("launching centre_offsets")?;
+                self.compute
+                    .launch_builder(&self.k.centre_pack)
+                    .arg(&*gram)
+                    .arg(&*offsets)
+                    .arg(&n_i)
+                    .arg(&unbiased)
+                    .arg(&mut *g)
+                    .arg(&row0)
+                    .arg(&p64)
+                    .launch(grid(p.div_ceil(256), nl, 1, 256))
+                    .cu("launching centre_pack")?;
+            }
+            if let Some(start) = t_centre {
+                let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
+                self.spans.push((Stage::Centre, start, end));
+            }
+        }
+        Ok(())
+    }
+
+    /// out[row0 + a, col0 + b] += ⟨G[ga + a], G[gb + b]⟩ for a < la, b < lb (tri: ga == gb, la == lb,
+    /// lower tiles only).
+    #[allow(clippy::too_many_arguments)]
+    fn pairs(
+        &mut self,
+        n: usize,
+        l: usize,
+        ga: usize,
+        la: usize,
+        gb: usize,
+        lb: usize,
+        row0: usize,
+        col0: usize,
+        tri_only: bool,
+    ) -> Result<()> {
+        let p = plan::packed_len(n);
+        let tiles = if tri_only {
+            tri(la.div_ceil(32))
+        } else {
+            la.div_ceil(32) * lb.div_ceil(32)
+        };
+        // Split p so that about 4 blocks per SM run, in steps of at least 1024 (whole 32-wide steps).
+        let splits = (4 * self.sms).div_ceil(tiles).clamp(1, p.div_ceil(1024));
+        let chunk = p.div_ceil(splits).div_ceil(32) * 32;
+        let cfg = grid(p.div_ceil(chunk), tiles, 1, 256);
+        let t_pairs = mark(&self.ctx, &self.compute, self.profile)?;
+        let ws = self.ws.as_mut().expect("workspace planned");
+        let a = ws.g.slice(ga * p..(ga + la) * p);
+        let b = ws.g.slice(gb * p..(gb + lb) * p);
+        let (la_i, lb_i, l_i) = (la as i32, lb as i32, l as i32);
+        let (r0, c0, t) = (row0 as i32, col0 as i32, i32::from(tri_only));
+        let (p64, chunk64) = (p as u64, chunk as u64);
+        // SAFETY: argument types match hsic_pairs; the views hold la·P and lb·P elements, `out` L×L.
+        unsafe {
+            self.compute
+                .launch_builder(&self.k.hsic_pairs)
+                .arg(&a)
+                .arg(&la_i)
+                .arg(&b)
+                .arg(&lb_i)
+                .arg(&p64)
+                .arg(&chunk64)
+                .arg(&mut ws.out)
+                .arg(&l_i)
+                .arg(&r0)
+                .arg(&c0)
+                .arg(&t)
+                .launch(cfg)
+        }
+        .cu("launching hsic_pairs")?;
+        self.span(Stage::Pairs, t_pairs)
+    }
+}
+
+/// Copy layers `[start, end)` of the batch into the staging slot (layer l at its 16-byte-aligned offset,
+/// `sizes[l]` bytes apart), in parallel: one thread copies at a few GB/s, below the PCIe rate.
+fn fill_staging(host: &mut [u8], batch: &BatchRef<'_>, sizes: &[usize], start: usize, end: usize) {
+    use rayon::prelude::*;
+    const PIECE: usize = 1 << 20;
+    let mut rest = host;
+    let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
+    for l in start..end {
+        let (slot, tail) = std::mem::take(&mut rest).split_at_mut(sizes[l]);
+        rest = tail;
+        let src = batch.layers[l].bytes;
+        pieces.extend(slot[..src.len()].chunks_mut(PIECE).zip(src.chunks(PIECE)));
+    }
+    pieces
+        .into_par_iter()
+        .for_each(|(dst, src)| dst.copy_from_slice(src));
+}
+
+/// RBF kernel matrices in place on the `nl` Grams in `gram` (see kernels/rbf.cu).
+#[allow(clippy::too_many_arguments)]
+fn rbf_in_place(
+    k: &Kernels,
+    s: &Arc<CudaStream>,
+    sms: usize,
+    gram: &mut CudaSlice<f32>,
+    diag: &mut CudaSlice<f32>,
+    state: &mut CudaSlice<u32>,
+    hist: &mut CudaSlice<u32>,
+    n: usize,
+    nl: usize,
+    threshold: f64,
+) -> Result<()> {
+    let nn = n * n;
+    let (n_i, nl_i, nn64) = (n as i32, nl as i32, nn as u64);
+    s.memset_zeros(hist).cu("clearing histograms")?;
+    let hist_blocks = nn.div_ceil(256 * 16).clamp(1, (2 * sms).max(1));
+    // SAFETY: argument types match the kernels in rbf.cu; buffers hold gram_layers ≥ nl layers.
+    unsafe {
+        s.launch_builder(&k.rbf_copy_diag)
+            .arg(&*gram)
+            .arg(&n_i)
+            .arg(&mut *diag)
+            .launch(grid(n.div_ceil(256), nl, 1, 256))
+            .cu("launching rbf_copy_diag")?;
+        s.launch_builder(&k.rbf_sqdist)
+            .arg(&mut *gram)
+            .arg(&*diag)
+            .arg(&n_i)
+            .launch(grid(nn.div_ceil(256), nl, 1, 256))
+            .cu("launching rbf_sqdist")?;
+        s.launch_builder(&k.rbf_select_init)
+            .arg(&mut *state)
+            .arg(&nl_i)
+            .arg(&nn64)
+            .launch(grid(1, 1, 1, (2 * nl).div_ceil(32) as u32 * 32))
+            .cu("launching rbf_select_init")?;
+        for (shift, bits) in [(21i32, 11i32), (10, 11), (0, 10)] {
+            s.launch_builder(&k.rbf_select_hist)
+                .arg(&*gram)
+                .arg(&nn64)
+                .arg(&*state)
+                .arg(&mut *hist)
+                .arg(&shift)
+                .arg(&bits)
+                .launch(grid(hist_blocks, nl, 2, 256))
+                .cu("launching rbf_select_hist")?;
+            s.launch_builder(&k.rbf_select_step)
+                .arg(&mut *state)
+                .arg(&mut *hist)
+                .arg(&shift)
+                .arg(&bits)
+                .launch(grid(2 * nl, 1, 1, 32))
+                .cu("launching rbf_select_step")?;
+        }
+        s.launch_builder(&k.rbf_exp)
+            .arg(&mut *gram)
+            .arg(&nn64)
+            .arg(&*state)
+            .arg(&threshold)
+            .launch(grid(nn.div_ceil(256), nl, 1, 256))
+            .cu("launching rbf_exp")?;
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn batch_hsic(
+        &mut self,
+        batch: &BatchRef<'_>,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<Vec<f64>> {
+        let n = batch.rows;
+        let l = batch.layers.len();
+        let min_n = match estimator {
+            Estimator::Biased => 2,
+            Estimator::Unbiased => 4,
+        };
+        if n < min_n {
+            return Err(Error::invalid(format!(
+                "a batch of {n} samples is too small for this estimator"
+            )));
+        }
+        if l == 0 {
+            return Err(Error::invalid("no layers to compare"));
+        }
+        // Radix-select counts and Gram indices are 32-bit: n² < 2³².
+        if n > 65535 {
+            return Err(Error::invalid(format!(
+                "a batch of {n} samples is too large for the GPU kernels (at most 65535)"
+            )));
+        }
+        let row_bytes: Vec<usize> = batch
+            .layers
+            .iter()
+            .map(|s| s.cols * s.dtype.size())
+            .collect();
+        let sizes: Vec<usize> = row_bytes
+            .iter()
+            .map(|&w| plan::layer_bytes(n, w, 1))
+            .collect();
+        let wall = std::time::Instant::now();
+        self.spans.clear();
+        self.workspace(n, &row_bytes)?;
+        let (block, blocks) = {
+            let ws = self.ws.as_mut().expect("workspace planned");
+            self.compute
+                .memset_zeros(&mut ws.out)
+                .cu("clearing the result")?;
+            (ws.plan.layer_block, ws.plan.blocks(l))
+        };
+        for a in 0..blocks {
+            let (a0, a1) = (a * block, ((a + 1) * block).min(l));
+            self.compute_block(batch, &sizes, a0, a1, 0, estimator, kernel)?;
+            self.pairs(n, l, 0, a1 - a0, 0, a1 - a0, a0, a0, true)?;
+            for b in a + 1..blocks {
+                let (b0, b1) = (b * block, ((b + 1) * block).min(l));
+                self.compute_block(batch, &sizes, b0, b1, block, estimator, kernel)?;
+                // Rows: block b (the later layers), columns: block a — the lower triangle.
+                self.pairs(n, l, block, b1 - b0, 0, a1 - a0, b0, a0, false)?;
+            }
+        }
+        let ws = self.ws.as_ref().expect("workspace planned");
+        let raw = self
+            .compute
+            .clone_dtoh(&ws.out)
+            .cu("downloading the result")?;
+        self.compute.synchronize().cu("synchronize")?;
+        if self.profile {
+            let mut t = StageTimes {
+                wall_ms: wall.elapsed().as_secs_f64() * 1e3,
+                ..StageTimes::default()
+            };
+            for (stage, a, b) in self.spans.drain(..) {
+                let ms = a.elapsed_ms(&b).cu("event timing")? as f64;
+                match stage {
+                    Stage::Gram => t.gram_ms += ms,
+                    Stage::Centre => t.centre_ms += ms,
+                    Stage::Pairs => t.pairs_ms += ms,
+                }
+            }
+            self.last_times = Some(t);
+        }
+        let scale = 2.0 / normaliser(estimator, n);
+        let mut h = vec![0.0f64; l * l];
+        for i in 0..l {
+            for j in 0..=i {
+                let v = raw[i * l + j] * scale;
+                h[i * l + j] = v;
+                h[j * l + i] = v;
+            }
+        }
+        Ok(h)
+    }
+
+    fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {
+        // The feature route has no GPU kernel yet: ZᵀZ on the CPU backend.
+        self.cpu.accumulate_cross(batch, cross)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Batch;
+
+    #[test]
+    fn staging_places_each_layer_at_its_aligned_offset() {
+        // Three layers of odd byte widths (not multiples of 16), more than one 1 MiB piece for one.
+        let n = 3;
+        let widths = [5usize, 100_003, 7];
+        let data: Vec<Vec<f32>> = widths
+            .iter()
+            .enumerate()
+            .map(|(l, &w)| (0..n * w).map(|i| (i * 7 + l) as f32).collect())
+            .collect();
+        let batch = Batch::from_f32(
+            n,
+            &[
+                (widths[0], &data[0]),
+                (widths[1], &data[1]),
+                (widths[2], &data[2]),
+            ],
+        );
+        let b = batch.as_ref();
+        let sizes: Vec<usize> = widths
+            .iter()
+            .map(|&w| plan::layer_bytes(n, w * 4, 1))
+            .collect();
+        let chunks = plan::chunks(&sizes, 0, 3, sizes.iter().sum(), 8);
+        assert_eq!(chunks.len(), 1);
+        let ch = &chunks[0];
+        let mut host = vec![0xAAu8; ch.bytes];
+        fill_staging(&mut host, &b, &sizes, ch.start, ch.end);
+        for (k, l) in (ch.start..ch.end).enumerate() {
+            assert_eq!(ch.offsets[k] % 16, 0);
+            let src = b.layers[l].bytes;
+            assert_eq!(&host[ch.offsets[k]..ch.offsets[k] + src.len()], src);
+        }
+        // A chunk starting past layer 0 fills from its own first layer.
+        let tail = plan::chunks(&sizes, 1, 3, sizes.iter().sum(), 8);
+        let mut host = vec![0u8; tail[0].bytes];
+        fill_staging(&mut host, &b, &sizes, 1, 3);
+        assert_eq!(&host[..b.layers[1].bytes.len()], b.layers[1].bytes);
+        assert_eq!(
+            &host[tail[0].offsets[1]..tail[0].offsets[1] + b.layers[2].bytes.len()],
+            b.layers[2].bytes
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! The CUDA backend against the CPU backend (the f64 reference) on fresh random inputs of awkward shapes.
+//!
+//! Without a usable GPU every GPU test prints why and passes, unless `SGLP_REQUIRE_GPU=1`, where a missing
+//! GPU is a failure. The device-choice tests run everywhere.
+//!
+//! Tolerances, on CKA values (|CKA| ≤ 1, so absolute ≈ relative for the values that matter):
+//! * f32 inputs: 1e-5 (f32 Grams and centred Grams, f64 row sums, f32 tiles of the pair products summed
+//!   in f64);
+//! * f16 / bf16 inputs: 1e-4 (products of 16-bit values are exact in f32; the tensor cores' f32
+//!   accumulation order differs from the CPU's f64);
+//! * RBF: 1e-4 (distances d² = K_ii + K_jj − 2K_ij and exp in f32; the median itself is exact).
+
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use sglp_engine::io::{Batch, DType, LayerBlock};
+use sglp_engine::similarity::cpu::CpuBackend;
+use sglp_engine::similarity::cuda::{self, CudaBackend};
+use sglp_engine::similarity::device::{open_backend, DeviceChoice};
+use sglp_engine::similarity::{cka_from_hsic, Backend, Estimator, Kernel};
+
+fn gpu_or_skip() -> Option<CudaBackend> {
+    match CudaBackend::open(0, 2) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            if std::env::var("SGLP_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("SGLP_REQUIRE_GPU=1 but the CUDA backend does not open: {e}");
+            }
+            eprintln!("skipping: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+/// A random layer of `rows × cols` stored as `dtype`: normal values with a per-column offset (so that
+/// centring matters) and a per-layer scale.
+fn random_layer(rng: &mut StdRng, rows: usize, cols: usize, dtype: DType) -> LayerBlock {
+    let scale: f32 = rng.random_range(0.5..3.0);
+    let offsets: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let vals: Vec<f32> = (0..rows * cols)
+        .map(|i| offsets[i % cols] + scale * rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    let data: Vec<u8> = match dtype {
+        DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F64 => vals
+            .iter()
+            .flat_map(|&v| (v as f64).to_le_bytes())
+            .collect(),
+        DType::F16 => vals
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::BF16 => vals
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    };
+    LayerBlock { dtype, cols, data }
+}
+
+/// Layers that are noisy mixtures of one shared signal, so CKA values spread over (0, 1).
+fn random_batch(seed: u64, rows: usize, layers: &[(usize, DType)]) -> Batch {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Batch {
+        rows,
+        layers: layers
+            .iter()
+            .map(|&(cols, dt)| random_layer(&mut rng, rows, cols, dt))
+            .collect(),
+    }
+}
+
+/// Largest |CKA_gpu − CKA_cpu| over all pairs (NaN-aware: both NaN counts as equal).
+fn max_cka_diff(gpu: &[f64], cpu: &[f64], l: usize) -> f64 {
+    let (a, b) = (cka_from_hsic(gpu, l), cka_from_hsic(cpu, l));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            if x.is_nan() && y.is_nan() {
+                0.0
+            } else {
+                (x - y).abs()
+            }
+        })
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        )
+}
+
+/// Largest HSIC difference relative to the geometric mean of the two diagonal entries.
+fn max_hsic_rel_diff(gpu: &[f64], cpu: &[f64], l: usize) -> f64 {
+    let mut worst: f64 = 0.0;
+    for i in 0..l {
+        for j in 0..l {
+            let scale = (cpu[i * l + i] * cpu[j * l + j]).abs().sqrt().max(1e-300);
+            let d = (gpu[i * l + j] - cpu[i * l + j]).abs() / scale;
+            worst = worst.max(if d.is_nan() { f64::INFINITY } else { d });
+        }
+    }
+    worst
+}
+
+fn check(
+    gpu: &mut CudaBackend,
+    batch: &Batch,
+    estimator: Estimator,
+    kernel: Kernel,
+    tol: f64,
+    what: &str,
+) {
+    let l = batch.layers.len();
+    let mut cpu = CpuBackend::new(2);
+    let want = cpu.batch_hsic(&batch.as_ref(), estimator, kernel).unwrap();
+    let got = gpu
+        .batch_hsic(&batch.as_ref(), estimator, kernel)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(got.len(), l * l, "{what}");
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite HSIC");
+    for i in 0..l {
+        for j in 0..l {
+            assert_eq!(got[i * l + j], got[j * l + i], "{what}: not symmetric");
+        }
+    }
+    let dc = max_cka_diff(&got, &want, l);
+    let dh = max_hsic_rel_diff(&got, &want, l);
+    eprintln!("{what}: max |ΔCKA| = {dc:.2e}, max relative ΔHSIC = {dh:.2e}");
+    assert!(dc <= tol, "{what}: CKA differs by {dc:.3e} > {tol:.0e}");
+    assert!(dh <= 10.0 * tol, "{what}: HSIC differs by {dh:.3e}");
+}
+
+#[test]
+fn f32_awkward_shapes_both_estimators() {
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let shapes: &[(usize, &[usize])] = &[
+        (37, &[1, 5, 130, 67]),
+        (4, &[1, 3]),
+        (5, &[2]),
+        (129, &[16, 257]),
+        (300, &[100, 1, 513]),
+    ];
+    for (seed, &(b, widths)) in shapes.iter().enumerate() {
+        let layers: Vec<_> = widths.iter().map(|&d| (d, DType::F32)).collect();
+        let batch = random_batch(seed as u64 + 1, b, &layers);
+        for est in [Estimator::Unbiased, Estimator::Biased] {
+            check(
+                &mut gpu,
+                &batch,
+                est,
+                Kernel::Linear,
+                1e-5,
+                &format!("f32 b={b} d={widths:?} {est:?}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn many_layers_in_one_batch() {
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let mut rng = StdRng::seed_from_u64(300);
+    let layers: Vec<_> = (0..300)
+        .map(|_| (rng.random_range(1..40), DType::F32))
+        .collect();
+    let batch = random_batch(301, 45, &layers);
+    check(
+        &mut gpu,
+        &batch,
+        Estimator::Unbiased,
+        Kernel::Linear,
+        1e-5,
+        "300 layers b=45",
+    );
+}
+
+#[test]
+fn sixteen_bit_and_mixed_dtypes() {
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    for (seed, dt) in [(11u64, DType::BF16), (12, DType::F16)] {
+        // Widths that take the 16-byte vector path (multiples of 8) and the scalar path.
+        let layers = [(8, dt), (33, dt), (256, dt), (1000, dt), (1, dt)];
+        for b in [150, 4, 131] {
+            let batch = random_batch(seed * 100 + b as u64, b, &layers);
+            check(
+                &mut gpu,
+                &batch,
+                Estimator::Unbiased,
+                Kernel::Linear,
+                1e-4,
+                &format!("{dt:?} b={b}"),
+            );
+        }
+    }
+    let mixed = [
+        (64, DType::F32),
+        (40, DType::BF16),
+        (24, DType::F16),
+        (17, DType::F64),
+        (3, DType::BF16),
+    ];
+    let batch = random_batch(13, 77, &mixed);
+    for est in [Estimator::Unbiased, Estimator::Biased] {
+        check(
+            &mut gpu,
+            &batch,
+            est,
+            Kernel::Linear,
+            1e-4,
+            &format!("mixed dtypes {est:?}"),
+        );
+    }
+}
+
+#[test]
+fn rbf_both_estimators() {
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    for (b, widths) in [
+        (61usize, vec![7usize, 50, 1]),
+        (4, vec![3, 2]),
+        (200, vec![129]),
+    ] {
+        let layers: Vec<_> = widths.iter().map(|&d| (d, DType::F32)).collect();
+        let batch = random_batch(b as u64 + 7, b, &layers);
+        for est in [Estimator::Unbiased, Estimator::Biased] {
+            for t in [0.5, 1.0] {
+                check(
+                    &mut gpu,
+                    &batch,
+                    est,
+                    Kernel::Rbf { threshold: t },
+                    1e-4,
+                    &format!("rbf t={t} b={b} {est:?}"),
+                );
+            }
+        }
+    }
+}
+
+/// The largest budget (in 64 KiB steps, from 64 MiB down) whose memory plan splits the layers into
+/// blocks of 4 or more (fewer than all of them).
+fn blocking_cap(n: usize, layers: &[(usize, DType)]) -> usize {
+    let row_bytes: Vec<usize> = layers.iter().map(|&(d, t)| d * t.size()).collect();
+    let mut cap: usize = 64 << 20;
+    while cap > 0 {
+        match cuda::plan::plan(n, &row_bytes, cap) {
+            Ok(p) if p.layer_block < layers.len() && p.layer_block >= 4 => return cap,
+            _ => cap -= 64 << 10,
+        }
+    }
+    panic!("no budget gives layer blocks")
+}
+
+#[test]
+fn a_budget_that_forces_layer_blocks_exists() {
+    // Runs without a GPU: the cap the next test uses is found from the plan alone.
+    let layers: Vec<_> = (0..23).map(|i| (10 + 7 * i, DType::F32)).collect();
+    let cap = blocking_cap(150, &layers);
+    let row_bytes: Vec<usize> = layers.iter().map(|&(d, _)| d * 4).collect();
+    let p = cuda::plan::plan(150, &row_bytes, cap).unwrap();
+    assert!(p.layer_block < 23 && p.device_bytes <= cap, "{p:?}");
+    assert!(p.blocks(23) >= 2);
+    // The "impossible" cap of the next test: too small for b = 150, enough for a smaller batch.
+    let e = cuda::plan::plan(150, &row_bytes, TINY_CAP)
+        .unwrap_err()
+        .to_string();
+    let m = cuda::plan::largest_batch_that_fits(&row_bytes, TINY_CAP).unwrap();
+    assert!(
+        (4..150).contains(&m) && e.contains(&format!("--batch-size {m}")),
+        "{e}"
+    );
+}
+
+const TINY_CAP: usize = 256 << 10;
+
+#[test]
+fn layer_blocks_when_memory_is_short_give_the_same_result() {
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let layers: Vec<_> = (0..23).map(|i| (10 + 7 * i, DType::F32)).collect();
+    let batch = random_batch(23, 150, &layers);
+    // Room for a handful of packed Grams only: forces blocks of layers (and upload chunks).
+    let cap = blocking_cap(150, &layers);
+    gpu.set_memory_cap(Some(cap));
+    check(
+        &mut gpu,
+        &batch,
+        Estimator::Unbiased,
+        Kernel::Linear,
+        1e-5,
+        "layer blocks",
+    );
+    let plan = gpu.memory_plan().expect("planned").clone();
+    assert!(plan.layer_block < 23, "expected blocks, got {plan:?}");
+    // And an impossible cap names a batch size that fits.
+    gpu.set_memory_cap(Some(TINY_CAP));
+    let e = gpu
+        .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--batch-size"), "{e}");
+}
+
+#[test]
+fn repeated_batches_reuse_the_workspace_and_match() {
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let layers = [(96, DType::BF16), (50, DType::F32)];
+    for seed in 0..3 {
+        let batch = random_batch(500 + seed, 64, &layers);
+        check(
+            &mut gpu,
+            &batch,
+            Estimator::Unbiased,
+            Kernel::Linear,
+            1e-4,
+            &format!("repeat {seed}"),
+        );
+    }
+}
+
+#[test]
+fn whole_pipeline_through_the_accumulator_matches_the_cpu() {
+    use sglp_engine::similarity::{CkaAccumulator, CkaSpec, Route};
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let metas: Vec<_> = [(20usize, DType::F32), (9, DType::BF16), (31, DType::F32)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(cols, dtype))| sglp_engine::io::LayerMeta {
+            name: format!("l{i}"),
+            cols,
+            dtype,
+            shape: vec![0, cols],
+        })
+        .collect();
+    let layers: Vec<_> = metas.iter().map(|m| (m.cols, m.dtype)).collect();
+    let data = random_batch(77, 250, &layers);
+    let spec = CkaSpec {
+        batch_size: 64,
+        route: Route::Gram,
+        ..CkaSpec::default()
+    };
+    let run = |backend: &mut dyn Backend| {
+        let mut acc = CkaAccumulator::new(&metas, spec, Some(250)).unwrap();
+        acc.push(&data.as_ref(), backend).unwrap();
+        acc.finish(backend).unwrap().cka_matrix()
+    };
+    let want = run(&mut CpuBackend::new(2));
+    let got = run(&mut gpu);
+    for (rw, rg) in want.iter().zip(&got) {
+        for (w, g) in rw.iter().zip(rg) {
+            assert!((w - g).abs() <= 1e-4, "{w} vs {g}");
+        }
+    }
+}
+
+#[test]
+fn device_choice_without_and_with_a_gpu() {
+    let gpus = cuda::list_devices().map(|d| d.len()).unwrap_or(0);
+    if gpus == 0 {
+        // This machine: `cuda` is an error (exit 2 in the CLI), `auto` falls back with a note.
+        let e = match open_backend(DeviceChoice::Cuda(0), 1) {
+            Err(e) => e,
+            Ok(_) => panic!("cuda:0 opened without a GPU"),
+        };
+        assert!(matches!(e, sglp_engine::Error::Cuda(_)), "{e:?}");
+        assert_eq!(e.exit_code(), 2);
+        let (b, note) = open_backend(DeviceChoice::Auto, 1).unwrap();
+        assert!(b.name().starts_with("cpu"), "{}", b.name());
+        let note = note.expect("a note says why the CPU is used");
+        assert!(note.contains("using the CPU"), "{note}");
+        eprintln!("auto: {note}");
+    } else {
+        let e = open_backend(DeviceChoice::Cuda(gpus + 5), 1)
+            .err()
+            .expect("a GPU index past the last is an error");
+        assert!(e.to_string().contains("GPU"), "{e}");
+        let (b, note) = open_backend(DeviceChoice::Auto, 1).unwrap();
+        assert!(b.name().starts_with("cuda:0"), "{} {note:?}", b.name());
+    }
+    let (b, note) = open_backend(DeviceChoice::Cpu, 1).unwrap();
+    assert!(b.name().starts_with("cpu") && note.is_none());
+}
