@@ -12,6 +12,8 @@ pub mod error;
 pub mod io;
 pub mod linalg;
 pub mod progress;
+pub mod pruning;
+pub mod report;
 pub mod runtime;
 pub mod segmentation;
 pub mod similarity;

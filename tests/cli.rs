@@ -311,3 +311,64 @@ fn bad_inputs_fail_cleanly_without_touching_the_output() {
         &out,
     );
 }
+
+#[test]
+fn cka_straight_from_a_model_equals_cka_on_its_captured_activations() {
+    let dir = tmp();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_llama3_rope");
+    let (m, t) = (model.to_str().unwrap(), model.join("tokens.npy"));
+    let captured = dir.path().join("h.safetensors");
+    let o = run(&[
+        "capture",
+        "--model",
+        m,
+        "--tokens",
+        t.to_str().unwrap(),
+        "--out",
+        captured.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let o = run(&[
+        "cka",
+        "--input",
+        captured.to_str().unwrap(),
+        "--batch-size",
+        "8",
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&[
+        "cka",
+        "--model",
+        m,
+        "--tokens",
+        t.to_str().unwrap(),
+        "--capture-batch",
+        "3",
+        "--batch-size",
+        "8",
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (json(&a), json(&b));
+    assert_eq!(a["layers"], b["layers"]);
+    assert_eq!(a["n_samples"], b["n_samples"]);
+    let (ca, cb) = (a["cka"].as_array().unwrap(), b["cka"].as_array().unwrap());
+    for (ra, rb) in ca.iter().zip(cb) {
+        for (x, y) in ra.as_array().unwrap().iter().zip(rb.as_array().unwrap()) {
+            assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-12);
+        }
+    }
+    // A tokens file is not a token mode for activation files.
+    let o = run(&[
+        "cka",
+        "--input",
+        captured.to_str().unwrap(),
+        "--tokens",
+        t.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -117,6 +117,8 @@ fn auto_k_takes_the_largest_k_with_a_relative_gain_above_the_threshold() {
     assert_eq!(choose_k(&[100.0, 50.0, 25.0, 24.75, 19.8], 0.05), 5);
     assert_eq!(choose_k(&[100.0, 99.0, 98.5], 0.05), 1);
     assert_eq!(choose_k(&[10.0, 0.0, 0.0], 0.05), 2);
+    // Rounding residue after a perfect fit is not a gain.
+    assert_eq!(choose_k(&[10.0, 3.0, 4e-15, 1e-15], 0.05), 3);
     // Three constant blocks: L(3) = 0, so nothing is gained past k = 3. (With noise inside the blocks the
     // rule as published keeps splitting the noise: each further split still gains > 5% of a tiny loss.)
     let x: Vec<Vec<f64>> = [1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0, 9.0, 9.0]

@@ -4,6 +4,7 @@ use super::segment::{segment_and_write, SegmentOpts};
 use crate::error::{Error, Result};
 use crate::io::output::write_atomic;
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
+use crate::runtime::{CaptureSource, Model, Tokens};
 use crate::similarity::device::{open_backend, DeviceChoice};
 use crate::similarity::{compute_cka, CkaResult, CkaSpec, Estimator, Kernel, Route};
 use std::path::{Path, PathBuf};
@@ -13,18 +14,44 @@ use std::path::{Path, PathBuf};
 pub struct InputArgs {
     /// Activation file: a `.safetensors` file or a directory of `.npy` files. Repeat for consecutive
     /// shards of one calibration set.
-    #[arg(long = "input", short = 'i')]
+    #[arg(long = "input", short = 'i', conflicts_with = "model")]
     pub inputs: Vec<PathBuf>,
-    /// 3-D tensors [sequences, tokens, hidden]: `samples` (every token is a sample) or `features`
-    /// (tokens flattened into features).
-    #[arg(long, value_enum, default_value_t = TokenMode::Samples)]
-    pub tokens: TokenMode,
-    /// Keep only the layers whose name matches this regular expression.
+    /// A Hugging Face LLaMA/Mistral/Qwen2 checkpoint directory: capture its decoder layers' outputs on
+    /// `--tokens FILE`, batch by batch, without writing them.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// With `--input`: how 3-D tensors [sequences, tokens, hidden] become matrices, `samples` (every
+    /// token is a sample; default) or `features` (tokens flattened into features). With `--model`: the
+    /// calibration tokens (`.npy`, [sequences, tokens], int32/int64).
+    #[arg(long)]
+    pub tokens: Option<String>,
+    /// With `--model`: `samples` or `features`, as `--tokens` does for files.
+    #[arg(long, value_enum)]
+    pub token_mode: Option<TokenMode>,
+    /// With `--model`: sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub capture_batch: usize,
+    /// Keep only the layers whose name matches this regular expression (files only).
     #[arg(long)]
     pub layers: Option<String>,
 }
 
 impl InputArgs {
+    /// How 3-D tensors become matrices.
+    pub fn token_mode(&self) -> Result<TokenMode> {
+        if self.model.is_some() {
+            return Ok(self.token_mode.unwrap_or_default());
+        }
+        match (self.tokens.as_deref(), self.token_mode) {
+            (None, m) => Ok(m.unwrap_or_default()),
+            (Some("samples"), _) => Ok(TokenMode::Samples),
+            (Some("features"), _) => Ok(TokenMode::Features),
+            (Some(other), _) => Err(Error::invalid(format!(
+                "--tokens is 'samples' or 'features' for activation files (got '{other}'; a tokens file needs --model)"
+            ))),
+        }
+    }
+
     pub fn open(&self) -> Result<ActivationSet> {
         if self.inputs.is_empty() {
             return Err(Error::invalid(
@@ -40,10 +67,34 @@ impl InputArgs {
         ActivationSet::open(
             &self.inputs,
             &ReadOptions {
-                tokens: self.tokens,
+                tokens: self.token_mode()?,
                 layers,
             },
         )
+    }
+
+    /// Run `f` on the chosen source: activation files, or a model captured on tokens.
+    pub fn with_source<T>(
+        &self,
+        f: impl FnOnce(&mut dyn ActivationSource) -> Result<T>,
+    ) -> Result<T> {
+        let Some(dir) = &self.model else {
+            return f(&mut self.open()?);
+        };
+        if self.layers.is_some() {
+            return Err(Error::invalid(
+                "--layers applies to activation files, not to --model",
+            ));
+        }
+        let tokens_path = self.tokens.as_deref().map(PathBuf::from).ok_or_else(|| {
+            Error::invalid("--model needs --tokens FILE (.npy calibration tokens)")
+        })?;
+        let model = Model::load(dir)?;
+        let tokens = Tokens::load_npy(&tokens_path)?;
+        tokens.check_vocab(model.config.vocab_size, &tokens_path)?;
+        let mut capture =
+            CaptureSource::new(&model, &tokens, self.capture_batch, self.token_mode()?);
+        f(&mut capture)
     }
 }
 
@@ -123,8 +174,7 @@ pub struct CkaArgs {
 }
 
 pub fn run_cka(a: CkaArgs) -> Result<()> {
-    let mut set = a.input.open()?;
-    let res = a.est.compute(&mut set)?;
+    let res = a.input.with_source(|src| a.est.compute(src))?;
     let text = match a.format {
         CkaFormat::Json => {
             serde_json::to_string_pretty(&res).expect("CKA result serialises") + "\n"
@@ -161,8 +211,7 @@ pub struct RunArgs {
 }
 
 pub fn run_pipeline(a: RunArgs) -> Result<()> {
-    let mut set = a.input.open()?;
-    let res = a.est.compute(&mut set)?;
+    let res = a.input.with_source(|src| a.est.compute(src))?;
     std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     let cka_path = a.out_dir.join("cka.json");
     write_atomic(

@@ -12,7 +12,7 @@ pub struct InfoArgs {
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
-    if let Some(input) = &a.input {
+    if let Some(input) = a.input.as_ref().filter(|i| !i.inputs.is_empty()) {
         let set = input.open()?;
         for shard in set.describe() {
             println!(
@@ -26,7 +26,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             "{} layers, {} samples in all (--tokens {:?})",
             set.layers().len(),
             set.n_samples(),
-            input.tokens
+            input.token_mode()?
         );
         println!(
             "  {:<40} {:>5} {:>10}  shape (first shard)",

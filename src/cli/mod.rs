@@ -3,8 +3,11 @@
 
 mod capture;
 mod cka;
+mod compare;
+mod eval;
 mod gradnorm;
 mod info;
+mod prune;
 mod segment;
 
 use crate::error::Result;
@@ -35,6 +38,13 @@ pub enum Command {
     Gradnorm(gradnorm::GradnormArgs),
     /// Every decoder layer's hidden states on calibration tokens, as a safetensors file for `cka`.
     Capture(capture::CaptureArgs),
+    /// Prune decoder layers of a checkpoint with SGLP: capture, CKA, segments, gradient norms, pruned
+    /// checkpoint and report.
+    Prune(prune::PruneArgs),
+    /// Perplexity of a checkpoint on a tokens file.
+    Eval(eval::EvalArgs),
+    /// SGLP beside ShortGPT, angular distance, MPruner and random removal, on held-out perplexity.
+    Compare(compare::CompareArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -45,5 +55,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Gradnorm(a) => gradnorm::run(a),
         Command::Capture(a) => capture::run(a),
+        Command::Prune(a) => prune::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }

@@ -176,12 +176,14 @@ pub fn loss_curve(x: &[Vec<f64>], k_max: usize, min_len: usize) -> Result<Vec<f6
 }
 
 /// The `--k auto` rule: with r_k = (L(k) − L(k+1))/L(k), k* is the largest k+1 with r_k > threshold, or 1.
-/// `curve[k-1]` = L(k). A zero loss leaves nothing to gain (r_k = 0).
+/// `curve[k-1]` = L(k). A loss that is zero up to rounding (≤ 1e-12·L(1)) leaves nothing to gain
+/// (r_k = 0): otherwise splitting a perfectly fitted segment would "gain" 100% of a rounding error.
 pub fn choose_k(curve: &[f64], threshold: f64) -> usize {
+    let floor = curve.first().map_or(0.0, |l1| 1e-12 * l1.abs());
     let mut best = 1;
     for k in 1..curve.len() {
         let (a, b) = (curve[k - 1], curve[k]);
-        let r = if a > 0.0 { (a - b) / a } else { 0.0 };
+        let r = if a > floor { (a - b) / a } else { 0.0 };
         if r > threshold {
             best = k + 1;
         }

@@ -64,3 +64,17 @@ pub trait Backend {
     /// the caller reads no others.
     fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()>;
 }
+
+/// The smallest batch each estimator is defined on (the unbiased HSIC₁ divides by n(n−3)).
+pub fn check_batch_rows(estimator: Estimator, n: usize) -> crate::error::Result<()> {
+    let min_n = match estimator {
+        Estimator::Biased => 2,
+        Estimator::Unbiased => 4,
+    };
+    if n < min_n {
+        return Err(crate::error::Error::invalid(format!(
+            "a batch of {n} samples is too small for the {estimator:?} estimator (at least {min_n})"
+        )));
+    }
+    Ok(())
+}

@@ -6,8 +6,8 @@
 //! G (L × n(n+1)/2), the diagonal scaled by 1/√2 so that ⟨K_l, K_m⟩ = 2·(G Gᵀ)_lm. All pairs are then one
 //! product G·Gᵀ.
 
-use super::backend::{Backend, Estimator, Kernel};
-use crate::error::{Error, Result};
+use super::backend::{check_batch_rows, Backend, Estimator, Kernel};
+use crate::error::Result;
 use crate::io::{BatchRef, LayerSlice};
 use crate::linalg::{gram_xxt, matmul, Layout, Parallelism};
 use rayon::prelude::*;
@@ -50,15 +50,7 @@ impl Backend for CpuBackend {
     ) -> Result<Vec<f64>> {
         let n = batch.rows;
         let l = batch.layers.len();
-        let min_n = match estimator {
-            Estimator::Biased => 2,
-            Estimator::Unbiased => 4,
-        };
-        if n < min_n {
-            return Err(Error::invalid(format!(
-                "a batch of {n} samples is too small for this estimator"
-            )));
-        }
+        check_batch_rows(estimator, n)?;
         let p = n * (n + 1) / 2;
         let mut g = vec![0.0f64; l * p];
         let threads = self.threads;

@@ -720,15 +720,7 @@ impl Backend for CudaBackend {
     ) -> Result<Vec<f64>> {
         let n = batch.rows;
         let l = batch.layers.len();
-        let min_n = match estimator {
-            Estimator::Biased => 2,
-            Estimator::Unbiased => 4,
-        };
-        if n < min_n {
-            return Err(Error::invalid(format!(
-                "a batch of {n} samples is too small for this estimator"
-            )));
-        }
+        super::backend::check_batch_rows(estimator, n)?;
         if l == 0 {
             return Err(Error::invalid("no layers to compare"));
         }

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Check `sglp-engine prune` against Hugging Face transformers, and store the result for the Rust tests.
+
+For each fixture model (tests/fixtures/<name>/, made by scripts/make_fixtures.py):
+  1. run `sglp-engine prune` on it (calibration = evaluation = the fixture's tokens.npy);
+  2. load the pruned checkpoint with transformers (AutoModelForCausalLM, float64) and run it on the tokens;
+  3. build the same pruned model by surgery on the original in PyTorch (drop the removed decoder layers) and
+     check both give the same logits: the checkpoint writer renamed, kept and renumbered the right tensors;
+  4. compare the engine's perplexity before/after (from sglp-report.json, and from `sglp-engine eval`)
+     with PyTorch's;
+  5. write tests/fixtures/pruned_reference/<name>.json (the prune arguments, removed layers, PyTorch's losses
+     and perplexities) and <name>.logits.npy (float64 [sequences, tokens, vocab] logits of the pruned
+     checkpoint), which tests/pruning_hf.rs compares against without Python.
+
+    cargo build --release
+    /work/venvs/torch/bin/python scripts/check_pruned_hf.py [--engine target/release/sglp-engine]
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import transformers
+
+# name → prune arguments (kept in the reference so the Rust test prunes the same way).
+CASES = {
+    "llama_llama3_rope": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16"],
+    "llama_bf16_tied": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16"],
+    "mistral_sharded": ["--target-layers", "2", "--forward-batch", "2", "--batch-size", "16",
+                        "--selection", "subset"],
+    "qwen2_f16_bias": ["--remove", "1", "--forward-batch", "3", "--batch-size", "16"],
+}
+
+
+def next_token_loss(logits, ids):
+    """Mean next-token cross-entropy over every predicted position, float64."""
+    pred = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+    tgt = ids[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(pred, tgt, reduction="mean").item()
+
+
+def load_f64(path):
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    return m.double().eval()
+
+
+def surgery(model, kept):
+    """The original model with only the `kept` decoder layers (reference for the checkpoint writer)."""
+    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in kept])
+    for new, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    return model
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", default="target/release/sglp-engine")
+    ap.add_argument("--fixtures", default="tests/fixtures")
+    ap.add_argument("--out", default="tests/fixtures/pruned_reference")
+    ap.add_argument("--cases", nargs="*", default=list(CASES))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    ok = True
+    for name in a.cases:
+        model_dir = os.path.join(a.fixtures, name)
+        tokens_path = os.path.join(model_dir, "tokens.npy")
+        ids = torch.from_numpy(np.load(tokens_path).astype(np.int64))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "pruned")
+            cmd = [a.engine, "prune", "--model", model_dir, "--tokens", tokens_path, "--out", out,
+                   "--eval-tokens", tokens_path] + CASES[name]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            report = json.load(open(os.path.join(out, "sglp-report.json")))
+            removed, kept = report["removed"], report["kept"]
+            eval_json = os.path.join(tmp, "eval.json")
+            subprocess.run([a.engine, "eval", "--model", out, "--tokens", tokens_path, "--batch-size",
+                            "2", "-o", eval_json], check=True, stdout=subprocess.DEVNULL)
+            engine_eval_after = json.load(open(eval_json))["perplexity"]
+
+            with torch.no_grad():
+                pruned = load_f64(out)
+                assert pruned.config.num_hidden_layers == len(kept)
+                logits = pruned(ids).logits
+                loss_after = next_token_loss(logits, ids)
+                original = load_f64(model_dir)
+                loss_before = next_token_loss(original(ids).logits, ids)
+                ref_logits = surgery(original, kept)(ids).logits
+            surgery_diff = (logits - ref_logits).abs().max().item()
+
+        ppl_before, ppl_after = math.exp(loss_before), math.exp(loss_after)
+        checks = {
+            "checkpoint == surgery (max |Δlogit|)": (surgery_diff, surgery_diff < 1e-10),
+            "engine ppl before (report)": (rel(report["perplexity_before"], ppl_before),
+                                           rel(report["perplexity_before"], ppl_before) < 1e-4),
+            "engine ppl after (report)": (rel(report["perplexity_after"], ppl_after),
+                                          rel(report["perplexity_after"], ppl_after) < 1e-4),
+            "engine ppl after (eval on checkpoint)": (rel(engine_eval_after, ppl_after),
+                                                      rel(engine_eval_after, ppl_after) < 1e-4),
+        }
+        print(f"{name}: removed {removed}, ppl {ppl_before:.6f} → {ppl_after:.6f}")
+        for k, (v, good) in checks.items():
+            print(f"  {k}: {v:.3e} {'ok' if good else 'FAIL'}")
+            ok &= good
+        ref = {
+            "format": "sglp-pruned-reference/1",
+            "model": name,
+            "prune_args": CASES[name],
+            "removed": removed,
+            "kept": kept,
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "perplexity_before": ppl_before,
+            "perplexity_after": ppl_after,
+            "logits_shape": list(logits.shape),
+            "surgery_max_abs_diff": surgery_diff,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+        with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+            json.dump(ref, f, indent=2)
+            f.write("\n")
+        np.save(os.path.join(a.out, f"{name}.logits.npy"), logits.numpy().astype(np.float64))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

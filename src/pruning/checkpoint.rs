@@ -1,0 +1,513 @@
+//! Writing the pruned model as a Hugging Face checkpoint directory.
+//!
+//! * `config.json`: `num_hidden_layers` set to the kept count; every per-layer list (an array whose key
+//!   names layers and whose length is the old layer count, e.g. `layer_types`) keeps the kept entries.
+//! * weights: each input safetensors file becomes one output file of the same name holding its surviving
+//!   tensors, `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order),
+//!   dtype, shape and bytes unchanged, the file's `__metadata__` kept. A sharded checkpoint keeps its
+//!   sharding (a shard left empty is dropped) and gets a rewritten `model.safetensors.index.json`.
+//! * the tokenizer and generation files (tokenizer*, special_tokens_map, generation_config, chat
+//!   template, vocab/merges, …) are copied as is.
+//!
+//! The directory is built in a temporary directory beside OUTDIR and renamed into place at the end
+//! ([`StagedDir`]), so an interrupted run leaves no half-written OUTDIR.
+
+use crate::error::{Error, Result};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const SINGLE_FILE: &str = "model.safetensors";
+
+/// An output directory being built: a temporary directory beside the destination, renamed over it by
+/// [`StagedDir::commit`]. Dropped without commit, it is deleted.
+pub struct StagedDir {
+    tmp: tempfile::TempDir,
+    dest: PathBuf,
+    force: bool,
+}
+
+impl StagedDir {
+    /// Refuses an existing `dest` unless `force`.
+    pub fn new(dest: &Path, force: bool) -> Result<Self> {
+        if dest.exists() && !force {
+            return Err(Error::invalid(format!(
+                "{}: already exists (pass --force to replace it)",
+                dest.display()
+            )));
+        }
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("{}: not a directory name", dest.display())))?;
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.tmp-", name.to_string_lossy()))
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        Ok(StagedDir {
+            tmp,
+            dest: dest.to_path_buf(),
+            force,
+        })
+    }
+
+    /// Where to write the files.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Move the directory into place. With `force`, an existing destination is first renamed aside and
+    /// deleted only after the new one is in place.
+    pub fn commit(self) -> Result<PathBuf> {
+        set_public_modes(self.tmp.path())?;
+        let staged = self.tmp.keep();
+        let mut old = None;
+        if self.dest.exists() {
+            if !self.force {
+                return Err(Error::invalid(format!(
+                    "{}: appeared while pruning (pass --force to replace it)",
+                    self.dest.display()
+                )));
+            }
+            let aside = staged.with_extension("old");
+            std::fs::rename(&self.dest, &aside).map_err(|e| Error::io(&self.dest, e))?;
+            old = Some(aside);
+        }
+        std::fs::rename(&staged, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        if let Some(old) = old {
+            let res = if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
+            res.map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(self.dest)
+    }
+}
+
+/// The safetensors files of a checkpoint directory, in order: the shards named by the index, or the
+/// single `model.safetensors`.
+pub fn weight_files(model_dir: &Path) -> Result<Vec<String>> {
+    let index = model_dir.join(INDEX_FILE);
+    if index.exists() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::format(&index, "no \"weight_map\" object"))?;
+        let mut files: Vec<String> = Vec::new();
+        for f in map.values() {
+            let f = f
+                .as_str()
+                .ok_or_else(|| Error::format(&index, "a weight_map value is not a string"))?;
+            if !files.iter().any(|g| g == f) {
+                files.push(f.to_string());
+            }
+        }
+        files.sort_by(|a, b| crate::io::natural_cmp(a, b));
+        Ok(files)
+    } else if model_dir.join(SINGLE_FILE).exists() {
+        Ok(vec![SINGLE_FILE.to_string()])
+    } else {
+        Err(Error::invalid(format!(
+            "{}: no {SINGLE_FILE} or {INDEX_FILE}",
+            model_dir.display()
+        )))
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::format(path, e.to_string()))?;
+    s.push('\n');
+    std::fs::write(path, s).map_err(|e| Error::io(path, e))
+}
+
+/// The config with the layer count and per-layer lists updated. `kept`: old layer indices, sorted.
+pub fn pruned_config(
+    config: &serde_json::Value,
+    kept: &[usize],
+    path: &Path,
+) -> Result<serde_json::Value> {
+    let mut c = config.clone();
+    let obj = c
+        .as_object_mut()
+        .ok_or_else(|| Error::format(path, "config is not a JSON object"))?;
+    let old = obj
+        .get("num_hidden_layers")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| Error::format(path, "no integer \"num_hidden_layers\""))?
+        as usize;
+    for (key, v) in obj.iter_mut() {
+        if let serde_json::Value::Array(items) = v {
+            if key.contains("layer") && items.len() == old {
+                *items = kept.iter().map(|&i| items[i].clone()).collect();
+            }
+        }
+    }
+    obj.insert("num_hidden_layers".into(), kept.len().into());
+    Ok(c)
+}
+
+/// The new name of a tensor: `None` when it belongs to a removed layer. `renumber[old] = Some(new)`.
+pub fn renamed_tensor(name: &str, renumber: &[Option<usize>]) -> Option<String> {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return Some(name.to_string());
+    };
+    let (num, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    match num.parse::<usize>() {
+        Ok(old) => {
+            let new = (*renumber.get(old)?)?;
+            Some(if tail.is_empty() {
+                format!("model.layers.{new}")
+            } else {
+                format!("model.layers.{new}.{tail}")
+            })
+        }
+        Err(_) => Some(name.to_string()),
+    }
+}
+
+/// Parameter count of a checkpoint, split into decoder layers and the rest; from the headers only.
+pub fn parameter_counts(model_dir: &Path, num_layers: usize) -> Result<(usize, Vec<usize>)> {
+    let mut per_layer = vec![0usize; num_layers];
+    let mut other = 0usize;
+    for f in weight_files(model_dir)? {
+        let path = model_dir.join(&f);
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: read-only map of a file we do not modify; a concurrent writer is the user's problem.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&map).map_err(|e| Error::format(&path, e.to_string()))?;
+        for (name, info) in meta.tensors() {
+            let n: usize = info.shape.iter().product();
+            match layer_of(&name).filter(|&l| l < num_layers) {
+                Some(l) => per_layer[l] += n,
+                None => other += n,
+            }
+        }
+    }
+    Ok((other, per_layer))
+}
+
+/// The decoder layer a tensor name belongs to.
+pub fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// What was written.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WrittenCheckpoint {
+    pub files: Vec<String>,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+/// Write the pruned checkpoint of `model_dir` into `out` (an existing, empty directory: the staging
+/// directory). `kept`: old layer indices to keep, sorted; `num_layers`: the old count.
+pub fn write_pruned_checkpoint(
+    model_dir: &Path,
+    out: &Path,
+    num_layers: usize,
+    kept: &[usize],
+) -> Result<WrittenCheckpoint> {
+    let mut renumber = vec![None; num_layers];
+    for (new, &old) in kept.iter().enumerate() {
+        if old >= num_layers {
+            return Err(Error::invalid(format!(
+                "layer {old} does not exist ({num_layers} layers)"
+            )));
+        }
+        renumber[old] = Some(new);
+    }
+    let config_path = model_dir.join("config.json");
+    let config = read_json(&config_path)?;
+    write_json(
+        &out.join("config.json"),
+        &pruned_config(&config, kept, &config_path)?,
+    )?;
+
+    let files = weight_files(model_dir)?;
+    let sharded = model_dir.join(INDEX_FILE).exists();
+    let mut written = WrittenCheckpoint {
+        files: Vec::new(),
+        tensors: 0,
+        bytes: 0,
+    };
+    let mut weight_map = BTreeMap::new();
+    let mut total_size: u64 = 0;
+    for f in &files {
+        let src = model_dir.join(f);
+        let file = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
+        // SAFETY: read-only map of a file we do not modify.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&src, e))?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| Error::format(&src, e.to_string()))?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&map).map_err(|e| Error::format(&src, e.to_string()))?;
+        let mut keep = Vec::new();
+        for (name, view) in st.tensors() {
+            if let Some(new) = renamed_tensor(&name, &renumber) {
+                total_size += view.data().len() as u64;
+                weight_map.insert(new.clone(), f.clone());
+                keep.push((new, view));
+            }
+        }
+        if keep.is_empty() && sharded {
+            continue;
+        }
+        let mut info: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
+        // transformers refuses safetensors files without a "format" entry.
+        info.entry("format".into()).or_insert_with(|| "pt".into());
+        let dst = out.join(f);
+        written.tensors += keep.len();
+        safetensors::serialize_to_file(keep, Some(info), &dst)
+            .map_err(|e| Error::format(&dst, e.to_string()))?;
+        written.bytes += std::fs::metadata(&dst)
+            .map_err(|e| Error::io(&dst, e))?
+            .len();
+        written.files.push(f.clone());
+    }
+    if sharded {
+        let index_path = model_dir.join(INDEX_FILE);
+        let mut index = read_json(&index_path)?;
+        let obj = index
+            .as_object_mut()
+            .ok_or_else(|| Error::format(&index_path, "index is not a JSON object"))?;
+        let mut metadata = obj
+            .get("metadata")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let Some(m) = metadata.as_object_mut() {
+            m.insert("total_size".into(), total_size.into());
+        }
+        obj.insert("metadata".into(), metadata);
+        obj.insert(
+            "weight_map".into(),
+            serde_json::to_value(&weight_map).unwrap(),
+        );
+        write_json(&out.join(INDEX_FILE), &index)?;
+        written.files.push(INDEX_FILE.into());
+    }
+    copy_other_files(model_dir, out)?;
+    Ok(written)
+}
+
+/// Whether a file of a checkpoint directory is a tokenizer or generation file to copy as is.
+fn is_companion_file(name: &str) -> bool {
+    const PREFIXES: [&str; 9] = [
+        "tokenizer",
+        "special_tokens_map",
+        "added_tokens",
+        "generation_config",
+        "chat_template",
+        "vocab",
+        "merges",
+        "spiece",
+        "preprocessor_config",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || name.ends_with(".tiktoken")
+}
+
+/// Copy the tokenizer and generation files (see [`is_companion_file`]).
+fn copy_other_files(model_dir: &Path, out: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(model_dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_companion_file(&name) && path.is_file() {
+            std::fs::copy(&path, out.join(&name)).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Give the staged directory and its files the usual modes (temporary files are created private).
+#[cfg(unix)]
+fn set_public_modes(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(p, e))
+    };
+    set(dir, 0o755)?;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_file() {
+            set(&path, 0o644)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn set_public_modes(_dir: &Path) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_renaming() {
+        let ren = vec![Some(0), None, Some(1), None];
+        assert_eq!(
+            renamed_tensor("model.layers.2.mlp.up_proj.weight", &ren).as_deref(),
+            Some("model.layers.1.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            renamed_tensor("model.layers.1.self_attn.q_proj.weight", &ren),
+            None
+        );
+        assert_eq!(
+            renamed_tensor("model.embed_tokens.weight", &ren).as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        // "model.layers.12" must not be read as layer 1.
+        assert_eq!(renamed_tensor("model.layers.12.x", &ren), None);
+    }
+
+    #[test]
+    fn config_update() {
+        let c = serde_json::json!({
+            "num_hidden_layers": 4,
+            "layer_types": ["a", "b", "c", "d"],
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 8
+        });
+        let p = pruned_config(&c, &[0, 3], Path::new("config.json")).unwrap();
+        assert_eq!(p["num_hidden_layers"], 2);
+        assert_eq!(p["layer_types"], serde_json::json!(["a", "d"]));
+        assert_eq!(p["architectures"], c["architectures"]);
+    }
+
+    /// A 3-layer sharded checkpoint: shard 1 holds the embedding and layer 0 (bf16), shard 2 layers 1-2
+    /// (f32) and the final norm.
+    fn fake_sharded_model(dir: &Path) {
+        use safetensors::tensor::TensorView;
+        use safetensors::Dtype;
+        let bytes = |n: usize, seed: u8| -> Vec<u8> { (0..n).map(|i| (i as u8) ^ seed).collect() };
+        let e = bytes(4 * 2 * 2, 1);
+        let l0 = bytes(2 * 2 * 2, 2);
+        let l1 = bytes(2 * 2 * 4, 3);
+        let l2 = bytes(2 * 2 * 4, 4);
+        let nrm = bytes(2 * 4, 5);
+        let s1 = vec![
+            (
+                "model.embed_tokens.weight",
+                TensorView::new(Dtype::BF16, vec![4, 2], &e).unwrap(),
+            ),
+            (
+                "model.layers.0.mlp.w",
+                TensorView::new(Dtype::BF16, vec![2, 2], &l0).unwrap(),
+            ),
+        ];
+        let s2 = vec![
+            (
+                "model.layers.1.mlp.w",
+                TensorView::new(Dtype::F32, vec![2, 2], &l1).unwrap(),
+            ),
+            (
+                "model.layers.2.mlp.w",
+                TensorView::new(Dtype::F32, vec![2, 2], &l2).unwrap(),
+            ),
+            (
+                "model.norm.weight",
+                TensorView::new(Dtype::F32, vec![2], &nrm).unwrap(),
+            ),
+        ];
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize_to_file(s1, Some(meta.clone()), &dir.join("a-1.safetensors"))
+            .unwrap();
+        safetensors::serialize_to_file(s2, Some(meta), &dir.join("a-2.safetensors")).unwrap();
+        let index = serde_json::json!({
+            "metadata": {"total_size": 0},
+            "weight_map": {
+                "model.embed_tokens.weight": "a-1.safetensors",
+                "model.layers.0.mlp.w": "a-1.safetensors",
+                "model.layers.1.mlp.w": "a-2.safetensors",
+                "model.layers.2.mlp.w": "a-2.safetensors",
+                "model.norm.weight": "a-2.safetensors"
+            }
+        });
+        write_json(&dir.join(INDEX_FILE), &index).unwrap();
+        write_json(
+            &dir.join("config.json"),
+            &serde_json::json!({"num_hidden_layers": 3, "hidden_size": 2}),
+        )
+        .unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+    }
+
+    #[test]
+    fn sharded_checkpoint_keeps_sharding_dtype_and_bytes() {
+        let src = tempfile::tempdir().unwrap();
+        fake_sharded_model(src.path());
+        let out = tempfile::tempdir().unwrap();
+        let w = write_pruned_checkpoint(src.path(), out.path(), 3, &[1, 2]).unwrap();
+        // Shard 1 still holds the embedding; layer 0 is gone.
+        assert_eq!(w.tensors, 4);
+        let read = |f: &str| std::fs::read(out.path().join(f)).unwrap();
+        let b1 = read("a-1.safetensors");
+        let s1 = SafeTensors::deserialize(&b1).unwrap();
+        assert_eq!(s1.names(), vec!["model.embed_tokens.weight"]);
+        let b2 = read("a-2.safetensors");
+        let s2 = SafeTensors::deserialize(&b2).unwrap();
+        let orig = std::fs::read(src.path().join("a-2.safetensors")).unwrap();
+        let o2 = SafeTensors::deserialize(&orig).unwrap();
+        let t = s2.tensor("model.layers.0.mlp.w").unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        assert_eq!(t.data(), o2.tensor("model.layers.1.mlp.w").unwrap().data());
+        assert_eq!(
+            s2.tensor("model.layers.1.mlp.w").unwrap().data(),
+            o2.tensor("model.layers.2.mlp.w").unwrap().data()
+        );
+        let index = read_json(&out.path().join(INDEX_FILE)).unwrap();
+        assert_eq!(
+            index["weight_map"]["model.layers.1.mlp.w"],
+            "a-2.safetensors"
+        );
+        assert!(index["weight_map"].get("model.layers.2.mlp.w").is_none());
+        assert_eq!(index["metadata"]["total_size"], 16 + 16 + 16 + 8);
+        let cfg = read_json(&out.path().join("config.json")).unwrap();
+        assert_eq!(cfg["num_hidden_layers"], 2);
+        assert!(out.path().join("tokenizer.json").exists());
+        let (other, per_layer) = parameter_counts(out.path(), 2).unwrap();
+        assert_eq!((other, per_layer), (8 + 2, vec![4, 4]));
+    }
+
+    #[test]
+    fn staged_dir_refuses_existing_and_replaces_with_force() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("out");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("old.txt"), "old").unwrap();
+        assert!(StagedDir::new(&dest, false).is_err());
+        let s = StagedDir::new(&dest, true).unwrap();
+        std::fs::write(s.path().join("new.txt"), "new").unwrap();
+        s.commit().unwrap();
+        assert!(dest.join("new.txt").exists());
+        assert!(!dest.join("old.txt").exists());
+        // Only `out` is left in the parent: no temp or aside directories.
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+        // Dropped without commit: nothing appears.
+        let dest2 = root.path().join("out2");
+        let s = StagedDir::new(&dest2, false).unwrap();
+        std::fs::write(s.path().join("x"), "x").unwrap();
+        drop(s);
+        assert!(!dest2.exists());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,340 @@
+//! `prune`, `eval` and `compare` from the command line: outputs (ShortGPT / angular statistics checked
+//! against PyTorch's hidden states), and clear errors with exit code 2 on bad input. Uses the runtime's tiny fixture model tests/fixtures/llama_llama3_rope (3 layers, vocab 128).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_llama3_rope")
+}
+
+fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
+        .args(args)
+        .output()
+        .expect("runs the binary")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Run `prune` on the fixture with the given extra arguments.
+fn prune(out: &Path, extra: &[&str]) -> Output {
+    let m = fixture();
+    let t = m.join("tokens.npy");
+    let mut args = vec![
+        "prune",
+        "--model",
+        s(&m),
+        "--tokens",
+        s(&t),
+        "--out",
+        s(out),
+        "--batch-size",
+        "16",
+        "--forward-batch",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    engine(&args)
+}
+
+fn assert_exit2(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    // One line of error (notes and warnings aside).
+    assert_eq!(err.lines().filter(|l| l.starts_with("error")).count(), 1);
+}
+
+/// Only `keep` (if any) is left in `dir`: no staging or aside directories.
+fn assert_no_leftovers(dir: &Path, keep: &[&str]) {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect();
+    assert!(names.is_empty(), "left behind: {names:?}");
+}
+
+#[test]
+fn prune_writes_checkpoint_report_and_pictures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned");
+    let t = fixture().join("tokens.npy");
+    let o = prune(&out, &["--target-layers", "2", "--eval-tokens", s(&t)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "sglp-report.json",
+        "sglp-report.html",
+        "sglp-cka.png",
+        "sglp-gradnorm.png",
+        "sglp-segmentation-loss.png",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sglp-report.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["format"], "sglp-prune-report/1");
+    assert_eq!(r["removed"].as_array().unwrap().len(), 1);
+    assert_eq!(r["cka"]["cka"].as_array().unwrap().len(), 3);
+    assert_eq!(r["gradnorm"].as_array().unwrap().len(), 3);
+    assert!(r["params_after"].as_u64().unwrap() < r["params_before"].as_u64().unwrap());
+    assert!(r["perplexity_before"].as_f64().unwrap() > 1.0);
+    for stage in [
+        "capture_s",
+        "cka_s",
+        "segmentation_s",
+        "gradnorm_s",
+        "writing_s",
+    ] {
+        assert!(r["timings"][stage].as_f64().unwrap() >= 0.0);
+    }
+    let html = std::fs::read_to_string(out.join("sglp-report.html")).unwrap();
+    assert_eq!(html.matches("data:image/png;base64,").count(), 3);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 2);
+    assert_no_leftovers(tmp.path(), &["pruned"]);
+}
+
+#[test]
+fn budget_not_below_the_layer_count_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    assert_exit2(
+        &prune(&out, &["--remove", "3"]),
+        "--remove must be between 1 and 2",
+    );
+    assert_exit2(&prune(&out, &["--target-layers", "0"]), "--target-layers");
+    assert!(!out.exists());
+    assert_no_leftovers(tmp.path(), &[]);
+}
+
+#[test]
+fn more_segments_than_layers_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    assert_exit2(&prune(&out, &["--remove", "1", "--k", "5"]), "--k 5");
+    // Two segments of three layers leave room for one removal, not two.
+    assert_exit2(
+        &prune(&out, &["--remove", "2", "--k", "2"]),
+        "without emptying a segment",
+    );
+    assert!(!out.exists());
+    assert_no_leftovers(tmp.path(), &[]);
+}
+
+#[test]
+fn existing_outdir_needs_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    assert_exit2(&prune(&out, &["--remove", "1"]), "already exists");
+    assert!(
+        out.join("keep.txt").exists(),
+        "refused run must not touch OUTDIR"
+    );
+    let o = prune(&out, &["--remove", "1", "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.join("keep.txt").exists());
+    assert!(out.join("sglp-report.json").exists());
+    assert_no_leftovers(tmp.path(), &["o"]);
+    // Never over the input model, even with --force.
+    assert_exit2(
+        &prune(&fixture(), &["--remove", "1", "--force"]),
+        "--out is the input model",
+    );
+}
+
+fn write_tokens(path: &Path, seqs: u64, len: u64, ids: &[i64]) {
+    use npyz::WriterBuilder;
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[seqs, len])
+        .writer(f)
+        .begin_nd()
+        .unwrap();
+    w.extend(ids.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.npy");
+    let mut ids: Vec<i64> = (0..2 * 8).map(|i| (i * 7) % 128).collect();
+    ids[8 + 5] = 128; // sequence 1, token 5
+    write_tokens(&bad, 2, 8, &ids);
+    let out = tmp.path().join("o");
+    let m = fixture();
+    let o = engine(&[
+        "prune",
+        "--model",
+        s(&m),
+        "--tokens",
+        s(&bad),
+        "--out",
+        s(&out),
+        "--remove",
+        "1",
+    ]);
+    assert_exit2(&o, "sequence 1, token 5");
+    assert!(!out.exists());
+    assert_no_leftovers(tmp.path(), &["bad.npy"]);
+    let o = engine(&["eval", "--model", s(&m), "--tokens", s(&bad)]);
+    assert_exit2(&o, "outside the vocabulary");
+}
+
+#[test]
+fn eval_prints_and_writes_perplexity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture();
+    let t = m.join("tokens.npy");
+    let j = tmp.path().join("e.json");
+    let mut ppl = Vec::new();
+    for b in ["1", "2", "3"] {
+        let o = engine(&[
+            "eval",
+            "--model",
+            s(&m),
+            "--tokens",
+            s(&t),
+            "--batch-size",
+            b,
+            "-o",
+            s(&j),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+        assert_eq!(v["predicted_tokens"], 3 * 15);
+        ppl.push(v["perplexity"].as_f64().unwrap());
+    }
+    // The token mean does not depend on how the sequences are batched.
+    for p in &ppl[1..] {
+        assert!((p - ppl[0]).abs() < 1e-6 * ppl[0], "{ppl:?}");
+    }
+}
+
+#[test]
+fn compare_runs_every_criterion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture();
+    let t = m.join("tokens.npy");
+    let j = tmp.path().join("c.json");
+    let o = engine(&[
+        "compare",
+        "--model",
+        s(&m),
+        "--tokens",
+        s(&t),
+        "--eval-tokens",
+        s(&t),
+        "--remove",
+        "1",
+        "--seed",
+        "3",
+        "--batch-size",
+        "16",
+        "--forward-batch",
+        "2",
+        "-o",
+        s(&j),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    for c in ["none", "sglp", "shortgpt", "angular", "mpruner", "random"] {
+        assert!(table.contains(c), "{c} missing from\n{table}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    let rows = v["criteria"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    let base = v["baseline"]["params"].as_u64().unwrap();
+    for r in rows {
+        assert_eq!(r["removed"].as_array().unwrap().len(), 1);
+        assert!(r["perplexity"].as_f64().unwrap().is_finite());
+        assert!(r["params"].as_u64().unwrap() < base);
+    }
+    check_criteria_against_reference_hidden_states(rows);
+    assert_exit2(
+        &engine(&[
+            "compare",
+            "--model",
+            s(&m),
+            "--tokens",
+            s(&t),
+            "--eval-tokens",
+            s(&t),
+            "--remove",
+            "3",
+        ]),
+        "--remove must be between",
+    );
+}
+
+/// ShortGPT's block influence and the angular distances (span 1) from PyTorch's float64 hidden states of
+/// the fixture (tests/fixtures/*/reference.safetensors, `hidden.{i}` [sequences, tokens, hidden]).
+fn check_criteria_against_reference_hidden_states(rows: &[serde_json::Value]) {
+    let bytes = std::fs::read(fixture().join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let hidden = |i: usize| -> (Vec<usize>, Vec<f64>) {
+        let t = st.tensor(&format!("hidden.{i}")).unwrap();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (t.shape().to_vec(), v)
+    };
+    let cos = |a: &[f64], b: &[f64]| {
+        let ab: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let aa: f64 = a.iter().map(|x| x * x).sum();
+        let bb: f64 = b.iter().map(|x| x * x).sum();
+        ab / (aa.sqrt() * bb.sqrt())
+    };
+    let get = |name: &str, key: &str| -> Vec<f64> {
+        let r = rows.iter().find(|r| r["criterion"] == name).unwrap();
+        r["details"][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let bi = get("shortgpt", "block_influence");
+    let ad = get("angular", "angular_distance");
+    assert_eq!(bi.len(), 3);
+    for l in 0..3 {
+        let (shape, a) = hidden(l);
+        let (_, b) = hidden(l + 1);
+        let (seqs, t, d) = (shape[0], shape[1], shape[2]);
+        let rows_cos: Vec<f64> = a
+            .chunks_exact(d)
+            .zip(b.chunks_exact(d))
+            .map(|(x, y)| cos(x, y))
+            .collect();
+        let want_bi = 1.0 - rows_cos.iter().sum::<f64>() / (seqs * t) as f64;
+        assert!(
+            (bi[l] - want_bi).abs() < 1e-5,
+            "BI[{l}] {} vs {want_bi}",
+            bi[l]
+        );
+        let want_ad = (0..seqs)
+            .map(|q| rows_cos[q * t + t - 1].clamp(-1.0, 1.0).acos() / std::f64::consts::PI)
+            .sum::<f64>()
+            / seqs as f64;
+        assert!(
+            (ad[l] - want_ad).abs() < 1e-5,
+            "angular[{l}] {} vs {want_ad}",
+            ad[l]
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The pruned checkpoint against Hugging Face transformers, through the references that
+//! scripts/check_pruned_hf.py stored in tests/fixtures/pruned_reference/ (CI has no Python):
+//!
+//! * `prune` with the stored arguments removes the same layers;
+//! * the pruned checkpoint, loaded by the engine's runtime, gives PyTorch's float64 logits of the same
+//!   checkpoint (logits = lm_head(RMSNorm(h_L)) from the runtime's last hidden state), and its loss;
+//! * `eval` gives PyTorch's perplexity before and after within 1e-4 relative.
+
+use sglp_engine::runtime::weights::Weights;
+use sglp_engine::runtime::{Model, Tokens};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn engine(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
+        .args(args)
+        .output()
+        .expect("runs the binary")
+}
+
+fn read_npy_f64(path: &Path) -> (Vec<u64>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().to_vec();
+    (shape, npy.into_vec::<f64>().unwrap())
+}
+
+/// logits[t] = W · (h_t / rms(h_t) · g), in f64 from the runtime's f32 last hidden state.
+fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
+    let c = &model.config;
+    let (d, v) = (c.hidden_size, c.vocab_size);
+    let w = Weights::open(model_dir).unwrap();
+    let g = w.get_f32("model.norm.weight").unwrap();
+    let head = if c.tie_word_embeddings {
+        w.get_f32("model.embed_tokens.weight").unwrap()
+    } else {
+        w.get_f32("lm_head.weight").unwrap()
+    };
+    let mut out = Vec::with_capacity(h.len() / d * v);
+    let mut x = vec![0f64; d];
+    for row in h.chunks_exact(d) {
+        let ms = row.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (ms + c.rms_norm_eps).sqrt();
+        for ((xi, &a), &gi) in x.iter_mut().zip(row).zip(g.iter()) {
+            *xi = a as f64 * inv * gi as f64;
+        }
+        for r in 0..v {
+            let wr = &head[r * d..(r + 1) * d];
+            out.push(x.iter().zip(wr).map(|(a, &b)| a * b as f64).sum());
+        }
+    }
+    out
+}
+
+fn eval_perplexity(model: &Path, tokens: &Path, dir: &Path) -> f64 {
+    let out = dir.join("eval.json");
+    let o = engine(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    j["perplexity"].as_f64().unwrap()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs()
+}
+
+fn check_case(name: &str) {
+    let refdir = fixtures().join("pruned_reference");
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(refdir.join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let model_dir = fixtures().join(name);
+    let tokens_path = model_dir.join("tokens.npy");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned");
+    let mut args: Vec<String> = [
+        "prune",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--tokens",
+        tokens_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for a in r["prune_args"].as_array().unwrap() {
+        args.push(a.as_str().unwrap().to_string());
+    }
+    let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = engine(&argv);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sglp-report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["removed"], r["removed"], "{name}: removed layers");
+
+    // Logits of the pruned checkpoint, through the runtime.
+    let model = Model::load(&out).unwrap();
+    assert_eq!(model.num_layers(), r["kept"].as_array().unwrap().len());
+    let tokens = Tokens::load_npy(&tokens_path).unwrap();
+    let l = model.num_layers();
+    let mut last = Vec::new();
+    let loss = model
+        .forward(&tokens, &[], &mut |i, h| {
+            if i == l {
+                last = h.to_vec();
+            }
+        })
+        .unwrap();
+    let ours = logits_from_hidden(&out, &model, &last);
+    let (shape, theirs) = read_npy_f64(&refdir.join(format!("{name}.logits.npy")));
+    assert_eq!(
+        shape,
+        vec![
+            tokens.sequences as u64,
+            tokens.len as u64,
+            model.config.vocab_size as u64
+        ]
+    );
+    let scale = theirs.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= 1e-5 * scale,
+        "{name}: logits differ by {worst:e} (scale {scale:e})"
+    );
+    let loss_after = r["loss_after"].as_f64().unwrap();
+    assert!(
+        rel(loss, loss_after) < 1e-5,
+        "{name}: loss {loss} vs {loss_after}"
+    );
+
+    // Perplexity from `eval`, before and after, and in the report.
+    let before = eval_perplexity(&model_dir, &tokens_path, tmp.path());
+    let after = eval_perplexity(&out, &tokens_path, tmp.path());
+    let (pb, pa) = (
+        r["perplexity_before"].as_f64().unwrap(),
+        r["perplexity_after"].as_f64().unwrap(),
+    );
+    assert!(
+        rel(before, pb) < 1e-4,
+        "{name}: ppl before {before} vs {pb}"
+    );
+    assert!(rel(after, pa) < 1e-4, "{name}: ppl after {after} vs {pa}");
+}
+
+#[test]
+fn llama_llama3_rope_matches_transformers() {
+    check_case("llama_llama3_rope");
+}
+
+#[test]
+fn llama_bf16_tied_matches_transformers() {
+    check_case("llama_bf16_tied");
+}
+
+#[test]
+fn mistral_sharded_subset_selection_matches_transformers() {
+    check_case("mistral_sharded");
+}
+
+#[test]
+fn qwen2_f16_bias_matches_transformers() {
+    check_case("qwen2_f16_bias");
+}

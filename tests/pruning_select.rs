@@ -1,0 +1,80 @@
+//! Segmentation + allocation + selection on constructed cases where the right answer is known: a CKA
+//! matrix of blocks of similar layers and hand-set gradient norms.
+
+use sglp_engine::pruning::allocate::{allocate, Allocation};
+use sglp_engine::pruning::select::{best_subsets, lowest_gradnorm};
+use sglp_engine::segmentation::{segment_cka, Features, KChoice};
+
+/// CKA of `blocks` (lengths) of layers: 1 on the diagonal, `within` inside a block, decaying with the
+/// distance between blocks outside; plus a seeded perturbation of size `noise` (symmetric).
+fn block_cka(blocks: &[usize], within: f64, noise: f64, seed: u64) -> Vec<Vec<f64>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ids: Vec<usize> = blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(b, &n)| std::iter::repeat_n(b, n))
+        .collect();
+    let l = ids.len();
+    let mut m = vec![vec![0.0; l]; l];
+    for i in 0..l {
+        for j in 0..=i {
+            let v = if i == j {
+                1.0
+            } else if ids[i] == ids[j] {
+                within + noise * rng.random_range(-1.0..1.0)
+            } else {
+                0.6 / (1 + ids[i].abs_diff(ids[j])) as f64 + noise * rng.random_range(-1.0..1.0)
+            };
+            m[i][j] = v;
+            m[j][i] = v;
+        }
+    }
+    m
+}
+
+#[test]
+fn blocks_are_found_budget_split_and_lowest_gradnorm_removed() {
+    // 12 layers in blocks of 5, 4, 3.
+    let cka = block_cka(&[5, 4, 3], 0.95, 0.01, 11);
+    let names: Vec<String> = (0..12).map(|i| format!("l{i}")).collect();
+    let seg = segment_cka(&names, &cka, Features::Rows, KChoice::Fixed(3), 1).unwrap();
+    let segments: Vec<(usize, usize)> = seg.segments.iter().map(|s| (s[0], s[1])).collect();
+    assert_eq!(segments, vec![(0, 4), (5, 8), (9, 11)]);
+    // Budget 6 over lengths 5, 4, 3: quotas 2.5, 2, 1.5 → floors 2, 2, 1; the one left goes to the largest
+    // remainder, tied between segments 0 and 2 (.5 each) → the longer, segment 0.
+    let lens: Vec<usize> = segments.iter().map(|&(a, b)| b - a + 1).collect();
+    let counts = allocate(&lens, 6, Allocation::Proportional).unwrap();
+    assert_eq!(counts, vec![3, 2, 1]);
+
+    // Gradient norms with a known order inside each block.
+    let g = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.35, 0.05, 0.5];
+    let removed = lowest_gradnorm(&segments, &counts, &g);
+    assert_eq!(removed, vec![1, 2, 3, 5, 7, 10]);
+}
+
+#[test]
+fn subset_search_prefers_the_subset_with_the_largest_global_gradnorm() {
+    let segments = [(0, 3), (4, 7)];
+    let counts = [2, 1];
+    // The network's global gradient norm after removal: layers 1 and 3 together keep it highest in the
+    // first segment (an interaction a per-layer ranking cannot see), layer 6 in the second.
+    let mut score = |removed: &[usize]| -> sglp_engine::Result<f64> {
+        let mut s = 1.0;
+        if removed == [1, 3] {
+            s += 0.5;
+        }
+        if removed.contains(&0) {
+            s += 0.2;
+        }
+        if removed == [6] {
+            s += 0.1;
+        }
+        Ok(s)
+    };
+    let (removed, search) = best_subsets(&segments, &counts, 100, &mut score).unwrap();
+    assert_eq!(removed, vec![1, 3, 6]);
+    assert_eq!(search.len(), 2);
+    assert_eq!(search[0].evaluated, 6);
+    assert_eq!(search[1].evaluated, 4);
+}
