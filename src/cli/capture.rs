@@ -119,6 +119,15 @@ impl StreamedSafetensors {
     }
 
     fn finish(self) -> Result<()> {
+        // Temporary files are created 0600; an output file gets the usual permissions (as write_atomic).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            self.tmp
+                .as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
         self.tmp
             .as_file()
             .sync_all()
