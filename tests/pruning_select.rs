@@ -78,3 +78,53 @@ fn subset_search_prefers_the_subset_with_the_largest_global_gradnorm() {
     assert_eq!(search[0].evaluated, 6);
     assert_eq!(search[1].evaluated, 4);
 }
+
+/// The fused calibration pass (hidden states taken from the gradient-norm forward) gives the same CKA as
+/// a separate capture and the same gradient norms as separate forward + backward passes.
+#[test]
+fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
+    use sglp_engine::io::TokenMode;
+    use sglp_engine::pruning::allocate::Allocation;
+    use sglp_engine::pruning::pipeline::{mean_grad_norms, sglp_decide, SglpOptions};
+    use sglp_engine::pruning::select::Selection;
+    use sglp_engine::runtime::{CaptureSource, Model, Tokens};
+    use sglp_engine::similarity::{compute_cka, cpu::CpuBackend, CkaSpec};
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_f16_bias");
+    let model = Model::load(&dir).unwrap();
+    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    let spec = CkaSpec {
+        batch_size: 12,
+        ..CkaSpec::default()
+    };
+    for gradnorm_batches in [None, Some(1)] {
+        let opts = SglpOptions {
+            cka: spec,
+            features: Features::ColSum,
+            k: KChoice::Fixed(1),
+            min_len: 1,
+            allocation: Allocation::Proportional,
+            selection: Selection::Gradnorm,
+            max_candidates: 8,
+            forward_batch: 2,
+            gradnorm_batches,
+        };
+        let mut cpu = CpuBackend::new(1);
+        let d = sglp_decide(&model, &tokens, 1, &opts, &mut cpu).unwrap();
+        let mut capture = CaptureSource::new(&model, &tokens, 2, TokenMode::Samples);
+        let separate = compute_cka(&mut capture, &spec, &mut cpu).unwrap();
+        let (a, b) = (d.cka.cka_matrix(), separate.cka_matrix());
+        assert_eq!(d.cka.n_samples, separate.n_samples);
+        for (ra, rb) in a.iter().zip(&b) {
+            for (x, y) in ra.iter().zip(rb) {
+                assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+            }
+        }
+        let g = mean_grad_norms(&model, &tokens, 2, gradnorm_batches, &[], false).unwrap();
+        assert_eq!(d.gradnorm, g);
+        assert_eq!(
+            d.gradnorm.batches,
+            gradnorm_batches.unwrap_or(tokens.sequences.div_ceil(2))
+        );
+    }
+}

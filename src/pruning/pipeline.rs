@@ -4,10 +4,10 @@
 use super::allocate::{allocate, Allocation};
 use super::select::{best_subsets, lowest_gradnorm, Selection, SubsetSearch};
 use crate::error::{Error, Result};
-use crate::io::{ActivationSource, Batch, LayerMeta, TokenMode};
-use crate::runtime::{CaptureSource, Model, Tokens};
+use crate::io::{Batch, DType, LayerMeta};
+use crate::runtime::{GradNorms, Model, Tokens};
 use crate::segmentation::{segment_cka, Features, KChoice, SegmentResult};
-use crate::similarity::{compute_cka, Backend, CkaResult, CkaSpec};
+use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec};
 use std::time::{Duration, Instant};
 
 /// How many layers go: `--remove N` or `--target-layers M`.
@@ -94,26 +94,50 @@ pub struct SglpDecision {
     pub notes: Vec<String>,
 }
 
-/// An activation source that counts the time spent inside it (the forward passes of the capture), so
-/// the CKA stage's own time is the rest.
-struct TimedSource<'a> {
-    inner: &'a mut dyn ActivationSource,
-    spent: Duration,
+/// Running sums of per-batch gradient norms; [`GradnormSum::mean`] gives the statistics.
+struct GradnormSum {
+    per_layer: Vec<f64>,
+    global: f64,
+    loss: f64,
+    batches: usize,
 }
 
-impl ActivationSource for TimedSource<'_> {
-    fn layers(&self) -> &[LayerMeta] {
-        self.inner.layers()
+impl GradnormSum {
+    fn new(layers: usize) -> Self {
+        GradnormSum {
+            per_layer: vec![0.0; layers],
+            global: 0.0,
+            loss: 0.0,
+            batches: 0,
+        }
     }
-    fn n_samples_hint(&self) -> Option<usize> {
-        self.inner.n_samples_hint()
+
+    fn add(&mut self, g: &GradNorms) {
+        let mut sq: f64 = g.per_layer.iter().map(|v| v * v).sum();
+        sq += g.embed_tokens.powi(2) + g.norm.powi(2) + g.lm_head.unwrap_or(0.0).powi(2);
+        for (a, v) in self.per_layer.iter_mut().zip(&g.per_layer) {
+            *a += v;
+        }
+        self.global += sq.sqrt();
+        self.loss += g.loss;
+        self.batches += 1;
     }
-    fn next_chunk(&mut self, max_rows: usize) -> Result<Option<Batch>> {
-        let t = Instant::now();
-        let r = self.inner.next_chunk(max_rows);
-        self.spent += t.elapsed();
-        r
+
+    fn mean(&self) -> GradnormStats {
+        let nb = self.batches.max(1) as f64;
+        GradnormStats {
+            per_layer: self.per_layer.iter().map(|v| v / nb).collect(),
+            global: self.global / nb,
+            loss: self.loss / nb,
+            batches: self.batches,
+        }
     }
+}
+
+/// How many calibration batches of `batch_seqs` sequences the gradient norms use.
+fn gradnorm_batch_count(tokens: &Tokens, batch_seqs: usize, max_batches: Option<usize>) -> usize {
+    let n = tokens.sequences.div_ceil(batch_seqs.max(1));
+    max_batches.map_or(n, |m| n.min(m.max(1)))
 }
 
 /// Mean gradient norms over the first `max_batches` batches of `batch_seqs` sequences, with `skip`
@@ -127,39 +151,20 @@ pub fn mean_grad_norms(
     show_progress: bool,
 ) -> Result<GradnormStats> {
     let batch_seqs = batch_seqs.max(1);
-    let mut n_batches = tokens.sequences.div_ceil(batch_seqs);
-    if let Some(m) = max_batches {
-        n_batches = n_batches.min(m.max(1));
-    }
-    let l = model.num_layers();
-    let mut per_layer = vec![0.0; l];
-    let (mut global, mut loss) = (0.0, 0.0);
+    let n_batches = gradnorm_batch_count(tokens, batch_seqs, max_batches);
+    let mut sum = GradnormSum::new(model.num_layers());
     let pb = crate::progress::bar(n_batches as u64, "gradnorm batches");
     if !show_progress {
         pb.finish_and_clear();
     }
     for b in 0..n_batches {
-        let batch = tokens.batch(b * batch_seqs, batch_seqs);
-        let g = model.grad_norms(&batch, skip)?;
-        let mut sq: f64 = g.per_layer.iter().map(|v| v * v).sum();
-        sq += g.embed_tokens.powi(2) + g.norm.powi(2) + g.lm_head.unwrap_or(0.0).powi(2);
-        for (a, v) in per_layer.iter_mut().zip(&g.per_layer) {
-            *a += v;
-        }
-        global += sq.sqrt();
-        loss += g.loss;
+        sum.add(&model.grad_norms(&tokens.batch(b * batch_seqs, batch_seqs), skip)?);
         if show_progress {
             pb.inc(1);
         }
     }
     pb.finish_and_clear();
-    let nb = n_batches as f64;
-    Ok(GradnormStats {
-        per_layer: per_layer.iter().map(|v| v / nb).collect(),
-        global: global / nb,
-        loss: loss / nb,
-        batches: n_batches,
-    })
+    Ok(sum.mean())
 }
 
 /// Perplexity of the model with `skip` bypassed.
@@ -225,16 +230,10 @@ pub fn sglp_decide(
     let mut times = DecisionTimes::default();
     let mut notes = Vec::new();
 
-    // 1. Capture (streamed) and all-pairs CKA; tokens are the samples.
-    let start = Instant::now();
-    let mut capture = CaptureSource::new(model, tokens, opts.forward_batch, TokenMode::Samples);
-    let mut timed = TimedSource {
-        inner: &mut capture,
-        spent: Duration::ZERO,
-    };
-    let cka = compute_cka(&mut timed, &opts.cka, backend)?;
-    times.capture = timed.spent;
-    times.cka = start.elapsed().saturating_sub(timed.spent);
+    // 1. One pass over the calibration batches: each batch's decoder outputs go into the CKA
+    //    accumulator (tokens are the samples); the gradient-norm batches run forward + backward and
+    //    their forward supplies the hidden states, the rest run forward only.
+    let (cka, gradnorm) = capture_cka_and_gradnorms(model, tokens, opts, backend, &mut times)?;
 
     // 2. Segmentation. With --k auto, k stays ≤ L − budget so that no segment has to be emptied.
     let start = Instant::now();
@@ -273,14 +272,6 @@ pub fn sglp_decide(
 
     // 3. Gradient norms, and the selection inside each segment.
     let start = Instant::now();
-    let gradnorm = mean_grad_norms(
-        model,
-        tokens,
-        opts.forward_batch,
-        opts.gradnorm_batches,
-        &[],
-        true,
-    )?;
     let (removed, subset_search) = match opts.selection {
         Selection::Gradnorm => (
             lowest_gradnorm(&segments, &removed_per_segment, &gradnorm.per_layer),
@@ -306,7 +297,7 @@ pub fn sglp_decide(
             )?
         }
     };
-    times.gradnorm = start.elapsed();
+    times.gradnorm += start.elapsed();
     Ok(SglpDecision {
         cka,
         segmentation,
@@ -318,4 +309,62 @@ pub fn sglp_decide(
         times,
         notes,
     })
+}
+
+/// The fused calibration pass of [`sglp_decide`]: the all-pairs CKA of the decoder layers' outputs and
+/// the mean gradient norms, from one forward (+ backward) per batch. Time spent in forward-only batches
+/// counts as capture, in forward + backward batches as gradnorm, in the CKA accumulator as cka.
+fn capture_cka_and_gradnorms(
+    model: &Model,
+    tokens: &Tokens,
+    opts: &SglpOptions,
+    backend: &mut dyn Backend,
+    times: &mut DecisionTimes,
+) -> Result<(CkaResult, GradnormStats)> {
+    let (l, h) = (model.num_layers(), model.hidden_size());
+    let batch_seqs = opts.forward_batch.max(1);
+    let n_batches = tokens.sequences.div_ceil(batch_seqs);
+    let n_gradnorm = gradnorm_batch_count(tokens, batch_seqs, opts.gradnorm_batches);
+    let metas: Vec<LayerMeta> = model
+        .layer_names()
+        .into_iter()
+        .map(|name| LayerMeta {
+            name,
+            cols: h,
+            dtype: DType::F32,
+            shape: vec![tokens.sequences, tokens.len, h],
+        })
+        .collect();
+    let mut acc = CkaAccumulator::new(&metas, opts.cka, Some(tokens.sequences * tokens.len))?;
+    let mut grads = GradnormSum::new(l);
+    let mut outs: Vec<Vec<f32>> = vec![Vec::new(); l];
+    let pb = crate::progress::bar(n_batches as u64, "calibration batches");
+    for b in 0..n_batches {
+        let batch = tokens.batch(b * batch_seqs, batch_seqs);
+        let mut keep = |i: usize, hs: &[f32]| {
+            if i >= 1 {
+                outs[i - 1].clear();
+                outs[i - 1].extend_from_slice(hs);
+            }
+        };
+        let t = Instant::now();
+        if b < n_gradnorm {
+            grads.add(&model.grad_norms_observed(&batch, &[], &mut keep)?);
+            times.gradnorm += t.elapsed();
+        } else {
+            model.forward(&batch, &[], &mut keep)?;
+            times.capture += t.elapsed();
+        }
+        let t = Instant::now();
+        let layers: Vec<(usize, &[f32])> = outs.iter().map(|o| (h, &o[..])).collect();
+        let rows = batch.sequences * batch.len;
+        acc.push(&Batch::from_f32(rows, &layers).as_ref(), backend)?;
+        times.cka += t.elapsed();
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let t = Instant::now();
+    let cka = acc.finish(backend)?;
+    times.cka += t.elapsed();
+    Ok((cka, grads.mean()))
 }

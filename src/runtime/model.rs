@@ -115,9 +115,20 @@ impl Model {
     /// embedding's, the final norm's and (untied) the lm_head's. With tied embeddings the shared matrix
     /// gets both contributions and is reported as `embed_tokens`; `lm_head` is `None`.
     pub fn grad_norms(&self, tokens: &Tokens, skip: &[usize]) -> Result<GradNorms> {
+        self.grad_norms_observed(tokens, skip, &mut |_, _| {})
+    }
+
+    /// [`Model::grad_norms`], also handing the forward's hidden states to `on_hidden` as
+    /// [`Model::forward`] does — one pass serves both the CKA capture and the gradient norms.
+    pub fn grad_norms_observed(
+        &self,
+        tokens: &Tokens,
+        skip: &[usize],
+        on_hidden: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<GradNorms> {
         let mut tape = self.build_tape(tokens, skip)?;
-        let run = |tape: &mut Tape| -> Result<(f64, Vec<f64>)> {
-            let loss = tape.forward(&self.weights, true, &mut |_, _| {})?;
+        let mut run = |tape: &mut Tape| -> Result<(f64, Vec<f64>)> {
+            let loss = tape.forward(&self.weights, true, on_hidden)?;
             Ok((loss, tape.backward(&self.weights, self.num_layers() + 3)?))
         };
         let result = run(&mut tape);
