@@ -244,7 +244,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
     }
     let t = &report.timings;
     println!(
-        "time: capture {:.2}s, cka {:.2}s, segmentation {:.3}s, gradnorm {:.2}s, eval {:.2}s, writing {:.2}s, total {:.2}s",
+        "time: capture (forward-only) {:.2}s, cka {:.2}s, segmentation {:.3}s, gradnorm (forward+backward, with capture) {:.2}s, eval {:.2}s, writing {:.2}s, total {:.2}s",
         t.capture_s, t.cka_s, t.segmentation_s, t.gradnorm_s, t.eval_s, t.writing_s, t.total_s
     );
     println!("wrote {}", out.display());

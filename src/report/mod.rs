@@ -20,12 +20,15 @@ pub const LOSS_PNG: &str = "sglp-segmentation-loss.png";
 /// Wall time of each stage, seconds.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct StageTimes {
-    /// Forward passes that produce the hidden states (inside the CKA stream).
+    /// Forward-only passes that produce hidden states. The calibration batches that also give gradient
+    /// norms capture their hidden states in the same forward, counted under `gradnorm_s`; with every
+    /// batch used for gradient norms (the default) this is 0.
     pub capture_s: f64,
     /// CKA accumulation, excluding the forward passes.
     pub cka_s: f64,
     pub segmentation_s: f64,
-    /// Per-layer gradient norms (and, with `--selection subset`, the candidate evaluations).
+    /// Forward + backward passes for the per-layer gradient norms (their forward also captures the hidden
+    /// states), and with `--selection subset` the candidate evaluations.
     pub gradnorm_s: f64,
     /// Perplexity before and after, when `--eval-tokens` is given.
     pub eval_s: f64,
