@@ -152,6 +152,7 @@ impl CkaAccumulator {
             }
         }
         let route = choose_route(layers, &spec, n_samples_hint)?;
+        check_memory(layers, &spec, route, n_samples_hint, available_memory())?;
         let l = layers.len();
         let feature = (route == Route::Feature).then(|| feature::FeatureState::new(layers));
         Ok(CkaAccumulator {
@@ -421,6 +422,76 @@ fn choose_route(layers: &[LayerMeta], spec: &CkaSpec, n_hint: Option<usize>) -> 
     }
 }
 
+/// Bytes of estimator state the accumulator will hold (f64 state, and for the biased Gram route every
+/// sample as stored), for `n` samples where the route depends on it.
+pub fn state_bytes(
+    layers: &[LayerMeta],
+    spec: &CkaSpec,
+    route: Route,
+    n: Option<usize>,
+) -> Option<u64> {
+    let l = layers.len() as u64;
+    let d: u64 = layers.iter().map(|m| m.cols as u64).sum();
+    let stored_row: u64 = layers
+        .iter()
+        .map(|m| (m.cols * m.dtype.size()) as u64)
+        .sum();
+    let max_d = layers.iter().map(|m| m.cols as u64).max().unwrap_or(0);
+    // The Gram route's per-batch buffers: stacked packed Grams L·b(b+1)/2, and per worker one f64 batch
+    // (b × d) and one Gram (b × b); two workers counted.
+    let gram = |b: u64| 8 * (l * b * (b + 1) / 2 + 2 * (b * max_d + b * b));
+    Some(match (spec.estimator, route) {
+        (_, Route::Feature) => 8 * d * d * 2,
+        (Estimator::Unbiased, _) => {
+            gram(spec.batch_size as u64) + stored_row * spec.batch_size as u64
+        }
+        (Estimator::Biased, _) => {
+            let n = n? as u64;
+            gram(n) + stored_row * n
+        }
+    })
+}
+
+/// Physical memory available now (Linux `MemAvailable`), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuse up front, with the way out, a computation whose state would not fit in memory.
+fn check_memory(
+    layers: &[LayerMeta],
+    spec: &CkaSpec,
+    route: Route,
+    n: Option<usize>,
+    available: Option<u64>,
+) -> Result<()> {
+    let (Some(need), Some(avail)) = (state_bytes(layers, spec, route, n), available) else {
+        return Ok(());
+    };
+    if need <= avail {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let hint = match (spec.estimator, route) {
+        (Estimator::Biased, Route::Gram) => {
+            "the biased estimator on the Gram route holds every sample's kernel row; use --estimator \
+             unbiased --batch-size b (streams), or --route feature when the layers are narrow"
+        }
+        (_, Route::Feature) => "the feature route holds a D×D matrix (D = all layers' widths); use --route gram",
+        _ => "use a smaller --batch-size, or fewer layers with --layers",
+    };
+    Err(Error::invalid(format!(
+        "the {:?} estimator ({:?} route) needs about {:.1} GiB of state but {:.1} GiB is available: {hint}",
+        spec.estimator,
+        route,
+        gib(need),
+        gib(avail)
+    )))
+}
+
 /// Run the whole calibration set through an accumulator. Shows a progress bar over samples when the total
 /// is known.
 pub fn compute_cka(
@@ -442,4 +513,55 @@ pub fn compute_cka(
     }
     pb.finish_and_clear();
     acc.finish(backend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::DType;
+
+    fn layers(l: usize, d: usize) -> Vec<LayerMeta> {
+        (0..l)
+            .map(|i| LayerMeta {
+                name: format!("l{i}"),
+                cols: d,
+                dtype: DType::F32,
+                shape: vec![0, d],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn state_that_cannot_fit_is_refused_up_front_with_the_way_out() {
+        let gib = 1u64 << 30;
+        // Biased, Gram route, 200k samples of 32 layers: ~5 TiB of packed Grams.
+        let spec = CkaSpec {
+            estimator: Estimator::Biased,
+            route: Route::Gram,
+            ..CkaSpec::default()
+        };
+        let err = check_memory(
+            &layers(32, 4096),
+            &spec,
+            Route::Gram,
+            Some(200_000),
+            Some(16 * gib),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--estimator unbiased"), "{err}");
+        // The unbiased minibatch state of the same layers fits easily.
+        let spec = CkaSpec::default();
+        assert!(check_memory(
+            &layers(32, 4096),
+            &spec,
+            Route::Gram,
+            Some(200_000),
+            Some(16 * gib)
+        )
+        .is_ok());
+        let need = state_bytes(&layers(32, 4096), &spec, Route::Gram, None).unwrap();
+        assert!(need > 32 * 256 * 257 / 2 * 8 && need < gib, "{need}");
+        // Unknown availability: no check.
+        assert!(check_memory(&layers(32, 4096), &spec, Route::Feature, None, None).is_ok());
+    }
 }
