@@ -51,9 +51,18 @@ pub fn open_backend(
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
     match choice {
         DeviceChoice::Cpu => Ok((Box::new(CpuBackend::new(cpu_threads)), None)),
-        DeviceChoice::Cuda(i) => Ok((Box::new(CudaBackend::open(i, cpu_threads)?), None)),
+        DeviceChoice::Cuda(i) => {
+            let mut gpu = CudaBackend::open(i, cpu_threads)?;
+            let diff = self_check(&mut gpu, &mut CpuBackend::new(cpu_threads))?;
+            if diff > SELF_CHECK_TOL {
+                return Err(Error::Cuda(format!(
+                    "cuda:{i} disagrees with the CPU on the start-up self-check (max |ΔHSIC| {diff:.2e} \
+                     relative > {SELF_CHECK_TOL:.0e}); use --device cpu and report this"
+                )));
+            }
+            Ok((Box::new(gpu), None))
+        }
         DeviceChoice::Auto => {
-            // No driver, or a driver without GPUs: the ordinary CPU machine, said quietly.
             let why = match cuda::list_devices() {
                 Ok(devs) if devs.is_empty() => Some("the CUDA driver sees no GPU".to_string()),
                 Ok(_) => None,
@@ -65,21 +74,84 @@ pub fn open_backend(
                     Some(format!("note: {why}; using the CPU")),
                 ));
             }
-            match CudaBackend::open(0, cpu_threads) {
-                Ok(b) => Ok((Box::new(b), None)),
-                Err(e) => Ok((
+            let cpu_fallback = |why: String| -> Result<(Box<dyn Backend>, Option<String>)> {
+                Ok((
                     Box::new(CpuBackend::new(cpu_threads)),
                     Some(format!(
-                        "note: the GPU cannot be used ({}); using the CPU",
-                        cuda_reason(&e)
+                        "note: the GPU cannot be used ({why}); using the CPU"
                     )),
-                )),
+                ))
+            };
+            match CudaBackend::open(0, cpu_threads) {
+                Ok(mut gpu) => match self_check(&mut gpu, &mut CpuBackend::new(cpu_threads)) {
+                    Ok(diff) if diff <= SELF_CHECK_TOL => Ok((Box::new(gpu), None)),
+                    Ok(diff) => cpu_fallback(format!(
+                        "it disagrees with the CPU on the start-up self-check: max |ΔHSIC| {diff:.2e} relative"
+                    )),
+                    Err(e) => cpu_fallback(cuda_reason(&e)),
+                },
+                Err(e) => cpu_fallback(cuda_reason(&e)),
             }
         }
     }
 }
 
-/// The message of a CUDA error without the "CUDA: " prefix of its Display.
+/// Largest relative HSIC difference the start-up self-check accepts (f32 arithmetic on the GPU against
+/// f64 on the CPU, on inputs exactly representable in every dtype used).
+pub const SELF_CHECK_TOL: f64 = 1e-4;
+
+/// Run one small fixed batch (awkward sizes, f32 and bf16 layers; both estimators; linear and RBF
+/// kernels) through `candidate` and `reference`; the largest |ΔHSIC| relative to the largest |HSIC|.
+/// A backend whose kernels were never run on this device is checked before it is trusted.
+pub fn self_check(candidate: &mut dyn Backend, reference: &mut dyn Backend) -> Result<f64> {
+    use super::backend::{Estimator, Kernel};
+    use crate::io::{Batch, DType, LayerBlock};
+    let rows = 37;
+    // Small integers divided by 8: exact in f32 and bf16, so both backends see the same numbers.
+    let value = |l: usize, i: usize| ((i * 7919 + l * 104_729) % 17) as f32 / 8.0 - 1.0;
+    let widths = [5usize, 33, 70];
+    let layers = widths
+        .iter()
+        .enumerate()
+        .map(|(l, &w)| {
+            let vals: Vec<f32> = (0..rows * w).map(|i| value(l, i)).collect();
+            if l == 1 {
+                LayerBlock {
+                    dtype: DType::BF16,
+                    cols: w,
+                    data: vals
+                        .iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect(),
+                }
+            } else {
+                LayerBlock {
+                    dtype: DType::F32,
+                    cols: w,
+                    data: bytemuck::cast_slice(&vals).to_vec(),
+                }
+            }
+        })
+        .collect();
+    let batch = Batch { rows, layers };
+    let mut worst: f64 = 0.0;
+    for estimator in [Estimator::Biased, Estimator::Unbiased] {
+        for kernel in [Kernel::Linear, Kernel::Rbf { threshold: 1.0 }] {
+            let a = candidate.batch_hsic(&batch.as_ref(), estimator, kernel)?;
+            let b = reference.batch_hsic(&batch.as_ref(), estimator, kernel)?;
+            let scale = b
+                .iter()
+                .fold(0.0f64, |m, v| m.max(v.abs()))
+                .max(f64::MIN_POSITIVE);
+            for (x, y) in a.iter().zip(&b) {
+                let d = (x - y).abs() / scale;
+                worst = worst.max(if d.is_nan() { f64::INFINITY } else { d });
+            }
+        }
+    }
+    Ok(worst)
+}
+
 fn cuda_reason(e: &Error) -> String {
     match e {
         Error::Cuda(m) => m.clone(),
@@ -121,6 +193,36 @@ pub fn describe_devices() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn self_check_accepts_an_equal_backend_and_rejects_a_wrong_one() {
+        use crate::io::BatchRef;
+        use crate::similarity::{Estimator, Kernel};
+        let (mut a, mut b) = (CpuBackend::new(1), CpuBackend::new(2));
+        assert!(self_check(&mut a, &mut b).unwrap() < 1e-12);
+        /// A backend that is off by 1% on one entry.
+        struct Skewed(CpuBackend);
+        impl Backend for Skewed {
+            fn name(&self) -> String {
+                "skewed".into()
+            }
+            fn batch_hsic(
+                &mut self,
+                batch: &BatchRef<'_>,
+                e: Estimator,
+                k: Kernel,
+            ) -> Result<Vec<f64>> {
+                let mut h = self.0.batch_hsic(batch, e, k)?;
+                h[1] *= 1.01;
+                Ok(h)
+            }
+            fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {
+                self.0.accumulate_cross(batch, cross)
+            }
+        }
+        let diff = self_check(&mut Skewed(CpuBackend::new(1)), &mut b).unwrap();
+        assert!(diff > SELF_CHECK_TOL, "{diff}");
+    }
 
     #[test]
     fn device_choice_parses_and_prints() {
