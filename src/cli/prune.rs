@@ -130,8 +130,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
             )));
         }
     }
-    // Refuse an existing OUTDIR before any work; the staging directory lives beside it.
-    let staged = StagedDir::new(&a.out, a.force)?;
+    // Refuse an existing OUTDIR before any work; the staging directory beside it is made only when the
+    // checkpoint is written, so an interrupted analysis leaves nothing behind.
+    StagedDir::check_dest(&a.out, a.force)?;
     let model = Model::load(&a.model)?;
     let l = model.num_layers();
     let budget = budget_of(a.remove, a.target_layers).layers_to_remove(l)?;
@@ -163,6 +164,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
 
     let t_write = Instant::now();
     let (params_before, params_after) = params_before_after(&a.model, l, &d.removed)?;
+    let staged = StagedDir::new(&a.out, a.force)?;
     write_pruned_checkpoint(&a.model, staged.path(), l, &kept)?;
     let names = model.layer_names();
     let mut report = PruneReport {

@@ -29,14 +29,22 @@ pub struct StagedDir {
 }
 
 impl StagedDir {
-    /// Refuses an existing `dest` unless `force`.
-    pub fn new(dest: &Path, force: bool) -> Result<Self> {
+    /// Refuses an existing `dest` unless `force`. Call it before long work, so the user hears at once;
+    /// [`StagedDir::new`] checks again.
+    pub fn check_dest(dest: &Path, force: bool) -> Result<()> {
         if dest.exists() && !force {
             return Err(Error::invalid(format!(
                 "{}: already exists (pass --force to replace it)",
                 dest.display()
             )));
         }
+        Ok(())
+    }
+
+    /// Create the staging directory (refusing an existing `dest` unless `force`). Create it just before
+    /// writing: a run interrupted before then leaves nothing behind.
+    pub fn new(dest: &Path, force: bool) -> Result<Self> {
+        Self::check_dest(dest, force)?;
         let parent = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
