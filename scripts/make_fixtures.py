@@ -3,7 +3,7 @@
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
 
-    /work/venvs/torch/bin/python scripts/make_fixtures.py [--out tests/fixtures]
+    /work/venvs/torch/bin/python scripts/make_fixtures.py [--out tests/fixtures] [--only NAME ...]
 
 Each fixture directory holds a checkpoint (config.json + safetensors), tokens.npy and reference.safetensors:
   hidden.{i}        f64 [sequences, tokens, hidden]: i = 0 embedding output, i = l + 1 output of decoder
@@ -13,6 +13,8 @@ Each fixture directory holds a checkpoint (config.json + safetensors), tokens.np
   extra.b{k}        f64 [3]: gradient norms of embed_tokens, norm, lm_head (lm_head = -1 when tied; the tied
                     matrix's whole gradient is in embed_tokens)
   loss_skip1        f64 [1]: loss of the whole token set with decoder layer 1 removed
+  loss_full_attention  f64 [1] (sliding-window fixtures only): loss of the whole token set, same weights,
+                    every layer with plain causal attention (shows the window changes the result)
 The reference runs in float64 (model.double()) on the checkpoint's stored values (bf16/f16 weights are
 rounded first, then computed in f64).
 """
@@ -55,6 +57,15 @@ FIXTURES = [
                   use_sliding_window=False,
                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
          seed=4),
+    # Sliding-window attention (window 5 < 16 tokens) on layers 1 and 2 only (max_window_layers 1); the
+    # config is saved without `layer_types`, as 4.x-era Qwen2 checkpoints are, so the runtime derives the
+    # sliding layers from max_window_layers the way transformers does.
+    dict(name="qwen2_sliding", model_type="qwen2", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6,
+                  use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_layer_types=True, full_attention_loss=True, seed=5),
 ]
 
 
@@ -90,6 +101,30 @@ def to_old_config(path):
     c["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
     with open(path, "w") as f:
         json.dump(c, f, indent=2)
+
+
+def drop_layer_types(path):
+    """Remove `layer_types` from config.json (transformers derives it again from max_window_layers)."""
+    with open(path) as f:
+        c = json.load(f)
+    del c["layer_types"]
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def full_attention_loss(spec, model, ids):
+    """Loss of the same weights with every layer on plain causal attention (no sliding window)."""
+    cfg = dict(spec["cfg"], use_sliding_window=False, sliding_window=None)
+    cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
+    full = transformers.AutoModelForCausalLM.from_config(cfg_cls(**cfg, attn_implementation="eager"))
+    full.load_state_dict(model.state_dict())
+    full = full.double().eval()
+    assert all(t == "full_attention" for t in full.config.layer_types)
+    with torch.no_grad():
+        logits = full(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return float(loss)
 
 
 def decoder_layers(model):
@@ -163,6 +198,8 @@ def build(spec, out_root):
             os.remove(os.path.join(d, extra))
     if spec.get("old_config"):
         to_old_config(os.path.join(d, "config.json"))
+    if spec.get("drop_layer_types"):
+        drop_layer_types(os.path.join(d, "config.json"))
 
     rng = np.random.default_rng(spec["seed"])
     vocab = spec["cfg"]["vocab_size"]
@@ -181,6 +218,9 @@ def build(spec, out_root):
         ref[f"gradnorm.b{k}"] = torch.tensor(per_layer, dtype=torch.float64)
         ref[f"extra.b{k}"] = torch.tensor(extra, dtype=torch.float64)
     ref["loss_skip1"] = torch.tensor([loss_without_layer(model, ids, 1)], dtype=torch.float64)
+    if spec.get("full_attention_loss"):
+        ref["loss_full_attention"] = torch.tensor([full_attention_loss(spec, model, ids)],
+                                                  dtype=torch.float64)
     save_file(ref, os.path.join(d, "reference.safetensors"), metadata={"batch": str(BATCH)})
     files = sorted(os.listdir(d))
     size = sum(os.path.getsize(os.path.join(d, f)) for f in files)
@@ -190,10 +230,17 @@ def build(spec, out_root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    ap.add_argument("--only", action="append", metavar="NAME",
+                    help="build only this fixture (repeatable); default: all")
     args = ap.parse_args()
+    names = [spec["name"] for spec in FIXTURES]
+    for name in args.only or []:
+        if name not in names:
+            ap.error(f"--only {name}: no such fixture ({', '.join(names)})")
     torch.set_num_threads(1)
     for spec in FIXTURES:
-        build(spec, args.out)
+        if not args.only or spec["name"] in args.only:
+            build(spec, args.out)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 //! The runtime against PyTorch: tiny random checkpoints made by scripts/make_fixtures.py (HF transformers,
 //! float64 reference). Loss and hidden states within 1e-5 relative, gradient norms within 1e-4 relative.
 //! Fixtures cover llama (llama3 rope scaling, 4.x config), llama bf16 with tied embeddings and int32 tokens,
-//! mistral sharded with an index file and single-kv-head GQA, qwen2 f16 with q/k/v biases and head_dim.
+//! mistral sharded with an index file and single-kv-head GQA, qwen2 f16 with q/k/v biases and head_dim,
+//! qwen2 with sliding-window attention (window 5 < 16 tokens) on the layers from max_window_layers on.
 
 use safetensors::SafeTensors;
 use sglp_engine::runtime::{Model, Tokens};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const FIXTURES: [&str; 4] = [
+const FIXTURES: [&str; 5] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
     "qwen2_f16_bias",
+    "qwen2_sliding",
 ];
 
 fn dir(name: &str) -> PathBuf {
@@ -47,6 +49,21 @@ fn load(name: &str) -> (Model, Tokens) {
     let tokens = Tokens::load_npy(&tpath).unwrap();
     tokens.check_vocab(model.config.vocab_size, &tpath).unwrap();
     (model, tokens)
+}
+
+/// A copy of fixture `name` in a temporary directory, its config.json edited by `edit`.
+fn edited_copy(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(dir(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    tmp
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -195,22 +212,47 @@ fn bad_inputs_give_clear_errors() {
     .unwrap();
     let e = Model::load(tmp.path()).err().unwrap().to_string();
     assert!(e.contains("model_type") && e.contains("gpt_neox"), "{e}");
-    // Mistral with a sliding window shorter than the sequences.
-    let tmp = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(dir("mistral_sharded")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+    // Attention kinds Qwen2Model has no mask for.
+    let tmp = edited_copy("qwen2_sliding", |c| {
+        c["layer_types"] =
+            serde_json::json!(["full_attention", "chunked_attention", "sliding_attention"]);
+    });
+    let e = Model::load(tmp.path()).err().unwrap().to_string();
+    assert!(
+        e.contains("layer_types") && e.contains("chunked_attention"),
+        "{e}"
+    );
+}
+
+/// The window is exercised: the same weights with full attention give PyTorch's full-attention loss,
+/// measurably different from the windowed one; a Mistral window shorter than the sequences changes the
+/// loss and the gradients too.
+#[test]
+fn sliding_window_changes_the_result() {
+    let (model, tokens) = load("qwen2_sliding");
+    let (refs, _) = reference("qwen2_sliding");
+    let windowed = model.forward(&tokens, &[], &mut |_, _| {}).unwrap();
+    let tmp = edited_copy("qwen2_sliding", |c| c["use_sliding_window"] = false.into());
+    let full_model = Model::load(tmp.path()).unwrap();
+    assert!((0..3).all(|l| full_model.config.layer_window(l).is_none()));
+    let full = full_model.forward(&tokens, &[], &mut |_, _| {}).unwrap();
+    let want = refs["loss_full_attention"][0];
+    assert!(rel(full, want) < 1e-5, "full attention: {full} vs {want}");
+    assert!(
+        rel(windowed, full) > 1e-3,
+        "window changes nothing: {windowed} vs {full}"
+    );
+
+    let (mistral, _) = load("mistral_sharded");
+    assert_eq!(mistral.config.layer_window(0), Some(4096));
+    let tmp = edited_copy("mistral_sharded", |c| c["sliding_window"] = 5.into());
+    let narrow = Model::load(tmp.path()).unwrap();
+    let (a, b) = (
+        mistral.grad_norms(&tokens.batch(0, 2), &[]).unwrap(),
+        narrow.grad_norms(&tokens.batch(0, 2), &[]).unwrap(),
+    );
+    assert!(rel(a.loss, b.loss) > 1e-3, "{} vs {}", a.loss, b.loss);
+    for (l, (x, y)) in a.per_layer.iter().zip(&b.per_layer).enumerate() {
+        assert!(rel(*x, *y) > 1e-4, "layer {l}: {x} vs {y}");
     }
-    let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
-    std::fs::write(
-        tmp.path().join("config.json"),
-        cfg.replace("\"sliding_window\": 4096", "\"sliding_window\": 8"),
-    )
-    .unwrap();
-    let m = Model::load(tmp.path()).unwrap();
-    let e = m
-        .forward(&tokens, &[], &mut |_, _| {})
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("sliding_window"), "{e}");
 }

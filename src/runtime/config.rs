@@ -40,9 +40,12 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// gate/up/down carry a bias (llama with `mlp_bias`).
     pub mlp_bias: bool,
-    /// Sliding-window attention span, when the config enables one (not implemented: sequences longer
-    /// than the window are refused).
+    /// Sliding-window attention span w, when the config enables one: in a windowed layer query i sees the
+    /// keys j with i − w < j ≤ i (transformers' `sliding_window_overlay` on the causal mask).
     pub sliding_window: Option<usize>,
+    /// Per decoder layer: whether it uses the window (transformers' `layer_types` "sliding_attention").
+    /// All false when `sliding_window` is `None`.
+    pub sliding_layers: Vec<bool>,
 }
 
 fn model_err(path: &Path, msg: impl std::fmt::Display) -> Error {
@@ -166,17 +169,13 @@ impl ModelConfig {
             "llama" => (attention_bias, attention_bias),
             _ => (false, false),
         };
-        let sliding_window = match model_type.as_str() {
-            "mistral" => opt_usize(v, "sliding_window", path)?,
-            "qwen2" if opt_bool(v, "use_sliding_window", path)?.unwrap_or(false) => {
-                opt_usize(v, "sliding_window", path)?
-            }
-            _ => None,
-        };
+        let num_hidden_layers = get_usize(v, "num_hidden_layers", path)?;
+        let (sliding_window, sliding_layers) =
+            parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         Ok(ModelConfig {
             vocab_size: get_usize(v, "vocab_size", path)?,
             intermediate_size: get_usize(v, "intermediate_size", path)?,
-            num_hidden_layers: get_usize(v, "num_hidden_layers", path)?,
+            num_hidden_layers,
             rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(false),
             mlp_bias: model_type == "llama" && mlp_bias,
@@ -190,7 +189,14 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             sliding_window,
+            sliding_layers,
         })
+    }
+
+    /// The attention window of decoder layer `layer`, `None` for full causal attention.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
     }
 
     /// Inverse RoPE frequencies (`head_dim / 2`), after the configured scaling (HF's
@@ -231,6 +237,101 @@ impl ModelConfig {
             }
         }
     }
+}
+
+/// The window and which layers use it, as transformers 5.x decides (`MistralConfig`, `Qwen2Config`, their
+/// `modeling_*.py` and `masking_utils.create_sliding_window_causal_mask`):
+/// * mistral: `sliding_window` (absent → the class default 4096, null → none) applies to every layer;
+///   MistralModel builds one mask for all layers and ignores any `layer_types`.
+/// * qwen2: the window is `sliding_window` (absent → 4096) only with `use_sliding_window` true. Layer l is
+///   windowed when `layer_types[l]` is "sliding_attention" or, without `layer_types`, when the window is on
+///   and l ≥ `max_window_layers` (absent → 28). A sliding layer without a window is an error there too.
+/// * llama: never windowed.
+fn parse_sliding_window(
+    v: &Value,
+    model_type: &str,
+    layers: usize,
+    path: &Path,
+) -> Result<(Option<usize>, Vec<bool>)> {
+    const CLASS_DEFAULT_WINDOW: usize = 4096;
+    const CLASS_DEFAULT_MAX_WINDOW_LAYERS: usize = 28;
+    let window = || -> Result<Option<usize>> {
+        let w = match v.get("sliding_window") {
+            None => Some(CLASS_DEFAULT_WINDOW),
+            Some(_) => opt_usize(v, "sliding_window", path)?,
+        };
+        if w == Some(0) {
+            return Err(model_err(
+                path,
+                "field 'sliding_window' is 0 (a query would see no key)",
+            ));
+        }
+        Ok(w)
+    };
+    match model_type {
+        "mistral" => {
+            let w = window()?;
+            Ok((w, vec![w.is_some(); layers]))
+        }
+        "qwen2" => {
+            let w = if opt_bool(v, "use_sliding_window", path)?.unwrap_or(false) {
+                window()?
+            } else {
+                None
+            };
+            let sliding = match v.get("layer_types") {
+                None | Some(Value::Null) => {
+                    let first = match v.get("max_window_layers") {
+                        None => CLASS_DEFAULT_MAX_WINDOW_LAYERS,
+                        Some(_) => get_usize(v, "max_window_layers", path)?,
+                    };
+                    (0..layers).map(|l| w.is_some() && l >= first).collect()
+                }
+                Some(lt) => parse_layer_types(lt, layers, path)?,
+            };
+            if w.is_none() && sliding.contains(&true) {
+                return Err(model_err(
+                    path,
+                    "field 'layer_types' names sliding_attention layers but there is no \
+                     'sliding_window' (or 'use_sliding_window' is false)",
+                ));
+            }
+            Ok((w, sliding))
+        }
+        _ => Ok((None, vec![false; layers])),
+    }
+}
+
+/// `layer_types` as a per-layer "is sliding" list; "attention" is transformers' legacy name of
+/// "full_attention". Other attention kinds have no mask in Qwen2Model and are refused.
+fn parse_layer_types(lt: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let entries = lt
+        .as_array()
+        .ok_or_else(|| model_err(path, "field 'layer_types' is not a list"))?;
+    if entries.len() != layers {
+        return Err(model_err(
+            path,
+            format!(
+                "field 'layer_types' has {} entries but num_hidden_layers is {layers}",
+                entries.len()
+            ),
+        ));
+    }
+    entries
+        .iter()
+        .enumerate()
+        .map(|(l, e)| match e.as_str() {
+            Some("full_attention" | "attention") => Ok(false),
+            Some("sliding_attention") => Ok(true),
+            _ => Err(model_err(
+                path,
+                format!(
+                    "field 'layer_types' entry {l} is {e}; supported: \"full_attention\", \
+                     \"sliding_attention\""
+                ),
+            )),
+        })
+        .collect()
 }
 
 fn parse_rope_scaling(s: Option<&Value>, path: &Path) -> Result<RopeScaling> {
@@ -293,6 +394,102 @@ mod tests {
         assert_eq!(c4.rope_theta, c5.rope_theta);
         assert_eq!(c4.head_dim, 8);
         assert!(matches!(c4.rope_scaling, RopeScaling::Llama3 { .. }));
+    }
+
+    /// Expected values from transformers 5.23's MistralConfig / Qwen2Config (`sliding_window`,
+    /// `layer_types`) on the same 4-layer configs.
+    #[test]
+    fn sliding_layers_follow_transformers() {
+        let p = Path::new("config.json");
+        let cfg = |model_type: &str, extra: Value| {
+            let mut v = base();
+            v["model_type"] = model_type.into();
+            v["num_hidden_layers"] = 4.into();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            ModelConfig::from_json(&v, p)
+        };
+        let windows = |c: &ModelConfig| (0..4).map(|l| c.layer_window(l)).collect::<Vec<_>>();
+        let (s, f) = (Some(5), None);
+        let cases = [
+            ("mistral", serde_json::json!({}), vec![Some(4096); 4]),
+            (
+                "mistral",
+                serde_json::json!({"sliding_window": null}),
+                vec![f; 4],
+            ),
+            // MistralModel ignores layer_types: one sliding mask for every layer.
+            (
+                "mistral",
+                serde_json::json!({"sliding_window": 5, "layer_types": ["full_attention", "full_attention", "full_attention", "full_attention"]}),
+                vec![s; 4],
+            ),
+            (
+                "llama",
+                serde_json::json!({"sliding_window": 5}),
+                vec![f; 4],
+            ),
+            (
+                "qwen2",
+                serde_json::json!({"sliding_window": 5}),
+                vec![f; 4],
+            ),
+            (
+                "qwen2",
+                serde_json::json!({"use_sliding_window": true}),
+                vec![f; 4], // max_window_layers defaults to 28
+            ),
+            (
+                "qwen2",
+                serde_json::json!({"use_sliding_window": true, "sliding_window": 5,
+                    "max_window_layers": 2}),
+                vec![f, f, s, s],
+            ),
+            (
+                "qwen2",
+                serde_json::json!({"use_sliding_window": true, "sliding_window": null,
+                    "max_window_layers": 2}),
+                vec![f; 4],
+            ),
+            (
+                "qwen2",
+                serde_json::json!({"use_sliding_window": true, "sliding_window": 5,
+                    "max_window_layers": 1, "layer_types": ["full_attention",
+                    "sliding_attention", "attention", "sliding_attention"]}),
+                vec![f, s, f, s],
+            ),
+        ];
+        for (mt, extra, want) in cases {
+            let c = cfg(mt, extra.clone()).unwrap();
+            assert_eq!(windows(&c), want, "{mt} {extra}");
+        }
+        // Sliding layers without a window, a wrong layer count, an unknown kind, a zero window.
+        for (extra, field) in [
+            (
+                serde_json::json!({"sliding_window": 5, "layer_types": ["full_attention",
+                    "sliding_attention", "full_attention", "full_attention"]}),
+                "layer_types",
+            ),
+            (
+                serde_json::json!({"use_sliding_window": true,
+                    "layer_types": ["full_attention", "full_attention", "full_attention"]}),
+                "layer_types",
+            ),
+            (
+                serde_json::json!({"use_sliding_window": true,
+                    "layer_types": ["full_attention", "chunked_attention", "full_attention",
+                    "full_attention"]}),
+                "chunked_attention",
+            ),
+            (
+                serde_json::json!({"use_sliding_window": true, "sliding_window": 0}),
+                "sliding_window",
+            ),
+        ] {
+            let e = cfg("qwen2", extra).unwrap_err().to_string();
+            assert!(e.contains(field) && e.starts_with("config.json"), "{e}");
+        }
     }
 
     #[test]

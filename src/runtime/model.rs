@@ -1,6 +1,6 @@
 //! A LLaMA-family decoder (llama, mistral, qwen2) as a tape: embedding → per layer
-//! [RMSNorm → q/k/v → RoPE → causal GQA attention → o → residual → RMSNorm → SwiGLU MLP → residual]
-//! → final RMSNorm → lm_head → cross-entropy.
+//! [RMSNorm → q/k/v → RoPE → causal GQA attention (sliding-window where the config says) → o → residual
+//! → RMSNorm → SwiGLU MLP → residual] → final RMSNorm → lm_head → cross-entropy.
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -161,15 +161,6 @@ impl Model {
                 "a batch needs at least one sequence of at least 2 tokens",
             ));
         }
-        if let Some(w) = c.sliding_window {
-            if t > w {
-                return Err(Error::Model(format!(
-                    "{}: sliding_window {w} is smaller than the sequence length {t}; sliding-window \
-                     attention is not implemented (use sequences of at most {w} tokens)",
-                    self.dir.join("config.json").display()
-                )));
-            }
-        }
         if let Some(&l) = skip.iter().find(|&&l| l >= self.num_layers()) {
             return Err(Error::invalid(format!(
                 "skip: layer {l} does not exist (the model has {} layers)",
@@ -199,6 +190,7 @@ impl Model {
             heads,
             kv_heads: kv,
             head_dim: hd,
+            window: None,
         };
 
         let embed = tape.param("model.embed_tokens.weight", g_embed, vocab * h);
@@ -255,6 +247,11 @@ impl Model {
     ) -> BufId {
         let c = &self.config;
         let h = c.hidden_size;
+        // A window spanning the whole sequence masks nothing: run such a layer as plain causal attention.
+        let shape = AttnShape {
+            window: c.layer_window(l).filter(|&w| w < shape.tokens),
+            ..shape
+        };
         let (qd, kvd) = (
             shape.heads * shape.head_dim,
             shape.kv_heads * shape.head_dim,

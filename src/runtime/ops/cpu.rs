@@ -395,6 +395,8 @@ pub fn rope_backward(dy: &[f32], heads: usize, table: &RopeTable, dx: &mut [f32]
 
 /// Shapes of one attention call. q/out are `[seqs * tokens, heads * head_dim]`, k/v are
 /// `[seqs * tokens, kv_heads * head_dim]`; query head h reads kv head `h / (heads / kv_heads)`.
+/// `window`: with `Some(w)` query i sees keys i − w < j ≤ i (sliding-window attention, transformers'
+/// convention), with `None` all j ≤ i.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub seqs: usize,
@@ -402,9 +404,18 @@ pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    pub window: Option<usize>,
 }
 
 impl AttnShape {
+    /// The keys query row `i` attends to (never empty: a window is at least 1).
+    fn visible(&self, i: usize) -> std::ops::Range<usize> {
+        let first = match self.window {
+            Some(w) => (i + 1).saturating_sub(w),
+            None => 0,
+        };
+        first..i + 1
+    }
     fn group(&self) -> usize {
         self.heads / self.kv_heads
     }
@@ -447,7 +458,7 @@ pub fn attention_forward(
             let mut p = vec![0f32; t * t];
             scaled_scores(q, k, sh, s, h, g, &mut p);
             for (i, (row, l)) in p.chunks_mut(t).zip(lse_rows.iter_mut()).enumerate() {
-                *l = causal_softmax_row(row, i);
+                *l = masked_softmax_row(row, sh.visible(i));
             }
             let mut tile = vec![0f32; t * d];
             let vh = sh.head(v, sh.kv_heads, s, g);
@@ -465,9 +476,11 @@ fn scaled_scores(q: &[f32], k: &[f32], sh: AttnShape, s: usize, h: usize, g: usi
     matmul(p, sh.tokens, qh, kh.t(), sh.scale(), false, false);
 }
 
-/// Softmax over `row[..=i]` (sum in f64), zero beyond (the causal mask); returns the row's log-sum-exp.
-fn causal_softmax_row(row: &mut [f32], i: usize) -> f32 {
-    let (live, masked) = row.split_at_mut(i + 1);
+/// Softmax over `row[visible]` (sum in f64), zero elsewhere (the causal and window masks); returns the
+/// row's log-sum-exp.
+fn masked_softmax_row(row: &mut [f32], visible: std::ops::Range<usize>) -> f32 {
+    let (before, rest) = row.split_at_mut(visible.start);
+    let (live, after) = rest.split_at_mut(visible.len());
     let max = live.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for x in live.iter_mut() {
@@ -479,7 +492,8 @@ fn causal_softmax_row(row: &mut [f32], i: usize) -> f32 {
     for x in live.iter_mut() {
         *x = (*x as f64 * inv) as f32;
     }
-    masked.fill(0.0);
+    before.fill(0.0);
+    after.fill(0.0);
     (max as f64 + sum.ln()) as f32
 }
 
@@ -507,7 +521,7 @@ fn scatter_heads(tiles: &[Vec<f32>], sh: AttnShape, n_heads: usize, dst: &mut [f
 }
 
 /// Per kv head g (one rayon task), over the query heads h of its group, with P the probabilities
-/// recomputed from the scores and the forward's log-sum-exp (P = exp(S − lse) on and below the diagonal):
+/// recomputed from the scores and the forward's log-sum-exp (P = exp(S − lse) where visible, 0 elsewhere):
 /// dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ_h = scale dS K, dK += scale dSᵀ Q_h, dV += Pᵀ dO.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
@@ -539,8 +553,12 @@ pub fn attention_backward(
                 scaled_scores(q, k, sh, s, h, g, &mut p);
                 let lse_rows = &lse[(s * sh.heads + h) * t..(s * sh.heads + h + 1) * t];
                 for (i, (row, &l)) in p.chunks_mut(t).zip(lse_rows).enumerate() {
-                    row[..=i].iter_mut().for_each(|x| *x = (*x - l).exp());
-                    row[i + 1..].fill(0.0);
+                    let vis = sh.visible(i);
+                    row[..vis.start].fill(0.0);
+                    row[vis.clone()]
+                        .iter_mut()
+                        .for_each(|x| *x = (*x - l).exp());
+                    row[vis.end..].fill(0.0);
                 }
                 let p = &p[..];
                 let doh = sh.head(dout, sh.heads, s, h);
@@ -549,14 +567,15 @@ pub fn attention_backward(
                 matmul(&mut dp, t, doh, vh.t(), 1.0, false, false);
                 for i in 0..t {
                     let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                    let dot: f64 = (0..=i).map(|j| pr[j] as f64 * dr[j] as f64).sum();
-                    for j in 0..t {
-                        dr[j] = if j <= i {
-                            (pr[j] as f64 * (dr[j] as f64 - dot)) as f32
-                        } else {
-                            0.0
-                        };
+                    let vis = sh.visible(i);
+                    let dot: f64 = vis.clone().map(|j| pr[j] as f64 * dr[j] as f64).sum();
+                    let (before, rest) = dr.split_at_mut(vis.start);
+                    let (live, after) = rest.split_at_mut(vis.len());
+                    for (x, &pj) in live.iter_mut().zip(&pr[vis]) {
+                        *x = (pj as f64 * (*x as f64 - dot)) as f32;
                     }
+                    before.fill(0.0);
+                    after.fill(0.0);
                 }
                 let mut dq_t = vec![0f32; t * d];
                 matmul(
@@ -972,16 +991,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn attention_gradients_gqa() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        let sh = AttnShape {
-            seqs: 2,
-            tokens: 4,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 3,
-        };
+    /// Finite-difference check of attention over q, k, v, and the mask: output row i must not move when
+    /// a value row outside `visible(i)` does (the first token sees only itself).
+    fn check_attention(sh: AttnShape, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let nq = sh.seqs * sh.tokens * sh.heads * sh.head_dim;
         let nk = sh.seqs * sh.tokens * sh.kv_heads * sh.head_dim;
         let np = sh.seqs * sh.heads * sh.tokens;
@@ -995,13 +1008,25 @@ mod tests {
             attention_forward(&i[0], &i[1], &i[2], sh, &mut o, &mut p);
             (o, p)
         };
-        // Causality: the first token's output is its own value row (only one key visible).
         let (o, _) = fwd(&ins);
+        let (qw, kw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
         for h in 0..sh.heads {
-            let g = h / 2;
+            let g = h / sh.group();
             for j in 0..sh.head_dim {
                 let vv = ins[2][g * sh.head_dim + j];
                 assert!((o[h * sh.head_dim + j] - vv).abs() < 1e-6);
+            }
+        }
+        // Move value row r of sequence 0: exactly the query rows that see r may change.
+        for r in 0..sh.tokens {
+            let mut moved = ins.clone();
+            moved[2][r * kw..(r + 1) * kw]
+                .iter_mut()
+                .for_each(|x| *x += 1.0);
+            let (o2, _) = fwd(&moved);
+            for i in 0..sh.tokens {
+                let changed = o[i * qw..(i + 1) * qw] != o2[i * qw..(i + 1) * qw];
+                assert_eq!(changed, sh.visible(i).contains(&r), "query {i}, value {r}");
             }
         }
         check_grads(
@@ -1016,6 +1041,41 @@ mod tests {
             },
             2e-3,
         );
+    }
+
+    #[test]
+    fn attention_gradients_gqa() {
+        let sh = AttnShape {
+            seqs: 2,
+            tokens: 4,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 3,
+            window: None,
+        };
+        check_attention(sh, 8);
+    }
+
+    #[test]
+    fn attention_gradients_sliding_window() {
+        let sh = AttnShape {
+            seqs: 2,
+            tokens: 7,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 3,
+            window: Some(3),
+        };
+        assert_eq!(sh.visible(0), 0..1);
+        assert_eq!(sh.visible(2), 0..3);
+        assert_eq!(sh.visible(6), 4..7);
+        check_attention(sh, 10);
+        // A window at least as long as the sequence is plain causal attention.
+        let long = AttnShape {
+            window: Some(7),
+            ..sh
+        };
+        assert!((0..7).all(|i| long.visible(i) == (AttnShape { window: None, ..sh }).visible(i)));
     }
 
     #[test]
