@@ -128,3 +128,26 @@ fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
         );
     }
 }
+
+/// A pruned Qwen2 checkpoint with sliding-window layers keeps every kept layer's own attention kind:
+/// its loss equals the original model's with the removed layer skipped.
+#[test]
+fn pruned_sliding_window_checkpoint_keeps_each_layers_window() {
+    use sglp_engine::pruning::checkpoint::write_pruned_checkpoint;
+    use sglp_engine::runtime::{Model, Tokens};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_sliding");
+    let model = Model::load(&dir).unwrap();
+    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    for removed in [0usize, 1] {
+        let kept: Vec<usize> = (0..model.num_layers()).filter(|&i| i != removed).collect();
+        let out = tempfile::tempdir().unwrap();
+        write_pruned_checkpoint(&dir, out.path(), model.num_layers(), &kept).unwrap();
+        let pruned = Model::load(out.path()).unwrap();
+        let want = model.forward(&tokens, &[removed], &mut |_, _| {}).unwrap();
+        let got = pruned.forward(&tokens, &[], &mut |_, _| {}).unwrap();
+        assert!(
+            (got - want).abs() <= 1e-9 * want.abs(),
+            "removed {removed}: {got} vs {want}"
+        );
+    }
+}

@@ -163,6 +163,16 @@ pub fn pruned_config(
             }
         }
     }
+    // Qwen2 windows layer l when l ≥ max_window_layers (without `layer_types`). Kept layers stay in
+    // order, so counting the kept layers below the old bound keeps every layer's own attention kind.
+    if obj.get("model_type").and_then(|v| v.as_str()) == Some("qwen2") {
+        let bound = obj
+            .get("max_window_layers")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(28) as usize;
+        let below = kept.iter().filter(|&&i| i < bound).count();
+        obj.insert("max_window_layers".into(), below.into());
+    }
     obj.insert("num_hidden_layers".into(), kept.len().into());
     Ok(c)
 }
