@@ -118,28 +118,23 @@ impl Batch {
 
     /// Rows `[start, end)` of every layer, borrowed.
     pub fn slice(&self, start: usize, end: usize) -> BatchRef<'_> {
-        assert!(start <= end && end <= self.rows);
+        self.as_ref().slice(start, end)
+    }
+
+    pub fn as_ref(&self) -> BatchRef<'_> {
         BatchRef {
-            rows: end - start,
+            rows: self.rows,
             layers: self
                 .layers
                 .iter()
-                .map(|b| {
-                    let w = b.cols * b.dtype.size();
-                    LayerSlice {
-                        dtype: b.dtype,
-                        cols: b.cols,
-                        bytes: &b.data[start * w..end * w],
-                    }
+                .map(|b| LayerSlice {
+                    dtype: b.dtype,
+                    cols: b.cols,
+                    bytes: &b.data,
                 })
                 .collect(),
         }
     }
-
-    pub fn as_ref(&self) -> BatchRef<'_> {
-        self.slice(0, self.rows)
-    }
-
     /// Append the rows of `other` (same layers, same dtypes).
     pub fn extend_from(&mut self, other: &BatchRef<'_>) {
         assert_eq!(self.layers.len(), other.layers.len());
@@ -155,6 +150,32 @@ impl Batch {
         self.rows = 0;
         for b in &mut self.layers {
             b.data.clear();
+        }
+    }
+}
+
+impl<'a> BatchRef<'a> {
+    /// Rows `[start, end)` of every layer.
+    pub fn slice(&self, start: usize, end: usize) -> BatchRef<'a> {
+        assert!(
+            start <= end && end <= self.rows,
+            "rows {start}..{end} of a batch of {}",
+            self.rows
+        );
+        BatchRef {
+            rows: end - start,
+            layers: self
+                .layers
+                .iter()
+                .map(|s| {
+                    let w = s.cols * s.dtype.size();
+                    LayerSlice {
+                        dtype: s.dtype,
+                        cols: s.cols,
+                        bytes: &s.bytes[start * w..end * w],
+                    }
+                })
+                .collect(),
         }
     }
 }

@@ -215,7 +215,7 @@ impl CkaAccumulator {
         // Complete a partly filled batch first.
         if self.pending.rows > 0 {
             let take = (b - self.pending.rows).min(chunk.rows);
-            self.pending.extend_from(&sub_batch(chunk, 0, take));
+            self.pending.extend_from(&chunk.slice(0, take));
             start = take;
             if self.pending.rows == b {
                 let full = std::mem::replace(&mut self.pending, Batch::empty(&self.layers));
@@ -224,12 +224,11 @@ impl CkaAccumulator {
         }
         // Whole batches straight from the chunk, without copying.
         while chunk.rows - start >= b {
-            self.add_unbiased_batch(&sub_batch(chunk, start, start + b), backend)?;
+            self.add_unbiased_batch(&chunk.slice(start, start + b), backend)?;
             start += b;
         }
         if start < chunk.rows {
-            self.pending
-                .extend_from(&sub_batch(chunk, start, chunk.rows));
+            self.pending.extend_from(&chunk.slice(start, chunk.rows));
         }
         Ok(())
     }
@@ -356,25 +355,6 @@ impl CkaAccumulator {
             hsic: to_rows(&hsic),
             warnings,
         })
-    }
-}
-
-/// Rows `[start, end)` of a borrowed batch.
-pub(crate) fn sub_batch<'a>(b: &BatchRef<'a>, start: usize, end: usize) -> BatchRef<'a> {
-    BatchRef {
-        rows: end - start,
-        layers: b
-            .layers
-            .iter()
-            .map(|s| {
-                let w = s.cols * s.dtype.size();
-                crate::io::LayerSlice {
-                    dtype: s.dtype,
-                    cols: s.cols,
-                    bytes: &s.bytes[start * w..end * w],
-                }
-            })
-            .collect(),
     }
 }
 
