@@ -18,6 +18,9 @@ The torch_loop / torch_batch inputs live on the GPU already (no upload counted),
 Reported: time per workload, ratio vs (b), Gram-stage TFLOP/s vs measured bf16 matmul throughput
 (torch.matmul on a large square), peak GPU memory. Timing with CUDA events, medians over repeats.
 Usage (on the GPU machine, repository root):  python3 scripts/bench_gpu.py [--out DIR] [--loop-batches K]
+The GPU machine has no Rust toolchain: pack the bench binary here with `DEVICE_PACK_BENCHES=1
+../shared/tools/device-pack`; `bash .device/run-all.sh` unpacks it to /tmp/dp/bin, where this script finds
+it (or pass --engine-bench). scripts/gpu_checks.sh does the whole GPU session in one call.
 """
 
 import argparse
@@ -34,11 +37,23 @@ WORKLOADS = {
 }
 
 
-def run_engine(out_dir):
-    """Build and run the bench binary in JSON mode; returns {workload: entry}."""
+def engine_command(bench_exe):
+    """The bench binary: the given executable, else the one device-pack unpacked (the GPU machine has no
+    Rust toolchain), else `cargo bench`."""
+    import glob
+    if bench_exe:
+        return [bench_exe, "--bench"]
+    packed = sorted(glob.glob("/tmp/dp/bin/bench-cka_gpu-*"))
+    if packed:
+        return [packed[0], "--bench"]
+    return ["cargo", "bench", "--bench", "cka_gpu"]
+
+
+def run_engine(out_dir, bench_exe=None):
+    """Run the bench binary in JSON mode; returns {workload: entry}."""
     path = os.path.join(out_dir, "engine.json")
     env = dict(os.environ, SGLP_BENCH_JSON=os.path.abspath(path))
-    cmd = ["cargo", "bench", "--bench", "cka_gpu"]
+    cmd = engine_command(bench_exe)
     print("+", " ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     with open(os.path.join(out_dir, "engine.log"), "w") as f:
@@ -185,6 +200,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--loop-batches", type=int, default=2, help="batches timed for the per-pair loop")
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--engine-bench", default=None,
+                    help="the cka_gpu bench executable (default: device-pack's /tmp/dp/bin/bench-cka_gpu-*, "
+                         "else cargo bench)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import torch
@@ -193,7 +211,7 @@ def main():
         raise SystemExit("no CUDA device visible to torch")
     dev = torch.cuda.get_device_name(0)
     peak_bf16 = bf16_matmul_tflops(torch)
-    engine = {} if args.skip_engine else run_engine(args.out)
+    engine = {} if args.skip_engine else run_engine(args.out, args.engine_bench)
     report = dict(device=dev, bf16_matmul_tflops=peak_bf16, workloads={})
     for name, spec in WORKLOADS.items():
         gram_flops = sum(spec["rows"] ** 2 * d * 2 for d in spec["widths"])

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything in the CUDA issue that needs a GPU, in one call on the GPU machine (it has no Rust toolchain).
+#
+#   here:        DEVICE_PACK_BENCHES=1 ../shared/tools/device-pack
+#   device tool: run  command: "bash scripts/gpu_checks.sh"  carry: [".device"]
+#
+# Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
+# SGLP_REQUIRE_GPU=1, so a GPU that is not found fails), engine.json/engine.log (the cka_gpu bench
+# binary's per-batch CUDA-event timings), bench_gpu.json and bench.log (engine vs PyTorch, same GPU).
+set -uo pipefail
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+SGLP_REQUIRE_GPU=1 bash .device/run-all.sh 2>&1 | tee "$out/tests.log"
+tests=${PIPESTATUS[0]}
+PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
+bench=${PIPESTATUS[0]}
+echo "gpu_checks: tests exit $tests, bench exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
