@@ -3,7 +3,7 @@
 //! `layers` = the names in order, comma-separated).
 
 use crate::error::{Error, Result};
-use crate::runtime::{Model, Tokens};
+use crate::runtime::Model;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -28,8 +28,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
         return Err(Error::invalid("--batch-size must be at least 1"));
     }
     let model = Model::load(&a.model)?;
-    let tokens = Tokens::load_npy(&a.tokens)?;
-    tokens.check_vocab(model.vocab_size(), &a.tokens)?;
+    let tokens = model.load_tokens(&a.tokens)?;
     let names = model.layer_names();
     let mut out = StreamedSafetensors::create(
         &a.out,

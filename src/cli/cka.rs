@@ -4,7 +4,7 @@ use super::segment::{segment_and_write, SegmentOpts};
 use crate::error::{Error, Result};
 use crate::io::output::write_atomic;
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
-use crate::runtime::{CaptureSource, Model, Tokens};
+use crate::runtime::{CaptureSource, Model};
 use crate::similarity::device::{open_backend, DeviceChoice};
 use crate::similarity::{compute_cka, CkaResult, CkaSpec, Estimator, Kernel, Route};
 use std::path::{Path, PathBuf};
@@ -90,8 +90,7 @@ impl InputArgs {
             Error::invalid("--model needs --tokens FILE (.npy calibration tokens)")
         })?;
         let model = Model::load(dir)?;
-        let tokens = Tokens::load_npy(&tokens_path)?;
-        tokens.check_vocab(model.config.vocab_size, &tokens_path)?;
+        let tokens = model.load_tokens(&tokens_path)?;
         let mut capture =
             CaptureSource::new(&model, &tokens, self.capture_batch, self.token_mode()?);
         f(&mut capture)

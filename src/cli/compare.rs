@@ -2,7 +2,7 @@
 //! evaluated on held-out tokens with the removed layers bypassed (no checkpoints written).
 
 use super::cka::emit;
-use super::prune::{load_tokens, params_before_after, SglpArgs};
+use super::prune::{params_before_after, SglpArgs};
 use crate::error::{Error, Result};
 use crate::pruning::criteria::{self, HiddenStats};
 use crate::pruning::pipeline::{perplexity, sglp_decide, Budget};
@@ -123,8 +123,8 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let l = model.num_layers();
     let budget = Budget::Remove(a.remove).layers_to_remove(l)?;
-    let tokens = load_tokens(&model, &a.tokens)?;
-    let held = load_tokens(&model, &a.eval_tokens)?;
+    let tokens = model.load_tokens(&a.tokens)?;
+    let held = model.load_tokens(&a.eval_tokens)?;
     let fb = opts.forward_batch;
 
     let (base_params, _) = params_before_after(&a.model, l, &[])?;

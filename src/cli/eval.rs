@@ -1,7 +1,6 @@
 //! `sglp-engine eval`: perplexity = exp(mean next-token cross-entropy) of a checkpoint on a tokens file.
 
 use super::cka::emit;
-use super::prune::load_tokens;
 use crate::error::{Error, Result};
 use crate::pruning::pipeline::perplexity;
 use crate::runtime::Model;
@@ -43,7 +42,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let model = Model::load(&a.model)?;
-    let tokens = load_tokens(&model, &a.tokens)?;
+    let tokens = model.load_tokens(&a.tokens)?;
     let p = perplexity(&model, &tokens, a.batch_size, &[])?;
     let seconds = t0.elapsed().as_secs_f64();
     println!(

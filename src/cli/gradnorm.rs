@@ -2,7 +2,7 @@
 //! calibration tokens, with the engine's own runtime.
 
 use crate::error::{Error, Result};
-use crate::runtime::{Model, Tokens};
+use crate::runtime::Model;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -30,12 +30,9 @@ pub fn run(a: GradnormArgs) -> Result<()> {
         return Err(Error::invalid("--batch-size must be at least 1"));
     }
     let model = Model::load(&a.model)?;
-    let tokens = Tokens::load_npy(&a.tokens)?;
-    tokens.check_vocab(model.vocab_size(), &a.tokens)?;
+    let tokens = model.load_tokens(&a.tokens)?;
+    // load_tokens guarantees at least one sequence, so at least one batch.
     let n_batches = tokens.sequences.div_ceil(a.batch_size);
-    if n_batches == 0 {
-        return Err(Error::format(&a.tokens, "no sequences"));
-    }
     let nl = model.num_layers();
     let (mut per_layer, mut loss) = (vec![0f64; nl], 0f64);
     let (mut embed, mut norm, mut head) = (0f64, 0f64, 0f64);

@@ -5,12 +5,10 @@ use super::segment::SegmentOpts;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
 use crate::pruning::checkpoint::{parameter_counts, write_pruned_checkpoint, StagedDir};
-use crate::pruning::pipeline::{
-    check_tokens, perplexity, sglp_decide, Budget, Perplexity, SglpOptions,
-};
+use crate::pruning::pipeline::{perplexity, sglp_decide, Budget, Perplexity, SglpOptions};
 use crate::pruning::select::Selection;
 use crate::report::{write_json_and_html, write_plots, PruneReport, StageTimes, REPORT_FORMAT};
-use crate::runtime::{Model, Tokens};
+use crate::runtime::Model;
 use crate::similarity::device::open_backend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,13 +90,6 @@ pub struct PruneArgs {
     pub sglp: SglpArgs,
 }
 
-/// Load and check a tokens file against the model.
-pub(crate) fn load_tokens(model: &Model, path: &Path) -> Result<Tokens> {
-    let t = Tokens::load_npy(path)?;
-    check_tokens(model, &t, path)?;
-    Ok(t)
-}
-
 pub(crate) fn budget_of(remove: Option<usize>, target: Option<usize>) -> Budget {
     match (remove, target) {
         (Some(n), _) => Budget::Remove(n),
@@ -136,9 +127,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let l = model.num_layers();
     let budget = budget_of(a.remove, a.target_layers).layers_to_remove(l)?;
-    let tokens = load_tokens(&model, &a.tokens)?;
+    let tokens = model.load_tokens(&a.tokens)?;
     let eval = match &a.eval_tokens {
-        Some(p) => Some(load_tokens(&model, p)?),
+        Some(p) => Some(model.load_tokens(p)?),
         None => None,
     };
 

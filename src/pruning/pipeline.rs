@@ -204,20 +204,6 @@ pub fn perplexity(
     })
 }
 
-/// Check tokens against the model: ids in the vocabulary, at least two tokens per sequence.
-pub fn check_tokens(model: &Model, tokens: &Tokens, path: &std::path::Path) -> Result<()> {
-    if tokens.sequences == 0 || tokens.len < 2 {
-        return Err(Error::format(
-            path,
-            format!(
-                "need at least one sequence of at least 2 tokens (got {} × {})",
-                tokens.sequences, tokens.len
-            ),
-        ));
-    }
-    tokens.check_vocab(model.vocab_size(), path)
-}
-
 /// The SGLP decision: which `budget` decoder layers to remove.
 pub fn sglp_decide(
     model: &Model,

@@ -91,6 +91,23 @@ impl Model {
         self.config.hidden_size
     }
 
+    /// Load a calibration tokens file for this model: at least one sequence of at least 2 tokens, every id
+    /// inside the vocabulary (an error names the first bad position).
+    pub fn load_tokens(&self, path: &Path) -> Result<Tokens> {
+        let tokens = Tokens::load_npy(path)?;
+        if tokens.sequences == 0 || tokens.len < 2 {
+            return Err(Error::format(
+                path,
+                format!(
+                    "need at least one sequence of at least 2 tokens (got {} × {})",
+                    tokens.sequences, tokens.len
+                ),
+            ));
+        }
+        tokens.check_vocab(self.vocab_size(), path)?;
+        Ok(tokens)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
