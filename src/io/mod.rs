@@ -135,6 +135,7 @@ impl Batch {
                 .collect(),
         }
     }
+
     /// Append the rows of `other` (same layers, same dtypes).
     pub fn extend_from(&mut self, other: &BatchRef<'_>) {
         assert_eq!(self.layers.len(), other.layers.len());
@@ -144,13 +145,6 @@ impl Batch {
             dst.data.extend_from_slice(src.bytes);
         }
         self.rows += other.rows;
-    }
-
-    pub fn clear(&mut self) {
-        self.rows = 0;
-        for b in &mut self.layers {
-            b.data.clear();
-        }
     }
 }
 
