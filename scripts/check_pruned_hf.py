@@ -13,7 +13,7 @@ For each fixture model (tests/fixtures/<name>/, made by scripts/make_fixtures.py
      checkpoint), which tests/pruning_hf.rs compares against without Python.
 
     cargo build --release
-    /work/venvs/torch/bin/python scripts/check_pruned_hf.py [--engine target/release/sglp-engine]
+    python3 scripts/check_pruned_hf.py [--engine target/release/sglp-engine]
 """
 import argparse
 import json
@@ -28,12 +28,18 @@ import torch
 import transformers
 
 # name → prune arguments (kept in the reference so the Rust test prunes the same way).
+# The published chain's choices are pinned (column-sum features, proportional allocation, gradient-norm or
+# subset selection), so the removed layers do not move when the default method changes.
+PINNED = ["--features", "colsum", "--allocation", "proportional"]
 CASES = {
-    "llama_llama3_rope": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16"],
-    "llama_bf16_tied": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16"],
+    "llama_llama3_rope": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16",
+                          "--selection", "gradnorm"] + PINNED,
+    "llama_bf16_tied": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16",
+                        "--selection", "gradnorm"] + PINNED,
     "mistral_sharded": ["--target-layers", "2", "--forward-batch", "2", "--batch-size", "16",
-                        "--selection", "subset"],
-    "qwen2_f16_bias": ["--remove", "1", "--forward-batch", "3", "--batch-size", "16"],
+                        "--selection", "subset"] + PINNED,
+    "qwen2_f16_bias": ["--remove", "1", "--forward-batch", "3", "--batch-size", "16",
+                       "--selection", "gradnorm"] + PINNED,
 }
 
 

@@ -79,10 +79,24 @@ fn prune_writes_checkpoint_report_and_pictures() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("sglp-report.json")).unwrap())
             .unwrap();
-    assert_eq!(r["format"], "sglp-prune-report/1");
+    assert_eq!(r["format"], "sglp-prune-report/2");
+    assert_eq!(r["method"], "sglp");
     assert_eq!(r["removed"].as_array().unwrap().len(), 1);
     assert_eq!(r["cka"]["cka"].as_array().unwrap().len(), 3);
-    assert_eq!(r["gradnorm"].as_array().unwrap().len(), 3);
+    // The default decision measures losses, not gradient norms: block influence is the shortlist's proxy
+    // and each greedy step lists its candidates' calibration losses.
+    assert!(r["gradnorm"].is_null());
+    assert_eq!(r["block_influence"].as_array().unwrap().len(), 3);
+    let steps = r["greedy_steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1);
+    let best = steps[0]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[1].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(steps[0]["score"].as_f64().unwrap(), best);
+    assert_eq!(r["removed"][0], steps[0]["removed"]);
     assert!(r["params_after"].as_u64().unwrap() < r["params_before"].as_u64().unwrap());
     assert!(r["perplexity_before"].as_f64().unwrap() > 1.0);
     for stage in [
@@ -90,6 +104,7 @@ fn prune_writes_checkpoint_report_and_pictures() {
         "cka_s",
         "segmentation_s",
         "gradnorm_s",
+        "selection_s",
         "writing_s",
     ] {
         assert!(r["timings"][stage].as_f64().unwrap() >= 0.0);
@@ -225,11 +240,11 @@ fn eval_prints_and_writes_perplexity() {
 }
 
 #[test]
-fn compare_runs_every_criterion() {
+fn compare_sweeps_budgets_for_every_criterion() {
     let tmp = tempfile::tempdir().unwrap();
     let m = fixture();
     let t = m.join("tokens.npy");
-    let j = tmp.path().join("c.json");
+    let dir = tmp.path().join("cmp");
     let o = engine(&[
         "compare",
         "--model",
@@ -239,31 +254,81 @@ fn compare_runs_every_criterion() {
         "--eval-tokens",
         s(&t),
         "--remove",
-        "1",
+        "1..2",
         "--seed",
         "3",
+        "--seeds",
+        "4",
         "--batch-size",
         "16",
         "--forward-batch",
         "2",
-        "-o",
-        s(&j),
+        "--out-dir",
+        s(&dir),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = String::from_utf8_lossy(&o.stdout);
-    for c in ["none", "sglp", "shortgpt", "angular", "mpruner", "random"] {
+    for c in [
+        "sglp",
+        "sglp-paper",
+        "shortgpt",
+        "angular",
+        "mpruner",
+        "random",
+        "sleb",
+    ] {
         assert!(table.contains(c), "{c} missing from\n{table}");
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
-    let rows = v["criteria"].as_array().unwrap();
-    assert_eq!(rows.len(), 5);
-    let base = v["baseline"]["params"].as_u64().unwrap();
-    for r in rows {
-        assert_eq!(r["removed"].as_array().unwrap().len(), 1);
-        assert!(r["perplexity"].as_f64().unwrap().is_finite());
-        assert!(r["params"].as_u64().unwrap() < base);
+    for f in ["sglp-compare.json", "sglp-compare.png", "sglp-compare.html"] {
+        assert!(dir.join(f).is_file(), "missing {f}");
     }
-    check_criteria_against_reference_hidden_states(rows);
+    let html = std::fs::read_to_string(dir.join("sglp-compare.html")).unwrap();
+    assert_eq!(html.matches("data:image/png;base64,").count(), 1);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sglp-compare.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["format"], "sglp-compare/2");
+    assert_eq!(v["budgets"], serde_json::json!([1, 2]));
+    let curves = v["curves"].as_array().unwrap();
+    assert_eq!(curves.len(), 7);
+    let base = v["params"].as_u64().unwrap();
+    let base_loss = v["baseline"]["loss"].as_f64().unwrap();
+    for c in curves {
+        let points = c["points"].as_array().unwrap();
+        assert_eq!(points.len(), 2, "{}", c["criterion"]);
+        for (p, n) in points.iter().zip([1usize, 2]) {
+            assert_eq!(p["remove"], n);
+            assert_eq!(p["removed"].as_array().unwrap().len(), n);
+            let loss = p["loss"].as_f64().unwrap();
+            assert!(loss.is_finite() && loss != base_loss, "{p}");
+            assert!((p["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp());
+            assert!(p["params"].as_u64().unwrap() < base);
+        }
+        assert!(c["decide_s"].as_f64().unwrap() >= 0.0);
+    }
+    // Random: four seeds per budget, the curve at their median, inside their range.
+    let random = curves.iter().find(|c| c["criterion"] == "random").unwrap();
+    for p in random["points"].as_array().unwrap() {
+        let band = &p["random"];
+        assert_eq!(band["seeds"], serde_json::json!([3, 4, 5, 6]));
+        let (lo, med, hi) = (
+            band["min"].as_f64().unwrap(),
+            band["median"].as_f64().unwrap(),
+            band["max"].as_f64().unwrap(),
+        );
+        assert!(lo <= med && med <= hi);
+        assert_eq!(p["perplexity"].as_f64().unwrap(), med);
+    }
+    // SLEB: one greedy order serves every budget, so budget 2 keeps budget 1's layer.
+    let sleb = curves.iter().find(|c| c["criterion"] == "sleb").unwrap();
+    let order = sleb["details"]["order"].as_array().unwrap();
+    let p1 = &sleb["points"][0]["removed"];
+    assert_eq!(p1[0], order[0]);
+    assert!(sleb["points"][1]["removed"]
+        .as_array()
+        .unwrap()
+        .contains(&order[0]));
+    check_criteria_against_reference_hidden_states(curves);
     assert_exit2(
         &engine(&[
             "compare",
@@ -274,9 +339,23 @@ fn compare_runs_every_criterion() {
             "--eval-tokens",
             s(&t),
             "--remove",
-            "3",
+            "1..3",
         ]),
         "--remove must be between",
+    );
+    assert_exit2(
+        &engine(&[
+            "compare",
+            "--model",
+            s(&m),
+            "--tokens",
+            s(&t),
+            "--eval-tokens",
+            s(&t),
+            "--remove",
+            "2..1",
+        ]),
+        "--remove: expected",
     );
 }
 
@@ -300,17 +379,17 @@ fn check_criteria_against_reference_hidden_states(rows: &[serde_json::Value]) {
         let bb: f64 = b.iter().map(|x| x * x).sum();
         ab / (aa.sqrt() * bb.sqrt())
     };
-    let get = |name: &str, key: &str| -> Vec<f64> {
-        let r = rows.iter().find(|r| r["criterion"] == name).unwrap();
-        r["details"][key]
-            .as_array()
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect()
     };
-    let bi = get("shortgpt", "block_influence");
-    let ad = get("angular", "angular_distance");
+    let curve = |name: &str| rows.iter().find(|r| r["criterion"] == name).unwrap();
+    let bi = floats(&curve("shortgpt")["details"]["block_influence"]);
+    // Span 1: the angular distances of the budget-1 point.
+    let ad = floats(&curve("angular")["points"][0]["details"]["angular_distance"]);
     assert_eq!(bi.len(), 3);
     for l in 0..3 {
         let (shape, a) = hidden(l);

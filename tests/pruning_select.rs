@@ -2,7 +2,7 @@
 //! matrix of blocks of similar layers and hand-set gradient norms.
 
 use sglp_engine::pruning::allocate::{allocate, Allocation};
-use sglp_engine::pruning::select::{best_subsets, lowest_gradnorm};
+use sglp_engine::pruning::select::{best_subsets, lowest_under_caps};
 use sglp_engine::segmentation::{segment_cka, Features, KChoice};
 
 /// CKA of `blocks` (lengths) of layers: 1 on the diagonal, `within` inside a block, decaying with the
@@ -49,26 +49,27 @@ fn blocks_are_found_budget_split_and_lowest_gradnorm_removed() {
 
     // Gradient norms with a known order inside each block.
     let g = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.35, 0.05, 0.5];
-    let removed = lowest_gradnorm(&segments, &counts, &g);
+    let removed = lowest_under_caps(&segments, &counts, 6, &g).unwrap();
     assert_eq!(removed, vec![1, 2, 3, 5, 7, 10]);
 }
 
 #[test]
-fn subset_search_prefers_the_subset_with_the_largest_global_gradnorm() {
+fn subset_search_prefers_the_subset_with_the_smallest_global_gradnorm() {
     let segments = [(0, 3), (4, 7)];
     let counts = [2, 1];
-    // The network's global gradient norm after removal: layers 1 and 3 together keep it highest in the
-    // first segment (an interaction a per-layer ranking cannot see), layer 6 in the second.
+    // The network's global gradient norm after removal: layers 1 and 3 together keep it lowest in the
+    // first segment (an interaction a per-layer ranking cannot see), layer 6 in the second; removing
+    // layer 0 sends it up (as removing the first layer of a trained model does).
     let mut score = |removed: &[usize]| -> sglp_engine::Result<f64> {
         let mut s = 1.0;
         if removed == [1, 3] {
-            s += 0.5;
+            s -= 0.5;
         }
         if removed.contains(&0) {
-            s += 0.2;
+            s += 5.0;
         }
         if removed == [6] {
-            s += 0.1;
+            s -= 0.1;
         }
         Ok(s)
     };
@@ -77,6 +78,13 @@ fn subset_search_prefers_the_subset_with_the_largest_global_gradnorm() {
     assert_eq!(search.len(), 2);
     assert_eq!(search[0].evaluated, 6);
     assert_eq!(search[1].evaluated, 4);
+    // Every candidate's score is kept for the report, not only the winner's.
+    assert_eq!(search[0].candidates.len(), 6);
+    assert!(search[0]
+        .candidates
+        .iter()
+        .any(|(set, s)| set == &vec![0, 1] && *s == 6.0));
+    assert_eq!(search[0].score, 0.5);
 }
 
 /// The fused calibration pass (hidden states taken from the gradient-norm forward) gives the same CKA as
@@ -85,7 +93,8 @@ fn subset_search_prefers_the_subset_with_the_largest_global_gradnorm() {
 fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
     use sglp_engine::io::TokenMode;
     use sglp_engine::pruning::allocate::Allocation;
-    use sglp_engine::pruning::pipeline::{mean_grad_norms, sglp_decide, SglpOptions};
+    use sglp_engine::pruning::calibration::mean_grad_norms;
+    use sglp_engine::pruning::pipeline::{sglp_decide, SglpOptions};
     use sglp_engine::pruning::select::Selection;
     use sglp_engine::runtime::{CaptureSource, Model, Tokens};
     use sglp_engine::similarity::{compute_cka, cpu::CpuBackend, CkaSpec};
@@ -106,6 +115,8 @@ fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
             allocation: Allocation::Proportional,
             selection: Selection::Gradnorm,
             max_candidates: 8,
+            shortlist: 0,
+            score_sequences: None,
             forward_batch: 2,
             gradnorm_batches,
         };
@@ -121,9 +132,10 @@ fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
             }
         }
         let g = mean_grad_norms(&model, &tokens, 2, gradnorm_batches, &[], false).unwrap();
-        assert_eq!(d.gradnorm, g);
+        let dg = d.gradnorm.unwrap();
+        assert_eq!(dg, g);
         assert_eq!(
-            d.gradnorm.batches,
+            dg.batches,
             gradnorm_batches.unwrap_or(tokens.sequences.div_ceil(2))
         );
     }

@@ -19,7 +19,8 @@ pub struct CaptureArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Sequences per forward pass.
-    #[arg(long, default_value_t = 8)]
+    /// Sequences per forward (+ backward) pass.
+    #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub batch_size: usize,
 }
 

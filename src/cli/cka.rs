@@ -29,7 +29,7 @@ pub struct InputArgs {
     #[arg(long, value_enum)]
     pub token_mode: Option<TokenMode>,
     /// With `--model`: sequences per forward pass.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub capture_batch: usize,
     /// Keep only the layers whose name matches this regular expression (files only).
     #[arg(long)]

@@ -2,7 +2,7 @@
 
 use super::cka::emit;
 use crate::error::{Error, Result};
-use crate::pruning::pipeline::perplexity;
+use crate::pruning::calibration::perplexity;
 use crate::runtime::Model;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,7 +16,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub tokens: PathBuf,
     /// Sequences per forward pass.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub batch_size: usize,
     /// Also write the result as JSON here.
     #[arg(long, short = 'o')]

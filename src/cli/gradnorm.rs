@@ -15,7 +15,8 @@ pub struct GradnormArgs {
     #[arg(long)]
     pub tokens: PathBuf,
     /// Sequences per forward + backward pass.
-    #[arg(long, default_value_t = 8)]
+    /// Sequences per forward (+ backward) pass.
+    #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub batch_size: usize,
     /// Output JSON.
     #[arg(long)]

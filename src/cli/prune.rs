@@ -1,39 +1,66 @@
-//! `sglp-engine prune`: the whole SGLP pipeline on a checkpoint, writing the pruned checkpoint and a report.
+//! `sglp-engine prune`: flags → [`crate::pruning::prune::prune`] → a summary on stdout.
 
 use super::cka::EstimatorArgs;
-use super::segment::SegmentOpts;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
-use crate::pruning::checkpoint::{parameter_counts, write_pruned_checkpoint, StagedDir};
-use crate::pruning::pipeline::{perplexity, sglp_decide, Budget, Perplexity, SglpOptions};
+use crate::pruning::pipeline::{Budget, Method, SglpOptions, DEFAULT_FORWARD_BATCH};
+use crate::pruning::prune::{prune, PruneSpec};
 use crate::pruning::select::Selection;
-use crate::report::{write_json_and_html, write_plots, PruneReport, StageTimes, REPORT_FORMAT};
-use crate::runtime::Model;
+use crate::segmentation::{Features, KChoice};
 use crate::similarity::device::open_backend;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-/// The SGLP options shared by `prune` and `compare`.
+/// The SGLP options shared by `prune` and `compare`: a preset (`--method`), each of whose choices a flag
+/// may override.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SglpArgs {
+    /// `sglp` (default): CKA-row segments, then loss-guided removal inside them (one layer at a time, the
+    /// removal that raises the calibration loss least, candidates shortlisted by block influence,
+    /// adaptive allocation, no segment emptied). `sglp-paper`: as published — column-sum features, 5%
+    /// rule with k ≤ 6, proportional allocation, subsets scored by the pruned network's gradient norm.
+    #[arg(long, value_enum, default_value_t = Method::Sglp)]
+    pub method: Method,
     #[command(flatten)]
     pub est: EstimatorArgs,
-    #[command(flatten)]
-    pub seg: SegmentOpts,
-    /// How the budget is split over the segments: `proportional` to their length (largest remainder,
-    /// never emptying a segment) or to their `removable` layers (length − 1).
-    #[arg(long, value_enum, default_value_t = Allocation::Proportional)]
-    pub allocation: Allocation,
-    /// Inside a segment: `gradnorm` removes the layers of lowest gradient norm; `subset` scores whole
-    /// candidate subsets by the pruned network's global gradient norm (SGLP paper).
-    #[arg(long, value_enum, default_value_t = Selection::Gradnorm)]
-    pub selection: Selection,
+    /// Per-layer feature for the segmentation: `colsum` (x_l = Σ_m CKA[m][l]) or `rows` (each layer's
+    /// CKA row). Default: the method's (sglp: rows; sglp-paper: colsum).
+    #[arg(long, value_enum)]
+    pub features: Option<Features>,
+    /// Number of segments, or `auto` (the relative-gain rule over k = 1..k-max).
+    #[arg(long)]
+    pub k: Option<String>,
+    /// Largest k tried by `--k auto` (sglp: 8; sglp-paper: 6; lowered to L − budget).
+    #[arg(long)]
+    pub k_max: Option<usize>,
+    /// `--k auto`: the largest k+1 whose relative loss gain exceeds this (default 0.05).
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// Minimum layers per segment (default 1).
+    #[arg(long)]
+    pub min_len: Option<usize>,
+    /// How the budget is split over the segments: `proportional` to their length, to their `removable`
+    /// layers (length − 1), or `adaptive` (the selection decides, no segment emptied). Default: the
+    /// method's (sglp: adaptive; sglp-paper: proportional).
+    #[arg(long, value_enum)]
+    pub allocation: Option<Allocation>,
+    /// Inside a segment: `loss` removes, one at a time, the candidate whose removal raises the calibration
+    /// loss least; `gradnorm` the layers of lowest gradient norm; `subset` scores whole candidate subsets
+    /// by the pruned network's global gradient norm (smallest wins). Default: the method's.
+    #[arg(long, value_enum)]
+    pub selection: Option<Selection>,
     /// `--selection subset`: most candidate subsets scored per segment; beyond it, greedy removal one
     /// layer at a time.
     #[arg(long, default_value_t = 64)]
     pub max_candidates: usize,
+    /// `--selection loss`: candidates per segment and step, those of lowest block influence (0: every
+    /// layer of the segment).
+    #[arg(long, default_value_t = 2)]
+    pub shortlist: usize,
+    /// `--selection loss`: calibration sequences each candidate's loss is measured on (default: all).
+    #[arg(long)]
+    pub score_sequences: Option<usize>,
     /// Sequences per forward / backward pass of the runtime.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT_FORWARD_BATCH)]
     pub forward_batch: usize,
     /// Calibration batches (of --forward-batch sequences) for the gradient norms (default: all).
     #[arg(long)]
@@ -48,17 +75,42 @@ impl SglpArgs {
         if self.max_candidates == 0 {
             return Err(Error::invalid("--max-candidates must be at least 1"));
         }
+        if self.score_sequences == Some(0) {
+            return Err(Error::invalid("--score-sequences must be at least 1"));
+        }
+        let p = SglpOptions::preset(self.method);
+        let k = match (self.k.as_deref(), p.k) {
+            (Some("auto") | None, KChoice::Auto { k_max, threshold }) => KChoice::Auto {
+                k_max: self.k_max.unwrap_or(k_max),
+                threshold: self.threshold.unwrap_or(threshold),
+            },
+            (None, k) => k,
+            (Some(s), _) => s.parse().map(KChoice::Fixed).map_err(|_| {
+                Error::invalid(format!("--k must be a number or 'auto' (got '{s}')"))
+            })?,
+        };
         Ok(SglpOptions {
             cka: self.est.spec(),
-            features: self.seg.features,
-            k: self.seg.k_choice()?,
-            min_len: self.seg.min_len,
-            allocation: self.allocation,
-            selection: self.selection,
+            features: self.features.unwrap_or(p.features),
+            k,
+            min_len: self.min_len.unwrap_or(p.min_len),
+            allocation: self.allocation.unwrap_or(p.allocation),
+            selection: self.selection.unwrap_or(p.selection),
             max_candidates: self.max_candidates,
+            shortlist: self.shortlist,
+            score_sequences: self.score_sequences,
             forward_batch: self.forward_batch,
             gradnorm_batches: self.gradnorm_batches,
         })
+    }
+
+    /// The preset's name as the report shows it.
+    pub fn method_name(&self) -> String {
+        match self.method {
+            Method::Sglp => "sglp",
+            Method::SglpPaper => "sglp-paper",
+        }
+        .into()
     }
 }
 
@@ -90,155 +142,55 @@ pub struct PruneArgs {
     pub sglp: SglpArgs,
 }
 
-pub(crate) fn budget_of(remove: Option<usize>, target: Option<usize>) -> Budget {
-    match (remove, target) {
-        (Some(n), _) => Budget::Remove(n),
-        (None, Some(m)) => Budget::TargetLayers(m),
-        (None, None) => Budget::Remove(0),
-    }
-}
-
-/// Parameters of the model and of the model without `removed`.
-pub(crate) fn params_before_after(
-    model_dir: &Path,
-    num_layers: usize,
-    removed: &[usize],
-) -> Result<(usize, usize)> {
-    let (other, per_layer) = parameter_counts(model_dir, num_layers)?;
-    let all: usize = per_layer.iter().sum();
-    let gone: usize = removed.iter().map(|&l| per_layer[l]).sum();
-    Ok((other + all, other + all - gone))
-}
-
 pub fn run(a: PruneArgs) -> Result<()> {
-    let t0 = Instant::now();
-    let opts = a.sglp.options()?;
-    if let (Ok(o), Ok(m)) = (a.out.canonicalize(), a.model.canonicalize()) {
-        if o == m {
-            return Err(Error::invalid(format!(
-                "{}: --out is the input model directory; choose another OUTDIR",
-                a.out.display()
-            )));
-        }
-    }
-    // Refuse an existing OUTDIR before any work; the staging directory beside it is made only when the
-    // checkpoint is written, so an interrupted analysis leaves nothing behind.
-    StagedDir::check_dest(&a.out, a.force)?;
-    let model = Model::load(&a.model)?;
-    let l = model.num_layers();
-    let budget = budget_of(a.remove, a.target_layers).layers_to_remove(l)?;
-    let tokens = model.load_tokens(&a.tokens)?;
-    let eval = match &a.eval_tokens {
-        Some(p) => Some(model.load_tokens(p)?),
-        None => None,
+    let spec = PruneSpec {
+        model: a.model,
+        tokens: a.tokens,
+        budget: match (a.remove, a.target_layers) {
+            (Some(n), _) => Budget::Remove(n),
+            (None, Some(m)) => Budget::TargetLayers(m),
+            (None, None) => Budget::Remove(0),
+        },
+        out: a.out,
+        force: a.force,
+        eval_tokens: a.eval_tokens,
+        method: a.sglp.method_name(),
+        options: a.sglp.options()?,
     };
-
     let (mut backend, note) = open_backend(a.sglp.est.device, a.sglp.est.threads)?;
     if let Some(n) = note {
         eprintln!("{n}");
     }
-    let d = sglp_decide(&model, &tokens, budget, &opts, backend.as_mut())?;
-    for w in d.cka.warnings.iter().chain(&d.notes) {
+    let (r, out) = prune(&spec, backend.as_mut())?;
+    for w in r.cka.warnings.iter().chain(&r.warnings) {
         eprintln!("warning: {w}");
     }
-    let kept: Vec<usize> = (0..l).filter(|i| !d.removed.contains(i)).collect();
-
-    let t_eval = Instant::now();
-    let (ppl_before, ppl_after): (Option<Perplexity>, Option<Perplexity>) = match &eval {
-        Some(e) => (
-            Some(perplexity(&model, e, opts.forward_batch, &[])?),
-            Some(perplexity(&model, e, opts.forward_batch, &d.removed)?),
-        ),
-        None => (None, None),
-    };
-    let eval_s = t_eval.elapsed().as_secs_f64();
-
-    let t_write = Instant::now();
-    let (params_before, params_after) = params_before_after(&a.model, l, &d.removed)?;
-    let staged = StagedDir::new(&a.out, a.force)?;
-    write_pruned_checkpoint(&a.model, staged.path(), l, &kept)?;
-    let names = model.layer_names();
-    let mut report = PruneReport {
-        format: REPORT_FORMAT.into(),
-        model: a.model.display().to_string(),
-        tokens: a.tokens.display().to_string(),
-        calibration_sequences: tokens.sequences,
-        calibration_tokens_per_sequence: tokens.len,
-        layers: names.clone(),
-        k: d.segmentation.k,
-        k_rule: if a.sglp.seg.k == "auto" {
-            "auto".into()
-        } else {
-            "fixed".into()
-        },
-        segments: d.segments.clone(),
-        loss_curve: d
-            .segmentation
-            .loss_curve
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (i + 1, v))
-            .collect(),
-        allocation: opts.allocation,
-        removed_per_segment: d.removed_per_segment.clone(),
-        selection: opts.selection,
-        subset_search: d.subset_search.clone(),
-        gradnorm: d.gradnorm.per_layer.clone(),
-        calibration_loss: d.gradnorm.loss,
-        removed: d.removed.clone(),
-        removed_layers: d.removed.iter().map(|&i| names[i].clone()).collect(),
-        kept: kept.clone(),
-        params_before,
-        params_after,
-        eval_tokens: a.eval_tokens.as_ref().map(|p| p.display().to_string()),
-        perplexity_before: ppl_before.map(|p| p.perplexity),
-        perplexity_after: ppl_after.map(|p| p.perplexity),
-        timings: StageTimes {
-            capture_s: d.times.capture.as_secs_f64(),
-            cka_s: d.times.cka.as_secs_f64(),
-            segmentation_s: d.times.segmentation.as_secs_f64(),
-            gradnorm_s: d.times.gradnorm.as_secs_f64(),
-            eval_s,
-            writing_s: 0.0,
-            total_s: 0.0,
-        },
-        warnings: d.notes.clone(),
-        cka: d.cka,
-    };
-    // Writing time covers the checkpoint and the pictures; the JSON and HTML that carry it follow.
-    write_plots(staged.path(), &report)?;
-    report.timings.writing_s = t_write.elapsed().as_secs_f64();
-    report.timings.total_s = t0.elapsed().as_secs_f64();
-    write_json_and_html(staged.path(), &report)?;
-    let out = staged.commit()?;
-
     println!(
         "{} → {} layers: removed {:?} ({} segments: {})",
-        l,
-        kept.len(),
-        report.removed,
-        report.k,
-        report
-            .segments
+        r.layers.len(),
+        r.kept.len(),
+        r.removed,
+        r.k,
+        r.segments
             .iter()
-            .zip(&report.removed_per_segment)
+            .zip(&r.removed_per_segment)
             .map(|(&(s, e), n)| format!("[{s}-{e}] −{n}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
     println!(
         "parameters {} → {} ({:.1}% fewer)",
-        params_before,
-        params_after,
-        100.0 * (params_before - params_after) as f64 / params_before.max(1) as f64
+        r.params_before,
+        r.params_after,
+        100.0 * (r.params_before - r.params_after) as f64 / r.params_before.max(1) as f64
     );
-    if let (Some(b), Some(a)) = (ppl_before, ppl_after) {
-        println!("perplexity {:.4} → {:.4}", b.perplexity, a.perplexity);
+    if let (Some(b), Some(a)) = (r.perplexity_before, r.perplexity_after) {
+        println!("perplexity {b:.4} → {a:.4}");
     }
-    let t = &report.timings;
+    let t = &r.timings;
     println!(
-        "time: capture (forward-only) {:.2}s, cka {:.2}s, segmentation {:.3}s, gradnorm (forward+backward, with capture) {:.2}s, eval {:.2}s, writing {:.2}s, total {:.2}s",
-        t.capture_s, t.cka_s, t.segmentation_s, t.gradnorm_s, t.eval_s, t.writing_s, t.total_s
+        "time: capture (forward-only) {:.2}s, cka {:.2}s, segmentation {:.3}s, gradnorm (forward+backward, with capture) {:.2}s, selection {:.2}s, eval {:.2}s, writing {:.2}s, total {:.2}s",
+        t.capture_s, t.cka_s, t.segmentation_s, t.gradnorm_s, t.selection_s, t.eval_s, t.writing_s, t.total_s
     );
     println!("wrote {}", out.display());
     Ok(())

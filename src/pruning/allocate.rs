@@ -27,6 +27,21 @@ pub enum Allocation {
     /// Quota ∝ removable layers, `len − 1`: a one-layer segment (a lone, dissimilar layer) asks for
     /// nothing, so the budget goes to the segments with redundant layers.
     Removable,
+    /// No quota: the selection decides, one removal at a time, which segment loses a layer; each segment
+    /// may lose up to `len − 1`.
+    Adaptive,
+}
+
+/// The most layers each segment may lose: the exact count for a quota rule ([`allocate`]), `len − 1` for
+/// [`Allocation::Adaptive`]. Errors as [`allocate`] when the budget cannot be met.
+pub fn caps(seg_lens: &[usize], budget: usize, rule: Allocation) -> Result<Vec<usize>> {
+    match rule {
+        Allocation::Adaptive => {
+            allocate(seg_lens, budget, Allocation::Removable)?;
+            Ok(seg_lens.iter().map(|n| n - 1).collect())
+        }
+        _ => allocate(seg_lens, budget, rule),
+    }
 }
 
 /// Number of layers to remove from each segment. `seg_lens[i]` is the length of segment `i`.
@@ -50,7 +65,9 @@ pub fn allocate(seg_lens: &[usize], budget: usize, rule: Allocation) -> Result<V
     }
     let weights: Vec<f64> = match rule {
         Allocation::Proportional => seg_lens.iter().map(|&n| n as f64).collect(),
-        Allocation::Removable => seg_lens.iter().map(|&n| (n - 1) as f64).collect(),
+        Allocation::Removable | Allocation::Adaptive => {
+            seg_lens.iter().map(|&n| (n - 1) as f64).collect()
+        }
     };
     let total: f64 = weights.iter().sum();
     if budget == 0 || total == 0.0 {

@@ -6,14 +6,13 @@
 
 use crate::error::{Error, Result};
 
-/// Streaming statistics of the hidden states `h_0 … h_L` for ShortGPT and Gromov et al.
+/// Streaming statistics of the hidden states `h_0 … h_L` for ShortGPT and Gromov et al. (every span n at
+/// once, so that one pass serves a sweep over budgets).
 ///
 /// Feed one batch at a time: [`HiddenStats::begin_batch`], then [`HiddenStats::observe`] for i = 0..=L in
 /// order (what the runtime's `on_hidden` callback sees), then [`HiddenStats::end_batch`].
 pub struct HiddenStats {
     num_layers: usize,
-    /// Span of the angular-distance criterion (the number of consecutive layers to drop).
-    span: usize,
     hidden: usize,
     seqs: usize,
     tokens: usize,
@@ -24,22 +23,17 @@ pub struct HiddenStats {
     /// Σ over tokens of cos(h_l, h_{l+1}), per layer, and the token count.
     cos_sum: Vec<f64>,
     cos_count: usize,
-    /// Σ over sequences of the angular distance between h_l and h_{l+span} at the last token.
+    /// Σ over sequences of the angular distance between h_a and h_b at the last token, `[a * (L+1) + b]`
+    /// for a < b.
     ang_sum: Vec<f64>,
     ang_count: usize,
     next_i: usize,
 }
 
 impl HiddenStats {
-    pub fn new(num_layers: usize, span: usize) -> Result<Self> {
-        if span == 0 || span > num_layers {
-            return Err(Error::invalid(format!(
-                "the angular criterion needs 1 ≤ n ≤ {num_layers} layers (got {span})"
-            )));
-        }
-        Ok(HiddenStats {
+    pub fn new(num_layers: usize) -> Self {
+        HiddenStats {
             num_layers,
-            span,
             hidden: 0,
             seqs: 0,
             tokens: 0,
@@ -47,10 +41,14 @@ impl HiddenStats {
             last: Vec::new(),
             cos_sum: vec![0.0; num_layers],
             cos_count: 0,
-            ang_sum: vec![0.0; num_layers + 1 - span],
+            ang_sum: vec![0.0; (num_layers + 1) * (num_layers + 1)],
             ang_count: 0,
             next_i: 0,
-        })
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
     }
 
     /// Start a batch of `seqs` sequences of `tokens` tokens, hidden size `hidden`.
@@ -102,13 +100,14 @@ impl HiddenStats {
                 self.num_layers + 1
             )));
         }
-        let (s, d) = (self.seqs, self.hidden);
-        for l in 0..=self.num_layers - self.span {
-            for q in 0..s {
-                let a = &self.last[(l * s + q) * d..(l * s + q + 1) * d];
-                let m = l + self.span;
-                let b = &self.last[(m * s + q) * d..(m * s + q + 1) * d];
-                self.ang_sum[l] += angular_distance(cosine(a, b));
+        let (s, d, n) = (self.seqs, self.hidden, self.num_layers + 1);
+        for a in 0..n {
+            for b in a + 1..n {
+                for q in 0..s {
+                    let ha = &self.last[(a * s + q) * d..(a * s + q + 1) * d];
+                    let hb = &self.last[(b * s + q) * d..(b * s + q + 1) * d];
+                    self.ang_sum[a * n + b] += angular_distance(cosine(ha, hb));
+                }
             }
         }
         self.cos_count += s * self.tokens;
@@ -122,10 +121,19 @@ impl HiddenStats {
         self.cos_sum.iter().map(|c| 1.0 - c / n).collect()
     }
 
-    /// Mean angular distance (1/π)·arccos(cos(h_l, h_{l+n})) at the last token, for l = 0..=L−n.
-    pub fn angular_distances(&self) -> Vec<f64> {
-        let n = self.ang_count.max(1) as f64;
-        self.ang_sum.iter().map(|a| a / n).collect()
+    /// Mean angular distance (1/π)·arccos(cos(h_l, h_{l+span})) at the last token, for l = 0..=L−span.
+    /// Errors unless 1 ≤ span ≤ L.
+    pub fn angular_distances(&self, span: usize) -> Result<Vec<f64>> {
+        let l = self.num_layers;
+        if span == 0 || span > l {
+            return Err(Error::invalid(format!(
+                "the angular criterion needs 1 ≤ n ≤ {l} layers (got {span})"
+            )));
+        }
+        let c = self.ang_count.max(1) as f64;
+        Ok((0..=l - span)
+            .map(|a| self.ang_sum[a * (l + 1) + a + span] / c)
+            .collect())
     }
 }
 
@@ -291,7 +299,7 @@ mod tests {
             }
             hs.push(h.clone());
         }
-        let mut st = HiddenStats::new(l, 2).unwrap();
+        let mut st = HiddenStats::new(l);
         feed(&mut st, &hs, seqs, tokens, d);
         let bi = st.block_influence();
         assert!(
@@ -307,7 +315,8 @@ mod tests {
         assert!((bi[1] - (1.0 - c / (seqs * tokens) as f64)).abs() < 1e-12);
         assert_eq!(shortgpt(&bi, 1), vec![2]);
         // Angular, span 2, start 1: h_1 vs h_3 at the last token of each sequence.
-        let ad = st.angular_distances();
+        let ad = st.angular_distances(2).unwrap();
+        assert!(st.angular_distances(0).is_err() && st.angular_distances(l + 1).is_err());
         assert_eq!(ad.len(), l - 1);
         let mut a = 0.0;
         for q in 0..seqs {

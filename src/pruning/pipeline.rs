@@ -1,14 +1,25 @@
-//! The SGLP decision on a model and calibration tokens: capture → CKA → segmentation → allocation →
-//! gradient norms → selection; and the runtime passes around it (mean gradient norms, perplexity).
+//! The SGLP decision on a model and calibration tokens: one calibration pass (CKA, and gradient norms or
+//! hidden-state statistics as the selection needs) → segmentation → per-segment caps → selection.
+//!
+//! Two presets ([`Method`]): `sglp`, the engine's default, and `sglp-paper`, the chain as published.
 
-use super::allocate::{allocate, Allocation};
-use super::select::{best_subsets, lowest_gradnorm, Selection, SubsetSearch};
+use super::allocate::{caps, Allocation};
+use super::calibration::{
+    calibration_pass, mean_grad_norms, CalibrationStats, GradnormStats, LossScorer, Needs,
+    PassOptions,
+};
+use super::select::{
+    best_subsets, greedy_removal, lowest_under_caps, GreedyStep, Selection, SubsetSearch,
+};
 use crate::error::{Error, Result};
-use crate::io::{Batch, DType, LayerMeta};
-use crate::runtime::{GradNorms, Model, Tokens};
+use crate::runtime::{Model, Tokens};
 use crate::segmentation::{segment_cka, Features, KChoice, SegmentResult};
-use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec};
+use crate::similarity::{Backend, CkaResult, CkaSpec};
 use std::time::{Duration, Instant};
+
+/// Sequences per runtime pass (forward, forward + backward, evaluation) unless told otherwise: every
+/// command uses this one default, so that the same model gives the same gradient norms everywhere.
+pub const DEFAULT_FORWARD_BATCH: usize = 4;
 
 /// How many layers go: `--remove N` or `--target-layers M`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +54,30 @@ impl Budget {
     }
 }
 
+/// The two SGLP presets.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// The engine's default: CKA-row segments, then inside them, one layer at a time, the removal that
+    /// raises the calibration loss least (candidates shortlisted per segment by block influence).
+    #[default]
+    Sglp,
+    /// SGLP as published: column-sum features, the 5% rule (k ≤ 6), proportional allocation, subsets
+    /// scored by the pruned network's gradient norm.
+    #[value(name = "sglp-paper")]
+    SglpPaper,
+}
+
 /// Everything the SGLP decision needs besides the model and the tokens.
 #[derive(Clone, Debug)]
 pub struct SglpOptions {
@@ -54,29 +89,79 @@ pub struct SglpOptions {
     pub selection: Selection,
     /// Candidate subsets per segment above which `--selection subset` goes greedy.
     pub max_candidates: usize,
+    /// `--selection loss`: candidates per segment and step, those of lowest block influence (0: all).
+    pub shortlist: usize,
+    /// `--selection loss`: calibration sequences the loss is measured on (`None`: all).
+    pub score_sequences: Option<usize>,
     /// Sequences per runtime pass (forward capture and forward + backward).
     pub forward_batch: usize,
     /// Calibration batches used for gradient norms (`None`: all).
     pub gradnorm_batches: Option<usize>,
 }
 
+impl SglpOptions {
+    /// The options of a preset, with the engine's default estimator and batch.
+    pub fn preset(method: Method) -> SglpOptions {
+        let base = SglpOptions {
+            cka: CkaSpec::default(),
+            features: Features::Rows,
+            k: KChoice::Auto {
+                k_max: 8,
+                threshold: 0.05,
+            },
+            min_len: 1,
+            allocation: Allocation::Adaptive,
+            selection: Selection::Loss,
+            max_candidates: 64,
+            shortlist: 2,
+            score_sequences: None,
+            forward_batch: DEFAULT_FORWARD_BATCH,
+            gradnorm_batches: None,
+        };
+        match method {
+            Method::Sglp => base,
+            Method::SglpPaper => SglpOptions {
+                features: Features::ColSum,
+                k: KChoice::Auto {
+                    k_max: 6,
+                    threshold: 0.05,
+                },
+                allocation: Allocation::Proportional,
+                selection: Selection::Subset,
+                ..base
+            },
+        }
+    }
+
+    /// The statistics the calibration pass must gather for these options.
+    pub fn needs(&self) -> Needs {
+        Needs {
+            cka: true,
+            gradnorm: matches!(self.selection, Selection::Gradnorm | Selection::Subset),
+            hidden: self.selection == Selection::Loss && self.shortlist > 0,
+        }
+    }
+
+    pub fn pass_options(&self) -> PassOptions {
+        PassOptions {
+            cka: self.cka,
+            forward_batch: self.forward_batch,
+            gradnorm_batches: self.gradnorm_batches,
+        }
+    }
+}
+
 /// Wall time of the decision's stages.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecisionTimes {
+    /// Forward-only calibration batches (hidden states for the CKA and the block influence).
     pub capture: Duration,
     pub cka: Duration,
     pub segmentation: Duration,
+    /// Forward + backward passes (gradient norms; subset scoring).
     pub gradnorm: Duration,
-}
-
-/// Mean per-layer gradient norms over calibration batches.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GradnormStats {
-    pub per_layer: Vec<f64>,
-    /// Mean over batches of the whole network's gradient norm √(Σ over all parameters).
-    pub global: f64,
-    pub loss: f64,
-    pub batches: usize,
+    /// Loss-guided selection: one forward per candidate set.
+    pub selection: Duration,
 }
 
 /// The SGLP decision and what it was made from.
@@ -86,122 +171,19 @@ pub struct SglpDecision {
     pub segmentation: SegmentResult,
     /// Segments as inclusive `[start, end]` layer indices.
     pub segments: Vec<(usize, usize)>,
+    /// Layers removed from each segment.
     pub removed_per_segment: Vec<usize>,
-    pub gradnorm: GradnormStats,
+    pub gradnorm: Option<GradnormStats>,
+    /// ShortGPT's block influence 1 − mean cos(h_in, h_out) of each layer (the shortlist proxy).
+    pub block_influence: Option<Vec<f64>>,
     pub subset_search: Vec<SubsetSearch>,
+    /// `--selection loss`: each step's candidates and their calibration losses.
+    pub greedy_steps: Vec<GreedyStep>,
+    /// Calibration loss of the unpruned model on the scoring sequences (`--selection loss`).
+    pub score_baseline: Option<f64>,
     pub removed: Vec<usize>,
     pub times: DecisionTimes,
     pub notes: Vec<String>,
-}
-
-/// Running sums of per-batch gradient norms; [`GradnormSum::mean`] gives the statistics.
-struct GradnormSum {
-    per_layer: Vec<f64>,
-    global: f64,
-    loss: f64,
-    batches: usize,
-}
-
-impl GradnormSum {
-    fn new(layers: usize) -> Self {
-        GradnormSum {
-            per_layer: vec![0.0; layers],
-            global: 0.0,
-            loss: 0.0,
-            batches: 0,
-        }
-    }
-
-    fn add(&mut self, g: &GradNorms) {
-        let mut sq: f64 = g.per_layer.iter().map(|v| v * v).sum();
-        sq += g.embed_tokens.powi(2) + g.norm.powi(2) + g.lm_head.unwrap_or(0.0).powi(2);
-        for (a, v) in self.per_layer.iter_mut().zip(&g.per_layer) {
-            *a += v;
-        }
-        self.global += sq.sqrt();
-        self.loss += g.loss;
-        self.batches += 1;
-    }
-
-    fn mean(&self) -> GradnormStats {
-        let nb = self.batches.max(1) as f64;
-        GradnormStats {
-            per_layer: self.per_layer.iter().map(|v| v / nb).collect(),
-            global: self.global / nb,
-            loss: self.loss / nb,
-            batches: self.batches,
-        }
-    }
-}
-
-/// How many calibration batches of `batch_seqs` sequences the gradient norms use.
-fn gradnorm_batch_count(tokens: &Tokens, batch_seqs: usize, max_batches: Option<usize>) -> usize {
-    let n = tokens.sequences.div_ceil(batch_seqs.max(1));
-    max_batches.map_or(n, |m| n.min(m.max(1)))
-}
-
-/// Mean gradient norms over the first `max_batches` batches of `batch_seqs` sequences, with `skip`
-/// bypassed. The per-batch loss is the mean next-token cross-entropy of that batch.
-pub fn mean_grad_norms(
-    model: &Model,
-    tokens: &Tokens,
-    batch_seqs: usize,
-    max_batches: Option<usize>,
-    skip: &[usize],
-    show_progress: bool,
-) -> Result<GradnormStats> {
-    let batch_seqs = batch_seqs.max(1);
-    let n_batches = gradnorm_batch_count(tokens, batch_seqs, max_batches);
-    let mut sum = GradnormSum::new(model.num_layers());
-    let pb = crate::progress::bar(n_batches as u64, "gradnorm batches");
-    if !show_progress {
-        pb.finish_and_clear();
-    }
-    for b in 0..n_batches {
-        sum.add(&model.grad_norms(&tokens.batch(b * batch_seqs, batch_seqs), skip)?);
-        if show_progress {
-            pb.inc(1);
-        }
-    }
-    pb.finish_and_clear();
-    Ok(sum.mean())
-}
-
-/// Perplexity of the model with `skip` bypassed.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Perplexity {
-    /// Mean next-token cross-entropy over every predicted position.
-    pub loss: f64,
-    pub perplexity: f64,
-    /// Predicted positions: sequences × (tokens − 1).
-    pub predicted_tokens: usize,
-}
-
-/// exp(mean next-token cross-entropy) over all sequences, in batches of `batch_seqs`. Every sequence has
-/// the same length, so weighting each batch's mean by its sequence count gives the exact token mean.
-pub fn perplexity(
-    model: &Model,
-    tokens: &Tokens,
-    batch_seqs: usize,
-    skip: &[usize],
-) -> Result<Perplexity> {
-    let batch_seqs = batch_seqs.max(1);
-    let n_batches = tokens.sequences.div_ceil(batch_seqs);
-    let pb = crate::progress::bar(n_batches as u64, "eval batches");
-    let mut sum = 0.0;
-    for b in 0..n_batches {
-        let batch = tokens.batch(b * batch_seqs, batch_seqs);
-        let loss = model.forward(&batch, skip, &mut |_, _| {})?;
-        sum += loss * batch.sequences as f64;
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
-    let loss = sum / tokens.sequences as f64;
-    Ok(Perplexity {
-        loss,
-        perplexity: loss.exp(),
-        predicted_tokens: tokens.sequences * tokens.len.saturating_sub(1),
-    })
 }
 
 /// The SGLP decision: which `budget` decoder layers to remove.
@@ -212,16 +194,50 @@ pub fn sglp_decide(
     opts: &SglpOptions,
     backend: &mut dyn Backend,
 ) -> Result<SglpDecision> {
+    let stats = calibration_pass(model, tokens, opts.needs(), &opts.pass_options(), backend)?;
+    let mut scorer = LossScorer::new(model, tokens, opts.score_sequences, opts.forward_batch);
+    decide_from_stats(&stats, model, tokens, budget, opts, &mut scorer)
+}
+
+/// The decision from the statistics of a [`calibration_pass`] that gathered at least `opts.needs()`;
+/// `scorer` measures calibration losses for `--selection loss` (shared across budgets in a sweep).
+pub fn decide_from_stats(
+    stats: &CalibrationStats,
+    model: &Model,
+    tokens: &Tokens,
+    budget: usize,
+    opts: &SglpOptions,
+    scorer: &mut LossScorer,
+) -> Result<SglpDecision> {
     let l = model.num_layers();
-    let mut times = DecisionTimes::default();
+    let need = opts.needs();
+    let missing =
+        |what: &str| Error::invalid(format!("the calibration pass did not gather {what}"));
+    let cka = stats.cka.clone().ok_or_else(|| missing("the CKA"))?;
+    let gradnorm = if need.gradnorm {
+        Some(
+            stats
+                .gradnorm
+                .clone()
+                .ok_or_else(|| missing("gradient norms"))?,
+        )
+    } else {
+        stats.gradnorm.clone()
+    };
+    let block_influence = match &stats.hidden {
+        Some(h) => Some(h.block_influence()),
+        None if need.hidden => return Err(missing("hidden-state statistics")),
+        None => None,
+    };
+    let mut times = DecisionTimes {
+        capture: stats.times.forward + stats.times.hidden,
+        cka: stats.times.cka,
+        gradnorm: stats.times.gradnorm,
+        ..DecisionTimes::default()
+    };
     let mut notes = Vec::new();
 
-    // 1. One pass over the calibration batches: each batch's decoder outputs go into the CKA
-    //    accumulator (tokens are the samples); the gradient-norm batches run forward + backward and
-    //    their forward supplies the hidden states, the rest run forward only.
-    let (cka, gradnorm) = capture_cka_and_gradnorms(model, tokens, opts, backend, &mut times)?;
-
-    // 2. Segmentation. With --k auto, k stays ≤ L − budget so that no segment has to be emptied.
+    // Segmentation. With --k auto, k stays ≤ L − budget so that no segment has to be emptied.
     let start = Instant::now();
     let k = match opts.k {
         KChoice::Auto { k_max, threshold } if k_max > l - budget => {
@@ -252,18 +268,46 @@ pub fn sglp_decide(
     let segments: Vec<(usize, usize)> =
         segmentation.segments.iter().map(|s| (s[0], s[1])).collect();
     let lens: Vec<usize> = segments.iter().map(|&(a, b)| b - a + 1).collect();
-    let removed_per_segment = allocate(&lens, budget, opts.allocation)
+    let caps = caps(&lens, budget, opts.allocation)
         .map_err(|e| Error::invalid(format!("{e} — choose a smaller --k or a smaller budget")))?;
     times.segmentation = start.elapsed();
 
-    // 3. Gradient norms, and the selection inside each segment.
-    let start = Instant::now();
-    let (removed, subset_search) = match opts.selection {
-        Selection::Gradnorm => (
-            lowest_gradnorm(&segments, &removed_per_segment, &gradnorm.per_layer),
-            Vec::new(),
-        ),
+    // Selection inside the segments.
+    let (mut subset_search, mut greedy_steps, mut score_baseline) = (Vec::new(), Vec::new(), None);
+    let removed = match opts.selection {
+        Selection::Gradnorm => {
+            let g = gradnorm.as_ref().expect("checked above");
+            lowest_under_caps(&segments, &caps, budget, &g.per_layer)?
+        }
+        Selection::Loss => {
+            let start = Instant::now();
+            let evaluations = scorer.evaluations;
+            score_baseline = Some(scorer.loss(&[])?);
+            let (removed, steps) = greedy_removal(
+                &segments,
+                &caps,
+                budget,
+                block_influence.as_deref(),
+                opts.shortlist,
+                &mut |set, _| scorer.loss(set),
+            )?;
+            greedy_steps = steps;
+            times.selection = start.elapsed();
+            notes.push(format!(
+                "loss-guided selection: {} forward passes over {} calibration sequences",
+                scorer.evaluations - evaluations,
+                scorer.sequences()
+            ));
+            removed
+        }
         Selection::Subset => {
+            if opts.allocation == Allocation::Adaptive {
+                return Err(Error::invalid(
+                    "--selection subset needs a fixed per-segment count: use --allocation \
+                     proportional or removable",
+                ));
+            }
+            let start = Instant::now();
             let mut score = |skip: &[usize]| -> Result<f64> {
                 Ok(mean_grad_norms(
                     model,
@@ -275,82 +319,29 @@ pub fn sglp_decide(
                 )?
                 .global)
             };
-            best_subsets(
-                &segments,
-                &removed_per_segment,
-                opts.max_candidates,
-                &mut score,
-            )?
+            let (removed, search) =
+                best_subsets(&segments, &caps, opts.max_candidates, &mut score)?;
+            subset_search = search;
+            times.gradnorm += start.elapsed();
+            removed
         }
     };
-    times.gradnorm += start.elapsed();
+    let removed_per_segment = segments
+        .iter()
+        .map(|&(a, b)| removed.iter().filter(|&&r| (a..=b).contains(&r)).count())
+        .collect();
     Ok(SglpDecision {
         cka,
         segmentation,
         segments,
         removed_per_segment,
         gradnorm,
+        block_influence,
         subset_search,
+        greedy_steps,
+        score_baseline,
         removed,
         times,
         notes,
     })
-}
-
-/// The fused calibration pass of [`sglp_decide`]: the all-pairs CKA of the decoder layers' outputs and
-/// the mean gradient norms, from one forward (+ backward) per batch. Time spent in forward-only batches
-/// counts as capture, in forward + backward batches as gradnorm, in the CKA accumulator as cka.
-fn capture_cka_and_gradnorms(
-    model: &Model,
-    tokens: &Tokens,
-    opts: &SglpOptions,
-    backend: &mut dyn Backend,
-    times: &mut DecisionTimes,
-) -> Result<(CkaResult, GradnormStats)> {
-    let (l, h) = (model.num_layers(), model.hidden_size());
-    let batch_seqs = opts.forward_batch.max(1);
-    let n_batches = tokens.sequences.div_ceil(batch_seqs);
-    let n_gradnorm = gradnorm_batch_count(tokens, batch_seqs, opts.gradnorm_batches);
-    let metas: Vec<LayerMeta> = model
-        .layer_names()
-        .into_iter()
-        .map(|name| LayerMeta {
-            name,
-            cols: h,
-            dtype: DType::F32,
-            shape: vec![tokens.sequences, tokens.len, h],
-        })
-        .collect();
-    let mut acc = CkaAccumulator::new(&metas, opts.cka, Some(tokens.sequences * tokens.len))?;
-    let mut grads = GradnormSum::new(l);
-    let mut outs: Vec<Vec<f32>> = vec![Vec::new(); l];
-    let pb = crate::progress::bar(n_batches as u64, "calibration batches");
-    for b in 0..n_batches {
-        let batch = tokens.batch(b * batch_seqs, batch_seqs);
-        let mut keep = |i: usize, hs: &[f32]| {
-            if i >= 1 {
-                outs[i - 1].clear();
-                outs[i - 1].extend_from_slice(hs);
-            }
-        };
-        let t = Instant::now();
-        if b < n_gradnorm {
-            grads.add(&model.grad_norms_observed(&batch, &[], &mut keep)?);
-            times.gradnorm += t.elapsed();
-        } else {
-            model.forward(&batch, &[], &mut keep)?;
-            times.capture += t.elapsed();
-        }
-        let t = Instant::now();
-        let layers: Vec<(usize, &[f32])> = outs.iter().map(|o| (h, &o[..])).collect();
-        let rows = batch.sequences * batch.len;
-        acc.push(&Batch::from_f32(rows, &layers).as_ref(), backend)?;
-        times.cka += t.elapsed();
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
-    let t = Instant::now();
-    let cka = acc.finish(backend)?;
-    times.cka += t.elapsed();
-    Ok((cka, grads.mean()))
 }

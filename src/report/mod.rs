@@ -5,15 +5,21 @@
 pub mod plots;
 
 use crate::error::{Error, Result};
-use crate::pruning::{allocate::Allocation, select::Selection, select::SubsetSearch};
+use crate::pruning::allocate::Allocation;
+use crate::pruning::select::{GreedyStep, Selection, SubsetSearch};
+use crate::segmentation::Features;
 use crate::similarity::CkaResult;
 use base64::Engine;
 use std::path::Path;
 
-pub const REPORT_FORMAT: &str = "sglp-prune-report/1";
+pub mod compare;
+
+pub const REPORT_FORMAT: &str = "sglp-prune-report/2";
 pub const REPORT_FILE: &str = "sglp-report.json";
 pub const HTML_FILE: &str = "sglp-report.html";
 pub const CKA_PNG: &str = "sglp-cka.png";
+/// Per-layer importance bars: the gradient norms, or the block influence when no gradient norms were
+/// computed (`--selection loss`).
 pub const GRADNORM_PNG: &str = "sglp-gradnorm.png";
 pub const LOSS_PNG: &str = "sglp-segmentation-loss.png";
 
@@ -30,6 +36,8 @@ pub struct StageTimes {
     /// Forward + backward passes for the per-layer gradient norms (their forward also captures the hidden
     /// states), and with `--selection subset` the candidate evaluations.
     pub gradnorm_s: f64,
+    /// `--selection loss`: the forward passes that score candidate removals.
+    pub selection_s: f64,
     /// Perplexity before and after, when `--eval-tokens` is given.
     pub eval_s: f64,
     /// Checkpoint, report and pictures.
@@ -46,6 +54,9 @@ pub struct PruneReport {
     pub calibration_sequences: usize,
     pub calibration_tokens_per_sequence: usize,
     pub layers: Vec<String>,
+    /// The preset (`sglp`, `sglp-paper`) the options started from.
+    pub method: String,
+    pub features: Features,
     /// The full CKA result (matrix, HSIC, estimator, batches, warnings).
     pub cka: CkaResult,
     /// Number of segments and how it was chosen ("auto" or "fixed").
@@ -59,12 +70,16 @@ pub struct PruneReport {
     /// Layers removed from each segment.
     pub removed_per_segment: Vec<usize>,
     pub selection: Selection,
-    /// Per-segment subset searches (`--selection subset`).
+    /// Per-segment subset searches (`--selection subset`), every candidate's score included.
     pub subset_search: Vec<SubsetSearch>,
-    /// Mean over calibration batches of each decoder layer's gradient norm.
-    pub gradnorm: Vec<f64>,
-    /// Mean calibration loss of the gradient-norm passes.
-    pub calibration_loss: f64,
+    /// `--selection loss`: each step's candidates and their calibration losses.
+    pub greedy_steps: Vec<GreedyStep>,
+    /// Mean over calibration batches of each decoder layer's gradient norm (when computed).
+    pub gradnorm: Option<Vec<f64>>,
+    /// ShortGPT's block influence 1 − mean cos(h_in, h_out) per layer (when computed).
+    pub block_influence: Option<Vec<f64>>,
+    /// Calibration loss of the unpruned model (scoring sequences, or the gradient-norm passes).
+    pub calibration_loss: Option<f64>,
     pub removed: Vec<usize>,
     pub removed_layers: Vec<String>,
     pub kept: Vec<usize>,
@@ -85,16 +100,31 @@ pub fn write_plots(dir: &Path, r: &PruneReport) -> Result<()> {
         &r.segments,
         &r.removed,
     )?;
-    plots::gradnorm_bars(
+    let (values, title, axis) = match (&r.gradnorm, &r.block_influence) {
+        (Some(g), _) => (
+            g.as_slice(),
+            "Gradient norm per layer (colour = segment, red = removed)",
+            "‖∂loss/∂θ‖ of the layer",
+        ),
+        (None, Some(b)) => (
+            b.as_slice(),
+            "Block influence per layer (colour = segment, red = removed)",
+            "1 − mean cos(h_in, h_out)",
+        ),
+        (None, None) => (&[][..], "No per-layer importance computed", ""),
+    };
+    plots::importance_bars(
         &dir.join(GRADNORM_PNG),
-        &r.gradnorm,
+        values,
+        title,
+        axis,
         &r.segments,
         &r.removed,
     )?;
     plots::loss_curve(&dir.join(LOSS_PNG), &r.loss_curve, r.k)
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -149,6 +179,16 @@ pub fn html_page(dir: &Path, r: &PruneReport) -> Result<String> {
             ),
         ),
         (
+            "Decision",
+            format!(
+                "{} (features {:?}, allocation {:?}, selection {:?})",
+                escape(&r.method),
+                r.features,
+                r.allocation,
+                r.selection
+            ),
+        ),
+        (
             "Segments",
             format!("k = {} ({}): {}", r.k, escape(&r.k_rule), segs.join(", ")),
         ),
@@ -174,11 +214,12 @@ pub fn html_page(dir: &Path, r: &PruneReport) -> Result<String> {
         (
             "Wall time (s)",
             format!(
-                "capture {:.2}, CKA {:.2}, segmentation {:.3}, gradnorm {:.2}, eval {:.2}, writing {:.2}; total {:.2}",
+                "capture {:.2}, CKA {:.2}, segmentation {:.3}, gradnorm {:.2}, selection {:.2}, eval {:.2}, writing {:.2}; total {:.2}",
                 r.timings.capture_s,
                 r.timings.cka_s,
                 r.timings.segmentation_s,
                 r.timings.gradnorm_s,
+                r.timings.selection_s,
                 r.timings.eval_s,
                 r.timings.writing_s,
                 r.timings.total_s
@@ -207,7 +248,14 @@ pub fn html_page(dir: &Path, r: &PruneReport) -> Result<String> {
             format!("<h2>Warnings</h2><ul>{warnings}</ul>")
         },
         img(CKA_PNG, "CKA heatmap with segment boundaries and removed layers")?,
-        img(GRADNORM_PNG, "Gradient norm per layer")?,
+        img(
+            GRADNORM_PNG,
+            if r.gradnorm.is_some() {
+                "Gradient norm per layer"
+            } else {
+                "Block influence per layer"
+            }
+        )?,
         img(LOSS_PNG, "Segmentation loss curve")?,
     ))
 }

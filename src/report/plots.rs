@@ -202,16 +202,18 @@ fn draw_colour_bar(
     Ok(())
 }
 
-/// Gradient norm per layer as bars, coloured by segment, removed layers in red.
-pub fn gradnorm_bars(
+/// A per-layer score (gradient norm, block influence) as bars, coloured by segment, removed layers in red.
+pub fn importance_bars(
     path: &Path,
-    gradnorm: &[f64],
+    values: &[f64],
+    title: &str,
+    y_desc: &str,
     segments: &[(usize, usize)],
     removed: &[usize],
 ) -> Result<()> {
     register_font();
-    let l = gradnorm.len();
-    let top = gradnorm
+    let l = values.len().max(1);
+    let top = values
         .iter()
         .copied()
         .filter(|v| v.is_finite())
@@ -221,10 +223,7 @@ pub fn gradnorm_bars(
     let root = BitMapBackend::new(path, (760, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Gradient norm per layer (colour = segment, red = removed)",
-            (FONT, 15),
-        )
+        .caption(title, (FONT, 15))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -239,13 +238,13 @@ pub fn gradnorm_bars(
         .x_label_formatter(&|v| format!("{}", v.round() as i64))
         .y_label_formatter(&|v| format!("{v:.3}"))
         .x_desc("layer")
-        .y_desc("‖∂loss/∂θ‖ of the layer")
+        .y_desc(y_desc)
         .label_style((FONT, 12))
         .axis_desc_style((FONT, 13))
         .draw()
         .map_err(|e| plot_err(path, e))?;
     chart
-        .draw_series(gradnorm.iter().enumerate().map(|(i, &g)| {
+        .draw_series(values.iter().enumerate().map(|(i, &g)| {
             let colour = if removed.contains(&i) {
                 REMOVED
             } else {
@@ -338,6 +337,136 @@ pub fn loss_curve(path: &Path, curve: &[(usize, f64)], chosen_k: usize) -> Resul
     Ok(())
 }
 
+/// Colours of the quality curves, one per criterion.
+const CURVE_COLOURS: [RGBColor; 8] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(0, 0, 0),
+    RGBColor(227, 119, 194),
+];
+
+/// Quality against layers removed: one line per criterion (`(name, [(removed, value)])`), the unpruned
+/// value as a dashed grey line, and optionally a random band `[(removed, median, min, max)]` drawn as a
+/// grey area with its median. Logarithmic y axis (perplexities of pruned models span decades).
+pub fn quality_curves(
+    path: &Path,
+    y_name: &str,
+    baseline: f64,
+    curves: &[(String, Vec<(usize, f64)>)],
+    band: Option<&[(usize, f64, f64, f64)]>,
+) -> Result<()> {
+    register_font();
+    let xs = curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.0))
+        .chain(band.into_iter().flatten().map(|b| b.0));
+    let x_max = xs.clone().max().unwrap_or(1).max(1);
+    let ys = curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.1))
+        .chain(band.into_iter().flatten().flat_map(|b| [b.2, b.3]))
+        .chain(std::iter::once(baseline))
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let lo = ys.clone().fold(f64::INFINITY, f64::min);
+    let hi = ys.fold(0.0f64, f64::max);
+    if !(lo.is_finite() && hi > 0.0) {
+        return Err(plot_err(path, "nothing finite to draw"));
+    }
+    let (bottom, top) = (lo.log10() - 0.05, hi.log10() + 0.1);
+    let y = |v: f64| v.max(lo).log10();
+    let root = BitMapBackend::new(path, (860, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{y_name} after removing layers (no fine-tuning)"),
+            (FONT, 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.5f64..x_max as f64 + 0.5, bottom..top)
+        .map_err(|e| plot_err(path, e))?;
+    chart
+        .configure_mesh()
+        .light_line_style(RGBColor(235, 235, 235))
+        .x_labels(x_max.min(20))
+        .x_label_formatter(&|v| format!("{}", v.round() as usize))
+        .y_label_formatter(&|v| format!("{:.3}", 10f64.powf(*v)))
+        .x_desc("layers removed")
+        .y_desc(format!("{y_name} (log scale)"))
+        .label_style((FONT, 12))
+        .axis_desc_style((FONT, 13))
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    let grey = RGBColor(150, 150, 150);
+    if let Some(b) = band {
+        let mut poly: Vec<(f64, f64)> = b.iter().map(|p| (p.0 as f64, y(p.3))).collect();
+        poly.extend(b.iter().rev().map(|p| (p.0 as f64, y(p.2))));
+        chart
+            .draw_series(std::iter::once(Polygon::new(
+                poly,
+                RGBColor(200, 200, 200).mix(0.5).filled(),
+            )))
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .draw_series(LineSeries::new(
+                b.iter().map(|p| (p.0 as f64, y(p.1))),
+                grey.stroke_width(2),
+            ))
+            .map_err(|e| plot_err(path, e))?
+            .label("random (median, range)")
+            .legend(move |(x, yy)| {
+                Rectangle::new(
+                    [(x, yy - 5), (x + 20, yy + 5)],
+                    RGBColor(200, 200, 200).filled(),
+                )
+            });
+    }
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.5, y(baseline)), (x_max as f64 + 0.5, y(baseline))],
+            6,
+            4,
+            grey.stroke_width(1),
+        ))
+        .map_err(|e| plot_err(path, e))?
+        .label("unpruned")
+        .legend(move |(x, yy)| PathElement::new([(x, yy), (x + 20, yy)], grey));
+    for (i, (name, pts)) in curves.iter().enumerate() {
+        let colour = CURVE_COLOURS[i % CURVE_COLOURS.len()];
+        let width = if i == 0 { 3 } else { 2 };
+        let xy: Vec<(f64, f64)> = pts
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(x, v)| (x as f64, y(v)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(xy.clone(), colour.stroke_width(width)))
+            .map_err(|e| plot_err(path, e))?
+            .label(name.as_str())
+            .legend(move |(x, yy)| {
+                PathElement::new([(x, yy), (x + 20, yy)], colour.stroke_width(width))
+            });
+        chart
+            .draw_series(xy.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+            .map_err(|e| plot_err(path, e))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(200, 200, 200))
+        .label_font((FONT, 12))
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    root.present().map_err(|e| plot_err(path, e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,7 +497,23 @@ mod tests {
         cka_heatmap(&p, &cka, &segs, &[2, 8]).unwrap();
         let g: Vec<f64> = (0..l).map(|i| 0.5 + (i as f64 * 0.7).sin().abs()).collect();
         let q = dir.join("g.png");
-        gradnorm_bars(&q, &g, &segs, &[2, 8]).unwrap();
+        importance_bars(&q, &g, "gradient norm", "g", &segs, &[2, 8]).unwrap();
+        let c = dir.join("curves.png");
+        quality_curves(
+            &c,
+            "held-out perplexity",
+            1.5,
+            &[
+                ("sglp".into(), vec![(1, 1.6), (2, 1.8), (3, 2.5)]),
+                ("shortgpt".into(), vec![(1, 1.7), (2, 2.0), (3, 3.5)]),
+            ],
+            Some(&[
+                (1, 1.7, 1.9, 2.5),
+                (2, 2.5, 2.1, 9.0),
+                (3, 30.0, 4.0, 300.0),
+            ]),
+        )
+        .unwrap();
         let r = dir.join("loss.png");
         loss_curve(&r, &[(1, 3.0), (2, 1.0), (3, 0.4), (4, 0.3)], 3).unwrap();
         let r2 = dir.join("loss-log.png");
@@ -378,7 +523,7 @@ mod tests {
             5,
         )
         .unwrap();
-        for f in [p, q, r, r2] {
+        for f in [p, q, r, r2, c] {
             let bytes = std::fs::read(&f).unwrap();
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", f.display());
         }
