@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::segmentation::{
-    choose_k, fisher_segments, loss_curve, segment_cka, Features, KChoice,
+    choose_k, elbow_k, fisher_segments, loss_curve, segment_cka, Features, KChoice,
 };
 
 fn sse(x: &[Vec<f64>], a: usize, b: usize) -> f64 {
@@ -166,4 +166,37 @@ fn segment_cka_uses_column_sums_and_rejects_bad_matrices() {
     );
     assert!(segment_cka(&names, &cka[..5], Features::ColSum, KChoice::Fixed(2), 1).is_err());
     assert!(segment_cka(&names, &cka, Features::ColSum, KChoice::Fixed(7), 1).is_err());
+}
+
+#[test]
+fn elbow_rule_finds_the_knee_and_ignores_a_noisy_tail() {
+    // A knee at k = 3, then small steady gains that the 5% rule keeps taking.
+    let curve = [100.0, 40.0, 10.0, 9.0, 8.2, 7.5, 6.9, 6.4];
+    assert_eq!(elbow_k(&curve), 3);
+    assert_eq!(choose_k(&curve, 0.05), 8);
+    // A straight line has no knee; too short a curve neither.
+    assert_eq!(elbow_k(&[4.0, 3.0, 2.0, 1.0]), 1);
+    assert_eq!(elbow_k(&[4.0, 1.0]), 1);
+    assert_eq!(elbow_k(&[0.0, 0.0, 0.0]), 1);
+    // Fresh random convex curves: the choice is a k whose point lies furthest under the chord.
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    for _ in 0..50 {
+        let n = rng.random_range(3..10);
+        let mut c = vec![rng.random_range(1.0..100.0)];
+        for _ in 1..n {
+            let last = *c.last().unwrap();
+            c.push(last * rng.random_range(0.1..0.99));
+        }
+        let k = elbow_k(&c);
+        let d = |i: usize| {
+            let x = i as f64 / (n - 1) as f64;
+            1.0 - x - (c[i] - c[n - 1]) / (c[0] - c[n - 1])
+        };
+        for i in 0..n {
+            assert!(
+                d(k - 1) >= d(i) - 1e-9 || (k == 1 && d(i) <= 1e-9),
+                "{c:?} → {k}"
+            );
+        }
+    }
 }

@@ -26,10 +26,11 @@ pub struct SglpArgs {
     /// CKA row). Default: the method's (sglp: rows; sglp-paper: colsum).
     #[arg(long, value_enum)]
     pub features: Option<Features>,
-    /// Number of segments, or `auto` (the relative-gain rule over k = 1..k-max).
+    /// Number of segments, `auto` (the relative-gain rule over k = 1..k-max) or `elbow` (the knee of the
+    /// segmentation loss curve). Default: the method's.
     #[arg(long)]
     pub k: Option<String>,
-    /// Largest k tried by `--k auto` (sglp: 8; sglp-paper: 6; lowered to L − budget).
+    /// Largest k tried by `--k auto|elbow` (sglp: 8; sglp-paper: 6; lowered to L − budget).
     #[arg(long)]
     pub k_max: Option<usize>,
     /// `--k auto`: the largest k+1 whose relative loss gain exceeds this (default 0.05).
@@ -79,10 +80,14 @@ impl SglpArgs {
             return Err(Error::invalid("--score-sequences must be at least 1"));
         }
         let p = SglpOptions::preset(self.method);
+        let preset_k_max = p.k.k_max().unwrap_or(8);
         let k = match (self.k.as_deref(), p.k) {
-            (Some("auto") | None, KChoice::Auto { k_max, threshold }) => KChoice::Auto {
-                k_max: self.k_max.unwrap_or(k_max),
-                threshold: self.threshold.unwrap_or(threshold),
+            (Some("auto"), _) | (None, KChoice::Auto { .. }) => KChoice::Auto {
+                k_max: self.k_max.unwrap_or(preset_k_max),
+                threshold: self.threshold.unwrap_or(0.05),
+            },
+            (Some("elbow"), _) | (None, KChoice::Elbow { .. }) => KChoice::Elbow {
+                k_max: self.k_max.unwrap_or(preset_k_max),
             },
             (None, k) => k,
             (Some(s), _) => s.parse().map(KChoice::Fixed).map_err(|_| {

@@ -240,23 +240,27 @@ pub fn decide_from_stats(
     // Segmentation. With --k auto, k stays ≤ L − budget so that no segment has to be emptied.
     let start = Instant::now();
     let k = match opts.k {
-        KChoice::Auto { k_max, threshold } if k_max > l - budget => {
-            notes.push(format!(
-                "--k auto: k-max lowered from {k_max} to {} so that {budget} layers can go without \
-                 emptying a segment",
-                l - budget
-            ));
-            KChoice::Auto {
-                k_max: l - budget,
-                threshold,
-            }
-        }
         KChoice::Fixed(k) if k > l => {
             return Err(Error::invalid(format!(
                 "--k {k} is larger than the model's {l} layers"
             )))
         }
-        k => k,
+        k => match k.k_max() {
+            Some(k_max) if k_max > l - budget => {
+                notes.push(format!(
+                    "--k {}: k-max lowered from {k_max} to {} so that {budget} layers can go without \
+                     emptying a segment",
+                    if matches!(k, KChoice::Elbow { .. }) {
+                        "elbow"
+                    } else {
+                        "auto"
+                    },
+                    l - budget
+                ));
+                k.capped(l - budget)
+            }
+            _ => k,
+        },
     };
     let segmentation = segment_cka(
         &cka.layers,

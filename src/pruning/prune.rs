@@ -90,6 +90,7 @@ pub fn prune(spec: &PruneSpec, backend: &mut dyn Backend) -> Result<(PruneReport
         k: d.segmentation.k,
         k_rule: match opts.k {
             KChoice::Auto { .. } => "auto".into(),
+            KChoice::Elbow { .. } => "elbow".into(),
             KChoice::Fixed(_) => "fixed".into(),
         },
         segments: d.segments.clone(),

@@ -191,6 +191,32 @@ pub fn choose_k(curve: &[f64], threshold: f64) -> usize {
     best
 }
 
+/// The `--k elbow` rule (the "kneedle" of the loss curve): with k and L(k) scaled to [0, 1] over
+/// k = 1..k_max, the k furthest below the chord from (1, L(1)) to (k_max, L(k_max)); 1 when the curve has
+/// no knee (a straight or concave curve, or fewer than three points). Unlike the relative-gain rule it does
+/// not run to k_max when noise inside segments keeps every extra split a few percent better.
+pub fn elbow_k(curve: &[f64]) -> usize {
+    let n = curve.len();
+    if n < 3 {
+        return 1;
+    }
+    let (first, last) = (curve[0], curve[n - 1]);
+    let span = first - last;
+    if span.is_nan() || span <= 1e-12 * first.abs().max(1e-300) {
+        return 1;
+    }
+    let mut best = (0.0, 1);
+    for (i, &v) in curve.iter().enumerate() {
+        let x = i as f64 / (n - 1) as f64;
+        let y = (v - last) / span;
+        let d = 1.0 - x - y;
+        if d > best.0 + 1e-12 {
+            best = (d, i + 1);
+        }
+    }
+    best.1
+}
+
 /// The `sglp-segments/1` JSON output.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SegmentResult {
@@ -209,7 +235,39 @@ pub const SEGMENTS_FORMAT: &str = "sglp-segments/1";
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KChoice {
     Fixed(usize),
-    Auto { k_max: usize, threshold: f64 },
+    /// The relative-gain rule ([`choose_k`]).
+    Auto {
+        k_max: usize,
+        threshold: f64,
+    },
+    /// The knee of the loss curve ([`elbow_k`]).
+    Elbow {
+        k_max: usize,
+    },
+}
+
+impl KChoice {
+    /// The largest k the rule may choose (`None` for a fixed k).
+    pub fn k_max(&self) -> Option<usize> {
+        match *self {
+            KChoice::Fixed(_) => None,
+            KChoice::Auto { k_max, .. } | KChoice::Elbow { k_max } => Some(k_max),
+        }
+    }
+
+    /// The same rule with k_max capped at `cap`.
+    pub fn capped(self, cap: usize) -> KChoice {
+        match self {
+            KChoice::Auto { k_max, threshold } => KChoice::Auto {
+                k_max: k_max.min(cap),
+                threshold,
+            },
+            KChoice::Elbow { k_max } => KChoice::Elbow {
+                k_max: k_max.min(cap),
+            },
+            k => k,
+        }
+    }
 }
 
 /// Segment the layers of a CKA matrix: features, loss curve, k, optimal segments.
@@ -242,6 +300,13 @@ pub fn segment_cka(
             }
             let curve = loss_curve(&x, k_max, min_len)?;
             (choose_k(&curve, threshold), curve)
+        }
+        KChoice::Elbow { k_max } => {
+            if k_max == 0 {
+                return Err(Error::invalid("--k-max must be at least 1"));
+            }
+            let curve = loss_curve(&x, k_max, min_len)?;
+            (elbow_k(&curve), curve)
         }
     };
     let seg = fisher_segments(&x, k, min_len)?;
