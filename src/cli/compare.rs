@@ -1,7 +1,7 @@
 //! `sglp-engine compare`: SGLP beside other layer-removal criteria, same calibration data and budget, each
 //! evaluated on held-out tokens with the removed layers bypassed (no checkpoints written).
 
-use super::cka::emit;
+use super::common::emit;
 use super::prune::{params_before_after, SglpArgs};
 use crate::error::{Error, Result};
 use crate::pruning::criteria::{self, HiddenStats};

@@ -1,7 +1,6 @@
 //! `sglp-engine prune`: the whole SGLP pipeline on a checkpoint, writing the pruned checkpoint and a report.
 
-use super::cka::EstimatorArgs;
-use super::segment::SegmentOpts;
+use super::common::{EstimatorArgs, SegmentOpts};
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
 use crate::pruning::checkpoint::{parameter_counts, write_pruned_checkpoint, StagedDir};

@@ -3,8 +3,7 @@
 //! Only the header is read here (the 8-byte length, then the JSON, parsed by the `safetensors` crate's own
 //! `Metadata`); the data is memory-mapped later, one shard at a time, by [`super::shards`].
 
-use super::shards::StoredTensor;
-use super::{natural_cmp, DType};
+use super::{natural_cmp, DType, StoredTensor};
 use crate::error::{Error, Result};
 use regex::Regex;
 use safetensors::tensor::Metadata;
