@@ -1,117 +1,14 @@
-//! CPU implementations of the runtime's ops: GEMMs through the `gemm` crate (f32, rayon-parallel), the
+//! CPU implementations of the runtime's ops: GEMMs through [`crate::linalg::matmul`] (f32, rayon-parallel), the
 //! row-wise ops parallelised over rows with rayon. Conventions in [`super`]: forwards write, backwards
 //! accumulate into every gradient they are given.
 
 use super::RopeTable;
-use gemm::Parallelism;
+use crate::linalg::{matmul, MatRef, Parallelism};
 use rayon::prelude::*;
 
 /// Rows per rayon task for the cheap row-wise ops: enough work per task to amortise the scheduling.
 fn rows_per_task(cols: usize) -> usize {
     (16_384 / cols.max(1)).max(1)
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// GEMM
-// ---------------------------------------------------------------------------------------------------------
-
-/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl<'a> MatRef<'a> {
-    /// A row-major `rows × cols` matrix.
-    pub fn rm(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
-    }
-    /// The transpose (no copy: strides swap).
-    pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-    fn check(&self) {
-        if self.rows > 0 && self.cols > 0 {
-            let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
-            assert!(last < self.data.len(), "matrix view out of bounds");
-        }
-    }
-}
-
-/// `dst (rows × cols, row stride dst_rs) = [dst +] alpha · a · b`; `accumulate` keeps dst's content.
-/// `parallel` lets gemm split the product over rayon's threads (off inside an already-parallel loop).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: MatRef<'_>,
-    b: MatRef<'_>,
-    alpha: f32,
-    accumulate: bool,
-    parallel: bool,
-) {
-    assert_eq!(a.cols, b.rows, "inner dimensions differ");
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    a.check();
-    b.check();
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "destination too small");
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    let par = if parallel {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the views were bounds-checked above (every index the kernel touches is inside its slice),
-    // and `dst` is borrowed mutably so it cannot alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -160,7 +57,7 @@ pub fn linear_forward(
         MatRef::rm(w, m, k).t(),
         1.0,
         false,
-        true,
+        Parallelism::Rayon(0),
     );
     if let Some(b) = b {
         y.par_chunks_mut(m).for_each(|row| {
@@ -192,7 +89,7 @@ pub fn linear_backward(
             MatRef::rm(w, m, k),
             1.0,
             true,
-            true,
+            Parallelism::Rayon(0),
         );
     }
     matmul(
@@ -202,7 +99,7 @@ pub fn linear_backward(
         MatRef::rm(x, n, k),
         1.0,
         true,
-        true,
+        Parallelism::Rayon(0),
     );
     if let Some(db) = db {
         db.par_iter_mut().enumerate().for_each(|(j, d)| {
@@ -420,7 +317,7 @@ impl AttnShape {
         self.heads / self.kv_heads
     }
     /// View of head `h` of sequence `s` in a `[seqs * tokens, n_heads * head_dim]` buffer: `[tokens, head_dim]`.
-    fn head<'a>(&self, buf: &'a [f32], n_heads: usize, s: usize, h: usize) -> MatRef<'a> {
+    fn head<'a>(&self, buf: &'a [f32], n_heads: usize, s: usize, h: usize) -> MatRef<'a, f32> {
         let width = n_heads * self.head_dim;
         let start = s * self.tokens * width + h * self.head_dim;
         let len = (self.tokens - 1) * width + self.head_dim;
@@ -462,7 +359,15 @@ pub fn attention_forward(
             }
             let mut tile = vec![0f32; t * d];
             let vh = sh.head(v, sh.kv_heads, s, g);
-            matmul(&mut tile, d, MatRef::rm(&p, t, t), vh, 1.0, false, false);
+            matmul(
+                &mut tile,
+                d,
+                MatRef::rm(&p, t, t),
+                vh,
+                1.0,
+                false,
+                Parallelism::None,
+            );
             tile
         })
         .collect();
@@ -473,7 +378,15 @@ pub fn attention_forward(
 fn scaled_scores(q: &[f32], k: &[f32], sh: AttnShape, s: usize, h: usize, g: usize, p: &mut [f32]) {
     let qh = sh.head(q, sh.heads, s, h);
     let kh = sh.head(k, sh.kv_heads, s, g);
-    matmul(p, sh.tokens, qh, kh.t(), sh.scale(), false, false);
+    matmul(
+        p,
+        sh.tokens,
+        qh,
+        kh.t(),
+        sh.scale(),
+        false,
+        Parallelism::None,
+    );
 }
 
 /// Softmax over `row[visible]` (sum in f64), zero elsewhere (the causal and window masks); returns the
@@ -563,8 +476,16 @@ pub fn attention_backward(
                 let p = &p[..];
                 let doh = sh.head(dout, sh.heads, s, h);
                 let qh = sh.head(q, sh.heads, s, h);
-                matmul(&mut dv_t, d, MatRef::rm(p, t, t).t(), doh, 1.0, true, false);
-                matmul(&mut dp, t, doh, vh.t(), 1.0, false, false);
+                matmul(
+                    &mut dv_t,
+                    d,
+                    MatRef::rm(p, t, t).t(),
+                    doh,
+                    1.0,
+                    true,
+                    Parallelism::None,
+                );
+                matmul(&mut dp, t, doh, vh.t(), 1.0, false, Parallelism::None);
                 for i in 0..t {
                     let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
                     let vis = sh.visible(i);
@@ -585,7 +506,7 @@ pub fn attention_backward(
                     kh,
                     sh.scale(),
                     false,
-                    false,
+                    Parallelism::None,
                 );
                 matmul(
                     &mut dk_t,
@@ -594,7 +515,7 @@ pub fn attention_backward(
                     qh,
                     sh.scale(),
                     true,
-                    false,
+                    Parallelism::None,
                 );
                 dq_tiles.push(dq_t);
             }
