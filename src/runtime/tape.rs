@@ -56,13 +56,6 @@ pub enum Op {
         eps: f64,
         out: BufId,
     },
-    LayerNorm {
-        x: BufId,
-        w: ParamId,
-        b: ParamId,
-        eps: f64,
-        out: BufId,
-    },
     Rope {
         x: BufId,
         heads: usize,
@@ -78,10 +71,6 @@ pub enum Op {
         lse: BufId,
     },
     Silu {
-        x: BufId,
-        out: BufId,
-    },
-    Gelu {
         x: BufId,
         out: BufId,
     },
@@ -109,11 +98,9 @@ impl Op {
             Op::Embedding { .. } => "embedding",
             Op::Linear { .. } => "linear",
             Op::RmsNorm { .. } => "rmsnorm",
-            Op::LayerNorm { .. } => "layernorm",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
             Op::Silu { .. } => "silu",
-            Op::Gelu { .. } => "gelu",
             Op::Mul { .. } => "mul",
             Op::Add { .. } => "add",
             Op::CrossEntropy { .. } => "cross_entropy",
@@ -126,10 +113,8 @@ impl Op {
             Op::Embedding { out, .. }
             | Op::Linear { out, .. }
             | Op::RmsNorm { out, .. }
-            | Op::LayerNorm { out, .. }
             | Op::Rope { out, .. }
             | Op::Silu { out, .. }
-            | Op::Gelu { out, .. }
             | Op::Mul { out, .. }
             | Op::Add { out, .. } => vec![out],
             Op::Attention { out, lse, .. } => vec![out, lse],
@@ -143,10 +128,8 @@ impl Op {
             Op::Embedding { .. } => vec![],
             Op::Linear { x, .. }
             | Op::RmsNorm { x, .. }
-            | Op::LayerNorm { x, .. }
             | Op::Rope { x, .. }
-            | Op::Silu { x, .. }
-            | Op::Gelu { x, .. } => vec![x],
+            | Op::Silu { x, .. } => vec![x],
             Op::Attention { q, k, v, .. } => vec![q, k, v],
             Op::Mul { a, b, .. } | Op::Add { a, b, .. } => vec![a, b],
             Op::CrossEntropy { logits, .. } => vec![logits],
@@ -158,11 +141,7 @@ impl Op {
     fn saved(&self) -> Vec<BufId> {
         match *self {
             Op::Embedding { .. } | Op::Rope { .. } | Op::Add { .. } => vec![],
-            Op::Linear { x, .. }
-            | Op::RmsNorm { x, .. }
-            | Op::LayerNorm { x, .. }
-            | Op::Silu { x, .. }
-            | Op::Gelu { x, .. } => vec![x],
+            Op::Linear { x, .. } | Op::RmsNorm { x, .. } | Op::Silu { x, .. } => vec![x],
             Op::Attention { q, k, v, lse, .. } => vec![q, k, v, lse],
             Op::Mul { a, b, .. } => vec![a, b],
             Op::CrossEntropy { logits, lse } => vec![logits, lse],
@@ -174,7 +153,6 @@ impl Op {
             Op::Embedding { table, .. } => vec![table],
             Op::Linear { w, b, .. } => std::iter::once(w).chain(b).collect(),
             Op::RmsNorm { w, .. } => vec![w],
-            Op::LayerNorm { w, b, .. } => vec![w, b],
             _ => vec![],
         }
     }
@@ -425,12 +403,6 @@ impl Tape {
                 cpu::rmsnorm_forward(&self.data[x], &wv, self.bufs[x].cols, eps, &mut y);
                 self.data[out] = y;
             }
-            Op::LayerNorm { x, w, b, eps, out } => {
-                let (wv, bv) = (self.p(store, w)?, self.p(store, b)?);
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::layernorm_forward(&self.data[x], &wv, &bv, self.bufs[x].cols, eps, &mut y);
-                self.data[out] = y;
-            }
             Op::Rope {
                 x,
                 heads,
@@ -462,13 +434,9 @@ impl Tape {
                 self.data[out] = y;
                 self.data[lse] = p;
             }
-            Op::Silu { x, out } | Op::Gelu { x, out } => {
+            Op::Silu { x, out } => {
                 let mut y = std::mem::take(&mut self.data[out]);
-                if matches!(op, Op::Silu { .. }) {
-                    cpu::silu_forward(&self.data[x], &mut y);
-                } else {
-                    cpu::gelu_forward(&self.data[x], &mut y);
-                }
+                cpu::silu_forward(&self.data[x], &mut y);
                 self.data[out] = y;
             }
             Op::Mul { a, b, out } | Op::Add { a, b, out } => {
@@ -626,27 +594,6 @@ impl Tape {
                 self.grads[x] = dx;
                 pg[w] = dw;
             }
-            Op::LayerNorm { x, w, b, eps, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let wv = self.p(store, w)?;
-                let mut dx = self.take_grad(x);
-                let (mut dw, mut db) = (std::mem::take(&mut pg[w]), std::mem::take(&mut pg[b]));
-                cpu::layernorm_backward(
-                    &self.data[x],
-                    &wv,
-                    &self.grads[out],
-                    self.bufs[x].cols,
-                    eps,
-                    &mut dx,
-                    &mut dw,
-                    &mut db,
-                );
-                self.grads[x] = dx;
-                pg[w] = dw;
-                pg[b] = db;
-            }
             Op::Rope {
                 x,
                 heads,
@@ -688,16 +635,12 @@ impl Tape {
                 self.grads[k] = dk;
                 self.grads[v] = dv;
             }
-            Op::Silu { x, out } | Op::Gelu { x, out } => {
+            Op::Silu { x, out } => {
                 if self.grads[out].is_empty() {
                     return Ok(());
                 }
                 let mut dx = self.take_grad(x);
-                if matches!(op, Op::Silu { .. }) {
-                    cpu::silu_backward(&self.data[x], &self.grads[out], &mut dx);
-                } else {
-                    cpu::gelu_backward(&self.data[x], &self.grads[out], &mut dx);
-                }
+                cpu::silu_backward(&self.data[x], &self.grads[out], &mut dx);
                 self.grads[x] = dx;
             }
             Op::Mul { a, b, out } => {

@@ -173,73 +173,6 @@ fn add_parts(dst: &mut [f32], parts: &[Vec<f64>]) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// LayerNorm: y = (x − μ)/sqrt(σ² + eps) ⊙ w + b
-// ---------------------------------------------------------------------------------------------------------
-
-fn mean_rstd(x: &[f32], eps: f64) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-pub fn layernorm_forward(x: &[f32], w: &[f32], b: &[f32], d: usize, eps: f64, y: &mut [f32]) {
-    y.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(yr, xr)| {
-            let (mean, rstd) = mean_rstd(xr, eps);
-            for j in 0..d {
-                yr[j] = (((xr[j] as f64 - mean) * rstd) as f32) * w[j] + b[j];
-            }
-        });
-}
-
-/// With x̂ = (x − μ) rstd and g = w ⊙ dy: `dx += rstd (g − mean(g) − x̂ mean(g ⊙ x̂))`, `dw += Σ dy ⊙ x̂`,
-/// `db += Σ dy`.
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    d: usize,
-    eps: f64,
-    dx: &mut [f32],
-    dw: &mut [f32],
-    db: &mut [f32],
-) {
-    let chunk = rows_per_task(d);
-    let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
-        .par_chunks_mut(d * chunk)
-        .zip(x.par_chunks(d * chunk).zip(dy.par_chunks(d * chunk)))
-        .map(|(dxc, (xc, dyc))| {
-            let (mut dwp, mut dbp) = (vec![0f64; d], vec![0f64; d]);
-            for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
-                let (mean, rstd) = mean_rstd(xr, eps);
-                let xhat = |j: usize| (xr[j] as f64 - mean) * rstd;
-                let (mut mg, mut mgx) = (0f64, 0f64);
-                for j in 0..d {
-                    let g = w[j] as f64 * dyr[j] as f64;
-                    mg += g;
-                    mgx += g * xhat(j);
-                }
-                mg /= d as f64;
-                mgx /= d as f64;
-                for j in 0..d {
-                    let g = w[j] as f64 * dyr[j] as f64;
-                    dxr[j] += (rstd * (g - mg - xhat(j) * mgx)) as f32;
-                    dwp[j] += dyr[j] as f64 * xhat(j);
-                    dbp[j] += dyr[j] as f64;
-                }
-            }
-            (dwp, dbp)
-        })
-        .collect();
-    let (dwp, dbp): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    add_parts(dw, &dwp);
-    add_parts(db, &dbp);
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Rotary embedding (HF: x cos + rotate_half(x) sin, rotate_half(x) = [−x₂, x₁])
 // ---------------------------------------------------------------------------------------------------------
 
@@ -536,7 +469,7 @@ pub fn attention_backward(
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Elementwise: SiLU, GELU (tanh approximation), multiply, add
+// Elementwise: SiLU, multiply, add
 // ---------------------------------------------------------------------------------------------------------
 
 const CHUNK: usize = 16_384;
@@ -563,33 +496,6 @@ pub fn silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
             for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
                 let s = sigmoid(v);
                 *d += g * s * (1.0 + v * (1.0 - s));
-            }
-        });
-}
-
-const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
-
-/// GELU, tanh approximation (`gelu_pytorch_tanh`, as in GPT-2/llm.c): 0.5 x (1 + tanh(c (x + 0.044715 x³))).
-pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                let u = GELU_C * (v + 0.044715 * v * v * v);
-                *o = 0.5 * v * (1.0 + u.tanh());
-            }
-        });
-}
-
-pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| {
-            for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let u = GELU_C * (v + 0.044715 * v * v * v);
-                let th = u.tanh();
-                let du = GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
-                *d += g * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * du);
             }
         });
 }
@@ -852,32 +758,6 @@ mod tests {
     }
 
     #[test]
-    fn layernorm_gradients() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let (n, d) = (3, 8);
-        let ins = vec![
-            rand_vec(&mut rng, n * d),
-            rand_vec(&mut rng, d),
-            rand_vec(&mut rng, d),
-        ];
-        check_grads(
-            ins,
-            n * d,
-            &|i| {
-                let mut y = vec![0.0; n * d];
-                layernorm_forward(&i[0], &i[1], &i[2], d, 1e-5, &mut y);
-                y
-            },
-            &|i, c| {
-                let (mut dx, mut dw, mut db) = (vec![0.0; n * d], vec![0.0; d], vec![0.0; d]);
-                layernorm_backward(&i[0], &i[1], c, d, 1e-5, &mut dx, &mut dw, &mut db);
-                vec![dx, dw, db]
-            },
-            3e-3,
-        );
-    }
-
-    #[test]
     fn rope_gradients_and_rotate_half_convention() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let (seqs, tokens, heads, hd) = (2, 5, 3, 8);
@@ -1000,30 +880,25 @@ mod tests {
     }
 
     #[test]
-    fn activation_gradients() {
+    fn silu_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let n = 40;
-        type Fwd = fn(&[f32], &mut [f32]);
-        type Bwd = fn(&[f32], &[f32], &mut [f32]);
-        let acts: [(Fwd, Bwd); 2] = [(silu_forward, silu_backward), (gelu_forward, gelu_backward)];
-        for (f, b) in acts {
-            let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
-            check_grads(
-                vec![x],
-                n,
-                &|i| {
-                    let mut y = vec![0.0; n];
-                    f(&i[0], &mut y);
-                    y
-                },
-                &|i, c| {
-                    let mut dx = vec![0.0; n];
-                    b(&i[0], c, &mut dx);
-                    vec![dx]
-                },
-                2e-3,
-            );
-        }
+        let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
+        check_grads(
+            vec![x],
+            n,
+            &|i| {
+                let mut y = vec![0.0; n];
+                silu_forward(&i[0], &mut y);
+                y
+            },
+            &|i, c| {
+                let mut dx = vec![0.0; n];
+                silu_backward(&i[0], c, &mut dx);
+                vec![dx]
+            },
+            2e-3,
+        );
     }
 
     #[test]
