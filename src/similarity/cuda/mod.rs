@@ -41,7 +41,7 @@ trait CuResult<T> {
 }
 impl<T> CuResult<T> for std::result::Result<T, DriverError> {
     fn cu(self, what: &str) -> Result<T> {
-        self.map_err(|e| Error::Cuda(format!("{what}: {e}")))
+        self.map_err(|e| Error::cuda_from(format!("{what}: {e}"), e))
     }
 }
 
@@ -57,8 +57,8 @@ pub struct DeviceInfo {
 /// The GPUs the driver sees, or why none can be used.
 pub fn list_devices() -> Result<Vec<DeviceInfo>> {
     if !driver_available() {
-        return Err(Error::Cuda(
-            "no CUDA driver found (libcuda.so.1 could not be loaded)".into(),
+        return Err(Error::cuda(
+            "no CUDA driver found (libcuda.so.1 could not be loaded)",
         ));
     }
     cu::init().cu("cuInit")?;
@@ -118,7 +118,7 @@ impl Kernels {
             let (_, m) = modules
                 .iter()
                 .find(|(f, _)| *f == file)
-                .ok_or_else(|| Error::Cuda(format!("kernel file {file} is not embedded")))?;
+                .ok_or_else(|| Error::cuda(format!("kernel file {file} is not embedded")))?;
             m.load_function(name)
                 .cu(&format!("kernel {name} in {file}"))
         };
@@ -243,7 +243,7 @@ impl CudaBackend {
     pub fn open(ordinal: usize, cpu_threads: usize) -> Result<Self> {
         let devices = list_devices()?;
         let info = devices.get(ordinal).ok_or_else(|| {
-            Error::Cuda(if devices.is_empty() {
+            Error::cuda(if devices.is_empty() {
                 "the CUDA driver sees no GPU".to_string()
             } else {
                 format!(
@@ -255,14 +255,14 @@ impl CudaBackend {
         })?;
         let (major, minor) = info.compute_capability;
         if major < 8 {
-            return Err(Error::Cuda(format!(
+            return Err(Error::cuda(format!(
                 "{} has compute capability {major}.{minor}; the kernels need 8.0 or newer \
                  (bf16 tensor-core mma)",
                 info.name
             )));
         }
         if !nvrtc::nvrtc_available() {
-            return Err(Error::Cuda(format!(
+            return Err(Error::cuda(format!(
                 "NVRTC (libnvrtc) not found, needed to compile the kernels: install the CUDA toolkit or \
                  `pip install nvidia-cuda-nvrtc-cu12` and add its lib directory to LD_LIBRARY_PATH \
                  (looked for {})",

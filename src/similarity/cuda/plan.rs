@@ -133,7 +133,7 @@ pub fn plan(n: usize, row_bytes: &[usize], budget: usize) -> Result<MemoryPlan> 
         None => {
             let fits = largest_batch_that_fits(row_bytes, budget);
             let widest = row_bytes.iter().copied().max().unwrap_or(0);
-            Err(Error::Cuda(match fits {
+            Err(Error::cuda(match fits {
                 Some(m) => format!(
                     "a batch of {n} samples does not fit in the GPU's free memory ({} MiB usable; the \
                      widest layer is {widest} bytes per sample): the largest batch size that fits is {m} \
