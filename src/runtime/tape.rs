@@ -7,8 +7,8 @@
 //! into its group's sum of squares and freed. So the peak memory is the weights' mmap, the activations,
 //! and the gradients of the parameters in flight, never a full gradient copy of the model.
 
-use super::ops::cpu;
-use super::ops::{cpu::AttnShape, RopeTable};
+pub mod op;
+
 use crate::error::Result;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -36,126 +36,28 @@ pub struct Buffer {
     pub cols: usize,
 }
 
-/// One op of the tape. Inputs and outputs are buffer ids, parameters are [`ParamId`]s.
-#[derive(Clone, Debug)]
-pub enum Op {
-    /// out[r] = table[ids[r]] (ids: the tape's token ids).
-    Embedding {
-        table: ParamId,
-        out: BufId,
-    },
-    Linear {
-        x: BufId,
-        w: ParamId,
-        b: Option<ParamId>,
-        out: BufId,
-    },
-    RmsNorm {
-        x: BufId,
-        w: ParamId,
-        eps: f64,
-        out: BufId,
-    },
-    Rope {
-        x: BufId,
-        heads: usize,
-        table: Arc<RopeTable>,
-        out: BufId,
-    },
-    Attention {
-        q: BufId,
-        k: BufId,
-        v: BufId,
-        shape: AttnShape,
-        out: BufId,
-        lse: BufId,
-    },
-    Silu {
-        x: BufId,
-        out: BufId,
-    },
-    Mul {
-        a: BufId,
-        b: BufId,
-        out: BufId,
-    },
-    Add {
-        a: BufId,
-        b: BufId,
-        out: BufId,
-    },
-    /// Mean softmax cross-entropy of the rows of `logits` against the tape's targets (−1 = not predicted).
-    CrossEntropy {
-        logits: BufId,
-        lse: BufId,
-    },
-}
-
-impl Op {
+/// One op of the tape. Inputs and outputs are buffer ids, parameters are [`ParamId`]s. Each op is a type
+/// in [`op`] implementing this trait, so that everything about an op (what it reads, writes and keeps,
+/// its forward and its backward) is in one place.
+pub trait TapeOp: std::fmt::Debug + Send + Sync {
     /// The op's kind, for the per-op profile.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Op::Embedding { .. } => "embedding",
-            Op::Linear { .. } => "linear",
-            Op::RmsNorm { .. } => "rmsnorm",
-            Op::Rope { .. } => "rope",
-            Op::Attention { .. } => "attention",
-            Op::Silu { .. } => "silu",
-            Op::Mul { .. } => "mul",
-            Op::Add { .. } => "add",
-            Op::CrossEntropy { .. } => "cross_entropy",
-        }
-    }
-
-    /// Buffers this op writes.
-    fn outputs(&self) -> Vec<BufId> {
-        match *self {
-            Op::Embedding { out, .. }
-            | Op::Linear { out, .. }
-            | Op::RmsNorm { out, .. }
-            | Op::Rope { out, .. }
-            | Op::Silu { out, .. }
-            | Op::Mul { out, .. }
-            | Op::Add { out, .. } => vec![out],
-            Op::Attention { out, lse, .. } => vec![out, lse],
-            Op::CrossEntropy { lse, .. } => vec![lse],
-        }
-    }
-
+    fn kind(&self) -> &'static str;
     /// Buffers this op reads.
-    fn inputs(&self) -> Vec<BufId> {
-        match *self {
-            Op::Embedding { .. } => vec![],
-            Op::Linear { x, .. }
-            | Op::RmsNorm { x, .. }
-            | Op::Rope { x, .. }
-            | Op::Silu { x, .. } => vec![x],
-            Op::Attention { q, k, v, .. } => vec![q, k, v],
-            Op::Mul { a, b, .. } | Op::Add { a, b, .. } => vec![a, b],
-            Op::CrossEntropy { logits, .. } => vec![logits],
-        }
-    }
-
-    /// Buffers whose contents this op's backward reads (rope and add need none: they are linear with
-    /// constant coefficients).
-    fn saved(&self) -> Vec<BufId> {
-        match *self {
-            Op::Embedding { .. } | Op::Rope { .. } | Op::Add { .. } => vec![],
-            Op::Linear { x, .. } | Op::RmsNorm { x, .. } | Op::Silu { x, .. } => vec![x],
-            Op::Attention { q, k, v, lse, .. } => vec![q, k, v, lse],
-            Op::Mul { a, b, .. } => vec![a, b],
-            Op::CrossEntropy { logits, lse } => vec![logits, lse],
-        }
-    }
-
+    fn inputs(&self) -> Vec<BufId>;
+    /// Buffers this op writes.
+    fn outputs(&self) -> Vec<BufId>;
+    /// Buffers whose contents this op's backward reads (none for ops that are linear with constant
+    /// coefficients).
+    fn saved(&self) -> Vec<BufId>;
+    /// Parameters this op reads.
     fn params(&self) -> Vec<ParamId> {
-        match *self {
-            Op::Embedding { table, .. } => vec![table],
-            Op::Linear { w, b, .. } => std::iter::once(w).chain(b).collect(),
-            Op::RmsNorm { w, .. } => vec![w],
-            _ => vec![],
-        }
+        Vec::new()
     }
+    /// Write the outputs (allocated and zeroed by the tape) from the inputs.
+    fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()>;
+    /// Accumulate into the gradients of the inputs (`t`'s, via [`Tape::take_grad`]) and of the parameters
+    /// (`pg[param]`, allocated by the tape) from the gradients of the outputs.
+    fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()>;
 }
 
 /// A hidden state to report during the forward: after `after_ops` ops have run, buffer `buf` is hidden
@@ -170,7 +72,7 @@ pub struct Mark {
 /// The program (ops, buffers, params, marks) plus the batch it runs on (ids, targets) and, once run, the
 /// buffers' contents.
 pub struct Tape {
-    pub ops: Vec<Op>,
+    pub ops: Vec<Arc<dyn TapeOp>>,
     pub bufs: Vec<Buffer>,
     pub params: Vec<Param>,
     pub marks: Vec<Mark>,
@@ -290,8 +192,8 @@ impl Tape {
         self.params.len() - 1
     }
 
-    pub fn push(&mut self, op: Op) {
-        self.ops.push(op);
+    pub fn push(&mut self, op: impl TapeOp + 'static) {
+        self.ops.push(Arc::new(op));
     }
 
     /// Report `buf` as hidden state `index` once the ops pushed so far have run.
@@ -342,19 +244,19 @@ impl Tape {
         }
         let mut saved = vec![false; self.bufs.len()];
         if keep {
-            for b in self.ops.iter().flat_map(Op::saved) {
+            for b in self.ops.iter().flat_map(|op| op.saved()) {
                 saved[b] = true;
             }
         }
         let mut next_mark = 0;
         self.emit_marks(0, &mut next_mark, on_mark);
         for i in 0..self.ops.len() {
-            let op = self.ops[i].clone();
+            let op = Arc::clone(&self.ops[i]);
             for b in op.outputs() {
                 self.data[b] = self.pool.alloc(self.len_of(b));
             }
             let t0 = std::time::Instant::now();
-            self.run_forward(&op, store)?;
+            op.forward(self, store)?;
             if let Some(p) = &mut self.profile {
                 p.add(op.kind(), "forward", t0);
             }
@@ -379,93 +281,6 @@ impl Tape {
 
     fn p<'s>(&self, store: &'s dyn ParamStore, id: ParamId) -> Result<Cow<'s, [f32]>> {
         store.param(&self.params[id].name)
-    }
-
-    fn run_forward(&mut self, op: &Op, store: &dyn ParamStore) -> Result<()> {
-        // Outputs are taken out of `data` while inputs are borrowed from it (ids differ by construction).
-        match *op {
-            Op::Embedding { table, out } => {
-                let t = self.p(store, table)?;
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::embedding_forward(&self.ids, &t, self.bufs[out].cols, &mut y);
-                self.data[out] = y;
-            }
-            Op::Linear { x, w, b, out } => {
-                let (wv, bv) = (self.p(store, w)?, b.map(|b| self.p(store, b)).transpose()?);
-                let (n, k, m) = (self.bufs[x].rows, self.bufs[x].cols, self.bufs[out].cols);
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::linear_forward(&self.data[x], &wv, bv.as_deref(), n, k, m, &mut y);
-                self.data[out] = y;
-            }
-            Op::RmsNorm { x, w, eps, out } => {
-                let wv = self.p(store, w)?;
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::rmsnorm_forward(&self.data[x], &wv, self.bufs[x].cols, eps, &mut y);
-                self.data[out] = y;
-            }
-            Op::Rope {
-                x,
-                heads,
-                ref table,
-                out,
-            } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::rope_forward(&self.data[x], heads, table, &mut y);
-                self.data[out] = y;
-            }
-            Op::Attention {
-                q,
-                k,
-                v,
-                shape,
-                out,
-                lse,
-            } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                let mut p = std::mem::take(&mut self.data[lse]);
-                cpu::attention_forward(
-                    &self.data[q],
-                    &self.data[k],
-                    &self.data[v],
-                    shape,
-                    &mut y,
-                    &mut p,
-                );
-                self.data[out] = y;
-                self.data[lse] = p;
-            }
-            Op::Silu { x, out } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::silu_forward(&self.data[x], &mut y);
-                self.data[out] = y;
-            }
-            Op::Mul { a, b, out } | Op::Add { a, b, out } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                if matches!(op, Op::Mul { .. }) {
-                    cpu::mul_forward(&self.data[a], &self.data[b], &mut y);
-                } else {
-                    cpu::add_forward(&self.data[a], &self.data[b], &mut y);
-                }
-                self.data[out] = y;
-            }
-            Op::CrossEntropy { logits, lse } => {
-                let mut l = std::mem::take(&mut self.data[lse]);
-                let (sum, count) = cpu::cross_entropy_forward(
-                    &self.data[logits],
-                    self.bufs[logits].cols,
-                    &self.targets,
-                    &mut l,
-                );
-                self.data[lse] = l;
-                if count == 0 {
-                    return Err(crate::Error::invalid(
-                        "no predicted positions in the batch (sequences need at least 2 tokens)",
-                    ));
-                }
-                self.loss = Some(sum / count as f64);
-            }
-        }
-        Ok(())
     }
 
     /// Gradient buffer of `b`, allocated (zeroed) on first use; taken out so it can be written while other
@@ -493,14 +308,14 @@ impl Tape {
         }
         let mut pgrads: Vec<Vec<f32>> = vec![Vec::new(); self.params.len()];
         for i in (0..self.ops.len()).rev() {
-            let op = self.ops[i].clone();
+            let op = Arc::clone(&self.ops[i]);
             for p in op.params() {
                 if pgrads[p].is_empty() {
                     pgrads[p] = self.pool.alloc(self.params[p].len);
                 }
             }
             let t0 = std::time::Instant::now();
-            self.run_backward(&op, store, &mut pgrads)?;
+            op.backward(self, store, &mut pgrads)?;
             if let Some(p) = &mut self.profile {
                 p.add(op.kind(), "backward", t0);
             }
@@ -523,155 +338,6 @@ impl Tape {
             self.pool.release(g);
         }
         Ok(sumsq)
-    }
-
-    fn run_backward(&mut self, op: &Op, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
-        match *op {
-            Op::CrossEntropy { logits, lse } => {
-                let (_, count) = self.loss_count();
-                // The logits are read by nothing else's backward: their storage becomes their gradient.
-                let mut d = std::mem::take(&mut self.data[logits]);
-                cpu::cross_entropy_backward_in_place(
-                    &mut d,
-                    self.bufs[logits].cols,
-                    &self.targets,
-                    &self.data[lse],
-                    1.0 / count as f64,
-                );
-                let prior = std::mem::replace(&mut self.grads[logits], d);
-                if !prior.is_empty() {
-                    cpu::accumulate(&mut self.grads[logits], &prior);
-                }
-            }
-            Op::Embedding { table, out } => {
-                let dy = &self.grads[out];
-                if !dy.is_empty() {
-                    cpu::embedding_backward(&self.ids, dy, self.bufs[out].cols, &mut pg[table]);
-                }
-            }
-            Op::Linear { x, w, b, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let wv = self.p(store, w)?;
-                let (n, k, m) = (self.bufs[x].rows, self.bufs[x].cols, self.bufs[out].cols);
-                let mut dx = self.take_grad(x);
-                let mut dw = std::mem::take(&mut pg[w]);
-                let mut db = b.map(|b| std::mem::take(&mut pg[b]));
-                cpu::linear_backward(
-                    &self.data[x],
-                    &wv,
-                    &self.grads[out],
-                    n,
-                    k,
-                    m,
-                    Some(&mut dx),
-                    &mut dw,
-                    db.as_deref_mut(),
-                );
-                self.grads[x] = dx;
-                pg[w] = dw;
-                if let (Some(b), Some(db)) = (b, db) {
-                    pg[b] = db;
-                }
-            }
-            Op::RmsNorm { x, w, eps, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let wv = self.p(store, w)?;
-                let mut dx = self.take_grad(x);
-                let mut dw = std::mem::take(&mut pg[w]);
-                cpu::rmsnorm_backward(
-                    &self.data[x],
-                    &wv,
-                    &self.grads[out],
-                    self.bufs[x].cols,
-                    eps,
-                    &mut dx,
-                    &mut dw,
-                );
-                self.grads[x] = dx;
-                pg[w] = dw;
-            }
-            Op::Rope {
-                x,
-                heads,
-                ref table,
-                out,
-            } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let mut dx = self.take_grad(x);
-                cpu::rope_backward(&self.grads[out], heads, table, &mut dx);
-                self.grads[x] = dx;
-            }
-            Op::Attention {
-                q,
-                k,
-                v,
-                shape,
-                out,
-                lse,
-            } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let (mut dq, mut dk, mut dv) =
-                    (self.take_grad(q), self.take_grad(k), self.take_grad(v));
-                cpu::attention_backward(
-                    &self.data[q],
-                    &self.data[k],
-                    &self.data[v],
-                    &self.data[lse],
-                    &self.grads[out],
-                    shape,
-                    &mut dq,
-                    &mut dk,
-                    &mut dv,
-                );
-                self.grads[q] = dq;
-                self.grads[k] = dk;
-                self.grads[v] = dv;
-            }
-            Op::Silu { x, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let mut dx = self.take_grad(x);
-                cpu::silu_backward(&self.data[x], &self.grads[out], &mut dx);
-                self.grads[x] = dx;
-            }
-            Op::Mul { a, b, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let (mut da, mut db) = (self.take_grad(a), self.take_grad(b));
-                cpu::mul_backward(
-                    &self.data[a],
-                    &self.data[b],
-                    &self.grads[out],
-                    &mut da,
-                    &mut db,
-                );
-                self.grads[a] = da;
-                self.grads[b] = db;
-            }
-            Op::Add { a, b, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let dy = std::mem::take(&mut self.grads[out]);
-                for inp in [a, b] {
-                    let mut d = self.take_grad(inp);
-                    cpu::accumulate(&mut d, &dy);
-                    self.grads[inp] = d;
-                }
-                self.grads[out] = dy;
-            }
-        }
-        Ok(())
     }
 
     fn loss_count(&self) -> (f64, usize) {
