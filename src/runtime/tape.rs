@@ -36,26 +36,30 @@ pub struct Buffer {
     pub cols: usize,
 }
 
+/// What an op reads, writes and keeps: the tape's bookkeeping of one op.
+#[derive(Clone, Debug)]
+pub struct OpIo {
+    /// The op's kind, for the per-op profile.
+    pub kind: &'static str,
+    /// Buffers it reads.
+    pub inputs: Vec<BufId>,
+    /// Buffers it writes.
+    pub outputs: Vec<BufId>,
+    /// Buffers whose contents its backward reads (none for ops that are linear with constant
+    /// coefficients).
+    pub saved: Vec<BufId>,
+    /// Parameters it reads.
+    pub params: Vec<ParamId>,
+}
+
 /// One op of the tape. Inputs and outputs are buffer ids, parameters are [`ParamId`]s. Each op is a type
 /// in [`op`] implementing this trait, so that everything about an op (what it reads, writes and keeps,
 /// its forward and its backward) is in one place.
 pub trait TapeOp: std::fmt::Debug + Send + Sync {
-    /// The op's kind, for the per-op profile.
-    fn kind(&self) -> &'static str;
-    /// Buffers this op reads.
-    fn inputs(&self) -> Vec<BufId>;
-    /// Buffers this op writes.
-    fn outputs(&self) -> Vec<BufId>;
-    /// Buffers whose contents this op's backward reads (none for ops that are linear with constant
-    /// coefficients).
-    fn saved(&self) -> Vec<BufId>;
-    /// Parameters this op reads.
-    fn params(&self) -> Vec<ParamId> {
-        Vec::new()
-    }
+    fn io(&self) -> OpIo;
     /// Write the outputs (allocated and zeroed by the tape) from the inputs.
     fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()>;
-    /// Accumulate into the gradients of the inputs (`t`'s, via [`Tape::take_grad`]) and of the parameters
+    /// Accumulate into the gradients of the inputs (see [`Tape::write_grad`]) and of the parameters
     /// (`pg[param]`, allocated by the tape) from the gradients of the outputs.
     fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()>;
 }
@@ -232,10 +236,11 @@ impl Tape {
         self.data = vec![Vec::new(); self.bufs.len()];
         self.grads = vec![Vec::new(); self.bufs.len()];
         self.loss = None;
+        let io: Vec<OpIo> = self.ops.iter().map(|op| op.io()).collect();
         // Last op (by position) reading each buffer; marks count as reads at their position.
         let mut last_use = vec![0usize; self.bufs.len()];
-        for (i, op) in self.ops.iter().enumerate() {
-            for b in op.inputs().into_iter().chain(op.outputs()) {
+        for (i, op) in io.iter().enumerate() {
+            for &b in op.inputs.iter().chain(&op.outputs) {
                 last_use[b] = last_use[b].max(i);
             }
         }
@@ -244,7 +249,7 @@ impl Tape {
         }
         let mut saved = vec![false; self.bufs.len()];
         if keep {
-            for b in self.ops.iter().flat_map(|op| op.saved()) {
+            for &b in io.iter().flat_map(|op| &op.saved) {
                 saved[b] = true;
             }
         }
@@ -252,16 +257,16 @@ impl Tape {
         self.emit_marks(0, &mut next_mark, on_mark);
         for i in 0..self.ops.len() {
             let op = Arc::clone(&self.ops[i]);
-            for b in op.outputs() {
+            for &b in &io[i].outputs {
                 self.data[b] = self.pool.alloc(self.len_of(b));
             }
             let t0 = std::time::Instant::now();
             op.forward(self, store)?;
             if let Some(p) = &mut self.profile {
-                p.add(op.kind(), "forward", t0);
+                p.add(io[i].kind, "forward", t0);
             }
             self.emit_marks(i + 1, &mut next_mark, on_mark);
-            for b in op.inputs().into_iter().chain(op.outputs()) {
+            for &b in io[i].inputs.iter().chain(&io[i].outputs) {
                 if last_use[b] == i && !saved[b] {
                     self.free_data(b);
                 }
@@ -283,6 +288,26 @@ impl Tape {
         store.param(&self.params[id].name)
     }
 
+    /// Run `f` on buffer `out`, taken out of the tape so that `f` can read the other buffers beside it.
+    fn write_output<R>(&mut self, out: BufId, f: impl FnOnce(&Tape, &mut [f32]) -> R) -> R {
+        let mut y = std::mem::take(&mut self.data[out]);
+        let r = f(self, &mut y);
+        self.data[out] = y;
+        r
+    }
+
+    /// Run `f` on the gradient of `b` (allocated, zeroed, on first use), taken out likewise.
+    fn write_grad(&mut self, b: BufId, f: impl FnOnce(&Tape, &mut [f32])) {
+        let mut d = self.take_grad(b);
+        f(self, &mut d);
+        self.grads[b] = d;
+    }
+
+    /// Whether something downstream gave `b` a gradient (when not, a backward has nothing to do).
+    fn has_grad(&self, b: BufId) -> bool {
+        !self.grads[b].is_empty()
+    }
+
     /// Gradient buffer of `b`, allocated (zeroed) on first use; taken out so it can be written while other
     /// buffers are read.
     fn take_grad(&mut self, b: BufId) -> Vec<f32> {
@@ -300,16 +325,17 @@ impl Tape {
     pub fn backward(&mut self, store: &dyn ParamStore, n_groups: usize) -> Result<Vec<f64>> {
         let mut sumsq = vec![0f64; n_groups];
         // A parameter's gradient is complete once its first forward use has been replayed.
+        let io: Vec<OpIo> = self.ops.iter().map(|op| op.io()).collect();
         let mut first_use = vec![usize::MAX; self.params.len()];
-        for (i, op) in self.ops.iter().enumerate() {
-            for p in op.params() {
+        for (i, op) in io.iter().enumerate() {
+            for &p in &op.params {
                 first_use[p] = first_use[p].min(i);
             }
         }
         let mut pgrads: Vec<Vec<f32>> = vec![Vec::new(); self.params.len()];
         for i in (0..self.ops.len()).rev() {
             let op = Arc::clone(&self.ops[i]);
-            for p in op.params() {
+            for &p in &io[i].params {
                 if pgrads[p].is_empty() {
                     pgrads[p] = self.pool.alloc(self.params[p].len);
                 }
@@ -317,16 +343,16 @@ impl Tape {
             let t0 = std::time::Instant::now();
             op.backward(self, store, &mut pgrads)?;
             if let Some(p) = &mut self.profile {
-                p.add(op.kind(), "backward", t0);
+                p.add(io[i].kind, "backward", t0);
             }
-            for p in op.params() {
+            for &p in &io[i].params {
                 if first_use[p] == i {
                     let g = std::mem::take(&mut pgrads[p]);
                     sumsq[self.params[p].group] += sum_sq(&g);
                     self.pool.release(g);
                 }
             }
-            for b in op.outputs() {
+            for &b in &io[i].outputs {
                 self.free_data(b);
                 let g = std::mem::take(&mut self.grads[b]);
                 self.pool.release(g);

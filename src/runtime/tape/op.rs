@@ -1,12 +1,13 @@
 //! The tape's ops. Each is a type with its buffers and parameters, and one [`TapeOp`] impl holding all
-//! the tape needs of it side by side: what it reads, writes and keeps for the backward, its forward and
-//! its backward. A new op is one more type here (the kernels it calls live in [`crate::runtime::ops`]).
+//! the tape needs of it side by side: what it reads, writes and keeps for the backward ([`OpIo`]), its
+//! forward and its backward. A new op is one more type here (the kernels it calls live in
+//! [`crate::runtime::ops`]).
 //!
-//! Forwards take their outputs out of the tape's `data` while they borrow their inputs from it (the ids
-//! differ by construction); backwards do the same with the gradients, and return at once when nothing
-//! downstream produced a gradient for their output.
+//! Outputs and gradients are written through [`Tape::write_output`] / [`Tape::write_grad`], which take the
+//! written buffer out of the tape while the others are read. A backward returns at once when nothing
+//! downstream gave its output a gradient.
 
-use super::{BufId, ParamId, ParamStore, Tape, TapeOp};
+use super::{BufId, OpIo, ParamId, ParamStore, Tape, TapeOp};
 use crate::error::Result;
 use crate::runtime::ops::{cpu, cpu::AttnShape, RopeTable};
 use std::sync::Arc;
@@ -19,31 +20,25 @@ pub struct Embedding {
 }
 
 impl TapeOp for Embedding {
-    fn kind(&self) -> &'static str {
-        "embedding"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![]
-    }
-    fn params(&self) -> Vec<ParamId> {
-        vec![self.table]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "embedding",
+            inputs: vec![],
+            outputs: vec![self.out],
+            saved: vec![],
+            params: vec![self.table],
+        }
     }
     fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()> {
         let table = t.p(store, self.table)?;
-        let mut y = std::mem::take(&mut t.data[self.out]);
-        cpu::embedding_forward(&t.ids, &table, t.bufs[self.out].cols, &mut y);
-        t.data[self.out] = y;
+        t.write_output(self.out, |t, y| {
+            cpu::embedding_forward(&t.ids, &table, t.bufs[self.out].cols, y)
+        });
         Ok(())
     }
     fn backward(&self, t: &mut Tape, _: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
-        let dy = &t.grads[self.out];
-        if !dy.is_empty() {
+        if t.has_grad(self.out) {
+            let dy = &t.grads[self.out];
             cpu::embedding_backward(&t.ids, dy, t.bufs[self.out].cols, &mut pg[self.table]);
         }
         Ok(())
@@ -60,52 +55,38 @@ pub struct Linear {
 }
 
 impl TapeOp for Linear {
-    fn kind(&self) -> &'static str {
-        "linear"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.x]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![self.x]
-    }
-    fn params(&self) -> Vec<ParamId> {
-        std::iter::once(self.w).chain(self.b).collect()
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "linear",
+            inputs: vec![self.x],
+            outputs: vec![self.out],
+            saved: vec![self.x],
+            params: std::iter::once(self.w).chain(self.b).collect(),
+        }
     }
     fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()> {
         let Linear { x, w, b, out } = *self;
         let (wv, bv) = (t.p(store, w)?, b.map(|b| t.p(store, b)).transpose()?);
-        let (n, k, m) = (t.bufs[x].rows, t.bufs[x].cols, t.bufs[out].cols);
-        let mut y = std::mem::take(&mut t.data[out]);
-        cpu::linear_forward(&t.data[x], &wv, bv.as_deref(), n, k, m, &mut y);
-        t.data[out] = y;
+        t.write_output(out, |t, y| {
+            let (n, k, m) = (t.bufs[x].rows, t.bufs[x].cols, t.bufs[out].cols);
+            cpu::linear_forward(&t.data[x], &wv, bv.as_deref(), n, k, m, y)
+        });
         Ok(())
     }
     fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
         let Linear { x, w, b, out } = *self;
-        if t.grads[out].is_empty() {
+        if !t.has_grad(out) {
             return Ok(());
         }
         let wv = t.p(store, w)?;
-        let (n, k, m) = (t.bufs[x].rows, t.bufs[x].cols, t.bufs[out].cols);
-        let mut dx = t.take_grad(x);
         let mut dw = std::mem::take(&mut pg[w]);
         let mut db = b.map(|b| std::mem::take(&mut pg[b]));
-        cpu::linear_backward(
-            &t.data[x],
-            &wv,
-            &t.grads[out],
-            n,
-            k,
-            m,
-            Some(&mut dx),
-            &mut dw,
-            db.as_deref_mut(),
-        );
-        t.grads[x] = dx;
+        t.write_grad(x, |t, dx| {
+            let (n, k, m) = (t.bufs[x].rows, t.bufs[x].cols, t.bufs[out].cols);
+            let dy = &t.grads[out];
+            let db = db.as_deref_mut();
+            cpu::linear_backward(&t.data[x], &wv, dy, n, k, m, Some(dx), &mut dw, db);
+        });
         pg[w] = dw;
         if let (Some(b), Some(db)) = (b, db) {
             pg[b] = db;
@@ -124,48 +105,34 @@ pub struct RmsNorm {
 }
 
 impl TapeOp for RmsNorm {
-    fn kind(&self) -> &'static str {
-        "rmsnorm"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.x]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![self.x]
-    }
-    fn params(&self) -> Vec<ParamId> {
-        vec![self.w]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "rmsnorm",
+            inputs: vec![self.x],
+            outputs: vec![self.out],
+            saved: vec![self.x],
+            params: vec![self.w],
+        }
     }
     fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()> {
         let RmsNorm { x, w, eps, out } = *self;
         let wv = t.p(store, w)?;
-        let mut y = std::mem::take(&mut t.data[out]);
-        cpu::rmsnorm_forward(&t.data[x], &wv, t.bufs[x].cols, eps, &mut y);
-        t.data[out] = y;
+        t.write_output(out, |t, y| {
+            cpu::rmsnorm_forward(&t.data[x], &wv, t.bufs[x].cols, eps, y)
+        });
         Ok(())
     }
     fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
         let RmsNorm { x, w, eps, out } = *self;
-        if t.grads[out].is_empty() {
+        if !t.has_grad(out) {
             return Ok(());
         }
         let wv = t.p(store, w)?;
-        let mut dx = t.take_grad(x);
-        let mut dw = std::mem::take(&mut pg[w]);
-        cpu::rmsnorm_backward(
-            &t.data[x],
-            &wv,
-            &t.grads[out],
-            t.bufs[x].cols,
-            eps,
-            &mut dx,
-            &mut dw,
-        );
-        t.grads[x] = dx;
-        pg[w] = dw;
+        let dw = &mut pg[w];
+        t.write_grad(x, |t, dx| {
+            let d = t.bufs[x].cols;
+            cpu::rmsnorm_backward(&t.data[x], &wv, &t.grads[out], d, eps, dx, dw)
+        });
         Ok(())
     }
 }
@@ -181,31 +148,27 @@ pub struct Rope {
 }
 
 impl TapeOp for Rope {
-    fn kind(&self) -> &'static str {
-        "rope"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.x]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "rope",
+            inputs: vec![self.x],
+            outputs: vec![self.out],
+            saved: vec![],
+            params: vec![],
+        }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
-        let mut y = std::mem::take(&mut t.data[self.out]);
-        cpu::rope_forward(&t.data[self.x], self.heads, &self.table, &mut y);
-        t.data[self.out] = y;
+        t.write_output(self.out, |t, y| {
+            cpu::rope_forward(&t.data[self.x], self.heads, &self.table, y)
+        });
         Ok(())
     }
     fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
-        if t.grads[self.out].is_empty() {
-            return Ok(());
+        if t.has_grad(self.out) {
+            t.write_grad(self.x, |t, dx| {
+                cpu::rope_backward(&t.grads[self.out], self.heads, &self.table, dx)
+            });
         }
-        let mut dx = t.take_grad(self.x);
-        cpu::rope_backward(&t.grads[self.out], self.heads, &self.table, &mut dx);
-        t.grads[self.x] = dx;
         Ok(())
     }
 }
@@ -223,17 +186,14 @@ pub struct Attention {
 }
 
 impl TapeOp for Attention {
-    fn kind(&self) -> &'static str {
-        "attention"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.q, self.k, self.v]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out, self.lse]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![self.q, self.k, self.v, self.lse]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "attention",
+            inputs: vec![self.q, self.k, self.v],
+            outputs: vec![self.out, self.lse],
+            saved: vec![self.q, self.k, self.v, self.lse],
+            params: vec![],
+        }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
         let Attention {
@@ -244,10 +204,10 @@ impl TapeOp for Attention {
             out,
             lse,
         } = *self;
-        let mut y = std::mem::take(&mut t.data[out]);
         let mut p = std::mem::take(&mut t.data[lse]);
-        cpu::attention_forward(&t.data[q], &t.data[k], &t.data[v], shape, &mut y, &mut p);
-        t.data[out] = y;
+        t.write_output(out, |t, y| {
+            cpu::attention_forward(&t.data[q], &t.data[k], &t.data[v], shape, y, &mut p)
+        });
         t.data[lse] = p;
         Ok(())
     }
@@ -260,7 +220,7 @@ impl TapeOp for Attention {
             out,
             lse,
         } = *self;
-        if t.grads[out].is_empty() {
+        if !t.has_grad(out) {
             return Ok(());
         }
         let (mut dq, mut dk, mut dv) = (t.take_grad(q), t.take_grad(k), t.take_grad(v));
@@ -290,31 +250,25 @@ pub struct Silu {
 }
 
 impl TapeOp for Silu {
-    fn kind(&self) -> &'static str {
-        "silu"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.x]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![self.x]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "silu",
+            inputs: vec![self.x],
+            outputs: vec![self.out],
+            saved: vec![self.x],
+            params: vec![],
+        }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
-        let mut y = std::mem::take(&mut t.data[self.out]);
-        cpu::silu_forward(&t.data[self.x], &mut y);
-        t.data[self.out] = y;
+        t.write_output(self.out, |t, y| cpu::silu_forward(&t.data[self.x], y));
         Ok(())
     }
     fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
-        if t.grads[self.out].is_empty() {
-            return Ok(());
+        if t.has_grad(self.out) {
+            t.write_grad(self.x, |t, dx| {
+                cpu::silu_backward(&t.data[self.x], &t.grads[self.out], dx)
+            });
         }
-        let mut dx = t.take_grad(self.x);
-        cpu::silu_backward(&t.data[self.x], &t.grads[self.out], &mut dx);
-        t.grads[self.x] = dx;
         Ok(())
     }
 }
@@ -328,32 +282,29 @@ pub struct Mul {
 }
 
 impl TapeOp for Mul {
-    fn kind(&self) -> &'static str {
-        "mul"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.a, self.b]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![self.a, self.b]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "mul",
+            inputs: vec![self.a, self.b],
+            outputs: vec![self.out],
+            saved: vec![self.a, self.b],
+            params: vec![],
+        }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
-        let mut y = std::mem::take(&mut t.data[self.out]);
-        cpu::mul_forward(&t.data[self.a], &t.data[self.b], &mut y);
-        t.data[self.out] = y;
+        let Mul { a, b, out } = *self;
+        t.write_output(out, |t, y| cpu::mul_forward(&t.data[a], &t.data[b], y));
         Ok(())
     }
     fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
         let Mul { a, b, out } = *self;
-        if t.grads[out].is_empty() {
+        if !t.has_grad(out) {
             return Ok(());
         }
-        let (mut da, mut db) = (t.take_grad(a), t.take_grad(b));
-        cpu::mul_backward(&t.data[a], &t.data[b], &t.grads[out], &mut da, &mut db);
-        t.grads[a] = da;
+        let mut db = t.take_grad(b);
+        t.write_grad(a, |t, da| {
+            cpu::mul_backward(&t.data[a], &t.data[b], &t.grads[out], da, &mut db)
+        });
         t.grads[b] = db;
         Ok(())
     }
@@ -368,35 +319,27 @@ pub struct Add {
 }
 
 impl TapeOp for Add {
-    fn kind(&self) -> &'static str {
-        "add"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.a, self.b]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.out]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "add",
+            inputs: vec![self.a, self.b],
+            outputs: vec![self.out],
+            saved: vec![],
+            params: vec![],
+        }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
-        let mut y = std::mem::take(&mut t.data[self.out]);
-        cpu::add_forward(&t.data[self.a], &t.data[self.b], &mut y);
-        t.data[self.out] = y;
+        let Add { a, b, out } = *self;
+        t.write_output(out, |t, y| cpu::add_forward(&t.data[a], &t.data[b], y));
         Ok(())
     }
     fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
-        if t.grads[self.out].is_empty() {
+        if !t.has_grad(self.out) {
             return Ok(());
         }
-        let dy = std::mem::take(&mut t.grads[self.out]);
         for inp in [self.a, self.b] {
-            let mut d = t.take_grad(inp);
-            cpu::accumulate(&mut d, &dy);
-            t.grads[inp] = d;
+            t.write_grad(inp, |t, d| cpu::accumulate(d, &t.grads[self.out]));
         }
-        t.grads[self.out] = dy;
         Ok(())
     }
 }
@@ -410,24 +353,20 @@ pub struct CrossEntropy {
 }
 
 impl TapeOp for CrossEntropy {
-    fn kind(&self) -> &'static str {
-        "cross_entropy"
-    }
-    fn inputs(&self) -> Vec<BufId> {
-        vec![self.logits]
-    }
-    fn outputs(&self) -> Vec<BufId> {
-        vec![self.lse]
-    }
-    fn saved(&self) -> Vec<BufId> {
-        vec![self.logits, self.lse]
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "cross_entropy",
+            inputs: vec![self.logits],
+            outputs: vec![self.lse],
+            saved: vec![self.logits, self.lse],
+            params: vec![],
+        }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
         let CrossEntropy { logits, lse } = *self;
-        let mut l = std::mem::take(&mut t.data[lse]);
-        let (sum, count) =
-            cpu::cross_entropy_forward(&t.data[logits], t.bufs[logits].cols, &t.targets, &mut l);
-        t.data[lse] = l;
+        let (sum, count) = t.write_output(lse, |t, l| {
+            cpu::cross_entropy_forward(&t.data[logits], t.bufs[logits].cols, &t.targets, l)
+        });
         if count == 0 {
             return Err(crate::Error::invalid(
                 "no predicted positions in the batch (sequences need at least 2 tokens)",
