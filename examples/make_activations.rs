@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use safetensors::tensor::TensorView;
-use sglp_engine::linalg::{matmul, Layout, Parallelism};
+use sglp_engine::linalg::{matmul, MatRef, Parallelism};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -178,11 +178,10 @@ fn next_block_latent(z: &[f32], n: usize, latent: usize, rng: &mut StdRng) -> Ve
     decay_spectrum(&mut next, latent);
     matmul(
         &mut next,
-        Layout::row_major(n, latent),
-        z,
-        Layout::row_major(n, latent),
-        &m,
-        Layout::row_major(latent, latent),
+        latent,
+        MatRef::rm(z, n, latent),
+        MatRef::rm(&m, latent, latent),
+        1.0,
         true,
         Parallelism::None,
     );
@@ -221,11 +220,10 @@ fn layer_output(
     let mut out = vec![0f32; n * width];
     matmul(
         &mut out,
-        Layout::row_major(n, width),
-        h,
-        Layout::row_major(n, latent),
-        &w,
-        Layout::row_major(latent, width),
+        width,
+        MatRef::rm(h, n, latent),
+        MatRef::rm(&w, latent, width),
+        1.0,
         false,
         Parallelism::None,
     );

@@ -15,7 +15,8 @@ typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-// One layer of a launch. Matches `LayerDesc` in src/similarity/cuda/launch.rs (#[repr(C)], 24 bytes).
+// One layer of a launch: the 3 little-endian u64 words per layer (24 bytes) that `layer_tables` in
+// src/similarity/cuda/mod.rs writes, the third being `cols | dtype << 32`.
 struct LayerDesc {
     u64 in_off;   // byte offset of the layer's rows (n × cols, row-major) in the input buffer
     u64 out_off;  // element offset of the layer's output (an n × n Gram, or a packed G row)

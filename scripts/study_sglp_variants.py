@@ -33,6 +33,10 @@ VARIANTS = {
     "rows+k4+adaptive+loss(shortlist 2)": ["--k", "4", "--selection", "loss", "--shortlist", "2"],
     "rows+k4+proportional+loss(shortlist 2)": ["--k", "4", "--allocation", "proportional",
                                                "--selection", "loss", "--shortlist", "2"],
+    "rows+elbow+adaptive+loss(shortlist 2)": ["--k", "elbow", "--selection", "loss", "--shortlist", "2"],
+    "rows+elbow+adaptive+loss(shortlist 1)": ["--k", "elbow", "--selection", "loss", "--shortlist", "1"],
+    "rows+elbow+proportional+gradnorm": ["--k", "elbow", "--allocation", "proportional", "--selection",
+                                         "gradnorm"],
     "colsum+auto+adaptive+loss(shortlist 2)": ["--features", "colsum", "--selection", "loss",
                                                "--shortlist", "2"],
 }

@@ -28,9 +28,14 @@ pub enum Error {
     /// A model checkpoint or config the runtime cannot run.
     #[error("{0}")]
     Model(String),
-    /// The CUDA backend was asked for but cannot run, or a CUDA call failed.
-    #[error("CUDA: {0}")]
-    Cuda(String),
+    /// The CUDA backend was asked for but cannot run, or a CUDA call failed. `msg` is the whole message
+    /// (it names the failed call and its error); `source` is the driver's or NVRTC's error, when there is one.
+    #[error("CUDA: {msg}")]
+    Cuda {
+        msg: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {
@@ -69,6 +74,41 @@ impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidInput(msg.into())
     }
+
+    /// A CUDA error of our own (no underlying error).
+    pub fn cuda(msg: impl Into<String>) -> Self {
+        Error::Cuda {
+            msg: msg.into(),
+            source: None,
+        }
+    }
+
+    /// A failed CUDA or NVRTC call: `msg` (which names it), and the library's error kept as the source.
+    pub fn cuda_from(
+        msg: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Cuda {
+            msg: msg.into(),
+            source: Some(Box::new(source)),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use std::error::Error as _;
+
+    #[test]
+    fn cuda_errors_keep_the_library_error_as_source_and_their_message() {
+        let e = Error::cuda_from("cuInit: boom", std::io::Error::other("boom"));
+        assert_eq!(e.to_string(), "CUDA: cuInit: boom");
+        assert_eq!(e.source().unwrap().to_string(), "boom");
+        let e = Error::cuda("no CUDA driver found");
+        assert_eq!(e.to_string(), "CUDA: no CUDA driver found");
+        assert!(e.source().is_none());
+    }
+}

@@ -1,5 +1,5 @@
-//! Thin, checked wrappers over the `gemm` crate (the CPU GEMM): explicit shapes and strides, slices
-//! bounds-checked once up front so the unsafe call is sound.
+//! The CPU GEMM: one thin, checked wrapper over the `gemm` crate (explicit shapes and strides, slices
+//! bounds-checked once up front so the unsafe call is sound), and the Gram matrix built on it.
 
 pub use gemm::Parallelism;
 
@@ -57,38 +57,85 @@ impl Scalar for f64 {
     const ONE: Self = 1.0;
 }
 
-/// C = A·B (or C += A·B when `accumulate`), shapes `m×k · k×n → m×n` taken from the layouts.
+/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// `data` seen through `layout`.
+    pub fn new(data: &'a [T], layout: Layout) -> Self {
+        MatRef {
+            data,
+            rows: layout.rows,
+            cols: layout.cols,
+            rs: layout.rs,
+            cs: layout.cs,
+        }
+    }
+    /// A row-major `rows × cols` matrix.
+    pub fn rm(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self::new(data, Layout::row_major(rows, cols))
+    }
+    /// The transpose (no copy: strides swap).
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    fn layout(&self) -> Layout {
+        Layout {
+            rows: self.rows,
+            cols: self.cols,
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+}
+
+/// `c = α·a·b`, or `c += α·a·b` when `accumulate`: the crate's one GEMM (the CPU similarity backend, the
+/// runtime's ops and the example generator all call it). `a` is `m×k`, `b` is `k×n`, `c` is `m×n`
+/// row-major with row stride `c_rs`.
 ///
-/// Panics if the shapes disagree or a slice is too short for its layout (programming errors).
+/// Panics if the shapes disagree or a slice is too short for its view (programming errors).
 pub fn matmul<T: Scalar>(
     c: &mut [T],
-    lc: Layout,
-    a: &[T],
-    la: Layout,
-    b: &[T],
-    lb: Layout,
+    c_rs: usize,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
     accumulate: bool,
     par: Parallelism,
 ) {
-    assert_eq!(la.cols, lb.rows, "inner dimensions differ");
-    assert_eq!(
-        (lc.rows, lc.cols),
-        (la.rows, lb.cols),
-        "output shape differs"
-    );
+    assert_eq!(a.cols, b.rows, "inner dimensions differ");
+    let lc = Layout {
+        rows: a.rows,
+        cols: b.cols,
+        rs: c_rs,
+        cs: 1,
+    };
     assert!(
-        c.len() >= lc.span() && a.len() >= la.span() && b.len() >= lb.span(),
+        c.len() >= lc.span()
+            && a.data.len() >= a.layout().span()
+            && b.data.len() >= b.layout().span(),
         "slice shorter than its layout"
     );
     if lc.rows == 0 || lc.cols == 0 {
         return;
     }
-    if la.cols == 0 {
+    if a.cols == 0 {
         if !accumulate {
             for i in 0..lc.rows {
-                for j in 0..lc.cols {
-                    c[i * lc.rs + j * lc.cs] = T::ZERO;
-                }
+                c[i * lc.rs..i * lc.rs + lc.cols].fill(T::ZERO);
             }
         }
         return;
@@ -99,19 +146,19 @@ pub fn matmul<T: Scalar>(
         gemm::gemm(
             lc.rows,
             lc.cols,
-            la.cols,
+            a.cols,
             c.as_mut_ptr(),
             lc.cs as isize,
             lc.rs as isize,
             accumulate,
-            a.as_ptr(),
-            la.cs as isize,
-            la.rs as isize,
-            b.as_ptr(),
-            lb.cs as isize,
-            lb.rs as isize,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
             T::ONE,
-            T::ONE,
+            alpha,
             false,
             false,
             false,
@@ -131,18 +178,15 @@ pub fn gram_xxt(x: &[f64], n: usize, d: usize, k: &mut [f64], par: Parallelism) 
     while r0 < n {
         let r1 = (r0 + NB).min(n);
         // Rows r0..r1 of K, columns 0..r1: X[r0..r1] · X[0..r1]ᵀ.
-        let lc = Layout {
-            rows: r1 - r0,
-            cols: r1,
-            rs: n,
-            cs: 1,
-        };
-        let la = Layout {
-            rows: r1 - r0,
-            ..lx
-        };
-        let lb = Layout { rows: r1, ..lx }.t();
-        matmul(&mut k[r0 * n..], lc, &x[r0 * d..], la, x, lb, false, par);
+        let a = MatRef::new(
+            &x[r0 * d..],
+            Layout {
+                rows: r1 - r0,
+                ..lx
+            },
+        );
+        let b = MatRef::new(x, Layout { rows: r1, ..lx }.t());
+        matmul(&mut k[r0 * n..], n, a, b, 1.0, false, par);
         r0 = r1;
     }
     for i in 0..n {
@@ -164,11 +208,10 @@ mod tests {
         let mut c = vec![0.0; m * n];
         matmul(
             &mut c,
-            Layout::row_major(m, n),
-            &a,
-            Layout::row_major(m, k),
-            &b,
-            Layout::row_major(n, k).t(),
+            n,
+            MatRef::rm(&a, m, k),
+            MatRef::rm(&b, n, k).t(),
+            1.0,
             false,
             Parallelism::None,
         );

@@ -186,7 +186,7 @@ fn batch(layers: &[Mat], s: usize, e: usize) -> Batch {
 }
 
 /// Run the engine, pushing the rows in chunks of the given sizes (cycled).
-fn engine(layers: &[Mat], spec: CkaSpec, chunks: &[usize]) -> CkaResult {
+fn engine_cka(layers: &[Mat], spec: CkaSpec, chunks: &[usize]) -> CkaResult {
     let n = layers[0].len();
     let mut acc = CkaAccumulator::new(&metas(layers), spec, Some(n)).unwrap();
     let mut cpu = CpuBackend::new(2);
@@ -240,7 +240,7 @@ fn every_estimator_route_and_kernel_matches_the_f64_reference() {
         };
         let want = ref_cka(&layers, est, kernel, b);
         // Chunks that straddle batches in every way.
-        let got = engine(&layers, spec, &[5, 13, 1, 30]);
+        let got = engine_cka(&layers, spec, &[5, 13, 1, 30]);
         assert_close(
             &got,
             &want,
@@ -269,7 +269,7 @@ fn a_last_batch_under_four_samples_is_dropped_with_a_warning() {
         batch_size: 10,
         route: Route::Gram,
     };
-    let got = engine(&layers, spec, &[22]);
+    let got = engine_cka(&layers, spec, &[22]);
     assert_eq!((got.n_batches, got.n_samples), (2, 20));
     assert!(got
         .warnings
@@ -294,7 +294,7 @@ fn cka_is_symmetric_with_unit_diagonal_and_invariant_to_scaling_and_rotation() {
             batch_size: 32,
             route: Route::Gram,
         };
-        let base = engine(&layers, spec, &[64]).cka_matrix();
+        let base = engine_cka(&layers, spec, &[64]).cka_matrix();
         for i in 0..3 {
             assert!((base[i][i] - 1.0).abs() < 1e-12);
             for j in 0..3 {
@@ -321,7 +321,7 @@ fn cka_is_symmetric_with_unit_diagonal_and_invariant_to_scaling_and_rotation() {
             .into_iter()
             .map(|r| r.into_iter().map(|v| 7.5 * v).collect())
             .collect();
-        let after = engine(&moved, spec, &[64]).cka_matrix();
+        let after = engine_cka(&moved, spec, &[64]).cka_matrix();
         for i in 0..3 {
             for j in 0..3 {
                 assert!(
@@ -356,7 +356,7 @@ fn biased_cka_of_independent_data_falls_with_n_while_unbiased_stays_near_zero() 
                 batch_size: n,
                 route: Route::Gram,
             };
-            sum += engine(&layers, spec, &[n]).cka_matrix()[0][1];
+            sum += engine_cka(&layers, spec, &[n]).cka_matrix()[0][1];
         }
         sum / reps as f64
     };
@@ -386,7 +386,7 @@ fn zero_variance_layer_gives_nan_row_and_a_warning() {
             batch_size: 16,
             route: Route::Gram,
         };
-        let got = engine(&layers, spec, &[16]);
+        let got = engine_cka(&layers, spec, &[16]);
         assert!(got.cka[1].iter().all(|v| v.is_none()), "{:?}", got.cka);
         assert!(got.cka[0][0].is_some());
         assert!(

@@ -1,18 +1,12 @@
 //! The `sglp-engine` CLI end to end: cka → segment, run, info, and bad input (one-line error, exit 2,
 //! no output written or clobbered).
 
+mod common;
+
+use common::engine as run;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run sglp-engine")
-}
 
 /// A safetensors file with `layers` tensors [n, width] of f32: three groups of similar layers.
 fn write_activations(

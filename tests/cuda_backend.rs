@@ -361,7 +361,7 @@ fn device_choice_without_and_with_a_gpu() {
             Err(e) => e,
             Ok(_) => panic!("cuda:0 opened without a GPU"),
         };
-        assert!(matches!(e, sglp_engine::Error::Cuda(_)), "{e:?}");
+        assert!(matches!(e, sglp_engine::Error::Cuda { .. }), "{e:?}");
         assert_eq!(e.exit_code(), 2);
         let (b, note) = open_backend(DeviceChoice::Auto, 1).unwrap();
         assert!(b.name().starts_with("cpu"), "{}", b.name());

@@ -2,17 +2,14 @@
 //! against PyTorch's hidden states), and clear errors with exit code 2 on bad input. Uses the runtime's tiny fixture model tests/fixtures/llama_llama3_rope (3 layers, vocab 128).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+
+use common::{engine, write_tokens};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_llama3_rope")
-}
-
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
-        .args(args)
-        .output()
-        .expect("runs the binary")
+    common::fixture("llama_llama3_rope")
 }
 
 fn s(p: &Path) -> &str {
@@ -165,19 +162,6 @@ fn existing_outdir_needs_force() {
         &prune(&fixture(), &["--remove", "1", "--force"]),
         "--out is the input model",
     );
-}
-
-fn write_tokens(path: &Path, seqs: u64, len: u64, ids: &[i64]) {
-    use npyz::WriterBuilder;
-    let f = std::fs::File::create(path).unwrap();
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(&[seqs, len])
-        .writer(f)
-        .begin_nd()
-        .unwrap();
-    w.extend(ids.iter().copied()).unwrap();
-    w.finish().unwrap();
 }
 
 #[test]
@@ -362,17 +346,7 @@ fn compare_sweeps_budgets_for_every_criterion() {
 /// ShortGPT's block influence and the angular distances (span 1) from PyTorch's float64 hidden states of
 /// the fixture (tests/fixtures/*/reference.safetensors, `hidden.{i}` [sequences, tokens, hidden]).
 fn check_criteria_against_reference_hidden_states(rows: &[serde_json::Value]) {
-    let bytes = std::fs::read(fixture().join("reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let hidden = |i: usize| -> (Vec<usize>, Vec<f64>) {
-        let t = st.tensor(&format!("hidden.{i}")).unwrap();
-        let v = t
-            .data()
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        (t.shape().to_vec(), v)
-    };
+    let hidden = |i: usize| common::reference_tensor("llama_llama3_rope", &format!("hidden.{i}"));
     let cos = |a: &[f64], b: &[f64]| {
         let ab: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         let aa: f64 = a.iter().map(|x| x * x).sum();

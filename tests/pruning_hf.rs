@@ -6,21 +6,12 @@
 //!   checkpoint (logits = lm_head(RMSNorm(h_L)) from the runtime's last hidden state), and its loss;
 //! * `eval` gives PyTorch's perplexity before and after within 1e-4 relative.
 
+mod common;
+
+use common::{engine, fixtures, rel};
 use sglp_engine::runtime::weights::Weights;
 use sglp_engine::runtime::{Model, Tokens};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn engine(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
-        .args(args)
-        .output()
-        .expect("runs the binary")
-}
+use std::path::Path;
 
 fn read_npy_f64(path: &Path) -> (Vec<u64>, Vec<f64>) {
     let bytes = std::fs::read(path).unwrap();
@@ -73,10 +64,6 @@ fn eval_perplexity(model: &Path, tokens: &Path, dir: &Path) -> f64 {
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
     j["perplexity"].as_f64().unwrap()
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs()
 }
 
 fn check_case(name: &str) {

@@ -1,35 +1,15 @@
 //! `gradnorm` and `capture` end to end on the PyTorch fixtures, and `CaptureSource` against the same
 //! reference hidden states.
 
-use npyz::WriterBuilder;
+mod common;
+
+use common::{engine, fixture as dir, write_tokens};
 use safetensors::SafeTensors;
 use sglp_engine::io::{ActivationSource, TokenMode};
 use sglp_engine::runtime::{CaptureSource, Model, Tokens};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn ref_tensor(name: &str, key: &str) -> Vec<f64> {
-    let bytes = std::fs::read(dir(name).join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(key)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn engine(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
-        .args(args)
-        .output()
-        .unwrap()
+    common::reference_tensor(name, key).1
 }
 
 fn max_rel(got: &[f32], want: &[f64]) -> f64 {
@@ -123,14 +103,7 @@ fn capture_command_writes_cka_input() {
 fn bad_tokens_exit_2_naming_the_position() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tmp.path().join("t.npy");
-    let mut w = npyz::WriteOptions::<i64>::new()
-        .default_dtype()
-        .shape(&[2, 4])
-        .writer(std::fs::File::create(&tok).unwrap())
-        .begin_nd()
-        .unwrap();
-    w.extend([1i64, 2, 3, 4, 5, 6, 999, 7]).unwrap();
-    w.finish().unwrap();
+    write_tokens(&tok, 2, 4, &[1, 2, 3, 4, 5, 6, 999, 7]);
     let d = dir("llama_llama3_rope");
     let o = engine(&[
         "gradnorm",

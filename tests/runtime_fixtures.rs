@@ -4,10 +4,11 @@
 //! mistral sharded with an index file and single-kv-head GQA, qwen2 f16 with q/k/v biases and head_dim,
 //! qwen2 with sliding-window attention (window 5 < 16 tokens) on the layers from max_window_layers on.
 
-use safetensors::SafeTensors;
+mod common;
+
+use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const FIXTURES: [&str; 5] = [
     "llama_llama3_rope",
@@ -16,32 +17,6 @@ const FIXTURES: [&str; 5] = [
     "qwen2_f16_bias",
     "qwen2_sliding",
 ];
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn reference(name: &str) -> (HashMap<String, Vec<f64>>, usize) {
-    let bytes = std::fs::read(dir(name).join("reference.safetensors")).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let batch: usize = meta.metadata().as_ref().unwrap()["batch"].parse().unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let map = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let vals = v
-                .data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (k, vals)
-        })
-        .collect();
-    (map, batch)
-}
 
 fn load(name: &str) -> (Model, Tokens) {
     let model = Model::load(&dir(name)).unwrap();
@@ -64,10 +39,6 @@ fn edited_copy(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfil
     edit(&mut cfg);
     std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     tmp
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `sglp-engine compare`: flags → [`crate::pruning::compare::compare`] → the table on stdout, and the
 //! JSON, PNG and HTML page in `--out-dir`.
 
-use super::cka::emit;
+use super::common::emit;
 use super::prune::SglpArgs;
 use crate::error::Result;
 use crate::pruning::compare::{compare, parse_budgets, CompareSpec, Criterion};

@@ -1,6 +1,6 @@
 //! `sglp-engine eval`: perplexity = exp(mean next-token cross-entropy) of a checkpoint on a tokens file.
 
-use super::cka::emit;
+use super::common::emit;
 use crate::error::{Error, Result};
 use crate::pruning::calibration::perplexity;
 use crate::runtime::Model;

@@ -1,6 +1,6 @@
 //! `sglp-engine info`: the inputs' layers, shapes and dtypes, and the compute devices of this machine.
 
-use super::cka::InputArgs;
+use super::common::InputArgs;
 use crate::error::Result;
 use crate::io::ActivationSource;
 use crate::similarity::device::describe_devices;

@@ -1,13 +1,15 @@
 //! The `sglp-engine` command line. Each subcommand lives in its own file with its clap arguments and
-//! a `run` function; this file only lists them.
+//! a `run` function (what several of them share is in `common`); this file only lists them.
 
 mod capture;
 mod cka;
+mod common;
 mod compare;
 mod eval;
 mod gradnorm;
 mod info;
 mod prune;
+mod run;
 mod segment;
 
 use crate::error::Result;
@@ -31,7 +33,7 @@ pub enum Command {
     /// Fisher's optimal segmentation of the layers from a CKA JSON.
     Segment(segment::SegmentArgs),
     /// `cka` then `segment` in one go.
-    Run(cka::RunArgs),
+    Run(run::RunArgs),
     /// List the inputs' layers, shapes and dtypes, and the backends available on this machine.
     Info(info::InfoArgs),
     /// Per-decoder-layer gradient norms of a LLaMA-family checkpoint on calibration tokens.
@@ -51,7 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Cka(a) => cka::run_cka(a),
         Command::Segment(a) => segment::run(a),
-        Command::Run(a) => cka::run_pipeline(a),
+        Command::Run(a) => run::run_pipeline(a),
         Command::Info(a) => info::run(a),
         Command::Gradnorm(a) => gradnorm::run(a),
         Command::Capture(a) => capture::run(a),

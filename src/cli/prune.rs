@@ -1,6 +1,6 @@
 //! `sglp-engine prune`: flags → [`crate::pruning::prune::prune`] → a summary on stdout.
 
-use super::cka::EstimatorArgs;
+use super::common::EstimatorArgs;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
 use crate::pruning::pipeline::{Budget, Method, SglpOptions, DEFAULT_FORWARD_BATCH};

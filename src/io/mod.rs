@@ -14,6 +14,7 @@ pub use shards::{ActivationSet, ReadOptions, TokenMode};
 
 use crate::error::{Error, Result};
 use half::{bf16, f16};
+use std::path::PathBuf;
 
 /// Element type of an activation tensor as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -53,6 +54,21 @@ pub struct LayerMeta {
     pub dtype: DType,
     /// The tensor's shape as stored (before flattening), for `info`.
     pub shape: Vec<usize>,
+}
+
+/// One tensor as a reader found it in a file header: what it holds and where its bytes start.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredTensor {
+    pub name: String,
+    pub dtype: DType,
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+    /// The file holding the data (the shard itself for safetensors, the layer's file for npy).
+    pub file: PathBuf,
+    /// Byte offset of element 0 in `file`; the elements are contiguous, row-major, little-endian.
+    pub offset: u64,
+    /// The file's size when its header was read; checked again when it is mapped.
+    pub file_len: u64,
 }
 
 /// One layer's rows in a chunk: `rows × cols` elements of `dtype`, row-major, little-endian bytes.

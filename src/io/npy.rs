@@ -4,8 +4,7 @@
 //! [`super::shards`]. Supported: little-endian f32 / f64 / f16 in C order (or any order when at most one
 //! axis is longer than 1, where both orders coincide).
 
-use super::shards::StoredTensor;
-use super::{natural_cmp, DType};
+use super::{natural_cmp, DType, StoredTensor};
 use crate::error::{Error, Result};
 use npyz::{NpyHeader, Order, TypeChar};
 use regex::Regex;

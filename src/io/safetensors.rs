@@ -1,15 +1,16 @@
 //! `.safetensors` activation files: one tensor per layer, shape `[n, ...]`.
 //!
-//! Only the header is read here (the 8-byte length, then the JSON, parsed by the `safetensors` crate's own
-//! `Metadata`); the data is memory-mapped later, one shard at a time, by [`super::shards`].
+//! Reading: only the header is read here (the 8-byte length, then the JSON, parsed by the `safetensors`
+//! crate's own `Metadata`); the data is memory-mapped later, one shard at a time, by [`super::shards`].
+//! Writing: [`StreamedSafetensors`], batch by batch (what `capture` writes).
 
-use super::shards::StoredTensor;
-use super::{natural_cmp, DType};
+use super::output::AtomicFile;
+use super::{natural_cmp, DType, StoredTensor};
 use crate::error::{Error, Result};
 use regex::Regex;
 use safetensors::tensor::Metadata;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 /// The safetensors crate refuses headers above 100 MB; so do we, before allocating anything.
@@ -154,4 +155,73 @@ fn dtype_of(d: safetensors::Dtype) -> Option<DType> {
         safetensors::Dtype::BF16 => Some(DType::BF16),
         _ => None,
     }
+}
+
+/// A safetensors file written in place, batch by batch: every tensor's shape is known up front, so the
+/// header and each tensor's byte range are fixed before any data exists, and a batch's rows of every layer
+/// are written at their offsets. Memory stays at one batch whatever the calibration set's size. Atomic
+/// ([`AtomicFile`]): written to a temporary file beside the destination, renamed at the end.
+pub struct StreamedSafetensors {
+    out: AtomicFile,
+    /// Byte offset of each tensor's data in the file.
+    starts: Vec<u64>,
+    /// Bytes of one leading-axis row (one sequence) of a tensor.
+    row_bytes: u64,
+}
+
+impl StreamedSafetensors {
+    /// One f32 tensor per name, each of `shape`, metadata `layers` = the names, comma-separated.
+    pub fn create(path: &Path, names: &[String], shape: &[usize]) -> Result<Self> {
+        let elems: usize = shape.iter().product();
+        let tensor_bytes = (elems * 4) as u64;
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "__metadata__".into(),
+            serde_json::json!({ "layers": names.join(",") }),
+        );
+        for (i, n) in names.iter().enumerate() {
+            let (b, e) = (i as u64 * tensor_bytes, (i as u64 + 1) * tensor_bytes);
+            header.insert(
+                n.clone(),
+                serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [b, e] }),
+            );
+        }
+        let mut json = serde_json::to_vec(&header).expect("JSON of plain values");
+        // Pad with spaces so the data starts 8-byte aligned (as the safetensors writers do).
+        while !json.len().is_multiple_of(8) {
+            json.push(b' ');
+        }
+        let data_start = 8 + json.len() as u64;
+        let out = AtomicFile::create(path)?;
+        let file = out.file();
+        file.set_len(data_start + tensor_bytes * names.len() as u64)
+            .map_err(|e| Error::io(path, e))?;
+        let mut head = (json.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(&json);
+        write_at(file, 0, &head).map_err(|e| Error::io(path, e))?;
+        Ok(StreamedSafetensors {
+            out,
+            starts: (0..names.len() as u64)
+                .map(|i| data_start + i * tensor_bytes)
+                .collect(),
+            row_bytes: (shape[1..].iter().product::<usize>() * 4) as u64,
+        })
+    }
+
+    /// Write `data` (whole rows of tensor `tensor`) starting at leading-axis row `first_row`.
+    pub fn write_rows(&mut self, tensor: usize, first_row: usize, data: &[f32]) -> Result<()> {
+        let at = self.starts[tensor] + first_row as u64 * self.row_bytes;
+        write_at(self.out.file(), at, bytemuck::cast_slice(data))
+            .map_err(|e| Error::io(self.out.path(), e))
+    }
+
+    /// Rename the finished file into place.
+    pub fn finish(self) -> Result<()> {
+        self.out.commit()
+    }
+}
+
+fn write_at(mut file: &std::fs::File, at: u64, bytes: &[u8]) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(at))?;
+    file.write_all(bytes)
 }

@@ -5,7 +5,7 @@
 //! out of the maps, and checks them for NaN/Inf. So memory is one shard's pages (reclaimable, they are
 //! file-backed) plus the current chunk, however many shards there are.
 
-use super::{check_finite, ActivationSource, Batch, DType, LayerBlock, LayerMeta};
+use super::{check_finite, ActivationSource, Batch, LayerBlock, LayerMeta, StoredTensor};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::fs::File;
@@ -27,21 +27,6 @@ pub struct ReadOptions {
     pub tokens: TokenMode,
     /// Keep only the layers whose name matches.
     pub layers: Option<regex::Regex>,
-}
-
-/// One tensor as a reader found it in a file header: what it holds and where its bytes start.
-#[derive(Clone, Debug)]
-pub(crate) struct StoredTensor {
-    pub name: String,
-    pub dtype: DType,
-    /// Shape as stored.
-    pub shape: Vec<usize>,
-    /// The file holding the data (the shard itself for safetensors, the layer's file for npy).
-    pub file: PathBuf,
-    /// Byte offset of element 0 in `file`; the elements are contiguous, row-major, little-endian.
-    pub offset: u64,
-    /// The file's size when its header was read; checked again when it is mapped.
-    pub file_len: u64,
 }
 
 /// One shard as `info` shows it: its path, its sample count, and its (kept) layers.

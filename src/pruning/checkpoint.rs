@@ -13,12 +13,10 @@
 //! ([`StagedDir`]), so an interrupted run leaves no half-written OUTDIR.
 
 use crate::error::{Error, Result};
+use crate::runtime::weights::{weight_files, WeightFiles, INDEX_FILE};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-
-const INDEX_FILE: &str = "model.safetensors.index.json";
-const SINGLE_FILE: &str = "model.safetensors";
 
 /// An output directory being built: a temporary directory beside the destination, renamed over it by
 /// [`StagedDir::commit`]. Dropped without commit, it is deleted.
@@ -99,37 +97,6 @@ impl StagedDir {
     }
 }
 
-/// The safetensors files of a checkpoint directory, in order: the shards named by the index, or the
-/// single `model.safetensors`.
-pub fn weight_files(model_dir: &Path) -> Result<Vec<String>> {
-    let index = model_dir.join(INDEX_FILE);
-    if index.exists() {
-        let v = read_json(&index)?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::format(&index, "no \"weight_map\" object"))?;
-        let mut files: Vec<String> = Vec::new();
-        for f in map.values() {
-            let f = f
-                .as_str()
-                .ok_or_else(|| Error::format(&index, "a weight_map value is not a string"))?;
-            if !files.iter().any(|g| g == f) {
-                files.push(f.to_string());
-            }
-        }
-        files.sort_by(|a, b| crate::io::natural_cmp(a, b));
-        Ok(files)
-    } else if model_dir.join(SINGLE_FILE).exists() {
-        Ok(vec![SINGLE_FILE.to_string()])
-    } else {
-        Err(Error::invalid(format!(
-            "{}: no {SINGLE_FILE} or {INDEX_FILE}",
-            model_dir.display()
-        )))
-    }
-}
-
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
@@ -200,7 +167,7 @@ pub fn renamed_tensor(name: &str, renumber: &[Option<usize>]) -> Option<String> 
 pub fn parameter_counts(model_dir: &Path, num_layers: usize) -> Result<(usize, Vec<usize>)> {
     let mut per_layer = vec![0usize; num_layers];
     let mut other = 0usize;
-    for f in weight_files(model_dir)? {
+    for f in weight_files(model_dir)?.files {
         let path = model_dir.join(&f);
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: read-only map of a file we do not modify; a concurrent writer is the user's problem.
@@ -256,8 +223,7 @@ pub fn write_pruned_checkpoint(
         &pruned_config(&config, kept, &config_path)?,
     )?;
 
-    let files = weight_files(model_dir)?;
-    let sharded = model_dir.join(INDEX_FILE).exists();
+    let WeightFiles { files, sharded } = weight_files(model_dir)?;
     let mut written = WrittenCheckpoint {
         files: Vec::new(),
         tensors: 0,

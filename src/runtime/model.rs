@@ -4,7 +4,7 @@
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
-use super::tape::{BufId, Op, Pool, Tape};
+use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, Tokens};
 use crate::error::{Error, Result};
@@ -212,7 +212,7 @@ impl Model {
 
         let embed = tape.param("model.embed_tokens.weight", g_embed, vocab * h);
         let mut x = tape.buffer("embed", n, h);
-        tape.push(Op::Embedding {
+        tape.push(op::Embedding {
             table: embed,
             out: x,
         });
@@ -227,7 +227,7 @@ impl Model {
 
         let norm = tape.param("model.norm.weight", g_norm, h);
         let xn = tape.buffer("norm", n, h);
-        tape.push(Op::RmsNorm {
+        tape.push(op::RmsNorm {
             x,
             w: norm,
             eps: c.rms_norm_eps,
@@ -239,14 +239,14 @@ impl Model {
             tape.param("lm_head.weight", g_head, vocab * h)
         };
         let logits = tape.buffer("logits", n, vocab);
-        tape.push(Op::Linear {
+        tape.push(op::Linear {
             x: xn,
             w: head,
             b: None,
             out: logits,
         });
         let lse = tape.buffer("logits_lse", n, 1);
-        tape.push(Op::CrossEntropy { logits, lse });
+        tape.push(op::CrossEntropy { logits, lse });
         Ok(tape)
     }
 
@@ -278,13 +278,13 @@ impl Model {
             let w = tape.param(format!("{pre}.{name}.weight"), l, out * inp);
             let b = bias.then(|| tape.param(format!("{pre}.{name}.bias"), l, out));
             let y = tape.buffer(format!("{pre}.{name}"), n, out);
-            tape.push(Op::Linear { x, w, b, out: y });
+            tape.push(op::Linear { x, w, b, out: y });
             y
         };
         let rms = |tape: &mut Tape, x: BufId, name: &str| {
             let w = tape.param(format!("{pre}.{name}.weight"), l, h);
             let y = tape.buffer(format!("{pre}.{name}"), n, h);
-            tape.push(Op::RmsNorm {
+            tape.push(op::RmsNorm {
                 x,
                 w,
                 eps: c.rms_norm_eps,
@@ -298,14 +298,14 @@ impl Model {
         let k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
         let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
         let qr = tape.buffer(format!("{pre}.q_rope"), n, qd);
-        tape.push(Op::Rope {
+        tape.push(op::Rope {
             x: q,
             heads: shape.heads,
             table: rope.clone(),
             out: qr,
         });
         let kr = tape.buffer(format!("{pre}.k_rope"), n, kvd);
-        tape.push(Op::Rope {
+        tape.push(op::Rope {
             x: k,
             heads: shape.kv_heads,
             table: rope.clone(),
@@ -317,7 +317,7 @@ impl Model {
             shape.seqs * shape.heads,
             shape.tokens,
         );
-        tape.push(Op::Attention {
+        tape.push(op::Attention {
             q: qr,
             k: kr,
             v,
@@ -327,7 +327,7 @@ impl Model {
         });
         let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
         let x1 = tape.buffer(format!("{pre}.resid_attn"), n, h);
-        tape.push(Op::Add {
+        tape.push(op::Add {
             a: x,
             b: o,
             out: x1,
@@ -337,16 +337,16 @@ impl Model {
         let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
         let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
         let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
-        tape.push(Op::Silu { x: gate, out: act });
+        tape.push(op::Silu { x: gate, out: act });
         let m = tape.buffer(format!("{pre}.mlp.mul"), n, inter);
-        tape.push(Op::Mul {
+        tape.push(op::Mul {
             a: act,
             b: up,
             out: m,
         });
         let d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
         let x2 = tape.buffer(format!("{pre}.out"), n, h);
-        tape.push(Op::Add {
+        tape.push(op::Add {
             a: x1,
             b: d,
             out: x2,

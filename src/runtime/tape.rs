@@ -7,8 +7,8 @@
 //! into its group's sum of squares and freed. So the peak memory is the weights' mmap, the activations,
 //! and the gradients of the parameters in flight, never a full gradient copy of the model.
 
-use super::ops::cpu;
-use super::ops::{cpu::AttnShape, RopeTable};
+pub mod op;
+
 use crate::error::Result;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -36,148 +36,32 @@ pub struct Buffer {
     pub cols: usize,
 }
 
-/// One op of the tape. Inputs and outputs are buffer ids, parameters are [`ParamId`]s.
+/// What an op reads, writes and keeps: the tape's bookkeeping of one op.
 #[derive(Clone, Debug)]
-pub enum Op {
-    /// out[r] = table[ids[r]] (ids: the tape's token ids).
-    Embedding {
-        table: ParamId,
-        out: BufId,
-    },
-    Linear {
-        x: BufId,
-        w: ParamId,
-        b: Option<ParamId>,
-        out: BufId,
-    },
-    RmsNorm {
-        x: BufId,
-        w: ParamId,
-        eps: f64,
-        out: BufId,
-    },
-    LayerNorm {
-        x: BufId,
-        w: ParamId,
-        b: ParamId,
-        eps: f64,
-        out: BufId,
-    },
-    Rope {
-        x: BufId,
-        heads: usize,
-        table: Arc<RopeTable>,
-        out: BufId,
-    },
-    Attention {
-        q: BufId,
-        k: BufId,
-        v: BufId,
-        shape: AttnShape,
-        out: BufId,
-        lse: BufId,
-    },
-    Silu {
-        x: BufId,
-        out: BufId,
-    },
-    Gelu {
-        x: BufId,
-        out: BufId,
-    },
-    Mul {
-        a: BufId,
-        b: BufId,
-        out: BufId,
-    },
-    Add {
-        a: BufId,
-        b: BufId,
-        out: BufId,
-    },
-    /// Mean softmax cross-entropy of the rows of `logits` against the tape's targets (−1 = not predicted).
-    CrossEntropy {
-        logits: BufId,
-        lse: BufId,
-    },
+pub struct OpIo {
+    /// The op's kind, for the per-op profile.
+    pub kind: &'static str,
+    /// Buffers it reads.
+    pub inputs: Vec<BufId>,
+    /// Buffers it writes.
+    pub outputs: Vec<BufId>,
+    /// Buffers whose contents its backward reads (none for ops that are linear with constant
+    /// coefficients).
+    pub saved: Vec<BufId>,
+    /// Parameters it reads.
+    pub params: Vec<ParamId>,
 }
 
-impl Op {
-    /// The op's kind, for the per-op profile.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Op::Embedding { .. } => "embedding",
-            Op::Linear { .. } => "linear",
-            Op::RmsNorm { .. } => "rmsnorm",
-            Op::LayerNorm { .. } => "layernorm",
-            Op::Rope { .. } => "rope",
-            Op::Attention { .. } => "attention",
-            Op::Silu { .. } => "silu",
-            Op::Gelu { .. } => "gelu",
-            Op::Mul { .. } => "mul",
-            Op::Add { .. } => "add",
-            Op::CrossEntropy { .. } => "cross_entropy",
-        }
-    }
-
-    /// Buffers this op writes.
-    fn outputs(&self) -> Vec<BufId> {
-        match *self {
-            Op::Embedding { out, .. }
-            | Op::Linear { out, .. }
-            | Op::RmsNorm { out, .. }
-            | Op::LayerNorm { out, .. }
-            | Op::Rope { out, .. }
-            | Op::Silu { out, .. }
-            | Op::Gelu { out, .. }
-            | Op::Mul { out, .. }
-            | Op::Add { out, .. } => vec![out],
-            Op::Attention { out, lse, .. } => vec![out, lse],
-            Op::CrossEntropy { lse, .. } => vec![lse],
-        }
-    }
-
-    /// Buffers this op reads.
-    fn inputs(&self) -> Vec<BufId> {
-        match *self {
-            Op::Embedding { .. } => vec![],
-            Op::Linear { x, .. }
-            | Op::RmsNorm { x, .. }
-            | Op::LayerNorm { x, .. }
-            | Op::Rope { x, .. }
-            | Op::Silu { x, .. }
-            | Op::Gelu { x, .. } => vec![x],
-            Op::Attention { q, k, v, .. } => vec![q, k, v],
-            Op::Mul { a, b, .. } | Op::Add { a, b, .. } => vec![a, b],
-            Op::CrossEntropy { logits, .. } => vec![logits],
-        }
-    }
-
-    /// Buffers whose contents this op's backward reads (rope and add need none: they are linear with
-    /// constant coefficients).
-    fn saved(&self) -> Vec<BufId> {
-        match *self {
-            Op::Embedding { .. } | Op::Rope { .. } | Op::Add { .. } => vec![],
-            Op::Linear { x, .. }
-            | Op::RmsNorm { x, .. }
-            | Op::LayerNorm { x, .. }
-            | Op::Silu { x, .. }
-            | Op::Gelu { x, .. } => vec![x],
-            Op::Attention { q, k, v, lse, .. } => vec![q, k, v, lse],
-            Op::Mul { a, b, .. } => vec![a, b],
-            Op::CrossEntropy { logits, lse } => vec![logits, lse],
-        }
-    }
-
-    fn params(&self) -> Vec<ParamId> {
-        match *self {
-            Op::Embedding { table, .. } => vec![table],
-            Op::Linear { w, b, .. } => std::iter::once(w).chain(b).collect(),
-            Op::RmsNorm { w, .. } => vec![w],
-            Op::LayerNorm { w, b, .. } => vec![w, b],
-            _ => vec![],
-        }
-    }
+/// One op of the tape. Inputs and outputs are buffer ids, parameters are [`ParamId`]s. Each op is a type
+/// in [`op`] implementing this trait, so that everything about an op (what it reads, writes and keeps,
+/// its forward and its backward) is in one place.
+pub trait TapeOp: std::fmt::Debug + Send + Sync {
+    fn io(&self) -> OpIo;
+    /// Write the outputs (allocated and zeroed by the tape) from the inputs.
+    fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()>;
+    /// Accumulate into the gradients of the inputs (see [`Tape::write_grad`]) and of the parameters
+    /// (`pg[param]`, allocated by the tape) from the gradients of the outputs.
+    fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()>;
 }
 
 /// A hidden state to report during the forward: after `after_ops` ops have run, buffer `buf` is hidden
@@ -192,7 +76,7 @@ pub struct Mark {
 /// The program (ops, buffers, params, marks) plus the batch it runs on (ids, targets) and, once run, the
 /// buffers' contents.
 pub struct Tape {
-    pub ops: Vec<Op>,
+    pub ops: Vec<Arc<dyn TapeOp>>,
     pub bufs: Vec<Buffer>,
     pub params: Vec<Param>,
     pub marks: Vec<Mark>,
@@ -312,8 +196,8 @@ impl Tape {
         self.params.len() - 1
     }
 
-    pub fn push(&mut self, op: Op) {
-        self.ops.push(op);
+    pub fn push(&mut self, op: impl TapeOp + 'static) {
+        self.ops.push(Arc::new(op));
     }
 
     /// Report `buf` as hidden state `index` once the ops pushed so far have run.
@@ -352,10 +236,11 @@ impl Tape {
         self.data = vec![Vec::new(); self.bufs.len()];
         self.grads = vec![Vec::new(); self.bufs.len()];
         self.loss = None;
+        let io: Vec<OpIo> = self.ops.iter().map(|op| op.io()).collect();
         // Last op (by position) reading each buffer; marks count as reads at their position.
         let mut last_use = vec![0usize; self.bufs.len()];
-        for (i, op) in self.ops.iter().enumerate() {
-            for b in op.inputs().into_iter().chain(op.outputs()) {
+        for (i, op) in io.iter().enumerate() {
+            for &b in op.inputs.iter().chain(&op.outputs) {
                 last_use[b] = last_use[b].max(i);
             }
         }
@@ -364,24 +249,24 @@ impl Tape {
         }
         let mut saved = vec![false; self.bufs.len()];
         if keep {
-            for b in self.ops.iter().flat_map(Op::saved) {
+            for &b in io.iter().flat_map(|op| &op.saved) {
                 saved[b] = true;
             }
         }
         let mut next_mark = 0;
         self.emit_marks(0, &mut next_mark, on_mark);
         for i in 0..self.ops.len() {
-            let op = self.ops[i].clone();
-            for b in op.outputs() {
+            let op = Arc::clone(&self.ops[i]);
+            for &b in &io[i].outputs {
                 self.data[b] = self.pool.alloc(self.len_of(b));
             }
             let t0 = std::time::Instant::now();
-            self.run_forward(&op, store)?;
+            op.forward(self, store)?;
             if let Some(p) = &mut self.profile {
-                p.add(op.kind(), "forward", t0);
+                p.add(io[i].kind, "forward", t0);
             }
             self.emit_marks(i + 1, &mut next_mark, on_mark);
-            for b in op.inputs().into_iter().chain(op.outputs()) {
+            for &b in io[i].inputs.iter().chain(&io[i].outputs) {
                 if last_use[b] == i && !saved[b] {
                     self.free_data(b);
                 }
@@ -403,101 +288,24 @@ impl Tape {
         store.param(&self.params[id].name)
     }
 
-    fn run_forward(&mut self, op: &Op, store: &dyn ParamStore) -> Result<()> {
-        // Outputs are taken out of `data` while inputs are borrowed from it (ids differ by construction).
-        match *op {
-            Op::Embedding { table, out } => {
-                let t = self.p(store, table)?;
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::embedding_forward(&self.ids, &t, self.bufs[out].cols, &mut y);
-                self.data[out] = y;
-            }
-            Op::Linear { x, w, b, out } => {
-                let (wv, bv) = (self.p(store, w)?, b.map(|b| self.p(store, b)).transpose()?);
-                let (n, k, m) = (self.bufs[x].rows, self.bufs[x].cols, self.bufs[out].cols);
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::linear_forward(&self.data[x], &wv, bv.as_deref(), n, k, m, &mut y);
-                self.data[out] = y;
-            }
-            Op::RmsNorm { x, w, eps, out } => {
-                let wv = self.p(store, w)?;
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::rmsnorm_forward(&self.data[x], &wv, self.bufs[x].cols, eps, &mut y);
-                self.data[out] = y;
-            }
-            Op::LayerNorm { x, w, b, eps, out } => {
-                let (wv, bv) = (self.p(store, w)?, self.p(store, b)?);
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::layernorm_forward(&self.data[x], &wv, &bv, self.bufs[x].cols, eps, &mut y);
-                self.data[out] = y;
-            }
-            Op::Rope {
-                x,
-                heads,
-                ref table,
-                out,
-            } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                cpu::rope_forward(&self.data[x], heads, table, &mut y);
-                self.data[out] = y;
-            }
-            Op::Attention {
-                q,
-                k,
-                v,
-                shape,
-                out,
-                lse,
-            } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                let mut p = std::mem::take(&mut self.data[lse]);
-                cpu::attention_forward(
-                    &self.data[q],
-                    &self.data[k],
-                    &self.data[v],
-                    shape,
-                    &mut y,
-                    &mut p,
-                );
-                self.data[out] = y;
-                self.data[lse] = p;
-            }
-            Op::Silu { x, out } | Op::Gelu { x, out } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                if matches!(op, Op::Silu { .. }) {
-                    cpu::silu_forward(&self.data[x], &mut y);
-                } else {
-                    cpu::gelu_forward(&self.data[x], &mut y);
-                }
-                self.data[out] = y;
-            }
-            Op::Mul { a, b, out } | Op::Add { a, b, out } => {
-                let mut y = std::mem::take(&mut self.data[out]);
-                if matches!(op, Op::Mul { .. }) {
-                    cpu::mul_forward(&self.data[a], &self.data[b], &mut y);
-                } else {
-                    cpu::add_forward(&self.data[a], &self.data[b], &mut y);
-                }
-                self.data[out] = y;
-            }
-            Op::CrossEntropy { logits, lse } => {
-                let mut l = std::mem::take(&mut self.data[lse]);
-                let (sum, count) = cpu::cross_entropy_forward(
-                    &self.data[logits],
-                    self.bufs[logits].cols,
-                    &self.targets,
-                    &mut l,
-                );
-                self.data[lse] = l;
-                if count == 0 {
-                    return Err(crate::Error::invalid(
-                        "no predicted positions in the batch (sequences need at least 2 tokens)",
-                    ));
-                }
-                self.loss = Some(sum / count as f64);
-            }
-        }
-        Ok(())
+    /// Run `f` on buffer `out`, taken out of the tape so that `f` can read the other buffers beside it.
+    fn write_output<R>(&mut self, out: BufId, f: impl FnOnce(&Tape, &mut [f32]) -> R) -> R {
+        let mut y = std::mem::take(&mut self.data[out]);
+        let r = f(self, &mut y);
+        self.data[out] = y;
+        r
+    }
+
+    /// Run `f` on the gradient of `b` (allocated, zeroed, on first use), taken out likewise.
+    fn write_grad(&mut self, b: BufId, f: impl FnOnce(&Tape, &mut [f32])) {
+        let mut d = self.take_grad(b);
+        f(self, &mut d);
+        self.grads[b] = d;
+    }
+
+    /// Whether something downstream gave `b` a gradient (when not, a backward has nothing to do).
+    fn has_grad(&self, b: BufId) -> bool {
+        !self.grads[b].is_empty()
     }
 
     /// Gradient buffer of `b`, allocated (zeroed) on first use; taken out so it can be written while other
@@ -517,33 +325,34 @@ impl Tape {
     pub fn backward(&mut self, store: &dyn ParamStore, n_groups: usize) -> Result<Vec<f64>> {
         let mut sumsq = vec![0f64; n_groups];
         // A parameter's gradient is complete once its first forward use has been replayed.
+        let io: Vec<OpIo> = self.ops.iter().map(|op| op.io()).collect();
         let mut first_use = vec![usize::MAX; self.params.len()];
-        for (i, op) in self.ops.iter().enumerate() {
-            for p in op.params() {
+        for (i, op) in io.iter().enumerate() {
+            for &p in &op.params {
                 first_use[p] = first_use[p].min(i);
             }
         }
         let mut pgrads: Vec<Vec<f32>> = vec![Vec::new(); self.params.len()];
         for i in (0..self.ops.len()).rev() {
-            let op = self.ops[i].clone();
-            for p in op.params() {
+            let op = Arc::clone(&self.ops[i]);
+            for &p in &io[i].params {
                 if pgrads[p].is_empty() {
                     pgrads[p] = self.pool.alloc(self.params[p].len);
                 }
             }
             let t0 = std::time::Instant::now();
-            self.run_backward(&op, store, &mut pgrads)?;
+            op.backward(self, store, &mut pgrads)?;
             if let Some(p) = &mut self.profile {
-                p.add(op.kind(), "backward", t0);
+                p.add(io[i].kind, "backward", t0);
             }
-            for p in op.params() {
+            for &p in &io[i].params {
                 if first_use[p] == i {
                     let g = std::mem::take(&mut pgrads[p]);
                     sumsq[self.params[p].group] += sum_sq(&g);
                     self.pool.release(g);
                 }
             }
-            for b in op.outputs() {
+            for &b in &io[i].outputs {
                 self.free_data(b);
                 let g = std::mem::take(&mut self.grads[b]);
                 self.pool.release(g);
@@ -555,180 +364,6 @@ impl Tape {
             self.pool.release(g);
         }
         Ok(sumsq)
-    }
-
-    fn run_backward(&mut self, op: &Op, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
-        match *op {
-            Op::CrossEntropy { logits, lse } => {
-                let (_, count) = self.loss_count();
-                // The logits are read by nothing else's backward: their storage becomes their gradient.
-                let mut d = std::mem::take(&mut self.data[logits]);
-                cpu::cross_entropy_backward_in_place(
-                    &mut d,
-                    self.bufs[logits].cols,
-                    &self.targets,
-                    &self.data[lse],
-                    1.0 / count as f64,
-                );
-                let prior = std::mem::replace(&mut self.grads[logits], d);
-                if !prior.is_empty() {
-                    cpu::accumulate(&mut self.grads[logits], &prior);
-                }
-            }
-            Op::Embedding { table, out } => {
-                let dy = &self.grads[out];
-                if !dy.is_empty() {
-                    cpu::embedding_backward(&self.ids, dy, self.bufs[out].cols, &mut pg[table]);
-                }
-            }
-            Op::Linear { x, w, b, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let wv = self.p(store, w)?;
-                let (n, k, m) = (self.bufs[x].rows, self.bufs[x].cols, self.bufs[out].cols);
-                let mut dx = self.take_grad(x);
-                let mut dw = std::mem::take(&mut pg[w]);
-                let mut db = b.map(|b| std::mem::take(&mut pg[b]));
-                cpu::linear_backward(
-                    &self.data[x],
-                    &wv,
-                    &self.grads[out],
-                    n,
-                    k,
-                    m,
-                    Some(&mut dx),
-                    &mut dw,
-                    db.as_deref_mut(),
-                );
-                self.grads[x] = dx;
-                pg[w] = dw;
-                if let (Some(b), Some(db)) = (b, db) {
-                    pg[b] = db;
-                }
-            }
-            Op::RmsNorm { x, w, eps, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let wv = self.p(store, w)?;
-                let mut dx = self.take_grad(x);
-                let mut dw = std::mem::take(&mut pg[w]);
-                cpu::rmsnorm_backward(
-                    &self.data[x],
-                    &wv,
-                    &self.grads[out],
-                    self.bufs[x].cols,
-                    eps,
-                    &mut dx,
-                    &mut dw,
-                );
-                self.grads[x] = dx;
-                pg[w] = dw;
-            }
-            Op::LayerNorm { x, w, b, eps, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let wv = self.p(store, w)?;
-                let mut dx = self.take_grad(x);
-                let (mut dw, mut db) = (std::mem::take(&mut pg[w]), std::mem::take(&mut pg[b]));
-                cpu::layernorm_backward(
-                    &self.data[x],
-                    &wv,
-                    &self.grads[out],
-                    self.bufs[x].cols,
-                    eps,
-                    &mut dx,
-                    &mut dw,
-                    &mut db,
-                );
-                self.grads[x] = dx;
-                pg[w] = dw;
-                pg[b] = db;
-            }
-            Op::Rope {
-                x,
-                heads,
-                ref table,
-                out,
-            } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let mut dx = self.take_grad(x);
-                cpu::rope_backward(&self.grads[out], heads, table, &mut dx);
-                self.grads[x] = dx;
-            }
-            Op::Attention {
-                q,
-                k,
-                v,
-                shape,
-                out,
-                lse,
-            } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let (mut dq, mut dk, mut dv) =
-                    (self.take_grad(q), self.take_grad(k), self.take_grad(v));
-                cpu::attention_backward(
-                    &self.data[q],
-                    &self.data[k],
-                    &self.data[v],
-                    &self.data[lse],
-                    &self.grads[out],
-                    shape,
-                    &mut dq,
-                    &mut dk,
-                    &mut dv,
-                );
-                self.grads[q] = dq;
-                self.grads[k] = dk;
-                self.grads[v] = dv;
-            }
-            Op::Silu { x, out } | Op::Gelu { x, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let mut dx = self.take_grad(x);
-                if matches!(op, Op::Silu { .. }) {
-                    cpu::silu_backward(&self.data[x], &self.grads[out], &mut dx);
-                } else {
-                    cpu::gelu_backward(&self.data[x], &self.grads[out], &mut dx);
-                }
-                self.grads[x] = dx;
-            }
-            Op::Mul { a, b, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let (mut da, mut db) = (self.take_grad(a), self.take_grad(b));
-                cpu::mul_backward(
-                    &self.data[a],
-                    &self.data[b],
-                    &self.grads[out],
-                    &mut da,
-                    &mut db,
-                );
-                self.grads[a] = da;
-                self.grads[b] = db;
-            }
-            Op::Add { a, b, out } => {
-                if self.grads[out].is_empty() {
-                    return Ok(());
-                }
-                let dy = std::mem::take(&mut self.grads[out]);
-                for inp in [a, b] {
-                    let mut d = self.take_grad(inp);
-                    cpu::accumulate(&mut d, &dy);
-                    self.grads[inp] = d;
-                }
-                self.grads[out] = dy;
-            }
-        }
-        Ok(())
     }
 
     fn loss_count(&self) -> (f64, usize) {

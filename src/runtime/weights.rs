@@ -13,6 +13,68 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The single weights file of an unsharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint: `weight_map` maps each tensor to its shard's file name.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The safetensors files of a checkpoint directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightFiles {
+    /// File names (in the directory), in natural order, each once.
+    pub files: Vec<String>,
+    /// Whether they are the shards named by [`INDEX_FILE`] (else the one [`SINGLE_FILE`]).
+    pub sharded: bool,
+}
+
+/// The safetensors files of the checkpoint in `dir`: `model.safetensors` when present (as transformers
+/// loads it), else the shards named by `model.safetensors.index.json`. The one reader of the index, for
+/// the runtime and for writing pruned checkpoints, so both see the same files.
+pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
+    if dir.join(SINGLE_FILE).exists() {
+        return Ok(WeightFiles {
+            files: vec![SINGLE_FILE.to_string()],
+            sharded: false,
+        });
+    }
+    let index = dir.join(INDEX_FILE);
+    if !index.exists() {
+        return Err(Error::Model(format!(
+            "{}: no {SINGLE_FILE} or {INDEX_FILE}",
+            dir.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(&index, "no 'weight_map' object"))?;
+    let mut files: Vec<String> = Vec::new();
+    for f in map.values() {
+        let f = f
+            .as_str()
+            .ok_or_else(|| Error::format(&index, "weight_map values must be file names"))?;
+        // A shard is a file of this directory: a path elsewhere would be read (and, when pruning,
+        // written) outside the checkpoint.
+        if f.is_empty() || f == "." || f == ".." || f.contains(['/', '\\']) {
+            return Err(Error::format(
+                &index,
+                format!("weight_map value '{f}' is not a file name in the checkpoint directory"),
+            ));
+        }
+        if !files.iter().any(|g| g == f) {
+            files.push(f.to_string());
+        }
+    }
+    files.sort_by(|a, b| crate::io::natural_cmp(a, b));
+    Ok(WeightFiles {
+        files,
+        sharded: true,
+    })
+}
+
 struct TensorLoc {
     file: usize,
     dtype: Dtype,
@@ -30,35 +92,7 @@ pub struct Weights {
 impl Weights {
     /// Open the checkpoint directory's safetensors file(s) and index their tensors.
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let names: Vec<PathBuf> = if single.exists() {
-            vec![single]
-        } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::format(&index, "no 'weight_map' object"))?;
-            let mut files: Vec<String> = map
-                .values()
-                .map(|f| {
-                    f.as_str().map(str::to_string).ok_or_else(|| {
-                        Error::format(&index, "weight_map values must be file names")
-                    })
-                })
-                .collect::<Result<_>>()?;
-            files.sort();
-            files.dedup();
-            files.into_iter().map(|f| dir.join(f)).collect()
-        } else {
-            return Err(Error::Model(format!(
-                "{}: no model.safetensors or model.safetensors.index.json",
-                dir.display()
-            )));
-        };
+        let names = weight_files(dir)?.files.into_iter().map(|f| dir.join(f));
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for path in names {

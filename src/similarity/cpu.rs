@@ -9,7 +9,7 @@
 use super::backend::{check_batch_rows, Backend, Estimator, Kernel};
 use crate::error::Result;
 use crate::io::{BatchRef, LayerSlice};
-use crate::linalg::{gram_xxt, matmul, Layout, Parallelism};
+use crate::linalg::{gram_xxt, matmul, Layout, MatRef, Parallelism};
 use rayon::prelude::*;
 
 pub struct CpuBackend {
@@ -79,11 +79,10 @@ impl Backend for CpuBackend {
         let lg = Layout::row_major(l, p);
         matmul(
             &mut h,
-            Layout::row_major(l, l),
-            &g,
-            lg,
-            &g,
-            lg.t(),
+            l,
+            MatRef::new(&g, lg),
+            MatRef::new(&g, lg.t()),
+            1.0,
             false,
             Parallelism::Rayon(threads),
         );
@@ -115,11 +114,10 @@ impl Backend for CpuBackend {
         self.pool.install(|| {
             matmul(
                 cross,
-                Layout::row_major(dtot, dtot),
-                &z,
-                lz.t(),
-                &z,
-                lz,
+                dtot,
+                MatRef::new(&z, lz.t()),
+                MatRef::new(&z, lz),
+                1.0,
                 true,
                 Parallelism::Rayon(threads),
             );

@@ -55,7 +55,7 @@ pub fn open_backend(
             let mut gpu = CudaBackend::open(i, cpu_threads)?;
             let diff = self_check(&mut gpu, &mut CpuBackend::new(cpu_threads))?;
             if diff > SELF_CHECK_TOL {
-                return Err(Error::Cuda(format!(
+                return Err(Error::cuda(format!(
                     "cuda:{i} disagrees with the CPU on the start-up self-check (max |ΔHSIC| {diff:.2e} \
                      relative > {SELF_CHECK_TOL:.0e}); use --device cpu and report this"
                 )));
@@ -154,7 +154,7 @@ pub fn self_check(candidate: &mut dyn Backend, reference: &mut dyn Backend) -> R
 
 fn cuda_reason(e: &Error) -> String {
     match e {
-        Error::Cuda(m) => m.clone(),
+        Error::Cuda { msg, .. } => msg.clone(),
         other => other.to_string(),
     }
 }

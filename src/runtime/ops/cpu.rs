@@ -1,117 +1,14 @@
-//! CPU implementations of the runtime's ops: GEMMs through the `gemm` crate (f32, rayon-parallel), the
+//! CPU implementations of the runtime's ops: GEMMs through [`crate::linalg::matmul`] (f32, rayon-parallel), the
 //! row-wise ops parallelised over rows with rayon. Conventions in [`super`]: forwards write, backwards
 //! accumulate into every gradient they are given.
 
 use super::RopeTable;
-use gemm::Parallelism;
+use crate::linalg::{matmul, MatRef, Parallelism};
 use rayon::prelude::*;
 
 /// Rows per rayon task for the cheap row-wise ops: enough work per task to amortise the scheduling.
 fn rows_per_task(cols: usize) -> usize {
     (16_384 / cols.max(1)).max(1)
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// GEMM
-// ---------------------------------------------------------------------------------------------------------
-
-/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl<'a> MatRef<'a> {
-    /// A row-major `rows × cols` matrix.
-    pub fn rm(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
-    }
-    /// The transpose (no copy: strides swap).
-    pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-    fn check(&self) {
-        if self.rows > 0 && self.cols > 0 {
-            let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
-            assert!(last < self.data.len(), "matrix view out of bounds");
-        }
-    }
-}
-
-/// `dst (rows × cols, row stride dst_rs) = [dst +] alpha · a · b`; `accumulate` keeps dst's content.
-/// `parallel` lets gemm split the product over rayon's threads (off inside an already-parallel loop).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: MatRef<'_>,
-    b: MatRef<'_>,
-    alpha: f32,
-    accumulate: bool,
-    parallel: bool,
-) {
-    assert_eq!(a.cols, b.rows, "inner dimensions differ");
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    a.check();
-    b.check();
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "destination too small");
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    let par = if parallel {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the views were bounds-checked above (every index the kernel touches is inside its slice),
-    // and `dst` is borrowed mutably so it cannot alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -160,7 +57,7 @@ pub fn linear_forward(
         MatRef::rm(w, m, k).t(),
         1.0,
         false,
-        true,
+        Parallelism::Rayon(0),
     );
     if let Some(b) = b {
         y.par_chunks_mut(m).for_each(|row| {
@@ -192,7 +89,7 @@ pub fn linear_backward(
             MatRef::rm(w, m, k),
             1.0,
             true,
-            true,
+            Parallelism::Rayon(0),
         );
     }
     matmul(
@@ -202,7 +99,7 @@ pub fn linear_backward(
         MatRef::rm(x, n, k),
         1.0,
         true,
-        true,
+        Parallelism::Rayon(0),
     );
     if let Some(db) = db {
         db.par_iter_mut().enumerate().for_each(|(j, d)| {
@@ -273,73 +170,6 @@ fn add_parts(dst: &mut [f32], parts: &[Vec<f64>]) {
     for (j, v) in dst.iter_mut().enumerate() {
         *v += parts.iter().map(|p| p[j]).sum::<f64>() as f32;
     }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// LayerNorm: y = (x − μ)/sqrt(σ² + eps) ⊙ w + b
-// ---------------------------------------------------------------------------------------------------------
-
-fn mean_rstd(x: &[f32], eps: f64) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-pub fn layernorm_forward(x: &[f32], w: &[f32], b: &[f32], d: usize, eps: f64, y: &mut [f32]) {
-    y.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(yr, xr)| {
-            let (mean, rstd) = mean_rstd(xr, eps);
-            for j in 0..d {
-                yr[j] = (((xr[j] as f64 - mean) * rstd) as f32) * w[j] + b[j];
-            }
-        });
-}
-
-/// With x̂ = (x − μ) rstd and g = w ⊙ dy: `dx += rstd (g − mean(g) − x̂ mean(g ⊙ x̂))`, `dw += Σ dy ⊙ x̂`,
-/// `db += Σ dy`.
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    d: usize,
-    eps: f64,
-    dx: &mut [f32],
-    dw: &mut [f32],
-    db: &mut [f32],
-) {
-    let chunk = rows_per_task(d);
-    let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
-        .par_chunks_mut(d * chunk)
-        .zip(x.par_chunks(d * chunk).zip(dy.par_chunks(d * chunk)))
-        .map(|(dxc, (xc, dyc))| {
-            let (mut dwp, mut dbp) = (vec![0f64; d], vec![0f64; d]);
-            for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
-                let (mean, rstd) = mean_rstd(xr, eps);
-                let xhat = |j: usize| (xr[j] as f64 - mean) * rstd;
-                let (mut mg, mut mgx) = (0f64, 0f64);
-                for j in 0..d {
-                    let g = w[j] as f64 * dyr[j] as f64;
-                    mg += g;
-                    mgx += g * xhat(j);
-                }
-                mg /= d as f64;
-                mgx /= d as f64;
-                for j in 0..d {
-                    let g = w[j] as f64 * dyr[j] as f64;
-                    dxr[j] += (rstd * (g - mg - xhat(j) * mgx)) as f32;
-                    dwp[j] += dyr[j] as f64 * xhat(j);
-                    dbp[j] += dyr[j] as f64;
-                }
-            }
-            (dwp, dbp)
-        })
-        .collect();
-    let (dwp, dbp): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    add_parts(dw, &dwp);
-    add_parts(db, &dbp);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -420,7 +250,7 @@ impl AttnShape {
         self.heads / self.kv_heads
     }
     /// View of head `h` of sequence `s` in a `[seqs * tokens, n_heads * head_dim]` buffer: `[tokens, head_dim]`.
-    fn head<'a>(&self, buf: &'a [f32], n_heads: usize, s: usize, h: usize) -> MatRef<'a> {
+    fn head<'a>(&self, buf: &'a [f32], n_heads: usize, s: usize, h: usize) -> MatRef<'a, f32> {
         let width = n_heads * self.head_dim;
         let start = s * self.tokens * width + h * self.head_dim;
         let len = (self.tokens - 1) * width + self.head_dim;
@@ -462,7 +292,15 @@ pub fn attention_forward(
             }
             let mut tile = vec![0f32; t * d];
             let vh = sh.head(v, sh.kv_heads, s, g);
-            matmul(&mut tile, d, MatRef::rm(&p, t, t), vh, 1.0, false, false);
+            matmul(
+                &mut tile,
+                d,
+                MatRef::rm(&p, t, t),
+                vh,
+                1.0,
+                false,
+                Parallelism::None,
+            );
             tile
         })
         .collect();
@@ -473,7 +311,15 @@ pub fn attention_forward(
 fn scaled_scores(q: &[f32], k: &[f32], sh: AttnShape, s: usize, h: usize, g: usize, p: &mut [f32]) {
     let qh = sh.head(q, sh.heads, s, h);
     let kh = sh.head(k, sh.kv_heads, s, g);
-    matmul(p, sh.tokens, qh, kh.t(), sh.scale(), false, false);
+    matmul(
+        p,
+        sh.tokens,
+        qh,
+        kh.t(),
+        sh.scale(),
+        false,
+        Parallelism::None,
+    );
 }
 
 /// Softmax over `row[visible]` (sum in f64), zero elsewhere (the causal and window masks); returns the
@@ -563,8 +409,16 @@ pub fn attention_backward(
                 let p = &p[..];
                 let doh = sh.head(dout, sh.heads, s, h);
                 let qh = sh.head(q, sh.heads, s, h);
-                matmul(&mut dv_t, d, MatRef::rm(p, t, t).t(), doh, 1.0, true, false);
-                matmul(&mut dp, t, doh, vh.t(), 1.0, false, false);
+                matmul(
+                    &mut dv_t,
+                    d,
+                    MatRef::rm(p, t, t).t(),
+                    doh,
+                    1.0,
+                    true,
+                    Parallelism::None,
+                );
+                matmul(&mut dp, t, doh, vh.t(), 1.0, false, Parallelism::None);
                 for i in 0..t {
                     let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
                     let vis = sh.visible(i);
@@ -585,7 +439,7 @@ pub fn attention_backward(
                     kh,
                     sh.scale(),
                     false,
-                    false,
+                    Parallelism::None,
                 );
                 matmul(
                     &mut dk_t,
@@ -594,7 +448,7 @@ pub fn attention_backward(
                     qh,
                     sh.scale(),
                     true,
-                    false,
+                    Parallelism::None,
                 );
                 dq_tiles.push(dq_t);
             }
@@ -615,7 +469,7 @@ pub fn attention_backward(
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Elementwise: SiLU, GELU (tanh approximation), multiply, add
+// Elementwise: SiLU, multiply, add
 // ---------------------------------------------------------------------------------------------------------
 
 const CHUNK: usize = 16_384;
@@ -642,33 +496,6 @@ pub fn silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
             for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
                 let s = sigmoid(v);
                 *d += g * s * (1.0 + v * (1.0 - s));
-            }
-        });
-}
-
-const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
-
-/// GELU, tanh approximation (`gelu_pytorch_tanh`, as in GPT-2/llm.c): 0.5 x (1 + tanh(c (x + 0.044715 x³))).
-pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                let u = GELU_C * (v + 0.044715 * v * v * v);
-                *o = 0.5 * v * (1.0 + u.tanh());
-            }
-        });
-}
-
-pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| {
-            for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let u = GELU_C * (v + 0.044715 * v * v * v);
-                let th = u.tanh();
-                let du = GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
-                *d += g * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * du);
             }
         });
 }
@@ -931,32 +758,6 @@ mod tests {
     }
 
     #[test]
-    fn layernorm_gradients() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let (n, d) = (3, 8);
-        let ins = vec![
-            rand_vec(&mut rng, n * d),
-            rand_vec(&mut rng, d),
-            rand_vec(&mut rng, d),
-        ];
-        check_grads(
-            ins,
-            n * d,
-            &|i| {
-                let mut y = vec![0.0; n * d];
-                layernorm_forward(&i[0], &i[1], &i[2], d, 1e-5, &mut y);
-                y
-            },
-            &|i, c| {
-                let (mut dx, mut dw, mut db) = (vec![0.0; n * d], vec![0.0; d], vec![0.0; d]);
-                layernorm_backward(&i[0], &i[1], c, d, 1e-5, &mut dx, &mut dw, &mut db);
-                vec![dx, dw, db]
-            },
-            3e-3,
-        );
-    }
-
-    #[test]
     fn rope_gradients_and_rotate_half_convention() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let (seqs, tokens, heads, hd) = (2, 5, 3, 8);
@@ -1079,30 +880,25 @@ mod tests {
     }
 
     #[test]
-    fn activation_gradients() {
+    fn silu_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let n = 40;
-        type Fwd = fn(&[f32], &mut [f32]);
-        type Bwd = fn(&[f32], &[f32], &mut [f32]);
-        let acts: [(Fwd, Bwd); 2] = [(silu_forward, silu_backward), (gelu_forward, gelu_backward)];
-        for (f, b) in acts {
-            let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
-            check_grads(
-                vec![x],
-                n,
-                &|i| {
-                    let mut y = vec![0.0; n];
-                    f(&i[0], &mut y);
-                    y
-                },
-                &|i, c| {
-                    let mut dx = vec![0.0; n];
-                    b(&i[0], c, &mut dx);
-                    vec![dx]
-                },
-                2e-3,
-            );
-        }
+        let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
+        check_grads(
+            vec![x],
+            n,
+            &|i| {
+                let mut y = vec![0.0; n];
+                silu_forward(&i[0], &mut y);
+                y
+            },
+            &|i, c| {
+                let mut dx = vec![0.0; n];
+                silu_backward(&i[0], c, &mut dx);
+                vec![dx]
+            },
+            2e-3,
+        );
     }
 
     #[test]

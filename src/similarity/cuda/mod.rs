@@ -41,7 +41,7 @@ trait CuResult<T> {
 }
 impl<T> CuResult<T> for std::result::Result<T, DriverError> {
     fn cu(self, what: &str) -> Result<T> {
-        self.map_err(|e| Error::Cuda(format!("{what}: {e}")))
+        self.map_err(|e| Error::cuda_from(format!("{what}: {e}"), e))
     }
 }
 
@@ -57,8 +57,8 @@ pub struct DeviceInfo {
 /// The GPUs the driver sees, or why none can be used.
 pub fn list_devices() -> Result<Vec<DeviceInfo>> {
     if !driver_available() {
-        return Err(Error::Cuda(
-            "no CUDA driver found (libcuda.so.1 could not be loaded)".into(),
+        return Err(Error::cuda(
+            "no CUDA driver found (libcuda.so.1 could not be loaded)",
         ));
     }
     cu::init().cu("cuInit")?;
@@ -118,7 +118,7 @@ impl Kernels {
             let (_, m) = modules
                 .iter()
                 .find(|(f, _)| *f == file)
-                .ok_or_else(|| Error::Cuda(format!("kernel file {file} is not embedded")))?;
+                .ok_or_else(|| Error::cuda(format!("kernel file {file} is not embedded")))?;
             m.load_function(name)
                 .cu(&format!("kernel {name} in {file}"))
         };
@@ -243,7 +243,7 @@ impl CudaBackend {
     pub fn open(ordinal: usize, cpu_threads: usize) -> Result<Self> {
         let devices = list_devices()?;
         let info = devices.get(ordinal).ok_or_else(|| {
-            Error::Cuda(if devices.is_empty() {
+            Error::cuda(if devices.is_empty() {
                 "the CUDA driver sees no GPU".to_string()
             } else {
                 format!(
@@ -255,14 +255,14 @@ impl CudaBackend {
         })?;
         let (major, minor) = info.compute_capability;
         if major < 8 {
-            return Err(Error::Cuda(format!(
+            return Err(Error::cuda(format!(
                 "{} has compute capability {major}.{minor}; the kernels need 8.0 or newer \
                  (bf16 tensor-core mma)",
                 info.name
             )));
         }
         if !nvrtc::nvrtc_available() {
-            return Err(Error::Cuda(format!(
+            return Err(Error::cuda(format!(
                 "NVRTC (libnvrtc) not found, needed to compile the kernels: install the CUDA toolkit or \
                  `pip install nvidia-cuda-nvrtc-cu12` and add its lib directory to LD_LIBRARY_PATH \
                  (looked for {})",
@@ -342,13 +342,12 @@ impl CudaBackend {
             budget = budget.min(cap);
         }
         let plan = plan::plan(n, row_bytes, budget)?;
-        let l = row_bytes.len();
+        let b = plan.buffers(row_bytes.len());
         let s = &self.compute;
         let alloc_err =
             |what: &str| format!("allocating {what} ({} MiB plan)", plan.device_bytes >> 20);
-        let gl = plan.gram_layers;
         // SAFETY: pinned host memory, written before every read (only the filled prefix is copied).
-        let pinned = || unsafe { self.ctx.alloc_pinned::<u8>(plan.stage_bytes) };
+        let pinned = || unsafe { self.ctx.alloc_pinned::<u8>(b.stage_bytes) };
         // SAFETY: device buffers that every kernel writes before it reads them (the result and the
         // histograms are zeroed explicitly).
         let ws = unsafe {
@@ -359,10 +358,8 @@ impl CudaBackend {
                     pinned().cu("pinned staging")?,
                 ],
                 dev_in: [
-                    s.alloc::<u8>(plan.stage_bytes)
-                        .cu(&alloc_err("upload slot"))?,
-                    s.alloc::<u8>(plan.stage_bytes)
-                        .cu(&alloc_err("upload slot"))?,
+                    s.alloc::<u8>(b.stage_bytes).cu(&alloc_err("upload slot"))?,
+                    s.alloc::<u8>(b.stage_bytes).cu(&alloc_err("upload slot"))?,
                 ],
                 uploaded: [
                     self.ctx.new_event(None).cu("event")?,
@@ -372,17 +369,20 @@ impl CudaBackend {
                     self.ctx.new_event(None).cu("event")?,
                     self.ctx.new_event(None).cu("event")?,
                 ],
-                gram: s.alloc::<f32>(gl * n * n).cu(&alloc_err("Gram scratch"))?,
-                rowsum: s.alloc::<f64>(gl * n).cu(&alloc_err("row sums"))?,
-                offsets: s.alloc::<f64>(gl * n).cu(&alloc_err("centring offsets"))?,
-                diag: s.alloc::<f32>(gl * n).cu(&alloc_err("diagonals"))?,
-                select_state: s.alloc::<u32>(gl * 2 * 4).cu(&alloc_err("median state"))?,
+                gram: s.alloc::<f32>(b.gram).cu(&alloc_err("Gram scratch"))?,
+                rowsum: s.alloc::<f64>(b.rowsum).cu(&alloc_err("row sums"))?,
+                offsets: s
+                    .alloc::<f64>(b.offsets)
+                    .cu(&alloc_err("centring offsets"))?,
+                diag: s.alloc::<f32>(b.diag).cu(&alloc_err("diagonals"))?,
+                select_state: s
+                    .alloc::<u32>(b.select_state)
+                    .cu(&alloc_err("median state"))?,
                 select_hist: s
-                    .alloc_zeros::<u32>(gl * 2 * 2048)
+                    .alloc_zeros::<u32>(b.select_hist)
                     .cu(&alloc_err("histograms"))?,
-                g: s.alloc::<f32>(plan.g_rows * plan::packed_len(n))
-                    .cu(&alloc_err("packed Grams"))?,
-                out: s.alloc_zeros::<f64>(l * l).cu(&alloc_err("result"))?,
+                g: s.alloc::<f32>(b.g).cu(&alloc_err("packed Grams"))?,
+                out: s.alloc_zeros::<f64>(b.out).cu(&alloc_err("result"))?,
                 plan,
             }
         };
@@ -403,169 +403,173 @@ impl CudaBackend {
         estimator: Estimator,
         kernel: Kernel,
     ) -> Result<()> {
-        let n = batch.rows;
-        let nn = n * n;
-        let p = plan::packed_len(n);
-        let ws = self.ws.as_mut().expect("workspace planned");
+        // The workspace is taken out for the steps below (they borrow it beside `self`) and put back.
+        let mut ws = self.ws.take().expect("workspace planned");
         let chunks = plan::chunks(sizes, start, end, ws.plan.stage_bytes, ws.plan.gram_layers);
-        // Layer tables of every chunk (f32/f64 layers first, then 16-bit ones), uploaded once.
-        let mut descs: Vec<u64> = Vec::new();
-        let mut spans = Vec::with_capacity(chunks.len());
-        for ch in &chunks {
-            let first = descs.len() / 3;
-            let mut push = |sixteen: bool| {
-                let mut count = 0;
-                for (k, l) in (ch.start..ch.end).enumerate() {
-                    let s = &batch.layers[l];
-                    if is_16bit(s.dtype) == sixteen {
-                        descs.extend([
-                            ch.offsets[k] as u64,
-                            (k * nn) as u64,
-                            s.cols as u64 | (dtype_code(s.dtype) << 32),
-                        ]);
-                        count += 1;
-                    }
-                }
-                count
-            };
-            let n_fma = push(false);
-            let n_mma = push(true);
-            spans.push((first, n_fma, n_mma));
-        }
-        let descs_dev = self
-            .compute
-            .clone_htod(&descs)
-            .cu("uploading layer tables")?;
-        let unbiased = i32::from(estimator == Estimator::Unbiased);
-        let n_i = n as i32;
-        let Workspace {
-            staging,
-            dev_in,
-            uploaded,
-            consumed,
-            gram,
-            rowsum,
-            offsets,
-            diag,
-            select_state,
-            select_hist,
-            g,
-            ..
-        } = ws;
-        for (ci, ch) in chunks.iter().enumerate() {
-            let slot = ci % 2;
-            // 1. Refill the pinned slot once its previous upload has finished.
-            uploaded[slot].synchronize().cu("waiting for an upload")?;
-            {
-                let host = staging[slot].as_mut_slice().cu("pinned staging")?;
-                fill_staging(&mut host[..ch.bytes], batch, sizes, ch.start, ch.end);
-            }
-            // 2. Upload on the copy stream, after the kernels that last read this device slot.
-            self.copy.wait(&consumed[slot]).cu("stream wait")?;
-            {
-                let host = staging[slot].as_mut_slice().cu("pinned staging")?;
-                let (dst, _record) = dev_in[slot].device_ptr_mut(&self.copy);
-                // SAFETY: `dst` holds stage_bytes ≥ ch.bytes; the pinned source stays alive and
-                // untouched until `uploaded[slot]` completes (waited on before the next refill).
-                unsafe { cu::memcpy_htod_async(dst, &host[..ch.bytes], self.copy.cu_stream()) }
-                    .cu("uploading activations")?;
-            }
-            uploaded[slot].record(&self.copy).cu("event record")?;
-            // 3. Kernels on the compute stream.
-            self.compute.wait(&uploaded[slot]).cu("stream wait")?;
-            let (first, n_fma, n_mma) = spans[ci];
-            let nl = ch.end - ch.start;
-            let t_gram = mark(&self.ctx, &self.compute, self.profile)?;
-            if n_fma > 0 {
-                let table = descs_dev.slice(first * 3..(first + n_fma) * 3);
-                let cfg = grid(tri(n.div_ceil(64)), n_fma, 1, 256);
-                // SAFETY: argument types match gram_fma's signature; buffers sized by the plan.
-                unsafe {
-                    self.compute
-                        .launch_builder(&self.k.gram_fma)
-                        .arg(&dev_in[slot])
-                        .arg(&table)
-                        .arg(&n_i)
-                        .arg(&mut *gram)
-                        .launch(cfg)
-                }
-                .cu("launching gram_fma")?;
-            }
-            if n_mma > 0 {
-                let table = descs_dev.slice((first + n_fma) * 3..(first + n_fma + n_mma) * 3);
-                let cfg = grid(tri(n.div_ceil(128)), n_mma, 1, 256);
-                // SAFETY: as above, for gram_mma.
-                unsafe {
-                    self.compute
-                        .launch_builder(&self.k.gram_mma)
-                        .arg(&dev_in[slot])
-                        .arg(&table)
-                        .arg(&n_i)
-                        .arg(&mut *gram)
-                        .launch(cfg)
-                }
-                .cu("launching gram_mma")?;
-            }
-            consumed[slot].record(&self.compute).cu("event record")?;
-            if let Some(start) = t_gram {
-                let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
-                self.spans.push((Stage::Gram, start, end));
-            }
-            let t_centre = mark(&self.ctx, &self.compute, self.profile)?;
-            if let Kernel::Rbf { threshold } = kernel {
-                rbf_in_place(
-                    &self.k,
-                    &self.compute,
-                    self.sms,
-                    gram,
-                    diag,
-                    select_state,
-                    select_hist,
-                    n,
-                    nl,
-                    threshold,
+        let (descs, spans) = layer_tables(batch, &chunks);
+        let mut run = || -> Result<()> {
+            let descs_dev = self
+                .compute
+                .clone_htod(&descs)
+                .cu("uploading layer tables")?;
+            for (ci, ch) in chunks.iter().enumerate() {
+                let slot = ci % 2;
+                self.upload_chunk(&mut ws, slot, batch, sizes, ch)?;
+                self.launch_grams(&mut ws, slot, batch.rows, &descs_dev, spans[ci])?;
+                let row0 = g_row0 + ch.start - start;
+                self.centre_and_pack(
+                    &mut ws,
+                    batch.rows,
+                    ch.end - ch.start,
+                    row0,
+                    estimator,
+                    kernel,
                 )?;
             }
-            // Centre and pack into G.
-            let row0 = (g_row0 + ch.start - start) as u64;
-            let p64 = p as u64;
-            // SAFETY: argument types match the kernels in gram_centre.cu; buffers sized by the plan
-            // (gram_layers ≥ nl).
+            Ok(())
+        };
+        let res = run();
+        self.ws = Some(ws);
+        res
+    }
+
+    /// Steps 1 and 2 of a chunk: refill pinned slot `slot` once its previous upload has finished, then
+    /// upload it on the copy stream after the kernels that last read this device slot.
+    fn upload_chunk(
+        &self,
+        ws: &mut Workspace,
+        slot: usize,
+        batch: &BatchRef<'_>,
+        sizes: &[usize],
+        ch: &plan::Chunk,
+    ) -> Result<()> {
+        ws.uploaded[slot]
+            .synchronize()
+            .cu("waiting for an upload")?;
+        {
+            let host = ws.staging[slot].as_mut_slice().cu("pinned staging")?;
+            fill_staging(&mut host[..ch.bytes], batch, sizes, ch.start, ch.end);
+        }
+        self.copy.wait(&ws.consumed[slot]).cu("stream wait")?;
+        {
+            let host = ws.staging[slot].as_mut_slice().cu("pinned staging")?;
+            let (dst, _record) = ws.dev_in[slot].device_ptr_mut(&self.copy);
+            // SAFETY: `dst` holds stage_bytes ≥ ch.bytes; the pinned source stays alive and
+            // untouched until `uploaded[slot]` completes (waited on before the next refill).
+            unsafe { cu::memcpy_htod_async(dst, &host[..ch.bytes], self.copy.cu_stream()) }
+                .cu("uploading activations")?;
+        }
+        ws.uploaded[slot].record(&self.copy).cu("event record")
+    }
+
+    /// Step 3a: once slot `slot` is uploaded, the Gram products of its layers on the compute stream
+    /// (gram_fma for f32/f64 layers, gram_mma for 16-bit ones) into the Gram scratch.
+    fn launch_grams(
+        &mut self,
+        ws: &mut Workspace,
+        slot: usize,
+        n: usize,
+        descs_dev: &CudaSlice<u64>,
+        (first, n_fma, n_mma): (usize, usize, usize),
+    ) -> Result<()> {
+        self.compute.wait(&ws.uploaded[slot]).cu("stream wait")?;
+        let n_i = n as i32;
+        let t_gram = mark(&self.ctx, &self.compute, self.profile)?;
+        if n_fma > 0 {
+            let table = descs_dev.slice(first * 3..(first + n_fma) * 3);
+            let cfg = grid(tri(n.div_ceil(64)), n_fma, 1, 256);
+            // SAFETY: argument types match gram_fma's signature; buffers sized by the plan.
             unsafe {
                 self.compute
-                    .launch_builder(&self.k.gram_row_sums)
-                    .arg(&*gram)
+                    .launch_builder(&self.k.gram_fma)
+                    .arg(&ws.dev_in[slot])
+                    .arg(&table)
                     .arg(&n_i)
-                    .arg(&unbiased)
-                    .arg(&mut *rowsum)
-                    .launch(grid(n.div_ceil(8), nl, 1, 256))
-                    .cu("launching gram_row_sums")?;
-                self.compute
-                    .launch_builder(&self.k.centre_offsets)
-                    .arg(&*rowsum)
-                    .arg(&n_i)
-                    .arg(&unbiased)
-                    .arg(&mut *offsets)
-                    .launch(grid(nl, 1, 1, 256))
-                    .cu("launching centre_offsets")?;
-                self.compute
-                    .launch_builder(&self.k.centre_pack)
-                    .arg(&*gram)
-                    .arg(&*offsets)
-                    .arg(&n_i)
-                    .arg(&unbiased)
-                    .arg(&mut *g)
-                    .arg(&row0)
-                    .arg(&p64)
-                    .launch(grid(p.div_ceil(256), nl, 1, 256))
-                    .cu("launching centre_pack")?;
+                    .arg(&mut ws.gram)
+                    .launch(cfg)
             }
-            if let Some(start) = t_centre {
-                let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
-                self.spans.push((Stage::Centre, start, end));
-            }
+            .cu("launching gram_fma")?;
         }
-        Ok(())
+        if n_mma > 0 {
+            let table = descs_dev.slice((first + n_fma) * 3..(first + n_fma + n_mma) * 3);
+            let cfg = grid(tri(n.div_ceil(128)), n_mma, 1, 256);
+            // SAFETY: as above, for gram_mma.
+            unsafe {
+                self.compute
+                    .launch_builder(&self.k.gram_mma)
+                    .arg(&ws.dev_in[slot])
+                    .arg(&table)
+                    .arg(&n_i)
+                    .arg(&mut ws.gram)
+                    .launch(cfg)
+            }
+            .cu("launching gram_mma")?;
+        }
+        ws.consumed[slot].record(&self.compute).cu("event record")?;
+        self.span(Stage::Gram, t_gram)
+    }
+
+    /// Step 3b: the `nl` Grams in the scratch become (RBF kernels, then) centred, packed rows of G
+    /// from `row0`.
+    fn centre_and_pack(
+        &mut self,
+        ws: &mut Workspace,
+        n: usize,
+        nl: usize,
+        row0: usize,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
+        let t_centre = mark(&self.ctx, &self.compute, self.profile)?;
+        if let Kernel::Rbf { threshold } = kernel {
+            rbf_in_place(
+                &self.k,
+                &self.compute,
+                self.sms,
+                &mut ws.gram,
+                &mut ws.diag,
+                &mut ws.select_state,
+                &mut ws.select_hist,
+                n,
+                nl,
+                threshold,
+            )?;
+        }
+        let p = plan::packed_len(n);
+        let unbiased = i32::from(estimator == Estimator::Unbiased);
+        let (n_i, row0, p64) = (n as i32, row0 as u64, p as u64);
+        // SAFETY: argument types match the kernels in gram_centre.cu; buffers sized by the plan
+        // (gram_layers ≥ nl).
+        unsafe {
+            self.compute
+                .launch_builder(&self.k.gram_row_sums)
+                .arg(&ws.gram)
+                .arg(&n_i)
+                .arg(&unbiased)
+                .arg(&mut ws.rowsum)
+                .launch(grid(n.div_ceil(8), nl, 1, 256))
+                .cu("launching gram_row_sums")?;
+            self.compute
+                .launch_builder(&self.k.centre_offsets)
+                .arg(&ws.rowsum)
+                .arg(&n_i)
+                .arg(&unbiased)
+                .arg(&mut ws.offsets)
+                .launch(grid(nl, 1, 1, 256))
+                .cu("launching centre_offsets")?;
+            self.compute
+                .launch_builder(&self.k.centre_pack)
+                .arg(&ws.gram)
+                .arg(&ws.offsets)
+                .arg(&n_i)
+                .arg(&unbiased)
+                .arg(&mut ws.g)
+                .arg(&row0)
+                .arg(&p64)
+                .launch(grid(p.div_ceil(256), nl, 1, 256))
+                .cu("launching centre_pack")?;
+        }
+        self.span(Stage::Centre, t_centre)
     }
 
     /// out[row0 + a, col0 + b] += ⟨G[ga + a], G[gb + b]⟩ for a < la, b < lb (tri: ga == gb, la == lb,
@@ -620,6 +624,40 @@ impl CudaBackend {
         .cu("launching hsic_pairs")?;
         self.span(Stage::Pairs, t_pairs)
     }
+}
+
+/// The layer tables of every chunk, for one upload: per layer 3 words (its offset in the upload slot,
+/// its Gram's offset in the scratch, `cols | dtype << 32`), f32/f64 layers first, then 16-bit ones; and per
+/// chunk `(first entry, f32/f64 layers, 16-bit layers)`.
+fn layer_tables(
+    batch: &BatchRef<'_>,
+    chunks: &[plan::Chunk],
+) -> (Vec<u64>, Vec<(usize, usize, usize)>) {
+    let nn = batch.rows * batch.rows;
+    let mut descs: Vec<u64> = Vec::new();
+    let mut spans = Vec::with_capacity(chunks.len());
+    for ch in chunks {
+        let first = descs.len() / 3;
+        let mut push = |sixteen: bool| {
+            let mut count = 0;
+            for (k, l) in (ch.start..ch.end).enumerate() {
+                let s = &batch.layers[l];
+                if is_16bit(s.dtype) == sixteen {
+                    descs.extend([
+                        ch.offsets[k] as u64,
+                        (k * nn) as u64,
+                        s.cols as u64 | (dtype_code(s.dtype) << 32),
+                    ]);
+                    count += 1;
+                }
+            }
+            count
+        };
+        let n_fma = push(false);
+        let n_mma = push(true);
+        spans.push((first, n_fma, n_mma));
+    }
+    (descs, spans)
 }
 
 /// Copy layers `[start, end)` of the batch into the staging slot (layer l at its 16-byte-aligned offset,

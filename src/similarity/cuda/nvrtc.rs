@@ -35,7 +35,7 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     // SAFETY: the library is present; two out-pointers to live ints.
     unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
         .result()
-        .map_err(|e| Error::Cuda(format!("nvrtcVersion failed: {e:?}")))?;
+        .map_err(|e| Error::cuda_from(format!("nvrtcVersion failed: {e:?}"), e))?;
     Ok((major, minor))
 }
 
@@ -43,7 +43,7 @@ fn require_nvrtc() -> Result<()> {
     if nvrtc_available() {
         Ok(())
     } else {
-        Err(Error::Cuda(format!(
+        Err(Error::cuda(format!(
             "NVRTC (libnvrtc) not found: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc-cu12` \
              and put its lib directory on LD_LIBRARY_PATH (looked for {})",
             nvrtc_library_names().join(", ")
@@ -65,7 +65,7 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
         .iter()
         .find(|(f, _)| *f == file)
         .copied()
-        .ok_or_else(|| Error::Cuda(format!("no embedded kernel named {file}")))?;
+        .ok_or_else(|| Error::cuda(format!("no embedded kernel named {file}")))?;
     require_nvrtc()?;
     let mut options: Vec<String> = vec![format!("--gpu-architecture={arch}")];
     options.extend(NVRTC_OPTIONS.iter().map(|s| s.to_string()));
@@ -79,8 +79,11 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
     let h_name_p: Vec<*const c_char> = h_name.iter().map(|s| s.as_ptr()).collect();
     let c_opts: Vec<CString> = options.iter().map(|s| cstr(s)).collect();
     let c_opts_p: Vec<*const c_char> = c_opts.iter().map(|s| s.as_ptr()).collect();
-    let nvrtc_err = |what: &str, e: sys::nvrtcResult| {
-        Error::Cuda(format!("NVRTC {what} failed for {file} ({arch}): {e:?}"))
+    let nvrtc_err = |what: &str, e: cudarc::nvrtc::result::NvrtcError| {
+        Error::cuda_from(
+            format!("NVRTC {what} failed for {file} ({arch}): {:?}", e.0),
+            e,
+        )
     };
     let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: every pointer is to a NUL-terminated string that outlives the program; counts match.
@@ -95,14 +98,14 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
         )
     }
     .result()
-    .map_err(|e| nvrtc_err("create", e.0))?;
+    .map_err(|e| nvrtc_err("create", e))?;
     let _guard = ProgramGuard(prog);
     // SAFETY: `prog` is a live program; the option pointers outlive the call.
     let compiled =
         unsafe { sys::nvrtcCompileProgram(prog, c_opts_p.len() as c_int, c_opts_p.as_ptr()) };
     let log = program_log(prog);
     if compiled != sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(Error::Cuda(format!(
+        return Err(Error::cuda(format!(
             "NVRTC could not compile {file} for {arch} ({compiled:?}): {}",
             log.trim()
         )));
@@ -111,9 +114,9 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
     // SAFETY: live program, compiled; out-pointer to a usize.
     unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
         .result()
-        .map_err(|e| nvrtc_err("get CUBIN size", e.0))?;
+        .map_err(|e| nvrtc_err("get CUBIN size", e))?;
     if size == 0 {
-        return Err(Error::Cuda(format!(
+        return Err(Error::cuda(format!(
             "NVRTC produced no CUBIN for {file} (arch {arch} must be a real architecture, sm_XY)"
         )));
     }
@@ -121,7 +124,7 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
     // SAFETY: `cubin` has the size NVRTC reported.
     unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
         .result()
-        .map_err(|e| nvrtc_err("get CUBIN", e.0))?;
+        .map_err(|e| nvrtc_err("get CUBIN", e))?;
     Ok(Compiled { file, cubin, log })
 }
 

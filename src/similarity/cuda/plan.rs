@@ -38,6 +38,17 @@ impl MemoryPlan {
     pub fn blocks(&self, layers: usize) -> usize {
         layers.div_ceil(self.layer_block)
     }
+
+    /// The buffers to allocate for `layers` layers.
+    pub fn buffers(&self, layers: usize) -> Buffers {
+        Buffers::new(
+            self.n,
+            layers,
+            self.stage_bytes,
+            self.gram_layers,
+            self.g_rows,
+        )
+    }
 }
 
 /// Packed lower triangle length.
@@ -50,14 +61,64 @@ pub fn layer_bytes(n: usize, cols: usize, elem: usize) -> usize {
     (n * cols * elem).div_ceil(16) * 16
 }
 
+/// Histogram bins of the RBF median's radix select (`RBF_BINS` in `kernels/rbf.cu`).
+pub const RBF_BINS: usize = 2048;
+
+/// Element counts of every device buffer of a plan: the one place their sizes are computed, for the
+/// plan's byte count and for the allocations (`CudaBackend::workspace`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffers {
+    /// Bytes of each of the two upload slots (device, and pinned host).
+    pub stage_bytes: usize,
+    /// f32: `gram_layers` n×n Grams.
+    pub gram: usize,
+    /// f64: per Gram row, its sum.
+    pub rowsum: usize,
+    /// f64: per Gram row, its centring offset.
+    pub offsets: usize,
+    /// f32: per Gram row, its diagonal entry (RBF).
+    pub diag: usize,
+    /// u32: the RBF median select's state, 4 words for each of 2 selects per layer.
+    pub select_state: usize,
+    /// u32: the RBF median select's histograms, `RBF_BINS` for each of 2 selects per layer.
+    pub select_hist: usize,
+    /// f32: `g_rows` packed Grams of P = n(n+1)/2.
+    pub g: usize,
+    /// f64: the L×L result.
+    pub out: usize,
+    /// u64: the layer tables (3 words per layer) uploaded with each block, allocated per block; counted
+    /// for every layer and once more for a chunk's worth.
+    pub tables: usize,
+}
+
+impl Buffers {
+    pub fn new(n: usize, layers: usize, stage: usize, gram_layers: usize, g_rows: usize) -> Self {
+        Buffers {
+            stage_bytes: stage,
+            gram: gram_layers * n * n,
+            rowsum: gram_layers * n,
+            offsets: gram_layers * n,
+            diag: gram_layers * n,
+            select_state: gram_layers * 2 * 4,
+            select_hist: gram_layers * 2 * RBF_BINS,
+            g: g_rows * packed_len(n),
+            out: layers * layers,
+            tables: 3 * (gram_layers + layers),
+        }
+    }
+
+    /// Device bytes of them all.
+    pub fn device_bytes(&self) -> usize {
+        2 * self.stage_bytes
+            + (self.gram + self.diag + self.g) * 4
+            + (self.rowsum + self.offsets + self.out + self.tables) * 8
+            + (self.select_state + self.select_hist) * 4
+    }
+}
+
 /// Device bytes for a given split (everything `MemoryPlan` allocates).
 fn device_bytes(n: usize, layers: usize, stage: usize, gram_layers: usize, g_rows: usize) -> usize {
-    let nn = n * n;
-    2 * stage
-        + gram_layers * (nn * 4 + n * (8 + 8 + 4) + 2 * 2048 * 4 + 2 * 4 * 4 + 3 * 8)
-        + g_rows * packed_len(n) * 4
-        + layers * layers * 8
-        + layers * 3 * 8
+    Buffers::new(n, layers, stage, gram_layers, g_rows).device_bytes()
 }
 
 /// Plan for batches of `n` rows of layers whose per-row byte widths are `row_bytes[l]` (cols × elem),
@@ -72,7 +133,7 @@ pub fn plan(n: usize, row_bytes: &[usize], budget: usize) -> Result<MemoryPlan> 
         None => {
             let fits = largest_batch_that_fits(row_bytes, budget);
             let widest = row_bytes.iter().copied().max().unwrap_or(0);
-            Err(Error::Cuda(match fits {
+            Err(Error::cuda(match fits {
                 Some(m) => format!(
                     "a batch of {n} samples does not fit in the GPU's free memory ({} MiB usable; the \
                      widest layer is {widest} bytes per sample): the largest batch size that fits is {m} \
@@ -231,6 +292,20 @@ mod tests {
         assert!(err.contains(&format!("--batch-size {m}")), "{err}");
         assert!(plan(m, &rows, small).is_ok());
         assert!(plan(m + 1, &rows, small).is_err());
+    }
+
+    #[test]
+    fn buffer_sizes_add_up_to_the_plan() {
+        let (n, l, stage, gl, g_rows) = (300, 17, 1 << 20, 5, 9);
+        let nn = n * n;
+        let by_hand = 2 * stage
+            + gl * (nn * 4 + n * (8 + 8 + 4) + 2 * RBF_BINS * 4 + 2 * 4 * 4 + 3 * 8)
+            + g_rows * packed_len(n) * 4
+            + l * l * 8
+            + l * 3 * 8;
+        assert_eq!(device_bytes(n, l, stage, gl, g_rows), by_hand);
+        let p = plan(n, &vec![4096; l], 1 << 30).unwrap();
+        assert_eq!(p.buffers(l).device_bytes(), p.device_bytes);
     }
 
     #[test]

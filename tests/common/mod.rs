@@ -1,0 +1,75 @@
+//! Helpers shared by the integration tests: `mod common;` in a test file, then `common::engine(..)` etc.
+
+// Each test crate uses only some of them.
+#![allow(dead_code)]
+
+use npyz::WriterBuilder;
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Run the `sglp-engine` binary with `args`.
+pub fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sglp-engine"))
+        .args(args)
+        .output()
+        .expect("runs the binary")
+}
+
+/// `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The fixture checkpoint `name` (made by scripts/make_fixtures.py).
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// Relative difference of `a` from the reference `b`.
+pub fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+fn f64s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Tensor `key` of fixture `name`'s PyTorch float64 reference (`reference.safetensors`): shape, values.
+pub fn reference_tensor(name: &str, key: &str) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    (t.shape().to_vec(), f64s(t.data()))
+}
+
+/// Every tensor of fixture `name`'s reference, and its `batch` metadata (sequences per batch).
+pub fn reference(name: &str) -> (HashMap<String, Vec<f64>>, usize) {
+    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let batch: usize = meta.metadata().as_ref().unwrap()["batch"].parse().unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let map = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, f64s(v.data())))
+        .collect();
+    (map, batch)
+}
+
+/// A tokens file: `.npy` int64 `[seqs, len]`.
+pub fn write_tokens(path: &Path, seqs: u64, len: u64, ids: &[i64]) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[seqs, len])
+        .writer(f)
+        .begin_nd()
+        .unwrap();
+    w.extend(ids.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
