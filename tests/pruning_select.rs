@@ -116,6 +116,7 @@ fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
             selection: Selection::Gradnorm,
             max_candidates: 8,
             shortlist: 0,
+            shortlist_by: Default::default(),
             score_sequences: None,
             forward_batch: 2,
             gradnorm_batches,

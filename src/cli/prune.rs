@@ -3,7 +3,7 @@
 use super::common::EstimatorArgs;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
-use crate::pruning::pipeline::{Budget, Method, SglpOptions, DEFAULT_FORWARD_BATCH};
+use crate::pruning::pipeline::{Budget, Method, Shortlist, SglpOptions, DEFAULT_FORWARD_BATCH};
 use crate::pruning::prune::{prune, PruneSpec};
 use crate::pruning::select::Selection;
 use crate::segmentation::{Features, KChoice};
@@ -53,10 +53,15 @@ pub struct SglpArgs {
     /// layer at a time.
     #[arg(long, default_value_t = 64)]
     pub max_candidates: usize,
-    /// `--selection loss`: candidates per segment and step, those of lowest block influence (0: every
+    /// `--selection loss`: candidates per segment and step, the lowest by `--shortlist-by` (0: every
     /// layer of the segment).
     #[arg(long, default_value_t = 2)]
     pub shortlist: usize,
+    /// `--selection loss`: rank a segment's layers for the shortlist by `loss` (the calibration loss with
+    /// the layer removed alone: one forward per layer, once) or `influence` (block influence
+    /// 1 − cos(h_in, h_out), free).
+    #[arg(long, value_enum, default_value_t = Shortlist::Loss)]
+    pub shortlist_by: Shortlist,
     /// `--selection loss`: calibration sequences each candidate's loss is measured on (default: all).
     #[arg(long)]
     pub score_sequences: Option<usize>,
@@ -103,6 +108,7 @@ impl SglpArgs {
             selection: self.selection.unwrap_or(p.selection),
             max_candidates: self.max_candidates,
             shortlist: self.shortlist,
+            shortlist_by: self.shortlist_by,
             score_sequences: self.score_sequences,
             forward_batch: self.forward_batch,
             gradnorm_batches: self.gradnorm_batches,

@@ -30,6 +30,9 @@ pub enum Allocation {
     /// No quota: the selection decides, one removal at a time, which segment loses a layer; each segment
     /// may lose up to `len − 1`.
     Adaptive,
+    /// No quota and no floor: a segment may lose every layer (the segments only shape the candidates);
+    /// a lone layer unlike its neighbours — often the last — can go when the loss says so.
+    Open,
 }
 
 /// The most layers each segment may lose: the exact count for a quota rule ([`allocate`]), `len − 1` for
@@ -39,6 +42,15 @@ pub fn caps(seg_lens: &[usize], budget: usize, rule: Allocation) -> Result<Vec<u
         Allocation::Adaptive => {
             allocate(seg_lens, budget, Allocation::Removable)?;
             Ok(seg_lens.iter().map(|n| n - 1).collect())
+        }
+        Allocation::Open => {
+            let total: usize = seg_lens.iter().sum();
+            if budget >= total {
+                return Err(Error::invalid(format!(
+                    "cannot remove {budget} of {total} layers"
+                )));
+            }
+            Ok(seg_lens.to_vec())
         }
         _ => allocate(seg_lens, budget, rule),
     }
@@ -65,7 +77,7 @@ pub fn allocate(seg_lens: &[usize], budget: usize, rule: Allocation) -> Result<V
     }
     let weights: Vec<f64> = match rule {
         Allocation::Proportional => seg_lens.iter().map(|&n| n as f64).collect(),
-        Allocation::Removable | Allocation::Adaptive => {
+        Allocation::Removable | Allocation::Adaptive | Allocation::Open => {
             seg_lens.iter().map(|&n| (n - 1) as f64).collect()
         }
     };

@@ -89,8 +89,10 @@ pub struct SglpOptions {
     pub selection: Selection,
     /// Candidate subsets per segment above which `--selection subset` goes greedy.
     pub max_candidates: usize,
-    /// `--selection loss`: candidates per segment and step, those of lowest block influence (0: all).
+    /// `--selection loss`: candidates per segment and step, those of lowest `shortlist_by` (0: all).
     pub shortlist: usize,
+    /// `--selection loss`: what ranks a segment's layers for the shortlist.
+    pub shortlist_by: Shortlist,
     /// `--selection loss`: calibration sequences the loss is measured on (`None`: all).
     pub score_sequences: Option<usize>,
     /// Sequences per runtime pass (forward capture and forward + backward).
@@ -114,6 +116,7 @@ impl SglpOptions {
             selection: Selection::Loss,
             max_candidates: 64,
             shortlist: 2,
+            shortlist_by: Shortlist::Loss,
             score_sequences: None,
             forward_batch: DEFAULT_FORWARD_BATCH,
             gradnorm_batches: None,
@@ -138,7 +141,9 @@ impl SglpOptions {
         Needs {
             cka: true,
             gradnorm: matches!(self.selection, Selection::Gradnorm | Selection::Subset),
-            hidden: self.selection == Selection::Loss && self.shortlist > 0,
+            hidden: self.selection == Selection::Loss
+                && self.shortlist > 0
+                && self.shortlist_by == Shortlist::Influence,
         }
     }
 
@@ -149,6 +154,27 @@ impl SglpOptions {
             gradnorm_batches: self.gradnorm_batches,
         }
     }
+}
+
+/// What ranks a segment's layers for the loss-guided shortlist.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Shortlist {
+    /// The calibration loss with the layer removed alone (one forward per layer, once).
+    #[default]
+    Loss,
+    /// ShortGPT's block influence 1 − mean cos(h_in, h_out) (free: from the calibration pass).
+    Influence,
 }
 
 /// Wall time of the decision's stages.
@@ -174,8 +200,10 @@ pub struct SglpDecision {
     /// Layers removed from each segment.
     pub removed_per_segment: Vec<usize>,
     pub gradnorm: Option<GradnormStats>,
-    /// ShortGPT's block influence 1 − mean cos(h_in, h_out) of each layer (the shortlist proxy).
+    /// ShortGPT's block influence 1 − mean cos(h_in, h_out) of each layer (when gathered).
     pub block_influence: Option<Vec<f64>>,
+    /// Calibration loss with each layer removed alone (`--shortlist-by loss`).
+    pub single_removal_loss: Option<Vec<f64>>,
     pub subset_search: Vec<SubsetSearch>,
     /// `--selection loss`: each step's candidates and their calibration losses.
     pub greedy_steps: Vec<GreedyStep>,
@@ -278,6 +306,7 @@ pub fn decide_from_stats(
 
     // Selection inside the segments.
     let (mut subset_search, mut greedy_steps, mut score_baseline) = (Vec::new(), Vec::new(), None);
+    let mut single_removal_loss = None;
     let removed = match opts.selection {
         Selection::Gradnorm => {
             let g = gradnorm.as_ref().expect("checked above");
@@ -287,11 +316,22 @@ pub fn decide_from_stats(
             let start = Instant::now();
             let evaluations = scorer.evaluations;
             score_baseline = Some(scorer.loss(&[])?);
+            let proxy = match (opts.shortlist, opts.shortlist_by) {
+                (0, _) => None,
+                (_, Shortlist::Influence) => block_influence.clone(),
+                (_, Shortlist::Loss) => {
+                    let single = (0..l)
+                        .map(|i| scorer.loss(&[i]))
+                        .collect::<Result<Vec<f64>>>()?;
+                    single_removal_loss = Some(single.clone());
+                    Some(single)
+                }
+            };
             let (removed, steps) = greedy_removal(
                 &segments,
                 &caps,
                 budget,
-                block_influence.as_deref(),
+                proxy.as_deref(),
                 opts.shortlist,
                 &mut |set, _| scorer.loss(set),
             )?;
@@ -305,7 +345,7 @@ pub fn decide_from_stats(
             removed
         }
         Selection::Subset => {
-            if opts.allocation == Allocation::Adaptive {
+            if matches!(opts.allocation, Allocation::Adaptive | Allocation::Open) {
                 return Err(Error::invalid(
                     "--selection subset needs a fixed per-segment count: use --allocation \
                      proportional or removable",
@@ -341,6 +381,7 @@ pub fn decide_from_stats(
         removed_per_segment,
         gradnorm,
         block_influence,
+        single_removal_loss,
         subset_search,
         greedy_steps,
         score_baseline,

@@ -108,6 +108,7 @@ pub fn prune(spec: &PruneSpec, backend: &mut dyn Backend) -> Result<(PruneReport
         greedy_steps: d.greedy_steps.clone(),
         gradnorm: d.gradnorm.as_ref().map(|g| g.per_layer.clone()),
         block_influence: d.block_influence.clone(),
+        single_removal_loss: d.single_removal_loss.clone(),
         calibration_loss: d
             .score_baseline
             .or_else(|| d.gradnorm.as_ref().map(|g| g.loss)),

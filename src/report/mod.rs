@@ -78,6 +78,8 @@ pub struct PruneReport {
     pub gradnorm: Option<Vec<f64>>,
     /// ShortGPT's block influence 1 − mean cos(h_in, h_out) per layer (when computed).
     pub block_influence: Option<Vec<f64>>,
+    /// Calibration loss with each layer removed alone (`--shortlist-by loss`).
+    pub single_removal_loss: Option<Vec<f64>>,
     /// Calibration loss of the unpruned model (scoring sequences, or the gradient-norm passes).
     pub calibration_loss: Option<f64>,
     pub removed: Vec<usize>,
@@ -100,18 +102,23 @@ pub fn write_plots(dir: &Path, r: &PruneReport) -> Result<()> {
         &r.segments,
         &r.removed,
     )?;
-    let (values, title, axis) = match (&r.gradnorm, &r.block_influence) {
-        (Some(g), _) => (
+    let (values, title, axis) = match (&r.gradnorm, &r.single_removal_loss, &r.block_influence) {
+        (Some(g), _, _) => (
             g.as_slice(),
             "Gradient norm per layer (colour = segment, red = removed)",
             "‖∂loss/∂θ‖ of the layer",
         ),
-        (None, Some(b)) => (
+        (None, Some(s), _) => (
+            s.as_slice(),
+            "Calibration loss with the layer removed alone (red = removed)",
+            "calibration loss",
+        ),
+        (None, None, Some(b)) => (
             b.as_slice(),
             "Block influence per layer (colour = segment, red = removed)",
             "1 − mean cos(h_in, h_out)",
         ),
-        (None, None) => (&[][..], "No per-layer importance computed", ""),
+        _ => (&[][..], "No per-layer importance computed", ""),
     };
     plots::importance_bars(
         &dir.join(GRADNORM_PNG),
@@ -250,10 +257,10 @@ pub fn html_page(dir: &Path, r: &PruneReport) -> Result<String> {
         img(CKA_PNG, "CKA heatmap with segment boundaries and removed layers")?,
         img(
             GRADNORM_PNG,
-            if r.gradnorm.is_some() {
-                "Gradient norm per layer"
-            } else {
-                "Block influence per layer"
+            match (&r.gradnorm, &r.single_removal_loss) {
+                (Some(_), _) => "Gradient norm per layer",
+                (None, Some(_)) => "Calibration loss with each layer removed alone",
+                _ => "Block influence per layer",
             }
         )?,
         img(LOSS_PNG, "Segmentation loss curve")?,
