@@ -31,14 +31,20 @@ def main():
     ap.add_argument("--seqs", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--attn", default="sdpa", help="PyTorch attention implementation (sdpa or eager)")
     ap.add_argument("--workdir", default=None, help="where to save the checkpoint (default: a temp dir)")
     args = ap.parse_args()
 
     threads = torch.get_num_threads()
     config = transformers.LlamaConfig(
-        hidden_size=768, intermediate_size=2048, num_hidden_layers=args.layers, num_attention_heads=12,
-        num_key_value_heads=4, vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096,
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        rms_norm_eps=1e-5, max_position_embeddings=4096,
         tie_word_embeddings=False)
     config._attn_implementation = args.attn
     torch.manual_seed(0)
@@ -89,8 +95,9 @@ def main():
 
     tm, em = statistics.median(torch_times), statistics.median(engine_times)
     report = {
-        "workload": f"LLaMA {n_params / 1e6:.0f}M params (hidden 768, {args.layers} layers, inter 2048, "
-                    f"12 heads / 4 kv, vocab 32000), {args.seqs}x{args.tokens} tokens, f32, forward+backward",
+        "workload": f"LLaMA {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
+                    f"inter {args.intermediate}, {args.heads} heads / {args.kv_heads} kv, vocab {args.vocab}), "
+                    f"{args.seqs}x{args.tokens} tokens, f32, forward+backward",
         "cpu_threads_torch": threads,
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,

@@ -118,6 +118,7 @@ fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
             shortlist: 0,
             shortlist_by: Default::default(),
             score_sequences: None,
+            rank_sequences: None,
             forward_batch: 2,
             gradnorm_batches,
         };
@@ -162,5 +163,51 @@ fn pruned_sliding_window_checkpoint_keeps_each_layers_window() {
             (got - want).abs() <= 1e-9 * want.abs(),
             "removed {removed}: {got} vs {want}"
         );
+    }
+}
+
+/// The loss scorer's resumed evaluations (from the kept layer inputs of the base set) equal whole
+/// forwards, on fresh random skip sets and rebases, for a plain and a sliding-window model.
+#[test]
+fn loss_scorer_resumes_from_shared_prefixes_exactly() {
+    use rand::{Rng, SeedableRng};
+    use sglp_engine::pruning::calibration::{perplexity, LossScorer};
+    use sglp_engine::runtime::{Model, Tokens};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    for name in ["trained_llama", "qwen2_sliding"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let model = Model::load(&dir).unwrap();
+        let file = if name == "trained_llama" {
+            "calib.npy"
+        } else {
+            "tokens.npy"
+        };
+        let all = Tokens::load_npy(&dir.join(file)).unwrap();
+        let tokens = all.batch(0, all.sequences.min(5));
+        let l = model.num_layers();
+        let mut scorer = LossScorer::new(&model, &tokens, None, 2);
+        for _ in 0..12 {
+            let pick = |rng: &mut rand::rngs::StdRng| -> Vec<usize> {
+                let n = rng.random_range(0..l);
+                let mut s: Vec<usize> = (0..n).map(|_| rng.random_range(0..l)).collect();
+                s.sort_unstable();
+                s.dedup();
+                s
+            };
+            if rng.random_bool(0.4) {
+                scorer.rebase(&pick(&mut rng)).unwrap();
+            }
+            let skip = pick(&mut rng);
+            let got = scorer.loss(&skip).unwrap();
+            let want = perplexity(&model, &tokens, 2, &skip).unwrap().loss;
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs(),
+                "{name} skip {skip:?}: {got} vs {want}"
+            );
+        }
+        // Resuming saved work: fewer whole-network passes than evaluations.
+        assert!(scorer.layer_passes < scorer.evaluations as f64, "{name}");
     }
 }

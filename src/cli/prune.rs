@@ -3,7 +3,7 @@
 use super::common::EstimatorArgs;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
-use crate::pruning::pipeline::{Budget, Method, Shortlist, SglpOptions, DEFAULT_FORWARD_BATCH};
+use crate::pruning::pipeline::{Budget, Method, SglpOptions, Shortlist, DEFAULT_FORWARD_BATCH};
 use crate::pruning::prune::{prune, PruneSpec};
 use crate::pruning::select::Selection;
 use crate::segmentation::{Features, KChoice};
@@ -65,6 +65,10 @@ pub struct SglpArgs {
     /// `--selection loss`: calibration sequences each candidate's loss is measured on (default: all).
     #[arg(long)]
     pub score_sequences: Option<usize>,
+    /// `--shortlist-by loss`: calibration sequences the single-removal ranking is measured on (default: a
+    /// quarter of the scoring sequences).
+    #[arg(long)]
+    pub rank_sequences: Option<usize>,
     /// Sequences per forward / backward pass of the runtime.
     #[arg(long, default_value_t = DEFAULT_FORWARD_BATCH)]
     pub forward_batch: usize,
@@ -81,8 +85,10 @@ impl SglpArgs {
         if self.max_candidates == 0 {
             return Err(Error::invalid("--max-candidates must be at least 1"));
         }
-        if self.score_sequences == Some(0) {
-            return Err(Error::invalid("--score-sequences must be at least 1"));
+        if self.score_sequences == Some(0) || self.rank_sequences == Some(0) {
+            return Err(Error::invalid(
+                "--score-sequences and --rank-sequences must be at least 1",
+            ));
         }
         let p = SglpOptions::preset(self.method);
         let preset_k_max = p.k.k_max().unwrap_or(8);
@@ -110,6 +116,7 @@ impl SglpArgs {
             shortlist: self.shortlist,
             shortlist_by: self.shortlist_by,
             score_sequences: self.score_sequences,
+            rank_sequences: self.rank_sequences,
             forward_batch: self.forward_batch,
             gradnorm_batches: self.gradnorm_batches,
         })

@@ -13,6 +13,7 @@ use crate::io::{Batch, DType, LayerMeta};
 use crate::runtime::{GradNorms, Model, Tokens};
 use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Mean per-layer gradient norms over calibration batches.
@@ -156,6 +157,9 @@ pub struct Needs {
     pub cka: bool,
     pub gradnorm: bool,
     pub hidden: bool,
+    /// Every decoder layer's input per batch and the unpruned loss: the [`LossScorer`]'s starting base,
+    /// so that it need not run the unpruned network again.
+    pub states: bool,
 }
 
 impl std::ops::BitOr for Needs {
@@ -165,6 +169,7 @@ impl std::ops::BitOr for Needs {
             cka: self.cka || o.cka,
             gradnorm: self.gradnorm || o.gradnorm,
             hidden: self.hidden || o.hidden,
+            states: self.states || o.states,
         }
     }
 }
@@ -197,7 +202,21 @@ pub struct CalibrationStats {
     pub cka: Option<CkaResult>,
     pub gradnorm: Option<GradnormStats>,
     pub hidden: Option<HiddenStats>,
+    /// Per batch of `forward_batch` sequences, the input of every decoder layer of the unpruned network,
+    /// and the token-mean calibration loss (when asked and within [`PREFIX_CACHE_BYTES`]).
+    pub states: Option<BaseStates>,
     pub times: PassTimes,
+}
+
+/// Per batch, the input of every decoder layer (index l: the input of layer l).
+pub type LayerInputs = Vec<Vec<Arc<Vec<f32>>>>;
+
+/// The unpruned network's layer inputs over the calibration batches, and its loss.
+#[derive(Clone)]
+pub struct BaseStates {
+    pub batch_seqs: usize,
+    pub inputs: LayerInputs,
+    pub loss: f64,
 }
 
 /// One pass over the calibration batches. Each batch runs forward + backward when it is one of the
@@ -219,7 +238,7 @@ pub fn calibration_pass(
     } else {
         0
     };
-    let n_run = if needs.cka || needs.hidden {
+    let n_run = if needs.cka || needs.hidden || needs.states {
         n_batches
     } else {
         n_gradnorm
@@ -247,6 +266,10 @@ pub fn calibration_pass(
     let mut grads = GradnormSum::new(l);
     let mut times = PassTimes::default();
     let mut outs: Vec<Vec<f32>> = vec![Vec::new(); if needs.cka { l } else { 0 }];
+    let keep_states = needs.states
+        && (tokens.sequences * tokens.len * h).saturating_mul(l * 4) <= PREFIX_CACHE_BYTES / 2;
+    let mut inputs: LayerInputs = Vec::new();
+    let mut loss_sum = 0.0;
     let pb = crate::progress::bar(n_run as u64, "calibration batches");
     for b in 0..n_run {
         let batch = tokens.batch(b * batch_seqs, batch_seqs);
@@ -255,7 +278,11 @@ pub fn calibration_pass(
         }
         let mut err = None;
         let mut hidden_time = Duration::ZERO;
+        let mut layer_inputs: Vec<Arc<Vec<f32>>> = Vec::new();
         let mut keep = |i: usize, hs: &[f32]| {
+            if keep_states && i < l {
+                layer_inputs.push(Arc::new(hs.to_vec()));
+            }
             if i >= 1 && needs.cka {
                 outs[i - 1].clear();
                 outs[i - 1].extend_from_slice(hs);
@@ -270,11 +297,16 @@ pub fn calibration_pass(
         };
         let t = Instant::now();
         if b < n_gradnorm {
-            grads.add(&model.grad_norms_observed(&batch, &[], &mut keep)?);
+            let g = model.grad_norms_observed(&batch, &[], &mut keep)?;
+            loss_sum += g.loss * batch.sequences as f64;
+            grads.add(&g);
             times.gradnorm += t.elapsed().saturating_sub(hidden_time);
         } else {
-            model.forward(&batch, &[], &mut keep)?;
+            loss_sum += model.forward(&batch, &[], &mut keep)? * batch.sequences as f64;
             times.forward += t.elapsed().saturating_sub(hidden_time);
+        }
+        if keep_states {
+            inputs.push(layer_inputs);
         }
         times.hidden += hidden_time;
         if let Some(e) = err {
@@ -304,25 +336,51 @@ pub fn calibration_pass(
         }
         None => None,
     };
+    let states = (keep_states && n_run == n_batches).then(|| BaseStates {
+        batch_seqs,
+        inputs,
+        loss: loss_sum / tokens.sequences as f64,
+    });
     Ok(CalibrationStats {
         cka,
         gradnorm: needs.gradnorm.then(|| grads.mean()),
         hidden,
+        states,
         times,
     })
 }
 
+/// Most bytes the [`LossScorer`] keeps for resumable hidden states (the base's, up to half, and the
+/// evaluated sets' of the current step); beyond it every evaluation runs the whole network.
+pub const PREFIX_CACHE_BYTES: usize = 2 << 30;
+
 /// The mean next-token loss on (the first `sequences` of) the calibration tokens with a set of decoder
-/// layers skipped, one forward per distinct set; results are cached by set, so a sweep over budgets pays
-/// for each set once.
+/// layers skipped; results are cached by set, so a sweep over budgets pays for each set once.
+///
+/// Evaluations resume from a shared prefix: the scorer keeps the input of every decoder layer for the
+/// network with a *base* set skipped (the layers removed so far, see [`LossScorer::rebase`]), and a set
+/// that differs from the base first at layer s runs only layers s.. and the head — exact, since both
+/// networks agree before s. Memory: L × tokens × hidden floats ([`PREFIX_CACHE_BYTES`] at most, else
+/// whole forwards).
 pub struct LossScorer<'a> {
     model: &'a Model,
     tokens: Tokens,
     batch_seqs: usize,
     cache: HashMap<Vec<usize>, f64>,
-    /// Forward passes over the scoring tokens run so far (cache misses).
+    /// The base set and, per batch, the input of every decoder layer of the network without it.
+    base: Vec<usize>,
+    states: Option<LayerInputs>,
+    prefix: bool,
+    /// Sets evaluated since the last rebase, with the layer inputs their runs produced (from their first
+    /// difference from the base on), while they fit in the budget: rebasing onto one of them is free.
+    pending: HashMap<Vec<usize>, (usize, LayerInputs)>,
+    pending_bytes: usize,
+    /// Evaluations run so far (cache misses).
     pub evaluations: usize,
-    /// Time spent in them.
+    /// Decoder layers run by them, over all batches, in units of one whole network (L layers): the
+    /// forward-pass equivalents the prefix cache left to pay.
+    pub layer_passes: f64,
+    /// Time spent in them, rebasing included.
     pub time: Duration,
 }
 
@@ -335,12 +393,23 @@ impl<'a> LossScorer<'a> {
         batch_seqs: usize,
     ) -> Self {
         let n = sequences.map_or(tokens.sequences, |s| s.clamp(1, tokens.sequences));
+        let tokens = tokens.batch(0, n);
+        let bytes = (n * tokens.len)
+            .saturating_mul(model.hidden_size())
+            .saturating_mul(model.num_layers())
+            .saturating_mul(4);
         LossScorer {
             model,
-            tokens: tokens.batch(0, n),
+            tokens,
             batch_seqs: batch_seqs.max(1),
             cache: HashMap::new(),
+            base: Vec::new(),
+            states: None,
+            prefix: bytes <= PREFIX_CACHE_BYTES / 2,
+            pending: HashMap::new(),
+            pending_bytes: 0,
             evaluations: 0,
+            layer_passes: 0.0,
             time: Duration::ZERO,
         }
     }
@@ -350,19 +419,173 @@ impl<'a> LossScorer<'a> {
         self.tokens.sequences
     }
 
+    /// Start from the unpruned network's layer inputs of a calibration pass (no forward of its own),
+    /// when they cover exactly this scorer's sequences in the same batches; else a no-op.
+    pub fn seed(&mut self, base: &BaseStates) {
+        let fits = self.prefix
+            && self.states.is_none()
+            && base.batch_seqs == self.batch_seqs
+            && base.inputs.len() == self.batches()
+            && self.batches() * self.batch_seqs >= self.tokens.sequences
+            && base.inputs.iter().enumerate().all(|(b, layers)| {
+                let seqs = self
+                    .batch_seqs
+                    .min(self.tokens.sequences - b * self.batch_seqs);
+                layers.len() == self.model.num_layers()
+                    && layers
+                        .iter()
+                        .all(|h| h.len() == seqs * self.tokens.len * self.model.hidden_size())
+            });
+        if fits {
+            self.states = Some(base.inputs.clone());
+            self.base = Vec::new();
+            self.cache.insert(Vec::new(), base.loss);
+        }
+    }
+
+    fn batches(&self) -> usize {
+        self.tokens.sequences.div_ceil(self.batch_seqs)
+    }
+
+    /// Run every batch with `skip`, from layer `start` (the base's states) or from the embedding. With
+    /// `keep`, also returns the inputs of layers `start+1..L` (all of them from 0 when `start` is 0 and no
+    /// states exist yet) per batch, indexed by layer (empty below). Returns the token-mean loss.
+    fn run(&mut self, skip: &[usize], start: usize, keep: bool) -> Result<(f64, LayerInputs)> {
+        let l = self.model.num_layers();
+        let t = Instant::now();
+        let mut sum = 0.0;
+        let mut out = Vec::new();
+        for b in 0..self.batches() {
+            let batch = self.tokens.batch(b * self.batch_seqs, self.batch_seqs);
+            let mut kept: Vec<Arc<Vec<f32>>> = (0..l).map(|_| Arc::new(Vec::new())).collect();
+            let from_embedding = self.states.is_none() || start == 0;
+            let mut on_hidden = |i: usize, h: &[f32]| {
+                if keep && i < l && (i > start || from_embedding) {
+                    kept[i] = Arc::new(h.to_vec());
+                }
+            };
+            let loss = match &self.states {
+                Some(states) if start > 0 => {
+                    let h = states[b][start].clone();
+                    self.model
+                        .forward_from(&batch, start, h, skip, &mut on_hidden)?
+                }
+                _ => self.model.forward(&batch, skip, &mut on_hidden)?,
+            };
+            sum += loss * batch.sequences as f64;
+            if keep {
+                out.push(kept);
+            }
+        }
+        self.layer_passes += (l - start.min(l)) as f64 / l.max(1) as f64;
+        self.time += t.elapsed();
+        Ok((sum / self.tokens.sequences as f64, out))
+    }
+
+    /// Bytes of the layer inputs a run from `start` keeps.
+    fn kept_bytes(&self, start: usize) -> usize {
+        let per_layer = self.tokens.sequences * self.tokens.len * self.model.hidden_size() * 4;
+        per_layer * self.model.num_layers().saturating_sub(start + 1)
+    }
+
+    /// Put a run's kept inputs (layers above `start`) over the base's.
+    fn install(&mut self, start: usize, kept: LayerInputs) {
+        match &mut self.states {
+            None => self.states = Some(kept),
+            Some(states) => {
+                for (b, layers) in kept.into_iter().enumerate() {
+                    for (i, h) in layers.into_iter().enumerate() {
+                        if i > start {
+                            states[b][i] = h;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Make `base` (any order) the set whose layer inputs are kept: later sets that contain it resume
+    /// after its first difference from them. Free when `base` was evaluated since the last rebase (its
+    /// run's inputs were kept), else one partial forward from the first layer where the old and new base
+    /// differ. A no-op without the prefix cache or when `base` is already the base.
+    pub fn rebase(&mut self, base: &[usize]) -> Result<()> {
+        if !self.prefix {
+            return Ok(());
+        }
+        let key = sorted_set(base);
+        if self.states.is_some() && key == self.base {
+            return Ok(());
+        }
+        if let Some((start, kept)) = self.pending.remove(&key) {
+            self.install(start, kept);
+        } else {
+            let start = if self.states.is_some() {
+                first_difference(&key, &self.base).unwrap_or(0)
+            } else {
+                0
+            };
+            let (loss, kept) = self.run(&key, start, true)?;
+            self.evaluations += 1;
+            self.cache.insert(key.clone(), loss);
+            self.install(start, kept);
+        }
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.base = key;
+        Ok(())
+    }
+
     /// The loss with `skip` (any order) bypassed.
     pub fn loss(&mut self, skip: &[usize]) -> Result<f64> {
-        let mut key = skip.to_vec();
-        key.sort_unstable();
-        key.dedup();
+        let key = sorted_set(skip);
         if let Some(&v) = self.cache.get(&key) {
             return Ok(v);
         }
-        let t = Instant::now();
-        let p = perplexity_with_progress(self.model, &self.tokens, self.batch_seqs, &key, false)?;
-        self.time += t.elapsed();
+        if self.prefix && self.states.is_none() {
+            self.rebase(&[])?;
+            if let Some(&v) = self.cache.get(&key) {
+                return Ok(v);
+            }
+        }
+        let start = if self.prefix {
+            first_difference(&key, &self.base).unwrap_or(0)
+        } else {
+            0
+        };
+        // Keep this run's layer inputs while they fit: the step's winner becomes the next base for free.
+        let keep =
+            self.prefix && self.pending_bytes + self.kept_bytes(start) <= PREFIX_CACHE_BYTES / 2;
+        let (loss, kept) = self.run(&key, start, keep)?;
         self.evaluations += 1;
-        self.cache.insert(key, p.loss);
-        Ok(p.loss)
+        if keep {
+            self.pending_bytes += self.kept_bytes(start);
+            self.pending.insert(key.clone(), (start, kept));
+        }
+        self.cache.insert(key, loss);
+        Ok(loss)
+    }
+}
+
+fn sorted_set(s: &[usize]) -> Vec<usize> {
+    let mut k = s.to_vec();
+    k.sort_unstable();
+    k.dedup();
+    k
+}
+
+/// The smallest layer in one sorted set and not the other (`None` when equal).
+fn first_difference(a: &[usize], b: &[usize]) -> Option<usize> {
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(&x), Some(&y)) => return Some(x.min(y)),
+            (Some(&x), None) => return Some(x),
+            (None, Some(&y)) => return Some(y),
+            (None, None) => return None,
+        }
     }
 }

@@ -9,7 +9,7 @@ use super::calibration::{
     calibration_pass, perplexity, CalibrationStats, LossScorer, Needs, PassOptions, Perplexity,
 };
 use super::criteria;
-use super::pipeline::{decide_from_stats, Method, SglpOptions};
+use super::pipeline::{decide_from_stats, Method, Scoring, SglpOptions};
 use super::select::greedy_removal;
 use crate::error::{Error, Result};
 use crate::runtime::{Model, Tokens};
@@ -81,7 +81,11 @@ impl Criterion {
                 gradnorm: true,
                 ..none
             },
-            Criterion::Random | Criterion::Sleb => none,
+            Criterion::Random => none,
+            Criterion::Sleb => Needs {
+                states: true,
+                ..none
+            },
         }
     }
 }
@@ -365,16 +369,18 @@ fn run_criterion(
     let eval_before = held_out.seconds;
     let mut points = Vec::new();
     let mut curve_details = serde_json::Value::Null;
-    // One scorer per criterion, so that each one's time counts its own forward passes.
-    let mut scorer = LossScorer::new(
-        model,
-        tokens,
-        match c {
-            Criterion::Sleb => None,
-            _ => spec.sglp.score_sequences,
-        },
-        fb,
-    );
+    // Scorers per criterion, so that each one's time counts its own forward passes.
+    let opts = if c == Criterion::SglpPaper {
+        paper
+    } else {
+        &spec.sglp
+    };
+    let mut scoring = Scoring::new(model, tokens, opts);
+    let mut scorer = LossScorer::new(model, tokens, None, fb);
+    if let Some(base) = &stats.states {
+        scoring.loss.seed(base);
+        scorer.seed(base);
+    }
     let point = |removed: Vec<usize>,
                  remove: usize,
                  details: serde_json::Value,
@@ -393,13 +399,8 @@ fn run_criterion(
     };
     match c {
         Criterion::Sglp | Criterion::SglpPaper => {
-            let opts = if c == Criterion::Sglp {
-                &spec.sglp
-            } else {
-                paper
-            };
             for &n in &spec.budgets {
-                let d = decide_from_stats(stats, model, tokens, n, opts, &mut scorer)?;
+                let d = decide_from_stats(stats, model, tokens, n, opts, &mut scoring)?;
                 let details = serde_json::json!({
                     "segments": d.segments,
                     "removed_per_segment": d.removed_per_segment,
@@ -515,7 +516,8 @@ fn run_criterion(
             }
             curve_details = serde_json::json!({
                 "order": order,
-                "forward_passes": scorer.evaluations,
+                "evaluations": scorer.evaluations,
+                "whole_network_passes": scorer.layer_passes,
             });
         }
     }

@@ -95,6 +95,9 @@ pub struct SglpOptions {
     pub shortlist_by: Shortlist,
     /// `--selection loss`: calibration sequences the loss is measured on (`None`: all).
     pub score_sequences: Option<usize>,
+    /// `--shortlist-by loss`: sequences the single-removal ranking is measured on (`None`: a quarter of
+    /// the scoring sequences, at least one) — a ranking needs less precision than the choice itself.
+    pub rank_sequences: Option<usize>,
     /// Sequences per runtime pass (forward capture and forward + backward).
     pub forward_batch: usize,
     /// Calibration batches used for gradient norms (`None`: all).
@@ -107,17 +110,15 @@ impl SglpOptions {
         let base = SglpOptions {
             cka: CkaSpec::default(),
             features: Features::Rows,
-            k: KChoice::Auto {
-                k_max: 8,
-                threshold: 0.05,
-            },
+            k: KChoice::Elbow { k_max: 8 },
             min_len: 1,
-            allocation: Allocation::Adaptive,
+            allocation: Allocation::Open,
             selection: Selection::Loss,
             max_candidates: 64,
             shortlist: 2,
             shortlist_by: Shortlist::Loss,
             score_sequences: None,
+            rank_sequences: None,
             forward_batch: DEFAULT_FORWARD_BATCH,
             gradnorm_batches: None,
         };
@@ -144,6 +145,7 @@ impl SglpOptions {
             hidden: self.selection == Selection::Loss
                 && self.shortlist > 0
                 && self.shortlist_by == Shortlist::Influence,
+            states: self.selection == Selection::Loss,
         }
     }
 
@@ -214,6 +216,36 @@ pub struct SglpDecision {
     pub notes: Vec<String>,
 }
 
+/// The calibration-loss scorers of the loss-guided selection: `loss` on the scoring sequences, `rank` on
+/// the ranking sequences (the shortlist's single-removal losses). Shared across budgets in a sweep.
+pub struct Scoring<'a> {
+    pub loss: LossScorer<'a>,
+    pub rank: LossScorer<'a>,
+}
+
+impl<'a> Scoring<'a> {
+    pub fn new(model: &'a Model, tokens: &Tokens, opts: &SglpOptions) -> Self {
+        let scored = opts
+            .score_sequences
+            .map_or(tokens.sequences, |s| s.clamp(1, tokens.sequences));
+        let ranked = opts.rank_sequences.unwrap_or(scored.div_ceil(4)).max(1);
+        Scoring {
+            loss: LossScorer::new(model, tokens, Some(scored), opts.forward_batch),
+            rank: LossScorer::new(model, tokens, Some(ranked), opts.forward_batch),
+        }
+    }
+
+    /// Forward-pass equivalents run by both scorers, in passes over the scoring sequences.
+    pub fn layer_passes(&self) -> f64 {
+        self.loss.layer_passes
+            + self.rank.layer_passes * self.rank.sequences() as f64 / self.loss.sequences() as f64
+    }
+
+    pub fn evaluations(&self) -> usize {
+        self.loss.evaluations + self.rank.evaluations
+    }
+}
+
 /// The SGLP decision: which `budget` decoder layers to remove.
 pub fn sglp_decide(
     model: &Model,
@@ -223,19 +255,22 @@ pub fn sglp_decide(
     backend: &mut dyn Backend,
 ) -> Result<SglpDecision> {
     let stats = calibration_pass(model, tokens, opts.needs(), &opts.pass_options(), backend)?;
-    let mut scorer = LossScorer::new(model, tokens, opts.score_sequences, opts.forward_batch);
-    decide_from_stats(&stats, model, tokens, budget, opts, &mut scorer)
+    let mut scoring = Scoring::new(model, tokens, opts);
+    if let Some(base) = &stats.states {
+        scoring.loss.seed(base);
+    }
+    decide_from_stats(&stats, model, tokens, budget, opts, &mut scoring)
 }
 
 /// The decision from the statistics of a [`calibration_pass`] that gathered at least `opts.needs()`;
-/// `scorer` measures calibration losses for `--selection loss` (shared across budgets in a sweep).
+/// `scoring` measures calibration losses for `--selection loss` (shared across budgets in a sweep).
 pub fn decide_from_stats(
     stats: &CalibrationStats,
     model: &Model,
     tokens: &Tokens,
     budget: usize,
     opts: &SglpOptions,
-    scorer: &mut LossScorer,
+    scoring: &mut Scoring,
 ) -> Result<SglpDecision> {
     let l = model.num_layers();
     let need = opts.needs();
@@ -314,14 +349,26 @@ pub fn decide_from_stats(
         }
         Selection::Loss => {
             let start = Instant::now();
-            let evaluations = scorer.evaluations;
+            let (evaluations, passes) = (scoring.evaluations(), scoring.layer_passes());
+            let scorer = &mut scoring.loss;
             score_baseline = Some(scorer.loss(&[])?);
             let proxy = match (opts.shortlist, opts.shortlist_by) {
                 (0, _) => None,
                 (_, Shortlist::Influence) => block_influence.clone(),
                 (_, Shortlist::Loss) => {
+                    // Only segments longer than the shortlist need a ranking.
                     let single = (0..l)
-                        .map(|i| scorer.loss(&[i]))
+                        .map(|i| {
+                            let len = segments
+                                .iter()
+                                .find(|&&(a, b)| (a..=b).contains(&i))
+                                .map_or(0, |&(a, b)| b - a + 1);
+                            if len > opts.shortlist {
+                                scoring.rank.loss(&[i])
+                            } else {
+                                Ok(f64::NAN)
+                            }
+                        })
                         .collect::<Result<Vec<f64>>>()?;
                     single_removal_loss = Some(single.clone());
                     Some(single)
@@ -333,14 +380,24 @@ pub fn decide_from_stats(
                 budget,
                 proxy.as_deref(),
                 opts.shortlist,
-                &mut |set, _| scorer.loss(set),
+                &mut |set, candidate| {
+                    // The layers removed so far are the shared prefix of this step's candidates.
+                    let removed: Vec<usize> =
+                        set.iter().copied().filter(|&x| x != candidate).collect();
+                    scorer.rebase(&removed)?;
+                    scorer.loss(set)
+                },
             )?;
             greedy_steps = steps;
             times.selection = start.elapsed();
             notes.push(format!(
-                "loss-guided selection: {} forward passes over {} calibration sequences",
-                scorer.evaluations - evaluations,
-                scorer.sequences()
+                "loss-guided selection: {} evaluations over {} calibration sequences, ranking on {} \
+                 ({:.1} whole-network passes of {} sequences with the shared prefixes)",
+                scoring.evaluations() - evaluations,
+                scoring.loss.sequences(),
+                scoring.rank.sequences(),
+                scoring.layer_passes() - passes,
+                scoring.loss.sequences()
             ));
             removed
         }

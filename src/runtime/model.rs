@@ -122,7 +122,34 @@ impl Model {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<f64> {
-        let mut tape = self.build_tape(tokens, skip)?;
+        let mut tape = self.build_tape(tokens, skip, None)?;
+        let loss = tape.forward(&self.weights, false, on_hidden);
+        self.return_pool(tape);
+        loss
+    }
+
+    /// Forward only, resuming at decoder layer `start` from `h_start`, the input of that layer
+    /// (`[seqs * tokens, hidden]`, what [`Model::forward`] reports as hidden state `start`): the layers
+    /// before `start` are taken as already run. `on_hidden` sees hidden states `start..=L`. With the input
+    /// of layer `start` of a network that agrees with this one (same `skip`) before `start`, the loss equals
+    /// [`Model::forward`]'s exactly, at the cost of the layers from `start` on.
+    pub fn forward_from(
+        &self,
+        tokens: &Tokens,
+        start: usize,
+        h_start: Arc<Vec<f32>>,
+        skip: &[usize],
+        on_hidden: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<f64> {
+        let want = tokens.sequences * tokens.len * self.hidden_size();
+        if start > self.num_layers() || h_start.len() != want {
+            return Err(Error::invalid(format!(
+                "forward_from: start layer {start} of {} with a hidden state of {} values (expected {want})",
+                self.num_layers(),
+                h_start.len()
+            )));
+        }
+        let mut tape = self.build_tape(tokens, skip, Some((start, h_start)))?;
         let loss = tape.forward(&self.weights, false, on_hidden);
         self.return_pool(tape);
         loss
@@ -143,7 +170,7 @@ impl Model {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<GradNorms> {
-        let mut tape = self.build_tape(tokens, skip)?;
+        let mut tape = self.build_tape(tokens, skip, None)?;
         let mut run = |tape: &mut Tape| -> Result<(f64, Vec<f64>)> {
             let loss = tape.forward(&self.weights, true, on_hidden)?;
             Ok((loss, tape.backward(&self.weights, self.num_layers() + 3)?))
@@ -170,7 +197,13 @@ impl Model {
     }
 
     /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2.
-    fn build_tape(&self, tokens: &Tokens, skip: &[usize]) -> Result<Tape> {
+    /// `start`: resume at that decoder layer from the given hidden state instead of embedding the tokens.
+    fn build_tape(
+        &self,
+        tokens: &Tokens,
+        skip: &[usize],
+        start: Option<(usize, Arc<Vec<f32>>)>,
+    ) -> Result<Tape> {
         let c = &self.config;
         let (seqs, t) = (tokens.sequences, tokens.len);
         if seqs == 0 || t < 2 {
@@ -211,14 +244,18 @@ impl Model {
         };
 
         let embed = tape.param("model.embed_tokens.weight", g_embed, vocab * h);
+        let first = start.as_ref().map_or(0, |s| s.0);
         let mut x = tape.buffer("embed", n, h);
-        tape.push(op::Embedding {
-            table: embed,
-            out: x,
-        });
-        tape.mark(0, x);
+        match start {
+            None => tape.push(op::Embedding {
+                table: embed,
+                out: x,
+            }),
+            Some((_, data)) => tape.push(op::HiddenInput { data, out: x }),
+        }
+        tape.mark(first, x);
 
-        for l in 0..nl {
+        for l in first..nl {
             if !skip.contains(&l) {
                 x = self.push_layer(&mut tape, l, x, n, shape, &rope, inter);
             }

@@ -45,6 +45,34 @@ impl TapeOp for Embedding {
     }
 }
 
+/// out = a given hidden state: the start of a forward that resumes at a decoder layer, the layers before
+/// it having run already (the loss of a network with layers skipped, from the shared prefix). Forward
+/// only: nothing upstream takes a gradient.
+#[derive(Clone, Debug)]
+pub struct HiddenInput {
+    pub data: Arc<Vec<f32>>,
+    pub out: BufId,
+}
+
+impl TapeOp for HiddenInput {
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "hidden_input",
+            inputs: vec![],
+            outputs: vec![self.out],
+            saved: vec![],
+            params: vec![],
+        }
+    }
+    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
+        t.write_output(self.out, |_, y| y.copy_from_slice(&self.data));
+        Ok(())
+    }
+    fn backward(&self, _: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// out = x Wᵀ (+ b).
 #[derive(Clone, Debug)]
 pub struct Linear {
