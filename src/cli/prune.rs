@@ -175,11 +175,14 @@ pub fn run(a: PruneArgs) -> Result<()> {
         method: a.sglp.method_name(),
         options: a.sglp.options()?,
     };
-    let (mut backend, note) = open_backend(a.sglp.est.device, a.sglp.est.threads)?;
-    if let Some(n) = note {
-        eprintln!("{n}");
-    }
-    let (r, out) = prune(&spec, backend.as_mut())?;
+    let (device, threads) = (a.sglp.est.device, a.sglp.est.threads);
+    let (r, out) = prune(&spec, &mut || {
+        let (backend, note) = open_backend(device, threads)?;
+        if let Some(n) = note {
+            eprintln!("{n}");
+        }
+        Ok(backend)
+    })?;
     for w in r.cka.warnings.iter().chain(&r.warnings) {
         eprintln!("warning: {w}");
     }

@@ -37,7 +37,12 @@ pub fn param_counts(model_dir: &Path, num_layers: usize) -> Result<ParamCounts> 
 
 /// Prune: decide, evaluate, write the checkpoint and the report. Returns the report and where the
 /// checkpoint went. Warnings are in `report.warnings` (and the CKA's own in `report.cka.warnings`).
-pub fn prune(spec: &PruneSpec, backend: &mut dyn Backend) -> Result<(PruneReport, PathBuf)> {
+/// `open_backend` is called once the output directory, the model and the tokens have been checked, so a
+/// bad argument is reported before any device is opened.
+pub fn prune(
+    spec: &PruneSpec,
+    open_backend: &mut dyn FnMut() -> Result<Box<dyn Backend>>,
+) -> Result<(PruneReport, PathBuf)> {
     let t0 = Instant::now();
     let opts = &spec.options;
     if let (Ok(o), Ok(m)) = (spec.out.canonicalize(), spec.model.canonicalize()) {
@@ -60,7 +65,8 @@ pub fn prune(spec: &PruneSpec, backend: &mut dyn Backend) -> Result<(PruneReport
         None => None,
     };
 
-    let d = sglp_decide(&model, &tokens, budget, opts, backend)?;
+    let mut backend = open_backend()?;
+    let d = sglp_decide(&model, &tokens, budget, opts, backend.as_mut())?;
     let kept: Vec<usize> = (0..l).filter(|i| !d.removed.contains(i)).collect();
 
     let t_eval = Instant::now();
