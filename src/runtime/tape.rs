@@ -59,7 +59,7 @@ pub trait TapeOp: std::fmt::Debug + Send + Sync {
     fn io(&self) -> OpIo;
     /// Write the outputs (allocated and zeroed by the tape) from the inputs.
     fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()>;
-    /// Accumulate into the gradients of the inputs (see [`Tape::write_grad`]) and of the parameters
+    /// Accumulate into the gradients of the inputs (see `Tape::write_grad`) and of the parameters
     /// (`pg[param]`, allocated by the tape) from the gradients of the outputs.
     fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()>;
 }

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Features {
-    /// x_l = Σ_m CKA[m][l], one number per layer (SGLP as published).
+    /// `x_l = Σ_m CKA[m][l]`, one number per layer (SGLP as published).
     #[value(name = "colsum")]
     ColSum,
     /// x_l = row l of the CKA matrix.

@@ -545,7 +545,7 @@ pub fn accumulate(dst: &mut [f32], src: &[f32]) {
 // Softmax cross-entropy over rows of logits; target −1 = position not predicted
 // ---------------------------------------------------------------------------------------------------------
 
-/// Returns (Σ −log softmax(row)[target], number of predicted rows), and writes each predicted row's
+/// Returns (`Σ −log softmax(row)[target]`, number of predicted rows), and writes each predicted row's
 /// log-sum-exp into `lse` (`[rows]`) for the backward.
 pub fn cross_entropy_forward(
     logits: &[f32],

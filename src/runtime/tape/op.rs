@@ -3,7 +3,7 @@
 //! forward and its backward. A new op is one more type here (the kernels it calls live in
 //! [`crate::runtime::ops`]).
 //!
-//! Outputs and gradients are written through [`Tape::write_output`] / [`Tape::write_grad`], which take the
+//! Outputs and gradients are written through `Tape::write_output` / `Tape::write_grad`, which take the
 //! written buffer out of the tape while the others are read. A backward returns at once when nothing
 //! downstream gave its output a gradient.
 
@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::runtime::ops::{cpu, cpu::AttnShape, RopeTable};
 use std::sync::Arc;
 
-/// out[r] = table[ids[r]] (ids: the tape's token ids).
+/// `out[r] = table[ids[r]]` (ids: the tape's token ids).
 #[derive(Clone, Debug)]
 pub struct Embedding {
     pub table: ParamId,
