@@ -5,6 +5,7 @@
 //! registers or per batch, never as a whole-file f64 copy). Readers ([`ActivationSource`]) hand out chunks;
 //! the CKA accumulator re-batches them into estimator batches, which may straddle chunks and shards.
 
+pub mod matrix;
 pub mod npy;
 pub mod output;
 pub mod safetensors;

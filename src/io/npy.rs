@@ -102,7 +102,7 @@ fn read_header(path: &Path, name: String) -> Result<StoredTensor> {
 
 /// npyz reads the header text into a buffer sized by the header-length field; make sure that field fits
 /// in the file before letting it (magic, version, then a u16 or u32 length, per the npy format).
-fn check_header_len(file: &mut File, path: &Path, file_len: u64) -> Result<()> {
+pub(crate) fn check_header_len(file: &mut File, path: &Path, file_len: u64) -> Result<()> {
     let truncated = || Error::format(path, "truncated or corrupt npy file (no complete header)");
     let mut pre = [0u8; 12];
     let n = file
@@ -138,7 +138,7 @@ fn check_header_len(file: &mut File, path: &Path, file_len: u64) -> Result<()> {
 }
 
 /// Our dtype for a plain little-endian float npy dtype, or why not.
-fn dtype_of(header: &NpyHeader) -> std::result::Result<DType, String> {
+pub(crate) fn dtype_of(header: &NpyHeader) -> std::result::Result<DType, String> {
     let npyz::DType::Plain(ts) = header.dtype() else {
         return Err(format!(
             "unsupported npy dtype {} (expected <f4, <f8 or <f2)",

@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Features {
-    /// `x_l = Σ_m CKA[m][l]`, one number per layer (SGLP as published).
+    /// x_l = Σ_m CKA[m][l], one number per layer (SGLP as published).
+    // This doc is also `--features colsum`'s help text: `[m][l]` stays as written, not as a link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[value(name = "colsum")]
     ColSum,
     /// x_l = row l of the CKA matrix.
