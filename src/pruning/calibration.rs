@@ -380,8 +380,6 @@ pub struct LossScorer<'a> {
     /// Decoder layers run by them, over all batches, in units of one whole network (L layers): the
     /// forward-pass equivalents the prefix cache left to pay.
     pub layer_passes: f64,
-    /// Time spent in them, rebasing included.
-    pub time: Duration,
 }
 
 impl<'a> LossScorer<'a> {
@@ -410,7 +408,6 @@ impl<'a> LossScorer<'a> {
             pending_bytes: 0,
             evaluations: 0,
             layer_passes: 0.0,
-            time: Duration::ZERO,
         }
     }
 
@@ -452,7 +449,6 @@ impl<'a> LossScorer<'a> {
     /// states exist yet) per batch, indexed by layer (empty below). Returns the token-mean loss.
     fn run(&mut self, skip: &[usize], start: usize, keep: bool) -> Result<(f64, LayerInputs)> {
         let l = self.model.num_layers();
-        let t = Instant::now();
         let mut sum = 0.0;
         let mut out = Vec::new();
         for b in 0..self.batches() {
@@ -478,7 +474,6 @@ impl<'a> LossScorer<'a> {
             }
         }
         self.layer_passes += (l - start.min(l)) as f64 / l.max(1) as f64;
-        self.time += t.elapsed();
         Ok((sum / self.tokens.sequences as f64, out))
     }
 
@@ -563,6 +558,14 @@ impl<'a> LossScorer<'a> {
         }
         self.cache.insert(key, loss);
         Ok(loss)
+    }
+
+    /// One step of a greedy removal: the loss of `set` = the layers removed so far plus `candidate`,
+    /// with the layers removed so far as the base, so that each candidate resumes at its own layer.
+    pub fn score_step(&mut self, set: &[usize], candidate: usize) -> Result<f64> {
+        let removed: Vec<usize> = set.iter().copied().filter(|&x| x != candidate).collect();
+        self.rebase(&removed)?;
+        self.loss(set)
     }
 }
 

@@ -364,23 +364,10 @@ fn run_criterion(
     held_out: &mut HeldOut,
     notes: &mut Vec<String>,
 ) -> Result<Curve> {
-    let fb = spec.sglp.forward_batch;
     let start = Instant::now();
     let eval_before = held_out.seconds;
     let mut points = Vec::new();
     let mut curve_details = serde_json::Value::Null;
-    // Scorers per criterion, so that each one's time counts its own forward passes.
-    let opts = if c == Criterion::SglpPaper {
-        paper
-    } else {
-        &spec.sglp
-    };
-    let mut scoring = Scoring::new(model, tokens, opts);
-    let mut scorer = LossScorer::new(model, tokens, None, fb);
-    if let Some(base) = &stats.states {
-        scoring.loss.seed(base);
-        scorer.seed(base);
-    }
     let point = |removed: Vec<usize>,
                  remove: usize,
                  details: serde_json::Value,
@@ -399,6 +386,16 @@ fn run_criterion(
     };
     match c {
         Criterion::Sglp | Criterion::SglpPaper => {
+            let opts = if c == Criterion::SglpPaper {
+                paper
+            } else {
+                &spec.sglp
+            };
+            // Scorers per criterion, so that each one's time counts its own forward passes.
+            let mut scoring = Scoring::new(model, tokens, opts);
+            if let Some(base) = &stats.states {
+                scoring.loss.seed(base);
+            }
             for &n in &spec.budgets {
                 let d = decide_from_stats(stats, model, tokens, n, opts, &mut scoring)?;
                 let details = serde_json::json!({
@@ -499,9 +496,13 @@ fn run_criterion(
             // largest budget's run gives every prefix.
             let max = *spec.budgets.iter().max().expect("non-empty");
             let l = model.num_layers();
+            let mut scorer = LossScorer::new(model, tokens, None, spec.sglp.forward_batch);
+            if let Some(base) = &stats.states {
+                scorer.seed(base);
+            }
             let (_, steps) =
-                greedy_removal(&[(0, l - 1)], &[l - 1], max, None, 0, &mut |set, _| {
-                    scorer.loss(set)
+                greedy_removal(&[(0, l - 1)], &[l - 1], max, None, 0, &mut |set, c| {
+                    scorer.score_step(set, c)
                 })?;
             let order: Vec<usize> = steps.iter().map(|s| s.removed).collect();
             for &n in &spec.budgets {

@@ -357,19 +357,15 @@ pub fn decide_from_stats(
                 (_, Shortlist::Influence) => block_influence.clone(),
                 (_, Shortlist::Loss) => {
                     // Only segments longer than the shortlist need a ranking.
-                    let single = (0..l)
-                        .map(|i| {
-                            let len = segments
-                                .iter()
-                                .find(|&&(a, b)| (a..=b).contains(&i))
-                                .map_or(0, |&(a, b)| b - a + 1);
-                            if len > opts.shortlist {
-                                scoring.rank.loss(&[i])
-                            } else {
-                                Ok(f64::NAN)
-                            }
-                        })
-                        .collect::<Result<Vec<f64>>>()?;
+                    let mut single = vec![f64::NAN; l];
+                    for &(a, b) in segments
+                        .iter()
+                        .filter(|&&(a, b)| b - a + 1 > opts.shortlist)
+                    {
+                        for i in a..=b {
+                            single[i] = scoring.rank.loss(&[i])?;
+                        }
+                    }
                     single_removal_loss = Some(single.clone());
                     Some(single)
                 }
@@ -380,13 +376,7 @@ pub fn decide_from_stats(
                 budget,
                 proxy.as_deref(),
                 opts.shortlist,
-                &mut |set, candidate| {
-                    // The layers removed so far are the shared prefix of this step's candidates.
-                    let removed: Vec<usize> =
-                        set.iter().copied().filter(|&x| x != candidate).collect();
-                    scorer.rebase(&removed)?;
-                    scorer.loss(set)
-                },
+                &mut |set, candidate| scorer.score_step(set, candidate),
             )?;
             greedy_steps = steps;
             times.selection = start.elapsed();
