@@ -209,5 +209,36 @@ fn loss_scorer_resumes_from_shared_prefixes_exactly() {
         }
         // Resuming saved work: fewer whole-network passes than evaluations.
         assert!(scorer.layer_passes < scorer.evaluations as f64, "{name}");
+
+        // Seeded from a calibration pass's layer inputs (the whole set, and its first batch alone), the
+        // scorer runs no unpruned forward of its own and still gives whole forwards' losses.
+        use sglp_engine::pruning::calibration::{calibration_pass, Needs, PassOptions};
+        let needs = Needs {
+            states: true,
+            ..Needs::default()
+        };
+        let opts = PassOptions {
+            cka: Default::default(),
+            forward_batch: 2,
+            gradnorm_batches: None,
+        };
+        let mut cpu = sglp_engine::similarity::cpu::CpuBackend::new(1);
+        let stats = calibration_pass(&model, &tokens, needs, &opts, &mut cpu).unwrap();
+        let base = stats.states.expect("states kept");
+        for seqs in [tokens.sequences, 2] {
+            let mut seeded = LossScorer::new(&model, &tokens, Some(seqs), 2);
+            seeded.seed(&base);
+            let sub = tokens.batch(0, seqs);
+            for skip in [vec![], vec![l - 1], vec![0, l - 1]] {
+                let got = seeded.loss(&skip).unwrap();
+                let want = perplexity(&model, &sub, 2, &skip).unwrap().loss;
+                assert!(
+                    (got - want).abs() <= 1e-12 * want.abs(),
+                    "{name} seeded on {seqs} sequences, skip {skip:?}: {got} vs {want}"
+                );
+            }
+            // Only the two non-empty sets ran: the unpruned loss came from the pass.
+            assert_eq!(seeded.evaluations, 2, "{name}");
+        }
     }
 }

@@ -203,7 +203,7 @@ pub struct CalibrationStats {
     pub gradnorm: Option<GradnormStats>,
     pub hidden: Option<HiddenStats>,
     /// Per batch of `forward_batch` sequences, the input of every decoder layer of the unpruned network,
-    /// and the token-mean calibration loss (when asked and within [`PREFIX_CACHE_BYTES`]).
+    /// and the batch's mean calibration loss (when asked and within [`PREFIX_CACHE_BYTES`]).
     pub states: Option<BaseStates>,
     pub times: PassTimes,
 }
@@ -211,12 +211,12 @@ pub struct CalibrationStats {
 /// Per batch, the input of every decoder layer (index l: the input of layer l).
 pub type LayerInputs = Vec<Vec<Arc<Vec<f32>>>>;
 
-/// The unpruned network's layer inputs over the calibration batches, and its loss.
+/// The unpruned network's layer inputs over the calibration batches, and each batch's mean loss.
 #[derive(Clone)]
 pub struct BaseStates {
     pub batch_seqs: usize,
     pub inputs: LayerInputs,
-    pub loss: f64,
+    pub batch_losses: Vec<f64>,
 }
 
 /// One pass over the calibration batches. Each batch runs forward + backward when it is one of the
@@ -269,7 +269,7 @@ pub fn calibration_pass(
     let keep_states = needs.states
         && (tokens.sequences * tokens.len * h).saturating_mul(l * 4) <= PREFIX_CACHE_BYTES / 2;
     let mut inputs: LayerInputs = Vec::new();
-    let mut loss_sum = 0.0;
+    let mut batch_losses = Vec::new();
     let pb = crate::progress::bar(n_run as u64, "calibration batches");
     for b in 0..n_run {
         let batch = tokens.batch(b * batch_seqs, batch_seqs);
@@ -298,11 +298,11 @@ pub fn calibration_pass(
         let t = Instant::now();
         if b < n_gradnorm {
             let g = model.grad_norms_observed(&batch, &[], &mut keep)?;
-            loss_sum += g.loss * batch.sequences as f64;
+            batch_losses.push(g.loss);
             grads.add(&g);
             times.gradnorm += t.elapsed().saturating_sub(hidden_time);
         } else {
-            loss_sum += model.forward(&batch, &[], &mut keep)? * batch.sequences as f64;
+            batch_losses.push(model.forward(&batch, &[], &mut keep)?);
             times.forward += t.elapsed().saturating_sub(hidden_time);
         }
         if keep_states {
@@ -336,10 +336,10 @@ pub fn calibration_pass(
         }
         None => None,
     };
-    let states = (keep_states && n_run == n_batches).then(|| BaseStates {
+    let states = (keep_states && n_run == n_batches).then_some(BaseStates {
         batch_seqs,
         inputs,
-        loss: loss_sum / tokens.sequences as f64,
+        batch_losses,
     });
     Ok(CalibrationStats {
         cka,
@@ -417,26 +417,31 @@ impl<'a> LossScorer<'a> {
     }
 
     /// Start from the unpruned network's layer inputs of a calibration pass (no forward of its own),
-    /// when they cover exactly this scorer's sequences in the same batches; else a no-op.
+    /// when this scorer's batches are the pass's first ones (same batch size; the scorer's sequences are
+    /// the first of the calibration set); else a no-op.
     pub fn seed(&mut self, base: &BaseStates) {
+        let n = self.batches();
+        let seqs = |b: usize| {
+            self.batch_seqs
+                .min(self.tokens.sequences - b * self.batch_seqs)
+        };
+        let width = self.tokens.len * self.model.hidden_size();
         let fits = self.prefix
             && self.states.is_none()
             && base.batch_seqs == self.batch_seqs
-            && base.inputs.len() == self.batches()
-            && self.batches() * self.batch_seqs >= self.tokens.sequences
-            && base.inputs.iter().enumerate().all(|(b, layers)| {
-                let seqs = self
-                    .batch_seqs
-                    .min(self.tokens.sequences - b * self.batch_seqs);
+            && base.inputs.len() >= n
+            && base.batch_losses.len() >= n
+            && base.inputs[..n].iter().enumerate().all(|(b, layers)| {
                 layers.len() == self.model.num_layers()
-                    && layers
-                        .iter()
-                        .all(|h| h.len() == seqs * self.tokens.len * self.model.hidden_size())
+                    && layers.iter().all(|h| h.len() == seqs(b) * width)
             });
         if fits {
-            self.states = Some(base.inputs.clone());
+            // The token mean of the batch means, summed as `run` sums them.
+            let sum: f64 = (0..n).map(|b| base.batch_losses[b] * seqs(b) as f64).sum();
+            let loss = sum / self.tokens.sequences as f64;
+            self.states = Some(base.inputs[..n].to_vec());
             self.base = Vec::new();
-            self.cache.insert(Vec::new(), base.loss);
+            self.cache.insert(Vec::new(), loss);
         }
     }
 

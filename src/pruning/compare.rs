@@ -395,6 +395,7 @@ fn run_criterion(
             let mut scoring = Scoring::new(model, tokens, opts);
             if let Some(base) = &stats.states {
                 scoring.loss.seed(base);
+                scoring.rank.seed(base);
             }
             for &n in &spec.budgets {
                 let d = decide_from_stats(stats, model, tokens, n, opts, &mut scoring)?;

@@ -258,6 +258,7 @@ pub fn sglp_decide(
     let mut scoring = Scoring::new(model, tokens, opts);
     if let Some(base) = &stats.states {
         scoring.loss.seed(base);
+        scoring.rank.seed(base);
     }
     decide_from_stats(&stats, model, tokens, budget, opts, &mut scoring)
 }
