@@ -342,40 +342,11 @@ fn bad_matrices_fail_with_one_line_naming_the_file_and_position() {
 
 #[test]
 fn the_engines_own_csv_round_trips() {
-    use safetensors::tensor::{Dtype, TensorView};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Nine layers [64, 6] in three groups, each a noisy mix of its group's latent.
-    let mut rng = StdRng::seed_from_u64(7);
-    let (n, width) = (64usize, 6usize);
-    let latents: Vec<Vec<f32>> = (0..3)
-        .map(|_| (0..n * 3).map(|_| rng.random::<f32>() - 0.5).collect())
-        .collect();
-    let data: Vec<(String, Vec<u8>)> = (0..9)
-        .map(|l| {
-            let z = &latents[l / 3];
-            let w: Vec<f32> = (0..3 * width).map(|_| rng.random::<f32>() - 0.5).collect();
-            let x: Vec<f32> = (0..n * width)
-                .map(|k| {
-                    let (i, j) = (k / width, k % width);
-                    (0..3).map(|t| z[i * 3 + t] * w[t * width + j]).sum::<f32>()
-                        + 0.05 * (rng.random::<f32>() - 0.5)
-                })
-                .collect();
-            (format!("block{l}"), bytemuck::cast_slice(&x).to_vec())
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> = data
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, vec![n, width], v).unwrap(),
-            )
-        })
-        .collect();
+    // Nine layers [64, 6] in three groups of similar layers.
     let acts = d.join("acts.safetensors");
-    safetensors::serialize_to_file(views, None, &acts).unwrap();
+    common::write_activations(&acts, 64, 9, 6, 7, false);
 
     let (json, csv) = (d.join("cka.json"), d.join("cka.csv"));
     for (out, format) in [(&json, "json"), (&csv, "csv")] {

@@ -324,34 +324,25 @@ fn compare_sweeps_budgets_for_every_criterion() {
         .unwrap()
         .contains(&order[0]));
     check_criteria_against_reference_hidden_states(curves);
-    assert_exit2(
-        &engine(&[
-            "compare",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t),
-            "--eval-tokens",
-            s(&t),
-            "--remove",
-            "1..3",
-        ]),
-        "--remove must be between",
-    );
-    assert_exit2(
-        &engine(&[
-            "compare",
-            "--model",
-            s(&m),
-            "--tokens",
-            s(&t),
-            "--eval-tokens",
-            s(&t),
-            "--remove",
-            "2..1",
-        ]),
-        "--remove: expected",
-    );
+    for (remove, error) in [
+        ("1..3", "--remove must be between"),
+        ("2..1", "--remove: expected"),
+    ] {
+        assert_exit2(
+            &engine(&[
+                "compare",
+                "--model",
+                s(&m),
+                "--tokens",
+                s(&t),
+                "--eval-tokens",
+                s(&t),
+                "--remove",
+                remove,
+            ]),
+            error,
+        );
+    }
 }
 
 /// ShortGPT's block influence and the angular distances (span 1) from PyTorch's float64 hidden states of

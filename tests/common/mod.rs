@@ -73,3 +73,54 @@ pub fn write_tokens(path: &Path, seqs: u64, len: u64, ids: &[i64]) {
     w.extend(ids.iter().copied()).unwrap();
     w.finish().unwrap();
 }
+
+/// A safetensors file with `layers` tensors [n, width] of f32: three groups of similar layers.
+pub fn write_activations(
+    path: &Path,
+    n: usize,
+    layers: usize,
+    width: usize,
+    seed: u64,
+    order_meta: bool,
+) {
+    use rand::{rngs::StdRng, SeedableRng};
+    use rand_distr::{Distribution, Normal};
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let g = Normal::new(0.0f32, 1.0).unwrap();
+    let latents: Vec<Vec<f32>> = (0..3)
+        .map(|_| (0..n * 4).map(|_| g.sample(&mut rng)).collect())
+        .collect();
+    let mut data: Vec<(String, Vec<u8>)> = Vec::new();
+    for l in 0..layers {
+        let z = &latents[l * 3 / layers];
+        let w: Vec<f32> = (0..4 * width).map(|_| g.sample(&mut rng)).collect();
+        let mut x = vec![0f32; n * width];
+        for i in 0..n {
+            for j in 0..width {
+                x[i * width + j] = (0..4).map(|t| z[i * 4 + t] * w[t * width + j]).sum::<f32>()
+                    + 0.3 * g.sample(&mut rng);
+            }
+        }
+        data.push((format!("block{l}"), bytemuck::cast_slice(&x).to_vec()));
+    }
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, vec![n, width], v).unwrap(),
+            )
+        })
+        .collect();
+    let meta = order_meta.then(|| {
+        HashMap::from([(
+            "layers".to_string(),
+            (0..layers)
+                .map(|l| format!("block{l}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        )])
+    });
+    safetensors::serialize_to_file(views, meta, path).unwrap();
+}
