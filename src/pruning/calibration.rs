@@ -109,6 +109,17 @@ pub struct Perplexity {
     pub predicted_tokens: usize,
 }
 
+impl Perplexity {
+    /// The perplexity of a token-mean `loss` over all of `tokens`.
+    pub fn from_loss(loss: f64, tokens: &Tokens) -> Perplexity {
+        Perplexity {
+            loss,
+            perplexity: loss.exp(),
+            predicted_tokens: tokens.sequences * tokens.len.saturating_sub(1),
+        }
+    }
+}
+
 /// exp(mean next-token cross-entropy) over all sequences, in batches of `batch_seqs`. Every sequence has
 /// the same length, so weighting each batch's mean by its sequence count gives the exact token mean.
 pub fn perplexity(
@@ -143,12 +154,7 @@ fn perplexity_with_progress(
         }
     }
     pb.finish_and_clear();
-    let loss = sum / tokens.sequences as f64;
-    Ok(Perplexity {
-        loss,
-        perplexity: loss.exp(),
-        predicted_tokens: tokens.sequences * tokens.len.saturating_sub(1),
-    })
+    Ok(Perplexity::from_loss(sum / tokens.sequences as f64, tokens))
 }
 
 /// Which statistics a [`calibration_pass`] gathers.

@@ -6,7 +6,7 @@
 //! each set once across the sweep; held-out perplexities are cached by removed set.
 
 use super::calibration::{
-    calibration_pass, perplexity, CalibrationStats, LossScorer, Needs, PassOptions, Perplexity,
+    calibration_pass, CalibrationStats, LossScorer, Needs, PassOptions, Perplexity,
 };
 use super::criteria;
 use super::pipeline::{decide_from_stats, Method, Scoring, SglpOptions};
@@ -14,7 +14,6 @@ use super::select::greedy_removal;
 use crate::error::{Error, Result};
 use crate::runtime::{Model, Tokens};
 use crate::similarity::Backend;
-use std::collections::HashMap;
 use std::time::Instant;
 
 pub const COMPARE_FORMAT: &str = "sglp-compare/2";
@@ -224,24 +223,20 @@ impl ParamCounts {
 }
 
 /// Held-out perplexities cached by removed set.
+/// Held-out perplexities: a [`LossScorer`] over the held-out tokens (cached by removed set, resumed
+/// from the unpruned network's kept layer inputs), and the time spent in it.
 struct HeldOut<'a> {
-    model: &'a Model,
+    scorer: LossScorer<'a>,
     tokens: &'a Tokens,
-    batch: usize,
-    cache: HashMap<Vec<usize>, Perplexity>,
     seconds: f64,
 }
 
 impl HeldOut<'_> {
     fn eval(&mut self, removed: &[usize]) -> Result<Perplexity> {
-        if let Some(p) = self.cache.get(removed) {
-            return Ok(*p);
-        }
         let t = Instant::now();
-        let p = perplexity(self.model, self.tokens, self.batch, removed)?;
+        let loss = self.scorer.loss(removed)?;
         self.seconds += t.elapsed().as_secs_f64();
-        self.cache.insert(removed.to_vec(), p);
-        Ok(p)
+        Ok(Perplexity::from_loss(loss, self.tokens))
     }
 }
 
@@ -295,10 +290,8 @@ pub fn compare(
     let stats = calibration_pass(model, tokens, needs, &pass_opts, backend)?;
     let calibration_pass_s = t.elapsed().as_secs_f64();
     let mut held_out = HeldOut {
-        model,
+        scorer: LossScorer::new(model, held, None, fb),
         tokens: held,
-        batch: fb,
-        cache: HashMap::new(),
         seconds: 0.0,
     };
     let baseline = held_out.eval(&[])?;
