@@ -1,8 +1,11 @@
 use clap::Parser;
 
 fn main() {
-    let cli = sglp_engine::cli::Cli::parse();
-    if let Err(e) = sglp_engine::cli::run(cli) {
+    sglp_engine::cli::restore_sigpipe();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let result = sglp_engine::cli::check_renamed_flags(&args)
+        .and_then(|()| sglp_engine::cli::run(sglp_engine::cli::Cli::parse_from(args)));
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(e.exit_code());
     }

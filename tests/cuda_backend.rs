@@ -266,7 +266,7 @@ fn a_budget_that_forces_layer_blocks_exists() {
         .to_string();
     let m = cuda::plan::largest_batch_that_fits(&row_bytes, TINY_CAP).unwrap();
     assert!(
-        (4..150).contains(&m) && e.contains(&format!("--batch-size {m}")),
+        (4..150).contains(&m) && e.contains(&format!("--cka-batch {m}")),
         "{e}"
     );
 }
@@ -297,7 +297,7 @@ fn layer_blocks_when_memory_is_short_give_the_same_result() {
         .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--batch-size"), "{e}");
+    assert!(e.contains("--cka-batch"), "{e}");
 }
 
 #[test]

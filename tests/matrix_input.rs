@@ -354,7 +354,7 @@ fn the_engines_own_csv_round_trips() {
             "cka",
             "-i",
             s(&acts),
-            "--batch-size",
+            "--cka-batch",
             "16",
             "--device",
             "cpu",

@@ -55,7 +55,7 @@ fn eval_perplexity(model: &Path, tokens: &Path, dir: &Path) -> f64 {
         model.to_str().unwrap(),
         "--tokens",
         tokens.to_str().unwrap(),
-        "--batch-size",
+        "--batch",
         "2",
         "-o",
         out.to_str().unwrap(),

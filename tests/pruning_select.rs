@@ -121,6 +121,7 @@ fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
             rank_sequences: None,
             forward_batch: 2,
             gradnorm_batches,
+            gradnorm: None,
         };
         let mut cpu = CpuBackend::new(1);
         let d = sglp_decide(&model, &tokens, 1, &opts, &mut cpu).unwrap();

@@ -2,7 +2,8 @@
 //! safetensors input of `cka` (tensors `model.layers.{i}` `[sequences, tokens, hidden]` f32, metadata
 //! `layers` = the names in order, comma-separated).
 
-use crate::error::{Error, Result};
+use super::common::{positive, TextCut, TokenArgs};
+use crate::error::Result;
 use crate::io::safetensors::StreamedSafetensors;
 use crate::runtime::Model;
 use std::path::PathBuf;
@@ -12,35 +13,34 @@ pub struct CaptureArgs {
     /// Hugging Face checkpoint directory (config.json + safetensors) of a llama, mistral or qwen2 model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Calibration tokens: .npy [sequences, tokens], int32 or int64.
-    #[arg(long)]
-    pub tokens: PathBuf,
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cut: TextCut,
     /// Output .safetensors file.
     #[arg(long)]
     pub out: PathBuf,
     /// Sequences per forward pass.
-    /// Sequences per forward (+ backward) pass.
     #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
-    pub batch_size: usize,
+    pub batch: usize,
 }
 
 pub fn run(a: CaptureArgs) -> Result<()> {
-    if a.batch_size == 0 {
-        return Err(Error::invalid("--batch-size must be at least 1"));
-    }
+    let batch_size = positive(a.batch, "--batch")?;
+    let input = a.tokens.required(&a.cut, "capture")?;
     let model = Model::load(&a.model)?;
-    let tokens = model.load_tokens(&a.tokens)?;
+    let tokens = model.load_token_input(&input)?;
     let names = model.layer_names();
     let mut out = StreamedSafetensors::create(
         &a.out,
         &names,
         &[tokens.sequences, tokens.len, model.hidden_size()],
     )?;
-    let n_batches = tokens.sequences.div_ceil(a.batch_size);
+    let n_batches = tokens.sequences.div_ceil(batch_size);
     let bar = crate::progress::bar(n_batches as u64, "capture batches");
     for b in 0..n_batches {
-        let first = b * a.batch_size;
-        let batch = tokens.batch(first, a.batch_size);
+        let first = b * batch_size;
+        let batch = tokens.batch(first, batch_size);
         let mut result = Ok(());
         model.forward(&batch, &[], &mut |i, hs| {
             if i >= 1 && result.is_ok() {

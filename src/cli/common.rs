@@ -1,14 +1,123 @@
 //! What several subcommands share: the input, estimator and segmentation arguments, and writing a
 //! result to a file or stdout.
 
+use super::notes;
 use crate::error::{Error, Result};
 use crate::io::output::write_atomic;
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
-use crate::runtime::{CaptureSource, Model};
+use crate::pruning::pipeline::DEFAULT_FORWARD_BATCH;
+use crate::runtime::{CaptureSource, Model, TextSpec, TokenInput};
 use crate::segmentation::{segment_cka, Features, KChoice, SegmentResult};
 use crate::similarity::device::{open_backend, DeviceChoice};
-use crate::similarity::{compute_cka, CkaResult, CkaSpec, Estimator, Kernel, Route};
+use crate::similarity::{compute_cka, Backend, CkaResult, CkaSpec, Estimator, Kernel, Route};
 use std::path::{Path, PathBuf};
+
+/// Calibration tokens of a checkpoint: a `.npy` array of ids, or text tokenised with the checkpoint's own
+/// `tokenizer.json` (how text is cut: [`TextCut`]).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TokenArgs {
+    /// Calibration tokens: `.npy` [sequences, tokens], int32 or int64.
+    #[arg(long, conflicts_with = "text")]
+    pub tokens: Option<PathBuf>,
+    /// Calibration text instead of tokens: plain UTF-8 text (one document) or JSON lines (`.jsonl`, one
+    /// document per line), tokenised with the checkpoint's own tokenizer.json and cut into --seq-len
+    /// sequences.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+}
+
+/// Held-out tokens (`prune`, `compare`): `--eval-tokens FILE.npy` or `--eval-text FILE`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EvalTokenArgs {
+    /// Held-out tokens (`.npy` [sequences, tokens]) for the perplexity before and after.
+    #[arg(long, conflicts_with = "eval_text")]
+    pub eval_tokens: Option<PathBuf>,
+    /// Held-out text instead (as --text).
+    #[arg(long)]
+    pub eval_text: Option<PathBuf>,
+}
+
+/// How `--text` (and `--eval-text`) becomes sequences.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TextCut {
+    /// With --text: the string field of each JSON-lines record (default `text`; makes the file JSON
+    /// lines whatever its extension).
+    #[arg(long)]
+    pub text_field: Option<String>,
+    /// With --text: tokens per sequence (default 128).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// With --text: at most this many sequences (default: all the text gives).
+    #[arg(long)]
+    pub max_sequences: Option<usize>,
+}
+
+/// Tokens per sequence when `--seq-len` is not given.
+pub const DEFAULT_SEQ_LEN: usize = 128;
+
+impl TextCut {
+    fn spec(&self, path: &Path) -> TokenInput {
+        TokenInput::Text(TextSpec {
+            path: path.to_path_buf(),
+            field: self.text_field.clone(),
+            seq_len: self.seq_len.unwrap_or(DEFAULT_SEQ_LEN),
+            max_sequences: self.max_sequences,
+        })
+    }
+
+    fn given(&self) -> Option<&'static str> {
+        if self.text_field.is_some() {
+            Some("--text-field")
+        } else if self.seq_len.is_some() {
+            Some("--seq-len")
+        } else if self.max_sequences.is_some() {
+            Some("--max-sequences")
+        } else {
+            None
+        }
+    }
+
+    /// Refuse the text flags when no text is read.
+    pub fn check_used(&self, text_given: bool) -> Result<()> {
+        match self.given() {
+            Some(flag) if !text_given => Err(Error::invalid(format!(
+                "{flag} applies to --text / --eval-text, which are not given"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl TokenArgs {
+    /// The calibration tokens, if any were given.
+    pub fn input(&self, cut: &TextCut) -> Option<TokenInput> {
+        match (&self.tokens, &self.text) {
+            (Some(p), _) => Some(TokenInput::Npy(p.clone())),
+            (None, Some(t)) => Some(cut.spec(t)),
+            (None, None) => None,
+        }
+    }
+
+    /// The calibration tokens, which `who` needs.
+    pub fn required(&self, cut: &TextCut, who: &str) -> Result<TokenInput> {
+        cut.check_used(self.text.is_some())?;
+        self.input(cut).ok_or_else(|| {
+            Error::invalid(format!(
+                "{who} needs calibration tokens: --tokens FILE.npy or --text FILE"
+            ))
+        })
+    }
+}
+
+impl EvalTokenArgs {
+    pub fn input(&self, cut: &TextCut) -> Option<TokenInput> {
+        match (&self.eval_tokens, &self.eval_text) {
+            (Some(p), _) => Some(TokenInput::Npy(p.clone())),
+            (None, Some(t)) => Some(cut.spec(t)),
+            (None, None) => None,
+        }
+    }
+}
 
 /// Where the activations come from, and which layers to keep.
 #[derive(clap::Args, Debug, Clone)]
@@ -18,58 +127,57 @@ pub struct InputArgs {
     #[arg(long = "input", short = 'i', conflicts_with = "model")]
     pub inputs: Vec<PathBuf>,
     /// A Hugging Face LLaMA/Mistral/Qwen2 checkpoint directory: capture its decoder layers' outputs on
-    /// `--tokens FILE`, batch by batch, without writing them.
+    /// --tokens or --text, batch by batch, without writing them.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// With `--input`: how 3-D tensors [sequences, tokens, hidden] become matrices, `samples` (every
-    /// token is a sample; default) or `features` (tokens flattened into features). With `--model`: the
-    /// calibration tokens (`.npy`, [sequences, tokens], int32/int64).
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cut: TextCut,
+    /// How 3-D hidden states [sequences, tokens, hidden] become matrices: `samples` (every token is a
+    /// sample) or `features` (tokens flattened into features).
+    #[arg(long, value_enum, default_value_t = TokenMode::Samples)]
+    pub token_mode: TokenMode,
+    /// With --model: sequences per forward pass (default 4).
     #[arg(long)]
-    pub tokens: Option<String>,
-    /// With `--model`: `samples` or `features`, as `--tokens` does for files.
-    #[arg(long, value_enum)]
-    pub token_mode: Option<TokenMode>,
-    /// With `--model`: sequences per forward pass.
-    #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
-    pub capture_batch: usize,
-    /// Keep only the layers whose name matches this regular expression (files only).
+    pub batch: Option<usize>,
+    /// Keep only the layers whose name matches this regular expression (activation files only).
     #[arg(long)]
-    pub layers: Option<String>,
+    pub layers: Option<regex::Regex>,
 }
 
 impl InputArgs {
-    /// How 3-D tensors become matrices.
-    pub fn token_mode(&self) -> Result<TokenMode> {
-        if self.model.is_some() {
-            return Ok(self.token_mode.unwrap_or_default());
-        }
-        match (self.tokens.as_deref(), self.token_mode) {
-            (None, m) => Ok(m.unwrap_or_default()),
-            (Some("samples"), _) => Ok(TokenMode::Samples),
-            (Some("features"), _) => Ok(TokenMode::Features),
-            (Some(other), _) => Err(Error::invalid(format!(
-                "--tokens is 'samples' or 'features' for activation files (got '{other}'; a tokens file needs --model)"
+    /// Activation files: refuse the checkpoint-only flags.
+    fn check_files_only(&self) -> Result<()> {
+        let model_flag = if self.tokens.tokens.is_some() {
+            Some("--tokens")
+        } else if self.tokens.text.is_some() {
+            Some("--text")
+        } else if self.batch.is_some() {
+            Some("--batch")
+        } else {
+            self.cut.given()
+        };
+        match model_flag {
+            Some(f) => Err(Error::invalid(format!(
+                "{f} applies to --model (a checkpoint), not to activation files"
             ))),
+            None => Ok(()),
         }
     }
 
     pub fn open(&self) -> Result<ActivationSet> {
         if self.inputs.is_empty() {
             return Err(Error::invalid(
-                "no activations given: pass --input FILE (repeat for shards)",
+                "no activations given: pass --input FILE (repeat for shards) or --model DIR --tokens FILE",
             ));
         }
-        let layers = match &self.layers {
-            Some(r) => {
-                Some(regex::Regex::new(r).map_err(|e| Error::invalid(format!("--layers: {e}")))?)
-            }
-            None => None,
-        };
+        self.check_files_only()?;
         ActivationSet::open(
             &self.inputs,
             &ReadOptions {
-                tokens: self.token_mode()?,
-                layers,
+                tokens: self.token_mode,
+                layers: self.layers.clone(),
             },
         )
     }
@@ -87,14 +195,61 @@ impl InputArgs {
                 "--layers applies to activation files, not to --model",
             ));
         }
-        let tokens_path = self.tokens.as_deref().map(PathBuf::from).ok_or_else(|| {
-            Error::invalid("--model needs --tokens FILE (.npy calibration tokens)")
-        })?;
+        let input = self.tokens.required(&self.cut, "--model")?;
+        let batch = positive(self.batch.unwrap_or(DEFAULT_FORWARD_BATCH), "--batch")?;
         let model = Model::load(dir)?;
-        let tokens = model.load_tokens(&tokens_path)?;
-        let mut capture =
-            CaptureSource::new(&model, &tokens, self.capture_batch, self.token_mode()?);
+        let tokens = model.load_token_input(&input)?;
+        let mut capture = CaptureSource::new(&model, &tokens, batch, self.token_mode);
         f(&mut capture)
+    }
+}
+
+/// `value` if it is at least 1, else a one-line error naming `flag`.
+pub fn positive(value: usize, flag: &str) -> Result<usize> {
+    if value == 0 {
+        return Err(Error::invalid(format!("{flag} must be at least 1")));
+    }
+    Ok(value)
+}
+
+/// The kernel of `--kernel`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelKind {
+    Linear,
+    Rbf,
+}
+
+/// `--k`: a number of segments or a rule that picks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KArg {
+    Fixed(usize),
+    Auto,
+    Elbow,
+}
+
+impl std::str::FromStr for KArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(KArg::Auto),
+            "elbow" => Ok(KArg::Elbow),
+            _ => match s.parse::<usize>() {
+                Ok(k) if k >= 1 => Ok(KArg::Fixed(k)),
+                _ => Err(format!(
+                    "'{s}' is not a number of segments (at least 1), 'auto' or 'elbow'"
+                )),
+            },
+        }
+    }
+}
+
+impl KArg {
+    pub fn choice(self, k_max: usize, threshold: f64) -> KChoice {
+        match self {
+            KArg::Fixed(k) => KChoice::Fixed(k),
+            KArg::Auto => KChoice::Auto { k_max, threshold },
+            KArg::Elbow => KChoice::Elbow { k_max },
+        }
     }
 }
 
@@ -105,12 +260,12 @@ pub struct EstimatorArgs {
     /// samples (Kornblith et al. 2019).
     #[arg(long, value_enum, default_value_t = Estimator::Unbiased)]
     pub estimator: Estimator,
-    /// Samples per batch for the unbiased estimator (at least 4).
+    /// Samples per batch of the unbiased estimator (at least 4).
     #[arg(long, default_value_t = 256)]
-    pub batch_size: usize,
+    pub cka_batch: usize,
     /// Kernel: `linear` or `rbf`.
-    #[arg(long, default_value = "linear", value_parser = ["linear", "rbf"])]
-    pub kernel: String,
+    #[arg(long, value_enum, default_value_t = KernelKind::Linear)]
+    pub kernel: KernelKind,
     /// RBF bandwidth t: K = exp(−d²/(2 t² median(d²))).
     #[arg(long, default_value_t = 1.0)]
     pub rbf_threshold: f64,
@@ -129,28 +284,34 @@ impl EstimatorArgs {
     pub fn spec(&self) -> CkaSpec {
         CkaSpec {
             estimator: self.estimator,
-            kernel: match self.kernel.as_str() {
-                "rbf" => Kernel::Rbf {
+            kernel: match self.kernel {
+                KernelKind::Rbf => Kernel::Rbf {
                     threshold: self.rbf_threshold,
                 },
-                _ => Kernel::Linear,
+                KernelKind::Linear => Kernel::Linear,
             },
-            batch_size: self.batch_size,
+            batch_size: self.cka_batch,
             route: self.route,
         }
     }
 
     /// Run the CKA over `source` on the chosen device; notes and warnings go to stderr.
     pub fn compute(&self, source: &mut dyn ActivationSource) -> Result<CkaResult> {
-        let (mut backend, note) = open_backend(self.device, self.threads)?;
-        if let Some(n) = note {
-            eprintln!("{n}");
-        }
+        let mut backend = self.backend()?;
         let res = compute_cka(source, &self.spec(), backend.as_mut())?;
         for w in &res.warnings {
-            eprintln!("warning: {w}");
+            notes::warn(w);
         }
         Ok(res)
+    }
+
+    /// The compute backend of `--device`; a fallback from `auto` is noted once per machine.
+    pub fn backend(&self) -> Result<Box<dyn Backend>> {
+        let (backend, note) = open_backend(self.device, self.threads)?;
+        if let Some(n) = note {
+            notes::device_note(&n);
+        }
+        Ok(backend)
     }
 }
 
@@ -163,7 +324,7 @@ pub struct SegmentOpts {
     /// Number of segments, `auto` (the relative-gain rule over k = 1..k-max) or `elbow` (the knee of the
     /// segmentation loss curve).
     #[arg(long, default_value = "auto")]
-    pub k: String,
+    pub k: KArg,
     /// Largest k tried by `--k auto|elbow` (and the length of the loss curve).
     #[arg(long, default_value_t = 8)]
     pub k_max: usize,
@@ -176,19 +337,8 @@ pub struct SegmentOpts {
 }
 
 impl SegmentOpts {
-    pub fn k_choice(&self) -> Result<KChoice> {
-        match self.k.as_str() {
-            "auto" => Ok(KChoice::Auto {
-                k_max: self.k_max,
-                threshold: self.threshold,
-            }),
-            "elbow" => Ok(KChoice::Elbow { k_max: self.k_max }),
-            s => s.parse().map(KChoice::Fixed).map_err(|_| {
-                Error::invalid(format!(
-                    "--k must be a number, 'auto' or 'elbow' (got '{s}')"
-                ))
-            }),
-        }
+    pub fn k_choice(&self) -> KChoice {
+        self.k.choice(self.k_max, self.threshold)
     }
 }
 
@@ -199,7 +349,10 @@ pub fn segment_and_write(
     opts: &SegmentOpts,
     out: Option<&Path>,
 ) -> Result<SegmentResult> {
-    let seg = segment_cka(layers, cka, opts.features, opts.k_choice()?, opts.min_len)?;
+    let seg = segment_cka(layers, cka, opts.features, opts.k_choice(), opts.min_len)?;
+    for w in &seg.warnings {
+        notes::warn(w);
+    }
     emit(
         out,
         &(serde_json::to_string_pretty(&seg).expect("serialises") + "\n"),

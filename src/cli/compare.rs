@@ -1,14 +1,14 @@
 //! `sglp-engine compare`: flags → [`crate::pruning::compare::compare`] → the table on stdout, and the
 //! JSON, PNG and HTML page in `--out-dir`.
 
-use super::common::emit;
+use super::common::{emit, EvalTokenArgs, TextCut, TokenArgs};
+use super::notes;
 use super::prune::SglpArgs;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pruning::compare::{compare, parse_budgets, CompareSpec, Criterion};
 use crate::pruning::prune::param_counts;
 use crate::report::compare::{text_table, write_compare, COMPARE_HTML};
 use crate::runtime::Model;
-use crate::similarity::device::open_backend;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -16,12 +16,12 @@ pub struct CompareArgs {
     /// Hugging Face checkpoint directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Calibration tokens (`.npy` [sequences, tokens]).
-    #[arg(long)]
-    pub tokens: PathBuf,
-    /// Held-out tokens for the perplexity of each pruned model.
-    #[arg(long)]
-    pub eval_tokens: PathBuf,
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub eval: EvalTokenArgs,
+    #[command(flatten)]
+    pub cut: TextCut,
     /// Layers every criterion removes: N, a range A..B (inclusive) or a list (`1,2,4..6`).
     #[arg(long)]
     pub remove: String,
@@ -55,26 +55,29 @@ pub struct CompareArgs {
 }
 
 pub fn run(a: CompareArgs) -> Result<()> {
+    a.cut
+        .check_used(a.tokens.text.is_some() || a.eval.eval_text.is_some())?;
+    let calib = a.tokens.required(&a.cut, "compare")?;
+    let held_input = a.eval.input(&a.cut).ok_or_else(|| {
+        Error::invalid("compare needs held-out tokens: --eval-tokens FILE.npy or --eval-text FILE")
+    })?;
     let spec = CompareSpec {
         budgets: parse_budgets(&a.remove)?,
         criteria: a.criteria.clone(),
-        sglp: a.sglp.options()?,
+        sglp: a.sglp.options(false)?,
         seed: a.seed,
         random_seeds: a.seeds,
         mpruner_threshold: a.mpruner_threshold,
     };
     let model = Model::load(&a.model)?;
-    let tokens = model.load_tokens(&a.tokens)?;
-    let held = model.load_tokens(&a.eval_tokens)?;
+    let tokens = model.load_token_input(&calib)?;
+    let held = model.load_token_input(&held_input)?;
     let params = param_counts(&a.model, model.num_layers())?;
-    let (mut backend, note) = open_backend(a.sglp.est.device, a.sglp.est.threads)?;
-    if let Some(n) = note {
-        eprintln!("{n}");
-    }
+    let mut backend = a.sglp.est.backend()?;
     let names = (
         a.model.display().to_string(),
-        a.tokens.display().to_string(),
-        a.eval_tokens.display().to_string(),
+        calib.path().display().to_string(),
+        held_input.path().display().to_string(),
     );
     let r = compare(
         &model,
@@ -86,7 +89,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         (&names.0, &names.1, &names.2),
     )?;
     for n in &r.notes {
-        eprintln!("note: {n}");
+        notes::note(n);
     }
     print!("{}", text_table(&r));
     if let Some(out) = &a.out {

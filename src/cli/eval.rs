@@ -1,7 +1,7 @@
 //! `sglp-engine eval`: perplexity = exp(mean next-token cross-entropy) of a checkpoint on a tokens file.
 
-use super::common::emit;
-use crate::error::{Error, Result};
+use super::common::{emit, positive, TextCut, TokenArgs};
+use crate::error::Result;
 use crate::pruning::calibration::perplexity;
 use crate::runtime::Model;
 use std::path::PathBuf;
@@ -12,12 +12,13 @@ pub struct EvalArgs {
     /// Hugging Face checkpoint directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Tokens: `.npy` [sequences, tokens], int32 or int64.
-    #[arg(long)]
-    pub tokens: PathBuf,
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cut: TextCut,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
-    pub batch_size: usize,
+    pub batch: usize,
     /// Also write the result as JSON here.
     #[arg(long, short = 'o')]
     pub out: Option<PathBuf>,
@@ -37,13 +38,12 @@ struct EvalJson<'a> {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    if a.batch_size == 0 {
-        return Err(Error::invalid("--batch-size must be at least 1"));
-    }
+    let batch_size = positive(a.batch, "--batch")?;
+    let input = a.tokens.required(&a.cut, "eval")?;
     let t0 = Instant::now();
     let model = Model::load(&a.model)?;
-    let tokens = model.load_tokens(&a.tokens)?;
-    let p = perplexity(&model, &tokens, a.batch_size, &[])?;
+    let tokens = model.load_token_input(&input)?;
+    let p = perplexity(&model, &tokens, batch_size, &[])?;
     let seconds = t0.elapsed().as_secs_f64();
     println!(
         "perplexity {:.6} (mean cross-entropy {:.6} over {} predicted tokens, {} × {}) in {:.2}s",
@@ -53,7 +53,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let j = EvalJson {
             format: "sglp-eval/1",
             model: a.model.display().to_string(),
-            tokens: a.tokens.display().to_string(),
+            tokens: input.path().display().to_string(),
             sequences: tokens.sequences,
             tokens_per_sequence: tokens.len,
             predicted_tokens: p.predicted_tokens,

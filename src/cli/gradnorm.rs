@@ -1,7 +1,8 @@
 //! `sglp-engine gradnorm`: per-decoder-layer gradient norms (GradNorm importance) of a checkpoint on
 //! calibration tokens, with the engine's own runtime.
 
-use crate::error::{Error, Result};
+use super::common::{positive, TextCut, TokenArgs};
+use crate::error::Result;
 use crate::runtime::Model;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,13 +12,13 @@ pub struct GradnormArgs {
     /// Hugging Face checkpoint directory (config.json + safetensors) of a llama, mistral or qwen2 model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Calibration tokens: .npy [sequences, tokens], int32 or int64.
-    #[arg(long)]
-    pub tokens: PathBuf,
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cut: TextCut,
     /// Sequences per forward + backward pass.
-    /// Sequences per forward (+ backward) pass.
     #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
-    pub batch_size: usize,
+    pub batch: usize,
     /// Output JSON.
     #[arg(long)]
     pub out: PathBuf,
@@ -27,20 +28,19 @@ pub struct GradnormArgs {
 }
 
 pub fn run(a: GradnormArgs) -> Result<()> {
-    if a.batch_size == 0 {
-        return Err(Error::invalid("--batch-size must be at least 1"));
-    }
+    let batch_size = positive(a.batch, "--batch")?;
+    let input = a.tokens.required(&a.cut, "gradnorm")?;
     let model = Model::load(&a.model)?;
-    let tokens = model.load_tokens(&a.tokens)?;
+    let tokens = model.load_token_input(&input)?;
     // load_tokens guarantees at least one sequence, so at least one batch.
-    let n_batches = tokens.sequences.div_ceil(a.batch_size);
+    let n_batches = tokens.sequences.div_ceil(batch_size);
     let nl = model.num_layers();
     let (mut per_layer, mut loss) = (vec![0f64; nl], 0f64);
     let (mut embed, mut norm, mut head) = (0f64, 0f64, 0f64);
     let mut seconds = Vec::with_capacity(n_batches);
     let bar = crate::progress::bar(n_batches as u64, "gradnorm batches");
     for b in 0..n_batches {
-        let batch = tokens.batch(b * a.batch_size, a.batch_size);
+        let batch = tokens.batch(b * batch_size, batch_size);
         let t0 = Instant::now();
         let g = model.grad_norms(&batch, &[])?;
         let dt = t0.elapsed().as_secs_f64();
@@ -67,10 +67,10 @@ pub fn run(a: GradnormArgs) -> Result<()> {
     let mut out = serde_json::json!({
         "format": "sglp-gradnorm/1",
         "model": a.model.display().to_string(),
-        "tokens": a.tokens.display().to_string(),
+        "tokens": input.path().display().to_string(),
         "sequences": tokens.sequences,
         "tokens_per_sequence": tokens.len,
-        "batch_size": a.batch_size,
+        "batch_size": batch_size,
         "batches": n_batches,
         "tie_word_embeddings": model.config.tie_word_embeddings,
         "layers": model.layer_names(),

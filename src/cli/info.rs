@@ -1,50 +1,167 @@
-//! `sglp-engine info`: the inputs' layers, shapes and dtypes, and the compute devices of this machine.
+//! `sglp-engine info`: the inputs' layers, shapes and dtypes (activation files, or a checkpoint and its
+//! calibration tokens), and the compute devices of this machine. Every flag it takes is used; one that
+//! does not apply to the input given is refused.
 
-use super::common::InputArgs;
-use crate::error::Result;
-use crate::io::ActivationSource;
+use super::common::{TextCut, TokenArgs};
+use crate::error::{Error, Result};
+use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
+use crate::pruning::checkpoint::parameter_counts;
+use crate::runtime::Model;
 use crate::similarity::device::describe_devices;
+use clap::ValueEnum;
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct InfoArgs {
+    /// Activation file (`.safetensors` or a directory of `.npy`); repeat for shards.
+    #[arg(long = "input", short = 'i', conflicts_with = "model")]
+    pub inputs: Vec<PathBuf>,
+    /// With --input: keep only the layers whose name matches this regular expression.
+    #[arg(long)]
+    pub layers: Option<regex::Regex>,
+    /// With --input: how 3-D tensors become matrices (changes the sample count shown).
+    #[arg(long, value_enum)]
+    pub token_mode: Option<TokenMode>,
+    /// A Hugging Face checkpoint directory: its architecture and decoder layers.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     #[command(flatten)]
-    pub input: Option<InputArgs>,
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cut: TextCut,
+}
+
+/// A value as it is typed on the command line (`samples`, not `Samples`).
+fn typed<T: ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
-    if let Some(input) = a.input.as_ref().filter(|i| !i.inputs.is_empty()) {
-        let set = input.open()?;
-        for shard in set.describe() {
-            println!(
-                "{} ({}, {} samples)",
-                shard.path.display(),
-                shard.format,
-                shard.rows
-            );
+    if a.model.is_none() {
+        let flag = [
+            (a.tokens.tokens.is_some(), "--tokens"),
+            (a.tokens.text.is_some(), "--text"),
+        ]
+        .into_iter()
+        .find_map(|(given, f)| given.then_some(f));
+        if let Some(f) = flag {
+            return Err(Error::invalid(format!(
+                "{f} applies to --model (a checkpoint's calibration tokens)"
+            )));
         }
-        println!(
-            "{} layers, {} samples in all (--tokens {:?})",
-            set.layers().len(),
-            set.n_samples(),
-            input.token_mode()?
-        );
-        println!(
-            "  {:<40} {:>5} {:>10}  shape (first shard)",
-            "layer", "dtype", "features"
-        );
-        for m in &set.describe()[0].layers {
-            println!(
-                "  {:<40} {:>5} {:>10}  {:?}",
-                m.name,
-                m.dtype.name(),
-                m.cols,
-                m.shape
-            );
+        a.cut.check_used(false)?;
+    }
+    if a.inputs.is_empty() {
+        if a.layers.is_some() || a.token_mode.is_some() {
+            return Err(Error::invalid(
+                "--layers and --token-mode apply to activation files (--input)",
+            ));
         }
+    } else {
+        describe_activations(&a)?;
+    }
+    if let Some(dir) = &a.model {
+        describe_model(dir, &a)?;
     }
     println!("devices:");
     for d in describe_devices() {
         println!("  {d}");
+    }
+    Ok(())
+}
+
+fn describe_activations(a: &InfoArgs) -> Result<()> {
+    let mode = a.token_mode.unwrap_or_default();
+    let set = ActivationSet::open(
+        &a.inputs,
+        &ReadOptions {
+            tokens: mode,
+            layers: a.layers.clone(),
+        },
+    )?;
+    for shard in set.describe() {
+        println!(
+            "{} ({}, {} samples)",
+            shard.path.display(),
+            shard.format,
+            shard.rows
+        );
+    }
+    println!(
+        "{} layers, {} samples in all (--token-mode {}{})",
+        set.layers().len(),
+        set.n_samples(),
+        typed(&mode),
+        a.layers
+            .as_ref()
+            .map(|r| format!(", --layers {}", r.as_str()))
+            .unwrap_or_default()
+    );
+    println!(
+        "  {:<40} {:>5} {:>10}  shape (first shard)",
+        "layer", "dtype", "features"
+    );
+    for m in &set.describe()[0].layers {
+        println!(
+            "  {:<40} {:>5} {:>10}  {:?}",
+            m.name,
+            m.dtype.name(),
+            m.cols,
+            m.shape
+        );
+    }
+    Ok(())
+}
+
+fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
+    let model = Model::load(dir)?;
+    let c = &model.config;
+    let (other, per_layer) = parameter_counts(dir, model.num_layers())?;
+    let total = other + per_layer.iter().sum::<usize>();
+    println!(
+        "{} ({}): {} decoder layers, hidden {}, intermediate {}, {} heads ({} key/value) of {}, vocabulary {}{}",
+        dir.display(),
+        c.model_type,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.vocab_size,
+        if c.tie_word_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "parameters: {total} ({} per decoder layer, {other} outside them)",
+        per_layer.first().copied().unwrap_or(0)
+    );
+    let tokenizer = dir.join("tokenizer.json");
+    println!(
+        "tokenizer.json: {}",
+        if tokenizer.is_file() {
+            "present (--text works)"
+        } else {
+            "absent (--text needs it; use --tokens FILE.npy)"
+        }
+    );
+    if let Some(input) = a.tokens.input(&a.cut) {
+        let tokens = model.load_token_input(&input)?;
+        let (lo, hi) = tokens
+            .data
+            .iter()
+            .fold((i64::MAX, i64::MIN), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+        println!(
+            "{}: {} sequences × {} tokens, ids {lo}..={hi}",
+            input.path().display(),
+            tokens.sequences,
+            tokens.len
+        );
     }
     Ok(())
 }

@@ -8,12 +8,14 @@ mod compare;
 mod eval;
 mod gradnorm;
 mod info;
+pub mod notes;
 mod prune;
 mod run;
 mod segment;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use clap::{Parser, Subcommand};
+use std::ffi::OsString;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +26,13 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// No notes on stderr (warnings and errors still show).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Every note on every run (e.g. the CPU fallback of `--device auto`, otherwise shown once per
+    /// machine).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -50,6 +59,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    notes::set_verbosity(cli.quiet, cli.verbose);
     match cli.command {
         Command::Cka(a) => cka::run_cka(a),
         Command::Segment(a) => segment::run(a),
@@ -60,5 +70,57 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prune(a) => prune::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Compare(a) => compare::run(a),
+    }
+}
+
+/// Flags renamed so that one name has one meaning in every command: an old spelling is refused with the
+/// new one, rather than silently meaning something else. `args` is the whole command line.
+pub fn check_renamed_flags(args: &[OsString]) -> Result<()> {
+    let args: Vec<&str> = args.iter().skip(1).filter_map(|a| a.to_str()).collect();
+    let command = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .copied()
+        .unwrap_or("");
+    for (i, arg) in args.iter().enumerate() {
+        if *arg == "--" {
+            break;
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (*arg, None),
+        };
+        let hint = match flag {
+            "--batch-size" if matches!(command, "capture" | "gradnorm" | "eval") => {
+                "--batch-size is now --batch (sequences per forward pass)"
+            }
+            "--batch-size" => {
+                "--batch-size is now --cka-batch (samples per batch of the unbiased CKA estimator); \
+                 sequences per forward pass are --batch"
+            }
+            "--capture-batch" | "--forward-batch" => {
+                "this flag is now --batch (sequences per forward pass)"
+            }
+            "--tokens" => match inline.or(args.get(i + 1).copied()) {
+                Some("samples" | "features") => {
+                    "--tokens samples|features is now --token-mode samples|features (--tokens names a \
+                     token file)"
+                }
+                _ => continue,
+            },
+            _ => continue,
+        };
+        return Err(Error::invalid(format!("{flag}: {hint}")));
+    }
+    Ok(())
+}
+
+/// Restore the default action of SIGPIPE, so that output into a closed pipe (`sglp-engine info | head`)
+/// ends the process quietly, as for other command-line tools, instead of a panic in `println!`.
+pub fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called at the start of `main`, before any thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

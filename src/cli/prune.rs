@@ -1,13 +1,13 @@
 //! `sglp-engine prune`: flags → [`crate::pruning::prune::prune`] → a summary on stdout.
 
-use super::common::EstimatorArgs;
+use super::common::{positive, EstimatorArgs, EvalTokenArgs, KArg, TextCut, TokenArgs};
+use super::notes;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
 use crate::pruning::pipeline::{Budget, Method, SglpOptions, Shortlist, DEFAULT_FORWARD_BATCH};
 use crate::pruning::prune::{prune, PruneSpec};
 use crate::pruning::select::Selection;
 use crate::segmentation::{Features, KChoice};
-use crate::similarity::device::open_backend;
 use std::path::PathBuf;
 
 /// The SGLP options shared by `prune` and `compare`: a preset (`--method`), each of whose choices a flag
@@ -29,7 +29,7 @@ pub struct SglpArgs {
     /// Number of segments, `auto` (the relative-gain rule over k = 1..k-max) or `elbow` (the knee of the
     /// segmentation loss curve). Default: the method's.
     #[arg(long)]
-    pub k: Option<String>,
+    pub k: Option<KArg>,
     /// Largest k tried by `--k auto|elbow` (sglp: 8; sglp-paper: 6; lowered to L − budget).
     #[arg(long)]
     pub k_max: Option<usize>,
@@ -71,17 +71,18 @@ pub struct SglpArgs {
     pub rank_sequences: Option<usize>,
     /// Sequences per forward / backward pass of the runtime.
     #[arg(long, default_value_t = DEFAULT_FORWARD_BATCH)]
-    pub forward_batch: usize,
-    /// Calibration batches (of --forward-batch sequences) for the gradient norms (default: all).
+    pub batch: usize,
+    /// Calibration batches (of --batch sequences) for the gradient norms (default: all).
     #[arg(long)]
     pub gradnorm_batches: Option<usize>,
 }
 
 impl SglpArgs {
-    pub fn options(&self) -> Result<SglpOptions> {
-        if self.forward_batch == 0 {
-            return Err(Error::invalid("--forward-batch must be at least 1"));
-        }
+    /// The options: the preset's, overridden by the flags given. `precomputed_gradnorm`: the gradient
+    /// norms come from a file (`prune --gradnorm`), so the selection defaults to `gradnorm` and the
+    /// allocation to `proportional` (SGLP's fixed per-segment counts), unless given.
+    pub fn options(&self, precomputed_gradnorm: bool) -> Result<SglpOptions> {
+        positive(self.batch, "--batch")?;
         if self.max_candidates == 0 {
             return Err(Error::invalid("--max-candidates must be at least 1"));
         }
@@ -92,33 +93,34 @@ impl SglpArgs {
         }
         let p = SglpOptions::preset(self.method);
         let preset_k_max = p.k.k_max().unwrap_or(8);
-        let k = match (self.k.as_deref(), p.k) {
-            (Some("auto"), _) | (None, KChoice::Auto { .. }) => KChoice::Auto {
-                k_max: self.k_max.unwrap_or(preset_k_max),
-                threshold: self.threshold.unwrap_or(0.05),
-            },
-            (Some("elbow"), _) | (None, KChoice::Elbow { .. }) => KChoice::Elbow {
-                k_max: self.k_max.unwrap_or(preset_k_max),
-            },
-            (None, k) => k,
-            (Some(s), _) => s.parse().map(KChoice::Fixed).map_err(|_| {
-                Error::invalid(format!("--k must be a number or 'auto' (got '{s}')"))
-            })?,
+        let k_arg = self.k.unwrap_or(match p.k {
+            KChoice::Auto { .. } => KArg::Auto,
+            KChoice::Elbow { .. } => KArg::Elbow,
+            KChoice::Fixed(k) => KArg::Fixed(k),
+        });
+        let k = k_arg.choice(
+            self.k_max.unwrap_or(preset_k_max),
+            self.threshold.unwrap_or(0.05),
+        );
+        let (selection, allocation) = match precomputed_gradnorm {
+            true => (Selection::Gradnorm, Allocation::Proportional),
+            false => (p.selection, p.allocation),
         };
         Ok(SglpOptions {
             cka: self.est.spec(),
             features: self.features.unwrap_or(p.features),
             k,
             min_len: self.min_len.unwrap_or(p.min_len),
-            allocation: self.allocation.unwrap_or(p.allocation),
-            selection: self.selection.unwrap_or(p.selection),
+            allocation: self.allocation.unwrap_or(allocation),
+            selection: self.selection.unwrap_or(selection),
             max_candidates: self.max_candidates,
             shortlist: self.shortlist,
             shortlist_by: self.shortlist_by,
             score_sequences: self.score_sequences,
             rank_sequences: self.rank_sequences,
-            forward_batch: self.forward_batch,
+            forward_batch: self.batch,
             gradnorm_batches: self.gradnorm_batches,
+            gradnorm: None,
         })
     }
 
@@ -138,9 +140,12 @@ pub struct PruneArgs {
     /// Hugging Face checkpoint directory (llama, mistral, qwen2).
     #[arg(long)]
     pub model: PathBuf,
-    /// Calibration tokens: `.npy` [sequences, tokens], int32 or int64.
-    #[arg(long)]
-    pub tokens: PathBuf,
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub eval: EvalTokenArgs,
+    #[command(flatten)]
+    pub cut: TextCut,
     /// Number of decoder layers to remove.
     #[arg(long)]
     pub remove: Option<usize>,
@@ -153,17 +158,22 @@ pub struct PruneArgs {
     /// Replace an existing OUTDIR.
     #[arg(long)]
     pub force: bool,
-    /// Held-out tokens: perplexity before and after goes into the report.
+    /// Per-layer gradient norms measured elsewhere: the JSON of `sglp-engine gradnorm`, a JSON object with
+    /// `gradnorm` (and optionally `layers`), a JSON list, or a 1-D `.npy`. The selection is then by these
+    /// norms (no backward pass), with proportional allocation, unless --selection / --allocation say
+    /// otherwise.
     #[arg(long)]
-    pub eval_tokens: Option<PathBuf>,
+    pub gradnorm: Option<PathBuf>,
     #[command(flatten)]
     pub sglp: SglpArgs,
 }
 
 pub fn run(a: PruneArgs) -> Result<()> {
+    a.cut
+        .check_used(a.tokens.text.is_some() || a.eval.eval_text.is_some())?;
     let spec = PruneSpec {
         model: a.model,
-        tokens: a.tokens,
+        tokens: a.tokens.required(&a.cut, "prune")?,
         budget: match (a.remove, a.target_layers) {
             (Some(n), _) => Budget::Remove(n),
             (None, Some(m)) => Budget::TargetLayers(m),
@@ -171,20 +181,15 @@ pub fn run(a: PruneArgs) -> Result<()> {
         },
         out: a.out,
         force: a.force,
-        eval_tokens: a.eval_tokens,
+        eval_tokens: a.eval.input(&a.cut),
+        gradnorm_file: a.gradnorm.clone(),
         method: a.sglp.method_name(),
-        options: a.sglp.options()?,
+        options: a.sglp.options(a.gradnorm.is_some())?,
     };
-    let (device, threads) = (a.sglp.est.device, a.sglp.est.threads);
-    let (r, out) = prune(&spec, &mut || {
-        let (backend, note) = open_backend(device, threads)?;
-        if let Some(n) = note {
-            eprintln!("{n}");
-        }
-        Ok(backend)
-    })?;
+    let est = a.sglp.est.clone();
+    let (r, out) = prune(&spec, &mut || est.backend())?;
     for w in r.cka.warnings.iter().chain(&r.warnings) {
-        eprintln!("warning: {w}");
+        notes::warn(w);
     }
     println!(
         "{} → {} layers: removed {:?} ({} segments: {})",

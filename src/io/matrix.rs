@@ -160,22 +160,7 @@ pub fn read_engine_json(path: &Path, text: &str) -> Result<CkaResult> {
 
 /// `.npy`: a 2-D square float32/float64 array, C or Fortran order.
 fn read_npy(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    check_header_len(&mut file, path, file_len)?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io(path, e))?;
-    let header = npyz::NpyHeader::from_reader(&mut file)
-        .map_err(|e| Error::format(path, format!("corrupt npy header: {e}")))?;
-    let offset = file.stream_position().map_err(|e| Error::io(path, e))?;
-    let dtype = dtype_of(&header).map_err(|m| Error::format(path, m))?;
-    if dtype == DType::F16 {
-        return Err(Error::format(
-            path,
-            "npy dtype float16: a similarity matrix must be float32 or float64",
-        ));
-    }
-    let shape = header.shape();
+    let (shape, flat, fortran) = read_npy_floats(path, "a similarity matrix")?;
     let [r, c] = shape[..] else {
         return Err(Error::format(
             path,
@@ -191,29 +176,7 @@ fn read_npy(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
     if r == 0 {
         return Err(Error::format(path, "the matrix is empty (shape [0, 0])"));
     }
-    let n = r
-        .checked_mul(c)
-        .and_then(|n| usize::try_from(n).ok())
-        .filter(|n| n.checked_mul(dtype.size()).is_some())
-        .ok_or_else(|| Error::format(path, format!("shape [{r}, {c}] does not fit in memory")))?;
-    let nbytes = (n * dtype.size()) as u64;
-    if offset.checked_add(nbytes) != Some(file_len) {
-        return Err(Error::format(
-            path,
-            format!(
-                "truncated or corrupt npy file: shape [{r}, {c}] of {} declares {nbytes} bytes of data \
-                 but the file holds {}",
-                dtype.name(),
-                file_len.saturating_sub(offset)
-            ),
-        ));
-    }
-    let mut data = vec![0u8; nbytes as usize];
-    file.read_exact(&mut data).map_err(|e| Error::io(path, e))?;
-    let mut flat = vec![0f64; n];
-    convert_into(dtype, &data, &mut flat);
     let l = r as usize;
-    let fortran = header.order() == npyz::Order::Fortran;
     let m = (0..l)
         .map(|i| {
             (0..l)
@@ -228,6 +191,171 @@ fn read_npy(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
         })
         .collect();
     Ok((default_names(l), m))
+}
+
+/// A float32/float64 `.npy` file of `what`: its shape, its values in storage order, and whether that order
+/// is Fortran's. The data size is checked against the file's length before anything is allocated.
+fn read_npy_floats(path: &Path, what: &str) -> Result<(Vec<u64>, Vec<f64>, bool)> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    check_header_len(&mut file, path, file_len)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
+    let header = npyz::NpyHeader::from_reader(&mut file)
+        .map_err(|e| Error::format(path, format!("corrupt npy header: {e}")))?;
+    let offset = file.stream_position().map_err(|e| Error::io(path, e))?;
+    let dtype = dtype_of(&header).map_err(|m| Error::format(path, m))?;
+    if dtype == DType::F16 {
+        return Err(Error::format(
+            path,
+            format!("npy dtype float16: {what} must be float32 or float64"),
+        ));
+    }
+    let shape = header.shape().to_vec();
+    let n = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| n.checked_mul(dtype.size()).is_some())
+        .ok_or_else(|| Error::format(path, format!("shape {shape:?} does not fit in memory")))?;
+    let nbytes = (n * dtype.size()) as u64;
+    if offset.checked_add(nbytes) != Some(file_len) {
+        return Err(Error::format(
+            path,
+            format!(
+                "truncated or corrupt npy file: shape {shape:?} of {} declares {nbytes} bytes of data \
+                 but the file holds {}",
+                dtype.name(),
+                file_len.saturating_sub(offset)
+            ),
+        ));
+    }
+    let mut data = vec![0u8; nbytes as usize];
+    file.read_exact(&mut data).map_err(|e| Error::io(path, e))?;
+    let mut flat = vec![0f64; n];
+    convert_into(dtype, &data, &mut flat);
+    Ok((shape, flat, header.order() == npyz::Order::Fortran))
+}
+
+/// Per-layer importance scores from a file, whoever made them: the input of `--gradnorm FILE`.
+///
+/// Accepted: the engine's `sglp-gradnorm/1` JSON (`sglp-engine gradnorm`), any JSON object with a
+/// `gradnorm` list of numbers (and optionally `layers`, their names), a bare JSON list of numbers, or a
+/// 1-D `.npy` of float32/float64. Returns the names when the file has them, and the values, which must be
+/// finite and at least one.
+pub fn read_importance(path: &Path) -> Result<(Option<Vec<String>>, Vec<f64>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let is_npy = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+        || bytes.starts_with(b"\x93NUMPY");
+    let (names, values) = if is_npy {
+        let (shape, flat, _) = read_npy_floats(path, "a gradient-norm vector")?;
+        if shape.iter().filter(|&&d| d != 1).count() > 1 {
+            return Err(Error::format(
+                path,
+                format!("gradient norms are a vector (1-D array), not of shape {shape:?}"),
+            ));
+        }
+        (None, flat)
+    } else {
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| Error::format(path, "not gradient norms: neither JSON nor .npy"))?;
+        let v: serde_json::Value = serde_json::from_str(text.trim_start_matches('\u{feff}'))
+            .map_err(|e| Error::format(path, format!("not a JSON file: {e}")))?;
+        let list = |v: &serde_json::Value, key: &str| -> Result<Vec<f64>> {
+            let a = v
+                .as_array()
+                .ok_or_else(|| Error::format(path, format!("`{key}` is not a list of numbers")))?;
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    x.as_f64().ok_or_else(|| {
+                        Error::format(path, format!("`{key}`[{i}] is not a number ({x})"))
+                    })
+                })
+                .collect()
+        };
+        match &v {
+            serde_json::Value::Array(_) => (None, list(&v, "the list")?),
+            serde_json::Value::Object(o) => {
+                let g = o.get("gradnorm").ok_or_else(|| {
+                    Error::format(
+                        path,
+                        "no `gradnorm` key (expected the JSON of `sglp-engine gradnorm`, an object with \
+                         `gradnorm`, a list of numbers, or a 1-D .npy)",
+                    )
+                })?;
+                let names = match o.get("layers") {
+                    None => None,
+                    Some(serde_json::Value::Array(a)) => Some(
+                        a.iter()
+                            .map(|x| x.as_str().map(String::from))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| {
+                                Error::format(path, "`layers` is not a list of strings")
+                            })?,
+                    ),
+                    Some(_) => {
+                        return Err(Error::format(path, "`layers` is not a list of strings"))
+                    }
+                };
+                (names, list(g, "gradnorm")?)
+            }
+            _ => return Err(Error::format(
+                path,
+                "not gradient norms: expected a JSON object with `gradnorm` or a list of numbers",
+            )),
+        }
+    };
+    if values.is_empty() {
+        return Err(Error::format(path, "no gradient norms (an empty list)"));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::format(
+            path,
+            format!("gradient norm {i} is not finite ({})", values[i]),
+        ));
+    }
+    if let Some(n) = names.as_ref().filter(|n| n.len() != values.len()) {
+        return Err(Error::format(
+            path,
+            format!(
+                "{} layer names for {} gradient norms",
+                n.len(),
+                values.len()
+            ),
+        ));
+    }
+    Ok((names, values))
+}
+
+/// Importance scores read by [`read_importance`], checked against the `layers` they must score: the
+/// same number, and the same names in the same order when the file names them.
+pub fn importance_for_layers(path: &Path, layers: &[String]) -> Result<Vec<f64>> {
+    let (names, values) = read_importance(path)?;
+    if values.len() != layers.len() {
+        return Err(Error::format(
+            path,
+            format!(
+                "{} gradient norms for {} layers (one per layer, in order)",
+                values.len(),
+                layers.len()
+            ),
+        ));
+    }
+    if let Some(names) = names {
+        if let Some(i) = (0..layers.len()).find(|&i| names[i] != layers[i]) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "layer {i} is '{}' in this file but '{}' in the model / matrix",
+                    names[i], layers[i]
+                ),
+            ));
+        }
+    }
+    Ok(values)
 }
 
 /// One CSV cell as a number, if it is one.

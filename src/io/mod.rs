@@ -50,7 +50,7 @@ impl DType {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct LayerMeta {
     pub name: String,
-    /// Features per sample (the product of every axis but the sample axis, after `--tokens`).
+    /// Features per sample (the product of every axis but the sample axis, after `--token-mode`).
     pub cols: usize,
     pub dtype: DType,
     /// The tensor's shape as stored (before flattening), for `info`.

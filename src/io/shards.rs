@@ -35,7 +35,7 @@ pub struct ShardInfo {
     pub path: PathBuf,
     /// `"safetensors"` or `"npy-dir"`.
     pub format: &'static str,
-    /// Samples (matrix rows, after `--tokens`) in this shard.
+    /// Samples (matrix rows, after `--token-mode`) in this shard.
     pub rows: usize,
     /// Per layer: name, features per sample, dtype, and the shape as stored in this shard.
     pub layers: Vec<LayerMeta>,

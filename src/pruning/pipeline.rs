@@ -102,6 +102,9 @@ pub struct SglpOptions {
     pub forward_batch: usize,
     /// Calibration batches used for gradient norms (`None`: all).
     pub gradnorm_batches: Option<usize>,
+    /// Per-layer gradient norms measured elsewhere (`--gradnorm FILE`): `--selection gradnorm` uses them
+    /// instead of running backward passes.
+    pub gradnorm: Option<Vec<f64>>,
 }
 
 impl SglpOptions {
@@ -121,6 +124,7 @@ impl SglpOptions {
             rank_sequences: None,
             forward_batch: DEFAULT_FORWARD_BATCH,
             gradnorm_batches: None,
+            gradnorm: None,
         };
         match method {
             Method::Sglp => base,
@@ -141,7 +145,11 @@ impl SglpOptions {
     pub fn needs(&self) -> Needs {
         Needs {
             cka: true,
-            gradnorm: matches!(self.selection, Selection::Gradnorm | Selection::Subset),
+            gradnorm: match self.selection {
+                Selection::Gradnorm => self.gradnorm.is_none(),
+                Selection::Subset => true,
+                Selection::Loss => false,
+            },
             hidden: self.selection == Selection::Loss
                 && self.shortlist > 0
                 && self.shortlist_by == Shortlist::Influence,
@@ -278,7 +286,21 @@ pub fn decide_from_stats(
     let missing =
         |what: &str| Error::invalid(format!("the calibration pass did not gather {what}"));
     let cka = stats.cka.clone().ok_or_else(|| missing("the CKA"))?;
-    let gradnorm = if need.gradnorm {
+    let gradnorm = if let Some(g) = &opts.gradnorm {
+        if g.len() != l {
+            return Err(Error::invalid(format!(
+                "{} precomputed gradient norms for a model of {l} layers",
+                g.len()
+            )));
+        }
+        // Measured elsewhere: no loss or global norm of this run.
+        Some(GradnormStats {
+            per_layer: g.clone(),
+            global: f64::NAN,
+            loss: f64::NAN,
+            batches: 0,
+        })
+    } else if need.gradnorm {
         Some(
             stats
                 .gradnorm
@@ -301,43 +323,12 @@ pub fn decide_from_stats(
     };
     let mut notes = Vec::new();
 
-    // Segmentation. With --k auto, k stays ≤ L − budget so that no segment has to be emptied.
     let start = Instant::now();
-    let k = match opts.k {
-        KChoice::Fixed(k) if k > l => {
-            return Err(Error::invalid(format!(
-                "--k {k} is larger than the model's {l} layers"
-            )))
-        }
-        k => match k.k_max() {
-            Some(k_max) if k_max > l - budget => {
-                notes.push(format!(
-                    "--k {}: k-max lowered from {k_max} to {} so that {budget} layers can go without \
-                     emptying a segment",
-                    if matches!(k, KChoice::Elbow { .. }) {
-                        "elbow"
-                    } else {
-                        "auto"
-                    },
-                    l - budget
-                ));
-                k.capped(l - budget)
-            }
-            _ => k,
-        },
-    };
-    let segmentation = segment_cka(
-        &cka.layers,
-        &cka.cka_matrix(),
-        opts.features,
-        k,
-        opts.min_len,
-    )?;
-    let segments: Vec<(usize, usize)> =
-        segmentation.segments.iter().map(|s| (s[0], s[1])).collect();
-    let lens: Vec<usize> = segments.iter().map(|&(a, b)| b - a + 1).collect();
-    let caps = caps(&lens, budget, opts.allocation)
-        .map_err(|e| Error::invalid(format!("{e} — choose a smaller --k or a smaller budget")))?;
+    let SegmentedBudget {
+        segmentation,
+        segments,
+        caps,
+    } = segment_for_budget(&cka.layers, &cka.cka_matrix(), budget, opts, &mut notes)?;
     times.segmentation = start.elapsed();
 
     // Selection inside the segments.
@@ -418,10 +409,7 @@ pub fn decide_from_stats(
             removed
         }
     };
-    let removed_per_segment = segments
-        .iter()
-        .map(|&(a, b)| removed.iter().filter(|&&r| (a..=b).contains(&r)).count())
-        .collect();
+    let removed_per_segment = per_segment(&segments, &removed);
     Ok(SglpDecision {
         cka,
         segmentation,
@@ -437,4 +425,130 @@ pub fn decide_from_stats(
         times,
         notes,
     })
+}
+
+/// The segmentation of a decision and each segment's cap.
+struct SegmentedBudget {
+    segmentation: SegmentResult,
+    /// Inclusive `[start, end]` layer indices.
+    segments: Vec<(usize, usize)>,
+    /// The most layers each segment may lose ([`caps`]).
+    caps: Vec<usize>,
+}
+
+/// Segment `layers` by their similarity matrix `cka` for removing `budget` of them: with `--k auto|elbow`,
+/// k-max is lowered to L − budget (noted) so that no segment has to be emptied; then the per-segment caps
+/// of `opts.allocation`.
+fn segment_for_budget(
+    layers: &[String],
+    cka: &[Vec<f64>],
+    budget: usize,
+    opts: &SglpOptions,
+    notes: &mut Vec<String>,
+) -> Result<SegmentedBudget> {
+    let l = layers.len();
+    if budget == 0 || budget >= l {
+        return Err(Error::invalid(format!(
+            "--remove must be between 1 and {} for {l} layers (got {budget})",
+            l.saturating_sub(1)
+        )));
+    }
+    let k = match opts.k {
+        KChoice::Fixed(k) if k > l => {
+            return Err(Error::invalid(format!(
+                "--k {k} is larger than the model's {l} layers"
+            )))
+        }
+        k => match k.k_max() {
+            Some(k_max) if k_max > l - budget => {
+                notes.push(format!(
+                    "--k {}: k-max lowered from {k_max} to {} so that {budget} layers can go without \
+                     emptying a segment",
+                    if matches!(k, KChoice::Elbow { .. }) {
+                        "elbow"
+                    } else {
+                        "auto"
+                    },
+                    l - budget
+                ));
+                k.capped(l - budget)
+            }
+            _ => k,
+        },
+    };
+    let segmentation = segment_cka(layers, cka, opts.features, k, opts.min_len)?;
+    let segments: Vec<(usize, usize)> =
+        segmentation.segments.iter().map(|s| (s[0], s[1])).collect();
+    let lens: Vec<usize> = segments.iter().map(|&(a, b)| b - a + 1).collect();
+    let caps = caps(&lens, budget, opts.allocation)
+        .map_err(|e| Error::invalid(format!("{e} — choose a smaller --k or a smaller budget")))?;
+    Ok(SegmentedBudget {
+        segmentation,
+        segments,
+        caps,
+    })
+}
+
+/// The SGLP decision from a similarity matrix and per-layer importance measured elsewhere (no model):
+/// segments, per-segment caps, and in each segment the layers of lowest `importance` — what `prune
+/// --gradnorm FILE` decides, for `segment --gradnorm FILE --remove N`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImportancePlan {
+    pub budget: usize,
+    pub allocation: Allocation,
+    /// Inclusive `[start, end]` layer indices.
+    pub segments: Vec<(usize, usize)>,
+    pub removed_per_segment: Vec<usize>,
+    pub removed: Vec<usize>,
+    pub removed_layers: Vec<String>,
+    pub kept: Vec<usize>,
+    pub importance: Vec<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    pub segmentation: SegmentResult,
+}
+
+/// See [`ImportancePlan`]. `opts` supplies the features, k rule, minimum length and allocation.
+pub fn plan_from_importance(
+    layers: &[String],
+    cka: &[Vec<f64>],
+    importance: &[f64],
+    budget: usize,
+    opts: &SglpOptions,
+) -> Result<ImportancePlan> {
+    if importance.len() != layers.len() {
+        return Err(Error::invalid(format!(
+            "{} importance values for {} layers",
+            importance.len(),
+            layers.len()
+        )));
+    }
+    let mut notes = Vec::new();
+    let SegmentedBudget {
+        segmentation,
+        segments,
+        caps,
+    } = segment_for_budget(layers, cka, budget, opts, &mut notes)?;
+    let removed = lowest_under_caps(&segments, &caps, budget, importance)?;
+    Ok(ImportancePlan {
+        budget,
+        allocation: opts.allocation,
+        removed_per_segment: per_segment(&segments, &removed),
+        removed_layers: removed.iter().map(|&i| layers[i].clone()).collect(),
+        kept: (0..layers.len()).filter(|i| !removed.contains(i)).collect(),
+        removed,
+        segments,
+        importance: importance.to_vec(),
+        notes,
+        segmentation,
+    })
+}
+
+/// How many of `removed` fall in each segment.
+fn per_segment(segments: &[(usize, usize)], removed: &[usize]) -> Vec<usize> {
+    segments
+        .iter()
+        .map(|&(a, b)| removed.iter().filter(|&&r| (a..=b).contains(&r)).count())
+        .collect()
 }

@@ -5,9 +5,11 @@ use super::calibration::{perplexity, Perplexity};
 use super::checkpoint::{parameter_counts, write_pruned_checkpoint, StagedDir};
 use super::compare::ParamCounts;
 use super::pipeline::{sglp_decide, Budget, SglpOptions};
+use super::select::Selection;
 use crate::error::{Error, Result};
+use crate::io::matrix::importance_for_layers;
 use crate::report::{write_json_and_html, write_plots, PruneReport, StageTimes, REPORT_FORMAT};
-use crate::runtime::Model;
+use crate::runtime::{Model, TokenInput};
 use crate::segmentation::KChoice;
 use crate::similarity::Backend;
 use std::path::{Path, PathBuf};
@@ -17,13 +19,17 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub struct PruneSpec {
     pub model: PathBuf,
-    pub tokens: PathBuf,
+    pub tokens: TokenInput,
     pub budget: Budget,
     pub out: PathBuf,
     /// Replace an existing `out`.
     pub force: bool,
     /// Held-out tokens for perplexity before and after.
-    pub eval_tokens: Option<PathBuf>,
+    pub eval_tokens: Option<TokenInput>,
+    /// Per-layer gradient norms measured elsewhere (`--gradnorm FILE`, read by
+    /// [`crate::io::matrix::read_importance`]): the selection by gradient norm uses them, with no
+    /// backward pass.
+    pub gradnorm_file: Option<PathBuf>,
     /// The preset's name, for the report.
     pub method: String,
     pub options: SglpOptions,
@@ -44,7 +50,7 @@ pub fn prune(
     open_backend: &mut dyn FnMut() -> Result<Box<dyn Backend>>,
 ) -> Result<(PruneReport, PathBuf)> {
     let t0 = Instant::now();
-    let opts = &spec.options;
+    let mut opts = spec.options.clone();
     if let (Ok(o), Ok(m)) = (spec.out.canonicalize(), spec.model.canonicalize()) {
         if o == m {
             return Err(Error::invalid(format!(
@@ -59,14 +65,30 @@ pub fn prune(
     let model = Model::load(&spec.model)?;
     let l = model.num_layers();
     let budget = spec.budget.layers_to_remove(l)?;
-    let tokens = model.load_tokens(&spec.tokens)?;
+    let tokens = model.load_token_input(&spec.tokens)?;
     let eval = match &spec.eval_tokens {
-        Some(p) => Some(model.load_tokens(p)?),
+        Some(p) => Some(model.load_token_input(p)?),
         None => None,
     };
+    if let Some(path) = &spec.gradnorm_file {
+        if opts.selection != Selection::Gradnorm {
+            return Err(Error::invalid(
+                "--gradnorm FILE gives the importance of --selection gradnorm (the default with it); \
+                 the selection asked for does not use it",
+            ));
+        }
+        opts.gradnorm = Some(importance_for_layers(path, &model.layer_names())?);
+    }
+    let opts = &opts;
 
     let mut backend = open_backend()?;
-    let d = sglp_decide(&model, &tokens, budget, opts, backend.as_mut())?;
+    let mut d = sglp_decide(&model, &tokens, budget, opts, backend.as_mut())?;
+    if let Some(path) = &spec.gradnorm_file {
+        d.notes.push(format!(
+            "importance: the gradient norms of {} (no backward pass)",
+            path.display()
+        ));
+    }
     let kept: Vec<usize> = (0..l).filter(|i| !d.removed.contains(i)).collect();
 
     let t_eval = Instant::now();
@@ -87,7 +109,7 @@ pub fn prune(
     let mut report = PruneReport {
         format: REPORT_FORMAT.into(),
         model: spec.model.display().to_string(),
-        tokens: spec.tokens.display().to_string(),
+        tokens: spec.tokens.path().display().to_string(),
         calibration_sequences: tokens.sequences,
         calibration_tokens_per_sequence: tokens.len,
         layers: names.clone(),
@@ -115,15 +137,21 @@ pub fn prune(
         gradnorm: d.gradnorm.as_ref().map(|g| g.per_layer.clone()),
         block_influence: d.block_influence.clone(),
         single_removal_loss: d.single_removal_loss.clone(),
-        calibration_loss: d
-            .score_baseline
-            .or_else(|| d.gradnorm.as_ref().map(|g| g.loss)),
+        calibration_loss: d.score_baseline.or_else(|| {
+            d.gradnorm
+                .as_ref()
+                .map(|g| g.loss)
+                .filter(|l| l.is_finite())
+        }),
         removed: d.removed.clone(),
         removed_layers: d.removed.iter().map(|&i| names[i].clone()).collect(),
         kept: kept.clone(),
         params_before: params.total(),
         params_after: params.without(&d.removed),
-        eval_tokens: spec.eval_tokens.as_ref().map(|p| p.display().to_string()),
+        eval_tokens: spec
+            .eval_tokens
+            .as_ref()
+            .map(|p| p.path().display().to_string()),
         perplexity_before: ppl_before.map(|p| p.perplexity),
         perplexity_after: ppl_after.map(|p| p.perplexity),
         timings: StageTimes {

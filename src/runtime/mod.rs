@@ -12,10 +12,12 @@ pub mod config;
 pub mod model;
 pub mod ops;
 pub mod tape;
+pub mod text;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling};
 pub use model::Model;
+pub use text::{TextSpec, TokenInput};
 
 use crate::error::{Error, Result};
 use crate::io::{ActivationSource, Batch, DType, LayerMeta, TokenMode};

@@ -108,6 +108,19 @@ impl Model {
         Ok(tokens)
     }
 
+    /// Calibration tokens from a `.npy` array or from text tokenised with the checkpoint's own
+    /// `tokenizer.json` ([`super::text`]); every id checked against the vocabulary.
+    pub fn load_token_input(&self, input: &super::TokenInput) -> Result<Tokens> {
+        match input {
+            super::TokenInput::Npy(p) => self.load_tokens(p),
+            super::TokenInput::Text(spec) => {
+                let tokens = super::text::tokenize_text(&self.dir.join("tokenizer.json"), spec)?;
+                tokens.check_vocab(self.vocab_size(), &spec.path)?;
+                Ok(tokens)
+            }
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }

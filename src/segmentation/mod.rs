@@ -229,6 +229,9 @@ pub struct SegmentResult {
     pub loss_curve: Vec<f64>,
     pub loss: f64,
     pub features: Features,
+    /// What the user should know about the choice of k (e.g. `--k auto` stopped at `--k-max`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 pub const SEGMENTS_FORMAT: &str = "sglp-segments/1";
@@ -294,14 +297,25 @@ pub fn segment_cka(
         )));
     }
     let x = feature_matrix(cka, features);
+    let mut warnings = Vec::new();
     let (k, curve) = match k {
         KChoice::Fixed(k) => (k, loss_curve(&x, k.max(8), min_len)?),
         KChoice::Auto { k_max, threshold } => {
             if k_max == 0 {
                 return Err(Error::invalid("--k-max must be at least 1"));
             }
+            // With k = L every layer is its own segment and the loss is exactly zero, so the last split
+            // always "gains" 100% and the rule would always return L: stop one short of it.
+            let k_max = k_max.min(l.saturating_sub(1)).max(1);
             let curve = loss_curve(&x, k_max, min_len)?;
-            (choose_k(&curve, threshold), curve)
+            let k = choose_k(&curve, threshold);
+            if k > 1 && k == curve.len() {
+                warnings.push(format!(
+                    "--k auto stopped at k = {k}, the largest k it tried (the last split still gained \
+                     more than {threshold}): raise --k-max, or try --k elbow"
+                ));
+            }
+            (k, curve)
         }
         KChoice::Elbow { k_max } => {
             if k_max == 0 {
@@ -324,5 +338,6 @@ pub fn segment_cka(
         loss_curve: curve,
         loss: seg.loss,
         features,
+        warnings,
     })
 }

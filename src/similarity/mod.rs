@@ -140,7 +140,7 @@ impl CkaAccumulator {
         }
         if spec.estimator == Estimator::Unbiased && spec.batch_size < 4 {
             return Err(Error::invalid(format!(
-                "the unbiased estimator needs batches of at least 4 samples (got --batch-size {})",
+                "the unbiased estimator needs batches of at least 4 samples (got --cka-batch {})",
                 spec.batch_size
             )));
         }
@@ -458,10 +458,10 @@ fn check_memory(
     let hint = match (spec.estimator, route) {
         (Estimator::Biased, Route::Gram) => {
             "the biased estimator on the Gram route holds every sample's kernel row; use --estimator \
-             unbiased --batch-size b (streams), or --route feature when the layers are narrow"
+             unbiased --cka-batch b (streams), or --route feature when the layers are narrow"
         }
         (_, Route::Feature) => "the feature route holds a D×D matrix (D = all layers' widths); use --route gram",
-        _ => "use a smaller --batch-size, or fewer layers with --layers",
+        _ => "use a smaller --cka-batch, or fewer layers with --layers",
     };
     Err(Error::invalid(format!(
         "the {:?} estimator ({:?} route) needs about {:.1} GiB of state but {:.1} GiB is available: {hint}",

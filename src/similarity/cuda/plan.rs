@@ -137,7 +137,7 @@ pub fn plan(n: usize, row_bytes: &[usize], budget: usize) -> Result<MemoryPlan> 
                 Some(m) => format!(
                     "a batch of {n} samples does not fit in the GPU's free memory ({} MiB usable; the \
                      widest layer is {widest} bytes per sample): the largest batch size that fits is {m} \
-                     (use --batch-size {m}, or --device cpu)",
+                     (use --cka-batch {m}, or --device cpu)",
                     budget >> 20
                 ),
                 None => format!(
@@ -289,7 +289,7 @@ mod tests {
         let err = plan(n, &rows, small).unwrap_err().to_string();
         let m = largest_batch_that_fits(&rows, small).unwrap();
         assert!(m < n && m >= 4, "{m}");
-        assert!(err.contains(&format!("--batch-size {m}")), "{err}");
+        assert!(err.contains(&format!("--cka-batch {m}")), "{err}");
         assert!(plan(m, &rows, small).is_ok());
         assert!(plan(m + 1, &rows, small).is_err());
     }
