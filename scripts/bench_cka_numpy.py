@@ -72,7 +72,7 @@ def numpy_cka(dirs, layers, batch, dtype):
 
 
 def run_engine(engine, dirs, batch, out):
-    cmd = ["/usr/bin/time", "-f", "%M %e", engine, "cka", "--estimator", "unbiased", "--batch-size", str(batch),
+    cmd = ["/usr/bin/time", "-f", "%M %e", engine, "cka", "--estimator", "unbiased", "--cka-batch", str(batch),
            "--device", "cpu", "--out", out]
     for d in dirs:
         cmd += ["--input", d]

@@ -19,7 +19,7 @@ Reported: time per workload, ratio vs (b), Gram-stage TFLOP/s vs measured bf16 m
 (torch.matmul on a large square), peak GPU memory. Timing with CUDA events, medians over repeats.
 Usage (on the GPU machine, repository root):  python3 scripts/bench_gpu.py [--out DIR] [--loop-batches K]
 The GPU machine has no Rust toolchain: pack the bench binary here with `DEVICE_PACK_BENCHES=1
-../shared/tools/device-pack`; `bash .device/run-all.sh` unpacks it to /tmp/dp/bin, where this script finds
+scripts/device_pack.sh`; `bash .device/run-all.sh` unpacks it to /tmp/dp/bin, where this script finds
 it (or pass --engine-bench). scripts/gpu_checks.sh does the whole GPU session in one call.
 """
 

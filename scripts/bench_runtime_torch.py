@@ -83,7 +83,7 @@ def main():
         # reps + 1 batches of the same sequences: the first is the warm-up.
         np.save(tok_path, np.tile(tokens, (args.reps + 1, 1)))
         out = os.path.join(d, "g.json")
-        cmd = [args.engine, "gradnorm", "--model", d, "--tokens", tok_path, "--batch-size", str(args.seqs),
+        cmd = [args.engine, "gradnorm", "--model", d, "--tokens", tok_path, "--batch", str(args.seqs),
                "--out", out, "--timing"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)

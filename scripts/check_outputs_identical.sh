@@ -50,10 +50,10 @@ record() {
     c segment "$sglp" segment --cka cka.json -o segments.json
     c segment_rows "$sglp" segment --cka cka.json --features rows --k 3 --min-len 2
     c info "$sglp" info --input ex.safetensors
-    c capture "$sglp" capture --model "$m" --tokens "$tok" --out capture.safetensors --batch-size 3
+    c capture "$sglp" capture --model "$m" --tokens "$tok" --out capture.safetensors --batch 3
     c capture_sharded "$sglp" capture --model "$fx/mistral_sharded" --tokens "$fx/mistral_sharded/tokens.npy" --out capture-sharded.safetensors
     c info_capture "$sglp" info --input capture.safetensors --input capture.safetensors
-    c cka_model "$sglp" cka --model "$m" --tokens "$tok" --capture-batch 2 -o cka-model.json
+    c cka_model "$sglp" cka --model "$m" --tokens "$tok" --batch 2 -o cka-model.json
     c gradnorm "$sglp" gradnorm --model "$m" --tokens "$tok" --out gradnorm.json
     c eval "$sglp" eval --model "$m" --tokens "$tok" -o eval.json
     c prune "$sglp" prune --model "$m" --tokens "$tok" --remove 1 --out pruned

@@ -32,13 +32,13 @@ import transformers
 # subset selection), so the removed layers do not move when the default method changes.
 PINNED = ["--features", "colsum", "--allocation", "proportional"]
 CASES = {
-    "llama_llama3_rope": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16",
+    "llama_llama3_rope": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
                           "--selection", "gradnorm"] + PINNED,
-    "llama_bf16_tied": ["--remove", "1", "--forward-batch", "2", "--batch-size", "16",
+    "llama_bf16_tied": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
                         "--selection", "gradnorm"] + PINNED,
-    "mistral_sharded": ["--target-layers", "2", "--forward-batch", "2", "--batch-size", "16",
+    "mistral_sharded": ["--target-layers", "2", "--batch", "2", "--cka-batch", "16",
                         "--selection", "subset"] + PINNED,
-    "qwen2_f16_bias": ["--remove", "1", "--forward-batch", "3", "--batch-size", "16",
+    "qwen2_f16_bias": ["--remove", "1", "--batch", "3", "--cka-batch", "16",
                        "--selection", "gradnorm"] + PINNED,
 }
 
@@ -91,7 +91,7 @@ def main():
             report = json.load(open(os.path.join(out, "sglp-report.json")))
             removed, kept = report["removed"], report["kept"]
             eval_json = os.path.join(tmp, "eval.json")
-            subprocess.run([a.engine, "eval", "--model", out, "--tokens", tokens_path, "--batch-size",
+            subprocess.run([a.engine, "eval", "--model", out, "--tokens", tokens_path, "--batch",
                             "2", "-o", eval_json], check=True, stdout=subprocess.DEVNULL)
             engine_eval_after = json.load(open(eval_json))["perplexity"]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything in the CUDA issue that needs a GPU, in one call on the GPU machine (it has no Rust toolchain).
 #
-#   here:        DEVICE_PACK_BENCHES=1 ../shared/tools/device-pack
+#   here:        DEVICE_PACK_BENCHES=1 scripts/device_pack.sh
 #   device tool: run  command: "bash scripts/gpu_checks.sh"  carry: [".device"]
 #
 # Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
