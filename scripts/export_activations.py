@@ -11,10 +11,19 @@ Outputs that are not tensors are reduced to one: a tuple or list gives its first
 ModelOutput (or dict) its `last_hidden_state` when present, else its first tensor value.
 
 Models and data:
-  --hf DIR_OR_NAME          a transformers model (AutoModelForCausalLM, or AutoModel with --hf-auto model)
+  --hf DIR_OR_NAME          a transformers model; its class from the config's `architectures` (a
+                            ...ForCausalLM loads as AutoModelForCausalLM, anything else — BERT, other
+                            encoders — as AutoModel), or forced with --hf-auto causal-lm|model
   --factory MODULE:FUNC     any model: FUNC() returns a torch.nn.Module (MODULE is a file path or an
                             importable module name)
   --tokens FILE.npy         integer ids [sequences, tokens] (language models), fed as input_ids
+  --text FILE               one sentence/document per line, tokenised with the checkpoint's tokenizer
+                            (padded per batch; the attention mask goes to the model)
+
+Padding (--text, or --tokens with --attention-mask FILE.npy or --pad-id N): the attention mask is passed to
+the model, and with --token-mode samples (default) only the real tokens' outputs are kept (padding
+positions are not samples); --token-mode features refuses padded input (every sequence would mix real and
+padding features).
   --inputs FILE.npy|FILE.pt float inputs [n, ...] (e.g. images [n, 3, 32, 32]), fed positionally
   --data MODULE:FUNC        FUNC(batch_size) yields batches: a tensor, a tuple of positional args, or a dict
                             of keyword args
@@ -84,10 +93,55 @@ def first_tensor(out):
     return None
 
 
-def batches_from_array(arr, batch_size, as_ids):
+def batches_from_array(arr, batch_size, as_ids, mask=None):
     for i in range(0, arr.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(arr[i:i + batch_size]))
-        yield {"input_ids": x.long()} if as_ids else (x,)
+        if not as_ids:
+            yield (x,)
+        elif mask is None:
+            yield {"input_ids": x.long()}
+        else:
+            m = torch.from_numpy(np.ascontiguousarray(mask[i:i + batch_size])).long()
+            yield {"input_ids": x.long(), "attention_mask": m}
+
+
+def batches_from_text(path, tokenizer, batch_size):
+    with open(path, encoding="utf-8") as f:
+        lines = [l.rstrip("\n") for l in f if l.strip()]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    for i in range(0, len(lines), batch_size):
+        enc = tokenizer(lines[i:i + batch_size], padding=True, return_tensors="pt")
+        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def model_class(transformers, path, forced):
+    """AutoModelForCausalLM for a causal LM, AutoModel for anything else (e.g. a BERT encoder, which as a
+    causal LM would get a random head and `bert.`-prefixed names), from the config's `architectures`."""
+    if forced == "causal-lm":
+        return transformers.AutoModelForCausalLM
+    if forced == "model":
+        return transformers.AutoModel
+    archs = transformers.AutoConfig.from_pretrained(path).architectures or []
+    causal = any(a.endswith("ForCausalLM") for a in archs)
+    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+
+
+def keep_real_tokens(outputs, mask, token_mode):
+    """Per layer, the outputs of the real (unmasked) tokens: [batch, tokens, ...] → [real tokens, ...]."""
+    if mask is None or bool(mask.all()):
+        return outputs
+    if token_mode == "features":
+        sys.exit("error: padded input with --token-mode features: every sequence would mix real and padding "
+                 "features; use --token-mode samples (padding positions are dropped) or unpadded sequences")
+    keep = mask.bool().cpu()
+    out = {}
+    for name, t in outputs.items():
+        if t.dim() < 2 or tuple(t.shape[:2]) != tuple(keep.shape):
+            sys.exit(f"error: module '{name}' output {list(t.shape)} is not [batch, tokens, ...] "
+                     f"{list(keep.shape)}: cannot drop padding positions")
+        out[name] = t[keep]
+    return out
 
 
 def load_array(path):
@@ -179,9 +233,10 @@ def main():
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="transformers model directory or hub name")
     src.add_argument("--factory", help="MODULE:FUNC returning a torch.nn.Module")
-    ap.add_argument("--hf-auto", choices=["causal-lm", "model"], default="causal-lm")
+    ap.add_argument("--hf-auto", choices=["auto", "causal-lm", "model"], default="auto")
     data = ap.add_mutually_exclusive_group(required=True)
     data.add_argument("--tokens", help=".npy integer ids [sequences, tokens]")
+    data.add_argument("--text", help="text file, one sequence per line (needs --hf: its tokenizer)")
     data.add_argument("--inputs", help=".npy or .pt float inputs [n, ...]")
     data.add_argument("--data", help="MODULE:FUNC(batch_size) yielding batches")
     ap.add_argument("--modules", required=True, help="regular expression on qualified module names "
@@ -193,20 +248,36 @@ def main():
                     help="samples (axis 0) per shard; 0 = one file")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored dtype")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--attention-mask", help="with --tokens: .npy 0/1 mask [sequences, tokens]")
+    ap.add_argument("--pad-id", type=int, default=None, help="with --tokens: ids equal to this are padding")
+    ap.add_argument("--token-mode", choices=["samples", "features"], default="samples",
+                    help="with padding: samples drops padding positions; features refuses padded input")
     a = ap.parse_args()
 
     if a.hf:
         import transformers
-        cls = transformers.AutoModelForCausalLM if a.hf_auto == "causal-lm" else transformers.AutoModel
-        model = cls.from_pretrained(a.hf)
+        model = model_class(transformers, a.hf, a.hf_auto).from_pretrained(a.hf)
     else:
         model = load_callable(a.factory)()
         if not isinstance(model, torch.nn.Module):
             sys.exit(f"error: {a.factory} returned {type(model).__name__}, not a torch.nn.Module")
     model = model.to(a.device).eval()
 
-    if a.tokens:
-        batches = batches_from_array(load_array(a.tokens), a.batch_size, as_ids=True)
+    if a.text:
+        if not a.hf:
+            sys.exit("error: --text needs --hf (the checkpoint's tokenizer)")
+        import transformers
+        batches = batches_from_text(a.text, transformers.AutoTokenizer.from_pretrained(a.hf), a.batch_size)
+    elif a.tokens:
+        ids = load_array(a.tokens)
+        mask = None
+        if a.attention_mask:
+            mask = load_array(a.attention_mask)
+            if mask.shape != ids.shape:
+                sys.exit(f"error: --attention-mask shape {list(mask.shape)} is not the tokens' {list(ids.shape)}")
+        elif a.pad_id is not None:
+            mask = (ids != a.pad_id).astype(np.int64)
+        batches = batches_from_array(ids, a.batch_size, as_ids=True, mask=mask)
     elif a.inputs:
         batches = batches_from_array(load_array(a.inputs).astype(np.float32), a.batch_size, as_ids=False)
     else:
@@ -220,13 +291,15 @@ def main():
         for i, batch in enumerate(batches):
             if a.max_batches is not None and i >= a.max_batches:
                 break
+            mask = None
             if isinstance(batch, dict):
+                mask = batch.get("attention_mask")
                 model(**{k: to_dev(v) for k, v in batch.items()})
             elif isinstance(batch, (tuple, list)):
                 model(*[to_dev(v) for v in batch])
             else:
                 model(to_dev(batch))
-            writer.add(cap.take())
+            writer.add(keep_real_tokens(cap.take(), mask, a.token_mode))
     if writer.rows == 0 and not writer.paths:
         sys.exit("error: no calibration batch was run")
     paths = writer.finish()
