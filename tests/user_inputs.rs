@@ -299,7 +299,10 @@ fn device_fallback_note_once_per_machine_and_q_silences_it() {
     let first = run(&[]);
     assert!(first.contains("using the CPU"), "{first}");
     let second = run(&[]);
-    assert!(!second.contains("using the CPU"), "the second run is quiet: {second}");
+    assert!(
+        !second.contains("using the CPU"),
+        "the second run is quiet: {second}"
+    );
     assert!(run(&["-v"]).contains("using the CPU"));
 }
 
