@@ -8,6 +8,7 @@
 //! - [`model`]: the LLaMA / Mistral / Qwen2 decoder built on the tape; [`config`], [`weights`]: the
 //!   checkpoint's `config.json` and memory-mapped safetensors.
 
+pub mod cnn;
 pub mod config;
 pub mod model;
 pub mod ops;

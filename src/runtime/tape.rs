@@ -7,6 +7,7 @@
 //! into its group's sum of squares and freed. So the peak memory is the weights' mmap, the activations,
 //! and the gradients of the parameters in flight, never a full gradient copy of the model.
 
+pub mod cnn;
 pub mod op;
 
 use crate::error::Result;

@@ -92,7 +92,15 @@ pub struct Weights {
 impl Weights {
     /// Open the checkpoint directory's safetensors file(s) and index their tensors.
     pub fn open(dir: &Path) -> Result<Self> {
-        let names = weight_files(dir)?.files.into_iter().map(|f| dir.join(f));
+        Self::open_paths(weight_files(dir)?.files.into_iter().map(|f| dir.join(f)))
+    }
+
+    /// Open one safetensors file (a PyTorch `state_dict` saved with `safetensors.torch.save_file`).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::open_paths(std::iter::once(path.to_path_buf()))
+    }
+
+    fn open_paths(names: impl Iterator<Item = PathBuf>) -> Result<Self> {
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for path in names {
@@ -118,6 +126,11 @@ impl Weights {
             files.push((path, map));
         }
         Ok(Weights { files, tensors })
+    }
+
+    /// The stored shape of `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| &t.shape[..])
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -4,6 +4,7 @@
 //! caller zeroes a gradient once, when it allocates it). A second device (CUDA) is a second module with the
 //! same functions over device buffers; the tape ([`super::tape`]) is the only caller.
 
+pub mod cnn;
 pub mod cpu;
 
 /// Precomputed rotary tables for one sequence length: `cos`/`sin` are `[tokens, head_dim]` row-major, in
