@@ -299,45 +299,14 @@ pub fn decide_from_stats(
         gradnorm: stats.times.gradnorm,
         ..DecisionTimes::default()
     };
-    let mut notes = Vec::new();
-
-    // Segmentation. With --k auto, k stays ≤ L − budget so that no segment has to be emptied.
+    // Segmentation and the per-segment caps.
     let start = Instant::now();
-    let k = match opts.k {
-        KChoice::Fixed(k) if k > l => {
-            return Err(Error::invalid(format!(
-                "--k {k} is larger than the model's {l} layers"
-            )))
-        }
-        k => match k.k_max() {
-            Some(k_max) if k_max > l - budget => {
-                notes.push(format!(
-                    "--k {}: k-max lowered from {k_max} to {} so that {budget} layers can go without \
-                     emptying a segment",
-                    if matches!(k, KChoice::Elbow { .. }) {
-                        "elbow"
-                    } else {
-                        "auto"
-                    },
-                    l - budget
-                ));
-                k.capped(l - budget)
-            }
-            _ => k,
-        },
-    };
-    let segmentation = segment_cka(
-        &cka.layers,
-        &cka.cka_matrix(),
-        opts.features,
-        k,
-        opts.min_len,
-    )?;
-    let segments: Vec<(usize, usize)> =
-        segmentation.segments.iter().map(|s| (s[0], s[1])).collect();
-    let lens: Vec<usize> = segments.iter().map(|&(a, b)| b - a + 1).collect();
-    let caps = caps(&lens, budget, opts.allocation)
-        .map_err(|e| Error::invalid(format!("{e} — choose a smaller --k or a smaller budget")))?;
+    let SegmentedBudget {
+        segmentation,
+        segments,
+        caps,
+        mut notes,
+    } = segment_for_budget(&cka, budget, opts)?;
     times.segmentation = start.elapsed();
 
     // Selection inside the segments.
@@ -435,6 +404,69 @@ pub fn decide_from_stats(
         score_baseline,
         removed,
         times,
+        notes,
+    })
+}
+
+/// The segments of a decision and how many layers each may lose.
+#[derive(Clone, Debug)]
+pub struct SegmentedBudget {
+    pub segmentation: SegmentResult,
+    /// Segments as inclusive `[start, end]` layer indices.
+    pub segments: Vec<(usize, usize)>,
+    /// The most layers each segment may lose ([`caps`]).
+    pub caps: Vec<usize>,
+    pub notes: Vec<String>,
+}
+
+/// The first half of the decision, from the CKA alone: the segmentation (with `--k auto|elbow`, k stays
+/// ≤ L − budget so that no segment has to be emptied) and the per-segment caps of `opts.allocation`.
+pub fn segment_for_budget(
+    cka: &CkaResult,
+    budget: usize,
+    opts: &SglpOptions,
+) -> Result<SegmentedBudget> {
+    let l = cka.layers.len();
+    let mut notes = Vec::new();
+    let k = match opts.k {
+        KChoice::Fixed(k) if k > l => {
+            return Err(Error::invalid(format!(
+                "--k {k} is larger than the model's {l} layers"
+            )))
+        }
+        k => match k.k_max() {
+            Some(k_max) if k_max > l - budget => {
+                notes.push(format!(
+                    "--k {}: k-max lowered from {k_max} to {} so that {budget} layers can go without \
+                     emptying a segment",
+                    if matches!(k, KChoice::Elbow { .. }) {
+                        "elbow"
+                    } else {
+                        "auto"
+                    },
+                    l - budget
+                ));
+                k.capped(l - budget)
+            }
+            _ => k,
+        },
+    };
+    let segmentation = segment_cka(
+        &cka.layers,
+        &cka.cka_matrix(),
+        opts.features,
+        k,
+        opts.min_len,
+    )?;
+    let segments: Vec<(usize, usize)> =
+        segmentation.segments.iter().map(|s| (s[0], s[1])).collect();
+    let lens: Vec<usize> = segments.iter().map(|&(a, b)| b - a + 1).collect();
+    let caps = caps(&lens, budget, opts.allocation)
+        .map_err(|e| Error::invalid(format!("{e} — choose a smaller --k or a smaller budget")))?;
+    Ok(SegmentedBudget {
+        segmentation,
+        segments,
+        caps,
         notes,
     })
 }
