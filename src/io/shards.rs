@@ -276,7 +276,10 @@ fn open_shard(path: &Path, opts: &ReadOptions) -> Result<(ShardInfo, Vec<StoredT
 
 /// `(rows, cols)` of the matrix a stored tensor is read as: axis 0 is samples, the other axes features,
 /// except that a 3-D `[sequences, tokens, hidden]` tensor follows `tokens`.
-fn matrix_shape(shape: &[usize], tokens: TokenMode) -> std::result::Result<(usize, usize), String> {
+pub fn matrix_shape(
+    shape: &[usize],
+    tokens: TokenMode,
+) -> std::result::Result<(usize, usize), String> {
     let product = |dims: &[usize]| {
         dims.iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
