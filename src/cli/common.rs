@@ -26,6 +26,57 @@ pub struct TokenArgs {
     pub text: Option<PathBuf>,
 }
 
+/// A CNN instead of a decoder: `--model` is then a PyTorch `state_dict` saved as safetensors, and the
+/// calibration data are images.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CnnArgs {
+    /// CNN architecture of --model (a `state_dict` in safetensors): cifar-resnet{20,32,44,56,110},
+    /// resnet{18,34,50,101,152} (torchvision), vgg{11,13,16,19}[_bn] (torchvision or CIFAR classifier).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// With --arch: calibration images, float32 `.npy` [N, C, H, W], already normalised.
+    #[arg(long, requires = "arch")]
+    pub images: Option<PathBuf>,
+    /// With --arch: their class labels, int64 (or int32) `.npy` [N].
+    #[arg(long, requires = "arch")]
+    pub labels: Option<PathBuf>,
+}
+
+impl CnnArgs {
+    /// The calibration images and labels of `command` with --arch (both required).
+    pub fn image_files(&self, command: &str) -> Result<crate::pruning::cnn::ImageFiles> {
+        match (&self.images, &self.labels) {
+            (Some(i), Some(l)) => Ok(crate::pruning::cnn::ImageFiles {
+                images: i.clone(),
+                labels: l.clone(),
+            }),
+            _ => Err(Error::invalid(format!(
+                "{command} --arch needs --images X.npy and --labels Y.npy"
+            ))),
+        }
+    }
+}
+
+/// Held-out images for a CNN (`prune --arch`): top-1 accuracy before and after.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EvalImageArgs {
+    /// With --arch: held-out images (float32 `.npy` [N, C, H, W]) for the accuracy before and after.
+    #[arg(long, requires_all = ["arch", "eval_labels"])]
+    pub eval_images: Option<PathBuf>,
+    /// With --arch: their labels (`.npy` [N]).
+    #[arg(long, requires = "eval_images")]
+    pub eval_labels: Option<PathBuf>,
+}
+
+impl EvalImageArgs {
+    pub fn files(&self) -> Option<crate::pruning::cnn::ImageFiles> {
+        Some(crate::pruning::cnn::ImageFiles {
+            images: self.eval_images.clone()?,
+            labels: self.eval_labels.clone()?,
+        })
+    }
+}
+
 /// Held-out tokens (`prune`, `compare`): `--eval-tokens FILE.npy` or `--eval-text FILE`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct EvalTokenArgs {

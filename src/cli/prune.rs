@@ -1,10 +1,13 @@
 //! `sglp-engine prune`: flags → [`crate::pruning::prune::prune`] → a summary on stdout.
 
-use super::common::{positive, EstimatorArgs, EvalTokenArgs, KArg, TextCut, TokenArgs};
+use super::common::{
+    positive, CnnArgs, EstimatorArgs, EvalImageArgs, EvalTokenArgs, KArg, TextCut, TokenArgs,
+};
 use super::notes;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
 use crate::pruning::pipeline::{Budget, Method, SglpOptions, Shortlist, DEFAULT_FORWARD_BATCH};
+use crate::pruning::cnn::{prune_cnn, CnnPruneSpec};
 use crate::pruning::prune::{prune, PruneSpec};
 use crate::pruning::select::Selection;
 use crate::segmentation::{Features, KChoice};
@@ -137,11 +140,16 @@ impl SglpArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("budget").required(true).args(["remove", "target_layers"])))]
 pub struct PruneArgs {
-    /// Hugging Face checkpoint directory (llama, mistral, qwen2).
+    /// Hugging Face checkpoint directory (llama, mistral, qwen2), or with --arch a CNN's `state_dict`
+    /// (safetensors).
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
     pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cnn: CnnArgs,
+    #[command(flatten)]
+    pub eval_images: EvalImageArgs,
     #[command(flatten)]
     pub eval: EvalTokenArgs,
     #[command(flatten)]
@@ -171,23 +179,50 @@ pub struct PruneArgs {
 pub fn run(a: PruneArgs) -> Result<()> {
     a.cut
         .check_used(a.tokens.text.is_some() || a.eval.eval_text.is_some())?;
-    let spec = PruneSpec {
-        model: a.model,
-        tokens: a.tokens.required(&a.cut, "prune")?,
-        budget: match (a.remove, a.target_layers) {
-            (Some(n), _) => Budget::Remove(n),
-            (None, Some(m)) => Budget::TargetLayers(m),
-            (None, None) => Budget::Remove(0),
-        },
-        out: a.out,
-        force: a.force,
-        eval_tokens: a.eval.input(&a.cut),
-        gradnorm_file: a.gradnorm.clone(),
-        method: a.sglp.method_name(),
-        options: a.sglp.options(a.gradnorm.is_some())?,
+    let budget = match (a.remove, a.target_layers) {
+        (Some(n), _) => Budget::Remove(n),
+        (None, Some(m)) => Budget::TargetLayers(m),
+        (None, None) => Budget::Remove(0),
     };
     let est = a.sglp.est.clone();
-    let (r, out) = prune(&spec, &mut || est.backend())?;
+    let (r, out) = if let Some(arch) = &a.cnn.arch {
+        if a.tokens.tokens.is_some()
+            || a.tokens.text.is_some()
+            || a.eval.eval_tokens.is_some()
+            || a.eval.eval_text.is_some()
+        {
+            return Err(Error::invalid(
+                "prune --arch takes images (--images/--labels, --eval-images/--eval-labels), not \
+                 tokens or text",
+            ));
+        }
+        let spec = CnnPruneSpec {
+            model: a.model,
+            arch: arch.clone(),
+            images: a.cnn.image_files("prune")?,
+            eval: a.eval_images.files(),
+            budget,
+            out: a.out,
+            force: a.force,
+            gradnorm_file: a.gradnorm.clone(),
+            method: a.sglp.method_name(),
+            options: a.sglp.options(a.gradnorm.is_some())?,
+        };
+        prune_cnn(&spec, &mut || est.backend())?
+    } else {
+        let spec = PruneSpec {
+            model: a.model,
+            tokens: a.tokens.required(&a.cut, "prune")?,
+            budget,
+            out: a.out,
+            force: a.force,
+            eval_tokens: a.eval.input(&a.cut),
+            gradnorm_file: a.gradnorm.clone(),
+            method: a.sglp.method_name(),
+            options: a.sglp.options(a.gradnorm.is_some())?,
+        };
+        prune(&spec, &mut || est.backend())?
+    };
     for w in r.cka.warnings.iter().chain(&r.warnings) {
         notes::warn(w);
     }
@@ -212,6 +247,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
     );
     if let (Some(b), Some(a)) = (r.perplexity_before, r.perplexity_after) {
         println!("perplexity {b:.4} → {a:.4}");
+    }
+    if let (Some(b), Some(a)) = (r.accuracy_before, r.accuracy_after) {
+        println!("top-1 accuracy {:.2}% → {:.2}%", 100.0 * b, 100.0 * a);
     }
     let t = &r.timings;
     println!(

@@ -8,9 +8,9 @@
 //! * [`perplexity`], [`mean_grad_norms`]: held-out perplexity and gradient norms with layers skipped.
 
 use super::criteria::HiddenStats;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::{Batch, DType, LayerMeta};
-use crate::runtime::{GradNorms, Model, Tokens};
+use crate::runtime::{CalibrationData, Model, PrunableModel, Tokens, UnitGrads};
 use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,10 +44,10 @@ impl GradnormSum {
         }
     }
 
-    fn add(&mut self, g: &GradNorms) {
-        let mut sq: f64 = g.per_layer.iter().map(|v| v * v).sum();
-        sq += g.embed_tokens.powi(2) + g.norm.powi(2) + g.lm_head.unwrap_or(0.0).powi(2);
-        for (a, v) in self.per_layer.iter_mut().zip(&g.per_layer) {
+    fn add(&mut self, g: &UnitGrads) {
+        let mut sq: f64 = g.per_unit.iter().map(|v| v * v).sum();
+        sq += g.rest.powi(2);
+        for (a, v) in self.per_layer.iter_mut().zip(&g.per_unit) {
             *a += v;
         }
         self.global += sq.sqrt();
@@ -66,17 +66,22 @@ impl GradnormSum {
     }
 }
 
-/// How many calibration batches of `batch_seqs` sequences the gradient norms use.
-fn gradnorm_batch_count(tokens: &Tokens, batch_seqs: usize, max_batches: Option<usize>) -> usize {
-    let n = tokens.sequences.div_ceil(batch_seqs.max(1));
+/// How many calibration batches of `batch_seqs` items the gradient norms use.
+fn gradnorm_batch_count(
+    data: &impl CalibrationData,
+    batch_seqs: usize,
+    max_batches: Option<usize>,
+) -> usize {
+    let n = data.items().div_ceil(batch_seqs.max(1));
     max_batches.map_or(n, |m| n.min(m.max(1)))
 }
 
-/// Mean gradient norms over the first `max_batches` batches of `batch_seqs` sequences, with `skip`
-/// bypassed. The per-batch loss is the mean next-token cross-entropy of that batch.
-pub fn mean_grad_norms(
-    model: &Model,
-    tokens: &Tokens,
+/// Mean gradient norms over the first `max_batches` batches of `batch_seqs` items (sequences, images),
+/// with `skip` bypassed. The per-batch loss is the batch's mean loss (next-token or class
+/// cross-entropy).
+pub fn mean_grad_norms<M: PrunableModel>(
+    model: &M,
+    tokens: &M::Data,
     batch_seqs: usize,
     max_batches: Option<usize>,
     skip: &[usize],
@@ -84,13 +89,14 @@ pub fn mean_grad_norms(
 ) -> Result<GradnormStats> {
     let batch_seqs = batch_seqs.max(1);
     let n_batches = gradnorm_batch_count(tokens, batch_seqs, max_batches);
-    let mut sum = GradnormSum::new(model.num_layers());
+    let mut sum = GradnormSum::new(model.num_units());
     let pb = crate::progress::bar(n_batches as u64, "gradnorm batches");
     if !show_progress {
         pb.finish_and_clear();
     }
     for b in 0..n_batches {
-        sum.add(&model.grad_norms(&tokens.batch(b * batch_seqs, batch_seqs), skip)?);
+        let batch = tokens.batch(b * batch_seqs, batch_seqs);
+        sum.add(&model.unit_grads(&batch, skip, &mut |_, _| {})?);
         if show_progress {
             pb.inc(1);
         }
@@ -229,16 +235,24 @@ pub struct BaseStates {
 /// gradient-norm batches, else forward only (and not at all when neither CKA nor hidden statistics are
 /// needed past the gradient-norm batches); its decoder outputs go into the CKA accumulator (tokens are the
 /// samples) and its hidden states into the [`HiddenStats`].
-pub fn calibration_pass(
-    model: &Model,
-    tokens: &Tokens,
+pub fn calibration_pass<M: PrunableModel>(
+    model: &M,
+    tokens: &M::Data,
     needs: Needs,
     opts: &PassOptions,
     backend: &mut dyn Backend,
 ) -> Result<CalibrationStats> {
-    let (l, h) = (model.num_layers(), model.hidden_size());
+    let l = model.num_units();
+    let widths = model.hidden_widths(tokens)?;
+    let (items, rows_per_item) = (tokens.items(), tokens.rows_per_item());
+    if needs.hidden && widths.iter().any(|&w| w != widths[0]) {
+        return Err(Error::invalid(
+            "the block influence (ShortGPT) compares a unit's input and output, which needs units that              keep the width: not this model (--shortlist-by loss instead)",
+        ));
+    }
+    let h = widths[0];
     let batch_seqs = opts.forward_batch.max(1);
-    let n_batches = tokens.sequences.div_ceil(batch_seqs);
+    let n_batches = items.div_ceil(batch_seqs);
     let n_gradnorm = if needs.gradnorm {
         gradnorm_batch_count(tokens, batch_seqs, opts.gradnorm_batches)
     } else {
@@ -251,19 +265,24 @@ pub fn calibration_pass(
     };
     let mut acc = if needs.cka {
         let metas: Vec<LayerMeta> = model
-            .layer_names()
+            .unit_names()
             .into_iter()
-            .map(|name| LayerMeta {
+            .zip(&widths[1..])
+            .map(|(name, &cols)| LayerMeta {
                 name,
-                cols: h,
+                cols,
                 dtype: DType::F32,
-                shape: vec![tokens.sequences, tokens.len, h],
+                shape: if rows_per_item > 1 {
+                    vec![items, rows_per_item, cols]
+                } else {
+                    vec![items, cols]
+                },
             })
             .collect();
         Some(CkaAccumulator::new(
             &metas,
             opts.cka,
-            Some(tokens.sequences * tokens.len),
+            Some(items * rows_per_item),
         )?)
     } else {
         None
@@ -273,14 +292,16 @@ pub fn calibration_pass(
     let mut times = PassTimes::default();
     let mut outs: Vec<Vec<f32>> = vec![Vec::new(); if needs.cka { l } else { 0 }];
     let keep_states = needs.states
-        && (tokens.sequences * tokens.len * h).saturating_mul(l * 4) <= PREFIX_CACHE_BYTES / 2;
+        && model.can_resume()
+        && (items * rows_per_item).saturating_mul(widths[..l].iter().sum::<usize>() * 4)
+            <= PREFIX_CACHE_BYTES / 2;
     let mut inputs: LayerInputs = Vec::new();
     let mut batch_losses = Vec::new();
     let pb = crate::progress::bar(n_run as u64, "calibration batches");
     for b in 0..n_run {
         let batch = tokens.batch(b * batch_seqs, batch_seqs);
         if let Some(st) = hidden.as_mut() {
-            st.begin_batch(batch.sequences, batch.len, h);
+            st.begin_batch(batch.items(), rows_per_item, h);
         }
         let mut err = None;
         let mut hidden_time = Duration::ZERO;
@@ -303,12 +324,12 @@ pub fn calibration_pass(
         };
         let t = Instant::now();
         if b < n_gradnorm {
-            let g = model.grad_norms_observed(&batch, &[], &mut keep)?;
+            let g = model.unit_grads(&batch, &[], &mut keep)?;
             batch_losses.push(g.loss);
             grads.add(&g);
             times.gradnorm += t.elapsed().saturating_sub(hidden_time);
         } else {
-            batch_losses.push(model.forward(&batch, &[], &mut keep)?);
+            batch_losses.push(model.loss(&batch, &[], &mut keep)?);
             times.forward += t.elapsed().saturating_sub(hidden_time);
         }
         if keep_states {
@@ -325,8 +346,9 @@ pub fn calibration_pass(
         }
         if let Some(acc) = acc.as_mut() {
             let t = Instant::now();
-            let layers: Vec<(usize, &[f32])> = outs.iter().map(|o| (h, &o[..])).collect();
-            let rows = batch.sequences * batch.len;
+            let layers: Vec<(usize, &[f32])> =
+                outs.iter().zip(&widths[1..]).map(|(o, &w)| (w, &o[..])).collect();
+            let rows = batch.items() * rows_per_item;
             acc.push(&Batch::from_f32(rows, &layers).as_ref(), backend)?;
             times.cka += t.elapsed();
         }
@@ -368,9 +390,11 @@ pub const PREFIX_CACHE_BYTES: usize = 2 << 30;
 /// that differs from the base first at layer s runs only layers s.. and the head — exact, since both
 /// networks agree before s. Memory: L × tokens × hidden floats ([`PREFIX_CACHE_BYTES`] at most, else
 /// whole forwards).
-pub struct LossScorer<'a> {
-    model: &'a Model,
-    tokens: Tokens,
+pub struct LossScorer<'a, M: PrunableModel> {
+    model: &'a M,
+    tokens: M::Data,
+    /// Values per row of hidden states `0..=U`.
+    widths: Vec<usize>,
     batch_seqs: usize,
     cache: HashMap<Vec<usize>, f64>,
     /// The base set and, per batch, the input of every decoder layer of the network without it.
@@ -388,38 +412,40 @@ pub struct LossScorer<'a> {
     pub layer_passes: f64,
 }
 
-impl<'a> LossScorer<'a> {
-    /// Scores on the first `sequences` calibration sequences (`None`: all of them).
+impl<'a, M: PrunableModel> LossScorer<'a, M> {
+    /// Scores on the first `sequences` calibration items (`None`: all of them).
     pub fn new(
-        model: &'a Model,
-        tokens: &Tokens,
+        model: &'a M,
+        tokens: &M::Data,
         sequences: Option<usize>,
         batch_seqs: usize,
-    ) -> Self {
-        let n = sequences.map_or(tokens.sequences, |s| s.clamp(1, tokens.sequences));
+    ) -> Result<Self> {
+        let n = sequences.map_or(tokens.items(), |s| s.clamp(1, tokens.items()));
         let tokens = tokens.batch(0, n);
-        let bytes = (n * tokens.len)
-            .saturating_mul(model.hidden_size())
-            .saturating_mul(model.num_layers())
+        let widths = model.hidden_widths(&tokens)?;
+        let l = model.num_units();
+        let bytes = (n * tokens.rows_per_item())
+            .saturating_mul(widths[..l].iter().sum::<usize>())
             .saturating_mul(4);
-        LossScorer {
+        Ok(LossScorer {
             model,
             tokens,
+            widths,
             batch_seqs: batch_seqs.max(1),
             cache: HashMap::new(),
             base: Vec::new(),
             states: None,
-            prefix: bytes <= PREFIX_CACHE_BYTES / 2,
+            prefix: model.can_resume() && bytes <= PREFIX_CACHE_BYTES / 2,
             pending: HashMap::new(),
             pending_bytes: 0,
             evaluations: 0,
             layer_passes: 0.0,
-        }
+        })
     }
 
-    /// Sequences scored per evaluation.
+    /// Items (sequences, images) scored per evaluation.
     pub fn sequences(&self) -> usize {
-        self.tokens.sequences
+        self.tokens.items()
     }
 
     /// Start from the unpruned network's layer inputs of a calibration pass (no forward of its own),
@@ -427,24 +453,25 @@ impl<'a> LossScorer<'a> {
     /// the first of the calibration set); else a no-op.
     pub fn seed(&mut self, base: &BaseStates) {
         let n = self.batches();
-        let seqs = |b: usize| {
-            self.batch_seqs
-                .min(self.tokens.sequences - b * self.batch_seqs)
-        };
-        let width = self.tokens.len * self.model.hidden_size();
+        let items = self.tokens.items();
+        let seqs = |b: usize| self.batch_seqs.min(items - b * self.batch_seqs);
+        let rows = self.tokens.rows_per_item();
         let fits = self.prefix
             && self.states.is_none()
             && base.batch_seqs == self.batch_seqs
             && base.inputs.len() >= n
             && base.batch_losses.len() >= n
             && base.inputs[..n].iter().enumerate().all(|(b, layers)| {
-                layers.len() == self.model.num_layers()
-                    && layers.iter().all(|h| h.len() == seqs(b) * width)
+                layers.len() == self.model.num_units()
+                    && layers
+                        .iter()
+                        .zip(&self.widths)
+                        .all(|(h, &w)| h.len() == seqs(b) * rows * w)
             });
         if fits {
-            // The token mean of the batch means, summed as `run` sums them.
+            // The item mean of the batch means, summed as `run` sums them.
             let sum: f64 = (0..n).map(|b| base.batch_losses[b] * seqs(b) as f64).sum();
-            let loss = sum / self.tokens.sequences as f64;
+            let loss = sum / items as f64;
             self.states = Some(base.inputs[..n].to_vec());
             self.base = Vec::new();
             self.cache.insert(Vec::new(), loss);
@@ -452,14 +479,14 @@ impl<'a> LossScorer<'a> {
     }
 
     fn batches(&self) -> usize {
-        self.tokens.sequences.div_ceil(self.batch_seqs)
+        self.tokens.items().div_ceil(self.batch_seqs)
     }
 
     /// Run every batch with `skip`, from layer `start` (the base's states) or from the embedding. With
     /// `keep`, also returns the inputs of layers `start+1..L` (all of them from 0 when `start` is 0 and no
     /// states exist yet) per batch, indexed by layer (empty below). Returns the token-mean loss.
     fn run(&mut self, skip: &[usize], start: usize, keep: bool) -> Result<(f64, LayerInputs)> {
-        let l = self.model.num_layers();
+        let l = self.model.num_units();
         let mut sum = 0.0;
         let mut out = Vec::new();
         for b in 0..self.batches() {
@@ -475,23 +502,24 @@ impl<'a> LossScorer<'a> {
                 Some(states) if start > 0 => {
                     let h = states[b][start].clone();
                     self.model
-                        .forward_from(&batch, start, h, skip, &mut on_hidden)?
+                        .loss_from(&batch, start, h, skip, &mut on_hidden)?
                 }
-                _ => self.model.forward(&batch, skip, &mut on_hidden)?,
+                _ => self.model.loss(&batch, skip, &mut on_hidden)?,
             };
-            sum += loss * batch.sequences as f64;
+            sum += loss * batch.items() as f64;
             if keep {
                 out.push(kept);
             }
         }
         self.layer_passes += (l - start.min(l)) as f64 / l.max(1) as f64;
-        Ok((sum / self.tokens.sequences as f64, out))
+        Ok((sum / self.tokens.items() as f64, out))
     }
 
     /// Bytes of the layer inputs a run from `start` keeps.
     fn kept_bytes(&self, start: usize) -> usize {
-        let per_layer = self.tokens.sequences * self.tokens.len * self.model.hidden_size() * 4;
-        per_layer * self.model.num_layers().saturating_sub(start + 1)
+        let rows = self.tokens.items() * self.tokens.rows_per_item();
+        let widths = self.widths.get(start + 1..self.model.num_units()).unwrap_or(&[]);
+        rows * widths.iter().sum::<usize>() * 4
     }
 
     /// Put a run's kept inputs (layers above `start`) over the base's.

@@ -226,7 +226,7 @@ impl ParamCounts {
 /// Held-out perplexities: a [`LossScorer`] over the held-out tokens (cached by removed set, resumed
 /// from the unpruned network's kept layer inputs), and the time spent in it.
 struct HeldOut<'a> {
-    scorer: LossScorer<'a>,
+    scorer: LossScorer<'a, Model>,
     tokens: &'a Tokens,
     seconds: f64,
 }
@@ -290,7 +290,7 @@ pub fn compare(
     let stats = calibration_pass(model, tokens, needs, &pass_opts, backend)?;
     let calibration_pass_s = t.elapsed().as_secs_f64();
     let mut held_out = HeldOut {
-        scorer: LossScorer::new(model, held, None, fb),
+        scorer: LossScorer::new(model, held, None, fb)?,
         tokens: held,
         seconds: 0.0,
     };
@@ -385,7 +385,7 @@ fn run_criterion(
                 &spec.sglp
             };
             // Scorers per criterion, so that each one's time counts its own forward passes.
-            let mut scoring = Scoring::new(model, tokens, opts);
+            let mut scoring = Scoring::new(model, tokens, opts)?;
             if let Some(base) = &stats.states {
                 scoring.loss.seed(base);
                 scoring.rank.seed(base);
@@ -490,7 +490,7 @@ fn run_criterion(
             // largest budget's run gives every prefix.
             let max = *spec.budgets.iter().max().expect("non-empty");
             let l = model.num_layers();
-            let mut scorer = LossScorer::new(model, tokens, None, spec.sglp.forward_batch);
+            let mut scorer = LossScorer::new(model, tokens, None, spec.sglp.forward_batch)?;
             if let Some(base) = &stats.states {
                 scorer.seed(base);
             }

@@ -15,6 +15,7 @@
 pub mod allocate;
 pub mod calibration;
 pub mod checkpoint;
+pub mod cnn;
 pub mod compare;
 pub mod criteria;
 pub mod pipeline;

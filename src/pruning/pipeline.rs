@@ -12,7 +12,7 @@ use super::select::{
     best_subsets, greedy_removal, lowest_under_caps, GreedyStep, Selection, SubsetSearch,
 };
 use crate::error::{Error, Result};
-use crate::runtime::{Model, Tokens};
+use crate::runtime::{CalibrationData, PrunableModel};
 use crate::segmentation::{segment_cka, Features, KChoice, SegmentResult};
 use crate::similarity::{Backend, CkaResult, CkaSpec};
 use std::time::{Duration, Instant};
@@ -226,21 +226,21 @@ pub struct SglpDecision {
 
 /// The calibration-loss scorers of the loss-guided selection: `loss` on the scoring sequences, `rank` on
 /// the ranking sequences (the shortlist's single-removal losses). Shared across budgets in a sweep.
-pub struct Scoring<'a> {
-    pub loss: LossScorer<'a>,
-    pub rank: LossScorer<'a>,
+pub struct Scoring<'a, M: PrunableModel> {
+    pub loss: LossScorer<'a, M>,
+    pub rank: LossScorer<'a, M>,
 }
 
-impl<'a> Scoring<'a> {
-    pub fn new(model: &'a Model, tokens: &Tokens, opts: &SglpOptions) -> Self {
+impl<'a, M: PrunableModel> Scoring<'a, M> {
+    pub fn new(model: &'a M, tokens: &M::Data, opts: &SglpOptions) -> Result<Self> {
         let scored = opts
             .score_sequences
-            .map_or(tokens.sequences, |s| s.clamp(1, tokens.sequences));
+            .map_or(tokens.items(), |s| s.clamp(1, tokens.items()));
         let ranked = opts.rank_sequences.unwrap_or(scored.div_ceil(4)).max(1);
-        Scoring {
-            loss: LossScorer::new(model, tokens, Some(scored), opts.forward_batch),
-            rank: LossScorer::new(model, tokens, Some(ranked), opts.forward_batch),
-        }
+        Ok(Scoring {
+            loss: LossScorer::new(model, tokens, Some(scored), opts.forward_batch)?,
+            rank: LossScorer::new(model, tokens, Some(ranked), opts.forward_batch)?,
+        })
     }
 
     /// Forward-pass equivalents run by both scorers, in passes over the scoring sequences.
@@ -255,15 +255,15 @@ impl<'a> Scoring<'a> {
 }
 
 /// The SGLP decision: which `budget` decoder layers to remove.
-pub fn sglp_decide(
-    model: &Model,
-    tokens: &Tokens,
+pub fn sglp_decide<M: PrunableModel>(
+    model: &M,
+    tokens: &M::Data,
     budget: usize,
     opts: &SglpOptions,
     backend: &mut dyn Backend,
 ) -> Result<SglpDecision> {
     let stats = calibration_pass(model, tokens, opts.needs(), &opts.pass_options(), backend)?;
-    let mut scoring = Scoring::new(model, tokens, opts);
+    let mut scoring = Scoring::new(model, tokens, opts)?;
     if let Some(base) = &stats.states {
         scoring.loss.seed(base);
         scoring.rank.seed(base);
@@ -273,15 +273,22 @@ pub fn sglp_decide(
 
 /// The decision from the statistics of a [`calibration_pass`] that gathered at least `opts.needs()`;
 /// `scoring` measures calibration losses for `--selection loss` (shared across budgets in a sweep).
-pub fn decide_from_stats(
+///
+/// Units that may not be removed ([`PrunableModel::removable`]: a CNN's downsampling blocks) are no
+/// candidates: the segmentation and the selection run over the removable units (the CKA restricted to
+/// them), and the result is mapped back to unit indices.
+pub fn decide_from_stats<M: PrunableModel>(
     stats: &CalibrationStats,
-    model: &Model,
-    tokens: &Tokens,
+    model: &M,
+    tokens: &M::Data,
     budget: usize,
     opts: &SglpOptions,
-    scoring: &mut Scoring,
+    scoring: &mut Scoring<M>,
 ) -> Result<SglpDecision> {
-    let l = model.num_layers();
+    let l = model.num_units();
+    // Candidate index → unit index.
+    let cand: Vec<usize> = (0..l).filter(|&u| model.removable()[u]).collect();
+    let to_units = |set: &[usize]| -> Vec<usize> { set.iter().map(|&i| cand[i]).collect() };
     let need = opts.needs();
     let missing =
         |what: &str| Error::invalid(format!("the calibration pass did not gather {what}"));
@@ -324,12 +331,33 @@ pub fn decide_from_stats(
     let mut notes = Vec::new();
 
     let start = Instant::now();
+    let full = cka.cka_matrix();
+    let sub: Vec<Vec<f64>> = cand
+        .iter()
+        .map(|&i| cand.iter().map(|&j| full[i][j]).collect())
+        .collect();
+    let names: Vec<String> = cand.iter().map(|&i| cka.layers[i].clone()).collect();
+    if cand.len() < l {
+        let fixed: Vec<&str> = (0..l)
+            .filter(|u| !cand.contains(u))
+            .map(|u| cka.layers[u].as_str())
+            .collect();
+        notes.push(format!(
+            "{} of {l} units change the shape of their input and cannot be removed ({}); the \
+             segmentation and the selection run over the {} others",
+            fixed.len(),
+            fixed.join(", "),
+            cand.len()
+        ));
+    }
     let SegmentedBudget {
-        segmentation,
+        mut segmentation,
         segments,
         caps,
-    } = segment_for_budget(&cka.layers, &cka.cka_matrix(), budget, opts, &mut notes)?;
+    } = segment_for_budget(&names, &sub, budget, opts, &mut notes)?;
     times.segmentation = start.elapsed();
+    // Unit-space views for the scorers.
+    let on_units = |v: &[f64]| -> Vec<f64> { cand.iter().map(|&u| v[u]).collect() };
 
     // Selection inside the segments.
     let (mut subset_search, mut greedy_steps, mut score_baseline) = (Vec::new(), Vec::new(), None);
@@ -337,7 +365,7 @@ pub fn decide_from_stats(
     let removed = match opts.selection {
         Selection::Gradnorm => {
             let g = gradnorm.as_ref().expect("checked above");
-            lowest_under_caps(&segments, &caps, budget, &g.per_layer)?
+            lowest_under_caps(&segments, &caps, budget, &on_units(&g.per_layer))?
         }
         Selection::Loss => {
             let start = Instant::now();
@@ -346,7 +374,7 @@ pub fn decide_from_stats(
             score_baseline = Some(scorer.loss(&[])?);
             let proxy = match (opts.shortlist, opts.shortlist_by) {
                 (0, _) => None,
-                (_, Shortlist::Influence) => block_influence.clone(),
+                (_, Shortlist::Influence) => block_influence.as_deref().map(on_units),
                 (_, Shortlist::Loss) => {
                     // Only segments longer than the shortlist need a ranking.
                     let mut single = vec![f64::NAN; l];
@@ -355,11 +383,12 @@ pub fn decide_from_stats(
                         .filter(|&&(a, b)| b - a + 1 > opts.shortlist)
                     {
                         for i in a..=b {
-                            single[i] = scoring.rank.loss(&[i])?;
+                            single[cand[i]] = scoring.rank.loss(&[cand[i]])?;
                         }
                     }
-                    single_removal_loss = Some(single.clone());
-                    Some(single)
+                    let proxy = on_units(&single);
+                    single_removal_loss = Some(single);
+                    Some(proxy)
                 }
             };
             let (removed, steps) = greedy_removal(
@@ -368,9 +397,16 @@ pub fn decide_from_stats(
                 budget,
                 proxy.as_deref(),
                 opts.shortlist,
-                &mut |set, candidate| scorer.score_step(set, candidate),
+                &mut |set, candidate| scorer.score_step(&to_units(set), cand[candidate]),
             )?;
-            greedy_steps = steps;
+            greedy_steps = steps
+                .into_iter()
+                .map(|s| GreedyStep {
+                    removed: cand[s.removed],
+                    score: s.score,
+                    candidates: s.candidates.iter().map(|&(i, v)| (cand[i], v)).collect(),
+                })
+                .collect();
             times.selection = start.elapsed();
             notes.push(format!(
                 "loss-guided selection: {} evaluations over {} calibration sequences, ranking on {} \
@@ -397,19 +433,34 @@ pub fn decide_from_stats(
                     tokens,
                     opts.forward_batch,
                     opts.gradnorm_batches,
-                    skip,
+                    &to_units(skip),
                     false,
                 )?
                 .global)
             };
             let (removed, search) =
                 best_subsets(&segments, &caps, opts.max_candidates, &mut score)?;
-            subset_search = search;
+            subset_search = search
+                .into_iter()
+                .map(|s| SubsetSearch {
+                    candidates: s
+                        .candidates
+                        .iter()
+                        .map(|(set, v)| (to_units(set), *v))
+                        .collect(),
+                    ..s
+                })
+                .collect();
             times.gradnorm += start.elapsed();
             removed
         }
     };
     let removed_per_segment = per_segment(&segments, &removed);
+    let removed = to_units(&removed);
+    let segments: Vec<(usize, usize)> = segments.iter().map(|&(a, b)| (cand[a], cand[b])).collect();
+    for (seg, &(a, b)) in segmentation.segments.iter_mut().zip(&segments) {
+        *seg = [a, b];
+    }
     Ok(SglpDecision {
         cka,
         segmentation,

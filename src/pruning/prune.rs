@@ -154,6 +154,9 @@ pub fn prune(
             .map(|p| p.path().display().to_string()),
         perplexity_before: ppl_before.map(|p| p.perplexity),
         perplexity_after: ppl_after.map(|p| p.perplexity),
+        arch: None,
+        accuracy_before: None,
+        accuracy_after: None,
         timings: StageTimes {
             capture_s: d.times.capture.as_secs_f64(),
             cka_s: d.times.cka.as_secs_f64(),

@@ -90,6 +90,14 @@ pub struct PruneReport {
     pub eval_tokens: Option<String>,
     pub perplexity_before: Option<f64>,
     pub perplexity_after: Option<f64>,
+    /// CNNs (`prune --arch`): the architecture, and top-1 accuracy on the held-out images before and
+    /// after (`eval_tokens` then names the images; the calibration counts images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_before: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_after: Option<f64>,
     pub timings: StageTimes,
     pub warnings: Vec<String>,
 }
@@ -164,12 +172,15 @@ pub fn html_page(dir: &Path, r: &PruneReport) -> Result<String> {
         ("Model", escape(&r.model)),
         (
             "Calibration",
-            format!(
-                "{} ({} × {} tokens)",
-                escape(&r.tokens),
-                r.calibration_sequences,
-                r.calibration_tokens_per_sequence
-            ),
+            match &r.arch {
+                Some(_) => format!("{} ({} images)", escape(&r.tokens), r.calibration_sequences),
+                None => format!(
+                    "{} ({} × {} tokens)",
+                    escape(&r.tokens),
+                    r.calibration_sequences,
+                    r.calibration_tokens_per_sequence
+                ),
+            },
         ),
         (
             "Layers",
@@ -210,14 +221,25 @@ pub fn html_page(dir: &Path, r: &PruneReport) -> Result<String> {
             "Parameters",
             format!("{} → {}", r.params_before, r.params_after),
         ),
-        (
-            "Perplexity",
-            format!(
-                "{} → {}",
-                fmt_opt(r.perplexity_before),
-                fmt_opt(r.perplexity_after)
+        match &r.arch {
+            Some(arch) => (
+                "Top-1 accuracy",
+                format!(
+                    "{} → {} ({})",
+                    fmt_opt(r.accuracy_before),
+                    fmt_opt(r.accuracy_after),
+                    escape(arch)
+                ),
             ),
-        ),
+            None => (
+                "Perplexity",
+                format!(
+                    "{} → {}",
+                    fmt_opt(r.perplexity_before),
+                    fmt_opt(r.perplexity_after)
+                ),
+            ),
+        },
         (
             "Wall time (s)",
             format!(

@@ -12,12 +12,14 @@ pub mod cnn;
 pub mod config;
 pub mod model;
 pub mod ops;
+pub mod prunable;
 pub mod tape;
 pub mod text;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling};
 pub use model::Model;
+pub use prunable::{CalibrationData, PrunableModel, UnitGrads};
 pub use text::{TextSpec, TokenInput};
 
 use crate::error::{Error, Result};

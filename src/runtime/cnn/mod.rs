@@ -121,8 +121,31 @@ impl CnnModel {
         Ok(())
     }
 
-    /// Channels, height and width after the last unit for `h × w` inputs.
-    fn feature_size(&self, mut h: usize, mut w: usize) -> Result<(usize, usize, usize)> {
+    /// Channels, height and width after the last unit (and its pool) for `h × w` inputs.
+    fn feature_size(&self, h: usize, w: usize) -> Result<(usize, usize, usize)> {
+        let shapes = self.hidden_shapes(h, w)?;
+        let (c, mut h, mut w) = *shapes.last().expect("hidden state 0 at least");
+        if let Some(Unit {
+            kind: UnitKind::Conv {
+                pool_after: true, ..
+            },
+            ..
+        }) = self.structure.units.last()
+        {
+            if h < 2 || w < 2 {
+                return Err(Error::invalid(format!(
+                    "images are too small for --arch {}",
+                    self.structure.arch.name
+                )));
+            }
+            (h, w) = (h / 2, w / 2);
+        }
+        Ok((c, h, w))
+    }
+
+    /// The shape (channels, height, width) of hidden states `0..=U` for `h × w` inputs: 0 the first unit's
+    /// input, u + 1 unit u's output (before a VGG pool). A map too small for a conv or pool: an error.
+    pub fn hidden_shapes(&self, mut h: usize, mut w: usize) -> Result<Vec<(usize, usize, usize)>> {
         let s = &self.structure;
         let down = |v: usize, k: usize, st: usize, p: usize| -> Result<usize> {
             if v + 2 * p < k {
@@ -133,6 +156,7 @@ impl CnnModel {
             }
             Ok((v + 2 * p - k) / st + 1)
         };
+        let mut c = s.in_channels;
         if let Stem::Conv {
             kernel,
             stride,
@@ -146,17 +170,25 @@ impl CnnModel {
             if pool {
                 (h, w) = (down(h, 3, 2, 1)?, down(w, 3, 2, 1)?);
             }
+            c = s.units.first().map_or(c, |u| u.c_in);
         }
+        let mut shapes = vec![(c, h, w)];
+        let mut pool_before = false;
         for u in &s.units {
-            (h, w) = (down(h, 3, u.stride, 1)?, down(w, 3, u.stride, 1)?);
-            if let UnitKind::Conv {
-                pool_after: true, ..
-            } = u.kind
-            {
+            if pool_before {
                 (h, w) = (down(h, 2, 2, 0)?, down(w, 2, 2, 0)?);
             }
+            (h, w) = (down(h, 3, u.stride, 1)?, down(w, 3, u.stride, 1)?);
+            shapes.push((u.c_out, h, w));
+            pool_before = matches!(
+                u.kind,
+                UnitKind::Conv {
+                    pool_after: true,
+                    ..
+                }
+            );
         }
-        Ok((s.last_channels(), h, w))
+        Ok(shapes)
     }
 
     /// The pooling before the classifier for a `c × h × w` feature map: ResNets pool globally; VGG flattens
