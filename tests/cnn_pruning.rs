@@ -1,0 +1,207 @@
+//! SGLP on a CNN that has learned something: the CIFAR-style ResNet-20 trained on scikit-learn's digits
+//! (scripts/train_cnn_digits.py; 98.2% held-out top-1). The default decision must keep the held-out
+//! accuracy at least as well as the median of five random removals of the same number of removable
+//! blocks; plus the `prune --arch` command line and its errors.
+
+mod common;
+
+use common::{engine, fixtures};
+use sglp_engine::pruning::cnn::{accuracy, prune_cnn, CnnPruneSpec, ImageFiles};
+use sglp_engine::pruning::pipeline::{Budget, Method, SglpOptions};
+use sglp_engine::runtime::cnn::{CnnModel, Images};
+use sglp_engine::similarity::{cpu::CpuBackend, Backend};
+use std::path::PathBuf;
+
+fn digits() -> PathBuf {
+    fixtures().join("cnn/trained_digits")
+}
+
+fn files(prefix: &str) -> ImageFiles {
+    ImageFiles {
+        images: digits().join(format!("{prefix}_images.npy")),
+        labels: digits().join(format!("{prefix}_labels.npy")),
+    }
+}
+
+/// `count` distinct removable units drawn with a fixed-seed LCG.
+fn random_subset(removable: &[usize], count: usize, state: &mut u64) -> Vec<usize> {
+    let mut pool = removable.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..count {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.push(pool.remove((*state >> 33) as usize % pool.len()));
+    }
+    out.sort_unstable();
+    out
+}
+
+#[test]
+fn sglp_keeps_accuracy_better_than_random_on_trained_resnet20() {
+    let model_path = digits().join("model.safetensors");
+    let model = CnnModel::load(&model_path, "cifar-resnet20").unwrap();
+    let eval = files("eval").load(&model).unwrap();
+    let (full, _) = accuracy(&model, &eval, 64, &[]).unwrap();
+    assert!(full > 0.95, "the trained model's accuracy is {full}");
+    let removable: Vec<usize> = (0..model.num_units())
+        .filter(|&u| model.units()[u].removable)
+        .collect();
+    assert_eq!(removable.len(), 7, "ResNet-20: 9 blocks, 2 downsampling");
+    for remove in [2usize, 3] {
+        let out = tempfile::tempdir().unwrap();
+        let spec = CnnPruneSpec {
+            model: model_path.clone(),
+            arch: "cifar-resnet20".into(),
+            images: files("calib"),
+            eval: Some(files("eval")),
+            budget: Budget::Remove(remove),
+            out: out.path().join("pruned"),
+            force: false,
+            gradnorm_file: None,
+            method: "sglp".into(),
+            options: SglpOptions::preset(Method::Sglp),
+        };
+        let (r, dir) = prune_cnn(&spec, &mut || Ok(Box::new(CpuBackend::new(2)) as Box<dyn Backend>))
+            .unwrap();
+        assert_eq!(r.removed.len(), remove);
+        assert!(r.removed.iter().all(|u| removable.contains(u)), "{:?}", r.removed);
+        assert_eq!(r.accuracy_before, Some(full));
+        let sglp = r.accuracy_after.unwrap();
+        let mut state = 0x5eed + remove as u64;
+        let mut random: Vec<f64> = (0..5)
+            .map(|_| {
+                let skip = random_subset(&removable, remove, &mut state);
+                accuracy(&model, &eval, 64, &skip).unwrap().0
+            })
+            .collect();
+        random.sort_by(f64::total_cmp);
+        eprintln!(
+            "remove {remove}: sglp {:?} → {sglp:.4}; random {random:?} (unpruned {full:.4})",
+            r.removed
+        );
+        assert!(
+            sglp >= random[2],
+            "remove {remove}: SGLP's accuracy {sglp} is below the random median {}",
+            random[2]
+        );
+        for f in [
+            "model.safetensors",
+            "sglp-arch.json",
+            "sglp-report.json",
+            "sglp-report.html",
+        ] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        let html = std::fs::read_to_string(dir.join("sglp-report.html")).unwrap();
+        assert!(html.contains("Top-1 accuracy"), "the report shows accuracy");
+        // The pruned state_dict has the kept blocks renumbered: layer3 kept blocks are 0.. again.
+        let arch: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("sglp-arch.json")).unwrap())
+                .unwrap();
+        let blocks: usize = arch["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as usize)
+            .sum();
+        assert_eq!(blocks, 9 - remove);
+    }
+}
+
+#[test]
+fn prune_arch_command_line() {
+    let d = digits();
+    let out = tempfile::tempdir().unwrap();
+    let p = |f: &str| d.join(f).display().to_string();
+    let dest = out.path().join("o").display().to_string();
+    let base = [
+        "-q",
+        "prune",
+        "--model",
+        &p("model.safetensors"),
+        "--arch",
+        "cifar-resnet20",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        engine(&args)
+    };
+    // Works, prints the accuracy.
+    let o = run(&[
+        "--images",
+        &p("calib_images.npy"),
+        "--labels",
+        &p("calib_labels.npy"),
+        "--eval-images",
+        &p("eval_images.npy"),
+        "--eval-labels",
+        &p("eval_labels.npy"),
+        "--remove",
+        "1",
+        "--out",
+        &dest,
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("top-1 accuracy"), "{stdout}");
+    // Errors: one line each.
+    let cases: [(&[&str], &str); 4] = [
+        (&["--remove", "1", "--out", &dest, "--force"], "--images"),
+        (
+            &[
+                "--images",
+                &p("calib_images.npy"),
+                "--labels",
+                &p("calib_labels.npy"),
+                "--remove",
+                "7",
+                "--out",
+                &dest,
+                "--force",
+            ],
+            "removable",
+        ),
+        (
+            &[
+                "--images",
+                &p("calib_images.npy"),
+                "--labels",
+                &p("eval_labels.npy"),
+                "--remove",
+                "1",
+                "--out",
+                &dest,
+                "--force",
+            ],
+            "labels",
+        ),
+        (
+            &[
+                "--tokens",
+                &p("calib_labels.npy"),
+                "--images",
+                &p("calib_images.npy"),
+                "--labels",
+                &p("calib_labels.npy"),
+                "--remove",
+                "1",
+                "--out",
+                &dest,
+                "--force",
+            ],
+            "not tokens",
+        ),
+    ];
+    for (extra, want) in cases {
+        let o = run(extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} should fail");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    // The images of the wrong family: channels checked.
+    let im = Images::load_npy(&d.join("eval_images.npy"), &d.join("eval_labels.npy")).unwrap();
+    assert_eq!((im.c, im.h, im.w), (3, 16, 16));
+}
