@@ -29,7 +29,13 @@ struct Reference {
 }
 
 fn reference(name: &str) -> Reference {
-    let bytes = std::fs::read(fixtures().join("cnn").join(name).join("reference.safetensors")).unwrap();
+    let bytes = std::fs::read(
+        fixtures()
+            .join("cnn")
+            .join(name)
+            .join("reference.safetensors"),
+    )
+    .unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -62,7 +68,9 @@ fn load(name: &str) -> (CnnModel, Images, Reference) {
     let r = reference(name);
     let model = CnnModel::load(&dir.join("model.safetensors"), &r.arch).unwrap();
     let images = Images::load_npy(&dir.join("images.npy"), &dir.join("labels.npy")).unwrap();
-    model.check_images(&images, &dir.join("images.npy")).unwrap();
+    model
+        .check_images(&images, &dir.join("images.npy"))
+        .unwrap();
     (model, images, r)
 }
 
@@ -121,7 +129,10 @@ fn forward_backward_match_pytorch() {
         // The forward-only pass gives the same loss as the forward of forward + backward.
         let f = model.forward(&images, &[], &mut |_, _| {}).unwrap();
         assert_eq!(f.loss, g.outcome.loss, "{name}");
-        eprintln!("{name}: loss {:.6}, worst hidden rel err {worst:.1e}", f.loss);
+        eprintln!(
+            "{name}: loss {:.6}, worst hidden rel err {worst:.1e}",
+            f.loss
+        );
     }
 }
 
@@ -131,7 +142,11 @@ fn skipped_units_match_pytorch() {
         let (model, images, r) = load(name);
         let logits = model.logits(&images, &r.skip).unwrap();
         let err = rel_max(&logits, &r.tensors["logits_skip"]);
-        assert!(err < 1e-5, "{name}: logits with {:?} skipped: {err:.2e}", r.skip);
+        assert!(
+            err < 1e-5,
+            "{name}: logits with {:?} skipped: {err:.2e}",
+            r.skip
+        );
         // Skipping changes the logits (the fixture's skip set is not a no-op).
         let full = model.logits(&images, &[]).unwrap();
         assert!(

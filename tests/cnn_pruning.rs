@@ -62,10 +62,16 @@ fn sglp_keeps_accuracy_better_than_random_on_trained_resnet20() {
             method: "sglp".into(),
             options: SglpOptions::preset(Method::Sglp),
         };
-        let (r, dir) = prune_cnn(&spec, &mut || Ok(Box::new(CpuBackend::new(2)) as Box<dyn Backend>))
-            .unwrap();
+        let (r, dir) = prune_cnn(&spec, &mut || {
+            Ok(Box::new(CpuBackend::new(2)) as Box<dyn Backend>)
+        })
+        .unwrap();
         assert_eq!(r.removed.len(), remove);
-        assert!(r.removed.iter().all(|u| removable.contains(u)), "{:?}", r.removed);
+        assert!(
+            r.removed.iter().all(|u| removable.contains(u)),
+            "{:?}",
+            r.removed
+        );
         assert_eq!(r.accuracy_before, Some(full));
         let sglp = r.accuracy_after.unwrap();
         let mut state = 0x5eed + remove as u64;

@@ -188,7 +188,7 @@ fn loss_scorer_resumes_from_shared_prefixes_exactly() {
         let all = Tokens::load_npy(&dir.join(file)).unwrap();
         let tokens = all.batch(0, all.sequences.min(5));
         let l = model.num_layers();
-        let mut scorer = LossScorer::new(&model, &tokens, None, 2);
+        let mut scorer = LossScorer::new(&model, &tokens, None, 2).unwrap();
         for _ in 0..12 {
             let pick = |rng: &mut rand::rngs::StdRng| -> Vec<usize> {
                 let n = rng.random_range(0..l);
@@ -227,7 +227,7 @@ fn loss_scorer_resumes_from_shared_prefixes_exactly() {
         let stats = calibration_pass(&model, &tokens, needs, &opts, &mut cpu).unwrap();
         let base = stats.states.expect("states kept");
         for seqs in [tokens.sequences, 2] {
-            let mut seeded = LossScorer::new(&model, &tokens, Some(seqs), 2);
+            let mut seeded = LossScorer::new(&model, &tokens, Some(seqs), 2).unwrap();
             seeded.seed(&base);
             let sub = tokens.batch(0, seqs);
             for skip in [vec![], vec![l - 1], vec![0, l - 1]] {

@@ -178,18 +178,21 @@ pub struct InputArgs {
     #[arg(long = "input", short = 'i', conflicts_with = "model")]
     pub inputs: Vec<PathBuf>,
     /// A Hugging Face LLaMA/Mistral/Qwen2 checkpoint directory: capture its decoder layers' outputs on
-    /// --tokens or --text, batch by batch, without writing them.
+    /// --tokens or --text, batch by batch, without writing them. With --arch: a CNN's `state_dict`
+    /// (safetensors), its blocks' outputs on --images captured the same way.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cnn: CnnArgs,
     #[command(flatten)]
     pub cut: TextCut,
     /// How 3-D hidden states [sequences, tokens, hidden] become matrices: `samples` (every token is a
     /// sample) or `features` (tokens flattened into features).
     #[arg(long, value_enum, default_value_t = TokenMode::Samples)]
     pub token_mode: TokenMode,
-    /// With --model: sequences per forward pass (default 4).
+    /// With --model: sequences (images with --arch) per forward pass (default 4).
     #[arg(long)]
     pub batch: Option<usize>,
     /// Keep only the layers whose name matches this regular expression (activation files only).
@@ -202,6 +205,8 @@ impl InputArgs {
     fn check_files_only(&self) -> Result<()> {
         let model_flag = if self.tokens.tokens.is_some() {
             Some("--tokens")
+        } else if self.cnn.arch.is_some() {
+            Some("--arch")
         } else if self.tokens.text.is_some() {
             Some("--text")
         } else if self.batch.is_some() {
@@ -246,8 +251,20 @@ impl InputArgs {
                 "--layers applies to activation files, not to --model",
             ));
         }
-        let input = self.tokens.required(&self.cut, "--model")?;
         let batch = positive(self.batch.unwrap_or(DEFAULT_FORWARD_BATCH), "--batch")?;
+        if let Some(arch) = &self.cnn.arch {
+            if self.tokens.tokens.is_some() || self.tokens.text.is_some() {
+                return Err(Error::invalid(
+                    "--arch takes --images/--labels, not tokens or text",
+                ));
+            }
+            let model = crate::runtime::cnn::CnnModel::load(dir, arch)?;
+            let images = self.cnn.image_files("--model")?.load(&model)?;
+            let mut capture =
+                CaptureSource::for_model(&model, &images, dir, batch, self.token_mode)?;
+            return f(&mut capture);
+        }
+        let input = self.tokens.required(&self.cut, "--model")?;
         let model = Model::load(dir)?;
         let tokens = model.load_token_input(&input)?;
         let mut capture = CaptureSource::new(&model, &tokens, batch, self.token_mode);

@@ -1,19 +1,22 @@
 //! `sglp-engine eval`: perplexity = exp(mean next-token cross-entropy) of a checkpoint on a tokens file.
 
-use super::common::{emit, positive, TextCut, TokenArgs};
-use crate::error::Result;
+use super::common::{emit, positive, CnnArgs, TextCut, TokenArgs};
+use crate::error::{Error, Result};
 use crate::pruning::calibration::perplexity;
+use crate::runtime::cnn::CnnModel;
 use crate::runtime::Model;
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// Hugging Face checkpoint directory.
+    /// Hugging Face checkpoint directory; with --arch, a CNN's `state_dict` (safetensors).
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
     pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub cnn: CnnArgs,
     #[command(flatten)]
     pub cut: TextCut,
     /// Sequences per forward pass.
@@ -39,6 +42,9 @@ struct EvalJson<'a> {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let batch_size = positive(a.batch, "--batch")?;
+    if let Some(arch) = &a.cnn.arch {
+        return run_cnn(&a, arch, batch_size);
+    }
     let input = a.tokens.required(&a.cut, "eval")?;
     let t0 = Instant::now();
     let model = Model::load(&a.model)?;
@@ -61,6 +67,43 @@ pub fn run(a: EvalArgs) -> Result<()> {
             perplexity: p.perplexity,
             seconds,
         };
+        emit(
+            Some(out),
+            &(serde_json::to_string_pretty(&j).expect("serialises") + "\n"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `eval --arch`: top-1 accuracy and mean cross-entropy of a CNN on labelled images.
+fn run_cnn(a: &EvalArgs, arch: &str, batch_size: usize) -> Result<()> {
+    if a.tokens.tokens.is_some() || a.tokens.text.is_some() {
+        return Err(Error::invalid(
+            "eval --arch takes --images/--labels, not tokens or text",
+        ));
+    }
+    let files = a.cnn.image_files("eval")?;
+    let t0 = Instant::now();
+    let model = CnnModel::load(&a.model, arch)?;
+    let images = files.load(&model)?;
+    let (acc, loss) = crate::pruning::cnn::accuracy(&model, &images, batch_size, &[])?;
+    let seconds = t0.elapsed().as_secs_f64();
+    println!(
+        "top-1 accuracy {:.4} (mean cross-entropy {loss:.6} over {} images) in {seconds:.2}s",
+        acc, images.n
+    );
+    if let Some(out) = &a.out {
+        let j = serde_json::json!({
+            "format": "sglp-eval/1",
+            "model": a.model.display().to_string(),
+            "arch": arch,
+            "images": files.images.display().to_string(),
+            "labels": files.labels.display().to_string(),
+            "n_images": images.n,
+            "accuracy": acc,
+            "loss": loss,
+            "seconds": seconds,
+        });
         emit(
             Some(out),
             &(serde_json::to_string_pretty(&j).expect("serialises") + "\n"),

@@ -1,22 +1,26 @@
 //! `sglp-engine gradnorm`: per-decoder-layer gradient norms (GradNorm importance) of a checkpoint on
 //! calibration tokens, with the engine's own runtime.
 
-use super::common::{positive, TextCut, TokenArgs};
-use crate::error::Result;
+use super::common::{positive, CnnArgs, TextCut, TokenArgs};
+use crate::error::{Error, Result};
+use crate::runtime::cnn::CnnModel;
 use crate::runtime::Model;
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct GradnormArgs {
-    /// Hugging Face checkpoint directory (config.json + safetensors) of a llama, mistral or qwen2 model.
+    /// Hugging Face checkpoint directory (config.json + safetensors) of a llama, mistral or qwen2 model;
+    /// with --arch, a CNN's `state_dict` (safetensors).
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
     pub tokens: TokenArgs,
     #[command(flatten)]
+    pub cnn: CnnArgs,
+    #[command(flatten)]
     pub cut: TextCut,
-    /// Sequences per forward + backward pass.
+    /// Sequences (images with --arch) per forward + backward pass.
     #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub batch: usize,
     /// Output JSON.
@@ -29,6 +33,9 @@ pub struct GradnormArgs {
 
 pub fn run(a: GradnormArgs) -> Result<()> {
     let batch_size = positive(a.batch, "--batch")?;
+    if a.cnn.arch.is_some() {
+        return run_cnn(&a, batch_size);
+    }
     let input = a.tokens.required(&a.cut, "gradnorm")?;
     let model = Model::load(&a.model)?;
     let tokens = model.load_token_input(&input)?;
@@ -77,6 +84,60 @@ pub fn run(a: GradnormArgs) -> Result<()> {
         "gradnorm": per_layer.iter().map(|s| s / nb).collect::<Vec<_>>(),
         "loss": loss / nb,
         "extra": extra,
+    });
+    if a.timing {
+        out["timing"] = serde_json::json!({ "forward_backward_s": seconds });
+    }
+    let text = serde_json::to_string_pretty(&out).expect("JSON of plain values");
+    crate::io::output::write_atomic(&a.out, text.as_bytes())
+}
+
+/// `gradnorm --arch`: per-unit gradient norms of a CNN on images (the same JSON; `extra` holds the stem's
+/// and the head's norms, `removable` which units may go).
+fn run_cnn(a: &GradnormArgs, batch_size: usize) -> Result<()> {
+    if a.tokens.tokens.is_some() || a.tokens.text.is_some() {
+        return Err(Error::invalid(
+            "gradnorm --arch takes --images/--labels, not tokens or text",
+        ));
+    }
+    let arch = a.cnn.arch.as_deref().expect("checked by the caller");
+    let files = a.cnn.image_files("gradnorm")?;
+    let model = CnnModel::load(&a.model, arch)?;
+    let images = files.load(&model)?;
+    let n_batches = images.n.div_ceil(batch_size);
+    let nu = model.num_units();
+    let (mut per_unit, mut loss, mut stem, mut head) = (vec![0f64; nu], 0f64, 0f64, 0f64);
+    let mut seconds = Vec::with_capacity(n_batches);
+    let bar = crate::progress::bar(n_batches as u64, "gradnorm batches");
+    for b in 0..n_batches {
+        let batch = images.batch(b * batch_size, batch_size);
+        let t0 = Instant::now();
+        let g = model.grad_norms(&batch, &[], &mut |_, _| {})?;
+        seconds.push(t0.elapsed().as_secs_f64());
+        for (s, v) in per_unit.iter_mut().zip(&g.per_unit) {
+            *s += v;
+        }
+        loss += g.outcome.loss;
+        stem += g.stem;
+        head += g.head;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let nb = n_batches as f64;
+    let mut out = serde_json::json!({
+        "format": "sglp-gradnorm/1",
+        "model": a.model.display().to_string(),
+        "arch": arch,
+        "images": files.images.display().to_string(),
+        "labels": files.labels.display().to_string(),
+        "sequences": images.n,
+        "batch_size": batch_size,
+        "batches": n_batches,
+        "layers": model.unit_names(),
+        "removable": model.units().iter().map(|u| u.removable).collect::<Vec<_>>(),
+        "gradnorm": per_unit.iter().map(|s| s / nb).collect::<Vec<_>>(),
+        "loss": loss / nb,
+        "extra": { "stem": stem / nb, "head": head / nb },
     });
     if a.timing {
         out["timing"] = serde_json::json!({ "forward_backward_s": seconds });

@@ -6,8 +6,8 @@ use super::common::{
 use super::notes;
 use crate::error::{Error, Result};
 use crate::pruning::allocate::Allocation;
-use crate::pruning::pipeline::{Budget, Method, SglpOptions, Shortlist, DEFAULT_FORWARD_BATCH};
 use crate::pruning::cnn::{prune_cnn, CnnPruneSpec};
+use crate::pruning::pipeline::{Budget, Method, SglpOptions, Shortlist, DEFAULT_FORWARD_BATCH};
 use crate::pruning::prune::{prune, PruneSpec};
 use crate::pruning::select::Selection;
 use crate::segmentation::{Features, KChoice};

@@ -346,8 +346,11 @@ pub fn calibration_pass<M: PrunableModel>(
         }
         if let Some(acc) = acc.as_mut() {
             let t = Instant::now();
-            let layers: Vec<(usize, &[f32])> =
-                outs.iter().zip(&widths[1..]).map(|(o, &w)| (w, &o[..])).collect();
+            let layers: Vec<(usize, &[f32])> = outs
+                .iter()
+                .zip(&widths[1..])
+                .map(|(o, &w)| (w, &o[..]))
+                .collect();
             let rows = batch.items() * rows_per_item;
             acc.push(&Batch::from_f32(rows, &layers).as_ref(), backend)?;
             times.cka += t.elapsed();
@@ -518,7 +521,10 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
     /// Bytes of the layer inputs a run from `start` keeps.
     fn kept_bytes(&self, start: usize) -> usize {
         let rows = self.tokens.items() * self.tokens.rows_per_item();
-        let widths = self.widths.get(start + 1..self.model.num_units()).unwrap_or(&[]);
+        let widths = self
+            .widths
+            .get(start + 1..self.model.num_units())
+            .unwrap_or(&[]);
         rows * widths.iter().sum::<usize>() * 4
     }
 

@@ -54,7 +54,12 @@ pub struct CnnPruneSpec {
 }
 
 /// Top-1 accuracy and mean loss of `model` with `skip` bypassed, over `images` in batches.
-pub fn accuracy(model: &CnnModel, images: &Images, batch: usize, skip: &[usize]) -> Result<(f64, f64)> {
+pub fn accuracy(
+    model: &CnnModel,
+    images: &Images,
+    batch: usize,
+    skip: &[usize],
+) -> Result<(f64, f64)> {
     let batch = batch.max(1);
     let (mut correct, mut loss) = (0usize, 0.0);
     for first in (0..images.n).step_by(batch) {
@@ -63,10 +68,7 @@ pub fn accuracy(model: &CnnModel, images: &Images, batch: usize, skip: &[usize])
         correct += o.correct;
         loss += o.loss * b.n as f64;
     }
-    Ok((
-        correct as f64 / images.n as f64,
-        loss / images.n as f64,
-    ))
+    Ok((correct as f64 / images.n as f64, loss / images.n as f64))
 }
 
 /// Prune a CNN: decide, evaluate, write the pruned `state_dict`, `sglp-arch.json` and the report into a
@@ -267,7 +269,8 @@ pub fn write_pruned_state_dict(model: &CnnModel, removed: &[usize], dst: &Path) 
     // SAFETY: read-only map of a file we do not modify.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(src, e))?;
     let st = SafeTensors::deserialize(&map).map_err(|e| Error::format(src, e.to_string()))?;
-    let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::format(src, e.to_string()))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&map).map_err(|e| Error::format(src, e.to_string()))?;
     let under = |name: &str, prefix: &str| {
         name.strip_prefix(prefix)
             .is_some_and(|rest| rest.starts_with('.'))
@@ -288,7 +291,8 @@ pub fn write_pruned_state_dict(model: &CnnModel, removed: &[usize], dst: &Path) 
     }
     let mut info: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
     info.entry("format".into()).or_insert_with(|| "pt".into());
-    safetensors::serialize_to_file(keep, Some(info), dst).map_err(|e| Error::format(dst, e.to_string()))
+    safetensors::serialize_to_file(keep, Some(info), dst)
+        .map_err(|e| Error::format(dst, e.to_string()))
 }
 
 /// `sglp-arch.json`: what `scripts/rebuild_cnn.py` needs to build the pruned model in plain PyTorch.

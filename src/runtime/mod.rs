@@ -123,11 +123,14 @@ pub struct GradNorms {
     pub lm_head: Option<f64>,
 }
 
-/// An [`ActivationSource`] running the model batch by batch: layers `model.layers.{i}` are the decoder
-/// layers' outputs (f32), samples are tokens (`TokenMode::Samples`) or sequences (`Features`).
-pub struct CaptureSource<'a> {
-    model: &'a Model,
-    tokens: Tokens,
+/// An [`ActivationSource`] running a model batch by batch: its layers are the units' outputs (f32; a
+/// decoder's `model.layers.{i}`, a CNN's blocks), samples are rows (`TokenMode::Samples`: tokens of a
+/// sequence, images) or items (`Features`: a sequence's tokens side by side).
+pub struct CaptureSource<'a, M: PrunableModel = Model> {
+    model: &'a M,
+    data: M::Data,
+    /// The model's path, for error messages.
+    path: std::path::PathBuf,
     batch_seqs: usize,
     mode: TokenMode,
     layers: Vec<LayerMeta>,
@@ -138,26 +141,46 @@ pub struct CaptureSource<'a> {
     samples_done: usize,
 }
 
-impl<'a> CaptureSource<'a> {
+impl<'a> CaptureSource<'a, Model> {
     pub fn new(model: &'a Model, tokens: &Tokens, batch_seqs: usize, mode: TokenMode) -> Self {
-        let (h, t) = (model.hidden_size(), tokens.len);
-        let cols = match mode {
-            TokenMode::Samples => h,
-            TokenMode::Features => t * h,
-        };
+        Self::for_model(model, tokens, &model.dir, batch_seqs, mode)
+            .expect("a decoder's widths are known")
+    }
+}
+
+impl<'a, M: PrunableModel> CaptureSource<'a, M> {
+    /// Capture `model` (read from `path`) on `data`, `batch_seqs` items per forward.
+    pub fn for_model(
+        model: &'a M,
+        data: &M::Data,
+        path: &Path,
+        batch_seqs: usize,
+        mode: TokenMode,
+    ) -> Result<Self> {
+        let widths = model.hidden_widths(data)?;
+        let (items, t) = (data.items(), data.rows_per_item());
         let layers = model
-            .layer_names()
+            .unit_names()
             .into_iter()
-            .map(|name| LayerMeta {
+            .zip(&widths[1..])
+            .map(|(name, &w)| LayerMeta {
                 name,
-                cols,
+                cols: match mode {
+                    TokenMode::Samples => w,
+                    TokenMode::Features => t * w,
+                },
                 dtype: DType::F32,
-                shape: vec![tokens.sequences, t, h],
+                shape: if t > 1 {
+                    vec![items, t, w]
+                } else {
+                    vec![items, w]
+                },
             })
             .collect();
-        CaptureSource {
+        Ok(CaptureSource {
             model,
-            tokens: tokens.clone(),
+            data: data.clone(),
+            path: path.to_path_buf(),
             batch_seqs: batch_seqs.max(1),
             mode,
             layers,
@@ -165,42 +188,45 @@ impl<'a> CaptureSource<'a> {
             pending: None,
             pending_row: 0,
             samples_done: 0,
-        }
+        })
     }
 
-    /// Run the model on the next batch of sequences; its layers as one chunk.
+    /// Run the model on the next batch of items; its layers as one chunk.
     fn run_batch(&mut self) -> Result<Option<Batch>> {
-        if self.next_seq >= self.tokens.sequences {
+        if self.next_seq >= self.data.items() {
             return Ok(None);
         }
-        let batch = self.tokens.batch(self.next_seq, self.batch_seqs);
-        self.next_seq += batch.sequences;
-        let n_layers = self.model.num_layers();
+        let batch = self.data.batch(self.next_seq, self.batch_seqs);
+        self.next_seq += batch.items();
+        let n_layers = self.model.num_units();
         let mut outs: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
-        self.model.forward(&batch, &[], &mut |i, h| {
+        self.model.loss(&batch, &[], &mut |i, h| {
             if i >= 1 {
                 outs[i - 1] = h.to_vec();
             }
         })?;
         let rows = match self.mode {
-            TokenMode::Samples => batch.sequences * batch.len,
-            TokenMode::Features => batch.sequences,
+            TokenMode::Samples => batch.items() * batch.rows_per_item(),
+            TokenMode::Features => batch.items(),
         };
-        let cols = self.layers[0].cols;
-        let layers: Vec<(usize, &[f32])> = outs.iter().map(|o| (cols, &o[..])).collect();
+        let layers: Vec<(usize, &[f32])> = outs
+            .iter()
+            .zip(&self.layers)
+            .map(|(o, m)| (m.cols, &o[..]))
+            .collect();
         Ok(Some(Batch::from_f32(rows, &layers)))
     }
 }
 
-impl ActivationSource for CaptureSource<'_> {
+impl<M: PrunableModel> ActivationSource for CaptureSource<'_, M> {
     fn layers(&self) -> &[LayerMeta] {
         &self.layers
     }
 
     fn n_samples_hint(&self) -> Option<usize> {
         Some(match self.mode {
-            TokenMode::Samples => self.tokens.sequences * self.tokens.len,
-            TokenMode::Features => self.tokens.sequences,
+            TokenMode::Samples => self.data.items() * self.data.rows_per_item(),
+            TokenMode::Features => self.data.items(),
         })
     }
 
@@ -221,7 +247,7 @@ impl ActivationSource for CaptureSource<'_> {
         };
         let end = (self.pending_row + max_rows.max(1)).min(p.rows);
         let slice = p.slice(self.pending_row, end);
-        crate::io::check_finite(&slice, &self.layers, self.samples_done, &self.model.dir)?;
+        crate::io::check_finite(&slice, &self.layers, self.samples_done, &self.path)?;
         let mut out = Batch::empty(&self.layers);
         out.extend_from(&slice);
         self.samples_done += end - self.pending_row;
