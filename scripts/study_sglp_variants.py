@@ -94,11 +94,11 @@ def main():
     base = run(a.engine, a.model, calib, held, a.remove, "shortgpt,angular,mpruner,random,sleb,sglp-paper", [],
                a.seeds)
     budgets = base["budgets"]
-    curves = {c["criterion"]: [p["perplexity"] for p in c["points"]] for c in base["curves"]}
+    curves = {c["criterion"]: [p["value"] for p in c["points"]] for c in base["curves"]}
     best_base = [min(curves[c][i] for c in ("shortgpt", "angular", "mpruner", "random"))
                  for i in range(len(budgets))]
     w = max(len(k) for k in VARIANTS) + 2
-    print(f"unpruned {base['baseline']['perplexity']:.4f}")
+    print(f"unpruned {base['baseline']['value']:.4f}")
     print(f"{'':<{w}}" + "".join(f"{n:>9}" for n in budgets) + "   worst/base  worst/sleb   decide s")
     for name in ("shortgpt", "angular", "mpruner", "random", "sleb", "sglp-paper"):
         print(f"{name:<{w}}" + "".join(f"{v:>9.3f}" for v in curves[name]))
@@ -107,7 +107,7 @@ def main():
             continue
         r = run(a.engine, a.model, calib, held, a.remove, "sglp", extra, a.seeds)
         c = r["curves"][0]
-        ppl = [p["perplexity"] for p in c["points"]]
+        ppl = [p["value"] for p in c["points"]]
         wb = max(p / b for p, b in zip(ppl, best_base))
         ws = max(p / s for p, s in zip(ppl, curves["sleb"]))
         print(f"{name:<{w}}" + "".join(f"{v:>9.3f}" for v in ppl) + f"   {wb:>10.4f}  {ws:>10.4f}   {c['decide_s']:>8.2f}",

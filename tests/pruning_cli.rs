@@ -282,7 +282,8 @@ fn compare_sweeps_budgets_for_every_criterion() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("sglp-compare.json")).unwrap())
             .unwrap();
-    assert_eq!(v["format"], "sglp-compare/2");
+    assert_eq!(v["format"], "sglp-compare/3");
+    assert_eq!(v["metric"], "perplexity");
     assert_eq!(v["budgets"], serde_json::json!([1, 2]));
     let curves = v["curves"].as_array().unwrap();
     assert_eq!(curves.len(), 7);
@@ -296,7 +297,7 @@ fn compare_sweeps_budgets_for_every_criterion() {
             assert_eq!(p["removed"].as_array().unwrap().len(), n);
             let loss = p["loss"].as_f64().unwrap();
             assert!(loss.is_finite() && loss != base_loss, "{p}");
-            assert!((p["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp());
+            assert!((p["value"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp());
             assert!(p["params"].as_u64().unwrap() < base);
         }
         assert!(c["decide_s"].as_f64().unwrap() >= 0.0);
@@ -312,7 +313,7 @@ fn compare_sweeps_budgets_for_every_criterion() {
             band["max"].as_f64().unwrap(),
         );
         assert!(lo <= med && med <= hi);
-        assert_eq!(p["perplexity"].as_f64().unwrap(), med);
+        assert_eq!(p["value"].as_f64().unwrap(), med);
     }
     // SLEB: one greedy order serves every budget, so budget 2 keeps budget 1's layer.
     let sleb = curves.iter().find(|c| c["criterion"] == "sleb").unwrap();

@@ -1,5 +1,5 @@
 //! What `compare` leaves in its output directory: `sglp-compare.json` (every number), `sglp-compare.png`
-//! (held-out perplexity against layers removed, one curve per criterion, random as a band) and
+//! (held-out perplexity or top-1 error against layers removed, one curve per criterion, random as a band) and
 //! `sglp-compare.html` (the table and the picture, inlined), plus the text table for the terminal.
 
 use super::{escape, plots};
@@ -12,12 +12,14 @@ pub const COMPARE_JSON: &str = "sglp-compare.json";
 pub const COMPARE_PNG: &str = "sglp-compare.png";
 pub const COMPARE_HTML: &str = "sglp-compare.html";
 
-/// The plain-text table: one row per budget, one column per criterion (held-out perplexity; random as
+/// The plain-text table: one row per budget, one column per criterion (the held-out metric; random as
 /// the median), the best criterion of each row marked with `*`, then each criterion's decision time.
 pub fn text_table(r: &CompareReport) -> String {
     let mut out = format!(
-        "held-out perplexity after removing N of {} layers (unpruned {:.4}); * = best\n",
-        r.num_layers, r.baseline.perplexity
+        "{} after removing N of {} layers (unpruned {:.4}); * = best\n",
+        r.metric.label(),
+        r.num_layers,
+        r.baseline.value
     );
     out += &format!("{:>4}", "N");
     for c in &r.curves {
@@ -29,10 +31,10 @@ pub fn text_table(r: &CompareReport) -> String {
         let best = r
             .curves
             .iter()
-            .map(|c| c.points[i].perplexity)
+            .map(|c| c.points[i].value)
             .fold(f64::INFINITY, f64::min);
         for c in &r.curves {
-            let p = c.points[i].perplexity;
+            let p = c.points[i].value;
             let mark = if p == best { "*" } else { " " };
             out += &format!(" {:>11.4}{mark}", p);
         }
@@ -59,7 +61,7 @@ pub fn write_png(path: &Path, r: &CompareReport) -> Result<()> {
         .map(|c| {
             (
                 c.criterion.name().to_string(),
-                c.points.iter().map(|p| (p.remove, p.perplexity)).collect(),
+                c.points.iter().map(|p| (p.remove, p.value)).collect(),
             )
         })
         .collect();
@@ -75,8 +77,8 @@ pub fn write_png(path: &Path, r: &CompareReport) -> Result<()> {
     });
     plots::quality_curves(
         path,
-        "held-out perplexity",
-        r.baseline.perplexity,
+        r.metric.label(),
+        r.baseline.value,
         &curves,
         band.as_deref(),
     )
@@ -97,7 +99,7 @@ pub fn html_page(dir: &Path, r: &CompareReport) -> Result<String> {
         let best = r
             .curves
             .iter()
-            .map(|c| c.points[i].perplexity)
+            .map(|c| c.points[i].value)
             .fold(f64::INFINITY, f64::min);
         rows += &format!("<tr><td>{n}</td>");
         for c in &r.curves {
@@ -110,9 +112,9 @@ pub fn html_page(dir: &Path, r: &CompareReport) -> Result<String> {
                 .join(",");
             let cell = match &p.random {
                 Some(b) => format!("{:.3} <small>[{:.3}–{:.3}]</small>", b.median, b.min, b.max),
-                None => format!("{:.3} <small>({removed})</small>", p.perplexity),
+                None => format!("{:.3} <small>({removed})</small>", p.value),
             };
-            if p.perplexity == best {
+            if p.value == best {
                 rows += &format!("<td><b>{cell}</b></td>");
             } else {
                 rows += &format!("<td>{cell}</td>");
@@ -137,7 +139,7 @@ pub fn html_page(dir: &Path, r: &CompareReport) -> Result<String> {
          img{{max-width:100%}}</style></head><body>\n\
          <h1>Layer-removal criteria compared</h1>\n\
          <p>Model <code>{}</code>, {} layers; calibration <code>{}</code> ({} × {} tokens); held out \
-         <code>{}</code> ({} sequences). Unpruned held-out perplexity {:.4}. Each cell: held-out perplexity \
+         <code>{}</code> ({} items). Unpruned {} {:.4}. Each cell: the same \
          with the N layers bypassed (no fine-tuning), the removed layers in brackets; random: median and \
          range over {} seeds. Shared calibration pass {:.2} s ({}).</p>\n\
          <table>\n{head}{rows}</table>\n<img alt=\"quality curves\" src=\"data:image/png;base64,{b64}\">\n{}\
@@ -149,7 +151,8 @@ pub fn html_page(dir: &Path, r: &CompareReport) -> Result<String> {
         r.tokens_per_sequence,
         escape(&r.eval_tokens),
         r.eval_sequences,
-        r.baseline.perplexity,
+        r.metric.label(),
+        r.baseline.value,
         r.curve(Criterion::Random)
             .and_then(|c| c.points.first())
             .and_then(|p| p.random.as_ref())
