@@ -302,3 +302,53 @@ fn compare_on_the_trained_resnet20() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("shortgpt"), "{err}");
 }
+
+/// `capture --arch` writes every block's output `[N, C, H, W]`; `cka` on that file equals `cka --model
+/// --arch` (the same blocks captured in memory), and the CKA matrix has one row per block.
+#[test]
+fn capture_and_cka_of_a_cnn_agree() {
+    let d = digits();
+    let out = tempfile::tempdir().unwrap();
+    let p = |f: &str| d.join(f).display().to_string();
+    let acts = out.path().join("acts.safetensors").display().to_string();
+    let model = p("model.safetensors");
+    let img = [
+        "--arch",
+        "cifar-resnet20",
+        "--images",
+        &p("calib_images.npy"),
+        "--labels",
+        &p("calib_labels.npy"),
+    ];
+    let mut args = vec!["-q", "capture", "--model", &model, "--out", &acts];
+    args.extend_from_slice(&img);
+    let o = engine(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&acts).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("layer1.0").unwrap().shape(), &[256, 8, 16, 16]);
+    assert_eq!(st.tensor("layer3.2").unwrap().shape(), &[256, 32, 4, 4]);
+    let from_file = engine(&["-q", "cka", "--input", &acts, "--cka-batch", "64"]);
+    let mut args = vec!["-q", "cka", "--model", &model, "--cka-batch", "64"];
+    args.extend_from_slice(&img);
+    let in_memory = engine(&args);
+    for o in [&from_file, &in_memory] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let parse = |o: &std::process::Output| -> Vec<f64> {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["cka"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect()
+    };
+    let (a, b) = (parse(&from_file), parse(&in_memory));
+    assert_eq!(a.len(), 81);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-9, "{x} vs {y}");
+    }
+    // Neighbouring blocks are more alike than the first and the last.
+    assert!(a[1] > a[8], "CKA(0,1) {} vs CKA(0,8) {}", a[1], a[8]);
+}

@@ -2,31 +2,38 @@
 //! safetensors input of `cka` (tensors `model.layers.{i}` `[sequences, tokens, hidden]` f32, metadata
 //! `layers` = the names in order, comma-separated).
 
-use super::common::{positive, TextCut, TokenArgs};
-use crate::error::Result;
+use super::common::{positive, CnnArgs, TextCut, TokenArgs};
+use crate::error::{Error, Result};
 use crate::io::safetensors::StreamedSafetensors;
+use crate::runtime::cnn::CnnModel;
 use crate::runtime::Model;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct CaptureArgs {
-    /// Hugging Face checkpoint directory (config.json + safetensors) of a llama, mistral or qwen2 model.
+    /// Hugging Face checkpoint directory (config.json + safetensors) of a llama, mistral or qwen2 model;
+    /// with --arch, a CNN's `state_dict` (safetensors): its blocks' outputs `[images, C, H, W]`.
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
     pub tokens: TokenArgs,
     #[command(flatten)]
+    pub cnn: CnnArgs,
+    #[command(flatten)]
     pub cut: TextCut,
     /// Output .safetensors file.
     #[arg(long)]
     pub out: PathBuf,
-    /// Sequences per forward pass.
+    /// Sequences (images with --arch) per forward pass.
     #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub batch: usize,
 }
 
 pub fn run(a: CaptureArgs) -> Result<()> {
     let batch_size = positive(a.batch, "--batch")?;
+    if let Some(arch) = &a.cnn.arch {
+        return run_cnn(&a, arch, batch_size);
+    }
     let input = a.tokens.required(&a.cut, "capture")?;
     let model = Model::load(&a.model)?;
     let tokens = model.load_token_input(&input)?;
@@ -41,6 +48,38 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     for b in 0..n_batches {
         let first = b * batch_size;
         let batch = tokens.batch(first, batch_size);
+        let mut result = Ok(());
+        model.forward(&batch, &[], &mut |i, hs| {
+            if i >= 1 && result.is_ok() {
+                result = out.write_rows(i - 1, first, hs);
+            }
+        })?;
+        result?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    out.finish()
+}
+
+/// `capture --arch`: every block's output of a CNN on images, `[images, C, H, W]` per block.
+fn run_cnn(a: &CaptureArgs, arch: &str, batch_size: usize) -> Result<()> {
+    if a.tokens.tokens.is_some() || a.tokens.text.is_some() {
+        return Err(Error::invalid(
+            "capture --arch takes --images/--labels, not tokens or text",
+        ));
+    }
+    let model = CnnModel::load(&a.model, arch)?;
+    let images = a.cnn.image_files("capture")?.load(&model)?;
+    let shapes: Vec<Vec<usize>> = model.hidden_shapes(images.h, images.w)?[1..]
+        .iter()
+        .map(|&(c, h, w)| vec![images.n, c, h, w])
+        .collect();
+    let mut out = StreamedSafetensors::create_shapes(&a.out, &model.unit_names(), &shapes)?;
+    let n_batches = images.n.div_ceil(batch_size);
+    let bar = crate::progress::bar(n_batches as u64, "capture batches");
+    for b in 0..n_batches {
+        let first = b * batch_size;
+        let batch = images.batch(first, batch_size);
         let mut result = Ok(());
         model.forward(&batch, &[], &mut |i, hs| {
             if i >= 1 && result.is_ok() {

@@ -165,26 +165,38 @@ pub struct StreamedSafetensors {
     out: AtomicFile,
     /// Byte offset of each tensor's data in the file.
     starts: Vec<u64>,
-    /// Bytes of one leading-axis row (one sequence) of a tensor.
-    row_bytes: u64,
+    /// Bytes of one leading-axis row (one sequence, one image) of each tensor.
+    row_bytes: Vec<u64>,
 }
 
 impl StreamedSafetensors {
     /// One f32 tensor per name, each of `shape`, metadata `layers` = the names, comma-separated.
     pub fn create(path: &Path, names: &[String], shape: &[usize]) -> Result<Self> {
-        let elems: usize = shape.iter().product();
-        let tensor_bytes = (elems * 4) as u64;
+        Self::create_shapes(path, names, &vec![shape.to_vec(); names.len()])
+    }
+
+    /// One f32 tensor per name, tensor i of `shapes[i]` (a CNN's blocks differ), metadata `layers` = the
+    /// names, comma-separated.
+    pub fn create_shapes(path: &Path, names: &[String], shapes: &[Vec<usize>]) -> Result<Self> {
+        assert_eq!(names.len(), shapes.len(), "one shape per tensor");
+        let bytes: Vec<u64> = shapes
+            .iter()
+            .map(|s| (s.iter().product::<usize>() * 4) as u64)
+            .collect();
         let mut header = serde_json::Map::new();
         header.insert(
             "__metadata__".into(),
             serde_json::json!({ "layers": names.join(",") }),
         );
-        for (i, n) in names.iter().enumerate() {
-            let (b, e) = (i as u64 * tensor_bytes, (i as u64 + 1) * tensor_bytes);
+        let mut offsets = Vec::with_capacity(names.len());
+        let mut at = 0u64;
+        for ((n, shape), &b) in names.iter().zip(shapes).zip(&bytes) {
             header.insert(
                 n.clone(),
-                serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [b, e] }),
+                serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [at, at + b] }),
             );
+            offsets.push(at);
+            at += b;
         }
         let mut json = serde_json::to_vec(&header).expect("JSON of plain values");
         // Pad with spaces so the data starts 8-byte aligned (as the safetensors writers do).
@@ -194,23 +206,24 @@ impl StreamedSafetensors {
         let data_start = 8 + json.len() as u64;
         let out = AtomicFile::create(path)?;
         let file = out.file();
-        file.set_len(data_start + tensor_bytes * names.len() as u64)
+        file.set_len(data_start + at)
             .map_err(|e| Error::io(path, e))?;
         let mut head = (json.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(&json);
         write_at(file, 0, &head).map_err(|e| Error::io(path, e))?;
         Ok(StreamedSafetensors {
             out,
-            starts: (0..names.len() as u64)
-                .map(|i| data_start + i * tensor_bytes)
+            starts: offsets.iter().map(|o| data_start + o).collect(),
+            row_bytes: shapes
+                .iter()
+                .map(|s| (s[1..].iter().product::<usize>() * 4) as u64)
                 .collect(),
-            row_bytes: (shape[1..].iter().product::<usize>() * 4) as u64,
         })
     }
 
     /// Write `data` (whole rows of tensor `tensor`) starting at leading-axis row `first_row`.
     pub fn write_rows(&mut self, tensor: usize, first_row: usize, data: &[f32]) -> Result<()> {
-        let at = self.starts[tensor] + first_row as u64 * self.row_bytes;
+        let at = self.starts[tensor] + first_row as u64 * self.row_bytes[tensor];
         write_at(self.out.file(), at, bytemuck::cast_slice(data))
             .map_err(|e| Error::io(self.out.path(), e))
     }
