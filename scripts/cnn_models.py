@@ -12,11 +12,19 @@ layouts are those of the widely used implementations:
 * `Vgg`: torchvision's `vgg{11,13,16,19}[_bn]` (`features.{i}`, adaptive 7×7 average pool, `classifier.0/3/6`)
   or the CIFAR layout (one linear `classifier` on the flattened 1×1 map).
 
-Width and depth are parameters; the engine reads channel counts from the tensors, depth from `--arch`.
+Width and depth are parameters; the engine reads channel counts from the tensors, depth from `--arch`. The
+residual blocks come from `rebuild_cnn.py` (which must stay standalone for users).
 """
+import os
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The residual blocks are those of the standalone rebuild script, so both build the same modules.
+from rebuild_cnn import BasicBlock, Bottleneck  # noqa: E402
 
 CIFAR_DEPTHS = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
 TV_RESNETS = {18: ([2, 2, 2, 2], False), 34: ([3, 4, 6, 3], False), 50: ([3, 4, 6, 3], True),
@@ -30,36 +38,9 @@ VGG_CFGS = {
 }
 
 
-class ZeroPadShortcut(nn.Module):
-    """Option A: subsample by 2, pad `pad` zero channels on each side (no parameters)."""
-
-    def __init__(self, pad):
-        super().__init__()
-        self.pad = pad
-
-    def forward(self, x):
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-
-
-class CifarBasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride, option):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.identity = stride == 1 and c_in == c_out
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            if option == "A":
-                self.shortcut = ZeroPadShortcut((c_out - c_in) // 2)
-            else:
-                self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                              nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+def CifarBasicBlock(c_in, c_out, stride, option):
+    """He et al.'s CIFAR basic block: option A (zero-pad) or B (`shortcut.0/1`) when the shape changes."""
+    return BasicBlock(c_in, c_out, stride, option, "shortcut")
 
 
 class CifarResNet(nn.Module):
@@ -85,55 +66,10 @@ class CifarResNet(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-class TvBasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, c_in, mid, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, mid, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.downsample = None
-        if stride != 1 or c_in != mid:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, mid, 1, stride, bias=False),
-                                            nn.BatchNorm2d(mid))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TvBottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, c_in, mid, stride):
-        super().__init__()
-        out = mid * 4
-        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.downsample = None
-        if stride != 1 or c_in != out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, out, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
 class TvResNet(nn.Module):
     def __init__(self, depth=18, base=64, num_classes=1000, in_channels=3):
         super().__init__()
         blocks, bottleneck = TV_RESNETS[depth]
-        block = TvBottleneck if bottleneck else TvBasicBlock
         self.conv1 = nn.Conv2d(in_channels, base, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(base)
         c = base
@@ -141,8 +77,10 @@ class TvResNet(nn.Module):
             mid = base * 2 ** s
             layer = []
             for i in range(n):
-                layer.append(block(c, mid, 2 if s > 0 and i == 0 else 1))
-                c = mid * block.expansion
+                stride = 2 if s > 0 and i == 0 else 1
+                layer.append(Bottleneck(c, mid, stride) if bottleneck
+                             else BasicBlock(c, mid, stride, "B", "downsample"))
+                c = mid * (4 if bottleneck else 1)
             setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
         self.fc = nn.Linear(c, num_classes)
         self.stages = [self.layer1, self.layer2, self.layer3, self.layer4]
@@ -213,8 +151,7 @@ def units(model):
     out = []
     for s, stage in enumerate(model.stages):
         for i, block in enumerate(stage):
-            removable = block.identity if isinstance(model, CifarResNet) else block.downsample is None
-            out.append((f"layer{s + 1}.{i}", [f"layer{s + 1}.{i}"], block, removable, lambda x: x))
+            out.append((f"layer{s + 1}.{i}", [f"layer{s + 1}.{i}"], block, block.identity, lambda x: x))
     return out
 
 

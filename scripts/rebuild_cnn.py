@@ -43,6 +43,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self._sc = projection
         changes = stride != 1 or c_in != c_out
+        self.identity = not changes  # the block may be removed (input and output shapes match)
         if changes and shortcut == "A":
             setattr(self, projection, _ZeroPad((c_out - c_in) // 2))
         elif changes:
@@ -70,6 +71,7 @@ class Bottleneck(nn.Module):
         if stride != 1 or c_in != out:
             self.downsample = nn.Sequential(nn.Conv2d(c_in, out, 1, stride, bias=False),
                                             nn.BatchNorm2d(out))
+        self.identity = self.downsample is None
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))

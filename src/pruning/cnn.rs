@@ -5,12 +5,12 @@
 
 use super::checkpoint::StagedDir;
 use super::pipeline::{sglp_decide, Budget, SglpOptions};
+use super::prune::{decision_report, ReportInputs};
 use super::select::Selection;
 use crate::error::{Error, Result};
 use crate::io::matrix::importance_for_layers;
-use crate::report::{write_json_and_html, write_plots, PruneReport, StageTimes, REPORT_FORMAT};
+use crate::report::{write_json_and_html, write_plots, PruneReport};
 use crate::runtime::cnn::{arch::Shortcut, CnnModel, Family, Images, Stem, UnitKind};
-use crate::segmentation::KChoice;
 use crate::similarity::Backend;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
@@ -115,8 +115,6 @@ pub fn prune_cnn(
             path.display()
         ));
     }
-    let l = model.num_units();
-    let kept: Vec<usize> = (0..l).filter(|i| !d.removed.contains(i)).collect();
 
     let t_eval = Instant::now();
     let (acc_before, acc_after) = match &eval {
@@ -136,72 +134,28 @@ pub fn prune_cnn(
         &staged.path().join("sglp-arch.json"),
         (serde_json::to_string_pretty(&arch_json).expect("serialisable") + "\n").as_bytes(),
     )?;
-    let names = model.unit_names();
     let params_before = model.structure.stem_params
         + model.structure.head_params
         + model.units().iter().map(|u| u.params).sum::<usize>();
     let params_removed: usize = d.removed.iter().map(|&u| model.units()[u].params).sum();
-    let mut report = PruneReport {
-        format: REPORT_FORMAT.into(),
-        model: spec.model.display().to_string(),
-        tokens: spec.images.images.display().to_string(),
-        calibration_sequences: images.n,
-        calibration_tokens_per_sequence: 1,
-        layers: names.clone(),
-        method: spec.method.clone(),
-        features: opts.features,
-        k: d.segmentation.k,
-        k_rule: match opts.k {
-            KChoice::Auto { .. } => "auto".into(),
-            KChoice::Elbow { .. } => "elbow".into(),
-            KChoice::Fixed(_) => "fixed".into(),
-        },
-        segments: d.segments.clone(),
-        loss_curve: d
-            .segmentation
-            .loss_curve
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (i + 1, v))
-            .collect(),
-        allocation: opts.allocation,
-        removed_per_segment: d.removed_per_segment.clone(),
-        selection: opts.selection,
-        subset_search: d.subset_search.clone(),
-        greedy_steps: d.greedy_steps.clone(),
-        gradnorm: d.gradnorm.as_ref().map(|g| g.per_layer.clone()),
-        block_influence: d.block_influence.clone(),
-        single_removal_loss: d.single_removal_loss.clone(),
-        calibration_loss: d.score_baseline.or_else(|| {
-            d.gradnorm
-                .as_ref()
-                .map(|g| g.loss)
-                .filter(|l| l.is_finite())
-        }),
-        removed: d.removed.clone(),
-        removed_layers: d.removed.iter().map(|&i| names[i].clone()).collect(),
-        kept,
-        params_before,
-        params_after: params_before - params_removed,
-        eval_tokens: spec.eval.as_ref().map(|e| e.images.display().to_string()),
-        perplexity_before: None,
-        perplexity_after: None,
-        arch: Some(spec.arch.clone()),
-        accuracy_before: acc_before,
-        accuracy_after: acc_after,
-        timings: StageTimes {
-            capture_s: d.times.capture.as_secs_f64(),
-            cka_s: d.times.cka.as_secs_f64(),
-            segmentation_s: d.times.segmentation.as_secs_f64(),
-            gradnorm_s: d.times.gradnorm.as_secs_f64(),
-            selection_s: d.times.selection.as_secs_f64(),
+    let mut report = decision_report(
+        d,
+        &opts,
+        ReportInputs {
+            model: spec.model.display().to_string(),
+            calibration: spec.images.images.display().to_string(),
+            items: images.n,
+            rows_per_item: 1,
+            units: model.unit_names(),
+            method: spec.method.clone(),
+            params: (params_before, params_before - params_removed),
+            eval: spec.eval.as_ref().map(|e| e.images.display().to_string()),
+            perplexity: (None, None),
+            arch: Some(spec.arch.clone()),
+            accuracy: (acc_before, acc_after),
             eval_s,
-            writing_s: 0.0,
-            total_s: 0.0,
         },
-        warnings: d.notes.clone(),
-        cka: d.cka,
-    };
+    );
     write_plots(staged.path(), &report)?;
     report.timings.writing_s = t_write.elapsed().as_secs_f64();
     report.timings.total_s = t0.elapsed().as_secs_f64();

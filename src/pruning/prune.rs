@@ -4,7 +4,7 @@
 use super::calibration::{perplexity, Perplexity};
 use super::checkpoint::{parameter_counts, write_pruned_checkpoint, StagedDir};
 use super::compare::ParamCounts;
-use super::pipeline::{sglp_decide, Budget, SglpOptions};
+use super::pipeline::{sglp_decide, Budget, SglpDecision, SglpOptions};
 use super::select::Selection;
 use crate::error::{Error, Result};
 use crate::io::matrix::importance_for_layers;
@@ -90,12 +90,13 @@ pub fn prune(
         ));
     }
     let kept: Vec<usize> = (0..l).filter(|i| !d.removed.contains(i)).collect();
+    let removed = d.removed.clone();
 
     let t_eval = Instant::now();
     let (ppl_before, ppl_after): (Option<Perplexity>, Option<Perplexity>) = match &eval {
         Some(e) => (
             Some(perplexity(&model, e, opts.forward_batch, &[])?),
-            Some(perplexity(&model, e, opts.forward_batch, &d.removed)?),
+            Some(perplexity(&model, e, opts.forward_batch, &removed)?),
         ),
         None => (None, None),
     };
@@ -105,71 +106,30 @@ pub fn prune(
     let params = param_counts(&spec.model, l)?;
     let staged = StagedDir::new(&spec.out, spec.force)?;
     write_pruned_checkpoint(&spec.model, staged.path(), l, &kept)?;
-    let names = model.layer_names();
-    let mut report = PruneReport {
-        format: REPORT_FORMAT.into(),
-        model: spec.model.display().to_string(),
-        tokens: spec.tokens.path().display().to_string(),
-        calibration_sequences: tokens.sequences,
-        calibration_tokens_per_sequence: tokens.len,
-        layers: names.clone(),
-        method: spec.method.clone(),
-        features: opts.features,
-        k: d.segmentation.k,
-        k_rule: match opts.k {
-            KChoice::Auto { .. } => "auto".into(),
-            KChoice::Elbow { .. } => "elbow".into(),
-            KChoice::Fixed(_) => "fixed".into(),
-        },
-        segments: d.segments.clone(),
-        loss_curve: d
-            .segmentation
-            .loss_curve
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (i + 1, v))
-            .collect(),
-        allocation: opts.allocation,
-        removed_per_segment: d.removed_per_segment.clone(),
-        selection: opts.selection,
-        subset_search: d.subset_search.clone(),
-        greedy_steps: d.greedy_steps.clone(),
-        gradnorm: d.gradnorm.as_ref().map(|g| g.per_layer.clone()),
-        block_influence: d.block_influence.clone(),
-        single_removal_loss: d.single_removal_loss.clone(),
-        calibration_loss: d.score_baseline.or_else(|| {
-            d.gradnorm
+    let mut report = decision_report(
+        d,
+        opts,
+        ReportInputs {
+            model: spec.model.display().to_string(),
+            calibration: spec.tokens.path().display().to_string(),
+            items: tokens.sequences,
+            rows_per_item: tokens.len,
+            units: model.layer_names(),
+            method: spec.method.clone(),
+            params: (params.total(), params.without(&removed)),
+            eval: spec
+                .eval_tokens
                 .as_ref()
-                .map(|g| g.loss)
-                .filter(|l| l.is_finite())
-        }),
-        removed: d.removed.clone(),
-        removed_layers: d.removed.iter().map(|&i| names[i].clone()).collect(),
-        kept: kept.clone(),
-        params_before: params.total(),
-        params_after: params.without(&d.removed),
-        eval_tokens: spec
-            .eval_tokens
-            .as_ref()
-            .map(|p| p.path().display().to_string()),
-        perplexity_before: ppl_before.map(|p| p.perplexity),
-        perplexity_after: ppl_after.map(|p| p.perplexity),
-        arch: None,
-        accuracy_before: None,
-        accuracy_after: None,
-        timings: StageTimes {
-            capture_s: d.times.capture.as_secs_f64(),
-            cka_s: d.times.cka.as_secs_f64(),
-            segmentation_s: d.times.segmentation.as_secs_f64(),
-            gradnorm_s: d.times.gradnorm.as_secs_f64(),
-            selection_s: d.times.selection.as_secs_f64(),
+                .map(|p| p.path().display().to_string()),
+            perplexity: (
+                ppl_before.map(|p| p.perplexity),
+                ppl_after.map(|p| p.perplexity),
+            ),
+            arch: None,
+            accuracy: (None, None),
             eval_s,
-            writing_s: 0.0,
-            total_s: 0.0,
         },
-        warnings: d.notes.clone(),
-        cka: d.cka,
-    };
+    );
     // Writing time covers the checkpoint and the pictures; the JSON and HTML that carry it follow.
     write_plots(staged.path(), &report)?;
     report.timings.writing_s = t_write.elapsed().as_secs_f64();
@@ -177,4 +137,86 @@ pub fn prune(
     write_json_and_html(staged.path(), &report)?;
     let out = staged.commit()?;
     Ok((report, out))
+}
+
+/// What a report holds beside the decision: the inputs as the user named them, the parameter counts
+/// before and after, and the held-out evaluation (perplexity of a decoder, accuracy of a CNN).
+pub(crate) struct ReportInputs {
+    pub model: String,
+    pub calibration: String,
+    /// Calibration items (sequences, images) and rows per item (tokens per sequence; 1).
+    pub items: usize,
+    pub rows_per_item: usize,
+    pub units: Vec<String>,
+    pub method: String,
+    pub params: (usize, usize),
+    pub eval: Option<String>,
+    pub perplexity: (Option<f64>, Option<f64>),
+    pub arch: Option<String>,
+    pub accuracy: (Option<f64>, Option<f64>),
+    pub eval_s: f64,
+}
+
+/// The report of a decision (timings of writing and the total left at 0 for the caller).
+pub(crate) fn decision_report(
+    d: SglpDecision,
+    opts: &SglpOptions,
+    inputs: ReportInputs,
+) -> PruneReport {
+    let n = inputs.units.len();
+    PruneReport {
+        format: REPORT_FORMAT.into(),
+        model: inputs.model,
+        tokens: inputs.calibration,
+        calibration_sequences: inputs.items,
+        calibration_tokens_per_sequence: inputs.rows_per_item,
+        method: inputs.method,
+        features: opts.features,
+        k: d.segmentation.k,
+        k_rule: match opts.k {
+            KChoice::Auto { .. } => "auto".into(),
+            KChoice::Elbow { .. } => "elbow".into(),
+            KChoice::Fixed(_) => "fixed".into(),
+        },
+        segments: d.segments,
+        loss_curve: (1..).zip(d.segmentation.loss_curve).collect(),
+        allocation: opts.allocation,
+        removed_per_segment: d.removed_per_segment,
+        selection: opts.selection,
+        subset_search: d.subset_search,
+        greedy_steps: d.greedy_steps,
+        calibration_loss: d.score_baseline.or_else(|| {
+            d.gradnorm
+                .as_ref()
+                .map(|g| g.loss)
+                .filter(|l| l.is_finite())
+        }),
+        gradnorm: d.gradnorm.map(|g| g.per_layer),
+        block_influence: d.block_influence,
+        single_removal_loss: d.single_removal_loss,
+        removed_layers: d.removed.iter().map(|&i| inputs.units[i].clone()).collect(),
+        kept: (0..n).filter(|i| !d.removed.contains(i)).collect(),
+        removed: d.removed,
+        layers: inputs.units,
+        params_before: inputs.params.0,
+        params_after: inputs.params.1,
+        eval_tokens: inputs.eval,
+        perplexity_before: inputs.perplexity.0,
+        perplexity_after: inputs.perplexity.1,
+        arch: inputs.arch,
+        accuracy_before: inputs.accuracy.0,
+        accuracy_after: inputs.accuracy.1,
+        timings: StageTimes {
+            capture_s: d.times.capture.as_secs_f64(),
+            cka_s: d.times.cka.as_secs_f64(),
+            segmentation_s: d.times.segmentation.as_secs_f64(),
+            gradnorm_s: d.times.gradnorm.as_secs_f64(),
+            selection_s: d.times.selection.as_secs_f64(),
+            eval_s: inputs.eval_s,
+            writing_s: 0.0,
+            total_s: 0.0,
+        },
+        warnings: d.notes,
+        cka: d.cka,
+    }
 }
