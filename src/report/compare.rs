@@ -4,7 +4,7 @@
 
 use super::{escape, plots};
 use crate::error::{Error, Result};
-use crate::pruning::compare::{CompareReport, Criterion};
+use crate::pruning::compare::{CompareReport, Criterion, Metric};
 use base64::Engine;
 use std::path::Path;
 
@@ -138,7 +138,7 @@ pub fn html_page(dir: &Path, r: &CompareReport) -> Result<String> {
          table{{border-collapse:collapse}}th,td{{text-align:left;padding:4px 10px;border-bottom:1px solid #ddd}}\
          img{{max-width:100%}}</style></head><body>\n\
          <h1>Layer-removal criteria compared</h1>\n\
-         <p>Model <code>{}</code>, {} layers; calibration <code>{}</code> ({} × {} tokens); held out \
+         <p>Model <code>{}</code>, {} layers; calibration <code>{}</code> ({}); held out \
          <code>{}</code> ({} items). Unpruned {} {:.4}. Each cell: the same \
          with the N layers bypassed (no fine-tuning), the removed layers in brackets; random: median and \
          range over {} seeds. Shared calibration pass {:.2} s ({}).</p>\n\
@@ -147,8 +147,13 @@ pub fn html_page(dir: &Path, r: &CompareReport) -> Result<String> {
         escape(&r.model),
         r.num_layers,
         escape(&r.tokens),
-        r.calibration_sequences,
-        r.tokens_per_sequence,
+        match r.metric {
+            Metric::Perplexity => format!(
+                "{} × {} tokens",
+                r.calibration_sequences, r.tokens_per_sequence
+            ),
+            Metric::Top1Error => format!("{} images", r.calibration_sequences),
+        },
         escape(&r.eval_tokens),
         r.eval_sequences,
         r.metric.label(),
