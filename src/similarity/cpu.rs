@@ -1,45 +1,71 @@
-//! CPU backend: the same estimators as the CUDA kernels, in f64, with the `gemm` crate and rayon.
+//! CPU backend: the same estimators as the CUDA kernels, with the `gemm` crate and rayon.
 //!
-//! Gram route per batch of n samples and L layers: for each layer (in parallel over layers), convert the
-//! batch to f64, K = XXᵀ (lower-triangular blocks only), apply the kernel, centre (double-centring for the
-//! biased estimator, U-centring for the unbiased one), and pack the lower triangle into one row of
+//! Gram route per batch of n samples and L layers: for each layer (in parallel over layers), K = XXᵀ
+//! (lower-triangular blocks only), apply the kernel, centre in f64 (double-centring for the biased
+//! estimator, U-centring for the unbiased one), and pack the lower triangle into one row of
 //! G (L × n(n+1)/2), the diagonal scaled by 1/√2 so that ⟨K_l, K_m⟩ = 2·(G Gᵀ)_lm. All pairs are then one
-//! product G·Gᵀ.
+//! product G·Gᵀ in f64.
+//!
+//! The Gram's own arithmetic is [`Precision`]: f64 (X converted to f64), or, for the linear kernel, f32:
+//! the batch's column means are subtracted first (computed and subtracted in f64, the result rounded to
+//! f32 once), which leaves both centred Grams unchanged in exact arithmetic (centring removes exactly the
+//! terms a mean shift adds) and keeps f32 from losing the digits of large-mean activations; then an f32
+//! GEMM, at twice the f64 rate. RBF kernels always take the f64 route (the exponential of distances
+//! amplifies rounding).
 
-use super::backend::{check_batch_rows, Backend, Estimator, Kernel};
+use super::backend::{check_batch_rows, Backend, Estimator, Kernel, Precision};
 use crate::error::Result;
-use crate::io::{BatchRef, LayerSlice};
+use crate::io::{BatchRef, DType, LayerSlice};
 use crate::linalg::{gram_xxt, matmul, Layout, MatRef, Parallelism};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
+    precision: Precision,
+    /// The stacked packed Grams (L × n(n+1)/2), kept between batches: every batch overwrites all of it.
+    g: Vec<f64>,
+    /// Work buffers per pool thread (indexed by the thread's index), kept between batches.
+    work: Vec<Mutex<GramWork>>,
 }
 
 impl CpuBackend {
-    /// `threads` = 0 means one per core.
+    /// `threads` = 0 means one per core. Grams in f64 (the reference); see [`CpuBackend::set_precision`].
     pub fn new(threads: usize) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .expect("rayon thread pool");
         let threads = pool.current_num_threads();
-        CpuBackend { pool, threads }
+        CpuBackend {
+            pool,
+            threads,
+            precision: Precision::F64,
+            g: Vec::new(),
+            work: (0..threads).map(|_| Mutex::default()).collect(),
+        }
     }
 }
 
-/// Per-worker buffers for one layer's Gram: the f64 batch (n×d) and the Gram (n×n).
+/// One worker's buffers for one layer's Gram: the batch as f64 or as centred f32 (n×d), the Gram (n×n)
+/// in f64 and in f32, the column means.
 #[derive(Default)]
 struct GramWork {
     x: Vec<f64>,
     k: Vec<f64>,
     scratch: Vec<f64>,
+    x32: Vec<f32>,
+    k32: Vec<f32>,
+    mean: Vec<f64>,
 }
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        match self.precision {
+            Precision::F64 => format!("cpu ({} threads)", self.threads),
+            Precision::F32 => format!("cpu ({} threads, f32 Grams)", self.threads),
+        }
     }
 
     fn batch_hsic(
@@ -52,8 +78,15 @@ impl Backend for CpuBackend {
         let l = batch.layers.len();
         check_batch_rows(estimator, n)?;
         let p = n * (n + 1) / 2;
-        let mut g = vec![0.0f64; l * p];
+        // Every element is overwritten below (`pack_lower` fills each row).
+        self.g.resize(l * p, 0.0);
+        let g = &mut self.g[..l * p];
         let threads = self.threads;
+        let precision = match kernel {
+            Kernel::Linear => self.precision,
+            Kernel::Rbf { .. } => Precision::F64,
+        };
+        let work = &self.work;
         self.pool.install(|| {
             // Parallel over layers when there are enough of them; otherwise parallel inside each GEMM.
             let (outer, inner) = if l >= threads {
@@ -61,27 +94,28 @@ impl Backend for CpuBackend {
             } else {
                 (false, Parallelism::Rayon(threads))
             };
-            let job = |work: &mut GramWork, (row, layer): (&mut [f64], &LayerSlice<'_>)| {
-                centred_gram_packed(layer, n, estimator, kernel, inner, work, row);
+            let job = |(row, layer): (&mut [f64], &LayerSlice<'_>)| {
+                // Each pool thread has its own buffers; the lock is never contended.
+                let i = rayon::current_thread_index().unwrap_or(0) % work.len();
+                let mut w = work[i].lock().unwrap_or_else(|e| e.into_inner());
+                centred_gram_packed(layer, n, estimator, kernel, precision, inner, &mut w, row);
             };
             if outer {
                 g.par_chunks_mut(p)
                     .zip(batch.layers.par_iter())
-                    .for_each_init(GramWork::default, job);
+                    .for_each(job);
             } else {
-                let mut work = GramWork::default();
-                g.chunks_mut(p)
-                    .zip(batch.layers.iter())
-                    .for_each(|x| job(&mut work, x));
+                g.chunks_mut(p).zip(batch.layers.iter()).for_each(job);
             }
         });
+        let g = &self.g[..l * p];
         let mut h = vec![0.0f64; l * l];
         let lg = Layout::row_major(l, p);
         matmul(
             &mut h,
             l,
-            MatRef::new(&g, lg),
-            MatRef::new(&g, lg.t()),
+            MatRef::new(g, lg),
+            MatRef::new(g, lg.t()),
             1.0,
             false,
             Parallelism::Rayon(threads),
@@ -91,6 +125,11 @@ impl Backend for CpuBackend {
             *v *= 2.0 / norm;
         }
         Ok(h)
+    }
+
+    fn set_precision(&mut self, precision: Precision) -> bool {
+        self.precision = precision;
+        true
     }
 
     fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {
@@ -141,15 +180,28 @@ fn centred_gram_packed(
     n: usize,
     estimator: Estimator,
     kernel: Kernel,
+    precision: Precision,
     par: Parallelism,
     work: &mut GramWork,
     out: &mut [f64],
 ) {
     let d = layer.cols;
-    work.x.resize(n * d, 0.0);
     work.k.resize(n * n, 0.0);
-    layer.to_vec_into(&mut work.x);
-    gram_xxt(&work.x, n, d, &mut work.k, par);
+    match precision {
+        Precision::F64 => {
+            work.x.resize(n * d, 0.0);
+            layer.to_vec_into(&mut work.x);
+            gram_xxt(&work.x, n, d, &mut work.k, par);
+        }
+        Precision::F32 => {
+            centred_f32_into(layer, n, work);
+            work.k32.resize(n * n, 0.0);
+            gram_xxt(&work.x32, n, d, &mut work.k32, par);
+            for (k, &v) in work.k.iter_mut().zip(&work.k32) {
+                *k = v as f64;
+            }
+        }
+    }
     if let Kernel::Rbf { threshold } = kernel {
         rbf_from_linear(&mut work.k, n, threshold, &mut work.scratch);
     }
@@ -158,6 +210,48 @@ fn centred_gram_packed(
         Estimator::Unbiased => u_centre(&mut work.k, n),
     }
     pack_lower(&work.k, n, out);
+}
+
+/// The batch (n × d) with its column means subtracted, into `work.x32`: means summed in f64, each element
+/// subtracted in f64 from its stored value and rounded to f32 once.
+fn centred_f32_into(layer: &LayerSlice<'_>, n: usize, work: &mut GramWork) {
+    let d = layer.cols;
+    work.x32.resize(n * d, 0.0);
+    work.mean.clear();
+    work.mean.resize(d, 0.0);
+    if layer.dtype == DType::F64 {
+        // f64 values would round before the subtraction: subtract from the f64 copy.
+        work.x.resize(n * d, 0.0);
+        layer.to_vec_into(&mut work.x);
+        column_means(&work.x, d, &mut work.mean);
+        for (o, x) in work.x32.chunks_exact_mut(d).zip(work.x.chunks_exact(d)) {
+            for ((o, &x), &m) in o.iter_mut().zip(x).zip(&work.mean) {
+                *o = (x - m) as f32;
+            }
+        }
+    } else {
+        // f32, f16 and bf16 values are exact in f32.
+        layer.to_vec_into(&mut work.x32);
+        column_means(&work.x32, d, &mut work.mean);
+        for row in work.x32.chunks_exact_mut(d) {
+            for (x, &m) in row.iter_mut().zip(&work.mean) {
+                *x = (*x as f64 - m) as f32;
+            }
+        }
+    }
+}
+
+/// Column means of the row-major `rows × d` matrix `x`, summed in f64, into `mean` (length d, zeroed).
+fn column_means<T: Copy + Into<f64>>(x: &[T], d: usize, mean: &mut [f64]) {
+    let rows = x.len() / d.max(1);
+    for row in x.chunks_exact(d) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v.into();
+        }
+    }
+    for m in mean.iter_mut() {
+        *m /= rows as f64;
+    }
 }
 
 /// K ← exp(−d²/(2t²m)) with d²_ij = K_ii + K_jj − 2K_ij and m the median of all n² squared distances
