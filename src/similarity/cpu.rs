@@ -16,7 +16,7 @@
 use super::backend::{check_batch_rows, Backend, Estimator, Kernel, Precision};
 use crate::error::Result;
 use crate::io::{BatchRef, DType, LayerSlice};
-use crate::linalg::{gram_xxt, matmul, Layout, MatRef, Parallelism};
+use crate::linalg::{gram_lower, gram_xxt, matmul, Layout, MatRef, Parallelism};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -186,22 +186,19 @@ fn centred_gram_packed(
     out: &mut [f64],
 ) {
     let d = layer.cols;
-    work.k.resize(n * n, 0.0);
-    match precision {
-        Precision::F64 => {
-            work.x.resize(n * d, 0.0);
-            layer.to_vec_into(&mut work.x);
-            gram_xxt(&work.x, n, d, &mut work.k, par);
-        }
-        Precision::F32 => {
-            centred_f32_into(layer, n, work);
-            work.k32.resize(n * n, 0.0);
-            gram_xxt(&work.x32, n, d, &mut work.k32, par);
-            for (k, &v) in work.k.iter_mut().zip(&work.k32) {
-                *k = v as f64;
-            }
-        }
+    if precision == Precision::F32 {
+        // Linear kernel only (the caller's rule): the f32 Gram's lower triangle is centred straight
+        // into the packed f64 row, without a full f64 copy.
+        centred_f32_into(layer, n, work);
+        work.k32.resize(n * n, 0.0);
+        gram_lower(&work.x32, n, d, &mut work.k32, par);
+        centre_pack_lower(&work.k32, n, estimator, &mut work.scratch, out);
+        return;
     }
+    work.k.resize(n * n, 0.0);
+    work.x.resize(n * d, 0.0);
+    layer.to_vec_into(&mut work.x);
+    gram_xxt(&work.x, n, d, &mut work.k, par);
     if let Kernel::Rbf { threshold } = kernel {
         rbf_from_linear(&mut work.k, n, threshold, &mut work.scratch);
     }
@@ -320,6 +317,67 @@ pub fn u_centre(k: &mut [f64], n: usize) {
     }
 }
 
+/// Centre the symmetric kernel matrix whose lower triangle (diagonal included) is in `k` (f32, n × n
+/// row-major) as [`u_centre`] or [`double_centre`] do, in f64, and pack it as [`pack_lower`] does: both
+/// centrings are K_ij − a_i − a_j + c off the diagonal, so two passes over the triangle suffice (row sums,
+/// then the packed values). `rows`: scratch.
+fn centre_pack_lower(
+    k: &[f32],
+    n: usize,
+    estimator: Estimator,
+    rows: &mut Vec<f64>,
+    out: &mut [f64],
+) {
+    // Off-diagonal row sums of the full symmetric matrix, from its lower triangle.
+    rows.clear();
+    rows.resize(n, 0.0);
+    for i in 0..n {
+        let (before, rest) = rows.split_at_mut(i);
+        let mut s = 0.0;
+        for (r, &v) in before.iter_mut().zip(&k[i * n..i * n + i]) {
+            let v = v as f64;
+            s += v;
+            *r += v;
+        }
+        rest[0] += s;
+    }
+    let diag = |i: usize| k[i * n + i] as f64;
+    let nf = n as f64;
+    // a_i and c; `rows` becomes a.
+    let (c, unbiased) = match estimator {
+        Estimator::Unbiased => {
+            for r in rows.iter_mut() {
+                *r /= nf - 2.0;
+            }
+            let shift = rows.iter().sum::<f64>() / (2.0 * (nf - 1.0));
+            for r in rows.iter_mut() {
+                *r -= shift;
+            }
+            (0.0, true)
+        }
+        Estimator::Biased => {
+            for (i, r) in rows.iter_mut().enumerate() {
+                *r = (*r + diag(i)) / nf;
+            }
+            (rows.iter().sum::<f64>() / nf, false)
+        }
+    };
+    let a = &rows[..];
+    let mut t = 0;
+    for i in 0..n {
+        let ai = a[i];
+        for ((o, &v), &aj) in out[t..t + i].iter_mut().zip(&k[i * n..i * n + i]).zip(a) {
+            *o = v as f64 - ai - aj + c;
+        }
+        out[t + i] = if unbiased {
+            0.0
+        } else {
+            (diag(i) - 2.0 * ai + c) * std::f64::consts::FRAC_1_SQRT_2
+        };
+        t += i + 1;
+    }
+}
+
 /// Pack the lower triangle (row by row) with the diagonal scaled by 1/√2.
 fn pack_lower(k: &[f64], n: usize, out: &mut [f64]) {
     let mut t = 0;
@@ -327,5 +385,45 @@ fn pack_lower(k: &[f64], n: usize, out: &mut [f64]) {
         out[t..t + i].copy_from_slice(&k[i * n..i * n + i]);
         out[t + i] = k[i * n + i] * std::f64::consts::FRAC_1_SQRT_2;
         t += i + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn centring_from_the_lower_triangle_matches_centring_the_full_matrix() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::rng().random());
+        let n = 37;
+        // A symmetric matrix with values exact in f32; junk above the diagonal of the f32 copy.
+        let x: Vec<f64> = (0..n * 5).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let mut full = vec![0.0; n * n];
+        crate::linalg::gram_xxt(&x, n, 5, &mut full, Parallelism::None);
+        for v in &mut full {
+            *v = *v as f32 as f64;
+        }
+        let mut lower: Vec<f32> = full.iter().map(|&v| v as f32).collect();
+        for i in 0..n {
+            for j in i + 1..n {
+                lower[i * n + j] = f32::NAN;
+            }
+        }
+        let p = n * (n + 1) / 2;
+        for est in [Estimator::Unbiased, Estimator::Biased] {
+            let mut want_k = full.clone();
+            match est {
+                Estimator::Biased => double_centre(&mut want_k, n),
+                Estimator::Unbiased => u_centre(&mut want_k, n),
+            }
+            let mut want = vec![0.0; p];
+            pack_lower(&want_k, n, &mut want);
+            let mut got = vec![0.0; p];
+            centre_pack_lower(&lower, n, est, &mut Vec::new(), &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{est:?}: {g} vs {w}");
+            }
+        }
     }
 }
