@@ -32,12 +32,15 @@ enum Kind {
     Checkpoint,
 }
 
+/// A command's arguments, given the trial directory.
+type ArgsFor = Box<dyn Fn(&Path) -> Vec<String>>;
+
 /// One writing command: its arguments (given the output root in the trial's directory) and what it writes.
 struct Case {
     name: &'static str,
     trials: usize,
     /// `--out FILE`/`--out DIR` or `--out-dir DIR`, relative to the trial directory.
-    args: Box<dyn Fn(&Path) -> Vec<String>>,
+    args: ArgsFor,
     /// The outputs, relative to the trial directory.
     outputs: Vec<(&'static str, Kind)>,
 }

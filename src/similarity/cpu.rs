@@ -422,7 +422,10 @@ mod tests {
             let mut got = vec![0.0; p];
             centre_pack_lower(&lower, n, est, &mut Vec::new(), &mut got);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{est:?}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-12 * (1.0 + w.abs()),
+                    "{est:?}: {g} vs {w}"
+                );
             }
         }
     }
