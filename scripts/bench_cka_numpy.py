@@ -4,8 +4,10 @@
 The numpy side is the batched formulation (Nguyen, Raghu & Kornblith 2021, Google's minibatch CKA): per batch,
 the Gram of every layer (X @ X.T, which numpy routes to BLAS syrk), U-centred as one stacked (L, b, b) array,
 then one matrix product G @ G.T of the stacked (L, b*b) Grams for all pairs. Both sides read the same .npy
-shards (memory-mapped) and compute in float64. The engine runs as the release CLI, so its time includes
-process start, reading and conversion; the numpy time includes reading the memory-mapped shards too.
+shards (memory-mapped); numpy runs in float64 (the reference) and in float32 (the faster one), the engine
+with its default Grams (`--precision f32`: column means subtracted in f64, f32 GEMM, f64 centring) or
+`--precision f64`. The engine runs as the release CLI, so its time includes process start, reading and
+conversion; the numpy time includes reading the memory-mapped shards too. Best of --repeats for all three.
 
 Usage:
   cargo build --release
@@ -71,9 +73,11 @@ def numpy_cka(dirs, layers, batch, dtype):
     return hsic / np.outer(d, d)
 
 
-def run_engine(engine, dirs, batch, out):
+def run_engine(engine, dirs, batch, out, precision=None):
     cmd = ["/usr/bin/time", "-f", "%M %e", engine, "cka", "--estimator", "unbiased", "--cka-batch", str(batch),
            "--device", "cpu", "--out", out]
+    if precision:
+        cmd += ["--precision", precision]
     for d in dirs:
         cmd += ["--input", d]
     t0 = time.perf_counter()
@@ -99,6 +103,8 @@ def main():
     ap.add_argument("--engine", default="target/release/sglp-engine")
     ap.add_argument("--memory-check", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=["f32", "f64"], default=None,
+                    help="the engine's --precision (default: the engine's default)")
     a = ap.parse_args()
 
     root = tempfile.mkdtemp(prefix="sglp-bench-")
@@ -114,21 +120,23 @@ def main():
         n = a.shards * a.batches * a.batch
         print(f"workload: L={a.layers} layers, d={a.width}, b={a.batch}, {a.shards * a.batches} batches "
               f"({n} samples), f32 on disk, float64 compute, {os.cpu_count()} CPU(s)")
-        best_np, best_eng = float("inf"), float("inf")
+        best_np, best_np32, best_eng = float("inf"), float("inf"), float("inf")
         for _ in range(a.repeats):
             t0 = time.perf_counter()
             ref = numpy_cka(dirs, a.layers, a.batch, np.float64)
             best_np = min(best_np, time.perf_counter() - t0)
-            wall, rss, cka = run_engine(a.engine, dirs, a.batch, os.path.join(root, "out.json"))
+            t0 = time.perf_counter()
+            ref32 = numpy_cka(dirs, a.layers, a.batch, np.float32)
+            best_np32 = min(best_np32, time.perf_counter() - t0)
+            wall, rss, cka = run_engine(a.engine, dirs, a.batch, os.path.join(root, "out.json"), a.precision)
             best_eng = min(best_eng, wall)
-        t0 = time.perf_counter()
-        numpy_cka(dirs, a.layers, a.batch, np.float32)
-        t32 = time.perf_counter() - t0
         diff = np.nanmax(np.abs(cka - ref))
+        diff32 = np.nanmax(np.abs(ref32 - ref))
         print(f"numpy float64 (batched, syrk Grams): {best_np:.3f} s")
-        print(f"numpy float32 (same, for reference): {t32:.3f} s")
-        print(f"sglp-engine cka --device cpu:        {best_eng:.3f} s  (peak RSS {rss:.0f} MiB)")
-        print(f"ratio numpy_f64 / engine: {best_np / best_eng:.2f}x   max |CKA diff| = {diff:.2e}")
+        print(f"numpy float32 (same):                {best_np32:.3f} s  (max |CKA diff| to float64 = {diff32:.2e})")
+        print(f"sglp-engine cka --device cpu{'' if a.precision is None else ' --precision ' + a.precision}: "
+              f"{best_eng:.3f} s  (peak RSS {rss:.0f} MiB, max |CKA diff| to numpy float64 = {diff:.2e})")
+        print(f"engine / numpy_f32 = {best_eng / best_np32:.2f}x   engine / numpy_f64 = {best_eng / best_np:.2f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

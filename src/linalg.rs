@@ -170,7 +170,18 @@ pub fn matmul<T: Scalar>(
 /// The Gram matrix K = X·Xᵀ of a row-major `n × d` matrix into `k` (`n × n`, row-major, full symmetric).
 ///
 /// Computes only the blocks on and below the diagonal (half the multiply-adds) and mirrors them.
-pub fn gram_xxt(x: &[f64], n: usize, d: usize, k: &mut [f64], par: Parallelism) {
+pub fn gram_xxt<T: Scalar>(x: &[T], n: usize, d: usize, k: &mut [T], par: Parallelism) {
+    gram_lower(x, n, d, k, par);
+    for i in 0..n {
+        for j in i + 1..n {
+            k[i * n + j] = k[j * n + i];
+        }
+    }
+}
+
+/// The lower triangle (diagonal included) of K = X·Xᵀ into `k` (`n × n`, row-major); entries above the
+/// diagonal are left unspecified.
+pub fn gram_lower<T: Scalar>(x: &[T], n: usize, d: usize, k: &mut [T], par: Parallelism) {
     assert!(x.len() >= n * d && k.len() >= n * n);
     const NB: usize = 128;
     let lx = Layout::row_major(n, d);
@@ -186,13 +197,8 @@ pub fn gram_xxt(x: &[f64], n: usize, d: usize, k: &mut [f64], par: Parallelism) 
             },
         );
         let b = MatRef::new(x, Layout { rows: r1, ..lx }.t());
-        matmul(&mut k[r0 * n..], n, a, b, 1.0, false, par);
+        matmul(&mut k[r0 * n..], n, a, b, T::ONE, false, par);
         r0 = r1;
-    }
-    for i in 0..n {
-        for j in i + 1..n {
-            k[i * n + j] = k[j * n + i];
-        }
     }
 }
 

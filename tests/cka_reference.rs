@@ -7,7 +7,9 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use sglp_engine::io::{Batch, DType, LayerBlock, LayerMeta};
 use sglp_engine::similarity::cpu::CpuBackend;
-use sglp_engine::similarity::{CkaAccumulator, CkaResult, CkaSpec, Estimator, Kernel, Route};
+use sglp_engine::similarity::{
+    Backend, CkaAccumulator, CkaResult, CkaSpec, Estimator, Kernel, Precision, Route,
+};
 
 type Mat = Vec<Vec<f64>>; // rows
 
@@ -457,4 +459,116 @@ fn half_precision_inputs_match_their_f32_values() {
             dtype.name(),
         );
     }
+}
+
+/// Run the CPU engine on f32-stored layers with the given Gram precision.
+fn engine_f32_stored(layers: &[Mat], spec: CkaSpec, precision: Precision) -> CkaResult {
+    let n = layers[0].len();
+    let mut meta = metas(layers);
+    meta.iter_mut().for_each(|m| m.dtype = DType::F32);
+    let blocks = layers
+        .iter()
+        .map(|x| LayerBlock {
+            dtype: DType::F32,
+            cols: x[0].len(),
+            data: x
+                .iter()
+                .flatten()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect(),
+        })
+        .collect();
+    let b = Batch {
+        rows: n,
+        layers: blocks,
+    };
+    let mut acc = CkaAccumulator::new(&meta, spec, Some(n)).unwrap();
+    let mut cpu = CpuBackend::new(2);
+    assert!(cpu.set_precision(precision));
+    acc.push(&b.as_ref(), &mut cpu).unwrap();
+    acc.finish(&mut cpu).unwrap()
+}
+
+#[test]
+fn f32_grams_match_the_f64_reference_within_1e_6() {
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    let spec = CkaSpec {
+        estimator: Estimator::Unbiased,
+        kernel: Kernel::Linear,
+        batch_size: 12,
+        route: Route::Gram,
+    };
+    // Against the explicit reference, on the values as stored (f32), both estimators.
+    let layers = structured(&mut rng, 47, &[3, 20, 1, 64, 9]);
+    let stored: Vec<Mat> = layers
+        .iter()
+        .map(|x| {
+            x.iter()
+                .map(|r| r.iter().map(|&v| v as f32 as f64).collect())
+                .collect()
+        })
+        .collect();
+    for (est, b) in [(Estimator::Unbiased, 12), (Estimator::Biased, 0)] {
+        let spec = CkaSpec {
+            estimator: est,
+            batch_size: b.max(4),
+            ..spec
+        };
+        let got = engine_f32_stored(&stored, spec, Precision::F32);
+        assert!(got.backend.contains("f32"), "{}", got.backend);
+        assert_close(
+            &got,
+            &ref_cka(&stored, est, Kernel::Linear, b),
+            TOL,
+            &format!("f32 Grams, {est:?}"),
+        );
+    }
+
+    // LLM-like hidden states: per-feature means around 100 and a few outlier features around 5000, at
+    // widths where f32 sums lose digits; against the engine's f64 Grams (themselves held to the
+    // reference above), which the O(n³) reference is too slow for.
+    let g = Normal::new(0.0, 1.0).unwrap();
+    let (n, d) = (384, 512);
+    let latent: Mat = (0..n)
+        .map(|_| (0..8).map(|_| g.sample(&mut rng)).collect())
+        .collect();
+    let means: Vec<f64> = (0..d)
+        .map(|j| {
+            if j % 97 == 5 {
+                5000.0 * (1.0 + 0.1 * g.sample(&mut rng))
+            } else {
+                100.0 + 20.0 * g.sample(&mut rng)
+            }
+        })
+        .collect();
+    let llm: Vec<Mat> = (0..6)
+        .map(|li| {
+            let w: Mat = (0..8)
+                .map(|_| (0..d).map(|_| g.sample(&mut rng)).collect())
+                .collect();
+            let mut x = matmul(&latent, &w);
+            for r in &mut x {
+                for (j, v) in r.iter_mut().enumerate() {
+                    let scale = if j % 97 == 5 { 50.0 } else { 1.0 };
+                    *v = means[j] + scale * (*v + (0.5 + 0.3 * li as f64) * g.sample(&mut rng));
+                }
+            }
+            x
+        })
+        .collect();
+    let spec = CkaSpec {
+        batch_size: 128,
+        ..spec
+    };
+    let f64_grams = engine_f32_stored(&llm, spec, Precision::F64);
+    let f32_grams = engine_f32_stored(&llm, spec, Precision::F32);
+    assert_close(
+        &f32_grams,
+        &f64_grams.cka_matrix(),
+        TOL,
+        "LLM-like, f32 Grams",
+    );
+    // The data is not trivially similar: the check would see a wrong answer.
+    let off: f64 = f64_grams.cka_matrix()[0][5];
+    assert!(off < 0.99 && off > 0.05, "{off}");
 }

@@ -9,7 +9,9 @@ use crate::pruning::pipeline::DEFAULT_FORWARD_BATCH;
 use crate::runtime::{CaptureSource, Model, TextSpec, TokenInput};
 use crate::segmentation::{segment_cka, Features, KChoice, SegmentResult};
 use crate::similarity::device::{open_backend, DeviceChoice};
-use crate::similarity::{compute_cka, Backend, CkaResult, CkaSpec, Estimator, Kernel, Route};
+use crate::similarity::{
+    compute_cka, Backend, CkaResult, CkaSpec, Estimator, Kernel, Precision, Route,
+};
 use std::path::{Path, PathBuf};
 
 /// Calibration tokens of a checkpoint: a `.npy` array of ids, or text tokenised with the checkpoint's own
@@ -346,6 +348,10 @@ pub struct EstimatorArgs {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Arithmetic of the CPU's linear Grams: `f32` (column means subtracted in f64 first, the GEMM in
+    /// f32, centring and sums in f64; CKA within 1e-6 of f64) or `f64`. The GPU computes its own way.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 impl EstimatorArgs {
@@ -375,7 +381,8 @@ impl EstimatorArgs {
 
     /// The compute backend of `--device`; a fallback from `auto` is noted once per machine.
     pub fn backend(&self) -> Result<Box<dyn Backend>> {
-        let (backend, note) = open_backend(self.device, self.threads)?;
+        let (mut backend, note) = open_backend(self.device, self.threads)?;
+        backend.set_precision(self.precision);
         if let Some(n) = note {
             notes::device_note(&n);
         }

@@ -115,6 +115,24 @@ pub fn check_renamed_flags(args: &[OsString]) -> Result<()> {
     Ok(())
 }
 
+/// On SIGINT, SIGTERM or SIGHUP: delete the staging files of outputs being written and exit with
+/// 128 + the signal's number (130, 143, 129), as a shell reports a process the signal killed. Outputs
+/// already in place are never touched (see [`crate::io::output`]). Call it first thing in `main`.
+pub fn install_interrupt_handler() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| Error::invalid(format!("cannot install the signal handler: {e}")))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                crate::io::output::remove_staging_and_exit(128 + sig);
+            }
+        })
+        .map_err(|e| Error::invalid(format!("cannot start the signal thread: {e}")))?;
+    Ok(())
+}
+
 /// Restore the default action of SIGPIPE, so that output into a closed pipe (`sglp-engine info | head`)
 /// ends the process quietly, as for other command-line tools, instead of a panic in `println!`.
 pub fn restore_sigpipe() {

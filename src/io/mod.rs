@@ -208,26 +208,28 @@ impl LayerSlice<'_> {
         if self.cols == 0 {
             return None;
         }
-        let bad = |x: f64| !x.is_finite();
-        let idx = match self.dtype {
-            DType::F32 => self
-                .bytes
-                .chunks_exact(4)
-                .position(|c| bad(f32::from_le_bytes(c.try_into().unwrap()) as f64)),
-            DType::F64 => self
-                .bytes
-                .chunks_exact(8)
-                .position(|c| bad(f64::from_le_bytes(c.try_into().unwrap()))),
-            DType::F16 => self
-                .bytes
-                .chunks_exact(2)
-                .position(|c| bad(f16::from_le_bytes([c[0], c[1]]).to_f64())),
-            DType::BF16 => self
-                .bytes
-                .chunks_exact(2)
-                .position(|c| bad(bf16::from_le_bytes([c[0], c[1]]).to_f64())),
+        // Row by row, without an early exit inside a row, so that the test (exponent bits all ones)
+        // vectorises: this runs over every value read.
+        let w = self.cols * self.dtype.size();
+        let bad_row = |row: &[u8]| -> bool {
+            match self.dtype {
+                DType::F32 => row.chunks_exact(4).fold(false, |acc, c| {
+                    let bits = u32::from_le_bytes(c.try_into().unwrap());
+                    acc | (bits & 0x7f80_0000 == 0x7f80_0000)
+                }),
+                DType::F64 => row.chunks_exact(8).fold(false, |acc, c| {
+                    let bits = u64::from_le_bytes(c.try_into().unwrap());
+                    acc | (bits & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000)
+                }),
+                DType::F16 => row.chunks_exact(2).fold(false, |acc, c| {
+                    acc | (u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
+                }),
+                DType::BF16 => row.chunks_exact(2).fold(false, |acc, c| {
+                    acc | (u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
+                }),
+            }
         };
-        idx.map(|i| i / self.cols)
+        self.bytes.chunks_exact(w).position(bad_row)
     }
 }
 
@@ -295,6 +297,22 @@ pub trait ActivationSource {
     /// The next chunk of at most `max_rows` rows (at least one), or `None` at the end. Chunks are checked:
     /// a NaN or Inf is an error naming the layer and the first bad sample.
     fn next_chunk(&mut self, max_rows: usize) -> Result<Option<Batch>>;
+    /// [`ActivationSource::next_chunk`] into `out`, reusing its buffers (a reader that can copies into
+    /// them, so a stream of chunks allocates nothing once they have grown); `false` at the end.
+    fn next_chunk_into(&mut self, max_rows: usize, out: &mut Batch) -> Result<bool> {
+        match self.next_chunk(max_rows)? {
+            Some(b) => {
+                *out = b;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+    /// This source, if it may be read on another thread while the caller computes (files may; a model
+    /// capture computes itself and is not worth it).
+    fn as_send(&mut self) -> Option<&mut (dyn ActivationSource + Send)> {
+        None
+    }
 }
 
 /// Check every layer of `batch` for NaN/Inf; `first_sample` is the global index of the batch's row 0.

@@ -5,7 +5,7 @@
 //! out of the maps, and checks them for NaN/Inf. So memory is one shard's pages (reclaimable, they are
 //! file-backed) plus the current chunk, however many shards there are.
 
-use super::{check_finite, ActivationSource, Batch, LayerBlock, LayerMeta, StoredTensor};
+use super::{check_finite, ActivationSource, Batch, LayerMeta, StoredTensor};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::fs::File;
@@ -158,6 +158,11 @@ impl ActivationSource for ActivationSet {
     }
 
     fn next_chunk(&mut self, max_rows: usize) -> Result<Option<Batch>> {
+        let mut out = Batch::empty(&self.layers);
+        Ok(self.next_chunk_into(max_rows, &mut out)?.then_some(out))
+    }
+
+    fn next_chunk_into(&mut self, max_rows: usize, out: &mut Batch) -> Result<bool> {
         if max_rows == 0 {
             return Err(Error::invalid("chunk size must be at least 1 row"));
         }
@@ -171,7 +176,7 @@ impl ActivationSource for ActivationSet {
         }
         let s = self.cursor.shard;
         if s == self.shards.len() {
-            return Ok(None);
+            return Ok(false);
         }
         if self.cursor.mapped.is_none() {
             self.cursor.mapped = Some(self.map_shard(s)?);
@@ -180,33 +185,40 @@ impl ActivationSource for ActivationSet {
 
         let start = self.cursor.row;
         let rows = max_rows.min(self.shards[s].rows - start);
-        let blocks = self.tensors[s]
-            .iter()
+        if out.layers.len() != self.layers.len() {
+            *out = Batch::empty(&self.layers);
+        }
+        for (((block, t), meta), &m) in out
+            .layers
+            .iter_mut()
+            .zip(&self.tensors[s])
             .zip(&self.layers)
             .zip(&mapped.map_of_layer)
-            .map(|((t, meta), &m)| {
-                let row_bytes = meta.cols * meta.dtype.size();
-                let from = t.offset as usize + start * row_bytes;
-                LayerBlock {
-                    dtype: meta.dtype,
-                    cols: meta.cols,
-                    data: mapped.maps[m][from..from + rows * row_bytes].to_vec(),
-                }
-            })
-            .collect();
-        let batch = Batch {
-            rows,
-            layers: blocks,
-        };
+        {
+            let row_bytes = meta.cols * meta.dtype.size();
+            let from = t.offset as usize + start * row_bytes;
+            block.dtype = meta.dtype;
+            block.cols = meta.cols;
+            // Into the buffer's existing capacity: no allocation once it has grown to a chunk.
+            block.data.clear();
+            block
+                .data
+                .extend_from_slice(&mapped.maps[m][from..from + rows * row_bytes]);
+        }
+        out.rows = rows;
         check_finite(
-            &batch.as_ref(),
+            &out.as_ref(),
             &self.layers,
             self.cursor.global,
             &self.shards[s].path,
         )?;
         self.cursor.row += rows;
         self.cursor.global += rows;
-        Ok(Some(batch))
+        Ok(true)
+    }
+
+    fn as_send(&mut self) -> Option<&mut (dyn ActivationSource + Send)> {
+        Some(self)
     }
 }
 

@@ -9,19 +9,21 @@
 //! * the tokenizer and generation files (tokenizer*, special_tokens_map, generation_config, chat
 //!   template, vocab/merges, …) are copied as is.
 //!
-//! The directory is built in a temporary directory beside OUTDIR and renamed into place at the end
+//! The directory is built in a staging directory beside OUTDIR and renamed into place at the end
 //! ([`StagedDir`]), so an interrupted run leaves no half-written OUTDIR.
 
 use crate::error::{Error, Result};
+use crate::io::output::{rename_dir, Staging};
 use crate::runtime::weights::{weight_files, WeightFiles, INDEX_FILE};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-/// An output directory being built: a temporary directory beside the destination, renamed over it by
-/// [`StagedDir::commit`]. Dropped without commit, it is deleted.
+/// An output directory being built: a staging directory beside the destination (registered with
+/// [`crate::io::output`], so an interrupt removes it), renamed over it by [`StagedDir::commit`]. Dropped
+/// without commit, it is deleted.
 pub struct StagedDir {
-    tmp: tempfile::TempDir,
+    staging: Staging,
     dest: PathBuf,
     force: bool,
 }
@@ -43,20 +45,12 @@ impl StagedDir {
     /// writing: a run interrupted before then leaves nothing behind.
     pub fn new(dest: &Path, force: bool) -> Result<Self> {
         Self::check_dest(dest, force)?;
-        let parent = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = dest
-            .file_name()
-            .ok_or_else(|| Error::invalid(format!("{}: not a directory name", dest.display())))?;
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{}.tmp-", name.to_string_lossy()))
-            .tempdir_in(&parent)
-            .map_err(|e| Error::io(&parent, e))?;
+        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let (staging, ()) = Staging::create(dest, |p| std::fs::create_dir(p))?;
         Ok(StagedDir {
-            tmp,
+            staging,
             dest: dest.to_path_buf(),
             force,
         })
@@ -64,36 +58,38 @@ impl StagedDir {
 
     /// Where to write the files.
     pub fn path(&self) -> &Path {
-        self.tmp.path()
+        self.staging.path()
     }
 
-    /// Move the directory into place. With `force`, an existing destination is first renamed aside and
-    /// deleted only after the new one is in place.
+    /// Move the directory into place. With `force`, an existing destination is exchanged with the new one
+    /// in one step (it never goes missing) and deleted after.
     pub fn commit(self) -> Result<PathBuf> {
-        set_public_modes(self.tmp.path())?;
-        let staged = self.tmp.keep();
-        let mut old = None;
-        if self.dest.exists() {
-            if !self.force {
-                return Err(Error::invalid(format!(
-                    "{}: appeared while pruning (pass --force to replace it)",
-                    self.dest.display()
-                )));
-            }
-            let aside = staged.with_extension("old");
-            std::fs::rename(&self.dest, &aside).map_err(|e| Error::io(&self.dest, e))?;
-            old = Some(aside);
-        }
-        std::fs::rename(&staged, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-        if let Some(old) = old {
-            let res = if old.is_dir() {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
+        set_public_modes(self.staging.path())?;
+        let StagedDir {
+            staging,
+            dest,
+            force,
+        } = self;
+        staging.commit(|staged| {
+            rename_dir(staged, &dest, force).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::invalid(format!(
+                        "{}: appeared while pruning (pass --force to replace it)",
+                        dest.display()
+                    ))
+                } else {
+                    Error::io(&dest, e)
+                }
+            })?;
+            // What was replaced is now at the staging path.
+            let old = match std::fs::symlink_metadata(staged) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(staged),
+                Ok(_) => std::fs::remove_file(staged),
+                Err(_) => Ok(()),
             };
-            res.map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(self.dest)
+            old.map_err(|e| Error::io(staged, e))
+        })?;
+        Ok(dest)
     }
 }
 

@@ -180,7 +180,8 @@ pub fn write_compare(dir: &Path, r: &CompareReport) -> Result<()> {
         .map_err(|e| Error::format(&json_path, e.to_string()))?
         + "\n";
     crate::io::output::write_atomic(&json_path, json.as_bytes())?;
-    write_png(&dir.join(COMPARE_PNG), r)?;
+    // Atomic like the others: the encoder writes the staging file, renamed into place after.
+    crate::io::output::write_atomic_with(&dir.join(COMPARE_PNG), |p| write_png(p, r))?;
     let html = html_page(dir, r)?;
     crate::io::output::write_atomic(&dir.join(COMPARE_HTML), html.as_bytes())
 }

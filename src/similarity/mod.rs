@@ -18,7 +18,7 @@ pub mod cuda;
 pub mod device;
 mod feature;
 
-pub use backend::{Backend, Estimator, Kernel, Route};
+pub use backend::{Backend, Estimator, Kernel, Precision, Route};
 
 use crate::error::{Error, Result};
 use crate::io::{ActivationSource, Batch, BatchRef, LayerMeta};
@@ -418,12 +418,13 @@ pub fn state_bytes(
         .sum();
     let max_d = layers.iter().map(|m| m.cols as u64).max().unwrap_or(0);
     // The Gram route's per-batch buffers: stacked packed Grams L·b(b+1)/2, and per worker one f64 batch
-    // (b × d) and one Gram (b × b); two workers counted.
+    // (b × d) and one Gram (b × b); two workers counted. Chunks as stored: the one pending, and two
+    // circulating between the reader and the computation (counted below).
     let gram = |b: u64| 8 * (l * b * (b + 1) / 2 + 2 * (b * max_d + b * b));
     Some(match (spec.estimator, route) {
         (_, Route::Feature) => 8 * d * d * 2,
         (Estimator::Unbiased, _) => {
-            gram(spec.batch_size as u64) + stored_row * spec.batch_size as u64
+            gram(spec.batch_size as u64) + 3 * stored_row * spec.batch_size as u64
         }
         (Estimator::Biased, _) => {
             let n = n? as u64;
@@ -473,7 +474,8 @@ fn check_memory(
 }
 
 /// Run the whole calibration set through an accumulator. Shows a progress bar over samples when the total
-/// is known.
+/// is known. A source that can be read on another thread ([`ActivationSource::as_send`]: files) is read
+/// one chunk ahead of the computation.
 pub fn compute_cka(
     source: &mut dyn ActivationSource,
     spec: &CkaSpec,
@@ -487,12 +489,62 @@ pub fn compute_cka(
     if hint.is_none() {
         pb.set_length(0);
     }
-    while let Some(chunk) = source.next_chunk(chunk_rows)? {
+    let mut consume = |chunk: &Batch| -> Result<()> {
         acc.push(&chunk.as_ref(), backend)?;
         pb.inc(chunk.rows as u64);
+        Ok(())
+    };
+    match source.as_send() {
+        Some(src) => read_ahead(src, chunk_rows, &layers, &mut consume)?,
+        None => {
+            let mut chunk = Batch::empty(&layers);
+            while source.next_chunk_into(chunk_rows, &mut chunk)? {
+                consume(&chunk)?;
+            }
+        }
     }
     pb.finish_and_clear();
     acc.finish(backend)
+}
+
+/// Read chunks of `rows` on a second thread while `consume` works on the previous one. Two buffers
+/// circulate between the threads, so once they have grown to a chunk nothing is allocated per chunk. The
+/// first error (reading or consuming) is returned; the reader stops as soon as its channels close.
+fn read_ahead(
+    src: &mut (dyn ActivationSource + Send),
+    rows: usize,
+    layers: &[LayerMeta],
+    consume: &mut dyn FnMut(&Batch) -> Result<()>,
+) -> Result<()> {
+    use std::sync::mpsc::sync_channel;
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = sync_channel::<Result<Batch>>(1);
+        let (free_tx, free_rx) = sync_channel::<Batch>(2);
+        for _ in 0..2 {
+            free_tx.send(Batch::empty(layers)).expect("room for two");
+        }
+        scope.spawn(move || {
+            while let Ok(mut buf) = free_rx.recv() {
+                let next = match src.next_chunk_into(rows, &mut buf) {
+                    Ok(true) => Ok(buf),
+                    Ok(false) => break,
+                    Err(e) => Err(e),
+                };
+                let failed = next.is_err();
+                if full_tx.send(next).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        // Ends when the reader is done and has dropped its sender.
+        for next in full_rx.iter() {
+            let chunk = next?;
+            consume(&chunk)?;
+            // The reader may have finished: then the buffer is simply dropped.
+            let _ = free_tx.send(chunk);
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
