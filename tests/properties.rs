@@ -119,6 +119,9 @@ fn close(a: &Mat, b: &Mat, tol: f64) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A change of one layer's activations.
+type Transform<'a> = Box<dyn Fn(&Mat) -> Mat + 'a>;
+
 /// A random orthogonal d×d matrix: a product of d Householder reflections of random vectors.
 fn orthogonal(rng: &mut StdRng, d: usize) -> Mat {
     let g = Normal::new(0.0, 1.0).unwrap();
@@ -196,7 +199,7 @@ proptest! {
         let q = orthogonal(&mut rng, layers[l][0].len());
         let scale = 10f64.powf(log_scale);
         let shift: Vec<f64> = (0..layers[l][0].len()).map(|_| rng.random_range(-50.0..50.0)).collect();
-        let transforms: [(&str, Box<dyn Fn(&Mat) -> Mat>); 3] = [
+        let transforms: [(&str, Transform); 3] = [
             ("rotation", Box::new(|x: &Mat| cka_ref::matmul(x, &q))),
             ("scaling", Box::new(|x: &Mat| {
                 x.iter().map(|r| r.iter().map(|v| v * scale).collect()).collect()
