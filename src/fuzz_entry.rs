@@ -185,7 +185,7 @@ fn stream(inputs: &[PathBuf], tokens: TokenMode) {
     }
 }
 
-/// `.safetensors` activation shards (1 to 3, see [`split`]): the header parser on the bytes, then the
+/// `.safetensors` activation shards (1 to 3, see `split`): the header parser on the bytes, then the
 /// shard reader (`ActivationSet`: headers cross-checked, data memory-mapped and streamed) and the
 /// runtime's weight reader (`Weights`, every tensor converted to f32) on the files.
 pub fn safetensors(data: &[u8]) {
@@ -282,7 +282,7 @@ pub fn tokens(data: &[u8]) {
     });
 }
 
-/// Images and labels (two `.npy` files, see [`split`]), through `Images::load_npy`.
+/// Images and labels (two `.npy` files, see `split`), through `Images::load_npy`.
 pub fn images(data: &[u8]) {
     let mut parts = split(data, 2);
     if parts.len() < 2 {
