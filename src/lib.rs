@@ -9,6 +9,8 @@
 
 pub mod cli;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod io;
 pub mod linalg;
 pub mod progress;

@@ -13,11 +13,10 @@
 //! symmetric within [`SYMMETRY_TOL`]; every error is one line naming the file and, where it applies, the
 //! position.
 
-use super::npy::{check_header_len, dtype_of};
+use super::npy::{check_npy_bytes, dtype_of};
 use super::{convert_into, DType};
 use crate::error::{Error, Result};
 use crate::similarity::{CkaResult, CKA_FORMAT};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// Largest |S\[i\]\[j\] − S\[j\]\[i\]| accepted.
@@ -26,15 +25,21 @@ pub const SYMMETRY_TOL: f64 = 1e-6;
 /// Layer names and the L×L similarity matrix in `path` (see the module documentation for the formats).
 pub fn read_similarity_matrix(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_similarity_matrix(&bytes, path)
+}
+
+/// [`read_similarity_matrix`] of a file's bytes; `path` names it in errors and its extension picks the
+/// format, as for the file itself.
+pub fn parse_similarity_matrix(bytes: &[u8], path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
     let (layers, m, engine) = if ext == "npy" || bytes.starts_with(b"\x93NUMPY") {
-        let (l, m) = read_npy(path)?;
+        let (l, m) = read_npy(bytes, path)?;
         (l, m, false)
     } else {
-        let text = std::str::from_utf8(&bytes)
+        let text = std::str::from_utf8(bytes)
             .ok()
             .filter(|t| !t.contains('\0'))
             .ok_or_else(|| {
@@ -159,8 +164,8 @@ pub fn read_engine_json(path: &Path, text: &str) -> Result<CkaResult> {
 }
 
 /// `.npy`: a 2-D square float32/float64 array, C or Fortran order.
-fn read_npy(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
-    let (shape, flat, fortran) = read_npy_floats(path, "a similarity matrix")?;
+fn read_npy(bytes: &[u8], path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
+    let (shape, flat, fortran) = read_npy_floats(bytes, path, "a similarity matrix")?;
     let [r, c] = shape[..] else {
         return Err(Error::format(
             path,
@@ -193,17 +198,16 @@ fn read_npy(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
     Ok((default_names(l), m))
 }
 
-/// A float32/float64 `.npy` file of `what`: its shape, its values in storage order, and whether that order
-/// is Fortran's. The data size is checked against the file's length before anything is allocated.
-fn read_npy_floats(path: &Path, what: &str) -> Result<(Vec<u64>, Vec<f64>, bool)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    check_header_len(&mut file, path, file_len)?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io(path, e))?;
-    let header = npyz::NpyHeader::from_reader(&mut file)
+/// A float32/float64 `.npy` file of `what` (its bytes): its shape, its values in storage order, and whether
+/// that order is Fortran's. The data size is checked against the file's length before anything is
+/// allocated.
+fn read_npy_floats(bytes: &[u8], path: &Path, what: &str) -> Result<(Vec<u64>, Vec<f64>, bool)> {
+    check_npy_bytes(bytes, path)?;
+    let mut rest = bytes;
+    let header = npyz::NpyHeader::from_reader(&mut rest)
         .map_err(|e| Error::format(path, format!("corrupt npy header: {e}")))?;
-    let offset = file.stream_position().map_err(|e| Error::io(path, e))?;
+    let offset = (bytes.len() - rest.len()) as u64;
+    let file_len = bytes.len() as u64;
     let dtype = dtype_of(&header).map_err(|m| Error::format(path, m))?;
     if dtype == DType::F16 {
         return Err(Error::format(
@@ -230,10 +234,8 @@ fn read_npy_floats(path: &Path, what: &str) -> Result<(Vec<u64>, Vec<f64>, bool)
             ),
         ));
     }
-    let mut data = vec![0u8; nbytes as usize];
-    file.read_exact(&mut data).map_err(|e| Error::io(path, e))?;
     let mut flat = vec![0f64; n];
-    convert_into(dtype, &data, &mut flat);
+    convert_into(dtype, rest, &mut flat);
     Ok((shape, flat, header.order() == npyz::Order::Fortran))
 }
 
@@ -245,12 +247,17 @@ fn read_npy_floats(path: &Path, what: &str) -> Result<(Vec<u64>, Vec<f64>, bool)
 /// finite and at least one.
 pub fn read_importance(path: &Path) -> Result<(Option<Vec<String>>, Vec<f64>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_importance(&bytes, path)
+}
+
+/// [`read_importance`] of a file's bytes; `path` names it in errors and its extension picks the format.
+pub fn parse_importance(bytes: &[u8], path: &Path) -> Result<(Option<Vec<String>>, Vec<f64>)> {
     let is_npy = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
         || bytes.starts_with(b"\x93NUMPY");
     let (names, values) = if is_npy {
-        let (shape, flat, _) = read_npy_floats(path, "a gradient-norm vector")?;
+        let (shape, flat, _) = read_npy_floats(bytes, path, "a gradient-norm vector")?;
         if shape.iter().filter(|&&d| d != 1).count() > 1 {
             return Err(Error::format(
                 path,
@@ -259,7 +266,7 @@ pub fn read_importance(path: &Path) -> Result<(Option<Vec<String>>, Vec<f64>)> {
         }
         (None, flat)
     } else {
-        let text = std::str::from_utf8(&bytes)
+        let text = std::str::from_utf8(bytes)
             .map_err(|_| Error::format(path, "not gradient norms: neither JSON nor .npy"))?;
         let v: serde_json::Value = serde_json::from_str(text.trim_start_matches('\u{feff}'))
             .map_err(|e| Error::format(path, format!("not a JSON file: {e}")))?;

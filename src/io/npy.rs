@@ -51,13 +51,33 @@ fn npy_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 fn read_header(path: &Path, name: String) -> Result<StoredTensor> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    check_header_len(&mut file, path, file_len)?;
+    let mut pre = [0u8; 12];
+    let n = (&mut file)
+        .take(12)
+        .read(&mut pre)
+        .map_err(|e| Error::io(path, e))?;
+    // Checked against the file size, so this buffer is bounded by the file.
+    let mut head = vec![0u8; header_bytes(&pre[..n], file_len, path)? as usize];
     file.seek(SeekFrom::Start(0))
         .map_err(|e| Error::io(path, e))?;
-    // `File` is unbuffered, so after the header the stream position is exactly the data offset.
-    let header = NpyHeader::from_reader(&mut file)
+    file.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
+    parse_header(&head, file_len, path, name)
+}
+
+/// One `.npy` layer from the first bytes of its file (`head`: at least the whole header; the file is
+/// `file_len` bytes long): its dtype and shape, checked to declare exactly the data after the header.
+/// `path` and `name` are what errors and the returned tensor name.
+pub(crate) fn parse_header(
+    head: &[u8],
+    file_len: u64,
+    path: &Path,
+    name: String,
+) -> Result<StoredTensor> {
+    check_header(head, file_len, path)?;
+    let mut rest = head;
+    let header = NpyHeader::from_reader(&mut rest)
         .map_err(|e| Error::format(path, format!("corrupt npy header: {e}")))?;
-    let offset = file.stream_position().map_err(|e| Error::io(path, e))?;
+    let offset = (head.len() - rest.len()) as u64;
 
     let dtype = dtype_of(&header).map_err(|msg| Error::layer(path, &name, msg))?;
     let shape: Vec<usize> = header
@@ -100,15 +120,52 @@ fn read_header(path: &Path, name: String) -> Result<StoredTensor> {
     })
 }
 
-/// npyz reads the header text into a buffer sized by the header-length field; make sure that field fits
-/// in the file before letting it (magic, version, then a u16 or u32 length, per the npy format).
-pub(crate) fn check_header_len(file: &mut File, path: &Path, file_len: u64) -> Result<()> {
+/// Check the header of the `.npy` file held in `bytes` before any npyz reader sees it: its length field
+/// against the file's length (npyz allocates that many bytes first: 4 GB for a 100-byte file), and the
+/// nesting of its Python literal (npyz's parser takes time exponential in the depth: a 200-byte header
+/// of 30 nested brackets would run for hours). Every reader of a `.npy` file calls this first.
+pub fn check_npy_bytes(bytes: &[u8], path: &Path) -> Result<()> {
+    check_header(bytes, bytes.len() as u64, path)
+}
+
+/// Deepest bracket nesting accepted in an npy header: numpy writes depth 2 for the plain dtypes read
+/// here (`{... 'shape': (4, 3), }`), 4 for structured ones. Depth 8 already costs npyz's parser ~0.1 s,
+/// and each further level doubles it.
+const MAX_HEADER_NESTING: usize = 6;
+
+/// [`check_npy_bytes`] on the first bytes of a file of `file_len` bytes (`head`: the whole header, or
+/// the whole file when shorter).
+fn check_header(head: &[u8], file_len: u64, path: &Path) -> Result<()> {
+    let total = header_bytes(&head[..head.len().min(12)], file_len, path)? as usize;
+    let prefix = if head[6] == 1 { 10 } else { 12 };
+    let text = &head[prefix.min(head.len())..total.min(head.len())];
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for &c in text {
+        match c {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_HEADER_NESTING {
+        return Err(Error::format(
+            path,
+            format!(
+                "corrupt npy header: brackets nested {deepest} deep (at most {MAX_HEADER_NESTING})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of the whole header (magic, version, length field and text) of an npy file of `file_len` bytes
+/// whose first bytes are `pre` (12, or all when the file is shorter), checked to fit in the file.
+fn header_bytes(pre: &[u8], file_len: u64, path: &Path) -> Result<u64> {
     let truncated = || Error::format(path, "truncated or corrupt npy file (no complete header)");
-    let mut pre = [0u8; 12];
-    let n = file
-        .take(12)
-        .read(&mut pre)
-        .map_err(|e| Error::io(path, e))?;
+    let n = pre.len();
     if n < 10 || &pre[..6] != b"\x93NUMPY" {
         return Err(Error::format(path, "not an npy file (magic not found)"));
     }
@@ -134,7 +191,7 @@ pub(crate) fn check_header_len(file: &mut File, path: &Path, file_len: u64) -> R
             ),
         ));
     }
-    Ok(())
+    Ok(prefix + text_len)
 }
 
 /// Our dtype for a plain little-endian float npy dtype, or why not.

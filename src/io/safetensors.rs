@@ -25,12 +25,43 @@ const LEN_PREFIX: u64 = 8;
 pub(crate) fn read_header(path: &Path, keep: Option<&Regex>) -> Result<Vec<StoredTensor>> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let header_len = read_header_len(&mut file, path, file_len)?;
-
-    // Checked against the file size above, so this allocation is bounded by the file.
+    let mut prefix = [0u8; LEN_PREFIX as usize];
+    if file_len >= LEN_PREFIX {
+        file.read_exact(&mut prefix)
+            .map_err(|e| Error::io(path, e))?;
+    }
+    let header_len = header_len(prefix, file_len, path)?;
+    // Checked against the file size, so this allocation is bounded by the file.
     let mut json = vec![0u8; header_len as usize];
     file.read_exact(&mut json).map_err(|e| Error::io(path, e))?;
-    let metadata: Metadata = serde_json::from_slice(&json)
+    parse_header(&json, file_len, path, keep)
+}
+
+/// [`read_header`] of a whole file's bytes (`path` names it in errors and in the returned tensors).
+pub(crate) fn header_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    keep: Option<&Regex>,
+) -> Result<Vec<StoredTensor>> {
+    let file_len = bytes.len() as u64;
+    let mut prefix = [0u8; LEN_PREFIX as usize];
+    if let Some(p) = bytes.get(..LEN_PREFIX as usize) {
+        prefix.copy_from_slice(p);
+    }
+    let header_len = header_len(prefix, file_len, path)?;
+    let json = &bytes[LEN_PREFIX as usize..(LEN_PREFIX + header_len) as usize];
+    parse_header(json, file_len, path, keep)
+}
+
+/// The layers of a safetensors file of `file_len` bytes whose header JSON is `json`.
+fn parse_header(
+    json: &[u8],
+    file_len: u64,
+    path: &Path,
+    keep: Option<&Regex>,
+) -> Result<Vec<StoredTensor>> {
+    let header_len = json.len() as u64;
+    let metadata: Metadata = serde_json::from_slice(json)
         .map_err(|e| Error::format(path, format!("corrupt safetensors header: {e}")))?;
 
     let data_start = LEN_PREFIX + header_len;
@@ -76,17 +107,15 @@ pub(crate) fn read_header(path: &Path, keep: Option<&Regex>) -> Result<Vec<Store
         .collect()
 }
 
-/// The 8-byte little-endian JSON length, checked against the file size (and the crate's 100 MB cap).
-fn read_header_len(file: &mut File, path: &Path, file_len: u64) -> Result<u64> {
+/// The 8-byte little-endian JSON length (`prefix`, the file's first bytes), checked against the file size
+/// (and the crate's 100 MB cap).
+fn header_len(prefix: [u8; LEN_PREFIX as usize], file_len: u64, path: &Path) -> Result<u64> {
     if file_len < LEN_PREFIX {
         return Err(Error::format(
             path,
             format!("truncated safetensors file: {file_len} bytes, shorter than the 8-byte header length"),
         ));
     }
-    let mut prefix = [0u8; LEN_PREFIX as usize];
-    file.read_exact(&mut prefix)
-        .map_err(|e| Error::io(path, e))?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > file_len - LEN_PREFIX {
         return Err(Error::format(

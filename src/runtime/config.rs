@@ -48,6 +48,15 @@ pub struct ModelConfig {
     pub sliding_layers: Vec<bool>,
 }
 
+/// Upper bounds on a config's sizes, far above any released checkpoint (the largest have ~128 layers,
+/// 256k-token vocabularies, 53k-wide MLPs): the config is read before the weights that would bound its
+/// numbers, and some tables are sized from it right away (one entry per layer), so an absurd number must
+/// not become an allocation; with every size below 2^24 no product of two overflows either.
+const MAX_LAYERS: usize = 1 << 16;
+const MAX_SIZE: usize = 1 << 24;
+/// Released models use head_dim ≤ 256; the RoPE table has head_dim / 2 entries.
+const MAX_HEAD_DIM: usize = 1 << 16;
+
 fn model_err(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Model(format!("{}: {msg}", path.display()))
 }
@@ -62,6 +71,22 @@ fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
                 format!("field '{key}' is missing or not a non-negative integer"),
             )
         })
+}
+
+/// `get_usize`, at most `max`.
+fn get_size(v: &Value, key: &str, max: usize, path: &Path) -> Result<usize> {
+    let x = get_usize(v, key, path)?;
+    check_size(x, key, max, path)
+}
+
+fn check_size(x: usize, key: &str, max: usize, path: &Path) -> Result<usize> {
+    if x > max {
+        return Err(model_err(
+            path,
+            format!("field '{key}' is {x}, more than this runtime takes ({max})"),
+        ));
+    }
+    Ok(x)
 }
 
 fn opt_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
@@ -96,8 +121,13 @@ fn opt_bool(v: &Value, key: &str, path: &Path) -> Result<Option<bool>> {
 
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&bytes, path)
+    }
+
+    /// [`Self::load`] of the file's bytes; `path` names it in errors.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_slice(bytes)
             .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&v, path)
     }
@@ -124,10 +154,14 @@ impl ModelConfig {
                 format!("hidden_act '{act}' is not supported (silu)"),
             ));
         }
-        let hidden_size = get_usize(v, "hidden_size", path)?;
-        let num_attention_heads = get_usize(v, "num_attention_heads", path)?;
-        let num_key_value_heads =
-            opt_usize(v, "num_key_value_heads", path)?.unwrap_or(num_attention_heads);
+        let hidden_size = get_size(v, "hidden_size", MAX_SIZE, path)?;
+        let num_attention_heads = get_size(v, "num_attention_heads", MAX_SIZE, path)?;
+        let num_key_value_heads = check_size(
+            opt_usize(v, "num_key_value_heads", path)?.unwrap_or(num_attention_heads),
+            "num_key_value_heads",
+            MAX_SIZE,
+            path,
+        )?;
         if num_attention_heads == 0
             || num_key_value_heads == 0
             || num_attention_heads % num_key_value_heads != 0
@@ -140,7 +174,12 @@ impl ModelConfig {
                 ),
             ));
         }
-        let head_dim = opt_usize(v, "head_dim", path)?.unwrap_or(hidden_size / num_attention_heads);
+        let head_dim = check_size(
+            opt_usize(v, "head_dim", path)?.unwrap_or(hidden_size / num_attention_heads),
+            "head_dim",
+            MAX_HEAD_DIM,
+            path,
+        )?;
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(model_err(
                 path,
@@ -169,12 +208,12 @@ impl ModelConfig {
             "llama" => (attention_bias, attention_bias),
             _ => (false, false),
         };
-        let num_hidden_layers = get_usize(v, "num_hidden_layers", path)?;
+        let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         Ok(ModelConfig {
-            vocab_size: get_usize(v, "vocab_size", path)?,
-            intermediate_size: get_usize(v, "intermediate_size", path)?,
+            vocab_size: get_size(v, "vocab_size", MAX_SIZE, path)?,
+            intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
             num_hidden_layers,
             rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(false),
@@ -489,6 +528,25 @@ mod tests {
         ] {
             let e = cfg("qwen2", extra).unwrap_err().to_string();
             assert!(e.contains(field) && e.starts_with("config.json"), "{e}");
+        }
+    }
+
+    /// A size no checkpoint has is refused by name before anything is sized from it (a mistral config
+    /// with 2^40 layers would otherwise ask for a 1 TB per-layer window table).
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        let p = Path::new("config.json");
+        for (key, value) in [
+            ("num_hidden_layers", 1u64 << 40),
+            ("hidden_size", 1 << 40),
+            ("vocab_size", u64::MAX),
+            ("head_dim", 1 << 30),
+        ] {
+            let mut v = base();
+            v["model_type"] = "mistral".into();
+            v[key] = value.into();
+            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("more than"), "{e}");
         }
     }
 

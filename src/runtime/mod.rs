@@ -38,7 +38,13 @@ impl Tokens {
     /// Read a 2-D `.npy` of int32 or int64 ids, `[sequences, tokens]`.
     pub fn load_npy(path: &Path) -> Result<Tokens> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let npy = npyz::NpyFile::new(&bytes[..])
+        Self::from_npy_bytes(&bytes, path)
+    }
+
+    /// [`Self::load_npy`] of the file's bytes; `path` names it in errors.
+    pub fn from_npy_bytes(bytes: &[u8], path: &Path) -> Result<Tokens> {
+        crate::io::npy::check_npy_bytes(bytes, path)?;
+        let npy = npyz::NpyFile::new(bytes)
             .map_err(|e| Error::format(path, format!("not a .npy file: {e}")))?;
         let shape = npy.shape().to_vec();
         if shape.len() != 2 {
@@ -72,6 +78,20 @@ impl Tokens {
             }
         }
         .map_err(|e| Error::format(path, format!("cannot read the token array: {e}")))?;
+        // npyz reads as many ids as the shape declares; a wrapped shape product (npyz does not check it)
+        // could declare fewer than the shape's own numbers say.
+        if Some(data.len() as u64) != shape[0].checked_mul(shape[1]) {
+            return Err(Error::format(
+                path,
+                format!("token array shape {shape:?} does not match its data"),
+            ));
+        }
+        if data.is_empty() {
+            return Err(Error::format(
+                path,
+                format!("token array has shape {shape:?}: no tokens"),
+            ));
+        }
         Ok(Tokens {
             data,
             sequences: shape[0] as usize,

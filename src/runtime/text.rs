@@ -40,7 +40,8 @@ pub struct TextSpec {
 }
 
 impl TextSpec {
-    fn is_jsonl(&self) -> bool {
+    /// Whether the file is read as JSON lines (a `--text-field` given, or a `.jsonl` name).
+    pub fn is_jsonl(&self) -> bool {
         self.field.is_some()
             || self
                 .path
@@ -66,20 +67,41 @@ pub fn tokenize_text(tokenizer_json: &Path, spec: &TextSpec) -> Result<Tokens> {
             "not found: --text tokenises with the checkpoint's own tokenizer.json (or pass --tokens FILE.npy)",
         ));
     }
-    let mut tokenizer = tokenizers::Tokenizer::from_file(tokenizer_json)
-        .map_err(|e| Error::format(tokenizer_json, format!("not a tokenizer.json: {e}")))?;
+    let bytes = std::fs::read(tokenizer_json).map_err(|e| Error::io(tokenizer_json, e))?;
+    let tokenizer = tokenizer_from_bytes(&bytes, tokenizer_json)?;
+    let text = read_text(&spec.path)?;
+    tokenize_str(&tokenizer, &text, spec)
+}
+
+/// A `tokenizer.json` (its bytes; `path` names it in errors), with truncation and padding off.
+pub fn tokenizer_from_bytes(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokenizer> {
+    let mut tokenizer = no_panic(path, "not a tokenizer.json", || {
+        tokenizers::Tokenizer::from_bytes(bytes)
+    })?
+    .map_err(|e| Error::format(path, format!("not a tokenizer.json: {e}")))?;
     tokenizer
         .with_truncation(None)
-        .map_err(|e| Error::format(tokenizer_json, format!("cannot turn truncation off: {e}")))?;
+        .map_err(|e| Error::format(path, format!("cannot turn truncation off: {e}")))?;
     tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
 
-    let text = read_text(&spec.path)?;
+/// The token sequences of `text`, the content of `spec.path` (see the module doc for the rule).
+pub fn tokenize_str(
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+    spec: &TextSpec,
+) -> Result<Tokens> {
+    if spec.seq_len == 0 {
+        return Err(Error::invalid("--seq-len must be at least 1"));
+    }
     let wanted = spec.max_sequences.map(|m| m.saturating_mul(spec.seq_len));
     let mut ids: Vec<i64> = Vec::new();
     let encode = |doc: &str, ids: &mut Vec<i64>| -> Result<()> {
-        let enc = tokenizer
-            .encode(doc, true)
-            .map_err(|e| Error::format(&spec.path, format!("tokenizer failed: {e}")))?;
+        let enc = no_panic(&spec.path, "tokenizer failed", || {
+            tokenizer.encode(doc, true)
+        })?
+        .map_err(|e| Error::format(&spec.path, format!("tokenizer failed: {e}")))?;
         ids.extend(enc.get_ids().iter().map(|&i| i64::from(i)));
         Ok(())
     };
@@ -95,7 +117,7 @@ pub fn tokenize_text(tokenizer_json: &Path, spec: &TextSpec) -> Result<Tokens> {
             encode(&jsonl_field(&spec.path, i + 1, line, field)?, &mut ids)?;
         }
     } else {
-        encode(&text, &mut ids)?;
+        encode(text, &mut ids)?;
     }
 
     let mut sequences = ids.len() / spec.seq_len;
@@ -117,6 +139,23 @@ pub fn tokenize_text(tokenizer_json: &Path, spec: &TextSpec) -> Result<Tokens> {
         data: ids,
         sequences,
         len: spec.seq_len,
+    })
+}
+
+/// Run a call into the `tokenizers` library, turning a panic into an error: it panics on some malformed
+/// files instead of returning an error (its deserialisers `expect` on parts of the JSON, e.g. a
+/// `decoder` holding a raw control character), and a bad tokenizer.json must not crash the engine.
+fn no_panic<T>(path: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Error::format(
+            path,
+            format!("{what}: the tokenizers library panicked ({msg})"),
+        )
     })
 }
 

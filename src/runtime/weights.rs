@@ -44,23 +44,32 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
             dir.display()
         )));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
+    let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
+    Ok(WeightFiles {
+        files: parse_index(&bytes, &index)?,
+        sharded: true,
+    })
+}
+
+/// The shard file names of a `model.safetensors.index.json` (its bytes; `index` names it in errors), in
+/// natural order, each once.
+pub fn parse_index(bytes: &[u8], index: &Path) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::format(&index, "no 'weight_map' object"))?;
+        .ok_or_else(|| Error::format(index, "no 'weight_map' object"))?;
     let mut files: Vec<String> = Vec::new();
     for f in map.values() {
         let f = f
             .as_str()
-            .ok_or_else(|| Error::format(&index, "weight_map values must be file names"))?;
+            .ok_or_else(|| Error::format(index, "weight_map values must be file names"))?;
         // A shard is a file of this directory: a path elsewhere would be read (and, when pruning,
         // written) outside the checkpoint.
         if f.is_empty() || f == "." || f == ".." || f.contains(['/', '\\']) {
             return Err(Error::format(
-                &index,
+                index,
                 format!("weight_map value '{f}' is not a file name in the checkpoint directory"),
             ));
         }
@@ -69,10 +78,7 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
         }
     }
     files.sort_by(|a, b| crate::io::natural_cmp(a, b));
-    Ok(WeightFiles {
-        files,
-        sharded: true,
-    })
+    Ok(files)
 }
 
 struct TensorLoc {

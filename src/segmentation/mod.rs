@@ -134,6 +134,10 @@ fn backtrack(t: &FisherTable, k: usize, l: usize) -> Vec<(usize, usize)> {
     segs
 }
 
+/// Largest |feature| [`fisher_segments`] takes: squares and their sums over any number of layers stay
+/// far inside f64's range.
+pub const MAX_FEATURE: f64 = 1e100;
+
 fn check_input(x: &[Vec<f64>], k: usize, min_len: usize) -> Result<()> {
     let l = x.len();
     if l == 0 {
@@ -153,6 +157,15 @@ fn check_input(x: &[Vec<f64>], k: usize, min_len: usize) -> Result<()> {
     }
     if x.iter().flatten().any(|v| !v.is_finite()) {
         return Err(Error::invalid("layer features are not all finite"));
+    }
+    // The diameters are sums of squares: features beyond ~1e100 overflow them to infinity, and the DP
+    // has no finite loss to choose from. Similarity matrices hold values of order one.
+    let max = x.iter().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
+    if max > MAX_FEATURE {
+        return Err(Error::invalid(format!(
+            "layer features up to {max:e} are too large to segment (at most {MAX_FEATURE:e}; a \
+             similarity matrix holds values of order one)"
+        )));
     }
     Ok(())
 }
@@ -340,4 +353,20 @@ pub fn segment_cka(
         features,
         warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Features whose squares overflow f64 left the DP without a finite loss, and the backtracking
+    /// stepped before layer 0 (a panic on a CSV of 1e200s given to `segment`): refused with an error.
+    #[test]
+    fn features_too_large_to_square_are_refused() {
+        let x: Vec<Vec<f64>> = [1e200, -1e200, 1e200].iter().map(|&v| vec![v]).collect();
+        let e = fisher_segments(&x, 2, 1).unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
+        let x: Vec<Vec<f64>> = [1e90, -3e89, 2e90].iter().map(|&v| vec![v]).collect();
+        assert_eq!(fisher_segments(&x, 2, 1).unwrap().segments.len(), 2);
+    }
 }

@@ -129,6 +129,10 @@ pub struct CkaAccumulator {
     n_samples: usize,
     /// Feature route state.
     feature: Option<feature::FeatureState>,
+    /// Per layer: the bytes of the first sample that entered an estimate, and whether any later one
+    /// differs from it (see [`Self::note_variation`]).
+    first_row: Vec<Option<Vec<u8>>>,
+    varies: Vec<bool>,
     warnings: Vec<String>,
 }
 
@@ -164,6 +168,8 @@ impl CkaAccumulator {
             n_batches: 0,
             n_samples: 0,
             feature,
+            first_row: vec![None; l],
+            varies: vec![false; l],
             warnings: Vec::new(),
         })
     }
@@ -196,6 +202,10 @@ impl CkaAccumulator {
             }
         }
         self.n_samples += chunk.rows;
+        if self.spec.estimator == Estimator::Biased {
+            // Every sample enters the biased estimate (the unbiased one notes its batches as they form).
+            self.note_variation(chunk);
+        }
         match (self.spec.estimator, self.route) {
             (Estimator::Biased, Route::Gram) => {
                 self.pending.extend_from(chunk);
@@ -233,11 +243,27 @@ impl CkaAccumulator {
         Ok(())
     }
 
+    /// Record which layers have two samples that differ. A layer whose samples are all identical has zero
+    /// variance exactly, but its centred Grams are rounding residue, not zeros (a constant like 0.1 does
+    /// not centre to exact zeros in floating point), and its CKA would be a ratio of rounding errors;
+    /// `finish` gives such a layer exact zero HSICs instead, hence a NaN row and the zero-variance warning.
+    fn note_variation(&mut self, batch: &BatchRef<'_>) {
+        for (li, s) in batch.layers.iter().enumerate() {
+            let w = s.cols * s.dtype.size();
+            if self.varies[li] || batch.rows == 0 || w == 0 {
+                continue;
+            }
+            let first = self.first_row[li].get_or_insert_with(|| s.bytes[..w].to_vec());
+            self.varies[li] = s.bytes.chunks_exact(w).any(|r| r != first.as_slice());
+        }
+    }
+
     fn add_unbiased_batch(
         &mut self,
         batch: &BatchRef<'_>,
         backend: &mut dyn Backend,
     ) -> Result<()> {
+        self.note_variation(batch);
         let h = match self.route {
             Route::Feature => self
                 .feature
@@ -306,6 +332,13 @@ impl CkaAccumulator {
                 (h, n)
             }
         };
+        let mut hsic = hsic;
+        for i in (0..l).filter(|&i| !self.varies[i]) {
+            for j in 0..l {
+                hsic[i * l + j] = 0.0;
+                hsic[j * l + i] = 0.0;
+            }
+        }
         let mut warnings = std::mem::take(&mut self.warnings);
         let cka = cka_from_hsic(&hsic, l);
         for (i, meta) in self.layers.iter().enumerate() {
@@ -358,14 +391,18 @@ impl CkaAccumulator {
     }
 }
 
-/// CKA(l, m) = HSIC(l, m) / √(HSIC(l, l)·HSIC(m, m)); NaN where the denominator is not positive.
+/// CKA(l, m) = HSIC(l, m) / (√HSIC(l, l)·√HSIC(m, m)); NaN where a diagonal HSIC is not positive.
+///
+/// The square roots are taken before the product: HSIC scales as the fourth power of the activations, so
+/// the product of two diagonals under- or overflows f64 for activations near the f32 subnormals (~1e-40)
+/// or the bf16 maximum (~3e38), where each root alone is fine.
 pub fn cka_from_hsic(hsic: &[f64], l: usize) -> Vec<f64> {
+    let roots: Vec<f64> = (0..l).map(|i| hsic[i * l + i].sqrt()).collect();
     let mut out = vec![f64::NAN; l * l];
     for i in 0..l {
         for j in 0..l {
-            let den = hsic[i * l + i] * hsic[j * l + j];
-            if den > 0.0 {
-                out[i * l + j] = hsic[i * l + j] / den.sqrt();
+            if roots[i] > 0.0 && roots[j] > 0.0 {
+                out[i * l + j] = hsic[i * l + j] / (roots[i] * roots[j]);
             }
         }
     }
