@@ -18,6 +18,8 @@ pub struct Images {
 
 fn read_npy(path: &Path) -> Result<(Vec<u64>, String, Vec<u8>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // The header-length field and the header's nesting, before npyz allocates or parses from them.
+    crate::io::npy::check_npy_bytes(&bytes, path)?;
     let npy = npyz::NpyFile::new(&bytes[..])
         .map_err(|e| Error::format(path, format!("not a .npy file: {e}")))?;
     if npy.order() != npyz::Order::C {
