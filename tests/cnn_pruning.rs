@@ -207,6 +207,21 @@ fn prune_arch_command_line() {
         assert!(err.contains(want), "{extra:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     }
+    // --out on the input model (or a directory holding it) is refused even with --force.
+    let o = run(&[
+        "--images",
+        &p("calib_images.npy"),
+        "--labels",
+        &p("calib_labels.npy"),
+        "--remove",
+        "1",
+        "--out",
+        &p("model.safetensors"),
+        "--force",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("replace the input model"));
+    assert!(d.join("model.safetensors").is_file());
     // The images of the wrong family: channels checked.
     let im = Images::load_npy(&d.join("eval_images.npy"), &d.join("eval_labels.npy")).unwrap();
     assert_eq!((im.c, im.h, im.w), (3, 16, 16));

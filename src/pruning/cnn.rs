@@ -80,6 +80,14 @@ pub fn prune_cnn(
 ) -> Result<(PruneReport, PathBuf)> {
     let t0 = Instant::now();
     let mut opts = spec.options.clone();
+    if let (Ok(o), Ok(m)) = (spec.out.canonicalize(), spec.model.canonicalize()) {
+        if m.starts_with(&o) {
+            return Err(Error::invalid(format!(
+                "{}: --out would replace the input model; choose another OUTDIR",
+                spec.out.display()
+            )));
+        }
+    }
     StagedDir::check_dest(&spec.out, spec.force)?;
     let model = CnnModel::load(&spec.model, &spec.arch)?;
     let removable = model.units().iter().filter(|u| u.removable).count();
