@@ -41,11 +41,29 @@ pub fn remove_staging_and_exit(code: i32) -> ! {
 }
 
 fn remove_path(p: &Path) {
-    let _ = match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
-        Ok(_) => std::fs::remove_file(p),
-        Err(_) => Ok(()),
-    };
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => {
+            // Another thread may still be writing files into the directory (the signal handler runs
+            // beside it), and `remove_dir_all` fails when an entry appears after its listing. Move the
+            // directory out of the writer's way first (it creates files by path), then delete it;
+            // retry while entries keep appearing.
+            let mut moved = p.as_os_str().to_owned();
+            moved.push(".removing");
+            let target = match std::fs::rename(p, &moved) {
+                Ok(()) => PathBuf::from(moved),
+                Err(_) => p.to_path_buf(),
+            };
+            for _ in 0..100 {
+                if std::fs::remove_dir_all(&target).is_ok() || !target.exists() {
+                    break;
+                }
+            }
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(p);
+        }
+        Err(_) => {}
+    }
 }
 
 /// The directory `dest` lives in (`.` for a bare name).
