@@ -6,7 +6,7 @@ use super::common::{positive, CnnArgs, TextCut, TokenArgs};
 use crate::error::{Error, Result};
 use crate::io::safetensors::StreamedSafetensors;
 use crate::runtime::cnn::CnnModel;
-use crate::runtime::Model;
+use crate::runtime::{CalibrationData, Model, PrunableModel};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -38,27 +38,12 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let tokens = model.load_token_input(&input)?;
     let names = model.layer_names();
-    let mut out = StreamedSafetensors::create(
+    let out = StreamedSafetensors::create(
         &a.out,
         &names,
         &[tokens.sequences, tokens.len, model.hidden_size()],
     )?;
-    let n_batches = tokens.sequences.div_ceil(batch_size);
-    let bar = crate::progress::bar(n_batches as u64, "capture batches");
-    for b in 0..n_batches {
-        let first = b * batch_size;
-        let batch = tokens.batch(first, batch_size);
-        let mut result = Ok(());
-        model.forward(&batch, &[], &mut |i, hs| {
-            if i >= 1 && result.is_ok() {
-                result = out.write_rows(i - 1, first, hs);
-            }
-        })?;
-        result?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    out.finish()
+    write_unit_outputs(&model, &tokens, batch_size, out)
 }
 
 /// `capture --arch`: every block's output of a CNN on images, `[images, C, H, W]` per block.
@@ -74,14 +59,25 @@ fn run_cnn(a: &CaptureArgs, arch: &str, batch_size: usize) -> Result<()> {
         .iter()
         .map(|&(c, h, w)| vec![images.n, c, h, w])
         .collect();
-    let mut out = StreamedSafetensors::create_shapes(&a.out, &model.unit_names(), &shapes)?;
-    let n_batches = images.n.div_ceil(batch_size);
+    let out = StreamedSafetensors::create_shapes(&a.out, &model.unit_names(), &shapes)?;
+    write_unit_outputs(&model, &images, batch_size, out)
+}
+
+/// Run `model` on `data`, `batch_size` items per forward, writing every unit's output (hidden states
+/// 1..=U) at its items' rows of tensor u of `out`; then rename `out` into place.
+fn write_unit_outputs<M: PrunableModel>(
+    model: &M,
+    data: &M::Data,
+    batch_size: usize,
+    mut out: StreamedSafetensors,
+) -> Result<()> {
+    let n_batches = data.items().div_ceil(batch_size);
     let bar = crate::progress::bar(n_batches as u64, "capture batches");
     for b in 0..n_batches {
         let first = b * batch_size;
-        let batch = images.batch(first, batch_size);
+        let batch = data.batch(first, batch_size);
         let mut result = Ok(());
-        model.forward(&batch, &[], &mut |i, hs| {
+        model.loss(&batch, &[], &mut |i, hs| {
             if i >= 1 && result.is_ok() {
                 result = out.write_rows(i - 1, first, hs);
             }
