@@ -10,7 +10,8 @@
 // gram_row_sums   grid (⌈n/8⌉, layers), 256 threads: one warp per row, f64 sums. Reads n² f32.
 // centre_offsets  grid (layers), 256 threads: c_i from the row sums (f64).            Reads/writes n f64.
 // centre_pack     grid (⌈P/256⌉, layers), 256 threads, P = n(n+1)/2. Reads P f32 + 2P f64 (cached),
-//                 writes P f32 into G + (g_row0 + y)·P.
+//                 writes P f32 into G + (g_row0 + y)·P; scales a linear Gram back by 2^(−2e) when its
+//                 layer was rewritten as scaled f16 (`col_scale`, centre_columns.cu; not for RBF).
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -48,7 +49,7 @@ centre_offsets(const double* __restrict__ rowsum, int n, int unbiased, double* _
 
 extern "C" __global__ void __launch_bounds__(256)
 centre_pack(const float* __restrict__ K, const double* __restrict__ c, int n, int unbiased,
-            float* __restrict__ G, u64 g_row0, u64 P) {
+            const u32* __restrict__ col_scale, int unscale, float* __restrict__ G, u64 g_row0, u64 P) {
     const u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= P) return;
     // Row i of the packed lower triangle: i(i+1)/2 ≤ p < (i+1)(i+2)/2.
@@ -60,5 +61,8 @@ centre_pack(const float* __restrict__ K, const double* __restrict__ c, int n, in
     const double* cy = c + y * n;
     double v = (double)K[y * n * n + i * n + j] - cy[i] - cy[j];
     if (i == j) v = unbiased ? 0.0 : v * 0.70710678118654752440;
+    // Undo column_to_f16's 2^e on both factors of a linear Gram (e = 0 for f32/f64 layers; `unscale` = 0
+    // for RBF, whose kernel matrix does not depend on the scale).
+    if (unscale) v = ldexp(v, -2 * (int)col_scale[2 * y + 1]);
     G[(g_row0 + y) * P + p] = (float)v;
 }

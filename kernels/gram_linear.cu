@@ -7,6 +7,8 @@
 //           converted to f32 as they are staged in shared memory.
 // gram_mma  (f16 / bf16 inputs): 128×128 tiles, 256 threads = 8 warps (4 along rows × 2 along cols),
 //           warp tile 32×64, tensor cores via `mma.sync.m16n8k16` (16-bit operands, f32 accumulate).
+//           `as_f16`: read every layer as f16 whatever its table says (after column_to_f16 rewrote
+//           them, see centre_columns.cu).
 //
 // grid = (T(T+1)/2, layers), T = ⌈n / tile⌉; output K + desc.out_off, row-major n × n.
 // Cost per layer: n²·d multiply-adds over the lower triangle (n²·d·2 FLOPs for the full product, about
@@ -178,7 +180,7 @@ __device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int bi, i
 
 extern "C" __global__ void __launch_bounds__(256)
 gram_mma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
-         float* __restrict__ K) {
+         int as_f16, float* __restrict__ K) {
     __shared__ __align__(16) u16 As[MM][MK + MPAD];
     __shared__ __align__(16) u16 Bs[MM][MK + MPAD];
     const LayerDesc L = layers[blockIdx.y];
@@ -186,7 +188,7 @@ gram_mma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ lay
     int bi, bj;
     tri_tile(blockIdx.x, &bi, &bj);
     const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
-    if (L.dtype == DT_BF16)
+    if (L.dtype == DT_BF16 && !as_f16)
         gram_mma_tile<DT_BF16>(x, n, L.cols, bi, bj, vec, As, Bs, K + L.out_off);
     else
         gram_mma_tile<DT_F16>(x, n, L.cols, bi, bj, vec, As, Bs, K + L.out_off);

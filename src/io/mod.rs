@@ -316,23 +316,31 @@ pub trait ActivationSource {
 }
 
 /// Check every layer of `batch` for NaN/Inf; `first_sample` is the global index of the batch's row 0.
+/// The layers are scanned in parallel (this runs over every value read, on the reader thread, which
+/// alone would be the bound of a fast backend); the error names the first bad layer in order, and its
+/// first bad sample.
 pub fn check_finite(
     batch: &BatchRef<'_>,
     layers: &[LayerMeta],
     first_sample: usize,
     path: &std::path::Path,
 ) -> Result<()> {
-    for (slice, meta) in batch.layers.iter().zip(layers) {
-        if let Some(r) = slice.first_non_finite_row() {
-            return Err(Error::layer(
-                path,
-                &meta.name,
-                format!(
-                    "NaN or Inf in activations (first bad sample: {})",
-                    first_sample + r
-                ),
-            ));
-        }
+    use rayon::prelude::*;
+    let bad = batch
+        .layers
+        .par_iter()
+        .map(LayerSlice::first_non_finite_row)
+        .enumerate()
+        .find_first(|(_, r)| r.is_some());
+    if let Some((l, Some(r))) = bad {
+        return Err(Error::layer(
+            path,
+            &layers[l].name,
+            format!(
+                "NaN or Inf in activations (first bad sample: {})",
+                first_sample + r
+            ),
+        ));
     }
     Ok(())
 }

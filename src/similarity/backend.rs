@@ -82,6 +82,28 @@ pub trait Backend {
         kernel: Kernel,
     ) -> Result<Vec<f64>>;
 
+    /// Gram route, streamed: add the HSIC matrix of one batch (what [`Backend::batch_hsic`] returns) into
+    /// `sum`. A backend with its own memory keeps the sum there (the CUDA backend: on the device, so that
+    /// a stream of batches needs neither a download nor a host synchronisation per batch) and may return
+    /// before the work is done; `batch` may be reused as soon as this returns. The default adds on the host.
+    fn submit(
+        &mut self,
+        sum: &mut HsicSum,
+        batch: &BatchRef<'_>,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
+        let h = self.batch_hsic(batch, estimator, kernel)?;
+        sum.add_host(&h);
+        Ok(())
+    }
+
+    /// Wait for every batch submitted into `sum` and return the L×L total (row-major, symmetric),
+    /// releasing what the backend held for it.
+    fn finish_sum(&mut self, sum: HsicSum) -> Result<Vec<f64>> {
+        Ok(sum.into_host())
+    }
+
     /// Feature route: add ZᵀZ of the batch into `cross` (D×D row-major, f64), Z = the batch's layers side
     /// by side (`rows × D`). Only the blocks on and below the diagonal (layer m ≤ layer l) need be filled;
     /// the caller reads no others.
@@ -92,6 +114,45 @@ pub trait Backend {
     fn set_precision(&mut self, precision: Precision) -> bool {
         let _ = precision;
         false
+    }
+}
+
+/// A running sum of per-batch L×L HSIC matrices ([`Backend::submit`], [`Backend::finish_sum`]): the part
+/// added on the host, and a handle to the part a backend keeps in its own memory.
+#[derive(Debug)]
+pub struct HsicSum {
+    layers: usize,
+    host: Vec<f64>,
+    /// The backend's slot holding the rest (the CUDA backend's device buffers), if any.
+    pub(crate) device_slot: Option<usize>,
+}
+
+impl HsicSum {
+    /// An empty sum over `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        HsicSum {
+            layers,
+            host: vec![0.0; layers * layers],
+            device_slot: None,
+        }
+    }
+
+    /// The number of layers.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
+    /// Add one L×L matrix computed on the host.
+    pub fn add_host(&mut self, h: &[f64]) {
+        debug_assert_eq!(h.len(), self.host.len());
+        for (s, v) in self.host.iter_mut().zip(h) {
+            *s += v;
+        }
+    }
+
+    /// The host part, for a backend's [`Backend::finish_sum`] to add its own part into.
+    pub(crate) fn into_host(self) -> Vec<f64> {
+        self.host
     }
 }
 

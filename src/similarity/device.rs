@@ -100,7 +100,7 @@ pub fn open_backend(
 /// f64 on the CPU, on inputs exactly representable in every dtype used).
 pub const SELF_CHECK_TOL: f64 = 1e-4;
 
-/// Run one small fixed batch (awkward sizes, f32 and bf16 layers; both estimators; linear and RBF
+/// Run one small fixed batch (awkward sizes, f32, bf16 and f16 layers, two with large means; both estimators; linear and RBF
 /// kernels) through `candidate` and `reference`; the largest |ΔHSIC| relative to the largest |HSIC|.
 /// A backend whose kernels were never run on this device is checked before it is trusted.
 pub fn self_check(candidate: &mut dyn Backend, reference: &mut dyn Backend) -> Result<f64> {
@@ -109,20 +109,41 @@ pub fn self_check(candidate: &mut dyn Backend, reference: &mut dyn Backend) -> R
     let rows = 37;
     // Small integers divided by 8: exact in f32 and bf16, so both backends see the same numbers.
     let value = |l: usize, i: usize| ((i * 7919 + l * 104_729) % 17) as f32 / 8.0 - 1.0;
-    let widths = [5usize, 33, 70];
+    let widths = [5usize, 33, 70, 40, 24];
+    // Layers 3 and 4 are LLM-like: large per-feature means (1000, a few features 4096 more; 64 in f16),
+    // still exact. A backend that forms raw Grams in f32 without subtracting the batch's column means
+    // first loses most digits of their centred Grams and fails the check.
+    let offset = |l: usize, i: usize| match l {
+        3 => {
+            1000.0
+                + if (i % widths[3]) % 7 == 3 {
+                    4096.0
+                } else {
+                    0.0
+                }
+        }
+        4 => 64.0,
+        _ => 0.0,
+    };
     let layers = widths
         .iter()
         .enumerate()
         .map(|(l, &w)| {
-            let vals: Vec<f32> = (0..rows * w).map(|i| value(l, i)).collect();
-            if l == 1 {
-                LayerBlock {
-                    dtype: DType::BF16,
-                    cols: w,
-                    data: vals
-                        .iter()
+            let vals: Vec<f32> = (0..rows * w).map(|i| value(l, i) + offset(l, i)).collect();
+            if l == 1 || l == 4 {
+                let bits: Vec<u8> = if l == 1 {
+                    vals.iter()
                         .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                        .collect(),
+                        .collect()
+                } else {
+                    vals.iter()
+                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                        .collect()
+                };
+                LayerBlock {
+                    dtype: if l == 1 { DType::BF16 } else { DType::F16 },
+                    cols: w,
+                    data: bits,
                 }
             } else {
                 LayerBlock {

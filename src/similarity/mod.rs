@@ -18,7 +18,7 @@ pub mod cuda;
 pub mod device;
 mod feature;
 
-pub use backend::{Backend, Estimator, Kernel, Precision, Route};
+pub use backend::{Backend, Estimator, HsicSum, Kernel, Precision, Route};
 
 use crate::error::{Error, Result};
 use crate::io::{ActivationSource, Batch, BatchRef, LayerMeta};
@@ -123,8 +123,8 @@ pub struct CkaAccumulator {
     route: Route,
     /// Rows waiting to complete a batch (unbiased) or every row (biased, Gram route).
     pending: Batch,
-    /// Σ_batches HSIC (unbiased) — L×L.
-    hsic_sum: Vec<f64>,
+    /// Σ_batches HSIC (unbiased) — L×L, partly kept by the backend (on the device for CUDA).
+    hsic_sum: Option<HsicSum>,
     n_batches: usize,
     n_samples: usize,
     /// Feature route state.
@@ -164,7 +164,7 @@ impl CkaAccumulator {
             spec,
             route,
             pending: Batch::empty(layers),
-            hsic_sum: vec![0.0; l * l],
+            hsic_sum: Some(HsicSum::new(l)),
             n_batches: 0,
             n_samples: 0,
             feature,
@@ -264,16 +264,17 @@ impl CkaAccumulator {
         backend: &mut dyn Backend,
     ) -> Result<()> {
         self.note_variation(batch);
-        let h = match self.route {
-            Route::Feature => self
-                .feature
-                .as_mut()
-                .expect("feature state")
-                .unbiased_batch_hsic(batch, backend)?,
-            _ => backend.batch_hsic(batch, Estimator::Unbiased, self.spec.kernel)?,
-        };
-        for (s, v) in self.hsic_sum.iter_mut().zip(&h) {
-            *s += v;
+        let sum = self.hsic_sum.as_mut().expect("sum open until finish");
+        match self.route {
+            Route::Feature => {
+                let h = self
+                    .feature
+                    .as_mut()
+                    .expect("feature state")
+                    .unbiased_batch_hsic(batch, backend)?;
+                sum.add_host(&h);
+            }
+            _ => backend.submit(sum, batch, Estimator::Unbiased, self.spec.kernel)?,
         }
         self.n_batches += 1;
         Ok(())
@@ -308,8 +309,10 @@ impl CkaAccumulator {
                     )));
                 }
                 let nb = self.n_batches as f64;
+                let total =
+                    backend.finish_sum(self.hsic_sum.take().expect("sum open until finish"))?;
                 (
-                    self.hsic_sum.iter().map(|v| v / nb).collect::<Vec<_>>(),
+                    total.iter().map(|v| v / nb).collect::<Vec<_>>(),
                     self.spec.batch_size,
                 )
             }

@@ -194,6 +194,49 @@ def radix_median(v):
         res.append(key_float(prefix))
     return 0.5*(float(res[0]) + float(res[1]))
 
+def column_centre_to_f16(Xbits_f32):
+    """column_centre + column_to_f16 (centre_columns.cu) on one 16-bit layer given as its values in f32:
+    f64 column means, the largest column range → e, f16((x − μ)·2^e). Returns (the f16 values as f64, e)."""
+    mu = Xbits_f32.astype(np.float64).mean(0)
+    dev = (Xbits_f32.astype(np.float64) - mu).astype(np.float32)
+    rng_ = max(float(np.maximum(dev.max(0), -dev.min(0)).max()), 0.0)
+    if rng_ > 0:
+        _, k = math.frexp(rng_); e = max(-60, min(60, 14 - k))
+    else:
+        e = 0 if rng_ != 0 else 14
+    vals = np.ldexp((Xbits_f32.astype(np.float64) - mu), e).astype(np.float32).astype(np.float16)
+    assert np.isfinite(vals).all()
+    return vals.astype(np.float64), e
+
+def check_large_mean_centring():
+    """LLM-like bf16 activations (per-feature means ~100, a few features ~5000): the kernels' path (centre,
+    f16 with a power-of-two scale, Gram, centre, unscale by 2^(−2e)) against the f64 CKA of the stored
+    values, both estimators' centring (biased shown; the scale cancels the same way in both)."""
+    def bf16(a):
+        b = np.asarray(a, np.float32).view(np.uint32)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+        return b.view(np.float32)
+    def cka(K, L):
+        n = K.shape[0]; H = np.eye(n) - 1.0 / n
+        K = H @ K @ H; L = H @ L @ H
+        return (K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum())
+    worst = 0.0
+    for n, d in ((64, 96), (256, 1024)):
+        means = 100 + rng.uniform(-20, 20, d); means[::40] = 5000
+        base = rng.standard_normal((n, d))
+        X = bf16(means + base); Y = bf16(means + 0.7 * base + 0.7 * rng.standard_normal((n, d)))
+        want = cka(X.astype(np.float64) @ X.T.astype(np.float64), Y.astype(np.float64) @ Y.T.astype(np.float64))
+        xs, ex = column_centre_to_f16(X); ys, ey = column_centre_to_f16(Y)
+        # Tensor-core Gram: f16 products exact in f32, f32 accumulation.
+        Kx = (xs.astype(np.float32) @ xs.T.astype(np.float32)).astype(np.float64) * 2.0 ** (-2 * ex)
+        Ky = (ys.astype(np.float32) @ ys.T.astype(np.float32)).astype(np.float64) * 2.0 ** (-2 * ey)
+        got = cka(Kx, Ky)
+        raw = cka((X @ X.T).astype(np.float64), (Y @ Y.T).astype(np.float64))  # no centring first, f32 Gram
+        print("large-mean centring", n, d, "e", ex, "|ΔCKA|", abs(got - want), "(raw f32 Gram:", abs(raw - want), ")")
+        assert abs(got - want) < 1e-5 and abs(raw - want) > 1e-5
+        worst = max(worst, abs(got - want))
+    return worst
+
 def main():
     check_tri()
     for n, d in ((37, 5), (70, 33), (130, 17)):
@@ -234,5 +277,6 @@ def main():
         v = (rng.standard_normal(n*n)**2).astype(np.float32); v[::n+1] = 0; v[3] = -1e-7
         m = radix_median(v); ref = float(np.median(v.astype(np.float64)))
         print("median", n, m, ref); assert m == ref
+    check_large_mean_centring()
     print("ALL OK")
 main()

@@ -3,11 +3,19 @@
 //!
 //! Gram route, per batch of n samples and L layers (see [`CudaBackend::batch_hsic`]):
 //! 1. the layers' raw rows (stored dtype) go up in chunks of consecutive layers through two pinned
-//!    staging buffers on a copy stream, so chunk c+1 uploads while chunk c computes;
-//! 2. per chunk, one launch computes the Grams of all its f32/f64 layers (FMA) and one those of its
-//!    f16/bf16 layers (tensor cores), then (RBF) distances, an exact radix-select median and exp, then
+//!    staging buffers on a copy stream, so chunk c+1 (of this batch or the next) uploads while chunk c
+//!    computes;
+//! 2. per chunk, the batch's column means are subtracted in place (f64 sums; 16-bit layers become f16
+//!    scaled by a power of two, kernels/centre_columns.cu: large-mean LLM activations keep their digits),
+//!    then one launch computes the Grams of all its f32/f64 layers (FMA) and one those of its
+//!    16-bit layers (tensor cores), then (RBF) distances, an exact radix-select median and exp, then
 //!    the centring (double or U) packs each Gram's lower triangle into a row of G (L × n(n+1)/2 f32);
-//! 3. all pairs are one split-K product G·Gᵀ with f32 tiles reduced into f64.
+//! 3. all pairs are one split-K product G·Gᵀ with f32 tiles reduced into f64 planes, one per split,
+//!    summed in order (no atomics: the same input gives the same bits);
+//! 4. [`Backend::batch_hsic`] downloads that L×L matrix; [`Backend::submit`] instead adds it into a sum
+//!    kept on the device (`hsic_accumulate`), with no host synchronisation: the next batch is copied into
+//!    the other pinned slot and uploaded while this one computes, and [`Backend::finish_sum`] downloads
+//!    once.
 //!
 //! The feature route ([`Backend::accumulate_cross`]) runs on the CPU backend held inside (no GPU kernel
 //! for ZᵀZ yet); the name of the backend says so.
@@ -15,7 +23,7 @@
 pub mod nvrtc;
 pub mod plan;
 
-use super::backend::{Backend, Estimator, Kernel};
+use super::backend::{Backend, Estimator, HsicSum, Kernel};
 use super::cpu::{normaliser, CpuBackend};
 use crate::error::{Error, Result};
 use crate::io::{BatchRef, DType};
@@ -92,10 +100,14 @@ pub fn list_devices() -> Result<Vec<DeviceInfo>> {
 struct Kernels {
     gram_fma: CudaFunction,
     gram_mma: CudaFunction,
+    column_centre: CudaFunction,
+    column_to_f16: CudaFunction,
     gram_row_sums: CudaFunction,
     centre_offsets: CudaFunction,
     centre_pack: CudaFunction,
     hsic_pairs: CudaFunction,
+    hsic_reduce_splits: CudaFunction,
+    hsic_accumulate: CudaFunction,
     rbf_copy_diag: CudaFunction,
     rbf_sqdist: CudaFunction,
     rbf_select_init: CudaFunction,
@@ -125,10 +137,14 @@ impl Kernels {
         Ok(Kernels {
             gram_fma: get("gram_linear.cu", "gram_fma")?,
             gram_mma: get("gram_linear.cu", "gram_mma")?,
+            column_centre: get("centre_columns.cu", "column_centre")?,
+            column_to_f16: get("centre_columns.cu", "column_to_f16")?,
             gram_row_sums: get("gram_centre.cu", "gram_row_sums")?,
             centre_offsets: get("gram_centre.cu", "centre_offsets")?,
             centre_pack: get("gram_centre.cu", "centre_pack")?,
             hsic_pairs: get("hsic_pairs.cu", "hsic_pairs")?,
+            hsic_reduce_splits: get("hsic_pairs.cu", "hsic_reduce_splits")?,
+            hsic_accumulate: get("hsic_pairs.cu", "hsic_accumulate")?,
             rbf_copy_diag: get("rbf.cu", "rbf_copy_diag")?,
             rbf_sqdist: get("rbf.cu", "rbf_sqdist")?,
             rbf_select_init: get("rbf.cu", "rbf_select_init")?,
@@ -141,7 +157,8 @@ impl Kernels {
 
 /// Device buffers for one batch shape (n and the layers' row widths), allocated once per shape.
 struct Workspace {
-    key: (usize, Vec<usize>),
+    /// n, and per layer its row bytes and dtype code.
+    key: (usize, Vec<(usize, u64)>),
     plan: MemoryPlan,
     staging: [PinnedHostSlice<u8>; 2],
     dev_in: [CudaSlice<u8>; 2],
@@ -150,6 +167,10 @@ struct Workspace {
     uploaded: [CudaEvent; 2],
     /// Recorded on the compute stream after the Gram launches that read slot s.
     consumed: [CudaEvent; 2],
+    /// The layer tables of each block `(start, end)` of layers, built and uploaded once per shape.
+    tables: Vec<((usize, usize), Tables)>,
+    /// Per Gram slot: the largest column range's f32 bits and the f16 scale exponent (centre_columns.cu).
+    col_scale: CudaSlice<u32>,
     gram: CudaSlice<f32>,
     rowsum: CudaSlice<f64>,
     offsets: CudaSlice<f64>,
@@ -158,6 +179,7 @@ struct Workspace {
     select_hist: CudaSlice<u32>,
     g: CudaSlice<f32>,
     out: CudaSlice<f64>,
+    partials: CudaSlice<f64>,
 }
 
 /// The CUDA backend of one device.
@@ -172,6 +194,10 @@ pub struct CudaBackend {
     cpu: CpuBackend,
     /// Device bytes the plan may use at most (tests set it to force layer blocks).
     budget_cap: Option<usize>,
+    /// The pinned/device upload slot the next chunk goes to (alternating across chunks and batches).
+    next_slot: usize,
+    /// Device-resident sums of [`Backend::submit`], by [`HsicSum`] slot; `None` once finished.
+    sums: Vec<Option<CudaSlice<f64>>>,
     /// Profiling: timed events around each stage's launches, summed after each batch.
     profile: bool,
     spans: Vec<(Stage, CudaEvent, CudaEvent)>,
@@ -292,6 +318,8 @@ impl CudaBackend {
             ws: None,
             cpu: CpuBackend::new(cpu_threads),
             budget_cap: None,
+            next_slot: 0,
+            sums: Vec::new(),
             profile: false,
             spans: Vec::new(),
             last_times: None,
@@ -328,9 +356,18 @@ impl CudaBackend {
         self.ws.as_ref().map(|w| &w.plan)
     }
 
-    /// Buffers for batches of n rows and these per-row byte widths (re-planned when the shape changes).
-    fn workspace(&mut self, n: usize, row_bytes: &[usize]) -> Result<()> {
-        let key = (n, row_bytes.to_vec());
+    /// Buffers for batches of this shape: n rows and these per-row byte widths (re-planned when the
+    /// shape or a dtype changes; the layer tables depend on both).
+    fn workspace(&mut self, batch: &BatchRef<'_>, row_bytes: &[usize]) -> Result<()> {
+        let n = batch.rows;
+        let key = (
+            n,
+            row_bytes
+                .iter()
+                .zip(&batch.layers)
+                .map(|(&w, s)| (w, dtype_code(s.dtype)))
+                .collect::<Vec<_>>(),
+        );
         if self.ws.as_ref().is_some_and(|w| w.key == key) {
             return Ok(());
         }
@@ -369,6 +406,10 @@ impl CudaBackend {
                     self.ctx.new_event(None).cu("event")?,
                     self.ctx.new_event(None).cu("event")?,
                 ],
+                tables: Vec::new(),
+                col_scale: s
+                    .alloc_zeros::<u32>(b.col_scale)
+                    .cu(&alloc_err("column scales"))?,
                 gram: s.alloc::<f32>(b.gram).cu(&alloc_err("Gram scratch"))?,
                 rowsum: s.alloc::<f64>(b.rowsum).cu(&alloc_err("row sums"))?,
                 offsets: s
@@ -383,6 +424,9 @@ impl CudaBackend {
                     .cu(&alloc_err("histograms"))?,
                 g: s.alloc::<f32>(b.g).cu(&alloc_err("packed Grams"))?,
                 out: s.alloc_zeros::<f64>(b.out).cu(&alloc_err("result"))?,
+                partials: s
+                    .alloc_zeros::<f64>(b.partials)
+                    .cu(&alloc_err("pair partials"))?,
                 plan,
             }
         };
@@ -390,8 +434,96 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The Gram route of one batch up to its unscaled L×L result in `ws.out` (lower triangle), enqueued
+    /// on the compute stream: uploads, Grams, centring, all pairs by blocks of layers.
+    fn gram_route(
+        &mut self,
+        batch: &BatchRef<'_>,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
+        let n = batch.rows;
+        let l = batch.layers.len();
+        super::backend::check_batch_rows(estimator, n)?;
+        if l == 0 {
+            return Err(Error::invalid("no layers to compare"));
+        }
+        // Radix-select counts and Gram indices are 32-bit: n² < 2³².
+        if n > 65535 {
+            return Err(Error::invalid(format!(
+                "a batch of {n} samples is too large for the GPU kernels (at most 65535)"
+            )));
+        }
+        let row_bytes: Vec<usize> = batch
+            .layers
+            .iter()
+            .map(|s| s.cols * s.dtype.size())
+            .collect();
+        let sizes: Vec<usize> = row_bytes
+            .iter()
+            .map(|&w| plan::layer_bytes(n, w, 1))
+            .collect();
+        self.spans.clear();
+        self.workspace(batch, &row_bytes)?;
+        let (block, blocks) = {
+            let ws = self.ws.as_mut().expect("workspace planned");
+            self.compute
+                .memset_zeros(&mut ws.partials)
+                .cu("clearing the pair partials")?;
+            (ws.plan.layer_block, ws.plan.blocks(l))
+        };
+        for a in 0..blocks {
+            let (a0, a1) = (a * block, ((a + 1) * block).min(l));
+            self.compute_block(batch, &sizes, a0, a1, 0, estimator, kernel)?;
+            self.pairs(n, l, 0, a1 - a0, 0, a1 - a0, a0, a0, true)?;
+            for b in a + 1..blocks {
+                let (b0, b1) = (b * block, ((b + 1) * block).min(l));
+                self.compute_block(batch, &sizes, b0, b1, block, estimator, kernel)?;
+                // Rows: block b (the later layers), columns: block a — the lower triangle.
+                self.pairs(n, l, block, b1 - b0, 0, a1 - a0, b0, a0, false)?;
+            }
+        }
+        // The split planes, summed in order into `out`.
+        let ws = self.ws.as_mut().expect("workspace planned");
+        let (splits, l_i) = (ws.plan.pair_splits as i32, l as i32);
+        // SAFETY: argument types match hsic_reduce_splits; `partials` holds pair_splits·l² f64.
+        unsafe {
+            self.compute
+                .launch_builder(&self.k.hsic_reduce_splits)
+                .arg(&ws.partials)
+                .arg(&splits)
+                .arg(&l_i)
+                .arg(&mut ws.out)
+                .launch(grid((l * l).div_ceil(256), 1, 1, 256))
+        }
+        .cu("launching hsic_reduce_splits")?;
+        Ok(())
+    }
+
+    /// With profiling on, and the compute stream synchronised: the last batch's stage times.
+    fn collect_stage_times(&mut self, wall: std::time::Instant) -> Result<()> {
+        if !self.profile {
+            return Ok(());
+        }
+        let mut t = StageTimes {
+            wall_ms: wall.elapsed().as_secs_f64() * 1e3,
+            ..StageTimes::default()
+        };
+        for (stage, a, b) in self.spans.drain(..) {
+            let ms = a.elapsed_ms(&b).cu("event timing")? as f64;
+            match stage {
+                Stage::Gram => t.gram_ms += ms,
+                Stage::Centre => t.centre_ms += ms,
+                Stage::Pairs => t.pairs_ms += ms,
+            }
+        }
+        self.last_times = Some(t);
+        Ok(())
+    }
+
     /// Upload layers `[start, end)` chunk by chunk and turn each into centred, packed Grams in G rows
-    /// `g_row0 ..`. Uploads of chunk c+1 overlap the kernels of chunk c.
+    /// `g_row0 ..`. Uploads of chunk c+1 overlap the kernels of chunk c; the pinned slots alternate across
+    /// calls too, so the next batch's first chunk uploads while this batch's last one computes.
     #[allow(clippy::too_many_arguments)]
     fn compute_block(
         &mut self,
@@ -405,17 +537,15 @@ impl CudaBackend {
     ) -> Result<()> {
         // The workspace is taken out for the steps below (they borrow it beside `self`) and put back.
         let mut ws = self.ws.take().expect("workspace planned");
-        let chunks = plan::chunks(sizes, start, end, ws.plan.stage_bytes, ws.plan.gram_layers);
-        let (descs, spans) = layer_tables(batch, &chunks);
         let mut run = || -> Result<()> {
-            let descs_dev = self
-                .compute
-                .clone_htod(&descs)
-                .cu("uploading layer tables")?;
-            for (ci, ch) in chunks.iter().enumerate() {
-                let slot = ci % 2;
-                self.upload_chunk(&mut ws, slot, batch, sizes, ch)?;
-                self.launch_grams(&mut ws, slot, batch.rows, &descs_dev, spans[ci])?;
+            let ti = self.tables_for(&mut ws, batch, sizes, start, end)?;
+            for ci in 0..ws.tables[ti].1.chunks.len() {
+                let slot = self.next_slot;
+                self.next_slot ^= 1;
+                let ch = ws.tables[ti].1.chunks[ci].clone();
+                let span = ws.tables[ti].1.spans[ci];
+                self.upload_chunk(&mut ws, slot, batch, sizes, &ch)?;
+                self.launch_grams(&mut ws, slot, batch.rows, ti, span)?;
                 let row0 = g_row0 + ch.start - start;
                 self.centre_and_pack(
                     &mut ws,
@@ -431,6 +561,36 @@ impl CudaBackend {
         let res = run();
         self.ws = Some(ws);
         res
+    }
+
+    /// The index in `ws.tables` of the layer tables of block `[start, end)`, built and uploaded on first
+    /// use (the workspace, and so its tables, is per batch shape).
+    fn tables_for(
+        &self,
+        ws: &mut Workspace,
+        batch: &BatchRef<'_>,
+        sizes: &[usize],
+        start: usize,
+        end: usize,
+    ) -> Result<usize> {
+        if let Some(i) = ws.tables.iter().position(|(k, _)| *k == (start, end)) {
+            return Ok(i);
+        }
+        let chunks = plan::chunks(sizes, start, end, ws.plan.stage_bytes, ws.plan.gram_layers);
+        let (descs, spans) = layer_tables(batch, &chunks);
+        let descs = self
+            .compute
+            .clone_htod(&descs)
+            .cu("uploading layer tables")?;
+        ws.tables.push((
+            (start, end),
+            Tables {
+                descs,
+                chunks,
+                spans,
+            },
+        ));
+        Ok(ws.tables.len() - 1)
     }
 
     /// Steps 1 and 2 of a chunk: refill pinned slot `slot` once its previous upload has finished, then
@@ -462,48 +622,72 @@ impl CudaBackend {
         ws.uploaded[slot].record(&self.copy).cu("event record")
     }
 
-    /// Step 3a: once slot `slot` is uploaded, the Gram products of its layers on the compute stream
-    /// (gram_fma for f32/f64 layers, gram_mma for 16-bit ones) into the Gram scratch.
+    /// Step 3a: once slot `slot` is uploaded, subtract its layers' column means in place (16-bit layers
+    /// become scaled f16, centre_columns.cu), then the Gram products (gram_fma for f32/f64 layers,
+    /// gram_mma for 16-bit ones) into the Gram scratch.
     fn launch_grams(
         &mut self,
         ws: &mut Workspace,
         slot: usize,
         n: usize,
-        descs_dev: &CudaSlice<u64>,
-        (first, n_fma, n_mma): (usize, usize, usize),
+        ti: usize,
+        span: ChunkSpan,
     ) -> Result<()> {
         self.compute.wait(&ws.uploaded[slot]).cu("stream wait")?;
         let n_i = n as i32;
         let t_gram = mark(&self.ctx, &self.compute, self.profile)?;
-        if n_fma > 0 {
-            let table = descs_dev.slice(first * 3..(first + n_fma) * 3);
-            let cfg = grid(tri(n.div_ceil(64)), n_fma, 1, 256);
-            // SAFETY: argument types match gram_fma's signature; buffers sized by the plan.
-            unsafe {
+        let (first, n_fma, n_mma) = (span.first, span.n_fma, span.n_mma);
+        let descs = &ws.tables[ti].1.descs;
+        let all = descs.slice(first * 3..(first + n_fma + n_mma) * 3);
+        let sixteen = descs.slice((first + n_fma) * 3..(first + n_fma + n_mma) * 3);
+        self.compute
+            .memset_zeros(&mut ws.col_scale)
+            .cu("clearing the column scales")?;
+        // SAFETY: argument types match the kernels' signatures (centre_columns.cu, gram_linear.cu);
+        // the table slices hold 3 words per layer of the launch; buffers sized by the plan.
+        unsafe {
+            self.compute
+                .launch_builder(&self.k.column_centre)
+                .arg(&mut ws.dev_in[slot])
+                .arg(&all)
+                .arg(&n_i)
+                .arg(&mut ws.col_scale)
+                .launch(grid(span.max_cols.div_ceil(256), n_fma + n_mma, 1, 256))
+                .cu("launching column_centre")?;
+            if n_mma > 0 {
+                self.compute
+                    .launch_builder(&self.k.column_to_f16)
+                    .arg(&mut ws.dev_in[slot])
+                    .arg(&sixteen)
+                    .arg(&n_i)
+                    .arg(&mut ws.col_scale)
+                    .launch(grid(span.max_cols_16.div_ceil(256), n_mma, 1, 256))
+                    .cu("launching column_to_f16")?;
+            }
+            if n_fma > 0 {
+                let table = descs.slice(first * 3..(first + n_fma) * 3);
                 self.compute
                     .launch_builder(&self.k.gram_fma)
                     .arg(&ws.dev_in[slot])
                     .arg(&table)
                     .arg(&n_i)
                     .arg(&mut ws.gram)
-                    .launch(cfg)
+                    .launch(grid(tri(n.div_ceil(64)), n_fma, 1, 256))
+                    .cu("launching gram_fma")?;
             }
-            .cu("launching gram_fma")?;
-        }
-        if n_mma > 0 {
-            let table = descs_dev.slice((first + n_fma) * 3..(first + n_fma + n_mma) * 3);
-            let cfg = grid(tri(n.div_ceil(128)), n_mma, 1, 256);
-            // SAFETY: as above, for gram_mma.
-            unsafe {
+            if n_mma > 0 {
+                // The 16-bit layers are f16 now, whatever their table's dtype (which column_to_f16 read).
+                let as_f16 = 1i32;
                 self.compute
                     .launch_builder(&self.k.gram_mma)
                     .arg(&ws.dev_in[slot])
-                    .arg(&table)
+                    .arg(&sixteen)
                     .arg(&n_i)
+                    .arg(&as_f16)
                     .arg(&mut ws.gram)
-                    .launch(cfg)
+                    .launch(grid(tri(n.div_ceil(128)), n_mma, 1, 256))
+                    .cu("launching gram_mma")?;
             }
-            .cu("launching gram_mma")?;
         }
         ws.consumed[slot].record(&self.compute).cu("event record")?;
         self.span(Stage::Gram, t_gram)
@@ -537,6 +721,8 @@ impl CudaBackend {
         }
         let p = plan::packed_len(n);
         let unbiased = i32::from(estimator == Estimator::Unbiased);
+        // A linear Gram of rescaled f16 layers is scaled back; an RBF kernel matrix does not depend on it.
+        let unscale = i32::from(kernel == Kernel::Linear);
         let (n_i, row0, p64) = (n as i32, row0 as u64, p as u64);
         // SAFETY: argument types match the kernels in gram_centre.cu; buffers sized by the plan
         // (gram_layers ≥ nl).
@@ -563,6 +749,8 @@ impl CudaBackend {
                 .arg(&ws.offsets)
                 .arg(&n_i)
                 .arg(&unbiased)
+                .arg(&ws.col_scale)
+                .arg(&unscale)
                 .arg(&mut ws.g)
                 .arg(&row0)
                 .arg(&p64)
@@ -594,7 +782,16 @@ impl CudaBackend {
             la.div_ceil(32) * lb.div_ceil(32)
         };
         // Split p so that about 4 blocks per SM run, in steps of at least 1024 (whole 32-wide steps).
-        let splits = (4 * self.sms).div_ceil(tiles).clamp(1, p.div_ceil(1024));
+        let splits = (4 * self.sms)
+            .div_ceil(tiles)
+            .clamp(1, p.div_ceil(1024))
+            .min(
+                self.ws
+                    .as_ref()
+                    .expect("workspace planned")
+                    .plan
+                    .pair_splits,
+            );
         let chunk = p.div_ceil(splits).div_ceil(32) * 32;
         let cfg = grid(p.div_ceil(chunk), tiles, 1, 256);
         let t_pairs = mark(&self.ctx, &self.compute, self.profile)?;
@@ -614,7 +811,7 @@ impl CudaBackend {
                 .arg(&lb_i)
                 .arg(&p64)
                 .arg(&chunk64)
-                .arg(&mut ws.out)
+                .arg(&mut ws.partials)
                 .arg(&l_i)
                 .arg(&r0)
                 .arg(&c0)
@@ -626,20 +823,36 @@ impl CudaBackend {
     }
 }
 
+/// The layer tables of one block of layers, on the device, with its upload chunks.
+struct Tables {
+    descs: CudaSlice<u64>,
+    chunks: Vec<plan::Chunk>,
+    spans: Vec<ChunkSpan>,
+}
+
+/// Where a chunk's layers are in its block's table: entries `first ..` hold `n_fma` f32/f64 layers, then
+/// `n_mma` 16-bit ones; the widest layer of the chunk and the widest 16-bit one (grids of one thread per
+/// column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChunkSpan {
+    first: usize,
+    n_fma: usize,
+    n_mma: usize,
+    max_cols: usize,
+    max_cols_16: usize,
+}
+
 /// The layer tables of every chunk, for one upload: per layer 3 words (its offset in the upload slot,
 /// its Gram's offset in the scratch, `cols | dtype << 32`), f32/f64 layers first, then 16-bit ones; and per
-/// chunk `(first entry, f32/f64 layers, 16-bit layers)`.
-fn layer_tables(
-    batch: &BatchRef<'_>,
-    chunks: &[plan::Chunk],
-) -> (Vec<u64>, Vec<(usize, usize, usize)>) {
+/// chunk where its entries are.
+fn layer_tables(batch: &BatchRef<'_>, chunks: &[plan::Chunk]) -> (Vec<u64>, Vec<ChunkSpan>) {
     let nn = batch.rows * batch.rows;
     let mut descs: Vec<u64> = Vec::new();
     let mut spans = Vec::with_capacity(chunks.len());
     for ch in chunks {
         let first = descs.len() / 3;
         let mut push = |sixteen: bool| {
-            let mut count = 0;
+            let (mut count, mut widest) = (0, 0);
             for (k, l) in (ch.start..ch.end).enumerate() {
                 let s = &batch.layers[l];
                 if is_16bit(s.dtype) == sixteen {
@@ -649,13 +862,20 @@ fn layer_tables(
                         s.cols as u64 | (dtype_code(s.dtype) << 32),
                     ]);
                     count += 1;
+                    widest = widest.max(s.cols);
                 }
             }
-            count
+            (count, widest)
         };
-        let n_fma = push(false);
-        let n_mma = push(true);
-        spans.push((first, n_fma, n_mma));
+        let (n_fma, max_fma) = push(false);
+        let (n_mma, max_cols_16) = push(true);
+        spans.push(ChunkSpan {
+            first,
+            n_fma,
+            n_mma,
+            max_cols: max_fma.max(max_cols_16),
+            max_cols_16,
+        });
     }
     (descs, spans)
 }
@@ -756,69 +976,16 @@ impl Backend for CudaBackend {
         estimator: Estimator,
         kernel: Kernel,
     ) -> Result<Vec<f64>> {
-        let n = batch.rows;
-        let l = batch.layers.len();
-        super::backend::check_batch_rows(estimator, n)?;
-        if l == 0 {
-            return Err(Error::invalid("no layers to compare"));
-        }
-        // Radix-select counts and Gram indices are 32-bit: n² < 2³².
-        if n > 65535 {
-            return Err(Error::invalid(format!(
-                "a batch of {n} samples is too large for the GPU kernels (at most 65535)"
-            )));
-        }
-        let row_bytes: Vec<usize> = batch
-            .layers
-            .iter()
-            .map(|s| s.cols * s.dtype.size())
-            .collect();
-        let sizes: Vec<usize> = row_bytes
-            .iter()
-            .map(|&w| plan::layer_bytes(n, w, 1))
-            .collect();
+        let (n, l) = (batch.rows, batch.layers.len());
         let wall = std::time::Instant::now();
-        self.spans.clear();
-        self.workspace(n, &row_bytes)?;
-        let (block, blocks) = {
-            let ws = self.ws.as_mut().expect("workspace planned");
-            self.compute
-                .memset_zeros(&mut ws.out)
-                .cu("clearing the result")?;
-            (ws.plan.layer_block, ws.plan.blocks(l))
-        };
-        for a in 0..blocks {
-            let (a0, a1) = (a * block, ((a + 1) * block).min(l));
-            self.compute_block(batch, &sizes, a0, a1, 0, estimator, kernel)?;
-            self.pairs(n, l, 0, a1 - a0, 0, a1 - a0, a0, a0, true)?;
-            for b in a + 1..blocks {
-                let (b0, b1) = (b * block, ((b + 1) * block).min(l));
-                self.compute_block(batch, &sizes, b0, b1, block, estimator, kernel)?;
-                // Rows: block b (the later layers), columns: block a — the lower triangle.
-                self.pairs(n, l, block, b1 - b0, 0, a1 - a0, b0, a0, false)?;
-            }
-        }
+        self.gram_route(batch, estimator, kernel)?;
         let ws = self.ws.as_ref().expect("workspace planned");
         let raw = self
             .compute
             .clone_dtoh(&ws.out)
             .cu("downloading the result")?;
         self.compute.synchronize().cu("synchronize")?;
-        if self.profile {
-            let mut t = StageTimes {
-                wall_ms: wall.elapsed().as_secs_f64() * 1e3,
-                ..StageTimes::default()
-            };
-            for (stage, a, b) in self.spans.drain(..) {
-                let ms = a.elapsed_ms(&b).cu("event timing")? as f64;
-                match stage {
-                    Stage::Gram => t.gram_ms += ms,
-                    Stage::Centre => t.centre_ms += ms,
-                    Stage::Pairs => t.pairs_ms += ms,
-                }
-            }
-            self.last_times = Some(t);
-        }
+        self.collect_stage_times(wall)?;
         let scale = 2.0 / normaliser(estimator, n);
         let mut h = vec![0.0f64; l * l];
         for i in 0..l {
@@ -829,6 +996,79 @@ impl Backend for CudaBackend {
             }
         }
         Ok(h)
+    }
+
+    fn submit(
+        &mut self,
+        sum: &mut HsicSum,
+        batch: &BatchRef<'_>,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
+        let (n, l) = (batch.rows, batch.layers.len());
+        if l != sum.layers() {
+            return Err(Error::invalid(format!(
+                "a batch of {l} layers submitted into a sum over {}",
+                sum.layers()
+            )));
+        }
+        let wall = std::time::Instant::now();
+        self.gram_route(batch, estimator, kernel)?;
+        let slot = match sum.device_slot {
+            Some(i) => i,
+            None => {
+                let buf = self
+                    .compute
+                    .alloc_zeros::<f64>(l * l)
+                    .cu("allocating the HSIC sum")?;
+                self.sums.push(Some(buf));
+                sum.device_slot = Some(self.sums.len() - 1);
+                self.sums.len() - 1
+            }
+        };
+        let ws = self.ws.as_ref().expect("workspace planned");
+        let dst = self.sums[slot]
+            .as_mut()
+            .ok_or_else(|| Error::invalid("this HSIC sum was already finished"))?;
+        let (l_i, scale) = (l as i32, 2.0 / normaliser(estimator, n));
+        // SAFETY: argument types match hsic_accumulate (hsic_pairs.cu); `out` and `dst` hold l·l f64.
+        unsafe {
+            self.compute
+                .launch_builder(&self.k.hsic_accumulate)
+                .arg(&ws.out)
+                .arg(&l_i)
+                .arg(&scale)
+                .arg(dst)
+                .launch(grid((l * l).div_ceil(256), 1, 1, 256))
+        }
+        .cu("launching hsic_accumulate")?;
+        if self.profile {
+            // Stage times need the batch's events complete: profiling synchronises per batch.
+            self.compute.synchronize().cu("synchronize")?;
+            self.collect_stage_times(wall)?;
+        }
+        Ok(())
+    }
+
+    fn finish_sum(&mut self, sum: HsicSum) -> Result<Vec<f64>> {
+        let slot = sum.device_slot;
+        let mut total = sum.into_host();
+        if let Some(i) = slot {
+            let buf = self
+                .sums
+                .get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| Error::invalid("this HSIC sum was already finished"))?;
+            let dev = self
+                .compute
+                .clone_dtoh(&buf)
+                .cu("downloading the HSIC sum")?;
+            self.compute.synchronize().cu("synchronize")?;
+            for (t, v) in total.iter_mut().zip(&dev) {
+                *t += v;
+            }
+        }
+        Ok(total)
     }
 
     fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {

@@ -30,6 +30,8 @@ pub struct MemoryPlan {
     pub g_rows: usize,
     /// Layers per block: the number of layers when all packed Grams fit (one block).
     pub layer_block: usize,
+    /// Split-K planes of the pair products ([`pair_splits`]).
+    pub pair_splits: usize,
     /// Device bytes the plan allocates.
     pub device_bytes: usize,
 }
@@ -47,8 +49,15 @@ impl MemoryPlan {
             self.stage_bytes,
             self.gram_layers,
             self.g_rows,
+            self.pair_splits,
         )
     }
+}
+
+/// The most split-K planes of the pair products (each L×L f64, summed in order afterwards for
+/// reproducible bits): up to 256, within 4 MiB and a sixteenth of the budget.
+pub fn pair_splits(layers: usize, budget: usize) -> usize {
+    ((4usize << 20).min(budget / 16) / (layers * layers * 8).max(1)).clamp(1, 256)
 }
 
 /// Packed lower triangle length.
@@ -72,6 +81,8 @@ pub struct Buffers {
     pub stage_bytes: usize,
     /// f32: `gram_layers` n×n Grams.
     pub gram: usize,
+    /// u32: per Gram slot, the largest column range and the f16 scale exponent (centre_columns.cu).
+    pub col_scale: usize,
     /// f64: per Gram row, its sum.
     pub rowsum: usize,
     /// f64: per Gram row, its centring offset.
@@ -86,16 +97,26 @@ pub struct Buffers {
     pub g: usize,
     /// f64: the L×L result.
     pub out: usize,
+    /// f64: [`pair_splits`] planes of L×L split-K partials of the pair products (hsic_pairs.cu).
+    pub partials: usize,
     /// u64: the layer tables (3 words per layer) uploaded with each block, allocated per block; counted
     /// for every layer and once more for a chunk's worth.
     pub tables: usize,
 }
 
 impl Buffers {
-    pub fn new(n: usize, layers: usize, stage: usize, gram_layers: usize, g_rows: usize) -> Self {
+    pub fn new(
+        n: usize,
+        layers: usize,
+        stage: usize,
+        gram_layers: usize,
+        g_rows: usize,
+        pair_splits: usize,
+    ) -> Self {
         Buffers {
             stage_bytes: stage,
             gram: gram_layers * n * n,
+            col_scale: gram_layers * 2,
             rowsum: gram_layers * n,
             offsets: gram_layers * n,
             diag: gram_layers * n,
@@ -103,6 +124,7 @@ impl Buffers {
             select_hist: gram_layers * 2 * RBF_BINS,
             g: g_rows * packed_len(n),
             out: layers * layers,
+            partials: pair_splits * layers * layers,
             tables: 3 * (gram_layers + layers),
         }
     }
@@ -111,14 +133,21 @@ impl Buffers {
     pub fn device_bytes(&self) -> usize {
         2 * self.stage_bytes
             + (self.gram + self.diag + self.g) * 4
-            + (self.rowsum + self.offsets + self.out + self.tables) * 8
-            + (self.select_state + self.select_hist) * 4
+            + (self.rowsum + self.offsets + self.out + self.partials + self.tables) * 8
+            + (self.select_state + self.select_hist + self.col_scale) * 4
     }
 }
 
 /// Device bytes for a given split (everything `MemoryPlan` allocates).
-fn device_bytes(n: usize, layers: usize, stage: usize, gram_layers: usize, g_rows: usize) -> usize {
-    Buffers::new(n, layers, stage, gram_layers, g_rows).device_bytes()
+fn device_bytes(
+    n: usize,
+    layers: usize,
+    stage: usize,
+    gram_layers: usize,
+    g_rows: usize,
+    splits: usize,
+) -> usize {
+    Buffers::new(n, layers, stage, gram_layers, g_rows, splits).device_bytes()
 }
 
 /// Plan for batches of `n` rows of layers whose per-row byte widths are `row_bytes[l]` (cols × elem),
@@ -156,24 +185,25 @@ fn plan_exact(n: usize, row_bytes: &[usize], budget: usize) -> Option<MemoryPlan
     let widest = per_layer.iter().copied().max()?;
     let total_in: usize = per_layer.iter().sum();
     let p4 = packed_len(n) * 4;
+    let splits = pair_splits(l, budget);
     // The least that must fit: one layer staged twice, one Gram, two G rows.
     let stage_min = widest;
-    if device_bytes(n, l, stage_min, 1, 2.min(l).max(1)) > budget {
+    if device_bytes(n, l, stage_min, 1, 2.min(l).max(1), splits) > budget {
         return None;
     }
     let stage = widest.max(STAGE_TARGET.min(total_in));
-    let stage = if device_bytes(n, l, stage, 1, 2.min(l).max(1)) <= budget {
+    let stage = if device_bytes(n, l, stage, 1, 2.min(l).max(1), splits) <= budget {
         stage
     } else {
         stage_min
     };
     // Gram scratch: as many layers as a chunk can hold, capped, within a quarter of what is left.
-    let base = device_bytes(n, l, stage, 0, 0);
-    let per_gram = device_bytes(n, l, stage, 1, 0) - base;
+    let base = device_bytes(n, l, stage, 0, 0, splits);
+    let per_gram = device_bytes(n, l, stage, 1, 0, splits) - base;
     let left = budget - base;
     let want_gram = l.min(MAX_GRAM_LAYERS);
     let gram_layers = (left / 4 / per_gram).clamp(1, want_gram);
-    let after_gram = budget - device_bytes(n, l, stage, gram_layers, 0);
+    let after_gram = budget - device_bytes(n, l, stage, gram_layers, 0, splits);
     let (g_rows, layer_block) = if l * p4 <= after_gram {
         (l, l)
     } else {
@@ -181,13 +211,14 @@ fn plan_exact(n: usize, row_bytes: &[usize], budget: usize) -> Option<MemoryPlan
         let block = (rows / 2).max(1);
         (2 * block, block)
     };
-    let bytes = device_bytes(n, l, stage, gram_layers, g_rows);
+    let bytes = device_bytes(n, l, stage, gram_layers, g_rows, splits);
     (bytes <= budget).then_some(MemoryPlan {
         n,
         stage_bytes: stage,
         gram_layers,
         g_rows,
         layer_block,
+        pair_splits: splits,
         device_bytes: bytes,
     })
 }
@@ -279,7 +310,7 @@ mod tests {
     fn tight_memory_gives_layer_blocks_and_a_named_batch_limit() {
         let rows = vec![4096 * 2; 300];
         let n = 1024;
-        let all = device_bytes(n, 300, 64 << 20, 32, 300);
+        let all = device_bytes(n, 300, 64 << 20, 32, 300, 1);
         let p = plan(n, &rows, all / 3).unwrap();
         assert!(p.layer_block < 300 && p.layer_block >= 1);
         assert_eq!(p.g_rows, 2 * p.layer_block);
@@ -299,11 +330,11 @@ mod tests {
         let (n, l, stage, gl, g_rows) = (300, 17, 1 << 20, 5, 9);
         let nn = n * n;
         let by_hand = 2 * stage
-            + gl * (nn * 4 + n * (8 + 8 + 4) + 2 * RBF_BINS * 4 + 2 * 4 * 4 + 3 * 8)
+            + gl * (nn * 4 + n * (8 + 8 + 4) + 2 * RBF_BINS * 4 + 2 * 4 * 4 + 2 * 4 + 3 * 8)
             + g_rows * packed_len(n) * 4
-            + l * l * 8
+            + l * l * 8 * (1 + 7)
             + l * 3 * 8;
-        assert_eq!(device_bytes(n, l, stage, gl, g_rows), by_hand);
+        assert_eq!(device_bytes(n, l, stage, gl, g_rows, 7), by_hand);
         let p = plan(n, &vec![4096; l], 1 << 30).unwrap();
         assert_eq!(p.buffers(l).device_bytes(), p.device_bytes);
     }
