@@ -1082,6 +1082,14 @@ mod tests {
     use super::*;
     use crate::io::Batch;
 
+    /// The backends may move to another thread (read on one, compute on another): checked at compile time.
+    #[test]
+    fn backends_are_send() {
+        fn send<T: Send>() {}
+        send::<CudaBackend>();
+        send::<CpuBackend>();
+    }
+
     #[test]
     fn staging_places_each_layer_at_its_aligned_offset() {
         // Three layers of odd byte widths (not multiples of 16), more than one 1 MiB piece for one.
