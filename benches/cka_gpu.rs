@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::io::{Batch, DType, LayerBlock};
 use sglp_engine::similarity::cuda::CudaBackend;
-use sglp_engine::similarity::{Backend, Estimator, Kernel};
+use sglp_engine::similarity::{Backend, Estimator, HsicSum, Kernel};
 use std::time::Duration;
 
 struct Workload {
@@ -125,6 +125,29 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             pairs.push(t.pairs_ms);
         }
         let total_s = t0.elapsed().as_secs_f64();
+        // The streamed path the accumulator uses: every batch submitted into a device-resident sum, one
+        // download at the end, no host synchronisation per batch (profiling off: it would add one).
+        // Device memory after 16 and after all batches: it must not grow with the number of batches.
+        gpu.set_profiling(false);
+        let mut sum = HsicSum::new(w.widths.len());
+        let mut used_16 = 0usize;
+        let t1 = std::time::Instant::now();
+        for i in 0..w.batches {
+            gpu.submit(
+                &mut sum,
+                &data[i % 2].as_ref(),
+                Estimator::Unbiased,
+                Kernel::Linear,
+            )
+            .expect("submit");
+            if i + 1 == 16.min(w.batches) {
+                used_16 = gpu.device_memory_used().expect("memory info");
+            }
+        }
+        gpu.finish_sum(sum).expect("finish");
+        let streamed_s = t1.elapsed().as_secs_f64();
+        let used_all = gpu.device_memory_used().expect("memory info");
+        gpu.set_profiling(true);
         let plan = gpu.memory_plan().expect("planned").clone();
         let gram_ms = median(&mut gram);
         let entry = serde_json::json!({
@@ -134,6 +157,9 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             "dtype": w.dtype.name(),
             "batches": w.batches,
             "total_s": total_s,
+            "streamed_total_s": streamed_s,
+            "device_bytes_used_after_16_batches": used_16,
+            "device_bytes_used_after_all_batches": used_all,
             "batch_wall_ms_median": median(&mut wall),
             "gram_ms_median": gram_ms,
             "centre_ms_median": median(&mut centre),

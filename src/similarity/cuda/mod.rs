@@ -351,6 +351,12 @@ impl CudaBackend {
         self.ws = None;
     }
 
+    /// Device memory in use on this GPU (all processes: total − free), for memory benchmarks.
+    pub fn device_memory_used(&self) -> Result<usize> {
+        let (free, total) = self.ctx.mem_get_info().cu("cuMemGetInfo")?;
+        Ok(total.saturating_sub(free))
+    }
+
     /// The plan in use for the last batch shape, if any.
     pub fn memory_plan(&self) -> Option<&MemoryPlan> {
         self.ws.as_ref().map(|w| &w.plan)
