@@ -21,7 +21,7 @@ use sglp_engine::similarity::device::{open_backend, DeviceChoice};
 use sglp_engine::similarity::{cka_from_hsic, Backend, Estimator, Kernel};
 
 fn gpu_or_skip() -> Option<CudaBackend> {
-    match CudaBackend::open(0, 2) {
+    match CudaBackend::open(0) {
         Ok(b) => Some(b),
         Err(e) => {
             if std::env::var("SGLP_REQUIRE_GPU").as_deref() == Ok("1") {
@@ -457,6 +457,60 @@ fn submitted_batches_sum_on_the_device_and_repeat_bit_for_bit() {
         second.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
         "two runs on the same input differ"
     );
+}
+
+/// The feature route runs on the GPU (kernels/feature_cross.cu): ZᵀZ equal to the CPU's within f64
+/// rounding (both f64; 1e-12 relative to the largest entry), over widths that are not tile multiples, and
+/// the whole accumulator on the feature route (both estimators) within 1e-9 in CKA.
+#[test]
+fn feature_route_on_the_gpu_matches_the_cpu() {
+    use sglp_engine::similarity::{CkaAccumulator, CkaSpec, Route};
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let layers = [(5usize, DType::F32), (70, DType::BF16), (33, DType::F64)];
+    let seed: u64 = rand::rng().random();
+    let batch = random_batch(seed, 130, &layers);
+    let d: usize = layers.iter().map(|l| l.0).sum();
+    let (mut want, mut got) = (vec![0.0; d * d], vec![0.0; d * d]);
+    CpuBackend::new(2)
+        .accumulate_cross(&batch.as_ref(), &mut want)
+        .unwrap();
+    gpu.accumulate_cross(&batch.as_ref(), &mut got).unwrap();
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
+    assert!(worst <= 1e-12, "ZᵀZ differs by {worst:.2e} (relative)");
+    let metas: Vec<_> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, &(cols, dtype))| sglp_engine::io::LayerMeta {
+            name: format!("l{i}"),
+            cols,
+            dtype,
+            shape: vec![0, cols],
+        })
+        .collect();
+    for estimator in [Estimator::Biased, Estimator::Unbiased] {
+        let spec = CkaSpec {
+            estimator,
+            batch_size: 40,
+            route: Route::Feature,
+            ..CkaSpec::default()
+        };
+        let run = |backend: &mut dyn Backend| {
+            let mut acc = CkaAccumulator::new(&metas, spec, Some(130)).unwrap();
+            acc.push(&batch.as_ref(), backend).unwrap();
+            acc.finish(backend).unwrap().cka_matrix()
+        };
+        let want = run(&mut CpuBackend::new(2));
+        let got = run(&mut gpu);
+        for (rw, rg) in want.iter().zip(&got) {
+            for (w, g) in rw.iter().zip(rg) {
+                assert!((w - g).abs() <= 1e-9, "{estimator:?}: {w} vs {g}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -134,20 +134,8 @@ impl Backend for CpuBackend {
 
     fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {
         let n = batch.rows;
-        let dtot: usize = batch.layers.iter().map(|s| s.cols).sum();
+        let (z, dtot) = stacked_f64(batch);
         assert_eq!(cross.len(), dtot * dtot);
-        // Z = the layers side by side, f64, n × D.
-        let mut z = vec![0.0f64; n * dtot];
-        let mut off = 0;
-        let mut row = Vec::new();
-        for s in &batch.layers {
-            row.resize(s.cols, 0.0);
-            for r in 0..n {
-                s.row_into(r, &mut row);
-                z[r * dtot + off..r * dtot + off + s.cols].copy_from_slice(&row);
-            }
-            off += s.cols;
-        }
         let lz = Layout::row_major(n, dtot);
         let threads = self.threads;
         self.pool.install(|| {
@@ -163,6 +151,25 @@ impl Backend for CpuBackend {
         });
         Ok(())
     }
+}
+
+/// Z = the batch's layers side by side as f64 (n × D row-major), and D: the feature route's input, on
+/// both backends.
+pub(crate) fn stacked_f64(batch: &BatchRef<'_>) -> (Vec<f64>, usize) {
+    let n = batch.rows;
+    let dtot: usize = batch.layers.iter().map(|s| s.cols).sum();
+    let mut z = vec![0.0f64; n * dtot];
+    let mut off = 0;
+    let mut row = Vec::new();
+    for s in &batch.layers {
+        row.resize(s.cols, 0.0);
+        for r in 0..n {
+            s.row_into(r, &mut row);
+            z[r * dtot + off..r * dtot + off + s.cols].copy_from_slice(&row);
+        }
+        off += s.cols;
+    }
+    (z, dtot)
 }
 
 /// The normaliser the HSIC estimators divide ⟨K̃, L̃⟩ by: (n−1)² (biased), n(n−3) (unbiased).

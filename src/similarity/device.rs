@@ -52,7 +52,7 @@ pub fn open_backend(
     match choice {
         DeviceChoice::Cpu => Ok((Box::new(CpuBackend::new(cpu_threads)), None)),
         DeviceChoice::Cuda(i) => {
-            let mut gpu = CudaBackend::open(i, cpu_threads)?;
+            let mut gpu = CudaBackend::open(i)?;
             let diff = self_check(&mut gpu, &mut CpuBackend::new(cpu_threads))?;
             if diff > SELF_CHECK_TOL {
                 return Err(Error::cuda(format!(
@@ -82,7 +82,7 @@ pub fn open_backend(
                     )),
                 ))
             };
-            match CudaBackend::open(0, cpu_threads) {
+            match CudaBackend::open(0) {
                 Ok(mut gpu) => match self_check(&mut gpu, &mut CpuBackend::new(cpu_threads)) {
                     Ok(diff) if diff <= SELF_CHECK_TOL => Ok((Box::new(gpu), None)),
                     Ok(diff) => cpu_fallback(format!(

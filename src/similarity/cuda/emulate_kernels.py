@@ -208,6 +208,42 @@ def column_centre_to_f16(Xbits_f32):
     assert np.isfinite(vals).all()
     return vals.astype(np.float64), e
 
+def cross_f64(Z):
+    """feature_cross.cu's cross_f64, block by block: the staging index map (idx = tid + e·256 → row idx>>6,
+    column idx&63 of an 8-row step), the 4×4 per-thread outputs; only tiles bj ≤ bi."""
+    n, D = Z.shape; CT, CK = 64, 8
+    C = np.full((D, D), np.nan)
+    T = -(-D // CT)
+    tid = np.arange(256); tx = tid & 15; ty = tid >> 4
+    for t in range(T*(T+1)//2):
+        bi, bj = tri_tile(t); i0, j0 = bi*CT, bj*CT
+        acc = np.zeros((256, 4, 4))
+        for r0 in range(0, n, CK):
+            As = np.zeros((CK, CT)); Bs = np.zeros((CK, CT))
+            for e in range(2):
+                idx = tid + e*256; r = idx >> 6; c = idx & 63
+                ok = r0 + r < n
+                ia = ok & (i0 + c < D); ib = ok & (j0 + c < D)
+                As[r[ia], c[ia]] = Z[r0 + r[ia], i0 + c[ia]]
+                Bs[r[ib], c[ib]] = Z[r0 + r[ib], j0 + c[ib]]
+            for k in range(CK):
+                a = As[k][ty[:, None]*4 + np.arange(4)]; b = Bs[k][tx[:, None]*4 + np.arange(4)]
+                acc += a[:, :, None] * b[:, None, :]
+        for r in range(4):
+            for c in range(4):
+                i = i0 + ty*4 + r; j = j0 + tx*4 + c; ok = (i < D) & (j < D)
+                C[i[ok], j[ok]] = acc[ok, r, c]
+    return C
+
+def check_cross():
+    for n, D in ((5, 3), (37, 70), (130, 129)):
+        Z = rng.standard_normal((n, D))
+        C = cross_f64(Z); R = Z.T @ Z
+        il = np.tril_indices(D)
+        assert not np.isnan(C[il]).any()
+        err = np.abs(C[il] - R[il]).max() / np.abs(R).max()
+        print("cross_f64", n, D, err); assert err < 1e-13
+
 def check_large_mean_centring():
     """LLM-like bf16 activations (per-feature means ~100, a few features ~5000): the kernels' path (centre,
     f16 with a power-of-two scale, Gram, centre, unscale by 2^(−2e)) against the f64 CKA of the stored
@@ -278,5 +314,6 @@ def main():
         m = radix_median(v); ref = float(np.median(v.astype(np.float64)))
         print("median", n, m, ref); assert m == ref
     check_large_mean_centring()
+    check_cross()
     print("ALL OK")
 main()

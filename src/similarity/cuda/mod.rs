@@ -17,14 +17,14 @@
 //!    the other pinned slot and uploaded while this one computes, and [`Backend::finish_sum`] downloads
 //!    once.
 //!
-//! The feature route ([`Backend::accumulate_cross`]) runs on the CPU backend held inside (no GPU kernel
-//! for ZᵀZ yet); the name of the backend says so.
+//! The feature route ([`Backend::accumulate_cross`]): ZᵀZ in f64 tiles on the device
+//! (kernels/feature_cross.cu), the per-sample statistics on the host.
 
 pub mod nvrtc;
 pub mod plan;
 
 use super::backend::{Backend, Estimator, HsicSum, Kernel};
-use super::cpu::{normaliser, CpuBackend};
+use super::cpu::{normaliser, stacked_f64};
 use crate::error::{Error, Result};
 use crate::io::{BatchRef, DType};
 use cudarc::driver::{
@@ -108,6 +108,7 @@ struct Kernels {
     hsic_pairs: CudaFunction,
     hsic_reduce_splits: CudaFunction,
     hsic_accumulate: CudaFunction,
+    cross_f64: CudaFunction,
     rbf_copy_diag: CudaFunction,
     rbf_sqdist: CudaFunction,
     rbf_select_init: CudaFunction,
@@ -145,6 +146,7 @@ impl Kernels {
             hsic_pairs: get("hsic_pairs.cu", "hsic_pairs")?,
             hsic_reduce_splits: get("hsic_pairs.cu", "hsic_reduce_splits")?,
             hsic_accumulate: get("hsic_pairs.cu", "hsic_accumulate")?,
+            cross_f64: get("feature_cross.cu", "cross_f64")?,
             rbf_copy_diag: get("rbf.cu", "rbf_copy_diag")?,
             rbf_sqdist: get("rbf.cu", "rbf_sqdist")?,
             rbf_select_init: get("rbf.cu", "rbf_select_init")?,
@@ -191,7 +193,6 @@ pub struct CudaBackend {
     name: String,
     sms: usize,
     ws: Option<Workspace>,
-    cpu: CpuBackend,
     /// Device bytes the plan may use at most (tests set it to force layer blocks).
     budget_cap: Option<usize>,
     /// The pinned/device upload slot the next chunk goes to (alternating across chunks and batches).
@@ -264,9 +265,8 @@ fn tri(t: usize) -> usize {
 
 impl CudaBackend {
     /// Open device `ordinal`: create its context and streams and load the kernels (compiled by NVRTC
-    /// for its architecture on first use, then from the disk cache). `cpu_threads` sizes the CPU
-    /// backend used for the feature route.
-    pub fn open(ordinal: usize, cpu_threads: usize) -> Result<Self> {
+    /// for its architecture on first use, then from the disk cache).
+    pub fn open(ordinal: usize) -> Result<Self> {
         let devices = list_devices()?;
         let info = devices.get(ordinal).ok_or_else(|| {
             Error::cuda(if devices.is_empty() {
@@ -316,7 +316,6 @@ impl CudaBackend {
             name,
             sms,
             ws: None,
-            cpu: CpuBackend::new(cpu_threads),
             budget_cap: None,
             next_slot: 0,
             sums: Vec::new(),
@@ -1078,8 +1077,53 @@ impl Backend for CudaBackend {
     }
 
     fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {
-        // The feature route has no GPU kernel yet: ZᵀZ on the CPU backend.
-        self.cpu.accumulate_cross(batch, cross)
+        // ZᵀZ in f64 on the device (feature_cross.cu): Z is built on the host as the CPU backend builds
+        // it, uploaded, the lower tiles computed, downloaded and mirrored into `cross`.
+        let n = batch.rows;
+        let (z, dtot) = stacked_f64(batch);
+        if cross.len() != dtot * dtot {
+            return Err(Error::invalid(format!(
+                "feature route: a {dtot}×{dtot} cross product into {} values",
+                cross.len()
+            )));
+        }
+        if n == 0 || dtot == 0 {
+            return Ok(());
+        }
+        let (n_i, d_i) = (n as i32, dtot as i32);
+        let z_dev = self
+            .compute
+            .clone_htod(&z)
+            .cu("uploading the feature batch")?;
+        let mut c_dev = self.compute.alloc_zeros::<f64>(dtot * dtot).cu(&format!(
+            "allocating the {dtot}×{dtot} feature cross product ({} MiB)",
+            (dtot * dtot * 8) >> 20
+        ))?;
+        // SAFETY: argument types match cross_f64; `z_dev` holds n·D f64, `c_dev` D·D.
+        unsafe {
+            self.compute
+                .launch_builder(&self.k.cross_f64)
+                .arg(&z_dev)
+                .arg(&n_i)
+                .arg(&d_i)
+                .arg(&mut c_dev)
+                .launch(grid(tri(dtot.div_ceil(64)), 1, 1, 256))
+        }
+        .cu("launching cross_f64")?;
+        let c = self
+            .compute
+            .clone_dtoh(&c_dev)
+            .cu("downloading the feature cross product")?;
+        self.compute.synchronize().cu("synchronize")?;
+        for i in 0..dtot {
+            for j in 0..i {
+                let v = c[i * dtot + j];
+                cross[i * dtot + j] += v;
+                cross[j * dtot + i] += v;
+            }
+            cross[i * dtot + i] += c[i * dtot + i];
+        }
+        Ok(())
     }
 }
 
@@ -1093,7 +1137,7 @@ mod tests {
     fn backends_are_send() {
         fn send<T: Send>() {}
         send::<CudaBackend>();
-        send::<CpuBackend>();
+        send::<crate::similarity::cpu::CpuBackend>();
     }
 
     #[test]
