@@ -193,3 +193,139 @@ gram_mma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ lay
     else
         gram_mma_tile<DT_F16>(x, n, L.cols, bi, bj, vec, As, Bs, K + L.out_off);
 }
+
+// ---------------------------------------------------------------- gram_mma_pipelined (candidate)
+// The same tiles, warps and mma as gram_mma, for layers whose rows are 16-byte aligned with d % 8 == 0
+// (the `vec` case; others take gram_mma_tile): a 2-stage cp.async pipeline (the next 128×32 slices of
+// both sides load into shared memory while the tensor cores work on the current ones; no staging through
+// registers) and ldmatrix.x4 fragment loads (one instruction for a 16×16 A fragment or two 8-column B
+// fragments, instead of four / two 32-bit LDS). Shared: 2 stages × 2 sides × 128 rows × 80 bytes = 40 KiB.
+// Rows are 80 bytes apart, so the 8 row addresses of each 8×8 ldmatrix matrix fall in distinct 16-byte
+// bank groups (0, 80, 160, ... mod 128): conflict-free. Index arithmetic emulated in
+// src/similarity/cuda/emulate_kernels.py (`gram_mma_pipelined`). Never run on a GPU yet: the host uses it
+// only when SGLP_GRAM_KERNEL=pipelined, until it is measured against gram_mma.
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global → shared, asynchronously; `bytes` = 0 writes zeros (rows or features past the end).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* smem) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem)));
+}
+
+// Issue the cp.async of rows [r0, r0+128) × features [k0, k0+32) into S: 512 16-byte pieces, 2 a thread.
+__device__ __forceinline__ void stage_rows_async(u16 (*S)[MK + MPAD], const u16* __restrict__ x, int n,
+                                                 int d, int r0, int k0, int tid) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int q = tid + e * 256, r = q >> 2, c = (q & 3) * 8;
+        const int gr = r0 + r, gk = k0 + c;
+        const bool ok = gr < n && gk < d;  // d % 8 == 0: a piece is all in or all out
+        cp_async_16(&S[r][c], ok ? (const void*)(x + (u64)gr * d + gk) : (const void*)x, ok ? 16 : 0);
+    }
+}
+
+template <int DT>
+__device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d, int bi, int bj,
+                                        u16 (*As)[MM][MK + MPAD], u16 (*Bs)[MM][MK + MPAD],
+                                        float* __restrict__ k_out) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 3, wn = warp >> 2;
+    const int g = lane >> 2, t = lane & 3;
+    const int i0 = bi * MM, j0 = bj * MM;
+    float acc[2][8][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
+    const int steps = (d + MK - 1) / MK;
+    stage_rows_async(As[0], x, n, d, i0, 0, tid);
+    stage_rows_async(Bs[0], x, n, d, j0, 0, tid);
+    cp_async_commit();
+    // ldmatrix lane addresses: A — row (lane & 15), feature half (lane >> 4); B — two 8-row (sample)
+    // groups, row (lane & 7) + 8·(lane >> 4), feature half ((lane >> 3) & 1).
+    const int a_row = lane & 15, a_col = (lane >> 4) * 8;
+    const int b_row = (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 8;
+    for (int s = 0; s < steps; ++s) {
+        const int cur = s & 1;
+        if (s + 1 < steps) {
+            stage_rows_async(As[cur ^ 1], x, n, d, i0, (s + 1) * MK, tid);
+            stage_rows_async(Bs[cur ^ 1], x, n, d, j0, (s + 1) * MK, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < MK; ks += 16) {
+            u32 a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                ldmatrix_x4(a[mt], &As[cur][wm * 32 + mt * 16 + a_row][ks + a_col]);
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                u32 b[4];  // b0, b1 of column tile 2·np, then of 2·np + 1
+                ldmatrix_x4(b, &Bs[cur][wn * 64 + np * 16 + b_row][ks + b_col]);
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma_16816<DT>(acc[mt][2 * np], a[mt], b[0], b[1]);
+                    mma_16816<DT>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // everyone is done with `cur` before step s + 2 refills it
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
+                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
+                if (gi < n && gj < n) {
+                    k_out[(u64)gi * n + gj] = acc[mt][nt][h];
+                    if (bi != bj) k_out[(u64)gj * n + gi] = acc[mt][nt][h];
+                }
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gram_mma_pipelined(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
+                   int as_f16, float* __restrict__ K) {
+    __shared__ __align__(16) u16 As[2][MM][MK + MPAD];
+    __shared__ __align__(16) u16 Bs[2][MM][MK + MPAD];
+    const LayerDesc L = layers[blockIdx.y];
+    const u16* x = (const u16*)(in + L.in_off);
+    int bi, bj;
+    tri_tile(blockIdx.x, &bi, &bj);
+    const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
+    const bool bf = L.dtype == DT_BF16 && !as_f16;
+    if (!vec) {
+        // Unaligned rows: gram_mma's register-staged path, on the first stage's buffers.
+        if (bf)
+            gram_mma_tile<DT_BF16>(x, n, L.cols, bi, bj, false, As[0], Bs[0], K + L.out_off);
+        else
+            gram_mma_tile<DT_F16>(x, n, L.cols, bi, bj, false, As[0], Bs[0], K + L.out_off);
+    } else if (bf) {
+        gram_mma_pipelined_tile<DT_BF16>(x, n, L.cols, bi, bj, As, Bs, K + L.out_off);
+    } else {
+        gram_mma_pipelined_tile<DT_F16>(x, n, L.cols, bi, bj, As, Bs, K + L.out_off);
+    }
+}

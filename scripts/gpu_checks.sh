@@ -6,7 +6,8 @@
 #
 # Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
 # SGLP_REQUIRE_GPU=1, so a GPU that is not found fails), engine.json/engine.log (the cka_gpu bench
-# binary's per-batch CUDA-event timings), bench_gpu.json and bench.log (engine vs PyTorch, same GPU).
+# binary's per-batch CUDA-event timings; engine_pipelined.* the same with SGLP_GRAM_KERNEL=pipelined),
+# bench_gpu.json and bench.log (engine vs PyTorch, same GPU).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"

@@ -513,6 +513,37 @@ fn feature_route_on_the_gpu_matches_the_cpu() {
     }
 }
 
+/// The candidate tensor-core Gram kernel (cp.async pipeline, ldmatrix; `GramKernel::MmaPipelined`) on
+/// 16-bit layers: aligned widths (its pipelined path) and unaligned ones (its fallback), sizes that are
+/// not tile multiples, against the CPU as `sixteen_bit_and_mixed_dtypes` checks the default kernel.
+#[test]
+fn pipelined_gram_kernel_matches_the_cpu() {
+    use sglp_engine::similarity::cuda::GramKernel;
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    gpu.set_gram_kernel(GramKernel::MmaPipelined);
+    let seed: u64 = rand::rng().random();
+    for (i, rows) in [37usize, 128, 300].into_iter().enumerate() {
+        let layers = [
+            (64, DType::BF16),
+            (200, DType::F16),
+            (33, DType::BF16),
+            (7, DType::F16),
+            (40, DType::F32),
+        ];
+        let batch = random_batch(seed + i as u64, rows, &layers);
+        for estimator in [Estimator::Biased, Estimator::Unbiased] {
+            check(
+                &mut gpu,
+                &batch,
+                estimator,
+                Kernel::Linear,
+                1e-4,
+                &format!("pipelined Gram kernel, n = {rows}, {estimator:?}"),
+            );
+        }
+    }
+}
+
 #[test]
 fn device_choice_without_and_with_a_gpu() {
     let gpus = cuda::list_devices().map(|d| d.len()).unwrap_or(0);

@@ -244,6 +244,42 @@ def check_cross():
         err = np.abs(C[il] - R[il]).max() / np.abs(R).max()
         print("cross_f64", n, D, err); assert err < 1e-13
 
+def ldmatrix_x4(S, addr_rc):
+    """PTX ldmatrix.m8n8.x4 (b16): lanes 8m..8m+7 give the row addresses (row, col) of matrix m; lane l
+    receives, in register m, the elements (row l//4 of matrix m, columns 2(l%4), 2(l%4)+1)."""
+    regs = np.zeros((4, 32, 2), S.dtype)
+    for m in range(4):
+        for lane in range(32):
+            r, c = addr_rc[8*m + lane // 4]
+            regs[m, lane] = S[r, c + 2*(lane % 4): c + 2*(lane % 4) + 2]
+    return regs
+
+def check_gram_mma_pipelined_fragments():
+    """gram_mma_pipelined's ldmatrix.x4 addresses give, lane by lane, the same A and B fragments as
+    gram_mma's 32-bit shared loads (which the emulation of gram_mma above checks against X·Xᵀ)."""
+    S = rng.standard_normal((128, 40)).astype(np.float32)
+    lane = np.arange(32); g = lane >> 2; tq = lane & 3
+    pair = lambda r, c: np.stack([S[r, c], S[r, c+1]], 1)
+    for warp in range(8):
+        wm, wn = warp & 3, warp >> 2
+        for ks in (0, 16):
+            for mt in range(2):
+                r = wm*32 + mt*16 + g
+                want = [pair(r, ks+2*tq), pair(r+8, ks+2*tq), pair(r, ks+2*tq+8), pair(r+8, ks+2*tq+8)]
+                addr = [(wm*32 + mt*16 + (l & 15), ks + (l >> 4)*8) for l in range(32)]
+                got = ldmatrix_x4(S, addr)
+                for k in range(4): assert np.array_equal(got[k], want[k]), ("A", warp, ks, mt, k)
+            for npair in range(4):
+                addr = [(wn*64 + npair*16 + (l & 7) + ((l >> 4) << 3), ks + ((l >> 3) & 1)*8) for l in range(32)]
+                got = ldmatrix_x4(S, addr)
+                for half, nt in ((0, 2*npair), (1, 2*npair + 1)):
+                    c = wn*64 + nt*8 + g
+                    want = [pair(c, ks+2*tq), pair(c, ks+2*tq+8)]
+                    assert np.array_equal(got[2*half], want[0]) and np.array_equal(got[2*half+1], want[1]), ("B", warp, ks, npair)
+    # Bank groups of one 8x8 matrix's row addresses: rows 80 bytes apart, 16-byte reads → distinct.
+    assert len({(r*80) % 128 // 16 for r in range(8)}) == 8
+    print("gram_mma_pipelined fragments ok")
+
 def check_large_mean_centring():
     """LLM-like bf16 activations (per-feature means ~100, a few features ~5000): the kernels' path (centre,
     f16 with a power-of-two scale, Gram, centre, unscale by 2^(−2e)) against the f64 CKA of the stored
@@ -315,5 +351,6 @@ def main():
         print("median", n, m, ref); assert m == ref
     check_large_mean_centring()
     check_cross()
+    check_gram_mma_pipelined_fragments()
     print("ALL OK")
 main()

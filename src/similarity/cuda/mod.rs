@@ -100,6 +100,7 @@ pub fn list_devices() -> Result<Vec<DeviceInfo>> {
 struct Kernels {
     gram_fma: CudaFunction,
     gram_mma: CudaFunction,
+    gram_mma_pipelined: CudaFunction,
     column_centre: CudaFunction,
     column_to_f16: CudaFunction,
     gram_row_sums: CudaFunction,
@@ -138,6 +139,7 @@ impl Kernels {
         Ok(Kernels {
             gram_fma: get("gram_linear.cu", "gram_fma")?,
             gram_mma: get("gram_linear.cu", "gram_mma")?,
+            gram_mma_pipelined: get("gram_linear.cu", "gram_mma_pipelined")?,
             column_centre: get("centre_columns.cu", "column_centre")?,
             column_to_f16: get("centre_columns.cu", "column_to_f16")?,
             gram_row_sums: get("gram_centre.cu", "gram_row_sums")?,
@@ -195,6 +197,8 @@ pub struct CudaBackend {
     ws: Option<Workspace>,
     /// Device bytes the plan may use at most (tests set it to force layer blocks).
     budget_cap: Option<usize>,
+    /// Which kernel forms the 16-bit Grams.
+    gram_kernel: GramKernel,
     /// The pinned/device upload slot the next chunk goes to (alternating across chunks and batches).
     next_slot: usize,
     /// Device-resident sums of [`Backend::submit`], by [`HsicSum`] slot; `None` once finished.
@@ -210,6 +214,25 @@ enum Stage {
     Gram,
     Centre,
     Pairs,
+}
+
+/// The kernel of the 16-bit (tensor-core) Grams: `gram_mma` (registers staging, 32-bit fragment loads) or
+/// the candidate `gram_mma_pipelined` (cp.async double buffering, ldmatrix). Neither has been timed on a
+/// GPU yet: the default stays `gram_mma` until the benchmark says otherwise; `SGLP_GRAM_KERNEL=pipelined`
+/// (or [`CudaBackend::set_gram_kernel`]) selects the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GramKernel {
+    Mma,
+    MmaPipelined,
+}
+
+impl GramKernel {
+    fn from_env() -> Self {
+        match std::env::var("SGLP_GRAM_KERNEL").as_deref() {
+            Ok("pipelined") => GramKernel::MmaPipelined,
+            _ => GramKernel::Mma,
+        }
+    }
 }
 
 /// Device time of the stages of the last batch (with profiling on), in milliseconds. `wall_ms` is the
@@ -318,6 +341,7 @@ impl CudaBackend {
             ws: None,
             budget_cap: None,
             next_slot: 0,
+            gram_kernel: GramKernel::from_env(),
             sums: Vec::new(),
             profile: false,
             spans: Vec::new(),
@@ -348,6 +372,11 @@ impl CudaBackend {
     pub fn set_memory_cap(&mut self, bytes: Option<usize>) {
         self.budget_cap = bytes;
         self.ws = None;
+    }
+
+    /// Choose the 16-bit Gram kernel (see [`GramKernel`]).
+    pub fn set_gram_kernel(&mut self, kernel: GramKernel) {
+        self.gram_kernel = kernel;
     }
 
     /// Device memory in use on this GPU (all processes: total − free), for memory benchmarks.
@@ -683,15 +712,19 @@ impl CudaBackend {
             if n_mma > 0 {
                 // The 16-bit layers are f16 now, whatever their table's dtype (which column_to_f16 read).
                 let as_f16 = 1i32;
+                let f = match self.gram_kernel {
+                    GramKernel::Mma => &self.k.gram_mma,
+                    GramKernel::MmaPipelined => &self.k.gram_mma_pipelined,
+                };
                 self.compute
-                    .launch_builder(&self.k.gram_mma)
+                    .launch_builder(f)
                     .arg(&ws.dev_in[slot])
                     .arg(&sixteen)
                     .arg(&n_i)
                     .arg(&as_f16)
                     .arg(&mut ws.gram)
                     .launch(grid(tri(n.div_ceil(128)), n_mma, 1, 256))
-                    .cu("launching gram_mma")?;
+                    .cu("launching the 16-bit Gram kernel")?;
             }
         }
         ws.consumed[slot].record(&self.compute).cu("event record")?;
