@@ -544,6 +544,74 @@ fn pipelined_gram_kernel_matches_the_cpu() {
     }
 }
 
+/// Activations already on the GPU (`submit_device`): the same bits as the same batch from host memory
+/// (the slots hold the same bytes either way and the kernels are deterministic), row slices included, and
+/// the caller's device memory is left as it was (the kernels centre the slot copy, not the input).
+#[test]
+fn device_resident_batches_give_the_host_path_bits() {
+    use sglp_engine::similarity::HsicSum;
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let layers = [
+        (96, DType::BF16),
+        (50, DType::F32),
+        (33, DType::F16),
+        (8, DType::F64),
+    ];
+    let seed: u64 = rand::rng().random();
+    let batch = random_batch(seed, 150, &layers);
+    let copy = gpu.upload(&batch.as_ref()).unwrap();
+    for kernel in [Kernel::Linear, Kernel::Rbf { threshold: 1.0 }] {
+        let want = gpu
+            .batch_hsic(&batch.as_ref(), Estimator::Unbiased, kernel)
+            .unwrap();
+        // SAFETY: `copy` holds the batch on this backend's device.
+        let got =
+            unsafe { gpu.batch_hsic_device(&copy.batch, Estimator::Unbiased, kernel) }.unwrap();
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{kernel:?}: device input differs from host input"
+        );
+    }
+    let l = layers.len();
+    let (mut host_sum, mut dev_sum) = (HsicSum::new(l), HsicSum::new(l));
+    for (s, e) in [(0, 64), (64, 128), (128, 150)] {
+        gpu.submit(
+            &mut host_sum,
+            &batch.as_ref().slice(s, e),
+            Estimator::Unbiased,
+            Kernel::Linear,
+        )
+        .unwrap();
+        // SAFETY: as above; a row slice of it.
+        unsafe {
+            gpu.submit_device(
+                &mut dev_sum,
+                &copy.batch.slice(s, e),
+                Estimator::Unbiased,
+                Kernel::Linear,
+            )
+        }
+        .unwrap();
+    }
+    let (a, b) = (
+        gpu.finish_sum(host_sum).unwrap(),
+        gpu.finish_sum(dev_sum).unwrap(),
+    );
+    assert_eq!(
+        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "sliced device batches differ from the host slices"
+    );
+    // The input was not centred in place: a second pass gives the same numbers again.
+    let again =
+        unsafe { gpu.batch_hsic_device(&copy.batch, Estimator::Unbiased, Kernel::Linear) }.unwrap();
+    let first = gpu
+        .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
+        .unwrap();
+    assert_eq!(again, first);
+}
+
 #[test]
 fn device_choice_without_and_with_a_gpu() {
     let gpus = cuda::list_devices().map(|d| d.len()).unwrap_or(0);

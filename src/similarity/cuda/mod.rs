@@ -28,8 +28,8 @@ use super::cpu::{normaliser, stacked_f64};
 use crate::error::{Error, Result};
 use crate::io::{BatchRef, DType};
 use cudarc::driver::{
-    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
-    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use plan::MemoryPlan;
 use std::sync::Arc;
@@ -392,14 +392,14 @@ impl CudaBackend {
 
     /// Buffers for batches of this shape: n rows and these per-row byte widths (re-planned when the
     /// shape or a dtype changes; the layer tables depend on both).
-    fn workspace(&mut self, batch: &BatchRef<'_>, row_bytes: &[usize]) -> Result<()> {
-        let n = batch.rows;
+    fn workspace(&mut self, batch: Input<'_>, row_bytes: &[usize]) -> Result<()> {
+        let n = batch.rows();
         let key = (
             n,
             row_bytes
                 .iter()
-                .zip(&batch.layers)
-                .map(|(&w, s)| (w, dtype_code(s.dtype)))
+                .enumerate()
+                .map(|(i, &w)| (w, dtype_code(batch.layer(i).1)))
                 .collect::<Vec<_>>(),
         );
         if self.ws.as_ref().is_some_and(|w| w.key == key) {
@@ -470,14 +470,9 @@ impl CudaBackend {
 
     /// The Gram route of one batch up to its unscaled L×L result in `ws.out` (lower triangle), enqueued
     /// on the compute stream: uploads, Grams, centring, all pairs by blocks of layers.
-    fn gram_route(
-        &mut self,
-        batch: &BatchRef<'_>,
-        estimator: Estimator,
-        kernel: Kernel,
-    ) -> Result<()> {
-        let n = batch.rows;
-        let l = batch.layers.len();
+    fn gram_route(&mut self, batch: Input<'_>, estimator: Estimator, kernel: Kernel) -> Result<()> {
+        let n = batch.rows();
+        let l = batch.layers();
         super::backend::check_batch_rows(estimator, n)?;
         if l == 0 {
             return Err(Error::invalid("no layers to compare"));
@@ -488,10 +483,11 @@ impl CudaBackend {
                 "a batch of {n} samples is too large for the GPU kernels (at most 65535)"
             )));
         }
-        let row_bytes: Vec<usize> = batch
-            .layers
-            .iter()
-            .map(|s| s.cols * s.dtype.size())
+        let row_bytes: Vec<usize> = (0..l)
+            .map(|i| {
+                let (cols, dtype) = batch.layer(i);
+                cols * dtype.size()
+            })
             .collect();
         let sizes: Vec<usize> = row_bytes
             .iter()
@@ -534,6 +530,126 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `submit` for host or device input: enqueue the batch and add its scaled result into the sum's
+    /// device buffer (allocated on first use).
+    fn submit_input(
+        &mut self,
+        sum: &mut HsicSum,
+        batch: Input<'_>,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
+        let (n, l) = (batch.rows(), batch.layers());
+        if l != sum.layers() {
+            return Err(Error::invalid(format!(
+                "a batch of {l} layers submitted into a sum over {}",
+                sum.layers()
+            )));
+        }
+        let wall = std::time::Instant::now();
+        self.gram_route(batch, estimator, kernel)?;
+        let slot = match sum.device_slot {
+            Some(i) => i,
+            None => {
+                let buf = self
+                    .compute
+                    .alloc_zeros::<f64>(l * l)
+                    .cu("allocating the HSIC sum")?;
+                self.sums.push(Some(buf));
+                sum.device_slot = Some(self.sums.len() - 1);
+                self.sums.len() - 1
+            }
+        };
+        let ws = self.ws.as_ref().expect("workspace planned");
+        let dst = self.sums[slot]
+            .as_mut()
+            .ok_or_else(|| Error::invalid("this HSIC sum was already finished"))?;
+        let (l_i, scale) = (l as i32, 2.0 / normaliser(estimator, n));
+        // SAFETY: argument types match hsic_accumulate (hsic_pairs.cu); `out` and `dst` hold l·l f64.
+        unsafe {
+            self.compute
+                .launch_builder(&self.k.hsic_accumulate)
+                .arg(&ws.out)
+                .arg(&l_i)
+                .arg(&scale)
+                .arg(dst)
+                .launch(grid((l * l).div_ceil(256), 1, 1, 256))
+        }
+        .cu("launching hsic_accumulate")?;
+        if self.profile {
+            // Stage times need the batch's events complete: profiling synchronises per batch.
+            self.compute.synchronize().cu("synchronize")?;
+            self.collect_stage_times(wall)?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Backend::submit`], for a batch already in this GPU's memory (activations computed on the
+    /// device, a PyTorch CUDA tensor): its layers are copied device to device into the upload slots, so
+    /// nothing crosses PCIe. Returns once the copies are done: the caller may then reuse the memory.
+    ///
+    /// # Safety
+    /// Every layer's `ptr` must be a device address in this backend's CUDA context (device and primary
+    /// context) holding `rows × cols` values of its dtype, row-major and contiguous, fully written
+    /// (the producer's stream synchronised) before the call.
+    pub unsafe fn submit_device(
+        &mut self,
+        sum: &mut HsicSum,
+        batch: &DeviceBatch,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
+        self.submit_input(sum, Input::Device(batch), estimator, kernel)?;
+        // The copies of the last chunks are the last thing recorded on the copy stream.
+        self.copy.synchronize().cu("waiting for the device copies")
+    }
+
+    /// The HSIC matrix of one device-resident batch, as [`Backend::batch_hsic`] returns it.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::submit_device`].
+    pub unsafe fn batch_hsic_device(
+        &mut self,
+        batch: &DeviceBatch,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<Vec<f64>> {
+        let mut sum = HsicSum::new(batch.layers.len());
+        // SAFETY: forwarded to the caller.
+        unsafe { self.submit_device(&mut sum, batch, estimator, kernel)? };
+        self.finish_sum(sum)
+    }
+
+    /// A copy of a host batch in this GPU's memory (benchmarks and tests of the device path).
+    pub fn upload(&self, batch: &BatchRef<'_>) -> Result<DeviceCopy> {
+        let mut buffers = Vec::with_capacity(batch.layers.len());
+        let mut layers = Vec::with_capacity(batch.layers.len());
+        for s in &batch.layers {
+            let buf = self
+                .compute
+                .clone_htod(s.bytes)
+                .cu("uploading a device copy")?;
+            let ptr = {
+                let (ptr, _record) = buf.device_ptr(&self.compute);
+                ptr
+            };
+            layers.push(DeviceLayer {
+                ptr,
+                cols: s.cols,
+                dtype: s.dtype,
+            });
+            buffers.push(buf);
+        }
+        self.compute.synchronize().cu("synchronize")?;
+        Ok(DeviceCopy {
+            _buffers: buffers,
+            batch: DeviceBatch {
+                rows: batch.rows,
+                layers,
+            },
+        })
+    }
+
     /// With profiling on, and the compute stream synchronised: the last batch's stage times.
     fn collect_stage_times(&mut self, wall: std::time::Instant) -> Result<()> {
         if !self.profile {
@@ -561,7 +677,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn compute_block(
         &mut self,
-        batch: &BatchRef<'_>,
+        batch: Input<'_>,
         sizes: &[usize],
         start: usize,
         end: usize,
@@ -579,11 +695,11 @@ impl CudaBackend {
                 let ch = ws.tables[ti].1.chunks[ci].clone();
                 let span = ws.tables[ti].1.spans[ci];
                 self.upload_chunk(&mut ws, slot, batch, sizes, &ch)?;
-                self.launch_grams(&mut ws, slot, batch.rows, ti, span)?;
+                self.launch_grams(&mut ws, slot, batch.rows(), ti, span)?;
                 let row0 = g_row0 + ch.start - start;
                 self.centre_and_pack(
                     &mut ws,
-                    batch.rows,
+                    batch.rows(),
                     ch.end - ch.start,
                     row0,
                     estimator,
@@ -602,7 +718,7 @@ impl CudaBackend {
     fn tables_for(
         &self,
         ws: &mut Workspace,
-        batch: &BatchRef<'_>,
+        batch: Input<'_>,
         sizes: &[usize],
         start: usize,
         end: usize,
@@ -628,15 +744,40 @@ impl CudaBackend {
     }
 
     /// Steps 1 and 2 of a chunk: refill pinned slot `slot` once its previous upload has finished, then
-    /// upload it on the copy stream after the kernels that last read this device slot.
+    /// upload it on the copy stream after the kernels that last read this device slot. Device input is
+    /// copied device to device into the slot instead (the kernels centre the slot in place, never the
+    /// caller's memory).
     fn upload_chunk(
         &self,
         ws: &mut Workspace,
         slot: usize,
-        batch: &BatchRef<'_>,
+        batch: Input<'_>,
         sizes: &[usize],
         ch: &plan::Chunk,
     ) -> Result<()> {
+        let batch = match batch {
+            Input::Host(b) => b,
+            Input::Device(d) => {
+                self.copy.wait(&ws.consumed[slot]).cu("stream wait")?;
+                let (dst, _record) = ws.dev_in[slot].device_ptr_mut(&self.copy);
+                for (k, l) in (ch.start..ch.end).enumerate() {
+                    let layer = &d.layers[l];
+                    let bytes = d.rows * layer.cols * layer.dtype.size();
+                    // SAFETY: the slot holds ch.bytes ≥ offsets[k] + bytes; the source's validity for
+                    // `bytes` is the caller's promise (`submit_device` is unsafe).
+                    unsafe {
+                        cu::memcpy_dtod_async(
+                            dst + ch.offsets[k] as u64,
+                            layer.ptr,
+                            bytes,
+                            self.copy.cu_stream(),
+                        )
+                    }
+                    .cu("copying device activations")?;
+                }
+                return ws.uploaded[slot].record(&self.copy).cu("event record");
+            }
+        };
         ws.uploaded[slot]
             .synchronize()
             .cu("waiting for an upload")?;
@@ -861,6 +1002,80 @@ impl CudaBackend {
     }
 }
 
+/// One layer of a [`DeviceBatch`]: the device address of its `rows × cols` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceLayer {
+    pub ptr: u64,
+    pub cols: usize,
+    pub dtype: DType,
+}
+
+/// A batch whose layers are already in GPU memory, row-major and contiguous.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceBatch {
+    pub rows: usize,
+    pub layers: Vec<DeviceLayer>,
+}
+
+impl DeviceBatch {
+    /// Rows `[start, end)` of every layer (addresses offset, nothing copied).
+    pub fn slice(&self, start: usize, end: usize) -> DeviceBatch {
+        assert!(
+            start <= end && end <= self.rows,
+            "rows {start}..{end} of {}",
+            self.rows
+        );
+        DeviceBatch {
+            rows: end - start,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| DeviceLayer {
+                    ptr: l.ptr + (start * l.cols * l.dtype.size()) as u64,
+                    ..*l
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A device copy of a host batch ([`CudaBackend::upload`]); its memory lives as long as this value.
+pub struct DeviceCopy {
+    _buffers: Vec<CudaSlice<u8>>,
+    pub batch: DeviceBatch,
+}
+
+/// What the Gram route reads: a host batch (uploaded through the pinned slots) or a device batch.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Host(&'a BatchRef<'a>),
+    Device(&'a DeviceBatch),
+}
+
+impl Input<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Input::Host(b) => b.rows,
+            Input::Device(d) => d.rows,
+        }
+    }
+
+    fn layers(&self) -> usize {
+        match self {
+            Input::Host(b) => b.layers.len(),
+            Input::Device(d) => d.layers.len(),
+        }
+    }
+
+    /// Layer `l`'s (cols, dtype).
+    fn layer(&self, l: usize) -> (usize, DType) {
+        match self {
+            Input::Host(b) => (b.layers[l].cols, b.layers[l].dtype),
+            Input::Device(d) => (d.layers[l].cols, d.layers[l].dtype),
+        }
+    }
+}
+
 /// The layer tables of one block of layers, on the device, with its upload chunks.
 struct Tables {
     descs: CudaSlice<u64>,
@@ -883,8 +1098,8 @@ struct ChunkSpan {
 /// The layer tables of every chunk, for one upload: per layer 3 words (its offset in the upload slot,
 /// its Gram's offset in the scratch, `cols | dtype << 32`), f32/f64 layers first, then 16-bit ones; and per
 /// chunk where its entries are.
-fn layer_tables(batch: &BatchRef<'_>, chunks: &[plan::Chunk]) -> (Vec<u64>, Vec<ChunkSpan>) {
-    let nn = batch.rows * batch.rows;
+fn layer_tables(batch: Input<'_>, chunks: &[plan::Chunk]) -> (Vec<u64>, Vec<ChunkSpan>) {
+    let nn = batch.rows() * batch.rows();
     let mut descs: Vec<u64> = Vec::new();
     let mut spans = Vec::with_capacity(chunks.len());
     for ch in chunks {
@@ -892,15 +1107,15 @@ fn layer_tables(batch: &BatchRef<'_>, chunks: &[plan::Chunk]) -> (Vec<u64>, Vec<
         let mut push = |sixteen: bool| {
             let (mut count, mut widest) = (0, 0);
             for (k, l) in (ch.start..ch.end).enumerate() {
-                let s = &batch.layers[l];
-                if is_16bit(s.dtype) == sixteen {
+                let (cols, dtype) = batch.layer(l);
+                if is_16bit(dtype) == sixteen {
                     descs.extend([
                         ch.offsets[k] as u64,
                         (k * nn) as u64,
-                        s.cols as u64 | (dtype_code(s.dtype) << 32),
+                        cols as u64 | (dtype_code(dtype) << 32),
                     ]);
                     count += 1;
-                    widest = widest.max(s.cols);
+                    widest = widest.max(cols);
                 }
             }
             (count, widest)
@@ -1016,7 +1231,7 @@ impl Backend for CudaBackend {
     ) -> Result<Vec<f64>> {
         let (n, l) = (batch.rows, batch.layers.len());
         let wall = std::time::Instant::now();
-        self.gram_route(batch, estimator, kernel)?;
+        self.gram_route(Input::Host(batch), estimator, kernel)?;
         let ws = self.ws.as_ref().expect("workspace planned");
         let raw = self
             .compute
@@ -1043,49 +1258,7 @@ impl Backend for CudaBackend {
         estimator: Estimator,
         kernel: Kernel,
     ) -> Result<()> {
-        let (n, l) = (batch.rows, batch.layers.len());
-        if l != sum.layers() {
-            return Err(Error::invalid(format!(
-                "a batch of {l} layers submitted into a sum over {}",
-                sum.layers()
-            )));
-        }
-        let wall = std::time::Instant::now();
-        self.gram_route(batch, estimator, kernel)?;
-        let slot = match sum.device_slot {
-            Some(i) => i,
-            None => {
-                let buf = self
-                    .compute
-                    .alloc_zeros::<f64>(l * l)
-                    .cu("allocating the HSIC sum")?;
-                self.sums.push(Some(buf));
-                sum.device_slot = Some(self.sums.len() - 1);
-                self.sums.len() - 1
-            }
-        };
-        let ws = self.ws.as_ref().expect("workspace planned");
-        let dst = self.sums[slot]
-            .as_mut()
-            .ok_or_else(|| Error::invalid("this HSIC sum was already finished"))?;
-        let (l_i, scale) = (l as i32, 2.0 / normaliser(estimator, n));
-        // SAFETY: argument types match hsic_accumulate (hsic_pairs.cu); `out` and `dst` hold l·l f64.
-        unsafe {
-            self.compute
-                .launch_builder(&self.k.hsic_accumulate)
-                .arg(&ws.out)
-                .arg(&l_i)
-                .arg(&scale)
-                .arg(dst)
-                .launch(grid((l * l).div_ceil(256), 1, 1, 256))
-        }
-        .cu("launching hsic_accumulate")?;
-        if self.profile {
-            // Stage times need the batch's events complete: profiling synchronises per batch.
-            self.compute.synchronize().cu("synchronize")?;
-            self.collect_stage_times(wall)?;
-        }
-        Ok(())
+        self.submit_input(sum, Input::Host(batch), estimator, kernel)
     }
 
     fn finish_sum(&mut self, sum: HsicSum) -> Result<Vec<f64>> {
