@@ -63,15 +63,16 @@ def _torch_module():
 def _torch_to_numpy(name: str, t) -> Tuple[np.ndarray, Optional[str]]:
     """A PyTorch tensor as a NumPy array sharing its memory, and the engine dtype when NumPy cannot name it (bf16).
 
-    A CUDA tensor is copied to the host once, with a ``CopyWarning``: reading it in place on the GPU (DLPack into
-    the CUDA backend) is not implemented yet.
+    A CUDA tensor that the CUDA backend cannot read in place (another device than the accumulator's, a CPU
+    backend, non-contiguous, or mixed with host arrays in one update) is copied to the host once, with a
+    ``CopyWarning``.
     """
     torch = _torch_module()
     t = t.detach()
     if t.device.type != "cpu":
         warnings.warn(
-            f"layer '{name}': {t.device} tensor copied to host memory once (the engine does not read GPU "
-            f"tensors in place yet)",
+            f"layer '{name}': {t.device} tensor copied to host memory once (the CUDA backend reads CUDA "
+            f"tensors in place only when every layer of the update is a contiguous tensor on its device)",
             CopyWarning,
             stacklevel=4,
         )
@@ -82,6 +83,29 @@ def _torch_to_numpy(name: str, t) -> Tuple[np.ndarray, Optional[str]]:
         return t.numpy(), None
     # Let the engine reject it with its message; a zero-size stand-in carries the shape (nothing is read).
     return np.empty(tuple(t.shape), dtype=np.uint8), str(t.dtype).replace("torch.", "")
+
+
+_TORCH_GPU_DTYPES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _cuda_tensors_in_place(named: List[Tuple[str, Any]], cuda_device: Optional[int]):
+    """``(name, device address, shape, dtype)`` per layer when every layer is a C-contiguous CUDA tensor of a
+    float dtype on the accumulator's CUDA device, after synchronising the stream that wrote them: the CUDA
+    backend then reads them in place. None otherwise (the arrays go through the host, copied once with a
+    ``CopyWarning`` when they are on a GPU)."""
+    torch = _torch_module()
+    if torch is None or cuda_device is None or not named:
+        return None
+    out = []
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cuda" or t.device.index != cuda_device:
+            return None
+        dt = _TORCH_GPU_DTYPES.get(str(t.dtype).replace("torch.", ""))
+        if dt is None or not t.is_contiguous():
+            return None
+        out.append((name, t.detach(), dt))
+    torch.cuda.current_stream(torch.device("cuda", cuda_device)).synchronize()
+    return [(n, t.data_ptr(), list(t.shape), dt) for n, t, dt in out]
 
 
 def _layer_array(name: str, x: Any) -> Tuple[np.ndarray, str]:
@@ -235,6 +259,13 @@ class CkaAccumulator:
     def update(self, acts: Union[Mapping[str, Any], Sequence[Any]]) -> None:
         """Add the same rows of every layer (NumPy arrays or PyTorch tensors, ``[rows, ...]``)."""
         named = _named(acts, self._layers)
+        on_gpu = _cuda_tensors_in_place(named, self._native.cuda_device)
+        if on_gpu is not None:
+            # `named` holds every tensor until the engine has read it.
+            self._native.update_device(on_gpu)
+            if self._layers is None:
+                self._layers = [n for n, _ in named]
+            return
         arrays = [(n, *_layer_array(n, x)) for n, x in named]
         # `arrays` holds every array until the engine has read it.
         self._native.update([(n, a.__array_interface__["data"][0], list(a.shape), dt) for n, a, dt in arrays])

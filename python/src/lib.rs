@@ -16,6 +16,7 @@ use sglp_engine::pruning::pipeline::{plan_from_importance, Budget, Method, SglpO
 use sglp_engine::pruning::select::Selection;
 use sglp_engine::report::{write_report, PruneReport, StageTimes, REPORT_FORMAT};
 use sglp_engine::segmentation::{segment_cka, KChoice};
+use sglp_engine::similarity::cuda::{DeviceBatch, DeviceLayer};
 use sglp_engine::similarity::device::{open_backend, DeviceChoice};
 use sglp_engine::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec, Estimator, Kernel};
 use sglp_engine::{Error, Result};
@@ -249,6 +250,45 @@ impl Accumulator {
             check_finite(&batch, &this.layers, this.seen, Path::new(INPUT_NAME))?;
             let acc = this.state.as_mut().expect("started above");
             acc.push(&batch, this.backend.as_mut())?;
+            this.seen += rows;
+            Ok(())
+        })
+        .map_err(py_err)
+    }
+
+    /// The CUDA device the accumulator computes on (None on the CPU): CUDA tensors on it are read in
+    /// place by `update_device`.
+    #[getter]
+    fn cuda_device(&mut self) -> Option<usize> {
+        self.backend.as_cuda().map(|g| g.ordinal())
+    }
+
+    /// Push one chunk whose arrays are in GPU memory (CUDA tensors on `cuda_device`): `(name, device
+    /// address, shape, dtype)` per layer. The Python half has checked that they are C-contiguous and
+    /// has synchronised the stream that wrote them, and holds them until this call returns.
+    fn update_device(&mut self, py: Python<'_>, arrays: Vec<ArrayIn>) -> PyResult<()> {
+        let views = views(arrays, self.tokens).map_err(py_err)?;
+        self.start_or_check(&views).map_err(py_err)?;
+        let this = SameThread(&mut *self);
+        py.allow_threads(move || {
+            let this = this.get();
+            let rows = views.first().map_or(0, |v| v.rows);
+            let batch = DeviceBatch {
+                rows,
+                layers: views
+                    .iter()
+                    .map(|v| DeviceLayer {
+                        ptr: v.addr as u64,
+                        cols: v.meta.cols,
+                        dtype: v.meta.dtype,
+                    })
+                    .collect(),
+            };
+            let acc = this.state.as_mut().expect("started above");
+            // SAFETY: the Python half passes the data pointers of live, C-contiguous CUDA tensors on
+            // this backend's device with exactly these shapes and dtypes, written (stream synchronised)
+            // before the call, and keeps them alive until it returns.
+            unsafe { acc.push_device(&batch, this.backend.as_mut())? };
             this.seen += rows;
             Ok(())
         })

@@ -109,6 +109,11 @@ pub trait Backend {
     /// the caller reads no others.
     fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()>;
 
+    /// This backend as the CUDA backend, if it is one (the accumulator's device-input path needs it).
+    fn as_cuda(&mut self) -> Option<&mut super::cuda::CudaBackend> {
+        None
+    }
+
     /// Ask for the Grams' arithmetic. Returns whether the backend honours it; the default keeps its own
     /// (the CUDA backend's f32 tiles reduced into f64).
     fn set_precision(&mut self, precision: Precision) -> bool {

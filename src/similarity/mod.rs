@@ -219,6 +219,101 @@ impl CkaAccumulator {
         }
     }
 
+    /// Add rows already in GPU memory (e.g. PyTorch CUDA tensors), read there by the CUDA backend:
+    /// whole minibatches go from device memory straight into the kernels ([`cuda::CudaBackend::submit_device`]);
+    /// only the rows that complete or start a batch across chunks (fewer than a batch) are copied to the
+    /// host and join it there. The unbiased estimator on the Gram route only; otherwise (and on the CPU
+    /// backend) the chunk is copied to the host once and pushed as usual, with a warning.
+    ///
+    /// Non-finite values are not scanned here (the host path checks every value it reads): they reach
+    /// the HSICs, and a layer whose HSIC with itself is not finite gets a NaN row and a warning. A layer
+    /// constant over a batch centres to exact zeros on the GPU (f64 column means), so it still gets
+    /// the zero-variance NaN row.
+    ///
+    /// # Safety
+    /// As [`cuda::CudaBackend::submit_device`]: every layer's address holds `rows × cols` values of its
+    /// dtype on the backend's device, written before the call.
+    pub unsafe fn push_device(
+        &mut self,
+        chunk: &cuda::DeviceBatch,
+        backend: &mut dyn Backend,
+    ) -> Result<()> {
+        if chunk.layers.len() != self.layers.len() {
+            return Err(Error::invalid(format!(
+                "chunk has {} layers, expected {}",
+                chunk.layers.len(),
+                self.layers.len()
+            )));
+        }
+        for (s, m) in chunk.layers.iter().zip(&self.layers) {
+            if s.cols != m.cols || s.dtype != m.dtype {
+                return Err(Error::invalid(format!(
+                    "layer '{}': chunk does not match the layer's width {} and dtype {}",
+                    m.name,
+                    m.cols,
+                    m.dtype.name()
+                )));
+            }
+        }
+        let streamed = self.spec.estimator == Estimator::Unbiased && self.route == Route::Gram;
+        let Some(gpu) = backend.as_cuda().filter(|_| streamed) else {
+            let why = if streamed {
+                "the backend is not CUDA"
+            } else {
+                "only the unbiased estimator on the Gram route reads GPU memory in place"
+            };
+            let note = format!("device activations copied to host memory ({why})");
+            if !self.warnings.contains(&note) {
+                self.warnings.push(note);
+            }
+            let host = backend
+                .as_cuda()
+                .map(|g| unsafe { g.download(chunk) })
+                .transpose()?
+                .ok_or_else(|| {
+                    Error::invalid("device activations need the CUDA backend (device=\"cuda\")")
+                })?;
+            return self.push(&host.as_ref(), backend);
+        };
+        let b = self.spec.batch_size;
+        let rows = chunk.rows;
+        // Rows of this chunk that complete a batch begun by earlier chunks, on the host.
+        let mut start = 0;
+        if self.pending.rows > 0 {
+            start = (b - self.pending.rows).min(rows);
+            // SAFETY: the caller's promise, for a row slice of it.
+            let head = unsafe { gpu.download(&chunk.slice(0, start))? };
+            self.n_samples += start;
+            self.push_unbiased(&head.as_ref(), gpu)?;
+        }
+        // The host path's zero-variance test compares bytes, which device rows do not offer; the GPU's
+        // exact zeros for a constant layer stand in for it (see above).
+        self.varies.iter_mut().for_each(|v| *v = true);
+        // Whole batches from device memory.
+        let sum = self.hsic_sum.as_mut().expect("sum open until finish");
+        while rows - start >= b {
+            // SAFETY: the caller's promise, for a row slice of it.
+            unsafe {
+                gpu.submit_device(
+                    sum,
+                    &chunk.slice(start, start + b),
+                    Estimator::Unbiased,
+                    self.spec.kernel,
+                )?
+            };
+            self.n_batches += 1;
+            self.n_samples += b;
+            start += b;
+        }
+        if start < rows {
+            // SAFETY: as above.
+            let tail = unsafe { gpu.download(&chunk.slice(start, rows))? };
+            self.n_samples += rows - start;
+            self.pending.extend_from(&tail.as_ref());
+        }
+        Ok(())
+    }
+
     fn push_unbiased(&mut self, chunk: &BatchRef<'_>, backend: &mut dyn Backend) -> Result<()> {
         let b = self.spec.batch_size;
         let mut start = 0;

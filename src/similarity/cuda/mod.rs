@@ -26,7 +26,7 @@ pub mod plan;
 use super::backend::{Backend, Estimator, HsicSum, Kernel};
 use super::cpu::{normaliser, stacked_f64};
 use crate::error::{Error, Result};
-use crate::io::{BatchRef, DType};
+use crate::io::{Batch, BatchRef, DType, LayerBlock};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
     DevicePtrMut, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
@@ -188,6 +188,7 @@ struct Workspace {
 
 /// The CUDA backend of one device.
 pub struct CudaBackend {
+    ordinal: usize,
     ctx: Arc<CudaContext>,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
@@ -332,6 +333,7 @@ impl CudaBackend {
             info.total_mem as f64 / (1u64 << 30) as f64
         );
         Ok(CudaBackend {
+            ordinal,
             ctx,
             compute,
             copy,
@@ -618,6 +620,35 @@ impl CudaBackend {
         // SAFETY: forwarded to the caller.
         unsafe { self.submit_device(&mut sum, batch, estimator, kernel)? };
         self.finish_sum(sum)
+    }
+
+    /// The CUDA device ordinal this backend runs on.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// A host copy of a device batch (the few rows the accumulator keeps between batches).
+    ///
+    /// # Safety
+    /// As [`CudaBackend::submit_device`].
+    pub unsafe fn download(&self, batch: &DeviceBatch) -> Result<Batch> {
+        let mut layers = Vec::with_capacity(batch.layers.len());
+        for l in &batch.layers {
+            let mut data = vec![0u8; batch.rows * l.cols * l.dtype.size()];
+            if !data.is_empty() {
+                // SAFETY: the caller's promise on `l.ptr`; `data` holds exactly the bytes copied.
+                unsafe { cu::memcpy_dtoh_sync(&mut data, l.ptr) }.cu("downloading device rows")?;
+            }
+            layers.push(LayerBlock {
+                dtype: l.dtype,
+                cols: l.cols,
+                data,
+            });
+        }
+        Ok(Batch {
+            rows: batch.rows,
+            layers,
+        })
     }
 
     /// A copy of a host batch in this GPU's memory (benchmarks and tests of the device path).
@@ -1259,6 +1290,10 @@ impl Backend for CudaBackend {
         kernel: Kernel,
     ) -> Result<()> {
         self.submit_input(sum, Input::Host(batch), estimator, kernel)
+    }
+
+    fn as_cuda(&mut self) -> Option<&mut CudaBackend> {
+        Some(self)
     }
 
     fn finish_sum(&mut self, sum: HsicSum) -> Result<Vec<f64>> {
