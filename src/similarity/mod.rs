@@ -698,6 +698,37 @@ mod tests {
             .collect()
     }
 
+    /// Device input on a backend that is not CUDA is refused with the way out, before any address is
+    /// read (the addresses here are not valid anywhere).
+    #[test]
+    fn device_input_needs_the_cuda_backend() {
+        let metas = layers(2, 3);
+        let mut acc = CkaAccumulator::new(&metas, CkaSpec::default(), None).unwrap();
+        let batch = cuda::DeviceBatch {
+            rows: 300,
+            layers: (0..2)
+                .map(|i| cuda::DeviceLayer {
+                    ptr: 0xdead_0000 + i,
+                    cols: 3,
+                    dtype: DType::F32,
+                })
+                .collect(),
+        };
+        let mut cpu = cpu::CpuBackend::new(1);
+        // SAFETY: refused before any address is dereferenced (the CPU backend has no device path).
+        let err = unsafe { acc.push_device(&batch, &mut cpu) }
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need the CUDA backend"), "{err}");
+        // A chunk of the wrong shape is refused first, naming the layer.
+        let mut wrong = batch.clone();
+        wrong.layers[1].cols = 4;
+        let err = unsafe { acc.push_device(&wrong, &mut cpu) }
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("layer 'l1'") && err.contains("width 3"), "{err}");
+    }
+
     #[test]
     fn state_that_cannot_fit_is_refused_up_front_with_the_way_out() {
         let gib = 1u64 << 30;
