@@ -74,6 +74,23 @@ cd "$repo"; b=$1; shift; exe=$(ls /tmp/dp/bin/bench-"$b"-* 2>/dev/null | head -1
 [ -n "$exe" ] || { echo "no bench executable for $b (pack with DEVICE_PACK_BENCHES=1)"; exit 2; }
 "$exe" --bench "$@"
 SH
-chmod +x "$out/run-all.sh" "$out/run-bench.sh"
+# DEVICE_PACK_PYTHON=1: the Python package as an abi3 wheel, for python/tests on the GPU machine
+# (run-python.sh installs it without dependencies into /tmp/dp/py: that machine has PyTorch and NumPy).
+if [ "${DEVICE_PACK_PYTHON:-0}" = 1 ]; then
+  mkdir -p "$out/wheels"
+  maturin build --release --quiet -m python/Cargo.toml -o "$out/wheels" >/dev/null
+fi
+cat > "$out/run-python.sh" <<'SH'
+#!/usr/bin/env bash
+# On the GPU machine: the Python tests (the CUDA-tensor path among them) against the packed wheel.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/.." && pwd)
+ls "$here"/wheels/*.whl >/dev/null 2>&1 || { echo "run-python: no wheel (pack with DEVICE_PACK_PYTHON=1)"; exit 2; }
+python3 -m pip install --quiet --no-deps --no-index --target /tmp/dp/py "$here"/wheels/*.whl || exit 1
+cd "$repo"
+python3 -c "import pytest" 2>/dev/null || { echo "run-python: pytest is not installed on this machine"; exit 2; }
+PYTHONPATH=/tmp/dp/py python3 -m pytest python/tests -q -rs "$@"
+SH
+chmod +x "$out/run-all.sh" "$out/run-bench.sh" "$out/run-python.sh"
 echo "packed: $(du -sh "$out" | cut -f1) in .device/ (limit: 64 MiB with the rest of the working tree)"
 tar -tJf "$out/pack.tar.xz" | sed 's/^/  /'

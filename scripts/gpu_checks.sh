@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything in the CUDA issue that needs a GPU, in one call on the GPU machine (it has no Rust toolchain).
 #
-#   here:        DEVICE_PACK_BENCHES=1 scripts/device_pack.sh
+#   here:        DEVICE_PACK_BENCHES=1 DEVICE_PACK_PYTHON=1 scripts/device_pack.sh
 #   device tool: run  command: "bash scripts/gpu_checks.sh"  carry: [".device"]
 #
 # Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
@@ -14,7 +14,14 @@ mkdir -p "$out"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 SGLP_REQUIRE_GPU=1 bash .device/run-all.sh 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
+if [ -x .device/run-python.sh ] && ls .device/wheels/*.whl >/dev/null 2>&1; then
+  bash .device/run-python.sh 2>&1 | tee -a "$out/tests.log"
+  py=${PIPESTATUS[0]}
+else
+  echo "gpu_checks: no wheel packed (DEVICE_PACK_PYTHON=1): Python CUDA path not run" | tee -a "$out/tests.log"
+  py=0
+fi
 PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
-echo "gpu_checks: tests exit $tests, bench exit $bench"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+echo "gpu_checks: tests exit $tests, python exit $py, bench exit $bench"
+[ "$tests" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ]
