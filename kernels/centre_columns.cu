@@ -24,6 +24,9 @@
 //                 the bits of a non-negative float orders as the float does). Reads n·d, writes n·d.
 // column_to_f16   grid (⌈max cols/256⌉, 16-bit layers), 256 threads: μ again (f64), then each value as
 //                 f16((x − μ)·2^e) in place (same 2 bytes per value). Reads 2·n·d, writes n·d.
+// Non-finite values: column_centre also records, per layer (layer0 + its slot in the chunk = its index in the
+// batch), the first sample holding a NaN or Inf, as ~(first_sample + row) in `nonfinite` (atomicMax; 0 =
+// none), so that activations read from device memory are checked too, without a host pass.
 // Coalescing: a warp's 32 threads read 32 adjacent columns of one row at a time.
 #include "common.cuh"
 
@@ -44,23 +47,33 @@ __device__ double column_mean(const unsigned char* x, int dtype, int n, int d, i
 
 extern "C" __global__ void __launch_bounds__(256)
 column_centre(unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
-              u32* __restrict__ col_scale) {
+              u32* __restrict__ col_scale, u64* __restrict__ nonfinite, u64 first_sample, int layer0) {
     const LayerDesc L = layers[blockIdx.y];
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= L.cols) return;
     unsigned char* x = in + L.in_off;
     const int d = L.cols;
     const double mu = column_mean(x, L.dtype, n, d, c);
+    int bad = n;  // the first row of this column holding a NaN or Inf
     if (L.dtype == DT_F32) {
         float* v = (float*)x;
-        for (int i = 0; i < n; ++i) v[(u64)i * d + c] = (float)((double)v[(u64)i * d + c] - mu);
+        for (int i = 0; i < n; ++i) {
+            const float raw = v[(u64)i * d + c];
+            if (!isfinite(raw)) bad = min(bad, i);
+            v[(u64)i * d + c] = (float)((double)raw - mu);
+        }
     } else if (L.dtype == DT_F64) {
         double* v = (double*)x;
-        for (int i = 0; i < n; ++i) v[(u64)i * d + c] -= mu;
+        for (int i = 0; i < n; ++i) {
+            if (!isfinite(v[(u64)i * d + c])) bad = min(bad, i);
+            v[(u64)i * d + c] -= mu;
+        }
     } else {
         float lo = 0.0f, hi = 0.0f;
         for (int i = 0; i < n; ++i) {
-            const float v = (float)((double)load_as_f32(x, L.dtype, (u64)i * d + c) - mu);
+            const float raw = load_as_f32(x, L.dtype, (u64)i * d + c);
+            if (!isfinite(raw)) bad = min(bad, i);
+            const float v = (float)((double)raw - mu);
             lo = fminf(lo, v);
             hi = fmaxf(hi, v);
         }
@@ -68,6 +81,11 @@ column_centre(unsigned char* __restrict__ in, const LayerDesc* __restrict__ laye
         // Gram (and the accumulator's finiteness check) as NaN after the conversion.
         atomicMax(&col_scale[2 * gram_slot(L, n)], __float_as_uint(fmaxf(hi, -lo)));
     }
+    // The first bad sample of the layer, as ~sample so that zero means none and atomicMax keeps the
+    // earliest (the host names the layer and the sample).
+    if (bad < n)
+        atomicMax((unsigned long long*)&nonfinite[layer0 + gram_slot(L, n)],
+                  ~(unsigned long long)(first_sample + (u64)bad));
 }
 
 // e with max |x − μ|·2^e ≤ 2^14: range = m·2^k, m ∈ [0.5, 1) ⇒ range < 2^k ⇒ e = 14 − k. Clamped so that

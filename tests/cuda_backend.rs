@@ -612,6 +612,41 @@ fn device_resident_batches_give_the_host_path_bits() {
     assert_eq!(again, first);
 }
 
+/// A NaN in device memory is found on the GPU (column_centre's flags): finishing the sum fails with the
+/// layer's name and the first bad sample's global index, as the file readers' message does.
+#[test]
+fn a_nan_on_the_device_names_its_layer_and_first_sample() {
+    use sglp_engine::similarity::HsicSum;
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let layers = [(40, DType::F32), (24, DType::BF16), (16, DType::F32)];
+    let seed: u64 = rand::rng().random();
+    let mut batch = random_batch(seed, 150, &layers);
+    // Layer 1 (bf16), sample 70, feature 5: a NaN; layer 2, sample 120: an Inf (later, not reported).
+    let nan = bf16::NAN.to_le_bytes();
+    batch.layers[1].data[(70 * 24 + 5) * 2..(70 * 24 + 5) * 2 + 2].copy_from_slice(&nan);
+    batch.layers[2].data[(120 * 16) * 4..(120 * 16) * 4 + 4]
+        .copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let copy = gpu.upload(&batch.as_ref()).unwrap();
+    let mut sum = HsicSum::named(vec!["a".into(), "b".into(), "c".into()]);
+    for (s, e) in [(0, 64), (64, 128)] {
+        // SAFETY: `copy` holds the batch on this backend's device.
+        unsafe {
+            gpu.submit_device(
+                &mut sum,
+                &copy.batch.slice(s, e),
+                Estimator::Unbiased,
+                Kernel::Linear,
+            )
+        }
+        .unwrap();
+    }
+    let err = gpu.finish_sum(sum).unwrap_err().to_string();
+    assert!(
+        err.contains("layer 'b'") && err.contains("first bad sample: 70"),
+        "{err}"
+    );
+}
+
 #[test]
 fn device_choice_without_and_with_a_gpu() {
     let gpus = cuda::list_devices().map(|d| d.len()).unwrap_or(0);

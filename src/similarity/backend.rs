@@ -95,6 +95,7 @@ pub trait Backend {
     ) -> Result<()> {
         let h = self.batch_hsic(batch, estimator, kernel)?;
         sum.add_host(&h);
+        sum.add_rows(batch.rows);
         Ok(())
     }
 
@@ -127,6 +128,10 @@ pub trait Backend {
 #[derive(Debug)]
 pub struct HsicSum {
     layers: usize,
+    /// Layer names, for a backend's messages (a non-finite value found on the device).
+    names: Option<Vec<String>>,
+    /// Samples submitted so far (the global index of the next batch's first sample).
+    rows: usize,
     host: Vec<f64>,
     /// The backend's slot holding the rest (the CUDA backend's device buffers), if any.
     pub(crate) device_slot: Option<usize>,
@@ -137,9 +142,34 @@ impl HsicSum {
     pub fn new(layers: usize) -> Self {
         HsicSum {
             layers,
+            names: None,
+            rows: 0,
             host: vec![0.0; layers * layers],
             device_slot: None,
         }
+    }
+
+    /// The same, with the layers' names for messages.
+    pub fn named(names: Vec<String>) -> Self {
+        HsicSum {
+            names: Some(names.clone()),
+            ..HsicSum::new(names.len())
+        }
+    }
+
+    /// The layers' names, when given.
+    pub fn names(&self) -> Option<&[String]> {
+        self.names.as_deref()
+    }
+
+    /// Samples submitted so far.
+    pub fn rows_submitted(&self) -> usize {
+        self.rows
+    }
+
+    /// Count `n` more submitted samples.
+    pub fn add_rows(&mut self, n: usize) {
+        self.rows += n;
     }
 
     /// The number of layers.

@@ -164,7 +164,9 @@ impl CkaAccumulator {
             spec,
             route,
             pending: Batch::empty(layers),
-            hsic_sum: Some(HsicSum::new(l)),
+            hsic_sum: Some(HsicSum::named(
+                layers.iter().map(|m| m.name.clone()).collect(),
+            )),
             n_batches: 0,
             n_samples: 0,
             feature,
@@ -225,10 +227,10 @@ impl CkaAccumulator {
     /// host and join it there. The unbiased estimator on the Gram route only; otherwise (and on the CPU
     /// backend) the chunk is copied to the host once and pushed as usual, with a warning.
     ///
-    /// Non-finite values are not scanned here (the host path checks every value it reads): they reach
-    /// the HSICs, and a layer whose HSIC with itself is not finite gets a NaN row and a warning. A layer
-    /// constant over a batch centres to exact zeros on the GPU (f64 column means), so it still gets
-    /// the zero-variance NaN row.
+    /// Non-finite values are found by the GPU as it centres each batch (the host path checks every value
+    /// it reads instead): `finish` then fails with the layer and its first bad sample, as the readers do.
+    /// A layer constant over a batch centres to exact zeros on the GPU (f64 column means), so it still
+    /// gets the zero-variance NaN row.
     ///
     /// # Safety
     /// As [`cuda::CudaBackend::submit_device`]: every layer's address holds `rows × cols` values of its
@@ -726,7 +728,10 @@ mod tests {
         let err = unsafe { acc.push_device(&wrong, &mut cpu) }
             .unwrap_err()
             .to_string();
-        assert!(err.contains("layer 'l1'") && err.contains("width 3"), "{err}");
+        assert!(
+            err.contains("layer 'l1'") && err.contains("width 3"),
+            "{err}"
+        );
     }
 
     #[test]

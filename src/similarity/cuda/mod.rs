@@ -202,8 +202,12 @@ pub struct CudaBackend {
     gram_kernel: GramKernel,
     /// The pinned/device upload slot the next chunk goes to (alternating across chunks and batches).
     next_slot: usize,
-    /// Device-resident sums of [`Backend::submit`], by [`HsicSum`] slot; `None` once finished.
-    sums: Vec<Option<CudaSlice<f64>>>,
+    /// Device-resident sums of [`Backend::submit`], by [`HsicSum`] slot, each with its per-layer
+    /// first-non-finite-sample flags; `None` once finished.
+    sums: Vec<Option<(CudaSlice<f64>, CudaSlice<u64>)>>,
+    /// During a Gram route: where column_centre records non-finite samples (per layer, ~sample, 0 =
+    /// none) and the global index of the batch's first sample.
+    nonfinite: Option<(CudaSlice<u64>, u64)>,
     /// Profiling: timed events around each stage's launches, summed after each batch.
     profile: bool,
     spans: Vec<(Stage, CudaEvent, CudaEvent)>,
@@ -345,6 +349,7 @@ impl CudaBackend {
             next_slot: 0,
             gram_kernel: GramKernel::from_env(),
             sums: Vec::new(),
+            nonfinite: None,
             profile: false,
             spans: Vec::new(),
             last_times: None,
@@ -549,7 +554,6 @@ impl CudaBackend {
             )));
         }
         let wall = std::time::Instant::now();
-        self.gram_route(batch, estimator, kernel)?;
         let slot = match sum.device_slot {
             Some(i) => i,
             None => {
@@ -557,15 +561,26 @@ impl CudaBackend {
                     .compute
                     .alloc_zeros::<f64>(l * l)
                     .cu("allocating the HSIC sum")?;
-                self.sums.push(Some(buf));
+                let flags = self
+                    .compute
+                    .alloc_zeros::<u64>(l)
+                    .cu("allocating non-finite flags")?;
+                self.sums.push(Some((buf, flags)));
                 sum.device_slot = Some(self.sums.len() - 1);
                 self.sums.len() - 1
             }
         };
-        let ws = self.ws.as_ref().expect("workspace planned");
-        let dst = self.sums[slot]
-            .as_mut()
+        let (buf, flags) = self.sums[slot]
+            .take()
             .ok_or_else(|| Error::invalid("this HSIC sum was already finished"))?;
+        self.nonfinite = Some((flags, sum.rows_submitted() as u64));
+        let routed = self.gram_route(batch, estimator, kernel);
+        let (flags, _) = self.nonfinite.take().expect("set above");
+        self.sums[slot] = Some((buf, flags));
+        routed?;
+        sum.add_rows(n);
+        let ws = self.ws.as_ref().expect("workspace planned");
+        let (dst, _) = self.sums[slot].as_mut().expect("put back above");
         let (l_i, scale) = (l as i32, 2.0 / normaliser(estimator, n));
         // SAFETY: argument types match hsic_accumulate (hsic_pairs.cu); `out` and `dst` hold l·l f64.
         unsafe {
@@ -843,6 +858,11 @@ impl CudaBackend {
         let n_i = n as i32;
         let t_gram = mark(&self.ctx, &self.compute, self.profile)?;
         let (first, n_fma, n_mma) = (span.first, span.n_fma, span.n_mma);
+        let layer0 = span.layer0 as i32;
+        let (flags, first_sample) = self
+            .nonfinite
+            .as_mut()
+            .expect("the Gram route's caller sets the non-finite flags");
         let descs = &ws.tables[ti].1.descs;
         let all = descs.slice(first * 3..(first + n_fma + n_mma) * 3);
         let sixteen = descs.slice((first + n_fma) * 3..(first + n_fma + n_mma) * 3);
@@ -858,6 +878,9 @@ impl CudaBackend {
                 .arg(&all)
                 .arg(&n_i)
                 .arg(&mut ws.col_scale)
+                .arg(flags)
+                .arg(&*first_sample)
+                .arg(&layer0)
                 .launch(grid(span.max_cols.div_ceil(256), n_fma + n_mma, 1, 256))
                 .cu("launching column_centre")?;
             if n_mma > 0 {
@@ -1107,6 +1130,23 @@ impl Input<'_> {
     }
 }
 
+/// The error for the first layer (in order) whose flags (column_centre's ~sample, 0 = none) record a NaN or
+/// Inf, naming the layer and its first bad sample.
+fn check_nonfinite(flags: &[u64], names: Option<&[String]>) -> Result<()> {
+    match flags.iter().position(|&f| f != 0) {
+        None => Ok(()),
+        Some(l) => {
+            let name = names
+                .and_then(|n| n.get(l).cloned())
+                .unwrap_or_else(|| format!("#{l}"));
+            Err(Error::invalid(format!(
+                "layer '{name}': NaN or Inf in activations (first bad sample: {})",
+                !flags[l]
+            )))
+        }
+    }
+}
+
 /// The layer tables of one block of layers, on the device, with its upload chunks.
 struct Tables {
     descs: CudaSlice<u64>,
@@ -1119,6 +1159,8 @@ struct Tables {
 /// column).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ChunkSpan {
+    /// The chunk's first layer (its layer k is batch layer `layer0 + k`).
+    layer0: usize,
     first: usize,
     n_fma: usize,
     n_mma: usize,
@@ -1154,6 +1196,7 @@ fn layer_tables(batch: Input<'_>, chunks: &[plan::Chunk]) -> (Vec<u64>, Vec<Chun
         let (n_fma, max_fma) = push(false);
         let (n_mma, max_cols_16) = push(true);
         spans.push(ChunkSpan {
+            layer0: ch.start,
             first,
             n_fma,
             n_mma,
@@ -1262,13 +1305,25 @@ impl Backend for CudaBackend {
     ) -> Result<Vec<f64>> {
         let (n, l) = (batch.rows, batch.layers.len());
         let wall = std::time::Instant::now();
-        self.gram_route(Input::Host(batch), estimator, kernel)?;
+        let flags = self
+            .compute
+            .alloc_zeros::<u64>(l.max(1))
+            .cu("allocating non-finite flags")?;
+        self.nonfinite = Some((flags, 0));
+        let routed = self.gram_route(Input::Host(batch), estimator, kernel);
+        let (flags, _) = self.nonfinite.take().expect("set above");
+        routed?;
         let ws = self.ws.as_ref().expect("workspace planned");
         let raw = self
             .compute
             .clone_dtoh(&ws.out)
             .cu("downloading the result")?;
+        let flags = self
+            .compute
+            .clone_dtoh(&flags)
+            .cu("downloading non-finite flags")?;
         self.compute.synchronize().cu("synchronize")?;
+        check_nonfinite(&flags, None)?;
         self.collect_stage_times(wall)?;
         let scale = 2.0 / normaliser(estimator, n);
         let mut h = vec![0.0f64; l * l];
@@ -1298,9 +1353,10 @@ impl Backend for CudaBackend {
 
     fn finish_sum(&mut self, sum: HsicSum) -> Result<Vec<f64>> {
         let slot = sum.device_slot;
+        let names = sum.names().map(<[String]>::to_vec);
         let mut total = sum.into_host();
         if let Some(i) = slot {
-            let buf = self
+            let (buf, flags) = self
                 .sums
                 .get_mut(i)
                 .and_then(Option::take)
@@ -1309,7 +1365,12 @@ impl Backend for CudaBackend {
                 .compute
                 .clone_dtoh(&buf)
                 .cu("downloading the HSIC sum")?;
+            let flags = self
+                .compute
+                .clone_dtoh(&flags)
+                .cu("downloading non-finite flags")?;
             self.compute.synchronize().cu("synchronize")?;
+            check_nonfinite(&flags, names.as_deref())?;
             for (t, v) in total.iter_mut().zip(&dev) {
                 *t += v;
             }
