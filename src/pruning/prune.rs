@@ -187,6 +187,15 @@ pub(crate) struct ReportInputs {
     pub eval_s: f64,
 }
 
+/// How `k` was chosen, as a report names it: `auto`, `elbow` or `fixed`.
+pub fn k_rule(k: KChoice) -> &'static str {
+    match k {
+        KChoice::Auto { .. } => "auto",
+        KChoice::Elbow { .. } => "elbow",
+        KChoice::Fixed(_) => "fixed",
+    }
+}
+
 /// The report of a decision (timings of writing and the total left at 0 for the caller).
 pub(crate) fn decision_report(
     d: SglpDecision,
@@ -203,11 +212,7 @@ pub(crate) fn decision_report(
         method: inputs.method,
         features: opts.features,
         k: d.segmentation.k,
-        k_rule: match opts.k {
-            KChoice::Auto { .. } => "auto".into(),
-            KChoice::Elbow { .. } => "elbow".into(),
-            KChoice::Fixed(_) => "fixed".into(),
-        },
+        k_rule: k_rule(opts.k).into(),
         segments: d.segments,
         loss_curve: (1..).zip(d.segmentation.loss_curve).collect(),
         allocation: opts.allocation,
