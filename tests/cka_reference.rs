@@ -2,132 +2,18 @@
 //! identities CKA must satisfy. Tolerance: 1e-6 absolute on CKA (the bound; the f64 engine is
 //! typically within 1e-12).
 
+#[path = "common/cka_ref.rs"]
+mod cka_ref;
+
+use cka_ref::{batch, engine, matmul, metas, reference, round_to, Mat};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
-use sglp_engine::io::{Batch, DType, LayerBlock, LayerMeta};
+use sglp_engine::io::DType;
 use sglp_engine::similarity::cpu::CpuBackend;
 use sglp_engine::similarity::{
     Backend, CkaAccumulator, CkaResult, CkaSpec, Estimator, Kernel, Precision, Route,
 };
-
-type Mat = Vec<Vec<f64>>; // rows
-
-fn matmul(a: &Mat, b: &Mat) -> Mat {
-    let (n, k, m) = (a.len(), b.len(), b[0].len());
-    let mut c = vec![vec![0.0; m]; n];
-    for i in 0..n {
-        for t in 0..k {
-            let v = a[i][t];
-            for j in 0..m {
-                c[i][j] += v * b[t][j];
-            }
-        }
-    }
-    c
-}
-fn transpose(a: &Mat) -> Mat {
-    (0..a[0].len())
-        .map(|j| a.iter().map(|r| r[j]).collect())
-        .collect()
-}
-fn trace(a: &Mat) -> f64 {
-    (0..a.len()).map(|i| a[i][i]).sum()
-}
-
-fn ref_gram(x: &Mat, kernel: Kernel) -> Mat {
-    let k = matmul(x, &transpose(x));
-    match kernel {
-        Kernel::Linear => k,
-        Kernel::Rbf { threshold } => {
-            let n = k.len();
-            let d2: Mat = (0..n)
-                .map(|i| (0..n).map(|j| k[i][i] + k[j][j] - 2.0 * k[i][j]).collect())
-                .collect();
-            let mut all: Vec<f64> = d2.iter().flatten().copied().collect();
-            all.sort_by(|a, b| a.total_cmp(b));
-            let m = if all.len() % 2 == 1 {
-                all[all.len() / 2]
-            } else {
-                0.5 * (all[all.len() / 2 - 1] + all[all.len() / 2])
-            };
-            d2.iter()
-                .map(|r| {
-                    r.iter()
-                        .map(|v| (-v / (2.0 * threshold * threshold * m)).exp())
-                        .collect()
-                })
-                .collect()
-        }
-    }
-}
-
-/// tr(KHLH)/(n−1)² with H = I − 11ᵀ/n as an explicit matrix.
-fn ref_hsic0(k: &Mat, l: &Mat) -> f64 {
-    let n = k.len();
-    let h: Mat = (0..n)
-        .map(|i| {
-            (0..n)
-                .map(|j| f64::from(u8::from(i == j)) - 1.0 / n as f64)
-                .collect()
-        })
-        .collect();
-    let khlh = matmul(&matmul(&matmul(k, &h), l), &h);
-    trace(&khlh) / ((n as f64 - 1.0) * (n as f64 - 1.0))
-}
-
-/// Song et al. (2012) HSIC₁, the formula as written.
-fn ref_hsic1(k: &Mat, l: &Mat) -> f64 {
-    let n = k.len();
-    let zd = |m: &Mat| -> Mat {
-        (0..n)
-            .map(|i| (0..n).map(|j| if i == j { 0.0 } else { m[i][j] }).collect())
-            .collect()
-    };
-    let (kt, lt) = (zd(k), zd(l));
-    let sum = |m: &Mat| m.iter().flatten().sum::<f64>();
-    let kl = matmul(&kt, &lt);
-    let nf = n as f64;
-    (trace(&kl) + sum(&kt) * sum(&lt) / ((nf - 1.0) * (nf - 2.0)) - 2.0 / (nf - 2.0) * sum(&kl))
-        / (nf * (nf - 3.0))
-}
-
-/// Reference CKA of all pairs: biased over all rows, or minibatch means over consecutive batches
-/// (a last batch of 4 or more rows kept, fewer dropped).
-fn ref_cka(layers: &[Mat], est: Estimator, kernel: Kernel, b: usize) -> Mat {
-    let n = layers[0].len();
-    let bounds: Vec<(usize, usize)> = match est {
-        Estimator::Biased => vec![(0, n)],
-        Estimator::Unbiased => (0..n)
-            .step_by(b)
-            .map(|s| (s, (s + b).min(n)))
-            .filter(|(s, e)| e - s >= 4)
-            .collect(),
-    };
-    let nl = layers.len();
-    let mut h = vec![vec![0.0; nl]; nl];
-    for &(s, e) in &bounds {
-        let grams: Vec<Mat> = layers
-            .iter()
-            .map(|x| ref_gram(&x[s..e].to_vec(), kernel))
-            .collect();
-        for i in 0..nl {
-            for j in 0..nl {
-                h[i][j] += match est {
-                    Estimator::Biased => ref_hsic0(&grams[i], &grams[j]),
-                    Estimator::Unbiased => ref_hsic1(&grams[i], &grams[j]),
-                } / bounds.len() as f64;
-            }
-        }
-    }
-    (0..nl)
-        .map(|i| {
-            (0..nl)
-                .map(|j| h[i][j] / (h[i][i] * h[j][j]).sqrt())
-                .collect()
-        })
-        .collect()
-}
 
 /// Structured activations: a shared latent seen through per-layer random maps, plus noise that grows
 /// with depth, so the CKA matrix has graded, non-trivial structure.
@@ -153,53 +39,6 @@ fn structured(rng: &mut StdRng, n: usize, widths: &[usize]) -> Vec<Mat> {
             x
         })
         .collect()
-}
-
-fn metas(layers: &[Mat]) -> Vec<LayerMeta> {
-    layers
-        .iter()
-        .enumerate()
-        .map(|(i, x)| LayerMeta {
-            name: format!("layer{i}"),
-            cols: x[0].len(),
-            dtype: DType::F64,
-            shape: vec![x.len(), x[0].len()],
-        })
-        .collect()
-}
-
-/// Rows [s, e) of every layer as an f64 batch.
-fn batch(layers: &[Mat], s: usize, e: usize) -> Batch {
-    Batch {
-        rows: e - s,
-        layers: layers
-            .iter()
-            .map(|x| LayerBlock {
-                dtype: DType::F64,
-                cols: x[0].len(),
-                data: x[s..e]
-                    .iter()
-                    .flatten()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            })
-            .collect(),
-    }
-}
-
-/// Run the engine, pushing the rows in chunks of the given sizes (cycled).
-fn engine_cka(layers: &[Mat], spec: CkaSpec, chunks: &[usize]) -> CkaResult {
-    let n = layers[0].len();
-    let mut acc = CkaAccumulator::new(&metas(layers), spec, Some(n)).unwrap();
-    let mut cpu = CpuBackend::new(2);
-    let (mut s, mut c) = (0, 0);
-    while s < n {
-        let e = (s + chunks[c % chunks.len()]).min(n);
-        acc.push(&batch(layers, s, e).as_ref(), &mut cpu).unwrap();
-        s = e;
-        c += 1;
-    }
-    acc.finish(&mut cpu).unwrap()
 }
 
 fn assert_close(got: &CkaResult, want: &Mat, tol: f64, what: &str) {
@@ -240,9 +79,9 @@ fn every_estimator_route_and_kernel_matches_the_f64_reference() {
             batch_size: b.max(4),
             route,
         };
-        let want = ref_cka(&layers, est, kernel, b);
+        let want = reference(&layers, est, kernel, b).1;
         // Chunks that straddle batches in every way.
-        let got = engine_cka(&layers, spec, &[5, 13, 1, 30]);
+        let got = engine(&layers, spec, &[5, 13, 1, 30], DType::F64);
         assert_close(
             &got,
             &want,
@@ -271,7 +110,7 @@ fn a_last_batch_under_four_samples_is_dropped_with_a_warning() {
         batch_size: 10,
         route: Route::Gram,
     };
-    let got = engine_cka(&layers, spec, &[22]);
+    let got = engine(&layers, spec, &[22], DType::F64);
     assert_eq!((got.n_batches, got.n_samples), (2, 20));
     assert!(got
         .warnings
@@ -279,7 +118,7 @@ fn a_last_batch_under_four_samples_is_dropped_with_a_warning() {
         .any(|w| w.contains("dropped the last 2")));
     assert_close(
         &got,
-        &ref_cka(&layers, Estimator::Unbiased, Kernel::Linear, 10),
+        &reference(&layers, Estimator::Unbiased, Kernel::Linear, 10).1,
         TOL,
         "dropped tail",
     );
@@ -296,7 +135,7 @@ fn cka_is_symmetric_with_unit_diagonal_and_invariant_to_scaling_and_rotation() {
             batch_size: 32,
             route: Route::Gram,
         };
-        let base = engine_cka(&layers, spec, &[64]).cka_matrix();
+        let base = engine(&layers, spec, &[64], DType::F64).cka_matrix();
         for i in 0..3 {
             assert!((base[i][i] - 1.0).abs() < 1e-12);
             for j in 0..3 {
@@ -323,7 +162,7 @@ fn cka_is_symmetric_with_unit_diagonal_and_invariant_to_scaling_and_rotation() {
             .into_iter()
             .map(|r| r.into_iter().map(|v| 7.5 * v).collect())
             .collect();
-        let after = engine_cka(&moved, spec, &[64]).cka_matrix();
+        let after = engine(&moved, spec, &[64], DType::F64).cka_matrix();
         for i in 0..3 {
             for j in 0..3 {
                 assert!(
@@ -358,7 +197,7 @@ fn biased_cka_of_independent_data_falls_with_n_while_unbiased_stays_near_zero() 
                 batch_size: n,
                 route: Route::Gram,
             };
-            sum += engine_cka(&layers, spec, &[n]).cka_matrix()[0][1];
+            sum += engine(&layers, spec, &[n], DType::F64).cka_matrix()[0][1];
         }
         sum / reps as f64
     };
@@ -388,7 +227,7 @@ fn zero_variance_layer_gives_nan_row_and_a_warning() {
             batch_size: 16,
             route: Route::Gram,
         };
-        let got = engine_cka(&layers, spec, &[16]);
+        let got = engine(&layers, spec, &[16], DType::F64);
         assert!(got.cka[1].iter().all(|v| v.is_none()), "{:?}", got.cka);
         assert!(got.cka[0][0].is_some());
         assert!(
@@ -407,41 +246,9 @@ fn half_precision_inputs_match_their_f32_values() {
     let layers = structured(&mut rng, 40, &[7, 5]);
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         // Round to the dtype, then compare against the reference on the rounded values.
-        let round = |v: f64| match dtype {
-            DType::F16 => half::f16::from_f64(v).to_f64(),
-            DType::BF16 => half::bf16::from_f64(v).to_f64(),
-            _ => v as f32 as f64,
-        };
-        let rounded: Vec<Mat> = layers
-            .iter()
-            .map(|x| {
-                x.iter()
-                    .map(|r| r.iter().map(|&v| round(v)).collect())
-                    .collect()
-            })
-            .collect();
-        let blocks = rounded
-            .iter()
-            .map(|x| LayerBlock {
-                dtype,
-                cols: x[0].len(),
-                data: x
-                    .iter()
-                    .flatten()
-                    .flat_map(|&v| match dtype {
-                        DType::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
-                        DType::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
-                        _ => (v as f32).to_le_bytes().to_vec(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        let b = Batch {
-            rows: 40,
-            layers: blocks,
-        };
-        let mut meta = metas(&rounded);
-        meta.iter_mut().for_each(|m| m.dtype = dtype);
+        let rounded = round_to(&layers, dtype);
+        let b = batch(&rounded, 0, 40, dtype);
+        let meta = metas(&rounded, dtype);
         let spec = CkaSpec {
             estimator: Estimator::Unbiased,
             kernel: Kernel::Linear,
@@ -454,7 +261,7 @@ fn half_precision_inputs_match_their_f32_values() {
         let got = acc.finish(&mut cpu).unwrap();
         assert_close(
             &got,
-            &ref_cka(&rounded, Estimator::Unbiased, Kernel::Linear, 20),
+            &reference(&rounded, Estimator::Unbiased, Kernel::Linear, 20).1,
             TOL,
             dtype.name(),
         );
@@ -464,24 +271,8 @@ fn half_precision_inputs_match_their_f32_values() {
 /// Run the CPU engine on f32-stored layers with the given Gram precision.
 fn engine_f32_stored(layers: &[Mat], spec: CkaSpec, precision: Precision) -> CkaResult {
     let n = layers[0].len();
-    let mut meta = metas(layers);
-    meta.iter_mut().for_each(|m| m.dtype = DType::F32);
-    let blocks = layers
-        .iter()
-        .map(|x| LayerBlock {
-            dtype: DType::F32,
-            cols: x[0].len(),
-            data: x
-                .iter()
-                .flatten()
-                .flat_map(|&v| (v as f32).to_le_bytes())
-                .collect(),
-        })
-        .collect();
-    let b = Batch {
-        rows: n,
-        layers: blocks,
-    };
+    let meta = metas(layers, DType::F32);
+    let b = batch(layers, 0, n, DType::F32);
     let mut acc = CkaAccumulator::new(&meta, spec, Some(n)).unwrap();
     let mut cpu = CpuBackend::new(2);
     assert!(cpu.set_precision(precision));
@@ -500,14 +291,7 @@ fn f32_grams_match_the_f64_reference_within_1e_6() {
     };
     // Against the explicit reference, on the values as stored (f32), both estimators.
     let layers = structured(&mut rng, 47, &[3, 20, 1, 64, 9]);
-    let stored: Vec<Mat> = layers
-        .iter()
-        .map(|x| {
-            x.iter()
-                .map(|r| r.iter().map(|&v| v as f32 as f64).collect())
-                .collect()
-        })
-        .collect();
+    let stored = round_to(&layers, DType::F32);
     for (est, b) in [(Estimator::Unbiased, 12), (Estimator::Biased, 0)] {
         let spec = CkaSpec {
             estimator: est,
@@ -518,7 +302,7 @@ fn f32_grams_match_the_f64_reference_within_1e_6() {
         assert!(got.backend.contains("f32"), "{}", got.backend);
         assert_close(
             &got,
-            &ref_cka(&stored, est, Kernel::Linear, b),
+            &reference(&stored, est, Kernel::Linear, b).1,
             TOL,
             &format!("f32 Grams, {est:?}"),
         );

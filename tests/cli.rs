@@ -3,16 +3,12 @@
 
 mod common;
 
-use common::{engine as run, write_activations};
+use common::{engine as run, engine_ok, read_json, write_activations};
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::Path;
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]
@@ -21,7 +17,7 @@ fn cka_then_segment_finds_the_three_groups() {
     let acts = dir.path().join("acts.safetensors");
     write_activations(&acts, 96, 12, 10, 1, true);
     let cka = dir.path().join("cka.json");
-    let o = run(&[
+    engine_ok(&[
         "cka",
         "-i",
         acts.to_str().unwrap(),
@@ -32,8 +28,7 @@ fn cka_then_segment_finds_the_three_groups() {
         "--out",
         cka.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v = json(&cka);
+    let v = read_json(&cka);
     assert_eq!(v["format"], "sglp-cka/1");
     assert_eq!(v["n_samples"], 96);
     assert_eq!(v["n_batches"], 3);
@@ -43,7 +38,7 @@ fn cka_then_segment_finds_the_three_groups() {
     assert!((v["cka"][4][4].as_f64().unwrap() - 1.0).abs() < 1e-12);
 
     let seg = dir.path().join("seg.json");
-    let o = run(&[
+    engine_ok(&[
         "segment",
         "--cka",
         cka.to_str().unwrap(),
@@ -54,8 +49,7 @@ fn cka_then_segment_finds_the_three_groups() {
         "--out",
         seg.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let s = json(&seg);
+    let s = read_json(&seg);
     assert_eq!(s["format"], "sglp-segments/1");
     assert_eq!(s["segments"], serde_json::json!([[0, 3], [4, 7], [8, 11]]));
     assert_eq!(s["loss_curve"].as_array().unwrap().len(), 8);
@@ -84,7 +78,7 @@ fn run_writes_both_files_and_info_lists_layers_and_devices() {
     let acts = dir.path().join("a.safetensors");
     write_activations(&acts, 64, 9, 6, 2, false);
     let out = dir.path().join("out");
-    let o = run(&[
+    engine_ok(&[
         "run",
         "-i",
         acts.to_str().unwrap(),
@@ -95,18 +89,16 @@ fn run_writes_both_files_and_info_lists_layers_and_devices() {
         "--out-dir",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(json(&out.join("cka.json"))["n_samples"], 128);
-    assert!(json(&out.join("segments.json"))["k"].as_u64().unwrap() >= 1);
+    assert_eq!(read_json(&out.join("cka.json"))["n_samples"], 128);
+    assert!(read_json(&out.join("segments.json"))["k"].as_u64().unwrap() >= 1);
 
-    let o = run(&[
+    let o = engine_ok(&[
         "info",
         "-i",
         acts.to_str().unwrap(),
         "--layers",
         "block[0-2]$",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(text.contains("3 layers, 64 samples"), "{text}");
     assert!(text.contains("block2") && !text.contains("block5"));
@@ -261,7 +253,7 @@ fn cka_straight_from_a_model_equals_cka_on_its_captured_activations() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_llama3_rope");
     let (m, t) = (model.to_str().unwrap(), model.join("tokens.npy"));
     let captured = dir.path().join("h.safetensors");
-    let o = run(&[
+    engine_ok(&[
         "capture",
         "--model",
         m,
@@ -270,9 +262,8 @@ fn cka_straight_from_a_model_equals_cka_on_its_captured_activations() {
         "--out",
         captured.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let o = run(&[
+    engine_ok(&[
         "cka",
         "--input",
         captured.to_str().unwrap(),
@@ -281,8 +272,7 @@ fn cka_straight_from_a_model_equals_cka_on_its_captured_activations() {
         "--out",
         a.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = run(&[
+    engine_ok(&[
         "cka",
         "--model",
         m,
@@ -295,8 +285,7 @@ fn cka_straight_from_a_model_equals_cka_on_its_captured_activations() {
         "--out",
         b.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (a, b) = (json(&a), json(&b));
+    let (a, b) = (read_json(&a), read_json(&b));
     assert_eq!(a["layers"], b["layers"]);
     assert_eq!(a["n_samples"], b["n_samples"]);
     let (ca, cb) = (a["cka"].as_array().unwrap(), b["cka"].as_array().unwrap());

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{engine, fixtures};
+use common::{engine, engine_ok, fixtures, read_json};
 use sglp_engine::pruning::cnn::{accuracy, prune_cnn, CnnPruneSpec, ImageFiles};
 use sglp_engine::pruning::pipeline::{Budget, Method, SglpOptions};
 use sglp_engine::runtime::cnn::{CnnModel, Images};
@@ -102,9 +102,7 @@ fn sglp_keeps_accuracy_better_than_random_on_trained_resnet20() {
         let html = std::fs::read_to_string(dir.join("sglp-report.html")).unwrap();
         assert!(html.contains("Top-1 accuracy"), "the report shows accuracy");
         // The pruned state_dict has the kept blocks renumbered: layer3 kept blocks are 0.. again.
-        let arch: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("sglp-arch.json")).unwrap())
-                .unwrap();
+        let arch = read_json(&dir.join("sglp-arch.json"));
         let blocks: usize = arch["blocks"]
             .as_array()
             .unwrap()
@@ -232,22 +230,35 @@ fn compare_on_the_trained_resnet20() {
     let d = digits();
     let out = tempfile::tempdir().unwrap();
     let p = |f: &str| d.join(f).display().to_string();
+    // `compare` of the model on its calibration and held-out images, then `more`.
+    let (model, images, labels) = (
+        p("model.safetensors"),
+        p("calib_images.npy"),
+        p("calib_labels.npy"),
+    );
+    let (eval_images, eval_labels) = (p("eval_images.npy"), p("eval_labels.npy"));
+    let compare = |more: &[&str]| {
+        let mut args = vec![
+            "-q",
+            "compare",
+            "--model",
+            &model,
+            "--arch",
+            "cifar-resnet20",
+            "--images",
+            &images,
+            "--labels",
+            &labels,
+            "--eval-images",
+            &eval_images,
+            "--eval-labels",
+            &eval_labels,
+        ];
+        args.extend_from_slice(more);
+        engine(&args)
+    };
     let dir = out.path().join("cmp");
-    let o = engine(&[
-        "-q",
-        "compare",
-        "--model",
-        &p("model.safetensors"),
-        "--arch",
-        "cifar-resnet20",
-        "--images",
-        &p("calib_images.npy"),
-        "--labels",
-        &p("calib_labels.npy"),
-        "--eval-images",
-        &p("eval_images.npy"),
-        "--eval-labels",
-        &p("eval_labels.npy"),
+    let o = compare(&[
         "--remove",
         "2..3",
         "--criteria",
@@ -258,9 +269,7 @@ fn compare_on_the_trained_resnet20() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("top-1 error"), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("sglp-compare.json")).unwrap())
-            .unwrap();
+    let v = read_json(&dir.join("sglp-compare.json"));
     assert_eq!(v["format"], "sglp-compare/3");
     assert_eq!(v["metric"], "top1-error");
     let value = |c: &str, i: usize| -> f64 {
@@ -294,26 +303,7 @@ fn compare_on_the_trained_resnet20() {
         }
     }
     // ShortGPT needs units that keep the width.
-    let o = engine(&[
-        "-q",
-        "compare",
-        "--model",
-        &p("model.safetensors"),
-        "--arch",
-        "cifar-resnet20",
-        "--images",
-        &p("calib_images.npy"),
-        "--labels",
-        &p("calib_labels.npy"),
-        "--eval-images",
-        &p("eval_images.npy"),
-        "--eval-labels",
-        &p("eval_labels.npy"),
-        "--remove",
-        "2",
-        "--criteria",
-        "shortgpt",
-    ]);
+    let o = compare(&["--remove", "2", "--criteria", "shortgpt"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("shortgpt"), "{err}");
 }
@@ -337,8 +327,7 @@ fn capture_and_cka_of_a_cnn_agree() {
     ];
     let mut args = vec!["-q", "capture", "--model", &model, "--out", &acts];
     args.extend_from_slice(&img);
-    let o = engine(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    engine_ok(&args);
     let bytes = std::fs::read(&acts).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("layer1.0").unwrap().shape(), &[256, 8, 16, 16]);

@@ -14,11 +14,11 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use sglp_engine::io::{Batch, DType, LayerBlock};
+use sglp_engine::io::{Batch, DType, LayerBlock, LayerMeta};
 use sglp_engine::similarity::cpu::CpuBackend;
 use sglp_engine::similarity::cuda::{self, CudaBackend};
 use sglp_engine::similarity::device::{open_backend, DeviceChoice};
-use sglp_engine::similarity::{cka_from_hsic, Backend, Estimator, Kernel};
+use sglp_engine::similarity::{cka_from_hsic, Backend, CkaAccumulator, CkaSpec, Estimator, Kernel};
 
 fn gpu_or_skip() -> Option<CudaBackend> {
     match CudaBackend::open(0) {
@@ -69,6 +69,41 @@ fn random_batch(seed: u64, rows: usize, layers: &[(usize, DType)]) -> Batch {
             .map(|&(cols, dt)| random_layer(&mut rng, rows, cols, dt))
             .collect(),
     }
+}
+
+/// The CKA matrix of `batch` through a `CkaAccumulator` on the GPU and on the CPU, equal within `tol`:
+/// one layer `l{i}` per layer of the batch (its width and dtype), every row pushed at once.
+fn assert_accumulator_matches_cpu(
+    gpu: &mut CudaBackend,
+    batch: &Batch,
+    spec: CkaSpec,
+    tol: f64,
+    what: &str,
+) {
+    let want = accumulator_cka(batch, spec, &mut CpuBackend::new(2));
+    let got = accumulator_cka(batch, spec, gpu);
+    for (rw, rg) in want.iter().zip(&got) {
+        for (w, g) in rw.iter().zip(rg) {
+            assert!((w - g).abs() <= tol, "{what}: {w} vs {g}");
+        }
+    }
+}
+
+fn accumulator_cka(batch: &Batch, spec: CkaSpec, backend: &mut dyn Backend) -> Vec<Vec<f64>> {
+    let metas: Vec<_> = batch
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| LayerMeta {
+            name: format!("l{i}"),
+            cols: l.cols,
+            dtype: l.dtype,
+            shape: vec![0, l.cols],
+        })
+        .collect();
+    let mut acc = CkaAccumulator::new(&metas, spec, Some(batch.rows)).unwrap();
+    acc.push(&batch.as_ref(), backend).unwrap();
+    acc.finish(backend).unwrap().cka_matrix()
 }
 
 /// Largest |CKA_gpu − CKA_cpu| over all pairs (NaN-aware: both NaN counts as equal).
@@ -319,37 +354,16 @@ fn repeated_batches_reuse_the_workspace_and_match() {
 
 #[test]
 fn whole_pipeline_through_the_accumulator_matches_the_cpu() {
-    use sglp_engine::similarity::{CkaAccumulator, CkaSpec, Route};
+    use sglp_engine::similarity::Route;
     let Some(mut gpu) = gpu_or_skip() else { return };
-    let metas: Vec<_> = [(20usize, DType::F32), (9, DType::BF16), (31, DType::F32)]
-        .iter()
-        .enumerate()
-        .map(|(i, &(cols, dtype))| sglp_engine::io::LayerMeta {
-            name: format!("l{i}"),
-            cols,
-            dtype,
-            shape: vec![0, cols],
-        })
-        .collect();
-    let layers: Vec<_> = metas.iter().map(|m| (m.cols, m.dtype)).collect();
+    let layers = [(20usize, DType::F32), (9, DType::BF16), (31, DType::F32)];
     let data = random_batch(77, 250, &layers);
     let spec = CkaSpec {
         batch_size: 64,
         route: Route::Gram,
         ..CkaSpec::default()
     };
-    let run = |backend: &mut dyn Backend| {
-        let mut acc = CkaAccumulator::new(&metas, spec, Some(250)).unwrap();
-        acc.push(&data.as_ref(), backend).unwrap();
-        acc.finish(backend).unwrap().cka_matrix()
-    };
-    let want = run(&mut CpuBackend::new(2));
-    let got = run(&mut gpu);
-    for (rw, rg) in want.iter().zip(&got) {
-        for (w, g) in rw.iter().zip(rg) {
-            assert!((w - g).abs() <= 1e-4, "{w} vs {g}");
-        }
-    }
+    assert_accumulator_matches_cpu(&mut gpu, &data, spec, 1e-4, "Gram route");
 }
 
 /// LLM-like activations: per-feature means ~100, a few "massive" features ~5000, unit-scale variation, in
@@ -464,7 +478,7 @@ fn submitted_batches_sum_on_the_device_and_repeat_bit_for_bit() {
 /// the whole accumulator on the feature route (both estimators) within 1e-9 in CKA.
 #[test]
 fn feature_route_on_the_gpu_matches_the_cpu() {
-    use sglp_engine::similarity::{CkaAccumulator, CkaSpec, Route};
+    use sglp_engine::similarity::Route;
     let Some(mut gpu) = gpu_or_skip() else { return };
     let layers = [(5usize, DType::F32), (70, DType::BF16), (33, DType::F64)];
     let seed: u64 = rand::rng().random();
@@ -481,16 +495,6 @@ fn feature_route_on_the_gpu_matches_the_cpu() {
         .zip(&want)
         .fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
     assert!(worst <= 1e-12, "ZᵀZ differs by {worst:.2e} (relative)");
-    let metas: Vec<_> = layers
-        .iter()
-        .enumerate()
-        .map(|(i, &(cols, dtype))| sglp_engine::io::LayerMeta {
-            name: format!("l{i}"),
-            cols,
-            dtype,
-            shape: vec![0, cols],
-        })
-        .collect();
     for estimator in [Estimator::Biased, Estimator::Unbiased] {
         let spec = CkaSpec {
             estimator,
@@ -498,18 +502,8 @@ fn feature_route_on_the_gpu_matches_the_cpu() {
             route: Route::Feature,
             ..CkaSpec::default()
         };
-        let run = |backend: &mut dyn Backend| {
-            let mut acc = CkaAccumulator::new(&metas, spec, Some(130)).unwrap();
-            acc.push(&batch.as_ref(), backend).unwrap();
-            acc.finish(backend).unwrap().cka_matrix()
-        };
-        let want = run(&mut CpuBackend::new(2));
-        let got = run(&mut gpu);
-        for (rw, rg) in want.iter().zip(&got) {
-            for (w, g) in rw.iter().zip(rg) {
-                assert!((w - g).abs() <= 1e-9, "{estimator:?}: {w} vs {g}");
-            }
-        }
+        let what = format!("feature route, {estimator:?}");
+        assert_accumulator_matches_cpu(&mut gpu, &batch, spec, 1e-9, &what);
     }
 }
 

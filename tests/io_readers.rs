@@ -575,32 +575,28 @@ fn unsupported_safetensors_dtypes_name_the_layer() {
 #[test]
 fn bad_shapes_and_sample_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("scalar.safetensors");
-    write_st(
-        &p,
+    // The error of a file of `ts`, which names the file.
+    let case = |name: &str, ts: &[T]| {
+        let p = dir.path().join(name);
+        write_st(&p, ts, None);
+        let e = err_of(open(&[&p]));
+        assert!(e.contains(&path_str(&p)), "{e}");
+        e
+    };
+    let e = case(
+        "scalar.safetensors",
         &[t("a", DType::F32, &[3, 2], 1), t("s", DType::F32, &[], 2)],
-        None,
     );
-    let e = err_of(open(&[&p]));
-    assert!(
-        e.contains(&path_str(&p)) && e.contains("layer 's'") && e.contains("0-D"),
-        "{e}"
-    );
+    assert!(e.contains("layer 's'") && e.contains("0-D"), "{e}");
 
-    let p = dir.path().join("rows.safetensors");
-    write_st(
-        &p,
+    let e = case(
+        "rows.safetensors",
         &[
             t("a", DType::F32, &[3, 2], 1),
             t("b", DType::F32, &[4, 2], 2),
         ],
-        None,
     );
-    let e = err_of(open(&[&p]));
-    assert!(
-        e.contains(&path_str(&p)) && e.contains("layer 'b'") && e.contains("4 samples"),
-        "{e}"
-    );
+    assert!(e.contains("layer 'b'") && e.contains("4 samples"), "{e}");
 
     // Token mode decides whether a 3-D layer agrees with a 2-D one.
     let p = dir.path().join("mixed.safetensors");

@@ -12,12 +12,15 @@
 
 #[path = "common/cka_ref.rs"]
 mod cka_ref;
+#[path = "common/seg_ref.rs"]
+mod seg_ref;
 
 use cka_ref::{engine, nan_matrix, reference, Mat};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
+use seg_ref::{brute_force, diameter};
 use sglp_engine::io::DType;
 use sglp_engine::segmentation::{fisher_segments, loss_curve};
 use sglp_engine::similarity::{CkaSpec, Estimator, Kernel, Route};
@@ -293,42 +296,6 @@ fn the_smallest_shapes_match_the_reference() {
     }
 }
 
-/// Σ‖x_t − mean‖² over the rows `a..=b`, plainly.
-fn diameter(x: &[Vec<f64>], a: usize, b: usize) -> f64 {
-    let p = x[0].len();
-    let len = (b - a + 1) as f64;
-    let mean: Vec<f64> = (0..p)
-        .map(|c| x[a..=b].iter().map(|r| r[c]).sum::<f64>() / len)
-        .collect();
-    x[a..=b]
-        .iter()
-        .map(|r| {
-            r.iter()
-                .zip(&mean)
-                .map(|(v, m)| (v - m) * (v - m))
-                .sum::<f64>()
-        })
-        .sum()
-}
-
-/// The least total diameter over every split of `0..l` into `k` segments of at least `min_len`.
-fn brute_force(x: &[Vec<f64>], k: usize, min_len: usize) -> f64 {
-    fn go(x: &[Vec<f64>], start: usize, k: usize, min_len: usize) -> f64 {
-        let l = x.len();
-        if k == 1 {
-            return if l - start >= min_len {
-                diameter(x, start, l - 1)
-            } else {
-                f64::INFINITY
-            };
-        }
-        (start + min_len..=l)
-            .map(|next| diameter(x, start, next - 1) + go(x, next, k - 1, min_len))
-            .fold(f64::INFINITY, f64::min)
-    }
-    go(x, 0, k, min_len)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
@@ -345,7 +312,8 @@ proptest! {
         let curve = loss_curve(&x, k_max, min_len).unwrap();
         prop_assert_eq!(curve.len(), k_max);
         for k in 1..=k_max {
-            let want = brute_force(&x, k, min_len);
+            // k ≤ L / min_len: a cut always exists.
+            let want = brute_force(&x, k, min_len).unwrap().0;
             let tol = 1e-9 * (1.0 + want.abs());
             let seg = fisher_segments(&x, k, min_len).unwrap();
             prop_assert!((seg.loss - want).abs() <= tol, "k = {k}: DP {} vs brute force {want}", seg.loss);

@@ -6,7 +6,7 @@ use std::process::Output;
 
 mod common;
 
-use common::{engine, write_tokens};
+use common::{engine, engine_ok, read_json, write_tokens};
 
 fn fixture() -> PathBuf {
     common::fixture("llama_llama3_rope")
@@ -73,9 +73,7 @@ fn prune_writes_checkpoint_report_and_pictures() {
     ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sglp-report.json")).unwrap())
-            .unwrap();
+    let r = read_json(&out.join("sglp-report.json"));
     assert_eq!(r["format"], "sglp-prune-report/2");
     assert_eq!(r["method"], "sglp");
     assert_eq!(r["removed"].as_array().unwrap().len(), 1);
@@ -110,8 +108,7 @@ fn prune_writes_checkpoint_report_and_pictures() {
     }
     let html = std::fs::read_to_string(out.join("sglp-report.html")).unwrap();
     assert_eq!(html.matches("data:image/png;base64,").count(), 3);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg = read_json(&out.join("config.json"));
     assert_eq!(cfg["num_hidden_layers"], 2);
     assert_no_leftovers(tmp.path(), &["pruned"]);
 }
@@ -210,7 +207,7 @@ fn eval_prints_and_writes_perplexity() {
     let j = tmp.path().join("e.json");
     let mut ppl = Vec::new();
     for b in ["1", "2", "3"] {
-        let o = engine(&[
+        let o = engine_ok(&[
             "eval",
             "--model",
             s(&m),
@@ -221,10 +218,8 @@ fn eval_prints_and_writes_perplexity() {
             "-o",
             s(&j),
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+        let v = read_json(&j);
         assert_eq!(v["predicted_tokens"], 3 * 15);
         ppl.push(v["perplexity"].as_f64().unwrap());
     }
@@ -240,14 +235,21 @@ fn compare_sweeps_budgets_for_every_criterion() {
     let m = fixture();
     let t = m.join("tokens.npy");
     let dir = tmp.path().join("cmp");
-    let o = engine(&[
-        "compare",
-        "--model",
-        s(&m),
-        "--tokens",
-        s(&t),
-        "--eval-tokens",
-        s(&t),
+    // `compare` of the fixture, its tokens for calibration and evaluation, then `more`.
+    let compare = |more: &[&str]| {
+        let mut args = vec![
+            "compare",
+            "--model",
+            s(&m),
+            "--tokens",
+            s(&t),
+            "--eval-tokens",
+            s(&t),
+        ];
+        args.extend_from_slice(more);
+        engine(&args)
+    };
+    let o = compare(&[
         "--remove",
         "1..2",
         "--seed",
@@ -279,9 +281,7 @@ fn compare_sweeps_budgets_for_every_criterion() {
     }
     let html = std::fs::read_to_string(dir.join("sglp-compare.html")).unwrap();
     assert_eq!(html.matches("data:image/png;base64,").count(), 1);
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("sglp-compare.json")).unwrap())
-            .unwrap();
+    let v = read_json(&dir.join("sglp-compare.json"));
     assert_eq!(v["format"], "sglp-compare/3");
     assert_eq!(v["metric"], "perplexity");
     assert_eq!(v["budgets"], serde_json::json!([1, 2]));
@@ -329,20 +329,7 @@ fn compare_sweeps_budgets_for_every_criterion() {
         ("1..3", "--remove must be between"),
         ("2..1", "--remove: expected"),
     ] {
-        assert_exit2(
-            &engine(&[
-                "compare",
-                "--model",
-                s(&m),
-                "--tokens",
-                s(&t),
-                "--eval-tokens",
-                s(&t),
-                "--remove",
-                remove,
-            ]),
-            error,
-        );
+        assert_exit2(&compare(&["--remove", remove]), error);
     }
 }
 

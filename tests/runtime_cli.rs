@@ -3,10 +3,11 @@
 
 mod common;
 
-use common::{engine, fixture as dir, write_tokens};
+use common::{engine, engine_ok, fixture as dir, write_tokens};
 use safetensors::SafeTensors;
 use sglp_engine::io::{ActivationSource, TokenMode};
 use sglp_engine::runtime::{CaptureSource, Model, Tokens};
+use std::path::Path;
 
 fn ref_tensor(name: &str, key: &str) -> Vec<f64> {
     common::reference_tensor(name, key).1
@@ -21,24 +22,28 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
         / scale
 }
 
+/// `command` on fixture `name` and its tokens, two sequences per batch, into `out`; it must succeed.
+fn on_fixture(command: &str, name: &str, out: &Path) {
+    let d = dir(name);
+    engine_ok(&[
+        command,
+        "--model",
+        d.to_str().unwrap(),
+        "--tokens",
+        d.join("tokens.npy").to_str().unwrap(),
+        "--batch",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+}
+
 #[test]
 fn gradnorm_command_matches_pytorch_batch_means() {
     for (name, tied) in [("llama_llama3_rope", false), ("llama_bf16_tied", true)] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("g.json");
-        let d = dir(name);
-        let o = engine(&[
-            "gradnorm",
-            "--model",
-            d.to_str().unwrap(),
-            "--tokens",
-            d.join("tokens.npy").to_str().unwrap(),
-            "--batch",
-            "2",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        on_fixture("gradnorm", name, &out);
         let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         assert_eq!(j["format"], "sglp-gradnorm/1");
         assert_eq!(j["batches"], 2);
@@ -70,19 +75,7 @@ fn capture_command_writes_cka_input() {
     let name = "mistral_sharded";
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("h.safetensors");
-    let d = dir(name);
-    let o = engine(&[
-        "capture",
-        "--model",
-        d.to_str().unwrap(),
-        "--tokens",
-        d.join("tokens.npy").to_str().unwrap(),
-        "--batch",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    on_fixture("capture", name, &out);
     let bytes = std::fs::read(&out).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(

@@ -1,57 +1,15 @@
 //! Fisher's segmentation against brute force, the automatic k rule, and the REFERENCES example where
 //! the published greedy backtracking goes wrong.
 
+#[path = "common/seg_ref.rs"]
+mod seg_ref;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use seg_ref::{brute_force, diameter};
 use sglp_engine::segmentation::{
     choose_k, elbow_k, fisher_segments, loss_curve, segment_cka, Features, KChoice,
 };
-
-fn sse(x: &[Vec<f64>], a: usize, b: usize) -> f64 {
-    let p = x[0].len();
-    let len = (b - a + 1) as f64;
-    let mean: Vec<f64> = (0..p)
-        .map(|c| x[a..=b].iter().map(|r| r[c]).sum::<f64>() / len)
-        .collect();
-    x[a..=b]
-        .iter()
-        .map(|r| {
-            r.iter()
-                .zip(&mean)
-                .map(|(v, m)| (v - m) * (v - m))
-                .sum::<f64>()
-        })
-        .sum()
-}
-
-/// Every way to cut L layers into k segments of at least `min_len`: the best loss and its segments.
-fn brute(x: &[Vec<f64>], k: usize, min_len: usize) -> Option<(f64, Vec<(usize, usize)>)> {
-    let l = x.len();
-    let mut best: Option<(f64, Vec<(usize, usize)>)> = None;
-    // Cut positions as a bitmask over the L−1 gaps.
-    for mask in 0u32..(1 << (l - 1)) {
-        if mask.count_ones() as usize != k - 1 {
-            continue;
-        }
-        let mut segs = Vec::new();
-        let mut s = 0;
-        for g in 0..l - 1 {
-            if mask & (1 << g) != 0 {
-                segs.push((s, g));
-                s = g + 1;
-            }
-        }
-        segs.push((s, l - 1));
-        if segs.iter().any(|&(a, b)| b + 1 - a < min_len) {
-            continue;
-        }
-        let loss: f64 = segs.iter().map(|&(a, b)| sse(x, a, b)).sum();
-        if best.as_ref().is_none_or(|(bl, _)| loss < *bl) {
-            best = Some((loss, segs));
-        }
-    }
-    best
-}
 
 #[test]
 fn the_dp_is_exact_against_brute_force_up_to_12_layers() {
@@ -77,7 +35,7 @@ fn the_dp_is_exact_against_brute_force_up_to_12_layers() {
             .collect();
         let min_len = rng.random_range(1..=3);
         for k in 1..=l {
-            let want = brute(&x, k, min_len);
+            let want = brute_force(&x, k, min_len);
             let got = fisher_segments(&x, k, min_len);
             match want {
                 None => assert!(
@@ -92,7 +50,8 @@ fn the_dp_is_exact_against_brute_force_up_to_12_layers() {
                         got.loss
                     );
                     assert_eq!(got.segments, segs, "L={l} k={k} min_len={min_len}");
-                    let recomputed: f64 = got.segments.iter().map(|&(a, b)| sse(&x, a, b)).sum();
+                    let recomputed: f64 =
+                        got.segments.iter().map(|&(a, b)| diameter(&x, a, b)).sum();
                     assert!((recomputed - got.loss).abs() <= 1e-9 * loss.max(1.0));
                 }
             }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{engine, fixture, fixtures, write_activations};
+use common::{engine, engine_ok, fixture, fixtures, read_json, write_activations};
 use sglp_engine::runtime::text::{tokenize_text, TextSpec};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -135,10 +135,8 @@ fn text_on_a_checkpoint_equals_its_token_array() {
     let eval = |args: &[&str], out: &Path| {
         let mut all = vec!["eval", "--model", s(&m), "-o", s(out)];
         all.extend_from_slice(args);
-        let o = engine(&all);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let j: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+        engine_ok(&all);
+        let j = read_json(out);
         j["loss"].as_f64().unwrap()
     };
     let a = eval(
@@ -218,7 +216,7 @@ fn info_uses_or_refuses_every_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let acts = tmp.path().join("acts.safetensors");
     write_activations(&acts, 16, 5, 4, 1, true);
-    let o = engine(&[
+    let o = engine_ok(&[
         "info",
         "-i",
         s(&acts),
@@ -227,15 +225,13 @@ fn info_uses_or_refuses_every_flag() {
         "--layers",
         "1",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("--token-mode features, --layers 1"), "{out}");
     assert!(out.contains("1 layers"), "{out}");
 
     let m = fixture("trained_llama");
     let calib = m.join("calib.npy");
-    let o = engine(&["info", "--model", s(&m), "--tokens", s(&calib)]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = engine_ok(&["info", "--model", s(&m), "--tokens", s(&calib)]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("12 decoder layers"), "{out}");
     assert!(out.contains("32 sequences × 128 tokens"), "{out}");
@@ -312,7 +308,7 @@ fn segment_with_precomputed_gradnorm_plans_the_removal() {
     let acts = tmp.path().join("acts.safetensors");
     write_activations(&acts, 96, 12, 10, 1, true);
     let cka = tmp.path().join("cka.json");
-    let o = engine(&[
+    engine_ok(&[
         "cka",
         "-i",
         s(&acts),
@@ -322,9 +318,7 @@ fn segment_with_precomputed_gradnorm_plans_the_removal() {
         "-o",
         s(&cka),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let cka_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cka).unwrap()).unwrap();
+    let cka_json = read_json(&cka);
     let layers: Vec<String> = serde_json::from_value(cka_json["layers"].clone()).unwrap();
     // Importance: distinct values, so the lowest in each segment are known.
     let g: Vec<f64> = (0..12).map(|i| ((i * 7) % 12) as f64 + 0.5).collect();
@@ -350,7 +344,7 @@ fn segment_with_precomputed_gradnorm_plans_the_removal() {
     let mut plans = Vec::new();
     for file in [&gj, &gn] {
         let out = tmp.path().join("seg.json");
-        let o = engine(&[
+        engine_ok(&[
             "segment",
             "--cka",
             s(&cka),
@@ -363,9 +357,7 @@ fn segment_with_precomputed_gradnorm_plans_the_removal() {
             "-o",
             s(&out),
         ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let j: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let j = read_json(&out);
         plans.push(j["plan"].clone());
         // Proportional: one per segment of 4, the lowest importance of each.
         let segs: Vec<[usize; 2]> = serde_json::from_value(j["segments"].clone()).unwrap();
@@ -409,7 +401,7 @@ fn prune_with_precomputed_gradnorm_runs_no_backward_and_follows_the_file() {
     let gj = tmp.path().join("g.json");
     std::fs::write(&gj, serde_json::json!({ "gradnorm": g }).to_string()).unwrap();
     let out = tmp.path().join("pruned");
-    let o = engine(&[
+    engine_ok(&[
         "prune",
         "--model",
         s(&m),
@@ -429,10 +421,7 @@ fn prune_with_precomputed_gradnorm_runs_no_backward_and_follows_the_file() {
         s(&out),
         "-q",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sglp-report.json")).unwrap())
-            .unwrap();
+    let r = read_json(&out.join("sglp-report.json"));
     assert_eq!(r["removed"], serde_json::json!([3, 8]));
     assert_eq!(r["gradnorm"], serde_json::json!(g));
     assert_eq!(r["timings"]["gradnorm_s"].as_f64(), Some(0.0));
@@ -476,7 +465,7 @@ fn auto_k_stops_below_the_number_of_layers_and_says_when_it_hits_k_max() {
         .collect();
     std::fs::write(&m, serde_json::json!({ "cka": cka }).to_string()).unwrap();
     let out = tmp.path().join("s.json");
-    let o = engine(&[
+    let o = engine_ok(&[
         "segment",
         "--cka",
         s(&m),
@@ -487,9 +476,7 @@ fn auto_k_stops_below_the_number_of_layers_and_says_when_it_hits_k_max() {
         "-o",
         s(&out),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let j = read_json(&out);
     let k = j["k"].as_u64().unwrap() as usize;
     assert!(k < l, "k = {k} must stay below L = {l}");
     if k == l - 1 {

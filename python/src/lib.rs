@@ -13,6 +13,7 @@ use sglp_engine::io::shards::matrix_shape;
 use sglp_engine::io::{check_finite, BatchRef, DType, LayerMeta, LayerSlice, TokenMode};
 use sglp_engine::pruning::allocate::Allocation;
 use sglp_engine::pruning::pipeline::{plan_from_importance, Budget, Method, SglpOptions};
+use sglp_engine::pruning::prune::k_rule;
 use sglp_engine::pruning::select::Selection;
 use sglp_engine::report::{write_report, PruneReport, StageTimes, REPORT_FORMAT};
 use sglp_engine::segmentation::{segment_cka, KChoice};
@@ -449,15 +450,6 @@ fn plan(
         Ok(serde_json::to_string_pretty(&report).expect("report serialises") + "\n")
     };
     run().map_err(py_err)
-}
-
-/// The report's name for how k was chosen (as `prune` writes it).
-fn k_rule(k: KChoice) -> &'static str {
-    match k {
-        KChoice::Auto { .. } => "auto",
-        KChoice::Elbow { .. } => "elbow",
-        KChoice::Fixed(_) => "fixed",
-    }
 }
 
 /// Write the pictures, `sglp-report.json` and the HTML page of a plan (its report JSON) into `out_dir`.

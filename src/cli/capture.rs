@@ -3,7 +3,7 @@
 //! `layers` = the names in order, comma-separated).
 
 use super::common::{positive, CnnArgs, TextCut, TokenArgs};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::safetensors::StreamedSafetensors;
 use crate::runtime::cnn::CnnModel;
 use crate::runtime::{CalibrationData, Model, PrunableModel};
@@ -48,11 +48,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
 
 /// `capture --arch`: every block's output of a CNN on images, `[images, C, H, W]` per block.
 fn run_cnn(a: &CaptureArgs, arch: &str, batch_size: usize) -> Result<()> {
-    if a.tokens.tokens.is_some() || a.tokens.text.is_some() {
-        return Err(Error::invalid(
-            "capture --arch takes --images/--labels, not tokens or text",
-        ));
-    }
+    a.tokens.refuse("capture --arch")?;
     let model = CnnModel::load(&a.model, arch)?;
     let images = a.cnn.image_files("capture")?.load(&model)?;
     let shapes: Vec<Vec<usize>> = model.hidden_shapes(images.h, images.w)?[1..]

@@ -151,6 +151,16 @@ impl TokenArgs {
         }
     }
 
+    /// Refuses tokens or text where `what` (`eval --arch`, …) takes images.
+    pub fn refuse(&self, what: &str) -> Result<()> {
+        if self.tokens.is_some() || self.text.is_some() {
+            return Err(Error::invalid(format!(
+                "{what} takes --images/--labels, not tokens or text"
+            )));
+        }
+        Ok(())
+    }
+
     /// The calibration tokens, which `who` needs.
     pub fn required(&self, cut: &TextCut, who: &str) -> Result<TokenInput> {
         cut.check_used(self.text.is_some())?;
@@ -255,11 +265,7 @@ impl InputArgs {
         }
         let batch = positive(self.batch.unwrap_or(DEFAULT_FORWARD_BATCH), "--batch")?;
         if let Some(arch) = &self.cnn.arch {
-            if self.tokens.tokens.is_some() || self.tokens.text.is_some() {
-                return Err(Error::invalid(
-                    "--arch takes --images/--labels, not tokens or text",
-                ));
-            }
+            self.tokens.refuse("--arch")?;
             let model = crate::runtime::cnn::CnnModel::load(dir, arch)?;
             let images = self.cnn.image_files("--model")?.load(&model)?;
             let mut capture =
@@ -428,14 +434,19 @@ pub fn segment_and_write(
     for w in &seg.warnings {
         notes::warn(w);
     }
-    emit(
-        out,
-        &(serde_json::to_string_pretty(&seg).expect("serialises") + "\n"),
-    )?;
+    emit_json(out, &seg)?;
     Ok(seg)
 }
 
 /// Write `text` atomically to `out`, or to stdout.
+/// `value` as pretty JSON and a newline, through [`emit`].
+pub(crate) fn emit_json(out: Option<&Path>, value: &impl serde::Serialize) -> Result<()> {
+    emit(
+        out,
+        &(serde_json::to_string_pretty(value).expect("serialises") + "\n"),
+    )
+}
+
 pub(crate) fn emit(out: Option<&Path>, text: &str) -> Result<()> {
     match out {
         Some(p) => write_atomic(p, text.as_bytes()),

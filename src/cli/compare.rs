@@ -1,7 +1,7 @@
 //! `sglp-engine compare`: flags → [`crate::pruning::compare::compare`] → the table on stdout, and the
 //! JSON, PNG and HTML page in `--out-dir`.
 
-use super::common::{emit, CnnArgs, EvalImageArgs, EvalTokenArgs, TextCut, TokenArgs};
+use super::common::{emit_json, CnnArgs, EvalImageArgs, EvalTokenArgs, TextCut, TokenArgs};
 use super::notes;
 use super::prune::SglpArgs;
 use crate::error::{Error, Result};
@@ -102,10 +102,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     }
     print!("{}", text_table(&r));
     if let Some(out) = &a.out {
-        emit(
-            Some(out),
-            &(serde_json::to_string_pretty(&r).expect("serialises") + "\n"),
-        )?;
+        emit_json(Some(out), &r)?;
     }
     if let Some(dir) = &a.out_dir {
         write_compare(dir, &r)?;

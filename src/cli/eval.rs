@@ -1,7 +1,7 @@
 //! `sglp-engine eval`: perplexity = exp(mean next-token cross-entropy) of a checkpoint on a tokens file.
 
-use super::common::{emit, positive, CnnArgs, TextCut, TokenArgs};
-use crate::error::{Error, Result};
+use super::common::{emit_json, positive, CnnArgs, TextCut, TokenArgs};
+use crate::error::Result;
 use crate::pruning::calibration::perplexity;
 use crate::runtime::cnn::CnnModel;
 use crate::runtime::Model;
@@ -67,21 +67,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             perplexity: p.perplexity,
             seconds,
         };
-        emit(
-            Some(out),
-            &(serde_json::to_string_pretty(&j).expect("serialises") + "\n"),
-        )?;
+        emit_json(Some(out), &j)?;
     }
     Ok(())
 }
 
 /// `eval --arch`: top-1 accuracy and mean cross-entropy of a CNN on labelled images.
 fn run_cnn(a: &EvalArgs, arch: &str, batch_size: usize) -> Result<()> {
-    if a.tokens.tokens.is_some() || a.tokens.text.is_some() {
-        return Err(Error::invalid(
-            "eval --arch takes --images/--labels, not tokens or text",
-        ));
-    }
+    a.tokens.refuse("eval --arch")?;
     let files = a.cnn.image_files("eval")?;
     let t0 = Instant::now();
     let model = CnnModel::load(&a.model, arch)?;
@@ -104,10 +97,7 @@ fn run_cnn(a: &EvalArgs, arch: &str, batch_size: usize) -> Result<()> {
             "loss": loss,
             "seconds": seconds,
         });
-        emit(
-            Some(out),
-            &(serde_json::to_string_pretty(&j).expect("serialises") + "\n"),
-        )?;
+        emit_json(Some(out), &j)?;
     }
     Ok(())
 }

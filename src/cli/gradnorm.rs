@@ -2,7 +2,7 @@
 //! calibration tokens, with the engine's own runtime.
 
 use super::common::{positive, CnnArgs, TextCut, TokenArgs};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::runtime::cnn::CnnModel;
 use crate::runtime::Model;
 use std::path::PathBuf;
@@ -95,11 +95,7 @@ pub fn run(a: GradnormArgs) -> Result<()> {
 /// `gradnorm --arch`: per-unit gradient norms of a CNN on images (the same JSON; `extra` holds the stem's
 /// and the head's norms, `removable` which units may go).
 fn run_cnn(a: &GradnormArgs, batch_size: usize) -> Result<()> {
-    if a.tokens.tokens.is_some() || a.tokens.text.is_some() {
-        return Err(Error::invalid(
-            "gradnorm --arch takes --images/--labels, not tokens or text",
-        ));
-    }
+    a.tokens.refuse("gradnorm --arch")?;
     let arch = a.cnn.arch.as_deref().expect("checked by the caller");
     let files = a.cnn.image_files("gradnorm")?;
     let model = CnnModel::load(&a.model, arch)?;

@@ -1,8 +1,7 @@
 //! `sglp-engine run`: `cka` then `segment`, writing `cka.json` and `segments.json` into `--out-dir`.
 
-use super::common::{segment_and_write, EstimatorArgs, InputArgs, SegmentOpts};
+use super::common::{emit_json, segment_and_write, EstimatorArgs, InputArgs, SegmentOpts};
 use crate::error::{Error, Result};
-use crate::io::output::write_atomic;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -22,10 +21,7 @@ pub fn run_pipeline(a: RunArgs) -> Result<()> {
     let res = a.input.with_source(|src| a.est.compute(src))?;
     std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     let cka_path = a.out_dir.join("cka.json");
-    write_atomic(
-        &cka_path,
-        (serde_json::to_string_pretty(&res).expect("serialises") + "\n").as_bytes(),
-    )?;
+    emit_json(Some(&cka_path), &res)?;
     let seg = segment_and_write(
         &res.layers,
         &res.cka_matrix(),

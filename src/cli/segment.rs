@@ -1,7 +1,7 @@
 //! `sglp-engine segment`: Fisher's optimal segmentation of the layers from a similarity matrix; with
 //! `--gradnorm FILE --remove N`, also the SGLP decision from importance measured elsewhere.
 
-use super::common::{emit, segment_and_write, SegmentOpts};
+use super::common::{emit_json, segment_and_write, SegmentOpts};
 use super::notes;
 use crate::error::{Error, Result};
 use crate::io::matrix::{importance_for_layers, read_similarity_matrix};
@@ -80,8 +80,5 @@ pub fn run(a: SegmentArgs) -> Result<()> {
         segmentation: &plan.segmentation,
         plan: &plan,
     };
-    emit(
-        a.out.as_deref(),
-        &(serde_json::to_string_pretty(&out).expect("serialises") + "\n"),
-    )
+    emit_json(a.out.as_deref(), &out)
 }

@@ -5,11 +5,11 @@
 
 use super::checkpoint::StagedDir;
 use super::pipeline::{sglp_decide, Budget, SglpOptions};
-use super::prune::{decision_report, ReportInputs};
-use super::select::Selection;
+use super::prune::{
+    decision_report, finish_report, note_gradnorm_file, use_gradnorm_file, ReportInputs,
+};
 use crate::error::{Error, Result};
-use crate::io::matrix::importance_for_layers;
-use crate::report::{write_json_and_html, write_plots, PruneReport};
+use crate::report::PruneReport;
 use crate::runtime::cnn::{arch::Shortcut, CnnModel, Family, Images, Stem, UnitKind};
 use crate::similarity::Backend;
 use safetensors::SafeTensors;
@@ -106,23 +106,14 @@ pub fn prune_cnn(
     }
     let images = spec.images.load(&model)?;
     let eval = spec.eval.as_ref().map(|e| e.load(&model)).transpose()?;
-    if let Some(path) = &spec.gradnorm_file {
-        if opts.selection != Selection::Gradnorm {
-            return Err(Error::invalid(
-                "--gradnorm FILE gives the importance of --selection gradnorm (the default with it); \
-                 the selection asked for does not use it",
-            ));
-        }
-        opts.gradnorm = Some(importance_for_layers(path, &model.unit_names())?);
-    }
+    use_gradnorm_file(
+        &mut opts,
+        spec.gradnorm_file.as_deref(),
+        &model.unit_names(),
+    )?;
     let mut backend = open_backend()?;
     let mut d = sglp_decide(&model, &images, budget, &opts, backend.as_mut())?;
-    if let Some(path) = &spec.gradnorm_file {
-        d.notes.push(format!(
-            "importance: the gradient norms of {} (no backward pass)",
-            path.display()
-        ));
-    }
+    note_gradnorm_file(&mut d, spec.gradnorm_file.as_deref());
 
     let t_eval = Instant::now();
     let (acc_before, acc_after) = match &eval {
@@ -146,7 +137,7 @@ pub fn prune_cnn(
         + model.structure.head_params
         + model.units().iter().map(|u| u.params).sum::<usize>();
     let params_removed: usize = d.removed.iter().map(|&u| model.units()[u].params).sum();
-    let mut report = decision_report(
+    let report = decision_report(
         d,
         &opts,
         ReportInputs {
@@ -164,12 +155,7 @@ pub fn prune_cnn(
             eval_s,
         },
     );
-    write_plots(staged.path(), &report)?;
-    report.timings.writing_s = t_write.elapsed().as_secs_f64();
-    report.timings.total_s = t0.elapsed().as_secs_f64();
-    write_json_and_html(staged.path(), &report)?;
-    let out = staged.commit()?;
-    Ok((report, out))
+    finish_report(staged, report, t_write, t0)
 }
 
 /// New key prefix of every kept unit's tensors: ResNet blocks renumbered within their stage

@@ -70,25 +70,16 @@ pub fn prune(
         Some(p) => Some(model.load_token_input(p)?),
         None => None,
     };
-    if let Some(path) = &spec.gradnorm_file {
-        if opts.selection != Selection::Gradnorm {
-            return Err(Error::invalid(
-                "--gradnorm FILE gives the importance of --selection gradnorm (the default with it); \
-                 the selection asked for does not use it",
-            ));
-        }
-        opts.gradnorm = Some(importance_for_layers(path, &model.layer_names())?);
-    }
+    use_gradnorm_file(
+        &mut opts,
+        spec.gradnorm_file.as_deref(),
+        &model.layer_names(),
+    )?;
     let opts = &opts;
 
     let mut backend = open_backend()?;
     let mut d = sglp_decide(&model, &tokens, budget, opts, backend.as_mut())?;
-    if let Some(path) = &spec.gradnorm_file {
-        d.notes.push(format!(
-            "importance: the gradient norms of {} (no backward pass)",
-            path.display()
-        ));
-    }
+    note_gradnorm_file(&mut d, spec.gradnorm_file.as_deref());
     let kept: Vec<usize> = (0..l).filter(|i| !d.removed.contains(i)).collect();
     let removed = d.removed.clone();
 
@@ -106,7 +97,7 @@ pub fn prune(
     let params = param_counts(&spec.model, l)?;
     let staged = StagedDir::new(&spec.out, spec.force)?;
     write_pruned_checkpoint(&spec.model, staged.path(), l, &kept)?;
-    let mut report = decision_report(
+    let report = decision_report(
         d,
         opts,
         ReportInputs {
@@ -130,7 +121,46 @@ pub fn prune(
             eval_s,
         },
     );
-    // Writing time covers the checkpoint and the pictures; the JSON and HTML that carry it follow.
+    finish_report(staged, report, t_write, t0)
+}
+
+/// `--gradnorm FILE`: its per-unit importance into `opts`, for `--selection gradnorm` only.
+pub(crate) fn use_gradnorm_file(
+    opts: &mut SglpOptions,
+    file: Option<&Path>,
+    units: &[String],
+) -> Result<()> {
+    if let Some(path) = file {
+        if opts.selection != Selection::Gradnorm {
+            return Err(Error::invalid(
+                "--gradnorm FILE gives the importance of --selection gradnorm (the default with it); \
+                 the selection asked for does not use it",
+            ));
+        }
+        opts.gradnorm = Some(importance_for_layers(path, units)?);
+    }
+    Ok(())
+}
+
+/// The decision's note that its importance came from `--gradnorm FILE`.
+pub(crate) fn note_gradnorm_file(d: &mut SglpDecision, file: Option<&Path>) {
+    if let Some(path) = file {
+        d.notes.push(format!(
+            "importance: the gradient norms of {} (no backward pass)",
+            path.display()
+        ));
+    }
+}
+
+/// The last steps of a prune: the report's pictures into `staged`, its writing (since `t_write`) and
+/// total (since `t0`) times, its JSON and HTML, and `staged` moved into place. Writing time covers the
+/// model and the pictures; the JSON and HTML that carry it follow.
+pub(crate) fn finish_report(
+    staged: StagedDir,
+    mut report: PruneReport,
+    t_write: Instant,
+    t0: Instant,
+) -> Result<(PruneReport, PathBuf)> {
     write_plots(staged.path(), &report)?;
     report.timings.writing_s = t_write.elapsed().as_secs_f64();
     report.timings.total_s = t0.elapsed().as_secs_f64();
@@ -157,6 +187,15 @@ pub(crate) struct ReportInputs {
     pub eval_s: f64,
 }
 
+/// How `k` was chosen, as a report names it: `auto`, `elbow` or `fixed`.
+pub fn k_rule(k: KChoice) -> &'static str {
+    match k {
+        KChoice::Auto { .. } => "auto",
+        KChoice::Elbow { .. } => "elbow",
+        KChoice::Fixed(_) => "fixed",
+    }
+}
+
 /// The report of a decision (timings of writing and the total left at 0 for the caller).
 pub(crate) fn decision_report(
     d: SglpDecision,
@@ -173,11 +212,7 @@ pub(crate) fn decision_report(
         method: inputs.method,
         features: opts.features,
         k: d.segmentation.k,
-        k_rule: match opts.k {
-            KChoice::Auto { .. } => "auto".into(),
-            KChoice::Elbow { .. } => "elbow".into(),
-            KChoice::Fixed(_) => "fixed".into(),
-        },
+        k_rule: k_rule(opts.k).into(),
         segments: d.segments,
         loss_curve: (1..).zip(d.segmentation.loss_curve).collect(),
         allocation: opts.allocation,

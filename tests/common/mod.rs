@@ -17,6 +17,22 @@ pub fn engine(args: &[&str]) -> Output {
         .expect("runs the binary")
 }
 
+/// Run the `sglp-engine` binary with `args`, which must succeed (its stderr in the panic otherwise).
+pub fn engine_ok(args: &[&str]) -> Output {
+    let o = engine(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// A JSON file, parsed.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// `tests/fixtures`.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
