@@ -158,7 +158,47 @@ fn check_header(head: &[u8], file_len: u64, path: &Path) -> Result<()> {
             ),
         ));
     }
+    if shape_overflows(text) {
+        return Err(Error::format(
+            path,
+            "corrupt npy header: the shape's element count does not fit in 64 bits",
+        ));
+    }
     Ok(())
+}
+
+/// Whether the header's `'shape': (...)` numbers, or their product, overflow u64 (npyz multiplies them
+/// unchecked: a panic in debug builds, a wrapped count in release ones; found by the `tokens` fuzz target).
+/// A shape this cannot find or read is left to npyz's own errors.
+fn shape_overflows(text: &[u8]) -> bool {
+    let Some(at) = text.windows(5).position(|w| w == b"shape") else {
+        return false;
+    };
+    let rest = &text[at..];
+    let (Some(open), Some(close)) = (
+        rest.iter().position(|&c| c == b'('),
+        rest.iter().position(|&c| c == b')'),
+    ) else {
+        return false;
+    };
+    if close < open {
+        return false;
+    }
+    let mut product: u64 = 1;
+    for part in rest[open + 1..close].split(|&c| c == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let value = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok());
+        match value.and_then(|v| product.checked_mul(v)) {
+            Some(p) => product = p,
+            None => return true,
+        }
+    }
+    false
 }
 
 /// Bytes of the whole header (magic, version, length field and text) of an npy file of `file_len` bytes
@@ -218,4 +258,45 @@ pub(crate) fn dtype_of(header: &NpyHeader) -> std::result::Result<DType, String>
         ));
     }
     Ok(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An npy file of `header` (padded as numpy pads it) and a few data bytes.
+    fn npy(header: &str) -> Vec<u8> {
+        let mut h = header.to_string();
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(&[0u8; 16]);
+        out
+    }
+
+    #[test]
+    fn a_shape_whose_element_count_overflows_is_refused_before_npyz_reads_it() {
+        let p = Path::new("t.npy");
+        for shape in [
+            "(1099511627776, 1099511627776)",
+            "(99999999999999999999, 2)",
+        ] {
+            let bytes = npy(&format!(
+                "{{'descr': '<i8', 'fortran_order': False, 'shape': {shape}, }}"
+            ));
+            let err = check_npy_bytes(&bytes, p).unwrap_err().to_string();
+            assert!(err.contains("does not fit in 64 bits"), "{shape}: {err}");
+        }
+        // Large but representable, and the empty shape of a scalar: left to the readers.
+        for shape in ["(4294967296, 4294967295)", "()", "(3,)"] {
+            let bytes = npy(&format!(
+                "{{'descr': '<i8', 'fortran_order': False, 'shape': {shape}, }}"
+            ));
+            assert!(check_npy_bytes(&bytes, p).is_ok(), "{shape}");
+        }
+    }
 }
