@@ -267,7 +267,7 @@ mod tests {
     /// An npy file of `header` (padded as numpy pads it) and a few data bytes.
     fn npy(header: &str) -> Vec<u8> {
         let mut h = header.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');
