@@ -260,7 +260,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// staging file's path, which ends in `path`'s own name and extension.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let out = AtomicFile::create(path)?;
-    write(out.staging_path())?;
+    {
+        // The writer opens the staging path by name, so it could re-create the file after the signal
+        // handler deleted it and before the process exited (seen in the interrupt test: a compare PNG's
+        // staging file left behind). Holding the registry keeps the handler waiting until the write is
+        // done (milliseconds for an image); `write` must not create staging paths itself.
+        let _signals_held = registry();
+        write(out.staging_path())?;
+    }
     out.commit()
 }
 
