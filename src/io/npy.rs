@@ -139,9 +139,24 @@ fn check_header(head: &[u8], file_len: u64, path: &Path) -> Result<()> {
     let total = header_bytes(&head[..head.len().min(12)], file_len, path)? as usize;
     let prefix = if head[6] == 1 { 10 } else { 12 };
     let text = &head[prefix.min(head.len())..total.min(head.len())];
+    // Brackets inside quoted strings do not nest, but a closing one there must not be counted as
+    // closing either: npyz's parser would see the depth that this count would otherwise miss (a 175-byte
+    // header with `'}'` strings between `{{` ran past the fuzzer's 10 s timeout).
     let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut quote, mut escaped) = (None::<u8>, false);
     for &c in text {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
         match c {
+            b'\'' | b'"' => quote = Some(c),
             b'(' | b'[' | b'{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
@@ -291,6 +306,13 @@ mod tests {
             let err = check_npy_bytes(&bytes, p).unwrap_err().to_string();
             assert!(err.contains("does not fit in 64 bits"), "{shape}: {err}");
         }
+        // Brackets inside quoted strings neither open nor close: `{{'}'` is two deep, not one.
+        let deep = npy(&format!(
+            "{{'descr': '<f4', 'x': {}'}}', 'shape': (2,), }}",
+            "{{'}}': ".repeat(6) + "1" + &"}".repeat(6)
+        ));
+        let err = check_npy_bytes(&deep, p).unwrap_err().to_string();
+        assert!(err.contains("nested"), "{err}");
         // Large but representable, and the empty shape of a scalar: left to the readers.
         for shape in ["(4294967296, 4294967295)", "()", "(3,)"] {
             let bytes = npy(&format!(
