@@ -737,10 +737,15 @@ fn corrupt_and_unsupported_npy_files() {
         npy.extend([0u8; 16]);
         std::fs::write(&f, &npy).unwrap();
         let e = check(&d, &f, shape);
-        assert!(
-            e.contains("layer 'x'") && e.contains("truncated or corrupt"),
-            "{e}"
-        );
+        if shape.starts_with("(1844") {
+            // The element count itself overflows: refused by the header check, before any reader.
+            assert!(e.contains("does not fit in 64 bits"), "{e}");
+        } else {
+            assert!(
+                e.contains("layer 'x'") && e.contains("truncated or corrupt"),
+                "{e}"
+            );
+        }
     }
 
     // Fortran order (2-D, both axes > 1), and big-endian.
