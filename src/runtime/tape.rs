@@ -88,6 +88,8 @@ pub struct Tape {
     data: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     loss: Option<f64>,
+    /// Whether the current forward keeps what a backward needs (a backward follows).
+    keep: bool,
     profile: Option<Profile>,
     pool: Pool,
 }
@@ -174,6 +176,7 @@ impl Tape {
             data: Vec::new(),
             grads: Vec::new(),
             loss: None,
+            keep: false,
             profile: std::env::var_os("SGLP_PROFILE").map(|_| Profile::default()),
             pool: Pool::default(),
         }
@@ -237,6 +240,7 @@ impl Tape {
         self.data = vec![Vec::new(); self.bufs.len()];
         self.grads = vec![Vec::new(); self.bufs.len()];
         self.loss = None;
+        self.keep = keep;
         let io: Vec<OpIo> = self.ops.iter().map(|op| op.io()).collect();
         // Last op (by position) reading each buffer; marks count as reads at their position.
         let mut last_use = vec![0usize; self.bufs.len()];
@@ -365,11 +369,6 @@ impl Tape {
             self.pool.release(g);
         }
         Ok(sumsq)
-    }
-
-    fn loss_count(&self) -> (f64, usize) {
-        let count = self.targets.iter().filter(|&&t| t >= 0).count();
-        (self.loss.unwrap_or(f64::NAN), count)
     }
 }
 

@@ -2,7 +2,7 @@
 //! row-wise ops parallelised over rows with rayon. Conventions in [`super`]: forwards write, backwards
 //! accumulate into every gradient they are given.
 
-use super::RopeTable;
+use super::{vmath, RopeTable};
 use crate::linalg::{matmul, MatRef, Parallelism};
 use rayon::prelude::*;
 
@@ -267,6 +267,39 @@ impl AttnShape {
     }
 }
 
+/// Query rows per block of the attention's GEMMs: a block of rows `i0..i1` sees only the keys
+/// `first(i0)..i1` (causal and window masks), so the scores above the diagonal blocks (and left of a
+/// window) are never computed: about 5/8 of the full square at 256 tokens.
+const ATT_BLOCK: usize = 64;
+
+impl AttnShape {
+    /// The query-row blocks and, for each, the key columns any of its rows sees.
+    fn blocks(
+        &self,
+        block: usize,
+    ) -> impl Iterator<Item = (std::ops::Range<usize>, std::ops::Range<usize>)> + '_ {
+        (0..self.tokens).step_by(block).map(move |i0| {
+            let i1 = (i0 + block).min(self.tokens);
+            (i0..i1, self.visible(i0).start..i1)
+        })
+    }
+}
+
+/// `MatRef` of rows `rows` of a head view.
+fn rows_of<'a>(m: MatRef<'a, f32>, rows: std::ops::Range<usize>) -> MatRef<'a, f32> {
+    let start = rows.start * m.rs;
+    let len = if rows.is_empty() {
+        0
+    } else {
+        (rows.len() - 1) * m.rs + (m.cols - 1) * m.cs + 1
+    };
+    MatRef {
+        data: &m.data[start..start + len],
+        rows: rows.len(),
+        ..m
+    }
+}
+
 /// Writes `out` and, per (sequence, head, query row), the log-sum-exp of the scaled scores `lse`
 /// (`[seqs, heads, tokens]`): the backward recomputes the probabilities from it, so the saved state is
 /// linear in the sequence length, not quadratic.
@@ -278,6 +311,18 @@ pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    attention_forward_blocked(q, k, v, sh, out, lse, ATT_BLOCK);
+}
+
+fn attention_forward_blocked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sh: AttnShape,
+    out: &mut [f32],
+    lse: &mut [f32],
+    block: usize,
+) {
     let (t, d) = (sh.tokens, sh.head_dim);
     let tiles: Vec<Vec<f32>> = lse
         .par_chunks_mut(t)
@@ -286,33 +331,55 @@ pub fn attention_forward(
             let (s, h) = (sh_idx / sh.heads, sh_idx % sh.heads);
             let g = h / sh.group();
             let mut p = vec![0f32; t * t];
-            scaled_scores(q, k, sh, s, h, g, &mut p);
-            for (i, (row, l)) in p.chunks_mut(t).zip(lse_rows.iter_mut()).enumerate() {
-                *l = masked_softmax_row(row, sh.visible(i));
-            }
             let mut tile = vec![0f32; t * d];
             let vh = sh.head(v, sh.kv_heads, s, g);
-            matmul(
-                &mut tile,
-                d,
-                MatRef::rm(&p, t, t),
-                vh,
-                1.0,
-                false,
-                Parallelism::None,
-            );
+            for (rows, cols) in sh.blocks(block) {
+                scaled_scores(q, k, sh, s, h, g, rows.clone(), cols.clone(), &mut p);
+                for i in rows.clone() {
+                    let row = &mut p[i * t + cols.start..i * t + cols.end];
+                    let vis = sh.visible(i);
+                    lse_rows[i] =
+                        masked_softmax_row(row, vis.start - cols.start..vis.end - cols.start);
+                }
+                matmul(
+                    &mut tile[rows.start * d..],
+                    d,
+                    MatRef {
+                        data: &p[rows.start * t + cols.start..],
+                        rows: rows.len(),
+                        cols: cols.len(),
+                        rs: t,
+                        cs: 1,
+                    },
+                    rows_of(vh, cols),
+                    1.0,
+                    false,
+                    Parallelism::None,
+                );
+            }
             tile
         })
         .collect();
     scatter_heads(&tiles, sh, sh.heads, out, false);
 }
 
-/// `p = scale · Q_h K_gᵀ` for sequence `s` (`[tokens, tokens]`).
-fn scaled_scores(q: &[f32], k: &[f32], sh: AttnShape, s: usize, h: usize, g: usize, p: &mut [f32]) {
-    let qh = sh.head(q, sh.heads, s, h);
-    let kh = sh.head(k, sh.kv_heads, s, g);
+/// `p[rows, cols] = scale · Q_h[rows] K_g[cols]ᵀ` for sequence `s` (`p` is `[tokens, tokens]`).
+#[allow(clippy::too_many_arguments)]
+fn scaled_scores(
+    q: &[f32],
+    k: &[f32],
+    sh: AttnShape,
+    s: usize,
+    h: usize,
+    g: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    p: &mut [f32],
+) {
+    let qh = rows_of(sh.head(q, sh.heads, s, h), rows.clone());
+    let kh = rows_of(sh.head(k, sh.kv_heads, s, g), cols.clone());
     matmul(
-        p,
+        &mut p[rows.start * sh.tokens + cols.start..],
         sh.tokens,
         qh,
         kh.t(),
@@ -327,17 +394,9 @@ fn scaled_scores(q: &[f32], k: &[f32], sh: AttnShape, s: usize, h: usize, g: usi
 fn masked_softmax_row(row: &mut [f32], visible: std::ops::Range<usize>) -> f32 {
     let (before, rest) = row.split_at_mut(visible.start);
     let (live, after) = rest.split_at_mut(visible.len());
-    let max = live.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for x in live.iter_mut() {
-        let e = ((*x - max) as f64).exp();
-        *x = e as f32;
-        sum += e;
-    }
-    let inv = 1.0 / sum;
-    for x in live.iter_mut() {
-        *x = (*x as f64 * inv) as f32;
-    }
+    let max = vmath::max(live);
+    let sum = vmath::exp_in_place_sum(live, max);
+    vmath::scale(live, (1.0 / sum) as f32);
     before.fill(0.0);
     after.fill(0.0);
     (max as f64 + sum.ln()) as f32
@@ -368,7 +427,8 @@ fn scatter_heads(tiles: &[Vec<f32>], sh: AttnShape, n_heads: usize, dst: &mut [f
 
 /// Per kv head g (one rayon task), over the query heads h of its group, with P the probabilities
 /// recomputed from the scores and the forward's log-sum-exp (P = exp(S − lse) where visible, 0 elsewhere):
-/// dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ_h = scale dS K, dK += scale dSᵀ Q_h, dV += Pᵀ dO.
+/// dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ_h = scale dS K, dK += scale dSᵀ Q_h, dV += Pᵀ dO. Each
+/// product runs per block of query rows over the keys the block sees (see [`ATT_BLOCK`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
@@ -380,6 +440,22 @@ pub fn attention_backward(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
+) {
+    attention_backward_blocked(q, k, v, lse, dout, sh, dq, dk, dv, ATT_BLOCK);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_blocked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    sh: AttnShape,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    block: usize,
 ) {
     let (t, d, grp) = (sh.tokens, sh.head_dim, sh.group());
     // Per kv head: (dQ tiles of its query heads, dK tile, dV tile).
@@ -396,60 +472,80 @@ pub fn attention_backward(
             let mut p = vec![0f32; t * t];
             let mut dq_tiles = Vec::with_capacity(grp);
             for h in g * grp..(g + 1) * grp {
-                scaled_scores(q, k, sh, s, h, g, &mut p);
                 let lse_rows = &lse[(s * sh.heads + h) * t..(s * sh.heads + h + 1) * t];
-                for (i, (row, &l)) in p.chunks_mut(t).zip(lse_rows).enumerate() {
-                    let vis = sh.visible(i);
-                    row[..vis.start].fill(0.0);
-                    row[vis.clone()]
-                        .iter_mut()
-                        .for_each(|x| *x = (*x - l).exp());
-                    row[vis.end..].fill(0.0);
-                }
-                let p = &p[..];
                 let doh = sh.head(dout, sh.heads, s, h);
                 let qh = sh.head(q, sh.heads, s, h);
-                matmul(
-                    &mut dv_t,
-                    d,
-                    MatRef::rm(p, t, t).t(),
-                    doh,
-                    1.0,
-                    true,
-                    Parallelism::None,
-                );
-                matmul(&mut dp, t, doh, vh.t(), 1.0, false, Parallelism::None);
-                for i in 0..t {
-                    let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                    let vis = sh.visible(i);
-                    let dot: f64 = vis.clone().map(|j| pr[j] as f64 * dr[j] as f64).sum();
-                    let (before, rest) = dr.split_at_mut(vis.start);
-                    let (live, after) = rest.split_at_mut(vis.len());
-                    for (x, &pj) in live.iter_mut().zip(&pr[vis]) {
-                        *x = (pj as f64 * (*x as f64 - dot)) as f32;
-                    }
-                    before.fill(0.0);
-                    after.fill(0.0);
-                }
                 let mut dq_t = vec![0f32; t * d];
-                matmul(
-                    &mut dq_t,
-                    d,
-                    MatRef::rm(&dp, t, t),
-                    kh,
-                    sh.scale(),
-                    false,
-                    Parallelism::None,
-                );
-                matmul(
-                    &mut dk_t,
-                    d,
-                    MatRef::rm(&dp, t, t).t(),
-                    qh,
-                    sh.scale(),
-                    true,
-                    Parallelism::None,
-                );
+                for (rows, cols) in sh.blocks(block) {
+                    scaled_scores(q, k, sh, s, h, g, rows.clone(), cols.clone(), &mut p);
+                    for i in rows.clone() {
+                        let row = &mut p[i * t + cols.start..i * t + cols.end];
+                        let vis = sh.visible(i);
+                        let (a, b) = (vis.start - cols.start, vis.end - cols.start);
+                        row[..a].fill(0.0);
+                        vmath::exp_in_place_scaled(&mut row[a..b], lse_rows[i], 1.0);
+                        row[b..].fill(0.0);
+                    }
+                    let pb = MatRef {
+                        data: &p[rows.start * t + cols.start..],
+                        rows: rows.len(),
+                        cols: cols.len(),
+                        rs: t,
+                        cs: 1,
+                    };
+                    let (dob, qb) = (rows_of(doh, rows.clone()), rows_of(qh, rows.clone()));
+                    let (kb, vb) = (rows_of(kh, cols.clone()), rows_of(vh, cols.clone()));
+                    matmul(
+                        &mut dv_t[cols.start * d..],
+                        d,
+                        pb.t(),
+                        dob,
+                        1.0,
+                        true,
+                        Parallelism::None,
+                    );
+                    let dpb = &mut dp[rows.start * t + cols.start..];
+                    matmul(dpb, t, dob, vb.t(), 1.0, false, Parallelism::None);
+                    for i in rows.clone() {
+                        let o = i * t + cols.start;
+                        let (pr, dr) = (&p[o..o + cols.len()], &mut dp[o..o + cols.len()]);
+                        let vis = sh.visible(i);
+                        let (a, b) = (vis.start - cols.start, vis.end - cols.start);
+                        let dot: f64 = (a..b).map(|j| pr[j] as f64 * dr[j] as f64).sum();
+                        let (before, rest) = dr.split_at_mut(a);
+                        let (live, after) = rest.split_at_mut(b - a);
+                        for (x, &pj) in live.iter_mut().zip(&pr[a..b]) {
+                            *x = (pj as f64 * (*x as f64 - dot)) as f32;
+                        }
+                        before.fill(0.0);
+                        after.fill(0.0);
+                    }
+                    let dsb = MatRef {
+                        data: &dp[rows.start * t + cols.start..],
+                        rows: rows.len(),
+                        cols: cols.len(),
+                        rs: t,
+                        cs: 1,
+                    };
+                    matmul(
+                        &mut dq_t[rows.start * d..],
+                        d,
+                        dsb,
+                        kb,
+                        sh.scale(),
+                        false,
+                        Parallelism::None,
+                    );
+                    matmul(
+                        &mut dk_t[cols.start * d..],
+                        d,
+                        dsb.t(),
+                        qb,
+                        sh.scale(),
+                        true,
+                        Parallelism::None,
+                    );
+                }
                 dq_tiles.push(dq_t);
             }
             (dq_tiles, dk_t, dv_t)
@@ -474,30 +570,17 @@ pub fn attention_backward(
 
 const CHUNK: usize = 16_384;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 pub fn silu_forward(x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = v * sigmoid(v);
-            }
-        });
+        .for_each(|(yc, xc)| vmath::silu(xc, yc));
 }
 
 /// d/dx x σ(x) = σ(x) (1 + x (1 − σ(x))).
 pub fn silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| {
-            for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let s = sigmoid(v);
-                *d += g * s * (1.0 + v * (1.0 - s));
-            }
-        });
+        .for_each(|(dc, (xc, gc))| vmath::silu_backward(xc, gc, dc));
 }
 
 pub fn mul_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
@@ -546,7 +629,7 @@ pub fn accumulate(dst: &mut [f32], src: &[f32]) {
 // ---------------------------------------------------------------------------------------------------------
 
 /// Returns (`Σ −log softmax(row)[target]`, number of predicted rows), and writes each predicted row's
-/// log-sum-exp into `lse` (`[rows]`) for the backward.
+/// log-sum-exp into `lse` (`[rows]`).
 pub fn cross_entropy_forward(
     logits: &[f32],
     vocab: usize,
@@ -558,49 +641,45 @@ pub fn cross_entropy_forward(
         .zip(targets.par_iter().zip(lse.par_iter_mut()))
         .filter(|(_, (&t, _))| t >= 0)
         .map(|(row, (&t, l))| {
-            let lse_row = logsumexp(row);
+            let max = vmath::max(row);
+            let lse_row = max as f64 + vmath::sum_exp(row, max).ln();
             *l = lse_row as f32;
             (lse_row - row[t as usize] as f64, 1usize)
         })
         .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
-/// log Σ exp(row): exponentials in f32 (the vocabulary-sized loop is the hot one), summed in f64.
-fn logsumexp(row: &[f32]) -> f64 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    max as f64
-        + row
-            .iter()
-            .map(|&v| (v - max).exp() as f64)
-            .sum::<f64>()
-            .ln()
-}
-
-/// Overwrites `logits` with `scale (softmax(row) − onehot(target))` (zero for rows not predicted; scale =
-/// dloss / count), using the forward's log-sum-exps: one exponential per logit. The exception to the
-/// accumulate convention: the loss is the tape's root, so its gradient is the first one written, and
-/// reusing the logits' storage saves allocating (and page-faulting) a second rows × vocab buffer.
-pub fn cross_entropy_backward_in_place(
+/// [`cross_entropy_forward`] that also overwrites `logits` with the gradient of the mean loss,
+/// `(softmax(row) − onehot(target)) / count` (zero for rows not predicted), in the same pass over each
+/// row (one exponential per logit). The loss is the tape's root, so this is its whole backward; reusing
+/// the logits' storage saves allocating (and page-faulting) a second rows × vocab buffer.
+pub fn cross_entropy_forward_grad(
     logits: &mut [f32],
     vocab: usize,
     targets: &[i64],
-    lse: &[f32],
-    scale: f64,
-) {
-    let scale = scale as f32;
-    logits
+    lse: &mut [f32],
+) -> (f64, usize) {
+    let count = targets.iter().filter(|&&t| t >= 0).count();
+    let scale = 1.0 / count.max(1) as f64;
+    let sum = logits
         .par_chunks_mut(vocab)
-        .zip(targets.par_iter().zip(lse))
-        .for_each(|(row, (&t, &l))| {
+        .zip(targets.par_iter().zip(lse.par_iter_mut()))
+        .map(|(row, (&t, l))| {
             if t < 0 {
                 row.fill(0.0);
-                return;
+                return 0.0;
             }
-            for v in row.iter_mut() {
-                *v = scale * (*v - l).exp();
-            }
-            row[t as usize] -= scale;
-        });
+            let target_logit = row[t as usize] as f64;
+            let max = vmath::max(row);
+            let sum = vmath::exp_in_place_sum(row, max);
+            let lse_row = max as f64 + sum.ln();
+            *l = lse_row as f32;
+            vmath::scale(row, (scale / sum) as f32);
+            row[t as usize] -= scale as f32;
+            lse_row - target_logit
+        })
+        .sum();
+    (sum, count)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -795,6 +874,12 @@ mod tests {
     /// Finite-difference check of attention over q, k, v, and the mask: output row i must not move when
     /// a value row outside `visible(i)` does (the first token sees only itself).
     fn check_attention(sh: AttnShape, seed: u64) {
+        for block in [ATT_BLOCK, 1, 2, 3] {
+            check_attention_blocked(sh, seed, block);
+        }
+    }
+
+    fn check_attention_blocked(sh: AttnShape, seed: u64, block: usize) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let nq = sh.seqs * sh.tokens * sh.heads * sh.head_dim;
         let nk = sh.seqs * sh.tokens * sh.kv_heads * sh.head_dim;
@@ -806,7 +891,7 @@ mod tests {
         ];
         let fwd = |i: &[Vec<f32>]| {
             let (mut o, mut p) = (vec![0.0; nq], vec![0.0; np]);
-            attention_forward(&i[0], &i[1], &i[2], sh, &mut o, &mut p);
+            attention_forward_blocked(&i[0], &i[1], &i[2], sh, &mut o, &mut p, block);
             (o, p)
         };
         let (o, _) = fwd(&ins);
@@ -837,7 +922,8 @@ mod tests {
             &|i, c| {
                 let (_, p) = fwd(i);
                 let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-                attention_backward(&i[0], &i[1], &i[2], &p, c, sh, &mut dq, &mut dk, &mut dv);
+                let (q, k, v) = (&i[0], &i[1], &i[2]);
+                attention_backward_blocked(q, k, v, &p, c, sh, &mut dq, &mut dk, &mut dv, block);
                 vec![dq, dk, dv]
             },
             2e-3,
@@ -966,8 +1052,10 @@ mod tests {
             &|i, c| {
                 let mut d = i[0].clone();
                 let mut l = vec![0f32; rows];
-                cross_entropy_forward(&i[0], vocab, &targets, &mut l);
-                cross_entropy_backward_in_place(&mut d, vocab, &targets, &l, c[0] as f64 / 3.0);
+                let (s, n) = cross_entropy_forward_grad(&mut d, vocab, &targets, &mut l);
+                let (s0, n0) = cross_entropy_forward(&i[0], vocab, &targets, &mut l);
+                assert!((s - s0).abs() < 1e-12 * s0.abs() && n == n0);
+                d.iter_mut().for_each(|v| *v *= c[0]);
                 vec![d]
             },
             2e-3,

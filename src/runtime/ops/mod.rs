@@ -6,6 +6,7 @@
 
 pub mod cnn;
 pub mod cpu;
+pub mod vmath;
 
 /// Precomputed rotary tables for one sequence length: `cos`/`sin` are `[tokens, head_dim]` row-major, in
 /// the Hugging Face layout (each frequency repeated in both halves, for `rotate_half`).

@@ -373,7 +373,9 @@ impl TapeOp for Add {
 }
 
 /// Mean softmax cross-entropy of the rows of `logits` against the tape's targets (−1 = not predicted):
-/// the tape's loss. `lse` keeps each row's log-sum-exp for the backward.
+/// the tape's loss. `lse` keeps each row's log-sum-exp. When a backward follows, the forward also turns
+/// the logits, which nothing else reads, into their gradient in the same pass (the loss is the root, so
+/// its gradient is known then); the backward only hands that buffer on.
 #[derive(Clone, Debug)]
 pub struct CrossEntropy {
     pub logits: BufId,
@@ -386,15 +388,25 @@ impl TapeOp for CrossEntropy {
             kind: "cross_entropy",
             inputs: vec![self.logits],
             outputs: vec![self.lse],
-            saved: vec![self.logits, self.lse],
+            saved: vec![self.logits],
             params: vec![],
         }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
         let CrossEntropy { logits, lse } = *self;
-        let (sum, count) = t.write_output(lse, |t, l| {
-            cpu::cross_entropy_forward(&t.data[logits], t.bufs[logits].cols, &t.targets, l)
-        });
+        let vocab = t.bufs[logits].cols;
+        let (sum, count) = if t.keep {
+            let mut d = std::mem::take(&mut t.data[logits]);
+            let r = t.write_output(lse, |t, l| {
+                cpu::cross_entropy_forward_grad(&mut d, vocab, &t.targets, l)
+            });
+            t.data[logits] = d;
+            r
+        } else {
+            t.write_output(lse, |t, l| {
+                cpu::cross_entropy_forward(&t.data[logits], vocab, &t.targets, l)
+            })
+        };
         if count == 0 {
             return Err(crate::Error::invalid(
                 "no predicted positions in the batch (sequences need at least 2 tokens)",
@@ -404,20 +416,11 @@ impl TapeOp for CrossEntropy {
         Ok(())
     }
     fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
-        let CrossEntropy { logits, lse } = *self;
-        let (_, count) = t.loss_count();
-        // The logits are read by nothing else's backward: their storage becomes their gradient.
-        let mut d = std::mem::take(&mut t.data[logits]);
-        cpu::cross_entropy_backward_in_place(
-            &mut d,
-            t.bufs[logits].cols,
-            &t.targets,
-            &t.data[lse],
-            1.0 / count as f64,
-        );
-        let prior = std::mem::replace(&mut t.grads[logits], d);
+        // The forward (run with `keep`, as before every backward) left the gradient in the logits' storage.
+        let d = std::mem::take(&mut t.data[self.logits]);
+        let prior = std::mem::replace(&mut t.grads[self.logits], d);
         if !prior.is_empty() {
-            cpu::accumulate(&mut t.grads[logits], &prior);
+            cpu::accumulate(&mut t.grads[self.logits], &prior);
         }
         Ok(())
     }
