@@ -173,47 +173,57 @@ fn check_header(head: &[u8], file_len: u64, path: &Path) -> Result<()> {
             ),
         ));
     }
-    if shape_overflows(text) {
-        return Err(Error::format(
+    match shape_element_count(text) {
+        Some(ShapeCount::Overflows) => Err(Error::format(
             path,
             "corrupt npy header: the shape's element count does not fit in 64 bits",
-        ));
+        )),
+        Some(ShapeCount::NotIntegers) => Err(Error::format(
+            path,
+            "corrupt npy header: the shape is not a tuple of non-negative integers",
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-/// Whether the header's `'shape': (...)` numbers, or their product, overflow u64 (npyz multiplies them
-/// unchecked: a panic in debug builds, a wrapped count in release ones; found by the `tokens` fuzz target).
-/// A shape this cannot find or read is left to npyz's own errors.
-fn shape_overflows(text: &[u8]) -> bool {
-    let Some(at) = text.windows(5).position(|w| w == b"shape") else {
-        return false;
-    };
+/// What [`shape_element_count`] found wrong, or the count.
+enum ShapeCount {
+    Fits,
+    Overflows,
+    NotIntegers,
+}
+
+/// The header's `'shape': (...)`: a tuple of plain non-negative integers (numpy writes nothing else;
+/// Python 2 wrote a trailing `L`) whose product fits u64. npyz evaluates more than plain integers (`1-1`)
+/// and multiplies unchecked: a panic with overflow checks, a wrapped count without (found by the `tokens`
+/// and `matrix` fuzz targets). None when no shape tuple can be found: npyz's own errors then apply.
+fn shape_element_count(text: &[u8]) -> Option<ShapeCount> {
+    let at = text.windows(5).position(|w| w == b"shape")?;
     let rest = &text[at..];
-    let (Some(open), Some(close)) = (
-        rest.iter().position(|&c| c == b'('),
-        rest.iter().position(|&c| c == b')'),
-    ) else {
-        return false;
-    };
+    let open = rest.iter().position(|&c| c == b'(')?;
+    let close = rest.iter().position(|&c| c == b')')?;
     if close < open {
-        return false;
+        return None;
     }
     let mut product: u64 = 1;
     for part in rest[open + 1..close].split(|&c| c == b',') {
-        let digits = part.trim_ascii();
+        let part = part.trim_ascii();
+        if part.is_empty() {
+            continue; // `(3,)` and `()`
+        }
+        let digits = part.strip_suffix(b"L").unwrap_or(part);
         if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            continue;
+            return Some(ShapeCount::NotIntegers);
         }
         let value = std::str::from_utf8(digits)
             .ok()
             .and_then(|d| d.parse::<u64>().ok());
         match value.and_then(|v| product.checked_mul(v)) {
             Some(p) => product = p,
-            None => return true,
+            None => return Some(ShapeCount::Overflows),
         }
     }
-    false
+    Some(ShapeCount::Fits)
 }
 
 /// Bytes of the whole header (magic, version, length field and text) of an npy file of `file_len` bytes
@@ -313,8 +323,19 @@ mod tests {
         ));
         let err = check_npy_bytes(&deep, p).unwrap_err().to_string();
         assert!(err.contains("nested"), "{err}");
-        // Large but representable, and the empty shape of a scalar: left to the readers.
-        for shape in ["(4294967296, 4294967295)", "()", "(3,)"] {
+        // Not plain integers (npyz would evaluate the expression): refused.
+        for shape in ["(3, 1111111111111-111111, 2)", "(3, x)"] {
+            let bytes = npy(&format!(
+                "{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}"
+            ));
+            let err = check_npy_bytes(&bytes, p).unwrap_err().to_string();
+            assert!(
+                err.contains("not a tuple of non-negative integers"),
+                "{shape}: {err}"
+            );
+        }
+        // Large but representable, the empty shape of a scalar, Python 2's `L`: left to the readers.
+        for shape in ["(4294967296, 4294967295)", "()", "(3,)", "(3L, 4L)"] {
             let bytes = npy(&format!(
                 "{{'descr': '<i8', 'fortran_order': False, 'shape': {shape}, }}"
             ));
