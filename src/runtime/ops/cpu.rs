@@ -428,7 +428,7 @@ fn scatter_heads(tiles: &[Vec<f32>], sh: AttnShape, n_heads: usize, dst: &mut [f
 /// Per kv head g (one rayon task), over the query heads h of its group, with P the probabilities
 /// recomputed from the scores and the forward's log-sum-exp (P = exp(S − lse) where visible, 0 elsewhere):
 /// dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ_h = scale dS K, dK += scale dSᵀ Q_h, dV += Pᵀ dO. Each
-/// product runs per block of query rows over the keys the block sees (see [`ATT_BLOCK`]).
+/// product runs per block of query rows over the keys the block sees (`ATT_BLOCK` rows).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
