@@ -121,6 +121,26 @@ __device__ __forceinline__ void stage_rows_u16(u16 (*S)[MK + MPAD], const u16* _
     }
 }
 
+// Store a warp's 32×64 accumulators (m16n8 layout: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, 2t..2t+1)) into
+// the n × n Gram at tile (bi, bj), mirrored below the diagonal tile: the epilogue of both mma kernels.
+__device__ __forceinline__ void store_mma_tile(float (*acc)[8][4], int n, int bi, int bj, int wm, int wn,
+                                               int g, int t, float* __restrict__ k_out) {
+    const int i0 = bi * MM, j0 = bj * MM;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
+                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
+                if (gi < n && gj < n) {
+                    k_out[(u64)gi * n + gj] = acc[mt][nt][h];
+                    if (bi != bj) k_out[(u64)gj * n + gi] = acc[mt][nt][h];
+                }
+            }
+}
+
 template <int DT>
 __device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int bi, int bj, bool vec,
                               u16 (*As)[MK + MPAD], u16 (*Bs)[MK + MPAD], float* __restrict__ k_out) {
@@ -162,20 +182,7 @@ __device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int bi, i
         }
         __syncthreads();
     }
-    // Accumulator layout of m16n8: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, 2t..2t+1).
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
-                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
-                if (gi < n && gj < n) {
-                    k_out[(u64)gi * n + gj] = acc[mt][nt][h];
-                    if (bi != bj) k_out[(u64)gj * n + gi] = acc[mt][nt][h];
-                }
-            }
+    store_mma_tile(acc, n, bi, bj, wm, wn, g, t, k_out);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -291,19 +298,7 @@ __device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d,
         }
         __syncthreads();  // everyone is done with `cur` before step s + 2 refills it
     }
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
-                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
-                if (gi < n && gj < n) {
-                    k_out[(u64)gi * n + gj] = acc[mt][nt][h];
-                    if (bi != bj) k_out[(u64)gj * n + gi] = acc[mt][nt][h];
-                }
-            }
+    store_mma_tile(acc, n, bi, bj, wm, wn, g, t, k_out);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
