@@ -49,6 +49,18 @@ def engine_command(bench_exe):
     return ["cargo", "bench", "--bench", "cka_gpu"]
 
 
+def per_batch_entry(e):
+    """The report's entry for one engine run's per-batch timings (uploads from host memory included)."""
+    return dict(
+        total_s=e["total_s"],
+        batch_ms_median=e["batch_wall_ms_median"],
+        gram_ms_median=e["gram_ms_median"],
+        gram_tflops=e["gram_tflops_full_count"],
+        peak_mem_bytes=e["plan_device_bytes"],
+        stages_ms=dict(gram=e["gram_ms_median"], centre=e["centre_ms_median"], pairs=e["pairs_ms_median"]),
+    )
+
+
 def run_engine(out_dir, bench_exe=None, gram_kernel=None):
     """Run the bench binary in JSON mode; returns {workload: entry}. `gram_kernel`: "pipelined" selects
     the candidate tensor-core Gram kernel (SGLP_GRAM_KERNEL), written to engine_pipelined.json/.log."""
@@ -225,23 +237,9 @@ def main():
         entry["torch_batch"]["gram_tflops"] = gram_flops / (t["torch_batch"]["gram_ms_median"] * 1e-3) / 1e12
         if name in engine:
             e = engine[name]
-            entry["engine"] = dict(
-                total_s=e["total_s"],
-                batch_ms_median=e["batch_wall_ms_median"],
-                gram_ms_median=e["gram_ms_median"],
-                gram_tflops=e["gram_tflops_full_count"],
-                peak_mem_bytes=e["plan_device_bytes"],
-                stages_ms=dict(gram=e["gram_ms_median"], centre=e["centre_ms_median"], pairs=e["pairs_ms_median"]),
-            )
+            entry["engine"] = per_batch_entry(e)
             if name in engine_pl:
-                p = engine_pl[name]
-                entry["engine_pipelined"] = dict(
-                    total_s=p["total_s"],
-                    batch_ms_median=p["batch_wall_ms_median"],
-                    gram_ms_median=p["gram_ms_median"],
-                    gram_tflops=p["gram_tflops_full_count"],
-                    peak_mem_bytes=p["plan_device_bytes"],
-                )
+                entry["engine_pipelined"] = per_batch_entry(engine_pl[name])
             if "device_resident_total_s" in e:
                 # Activations already on the GPU (submit_device): comparable to torch_batch (b).
                 entry["engine_on_device"] = dict(
