@@ -224,12 +224,7 @@ impl Accumulator {
     /// Push one chunk: the same rows of every layer. The caller keeps the arrays alive and unchanged
     /// for the duration of the call (the Python half holds them).
     fn update(&mut self, py: Python<'_>, arrays: Vec<ArrayIn>) -> PyResult<()> {
-        let views = views(arrays, self.tokens).map_err(py_err)?;
-        self.start_or_check(&views).map_err(py_err)?;
-        let this = SameThread(&mut *self);
-        py.allow_threads(move || {
-            let this = this.get();
-            let rows = views.first().map_or(0, |v| v.rows);
+        self.push_views(py, arrays, |this, views, rows| {
             let batch = BatchRef {
                 rows,
                 layers: views
@@ -249,12 +244,9 @@ impl Accumulator {
                     .collect(),
             };
             check_finite(&batch, &this.layers, this.seen, Path::new(INPUT_NAME))?;
-            let acc = this.state.as_mut().expect("started above");
-            acc.push(&batch, this.backend.as_mut())?;
-            this.seen += rows;
-            Ok(())
+            let acc = this.state.as_mut().expect("started by push_views");
+            acc.push(&batch, this.backend.as_mut())
         })
-        .map_err(py_err)
     }
 
     /// The CUDA device the accumulator computes on (None on the CPU): CUDA tensors on it are read in
@@ -268,12 +260,7 @@ impl Accumulator {
     /// address, shape, dtype)` per layer. The Python half has checked that they are C-contiguous and
     /// has synchronised the stream that wrote them, and holds them until this call returns.
     fn update_device(&mut self, py: Python<'_>, arrays: Vec<ArrayIn>) -> PyResult<()> {
-        let views = views(arrays, self.tokens).map_err(py_err)?;
-        self.start_or_check(&views).map_err(py_err)?;
-        let this = SameThread(&mut *self);
-        py.allow_threads(move || {
-            let this = this.get();
-            let rows = views.first().map_or(0, |v| v.rows);
+        self.push_views(py, arrays, |this, views, rows| {
             let batch = DeviceBatch {
                 rows,
                 layers: views
@@ -285,15 +272,12 @@ impl Accumulator {
                     })
                     .collect(),
             };
-            let acc = this.state.as_mut().expect("started above");
+            let acc = this.state.as_mut().expect("started by push_views");
             // SAFETY: the Python half passes the data pointers of live, C-contiguous CUDA tensors on
             // this backend's device with exactly these shapes and dtypes, written (stream synchronised)
             // before the call, and keeps them alive until it returns.
-            unsafe { acc.push_device(&batch, this.backend.as_mut())? };
-            this.seen += rows;
-            Ok(())
+            unsafe { acc.push_device(&batch, this.backend.as_mut()) }
         })
-        .map_err(py_err)
     }
 
     /// The result as `sglp-cka/1` JSON (the CLI's bytes). The accumulator cannot be used afterwards.
@@ -313,6 +297,27 @@ impl Accumulator {
 }
 
 impl Accumulator {
+    /// The shared part of `update` and `update_device`: check the arrays' shapes and layers, then run
+    /// `push` (host or device memory) with the GIL released, and count the rows pushed.
+    fn push_views(
+        &mut self,
+        py: Python<'_>,
+        arrays: Vec<ArrayIn>,
+        push: impl FnOnce(&mut Self, &[View], usize) -> Result<()>,
+    ) -> PyResult<()> {
+        let views = views(arrays, self.tokens).map_err(py_err)?;
+        self.start_or_check(&views).map_err(py_err)?;
+        let call = SameThread((&mut *self, push));
+        py.allow_threads(move || {
+            let (this, push) = call.get();
+            let rows = views.first().map_or(0, |v| v.rows);
+            push(&mut *this, &views, rows)?;
+            this.seen += rows;
+            Ok(())
+        })
+        .map_err(py_err)
+    }
+
     /// The first chunk fixes the layers; later chunks must name the same ones in the same order (their
     /// widths and dtypes are checked by the accumulator).
     fn start_or_check(&mut self, views: &[View]) -> Result<()> {
