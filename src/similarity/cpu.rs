@@ -16,7 +16,7 @@
 use super::backend::{check_batch_rows, Backend, Estimator, Kernel, Precision};
 use crate::error::Result;
 use crate::io::{BatchRef, DType, LayerSlice};
-use crate::linalg::{gram_lower, gram_xxt, matmul, Layout, MatRef, Parallelism};
+use crate::linalg::{gram_lower, gram_stride, gram_xxt, matmul, Layout, MatRef, Parallelism};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -58,6 +58,7 @@ struct GramWork {
     x32: Vec<f32>,
     k32: Vec<f32>,
     mean: Vec<f64>,
+    mean32: Vec<f32>,
 }
 
 impl Backend for CpuBackend {
@@ -198,14 +199,18 @@ fn centred_gram_packed(
         // into the packed f64 row, without a full f64 copy.
         centred_f32_into(layer, n, work);
         work.k32.resize(n * n, 0.0);
-        gram_lower(&work.x32, n, d, &mut work.k32, par);
+        let x = MatRef::new(&work.x32, padded(n, d));
+        gram_lower(x, &mut work.k32, par);
         centre_pack_lower(&work.k32, n, estimator, &mut work.scratch, out);
         return;
     }
     work.k.resize(n * n, 0.0);
-    work.x.resize(n * d, 0.0);
-    layer.to_vec_into(&mut work.x);
-    gram_xxt(&work.x, n, d, &mut work.k, par);
+    let ld = gram_stride(d);
+    work.x.resize(n * ld, 0.0);
+    for (r, row) in work.x.chunks_exact_mut(ld).enumerate() {
+        layer.row_into(r, &mut row[..d]);
+    }
+    gram_xxt(MatRef::new(&work.x, padded(n, d)), &mut work.k, par);
     if let Kernel::Rbf { threshold } = kernel {
         rbf_from_linear(&mut work.k, n, threshold, &mut work.scratch);
     }
@@ -216,40 +221,58 @@ fn centred_gram_packed(
     pack_lower(&work.k, n, out);
 }
 
-/// The batch (n × d) with its column means subtracted, into `work.x32`: means summed in f64, each element
-/// subtracted in f64 from its stored value and rounded to f32 once.
+/// The layout of a Gram's input copy: `n × d`, rows [`gram_stride`] apart.
+fn padded(n: usize, d: usize) -> Layout {
+    Layout {
+        rows: n,
+        cols: d,
+        rs: gram_stride(d),
+        cs: 1,
+    }
+}
+
+/// The batch (n × d) with its column means subtracted, into `work.x32` (rows [`gram_stride`] apart):
+/// means summed in f64, each element subtracted in f64 from its stored value and rounded to f32 once.
 fn centred_f32_into(layer: &LayerSlice<'_>, n: usize, work: &mut GramWork) {
     let d = layer.cols;
-    work.x32.resize(n * d, 0.0);
+    let ld = gram_stride(d);
+    work.x32.resize(n * ld, 0.0);
     work.mean.clear();
     work.mean.resize(d, 0.0);
     if layer.dtype == DType::F64 {
         // f64 values would round before the subtraction: subtract from the f64 copy.
         work.x.resize(n * d, 0.0);
         layer.to_vec_into(&mut work.x);
-        column_means(&work.x, d, &mut work.mean);
-        for (o, x) in work.x32.chunks_exact_mut(d).zip(work.x.chunks_exact(d)) {
+        column_means(&work.x, d, d, &mut work.mean);
+        for (o, x) in work.x32.chunks_exact_mut(ld).zip(work.x.chunks_exact(d)) {
             for ((o, &x), &m) in o.iter_mut().zip(x).zip(&work.mean) {
                 *o = (x - m) as f32;
             }
         }
     } else {
         // f32, f16 and bf16 values are exact in f32.
-        layer.to_vec_into(&mut work.x32);
-        column_means(&work.x32, d, &mut work.mean);
-        for row in work.x32.chunks_exact_mut(d) {
-            for (x, &m) in row.iter_mut().zip(&work.mean) {
-                *x = (*x as f64 - m) as f32;
+        for (r, row) in work.x32.chunks_exact_mut(ld).enumerate() {
+            layer.row_into(r, &mut row[..d]);
+        }
+        column_means(&work.x32, d, ld, &mut work.mean);
+        // The mean rounded to f32, subtracted in f32: a per-column constant moves no HSIC, and the f32
+        // difference x − m₃₂ is rounded once, as (x − m) in f64 then rounded would be; in f32 it vectorises.
+        work.mean32.clear();
+        work.mean32.extend(work.mean.iter().map(|&m| m as f32));
+        for row in work.x32.chunks_exact_mut(ld) {
+            for (x, &m) in row.iter_mut().zip(&work.mean32) {
+                *x -= m;
             }
         }
     }
 }
 
-/// Column means of the row-major `rows × d` matrix `x`, summed in f64, into `mean` (length d, zeroed).
-fn column_means<T: Copy + Into<f64>>(x: &[T], d: usize, mean: &mut [f64]) {
-    let rows = x.len() / d.max(1);
-    for row in x.chunks_exact(d) {
-        for (m, &v) in mean.iter_mut().zip(row) {
+/// Column means of the `rows × d` matrix `x` (rows `ld` apart), summed in f64, into `mean` (length d,
+/// zeroed).
+fn column_means<T: Copy + Into<f64>>(x: &[T], d: usize, ld: usize, mean: &mut [f64]) {
+    let rows = x.len() / ld.max(1);
+    for row in x.chunks_exact(ld) {
+        for (m, &v) in mean.iter_mut().zip(&row[..d]) {
             *m += v.into();
         }
     }
@@ -338,15 +361,28 @@ fn centre_pack_lower(
     // Off-diagonal row sums of the full symmetric matrix, from its lower triangle.
     rows.clear();
     rows.resize(n, 0.0);
+    const LANES: usize = 8;
     for i in 0..n {
         let (before, rest) = rows.split_at_mut(i);
-        let mut s = 0.0;
-        for (r, &v) in before.iter_mut().zip(&k[i * n..i * n + i]) {
+        let row = &k[i * n..i * n + i];
+        // Eight partial sums, so that the loop vectorises (one running sum is a serial dependency).
+        let mut s = [0.0f64; LANES];
+        let mut rc = before.chunks_exact_mut(LANES);
+        let mut kc = row.chunks_exact(LANES);
+        for (r, kv) in (&mut rc).zip(&mut kc) {
+            for l in 0..LANES {
+                let v = kv[l] as f64;
+                s[l] += v;
+                r[l] += v;
+            }
+        }
+        let mut tail = 0.0;
+        for (r, &v) in rc.into_remainder().iter_mut().zip(kc.remainder()) {
             let v = v as f64;
-            s += v;
+            tail += v;
             *r += v;
         }
-        rest[0] += s;
+        rest[0] += s.iter().sum::<f64>() + tail;
     }
     let diag = |i: usize| k[i * n + i] as f64;
     let nf = n as f64;
@@ -407,7 +443,7 @@ mod tests {
         // A symmetric matrix with values exact in f32; junk above the diagonal of the f32 copy.
         let x: Vec<f64> = (0..n * 5).map(|_| rng.random_range(-2.0..2.0)).collect();
         let mut full = vec![0.0; n * n];
-        crate::linalg::gram_xxt(&x, n, 5, &mut full, Parallelism::None);
+        crate::linalg::gram_xxt(MatRef::rm(&x, n, 5), &mut full, Parallelism::None);
         for v in &mut full {
             *v = *v as f32 as f64;
         }
