@@ -6,11 +6,18 @@
 //! and a parameter's gradient lives only until its first forward use has been replayed, when it is folded
 //! into its group's sum of squares and freed. So the peak memory is the weights' mmap, the activations,
 //! and the gradients of the parameters in flight, never a full gradient copy of the model.
+//!
+//! The tape is generic over the [`Device`] its buffers live on and its ops run on (`Tape<Cpu>` by
+//! default). Before each parameter group's first op (a decoder layer's, forward and backward), the tape
+//! tells the device which parameters the next group will read ([`Device::prefetch`]), so a device that
+//! holds only a window of the weights can upload the next layer while the current one computes.
 
 pub mod cnn;
 pub mod op;
 
 use crate::error::Result;
+pub use crate::runtime::ops::cpu::Cpu;
+pub use crate::runtime::ops::Device;
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -53,16 +60,43 @@ pub struct OpIo {
     pub params: Vec<ParamId>,
 }
 
-/// One op of the tape. Inputs and outputs are buffer ids, parameters are [`ParamId`]s. Each op is a type
-/// in [`op`] implementing this trait, so that everything about an op (what it reads, writes and keeps,
-/// its forward and its backward) is in one place.
-pub trait TapeOp: std::fmt::Debug + Send + Sync {
+/// One op of the tape, on device `D`. Inputs and outputs are buffer ids, parameters are [`ParamId`]s.
+/// Each op is a type in [`op`] (or [`cnn`], CPU only) implementing this trait, so that everything about
+/// an op (what it reads, writes and keeps, its forward and its backward) is in one place.
+pub trait TapeOp<D: Device = Cpu>: std::fmt::Debug + Send + Sync {
     fn io(&self) -> OpIo;
     /// Write the outputs (allocated and zeroed by the tape) from the inputs.
-    fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()>;
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()>;
     /// Accumulate into the gradients of the inputs (see `Tape::write_grad`) and of the parameters
     /// (`pg[param]`, allocated by the tape) from the gradients of the outputs.
-    fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()>;
+    fn backward(
+        &self,
+        t: &mut Tape<D>,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<D>,
+    ) -> Result<()>;
+}
+
+/// The gradients of the parameters in flight during a backward, by [`ParamId`] (`None`: not allocated).
+pub struct ParamGrads<D: Device>(Vec<Option<D::Buf>>);
+
+impl<D: Device> ParamGrads<D> {
+    /// Parameter `p`'s gradient, taken out so that it can be written while the tape is read; give it
+    /// back with [`ParamGrads::put`].
+    pub fn take(&mut self, p: ParamId) -> D::Buf {
+        self.0[p]
+            .take()
+            .expect("the tape allocates the gradient of every parameter of the op it replays")
+    }
+    pub fn put(&mut self, p: ParamId, g: D::Buf) {
+        self.0[p] = Some(g);
+    }
+    /// Parameter `p`'s gradient, to accumulate into.
+    pub fn get_mut(&mut self, p: ParamId) -> &mut D::Slice {
+        self.0[p]
+            .as_deref_mut()
+            .expect("the tape allocates the gradient of every parameter of the op it replays")
+    }
 }
 
 /// A hidden state to report during the forward: after `after_ops` ops have run, buffer `buf` is hidden
@@ -76,8 +110,8 @@ pub struct Mark {
 
 /// The program (ops, buffers, params, marks) plus the batch it runs on (ids, targets) and, once run, the
 /// buffers' contents.
-pub struct Tape {
-    pub ops: Vec<Arc<dyn TapeOp>>,
+pub struct Tape<D: Device = Cpu> {
+    pub ops: Vec<Arc<dyn TapeOp<D>>>,
     pub bufs: Vec<Buffer>,
     pub params: Vec<Param>,
     pub marks: Vec<Mark>,
@@ -85,43 +119,55 @@ pub struct Tape {
     pub ids: Vec<i64>,
     /// Next-token targets per row, −1 where nothing is predicted (the last token of each sequence).
     pub targets: Vec<i64>,
-    data: Vec<Vec<f32>>,
-    grads: Vec<Vec<f32>>,
+    dev: D,
+    /// `ids` and `targets` on the device, uploaded by the first forward.
+    dev_ids: Option<(D::Ids, D::Ids)>,
+    data: Vec<Option<D::Buf>>,
+    grads: Vec<Option<D::Buf>>,
     loss: Option<f64>,
     /// Whether the current forward keeps what a backward needs (a backward follows).
     keep: bool,
     profile: Option<Profile>,
-    pool: Pool,
+    pool: Pool<D>,
 }
 
-/// Freed f32 buffers kept for reuse, by length. A training-style step allocates and frees the same few
+/// Freed buffers kept for reuse, by length. A training-style step allocates and frees the same few
 /// buffer sizes over and over; fresh allocations of that size come from the kernel as untouched pages, and
-/// faulting them in cost ~10% of a step, so buffers are recycled (zeroed on reuse) instead.
-#[derive(Default)]
-pub struct Pool {
-    free: std::collections::HashMap<usize, Vec<Vec<f32>>>,
+/// faulting them in cost ~10% of a step on the CPU, so buffers are recycled (zeroed on reuse) instead.
+pub struct Pool<D: Device = Cpu> {
+    free: std::collections::HashMap<usize, Vec<D::Buf>>,
 }
 
-impl Pool {
+impl<D: Device> Default for Pool<D> {
+    fn default() -> Self {
+        Pool {
+            free: Default::default(),
+        }
+    }
+}
+
+impl<D: Device> Pool<D> {
     /// A zeroed buffer of `len` elements.
-    pub fn alloc(&mut self, len: usize) -> Vec<f32> {
+    pub fn alloc(&mut self, dev: &D, len: usize) -> Result<D::Buf> {
         match self.free.get_mut(&len).and_then(Vec::pop) {
             Some(mut v) => {
-                v.fill(0.0);
-                v
+                dev.zero(&mut v)?;
+                Ok(v)
             }
-            None => vec![0f32; len],
+            None => dev.alloc_zeroed(len),
         }
     }
 
-    pub fn release(&mut self, v: Vec<f32>) {
-        if !v.is_empty() {
-            self.free.entry(v.len()).or_default().push(v);
+    pub fn release(&mut self, dev: &D, v: D::Buf) {
+        let len = dev.buf_len(&v);
+        if len > 0 {
+            self.free.entry(len).or_default().push(v);
         }
     }
 }
 
-/// Wall time per (op kind, direction), printed on stderr when `SGLP_PROFILE` is set.
+/// Wall time per (op kind, direction), printed on stderr when `SGLP_PROFILE` is set. (On an asynchronous
+/// device this is the time to enqueue, unless the device synchronises.)
 #[derive(Default)]
 struct Profile {
     secs: std::collections::BTreeMap<(&'static str, &'static str), (f64, usize)>,
@@ -145,27 +191,20 @@ impl Drop for Profile {
     }
 }
 
-impl Tape {
-    /// A tape recycling the buffers of `pool` (see [`Pool`]); [`Tape::into_pool`] gives them back.
-    pub fn with_pool(ids: Vec<i64>, targets: Vec<i64>, pool: Pool) -> Self {
-        Tape {
-            pool,
-            ..Tape::new(ids, targets)
-        }
-    }
-
-    /// Every buffer the tape holds, for the next tape.
-    pub fn into_pool(mut self) -> Pool {
-        for v in std::mem::take(&mut self.data)
-            .into_iter()
-            .chain(std::mem::take(&mut self.grads))
-        {
-            self.pool.release(v);
-        }
-        std::mem::take(&mut self.pool)
+impl Tape<Cpu> {
+    /// A CPU tape recycling the buffers of `pool` (see [`Pool`]); [`Tape::into_pool`] gives them back.
+    pub fn with_pool(ids: Vec<i64>, targets: Vec<i64>, pool: Pool<Cpu>) -> Self {
+        Tape::on(Cpu, ids, targets, pool)
     }
 
     pub fn new(ids: Vec<i64>, targets: Vec<i64>) -> Self {
+        Tape::on(Cpu, ids, targets, Pool::default())
+    }
+}
+
+impl<D: Device> Tape<D> {
+    /// A tape on device `dev`, recycling the buffers of `pool`.
+    pub fn on(dev: D, ids: Vec<i64>, targets: Vec<i64>, pool: Pool<D>) -> Self {
         Tape {
             ops: Vec::new(),
             bufs: Vec::new(),
@@ -173,12 +212,35 @@ impl Tape {
             marks: Vec::new(),
             ids,
             targets,
+            dev,
+            dev_ids: None,
             data: Vec::new(),
             grads: Vec::new(),
             loss: None,
             keep: false,
             profile: std::env::var_os("SGLP_PROFILE").map(|_| Profile::default()),
-            pool: Pool::default(),
+            pool,
+        }
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// Every buffer the tape holds, for the next tape.
+    pub fn into_pool(mut self) -> Pool<D> {
+        self.release_all();
+        std::mem::take(&mut self.pool)
+    }
+
+    fn release_all(&mut self) {
+        let bufs: Vec<D::Buf> = std::mem::take(&mut self.data)
+            .into_iter()
+            .chain(std::mem::take(&mut self.grads))
+            .flatten()
+            .collect();
+        for v in bufs {
+            self.pool.release(&self.dev, v);
         }
     }
 
@@ -200,7 +262,7 @@ impl Tape {
         self.params.len() - 1
     }
 
-    pub fn push(&mut self, op: impl TapeOp + 'static) {
+    pub fn push(&mut self, op: impl TapeOp<D> + 'static) {
         self.ops.push(Arc::new(op));
     }
 
@@ -213,13 +275,90 @@ impl Tape {
         });
     }
 
+    /// The contents of buffer `b` (written by an op that has run, and not freed yet).
+    pub fn data(&self, b: BufId) -> &D::Slice {
+        match &self.data[b] {
+            Some(v) => v,
+            None => panic!(
+                "buffer '{}' read before it was written or after it was freed",
+                self.bufs[b].name
+            ),
+        }
+    }
+
+    /// The gradient of buffer `b` (see [`Tape::has_grad`]).
+    pub fn grad(&self, b: BufId) -> &D::Slice {
+        match &self.grads[b] {
+            Some(v) => v,
+            None => panic!(
+                "gradient of '{}' read before anything wrote it",
+                self.bufs[b].name
+            ),
+        }
+    }
+
     fn free_data(&mut self, b: BufId) {
-        let v = std::mem::take(&mut self.data[b]);
-        self.pool.release(v);
+        if let Some(v) = self.data[b].take() {
+            self.pool.release(&self.dev, v);
+        }
+    }
+
+    fn free_grad(&mut self, b: BufId) {
+        if let Some(v) = self.grads[b].take() {
+            self.pool.release(&self.dev, v);
+        }
     }
 
     fn len_of(&self, b: BufId) -> usize {
         self.bufs[b].rows * self.bufs[b].cols
+    }
+
+    /// The device copies of the token ids and targets.
+    fn dev_ids(&self) -> &(D::Ids, D::Ids) {
+        self.dev_ids
+            .as_ref()
+            .expect("uploaded at the start of the forward")
+    }
+
+    /// For each op, the names of the parameters of the next group the ops from there on read, in order,
+    /// when that op is the first of a group (in the direction given): what to hand [`Device::prefetch`].
+    fn prefetch_plan(&self, order: &[usize]) -> Vec<(usize, Vec<usize>)> {
+        let io: Vec<Vec<ParamId>> = self.ops.iter().map(|op| op.io().params).collect();
+        // Runs of consecutive ops (in `order`) by group of their first parameter; ops without parameters
+        // join the run they sit in.
+        let mut runs: Vec<(usize, usize, Vec<ParamId>)> = Vec::new(); // (first op position, group, params)
+        for (pos, &i) in order.iter().enumerate() {
+            let Some(&p0) = io[i].first() else { continue };
+            let g = self.params[p0].group;
+            match runs.last_mut() {
+                Some((_, rg, ps)) if *rg == g => ps.extend(io[i].iter().copied()),
+                _ => runs.push((pos, g, io[i].clone())),
+            }
+        }
+        // At the first op of run r, prefetch run r + 1.
+        let mut plan = Vec::new();
+        for w in runs.windows(2) {
+            let mut next = w[1].2.clone();
+            let mut seen = std::collections::HashSet::new();
+            next.retain(|p| seen.insert(*p));
+            plan.push((order[w[0].0], next));
+        }
+        // The first run is fetched on demand; give the device a head start on it too.
+        if let Some(first) = runs.first() {
+            let mut ps = first.2.clone();
+            let mut seen = std::collections::HashSet::new();
+            ps.retain(|p| seen.insert(*p));
+            plan.insert(0, (usize::MAX, ps));
+        }
+        plan
+    }
+
+    fn prefetch(&self, store: &dyn ParamStore, params: &[ParamId]) -> Result<()> {
+        let names: Vec<&str> = params
+            .iter()
+            .map(|&p| self.params[p].name.as_str())
+            .collect();
+        self.dev.prefetch(store, &names)
     }
 
     /// Run the ops in order, calling `on_mark(index, data)` for every mark. A buffer is freed after its
@@ -229,18 +368,16 @@ impl Tape {
         &mut self,
         store: &dyn ParamStore,
         keep: bool,
-        on_mark: &mut dyn FnMut(usize, &[f32]),
+        on_mark: &mut dyn FnMut(usize, &D::Slice),
     ) -> Result<f64> {
-        for v in std::mem::take(&mut self.data)
-            .into_iter()
-            .chain(std::mem::take(&mut self.grads))
-        {
-            self.pool.release(v);
-        }
-        self.data = vec![Vec::new(); self.bufs.len()];
-        self.grads = vec![Vec::new(); self.bufs.len()];
+        self.release_all();
+        self.data = (0..self.bufs.len()).map(|_| None).collect();
+        self.grads = (0..self.bufs.len()).map(|_| None).collect();
         self.loss = None;
         self.keep = keep;
+        if self.dev_ids.is_none() {
+            self.dev_ids = Some((self.dev.ids(&self.ids)?, self.dev.ids(&self.targets)?));
+        }
         let io: Vec<OpIo> = self.ops.iter().map(|op| op.io()).collect();
         // Last op (by position) reading each buffer; marks count as reads at their position.
         let mut last_use = vec![0usize; self.bufs.len()];
@@ -258,12 +395,21 @@ impl Tape {
                 saved[b] = true;
             }
         }
+        let order: Vec<usize> = (0..self.ops.len()).collect();
+        let plan = self.prefetch_plan(&order);
+        let mut plan = plan.into_iter().peekable();
+        if let Some((_, ps)) = plan.next_if(|(at, _)| *at == usize::MAX) {
+            self.prefetch(store, &ps)?;
+        }
         let mut next_mark = 0;
         self.emit_marks(0, &mut next_mark, on_mark);
         for i in 0..self.ops.len() {
+            if let Some((_, ps)) = plan.next_if(|(at, _)| *at == i) {
+                self.prefetch(store, &ps)?;
+            }
             let op = Arc::clone(&self.ops[i]);
             for &b in &io[i].outputs {
-                self.data[b] = self.pool.alloc(self.len_of(b));
+                self.data[b] = Some(self.pool.alloc(&self.dev, self.len_of(b))?);
             }
             let t0 = std::time::Instant::now();
             op.forward(self, store)?;
@@ -281,47 +427,62 @@ impl Tape {
             .ok_or_else(|| crate::Error::Model("the model has no loss op".into()))
     }
 
-    fn emit_marks(&self, done: usize, next: &mut usize, on_mark: &mut dyn FnMut(usize, &[f32])) {
+    fn emit_marks(&self, done: usize, next: &mut usize, on_mark: &mut dyn FnMut(usize, &D::Slice)) {
         while *next < self.marks.len() && self.marks[*next].after_ops == done {
             let m = self.marks[*next];
-            on_mark(m.index, &self.data[m.buf]);
+            on_mark(m.index, self.data(m.buf));
             *next += 1;
         }
     }
 
-    fn p<'s>(&self, store: &'s dyn ParamStore, id: ParamId) -> Result<Cow<'s, [f32]>> {
-        store.param(&self.params[id].name)
+    /// Parameter `id` as the device reads it.
+    fn p<'s>(&self, store: &'s dyn ParamStore, id: ParamId) -> Result<D::Param<'s>> {
+        let p = &self.params[id];
+        self.dev.param(store, &p.name, p.len)
     }
 
     /// Run `f` on buffer `out`, taken out of the tape so that `f` can read the other buffers beside it.
-    fn write_output<R>(&mut self, out: BufId, f: impl FnOnce(&Tape, &mut [f32]) -> R) -> R {
-        let mut y = std::mem::take(&mut self.data[out]);
+    fn write_output<R>(
+        &mut self,
+        out: BufId,
+        f: impl FnOnce(&Self, &mut D::Slice) -> Result<R>,
+    ) -> Result<R> {
+        let mut y = self.data[out]
+            .take()
+            .expect("the tape allocates an op's outputs");
         let r = f(self, &mut y);
-        self.data[out] = y;
+        self.data[out] = Some(y);
         r
     }
 
     /// Run `f` on the gradient of `b` (allocated, zeroed, on first use), taken out likewise.
-    fn write_grad(&mut self, b: BufId, f: impl FnOnce(&Tape, &mut [f32])) {
-        let mut d = self.take_grad(b);
-        f(self, &mut d);
-        self.grads[b] = d;
+    fn write_grad(
+        &mut self,
+        b: BufId,
+        f: impl FnOnce(&Self, &mut D::Slice) -> Result<()>,
+    ) -> Result<()> {
+        let mut d = self.take_grad(b)?;
+        let r = f(self, &mut d);
+        self.grads[b] = Some(d);
+        r
     }
 
     /// Whether something downstream gave `b` a gradient (when not, a backward has nothing to do).
-    fn has_grad(&self, b: BufId) -> bool {
-        !self.grads[b].is_empty()
+    pub fn has_grad(&self, b: BufId) -> bool {
+        self.grads[b].is_some()
     }
 
     /// Gradient buffer of `b`, allocated (zeroed) on first use; taken out so it can be written while other
-    /// buffers are read.
-    fn take_grad(&mut self, b: BufId) -> Vec<f32> {
-        let g = std::mem::take(&mut self.grads[b]);
-        if g.is_empty() {
-            self.pool.alloc(self.len_of(b))
-        } else {
-            g
+    /// buffers are read. Give it back with [`Tape::put_grad`].
+    fn take_grad(&mut self, b: BufId) -> Result<D::Buf> {
+        match self.grads[b].take() {
+            Some(g) => Ok(g),
+            None => self.pool.alloc(&self.dev, self.len_of(b)),
         }
+    }
+
+    fn put_grad(&mut self, b: BufId, g: D::Buf) {
+        self.grads[b] = Some(g);
     }
 
     /// Replay the tape in reverse from d(loss) = 1 after a `forward(.., keep = true, ..)`. Returns the sum
@@ -337,12 +498,20 @@ impl Tape {
                 first_use[p] = first_use[p].min(i);
             }
         }
-        let mut pgrads: Vec<Vec<f32>> = vec![Vec::new(); self.params.len()];
-        for i in (0..self.ops.len()).rev() {
+        let order: Vec<usize> = (0..self.ops.len()).rev().collect();
+        let plan = self.prefetch_plan(&order);
+        let mut plan = plan.into_iter().peekable();
+        // The last group of the forward is the first of the backward and still resident: no head start.
+        plan.next_if(|(at, _)| *at == usize::MAX);
+        let mut pgrads = ParamGrads::<D>((0..self.params.len()).map(|_| None).collect());
+        for i in order {
+            if let Some((_, ps)) = plan.next_if(|(at, _)| *at == i) {
+                self.prefetch(store, &ps)?;
+            }
             let op = Arc::clone(&self.ops[i]);
             for &p in &io[i].params {
-                if pgrads[p].is_empty() {
-                    pgrads[p] = self.pool.alloc(self.params[p].len);
+                if pgrads.0[p].is_none() {
+                    pgrads.0[p] = Some(self.pool.alloc(&self.dev, self.params[p].len)?);
                 }
             }
             let t0 = std::time::Instant::now();
@@ -352,29 +521,21 @@ impl Tape {
             }
             for &p in &io[i].params {
                 if first_use[p] == i {
-                    let g = std::mem::take(&mut pgrads[p]);
-                    sumsq[self.params[p].group] += sum_sq(&g);
-                    self.pool.release(g);
+                    if let Some(g) = pgrads.0[p].take() {
+                        sumsq[self.params[p].group] += self.dev.sum_sq(&g)?;
+                        self.pool.release(&self.dev, g);
+                    }
                 }
             }
             for &b in &io[i].outputs {
                 self.free_data(b);
-                let g = std::mem::take(&mut self.grads[b]);
-                self.pool.release(g);
+                self.free_grad(b);
             }
         }
         for b in 0..self.bufs.len() {
             self.free_data(b);
-            let g = std::mem::take(&mut self.grads[b]);
-            self.pool.release(g);
+            self.free_grad(b);
         }
         Ok(sumsq)
     }
-}
-
-fn sum_sq(g: &[f32]) -> f64 {
-    use rayon::prelude::*;
-    g.par_chunks(16_384)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
-        .sum()
 }

@@ -3,7 +3,9 @@
 //! accumulate into every gradient they are given.
 
 use super::{vmath, RopeTable};
+use crate::error::Result;
 use crate::linalg::{matmul, MatRef, Parallelism};
+use crate::runtime::tape::ParamStore;
 use rayon::prelude::*;
 
 /// Rows per rayon task for the cheap row-wise ops: enough work per task to amortise the scheduling.
@@ -743,6 +745,229 @@ pub fn cross_entropy_forward_grad(
 // ---------------------------------------------------------------------------------------------------------
 // Finite-difference gradient tests
 // ---------------------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------------------
+// The CPU as a runtime device
+// ---------------------------------------------------------------------------------------------------------
+
+/// The CPU device: host `Vec<f32>` buffers, parameters read from the store (borrowed from the memory map
+/// when stored as f32), and the free functions above. Every op is infallible here.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl super::Device for Cpu {
+    type Slice = [f32];
+    type Buf = Vec<f32>;
+    type Param<'s> = std::borrow::Cow<'s, [f32]>;
+    type Ids = Vec<i64>;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+    fn alloc_zeroed(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0f32; len])
+    }
+    fn zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+        buf.fill(0.0);
+        Ok(())
+    }
+    fn buf_len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn upload(&self, host: &[f32], dst: &mut [f32]) -> Result<()> {
+        dst.copy_from_slice(host);
+        Ok(())
+    }
+    fn download(&self, src: &[f32], host: &mut Vec<f32>) -> Result<()> {
+        host.clear();
+        host.extend_from_slice(src);
+        Ok(())
+    }
+    fn ids(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        Ok(ids.to_vec())
+    }
+    fn param<'s>(
+        &self,
+        store: &'s dyn ParamStore,
+        name: &str,
+        _len: usize,
+    ) -> Result<std::borrow::Cow<'s, [f32]>> {
+        store.param(name)
+    }
+    fn sum_sq(&self, g: &[f32]) -> Result<f64> {
+        Ok(g.par_chunks(16_384)
+            .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+            .sum())
+    }
+    fn embedding_forward(
+        &self,
+        ids: &Vec<i64>,
+        table: &[f32],
+        dim: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        embedding_forward(ids, table, dim, out);
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        ids: &Vec<i64>,
+        dout: &[f32],
+        dim: usize,
+        dtable: &mut [f32],
+    ) -> Result<()> {
+        embedding_backward(ids, dout, dim, dtable);
+        Ok(())
+    }
+    fn linear_forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        n: usize,
+        k: usize,
+        m: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        linear_forward(x, w, b, n, k, m, y);
+        Ok(())
+    }
+    fn linear_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        n: usize,
+        k: usize,
+        m: usize,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+    ) -> Result<()> {
+        linear_backward(x, w, dy, n, k, m, dx, dw, db);
+        Ok(())
+    }
+    fn rmsnorm_forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        d: usize,
+        eps: f64,
+        y: &mut [f32],
+    ) -> Result<()> {
+        rmsnorm_forward(x, w, d, eps, y);
+        Ok(())
+    }
+    fn rmsnorm_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        d: usize,
+        eps: f64,
+        dx: &mut [f32],
+        dw: &mut [f32],
+    ) -> Result<()> {
+        rmsnorm_backward(x, w, dy, d, eps, dx, dw);
+        Ok(())
+    }
+    fn rope_forward(
+        &self,
+        x: &[f32],
+        heads: usize,
+        table: &RopeTable,
+        y: &mut [f32],
+    ) -> Result<()> {
+        rope_forward(x, heads, table, y);
+        Ok(())
+    }
+    fn rope_backward(
+        &self,
+        dy: &[f32],
+        heads: usize,
+        table: &RopeTable,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        rope_backward(dy, heads, table, dx);
+        Ok(())
+    }
+    fn attention_forward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: AttnShape,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        attention_forward(q, k, v, shape, out, lse);
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lse: &[f32],
+        dout: &[f32],
+        shape: AttnShape,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) -> Result<()> {
+        attention_backward(q, k, v, lse, dout, shape, dq, dk, dv);
+        Ok(())
+    }
+    fn silu_forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        silu_forward(x, y);
+        Ok(())
+    }
+    fn silu_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+        silu_backward(x, dy, dx);
+        Ok(())
+    }
+    fn mul_forward(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
+        mul_forward(a, b, y);
+        Ok(())
+    }
+    fn mul_backward(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        dy: &[f32],
+        da: &mut [f32],
+        db: &mut [f32],
+    ) -> Result<()> {
+        mul_backward(a, b, dy, da, db);
+        Ok(())
+    }
+    fn add_forward(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
+        add_forward(a, b, y);
+        Ok(())
+    }
+    fn accumulate(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
+        accumulate(dst, src);
+        Ok(())
+    }
+    fn cross_entropy_forward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &Vec<i64>,
+        lse: &mut [f32],
+    ) -> Result<(f64, usize)> {
+        Ok(cross_entropy_forward(logits, vocab, targets, lse))
+    }
+    fn cross_entropy_forward_grad(
+        &self,
+        logits: &mut [f32],
+        vocab: usize,
+        targets: &Vec<i64>,
+        lse: &mut [f32],
+    ) -> Result<(f64, usize)> {
+        Ok(cross_entropy_forward_grad(logits, vocab, targets, lse))
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,12 +1,21 @@
-//! The runtime's operators, one module per device. Every op is a pair of free functions over flat `f32`
-//! slices with explicit shapes: `*_forward` writes its output, `*_backward` **accumulates** (`+=`) into the
+//! The runtime's operators and the devices that run them. Every op is a pair of functions over flat `f32`
+//! buffers with explicit shapes: `*_forward` writes its output, `*_backward` **accumulates** (`+=`) into the
 //! gradients of its inputs and parameters (a buffer read by several ops sums their contributions, and the
-//! caller zeroes a gradient once, when it allocates it). A second device (CUDA) is a second module with the
-//! same functions over device buffers; the tape ([`super::tape`]) is the only caller.
+//! caller zeroes a gradient once, when it allocates it).
+//!
+//! [`Device`] is the seam: its storage, how it fetches a parameter, and every op the decoder's tape runs.
+//! [`cpu::Cpu`] implements it with the free functions of [`cpu`] (rayon, the `gemm` crate); a CUDA device
+//! implements the same trait over device buffers. The tape ([`super::tape::Tape`]) is generic over the
+//! device and is the only caller; the tape's op types ([`super::tape::op`]) are written once, for every
+//! device. The CNN ops ([`cnn`]) are CPU-only (the convolutional classifiers' tape is a `Tape<Cpu>`).
 
 pub mod cnn;
 pub mod cpu;
 pub mod vmath;
+
+use crate::error::Result;
+use crate::runtime::tape::ParamStore;
+pub use cpu::AttnShape;
 
 /// Precomputed rotary tables for one sequence length: `cos`/`sin` are `[tokens, head_dim]` row-major, in
 /// the Hugging Face layout (each frequency repeated in both halves, for `rotate_half`).
@@ -44,4 +53,181 @@ impl RopeTable {
             sin,
         }
     }
+}
+
+/// A device the runtime's tape runs on: where its buffers live and the ops it runs. Forwards write their
+/// output (allocated and zeroed by the tape); backwards accumulate into every gradient they are given.
+/// Shapes are explicit (`n` rows; `k` inputs, `m` outputs of a linear; `d` the width of a row).
+///
+/// Storage: `Buf` owns `len` f32 values on the device and dereferences to `Slice`, the view ops take
+/// (`[f32]` on the CPU); `Param` is a parameter fetched for one op (on the CPU the memory-mapped tensor,
+/// borrowed when it is stored as f32); `Ids` holds token ids or class labels on the device.
+pub trait Device: Clone + Send + Sync + 'static {
+    type Slice: ?Sized + Sync;
+    type Buf: std::ops::DerefMut<Target = Self::Slice> + Send + Sync;
+    type Param<'s>: std::ops::Deref<Target = Self::Slice>;
+    type Ids: Send + Sync;
+
+    /// For messages and reports, e.g. "cpu" or "cuda:0 (NVIDIA H100)".
+    fn name(&self) -> String;
+    /// A buffer of `len` zeros.
+    fn alloc_zeroed(&self, len: usize) -> Result<Self::Buf>;
+    /// Set every value of `buf` to zero (a recycled buffer).
+    fn zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+    /// Copy host values into a device buffer of the same length.
+    fn upload(&self, host: &[f32], dst: &mut Self::Slice) -> Result<()>;
+    /// Copy a device buffer to the host (a hidden state handed to a host consumer).
+    fn download(&self, src: &Self::Slice, host: &mut Vec<f32>) -> Result<()>;
+    /// Token ids or labels (−1: none) onto the device.
+    fn ids(&self, ids: &[i64]) -> Result<Self::Ids>;
+    /// Parameter `name` (`len` values, row-major, PyTorch layout) for one op.
+    fn param<'s>(
+        &self,
+        store: &'s dyn ParamStore,
+        name: &str,
+        len: usize,
+    ) -> Result<Self::Param<'s>>;
+    /// The parameters the next ops will read, in the order they will read them: a device that uploads
+    /// weights layer by layer starts copying them now, so the copy overlaps the current layer's compute.
+    /// The CPU reads them in place and does nothing.
+    fn prefetch(&self, _store: &dyn ParamStore, _names: &[&str]) -> Result<()> {
+        Ok(())
+    }
+    /// Σ g² in f64 (a parameter's share of its layer's gradient norm).
+    fn sum_sq(&self, g: &Self::Slice) -> Result<f64>;
+
+    /// `out[r] = table[ids[r]]`; `table` is `[vocab, dim]`.
+    fn embedding_forward(
+        &self,
+        ids: &Self::Ids,
+        table: &Self::Slice,
+        dim: usize,
+        out: &mut Self::Slice,
+    ) -> Result<()>;
+    /// `dtable[ids[r]] += dout[r]`.
+    fn embedding_backward(
+        &self,
+        ids: &Self::Ids,
+        dout: &Self::Slice,
+        dim: usize,
+        dtable: &mut Self::Slice,
+    ) -> Result<()>;
+    /// `y = x Wᵀ (+ b)`: x `[n, k]`, W `[m, k]`, y `[n, m]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(
+        &self,
+        x: &Self::Slice,
+        w: &Self::Slice,
+        b: Option<&Self::Slice>,
+        n: usize,
+        k: usize,
+        m: usize,
+        y: &mut Self::Slice,
+    ) -> Result<()>;
+    /// `dx += dy W`, `dw += dyᵀ x`, `db += Σ_rows dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        x: &Self::Slice,
+        w: &Self::Slice,
+        dy: &Self::Slice,
+        n: usize,
+        k: usize,
+        m: usize,
+        dx: Option<&mut Self::Slice>,
+        dw: &mut Self::Slice,
+        db: Option<&mut Self::Slice>,
+    ) -> Result<()>;
+    /// `y = w ⊙ x / sqrt(mean(x²) + eps)` per row of `d`.
+    fn rmsnorm_forward(
+        &self,
+        x: &Self::Slice,
+        w: &Self::Slice,
+        d: usize,
+        eps: f64,
+        y: &mut Self::Slice,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Slice,
+        w: &Self::Slice,
+        dy: &Self::Slice,
+        d: usize,
+        eps: f64,
+        dx: &mut Self::Slice,
+        dw: &mut Self::Slice,
+    ) -> Result<()>;
+    /// Rotary embedding of `heads` heads per row (rows are `tokens`-long sequences, `table.tokens` each).
+    fn rope_forward(
+        &self,
+        x: &Self::Slice,
+        heads: usize,
+        table: &RopeTable,
+        y: &mut Self::Slice,
+    ) -> Result<()>;
+    fn rope_backward(
+        &self,
+        dy: &Self::Slice,
+        heads: usize,
+        table: &RopeTable,
+        dx: &mut Self::Slice,
+    ) -> Result<()>;
+    /// Causal (optionally windowed) GQA attention; `lse` gets each query row's log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        q: &Self::Slice,
+        k: &Self::Slice,
+        v: &Self::Slice,
+        shape: AttnShape,
+        out: &mut Self::Slice,
+        lse: &mut Self::Slice,
+    ) -> Result<()>;
+    /// Recomputes the probabilities from `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Slice,
+        k: &Self::Slice,
+        v: &Self::Slice,
+        lse: &Self::Slice,
+        dout: &Self::Slice,
+        shape: AttnShape,
+        dq: &mut Self::Slice,
+        dk: &mut Self::Slice,
+        dv: &mut Self::Slice,
+    ) -> Result<()>;
+    fn silu_forward(&self, x: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
+    fn silu_backward(&self, x: &Self::Slice, dy: &Self::Slice, dx: &mut Self::Slice) -> Result<()>;
+    fn mul_forward(&self, a: &Self::Slice, b: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
+    fn mul_backward(
+        &self,
+        a: &Self::Slice,
+        b: &Self::Slice,
+        dy: &Self::Slice,
+        da: &mut Self::Slice,
+        db: &mut Self::Slice,
+    ) -> Result<()>;
+    fn add_forward(&self, a: &Self::Slice, b: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
+    /// `dst += src`.
+    fn accumulate(&self, dst: &mut Self::Slice, src: &Self::Slice) -> Result<()>;
+    /// Per row of `vocab` logits: its log-sum-exp into `lse`; returns (Σ −log p(target), rows with a
+    /// target). Targets −1 are skipped.
+    fn cross_entropy_forward(
+        &self,
+        logits: &Self::Slice,
+        vocab: usize,
+        targets: &Self::Ids,
+        lse: &mut Self::Slice,
+    ) -> Result<(f64, usize)>;
+    /// As [`Device::cross_entropy_forward`], and overwrites the logits with d(mean loss)/d(logits).
+    fn cross_entropy_forward_grad(
+        &self,
+        logits: &mut Self::Slice,
+        vocab: usize,
+        targets: &Self::Ids,
+        lse: &mut Self::Slice,
+    ) -> Result<(f64, usize)>;
 }

@@ -1,8 +1,9 @@
 //! The convolutional networks' tape ops (kernels in [`crate::runtime::ops::cnn`]). A buffer holds a batch
 //! of NCHW tensors as `[n, c·h·w]`, so flatten is no op and the decoder's `Linear`, `Add` and
-//! `CrossEntropy` ([`super::op`]) serve the classifier head, the residual adds and the loss.
+//! `CrossEntropy` ([`super::op`]) serve the classifier head, the residual adds and the loss. These ops run
+//! on the CPU only (a `Tape<Cpu>`): their kernels are free functions over host slices.
 
-use super::{BufId, OpIo, ParamId, ParamStore, Tape, TapeOp};
+use super::{BufId, OpIo, ParamGrads, ParamId, ParamStore, Tape, TapeOp};
 use crate::error::Result;
 use crate::runtime::ops::cnn::{self, ConvShape, Planes, PoolShape, ShortcutA};
 
@@ -33,31 +34,37 @@ impl TapeOp for Conv2d {
             self.b.map(|b| t.p(store, b)).transpose()?,
         );
         t.write_output(self.out, |t, y| {
-            cnn::conv2d_forward(&t.data[self.x], &wv, bv.as_deref(), self.shape, y)
-        });
-        Ok(())
+            cnn::conv2d_forward(t.data(self.x), &wv, bv.as_deref(), self.shape, y);
+            Ok(())
+        })
     }
-    fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<super::Cpu>,
+    ) -> Result<()> {
         if !t.has_grad(self.out) {
             return Ok(());
         }
         let wv = t.p(store, self.w)?;
-        let mut dw = std::mem::take(&mut pg[self.w]);
-        let mut db = self.b.map(|b| std::mem::take(&mut pg[b]));
+        let mut dw = pg.take(self.w);
+        let mut db = self.b.map(|b| pg.take(b));
         let run = |t: &Tape, dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [f32]>| {
-            let (x, dy) = (&t.data[self.x], &t.grads[self.out]);
-            cnn::conv2d_backward(x, &wv, dy, self.shape, dx, dw, db)
+            let (x, dy) = (t.data(self.x), t.grad(self.out));
+            cnn::conv2d_backward(x, &wv, dy, self.shape, dx, dw, db);
+            Ok(())
         };
-        if self.input_grad {
-            t.write_grad(self.x, |t, dx| run(t, Some(dx), &mut dw, db.as_deref_mut()));
+        let r = if self.input_grad {
+            t.write_grad(self.x, |t, dx| run(t, Some(dx), &mut dw, db.as_deref_mut()))
         } else {
-            run(t, None, &mut dw, db.as_deref_mut());
-        }
-        pg[self.w] = dw;
+            run(t, None, &mut dw, db.as_deref_mut())
+        };
+        pg.put(self.w, dw);
         if let (Some(b), Some(db)) = (self.b, db) {
-            pg[b] = db;
+            pg.put(b, db);
         }
-        Ok(())
+        r
     }
 }
 
@@ -93,11 +100,16 @@ impl TapeOp for BatchNorm {
             store.param(&self.running_var)?,
         );
         t.write_output(self.out, |t, y| {
-            cnn::batch_norm_forward(&t.data[self.x], &g, &b, &m, &v, self.eps, self.planes, y)
-        });
-        Ok(())
+            cnn::batch_norm_forward(t.data(self.x), &g, &b, &m, &v, self.eps, self.planes, y);
+            Ok(())
+        })
     }
-    fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<super::Cpu>,
+    ) -> Result<()> {
         if !t.has_grad(self.out) {
             return Ok(());
         }
@@ -106,10 +118,10 @@ impl TapeOp for BatchNorm {
             store.param(&self.running_mean)?,
             store.param(&self.running_var)?,
         );
-        let mut dg = std::mem::take(&mut pg[self.gamma]);
-        let mut db = std::mem::take(&mut pg[self.beta]);
-        t.write_grad(self.x, |t, dx| {
-            let (x, dy) = (&t.data[self.x], &t.grads[self.out]);
+        let mut dg = pg.take(self.gamma);
+        let mut db = pg.take(self.beta);
+        let r = t.write_grad(self.x, |t, dx| {
+            let (x, dy) = (t.data(self.x), t.grad(self.out));
             cnn::batch_norm_backward(
                 x,
                 &g,
@@ -121,11 +133,12 @@ impl TapeOp for BatchNorm {
                 Some(dx),
                 &mut dg,
                 &mut db,
-            )
+            );
+            Ok(())
         });
-        pg[self.gamma] = dg;
-        pg[self.beta] = db;
-        Ok(())
+        pg.put(self.gamma, dg);
+        pg.put(self.beta, db);
+        r
     }
 }
 
@@ -147,14 +160,22 @@ impl TapeOp for Relu {
         }
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
-        t.write_output(self.out, |t, y| cnn::relu_forward(&t.data[self.x], y));
-        Ok(())
+        t.write_output(self.out, |t, y| {
+            cnn::relu_forward(t.data(self.x), y);
+            Ok(())
+        })
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape,
+        _: &dyn ParamStore,
+        _: &mut ParamGrads<super::Cpu>,
+    ) -> Result<()> {
         if t.has_grad(self.out) {
             t.write_grad(self.x, |t, dx| {
-                cnn::relu_backward(&t.data[self.out], &t.grads[self.out], dx)
-            });
+                cnn::relu_backward(t.data(self.out), t.grad(self.out), dx);
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -180,15 +201,21 @@ impl TapeOp for MaxPool2d {
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
         t.write_output(self.out, |t, y| {
-            cnn::max_pool2d_forward(&t.data[self.x], self.shape, y)
-        });
-        Ok(())
+            cnn::max_pool2d_forward(t.data(self.x), self.shape, y);
+            Ok(())
+        })
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape,
+        _: &dyn ParamStore,
+        _: &mut ParamGrads<super::Cpu>,
+    ) -> Result<()> {
         if t.has_grad(self.out) {
             t.write_grad(self.x, |t, dx| {
-                cnn::max_pool2d_backward(&t.data[self.x], &t.grads[self.out], self.shape, dx)
-            });
+                cnn::max_pool2d_backward(t.data(self.x), t.grad(self.out), self.shape, dx);
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -216,16 +243,23 @@ impl TapeOp for AdaptiveAvgPool2d {
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
         t.write_output(self.out, |t, y| {
-            cnn::adaptive_avg_pool2d_forward(&t.data[self.x], self.planes, self.hw, self.out_hw, y)
-        });
-        Ok(())
+            let x = t.data(self.x);
+            cnn::adaptive_avg_pool2d_forward(x, self.planes, self.hw, self.out_hw, y);
+            Ok(())
+        })
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape,
+        _: &dyn ParamStore,
+        _: &mut ParamGrads<super::Cpu>,
+    ) -> Result<()> {
         if t.has_grad(self.out) {
             t.write_grad(self.x, |t, dx| {
-                let dy = &t.grads[self.out];
-                cnn::adaptive_avg_pool2d_backward(dy, self.planes, self.hw, self.out_hw, dx)
-            });
+                let dy = t.grad(self.out);
+                cnn::adaptive_avg_pool2d_backward(dy, self.planes, self.hw, self.out_hw, dx);
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -252,15 +286,21 @@ impl TapeOp for Shortcut {
     }
     fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
         t.write_output(self.out, |t, y| {
-            cnn::shortcut_a_forward(&t.data[self.x], self.shape, y)
-        });
-        Ok(())
+            cnn::shortcut_a_forward(t.data(self.x), self.shape, y);
+            Ok(())
+        })
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape,
+        _: &dyn ParamStore,
+        _: &mut ParamGrads<super::Cpu>,
+    ) -> Result<()> {
         if t.has_grad(self.out) {
             t.write_grad(self.x, |t, dx| {
-                cnn::shortcut_a_backward(&t.grads[self.out], self.shape, dx)
-            });
+                cnn::shortcut_a_backward(t.grad(self.out), self.shape, dx);
+                Ok(())
+            })?;
         }
         Ok(())
     }

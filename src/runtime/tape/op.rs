@@ -3,13 +3,14 @@
 //! forward and its backward. A new op is one more type here (the kernels it calls live in
 //! [`crate::runtime::ops`]).
 //!
-//! Outputs and gradients are written through `Tape::write_output` / `Tape::write_grad`, which take the
-//! written buffer out of the tape while the others are read. A backward returns at once when nothing
-//! downstream gave its output a gradient.
+//! Every op here is written once for every [`Device`]: the arithmetic is the device's
+//! (`t.dev.linear_forward(..)`, ...). Outputs and gradients are written through `Tape::write_output` /
+//! `Tape::write_grad`, which take the written buffer out of the tape while the others are read. A backward
+//! returns at once when nothing downstream gave its output a gradient.
 
-use super::{BufId, OpIo, ParamId, ParamStore, Tape, TapeOp};
+use super::{BufId, Device, OpIo, ParamGrads, ParamId, ParamStore, Tape, TapeOp};
 use crate::error::Result;
-use crate::runtime::ops::{cpu, cpu::AttnShape, RopeTable};
+use crate::runtime::ops::{AttnShape, RopeTable};
 use std::sync::Arc;
 
 /// `out[r] = table[ids[r]]` (ids: the tape's token ids).
@@ -19,7 +20,7 @@ pub struct Embedding {
     pub out: BufId,
 }
 
-impl TapeOp for Embedding {
+impl<D: Device> TapeOp<D> for Embedding {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "embedding",
@@ -29,17 +30,19 @@ impl TapeOp for Embedding {
             params: vec![self.table],
         }
     }
-    fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
         let table = t.p(store, self.table)?;
         t.write_output(self.out, |t, y| {
-            cpu::embedding_forward(&t.ids, &table, t.bufs[self.out].cols, y)
-        });
-        Ok(())
+            let ids = &t.dev_ids().0;
+            t.dev
+                .embedding_forward(ids, &table, t.bufs[self.out].cols, y)
+        })
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, pg: &mut ParamGrads<D>) -> Result<()> {
         if t.has_grad(self.out) {
-            let dy = &t.grads[self.out];
-            cpu::embedding_backward(&t.ids, dy, t.bufs[self.out].cols, &mut pg[self.table]);
+            let (ids, dy, dim) = (&t.dev_ids().0, t.grad(self.out), t.bufs[self.out].cols);
+            t.dev
+                .embedding_backward(ids, dy, dim, pg.get_mut(self.table))?;
         }
         Ok(())
     }
@@ -54,7 +57,7 @@ pub struct HiddenInput {
     pub out: BufId,
 }
 
-impl TapeOp for HiddenInput {
+impl<D: Device> TapeOp<D> for HiddenInput {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "hidden_input",
@@ -64,11 +67,10 @@ impl TapeOp for HiddenInput {
             params: vec![],
         }
     }
-    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
-        t.write_output(self.out, |_, y| y.copy_from_slice(&self.data));
-        Ok(())
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
+        t.write_output(self.out, |t, y| t.dev.upload(&self.data, y))
     }
-    fn backward(&self, _: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(&self, _: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
         Ok(())
     }
 }
@@ -82,7 +84,7 @@ pub struct Linear {
     pub out: BufId,
 }
 
-impl TapeOp for Linear {
+impl<D: Device> TapeOp<D> for Linear {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "linear",
@@ -92,34 +94,39 @@ impl TapeOp for Linear {
             params: std::iter::once(self.w).chain(self.b).collect(),
         }
     }
-    fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
         let Linear { x, w, b, out } = *self;
         let (wv, bv) = (t.p(store, w)?, b.map(|b| t.p(store, b)).transpose()?);
         t.write_output(out, |t, y| {
             let (n, k, m) = (t.bufs[x].rows, t.bufs[x].cols, t.bufs[out].cols);
-            cpu::linear_forward(&t.data[x], &wv, bv.as_deref(), n, k, m, y)
-        });
-        Ok(())
+            t.dev
+                .linear_forward(t.data(x), &wv, bv.as_deref(), n, k, m, y)
+        })
     }
-    fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape<D>,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<D>,
+    ) -> Result<()> {
         let Linear { x, w, b, out } = *self;
         if !t.has_grad(out) {
             return Ok(());
         }
         let wv = t.p(store, w)?;
-        let mut dw = std::mem::take(&mut pg[w]);
-        let mut db = b.map(|b| std::mem::take(&mut pg[b]));
-        t.write_grad(x, |t, dx| {
+        let mut dw = pg.take(w);
+        let mut db = b.map(|b| pg.take(b));
+        let r = t.write_grad(x, |t, dx| {
             let (n, k, m) = (t.bufs[x].rows, t.bufs[x].cols, t.bufs[out].cols);
-            let dy = &t.grads[out];
-            let db = db.as_deref_mut();
-            cpu::linear_backward(&t.data[x], &wv, dy, n, k, m, Some(dx), &mut dw, db);
+            let (xv, dy, db) = (t.data(x), t.grad(out), db.as_deref_mut());
+            t.dev
+                .linear_backward(xv, &wv, dy, n, k, m, Some(dx), &mut dw, db)
         });
-        pg[w] = dw;
+        pg.put(w, dw);
         if let (Some(b), Some(db)) = (b, db) {
-            pg[b] = db;
+            pg.put(b, db);
         }
-        Ok(())
+        r
     }
 }
 
@@ -132,7 +139,7 @@ pub struct RmsNorm {
     pub out: BufId,
 }
 
-impl TapeOp for RmsNorm {
+impl<D: Device> TapeOp<D> for RmsNorm {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "rmsnorm",
@@ -142,26 +149,31 @@ impl TapeOp for RmsNorm {
             params: vec![self.w],
         }
     }
-    fn forward(&self, t: &mut Tape, store: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
         let RmsNorm { x, w, eps, out } = *self;
         let wv = t.p(store, w)?;
         t.write_output(out, |t, y| {
-            cpu::rmsnorm_forward(&t.data[x], &wv, t.bufs[x].cols, eps, y)
-        });
-        Ok(())
+            t.dev
+                .rmsnorm_forward(t.data(x), &wv, t.bufs[x].cols, eps, y)
+        })
     }
-    fn backward(&self, t: &mut Tape, store: &dyn ParamStore, pg: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape<D>,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<D>,
+    ) -> Result<()> {
         let RmsNorm { x, w, eps, out } = *self;
         if !t.has_grad(out) {
             return Ok(());
         }
         let wv = t.p(store, w)?;
-        let dw = &mut pg[w];
+        let dw = pg.get_mut(w);
         t.write_grad(x, |t, dx| {
             let d = t.bufs[x].cols;
-            cpu::rmsnorm_backward(&t.data[x], &wv, &t.grads[out], d, eps, dx, dw)
-        });
-        Ok(())
+            t.dev
+                .rmsnorm_backward(t.data(x), &wv, t.grad(out), d, eps, dx, dw)
+        })
     }
 }
 
@@ -175,7 +187,7 @@ pub struct Rope {
     pub out: BufId,
 }
 
-impl TapeOp for Rope {
+impl<D: Device> TapeOp<D> for Rope {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "rope",
@@ -185,19 +197,20 @@ impl TapeOp for Rope {
             params: vec![],
         }
     }
-    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
         t.write_output(self.out, |t, y| {
-            cpu::rope_forward(&t.data[self.x], self.heads, &self.table, y)
-        });
-        Ok(())
+            t.dev
+                .rope_forward(t.data(self.x), self.heads, &self.table, y)
+        })
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
-        if t.has_grad(self.out) {
-            t.write_grad(self.x, |t, dx| {
-                cpu::rope_backward(&t.grads[self.out], self.heads, &self.table, dx)
-            });
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
+        if !t.has_grad(self.out) {
+            return Ok(());
         }
-        Ok(())
+        t.write_grad(self.x, |t, dx| {
+            t.dev
+                .rope_backward(t.grad(self.out), self.heads, &self.table, dx)
+        })
     }
 }
 
@@ -213,7 +226,7 @@ pub struct Attention {
     pub lse: BufId,
 }
 
-impl TapeOp for Attention {
+impl<D: Device> TapeOp<D> for Attention {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "attention",
@@ -223,7 +236,7 @@ impl TapeOp for Attention {
             params: vec![],
         }
     }
-    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
         let Attention {
             q,
             k,
@@ -232,14 +245,17 @@ impl TapeOp for Attention {
             out,
             lse,
         } = *self;
-        let mut p = std::mem::take(&mut t.data[lse]);
-        t.write_output(out, |t, y| {
-            cpu::attention_forward(&t.data[q], &t.data[k], &t.data[v], shape, y, &mut p)
+        let mut p = t.data[lse]
+            .take()
+            .expect("the tape allocates an op's outputs");
+        let r = t.write_output(out, |t, y| {
+            let (q, k, v) = (t.data(q), t.data(k), t.data(v));
+            t.dev.attention_forward(q, k, v, shape, y, &mut p)
         });
-        t.data[lse] = p;
-        Ok(())
+        t.data[lse] = Some(p);
+        r
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
         let Attention {
             q,
             k,
@@ -251,22 +267,22 @@ impl TapeOp for Attention {
         if !t.has_grad(out) {
             return Ok(());
         }
-        let (mut dq, mut dk, mut dv) = (t.take_grad(q), t.take_grad(k), t.take_grad(v));
-        cpu::attention_backward(
-            &t.data[q],
-            &t.data[k],
-            &t.data[v],
-            &t.data[lse],
-            &t.grads[out],
+        let (mut dq, mut dk, mut dv) = (t.take_grad(q)?, t.take_grad(k)?, t.take_grad(v)?);
+        let r = t.dev.attention_backward(
+            t.data(q),
+            t.data(k),
+            t.data(v),
+            t.data(lse),
+            t.grad(out),
             shape,
             &mut dq,
             &mut dk,
             &mut dv,
         );
-        t.grads[q] = dq;
-        t.grads[k] = dk;
-        t.grads[v] = dv;
-        Ok(())
+        t.put_grad(q, dq);
+        t.put_grad(k, dk);
+        t.put_grad(v, dv);
+        r
     }
 }
 
@@ -277,7 +293,7 @@ pub struct Silu {
     pub out: BufId,
 }
 
-impl TapeOp for Silu {
+impl<D: Device> TapeOp<D> for Silu {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "silu",
@@ -287,17 +303,16 @@ impl TapeOp for Silu {
             params: vec![],
         }
     }
-    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
-        t.write_output(self.out, |t, y| cpu::silu_forward(&t.data[self.x], y));
-        Ok(())
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
+        t.write_output(self.out, |t, y| t.dev.silu_forward(t.data(self.x), y))
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
-        if t.has_grad(self.out) {
-            t.write_grad(self.x, |t, dx| {
-                cpu::silu_backward(&t.data[self.x], &t.grads[self.out], dx)
-            });
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
+        if !t.has_grad(self.out) {
+            return Ok(());
         }
-        Ok(())
+        t.write_grad(self.x, |t, dx| {
+            t.dev.silu_backward(t.data(self.x), t.grad(self.out), dx)
+        })
     }
 }
 
@@ -309,7 +324,7 @@ pub struct Mul {
     pub out: BufId,
 }
 
-impl TapeOp for Mul {
+impl<D: Device> TapeOp<D> for Mul {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "mul",
@@ -319,22 +334,22 @@ impl TapeOp for Mul {
             params: vec![],
         }
     }
-    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
         let Mul { a, b, out } = *self;
-        t.write_output(out, |t, y| cpu::mul_forward(&t.data[a], &t.data[b], y));
-        Ok(())
+        t.write_output(out, |t, y| t.dev.mul_forward(t.data(a), t.data(b), y))
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
         let Mul { a, b, out } = *self;
         if !t.has_grad(out) {
             return Ok(());
         }
-        let mut db = t.take_grad(b);
-        t.write_grad(a, |t, da| {
-            cpu::mul_backward(&t.data[a], &t.data[b], &t.grads[out], da, &mut db)
+        let mut db = t.take_grad(b)?;
+        let r = t.write_grad(a, |t, da| {
+            t.dev
+                .mul_backward(t.data(a), t.data(b), t.grad(out), da, &mut db)
         });
-        t.grads[b] = db;
-        Ok(())
+        t.put_grad(b, db);
+        r
     }
 }
 
@@ -346,7 +361,7 @@ pub struct Add {
     pub out: BufId,
 }
 
-impl TapeOp for Add {
+impl<D: Device> TapeOp<D> for Add {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "add",
@@ -356,17 +371,16 @@ impl TapeOp for Add {
             params: vec![],
         }
     }
-    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
         let Add { a, b, out } = *self;
-        t.write_output(out, |t, y| cpu::add_forward(&t.data[a], &t.data[b], y));
-        Ok(())
+        t.write_output(out, |t, y| t.dev.add_forward(t.data(a), t.data(b), y))
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
         if !t.has_grad(self.out) {
             return Ok(());
         }
         for inp in [self.a, self.b] {
-            t.write_grad(inp, |t, d| cpu::accumulate(d, &t.grads[self.out]));
+            t.write_grad(inp, |t, d| t.dev.accumulate(d, t.grad(self.out)))?;
         }
         Ok(())
     }
@@ -382,7 +396,7 @@ pub struct CrossEntropy {
     pub lse: BufId,
 }
 
-impl TapeOp for CrossEntropy {
+impl<D: Device> TapeOp<D> for CrossEntropy {
     fn io(&self) -> OpIo {
         OpIo {
             kind: "cross_entropy",
@@ -392,20 +406,23 @@ impl TapeOp for CrossEntropy {
             params: vec![],
         }
     }
-    fn forward(&self, t: &mut Tape, _: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
         let CrossEntropy { logits, lse } = *self;
         let vocab = t.bufs[logits].cols;
         let (sum, count) = if t.keep {
-            let mut d = std::mem::take(&mut t.data[logits]);
+            let mut d = t.data[logits].take().expect("the logits were written");
             let r = t.write_output(lse, |t, l| {
-                cpu::cross_entropy_forward_grad(&mut d, vocab, &t.targets, l)
+                let targets = &t.dev_ids().1;
+                t.dev.cross_entropy_forward_grad(&mut d, vocab, targets, l)
             });
-            t.data[logits] = d;
-            r
+            t.data[logits] = Some(d);
+            r?
         } else {
             t.write_output(lse, |t, l| {
-                cpu::cross_entropy_forward(&t.data[logits], vocab, &t.targets, l)
-            })
+                let targets = &t.dev_ids().1;
+                t.dev
+                    .cross_entropy_forward(t.data(logits), vocab, targets, l)
+            })?
         };
         if count == 0 {
             return Err(crate::Error::invalid(
@@ -415,13 +432,20 @@ impl TapeOp for CrossEntropy {
         t.loss = Some(sum / count as f64);
         Ok(())
     }
-    fn backward(&self, t: &mut Tape, _: &dyn ParamStore, _: &mut [Vec<f32>]) -> Result<()> {
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
         // The forward (run with `keep`, as before every backward) left the gradient in the logits' storage.
-        let d = std::mem::take(&mut t.data[self.logits]);
-        let prior = std::mem::replace(&mut t.grads[self.logits], d);
-        if !prior.is_empty() {
-            cpu::accumulate(&mut t.grads[self.logits], &prior);
+        let d = t.data[self.logits]
+            .take()
+            .expect("a backward follows a forward that kept the logits");
+        match t.grads[self.logits].replace(d) {
+            Some(prior) => {
+                let mut g = t.take_grad(self.logits)?;
+                let r = t.dev.accumulate(&mut g, &prior);
+                t.put_grad(self.logits, g);
+                t.pool.release(&t.dev, prior);
+                r
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 }
