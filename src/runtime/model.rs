@@ -4,6 +4,7 @@
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
+use super::ops::{cpu::Cpu, Device};
 use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, Tokens};
@@ -135,9 +136,25 @@ impl Model {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<f64> {
-        let mut tape = self.build_tape(tokens, skip, None)?;
+        let mut pool = self.take_pool();
+        let loss = self.forward_on(&Cpu, &mut pool, tokens, skip, on_hidden);
+        self.put_pool(pool);
+        loss
+    }
+
+    /// [`Model::forward`] on device `dev`, recycling the buffers of `pool`; `on_hidden` sees the hidden
+    /// states where the device keeps them.
+    pub fn forward_on<D: Device>(
+        &self,
+        dev: &D,
+        pool: &mut Pool<D>,
+        tokens: &Tokens,
+        skip: &[usize],
+        on_hidden: &mut dyn FnMut(usize, &D::Slice),
+    ) -> Result<f64> {
+        let mut tape = self.build_tape(dev, std::mem::take(pool), tokens, skip, None)?;
         let loss = tape.forward(&self.weights, false, on_hidden);
-        self.return_pool(tape);
+        *pool = tape.into_pool();
         loss
     }
 
@@ -162,9 +179,10 @@ impl Model {
                 h_start.len()
             )));
         }
-        let mut tape = self.build_tape(tokens, skip, Some((start, h_start)))?;
+        let mut tape =
+            self.build_tape(&Cpu, self.take_pool(), tokens, skip, Some((start, h_start)))?;
         let loss = tape.forward(&self.weights, false, on_hidden);
-        self.return_pool(tape);
+        self.put_pool(tape.into_pool());
         loss
     }
 
@@ -183,13 +201,28 @@ impl Model {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<GradNorms> {
-        let mut tape = self.build_tape(tokens, skip, None)?;
-        let mut run = |tape: &mut Tape| -> Result<(f64, Vec<f64>)> {
+        let mut pool = self.take_pool();
+        let g = self.grad_norms_on(&Cpu, &mut pool, tokens, skip, on_hidden);
+        self.put_pool(pool);
+        g
+    }
+
+    /// [`Model::grad_norms_observed`] on device `dev`, recycling the buffers of `pool`.
+    pub fn grad_norms_on<D: Device>(
+        &self,
+        dev: &D,
+        pool: &mut Pool<D>,
+        tokens: &Tokens,
+        skip: &[usize],
+        on_hidden: &mut dyn FnMut(usize, &D::Slice),
+    ) -> Result<GradNorms> {
+        let mut tape = self.build_tape(dev, std::mem::take(pool), tokens, skip, None)?;
+        let mut run = |tape: &mut Tape<D>| -> Result<(f64, Vec<f64>)> {
             let loss = tape.forward(&self.weights, true, on_hidden)?;
             Ok((loss, tape.backward(&self.weights, self.num_layers() + 3)?))
         };
         let result = run(&mut tape);
-        self.return_pool(tape);
+        *pool = tape.into_pool();
         let (loss, sumsq) = result?;
         let n = self.num_layers();
         Ok(GradNorms {
@@ -205,18 +238,20 @@ impl Model {
         std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn return_pool(&self, tape: Tape) {
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = tape.into_pool();
+    fn put_pool(&self, pool: Pool) {
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool;
     }
 
     /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2.
     /// `start`: resume at that decoder layer from the given hidden state instead of embedding the tokens.
-    fn build_tape(
+    fn build_tape<D: Device>(
         &self,
+        dev: &D,
+        pool: Pool<D>,
         tokens: &Tokens,
         skip: &[usize],
         start: Option<(usize, Arc<Vec<f32>>)>,
-    ) -> Result<Tape> {
+    ) -> Result<Tape<D>> {
         let c = &self.config;
         let (seqs, t) = (tokens.sequences, tokens.len);
         if seqs == 0 || t < 2 {
@@ -245,7 +280,7 @@ impl Model {
                 }
             })
             .collect();
-        let mut tape = Tape::with_pool(tokens.data.clone(), targets, self.take_pool());
+        let mut tape = Tape::on(dev.clone(), tokens.data.clone(), targets, pool);
         let rope = Arc::new(RopeTable::new(&c.inv_freq(), t, 1.0));
         let shape = AttnShape {
             seqs,
@@ -302,9 +337,9 @@ impl Model {
 
     /// Push decoder layer `l` reading the residual stream `x`; returns the layer's output buffer.
     #[allow(clippy::too_many_arguments)]
-    fn push_layer(
+    fn push_layer<D: Device>(
         &self,
-        tape: &mut Tape,
+        tape: &mut Tape<D>,
         l: usize,
         x: BufId,
         n: usize,
@@ -324,14 +359,15 @@ impl Model {
             shape.kv_heads * shape.head_dim,
         );
         let pre = format!("model.layers.{l}");
-        let linear = |tape: &mut Tape, x: BufId, name: &str, inp: usize, out: usize, bias: bool| {
-            let w = tape.param(format!("{pre}.{name}.weight"), l, out * inp);
-            let b = bias.then(|| tape.param(format!("{pre}.{name}.bias"), l, out));
-            let y = tape.buffer(format!("{pre}.{name}"), n, out);
-            tape.push(op::Linear { x, w, b, out: y });
-            y
-        };
-        let rms = |tape: &mut Tape, x: BufId, name: &str| {
+        let linear =
+            |tape: &mut Tape<D>, x: BufId, name: &str, inp: usize, out: usize, bias: bool| {
+                let w = tape.param(format!("{pre}.{name}.weight"), l, out * inp);
+                let b = bias.then(|| tape.param(format!("{pre}.{name}.bias"), l, out));
+                let y = tape.buffer(format!("{pre}.{name}"), n, out);
+                tape.push(op::Linear { x, w, b, out: y });
+                y
+            };
+        let rms = |tape: &mut Tape<D>, x: BufId, name: &str| {
             let w = tape.param(format!("{pre}.{name}.weight"), l, h);
             let y = tape.buffer(format!("{pre}.{name}"), n, h);
             tape.push(op::RmsNorm {
@@ -402,5 +438,55 @@ impl Model {
             out: x2,
         });
         x2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tape tells the device each decoder layer's parameters one layer ahead, in the order the
+    /// layers run: forward embed → 0 → 1 → … → norm → lm_head, backward the reverse; each layer's
+    /// announcement lists exactly that layer's parameters. (A device streaming its weights relies on it.)
+    #[test]
+    fn parameters_are_announced_one_layer_ahead_in_both_directions() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_llama3_rope");
+        let model = Model::load(&dir).unwrap();
+        let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+        let tape = model
+            .build_tape(&Cpu, Pool::default(), &tokens, &[], None)
+            .unwrap();
+        let nl = model.num_layers();
+        let groups = |ps: &[usize]| -> Vec<usize> {
+            let mut g: Vec<usize> = ps.iter().map(|&p| tape.params[p].group).collect();
+            g.dedup();
+            g
+        };
+        let forward: Vec<usize> = (0..tape.ops.len()).collect();
+        let plan = tape.prefetch_plan(&forward);
+        let announced: Vec<usize> = plan.iter().flat_map(|(_, ps)| groups(ps)).collect();
+        let mut expected = vec![nl]; // the embedding's group
+        expected.extend(0..nl);
+        expected.extend([nl + 1, nl + 2]); // final norm, untied lm_head
+        assert_eq!(announced, expected);
+        // Layer l is announced at the first op of the group before it, before any op of layer l runs.
+        for w in plan.windows(2).skip(1) {
+            let first_op_of_next = (0..tape.ops.len())
+                .find(|&i| tape.ops[i].io().params.iter().any(|p| w[1].1.contains(p)))
+                .unwrap();
+            assert!(w[0].0 < first_op_of_next);
+        }
+        // Each announcement of a decoder layer names its 9 tensors (2 norms, q/k/v/o, gate/up/down).
+        for (_, ps) in &plan[1..=nl] {
+            assert_eq!(ps.len(), 9);
+        }
+        let backward: Vec<usize> = (0..tape.ops.len()).rev().collect();
+        let announced: Vec<usize> = tape
+            .prefetch_plan(&backward)
+            .iter()
+            .flat_map(|(_, ps)| groups(ps))
+            .collect();
+        expected.reverse();
+        assert_eq!(announced, expected);
     }
 }

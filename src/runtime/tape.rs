@@ -322,7 +322,7 @@ impl<D: Device> Tape<D> {
 
     /// For each op, the names of the parameters of the next group the ops from there on read, in order,
     /// when that op is the first of a group (in the direction given): what to hand [`Device::prefetch`].
-    fn prefetch_plan(&self, order: &[usize]) -> Vec<(usize, Vec<usize>)> {
+    pub(crate) fn prefetch_plan(&self, order: &[usize]) -> Vec<(usize, Vec<usize>)> {
         let io: Vec<Vec<ParamId>> = self.ops.iter().map(|op| op.io().params).collect();
         // Runs of consecutive ops (in `order`) by group of their first parameter; ops without parameters
         // join the run they sit in.
