@@ -44,7 +44,8 @@ pub fn driver_available() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-trait CuResult<T> {
+/// A driver result with the call named in the error (shared with the runtime's CUDA device).
+pub(crate) trait CuResult<T> {
     fn cu(self, what: &str) -> Result<T>;
 }
 impl<T> CuResult<T> for std::result::Result<T, DriverError> {
@@ -96,6 +97,53 @@ pub fn list_devices() -> Result<Vec<DeviceInfo>> {
         .collect()
 }
 
+/// The context of GPU `ordinal` and its description, after checking what every CUDA user of the crate
+/// needs: a driver, the GPU, compute capability 8.0 or newer and NVRTC (shared with the runtime's CUDA
+/// device, `runtime::ops::cuda`).
+pub(crate) fn open_context(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
+    let devices = list_devices()?;
+    let info = devices.get(ordinal).ok_or_else(|| {
+        Error::cuda(if devices.is_empty() {
+            "the CUDA driver sees no GPU".to_string()
+        } else {
+            format!(
+                "cuda:{ordinal} requested but there are {} GPU(s) (cuda:0..cuda:{})",
+                devices.len(),
+                devices.len() - 1
+            )
+        })
+    })?;
+    let (major, minor) = info.compute_capability;
+    if major < 8 {
+        return Err(Error::cuda(format!(
+            "{} has compute capability {major}.{minor}; the kernels need 8.0 or newer \
+                 (bf16 tensor-core mma)",
+            info.name
+        )));
+    }
+    if !nvrtc::nvrtc_available() {
+        return Err(Error::cuda(format!(
+                "NVRTC (libnvrtc) not found, needed to compile the kernels: install the CUDA toolkit or \
+                 `pip install nvidia-cuda-nvrtc-cu12` and add its lib directory to LD_LIBRARY_PATH \
+                 (looked for {})",
+                nvrtc::nvrtc_library_names().join(", ")
+            )));
+    }
+    let ctx = CudaContext::new(ordinal).cu("creating the CUDA context")?;
+    Ok((ctx, info.clone()))
+}
+
+/// Load embedded kernel file `file` compiled for `arch` (from the disk cache, else compiled by NVRTC).
+pub(crate) fn load_module(
+    ctx: &Arc<CudaContext>,
+    file: &'static str,
+    arch: &str,
+) -> Result<Arc<cudarc::driver::CudaModule>> {
+    let (cubin, _cached) = nvrtc::cubin_cached(file, arch)?;
+    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+        .cu(&format!("loading {file} ({arch})"))
+}
+
 /// The kernels, loaded from the modules of the embedded sources.
 struct Kernels {
     gram_fma: CudaFunction,
@@ -121,12 +169,12 @@ struct Kernels {
 impl Kernels {
     fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
         let mut modules = Vec::new();
-        for file in nvrtc::kernel_files() {
-            let (cubin, _cached) = nvrtc::cubin_cached(file, arch)?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-                .cu(&format!("loading {file} ({arch})"))?;
-            modules.push((file, module));
+        // The runtime's kernels (`runtime_*.cu`) belong to `runtime::ops::cuda`, which loads its own.
+        for file in nvrtc::kernel_files()
+            .into_iter()
+            .filter(|f| !f.starts_with("runtime_"))
+        {
+            modules.push((file, load_module(ctx, file, arch)?));
         }
         let get = |file: &str, name: &str| -> Result<CudaFunction> {
             let (_, m) = modules
@@ -295,35 +343,8 @@ impl CudaBackend {
     /// Open device `ordinal`: create its context and streams and load the kernels (compiled by NVRTC
     /// for its architecture on first use, then from the disk cache).
     pub fn open(ordinal: usize) -> Result<Self> {
-        let devices = list_devices()?;
-        let info = devices.get(ordinal).ok_or_else(|| {
-            Error::cuda(if devices.is_empty() {
-                "the CUDA driver sees no GPU".to_string()
-            } else {
-                format!(
-                    "cuda:{ordinal} requested but there are {} GPU(s) (cuda:0..cuda:{})",
-                    devices.len(),
-                    devices.len() - 1
-                )
-            })
-        })?;
+        let (ctx, info) = open_context(ordinal)?;
         let (major, minor) = info.compute_capability;
-        if major < 8 {
-            return Err(Error::cuda(format!(
-                "{} has compute capability {major}.{minor}; the kernels need 8.0 or newer \
-                 (bf16 tensor-core mma)",
-                info.name
-            )));
-        }
-        if !nvrtc::nvrtc_available() {
-            return Err(Error::cuda(format!(
-                "NVRTC (libnvrtc) not found, needed to compile the kernels: install the CUDA toolkit or \
-                 `pip install nvidia-cuda-nvrtc-cu12` and add its lib directory to LD_LIBRARY_PATH \
-                 (looked for {})",
-                nvrtc::nvrtc_library_names().join(", ")
-            )));
-        }
-        let ctx = CudaContext::new(ordinal).cu("creating the CUDA context")?;
         let arch = format!("sm_{major}{minor}");
         let k = Kernels::load(&ctx, &arch)?;
         let compute = ctx.new_stream().cu("creating a stream")?;
