@@ -1,0 +1,77 @@
+// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, multiply, add, accumulate) and the sum of
+// squares of a gradient, forward and backward side by side. Buffers are flat f32 of `n` elements; every
+// kernel is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the CPU
+// (src/runtime/ops/cpu.rs).
+
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float rt_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// y = x σ(x)
+extern "C" __global__ void silu_forward(const float* __restrict__ x, float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = v * rt_sigmoid(v);
+    }
+}
+
+// dx += dy σ(x) (1 + x (1 − σ(x)))
+extern "C" __global__ void silu_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                         float* __restrict__ dx, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        float s = rt_sigmoid(v);
+        dx[i] += dy[i] * s * (1.0f + v * (1.0f - s));
+    }
+}
+
+// y = a ⊙ b
+extern "C" __global__ void mul_forward(const float* __restrict__ a, const float* __restrict__ b,
+                                       float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = a[i] * b[i];
+}
+
+// da += dy ⊙ b, db += dy ⊙ a
+extern "C" __global__ void mul_backward(const float* __restrict__ a, const float* __restrict__ b,
+                                        const float* __restrict__ dy, float* __restrict__ da,
+                                        float* __restrict__ db, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float g = dy[i];
+        da[i] += g * b[i];
+        db[i] += g * a[i];
+    }
+}
+
+// y = a + b (the residual connections; its backward is `accumulate` into each input's gradient)
+extern "C" __global__ void add_forward(const float* __restrict__ a, const float* __restrict__ b,
+                                       float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = a[i] + b[i];
+}
+
+// dst += src
+extern "C" __global__ void accumulate(float* __restrict__ dst, const float* __restrict__ src, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dst[i] += src[i];
+}
+
+// Σ g² in f64: one partial per block (blockDim.x = 256), summed in block order by the host, so the same
+// input gives the same bits.
+extern "C" __global__ void sum_sq_partials(const float* __restrict__ g, u64 n, double* __restrict__ partials) {
+    __shared__ double warp_sums[8];
+    double s = 0.0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        double v = (double)g[i];
+        s += v * v;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += warp_sums[w];
+        partials[blockIdx.x] = t;
+    }
+}
