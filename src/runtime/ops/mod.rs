@@ -11,6 +11,7 @@
 
 pub mod cnn;
 pub mod cpu;
+pub mod cuda;
 pub mod vmath;
 
 use crate::error::Result;

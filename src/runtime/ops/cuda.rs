@@ -1,0 +1,1447 @@
+//! The runtime on a GPU: [`CudaDevice`] implements [`Device`] with the hand-written kernels of
+//! `kernels/runtime_*.cu` (compiled by NVRTC for the device's architecture and cached on disk, through the
+//! similarity backend's loader, [`crate::similarity::cuda::nvrtc`]).
+//!
+//! * Storage: [`Buf`] owns a `cudarc` device buffer of f32 and dereferences to it (`Slice` is
+//!   `CudaSlice<f32>`); a parameter is an `Arc` of a device buffer from the weight cache; [`Ids`] are i64
+//!   on the device with a host copy (the loss needs the number of predicted rows).
+//! * Kernels, side by side forward and backward as in llm.c: elementwise ops and the f64 sum of squares
+//!   (runtime_elementwise.cu), embedding (backward with atomicAdd), RMSNorm (f64 row reductions, the weight
+//!   gradient reduced deterministically in row chunks, no atomics), rotary embedding, softmax
+//!   cross-entropy (f64 row sums, the per-row losses summed on the host in row order), causal GQA
+//!   attention with an optional window (flash-style: per-row log-sum-exp, probabilities recomputed by the
+//!   backward; one warp per row, deterministic) and the linear layer as f32 tiled SIMT GEMMs.
+//! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; uploaded weights
+//!   are cached by name. When the model does not fit the weight budget ([`CudaDevice::set_weight_budget`],
+//!   by default half the free memory at open), [`WeightWindow`] keeps a window of parameter groups: the
+//!   group being computed and the next one, which [`Device::prefetch`] (called by the tape one group
+//!   ahead) uploads on a separate copy stream through two pinned staging buffers (double-buffered: the
+//!   host fills one while the other is copied), evicting the least recently used weights outside the
+//!   window. The compute stream waits for a weight's copy through cudarc's per-buffer events.
+//!
+//! Every op returns a [`Result`]; nothing here calls into CUDA before [`CudaDevice::open`] has found a
+//! driver, a GPU and NVRTC (cudarc panics on a missing library).
+
+use super::{AttnShape, Device, RopeTable};
+use crate::error::{Error, Result};
+use crate::runtime::tape::ParamStore;
+use crate::similarity::cuda::{load_module, open_context, CuResult};
+use cudarc::driver::{
+    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The largest head dimension the attention kernels take (`ATT_MAXD` in runtime_attention.cu).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Threads per block of the row and elementwise kernels.
+const THREADS: u32 = 256;
+/// Query rows (warps) per block of the attention kernels.
+const ATT_WARPS: usize = 4;
+/// Tile of the linear kernels' output (`LIN_BM`, `LIN_BN` in runtime_linear.cu).
+const LIN_TILE: usize = 64;
+/// Rows per chunk of the RMSNorm weight-gradient reduction.
+const RMS_ROWS_PER_CHUNK: usize = 64;
+/// f32 values per pinned staging slot of the weight uploads (16 MiB).
+const STAGE: usize = 1 << 22;
+
+/// A device buffer of f32 owned by the tape (dereferences to the `CudaSlice` the ops take).
+#[derive(Debug)]
+pub struct Buf(CudaSlice<f32>);
+
+impl std::ops::Deref for Buf {
+    type Target = CudaSlice<f32>;
+    fn deref(&self) -> &CudaSlice<f32> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut CudaSlice<f32> {
+        &mut self.0
+    }
+}
+
+/// Token ids or targets (−1: none) on the device, with their host copy.
+#[derive(Debug)]
+pub struct Ids {
+    dev: CudaSlice<i64>,
+    host: Vec<i64>,
+}
+
+impl Ids {
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    /// The values, as uploaded.
+    pub fn host(&self) -> &[i64] {
+        &self.host
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The weight window: which weights stay on the device (host-side logic, no CUDA)
+// ---------------------------------------------------------------------------------------------------------
+
+/// Which weights are resident on the device under a byte budget. The tape announces each parameter group
+/// one group ahead ([`WeightWindow::announce`]); the window protects the group being computed (the
+/// previous announcement) and the announced one, and when a new weight does not fit
+/// ([`WeightWindow::admit`]) evicts the least recently used weights outside them. While everything fits,
+/// nothing is evicted: every weight is uploaded once. The budget is soft for the protected window: a
+/// weight the ops need is admitted even when the window alone exceeds the budget.
+#[derive(Debug, Default)]
+pub struct WeightWindow {
+    budget: usize,
+    used: usize,
+    clock: u64,
+    /// name → (bytes, last use).
+    entries: HashMap<String, (usize, u64)>,
+    current: Vec<String>,
+    next: Vec<String>,
+}
+
+impl WeightWindow {
+    pub fn new(budget: usize) -> Self {
+        WeightWindow {
+            budget,
+            ..Default::default()
+        }
+    }
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+    /// Change the budget; returns the weights to evict to meet it (outside the window).
+    pub fn set_budget(&mut self, budget: usize) -> Vec<String> {
+        self.budget = budget;
+        self.make_room(0, None)
+    }
+    /// Bytes resident.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// Record a use of a resident weight (for the least-recently-used order).
+    pub fn touch(&mut self, name: &str) {
+        self.clock += 1;
+        if let Some(e) = self.entries.get_mut(name) {
+            e.1 = self.clock;
+        }
+    }
+    /// The next group's parameters, in the order they will be read: the previously announced group
+    /// becomes the current one. Returns those of `names` not resident, to upload now (in order, once).
+    pub fn announce(&mut self, names: &[&str]) -> Vec<String> {
+        self.current = std::mem::take(&mut self.next);
+        self.next = names.iter().map(|s| s.to_string()).collect();
+        let mut seen = HashSet::new();
+        names
+            .iter()
+            .filter(|n| !self.entries.contains_key(**n) && seen.insert(**n))
+            .map(|n| n.to_string())
+            .collect()
+    }
+    /// Record `name` (`bytes`) as resident; returns the weights to evict first (least recently used
+    /// first, never `name` nor the current or announced group).
+    pub fn admit(&mut self, name: &str, bytes: usize) -> Vec<String> {
+        if let Some((b, _)) = self.entries.remove(name) {
+            self.used -= b;
+        }
+        let evict = self.make_room(bytes, Some(name));
+        self.clock += 1;
+        self.entries.insert(name.to_string(), (bytes, self.clock));
+        self.used += bytes;
+        evict
+    }
+    /// Evict (least recently used first, outside the window and `keep`) until `extra` more bytes fit.
+    fn make_room(&mut self, extra: usize, keep: Option<&str>) -> Vec<String> {
+        let mut evict = Vec::new();
+        if self.used + extra <= self.budget {
+            return evict;
+        }
+        let protected: HashSet<&str> = self
+            .current
+            .iter()
+            .chain(&self.next)
+            .map(String::as_str)
+            .chain(keep)
+            .collect();
+        let mut candidates: Vec<(u64, &String, usize)> = self
+            .entries
+            .iter()
+            .filter(|(n, _)| !protected.contains(n.as_str()))
+            .map(|(n, &(b, t))| (t, n, b))
+            .collect();
+        candidates.sort();
+        let mut used = self.used;
+        for (_, n, b) in candidates {
+            if used + extra <= self.budget {
+                break;
+            }
+            used -= b;
+            evict.push(n.clone());
+        }
+        for n in &evict {
+            self.entries.remove(n);
+        }
+        self.used = used;
+        evict
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The device
+// ---------------------------------------------------------------------------------------------------------
+
+struct Kernels {
+    silu_forward: CudaFunction,
+    silu_backward: CudaFunction,
+    mul_forward: CudaFunction,
+    mul_backward: CudaFunction,
+    add_forward: CudaFunction,
+    accumulate: CudaFunction,
+    sum_sq_partials: CudaFunction,
+    embedding_forward: CudaFunction,
+    embedding_backward: CudaFunction,
+    rope_apply: CudaFunction,
+    rmsnorm_forward: CudaFunction,
+    rmsnorm_backward: CudaFunction,
+    rmsnorm_backward_weight: CudaFunction,
+    rmsnorm_reduce_weight: CudaFunction,
+    cross_entropy_forward: CudaFunction,
+    cross_entropy_forward_grad: CudaFunction,
+    attention_forward: CudaFunction,
+    attention_backward_dq: CudaFunction,
+    attention_backward_dkv: CudaFunction,
+    linear_forward: CudaFunction,
+    linear_backward_input: CudaFunction,
+    linear_backward_weight: CudaFunction,
+    linear_backward_bias: CudaFunction,
+}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
+        let files = [
+            "runtime_elementwise.cu",
+            "runtime_embedding.cu",
+            "runtime_rope.cu",
+            "runtime_rmsnorm.cu",
+            "runtime_cross_entropy.cu",
+            "runtime_attention.cu",
+            "runtime_linear.cu",
+        ];
+        let mut modules = Vec::new();
+        for f in files {
+            modules.push((f, load_module(ctx, f, arch)?));
+        }
+        let get = |file: &str, name: &str| -> Result<CudaFunction> {
+            let (_, m) = modules
+                .iter()
+                .find(|(f, _)| *f == file)
+                .ok_or_else(|| Error::cuda(format!("kernel file {file} is not loaded")))?;
+            m.load_function(name)
+                .cu(&format!("kernel {name} in {file}"))
+        };
+        let ew = "runtime_elementwise.cu";
+        let (emb, rope, rms, ce, att, lin) = (
+            "runtime_embedding.cu",
+            "runtime_rope.cu",
+            "runtime_rmsnorm.cu",
+            "runtime_cross_entropy.cu",
+            "runtime_attention.cu",
+            "runtime_linear.cu",
+        );
+        Ok(Kernels {
+            silu_forward: get(ew, "silu_forward")?,
+            silu_backward: get(ew, "silu_backward")?,
+            mul_forward: get(ew, "mul_forward")?,
+            mul_backward: get(ew, "mul_backward")?,
+            add_forward: get(ew, "add_forward")?,
+            accumulate: get(ew, "accumulate")?,
+            sum_sq_partials: get(ew, "sum_sq_partials")?,
+            embedding_forward: get(emb, "embedding_forward")?,
+            embedding_backward: get(emb, "embedding_backward")?,
+            rope_apply: get(rope, "rope_apply")?,
+            rmsnorm_forward: get(rms, "rmsnorm_forward")?,
+            rmsnorm_backward: get(rms, "rmsnorm_backward")?,
+            rmsnorm_backward_weight: get(rms, "rmsnorm_backward_weight")?,
+            rmsnorm_reduce_weight: get(rms, "rmsnorm_reduce_weight")?,
+            cross_entropy_forward: get(ce, "cross_entropy_forward")?,
+            cross_entropy_forward_grad: get(ce, "cross_entropy_forward_grad")?,
+            attention_forward: get(att, "attention_forward")?,
+            attention_backward_dq: get(att, "attention_backward_dq")?,
+            attention_backward_dkv: get(att, "attention_backward_dkv")?,
+            linear_forward: get(lin, "linear_forward")?,
+            linear_backward_input: get(lin, "linear_backward_input")?,
+            linear_backward_weight: get(lin, "linear_backward_weight")?,
+            linear_backward_bias: get(lin, "linear_backward_bias")?,
+        })
+    }
+}
+
+/// The weight cache: the resident weights, their window, the pinned staging slots of the uploads.
+struct Weights {
+    window: WeightWindow,
+    resident: HashMap<String, Arc<CudaSlice<f32>>>,
+    /// Two pinned slots and, per slot, an event recorded after the copy that reads it.
+    staging: Vec<(PinnedHostSlice<f32>, CudaEvent)>,
+    next_slot: usize,
+    /// The address of the store the cached weights came from (a new store empties the cache).
+    store: usize,
+    uploads: usize,
+}
+
+/// The logits of a cross-entropy: read only, or overwritten with their gradient.
+enum Logits<'a> {
+    Read(&'a CudaSlice<f32>),
+    Grad(&'a mut CudaSlice<f32>),
+}
+
+/// Rotary tables on the device, by (tokens, head_dim, fingerprint of the last position's values).
+type RopeKey = (usize, usize, u64);
+/// The cos and sin tables of one [`RopeKey`].
+type RopeDev = Arc<(CudaSlice<f32>, CudaSlice<f32>)>;
+
+struct Inner {
+    name: String,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    k: Kernels,
+    sms: usize,
+    weights: Mutex<Weights>,
+    rope: Mutex<HashMap<RopeKey, RopeDev>>,
+}
+
+/// The runtime's CUDA device (one GPU; cheap to clone, clones share the GPU state and the weight cache).
+#[derive(Clone)]
+pub struct CudaDevice {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| Error::cuda("a CUDA device lock was poisoned by a panic"))
+}
+
+fn blocks(n: usize, per: usize) -> usize {
+    n.div_ceil(per).max(1)
+}
+
+fn cfg(grid: (usize, usize), threads: u32) -> Result<LaunchConfig> {
+    if grid.0 > i32::MAX as usize || grid.1 > 65_535 {
+        return Err(Error::cuda(format!(
+            "a kernel launch of {grid:?} blocks is too large"
+        )));
+    }
+    Ok(LaunchConfig {
+        grid_dim: (grid.0.max(1) as u32, grid.1.max(1) as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `v` as a kernel's `int`, or an error naming it.
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::cuda(format!("{what} = {v} exceeds the kernels' int range")))
+}
+
+fn check_len(got: usize, want: usize, what: &str) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::cuda(format!(
+            "{what}: buffer of {got} values where {want} are expected"
+        )))
+    }
+}
+
+/// FNV-1a of some f32 values' bits (the rotary tables' fingerprint).
+fn fingerprint(vals: &[f32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in vals {
+        for b in v.to_bits().to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl CudaDevice {
+    /// Open GPU `ordinal`: its context, a compute and a copy stream, and the runtime's kernels. Fails (an
+    /// error, never a panic) without a CUDA driver, a GPU of compute capability 8.0 or newer, or NVRTC.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        let (ctx, info) = open_context(ordinal)?;
+        let (major, minor) = info.compute_capability;
+        let arch = format!("sm_{major}{minor}");
+        let k = Kernels::load(&ctx, &arch)?;
+        let stream = ctx.new_stream().cu("creating a stream")?;
+        let copy = ctx.new_stream().cu("creating a stream")?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .cu("cuDeviceGetAttribute")? as usize;
+        let (free, _) = ctx.mem_get_info().cu("cuMemGetInfo")?;
+        let name = format!(
+            "cuda:{ordinal} {} (sm_{major}{minor}, {:.0} GiB)",
+            info.name,
+            info.total_mem as f64 / (1u64 << 30) as f64
+        );
+        Ok(CudaDevice {
+            inner: Arc::new(Inner {
+                name,
+                ctx,
+                stream,
+                copy,
+                k,
+                sms,
+                weights: Mutex::new(Weights {
+                    window: WeightWindow::new(free / 2),
+                    resident: HashMap::new(),
+                    staging: Vec::new(),
+                    next_slot: 0,
+                    store: 0,
+                    uploads: 0,
+                }),
+                rope: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Bytes of weights kept on the device at most (outside the window of the current and next
+    /// parameter group, see [`WeightWindow`]). Weights beyond it are evicted now.
+    pub fn set_weight_budget(&self, bytes: usize) -> Result<()> {
+        let mut w = lock(&self.inner.weights)?;
+        for n in w.window.set_budget(bytes) {
+            w.resident.remove(&n);
+        }
+        Ok(())
+    }
+
+    /// Drop every cached weight (the next op uploads again).
+    pub fn clear_weights(&self) -> Result<()> {
+        let mut w = lock(&self.inner.weights)?;
+        let budget = w.window.budget();
+        w.window = WeightWindow::new(budget);
+        w.resident.clear();
+        Ok(())
+    }
+
+    /// (weights resident, their bytes, uploads so far): for tests and reports.
+    pub fn weight_stats(&self) -> Result<(usize, usize, usize)> {
+        let w = lock(&self.inner.weights)?;
+        Ok((w.window.len(), w.window.used(), w.uploads))
+    }
+
+    /// Wait for everything enqueued on the device.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.copy.synchronize().cu("synchronize")?;
+        self.inner.stream.synchronize().cu("synchronize")
+    }
+
+    fn s(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    fn k(&self) -> &Kernels {
+        &self.inner.k
+    }
+
+    /// Blocks of an elementwise (grid-stride) launch over `n` values.
+    fn ew_cfg(&self, n: usize) -> Result<LaunchConfig> {
+        cfg(
+            (blocks(n, THREADS as usize).min(self.inner.sms * 16), 1),
+            THREADS,
+        )
+    }
+
+    /// The resident copy of the weights' cache for `store` (a different store empties it).
+    fn weights_for(&self, store: &dyn ParamStore) -> Result<MutexGuard<'_, Weights>> {
+        let mut w = lock(&self.inner.weights)?;
+        let addr = store as *const dyn ParamStore as *const () as usize;
+        if w.store != addr {
+            let budget = w.window.budget();
+            w.window = WeightWindow::new(budget);
+            w.resident.clear();
+            w.store = addr;
+        }
+        Ok(w)
+    }
+
+    /// Upload `host` into a new device buffer on the copy stream through the pinned staging slots,
+    /// alternating between them chunk by chunk (the host fills one while the other is copied).
+    fn upload_weight(&self, w: &mut Weights, host: &[f32]) -> Result<CudaSlice<f32>> {
+        let copy = &self.inner.copy;
+        // SAFETY: every element is written by the copies below before any kernel reads it (the compute
+        // stream waits for the buffer's write event, recorded after the last copy).
+        let mut dst = unsafe { copy.alloc::<f32>(host.len()) }.cu("allocating a weight")?;
+        while w.staging.len() < 2 {
+            // SAFETY: the pinned memory is written before it is read.
+            let pinned = unsafe { self.inner.ctx.alloc_pinned::<f32>(STAGE) }
+                .cu("allocating pinned staging")?;
+            let ev = self.inner.ctx.new_event(None).cu("event")?;
+            w.staging.push((pinned, ev));
+        }
+        for (c, chunk) in host.chunks(STAGE).enumerate() {
+            let slot = w.next_slot;
+            w.next_slot ^= 1;
+            let (pinned, ev) = &mut w.staging[slot];
+            ev.synchronize().cu("waiting for a staging slot")?;
+            pinned.as_mut_slice().cu("pinned staging")?[..chunk.len()].copy_from_slice(chunk);
+            let src = &pinned.as_slice().cu("pinned staging")?[..chunk.len()];
+            let (ptr, _record) = dst.device_ptr_mut(copy);
+            // SAFETY: `dst` holds host.len() ≥ c·STAGE + chunk.len() values; the pinned source stays
+            // untouched until `ev` (recorded below) completes, waited on before the slot is refilled.
+            unsafe {
+                cu::memcpy_htod_async(
+                    ptr + (c * STAGE * std::mem::size_of::<f32>()) as u64,
+                    src,
+                    copy.cu_stream(),
+                )
+            }
+            .cu("uploading a weight")?;
+            ev.record(copy).cu("event record")?;
+        }
+        w.uploads += 1;
+        Ok(dst)
+    }
+
+    /// Upload weight `name` and record it in the cache (evicting what the window says).
+    fn load_weight(
+        &self,
+        w: &mut Weights,
+        store: &dyn ParamStore,
+        name: &str,
+    ) -> Result<Arc<CudaSlice<f32>>> {
+        let host = store.param(name)?;
+        let dev = Arc::new(self.upload_weight(w, &host)?);
+        for n in w
+            .window
+            .admit(name, host.len() * std::mem::size_of::<f32>())
+        {
+            w.resident.remove(&n);
+        }
+        w.resident.insert(name.to_string(), dev.clone());
+        Ok(dev)
+    }
+
+    /// The rotary tables on the device, uploaded once per (tokens, head_dim, values).
+    fn rope_tables(&self, table: &RopeTable) -> Result<RopeDev> {
+        let hd = table.head_dim;
+        check_len(table.cos.len(), table.tokens * hd, "rope cos table")?;
+        check_len(table.sin.len(), table.tokens * hd, "rope sin table")?;
+        let last = table.tokens.saturating_sub(1) * hd..table.tokens * hd;
+        let fp =
+            fingerprint(&table.cos[last.clone()]) ^ fingerprint(&table.sin[last]).rotate_left(1);
+        let key = (table.tokens, hd, fp);
+        let mut cache = lock(&self.inner.rope)?;
+        if let Some(t) = cache.get(&key) {
+            return Ok(t.clone());
+        }
+        let cos = self.s().clone_htod(&table.cos).cu("uploading rope cos")?;
+        let sin = self.s().clone_htod(&table.sin).cu("uploading rope sin")?;
+        let t = Arc::new((cos, sin));
+        cache.insert(key, t.clone());
+        Ok(t)
+    }
+
+    fn rope_apply(
+        &self,
+        x: &CudaSlice<f32>,
+        heads: usize,
+        table: &RopeTable,
+        sign: f32,
+        add: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let width = heads * table.head_dim;
+        if width == 0
+            || !x.len().is_multiple_of(width)
+            || table.tokens == 0
+            || !table.head_dim.is_multiple_of(2)
+        {
+            return Err(Error::cuda(format!(
+                "rope: {} values are not rows of {heads} heads of {} (tokens {})",
+                x.len(),
+                table.head_dim,
+                table.tokens
+            )));
+        }
+        check_len(y.len(), x.len(), "rope output")?;
+        let tabs = self.rope_tables(table)?;
+        let rows = int(x.len() / width, "rope rows")?;
+        let (h, hd, t) = (
+            int(heads, "heads")?,
+            int(table.head_dim, "head_dim")?,
+            int(table.tokens, "tokens")?,
+        );
+        let add = add as i32;
+        let c = self.ew_cfg(x.len())?;
+        // SAFETY: argument types match rope_apply in runtime_rope.cu; x, y hold rows·width values, the
+        // tables tokens·head_dim.
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().rope_apply)
+                .arg(x)
+                .arg(&tabs.0)
+                .arg(&tabs.1)
+                .arg(y)
+                .arg(&rows)
+                .arg(&h)
+                .arg(&hd)
+                .arg(&t)
+                .arg(&sign)
+                .arg(&add)
+                .launch(c)
+        }
+        .cu("launching rope_apply")?;
+        Ok(())
+    }
+
+    /// A binary elementwise kernel `f(a, b, out, n)`.
+    fn binary(
+        &self,
+        f: &CudaFunction,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        what: &str,
+    ) -> Result<()> {
+        check_len(b.len(), a.len(), what)?;
+        check_len(y.len(), a.len(), what)?;
+        let n = a.len() as u64;
+        let c = self.ew_cfg(a.len())?;
+        // SAFETY: (const float*, const float*, float*, u64 n) as in runtime_elementwise.cu; all hold n.
+        unsafe {
+            self.s()
+                .launch_builder(f)
+                .arg(a)
+                .arg(b)
+                .arg(y)
+                .arg(&n)
+                .launch(c)
+        }
+        .cu(&format!("launching {what}"))?;
+        Ok(())
+    }
+
+    /// The cross-entropy kernels; returns (Σ loss over rows in row order, predicted rows).
+    fn cross_entropy(
+        &self,
+        logits: Logits<'_>,
+        vocab: usize,
+        targets: &Ids,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<(f64, usize)> {
+        let rows = targets.len();
+        let len = match &logits {
+            Logits::Read(l) => l.len(),
+            Logits::Grad(l) => l.len(),
+        };
+        check_len(len, rows * vocab, "cross-entropy logits")?;
+        check_len(lse.len(), rows, "cross-entropy lse")?;
+        if let Some(&t) = targets.host.iter().find(|&&t| t >= vocab as i64) {
+            return Err(Error::invalid(format!(
+                "target {t} outside the vocabulary of {vocab}"
+            )));
+        }
+        if rows == 0 {
+            return Ok((0.0, 0));
+        }
+        let count = targets.host.iter().filter(|&&t| t >= 0).count();
+        let mut row_loss = self
+            .s()
+            .alloc_zeros::<f64>(rows)
+            .cu("allocating row losses")?;
+        let (v, r) = (int(vocab, "vocab")?, int(rows, "rows")?);
+        let c = cfg((rows, 1), THREADS)?;
+        // SAFETY: argument types match runtime_cross_entropy.cu; logits hold rows·vocab, lse and
+        // row_loss rows, targets rows values < vocab.
+        unsafe {
+            match logits {
+                Logits::Grad(logits) => {
+                    let scale = 1.0 / count.max(1) as f64;
+                    self.s()
+                        .launch_builder(&self.k().cross_entropy_forward_grad)
+                        .arg(logits)
+                        .arg(&v)
+                        .arg(&targets.dev)
+                        .arg(&r)
+                        .arg(&scale)
+                        .arg(lse)
+                        .arg(&mut row_loss)
+                        .launch(c)
+                }
+                Logits::Read(logits) => self
+                    .s()
+                    .launch_builder(&self.k().cross_entropy_forward)
+                    .arg(logits)
+                    .arg(&v)
+                    .arg(&targets.dev)
+                    .arg(&r)
+                    .arg(lse)
+                    .arg(&mut row_loss)
+                    .launch(c),
+            }
+        }
+        .cu("launching cross_entropy")?;
+        let host = self
+            .s()
+            .clone_dtoh(&row_loss)
+            .cu("downloading row losses")?;
+        self.s().synchronize().cu("synchronize")?;
+        Ok((host.iter().sum(), count))
+    }
+
+    /// The attention kernels' scalar arguments: (seqs, tokens, heads, kv_heads, head_dim, window, scale).
+    fn attn_args(&self, sh: &AttnShape) -> Result<(i32, i32, i32, i32, i32, i32, f32)> {
+        if sh.head_dim == 0 || sh.head_dim > MAX_HEAD_DIM {
+            return Err(Error::cuda(format!(
+                "attention: head_dim {} outside 1..={MAX_HEAD_DIM}",
+                sh.head_dim
+            )));
+        }
+        if sh.kv_heads == 0 || !sh.heads.is_multiple_of(sh.kv_heads) {
+            return Err(Error::invalid(format!(
+                "attention: {} heads are not groups of {} kv heads",
+                sh.heads, sh.kv_heads
+            )));
+        }
+        if sh.window == Some(0) {
+            return Err(Error::invalid("attention: a window of 0 keys"));
+        }
+        int(
+            sh.seqs * sh.heads.max(sh.kv_heads) * sh.tokens * 32,
+            "attention threads",
+        )?;
+        Ok((
+            int(sh.seqs, "seqs")?,
+            int(sh.tokens, "tokens")?,
+            int(sh.heads, "heads")?,
+            int(sh.kv_heads, "kv_heads")?,
+            int(sh.head_dim, "head_dim")?,
+            int(sh.window.unwrap_or(0).min(i32::MAX as usize), "window")?,
+            1.0 / (sh.head_dim as f32).sqrt(),
+        ))
+    }
+}
+
+fn check_attn(sh: &AttnShape, q: usize, k: usize, v: usize, out: usize, lse: usize) -> Result<()> {
+    let rows = sh.seqs * sh.tokens;
+    check_len(q, rows * sh.heads * sh.head_dim, "attention q")?;
+    check_len(k, rows * sh.kv_heads * sh.head_dim, "attention k")?;
+    check_len(v, rows * sh.kv_heads * sh.head_dim, "attention v")?;
+    check_len(out, rows * sh.heads * sh.head_dim, "attention output")?;
+    check_len(lse, sh.seqs * sh.heads * sh.tokens, "attention lse")
+}
+
+impl Device for CudaDevice {
+    type Slice = CudaSlice<f32>;
+    type Buf = Buf;
+    type Param<'s> = Arc<CudaSlice<f32>>;
+    type Ids = Ids;
+
+    fn name(&self) -> String {
+        self.inner.name.clone()
+    }
+    fn alloc_zeroed(&self, len: usize) -> Result<Buf> {
+        Ok(Buf(self
+            .s()
+            .alloc_zeros::<f32>(len)
+            .cu("allocating a device buffer")?))
+    }
+    fn zero(&self, buf: &mut Buf) -> Result<()> {
+        self.s()
+            .memset_zeros(&mut buf.0)
+            .cu("zeroing a device buffer")
+    }
+    fn buf_len(&self, buf: &Buf) -> usize {
+        buf.0.len()
+    }
+    fn upload(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+        check_len(host.len(), dst.len(), "upload")?;
+        self.s().memcpy_htod(host, dst).cu("uploading")
+    }
+    fn download(&self, src: &CudaSlice<f32>, host: &mut Vec<f32>) -> Result<()> {
+        host.clear();
+        host.resize(src.len(), 0.0);
+        self.s()
+            .memcpy_dtoh(src, host.as_mut_slice())
+            .cu("downloading")?;
+        self.s().synchronize().cu("synchronize")
+    }
+    fn ids(&self, ids: &[i64]) -> Result<Ids> {
+        let dev = if ids.is_empty() {
+            self.s().alloc_zeros::<i64>(1)
+        } else {
+            self.s().clone_htod(ids)
+        }
+        .cu("uploading ids")?;
+        Ok(Ids {
+            dev,
+            host: ids.to_vec(),
+        })
+    }
+    fn param(&self, store: &dyn ParamStore, name: &str, len: usize) -> Result<Arc<CudaSlice<f32>>> {
+        let mut w = self.weights_for(store)?;
+        let cached = w.resident.get(name).cloned();
+        let p = match cached {
+            Some(p) => {
+                w.window.touch(name);
+                p
+            }
+            None => self.load_weight(&mut w, store, name)?,
+        };
+        check_len(p.len(), len, name)?;
+        Ok(p)
+    }
+    fn prefetch(&self, store: &dyn ParamStore, names: &[&str]) -> Result<()> {
+        let mut w = self.weights_for(store)?;
+        for name in w.window.announce(names) {
+            self.load_weight(&mut w, store, &name)?;
+        }
+        Ok(())
+    }
+    fn sum_sq(&self, g: &CudaSlice<f32>) -> Result<f64> {
+        if g.is_empty() {
+            return Ok(0.0);
+        }
+        let nb = blocks(g.len(), THREADS as usize).min(1024);
+        let mut partials = self
+            .s()
+            .alloc_zeros::<f64>(nb)
+            .cu("allocating partial sums")?;
+        let n = g.len() as u64;
+        // SAFETY: sum_sq_partials(const float*, u64, double*) writes one partial per block (nb).
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().sum_sq_partials)
+                .arg(g)
+                .arg(&n)
+                .arg(&mut partials)
+                .launch(cfg((nb, 1), THREADS)?)
+        }
+        .cu("launching sum_sq_partials")?;
+        let host = self
+            .s()
+            .clone_dtoh(&partials)
+            .cu("downloading partial sums")?;
+        self.s().synchronize().cu("synchronize")?;
+        Ok(host.iter().sum())
+    }
+
+    fn embedding_forward(
+        &self,
+        ids: &Ids,
+        table: &CudaSlice<f32>,
+        dim: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        embedding_checks(ids, table.len(), dim, out.len())?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
+        // SAFETY: embedding_forward(const i64*, const float*, int, float*, int); ids < vocab (checked).
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().embedding_forward)
+                .arg(&ids.dev)
+                .arg(table)
+                .arg(&d)
+                .arg(out)
+                .arg(&r)
+                .launch(cfg((ids.len(), 1), THREADS)?)
+        }
+        .cu("launching embedding_forward")?;
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        ids: &Ids,
+        dout: &CudaSlice<f32>,
+        dim: usize,
+        dtable: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        embedding_checks(ids, dtable.len(), dim, dout.len())?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
+        // SAFETY: embedding_backward(const i64*, const float*, int, float*, int); ids < vocab.
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().embedding_backward)
+                .arg(&ids.dev)
+                .arg(dout)
+                .arg(&d)
+                .arg(dtable)
+                .arg(&r)
+                .launch(cfg((ids.len(), 1), THREADS)?)
+        }
+        .cu("launching embedding_backward")?;
+        Ok(())
+    }
+    fn linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
+        n: usize,
+        k: usize,
+        m: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len(x.len(), n * k, "linear x")?;
+        check_len(w.len(), m * k, "linear weight")?;
+        check_len(y.len(), n * m, "linear output")?;
+        if let Some(b) = b {
+            check_len(b.len(), m, "linear bias")?;
+        }
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
+        let c = cfg((blocks(m, LIN_TILE), blocks(n, LIN_TILE)), THREADS)?;
+        let null = 0u64;
+        // SAFETY: linear_forward(const float* x, const float* w, const float* b, float* y, int n, k, m);
+        // the bias is a device pointer of m values or null.
+        unsafe {
+            let mut l = self.s().launch_builder(&self.k().linear_forward);
+            l.arg(x).arg(w);
+            match b {
+                Some(b) => l.arg(b),
+                None => l.arg(&null),
+            };
+            l.arg(y).arg(&ni).arg(&ki).arg(&mi).launch(c)
+        }
+        .cu("launching linear_forward")?;
+        Ok(())
+    }
+    fn linear_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        m: usize,
+        dx: Option<&mut CudaSlice<f32>>,
+        dw: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        check_len(x.len(), n * k, "linear x")?;
+        check_len(w.len(), m * k, "linear weight")?;
+        check_len(dy.len(), n * m, "linear output gradient")?;
+        check_len(dw.len(), m * k, "linear weight gradient")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
+        if let Some(dx) = dx {
+            check_len(dx.len(), n * k, "linear input gradient")?;
+            if k > 0 && m > 0 {
+                // SAFETY: linear_backward_input(const float* dy, const float* w, float* dx, int n, k, m).
+                unsafe {
+                    self.s()
+                        .launch_builder(&self.k().linear_backward_input)
+                        .arg(dy)
+                        .arg(w)
+                        .arg(dx)
+                        .arg(&ni)
+                        .arg(&ki)
+                        .arg(&mi)
+                        .launch(cfg((blocks(k, LIN_TILE), blocks(n, LIN_TILE)), THREADS)?)
+                }
+                .cu("launching linear_backward_input")?;
+            }
+        }
+        if k > 0 && m > 0 {
+            // SAFETY: linear_backward_weight(const float* dy, const float* x, float* dw, int n, k, m).
+            unsafe {
+                self.s()
+                    .launch_builder(&self.k().linear_backward_weight)
+                    .arg(dy)
+                    .arg(x)
+                    .arg(&mut *dw)
+                    .arg(&ni)
+                    .arg(&ki)
+                    .arg(&mi)
+                    .launch(cfg((blocks(k, LIN_TILE), blocks(m, LIN_TILE)), THREADS)?)
+            }
+            .cu("launching linear_backward_weight")?;
+        }
+        if let Some(db) = db {
+            check_len(db.len(), m, "linear bias gradient")?;
+            if m > 0 {
+                // SAFETY: linear_backward_bias(const float* dy, float* db, int n, int m).
+                unsafe {
+                    self.s()
+                        .launch_builder(&self.k().linear_backward_bias)
+                        .arg(dy)
+                        .arg(db)
+                        .arg(&ni)
+                        .arg(&mi)
+                        .launch(cfg((blocks(m, THREADS as usize), 1), THREADS)?)
+                }
+                .cu("launching linear_backward_bias")?;
+            }
+        }
+        Ok(())
+    }
+    fn rmsnorm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        d: usize,
+        eps: f64,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = rms_rows(x.len(), w.len(), d)?;
+        check_len(y.len(), x.len(), "rmsnorm output")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
+        // SAFETY: rmsnorm_forward(const float* x, const float* w, int d, double eps, float* y, int rows).
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().rmsnorm_forward)
+                .arg(x)
+                .arg(w)
+                .arg(&di)
+                .arg(&eps)
+                .arg(y)
+                .arg(&ri)
+                .launch(cfg((rows, 1), THREADS)?)
+        }
+        .cu("launching rmsnorm_forward")?;
+        Ok(())
+    }
+    fn rmsnorm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        d: usize,
+        eps: f64,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = rms_rows(x.len(), w.len(), d)?;
+        check_len(dy.len(), x.len(), "rmsnorm output gradient")?;
+        check_len(dx.len(), x.len(), "rmsnorm input gradient")?;
+        check_len(dw.len(), d, "rmsnorm weight gradient")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
+        let chunks = blocks(rows, RMS_ROWS_PER_CHUNK);
+        let (ci, per) = (int(chunks, "chunks")?, RMS_ROWS_PER_CHUNK as i32);
+        let s = self.s();
+        let mut inv = s.alloc_zeros::<f64>(rows).cu("allocating row scales")?;
+        let mut partials = s
+            .alloc_zeros::<f64>(chunks * d)
+            .cu("allocating partial sums")?;
+        // SAFETY: argument types match runtime_rmsnorm.cu; inv holds rows, partials chunks·d values.
+        unsafe {
+            s.launch_builder(&self.k().rmsnorm_backward)
+                .arg(x)
+                .arg(w)
+                .arg(dy)
+                .arg(&di)
+                .arg(&eps)
+                .arg(dx)
+                .arg(&mut inv)
+                .arg(&ri)
+                .launch(cfg((rows, 1), THREADS)?)
+                .cu("launching rmsnorm_backward")?;
+            s.launch_builder(&self.k().rmsnorm_backward_weight)
+                .arg(x)
+                .arg(dy)
+                .arg(&inv)
+                .arg(&di)
+                .arg(&ri)
+                .arg(&per)
+                .arg(&mut partials)
+                .launch(cfg((blocks(d, THREADS as usize), chunks), THREADS)?)
+                .cu("launching rmsnorm_backward_weight")?;
+            s.launch_builder(&self.k().rmsnorm_reduce_weight)
+                .arg(&partials)
+                .arg(&di)
+                .arg(&ci)
+                .arg(dw)
+                .launch(cfg((blocks(d, THREADS as usize), 1), THREADS)?)
+                .cu("launching rmsnorm_reduce_weight")?;
+        }
+        Ok(())
+    }
+    fn rope_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        heads: usize,
+        table: &RopeTable,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.rope_apply(x, heads, table, 1.0, false, y)
+    }
+    fn rope_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        heads: usize,
+        table: &RopeTable,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.rope_apply(dy, heads, table, -1.0, true, dx)
+    }
+    fn attention_forward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        shape: AttnShape,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (seqs, tokens, heads, kv, hd, window, scale) = self.attn_args(&shape)?;
+        check_attn(&shape, q.len(), k.len(), v.len(), out.len(), lse.len())?;
+        let warps = shape.seqs * shape.heads * shape.tokens;
+        if warps == 0 {
+            return Ok(());
+        }
+        let c = cfg((blocks(warps, ATT_WARPS), 1), (ATT_WARPS * 32) as u32)?;
+        // SAFETY: argument types match attention_forward in runtime_attention.cu; sizes checked above.
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().attention_forward)
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(out)
+                .arg(lse)
+                .arg(&seqs)
+                .arg(&tokens)
+                .arg(&heads)
+                .arg(&kv)
+                .arg(&hd)
+                .arg(&window)
+                .arg(&scale)
+                .launch(c)
+        }
+        .cu("launching attention_forward")?;
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        shape: AttnShape,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (seqs, tokens, heads, kv, hd, window, scale) = self.attn_args(&shape)?;
+        check_attn(&shape, q.len(), k.len(), v.len(), dout.len(), lse.len())?;
+        check_len(dq.len(), q.len(), "attention dq")?;
+        check_len(dk.len(), k.len(), "attention dk")?;
+        check_len(dv.len(), v.len(), "attention dv")?;
+        let q_warps = shape.seqs * shape.heads * shape.tokens;
+        let kv_warps = shape.seqs * shape.kv_heads * shape.tokens;
+        if q_warps == 0 {
+            return Ok(());
+        }
+        let s = self.s();
+        let mut delta = s
+            .alloc_zeros::<f32>(lse.len())
+            .cu("allocating attention deltas")?;
+        let threads = (ATT_WARPS * 32) as u32;
+        // SAFETY: argument types match runtime_attention.cu; sizes checked above, delta as lse.
+        unsafe {
+            s.launch_builder(&self.k().attention_backward_dq)
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(lse)
+                .arg(dout)
+                .arg(dq)
+                .arg(&mut delta)
+                .arg(&seqs)
+                .arg(&tokens)
+                .arg(&heads)
+                .arg(&kv)
+                .arg(&hd)
+                .arg(&window)
+                .arg(&scale)
+                .launch(cfg((blocks(q_warps, ATT_WARPS), 1), threads)?)
+                .cu("launching attention_backward_dq")?;
+            s.launch_builder(&self.k().attention_backward_dkv)
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(lse)
+                .arg(dout)
+                .arg(&delta)
+                .arg(dk)
+                .arg(dv)
+                .arg(&seqs)
+                .arg(&tokens)
+                .arg(&heads)
+                .arg(&kv)
+                .arg(&hd)
+                .arg(&window)
+                .arg(&scale)
+                .launch(cfg((blocks(kv_warps, ATT_WARPS), 1), threads)?)
+                .cu("launching attention_backward_dkv")?;
+        }
+        Ok(())
+    }
+    fn silu_forward(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        check_len(y.len(), x.len(), "silu output")?;
+        let n = x.len() as u64;
+        // SAFETY: silu_forward(const float*, float*, u64); both hold n values.
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().silu_forward)
+                .arg(x)
+                .arg(y)
+                .arg(&n)
+                .launch(self.ew_cfg(x.len())?)
+        }
+        .cu("launching silu_forward")?;
+        Ok(())
+    }
+    fn silu_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.binary(&self.k().silu_backward, x, dy, dx, "silu_backward")
+    }
+    fn mul_forward(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.binary(&self.k().mul_forward, a, b, y, "mul_forward")
+    }
+    fn mul_backward(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        for (len, what) in [
+            (b.len(), "mul b"),
+            (dy.len(), "mul output gradient"),
+            (da.len(), "mul a gradient"),
+            (db.len(), "mul b gradient"),
+        ] {
+            check_len(len, a.len(), what)?;
+        }
+        let n = a.len() as u64;
+        // SAFETY: mul_backward(a, b, dy, da, db, u64 n) as in runtime_elementwise.cu; all hold n.
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().mul_backward)
+                .arg(a)
+                .arg(b)
+                .arg(dy)
+                .arg(da)
+                .arg(db)
+                .arg(&n)
+                .launch(self.ew_cfg(a.len())?)
+        }
+        .cu("launching mul_backward")?;
+        Ok(())
+    }
+    fn add_forward(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.binary(&self.k().add_forward, a, b, y, "add_forward")
+    }
+    fn accumulate(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
+        check_len(src.len(), dst.len(), "accumulate")?;
+        let n = dst.len() as u64;
+        let c = self.ew_cfg(dst.len())?;
+        // SAFETY: accumulate(float* dst, const float* src, u64 n); both hold n values.
+        unsafe {
+            self.s()
+                .launch_builder(&self.k().accumulate)
+                .arg(dst)
+                .arg(src)
+                .arg(&n)
+                .launch(c)
+        }
+        .cu("launching accumulate")?;
+        Ok(())
+    }
+    fn cross_entropy_forward(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        targets: &Ids,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<(f64, usize)> {
+        self.cross_entropy(Logits::Read(logits), vocab, targets, lse)
+    }
+    fn cross_entropy_forward_grad(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        vocab: usize,
+        targets: &Ids,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<(f64, usize)> {
+        self.cross_entropy(Logits::Grad(logits), vocab, targets, lse)
+    }
+}
+
+fn embedding_checks(ids: &Ids, table: usize, dim: usize, out: usize) -> Result<()> {
+    if dim == 0 || !table.is_multiple_of(dim) {
+        return Err(Error::invalid(format!(
+            "embedding: a table of {table} values is not rows of {dim}"
+        )));
+    }
+    check_len(out, ids.len() * dim, "embedding output")?;
+    let vocab = (table / dim) as i64;
+    if let Some(&id) = ids.host.iter().find(|&&i| i < 0 || i >= vocab) {
+        return Err(Error::invalid(format!(
+            "token id {id} outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}
+
+fn rms_rows(x: usize, w: usize, d: usize) -> Result<usize> {
+    check_len(w, d, "rmsnorm weight")?;
+    if d == 0 || !x.is_multiple_of(d) {
+        return Err(Error::invalid(format!(
+            "rmsnorm: {x} values are not rows of {d}"
+        )));
+    }
+    Ok(x / d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn everything_fits_nothing_is_evicted() {
+        let mut w = WeightWindow::new(1000);
+        assert_eq!(w.announce(&["a", "b"]), vec!["a", "b"]);
+        assert!(w.admit("a", 100).is_empty());
+        assert!(w.admit("b", 100).is_empty());
+        assert_eq!(w.announce(&["c", "a"]), vec!["c"], "a is resident");
+        assert!(w.admit("c", 100).is_empty());
+        assert_eq!((w.len(), w.used()), (3, 300));
+        // A second pass over the same groups uploads nothing.
+        for g in [&["a", "b"][..], &["c", "a"]] {
+            assert!(w.announce(g).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_window_of_two_groups_slides_and_evicts_the_oldest() {
+        // Groups of two 100-byte weights, budget for two groups: the current and the announced one.
+        let groups: Vec<[String; 2]> = (0..6)
+            .map(|g| [format!("l{g}.w1"), format!("l{g}.w2")])
+            .collect();
+        let mut w = WeightWindow::new(400);
+        let mut uploads = 0;
+        for pass in 0..2 {
+            for (g, names) in groups.iter().enumerate() {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let load = w.announce(&names);
+                for n in &load {
+                    let evicted = w.admit(n, 100);
+                    uploads += 1;
+                    // Never the group being computed (g − 1) nor the announced one (g).
+                    for e in &evicted {
+                        assert!(
+                            !names.contains(&e.as_str()),
+                            "evicted {e} of the next group"
+                        );
+                        if g > 0 {
+                            assert!(
+                                !groups[g - 1].contains(e),
+                                "evicted {e} of the current group"
+                            );
+                        }
+                    }
+                }
+                // The ops of the current group read it: all resident.
+                if g > 0 {
+                    for n in &groups[g - 1] {
+                        assert!(
+                            w.contains(n),
+                            "pass {pass}: {n} of the current group not resident"
+                        );
+                        w.touch(n);
+                    }
+                }
+                assert!(w.used() <= 400, "over budget: {}", w.used());
+            }
+        }
+        // Nothing fits across passes with a window of 2 of 6 groups: every weight uploaded each pass.
+        assert_eq!(uploads, 2 * 12);
+    }
+
+    #[test]
+    fn the_window_is_admitted_even_over_budget_and_budget_cuts_evict() {
+        let mut w = WeightWindow::new(150);
+        w.announce(&["a", "b"]);
+        assert!(w.admit("a", 100).is_empty());
+        // b does not fit but both are the announced group: admitted over budget, nothing evicted.
+        assert!(w.admit("b", 100).is_empty());
+        assert_eq!(w.used(), 200);
+        w.announce(&["c"]); // a, b are now the current group
+        assert!(w.admit("c", 100).is_empty(), "the window is protected");
+        w.announce(&["d"]); // current: c; a and b may go, least recently used first
+        w.touch("b");
+        let evicted = w.admit("d", 100);
+        assert_eq!(evicted, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(w.used(), 200);
+        // Re-admitting a resident name replaces its size, it does not double count.
+        w.admit("d", 50);
+        assert_eq!(w.used(), 150);
+        let evicted = w.set_budget(0);
+        assert!(evicted.is_empty(), "c and d are the window: {evicted:?}");
+    }
+
+    #[test]
+    fn opening_fails_cleanly_without_a_gpu() {
+        // Opening fails cleanly (an error, not a panic) on a machine without a usable GPU.
+        if let Err(e) = CudaDevice::open(usize::MAX) {
+            assert!(!e.to_string().is_empty());
+        }
+    }
+}
