@@ -1,0 +1,201 @@
+# emulate_runtime_kernels.py — a numpy emulation of the index arithmetic of kernels/runtime_*.cu (the
+# runtime's CUDA device, src/runtime/ops/cuda.rs), block by block and thread by thread where it matters,
+# checked against direct formulas in f64 (no GPU needed). Covers the linear GEMM tiles (all three
+# operand layouts, edges off the 64 × 64 × 16 tiles), the three attention kernels (warp ↦ row maps,
+# lanes ↦ dimensions, causal and window ranges, GQA head mapping, lse layout), rotary indexing and the
+# RMSNorm weight-gradient chunks. Run: python3 src/runtime/ops/emulate_runtime_kernels.py; prints ALL OK.
+import numpy as np, math
+rng = np.random.default_rng(0)
+
+# ---- runtime_linear.cu: lin_gemm<A_R, B_R, ACC> ------------------------------------------------------
+BM, BN, BK, THREADS = 64, 64, 16, 256
+
+def lin_gemm(A, lda, B, ldb, C, ldc, bias, M, N, R, A_R, B_R, ACC, grid):
+    t = np.arange(THREADS); tx = t % 16; ty = t // 16
+    for by in range(grid[1]):
+        for bx in range(grid[0]):
+            i0, j0 = by * BM, bx * BN
+            acc = np.zeros((THREADS, 4, 4))
+            for r0 in range(0, R, BK):
+                As = np.full((BK, BM + 1), np.nan); Bs = np.full((BK, BN + 1), np.nan)
+                for q in range(BM * BK // THREADS):
+                    e = t + q * THREADS
+                    if A_R: rr, ii = e % BK, e // BK
+                    else: ii, rr = e % BM, e // BM
+                    gi, gr = i0 + ii, r0 + rr
+                    ok = (gi < M) & (gr < R)
+                    idx = np.where(A_R, gi * lda + gr, gr * lda + gi)
+                    As[rr, ii] = np.where(ok, A[np.where(ok, idx, 0)], 0.0)
+                for q in range(BN * BK // THREADS):
+                    e = t + q * THREADS
+                    if B_R: rr, jj = e % BK, e // BK
+                    else: jj, rr = e % BN, e // BN
+                    gj, gr = j0 + jj, r0 + rr
+                    ok = (gj < N) & (gr < R)
+                    idx = np.where(B_R, gj * ldb + gr, gr * ldb + gj)
+                    Bs[rr, jj] = np.where(ok, B[np.where(ok, idx, 0)], 0.0)
+                assert not np.isnan(As[:, :BM]).any() and not np.isnan(Bs[:, :BN]).any(), "tile not filled"
+                for r in range(BK):
+                    a = np.stack([As[r, ty + 16 * x] for x in range(4)], 1)
+                    b = np.stack([Bs[r, tx + 16 * y] for y in range(4)], 1)
+                    acc += a[:, :, None] * b[:, None, :]
+            for x in range(4):
+                gi = i0 + ty + 16 * x
+                for y in range(4):
+                    gj = j0 + tx + 16 * y
+                    ok = (gi < M) & (gj < N)
+                    idx = (gi * ldc + gj)[ok]
+                    v = acc[ok, x, y]
+                    if ACC: C[idx] += v
+                    else: C[idx] = v + (bias[gj[ok]] if bias is not None else 0.0)
+
+def check_linear():
+    for n, k, m in [(67, 93, 130), (1, 16, 64), (130, 40, 45), (5, 3, 70)]:
+        x = rng.standard_normal(n * k); w = rng.standard_normal(m * k); b = rng.standard_normal(m)
+        dy = rng.standard_normal(n * m)
+        X, W, DY = x.reshape(n, k), w.reshape(m, k), dy.reshape(n, m)
+        y = np.full(n * m, np.nan)
+        lin_gemm(x, k, w, k, y, m, b, n, m, k, True, True, False, (-(-m // 64), -(-n // 64)))
+        assert np.allclose(y.reshape(n, m), X @ W.T + b), "linear_forward"
+        dx0 = rng.standard_normal(n * k); dx = dx0.copy()
+        lin_gemm(dy, m, w, k, dx, k, None, n, k, m, True, False, True, (-(-k // 64), -(-n // 64)))
+        assert np.allclose(dx.reshape(n, k), dx0.reshape(n, k) + DY @ W), "linear_backward_input"
+        dw0 = rng.standard_normal(m * k); dw = dw0.copy()
+        lin_gemm(dy, m, x, k, dw, k, None, m, k, n, False, False, True, (-(-k // 64), -(-m // 64)))
+        assert np.allclose(dw.reshape(m, k), dw0.reshape(m, k) + DY.T @ X), "linear_backward_weight"
+    print("linear tiles ok")
+
+# ---- runtime_attention.cu ---------------------------------------------------------------------------
+MAXD = 256; PL = MAXD // 32
+
+def first_key(i, window): return max(0, i + 1 - window) if window > 0 else 0
+
+def attn_reference(q, k, v, dout, S, T, H, KV, D, window):
+    scale = 1.0 / math.sqrt(D)
+    Q = q.reshape(S, T, H, D); K = k.reshape(S, T, KV, D); V = v.reshape(S, T, KV, D); DO = dout.reshape(S, T, H, D)
+    out = np.zeros_like(Q); lse = np.zeros((S, H, T))
+    dq = np.zeros_like(Q); dk = np.zeros_like(K); dv = np.zeros_like(V)
+    for s in range(S):
+        for h in range(H):
+            g = h // (H // KV)
+            sc = Q[s, :, h] @ K[s, :, g].T * scale
+            mask = np.array([[first_key(i, window) <= j <= i for j in range(T)] for i in range(T)])
+            sc = np.where(mask, sc, -np.inf)
+            l = np.log(np.exp(sc - sc.max(1, keepdims=True)).sum(1)) + sc.max(1)
+            P = np.exp(sc - l[:, None])
+            out[s, :, h] = P @ V[s, :, g]; lse[s, h] = l
+            dP = DO[s, :, h] @ V[s, :, g].T
+            dS = P * (dP - (P * dP).sum(1, keepdims=True))
+            dq[s, :, h] = scale * dS @ K[s, :, g]
+            dk[s, :, g] += scale * dS.T @ Q[s, :, h]
+            dv[s, :, g] += P.T @ DO[s, :, h]
+    return out.ravel(), lse.ravel(), dq.ravel(), dk.ravel(), dv.ravel()
+
+def lanes_dims(): return np.arange(32)[:, None] + 32 * np.arange(PL)[None, :]  # [lane, c] -> d
+
+def attention_emulated(q, k, v, dout, S, T, H, KV, D, window):
+    scale = 1.0 / math.sqrt(D); dims = lanes_dims(); live = dims < D
+    qw, kw = H * D, KV * D
+    out = np.full(q.size, np.nan); lse = np.full(S * H * T, np.nan)
+    ATT_WARPS = 4; blocks = -(-S * H * T // ATT_WARPS)
+    for blk in range(blocks):
+        for wib in range(ATT_WARPS):
+            warp = (blk * ATT_WARPS * 32 + wib * 32) >> 5
+            if warp >= S * H * T: continue
+            i = warp % T; sh = warp // T; h = sh % H; s = sh // H; g = h // (H // KV)
+            qi = (s * T + i) * qw + h * D; kb = s * T * kw + g * D
+            qr = np.where(live, q[np.where(live, qi + dims, 0)], 0.0); acc = np.zeros_like(qr)
+            m, l = -np.inf, 0.0
+            for j in range(first_key(i, window), i + 1):
+                kj = kb + j * kw
+                sc = (np.where(live, qr * k[np.where(live, kj + dims, 0)], 0.0)).sum() * scale
+                mn = max(m, sc); corr = math.exp(m - mn) if m > -np.inf else 0.0; e = math.exp(sc - mn)
+                l = l * corr + e
+                acc = np.where(live, acc * corr + e * v[np.where(live, kj + dims, 0)], acc); m = mn
+            o = (s * T + i) * qw + h * D
+            out[o + dims[live]] = (acc / l)[live]
+            lse[(s * H + h) * T + i] = m + math.log(l)
+    # backward: dq kernel
+    dq = np.zeros(q.size); delta = np.full(S * H * T, np.nan)
+    for warp in range(S * H * T):
+        i = warp % T; sh = warp // T; h = sh % H; s = sh // H; g = h // (H // KV)
+        qoff = (s * T + i) * qw + h * D; kb = s * T * kw + g * D
+        qr = np.where(live, q[np.where(live, qoff + dims, 0)], 0.0)
+        dor = np.where(live, dout[np.where(live, qoff + dims, 0)], 0.0)
+        row = (s * H + h) * T + i; L = lse[row]; j0 = first_key(i, window)
+        dsum = 0.0
+        for j in range(j0, i + 1):
+            kj = kb + j * kw
+            a = np.where(live, qr * k[np.where(live, kj + dims, 0)], 0).sum()
+            b = np.where(live, dor * v[np.where(live, kj + dims, 0)], 0).sum()
+            dsum += math.exp(a * scale - L) * b
+        delta[row] = dsum; acc = np.zeros_like(qr)
+        for j in range(j0, i + 1):
+            kj = kb + j * kw
+            a = np.where(live, qr * k[np.where(live, kj + dims, 0)], 0).sum()
+            b = np.where(live, dor * v[np.where(live, kj + dims, 0)], 0).sum()
+            p = math.exp(a * scale - L); ds = p * (b - dsum)
+            acc = np.where(live, acc + ds * k[np.where(live, kj + dims, 0)], acc)
+        dq[qoff + dims[live]] += scale * acc[live]
+    # dkv kernel
+    dk = np.zeros(k.size); dv = np.zeros(v.size); grp = H // KV
+    for warp in range(S * KV * T):
+        j = warp % T; sg = warp // T; g = sg % KV; s = sg // KV
+        koff = (s * T + j) * kw + g * D
+        kr = np.where(live, k[np.where(live, koff + dims, 0)], 0.0)
+        vr = np.where(live, v[np.where(live, koff + dims, 0)], 0.0)
+        dka = np.zeros_like(kr); dva = np.zeros_like(vr)
+        i1 = min(T, j + window) if window > 0 else T
+        for h in range(g * grp, (g + 1) * grp):
+            qb = s * T * qw + h * D; row0 = (s * H + h) * T
+            for i in range(j, i1):
+                assert first_key(i, window) <= j <= i
+                qi = qb + i * qw
+                qv = np.where(live, q[np.where(live, qi + dims, 0)], 0.0)
+                dov = np.where(live, dout[np.where(live, qi + dims, 0)], 0.0)
+                a = (qv * kr).sum(); b = (dov * vr).sum()
+                p = math.exp(a * scale - lse[row0 + i]); ds = p * (b - delta[row0 + i])
+                dva += p * dov; dka += ds * qv
+        dk[koff + dims[live]] += scale * dka[live]; dv[koff + dims[live]] += dva[live]
+    return out, lse, dq, dk, dv
+
+def check_attention():
+    for S, T, H, KV, D, W in [(2, 7, 4, 2, 12, 0), (1, 9, 6, 2, 40, 3), (2, 5, 2, 1, 33, 1), (1, 6, 3, 3, 8, 10)]:
+        q = rng.standard_normal(S * T * H * D); k = rng.standard_normal(S * T * KV * D)
+        v = rng.standard_normal(S * T * KV * D); do = rng.standard_normal(S * T * H * D)
+        want = attn_reference(q, k, v, do, S, T, H, KV, D, W)
+        got = attention_emulated(q, k, v, do, S, T, H, KV, D, W)
+        for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want):
+            assert not np.isnan(a).any(), name + " not written everywhere"
+            assert np.allclose(a, b, atol=1e-10), (name, S, T, H, KV, D, W, np.abs(a - b).max())
+    print("attention ok")
+
+# ---- runtime_rope.cu ---------------------------------------------------------------------------------
+def check_rope():
+    rows, heads, hd, tokens = 14, 3, 10, 7
+    x = rng.standard_normal(rows * heads * hd); cos = rng.standard_normal(tokens * hd); sin = rng.standard_normal(tokens * hd)
+    y = np.zeros_like(x); width = heads * hd; half = hd // 2
+    for e in range(x.size):
+        row = e // width; i = (e - row * width) % hd; head0 = e - i; t = row % tokens
+        rot = -x[head0 + i + half] if i < half else x[head0 + i - half]
+        y[e] = x[e] * cos[t * hd + i] + rot * sin[t * hd + i]
+    X = x.reshape(rows, heads, hd); C = cos.reshape(tokens, hd)[np.arange(rows) % tokens][:, None]
+    Sn = sin.reshape(tokens, hd)[np.arange(rows) % tokens][:, None]
+    rot = np.concatenate([-X[..., half:], X[..., :half]], -1)
+    assert np.allclose(y.reshape(rows, heads, hd), X * C + rot * Sn)
+    print("rope ok")
+
+# ---- runtime_rmsnorm.cu: the weight gradient's row chunks --------------------------------------------
+def check_rms_chunks():
+    for rows, d in [(133, 300), (1, 7), (64, 5), (65, 5)]:
+        per = 64; chunks = -(-rows // per)
+        x = rng.standard_normal((rows, d)); dy = rng.standard_normal((rows, d)); inv = rng.random(rows)
+        parts = np.zeros((chunks, d))
+        for cy in range(chunks):
+            r0 = cy * per; r1 = min(rows, r0 + per)
+            parts[cy] = (dy[r0:r1] * x[r0:r1] * inv[r0:r1, None]).sum(0)
+        assert np.allclose(parts.sum(0), (dy * x * inv[:, None]).sum(0))
+    print("rmsnorm chunks ok")
+
+check_linear(); check_attention(); check_rope(); check_rms_chunks()
+print("ALL OK")
