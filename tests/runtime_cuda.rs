@@ -793,6 +793,6 @@ fn a_tiny_decoder_tape_matches_the_cpu_tape() {
 #[test]
 fn opening_without_a_gpu_is_an_error_not_a_panic() {
     // Runs everywhere: without a driver or GPU, `open` returns an error; with one, a missing ordinal does.
-    let e = CudaDevice::open(1 << 20).err().expect("no GPU 1048576");
+    let e = CudaDevice::open(1 << 20).expect_err("no GPU 1048576");
     assert!(!e.to_string().is_empty());
 }
