@@ -158,3 +158,62 @@ fn capture_source_features_mode_flattens_tokens() {
     let want = ref_tensor(name, "hidden.2");
     assert!(max_rel(&last, &want) < 1e-5);
 }
+
+/// `--device`: `cpu` and `auto` give the same gradient norms here (auto falls back to the CPU without a
+/// GPU); `cuda` without a GPU is a one-line error (exit 2), never a panic; a CNN refuses `cuda`.
+#[test]
+fn device_flag_on_runtime_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dir("llama_llama3_rope");
+    let run = |device: &str, out: &str| {
+        engine(&[
+            "-q",
+            "gradnorm",
+            "--model",
+            d.to_str().unwrap(),
+            "--tokens",
+            d.join("tokens.npy").to_str().unwrap(),
+            "--batch",
+            "2",
+            "--device",
+            device,
+            "--out",
+            tmp.path().join(out).to_str().unwrap(),
+        ])
+    };
+    let gpu = matches!(sglp_engine::similarity::cuda::list_devices(), Ok(d) if !d.is_empty());
+    assert!(run("cpu", "cpu.json").status.success());
+    let grads = |f: &str| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join(f)).unwrap()).unwrap();
+        v["gradnorm"].clone()
+    };
+    if !gpu {
+        assert!(run("auto", "auto.json").status.success());
+        assert_eq!(grads("cpu.json"), grads("auto.json"));
+        let o = run("cuda", "cuda.json");
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!tmp.path().join("cuda.json").exists());
+    } else {
+        eprintln!("a GPU is present: the runtime's CUDA path is checked in tests/runtime_cuda.rs");
+    }
+    let o = engine(&[
+        "gradnorm",
+        "--model",
+        "m.safetensors",
+        "--arch",
+        "cifar-resnet20",
+        "--images",
+        "x.npy",
+        "--labels",
+        "y.npy",
+        "--device",
+        "cuda",
+        "--out",
+        tmp.path().join("c.json").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("CPU only"));
+}

@@ -2,11 +2,12 @@
 //! safetensors input of `cka` (tensors `model.layers.{i}` `[sequences, tokens, hidden]` f32, metadata
 //! `layers` = the names in order, comma-separated).
 
-use super::common::{positive, CnnArgs, TextCut, TokenArgs};
+use super::common::{load_decoder, positive, CnnArgs, TextCut, TokenArgs};
 use crate::error::Result;
 use crate::io::safetensors::StreamedSafetensors;
 use crate::runtime::cnn::CnnModel;
-use crate::runtime::{CalibrationData, Model, PrunableModel};
+use crate::runtime::{CalibrationData, PrunableModel};
+use crate::similarity::device::DeviceChoice;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -21,6 +22,9 @@ pub struct CaptureArgs {
     pub cnn: CnnArgs,
     #[command(flatten)]
     pub cut: TextCut,
+    /// Where the model runs: `auto`, `cpu`, `cuda` or `cuda:N` (a CNN, --arch, runs on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
     /// Output .safetensors file.
     #[arg(long)]
     pub out: PathBuf,
@@ -32,10 +36,11 @@ pub struct CaptureArgs {
 pub fn run(a: CaptureArgs) -> Result<()> {
     let batch_size = positive(a.batch, "--batch")?;
     if let Some(arch) = &a.cnn.arch {
+        super::common::cnn_on_cpu(a.device)?;
         return run_cnn(&a, arch, batch_size);
     }
     let input = a.tokens.required(&a.cut, "capture")?;
-    let model = Model::load(&a.model)?;
+    let model = load_decoder(&a.model, a.device)?;
     let tokens = model.load_token_input(&input)?;
     let names = model.layer_names();
     let out = StreamedSafetensors::create(

@@ -24,7 +24,9 @@ pub struct CkaArgs {
 }
 
 pub fn run_cka(a: CkaArgs) -> Result<()> {
-    let res = a.input.with_source(|src| a.est.compute(src))?;
+    let res = a
+        .input
+        .with_source(a.est.device, |src| a.est.compute(src))?;
     let text = match a.format {
         CkaFormat::Json => {
             serde_json::to_string_pretty(&res).expect("CKA result serialises") + "\n"

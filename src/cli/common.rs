@@ -250,9 +250,11 @@ impl InputArgs {
         )
     }
 
-    /// Run `f` on the chosen source: activation files, or a model captured on tokens.
+    /// Run `f` on the chosen source: activation files, or a model captured on tokens (a decoder's passes on
+    /// `device`).
     pub fn with_source<T>(
         &self,
+        device: DeviceChoice,
         f: impl FnOnce(&mut dyn ActivationSource) -> Result<T>,
     ) -> Result<T> {
         let Some(dir) = &self.model else {
@@ -273,10 +275,34 @@ impl InputArgs {
             return f(&mut capture);
         }
         let input = self.tokens.required(&self.cut, "--model")?;
-        let model = Model::load(dir)?;
+        let model = load_decoder(dir, device)?;
         let tokens = model.load_token_input(&input)?;
         let mut capture = CaptureSource::new(&model, &tokens, batch, self.token_mode);
         f(&mut capture)
+    }
+}
+
+/// A decoder checkpoint whose passes run on `device` (`--device`); a fallback from `auto` to the CPU is
+/// noted once per machine.
+pub fn load_decoder(dir: &std::path::Path, device: DeviceChoice) -> Result<Model> {
+    let mut model = Model::load(dir)?;
+    if device != DeviceChoice::Cpu {
+        let (runner, note) = crate::runtime::device::open_runtime(device)?;
+        if let Some(n) = note {
+            notes::device_note(&n);
+        }
+        model.set_device(runner);
+    }
+    Ok(model)
+}
+
+/// `--device cuda[:N]` with `--arch`: refused (the CNN runtime runs on the CPU; `auto` means the CPU).
+pub fn cnn_on_cpu(device: DeviceChoice) -> Result<()> {
+    match device {
+        DeviceChoice::Cuda(_) => Err(Error::invalid(format!(
+            "--device {device}: the CNN runtime (--arch) runs on the CPU only; use --device cpu or auto"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -12,7 +12,6 @@ use crate::pruning::compare::{
 use crate::pruning::prune::param_counts;
 use crate::report::compare::{text_table, write_compare, COMPARE_HTML};
 use crate::runtime::cnn::CnnModel;
-use crate::runtime::Model;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -116,7 +115,7 @@ fn run_llm(a: &CompareArgs, spec: &CompareSpec) -> Result<CompareReport> {
     let held_input = a.eval.input(&a.cut).ok_or_else(|| {
         Error::invalid("compare needs held-out tokens: --eval-tokens FILE.npy or --eval-text FILE")
     })?;
-    let model = Model::load(&a.model)?;
+    let model = super::common::load_decoder(&a.model, a.sglp.est.device)?;
     let tokens = model.load_token_input(&calib)?;
     let held = model.load_token_input(&held_input)?;
     let params = param_counts(&a.model, model.num_layers())?;

@@ -1,10 +1,10 @@
 //! `sglp-engine eval`: perplexity = exp(mean next-token cross-entropy) of a checkpoint on a tokens file.
 
-use super::common::{emit_json, positive, CnnArgs, TextCut, TokenArgs};
+use super::common::{emit_json, load_decoder, positive, CnnArgs, TextCut, TokenArgs};
 use crate::error::Result;
 use crate::pruning::calibration::perplexity;
 use crate::runtime::cnn::CnnModel;
-use crate::runtime::Model;
+use crate::similarity::device::DeviceChoice;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -19,6 +19,9 @@ pub struct EvalArgs {
     pub cnn: CnnArgs,
     #[command(flatten)]
     pub cut: TextCut,
+    /// Where the model runs: `auto`, `cpu`, `cuda` or `cuda:N` (a CNN, --arch, runs on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub batch: usize,
@@ -43,11 +46,12 @@ struct EvalJson<'a> {
 pub fn run(a: EvalArgs) -> Result<()> {
     let batch_size = positive(a.batch, "--batch")?;
     if let Some(arch) = &a.cnn.arch {
+        super::common::cnn_on_cpu(a.device)?;
         return run_cnn(&a, arch, batch_size);
     }
     let input = a.tokens.required(&a.cut, "eval")?;
     let t0 = Instant::now();
-    let model = Model::load(&a.model)?;
+    let model = load_decoder(&a.model, a.device)?;
     let tokens = model.load_token_input(&input)?;
     let p = perplexity(&model, &tokens, batch_size, &[])?;
     let seconds = t0.elapsed().as_secs_f64();

@@ -1,10 +1,10 @@
 //! `sglp-engine gradnorm`: per-decoder-layer gradient norms (GradNorm importance) of a checkpoint on
 //! calibration tokens, with the engine's own runtime.
 
-use super::common::{positive, CnnArgs, TextCut, TokenArgs};
+use super::common::{load_decoder, positive, CnnArgs, TextCut, TokenArgs};
 use crate::error::Result;
 use crate::runtime::cnn::CnnModel;
-use crate::runtime::Model;
+use crate::similarity::device::DeviceChoice;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -20,6 +20,9 @@ pub struct GradnormArgs {
     pub cnn: CnnArgs,
     #[command(flatten)]
     pub cut: TextCut,
+    /// Where the model runs: `auto`, `cpu`, `cuda` or `cuda:N` (a CNN, --arch, runs on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
     /// Sequences (images with --arch) per forward + backward pass.
     #[arg(long, default_value_t = crate::pruning::pipeline::DEFAULT_FORWARD_BATCH)]
     pub batch: usize,
@@ -34,10 +37,11 @@ pub struct GradnormArgs {
 pub fn run(a: GradnormArgs) -> Result<()> {
     let batch_size = positive(a.batch, "--batch")?;
     if a.cnn.arch.is_some() {
+        super::common::cnn_on_cpu(a.device)?;
         return run_cnn(&a, batch_size);
     }
     let input = a.tokens.required(&a.cut, "gradnorm")?;
-    let model = Model::load(&a.model)?;
+    let model = load_decoder(&a.model, a.device)?;
     let tokens = model.load_token_input(&input)?;
     // load_tokens guarantees at least one sequence, so at least one batch.
     let n_batches = tokens.sequences.div_ceil(batch_size);

@@ -221,7 +221,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
             method: a.sglp.method_name(),
             options: a.sglp.options(a.gradnorm.is_some())?,
         };
-        prune(&spec, &mut || est.backend())?
+        prune(&spec, &mut || est.backend(), &mut |dir| {
+            super::common::load_decoder(dir, est.device)
+        })?
     };
     for w in r.cka.warnings.iter().chain(&r.warnings) {
         notes::warn(w);

@@ -18,7 +18,9 @@ pub struct RunArgs {
 }
 
 pub fn run_pipeline(a: RunArgs) -> Result<()> {
-    let res = a.input.with_source(|src| a.est.compute(src))?;
+    let res = a
+        .input
+        .with_source(a.est.device, |src| a.est.compute(src))?;
     std::fs::create_dir_all(&a.out_dir).map_err(|e| Error::io(&a.out_dir, e))?;
     let cka_path = a.out_dir.join("cka.json");
     emit_json(Some(&cka_path), &res)?;

@@ -44,10 +44,12 @@ pub fn param_counts(model_dir: &Path, num_layers: usize) -> Result<ParamCounts> 
 /// Prune: decide, evaluate, write the checkpoint and the report. Returns the report and where the
 /// checkpoint went. Warnings are in `report.warnings` (and the CKA's own in `report.cka.warnings`).
 /// `open_backend` is called once the output directory, the model and the tokens have been checked, so a
-/// bad argument is reported before any device is opened.
+/// bad argument is reported before any device is opened. `load_model` loads the checkpoint (and chooses
+/// the device its passes run on: `cli::common::load_decoder`).
 pub fn prune(
     spec: &PruneSpec,
     open_backend: &mut dyn FnMut() -> Result<Box<dyn Backend>>,
+    load_model: &mut dyn FnMut(&Path) -> Result<Model>,
 ) -> Result<(PruneReport, PathBuf)> {
     let t0 = Instant::now();
     let mut opts = spec.options.clone();
@@ -62,7 +64,7 @@ pub fn prune(
     // Refuse an existing OUTDIR before any work; the staging directory beside it is made only when the
     // checkpoint is written, so an interrupted analysis leaves nothing behind.
     StagedDir::check_dest(&spec.out, spec.force)?;
-    let model = Model::load(&spec.model)?;
+    let model = load_model(&spec.model)?;
     let l = model.num_layers();
     let budget = spec.budget.layers_to_remove(l)?;
     let tokens = model.load_token_input(&spec.tokens)?;

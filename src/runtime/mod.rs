@@ -2,7 +2,8 @@
 //! states, and forward + backward passes that reduce the gradient to one norm per decoder layer
 //! (GradNorm importance), on the CPU, with no Python.
 //!
-//! - [`ops`]: the ops as free functions over slices, one module per device ([`ops::cpu`]).
+//! - [`ops`]: the [`ops::Device`] trait and its implementations ([`ops::cpu`]: free functions over slices).
+//! - [`device`]: `--device` for the runtime.
 //! - [`tape`]: a model as a list of ops over buffers; forward in order, backward in reverse, gradient norms
 //!   reduced during the backward.
 //! - [`model`]: the LLaMA / Mistral / Qwen2 decoder built on the tape; [`config`], [`weights`]: the
@@ -10,6 +11,7 @@
 
 pub mod cnn;
 pub mod config;
+pub mod device;
 pub mod model;
 pub mod ops;
 pub mod prunable;

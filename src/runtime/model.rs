@@ -16,8 +16,116 @@ pub struct Model {
     pub config: ModelConfig,
     pub dir: PathBuf,
     weights: Weights,
-    /// Activation and gradient buffers recycled from one batch to the next (see [`Pool`]).
-    pool: Mutex<Pool>,
+    /// The device the passes run on (the CPU unless [`Model::set_device`] says otherwise), with the
+    /// activation and gradient buffers it recycles from one batch to the next (see [`Pool`]).
+    runner: Box<dyn DecoderRunner>,
+}
+
+/// The decoder's passes on one device, behind an object-safe interface (so that a [`Model`] can hold any
+/// [`Device`]); hidden states reach the callbacks on the host.
+pub trait DecoderRunner: Send + Sync {
+    /// The device, for notes and reports.
+    fn device_name(&self) -> String;
+    /// [`Model::forward`] or, with `start`, [`Model::forward_from`].
+    fn forward(
+        &self,
+        model: &Model,
+        tokens: &Tokens,
+        skip: &[usize],
+        start: Option<(usize, Arc<Vec<f32>>)>,
+        on_hidden: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<f64>;
+    /// [`Model::grad_norms_observed`].
+    fn grad_norms(
+        &self,
+        model: &Model,
+        tokens: &Tokens,
+        skip: &[usize],
+        on_hidden: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<GradNorms>;
+}
+
+/// A [`DecoderRunner`] on device `D`, recycling one [`Pool`] of buffers.
+pub struct OnDevice<D: Device> {
+    dev: D,
+    pool: Mutex<Pool<D>>,
+}
+
+impl<D: Device> OnDevice<D> {
+    pub fn new(dev: D) -> Self {
+        OnDevice {
+            dev,
+            pool: Mutex::new(Pool::default()),
+        }
+    }
+
+    /// Run `f` with the pool taken out of its lock (passes of one model do not overlap).
+    fn with_pool<R>(&self, f: impl FnOnce(&mut Pool<D>) -> R) -> R {
+        let mut pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()));
+        let r = f(&mut pool);
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+        r
+    }
+}
+
+/// `on_hidden` over host views of device slices: the first failed download is kept and returned after the
+/// pass (the tape's callback cannot fail).
+fn host_callback<'a, D: Device>(
+    dev: &'a D,
+    on_hidden: &'a mut dyn FnMut(usize, &[f32]),
+    failed: &'a mut Option<crate::Error>,
+) -> impl FnMut(usize, &D::Slice) + 'a {
+    let mut scratch = Vec::new();
+    move |i, s| {
+        if failed.is_some() {
+            return;
+        }
+        match dev.host_view(s, &mut scratch) {
+            Ok(h) => on_hidden(i, h),
+            Err(e) => *failed = Some(e),
+        }
+    }
+}
+
+impl<D: Device> DecoderRunner for OnDevice<D> {
+    fn device_name(&self) -> String {
+        self.dev.name()
+    }
+
+    fn forward(
+        &self,
+        model: &Model,
+        tokens: &Tokens,
+        skip: &[usize],
+        start: Option<(usize, Arc<Vec<f32>>)>,
+        on_hidden: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<f64> {
+        let mut failed = None;
+        let loss = self.with_pool(|pool| {
+            let mut cb = host_callback(&self.dev, on_hidden, &mut failed);
+            let mut tape =
+                model.build_tape(&self.dev, std::mem::take(pool), tokens, skip, start)?;
+            let loss = tape.forward(&model.weights, false, &mut cb);
+            *pool = tape.into_pool();
+            loss
+        })?;
+        failed.map_or(Ok(loss), Err)
+    }
+
+    fn grad_norms(
+        &self,
+        model: &Model,
+        tokens: &Tokens,
+        skip: &[usize],
+        on_hidden: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<GradNorms> {
+        let mut failed = None;
+        let g = self.with_pool(|pool| {
+            let mut cb = host_callback(&self.dev, on_hidden, &mut failed);
+            model.grad_norms_on(&self.dev, pool, tokens, skip, &mut cb)
+        })?;
+        failed.map_or(Ok(g), Err)
+    }
 }
 
 impl Model {
@@ -30,7 +138,7 @@ impl Model {
             config,
             dir: dir.to_path_buf(),
             weights,
-            pool: Mutex::new(Pool::default()),
+            runner: Box::new(OnDevice::new(Cpu)),
         };
         model.check_weights()?;
         Ok(model)
@@ -136,10 +244,17 @@ impl Model {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<f64> {
-        let mut pool = self.take_pool();
-        let loss = self.forward_on(&Cpu, &mut pool, tokens, skip, on_hidden);
-        self.put_pool(pool);
-        loss
+        self.runner.forward(self, tokens, skip, None, on_hidden)
+    }
+
+    /// Run the passes on another device (the CPU by default): [`OnDevice`] of a [`Device`].
+    pub fn set_device(&mut self, runner: Box<dyn DecoderRunner>) {
+        self.runner = runner;
+    }
+
+    /// The device the passes run on.
+    pub fn device_name(&self) -> String {
+        self.runner.device_name()
     }
 
     /// [`Model::forward`] on device `dev`, recycling the buffers of `pool`; `on_hidden` sees the hidden
@@ -179,11 +294,8 @@ impl Model {
                 h_start.len()
             )));
         }
-        let mut tape =
-            self.build_tape(&Cpu, self.take_pool(), tokens, skip, Some((start, h_start)))?;
-        let loss = tape.forward(&self.weights, false, on_hidden);
-        self.put_pool(tape.into_pool());
-        loss
+        self.runner
+            .forward(self, tokens, skip, Some((start, h_start)), on_hidden)
     }
 
     /// Forward + backward: the loss and each decoder layer's gradient norm (skipped layers: 0), plus the
@@ -201,10 +313,7 @@ impl Model {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<GradNorms> {
-        let mut pool = self.take_pool();
-        let g = self.grad_norms_on(&Cpu, &mut pool, tokens, skip, on_hidden);
-        self.put_pool(pool);
-        g
+        self.runner.grad_norms(self, tokens, skip, on_hidden)
     }
 
     /// [`Model::grad_norms_observed`] on device `dev`, recycling the buffers of `pool`.
@@ -232,14 +341,6 @@ impl Model {
             norm: sumsq[n + 1].sqrt(),
             lm_head: (!self.config.tie_word_embeddings).then(|| sumsq[n + 2].sqrt()),
         })
-    }
-
-    fn take_pool(&self) -> Pool {
-        std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn put_pool(&self, pool: Pool) {
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool;
     }
 
     /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2.

@@ -173,7 +173,7 @@ pub fn self_check(candidate: &mut dyn Backend, reference: &mut dyn Backend) -> R
     Ok(worst)
 }
 
-fn cuda_reason(e: &Error) -> String {
+pub(crate) fn cuda_reason(e: &Error) -> String {
     match e {
         Error::Cuda { msg, .. } => msg.clone(),
         other => other.to_string(),

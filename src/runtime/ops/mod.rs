@@ -80,6 +80,12 @@ pub trait Device: Clone + Send + Sync + 'static {
     fn upload(&self, host: &[f32], dst: &mut Self::Slice) -> Result<()>;
     /// Copy a device buffer to the host (a hidden state handed to a host consumer).
     fn download(&self, src: &Self::Slice, host: &mut Vec<f32>) -> Result<()>;
+    /// `src` readable on the host: the slice itself where the device is the host, else downloaded into
+    /// `scratch`.
+    fn host_view<'a>(&self, src: &'a Self::Slice, scratch: &'a mut Vec<f32>) -> Result<&'a [f32]> {
+        self.download(src, scratch)?;
+        Ok(scratch)
+    }
     /// Token ids or labels (−1: none) onto the device.
     fn ids(&self, ids: &[i64]) -> Result<Self::Ids>;
     /// Parameter `name` (`len` values, row-major, PyTorch layout) for one op.
@@ -231,4 +237,102 @@ pub trait Device: Clone + Send + Sync + 'static {
         targets: &Self::Ids,
         lse: &mut Self::Slice,
     ) -> Result<(f64, usize)>;
+}
+
+/// Max relative difference between `dev` and the CPU on a few ops over fresh random inputs with awkward
+/// shapes (a linear with bias, RMSNorm, rotary, causal GQA attention with a window): the start-up check a
+/// device must pass before `--device auto` picks it. Relative to the largest CPU value of each output.
+pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    let mut rand_vec =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let cpu = cpu::Cpu;
+    let mut worst = 0f64;
+    let mut compare = |host: &[f32], got: &D::Slice, dev: &D| -> Result<()> {
+        let mut back = Vec::new();
+        dev.download(got, &mut back)?;
+        let scale = host.iter().fold(1e-30f64, |m, &v| m.max(v.abs() as f64));
+        for (&a, &b) in host.iter().zip(&back) {
+            worst = worst.max((a as f64 - b as f64).abs() / scale);
+        }
+        Ok(())
+    };
+    let up = |host: &[f32]| -> Result<D::Buf> {
+        let mut b = dev.alloc_zeroed(host.len())?;
+        dev.upload(host, &mut b)?;
+        Ok(b)
+    };
+
+    // A linear with bias: 37 rows, 29 → 23.
+    let (n, k, m) = (37, 29, 23);
+    let (x, w, b) = (rand_vec(n * k), rand_vec(m * k), rand_vec(m));
+    let mut y = vec![0f32; n * m];
+    cpu::linear_forward(&x, &w, Some(&b), n, k, m, &mut y);
+    let mut yd = dev.alloc_zeroed(n * m)?;
+    let (xd, wd, bd) = (up(&x)?, up(&w)?, up(&b)?);
+    dev.linear_forward(&xd, &wd, Some(&bd), n, k, m, &mut yd)?;
+    compare(&y, &yd, dev)?;
+
+    // RMSNorm over rows of 29.
+    let g = rand_vec(k);
+    let mut r = vec![0f32; n * k];
+    cpu.rmsnorm_forward(&x, &g, k, 1e-6, &mut r)?;
+    let mut rd = dev.alloc_zeroed(n * k)?;
+    let gd = up(&g)?;
+    dev.rmsnorm_forward(&xd, &gd, k, 1e-6, &mut rd)?;
+    compare(&r, &rd, dev)?;
+
+    // Attention: 2 sequences of 19 tokens, 4 heads over 2 KV heads of 8, a window of 5; rotary first.
+    let shape = AttnShape {
+        seqs: 2,
+        tokens: 19,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        window: Some(5),
+    };
+    let rows = shape.seqs * shape.tokens;
+    let (qd, kvd) = (
+        shape.heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+    );
+    let (q, kk, v) = (
+        rand_vec(rows * qd),
+        rand_vec(rows * kvd),
+        rand_vec(rows * kvd),
+    );
+    let inv_freq: Vec<f64> = (0..shape.head_dim / 2)
+        .map(|i| 10000f64.powf(-(2.0 * i as f64) / shape.head_dim as f64))
+        .collect();
+    let table = RopeTable::new(&inv_freq, shape.tokens, 1.0);
+    let mut qr = vec![0f32; rows * qd];
+    cpu.rope_forward(&q, shape.heads, &table, &mut qr)?;
+    let mut qrd = dev.alloc_zeroed(rows * qd)?;
+    let qd_ = up(&q)?;
+    dev.rope_forward(&qd_, shape.heads, &table, &mut qrd)?;
+    compare(&qr, &qrd, dev)?;
+    let (mut o, mut lse) = (vec![0f32; rows * qd], vec![0f32; rows * shape.heads]);
+    cpu.attention_forward(&qr, &kk, &v, shape, &mut o, &mut lse)?;
+    let (mut od, mut lsed) = (
+        dev.alloc_zeroed(rows * qd)?,
+        dev.alloc_zeroed(rows * shape.heads)?,
+    );
+    let (qrd, kd, vd) = (up(&qr)?, up(&kk)?, up(&v)?);
+    dev.attention_forward(&qrd, &kd, &vd, shape, &mut od, &mut lsed)?;
+    compare(&o, &od, dev)?;
+    compare(&lse, &lsed, dev)?;
+    Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cpu_passes_its_own_self_check_exactly() {
+        assert_eq!(super::self_check(&super::cpu::Cpu).unwrap(), 0.0);
+    }
 }
