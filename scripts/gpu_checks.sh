@@ -7,7 +7,7 @@
 # Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
 # SGLP_REQUIRE_GPU=1, so a GPU that is not found fails), engine.json/engine.log (the cka_gpu bench
 # binary's per-batch CUDA-event timings; engine_pipelined.* the same with SGLP_GRAM_KERNEL=pipelined),
-# bench_gpu.json and bench.log (engine vs PyTorch, same GPU).
+# bench_gpu.json and bench.log (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -23,5 +23,10 @@ else
 fi
 PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
-echo "gpu_checks: tests exit $tests, python exit $py, bench exit $bench"
-[ "$tests" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ]
+# The runtime (issue 10): engine vs PyTorch forward + backward on a 1B-shaped model, printed into bench.log
+# (its JSON stays on the machine: at most 8 files come back).
+PATH="/tmp/dp/bin:$PATH" PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench_runtime_gpu.py --shapes 1b \
+  --out /tmp/runtime-gpu 2>&1 | tee -a "$out/bench.log"
+runtime=${PIPESTATUS[0]}
+echo "gpu_checks: tests exit $tests, python exit $py, bench exit $bench, runtime bench exit $runtime"
+[ "$tests" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$runtime" -eq 0 ]

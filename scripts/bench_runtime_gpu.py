@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""GPU runtime benchmark (issue 10): the engine's CUDA runtime against PyTorch on the same GPU, in one run.
+
+For each model shape a random LLaMA-family checkpoint is built with `transformers` from a config and a
+seed (the GPU machine has PyTorch and transformers but no network), saved as bf16 safetensors, then:
+
+  torch_eager    one forward + backward of the loss on S sequences x T tokens (sdpa attention, bf16
+                 weights and activations), timed with CUDA events, median of --reps after a warm-up;
+  torch_compile  the same through torch.compile (when it works on that machine; the error is recorded
+                 otherwise);
+  engine         `sglp-engine gradnorm --device cuda --timing` on the same tokens (its per-batch
+                 forward + backward wall times; the engine computes in f32 from the bf16 weights);
+  agreement      engine loss and per-layer gradient norms against PyTorch's, computed in float32 by
+                 PyTorch on the same weights (relative differences reported, not asserted: bf16 vs f32);
+  prune          with --prune: `sglp-engine prune --device cuda --remove 8` on --prune-seqs x T
+                 calibration tokens, wall time and the stage timings from its report.
+
+Shapes: `1b` (hidden 2048, 16 layers, intermediate 5632, 32 heads / 8 KV heads, vocab 32000) and `8b`
+(hidden 4096, 32 layers, intermediate 14336, 32 / 8, vocab 128256).
+
+Usage (GPU machine, repository root, after `bash .device/run-all.sh` unpacked the CLI into /tmp/dp/bin):
+  python3 scripts/bench_runtime_gpu.py --shapes 1b --out $OUT
+  python3 scripts/bench_runtime_gpu.py --shapes 1b,8b --prune --out $OUT
+Writes runtime_gpu.json into --out.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def engine_exe(given):
+    if given:
+        return given
+    for pattern in ("/tmp/dp/bin/sglp-engine", "target/release/sglp-engine"):
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return shutil.which("sglp-engine") or "sglp-engine"
+
+
+def cuda_time(fn, reps):
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2], times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="1b")
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--prune", action="store_true")
+    ap.add_argument("--prune-seqs", type=int, default=64)
+    ap.add_argument("--engine", default=None)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args()
+
+    import numpy as np
+    import torch
+    import transformers
+
+    os.makedirs(a.out, exist_ok=True)
+    exe = engine_exe(a.engine)
+    report = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
+                  transformers=transformers.__version__, seqs=a.seqs, tokens=a.tokens, engine=exe, shapes={})
+    for name in a.shapes.split(","):
+        cfg = transformers.LlamaConfig(**SHAPES[name], rms_norm_eps=1e-5, max_position_embeddings=4096,
+                                       tie_word_embeddings=False, torch_dtype="bfloat16")
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+        n_params = sum(p.numel() for p in model.parameters())
+        rng = np.random.default_rng(0)
+        ids_np = rng.integers(0, cfg.vocab_size, size=(a.seqs, a.tokens)).astype(np.int64)
+        ids = torch.from_numpy(ids_np).cuda()
+        entry = dict(params=n_params, config=SHAPES[name])
+
+        def step(m=model):
+            m.zero_grad(set_to_none=True)
+            logits = m(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            loss.backward()
+            return loss
+
+        torch.cuda.reset_peak_memory_stats()
+        entry["torch_eager_s"], entry["torch_eager_all_s"] = cuda_time(step, a.reps)
+        entry["torch_eager_peak_bytes"] = torch.cuda.max_memory_allocated()
+        try:
+            compiled = torch.compile(model)
+            entry["torch_compile_s"], _ = cuda_time(lambda: step(compiled), a.reps)
+        except Exception as e:  # recorded, not fatal: torch.compile needs a working toolchain there
+            entry["torch_compile_error"] = f"{type(e).__name__}: {e}"[:400]
+
+        # Reference loss and gradient norms in float32 on the same weights (the engine computes in f32).
+        ref = model.float()
+        ref.zero_grad(set_to_none=True)
+        logits = ref(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        per_layer = []
+        for layer in ref.model.layers:
+            per_layer.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in layer.parameters()))))
+        entry["torch_f32_loss"] = float(loss)
+        ref.zero_grad(set_to_none=True)
+        model = ref.to(torch.bfloat16)
+        del logits, loss
+        torch.cuda.empty_cache()
+
+        with tempfile.TemporaryDirectory(dir=a.workdir) as d:
+            model.save_pretrained(d, safe_serialization=True)
+            del model
+            torch.cuda.empty_cache()
+            tok = os.path.join(d, "tokens.npy")
+            np.save(tok, np.tile(ids_np, (a.reps + 1, 1)))
+            os.sync()
+            out = os.path.join(d, "g.json")
+            t0 = time.perf_counter()
+            p = subprocess.run([exe, "gradnorm", "--device", "cuda", "--model", d, "--tokens", tok,
+                                "--batch", str(a.seqs), "--timing", "--out", out],
+                               capture_output=True, text=True)
+            entry["engine_process_s"] = time.perf_counter() - t0
+            if p.returncode != 0:
+                entry["engine_error"] = p.stderr[-2000:]
+            else:
+                g = json.load(open(out))
+                steps = g["timing"]["forward_backward_s"][1:]
+                entry["engine_s"] = sorted(steps)[len(steps) // 2]
+                entry["engine_all_s"] = steps
+                entry["engine_loss"] = g["loss"]
+                rel = [abs(x - y) / max(abs(y), 1e-30) for x, y in zip(g["gradnorm"], per_layer)]
+                entry["gradnorm_max_rel_diff_vs_torch_f32"] = max(rel)
+                entry["loss_rel_diff_vs_torch_f32"] = abs(g["loss"] - entry["torch_f32_loss"]) / entry["torch_f32_loss"]
+                entry["engine_over_torch_eager"] = entry["engine_s"] / entry["torch_eager_s"]
+            if a.prune:
+                calib = os.path.join(d, "calib.npy")
+                np.save(calib, rng.integers(0, cfg.vocab_size, size=(a.prune_seqs, a.tokens)).astype(np.int64))
+                pdir = os.path.join(d, "pruned")
+                t0 = time.perf_counter()
+                p = subprocess.run([exe, "prune", "--device", "cuda", "--model", d, "--tokens", calib,
+                                    "--remove", "8", "--out", pdir], capture_output=True, text=True)
+                entry["prune_wall_s"] = time.perf_counter() - t0
+                if p.returncode != 0:
+                    entry["prune_error"] = p.stderr[-2000:]
+                else:
+                    rep = json.load(open(os.path.join(pdir, "sglp-report.json")))
+                    entry["prune_timings"] = rep.get("timings") or rep.get("timing")
+        report["shapes"][name] = entry
+        print(json.dumps({name: entry}, indent=1), flush=True)
+    with open(os.path.join(a.out, "runtime_gpu.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
