@@ -61,22 +61,46 @@ fn source(o: usize, i: usize, stride: usize, pad: usize, size: usize) -> Option<
     (o * stride + i).checked_sub(pad).filter(|&v| v < size)
 }
 
+/// The output positions `o` (of `out`) whose input `o·stride − pad + k` lies inside `0..size`: a
+/// contiguous range, so the copies below run over plain slices instead of testing every element.
+fn valid(out: usize, k: usize, stride: usize, pad: usize, size: usize) -> std::ops::Range<usize> {
+    // o·stride + k ≥ pad  and  o·stride + k < size + pad.
+    let lo = pad.saturating_sub(k).div_ceil(stride);
+    let hi = if size + pad > k {
+        (size + pad - k).div_ceil(stride)
+    } else {
+        0
+    };
+    lo.min(out)..hi.clamp(lo.min(out), out)
+}
+
 /// `col[(c, i, j), (oy, ox)] = x[c, oy·s − p + i, ox·s − p + j]` (0 in the padding) for one image.
 fn im2col(x: &[f32], s: &ConvShape, col: &mut [f32]) {
     let (ho, wo) = (s.ho(), s.wo());
     for c in 0..s.c {
         for i in 0..s.kh {
+            let rows = valid(ho, i, s.stride, s.pad, s.h);
             for j in 0..s.kw {
+                let cols = valid(wo, j, s.stride, s.pad, s.w);
                 let row = &mut col[((c * s.kh + i) * s.kw + j) * ho * wo..][..ho * wo];
                 for oy in 0..ho {
                     let dst = &mut row[oy * wo..(oy + 1) * wo];
-                    let Some(y) = source(oy, i, s.stride, s.pad, s.h) else {
+                    if !rows.contains(&oy) || cols.is_empty() {
                         dst.fill(0.0);
                         continue;
-                    };
+                    }
+                    let y = oy * s.stride + i - s.pad;
                     let src = &x[(c * s.h + y) * s.w..][..s.w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        *d = source(ox, j, s.stride, s.pad, s.w).map_or(0.0, |xx| src[xx]);
+                    dst[..cols.start].fill(0.0);
+                    dst[cols.end..].fill(0.0);
+                    let x0 = cols.start * s.stride + j - s.pad;
+                    let d = &mut dst[cols.clone()];
+                    if s.stride == 1 {
+                        d.copy_from_slice(&src[x0..x0 + d.len()]);
+                    } else {
+                        for (k, v) in d.iter_mut().enumerate() {
+                            *v = src[x0 + k * s.stride];
+                        }
                     }
                 }
             }
@@ -84,26 +108,21 @@ fn im2col(x: &[f32], s: &ConvShape, col: &mut [f32]) {
     }
 }
 
-/// The transpose of [`im2col`], written directly: `row[(oy, ox), (c, i, j)]` (`[ho·wo, c·kh·kw]`
-/// row-major), the right operand of the weight gradient `dW = dy · colᵀ`. The `gemm` crate runs that
-/// product with a transposed (column-major) right operand at a fraction of its rate when the output is
-/// small and the sum long (16 × 144 from 1024 positions: 14–18 against ~150 GFLOP/s row-major here).
-fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32]) {
-    let (ho, wo, ck) = (s.ho(), s.wo(), s.ck());
-    for oy in 0..ho {
-        for ox in 0..wo {
-            let dst = &mut row[(oy * wo + ox) * ck..][..ck];
-            for c in 0..s.c {
-                for i in 0..s.kh {
-                    let d = &mut dst[(c * s.kh + i) * s.kw..][..s.kw];
-                    let Some(y) = source(oy, i, s.stride, s.pad, s.h) else {
-                        d.fill(0.0);
-                        continue;
-                    };
-                    let src = &x[(c * s.h + y) * s.w..][..s.w];
-                    for (j, v) in d.iter_mut().enumerate() {
-                        *v = source(ox, j, s.stride, s.pad, s.w).map_or(0.0, |xx| src[xx]);
-                    }
+/// The transpose of [`im2col`]: `row[(oy, ox), (c, i, j)]` (`[ho·wo, c·kh·kw]` row-major), the right
+/// operand of the weight gradient `dW = dy · colᵀ`. The `gemm` crate runs that product with a transposed
+/// (column-major) right operand at a fraction of its rate when the output is small and the sum long (16 ×
+/// 144 from 1024 positions: 14–18 against ~150 GFLOP/s row-major here). Built as im2col into `scratch`,
+/// then transposed in cache-sized tiles.
+fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32], scratch: &mut Vec<f32>) {
+    const TILE: usize = 32;
+    let (ck, hw) = (s.ck(), s.ho() * s.wo());
+    scratch.resize(ck * hw, 0.0);
+    im2col(x, s, scratch);
+    for r0 in (0..ck).step_by(TILE) {
+        for p0 in (0..hw).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(ck) {
+                for p in p0..(p0 + TILE).min(hw) {
+                    row[p * ck + r] = scratch[r * hw + p];
                 }
             }
         }
@@ -115,16 +134,25 @@ fn col2im_add(dcol: &[f32], s: &ConvShape, dx: &mut [f32]) {
     let (ho, wo) = (s.ho(), s.wo());
     for c in 0..s.c {
         for i in 0..s.kh {
+            let rows = valid(ho, i, s.stride, s.pad, s.h);
             for j in 0..s.kw {
+                let cols = valid(wo, j, s.stride, s.pad, s.w);
+                if cols.is_empty() {
+                    continue;
+                }
                 let row = &dcol[((c * s.kh + i) * s.kw + j) * ho * wo..][..ho * wo];
-                for oy in 0..ho {
-                    let Some(y) = source(oy, i, s.stride, s.pad, s.h) else {
-                        continue;
-                    };
+                let x0 = cols.start * s.stride + j - s.pad;
+                for oy in rows.clone() {
+                    let y = oy * s.stride + i - s.pad;
                     let dst = &mut dx[(c * s.h + y) * s.w..][..s.w];
-                    for (ox, &g) in row[oy * wo..(oy + 1) * wo].iter().enumerate() {
-                        if let Some(xx) = source(ox, j, s.stride, s.pad, s.w) {
-                            dst[xx] += g;
+                    let g = &row[oy * wo + cols.start..oy * wo + cols.end];
+                    if s.stride == 1 {
+                        for (d, &v) in dst[x0..x0 + g.len()].iter_mut().zip(g) {
+                            *d += v;
+                        }
+                    } else {
+                        for (k, &v) in g.iter().enumerate() {
+                            dst[x0 + k * s.stride] += v;
                         }
                     }
                 }
@@ -188,8 +216,8 @@ pub fn conv2d_backward(
         .zip(dy.par_chunks(s.out_len()))
         .with_min_len(images_per_task(s.n))
         .fold(
-            || (vec![0f32; s.o * ck], Vec::new()),
-            |(mut dwp, mut rows), (xn, dyn_)| {
+            || (vec![0f32; s.o * ck], (Vec::new(), Vec::new())),
+            |(mut dwp, (mut rows, mut scratch)), (xn, dyn_)| {
                 // colᵀ as a row-major [hw, ck] matrix (see `im2row`); a pointwise conv's is the image's
                 // transpose.
                 rows.resize(ck * hw, 0.0);
@@ -200,7 +228,7 @@ pub fn conv2d_backward(
                         }
                     }
                 } else {
-                    im2row(xn, &s, &mut rows);
+                    im2row(xn, &s, &mut rows, &mut scratch);
                 }
                 matmul(
                     &mut dwp,
@@ -211,7 +239,7 @@ pub fn conv2d_backward(
                     true,
                     Parallelism::None,
                 );
-                (dwp, rows)
+                (dwp, (rows, scratch))
             },
         )
         .map(|(d, _)| d)
