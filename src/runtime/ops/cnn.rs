@@ -111,18 +111,30 @@ fn im2col(x: &[f32], s: &ConvShape, col: &mut [f32]) {
 /// The transpose of [`im2col`]: `row[(oy, ox), (c, i, j)]` (`[ho·wo, c·kh·kw]` row-major), the right
 /// operand of the weight gradient `dW = dy · colᵀ`. The `gemm` crate runs that product with a transposed
 /// (column-major) right operand at a fraction of its rate when the output is small and the sum long (16 ×
-/// 144 from 1024 positions: 14–18 against ~150 GFLOP/s row-major here). Built as im2col into `scratch`,
-/// then transposed in cache-sized tiles.
-fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32], scratch: &mut Vec<f32>) {
-    const TILE: usize = 32;
-    let (ck, hw) = (s.ck(), s.ho() * s.wo());
-    scratch.resize(ck * hw, 0.0);
-    im2col(x, s, scratch);
-    for r0 in (0..ck).step_by(TILE) {
-        for p0 in (0..hw).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(ck) {
-                for p in p0..(p0 + TILE).min(hw) {
-                    row[p * ck + r] = scratch[r * hw + p];
+/// 144 from 1024 positions: 14–18 against ~150 GFLOP/s row-major here). Written position by position,
+/// each position's `c·kh·kw` values contiguous, each kernel row's `kw` inputs one slice copy.
+fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32]) {
+    let (ho, wo, ck) = (s.ho(), s.wo(), s.ck());
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let dst = &mut row[(oy * wo + ox) * ck..][..ck];
+            // Kernel columns j whose input ox·stride + j − pad lies inside the row.
+            let x0 = ox * s.stride;
+            let jlo = s.pad.saturating_sub(x0).min(s.kw);
+            let jhi = (s.w + s.pad).saturating_sub(x0).clamp(jlo, s.kw);
+            for c in 0..s.c {
+                for i in 0..s.kh {
+                    let d = &mut dst[(c * s.kh + i) * s.kw..][..s.kw];
+                    let y = oy * s.stride + i;
+                    if y < s.pad || y - s.pad >= s.h || jlo == jhi {
+                        d.fill(0.0);
+                        continue;
+                    }
+                    let src = &x[(c * s.h + y - s.pad) * s.w..][..s.w];
+                    d[..jlo].fill(0.0);
+                    d[jhi..].fill(0.0);
+                    let from = x0 + jlo - s.pad;
+                    d[jlo..jhi].copy_from_slice(&src[from..from + (jhi - jlo)]);
                 }
             }
         }
@@ -216,8 +228,8 @@ pub fn conv2d_backward(
         .zip(dy.par_chunks(s.out_len()))
         .with_min_len(images_per_task(s.n))
         .fold(
-            || (vec![0f32; s.o * ck], (Vec::new(), Vec::new())),
-            |(mut dwp, (mut rows, mut scratch)), (xn, dyn_)| {
+            || (vec![0f32; s.o * ck], Vec::new()),
+            |(mut dwp, mut rows), (xn, dyn_)| {
                 // colᵀ as a row-major [hw, ck] matrix (see `im2row`); a pointwise conv's is the image's
                 // transpose.
                 rows.resize(ck * hw, 0.0);
@@ -228,7 +240,7 @@ pub fn conv2d_backward(
                         }
                     }
                 } else {
-                    im2row(xn, &s, &mut rows, &mut scratch);
+                    im2row(xn, &s, &mut rows);
                 }
                 matmul(
                     &mut dwp,
@@ -239,7 +251,7 @@ pub fn conv2d_backward(
                     true,
                     Parallelism::None,
                 );
-                (dwp, (rows, scratch))
+                (dwp, rows)
             },
         )
         .map(|(d, _)| d)
