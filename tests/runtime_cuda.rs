@@ -1,7 +1,7 @@
 //! The runtime's CUDA device (`runtime::ops::cuda::CudaDevice`) against its CPU twins (the free functions
 //! of `runtime::ops::cpu`) on fresh random inputs of awkward shapes, op by op, then a whole
-//! `Tape<CudaDevice>` forward + backward against `Tape<Cpu>` on a tiny random decoder (GQA, q/k/v biases,
-//! one sliding-window layer), with the whole model resident and with a weight budget small enough that the
+//! decoder's forward + backward (`Model::grad_norms_on`, the fixture `qwen2_sliding`: GQA, q/k/v biases,
+//! sliding-window layers) on the GPU against the CPU, with the whole model resident and with a weight budget small enough that the
 //! device keeps only a window of layers (prefetched one group ahead).
 //!
 //! Without a usable GPU every test prints why and passes, unless `SGLP_REQUIRE_GPU=1`, where a missing GPU
@@ -17,10 +17,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::CudaDevice;
 use sglp_engine::runtime::ops::{cpu, AttnShape, Device, RopeTable};
-use sglp_engine::runtime::tape::{op, Cpu, ParamStore, Pool, Tape};
-use std::borrow::Cow;
+use sglp_engine::runtime::tape::{Cpu, Pool};
+use sglp_engine::runtime::{Model, Tokens};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 fn gpu_or_skip() -> Option<CudaDevice> {
     match CudaDevice::open(0) {
@@ -504,230 +503,27 @@ fn attention_matches_the_cpu_causal_windowed_and_gqa() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// A whole tape: a tiny random decoder on the GPU against the same tape on the CPU
+// A whole decoder (Model, the fixture qwen2_sliding) on the GPU against the CPU
 // ---------------------------------------------------------------------------------------------------------
 
-struct Store(HashMap<String, Vec<f32>>);
-
-impl ParamStore for Store {
-    fn param(&self, name: &str) -> sglp_engine::Result<Cow<'_, [f32]>> {
-        self.0
-            .get(name)
-            .map(|v| Cow::Borrowed(&v[..]))
-            .ok_or_else(|| sglp_engine::Error::invalid(format!("no parameter {name}")))
-    }
-}
-
-/// A llama-style decoder: 3 layers, 4 query heads over 2 kv heads of 12, q/k/v biases, layer 1 with a
-/// sliding window of 3 keys.
-struct Tiny {
-    vocab: usize,
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    inter: usize,
-    layers: usize,
-    window_layer: usize,
-    window: usize,
-    seqs: usize,
-    tokens: usize,
-}
-
-const TINY: Tiny = Tiny {
-    vocab: 50,
-    hidden: 48,
-    heads: 4,
-    kv_heads: 2,
-    head_dim: 12,
-    inter: 80,
-    layers: 3,
-    window_layer: 1,
-    window: 3,
-    seqs: 2,
-    tokens: 9,
-};
-
-fn tiny_store(c: &Tiny, seed: u64) -> Store {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut m = HashMap::new();
-    let (h, qd, kvd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
-    let mut put = |name: String, len: usize, scale: f32, offset: f32| {
-        let v = (0..len)
-            .map(|_| offset + rng.random_range(-scale..scale))
-            .collect();
-        m.insert(name, v);
-    };
-    put("model.embed_tokens.weight".into(), c.vocab * h, 1.0, 0.0);
-    put("model.norm.weight".into(), h, 0.2, 1.0);
-    put("lm_head.weight".into(), c.vocab * h, 0.2, 0.0);
-    for l in 0..c.layers {
-        let p = |s: &str| format!("model.layers.{l}.{s}");
-        put(p("input_layernorm.weight"), h, 0.2, 1.0);
-        put(p("post_attention_layernorm.weight"), h, 0.2, 1.0);
-        for (name, out, inp, bias) in [
-            ("self_attn.q_proj", qd, h, true),
-            ("self_attn.k_proj", kvd, h, true),
-            ("self_attn.v_proj", kvd, h, true),
-            ("self_attn.o_proj", h, qd, false),
-            ("mlp.gate_proj", c.inter, h, false),
-            ("mlp.up_proj", c.inter, h, false),
-            ("mlp.down_proj", h, c.inter, false),
-        ] {
-            let s = 1.0 / (inp as f32).sqrt();
-            put(p(&format!("{name}.weight")), out * inp, s, 0.0);
-            if bias {
-                put(p(&format!("{name}.bias")), out, 0.1, 0.0);
-            }
-        }
-    }
-    Store(m)
-}
-
-/// The decoder's tape on `dev`, as runtime/model.rs builds it (groups: layer l → l, embedding → L,
-/// final norm → L + 1, lm_head → L + 2).
-fn tiny_tape<D: Device>(dev: D, c: &Tiny, ids: &[i64]) -> Tape<D> {
-    let (n, h, t) = (c.seqs * c.tokens, c.hidden, c.tokens);
-    let targets = (0..n)
-        .map(|r| if r % t + 1 < t { ids[r + 1] } else { -1 })
-        .collect();
-    let mut tape = Tape::on(dev, ids.to_vec(), targets, Pool::default());
-    let rope = Arc::new(RopeTable::new(&inv_freq(c.head_dim), t, 1.0));
-    let nl = c.layers;
-    let embed = tape.param("model.embed_tokens.weight", nl, c.vocab * h);
-    let mut x = tape.buffer("embed", n, h);
-    tape.push(op::Embedding {
-        table: embed,
-        out: x,
-    });
-    tape.mark(0, x);
-    let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-    for l in 0..nl {
-        let pre = format!("model.layers.{l}");
-        let shape = AttnShape {
-            seqs: c.seqs,
-            tokens: t,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            head_dim: c.head_dim,
-            window: (l == c.window_layer).then_some(c.window),
-        };
-        let linear = |tape: &mut Tape<D>, x, name: &str, inp: usize, out: usize, bias: bool| {
-            let w = tape.param(format!("{pre}.{name}.weight"), l, out * inp);
-            let b = bias.then(|| tape.param(format!("{pre}.{name}.bias"), l, out));
-            let y = tape.buffer(format!("{pre}.{name}"), n, out);
-            tape.push(op::Linear { x, w, b, out: y });
-            y
-        };
-        let rms = |tape: &mut Tape<D>, x, name: &str| {
-            let w = tape.param(format!("{pre}.{name}.weight"), l, h);
-            let y = tape.buffer(format!("{pre}.{name}"), n, h);
-            tape.push(op::RmsNorm {
-                x,
-                w,
-                eps: 1e-6,
-                out: y,
-            });
-            y
-        };
-        let a = rms(&mut tape, x, "input_layernorm");
-        let q = linear(&mut tape, a, "self_attn.q_proj", h, qd, true);
-        let k = linear(&mut tape, a, "self_attn.k_proj", h, kvd, true);
-        let v = linear(&mut tape, a, "self_attn.v_proj", h, kvd, true);
-        let qr = tape.buffer(format!("{pre}.q_rope"), n, qd);
-        tape.push(op::Rope {
-            x: q,
-            heads: c.heads,
-            table: rope.clone(),
-            out: qr,
-        });
-        let kr = tape.buffer(format!("{pre}.k_rope"), n, kvd);
-        tape.push(op::Rope {
-            x: k,
-            heads: c.kv_heads,
-            table: rope.clone(),
-            out: kr,
-        });
-        let att = tape.buffer(format!("{pre}.attn"), n, qd);
-        let lse = tape.buffer(format!("{pre}.attn_lse"), c.seqs * c.heads, t);
-        tape.push(op::Attention {
-            q: qr,
-            k: kr,
-            v,
-            shape,
-            out: att,
-            lse,
-        });
-        let o = linear(&mut tape, att, "self_attn.o_proj", qd, h, false);
-        let x1 = tape.buffer(format!("{pre}.resid_attn"), n, h);
-        tape.push(op::Add {
-            a: x,
-            b: o,
-            out: x1,
-        });
-        let b = rms(&mut tape, x1, "post_attention_layernorm");
-        let gate = linear(&mut tape, b, "mlp.gate_proj", h, c.inter, false);
-        let up = linear(&mut tape, b, "mlp.up_proj", h, c.inter, false);
-        let act = tape.buffer(format!("{pre}.mlp.act"), n, c.inter);
-        tape.push(op::Silu { x: gate, out: act });
-        let mm = tape.buffer(format!("{pre}.mlp.mul"), n, c.inter);
-        tape.push(op::Mul {
-            a: act,
-            b: up,
-            out: mm,
-        });
-        let d = linear(&mut tape, mm, "mlp.down_proj", c.inter, h, false);
-        let x2 = tape.buffer(format!("{pre}.out"), n, h);
-        tape.push(op::Add {
-            a: x1,
-            b: d,
-            out: x2,
-        });
-        x = x2;
-        tape.mark(l + 1, x);
-    }
-    let norm = tape.param("model.norm.weight", nl + 1, h);
-    let xn = tape.buffer("norm", n, h);
-    tape.push(op::RmsNorm {
-        x,
-        w: norm,
-        eps: 1e-6,
-        out: xn,
-    });
-    let head = tape.param("lm_head.weight", nl + 2, c.vocab * h);
-    let logits = tape.buffer("logits", n, c.vocab);
-    tape.push(op::Linear {
-        x: xn,
-        w: head,
-        b: None,
-        out: logits,
-    });
-    let lse = tape.buffer("logits_lse", n, 1);
-    tape.push(op::CrossEntropy { logits, lse });
-    tape
-}
-
-/// (loss, hidden states, per-group sums of squared gradients) of one forward + backward.
-fn run_tiny<D: Device>(
-    dev: D,
-    c: &Tiny,
-    store: &Store,
-    ids: &[i64],
-) -> (f64, Vec<Vec<f32>>, Vec<f64>) {
-    let mut tape = tiny_tape(dev.clone(), c, ids);
-    let mut hidden = vec![Vec::new(); c.layers + 1];
-    let loss = tape
-        .forward(store, true, &mut |i, h| {
+/// (loss, hidden states, per-group gradient norms) of one forward + backward of `model` on `dev`: the
+/// decoder as `Model` builds it, the same code path as `gradnorm`.
+fn run_model<D: Device>(dev: &D, model: &Model, tokens: &Tokens) -> (f64, Vec<Vec<f32>>, Vec<f64>) {
+    let mut hidden = vec![Vec::new(); model.num_layers() + 1];
+    let g = model
+        .grad_norms_on(dev, &mut Pool::default(), tokens, &[], &mut |i, h| {
             dev.download(h, &mut hidden[i]).unwrap();
         })
         .unwrap();
-    let sumsq = tape.backward(store, c.layers + 3).unwrap();
-    (loss, hidden, sumsq)
+    let mut norms = g.per_layer.clone();
+    norms.extend([g.embed_tokens, g.norm]);
+    norms.extend(g.lm_head);
+    (g.loss, hidden, norms)
 }
 
-fn check_tiny_against_cpu(dev: CudaDevice, c: &Tiny, store: &Store, ids: &[i64], what: &str) {
-    let (loss_c, hid_c, sq_c) = run_tiny(Cpu, c, store, ids);
-    let (loss_g, hid_g, sq_g) = run_tiny(dev, c, store, ids);
+fn check_model_against_cpu(dev: &CudaDevice, model: &Model, tokens: &Tokens, what: &str) {
+    let (loss_c, hid_c, gn_c) = run_model(&Cpu, model, tokens);
+    let (loss_g, hid_g, gn_g) = run_model(dev, model, tokens);
     assert!(
         rel(loss_g, loss_c) < 1e-5,
         "{what}: loss {loss_g} vs {loss_c}"
@@ -735,8 +531,7 @@ fn check_tiny_against_cpu(dev: CudaDevice, c: &Tiny, store: &Store, ids: &[i64],
     for (i, (g, w)) in hid_g.iter().zip(&hid_c).enumerate() {
         assert_close(&format!("{what}: hidden {i}"), g, w, 1e-5);
     }
-    for (grp, (&g, &w)) in sq_g.iter().zip(&sq_c).enumerate() {
-        let (g, w) = (g.sqrt(), w.sqrt());
+    for (grp, (&g, &w)) in gn_g.iter().zip(&gn_c).enumerate() {
         eprintln!("{what}: group {grp} gradient norm {g:.6e} vs {w:.6e}");
         assert!(
             rel(g, w) < 1e-4,
@@ -745,43 +540,52 @@ fn check_tiny_against_cpu(dev: CudaDevice, c: &Tiny, store: &Store, ids: &[i64],
     }
 }
 
+/// f32 bytes of each tensor of the fixture's checkpoint (what the device holds once converted).
+fn tensor_bytes(dir: &std::path::Path) -> HashMap<String, usize> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.shape().iter().product::<usize>() * 4))
+        .collect()
+}
+
 #[test]
-fn a_tiny_decoder_tape_matches_the_cpu_tape() {
+fn a_decoder_on_the_gpu_matches_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
-    let c = &TINY;
-    let store = tiny_store(c, 11);
-    let mut rng = StdRng::seed_from_u64(12);
-    let ids: Vec<i64> = (0..c.seqs * c.tokens)
-        .map(|_| rng.random_range(0..c.vocab as i64))
-        .collect();
-    check_tiny_against_cpu(dev.clone(), c, &store, &ids, "resident weights");
+    // Qwen2, 3 layers, 4 query heads over 2 KV heads, q/k/v biases, sliding windows of 5 on layers 1–2
+    // over 16-token sequences: the decoder as Model builds it, on both devices.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_sliding");
+    let model = Model::load(&dir).unwrap();
+    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    let sizes = tensor_bytes(&dir);
+    check_model_against_cpu(&dev, &model, &tokens, "resident weights");
     let (resident, bytes, uploads) = dev.weight_stats().unwrap();
-    let total: usize = store.0.values().map(|v| v.len() * 4).sum();
+    let total: usize = sizes.values().sum();
     assert_eq!(
         (resident, bytes, uploads),
-        (store.0.len(), total, store.0.len()),
+        (sizes.len(), total, sizes.len()),
         "with room for all, every weight is uploaded once"
     );
-    // A second step with the same store uploads nothing.
-    check_tiny_against_cpu(dev.clone(), c, &store, &ids, "cached weights");
-    assert_eq!(dev.weight_stats().unwrap().2, store.0.len());
+    // A second step with the same weights uploads nothing.
+    check_model_against_cpu(&dev, &model, &tokens, "cached weights");
+    assert_eq!(dev.weight_stats().unwrap().2, sizes.len());
 
     // A budget of about two layers: the device keeps a window of groups, prefetched one ahead, and
     // evicts the rest; the results do not change.
-    let layer_bytes: usize = store
-        .0
+    let layer_bytes: usize = sizes
         .iter()
         .filter(|(k, _)| k.starts_with("model.layers.0."))
-        .map(|(_, v)| v.len() * 4)
+        .map(|(_, &b)| b)
         .sum();
     dev.clear_weights().unwrap();
     dev.set_weight_budget(2 * layer_bytes).unwrap();
     let before = dev.weight_stats().unwrap().2;
-    check_tiny_against_cpu(dev.clone(), c, &store, &ids, "windowed weights");
+    check_model_against_cpu(&dev, &model, &tokens, "windowed weights");
     let (_, bytes, after) = dev.weight_stats().unwrap();
     let uploads = after - before;
     assert!(
-        uploads > store.0.len(),
+        uploads > sizes.len(),
         "the backward re-uploads evicted layers ({uploads} uploads)"
     );
     assert!(

@@ -103,11 +103,7 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
         let mut failed = None;
         let loss = self.with_pool(|pool| {
             let mut cb = host_callback(&self.dev, on_hidden, &mut failed);
-            let mut tape =
-                model.build_tape(&self.dev, std::mem::take(pool), tokens, skip, start)?;
-            let loss = tape.forward(&model.weights, false, &mut cb);
-            *pool = tape.into_pool();
-            loss
+            model.forward_on(&self.dev, pool, tokens, skip, start, &mut cb)
         })?;
         failed.map_or(Ok(loss), Err)
     }
@@ -257,17 +253,18 @@ impl Model {
         self.runner.device_name()
     }
 
-    /// [`Model::forward`] on device `dev`, recycling the buffers of `pool`; `on_hidden` sees the hidden
-    /// states where the device keeps them.
+    /// [`Model::forward`] (or, with `start`, [`Model::forward_from`]) on device `dev`, recycling the
+    /// buffers of `pool`; `on_hidden` sees the hidden states where the device keeps them.
     pub fn forward_on<D: Device>(
         &self,
         dev: &D,
         pool: &mut Pool<D>,
         tokens: &Tokens,
         skip: &[usize],
+        start: Option<(usize, Arc<Vec<f32>>)>,
         on_hidden: &mut dyn FnMut(usize, &D::Slice),
     ) -> Result<f64> {
-        let mut tape = self.build_tape(dev, std::mem::take(pool), tokens, skip, None)?;
+        let mut tape = self.build_tape(dev, std::mem::take(pool), tokens, skip, start)?;
         let loss = tape.forward(&self.weights, false, on_hidden);
         *pool = tape.into_pool();
         loss
