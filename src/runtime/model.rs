@@ -560,8 +560,9 @@ mod tests {
             g.dedup();
             g
         };
+        let io: Vec<_> = tape.ops.iter().map(|op| op.io()).collect();
         let forward: Vec<usize> = (0..tape.ops.len()).collect();
-        let plan = tape.prefetch_plan(&forward);
+        let plan = tape.prefetch_plan(&io, &forward);
         let announced: Vec<usize> = plan.iter().flat_map(|(_, ps)| groups(ps)).collect();
         let mut expected = vec![nl]; // the embedding's group
         expected.extend(0..nl);
@@ -580,7 +581,7 @@ mod tests {
         }
         let backward: Vec<usize> = (0..tape.ops.len()).rev().collect();
         let announced: Vec<usize> = tape
-            .prefetch_plan(&backward)
+            .prefetch_plan(&io, &backward)
             .iter()
             .flat_map(|(_, ps)| groups(ps))
             .collect();

@@ -320,37 +320,36 @@ impl<D: Device> Tape<D> {
             .expect("uploaded at the start of the forward")
     }
 
-    /// For each op, the names of the parameters of the next group the ops from there on read, in order,
-    /// when that op is the first of a group (in the direction given): what to hand [`Device::prefetch`].
-    pub(crate) fn prefetch_plan(&self, order: &[usize]) -> Vec<(usize, Vec<usize>)> {
-        let io: Vec<Vec<ParamId>> = self.ops.iter().map(|op| op.io().params).collect();
+    /// When to announce which parameters to the device ([`Device::prefetch`]), for the ops run in `order`
+    /// (`io`: every op's bookkeeping): at the first op of each parameter group's run of ops, the next
+    /// run's parameters (each once, in the order they are read). The first entry, at `usize::MAX`, is the
+    /// first run itself, announced before anything runs.
+    pub(crate) fn prefetch_plan(&self, io: &[OpIo], order: &[usize]) -> Vec<(usize, Vec<ParamId>)> {
         // Runs of consecutive ops (in `order`) by group of their first parameter; ops without parameters
-        // join the run they sit in.
-        let mut runs: Vec<(usize, usize, Vec<ParamId>)> = Vec::new(); // (first op position, group, params)
-        for (pos, &i) in order.iter().enumerate() {
-            let Some(&p0) = io[i].first() else { continue };
+        // join the run they sit in. (first op, group, params)
+        let mut runs: Vec<(usize, usize, Vec<ParamId>)> = Vec::new();
+        for &i in order {
+            let Some(&p0) = io[i].params.first() else {
+                continue;
+            };
             let g = self.params[p0].group;
-            match runs.last_mut() {
-                Some((_, rg, ps)) if *rg == g => ps.extend(io[i].iter().copied()),
-                _ => runs.push((pos, g, io[i].clone())),
+            if runs.last().is_none_or(|r| r.1 != g) {
+                runs.push((i, g, Vec::new()));
+            }
+            let ps = &mut runs.last_mut().expect("pushed above").2;
+            for &p in &io[i].params {
+                if !ps.contains(&p) {
+                    ps.push(p);
+                }
             }
         }
-        // At the first op of run r, prefetch run r + 1.
-        let mut plan = Vec::new();
-        for w in runs.windows(2) {
-            let mut next = w[1].2.clone();
-            let mut seen = std::collections::HashSet::new();
-            next.retain(|p| seen.insert(*p));
-            plan.push((order[w[0].0], next));
-        }
-        // The first run is fetched on demand; give the device a head start on it too.
-        if let Some(first) = runs.first() {
-            let mut ps = first.2.clone();
-            let mut seen = std::collections::HashSet::new();
-            ps.retain(|p| seen.insert(*p));
-            plan.insert(0, (usize::MAX, ps));
-        }
-        plan
+        let starts: Vec<usize> = std::iter::once(usize::MAX)
+            .chain(runs.iter().map(|r| r.0))
+            .collect();
+        starts
+            .into_iter()
+            .zip(runs.into_iter().map(|r| r.2))
+            .collect()
     }
 
     fn prefetch(&self, store: &dyn ParamStore, params: &[ParamId]) -> Result<()> {
@@ -396,7 +395,7 @@ impl<D: Device> Tape<D> {
             }
         }
         let order: Vec<usize> = (0..self.ops.len()).collect();
-        let plan = self.prefetch_plan(&order);
+        let plan = self.prefetch_plan(&io, &order);
         let mut plan = plan.into_iter().peekable();
         if let Some((_, ps)) = plan.next_if(|(at, _)| *at == usize::MAX) {
             self.prefetch(store, &ps)?;
@@ -499,7 +498,7 @@ impl<D: Device> Tape<D> {
             }
         }
         let order: Vec<usize> = (0..self.ops.len()).rev().collect();
-        let plan = self.prefetch_plan(&order);
+        let plan = self.prefetch_plan(&io, &order);
         let mut plan = plan.into_iter().peekable();
         // The last group of the forward is the first of the backward and still resident: no head start.
         plan.next_if(|(at, _)| *at == usize::MAX);
