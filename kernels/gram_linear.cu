@@ -13,7 +13,7 @@
 // grid = (T(T+1)/2, layers), T = ⌈n / tile⌉; output K + desc.out_off, row-major n × n.
 // Cost per layer: n²·d multiply-adds over the lower triangle (n²·d·2 FLOPs for the full product, about
 // half computed); reads n·d inputs per tile row (re-read T times, from L2), writes n² f32.
-#include "common.cuh"
+#include "mma.cuh"
 
 // ---------------------------------------------------------------- f32 / f64 inputs: FMA path
 #define FM 64
@@ -75,29 +75,6 @@ gram_fma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ lay
 }
 
 // ---------------------------------------------------------------- f16 / bf16 inputs: tensor cores
-#define MM 128
-#define MK 32
-#define MPAD 8  // halves of padding per shared row: 80-byte rows, conflict-free fragment loads
-
-__device__ __forceinline__ u32 lds_u32(const u16* p) { return *(const u32*)p; }
-
-template <int DT>
-__device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1) {
-    if (DT == DT_BF16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-}
-
 // Stage rows [r0, r0+128) × features [k0, k0+32) of x (16-bit elements) into S, zero outside.
 // `vec`: rows start 16-byte aligned and d % 8 == 0, so 8 features move as one 16-byte load.
 __device__ __forceinline__ void stage_rows_u16(u16 (*S)[MK + MPAD], const u16* __restrict__ x, int n,
@@ -149,37 +126,12 @@ __device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int bi, i
     const int g = lane >> 2, t = lane & 3;
     const int i0 = bi * MM, j0 = bj * MM;
     float acc[2][8][4];
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < 8; ++b)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
-
+    zero_acc(acc);
     for (int k0 = 0; k0 < d; k0 += MK) {
         stage_rows_u16(As, x, n, d, i0, k0, vec, tid);
         stage_rows_u16(Bs, x, n, d, j0, k0, vec, tid);
         __syncthreads();
-#pragma unroll
-        for (int ks = 0; ks < MK; ks += 16) {
-            u32 a[2][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                const int r = wm * 32 + mt * 16 + g;
-                a[mt][0] = lds_u32(&As[r][ks + 2 * t]);
-                a[mt][1] = lds_u32(&As[r + 8][ks + 2 * t]);
-                a[mt][2] = lds_u32(&As[r][ks + 2 * t + 8]);
-                a[mt][3] = lds_u32(&As[r + 8][ks + 2 * t + 8]);
-            }
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                const int c = wn * 64 + nt * 8 + g;
-                const u32 b0 = lds_u32(&Bs[c][ks + 2 * t]);
-                const u32 b1 = lds_u32(&Bs[c][ks + 2 * t + 8]);
-#pragma unroll
-                for (int mt = 0; mt < 2; ++mt) mma_16816<DT>(acc[mt][nt], a[mt], b0, b1);
-            }
-        }
+        mma_warp_step<DT>(As, Bs, acc, wm, wn, g, t);
         __syncthreads();
     }
     store_mma_tile(acc, n, bi, bj, wm, wn, g, t, k_out);
@@ -212,27 +164,6 @@ gram_mma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ lay
 // src/similarity/cuda/emulate_kernels.py (`gram_mma_pipelined`). Never run on a GPU yet: the host uses it
 // only when SGLP_GRAM_KERNEL=pipelined, until it is measured against gram_mma.
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16 bytes global → shared, asynchronously; `bytes` = 0 writes zeros (rows or features past the end).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-                 "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* smem) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem)));
-}
-
 // Issue the cp.async of rows [r0, r0+128) × features [k0, k0+32) into S: 512 16-byte pieces, 2 a thread.
 __device__ __forceinline__ void stage_rows_async(u16 (*S)[MK + MPAD], const u16* __restrict__ x, int n,
                                                  int d, int r0, int k0, int tid) {
@@ -254,12 +185,7 @@ __device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d,
     const int g = lane >> 2, t = lane & 3;
     const int i0 = bi * MM, j0 = bj * MM;
     float acc[2][8][4];
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < 8; ++b)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
+    zero_acc(acc);
     const int steps = (d + MK - 1) / MK;
     stage_rows_async(As[0], x, n, d, i0, 0, tid);
     stage_rows_async(Bs[0], x, n, d, j0, 0, tid);

@@ -5,8 +5,11 @@
 // columns tx + 16y: a warp's stores are 16 consecutive columns). Each operand is read with its
 // contiguous index along the threads (coalesced) whichever of its two indices that is. Each output is
 // one thread's sum in order over r: deterministic, no atomics, no split-K.
-
-typedef unsigned long long u64;
+//
+// The *_bf16 kernels compute the same three products on tensor cores (lin_mma, below): operands rounded
+// to bf16 as they are staged, f32 accumulation. The host picks them unless the device runs f32 matrix
+// products (`Matmul::F32` in src/runtime/ops/cuda.rs).
+#include "mma.cuh"
 
 #define LIN_BM 64
 #define LIN_BN 64
@@ -108,4 +111,109 @@ extern "C" __global__ void linear_backward_bias(const float* __restrict__ dy, fl
     double s = 0.0;
     for (int r = 0; r < n; ++r) s += (double)dy[(u64)r * m + j];
     db[j] += (float)s;
+}
+
+// ------------------------------------------------------------------ tensor cores: bf16 × bf16 → f32
+// lin_mma<A_R, B_R, ACC>: the product of lin_gemm (same operand conventions) over 128 × 128 tiles of C,
+// 32 of the reduction per step, with the Gram's warp layout and mma step (mma.cuh). Each thread stages 8
+// pairs (r, r + 1) of each operand: loaded from global memory as f32 one step ahead (in registers, while
+// the tensor cores work on the current step), rounded to a bf16 pair and stored as one 32-bit word.
+// An r-contiguous operand (A_R / B_R) is read 32 consecutive floats of a row per 16 threads; the other
+// layout 32 consecutive rows (i) of one r per warp: both coalesced. Each output is one thread's
+// accumulator in a fixed order: deterministic, no atomics. Cost: 2·M·N·R FLOPs; each f32 operand value is
+// read once per 128-wide tile of the other side (from L2 after the first).
+
+// The 16 f32 values of one operand's step: pair q of this thread at tile row p / 16 (r-contiguous) or
+// p % 128 (else), p = tid + 256 q; zero outside [0, rows) × [0, R).
+template <bool R_CONTIG>
+__device__ __forceinline__ void lin_load_pairs(const float* __restrict__ P, u64 ld, int rows, int R, int i0,
+                                               int r0, int tid, float2* v) {
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const int p = tid + 256 * q;
+        const int ii = R_CONTIG ? p >> 4 : p & 127, rr = R_CONTIG ? 2 * (p & 15) : 2 * (p >> 7);
+        const int gi = i0 + ii, gr = r0 + rr;
+        float a = 0.0f, b = 0.0f;
+        if (gi < rows) {
+            if (R_CONTIG) {
+                if (gr < R) a = P[(u64)gi * ld + gr];
+                if (gr + 1 < R) b = P[(u64)gi * ld + gr + 1];
+            } else {
+                if (gr < R) a = P[(u64)gr * ld + gi];
+                if (gr + 1 < R) b = P[(u64)(gr + 1) * ld + gi];
+            }
+        }
+        v[q] = make_float2(a, b);
+    }
+}
+
+template <bool R_CONTIG>
+__device__ __forceinline__ void lin_store_pairs(u16 (*S)[MK + MPAD], const float2* v, int tid) {
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const int p = tid + 256 * q;
+        const int ii = R_CONTIG ? p >> 4 : p & 127, rr = R_CONTIG ? 2 * (p & 15) : 2 * (p >> 7);
+        *(u32*)&S[ii][rr] = pack_bf16x2(v[q].x, v[q].y);
+    }
+}
+
+template <bool A_R, bool B_R, bool ACC>
+__device__ __forceinline__ void lin_mma(const float* __restrict__ A, u64 lda, const float* __restrict__ B,
+                                        u64 ldb, float* __restrict__ C, u64 ldc,
+                                        const float* __restrict__ bias, int M, int N, int R) {
+    __shared__ __align__(16) u16 As[MM][MK + MPAD];
+    __shared__ __align__(16) u16 Bs[MM][MK + MPAD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 3, wn = warp >> 2, g = lane >> 2, t = lane & 3;
+    const int i0 = blockIdx.y * MM, j0 = blockIdx.x * MM;
+    float acc[2][8][4];
+    zero_acc(acc);
+    float2 va[8], vb[8];
+    lin_load_pairs<A_R>(A, lda, M, R, i0, 0, tid, va);
+    lin_load_pairs<B_R>(B, ldb, N, R, j0, 0, tid, vb);
+    for (int r0 = 0; r0 < R; r0 += MK) {
+        lin_store_pairs<A_R>(As, va, tid);
+        lin_store_pairs<B_R>(Bs, vb, tid);
+        __syncthreads();
+        if (r0 + MK < R) {  // the next step's loads are in flight during this step's mma
+            lin_load_pairs<A_R>(A, lda, M, R, i0, r0 + MK, tid, va);
+            lin_load_pairs<B_R>(B, ldb, N, R, j0, r0 + MK, tid, vb);
+        }
+        mma_warp_step<DT_BF16>(As, Bs, acc, wm, wn, g, t);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
+                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
+                if (gi >= M || gj >= N) continue;
+                float* c = C + (u64)gi * ldc + gj;
+                if (ACC) *c += acc[mt][nt][h];
+                else *c = bias ? acc[mt][nt][h] + bias[gj] : acc[mt][nt][h];
+            }
+}
+
+// As linear_forward, on tensor cores. Grid (ceil(m/128), ceil(n/128)).
+extern "C" __global__ void __launch_bounds__(256)
+linear_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                    float* __restrict__ y, int n, int k, int m) {
+    lin_mma<true, true, false>(x, k, w, k, y, m, b, n, m, k);
+}
+
+// As linear_backward_input, on tensor cores. Grid (ceil(k/128), ceil(n/128)).
+extern "C" __global__ void __launch_bounds__(256)
+linear_backward_input_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                           int n, int k, int m) {
+    lin_mma<true, false, true>(dy, m, w, k, dx, k, nullptr, n, k, m);
+}
+
+// As linear_backward_weight, on tensor cores. Grid (ceil(k/128), ceil(m/128)).
+extern "C" __global__ void __launch_bounds__(256)
+linear_backward_weight_bf16(const float* __restrict__ dy, const float* __restrict__ x,
+                            float* __restrict__ dw, int n, int k, int m) {
+    lin_mma<false, false, true>(dy, m, x, k, dw, k, nullptr, m, k, n);
 }

@@ -8,8 +8,9 @@ seed (the GPU machine has PyTorch and transformers but no network), saved as bf1
                  weights and activations), timed with CUDA events, median of --reps after a warm-up;
   torch_compile  the same through torch.compile (when it works on that machine; the error is recorded
                  otherwise);
-  engine         `sglp-engine gradnorm --device cuda --timing` on the same tokens (its per-batch
-                 forward + backward wall times; the engine computes in f32 from the bf16 weights);
+  engine         `sglp-engine --matmul bf16|f32 gradnorm --device cuda --timing` on the same tokens (its
+                 per-batch forward + backward wall times; activations in f32, the linear products on
+                 tensor cores from bf16-rounded operands, or in f32 throughout);
   agreement      engine loss and per-layer gradient norms against PyTorch's, computed in float32 by
                  PyTorch on the same weights (relative differences reported, not asserted: bf16 vs f32);
   prune          with --prune: `sglp-engine prune --device cuda --remove 8` on --prune-seqs x T
@@ -140,24 +141,26 @@ def main():
             tok = os.path.join(d, "tokens.npy")
             np.save(tok, np.tile(ids_np, (a.reps + 1, 1)))
             os.sync()
-            out = os.path.join(d, "g.json")
-            t0 = time.perf_counter()
-            p = subprocess.run([exe, "gradnorm", "--device", "cuda", "--model", d, "--tokens", tok,
-                                "--batch", str(a.seqs), "--timing", "--out", out],
-                               capture_output=True, text=True)
-            entry["engine_process_s"] = time.perf_counter() - t0
-            if p.returncode != 0:
-                entry["engine_error"] = p.stderr[-2000:]
-            else:
+            for matmul in ("bf16", "f32"):  # tensor cores (the default), then f32 SIMT products
+                out = os.path.join(d, f"g-{matmul}.json")
+                key = f"engine_{matmul}"
+                t0 = time.perf_counter()
+                p = subprocess.run([exe, "--matmul", matmul, "gradnorm", "--device", "cuda", "--model", d,
+                                    "--tokens", tok, "--batch", str(a.seqs), "--timing", "--out", out],
+                                   capture_output=True, text=True)
+                entry[f"{key}_process_s"] = time.perf_counter() - t0
+                if p.returncode != 0:
+                    entry[f"{key}_error"] = p.stderr[-2000:]
+                    continue
                 g = json.load(open(out))
                 steps = g["timing"]["forward_backward_s"][1:]
-                entry["engine_s"] = sorted(steps)[len(steps) // 2]
-                entry["engine_all_s"] = steps
-                entry["engine_loss"] = g["loss"]
+                entry[f"{key}_s"] = sorted(steps)[len(steps) // 2]
+                entry[f"{key}_all_s"] = steps
+                entry[f"{key}_loss"] = g["loss"]
                 rel = [abs(x - y) / max(abs(y), 1e-30) for x, y in zip(g["gradnorm"], per_layer)]
-                entry["gradnorm_max_rel_diff_vs_torch_f32"] = max(rel)
-                entry["loss_rel_diff_vs_torch_f32"] = abs(g["loss"] - entry["torch_f32_loss"]) / entry["torch_f32_loss"]
-                entry["engine_over_torch_eager"] = entry["engine_s"] / entry["torch_eager_s"]
+                entry[f"{key}_gradnorm_max_rel_diff_vs_torch_f32"] = max(rel)
+                entry[f"{key}_loss_rel_diff_vs_torch_f32"] = abs(g["loss"] - entry["torch_f32_loss"]) / entry["torch_f32_loss"]
+                entry[f"{key}_over_torch_eager"] = entry[f"{key}_s"] / entry["torch_eager_s"]
             if a.prune:
                 calib = os.path.join(d, "calib.npy")
                 np.save(calib, rng.integers(0, cfg.vocab_size, size=(a.prune_seqs, a.tokens)).astype(np.int64))

@@ -23,10 +23,14 @@ else
 fi
 PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
+# The runtime's kernels one by one (benches/runtime_gpu.rs: linear products in bf16 and f32 on 8B shapes,
+# attention; validated, then timed), into bench.log.
+timeout 240 bash .device/run-bench.sh runtime_gpu 2>&1 | tee -a "$out/bench.log"
+kernels=${PIPESTATUS[0]}
 # The runtime (issue 10): engine vs PyTorch forward + backward on a 1B-shaped model, printed into bench.log
 # (its JSON stays on the machine: at most 8 files come back).
 PATH="/tmp/dp/bin:$PATH" PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench_runtime_gpu.py --shapes 1b \
   --out /tmp/runtime-gpu 2>&1 | tee -a "$out/bench.log"
 runtime=${PIPESTATUS[0]}
-echo "gpu_checks: tests exit $tests, python exit $py, bench exit $bench, runtime bench exit $runtime"
-[ "$tests" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$runtime" -eq 0 ]
+echo "gpu_checks: tests exit $tests, python exit $py, bench exit $bench, kernels exit $kernels, runtime bench exit $runtime"
+[ "$tests" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$kernels" -eq 0 ] && [ "$runtime" -eq 0 ]

@@ -165,22 +165,27 @@ fn capture_source_features_mode_flattens_tokens() {
 fn device_flag_on_runtime_commands() {
     let tmp = tempfile::tempdir().unwrap();
     let d = dir("llama_llama3_rope");
-    let run = |device: &str, out: &str| {
-        engine(&[
+    let tokens = d.join("tokens.npy").to_str().unwrap().to_string();
+    let run_with = |device: &str, out: &str, extra: &[&str]| {
+        let mut args = extra.to_vec();
+        args.extend([
             "-q",
             "gradnorm",
             "--model",
             d.to_str().unwrap(),
             "--tokens",
-            d.join("tokens.npy").to_str().unwrap(),
+            &tokens,
             "--batch",
             "2",
             "--device",
             device,
             "--out",
-            tmp.path().join(out).to_str().unwrap(),
-        ])
+        ]);
+        let out = tmp.path().join(out).to_str().unwrap().to_string();
+        args.push(&out);
+        engine(&args)
     };
+    let run = |device: &str, out: &str| run_with(device, out, &[]);
     let gpu = matches!(sglp_engine::similarity::cuda::list_devices(), Ok(d) if !d.is_empty());
     assert!(run("cpu", "cpu.json").status.success());
     let grads = |f: &str| -> serde_json::Value {
@@ -197,8 +202,30 @@ fn device_flag_on_runtime_commands() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(!tmp.path().join("cuda.json").exists());
     } else {
-        eprintln!("a GPU is present: the runtime's CUDA path is checked in tests/runtime_cuda.rs");
+        // The GPU through the CLI: f32 products within the self-check's tolerance of the CPU, bf16
+        // products (the default) within bf16 tolerances (ops in detail: tests/runtime_cuda.rs).
+        let close = |f: &str, tol: f64| {
+            let (a, b) = (grads("cpu.json"), grads(f));
+            let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                assert!((x - y).abs() <= tol * x.abs(), "{f}: {y} vs cpu {x}");
+            }
+        };
+        assert!(run_with("cuda", "f32.json", &["--matmul", "f32"])
+            .status
+            .success());
+        close("f32.json", 1e-4);
+        assert!(run("cuda", "bf16.json").status.success());
+        close("bf16.json", 5e-2);
     }
+    let o = run_with("cpu", "bad.json", &["--matmul", "f8"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an unknown --matmul is a usage error"
+    );
     let o = engine(&[
         "gradnorm",
         "--model",

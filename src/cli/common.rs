@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::io::output::write_atomic;
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
 use crate::pruning::pipeline::DEFAULT_FORWARD_BATCH;
+use crate::runtime::ops::Matmul;
 use crate::runtime::{CaptureSource, Model, TextSpec, TokenInput};
 use crate::segmentation::{segment_cka, Features, KChoice, SegmentResult};
 use crate::similarity::device::{open_backend, DeviceChoice};
@@ -282,12 +283,27 @@ impl InputArgs {
     }
 }
 
-/// A decoder checkpoint whose passes run on `device` (`--device`); a fallback from `auto` to the CPU is
-/// noted once per machine.
+/// `--matmul` (global, like `-q`/`-v`): set once by [`super::run`], read where a runtime device opens.
+static MATMUL_F32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_matmul(m: Matmul) {
+    MATMUL_F32.store(m == Matmul::F32, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn matmul() -> Matmul {
+    if MATMUL_F32.load(std::sync::atomic::Ordering::Relaxed) {
+        Matmul::F32
+    } else {
+        Matmul::Bf16
+    }
+}
+
+/// A decoder checkpoint whose passes run on `device` (`--device`, matrix products as `--matmul` says);
+/// a fallback from `auto` to the CPU is noted once per machine.
 pub fn load_decoder(dir: &std::path::Path, device: DeviceChoice) -> Result<Model> {
     let mut model = Model::load(dir)?;
     if device != DeviceChoice::Cpu {
-        let (runner, note) = crate::runtime::device::open_runtime(device)?;
+        let (runner, note) = crate::runtime::device::open_runtime(device, matmul())?;
         if let Some(n) = note {
             notes::device_note(&n);
         }

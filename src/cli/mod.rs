@@ -33,6 +33,10 @@ pub struct Cli {
     /// machine).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Precision of the model runtime's matrix products on a GPU (`--device cuda` / `auto`): bf16
+    /// operands on tensor cores with f32 accumulation, or f32 throughout. The CPU always runs f32.
+    #[arg(long, global = true, value_enum, default_value_t = crate::runtime::ops::Matmul::Bf16)]
+    pub matmul: crate::runtime::ops::Matmul,
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,6 +64,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     notes::set_verbosity(cli.quiet, cli.verbose);
+    common::set_matmul(cli.matmul);
     match cli.command {
         Command::Cka(a) => cka::run_cka(a),
         Command::Segment(a) => segment::run(a),

@@ -10,7 +10,9 @@
 //!   gradient reduced deterministically in row chunks, no atomics), rotary embedding, softmax
 //!   cross-entropy (f64 row sums, the per-row losses summed on the host in row order), causal GQA
 //!   attention with an optional window (flash-style: per-row log-sum-exp, probabilities recomputed by the
-//!   backward; one warp per row, deterministic) and the linear layer as f32 tiled SIMT GEMMs.
+//!   backward; one warp per row, deterministic) and the linear layer's three products: on tensor cores
+//!   with bf16 operands and f32 accumulation ([`Matmul::Bf16`], the default), or as f32 tiled SIMT GEMMs
+//!   ([`Matmul::F32`], [`CudaDevice::set_matmul`]).
 //! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; uploaded weights
 //!   are cached by name. When the model does not fit the weight budget ([`CudaDevice::set_weight_budget`],
 //!   by default half the free memory at open), [`WeightWindow`] keeps a window of parameter groups: the
@@ -22,7 +24,7 @@
 //! Every op returns a [`Result`]; nothing here calls into CUDA before [`CudaDevice::open`] has found a
 //! driver, a GPU and NVRTC (cudarc panics on a missing library).
 
-use super::{AttnShape, Device, RopeTable};
+use super::{AttnShape, Device, Matmul, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::{load_module, open_context, CuResult};
@@ -31,6 +33,7 @@ use cudarc::driver::{
     LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The largest head dimension the attention kernels take (`ATT_MAXD` in runtime_attention.cu).
@@ -39,8 +42,10 @@ pub const MAX_HEAD_DIM: usize = 256;
 const THREADS: u32 = 256;
 /// Query rows (warps) per block of the attention kernels.
 const ATT_WARPS: usize = 4;
-/// Tile of the linear kernels' output (`LIN_BM`, `LIN_BN` in runtime_linear.cu).
+/// Tile of the f32 linear kernels' output (`LIN_BM`, `LIN_BN` in runtime_linear.cu).
 const LIN_TILE: usize = 64;
+/// Tile of the tensor-core linear kernels' output (`MM` in kernels/mma.cuh).
+const LIN_MMA_TILE: usize = 128;
 /// Rows per chunk of the RMSNorm weight-gradient reduction.
 const RMS_ROWS_PER_CHUNK: usize = 64;
 /// f32 values per pinned staging slot of the weight uploads (16 MiB).
@@ -227,6 +232,9 @@ struct Kernels {
     linear_backward_input: CudaFunction,
     linear_backward_weight: CudaFunction,
     linear_backward_bias: CudaFunction,
+    linear_forward_bf16: CudaFunction,
+    linear_backward_input_bf16: CudaFunction,
+    linear_backward_weight_bf16: CudaFunction,
 }
 
 impl Kernels {
@@ -285,6 +293,9 @@ impl Kernels {
             linear_backward_input: get(lin, "linear_backward_input")?,
             linear_backward_weight: get(lin, "linear_backward_weight")?,
             linear_backward_bias: get(lin, "linear_backward_bias")?,
+            linear_forward_bf16: get(lin, "linear_forward_bf16")?,
+            linear_backward_input_bf16: get(lin, "linear_backward_input_bf16")?,
+            linear_backward_weight_bf16: get(lin, "linear_backward_weight_bf16")?,
         })
     }
 }
@@ -299,6 +310,14 @@ struct Weights {
     /// The address of the store the cached weights came from (a new store empties the cache).
     store: usize,
     uploads: usize,
+}
+
+/// The three products of a linear layer.
+#[derive(Clone, Copy)]
+enum LinearProduct {
+    Forward,
+    Input,
+    Weight,
 }
 
 /// The logits of a cross-entropy: read only, or overwritten with their gradient.
@@ -318,6 +337,8 @@ struct Inner {
     stream: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     k: Kernels,
+    /// `true`: the linear products run on tensor cores ([`Matmul::Bf16`]).
+    bf16_matmul: AtomicBool,
     sms: usize,
     weights: Mutex<Weights>,
     rope: Mutex<HashMap<RopeKey, RopeDev>>,
@@ -413,6 +434,7 @@ impl CudaDevice {
                 stream,
                 copy,
                 k,
+                bf16_matmul: AtomicBool::new(Matmul::default() == Matmul::Bf16),
                 sms,
                 weights: Mutex::new(Weights {
                     window: WeightWindow::new(free / 2),
@@ -425,6 +447,27 @@ impl CudaDevice {
                 rope: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// How the linear layers' products are computed from now on (default [`Matmul::Bf16`]).
+    pub fn set_matmul(&self, m: Matmul) {
+        self.inner
+            .bf16_matmul
+            .store(m == Matmul::Bf16, Ordering::Relaxed);
+    }
+
+    /// The kernel of one of the linear's products (forward, input gradient, weight gradient) in the
+    /// current [`Matmul`] mode, and its output tile.
+    fn linear_kernel(&self, which: LinearProduct) -> (&CudaFunction, usize) {
+        let k = self.k();
+        match (self.matmul(), which) {
+            (Matmul::Bf16, LinearProduct::Forward) => (&k.linear_forward_bf16, LIN_MMA_TILE),
+            (Matmul::Bf16, LinearProduct::Input) => (&k.linear_backward_input_bf16, LIN_MMA_TILE),
+            (Matmul::Bf16, LinearProduct::Weight) => (&k.linear_backward_weight_bf16, LIN_MMA_TILE),
+            (Matmul::F32, LinearProduct::Forward) => (&k.linear_forward, LIN_TILE),
+            (Matmul::F32, LinearProduct::Input) => (&k.linear_backward_input, LIN_TILE),
+            (Matmul::F32, LinearProduct::Weight) => (&k.linear_backward_weight, LIN_TILE),
+        }
     }
 
     /// Bytes of weights kept on the device at most (outside the window of the current and next
@@ -763,6 +806,13 @@ impl Device for CudaDevice {
     fn name(&self) -> String {
         self.inner.name.clone()
     }
+    fn matmul(&self) -> Matmul {
+        if self.inner.bf16_matmul.load(Ordering::Relaxed) {
+            Matmul::Bf16
+        } else {
+            Matmul::F32
+        }
+    }
     fn alloc_zeroed(&self, len: usize) -> Result<Buf> {
         Ok(Buf(self
             .s()
@@ -921,12 +971,13 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
-        let c = cfg((blocks(m, LIN_TILE), blocks(n, LIN_TILE)), THREADS)?;
+        let (f, tile) = self.linear_kernel(LinearProduct::Forward);
+        let c = cfg((blocks(m, tile), blocks(n, tile)), THREADS)?;
         let null = 0u64;
-        // SAFETY: linear_forward(const float* x, const float* w, const float* b, float* y, int n, k, m);
-        // the bias is a device pointer of m values or null.
+        // SAFETY: linear_forward[_bf16](const float* x, const float* w, const float* b, float* y, int n,
+        // k, m); the bias is a device pointer of m values or null.
         unsafe {
-            let mut l = self.s().launch_builder(&self.k().linear_forward);
+            let mut l = self.s().launch_builder(f);
             l.arg(x).arg(w);
             match b {
                 Some(b) => l.arg(b),
@@ -960,33 +1011,37 @@ impl Device for CudaDevice {
         if let Some(dx) = dx {
             check_len(dx.len(), n * k, "linear input gradient")?;
             if k > 0 && m > 0 {
-                // SAFETY: linear_backward_input(const float* dy, const float* w, float* dx, int n, k, m).
+                let (f, tile) = self.linear_kernel(LinearProduct::Input);
+                // SAFETY: linear_backward_input[_bf16](const float* dy, const float* w, float* dx, int n,
+                // k, m).
                 unsafe {
                     self.s()
-                        .launch_builder(&self.k().linear_backward_input)
+                        .launch_builder(f)
                         .arg(dy)
                         .arg(w)
                         .arg(dx)
                         .arg(&ni)
                         .arg(&ki)
                         .arg(&mi)
-                        .launch(cfg((blocks(k, LIN_TILE), blocks(n, LIN_TILE)), THREADS)?)
+                        .launch(cfg((blocks(k, tile), blocks(n, tile)), THREADS)?)
                 }
                 .cu("launching linear_backward_input")?;
             }
         }
         if k > 0 && m > 0 {
-            // SAFETY: linear_backward_weight(const float* dy, const float* x, float* dw, int n, k, m).
+            let (f, tile) = self.linear_kernel(LinearProduct::Weight);
+            // SAFETY: linear_backward_weight[_bf16](const float* dy, const float* x, float* dw, int n, k,
+            // m).
             unsafe {
                 self.s()
-                    .launch_builder(&self.k().linear_backward_weight)
+                    .launch_builder(f)
                     .arg(dy)
                     .arg(x)
                     .arg(&mut *dw)
                     .arg(&ni)
                     .arg(&ki)
                     .arg(&mi)
-                    .launch(cfg((blocks(k, LIN_TILE), blocks(m, LIN_TILE)), THREADS)?)
+                    .launch(cfg((blocks(k, tile), blocks(m, tile)), THREADS)?)
             }
             .cu("launching linear_backward_weight")?;
         }

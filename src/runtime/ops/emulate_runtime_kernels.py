@@ -65,6 +65,101 @@ def check_linear():
         assert np.allclose(dw.reshape(m, k), dw0.reshape(m, k) + DY.T @ X), "linear_backward_weight"
     print("linear tiles ok")
 
+# ---- runtime_linear.cu: lin_mma<A_R, B_R, ACC> (tensor cores, bf16 operands) ---------------------------
+MM, MK, MPAD = 128, 32, 8
+
+def bf16(v):
+    """f32 -> bf16 -> f32, round to nearest even (cvt.rn.bf16x2.f32), as float64."""
+    b = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return b.astype(np.uint32).view(np.float32).astype(np.float64)
+
+def lin_pairs(P, ld, rows, R, i0, r0, R_CONTIG, S):
+    """lin_load_pairs + lin_store_pairs for all 256 threads: S[ii, rr..rr+1] of the pairs they own."""
+    tid = np.arange(256)
+    for q in range(8):
+        p = tid + 256 * q
+        ii = (p >> 4) if R_CONTIG else (p & 127)
+        rr = 2 * (p & 15) if R_CONTIG else 2 * (p >> 7)
+        gi, gr = i0 + ii, r0 + rr
+        for o in (0, 1):
+            ok = (gi < rows) & (gr + o < R)
+            idx = gi * ld + gr + o if R_CONTIG else (gr + o) * ld + gi
+            S[ii, rr + o] = np.where(ok, bf16(P[np.where(ok, idx, 0)]), 0.0)
+
+def mma_warp_step(As, Bs, acc, wm, wn):
+    """mma.cuh mma_warp_step for one warp: fragments gathered per lane by the PTX m16n8k16 layouts,
+    the A (16x16) and B (16x8) they hold rebuilt and multiplied; acc[mt, nt, lane, h]."""
+    lane = np.arange(32); g = lane >> 2; t = lane & 3
+    for ks in (0, 16):
+        for mt in range(2):
+            r = wm * 32 + mt * 16 + g
+            # What the kernel loads into register reg (two halves h): As[r + dr][ks + 2t + dc + h] ...
+            reads = [(0, 0), (8, 0), (0, 8), (8, 8)]
+            A = np.full((16, 16), np.nan)
+            for reg, (dr, dc) in enumerate(reads):
+                for h in (0, 1):
+                    # ... and where the hardware takes element a_j, j = 2 reg + h (PTX m16n8k16, 16-bit A)
+                    j = 2 * reg + h
+                    row = g + 8 * (j in (2, 3, 6, 7)); col = 2 * t + (j & 1) + 8 * (j >= 4)
+                    A[row, col] = As[r + dr, ks + 2 * t + dc + h]
+            assert not np.isnan(A).any()
+            for nt in range(8):
+                c = wn * 64 + nt * 8 + g
+                B = np.full((16, 8), np.nan)
+                for reg, dk in enumerate([0, 8]):  # the kernel: b0 <- Bs[c][ks + 2t ..], b1 <- Bs[c][ks + 2t + 8 ..]
+                    for h in (0, 1):
+                        j = 2 * reg + h  # PTX: b_j at row 2t + (j & 1) + 8 (j >= 2), column g
+                        B[2 * t + (j & 1) + 8 * (j >= 2), g] = Bs[c, ks + 2 * t + dk + h]
+                assert not np.isnan(B).any()
+                D = A @ B
+                for h in range(4):
+                    acc[mt, nt, :, h] += D[g + (h >> 1) * 8, 2 * t + (h & 1)]
+
+def lin_mma(A, lda, B, ldb, C, ldc, bias, M, N, R, A_R, B_R, ACC, grid):
+    lane = np.arange(32); g = lane >> 2; t = lane & 3
+    for by in range(grid[1]):
+        for bx in range(grid[0]):
+            i0, j0 = by * MM, bx * MM
+            acc = np.zeros((8, 2, 8, 32, 4))
+            for r0 in range(0, R, MK):
+                As = np.full((MM, MK + MPAD), np.nan); Bs = np.full((MM, MK + MPAD), np.nan)
+                lin_pairs(A, lda, M, R, i0, r0, A_R, As)
+                lin_pairs(B, ldb, N, R, j0, r0, B_R, Bs)
+                for w in range(8):
+                    mma_warp_step(As, Bs, acc[w], w & 3, w >> 2)
+            for w in range(8):
+                wm, wn = w & 3, w >> 2
+                for mt in range(2):
+                    for nt in range(8):
+                        for h in range(4):
+                            gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8
+                            gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1)
+                            ok = (gi < M) & (gj < N)
+                            idx = (gi * ldc + gj)[ok]
+                            v = acc[w, mt, nt, ok, h]
+                            if ACC: C[idx] += v
+                            else: C[idx] = v + (bias[gj[ok]] if bias is not None else 0.0)
+
+def check_linear_mma():
+    # Exact up to summation order against f64 products of the bf16-rounded operands.
+    for n, k, m in [(130, 45, 140), (3, 33, 9), (129, 64, 257)]:
+        x = rng.standard_normal(n * k).astype(np.float32); w = rng.standard_normal(m * k).astype(np.float32)
+        b = rng.standard_normal(m); dy = rng.standard_normal(n * m).astype(np.float32)
+        X, W, DY = bf16(x).reshape(n, k), bf16(w).reshape(m, k), bf16(dy).reshape(n, m)
+        y = np.full(n * m, np.nan)
+        lin_mma(x, k, w, k, y, m, b, n, m, k, True, True, False, (-(-m // MM), -(-n // MM)))
+        assert np.allclose(y.reshape(n, m), X @ W.T + b, rtol=0, atol=1e-9), "linear_forward_bf16"
+        dx0 = rng.standard_normal(n * k); dx = dx0.copy()
+        lin_mma(dy, m, w, k, dx, k, None, n, k, m, True, False, True, (-(-k // MM), -(-n // MM)))
+        assert np.allclose(dx.reshape(n, k), dx0.reshape(n, k) + DY @ W, rtol=0, atol=1e-9), "backward_input_bf16"
+        dw0 = rng.standard_normal(m * k); dw = dw0.copy()
+        lin_mma(dy, m, x, k, dw, k, None, m, k, n, False, False, True, (-(-k // MM), -(-m // MM)))
+        assert np.allclose(dw.reshape(m, k), dw0.reshape(m, k) + DY.T @ X, rtol=0, atol=1e-9), "backward_weight_bf16"
+    # The rounding itself: ties to even, and the f32 product of rounded operands differs from the exact one.
+    assert bf16(np.float32(1.0 + 2**-8)) == 1.0 and bf16(np.float32(1.0 + 3 * 2**-8)) == 1.0 + 2**-6
+    print("linear tensor-core tiles ok")
+
 # ---- runtime_attention.cu ---------------------------------------------------------------------------
 MAXD = 256; PL = MAXD // 32
 
@@ -197,5 +292,5 @@ def check_rms_chunks():
         assert np.allclose(parts.sum(0), (dy * x * inv[:, None]).sum(0))
     print("rmsnorm chunks ok")
 
-check_linear(); check_attention(); check_rope(); check_rms_chunks()
+check_linear(); check_linear_mma(); check_attention(); check_rope(); check_rms_chunks()
 print("ALL OK")

@@ -1,0 +1,223 @@
+//! Validate-and-time harness of the runtime's CUDA kernels (llm.c's `dev/cuda` in one program): the
+//! linear layer's three products in both `Matmul` modes on the shapes of a LLaMA-3-8B layer and its
+//! lm_head for 8 × 512 tokens, and windowless causal GQA attention on 8 × 512 tokens, 32 / 8 heads of
+//! 128. Each case is first checked against a float64 host reference on sampled output rows (bf16 mode:
+//! against products of the bf16-rounded operands), then timed: median of `SGLP_BENCH_REPS` (default 5)
+//! launches after a warm-up, each bracketed by device synchronisations, in TFLOP/s.
+//!
+//! `cargo bench --bench runtime_gpu` (prints a skip message and exits 0 without a usable GPU; on the GPU
+//! machine: `bash .device/run-bench.sh runtime_gpu`). A validation failure exits 1.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sglp_engine::runtime::ops::cuda::CudaDevice;
+use sglp_engine::runtime::ops::{round_to_bf16, AttnShape, Device, Matmul};
+use std::time::Instant;
+
+type Buf = <CudaDevice as Device>::Buf;
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn up(dev: &CudaDevice, host: &[f32]) -> Buf {
+    let mut b = dev.alloc_zeroed(host.len()).expect("alloc");
+    dev.upload(host, &mut b).expect("upload");
+    b
+}
+
+/// Median seconds of `reps` runs of `f` (after one warm-up), each between two synchronisations.
+fn time(dev: &CudaDevice, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    dev.synchronize().expect("sync");
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            dev.synchronize().expect("sync");
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[reps / 2]
+}
+
+/// max over sampled rows of |got − ref| / max |ref|, where ref row i = Σ_r a(i, r) b(r, ·) in f64.
+fn sampled_error(
+    got: &[f32],
+    rows: &[usize],
+    cols: usize,
+    reference_row: impl Fn(usize) -> Vec<f64>,
+) -> f64 {
+    let (mut err, mut scale) = (0f64, 1e-300f64);
+    for &i in rows {
+        let want = reference_row(i);
+        for (j, &w) in want.iter().enumerate() {
+            err = err.max((got[i * cols + j] as f64 - w).abs());
+            scale = scale.max(w.abs());
+        }
+    }
+    err / scale
+}
+
+fn main() {
+    let dev = match CudaDevice::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("runtime_gpu: skipping, no usable GPU ({e})");
+            return;
+        }
+    };
+    let reps: usize = std::env::var("SGLP_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    println!("runtime_gpu on {}", dev.name());
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut failed = false;
+    let n = 4096; // 8 sequences × 512 tokens
+    let sample: Vec<usize> = vec![0, 1, 127, 128, 2049, n - 1];
+    println!(
+        "{:<28} {:>6} {:>10} {:>10} {:>10} {:>9}",
+        "linear (n × k → m)", "mode", "product", "ms", "TFLOP/s", "rel.err"
+    );
+    for (what, k, m) in [
+        ("q/o proj 4096→4096", 4096usize, 4096usize),
+        ("mlp up 4096→14336", 4096, 14336),
+        ("mlp down 14336→4096", 14336, 4096),
+        ("lm_head 4096→128256", 4096, 128_256),
+    ] {
+        let (x, w, dy) = (
+            rand_vec(&mut rng, n * k),
+            rand_vec(&mut rng, m * k),
+            rand_vec(&mut rng, n * m),
+        );
+        let (xd, wd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &dy));
+        let mut y = dev.alloc_zeroed(n * m).expect("alloc");
+        let mut dx = dev.alloc_zeroed(n * k).expect("alloc");
+        let mut dw = dev.alloc_zeroed(m * k).expect("alloc");
+        for mode in [Matmul::Bf16, Matmul::F32] {
+            dev.set_matmul(mode);
+            let (xr, wr) = match mode {
+                Matmul::Bf16 => (round_to_bf16(&x), round_to_bf16(&w)),
+                Matmul::F32 => (x.clone(), w.clone()),
+            };
+            // Forward, validated on sampled rows: y[i, j] = Σ_r x[i, r] w[j, r].
+            dev.linear_forward(&xd, &wd, None, n, k, m, &mut y)
+                .expect("forward");
+            let mut host = Vec::new();
+            dev.download(&y, &mut host).expect("download");
+            let err = sampled_error(&host, &sample, m, |i| {
+                (0..m)
+                    .map(|j| {
+                        (0..k)
+                            .map(|r| xr[i * k + r] as f64 * wr[j * k + r] as f64)
+                            .sum()
+                    })
+                    .collect()
+            });
+            let tol = 1e-4;
+            if err.is_nan() || err > tol {
+                eprintln!("runtime_gpu: {what} {mode:?} forward: error {err:.2e} > {tol:.0e}");
+                failed = true;
+            }
+            let flops = 2.0 * (n * k * m) as f64;
+            let t = time(&dev, reps, || {
+                dev.linear_forward(&xd, &wd, None, n, k, m, &mut y)
+                    .expect("forward")
+            });
+            println!(
+                "{what:<28} {:>6} {:>10} {:>10.3} {:>10.1} {:>9.1e}",
+                format!("{mode:?}"),
+                "forward",
+                t * 1e3,
+                flops / t / 1e12,
+                err
+            );
+            // Backward: dx += dy w and dW += dyᵀ x (timed together; dx validated on sampled rows).
+            dev.zero(&mut dx).expect("zero");
+            dev.linear_backward(&xd, &wd, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
+                .expect("backward");
+            dev.download(&dx, &mut host).expect("download");
+            let dyr = match mode {
+                Matmul::Bf16 => round_to_bf16(&dy),
+                Matmul::F32 => dy.clone(),
+            };
+            let err = sampled_error(&host, &sample, k, |i| {
+                (0..k)
+                    .map(|c| {
+                        (0..m)
+                            .map(|j| dyr[i * m + j] as f64 * wr[j * k + c] as f64)
+                            .sum()
+                    })
+                    .collect()
+            });
+            if err.is_nan() || err > tol {
+                eprintln!("runtime_gpu: {what} {mode:?} backward dx: error {err:.2e} > {tol:.0e}");
+                failed = true;
+            }
+            let t = time(&dev, reps, || {
+                dev.linear_backward(&xd, &wd, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
+                    .expect("backward")
+            });
+            println!(
+                "{what:<28} {:>6} {:>10} {:>10.3} {:>10.1} {:>9.1e}",
+                format!("{mode:?}"),
+                "dx + dW",
+                t * 1e3,
+                2.0 * flops / t / 1e12,
+                err
+            );
+        }
+    }
+
+    // Attention: causal, no window, 8 × 512 tokens, 32 query heads over 8 KV heads of 128.
+    let sh = AttnShape {
+        seqs: 8,
+        tokens: 512,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        window: None,
+    };
+    let rows = sh.seqs * sh.tokens;
+    let (qd, kvd) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+    let (q, kk, v, dout) = (
+        rand_vec(&mut rng, rows * qd),
+        rand_vec(&mut rng, rows * kvd),
+        rand_vec(&mut rng, rows * kvd),
+        rand_vec(&mut rng, rows * qd),
+    );
+    let (q, kk, v, dout) = (up(&dev, &q), up(&dev, &kk), up(&dev, &v), up(&dev, &dout));
+    let mut out = dev.alloc_zeroed(rows * qd).expect("alloc");
+    let mut lse = dev.alloc_zeroed(rows * sh.heads).expect("alloc");
+    let (mut dq, mut dk, mut dv) = (
+        dev.alloc_zeroed(rows * qd).expect("alloc"),
+        dev.alloc_zeroed(rows * kvd).expect("alloc"),
+        dev.alloc_zeroed(rows * kvd).expect("alloc"),
+    );
+    // Causal: T(T+1)/2 score rows per head and sequence, 2 products (QKᵀ, PV) of 2·D FLOPs each.
+    let t = sh.tokens as f64;
+    let fwd_flops =
+        sh.seqs as f64 * sh.heads as f64 * t * (t + 1.0) / 2.0 * 4.0 * sh.head_dim as f64;
+    let tf = time(&dev, reps, || {
+        dev.attention_forward(&q, &kk, &v, sh, &mut out, &mut lse)
+            .expect("attention")
+    });
+    let tb = time(&dev, reps, || {
+        dev.attention_backward(&q, &kk, &v, &lse, &dout, sh, &mut dq, &mut dk, &mut dv)
+            .expect("attention backward")
+    });
+    println!(
+        "attention 8×512, 32/8 heads of 128: forward {:.3} ms ({:.1} TFLOP/s), backward {:.3} ms \
+         ({:.1} TFLOP/s at 2.5× the forward's FLOPs); validated in tests/runtime_cuda.rs",
+        tf * 1e3,
+        fwd_flops / tf / 1e12,
+        tb * 1e3,
+        2.5 * fwd_flops / tb / 1e12
+    );
+    if failed {
+        eprintln!("runtime_gpu: validation FAILED");
+        std::process::exit(1);
+    }
+}
