@@ -5,6 +5,8 @@
 //! against products of the bf16-rounded operands), then timed: median of `SGLP_BENCH_REPS` (default 5)
 //! launches after a warm-up, each bracketed by device synchronisations, in TFLOP/s.
 //!
+//! The weight is held as the device's `weight` holds it in each mode (bf16: rounded once, 2 bytes).
+//!
 //! `cargo bench --bench runtime_gpu` (prints a skip message and exits 0 without a usable GPU; on the GPU
 //! machine: `bash .device/run-bench.sh runtime_gpu`). A validation failure exits 1.
 
@@ -98,12 +100,13 @@ fn main() {
         let mut dw = dev.alloc_zeroed(m * k).expect("alloc");
         for mode in [Matmul::Bf16, Matmul::F32] {
             dev.set_matmul(mode);
+            let wv = dev.weight_from(&wd).expect("weight");
             let (xr, wr) = match mode {
                 Matmul::Bf16 => (round_to_bf16(&x), round_to_bf16(&w)),
                 Matmul::F32 => (x.clone(), w.clone()),
             };
             // Forward, validated on sampled rows: y[i, j] = Σ_r x[i, r] w[j, r].
-            dev.linear_forward(&xd, &wd, None, n, k, m, &mut y)
+            dev.linear_forward(&xd, &wv, None, n, k, m, &mut y)
                 .expect("forward");
             let mut host = Vec::new();
             dev.download(&y, &mut host).expect("download");
@@ -123,7 +126,7 @@ fn main() {
             }
             let flops = 2.0 * (n * k * m) as f64;
             let t = time(&dev, reps, || {
-                dev.linear_forward(&xd, &wd, None, n, k, m, &mut y)
+                dev.linear_forward(&xd, &wv, None, n, k, m, &mut y)
                     .expect("forward")
             });
             println!(
@@ -136,7 +139,7 @@ fn main() {
             );
             // Backward: dx += dy w and dW += dyᵀ x (timed together; dx validated on sampled rows).
             dev.zero(&mut dx).expect("zero");
-            dev.linear_backward(&xd, &wd, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
+            dev.linear_backward(&xd, &wv, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
                 .expect("backward");
             dev.download(&dx, &mut host).expect("download");
             let dyr = match mode {
@@ -157,7 +160,7 @@ fn main() {
                 failed = true;
             }
             let t = time(&dev, reps, || {
-                dev.linear_backward(&xd, &wd, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
+                dev.linear_backward(&xd, &wv, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
                     .expect("backward")
             });
             println!(

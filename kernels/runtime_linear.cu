@@ -6,9 +6,9 @@
 // contiguous index along the threads (coalesced) whichever of its two indices that is. Each output is
 // one thread's sum in order over r: deterministic, no atomics, no split-K.
 //
-// The *_bf16 kernels compute the same three products on tensor cores (lin_mma, below): operands rounded
-// to bf16 as they are staged, f32 accumulation. The host picks them unless the device runs f32 matrix
-// products (`Matmul::F32` in src/runtime/ops/cuda.rs).
+// The *_bf16 kernels compute the same three products on tensor cores (lin_mma, below): the weight held
+// as bf16 (rounded once, at upload), activations and gradients rounded to bf16 as they are staged, f32
+// accumulation. The host runs them for a weight held as bf16 (`Matmul::Bf16`, src/runtime/ops/cuda.rs).
 #include "mma.cuh"
 
 #define LIN_BM 64
@@ -123,10 +123,15 @@ extern "C" __global__ void linear_backward_bias(const float* __restrict__ dy, fl
 // accumulator in a fixed order: deterministic, no atomics. Cost: 2·M·N·R FLOPs; each f32 operand value is
 // read once per 128-wide tile of the other side (from L2 after the first).
 
-// The 16 f32 values of one operand's step: pair q of this thread at tile row p / 16 (r-contiguous) or
-// p % 128 (else), p = tid + 256 q; zero outside [0, rows) × [0, R).
-template <bool R_CONTIG>
-__device__ __forceinline__ void lin_load_pairs(const float* __restrict__ P, u64 ld, int rows, int R, int i0,
+// An operand value as f32: activations and gradients are f32, weights f32 or bf16 bits (exact in f32,
+// so rounding them again to bf16 in lin_store_pairs gives back the same bits).
+__device__ __forceinline__ float lin_value(float v) { return v; }
+__device__ __forceinline__ float lin_value(u16 v) { return bf16_bits_to_f32(v); }
+
+// The 16 values of one operand's step, as f32: pair q of this thread at tile row p / 16 (r-contiguous)
+// or p % 128 (else), p = tid + 256 q; zero outside [0, rows) × [0, R).
+template <bool R_CONTIG, typename T>
+__device__ __forceinline__ void lin_load_pairs(const T* __restrict__ P, u64 ld, int rows, int R, int i0,
                                                int r0, int tid, float2* v) {
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
@@ -136,11 +141,11 @@ __device__ __forceinline__ void lin_load_pairs(const float* __restrict__ P, u64 
         float a = 0.0f, b = 0.0f;
         if (gi < rows) {
             if (R_CONTIG) {
-                if (gr < R) a = P[(u64)gi * ld + gr];
-                if (gr + 1 < R) b = P[(u64)gi * ld + gr + 1];
+                if (gr < R) a = lin_value(P[(u64)gi * ld + gr]);
+                if (gr + 1 < R) b = lin_value(P[(u64)gi * ld + gr + 1]);
             } else {
-                if (gr < R) a = P[(u64)gr * ld + gi];
-                if (gr + 1 < R) b = P[(u64)(gr + 1) * ld + gi];
+                if (gr < R) a = lin_value(P[(u64)gr * ld + gi]);
+                if (gr + 1 < R) b = lin_value(P[(u64)(gr + 1) * ld + gi]);
             }
         }
         v[q] = make_float2(a, b);
@@ -157,8 +162,8 @@ __device__ __forceinline__ void lin_store_pairs(u16 (*S)[MK + MPAD], const float
     }
 }
 
-template <bool A_R, bool B_R, bool ACC>
-__device__ __forceinline__ void lin_mma(const float* __restrict__ A, u64 lda, const float* __restrict__ B,
+template <bool A_R, bool B_R, bool ACC, typename TB>
+__device__ __forceinline__ void lin_mma(const float* __restrict__ A, u64 lda, const TB* __restrict__ B,
                                         u64 ldb, float* __restrict__ C, u64 ldc,
                                         const float* __restrict__ bias, int M, int N, int R) {
     __shared__ __align__(16) u16 As[MM][MK + MPAD];
@@ -197,16 +202,17 @@ __device__ __forceinline__ void lin_mma(const float* __restrict__ A, u64 lda, co
             }
 }
 
-// As linear_forward, on tensor cores. Grid (ceil(m/128), ceil(n/128)).
+// As linear_forward, on tensor cores, the weight held as bf16 bits. Grid (ceil(m/128), ceil(n/128)).
 extern "C" __global__ void __launch_bounds__(256)
-linear_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+linear_forward_bf16(const float* __restrict__ x, const u16* __restrict__ w, const float* __restrict__ b,
                     float* __restrict__ y, int n, int k, int m) {
     lin_mma<true, true, false>(x, k, w, k, y, m, b, n, m, k);
 }
 
-// As linear_backward_input, on tensor cores. Grid (ceil(k/128), ceil(n/128)).
+// As linear_backward_input, on tensor cores, the weight held as bf16 bits. Grid (ceil(k/128),
+// ceil(n/128)).
 extern "C" __global__ void __launch_bounds__(256)
-linear_backward_input_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+linear_backward_input_bf16(const float* __restrict__ dy, const u16* __restrict__ w, float* __restrict__ dx,
                            int n, int k, int m) {
     lin_mma<true, false, true>(dy, m, w, k, dx, k, nullptr, n, k, m);
 }

@@ -19,7 +19,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sglp_engine::runtime::ops::cuda::CudaDevice;
+use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight};
 use sglp_engine::runtime::ops::{cpu, round_to_bf16, AttnShape, Device, Matmul, RopeTable};
 use sglp_engine::runtime::tape::{Cpu, Pool};
 use sglp_engine::runtime::{Model, Tokens};
@@ -397,8 +397,16 @@ fn linear_matches_the_cpu() {
             let mut want = vec![0f32; n * m];
             cpu::linear_forward(&x, &w, bias.then_some(&b[..]), n, k, m, &mut want);
             let mut y = dev.alloc_zeroed(n * m).unwrap();
-            dev.linear_forward(&xd, &wd, bias.then_some(&*bd), n, k, m, &mut y)
-                .unwrap();
+            dev.linear_forward(
+                &xd,
+                &dev.weight_from(&wd).unwrap(),
+                bias.then_some(&*bd),
+                n,
+                k,
+                m,
+                &mut y,
+            )
+            .unwrap();
             assert_close(&format!("{what} forward"), &down(&dev, &y), &want, 1e-5);
 
             let (mut wdx, mut wdw, mut wdb) = (dx0.clone(), dw0.clone(), db0.clone());
@@ -416,7 +424,7 @@ fn linear_matches_the_cpu() {
             let (mut dx, mut dw, mut db) = (up(&dev, &dx0), up(&dev, &dw0), up(&dev, &db0));
             dev.linear_backward(
                 &xd,
-                &wd,
+                &dev.weight_from(&wd).unwrap(),
                 &dyd,
                 n,
                 k,
@@ -439,7 +447,9 @@ fn linear_matches_the_cpu() {
     // Mismatched shapes are errors, not out-of-bounds accesses.
     let (xd, wd) = (up(&dev, &[0.0; 6]), up(&dev, &[0.0; 6]));
     let mut y = dev.alloc_zeroed(5).unwrap();
-    assert!(dev.linear_forward(&xd, &wd, None, 2, 3, 2, &mut y).is_err());
+    assert!(dev
+        .linear_forward(&xd, &dev.weight_from(&wd).unwrap(), None, 2, 3, 2, &mut y)
+        .is_err());
 }
 
 /// C[M, N] = Σ_r A(i, r) B(r, j) in f64 (test reference), A(i, r) = a[i·lda + r] or a[r·lda + i].
@@ -492,6 +502,11 @@ fn linear_on_tensor_cores_matches_f64_products_of_bf16_operands() {
         let (xr, wr, dyr) = (round_to_bf16(&x), round_to_bf16(&w), round_to_bf16(&dy));
         let what = format!("bf16 linear n{n} k{k} m{m}");
         let (xd, wd, bd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &b), up(&dev, &dy));
+        let wd = dev.weight_from(&wd).unwrap();
+        assert!(
+            matches!(wd, CudaWeight::Bf16(_)),
+            "bf16 mode holds weights as bf16"
+        );
 
         let mut y = dev.alloc_zeroed(n * m).unwrap();
         dev.linear_forward(&xd, &wd, Some(&*bd), n, k, m, &mut y)
@@ -539,7 +554,9 @@ fn linear_on_tensor_cores_matches_f64_products_of_bf16_operands() {
     let mut want = vec![0f32; n * m];
     cpu::linear_forward(&x, &w, None, n, k, m, &mut want);
     let mut y = dev.alloc_zeroed(n * m).unwrap();
-    dev.linear_forward(&up(&dev, &x), &up(&dev, &w), None, n, k, m, &mut y)
+    let wd = dev.weight_from(&up(&dev, &w)).unwrap();
+    assert!(matches!(wd, CudaWeight::F32(_)));
+    dev.linear_forward(&up(&dev, &x), &wd, None, n, k, m, &mut y)
         .unwrap();
     assert_close("f32 after bf16", &down(&dev, &y), &want, 1e-5);
 }
@@ -667,6 +684,19 @@ fn check_model_against_cpu(dev: &CudaDevice, model: &Model, tokens: &Tokens, wha
     }
 }
 
+/// (name, elements, read as a linear weight) of each tensor of a fixture's checkpoint.
+fn linear_weight_shapes(dir: &std::path::Path) -> Vec<(String, usize, bool)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let linear = t.shape().len() == 2 && !name.contains("embed_tokens");
+            (name, t.shape().iter().product::<usize>(), linear)
+        })
+        .collect()
+}
+
 /// f32 bytes of each tensor of the fixture's checkpoint (what the device holds once converted).
 fn tensor_bytes(dir: &std::path::Path) -> HashMap<String, usize> {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -730,6 +760,14 @@ fn a_decoder_with_bf16_products_stays_within_bf16_tolerances_and_is_repeatable()
     let model = Model::load(&dir).unwrap();
     let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
     check_model_against_cpu(&dev, &model, &tokens, "bf16 products");
+    // Linear weights are held once, as bf16 (2 bytes); norms, biases and the embedding as f32.
+    let expected: usize = linear_weight_shapes(&dir)
+        .iter()
+        .map(|(_, elems, linear)| elems * if *linear { 2 } else { 4 })
+        .sum();
+    let (resident, bytes, _) = dev.weight_stats().unwrap();
+    assert_eq!(resident, linear_weight_shapes(&dir).len());
+    assert_eq!(bytes, expected, "bf16 linear weights, f32 values");
     // Deterministic kernels: the same step twice gives the same bits (all but the embedding's norm,
     // whose backward adds repeated tokens' rows with atomics).
     let (l1, h1, mut g1) = run_model(&dev, &model, &tokens);
@@ -739,6 +777,33 @@ fn a_decoder_with_bf16_products_stays_within_bf16_tolerances_and_is_repeatable()
     g1.remove(model.num_layers());
     g2.remove(model.num_layers());
     assert_eq!(g1, g2);
+}
+
+#[test]
+fn a_tied_decoder_with_bf16_products_holds_the_embedding_twice() {
+    let Some(dev) = gpu_bf16_or_skip() else {
+        return;
+    };
+    // Tied embeddings: the table is read as f32 values by the embedding and as a bf16 weight by the
+    // lm_head; both copies are cached, under the same parameter name.
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_bf16_tied");
+    let model = Model::load(&dir).unwrap();
+    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    check_model_against_cpu(&dev, &model, &tokens, "tied, bf16 products");
+    let shapes = linear_weight_shapes(&dir);
+    let embed = shapes
+        .iter()
+        .find(|(n, _, _)| n == "model.embed_tokens.weight")
+        .unwrap()
+        .1;
+    let expected: usize = shapes
+        .iter()
+        .map(|(_, e, linear)| e * if *linear { 2 } else { 4 })
+        .sum::<usize>()
+        + embed * 2;
+    assert_eq!(dev.weight_stats().unwrap().0, shapes.len() + 1);
+    assert_eq!(dev.weight_stats().unwrap().1, expected);
 }
 
 #[test]

@@ -17,7 +17,7 @@ pub mod op;
 
 use crate::error::Result;
 pub use crate::runtime::ops::cpu::Cpu;
-pub use crate::runtime::ops::Device;
+pub use crate::runtime::ops::{Device, ParamUse};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -27,6 +27,10 @@ pub type ParamId = usize;
 /// Where the tape reads parameters from: a name → f32 values (row-major, PyTorch layout).
 pub trait ParamStore {
     fn param(&self, name: &str) -> Result<Cow<'_, [f32]>>;
+    /// The parameter's bf16 bits when it is stored as bf16 (read without converting), else `None`.
+    fn param_bf16(&self, _name: &str) -> Result<Option<Cow<'_, [u16]>>> {
+        Ok(None)
+    }
 }
 
 /// A parameter the tape reads, and the group its gradient norm is reduced into.
@@ -65,6 +69,11 @@ pub struct OpIo {
 /// an op (what it reads, writes and keeps, its forward and its backward) is in one place.
 pub trait TapeOp<D: Device = Cpu>: std::fmt::Debug + Send + Sync {
     fn io(&self) -> OpIo;
+    /// Those of its parameters it reads as a linear layer's weight ([`Device::weight`]); the others
+    /// it reads as values ([`Device::param`]).
+    fn weights(&self) -> Vec<ParamId> {
+        Vec::new()
+    }
     /// Write the outputs (allocated and zeroed by the tape) from the inputs.
     fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()>;
     /// Accumulate into the gradients of the inputs (see `Tape::write_grad`) and of the parameters
@@ -352,12 +361,37 @@ impl<D: Device> Tape<D> {
             .collect()
     }
 
-    fn prefetch(&self, store: &dyn ParamStore, params: &[ParamId]) -> Result<()> {
-        let names: Vec<&str> = params
-            .iter()
-            .map(|&p| self.params[p].name.as_str())
-            .collect();
-        self.dev.prefetch(store, &names)
+    /// How the ops read each parameter: `[as values, as a weight]`.
+    fn param_uses(&self, io: &[OpIo]) -> Vec<[bool; 2]> {
+        let mut uses = vec![[false; 2]; self.params.len()];
+        for (op, io) in self.ops.iter().zip(io) {
+            let weights = op.weights();
+            for &p in &io.params {
+                uses[p][weights.contains(&p) as usize] = true;
+            }
+        }
+        uses
+    }
+
+    fn prefetch(
+        &self,
+        store: &dyn ParamStore,
+        params: &[ParamId],
+        uses: &[[bool; 2]],
+    ) -> Result<()> {
+        let mut announce = Vec::with_capacity(params.len());
+        for &p in params {
+            let name = self.params[p].name.as_str();
+            for (u, used) in [ParamUse::Values, ParamUse::Weight]
+                .into_iter()
+                .zip(uses[p])
+            {
+                if used {
+                    announce.push((name, u));
+                }
+            }
+        }
+        self.dev.prefetch(store, &announce)
     }
 
     /// Run the ops in order, calling `on_mark(index, data)` for every mark. A buffer is freed after its
@@ -396,15 +430,16 @@ impl<D: Device> Tape<D> {
         }
         let order: Vec<usize> = (0..self.ops.len()).collect();
         let plan = self.prefetch_plan(&io, &order);
+        let uses = self.param_uses(&io);
         let mut plan = plan.into_iter().peekable();
         if let Some((_, ps)) = plan.next_if(|(at, _)| *at == usize::MAX) {
-            self.prefetch(store, &ps)?;
+            self.prefetch(store, &ps, &uses)?;
         }
         let mut next_mark = 0;
         self.emit_marks(0, &mut next_mark, on_mark);
         for i in 0..self.ops.len() {
             if let Some((_, ps)) = plan.next_if(|(at, _)| *at == i) {
-                self.prefetch(store, &ps)?;
+                self.prefetch(store, &ps, &uses)?;
             }
             let op = Arc::clone(&self.ops[i]);
             for &b in &io[i].outputs {
@@ -438,6 +473,12 @@ impl<D: Device> Tape<D> {
     fn p<'s>(&self, store: &'s dyn ParamStore, id: ParamId) -> Result<D::Param<'s>> {
         let p = &self.params[id];
         self.dev.param(store, &p.name, p.len)
+    }
+
+    /// Parameter `id` as a linear layer's weight (the op lists it in [`TapeOp::weights`]).
+    fn w<'s>(&self, store: &'s dyn ParamStore, id: ParamId) -> Result<D::Weight<'s>> {
+        let p = &self.params[id];
+        self.dev.weight(store, &p.name, p.len)
     }
 
     /// Run `f` on buffer `out`, taken out of the tape so that `f` can read the other buffers beside it.
@@ -499,13 +540,14 @@ impl<D: Device> Tape<D> {
         }
         let order: Vec<usize> = (0..self.ops.len()).rev().collect();
         let plan = self.prefetch_plan(&io, &order);
+        let uses = self.param_uses(&io);
         let mut plan = plan.into_iter().peekable();
         // The last group of the forward is the first of the backward and still resident: no head start.
         plan.next_if(|(at, _)| *at == usize::MAX);
         let mut pgrads = ParamGrads::<D>((0..self.params.len()).map(|_| None).collect());
         for i in order {
             if let Some((_, ps)) = plan.next_if(|(at, _)| *at == i) {
-                self.prefetch(store, &ps)?;
+                self.prefetch(store, &ps, &uses)?;
             }
             let op = Arc::clone(&self.ops[i]);
             for &p in &io[i].params {

@@ -224,4 +224,51 @@ impl ParamStore for Weights {
     fn param(&self, name: &str) -> Result<Cow<'_, [f32]>> {
         self.get_f32(name)
     }
+    fn param_bf16(&self, name: &str) -> Result<Option<Cow<'_, [u16]>>> {
+        let Some(loc) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        if loc.dtype != Dtype::BF16 {
+            return Ok(None);
+        }
+        let (path, map) = &self.files[loc.file];
+        let bytes = map
+            .get(loc.start..loc.end)
+            .ok_or_else(|| Error::layer(path, name, "data offsets run past the end of the file"))?;
+        Ok(Some(match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            Ok(s) if cfg!(target_endian = "little") => Cow::Borrowed(s),
+            _ => Cow::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bf16 checkpoint's tensors come back as their stored bits, the same values `param` converts to
+    /// f32; an f32 checkpoint has no bf16 bits to give.
+    #[test]
+    fn bf16_bits_are_read_as_stored() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let w = Weights::open(&fixtures.join("llama_bf16_tied")).unwrap();
+        let name = "model.layers.0.mlp.up_proj.weight";
+        let bits = w.param_bf16(name).unwrap().expect("stored as bf16");
+        let vals = w.param(name).unwrap();
+        assert_eq!(bits.len(), vals.len());
+        assert!(vals.iter().any(|&v| v != 0.0));
+        for (&b, &v) in bits.iter().zip(vals.iter()) {
+            assert_eq!(bf16::from_bits(b).to_f32().to_bits(), v.to_bits());
+        }
+        assert!(w.param_bf16("no.such.tensor").unwrap().is_none());
+        let f32_model = Weights::open(&fixtures.join("llama_llama3_rope")).unwrap();
+        let name = "model.layers.0.mlp.up_proj.weight";
+        assert!(f32_model.shape(name).is_some());
+        assert!(f32_model.param_bf16(name).unwrap().is_none());
+    }
 }

@@ -759,6 +759,7 @@ impl super::Device for Cpu {
     type Slice = [f32];
     type Buf = Vec<f32>;
     type Param<'s> = std::borrow::Cow<'s, [f32]>;
+    type Weight<'s> = std::borrow::Cow<'s, [f32]>;
     type Ids = Vec<i64>;
 
     fn name(&self) -> String {
@@ -797,6 +798,17 @@ impl super::Device for Cpu {
     ) -> Result<std::borrow::Cow<'s, [f32]>> {
         store.param(name)
     }
+    fn weight<'s>(
+        &self,
+        store: &'s dyn ParamStore,
+        name: &str,
+        _len: usize,
+    ) -> Result<std::borrow::Cow<'s, [f32]>> {
+        store.param(name)
+    }
+    fn weight_from<'a>(&self, w: &'a [f32]) -> Result<std::borrow::Cow<'a, [f32]>> {
+        Ok(std::borrow::Cow::Borrowed(w))
+    }
     fn sum_sq(&self, g: &[f32]) -> Result<f64> {
         Ok(g.par_chunks(16_384)
             .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
@@ -825,7 +837,7 @@ impl super::Device for Cpu {
     fn linear_forward(
         &self,
         x: &[f32],
-        w: &[f32],
+        w: &std::borrow::Cow<'_, [f32]>,
         b: Option<&[f32]>,
         n: usize,
         k: usize,
@@ -838,7 +850,7 @@ impl super::Device for Cpu {
     fn linear_backward(
         &self,
         x: &[f32],
-        w: &[f32],
+        w: &std::borrow::Cow<'_, [f32]>,
         dy: &[f32],
         n: usize,
         k: usize,

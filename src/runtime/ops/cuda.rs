@@ -13,8 +13,10 @@
 //!   backward; one warp per row, deterministic) and the linear layer's three products: on tensor cores
 //!   with bf16 operands and f32 accumulation ([`Matmul::Bf16`], the default), or as f32 tiled SIMT GEMMs
 //!   ([`Matmul::F32`], [`CudaDevice::set_matmul`]).
-//! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; uploaded weights
-//!   are cached by name. When the model does not fit the weight budget ([`CudaDevice::set_weight_budget`],
+//! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; a linear layer's
+//!   weight ([`Device::weight`], a [`CudaWeight`]) is that f32 copy in [`Matmul::F32`] mode and a copy
+//!   rounded to bf16 on the host as it is staged in [`Matmul::Bf16`] mode (half the device memory and
+//!   the upload). Uploaded weights are cached by name and representation. When the model does not fit the weight budget ([`CudaDevice::set_weight_budget`],
 //!   by default half the free memory at open), [`WeightWindow`] keeps a window of parameter groups: the
 //!   group being computed and the next one, which [`Device::prefetch`] (called by the tape one group
 //!   ahead) uploads on a separate copy stream through two pinned staging buffers (double-buffered: the
@@ -24,7 +26,7 @@
 //! Every op returns a [`Result`]; nothing here calls into CUDA before [`CudaDevice::open`] has found a
 //! driver, a GPU and NVRTC (cudarc panics on a missing library).
 
-use super::{AttnShape, Device, Matmul, RopeTable};
+use super::{AttnShape, Device, Matmul, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::{load_module, open_context, CuResult};
@@ -303,13 +305,61 @@ impl Kernels {
 /// The weight cache: the resident weights, their window, the pinned staging slots of the uploads.
 struct Weights {
     window: WeightWindow,
-    resident: HashMap<String, Arc<CudaSlice<f32>>>,
+    /// By [`cache_key`]: the parameter's name, and its representation.
+    resident: HashMap<String, CudaWeight>,
     /// Two pinned slots and, per slot, an event recorded after the copy that reads it.
     staging: Vec<(PinnedHostSlice<f32>, CudaEvent)>,
     next_slot: usize,
     /// The address of the store the cached weights came from (a new store empties the cache).
     store: usize,
     uploads: usize,
+}
+
+/// A parameter on the GPU: f32 values, or a linear layer's weight rounded to bf16 for the tensor-core
+/// products ([`Matmul::Bf16`]). In [`Matmul::F32`] mode a weight is its f32 parameter (one copy, shared
+/// with any use as values, such as a tied embedding).
+#[derive(Clone, Debug)]
+pub enum CudaWeight {
+    F32(Arc<CudaSlice<f32>>),
+    Bf16(Arc<CudaSlice<u16>>),
+}
+
+impl CudaWeight {
+    pub fn len(&self) -> usize {
+        match self {
+            CudaWeight::F32(w) => w.len(),
+            CudaWeight::Bf16(w) => w.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            CudaWeight::F32(w) => w.len() * 4,
+            CudaWeight::Bf16(w) => w.len() * 2,
+        }
+    }
+}
+
+/// How a parameter is held on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repr {
+    F32,
+    Bf16,
+}
+
+/// The staging conversion of values uploaded as they are.
+fn copy_values<T: Copy>(src: &[T], dst: &mut [T]) {
+    dst.copy_from_slice(src);
+}
+
+/// The weight cache's key of parameter `name` held as `repr`.
+fn cache_key(name: &str, repr: Repr) -> String {
+    match repr {
+        Repr::F32 => name.to_string(),
+        Repr::Bf16 => format!("{name} (bf16)"),
+    }
 }
 
 /// The three products of a linear layer.
@@ -449,24 +499,29 @@ impl CudaDevice {
         })
     }
 
-    /// How the linear layers' products are computed from now on (default [`Matmul::Bf16`]).
+    /// How the linear layers' products are computed from now on (default [`Matmul::Bf16`]): the
+    /// representation [`Device::weight`] returns (a weight fetched before keeps its own).
     pub fn set_matmul(&self, m: Matmul) {
         self.inner
             .bf16_matmul
             .store(m == Matmul::Bf16, Ordering::Relaxed);
     }
 
-    /// The kernel of one of the linear's products (forward, input gradient, weight gradient) in the
-    /// current [`Matmul`] mode, and its output tile.
-    fn linear_kernel(&self, which: LinearProduct) -> (&CudaFunction, usize) {
+    /// The kernel of one of the linear's products (forward, input gradient, weight gradient) for a
+    /// weight held as `w` (bf16: the tensor-core kernels), and its output tile.
+    fn linear_kernel(&self, which: LinearProduct, w: &CudaWeight) -> (&CudaFunction, usize) {
         let k = self.k();
-        match (self.matmul(), which) {
-            (Matmul::Bf16, LinearProduct::Forward) => (&k.linear_forward_bf16, LIN_MMA_TILE),
-            (Matmul::Bf16, LinearProduct::Input) => (&k.linear_backward_input_bf16, LIN_MMA_TILE),
-            (Matmul::Bf16, LinearProduct::Weight) => (&k.linear_backward_weight_bf16, LIN_MMA_TILE),
-            (Matmul::F32, LinearProduct::Forward) => (&k.linear_forward, LIN_TILE),
-            (Matmul::F32, LinearProduct::Input) => (&k.linear_backward_input, LIN_TILE),
-            (Matmul::F32, LinearProduct::Weight) => (&k.linear_backward_weight, LIN_TILE),
+        match (w, which) {
+            (CudaWeight::Bf16(_), LinearProduct::Forward) => (&k.linear_forward_bf16, LIN_MMA_TILE),
+            (CudaWeight::Bf16(_), LinearProduct::Input) => {
+                (&k.linear_backward_input_bf16, LIN_MMA_TILE)
+            }
+            (CudaWeight::Bf16(_), LinearProduct::Weight) => {
+                (&k.linear_backward_weight_bf16, LIN_MMA_TILE)
+            }
+            (CudaWeight::F32(_), LinearProduct::Forward) => (&k.linear_forward, LIN_TILE),
+            (CudaWeight::F32(_), LinearProduct::Input) => (&k.linear_backward_input, LIN_TILE),
+            (CudaWeight::F32(_), LinearProduct::Weight) => (&k.linear_backward_weight, LIN_TILE),
         }
     }
 
@@ -530,13 +585,21 @@ impl CudaDevice {
         Ok(w)
     }
 
-    /// Upload `host` into a new device buffer on the copy stream through the pinned staging slots,
-    /// alternating between them chunk by chunk (the host fills one while the other is copied).
-    fn upload_weight(&self, w: &mut Weights, host: &[f32]) -> Result<CudaSlice<f32>> {
+    /// Upload `host` into a new device buffer of `T` on the copy stream through the pinned staging
+    /// slots, alternating between them chunk by chunk (the host fills one, converting each value with
+    /// `convert`, while the other is copied).
+    fn upload_weight<S, T: cudarc::driver::DeviceRepr + bytemuck::Pod>(
+        &self,
+        w: &mut Weights,
+        host: &[S],
+        convert: impl Fn(&[S], &mut [T]),
+    ) -> Result<CudaSlice<T>> {
         let copy = &self.inner.copy;
-        // SAFETY: every element is written by the copies below before any kernel reads it (the compute
-        // stream waits for the buffer's write event, recorded after the last copy).
-        let mut dst = unsafe { copy.alloc::<f32>(host.len()) }.cu("allocating a weight")?;
+        let size = std::mem::size_of::<T>();
+        let per = STAGE * std::mem::size_of::<f32>() / size; // values of T per slot
+                                                             // SAFETY: every element is written by the copies below before any kernel reads it (the compute
+                                                             // stream waits for the buffer's write event, recorded after the last copy).
+        let mut dst = unsafe { copy.alloc::<T>(host.len()) }.cu("allocating a weight")?;
         while w.staging.len() < 2 {
             // SAFETY: the pinned memory is written before it is read.
             let pinned = unsafe { self.inner.ctx.alloc_pinned::<f32>(STAGE) }
@@ -544,47 +607,96 @@ impl CudaDevice {
             let ev = self.inner.ctx.new_event(None).cu("event")?;
             w.staging.push((pinned, ev));
         }
-        for (c, chunk) in host.chunks(STAGE).enumerate() {
+        for (c, chunk) in host.chunks(per).enumerate() {
             let slot = w.next_slot;
             w.next_slot ^= 1;
             let (pinned, ev) = &mut w.staging[slot];
             ev.synchronize().cu("waiting for a staging slot")?;
-            pinned.as_mut_slice().cu("pinned staging")?[..chunk.len()].copy_from_slice(chunk);
-            let src = &pinned.as_slice().cu("pinned staging")?[..chunk.len()];
+            let staged: &mut [T] =
+                bytemuck::cast_slice_mut(pinned.as_mut_slice().cu("pinned staging")?);
+            convert(chunk, &mut staged[..chunk.len()]);
+            let src = &bytemuck::cast_slice::<f32, T>(pinned.as_slice().cu("pinned staging")?)
+                [..chunk.len()];
             let (ptr, _record) = dst.device_ptr_mut(copy);
-            // SAFETY: `dst` holds host.len() ≥ c·STAGE + chunk.len() values; the pinned source stays
+            // SAFETY: `dst` holds host.len() ≥ c·per + chunk.len() values of T; the pinned source stays
             // untouched until `ev` (recorded below) completes, waited on before the slot is refilled.
-            unsafe {
-                cu::memcpy_htod_async(
-                    ptr + (c * STAGE * std::mem::size_of::<f32>()) as u64,
-                    src,
-                    copy.cu_stream(),
-                )
-            }
-            .cu("uploading a weight")?;
+            unsafe { cu::memcpy_htod_async(ptr + (c * per * size) as u64, src, copy.cu_stream()) }
+                .cu("uploading a weight")?;
             ev.record(copy).cu("event record")?;
         }
         w.uploads += 1;
         Ok(dst)
     }
 
-    /// Upload weight `name` and record it in the cache (evicting what the window says).
+    /// Upload parameter `name` as `repr` and record it in the cache (evicting what the window says).
     fn load_weight(
         &self,
         w: &mut Weights,
         store: &dyn ParamStore,
         name: &str,
-    ) -> Result<Arc<CudaSlice<f32>>> {
-        let host = store.param(name)?;
-        let dev = Arc::new(self.upload_weight(w, &host)?);
-        for n in w
-            .window
-            .admit(name, host.len() * std::mem::size_of::<f32>())
-        {
+        repr: Repr,
+    ) -> Result<CudaWeight> {
+        let dev = match (repr, store.param_bf16(name)?) {
+            (Repr::F32, _) => CudaWeight::F32(Arc::new(self.upload_weight(
+                w,
+                &store.param(name)?,
+                copy_values,
+            )?)),
+            // Stored as bf16: the bits as they are, no conversion.
+            (Repr::Bf16, Some(bits)) => {
+                CudaWeight::Bf16(Arc::new(self.upload_weight(w, &bits, copy_values)?))
+            }
+            (Repr::Bf16, None) => CudaWeight::Bf16(Arc::new(self.upload_weight(
+                w,
+                &store.param(name)?,
+                |src: &[f32], dst: &mut [u16]| {
+                    use rayon::prelude::*;
+                    dst.par_chunks_mut(1 << 16)
+                        .zip(src.par_chunks(1 << 16))
+                        .for_each(|(d, s)| {
+                            for (d, &s) in d.iter_mut().zip(s) {
+                                *d = half::bf16::from_f32(s).to_bits();
+                            }
+                        })
+                },
+            )?)),
+        };
+        let key = cache_key(name, repr);
+        for n in w.window.admit(&key, dev.bytes()) {
             w.resident.remove(&n);
         }
-        w.resident.insert(name.to_string(), dev.clone());
+        w.resident.insert(key, dev.clone());
         Ok(dev)
+    }
+
+    /// How a parameter read as `u` is held in the current [`Matmul`] mode.
+    fn repr(&self, u: ParamUse) -> Repr {
+        match (u, self.matmul()) {
+            (ParamUse::Weight, Matmul::Bf16) => Repr::Bf16,
+            _ => Repr::F32,
+        }
+    }
+
+    /// Parameter `name` as `repr`: from the cache, else uploaded now.
+    fn fetch(
+        &self,
+        store: &dyn ParamStore,
+        name: &str,
+        len: usize,
+        repr: Repr,
+    ) -> Result<CudaWeight> {
+        let mut w = self.weights_for(store)?;
+        let key = cache_key(name, repr);
+        let cached = w.resident.get(&key).cloned();
+        let p = match cached {
+            Some(p) => {
+                w.window.touch(&key);
+                p
+            }
+            None => self.load_weight(&mut w, store, name, repr)?,
+        };
+        check_len(p.len(), len, name)?;
+        Ok(p)
     }
 
     /// The rotary tables on the device, uploaded once per (tokens, head_dim, values).
@@ -801,6 +913,7 @@ impl Device for CudaDevice {
     type Slice = CudaSlice<f32>;
     type Buf = Buf;
     type Param<'s> = Arc<CudaSlice<f32>>;
+    type Weight<'s> = CudaWeight;
     type Ids = Ids;
 
     fn name(&self) -> String {
@@ -852,22 +965,46 @@ impl Device for CudaDevice {
         })
     }
     fn param(&self, store: &dyn ParamStore, name: &str, len: usize) -> Result<Arc<CudaSlice<f32>>> {
-        let mut w = self.weights_for(store)?;
-        let cached = w.resident.get(name).cloned();
-        let p = match cached {
-            Some(p) => {
-                w.window.touch(name);
-                p
-            }
-            None => self.load_weight(&mut w, store, name)?,
-        };
-        check_len(p.len(), len, name)?;
-        Ok(p)
+        match self.fetch(store, name, len, Repr::F32)? {
+            CudaWeight::F32(p) => Ok(p),
+            CudaWeight::Bf16(_) => Err(Error::cuda(format!("{name}: cached as bf16, read as f32"))),
+        }
     }
-    fn prefetch(&self, store: &dyn ParamStore, names: &[&str]) -> Result<()> {
+    fn weight(&self, store: &dyn ParamStore, name: &str, len: usize) -> Result<CudaWeight> {
+        self.fetch(store, name, len, self.repr(ParamUse::Weight))
+    }
+    fn weight_from(&self, w: &CudaSlice<f32>) -> Result<CudaWeight> {
+        match self.repr(ParamUse::Weight) {
+            Repr::F32 => Ok(CudaWeight::F32(Arc::new(
+                w.try_clone().cu("copying a weight")?,
+            ))),
+            Repr::Bf16 => {
+                let mut host = Vec::new();
+                self.download(w, &mut host)?;
+                let bits: Vec<u16> = host
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                Ok(CudaWeight::Bf16(Arc::new(
+                    self.s().clone_htod(&bits).cu("uploading a weight")?,
+                )))
+            }
+        }
+    }
+    fn prefetch(&self, store: &dyn ParamStore, params: &[(&str, ParamUse)]) -> Result<()> {
+        let wanted: Vec<(String, &str, Repr)> = params
+            .iter()
+            .map(|&(name, u)| {
+                let r = self.repr(u);
+                (cache_key(name, r), name, r)
+            })
+            .collect();
+        let keys: Vec<&str> = wanted.iter().map(|(k, _, _)| k.as_str()).collect();
         let mut w = self.weights_for(store)?;
-        for name in w.window.announce(names) {
-            self.load_weight(&mut w, store, &name)?;
+        for key in w.window.announce(&keys) {
+            if let Some((_, name, r)) = wanted.iter().find(|(k, _, _)| *k == key) {
+                self.load_weight(&mut w, store, name, *r)?;
+            }
         }
         Ok(())
     }
@@ -954,7 +1091,7 @@ impl Device for CudaDevice {
     fn linear_forward(
         &self,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        w: &CudaWeight,
         b: Option<&CudaSlice<f32>>,
         n: usize,
         k: usize,
@@ -971,14 +1108,19 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
-        let (f, tile) = self.linear_kernel(LinearProduct::Forward);
+        let (f, tile) = self.linear_kernel(LinearProduct::Forward, w);
         let c = cfg((blocks(m, tile), blocks(n, tile)), THREADS)?;
         let null = 0u64;
-        // SAFETY: linear_forward[_bf16](const float* x, const float* w, const float* b, float* y, int n,
-        // k, m); the bias is a device pointer of m values or null.
+        // SAFETY: linear_forward(const float* x, const float* w, ...) / linear_forward_bf16(const float*
+        // x, const u16* w, ...), both (..., const float* b, float* y, int n, k, m), matching the weight's
+        // representation; the bias is a device pointer of m values or null.
         unsafe {
             let mut l = self.s().launch_builder(f);
-            l.arg(x).arg(w);
+            l.arg(x);
+            match w {
+                CudaWeight::F32(w) => l.arg(&**w),
+                CudaWeight::Bf16(w) => l.arg(&**w),
+            };
             match b {
                 Some(b) => l.arg(b),
                 None => l.arg(&null),
@@ -991,7 +1133,7 @@ impl Device for CudaDevice {
     fn linear_backward(
         &self,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        w: &CudaWeight,
         dy: &CudaSlice<f32>,
         n: usize,
         k: usize,
@@ -1011,15 +1153,18 @@ impl Device for CudaDevice {
         if let Some(dx) = dx {
             check_len(dx.len(), n * k, "linear input gradient")?;
             if k > 0 && m > 0 {
-                let (f, tile) = self.linear_kernel(LinearProduct::Input);
-                // SAFETY: linear_backward_input[_bf16](const float* dy, const float* w, float* dx, int n,
-                // k, m).
+                let (f, tile) = self.linear_kernel(LinearProduct::Input, w);
+                // SAFETY: linear_backward_input(const float* dy, const float* w, ...) /
+                // linear_backward_input_bf16(const float* dy, const u16* w, ...), both (..., float* dx,
+                // int n, k, m), matching the weight's representation.
                 unsafe {
-                    self.s()
-                        .launch_builder(f)
-                        .arg(dy)
-                        .arg(w)
-                        .arg(dx)
+                    let mut l = self.s().launch_builder(f);
+                    l.arg(dy);
+                    match w {
+                        CudaWeight::F32(w) => l.arg(&**w),
+                        CudaWeight::Bf16(w) => l.arg(&**w),
+                    };
+                    l.arg(dx)
                         .arg(&ni)
                         .arg(&ki)
                         .arg(&mi)
@@ -1029,7 +1174,7 @@ impl Device for CudaDevice {
             }
         }
         if k > 0 && m > 0 {
-            let (f, tile) = self.linear_kernel(LinearProduct::Weight);
+            let (f, tile) = self.linear_kernel(LinearProduct::Weight, w);
             // SAFETY: linear_backward_weight[_bf16](const float* dy, const float* x, float* dw, int n, k,
             // m).
             unsafe {

@@ -68,17 +68,28 @@ pub enum Matmul {
     F32,
 }
 
+/// How an op reads a parameter: as f32 values (norm weights, biases, an embedding table), or as a linear
+/// layer's weight, which a device keeps in the precision of its matrix products ([`Device::weight`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamUse {
+    Values,
+    Weight,
+}
+
 /// A device the runtime's tape runs on: where its buffers live and the ops it runs. Forwards write their
 /// output (allocated and zeroed by the tape); backwards accumulate into every gradient they are given.
 /// Shapes are explicit (`n` rows; `k` inputs, `m` outputs of a linear; `d` the width of a row).
 ///
 /// Storage: `Buf` owns `len` f32 values on the device and dereferences to `Slice`, the view ops take
 /// (`[f32]` on the CPU); `Param` is a parameter fetched for one op (on the CPU the memory-mapped tensor,
-/// borrowed when it is stored as f32); `Ids` holds token ids or class labels on the device.
+/// borrowed when it is stored as f32); `Weight` a linear layer's weight as the matrix products read it
+/// (the CPU: the parameter itself; a GPU with bf16 products: a bf16 copy, half the memory and the
+/// upload); `Ids` holds token ids or class labels on the device.
 pub trait Device: Clone + Send + Sync + 'static {
     type Slice: ?Sized + Sync;
     type Buf: std::ops::DerefMut<Target = Self::Slice> + Send + Sync;
     type Param<'s>: std::ops::Deref<Target = Self::Slice>;
+    type Weight<'s>;
     type Ids: Send + Sync;
 
     /// For messages and reports, e.g. "cpu" or "cuda:0 (NVIDIA H100)".
@@ -111,10 +122,20 @@ pub trait Device: Clone + Send + Sync + 'static {
         name: &str,
         len: usize,
     ) -> Result<Self::Param<'s>>;
-    /// The parameters the next ops will read, in the order they will read them: a device that uploads
-    /// weights layer by layer starts copying them now, so the copy overlaps the current layer's compute.
-    /// The CPU reads them in place and does nothing.
-    fn prefetch(&self, _store: &dyn ParamStore, _names: &[&str]) -> Result<()> {
+    /// Parameter `name` (`m·k` values, `[m, k]`) as a linear layer's weight.
+    fn weight<'s>(
+        &self,
+        store: &'s dyn ParamStore,
+        name: &str,
+        len: usize,
+    ) -> Result<Self::Weight<'s>>;
+    /// A weight from values already on the device, as [`Device::weight`] would hold them (tests and
+    /// the self-check).
+    fn weight_from<'a>(&self, w: &'a Self::Slice) -> Result<Self::Weight<'a>>;
+    /// The parameters the next ops will read and how, in the order they will read them: a device that
+    /// uploads weights layer by layer starts copying them now, so the copy overlaps the current layer's
+    /// compute. The CPU reads them in place and does nothing.
+    fn prefetch(&self, _store: &dyn ParamStore, _params: &[(&str, ParamUse)]) -> Result<()> {
         Ok(())
     }
     /// Σ g² in f64 (a parameter's share of its layer's gradient norm).
@@ -141,7 +162,7 @@ pub trait Device: Clone + Send + Sync + 'static {
     fn linear_forward(
         &self,
         x: &Self::Slice,
-        w: &Self::Slice,
+        w: &Self::Weight<'_>,
         b: Option<&Self::Slice>,
         n: usize,
         k: usize,
@@ -153,7 +174,7 @@ pub trait Device: Clone + Send + Sync + 'static {
     fn linear_backward(
         &self,
         x: &Self::Slice,
-        w: &Self::Slice,
+        w: &Self::Weight<'_>,
         dy: &Self::Slice,
         n: usize,
         k: usize,
@@ -303,7 +324,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
     cpu::linear_forward(&xr, &wr, Some(&b), n, k, m, &mut y);
     let mut yd = dev.alloc_zeroed(n * m)?;
     let (xd, wd, bd) = (up(&x)?, up(&w)?, up(&b)?);
-    dev.linear_forward(&xd, &wd, Some(&bd), n, k, m, &mut yd)?;
+    dev.linear_forward(&xd, &dev.weight_from(&wd)?, Some(&bd), n, k, m, &mut yd)?;
     compare(&y, &yd, dev)?;
 
     // RMSNorm over rows of 29.

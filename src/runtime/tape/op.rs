@@ -94,9 +94,12 @@ impl<D: Device> TapeOp<D> for Linear {
             params: std::iter::once(self.w).chain(self.b).collect(),
         }
     }
+    fn weights(&self) -> Vec<ParamId> {
+        vec![self.w]
+    }
     fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
         let Linear { x, w, b, out } = *self;
-        let (wv, bv) = (t.p(store, w)?, b.map(|b| t.p(store, b)).transpose()?);
+        let (wv, bv) = (t.w(store, w)?, b.map(|b| t.p(store, b)).transpose()?);
         t.write_output(out, |t, y| {
             let (n, k, m) = (t.bufs[x].rows, t.bufs[x].cols, t.bufs[out].cols);
             t.dev
@@ -113,7 +116,7 @@ impl<D: Device> TapeOp<D> for Linear {
         if !t.has_grad(out) {
             return Ok(());
         }
-        let wv = t.p(store, w)?;
+        let wv = t.w(store, w)?;
         let mut dw = pg.take(w);
         let mut db = b.map(|b| pg.take(b));
         let r = t.write_grad(x, |t, dx| {
