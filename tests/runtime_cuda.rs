@@ -806,6 +806,110 @@ fn a_tied_decoder_with_bf16_products_holds_the_embedding_twice() {
     assert_eq!(dev.weight_stats().unwrap().1, expected);
 }
 
+/// The qwen2_sliding fixture with its passes on GPU 0 (f32 products), or None without a GPU.
+fn fixture_on_gpu() -> Option<(Model, Model, Tokens)> {
+    gpu_or_skip()?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_sliding");
+    let cpu = Model::load(&dir).unwrap();
+    let mut gpu = Model::load(&dir).unwrap();
+    let (runner, note) = sglp_engine::runtime::device::open_runtime(
+        sglp_engine::similarity::device::DeviceChoice::Cuda(0),
+        Matmul::F32,
+    )
+    .unwrap();
+    assert!(note.is_none());
+    gpu.set_device(runner);
+    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    Some((cpu, gpu, tokens))
+}
+
+#[test]
+fn layer_outputs_reach_a_device_sink_as_one_batch() {
+    let Some((cpu, gpu, tokens)) = fixture_on_gpu() else {
+        return;
+    };
+    let mut want = vec![Vec::new(); cpu.num_layers() + 1];
+    let loss = cpu
+        .forward(&tokens, &[], &mut |i, h| want[i] = h.to_vec())
+        .unwrap();
+    let backend = sglp_engine::similarity::cuda::CudaBackend::open(0).unwrap();
+    for grads in [false, true] {
+        let mut got = None;
+        let pass = gpu
+            .pass_to_device(&tokens, grads, 0, &mut |db| {
+                // SAFETY: pass_to_device's promise: the outputs on GPU 0, written, valid in the call.
+                got = Some(unsafe { backend.download(db) }.unwrap());
+                Ok(())
+            })
+            .unwrap()
+            .expect("a model on GPU 0 hands its outputs over");
+        assert!(rel(pass.loss, loss) < 1e-5, "{} vs {loss}", pass.loss);
+        assert_eq!(pass.grads.is_some(), grads);
+        let got = got.expect("the sink ran");
+        assert_eq!(got.rows, tokens.sequences * tokens.len);
+        assert_eq!(got.layers.len(), cpu.num_layers());
+        for (l, layer) in got.layers.iter().enumerate() {
+            let vals: Vec<f32> = layer
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            assert_close(&format!("device output {l}"), &vals, &want[l + 1], 1e-5);
+        }
+    }
+    // Another GPU, or the CPU: no device pass (the caller reads the hidden states on the host).
+    assert!(gpu
+        .pass_to_device(&tokens, false, 7, &mut |_| Ok(()))
+        .unwrap()
+        .is_none());
+    assert!(cpu
+        .pass_to_device(&tokens, false, 0, &mut |_| Ok(()))
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn a_calibration_pass_on_the_gpu_feeds_the_cuda_cka_in_place() {
+    use sglp_engine::pruning::calibration::{calibration_pass, Needs, PassOptions};
+    use sglp_engine::similarity::{CkaSpec, Estimator};
+    let Some((cpu, gpu, tokens)) = fixture_on_gpu() else {
+        return;
+    };
+    // Batches of 12 samples over passes of 2 sequences (32 rows, then 16): the accumulator's head and
+    // tail rows go through the host, whole batches straight from the model's memory.
+    let opts = PassOptions {
+        cka: CkaSpec {
+            estimator: Estimator::Unbiased,
+            batch_size: 12,
+            ..CkaSpec::default()
+        },
+        forward_batch: 2,
+        gradnorm_batches: Some(1),
+    };
+    let needs = Needs {
+        cka: true,
+        gradnorm: true,
+        ..Needs::default()
+    };
+    let mut cpu_backend = sglp_engine::similarity::cpu::CpuBackend::new(2);
+    let want = calibration_pass(&cpu, &tokens, needs, &opts, &mut cpu_backend).unwrap();
+    let mut backend = sglp_engine::similarity::cuda::CudaBackend::open(0).unwrap();
+    let got = calibration_pass(&gpu, &tokens, needs, &opts, &mut backend).unwrap();
+    let (w, g) = (want.cka.unwrap(), got.cka.unwrap());
+    assert_eq!((g.n_samples, g.n_batches), (w.n_samples, w.n_batches));
+    assert!(g.warnings.is_empty(), "{:?}", g.warnings);
+    for (rw, rg) in w.cka.iter().zip(&g.cka) {
+        for (a, b) in rw.iter().zip(rg) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!((a - b).abs() < 1e-4, "CKA {b} vs cpu {a}");
+        }
+    }
+    let (wg, gg) = (want.gradnorm.unwrap(), got.gradnorm.unwrap());
+    for (a, b) in wg.per_layer.iter().zip(&gg.per_layer) {
+        assert!(rel(*b, *a) < 1e-4, "gradient norm {b} vs cpu {a}");
+    }
+}
+
 #[test]
 fn opening_without_a_gpu_is_an_error_not_a_panic() {
     // Runs everywhere: without a driver or GPU, `open` returns an error; with one, a missing ordinal does.

@@ -11,7 +11,7 @@ use super::criteria::HiddenStats;
 use crate::error::{Error, Result};
 use crate::io::{Batch, DType, LayerMeta};
 use crate::runtime::{CalibrationData, Model, PrunableModel, Tokens, UnitGrads};
-use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec};
+use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec, Estimator, Route};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -297,9 +297,47 @@ pub fn calibration_pass<M: PrunableModel>(
             <= PREFIX_CACHE_BYTES / 2;
     let mut inputs: LayerInputs = Vec::new();
     let mut batch_losses = Vec::new();
+    // When the CKA is the only reader of the hidden states and runs on a GPU, the units' outputs go
+    // from the model's GPU memory straight into it (if the model runs on that GPU; else `None` below
+    // and the host path).
+    let in_place = acc
+        .as_ref()
+        .is_some_and(|a| a.route() == Route::Gram && opts.cka.estimator == Estimator::Unbiased);
+    let mut device_cka = (in_place && !needs.hidden && !keep_states)
+        .then(|| backend.as_cuda().map(|g| g.ordinal()))
+        .flatten();
     let pb = crate::progress::bar(n_run as u64, "calibration batches");
     for b in 0..n_run {
         let batch = tokens.batch(b * batch_seqs, batch_seqs);
+        if let (Some(ordinal), Some(acc)) = (device_cka, acc.as_mut()) {
+            let t = Instant::now();
+            let mut cka_time = Duration::ZERO;
+            let mut sink = |db: &crate::similarity::cuda::DeviceBatch| -> Result<()> {
+                let t = Instant::now();
+                // SAFETY: the model hands over its outputs on GPU `ordinal` (the backend's), written
+                // and synchronised, valid for this call: push_device's contract.
+                let r = unsafe { acc.push_device(db, backend) };
+                cka_time += t.elapsed();
+                r
+            };
+            match model.pass_to_device(&batch, b < n_gradnorm, ordinal, &mut sink)? {
+                Some((loss, g)) => {
+                    batch_losses.push(loss);
+                    let spent = t.elapsed().saturating_sub(cka_time);
+                    match g {
+                        Some(g) => {
+                            grads.add(&g);
+                            times.gradnorm += spent;
+                        }
+                        None => times.forward += spent,
+                    }
+                    times.cka += cka_time;
+                    pb.inc(1);
+                    continue;
+                }
+                None => device_cka = None,
+            }
+        }
         if let Some(st) = hidden.as_mut() {
             st.begin_batch(batch.items(), rows_per_item, h);
         }

@@ -9,6 +9,8 @@ use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, Tokens};
 use crate::error::{Error, Result};
+use crate::io::DType;
+use crate::similarity::cuda::{DeviceBatch, DeviceLayer};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +45,22 @@ pub trait DecoderRunner: Send + Sync {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<GradNorms>;
+    /// [`Model::pass_to_device`].
+    fn pass_to_device(
+        &self,
+        model: &Model,
+        tokens: &Tokens,
+        grads: bool,
+        ordinal: usize,
+        sink: &mut dyn FnMut(&DeviceBatch) -> Result<()>,
+    ) -> Result<Option<DevicePass>>;
+}
+
+/// What [`Model::pass_to_device`] returns: the loss, and the gradient norms when it ran a backward.
+#[derive(Clone, Debug)]
+pub struct DevicePass {
+    pub loss: f64,
+    pub grads: Option<GradNorms>,
 }
 
 /// A [`DecoderRunner`] on device `D`, recycling one [`Pool`] of buffers.
@@ -121,6 +139,71 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
             model.grad_norms_on(&self.dev, pool, tokens, skip, &mut cb)
         })?;
         failed.map_or(Ok(g), Err)
+    }
+
+    fn pass_to_device(
+        &self,
+        model: &Model,
+        tokens: &Tokens,
+        grads: bool,
+        ordinal: usize,
+        sink: &mut dyn FnMut(&DeviceBatch) -> Result<()>,
+    ) -> Result<Option<DevicePass>> {
+        if self.dev.cuda_ordinal() != Some(ordinal) {
+            return Ok(None);
+        }
+        let (l, h, rows) = (
+            model.num_layers(),
+            model.hidden_size(),
+            tokens.sequences * tokens.len,
+        );
+        self.with_pool(|pool| {
+            // Each layer's output is copied (on the device) out of the tape, which frees it once the
+            // next layer has read it.
+            let mut outs = Vec::with_capacity(l);
+            for _ in 0..l {
+                outs.push(pool.alloc(&self.dev, rows * h)?);
+            }
+            let mut failed = None;
+            let mut keep = |i: usize, s: &D::Slice| {
+                if i >= 1 && failed.is_none() {
+                    failed = self.dev.copy(s, &mut outs[i - 1]).err();
+                }
+            };
+            let pass = if grads {
+                model
+                    .grad_norms_on(&self.dev, pool, tokens, &[], &mut keep)
+                    .map(|g| DevicePass {
+                        loss: g.loss,
+                        grads: Some(g),
+                    })
+            } else {
+                model
+                    .forward_on(&self.dev, pool, tokens, &[], None, &mut keep)
+                    .map(|loss| DevicePass { loss, grads: None })
+            };
+            let pass = match (pass, failed) {
+                (Ok(p), None) => p,
+                (Err(e), _) | (_, Some(e)) => return Err(e),
+            };
+            // The sink reads the outputs through their addresses, outside the device's stream order.
+            self.dev.synchronize()?;
+            let layers = outs
+                .iter()
+                .map(|o| {
+                    Ok(DeviceLayer {
+                        ptr: self.dev.device_addr(o)?,
+                        cols: h,
+                        dtype: DType::F32,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            sink(&DeviceBatch { rows, layers })?;
+            for o in outs {
+                pool.release(&self.dev, o);
+            }
+            Ok(Some(pass))
+        })
     }
 }
 
@@ -241,6 +324,21 @@ impl Model {
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<f64> {
         self.runner.forward(self, tokens, skip, None, on_hidden)
+    }
+
+    /// One forward (with `grads`, forward + backward) on all layers, the layers' outputs (hidden states
+    /// `1..=L`, f32, `rows × hidden`) kept on the GPU and handed to `sink` as one [`DeviceBatch`] after
+    /// the pass (valid during the call): for the CUDA CKA on GPU `ordinal`, with no host round trip.
+    /// `Ok(None)` when the model does not run on that GPU (the caller takes the host path).
+    pub fn pass_to_device(
+        &self,
+        tokens: &Tokens,
+        grads: bool,
+        ordinal: usize,
+        sink: &mut dyn FnMut(&DeviceBatch) -> Result<()>,
+    ) -> Result<Option<DevicePass>> {
+        self.runner
+            .pass_to_device(self, tokens, grads, ordinal, sink)
     }
 
     /// Run the passes on another device (the CPU by default): [`OnDevice`] of a [`Device`].

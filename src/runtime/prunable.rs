@@ -8,8 +8,9 @@
 //! of [`PrunableModel::hidden_widths`] values.
 
 use super::cnn::{CnnModel, Images};
-use super::{Model, Tokens};
+use super::{GradNorms, Model, Tokens};
 use crate::error::{Error, Result};
+use crate::similarity::cuda::DeviceBatch;
 use std::sync::Arc;
 
 /// Calibration or evaluation data, cut into batches of items.
@@ -81,6 +82,19 @@ pub trait PrunableModel: Sync {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<UnitGrads>;
+    /// [`PrunableModel::loss`] (with `grads`: [`PrunableModel::unit_grads`]) with no skipped unit, the
+    /// units' outputs (hidden states `1..=U`) left on GPU `ordinal` and handed to `sink` as one device
+    /// batch after the pass, for the CUDA CKA. Returns the loss and the gradients, or `Ok(None)` when
+    /// the model does not run on that GPU (the caller takes the host path; the default).
+    fn pass_to_device(
+        &self,
+        _data: &Self::Data,
+        _grads: bool,
+        _ordinal: usize,
+        _sink: &mut dyn FnMut(&DeviceBatch) -> Result<()>,
+    ) -> Result<Option<(f64, Option<UnitGrads>)>> {
+        Ok(None)
+    }
     /// Whether [`PrunableModel::loss_from`] can resume a forward at a unit (the loss scorers' prefix
     /// cache).
     fn can_resume(&self) -> bool {
@@ -97,6 +111,16 @@ pub trait PrunableModel: Sync {
         _on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<f64> {
         Err(Error::invalid("this model cannot resume a forward pass"))
+    }
+}
+
+/// A decoder's gradient norms as the units' ([`UnitGrads`]).
+fn unit_grads(g: GradNorms) -> UnitGrads {
+    let rest = g.embed_tokens.powi(2) + g.norm.powi(2) + g.lm_head.unwrap_or(0.0).powi(2);
+    UnitGrads {
+        loss: g.loss,
+        per_unit: g.per_layer,
+        rest: rest.sqrt(),
     }
 }
 
@@ -129,13 +153,17 @@ impl PrunableModel for Model {
         skip: &[usize],
         on_hidden: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<UnitGrads> {
-        let g = self.grad_norms_observed(data, skip, on_hidden)?;
-        let rest = g.embed_tokens.powi(2) + g.norm.powi(2) + g.lm_head.unwrap_or(0.0).powi(2);
-        Ok(UnitGrads {
-            loss: g.loss,
-            per_unit: g.per_layer,
-            rest: rest.sqrt(),
-        })
+        Ok(unit_grads(self.grad_norms_observed(data, skip, on_hidden)?))
+    }
+    fn pass_to_device(
+        &self,
+        data: &Tokens,
+        grads: bool,
+        ordinal: usize,
+        sink: &mut dyn FnMut(&DeviceBatch) -> Result<()>,
+    ) -> Result<Option<(f64, Option<UnitGrads>)>> {
+        Ok(Model::pass_to_device(self, data, grads, ordinal, sink)?
+            .map(|p| (p.loss, p.grads.map(unit_grads))))
     }
     fn can_resume(&self) -> bool {
         true

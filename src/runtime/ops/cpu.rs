@@ -809,6 +809,10 @@ impl super::Device for Cpu {
     fn weight_from<'a>(&self, w: &'a [f32]) -> Result<std::borrow::Cow<'a, [f32]>> {
         Ok(std::borrow::Cow::Borrowed(w))
     }
+    fn copy(&self, src: &[f32], dst: &mut [f32]) -> Result<()> {
+        dst.copy_from_slice(src);
+        Ok(())
+    }
     fn sum_sq(&self, g: &[f32]) -> Result<f64> {
         Ok(g.par_chunks(16_384)
             .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())

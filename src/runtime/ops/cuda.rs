@@ -383,6 +383,7 @@ type RopeDev = Arc<(CudaSlice<f32>, CudaSlice<f32>)>;
 
 struct Inner {
     name: String,
+    ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy: Arc<CudaStream>,
@@ -480,6 +481,7 @@ impl CudaDevice {
         Ok(CudaDevice {
             inner: Arc::new(Inner {
                 name,
+                ordinal,
                 ctx,
                 stream,
                 copy,
@@ -1007,6 +1009,21 @@ impl Device for CudaDevice {
             }
         }
         Ok(())
+    }
+    fn copy(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        check_len(dst.len(), src.len(), "copy")?;
+        self.s().memcpy_dtod(src, dst).cu("copying on the device")
+    }
+    fn synchronize(&self) -> Result<()> {
+        CudaDevice::synchronize(self)
+    }
+    fn cuda_ordinal(&self) -> Option<usize> {
+        Some(self.inner.ordinal)
+    }
+    fn device_addr(&self, s: &CudaSlice<f32>) -> Result<u64> {
+        use cudarc::driver::DevicePtr;
+        let (ptr, _read) = s.device_ptr(self.s());
+        Ok(ptr)
     }
     fn sum_sq(&self, g: &CudaSlice<f32>) -> Result<f64> {
         if g.is_empty() {

@@ -140,6 +140,24 @@ pub trait Device: Clone + Send + Sync + 'static {
     }
     /// Σ g² in f64 (a parameter's share of its layer's gradient norm).
     fn sum_sq(&self, g: &Self::Slice) -> Result<f64>;
+    /// `dst = src` (same length).
+    fn copy(&self, src: &Self::Slice, dst: &mut Self::Slice) -> Result<()>;
+    /// Wait until everything enqueued so far has run (a device that computes asynchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The GPU this device computes on, `None` for the host: hidden states on a GPU can go straight
+    /// to the CUDA CKA on the same GPU ([`Device::device_addr`]).
+    fn cuda_ordinal(&self) -> Option<usize> {
+        None
+    }
+    /// The device address of `s`'s first value (GPU devices only).
+    fn device_addr(&self, _s: &Self::Slice) -> Result<u64> {
+        Err(crate::Error::invalid(format!(
+            "{} keeps its buffers in host memory",
+            self.name()
+        )))
+    }
 
     /// `out[r] = table[ids[r]]`; `table` is `[vocab, dim]`.
     fn embedding_forward(
