@@ -7,7 +7,8 @@
 //   S = scale · q kᵀ with scale = 1/sqrt(hd) (f32), P = exp(S − lse).
 // One warp per query row (forward, dq) or per key row (dk, dv): lane l holds dimensions l, l + 32, ...
 // (head_dim ≤ ATT_MAXD). Each warp owns its output row, so there are no atomics and the result is
-// deterministic. This is the correct baseline, not a tensor-core kernel: K/V rows come through L1/L2.
+// deterministic. This is the correct baseline, not a tensor-core kernel: K/V rows come through L1/L2
+// (the forward on tensor cores, bf16, head dims 64 / 128: runtime_attention_mma.cu).
 
 typedef unsigned long long u64;
 

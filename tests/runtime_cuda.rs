@@ -604,6 +604,59 @@ fn check_attention(dev: &CudaDevice, sh: AttnShape, seed: u64) {
 }
 
 #[test]
+fn attention_forward_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
+    let Some(dev) = gpu_bf16_or_skip() else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(31);
+    // Head dims 64 and 128 (the tensor-core kernel); tokens off the 64-row blocks; GQA; windows of 37
+    // and 1 key.
+    for (seqs, tokens, heads, kv_heads, head_dim, window) in [
+        (2usize, 130usize, 4usize, 2usize, 64usize, None),
+        (1, 200, 2, 1, 128, Some(37)),
+        (1, 65, 2, 2, 64, Some(1)),
+        (3, 17, 8, 8, 128, None),
+    ] {
+        let sh = AttnShape {
+            seqs,
+            tokens,
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+        };
+        let rows = seqs * tokens;
+        let (qn, kn, ln) = (
+            rows * heads * head_dim,
+            rows * kv_heads * head_dim,
+            seqs * heads * tokens,
+        );
+        let (q, k, v) = (
+            rand_vec(&mut rng, qn, 2.0),
+            rand_vec(&mut rng, kn, 2.0),
+            rand_vec(&mut rng, kn, 1.0),
+        );
+        // The CPU on the rounded inputs: the scores, hence the lse, agree to f32 rounding; the output
+        // differs by P's rounding to bf16 before P V.
+        let (mut want_out, mut want_lse) = (vec![0f32; qn], vec![0f32; ln]);
+        let (qr, kr, vr) = (round_to_bf16(&q), round_to_bf16(&k), round_to_bf16(&v));
+        cpu::attention_forward(&qr, &kr, &vr, sh, &mut want_out, &mut want_lse);
+        let (mut out, mut lse) = (dev.alloc_zeroed(qn).unwrap(), dev.alloc_zeroed(ln).unwrap());
+        let (qd, kd, vd) = (up(&dev, &q), up(&dev, &k), up(&dev, &v));
+        dev.attention_forward(&qd, &kd, &vd, sh, &mut out, &mut lse)
+            .unwrap();
+        let what = format!("bf16 attention {sh:?}");
+        assert_close(&format!("{what} lse"), &down(&dev, &lse), &want_lse, 1e-5);
+        assert_close(&format!("{what} out"), &down(&dev, &out), &want_out, 1e-2);
+        // Not the f32 kernel: the output is off the unrounded attention by about bf16 rounding.
+        let mut exact = vec![0f32; qn];
+        cpu::attention_forward(&q, &k, &v, sh, &mut exact, &mut vec![0f32; ln]);
+        let off = scale_rel(&down(&dev, &out), &exact);
+        assert!(off > 1e-5, "{what}: {off:.2e} off the f32 attention");
+    }
+}
+
+#[test]
 fn attention_matches_the_cpu_causal_windowed_and_gqa() {
     let Some(dev) = gpu_or_skip() else { return };
     let shape = |seqs, tokens, heads, kv_heads, head_dim, window| AttnShape {

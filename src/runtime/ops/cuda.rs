@@ -10,7 +10,8 @@
 //!   gradient reduced deterministically in row chunks, no atomics), rotary embedding, softmax
 //!   cross-entropy (f64 row sums, the per-row losses summed on the host in row order), causal GQA
 //!   attention with an optional window (flash-style: per-row log-sum-exp, probabilities recomputed by the
-//!   backward; one warp per row, deterministic) and the linear layer's three products: on tensor cores
+//!   backward; one warp per row, deterministic; in [`Matmul::Bf16`] mode with head dimension 64 or 128
+//!   the forward runs on tensor cores, runtime_attention_mma.cu) and the linear layer's three products: on tensor cores
 //!   with bf16 operands and f32 accumulation ([`Matmul::Bf16`], the default), or as f32 tiled SIMT GEMMs
 //!   ([`Matmul::F32`], [`CudaDevice::set_matmul`]).
 //! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; a linear layer's
@@ -44,6 +45,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 const THREADS: u32 = 256;
 /// Query rows (warps) per block of the attention kernels.
 const ATT_WARPS: usize = 4;
+/// Query rows per block of the tensor-core attention forward (`FA_Q` in runtime_attention_mma.cu).
+const FA_QUERIES: usize = 64;
 /// Tile of the f32 linear kernels' output (`LIN_BM`, `LIN_BN` in runtime_linear.cu).
 const LIN_TILE: usize = 64;
 /// Tile of the tensor-core linear kernels' output (`MM` in kernels/mma.cuh).
@@ -230,6 +233,8 @@ struct Kernels {
     attention_forward: CudaFunction,
     attention_backward_dq: CudaFunction,
     attention_backward_dkv: CudaFunction,
+    attention_forward_mma64: CudaFunction,
+    attention_forward_mma128: CudaFunction,
     linear_forward: CudaFunction,
     linear_backward_input: CudaFunction,
     linear_backward_weight: CudaFunction,
@@ -248,6 +253,7 @@ impl Kernels {
             "runtime_rmsnorm.cu",
             "runtime_cross_entropy.cu",
             "runtime_attention.cu",
+            "runtime_attention_mma.cu",
             "runtime_linear.cu",
         ];
         let mut modules = Vec::new();
@@ -291,6 +297,8 @@ impl Kernels {
             attention_forward: get(att, "attention_forward")?,
             attention_backward_dq: get(att, "attention_backward_dq")?,
             attention_backward_dkv: get(att, "attention_backward_dkv")?,
+            attention_forward_mma64: get("runtime_attention_mma.cu", "attention_forward_mma64")?,
+            attention_forward_mma128: get("runtime_attention_mma.cu", "attention_forward_mma128")?,
             linear_forward: get(lin, "linear_forward")?,
             linear_backward_input: get(lin, "linear_backward_input")?,
             linear_backward_weight: get(lin, "linear_backward_weight")?,
@@ -1343,6 +1351,45 @@ impl Device for CudaDevice {
         check_attn(&shape, q.len(), k.len(), v.len(), out.len(), lse.len())?;
         let warps = shape.seqs * shape.heads * shape.tokens;
         if warps == 0 {
+            return Ok(());
+        }
+        // bf16 mode, head dimension 64 or 128: the tensor-core kernel (runtime_attention_mma.cu).
+        let mma = match (self.matmul(), shape.head_dim) {
+            (Matmul::Bf16, 64) => Some(&self.k().attention_forward_mma64),
+            (Matmul::Bf16, 128) => Some(&self.k().attention_forward_mma128),
+            _ => None,
+        };
+        if let Some(f) = mma {
+            if shape.seqs > 65_535 || shape.heads > 65_535 {
+                return Err(Error::cuda("attention: more than 65535 sequences or heads"));
+            }
+            let c = LaunchConfig {
+                grid_dim: (
+                    blocks(shape.tokens, FA_QUERIES) as u32,
+                    shape.heads as u32,
+                    shape.seqs as u32,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: attention_forward_mma{64,128}(const float* q, k, v, float* out, float* lse, int
+            // tokens, heads, kv_heads, window, float scale); sizes checked above, head_dim matches.
+            unsafe {
+                self.s()
+                    .launch_builder(f)
+                    .arg(q)
+                    .arg(k)
+                    .arg(v)
+                    .arg(out)
+                    .arg(lse)
+                    .arg(&tokens)
+                    .arg(&heads)
+                    .arg(&kv)
+                    .arg(&window)
+                    .arg(&scale)
+                    .launch(c)
+            }
+            .cu("launching attention_forward_mma")?;
             return Ok(());
         }
         let c = cfg((blocks(warps, ATT_WARPS), 1), (ATT_WARPS * 32) as u32)?;

@@ -265,6 +265,125 @@ def check_attention():
             assert np.allclose(a, b, atol=1e-10), (name, S, T, H, KV, D, W, np.abs(a - b).max())
     print("attention ok")
 
+# ---- runtime_attention_mma.cu: attention_forward_mma<HD> (tensor cores) ----------------------------------
+FA_Q, FA_K = 64, 64
+
+def a_from_regs(regs, g, t):
+    """The 16 x 16 A tile the hardware multiplies from registers regs[reg][h] (per lane), PTX m16n8k16:
+    element a_j, j = 2 reg + h, sits at row g + 8 (j in 2,3,6,7), column 2t + (j & 1) + 8 (j >= 4)."""
+    A = np.full((16, 16), np.nan)
+    for reg in range(4):
+        for h in (0, 1):
+            j = 2 * reg + h
+            A[g + 8 * (j in (2, 3, 6, 7)), 2 * t + (j & 1) + 8 * (j >= 4)] = regs[reg][h]
+    return A
+
+def frag_a(M, g, t, r0, c0):
+    """The kernel's Q fragment loads: register reg holds M[r0 + g + dr][c0 + 2t + dc + (0, 1)]."""
+    regs = [(0, 0), (8, 0), (0, 8), (8, 8)]  # the kernel's (row, col) offsets of registers 0..3
+    return a_from_regs([[M[r0 + g + dr, c0 + 2 * t + dc + h] for h in (0, 1)] for dr, dc in regs], g, t)
+
+def frag_b(Sm, g, t, n0, k0):
+    """B fragments b0 = Sm[n0 + g][k0 + 2t..], b1 = Sm[n0 + g][k0 + 2t + 8..] rebuilt as the 16 x 8 tile."""
+    B = np.full((16, 8), np.nan)
+    for reg, dk in enumerate([0, 8]):
+        for h in (0, 1):
+            j = 2 * reg + h
+            B[2 * t + (j & 1) + 8 * (j >= 2), g] = Sm[n0 + g, k0 + 2 * t + dk + h]
+    return B
+
+def attention_forward_mma(q, k, v, S, T, H, KV, HD, window, round_p=True):
+    scale = np.float32(1.0 / math.sqrt(HD))
+    out = np.full(S * T * H * HD, np.nan); lse = np.full(S * H * T, np.nan)
+    qw, kw = H * HD, KV * HD
+    lane = np.arange(32); g = lane >> 2; t = lane & 3
+    rnd = bf16 if round_p else (lambda x: np.asarray(x, np.float64))
+    for s in range(S):
+        for h in range(H):
+            kvh = h // (H // KV)
+            for q0 in range(0, T, FA_Q):
+                # Q rows of this block as bf16 (zero past the end), [64, HD]
+                Qb = np.zeros((FA_Q, HD))
+                for r in range(FA_Q):
+                    if q0 + r < T: Qb[r] = bf16(q[(s * T + q0 + r) * qw + h * HD:(s * T + q0 + r) * qw + (h + 1) * HD])
+                m = np.full((4, 32, 2), -np.inf); l = np.zeros((4, 32, 2)); o = np.zeros((4, HD // 8, 32, 4))
+                q_last = min(q0 + FA_Q, T) - 1
+                for kb in range(first_key(q0, window) // FA_K, q_last // FA_K + 1):
+                    j0 = kb * FA_K
+                    Ks = np.full((FA_K, HD + 8), np.nan); Vt = np.full((HD, FA_K + 8), np.nan)
+                    for p in range(FA_K * HD // 2):  # the two staging loops, pair by pair
+                        key, d = p // (HD // 2), 2 * (p % (HD // 2)); j = j0 + key
+                        for o_ in (0, 1):
+                            Ks[key, d + o_] = bf16(k[(s * T + j) * kw + kvh * HD + d + o_]) if j < T else 0.0
+                        d, key = p % HD, 2 * (p // HD)
+                        for o_ in (0, 1):
+                            jj = j0 + key + o_
+                            Vt[d, key + o_] = bf16(v[(s * T + jj) * kw + kvh * HD + d]) if jj < T else 0.0
+                    for w in range(4):
+                        r_lo = q0 + w * 16 + g; rows = [r_lo, r_lo + 8]
+                        sc = np.zeros((FA_K // 8, 32, 4))
+                        for nt in range(FA_K // 8):
+                            for ks in range(HD // 16):
+                                D = frag_a(Qb, g, t, w * 16, ks * 16) @ frag_b(Ks, g, t, nt * 8, ks * 16)
+                                assert not np.isnan(D).any()
+                                for e in range(4):
+                                    sc[nt, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+                        mx = np.full((32, 2), -np.inf)
+                        for nt in range(FA_K // 8):
+                            for e in range(4):
+                                row = rows[e >> 1]; j = j0 + nt * 8 + 2 * t + (e & 1)
+                                fk = np.array([first_key(int(r), window) for r in row])
+                                ok = (j <= row) & (j >= fk) & (j < T)
+                                sc[nt, :, e] = np.where(ok, sc[nt, :, e] * scale, -np.inf)
+                                mx[:, e >> 1] = np.maximum(mx[:, e >> 1], sc[nt, :, e])
+                        # quad reduction: lanes 4g..4g+3 share rows
+                        mx = mx.reshape(8, 4, 2).max(1).repeat(4, 0)
+                        mn = np.maximum(m[w], mx); mu = np.where(mn == -np.inf, 0.0, mn)
+                        corr = np.exp(m[w] - mu); m[w] = mn; l[w] *= corr
+                        for e in range(4): o[w, :, :, e] *= corr[None, :, e >> 1]
+                        P = np.exp(sc - mu[None, :, [0, 0, 1, 1]])  # [nt, lane, e]
+                        l[w] += P.reshape(FA_K // 8, 32, 2, 2).sum((0, 3))
+                        # P as A fragments, as the kernel packs them from the accumulators:
+                        # pa[nt / 2][(nt & 1) 2] = (e 0, e 1), pa[nt / 2][(nt & 1) 2 + 1] = (e 2, e 3)
+                        pa = [[None] * 4 for _ in range(FA_K // 16)]
+                        for nt in range(FA_K // 8):
+                            pa[nt >> 1][(nt & 1) * 2] = (rnd(P[nt, :, 0]), rnd(P[nt, :, 1]))
+                            pa[nt >> 1][(nt & 1) * 2 + 1] = (rnd(P[nt, :, 2]), rnd(P[nt, :, 3]))
+                        for kk in range(FA_K // 16):
+                            A = a_from_regs(pa[kk], g, t)
+                            for nd in range(HD // 8):
+                                D = A @ frag_b(Vt, g, t, nd * 8, kk * 16)
+                                for e in range(4):
+                                    o[w, nd, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+                for w in range(4):
+                    L = l[w].reshape(8, 4, 2).sum(1).repeat(4, 0)
+                    r_lo = q0 + w * 16 + g
+                    for nd in range(HD // 8):
+                        for e in range(4):
+                            row = r_lo + 8 * (e >> 1); d = nd * 8 + 2 * t + (e & 1)
+                            ok = row < T
+                            out[((s * T + row[ok]) * qw + h * HD + d[ok])] = o[w, nd, ok, e] / L[ok, e >> 1]
+                    for r in (0, 1):
+                        row = r_lo + 8 * r; ok = (row < T) & (t == 0)
+                        lse[(s * H + h) * T + row[ok]] = m[w][ok, r] + np.log(L[ok, r])
+    return out, lse
+
+def check_attention_mma():
+    for S, T, H, KV, HD, W in [(1, 70, 2, 1, 64, 0), (2, 130, 4, 2, 64, 0), (1, 100, 2, 2, 128, 37), (1, 65, 2, 1, 64, 1)]:
+        q = rng.standard_normal(S * T * H * HD); k = rng.standard_normal(S * T * KV * HD)
+        v = rng.standard_normal(S * T * KV * HD); do = np.zeros(S * T * H * HD)
+        # Against f64 attention of the bf16-rounded q, k, v: exact up to order (and the f32 scale, 1/sqrt(128)
+        # rounded: ~3e-8 on these scores) without rounding P ...
+        want_out, want_lse = attn_reference(bf16(q), bf16(k), bf16(v), do, S, T, H, KV, HD, W)[:2]
+        out, lse = attention_forward_mma(q, k, v, S, T, H, KV, HD, W, round_p=False)
+        assert not np.isnan(out).any() and not np.isnan(lse).any(), "not written everywhere"
+        assert np.allclose(out, want_out, atol=1e-6) and np.allclose(lse, want_lse, atol=1e-6), (S, T, H, KV, HD, W)
+        # ... and within bf16 rounding of P with it (what the tensor cores multiply).
+        out, lse = attention_forward_mma(q, k, v, S, T, H, KV, HD, W, round_p=True)
+        err = np.abs(out - want_out).max() / np.abs(want_out).max()
+        assert err < 1e-2 and np.allclose(lse, want_lse, atol=1e-6), (S, T, H, KV, HD, W, err)
+    print("attention tensor-core forward ok")
+
 # ---- runtime_rope.cu ---------------------------------------------------------------------------------
 def check_rope():
     rows, heads, hd, tokens = 14, 3, 10, 7
@@ -292,5 +411,5 @@ def check_rms_chunks():
         assert np.allclose(parts.sum(0), (dy * x * inv[:, None]).sum(0))
     print("rmsnorm chunks ok")
 
-check_linear(); check_linear_mma(); check_attention(); check_rope(); check_rms_chunks()
+check_linear(); check_linear_mma(); check_attention(); check_attention_mma(); check_rope(); check_rms_chunks()
 print("ALL OK")
