@@ -1,7 +1,7 @@
 //! Validate-and-time harness of the runtime's CUDA kernels (llm.c's `dev/cuda` in one program): the
 //! linear layer's three products in both `Matmul` modes on the shapes of a LLaMA-3-8B layer and its
 //! lm_head for 8 × 512 tokens, and windowless causal GQA attention on 8 × 512 tokens, 32 / 8 heads of
-//! 128 (the forward on tensor cores and in f32, the backward). Each case is first checked against a float64 host reference on sampled output rows (bf16 mode:
+//! 128 (forward and backward, on tensor cores and in f32). Each case is first checked against a float64 host reference on sampled output rows (bf16 mode:
 //! against products of the bf16-rounded operands), then timed: median of `SGLP_BENCH_REPS` (default 5)
 //! launches after a warm-up, each bracketed by device synchronisations, in TFLOP/s.
 //!
@@ -208,6 +208,10 @@ fn main() {
         dev.attention_forward(&q, &kk, &v, sh, &mut out, &mut lse)
             .expect("attention")
     });
+    let tb_mma = time(&dev, reps, || {
+        dev.attention_backward(&q, &kk, &v, &lse, &dout, sh, &mut dq, &mut dk, &mut dv)
+            .expect("attention backward")
+    });
     dev.set_matmul(Matmul::F32);
     let tf = time(&dev, reps, || {
         dev.attention_forward(&q, &kk, &v, sh, &mut out, &mut lse)
@@ -218,11 +222,13 @@ fn main() {
             .expect("attention backward")
     });
     println!(
-        "attention 8×512, 32/8 heads of 128: forward on tensor cores (bf16) {:.3} ms ({:.1} TFLOP/s), \
-         SIMT (f32) {:.3} ms ({:.1} TFLOP/s), backward (SIMT) {:.3} ms ({:.1} TFLOP/s at 2.5× the \
-         forward's FLOPs); validated in tests/runtime_cuda.rs",
+        "attention 8×512, 32/8 heads of 128 (validated in tests/runtime_cuda.rs), ms and TFLOP/s (the \
+         backward counted as 2.5× the forward's FLOPs): tensor cores (bf16) forward {:.3} ({:.1}), \
+         backward {:.3} ({:.1}); SIMT (f32) forward {:.3} ({:.1}), backward {:.3} ({:.1})",
         tf_mma * 1e3,
         fwd_flops / tf_mma / 1e12,
+        tb_mma * 1e3,
+        2.5 * fwd_flops / tb_mma / 1e12,
         tf * 1e3,
         fwd_flops / tf / 1e12,
         tb * 1e3,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Python half of the tests: a venv in .ci-cache/pyenv (reused; torch, the big one, installed only once),
-# the package built into it with maturin, then pytest on python/tests and scripts/tests (export_activations.py on a tiny BERT). .ci/run calls this script.
+# the package built into it with maturin, then pytest on python/tests and scripts/tests (export_activations.py on a tiny BERT), then the numpy emulations of the CUDA kernels' index arithmetic (they print ALL OK, or fail). .ci/run calls this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.ci-cache/pyenv
@@ -17,3 +17,7 @@ cargo fmt --check --manifest-path python/Cargo.toml
 cargo clippy --manifest-path python/Cargo.toml -- -D warnings
 VIRTUAL_ENV="$(cd "$venv" && pwd)" "$venv/bin/maturin" develop --release --quiet
 "$py" -m pytest python/tests scripts/tests -q -rs
+# The CUDA kernels' index arithmetic, tensor-core fragments included, emulated in numpy against f64
+# formulas (no GPU needed).
+"$py" src/similarity/cuda/emulate_kernels.py | tail -1
+"$py" src/runtime/ops/emulate_runtime_kernels.py | tail -1

@@ -604,7 +604,7 @@ fn check_attention(dev: &CudaDevice, sh: AttnShape, seed: u64) {
 }
 
 #[test]
-fn attention_forward_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
+fn attention_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
     let Some(dev) = gpu_bf16_or_skip() else {
         return;
     };
@@ -653,6 +653,41 @@ fn attention_forward_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
         cpu::attention_forward(&q, &k, &v, sh, &mut exact, &mut vec![0f32; ln]);
         let off = scale_rel(&down(&dev, &out), &exact);
         assert!(off > 1e-5, "{what}: {off:.2e} off the f32 attention");
+
+        // The backward from the CPU's lse, accumulating into random gradients: the CPU's on the
+        // rounded inputs, within P's and dS's rounding to bf16 before the products.
+        let dout = rand_vec(&mut rng, qn, 1.0);
+        let (dq0, dk0, dv0) = (
+            rand_vec(&mut rng, qn, 1.0),
+            rand_vec(&mut rng, kn, 1.0),
+            rand_vec(&mut rng, kn, 1.0),
+        );
+        let (mut wdq, mut wdk, mut wdv) = (dq0.clone(), dk0.clone(), dv0.clone());
+        cpu::attention_backward(
+            &qr,
+            &kr,
+            &vr,
+            &want_lse,
+            &round_to_bf16(&dout),
+            sh,
+            &mut wdq,
+            &mut wdk,
+            &mut wdv,
+        );
+        let (mut dq, mut dk, mut dv) = (up(&dev, &dq0), up(&dev, &dk0), up(&dev, &dv0));
+        let (lse_cpu, dod) = (up(&dev, &want_lse), up(&dev, &dout));
+        dev.attention_backward(&qd, &kd, &vd, &lse_cpu, &dod, sh, &mut dq, &mut dk, &mut dv)
+            .unwrap();
+        // Relative to the gradient's own size (the accumulated random part excluded).
+        for (name, got, want, start) in [
+            ("dq", down(&dev, &dq), &wdq, &dq0),
+            ("dk", down(&dev, &dk), &wdk, &dk0),
+            ("dv", down(&dev, &dv), &wdv, &dv0),
+        ] {
+            let g: Vec<f32> = got.iter().zip(start).map(|(a, b)| a - b).collect();
+            let w: Vec<f32> = want.iter().zip(start).map(|(a, b)| a - b).collect();
+            assert_close(&format!("{what} {name}"), &g, &w, 2e-2);
+        }
     }
 }
 

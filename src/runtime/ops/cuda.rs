@@ -11,7 +11,7 @@
 //!   cross-entropy (f64 row sums, the per-row losses summed on the host in row order), causal GQA
 //!   attention with an optional window (flash-style: per-row log-sum-exp, probabilities recomputed by the
 //!   backward; one warp per row, deterministic; in [`Matmul::Bf16`] mode with head dimension 64 or 128
-//!   the forward runs on tensor cores, runtime_attention_mma.cu) and the linear layer's three products: on tensor cores
+//!   forward and backward run on tensor cores, runtime_attention_mma.cu) and the linear layer's three products: on tensor cores
 //!   with bf16 operands and f32 accumulation ([`Matmul::Bf16`], the default), or as f32 tiled SIMT GEMMs
 //!   ([`Matmul::F32`], [`CudaDevice::set_matmul`]).
 //! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; a linear layer's
@@ -45,8 +45,11 @@ pub const MAX_HEAD_DIM: usize = 256;
 const THREADS: u32 = 256;
 /// Query rows (warps) per block of the attention kernels.
 const ATT_WARPS: usize = 4;
-/// Query rows per block of the tensor-core attention forward (`FA_Q` in runtime_attention_mma.cu).
+/// Query (or key) rows per block of the tensor-core attention kernels (`FA_Q` in
+/// runtime_attention_mma.cu).
 const FA_QUERIES: usize = 64;
+/// Dims of dk, dv per block of the tensor-core attention backward (`FB_DIMS`).
+const FA_BACKWARD_DIMS: usize = 64;
 /// Tile of the f32 linear kernels' output (`LIN_BM`, `LIN_BN` in runtime_linear.cu).
 const LIN_TILE: usize = 64;
 /// Tile of the tensor-core linear kernels' output (`MM` in kernels/mma.cuh).
@@ -235,6 +238,10 @@ struct Kernels {
     attention_backward_dkv: CudaFunction,
     attention_forward_mma64: CudaFunction,
     attention_forward_mma128: CudaFunction,
+    attention_backward_dq_mma64: CudaFunction,
+    attention_backward_dq_mma128: CudaFunction,
+    attention_backward_dkv_mma64: CudaFunction,
+    attention_backward_dkv_mma128: CudaFunction,
     linear_forward: CudaFunction,
     linear_backward_input: CudaFunction,
     linear_backward_weight: CudaFunction,
@@ -299,6 +306,22 @@ impl Kernels {
             attention_backward_dkv: get(att, "attention_backward_dkv")?,
             attention_forward_mma64: get("runtime_attention_mma.cu", "attention_forward_mma64")?,
             attention_forward_mma128: get("runtime_attention_mma.cu", "attention_forward_mma128")?,
+            attention_backward_dq_mma64: get(
+                "runtime_attention_mma.cu",
+                "attention_backward_dq_mma64",
+            )?,
+            attention_backward_dq_mma128: get(
+                "runtime_attention_mma.cu",
+                "attention_backward_dq_mma128",
+            )?,
+            attention_backward_dkv_mma64: get(
+                "runtime_attention_mma.cu",
+                "attention_backward_dkv_mma64",
+            )?,
+            attention_backward_dkv_mma128: get(
+                "runtime_attention_mma.cu",
+                "attention_backward_dkv_mma128",
+            )?,
             linear_forward: get(lin, "linear_forward")?,
             linear_backward_input: get(lin, "linear_backward_input")?,
             linear_backward_weight: get(lin, "linear_backward_weight")?,
@@ -1440,6 +1463,68 @@ impl Device for CudaDevice {
         let mut delta = s
             .alloc_zeros::<f32>(lse.len())
             .cu("allocating attention deltas")?;
+        // bf16 mode, head dimension 64 or 128: the tensor-core kernels (runtime_attention_mma.cu).
+        let kern = self.k();
+        let mma = match (self.matmul(), shape.head_dim) {
+            (Matmul::Bf16, 64) => Some((
+                &kern.attention_backward_dq_mma64,
+                &kern.attention_backward_dkv_mma64,
+            )),
+            (Matmul::Bf16, 128) => Some((
+                &kern.attention_backward_dq_mma128,
+                &kern.attention_backward_dkv_mma128,
+            )),
+            _ => None,
+        };
+        if let Some((fdq, fdkv)) = mma {
+            if shape.seqs > 65_535 || shape.heads > 65_535 {
+                return Err(Error::cuda("attention: more than 65535 sequences or heads"));
+            }
+            let grid = |x: usize, y: usize| LaunchConfig {
+                grid_dim: (x as u32, y as u32, shape.seqs as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let qblocks = blocks(shape.tokens, FA_QUERIES);
+            let slices = shape.head_dim / FA_BACKWARD_DIMS;
+            // SAFETY: attention_backward_dq_mma{64,128}(q, k, v, lse, dout, float* dq, float* delta, int
+            // tokens, heads, kv_heads, window, float scale) then attention_backward_dkv_mma{64,128}(q, k,
+            // v, lse, dout, delta, float* dk, float* dv, ...); sizes checked above, delta as lse.
+            unsafe {
+                s.launch_builder(fdq)
+                    .arg(q)
+                    .arg(k)
+                    .arg(v)
+                    .arg(lse)
+                    .arg(dout)
+                    .arg(dq)
+                    .arg(&mut delta)
+                    .arg(&tokens)
+                    .arg(&heads)
+                    .arg(&kv)
+                    .arg(&window)
+                    .arg(&scale)
+                    .launch(grid(qblocks, shape.heads))
+                    .cu("launching attention_backward_dq_mma")?;
+                s.launch_builder(fdkv)
+                    .arg(q)
+                    .arg(k)
+                    .arg(v)
+                    .arg(lse)
+                    .arg(dout)
+                    .arg(&delta)
+                    .arg(dk)
+                    .arg(dv)
+                    .arg(&tokens)
+                    .arg(&heads)
+                    .arg(&kv)
+                    .arg(&window)
+                    .arg(&scale)
+                    .launch(grid(qblocks * slices, shape.kv_heads))
+                    .cu("launching attention_backward_dkv_mma")?;
+            }
+            return Ok(());
+        }
         let threads = (ATT_WARPS * 32) as u32;
         // SAFETY: argument types match runtime_attention.cu; sizes checked above, delta as lse.
         unsafe {

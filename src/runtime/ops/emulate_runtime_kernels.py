@@ -384,6 +384,151 @@ def check_attention_mma():
         assert err < 1e-2 and np.allclose(lse, want_lse, atol=1e-6), (S, T, H, KV, HD, W, err)
     print("attention tensor-core forward ok")
 
+FB_STEP, FB_DIMS = 32, 64
+
+def fa_stage_rows(base, ld, j0, T, HD, S):
+    for p in range(FB_STEP * HD // 2):
+        r, d = p // (HD // 2), 2 * (p % (HD // 2)); j = j0 + r
+        for o_ in (0, 1): S[r, d + o_] = bf16(base(j, d + o_)) if j < T else 0.0
+
+def fa_stage_cols(base, ld, j0, T, ND, St):
+    for p in range(FB_STEP * ND // 2):
+        d, r = p % ND, 2 * (p // ND)
+        for o_ in (0, 1):
+            j = j0 + r + o_
+            St[d, r + o_] = bf16(base(j, d)) if j < T else 0.0
+
+def fa_load_a(base, r_lo_block, T, HD):
+    """fa_load_a for a warp whose rows start at r_lo_block: the [16, HD] bf16 tile its registers hold."""
+    M = np.zeros((16, HD))
+    for r in range(16):
+        if r_lo_block + r < T: M[r] = bf16(np.array([base(r_lo_block + r, d) for d in range(HD)]))
+    return M
+
+def fa_rows_times_rows(Ma, Sm, g, t, HD):
+    acc = np.zeros((FB_STEP // 8, 32, 4))
+    for nt in range(FB_STEP // 8):
+        for ks in range(HD // 16):
+            D = frag_a(Ma, g, t, 0, ks * 16) @ frag_b(Sm, g, t, nt * 8, ks * 16)
+            assert not np.isnan(D).any()
+            for e in range(4): acc[nt, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+    return acc
+
+def fa_acc_times_cols(x, St, g, t, ND, out, rnd):
+    for kk in range(FB_STEP // 16):
+        regs = [(rnd(x[2 * kk, :, 0]), rnd(x[2 * kk, :, 1])), (rnd(x[2 * kk, :, 2]), rnd(x[2 * kk, :, 3])),
+                (rnd(x[2 * kk + 1, :, 0]), rnd(x[2 * kk + 1, :, 1])), (rnd(x[2 * kk + 1, :, 2]), rnd(x[2 * kk + 1, :, 3]))]
+        A = a_from_regs(regs, g, t)
+        for nd in range(ND // 8):
+            D = A @ frag_b(St, g, t, nd * 8, kk * 16)
+            assert not np.isnan(D).any()
+            for e in range(4): out[nd, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+
+def attention_backward_mma(q, k, v, lse, dout, S, T, H, KV, HD, window, round_p=True):
+    scale = np.float32(1.0 / math.sqrt(HD))
+    qw, kw = H * HD, KV * HD
+    lane = np.arange(32); g = lane >> 2; t = lane & 3
+    rnd = bf16 if round_p else (lambda x: np.asarray(x, np.float64))
+    dq = np.zeros(S * T * H * HD); dk = np.zeros(S * T * KV * HD); dv = np.zeros(S * T * KV * HD)
+    delta = np.full(S * H * T, np.nan)
+    for s in range(S):
+        for h in range(H):  # ---- attention_backward_dq_mma, blocks (q0, h, s)
+            kvh = h // (H // KV)
+            Kb = lambda j, d: k[(s * T + j) * kw + kvh * HD + d]
+            Vb = lambda j, d: v[(s * T + j) * kw + kvh * HD + d]
+            Qb = lambda i, d: q[(s * T + i) * qw + h * HD + d]
+            Db = lambda i, d: dout[(s * T + i) * qw + h * HD + d]
+            for q0 in range(0, T, FA_Q):
+                q_last = min(q0 + FA_Q, T) - 1
+                for w in range(4):
+                    r_lo = q0 + w * 16 + g; rows = [r_lo, r_lo + 8]
+                    L = [np.where(r < T, lse[(s * H + h) * T + np.minimum(r, T - 1)], 0.0) for r in rows]
+                    Qa = fa_load_a(Qb, q0 + w * 16, T, HD); Da = fa_load_a(Db, q0 + w * 16, T, HD)
+                    dsum = np.zeros((32, 2)); D = np.zeros((32, 2)); acc = np.zeros((HD // 8, 32, 4))
+                    for ps in (0, 1):
+                        for kb in range(first_key(q0, window) // FB_STEP, q_last // FB_STEP + 1):
+                            j0 = kb * FB_STEP
+                            Ks = np.full((FB_STEP, HD + 8), np.nan); Vs = np.full((FB_STEP, HD + 8), np.nan)
+                            Kt = np.full((HD, FB_STEP + 8), np.nan)
+                            fa_stage_rows(Kb, kw, j0, T, HD, Ks); fa_stage_rows(Vb, kw, j0, T, HD, Vs)
+                            if ps == 1: fa_stage_cols(Kb, kw, j0, T, HD, Kt)
+                            sc = fa_rows_times_rows(Qa, Ks, g, t, HD); dp = fa_rows_times_rows(Da, Vs, g, t, HD)
+                            for nt in range(FB_STEP // 8):
+                                for e in range(4):
+                                    r = e >> 1; row = rows[r]; j = j0 + nt * 8 + 2 * t + (e & 1)
+                                    fk = np.array([first_key(int(x), window) for x in row])
+                                    ok = (j <= row) & (j >= fk) & (j < T) & (row < T)
+                                    p = np.where(ok, np.exp(np.where(ok, sc[nt, :, e] * scale - L[r], 0.0)), 0.0)
+                                    if ps == 0: dsum[:, r] += p * dp[nt, :, e]
+                                    else: sc[nt, :, e] = p * (dp[nt, :, e] - D[:, r])
+                            if ps == 1: fa_acc_times_cols(sc, Kt, g, t, HD, acc, rnd)
+                        if ps == 0:
+                            D = dsum.reshape(8, 4, 2).sum(1).repeat(4, 0)
+                            for r in (0, 1):
+                                ok = (rows[r] < T) & (t == 0)
+                                delta[(s * H + h) * T + rows[r][ok]] = D[ok, r]
+                    for n in range(HD // 8):
+                        for e in range(4):
+                            row = rows[e >> 1]; d = n * 8 + 2 * t + (e & 1); ok = row < T
+                            dq[(s * T + row[ok]) * qw + h * HD + d[ok]] += scale * acc[n, ok, e]
+        for gk in range(KV):  # ---- attention_backward_dkv_mma, blocks (key block · halves + half, gk, s)
+            grp = H // KV
+            Kb = lambda j, d: k[(s * T + j) * kw + gk * HD + d]
+            Vb = lambda j, d: v[(s * T + j) * kw + gk * HD + d]
+            for bx in range(-(-T // FA_Q) * (HD // FB_DIMS)):
+                d0 = (bx % (HD // FB_DIMS)) * FB_DIMS; k0 = (bx // (HD // FB_DIMS)) * FA_Q
+                k_last = min(k0 + FA_Q, T) - 1
+                i_last = min(T - 1, k_last + window - 1) if window > 0 else T - 1
+                for w in range(4):
+                    c_lo = k0 + w * 16 + g; cols = [c_lo, c_lo + 8]
+                    Ka = fa_load_a(Kb, k0 + w * 16, T, HD); Va = fa_load_a(Vb, k0 + w * 16, T, HD)
+                    dka = np.zeros((FB_DIMS // 8, 32, 4)); dva = np.zeros((FB_DIMS // 8, 32, 4))
+                    for h in range(gk * grp, (gk + 1) * grp):
+                        Qb = lambda i, d: q[(s * T + i) * qw + h * HD + d]
+                        Db = lambda i, d: dout[(s * T + i) * qw + h * HD + d]
+                        lrow = (s * H + h) * T
+                        for ib in range(k0 // FB_STEP, i_last // FB_STEP + 1):
+                            i0 = ib * FB_STEP
+                            Qs = np.full((FB_STEP, HD + 8), np.nan); Ds = np.full((FB_STEP, HD + 8), np.nan)
+                            Qt = np.full((FB_DIMS, FB_STEP + 8), np.nan); Dt = np.full((FB_DIMS, FB_STEP + 8), np.nan)
+                            fa_stage_rows(Qb, qw, i0, T, HD, Qs); fa_stage_rows(Db, qw, i0, T, HD, Ds)
+                            fa_stage_cols(lambda i, d: Qb(i, d0 + d), qw, i0, T, FB_DIMS, Qt)
+                            fa_stage_cols(lambda i, d: Db(i, d0 + d), qw, i0, T, FB_DIMS, Dt)
+                            sc = fa_rows_times_rows(Ka, Qs, g, t, HD); dp = fa_rows_times_rows(Va, Ds, g, t, HD)
+                            for nt in range(FB_STEP // 8):
+                                for e in range(4):
+                                    j = cols[e >> 1]; i = i0 + nt * 8 + 2 * t + (e & 1)
+                                    fk = np.array([first_key(int(x), window) for x in i])
+                                    ok = (j <= i) & (j >= fk) & (i < T) & (j < T)
+                                    li = lse[lrow + np.minimum(i, T - 1)]; de = delta[lrow + np.minimum(i, T - 1)]
+                                    p = np.where(ok, np.exp(np.where(ok, sc[nt, :, e] * scale - li, 0.0)), 0.0)
+                                    sc[nt, :, e] = p
+                                    dp[nt, :, e] = np.where(ok, p * (dp[nt, :, e] - de), 0.0)
+                            fa_acc_times_cols(sc, Dt, g, t, FB_DIMS, dva, rnd)
+                            fa_acc_times_cols(dp, Qt, g, t, FB_DIMS, dka, rnd)
+                    for n in range(FB_DIMS // 8):
+                        for e in range(4):
+                            j = cols[e >> 1]; d = d0 + n * 8 + 2 * t + (e & 1); ok = j < T
+                            dk[(s * T + j[ok]) * kw + gk * HD + d[ok]] += scale * dka[n, ok, e]
+                            dv[(s * T + j[ok]) * kw + gk * HD + d[ok]] += dva[n, ok, e]
+    return dq, dk, dv
+
+def check_attention_backward_mma():
+    for S, T, H, KV, HD, W in [(1, 70, 2, 1, 64, 0), (1, 45, 4, 2, 128, 9), (2, 33, 2, 2, 64, 1)]:
+        q = rng.standard_normal(S * T * H * HD); k = rng.standard_normal(S * T * KV * HD)
+        v = rng.standard_normal(S * T * KV * HD); do = rng.standard_normal(S * T * H * HD)
+        want = attn_reference(bf16(q), bf16(k), bf16(v), bf16(do), S, T, H, KV, HD, W)
+        lse = want[1]
+        got = attention_backward_mma(q, k, v, lse, do, S, T, H, KV, HD, W, round_p=False)
+        for name, a, b in zip(["dq", "dk", "dv"], got, want[2:]):
+            err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-3)  # a window of 1: dq = dk = 0
+            assert err < 1e-6, (name, S, T, H, KV, HD, W, err)
+        got = attention_backward_mma(q, k, v, lse, do, S, T, H, KV, HD, W, round_p=True)
+        for name, a, b in zip(["dq", "dk", "dv"], got, want[2:]):
+            err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-3)
+            assert err < 2e-2, (name, S, T, H, KV, HD, W, err)
+    print("attention tensor-core backward ok")
+
 # ---- runtime_rope.cu ---------------------------------------------------------------------------------
 def check_rope():
     rows, heads, hd, tokens = 14, 3, 10, 7
@@ -411,5 +556,5 @@ def check_rms_chunks():
         assert np.allclose(parts.sum(0), (dy * x * inv[:, None]).sum(0))
     print("rmsnorm chunks ok")
 
-check_linear(); check_linear_mma(); check_attention(); check_attention_mma(); check_rope(); check_rms_chunks()
+check_linear(); check_linear_mma(); check_attention(); check_attention_mma(); check_attention_backward_mma(); check_rope(); check_rms_chunks()
 print("ALL OK")
