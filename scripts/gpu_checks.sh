@@ -8,10 +8,16 @@
 # SGLP_REQUIRE_GPU=1, so a GPU that is not found fails), engine.json/engine.log (the cka_gpu bench
 # binary's per-batch CUDA-event timings; engine_pipelined.* the same with SGLP_GRAM_KERNEL=pipelined),
 # bench_gpu.json and bench.log (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
+#
+# `bash scripts/gpu_checks.sh tests` runs only the tests, `... bench` only the benchmarks (two calls that
+# each stay well inside the device tool's 600 s per command); no argument runs both.
 set -uo pipefail
+part=${1:-all}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+tests=0 py=0 bench=0 kernels=0 runtime=0
+if [ "$part" != bench ]; then
 SGLP_REQUIRE_GPU=1 bash .device/run-all.sh 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 if [ -x .device/run-python.sh ] && ls .device/wheels/*.whl >/dev/null 2>&1; then
@@ -20,6 +26,14 @@ if [ -x .device/run-python.sh ] && ls .device/wheels/*.whl >/dev/null 2>&1; then
 else
   echo "gpu_checks: no wheel packed (DEVICE_PACK_PYTHON=1): Python CUDA path not run" | tee -a "$out/tests.log"
   py=0
+fi
+fi
+if [ "$part" != tests ]; then
+if [ ! -d /tmp/dp/bin ]; then  # what run-all.sh does first: unpack, the CLI by its own name, the repo path
+  mkdir -p /tmp/dp && tar -xJf .device/pack.tar.xz -C /tmp/dp
+  while read -r name kind; do [ "$kind" = bin ] && ln -sf "/tmp/dp/bin/$name" "/tmp/dp/bin/${name#bin-}"; done < /tmp/dp/bin/MANIFEST
+  origin=$(cat /tmp/dp/bin/ORIGIN)
+  if [ "$origin" != "$PWD" ] && [ ! -e "$origin" ]; then mkdir -p "$(dirname "$origin")" && ln -s "$PWD" "$origin"; fi
 fi
 PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
@@ -32,5 +46,6 @@ kernels=${PIPESTATUS[0]}
 PATH="/tmp/dp/bin:$PATH" PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench_runtime_gpu.py --shapes 1b \
   --out /tmp/runtime-gpu 2>&1 | tee -a "$out/bench.log"
 runtime=${PIPESTATUS[0]}
+fi
 echo "gpu_checks: tests exit $tests, python exit $py, bench exit $bench, kernels exit $kernels, runtime bench exit $runtime"
 [ "$tests" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$kernels" -eq 0 ] && [ "$runtime" -eq 0 ]
