@@ -11,13 +11,17 @@ seed (the GPU machine has PyTorch and transformers but no network), saved as bf1
   engine         `sglp-engine --matmul bf16|f32 gradnorm --device cuda --timing` on the same tokens (its
                  per-batch forward + backward wall times; activations in f32, the linear products on
                  tensor cores from bf16-rounded operands, or in f32 throughout);
-  agreement      engine loss and per-layer gradient norms against PyTorch's, computed in float32 by
-                 PyTorch on the same weights (relative differences reported, not asserted: bf16 vs f32);
+  agreement      engine loss, per-layer gradient norms and hidden states (`capture`, 2 sequences) against
+                 PyTorch's, computed in float32 by PyTorch on the same weights (relative differences
+                 reported, not asserted: the f32 mode should be within 1e-4, bf16 within about 1e-2);
   prune          with --prune: `sglp-engine prune --device cuda --remove 8` on --prune-seqs x T
                  calibration tokens, wall time and the stage timings from its report.
 
 Shapes: `1b` (hidden 2048, 16 layers, intermediate 5632, 32 heads / 8 KV heads, vocab 32000) and `8b`
 (hidden 4096, 32 layers, intermediate 14336, 32 / 8, vocab 128256).
+
+Checked here without a GPU: python3 scripts/bench_runtime_gpu.py --cpu --shapes tiny --seqs 2 --tokens 16
+--reps 2 --engine target/release/sglp-engine --prune --prune-seqs 4 --prune-remove 1 --out /tmp/rtb
 
 Usage (GPU machine, repository root, after `bash .device/run-all.sh` unpacked the CLI into /tmp/dp/bin):
   python3 scripts/bench_runtime_gpu.py --shapes 1b --out $OUT
@@ -39,7 +43,12 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=32000),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
+    # For --cpu: a dry run of this script's own logic on a machine without a GPU.
+    "tiny": dict(hidden_size=128, num_hidden_layers=3, intermediate_size=256, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=256),
 }
+
+DEVICE = "cuda"
 
 
 def engine_exe(given):
@@ -54,6 +63,14 @@ def engine_exe(given):
 
 def cuda_time(fn, reps):
     import torch
+    if DEVICE == "cpu":
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2], times
     fn()
     torch.cuda.synchronize()
     times = []
@@ -75,10 +92,15 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prune", action="store_true")
     ap.add_argument("--prune-seqs", type=int, default=64)
+    ap.add_argument("--prune-remove", type=int, default=8)
     ap.add_argument("--engine", default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--cpu", action="store_true",
+                    help="dry run on the CPU (e.g. --shapes tiny --seqs 2 --tokens 16): checks this script")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = "cpu" if a.cpu else "cuda"
 
     import numpy as np
     import torch
@@ -86,19 +108,19 @@ def main():
 
     os.makedirs(a.out, exist_ok=True)
     exe = engine_exe(a.engine)
-    report = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
+    report = dict(device=torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", torch=torch.__version__,
                   transformers=transformers.__version__, seqs=a.seqs, tokens=a.tokens, engine=exe, shapes={})
     for name in a.shapes.split(","):
         cfg = transformers.LlamaConfig(**SHAPES[name], rms_norm_eps=1e-5, max_position_embeddings=4096,
                                        tie_word_embeddings=False, torch_dtype="bfloat16")
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
         n_params = sum(p.numel() for p in model.parameters())
         rng = np.random.default_rng(0)
         ids_np = rng.integers(0, cfg.vocab_size, size=(a.seqs, a.tokens)).astype(np.int64)
-        ids = torch.from_numpy(ids_np).cuda()
+        ids = torch.from_numpy(ids_np).to(DEVICE)
         entry = dict(params=n_params, config=SHAPES[name])
 
         def step(m=model):
@@ -109,10 +131,14 @@ def main():
             loss.backward()
             return loss
 
-        torch.cuda.reset_peak_memory_stats()
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         entry["torch_eager_s"], entry["torch_eager_all_s"] = cuda_time(step, a.reps)
-        entry["torch_eager_peak_bytes"] = torch.cuda.max_memory_allocated()
+        if DEVICE == "cuda":
+            entry["torch_eager_peak_bytes"] = torch.cuda.max_memory_allocated()
         try:
+            if DEVICE == "cpu":
+                raise RuntimeError("not tried in a CPU dry run")
             compiled = torch.compile(model)
             entry["torch_compile_s"], _ = cuda_time(lambda: step(compiled), a.reps)
         except Exception as e:  # recorded, not fatal: torch.compile needs a working toolchain there
@@ -129,15 +155,23 @@ def main():
         for layer in ref.model.layers:
             per_layer.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in layer.parameters()))))
         entry["torch_f32_loss"] = float(loss)
+        # Hidden states of the first 2 sequences in f32: HF's hidden_states[l + 1] is layer l's output for
+        # l < L − 1 (the last entry is after the final norm, so it is left out).
+        with torch.no_grad():
+            hs = ref(input_ids=ids[:2], use_cache=False, output_hidden_states=True).hidden_states
+            torch_hidden = [h.float().cpu().numpy() for h in hs[1:-1]]
+            del hs
         ref.zero_grad(set_to_none=True)
         model = ref.to(torch.bfloat16)
         del logits, loss
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
         with tempfile.TemporaryDirectory(dir=a.workdir) as d:
             model.save_pretrained(d, safe_serialization=True)
             del model
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
             tok = os.path.join(d, "tokens.npy")
             np.save(tok, np.tile(ids_np, (a.reps + 1, 1)))
             os.sync()
@@ -145,7 +179,7 @@ def main():
                 out = os.path.join(d, f"g-{matmul}.json")
                 key = f"engine_{matmul}"
                 t0 = time.perf_counter()
-                p = subprocess.run([exe, "--matmul", matmul, "gradnorm", "--device", "cuda", "--model", d,
+                p = subprocess.run([exe, "--matmul", matmul, "gradnorm", "--device", DEVICE, "--model", d,
                                     "--tokens", tok, "--batch", str(a.seqs), "--timing", "--out", out],
                                    capture_output=True, text=True)
                 entry[f"{key}_process_s"] = time.perf_counter() - t0
@@ -161,13 +195,29 @@ def main():
                 entry[f"{key}_gradnorm_max_rel_diff_vs_torch_f32"] = max(rel)
                 entry[f"{key}_loss_rel_diff_vs_torch_f32"] = abs(g["loss"] - entry["torch_f32_loss"]) / entry["torch_f32_loss"]
                 entry[f"{key}_over_torch_eager"] = entry[f"{key}_s"] / entry["torch_eager_s"]
+                # Hidden states: `capture` on the same 2 sequences, max |engine − torch| / max |torch| per layer.
+                tok2 = os.path.join(d, "tokens2.npy")
+                np.save(tok2, ids_np[:2])
+                hfile = os.path.join(d, f"h-{matmul}.safetensors")
+                p = subprocess.run([exe, "--matmul", matmul, "capture", "--device", DEVICE, "--model", d,
+                                    "--tokens", tok2, "--batch", "2", "--out", hfile],
+                                   capture_output=True, text=True)
+                if p.returncode != 0:
+                    entry[f"{key}_capture_error"] = p.stderr[-2000:]
+                else:
+                    from safetensors.numpy import load_file
+                    got = load_file(hfile)
+                    rel_h = [float(np.abs(got[f"model.layers.{l}"] - th).max() / np.abs(th).max())
+                             for l, th in enumerate(torch_hidden)]
+                    entry[f"{key}_hidden_max_rel_diff_vs_torch_f32"] = max(rel_h)
+                    os.remove(hfile)
             if a.prune:
                 calib = os.path.join(d, "calib.npy")
                 np.save(calib, rng.integers(0, cfg.vocab_size, size=(a.prune_seqs, a.tokens)).astype(np.int64))
                 pdir = os.path.join(d, "pruned")
                 t0 = time.perf_counter()
-                p = subprocess.run([exe, "prune", "--device", "cuda", "--model", d, "--tokens", calib,
-                                    "--remove", "8", "--out", pdir], capture_output=True, text=True)
+                p = subprocess.run([exe, "prune", "--device", DEVICE, "--model", d, "--tokens", calib,
+                                    "--remove", str(a.prune_remove), "--out", pdir], capture_output=True, text=True)
                 entry["prune_wall_s"] = time.perf_counter() - t0
                 if p.returncode != 0:
                     entry["prune_error"] = p.stderr[-2000:]
