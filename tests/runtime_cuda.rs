@@ -999,6 +999,46 @@ fn a_calibration_pass_on_the_gpu_feeds_the_cuda_cka_in_place() {
 }
 
 #[test]
+fn cka_of_a_capture_on_the_gpu_reads_the_hidden_states_in_place() {
+    use sglp_engine::io::TokenMode;
+    use sglp_engine::runtime::CaptureSource;
+    use sglp_engine::similarity::{compute_cka, CkaSpec, Estimator};
+    let Some((cpu, gpu, tokens)) = fixture_on_gpu() else {
+        return;
+    };
+    let spec = CkaSpec {
+        estimator: Estimator::Unbiased,
+        batch_size: 12,
+        ..CkaSpec::default()
+    };
+    let mut cpu_backend = sglp_engine::similarity::cpu::CpuBackend::new(2);
+    let want = compute_cka(
+        &mut CaptureSource::new(&cpu, &tokens, 2, TokenMode::Samples),
+        &spec,
+        &mut cpu_backend,
+    )
+    .unwrap();
+    let mut backend = sglp_engine::similarity::cuda::CudaBackend::open(0).unwrap();
+    let got = compute_cka(
+        &mut CaptureSource::new(&gpu, &tokens, 2, TokenMode::Samples),
+        &spec,
+        &mut backend,
+    )
+    .unwrap();
+    assert_eq!(
+        (got.n_samples, got.n_batches),
+        (want.n_samples, want.n_batches)
+    );
+    assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+    for (rw, rg) in want.cka.iter().zip(&got.cka) {
+        for (a, b) in rw.iter().zip(rg) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!((a - b).abs() < 1e-4, "CKA {b} vs cpu {a}");
+        }
+    }
+}
+
+#[test]
 fn opening_without_a_gpu_is_an_error_not_a_panic() {
     // Runs everywhere: without a driver or GPU, `open` returns an error; with one, a missing ordinal does.
     let e = CudaDevice::open(1 << 20).expect_err("no GPU 1048576");

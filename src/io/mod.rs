@@ -289,6 +289,44 @@ pub fn convert_into<T: FromStored>(dtype: DType, bytes: &[u8], out: &mut [T]) {
 /// Anything that yields the activations of a calibration set, chunk by chunk, in sample order.
 ///
 /// Implemented by [`ActivationSet`] (files) and by the runtime's capture (a model run on tokens).
+/// One layer of a [`DeviceBatch`]: the device address of its `rows × cols` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceLayer {
+    pub ptr: u64,
+    pub cols: usize,
+    pub dtype: DType,
+}
+
+/// A batch whose layers are already in GPU memory, row-major and contiguous (a description: addresses,
+/// widths and dtypes; the CUDA backend reads it, `similarity::cuda::CudaBackend::submit_device`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceBatch {
+    pub rows: usize,
+    pub layers: Vec<DeviceLayer>,
+}
+
+impl DeviceBatch {
+    /// Rows `[start, end)` of every layer (addresses offset, nothing copied).
+    pub fn slice(&self, start: usize, end: usize) -> DeviceBatch {
+        assert!(
+            start <= end && end <= self.rows,
+            "rows {start}..{end} of {}",
+            self.rows
+        );
+        DeviceBatch {
+            rows: end - start,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| DeviceLayer {
+                    ptr: l.ptr + (start * l.cols * l.dtype.size()) as u64,
+                    ..*l
+                })
+                .collect(),
+        }
+    }
+}
+
 pub trait ActivationSource {
     /// The layers every chunk holds, in order.
     fn layers(&self) -> &[LayerMeta];
@@ -312,6 +350,16 @@ pub trait ActivationSource {
     /// capture computes itself and is not worth it).
     fn as_send(&mut self) -> Option<&mut (dyn ActivationSource + Send)> {
         None
+    }
+    /// A source that computes its activations on GPU `ordinal` (a model capture running there) hands
+    /// every remaining chunk to `sink` where it lives, in order, and returns `true`; `false` (the
+    /// default, and before reading anything) when it cannot, and the caller reads chunks as usual.
+    fn device_chunks(
+        &mut self,
+        _ordinal: usize,
+        _sink: &mut dyn FnMut(&DeviceBatch) -> Result<()>,
+    ) -> Result<bool> {
+        Ok(false)
     }
 }
 

@@ -276,11 +276,56 @@ impl<M: PrunableModel> ActivationSource for CaptureSource<'_, M> {
         self.pending_row = end;
         Ok(Some(out))
     }
+
+    /// Tokens as samples, nothing read yet, the model on GPU `ordinal`: each batch's layer outputs go to
+    /// `sink` from the GPU's memory ([`PrunableModel::pass_to_device`]). Non-finite values are then
+    /// found by the CUDA CKA as it centres them (named by layer and sample, as here).
+    fn device_chunks(
+        &mut self,
+        ordinal: usize,
+        sink: &mut dyn FnMut(&crate::io::DeviceBatch) -> Result<()>,
+    ) -> Result<bool> {
+        if self.mode != TokenMode::Samples || self.next_seq > 0 || self.layers.is_empty() {
+            return Ok(false);
+        }
+        while self.next_seq < self.data.items() {
+            let batch = self.data.batch(self.next_seq, self.batch_seqs);
+            let Some(_) = self.model.pass_to_device(&batch, false, ordinal, sink)? else {
+                if self.next_seq == 0 {
+                    return Ok(false); // not on that GPU: read on the host
+                }
+                return Err(Error::invalid("the model left the GPU during a capture"));
+            };
+            self.next_seq += batch.items();
+            self.samples_done += batch.items() * batch.rows_per_item();
+        }
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A capture on the CPU has no device chunks to give: the CKA reads it on the host.
+    #[test]
+    fn a_capture_on_the_cpu_gives_no_device_chunks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_llama3_rope");
+        let model = Model::load(&dir).unwrap();
+        let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+        let mut src = CaptureSource::new(&model, &tokens, 2, TokenMode::Samples);
+        let mut called = false;
+        let took = src
+            .device_chunks(0, &mut |_| {
+                called = true;
+                Ok(())
+            })
+            .unwrap();
+        assert!(!took && !called);
+        // Still read from the start on the host.
+        let first = src.next_chunk(1000).unwrap().unwrap();
+        assert_eq!(first.rows, 2 * tokens.len);
+    }
 
     #[test]
     fn tokens_batch_and_vocab_check() {

@@ -626,6 +626,21 @@ pub fn compute_cka(
     if hint.is_none() {
         pb.set_length(0);
     }
+    // Activations computed on the backend's GPU (a model capture there) are read in place.
+    let in_place = spec.estimator == Estimator::Unbiased && acc.route() == Route::Gram;
+    if let Some(ordinal) = backend.as_cuda().filter(|_| in_place).map(|g| g.ordinal()) {
+        let mut sink = |db: &crate::io::DeviceBatch| -> Result<()> {
+            // SAFETY: the source hands over its layers on GPU `ordinal` (the backend's), written and
+            // synchronised, valid for this call: push_device's contract.
+            unsafe { acc.push_device(db, backend)? };
+            pb.inc(db.rows as u64);
+            Ok(())
+        };
+        if source.device_chunks(ordinal, &mut sink)? {
+            pb.finish_and_clear();
+            return acc.finish(backend);
+        }
+    }
     let mut consume = |chunk: &Batch| -> Result<()> {
         acc.push(&chunk.as_ref(), backend)?;
         pb.inc(chunk.rows as u64);

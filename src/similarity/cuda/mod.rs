@@ -27,6 +27,7 @@ use super::backend::{Backend, Estimator, HsicSum, Kernel};
 use super::cpu::{normaliser, stacked_f64};
 use crate::error::{Error, Result};
 use crate::io::{Batch, BatchRef, DType, LayerBlock};
+pub use crate::io::{DeviceBatch, DeviceLayer};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
     DevicePtrMut, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
@@ -1074,43 +1075,6 @@ impl CudaBackend {
         }
         .cu("launching hsic_pairs")?;
         self.span(Stage::Pairs, t_pairs)
-    }
-}
-
-/// One layer of a [`DeviceBatch`]: the device address of its `rows × cols` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeviceLayer {
-    pub ptr: u64,
-    pub cols: usize,
-    pub dtype: DType,
-}
-
-/// A batch whose layers are already in GPU memory, row-major and contiguous.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceBatch {
-    pub rows: usize,
-    pub layers: Vec<DeviceLayer>,
-}
-
-impl DeviceBatch {
-    /// Rows `[start, end)` of every layer (addresses offset, nothing copied).
-    pub fn slice(&self, start: usize, end: usize) -> DeviceBatch {
-        assert!(
-            start <= end && end <= self.rows,
-            "rows {start}..{end} of {}",
-            self.rows
-        );
-        DeviceBatch {
-            rows: end - start,
-            layers: self
-                .layers
-                .iter()
-                .map(|l| DeviceLayer {
-                    ptr: l.ptr + (start * l.cols * l.dtype.size()) as u64,
-                    ..*l
-                })
-                .collect(),
-        }
     }
 }
 
