@@ -686,4 +686,32 @@ mod tests {
         expected.reverse();
         assert_eq!(announced, expected);
     }
+
+    /// Linear weights are announced as weights (a GPU may hold them in bf16), norms and the embedding as
+    /// values; a tied embedding as both (the embedding reads the table, the lm_head multiplies by it).
+    #[test]
+    fn parameters_are_announced_with_how_the_ops_read_them() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for (name, tied) in [("llama_llama3_rope", false), ("llama_bf16_tied", true)] {
+            let dir = fixtures.join(name);
+            let model = Model::load(&dir).unwrap();
+            let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+            let tape = model
+                .build_tape(&Cpu, Pool::default(), &tokens, &[], None)
+                .unwrap();
+            let io: Vec<_> = tape.ops.iter().map(|op| op.io()).collect();
+            let uses = tape.param_uses(&io);
+            let of = |n: &str| uses[tape.params.iter().position(|p| p.name == n).unwrap()];
+            assert_eq!(of("model.layers.0.self_attn.q_proj.weight"), [false, true]);
+            assert_eq!(of("model.layers.1.mlp.down_proj.weight"), [false, true]);
+            assert_eq!(of("model.layers.0.input_layernorm.weight"), [true, false]);
+            assert_eq!(of("model.norm.weight"), [true, false]);
+            assert_eq!(of("model.embed_tokens.weight"), [true, tied], "{name}");
+            if !tied {
+                assert_eq!(of("lm_head.weight"), [false, true]);
+            }
+            // Every parameter is read some way.
+            assert!(uses.iter().all(|u| u[0] || u[1]));
+        }
+    }
 }

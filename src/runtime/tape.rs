@@ -362,7 +362,7 @@ impl<D: Device> Tape<D> {
     }
 
     /// How the ops read each parameter: `[as values, as a weight]`.
-    fn param_uses(&self, io: &[OpIo]) -> Vec<[bool; 2]> {
+    pub(crate) fn param_uses(&self, io: &[OpIo]) -> Vec<[bool; 2]> {
         let mut uses = vec![[false; 2]; self.params.len()];
         for (op, io) in self.ops.iter().zip(io) {
             let weights = op.weights();
