@@ -7,13 +7,16 @@
 //!
 //! `cargo bench --bench cka_gpu` runs criterion on one batch of each (throughput in Gram FLOP/s, the full
 //! L·b²·d·2 count). With `SGLP_BENCH_JSON=<file>` it instead times every batch of both workloads with
-//! CUDA events per stage and writes medians and totals as JSON (what scripts/bench_gpu.py reads).
+//! CUDA events per stage and writes medians and totals as JSON (what scripts/bench_gpu.py reads), after
+//! validating each workload's first batch against the CPU backend (max |ΔCKA| and the relative HSIC
+//! difference go into the JSON; over 1e-4 is reported on stderr).
 
 use criterion::{Criterion, Throughput};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::io::{Batch, DType, LayerBlock};
+use sglp_engine::similarity::cpu::CpuBackend;
 use sglp_engine::similarity::cuda::CudaBackend;
 use sglp_engine::similarity::{Backend, Estimator, HsicSum, Kernel};
 use std::time::Duration;
@@ -102,7 +105,30 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Every batch of every workload, timed per stage; JSON to `path`.
+/// (max |ΔCKA|, max |ΔHSIC| / max |HSIC|) of `batch` between the GPU and the CPU backend (all cores).
+fn validate(gpu: &mut CudaBackend, batch: &Batch) -> (f64, f64) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let want = CpuBackend::new(threads)
+        .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
+        .expect("cpu batch");
+    let got = gpu
+        .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
+        .expect("gpu batch");
+    let l = batch.layers.len();
+    let cka = |h: &[f64], i: usize, j: usize| h[i * l + j] / (h[i * l + i] * h[j * l + j]).sqrt();
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let (mut dc, mut dh) = (0f64, 0f64);
+    for i in 0..l {
+        for j in 0..=i {
+            dc = dc.max((cka(&got, i, j) - cka(&want, i, j)).abs());
+            dh = dh.max((got[i * l + j] - want[i * l + j]).abs() / scale);
+        }
+    }
+    (dc, dh)
+}
+
+/// Every batch of every workload, validated against the CPU on its first batch, then timed per stage;
+/// JSON to `path`.
 fn json_report(gpu: &mut CudaBackend, path: &str) {
     gpu.set_profiling(true);
     let mut entries = Vec::new();
@@ -112,6 +138,14 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
         for b in &data {
             gpu.batch_hsic(&b.as_ref(), Estimator::Unbiased, Kernel::Linear)
                 .expect("warm-up batch");
+        }
+        // Validate before timing (as llm.c's dev/cuda does): the first batch against the CPU backend.
+        let (cka_diff, hsic_diff) = validate(gpu, &data[0]);
+        if cka_diff.is_nan() || cka_diff > 1e-4 {
+            eprintln!(
+                "cka_gpu: {}: CKA differs from the CPU's by {cka_diff:.2e} (> 1e-4)",
+                w.name
+            );
         }
         let (mut wall, mut gram, mut centre, mut pairs) = (vec![], vec![], vec![], vec![]);
         let t0 = std::time::Instant::now();
@@ -194,6 +228,8 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             "plan_device_bytes": plan.device_bytes,
             "plan_layer_block": plan.layer_block,
             "backend": gpu.name(),
+            "cka_max_abs_diff_vs_cpu": cka_diff,
+            "hsic_max_rel_diff_vs_cpu": hsic_diff,
         });
         eprintln!("{entry}");
         entries.push(entry);

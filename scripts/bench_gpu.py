@@ -58,6 +58,7 @@ def per_batch_entry(e):
         gram_tflops=e["gram_tflops_full_count"],
         peak_mem_bytes=e["plan_device_bytes"],
         stages_ms=dict(gram=e["gram_ms_median"], centre=e["centre_ms_median"], pairs=e["pairs_ms_median"]),
+        cka_max_abs_diff_vs_cpu=e.get("cka_max_abs_diff_vs_cpu"),
     )
 
 
