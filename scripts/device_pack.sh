@@ -32,7 +32,9 @@ for tag in ("bins", "tests", "benches"):
         try: m = json.loads(line)
         except ValueError: continue
         if m.get("reason") != "compiler-artifact" or not m.get("executable"): continue
-        t = m["target"]; kind = "bin" if "bin" in t["kind"] and not m["profile"]["test"] else ("bench" if tag == "benches" else "test")
+        t = m["target"]
+        if "example" in t["kind"]: continue  # an example is neither a test harness nor the CLI
+        kind = "bin" if "bin" in t["kind"] and not m["profile"]["test"] else ("bench" if tag == "benches" else "test")
         name = f"{kind}-{t['name']}" + ("" if kind == "bin" else f"-{t['kind'][0]}")
         shutil.copy2(m["executable"], os.path.join(dst, name)); kinds[name] = kind
 open(os.path.join(dst, "MANIFEST"), "w").write("".join(f"{k} {v}\n" for k, v in sorted(kinds.items())))
