@@ -109,8 +109,7 @@ __device__ __forceinline__ void store_mma_tile(float (*acc)[8][4], int n, int bi
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
-                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
-                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
+                const int gi = i0 + mma_acc_row(wm, mt, g, h), gj = j0 + mma_acc_col(wn, nt, t, h);
                 if (gi < n && gj < n) {
                     k_out[(u64)gi * n + gj] = acc[mt][nt][h];
                     if (bi != bj) k_out[(u64)gj * n + gi] = acc[mt][nt][h];

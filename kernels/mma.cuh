@@ -62,6 +62,10 @@ __device__ __forceinline__ void mma_warp_step(const u16 (*As)[MK + MPAD], const 
     }
 }
 
+// Row and column in the block tile of accumulator acc[mt][nt][h] of warp (wm, wn), lane (g, t).
+__device__ __forceinline__ int mma_acc_row(int wm, int mt, int g, int h) { return wm * 32 + mt * 16 + g + (h >> 1) * 8; }
+__device__ __forceinline__ int mma_acc_col(int wn, int nt, int t, int h) { return wn * 64 + nt * 8 + 2 * t + (h & 1); }
+
 __device__ __forceinline__ void zero_acc(float (*acc)[8][4]) {
 #pragma unroll
     for (int a = 0; a < 2; ++a)

@@ -23,6 +23,94 @@ __device__ __forceinline__ int fa_first_key(int i, int window) {
     return window > 0 ? max(0, i + 1 - window) : 0;
 }
 
+// Rows r0 + (g, g + 8) × HD of a [rows, ld] f32 matrix as bf16 A fragments (zero past `limit`).
+template <int HD>
+__device__ __forceinline__ void fa_load_a(const float* __restrict__ base, u64 ld, int r_lo, int limit, int t,
+                                          u32 (*a)[4]) {
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ++ks)
+#pragma unroll
+        for (int reg = 0; reg < 4; ++reg) {
+            const int row = r_lo + ((reg & 1) << 3), d = ks * 16 + 2 * t + ((reg >> 1) << 3);
+            float x = 0.0f, y = 0.0f;
+            if (row < limit) {
+                x = base[(u64)row * ld + d];
+                y = base[(u64)row * ld + d + 1];
+            }
+            a[ks][reg] = pack_bf16x2(x, y);
+        }
+}
+
+// Stage rows j0 .. j0 + STEP of a [tokens, ld] f32 matrix (HD values from `base`) into S[row][d] as
+// bf16 pairs along d (zero past the end): pair p ↦ row p / (HD/2), dims 2 (p % (HD/2)) + (0, 1).
+template <int HD, int STEP>
+__device__ __forceinline__ void fa_stage_rows(u16 (*S)[HD + FA_PAD], const float* __restrict__ base, u64 ld,
+                                              int j0, int tokens, int tid) {
+#pragma unroll 4
+    for (int p = tid; p < STEP * HD / 2; p += 128) {
+        const int r = p / (HD / 2), d = 2 * (p % (HD / 2)), j = j0 + r;
+        float x = 0.0f, y = 0.0f;
+        if (j < tokens) {
+            x = base[(u64)j * ld + d];
+            y = base[(u64)j * ld + d + 1];
+        }
+        *(u32*)&S[r][d] = pack_bf16x2(x, y);
+    }
+}
+
+// The first ND values of the same rows transposed, St[d][row], as bf16 pairs along the row: pair p ↦
+// dim p % ND, rows 2 (p / ND) + (0, 1).
+template <int ND, int STEP>
+__device__ __forceinline__ void fa_stage_cols(u16 (*St)[STEP + FA_PAD], const float* __restrict__ base,
+                                              u64 ld, int j0, int tokens, int tid) {
+#pragma unroll 4
+    for (int p = tid; p < STEP * ND / 2; p += 128) {
+        const int d = p % ND, r = 2 * (p / ND), j = j0 + r;
+        float x = 0.0f, y = 0.0f;
+        if (j < tokens) x = base[(u64)j * ld + d];
+        if (j + 1 < tokens) y = base[(u64)(j + 1) * ld + d];
+        *(u32*)&St[d][r] = pack_bf16x2(x, y);
+    }
+}
+
+// acc[nt] (16 rows × STEP columns) = A (16 × HD, fragments a) · Bᵀ, B = S[col][d] (STEP × HD).
+template <int HD, int STEP>
+__device__ __forceinline__ void fa_rows_times_rows(const u32 (*a)[4], const u16 (*S)[HD + FA_PAD], int g, int t,
+                                                   float (*acc)[4]) {
+#pragma unroll
+    for (int nt = 0; nt < STEP / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ++ks) {
+            const u32 b0 = lds_u32(&S[nt * 8 + g][ks * 16 + 2 * t]);
+            const u32 b1 = lds_u32(&S[nt * 8 + g][ks * 16 + 2 * t + 8]);
+            mma_16816<DT_BF16>(acc[nt], a[ks], b0, b1);
+        }
+    }
+}
+
+// out[nd] (16 × ND) += X (16 × STEP, accumulators x rounded to bf16 A fragments: the m16n8 C layout of
+// column tiles 2kk and 2kk + 1 is the m16n8k16 A layout of step kk) · T, T[r][d] given transposed, St[d][r].
+template <int ND, int STEP>
+__device__ __forceinline__ void fa_acc_times_cols(const float (*x)[4], const u16 (*St)[STEP + FA_PAD], int g,
+                                                  int t, float (*out)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < STEP / 16; ++kk) {
+        u32 a[4];
+        a[0] = pack_bf16x2(x[2 * kk][0], x[2 * kk][1]);
+        a[1] = pack_bf16x2(x[2 * kk][2], x[2 * kk][3]);
+        a[2] = pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+        a[3] = pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+#pragma unroll
+        for (int nd = 0; nd < ND / 8; ++nd) {
+            const u32 b0 = lds_u32(&St[nd * 8 + g][kk * 16 + 2 * t]);
+            const u32 b1 = lds_u32(&St[nd * 8 + g][kk * 16 + 2 * t + 8]);
+            mma_16816<DT_BF16>(out[nd], a, b0, b1);
+        }
+    }
+}
+
 template <int HD>
 __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ q,
                                                       const float* __restrict__ k,
@@ -40,21 +128,8 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
     const float* vb = v + (u64)s * tokens * kw + (u64)kvh * HD;
     const int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;  // this thread's two rows
 
-    // Q fragments: qa[ks] holds rows (g, g + 8) × dims ks·16 + (2t, 2t + 1, 2t + 8, 2t + 9).
-    u32 qa[HD / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < HD / 16; ++ks) {
-#pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-            const int row = (reg & 1) ? r_hi : r_lo, d = ks * 16 + 2 * t + ((reg >> 1) << 3);
-            float a = 0.0f, b = 0.0f;
-            if (row < tokens) {
-                a = qb[(u64)row * qw + d];
-                b = qb[(u64)row * qw + d + 1];
-            }
-            qa[ks][reg] = pack_bf16x2(a, b);
-        }
-    }
+    u32 qa[HD / 16][4];  // rows (g, g + 8) × dims ks·16 + (2t, 2t + 1, 2t + 8, 2t + 9)
+    fa_load_a<HD>(qb, qw, r_lo, tokens, t, qa);
     float o[HD / 8][4];
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n)
@@ -68,41 +143,13 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
     for (int kbk = kb_first; kbk <= kb_last; ++kbk) {
         const int j0 = kbk * FA_K;
         __syncthreads();  // every warp is done with the previous block's K and V
-        // K rows as bf16 pairs along d: pair p ↦ key p / (HD/2), dims 2 (p % (HD/2)) + (0, 1).
-#pragma unroll 4
-        for (int p = tid; p < FA_K * HD / 2; p += 128) {
-            const int key = p / (HD / 2), d = 2 * (p % (HD / 2)), j = j0 + key;
-            float a = 0.0f, b = 0.0f;
-            if (j < tokens) {
-                a = kb[(u64)j * kw + d];
-                b = kb[(u64)j * kw + d + 1];
-            }
-            *(u32*)&Ks[key][d] = pack_bf16x2(a, b);
-        }
-        // V transposed, pairs along the key: pair p ↦ dim p % HD, keys 2 (p / HD) + (0, 1).
-#pragma unroll 4
-        for (int p = tid; p < FA_K * HD / 2; p += 128) {
-            const int d = p % HD, key = 2 * (p / HD), j = j0 + key;
-            float a = 0.0f, b = 0.0f;
-            if (j < tokens) a = vb[(u64)j * kw + d];
-            if (j + 1 < tokens) b = vb[(u64)(j + 1) * kw + d];
-            *(u32*)&Vt[d][key] = pack_bf16x2(a, b);
-        }
+        fa_stage_rows<HD, FA_K>(Ks, kb, kw, j0, tokens, tid);
+        fa_stage_cols<HD, FA_K>(Vt, vb, kw, j0, tokens, tid);  // V transposed
         __syncthreads();
 
         // S = Q Kᵀ for this warp's 16 rows × 64 keys: sc[nt] over keys j0 + nt·8 + (2t, 2t + 1).
         float sc[FA_K / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < FA_K / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
-#pragma unroll
-            for (int ks = 0; ks < HD / 16; ++ks) {
-                const u32 b0 = lds_u32(&Ks[nt * 8 + g][ks * 16 + 2 * t]);
-                const u32 b1 = lds_u32(&Ks[nt * 8 + g][ks * 16 + 2 * t + 8]);
-                mma_16816<DT_BF16>(sc[nt], qa[ks], b0, b1);
-            }
-        }
+        fa_rows_times_rows<HD, FA_K>(qa, Ks, g, t, sc);
         // Scale and mask (causal, window, past the end); the running max of each row.
         float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
@@ -129,28 +176,15 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
         for (int n = 0; n < HD / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[n][e] *= corr[e >> 1];
-        // P = exp(S − m) (f32 into the row sums), as bf16 A fragments of P V: key tile pair (2kk, 2kk+1).
-        u32 pa[FA_K / 16][4];
+        // P = exp(S − m) (f32 into the row sums), then O += P V (P rounded to bf16 as A fragments).
 #pragma unroll
-        for (int nt = 0; nt < FA_K / 8; ++nt) {
-            float p[4];
+        for (int nt = 0; nt < FA_K / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                p[e] = expf(sc[nt][e] - mu[e >> 1]);
-                l[e >> 1] += p[e];
+                sc[nt][e] = expf(sc[nt][e] - mu[e >> 1]);
+                l[e >> 1] += sc[nt][e];
             }
-            pa[nt >> 1][(nt & 1) * 2] = pack_bf16x2(p[0], p[1]);
-            pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16x2(p[2], p[3]);
-        }
-        // O += P V: o[nd] over dims nd·8 + (2t, 2t + 1).
-#pragma unroll
-        for (int kk = 0; kk < FA_K / 16; ++kk)
-#pragma unroll
-            for (int nd = 0; nd < HD / 8; ++nd) {
-                const u32 b0 = lds_u32(&Vt[nd * 8 + g][kk * 16 + 2 * t]);
-                const u32 b1 = lds_u32(&Vt[nd * 8 + g][kk * 16 + 2 * t + 8]);
-                mma_16816<DT_BF16>(o[nd], pa[kk], b0, b1);
-            }
+        fa_acc_times_cols<HD, FA_K>(sc, Vt, g, t, o);
     }
     // Row sums over the quad, then out = O / l and lse = m + log l.
 #pragma unroll
@@ -205,93 +239,6 @@ attention_forward_mma128(const float* __restrict__ q, const float* __restrict__ 
 #define FB_DIMS 64  // dims of dk, dv per dkv block (HD = 128: two blocks per key block, each recomputing
                     // Sᵀ and dPᵀ, so that the two accumulators fit in registers)
 
-// Rows r0 + (g, g + 8) × HD of a [rows, ld] f32 matrix as bf16 A fragments (zero past `limit`).
-template <int HD>
-__device__ __forceinline__ void fa_load_a(const float* __restrict__ base, u64 ld, int r_lo, int limit, int t,
-                                          u32 (*a)[4]) {
-#pragma unroll
-    for (int ks = 0; ks < HD / 16; ++ks)
-#pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-            const int row = r_lo + ((reg & 1) << 3), d = ks * 16 + 2 * t + ((reg >> 1) << 3);
-            float x = 0.0f, y = 0.0f;
-            if (row < limit) {
-                x = base[(u64)row * ld + d];
-                y = base[(u64)row * ld + d + 1];
-            }
-            a[ks][reg] = pack_bf16x2(x, y);
-        }
-}
-
-// Stage rows j0 .. j0 + FB_STEP of a [tokens, ld] f32 matrix (HD values from `base`) into S[row][d] as
-// bf16 pairs along d (zero past the end).
-template <int HD>
-__device__ __forceinline__ void fa_stage_rows(u16 (*S)[HD + FA_PAD], const float* __restrict__ base, u64 ld,
-                                              int j0, int tokens, int tid) {
-#pragma unroll 4
-    for (int p = tid; p < FB_STEP * HD / 2; p += 128) {
-        const int r = p / (HD / 2), d = 2 * (p % (HD / 2)), j = j0 + r;
-        float x = 0.0f, y = 0.0f;
-        if (j < tokens) {
-            x = base[(u64)j * ld + d];
-            y = base[(u64)j * ld + d + 1];
-        }
-        *(u32*)&S[r][d] = pack_bf16x2(x, y);
-    }
-}
-
-// The first ND values of the same rows transposed, St[d][row], as bf16 pairs along the row.
-template <int ND>
-__device__ __forceinline__ void fa_stage_cols(u16 (*St)[FB_STEP + FA_PAD], const float* __restrict__ base,
-                                              u64 ld, int j0, int tokens, int tid) {
-#pragma unroll 4
-    for (int p = tid; p < FB_STEP * ND / 2; p += 128) {
-        const int d = p % ND, r = 2 * (p / ND), j = j0 + r;
-        float x = 0.0f, y = 0.0f;
-        if (j < tokens) x = base[(u64)j * ld + d];
-        if (j + 1 < tokens) y = base[(u64)(j + 1) * ld + d];
-        *(u32*)&St[d][r] = pack_bf16x2(x, y);
-    }
-}
-
-// acc[nt] (16 rows × FB_STEP columns) = A (16 × HD, fragments a) · Bᵀ, B = S[col][d] (FB_STEP × HD).
-template <int HD>
-__device__ __forceinline__ void fa_rows_times_rows(const u32 (*a)[4], const u16 (*S)[HD + FA_PAD], int g, int t,
-                                                   float (*acc)[4]) {
-#pragma unroll
-    for (int nt = 0; nt < FB_STEP / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
-#pragma unroll
-        for (int ks = 0; ks < HD / 16; ++ks) {
-            const u32 b0 = lds_u32(&S[nt * 8 + g][ks * 16 + 2 * t]);
-            const u32 b1 = lds_u32(&S[nt * 8 + g][ks * 16 + 2 * t + 8]);
-            mma_16816<DT_BF16>(acc[nt], a[ks], b0, b1);
-        }
-    }
-}
-
-// out[nd] (16 × ND) += X (16 × FB_STEP, accumulators x rounded to bf16 A fragments) · T, where
-// T[r][d] is given transposed, St[d][r].
-template <int ND>
-__device__ __forceinline__ void fa_acc_times_cols(const float (*x)[4], const u16 (*St)[FB_STEP + FA_PAD], int g,
-                                                  int t, float (*out)[4]) {
-#pragma unroll
-    for (int kk = 0; kk < FB_STEP / 16; ++kk) {
-        u32 a[4];
-        a[0] = pack_bf16x2(x[2 * kk][0], x[2 * kk][1]);
-        a[1] = pack_bf16x2(x[2 * kk][2], x[2 * kk][3]);
-        a[2] = pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-        a[3] = pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-#pragma unroll
-        for (int nd = 0; nd < ND / 8; ++nd) {
-            const u32 b0 = lds_u32(&St[nd * 8 + g][kk * 16 + 2 * t]);
-            const u32 b1 = lds_u32(&St[nd * 8 + g][kk * 16 + 2 * t + 8]);
-            mma_16816<DT_BF16>(out[nd], a, b0, b1);
-        }
-    }
-}
-
 template <int HD>
 __device__ __forceinline__ void attention_backward_dq_mma(const float* __restrict__ q, const float* __restrict__ k,
                                                           const float* __restrict__ v,
@@ -331,13 +278,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
         for (int kbk = kb_first; kbk <= kb_last; ++kbk) {
             const int j0 = kbk * FB_STEP;
             __syncthreads();
-            fa_stage_rows<HD>(Ks, kb, kw, j0, tokens, tid);
-            fa_stage_rows<HD>(Vs, vb, kw, j0, tokens, tid);
-            if (pass == 1) fa_stage_cols<HD>(Kt, kb, kw, j0, tokens, tid);
+            fa_stage_rows<HD, FB_STEP>(Ks, kb, kw, j0, tokens, tid);
+            fa_stage_rows<HD, FB_STEP>(Vs, vb, kw, j0, tokens, tid);
+            if (pass == 1) fa_stage_cols<HD, FB_STEP>(Kt, kb, kw, j0, tokens, tid);
             __syncthreads();
             float sc[FB_STEP / 8][4], dp[FB_STEP / 8][4];
-            fa_rows_times_rows<HD>(qa, Ks, g, t, sc);
-            fa_rows_times_rows<HD>(da, Vs, g, t, dp);
+            fa_rows_times_rows<HD, FB_STEP>(qa, Ks, g, t, sc);
+            fa_rows_times_rows<HD, FB_STEP>(da, Vs, g, t, dp);
 #pragma unroll
             for (int nt = 0; nt < FB_STEP / 8; ++nt)
 #pragma unroll
@@ -348,7 +295,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
                     if (pass == 0) dsum[r] += (double)p * (double)dp[nt][e];
                     else sc[nt][e] = p * (dp[nt][e] - D[r]);  // dS
                 }
-            if (pass == 1) fa_acc_times_cols<HD>(sc, Kt, g, t, acc);
+            if (pass == 1) fa_acc_times_cols<HD, FB_STEP>(sc, Kt, g, t, acc);
         }
         if (pass == 0) {
 #pragma unroll
@@ -407,14 +354,14 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
         for (int ib = k0 / FB_STEP; ib <= i_last / FB_STEP; ++ib) {
             const int i0 = ib * FB_STEP;
             __syncthreads();
-            fa_stage_rows<HD>(Qs, qb, qw, i0, tokens, tid);
-            fa_stage_rows<HD>(Ds, db, qw, i0, tokens, tid);
-            fa_stage_cols<FB_DIMS>(Qt, qb + d0, qw, i0, tokens, tid);
-            fa_stage_cols<FB_DIMS>(Dt, db + d0, qw, i0, tokens, tid);
+            fa_stage_rows<HD, FB_STEP>(Qs, qb, qw, i0, tokens, tid);
+            fa_stage_rows<HD, FB_STEP>(Ds, db, qw, i0, tokens, tid);
+            fa_stage_cols<FB_DIMS, FB_STEP>(Qt, qb + d0, qw, i0, tokens, tid);
+            fa_stage_cols<FB_DIMS, FB_STEP>(Dt, db + d0, qw, i0, tokens, tid);
             __syncthreads();
             float sc[FB_STEP / 8][4], dp[FB_STEP / 8][4];
-            fa_rows_times_rows<HD>(ka, Qs, g, t, sc);  // Sᵀ: keys × queries
-            fa_rows_times_rows<HD>(va, Ds, g, t, dp);  // dPᵀ
+            fa_rows_times_rows<HD, FB_STEP>(ka, Qs, g, t, sc);  // Sᵀ: keys × queries
+            fa_rows_times_rows<HD, FB_STEP>(va, Ds, g, t, dp);  // dPᵀ
 #pragma unroll
             for (int nt = 0; nt < FB_STEP / 8; ++nt)
 #pragma unroll
@@ -425,8 +372,8 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
                     sc[nt][e] = p;                                         // Pᵀ
                     dp[nt][e] = ok ? p * (dp[nt][e] - delta[lrow + i]) : 0.0f;  // dSᵀ
                 }
-            fa_acc_times_cols<FB_DIMS>(sc, Dt, g, t, dva);
-            fa_acc_times_cols<FB_DIMS>(dp, Qt, g, t, dka);
+            fa_acc_times_cols<FB_DIMS, FB_STEP>(sc, Dt, g, t, dva);
+            fa_acc_times_cols<FB_DIMS, FB_STEP>(dp, Qt, g, t, dka);
         }
     }
 #pragma unroll

@@ -193,8 +193,7 @@ __device__ __forceinline__ void lin_mma(const float* __restrict__ A, u64 lda, co
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
-                const int gi = i0 + wm * 32 + mt * 16 + g + (h >> 1) * 8;
-                const int gj = j0 + wn * 64 + nt * 8 + 2 * t + (h & 1);
+                const int gi = i0 + mma_acc_row(wm, mt, g, h), gj = j0 + mma_acc_col(wn, nt, t, h);
                 if (gi >= M || gj >= N) continue;
                 float* c = C + (u64)gi * ldc + gj;
                 if (ACC) *c += acc[mt][nt][h];
