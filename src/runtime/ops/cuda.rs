@@ -11,13 +11,14 @@
 //!   cross-entropy (f64 row sums, the per-row losses summed on the host in row order), causal GQA
 //!   attention with an optional window (flash-style: per-row log-sum-exp, probabilities recomputed by the
 //!   backward; one warp per row, deterministic; in [`Matmul::Bf16`] mode with head dimension 64 or 128
-//!   forward and backward run on tensor cores, runtime_attention_mma.cu) and the linear layer's three products: on tensor cores
-//!   with bf16 operands and f32 accumulation ([`Matmul::Bf16`], the default), or as f32 tiled SIMT GEMMs
-//!   ([`Matmul::F32`], [`CudaDevice::set_matmul`]).
+//!   forward and backward run on tensor cores, runtime_attention_mma.cu) and the linear layer's three
+//!   products: on tensor cores with bf16 operands and f32 accumulation ([`Matmul::Bf16`], the default),
+//!   or as f32 tiled SIMT GEMMs ([`Matmul::F32`], [`CudaDevice::set_matmul`]).
 //! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; a linear layer's
-//!   weight ([`Device::weight`], a [`CudaWeight`]) is that f32 copy in [`Matmul::F32`] mode and a copy
-//!   rounded to bf16 on the host as it is staged in [`Matmul::Bf16`] mode (half the device memory and
-//!   the upload). Uploaded weights are cached by name and representation. When the model does not fit the weight budget ([`CudaDevice::set_weight_budget`],
+//!   weight ([`Device::weight`], a [`CudaWeight`]) is that f32 copy in [`Matmul::F32`] mode and a bf16
+//!   copy in [`Matmul::Bf16`] mode (half the device memory and the upload: a bf16 checkpoint's bits as
+//!   stored, others rounded on the host as they are staged). Uploaded weights are cached by name and
+//!   representation. When the model does not fit the weight budget ([`CudaDevice::set_weight_budget`],
 //!   by default half the free memory at open), [`WeightWindow`] keeps a window of parameter groups: the
 //!   group being computed and the next one, which [`Device::prefetch`] (called by the tape one group
 //!   ahead) uploads on a separate copy stream through two pinned staging buffers (double-buffered: the
