@@ -10,12 +10,27 @@
 # bench_gpu.json and bench.log (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
 #
 # `bash scripts/gpu_checks.sh tests` runs only the tests, `... bench` only the benchmarks (two calls that
-# each stay well inside the device tool's 600 s per command); no argument runs both.
+# each stay well inside the device tool's 600 s per command); no argument runs both. `... 8b` runs only
+# the runtime benchmark on the 8B-shaped model with `prune --remove 8` (issue 10's targets; a third call).
 set -uo pipefail
 part=${1:-all}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+# What run-all.sh does first: unpack, the CLI by its own name, the repo at the path the tests baked in.
+unpack() {
+  [ -d /tmp/dp/bin ] && return
+  mkdir -p /tmp/dp && tar -xJf .device/pack.tar.xz -C /tmp/dp
+  while read -r name kind; do [ "$kind" = bin ] && ln -sf "/tmp/dp/bin/$name" "/tmp/dp/bin/${name#bin-}"; done < /tmp/dp/bin/MANIFEST
+  origin=$(cat /tmp/dp/bin/ORIGIN)
+  if [ "$origin" != "$PWD" ] && [ ! -e "$origin" ]; then mkdir -p "$(dirname "$origin")" && ln -s "$PWD" "$origin"; fi
+}
+if [ "$part" = 8b ]; then
+  unpack
+  PATH="/tmp/dp/bin:$PATH" PYTHONUNBUFFERED=1 timeout 570 python3 scripts/bench_runtime_gpu.py --shapes 8b \
+    --reps 3 --prune --workdir /tmp --out "$out" 2>&1 | tee "$out/bench8b.log"
+  exit "${PIPESTATUS[0]}"
+fi
 tests=0 py=0 bench=0 kernels=0 runtime=0
 if [ "$part" != bench ]; then
 SGLP_REQUIRE_GPU=1 bash .device/run-all.sh 2>&1 | tee "$out/tests.log"
@@ -29,12 +44,7 @@ else
 fi
 fi
 if [ "$part" != tests ]; then
-if [ ! -d /tmp/dp/bin ]; then  # what run-all.sh does first: unpack, the CLI by its own name, the repo path
-  mkdir -p /tmp/dp && tar -xJf .device/pack.tar.xz -C /tmp/dp
-  while read -r name kind; do [ "$kind" = bin ] && ln -sf "/tmp/dp/bin/$name" "/tmp/dp/bin/${name#bin-}"; done < /tmp/dp/bin/MANIFEST
-  origin=$(cat /tmp/dp/bin/ORIGIN)
-  if [ "$origin" != "$PWD" ] && [ ! -e "$origin" ]; then mkdir -p "$(dirname "$origin")" && ln -s "$PWD" "$origin"; fi
-fi
+unpack
 PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 # The runtime's kernels one by one (benches/runtime_gpu.rs: linear products in bf16 and f32 on 8B shapes,
