@@ -1,5 +1,5 @@
-// common.cuh — shared definitions of the similarity kernels (no CUDA headers needed: NVRTC compiles
-// these without an include path).
+// common.cuh — shared definitions of the kernels (no CUDA headers needed: NVRTC compiles these without
+// an include path).
 //
 // Inputs arrive as the raw bytes of each layer in its stored dtype; the host packs the layers of a
 // batch side by side in one device buffer and passes a table of `LayerDesc`, one per layer of the
@@ -60,4 +60,23 @@ __device__ __forceinline__ void tri_tile(int t, int* bi, int* bj) {
 __device__ __forceinline__ double warp_sum_f64(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
+}
+
+// Block sum of a double (blockDim.x a multiple of 32, ≤ 1024); every thread gets the total. Rows reduced
+// in f64 as the CPU twins do (RMSNorm, cross-entropy).
+__device__ double block_sum_f64(double v) {
+    __shared__ double part[32];
+    __shared__ double total;
+    v = warp_sum_f64(v);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // part/total may still be read by a previous call
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[w];
+        total = t;
+    }
+    __syncthreads();
+    return total;
 }

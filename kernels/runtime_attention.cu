@@ -78,6 +78,24 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
     if (lane == 0) lse[((u64)s * heads + h) * tokens + i] = m + logf(l);
 }
 
+// The two dot products of a (query, key) pair the backward needs, warp-summed: Σ_d ra[d]·ma[d] and
+// Σ_d rb[d]·mb[d] over the head dims, `ra`/`rb` held per lane (dims lane + 32c), `ma`/`mb` read from memory.
+__device__ __forceinline__ void att_dots(const float* ra, const float* __restrict__ ma, const float* rb,
+                                         const float* __restrict__ mb, int lane, int hd, float* a_out,
+                                         float* b_out) {
+    float a = 0.0f, b = 0.0f;
+#pragma unroll
+    for (int c = 0; c < ATT_PER_LANE; ++c) {
+        int d = lane + 32 * c;
+        if (d < hd) {
+            a += ra[c] * ma[d];
+            b += rb[c] * mb[d];
+        }
+    }
+    *a_out = att_warp_sum(a);
+    *b_out = att_warp_sum(b);
+}
+
 // Per query row: delta_i = Σ_j P_ij dP_ij (dP = dO Vᵀ) into `delta`, then
 // dq_i += scale Σ_j P_ij (dP_ij − delta_i) k_j. Same warp ↦ (s, h, i) map as the forward.
 extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, const float* __restrict__ k,
@@ -109,17 +127,9 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
     for (int j = j0; j <= i; ++j) {
         const float* kj = kb + (u64)j * kw;
         const float* vj = vb + (u64)j * kw;
-        float a = 0.0f, b = 0.0f;
-#pragma unroll
-        for (int c = 0; c < ATT_PER_LANE; ++c) {
-            int d = lane + 32 * c;
-            if (d < hd) {
-                a += qr[c] * kj[d];
-                b += dor[c] * vj[d];
-            }
-        }
-        float p = expf(att_warp_sum(a) * scale - L);
-        float dp = att_warp_sum(b);
+        float a, dp;
+        att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
+        float p = expf(a * scale - L);
         dsum += (double)p * (double)dp;
     }
     float D = (float)dsum;  // as stored for the dk/dv kernel, so both use the same value
@@ -127,17 +137,9 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
     for (int j = j0; j <= i; ++j) {
         const float* kj = kb + (u64)j * kw;
         const float* vj = vb + (u64)j * kw;
-        float a = 0.0f, b = 0.0f;
-#pragma unroll
-        for (int c = 0; c < ATT_PER_LANE; ++c) {
-            int d = lane + 32 * c;
-            if (d < hd) {
-                a += qr[c] * kj[d];
-                b += dor[c] * vj[d];
-            }
-        }
-        float p = expf(att_warp_sum(a) * scale - L);
-        float dp = att_warp_sum(b);
+        float a, dp;
+        att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
+        float p = expf(a * scale - L);
         float ds = (float)((double)p * ((double)dp - (double)D));
 #pragma unroll
         for (int c = 0; c < ATT_PER_LANE; ++c) {
@@ -186,17 +188,9 @@ extern "C" __global__ void attention_backward_dkv(const float* __restrict__ q, c
         for (int i = j; i < i1; ++i) {
             const float* qi = qb + (u64)i * qw;
             const float* doi = db + (u64)i * qw;
-            float a = 0.0f, b = 0.0f;
-#pragma unroll
-            for (int c = 0; c < ATT_PER_LANE; ++c) {
-                int d = lane + 32 * c;
-                if (d < hd) {
-                    a += qi[d] * kr[c];
-                    b += doi[d] * vr[c];
-                }
-            }
-            float p = expf(att_warp_sum(a) * scale - lse[row0 + i]);
-            float dp = att_warp_sum(b);
+            float a, dp;
+            att_dots(kr, qi, vr, doi, lane, hd, &a, &dp);
+            float p = expf(a * scale - lse[row0 + i]);
             float ds = (float)((double)p * ((double)dp - (double)delta[row0 + i]));
 #pragma unroll
             for (int c = 0; c < ATT_PER_LANE; ++c) {

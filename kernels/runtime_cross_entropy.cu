@@ -5,7 +5,7 @@
 // overwrites the row with the gradient of the mean loss, (softmax − onehot(target)) · scale with
 // scale = 1 / (rows predicted), and zeroes rows not predicted.
 
-typedef unsigned long long u64;
+#include "common.cuh"
 
 __device__ float ce_block_max(float v) {
     __shared__ float part[32];
@@ -18,23 +18,6 @@ __device__ float ce_block_max(float v) {
     if (threadIdx.x == 0) {
         float t = part[0];
         for (int w = 1; w < (int)(blockDim.x >> 5); ++w) t = fmaxf(t, part[w]);
-        total = t;
-    }
-    __syncthreads();
-    return total;
-}
-
-__device__ double ce_block_sum(double v) {
-    __shared__ double part[32];
-    __shared__ double total;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0.0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[w];
         total = t;
     }
     __syncthreads();
@@ -57,7 +40,7 @@ extern "C" __global__ void cross_entropy_forward(const float* __restrict__ logit
     m = ce_block_max(m);
     double s = 0.0;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += (double)expf(x[j] - m);
-    s = ce_block_sum(s);
+    s = block_sum_f64(s);
     if (threadIdx.x == 0) {
         double l = (double)m + log(s);
         lse[r] = (float)l;
@@ -88,7 +71,7 @@ extern "C" __global__ void cross_entropy_forward_grad(float* __restrict__ logits
         x[j] = e;
         s += (double)e;
     }
-    s = ce_block_sum(s);
+    s = block_sum_f64(s);
     float f = (float)(scale / s);
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) x[j] *= f;
     __syncthreads();

@@ -15,6 +15,24 @@
 #define LIN_BN 64
 #define LIN_BK 16
 #define LIN_THREADS 256
+static_assert(LIN_BM == LIN_BN, "lin_stage stages both operands' tiles with one shape");
+
+// Stage rows [i0, i0 + 64) × reduction [r0, r0 + 16) of an operand into S[r][i] (zero outside): P(i, r) =
+// P[i·ld + r] when R_CONTIG, else P[r·ld + i]; the threads walk the contiguous index (coalesced).
+template <bool R_CONTIG>
+__device__ __forceinline__ void lin_stage(float (*S)[LIN_BM + 1], const float* __restrict__ P, u64 ld,
+                                          int rows, int R, int i0, int r0, int t) {
+#pragma unroll
+    for (int q = 0; q < (LIN_BM * LIN_BK) / LIN_THREADS; ++q) {
+        int e = t + q * LIN_THREADS;
+        int ii, rr;
+        if (R_CONTIG) { rr = e % LIN_BK; ii = e / LIN_BK; } else { ii = e % LIN_BM; rr = e / LIN_BM; }
+        int gi = i0 + ii, gr = r0 + rr;
+        float v = 0.0f;
+        if (gi < rows && gr < R) v = R_CONTIG ? P[(u64)gi * ld + gr] : P[(u64)gr * ld + gi];
+        S[rr][ii] = v;
+    }
+}
 
 // A(i, r) = A[i·lda + r] when A_R (r contiguous), else A[r·lda + i]; B(r, j) = B[j·ldb + r] when B_R,
 // else B[r·ldb + j]. ACC: C += result, else C = result (+ bias[j] when bias is not null).
@@ -32,26 +50,8 @@ __device__ __forceinline__ void lin_gemm(const float* __restrict__ A, u64 lda, c
 #pragma unroll
         for (int y = 0; y < 4; ++y) acc[x][y] = 0.0f;
     for (int r0 = 0; r0 < R; r0 += LIN_BK) {
-#pragma unroll
-        for (int q = 0; q < (LIN_BM * LIN_BK) / LIN_THREADS; ++q) {
-            int e = t + q * LIN_THREADS;
-            int ii, rr;
-            if (A_R) { rr = e % LIN_BK; ii = e / LIN_BK; } else { ii = e % LIN_BM; rr = e / LIN_BM; }
-            int gi = i0 + ii, gr = r0 + rr;
-            float a = 0.0f;
-            if (gi < M && gr < R) a = A_R ? A[(u64)gi * lda + gr] : A[(u64)gr * lda + gi];
-            As[rr][ii] = a;
-        }
-#pragma unroll
-        for (int q = 0; q < (LIN_BN * LIN_BK) / LIN_THREADS; ++q) {
-            int e = t + q * LIN_THREADS;
-            int jj, rr;
-            if (B_R) { rr = e % LIN_BK; jj = e / LIN_BK; } else { jj = e % LIN_BN; rr = e / LIN_BN; }
-            int gj = j0 + jj, gr = r0 + rr;
-            float b = 0.0f;
-            if (gj < N && gr < R) b = B_R ? B[(u64)gj * ldb + gr] : B[(u64)gr * ldb + gj];
-            Bs[rr][jj] = b;
-        }
+        lin_stage<A_R>(As, A, lda, M, R, i0, r0, t);
+        lin_stage<B_R>(Bs, B, ldb, N, R, j0, r0, t);
         __syncthreads();
 #pragma unroll
         for (int r = 0; r < LIN_BK; ++r) {

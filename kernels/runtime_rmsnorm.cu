@@ -4,25 +4,7 @@
 // dy ⊙ x · inv over a chunk of rows per (column, chunk) into f64 partials, and rmsnorm_reduce_weight adds
 // the chunks in order into dw. One block of 256 threads per row for the row kernels.
 
-typedef unsigned long long u64;
-
-// Block sum of a double (blockDim.x a multiple of 32, ≤ 1024); every thread gets the total.
-__device__ double rms_block_sum(double v) {
-    __shared__ double part[32];
-    __shared__ double total;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();  // part/total may still be read by a previous call
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0.0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[w];
-        total = t;
-    }
-    __syncthreads();
-    return total;
-}
+#include "common.cuh"
 
 extern "C" __global__ void rmsnorm_forward(const float* __restrict__ x, const float* __restrict__ w,
                                            int d, double eps, float* __restrict__ y, int rows) {
@@ -31,7 +13,7 @@ extern "C" __global__ void rmsnorm_forward(const float* __restrict__ x, const fl
     const float* xr = x + (u64)r * d;
     double ss = 0.0;
     for (int j = threadIdx.x; j < d; j += blockDim.x) ss += (double)xr[j] * (double)xr[j];
-    ss = rms_block_sum(ss);
+    ss = block_sum_f64(ss);
     double inv = 1.0 / sqrt(ss / d + eps);
     float* yr = y + (u64)r * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = (float)((double)xr[j] * inv) * w[j];
@@ -51,8 +33,8 @@ extern "C" __global__ void rmsnorm_backward(const float* __restrict__ x, const f
         ss += xv * xv;
         dot += (double)w[j] * (double)gr[j] * xv;
     }
-    ss = rms_block_sum(ss);
-    dot = rms_block_sum(dot);
+    ss = block_sum_f64(ss);
+    dot = block_sum_f64(dot);
     double inv = 1.0 / sqrt(ss / d + eps);
     double c = inv * inv * inv * dot / d;
     float* dxr = dx + (u64)r * d;
