@@ -10,6 +10,17 @@ rng = np.random.default_rng(0)
 # ---- runtime_linear.cu: lin_gemm<A_R, B_R, ACC> ------------------------------------------------------
 BM, BN, BK, THREADS = 64, 64, 16, 256
 
+def lin_stage(S, P, ld, rows, R, i0, r0, R_CONTIG, t):
+    """lin_stage<R_CONTIG>: S[rr, ii] = P(i0 + ii, r0 + rr), zero outside (BM == BN)."""
+    for q in range(BM * BK // THREADS):
+        e = t + q * THREADS
+        if R_CONTIG: rr, ii = e % BK, e // BK
+        else: ii, rr = e % BM, e // BM
+        gi, gr = i0 + ii, r0 + rr
+        ok = (gi < rows) & (gr < R)
+        idx = gi * ld + gr if R_CONTIG else gr * ld + gi
+        S[rr, ii] = np.where(ok, P[np.where(ok, idx, 0)], 0.0)
+
 def lin_gemm(A, lda, B, ldb, C, ldc, bias, M, N, R, A_R, B_R, ACC, grid):
     t = np.arange(THREADS); tx = t % 16; ty = t // 16
     for by in range(grid[1]):
@@ -18,22 +29,8 @@ def lin_gemm(A, lda, B, ldb, C, ldc, bias, M, N, R, A_R, B_R, ACC, grid):
             acc = np.zeros((THREADS, 4, 4))
             for r0 in range(0, R, BK):
                 As = np.full((BK, BM + 1), np.nan); Bs = np.full((BK, BN + 1), np.nan)
-                for q in range(BM * BK // THREADS):
-                    e = t + q * THREADS
-                    if A_R: rr, ii = e % BK, e // BK
-                    else: ii, rr = e % BM, e // BM
-                    gi, gr = i0 + ii, r0 + rr
-                    ok = (gi < M) & (gr < R)
-                    idx = np.where(A_R, gi * lda + gr, gr * lda + gi)
-                    As[rr, ii] = np.where(ok, A[np.where(ok, idx, 0)], 0.0)
-                for q in range(BN * BK // THREADS):
-                    e = t + q * THREADS
-                    if B_R: rr, jj = e % BK, e // BK
-                    else: jj, rr = e % BN, e // BN
-                    gj, gr = j0 + jj, r0 + rr
-                    ok = (gj < N) & (gr < R)
-                    idx = np.where(B_R, gj * ldb + gr, gr * ldb + gj)
-                    Bs[rr, jj] = np.where(ok, B[np.where(ok, idx, 0)], 0.0)
+                lin_stage(As, A, lda, M, R, i0, r0, A_R, t)
+                lin_stage(Bs, B, ldb, N, R, j0, r0, B_R, t)
                 assert not np.isnan(As[:, :BM]).any() and not np.isnan(Bs[:, :BN]).any(), "tile not filled"
                 for r in range(BK):
                     a = np.stack([As[r, ty + 16 * x] for x in range(4)], 1)
@@ -87,34 +84,47 @@ def lin_pairs(P, ld, rows, R, i0, r0, R_CONTIG, S):
             idx = gi * ld + gr + o if R_CONTIG else (gr + o) * ld + gi
             S[ii, rr + o] = np.where(ok, bf16(P[np.where(ok, idx, 0)]), 0.0)
 
+def a_from_regs(regs, g, t):
+    """The 16 x 16 A tile the hardware multiplies from registers regs[reg][h] (per lane), PTX m16n8k16:
+    element a_j, j = 2 reg + h, sits at row g + 8 (j in 2,3,6,7), column 2t + (j & 1) + 8 (j >= 4)."""
+    A = np.full((16, 16), np.nan)
+    for reg in range(4):
+        for h in (0, 1):
+            j = 2 * reg + h
+            A[g + 8 * (j in (2, 3, 6, 7)), 2 * t + (j & 1) + 8 * (j >= 4)] = regs[reg][h]
+    return A
+
+def frag_a(M, g, t, r0, c0):
+    """The kernels' A fragment loads (mma_warp_step, the attention's Q): register reg holds
+    M[r0 + g + dr][c0 + 2t + dc + (0, 1)]."""
+    regs = [(0, 0), (8, 0), (0, 8), (8, 8)]  # the kernel's (row, col) offsets of registers 0..3
+    return a_from_regs([[M[r0 + g + dr, c0 + 2 * t + dc + h] for h in (0, 1)] for dr, dc in regs], g, t)
+
+def frag_b(Sm, g, t, n0, k0):
+    """B fragments b0 = Sm[n0 + g][k0 + 2t..], b1 = Sm[n0 + g][k0 + 2t + 8..] rebuilt as the 16 x 8 tile."""
+    B = np.full((16, 8), np.nan)
+    for reg, dk in enumerate([0, 8]):
+        for h in (0, 1):
+            j = 2 * reg + h
+            B[2 * t + (j & 1) + 8 * (j >= 2), g] = Sm[n0 + g, k0 + 2 * t + dk + h]
+    return B
+
+def c_frag(D, g, t):
+    """The m16n8 accumulator layout: lane (g, t) holds D[g + 8 (h >> 1)][2t + (h & 1)] as c_h; [lane, h]."""
+    return np.stack([D[g + 8 * (h >> 1), 2 * t + (h & 1)] for h in range(4)], 1)
+
 def mma_warp_step(As, Bs, acc, wm, wn):
     """mma.cuh mma_warp_step for one warp: fragments gathered per lane by the PTX m16n8k16 layouts,
     the A (16x16) and B (16x8) they hold rebuilt and multiplied; acc[mt, nt, lane, h]."""
     lane = np.arange(32); g = lane >> 2; t = lane & 3
     for ks in (0, 16):
         for mt in range(2):
-            r = wm * 32 + mt * 16 + g
-            # What the kernel loads into register reg (two halves h): As[r + dr][ks + 2t + dc + h] ...
-            reads = [(0, 0), (8, 0), (0, 8), (8, 8)]
-            A = np.full((16, 16), np.nan)
-            for reg, (dr, dc) in enumerate(reads):
-                for h in (0, 1):
-                    # ... and where the hardware takes element a_j, j = 2 reg + h (PTX m16n8k16, 16-bit A)
-                    j = 2 * reg + h
-                    row = g + 8 * (j in (2, 3, 6, 7)); col = 2 * t + (j & 1) + 8 * (j >= 4)
-                    A[row, col] = As[r + dr, ks + 2 * t + dc + h]
+            A = frag_a(As, g, t, wm * 32 + mt * 16, ks)
             assert not np.isnan(A).any()
             for nt in range(8):
-                c = wn * 64 + nt * 8 + g
-                B = np.full((16, 8), np.nan)
-                for reg, dk in enumerate([0, 8]):  # the kernel: b0 <- Bs[c][ks + 2t ..], b1 <- Bs[c][ks + 2t + 8 ..]
-                    for h in (0, 1):
-                        j = 2 * reg + h  # PTX: b_j at row 2t + (j & 1) + 8 (j >= 2), column g
-                        B[2 * t + (j & 1) + 8 * (j >= 2), g] = Bs[c, ks + 2 * t + dk + h]
+                B = frag_b(Bs, g, t, wn * 64 + nt * 8, ks)
                 assert not np.isnan(B).any()
-                D = A @ B
-                for h in range(4):
-                    acc[mt, nt, :, h] += D[g + (h >> 1) * 8, 2 * t + (h & 1)]
+                acc[mt, nt] += c_frag(A @ B, g, t)
 
 def lin_mma(A, lda, B, ldb, C, ldc, bias, M, N, R, A_R, B_R, ACC, grid):
     lane = np.arange(32); g = lane >> 2; t = lane & 3
@@ -268,30 +278,6 @@ def check_attention():
 # ---- runtime_attention_mma.cu: attention_forward_mma<HD> (tensor cores) ----------------------------------
 FA_Q, FA_K = 64, 64
 
-def a_from_regs(regs, g, t):
-    """The 16 x 16 A tile the hardware multiplies from registers regs[reg][h] (per lane), PTX m16n8k16:
-    element a_j, j = 2 reg + h, sits at row g + 8 (j in 2,3,6,7), column 2t + (j & 1) + 8 (j >= 4)."""
-    A = np.full((16, 16), np.nan)
-    for reg in range(4):
-        for h in (0, 1):
-            j = 2 * reg + h
-            A[g + 8 * (j in (2, 3, 6, 7)), 2 * t + (j & 1) + 8 * (j >= 4)] = regs[reg][h]
-    return A
-
-def frag_a(M, g, t, r0, c0):
-    """The kernel's Q fragment loads: register reg holds M[r0 + g + dr][c0 + 2t + dc + (0, 1)]."""
-    regs = [(0, 0), (8, 0), (0, 8), (8, 8)]  # the kernel's (row, col) offsets of registers 0..3
-    return a_from_regs([[M[r0 + g + dr, c0 + 2 * t + dc + h] for h in (0, 1)] for dr, dc in regs], g, t)
-
-def frag_b(Sm, g, t, n0, k0):
-    """B fragments b0 = Sm[n0 + g][k0 + 2t..], b1 = Sm[n0 + g][k0 + 2t + 8..] rebuilt as the 16 x 8 tile."""
-    B = np.full((16, 8), np.nan)
-    for reg, dk in enumerate([0, 8]):
-        for h in (0, 1):
-            j = 2 * reg + h
-            B[2 * t + (j & 1) + 8 * (j >= 2), g] = Sm[n0 + g, k0 + 2 * t + dk + h]
-    return B
-
 def attention_forward_mma(q, k, v, S, T, H, KV, HD, window, round_p=True):
     scale = np.float32(1.0 / math.sqrt(HD))
     out = np.full(S * T * H * HD, np.nan); lse = np.full(S * H * T, np.nan)
@@ -326,8 +312,7 @@ def attention_forward_mma(q, k, v, S, T, H, KV, HD, window, round_p=True):
                             for ks in range(HD // 16):
                                 D = frag_a(Qb, g, t, w * 16, ks * 16) @ frag_b(Ks, g, t, nt * 8, ks * 16)
                                 assert not np.isnan(D).any()
-                                for e in range(4):
-                                    sc[nt, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+                                sc[nt] += c_frag(D, g, t)
                         mx = np.full((32, 2), -np.inf)
                         for nt in range(FA_K // 8):
                             for e in range(4):
@@ -353,8 +338,7 @@ def attention_forward_mma(q, k, v, S, T, H, KV, HD, window, round_p=True):
                             A = a_from_regs(pa[kk], g, t)
                             for nd in range(HD // 8):
                                 D = A @ frag_b(Vt, g, t, nd * 8, kk * 16)
-                                for e in range(4):
-                                    o[w, nd, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+                                o[w, nd] += c_frag(D, g, t)
                 for w in range(4):
                     L = l[w].reshape(8, 4, 2).sum(1).repeat(4, 0)
                     r_lo = q0 + w * 16 + g
@@ -411,7 +395,7 @@ def fa_rows_times_rows(Ma, Sm, g, t, HD):
         for ks in range(HD // 16):
             D = frag_a(Ma, g, t, 0, ks * 16) @ frag_b(Sm, g, t, nt * 8, ks * 16)
             assert not np.isnan(D).any()
-            for e in range(4): acc[nt, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+            acc[nt] += c_frag(D, g, t)
     return acc
 
 def fa_acc_times_cols(x, St, g, t, ND, out, rnd):
@@ -422,7 +406,7 @@ def fa_acc_times_cols(x, St, g, t, ND, out, rnd):
         for nd in range(ND // 8):
             D = A @ frag_b(St, g, t, nd * 8, kk * 16)
             assert not np.isnan(D).any()
-            for e in range(4): out[nd, :, e] += D[g + 8 * (e >> 1), 2 * t + (e & 1)]
+            out[nd] += c_frag(D, g, t)
 
 def attention_backward_mma(q, k, v, lse, dout, S, T, H, KV, HD, window, round_p=True):
     scale = np.float32(1.0 / math.sqrt(HD))
