@@ -11,7 +11,7 @@ use super::criteria::HiddenStats;
 use crate::error::{Error, Result};
 use crate::io::{Batch, DType, LayerMeta};
 use crate::runtime::{CalibrationData, Model, PrunableModel, Tokens, UnitGrads};
-use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec, Estimator, Route};
+use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -302,7 +302,7 @@ pub fn calibration_pass<M: PrunableModel>(
     // and the host path).
     let in_place = acc
         .as_ref()
-        .is_some_and(|a| a.route() == Route::Gram && opts.cka.estimator == Estimator::Unbiased);
+        .is_some_and(CkaAccumulator::reads_device_in_place);
     let mut device_cka = (in_place && !needs.hidden && !keep_states)
         .then(|| backend.as_cuda().map(|g| g.ordinal()))
         .flatten();

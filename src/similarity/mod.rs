@@ -181,6 +181,12 @@ impl CkaAccumulator {
         self.route
     }
 
+    /// Whether [`CkaAccumulator::push_device`] reads GPU memory in place (the unbiased estimator on the
+    /// Gram route), rather than copying it to the host first.
+    pub fn reads_device_in_place(&self) -> bool {
+        self.spec.estimator == Estimator::Unbiased && self.route == Route::Gram
+    }
+
     /// Add rows of every layer (any number of rows; batches are formed internally).
     pub fn push(&mut self, chunk: &BatchRef<'_>, backend: &mut dyn Backend) -> Result<()> {
         if chunk.layers.len() != self.layers.len() {
@@ -257,7 +263,7 @@ impl CkaAccumulator {
                 )));
             }
         }
-        let streamed = self.spec.estimator == Estimator::Unbiased && self.route == Route::Gram;
+        let streamed = self.reads_device_in_place();
         let Some(gpu) = backend.as_cuda().filter(|_| streamed) else {
             let why = if streamed {
                 "the backend is not CUDA"
@@ -627,7 +633,7 @@ pub fn compute_cka(
         pb.set_length(0);
     }
     // Activations computed on the backend's GPU (a model capture there) are read in place.
-    let in_place = spec.estimator == Estimator::Unbiased && acc.route() == Route::Gram;
+    let in_place = acc.reads_device_in_place();
     if let Some(ordinal) = backend.as_cuda().filter(|_| in_place).map(|g| g.ordinal()) {
         let mut sink = |db: &crate::io::DeviceBatch| -> Result<()> {
             // SAFETY: the source hands over its layers on GPU `ordinal` (the backend's), written and
