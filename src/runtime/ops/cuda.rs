@@ -49,6 +49,8 @@ const ATT_WARPS: usize = 4;
 /// Query (or key) rows per block of the tensor-core attention kernels (`FA_Q` in
 /// runtime_attention_mma.cu).
 const FA_QUERIES: usize = 64;
+/// Threads per block of the tensor-core attention kernels (4 warps, `__launch_bounds__(128)`).
+const FA_THREADS: u32 = 128;
 /// Dims of dk, dv per block of the tensor-core attention backward (`FB_DIMS`).
 const FA_BACKWARD_DIMS: usize = 64;
 /// Tile of the f32 linear kernels' output (`LIN_BM`, `LIN_BN` in runtime_linear.cu).
@@ -451,13 +453,22 @@ fn blocks(n: usize, per: usize) -> usize {
 }
 
 fn cfg(grid: (usize, usize), threads: u32) -> Result<LaunchConfig> {
-    if grid.0 > i32::MAX as usize || grid.1 > 65_535 {
+    cfg3((grid.0, grid.1, 1), threads)
+}
+
+/// A launch over a 3-D grid (x up to 2³¹ − 1 blocks, y and z up to 65535), `threads` per block.
+fn cfg3(grid: (usize, usize, usize), threads: u32) -> Result<LaunchConfig> {
+    if grid.0 > i32::MAX as usize || grid.1 > 65_535 || grid.2 > 65_535 {
         return Err(Error::cuda(format!(
             "a kernel launch of {grid:?} blocks is too large"
         )));
     }
     Ok(LaunchConfig {
-        grid_dim: (grid.0.max(1) as u32, grid.1.max(1) as u32, 1),
+        grid_dim: (
+            grid.0.max(1) as u32,
+            grid.1.max(1) as u32,
+            grid.2.max(1) as u32,
+        ),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -1384,18 +1395,10 @@ impl Device for CudaDevice {
             _ => None,
         };
         if let Some(f) = mma {
-            if shape.seqs > 65_535 || shape.heads > 65_535 {
-                return Err(Error::cuda("attention: more than 65535 sequences or heads"));
-            }
-            let c = LaunchConfig {
-                grid_dim: (
-                    blocks(shape.tokens, FA_QUERIES) as u32,
-                    shape.heads as u32,
-                    shape.seqs as u32,
-                ),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let c = cfg3(
+                (blocks(shape.tokens, FA_QUERIES), shape.heads, shape.seqs),
+                FA_THREADS,
+            )?;
             // SAFETY: attention_forward_mma{64,128}(const float* q, k, v, float* out, float* lse, int
             // tokens, heads, kv_heads, window, float scale); sizes checked above, head_dim matches.
             unsafe {
@@ -1478,16 +1481,10 @@ impl Device for CudaDevice {
             _ => None,
         };
         if let Some((fdq, fdkv)) = mma {
-            if shape.seqs > 65_535 || shape.heads > 65_535 {
-                return Err(Error::cuda("attention: more than 65535 sequences or heads"));
-            }
-            let grid = |x: usize, y: usize| LaunchConfig {
-                grid_dim: (x as u32, y as u32, shape.seqs as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
             let qblocks = blocks(shape.tokens, FA_QUERIES);
             let slices = shape.head_dim / FA_BACKWARD_DIMS;
+            let dq_cfg = cfg3((qblocks, shape.heads, shape.seqs), FA_THREADS)?;
+            let dkv_cfg = cfg3((qblocks * slices, shape.kv_heads, shape.seqs), FA_THREADS)?;
             // SAFETY: attention_backward_dq_mma{64,128}(q, k, v, lse, dout, float* dq, float* delta, int
             // tokens, heads, kv_heads, window, float scale) then attention_backward_dkv_mma{64,128}(q, k,
             // v, lse, dout, delta, float* dk, float* dv, ...); sizes checked above, delta as lse.
@@ -1505,7 +1502,7 @@ impl Device for CudaDevice {
                     .arg(&kv)
                     .arg(&window)
                     .arg(&scale)
-                    .launch(grid(qblocks, shape.heads))
+                    .launch(dq_cfg)
                     .cu("launching attention_backward_dq_mma")?;
                 s.launch_builder(fdkv)
                     .arg(q)
@@ -1521,7 +1518,7 @@ impl Device for CudaDevice {
                     .arg(&kv)
                     .arg(&window)
                     .arg(&scale)
-                    .launch(grid(qblocks * slices, shape.kv_heads))
+                    .launch(dkv_cfg)
                     .cu("launching attention_backward_dkv_mma")?;
             }
             return Ok(());
