@@ -31,6 +31,7 @@
 use super::{AttnShape, Device, Matmul, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
+use crate::similarity::cuda::nvrtc::fnv1a;
 use crate::similarity::cuda::{load_module, open_context, CuResult};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
@@ -490,18 +491,6 @@ fn check_len(got: usize, want: usize, what: &str) -> Result<()> {
     }
 }
 
-/// FNV-1a of some f32 values' bits (the rotary tables' fingerprint).
-fn fingerprint(vals: &[f32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in vals {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
 impl CudaDevice {
     /// Open GPU `ordinal`: its context, a compute and a copy stream, and the runtime's kernels. Fails (an
     /// error, never a panic) without a CUDA driver, a GPU of compute capability 8.0 or newer, or NVRTC.
@@ -750,8 +739,10 @@ impl CudaDevice {
         check_len(table.cos.len(), table.tokens * hd, "rope cos table")?;
         check_len(table.sin.len(), table.tokens * hd, "rope sin table")?;
         let last = table.tokens.saturating_sub(1) * hd..table.tokens * hd;
-        let fp =
-            fingerprint(&table.cos[last.clone()]) ^ fingerprint(&table.sin[last]).rotate_left(1);
+        let fp = fnv1a(&[
+            bytemuck::cast_slice(&table.cos[last.clone()]),
+            bytemuck::cast_slice(&table.sin[last]),
+        ]);
         let key = (table.tokens, hd, fp);
         let mut cache = lock(&self.inner.rope)?;
         if let Some(t) = cache.get(&key) {

@@ -173,8 +173,9 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| env("HOME").map(|p| p.join(".cache").join("sglp-engine").join("kernels")))
 }
 
-/// FNV-1a, 64 bits: a hash that is stable across Rust versions (unlike `DefaultHasher`).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
+/// FNV-1a, 64 bits: a hash that is stable across Rust versions (unlike `DefaultHasher`); also the
+/// runtime's key of cached rotary tables.
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for &b in *p {
