@@ -32,9 +32,9 @@ use super::{AttnShape, Device, Matmul, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::nvrtc::fnv1a;
-use crate::similarity::cuda::{load_module, open_context, CuResult};
+use crate::similarity::cuda::{load_module, open_gpu, CuResult, OpenGpu};
 use cudarc::driver::{
-    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
+    result as cu, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
     LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use std::collections::{HashMap, HashSet};
@@ -495,21 +495,16 @@ impl CudaDevice {
     /// Open GPU `ordinal`: its context, a compute and a copy stream, and the runtime's kernels. Fails (an
     /// error, never a panic) without a CUDA driver, a GPU of compute capability 8.0 or newer, or NVRTC.
     pub fn open(ordinal: usize) -> Result<Self> {
-        let (ctx, info) = open_context(ordinal)?;
-        let (major, minor) = info.compute_capability;
-        let arch = format!("sm_{major}{minor}");
+        let OpenGpu {
+            ctx,
+            compute: stream,
+            copy,
+            arch,
+            name,
+            sms,
+        } = open_gpu(ordinal)?;
         let k = Kernels::load(&ctx, &arch)?;
-        let stream = ctx.new_stream().cu("creating a stream")?;
-        let copy = ctx.new_stream().cu("creating a stream")?;
-        let sms = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .cu("cuDeviceGetAttribute")? as usize;
         let (free, _) = ctx.mem_get_info().cu("cuMemGetInfo")?;
-        let name = format!(
-            "cuda:{ordinal} {} (sm_{major}{minor}, {:.0} GiB)",
-            info.name,
-            info.total_mem as f64 / (1u64 << 30) as f64
-        );
         Ok(CudaDevice {
             inner: Arc::new(Inner {
                 name,

@@ -99,9 +99,8 @@ pub fn list_devices() -> Result<Vec<DeviceInfo>> {
 }
 
 /// The context of GPU `ordinal` and its description, after checking what every CUDA user of the crate
-/// needs: a driver, the GPU, compute capability 8.0 or newer and NVRTC (shared with the runtime's CUDA
-/// device, `runtime::ops::cuda`).
-pub(crate) fn open_context(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
+/// needs: a driver, the GPU, compute capability 8.0 or newer and NVRTC.
+fn open_context(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
     let devices = list_devices()?;
     let info = devices.get(ordinal).ok_or_else(|| {
         Error::cuda(if devices.is_empty() {
@@ -132,6 +131,43 @@ pub(crate) fn open_context(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceIn
     }
     let ctx = CudaContext::new(ordinal).cu("creating the CUDA context")?;
     Ok((ctx, info.clone()))
+}
+
+/// A GPU opened for one of the crate's CUDA users (this backend and the runtime's CUDA device,
+/// `runtime::ops::cuda`): its context, a compute and a copy stream, the NVRTC
+/// architecture of its kernels, its name for reports ("cuda:0 NVIDIA H100 (sm_90, 80 GiB)") and its
+/// multiprocessor count.
+pub(crate) struct OpenGpu {
+    pub ctx: Arc<CudaContext>,
+    pub compute: Arc<CudaStream>,
+    pub copy: Arc<CudaStream>,
+    pub arch: String,
+    pub name: String,
+    pub sms: usize,
+}
+
+/// [`open_context`], then the streams and facts both CUDA users need ([`OpenGpu`]).
+pub(crate) fn open_gpu(ordinal: usize) -> Result<OpenGpu> {
+    let (ctx, info) = open_context(ordinal)?;
+    let (major, minor) = info.compute_capability;
+    let compute = ctx.new_stream().cu("creating a stream")?;
+    let copy = ctx.new_stream().cu("creating a stream")?;
+    let sms = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .cu("cuDeviceGetAttribute")? as usize;
+    let name = format!(
+        "cuda:{ordinal} {} (sm_{major}{minor}, {:.0} GiB)",
+        info.name,
+        info.total_mem as f64 / (1u64 << 30) as f64
+    );
+    Ok(OpenGpu {
+        ctx,
+        compute,
+        copy,
+        arch: format!("sm_{major}{minor}"),
+        name,
+        sms,
+    })
 }
 
 /// Load embedded kernel file `file` compiled for `arch` (from the disk cache, else compiled by NVRTC).
@@ -344,20 +380,15 @@ impl CudaBackend {
     /// Open device `ordinal`: create its context and streams and load the kernels (compiled by NVRTC
     /// for its architecture on first use, then from the disk cache).
     pub fn open(ordinal: usize) -> Result<Self> {
-        let (ctx, info) = open_context(ordinal)?;
-        let (major, minor) = info.compute_capability;
-        let arch = format!("sm_{major}{minor}");
+        let OpenGpu {
+            ctx,
+            compute,
+            copy,
+            arch,
+            name,
+            sms,
+        } = open_gpu(ordinal)?;
         let k = Kernels::load(&ctx, &arch)?;
-        let compute = ctx.new_stream().cu("creating a stream")?;
-        let copy = ctx.new_stream().cu("creating a stream")?;
-        let sms = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .cu("cuDeviceGetAttribute")? as usize;
-        let name = format!(
-            "cuda:{ordinal} {} (sm_{major}{minor}, {:.0} GiB)",
-            info.name,
-            info.total_mem as f64 / (1u64 << 30) as f64
-        );
         Ok(CudaBackend {
             ordinal,
             ctx,
