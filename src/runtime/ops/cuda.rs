@@ -32,7 +32,7 @@ use super::{AttnShape, Device, Matmul, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::nvrtc::fnv1a;
-use crate::similarity::cuda::{load_module, open_gpu, CuResult, OpenGpu};
+use crate::similarity::cuda::{load_modules, open_gpu, CuResult, OpenGpu};
 use cudarc::driver::{
     result as cu, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
     LaunchConfig, PinnedHostSlice, PushKernelArg,
@@ -267,18 +267,8 @@ impl Kernels {
             "runtime_attention_mma.cu",
             "runtime_linear.cu",
         ];
-        let mut modules = Vec::new();
-        for f in files {
-            modules.push((f, load_module(ctx, f, arch)?));
-        }
-        let get = |file: &str, name: &str| -> Result<CudaFunction> {
-            let (_, m) = modules
-                .iter()
-                .find(|(f, _)| *f == file)
-                .ok_or_else(|| Error::cuda(format!("kernel file {file} is not loaded")))?;
-            m.load_function(name)
-                .cu(&format!("kernel {name} in {file}"))
-        };
+        let modules = load_modules(ctx, arch, files)?;
+        let get = |file: &str, name: &str| modules.function(file, name);
         let ew = "runtime_elementwise.cu";
         let (emb, rope, rms, ce, att, lin) = (
             "runtime_embedding.cu",

@@ -170,15 +170,38 @@ pub(crate) fn open_gpu(ordinal: usize) -> Result<OpenGpu> {
     })
 }
 
-/// Load embedded kernel file `file` compiled for `arch` (from the disk cache, else compiled by NVRTC).
-pub(crate) fn load_module(
+/// The embedded kernel files `files`, compiled for `arch` (from the disk cache when there) and loaded;
+/// [`Modules::function`] fetches a kernel from them.
+pub(crate) fn load_modules(
     ctx: &Arc<CudaContext>,
-    file: &'static str,
     arch: &str,
-) -> Result<Arc<cudarc::driver::CudaModule>> {
-    let (cubin, _cached) = nvrtc::cubin_cached(file, arch)?;
-    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-        .cu(&format!("loading {file} ({arch})"))
+    files: impl IntoIterator<Item = &'static str>,
+) -> Result<Modules> {
+    let mut modules = Vec::new();
+    for file in files {
+        let (cubin, _cached) = nvrtc::cubin_cached(file, arch)?;
+        let m = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .cu(&format!("loading {file} ({arch})"))?;
+        modules.push((file, m));
+    }
+    Ok(Modules(modules))
+}
+
+/// Loaded kernel modules, by file name ([`load_modules`]).
+pub(crate) struct Modules(Vec<(&'static str, Arc<cudarc::driver::CudaModule>)>);
+
+impl Modules {
+    /// Kernel `name` of `file`.
+    pub(crate) fn function(&self, file: &str, name: &str) -> Result<CudaFunction> {
+        let (_, m) = self
+            .0
+            .iter()
+            .find(|(f, _)| *f == file)
+            .ok_or_else(|| Error::cuda(format!("kernel file {file} is not loaded")))?;
+        m.load_function(name)
+            .cu(&format!("kernel {name} in {file}"))
+    }
 }
 
 /// The kernels, loaded from the modules of the embedded sources.
@@ -205,22 +228,15 @@ struct Kernels {
 
 impl Kernels {
     fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
-        let mut modules = Vec::new();
         // The runtime's kernels (`runtime_*.cu`) belong to `runtime::ops::cuda`, which loads its own.
-        for file in nvrtc::kernel_files()
-            .into_iter()
-            .filter(|f| !f.starts_with("runtime_"))
-        {
-            modules.push((file, load_module(ctx, file, arch)?));
-        }
-        let get = |file: &str, name: &str| -> Result<CudaFunction> {
-            let (_, m) = modules
-                .iter()
-                .find(|(f, _)| *f == file)
-                .ok_or_else(|| Error::cuda(format!("kernel file {file} is not embedded")))?;
-            m.load_function(name)
-                .cu(&format!("kernel {name} in {file}"))
-        };
+        let modules = load_modules(
+            ctx,
+            arch,
+            nvrtc::kernel_files()
+                .into_iter()
+                .filter(|f| !f.starts_with("runtime_")),
+        )?;
+        let get = |file: &str, name: &str| modules.function(file, name);
         Ok(Kernels {
             gram_fma: get("gram_linear.cu", "gram_fma")?,
             gram_mma: get("gram_linear.cu", "gram_mma")?,
