@@ -4,6 +4,7 @@
 //! Without libnvrtc the test prints why and passes, unless `SGLP_REQUIRE_NVRTC=1` (CI), where a missing
 //! NVRTC is a failure.
 
+use sglp_engine::similarity::cuda::kernels::{all_kernels, ptx_entries, KernelDecl};
 use sglp_engine::similarity::cuda::nvrtc;
 
 fn nvrtc_or_skip() -> bool {
@@ -55,6 +56,46 @@ fn every_kernel_compiles_for_sm90_and_sm80_without_spills() {
             );
         }
     }
+}
+
+/// What the compiler made of each kernel's parameters is what `kernels.rs` declares: the same count, and
+/// per parameter the same size and kind in the PTX entry (`.u64` pointer or u64, `.u32` int, `.f32`,
+/// `.f64`); and every entry of every file is declared. A launch can only pass the declared parameters,
+/// so this holds every launch to the compiled kernel.
+#[test]
+fn every_compiled_kernel_takes_the_declared_parameters() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let mut checked = 0;
+    for file in nvrtc::kernel_files() {
+        let ptx = nvrtc::compile_ptx(file, "compute_90").unwrap_or_else(|e| panic!("{e}"));
+        let entries = ptx_entries(&ptx);
+        assert!(!entries.is_empty(), "{file}: no .entry in the PTX");
+        let declared: Vec<&KernelDecl> = all_kernels().filter(|d| d.file == file).collect();
+        for (name, types) in &entries {
+            let d = declared
+                .iter()
+                .find(|d| d.name == name)
+                .unwrap_or_else(|| panic!("{file}: kernel {name} is compiled but not declared"));
+            let expected: Vec<&str> = d.params.iter().map(|p| p.ptx_type()).collect();
+            assert_eq!(
+                types, &expected,
+                "{file}: {name}'s PTX parameters differ from its declaration {:?}",
+                d.params
+            );
+            checked += 1;
+        }
+        for d in &declared {
+            assert!(
+                entries.iter().any(|(n, _)| n == d.name),
+                "{file}: {} is declared but not compiled",
+                d.name
+            );
+        }
+    }
+    assert_eq!(checked, all_kernels().count());
+    eprintln!("{checked} kernels: PTX parameters as declared");
 }
 
 #[test]

@@ -31,11 +31,12 @@
 use super::{AttnShape, Device, Matmul, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
+use crate::similarity::cuda::kernels::{Binary, Embedding, Kernel, RuntimeKernels};
 use crate::similarity::cuda::nvrtc::fnv1a;
-use crate::similarity::cuda::{load_modules, open_gpu, CuResult, OpenGpu};
+use crate::similarity::cuda::{open_gpu, CuResult, OpenGpu};
 use cudarc::driver::{
-    result as cu, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut,
-    LaunchConfig, PinnedHostSlice, PushKernelArg,
+    result as cu, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig,
+    PinnedHostSlice,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,113 +221,6 @@ impl WeightWindow {
 // The device
 // ---------------------------------------------------------------------------------------------------------
 
-struct Kernels {
-    silu_forward: CudaFunction,
-    silu_backward: CudaFunction,
-    mul_forward: CudaFunction,
-    mul_backward: CudaFunction,
-    add_forward: CudaFunction,
-    accumulate: CudaFunction,
-    sum_sq_partials: CudaFunction,
-    embedding_forward: CudaFunction,
-    embedding_backward: CudaFunction,
-    rope_apply: CudaFunction,
-    rmsnorm_forward: CudaFunction,
-    rmsnorm_backward: CudaFunction,
-    rmsnorm_backward_weight: CudaFunction,
-    rmsnorm_reduce_weight: CudaFunction,
-    cross_entropy_forward: CudaFunction,
-    cross_entropy_forward_grad: CudaFunction,
-    attention_forward: CudaFunction,
-    attention_backward_dq: CudaFunction,
-    attention_backward_dkv: CudaFunction,
-    attention_forward_mma64: CudaFunction,
-    attention_forward_mma128: CudaFunction,
-    attention_backward_dq_mma64: CudaFunction,
-    attention_backward_dq_mma128: CudaFunction,
-    attention_backward_dkv_mma64: CudaFunction,
-    attention_backward_dkv_mma128: CudaFunction,
-    linear_forward: CudaFunction,
-    linear_backward_input: CudaFunction,
-    linear_backward_weight: CudaFunction,
-    linear_backward_bias: CudaFunction,
-    linear_forward_bf16: CudaFunction,
-    linear_backward_input_bf16: CudaFunction,
-    linear_backward_weight_bf16: CudaFunction,
-}
-
-impl Kernels {
-    fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
-        let files = [
-            "runtime_elementwise.cu",
-            "runtime_embedding.cu",
-            "runtime_rope.cu",
-            "runtime_rmsnorm.cu",
-            "runtime_cross_entropy.cu",
-            "runtime_attention.cu",
-            "runtime_attention_mma.cu",
-            "runtime_linear.cu",
-        ];
-        let modules = load_modules(ctx, arch, files)?;
-        let get = |file: &str, name: &str| modules.function(file, name);
-        let ew = "runtime_elementwise.cu";
-        let (emb, rope, rms, ce, att, lin) = (
-            "runtime_embedding.cu",
-            "runtime_rope.cu",
-            "runtime_rmsnorm.cu",
-            "runtime_cross_entropy.cu",
-            "runtime_attention.cu",
-            "runtime_linear.cu",
-        );
-        Ok(Kernels {
-            silu_forward: get(ew, "silu_forward")?,
-            silu_backward: get(ew, "silu_backward")?,
-            mul_forward: get(ew, "mul_forward")?,
-            mul_backward: get(ew, "mul_backward")?,
-            add_forward: get(ew, "add_forward")?,
-            accumulate: get(ew, "accumulate")?,
-            sum_sq_partials: get(ew, "sum_sq_partials")?,
-            embedding_forward: get(emb, "embedding_forward")?,
-            embedding_backward: get(emb, "embedding_backward")?,
-            rope_apply: get(rope, "rope_apply")?,
-            rmsnorm_forward: get(rms, "rmsnorm_forward")?,
-            rmsnorm_backward: get(rms, "rmsnorm_backward")?,
-            rmsnorm_backward_weight: get(rms, "rmsnorm_backward_weight")?,
-            rmsnorm_reduce_weight: get(rms, "rmsnorm_reduce_weight")?,
-            cross_entropy_forward: get(ce, "cross_entropy_forward")?,
-            cross_entropy_forward_grad: get(ce, "cross_entropy_forward_grad")?,
-            attention_forward: get(att, "attention_forward")?,
-            attention_backward_dq: get(att, "attention_backward_dq")?,
-            attention_backward_dkv: get(att, "attention_backward_dkv")?,
-            attention_forward_mma64: get("runtime_attention_mma.cu", "attention_forward_mma64")?,
-            attention_forward_mma128: get("runtime_attention_mma.cu", "attention_forward_mma128")?,
-            attention_backward_dq_mma64: get(
-                "runtime_attention_mma.cu",
-                "attention_backward_dq_mma64",
-            )?,
-            attention_backward_dq_mma128: get(
-                "runtime_attention_mma.cu",
-                "attention_backward_dq_mma128",
-            )?,
-            attention_backward_dkv_mma64: get(
-                "runtime_attention_mma.cu",
-                "attention_backward_dkv_mma64",
-            )?,
-            attention_backward_dkv_mma128: get(
-                "runtime_attention_mma.cu",
-                "attention_backward_dkv_mma128",
-            )?,
-            linear_forward: get(lin, "linear_forward")?,
-            linear_backward_input: get(lin, "linear_backward_input")?,
-            linear_backward_weight: get(lin, "linear_backward_weight")?,
-            linear_backward_bias: get(lin, "linear_backward_bias")?,
-            linear_forward_bf16: get(lin, "linear_forward_bf16")?,
-            linear_backward_input_bf16: get(lin, "linear_backward_input_bf16")?,
-            linear_backward_weight_bf16: get(lin, "linear_backward_weight_bf16")?,
-        })
-    }
-}
-
 /// The weight cache: the resident weights, their window, the pinned staging slots of the uploads.
 struct Weights {
     window: WeightWindow,
@@ -387,14 +281,6 @@ fn cache_key(name: &str, repr: Repr) -> String {
     }
 }
 
-/// The three products of a linear layer.
-#[derive(Clone, Copy)]
-enum LinearProduct {
-    Forward,
-    Input,
-    Weight,
-}
-
 /// The logits of a cross-entropy: read only, or overwritten with their gradient.
 enum Logits<'a> {
     Read(&'a CudaSlice<f32>),
@@ -412,7 +298,7 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy: Arc<CudaStream>,
-    k: Kernels,
+    k: RuntimeKernels,
     /// `true`: the linear products run on tensor cores ([`Matmul::Bf16`]).
     bf16_matmul: AtomicBool,
     sms: usize,
@@ -493,7 +379,7 @@ impl CudaDevice {
             name,
             sms,
         } = open_gpu(ordinal)?;
-        let k = Kernels::load(&ctx, &arch)?;
+        let k = RuntimeKernels::load(&ctx, &arch)?;
         let (free, _) = ctx.mem_get_info().cu("cuMemGetInfo")?;
         Ok(CudaDevice {
             inner: Arc::new(Inner {
@@ -526,21 +412,11 @@ impl CudaDevice {
             .store(m == Matmul::Bf16, Ordering::Relaxed);
     }
 
-    /// The kernel of one of the linear's products (forward, input gradient, weight gradient) for a
-    /// weight held as `w` (bf16: the tensor-core kernels), and its output tile.
-    fn linear_kernel(&self, which: LinearProduct, w: &CudaWeight) -> (&CudaFunction, usize) {
-        let k = self.k();
-        match (w, which) {
-            (CudaWeight::Bf16(_), LinearProduct::Forward) => (&k.linear_forward_bf16, LIN_MMA_TILE),
-            (CudaWeight::Bf16(_), LinearProduct::Input) => {
-                (&k.linear_backward_input_bf16, LIN_MMA_TILE)
-            }
-            (CudaWeight::Bf16(_), LinearProduct::Weight) => {
-                (&k.linear_backward_weight_bf16, LIN_MMA_TILE)
-            }
-            (CudaWeight::F32(_), LinearProduct::Forward) => (&k.linear_forward, LIN_TILE),
-            (CudaWeight::F32(_), LinearProduct::Input) => (&k.linear_backward_input, LIN_TILE),
-            (CudaWeight::F32(_), LinearProduct::Weight) => (&k.linear_backward_weight, LIN_TILE),
+    /// The output tile of the linear kernels for a weight held as `w` (bf16: the tensor-core kernels).
+    fn linear_tile(w: &CudaWeight) -> usize {
+        match w {
+            CudaWeight::Bf16(_) => LIN_MMA_TILE,
+            CudaWeight::F32(_) => LIN_TILE,
         }
     }
 
@@ -579,7 +455,7 @@ impl CudaDevice {
         &self.inner.stream
     }
 
-    fn k(&self) -> &Kernels {
+    fn k(&self) -> &RuntimeKernels {
         &self.inner.k
     }
 
@@ -772,52 +648,56 @@ impl CudaDevice {
         );
         let add = add as i32;
         let c = self.ew_cfg(x.len())?;
-        // SAFETY: argument types match rope_apply in runtime_rope.cu; x, y hold rows·width values, the
-        // tables tokens·head_dim.
+        // SAFETY: x, y hold rows·width values, the tables tokens·head_dim.
         unsafe {
-            self.s()
-                .launch_builder(&self.k().rope_apply)
-                .arg(x)
-                .arg(&tabs.0)
-                .arg(&tabs.1)
-                .arg(y)
-                .arg(&rows)
-                .arg(&h)
-                .arg(&hd)
-                .arg(&t)
-                .arg(&sign)
-                .arg(&add)
-                .launch(c)
+            self.k().rope_apply.launch(
+                self.s(),
+                c,
+                x,
+                &tabs.0,
+                &tabs.1,
+                y,
+                rows,
+                h,
+                hd,
+                t,
+                sign,
+                add,
+            )
         }
-        .cu("launching rope_apply")?;
-        Ok(())
     }
 
     /// A binary elementwise kernel `f(a, b, out, n)`.
     fn binary(
         &self,
-        f: &CudaFunction,
+        f: &Kernel<Binary>,
         a: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
-        what: &str,
     ) -> Result<()> {
-        check_len(b.len(), a.len(), what)?;
-        check_len(y.len(), a.len(), what)?;
-        let n = a.len() as u64;
+        check_len(b.len(), a.len(), f.name())?;
+        check_len(y.len(), a.len(), f.name())?;
         let c = self.ew_cfg(a.len())?;
-        // SAFETY: (const float*, const float*, float*, u64 n) as in runtime_elementwise.cu; all hold n.
-        unsafe {
-            self.s()
-                .launch_builder(f)
-                .arg(a)
-                .arg(b)
-                .arg(y)
-                .arg(&n)
-                .launch(c)
+        // SAFETY: a, b and y hold n values.
+        unsafe { f.launch(self.s(), c, a, b, y, a.len() as u64) }
+    }
+
+    /// An embedding kernel `f(ids, src, dim, dst, rows)`: one block per id (sizes checked by the caller).
+    fn embedding(
+        &self,
+        f: &Kernel<Embedding>,
+        ids: &Ids,
+        src: &CudaSlice<f32>,
+        dim: usize,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
         }
-        .cu(&format!("launching {what}"))?;
-        Ok(())
+        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
+        let c = cfg((ids.len(), 1), THREADS)?;
+        // SAFETY: ids < vocab and the table and rows hold vocab·dim and rows·dim values (embedding_checks).
+        unsafe { f.launch(self.s(), c, &ids.dev, src, d, dst, r) }
     }
 
     /// The cross-entropy kernels; returns (Σ loss over rows in row order, predicted rows).
@@ -850,36 +730,35 @@ impl CudaDevice {
             .cu("allocating row losses")?;
         let (v, r) = (int(vocab, "vocab")?, int(rows, "rows")?);
         let c = cfg((rows, 1), THREADS)?;
-        // SAFETY: argument types match runtime_cross_entropy.cu; logits hold rows·vocab, lse and
-        // row_loss rows, targets rows values < vocab.
+        // SAFETY: logits hold rows·vocab, lse and row_loss rows, targets rows values < vocab.
         unsafe {
             match logits {
                 Logits::Grad(logits) => {
                     let scale = 1.0 / count.max(1) as f64;
-                    self.s()
-                        .launch_builder(&self.k().cross_entropy_forward_grad)
-                        .arg(logits)
-                        .arg(&v)
-                        .arg(&targets.dev)
-                        .arg(&r)
-                        .arg(&scale)
-                        .arg(lse)
-                        .arg(&mut row_loss)
-                        .launch(c)
+                    self.k().cross_entropy_forward_grad.launch(
+                        self.s(),
+                        c,
+                        logits,
+                        v,
+                        &targets.dev,
+                        r,
+                        scale,
+                        lse,
+                        &mut row_loss,
+                    )
                 }
-                Logits::Read(logits) => self
-                    .s()
-                    .launch_builder(&self.k().cross_entropy_forward)
-                    .arg(logits)
-                    .arg(&v)
-                    .arg(&targets.dev)
-                    .arg(&r)
-                    .arg(lse)
-                    .arg(&mut row_loss)
-                    .launch(c),
+                Logits::Read(logits) => self.k().cross_entropy_forward.launch(
+                    self.s(),
+                    c,
+                    logits,
+                    v,
+                    &targets.dev,
+                    r,
+                    lse,
+                    &mut row_loss,
+                ),
             }
-        }
-        .cu("launching cross_entropy")?;
+        }?;
         let host = self
             .s()
             .clone_dtoh(&row_loss)
@@ -1053,17 +932,13 @@ impl Device for CudaDevice {
             .s()
             .alloc_zeros::<f64>(nb)
             .cu("allocating partial sums")?;
-        let n = g.len() as u64;
-        // SAFETY: sum_sq_partials(const float*, u64, double*) writes one partial per block (nb).
+        let c = cfg((nb, 1), THREADS)?;
+        // SAFETY: writes one partial per block (nb).
         unsafe {
-            self.s()
-                .launch_builder(&self.k().sum_sq_partials)
-                .arg(g)
-                .arg(&n)
-                .arg(&mut partials)
-                .launch(cfg((nb, 1), THREADS)?)
+            self.k()
+                .sum_sq_partials
+                .launch(self.s(), c, g, g.len() as u64, &mut partials)?;
         }
-        .cu("launching sum_sq_partials")?;
         let host = self
             .s()
             .clone_dtoh(&partials)
@@ -1080,23 +955,7 @@ impl Device for CudaDevice {
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         embedding_checks(ids, table.len(), dim, out.len())?;
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
-        // SAFETY: embedding_forward(const i64*, const float*, int, float*, int); ids < vocab (checked).
-        unsafe {
-            self.s()
-                .launch_builder(&self.k().embedding_forward)
-                .arg(&ids.dev)
-                .arg(table)
-                .arg(&d)
-                .arg(out)
-                .arg(&r)
-                .launch(cfg((ids.len(), 1), THREADS)?)
-        }
-        .cu("launching embedding_forward")?;
-        Ok(())
+        self.embedding(&self.k().embedding_forward, ids, table, dim, out)
     }
     fn embedding_backward(
         &self,
@@ -1106,23 +965,7 @@ impl Device for CudaDevice {
         dtable: &mut CudaSlice<f32>,
     ) -> Result<()> {
         embedding_checks(ids, dtable.len(), dim, dout.len())?;
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
-        // SAFETY: embedding_backward(const i64*, const float*, int, float*, int); ids < vocab.
-        unsafe {
-            self.s()
-                .launch_builder(&self.k().embedding_backward)
-                .arg(&ids.dev)
-                .arg(dout)
-                .arg(&d)
-                .arg(dtable)
-                .arg(&r)
-                .launch(cfg((ids.len(), 1), THREADS)?)
-        }
-        .cu("launching embedding_backward")?;
-        Ok(())
+        self.embedding(&self.k().embedding_backward, ids, dout, dim, dtable)
     }
     fn linear_forward(
         &self,
@@ -1144,27 +987,18 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
-        let (f, tile) = self.linear_kernel(LinearProduct::Forward, w);
+        let tile = Self::linear_tile(w);
         let c = cfg((blocks(m, tile), blocks(n, tile)), THREADS)?;
-        let null = 0u64;
-        // SAFETY: linear_forward(const float* x, const float* w, ...) / linear_forward_bf16(const float*
-        // x, const u16* w, ...), both (..., const float* b, float* y, int n, k, m), matching the weight's
-        // representation; the bias is a device pointer of m values or null.
+        let (s, kern) = (self.s(), self.k());
+        // SAFETY: x holds n·k, w m·k, the bias m (or is null), y n·m values.
         unsafe {
-            let mut l = self.s().launch_builder(f);
-            l.arg(x);
             match w {
-                CudaWeight::F32(w) => l.arg(&**w),
-                CudaWeight::Bf16(w) => l.arg(&**w),
-            };
-            match b {
-                Some(b) => l.arg(b),
-                None => l.arg(&null),
-            };
-            l.arg(y).arg(&ni).arg(&ki).arg(&mi).launch(c)
+                CudaWeight::F32(w) => kern.linear_forward.launch(s, c, x, &**w, b, y, ni, ki, mi),
+                CudaWeight::Bf16(w) => kern
+                    .linear_forward_bf16
+                    .launch(s, c, x, &**w, b, y, ni, ki, mi),
+            }
         }
-        .cu("launching linear_forward")?;
-        Ok(())
     }
     fn linear_backward(
         &self,
@@ -1186,60 +1020,40 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
+        let tile = Self::linear_tile(w);
+        let (s, kern) = (self.s(), self.k());
         if let Some(dx) = dx {
             check_len(dx.len(), n * k, "linear input gradient")?;
             if k > 0 && m > 0 {
-                let (f, tile) = self.linear_kernel(LinearProduct::Input, w);
-                // SAFETY: linear_backward_input(const float* dy, const float* w, ...) /
-                // linear_backward_input_bf16(const float* dy, const u16* w, ...), both (..., float* dx,
-                // int n, k, m), matching the weight's representation.
+                let c = cfg((blocks(k, tile), blocks(n, tile)), THREADS)?;
+                // SAFETY: dy holds n·m, w m·k, dx n·k values.
                 unsafe {
-                    let mut l = self.s().launch_builder(f);
-                    l.arg(dy);
                     match w {
-                        CudaWeight::F32(w) => l.arg(&**w),
-                        CudaWeight::Bf16(w) => l.arg(&**w),
-                    };
-                    l.arg(dx)
-                        .arg(&ni)
-                        .arg(&ki)
-                        .arg(&mi)
-                        .launch(cfg((blocks(k, tile), blocks(n, tile)), THREADS)?)
+                        CudaWeight::F32(w) => kern
+                            .linear_backward_input
+                            .launch(s, c, dy, &**w, dx, ni, ki, mi),
+                        CudaWeight::Bf16(w) => kern
+                            .linear_backward_input_bf16
+                            .launch(s, c, dy, &**w, dx, ni, ki, mi),
+                    }?;
                 }
-                .cu("launching linear_backward_input")?;
             }
         }
         if k > 0 && m > 0 {
-            let (f, tile) = self.linear_kernel(LinearProduct::Weight, w);
-            // SAFETY: linear_backward_weight[_bf16](const float* dy, const float* x, float* dw, int n, k,
-            // m).
-            unsafe {
-                self.s()
-                    .launch_builder(f)
-                    .arg(dy)
-                    .arg(x)
-                    .arg(&mut *dw)
-                    .arg(&ni)
-                    .arg(&ki)
-                    .arg(&mi)
-                    .launch(cfg((blocks(k, tile), blocks(m, tile)), THREADS)?)
-            }
-            .cu("launching linear_backward_weight")?;
+            let f = match w {
+                CudaWeight::F32(_) => &kern.linear_backward_weight,
+                CudaWeight::Bf16(_) => &kern.linear_backward_weight_bf16,
+            };
+            let c = cfg((blocks(k, tile), blocks(m, tile)), THREADS)?;
+            // SAFETY: dy holds n·m, x n·k, dw m·k values.
+            unsafe { f.launch(s, c, dy, x, &mut *dw, ni, ki, mi)? };
         }
         if let Some(db) = db {
             check_len(db.len(), m, "linear bias gradient")?;
             if m > 0 {
-                // SAFETY: linear_backward_bias(const float* dy, float* db, int n, int m).
-                unsafe {
-                    self.s()
-                        .launch_builder(&self.k().linear_backward_bias)
-                        .arg(dy)
-                        .arg(db)
-                        .arg(&ni)
-                        .arg(&mi)
-                        .launch(cfg((blocks(m, THREADS as usize), 1), THREADS)?)
-                }
-                .cu("launching linear_backward_bias")?;
+                let c = cfg((blocks(m, THREADS as usize), 1), THREADS)?;
+                // SAFETY: dy holds n·m, db m values.
+                unsafe { kern.linear_backward_bias.launch(s, c, dy, db, ni, mi)? };
             }
         }
         Ok(())
@@ -1258,20 +1072,13 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
-        // SAFETY: rmsnorm_forward(const float* x, const float* w, int d, double eps, float* y, int rows).
+        let c = cfg((rows, 1), THREADS)?;
+        // SAFETY: x and y hold rows·d values, w d.
         unsafe {
-            self.s()
-                .launch_builder(&self.k().rmsnorm_forward)
-                .arg(x)
-                .arg(w)
-                .arg(&di)
-                .arg(&eps)
-                .arg(y)
-                .arg(&ri)
-                .launch(cfg((rows, 1), THREADS)?)
+            self.k()
+                .rmsnorm_forward
+                .launch(self.s(), c, x, w, di, eps, y, ri)
         }
-        .cu("launching rmsnorm_forward")?;
-        Ok(())
     }
     fn rmsnorm_backward(
         &self,
@@ -1298,38 +1105,28 @@ impl Device for CudaDevice {
         let mut partials = s
             .alloc_zeros::<f64>(chunks * d)
             .cu("allocating partial sums")?;
-        // SAFETY: argument types match runtime_rmsnorm.cu; inv holds rows, partials chunks·d values.
+        let kern = self.k();
+        let per_row = cfg((rows, 1), THREADS)?;
+        let per_chunk = cfg((blocks(d, THREADS as usize), chunks), THREADS)?;
+        let per_feature = cfg((blocks(d, THREADS as usize), 1), THREADS)?;
+        // SAFETY: x, dy, dx hold rows·d values, w and dw d; inv holds rows, partials chunks·d values.
         unsafe {
-            s.launch_builder(&self.k().rmsnorm_backward)
-                .arg(x)
-                .arg(w)
-                .arg(dy)
-                .arg(&di)
-                .arg(&eps)
-                .arg(dx)
-                .arg(&mut inv)
-                .arg(&ri)
-                .launch(cfg((rows, 1), THREADS)?)
-                .cu("launching rmsnorm_backward")?;
-            s.launch_builder(&self.k().rmsnorm_backward_weight)
-                .arg(x)
-                .arg(dy)
-                .arg(&inv)
-                .arg(&di)
-                .arg(&ri)
-                .arg(&per)
-                .arg(&mut partials)
-                .launch(cfg((blocks(d, THREADS as usize), chunks), THREADS)?)
-                .cu("launching rmsnorm_backward_weight")?;
-            s.launch_builder(&self.k().rmsnorm_reduce_weight)
-                .arg(&partials)
-                .arg(&di)
-                .arg(&ci)
-                .arg(dw)
-                .launch(cfg((blocks(d, THREADS as usize), 1), THREADS)?)
-                .cu("launching rmsnorm_reduce_weight")?;
+            kern.rmsnorm_backward
+                .launch(s, per_row, x, w, dy, di, eps, dx, &mut inv, ri)?;
+            kern.rmsnorm_backward_weight.launch(
+                s,
+                per_chunk,
+                x,
+                dy,
+                &inv,
+                di,
+                ri,
+                per,
+                &mut partials,
+            )?;
+            kern.rmsnorm_reduce_weight
+                .launch(s, per_feature, &partials, di, ci, dw)
         }
-        Ok(())
     }
     fn rope_forward(
         &self,
@@ -1375,47 +1172,44 @@ impl Device for CudaDevice {
                 (blocks(shape.tokens, FA_QUERIES), shape.heads, shape.seqs),
                 FA_THREADS,
             )?;
-            // SAFETY: attention_forward_mma{64,128}(const float* q, k, v, float* out, float* lse, int
-            // tokens, heads, kv_heads, window, float scale); sizes checked above, head_dim matches.
-            unsafe {
-                self.s()
-                    .launch_builder(f)
-                    .arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(out)
-                    .arg(lse)
-                    .arg(&tokens)
-                    .arg(&heads)
-                    .arg(&kv)
-                    .arg(&window)
-                    .arg(&scale)
-                    .launch(c)
-            }
-            .cu("launching attention_forward_mma")?;
-            return Ok(());
+            // SAFETY: sizes checked above; the kernel's head dimension is the shape's.
+            return unsafe {
+                f.launch(
+                    self.s(),
+                    c,
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse,
+                    tokens,
+                    heads,
+                    kv,
+                    window,
+                    scale,
+                )
+            };
         }
         let c = cfg((blocks(warps, ATT_WARPS), 1), (ATT_WARPS * 32) as u32)?;
-        // SAFETY: argument types match attention_forward in runtime_attention.cu; sizes checked above.
+        // SAFETY: sizes checked above.
         unsafe {
-            self.s()
-                .launch_builder(&self.k().attention_forward)
-                .arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(out)
-                .arg(lse)
-                .arg(&seqs)
-                .arg(&tokens)
-                .arg(&heads)
-                .arg(&kv)
-                .arg(&hd)
-                .arg(&window)
-                .arg(&scale)
-                .launch(c)
+            self.k().attention_forward.launch(
+                self.s(),
+                c,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                seqs,
+                tokens,
+                heads,
+                kv,
+                hd,
+                window,
+                scale,
+            )
         }
-        .cu("launching attention_forward")?;
-        Ok(())
     }
     fn attention_backward(
         &self,
@@ -1461,99 +1255,41 @@ impl Device for CudaDevice {
             let slices = shape.head_dim / FA_BACKWARD_DIMS;
             let dq_cfg = cfg3((qblocks, shape.heads, shape.seqs), FA_THREADS)?;
             let dkv_cfg = cfg3((qblocks * slices, shape.kv_heads, shape.seqs), FA_THREADS)?;
-            // SAFETY: attention_backward_dq_mma{64,128}(q, k, v, lse, dout, float* dq, float* delta, int
-            // tokens, heads, kv_heads, window, float scale) then attention_backward_dkv_mma{64,128}(q, k,
-            // v, lse, dout, delta, float* dk, float* dv, ...); sizes checked above, delta as lse.
-            unsafe {
-                s.launch_builder(fdq)
-                    .arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(lse)
-                    .arg(dout)
-                    .arg(dq)
-                    .arg(&mut delta)
-                    .arg(&tokens)
-                    .arg(&heads)
-                    .arg(&kv)
-                    .arg(&window)
-                    .arg(&scale)
-                    .launch(dq_cfg)
-                    .cu("launching attention_backward_dq_mma")?;
-                s.launch_builder(fdkv)
-                    .arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(lse)
-                    .arg(dout)
-                    .arg(&delta)
-                    .arg(dk)
-                    .arg(dv)
-                    .arg(&tokens)
-                    .arg(&heads)
-                    .arg(&kv)
-                    .arg(&window)
-                    .arg(&scale)
-                    .launch(dkv_cfg)
-                    .cu("launching attention_backward_dkv_mma")?;
-            }
-            return Ok(());
+            // SAFETY: sizes checked above, delta as lse; the kernels' head dimension is the shape's.
+            return unsafe {
+                fdq.launch(
+                    s, dq_cfg, q, k, v, lse, dout, dq, &mut delta, tokens, heads, kv, window, scale,
+                )?;
+                fdkv.launch(
+                    s, dkv_cfg, q, k, v, lse, dout, &delta, dk, dv, tokens, heads, kv, window,
+                    scale,
+                )
+            };
         }
         let threads = (ATT_WARPS * 32) as u32;
-        // SAFETY: argument types match runtime_attention.cu; sizes checked above, delta as lse.
+        let dq_cfg = cfg((blocks(q_warps, ATT_WARPS), 1), threads)?;
+        let dkv_cfg = cfg((blocks(kv_warps, ATT_WARPS), 1), threads)?;
+        // SAFETY: sizes checked above, delta as lse.
         unsafe {
-            s.launch_builder(&self.k().attention_backward_dq)
-                .arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(lse)
-                .arg(dout)
-                .arg(dq)
-                .arg(&mut delta)
-                .arg(&seqs)
-                .arg(&tokens)
-                .arg(&heads)
-                .arg(&kv)
-                .arg(&hd)
-                .arg(&window)
-                .arg(&scale)
-                .launch(cfg((blocks(q_warps, ATT_WARPS), 1), threads)?)
-                .cu("launching attention_backward_dq")?;
-            s.launch_builder(&self.k().attention_backward_dkv)
-                .arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(lse)
-                .arg(dout)
-                .arg(&delta)
-                .arg(dk)
-                .arg(dv)
-                .arg(&seqs)
-                .arg(&tokens)
-                .arg(&heads)
-                .arg(&kv)
-                .arg(&hd)
-                .arg(&window)
-                .arg(&scale)
-                .launch(cfg((blocks(kv_warps, ATT_WARPS), 1), threads)?)
-                .cu("launching attention_backward_dkv")?;
+            kern.attention_backward_dq.launch(
+                s, dq_cfg, q, k, v, lse, dout, dq, &mut delta, seqs, tokens, heads, kv, hd, window,
+                scale,
+            )?;
+            kern.attention_backward_dkv.launch(
+                s, dkv_cfg, q, k, v, lse, dout, &delta, dk, dv, seqs, tokens, heads, kv, hd,
+                window, scale,
+            )
         }
-        Ok(())
     }
     fn silu_forward(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
         check_len(y.len(), x.len(), "silu output")?;
-        let n = x.len() as u64;
-        // SAFETY: silu_forward(const float*, float*, u64); both hold n values.
+        let c = self.ew_cfg(x.len())?;
+        // SAFETY: x and y hold n values.
         unsafe {
-            self.s()
-                .launch_builder(&self.k().silu_forward)
-                .arg(x)
-                .arg(y)
-                .arg(&n)
-                .launch(self.ew_cfg(x.len())?)
+            self.k()
+                .silu_forward
+                .launch(self.s(), c, x, y, x.len() as u64)
         }
-        .cu("launching silu_forward")?;
-        Ok(())
     }
     fn silu_backward(
         &self,
@@ -1561,7 +1297,7 @@ impl Device for CudaDevice {
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.binary(&self.k().silu_backward, x, dy, dx, "silu_backward")
+        self.binary(&self.k().silu_backward, x, dy, dx)
     }
     fn mul_forward(
         &self,
@@ -1569,7 +1305,7 @@ impl Device for CudaDevice {
         b: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.binary(&self.k().mul_forward, a, b, y, "mul_forward")
+        self.binary(&self.k().mul_forward, a, b, y)
     }
     fn mul_backward(
         &self,
@@ -1587,21 +1323,13 @@ impl Device for CudaDevice {
         ] {
             check_len(len, a.len(), what)?;
         }
-        let n = a.len() as u64;
-        // SAFETY: mul_backward(a, b, dy, da, db, u64 n) as in runtime_elementwise.cu; all hold n.
+        let c = self.ew_cfg(a.len())?;
+        // SAFETY: all hold n values.
         unsafe {
-            self.s()
-                .launch_builder(&self.k().mul_backward)
-                .arg(a)
-                .arg(b)
-                .arg(dy)
-                .arg(da)
-                .arg(db)
-                .arg(&n)
-                .launch(self.ew_cfg(a.len())?)
+            self.k()
+                .mul_backward
+                .launch(self.s(), c, a, b, dy, da, db, a.len() as u64)
         }
-        .cu("launching mul_backward")?;
-        Ok(())
     }
     fn add_forward(
         &self,
@@ -1609,23 +1337,14 @@ impl Device for CudaDevice {
         b: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.binary(&self.k().add_forward, a, b, y, "add_forward")
+        self.binary(&self.k().add_forward, a, b, y)
     }
     fn accumulate(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
         check_len(src.len(), dst.len(), "accumulate")?;
         let n = dst.len() as u64;
         let c = self.ew_cfg(dst.len())?;
-        // SAFETY: accumulate(float* dst, const float* src, u64 n); both hold n values.
-        unsafe {
-            self.s()
-                .launch_builder(&self.k().accumulate)
-                .arg(dst)
-                .arg(src)
-                .arg(&n)
-                .launch(c)
-        }
-        .cu("launching accumulate")?;
-        Ok(())
+        // SAFETY: both hold n values.
+        unsafe { self.k().accumulate.launch(self.s(), c, dst, src, n) }
     }
     fn cross_entropy_forward(
         &self,

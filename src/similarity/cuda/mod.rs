@@ -20,6 +20,7 @@
 //! The feature route ([`Backend::accumulate_cross`]): ZᵀZ in f64 tiles on the device
 //! (kernels/feature_cross.cu), the per-sample statistics on the host.
 
+pub mod kernels;
 pub mod nvrtc;
 pub mod plan;
 
@@ -30,8 +31,9 @@ use crate::io::{Batch, BatchRef, DType, LayerBlock};
 pub use crate::io::{DeviceBatch, DeviceLayer};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
-    DevicePtrMut, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    DevicePtrMut, DriverError, LaunchConfig, PinnedHostSlice,
 };
+use kernels::CkaKernels;
 use plan::MemoryPlan;
 use std::sync::Arc;
 
@@ -204,62 +206,6 @@ impl Modules {
     }
 }
 
-/// The kernels, loaded from the modules of the embedded sources.
-struct Kernels {
-    gram_fma: CudaFunction,
-    gram_mma: CudaFunction,
-    gram_mma_pipelined: CudaFunction,
-    column_centre: CudaFunction,
-    column_to_f16: CudaFunction,
-    gram_row_sums: CudaFunction,
-    centre_offsets: CudaFunction,
-    centre_pack: CudaFunction,
-    hsic_pairs: CudaFunction,
-    hsic_reduce_splits: CudaFunction,
-    hsic_accumulate: CudaFunction,
-    cross_f64: CudaFunction,
-    rbf_copy_diag: CudaFunction,
-    rbf_sqdist: CudaFunction,
-    rbf_select_init: CudaFunction,
-    rbf_select_hist: CudaFunction,
-    rbf_select_step: CudaFunction,
-    rbf_exp: CudaFunction,
-}
-
-impl Kernels {
-    fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
-        // The runtime's kernels (`runtime_*.cu`) belong to `runtime::ops::cuda`, which loads its own.
-        let modules = load_modules(
-            ctx,
-            arch,
-            nvrtc::kernel_files()
-                .into_iter()
-                .filter(|f| !f.starts_with("runtime_")),
-        )?;
-        let get = |file: &str, name: &str| modules.function(file, name);
-        Ok(Kernels {
-            gram_fma: get("gram_linear.cu", "gram_fma")?,
-            gram_mma: get("gram_linear.cu", "gram_mma")?,
-            gram_mma_pipelined: get("gram_linear.cu", "gram_mma_pipelined")?,
-            column_centre: get("centre_columns.cu", "column_centre")?,
-            column_to_f16: get("centre_columns.cu", "column_to_f16")?,
-            gram_row_sums: get("gram_centre.cu", "gram_row_sums")?,
-            centre_offsets: get("gram_centre.cu", "centre_offsets")?,
-            centre_pack: get("gram_centre.cu", "centre_pack")?,
-            hsic_pairs: get("hsic_pairs.cu", "hsic_pairs")?,
-            hsic_reduce_splits: get("hsic_pairs.cu", "hsic_reduce_splits")?,
-            hsic_accumulate: get("hsic_pairs.cu", "hsic_accumulate")?,
-            cross_f64: get("feature_cross.cu", "cross_f64")?,
-            rbf_copy_diag: get("rbf.cu", "rbf_copy_diag")?,
-            rbf_sqdist: get("rbf.cu", "rbf_sqdist")?,
-            rbf_select_init: get("rbf.cu", "rbf_select_init")?,
-            rbf_select_hist: get("rbf.cu", "rbf_select_hist")?,
-            rbf_select_step: get("rbf.cu", "rbf_select_step")?,
-            rbf_exp: get("rbf.cu", "rbf_exp")?,
-        })
-    }
-}
-
 /// Device buffers for one batch shape (n and the layers' row widths), allocated once per shape.
 struct Workspace {
     /// n, and per layer its row bytes and dtype code.
@@ -293,7 +239,7 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
-    k: Kernels,
+    k: CkaKernels,
     name: String,
     sms: usize,
     ws: Option<Workspace>,
@@ -404,7 +350,7 @@ impl CudaBackend {
             name,
             sms,
         } = open_gpu(ordinal)?;
-        let k = Kernels::load(&ctx, &arch)?;
+        let k = CkaKernels::load(&ctx, &arch)?;
         Ok(CudaBackend {
             ordinal,
             ctx,
@@ -592,18 +538,17 @@ impl CudaBackend {
         // The split planes, summed in order into `out`.
         let ws = self.ws.as_mut().expect("workspace planned");
         let (splits, l_i) = (ws.plan.pair_splits as i32, l as i32);
-        // SAFETY: argument types match hsic_reduce_splits; `partials` holds pair_splits·l² f64.
+        // SAFETY: `partials` holds pair_splits·l² f64, `out` l².
         unsafe {
-            self.compute
-                .launch_builder(&self.k.hsic_reduce_splits)
-                .arg(&ws.partials)
-                .arg(&splits)
-                .arg(&l_i)
-                .arg(&mut ws.out)
-                .launch(grid((l * l).div_ceil(256), 1, 1, 256))
+            self.k.hsic_reduce_splits.launch(
+                &self.compute,
+                grid((l * l).div_ceil(256), 1, 1, 256),
+                &ws.partials,
+                splits,
+                l_i,
+                &mut ws.out,
+            )
         }
-        .cu("launching hsic_reduce_splits")?;
-        Ok(())
     }
 
     /// `submit` for host or device input: enqueue the batch and add its scaled result into the sum's
@@ -651,17 +596,17 @@ impl CudaBackend {
         let ws = self.ws.as_ref().expect("workspace planned");
         let (dst, _) = self.sums[slot].as_mut().expect("put back above");
         let (l_i, scale) = (l as i32, 2.0 / normaliser(estimator, n));
-        // SAFETY: argument types match hsic_accumulate (hsic_pairs.cu); `out` and `dst` hold l·l f64.
+        // SAFETY: `out` and `dst` hold l·l f64.
         unsafe {
-            self.compute
-                .launch_builder(&self.k.hsic_accumulate)
-                .arg(&ws.out)
-                .arg(&l_i)
-                .arg(&scale)
-                .arg(dst)
-                .launch(grid((l * l).div_ceil(256), 1, 1, 256))
+            self.k.hsic_accumulate.launch(
+                &self.compute,
+                grid((l * l).div_ceil(256), 1, 1, 256),
+                &ws.out,
+                l_i,
+                scale,
+                dst,
+            )?;
         }
-        .cu("launching hsic_accumulate")?;
         if self.profile {
             // Stage times need the batch's events complete: profiling synchronises per batch.
             self.compute.synchronize().cu("synchronize")?;
@@ -938,40 +883,39 @@ impl CudaBackend {
         self.compute
             .memset_zeros(&mut ws.col_scale)
             .cu("clearing the column scales")?;
-        // SAFETY: argument types match the kernels' signatures (centre_columns.cu, gram_linear.cu);
-        // the table slices hold 3 words per layer of the launch; buffers sized by the plan.
+        // SAFETY: the table slices hold 3 words per layer of the launch; buffers sized by the plan.
         unsafe {
-            self.compute
-                .launch_builder(&self.k.column_centre)
-                .arg(&mut ws.dev_in[slot])
-                .arg(&all)
-                .arg(&n_i)
-                .arg(&mut ws.col_scale)
-                .arg(flags)
-                .arg(&*first_sample)
-                .arg(&layer0)
-                .launch(grid(span.max_cols.div_ceil(256), n_fma + n_mma, 1, 256))
-                .cu("launching column_centre")?;
+            self.k.column_centre.launch(
+                &self.compute,
+                grid(span.max_cols.div_ceil(256), n_fma + n_mma, 1, 256),
+                &mut ws.dev_in[slot],
+                &all,
+                n_i,
+                &mut ws.col_scale,
+                flags,
+                *first_sample,
+                layer0,
+            )?;
             if n_mma > 0 {
-                self.compute
-                    .launch_builder(&self.k.column_to_f16)
-                    .arg(&mut ws.dev_in[slot])
-                    .arg(&sixteen)
-                    .arg(&n_i)
-                    .arg(&mut ws.col_scale)
-                    .launch(grid(span.max_cols_16.div_ceil(256), n_mma, 1, 256))
-                    .cu("launching column_to_f16")?;
+                self.k.column_to_f16.launch(
+                    &self.compute,
+                    grid(span.max_cols_16.div_ceil(256), n_mma, 1, 256),
+                    &mut ws.dev_in[slot],
+                    &sixteen,
+                    n_i,
+                    &mut ws.col_scale,
+                )?;
             }
             if n_fma > 0 {
                 let table = descs.slice(first * 3..(first + n_fma) * 3);
-                self.compute
-                    .launch_builder(&self.k.gram_fma)
-                    .arg(&ws.dev_in[slot])
-                    .arg(&table)
-                    .arg(&n_i)
-                    .arg(&mut ws.gram)
-                    .launch(grid(tri(n.div_ceil(64)), n_fma, 1, 256))
-                    .cu("launching gram_fma")?;
+                self.k.gram_fma.launch(
+                    &self.compute,
+                    grid(tri(n.div_ceil(64)), n_fma, 1, 256),
+                    &ws.dev_in[slot],
+                    &table,
+                    n_i,
+                    &mut ws.gram,
+                )?;
             }
             if n_mma > 0 {
                 // The 16-bit layers are f16 now, whatever their table's dtype (which column_to_f16 read).
@@ -980,15 +924,15 @@ impl CudaBackend {
                     GramKernel::Mma => &self.k.gram_mma,
                     GramKernel::MmaPipelined => &self.k.gram_mma_pipelined,
                 };
-                self.compute
-                    .launch_builder(f)
-                    .arg(&ws.dev_in[slot])
-                    .arg(&sixteen)
-                    .arg(&n_i)
-                    .arg(&as_f16)
-                    .arg(&mut ws.gram)
-                    .launch(grid(tri(n.div_ceil(128)), n_mma, 1, 256))
-                    .cu("launching the 16-bit Gram kernel")?;
+                f.launch(
+                    &self.compute,
+                    grid(tri(n.div_ceil(128)), n_mma, 1, 256),
+                    &ws.dev_in[slot],
+                    &sixteen,
+                    n_i,
+                    as_f16,
+                    &mut ws.gram,
+                )?;
             }
         }
         ws.consumed[slot].record(&self.compute).cu("event record")?;
@@ -1026,38 +970,39 @@ impl CudaBackend {
         // A linear Gram of rescaled f16 layers is scaled back; an RBF kernel matrix does not depend on it.
         let unscale = i32::from(kernel == Kernel::Linear);
         let (n_i, row0, p64) = (n as i32, row0 as u64, p as u64);
-        // SAFETY: argument types match the kernels in gram_centre.cu; buffers sized by the plan
-        // (gram_layers ≥ nl).
+        // SAFETY: buffers sized by the plan (gram_layers ≥ nl).
         unsafe {
-            self.compute
-                .launch_builder(&self.k.gram_row_sums)
-                .arg(&ws.gram)
-                .arg(&n_i)
-                .arg(&unbiased)
-                .arg(&mut ws.rowsum)
-                .launch(grid(n.div_ceil(8), nl, 1, 256))
-                .cu("launching gram_row_sums")?;
-            self.compute
-                .launch_builder(&self.k.centre_offsets)
-                .arg(&ws.rowsum)
-                .arg(&n_i)
-                .arg(&unbiased)
-                .arg(&mut ws.offsets)
-                .launch(grid(nl, 1, 1, 256))
-                .cu("launching centre_offsets")?;
-            self.compute
-                .launch_builder(&self.k.centre_pack)
-                .arg(&ws.gram)
-                .arg(&ws.offsets)
-                .arg(&n_i)
-                .arg(&unbiased)
-                .arg(&ws.col_scale)
-                .arg(&unscale)
-                .arg(&mut ws.g)
-                .arg(&row0)
-                .arg(&p64)
-                .launch(grid(p.div_ceil(256), nl, 1, 256))
-                .cu("launching centre_pack")?;
+            let s = &self.compute;
+            let k = &self.k;
+            k.gram_row_sums.launch(
+                s,
+                grid(n.div_ceil(8), nl, 1, 256),
+                &ws.gram,
+                n_i,
+                unbiased,
+                &mut ws.rowsum,
+            )?;
+            k.centre_offsets.launch(
+                s,
+                grid(nl, 1, 1, 256),
+                &ws.rowsum,
+                n_i,
+                unbiased,
+                &mut ws.offsets,
+            )?;
+            k.centre_pack.launch(
+                s,
+                grid(p.div_ceil(256), nl, 1, 256),
+                &ws.gram,
+                &ws.offsets,
+                n_i,
+                unbiased,
+                &ws.col_scale,
+                unscale,
+                &mut ws.g,
+                row0,
+                p64,
+            )?;
         }
         self.span(Stage::Centre, t_centre)
     }
@@ -1103,24 +1048,24 @@ impl CudaBackend {
         let (la_i, lb_i, l_i) = (la as i32, lb as i32, l as i32);
         let (r0, c0, t) = (row0 as i32, col0 as i32, i32::from(tri_only));
         let (p64, chunk64) = (p as u64, chunk as u64);
-        // SAFETY: argument types match hsic_pairs; the views hold la·P and lb·P elements, `out` L×L.
+        // SAFETY: the views hold la·P and lb·P elements, `partials` splits·L².
         unsafe {
-            self.compute
-                .launch_builder(&self.k.hsic_pairs)
-                .arg(&a)
-                .arg(&la_i)
-                .arg(&b)
-                .arg(&lb_i)
-                .arg(&p64)
-                .arg(&chunk64)
-                .arg(&mut ws.partials)
-                .arg(&l_i)
-                .arg(&r0)
-                .arg(&c0)
-                .arg(&t)
-                .launch(cfg)
+            self.k.hsic_pairs.launch(
+                &self.compute,
+                cfg,
+                &a,
+                la_i,
+                &b,
+                lb_i,
+                p64,
+                chunk64,
+                &mut ws.partials,
+                l_i,
+                r0,
+                c0,
+                t,
+            )?;
         }
-        .cu("launching hsic_pairs")?;
         self.span(Stage::Pairs, t_pairs)
     }
 }
@@ -1260,7 +1205,7 @@ fn fill_staging(host: &mut [u8], batch: &BatchRef<'_>, sizes: &[usize], start: u
 /// RBF kernel matrices in place on the `nl` Grams in `gram` (see kernels/rbf.cu).
 #[allow(clippy::too_many_arguments)]
 fn rbf_in_place(
-    k: &Kernels,
+    k: &CkaKernels,
     s: &Arc<CudaStream>,
     sms: usize,
     gram: &mut CudaSlice<f32>,
@@ -1275,51 +1220,38 @@ fn rbf_in_place(
     let (n_i, nl_i, nn64) = (n as i32, nl as i32, nn as u64);
     s.memset_zeros(hist).cu("clearing histograms")?;
     let hist_blocks = nn.div_ceil(256 * 16).clamp(1, (2 * sms).max(1));
-    // SAFETY: argument types match the kernels in rbf.cu; buffers hold gram_layers ≥ nl layers.
+    // SAFETY: buffers hold gram_layers ≥ nl layers.
     unsafe {
-        s.launch_builder(&k.rbf_copy_diag)
-            .arg(&*gram)
-            .arg(&n_i)
-            .arg(&mut *diag)
-            .launch(grid(n.div_ceil(256), nl, 1, 256))
-            .cu("launching rbf_copy_diag")?;
-        s.launch_builder(&k.rbf_sqdist)
-            .arg(&mut *gram)
-            .arg(&*diag)
-            .arg(&n_i)
-            .launch(grid(nn.div_ceil(256), nl, 1, 256))
-            .cu("launching rbf_sqdist")?;
-        s.launch_builder(&k.rbf_select_init)
-            .arg(&mut *state)
-            .arg(&nl_i)
-            .arg(&nn64)
-            .launch(grid(1, 1, 1, (2 * nl).div_ceil(32) as u32 * 32))
-            .cu("launching rbf_select_init")?;
+        let diag_cfg = grid(n.div_ceil(256), nl, 1, 256);
+        k.rbf_copy_diag
+            .launch(s, diag_cfg, &*gram, n_i, &mut *diag)?;
+        let elems = grid(nn.div_ceil(256), nl, 1, 256);
+        k.rbf_sqdist.launch(s, elems, &mut *gram, &*diag, n_i)?;
+        let init_cfg = grid(1, 1, 1, (2 * nl).div_ceil(32) as u32 * 32);
+        k.rbf_select_init
+            .launch(s, init_cfg, &mut *state, nl_i, nn64)?;
         for (shift, bits) in [(21i32, 11i32), (10, 11), (0, 10)] {
-            s.launch_builder(&k.rbf_select_hist)
-                .arg(&*gram)
-                .arg(&nn64)
-                .arg(&*state)
-                .arg(&mut *hist)
-                .arg(&shift)
-                .arg(&bits)
-                .launch(grid(hist_blocks, nl, 2, 256))
-                .cu("launching rbf_select_hist")?;
-            s.launch_builder(&k.rbf_select_step)
-                .arg(&mut *state)
-                .arg(&mut *hist)
-                .arg(&shift)
-                .arg(&bits)
-                .launch(grid(2 * nl, 1, 1, 32))
-                .cu("launching rbf_select_step")?;
+            k.rbf_select_hist.launch(
+                s,
+                grid(hist_blocks, nl, 2, 256),
+                &*gram,
+                nn64,
+                &*state,
+                &mut *hist,
+                shift,
+                bits,
+            )?;
+            k.rbf_select_step.launch(
+                s,
+                grid(2 * nl, 1, 1, 32),
+                &mut *state,
+                &mut *hist,
+                shift,
+                bits,
+            )?;
         }
-        s.launch_builder(&k.rbf_exp)
-            .arg(&mut *gram)
-            .arg(&nn64)
-            .arg(&*state)
-            .arg(&threshold)
-            .launch(grid(nn.div_ceil(256), nl, 1, 256))
-            .cu("launching rbf_exp")?;
+        k.rbf_exp
+            .launch(s, elems, &mut *gram, nn64, &*state, threshold)?;
     }
     Ok(())
 }
@@ -1433,17 +1365,17 @@ impl Backend for CudaBackend {
             "allocating the {dtot}×{dtot} feature cross product ({} MiB)",
             (dtot * dtot * 8) >> 20
         ))?;
-        // SAFETY: argument types match cross_f64; `z_dev` holds n·D f64, `c_dev` D·D.
+        // SAFETY: `z_dev` holds n·D f64, `c_dev` D·D.
         unsafe {
-            self.compute
-                .launch_builder(&self.k.cross_f64)
-                .arg(&z_dev)
-                .arg(&n_i)
-                .arg(&d_i)
-                .arg(&mut c_dev)
-                .launch(grid(tri(dtot.div_ceil(64)), 1, 1, 256))
+            self.k.cross_f64.launch(
+                &self.compute,
+                grid(tri(dtot.div_ceil(64)), 1, 1, 256),
+                &z_dev,
+                n_i,
+                d_i,
+                &mut c_dev,
+            )?;
         }
-        .cu("launching cross_f64")?;
         let c = self
             .compute
             .clone_dtoh(&c_dev)

@@ -61,6 +61,62 @@ pub struct Compiled {
 /// Compile one embedded kernel file (by file name, e.g. `gram_linear.cu`) for `arch` (e.g. `sm_90`).
 /// `extra` options are appended (e.g. `--ptxas-options=-v` for resource reports).
 pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled> {
+    let (file, prog, log) = compile_program(file, arch, extra)?;
+    let nvrtc_err = |what: &str, e: cudarc::nvrtc::result::NvrtcError| {
+        Error::cuda_from(
+            format!("NVRTC {what} failed for {file} ({arch}): {:?}", e.0),
+            e,
+        )
+    };
+    let mut size = 0usize;
+    // SAFETY: live program, compiled; out-pointer to a usize.
+    unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) }
+        .result()
+        .map_err(|e| nvrtc_err("get CUBIN size", e))?;
+    if size == 0 {
+        return Err(Error::cuda(format!(
+            "NVRTC produced no CUBIN for {file} (arch {arch} must be a real architecture, sm_XY)"
+        )));
+    }
+    let mut cubin = vec![0u8; size];
+    // SAFETY: `cubin` has the size NVRTC reported.
+    unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr() as *mut c_char) }
+        .result()
+        .map_err(|e| nvrtc_err("get CUBIN", e))?;
+    Ok(Compiled { file, cubin, log })
+}
+
+/// The PTX of one embedded kernel file for a virtual architecture (e.g. `compute_90`): what the tests
+/// read the kernels' parameter lists from (`kernels::ptx_entries`).
+pub fn compile_ptx(file: &str, arch: &str) -> Result<String> {
+    let (file, prog, _log) = compile_program(file, arch, &[])?;
+    let mut size = 0usize;
+    // SAFETY: live program, compiled; out-pointer to a usize; then a buffer of that size.
+    let ptx = unsafe {
+        sys::nvrtcGetPTXSize(prog.0, &mut size)
+            .result()
+            .and_then(|_| {
+                let mut buf = vec![0 as c_char; size.max(1)];
+                sys::nvrtcGetPTX(prog.0, buf.as_mut_ptr())
+                    .result()
+                    .map(|_| CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
+            })
+    };
+    ptx.map_err(|e| {
+        Error::cuda_from(
+            format!("NVRTC get PTX failed for {file} ({arch}): {:?}", e.0),
+            e,
+        )
+    })
+}
+
+/// Create and compile the program of embedded file `file`; returns its `'static` name, the program and
+/// NVRTC's log.
+fn compile_program(
+    file: &str,
+    arch: &str,
+    extra: &[&str],
+) -> Result<(&'static str, ProgramGuard, String)> {
     let (file, src) = KERNEL_SOURCES
         .iter()
         .find(|(f, _)| *f == file)
@@ -79,12 +135,6 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
     let h_name_p: Vec<*const c_char> = h_name.iter().map(|s| s.as_ptr()).collect();
     let c_opts: Vec<CString> = options.iter().map(|s| cstr(s)).collect();
     let c_opts_p: Vec<*const c_char> = c_opts.iter().map(|s| s.as_ptr()).collect();
-    let nvrtc_err = |what: &str, e: cudarc::nvrtc::result::NvrtcError| {
-        Error::cuda_from(
-            format!("NVRTC {what} failed for {file} ({arch}): {:?}", e.0),
-            e,
-        )
-    };
     let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: every pointer is to a NUL-terminated string that outlives the program; counts match.
     unsafe {
@@ -98,8 +148,13 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
         )
     }
     .result()
-    .map_err(|e| nvrtc_err("create", e))?;
-    let _guard = ProgramGuard(prog);
+    .map_err(|e| {
+        Error::cuda_from(
+            format!("NVRTC create failed for {file} ({arch}): {:?}", e.0),
+            e,
+        )
+    })?;
+    let guard = ProgramGuard(prog);
     // SAFETY: `prog` is a live program; the option pointers outlive the call.
     let compiled =
         unsafe { sys::nvrtcCompileProgram(prog, c_opts_p.len() as c_int, c_opts_p.as_ptr()) };
@@ -110,22 +165,7 @@ pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled
             log.trim()
         )));
     }
-    let mut size = 0usize;
-    // SAFETY: live program, compiled; out-pointer to a usize.
-    unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
-        .result()
-        .map_err(|e| nvrtc_err("get CUBIN size", e))?;
-    if size == 0 {
-        return Err(Error::cuda(format!(
-            "NVRTC produced no CUBIN for {file} (arch {arch} must be a real architecture, sm_XY)"
-        )));
-    }
-    let mut cubin = vec![0u8; size];
-    // SAFETY: `cubin` has the size NVRTC reported.
-    unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
-        .result()
-        .map_err(|e| nvrtc_err("get CUBIN", e))?;
-    Ok(Compiled { file, cubin, log })
+    Ok((file, guard, log))
 }
 
 struct ProgramGuard(sys::nvrtcProgram);
@@ -153,6 +193,14 @@ fn program_log(prog: sys::nvrtcProgram) -> String {
         }
         CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
     }
+}
+
+/// The text of embedded kernel file `file` (e.g. `rbf.cu`).
+pub fn kernel_source(file: &str) -> Option<&'static str> {
+    KERNEL_SOURCES
+        .iter()
+        .find(|(f, _)| *f == file)
+        .map(|(_, s)| *s)
 }
 
 /// The names of the embedded kernel files.
@@ -190,11 +238,7 @@ pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
 
 /// The cache file name of a kernel file compiled for `arch`.
 fn cache_key(file: &str, arch: &str) -> Result<String> {
-    let src = KERNEL_SOURCES
-        .iter()
-        .find(|(f, _)| *f == file)
-        .map(|(_, s)| *s)
-        .unwrap_or("");
+    let src = kernel_source(file).unwrap_or("");
     let (maj, min) = nvrtc_version()?;
     let version = format!("nvrtc {maj}.{min}");
     let mut parts: Vec<&[u8]> = vec![src.as_bytes(), arch.as_bytes(), version.as_bytes()];
