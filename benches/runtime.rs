@@ -131,7 +131,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("runtime_llama_h256_l4_2x128");
     g.sample_size(10);
     g.bench_function("forward", |b| {
-        b.iter(|| model.forward(&tokens, &[], &mut |_, _| {}).unwrap())
+        b.iter(|| model.forward(&tokens, &[], None).unwrap())
     });
     g.bench_function("forward_backward_gradnorm", |b| {
         b.iter(|| model.grad_norms(&tokens, &[]).unwrap())

@@ -371,7 +371,7 @@ fn sequence_length_one_is_refused() {
         sequences: t.sequences,
         len: 1,
     };
-    let e = model.forward(&one, &[], &mut |_, _| {}).unwrap_err();
+    let e = model.forward(&one, &[], None).unwrap_err();
     assert!(e.to_string().contains("at least 2 tokens"), "{e}");
     let e = model.grad_norms(&one, &[]).unwrap_err();
     assert!(e.to_string().contains("at least 2 tokens"), "{e}");
@@ -396,11 +396,15 @@ fn huge_logits_keep_the_cross_entropy_finite_and_right() {
     let nl = model.num_layers();
     let mut last = Vec::new();
     let loss = model
-        .forward(&tokens, &[], &mut |i, h| {
-            if i == nl {
-                last = h.to_vec();
-            }
-        })
+        .forward(
+            &tokens,
+            &[],
+            Some(&mut |i, h| {
+                if i == nl {
+                    last = h.to_vec();
+                }
+            }),
+        )
         .unwrap();
     // Reference: final RMSNorm and lm_head in f64, log-sum-exp with the max shift, next-token targets.
     let w = sglp_engine::runtime::weights::Weights::open(dir.path()).unwrap();
@@ -463,9 +467,11 @@ fn zero_embedding_rows_give_a_finite_uniform_loss() {
     let model = Model::load(dir.path()).unwrap();
     let mut nonzero = 0usize;
     let loss = model
-        .forward(&tokens, &[], &mut |_, h| {
-            nonzero += h.iter().filter(|v| **v != 0.0).count()
-        })
+        .forward(
+            &tokens,
+            &[],
+            Some(&mut |_, h| nonzero += h.iter().filter(|v| **v != 0.0).count()),
+        )
         .unwrap();
     assert_eq!(nonzero, 0, "hidden states of zero embeddings are not zero");
     let want = (model.vocab_size() as f64).ln();

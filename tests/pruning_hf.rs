@@ -106,11 +106,15 @@ fn check_case(name: &str) {
     let l = model.num_layers();
     let mut last = Vec::new();
     let loss = model
-        .forward(&tokens, &[], &mut |i, h| {
-            if i == l {
-                last = h.to_vec();
-            }
-        })
+        .forward(
+            &tokens,
+            &[],
+            Some(&mut |i, h| {
+                if i == l {
+                    last = h.to_vec();
+                }
+            }),
+        )
         .unwrap();
     let ours = logits_from_hidden(&out, &model, &last);
     let (shape, theirs) = read_npy_f64(&refdir.join(format!("{name}.logits.npy")));

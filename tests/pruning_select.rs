@@ -121,6 +121,7 @@ fn fused_calibration_pass_equals_separate_capture_and_gradnorm() {
             rank_sequences: None,
             forward_batch: 2,
             gradnorm_batches,
+            prefix_cache: None,
             gradnorm: None,
         };
         let mut cpu = CpuBackend::new(1);
@@ -158,8 +159,8 @@ fn pruned_sliding_window_checkpoint_keeps_each_layers_window() {
         let out = tempfile::tempdir().unwrap();
         write_pruned_checkpoint(&dir, out.path(), model.num_layers(), &kept).unwrap();
         let pruned = Model::load(out.path()).unwrap();
-        let want = model.forward(&tokens, &[removed], &mut |_, _| {}).unwrap();
-        let got = pruned.forward(&tokens, &[], &mut |_, _| {}).unwrap();
+        let want = model.forward(&tokens, &[removed], None).unwrap();
+        let got = pruned.forward(&tokens, &[], None).unwrap();
         assert!(
             (got - want).abs() <= 1e-9 * want.abs(),
             "removed {removed}: {got} vs {want}"
@@ -222,6 +223,7 @@ fn loss_scorer_resumes_from_shared_prefixes_exactly() {
             cka: Default::default(),
             forward_batch: 2,
             gradnorm_batches: None,
+            prefix_cache: None,
         };
         let mut cpu = sglp_engine::similarity::cpu::CpuBackend::new(1);
         let stats = calibration_pass(&model, &tokens, needs, &opts, &mut cpu).unwrap();
@@ -242,4 +244,65 @@ fn loss_scorer_resumes_from_shared_prefixes_exactly() {
             assert_eq!(seeded.evaluations, 2, "{name}");
         }
     }
+}
+
+/// The scorers' memory budget and whether evaluated sets keep their layer inputs change how much of the
+/// network runs, never the losses: with no budget every evaluation is a whole forward; without kept
+/// inputs each rebase costs one partial forward; with both, rebasing onto the step's winner is free.
+#[test]
+fn prefix_cache_budget_changes_the_work_not_the_losses() {
+    use rand::{Rng, SeedableRng};
+    use sglp_engine::pruning::calibration::LossScorer;
+    use sglp_engine::runtime::{Model, Tokens};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained_llama");
+    let model = Model::load(&dir).unwrap();
+    let tokens = Tokens::load_npy(&dir.join("calib.npy"))
+        .unwrap()
+        .batch(0, 4);
+    let l = model.num_layers();
+    assert!(l >= 4, "{l}");
+    let new = || LossScorer::new(&model, &tokens, None, 2).unwrap();
+    let mut scorers = [
+        ("cached", new()),
+        ("no budget", new().with_budget(0)),
+        ("unkept", new().keep_pending(false)),
+    ];
+    // Two greedy steps over random candidates: score every candidate with the removed set as the base,
+    // then remove the best.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let mut removed: Vec<usize> = Vec::new();
+    for _ in 0..2 {
+        let mut candidates: Vec<usize> = (0..l).filter(|c| !removed.contains(c)).collect();
+        candidates.retain(|_| rng.random_bool(0.7));
+        if candidates.is_empty() {
+            candidates.push((0..l).find(|c| !removed.contains(c)).unwrap());
+        }
+        let mut best = (f64::INFINITY, 0);
+        for &c in &candidates {
+            let mut set = removed.clone();
+            set.push(c);
+            let losses: Vec<f64> = scorers
+                .iter_mut()
+                .map(|(_, s)| s.score_step(&set, c).unwrap())
+                .collect();
+            for ((name, _), v) in scorers.iter().zip(&losses) {
+                assert!(
+                    (v - losses[0]).abs() <= 1e-12 * losses[0].abs(),
+                    "{name}, set {set:?}: {v} vs {}",
+                    losses[0]
+                );
+            }
+            if losses[0] < best.0 {
+                best = (losses[0], c);
+            }
+        }
+        removed.push(best.1);
+    }
+    let [(_, cached), (_, whole), (_, unkept)] = &scorers;
+    // No budget: every evaluation a whole network.
+    assert_eq!(whole.layer_passes, whole.evaluations as f64);
+    assert!(cached.layer_passes < whole.layer_passes);
+    // Unkept inputs: the second step's rebase onto the first step's winner is one more run.
+    assert_eq!(unkept.evaluations, cached.evaluations + 1);
+    assert!(unkept.layer_passes < whole.layer_passes);
 }

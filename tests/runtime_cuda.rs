@@ -918,7 +918,7 @@ fn layer_outputs_reach_a_device_sink_as_one_batch() {
     };
     let mut want = vec![Vec::new(); cpu.num_layers() + 1];
     let loss = cpu
-        .forward(&tokens, &[], &mut |i, h| want[i] = h.to_vec())
+        .forward(&tokens, &[], Some(&mut |i, h| want[i] = h.to_vec()))
         .unwrap();
     let backend = sglp_engine::similarity::cuda::CudaBackend::open(0).unwrap();
     for grads in [false, true] {
@@ -973,6 +973,7 @@ fn a_calibration_pass_on_the_gpu_feeds_the_cuda_cka_in_place() {
         },
         forward_batch: 2,
         gradnorm_batches: Some(1),
+        prefix_cache: None,
     };
     let needs = Needs {
         cka: true,

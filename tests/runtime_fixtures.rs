@@ -49,23 +49,27 @@ fn hidden_states_and_loss_match_pytorch() {
         let mut seen = vec![false; model.num_layers() + 1];
         let mut worst = 0f64;
         let loss = model
-            .forward(&tokens, &[], &mut |i, h| {
-                let want = &refs[&format!("hidden.{i}")];
-                assert_eq!(h.len(), want.len(), "{name}: hidden {i} size");
-                // Relative to the tensor's scale: max |Δ| / max |ref|.
-                let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-                let err = h
-                    .iter()
-                    .zip(want)
-                    .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
-                assert!(
-                    err / scale < 1e-5,
-                    "{name}: hidden {i}: rel err {:.2e}",
-                    err / scale
-                );
-                seen[i] = true;
-                worst = worst.max(err / scale);
-            })
+            .forward(
+                &tokens,
+                &[],
+                Some(&mut |i, h| {
+                    let want = &refs[&format!("hidden.{i}")];
+                    assert_eq!(h.len(), want.len(), "{name}: hidden {i} size");
+                    // Relative to the tensor's scale: max |Δ| / max |ref|.
+                    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    let err = h
+                        .iter()
+                        .zip(want)
+                        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+                    assert!(
+                        err / scale < 1e-5,
+                        "{name}: hidden {i}: rel err {:.2e}",
+                        err / scale
+                    );
+                    seen[i] = true;
+                    worst = worst.max(err / scale);
+                }),
+            )
             .unwrap();
         assert!(
             seen.iter().all(|&s| s),
@@ -140,11 +144,15 @@ fn skipping_a_layer_matches_pytorch_without_it() {
         let (refs, _) = reference(name);
         let mut last_two: Vec<Vec<f32>> = vec![Vec::new(); 3];
         let loss = model
-            .forward(&tokens, &[1], &mut |i, h| {
-                if i <= 2 {
-                    last_two[i] = h.to_vec();
-                }
-            })
+            .forward(
+                &tokens,
+                &[1],
+                Some(&mut |i, h| {
+                    if i <= 2 {
+                        last_two[i] = h.to_vec();
+                    }
+                }),
+            )
             .unwrap();
         // A skipped layer reports its input unchanged.
         assert_eq!(last_two[1], last_two[2], "{name}");
@@ -168,10 +176,7 @@ fn bad_inputs_give_clear_errors() {
         e.contains("sequence 0") && e.contains("outside the vocabulary"),
         "{e}"
     );
-    let e = model
-        .forward(&tokens, &[7], &mut |_, _| {})
-        .unwrap_err()
-        .to_string();
+    let e = model.forward(&tokens, &[7], None).unwrap_err().to_string();
     assert!(e.contains("layer 7"), "{e}");
     // A config naming an unsupported model type.
     let tmp = tempfile::tempdir().unwrap();
@@ -202,11 +207,11 @@ fn bad_inputs_give_clear_errors() {
 fn sliding_window_changes_the_result() {
     let (model, tokens) = load("qwen2_sliding");
     let (refs, _) = reference("qwen2_sliding");
-    let windowed = model.forward(&tokens, &[], &mut |_, _| {}).unwrap();
+    let windowed = model.forward(&tokens, &[], None).unwrap();
     let tmp = edited_copy("qwen2_sliding", |c| c["use_sliding_window"] = false.into());
     let full_model = Model::load(tmp.path()).unwrap();
     assert!((0..3).all(|l| full_model.config.layer_window(l).is_none()));
-    let full = full_model.forward(&tokens, &[], &mut |_, _| {}).unwrap();
+    let full = full_model.forward(&tokens, &[], None).unwrap();
     let want = refs["loss_full_attention"][0];
     assert!(rel(full, want) < 1e-5, "full attention: {full} vs {want}");
     eprintln!(

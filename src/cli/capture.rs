@@ -78,11 +78,15 @@ fn write_unit_outputs<M: PrunableModel>(
         let first = b * batch_size;
         let batch = data.batch(first, batch_size);
         let mut result = Ok(());
-        model.loss(&batch, &[], &mut |i, hs| {
-            if i >= 1 && result.is_ok() {
-                result = out.write_rows(i - 1, first, hs);
-            }
-        })?;
+        model.loss(
+            &batch,
+            &[],
+            Some(&mut |i, hs| {
+                if i >= 1 && result.is_ok() {
+                    result = out.write_rows(i - 1, first, hs);
+                }
+            }),
+        )?;
         result?;
         bar.inc(1);
     }

@@ -78,6 +78,12 @@ pub struct SglpArgs {
     /// Calibration batches (of --batch sequences) for the gradient norms (default: all).
     #[arg(long)]
     pub gradnorm_batches: Option<usize>,
+    /// `--selection loss`: memory (GiB) for the hidden states the loss scorers keep so that each
+    /// candidate runs only the layers from its first removed one on (default: 40% of the available
+    /// memory, at least 2). Over half of it for the calibration set's states: every candidate runs the
+    /// whole network (about twice the work; the same decision). 0 turns the cache off.
+    #[arg(long)]
+    pub prefix_cache_gib: Option<f64>,
 }
 
 impl SglpArgs {
@@ -88,6 +94,14 @@ impl SglpArgs {
         positive(self.batch, "--batch")?;
         if self.max_candidates == 0 {
             return Err(Error::invalid("--max-candidates must be at least 1"));
+        }
+        if self
+            .prefix_cache_gib
+            .is_some_and(|g| !(g.is_finite() && g >= 0.0))
+        {
+            return Err(Error::invalid(
+                "--prefix-cache-gib must be a number of GiB, 0 or more",
+            ));
         }
         if self.score_sequences == Some(0) || self.rank_sequences == Some(0) {
             return Err(Error::invalid(
@@ -123,6 +137,9 @@ impl SglpArgs {
             rank_sequences: self.rank_sequences,
             forward_batch: self.batch,
             gradnorm_batches: self.gradnorm_batches,
+            prefix_cache: self
+                .prefix_cache_gib
+                .map(|g| (g * (1u64 << 30) as f64) as usize),
             gradnorm: None,
         })
     }

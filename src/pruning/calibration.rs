@@ -10,7 +10,7 @@
 use super::criteria::HiddenStats;
 use crate::error::{Error, Result};
 use crate::io::{Batch, DType, LayerMeta};
-use crate::runtime::{CalibrationData, Model, PrunableModel, Tokens, UnitGrads};
+use crate::runtime::{CalibrationData, Model, OnHidden, PrunableModel, Tokens, UnitGrads};
 use crate::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -96,7 +96,7 @@ pub fn mean_grad_norms<M: PrunableModel>(
     }
     for b in 0..n_batches {
         let batch = tokens.batch(b * batch_seqs, batch_seqs);
-        sum.add(&model.unit_grads(&batch, skip, &mut |_, _| {})?);
+        sum.add(&model.unit_grads(&batch, skip, None)?);
         if show_progress {
             pb.inc(1);
         }
@@ -153,7 +153,7 @@ fn perplexity_with_progress(
     let mut sum = 0.0;
     for b in 0..n_batches {
         let batch = tokens.batch(b * batch_seqs, batch_seqs);
-        let loss = model.forward(&batch, skip, &mut |_, _| {})?;
+        let loss = model.forward(&batch, skip, None)?;
         sum += loss * batch.sequences as f64;
         if show_progress {
             pb.inc(1);
@@ -194,6 +194,10 @@ pub struct PassOptions {
     pub forward_batch: usize,
     /// Calibration batches used for gradient norms (`None`: all).
     pub gradnorm_batches: Option<usize>,
+    /// Bytes of resumable hidden states the loss scorers may keep (`None`:
+    /// [`default_prefix_cache_bytes`]); the pass keeps the unpruned network's when they take at most
+    /// half of it.
+    pub prefix_cache: Option<usize>,
 }
 
 /// Wall time of the calibration pass's parts.
@@ -215,7 +219,7 @@ pub struct CalibrationStats {
     pub gradnorm: Option<GradnormStats>,
     pub hidden: Option<HiddenStats>,
     /// Per batch of `forward_batch` sequences, the input of every decoder layer of the unpruned network,
-    /// and the batch's mean calibration loss (when asked and within [`PREFIX_CACHE_BYTES`]).
+    /// and the batch's mean calibration loss (when asked and within half of [`PassOptions::prefix_cache`]).
     pub states: Option<BaseStates>,
     pub times: PassTimes,
 }
@@ -294,7 +298,7 @@ pub fn calibration_pass<M: PrunableModel>(
     let keep_states = needs.states
         && model.can_resume()
         && (items * rows_per_item).saturating_mul(widths[..l].iter().sum::<usize>() * 4)
-            <= PREFIX_CACHE_BYTES / 2;
+            <= opts.prefix_cache.unwrap_or_else(default_prefix_cache_bytes) / 2;
     let mut inputs: LayerInputs = Vec::new();
     let mut batch_losses = Vec::new();
     // When the CKA is the only reader of the hidden states and runs on a GPU, the units' outputs go
@@ -360,14 +364,17 @@ pub fn calibration_pass<M: PrunableModel>(
                 hidden_time += t.elapsed();
             }
         };
+        // Nobody reads the hidden states: no callback, so that a GPU does not copy them out.
+        let wants_hidden = keep_states || needs.cka || needs.hidden;
+        let on_hidden: OnHidden<'_> = if wants_hidden { Some(&mut keep) } else { None };
         let t = Instant::now();
         if b < n_gradnorm {
-            let g = model.unit_grads(&batch, &[], &mut keep)?;
+            let g = model.unit_grads(&batch, &[], on_hidden)?;
             batch_losses.push(g.loss);
             grads.add(&g);
             times.gradnorm += t.elapsed().saturating_sub(hidden_time);
         } else {
-            batch_losses.push(model.loss(&batch, &[], &mut keep)?);
+            batch_losses.push(model.loss(&batch, &[], on_hidden)?);
             times.forward += t.elapsed().saturating_sub(hidden_time);
         }
         if keep_states {
@@ -419,9 +426,24 @@ pub fn calibration_pass<M: PrunableModel>(
     })
 }
 
-/// Most bytes the [`LossScorer`] keeps for resumable hidden states (the base's, up to half, and the
-/// evaluated sets' of the current step); beyond it every evaluation runs the whole network.
-pub const PREFIX_CACHE_BYTES: usize = 2 << 30;
+/// The least default budget of the loss scorers' resumable hidden states ([`default_prefix_cache_bytes`]).
+pub const PREFIX_CACHE_MIN_BYTES: usize = 2 << 30;
+
+/// The default budget of resumable hidden states ([`LossScorer`]: the base's, up to half, and the
+/// evaluated sets' of the current step): 40 % of the memory available when first asked (Linux
+/// `MemAvailable`), at least [`PREFIX_CACHE_MIN_BYTES`]. Beyond the budget every evaluation runs the
+/// whole network, which for a model of 16 or 32 layers costs about twice the layer passes (a 1B model
+/// on 64 × 512 calibration tokens keeps 4.3 GB; an 8B one 17 GB). Measured once per process, before the
+/// caches fill it; `prune` / `compare --prefix-cache-gib` set it instead.
+pub fn default_prefix_cache_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        let available = crate::similarity::available_memory().unwrap_or(0);
+        usize::try_from(available / 5 * 2)
+            .unwrap_or(usize::MAX)
+            .max(PREFIX_CACHE_MIN_BYTES)
+    })
+}
 
 /// The mean next-token loss on (the first `sequences` of) the calibration tokens with a set of decoder
 /// layers skipped; results are cached by set, so a sweep over budgets pays for each set once.
@@ -429,8 +451,8 @@ pub const PREFIX_CACHE_BYTES: usize = 2 << 30;
 /// Evaluations resume from a shared prefix: the scorer keeps the input of every decoder layer for the
 /// network with a *base* set skipped (the layers removed so far, see [`LossScorer::rebase`]), and a set
 /// that differs from the base first at layer s runs only layers s.. and the head — exact, since both
-/// networks agree before s. Memory: L × tokens × hidden floats ([`PREFIX_CACHE_BYTES`] at most, else
-/// whole forwards).
+/// networks agree before s. Memory: L × tokens × hidden floats (half the budget at most, else whole
+/// forwards: [`LossScorer::with_budget`], [`default_prefix_cache_bytes`]).
 pub struct LossScorer<'a, M: PrunableModel> {
     model: &'a M,
     tokens: M::Data,
@@ -446,6 +468,10 @@ pub struct LossScorer<'a, M: PrunableModel> {
     /// difference from the base on), while they fit in the budget: rebasing onto one of them is free.
     pending: HashMap<Vec<usize>, (usize, LayerInputs)>,
     pending_bytes: usize,
+    /// Bytes of layer inputs this scorer may keep (the base's: half; the pending sets': the other half).
+    budget: usize,
+    /// Whether evaluated sets keep their layer inputs for a later [`LossScorer::rebase`] onto them.
+    keep_pending: bool,
     /// Evaluations run so far (cache misses).
     pub evaluations: usize,
     /// Decoder layers run by them, over all batches, in units of one whole network (L layers): the
@@ -464,11 +490,7 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
         let n = sequences.map_or(tokens.items(), |s| s.clamp(1, tokens.items()));
         let tokens = tokens.batch(0, n);
         let widths = model.hidden_widths(&tokens)?;
-        let l = model.num_units();
-        let bytes = (n * tokens.rows_per_item())
-            .saturating_mul(widths[..l].iter().sum::<usize>())
-            .saturating_mul(4);
-        Ok(LossScorer {
+        let scorer = LossScorer {
             model,
             tokens,
             widths,
@@ -476,12 +498,39 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
             cache: HashMap::new(),
             base: Vec::new(),
             states: None,
-            prefix: model.can_resume() && bytes <= PREFIX_CACHE_BYTES / 2,
+            prefix: false,
             pending: HashMap::new(),
             pending_bytes: 0,
+            budget: 0,
+            // Keeping a set's inputs costs a host copy of every hidden state it computes: cheap where
+            // they are on the host already, a device-to-host copy per layer on a GPU — dearer there than
+            // the one partial forward a rebase onto an unkept set costs.
+            keep_pending: model.hidden_on_host(),
             evaluations: 0,
             layer_passes: 0.0,
-        })
+        };
+        Ok(scorer.with_budget(default_prefix_cache_bytes()))
+    }
+
+    /// Keep at most `bytes` of layer inputs (the default: [`default_prefix_cache_bytes`]); the prefix
+    /// cache is on when the base's take at most half. Call before the first evaluation.
+    pub fn with_budget(mut self, bytes: usize) -> Self {
+        let rows = self.tokens.items() * self.tokens.rows_per_item();
+        let l = self.model.num_units();
+        let base = rows
+            .saturating_mul(self.widths[..l].iter().sum::<usize>())
+            .saturating_mul(4);
+        self.budget = bytes;
+        self.prefix = self.model.can_resume() && base <= bytes / 2;
+        self
+    }
+
+    /// Whether evaluated sets keep their layer inputs so that a later [`LossScorer::rebase`] onto one of
+    /// them is free (default: where the model's hidden states are on the host). Off for a scorer that
+    /// never rebases (single removals from the unpruned base).
+    pub fn keep_pending(mut self, on: bool) -> Self {
+        self.keep_pending = on && self.model.hidden_on_host();
+        self
     }
 
     /// Items (sequences, images) scored per evaluation.
@@ -534,18 +583,19 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
             let batch = self.tokens.batch(b * self.batch_seqs, self.batch_seqs);
             let mut kept: Vec<Arc<Vec<f32>>> = (0..l).map(|_| Arc::new(Vec::new())).collect();
             let from_embedding = self.states.is_none() || start == 0;
-            let mut on_hidden = |i: usize, h: &[f32]| {
-                if keep && i < l && (i > start || from_embedding) {
+            let mut keep_input = |i: usize, h: &[f32]| {
+                if i < l && (i > start || from_embedding) {
                     kept[i] = Arc::new(h.to_vec());
                 }
             };
+            // Not kept: no callback, so that a GPU does not copy the hidden states out.
+            let on_hidden: OnHidden<'_> = if keep { Some(&mut keep_input) } else { None };
             let loss = match &self.states {
                 Some(states) if start > 0 => {
                     let h = states[b][start].clone();
-                    self.model
-                        .loss_from(&batch, start, h, skip, &mut on_hidden)?
+                    self.model.loss_from(&batch, start, h, skip, on_hidden)?
                 }
-                _ => self.model.loss(&batch, skip, &mut on_hidden)?,
+                _ => self.model.loss(&batch, skip, on_hidden)?,
             };
             sum += loss * batch.items() as f64;
             if keep {
@@ -631,8 +681,9 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
             0
         };
         // Keep this run's layer inputs while they fit: the step's winner becomes the next base for free.
-        let keep =
-            self.prefix && self.pending_bytes + self.kept_bytes(start) <= PREFIX_CACHE_BYTES / 2;
+        let keep = self.prefix
+            && self.keep_pending
+            && self.pending_bytes + self.kept_bytes(start) <= self.budget / 2;
         let (loss, kept) = self.run(&key, start, keep)?;
         self.evaluations += 1;
         if keep {

@@ -408,6 +408,7 @@ pub fn compare<M: PrunableModel>(
         cka: spec.sglp.cka,
         forward_batch: fb,
         gradnorm_batches: spec.sglp.gradnorm_batches,
+        prefix_cache: spec.sglp.prefix_cache,
     };
     let t = Instant::now();
     let stats = calibration_pass(model, tokens, needs, &pass_opts, backend)?;
@@ -623,7 +624,8 @@ fn run_criterion<M: PrunableModel>(
             // largest budget's run gives every prefix.
             let max = *spec.budgets.iter().max().expect("non-empty");
             let l = cand.len();
-            let mut scorer = LossScorer::new(model, tokens, None, spec.sglp.forward_batch)?;
+            let mut scorer = LossScorer::new(model, tokens, None, spec.sglp.forward_batch)?
+                .with_budget(spec.sglp.prefix_cache_bytes());
             if let Some(base) = &stats.states {
                 scorer.seed(base);
             }
@@ -675,11 +677,15 @@ fn cka_removal_scores<M: PrunableModel>(
         let fb = spec.sglp.forward_batch.max(1);
         for first in (0..data.items()).step_by(fb) {
             let batch = data.batch(first, fb);
-            model.loss(&batch, skip, &mut |i, h| {
-                if i == u {
-                    all.extend_from_slice(h);
-                }
-            })?;
+            model.loss(
+                &batch,
+                skip,
+                Some(&mut |i, h| {
+                    if i == u {
+                        all.extend_from_slice(h);
+                    }
+                }),
+            )?;
         }
         Ok(all)
     };

@@ -5,8 +5,8 @@
 
 use super::allocate::{caps, Allocation};
 use super::calibration::{
-    calibration_pass, mean_grad_norms, CalibrationStats, GradnormStats, LossScorer, Needs,
-    PassOptions,
+    calibration_pass, default_prefix_cache_bytes, mean_grad_norms, CalibrationStats, GradnormStats,
+    LossScorer, Needs, PassOptions,
 };
 use super::select::{
     best_subsets, greedy_removal, lowest_under_caps, GreedyStep, Selection, SubsetSearch,
@@ -102,6 +102,9 @@ pub struct SglpOptions {
     pub forward_batch: usize,
     /// Calibration batches used for gradient norms (`None`: all).
     pub gradnorm_batches: Option<usize>,
+    /// `--selection loss`: bytes of resumable hidden states the loss scorers may keep (`None`:
+    /// [`default_prefix_cache_bytes`]).
+    pub prefix_cache: Option<usize>,
     /// Per-layer gradient norms measured elsewhere (`--gradnorm FILE`): `--selection gradnorm` uses them
     /// instead of running backward passes.
     pub gradnorm: Option<Vec<f64>>,
@@ -124,6 +127,7 @@ impl SglpOptions {
             rank_sequences: None,
             forward_batch: DEFAULT_FORWARD_BATCH,
             gradnorm_batches: None,
+            prefix_cache: None,
             gradnorm: None,
         };
         match method {
@@ -162,7 +166,13 @@ impl SglpOptions {
             cka: self.cka,
             forward_batch: self.forward_batch,
             gradnorm_batches: self.gradnorm_batches,
+            prefix_cache: self.prefix_cache,
         }
+    }
+
+    /// The loss scorers' budget of resumable hidden states.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefix_cache.unwrap_or_else(default_prefix_cache_bytes)
     }
 }
 
@@ -237,9 +247,14 @@ impl<'a, M: PrunableModel> Scoring<'a, M> {
             .score_sequences
             .map_or(tokens.items(), |s| s.clamp(1, tokens.items()));
         let ranked = opts.rank_sequences.unwrap_or(scored.div_ceil(4)).max(1);
+        let budget = opts.prefix_cache_bytes();
         Ok(Scoring {
-            loss: LossScorer::new(model, tokens, Some(scored), opts.forward_batch)?,
-            rank: LossScorer::new(model, tokens, Some(ranked), opts.forward_batch)?,
+            loss: LossScorer::new(model, tokens, Some(scored), opts.forward_batch)?
+                .with_budget(budget),
+            // The ranking scores single removals from the unpruned network: it never rebases.
+            rank: LossScorer::new(model, tokens, Some(ranked), opts.forward_batch)?
+                .with_budget(budget)
+                .keep_pending(false),
         })
     }
 

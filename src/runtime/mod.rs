@@ -24,6 +24,11 @@ pub use model::Model;
 pub use prunable::{CalibrationData, PrunableModel, UnitGrads};
 pub use text::{TextSpec, TokenInput};
 
+/// Where a pass hands the hidden states it computes: `Some(callback)`, called as `(i, h)` with the
+/// row-major `rows × width` state i on the host, or `None` when nobody reads them — then a device that
+/// keeps them elsewhere (a GPU) copies nothing out.
+pub type OnHidden<'a> = Option<&'a mut dyn FnMut(usize, &[f32])>;
+
 use crate::error::{Error, Result};
 use crate::io::{ActivationSource, Batch, DType, LayerMeta, TokenMode};
 use std::path::Path;
@@ -222,11 +227,15 @@ impl<'a, M: PrunableModel> CaptureSource<'a, M> {
         self.next_seq += batch.items();
         let n_layers = self.model.num_units();
         let mut outs: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
-        self.model.loss(&batch, &[], &mut |i, h| {
-            if i >= 1 {
-                outs[i - 1] = h.to_vec();
-            }
-        })?;
+        self.model.loss(
+            &batch,
+            &[],
+            Some(&mut |i, h| {
+                if i >= 1 {
+                    outs[i - 1] = h.to_vec();
+                }
+            }),
+        )?;
         let rows = match self.mode {
             TokenMode::Samples => batch.items() * batch.rows_per_item(),
             TokenMode::Features => batch.items(),

@@ -7,7 +7,7 @@ use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Device};
 use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
-use super::{GradNorms, Tokens};
+use super::{GradNorms, OnHidden, Tokens};
 use crate::error::{Error, Result};
 use crate::io::DType;
 use crate::similarity::cuda::{DeviceBatch, DeviceLayer};
@@ -28,6 +28,8 @@ pub struct Model {
 pub trait DecoderRunner: Send + Sync {
     /// The device, for notes and reports.
     fn device_name(&self) -> String;
+    /// Whether the hidden states are in host memory (the CPU), not on a GPU.
+    fn hidden_on_host(&self) -> bool;
     /// [`Model::forward`] or, with `start`, [`Model::forward_from`].
     fn forward(
         &self,
@@ -35,7 +37,7 @@ pub trait DecoderRunner: Send + Sync {
         tokens: &Tokens,
         skip: &[usize],
         start: Option<(usize, Arc<Vec<f32>>)>,
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<f64>;
     /// [`Model::grad_norms_observed`].
     fn grad_norms(
@@ -43,7 +45,7 @@ pub trait DecoderRunner: Send + Sync {
         model: &Model,
         tokens: &Tokens,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<GradNorms>;
     /// [`Model::pass_to_device`].
     fn pass_to_device(
@@ -86,20 +88,26 @@ impl<D: Device> OnDevice<D> {
     }
 }
 
+/// An [`OnHidden`] whose callback may outlive the borrow of it (`'b: 'a`).
+type OnHiddenFor<'a, 'b> = Option<&'a mut (dyn FnMut(usize, &[f32]) + 'b)>;
+
 /// `on_hidden` over host views of device slices: the first failed download is kept and returned after the
-/// pass (the tape's callback cannot fail).
-fn host_callback<'a, D: Device>(
+/// pass (the tape's callback cannot fail). Without a callback nothing is viewed: a GPU copies nothing out.
+fn host_callback<'a, 'b: 'a, D: Device>(
     dev: &'a D,
-    on_hidden: &'a mut dyn FnMut(usize, &[f32]),
+    mut on_hidden: OnHiddenFor<'a, 'b>,
     failed: &'a mut Option<crate::Error>,
-) -> impl FnMut(usize, &D::Slice) + 'a {
+) -> impl FnMut(usize, &D::Slice) + use<'a, 'b, D> {
     let mut scratch = Vec::new();
     move |i, s| {
+        let Some(f) = on_hidden.as_deref_mut() else {
+            return;
+        };
         if failed.is_some() {
             return;
         }
         match dev.host_view(s, &mut scratch) {
-            Ok(h) => on_hidden(i, h),
+            Ok(h) => f(i, h),
             Err(e) => *failed = Some(e),
         }
     }
@@ -110,13 +118,17 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
         self.dev.name()
     }
 
+    fn hidden_on_host(&self) -> bool {
+        self.dev.cuda_ordinal().is_none()
+    }
+
     fn forward(
         &self,
         model: &Model,
         tokens: &Tokens,
         skip: &[usize],
         start: Option<(usize, Arc<Vec<f32>>)>,
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<f64> {
         let mut failed = None;
         let loss = self.with_pool(|pool| {
@@ -131,7 +143,7 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
         model: &Model,
         tokens: &Tokens,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<GradNorms> {
         let mut failed = None;
         let g = self.with_pool(|pool| {
@@ -315,14 +327,9 @@ impl Model {
 
     /// Forward only. `skip`: decoder layers bypassed (identity). Calls `on_hidden(i, h)` with i = 0 for the
     /// embedding output and i = l + 1 for the output of decoder layer l (a skipped layer reports its input),
-    /// h = `[seqs * tokens, hidden]`. Returns the mean next-token cross-entropy. Activations are freed as
+    /// h = `[seqs * tokens, hidden]`; with `None` (nobody reads them) a GPU copies no hidden state out. Returns the mean next-token cross-entropy. Activations are freed as
     /// soon as nothing reads them any more.
-    pub fn forward(
-        &self,
-        tokens: &Tokens,
-        skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<f64> {
+    pub fn forward(&self, tokens: &Tokens, skip: &[usize], on_hidden: OnHidden<'_>) -> Result<f64> {
         self.runner.forward(self, tokens, skip, None, on_hidden)
     }
 
@@ -349,6 +356,11 @@ impl Model {
     /// The device the passes run on.
     pub fn device_name(&self) -> String {
         self.runner.device_name()
+    }
+
+    /// Whether the passes keep the hidden states in host memory (the CPU), not on a GPU.
+    pub fn runner_on_host(&self) -> bool {
+        self.runner.hidden_on_host()
     }
 
     /// [`Model::forward`] (or, with `start`, [`Model::forward_from`]) on device `dev`, recycling the
@@ -379,7 +391,7 @@ impl Model {
         start: usize,
         h_start: Arc<Vec<f32>>,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<f64> {
         let want = tokens.sequences * tokens.len * self.hidden_size();
         if start > self.num_layers() || h_start.len() != want {
@@ -397,7 +409,7 @@ impl Model {
     /// embedding's, the final norm's and (untied) the lm_head's. With tied embeddings the shared matrix
     /// gets both contributions and is reported as `embed_tokens`; `lm_head` is `None`.
     pub fn grad_norms(&self, tokens: &Tokens, skip: &[usize]) -> Result<GradNorms> {
-        self.grad_norms_observed(tokens, skip, &mut |_, _| {})
+        self.grad_norms_observed(tokens, skip, None)
     }
 
     /// [`Model::grad_norms`], also handing the forward's hidden states to `on_hidden` as
@@ -406,7 +418,7 @@ impl Model {
         &self,
         tokens: &Tokens,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<GradNorms> {
         self.runner.grad_norms(self, tokens, skip, on_hidden)
     }

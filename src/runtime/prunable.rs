@@ -8,7 +8,7 @@
 //! of [`PrunableModel::hidden_widths`] values.
 
 use super::cnn::{CnnModel, Images};
-use super::{GradNorms, Model, Tokens};
+use super::{GradNorms, Model, OnHidden, Tokens};
 use crate::error::{Error, Result};
 use crate::similarity::cuda::DeviceBatch;
 use std::sync::Arc;
@@ -68,19 +68,15 @@ pub trait PrunableModel: Sync {
     fn removable(&self) -> Vec<bool>;
     /// Values per row of hidden states `0..=U` on `data`.
     fn hidden_widths(&self, data: &Self::Data) -> Result<Vec<usize>>;
-    /// Forward only, with `skip` bypassed; `on_hidden(i, rows × width)`. Returns the mean loss.
-    fn loss(
-        &self,
-        data: &Self::Data,
-        skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<f64>;
+    /// Forward only, with `skip` bypassed; `on_hidden(i, rows × width)` ([`OnHidden`]: `None` when no
+    /// hidden state is read, so that a GPU copies none out). Returns the mean loss.
+    fn loss(&self, data: &Self::Data, skip: &[usize], on_hidden: OnHidden<'_>) -> Result<f64>;
     /// Forward + backward, with `skip` bypassed; `on_hidden` as in [`PrunableModel::loss`].
     fn unit_grads(
         &self,
         data: &Self::Data,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<UnitGrads>;
     /// [`PrunableModel::loss`] (with `grads`: [`PrunableModel::unit_grads`]) with no skipped unit, the
     /// units' outputs (hidden states `1..=U`) left on GPU `ordinal` and handed to `sink` as one device
@@ -95,6 +91,11 @@ pub trait PrunableModel: Sync {
     ) -> Result<Option<(f64, Option<UnitGrads>)>> {
         Ok(None)
     }
+    /// Whether the passes compute the hidden states in host memory (reading them through `on_hidden`
+    /// costs nothing) rather than on a GPU (each one a device-to-host copy).
+    fn hidden_on_host(&self) -> bool {
+        true
+    }
     /// Whether [`PrunableModel::loss_from`] can resume a forward at a unit (the loss scorers' prefix
     /// cache).
     fn can_resume(&self) -> bool {
@@ -108,7 +109,7 @@ pub trait PrunableModel: Sync {
         _start: usize,
         _h: Arc<Vec<f32>>,
         _skip: &[usize],
-        _on_hidden: &mut dyn FnMut(usize, &[f32]),
+        _on_hidden: OnHidden<'_>,
     ) -> Result<f64> {
         Err(Error::invalid("this model cannot resume a forward pass"))
     }
@@ -139,19 +140,14 @@ impl PrunableModel for Model {
     fn hidden_widths(&self, _: &Tokens) -> Result<Vec<usize>> {
         Ok(vec![self.hidden_size(); self.num_layers() + 1])
     }
-    fn loss(
-        &self,
-        data: &Tokens,
-        skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<f64> {
+    fn loss(&self, data: &Tokens, skip: &[usize], on_hidden: OnHidden<'_>) -> Result<f64> {
         self.forward(data, skip, on_hidden)
     }
     fn unit_grads(
         &self,
         data: &Tokens,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<UnitGrads> {
         Ok(unit_grads(self.grad_norms_observed(data, skip, on_hidden)?))
     }
@@ -168,13 +164,16 @@ impl PrunableModel for Model {
     fn can_resume(&self) -> bool {
         true
     }
+    fn hidden_on_host(&self) -> bool {
+        self.runner_on_host()
+    }
     fn loss_from(
         &self,
         data: &Tokens,
         start: usize,
         h: Arc<Vec<f32>>,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<f64> {
         self.forward_from(data, start, h, skip, on_hidden)
     }
@@ -199,21 +198,18 @@ impl PrunableModel for CnnModel {
             .map(|(c, h, w)| c * h * w)
             .collect())
     }
-    fn loss(
-        &self,
-        data: &Images,
-        skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<f64> {
-        Ok(self.forward(data, skip, on_hidden)?.loss)
+    fn loss(&self, data: &Images, skip: &[usize], on_hidden: OnHidden<'_>) -> Result<f64> {
+        Ok(self
+            .forward(data, skip, on_hidden.unwrap_or(&mut |_, _| {}))?
+            .loss)
     }
     fn unit_grads(
         &self,
         data: &Images,
         skip: &[usize],
-        on_hidden: &mut dyn FnMut(usize, &[f32]),
+        on_hidden: OnHidden<'_>,
     ) -> Result<UnitGrads> {
-        let g = self.grad_norms(data, skip, on_hidden)?;
+        let g = self.grad_norms(data, skip, on_hidden.unwrap_or(&mut |_, _| {}))?;
         Ok(UnitGrads {
             loss: g.outcome.loss,
             per_unit: g.per_unit,
