@@ -491,9 +491,10 @@ impl CudaDevice {
     ) -> Result<CudaSlice<T>> {
         let copy = &self.inner.copy;
         let size = std::mem::size_of::<T>();
-        let per = STAGE * std::mem::size_of::<f32>() / size; // values of T per slot
-                                                             // SAFETY: every element is written by the copies below before any kernel reads it (the compute
-                                                             // stream waits for the buffer's write event, recorded after the last copy).
+        // Values of T per slot.
+        let per = STAGE * std::mem::size_of::<f32>() / size;
+        // SAFETY: every element is written by the copies below before any kernel reads it (the compute
+        // stream waits for the buffer's write event, recorded after the last copy).
         let mut dst = unsafe { copy.alloc::<T>(host.len()) }.cu("allocating a weight")?;
         while w.staging.len() < 2 {
             // SAFETY: the pinned memory is written before it is read.
