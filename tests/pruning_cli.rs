@@ -127,6 +127,30 @@ fn budget_not_below_the_layer_count_is_refused() {
 }
 
 #[test]
+fn a_prefix_cache_budget_that_is_not_a_size_is_refused_and_zero_gives_the_same_decision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    for bad in ["--prefix-cache-gib=-1", "--prefix-cache-gib=nan"] {
+        assert_exit2(
+            &prune(&out, &["--remove", "1", bad]),
+            "--prefix-cache-gib must be a number of GiB",
+        );
+    }
+    assert!(!out.exists());
+    // No cache: every candidate runs the whole network, the same layers go.
+    let removed = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["--remove", "1"];
+        args.extend_from_slice(extra);
+        let o = prune(dir, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_json(&dir.join("sglp-report.json"))["removed"].clone()
+    };
+    let cached = removed(&tmp.path().join("cached"), &[]);
+    let whole = removed(&tmp.path().join("whole"), &["--prefix-cache-gib", "0"]);
+    assert_eq!(cached, whole);
+}
+
+#[test]
 fn more_segments_than_layers_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");

@@ -80,8 +80,8 @@ pub struct SglpArgs {
     pub gradnorm_batches: Option<usize>,
     /// `--selection loss`: memory (GiB) for the hidden states the loss scorers keep so that each
     /// candidate runs only the layers from its first removed one on (default: 40% of the available
-    /// memory, at least 2). Over half of it for the calibration set's states: every candidate runs the
-    /// whole network (about twice the work; the same decision). 0 turns the cache off.
+    /// memory, at least 2). When the calibration set's states need more than half of it, every candidate
+    /// runs the whole network (about 1.6× the work on 32 layers; the same decision). 0 turns it off.
     #[arg(long)]
     pub prefix_cache_gib: Option<f64>,
 }
