@@ -138,15 +138,21 @@ fn a_prefix_cache_budget_that_is_not_a_size_is_refused_and_zero_gives_the_same_d
     }
     assert!(!out.exists());
     // No cache: every candidate runs the whole network, the same layers go.
-    let removed = |dir: &Path, extra: &[&str]| {
+    let removed = |dir: &Path, extra: &[&str], says: &str| {
         let mut args = vec!["--remove", "1"];
         args.extend_from_slice(extra);
         let o = prune(dir, &args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains(says), "{err}");
         read_json(&dir.join("sglp-report.json"))["removed"].clone()
     };
-    let cached = removed(&tmp.path().join("cached"), &[]);
-    let whole = removed(&tmp.path().join("whole"), &["--prefix-cache-gib", "0"]);
+    let cached = removed(&tmp.path().join("cached"), &[], "with the shared prefixes");
+    let whole = removed(
+        &tmp.path().join("whole"),
+        &["--prefix-cache-gib", "0"],
+        "without the prefix cache",
+    );
     assert_eq!(cached, whole);
 }
 

@@ -515,14 +515,28 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
     /// Keep at most `bytes` of layer inputs (the default: [`default_prefix_cache_bytes`]); the prefix
     /// cache is on when the base's take at most half. Call before the first evaluation.
     pub fn with_budget(mut self, bytes: usize) -> Self {
+        self.budget = bytes;
+        self.prefix = self.model.can_resume() && self.state_bytes() <= bytes / 2;
+        self
+    }
+
+    /// Bytes of the layer inputs of one network on the scoring sequences (what the base keeps).
+    pub fn state_bytes(&self) -> usize {
         let rows = self.tokens.items() * self.tokens.rows_per_item();
         let l = self.model.num_units();
-        let base = rows
-            .saturating_mul(self.widths[..l].iter().sum::<usize>())
-            .saturating_mul(4);
-        self.budget = bytes;
-        self.prefix = self.model.can_resume() && base <= bytes / 2;
-        self
+        rows.saturating_mul(self.widths[..l].iter().sum::<usize>())
+            .saturating_mul(4)
+    }
+
+    /// The budget of kept layer inputs ([`LossScorer::with_budget`]).
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Whether evaluations resume from kept layer inputs (the model can resume and the base's inputs fit
+    /// half the budget).
+    pub fn resumes(&self) -> bool {
+        self.prefix
     }
 
     /// Whether evaluated sets keep their layer inputs so that a later [`LossScorer::rebase`] onto one of

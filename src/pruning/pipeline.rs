@@ -423,9 +423,21 @@ pub fn decide_from_stats<M: PrunableModel>(
                 })
                 .collect();
             times.selection = start.elapsed();
+            let prefixes = if scoring.loss.resumes() {
+                "with the shared prefixes".to_string()
+            } else {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                format!(
+                    "without the prefix cache: its hidden states take {:.1} GiB, more than half of \
+                     its {:.1} GiB budget; a larger --prefix-cache-gib or fewer --score-sequences \
+                     would resume each candidate at its first removed layer",
+                    gib(scoring.loss.state_bytes()),
+                    gib(scoring.loss.budget())
+                )
+            };
             notes.push(format!(
                 "loss-guided selection: {} evaluations over {} calibration sequences, ranking on {} \
-                 ({:.1} whole-network passes of {} sequences with the shared prefixes)",
+                 ({:.1} whole-network passes of {} sequences {prefixes})",
                 scoring.evaluations() - evaluations,
                 scoring.loss.sequences(),
                 scoring.rank.sequences(),
