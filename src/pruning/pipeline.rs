@@ -387,18 +387,28 @@ pub fn decide_from_stats<M: PrunableModel>(
             let (evaluations, passes) = (scoring.evaluations(), scoring.layer_passes());
             let scorer = &mut scoring.loss;
             score_baseline = Some(scorer.loss(&[])?);
+            // Only segments longer than the shortlist need a ranking.
+            let ranked: Vec<(usize, usize)> = match (opts.shortlist, opts.shortlist_by) {
+                (s, Shortlist::Loss) if s > 0 => segments
+                    .iter()
+                    .copied()
+                    .filter(|&(a, b)| b - a + 1 > opts.shortlist)
+                    .collect(),
+                _ => Vec::new(),
+            };
+            // One unit per ranked layer, then one per removal step: each is one or more forward passes.
+            let n_ranked: usize = ranked.iter().map(|&(a, b)| b - a + 1).sum();
+            let pb =
+                crate::progress::bar((n_ranked + budget) as u64, "loss-guided selection steps");
             let proxy = match (opts.shortlist, opts.shortlist_by) {
                 (0, _) => None,
                 (_, Shortlist::Influence) => block_influence.as_deref().map(on_units),
                 (_, Shortlist::Loss) => {
-                    // Only segments longer than the shortlist need a ranking.
                     let mut single = vec![f64::NAN; l];
-                    for &(a, b) in segments
-                        .iter()
-                        .filter(|&&(a, b)| b - a + 1 > opts.shortlist)
-                    {
+                    for &(a, b) in &ranked {
                         for i in a..=b {
                             single[cand[i]] = scoring.rank.loss(&[cand[i]])?;
+                            pb.inc(1);
                         }
                     }
                     let proxy = on_units(&single);
@@ -412,8 +422,13 @@ pub fn decide_from_stats<M: PrunableModel>(
                 budget,
                 proxy.as_deref(),
                 opts.shortlist,
-                &mut |set, candidate| scorer.score_step(&to_units(set), cand[candidate]),
+                &mut |set, candidate| {
+                    // `set`: the layers removed so far and this candidate.
+                    pb.set_position((n_ranked + set.len().saturating_sub(1)) as u64);
+                    scorer.score_step(&to_units(set), cand[candidate])
+                },
             )?;
+            pb.finish_and_clear();
             greedy_steps = steps
                 .into_iter()
                 .map(|s| GreedyStep {
