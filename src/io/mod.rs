@@ -286,9 +286,6 @@ pub fn convert_into<T: FromStored>(dtype: DType, bytes: &[u8], out: &mut [T]) {
     }
 }
 
-/// Anything that yields the activations of a calibration set, chunk by chunk, in sample order.
-///
-/// Implemented by [`ActivationSet`] (files) and by the runtime's capture (a model run on tokens).
 /// One layer of a [`DeviceBatch`]: the device address of its `rows × cols` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceLayer {
@@ -327,6 +324,9 @@ impl DeviceBatch {
     }
 }
 
+/// Anything that yields the activations of a calibration set, chunk by chunk, in sample order.
+///
+/// Implemented by [`ActivationSet`] (files) and by the runtime's capture (a model run on tokens).
 pub trait ActivationSource {
     /// The layers every chunk holds, in order.
     fn layers(&self) -> &[LayerMeta];
