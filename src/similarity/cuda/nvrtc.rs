@@ -62,12 +62,7 @@ pub struct Compiled {
 /// `extra` options are appended (e.g. `--ptxas-options=-v` for resource reports).
 pub fn compile_kernel(file: &str, arch: &str, extra: &[&str]) -> Result<Compiled> {
     let (file, prog, log) = compile_program(file, arch, extra)?;
-    let nvrtc_err = |what: &str, e: cudarc::nvrtc::result::NvrtcError| {
-        Error::cuda_from(
-            format!("NVRTC {what} failed for {file} ({arch}): {:?}", e.0),
-            e,
-        )
-    };
+    let nvrtc_err = |what: &str, e| nvrtc_error(what, file, arch, e);
     let mut size = 0usize;
     // SAFETY: live program, compiled; out-pointer to a usize.
     unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) }
@@ -102,12 +97,15 @@ pub fn compile_ptx(file: &str, arch: &str) -> Result<String> {
                     .map(|_| CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
             })
     };
-    ptx.map_err(|e| {
-        Error::cuda_from(
-            format!("NVRTC get PTX failed for {file} ({arch}): {:?}", e.0),
-            e,
-        )
-    })
+    ptx.map_err(|e| nvrtc_error("get PTX", file, arch, e))
+}
+
+/// An NVRTC call's failure, naming the call, the kernel file and the architecture.
+fn nvrtc_error(what: &str, file: &str, arch: &str, e: cudarc::nvrtc::result::NvrtcError) -> Error {
+    Error::cuda_from(
+        format!("NVRTC {what} failed for {file} ({arch}): {:?}", e.0),
+        e,
+    )
 }
 
 /// Create and compile the program of embedded file `file`; returns its `'static` name, the program and
@@ -117,11 +115,8 @@ fn compile_program(
     arch: &str,
     extra: &[&str],
 ) -> Result<(&'static str, ProgramGuard, String)> {
-    let (file, src) = KERNEL_SOURCES
-        .iter()
-        .find(|(f, _)| *f == file)
-        .copied()
-        .ok_or_else(|| Error::cuda(format!("no embedded kernel named {file}")))?;
+    let (file, src) =
+        embedded(file).ok_or_else(|| Error::cuda(format!("no embedded kernel named {file}")))?;
     require_nvrtc()?;
     let mut options: Vec<String> = vec![format!("--gpu-architecture={arch}")];
     options.extend(NVRTC_OPTIONS.iter().map(|s| s.to_string()));
@@ -148,12 +143,7 @@ fn compile_program(
         )
     }
     .result()
-    .map_err(|e| {
-        Error::cuda_from(
-            format!("NVRTC create failed for {file} ({arch}): {:?}", e.0),
-            e,
-        )
-    })?;
+    .map_err(|e| nvrtc_error("create", file, arch, e))?;
     let guard = ProgramGuard(prog);
     // SAFETY: `prog` is a live program; the option pointers outlive the call.
     let compiled =
@@ -197,10 +187,12 @@ fn program_log(prog: sys::nvrtcProgram) -> String {
 
 /// The text of embedded kernel file `file` (e.g. `rbf.cu`).
 pub fn kernel_source(file: &str) -> Option<&'static str> {
-    KERNEL_SOURCES
-        .iter()
-        .find(|(f, _)| *f == file)
-        .map(|(_, s)| *s)
+    embedded(file).map(|(_, s)| s)
+}
+
+/// Embedded kernel file `file`: its `'static` name and its text.
+fn embedded(file: &str) -> Option<(&'static str, &'static str)> {
+    KERNEL_SOURCES.iter().find(|(f, _)| *f == file).copied()
 }
 
 /// The names of the embedded kernel files.
