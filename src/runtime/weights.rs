@@ -173,16 +173,20 @@ impl Weights {
         Ok(())
     }
 
+    /// The stored bytes of tensor `name` at `loc` in its mapped file.
+    fn stored_bytes(&self, name: &str, loc: &TensorLoc) -> Result<&[u8]> {
+        let (path, map) = &self.files[loc.file];
+        map.get(loc.start..loc.end)
+            .ok_or_else(|| Error::layer(path, name, "data offsets run past the end of the file"))
+    }
+
     /// The tensor as f32: borrowed when stored as aligned f32, converted otherwise.
     pub fn get_f32(&self, name: &str) -> Result<Cow<'_, [f32]>> {
         let loc = self
             .tensors
             .get(name)
             .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{name}'")))?;
-        let (path, map) = &self.files[loc.file];
-        let bytes = map
-            .get(loc.start..loc.end)
-            .ok_or_else(|| Error::layer(path, name, "data offsets run past the end of the file"))?;
+        let bytes = self.stored_bytes(name, loc)?;
         let conv = |size: usize, f: &(dyn Fn(&[u8]) -> f32 + Sync)| -> Vec<f32> {
             let mut out = vec![0f32; bytes.len() / size];
             out.par_chunks_mut(8192)
@@ -206,7 +210,7 @@ impl Weights {
             })),
             other => {
                 return Err(Error::layer(
-                    path,
+                    &self.files[loc.file].0,
                     name,
                     format!("dtype {other:?} is not supported (f32, f16, bf16, f64)"),
                 ))
@@ -231,10 +235,7 @@ impl ParamStore for Weights {
         if loc.dtype != Dtype::BF16 {
             return Ok(None);
         }
-        let (path, map) = &self.files[loc.file];
-        let bytes = map
-            .get(loc.start..loc.end)
-            .ok_or_else(|| Error::layer(path, name, "data offsets run past the end of the file"))?;
+        let bytes = self.stored_bytes(name, loc)?;
         Ok(Some(match bytemuck::try_cast_slice::<u8, u16>(bytes) {
             Ok(s) if cfg!(target_endian = "little") => Cow::Borrowed(s),
             _ => Cow::Owned(
