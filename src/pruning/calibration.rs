@@ -297,7 +297,7 @@ pub fn calibration_pass<M: PrunableModel>(
     let mut outs: Vec<Vec<f32>> = vec![Vec::new(); if needs.cka { l } else { 0 }];
     let keep_states = needs.states
         && model.can_resume()
-        && (items * rows_per_item).saturating_mul(widths[..l].iter().sum::<usize>() * 4)
+        && input_bytes(items * rows_per_item, &widths[..l])
             <= opts.prefix_cache.unwrap_or_else(default_prefix_cache_bytes) / 2;
     let mut inputs: LayerInputs = Vec::new();
     let mut batch_losses = Vec::new();
@@ -426,6 +426,12 @@ pub fn calibration_pass<M: PrunableModel>(
     })
 }
 
+/// Bytes of f32 layer inputs of `rows` rows, one layer per width.
+fn input_bytes(rows: usize, widths: &[usize]) -> usize {
+    rows.saturating_mul(widths.iter().sum::<usize>())
+        .saturating_mul(4)
+}
+
 /// The least default budget of the loss scorers' resumable hidden states ([`default_prefix_cache_bytes`]).
 pub const PREFIX_CACHE_MIN_BYTES: usize = 2 << 30;
 
@@ -522,10 +528,7 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
 
     /// Bytes of the layer inputs of one network on the scoring sequences (what the base keeps).
     pub fn state_bytes(&self) -> usize {
-        let rows = self.tokens.items() * self.tokens.rows_per_item();
-        let l = self.model.num_units();
-        rows.saturating_mul(self.widths[..l].iter().sum::<usize>())
-            .saturating_mul(4)
+        self.inputs_bytes(0)
     }
 
     /// The budget of kept layer inputs ([`LossScorer::with_budget`]).
@@ -620,14 +623,12 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
         Ok((sum / self.tokens.items() as f64, out))
     }
 
-    /// Bytes of the layer inputs a run from `start` keeps.
-    fn kept_bytes(&self, start: usize) -> usize {
+    /// Bytes of the inputs of layers `first..L` on the scoring sequences (a run from `start` keeps those
+    /// from `start + 1`).
+    fn inputs_bytes(&self, first: usize) -> usize {
         let rows = self.tokens.items() * self.tokens.rows_per_item();
-        let widths = self
-            .widths
-            .get(start + 1..self.model.num_units())
-            .unwrap_or(&[]);
-        rows * widths.iter().sum::<usize>() * 4
+        let l = self.model.num_units();
+        input_bytes(rows, self.widths.get(first..l).unwrap_or(&[]))
     }
 
     /// Put a run's kept inputs (layers above `start`) over the base's.
@@ -697,11 +698,11 @@ impl<'a, M: PrunableModel> LossScorer<'a, M> {
         // Keep this run's layer inputs while they fit: the step's winner becomes the next base for free.
         let keep = self.prefix
             && self.keep_pending
-            && self.pending_bytes + self.kept_bytes(start) <= self.budget / 2;
+            && self.pending_bytes + self.inputs_bytes(start + 1) <= self.budget / 2;
         let (loss, kept) = self.run(&key, start, keep)?;
         self.evaluations += 1;
         if keep {
-            self.pending_bytes += self.kept_bytes(start);
+            self.pending_bytes += self.inputs_bytes(start + 1);
             self.pending.insert(key.clone(), (start, kept));
         }
         self.cache.insert(key, loss);
