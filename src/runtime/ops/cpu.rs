@@ -798,13 +798,14 @@ impl super::Device for Cpu {
     ) -> Result<std::borrow::Cow<'s, [f32]>> {
         store.param(name)
     }
+    /// The CPU multiplies in f32: a weight is read as any parameter.
     fn weight<'s>(
         &self,
         store: &'s dyn ParamStore,
         name: &str,
-        _len: usize,
+        len: usize,
     ) -> Result<std::borrow::Cow<'s, [f32]>> {
-        store.param(name)
+        self.param(store, name, len)
     }
     fn weight_from<'a>(&self, w: &'a [f32]) -> Result<std::borrow::Cow<'a, [f32]>> {
         Ok(std::borrow::Cow::Borrowed(w))
