@@ -273,6 +273,18 @@ fn copy_values<T: Copy>(src: &[T], dst: &mut [T]) {
     dst.copy_from_slice(src);
 }
 
+/// The staging conversion of f32 values uploaded as bf16 (their bits, round to nearest even).
+fn to_bf16_bits(src: &[f32], dst: &mut [u16]) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 16))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = half::bf16::from_f32(s).to_bits();
+            }
+        })
+}
+
 /// The weight cache's key of parameter `name` held as `repr`.
 fn cache_key(name: &str, repr: Repr) -> String {
     match repr {
@@ -545,16 +557,7 @@ impl CudaDevice {
             (Repr::Bf16, None) => CudaWeight::Bf16(Arc::new(self.upload_weight(
                 w,
                 &store.param(name)?,
-                |src: &[f32], dst: &mut [u16]| {
-                    use rayon::prelude::*;
-                    dst.par_chunks_mut(1 << 16)
-                        .zip(src.par_chunks(1 << 16))
-                        .for_each(|(d, s)| {
-                            for (d, &s) in d.iter_mut().zip(s) {
-                                *d = half::bf16::from_f32(s).to_bits();
-                            }
-                        })
-                },
+                to_bf16_bits,
             )?)),
         };
         let key = cache_key(name, repr);
@@ -882,10 +885,8 @@ impl Device for CudaDevice {
             Repr::Bf16 => {
                 let mut host = Vec::new();
                 self.download(w, &mut host)?;
-                let bits: Vec<u16> = host
-                    .iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect();
+                let mut bits = vec![0u16; host.len()];
+                to_bf16_bits(&host, &mut bits);
                 Ok(CudaWeight::Bf16(Arc::new(
                     self.s().clone_htod(&bits).cu("uploading a weight")?,
                 )))
