@@ -327,8 +327,9 @@ impl Model {
 
     /// Forward only. `skip`: decoder layers bypassed (identity). Calls `on_hidden(i, h)` with i = 0 for the
     /// embedding output and i = l + 1 for the output of decoder layer l (a skipped layer reports its input),
-    /// h = `[seqs * tokens, hidden]`; with `None` (nobody reads them) a GPU copies no hidden state out. Returns the mean next-token cross-entropy. Activations are freed as
-    /// soon as nothing reads them any more.
+    /// h = `[seqs * tokens, hidden]`; with `None` (nobody reads them) a GPU copies no hidden state out.
+    /// Returns the mean next-token cross-entropy. Activations are freed as soon as nothing reads them any
+    /// more.
     pub fn forward(&self, tokens: &Tokens, skip: &[usize], on_hidden: OnHidden<'_>) -> Result<f64> {
         self.runner.forward(self, tokens, skip, None, on_hidden)
     }
