@@ -15,7 +15,7 @@ use criterion::{Criterion, Throughput};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sglp_engine::io::{Batch, DType, LayerBlock};
+use sglp_engine::io::{Batch, DType, LayerBlock, LayerMeta};
 use sglp_engine::similarity::cpu::CpuBackend;
 use sglp_engine::similarity::cuda::CudaBackend;
 use sglp_engine::similarity::{Backend, Estimator, HsicSum, Kernel};
@@ -84,7 +84,7 @@ impl Workload {
                 LayerBlock {
                     dtype: self.dtype,
                     cols,
-                    data,
+                    data: data.into(),
                 }
             })
             .collect();
@@ -181,6 +181,41 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
         gpu.finish_sum(sum).expect("finish");
         let streamed_s = t1.elapsed().as_secs_f64();
         let used_all = gpu.device_memory_used().expect("memory info");
+        // The same from page-locked chunk buffers (what a file reader fills): each batch is uploaded from
+        // where it lies, no staging copy. The reader's own copy into the buffer is timed here too, on this
+        // thread (a reader thread does it in `compute_cka`; `streamed_total_s` starts from heap batches),
+        // so this is an upper bound of the path's cost.
+        let metas: Vec<LayerMeta> = w
+            .widths
+            .iter()
+            .enumerate()
+            .map(|(i, &cols)| LayerMeta {
+                name: format!("l{i}"),
+                cols,
+                dtype: w.dtype,
+                shape: vec![w.rows, cols],
+            })
+            .collect();
+        let mut buffers: Vec<Batch> = (0..2)
+            .filter_map(|_| gpu.page_locked_batch(&metas, w.rows))
+            .collect();
+        let page_locked_s = (buffers.len() == 2).then(|| {
+            let mut sum = HsicSum::new(w.widths.len());
+            let t = std::time::Instant::now();
+            for i in 0..w.batches {
+                let buf = &mut buffers[i % 2];
+                for (dst, src) in buf.layers.iter_mut().zip(&data[i % 2].layers) {
+                    dst.data.clear();
+                    dst.data.extend_from_slice(&src.data);
+                }
+                buf.rows = w.rows;
+                gpu.submit(&mut sum, &buf.as_ref(), Estimator::Unbiased, Kernel::Linear)
+                    .expect("submit");
+            }
+            gpu.finish_sum(sum).expect("finish");
+            t.elapsed().as_secs_f64()
+        });
+        drop(buffers);
         // Activations already on the device (computed there, or a CUDA tensor): no PCIe in the loop.
         let on_device = [
             gpu.upload(&data[0].as_ref()).expect("device copy"),
@@ -214,6 +249,7 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             "batches": w.batches,
             "total_s": total_s,
             "streamed_total_s": streamed_s,
+            "page_locked_total_s": page_locked_s,
             "device_resident_total_s": device_resident_s,
             "device_bytes_used_after_16_batches": used_16,
             "device_bytes_used_after_all_batches": used_all,

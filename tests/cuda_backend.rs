@@ -56,7 +56,11 @@ fn random_layer(rng: &mut StdRng, rows: usize, cols: usize, dtype: DType) -> Lay
             .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect(),
     };
-    LayerBlock { dtype, cols, data }
+    LayerBlock {
+        dtype,
+        cols,
+        data: data.into(),
+    }
 }
 
 /// Layers that are noisy mixtures of one shared signal, so CKA values spread over (0, 1).
@@ -403,7 +407,7 @@ fn large_mean_llm_like_activations_match_the_f64_reference() {
         LayerBlock {
             dtype,
             cols: d,
-            data,
+            data: data.into(),
         }
     };
     let batch = Batch {
@@ -604,6 +608,78 @@ fn device_resident_batches_give_the_host_path_bits() {
         .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
         .unwrap();
     assert_eq!(again, first);
+}
+
+/// Page-locked chunk buffers (what a file reader fills on the Gram route): each batch is uploaded from
+/// where it was written, without staging, and refilled at once while the GPU may still be reading the
+/// previous contents (every write waits for the upload). The device sum has the bits of the same
+/// batches submitted from heap memory (the staging path).
+#[test]
+fn page_locked_chunks_upload_in_place_and_refill_safely() {
+    use sglp_engine::similarity::HsicSum;
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let layers = [(96, DType::BF16), (50, DType::F32), (33, DType::F16)];
+    let metas: Vec<LayerMeta> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, &(cols, dtype))| LayerMeta {
+            name: format!("l{i}"),
+            cols,
+            dtype,
+            shape: vec![0, cols],
+        })
+        .collect();
+    let rows = 64;
+    let mut buffers: Vec<Batch> = (0..2)
+        .map(|_| {
+            gpu.page_locked_batch(&metas, rows)
+                .expect("page-locked memory")
+        })
+        .collect();
+    assert!(buffers[0].layers.iter().all(|b| b.data.locked().is_some()));
+    let seed: u64 = rand::rng().random();
+    let batches: Vec<Batch> = (0..9)
+        .map(|i| random_batch(seed + i, rows, &layers))
+        .collect();
+    let l = layers.len();
+    let (mut staged, mut in_place) = (HsicSum::new(l), HsicSum::new(l));
+    for (i, b) in batches.iter().enumerate() {
+        gpu.submit(
+            &mut staged,
+            &b.as_ref(),
+            Estimator::Unbiased,
+            Kernel::Linear,
+        )
+        .unwrap();
+        // Alternate the two buffers as the reader does, then refill one buffer right after its upload
+        // was enqueued.
+        let buf = &mut buffers[if i < 5 { i % 2 } else { 0 }];
+        for (dst, src) in buf.layers.iter_mut().zip(&b.layers) {
+            dst.data.clear();
+            dst.data.extend_from_slice(&src.data);
+        }
+        buf.rows = rows;
+        gpu.submit(
+            &mut in_place,
+            &buf.as_ref(),
+            Estimator::Unbiased,
+            Kernel::Linear,
+        )
+        .unwrap();
+    }
+    assert!(buffers
+        .iter()
+        .all(|b| b.layers.iter().all(|x| x.data.locked().is_some())));
+    let (a, b) = (
+        gpu.finish_sum(staged).unwrap(),
+        gpu.finish_sum(in_place).unwrap(),
+    );
+    assert!(a.iter().any(|v| *v != 0.0));
+    assert_eq!(
+        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "batches uploaded from page-locked buffers differ from staged ones"
+    );
 }
 
 /// A NaN in device memory is found on the GPU (column_centre's flags): finishing the sum fails with the

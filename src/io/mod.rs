@@ -5,12 +5,14 @@
 //! registers or per batch, never as a whole-file f64 copy). Readers ([`ActivationSource`]) hand out chunks;
 //! the CKA accumulator re-batches them into estimator batches, which may straddle chunks and shards.
 
+pub mod host_bytes;
 pub mod matrix;
 pub mod npy;
 pub mod output;
 pub mod safetensors;
 pub mod shards;
 
+pub use host_bytes::{HostBytes, PageLocked};
 pub use shards::{ActivationSet, ReadOptions, TokenMode};
 
 use crate::error::{Error, Result};
@@ -72,12 +74,13 @@ pub(crate) struct StoredTensor {
     pub file_len: u64,
 }
 
-/// One layer's rows in a chunk: `rows × cols` elements of `dtype`, row-major, little-endian bytes.
+/// One layer's rows in a chunk: `rows × cols` elements of `dtype`, row-major, little-endian bytes (on the
+/// heap, or in page-locked memory a GPU backend copies from without staging: [`HostBytes`]).
 #[derive(Clone, Debug)]
 pub struct LayerBlock {
     pub dtype: DType,
     pub cols: usize,
-    pub data: Vec<u8>,
+    pub data: HostBytes,
 }
 
 /// The same `rows` samples for every layer.
@@ -111,7 +114,7 @@ impl Batch {
                 .map(|l| LayerBlock {
                     dtype: l.dtype,
                     cols: l.cols,
-                    data: Vec::new(),
+                    data: HostBytes::new(),
                 })
                 .collect(),
         }
@@ -126,7 +129,7 @@ impl Batch {
                 LayerBlock {
                     dtype: DType::F32,
                     cols,
-                    data: bytemuck::cast_slice(v).to_vec(),
+                    data: bytemuck::cast_slice(v).to_vec().into(),
                 }
             })
             .collect();

@@ -3,7 +3,7 @@
 //! re-batching and the f64 state; a backend only turns one batch into numbers.
 
 use crate::error::Result;
-use crate::io::BatchRef;
+use crate::io::{Batch, BatchRef, LayerMeta};
 
 /// Which HSIC estimator.
 #[derive(
@@ -112,6 +112,15 @@ pub trait Backend {
 
     /// This backend as the CUDA backend, if it is one (the accumulator's device-input path needs it).
     fn as_cuda(&mut self) -> Option<&mut super::cuda::CudaBackend> {
+        None
+    }
+
+    /// An empty chunk buffer for a reader to fill (`rows` rows of every layer of `layers` fit it) in memory
+    /// this backend copies from without staging it first: page-locked memory on the CUDA backend, which
+    /// then uploads each batch from where the reader wrote it. `None` (the default, and where such memory
+    /// is not to be had) means an ordinary heap buffer does as well.
+    fn page_locked_batch(&mut self, layers: &[LayerMeta], rows: usize) -> Option<Batch> {
+        let _ = (layers, rows);
         None
     }
 

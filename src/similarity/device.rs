@@ -143,13 +143,13 @@ pub fn self_check(candidate: &mut dyn Backend, reference: &mut dyn Backend) -> R
                 LayerBlock {
                     dtype: if l == 1 { DType::BF16 } else { DType::F16 },
                     cols: w,
-                    data: bits,
+                    data: bits.into(),
                 }
             } else {
                 LayerBlock {
                     dtype: DType::F32,
                     cols: w,
-                    data: bytemuck::cast_slice(&vals).to_vec(),
+                    data: bytemuck::cast_slice(&vals).to_vec().into(),
                 }
             }
         })

@@ -191,7 +191,7 @@ fn centred_f64(batch: &BatchRef<'_>) -> Batch {
             LayerBlock {
                 dtype: DType::F64,
                 cols: s.cols,
-                data: bytemuck::cast_slice(&x).to_vec(),
+                data: bytemuck::cast_slice(&x).to_vec().into(),
             }
         })
         .collect();

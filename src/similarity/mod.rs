@@ -647,13 +647,23 @@ pub fn compute_cka(
             return acc.finish(backend);
         }
     }
+    // A reader thread fills two chunk buffers in turn; on the Gram route a GPU backend hands out
+    // page-locked ones, which it uploads from without a staging copy.
+    let buffers = if source.as_send().is_some() && acc.reads_device_in_place() {
+        [(); 2].map(|_| backend.page_locked_batch(&layers, chunk_rows))
+    } else {
+        [None, None]
+    };
     let mut consume = |chunk: &Batch| -> Result<()> {
         acc.push(&chunk.as_ref(), backend)?;
         pb.inc(chunk.rows as u64);
         Ok(())
     };
     match source.as_send() {
-        Some(src) => read_ahead(src, chunk_rows, &layers, &mut consume)?,
+        Some(src) => {
+            let buffers = buffers.map(|b| b.unwrap_or_else(|| Batch::empty(&layers)));
+            read_ahead(src, chunk_rows, buffers, &mut consume)?
+        }
         None => {
             let mut chunk = Batch::empty(&layers);
             while source.next_chunk_into(chunk_rows, &mut chunk)? {
@@ -665,21 +675,21 @@ pub fn compute_cka(
     acc.finish(backend)
 }
 
-/// Read chunks of `rows` on a second thread while `consume` works on the previous one. Two buffers
+/// Read chunks of `rows` on a second thread while `consume` works on the previous one. The two buffers
 /// circulate between the threads, so once they have grown to a chunk nothing is allocated per chunk. The
 /// first error (reading or consuming) is returned; the reader stops as soon as its channels close.
 fn read_ahead(
     src: &mut (dyn ActivationSource + Send),
     rows: usize,
-    layers: &[LayerMeta],
+    buffers: [Batch; 2],
     consume: &mut dyn FnMut(&Batch) -> Result<()>,
 ) -> Result<()> {
     use std::sync::mpsc::sync_channel;
     std::thread::scope(|scope| {
         let (full_tx, full_rx) = sync_channel::<Result<Batch>>(1);
         let (free_tx, free_rx) = sync_channel::<Batch>(2);
-        for _ in 0..2 {
-            free_tx.send(Batch::empty(layers)).expect("room for two");
+        for b in buffers {
+            free_tx.send(b).expect("room for two");
         }
         scope.spawn(move || {
             while let Ok(mut buf) = free_rx.recv() {
@@ -787,5 +797,112 @@ mod tests {
         assert!(need > 32 * 256 * 257 / 2 * 8 && need < gib, "{need}");
         // Unknown availability: no check.
         assert!(check_memory(&layers(32, 4096), &spec, Route::Feature, None, None).is_ok());
+    }
+
+    /// The CPU backend, handing out (heap-backed) page-locked chunk buffers as the CUDA backend does, and
+    /// counting the batches it is given straight from them (the CUDA backend uploads those without
+    /// staging) and the others.
+    struct LockedCpu {
+        cpu: cpu::CpuBackend,
+        blocks: Vec<std::sync::Weak<crate::io::host_bytes::HeapLocked>>,
+        direct: usize,
+        staged: usize,
+    }
+
+    impl Backend for LockedCpu {
+        fn name(&self) -> String {
+            self.cpu.name()
+        }
+        fn page_locked_batch(&mut self, layers: &[LayerMeta], rows: usize) -> Option<Batch> {
+            let mut batch = Batch::empty(layers);
+            for (b, l) in batch.layers.iter_mut().zip(layers) {
+                let mem = crate::io::host_bytes::HeapLocked::new(rows * l.cols * l.dtype.size());
+                self.blocks.push(std::sync::Arc::downgrade(&mem));
+                b.data = crate::io::HostBytes::page_locked(mem).unwrap();
+            }
+            Some(batch)
+        }
+        fn batch_hsic(
+            &mut self,
+            batch: &BatchRef<'_>,
+            estimator: Estimator,
+            kernel: Kernel,
+        ) -> Result<Vec<f64>> {
+            let held = |s: &crate::io::LayerSlice<'_>| cuda::block_holding(&self.blocks, s.bytes);
+            if batch.layers.iter().all(|s| held(s).is_some()) {
+                self.direct += 1;
+            } else {
+                self.staged += 1;
+            }
+            self.cpu.batch_hsic(batch, estimator, kernel)
+        }
+        fn accumulate_cross(&mut self, batch: &BatchRef<'_>, cross: &mut [f64]) -> Result<()> {
+            self.cpu.accumulate_cross(batch, cross)
+        }
+    }
+
+    /// Files read ahead on a backend with page-locked chunk buffers: the reader writes straight into
+    /// them, whole batches reach the backend from there (no staging copy), batches that straddle chunks
+    /// go the staged way, and the CKA is the plain CPU's, bit for bit.
+    #[test]
+    fn a_reader_fills_the_backends_page_locked_buffers_in_place() {
+        use rand::{Rng, SeedableRng};
+        use safetensors::tensor::{Dtype, TensorView};
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let widths = [5usize, 7, 3];
+        let mut write = |name: &str, rows: usize| {
+            let data: Vec<Vec<u8>> = widths
+                .iter()
+                .map(|&d| {
+                    (0..rows * d)
+                        .flat_map(|_| (rng.random::<f32>() * 4.0 - 1.0).to_le_bytes())
+                        .collect()
+                })
+                .collect();
+            let views: Vec<(String, TensorView<'_>)> = data
+                .iter()
+                .zip(widths)
+                .enumerate()
+                .map(|(i, (b, d))| {
+                    let v = TensorView::new(Dtype::F32, vec![rows, d], b).unwrap();
+                    (format!("layer{i}"), v)
+                })
+                .collect();
+            let path = dir.path().join(name);
+            safetensors::serialize_to_file(views, None, &path).unwrap();
+            path
+        };
+        let spec = CkaSpec {
+            batch_size: 10,
+            route: Route::Gram,
+            ..CkaSpec::default()
+        };
+        let opts = crate::io::ReadOptions {
+            tokens: crate::io::TokenMode::Samples,
+            layers: None,
+        };
+        // Shards of whole batches: every batch direct. A 45-row shard: its last 5 rows and the next
+        // shard's first 5 form one staged batch, and so does every later batch of that shard.
+        for (rows, direct, staged) in [([40, 30], 7, 0), ([45, 35], 4, 4)] {
+            let paths = [
+                write("a.safetensors", rows[0]),
+                write("b.safetensors", rows[1]),
+            ];
+            let mut locked = LockedCpu {
+                cpu: cpu::CpuBackend::new(1),
+                blocks: Vec::new(),
+                direct: 0,
+                staged: 0,
+            };
+            let mut set = crate::io::ActivationSet::open(&paths, &opts).unwrap();
+            let got = compute_cka(&mut set, &spec, &mut locked).unwrap();
+            assert_eq!((locked.direct, locked.staged), (direct, staged), "{rows:?}");
+            let mut set = crate::io::ActivationSet::open(&paths, &opts).unwrap();
+            let want = compute_cka(&mut set, &spec, &mut cpu::CpuBackend::new(1)).unwrap();
+            assert_eq!(got.cka, want.cka);
+            assert_eq!(got.n_batches, want.n_batches);
+            assert!(got.cka[0][1].is_some_and(|c| c.abs() < 1.0));
+        }
     }
 }

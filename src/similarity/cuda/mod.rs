@@ -2,9 +2,10 @@
 //! NVRTC for the device's own architecture (cached on disk, see [`nvrtc`]), driven through cudarc.
 //!
 //! Gram route, per batch of n samples and L layers (see [`CudaBackend::batch_hsic`]):
-//! 1. the layers' raw rows (stored dtype) go up in chunks of consecutive layers through two pinned
-//!    staging buffers on a copy stream, so chunk c+1 (of this batch or the next) uploads while chunk c
-//!    computes;
+//! 1. the layers' raw rows (stored dtype) go up in chunks of consecutive layers on a copy stream, so
+//!    chunk c+1 (of this batch or the next) uploads while chunk c computes: straight from the batch when
+//!    a reader wrote it into page-locked memory this backend handed out
+//!    ([`Backend::page_locked_batch`]), else through two pinned staging buffers;
 //! 2. per chunk, the batch's column means are subtracted in place (f64 sums; 16-bit layers become f16
 //!    scaled by a power of two, kernels/centre_columns.cu: large-mean LLM activations keep their digits),
 //!    then one launch computes the Grams of all its f32/f64 layers (FMA) and one those of its
@@ -27,7 +28,7 @@ pub mod plan;
 use super::backend::{Backend, Estimator, HsicSum, Kernel};
 use super::cpu::{normaliser, stacked_f64};
 use crate::error::{Error, Result};
-use crate::io::{Batch, BatchRef, DType, LayerBlock};
+use crate::io::{Batch, BatchRef, DType, HostBytes, LayerBlock, LayerMeta, PageLocked};
 pub use crate::io::{DeviceBatch, DeviceLayer};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
@@ -35,7 +36,7 @@ use cudarc::driver::{
 };
 use kernels::CkaKernels;
 use plan::MemoryPlan;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// Device memory left free besides the plan (the driver, other processes, fragmentation).
 const RESERVE_BYTES: usize = 512 << 20;
@@ -255,6 +256,9 @@ pub struct CudaBackend {
     /// During a Gram route: where column_centre records non-finite samples (per layer, ~sample, 0 =
     /// none) and the global index of the batch's first sample.
     nonfinite: Option<(CudaSlice<u64>, u64)>,
+    /// The page-locked chunk buffers handed out by [`Backend::page_locked_batch`], found by address when
+    /// a batch is uploaded (weak: a buffer belongs to its reader and is freed with it).
+    locked: Vec<Weak<PinnedBlock>>,
     /// Profiling: timed events around each stage's launches, summed after each batch.
     profile: bool,
     spans: Vec<(Stage, CudaEvent, CudaEvent)>,
@@ -266,6 +270,75 @@ enum Stage {
     Gram,
     Centre,
     Pairs,
+}
+
+/// The most page-locked memory one chunk buffer of [`Backend::page_locked_batch`] takes (a reader
+/// circulates two): pinning more of the host's memory than this is not worth the risk to the rest of
+/// the machine, and a larger chunk falls back to the staging path.
+const PAGE_LOCKED_CHUNK_MAX_BYTES: usize = 2 << 30;
+
+/// One layer's chunk buffer in page-locked memory ([`Backend::page_locked_batch`]): a reader writes it,
+/// the copy stream uploads from it, and `in_use`, recorded after each upload, keeps the two apart
+/// (every write through [`HostBytes`] waits for it).
+struct PinnedBlock {
+    mem: PinnedHostSlice<u8>,
+    ptr: *mut u8,
+    in_use: CudaEvent,
+}
+
+// SAFETY: `ptr` is `mem`'s memory, which is Send + Sync; CudaEvent is thread safe.
+unsafe impl Send for PinnedBlock {}
+unsafe impl Sync for PinnedBlock {}
+
+impl PinnedBlock {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
+        // Not write-combined (the staging slots are): the reader's finiteness check and the accumulator
+        // read these bytes on the host too.
+        // SAFETY: written (by the reader) before any read; `HostBytes` reads only what was written.
+        let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
+            .cu("allocating page-locked chunk memory")?;
+        let ptr = mem.as_mut_ptr().cu("page-locked chunk memory")?;
+        let in_use = ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+            .cu("event")?;
+        Ok(PinnedBlock { mem, ptr, in_use })
+    }
+}
+
+// SAFETY: `ptr` holds `mem.len()` bytes until `mem` is dropped with self; `in_use` is recorded after
+// every device copy from the memory (`upload_chunk`), so waiting for it waits for all of them.
+unsafe impl PageLocked for PinnedBlock {
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    fn capacity(&self) -> usize {
+        self.mem.len()
+    }
+
+    fn wait_unused(&self) {
+        // A failed device is reported by the backend's next call.
+        let _ = self.in_use.synchronize();
+    }
+}
+
+impl Drop for PinnedBlock {
+    /// The memory is freed only once no upload reads it.
+    fn drop(&mut self) {
+        self.wait_unused();
+    }
+}
+
+/// The block among `blocks` (alive ones) whose memory holds all of `bytes`, if any.
+pub(crate) fn block_holding<T: PageLocked>(blocks: &[Weak<T>], bytes: &[u8]) -> Option<Arc<T>> {
+    let (start, end) = (
+        bytes.as_ptr() as usize,
+        bytes.as_ptr() as usize + bytes.len(),
+    );
+    blocks.iter().filter_map(Weak::upgrade).find(|b| {
+        let base = b.as_ptr() as usize;
+        base <= start && end <= base + b.capacity()
+    })
 }
 
 /// The kernel of the 16-bit (tensor-core) Grams: `gram_mma` (registers staging, 32-bit fragment loads) or
@@ -365,6 +438,7 @@ impl CudaBackend {
             gram_kernel: GramKernel::from_env(),
             sums: Vec::new(),
             nonfinite: None,
+            locked: Vec::new(),
             profile: false,
             spans: Vec::new(),
             last_times: None,
@@ -671,7 +745,7 @@ impl CudaBackend {
             layers.push(LayerBlock {
                 dtype: l.dtype,
                 cols: l.cols,
-                data,
+                data: data.into(),
             });
         }
         Ok(Batch {
@@ -804,9 +878,10 @@ impl CudaBackend {
     }
 
     /// Steps 1 and 2 of a chunk: refill pinned slot `slot` once its previous upload has finished, then
-    /// upload it on the copy stream after the kernels that last read this device slot. Device input is
-    /// copied device to device into the slot instead (the kernels centre the slot in place, never the
-    /// caller's memory).
+    /// upload it on the copy stream after the kernels that last read this device slot. Layers a reader
+    /// wrote into this backend's page-locked buffers are uploaded from there instead, without the host
+    /// waiting (each buffer's `in_use` event makes its next write wait). Device input is copied device
+    /// to device into the slot (the kernels centre the slot in place, never the caller's memory).
     fn upload_chunk(
         &self,
         ws: &mut Workspace,
@@ -838,6 +913,30 @@ impl CudaBackend {
                 return ws.uploaded[slot].record(&self.copy).cu("event record");
             }
         };
+        let locked: Option<Vec<Arc<PinnedBlock>>> = (ch.start..ch.end)
+            .map(|l| block_holding(&self.locked, batch.layers[l].bytes))
+            .collect();
+        if let Some(blocks) = locked {
+            self.copy.wait(&ws.consumed[slot]).cu("stream wait")?;
+            let (dst, _record) = ws.dev_in[slot].device_ptr_mut(&self.copy);
+            for (k, l) in (ch.start..ch.end).enumerate() {
+                // SAFETY: the slot holds ch.bytes ≥ offsets[k] + this layer's bytes; the source is
+                // page-locked memory that stays alive and unwritten until `in_use`, recorded below, has
+                // passed (PinnedBlock's Drop and every HostBytes write wait for it).
+                unsafe {
+                    cu::memcpy_htod_async(
+                        dst + ch.offsets[k] as u64,
+                        batch.layers[l].bytes,
+                        self.copy.cu_stream(),
+                    )
+                }
+                .cu("uploading activations")?;
+            }
+            for b in &blocks {
+                b.in_use.record(&self.copy).cu("event record")?;
+            }
+            return ws.uploaded[slot].record(&self.copy).cu("event record");
+        }
         ws.uploaded[slot]
             .synchronize()
             .cu("waiting for an upload")?;
@@ -1259,6 +1358,32 @@ fn rbf_in_place(
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn page_locked_batch(&mut self, layers: &[LayerMeta], rows: usize) -> Option<Batch> {
+        let bytes = |l: &LayerMeta| rows * l.cols * l.dtype.size();
+        let total: usize = layers.iter().map(bytes).sum();
+        if total == 0 || total > PAGE_LOCKED_CHUNK_MAX_BYTES {
+            return None;
+        }
+        self.locked.retain(|w| w.strong_count() > 0);
+        let mut blocks = Vec::with_capacity(layers.len());
+        for l in layers {
+            // A failed allocation (page-locked memory is limited) leaves the reader its heap buffers.
+            let block = Arc::new(PinnedBlock::new(&self.ctx, bytes(l).max(1)).ok()?);
+            let weak = Arc::downgrade(&block);
+            let data = HostBytes::page_locked(block).expect("a new block has one owner");
+            self.locked.push(weak);
+            blocks.push(LayerBlock {
+                dtype: l.dtype,
+                cols: l.cols,
+                data,
+            });
+        }
+        Some(Batch {
+            rows: 0,
+            layers: blocks,
+        })
     }
 
     fn batch_hsic(
