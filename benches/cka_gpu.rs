@@ -7,9 +7,9 @@
 //!
 //! `cargo bench --bench cka_gpu` runs criterion on one batch of each (throughput in Gram FLOP/s, the full
 //! L·b²·d·2 count). With `SGLP_BENCH_JSON=<file>` it instead times every batch of both workloads with
-//! CUDA events per stage and writes medians and totals as JSON (what scripts/bench_gpu.py reads), after
-//! validating each workload's first batch against the CPU backend (max |ΔCKA| and the relative HSIC
-//! difference go into the JSON; over 1e-4 is reported on stderr).
+//! CUDA events per kernel and per stage and writes medians and totals as JSON (what scripts/bench_gpu.py
+//! reads), after validating each workload's first batch against the CPU backend (max |ΔCKA| and the
+//! relative HSIC difference go into the JSON; over 1e-4 is reported on stderr).
 
 use criterion::{Criterion, Throughput};
 use half::bf16;
@@ -148,6 +148,8 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             );
         }
         let (mut wall, mut gram, mut centre, mut pairs) = (vec![], vec![], vec![], vec![]);
+        // Per kernel: its device time in each batch.
+        let mut per_kernel: Vec<(&'static str, Vec<f64>)> = Vec::new();
         let t0 = std::time::Instant::now();
         for i in 0..w.batches {
             gpu.batch_hsic(&data[i % 2].as_ref(), Estimator::Unbiased, Kernel::Linear)
@@ -157,7 +159,17 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             gram.push(t.gram_ms);
             centre.push(t.centre_ms);
             pairs.push(t.pairs_ms);
+            for k in gpu.last_kernel_times() {
+                match per_kernel.iter_mut().find(|(name, _)| *name == k.kernel) {
+                    Some((_, v)) => v.push(k.total_ms),
+                    None => per_kernel.push((k.kernel, vec![k.total_ms])),
+                }
+            }
         }
+        let kernel_ms_median: serde_json::Map<String, serde_json::Value> = per_kernel
+            .iter_mut()
+            .map(|(name, v)| (name.to_string(), median(v).into()))
+            .collect();
         let total_s = t0.elapsed().as_secs_f64();
         // The streamed path the accumulator uses: every batch submitted into a device-resident sum, one
         // download at the end, no host synchronisation per batch (profiling off: it would add one).
@@ -257,6 +269,7 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             "gram_ms_median": gram_ms,
             "centre_ms_median": median(&mut centre),
             "pairs_ms_median": median(&mut pairs),
+            "kernel_ms_median": kernel_ms_median,
             "gram_flops_per_batch": w.gram_flops(),
             "pairs_flops_per_batch": w.pairs_flops(),
             "gram_tflops_full_count": w.gram_flops() / (gram_ms * 1e-3) / 1e12,

@@ -58,6 +58,7 @@ def per_batch_entry(e):
         gram_tflops=e["gram_tflops_full_count"],
         peak_mem_bytes=e["plan_device_bytes"],
         stages_ms=dict(gram=e["gram_ms_median"], centre=e["centre_ms_median"], pairs=e["pairs_ms_median"]),
+        kernels_ms=e.get("kernel_ms_median", {}),
         cka_max_abs_diff_vs_cpu=e.get("cka_max_abs_diff_vs_cpu"),
     )
 
@@ -286,6 +287,10 @@ def main():
                 f"{name:<12} {who:<18} {r['total_s']:9.3f} {r['batch_ms_median']:9.2f} "
                 f"{base / r['total_s']:6.2f}x {tf_s} {pct} {r['peak_mem_bytes'] / 2**30:9.2f}"
             )
+            if r.get("kernels_ms"):
+                # Per-batch device time of each kernel (medians): where the time goes.
+                parts = ", ".join(f"{k} {ms:.3f}" for k, ms in r["kernels_ms"].items())
+                print(f"{'':<12} {'':<18} kernels ms: {parts}")
 
 
 if __name__ == "__main__":

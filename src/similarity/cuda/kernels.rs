@@ -154,15 +154,123 @@ impl<S> Kernel<S> {
         stream.launch_builder(&self.function)
     }
 
-    /// Launch the built arguments.
+    /// Launch the built arguments (between two timing events while [`kernel_times`] records on this
+    /// thread).
     ///
     /// # Safety
     /// `args` holds exactly the kernel's parameters, and the buffers hold what the kernel reads and
     /// writes for the sizes passed.
-    unsafe fn finish(&self, mut args: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+    unsafe fn finish(
+        &self,
+        stream: &CudaStream,
+        mut args: LaunchArgs<'_>,
+        cfg: LaunchConfig,
+    ) -> Result<()> {
+        let start = kernel_times::start(stream)?;
         args.launch(cfg)
-            .map(|_| ())
-            .map_err(|e| Error::cuda_from(format!("launching {}: {e}", self.name), e))
+            .map_err(|e| Error::cuda_from(format!("launching {}: {e}", self.name), e))?;
+        kernel_times::end(self.name, stream, start)
+    }
+}
+
+/// Device time per kernel: while [`kernel_times::record`] runs a closure, every launch the closure makes
+/// on its thread (any kernel table: CKA and runtime) is bracketed by two CUDA events, and the times are
+/// summed per kernel name when it returns. Off (one thread-local check per launch) otherwise.
+pub mod kernel_times {
+    use super::*;
+    use cudarc::driver::{sys, CudaEvent};
+    use std::cell::RefCell;
+
+    /// One kernel's launches during a [`record`]: how many, and their device time.
+    #[derive(Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct KernelTime {
+        pub kernel: &'static str,
+        pub launches: usize,
+        pub total_ms: f64,
+    }
+
+    /// A launch's kernel with the events recorded before and after it.
+    type Span = (&'static str, CudaEvent, CudaEvent);
+
+    thread_local! {
+        static SPANS: RefCell<Option<Vec<Span>>> = const { RefCell::new(None) };
+    }
+
+    fn recording() -> bool {
+        SPANS.with(|s| s.borrow().is_some())
+    }
+
+    /// Before a launch: the start event when recording.
+    pub(super) fn start(stream: &CudaStream) -> Result<Option<CudaEvent>> {
+        if !recording() {
+            return Ok(None);
+        }
+        let e = stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| Error::cuda_from(format!("timing event: {e}"), e))?;
+        Ok(Some(e))
+    }
+
+    /// After a launch: the end event, kept with the start one.
+    pub(super) fn end(
+        kernel: &'static str,
+        stream: &CudaStream,
+        start: Option<CudaEvent>,
+    ) -> Result<()> {
+        let Some(start) = start else { return Ok(()) };
+        let end = stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| Error::cuda_from(format!("timing event: {e}"), e))?;
+        SPANS.with(|s| {
+            if let Some(v) = s.borrow_mut().as_mut() {
+                v.push((kernel, start, end));
+            }
+        });
+        Ok(())
+    }
+
+    /// Run `f` recording its launches; wait for them and return `f`'s value with the time of each kernel
+    /// (in the order of first launch). Nested calls record into the outermost one.
+    pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Vec<KernelTime>)> {
+        let outer = recording();
+        if !outer {
+            SPANS.with(|s| *s.borrow_mut() = Some(Vec::new()));
+        }
+        let value = f();
+        if outer {
+            return value.map(|v| (v, Vec::new()));
+        }
+        let spans = SPANS.with(|s| s.borrow_mut().take()).unwrap_or_default();
+        let value = value?;
+        let mut times = Vec::with_capacity(spans.len());
+        for (kernel, a, b) in &spans {
+            b.synchronize()
+                .map_err(|e| Error::cuda_from(format!("timing {kernel}: {e}"), e))?;
+            let ms = a
+                .elapsed_ms(b)
+                .map_err(|e| Error::cuda_from(format!("timing {kernel}: {e}"), e))?;
+            times.push((*kernel, ms as f64));
+        }
+        Ok((value, summed(&times)))
+    }
+
+    /// Per-launch times summed per kernel, in the order of first launch.
+    pub fn summed(launches: &[(&'static str, f64)]) -> Vec<KernelTime> {
+        let mut out: Vec<KernelTime> = Vec::new();
+        for &(kernel, ms) in launches {
+            match out.iter_mut().find(|t| t.kernel == kernel) {
+                Some(t) => {
+                    t.launches += 1;
+                    t.total_ms += ms;
+                }
+                None => out.push(KernelTime {
+                    kernel,
+                    launches: 1,
+                    total_ms: ms,
+                }),
+            }
+        }
+        out
     }
 }
 
@@ -242,7 +350,7 @@ macro_rules! signatures {
                 ) -> Result<()> {
                     let mut args = self.builder(stream);
                     $(push_arg!(args, $p, $kind);)*
-                    self.finish(args, cfg)
+                    self.finish(stream, args, cfg)
                 }
             }
         )*
@@ -574,6 +682,36 @@ pub fn ptx_entries(ptx: &str) -> Vec<(String, Vec<String>)> {
 mod tests {
     use super::super::nvrtc;
     use super::*;
+
+    #[test]
+    fn kernel_times_sum_per_kernel_in_the_order_of_first_launch() {
+        let t = kernel_times::summed(&[
+            ("gram_mma", 1.5),
+            ("centre_pack", 0.25),
+            ("gram_mma", 2.0),
+            ("hsic_pairs", 0.5),
+            ("centre_pack", 0.25),
+        ]);
+        let got: Vec<(&str, usize, f64)> = t
+            .iter()
+            .map(|k| (k.kernel, k.launches, k.total_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("gram_mma", 2, 3.5),
+                ("centre_pack", 2, 0.5),
+                ("hsic_pairs", 1, 0.5)
+            ]
+        );
+        // Recording with no launch (no GPU needed): the closure's value, no times.
+        let (v, times) = kernel_times::record(|| Ok(7)).unwrap();
+        assert_eq!((v, times.len()), (7, 0));
+        // An error inside is returned, and recording is off again afterwards.
+        assert!(kernel_times::record(|| -> Result<()> { Err(Error::invalid("x")) }).is_err());
+        let (_, times) = kernel_times::record(|| Ok(())).unwrap();
+        assert!(times.is_empty());
+    }
 
     /// The declared name `name` is the source's kernel `source_name`, which may be a macro's
     /// `prefix##HD` instantiated as `prefix64`, `prefix128`, ....

@@ -34,6 +34,7 @@ use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
     DevicePtrMut, DriverError, LaunchConfig, PinnedHostSlice,
 };
+use kernels::kernel_times::KernelTime;
 use kernels::CkaKernels;
 use plan::MemoryPlan;
 use std::sync::{Arc, Weak};
@@ -259,17 +260,10 @@ pub struct CudaBackend {
     /// The page-locked chunk buffers handed out by [`Backend::page_locked_batch`], found by address when
     /// a batch is uploaded (weak: a buffer belongs to its reader and is freed with it).
     locked: Vec<Weak<PinnedBlock>>,
-    /// Profiling: timed events around each stage's launches, summed after each batch.
+    /// Profiling: every kernel of a batch timed with CUDA events ([`kernels::kernel_times`]).
     profile: bool,
-    spans: Vec<(Stage, CudaEvent, CudaEvent)>,
+    last_kernels: Vec<KernelTime>,
     last_times: Option<StageTimes>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Gram,
-    Centre,
-    Pairs,
 }
 
 /// The most page-locked memory one chunk buffer of [`Backend::page_locked_batch`] takes (a reader
@@ -360,11 +354,12 @@ impl GramKernel {
     }
 }
 
-/// Device time of the stages of the last batch (with profiling on), in milliseconds. `wall_ms` is the
-/// host time of the whole `batch_hsic` call (uploads and synchronisation included).
+/// Device time of the stages of the last batch (with profiling on), in milliseconds: the sums of their
+/// kernels' times ([`CudaBackend::last_kernel_times`]). `wall_ms` is the host time of the whole
+/// `batch_hsic` call (uploads and synchronisation included).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StageTimes {
-    /// The Gram products (gram_fma / gram_mma).
+    /// The column centring and the Gram products (gram_fma / gram_mma).
     pub gram_ms: f64,
     /// RBF (when used) and centring/packing.
     pub centre_ms: f64,
@@ -373,16 +368,22 @@ pub struct StageTimes {
     pub wall_ms: f64,
 }
 
-/// A timed event recorded on `s` when profiling, else nothing.
-fn mark(ctx: &Arc<CudaContext>, s: &CudaStream, on: bool) -> Result<Option<CudaEvent>> {
-    if !on {
-        return Ok(None);
+impl StageTimes {
+    /// The stages' sums of their kernels' times (`wall_ms` left 0).
+    fn from_kernels(times: &[KernelTime]) -> Self {
+        let mut t = StageTimes::default();
+        for k in times {
+            let stage = match k.kernel {
+                "column_centre" | "column_to_f16" | "gram_fma" | "gram_mma"
+                | "gram_mma_pipelined" => &mut t.gram_ms,
+                "hsic_pairs" | "hsic_reduce_splits" => &mut t.pairs_ms,
+                // RBF and the centring.
+                _ => &mut t.centre_ms,
+            };
+            *stage += k.total_ms;
+        }
+        t
     }
-    let e = ctx
-        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .cu("event")?;
-    e.record(s).cu("event record")?;
-    Ok(Some(e))
 }
 
 /// Stored dtype code of the kernels (`DT_*` in kernels/common.cuh).
@@ -440,15 +441,17 @@ impl CudaBackend {
             nonfinite: None,
             locked: Vec::new(),
             profile: false,
-            spans: Vec::new(),
+            last_kernels: Vec::new(),
             last_times: None,
         })
     }
 
-    /// Time each stage of every batch with CUDA events (costs a little; for benchmarks).
+    /// Time every kernel of every batch with CUDA events (costs a little, and a host synchronisation
+    /// per batch; for benchmarks).
     pub fn set_profiling(&mut self, on: bool) {
         self.profile = on;
         self.last_times = None;
+        self.last_kernels.clear();
     }
 
     /// Stage times of the last batch, when profiling is on.
@@ -456,12 +459,9 @@ impl CudaBackend {
         self.last_times
     }
 
-    fn span(&mut self, stage: Stage, start: Option<CudaEvent>) -> Result<()> {
-        if let Some(start) = start {
-            let end = mark(&self.ctx, &self.compute, true)?.expect("profiling on");
-            self.spans.push((stage, start, end));
-        }
-        Ok(())
+    /// Each kernel's device time in the last batch, when profiling is on.
+    pub fn last_kernel_times(&self) -> &[KernelTime] {
+        &self.last_kernels
     }
 
     /// Cap the device memory the plan may use (to exercise the layer-block path on a large GPU).
@@ -589,7 +589,6 @@ impl CudaBackend {
             .iter()
             .map(|&w| plan::layer_bytes(n, w, 1))
             .collect();
-        self.spans.clear();
         self.workspace(batch, &row_bytes)?;
         let (block, blocks) = {
             let ws = self.ws.as_mut().expect("workspace planned");
@@ -662,7 +661,7 @@ impl CudaBackend {
             .take()
             .ok_or_else(|| Error::invalid("this HSIC sum was already finished"))?;
         self.nonfinite = Some((flags, sum.rows_submitted() as u64));
-        let routed = self.gram_route(batch, estimator, kernel);
+        let routed = self.gram_route_timed(batch, estimator, kernel);
         let (flags, _) = self.nonfinite.take().expect("set above");
         self.sums[slot] = Some((buf, flags));
         routed?;
@@ -681,11 +680,7 @@ impl CudaBackend {
                 dst,
             )?;
         }
-        if self.profile {
-            // Stage times need the batch's events complete: profiling synchronises per batch.
-            self.compute.synchronize().cu("synchronize")?;
-            self.collect_stage_times(wall)?;
-        }
+        self.collect_stage_times(wall);
         Ok(())
     }
 
@@ -784,25 +779,29 @@ impl CudaBackend {
         })
     }
 
-    /// With profiling on, and the compute stream synchronised: the last batch's stage times.
-    fn collect_stage_times(&mut self, wall: std::time::Instant) -> Result<()> {
+    /// [`CudaBackend::gram_route`], with every kernel timed when profiling (which waits for them).
+    fn gram_route_timed(
+        &mut self,
+        batch: Input<'_>,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
         if !self.profile {
-            return Ok(());
+            return self.gram_route(batch, estimator, kernel);
         }
-        let mut t = StageTimes {
-            wall_ms: wall.elapsed().as_secs_f64() * 1e3,
-            ..StageTimes::default()
-        };
-        for (stage, a, b) in self.spans.drain(..) {
-            let ms = a.elapsed_ms(&b).cu("event timing")? as f64;
-            match stage {
-                Stage::Gram => t.gram_ms += ms,
-                Stage::Centre => t.centre_ms += ms,
-                Stage::Pairs => t.pairs_ms += ms,
-            }
-        }
-        self.last_times = Some(t);
+        let ((), times) =
+            kernels::kernel_times::record(|| self.gram_route(batch, estimator, kernel))?;
+        self.last_kernels = times;
         Ok(())
+    }
+
+    /// With profiling on: the last batch's stage times, from its kernels' times.
+    fn collect_stage_times(&mut self, wall: std::time::Instant) {
+        if self.profile {
+            let mut t = StageTimes::from_kernels(&self.last_kernels);
+            t.wall_ms = wall.elapsed().as_secs_f64() * 1e3;
+            self.last_times = Some(t);
+        }
     }
 
     /// Upload layers `[start, end)` chunk by chunk and turn each into centred, packed Grams in G rows
@@ -969,7 +968,6 @@ impl CudaBackend {
     ) -> Result<()> {
         self.compute.wait(&ws.uploaded[slot]).cu("stream wait")?;
         let n_i = n as i32;
-        let t_gram = mark(&self.ctx, &self.compute, self.profile)?;
         let (first, n_fma, n_mma) = (span.first, span.n_fma, span.n_mma);
         let layer0 = span.layer0 as i32;
         let (flags, first_sample) = self
@@ -1034,8 +1032,7 @@ impl CudaBackend {
                 )?;
             }
         }
-        ws.consumed[slot].record(&self.compute).cu("event record")?;
-        self.span(Stage::Gram, t_gram)
+        ws.consumed[slot].record(&self.compute).cu("event record")
     }
 
     /// Step 3b: the `nl` Grams in the scratch become (RBF kernels, then) centred, packed rows of G
@@ -1049,7 +1046,6 @@ impl CudaBackend {
         estimator: Estimator,
         kernel: Kernel,
     ) -> Result<()> {
-        let t_centre = mark(&self.ctx, &self.compute, self.profile)?;
         if let Kernel::Rbf { threshold } = kernel {
             rbf_in_place(
                 &self.k,
@@ -1103,7 +1099,7 @@ impl CudaBackend {
                 p64,
             )?;
         }
-        self.span(Stage::Centre, t_centre)
+        Ok(())
     }
 
     /// out[row0 + a, col0 + b] += ⟨G[ga + a], G[gb + b]⟩ for a < la, b < lb (tri: ga == gb, la == lb,
@@ -1140,7 +1136,6 @@ impl CudaBackend {
             );
         let chunk = p.div_ceil(splits).div_ceil(32) * 32;
         let cfg = grid(p.div_ceil(chunk), tiles, 1, 256);
-        let t_pairs = mark(&self.ctx, &self.compute, self.profile)?;
         let ws = self.ws.as_mut().expect("workspace planned");
         let a = ws.g.slice(ga * p..(ga + la) * p);
         let b = ws.g.slice(gb * p..(gb + lb) * p);
@@ -1163,9 +1158,8 @@ impl CudaBackend {
                 r0,
                 c0,
                 t,
-            )?;
+            )
         }
-        self.span(Stage::Pairs, t_pairs)
     }
 }
 
@@ -1399,7 +1393,7 @@ impl Backend for CudaBackend {
             .alloc_zeros::<u64>(l.max(1))
             .cu("allocating non-finite flags")?;
         self.nonfinite = Some((flags, 0));
-        let routed = self.gram_route(Input::Host(batch), estimator, kernel);
+        let routed = self.gram_route_timed(Input::Host(batch), estimator, kernel);
         let (flags, _) = self.nonfinite.take().expect("set above");
         routed?;
         let ws = self.ws.as_ref().expect("workspace planned");
@@ -1413,7 +1407,7 @@ impl Backend for CudaBackend {
             .cu("downloading non-finite flags")?;
         self.compute.synchronize().cu("synchronize")?;
         check_nonfinite(&flags, None)?;
-        self.collect_stage_times(wall)?;
+        self.collect_stage_times(wall);
         let scale = 2.0 / normaliser(estimator, n);
         let mut h = vec![0.0f64; l * l];
         for i in 0..l {
