@@ -5,9 +5,10 @@
 #   device tool: run  command: "bash scripts/gpu_checks.sh"  carry: [".device"]
 #
 # Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
-# SGLP_REQUIRE_GPU=1, so a GPU that is not found fails), engine.json/engine.log (the cka_gpu bench
-# binary's per-batch CUDA-event timings; engine_pipelined.* the same with SGLP_GRAM_KERNEL=pipelined),
-# bench_gpu.json and bench.log (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
+# SGLP_REQUIRE_GPU=1, so a GPU that is not found fails, then the CKA kernels one by one against their CPU
+# twins, benches/cka_kernels.rs), engine.json/engine.log (the cka_gpu bench binary's per-batch CUDA-event
+# timings; engine_pipelined.* the same with SGLP_GRAM_KERNEL=pipelined), bench_gpu.json and bench.log
+# (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
 #
 # `bash scripts/gpu_checks.sh tests` runs only the tests, `... bench` only the benchmarks (two calls that
 # each stay well inside the device tool's 600 s per command); no argument runs both. `... 8b` runs only
@@ -31,10 +32,15 @@ if [ "$part" = 8b ]; then
     --reps 3 --prune --workdir /tmp --out "$out" 2>&1 | tee "$out/bench8b.log"
   exit "${PIPESTATUS[0]}"
 fi
-tests=0 py=0 bench=0 kernels=0 runtime=0
+tests=0 py=0 bench=0 kernels=0 runtime=0 stages=0
 if [ "$part" != bench ]; then
 SGLP_REQUIRE_GPU=1 bash .device/run-all.sh 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
+# The CKA kernels one by one (benches/cka_kernels.rs): each stage against its float64 CPU twin, naming the
+# kernel that fails, then every kernel's time (small cases, then one LLM-like batch).
+# (Packed with DEVICE_PACK_BENCHES=1.)
+timeout 150 bash .device/run-bench.sh cka_kernels 2>&1 | tee -a "$out/tests.log"
+stages=${PIPESTATUS[0]}
 if [ -x .device/run-python.sh ] && ls .device/wheels/*.whl >/dev/null 2>&1; then
   bash .device/run-python.sh 2>&1 | tee -a "$out/tests.log"
   py=${PIPESTATUS[0]}
@@ -57,5 +63,5 @@ PATH="/tmp/dp/bin:$PATH" PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench_ru
   --out /tmp/runtime-gpu 2>&1 | tee -a "$out/bench.log"
 runtime=${PIPESTATUS[0]}
 fi
-echo "gpu_checks: tests exit $tests, python exit $py, bench exit $bench, kernels exit $kernels, runtime bench exit $runtime"
-[ "$tests" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$kernels" -eq 0 ] && [ "$runtime" -eq 0 ]
+echo "gpu_checks: tests exit $tests, CKA kernel checks exit $stages, python exit $py, bench exit $bench, kernels exit $kernels, runtime bench exit $runtime"
+[ "$tests" -eq 0 ] && [ "$stages" -eq 0 ] && [ "$py" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$kernels" -eq 0 ] && [ "$runtime" -eq 0 ]

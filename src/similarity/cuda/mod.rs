@@ -24,6 +24,7 @@
 pub mod kernels;
 pub mod nvrtc;
 pub mod plan;
+pub mod stages;
 
 use super::backend::{Backend, Estimator, HsicSum, Kernel};
 use super::cpu::{normaliser, stacked_f64};
@@ -567,6 +568,29 @@ impl CudaBackend {
     /// The Gram route of one batch up to its unscaled L×L result in `ws.out` (lower triangle), enqueued
     /// on the compute stream: uploads, Grams, centring, all pairs by blocks of layers.
     fn gram_route(&mut self, batch: Input<'_>, estimator: Estimator, kernel: Kernel) -> Result<()> {
+        let (n, l) = (batch.rows(), batch.layers());
+        let sizes = self.prepare_route(batch, estimator)?;
+        let (block, blocks) = {
+            let ws = self.ws.as_ref().expect("workspace planned");
+            (ws.plan.layer_block, ws.plan.blocks(l))
+        };
+        for a in 0..blocks {
+            let (a0, a1) = (a * block, ((a + 1) * block).min(l));
+            self.compute_block(batch, &sizes, a0, a1, 0, estimator, kernel)?;
+            self.pairs(n, l, 0, a1 - a0, 0, a1 - a0, a0, a0, true)?;
+            for b in a + 1..blocks {
+                let (b0, b1) = (b * block, ((b + 1) * block).min(l));
+                self.compute_block(batch, &sizes, b0, b1, block, estimator, kernel)?;
+                // Rows: block b (the later layers), columns: block a — the lower triangle.
+                self.pairs(n, l, block, b1 - b0, 0, a1 - a0, b0, a0, false)?;
+            }
+        }
+        self.reduce_pairs(l)
+    }
+
+    /// The checks of a Gram route, and the workspace for the batch's shape with the pair partials
+    /// cleared; returns each layer's bytes in an upload slot.
+    fn prepare_route(&mut self, batch: Input<'_>, estimator: Estimator) -> Result<Vec<usize>> {
         let n = batch.rows();
         let l = batch.layers();
         super::backend::check_batch_rows(estimator, n)?;
@@ -590,25 +614,15 @@ impl CudaBackend {
             .map(|&w| plan::layer_bytes(n, w, 1))
             .collect();
         self.workspace(batch, &row_bytes)?;
-        let (block, blocks) = {
-            let ws = self.ws.as_mut().expect("workspace planned");
-            self.compute
-                .memset_zeros(&mut ws.partials)
-                .cu("clearing the pair partials")?;
-            (ws.plan.layer_block, ws.plan.blocks(l))
-        };
-        for a in 0..blocks {
-            let (a0, a1) = (a * block, ((a + 1) * block).min(l));
-            self.compute_block(batch, &sizes, a0, a1, 0, estimator, kernel)?;
-            self.pairs(n, l, 0, a1 - a0, 0, a1 - a0, a0, a0, true)?;
-            for b in a + 1..blocks {
-                let (b0, b1) = (b * block, ((b + 1) * block).min(l));
-                self.compute_block(batch, &sizes, b0, b1, block, estimator, kernel)?;
-                // Rows: block b (the later layers), columns: block a — the lower triangle.
-                self.pairs(n, l, block, b1 - b0, 0, a1 - a0, b0, a0, false)?;
-            }
-        }
-        // The split planes, summed in order into `out`.
+        let ws = self.ws.as_mut().expect("workspace planned");
+        self.compute
+            .memset_zeros(&mut ws.partials)
+            .cu("clearing the pair partials")?;
+        Ok(sizes)
+    }
+
+    /// Step 4: the split planes of the pair products, summed in order into `out`.
+    fn reduce_pairs(&mut self, l: usize) -> Result<()> {
         let ws = self.ws.as_mut().expect("workspace planned");
         let (splits, l_i) = (ws.plan.pair_splits as i32, l as i32);
         // SAFETY: `partials` holds pair_splits·l² f64, `out` l².
@@ -1046,6 +1060,12 @@ impl CudaBackend {
         estimator: Estimator,
         kernel: Kernel,
     ) -> Result<()> {
+        self.rbf_stage(ws, n, nl, kernel)?;
+        self.centre_stage(ws, n, nl, row0, estimator, kernel)
+    }
+
+    /// With the RBF kernel: the `nl` Grams in the scratch become RBF kernel matrices.
+    fn rbf_stage(&self, ws: &mut Workspace, n: usize, nl: usize, kernel: Kernel) -> Result<()> {
         if let Kernel::Rbf { threshold } = kernel {
             rbf_in_place(
                 &self.k,
@@ -1060,6 +1080,19 @@ impl CudaBackend {
                 threshold,
             )?;
         }
+        Ok(())
+    }
+
+    /// The `nl` (kernel) matrices in the scratch become centred, packed rows of G from `row0`.
+    fn centre_stage(
+        &self,
+        ws: &mut Workspace,
+        n: usize,
+        nl: usize,
+        row0: usize,
+        estimator: Estimator,
+        kernel: Kernel,
+    ) -> Result<()> {
         let p = plan::packed_len(n);
         let unbiased = i32::from(estimator == Estimator::Unbiased);
         // A linear Gram of rescaled f16 layers is scaled back; an RBF kernel matrix does not depend on it.
