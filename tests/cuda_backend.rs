@@ -682,6 +682,38 @@ fn page_locked_chunks_upload_in_place_and_refill_safely() {
     );
 }
 
+/// Every stage of the Gram route against its float64 CPU twin fed the previous stage's device output
+/// (`stages::check_stages`): a failure names the kernels. Every dtype, both estimators, linear and RBF,
+/// both tensor-core Gram kernels; tolerances as check_stages states them.
+#[test]
+fn every_stage_matches_its_cpu_twin() {
+    use sglp_engine::similarity::cuda::stages::check_stages;
+    use sglp_engine::similarity::cuda::GramKernel;
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let layers = [
+        (96, DType::BF16),
+        (50, DType::F32),
+        (33, DType::F16),
+        (8, DType::F64),
+    ];
+    let seed: u64 = rand::rng().random();
+    let batch = random_batch(seed, 150, &layers);
+    for gram in [GramKernel::Mma, GramKernel::MmaPipelined] {
+        gpu.set_gram_kernel(gram);
+        for estimator in [Estimator::Unbiased, Estimator::Biased] {
+            for kernel in [Kernel::Linear, Kernel::Rbf { threshold: 1.0 }] {
+                let out = gpu
+                    .stage_outputs(&batch.as_ref(), estimator, kernel)
+                    .unwrap();
+                for c in check_stages(&batch.as_ref(), &out, estimator, kernel) {
+                    assert!(c.passed(), "{gram:?} {estimator:?} {kernel:?}: {c:?}");
+                }
+            }
+        }
+    }
+    gpu.set_gram_kernel(GramKernel::Mma);
+}
+
 /// A NaN in device memory is found on the GPU (column_centre's flags): finishing the sum fails with the
 /// layer's name and the first bad sample's global index, as the file readers' message does.
 #[test]
