@@ -33,6 +33,12 @@ fn gpu_or_skip() -> Option<CudaBackend> {
     }
 }
 
+/// `a` and `b` hold the same f64 bits (what determinism promises), with `what` in the failure.
+fn assert_same_bits(a: &[f64], b: &[f64], what: impl std::fmt::Display) {
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(a), bits(b), "{what}");
+}
+
 /// A random layer of `rows × cols` stored as `dtype`: normal values with a per-column offset (so that
 /// centring matters) and a per-layer scale.
 fn random_layer(rng: &mut StdRng, rows: usize, cols: usize, dtype: DType) -> LayerBlock {
@@ -470,11 +476,7 @@ fn submitted_batches_sum_on_the_device_and_repeat_bit_for_bit() {
             "entry {i}: device sum {a} vs host sum {w}"
         );
     }
-    assert_eq!(
-        first.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        second.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        "two runs on the same input differ"
-    );
+    assert_same_bits(&first, &second, "two runs on the same input differ");
 }
 
 /// The feature route runs on the GPU (kernels/feature_cross.cu): ZᵀZ equal to the CPU's within f64
@@ -565,10 +567,10 @@ fn device_resident_batches_give_the_host_path_bits() {
         // SAFETY: `copy` holds the batch on this backend's device.
         let got =
             unsafe { gpu.batch_hsic_device(&copy.batch, Estimator::Unbiased, kernel) }.unwrap();
-        assert_eq!(
-            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{kernel:?}: device input differs from host input"
+        assert_same_bits(
+            &got,
+            &want,
+            "{kernel:?}: device input differs from host input",
         );
     }
     let l = layers.len();
@@ -596,11 +598,7 @@ fn device_resident_batches_give_the_host_path_bits() {
         gpu.finish_sum(host_sum).unwrap(),
         gpu.finish_sum(dev_sum).unwrap(),
     );
-    assert_eq!(
-        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        "sliced device batches differ from the host slices"
-    );
+    assert_same_bits(&a, &b, "sliced device batches differ from the host slices");
     // The input was not centred in place: a second pass gives the same numbers again.
     let again =
         unsafe { gpu.batch_hsic_device(&copy.batch, Estimator::Unbiased, Kernel::Linear) }.unwrap();
@@ -675,10 +673,10 @@ fn page_locked_chunks_upload_in_place_and_refill_safely() {
         gpu.finish_sum(in_place).unwrap(),
     );
     assert!(a.iter().any(|v| *v != 0.0));
-    assert_eq!(
-        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        "batches uploaded from page-locked buffers differ from staged ones"
+    assert_same_bits(
+        &a,
+        &b,
+        "batches uploaded from page-locked buffers differ from staged ones",
     );
 }
 
