@@ -570,7 +570,7 @@ fn device_resident_batches_give_the_host_path_bits() {
         assert_same_bits(
             &got,
             &want,
-            "{kernel:?}: device input differs from host input",
+            format!("{kernel:?}: device input differs from host input"),
         );
     }
     let l = layers.len();
