@@ -7,7 +7,8 @@
 #
 # .device/ holds: pack.tar.xz (stripped executables), run-all.sh (unpacks them on the GPU machine and runs
 # every test executable with --include-ignored, then prints a summary). Extra arguments to run-all.sh are
-# passed to every test executable (e.g. a test-name filter: bash .device/run-all.sh gpu).
+# passed to every test executable (e.g. a test-name filter: bash .device/run-all.sh gpu); ONLY_TESTS="a b"
+# runs only the test targets a and b.
 # Environment: DEVICE_PACK_BENCHES=1 also packs the bench executables (they run only when asked:
 # bash .device/run-bench.sh NAME [criterion args]).
 set -euo pipefail
@@ -58,6 +59,11 @@ cd "$repo"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 fail=0; ran=0
 while read -r name kind; do
   [ "$kind" = test ] || continue
+  # ONLY_TESTS="cuda_backend runtime_cuda": just those test targets (a short device call).
+  if [ -n "${ONLY_TESTS:-}" ]; then
+    t=${name#test-}; t=${t%-*}
+    case " $ONLY_TESTS " in *" $t "*) ;; *) continue ;; esac
+  fi
   ran=$((ran+1)); echo "=== $name"
   "/tmp/dp/bin/$name" --include-ignored "$@" || { echo "!!! $name FAILED"; fail=$((fail+1)); }
 done < /tmp/dp/bin/MANIFEST
