@@ -27,13 +27,15 @@ fn verbosity() -> i8 {
 
 /// `warning: …` on stderr, whatever the verbosity: it is about the result.
 pub fn warn(msg: &str) {
-    eprintln!("warning: {msg}");
+    crate::progress::suspend(|| eprintln!("warning: {msg}"));
 }
 
 /// `note: …` on stderr unless `-q`.
 pub fn note(msg: &str) {
     if verbosity() >= 0 {
-        eprintln!("note: {}", msg.strip_prefix("note: ").unwrap_or(msg));
+        crate::progress::suspend(|| {
+            eprintln!("note: {}", msg.strip_prefix("note: ").unwrap_or(msg))
+        });
     }
 }
 

@@ -416,12 +416,16 @@ pub fn compare<M: PrunableModel>(
     let baseline = held_out.eval(&[])?;
     let mut notes = Vec::new();
     let mut curves = Vec::new();
+    let pb = crate::progress::bar(spec.criteria.len() as u64, "criteria");
     for &c in &spec.criteria {
+        pb.set_message(c.name());
         let curve = run_criterion(
             c, model, tokens, &stats, spec, &paper, params, held_out, &mut notes,
         )?;
         curves.push(curve);
+        pb.inc(1);
     }
+    pb.finish_and_clear();
     Ok(CompareReport {
         format: COMPARE_FORMAT.into(),
         model: names.0.into(),
