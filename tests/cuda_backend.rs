@@ -325,7 +325,7 @@ fn layer_blocks_when_memory_is_short_give_the_same_result() {
     let batch = random_batch(23, 150, &layers);
     // Room for a handful of packed Grams only: forces blocks of layers (and upload chunks).
     let cap = blocking_cap(150, &layers);
-    gpu.set_memory_cap(Some(cap));
+    gpu.set_memory_cap(Some(cap)).unwrap();
     check(
         &mut gpu,
         &batch,
@@ -337,7 +337,7 @@ fn layer_blocks_when_memory_is_short_give_the_same_result() {
     let plan = gpu.memory_plan().expect("planned").clone();
     assert!(plan.layer_block < 23, "expected blocks, got {plan:?}");
     // And an impossible cap names a batch size that fits.
-    gpu.set_memory_cap(Some(TINY_CAP));
+    gpu.set_memory_cap(Some(TINY_CAP)).unwrap();
     let e = gpu
         .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
         .unwrap_err()

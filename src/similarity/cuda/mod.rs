@@ -312,8 +312,12 @@ unsafe impl PageLocked for PinnedBlock {
     }
 
     fn wait_unused(&self) {
-        // A failed device is reported by the backend's next call.
-        let _ = self.in_use.synchronize();
+        // Bound first: cudarc's bind returns (and clears) an error an earlier drop recorded, and
+        // CudaEvent::synchronize would then return it without waiting. The wait must happen whatever
+        // that error was; a failed device fails the backend's next call (CUDA errors are sticky).
+        let _ = self.in_use.context().bind_to_thread();
+        // SAFETY: the event is alive (owned by self) and was created in that context.
+        let _ = unsafe { cu::event::synchronize(self.in_use.cu_event()) };
     }
 }
 
@@ -413,6 +417,14 @@ fn tri(t: usize) -> usize {
     t * (t + 1) / 2
 }
 
+impl Drop for CudaBackend {
+    /// Work still queued may read the workspace's pinned staging slots and the kernels' modules, which
+    /// go with the backend: wait for it first (errors are moot at this point).
+    fn drop(&mut self) {
+        let _ = self.drain();
+    }
+}
+
 impl CudaBackend {
     /// Open device `ordinal`: create its context and streams and load the kernels (compiled by NVRTC
     /// for its architecture on first use, then from the disk cache).
@@ -466,9 +478,23 @@ impl CudaBackend {
     }
 
     /// Cap the device memory the plan may use (to exercise the layer-block path on a large GPU).
-    pub fn set_memory_cap(&mut self, bytes: Option<usize>) {
+    pub fn set_memory_cap(&mut self, bytes: Option<usize>) -> Result<()> {
         self.budget_cap = bytes;
+        self.drop_workspace()
+    }
+
+    /// Free the workspace once nothing queued on either stream can still read it (an upload may still
+    /// be copying from its pinned staging slots).
+    fn drop_workspace(&mut self) -> Result<()> {
+        let drained = self.drain();
         self.ws = None;
+        drained
+    }
+
+    /// Wait for both streams.
+    fn drain(&self) -> Result<()> {
+        self.copy.synchronize().cu("synchronize")?;
+        self.compute.synchronize().cu("synchronize")
     }
 
     /// Choose the 16-bit Gram kernel (see [`GramKernel`]).
@@ -502,8 +528,7 @@ impl CudaBackend {
         if self.ws.as_ref().is_some_and(|w| w.key == key) {
             return Ok(());
         }
-        self.ws = None; // free the old buffers before measuring what is free
-        self.compute.synchronize().cu("synchronize")?;
+        self.drop_workspace()?; // free the old buffers before measuring what is free
         let (free, _total) = self.ctx.mem_get_info().cu("cuMemGetInfo")?;
         let mut budget = free.saturating_sub(RESERVE_BYTES);
         if let Some(cap) = self.budget_cap {
@@ -561,6 +586,8 @@ impl CudaBackend {
                 plan,
             }
         };
+        // The buffers were allocated in stream order on `compute`; the copy stream writes them too.
+        self.copy.join(&self.compute).cu("stream wait")?;
         self.ws = Some(ws);
         Ok(())
     }
@@ -713,9 +740,11 @@ impl CudaBackend {
         estimator: Estimator,
         kernel: Kernel,
     ) -> Result<()> {
-        self.submit_input(sum, Input::Device(batch), estimator, kernel)?;
-        // The copies of the last chunks are the last thing recorded on the copy stream.
-        self.copy.synchronize().cu("waiting for the device copies")
+        let submitted = self.submit_input(sum, Input::Device(batch), estimator, kernel);
+        // The copies of the last chunks are the last thing recorded on the copy stream; waited for on an
+        // error too, since the caller may reuse its memory as soon as this returns.
+        let copied = self.copy.synchronize().cu("waiting for the device copies");
+        submitted.and(copied)
     }
 
     /// The HSIC matrix of one device-resident batch, as [`Backend::batch_hsic`] returns it.
@@ -744,6 +773,8 @@ impl CudaBackend {
     /// # Safety
     /// As [`CudaBackend::submit_device`].
     pub unsafe fn download(&self, batch: &DeviceBatch) -> Result<Batch> {
+        // The raw copy below needs the context current on this thread (a caller's thread may be new).
+        self.ctx.bind_to_thread().cu("binding the CUDA context")?;
         let mut layers = Vec::with_capacity(batch.layers.len());
         for l in &batch.layers {
             let mut data = vec![0u8; batch.rows * l.cols * l.dtype.size()];

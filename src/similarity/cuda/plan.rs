@@ -209,7 +209,8 @@ fn plan_exact(n: usize, row_bytes: &[usize], budget: usize) -> Option<MemoryPlan
     } else {
         let rows = (after_gram / p4).max(2);
         let block = (rows / 2).max(1);
-        (2 * block, block)
+        // Two blocks' rows (a and b), but a single layer needs only its own.
+        ((2 * block).min(l), block)
     };
     let bytes = device_bytes(n, l, stage, gram_layers, g_rows, splits);
     (bytes <= budget).then_some(MemoryPlan {
