@@ -27,6 +27,9 @@ pub type ParamId = usize;
 /// Where the tape reads parameters from: a name → f32 values (row-major, PyTorch layout).
 pub trait ParamStore {
     fn param(&self, name: &str) -> Result<Cow<'_, [f32]>>;
+    /// An identity no other store of this process shares: a device caches uploaded weights by it (an
+    /// address would not do: a later store may be allocated where a dropped one was).
+    fn id(&self) -> u64;
     /// The parameter's bf16 bits when it is stored as bf16 (read without converting), else `None`.
     fn param_bf16(&self, _name: &str) -> Result<Option<Cow<'_, [u16]>>> {
         Ok(None)

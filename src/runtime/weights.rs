@@ -93,6 +93,8 @@ struct TensorLoc {
 pub struct Weights {
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, TensorLoc>,
+    /// [`ParamStore::id`]: from a process-wide counter.
+    id: u64,
 }
 
 impl Weights {
@@ -131,7 +133,9 @@ impl Weights {
             }
             files.push((path, map));
         }
-        Ok(Weights { files, tensors })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Weights { files, tensors, id })
     }
 
     /// The stored shape of `name`.
@@ -227,6 +231,9 @@ impl Weights {
 impl ParamStore for Weights {
     fn param(&self, name: &str) -> Result<Cow<'_, [f32]>> {
         self.get_f32(name)
+    }
+    fn id(&self) -> u64 {
+        self.id
     }
     fn param_bf16(&self, name: &str) -> Result<Option<Cow<'_, [u16]>>> {
         let Some(loc) = self.tensors.get(name) else {

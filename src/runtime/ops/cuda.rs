@@ -229,9 +229,18 @@ struct Weights {
     /// Two pinned slots and, per slot, an event recorded after the copy that reads it.
     staging: Vec<(PinnedHostSlice<f32>, CudaEvent)>,
     next_slot: usize,
-    /// The address of the store the cached weights came from (a new store empties the cache).
-    store: usize,
+    /// The [`ParamStore::id`] of the store the cached weights came from (a new store empties the cache).
+    store: u64,
     uploads: usize,
+}
+
+impl Drop for Weights {
+    /// The pinned staging slots are freed only once no upload reads them.
+    fn drop(&mut self) {
+        for (_, copied) in &self.staging {
+            crate::similarity::cuda::wait_for(copied);
+        }
+    }
 }
 
 /// A parameter on the GPU: f32 values, or a linear layer's weight rounded to bf16 for the tensor-core
@@ -482,12 +491,11 @@ impl CudaDevice {
     /// The resident copy of the weights' cache for `store` (a different store empties it).
     fn weights_for(&self, store: &dyn ParamStore) -> Result<MutexGuard<'_, Weights>> {
         let mut w = lock(&self.inner.weights)?;
-        let addr = store as *const dyn ParamStore as *const () as usize;
-        if w.store != addr {
+        if w.store != store.id() {
             let budget = w.window.budget();
             w.window = WeightWindow::new(budget);
             w.resident.clear();
-            w.store = addr;
+            w.store = store.id();
         }
         Ok(w)
     }
@@ -798,7 +806,9 @@ impl CudaDevice {
             int(sh.heads, "heads")?,
             int(sh.kv_heads, "kv_heads")?,
             int(sh.head_dim, "head_dim")?,
-            int(sh.window.unwrap_or(0).min(i32::MAX as usize), "window")?,
+            // A window of at least `tokens` masks nothing: 0 (none), so that the kernels' `j + window`
+            // cannot overflow an int.
+            int(sh.window.filter(|&w| w < sh.tokens).unwrap_or(0), "window")?,
             1.0 / (sh.head_dim as f32).sqrt(),
         ))
     }

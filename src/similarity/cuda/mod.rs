@@ -312,12 +312,7 @@ unsafe impl PageLocked for PinnedBlock {
     }
 
     fn wait_unused(&self) {
-        // Bound first: cudarc's bind returns (and clears) an error an earlier drop recorded, and
-        // CudaEvent::synchronize would then return it without waiting. The wait must happen whatever
-        // that error was; a failed device fails the backend's next call (CUDA errors are sticky).
-        let _ = self.in_use.context().bind_to_thread();
-        // SAFETY: the event is alive (owned by self) and was created in that context.
-        let _ = unsafe { cu::event::synchronize(self.in_use.cu_event()) };
+        wait_for(&self.in_use);
     }
 }
 
@@ -326,6 +321,16 @@ impl Drop for PinnedBlock {
     fn drop(&mut self) {
         self.wait_unused();
     }
+}
+
+/// Wait for `event` before host memory a copy reads is written or freed, whatever happened before.
+/// Not `CudaEvent::synchronize`: its context bind returns (and clears) an error an earlier drop recorded,
+/// and it would then return without waiting. A failed device fails the next call that checks
+/// (CUDA errors are sticky).
+pub(crate) fn wait_for(event: &CudaEvent) {
+    let _ = event.context().bind_to_thread();
+    // SAFETY: the event is alive and was created in that context.
+    let _ = unsafe { cu::event::synchronize(event.cu_event()) };
 }
 
 /// The block among `blocks` (alive ones) whose memory holds all of `bytes`, if any.
