@@ -610,11 +610,12 @@ fn attention_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
     };
     let mut rng = StdRng::seed_from_u64(31);
     // Head dims 64 and 128 (the tensor-core kernel); tokens off the 64-row blocks; GQA; windows of 37
-    // and 1 key.
+    // and 1 key, and the largest one (none).
     for (seqs, tokens, heads, kv_heads, head_dim, window) in [
         (2usize, 130usize, 4usize, 2usize, 64usize, None),
         (1, 200, 2, 1, 128, Some(37)),
         (1, 65, 2, 2, 64, Some(1)),
+        (1, 70, 2, 1, 64, Some(usize::MAX)),
         (3, 17, 8, 8, 128, None),
     ] {
         let sh = AttnShape {
@@ -703,11 +704,12 @@ fn attention_matches_the_cpu_causal_windowed_and_gqa() {
         window,
     };
     for (i, sh) in [
-        shape(2, 37, 4, 2, 24, None),     // GQA, head_dim below a warp
-        shape(1, 70, 6, 2, 72, Some(9)),  // window, head_dim across lanes (72 = 2·32 + 8)
-        shape(2, 5, 2, 1, 128, Some(1)),  // a window of one key: each query sees itself
+        shape(2, 37, 4, 2, 24, None),             // GQA, head_dim below a warp
+        shape(1, 70, 6, 2, 72, Some(9)),          // window, head_dim across lanes (72 = 2·32 + 8)
+        shape(2, 5, 2, 1, 128, Some(1)),          // a window of one key: each query sees itself
         shape(1, 130, 3, 3, 64, None), // multi-head (no grouping), more than the CPU's 64-row blocks
         shape(3, 17, 8, 1, 16, Some(40)), // a window longer than the sequence, one kv head
+        shape(1, 20, 2, 1, 32, Some(usize::MAX)), // "no window" spelled as the largest one
         shape(1, 9, 2, 2, 256, Some(4)), // the largest head_dim
     ]
     .into_iter()
