@@ -3,7 +3,7 @@
 //!
 //! [`CudaBackend::stage_outputs`] runs one batch through the launches `batch_hsic` makes and downloads what
 //! each stage leaves on the device. [`check_stages`] holds each stage's output to a float64 CPU twin
-//! ([`reference`] runs the twins end to end) computed from the *previous stage's device output*, so a
+//! ([`reference()`] runs the twins end to end) computed from the *previous stage's device output*, so a
 //! failure names the kernels at fault rather than only saying that the CKA is off:
 //!
 //! | stage | kernels | twin |
@@ -12,7 +12,7 @@
 //! | gram | gram_fma, gram_mma(_pipelined) | C·Cᵀ in f64 of the centred values |
 //! | rbf | rbf_* | [`cpu::rbf_from_linear`] of the device Gram |
 //! | centre_pack | gram_row_sums, centre_offsets, centre_pack | [`cpu::double_centre`] / [`cpu::u_centre`], packed |
-//! | pairs | hsic_pairs, hsic_reduce_splits | Σ_p G_a[p]·G_b[p] in f64 |
+//! | pairs | hsic_pairs, hsic_reduce_splits | Σₚ G_a(p)·G_b(p) in f64 |
 
 use super::super::backend::{Estimator, Kernel};
 use super::super::cpu;
@@ -36,7 +36,7 @@ pub struct StageOutputs {
     pub rbf: Option<Vec<Vec<f32>>>,
     /// Per layer: its row of G, the centred matrix's lower triangle packed (`n(n+1)/2` values).
     pub packed: Vec<Vec<f32>>,
-    /// `L × L` row-major, lower triangle (b ≤ a): Σ_p G_a[p]·G_b[p].
+    /// `L × L` row-major, lower triangle (b ≤ a): Σₚ G_a(p)·G_b(p).
     pub pairs: Vec<f64>,
 }
 
@@ -235,7 +235,7 @@ pub fn centre_pack_twin(k: &[f64], n: usize, estimator: Estimator, unscale_e: i3
     out
 }
 
-/// Twin of hsic_pairs + hsic_reduce_splits: Σ_p G_a[p]·G_b[p] for b ≤ a (upper triangle 0).
+/// Twin of hsic_pairs + hsic_reduce_splits: Σₚ G_a(p)·G_b(p) for b ≤ a (upper triangle 0).
 pub fn pairs_twin(g: &[Vec<f64>]) -> Vec<f64> {
     let l = g.len();
     let mut out = vec![0.0; l * l];
@@ -376,7 +376,7 @@ pub fn reference(batch: &BatchRef<'_>, estimator: Estimator, kernel: Kernel) -> 
     reference_with(batch, estimator, kernel, &mut |_, _, _| {})
 }
 
-/// [`reference`], with `tamper(stage, layer, values)` called on each stage's output before the next
+/// [`reference()`], with `tamper(stage, layer, values)` called on each stage's output before the next
 /// stage reads it (stages "centre", "gram", "rbf", "centre_pack", per layer; "pairs" once, layer 0):
 /// what a device with one faulty kernel would leave.
 pub fn reference_with(
