@@ -104,7 +104,8 @@ def _cuda_tensors_in_place(named: List[Tuple[str, Any]], cuda_device: Optional[i
         if dt is None or not t.is_contiguous():
             return None
         out.append((name, t.detach(), dt))
-    torch.cuda.current_stream(torch.device("cuda", cuda_device)).synchronize()
+    # Every stream of the device, not only the current one: a tensor may have been written on a side stream.
+    torch.cuda.synchronize(cuda_device)
     return [(n, t.data_ptr(), list(t.shape), dt) for n, t, dt in out]
 
 

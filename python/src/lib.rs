@@ -17,10 +17,11 @@ use sglp_engine::pruning::prune::k_rule;
 use sglp_engine::pruning::select::Selection;
 use sglp_engine::report::{write_report, PruneReport, StageTimes, REPORT_FORMAT};
 use sglp_engine::segmentation::{segment_cka, KChoice};
-use sglp_engine::similarity::cuda::{DeviceBatch, DeviceLayer};
+use sglp_engine::similarity::cuda::{DeviceBatch, DeviceLayer, KeepCurrentContext};
 use sglp_engine::similarity::device::{open_backend, DeviceChoice};
 use sglp_engine::similarity::{Backend, CkaAccumulator, CkaResult, CkaSpec, Estimator, Kernel};
 use sglp_engine::{Error, Result};
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 
 /// What the arrays are called in error messages, where the CLI names the input file.
@@ -155,7 +156,8 @@ struct Accumulator {
     spec: CkaSpec,
     tokens: TokenMode,
     n_samples_hint: Option<usize>,
-    backend: Box<dyn Backend>,
+    /// Dropped by hand (`Drop`), with the caller's CUDA context restored afterwards.
+    backend: ManuallyDrop<Box<dyn Backend>>,
     /// Why `device="auto"` fell back to the CPU, if it did.
     note: Option<String>,
     /// Made from the first chunk's layers.
@@ -180,6 +182,8 @@ impl Accumulator {
         tokens: &str,
         n_samples_hint: Option<usize>,
     ) -> PyResult<Self> {
+        // Every call into a backend restores the caller's current CUDA context (PyTorch's device).
+        let _keep = KeepCurrentContext::new();
         let make = || -> Result<Self> {
             let spec = CkaSpec {
                 estimator: parse_enum::<Estimator>("estimator", estimator)?,
@@ -194,7 +198,7 @@ impl Accumulator {
                 spec,
                 tokens,
                 n_samples_hint,
-                backend,
+                backend: ManuallyDrop::new(backend),
                 note,
                 state: None,
                 layers: Vec::new(),
@@ -224,6 +228,7 @@ impl Accumulator {
     /// Push one chunk: the same rows of every layer. The caller keeps the arrays alive and unchanged
     /// for the duration of the call (the Python half holds them).
     fn update(&mut self, py: Python<'_>, arrays: Vec<ArrayIn>) -> PyResult<()> {
+        let _keep = KeepCurrentContext::new();
         self.push_views(py, arrays, |this, views, rows| {
             let batch = BatchRef {
                 rows,
@@ -260,6 +265,7 @@ impl Accumulator {
     /// address, shape, dtype)` per layer. The Python half has checked that they are C-contiguous and
     /// has synchronised the stream that wrote them, and holds them until this call returns.
     fn update_device(&mut self, py: Python<'_>, arrays: Vec<ArrayIn>) -> PyResult<()> {
+        let _keep = KeepCurrentContext::new();
         self.push_views(py, arrays, |this, views, rows| {
             let batch = DeviceBatch {
                 rows,
@@ -282,17 +288,26 @@ impl Accumulator {
 
     /// The result as `sglp-cka/1` JSON (the CLI's bytes). The accumulator cannot be used afterwards.
     fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
+        let _keep = KeepCurrentContext::new();
         let Some(acc) = self.state.take() else {
             return Err(py_err(Error::invalid(
                 "no activations: update() was never called (or finish() already was)",
             )));
         };
-        let backend = SameThread(self.backend.as_mut());
+        let backend = SameThread(&mut **self.backend);
         let res = py
             .allow_threads(move || acc.finish(backend.get()))
             .map_err(py_err)?;
         self.layers.clear();
         Ok(serde_json::to_string_pretty(&res).expect("CKA result serialises") + "\n")
+    }
+}
+
+impl Drop for Accumulator {
+    fn drop(&mut self) {
+        let _keep = KeepCurrentContext::new();
+        // SAFETY: dropped once, here; never used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.backend) };
     }
 }
 

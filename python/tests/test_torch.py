@@ -41,20 +41,22 @@ def test_cuda_tensors_are_read_on_the_host():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_tensors_are_read_in_place_by_the_cuda_backend(dtype):
     """CUDA tensors with device="cuda": no CopyWarning, the same CKA as the CPU on the same values (1e-4: f32
-    tiles on the GPU), over updates of sizes that are not multiples of the batch (rows carried across)."""
+    tiles on the GPU), over updates of sizes that are not multiples of the batch (rows carried across). The
+    Gram route explicitly: these narrow layers would take the feature route, which copies to the host."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here: the in-place CUDA path is untested")
     import warnings
 
     host = {k: v.to(dtype) for k, v in make(n=200, seed=3).items()}
     want = sglp_engine.cka({k: v.float().numpy() for k, v in host.items()}, batch_size=32, device="cpu")
-    acc = sglp_engine.CkaAccumulator(batch_size=32, device="cuda")
+    acc = sglp_engine.CkaAccumulator(batch_size=32, device="cuda", route="gram")
     with warnings.catch_warnings():
         warnings.simplefilter("error", sglp_engine.CopyWarning)
         for s, e in [(0, 45), (45, 150), (150, 200)]:
             acc.update({k: v[s:e].cuda() for k, v in host.items()})
     got = acc.finish()
     assert got.backend.startswith("cuda")
+    assert not [w for w in got.warnings if "copied to host memory" in w], got.warnings
     assert got.n_samples == 200 and got.n_batches == want.n_batches
     np.testing.assert_allclose(got.cka, want.cka, atol=1e-4)
 

@@ -235,8 +235,9 @@ impl CkaAccumulator {
     ///
     /// Non-finite values are found by the GPU as it centres each batch (the host path checks every value
     /// it reads instead): `finish` then fails with the layer and its first bad sample, as the readers do.
-    /// A layer constant over a batch centres to exact zeros on the GPU (f64 column means), so it still
-    /// gets the zero-variance NaN row.
+    /// A layer constant over a batch centres to exact zeros on the GPU (f64 column means), so with the
+    /// linear kernel it still gets the zero-variance NaN row; with RBF (a zero median distance) its row is
+    /// NaN too, but the warning says its HSIC with itself is not finite.
     ///
     /// # Safety
     /// As [`cuda::CudaBackend::submit_device`]: every layer's address holds `rows × cols` values of its
@@ -281,6 +282,9 @@ impl CkaAccumulator {
                 .ok_or_else(|| {
                     Error::invalid("device activations need the CUDA backend (device=\"cuda\")")
                 })?;
+            // Checked here as every host read is (the in-place path's GPU check is not on this way).
+            let origin = std::path::Path::new("device activations");
+            crate::io::check_finite(&host.as_ref(), &self.layers, self.n_samples, origin)?;
             return self.push(&host.as_ref(), backend);
         };
         let b = self.spec.batch_size;

@@ -50,6 +50,40 @@ pub fn driver_available() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// Restores, when dropped, the CUDA context current on this thread when it was made. The engine's calls
+/// make its own context current and cudarc never unbinds it, which would otherwise change a host
+/// program's current device under it (PyTorch reads its current device from the current context): the
+/// Python package keeps one of these around each call into a backend.
+pub struct KeepCurrentContext(Option<sys::CUcontext>);
+
+impl KeepCurrentContext {
+    pub fn new() -> Self {
+        if !driver_available() {
+            return KeepCurrentContext(None);
+        }
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the driver library is present; the call only writes the handle (an error, e.g. before
+        // cuInit, leaves nothing to restore).
+        let ok = unsafe { sys::cuCtxGetCurrent(&mut ctx) }.result().is_ok();
+        KeepCurrentContext(ok.then_some(ctx))
+    }
+}
+
+impl Default for KeepCurrentContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for KeepCurrentContext {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.0 {
+            // SAFETY: the handle was current on this thread (null: none); its owner keeps it alive.
+            let _ = unsafe { sys::cuCtxSetCurrent(ctx) };
+        }
+    }
+}
+
 /// A driver result with the call named in the error (shared with the runtime's CUDA device).
 pub(crate) trait CuResult<T> {
     fn cu(self, what: &str) -> Result<T>;
@@ -333,6 +367,14 @@ pub(crate) fn wait_for(event: &CudaEvent) {
     let _ = unsafe { cu::event::synchronize(event.cu_event()) };
 }
 
+/// Wait for `stream` before memory its copies read is reused or freed: the wait happens whatever error
+/// an earlier drop recorded in cudarc (see [`wait_for`]); the driver's own error is returned.
+pub(crate) fn sync_stream(stream: &CudaStream) -> Result<()> {
+    let _ = stream.context().bind_to_thread();
+    // SAFETY: the stream is alive and belongs to that context.
+    unsafe { cu::stream::synchronize(stream.cu_stream()) }.cu("synchronize")
+}
+
 /// The block among `blocks` (alive ones) whose memory holds all of `bytes`, if any.
 pub(crate) fn block_holding<T: PageLocked>(blocks: &[Weak<T>], bytes: &[u8]) -> Option<Arc<T>> {
     let (start, end) = (
@@ -496,10 +538,10 @@ impl CudaBackend {
         drained
     }
 
-    /// Wait for both streams.
+    /// Wait for both streams (even after an error cudarc recorded: memory they read is freed next).
     fn drain(&self) -> Result<()> {
-        self.copy.synchronize().cu("synchronize")?;
-        self.compute.synchronize().cu("synchronize")
+        let copy = sync_stream(&self.copy);
+        sync_stream(&self.compute).and(copy)
     }
 
     /// Choose the 16-bit Gram kernel (see [`GramKernel`]).
@@ -748,7 +790,7 @@ impl CudaBackend {
         let submitted = self.submit_input(sum, Input::Device(batch), estimator, kernel);
         // The copies of the last chunks are the last thing recorded on the copy stream; waited for on an
         // error too, since the caller may reuse its memory as soon as this returns.
-        let copied = self.copy.synchronize().cu("waiting for the device copies");
+        let copied = sync_stream(&self.copy);
         submitted.and(copied)
     }
 
