@@ -745,6 +745,37 @@ fn a_nan_on_the_device_names_its_layer_and_first_sample() {
         err.contains("layer 'b'") && err.contains("first bad sample: 70"),
         "{err}"
     );
+    // The estimators that copy device rows to the host (biased; the feature route) check them there.
+    let metas: Vec<LayerMeta> = ["a", "b", "c"]
+        .iter()
+        .zip(&layers)
+        .map(|(name, &(cols, dtype))| LayerMeta {
+            name: name.to_string(),
+            cols,
+            dtype,
+            shape: vec![150, cols],
+        })
+        .collect();
+    for (estimator, route) in [
+        (Estimator::Biased, sglp_engine::similarity::Route::Gram),
+        (Estimator::Unbiased, sglp_engine::similarity::Route::Feature),
+    ] {
+        let spec = CkaSpec {
+            estimator,
+            route,
+            batch_size: 64,
+            ..CkaSpec::default()
+        };
+        let mut acc = CkaAccumulator::new(&metas, spec, Some(150)).unwrap();
+        // SAFETY: as above.
+        let err = unsafe { acc.push_device(&copy.batch, &mut gpu) }
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layer 'b'") && err.contains("first bad sample: 70"),
+            "{estimator:?} {route:?}: {err}"
+        );
+    }
 }
 
 #[test]
