@@ -302,9 +302,10 @@ pub struct CudaBackend {
 }
 
 /// The most page-locked memory one chunk buffer of [`Backend::page_locked_batch`] takes (a reader
-/// circulates two): pinning more of the host's memory than this is not worth the risk to the rest of
-/// the machine, and a larger chunk falls back to the staging path.
+/// circulates two), and at most this fraction of the host's available memory: pinning more is not worth
+/// the risk to the rest of the machine, and a larger chunk falls back to the staging path.
 const PAGE_LOCKED_CHUNK_MAX_BYTES: usize = 2 << 30;
+const PAGE_LOCKED_CHUNK_MAX_SHARE: u64 = 8;
 
 /// One layer's chunk buffer in page-locked memory ([`Backend::page_locked_batch`]): a reader writes it,
 /// the copy stream uploads from it, and `in_use`, recorded after each upload, keeps the two apart
@@ -1468,7 +1469,8 @@ impl Backend for CudaBackend {
     fn page_locked_batch(&mut self, layers: &[LayerMeta], rows: usize) -> Option<Batch> {
         let bytes = |l: &LayerMeta| rows * l.cols * l.dtype.size();
         let total: usize = layers.iter().map(bytes).sum();
-        if total == 0 || total > PAGE_LOCKED_CHUNK_MAX_BYTES {
+        let available = super::available_memory().unwrap_or(u64::MAX) / PAGE_LOCKED_CHUNK_MAX_SHARE;
+        if total == 0 || total > PAGE_LOCKED_CHUNK_MAX_BYTES || total as u64 > available {
             return None;
         }
         self.locked.retain(|w| w.strong_count() > 0);
