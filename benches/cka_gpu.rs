@@ -11,6 +11,8 @@
 //! reads), after validating each workload's first batch against the CPU backend (max |ΔCKA| and the
 //! relative HSIC difference go into the JSON; over 1e-4 is reported on stderr).
 
+mod common;
+
 use criterion::{Criterion, Throughput};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -130,6 +132,9 @@ fn validate(gpu: &mut CudaBackend, batch: &Batch) -> (f64, f64) {
 /// Every batch of every workload, validated against the CPU on its first batch, then timed per stage;
 /// JSON to `path`.
 fn json_report(gpu: &mut CudaBackend, path: &str) {
+    // The GPU-wide use before any workspace (this process's context, any other process's memory):
+    // what the workloads' device_bytes_used_* figures are to be measured from.
+    let used_at_open = gpu.device_memory_used().expect("memory info");
     gpu.set_profiling(true);
     let mut entries = Vec::new();
     for w in workloads() {
@@ -253,6 +258,12 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
         gpu.set_profiling(true);
         let plan = gpu.memory_plan().expect("planned").clone();
         let gram_ms = median(&mut gram);
+        // The Gram products alone (the stage also centres the columns), for the TFLOP/s.
+        let gram_kernels_ms: f64 = kernel_ms_median
+            .iter()
+            .filter(|(name, _)| name.starts_with("gram_"))
+            .filter_map(|(_, ms)| ms.as_f64())
+            .sum();
         let entry = serde_json::json!({
             "workload": w.name,
             "layers": w.widths.len(),
@@ -272,8 +283,10 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             "kernel_ms_median": kernel_ms_median,
             "gram_flops_per_batch": w.gram_flops(),
             "pairs_flops_per_batch": w.pairs_flops(),
-            "gram_tflops_full_count": w.gram_flops() / (gram_ms * 1e-3) / 1e12,
-            "gram_tflops_performed": w.gram_flops() / 2.0 / (gram_ms * 1e-3) / 1e12,
+            "gram_kernels_ms_median": gram_kernels_ms,
+            "gram_tflops_full_count": w.gram_flops() / (gram_kernels_ms * 1e-3) / 1e12,
+            "gram_tflops_performed": w.gram_flops() / 2.0 / (gram_kernels_ms * 1e-3) / 1e12,
+            "device_bytes_used_at_open": used_at_open,
             "plan_device_bytes": plan.device_bytes,
             "plan_layer_block": plan.layer_block,
             "backend": gpu.name(),
@@ -291,7 +304,7 @@ fn main() {
     let mut gpu = match CudaBackend::open(0) {
         Ok(g) => g,
         Err(e) => {
-            println!("cka_gpu: skipped, no usable GPU ({e})");
+            common::no_gpu("cka_gpu", e);
             return;
         }
     };

@@ -10,6 +10,8 @@
 //! usable GPU it prints why and exits 0; a failed check exits 1. On the GPU machine:
 //! `bash .device/run-bench.sh cka_kernels`.
 
+mod common;
+
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -187,16 +189,23 @@ fn main() {
     let reps: usize = std::env::var("SGLP_BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(20)
+        .max(1);
     let mut gpu = match CudaBackend::open(0) {
         Ok(g) => g,
         Err(e) => {
-            println!("cka_kernels: skipped, no usable GPU ({e})");
+            common::no_gpu("cka_kernels", e);
             return;
         }
     };
     println!("cka_kernels on {}", gpu.name());
-    let mut rng = StdRng::seed_from_u64(rand::random());
+    // The seed is printed, and SGLP_SEED=… replays a failing case.
+    let seed: u64 = std::env::var("SGLP_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut failed = Vec::new();
     for case in cases().into_iter().filter(|c| c.name.contains(&filter)) {
         gpu.set_gram_kernel(case.gram);

@@ -10,6 +10,8 @@
 //! `cargo bench --bench runtime_gpu` (prints a skip message and exits 0 without a usable GPU; on the GPU
 //! machine: `bash .device/run-bench.sh runtime_gpu`). A validation failure exits 1.
 
+mod common;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::CudaDevice;
@@ -66,14 +68,15 @@ fn main() {
     let dev = match CudaDevice::open(0) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("runtime_gpu: skipping, no usable GPU ({e})");
+            common::no_gpu("runtime_gpu", e);
             return;
         }
     };
     let reps: usize = std::env::var("SGLP_BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(5)
+        .max(1);
     println!("runtime_gpu on {}", dev.name());
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut failed = false;
@@ -147,13 +150,16 @@ fn main() {
                 Matmul::F32 => dy.clone(),
             };
             let err = sampled_error(&host, &sample, k, |i| {
-                (0..k)
-                    .map(|c| {
-                        (0..m)
-                            .map(|j| dyr[i * m + j] as f64 * wr[j * k + c] as f64)
-                            .sum()
-                    })
-                    .collect()
+                // Σ_j dy[i, j]·w[j, :], reading whole rows of w (a column at a time strides the
+                // lm_head's 2 GB and takes seconds per row).
+                let mut row = vec![0f64; k];
+                for j in 0..m {
+                    let d = dyr[i * m + j] as f64;
+                    for (r, &w) in row.iter_mut().zip(&wr[j * k..(j + 1) * k]) {
+                        *r += d * w as f64;
+                    }
+                }
+                row
             });
             if err.is_nan() || err > tol {
                 eprintln!("runtime_gpu: {what} {mode:?} backward dx: error {err:.2e} > {tol:.0e}");

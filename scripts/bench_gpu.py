@@ -54,7 +54,7 @@ def per_batch_entry(e):
     return dict(
         total_s=e["total_s"],
         batch_ms_median=e["batch_wall_ms_median"],
-        gram_ms_median=e["gram_ms_median"],
+        gram_ms_median=e.get("gram_kernels_ms_median", e["gram_ms_median"]),
         gram_tflops=e["gram_tflops_full_count"],
         peak_mem_bytes=e["plan_device_bytes"],
         stages_ms=dict(gram=e["gram_ms_median"], centre=e["centre_ms_median"], pairs=e["pairs_ms_median"]),
@@ -78,7 +78,7 @@ def run_engine(out_dir, bench_exe=None, gram_kernel=None):
         f.write(proc.stdout + "\n" + proc.stderr)
     if proc.returncode != 0 or not os.path.exists(path):
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("engine benchmark failed (see engine.log)")
+        raise RuntimeError(f"engine benchmark failed, exit {proc.returncode} (see {stem}.log)")
     with open(path) as f:
         return {e["workload"]: e for e in json.load(f)}
 
@@ -185,6 +185,7 @@ def bench_torch(torch, name, spec, loop_batches):
     # (b') the same from host memory: each batch uploaded (pinned CPU tensors), as the engine's times are.
     host = [[x.cpu().pin_memory() for x in d] for d in data]
     torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()  # the GPU copies `data`, which this contender does not use
     per_batch_h = cuda_time_ms(
         torch, lambda: torch_batched_batch(torch, [x.cuda(non_blocking=True) for x in host[0]]), warmup=2, repeat=3
     )
@@ -195,7 +196,7 @@ def bench_torch(torch, name, spec, loop_batches):
     res["torch_batch_host"] = dict(
         total_s=time.perf_counter() - t0,
         batch_ms_median=per_batch_h,
-        peak_mem_bytes=torch.cuda.max_memory_allocated(),
+        peak_mem_bytes=torch.cuda.max_memory_allocated() - resident,
     )
     del host
     # (a) per-pair loop: a few batches, extrapolated to all.
@@ -229,33 +230,56 @@ def main():
         raise SystemExit("no CUDA device visible to torch")
     dev = torch.cuda.get_device_name(0)
     peak_bf16 = bf16_matmul_tflops(torch)
-    engine = {} if args.skip_engine else run_engine(args.out, args.engine_bench)
-    engine_pl = {} if args.skip_engine else run_engine(args.out, args.engine_bench, "pipelined")
-    report = dict(device=dev, bf16_matmul_tflops=peak_bf16, workloads={})
+    # The engine's device_bytes_used_* are the whole GPU's (total − free, every process): this process's
+    # share (its CUDA context, torch's cache) is measured now and subtracted from them below.
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    others = total - free
+    errors = {}
+
+    def engine_run(gram_kernel=None):
+        # A failing engine (the candidate kernel above all) is recorded: the PyTorch contenders still run.
+        if args.skip_engine:
+            return {}
+        try:
+            return run_engine(args.out, args.engine_bench, gram_kernel)
+        except (RuntimeError, OSError) as e:
+            errors["engine" if gram_kernel is None else f"engine_{gram_kernel}"] = str(e)
+            return {}
+
+    engine = engine_run()
+    engine_pl = engine_run("pipelined")
+    report = dict(device=dev, bf16_matmul_tflops=peak_bf16, workloads={}, errors=errors)
     for name, spec in WORKLOADS.items():
         gram_flops = sum(spec["rows"] ** 2 * d * 2 for d in spec["widths"])
         t = bench_torch(torch, name, spec, args.loop_batches)
         entry = dict(gram_flops_per_batch=gram_flops, **t)
         entry["torch_batch"]["gram_tflops"] = gram_flops / (t["torch_batch"]["gram_ms_median"] * 1e-3) / 1e12
+        if name in engine_pl:
+            entry["engine_pipelined"] = per_batch_entry(engine_pl[name])
         if name in engine:
             e = engine[name]
             entry["engine"] = per_batch_entry(e)
-            if name in engine_pl:
-                entry["engine_pipelined"] = per_batch_entry(engine_pl[name])
+            # From the bench's own reading right after it opened the GPU (this process's share and the
+            # engine's CUDA context excluded, as torch's peak excludes its context); else this process's.
+            base = e.get("device_bytes_used_at_open", others)
+            used_all = e["device_bytes_used_after_all_batches"] - base
             if "device_resident_total_s" in e:
-                # Activations already on the GPU (submit_device): comparable to torch_batch (b).
+                # Activations already on the GPU (submit_device): comparable to torch_batch (b). Memory:
+                # the workspace (measured before the upload) plus its two resident batches, as (b) counts.
+                itemsize = 4 if spec["dtype"] == "float32" else 2
                 entry["engine_on_device"] = dict(
                     total_s=e["device_resident_total_s"],
                     batch_ms_median=e["device_resident_total_s"] * 1e3 / spec["batches"],
-                    peak_mem_bytes=e["device_bytes_used_after_all_batches"],
+                    peak_mem_bytes=used_all + 2 * spec["rows"] * sum(spec["widths"]) * itemsize,
                 )
             if "streamed_total_s" in e:
                 # The accumulator's path: submit every batch into a device-resident sum, one download.
                 entry["engine_streamed"] = dict(
                     total_s=e["streamed_total_s"],
                     batch_ms_median=e["streamed_total_s"] * 1e3 / spec["batches"],
-                    peak_mem_bytes=e["device_bytes_used_after_all_batches"],
-                    mem_after_16_batches=e["device_bytes_used_after_16_batches"],
+                    peak_mem_bytes=used_all,
+                    mem_after_16_batches=e["device_bytes_used_after_16_batches"] - base,
                 )
             if e.get("page_locked_total_s"):
                 # The file reader's path: batches written into page-locked buffers, uploaded in place
@@ -263,11 +287,11 @@ def main():
                 entry["engine_page_locked"] = dict(
                     total_s=e["page_locked_total_s"],
                     batch_ms_median=e["page_locked_total_s"] * 1e3 / spec["batches"],
-                    peak_mem_bytes=e["device_bytes_used_after_all_batches"],
+                    peak_mem_bytes=used_all,
                 )
         report["workloads"][name] = entry
-    with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
-        json.dump(report, f, indent=2)
+        with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:  # after each workload: a timeout keeps it
+            json.dump(report, f, indent=2)
     print(f"device: {dev}; bf16 matmul {peak_bf16:.0f} TFLOP/s (torch.matmul 8192^2)")
     print("torch_loop/torch_batch/engine_on_device inputs are already on the GPU; engine, engine_streamed, "
           "engine_page_locked and torch_batch_host upload every batch")
@@ -291,6 +315,10 @@ def main():
                 # Per-batch device time of each kernel (medians): where the time goes.
                 parts = ", ".join(f"{k} {ms:.3f}" for k, ms in r["kernels_ms"].items())
                 print(f"{'':<12} {'':<18} kernels ms: {parts}")
+    for who, err in errors.items():
+        print(f"{who}: {err}")
+    if errors:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

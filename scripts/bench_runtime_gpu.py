@@ -122,6 +122,16 @@ def main():
         ids_np = rng.integers(0, cfg.vocab_size, size=(a.seqs, a.tokens)).astype(np.int64)
         ids = torch.from_numpy(ids_np).to(DEVICE)
         entry = dict(params=n_params, config=SHAPES[name])
+        report["shapes"][name] = entry
+        shown = set()
+
+        def save(stage):
+            # After each stage: the JSON so far and a line with what is new (a timeout keeps what was measured).
+            with open(os.path.join(a.out, "runtime_gpu.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            new = {k: v for k, v in entry.items() if k not in shown}
+            shown.update(new)
+            print(f"{name} {stage}: {json.dumps(new)}", flush=True)
 
         def step(m=model):
             m.zero_grad(set_to_none=True)
@@ -136,6 +146,7 @@ def main():
         entry["torch_eager_s"], entry["torch_eager_all_s"] = cuda_time(step, a.reps)
         if DEVICE == "cuda":
             entry["torch_eager_peak_bytes"] = torch.cuda.max_memory_allocated()
+        compiled = None
         try:
             if DEVICE == "cpu":
                 raise RuntimeError("not tried in a CPU dry run")
@@ -143,10 +154,13 @@ def main():
             entry["torch_compile_s"], _ = cuda_time(lambda: step(compiled), a.reps)
         except Exception as e:  # recorded, not fatal: torch.compile needs a working toolchain there
             entry["torch_compile_error"] = f"{type(e).__name__}: {e}"[:400]
+        save("torch")
 
         # Reference loss, gradient norms and hidden states in float32 on the same weights, with gradient
         # checkpointing (same values; an 8B model's f32 weights and gradients alone take 64 GB). Out of
-        # memory is recorded, and the comparisons are left out.
+        # memory is recorded, and the comparisons are left out. The last step's gradients go first, or
+        # .float() converts them too (8B: 30 GiB more, outside the try).
+        model.zero_grad(set_to_none=True)
         ref = model.float()
         per_layer, torch_hidden = None, None
         try:
@@ -170,17 +184,24 @@ def main():
                 hs = ref(input_ids=ids[:2], use_cache=False, output_hidden_states=True).hidden_states
                 torch_hidden = [h.float().cpu().numpy() for h in hs[1:-1]]
                 del hs
-        except torch.cuda.OutOfMemoryError as e:
-            entry["torch_f32_error"] = f"out of memory: {e}"[:300]
+        except RuntimeError as e:  # out of memory above all (cuBLAS reports its own as a plain RuntimeError)
+            entry["torch_f32_error"] = f"{type(e).__name__}: {e}"[:300]
+        logits = loss = None  # what an out-of-memory left (the graph of a failed backward)
         ref.zero_grad(set_to_none=True)
         model = ref.to(torch.bfloat16)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+        save("torch_f32")
 
         with tempfile.TemporaryDirectory(dir=a.workdir) as d:
             model.save_pretrained(d, safe_serialization=True)
-            del model
+            # The engine gets the GPU: `ref`, step's default argument and the compiled wrapper (and dynamo's
+            # graphs) hold this same module, so `del model` alone freed nothing; its weights go to the CPU.
+            model.to("cpu")
+            del model, ref, step, compiled
             if DEVICE == "cuda":
+                import torch._dynamo
+                torch._dynamo.reset()
                 torch.cuda.empty_cache()
             tok = os.path.join(d, "tokens.npy")
             np.save(tok, np.tile(ids_np, (a.reps + 1, 1)))
@@ -195,6 +216,7 @@ def main():
                 entry[f"{key}_process_s"] = time.perf_counter() - t0
                 if p.returncode != 0:
                     entry[f"{key}_error"] = p.stderr[-2000:]
+                    save(key)
                     continue
                 g = json.load(open(out))
                 steps = g["timing"]["forward_backward_s"][1:]
@@ -202,6 +224,7 @@ def main():
                 entry[f"{key}_all_s"] = steps
                 entry[f"{key}_loss"] = g["loss"]
                 entry[f"{key}_over_torch_eager"] = entry[f"{key}_s"] / entry["torch_eager_s"]
+                save(key)
                 if per_layer is None:
                     continue  # no f32 reference to compare with
                 rel = [abs(x - y) / max(abs(y), 1e-30) for x, y in zip(g["gradnorm"], per_layer)]
@@ -223,6 +246,7 @@ def main():
                              for l, th in enumerate(torch_hidden)]
                     entry[f"{key}_hidden_max_rel_diff_vs_torch_f32"] = max(rel_h)
                     os.remove(hfile)
+                save(f"{key} agreement")
             if a.prune:
                 calib = os.path.join(d, "calib.npy")
                 np.save(calib, rng.integers(0, cfg.vocab_size, size=(a.prune_seqs, a.tokens)).astype(np.int64))
@@ -236,6 +260,7 @@ def main():
                 else:
                     rep = json.load(open(os.path.join(pdir, "sglp-report.json")))
                     entry["prune_timings"] = rep.get("timings") or rep.get("timing")
+                save("prune")
         report["shapes"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
     with open(os.path.join(a.out, "runtime_gpu.json"), "w") as f:

@@ -20,6 +20,27 @@ part=${1:-all}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+# Every test and bench here must find the GPU: a missing one is a failure, not a skip.
+export SGLP_REQUIRE_GPU=1
+# NVRTC: the engine's cudarc (built for CUDA 12) loads libnvrtc.so, libnvrtc.so.12, .11, ...; a CUDA 13
+# machine (these have 13.0) ships libnvrtc.so.13, and the toolkit's libnvrtc.so link may not be on the
+# loader's path. Find one and put a `libnvrtc.so` link to it, and its own directory (for the
+# libnvrtc-builtins it opens), first on LD_LIBRARY_PATH.
+find_nvrtc() {
+  local d f sp
+  sp=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
+  for d in ${LD_LIBRARY_PATH//:/ } /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+           /usr/local/cuda-*/lib64 $(for p in $sp; do echo "$p/nvidia/cu13/lib $p/nvidia/cuda_nvrtc/lib"; done); do
+    for f in "$d"/libnvrtc.so "$d"/libnvrtc.so.1[0-9]; do [ -e "$f" ] && { echo "$f"; return; }; done
+  done
+  ldconfig -p 2>/dev/null | awk '/libnvrtc\.so/ {print $NF; exit}'
+}
+nvrtc=$(find_nvrtc)
+if [ -n "$nvrtc" ]; then
+  mkdir -p /tmp/nvrtc-link && ln -sf "$(readlink -f "$nvrtc")" /tmp/nvrtc-link/libnvrtc.so
+  export LD_LIBRARY_PATH="/tmp/nvrtc-link:$(dirname "$(readlink -f "$nvrtc")")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+echo "gpu_checks: NVRTC ${nvrtc:-not found} (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-})" | tee -a "$out/nvidia-smi.txt"
 # What run-all.sh does first: unpack, the CLI by its own name, the repo at the path the tests baked in.
 unpack() {
   [ -d /tmp/dp/bin ] && return
@@ -69,7 +90,7 @@ fi
 fi
 if [ "$part" != tests ]; then
 unpack
-PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
+PYTHONUNBUFFERED=1 timeout 150 python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 # The runtime's kernels one by one (benches/runtime_gpu.rs: linear products in bf16 and f32 on 8B shapes,
 # attention; validated, then timed), into bench.log.

@@ -160,14 +160,7 @@ fn open_context(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
             info.name
         )));
     }
-    if !nvrtc::nvrtc_available() {
-        return Err(Error::cuda(format!(
-                "NVRTC (libnvrtc) not found, needed to compile the kernels: install the CUDA toolkit or \
-                 `pip install nvidia-cuda-nvrtc-cu12` and add its lib directory to LD_LIBRARY_PATH \
-                 (looked for {})",
-                nvrtc::nvrtc_library_names().join(", ")
-            )));
-    }
+    nvrtc::require_nvrtc()?;
     let ctx = CudaContext::new(ordinal).cu("creating the CUDA context")?;
     Ok((ctx, info.clone()))
 }

@@ -39,16 +39,20 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-fn require_nvrtc() -> Result<()> {
+/// NVRTC loaded, or the error saying how to get it.
+pub(crate) fn require_nvrtc() -> Result<()> {
     if nvrtc_available() {
-        Ok(())
-    } else {
-        Err(Error::cuda(format!(
-            "NVRTC (libnvrtc) not found: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc-cu12` \
-             and put its lib directory on LD_LIBRARY_PATH (looked for {})",
-            nvrtc_library_names().join(", ")
-        )))
+        return Ok(());
     }
+    // CUDA 13 names its library libnvrtc.so.13, which is not among the names this build (made against
+    // CUDA 12) asks the loader for; the toolkit's unversioned link is, when its directory is searched.
+    Err(Error::cuda(format!(
+        "NVRTC (libnvrtc), needed to compile the kernels, not found: install the CUDA toolkit or `pip \
+         install nvidia-cuda-nvrtc-cu12` and put its lib directory on LD_LIBRARY_PATH; with CUDA 13 \
+         (libnvrtc.so.13), put a directory holding a link `libnvrtc.so` to it first on LD_LIBRARY_PATH, \
+         with libnvrtc.so.13's own directory (looked for {})",
+        nvrtc_library_names().join(", ")
+    )))
 }
 
 /// A compiled kernel file: its CUBIN and NVRTC's log (warnings, `-Xptxas -v` reports).
