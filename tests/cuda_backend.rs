@@ -33,6 +33,14 @@ fn gpu_or_skip() -> Option<CudaBackend> {
     }
 }
 
+/// One layer of each stored dtype, of widths that are no tile multiples.
+const EVERY_DTYPE: [(usize, DType); 4] = [
+    (96, DType::BF16),
+    (50, DType::F32),
+    (33, DType::F16),
+    (8, DType::F64),
+];
+
 /// `a` and `b` hold the same f64 bits (what determinism promises), with `what` in the failure.
 fn assert_same_bits(a: &[f64], b: &[f64], what: impl std::fmt::Display) {
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -551,12 +559,7 @@ fn pipelined_gram_kernel_matches_the_cpu() {
 fn device_resident_batches_give_the_host_path_bits() {
     use sglp_engine::similarity::HsicSum;
     let Some(mut gpu) = gpu_or_skip() else { return };
-    let layers = [
-        (96, DType::BF16),
-        (50, DType::F32),
-        (33, DType::F16),
-        (8, DType::F64),
-    ];
+    let layers = EVERY_DTYPE;
     let seed: u64 = rand::rng().random();
     let batch = random_batch(seed, 150, &layers);
     let copy = gpu.upload(&batch.as_ref()).unwrap();
@@ -688,12 +691,7 @@ fn every_stage_matches_its_cpu_twin() {
     use sglp_engine::similarity::cuda::stages::check_stages;
     use sglp_engine::similarity::cuda::GramKernel;
     let Some(mut gpu) = gpu_or_skip() else { return };
-    let layers = [
-        (96, DType::BF16),
-        (50, DType::F32),
-        (33, DType::F16),
-        (8, DType::F64),
-    ];
+    let layers = EVERY_DTYPE;
     let seed: u64 = rand::rng().random();
     let batch = random_batch(seed, 150, &layers);
     for gram in [GramKernel::Mma, GramKernel::MmaPipelined] {
