@@ -196,7 +196,8 @@ pub mod kernel_times {
         static SPANS: RefCell<Option<Vec<Span>>> = const { RefCell::new(None) };
     }
 
-    fn recording() -> bool {
+    /// Whether launches on this thread are being recorded now.
+    pub fn recording() -> bool {
         SPANS.with(|s| s.borrow().is_some())
     }
 
@@ -232,15 +233,21 @@ pub mod kernel_times {
     /// Run `f` recording its launches; wait for them and return `f`'s value with the time of each kernel
     /// (in the order of first launch). Nested calls record into the outermost one.
     pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Vec<KernelTime>)> {
-        let outer = recording();
-        if !outer {
-            SPANS.with(|s| *s.borrow_mut() = Some(Vec::new()));
+        if recording() {
+            return f().map(|v| (v, Vec::new()));
         }
+        /// Recording stops when this goes, also if `f` panics.
+        struct Stop;
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                SPANS.with(|s| s.borrow_mut().take());
+            }
+        }
+        SPANS.with(|s| *s.borrow_mut() = Some(Vec::new()));
+        let stop = Stop;
         let value = f();
-        if outer {
-            return value.map(|v| (v, Vec::new()));
-        }
         let spans = SPANS.with(|s| s.borrow_mut().take()).unwrap_or_default();
+        drop(stop);
         let value = value?;
         let mut times = Vec::with_capacity(spans.len());
         for (kernel, a, b) in &spans {
@@ -707,10 +714,17 @@ mod tests {
         // Recording with no launch (no GPU needed): the closure's value, no times.
         let (v, times) = kernel_times::record(|| Ok(7)).unwrap();
         assert_eq!((v, times.len()), (7, 0));
-        // An error inside is returned, and recording is off again afterwards.
-        assert!(kernel_times::record(|| -> Result<()> { Err(Error::invalid("x")) }).is_err());
-        let (_, times) = kernel_times::record(|| Ok(())).unwrap();
-        assert!(times.is_empty());
+        // An error inside is returned, and recording is off again afterwards; after a panic too.
+        assert!(kernel_times::record(|| -> Result<()> {
+            assert!(kernel_times::recording());
+            Err(Error::invalid("x"))
+        })
+        .is_err());
+        assert!(!kernel_times::recording());
+        let panicked =
+            std::panic::catch_unwind(|| kernel_times::record(|| -> Result<()> { panic!("in f") }));
+        assert!(panicked.is_err());
+        assert!(!kernel_times::recording());
     }
 
     /// The declared name `name` is the source's kernel `source_name`, which may be a macro's
