@@ -669,14 +669,23 @@ pub fn compute_cka(
             read_ahead(src, chunk_rows, buffers, &mut consume)?
         }
         None => {
-            let mut chunk = Batch::empty(&layers);
-            while source.next_chunk_into(chunk_rows, &mut chunk)? {
+            let (mut chunk, mut read) = (Batch::empty(&layers), 0);
+            while source.next_chunk_into(to_boundary(chunk_rows, read), &mut chunk)? {
+                read += chunk.rows;
                 consume(&chunk)?;
             }
         }
     }
     pb.finish_and_clear();
     acc.finish(backend)
+}
+
+/// Rows to ask a reader for after `read` rows, in chunks of `rows` (the estimator's batch): up to the next
+/// multiple of `rows`. A chunk cut short (a shard ended mid-batch) is thus followed by the few rows that
+/// complete its batch, and the chunks after it again hold whole batches, which the accumulator takes
+/// without copying (and a GPU backend uploads from the reader's page-locked buffers).
+fn to_boundary(rows: usize, read: usize) -> usize {
+    rows - read % rows
 }
 
 /// Read chunks of `rows` on a second thread while `consume` works on the previous one. The two buffers
@@ -696,9 +705,13 @@ fn read_ahead(
             free_tx.send(b).expect("room for two");
         }
         scope.spawn(move || {
+            let mut read = 0;
             while let Ok(mut buf) = free_rx.recv() {
-                let next = match src.next_chunk_into(rows, &mut buf) {
-                    Ok(true) => Ok(buf),
+                let next = match src.next_chunk_into(to_boundary(rows, read), &mut buf) {
+                    Ok(true) => {
+                        read += buf.rows;
+                        Ok(buf)
+                    }
                     Ok(false) => break,
                     Err(e) => Err(e),
                 };
@@ -887,8 +900,9 @@ mod tests {
             layers: None,
         };
         // Shards of whole batches: every batch direct. A 45-row shard: its last 5 rows and the next
-        // shard's first 5 form one staged batch, and so does every later batch of that shard.
-        for (rows, direct, staged) in [([40, 30], 7, 0), ([45, 35], 4, 4)] {
+        // shard's first 5 form one staged batch; the reader then asks for 5 rows, so the chunks after
+        // it hold whole batches again.
+        for (rows, direct, staged) in [([40, 30], 7, 0), ([45, 35], 7, 1)] {
             let paths = [
                 write("a.safetensors", rows[0]),
                 write("b.safetensors", rows[1]),
