@@ -978,49 +978,31 @@ impl CudaBackend {
         let batch = match batch {
             Input::Host(b) => b,
             Input::Device(d) => {
-                self.copy.wait(&ws.consumed[slot]).cu("stream wait")?;
-                let (dst, _record) = ws.dev_in[slot].device_ptr_mut(&self.copy);
-                for (k, l) in (ch.start..ch.end).enumerate() {
+                return self.copy_into_slot(ws, slot, ch, |dst, l| {
                     let layer = &d.layers[l];
                     let bytes = d.rows * layer.cols * layer.dtype.size();
                     // SAFETY: the slot holds ch.bytes ≥ offsets[k] + bytes; the source's validity for
                     // `bytes` is the caller's promise (`submit_device` is unsafe).
-                    unsafe {
-                        cu::memcpy_dtod_async(
-                            dst + ch.offsets[k] as u64,
-                            layer.ptr,
-                            bytes,
-                            self.copy.cu_stream(),
-                        )
-                    }
-                    .cu("copying device activations")?;
-                }
-                return ws.uploaded[slot].record(&self.copy).cu("event record");
+                    unsafe { cu::memcpy_dtod_async(dst, layer.ptr, bytes, self.copy.cu_stream()) }
+                        .cu("copying device activations")
+                });
             }
         };
         let locked: Option<Vec<Arc<PinnedBlock>>> = (ch.start..ch.end)
             .map(|l| block_holding(&self.locked, batch.layers[l].bytes))
             .collect();
         if let Some(blocks) = locked {
-            self.copy.wait(&ws.consumed[slot]).cu("stream wait")?;
-            let (dst, _record) = ws.dev_in[slot].device_ptr_mut(&self.copy);
-            for (k, l) in (ch.start..ch.end).enumerate() {
+            self.copy_into_slot(ws, slot, ch, |dst, l| {
                 // SAFETY: the slot holds ch.bytes ≥ offsets[k] + this layer's bytes; the source is
                 // page-locked memory that stays alive and unwritten until `in_use`, recorded below, has
                 // passed (PinnedBlock's Drop and every HostBytes write wait for it).
-                unsafe {
-                    cu::memcpy_htod_async(
-                        dst + ch.offsets[k] as u64,
-                        batch.layers[l].bytes,
-                        self.copy.cu_stream(),
-                    )
-                }
-                .cu("uploading activations")?;
-            }
+                unsafe { cu::memcpy_htod_async(dst, batch.layers[l].bytes, self.copy.cu_stream()) }
+                    .cu("uploading activations")
+            })?;
             for b in &blocks {
                 b.in_use.record(&self.copy).cu("event record")?;
             }
-            return ws.uploaded[slot].record(&self.copy).cu("event record");
+            return Ok(());
         }
         ws.uploaded[slot]
             .synchronize()
@@ -1037,6 +1019,26 @@ impl CudaBackend {
             // untouched until `uploaded[slot]` completes (waited on before the next refill).
             unsafe { cu::memcpy_htod_async(dst, &host[..ch.bytes], self.copy.cu_stream()) }
                 .cu("uploading activations")?;
+        }
+        ws.uploaded[slot].record(&self.copy).cu("event record")
+    }
+
+    /// Copy layers `ch.start..ch.end` into device slot `slot` on the copy stream, after the kernels that
+    /// last read it: `copy(dst, l)` copies layer `l` to `dst`, its address in the slot. Then the slot is
+    /// marked uploaded.
+    fn copy_into_slot(
+        &self,
+        ws: &mut Workspace,
+        slot: usize,
+        ch: &plan::Chunk,
+        mut copy: impl FnMut(u64, usize) -> Result<()>,
+    ) -> Result<()> {
+        self.copy.wait(&ws.consumed[slot]).cu("stream wait")?;
+        {
+            let (dst, _record) = ws.dev_in[slot].device_ptr_mut(&self.copy);
+            for (k, l) in (ch.start..ch.end).enumerate() {
+                copy(dst + ch.offsets[k] as u64, l)?;
+            }
         }
         ws.uploaded[slot].record(&self.copy).cu("event record")
     }
