@@ -422,7 +422,7 @@ fn centre_pack_lower(
 }
 
 /// Pack the lower triangle (row by row) with the diagonal scaled by 1/√2.
-fn pack_lower(k: &[f64], n: usize, out: &mut [f64]) {
+pub(crate) fn pack_lower(k: &[f64], n: usize, out: &mut [f64]) {
     let mut t = 0;
     for i in 0..n {
         out[t..t + i].copy_from_slice(&k[i * n..i * n + i]);

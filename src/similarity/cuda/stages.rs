@@ -19,7 +19,7 @@ use super::super::cpu;
 use super::{plan, CuResult, CudaBackend, Input};
 use crate::error::{Error, Result};
 use crate::io::{BatchRef, DType};
-use half::{bf16, f16};
+use half::f16;
 
 /// What each stage of one batch left on the device (host copies, in the units the next stage reads).
 #[derive(Clone, Debug)]
@@ -147,25 +147,9 @@ impl CudaBackend {
 
 /// `count` values of `dtype` from little-endian `bytes`, as f64.
 fn decode(bytes: &[u8], dtype: DType, count: usize) -> Vec<f64> {
-    let b = &bytes[..count * dtype.size()];
-    match dtype {
-        DType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        DType::F64 => b
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        DType::F16 => b
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        DType::BF16 => b
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-    }
+    let mut out = vec![0.0; count];
+    crate::io::convert_into(dtype, &bytes[..count * dtype.size()], &mut out);
+    out
 }
 
 /// Twin of column_centre (and column_to_f16): `x − μ` per column, μ the f64 mean, times 2^e.
@@ -219,19 +203,9 @@ pub fn centre_pack_twin(k: &[f64], n: usize, estimator: Estimator, unscale_e: i3
         Estimator::Unbiased => cpu::u_centre(&mut c, n),
     }
     let s = 2f64.powi(-2 * unscale_e);
-    let mut out = Vec::with_capacity(plan::packed_len(n));
-    for i in 0..n {
-        for j in 0..=i {
-            let v = c[i * n + j];
-            out.push(
-                s * if i == j {
-                    v * std::f64::consts::FRAC_1_SQRT_2
-                } else {
-                    v
-                },
-            );
-        }
-    }
+    let mut out = vec![0.0; plan::packed_len(n)];
+    cpu::pack_lower(&c, n, &mut out);
+    out.iter_mut().for_each(|v| *v *= s);
     out
 }
 
@@ -470,7 +444,7 @@ mod tests {
                             .collect(),
                         DType::BF16 => vals
                             .iter()
-                            .flat_map(|&v| bf16::from_f64(v).to_le_bytes())
+                            .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
                             .collect(),
                     };
                     LayerBlock {
