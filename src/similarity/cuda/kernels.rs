@@ -14,8 +14,8 @@
 //! documentation, because cudarc records a read or a write event per buffer and another stream waits on
 //! the right one only if a written buffer is passed as written.
 
-use super::{load_modules, Modules};
-use crate::error::{Error, Result};
+use super::{load_modules, CuResult, Modules};
+use crate::error::Result;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs,
     LaunchConfig, PushKernelArg,
@@ -167,8 +167,7 @@ impl<S> Kernel<S> {
         cfg: LaunchConfig,
     ) -> Result<()> {
         let start = kernel_times::start(stream)?;
-        args.launch(cfg)
-            .map_err(|e| Error::cuda_from(format!("launching {}: {e}", self.name), e))?;
+        args.launch(cfg).cu(&format!("launching {}", self.name))?;
         kernel_times::end(self.name, stream, start)
     }
 }
@@ -208,7 +207,7 @@ pub mod kernel_times {
         }
         let e = stream
             .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| Error::cuda_from(format!("timing event: {e}"), e))?;
+            .cu("timing event")?;
         Ok(Some(e))
     }
 
@@ -221,7 +220,7 @@ pub mod kernel_times {
         let Some(start) = start else { return Ok(()) };
         let end = stream
             .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| Error::cuda_from(format!("timing event: {e}"), e))?;
+            .cu("timing event")?;
         SPANS.with(|s| {
             if let Some(v) = s.borrow_mut().as_mut() {
                 v.push((kernel, start, end));
@@ -251,11 +250,8 @@ pub mod kernel_times {
         let value = value?;
         let mut times = Vec::with_capacity(spans.len());
         for (kernel, a, b) in &spans {
-            b.synchronize()
-                .map_err(|e| Error::cuda_from(format!("timing {kernel}: {e}"), e))?;
-            let ms = a
-                .elapsed_ms(b)
-                .map_err(|e| Error::cuda_from(format!("timing {kernel}: {e}"), e))?;
+            b.synchronize().cu(&format!("timing {kernel}"))?;
+            let ms = a.elapsed_ms(b).cu(&format!("timing {kernel}"))?;
             times.push((*kernel, ms as f64));
         }
         Ok((value, summed(&times)))
@@ -689,6 +685,7 @@ pub fn ptx_entries(ptx: &str) -> Vec<(String, Vec<String>)> {
 mod tests {
     use super::super::nvrtc;
     use super::*;
+    use crate::error::Error;
 
     #[test]
     fn kernel_times_sum_per_kernel_in_the_order_of_first_launch() {
