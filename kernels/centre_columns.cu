@@ -98,13 +98,6 @@ __device__ __forceinline__ int centre_scale_exp(u32 range_bits) {
     return max(-60, min(60, 14 - k));
 }
 
-// f32 → f16 bits, round to nearest even, without cuda_fp16.h.
-__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
 extern "C" __global__ void __launch_bounds__(256)
 column_to_f16(unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
               u32* __restrict__ col_scale) {

@@ -24,12 +24,23 @@ struct LayerDesc {
     int dtype;    // DT_*
 };
 
+// The PTX wrappers below (here and in mma.cuh) have host twins in tests/gpu_emulator/cuda_host.h, which
+// compiles these sources with g++ to run them on the CPU (SGLP_HOST_EMULATION).
+#ifndef SGLP_HOST_EMULATION
 // f16 → f32 without cuda_fp16.h.
 __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+
+// f32 → f16 bits, round to nearest even, without cuda_fp16.h.
+__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#endif
 
 // bf16 → f32: the bf16 bits are the high half of the f32 bits.
 __device__ __forceinline__ float bf16_bits_to_f32(u16 h) {

@@ -17,6 +17,7 @@
 
 __device__ __forceinline__ u32 lds_u32(const u16* p) { return *(const u32*)p; }
 
+#ifndef SGLP_HOST_EMULATION  // host twins: tests/gpu_emulator/cuda_host.h
 template <int DT>
 __device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1) {
     if (DT == DT_BF16) {
@@ -33,6 +34,7 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
 }
+#endif
 
 // One warp's share of one MK-deep step of the block tile: acc[mt][nt] (rows wm·32 + mt·16 .., columns
 // wn·64 + nt·8 ..) += As[rows][0..MK) · Bs[columns][0..MK)ᵀ. g = lane / 4, t = lane % 4 (the fragment
@@ -75,6 +77,7 @@ __device__ __forceinline__ void zero_acc(float (*acc)[8][4]) {
             for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
 }
 
+#ifndef SGLP_HOST_EMULATION  // host twins: tests/gpu_emulator/cuda_host.h
 // Two f32 → one word of two bf16 (round to nearest even), `lo` in the low half. sm_80+.
 __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     u32 r;
@@ -102,3 +105,4 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* smem) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(smem)));
 }
+#endif
