@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds the GPU emulator: a fake libcuda.so (driver.cpp) that runs kernels/*.cu compiled for the host
+# (cuda_host.h, runtime.cpp). Usage: tests/gpu_emulator/build.sh [OUT_DIR] (default target/gpu-emulator).
+# Then: LD_LIBRARY_PATH=OUT_DIR:<NVRTC's folder> cargo test ... (scripts/emulated_gpu_tests.sh does it).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=${1:-$root/target/gpu-emulator}
+mkdir -p "$out/obj"
+CXX=${CXX:-g++}
+flags=(-std=c++20 -O2 -g -fPIC -fno-strict-aliasing -Wall -Wno-unknown-pragmas -Wno-unused-function
+  -Wno-unused-variable -Wno-unused-but-set-variable -I"$here" -I"$root/kernels" ${SGLP_EMU_CXXFLAGS:-})
+
+pids=()
+for cu in "$root"/kernels/*.cu; do
+  name=$(basename "$cu" .cu)
+  (
+    # Pass 1 finds the file's kernels (its extern "C" functions); pass 2 compiles it with a registration each.
+    "$CXX" "${flags[@]}" -O0 -g0 -include cuda_host.h -x c++ -c "$cu" -o "$out/obj/$name.names.o"
+    kernels=$(nm -g --defined-only "$out/obj/$name.names.o" | awk '$2 == "T" { print $3 }')
+    {
+      echo "#include \"runtime.h\""
+      echo "#include \"$cu\""
+      for k in $kernels; do echo "SGLP_EMU_REGISTER($k)"; done
+    } >"$out/obj/$name.reg.cpp"
+    "$CXX" "${flags[@]}" -c "$out/obj/$name.reg.cpp" -o "$out/obj/$name.o"
+  ) &
+  pids+=($!)
+done
+"$CXX" "${flags[@]}" -c "$here/runtime.cpp" -o "$out/obj/runtime.o" &
+pids+=($!)
+"$CXX" "${flags[@]}" -c "$here/driver.cpp" -o "$out/obj/driver.o" &
+pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
+
+objs=("$out"/obj/runtime.o "$out"/obj/driver.o)
+for cu in "$root"/kernels/*.cu; do objs+=("$out/obj/$(basename "$cu" .cu).o"); done
+"$CXX" -shared -o "$out/libcuda.so" "${objs[@]}" ${SGLP_EMU_LDFLAGS:-}
+ln -sf libcuda.so "$out/libcuda.so.1"
+echo "$out/libcuda.so"

@@ -1,0 +1,347 @@
+// runtime.cpp — runs a kernel's grid on the host, block after block, each CUDA thread a fiber
+// on one OS thread. Fibers switch only at barriers: __syncthreads releases when every thread of the block
+// that has not exited reaches it, a warp-collective operation when every lane of the warp does. Between
+// barriers the threads run one after another in the order SGLP_EMU_ORDER names (forward, the default;
+// reverse; or shuffle:SEED): a kernel whose result depends on that order has a race.
+#include "runtime.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <random>
+#include <vector>
+
+namespace emu {
+
+namespace {
+
+enum State { RUNNABLE, AT_BLOCK, AT_WARP, DONE };
+
+struct Copy {
+    void* dst;
+    const void* src;
+    int bytes;
+};
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+constexpr int SLOT_BYTES = 64;  // the largest warp-collective operand (EmuMmaOperands is 24 bytes)
+
+// Fiber switches. On x86-64 a hand-written switch of the callee-saved registers (glibc's swapcontext
+// makes a system call per switch, which took 70% of the emulator's time); elsewhere ucontext.
+#if defined(__x86_64__)
+struct Context {
+    void* sp = nullptr;
+};
+extern "C" void sglp_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl sglp_emu_switch
+    .type sglp_emu_switch, @function
+sglp_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size sglp_emu_switch, .-sglp_emu_switch
+)");
+inline void switch_to(Context* from, Context* to) { sglp_emu_switch(&from->sp, to->sp); }
+// A stack whose first switch "returns" into `entry` as if it had been called (rsp ≡ 8 mod 16), with
+// zeroed callee-saved registers and the current MXCSR and x87 control word.
+inline void start_context(Context* c, char* stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)(stack + bytes) & ~(uintptr_t)15) - 16;
+    uint64_t* sp = (uint64_t*)top;
+    *sp = (uint64_t)(uintptr_t)entry;  // at a 16-byte boundary: after `ret`, rsp ≡ 8 mod 16
+    for (int i = 0; i < 6; ++i) *--sp = 0;
+    --sp;
+    uint32_t mxcsr;
+    uint16_t fcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fcw));
+    memcpy((char*)sp, &mxcsr, 4);
+    memcpy((char*)sp + 4, &fcw, 2);
+    c->sp = sp;
+}
+#else
+}  // namespace
+}  // namespace emu
+#include <ucontext.h>
+namespace emu {
+namespace {
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_to(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+inline void start_context(Context* c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = stack;
+    c->uc.uc_stack.ss_size = bytes;
+    c->uc.uc_link = nullptr;
+    makecontext(&c->uc, entry, 0);
+}
+#endif
+
+}  // namespace
+
+struct Thread {
+    Context ctx;
+    dim3 tid;
+    int linear = 0;
+    State state = RUNNABLE;
+    unsigned warp_ops = 0;  // warp-collective operations done: the parity picks the slot buffer
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> groups;
+    char* stack = nullptr;
+};
+
+Thread* current = nullptr;
+dim3 grid_dim, block_dim, block_idx;
+
+namespace {
+
+// Never destroyed: the engine may exit (an interrupt) while another of its threads is in a launch, and
+// exit's destructors must not free what that launch still uses.
+Context scheduler;
+std::vector<Thread>& threads = *new std::vector<Thread>();
+std::vector<unsigned char>& slots = *new std::vector<unsigned char>();  // [2][warps][32][SLOT_BYTES]
+int warps_in_block = 0;
+const KernelEntry* running = nullptr;
+void** running_params = nullptr;
+
+std::map<std::string, KernelEntry>& registry() {
+    static auto& r = *new std::map<std::string, KernelEntry>();  // never destroyed, as `threads`
+    return r;
+}
+
+unsigned char* slot(unsigned parity, int warp, int lane) {
+    return &slots[(((size_t)(parity & 1) * warps_in_block + warp) * 32 + lane) * SLOT_BYTES];
+}
+
+void thread_main() {
+    running->invoker(running->fn, running_params);
+    current->state = DONE;
+    current->open.clear();
+    current->groups.clear();
+    switch_to(&current->ctx, &scheduler);  // never resumed
+}
+
+void yield(State s) {
+    current->state = s;
+    switch_to(&current->ctx, &scheduler);
+}
+
+void run_copies(std::vector<Copy>& group) {
+    for (const Copy& c : group) {
+        memcpy(c.dst, c.src, (size_t)c.bytes);
+        memset((char*)c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+    }
+}
+
+std::vector<int> schedule_order(int n, unsigned long long launch_no) {
+    std::vector<int> order((size_t)n);
+    for (int i = 0; i < n; ++i) order[i] = i;
+    const char* env = getenv("SGLP_EMU_ORDER");
+    if (env && strcmp(env, "reverse") == 0) {
+        std::reverse(order.begin(), order.end());
+    } else if (env && strncmp(env, "shuffle", 7) == 0) {
+        unsigned long long seed = env[7] == ':' ? strtoull(env + 8, nullptr, 10) : 1;
+        std::mt19937_64 rng(seed * 1000003ull + launch_no);
+        std::shuffle(order.begin(), order.end(), rng);
+    }
+    return order;
+}
+
+// One block. Each warp in turn runs as far as it can (through its warp-collective operations, up to a
+// __syncthreads or its end) before the next starts, so warps drift apart as far as the barriers allow: a
+// warp that reads shared memory another warp has not finished writing, or overwrites what another warp
+// has yet to read, sees or leaves the wrong data. False on a deadlock.
+bool run_block(const std::vector<int>& warp_order, const std::vector<int>& lane_order, std::string& error) {
+    const int n = (int)threads.size();
+    for (Thread& t : threads) {
+        start_context(&t.ctx, t.stack, STACK_BYTES, thread_main);
+        t.state = RUNNABLE;
+        t.warp_ops = 0;
+        t.open.clear();
+        t.groups.clear();
+    }
+    for (;;) {
+        for (int w : warp_order) {
+            const int lanes = std::min(32, n - w * 32);
+            for (;;) {
+                for (int l : lane_order) {
+                    if (l >= lanes) continue;
+                    Thread& t = threads[w * 32 + l];
+                    if (t.state != RUNNABLE) continue;
+                    current = &t;
+                    switch_to(&scheduler, &t.ctx);
+                }
+                current = nullptr;
+                int at_warp = 0, exited = 0;
+                for (int l = 0; l < lanes; ++l) {
+                    at_warp += threads[w * 32 + l].state == AT_WARP;
+                    exited += threads[w * 32 + l].state == DONE;
+                }
+                if (at_warp > 0 && exited > 0) {
+                    error = "warp " + std::to_string(w) + ": a warp-collective operation (full mask) after " +
+                            std::to_string(exited) + " lanes of the warp exited";
+                    return false;
+                }
+                if (at_warp == 0) break;
+                if (at_warp < lanes) {
+                    error = "warp " + std::to_string(w) + ": " + std::to_string(at_warp) +
+                            " lanes wait at a warp-collective operation, the others at __syncthreads";
+                    return false;
+                }
+                for (int l = 0; l < lanes; ++l) threads[w * 32 + l].state = RUNNABLE;
+            }
+        }
+        int done = 0;
+        for (const Thread& t : threads) done += t.state == DONE;
+        if (done == n) return true;
+        // Every thread not done waits at __syncthreads now (the warps' loops above end no other way).
+        for (Thread& t : threads)
+            if (t.state == AT_BLOCK) t.state = RUNNABLE;
+    }
+}
+
+}  // namespace
+
+const dim3& thread_idx() { return current->tid; }
+
+int lane() { return current->linear & 31; }
+
+void sync_block() { yield(AT_BLOCK); }
+
+void warp_gather(const void* in, void* all, int bytes) {
+    const int w = current->linear >> 5, l = current->linear & 31;
+    const unsigned parity = current->warp_ops++;
+    memcpy(slot(parity, w, l), in, (size_t)bytes);
+    yield(AT_WARP);
+    const int lanes = std::min(32, (int)threads.size() - w * 32);
+    for (int i = 0; i < 32; ++i) {
+        if (i < lanes)
+            memcpy((char*)all + (size_t)i * bytes, slot(parity, w, i), (size_t)bytes);
+        else
+            memset((char*)all + (size_t)i * bytes, 0, (size_t)bytes);
+    }
+}
+
+void warp_exchange(const void* in, void* out, int bytes, int (*from_lane)(int, int), int arg) {
+    unsigned char all[32 * SLOT_BYTES];
+    warp_gather(in, all, bytes);
+    memcpy(out, all + (size_t)(from_lane(lane(), arg) & 31) * bytes, (size_t)bytes);
+}
+
+// SGLP_EMU_CP_ASYNC=eager copies at the cp.async itself (the earliest moment), otherwise at the wait that
+// must see it (the latest): a missing wait shows in the lazy mode, a missing barrier before a stage is
+// refilled in the eager one.
+bool eager_copies() {
+    static const bool eager = [] {
+        const char* env = getenv("SGLP_EMU_CP_ASYNC");
+        return env && strcmp(env, "eager") == 0;
+    }();
+    return eager;
+}
+
+void cp_async(void* dst, const void* src, int bytes) {
+    if (bytes < 0 || bytes > 16) {
+        fprintf(stderr, "gpu emulator: cp.async of %d bytes\n", bytes);
+        abort();
+    }
+    if (eager_copies()) {
+        std::vector<Copy> one{{dst, src, bytes}};
+        run_copies(one);
+        return;
+    }
+    current->open.push_back({dst, src, bytes});
+}
+
+void cp_async_commit() {
+    current->groups.push_back(std::move(current->open));
+    current->open.clear();
+}
+
+void cp_async_wait(int pending) {
+    auto& g = current->groups;
+    while ((int)g.size() > pending) {
+        run_copies(g.front());
+        g.erase(g.begin());
+    }
+}
+
+void register_kernel(KernelEntry e) { registry()[e.name] = e; }
+
+const KernelEntry* find_kernel(const char* name) {
+    auto it = registry().find(name);
+    return it == registry().end() ? nullptr : &it->second;
+}
+
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::string& error) {
+    static unsigned long long launches = 0;
+    const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
+    if (n == 0 || n > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+        grid.y > 65535 || grid.z > 65535) {
+        error = "invalid launch shape: grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" +
+                std::to_string(grid.z) + ", block " + std::to_string(block.x) + "x" + std::to_string(block.y) +
+                "x" + std::to_string(block.z);
+        return false;
+    }
+    if (threads.size() != n) {
+        for (Thread& t : threads) munmap(t.stack, STACK_BYTES);
+        threads = std::vector<Thread>(n);
+        for (Thread& t : threads) {
+            void* s = mmap(nullptr, STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (s == MAP_FAILED) {
+                error = "gpu emulator: out of memory for fiber stacks";
+                return false;
+            }
+            t.stack = (char*)s;
+        }
+    }
+    for (unsigned long long i = 0; i < n; ++i) {
+        Thread& t = threads[i];
+        t.linear = (int)i;
+        t.tid = {(unsigned)(i % block.x), (unsigned)(i / block.x % block.y), (unsigned)(i / (block.x * block.y))};
+    }
+    warps_in_block = (int)((n + 31) / 32);
+    slots.assign((size_t)2 * warps_in_block * 32 * SLOT_BYTES, 0);
+    grid_dim = grid;
+    block_dim = block;
+    running = &k;
+    running_params = params;
+    const std::vector<int> warp_order = schedule_order(warps_in_block, launches), lane_order = schedule_order(32, ~launches);
+    ++launches;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                block_idx = {x, y, z};
+                if (!run_block(warp_order, lane_order, error)) {
+                    error = std::string(k.name) + " block (" + std::to_string(x) + "," + std::to_string(y) + "," +
+                            std::to_string(z) + "): " + error;
+                    return false;
+                }
+            }
+    return true;
+}
+
+}  // namespace emu

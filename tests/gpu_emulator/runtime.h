@@ -1,0 +1,51 @@
+// runtime.h — kernel launches on the host: the registry of emulated kernels (filled by each kernel file's
+// registration unit, see build.sh) and the grid runner of runtime.cpp.
+#pragma once
+#include <cstddef>
+#include <string>
+#include <utility>
+
+#include "cuda_host.h"
+
+namespace emu {
+
+// Calls kernel `fn` with the arguments cuLaunchKernel's `params` point at.
+using Invoker = void (*)(void* fn, void** params);
+
+template <class... A, size_t... I>
+void invoke_with(void (*fn)(A...), void** params, std::index_sequence<I...>) {
+    fn(*static_cast<A*>(params[I])...);
+}
+template <class... A>
+void invoke(void* fn, void** params) {
+    auto f = reinterpret_cast<void (*)(A...)>(fn);
+    invoke_with(f, params, std::index_sequence_for<A...>{});
+}
+template <class... A>
+Invoker invoker_for(void (*)(A...)) {
+    return &invoke<A...>;
+}
+
+struct KernelEntry {
+    const char* name;
+    void* fn;
+    Invoker invoker;
+    int params;
+};
+void register_kernel(KernelEntry e);
+const KernelEntry* find_kernel(const char* name);
+
+template <class... A>
+struct Registrar {
+    Registrar(const char* name, void (*fn)(A...)) {
+        register_kernel({name, reinterpret_cast<void*>(fn), invoker_for(fn), (int)sizeof...(A)});
+    }
+};
+
+// Runs the grid, block after block; false with `error` set on a deadlock (a barrier some threads of the
+// block never reach) or a bad launch shape.
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::string& error);
+
+}  // namespace emu
+
+#define SGLP_EMU_REGISTER(name) static emu::Registrar sglp_emu_reg_##name(#name, &name);
