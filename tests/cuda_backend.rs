@@ -235,12 +235,17 @@ fn sixteen_bit_and_mixed_dtypes() {
         let layers = [(8, dt), (33, dt), (256, dt), (1000, dt), (1, dt)];
         for b in [150, 4, 131] {
             let batch = random_batch(seed * 100 + b as u64, b, &layers);
+            // 16-bit layers reach the tensor cores as f16 of the centred values (centre_columns.cu): 11
+            // significant bits, ~2.4e-4 relative per value. Over many samples those roundings average
+            // out (≤ 1e-5 at b ≥ 128); over 4 they do not: the CKA moves by ~1e-3 (numpy, 30 draws of
+            // these widths: 6e-4 at b = 4, 1.5e-4 at 16, 5e-5 at 32; the emulated GPU: 2.6e-3 at b = 4).
+            let tol = if b < 32 { 5e-3 } else { 1e-4 };
             check(
                 &mut gpu,
                 &batch,
                 Estimator::Unbiased,
                 Kernel::Linear,
-                1e-4,
+                tol,
                 &format!("{dt:?} b={b}"),
             );
         }

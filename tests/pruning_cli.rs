@@ -267,6 +267,7 @@ fn compare_sweeps_budgets_for_every_criterion() {
     let dir = tmp.path().join("cmp");
     // `compare` of the fixture, its tokens for calibration and evaluation, then `more`.
     let compare = |more: &[&str]| {
+        // f32 products on a GPU too: the block influences are held to the hidden states at 1e-5.
         let mut args = vec![
             "compare",
             "--model",
@@ -275,6 +276,8 @@ fn compare_sweeps_budgets_for_every_criterion() {
             s(&t),
             "--eval-tokens",
             s(&t),
+            "--matmul",
+            "f32",
         ];
         args.extend_from_slice(more);
         engine(&args)
