@@ -167,15 +167,44 @@ fn time_kernels(
         .collect()
 }
 
-fn print_times(times: &[(&'static str, f64, f64)], gram_flops: f64) {
+/// The Gram products' FLOPs (the full n²·d·2 count) of the layers each Gram kernel computes: gram_fma the
+/// f32/f64 layers, gram_mma(_pipelined) the 16-bit ones.
+struct GramFlops {
+    fma: f64,
+    mma: f64,
+}
+
+impl GramFlops {
+    fn of(rows: usize, layers: &[(usize, DType)]) -> Self {
+        let count = |sixteen: bool| -> f64 {
+            layers
+                .iter()
+                .filter(|(_, t)| matches!(t, DType::BF16 | DType::F16) == sixteen)
+                .map(|&(d, _)| (rows * rows * d * 2) as f64)
+                .sum()
+        };
+        GramFlops {
+            fma: count(false),
+            mma: count(true),
+        }
+    }
+
+    fn of_kernel(&self, kernel: &str) -> Option<f64> {
+        match kernel {
+            "gram_fma" => Some(self.fma),
+            "gram_mma" | "gram_mma_pipelined" => Some(self.mma),
+            _ => None,
+        }
+    }
+}
+
+fn print_times(times: &[(&'static str, f64, f64)], gram_flops: &GramFlops) {
     for &(kernel, launches, ms) in times {
-        let rate = if kernel.starts_with("gram_") {
-            format!(
-                "{:8.1} TFLOP/s (full n²·d·2 count)",
-                gram_flops / (ms * 1e-3) / 1e12
-            )
-        } else {
-            String::new()
+        let rate = match gram_flops.of_kernel(kernel) {
+            Some(f) if f > 0.0 => {
+                format!("{:8.1} TFLOP/s (full n²·d·2 count)", f / (ms * 1e-3) / 1e12)
+            }
+            _ => String::new(),
         };
         println!("    {kernel:<22} {launches:5.1} launches {ms:10.4} ms  {rate}");
     }
@@ -232,20 +261,15 @@ fn main() {
                 failed.push(format!("{}: {} ({})", case.name, c.stage, c.kernels));
             }
         }
-        let flops: f64 = case
-            .layers
-            .iter()
-            .map(|&(d, _)| (case.rows * case.rows * d * 2) as f64)
-            .sum();
         print_times(
             &time_kernels(&mut gpu, &batch, case.estimator, case.kernel, reps),
-            flops,
+            &GramFlops::of(case.rows, &case.layers),
         );
     }
     if "llm_like".contains(&filter) {
         let layers = vec![(4096, DType::BF16); 32];
         let batch = random_batch(&mut rng, 1024, &layers, true);
-        let flops = 32.0 * 1024.0 * 1024.0 * 4096.0 * 2.0;
+        let flops = GramFlops::of(1024, &layers);
         for gram in [GramKernel::Mma, GramKernel::MmaPipelined] {
             gpu.set_gram_kernel(gram);
             println!(
@@ -259,7 +283,7 @@ fn main() {
                     Kernel::Linear,
                     reps.min(8),
                 ),
-                flops,
+                &flops,
             );
         }
     }

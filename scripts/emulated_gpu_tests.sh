@@ -6,6 +6,19 @@
 # puts the wheel's there). Usage: scripts/emulated_gpu_tests.sh [cargo test filter...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The engine compiles every kernel with NVRTC before it loads them, emulated or not.
+have_nvrtc() {
+  local d
+  IFS=: read -ra dirs <<<"${LD_LIBRARY_PATH:-}"
+  for d in "${dirs[@]}"; do ls "$d"/libnvrtc.so* >/dev/null 2>&1 && return 0; done
+  ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'
+}
+if ! have_nvrtc || ! command -v "${CXX:-g++}" >/dev/null; then
+  why="no NVRTC on LD_LIBRARY_PATH (.ci/run installs the nvidia-cuda-nvrtc-cu12 wheel) or no g++"
+  [ "${SGLP_REQUIRE_NVRTC:-}" = 1 ] && { echo "emulated GPU tests: SGLP_REQUIRE_NVRTC=1 but $why" >&2; exit 1; }
+  echo "skipping the emulated GPU tests: $why"
+  exit 0
+fi
 emu=$(tests/gpu_emulator/build.sh)
 export LD_LIBRARY_PATH="$(dirname "$emu")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export SGLP_REQUIRE_GPU=1
@@ -13,5 +26,5 @@ for schedule in "forward lazy" "reverse eager"; do
   read -r order copies <<<"$schedule"
   echo "== emulated GPU: warps $order, cp.async $copies"
   SGLP_EMU_ORDER=$order SGLP_EMU_CP_ASYNC=$copies \
-    cargo test --release --test cuda_backend --test runtime_cuda -- "$@"
+    cargo test --test cuda_backend --test runtime_cuda -- "$@"
 done
