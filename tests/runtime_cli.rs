@@ -23,10 +23,13 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
 }
 
 /// `command` on fixture `name` and its tokens, two sequences per batch, into `out`; it must succeed.
+/// With f32 products on a GPU too (bf16 is the GPU's default): the results are held to PyTorch's f32.
 fn on_fixture(command: &str, name: &str, out: &Path) {
     let d = dir(name);
     engine_ok(&[
         command,
+        "--matmul",
+        "f32",
         "--model",
         d.to_str().unwrap(),
         "--tokens",
