@@ -187,3 +187,36 @@ def test_plan_removes_lowest_gradnorm_under_proportional_caps(tmp_path):
     assert (tmp_path / "rep" / "sglp-report.html").exists()
     with pytest.raises(ValueError, match="--remove must be between 1 and 7"):
         sglp_engine.plan(res, g, remove=8)
+
+
+def _cuda_or_skip():
+    """The CUDA backend, or a skip saying why (SGLP_REQUIRE_GPU=1 makes a missing one a failure: the GPU
+    machine, and scripts/test_python.sh's run on the GPU emulator)."""
+    import os
+
+    try:
+        return sglp_engine.CkaAccumulator(batch_size=32, device="cuda")
+    except Exception as e:  # noqa: BLE001 — any reason the backend does not open
+        if os.environ.get("SGLP_REQUIRE_GPU") == "1":
+            raise
+        pytest.skip(f"no usable CUDA backend here: {e}")
+
+
+def test_cuda_backend_matches_the_reference_and_the_cpu():
+    """device="cuda" on host arrays, whole and streamed: the float64 reference within 1e-5 (f32 layers take
+    the f32 FMA Gram), and the CPU within 1e-4 on bf16 layers (their tensor-core route rounds the centred
+    values to f16)."""
+    acc = _cuda_or_skip()
+    acts = layers(n=96, widths=(5, 64, 130, 33), seed=7)
+    want = minibatch_cka([acts[k] for k in acts], 32)
+    whole = sglp_engine.cka(acts, batch_size=32, device="cuda")
+    assert whole.backend.startswith("cuda")
+    np.testing.assert_allclose(whole.cka, want, atol=1e-5)
+    for s in range(0, 96, 40):  # chunks that straddle the batches
+        acc.update({k: v[s:s + 40] for k, v in acts.items()})
+    np.testing.assert_allclose(acc.finish().cka, want, atol=1e-5)
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed (bf16 inputs)")
+    t16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in acts.items()}
+    gpu = sglp_engine.cka(t16, batch_size=32, device="cuda")
+    cpu = sglp_engine.cka(t16, batch_size=32, device="cpu")
+    np.testing.assert_allclose(gpu.cka, cpu.cka, atol=1e-4)
