@@ -7,6 +7,9 @@
 // It pretends to be one H100-like device (compute capability 9.0, 132 SMs) with SGLP_EMU_MEMORY_MB of
 // memory (default 4096). Copies and memsets are checked against the allocation they touch; a launch that
 // fails (a deadlock, a bad shape) returns CUDA_ERROR_LAUNCH_FAILED and prints why.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -72,13 +75,29 @@ CUresult check_range(const char* what, unsigned long long p, size_t bytes) {
     return CUDA_ERROR_ILLEGAL_ADDRESS;
 }
 
+// Each block ends at a page with no access rights (the electric-fence scheme): a kernel or a copy that
+// runs past the end of a buffer faults at once, and runtime.cpp's fault handler names the kernel.
+// Blocks start 256-byte aligned, as cuMemAlloc's do, so an overrun into the < 256 bytes of rounding
+// before the guard page goes unseen.
+struct Mapping {
+    void* base;
+    size_t length;
+};
+std::map<unsigned long long, Mapping>& mappings = *new std::map<unsigned long long, Mapping>();
+
 CUresult allocate(void** out, size_t bytes, bool host) {
     if (!host && used + bytes > memory_budget()) return CUDA_ERROR_OUT_OF_MEMORY;
-    void* p = nullptr;
-    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), rounded = (bytes + 255) & ~(size_t)255;
+    const size_t length = (rounded + page - 1) / page * page + page;
+    void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    char* guard = (char*)base + length - page;
+    mprotect(guard, page, PROT_NONE);
+    char* p = guard - rounded;
     // Fresh device memory is not zeroed on a GPU: fill it with a NaN pattern so a read of unwritten memory shows.
-    memset(p, 0xff, bytes);
+    memset(p, 0xff, rounded);
     allocations[(unsigned long long)p] = bytes;
+    mappings[(unsigned long long)p] = {base, length};
     if (host)
         page_locked.insert((unsigned long long)p);
     else
@@ -92,7 +111,9 @@ CUresult release(unsigned long long p) {
     if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
     if (!page_locked.erase(p)) used -= it->second;
     allocations.erase(it);
-    free((void*)p);
+    const Mapping m = mappings[p];
+    mappings.erase(p);
+    munmap(m.base, m.length);
     return CUDA_SUCCESS;
 }
 

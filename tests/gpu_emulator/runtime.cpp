@@ -5,7 +5,9 @@
 // reverse; or shuffle:SEED): a kernel whose result depends on that order has a race.
 #include "runtime.h"
 
+#include <signal.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -296,8 +298,52 @@ const KernelEntry* find_kernel(const char* name) {
     return it == registry().end() ? nullptr : &it->second;
 }
 
+namespace {
+// A fault inside a launch (an access past a buffer's guard page, a wild pointer): name the kernel, block
+// and thread, then die as the fault would have. Outside a launch the previous handler (Rust's stack
+// overflow report) runs.
+struct sigaction previous_segv, previous_bus;
+
+void on_fault(int sig, siginfo_t* info, void* ctx) {
+    if (running && current) {
+        char msg[320];
+        int len = snprintf(msg, sizeof msg,
+                           "gpu emulator: %s in kernel %s, block (%u,%u,%u), thread (%u,%u,%u), address %p: "
+                           "outside every device allocation\n",
+                           sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", running->name, block_idx.x, block_idx.y,
+                           block_idx.z, current->tid.x, current->tid.y, current->tid.z, info->si_addr);
+        if (len > 0) (void)!write(2, msg, (size_t)len);
+    }
+    const struct sigaction& prev = sig == SIGSEGV ? previous_segv : previous_bus;
+    if (!(running && current) && (prev.sa_flags & SA_SIGINFO) && prev.sa_sigaction) {
+        prev.sa_sigaction(sig, info, ctx);
+        return;
+    }
+    if (!(running && current) && !(prev.sa_flags & SA_SIGINFO) && prev.sa_handler != SIG_DFL &&
+        prev.sa_handler != SIG_IGN) {
+        prev.sa_handler(sig);
+        return;
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void install_fault_handler() {
+    static bool done = false;
+    if (done) return;
+    done = true;
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &previous_segv);
+    sigaction(SIGBUS, &sa, &previous_bus);
+}
+}  // namespace
+
 bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::string& error) {
     static unsigned long long launches = 0;
+    install_fault_handler();
     const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (n == 0 || n > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
         grid.y > 65535 || grid.z > 65535) {
@@ -336,11 +382,13 @@ bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::str
             for (unsigned x = 0; x < grid.x; ++x) {
                 block_idx = {x, y, z};
                 if (!run_block(warp_order, lane_order, error)) {
+                    running = nullptr;
                     error = std::string(k.name) + " block (" + std::to_string(x) + "," + std::to_string(y) + "," +
                             std::to_string(z) + "): " + error;
                     return false;
                 }
             }
+    running = nullptr;
     return true;
 }
 
