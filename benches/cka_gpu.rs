@@ -9,7 +9,8 @@
 //! L·b²·d·2 count). With `SGLP_BENCH_JSON=<file>` it instead times every batch of both workloads with
 //! CUDA events per kernel and per stage and writes medians and totals as JSON (what scripts/bench_gpu.py
 //! reads), after validating each workload's first batch against the CPU backend (max |ΔCKA| and the
-//! relative HSIC difference go into the JSON; over 1e-4 is reported on stderr).
+//! relative HSIC difference go into the JSON; over 1e-4 is reported on stderr). `SGLP_BENCH_SMOKE=1`
+//! shrinks both workloads to a few small layers (a plumbing check, e.g. on the GPU emulator).
 
 mod common;
 
@@ -32,6 +33,9 @@ struct Workload {
 }
 
 fn workloads() -> Vec<Workload> {
+    if std::env::var("SGLP_BENCH_SMOKE").as_deref() == Ok("1") {
+        return smoke_workloads();
+    }
     let resnet: Vec<usize> = std::iter::repeat_n(16384, 10)
         .chain(std::iter::repeat_n(8192, 9))
         .chain(std::iter::repeat_n(4096, 9))
@@ -50,6 +54,28 @@ fn workloads() -> Vec<Workload> {
             widths: vec![4096; 32],
             dtype: DType::BF16,
             batches: 64,
+        },
+    ]
+}
+
+/// `SGLP_BENCH_SMOKE=1`: the same two kinds of workload, small enough for the GPU emulator (every code
+/// path of the benchmark and its JSON, 20 batches so that the 16-batch memory reading exists; the timings
+/// mean nothing there).
+fn smoke_workloads() -> Vec<Workload> {
+    vec![
+        Workload {
+            name: "resnet_like",
+            rows: 70,
+            widths: vec![256, 256, 128, 64],
+            dtype: DType::F32,
+            batches: 3,
+        },
+        Workload {
+            name: "llm_like",
+            rows: 130,
+            widths: vec![136; 4],
+            dtype: DType::BF16,
+            batches: 20,
         },
     ]
 }

@@ -8,7 +8,8 @@
 //! The weight is held as the device's `weight` holds it in each mode (bf16: rounded once, 2 bytes).
 //!
 //! `cargo bench --bench runtime_gpu` (prints a skip message and exits 0 without a usable GPU; on the GPU
-//! machine: `bash .device/run-bench.sh runtime_gpu`). A validation failure exits 1.
+//! machine: `bash .device/run-bench.sh runtime_gpu`). A validation failure exits 1. `SGLP_BENCH_SMOKE=1`
+//! runs small shapes through the same code (a plumbing check, e.g. on the GPU emulator).
 
 mod common;
 
@@ -80,18 +81,26 @@ fn main() {
     println!("runtime_gpu on {}", dev.name());
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut failed = false;
-    let n = 4096; // 8 sequences × 512 tokens
-    let sample: Vec<usize> = vec![0, 1, 127, 128, 2049, n - 1];
+    // `SGLP_BENCH_SMOKE=1`: small shapes through the same code (a plumbing check, e.g. on the GPU
+    // emulator; the timings mean nothing there).
+    let smoke = std::env::var("SGLP_BENCH_SMOKE").as_deref() == Ok("1");
+    let n = if smoke { 160 } else { 4096 }; // 8 sequences × 512 tokens
+    let sample: Vec<usize> = vec![0, 1, 127, 128, n / 2 + 1, n - 1];
+    let linear_shapes: &[(&str, usize, usize)] = if smoke {
+        &[("smoke 96→80", 96, 80), ("smoke lm_head 64→300", 64, 300)]
+    } else {
+        &[
+            ("q/o proj 4096→4096", 4096, 4096),
+            ("mlp up 4096→14336", 4096, 14336),
+            ("mlp down 14336→4096", 14336, 4096),
+            ("lm_head 4096→128256", 4096, 128_256),
+        ]
+    };
     println!(
         "{:<28} {:>6} {:>10} {:>10} {:>10} {:>9}",
         "linear (n × k → m)", "mode", "product", "ms", "TFLOP/s", "rel.err"
     );
-    for (what, k, m) in [
-        ("q/o proj 4096→4096", 4096usize, 4096usize),
-        ("mlp up 4096→14336", 4096, 14336),
-        ("mlp down 14336→4096", 14336, 4096),
-        ("lm_head 4096→128256", 4096, 128_256),
-    ] {
+    for &(what, k, m) in linear_shapes {
         let (x, w, dy) = (
             rand_vec(&mut rng, n * k),
             rand_vec(&mut rng, m * k),
@@ -181,13 +190,24 @@ fn main() {
     }
 
     // Attention: causal, no window, 8 × 512 tokens, 32 query heads over 8 KV heads of 128.
-    let sh = AttnShape {
-        seqs: 8,
-        tokens: 512,
-        heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-        window: None,
+    let sh = if smoke {
+        AttnShape {
+            seqs: 2,
+            tokens: 80,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            window: None,
+        }
+    } else {
+        AttnShape {
+            seqs: 8,
+            tokens: 512,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            window: None,
+        }
     };
     let rows = sh.seqs * sh.tokens;
     let (qd, kvd) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
@@ -228,9 +248,14 @@ fn main() {
             .expect("attention backward")
     });
     println!(
-        "attention 8×512, 32/8 heads of 128 (validated in tests/runtime_cuda.rs), ms and TFLOP/s (the \
+        "attention {}×{}, {}/{} heads of {} (validated in tests/runtime_cuda.rs), ms and TFLOP/s (the \
          backward counted as 2.5× the forward's FLOPs): tensor cores (bf16) forward {:.3} ({:.1}), \
          backward {:.3} ({:.1}); SIMT (f32) forward {:.3} ({:.1}), backward {:.3} ({:.1})",
+        sh.seqs,
+        sh.tokens,
+        sh.heads,
+        sh.kv_heads,
+        sh.head_dim,
         tf_mma * 1e3,
         fwd_flops / tf_mma / 1e12,
         tb_mma * 1e3,
