@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the GPU emulator: a fake libcuda.so (driver.cpp) that runs kernels/*.cu compiled for the host
-# (cuda_host.h, runtime.cpp). Usage: tests/gpu_emulator/build.sh [OUT_DIR] (default target/gpu-emulator).
+# (cuda_host.h, runtime.cpp), then runs its self-test (self_test.cpp; exits 1 if a check fails).
+# Usage: tests/gpu_emulator/build.sh [OUT_DIR] (default target/gpu-emulator).
 # Then: LD_LIBRARY_PATH=OUT_DIR:<NVRTC's folder> cargo test ... (scripts/emulated_gpu_tests.sh does it).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,14 +17,15 @@ for cu in "$root"/kernels/*.cu; do
   name=$(basename "$cu" .cu)
   (
     # Pass 1 finds the file's kernels (its extern "C" functions); pass 2 compiles it with a registration each.
-    "$CXX" "${flags[@]}" -O0 -g0 -include cuda_host.h -x c++ -c "$cu" -o "$out/obj/$name.names.o"
+    section=(-DSGLP_EMU_SECTION_ID="sglp_shared_$name")
+    "$CXX" "${flags[@]}" "${section[@]}" -O0 -g0 -include cuda_host.h -x c++ -c "$cu" -o "$out/obj/$name.names.o"
     kernels=$(nm -g --defined-only "$out/obj/$name.names.o" | awk '$2 == "T" { print $3 }')
     {
       echo "#include \"runtime.h\""
       echo "#include \"$cu\""
       for k in $kernels; do echo "SGLP_EMU_REGISTER($k)"; done
     } >"$out/obj/$name.reg.cpp"
-    "$CXX" "${flags[@]}" -c "$out/obj/$name.reg.cpp" -o "$out/obj/$name.o"
+    "$CXX" "${flags[@]}" "${section[@]}" -c "$out/obj/$name.reg.cpp" -o "$out/obj/$name.o"
   ) &
   pids+=($!)
 done
@@ -37,4 +39,8 @@ objs=("$out"/obj/runtime.o "$out"/obj/driver.o)
 for cu in "$root"/kernels/*.cu; do objs+=("$out/obj/$(basename "$cu" .cu).o"); done
 "$CXX" -shared -o "$out/libcuda.so" "${objs[@]}" ${SGLP_EMU_LDFLAGS:-}
 ln -sf libcuda.so "$out/libcuda.so.1"
+# The emulator's own tests (self_test.cpp): each thing it claims to catch, caught.
+"$CXX" "${flags[@]}" -DSGLP_EMU_SECTION_ID=sglp_shared_self_test "$here/self_test.cpp" "$out/obj/runtime.o" \
+  "$out/obj/driver.o" -o "$out/self_test"
+"$out/self_test" >"$out/self_test.log" 2>&1 || { cat "$out/self_test.log" >&2; exit 1; }
 echo "$out/libcuda.so"

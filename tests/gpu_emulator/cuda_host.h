@@ -4,7 +4,7 @@
 // (driver.cpp). See README.md beside this file for what that does and does not check.
 //
 // - `__shared__` is `static`: blocks run one after another, so a function-local static is exactly one
-//   block's shared memory.
+//   block's shared memory. It is filled with NaN bytes before each block.
 // - `__syncthreads()` and the warp-collective operations (shuffles, mma.sync, ldmatrix) are barriers of
 //   the fiber scheduler; the warp-collective ones exchange their operands through per-warp slots.
 // - `cp.async` lands at the `cp.async.wait_group` that must wait for it (the latest moment the PTX ISA
@@ -25,7 +25,15 @@
 #define __global__
 #define __device__ static
 #define __forceinline__ inline
-#define __shared__ static
+// Each file's shared arrays go to a section of their own (build.sh names it per kernel file), so that the
+// runner can fill them with NaN bytes before every block: a read of shared memory the block has not
+// written shows, as it would on a GPU, where shared memory starts undefined.
+#ifndef SGLP_EMU_SECTION_ID
+#define SGLP_EMU_SECTION_ID sglp_shared_other
+#endif
+#define SGLP_EMU_STR2(x) #x
+#define SGLP_EMU_STR(x) SGLP_EMU_STR2(x)
+#define __shared__ static __attribute__((section(SGLP_EMU_STR(SGLP_EMU_SECTION_ID))))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 

@@ -381,6 +381,8 @@ bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::str
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 block_idx = {x, y, z};
+                if (k.shared_begin && k.shared_end > k.shared_begin)
+                    memset(k.shared_begin, 0xff, (size_t)(k.shared_end - k.shared_begin));
                 if (!run_block(warp_order, lane_order, error)) {
                     running = nullptr;
                     error = std::string(k.name) + " block (" + std::to_string(x) + "," + std::to_string(y) + "," +

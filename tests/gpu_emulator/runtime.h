@@ -31,14 +31,18 @@ struct KernelEntry {
     void* fn;
     Invoker invoker;
     int params;
+    // The kernel file's shared-memory section (cuda_host.h), filled with NaN bytes before each block.
+    unsigned char* shared_begin;
+    unsigned char* shared_end;
 };
 void register_kernel(KernelEntry e);
 const KernelEntry* find_kernel(const char* name);
 
 template <class... A>
 struct Registrar {
-    Registrar(const char* name, void (*fn)(A...)) {
-        register_kernel({name, reinterpret_cast<void*>(fn), invoker_for(fn), (int)sizeof...(A)});
+    Registrar(const char* name, void (*fn)(A...), unsigned char* shared_begin, unsigned char* shared_end) {
+        register_kernel(
+            {name, reinterpret_cast<void*>(fn), invoker_for(fn), (int)sizeof...(A), shared_begin, shared_end});
     }
 };
 
@@ -48,4 +52,13 @@ bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::str
 
 }  // namespace emu
 
-#define SGLP_EMU_REGISTER(name) static emu::Registrar sglp_emu_reg_##name(#name, &name);
+// The linker's bounds of this file's shared-memory section (weak: a file without shared arrays has none).
+#define SGLP_EMU_CAT2(a, b) a##b
+#define SGLP_EMU_CAT(a, b) SGLP_EMU_CAT2(a, b)
+extern "C" __attribute__((weak)) unsigned char SGLP_EMU_CAT(__start_, SGLP_EMU_SECTION_ID)[];
+extern "C" __attribute__((weak)) unsigned char SGLP_EMU_CAT(__stop_, SGLP_EMU_SECTION_ID)[];
+
+#define SGLP_EMU_REGISTER(name)                                                     \
+    static emu::Registrar sglp_emu_reg_##name(#name, &name,                         \
+                                              SGLP_EMU_CAT(__start_, SGLP_EMU_SECTION_ID), \
+                                              SGLP_EMU_CAT(__stop_, SGLP_EMU_SECTION_ID));

@@ -1,0 +1,241 @@
+// self_test.cpp — the emulator's own tests: that each thing README.md says it catches, it catches.
+// Built and run by build.sh (`self_test` beside libcuda.so); prints one line per check and exits 1 on a
+// failed one. Each check launches a small kernel written here, in CUDA C++ as kernels/*.cu are.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "runtime.h"
+
+typedef int CUresult;
+extern "C" CUresult cuMemAlloc_v2(unsigned long long* p, size_t bytes);
+
+// ---- kernels ----
+
+// Warp 1 reads what warp 0 wrote, with or without the barrier between.
+extern "C" __global__ void cross_warp_read(int barrier, float* out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = (float)threadIdx.x + 1.0f;
+    if (barrier) __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 32) % 64];
+}
+
+// Each thread copies 16 bytes with cp.async and reads them back, waiting first or not.
+extern "C" __global__ void async_copy_read(const float* in, int wait, float* out) {
+    __shared__ __align__(16) float s[4 * 32];
+    cp_async_16(&s[4 * threadIdx.x], &in[4 * threadIdx.x], 16);
+    cp_async_commit();
+    if (wait) cp_async_wait<0>();
+    out[threadIdx.x] = s[4 * threadIdx.x];
+}
+
+// Refills the buffer other warps still read, with or without the barrier that should come first.
+extern "C" __global__ void refill_while_read(const float* in, int barrier, float* out) {
+    __shared__ __align__(16) float s[4 * 64];
+    cp_async_16(&s[4 * threadIdx.x], &in[4 * threadIdx.x], 16);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    const float mine = s[4 * ((threadIdx.x + 32) % 64)];  // read another warp's part
+    if (barrier) __syncthreads();
+    cp_async_16(&s[4 * threadIdx.x], &in[256 + 4 * threadIdx.x], 16);  // the next step's data
+    cp_async_commit();
+    cp_async_wait<0>();
+    out[threadIdx.x] = mine;
+}
+
+// A warp sum after half of the warp has returned (undefined in CUDA).
+extern "C" __global__ void shuffle_after_exit(float* out) {
+    if (threadIdx.x >= 16) return;
+    float v = 1.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    out[threadIdx.x] = v;
+}
+
+// A warp sum of the lane indices: 0 + 1 + … + 31 in every lane.
+extern "C" __global__ void warp_sum(float* out) {
+    float v = (float)(threadIdx.x & 31);
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    out[threadIdx.x] = v;
+}
+
+// One m16n8k16 product, the fragments loaded as kernels/mma.cuh's mma_warp_step loads them (A 16×16
+// row-major, B given as 8 rows of 16 = Bᵀ), C written back through mma_acc_row / mma_acc_col's layout.
+extern "C" __global__ void one_mma(const unsigned short* a, const unsigned short* bt, float* c) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    auto word = [](const unsigned short* p) { return (unsigned)p[0] | ((unsigned)p[1] << 16); };
+    unsigned af[4] = {word(&a[g * 16 + 2 * t]), word(&a[(g + 8) * 16 + 2 * t]), word(&a[g * 16 + 2 * t + 8]),
+                      word(&a[(g + 8) * 16 + 2 * t + 8])};
+    const unsigned b0 = word(&bt[g * 16 + 2 * t]), b1 = word(&bt[g * 16 + 2 * t + 8]);
+    float acc[4] = {0, 0, 0, 0};
+    mma_16816<3>(acc, af, b0, b1);
+    for (int h = 0; h < 4; ++h) c[(g + (h >> 1) * 8) * 8 + 2 * t + (h & 1)] = acc[h];
+}
+
+// Reads shared memory that this block has not written.
+extern "C" __global__ void read_unwritten(int write_first, float* out) {
+    __shared__ float s[32];
+    if (write_first) s[threadIdx.x] = 2.0f;
+    out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Writes one element past the end of `out` (n elements).
+extern "C" __global__ void write_past_end(float* out, int n) { out[n + threadIdx.x] = 1.0f; }
+
+SGLP_EMU_REGISTER(cross_warp_read)
+SGLP_EMU_REGISTER(async_copy_read)
+SGLP_EMU_REGISTER(refill_while_read)
+SGLP_EMU_REGISTER(shuffle_after_exit)
+SGLP_EMU_REGISTER(warp_sum)
+SGLP_EMU_REGISTER(one_mma)
+SGLP_EMU_REGISTER(read_unwritten)
+SGLP_EMU_REGISTER(write_past_end)
+
+// ---- checks ----
+
+static int failures = 0;
+
+static void check(bool ok, const char* what) {
+    printf("%s  %s\n", ok ? "ok  " : "FAIL", what);
+    if (!ok) ++failures;
+}
+
+// Launch `name` with 1 block of `threads`, the schedule set by the environment variables first.
+static bool run(const char* name, unsigned threads, std::vector<void*> params, const char* order,
+                const char* copies, std::string* error = nullptr) {
+    setenv("SGLP_EMU_ORDER", order, 1);
+    setenv("SGLP_EMU_CP_ASYNC", copies, 1);
+    std::string e;
+    const bool ok = emu::launch(*emu::find_kernel(name), {1, 1, 1}, {threads, 1, 1}, params.data(), e);
+    if (error) *error = e;
+    return ok;
+}
+
+static float bf16_value(unsigned short h) {
+    unsigned u = (unsigned)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+int main() {
+    // The eager/lazy choice is read once per process: the cp.async checks that need eager copies run in
+    // a child process.
+    std::vector<float> out(64);
+    float* o = out.data();
+
+    {  // a missing barrier between warps shows as an order-dependent result
+        int with = 1, without = 0;
+        run("cross_warp_read", 64, {&with, &o}, "forward", "lazy");
+        bool right = true;
+        for (int i = 0; i < 64; ++i) right &= out[i] == (float)((i + 32) % 64) + 1.0f;
+        run("cross_warp_read", 64, {&without, &o}, "forward", "lazy");
+        const float forward0 = out[0];  // warp 0 runs first: reads warp 1's slot before it is written
+        run("cross_warp_read", 64, {&without, &o}, "reverse", "lazy");
+        const float reverse0 = out[0];
+        check(right, "__syncthreads orders shared-memory writes before other warps' reads");
+        check(forward0 != 33.0f && reverse0 == 33.0f,
+              "a missing __syncthreads gives a schedule-dependent result (forward vs reverse)");
+    }
+    {  // shared memory starts as NaN bytes in every block, whatever the previous block left
+        int write = 1, read_only = 0;
+        run("read_unwritten", 32, {&write, &o}, "forward", "lazy");
+        const bool written = out[0] == 2.0f;
+        run("read_unwritten", 32, {&read_only, &o}, "forward", "lazy");
+        check(written && std::isnan(out[0]) && std::isnan(out[31]),
+              "shared memory the block has not written reads as NaN (not the previous block's values)");
+    }
+    {  // cp.async: lazy copies land at the wait
+        std::vector<float> in(128);
+        for (int i = 0; i < 128; ++i) in[i] = (float)i + 0.5f;
+        const float* ip = in.data();
+        int wait = 1, no_wait = 0;
+        run("async_copy_read", 32, {&ip, &wait, &o}, "forward", "lazy");
+        bool right = true;
+        for (int i = 0; i < 32; ++i) right &= out[i] == in[4 * i];
+        check(right, "cp.async then cp.async.wait_group: the data is there");
+        run("async_copy_read", 32, {&ip, &no_wait, &o}, "forward", "lazy");
+        bool stale = true;
+        for (int i = 0; i < 32; ++i) stale &= out[i] != in[4 * i];
+        check(stale, "a read before cp.async.wait_group sees stale data (lazy copies)");
+    }
+    {  // a warp-collective operation after lanes exited, and a warp sum
+        std::string e;
+        const bool launched = run("shuffle_after_exit", 32, {&o}, "forward", "lazy", &e);
+        check(!launched && e.find("exited") != std::string::npos,
+              "a full-mask shuffle after lanes of the warp exited is an error");
+        run("warp_sum", 64, {&o}, "forward", "lazy");
+        bool right = true;
+        for (int i = 0; i < 64; ++i) right &= out[i] == 496.0f;
+        check(right, "__shfl_xor_sync butterfly sums a warp");
+    }
+    {  // the mma.m16n8k16 twin with mma.cuh's fragment loads gives A·B
+        std::vector<unsigned short> a(256), bt(128);
+        srand(7);
+        for (auto& v : a) v = (unsigned short)(0x3f00 + rand() % 0x100 - 0x80);  // bf16 near ±1
+        for (auto& v : bt) v = (unsigned short)(0xbf00 + rand() % 0x100 - 0x80);
+        std::vector<float> c(128);
+        const unsigned short *ap = a.data(), *bp = bt.data();
+        float* cp = c.data();
+        run("one_mma", 32, {&ap, &bp, &cp}, "forward", "lazy");
+        double worst = 0;
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 8; ++j) {
+                double want = 0;
+                for (int k = 0; k < 16; ++k) want += (double)bf16_value(a[i * 16 + k]) * bf16_value(bt[j * 16 + k]);
+                worst = std::max(worst, std::abs(want - c[i * 8 + j]));
+            }
+        check(worst < 1e-5, "mma.m16n8k16 (bf16) with mma.cuh's fragment layout computes A·B");
+    }
+    {  // in a child (the eager mode is read once; a fault kills the process)
+        std::vector<float> in(512);
+        for (int i = 0; i < 512; ++i) in[i] = (float)i;
+        const float* ip = in.data();
+        auto child = [&](auto body) {
+            fflush(stdout);
+            pid_t pid = fork();
+            if (pid == 0) {
+                _exit(body());
+            }
+            int status = 0;
+            waitpid(pid, &status, 0);
+            return status;
+        };
+        int status = child([&] {
+            int with = 1;
+            run("refill_while_read", 64, {&ip, &with, &o}, "forward", "eager");
+            for (int i = 0; i < 64; ++i)
+                if (out[i] != in[4 * ((i + 32) % 64)]) return 1;
+            return 0;
+        });
+        check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "a refill after the barrier leaves other warps' reads intact (eager copies)");
+        status = child([&] {
+            int without = 0;
+            run("refill_while_read", 64, {&ip, &without, &o}, "forward", "eager");
+            for (int i = 0; i < 64; ++i)
+                if (out[i] != in[4 * ((i + 32) % 64)]) return 0;  // some read saw the refill: caught
+            return 1;
+        });
+        check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "a refill without the barrier overwrites what another warp still reads (eager copies)");
+        status = child([&] {
+            unsigned long long p = 0;
+            if (cuMemAlloc_v2(&p, 100 * sizeof(float)) != 0) return 2;
+            float* buf = (float*)p;
+            int n = 100 + 64;  // past the 256-byte rounding, onto the guard page
+            run("write_past_end", 1, {&buf, &n}, "forward", "lazy");
+            return 0;
+        });
+        check(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV,
+              "a kernel writing past the end of an allocation faults (guard page)");
+    }
+    printf("%s\n", failures ? "gpu emulator self-test: FAILED" : "gpu emulator self-test: ALL OK");
+    return failures ? 1 : 0;
+}
