@@ -18,7 +18,9 @@ use sglp_engine::io::{Batch, DType, LayerBlock, LayerMeta};
 use sglp_engine::similarity::cpu::CpuBackend;
 use sglp_engine::similarity::cuda::{self, CudaBackend};
 use sglp_engine::similarity::device::{open_backend, DeviceChoice};
-use sglp_engine::similarity::{cka_from_hsic, Backend, CkaAccumulator, CkaSpec, Estimator, Kernel};
+use sglp_engine::similarity::{
+    cka_from_hsic, Backend, CkaAccumulator, CkaResult, CkaSpec, Estimator, Kernel, Route,
+};
 
 fn gpu_or_skip() -> Option<CudaBackend> {
     match CudaBackend::open(0) {
@@ -108,6 +110,11 @@ fn assert_accumulator_matches_cpu(
 }
 
 fn accumulator_cka(batch: &Batch, spec: CkaSpec, backend: &mut dyn Backend) -> Vec<Vec<f64>> {
+    accumulate(batch, spec, backend).cka_matrix()
+}
+
+/// `batch` through a `CkaAccumulator` (layers `l{i}`, every row pushed at once): the whole result.
+fn accumulate(batch: &Batch, spec: CkaSpec, backend: &mut dyn Backend) -> CkaResult {
     let metas: Vec<_> = batch
         .layers
         .iter()
@@ -121,7 +128,30 @@ fn accumulator_cka(batch: &Batch, spec: CkaSpec, backend: &mut dyn Backend) -> V
         .collect();
     let mut acc = CkaAccumulator::new(&metas, spec, Some(batch.rows)).unwrap();
     acc.push(&batch.as_ref(), backend).unwrap();
-    acc.finish(backend).unwrap().cka_matrix()
+    acc.finish(backend).unwrap()
+}
+
+/// Fewer than 32 samples per batch with 16-bit layers on the GPU: the result says that their CKA is
+/// f16-bound (~1e-3, see sixteen_bit_and_mixed_dtypes); 32 or more, or f32 layers only: no such warning.
+#[test]
+fn small_batches_of_16_bit_layers_on_the_gpu_warn_of_f16_precision() {
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let warns = |layers: &[(usize, DType)], batch_size: usize, gpu: &mut CudaBackend| -> bool {
+        let batch = random_batch(21, 64, layers);
+        let spec = CkaSpec {
+            batch_size,
+            route: Route::Gram,
+            ..CkaSpec::default()
+        };
+        accumulate(&batch, spec, gpu)
+            .warnings
+            .iter()
+            .any(|w| w.contains("f16 tensor cores"))
+    };
+    let mixed = [(40, DType::BF16), (24, DType::F32)];
+    assert!(warns(&mixed, 8, &mut gpu));
+    assert!(!warns(&mixed, 32, &mut gpu));
+    assert!(!warns(&[(40, DType::F32), (24, DType::F64)], 8, &mut gpu));
 }
 
 /// Largest |CKA_gpu − CKA_cpu| over all pairs (NaN-aware: both NaN counts as equal).

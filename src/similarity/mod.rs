@@ -470,6 +470,22 @@ impl CkaAccumulator {
                 ));
             }
         }
+        // 16-bit layers on the GPU's Gram route reach the tensor cores as f16 of the centred values
+        // (~2.4e-4 relative each): over a few samples per batch those roundings do not average out
+        // (README, GPU precision; tests/cuda_backend.rs, sixteen_bit_and_mixed_dtypes).
+        let sixteen =
+            |m: &LayerMeta| matches!(m.dtype, crate::io::DType::BF16 | crate::io::DType::F16);
+        if backend.as_cuda().is_some()
+            && self.route == Route::Gram
+            && batch_size < 32
+            && self.layers.iter().any(sixteen)
+        {
+            warnings.push(format!(
+                "16-bit layers on the GPU go through f16 tensor cores: with {batch_size} samples per batch \
+                 their CKA is within ~1e-3 of the float64 CPU, not ~1e-5 (128 or more samples per batch, or \
+                 --device cpu, for that)"
+            ));
+        }
         let negatives = (0..l)
             .flat_map(|i| (0..i).map(move |j| (i, j)))
             .filter(|&(i, j)| cka[i * l + j] < 0.0)
