@@ -1,6 +1,7 @@
 // self_test.cpp — the emulator's own tests: that each thing README.md says it catches, it catches.
 // Built and run by build.sh (`self_test` beside libcuda.so); prints one line per check and exits 1 on a
 // failed one. Each check launches a small kernel written here, in CUDA C++ as kernels/*.cu are.
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -201,6 +202,8 @@ int main() {
             fflush(stdout);
             pid_t pid = fork();
             if (pid == 0) {
+                const struct rlimit no_core = {0, 0};  // the guard-page check dies of SIGSEGV: no core file
+                setrlimit(RLIMIT_CORE, &no_core);
                 _exit(body());
             }
             int status = 0;
