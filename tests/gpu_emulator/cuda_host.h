@@ -202,6 +202,7 @@ static inline void mma_16816(float* c, const unsigned* a, unsigned b0, unsigned 
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane i gives the address of row i % 8 of matrix i / 8; lane
 // l receives, of each matrix j, the 32-bit word l % 4 of row l / 4.
 static inline void ldmatrix_x4(unsigned* r, const void* smem) {
+    if ((uintptr_t)smem % 16 != 0) __builtin_trap();  // each row address must be 16-byte aligned
     const void* rows[32];
     emu::warp_gather(&smem, rows, sizeof smem);
     const int l = emu::lane();

@@ -266,8 +266,10 @@ bool eager_copies() {
 }
 
 void cp_async(void* dst, const void* src, int bytes) {
-    if (bytes < 0 || bytes > 16) {
-        fprintf(stderr, "gpu emulator: cp.async of %d bytes\n", bytes);
+    if (bytes < 0 || bytes > 16 || ((uintptr_t)dst | (uintptr_t)src) % 16 != 0) {
+        // cp.async.cg moves 16 bytes between 16-byte-aligned addresses (a misaligned one faults on a GPU)
+        fprintf(stderr, "gpu emulator: cp.async of %d bytes from %p to %p (16 bytes, both 16-aligned)\n", bytes,
+                src, dst);
         abort();
     }
     if (eager_copies()) {

@@ -89,6 +89,13 @@ extern "C" __global__ void read_unwritten(int write_first, float* out) {
 // Writes one element past the end of `out` (n elements).
 extern "C" __global__ void write_past_end(float* out, int n) { out[n + threadIdx.x] = 1.0f; }
 
+// A 16-byte vector load from an address 4 bytes past a 16-byte boundary.
+extern "C" __global__ void misaligned_vector_load(const float* p, float* out) {
+    const float4 v = *(const float4*)(p + 1);
+    out[threadIdx.x] = v.x;
+}
+
+SGLP_EMU_REGISTER(misaligned_vector_load)
 SGLP_EMU_REGISTER(cross_warp_read)
 SGLP_EMU_REGISTER(async_copy_read)
 SGLP_EMU_REGISTER(refill_while_read)
@@ -238,6 +245,12 @@ int main() {
         });
         check(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV,
               "a kernel writing past the end of an allocation faults (guard page)");
+        status = child([&] {
+            run("misaligned_vector_load", 1, {&ip, &o}, "forward", "lazy");
+            return 0;
+        });
+        check(!(WIFEXITED(status) && WEXITSTATUS(status) == 0),
+              "a misaligned 16-byte vector load stops the kernel (UBSan alignment)");
     }
     printf("%s\n", failures ? "gpu emulator self-test: FAILED" : "gpu emulator self-test: ALL OK");
     return failures ? 1 : 0;
