@@ -13,10 +13,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
 #include <string>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "runtime.h"
@@ -119,6 +123,67 @@ CUresult release(unsigned long long p) {
 
 struct Module {};
 
+// Streams. By default each operation runs when it is enqueued. With SGLP_EMU_STREAMS=lazy an operation
+// runs only when something must see its effect — a synchronisation of its stream, of an event recorded
+// after it, of the context, a free, a copy into pageable host memory — and a stream that waits on an event
+// runs the recording stream up to it first: the latest order CUDA allows. A missing wait between streams,
+// or host code that refills a page-locked buffer before the copy reading it has run, gives wrong data.
+struct Stream {
+    std::deque<std::pair<unsigned long long, std::function<void()>>> queue;
+    unsigned long long next = 0;  // sequence number of the next operation enqueued
+};
+struct Event {
+    Stream* stream = nullptr;  // where it was last recorded, and how far: operations before `upto`
+    unsigned long long upto = 0;
+};
+std::set<Stream*>& streams = *new std::set<Stream*>();
+Stream& null_stream = *new Stream();
+CUresult sticky = CUDA_SUCCESS;  // a lazily run launch that failed: returned by the next synchronisation
+
+bool lazy_streams() {
+    static const bool lazy = [] {
+        const char* env = getenv("SGLP_EMU_STREAMS");
+        return env && strcmp(env, "lazy") == 0;
+    }();
+    return lazy;
+}
+
+Stream* stream_of(CUstream s) { return s ? (Stream*)s : &null_stream; }
+
+// Run stream `s`'s operations enqueued before sequence number `upto`.
+void drain(Stream* s, unsigned long long upto) {
+    while (!s->queue.empty() && s->queue.front().first < upto) {
+        auto op = std::move(s->queue.front().second);
+        s->queue.pop_front();
+        op();
+    }
+}
+void drain_all() {
+    drain(&null_stream, ~0ull);
+    for (Stream* s : streams) drain(s, ~0ull);
+}
+
+void enqueue(CUstream stream, std::function<void()> op) {
+    Stream* s = stream_of(stream);
+    if (!lazy_streams()) {
+        op();
+        return;
+    }
+    if (s == &null_stream) {  // the legacy default stream waits for all others
+        drain_all();
+        op();
+        return;
+    }
+    s->queue.emplace_back(s->next++, std::move(op));
+}
+
+bool is_page_locked(const void* p, size_t bytes) {
+    auto it = allocations.upper_bound((unsigned long long)p);
+    if (it == allocations.begin()) return false;
+    --it;
+    return page_locked.count(it->first) && (unsigned long long)p + bytes <= it->first + it->second;
+}
+
 }  // namespace
 
 #define API extern "C" __attribute__((visibility("default"))) CUresult
@@ -191,33 +256,64 @@ API cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-API cuCtxSynchronize() { return CUDA_SUCCESS; }
+API cuCtxSynchronize() {
+    LOCK;
+    drain_all();
+    return std::exchange(sticky, CUDA_SUCCESS);
+}
 
 API cuStreamCreate(CUstream* s, unsigned) {
-    *s = new int(0);
+    LOCK;
+    Stream* st = new Stream();
+    streams.insert(st);
+    *s = st;
     return CUDA_SUCCESS;
 }
 API cuStreamCreateWithPriority(CUstream* s, unsigned, int) { return cuStreamCreate(s, 0); }
 API cuStreamDestroy_v2(CUstream s) {
-    delete (int*)s;
+    LOCK;
+    drain(stream_of(s), ~0ull);  // its pending work still runs, as CUDA's does
+    streams.erase((Stream*)s);
+    delete (Stream*)s;
     return CUDA_SUCCESS;
 }
-API cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
-API cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
-API cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+API cuStreamSynchronize(CUstream s) {
+    LOCK;
+    drain(stream_of(s), ~0ull);
+    return std::exchange(sticky, CUDA_SUCCESS);
+}
+API cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
+API cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    LOCK;
+    const Event ev = *(Event*)e;  // the record this wait refers to, as of now
+    if (ev.stream) enqueue(s, [ev] { drain(ev.stream, ev.upto); });
+    return CUDA_SUCCESS;
+}
 
 API cuEventCreate(CUevent* e, unsigned) {
-    *e = new int(0);
+    *e = new Event();
     return CUDA_SUCCESS;
 }
 API cuEventDestroy_v2(CUevent e) {
-    delete (int*)e;
+    delete (Event*)e;
     return CUDA_SUCCESS;
 }
-API cuEventRecord(CUevent, CUstream) { return CUDA_SUCCESS; }
-API cuEventRecordWithFlags(CUevent, CUstream, unsigned) { return CUDA_SUCCESS; }
-API cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
-API cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+API cuEventRecord(CUevent e, CUstream s) {
+    LOCK;
+    Stream* st = stream_of(s);
+    if (lazy_streams() && st == &null_stream) drain_all();
+    *(Event*)e = {st, st->next};
+    return CUDA_SUCCESS;
+}
+API cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
+API cuEventSynchronize(CUevent e) {
+    LOCK;
+    const Event& ev = *(Event*)e;
+    if (ev.stream) drain(ev.stream, ev.upto);
+    return std::exchange(sticky, CUDA_SUCCESS);
+}
+// A query runs the work before the event (a lazily run GPU finishes what the host asks about).
+API cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 API cuEventElapsedTime(float* ms, CUevent, CUevent) {
     *ms = 0.001f;
     return CUDA_SUCCESS;
@@ -237,9 +333,14 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 API cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc_v2(p, bytes); }
 API cuMemFree_v2(CUdeviceptr p) {
     LOCK;
+    drain_all();  // cuMemFree waits for the work that may use the memory
     return release(p);
 }
-API cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
+API cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    LOCK;
+    enqueue(s, [p] { release(p); });
+    return CUDA_SUCCESS;
+}
 API cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     LOCK;
     return allocate(p, bytes, true);
@@ -247,47 +348,85 @@ API cuMemHostAlloc(void** p, size_t bytes, unsigned) {
 API cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 API cuMemFreeHost(void* p) {
     LOCK;
+    drain_all();
     return release((unsigned long long)p);
 }
 API cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCCESS; }
 API cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 
-API cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream) {
+// From page-locked memory the copy reads the host bytes when it runs; from pageable memory CUDA stages
+// them before the call returns, so they are taken now.
+API cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream s) {
     LOCK;
+    if (CUresult r = check_range("copy to the device", dst, bytes)) return r;
+    if (is_page_locked(src, bytes)) {
+        enqueue(s, [=] { memcpy((void*)dst, src, bytes); });
+    } else {
+        auto staged = std::make_shared<std::vector<unsigned char>>((const unsigned char*)src,
+                                                                   (const unsigned char*)src + bytes);
+        enqueue(s, [=] { memcpy((void*)dst, staged->data(), bytes); });
+    }
+    return CUDA_SUCCESS;
+}
+API cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+    LOCK;
+    drain_all();
     if (CUresult r = check_range("copy to the device", dst, bytes)) return r;
     memcpy((void*)dst, src, bytes);
     return CUDA_SUCCESS;
 }
-API cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) { return cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr); }
-API cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream) {
+// Into page-locked memory the copy runs with its stream; into pageable memory the call returns once it
+// has run (CUDA's rule), so its stream runs up to it now.
+API cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
     LOCK;
+    if (CUresult r = check_range("copy from the device", src, bytes)) return r;
+    enqueue(s, [=] { memcpy(dst, (const void*)src, bytes); });
+    if (!is_page_locked(dst, bytes)) drain(stream_of(s), ~0ull);
+    return CUDA_SUCCESS;
+}
+API cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    LOCK;
+    drain_all();
     if (CUresult r = check_range("copy from the device", src, bytes)) return r;
     memcpy(dst, (const void*)src, bytes);
     return CUDA_SUCCESS;
 }
-API cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr); }
-API cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream) {
+API cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s) {
     LOCK;
     if (CUresult r = check_range("device copy (destination)", dst, bytes)) return r;
     if (CUresult r = check_range("device copy (source)", src, bytes)) return r;
-    memmove((void*)dst, (const void*)src, bytes);
+    enqueue(s, [=] { memmove((void*)dst, (const void*)src, bytes); });
     return CUDA_SUCCESS;
 }
-API cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr); }
-API cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
+API cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
+    LOCK;
+    drain_all();
+    return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr);
+}
+API cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
     LOCK;
     if (CUresult r = check_range("memset", dst, n)) return r;
-    memset((void*)dst, v, n);
+    enqueue(s, [=] { memset((void*)dst, v, n); });
     return CUDA_SUCCESS;
 }
-API cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
-API cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream) {
+API cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    LOCK;
+    drain_all();
+    return cuMemsetD8Async(dst, v, n, nullptr);
+}
+API cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream s) {
     LOCK;
     if (CUresult r = check_range("memset", dst, n * 4)) return r;
-    for (size_t i = 0; i < n; ++i) memcpy((char*)dst + 4 * i, &v, 4);
+    enqueue(s, [=] {
+        for (size_t i = 0; i < n; ++i) memcpy((char*)dst + 4 * i, &v, 4);
+    });
     return CUDA_SUCCESS;
 }
-API cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) { return cuMemsetD32Async(dst, v, n, nullptr); }
+API cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+    LOCK;
+    drain_all();
+    return cuMemsetD32Async(dst, v, n, nullptr);
+}
 API cuPointerGetAttribute(void* data, int, CUdeviceptr) {
     memset(data, 0, sizeof(void*));
     return CUDA_SUCCESS;
@@ -327,21 +466,31 @@ API cuFuncSetAttribute(CUfunction, int, int) { return CUDA_SUCCESS; }
 API cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 
 API cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                   unsigned shared_bytes, CUstream, void** params, void** extra) {
+                   unsigned shared_bytes, CUstream s, void** params, void** extra) {
     LOCK;
     const emu::KernelEntry* k = (const emu::KernelEntry*)f;
     if (extra || (k->params > 0 && !params)) return CUDA_ERROR_INVALID_VALUE;
     if (shared_bytes > 232448) return CUDA_ERROR_INVALID_VALUE;
-    if (trace()) fprintf(stderr, "gpu emulator: %s grid %ux%ux%u block %ux%ux%u\n", k->name, gx, gy, gz, bx, by, bz);
-    std::string error;
-    if (!emu::launch(*k, {gx, gy, gz}, {bx, by, bz}, params, error)) {
-        fprintf(stderr, "gpu emulator: launch failed: %s\n", error.c_str());
-        return CUDA_ERROR_LAUNCH_FAILED;
+    const dim3 grid{gx, gy, gz}, block{bx, by, bz};
+    const std::string shape = emu::bad_shape(grid, block);
+    if (!shape.empty()) {
+        fprintf(stderr, "gpu emulator: %s: %s\n", k->name, shape.c_str());
+        return CUDA_ERROR_INVALID_VALUE;
     }
-    return CUDA_SUCCESS;
+    if (trace()) fprintf(stderr, "gpu emulator: %s grid %ux%ux%u block %ux%ux%u\n", k->name, gx, gy, gz, bx, by, bz);
+    // The arguments are copied now: `params` points at the caller's values, gone once this returns.
+    enqueue(s, [k, grid, block, call = k->binder(k->fn, params)] {
+        std::string error;
+        if (!emu::launch(*k, grid, block, call, error)) {
+            fprintf(stderr, "gpu emulator: launch failed: %s\n", error.c_str());
+            sticky = CUDA_ERROR_LAUNCH_FAILED;
+        }
+    });
+    return std::exchange(sticky, CUDA_SUCCESS);
 }
-API cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
-    fn(data);
+API cuLaunchHostFunc(CUstream s, void (*fn)(void*), void* data) {
+    LOCK;
+    enqueue(s, [fn, data] { fn(data); });
     return CUDA_SUCCESS;
 }
 

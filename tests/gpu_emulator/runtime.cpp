@@ -128,7 +128,7 @@ std::vector<Thread>& threads = *new std::vector<Thread>();
 std::vector<unsigned char>& slots = *new std::vector<unsigned char>();  // [2][warps][32][SLOT_BYTES]
 int warps_in_block = 0;
 const KernelEntry* running = nullptr;
-void** running_params = nullptr;
+const Call* running_call = nullptr;
 
 std::map<std::string, KernelEntry>& registry() {
     static auto& r = *new std::map<std::string, KernelEntry>();  // never destroyed, as `threads`
@@ -140,7 +140,7 @@ unsigned char* slot(unsigned parity, int warp, int lane) {
 }
 
 void thread_main() {
-    running->invoker(running->fn, running_params);
+    (*running_call)();
     current->state = DONE;
     current->open.clear();
     current->groups.clear();
@@ -343,17 +343,26 @@ void install_fault_handler() {
 }
 }  // namespace
 
+std::string bad_shape(dim3 grid, dim3 block) {
+    const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
+    if (n == 0 || n > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+        grid.z > 65535)
+        return "invalid launch shape: grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" +
+               std::to_string(grid.z) + ", block " + std::to_string(block.x) + "x" + std::to_string(block.y) +
+               "x" + std::to_string(block.z);
+    return "";
+}
+
 bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::string& error) {
+    return launch(k, grid, block, k.binder(k.fn, params), error);
+}
+
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, const Call& call, std::string& error) {
     static unsigned long long launches = 0;
     install_fault_handler();
     const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
-    if (n == 0 || n > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-        grid.y > 65535 || grid.z > 65535) {
-        error = "invalid launch shape: grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" +
-                std::to_string(grid.z) + ", block " + std::to_string(block.x) + "x" + std::to_string(block.y) +
-                "x" + std::to_string(block.z);
-        return false;
-    }
+    error = bad_shape(grid, block);
+    if (!error.empty()) return false;
     if (threads.size() != n) {
         for (Thread& t : threads) munmap(t.stack, STACK_BYTES);
         threads = std::vector<Thread>(n);
@@ -376,7 +385,7 @@ bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::str
     grid_dim = grid;
     block_dim = block;
     running = &k;
-    running_params = params;
+    running_call = &call;
     const std::vector<int> warp_order = schedule_order(warps_in_block, launches), lane_order = schedule_order(32, ~launches);
     ++launches;
     for (unsigned z = 0; z < grid.z; ++z)

@@ -2,34 +2,38 @@
 // registration unit, see build.sh) and the grid runner of runtime.cpp.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "cuda_host.h"
 
 namespace emu {
 
-// Calls kernel `fn` with the arguments cuLaunchKernel's `params` point at.
-using Invoker = void (*)(void* fn, void** params);
+// Kernel `fn` bound to copies of the arguments cuLaunchKernel's `params` point at (so that a launch can
+// run after the call returns: the driver's lazy streams).
+using Call = std::function<void()>;
+using Binder = Call (*)(void* fn, void** params);
 
 template <class... A, size_t... I>
-void invoke_with(void (*fn)(A...), void** params, std::index_sequence<I...>) {
-    fn(*static_cast<A*>(params[I])...);
+Call bind_with(void (*fn)(A...), void** params, std::index_sequence<I...>) {
+    return [fn, args = std::tuple<A...>(*static_cast<A*>(params[I])...)] { std::apply(fn, args); };
 }
 template <class... A>
-void invoke(void* fn, void** params) {
+Call bind(void* fn, void** params) {
     auto f = reinterpret_cast<void (*)(A...)>(fn);
-    invoke_with(f, params, std::index_sequence_for<A...>{});
+    return bind_with(f, params, std::index_sequence_for<A...>{});
 }
 template <class... A>
-Invoker invoker_for(void (*)(A...)) {
-    return &invoke<A...>;
+Binder binder_for(void (*)(A...)) {
+    return &bind<A...>;
 }
 
 struct KernelEntry {
     const char* name;
     void* fn;
-    Invoker invoker;
+    Binder binder;
     int params;
     // The kernel file's shared-memory section (cuda_host.h), filled with NaN bytes before each block.
     unsigned char* shared_begin;
@@ -42,12 +46,16 @@ template <class... A>
 struct Registrar {
     Registrar(const char* name, void (*fn)(A...), unsigned char* shared_begin, unsigned char* shared_end) {
         register_kernel(
-            {name, reinterpret_cast<void*>(fn), invoker_for(fn), (int)sizeof...(A), shared_begin, shared_end});
+            {name, reinterpret_cast<void*>(fn), binder_for(fn), (int)sizeof...(A), shared_begin, shared_end});
     }
 };
 
-// Runs the grid, block after block; false with `error` set on a deadlock (a barrier some threads of the
-// block never reach) or a bad launch shape.
+// A launch shape CUDA would refuse, described; empty if it is valid.
+std::string bad_shape(dim3 grid, dim3 block);
+// Runs the grid of `call` (kernel `k` with its arguments bound), block after block; false with `error`
+// set on a deadlock (a barrier some threads of the block never reach) or a bad launch shape.
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, const Call& call, std::string& error);
+// The same, binding the arguments `params` points at now.
 bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::string& error);
 
 }  // namespace emu

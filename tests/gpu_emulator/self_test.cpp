@@ -16,6 +16,11 @@
 
 typedef int CUresult;
 extern "C" CUresult cuMemAlloc_v2(unsigned long long* p, size_t bytes);
+extern "C" CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags);
+extern "C" CUresult cuStreamCreate(void** s, unsigned flags);
+extern "C" CUresult cuStreamSynchronize(void* s);
+extern "C" CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t bytes, void* s);
+extern "C" CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t bytes, void* s);
 
 // ---- kernels ----
 
@@ -251,6 +256,31 @@ int main() {
         });
         check(!(WIFEXITED(status) && WEXITSTATUS(status) == 0),
               "a misaligned 16-byte vector load stops the kernel (UBSan alignment)");
+    }
+    {  // lazy streams: a copy from page-locked memory reads it when it runs, not when it is enqueued
+        auto refill_before_sync = [](const char* mode) {
+            setenv("SGLP_EMU_STREAMS", mode, 1);
+            void *host = nullptr, *stream = nullptr;
+            unsigned long long dev = 0;
+            float back = 0;
+            if (cuMemHostAlloc(&host, 4, 0) || cuMemAlloc_v2(&dev, 4) || cuStreamCreate(&stream, 0)) return 2;
+            *(float*)host = 1.0f;
+            cuMemcpyHtoDAsync_v2(dev, host, 4, stream);
+            *(float*)host = 2.0f;  // the refill a missing wait on the copy allows
+            cuStreamSynchronize(stream);
+            cuMemcpyDtoHAsync_v2(&back, dev, 4, stream);  // pageable: returns once done
+            return back == 2.0f ? 1 : 0;                  // 1: the device got the refilled bytes
+        };
+        auto in_child = [&](const char* mode) {
+            fflush(stdout);
+            pid_t pid = fork();
+            if (pid == 0) _exit(refill_before_sync(mode));
+            int status = 0;
+            waitpid(pid, &status, 0);
+            return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        };
+        check(in_child("lazy") == 1 && in_child("eager") == 0,
+              "lazy streams: refilling page-locked memory before its copy has run changes what is copied");
     }
     printf("%s\n", failures ? "gpu emulator self-test: FAILED" : "gpu emulator self-test: ALL OK");
     return failures ? 1 : 0;
