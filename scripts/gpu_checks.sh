@@ -15,6 +15,12 @@
 # device tool's 15 minutes for one more call. `... tests` runs every test executable, `... bench` every
 # benchmark (two calls that each stay inside the 600 s per command); no argument runs both. `... 8b` runs
 # only the runtime benchmark on the 8B-shaped model with `prune --remove 8` (issue 10's targets).
+#
+# Dry run without a GPU, before spending device minutes: the same call on the GPU emulator,
+#   tests/gpu_emulator/build.sh && OUT=/tmp/gpu-out LD_LIBRARY_PATH=$PWD/target/gpu-emulator:<NVRTC's folder> \
+#     bash scripts/gpu_checks.sh first
+# runs the packed test binaries, the kernel checks and the Python tests (all pass there); the LLM-like timing
+# case runs past its cap and the PyTorch benchmark finds no CUDA, as they must on a machine without one.
 set -uo pipefail
 part=${1:-all}
 out=${OUT:-gpu-out}
