@@ -159,6 +159,7 @@ static inline unsigned short f32_to_bf16_bits(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
     return (unsigned short)(u >> 16);
 }
+// common.cuh's bf16_bits_to_f32, which mma_16816 below cannot see (this file comes first).
 static inline float bf16_bits_to_f32_(unsigned short h) { return bit_cast_<float>((unsigned)h << 16); }
 static inline unsigned pack_bf16x2(float lo, float hi) {
     return (unsigned)f32_to_bf16_bits(lo) | ((unsigned)f32_to_bf16_bits(hi) << 16);

@@ -53,9 +53,6 @@ namespace {
 std::recursive_mutex& mu = *new std::recursive_mutex();
 int context_tag;
 CUcontext current_ctx = nullptr;
-// Device and page-locked host blocks: address → bytes.
-std::map<unsigned long long, size_t>& allocations = *new std::map<unsigned long long, size_t>();
-std::set<unsigned long long>& page_locked = *new std::set<unsigned long long>();
 size_t used = 0;  // device bytes (page-locked host blocks do not count)
 
 size_t memory_budget() {
@@ -65,29 +62,37 @@ size_t memory_budget() {
 
 bool trace() { return getenv("SGLP_EMU_TRACE") != nullptr; }
 
-// The allocation [p, p + bytes) lies in, if it lies in one.
-bool in_allocation(unsigned long long p, size_t bytes) {
-    auto it = allocations.upper_bound(p);
-    if (it == allocations.begin()) return false;
-    --it;
-    return p + bytes <= it->first + it->second;
-}
-
-CUresult check_range(const char* what, unsigned long long p, size_t bytes) {
-    if (bytes == 0 || in_allocation(p, bytes)) return CUDA_SUCCESS;
-    fprintf(stderr, "gpu emulator: %s of %zu bytes at %#llx is outside every device allocation\n", what, bytes, p);
-    return CUDA_ERROR_ILLEGAL_ADDRESS;
-}
-
 // Each block ends at a page with no access rights (the electric-fence scheme): a kernel or a copy that
 // runs past the end of a buffer faults at once, and runtime.cpp's fault handler names the kernel.
 // Blocks start 256-byte aligned, as cuMemAlloc's do, so an overrun into the < 256 bytes of rounding
 // before the guard page goes unseen.
-struct Mapping {
-    void* base;
-    size_t length;
+struct Block {
+    size_t bytes;      // as asked for
+    bool page_locked;  // host memory from cuMemHostAlloc, else device memory
+    void* map_base;    // the mapping holding it and its guard page
+    size_t map_length;
 };
-std::map<unsigned long long, Mapping>& mappings = *new std::map<unsigned long long, Mapping>();
+// Device and page-locked host blocks, by address.
+std::map<unsigned long long, Block>& blocks = *new std::map<unsigned long long, Block>();
+
+// The block [p, p + bytes) lies in, if it lies in one.
+const Block* block_holding(unsigned long long p, size_t bytes) {
+    auto it = blocks.upper_bound(p);
+    if (it == blocks.begin()) return nullptr;
+    --it;
+    return p + bytes <= it->first + it->second.bytes ? &it->second : nullptr;
+}
+
+CUresult check_range(const char* what, unsigned long long p, size_t bytes) {
+    if (bytes == 0 || block_holding(p, bytes)) return CUDA_SUCCESS;
+    fprintf(stderr, "gpu emulator: %s of %zu bytes at %#llx is outside every device allocation\n", what, bytes, p);
+    return CUDA_ERROR_ILLEGAL_ADDRESS;
+}
+
+bool is_page_locked(const void* p, size_t bytes) {
+    const Block* b = block_holding((unsigned long long)p, bytes);
+    return b && b->page_locked;
+}
 
 CUresult allocate(void** out, size_t bytes, bool host) {
     if (!host && used + bytes > memory_budget()) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -100,24 +105,19 @@ CUresult allocate(void** out, size_t bytes, bool host) {
     char* p = guard - rounded;
     // Fresh device memory is not zeroed on a GPU: fill it with a NaN pattern so a read of unwritten memory shows.
     memset(p, 0xff, rounded);
-    allocations[(unsigned long long)p] = bytes;
-    mappings[(unsigned long long)p] = {base, length};
-    if (host)
-        page_locked.insert((unsigned long long)p);
-    else
-        used += bytes;
+    blocks[(unsigned long long)p] = {bytes, host, base, length};
+    if (!host) used += bytes;
     *out = p;
     return CUDA_SUCCESS;
 }
 
 CUresult release(unsigned long long p) {
-    auto it = allocations.find(p);
-    if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
-    if (!page_locked.erase(p)) used -= it->second;
-    allocations.erase(it);
-    const Mapping m = mappings[p];
-    mappings.erase(p);
-    munmap(m.base, m.length);
+    auto it = blocks.find(p);
+    if (it == blocks.end()) return CUDA_ERROR_INVALID_VALUE;
+    const Block b = it->second;
+    blocks.erase(it);
+    if (!b.page_locked) used -= b.bytes;
+    munmap(b.map_base, b.map_length);
     return CUDA_SUCCESS;
 }
 
@@ -175,13 +175,6 @@ void enqueue(CUstream stream, std::function<void()> op) {
         return;
     }
     s->queue.emplace_back(s->next++, std::move(op));
-}
-
-bool is_page_locked(const void* p, size_t bytes) {
-    auto it = allocations.upper_bound((unsigned long long)p);
-    if (it == allocations.begin()) return false;
-    --it;
-    return page_locked.count(it->first) && (unsigned long long)p + bytes <= it->first + it->second;
 }
 
 }  // namespace
@@ -355,11 +348,11 @@ API cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCCESS; }
 API cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 
 // From page-locked memory the copy reads the host bytes when it runs; from pageable memory CUDA stages
-// them before the call returns, so they are taken now.
+// them before the call returns, so a lazy stream takes them now.
 API cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream s) {
     LOCK;
     if (CUresult r = check_range("copy to the device", dst, bytes)) return r;
-    if (is_page_locked(src, bytes)) {
+    if (!lazy_streams() || is_page_locked(src, bytes)) {
         enqueue(s, [=] { memcpy((void*)dst, src, bytes); });
     } else {
         auto staged = std::make_shared<std::vector<unsigned char>>((const unsigned char*)src,
@@ -368,15 +361,8 @@ API cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstrea
     }
     return CUDA_SUCCESS;
 }
-API cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
-    LOCK;
-    drain_all();
-    if (CUresult r = check_range("copy to the device", dst, bytes)) return r;
-    memcpy((void*)dst, src, bytes);
-    return CUDA_SUCCESS;
-}
-// Into page-locked memory the copy runs with its stream; into pageable memory the call returns once it
-// has run (CUDA's rule), so its stream runs up to it now.
+// The synchronous forms are the asynchronous ones on the legacy default stream, which waits for all others.
+API cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) { return cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr); }
 API cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
     LOCK;
     if (CUresult r = check_range("copy from the device", src, bytes)) return r;
@@ -384,13 +370,7 @@ API cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
     if (!is_page_locked(dst, bytes)) drain(stream_of(s), ~0ull);
     return CUDA_SUCCESS;
 }
-API cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
-    LOCK;
-    drain_all();
-    if (CUresult r = check_range("copy from the device", src, bytes)) return r;
-    memcpy(dst, (const void*)src, bytes);
-    return CUDA_SUCCESS;
-}
+API cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr); }
 API cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s) {
     LOCK;
     if (CUresult r = check_range("device copy (destination)", dst, bytes)) return r;
@@ -398,22 +378,14 @@ API cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstrea
     enqueue(s, [=] { memmove((void*)dst, (const void*)src, bytes); });
     return CUDA_SUCCESS;
 }
-API cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
-    LOCK;
-    drain_all();
-    return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr);
-}
+API cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr); }
 API cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
     LOCK;
     if (CUresult r = check_range("memset", dst, n)) return r;
     enqueue(s, [=] { memset((void*)dst, v, n); });
     return CUDA_SUCCESS;
 }
-API cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
-    LOCK;
-    drain_all();
-    return cuMemsetD8Async(dst, v, n, nullptr);
-}
+API cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
 API cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream s) {
     LOCK;
     if (CUresult r = check_range("memset", dst, n * 4)) return r;
@@ -422,11 +394,7 @@ API cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream s) {
     });
     return CUDA_SUCCESS;
 }
-API cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
-    LOCK;
-    drain_all();
-    return cuMemsetD32Async(dst, v, n, nullptr);
-}
+API cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) { return cuMemsetD32Async(dst, v, n, nullptr); }
 API cuPointerGetAttribute(void* data, int, CUdeviceptr) {
     memset(data, 0, sizeof(void*));
     return CUDA_SUCCESS;

@@ -1,8 +1,8 @@
 // runtime.cpp — runs a kernel's grid on the host, block after block, each CUDA thread a fiber
 // on one OS thread. Fibers switch only at barriers: __syncthreads releases when every thread of the block
-// that has not exited reaches it, a warp-collective operation when every lane of the warp does. Between
-// barriers the threads run one after another in the order SGLP_EMU_ORDER names (forward, the default;
-// reverse; or shuffle:SEED): a kernel whose result depends on that order has a race.
+// that has not exited reaches it, a warp-collective operation when every lane of the warp does. Warps
+// run one after another, each as far as it can, lanes one after another, in the order SGLP_EMU_ORDER
+// names (forward, the default; reverse; or shuffle:SEED): a kernel whose result depends on it has a race.
 #include "runtime.h"
 
 #include <signal.h>
@@ -139,11 +139,10 @@ unsigned char* slot(unsigned parity, int warp, int lane) {
     return &slots[(((size_t)(parity & 1) * warps_in_block + warp) * 32 + lane) * SLOT_BYTES];
 }
 
+// Pending cp.async groups of a thread that ends are dropped when run_block starts the next block.
 void thread_main() {
     (*running_call)();
     current->state = DONE;
-    current->open.clear();
-    current->groups.clear();
     switch_to(&current->ctx, &scheduler);  // never resumed
 }
 
@@ -152,12 +151,14 @@ void yield(State s) {
     switch_to(&current->ctx, &scheduler);
 }
 
-void run_copies(std::vector<Copy>& group) {
-    for (const Copy& c : group) {
-        memcpy(c.dst, c.src, (size_t)c.bytes);
-        memset((char*)c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
-    }
+// One cp.async: `bytes` copied, the rest of the 16 zeroed.
+void run_copy(const Copy& c) {
+    memcpy(c.dst, c.src, (size_t)c.bytes);
+    memset((char*)c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
 }
+
+// Lanes in warp `w` of the running block (the last warp may be partial).
+int lanes_in_warp(int w) { return std::min(32, (int)threads.size() - w * 32); }
 
 std::vector<int> schedule_order(int n, unsigned long long launch_no) {
     std::vector<int> order((size_t)n);
@@ -188,7 +189,7 @@ bool run_block(const std::vector<int>& warp_order, const std::vector<int>& lane_
     }
     for (;;) {
         for (int w : warp_order) {
-            const int lanes = std::min(32, n - w * 32);
+            const int lanes = lanes_in_warp(w);
             for (;;) {
                 for (int l : lane_order) {
                     if (l >= lanes) continue;
@@ -239,7 +240,7 @@ void warp_gather(const void* in, void* all, int bytes) {
     const unsigned parity = current->warp_ops++;
     memcpy(slot(parity, w, l), in, (size_t)bytes);
     yield(AT_WARP);
-    const int lanes = std::min(32, (int)threads.size() - w * 32);
+    const int lanes = lanes_in_warp(w);
     for (int i = 0; i < 32; ++i) {
         if (i < lanes)
             memcpy((char*)all + (size_t)i * bytes, slot(parity, w, i), (size_t)bytes);
@@ -273,8 +274,7 @@ void cp_async(void* dst, const void* src, int bytes) {
         abort();
     }
     if (eager_copies()) {
-        std::vector<Copy> one{{dst, src, bytes}};
-        run_copies(one);
+        run_copy({dst, src, bytes});
         return;
     }
     current->open.push_back({dst, src, bytes});
@@ -288,7 +288,7 @@ void cp_async_commit() {
 void cp_async_wait(int pending) {
     auto& g = current->groups;
     while ((int)g.size() > pending) {
-        run_copies(g.front());
+        for (const Copy& c : g.front()) run_copy(c);
         g.erase(g.begin());
     }
 }

@@ -130,13 +130,6 @@ static bool run(const char* name, unsigned threads, std::vector<void*> params, c
     return ok;
 }
 
-static float bf16_value(unsigned short h) {
-    unsigned u = (unsigned)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 int main() {
     // The eager/lazy choice is read once per process: the cp.async checks that need eager copies run in
     // a child process.
@@ -201,7 +194,7 @@ int main() {
         for (int i = 0; i < 16; ++i)
             for (int j = 0; j < 8; ++j) {
                 double want = 0;
-                for (int k = 0; k < 16; ++k) want += (double)bf16_value(a[i * 16 + k]) * bf16_value(bt[j * 16 + k]);
+                for (int k = 0; k < 16; ++k) want += (double)bf16_bits_to_f32_(a[i * 16 + k]) * bf16_bits_to_f32_(bt[j * 16 + k]);
                 worst = std::max(worst, std::abs(want - c[i * 8 + j]));
             }
         check(worst < 1e-5, "mma.m16n8k16 (bf16) with mma.cuh's fragment layout computes A·B");
