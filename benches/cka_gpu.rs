@@ -288,7 +288,7 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
         // centring of the Grams), for the TFLOP/s.
         let gram_kernels_ms: f64 = kernel_ms_median
             .iter()
-            .filter(|(name, _)| *name == "gram_fma" || name.starts_with("gram_mma"))
+            .filter(|(name, _)| common::gram_product_of_16bit(name).is_some())
             .filter_map(|(_, ms)| ms.as_f64())
             .sum();
         let entry = serde_json::json!({

@@ -179,7 +179,7 @@ impl GramFlops {
         let count = |sixteen: bool| -> f64 {
             layers
                 .iter()
-                .filter(|(_, t)| matches!(t, DType::BF16 | DType::F16) == sixteen)
+                .filter(|(_, t)| t.is_16bit() == sixteen)
                 .map(|&(d, _)| (rows * rows * d * 2) as f64)
                 .sum()
         };
@@ -190,11 +190,8 @@ impl GramFlops {
     }
 
     fn of_kernel(&self, kernel: &str) -> Option<f64> {
-        match kernel {
-            "gram_fma" => Some(self.fma),
-            "gram_mma" | "gram_mma_pipelined" => Some(self.mma),
-            _ => None,
-        }
+        common::gram_product_of_16bit(kernel)
+            .map(|sixteen| if sixteen { self.mma } else { self.fma })
     }
 }
 

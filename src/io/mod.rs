@@ -30,6 +30,11 @@ pub enum DType {
 }
 
 impl DType {
+    /// f16 or bf16: the layers a GPU's Gram takes on tensor cores (as f16 of the centred values).
+    pub fn is_16bit(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16)
+    }
+
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,

@@ -473,12 +473,10 @@ impl CkaAccumulator {
         // 16-bit layers on the GPU's Gram route reach the tensor cores as f16 of the centred values
         // (~2.4e-4 relative each): over a few samples per batch those roundings do not average out
         // (README, GPU precision; tests/cuda_backend.rs, sixteen_bit_and_mixed_dtypes).
-        let sixteen =
-            |m: &LayerMeta| matches!(m.dtype, crate::io::DType::BF16 | crate::io::DType::F16);
         if backend.as_cuda().is_some()
             && self.route == Route::Gram
             && batch_size < 32
-            && self.layers.iter().any(sixteen)
+            && self.layers.iter().any(|m| m.dtype.is_16bit())
         {
             warnings.push(format!(
                 "16-bit layers on the GPU go through f16 tensor cores: with {batch_size} samples per batch \

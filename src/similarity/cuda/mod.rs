@@ -442,10 +442,6 @@ fn dtype_code(d: DType) -> u64 {
     }
 }
 
-fn is_16bit(d: DType) -> bool {
-    matches!(d, DType::F16 | DType::BF16)
-}
-
 fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (x.max(1) as u32, y.max(1) as u32, z.max(1) as u32),
@@ -1358,7 +1354,7 @@ fn layer_tables(batch: Input<'_>, chunks: &[plan::Chunk]) -> (Vec<u64>, Vec<Chun
             let (mut count, mut widest) = (0, 0);
             for (k, l) in (ch.start..ch.end).enumerate() {
                 let (cols, dtype) = batch.layer(l);
-                if is_16bit(dtype) == sixteen {
+                if dtype.is_16bit() == sixteen {
                     descs.extend([
                         ch.offsets[k] as u64,
                         (k * nn) as u64,

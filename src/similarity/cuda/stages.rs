@@ -16,7 +16,7 @@
 
 use super::super::backend::{Estimator, Kernel};
 use super::super::cpu;
-use super::{is_16bit, plan, CuResult, CudaBackend, Input};
+use super::{plan, CuResult, CudaBackend, Input};
 use crate::error::{Error, Result};
 use crate::io::{BatchRef, DType};
 use half::f16;
@@ -267,7 +267,7 @@ pub fn check_stages(
         (true, "column_centre, column_to_f16", "gram_mma"),
     ] {
         let layers: Vec<usize> = (0..batch.layers.len())
-            .filter(|&y| is_16bit(batch.layers[y].dtype) == sixteen)
+            .filter(|&y| batch.layers[y].dtype.is_16bit() == sixteen)
             .collect();
         if layers.is_empty() {
             continue;
