@@ -33,7 +33,7 @@ struct Workload {
 }
 
 fn workloads() -> Vec<Workload> {
-    if std::env::var("SGLP_BENCH_SMOKE").as_deref() == Ok("1") {
+    if common::smoke() {
         return smoke_workloads();
     }
     let resnet: Vec<usize> = std::iter::repeat_n(16384, 10)

@@ -81,9 +81,7 @@ fn main() {
     println!("runtime_gpu on {}", dev.name());
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut failed = false;
-    // `SGLP_BENCH_SMOKE=1`: small shapes through the same code (a plumbing check, e.g. on the GPU
-    // emulator; the timings mean nothing there).
-    let smoke = std::env::var("SGLP_BENCH_SMOKE").as_deref() == Ok("1");
+    let smoke = common::smoke();
     let n = if smoke { 160 } else { 4096 }; // 8 sequences × 512 tokens
     let sample: Vec<usize> = vec![0, 1, 127, 128, n / 2 + 1, n - 1];
     let linear_shapes: &[(&str, usize, usize)] = if smoke {

@@ -10,6 +10,13 @@ pub fn no_gpu(bench: &str, why: impl std::fmt::Display) {
     println!("{bench}: skipped, no usable GPU ({why})");
 }
 
+/// `SGLP_BENCH_SMOKE=1`: small shapes through the same code (a plumbing check, e.g. on the GPU emulator;
+/// the timings mean nothing there).
+#[allow(dead_code)] // cka_kernels has no smoke mode
+pub fn smoke() -> bool {
+    std::env::var("SGLP_BENCH_SMOKE").as_deref() == Ok("1")
+}
+
 /// The similarity kernels that compute Gram products, and which layers each takes: `Some(true)` for the
 /// tensor-core ones (`gram_mma`, `gram_mma_pipelined`: the 16-bit layers), `Some(false)` for `gram_fma`
 /// (f32 and f64 layers), `None` for every other kernel (`gram_row_sums` belongs to the centring). For the
