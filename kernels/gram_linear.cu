@@ -10,21 +10,39 @@
 //           `as_f16`: read every layer as f16 whatever its table says (after column_to_f16 rewrote
 //           them, see centre_columns.cu).
 //
-// grid = (T(T+1)/2, layers), T = ⌈n / tile⌉; output K + desc.out_off, row-major n × n.
+// grid = (T(T+1)/2, layers, splits), T = ⌈n / tile⌉; output K + desc.out_off, row-major n × n.
 // Cost per layer: n²·d multiply-adds over the lower triangle (n²·d·2 FLOPs for the full product, about
 // half computed); reads n·d inputs per tile row (re-read T times, from L2), writes n² f32.
+//
+// Split-K (grid.z = splits > 1, when a launch has too few tiles to fill the GPU: a few wide layers of a
+// small batch): split z sums features [z·kc, (z+1)·kc) of each layer, kc = split_depth(d, splits), and
+// writes plane z, at K + desc.out_off + z·plane. gram_reduce_splits then adds planes 1.. into plane 0 in
+// order: no atomics, so the same shape on the same GPU gives the same bits.
 #include "mma.cuh"
+
+// Features per split: ⌈d / splits⌉ rounded up to 32 (a whole number of both kernels' steps, FK and MK, so
+// only the last split's last step reaches d, and the `< d` bounds of the staging stay exact).
+__device__ __forceinline__ int split_depth(int d, int splits) { return ((d + splits - 1) / splits + 31) & ~31; }
+
+// The feature range [*k0, *k1) of split blockIdx.z of a d-wide layer (empty when d is narrow).
+__device__ __forceinline__ void split_range(int d, int* k0, int* k1) {
+    const int kc = split_depth(d, gridDim.z);
+    *k0 = min(d, (int)blockIdx.z * kc);
+    *k1 = min(d, *k0 + kc);
+}
 
 // ---------------------------------------------------------------- f32 / f64 inputs: FMA path
 #define FM 64
 #define FK 16
 
 extern "C" __global__ void __launch_bounds__(256)
-gram_fma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
+gram_fma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n, u64 plane,
          float* __restrict__ K) {
     const LayerDesc L = layers[blockIdx.y];
     const unsigned char* x = in + L.in_off;
     const int d = L.cols, dt = L.dtype;
+    int kb, ke;
+    split_range(d, &kb, &ke);
     int bi, bj;
     tri_tile(blockIdx.x, &bi, &bj);
     const int i0 = bi * FM, j0 = bj * FM;
@@ -37,7 +55,7 @@ gram_fma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ lay
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
 
-    for (int k0 = 0; k0 < d; k0 += FK) {
+    for (int k0 = kb; k0 < ke; k0 += FK) {
         // Stage 64 rows × 16 features of each side, transposed (feature-major), as f32.
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -59,7 +77,7 @@ gram_fma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ lay
         }
         __syncthreads();
     }
-    float* k_out = K + L.out_off;
+    float* k_out = K + L.out_off + blockIdx.z * plane;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const int gi = i0 + ty * 4 + r;
@@ -117,16 +135,18 @@ __device__ __forceinline__ void store_mma_tile(float (*acc)[8][4], int n, int bi
             }
 }
 
+// Features [kb, ke) of tile (bi, bj); kb a multiple of MK, ke = d or a multiple of MK (split_range).
 template <int DT>
-__device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int bi, int bj, bool vec,
-                              u16 (*As)[MK + MPAD], u16 (*Bs)[MK + MPAD], float* __restrict__ k_out) {
+__device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int kb, int ke, int bi, int bj,
+                              bool vec, u16 (*As)[MK + MPAD], u16 (*Bs)[MK + MPAD],
+                              float* __restrict__ k_out) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp & 3, wn = warp >> 2;  // warp tile: rows wm*32.., cols wn*64..
     const int g = lane >> 2, t = lane & 3;
     const int i0 = bi * MM, j0 = bj * MM;
     float acc[2][8][4];
     zero_acc(acc);
-    for (int k0 = 0; k0 < d; k0 += MK) {
+    for (int k0 = kb; k0 < ke; k0 += MK) {
         stage_rows_u16(As, x, n, d, i0, k0, vec, tid);
         stage_rows_u16(Bs, x, n, d, j0, k0, vec, tid);
         __syncthreads();
@@ -138,18 +158,20 @@ __device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int bi, i
 
 extern "C" __global__ void __launch_bounds__(256)
 gram_mma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
-         int as_f16, float* __restrict__ K) {
+         int as_f16, u64 plane, float* __restrict__ K) {
     __shared__ __align__(16) u16 As[MM][MK + MPAD];
     __shared__ __align__(16) u16 Bs[MM][MK + MPAD];
     const LayerDesc L = layers[blockIdx.y];
     const u16* x = (const u16*)(in + L.in_off);
-    int bi, bj;
+    int bi, bj, kb, ke;
     tri_tile(blockIdx.x, &bi, &bj);
+    split_range(L.cols, &kb, &ke);
     const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
+    float* k_out = K + L.out_off + blockIdx.z * plane;
     if (L.dtype == DT_BF16 && !as_f16)
-        gram_mma_tile<DT_BF16>(x, n, L.cols, bi, bj, vec, As, Bs, K + L.out_off);
+        gram_mma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, vec, As, Bs, k_out);
     else
-        gram_mma_tile<DT_F16>(x, n, L.cols, bi, bj, vec, As, Bs, K + L.out_off);
+        gram_mma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, vec, As, Bs, k_out);
 }
 
 // ---------------------------------------------------------------- gram_mma_pipelined (candidate)
@@ -176,8 +198,8 @@ __device__ __forceinline__ void stage_rows_async(u16 (*S)[MK + MPAD], const u16*
 }
 
 template <int DT>
-__device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d, int bi, int bj,
-                                        u16 (*As)[MM][MK + MPAD], u16 (*Bs)[MM][MK + MPAD],
+__device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d, int kb, int ke, int bi,
+                                        int bj, u16 (*As)[MM][MK + MPAD], u16 (*Bs)[MM][MK + MPAD],
                                         float* __restrict__ k_out) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp & 3, wn = warp >> 2;
@@ -185,9 +207,13 @@ __device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d,
     const int i0 = bi * MM, j0 = bj * MM;
     float acc[2][8][4];
     zero_acc(acc);
-    const int steps = (d + MK - 1) / MK;
-    stage_rows_async(As[0], x, n, d, i0, 0, tid);
-    stage_rows_async(Bs[0], x, n, d, j0, 0, tid);
+    const int steps = (ke - kb + MK - 1) / MK;
+    if (steps == 0) {  // a split past this layer's width: its plane gets zeros
+        store_mma_tile(acc, n, bi, bj, wm, wn, g, t, k_out);
+        return;
+    }
+    stage_rows_async(As[0], x, n, d, i0, kb, tid);
+    stage_rows_async(Bs[0], x, n, d, j0, kb, tid);
     cp_async_commit();
     // ldmatrix lane addresses: A — row (lane & 15), feature half (lane >> 4); B — two 8-row (sample)
     // groups, row (lane & 7) + 8·(lane >> 4), feature half ((lane >> 3) & 1).
@@ -196,8 +222,8 @@ __device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d,
     for (int s = 0; s < steps; ++s) {
         const int cur = s & 1;
         if (s + 1 < steps) {
-            stage_rows_async(As[cur ^ 1], x, n, d, i0, (s + 1) * MK, tid);
-            stage_rows_async(Bs[cur ^ 1], x, n, d, j0, (s + 1) * MK, tid);
+            stage_rows_async(As[cur ^ 1], x, n, d, i0, kb + (s + 1) * MK, tid);
+            stage_rows_async(Bs[cur ^ 1], x, n, d, j0, kb + (s + 1) * MK, tid);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -228,24 +254,38 @@ __device__ void gram_mma_pipelined_tile(const u16* __restrict__ x, int n, int d,
 
 extern "C" __global__ void __launch_bounds__(256)
 gram_mma_pipelined(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
-                   int as_f16, float* __restrict__ K) {
+                   int as_f16, u64 plane, float* __restrict__ K) {
     __shared__ __align__(16) u16 As[2][MM][MK + MPAD];
     __shared__ __align__(16) u16 Bs[2][MM][MK + MPAD];
     const LayerDesc L = layers[blockIdx.y];
     const u16* x = (const u16*)(in + L.in_off);
-    int bi, bj;
+    int bi, bj, kb, ke;
     tri_tile(blockIdx.x, &bi, &bj);
+    split_range(L.cols, &kb, &ke);
     const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
     const bool bf = L.dtype == DT_BF16 && !as_f16;
+    float* k_out = K + L.out_off + blockIdx.z * plane;
     if (!vec) {
         // Unaligned rows: gram_mma's register-staged path, on the first stage's buffers.
         if (bf)
-            gram_mma_tile<DT_BF16>(x, n, L.cols, bi, bj, false, As[0], Bs[0], K + L.out_off);
+            gram_mma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, false, As[0], Bs[0], k_out);
         else
-            gram_mma_tile<DT_F16>(x, n, L.cols, bi, bj, false, As[0], Bs[0], K + L.out_off);
+            gram_mma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, false, As[0], Bs[0], k_out);
     } else if (bf) {
-        gram_mma_pipelined_tile<DT_BF16>(x, n, L.cols, bi, bj, As, Bs, K + L.out_off);
+        gram_mma_pipelined_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, As, Bs, k_out);
     } else {
-        gram_mma_pipelined_tile<DT_F16>(x, n, L.cols, bi, bj, As, Bs, K + L.out_off);
+        gram_mma_pipelined_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, As, Bs, k_out);
     }
+}
+
+// ---------------------------------------------------------------- split-K reduction
+// gram_reduce_splits — K[e] = (…(K[e] + K[plane + e]) + …) + K[(splits−1)·plane + e] for e < plane: the
+// split planes of a launch added into plane 0, in split order (deterministic). grid ⌈plane / 256⌉.
+extern "C" __global__ void __launch_bounds__(256)
+gram_reduce_splits(float* __restrict__ K, u64 plane, int splits) {
+    const u64 e = (u64)blockIdx.x * 256 + threadIdx.x;
+    if (e >= plane) return;
+    float s = K[e];
+    for (int z = 1; z < splits; ++z) s += K[(u64)z * plane + e];
+    K[e] = s;
 }

@@ -587,6 +587,74 @@ fn pipelined_gram_kernel_matches_the_cpu() {
     }
 }
 
+/// Split-K Gram launches (kernels/gram_linear.cu): fixed factors on every dtype, both tensor-core
+/// kernels, batches of one tile and of several (mirrored tiles), layers narrower than a split (empty
+/// splits write zero planes), linear and RBF; then the factor the backend picks by itself for a few wide
+/// layers of a small batch (a launch of 2 tiles), which must split, match the CPU and repeat bit for bit.
+#[test]
+fn split_k_gram_launches_match_the_cpu_and_repeat_bit_for_bit() {
+    use sglp_engine::similarity::cuda::GramKernel;
+    let Some(mut gpu) = gpu_or_skip() else { return };
+    let seed: u64 = rand::rng().random();
+    let layers = [
+        (300, DType::BF16),
+        (520, DType::F32),
+        (33, DType::F16),
+        (8, DType::F64),
+        (64, DType::F16),
+    ];
+    for gram in [GramKernel::Mma, GramKernel::MmaPipelined] {
+        gpu.set_gram_kernel(gram);
+        for (i, (rows, splits)) in [(37usize, 2usize), (150, 3), (37, 5)]
+            .into_iter()
+            .enumerate()
+        {
+            gpu.set_gram_splits(Some(splits));
+            let batch = random_batch(seed + i as u64, rows, &layers);
+            for (est, kernel) in [
+                (Estimator::Unbiased, Kernel::Linear),
+                (Estimator::Biased, Kernel::Rbf { threshold: 1.0 }),
+            ] {
+                check(
+                    &mut gpu,
+                    &batch,
+                    est,
+                    kernel,
+                    1e-4,
+                    &format!("{gram:?}, {splits} splits, n = {rows}, {est:?} {kernel:?}"),
+                );
+            }
+        }
+    }
+    gpu.set_gram_kernel(GramKernel::Mma);
+    gpu.set_gram_splits(None);
+
+    // Chosen by the backend: 2 layers of one tile each, 4,096 and 2,048 features deep.
+    let batch = random_batch(seed ^ 1, 40, &[(4096, DType::BF16), (2048, DType::F32)]);
+    gpu.set_profiling(true);
+    let first = gpu
+        .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
+        .unwrap();
+    let names: Vec<&str> = gpu.last_kernel_times().iter().map(|k| k.kernel).collect();
+    assert!(
+        names.contains(&"gram_reduce_splits"),
+        "no split-K: {names:?}"
+    );
+    gpu.set_profiling(false);
+    let again = gpu
+        .batch_hsic(&batch.as_ref(), Estimator::Unbiased, Kernel::Linear)
+        .unwrap();
+    assert_same_bits(&first, &again, "split-K Grams, two runs");
+    check(
+        &mut gpu,
+        &batch,
+        Estimator::Unbiased,
+        Kernel::Linear,
+        1e-4,
+        "automatic split-K",
+    );
+}
+
 /// Activations already on the GPU (`submit_device`): the same bits as the same batch from host memory
 /// (the slots hold the same bytes either way and the kernels are deterministic), row slices included, and
 /// the caller's device memory is left as it was (the kernels centre the slot copy, not the input).

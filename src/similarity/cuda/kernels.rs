@@ -400,9 +400,11 @@ signatures! {
     /// column_to_f16
     ColumnToF16(input: Out<u8>, layers: In<LayerDescWords>, n: i32, col_scale: Out<u32>);
     /// gram_fma
-    GramFma(input: In<u8>, layers: In<LayerDescWords>, n: i32, k: Out<f32>);
+    GramFma(input: In<u8>, layers: In<LayerDescWords>, n: i32, plane: u64, k: Out<f32>);
     /// gram_mma, gram_mma_pipelined
-    GramMma(input: In<u8>, layers: In<LayerDescWords>, n: i32, as_f16: i32, k: Out<f32>);
+    GramMma(input: In<u8>, layers: In<LayerDescWords>, n: i32, as_f16: i32, plane: u64, k: Out<f32>);
+    /// gram_reduce_splits
+    GramReduceSplits(k: Out<f32>, plane: u64, splits: i32);
     /// gram_row_sums
     GramRowSums(k: In<f32>, n: i32, zero_diag: i32, rowsum: Out<f64>);
     /// centre_offsets
@@ -504,7 +506,12 @@ kernel_table! {
     /// The similarity stage's kernels.
     pub struct CkaKernels {
         "centre_columns.cu" => { column_centre: ColumnCentre, column_to_f16: ColumnToF16 }
-        "gram_linear.cu" => { gram_fma: GramFma, gram_mma: GramMma, gram_mma_pipelined: GramMma }
+        "gram_linear.cu" => {
+            gram_fma: GramFma,
+            gram_mma: GramMma,
+            gram_mma_pipelined: GramMma,
+            gram_reduce_splits: GramReduceSplits,
+        }
         "gram_centre.cu" => {
             gram_row_sums: GramRowSums,
             centre_offsets: CentreOffsets,

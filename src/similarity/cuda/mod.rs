@@ -9,7 +9,8 @@
 //! 2. per chunk, the batch's column means are subtracted in place (f64 sums; 16-bit layers become f16
 //!    scaled by a power of two, kernels/centre_columns.cu: large-mean LLM activations keep their digits),
 //!    then one launch computes the Grams of all its f32/f64 layers (FMA) and one those of its
-//!    16-bit layers (tensor cores), then (RBF) distances, an exact radix-select median and exp, then
+//!    16-bit layers (tensor cores), split over the features when their tiles alone would leave SMs idle
+//!    ([`plan::gram_splits`]; the planes are added in order), then (RBF) distances, an exact radix-select median and exp, then
 //!    the centring (double or U) packs each Gram's lower triangle into a row of G (L × n(n+1)/2 f32);
 //! 3. all pairs are one split-K product G·Gᵀ with f32 tiles reduced into f64 planes, one per split,
 //!    summed in order (no atomics: the same input gives the same bits);
@@ -277,6 +278,8 @@ pub struct CudaBackend {
     budget_cap: Option<usize>,
     /// Which kernel forms the 16-bit Grams.
     gram_kernel: GramKernel,
+    /// A fixed split-K factor of the Gram launches ([`CudaBackend::set_gram_splits`]).
+    gram_splits: Option<usize>,
     /// The pinned/device upload slot the next chunk goes to (alternating across chunks and batches).
     next_slot: usize,
     /// Device-resident sums of [`Backend::submit`], by [`HsicSum`] slot, each with its per-layer
@@ -405,7 +408,7 @@ impl GramKernel {
 /// `batch_hsic` call (uploads and synchronisation included).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StageTimes {
-    /// The column centring and the Gram products (gram_fma / gram_mma).
+    /// The column centring and the Gram products (gram_fma / gram_mma, and their split-K reduction).
     pub gram_ms: f64,
     /// RBF (when used) and centring/packing.
     pub centre_ms: f64,
@@ -421,7 +424,7 @@ impl StageTimes {
         for k in times {
             let stage = match k.kernel {
                 "column_centre" | "column_to_f16" | "gram_fma" | "gram_mma"
-                | "gram_mma_pipelined" => &mut t.gram_ms,
+                | "gram_mma_pipelined" | "gram_reduce_splits" => &mut t.gram_ms,
                 "hsic_pairs" | "hsic_reduce_splits" => &mut t.pairs_ms,
                 // RBF and the centring.
                 _ => &mut t.centre_ms,
@@ -487,6 +490,10 @@ impl CudaBackend {
             budget_cap: None,
             next_slot: 0,
             gram_kernel: GramKernel::from_env(),
+            gram_splits: std::env::var("SGLP_GRAM_SPLITS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&s: &usize| s >= 1),
             sums: Vec::new(),
             nonfinite: None,
             locked: Vec::new(),
@@ -537,6 +544,13 @@ impl CudaBackend {
     /// Choose the 16-bit Gram kernel (see [`GramKernel`]).
     pub fn set_gram_kernel(&mut self, kernel: GramKernel) {
         self.gram_kernel = kernel;
+    }
+
+    /// Fix the split-K factor of every Gram launch (`None`: [`plan::gram_splits`] chooses per launch;
+    /// the environment's `SGLP_GRAM_SPLITS` sets it at start-up), capped by the scratch room for split
+    /// planes. For tests and benchmarks.
+    pub fn set_gram_splits(&mut self, splits: Option<usize>) {
+        self.gram_splits = splits.map(|s| s.max(1));
     }
 
     /// Device memory in use on this GPU (all processes: total − free), for memory benchmarks.
@@ -1054,6 +1068,10 @@ impl CudaBackend {
         let n_i = n as i32;
         let (first, n_fma, n_mma) = (span.first, span.n_fma, span.n_mma);
         let layer0 = span.layer0 as i32;
+        // Split-K (kernels/gram_linear.cu): plane z of the chunk's Grams is scratch slots z·nl.. .
+        let nl = n_fma + n_mma;
+        let splits = self.gram_splits_for(n, span, ws.plan.gram_layers / nl);
+        let plane = (nl * n * n) as u64;
         let (flags, first_sample) = self
             .nonfinite
             .as_mut()
@@ -1064,7 +1082,8 @@ impl CudaBackend {
         self.compute
             .memset_zeros(&mut ws.col_scale)
             .cu("clearing the column scales")?;
-        // SAFETY: the table slices hold 3 words per layer of the launch; buffers sized by the plan.
+        // SAFETY: the table slices hold 3 words per layer of the launch; buffers sized by the plan, the
+        // Gram scratch holding gram_layers ≥ splits·nl Grams.
         unsafe {
             self.k.column_centre.launch(
                 &self.compute,
@@ -1091,10 +1110,11 @@ impl CudaBackend {
                 let table = descs.slice(first * 3..(first + n_fma) * 3);
                 self.k.gram_fma.launch(
                     &self.compute,
-                    grid(tri(n.div_ceil(64)), n_fma, 1, 256),
+                    grid(tri(n.div_ceil(64)), n_fma, splits, 256),
                     &ws.dev_in[slot],
                     &table,
                     n_i,
+                    plane,
                     &mut ws.gram,
                 )?;
             }
@@ -1107,16 +1127,45 @@ impl CudaBackend {
                 };
                 f.launch(
                     &self.compute,
-                    grid(tri(n.div_ceil(128)), n_mma, 1, 256),
+                    grid(tri(n.div_ceil(128)), n_mma, splits, 256),
                     &ws.dev_in[slot],
                     &sixteen,
                     n_i,
                     as_f16,
+                    plane,
                     &mut ws.gram,
+                )?;
+            }
+            if splits > 1 {
+                self.k.gram_reduce_splits.launch(
+                    &self.compute,
+                    grid((plane as usize).div_ceil(256), 1, 1, 256),
+                    &mut ws.gram,
+                    plane,
+                    splits as i32,
                 )?;
             }
         }
         ws.consumed[slot].record(&self.compute).cu("event record")
+    }
+
+    /// The split-K factor of a chunk's Gram launches (one for both, so they share the planes): what the
+    /// worse-filled launch needs ([`plan::gram_splits`]), or the fixed factor, within `planes`.
+    fn gram_splits_for(&self, n: usize, span: ChunkSpan, planes: usize) -> usize {
+        if let Some(s) = self.gram_splits {
+            return s.min(planes).max(1);
+        }
+        let launches = [
+            (span.n_fma, tri(n.div_ceil(64))),
+            (span.n_mma, tri(n.div_ceil(128))),
+        ];
+        let blocks = launches
+            .iter()
+            .filter(|(layers, _)| *layers > 0)
+            .map(|(layers, tiles)| layers * tiles)
+            .min()
+            .unwrap_or(0);
+        plan::gram_splits(self.sms, blocks, span.max_cols, planes)
     }
 
     /// Step 3b: the `nl` Grams in the scratch become (RBF kernels, then) centred, packed rows of G

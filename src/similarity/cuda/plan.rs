@@ -18,6 +18,16 @@ use crate::error::{Error, Result};
 const STAGE_TARGET: usize = 64 << 20;
 /// At most this many layers' Grams in the scratch at once.
 const MAX_GRAM_LAYERS: usize = 32;
+/// Gram scratch slots kept for split-K planes (see [`gram_splits`]) when a batch is small enough for a
+/// launch to run short of tiles (n ≤ [`SPLIT_K_MAX_N`]), even with fewer layers than this.
+const SPLIT_K_SLOTS: usize = 16;
+/// Above this batch size one layer has ≥ 136 tensor-core tiles: launches fill a GPU without split-K.
+const SPLIT_K_MAX_N: usize = 2048;
+/// Split-K aims at this many blocks per SM in a Gram launch.
+const SPLIT_K_BLOCKS_PER_SM: usize = 2;
+/// Each split sums at least this many features (the reduction's pass over the planes stays small next
+/// to the products).
+const SPLIT_K_MIN_DEPTH: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -58,6 +68,23 @@ impl MemoryPlan {
 /// reproducible bits): up to 256, within 4 MiB and a sixteenth of the budget.
 pub fn pair_splits(layers: usize, budget: usize) -> usize {
     ((4usize << 20).min(budget / 16) / (layers * layers * 8).max(1)).clamp(1, 256)
+}
+
+/// Split-K factor of a Gram launch of `blocks` tiles over layers at most `max_cols` wide, on a GPU of
+/// `sms` multiprocessors, with room for `planes` copies of the launch's Grams in the scratch: 1 when the
+/// tiles fill the GPU, else enough splits for about 2 blocks per SM, each at least 1,024 features deep.
+/// A few wide layers of a small batch (ResNet-like: 2 layers of 16,384 features, b = 500, give 72 FMA
+/// tiles) otherwise leave most SMs idle.
+pub fn gram_splits(sms: usize, blocks: usize, max_cols: usize, planes: usize) -> usize {
+    let target = SPLIT_K_BLOCKS_PER_SM * sms;
+    if blocks == 0 || blocks >= target {
+        return 1;
+    }
+    target
+        .div_ceil(blocks)
+        .min(max_cols / SPLIT_K_MIN_DEPTH)
+        .min(planes)
+        .max(1)
 }
 
 /// Packed lower triangle length.
@@ -201,7 +228,8 @@ fn plan_exact(n: usize, row_bytes: &[usize], budget: usize) -> Option<MemoryPlan
     let base = device_bytes(n, l, stage, 0, 0, splits);
     let per_gram = device_bytes(n, l, stage, 1, 0, splits) - base;
     let left = budget - base;
-    let want_gram = l.min(MAX_GRAM_LAYERS);
+    let split_room = if n <= SPLIT_K_MAX_N { SPLIT_K_SLOTS } else { 1 };
+    let want_gram = l.min(MAX_GRAM_LAYERS).max(split_room);
     let gram_layers = (left / 4 / per_gram).clamp(1, want_gram);
     let after_gram = budget - device_bytes(n, l, stage, gram_layers, 0, splits);
     let (g_rows, layer_block) = if l * p4 <= after_gram {
@@ -338,6 +366,26 @@ mod tests {
         assert_eq!(device_bytes(n, l, stage, gl, g_rows, 7), by_hand);
         let p = plan(n, &vec![4096; l], 1 << 30).unwrap();
         assert_eq!(p.buffers(l).device_bytes(), p.device_bytes);
+    }
+
+    #[test]
+    fn split_k_only_where_tiles_run_short() {
+        // Enough tiles: no split.
+        assert_eq!(gram_splits(132, 288, 4096, 16), 1);
+        assert_eq!(gram_splits(132, 264, 65536, 16), 1);
+        // ResNet-like chunk: 72 FMA tiles of 16,384 features → ⌈264 / 72⌉ = 4 splits.
+        assert_eq!(gram_splits(132, 72, 16384, 16), 4);
+        // One tile of a 4,096-wide layer: depth allows 4; planes cap at 2.
+        assert_eq!(gram_splits(132, 1, 4096, 16), 4);
+        assert_eq!(gram_splits(132, 1, 4096, 2), 2);
+        // Too shallow to split.
+        assert_eq!(gram_splits(132, 1, 1000, 16), 1);
+        assert_eq!(gram_splits(132, 0, 4096, 16), 1);
+        // A small batch plans scratch room for the planes, a large one does not.
+        let p = plan(500, &[16384 * 4; 2], 8 << 30).unwrap();
+        assert_eq!(p.gram_layers, SPLIT_K_SLOTS);
+        let p = plan(4096, &[4096 * 2; 2], 8 << 30).unwrap();
+        assert_eq!(p.gram_layers, 2);
     }
 
     #[test]
