@@ -10,7 +10,8 @@
 //! CUDA events per kernel and per stage and writes medians and totals as JSON (what scripts/bench_gpu.py
 //! reads), after validating each workload's first batch against the CPU backend (max |ΔCKA| and the
 //! relative HSIC difference go into the JSON; over 1e-4 is reported on stderr). `SGLP_BENCH_SMOKE=1`
-//! shrinks both workloads to a few small layers (a plumbing check, e.g. on the GPU emulator).
+//! shrinks both workloads to a few small layers (a plumbing check, e.g. on the GPU emulator);
+//! `SGLP_BENCH_WORKLOADS=resnet_like` (comma-separated names) runs only those.
 
 mod common;
 
@@ -32,10 +33,23 @@ struct Workload {
     batches: usize,
 }
 
+/// The workloads to run: all, or those `SGLP_BENCH_WORKLOADS` names (comma-separated).
 fn workloads() -> Vec<Workload> {
-    if common::smoke() {
-        return smoke_workloads();
+    let all = if common::smoke() {
+        smoke_workloads()
+    } else {
+        full_workloads()
+    };
+    match std::env::var("SGLP_BENCH_WORKLOADS") {
+        Ok(names) => all
+            .into_iter()
+            .filter(|w| names.split(',').any(|n| n.trim() == w.name))
+            .collect(),
+        Err(_) => all,
     }
+}
+
+fn full_workloads() -> Vec<Workload> {
     let resnet: Vec<usize> = std::iter::repeat_n(16384, 10)
         .chain(std::iter::repeat_n(8192, 9))
         .chain(std::iter::repeat_n(4096, 9))
@@ -285,10 +299,13 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
         let plan = gpu.memory_plan().expect("planned").clone();
         let gram_ms = median(&mut gram);
         // The Gram products alone (the stage also centres the columns; gram_row_sums belongs to the
-        // centring of the Grams), for the TFLOP/s.
+        // centring of the Grams), with split-K's reduction of their planes, for the TFLOP/s.
         let gram_kernels_ms: f64 = kernel_ms_median
             .iter()
-            .filter(|(name, _)| common::gram_product_of_16bit(name).is_some())
+            .filter(|(name, _)| {
+                common::gram_product_of_16bit(name).is_some()
+                    || name.as_str() == "gram_reduce_splits"
+            })
             .filter_map(|(_, ms)| ms.as_f64())
             .sum();
         let entry = serde_json::json!({

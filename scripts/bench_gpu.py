@@ -7,7 +7,8 @@ Workloads (unbiased linear CKA, all layer pairs):
 
 Contenders:
   engine      the bench binary (benches/cka_gpu.rs, SGLP_BENCH_JSON mode): per batch, uploads from host
-              memory included, stage times from CUDA events;
+              memory included, stage times from CUDA events; engine_pipelined with the candidate
+              tensor-core Gram kernel, engine_no_split_k (ResNet-like only) without split-K Grams;
   torch_loop  (a) a per-pair loop as the popular PyTorch CKA tools do it (torch_cka / anatome style): for
               every pair (i, j) both Grams are formed and three HSIC terms computed, float32;
   torch_batch (b) the batched formulation: U-centred Grams of all layers stacked, one matmul for all pairs
@@ -63,14 +64,29 @@ def per_batch_entry(e):
     )
 
 
-def run_engine(out_dir, bench_exe=None, gram_kernel=None):
-    """Run the bench binary in JSON mode; returns {workload: entry}. `gram_kernel`: "pipelined" selects
-    the candidate tensor-core Gram kernel (SGLP_GRAM_KERNEL), written to engine_pipelined.json/.log."""
-    stem = "engine" if gram_kernel is None else f"engine_{gram_kernel}"
+# Engine variants besides the default, each a run of the bench binary with these environment settings:
+# the candidate tensor-core Gram kernel, and split-K switched off on the workload it is for (ResNet-like:
+# 2 layers of 16,384 features per upload chunk, 72 Gram tiles, split 4 ways by default on 132 SMs).
+ENGINE_VARIANTS = {
+    "pipelined": dict(SGLP_GRAM_KERNEL="pipelined"),
+    "no_split_k": dict(SGLP_GRAM_SPLITS="1", SGLP_BENCH_WORKLOADS="resnet_like"),
+}
+
+
+def run_engine(out_dir, bench_exe=None, variant=None):
+    """Run the bench binary in JSON mode; returns {workload: entry}. The default run writes engine.json and
+    engine.log into `out_dir`; a `variant` (a key of ENGINE_VARIANTS) writes engine_<variant>.json/.log
+    into a temporary folder (the device tool returns at most 8 files; bench_gpu.json holds its timings,
+    and a failure's output is printed)."""
+    stem = "engine" if variant is None else f"engine_{variant}"
+    if variant is not None:
+        import tempfile
+        out_dir = os.path.join(tempfile.gettempdir(), "sglp-engine-variants")
+        os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, stem + ".json")
     env = dict(os.environ, SGLP_BENCH_JSON=os.path.abspath(path))
-    if gram_kernel is not None:
-        env["SGLP_GRAM_KERNEL"] = gram_kernel
+    if variant is not None:
+        env.update(ENGINE_VARIANTS[variant])
     cmd = engine_command(bench_exe)
     print("+", " ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -237,26 +253,27 @@ def main():
     others = total - free
     errors = {}
 
-    def engine_run(gram_kernel=None):
+    def engine_run(variant=None):
         # A failing engine (the candidate kernel above all) is recorded: the PyTorch contenders still run.
         if args.skip_engine:
             return {}
         try:
-            return run_engine(args.out, args.engine_bench, gram_kernel)
+            return run_engine(args.out, args.engine_bench, variant)
         except (RuntimeError, OSError) as e:
-            errors["engine" if gram_kernel is None else f"engine_{gram_kernel}"] = str(e)
+            errors["engine" if variant is None else f"engine_{variant}"] = str(e)
             return {}
 
     engine = engine_run()
-    engine_pl = engine_run("pipelined")
+    variants = {v: engine_run(v) for v in ENGINE_VARIANTS}
     report = dict(device=dev, bf16_matmul_tflops=peak_bf16, workloads={}, errors=errors)
     for name, spec in WORKLOADS.items():
         gram_flops = sum(spec["rows"] ** 2 * d * 2 for d in spec["widths"])
         t = bench_torch(torch, name, spec, args.loop_batches)
         entry = dict(gram_flops_per_batch=gram_flops, **t)
         entry["torch_batch"]["gram_tflops"] = gram_flops / (t["torch_batch"]["gram_ms_median"] * 1e-3) / 1e12
-        if name in engine_pl:
-            entry["engine_pipelined"] = per_batch_entry(engine_pl[name])
+        for v, runs in variants.items():
+            if name in runs:
+                entry[f"engine_{v}"] = per_batch_entry(runs[name])
         if name in engine:
             e = engine[name]
             entry["engine"] = per_batch_entry(e)
@@ -299,7 +316,7 @@ def main():
     print(hdr)
     for name, entry in report["workloads"].items():
         base = entry["torch_batch"]["total_s"]
-        for who in ("engine", "engine_pipelined", "engine_streamed", "engine_page_locked", "engine_on_device",
+        for who in ("engine", "engine_pipelined", "engine_no_split_k", "engine_streamed", "engine_page_locked", "engine_on_device",
                     "torch_loop", "torch_batch", "torch_batch_host"):
             if who not in entry:
                 continue
