@@ -79,6 +79,15 @@ fn cases() -> Vec<Case> {
             false,
         ),
         case(
+            "mma_wgmma_n200",
+            200,
+            &mixed,
+            u,
+            lin,
+            GramKernel::Wgmma,
+            false,
+        ),
+        case(
             "rbf_unbiased_n130",
             130,
             &[(40, F32), (72, BF16)],
@@ -267,7 +276,7 @@ fn main() {
         let layers = vec![(4096, DType::BF16); 32];
         let batch = random_batch(&mut rng, 1024, &layers, true);
         let flops = GramFlops::of(1024, &layers);
-        for gram in [GramKernel::Mma, GramKernel::MmaPipelined] {
+        for gram in [GramKernel::Mma, GramKernel::MmaPipelined, GramKernel::Wgmma] {
             gpu.set_gram_kernel(gram);
             println!(
                 "llm_like (32 layers × 1,024 × 4,096 bf16, unbiased, linear, {gram:?}): per batch"

@@ -57,6 +57,14 @@ __device__ __forceinline__ float load_as_f32(const unsigned char* base, int dtyp
     }
 }
 
+// `name`: the block's dynamic shared memory (the launch's shared_mem_bytes), as bytes. The emulator
+// gives each launch one such window (tests/gpu_emulator).
+#ifdef SGLP_HOST_EMULATION
+#define DYNAMIC_SHARED(name) unsigned char* name = emu::dynamic_shared()
+#else
+#define DYNAMIC_SHARED(name) extern __shared__ __align__(1024) unsigned char name[]
+#endif
+
 // Lower-triangular tile enumeration: tile t ↦ (bi, bj) with bj ≤ bi, row-major over the triangle.
 __device__ __forceinline__ void tri_tile(int t, int* bi, int* bj) {
     int i = (int)((sqrtf(8.0f * (float)t + 1.0f) - 1.0f) * 0.5f);

@@ -278,6 +278,205 @@ gram_mma_pipelined(const unsigned char* __restrict__ in, const LayerDesc* __rest
     }
 }
 
+// ---------------------------------------------------------------- gram_wgmma (candidate, Hopper)
+// sm_90a's warpgroup MMA on the same 128 × 128 tiles. NVRTC compiles every kernel for sm_90a on a sm_90
+// device (nvrtc.rs); elsewhere this kernel is a trap and the host never picks it. 256 threads = 2
+// warpgroups; warpgroup w computes rows 64w .. 64w + 63 of the tile against all 128 columns with
+// wgmma.mma_async.m64n128k16 (A and B read from shared memory through matrix descriptors, f32
+// accumulators in registers, 64 a thread, as gram_mma's). Features go in steps of WK = 64 (one 128-byte
+// row per sample), WSTAGES = 3 steps of cp.async in flight: 2 sides × 128 rows × 128 bytes = 32 KiB a
+// step, 96 KiB of dynamic shared memory plus 1 KiB to align (GRAM_WGMMA_SHARED, the host's launch).
+//
+// Shared layout: the canonical K-major layout with 128-byte swizzling of the PTX ISA (what a TMA copy
+// with SWIZZLE_128B writes): sample r's 16-byte chunk c at r·128 + (c ^ (r & 7))·16, each side 1024-byte
+// aligned; descriptor stride byte offset 1024 (8 rows), and the kk-th 16 features start 32·kk bytes into
+// the row (the hardware applies the XOR to the address). A diagonal tile (bi = bj) loads one side and
+// points both descriptors at it. Rows must be 16-byte aligned with d % 8 == 0 (the `vec` case); other
+// layers take gram_mma_tile on the same shared memory. Never run on a GPU yet: SGLP_GRAM_KERNEL=wgmma.
+#define WK 64
+#define WSTAGES 3
+#define W_SIDE_BYTES (MM * WK * 2)
+#define W_STAGE_BYTES (2 * W_SIDE_BYTES)
+#define GRAM_WGMMA_SHARED 99328  // the host's GRAM_WGMMA_SHARED (src/similarity/cuda/mod.rs)
+static_assert(GRAM_WGMMA_SHARED == WSTAGES * W_STAGE_BYTES + 1024, "3 stages of 32 KiB, 1 KiB to align");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
+#if !defined(SGLP_HOST_EMULATION)  // host twins: tests/gpu_emulator/cuda_host.h
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Shared memory written by the generic proxy (cp.async, stores) that wgmma reads next.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving reads of the accumulators above the wait (CUTLASS's
+// warpgroup_fence_operand).
+__device__ __forceinline__ void wgmma_fence_operand(float* d) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// D (64 × 128, f32, 64 a thread) += A (64 × 16) · B (128 × 16)ᵀ, both K-major in shared memory behind
+// their descriptors. Accumulator layout: warp w of the warpgroup, lane (g, t): d[4j + h] at row
+// 16w + g + 8·(h / 2), column 8j + 2t + h % 2.
+template <int DT>
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 desc_a, u64 desc_b) {
+    if (DT == DT_BF16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+              "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+              "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+              "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+              "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+              "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
+              "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+              "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(desc_a), "l"(desc_b), "r"(1));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+              "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+              "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+              "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+              "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+              "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
+              "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+              "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(desc_a), "l"(desc_b), "r"(1));
+    }
+}
+#endif
+// Matrix descriptor of a K-major 128-byte-swizzled operand starting at `tile` (1024-aligned, or that plus
+// 32·kk): start address >> 4 (bits 0–13), leading byte offset unused when swizzled (1, bits 16–29),
+// stride byte offset 1024 >> 4 (bits 32–45), base offset 0, swizzle mode 1 = 128 bytes (bits 62–63).
+__device__ __forceinline__ u64 wgmma_desc(const void* tile) {
+    return (u64)((smem_addr(tile) & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) |
+           ((u64)1 << 62);
+}
+
+// cp.async of rows [r0, r0+128) × features [k0, k0+64) of x into the swizzled side S (16 KiB): 1024
+// chunks of 16 bytes, 4 a thread, 8 threads to a row's 128 contiguous bytes. Chunks past `ke` (the end of
+// this split's features, d or a multiple of 32) or rows past n are zeros.
+__device__ __forceinline__ void stage_rows_swizzled(unsigned char* S, const u16* __restrict__ x, int n, int d,
+                                                    int ke, int r0, int k0, int tid) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int q = tid + e * 256, r = q >> 3, c = q & 7;
+        const int gr = r0 + r, gk = k0 + c * 8;
+        const bool ok = gr < n && gk < ke;
+        cp_async_16(S + r * 128 + ((c ^ (r & 7)) << 4), ok ? (const void*)(x + (u64)gr * d + gk) : (const void*)x,
+                    ok ? 16 : 0);
+    }
+}
+
+// Issue step s's copies (both sides, or one on a diagonal tile) into its stage.
+__device__ __forceinline__ void stage_step_wgmma(unsigned char* smem, const u16* __restrict__ x, int n, int d,
+                                                 int kb, int ke, int i0, int j0, bool diag, int s, int tid) {
+    unsigned char* st = smem + (s % WSTAGES) * W_STAGE_BYTES;
+    stage_rows_swizzled(st, x, n, d, ke, i0, kb + s * WK, tid);
+    if (!diag) stage_rows_swizzled(st + W_SIDE_BYTES, x, n, d, ke, j0, kb + s * WK, tid);
+}
+
+template <int DT>
+__device__ void gram_wgmma_tile(const u16* __restrict__ x, int n, int d, int kb, int ke, int bi, int bj,
+                                unsigned char* smem, float* __restrict__ k_out) {
+    const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int i0 = bi * MM, j0 = bj * MM;
+    const bool diag = bi == bj;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    const int steps = (ke - kb + WK - 1) / WK;
+#pragma unroll
+    for (int s = 0; s < WSTAGES - 1; ++s) {
+        if (s < steps) stage_step_wgmma(smem, x, n, d, kb, ke, i0, j0, diag, s, tid);
+        cp_async_commit();  // a group per step, empty or not: the wait below counts them
+    }
+    for (int s = 0; s < steps; ++s) {
+        cp_async_wait<WSTAGES - 2>();  // this thread's copies of step s have landed
+        fence_proxy_async();           // visible to the tensor cores' (async) proxy
+        __syncthreads();               // everyone's have; everyone's products of step s − 1 are done
+        if (s + WSTAGES - 1 < steps) stage_step_wgmma(smem, x, n, d, kb, ke, i0, j0, diag, s + WSTAGES - 1, tid);
+        cp_async_commit();
+        const unsigned char* st = smem + (s % WSTAGES) * W_STAGE_BYTES;
+        const u64 da = wgmma_desc(st + wg * 64 * 128), db = wgmma_desc(diag ? st : st + W_SIDE_BYTES);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WK / 16; ++kk) wgmma_m64n128k16<DT>(acc, da + 2 * kk, db + 2 * kk);  // +32 bytes
+        wgmma_commit();
+        wgmma_wait<0>();  // the stage is refilled after the next barrier
+        wgmma_fence_operand(acc);
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            const int gi = i0 + wg * 64 + w * 16 + g + 8 * (h >> 1), gj = j0 + 8 * j + 2 * t + (h & 1);
+            if (gi < n && gj < n) {
+                k_out[(u64)gi * n + gj] = acc[4 * j + h];
+                if (!diag) k_out[(u64)gj * n + gi] = acc[4 * j + h];
+            }
+        }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+gram_wgmma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n, int as_f16,
+           u64 plane, float* __restrict__ K) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
+    DYNAMIC_SHARED(raw);
+    unsigned char* smem = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);  // swizzle atoms: 1024-aligned
+    const LayerDesc L = layers[blockIdx.y];
+    const u16* x = (const u16*)(in + L.in_off);
+    int bi, bj, kb, ke;
+    tri_tile(blockIdx.x, &bi, &bj);
+    split_range(L.cols, &kb, &ke);
+    const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
+    const bool bf = L.dtype == DT_BF16 && !as_f16;
+    float* k_out = K + L.out_off + blockIdx.z * plane;
+    if (!vec) {
+        // Unaligned rows: gram_mma's register-staged path, its two tiles in this shared memory.
+        u16(*As)[MK + MPAD] = (u16(*)[MK + MPAD])smem;
+        u16(*Bs)[MK + MPAD] = (u16(*)[MK + MPAD])(smem + MM * (MK + MPAD) * 2);
+        if (bf)
+            gram_mma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, false, As, Bs, k_out);
+        else
+            gram_mma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, false, As, Bs, k_out);
+    } else if (bf) {
+        gram_wgmma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, smem, k_out);
+    } else {
+        gram_wgmma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, smem, k_out);
+    }
+#else
+    __trap();  // sm_90a only: the host launches it on no other device
+#endif
+}
+
 // ---------------------------------------------------------------- split-K reduction
 // gram_reduce_splits — K[e] = (…(K[e] + K[plane + e]) + …) + K[(splits−1)·plane + e] for e < plane: the
 // split planes of a launch added into plane 0, in split order (deterministic). grid ⌈plane / 256⌉.

@@ -7,7 +7,7 @@
 # Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
 # SGLP_REQUIRE_GPU=1, so a GPU that is not found fails, then the CKA kernels one by one against their CPU
 # twins, benches/cka_kernels.rs), engine.json/engine.log (the cka_gpu bench binary's per-batch CUDA-event
-# timings; the variants' runs, SGLP_GRAM_KERNEL=pipelined and ResNet-like without split-K, go into
+# timings; the variants' runs, SGLP_GRAM_KERNEL=pipelined or =wgmma and ResNet-like without split-K, go into
 # bench_gpu.json only), bench_gpu.json and bench.log
 # (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
 #

@@ -556,39 +556,45 @@ fn feature_route_on_the_gpu_matches_the_cpu() {
     }
 }
 
-/// The candidate tensor-core Gram kernel (cp.async pipeline, ldmatrix; `GramKernel::MmaPipelined`) on
-/// 16-bit layers: aligned widths (its pipelined path) and unaligned ones (its fallback), sizes that are
-/// not tile multiples, against the CPU as `sixteen_bit_and_mixed_dtypes` checks the default kernel.
+/// The candidate tensor-core Gram kernels (`GramKernel::MmaPipelined`: cp.async pipeline, ldmatrix;
+/// `GramKernel::Wgmma`: Hopper's warpgroup MMA from swizzled shared memory, 3 stages) on 16-bit layers:
+/// aligned widths (their fast paths, over one and several 64-feature steps) and unaligned ones (their
+/// fallback), sizes that are not tile multiples, against the CPU as `sixteen_bit_and_mixed_dtypes`
+/// checks the default kernel.
 #[test]
-fn pipelined_gram_kernel_matches_the_cpu() {
+fn candidate_gram_kernels_match_the_cpu() {
     use sglp_engine::similarity::cuda::GramKernel;
     let Some(mut gpu) = gpu_or_skip() else { return };
-    gpu.set_gram_kernel(GramKernel::MmaPipelined);
     let seed: u64 = rand::rng().random();
-    for (i, rows) in [37usize, 128, 300].into_iter().enumerate() {
-        let layers = [
-            (64, DType::BF16),
-            (200, DType::F16),
-            (33, DType::BF16),
-            (7, DType::F16),
-            (40, DType::F32),
-        ];
-        let batch = random_batch(seed + i as u64, rows, &layers);
-        for estimator in [Estimator::Biased, Estimator::Unbiased] {
-            check(
-                &mut gpu,
-                &batch,
-                estimator,
-                Kernel::Linear,
-                1e-4,
-                &format!("pipelined Gram kernel, n = {rows}, {estimator:?}"),
-            );
+    for gram in [GramKernel::MmaPipelined, GramKernel::Wgmma] {
+        gpu.set_gram_kernel(gram);
+        for (i, rows) in [37usize, 128, 300].into_iter().enumerate() {
+            let layers = [
+                (64, DType::BF16),
+                (200, DType::F16),
+                (33, DType::BF16),
+                (7, DType::F16),
+                (40, DType::F32),
+                (392, DType::BF16),
+            ];
+            let batch = random_batch(seed + i as u64, rows, &layers);
+            for estimator in [Estimator::Biased, Estimator::Unbiased] {
+                check(
+                    &mut gpu,
+                    &batch,
+                    estimator,
+                    Kernel::Linear,
+                    1e-4,
+                    &format!("{gram:?} Gram kernel, n = {rows}, {estimator:?}"),
+                );
+            }
         }
     }
+    gpu.set_gram_kernel(GramKernel::Mma);
 }
 
-/// Split-K Gram launches (kernels/gram_linear.cu): fixed factors on every dtype, both tensor-core
-/// kernels, batches of one tile and of several (mirrored tiles), layers narrower than a split (empty
+/// Split-K Gram launches (kernels/gram_linear.cu): fixed factors on every dtype, every tensor-core
+/// kernel, batches of one tile and of several (mirrored tiles), layers narrower than a split (empty
 /// splits write zero planes), linear and RBF; then the factor the backend picks by itself for a few wide
 /// layers of a small batch (a launch of 2 tiles), which must split, match the CPU and repeat bit for bit.
 #[test]
@@ -602,8 +608,9 @@ fn split_k_gram_launches_match_the_cpu_and_repeat_bit_for_bit() {
         (33, DType::F16),
         (8, DType::F64),
         (64, DType::F16),
+        (392, DType::BF16),
     ];
-    for gram in [GramKernel::Mma, GramKernel::MmaPipelined] {
+    for gram in [GramKernel::Mma, GramKernel::MmaPipelined, GramKernel::Wgmma] {
         gpu.set_gram_kernel(gram);
         for (i, (rows, splits)) in [(37usize, 2usize), (150, 3), (37, 5)]
             .into_iter()
@@ -788,7 +795,7 @@ fn page_locked_chunks_upload_in_place_and_refill_safely() {
 
 /// Every stage of the Gram route against its float64 CPU twin fed the previous stage's device output
 /// (`stages::check_stages`): a failure names the kernels. Every dtype, both estimators, linear and RBF,
-/// both tensor-core Gram kernels; tolerances as check_stages states them.
+/// every tensor-core Gram kernel; tolerances as check_stages states them.
 #[test]
 fn every_stage_matches_its_cpu_twin() {
     use sglp_engine::similarity::cuda::stages::check_stages;
@@ -797,7 +804,7 @@ fn every_stage_matches_its_cpu_twin() {
     let layers = EVERY_DTYPE;
     let seed: u64 = rand::rng().random();
     let batch = random_batch(seed, 150, &layers);
-    for gram in [GramKernel::Mma, GramKernel::MmaPipelined] {
+    for gram in [GramKernel::Mma, GramKernel::MmaPipelined, GramKernel::Wgmma] {
         gpu.set_gram_kernel(gram);
         for estimator in [Estimator::Unbiased, Estimator::Biased] {
             for kernel in [Kernel::Linear, Kernel::Rbf { threshold: 1.0 }] {

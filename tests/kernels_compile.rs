@@ -1,5 +1,5 @@
-//! Every embedded kernel compiles with NVRTC for Hopper (sm_90) and Ampere (sm_80), without spilling
-//! registers to local memory. Needs libnvrtc only, no GPU.
+//! Every embedded kernel compiles with NVRTC for Hopper (sm_90a, what the backend builds there, and
+//! sm_90) and Ampere (sm_80), without spilling registers to local memory. Needs libnvrtc only, no GPU.
 //!
 //! Without libnvrtc the test prints why and passes, unless `SGLP_REQUIRE_NVRTC=1` (CI), where a missing
 //! NVRTC is a failure.
@@ -24,7 +24,7 @@ fn nvrtc_or_skip() -> bool {
 }
 
 #[test]
-fn every_kernel_compiles_for_sm90_and_sm80_without_spills() {
+fn every_kernel_compiles_for_sm90a_sm90_and_sm80_without_spills() {
     if !nvrtc_or_skip() {
         return;
     }
@@ -32,7 +32,7 @@ fn every_kernel_compiles_for_sm90_and_sm80_without_spills() {
     eprintln!("NVRTC {major}.{minor}");
     let files = nvrtc::kernel_files();
     assert!(files.len() >= 4, "{files:?}");
-    for arch in ["sm_90", "sm_80"] {
+    for arch in ["sm_90a", "sm_90", "sm_80"] {
         for file in &files {
             let c = nvrtc::compile_kernel(file, arch, &["--ptxas-options=-v"])
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -96,6 +96,38 @@ fn every_compiled_kernel_takes_the_declared_parameters() {
     }
     assert_eq!(checked, all_kernels().count());
     eprintln!("{checked} kernels: PTX parameters as declared");
+}
+
+/// gram_wgmma is warpgroup MMA on sm_90a (the 128-wide product, and the fences and waits around it) and a
+/// trap on any other architecture, where the host never launches it.
+#[test]
+fn the_wgmma_gram_is_built_for_sm90a_only() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let entry = |ptx: &str| -> String {
+        let start = ptx.find(".entry gram_wgmma").expect("gram_wgmma entry");
+        let rest = &ptx[start..];
+        let end = rest[1..].find(".entry").map_or(rest.len(), |e| e + 1);
+        rest[..end].to_string()
+    };
+    let hopper = entry(&nvrtc::compile_ptx("gram_linear.cu", "compute_90a").unwrap());
+    for needle in [
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
+        "wgmma.fence.sync.aligned",
+        "wgmma.commit_group.sync.aligned",
+        "wgmma.wait_group.sync.aligned",
+        "fence.proxy.async.shared::cta",
+        "cp.async.cg.shared.global",
+    ] {
+        assert!(hopper.contains(needle), "sm_90a gram_wgmma lacks {needle}");
+    }
+    let plain = entry(&nvrtc::compile_ptx("gram_linear.cu", "compute_90").unwrap());
+    assert!(
+        !plain.contains("wgmma.") && plain.contains("trap"),
+        "{plain}"
+    );
 }
 
 #[test]

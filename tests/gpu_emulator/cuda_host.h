@@ -10,8 +10,14 @@
 // - `cp.async` lands at the `cp.async.wait_group` that must wait for it (the latest moment the PTX ISA
 //   allows: a read the kernel has not waited for sees stale data), or with SGLP_EMU_CP_ASYNC=eager at
 //   once (a refill of a stage that other threads still read shows).
+// - Dynamic shared memory (`DYNAMIC_SHARED`, kernels/common.cuh) is one window per launch, 1024-aligned,
+//   NaN-filled before each block, with a guard page after it; `smem_addr` gives offsets in it.
+// - `wgmma.mma_async` (Hopper) reads its operands through the matrix descriptors (128-byte swizzle) and
+//   lands its results at the `wgmma.wait_group` that must wait for it, or with SGLP_EMU_CP_ASYNC=eager at
+//   once (as cp.async: a read of the accumulators before the wait, or a refill of a stage a product in
+//   flight still reads, shows in one mode or the other).
 // - The PTX wrappers of kernels/common.cuh and kernels/mma.cuh get host twins here; their fragment
-//   layouts follow the PTX ISA (mma.m16n8k16, ldmatrix.m8n8.x4).
+//   layouts follow the PTX ISA (mma.m16n8k16, ldmatrix.m8n8.x4, wgmma.m64nNk16).
 #pragma once
 #define SGLP_HOST_EMULATION 1
 
@@ -67,6 +73,14 @@ int lane();
 void cp_async(void* dst, const void* src, int bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);
+// The launch's dynamic shared memory, and the offset of `p` in it (what cvta.to.shared gives).
+unsigned char* dynamic_shared();
+unsigned shared_offset(const void* p);
+// wgmma.mma_async.m64n128k16.f32 (dt: 2 = f16, 3 = bf16) into this thread's 64 accumulators `d`; its
+// commit and wait.
+void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b);
+void wgmma_commit();
+void wgmma_wait(int pending);
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx())
@@ -210,10 +224,25 @@ static inline void ldmatrix_x4(unsigned* r, const void* smem) {
     for (int j = 0; j < 4; ++j) r[j] = ((const unsigned*)rows[j * 8 + l / 4])[l % 4];
 }
 
-static inline unsigned smem_addr(const void* p) { return (unsigned)(uintptr_t)p; }
+static inline unsigned smem_addr(const void* p) { return emu::shared_offset(p); }
 static inline void cp_async_16(void* smem, const void* gmem, int bytes) { emu::cp_async(smem, gmem, bytes); }
 static inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>
 static inline void cp_async_wait() {
     emu::cp_async_wait(N);
+}
+
+// wgmma (sm_90a): the fences order nothing the emulator reorders; the product, commit and wait are
+// runtime.cpp's (descriptors decoded there).
+static inline void wgmma_fence() {}
+static inline void fence_proxy_async() {}
+static inline void wgmma_fence_operand(float*) {}
+static inline void wgmma_commit() { emu::wgmma_commit(); }
+template <int N>
+static inline void wgmma_wait() {
+    emu::wgmma_wait(N);
+}
+template <int DT>
+static inline void wgmma_m64n128k16(float* d, unsigned long long desc_a, unsigned long long desc_b) {
+    emu::wgmma_issue(DT, d, desc_a, desc_b);
 }

@@ -430,7 +430,20 @@ API cuFuncGetAttribute(int* v, int attribute, CUfunction) {
     *v = attribute == 0 ? 1024 : 0;  // CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
     return CUDA_SUCCESS;
 }
-API cuFuncSetAttribute(CUfunction, int, int) { return CUDA_SUCCESS; }
+// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8) per kernel: a launch with more than 48 KiB of dynamic
+// shared memory fails unless it was raised this far, as on a GPU.
+std::map<const void*, int>& dynamic_shared_limits() {
+    static auto& m = *new std::map<const void*, int>();
+    return m;
+}
+API cuFuncSetAttribute(CUfunction f, int attribute, int value) {
+    LOCK;
+    if (attribute == 8) {
+        if (value < 0 || value > 232448) return CUDA_ERROR_INVALID_VALUE;
+        dynamic_shared_limits()[f] = value;
+    }
+    return CUDA_SUCCESS;
+}
 API cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 
 API cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
@@ -438,7 +451,17 @@ API cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned
     LOCK;
     const emu::KernelEntry* k = (const emu::KernelEntry*)f;
     if (extra || (k->params > 0 && !params)) return CUDA_ERROR_INVALID_VALUE;
-    if (shared_bytes > 232448) return CUDA_ERROR_INVALID_VALUE;
+    if (shared_bytes > 49152) {
+        auto it = dynamic_shared_limits().find(f);
+        const int limit = it == dynamic_shared_limits().end() ? 49152 : it->second;
+        if ((int)shared_bytes > limit) {
+            fprintf(stderr,
+                    "gpu emulator: %s: %u bytes of dynamic shared memory, over its limit of %d (raise it with "
+                    "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)\n",
+                    k->name, shared_bytes, limit);
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+    }
     const dim3 grid{gx, gy, gz}, block{bx, by, bz};
     const std::string shape = emu::bad_shape(grid, block);
     if (!shape.empty()) {
@@ -447,9 +470,9 @@ API cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned
     }
     if (trace()) fprintf(stderr, "gpu emulator: %s grid %ux%ux%u block %ux%ux%u\n", k->name, gx, gy, gz, bx, by, bz);
     // The arguments are copied now: `params` points at the caller's values, gone once this returns.
-    enqueue(s, [k, grid, block, call = k->binder(k->fn, params)] {
+    enqueue(s, [k, grid, block, shared_bytes, call = k->binder(k->fn, params)] {
         std::string error;
-        if (!emu::launch(*k, grid, block, call, error)) {
+        if (!emu::launch(*k, grid, block, shared_bytes, call, error)) {
             fprintf(stderr, "gpu emulator: launch failed: %s\n", error.c_str());
             sticky = CUDA_ERROR_LAUNCH_FAILED;
         }

@@ -29,6 +29,13 @@ struct Copy {
     int bytes;
 };
 
+// One wgmma.mma_async of a thread: its accumulators and the operands' descriptors.
+struct Mma {
+    int dt;
+    float* d;
+    unsigned long long desc_a, desc_b;
+};
+
 constexpr size_t STACK_BYTES = 256 * 1024;
 constexpr int SLOT_BYTES = 64;  // the largest warp-collective operand (EmuMmaOperands is 24 bytes)
 
@@ -113,6 +120,8 @@ struct Thread {
     unsigned warp_ops = 0;  // warp-collective operations done: the parity picks the slot buffer
     std::vector<Copy> open;
     std::vector<std::vector<Copy>> groups;
+    std::vector<Mma> mma_open;
+    std::vector<std::vector<Mma>> mma_groups;
     char* stack = nullptr;
 };
 
@@ -186,6 +195,8 @@ bool run_block(const std::vector<int>& warp_order, const std::vector<int>& lane_
         t.warp_ops = 0;
         t.open.clear();
         t.groups.clear();
+        t.mma_open.clear();
+        t.mma_groups.clear();
     }
     for (;;) {
         for (int w : warp_order) {
@@ -293,6 +304,121 @@ void cp_async_wait(int pending) {
     }
 }
 
+// ---- dynamic shared memory: one window, reserved once, 256 KiB-aligned (so that offsets fit the 18 bits
+// of a wgmma descriptor's address), the launch's bytes readable and a guard page after them.
+namespace {
+constexpr size_t SHARED_WINDOW = 256 * 1024;
+unsigned char* window = nullptr;
+size_t window_bytes = 0;  // this launch's dynamic shared memory
+std::string async_error;  // a faulty wgmma found inside a block (reported by launch)
+
+bool prepare_window(size_t bytes, std::string& error) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    if (!window) {
+        void* p = mmap(nullptr, 2 * SHARED_WINDOW + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            error = "gpu emulator: cannot reserve the shared-memory window";
+            return false;
+        }
+        window = (unsigned char*)(((uintptr_t)p + SHARED_WINDOW - 1) & ~(uintptr_t)(SHARED_WINDOW - 1));
+    }
+    const size_t readable = (bytes + page - 1) / page * page;
+    mprotect(window, SHARED_WINDOW, PROT_NONE);
+    if (readable && mprotect(window, readable, PROT_READ | PROT_WRITE) != 0) {
+        error = "gpu emulator: cannot map dynamic shared memory";
+        return false;
+    }
+    window_bytes = bytes;
+    return true;
+}
+
+[[noreturn]] void wgmma_fault(const std::string& what) {
+    fprintf(stderr, "gpu emulator: wgmma in kernel %s, block (%u,%u,%u), thread %u: %s\n",
+            running ? running->name : "?", block_idx.x, block_idx.y, block_idx.z, current ? current->tid.x : 0,
+            what.c_str());
+    abort();
+}
+
+// The 16-bit element (row, k) of a K-major operand in shared memory, as the PTX ISA's canonical layout
+// with 128-byte swizzling places it: 8-row groups `stride` (SBO) bytes apart, rows 128 bytes apart in a
+// group, and the 16-byte chunk index (address bits 4–6) XORed with the row in the 1024-byte atom
+// (bits 7–9). Only that mode is emulated (the engine's kernels use no other).
+unsigned short operand(unsigned long long desc, int row, int k) {
+    const unsigned mode = (unsigned)(desc >> 62), base_offset = (unsigned)(desc >> 49) & 7;
+    if (mode != 1 || base_offset != 0)
+        wgmma_fault("descriptor with swizzle mode " + std::to_string(mode) + ", base offset " +
+                    std::to_string(base_offset) + " (only 128-byte swizzling from 1024-byte atoms is emulated)");
+    const size_t start = (size_t)(desc & 0x3fff) << 4, stride = (size_t)((desc >> 32) & 0x3fff) << 4;
+    size_t off = start + (size_t)(row >> 3) * stride + (size_t)(row & 7) * 128 + (size_t)k * 2;
+    off ^= ((off >> 7) & 7) << 4;
+    if (off + 2 > window_bytes)
+        wgmma_fault("operand element (" + std::to_string(row) + ", " + std::to_string(k) + ") at shared offset " +
+                    std::to_string(off) + ", outside the " + std::to_string(window_bytes) +
+                    " bytes of dynamic shared memory");
+    unsigned short v;
+    memcpy(&v, window + off, 2);
+    return v;
+}
+
+// This thread's share of D += A·Bᵀ, m64n128k16: warp w of the warpgroup holds rows 16w..16w+15; lane
+// (g, t) holds, for each 8-column block j, d[4j + h] at row 16w + g + 8·(h / 2), column 8j + 2t + h % 2.
+// Products are exact and summed in f64, as the mma.sync twin does.
+void run_mma(const Mma& m) {
+    const int wl = current->linear & 127, w = wl >> 5, g = (wl & 31) >> 2, t = wl & 3;
+    auto val = [&](unsigned short h) {
+        return m.dt == 3 ? (double)bf16_bits_to_f32_(h) : (double)f16_bits_to_f32(h);
+    };
+    for (int j = 0; j < 16; ++j)
+        for (int h = 0; h < 4; ++h) {
+            const int row = 16 * w + g + 8 * (h >> 1), col = 8 * j + 2 * t + (h & 1);
+            double s = m.d[4 * j + h];
+            for (int k = 0; k < 16; ++k) s += val(operand(m.desc_a, row, k)) * val(operand(m.desc_b, col, k));
+            m.d[4 * j + h] = (float)s;
+        }
+}
+}  // namespace
+
+unsigned char* dynamic_shared() {
+    if (window_bytes == 0) {
+        fprintf(stderr, "gpu emulator: kernel %s uses dynamic shared memory, launched with none\n",
+                running ? running->name : "?");
+        abort();
+    }
+    return window;
+}
+
+unsigned shared_offset(const void* p) {
+    const unsigned char* b = (const unsigned char*)p;
+    if (!window || b < window || b >= window + SHARED_WINDOW) {
+        fprintf(stderr, "gpu emulator: smem_addr of %p, outside dynamic shared memory (the only shared memory "
+                        "with window addresses here)\n", p);
+        abort();
+    }
+    return (unsigned)(b - window);
+}
+
+void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b) {
+    if (block_dim.x % 128 != 0) wgmma_fault("a block of " + std::to_string(block_dim.x) + " threads has partial warpgroups");
+    const Mma m{dt, d, desc_a, desc_b};
+    if (eager_copies())
+        run_mma(m);
+    else
+        current->mma_open.push_back(m);
+}
+
+void wgmma_commit() {
+    current->mma_groups.push_back(std::move(current->mma_open));
+    current->mma_open.clear();
+}
+
+void wgmma_wait(int pending) {
+    auto& g = current->mma_groups;
+    while ((int)g.size() > pending) {
+        for (const Mma& m : g.front()) run_mma(m);
+        g.erase(g.begin());
+    }
+}
+
 void register_kernel(KernelEntry e) { registry()[e.name] = e; }
 
 const KernelEntry* find_kernel(const char* name) {
@@ -353,16 +479,23 @@ std::string bad_shape(dim3 grid, dim3 block) {
     return "";
 }
 
-bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::string& error) {
-    return launch(k, grid, block, k.binder(k.fn, params), error);
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, unsigned shared_bytes, void** params,
+            std::string& error) {
+    return launch(k, grid, block, shared_bytes, k.binder(k.fn, params), error);
 }
 
-bool launch(const KernelEntry& k, dim3 grid, dim3 block, const Call& call, std::string& error) {
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, unsigned shared_bytes, const Call& call,
+            std::string& error) {
     static unsigned long long launches = 0;
     install_fault_handler();
     const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     error = bad_shape(grid, block);
     if (!error.empty()) return false;
+    if (shared_bytes > SHARED_WINDOW) {
+        error = "dynamic shared memory of " + std::to_string(shared_bytes) + " bytes";
+        return false;
+    }
+    if (!prepare_window(shared_bytes, error)) return false;
     if (threads.size() != n) {
         for (Thread& t : threads) munmap(t.stack, STACK_BYTES);
         threads = std::vector<Thread>(n);
@@ -394,6 +527,7 @@ bool launch(const KernelEntry& k, dim3 grid, dim3 block, const Call& call, std::
                 block_idx = {x, y, z};
                 if (k.shared_begin && k.shared_end > k.shared_begin)
                     memset(k.shared_begin, 0xff, (size_t)(k.shared_end - k.shared_begin));
+                if (shared_bytes) memset(window, 0xff, shared_bytes);
                 if (!run_block(warp_order, lane_order, error)) {
                     running = nullptr;
                     error = std::string(k.name) + " block (" + std::to_string(x) + "," + std::to_string(y) + "," +

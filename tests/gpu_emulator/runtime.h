@@ -52,11 +52,14 @@ struct Registrar {
 
 // A launch shape CUDA would refuse, described; empty if it is valid.
 std::string bad_shape(dim3 grid, dim3 block);
-// Runs the grid of `call` (kernel `k` with its arguments bound), block after block; false with `error`
-// set on a deadlock (a barrier some threads of the block never reach) or a bad launch shape.
-bool launch(const KernelEntry& k, dim3 grid, dim3 block, const Call& call, std::string& error);
+// Runs the grid of `call` (kernel `k` with its arguments bound), block after block, with `shared_bytes`
+// of dynamic shared memory; false with `error` set on a deadlock (a barrier some threads of the block
+// never reach), a bad launch shape or a faulty asynchronous matrix product.
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, unsigned shared_bytes, const Call& call,
+            std::string& error);
 // The same, binding the arguments `params` points at now.
-bool launch(const KernelEntry& k, dim3 grid, dim3 block, void** params, std::string& error);
+bool launch(const KernelEntry& k, dim3 grid, dim3 block, unsigned shared_bytes, void** params,
+            std::string& error);
 
 }  // namespace emu
 

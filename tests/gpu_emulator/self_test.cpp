@@ -21,6 +21,10 @@ extern "C" CUresult cuStreamCreate(void** s, unsigned flags);
 extern "C" CUresult cuStreamSynchronize(void* s);
 extern "C" CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t bytes, void* s);
 extern "C" CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t bytes, void* s);
+extern "C" CUresult cuModuleGetFunction(void** f, void* module, const char* name);
+extern "C" CUresult cuFuncSetAttribute(void* f, int attribute, int value);
+extern "C" CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                   unsigned bz, unsigned shared_bytes, void* s, void** params, void** extra);
 
 // ---- kernels ----
 
@@ -84,6 +88,35 @@ extern "C" __global__ void one_mma(const unsigned short* a, const unsigned short
     for (int h = 0; h < 4; ++h) c[(g + (h >> 1) * 8) * 8 + 2 * t + (h & 1)] = acc[h];
 }
 
+// One wgmma.m64n128k16 (bf16) by one warpgroup: A (64 × 16) and B (128 × 16), K-major, stored by plain
+// stores in the 128-byte-swizzled layout (16-byte chunk c of row r at r·128 + (c ^ (r % 8))·16) as the
+// second 16 features of their rows (chunks 2 and 3: the descriptors start 32 bytes in, as a kernel's
+// second k-step does), A at shared offset 0 and B at 8192. D goes out as 64 × 128, row-major, read back
+// through the accumulator layout; `wait`: whether the kernel waits for the product before reading D.
+extern "C" __global__ void one_wgmma(const unsigned short* a, const unsigned short* b, int wait, float* d_out) {
+    unsigned char* smem = emu::dynamic_shared();
+    auto put = [&](unsigned base, int row, int k, unsigned short v) {
+        const int c = 2 + k / 8;
+        memcpy(smem + base + row * 128 + ((c ^ (row & 7)) << 4) + (k % 8) * 2, &v, 2);
+    };
+    for (int e = threadIdx.x; e < 64 * 16; e += 128) put(0, e / 16, e % 16, a[e]);
+    for (int e = threadIdx.x; e < 128 * 16; e += 128) put(8192, e / 16, e % 16, b[e]);
+    __syncthreads();
+    auto desc = [](unsigned start) {
+        return (unsigned long long)(start >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+    };
+    float d[64];
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+    wgmma_fence();
+    wgmma_m64n128k16<3>(d, desc(0 + 32), desc(8192 + 32));
+    wgmma_commit();
+    if (wait) wgmma_wait<0>();
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    for (int j = 0; j < 16; ++j)
+        for (int h = 0; h < 4; ++h) d_out[(16 * w + g + 8 * (h >> 1)) * 128 + 8 * j + 2 * t + (h & 1)] = d[4 * j + h];
+    if (!wait) wgmma_wait<0>();
+}
+
 // Reads shared memory that this block has not written.
 extern "C" __global__ void read_unwritten(int write_first, float* out) {
     __shared__ float s[32];
@@ -107,6 +140,7 @@ SGLP_EMU_REGISTER(refill_while_read)
 SGLP_EMU_REGISTER(shuffle_after_exit)
 SGLP_EMU_REGISTER(warp_sum)
 SGLP_EMU_REGISTER(one_mma)
+SGLP_EMU_REGISTER(one_wgmma)
 SGLP_EMU_REGISTER(read_unwritten)
 SGLP_EMU_REGISTER(write_past_end)
 
@@ -121,11 +155,11 @@ static void check(bool ok, const char* what) {
 
 // Launch `name` with 1 block of `threads`, the schedule set by the environment variables first.
 static bool run(const char* name, unsigned threads, std::vector<void*> params, const char* order,
-                const char* copies, std::string* error = nullptr) {
+                const char* copies, std::string* error = nullptr, unsigned shared = 0) {
     setenv("SGLP_EMU_ORDER", order, 1);
     setenv("SGLP_EMU_CP_ASYNC", copies, 1);
     std::string e;
-    const bool ok = emu::launch(*emu::find_kernel(name), {1, 1, 1}, {threads, 1, 1}, params.data(), e);
+    const bool ok = emu::launch(*emu::find_kernel(name), {1, 1, 1}, {threads, 1, 1}, shared, params.data(), e);
     if (error) *error = e;
     return ok;
 }
@@ -198,6 +232,45 @@ int main() {
                 worst = std::max(worst, std::abs(want - c[i * 8 + j]));
             }
         check(worst < 1e-5, "mma.m16n8k16 (bf16) with mma.cuh's fragment layout computes A·B");
+    }
+    {  // the wgmma.m64n128k16 twin: descriptors, swizzle, accumulator layout; lazy results land at the wait
+        std::vector<unsigned short> a(64 * 16), b(128 * 16);
+        for (auto& v : a) v = (unsigned short)(0x3f00 + rand() % 0x100 - 0x80);  // bf16 near ±1
+        for (auto& v : b) v = (unsigned short)(0xbf00 + rand() % 0x100 - 0x80);
+        std::vector<float> d(64 * 128);
+        const unsigned short *ap = a.data(), *bp = b.data();
+        float* dp = d.data();
+        int wait = 1, no_wait = 0;
+        run("one_wgmma", 128, {&ap, &bp, &wait, &dp}, "forward", "lazy", nullptr, 24576);
+        double worst = 0;
+        for (int i = 0; i < 64; ++i)
+            for (int j = 0; j < 128; ++j) {
+                double want = 0;
+                for (int k = 0; k < 16; ++k) want += (double)bf16_bits_to_f32_(a[i * 16 + k]) * bf16_bits_to_f32_(b[j * 16 + k]);
+                worst = std::max(worst, std::abs(want - d[i * 128 + j]));
+            }
+        check(worst < 1e-5, "wgmma.m64n128k16 (bf16) from 128-byte-swizzled shared memory computes A·Bᵀ");
+        run("one_wgmma", 128, {&ap, &bp, &no_wait, &dp}, "forward", "lazy", nullptr, 24576);
+        bool stale = true;
+        for (float v : d) stale &= v == 0.0f;
+        check(stale, "accumulators read before wgmma.wait_group hold the old values (lazy products)");
+        // Over 48 KiB of dynamic shared memory needs the kernel's attribute raised first, as on a GPU. In
+        // a child: the driver reads its stream mode once, and the lazy-streams check below sets it.
+        fflush(stdout);
+        const pid_t pid = fork();
+        if (pid == 0) {
+            void* f = nullptr;
+            cuModuleGetFunction(&f, nullptr, "one_wgmma");
+            void* params[] = {&ap, &bp, &wait, &dp};
+            const CUresult refused = cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 65536, nullptr, params, nullptr);
+            cuFuncSetAttribute(f, 8, 65536);
+            const CUresult allowed = cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 65536, nullptr, params, nullptr);
+            _exit(refused != 0 && allowed == 0 ? 0 : 1);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "a launch with 64 KiB of dynamic shared memory fails until the kernel's limit is raised");
     }
     {  // in a child (the eager mode is read once; a fault kills the process)
         std::vector<float> in(512);

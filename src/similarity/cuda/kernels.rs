@@ -148,6 +148,16 @@ impl<S> Kernel<S> {
         self.name
     }
 
+    /// Let launches of this kernel ask for `bytes` of dynamic shared memory (over 48 KiB needs this).
+    pub(crate) fn allow_dynamic_shared(&self, bytes: usize) -> Result<()> {
+        self.function
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .cu(&format!("raising {}'s dynamic shared memory", self.name))
+    }
+
     /// The launch builder of this kernel on `stream` (the generated `launch` methods push the arguments
     /// and call [`Kernel::finish`]).
     fn builder<'s>(&'s self, stream: &'s CudaStream) -> LaunchArgs<'s> {
@@ -401,7 +411,7 @@ signatures! {
     ColumnToF16(input: Out<u8>, layers: In<LayerDescWords>, n: i32, col_scale: Out<u32>);
     /// gram_fma
     GramFma(input: In<u8>, layers: In<LayerDescWords>, n: i32, plane: u64, k: Out<f32>);
-    /// gram_mma, gram_mma_pipelined
+    /// gram_mma, gram_mma_pipelined, gram_wgmma
     GramMma(input: In<u8>, layers: In<LayerDescWords>, n: i32, as_f16: i32, plane: u64, k: Out<f32>);
     /// gram_reduce_splits
     GramReduceSplits(k: Out<f32>, plane: u64, splits: i32);
@@ -510,6 +520,7 @@ kernel_table! {
             gram_fma: GramFma,
             gram_mma: GramMma,
             gram_mma_pipelined: GramMma,
+            gram_wgmma: GramMma,
             gram_reduce_splits: GramReduceSplits,
         }
         "gram_centre.cu" => {

@@ -197,7 +197,13 @@ pub(crate) fn open_gpu(ordinal: usize) -> Result<OpenGpu> {
         ctx,
         compute,
         copy,
-        arch: format!("sm_{major}{minor}"),
+        // Hopper's kernels are built for sm_90a, which adds wgmma (kernels/gram_linear.cu's gram_wgmma)
+        // to sm_90; its CUBINs run on sm_90 devices only, as these are.
+        arch: if (major, minor) == (9, 0) {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        },
         name,
         sms,
     })
@@ -278,6 +284,8 @@ pub struct CudaBackend {
     budget_cap: Option<usize>,
     /// Which kernel forms the 16-bit Grams.
     gram_kernel: GramKernel,
+    /// Whether the device has wgmma (its kernels are built for sm_90a).
+    wgmma: bool,
     /// A fixed split-K factor of the Gram launches ([`CudaBackend::set_gram_splits`]).
     gram_splits: Option<usize>,
     /// The pinned/device upload slot the next chunk goes to (alternating across chunks and batches).
@@ -384,24 +392,32 @@ pub(crate) fn block_holding<T: PageLocked>(blocks: &[Weak<T>], bytes: &[u8]) -> 
     })
 }
 
-/// The kernel of the 16-bit (tensor-core) Grams: `gram_mma` (registers staging, 32-bit fragment loads) or
-/// the candidate `gram_mma_pipelined` (cp.async double buffering, ldmatrix). Neither has been timed on a
-/// GPU yet: the default stays `gram_mma` until the benchmark says otherwise; `SGLP_GRAM_KERNEL=pipelined`
-/// (or [`CudaBackend::set_gram_kernel`]) selects the other.
+/// The kernel of the 16-bit (tensor-core) Grams: `gram_mma` (registers staging, 32-bit fragment loads),
+/// the candidate `gram_mma_pipelined` (cp.async double buffering, ldmatrix) or, on Hopper (sm_90a), the
+/// candidate `gram_wgmma` (warpgroup MMA from 128-byte-swizzled shared memory, 3 cp.async stages). None
+/// has been timed on a GPU yet: the default stays `gram_mma` until the benchmark says otherwise;
+/// `SGLP_GRAM_KERNEL=pipelined` or `=wgmma` (or [`CudaBackend::set_gram_kernel`]) selects another.
+/// `Wgmma` on a device without it runs `gram_mma`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GramKernel {
     Mma,
     MmaPipelined,
+    Wgmma,
 }
 
 impl GramKernel {
     fn from_env() -> Self {
         match std::env::var("SGLP_GRAM_KERNEL").as_deref() {
             Ok("pipelined") => GramKernel::MmaPipelined,
+            Ok("wgmma") => GramKernel::Wgmma,
             _ => GramKernel::Mma,
         }
     }
 }
+
+/// Dynamic shared memory of a `gram_wgmma` block: 3 stages of 2 × 128 rows × 128 bytes, and 1 KiB to align
+/// the swizzle atoms (`GRAM_WGMMA_SHARED` in kernels/gram_linear.cu, which asserts the sum).
+const GRAM_WGMMA_SHARED: usize = 99328;
 
 /// Device time of the stages of the last batch (with profiling on), in milliseconds: the sums of their
 /// kernels' times ([`CudaBackend::last_kernel_times`]). `wall_ms` is the host time of the whole
@@ -424,7 +440,7 @@ impl StageTimes {
         for k in times {
             let stage = match k.kernel {
                 "column_centre" | "column_to_f16" | "gram_fma" | "gram_mma"
-                | "gram_mma_pipelined" | "gram_reduce_splits" => &mut t.gram_ms,
+                | "gram_mma_pipelined" | "gram_wgmma" | "gram_reduce_splits" => &mut t.gram_ms,
                 "hsic_pairs" | "hsic_reduce_splits" => &mut t.pairs_ms,
                 // RBF and the centring.
                 _ => &mut t.centre_ms,
@@ -478,7 +494,12 @@ impl CudaBackend {
             sms,
         } = open_gpu(ordinal)?;
         let k = CkaKernels::load(&ctx, &arch)?;
+        let wgmma = arch == "sm_90a";
+        if wgmma {
+            k.gram_wgmma.allow_dynamic_shared(GRAM_WGMMA_SHARED)?;
+        }
         Ok(CudaBackend {
+            wgmma,
             ordinal,
             ctx,
             compute,
@@ -1121,13 +1142,16 @@ impl CudaBackend {
             if n_mma > 0 {
                 // The 16-bit layers are f16 now, whatever their table's dtype (which column_to_f16 read).
                 let as_f16 = 1i32;
-                let f = match self.gram_kernel {
-                    GramKernel::Mma => &self.k.gram_mma,
-                    GramKernel::MmaPipelined => &self.k.gram_mma_pipelined,
+                let (f, shared) = match (self.gram_kernel, self.wgmma) {
+                    (GramKernel::MmaPipelined, _) => (&self.k.gram_mma_pipelined, 0),
+                    (GramKernel::Wgmma, true) => (&self.k.gram_wgmma, GRAM_WGMMA_SHARED),
+                    (GramKernel::Mma | GramKernel::Wgmma, _) => (&self.k.gram_mma, 0),
                 };
+                let mut cfg = grid(tri(n.div_ceil(128)), n_mma, splits, 256);
+                cfg.shared_mem_bytes = shared as u32;
                 f.launch(
                     &self.compute,
-                    grid(tri(n.div_ceil(128)), n_mma, splits, 256),
+                    cfg,
                     &ws.dev_in[slot],
                     &sixteen,
                     n_i,
