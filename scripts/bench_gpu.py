@@ -265,60 +265,86 @@ def main():
             return {}
 
     engine = engine_run()
-    variants = {v: engine_run(v) for v in ENGINE_VARIANTS}
     report = dict(device=dev, bf16_matmul_tflops=peak_bf16, workloads={}, errors=errors)
+    json_path = os.path.join(args.out, "bench_gpu.json")
+
+    def save():  # after each step: a timeout keeps what was measured
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+
     for name, spec in WORKLOADS.items():
         gram_flops = sum(spec["rows"] ** 2 * d * 2 for d in spec["widths"])
         t = bench_torch(torch, name, spec, args.loop_batches)
         entry = dict(gram_flops_per_batch=gram_flops, **t)
         entry["torch_batch"]["gram_tflops"] = gram_flops / (t["torch_batch"]["gram_ms_median"] * 1e-3) / 1e12
-        for v, runs in variants.items():
-            if name in runs:
-                entry[f"engine_{v}"] = per_batch_entry(runs[name])
         if name in engine:
-            e = engine[name]
-            entry["engine"] = per_batch_entry(e)
-            # From the bench's own reading right after it opened the GPU (this process's share and the
-            # engine's CUDA context excluded, as torch's peak excludes its context); else this process's.
-            base = e.get("device_bytes_used_at_open", others)
-            used_all = e["device_bytes_used_after_all_batches"] - base
-            if "device_resident_total_s" in e:
-                # Activations already on the GPU (submit_device): comparable to torch_batch (b). Memory:
-                # the workspace (measured before the upload) plus its two resident batches, as (b) counts.
-                itemsize = 4 if spec["dtype"] == "float32" else 2
-                entry["engine_on_device"] = dict(
-                    total_s=e["device_resident_total_s"],
-                    batch_ms_median=e["device_resident_total_s"] * 1e3 / spec["batches"],
-                    peak_mem_bytes=used_all + 2 * spec["rows"] * sum(spec["widths"]) * itemsize,
-                )
-            if "streamed_total_s" in e:
-                # The accumulator's path: submit every batch into a device-resident sum, one download.
-                entry["engine_streamed"] = dict(
-                    total_s=e["streamed_total_s"],
-                    batch_ms_median=e["streamed_total_s"] * 1e3 / spec["batches"],
-                    peak_mem_bytes=used_all,
-                    mem_after_16_batches=e["device_bytes_used_after_16_batches"] - base,
-                )
-            if e.get("page_locked_total_s"):
-                # The file reader's path: batches written into page-locked buffers, uploaded in place
-                # (the copy into the buffer timed too: an upper bound).
-                entry["engine_page_locked"] = dict(
-                    total_s=e["page_locked_total_s"],
-                    batch_ms_median=e["page_locked_total_s"] * 1e3 / spec["batches"],
-                    peak_mem_bytes=used_all,
-                )
+            entry.update(engine_entries(engine[name], spec, others))
         report["workloads"][name] = entry
-        with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:  # after each workload: a timeout keeps it
-            json.dump(report, f, indent=2)
-    print(f"device: {dev}; bf16 matmul {peak_bf16:.0f} TFLOP/s (torch.matmul 8192^2)")
+        save()
+    print_table(report)
+    # The candidates after the table that matters (engine vs PyTorch), so that a cap on the run's time
+    # cuts them rather than it.
+    for v in ENGINE_VARIANTS:
+        runs = engine_run(v)
+        for name, e in runs.items():
+            if name in report["workloads"]:
+                report["workloads"][name][f"engine_{v}"] = per_batch_entry(e)
+        save()
+    print("with the candidate kernels and settings (engine_<variant>):")
+    print_table(report)
+    for who, err in errors.items():
+        print(f"{who}: {err}")
+    if errors:
+        raise SystemExit(1)
+
+
+def engine_entries(e, spec, others):
+    """The report's engine entries of one workload from the default run: per batch from host memory, the
+    streamed sum, page-locked buffers and activations already on the device."""
+    out = dict(engine=per_batch_entry(e))
+    # From the bench's own reading right after it opened the GPU (this process's share and the engine's
+    # CUDA context excluded, as torch's peak excludes its context); else this process's.
+    base = e.get("device_bytes_used_at_open", others)
+    used_all = e["device_bytes_used_after_all_batches"] - base
+    if "device_resident_total_s" in e:
+        # Activations already on the GPU (submit_device): comparable to torch_batch (b). Memory: the
+        # workspace (measured before the upload) plus its two resident batches, as (b) counts.
+        itemsize = 4 if spec["dtype"] == "float32" else 2
+        out["engine_on_device"] = dict(
+            total_s=e["device_resident_total_s"],
+            batch_ms_median=e["device_resident_total_s"] * 1e3 / spec["batches"],
+            peak_mem_bytes=used_all + 2 * spec["rows"] * sum(spec["widths"]) * itemsize,
+        )
+    if "streamed_total_s" in e:
+        # The accumulator's path: submit every batch into a device-resident sum, one download.
+        out["engine_streamed"] = dict(
+            total_s=e["streamed_total_s"],
+            batch_ms_median=e["streamed_total_s"] * 1e3 / spec["batches"],
+            peak_mem_bytes=used_all,
+            mem_after_16_batches=e["device_bytes_used_after_16_batches"] - base,
+        )
+    if e.get("page_locked_total_s"):
+        # The file reader's path: batches written into page-locked buffers, uploaded in place (the copy
+        # into the buffer timed too: an upper bound).
+        out["engine_page_locked"] = dict(
+            total_s=e["page_locked_total_s"],
+            batch_ms_median=e["page_locked_total_s"] * 1e3 / spec["batches"],
+            peak_mem_bytes=used_all,
+        )
+    return out
+
+
+def print_table(report):
+    peak_bf16 = report["bf16_matmul_tflops"]
+    print(f"device: {report['device']}; bf16 matmul {peak_bf16:.0f} TFLOP/s (torch.matmul 8192^2)")
     print("torch_loop/torch_batch/engine_on_device inputs are already on the GPU; engine, engine_streamed, "
           "engine_page_locked and torch_batch_host upload every batch")
     hdr = f"{'workload':<12} {'contender':<18} {'total s':>9} {'ms/batch':>9} {'vs (b)':>7} {'Gram TF/s':>10} {'% bf16':>7} {'peak GiB':>9}"
     print(hdr)
     for name, entry in report["workloads"].items():
         base = entry["torch_batch"]["total_s"]
-        for who in ("engine", "engine_pipelined", "engine_wgmma", "engine_no_split_k", "engine_streamed", "engine_page_locked", "engine_on_device",
-                    "torch_loop", "torch_batch", "torch_batch_host"):
+        for who in ("engine", "engine_pipelined", "engine_wgmma", "engine_no_split_k", "engine_streamed",
+                    "engine_page_locked", "engine_on_device", "torch_loop", "torch_batch", "torch_batch_host"):
             if who not in entry:
                 continue
             r = entry[who]
@@ -327,16 +353,12 @@ def main():
             pct = f"{100 * tf / peak_bf16:6.1f}%" if tf else f"{'-':>7}"
             print(
                 f"{name:<12} {who:<18} {r['total_s']:9.3f} {r['batch_ms_median']:9.2f} "
-                f"{base / r['total_s']:6.2f}x {tf_s} {pct} {r['peak_mem_bytes'] / 2**30:9.2f}"
+                f"{base / r['total_s']:6.2f}x {tf_s} {pct} {r.get('peak_mem_bytes', 0) / 2**30:9.2f}"
             )
             if r.get("kernels_ms"):
                 # Per-batch device time of each kernel (medians): where the time goes.
                 parts = ", ".join(f"{k} {ms:.3f}" for k, ms in r["kernels_ms"].items())
                 print(f"{'':<12} {'':<18} kernels ms: {parts}")
-    for who, err in errors.items():
-        print(f"{who}: {err}")
-    if errors:
-        raise SystemExit(1)
 
 
 if __name__ == "__main__":
