@@ -20,9 +20,10 @@
 // order: no atomics, so the same shape on the same GPU gives the same bits.
 #include "mma.cuh"
 
-// Features per split: ⌈d / splits⌉ rounded up to 32 (a whole number of both kernels' steps, FK and MK, so
-// only the last split's last step reaches d, and the `< d` bounds of the staging stay exact).
-__device__ __forceinline__ int split_depth(int d, int splits) { return ((d + splits - 1) / splits + 31) & ~31; }
+// Features per split: ⌈d / splits⌉ rounded up to 64 (a whole number of every kernel's steps, FK, MK and
+// WK, so only the last split's last step reaches d: the `< d` bounds of the staging, and a TMA box's
+// zero fill past d, stay exact).
+__device__ __forceinline__ int split_depth(int d, int splits) { return ((d + splits - 1) / splits + 63) & ~63; }
 
 // The feature range [*k0, *k1) of split blockIdx.z of a d-wide layer (empty when d is narrow).
 __device__ __forceinline__ void split_range(int d, int* k0, int* k1) {
@@ -278,27 +279,33 @@ gram_mma_pipelined(const unsigned char* __restrict__ in, const LayerDesc* __rest
     }
 }
 
-// ---------------------------------------------------------------- gram_wgmma (candidate, Hopper)
-// sm_90a's warpgroup MMA on the same 128 × 128 tiles. NVRTC compiles every kernel for sm_90a on a sm_90
-// device (nvrtc.rs); elsewhere this kernel is a trap and the host never picks it. 256 threads = 2
-// warpgroups; warpgroup w computes rows 64w .. 64w + 63 of the tile against all 128 columns with
-// wgmma.mma_async.m64n128k16 (A and B read from shared memory through matrix descriptors, f32
+// ---------------------------------------------------------------- gram_wgmma, gram_wgmma_tma (Hopper)
+// Candidates: sm_90a's warpgroup MMA on the same 128 × 128 tiles. NVRTC compiles every kernel for sm_90a
+// on a sm_90 device (nvrtc.rs); elsewhere these kernels are a trap and the host never picks them. 256
+// threads = 2 warpgroups; warpgroup w computes rows 64w .. 64w + 63 of the tile against all 128 columns
+// with wgmma.mma_async.m64n128k16 (A and B read from shared memory through matrix descriptors, f32
 // accumulators in registers, 64 a thread, as gram_mma's). Features go in steps of WK = 64 (one 128-byte
-// row per sample), WSTAGES = 3 steps of cp.async in flight: 2 sides × 128 rows × 128 bytes = 32 KiB a
-// step, 96 KiB of dynamic shared memory plus 1 KiB to align (GRAM_WGMMA_SHARED, the host's launch).
+// row per sample) through WSTAGES = 3 stages of 2 sides × 128 rows × 128 bytes = 32 KiB: 96 KiB of
+// dynamic shared memory, plus 1 KiB to align and the stages' mbarriers (GRAM_WGMMA_SHARED, the host's
+// launch). The two differ in who fills a stage:
+// - gram_wgmma: every thread's cp.async (16 bytes each, 8 a thread a step), two steps ahead;
+// - gram_wgmma_tma: one thread's TMA copies (cp.async.bulk.tensor, one 128 × 64 box a side, through the
+//   layer's tensor map that the host encoded), completing on the stage's mbarrier, three steps ahead.
 //
 // Shared layout: the canonical K-major layout with 128-byte swizzling of the PTX ISA (what a TMA copy
 // with SWIZZLE_128B writes): sample r's 16-byte chunk c at r·128 + (c ^ (r & 7))·16, each side 1024-byte
 // aligned; descriptor stride byte offset 1024 (8 rows), and the kk-th 16 features start 32·kk bytes into
 // the row (the hardware applies the XOR to the address). A diagonal tile (bi = bj) loads one side and
-// points both descriptors at it. Rows must be 16-byte aligned with d % 8 == 0 (the `vec` case); other
-// layers take gram_mma_tile on the same shared memory. Never run on a GPU yet: SGLP_GRAM_KERNEL=wgmma.
+// points both descriptors at it. Rows must be 16-byte aligned with d % 8 == 0 (the `vec` case, which a
+// tensor map needs too); other layers take gram_mma_tile on the same shared memory. Never run on a GPU
+// yet: SGLP_GRAM_KERNEL=wgmma or =wgmma_tma.
 #define WK 64
 #define WSTAGES 3
 #define W_SIDE_BYTES (MM * WK * 2)
 #define W_STAGE_BYTES (2 * W_SIDE_BYTES)
-#define GRAM_WGMMA_SHARED 99328  // the host's GRAM_WGMMA_SHARED (src/similarity/cuda/mod.rs)
-static_assert(GRAM_WGMMA_SHARED == WSTAGES * W_STAGE_BYTES + 1024, "3 stages of 32 KiB, 1 KiB to align");
+#define GRAM_WGMMA_SHARED 99392  // the host's GRAM_WGMMA_SHARED (src/similarity/cuda/mod.rs)
+static_assert(GRAM_WGMMA_SHARED == WSTAGES * W_STAGE_BYTES + 1024 + 64,
+              "3 stages of 32 KiB, 1 KiB to align them, 64 bytes for their mbarriers");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
 #if !defined(SGLP_HOST_EMULATION)  // host twins: tests/gpu_emulator/cuda_host.h
@@ -351,6 +358,43 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 desc_a, u64 desc_
         WGMMA_M64N128K16("f16");
 }
 #endif
+#if !defined(SGLP_HOST_EMULATION)  // host twins: tests/gpu_emulator/cuda_host.h
+// mbarrier (sm_80+) and TMA (sm_90) wrappers, on 64-bit barriers in shared memory.
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// Makes the initialised barriers visible to the async proxy (the TMA unit) before their first use.
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// This thread's arrival, announcing `bytes` that copies will complete on the barrier's current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+// Whether the phase of parity `parity` has completed.
+__device__ __forceinline__ bool mbar_try_wait(u64* bar, u32 parity) {
+    u32 done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+// The box at (c0: innermost, c1) of the 2-D tensor `map` describes (a CUtensorMap in global memory) into
+// shared memory at `dst`, completing its bytes on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, int c1, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(smem_addr(dst)),
+        "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+        : "memory");
+}
+#endif
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    while (!mbar_try_wait(bar, parity)) {
+    }
+}
+
 // Matrix descriptor of a K-major 128-byte-swizzled operand starting at `tile` (1024-aligned, or that plus
 // 32·kk): start address >> 4 (bits 0–13), leading byte offset unused when swizzled (1, bits 16–29),
 // stride byte offset 1024 >> 4 (bits 32–45), base offset 0, swizzle mode 1 = 128 bytes (bits 62–63).
@@ -361,7 +405,7 @@ __device__ __forceinline__ u64 wgmma_desc(const void* tile) {
 
 // cp.async of rows [r0, r0+128) × features [k0, k0+64) of x into the swizzled side S (16 KiB): 1024
 // chunks of 16 bytes, 4 a thread, 8 threads to a row's 128 contiguous bytes. Chunks past `ke` (the end of
-// this split's features, d or a multiple of 32) or rows past n are zeros.
+// this split's features, d or a multiple of 64) or rows past n are zeros.
 __device__ __forceinline__ void stage_rows_swizzled(unsigned char* S, const u16* __restrict__ x, int n, int d,
                                                     int ke, int r0, int k0, int tid) {
 #pragma unroll
@@ -374,62 +418,114 @@ __device__ __forceinline__ void stage_rows_swizzled(unsigned char* S, const u16*
     }
 }
 
-// Issue step s's copies (both sides, or one on a diagonal tile) into its stage.
-__device__ __forceinline__ void stage_step_wgmma(unsigned char* smem, const u16* __restrict__ x, int n, int d,
-                                                 int kb, int ke, int i0, int j0, bool diag, int s, int tid) {
-    unsigned char* st = smem + (s % WSTAGES) * W_STAGE_BYTES;
-    stage_rows_swizzled(st, x, n, d, ke, i0, kb + s * WK, tid);
-    if (!diag) stage_rows_swizzled(st + W_SIDE_BYTES, x, n, d, ke, j0, kb + s * WK, tid);
+// What both loaders know of the tile: its stages, rows (i0 for A, j0 for B, one side on the diagonal)
+// and this split's features [kb, ke). (Plain structs and free functions, overloaded per loader: the
+// emulator's host compile makes every __device__ function static.)
+struct WgmmaTile {
+    unsigned char* smem;
+    int n, kb, ke, i0, j0, steps;
+    bool diag;
+};
+__device__ __forceinline__ unsigned char* wgmma_stage(const WgmmaTile& t, int s) {
+    return t.smem + (s % WSTAGES) * W_STAGE_BYTES;
 }
 
-template <int DT>
-__device__ void gram_wgmma_tile(const u16* __restrict__ x, int n, int d, int kb, int ke, int bi, int bj,
-                                unsigned char* smem, float* __restrict__ k_out) {
+// Stages filled by every thread's cp.async, two steps ahead. A step's copies land, then the fence makes
+// them visible to the tensor cores (the async proxy), then the barrier makes everyone's visible and says
+// every warpgroup is done with step s − 1, whose stage is refilled next.
+struct CpAsyncStages {
+    const u16* x;
+    int d;
+};
+__device__ __forceinline__ void stages_issue(const CpAsyncStages& c, const WgmmaTile& t, int s, int tid) {
+    unsigned char* st = wgmma_stage(t, s);
+    stage_rows_swizzled(st, c.x, t.n, c.d, t.ke, t.i0, t.kb + s * WK, tid);
+    if (!t.diag) stage_rows_swizzled(st + W_SIDE_BYTES, c.x, t.n, c.d, t.ke, t.j0, t.kb + s * WK, tid);
+}
+__device__ __forceinline__ void stages_prologue(const CpAsyncStages& c, const WgmmaTile& t, int tid) {
+#pragma unroll
+    for (int s = 0; s < WSTAGES - 1; ++s) {
+        if (s < t.steps) stages_issue(c, t, s, tid);
+        cp_async_commit();  // a group per step, empty or not: the wait below counts them
+    }
+}
+__device__ __forceinline__ void stages_before_step(const CpAsyncStages& c, const WgmmaTile& t, int s, int tid) {
+    cp_async_wait<WSTAGES - 2>();  // this thread's copies of step s have landed
+    fence_proxy_async();
+    __syncthreads();
+    if (s + WSTAGES - 1 < t.steps) stages_issue(c, t, s + WSTAGES - 1, tid);
+    cp_async_commit();
+}
+__device__ __forceinline__ void stages_after_step(const CpAsyncStages&, const WgmmaTile&, int, int) {}
+
+// Stages filled by thread 0's TMA copies, three steps ahead: stage s % 3 completes on its mbarrier
+// (phase (s / 3) % 2) when its bytes have landed; after a barrier that says every warpgroup is done with
+// step s, its stage is refilled with step s + 3. The tensor map zero-fills rows past n and features past
+// d; ke is d or a multiple of 64, so no box crosses into the next split's features.
+struct TmaStages {
+    const void* map;
+    u64* full;  // WSTAGES mbarriers, in shared memory
+};
+__device__ __forceinline__ void stages_issue(const TmaStages& m, const WgmmaTile& t, int s) {
+    u64* bar = &m.full[s % WSTAGES];
+    unsigned char* st = wgmma_stage(t, s);
+    mbar_arrive_expect_tx(bar, t.diag ? W_SIDE_BYTES : 2 * W_SIDE_BYTES);
+    tma_load_2d(st, m.map, t.kb + s * WK, t.i0, bar);
+    if (!t.diag) tma_load_2d(st + W_SIDE_BYTES, m.map, t.kb + s * WK, t.j0, bar);
+}
+__device__ __forceinline__ void stages_prologue(const TmaStages& m, const WgmmaTile& t, int tid) {
+    if (tid == 0) {
+        for (int s = 0; s < WSTAGES; ++s) mbar_init(&m.full[s], 1);
+        fence_mbar_init();
+    }
+    __syncthreads();
+    if (tid == 0)
+        for (int s = 0; s < WSTAGES && s < t.steps; ++s) stages_issue(m, t, s);
+}
+__device__ __forceinline__ void stages_before_step(const TmaStages& m, const WgmmaTile&, int s, int) {
+    mbar_wait(&m.full[s % WSTAGES], (s / WSTAGES) & 1);
+}
+__device__ __forceinline__ void stages_after_step(const TmaStages& m, const WgmmaTile& t, int s, int tid) {
+    __syncthreads();
+    if (tid == 0 && s + WSTAGES < t.steps) stages_issue(m, t, s + WSTAGES);
+}
+
+template <int DT, class Stages>
+__device__ void gram_wgmma_tile(const Stages& stages, const WgmmaTile& tile, int bi, int bj,
+                                float* __restrict__ k_out) {
     const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int i0 = bi * MM, j0 = bj * MM;
-    const bool diag = bi == bj;
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    const int steps = (ke - kb + WK - 1) / WK;
-#pragma unroll
-    for (int s = 0; s < WSTAGES - 1; ++s) {
-        if (s < steps) stage_step_wgmma(smem, x, n, d, kb, ke, i0, j0, diag, s, tid);
-        cp_async_commit();  // a group per step, empty or not: the wait below counts them
-    }
-    for (int s = 0; s < steps; ++s) {
-        cp_async_wait<WSTAGES - 2>();  // this thread's copies of step s have landed
-        fence_proxy_async();           // visible to the tensor cores' (async) proxy
-        __syncthreads();               // everyone's have; everyone's products of step s − 1 are done
-        if (s + WSTAGES - 1 < steps) stage_step_wgmma(smem, x, n, d, kb, ke, i0, j0, diag, s + WSTAGES - 1, tid);
-        cp_async_commit();
-        const unsigned char* st = smem + (s % WSTAGES) * W_STAGE_BYTES;
-        const u64 da = wgmma_desc(st + wg * 64 * 128), db = wgmma_desc(diag ? st : st + W_SIDE_BYTES);
+    stages_prologue(stages, tile, tid);
+    for (int s = 0; s < tile.steps; ++s) {
+        stages_before_step(stages, tile, s, tid);
+        const unsigned char* st = wgmma_stage(tile, s);
+        const u64 da = wgmma_desc(st + wg * 64 * 128), db = wgmma_desc(tile.diag ? st : st + W_SIDE_BYTES);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < WK / 16; ++kk) wgmma_m64n128k16<DT>(acc, da + 2 * kk, db + 2 * kk);  // +32 bytes
         wgmma_commit();
-        wgmma_wait<0>();  // the stage is refilled after the next barrier
+        wgmma_wait<0>();  // the stage may be refilled once everyone is past the next barrier
         wgmma_fence_operand(acc);
+        stages_after_step(stages, tile, s, tid);
     }
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
-            const int gi = i0 + wg * 64 + w * 16 + g + 8 * (h >> 1), gj = j0 + 8 * j + 2 * t + (h & 1);
-            if (gi < n && gj < n) {
-                k_out[(u64)gi * n + gj] = acc[4 * j + h];
-                if (!diag) k_out[(u64)gj * n + gi] = acc[4 * j + h];
+            const int gi = tile.i0 + wg * 64 + w * 16 + g + 8 * (h >> 1), gj = tile.j0 + 8 * j + 2 * t + (h & 1);
+            if (gi < tile.n && gj < tile.n) {
+                k_out[(u64)gi * tile.n + gj] = acc[4 * j + h];
+                if (!tile.diag) k_out[(u64)gj * tile.n + gi] = acc[4 * j + h];
             }
         }
 }
-#endif
 
-extern "C" __global__ void __launch_bounds__(256, 1)
-gram_wgmma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n, int as_f16,
-           u64 plane, float* __restrict__ K) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
+// The body of both kernels: `maps` (the launch's tensor maps, 128 bytes a layer) selects TMA stages.
+__device__ __forceinline__ void gram_wgmma_body(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
+                                int as_f16, u64 plane, const unsigned char* maps, float* __restrict__ K) {
     DYNAMIC_SHARED(raw);
     unsigned char* smem = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);  // swizzle atoms: 1024-aligned
     const LayerDesc L = layers[blockIdx.y];
@@ -448,13 +544,44 @@ gram_wgmma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ l
             gram_mma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, false, As, Bs, k_out);
         else
             gram_mma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, false, As, Bs, k_out);
-    } else if (bf) {
-        gram_wgmma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, smem, k_out);
-    } else {
-        gram_wgmma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, smem, k_out);
+        return;
     }
+    const WgmmaTile tile{smem, n, kb, ke, bi * MM, bj * MM, (ke - kb + WK - 1) / WK, bi == bj};
+    if (maps) {
+        const TmaStages st{maps + (u64)blockIdx.y * 128, (u64*)(smem + WSTAGES * W_STAGE_BYTES)};
+        if (bf)
+            gram_wgmma_tile<DT_BF16>(st, tile, bi, bj, k_out);
+        else
+            gram_wgmma_tile<DT_F16>(st, tile, bi, bj, k_out);
+    } else {
+        const CpAsyncStages st{x, L.cols};
+        if (bf)
+            gram_wgmma_tile<DT_BF16>(st, tile, bi, bj, k_out);
+        else
+            gram_wgmma_tile<DT_F16>(st, tile, bi, bj, k_out);
+    }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+gram_wgmma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n, int as_f16,
+           u64 plane, float* __restrict__ K) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
+    gram_wgmma_body(in, layers, n, as_f16, plane, nullptr, K);
 #else
     __trap();  // sm_90a only: the host launches it on no other device
+#endif
+}
+
+// `maps`: per layer of the launch, its CUtensorMap (128 bytes, 64-aligned; encoded by the host for the
+// 16-bit aligned layers: dims {d, n}, box {64, 128}, 128-byte swizzle, zero fill).
+extern "C" __global__ void __launch_bounds__(256, 1)
+gram_wgmma_tma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n, int as_f16,
+               u64 plane, const unsigned char* __restrict__ maps, float* __restrict__ K) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
+    gram_wgmma_body(in, layers, n, as_f16, plane, maps, K);
+#else
+    __trap();
 #endif
 }
 

@@ -7,8 +7,8 @@ Workloads (unbiased linear CKA, all layer pairs):
 
 Contenders:
   engine      the bench binary (benches/cka_gpu.rs, SGLP_BENCH_JSON mode): per batch, uploads from host
-              memory included, stage times from CUDA events; engine_pipelined and engine_wgmma with
-              the candidate tensor-core Gram kernels, engine_no_split_k (ResNet-like only) without split-K Grams;
+              memory included, stage times from CUDA events; engine_pipelined, engine_wgmma and
+              engine_wgmma_tma with the candidate tensor-core Gram kernels, engine_no_split_k (ResNet-like only) without split-K Grams;
   torch_loop  (a) a per-pair loop as the popular PyTorch CKA tools do it (torch_cka / anatome style): for
               every pair (i, j) both Grams are formed and three HSIC terms computed, float32;
   torch_batch (b) the batched formulation: U-centred Grams of all layers stacked, one matmul for all pairs
@@ -65,11 +65,13 @@ def per_batch_entry(e):
 
 
 # Engine variants besides the default, each a run of the bench binary with these environment settings:
-# the candidate tensor-core Gram kernels (cp.async + ldmatrix; Hopper's wgmma), and split-K switched off on the workload it is for (ResNet-like:
+# the candidate tensor-core Gram kernels (cp.async + ldmatrix; Hopper's wgmma fed by cp.async or TMA), and
+# split-K switched off on the workload it is for (ResNet-like:
 # 2 layers of 16,384 features per upload chunk, 72 Gram tiles, split 4 ways by default on 132 SMs).
 ENGINE_VARIANTS = {
     "pipelined": dict(SGLP_GRAM_KERNEL="pipelined"),
     "wgmma": dict(SGLP_GRAM_KERNEL="wgmma"),
+    "wgmma_tma": dict(SGLP_GRAM_KERNEL="wgmma_tma"),
     "no_split_k": dict(SGLP_GRAM_SPLITS="1", SGLP_BENCH_WORKLOADS="resnet_like"),
 }
 
@@ -343,7 +345,8 @@ def print_table(report):
     print(hdr)
     for name, entry in report["workloads"].items():
         base = entry["torch_batch"]["total_s"]
-        for who in ("engine", "engine_pipelined", "engine_wgmma", "engine_no_split_k", "engine_streamed",
+        for who in ("engine", "engine_pipelined", "engine_wgmma", "engine_wgmma_tma", "engine_no_split_k",
+                    "engine_streamed",
                     "engine_page_locked", "engine_on_device", "torch_loop", "torch_batch", "torch_batch_host"):
             if who not in entry:
                 continue

@@ -7,7 +7,7 @@
 # Writes into $OUT (at most 8 files come back): nvidia-smi.txt, tests.log (every test executable with
 # SGLP_REQUIRE_GPU=1, so a GPU that is not found fails, then the CKA kernels one by one against their CPU
 # twins, benches/cka_kernels.rs), engine.json/engine.log (the cka_gpu bench binary's per-batch CUDA-event
-# timings; the variants' runs, SGLP_GRAM_KERNEL=pipelined or =wgmma and ResNet-like without split-K, go into
+# timings; the variants' runs, SGLP_GRAM_KERNEL=pipelined, =wgmma or =wgmma_tma and ResNet-like without split-K, go into
 # bench_gpu.json only), bench_gpu.json and bench.log
 # (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
 #
@@ -61,11 +61,11 @@ if [ "$part" = first ]; then
   # (the rest pass in CI), the CKA kernels one by one, the Python CUDA path, then the CKA benchmark against
   # PyTorch. Each step is capped, so that a hang still leaves the logs of the others.
   rc=0
-  # gram_wgmma has never run: its tests go in a process of their own after the others, since a fault can
-  # leave the CUDA context unusable for the rest of a process.
+  # The wgmma kernels have never run: their tests go in a process of their own after the others, since a
+  # fault can leave the CUDA context unusable for the rest of a process.
   ONLY_TESTS="cuda_backend runtime_cuda runtime_cli" SGLP_SKIP_WGMMA=1 SGLP_REQUIRE_GPU=1 timeout 180 \
     bash .device/run-all.sh 2>&1 | tee "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-  echo "=== gram_wgmma (Hopper candidate)" | tee -a "$out/tests.log"
+  echo "=== gram_wgmma, gram_wgmma_tma (Hopper candidates)" | tee -a "$out/tests.log"
   ONLY_TESTS="cuda_backend" SGLP_REQUIRE_GPU=1 timeout 40 bash .device/run-all.sh candidate split_k every_stage \
     2>&1 | tee -a "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   timeout 100 bash .device/run-bench.sh cka_kernels 2>&1 | tee -a "$out/tests.log"

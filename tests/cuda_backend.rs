@@ -35,7 +35,7 @@ fn gpu_or_skip() -> Option<CudaBackend> {
     }
 }
 
-/// The Gram kernels a test runs: `all`, less `gram_wgmma` under `SGLP_SKIP_WGMMA=1`. On a GPU a fault
+/// The Gram kernels a test runs: `all`, less the wgmma ones under `SGLP_SKIP_WGMMA=1`. On a GPU a fault
 /// in a kernel can leave the CUDA context unusable for the rest of the process, so the first GPU run
 /// (scripts/gpu_checks.sh) tests the never-run Hopper candidate in a process of its own.
 fn gram_kernels(
@@ -44,7 +44,7 @@ fn gram_kernels(
     let skip = std::env::var("SGLP_SKIP_WGMMA").as_deref() == Ok("1");
     all.iter()
         .copied()
-        .filter(|&g| !(skip && g == sglp_engine::similarity::cuda::GramKernel::Wgmma))
+        .filter(|&g| !(skip && g.is_wgmma()))
         .collect()
 }
 
@@ -570,7 +570,8 @@ fn feature_route_on_the_gpu_matches_the_cpu() {
 }
 
 /// The candidate tensor-core Gram kernels (`GramKernel::MmaPipelined`: cp.async pipeline, ldmatrix;
-/// `GramKernel::Wgmma`: Hopper's warpgroup MMA from swizzled shared memory, 3 stages) on 16-bit layers:
+/// `GramKernel::Wgmma` / `WgmmaTma`: Hopper's warpgroup MMA from swizzled shared memory, 3 stages filled by
+/// cp.async / by TMA) on 16-bit layers:
 /// aligned widths (their fast paths, over one and several 64-feature steps) and unaligned ones (their
 /// fallback), sizes that are not tile multiples, against the CPU as `sixteen_bit_and_mixed_dtypes`
 /// checks the default kernel.
@@ -579,7 +580,11 @@ fn candidate_gram_kernels_match_the_cpu() {
     use sglp_engine::similarity::cuda::GramKernel;
     let Some(mut gpu) = gpu_or_skip() else { return };
     let seed: u64 = rand::rng().random();
-    for gram in gram_kernels(&[GramKernel::MmaPipelined, GramKernel::Wgmma]) {
+    for gram in gram_kernels(&[
+        GramKernel::MmaPipelined,
+        GramKernel::Wgmma,
+        GramKernel::WgmmaTma,
+    ]) {
         gpu.set_gram_kernel(gram);
         for (i, rows) in [37usize, 128, 300].into_iter().enumerate() {
             let layers = [
@@ -623,7 +628,12 @@ fn split_k_gram_launches_match_the_cpu_and_repeat_bit_for_bit() {
         (64, DType::F16),
         (392, DType::BF16),
     ];
-    for gram in gram_kernels(&[GramKernel::Mma, GramKernel::MmaPipelined, GramKernel::Wgmma]) {
+    for gram in gram_kernels(&[
+        GramKernel::Mma,
+        GramKernel::MmaPipelined,
+        GramKernel::Wgmma,
+        GramKernel::WgmmaTma,
+    ]) {
         gpu.set_gram_kernel(gram);
         for (i, (rows, splits)) in [(37usize, 2usize), (150, 3), (37, 5)]
             .into_iter()
@@ -817,7 +827,12 @@ fn every_stage_matches_its_cpu_twin() {
     let layers = EVERY_DTYPE;
     let seed: u64 = rand::rng().random();
     let batch = random_batch(seed, 150, &layers);
-    for gram in gram_kernels(&[GramKernel::Mma, GramKernel::MmaPipelined, GramKernel::Wgmma]) {
+    for gram in gram_kernels(&[
+        GramKernel::Mma,
+        GramKernel::MmaPipelined,
+        GramKernel::Wgmma,
+        GramKernel::WgmmaTma,
+    ]) {
         gpu.set_gram_kernel(gram);
         for estimator in [Estimator::Unbiased, Estimator::Biased] {
             for kernel in [Kernel::Linear, Kernel::Rbf { threshold: 1.0 }] {

@@ -98,36 +98,50 @@ fn every_compiled_kernel_takes_the_declared_parameters() {
     eprintln!("{checked} kernels: PTX parameters as declared");
 }
 
-/// gram_wgmma is warpgroup MMA on sm_90a (the 128-wide product, and the fences and waits around it) and a
-/// trap on any other architecture, where the host never launches it.
+/// gram_wgmma and gram_wgmma_tma are warpgroup MMA on sm_90a (the 128-wide product, the fences and waits
+/// around it; stages filled by cp.async, or by TMA copies on mbarriers) and a trap on any other
+/// architecture, where the host never launches them.
 #[test]
-fn the_wgmma_gram_is_built_for_sm90a_only() {
+fn the_wgmma_grams_are_built_for_sm90a_only() {
     if !nvrtc_or_skip() {
         return;
     }
-    let entry = |ptx: &str| -> String {
-        let start = ptx.find(".entry gram_wgmma").expect("gram_wgmma entry");
+    // The PTX of entry `name` (up to the next entry).
+    let entry = |ptx: &str, name: &str| -> String {
+        let start = ptx
+            .find(&format!(".entry {name}("))
+            .unwrap_or_else(|| panic!("no entry {name}"));
         let rest = &ptx[start..];
         let end = rest[1..].find(".entry").map_or(rest.len(), |e| e + 1);
         rest[..end].to_string()
     };
-    let hopper = entry(&nvrtc::compile_ptx("gram_linear.cu", "compute_90a").unwrap());
-    for needle in [
+    let hopper = nvrtc::compile_ptx("gram_linear.cu", "compute_90a").unwrap();
+    let plain = nvrtc::compile_ptx("gram_linear.cu", "compute_90").unwrap();
+    let wgmma = [
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
         "wgmma.fence.sync.aligned",
         "wgmma.commit_group.sync.aligned",
         "wgmma.wait_group.sync.aligned",
-        "fence.proxy.async.shared::cta",
-        "cp.async.cg.shared.global",
-    ] {
-        assert!(hopper.contains(needle), "sm_90a gram_wgmma lacks {needle}");
+    ];
+    let cp_async = ["fence.proxy.async.shared::cta", "cp.async.cg.shared.global"];
+    let tma = [
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
+        "mbarrier.init.shared::cta.b64",
+        "mbarrier.arrive.expect_tx.shared::cta.b64",
+        "mbarrier.try_wait.parity.shared::cta.b64",
+    ];
+    for (name, own) in [("gram_wgmma", &cp_async[..]), ("gram_wgmma_tma", &tma[..])] {
+        let h = entry(&hopper, name);
+        for needle in wgmma.iter().chain(own) {
+            assert!(h.contains(needle), "sm_90a {name} lacks {needle}");
+        }
+        let p = entry(&plain, name);
+        assert!(
+            !p.contains("wgmma.") && p.contains("trap"),
+            "{name} on compute_90:\n{p}"
+        );
     }
-    let plain = entry(&nvrtc::compile_ptx("gram_linear.cu", "compute_90").unwrap());
-    assert!(
-        !plain.contains("wgmma.") && plain.contains("trap"),
-        "{plain}"
-    );
 }
 
 #[test]

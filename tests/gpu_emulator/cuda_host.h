@@ -81,6 +81,11 @@ unsigned shared_offset(const void* p);
 void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b);
 void wgmma_commit();
 void wgmma_wait(int pending);
+// mbarriers and TMA (cp.async.bulk.tensor.2d), by shared offset.
+void mbar_init(unsigned off, unsigned count);
+void mbar_arrive_expect_tx(unsigned off, unsigned bytes);
+bool mbar_try_wait(unsigned off, unsigned parity);
+void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar);
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx())
@@ -245,4 +250,15 @@ static inline void wgmma_wait() {
 template <int DT>
 static inline void wgmma_m64n128k16(float* d, unsigned long long desc_a, unsigned long long desc_b) {
     emu::wgmma_issue(DT, d, desc_a, desc_b);
+}
+static inline void mbar_init(unsigned long long* bar, unsigned count) { emu::mbar_init(smem_addr(bar), count); }
+static inline void fence_mbar_init() {}
+static inline void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    emu::mbar_arrive_expect_tx(smem_addr(bar), bytes);
+}
+static inline bool mbar_try_wait(unsigned long long* bar, unsigned parity) {
+    return emu::mbar_try_wait(smem_addr(bar), parity);
+}
+static inline void tma_load_2d(void* dst, const void* map, int c0, int c1, unsigned long long* bar) {
+    emu::tma_load_2d(smem_addr(dst), map, c0, c1, smem_addr(bar));
 }

@@ -446,6 +446,29 @@ API cuFuncSetAttribute(CUfunction f, int attribute, int value) {
 }
 API cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 
+// Tensor maps: the 128 opaque bytes hold runtime.cpp's EmuTensorMap (what its TMA twin reads). Only what
+// the engine encodes is accepted: 2-D, 16-bit elements, no interleave, 128-byte swizzle of 128-byte box
+// rows; the checks the driver makes (alignment, strides) are made here too.
+API cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* address, const unsigned long long* dims,
+                           const unsigned long long* strides, const unsigned* box, const unsigned* elem_strides,
+                           int interleave, int swizzle, int /*l2*/, int oob_fill) {
+    if (!map || (uintptr_t)map % 64 != 0 || rank != 2 || dtype != 1 /* UINT16 */ || interleave != 0 ||
+        swizzle != 3 || oob_fill != 0 || (uintptr_t)address % 16 != 0 || strides[0] % 16 != 0 ||
+        strides[0] < dims[0] * 2 || box[0] * 2 != 128 || box[1] == 0 || box[1] > 256 || elem_strides[0] != 1 ||
+        elem_strides[1] != 1) {
+        fprintf(stderr, "gpu emulator: cuTensorMapEncodeTiled: arguments it does not emulate or the driver refuses\n");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    struct {
+        unsigned long long magic, address, dims[2], stride;
+        unsigned box[2], elem_bytes, swizzle;
+    } m = {0x50414d54504c4753ull, (unsigned long long)(uintptr_t)address, {dims[0], dims[1]}, strides[0],
+           {box[0], box[1]}, 2, 3};
+    memset(map, 0, 128);
+    memcpy(map, &m, sizeof m);
+    return CUDA_SUCCESS;
+}
+
 API cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                    unsigned shared_bytes, CUstream s, void** params, void** extra) {
     LOCK;

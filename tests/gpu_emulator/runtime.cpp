@@ -21,7 +21,8 @@ namespace emu {
 
 namespace {
 
-enum State { RUNNABLE, AT_BLOCK, AT_WARP, DONE };
+// AT_MBAR: waiting for an mbarrier phase (a failed try_wait), retried once the other warps have run.
+enum State { RUNNABLE, AT_BLOCK, AT_WARP, AT_MBAR, DONE };
 
 struct Copy {
     void* dst;
@@ -127,6 +128,7 @@ struct Thread {
 
 Thread* current = nullptr;
 dim3 grid_dim, block_dim, block_idx;
+void reset_mbarriers();
 
 namespace {
 
@@ -148,9 +150,16 @@ unsigned char* slot(unsigned parity, int warp, int lane) {
     return &slots[(((size_t)(parity & 1) * warps_in_block + warp) * 32 + lane) * SLOT_BYTES];
 }
 
+// Progress of the running block, for the mbarrier hang check: bumped when a thread reaches a barrier or
+// its end, and when an mbarrier phase completes.
+unsigned long long progress_count = 0, last_progress = ~0ull;
+int stalled_rounds = 0;
+unsigned long long progress() { return progress_count; }
+
 // Pending cp.async groups of a thread that ends are dropped when run_block starts the next block.
 void thread_main() {
     (*running_call)();
+    ++progress_count;
     current->state = DONE;
     switch_to(&current->ctx, &scheduler);  // never resumed
 }
@@ -189,6 +198,9 @@ std::vector<int> schedule_order(int n, unsigned long long launch_no) {
 // has yet to read, sees or leaves the wrong data. False on a deadlock.
 bool run_block(const std::vector<int>& warp_order, const std::vector<int>& lane_order, std::string& error) {
     const int n = (int)threads.size();
+    last_progress = ~0ull;
+    stalled_rounds = 0;
+    reset_mbarriers();
     for (Thread& t : threads) {
         start_context(&t.ctx, t.stack, STACK_BYTES, thread_main);
         t.state = RUNNABLE;
@@ -229,9 +241,26 @@ bool run_block(const std::vector<int>& warp_order, const std::vector<int>& lane_
                 for (int l = 0; l < lanes; ++l) threads[w * 32 + l].state = RUNNABLE;
             }
         }
-        int done = 0;
-        for (const Thread& t : threads) done += t.state == DONE;
+        int done = 0, at_mbar = 0;
+        for (const Thread& t : threads) {
+            done += t.state == DONE;
+            at_mbar += t.state == AT_MBAR;
+        }
         if (done == n) return true;
+        if (at_mbar > 0) {
+            // Threads waiting for an mbarrier phase retry; those at __syncthreads go on waiting. A round in
+            // which no phase completed and no thread got further is a hang on a GPU too.
+            const unsigned long long seen = progress();
+            if (seen == last_progress && stalled_rounds++ > 0) {
+                error = std::to_string(at_mbar) + " threads wait for an mbarrier phase that nothing completes";
+                return false;
+            }
+            if (seen != last_progress) stalled_rounds = 0;
+            last_progress = seen;
+            for (Thread& t : threads)
+                if (t.state == AT_MBAR) t.state = RUNNABLE;
+            continue;
+        }
         // Every thread not done waits at __syncthreads now (the warps' loops above end no other way).
         for (Thread& t : threads)
             if (t.state == AT_BLOCK) t.state = RUNNABLE;
@@ -244,7 +273,10 @@ const dim3& thread_idx() { return current->tid; }
 
 int lane() { return current->linear & 31; }
 
-void sync_block() { yield(AT_BLOCK); }
+void sync_block() {
+    ++progress_count;
+    yield(AT_BLOCK);
+}
 
 void warp_gather(const void* in, void* all, int bytes) {
     const int w = current->linear >> 5, l = current->linear & 31;
@@ -377,6 +409,109 @@ void run_mma(const Mma& m) {
         }
 }
 }  // namespace
+
+// ---- mbarriers and TMA copies. A barrier is known by its shared offset; its phase completes when its
+// pending arrivals reach zero and every byte announced with expect_tx has landed. TMA copies land at the
+// first wait on their barrier (lazy; a read of the stage before that wait sees stale data) or at once
+// (SGLP_EMU_CP_ASYNC=eager).
+namespace {
+struct TmaCopy {
+    unsigned dst;  // shared offset
+    const unsigned char* map;
+    int c0, c1;
+};
+struct Mbarrier {
+    unsigned count = 0, pending = 0, phase = 0;
+    long long tx = 0;
+    std::vector<TmaCopy> copies;
+};
+std::map<unsigned, Mbarrier>& mbarriers() {
+    static auto& m = *new std::map<unsigned, Mbarrier>();
+    return m;
+}
+
+// The tensor map the emulated driver's cuTensorMapEncodeTiled writes (driver.cpp) into the 128 bytes.
+struct EmuTensorMap {
+    unsigned long long magic;  // "SGLPTMAP"
+    unsigned long long address;
+    unsigned long long dims[2], stride;
+    unsigned box[2], elem_bytes, swizzle;
+};
+constexpr unsigned long long TENSOR_MAP_MAGIC = 0x50414d54504c4753ull;
+
+Mbarrier& barrier_at(unsigned off, const char* what) {
+    auto it = mbarriers().find(off);
+    if (it == mbarriers().end()) wgmma_fault(std::string(what) + " on shared offset " + std::to_string(off) + ", not an initialised mbarrier");
+    return it->second;
+}
+
+void complete_if_done(Mbarrier& b) {
+    if (b.pending == 0 && b.tx == 0) {
+        b.phase ^= 1;
+        b.pending = b.count;
+        ++progress_count;
+    }
+}
+
+// One box of the map into shared memory at `c.dst`, 128-byte swizzled as TMA's SWIZZLE_128B writes it
+// (16-byte chunk index XOR the row within the 1024-byte atom); zeros outside the tensor.
+void run_tma(Mbarrier& b, const TmaCopy& c) {
+    EmuTensorMap m;
+    memcpy(&m, c.map, sizeof m);
+    if (m.magic != TENSOR_MAP_MAGIC) wgmma_fault("cp.async.bulk.tensor through memory that holds no tensor map");
+    const size_t row_bytes = (size_t)m.box[0] * m.elem_bytes;
+    if (m.swizzle != 3 || row_bytes != 128) wgmma_fault("only 128-byte swizzled boxes of 128-byte rows are emulated");
+    if (c.dst % 128 != 0) wgmma_fault("TMA destination not 128-byte aligned");
+    const size_t bytes = row_bytes * m.box[1];
+    if (c.dst + bytes > window_bytes) wgmma_fault("TMA box past the end of dynamic shared memory");
+    for (unsigned r = 0; r < m.box[1]; ++r)
+        for (unsigned e = 0; e < m.box[0]; ++e) {
+            const long long x = (long long)c.c0 + e, y = (long long)c.c1 + r;
+            unsigned char v[8] = {0};
+            if (x >= 0 && y >= 0 && (unsigned long long)x < m.dims[0] && (unsigned long long)y < m.dims[1])
+                memcpy(v, (const unsigned char*)m.address + (size_t)y * m.stride + (size_t)x * m.elem_bytes, m.elem_bytes);
+            size_t off = c.dst + r * row_bytes + e * m.elem_bytes;
+            off ^= ((off >> 7) & 7) << 4;
+            memcpy(window + off, v, m.elem_bytes);
+        }
+    b.tx -= (long long)bytes;
+    complete_if_done(b);
+}
+}  // namespace
+
+void reset_mbarriers() { mbarriers().clear(); }
+
+void mbar_init(unsigned off, unsigned count) {
+    if (off % 8 != 0) wgmma_fault("mbarrier not 8-byte aligned");
+    mbarriers()[off] = Mbarrier{count, count, 0, 0, {}};
+}
+
+void mbar_arrive_expect_tx(unsigned off, unsigned bytes) {
+    Mbarrier& b = barrier_at(off, "mbarrier.arrive.expect_tx");
+    b.tx += bytes;
+    if (b.pending == 0) wgmma_fault("an arrival on an mbarrier phase that has all its arrivals");
+    --b.pending;
+    complete_if_done(b);
+}
+
+void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar) {
+    Mbarrier& b = barrier_at(bar, "cp.async.bulk.tensor");
+    const TmaCopy c{dst, (const unsigned char*)map, c0, c1};
+    if (eager_copies())
+        run_tma(b, c);
+    else
+        b.copies.push_back(c);
+}
+
+bool mbar_try_wait(unsigned off, unsigned parity) {
+    Mbarrier& b = barrier_at(off, "mbarrier.try_wait");
+    std::vector<TmaCopy> copies;
+    copies.swap(b.copies);
+    for (const TmaCopy& c : copies) run_tma(b, c);
+    if (b.phase != parity) return true;
+    yield(AT_MBAR);  // let the other warps run (their arrivals or copies may complete it), then retry
+    return false;
+}
 
 unsigned char* dynamic_shared() {
     if (window_bytes == 0) {

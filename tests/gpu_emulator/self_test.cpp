@@ -22,6 +22,10 @@ extern "C" CUresult cuStreamSynchronize(void* s);
 extern "C" CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t bytes, void* s);
 extern "C" CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t bytes, void* s);
 extern "C" CUresult cuModuleGetFunction(void** f, void* module, const char* name);
+extern "C" CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* address,
+                                           const unsigned long long* dims, const unsigned long long* strides,
+                                           const unsigned* box, const unsigned* elem_strides, int interleave,
+                                           int swizzle, int l2, int oob_fill);
 extern "C" CUresult cuFuncSetAttribute(void* f, int attribute, int value);
 extern "C" CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                    unsigned bz, unsigned shared_bytes, void* s, void** params, void** extra);
@@ -117,6 +121,32 @@ extern "C" __global__ void one_wgmma(const unsigned short* a, const unsigned sho
     if (!wait) wgmma_wait<0>();
 }
 
+// One TMA box (64 × 128 16-bit values at column c0, row c1 of the map's tensor) into dynamic shared
+// memory, completing on an mbarrier; every thread then reads back its rows, unswizzling, waiting on the
+// barrier first or not. out[r·64 + e] = element (c0 + e, c1 + r) as the box holds it.
+extern "C" __global__ void one_tma(const void* map, int c0, int c1, int wait, unsigned short* out) {
+    unsigned char* smem = emu::dynamic_shared();
+    unsigned long long* bar = (unsigned long long*)(smem + 16384);
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        mbar_arrive_expect_tx(bar, 16384);
+        tma_load_2d(smem, map, c0, c1, bar);
+    }
+    __syncthreads();
+    if (wait)
+        while (!mbar_try_wait(bar, 0)) {
+        }
+    for (int r = threadIdx.x; r < 128; r += blockDim.x)
+        for (int e = 0; e < 64; ++e) {
+            size_t off = (size_t)r * 128 + (size_t)e * 2;
+            off ^= ((off >> 7) & 7) << 4;
+            memcpy(&out[r * 64 + e], smem + off, 2);
+        }
+    if (!wait)
+        while (!mbar_try_wait(bar, 0)) {
+        }
+}
+
 // Reads shared memory that this block has not written.
 extern "C" __global__ void read_unwritten(int write_first, float* out) {
     __shared__ float s[32];
@@ -141,6 +171,7 @@ SGLP_EMU_REGISTER(shuffle_after_exit)
 SGLP_EMU_REGISTER(warp_sum)
 SGLP_EMU_REGISTER(one_mma)
 SGLP_EMU_REGISTER(one_wgmma)
+SGLP_EMU_REGISTER(one_tma)
 SGLP_EMU_REGISTER(read_unwritten)
 SGLP_EMU_REGISTER(write_past_end)
 
@@ -271,6 +302,34 @@ int main() {
         waitpid(pid, &status, 0);
         check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
               "a launch with 64 KiB of dynamic shared memory fails until the kernel's limit is raised");
+    }
+    {  // TMA: a 128-byte-swizzled box, zeros past the tensor, landing at the mbarrier wait (lazy copies)
+        const unsigned long long rows = 100, cols = 72;  // the box at (40, 30) runs past both edges
+        std::vector<unsigned short> x(rows * cols);
+        for (size_t i = 0; i < x.size(); ++i) x[i] = (unsigned short)(i * 7 + 1);
+        alignas(64) unsigned char map[128];
+        const unsigned long long dims[2] = {cols, rows}, strides[1] = {cols * 2};
+        const unsigned box[2] = {64, 128}, elem_strides[2] = {1, 1};
+        const int encoded = cuTensorMapEncodeTiled(map, 1, 2, x.data(), dims, strides, box, elem_strides, 0, 3, 3, 0);
+        std::vector<unsigned short> out(128 * 64);
+        const void* mp = map;
+        unsigned short* op = out.data();
+        int c0 = 40, c1 = 30, wait = 1, no_wait = 0;
+        run("one_tma", 64, {&mp, &c0, &c1, &wait, &op}, "forward", "lazy", nullptr, 16384 + 64);
+        bool right = encoded == 0;
+        for (int r = 0; r < 128; ++r)
+            for (int e = 0; e < 64; ++e) {
+                const unsigned long long gx = c0 + e, gy = c1 + r;
+                const unsigned short want = gx < cols && gy < rows ? x[gy * cols + gx] : 0;
+                right &= out[r * 64 + e] == want;
+            }
+        check(right, "a TMA box lands 128-byte swizzled, zeros past the tensor's edges, at the mbarrier wait");
+        run("one_tma", 64, {&mp, &c0, &c1, &no_wait, &op}, "forward", "lazy", nullptr, 16384 + 64);
+        // Thread 0 reads its rows (0 and 64) before any thread has waited: shared memory's NaN fill. (The
+        // lanes after it run once thread 0's wait has landed the box.)
+        bool stale = true;
+        for (int e = 0; e < 64; ++e) stale &= out[e] == 0xffff && out[64 * 64 + e] == 0xffff;
+        check(stale, "a read of a TMA stage before its mbarrier wait sees stale data (lazy copies)");
     }
     {  // in a child (the eager mode is read once; a fault kills the process)
         std::vector<float> in(512);

@@ -413,6 +413,9 @@ signatures! {
     GramFma(input: In<u8>, layers: In<LayerDescWords>, n: i32, plane: u64, k: Out<f32>);
     /// gram_mma, gram_mma_pipelined, gram_wgmma
     GramMma(input: In<u8>, layers: In<LayerDescWords>, n: i32, as_f16: i32, plane: u64, k: Out<f32>);
+    /// gram_wgmma_tma (maps: the launch's CUtensorMaps, 128 bytes a layer)
+    GramWgmmaTma(input: In<u8>, layers: In<LayerDescWords>, n: i32, as_f16: i32, plane: u64, maps: In<u8>,
+                 k: Out<f32>);
     /// gram_reduce_splits
     GramReduceSplits(k: Out<f32>, plane: u64, splits: i32);
     /// gram_row_sums
@@ -521,6 +524,7 @@ kernel_table! {
             gram_mma: GramMma,
             gram_mma_pipelined: GramMma,
             gram_wgmma: GramMma,
+            gram_wgmma_tma: GramWgmmaTma,
             gram_reduce_splits: GramReduceSplits,
         }
         "gram_centre.cu" => {

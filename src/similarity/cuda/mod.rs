@@ -394,15 +394,17 @@ pub(crate) fn block_holding<T: PageLocked>(blocks: &[Weak<T>], bytes: &[u8]) -> 
 
 /// The kernel of the 16-bit (tensor-core) Grams: `gram_mma` (registers staging, 32-bit fragment loads),
 /// the candidate `gram_mma_pipelined` (cp.async double buffering, ldmatrix) or, on Hopper (sm_90a), the
-/// candidate `gram_wgmma` (warpgroup MMA from 128-byte-swizzled shared memory, 3 cp.async stages). None
+/// candidates `gram_wgmma` (warpgroup MMA from 128-byte-swizzled shared memory, 3 stages filled by
+/// cp.async) and `gram_wgmma_tma` (the same, the stages filled by TMA copies through tensor maps). None
 /// has been timed on a GPU yet: the default stays `gram_mma` until the benchmark says otherwise;
-/// `SGLP_GRAM_KERNEL=pipelined` or `=wgmma` (or [`CudaBackend::set_gram_kernel`]) selects another.
-/// `Wgmma` on a device without it runs `gram_mma`.
+/// `SGLP_GRAM_KERNEL=pipelined`, `=wgmma` or `=wgmma_tma` (or [`CudaBackend::set_gram_kernel`]) selects
+/// another. The wgmma kernels on a device without wgmma run `gram_mma`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GramKernel {
     Mma,
     MmaPipelined,
     Wgmma,
+    WgmmaTma,
 }
 
 impl GramKernel {
@@ -410,14 +412,60 @@ impl GramKernel {
         match std::env::var("SGLP_GRAM_KERNEL").as_deref() {
             Ok("pipelined") => GramKernel::MmaPipelined,
             Ok("wgmma") => GramKernel::Wgmma,
+            Ok("wgmma_tma") => GramKernel::WgmmaTma,
             _ => GramKernel::Mma,
         }
     }
+
+    /// Whether this is one of the Hopper (wgmma) kernels.
+    pub fn is_wgmma(self) -> bool {
+        matches!(self, GramKernel::Wgmma | GramKernel::WgmmaTma)
+    }
 }
 
-/// Dynamic shared memory of a `gram_wgmma` block: 3 stages of 2 × 128 rows × 128 bytes, and 1 KiB to align
-/// the swizzle atoms (`GRAM_WGMMA_SHARED` in kernels/gram_linear.cu, which asserts the sum).
-const GRAM_WGMMA_SHARED: usize = 99328;
+/// Dynamic shared memory of a `gram_wgmma(_tma)` block: 3 stages of 2 × 128 rows × 128 bytes, 1 KiB to
+/// align the swizzle atoms and 64 bytes for the stages' mbarriers (`GRAM_WGMMA_SHARED` in
+/// kernels/gram_linear.cu, which asserts the sum).
+const GRAM_WGMMA_SHARED: usize = 99392;
+
+/// Bytes of one CUtensorMap (the driver's opaque 128-byte, 64-aligned object).
+const TENSOR_MAP_BYTES: usize = 128;
+
+/// The tensor map of a 16-bit layer of `rows × cols` at device address `addr` for `gram_wgmma_tma`: 2-D
+/// (features innermost, `cols·2` bytes a row), boxes of 64 features × 128 rows, 128-byte swizzle (the
+/// layout the wgmma descriptors read), zeros outside. Needs `cols % 8 == 0` and `addr % 16 == 0`.
+fn tensor_map_16bit(addr: u64, rows: usize, cols: usize) -> Result<[u8; TENSOR_MAP_BYTES]> {
+    use sys::{
+        CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+        CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let dims = [cols as u64, rows as u64];
+    let strides = [cols as u64 * 2];
+    let boxes = [64u32, 128];
+    let element_strides = [1u32, 1];
+    // SAFETY: the arrays hold `rank` (2) entries (strides rank − 1); `map` is written by the call.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            2,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result().cu("cuTensorMapEncodeTiled")?;
+    // SAFETY: initialised by the successful call (and zeroed before).
+    let map = unsafe { map.assume_init() };
+    Ok(bytemuck::cast(map.opaque))
+}
 
 /// Device time of the stages of the last batch (with profiling on), in milliseconds: the sums of their
 /// kernels' times ([`CudaBackend::last_kernel_times`]). `wall_ms` is the host time of the whole
@@ -440,7 +488,9 @@ impl StageTimes {
         for k in times {
             let stage = match k.kernel {
                 "column_centre" | "column_to_f16" | "gram_fma" | "gram_mma"
-                | "gram_mma_pipelined" | "gram_wgmma" | "gram_reduce_splits" => &mut t.gram_ms,
+                | "gram_mma_pipelined" | "gram_wgmma" | "gram_wgmma_tma" | "gram_reduce_splits" => {
+                    &mut t.gram_ms
+                }
                 "hsic_pairs" | "hsic_reduce_splits" => &mut t.pairs_ms,
                 // RBF and the centring.
                 _ => &mut t.centre_ms,
@@ -497,6 +547,7 @@ impl CudaBackend {
         let wgmma = arch == "sm_90a";
         if wgmma {
             k.gram_wgmma.allow_dynamic_shared(GRAM_WGMMA_SHARED)?;
+            k.gram_wgmma_tma.allow_dynamic_shared(GRAM_WGMMA_SHARED)?;
         }
         Ok(CudaBackend {
             wgmma,
@@ -978,6 +1029,20 @@ impl CudaBackend {
         }
         let chunks = plan::chunks(sizes, start, end, ws.plan.stage_bytes, ws.plan.gram_layers);
         let (descs, spans) = layer_tables(batch, &chunks);
+        // The tensor maps of `slot`'s layers (gram_wgmma_tma), uploaded.
+        let maps_of = |slot: &CudaSlice<u8>| -> Result<CudaSlice<u8>> {
+            let base = {
+                let (ptr, _record) = slot.device_ptr(&self.compute);
+                ptr
+            };
+            let bytes = tensor_maps(&descs, base, batch.rows())?;
+            self.compute.clone_htod(&bytes).cu("uploading tensor maps")
+        };
+        let maps = if self.wgmma {
+            Some([maps_of(&ws.dev_in[0])?, maps_of(&ws.dev_in[1])?])
+        } else {
+            None
+        };
         let descs = self
             .compute
             .clone_htod(&descs)
@@ -986,6 +1051,7 @@ impl CudaBackend {
             (start, end),
             Tables {
                 descs,
+                maps,
                 chunks,
                 spans,
             },
@@ -1142,23 +1208,55 @@ impl CudaBackend {
             if n_mma > 0 {
                 // The 16-bit layers are f16 now, whatever their table's dtype (which column_to_f16 read).
                 let as_f16 = 1i32;
-                let (f, shared) = match (self.gram_kernel, self.wgmma) {
-                    (GramKernel::MmaPipelined, _) => (&self.k.gram_mma_pipelined, 0),
-                    (GramKernel::Wgmma, true) => (&self.k.gram_wgmma, GRAM_WGMMA_SHARED),
-                    (GramKernel::Mma | GramKernel::Wgmma, _) => (&self.k.gram_mma, 0),
-                };
                 let mut cfg = grid(tri(n.div_ceil(128)), n_mma, splits, 256);
-                cfg.shared_mem_bytes = shared as u32;
-                f.launch(
-                    &self.compute,
-                    cfg,
-                    &ws.dev_in[slot],
-                    &sixteen,
-                    n_i,
-                    as_f16,
-                    plane,
-                    &mut ws.gram,
-                )?;
+                let kernel = match self.gram_kernel {
+                    k if k.is_wgmma() && !self.wgmma => GramKernel::Mma,
+                    k => k,
+                };
+                if kernel.is_wgmma() {
+                    cfg.shared_mem_bytes = GRAM_WGMMA_SHARED as u32;
+                }
+                match kernel {
+                    GramKernel::WgmmaTma => {
+                        let maps = ws.tables[ti]
+                            .1
+                            .maps
+                            .as_ref()
+                            .expect("tensor maps with wgmma");
+                        let maps = maps[slot].slice(
+                            (first + n_fma) * TENSOR_MAP_BYTES
+                                ..(first + n_fma + n_mma) * TENSOR_MAP_BYTES,
+                        );
+                        self.k.gram_wgmma_tma.launch(
+                            &self.compute,
+                            cfg,
+                            &ws.dev_in[slot],
+                            &sixteen,
+                            n_i,
+                            as_f16,
+                            plane,
+                            &maps,
+                            &mut ws.gram,
+                        )?;
+                    }
+                    GramKernel::Mma | GramKernel::MmaPipelined | GramKernel::Wgmma => {
+                        let f = match kernel {
+                            GramKernel::MmaPipelined => &self.k.gram_mma_pipelined,
+                            GramKernel::Wgmma => &self.k.gram_wgmma,
+                            _ => &self.k.gram_mma,
+                        };
+                        f.launch(
+                            &self.compute,
+                            cfg,
+                            &ws.dev_in[slot],
+                            &sixteen,
+                            n_i,
+                            as_f16,
+                            plane,
+                            &mut ws.gram,
+                        )?;
+                    }
+                }
             }
             if splits > 1 {
                 self.k.gram_reduce_splits.launch(
@@ -1396,6 +1494,9 @@ fn check_nonfinite(flags: &[u64], names: Option<&[String]>) -> Result<()> {
 /// The layer tables of one block of layers, on the device, with its upload chunks.
 struct Tables {
     descs: CudaSlice<u64>,
+    /// With wgmma: per upload slot, a tensor map per table entry (`gram_wgmma_tma`; zeros for entries it
+    /// does not read through one).
+    maps: Option<[CudaSlice<u8>; 2]>,
     chunks: Vec<plan::Chunk>,
     spans: Vec<ChunkSpan>,
 }
@@ -1451,6 +1552,22 @@ fn layer_tables(batch: Input<'_>, chunks: &[plan::Chunk]) -> (Vec<u64>, Vec<Chun
         });
     }
     (descs, spans)
+}
+
+/// The tensor maps of a table's entries (`layer_tables`' 3 words each) for the upload slot at device
+/// address `base`: each 16-bit layer whose rows `gram_wgmma_tma` reads by TMA (16-byte aligned,
+/// `cols % 8 == 0`) gets its map, the others zeros (that kernel stages them otherwise).
+fn tensor_maps(descs: &[u64], base: u64, rows: usize) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; descs.len() / 3 * TENSOR_MAP_BYTES];
+    for (e, d) in descs.chunks_exact(3).enumerate() {
+        let (in_off, cols, code) = (d[0], (d[2] & 0xffff_ffff) as usize, d[2] >> 32);
+        let sixteen = code == dtype_code(DType::F16) || code == dtype_code(DType::BF16);
+        if sixteen && cols % 8 == 0 && in_off % 16 == 0 && rows > 0 {
+            let map = tensor_map_16bit(base + in_off, rows, cols)?;
+            out[e * TENSOR_MAP_BYTES..(e + 1) * TENSOR_MAP_BYTES].copy_from_slice(&map);
+        }
+    }
+    Ok(out)
 }
 
 /// Copy layers `[start, end)` of the batch into the staging slot (layer l at its 16-byte-aligned offset,
