@@ -421,6 +421,16 @@ impl GramKernel {
     pub fn is_wgmma(self) -> bool {
         matches!(self, GramKernel::Wgmma | GramKernel::WgmmaTma)
     }
+
+    /// The kernel's name (its `extern "C"` symbol in kernels/gram_linear.cu).
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            GramKernel::Mma => "gram_mma",
+            GramKernel::MmaPipelined => "gram_mma_pipelined",
+            GramKernel::Wgmma => "gram_wgmma",
+            GramKernel::WgmmaTma => "gram_wgmma_tma",
+        }
+    }
 }
 
 /// Dynamic shared memory of a `gram_wgmma(_tma)` block: 3 stages of 2 × 128 rows × 128 bytes, 1 KiB to
@@ -616,6 +626,15 @@ impl CudaBackend {
     /// Choose the 16-bit Gram kernel (see [`GramKernel`]).
     pub fn set_gram_kernel(&mut self, kernel: GramKernel) {
         self.gram_kernel = kernel;
+    }
+
+    /// The 16-bit Gram kernel launches use: the chosen one, or `gram_mma` for a wgmma kernel on a device
+    /// without wgmma.
+    pub fn gram_kernel_in_use(&self) -> GramKernel {
+        match self.gram_kernel {
+            k if k.is_wgmma() && !self.wgmma => GramKernel::Mma,
+            k => k,
+        }
     }
 
     /// Fix the split-K factor of every Gram launch (`None`: [`plan::gram_splits`] chooses per launch;
@@ -1209,10 +1228,7 @@ impl CudaBackend {
                 // The 16-bit layers are f16 now, whatever their table's dtype (which column_to_f16 read).
                 let as_f16 = 1i32;
                 let mut cfg = grid(tri(n.div_ceil(128)), n_mma, splits, 256);
-                let kernel = match self.gram_kernel {
-                    k if k.is_wgmma() && !self.wgmma => GramKernel::Mma,
-                    k => k,
-                };
+                let kernel = self.gram_kernel_in_use();
                 if kernel.is_wgmma() {
                     cfg.shared_mem_bytes = GRAM_WGMMA_SHARED as u32;
                 }

@@ -32,6 +32,8 @@ pub struct StageOutputs {
     pub exponent: Vec<i32>,
     /// Per layer, `n × n`: the Gram of the centred values (in their units).
     pub gram: Vec<Vec<f32>>,
+    /// The kernel that computed the 16-bit layers' Grams (`gram_mma` for the twins).
+    pub gram_16bit: &'static str,
     /// With the RBF kernel, per layer, `n × n`: the kernel matrix the centring reads.
     pub rbf: Option<Vec<Vec<f32>>>,
     /// Per layer: its row of G, the centred matrix's lower triangle packed (`n(n+1)/2` values).
@@ -130,6 +132,7 @@ impl CudaBackend {
                 .collect();
             let exponent = (0..l).map(|y| scale[2 * y + 1] as i32).collect();
             Ok(StageOutputs {
+                gram_16bit: self.gram_kernel_in_use().kernel_name(),
                 n,
                 centred,
                 exponent,
@@ -288,7 +291,7 @@ pub fn check_stages(
         });
         checks.push(StageCheck {
             stage: gram,
-            kernels: gram,
+            kernels: if sixteen { out.gram_16bit } else { gram },
             rel_err: worst(&mut layers.iter().map(|&y| {
                 let want = gram_twin(&out.centred[y], n, batch.layers[y].cols);
                 rel_err(out.gram[y].iter().map(|&v| v as f64), &want)
@@ -397,6 +400,7 @@ pub fn reference_with(
     let mut pairs = pairs_twin(&packed.iter().map(|r| as_f64(r)).collect::<Vec<_>>());
     tamper("pairs", 0, &mut pairs);
     StageOutputs {
+        gram_16bit: "gram_mma",
         n,
         centred,
         exponent,
