@@ -11,7 +11,8 @@
 //! reads), after validating each workload's first batch against the CPU backend (max |ΔCKA| and the
 //! relative HSIC difference go into the JSON; over 1e-4 is reported on stderr). `SGLP_BENCH_SMOKE=1`
 //! shrinks both workloads to a few small layers (a plumbing check, e.g. on the GPU emulator);
-//! `SGLP_BENCH_WORKLOADS=resnet_like` (comma-separated names) runs only those.
+//! `SGLP_BENCH_WORKLOADS=resnet_like` (comma-separated names) runs only those; `SGLP_BENCH_KERNELS_ONLY=1`
+//! times the per-batch path alone (no streamed, page-locked or device-resident runs).
 
 mod common;
 
@@ -169,6 +170,105 @@ fn validate(gpu: &mut CudaBackend, batch: &Batch) -> (f64, f64) {
     (dc, dh)
 }
 
+/// What the other input paths measure (none with `SGLP_BENCH_KERNELS_ONLY=1`).
+struct OtherPaths {
+    streamed_s: f64,
+    used_16: usize,
+    used_all: usize,
+    page_locked_s: Option<f64>,
+    device_resident_s: f64,
+}
+
+/// The streamed, page-locked and device-resident paths over the workload's batches (profiling off).
+fn other_paths(gpu: &mut CudaBackend, w: &Workload, data: &[Batch; 2]) -> OtherPaths {
+    // The streamed path the accumulator uses: every batch submitted into a device-resident sum, one
+    // download at the end, no host synchronisation per batch (profiling off: it would add one).
+    // Device memory after 16 and after all batches: it must not grow with the number of batches.
+    gpu.set_profiling(false);
+    let mut sum = HsicSum::new(w.widths.len());
+    let mut used_16 = 0usize;
+    let t1 = std::time::Instant::now();
+    for i in 0..w.batches {
+        gpu.submit(
+            &mut sum,
+            &data[i % 2].as_ref(),
+            Estimator::Unbiased,
+            Kernel::Linear,
+        )
+        .expect("submit");
+        if i + 1 == 16.min(w.batches) {
+            used_16 = gpu.device_memory_used().expect("memory info");
+        }
+    }
+    gpu.finish_sum(sum).expect("finish");
+    let streamed_s = t1.elapsed().as_secs_f64();
+    let used_all = gpu.device_memory_used().expect("memory info");
+    // The same from page-locked chunk buffers (what a file reader fills): each batch is uploaded from
+    // where it lies, no staging copy. The reader's own copy into the buffer is timed here too, on this
+    // thread (a reader thread does it in `compute_cka`; `streamed_total_s` starts from heap batches),
+    // so this is an upper bound of the path's cost.
+    let metas: Vec<LayerMeta> = w
+        .widths
+        .iter()
+        .enumerate()
+        .map(|(i, &cols)| LayerMeta {
+            name: format!("l{i}"),
+            cols,
+            dtype: w.dtype,
+            shape: vec![w.rows, cols],
+        })
+        .collect();
+    let mut buffers: Vec<Batch> = (0..2)
+        .filter_map(|_| gpu.page_locked_batch(&metas, w.rows))
+        .collect();
+    let page_locked_s = (buffers.len() == 2).then(|| {
+        let mut sum = HsicSum::new(w.widths.len());
+        let t = std::time::Instant::now();
+        for i in 0..w.batches {
+            let buf = &mut buffers[i % 2];
+            for (dst, src) in buf.layers.iter_mut().zip(&data[i % 2].layers) {
+                dst.data.clear();
+                dst.data.extend_from_slice(&src.data);
+            }
+            buf.rows = w.rows;
+            gpu.submit(&mut sum, &buf.as_ref(), Estimator::Unbiased, Kernel::Linear)
+                .expect("submit");
+        }
+        gpu.finish_sum(sum).expect("finish");
+        t.elapsed().as_secs_f64()
+    });
+    drop(buffers);
+    // Activations already on the device (computed there, or a CUDA tensor): no PCIe in the loop.
+    let on_device = [
+        gpu.upload(&data[0].as_ref()).expect("device copy"),
+        gpu.upload(&data[1].as_ref()).expect("device copy"),
+    ];
+    let mut sum = HsicSum::new(w.widths.len());
+    let t2 = std::time::Instant::now();
+    for i in 0..w.batches {
+        // SAFETY: `on_device` holds the batches on this backend's device.
+        unsafe {
+            gpu.submit_device(
+                &mut sum,
+                &on_device[i % 2].batch,
+                Estimator::Unbiased,
+                Kernel::Linear,
+            )
+        }
+        .expect("submit_device");
+    }
+    gpu.finish_sum(sum).expect("finish");
+    let device_resident_s = t2.elapsed().as_secs_f64();
+    drop(on_device);
+    OtherPaths {
+        streamed_s,
+        used_16,
+        used_all,
+        page_locked_s,
+        device_resident_s,
+    }
+}
+
 /// Every batch of every workload, validated against the CPU on its first batch, then timed per stage;
 /// JSON to `path`.
 fn json_report(gpu: &mut CudaBackend, path: &str) {
@@ -216,85 +316,10 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             .map(|(name, v)| (name.to_string(), median(v).into()))
             .collect();
         let total_s = t0.elapsed().as_secs_f64();
-        // The streamed path the accumulator uses: every batch submitted into a device-resident sum, one
-        // download at the end, no host synchronisation per batch (profiling off: it would add one).
-        // Device memory after 16 and after all batches: it must not grow with the number of batches.
-        gpu.set_profiling(false);
-        let mut sum = HsicSum::new(w.widths.len());
-        let mut used_16 = 0usize;
-        let t1 = std::time::Instant::now();
-        for i in 0..w.batches {
-            gpu.submit(
-                &mut sum,
-                &data[i % 2].as_ref(),
-                Estimator::Unbiased,
-                Kernel::Linear,
-            )
-            .expect("submit");
-            if i + 1 == 16.min(w.batches) {
-                used_16 = gpu.device_memory_used().expect("memory info");
-            }
-        }
-        gpu.finish_sum(sum).expect("finish");
-        let streamed_s = t1.elapsed().as_secs_f64();
-        let used_all = gpu.device_memory_used().expect("memory info");
-        // The same from page-locked chunk buffers (what a file reader fills): each batch is uploaded from
-        // where it lies, no staging copy. The reader's own copy into the buffer is timed here too, on this
-        // thread (a reader thread does it in `compute_cka`; `streamed_total_s` starts from heap batches),
-        // so this is an upper bound of the path's cost.
-        let metas: Vec<LayerMeta> = w
-            .widths
-            .iter()
-            .enumerate()
-            .map(|(i, &cols)| LayerMeta {
-                name: format!("l{i}"),
-                cols,
-                dtype: w.dtype,
-                shape: vec![w.rows, cols],
-            })
-            .collect();
-        let mut buffers: Vec<Batch> = (0..2)
-            .filter_map(|_| gpu.page_locked_batch(&metas, w.rows))
-            .collect();
-        let page_locked_s = (buffers.len() == 2).then(|| {
-            let mut sum = HsicSum::new(w.widths.len());
-            let t = std::time::Instant::now();
-            for i in 0..w.batches {
-                let buf = &mut buffers[i % 2];
-                for (dst, src) in buf.layers.iter_mut().zip(&data[i % 2].layers) {
-                    dst.data.clear();
-                    dst.data.extend_from_slice(&src.data);
-                }
-                buf.rows = w.rows;
-                gpu.submit(&mut sum, &buf.as_ref(), Estimator::Unbiased, Kernel::Linear)
-                    .expect("submit");
-            }
-            gpu.finish_sum(sum).expect("finish");
-            t.elapsed().as_secs_f64()
-        });
-        drop(buffers);
-        // Activations already on the device (computed there, or a CUDA tensor): no PCIe in the loop.
-        let on_device = [
-            gpu.upload(&data[0].as_ref()).expect("device copy"),
-            gpu.upload(&data[1].as_ref()).expect("device copy"),
-        ];
-        let mut sum = HsicSum::new(w.widths.len());
-        let t2 = std::time::Instant::now();
-        for i in 0..w.batches {
-            // SAFETY: `on_device` holds the batches on this backend's device.
-            unsafe {
-                gpu.submit_device(
-                    &mut sum,
-                    &on_device[i % 2].batch,
-                    Estimator::Unbiased,
-                    Kernel::Linear,
-                )
-            }
-            .expect("submit_device");
-        }
-        gpu.finish_sum(sum).expect("finish");
-        let device_resident_s = t2.elapsed().as_secs_f64();
-        drop(on_device);
+        // The other input paths (the streamed sum, page-locked buffers, activations on the device), unless
+        // only the kernels are compared (the candidates' runs of scripts/bench_gpu.py).
+        let kernels_only = std::env::var("SGLP_BENCH_KERNELS_ONLY").as_deref() == Ok("1");
+        let other = (!kernels_only).then(|| other_paths(gpu, &w, &data));
         gpu.set_profiling(true);
         let plan = gpu.memory_plan().expect("planned").clone();
         let gram_ms = median(&mut gram);
@@ -315,11 +340,11 @@ fn json_report(gpu: &mut CudaBackend, path: &str) {
             "dtype": w.dtype.name(),
             "batches": w.batches,
             "total_s": total_s,
-            "streamed_total_s": streamed_s,
-            "page_locked_total_s": page_locked_s,
-            "device_resident_total_s": device_resident_s,
-            "device_bytes_used_after_16_batches": used_16,
-            "device_bytes_used_after_all_batches": used_all,
+            "streamed_total_s": other.as_ref().map(|o| o.streamed_s),
+            "page_locked_total_s": other.as_ref().and_then(|o| o.page_locked_s),
+            "device_resident_total_s": other.as_ref().map(|o| o.device_resident_s),
+            "device_bytes_used_after_16_batches": other.as_ref().map(|o| o.used_16),
+            "device_bytes_used_after_all_batches": other.as_ref().map(|o| o.used_all),
             "batch_wall_ms_median": median(&mut wall),
             "gram_ms_median": gram_ms,
             "centre_ms_median": median(&mut centre),

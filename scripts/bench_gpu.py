@@ -74,6 +74,9 @@ ENGINE_VARIANTS = {
     "wgmma_tma": dict(SGLP_GRAM_KERNEL="wgmma_tma"),
     "no_split_k": dict(SGLP_GRAM_SPLITS="1", SGLP_BENCH_WORKLOADS="resnet_like"),
 }
+# The variants compare kernels: each times the per-batch path only (validated against the CPU first).
+for _v in ENGINE_VARIANTS.values():
+    _v["SGLP_BENCH_KERNELS_ONLY"] = "1"
 
 
 def run_engine(out_dir, bench_exe=None, variant=None):
