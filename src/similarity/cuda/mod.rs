@@ -197,16 +197,20 @@ pub(crate) fn open_gpu(ordinal: usize) -> Result<OpenGpu> {
         ctx,
         compute,
         copy,
-        // Hopper's kernels are built for sm_90a, which adds wgmma (kernels/gram_linear.cu's gram_wgmma)
-        // to sm_90; its CUBINs run on sm_90 devices only, as these are.
-        arch: if (major, minor) == (9, 0) {
-            "sm_90a".to_string()
-        } else {
-            format!("sm_{major}{minor}")
-        },
+        arch: kernel_arch(major, minor, nvrtc::nvrtc_version().ok()),
         name,
         sms,
     })
+}
+
+/// The architecture NVRTC builds a device's kernels for: `sm_XY`, except Hopper (9.0) with NVRTC 12 or
+/// newer, `sm_90a`, which adds wgmma (kernels/gram_linear.cu's gram_wgmma*); its CUBINs run on sm_90
+/// devices only, as these are. NVRTC 11.8 knows sm_90 but not sm_90a.
+fn kernel_arch(major: i32, minor: i32, nvrtc: Option<(i32, i32)>) -> String {
+    match nvrtc {
+        Some((v, _)) if (major, minor) == (9, 0) && v >= 12 => "sm_90a".to_string(),
+        _ => format!("sm_{major}{minor}"),
+    }
 }
 
 /// The embedded kernel files `files`, compiled for `arch` (from the disk cache when there) and loaded;
@@ -1833,6 +1837,16 @@ mod tests {
         fn send<T: Send>() {}
         send::<CudaBackend>();
         send::<crate::similarity::cpu::CpuBackend>();
+    }
+
+    #[test]
+    fn hopper_builds_for_sm90a_with_nvrtc_12_or_newer() {
+        assert_eq!(kernel_arch(9, 0, Some((12, 9))), "sm_90a");
+        assert_eq!(kernel_arch(9, 0, Some((13, 0))), "sm_90a");
+        assert_eq!(kernel_arch(9, 0, Some((11, 8))), "sm_90");
+        assert_eq!(kernel_arch(9, 0, None), "sm_90");
+        assert_eq!(kernel_arch(8, 0, Some((12, 9))), "sm_80");
+        assert_eq!(kernel_arch(10, 0, Some((13, 0))), "sm_100");
     }
 
     #[test]
