@@ -10,8 +10,9 @@
 //!    scaled by a power of two, kernels/centre_columns.cu: large-mean LLM activations keep their digits),
 //!    then one launch computes the Grams of all its f32/f64 layers (FMA) and one those of its
 //!    16-bit layers (tensor cores), split over the features when their tiles alone would leave SMs idle
-//!    ([`plan::gram_splits`]; the planes are added in order), then (RBF) distances, an exact radix-select median and exp, then
-//!    the centring (double or U) packs each Gram's lower triangle into a row of G (L × n(n+1)/2 f32);
+//!    ([`plan::gram_splits`]; the planes are added in order), then (RBF) distances, an exact
+//!    radix-select median and exp, then the centring (double or U) packs each Gram's lower triangle into
+//!    a row of G (L × n(n+1)/2 f32);
 //! 3. all pairs are one split-K product G·Gᵀ with f32 tiles reduced into f64 planes, one per split,
 //!    summed in order (no atomics: the same input gives the same bits);
 //! 4. [`Backend::batch_hsic`] downloads that L×L matrix; [`Backend::submit`] instead adds it into a sum
@@ -1052,29 +1053,17 @@ impl CudaBackend {
         }
         let chunks = plan::chunks(sizes, start, end, ws.plan.stage_bytes, ws.plan.gram_layers);
         let (descs, spans) = layer_tables(batch, &chunks);
-        // The tensor maps of `slot`'s layers (gram_wgmma_tma), uploaded.
-        let maps_of = |slot: &CudaSlice<u8>| -> Result<CudaSlice<u8>> {
-            let base = {
-                let (ptr, _record) = slot.device_ptr(&self.compute);
-                ptr
-            };
-            let bytes = tensor_maps(&descs, base, batch.rows())?;
-            self.compute.clone_htod(&bytes).cu("uploading tensor maps")
-        };
-        let maps = if self.wgmma {
-            Some([maps_of(&ws.dev_in[0])?, maps_of(&ws.dev_in[1])?])
-        } else {
-            None
-        };
+        let host_descs = descs;
         let descs = self
             .compute
-            .clone_htod(&descs)
+            .clone_htod(&host_descs)
             .cu("uploading layer tables")?;
         ws.tables.push((
             (start, end),
             Tables {
                 descs,
-                maps,
+                host_descs,
+                maps: None,
                 chunks,
                 spans,
             },
@@ -1178,6 +1167,9 @@ impl CudaBackend {
         let n_i = n as i32;
         let (first, n_fma, n_mma) = (span.first, span.n_fma, span.n_mma);
         let layer0 = span.layer0 as i32;
+        if n_mma > 0 && self.gram_kernel_in_use() == GramKernel::WgmmaTma {
+            self.make_tensor_maps(ws, ti, n)?;
+        }
         // Split-K (kernels/gram_linear.cu): plane z of the chunk's Grams is scratch slots z·nl.. .
         let nl = n_fma + n_mma;
         let splits = self.gram_splits_for(n, span, ws.plan.gram_layers / nl);
@@ -1238,11 +1230,7 @@ impl CudaBackend {
                 }
                 match kernel {
                     GramKernel::WgmmaTma => {
-                        let maps = ws.tables[ti]
-                            .1
-                            .maps
-                            .as_ref()
-                            .expect("tensor maps with wgmma");
+                        let maps = ws.tables[ti].1.maps.as_ref().expect("made above");
                         let maps = maps[slot].slice(
                             (first + n_fma) * TENSOR_MAP_BYTES
                                 ..(first + n_fma + n_mma) * TENSOR_MAP_BYTES,
@@ -1289,6 +1277,25 @@ impl CudaBackend {
             }
         }
         ws.consumed[slot].record(&self.compute).cu("event record")
+    }
+
+    /// The tensor maps of tables `ti` for both upload slots (`gram_wgmma_tma`), made and uploaded on first
+    /// use.
+    fn make_tensor_maps(&self, ws: &mut Workspace, ti: usize, rows: usize) -> Result<()> {
+        if ws.tables[ti].1.maps.is_none() {
+            let descs = &ws.tables[ti].1.host_descs;
+            let maps_of = |slot: &CudaSlice<u8>| -> Result<CudaSlice<u8>> {
+                let base = {
+                    let (ptr, _record) = slot.device_ptr(&self.compute);
+                    ptr
+                };
+                let bytes = tensor_maps(descs, base, rows)?;
+                self.compute.clone_htod(&bytes).cu("uploading tensor maps")
+            };
+            let maps = [maps_of(&ws.dev_in[0])?, maps_of(&ws.dev_in[1])?];
+            ws.tables[ti].1.maps = Some(maps);
+        }
+        Ok(())
     }
 
     /// The split-K factor of a chunk's Gram launches (one for both, so they share the planes): what the
@@ -1514,8 +1521,10 @@ fn check_nonfinite(flags: &[u64], names: Option<&[String]>) -> Result<()> {
 /// The layer tables of one block of layers, on the device, with its upload chunks.
 struct Tables {
     descs: CudaSlice<u64>,
-    /// With wgmma: per upload slot, a tensor map per table entry (`gram_wgmma_tma`; zeros for entries it
-    /// does not read through one).
+    /// The same words on the host (what the tensor maps are made from).
+    host_descs: Vec<u64>,
+    /// Once `gram_wgmma_tma` has run on these tables: per upload slot, a tensor map per table entry
+    /// (zeros for entries it does not read through one).
     maps: Option<[CudaSlice<u8>; 2]>,
     chunks: Vec<plan::Chunk>,
     spans: Vec<ChunkSpan>,
