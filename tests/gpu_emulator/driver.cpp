@@ -446,7 +446,7 @@ API cuFuncSetAttribute(CUfunction f, int attribute, int value) {
 }
 API cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 
-// Tensor maps: the 128 opaque bytes hold runtime.cpp's EmuTensorMap (what its TMA twin reads). Only what
+// Tensor maps: the 128 opaque bytes hold an emu::EmuTensorMap (runtime.h; what the TMA twin reads). Only what
 // the engine encodes is accepted: 2-D, 16-bit elements, no interleave, 128-byte swizzle of 128-byte box
 // rows; the checks the driver makes (alignment, strides) are made here too.
 API cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* address, const unsigned long long* dims,
@@ -459,11 +459,8 @@ API cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* address, c
         fprintf(stderr, "gpu emulator: cuTensorMapEncodeTiled: arguments it does not emulate or the driver refuses\n");
         return CUDA_ERROR_INVALID_VALUE;
     }
-    struct {
-        unsigned long long magic, address, dims[2], stride;
-        unsigned box[2], elem_bytes, swizzle;
-    } m = {0x50414d54504c4753ull, (unsigned long long)(uintptr_t)address, {dims[0], dims[1]}, strides[0],
-           {box[0], box[1]}, 2, 3};
+    const emu::EmuTensorMap m = {emu::EmuTensorMap::MAGIC, (unsigned long long)(uintptr_t)address, {dims[0], dims[1]},
+                                 strides[0], {box[0], box[1]}, 2, 3};
     memset(map, 0, 128);
     memcpy(map, &m, sizeof m);
     return CUDA_SUCCESS;

@@ -342,7 +342,6 @@ namespace {
 constexpr size_t SHARED_WINDOW = 256 * 1024;
 unsigned char* window = nullptr;
 size_t window_bytes = 0;  // this launch's dynamic shared memory
-std::string async_error;  // a faulty wgmma found inside a block (reported by launch)
 
 bool prepare_window(size_t bytes, std::string& error) {
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);
@@ -364,8 +363,10 @@ bool prepare_window(size_t bytes, std::string& error) {
     return true;
 }
 
-[[noreturn]] void wgmma_fault(const std::string& what) {
-    fprintf(stderr, "gpu emulator: wgmma in kernel %s, block (%u,%u,%u), thread %u: %s\n",
+// A misuse of Hopper's asynchronous units (wgmma, mbarriers, TMA) that a GPU would not survive either:
+// named, and the process stops, as a fault inside a launch does.
+[[noreturn]] void async_fault(const std::string& what) {
+    fprintf(stderr, "gpu emulator: kernel %s, block (%u,%u,%u), thread %u: %s\n",
             running ? running->name : "?", block_idx.x, block_idx.y, block_idx.z, current ? current->tid.x : 0,
             what.c_str());
     abort();
@@ -378,13 +379,13 @@ bool prepare_window(size_t bytes, std::string& error) {
 unsigned short operand(unsigned long long desc, int row, int k) {
     const unsigned mode = (unsigned)(desc >> 62), base_offset = (unsigned)(desc >> 49) & 7;
     if (mode != 1 || base_offset != 0)
-        wgmma_fault("descriptor with swizzle mode " + std::to_string(mode) + ", base offset " +
+        async_fault("descriptor with swizzle mode " + std::to_string(mode) + ", base offset " +
                     std::to_string(base_offset) + " (only 128-byte swizzling from 1024-byte atoms is emulated)");
     const size_t start = (size_t)(desc & 0x3fff) << 4, stride = (size_t)((desc >> 32) & 0x3fff) << 4;
     size_t off = start + (size_t)(row >> 3) * stride + (size_t)(row & 7) * 128 + (size_t)k * 2;
     off ^= ((off >> 7) & 7) << 4;
     if (off + 2 > window_bytes)
-        wgmma_fault("operand element (" + std::to_string(row) + ", " + std::to_string(k) + ") at shared offset " +
+        async_fault("operand element (" + std::to_string(row) + ", " + std::to_string(k) + ") at shared offset " +
                     std::to_string(off) + ", outside the " + std::to_string(window_bytes) +
                     " bytes of dynamic shared memory");
     unsigned short v;
@@ -430,18 +431,10 @@ std::map<unsigned, Mbarrier>& mbarriers() {
     return m;
 }
 
-// The tensor map the emulated driver's cuTensorMapEncodeTiled writes (driver.cpp) into the 128 bytes.
-struct EmuTensorMap {
-    unsigned long long magic;  // "SGLPTMAP"
-    unsigned long long address;
-    unsigned long long dims[2], stride;
-    unsigned box[2], elem_bytes, swizzle;
-};
-constexpr unsigned long long TENSOR_MAP_MAGIC = 0x50414d54504c4753ull;
-
 Mbarrier& barrier_at(unsigned off, const char* what) {
     auto it = mbarriers().find(off);
-    if (it == mbarriers().end()) wgmma_fault(std::string(what) + " on shared offset " + std::to_string(off) + ", not an initialised mbarrier");
+    if (it == mbarriers().end())
+        async_fault(std::string(what) + " on shared offset " + std::to_string(off) + ", not an initialised mbarrier");
     return it->second;
 }
 
@@ -458,12 +451,12 @@ void complete_if_done(Mbarrier& b) {
 void run_tma(Mbarrier& b, const TmaCopy& c) {
     EmuTensorMap m;
     memcpy(&m, c.map, sizeof m);
-    if (m.magic != TENSOR_MAP_MAGIC) wgmma_fault("cp.async.bulk.tensor through memory that holds no tensor map");
+    if (m.magic != EmuTensorMap::MAGIC) async_fault("cp.async.bulk.tensor through memory that holds no tensor map");
     const size_t row_bytes = (size_t)m.box[0] * m.elem_bytes;
-    if (m.swizzle != 3 || row_bytes != 128) wgmma_fault("only 128-byte swizzled boxes of 128-byte rows are emulated");
-    if (c.dst % 128 != 0) wgmma_fault("TMA destination not 128-byte aligned");
+    if (m.swizzle != 3 || row_bytes != 128) async_fault("only 128-byte swizzled boxes of 128-byte rows are emulated");
+    if (c.dst % 128 != 0) async_fault("TMA destination not 128-byte aligned");
     const size_t bytes = row_bytes * m.box[1];
-    if (c.dst + bytes > window_bytes) wgmma_fault("TMA box past the end of dynamic shared memory");
+    if (c.dst + bytes > window_bytes) async_fault("TMA box past the end of dynamic shared memory");
     for (unsigned r = 0; r < m.box[1]; ++r)
         for (unsigned e = 0; e < m.box[0]; ++e) {
             const long long x = (long long)c.c0 + e, y = (long long)c.c1 + r;
@@ -482,14 +475,14 @@ void run_tma(Mbarrier& b, const TmaCopy& c) {
 void reset_mbarriers() { mbarriers().clear(); }
 
 void mbar_init(unsigned off, unsigned count) {
-    if (off % 8 != 0) wgmma_fault("mbarrier not 8-byte aligned");
+    if (off % 8 != 0) async_fault("mbarrier not 8-byte aligned");
     mbarriers()[off] = Mbarrier{count, count, 0, 0, {}};
 }
 
 void mbar_arrive_expect_tx(unsigned off, unsigned bytes) {
     Mbarrier& b = barrier_at(off, "mbarrier.arrive.expect_tx");
     b.tx += bytes;
-    if (b.pending == 0) wgmma_fault("an arrival on an mbarrier phase that has all its arrivals");
+    if (b.pending == 0) async_fault("an arrival on an mbarrier phase that has all its arrivals");
     --b.pending;
     complete_if_done(b);
 }
@@ -533,7 +526,7 @@ unsigned shared_offset(const void* p) {
 }
 
 void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b) {
-    if (block_dim.x % 128 != 0) wgmma_fault("a block of " + std::to_string(block_dim.x) + " threads has partial warpgroups");
+    if (block_dim.x % 128 != 0) async_fault("a block of " + std::to_string(block_dim.x) + " threads has partial warpgroups");
     const Mma m{dt, d, desc_a, desc_b};
     if (eager_copies())
         run_mma(m);

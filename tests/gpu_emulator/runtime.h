@@ -50,6 +50,17 @@ struct Registrar {
     }
 };
 
+// What the driver's cuTensorMapEncodeTiled (driver.cpp) writes into a CUtensorMap's 128 opaque bytes, and
+// the TMA twin (runtime.cpp) reads: a 2-D tensor of `elem_bytes` elements, rows `stride` bytes apart.
+struct EmuTensorMap {
+    static constexpr unsigned long long MAGIC = 0x50414d54504c4753ull;  // "SGLPTMAP"
+    unsigned long long magic;
+    unsigned long long address;
+    unsigned long long dims[2], stride;
+    unsigned box[2], elem_bytes, swizzle;
+};
+static_assert(sizeof(EmuTensorMap) <= 128, "fits a CUtensorMap");
+
 // A launch shape CUDA would refuse, described; empty if it is valid.
 std::string bad_shape(dim3 grid, dim3 block);
 // Runs the grid of `call` (kernel `k` with its arguments bound), block after block, with `shared_bytes`
