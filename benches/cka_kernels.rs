@@ -285,12 +285,7 @@ fn main() {
         let layers = vec![(4096, DType::BF16); 32];
         let batch = random_batch(&mut rng, 1024, &layers, true);
         let flops = GramFlops::of(1024, &layers);
-        for gram in [
-            GramKernel::Mma,
-            GramKernel::MmaPipelined,
-            GramKernel::Wgmma,
-            GramKernel::WgmmaTma,
-        ] {
+        for gram in GramKernel::ALL {
             gpu.set_gram_kernel(gram);
             println!(
                 "llm_like (32 layers × 1,024 × 4,096 bf16, unbiased, linear, {gram:?}): per batch"

@@ -628,12 +628,7 @@ fn split_k_gram_launches_match_the_cpu_and_repeat_bit_for_bit() {
         (64, DType::F16),
         (392, DType::BF16),
     ];
-    for gram in gram_kernels(&[
-        GramKernel::Mma,
-        GramKernel::MmaPipelined,
-        GramKernel::Wgmma,
-        GramKernel::WgmmaTma,
-    ]) {
+    for gram in gram_kernels(&GramKernel::ALL) {
         gpu.set_gram_kernel(gram);
         for (i, (rows, splits)) in [(37usize, 2usize), (150, 3), (37, 5)]
             .into_iter()
@@ -827,12 +822,7 @@ fn every_stage_matches_its_cpu_twin() {
     let layers = EVERY_DTYPE;
     let seed: u64 = rand::rng().random();
     let batch = random_batch(seed, 150, &layers);
-    for gram in gram_kernels(&[
-        GramKernel::Mma,
-        GramKernel::MmaPipelined,
-        GramKernel::Wgmma,
-        GramKernel::WgmmaTma,
-    ]) {
+    for gram in gram_kernels(&GramKernel::ALL) {
         gpu.set_gram_kernel(gram);
         for estimator in [Estimator::Unbiased, Estimator::Biased] {
             for kernel in [Kernel::Linear, Kernel::Rbf { threshold: 1.0 }] {

@@ -18,14 +18,17 @@ pub fn smoke() -> bool {
 }
 
 /// The similarity kernels that compute Gram products, and which layers each takes: `Some(true)` for the
-/// tensor-core ones (`gram_mma`, `gram_mma_pipelined`, `gram_wgmma(_tma)`: the 16-bit layers), `Some(false)` for `gram_fma`
-/// (f32 and f64 layers), `None` for every other kernel (`gram_row_sums` belongs to the centring). For the
-/// Gram TFLOP/s of `cka_kernels` and `cka_gpu`.
+/// tensor-core ones (every `GramKernel`: the 16-bit layers), `Some(false)` for `gram_fma` (f32 and f64
+/// layers), `None` for every other kernel (`gram_row_sums` belongs to the centring). For the Gram
+/// TFLOP/s of `cka_kernels` and `cka_gpu`.
 #[allow(dead_code)] // runtime_gpu has no Gram
 pub fn gram_product_of_16bit(kernel: &str) -> Option<bool> {
-    match kernel {
-        "gram_fma" => Some(false),
-        "gram_mma" | "gram_mma_pipelined" | "gram_wgmma" | "gram_wgmma_tma" => Some(true),
-        _ => None,
+    use sglp_engine::similarity::cuda::GramKernel;
+    if kernel == "gram_fma" {
+        Some(false)
+    } else if GramKernel::ALL.iter().any(|k| k.kernel_name() == kernel) {
+        Some(true)
+    } else {
+        None
     }
 }

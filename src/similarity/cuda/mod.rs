@@ -413,6 +413,14 @@ pub enum GramKernel {
 }
 
 impl GramKernel {
+    /// Every 16-bit Gram kernel.
+    pub const ALL: [GramKernel; 4] = [
+        GramKernel::Mma,
+        GramKernel::MmaPipelined,
+        GramKernel::Wgmma,
+        GramKernel::WgmmaTma,
+    ];
+
     fn from_env() -> Self {
         match std::env::var("SGLP_GRAM_KERNEL").as_deref() {
             Ok("pipelined") => GramKernel::MmaPipelined,
