@@ -63,10 +63,10 @@ if [ "$part" = first ]; then
   rc=0
   # The wgmma kernels have never run: their tests go in a process of their own after the others, since a
   # fault can leave the CUDA context unusable for the rest of a process.
-  ONLY_TESTS="cuda_backend runtime_cuda runtime_cli" SGLP_SKIP_WGMMA=1 SGLP_REQUIRE_GPU=1 timeout 180 \
+  ONLY_TESTS="cuda_backend runtime_cuda runtime_cli" SGLP_SKIP_WGMMA=1 SGLP_REQUIRE_GPU=1 timeout 170 \
     bash .device/run-all.sh 2>&1 | tee "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   echo "=== gram_wgmma, gram_wgmma_tma (Hopper candidates)" | tee -a "$out/tests.log"
-  ONLY_TESTS="cuda_backend" SGLP_REQUIRE_GPU=1 timeout 40 bash .device/run-all.sh candidate split_k every_stage \
+  ONLY_TESTS="cuda_backend" SGLP_REQUIRE_GPU=1 timeout 30 bash .device/run-all.sh candidate split_k every_stage \
     2>&1 | tee -a "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   timeout 100 bash .device/run-bench.sh cka_kernels 2>&1 | tee -a "$out/tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
