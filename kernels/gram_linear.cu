@@ -9,6 +9,8 @@
 //           warp tile 32×64, tensor cores via `mma.sync.m16n8k16` (16-bit operands, f32 accumulate).
 //           `as_f16`: read every layer as f16 whatever its table says (after column_to_f16 rewrote
 //           them, see centre_columns.cu).
+// Candidates for the 16-bit Grams, each described where it is defined: gram_mma_pipelined (cp.async,
+// ldmatrix), gram_wgmma and gram_wgmma_tma (Hopper's warpgroup MMA, stages filled by cp.async or TMA).
 //
 // grid = (T(T+1)/2, layers, splits), T = ⌈n / tile⌉; output K + desc.out_off, row-major n × n.
 // Cost per layer: n²·d multiply-adds over the lower triangle (n²·d·2 FLOPs for the full product, about
