@@ -159,22 +159,46 @@ __device__ void gram_mma_tile(const u16* __restrict__ x, int n, int d, int kb, i
     store_mma_tile(acc, n, bi, bj, wm, wn, g, t, k_out);
 }
 
+// What a block of a 16-bit Gram launch works on (every tensor-core kernel's start): its layer's rows x
+// (d features each), its tile (bi, bj), this split's features [kb, ke) and its output plane; `vec`: rows
+// 16-byte aligned with d % 8 == 0 (16-byte loads, cp.async, TMA); `bf`: the values are bf16.
+struct GramBlock16 {
+    const u16* x;
+    int d, bi, bj, kb, ke;
+    bool vec, bf;
+    float* k_out;
+};
+__device__ __forceinline__ GramBlock16 gram_block16(const unsigned char* __restrict__ in,
+                                                    const LayerDesc* __restrict__ layers, int as_f16,
+                                                    u64 plane, float* __restrict__ K) {
+    const LayerDesc L = layers[blockIdx.y];
+    GramBlock16 b;
+    b.x = (const u16*)(in + L.in_off);
+    b.d = L.cols;
+    tri_tile(blockIdx.x, &b.bi, &b.bj);
+    split_range(L.cols, &b.kb, &b.ke);
+    b.vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
+    b.bf = L.dtype == DT_BF16 && !as_f16;
+    b.k_out = K + L.out_off + blockIdx.z * plane;
+    return b;
+}
+
+// gram_mma_tile for the block, in its dtype (`vec`: whether to take the 16-byte loads).
+__device__ __forceinline__ void gram_mma_tile_of(const GramBlock16& b, int n, bool vec, u16 (*As)[MK + MPAD],
+                                                 u16 (*Bs)[MK + MPAD]) {
+    if (b.bf)
+        gram_mma_tile<DT_BF16>(b.x, n, b.d, b.kb, b.ke, b.bi, b.bj, vec, As, Bs, b.k_out);
+    else
+        gram_mma_tile<DT_F16>(b.x, n, b.d, b.kb, b.ke, b.bi, b.bj, vec, As, Bs, b.k_out);
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 gram_mma(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
          int as_f16, u64 plane, float* __restrict__ K) {
     __shared__ __align__(16) u16 As[MM][MK + MPAD];
     __shared__ __align__(16) u16 Bs[MM][MK + MPAD];
-    const LayerDesc L = layers[blockIdx.y];
-    const u16* x = (const u16*)(in + L.in_off);
-    int bi, bj, kb, ke;
-    tri_tile(blockIdx.x, &bi, &bj);
-    split_range(L.cols, &kb, &ke);
-    const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
-    float* k_out = K + L.out_off + blockIdx.z * plane;
-    if (L.dtype == DT_BF16 && !as_f16)
-        gram_mma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, vec, As, Bs, k_out);
-    else
-        gram_mma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, vec, As, Bs, k_out);
+    const GramBlock16 b = gram_block16(in, layers, as_f16, plane, K);
+    gram_mma_tile_of(b, n, b.vec, As, Bs);
 }
 
 // ---------------------------------------------------------------- gram_mma_pipelined (candidate)
@@ -260,25 +284,13 @@ gram_mma_pipelined(const unsigned char* __restrict__ in, const LayerDesc* __rest
                    int as_f16, u64 plane, float* __restrict__ K) {
     __shared__ __align__(16) u16 As[2][MM][MK + MPAD];
     __shared__ __align__(16) u16 Bs[2][MM][MK + MPAD];
-    const LayerDesc L = layers[blockIdx.y];
-    const u16* x = (const u16*)(in + L.in_off);
-    int bi, bj, kb, ke;
-    tri_tile(blockIdx.x, &bi, &bj);
-    split_range(L.cols, &kb, &ke);
-    const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
-    const bool bf = L.dtype == DT_BF16 && !as_f16;
-    float* k_out = K + L.out_off + blockIdx.z * plane;
-    if (!vec) {
-        // Unaligned rows: gram_mma's register-staged path, on the first stage's buffers.
-        if (bf)
-            gram_mma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, false, As[0], Bs[0], k_out);
-        else
-            gram_mma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, false, As[0], Bs[0], k_out);
-    } else if (bf) {
-        gram_mma_pipelined_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, As, Bs, k_out);
-    } else {
-        gram_mma_pipelined_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, As, Bs, k_out);
-    }
+    const GramBlock16 b = gram_block16(in, layers, as_f16, plane, K);
+    if (!b.vec)  // unaligned rows: gram_mma's register-staged path, on the first stage's buffers
+        gram_mma_tile_of(b, n, false, As[0], Bs[0]);
+    else if (b.bf)
+        gram_mma_pipelined_tile<DT_BF16>(b.x, n, b.d, b.kb, b.ke, b.bi, b.bj, As, Bs, b.k_out);
+    else
+        gram_mma_pipelined_tile<DT_F16>(b.x, n, b.d, b.kb, b.ke, b.bi, b.bj, As, Bs, b.k_out);
 }
 
 // ---------------------------------------------------------------- gram_wgmma, gram_wgmma_tma (Hopper)
@@ -493,8 +505,7 @@ __device__ __forceinline__ void stages_after_step(const TmaStages& m, const Wgmm
 }
 
 template <int DT, class Stages>
-__device__ void gram_wgmma_tile(const Stages& stages, const WgmmaTile& tile, int bi, int bj,
-                                float* __restrict__ k_out) {
+__device__ void gram_wgmma_tile(const Stages& stages, const WgmmaTile& tile, float* __restrict__ k_out) {
     const int tid = threadIdx.x, wg = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     float acc[64];
@@ -526,41 +537,32 @@ __device__ void gram_wgmma_tile(const Stages& stages, const WgmmaTile& tile, int
 }
 
 // The body of both kernels: `maps` (the launch's tensor maps, 128 bytes a layer) selects TMA stages.
-__device__ __forceinline__ void gram_wgmma_body(const unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
-                                int as_f16, u64 plane, const unsigned char* maps, float* __restrict__ K) {
+__device__ __forceinline__ void gram_wgmma_body(const unsigned char* __restrict__ in,
+                                                const LayerDesc* __restrict__ layers, int n, int as_f16,
+                                                u64 plane, const unsigned char* maps, float* __restrict__ K) {
     DYNAMIC_SHARED(raw);
     unsigned char* smem = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);  // swizzle atoms: 1024-aligned
-    const LayerDesc L = layers[blockIdx.y];
-    const u16* x = (const u16*)(in + L.in_off);
-    int bi, bj, kb, ke;
-    tri_tile(blockIdx.x, &bi, &bj);
-    split_range(L.cols, &kb, &ke);
-    const bool vec = (L.cols % 8 == 0) && (L.in_off % 16 == 0);
-    const bool bf = L.dtype == DT_BF16 && !as_f16;
-    float* k_out = K + L.out_off + blockIdx.z * plane;
-    if (!vec) {
+    const GramBlock16 b = gram_block16(in, layers, as_f16, plane, K);
+    if (!b.vec) {
         // Unaligned rows: gram_mma's register-staged path, its two tiles in this shared memory.
         u16(*As)[MK + MPAD] = (u16(*)[MK + MPAD])smem;
         u16(*Bs)[MK + MPAD] = (u16(*)[MK + MPAD])(smem + MM * (MK + MPAD) * 2);
-        if (bf)
-            gram_mma_tile<DT_BF16>(x, n, L.cols, kb, ke, bi, bj, false, As, Bs, k_out);
-        else
-            gram_mma_tile<DT_F16>(x, n, L.cols, kb, ke, bi, bj, false, As, Bs, k_out);
+        gram_mma_tile_of(b, n, false, As, Bs);
         return;
     }
-    const WgmmaTile tile{smem, n, kb, ke, bi * MM, bj * MM, (ke - kb + WK - 1) / WK, bi == bj};
+    const WgmmaTile tile{smem, n, b.kb, b.ke, b.bi * MM, b.bj * MM, (b.ke - b.kb + WK - 1) / WK, b.bi == b.bj};
     if (maps) {
         const TmaStages st{maps + (u64)blockIdx.y * 128, (u64*)(smem + WSTAGES * W_STAGE_BYTES)};
-        if (bf)
-            gram_wgmma_tile<DT_BF16>(st, tile, bi, bj, k_out);
+        if (b.bf)
+            gram_wgmma_tile<DT_BF16>(st, tile, b.k_out);
         else
-            gram_wgmma_tile<DT_F16>(st, tile, bi, bj, k_out);
+            gram_wgmma_tile<DT_F16>(st, tile, b.k_out);
     } else {
-        const CpAsyncStages st{x, L.cols};
-        if (bf)
-            gram_wgmma_tile<DT_BF16>(st, tile, bi, bj, k_out);
+        const CpAsyncStages st{b.x, b.d};
+        if (b.bf)
+            gram_wgmma_tile<DT_BF16>(st, tile, b.k_out);
         else
-            gram_wgmma_tile<DT_F16>(st, tile, bi, bj, k_out);
+            gram_wgmma_tile<DT_F16>(st, tile, b.k_out);
     }
 }
 #endif
