@@ -37,6 +37,37 @@ struct Mma {
     unsigned long long desc_a, desc_b;
 };
 
+// A thread's asynchronous operations of one kind (cp.async, wgmma) in commit groups: each runs at its
+// issue when eager (SGLP_EMU_CP_ASYNC=eager), else at the wait that leaves at most `pending` groups
+// outstanding, oldest group first.
+template <class Op>
+struct AsyncGroups {
+    std::vector<Op> open;
+    std::vector<std::vector<Op>> groups;
+    void clear() {
+        open.clear();
+        groups.clear();
+    }
+    template <class Run>
+    void issue(const Op& op, bool eager, Run run) {
+        if (eager)
+            run(op);
+        else
+            open.push_back(op);
+    }
+    void commit() {
+        groups.push_back(std::move(open));
+        open.clear();
+    }
+    template <class Run>
+    void wait(int pending, Run run) {
+        while ((int)groups.size() > pending) {
+            for (const Op& op : groups.front()) run(op);
+            groups.erase(groups.begin());
+        }
+    }
+};
+
 constexpr size_t STACK_BYTES = 256 * 1024;
 constexpr int SLOT_BYTES = 64;  // the largest warp-collective operand (EmuMmaOperands is 24 bytes)
 
@@ -119,10 +150,8 @@ struct Thread {
     int linear = 0;
     State state = RUNNABLE;
     unsigned warp_ops = 0;  // warp-collective operations done: the parity picks the slot buffer
-    std::vector<Copy> open;
-    std::vector<std::vector<Copy>> groups;
-    std::vector<Mma> mma_open;
-    std::vector<std::vector<Mma>> mma_groups;
+    AsyncGroups<Copy> copies;
+    AsyncGroups<Mma> mmas;
     char* stack = nullptr;
 };
 
@@ -205,10 +234,8 @@ bool run_block(const std::vector<int>& warp_order, const std::vector<int>& lane_
         start_context(&t.ctx, t.stack, STACK_BYTES, thread_main);
         t.state = RUNNABLE;
         t.warp_ops = 0;
-        t.open.clear();
-        t.groups.clear();
-        t.mma_open.clear();
-        t.mma_groups.clear();
+        t.copies.clear();
+        t.mmas.clear();
     }
     for (;;) {
         for (int w : warp_order) {
@@ -316,25 +343,12 @@ void cp_async(void* dst, const void* src, int bytes) {
                 src, dst);
         abort();
     }
-    if (eager_copies()) {
-        run_copy({dst, src, bytes});
-        return;
-    }
-    current->open.push_back({dst, src, bytes});
+    current->copies.issue({dst, src, bytes}, eager_copies(), run_copy);
 }
 
-void cp_async_commit() {
-    current->groups.push_back(std::move(current->open));
-    current->open.clear();
-}
+void cp_async_commit() { current->copies.commit(); }
 
-void cp_async_wait(int pending) {
-    auto& g = current->groups;
-    while ((int)g.size() > pending) {
-        for (const Copy& c : g.front()) run_copy(c);
-        g.erase(g.begin());
-    }
-}
+void cp_async_wait(int pending) { current->copies.wait(pending, run_copy); }
 
 // ---- dynamic shared memory: one window, reserved once, 256 KiB-aligned (so that offsets fit the 18 bits
 // of a wgmma descriptor's address), the launch's bytes readable and a guard page after them.
@@ -526,26 +540,14 @@ unsigned shared_offset(const void* p) {
 }
 
 void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b) {
-    if (block_dim.x % 128 != 0) async_fault("a block of " + std::to_string(block_dim.x) + " threads has partial warpgroups");
-    const Mma m{dt, d, desc_a, desc_b};
-    if (eager_copies())
-        run_mma(m);
-    else
-        current->mma_open.push_back(m);
+    if (block_dim.x % 128 != 0)
+        async_fault("a block of " + std::to_string(block_dim.x) + " threads has partial warpgroups");
+    current->mmas.issue({dt, d, desc_a, desc_b}, eager_copies(), run_mma);
 }
 
-void wgmma_commit() {
-    current->mma_groups.push_back(std::move(current->mma_open));
-    current->mma_open.clear();
-}
+void wgmma_commit() { current->mmas.commit(); }
 
-void wgmma_wait(int pending) {
-    auto& g = current->mma_groups;
-    while ((int)g.size() > pending) {
-        for (const Mma& m : g.front()) run_mma(m);
-        g.erase(g.begin());
-    }
-}
+void wgmma_wait(int pending) { current->mmas.wait(pending, run_mma); }
 
 void register_kernel(KernelEntry e) { registry()[e.name] = e; }
 

@@ -179,6 +179,20 @@ SGLP_EMU_REGISTER(write_past_end)
 
 static int failures = 0;
 
+// The largest |C − A·Bᵀ| over C's m × n entries (row-major), A m × 16 and B n × 16 as bf16 bits, the
+// products summed in f64: the reference of the matrix-unit twins.
+static double worst_vs_abt(const std::vector<unsigned short>& a, const std::vector<unsigned short>& b,
+                           const std::vector<float>& c, int m, int n) {
+    double worst = 0;
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            double want = 0;
+            for (int k = 0; k < 16; ++k) want += (double)bf16_bits_to_f32_(a[i * 16 + k]) * bf16_bits_to_f32_(b[j * 16 + k]);
+            worst = std::max(worst, std::abs(want - c[i * n + j]));
+        }
+    return worst;
+}
+
 static void check(bool ok, const char* what) {
     printf("%s  %s\n", ok ? "ok  " : "FAIL", what);
     if (!ok) ++failures;
@@ -255,14 +269,8 @@ int main() {
         const unsigned short *ap = a.data(), *bp = bt.data();
         float* cp = c.data();
         run("one_mma", 32, {&ap, &bp, &cp}, "forward", "lazy");
-        double worst = 0;
-        for (int i = 0; i < 16; ++i)
-            for (int j = 0; j < 8; ++j) {
-                double want = 0;
-                for (int k = 0; k < 16; ++k) want += (double)bf16_bits_to_f32_(a[i * 16 + k]) * bf16_bits_to_f32_(bt[j * 16 + k]);
-                worst = std::max(worst, std::abs(want - c[i * 8 + j]));
-            }
-        check(worst < 1e-5, "mma.m16n8k16 (bf16) with mma.cuh's fragment layout computes A·B");
+        check(worst_vs_abt(a, bt, c, 16, 8) < 1e-5,
+              "mma.m16n8k16 (bf16) with mma.cuh's fragment layout computes A·B");
     }
     {  // the wgmma.m64n128k16 twin: descriptors, swizzle, accumulator layout; lazy results land at the wait
         std::vector<unsigned short> a(64 * 16), b(128 * 16);
@@ -273,14 +281,8 @@ int main() {
         float* dp = d.data();
         int wait = 1, no_wait = 0;
         run("one_wgmma", 128, {&ap, &bp, &wait, &dp}, "forward", "lazy", nullptr, 24576);
-        double worst = 0;
-        for (int i = 0; i < 64; ++i)
-            for (int j = 0; j < 128; ++j) {
-                double want = 0;
-                for (int k = 0; k < 16; ++k) want += (double)bf16_bits_to_f32_(a[i * 16 + k]) * bf16_bits_to_f32_(b[j * 16 + k]);
-                worst = std::max(worst, std::abs(want - d[i * 128 + j]));
-            }
-        check(worst < 1e-5, "wgmma.m64n128k16 (bf16) from 128-byte-swizzled shared memory computes A·Bᵀ");
+        check(worst_vs_abt(a, b, d, 64, 128) < 1e-5,
+              "wgmma.m64n128k16 (bf16) from 128-byte-swizzled shared memory computes A·Bᵀ");
         run("one_wgmma", 128, {&ap, &bp, &no_wait, &dp}, "forward", "lazy", nullptr, 24576);
         bool stale = true;
         for (float v : d) stale &= v == 0.0f;
