@@ -1,5 +1,6 @@
 //! Validate-and-time harness of the runtime's CUDA kernels (llm.c's `dev/cuda` in one program): the
-//! linear layer's three products in both `Matmul` modes on the shapes of a LLaMA-3-8B layer and its
+//! linear layer's three products in both `Matmul` modes (bf16 by each `LinearKernel` the device runs:
+//! `mma`, and on Hopper `wgmma`) on the shapes of a LLaMA-3-8B layer and its
 //! lm_head for 8 × 512 tokens, and windowless causal GQA attention on 8 × 512 tokens, 32 / 8 heads of
 //! 128 (forward and backward, on tensor cores and in f32). Each case is first checked against a float64 host reference on sampled output rows (bf16 mode:
 //! against products of the bf16-rounded operands), then timed: median of `SGLP_BENCH_REPS` (default 5)
@@ -15,7 +16,7 @@ mod common;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sglp_engine::runtime::ops::cuda::CudaDevice;
+use sglp_engine::runtime::ops::cuda::{CudaDevice, LinearKernel};
 use sglp_engine::runtime::ops::{round_to_bf16, AttnShape, Device, Matmul};
 use std::time::Instant;
 
@@ -95,9 +96,17 @@ fn main() {
         ]
     };
     println!(
-        "{:<28} {:>6} {:>10} {:>10} {:>10} {:>9}",
+        "{:<28} {:>11} {:>10} {:>10} {:>10} {:>9}",
         "linear (n × k → m)", "mode", "product", "ms", "TFLOP/s", "rel.err"
     );
+    // The bf16 products by each kernel this device runs (LinearKernel: wgmma on Hopper, its time
+    // including the conversions to bf16 copies), then the f32 ones.
+    let mut modes = vec![("bf16 mma", Matmul::Bf16, LinearKernel::Mma)];
+    dev.set_linear_kernel(LinearKernel::Wgmma);
+    if dev.linear_kernel_in_use() == LinearKernel::Wgmma {
+        modes.push(("bf16 wgmma", Matmul::Bf16, LinearKernel::Wgmma));
+    }
+    modes.push(("f32", Matmul::F32, LinearKernel::Mma));
     for &(what, k, m) in linear_shapes {
         let (x, w, dy) = (
             rand_vec(&mut rng, n * k),
@@ -108,8 +117,9 @@ fn main() {
         let mut y = dev.alloc_zeroed(n * m).expect("alloc");
         let mut dx = dev.alloc_zeroed(n * k).expect("alloc");
         let mut dw = dev.alloc_zeroed(m * k).expect("alloc");
-        for mode in [Matmul::Bf16, Matmul::F32] {
+        for &(label, mode, kernel) in &modes {
             dev.set_matmul(mode);
+            dev.set_linear_kernel(kernel);
             let wv = dev.weight_from(&wd).expect("weight");
             let (xr, wr) = match mode {
                 Matmul::Bf16 => (round_to_bf16(&x), round_to_bf16(&w)),
@@ -131,7 +141,7 @@ fn main() {
             });
             let tol = 1e-4;
             if err.is_nan() || err > tol {
-                eprintln!("runtime_gpu: {what} {mode:?} forward: error {err:.2e} > {tol:.0e}");
+                eprintln!("runtime_gpu: {what} {label} forward: error {err:.2e} > {tol:.0e}");
                 failed = true;
             }
             let flops = 2.0 * (n * k * m) as f64;
@@ -140,8 +150,7 @@ fn main() {
                     .expect("forward")
             });
             println!(
-                "{what:<28} {:>6} {:>10} {:>10.3} {:>10.1} {:>9.1e}",
-                format!("{mode:?}"),
+                "{what:<28} {label:>11} {:>10} {:>10.3} {:>10.1} {:>9.1e}",
                 "forward",
                 t * 1e3,
                 flops / t / 1e12,
@@ -169,7 +178,7 @@ fn main() {
                 row
             });
             if err.is_nan() || err > tol {
-                eprintln!("runtime_gpu: {what} {mode:?} backward dx: error {err:.2e} > {tol:.0e}");
+                eprintln!("runtime_gpu: {what} {label} backward dx: error {err:.2e} > {tol:.0e}");
                 failed = true;
             }
             let t = time(&dev, reps, || {
@@ -177,8 +186,7 @@ fn main() {
                     .expect("backward")
             });
             println!(
-                "{what:<28} {:>6} {:>10} {:>10.3} {:>10.1} {:>9.1e}",
-                format!("{mode:?}"),
+                "{what:<28} {label:>11} {:>10} {:>10.3} {:>10.1} {:>9.1e}",
                 "dx + dW",
                 t * 1e3,
                 2.0 * flops / t / 1e12,

@@ -9,7 +9,8 @@
 // The *_bf16 kernels compute the same three products on tensor cores (lin_mma, below): the weight held
 // as bf16 (rounded once, at upload), activations and gradients rounded to bf16 as they are staged, f32
 // accumulation. The host runs them for a weight held as bf16 (`Matmul::Bf16`, src/runtime/ops/cuda.rs).
-#include "mma.cuh"
+// On Hopper, linear_wgmma (below) is the candidate for the same three products.
+#include "wgmma.cuh"
 
 #define LIN_BM 64
 #define LIN_BN 64
@@ -221,4 +222,92 @@ extern "C" __global__ void __launch_bounds__(256)
 linear_backward_weight_bf16(const float* __restrict__ dy, const float* __restrict__ x,
                             float* __restrict__ dw, int n, int k, int m) {
     lin_mma<false, false, true>(dy, m, x, k, dw, k, nullptr, m, k, n);
+}
+
+// ------------------------------------------------------------------ Hopper: wgmma on bf16 copies
+// linear_wgmma: C[M, N] (+)= A · Bᵀ (+ bias[j]) with A [M, R] and B [N, R] bf16, both K-major with row
+// stride R (R % 8 == 0, buffers 16-byte aligned), on wgmma.cuh's 128 × 128 tiles (cp.async stages). The
+// host forms A and B from the f32 activations and gradients and the bf16 weight with to_bf16_* (a bf16
+// copy and/or a transposed one), so the linear layer's three products become:
+//   forward  y   = x·Wᵀ    A = bf16(x)   [n, k]    B = W  [m, k]    R = k
+//   input    dx += dy·W    A = bf16(dy)  [n, m]    B = Wᵀ [k, m]    R = m
+//   weight   dw += dyᵀ·x   A = bf16(dy)ᵀ [m, n8]   B = bf16(x)ᵀ [k, n8]    R = n8 = n rounded up to 8
+//                          (rows n .. n8 of the transposes are zeros)
+// The numbers of the *_bf16 kernels (operands rounded once to bf16, f32 accumulation), another order of
+// the sums; each output is one thread's accumulator: deterministic. N is even (k and m are multiples of
+// 8 on this path), so a thread's two neighbouring columns go out as one float2. Cost: 2·M·N·R FLOPs, and
+// per conversion pass 6 bytes an f32 element (4 a bf16 weight element). Grid (⌈N/128⌉, ⌈M/128⌉),
+// WGMMA_SHARED bytes of dynamic shared memory. Never run on a GPU yet: SGLP_LINEAR_KERNEL=wgmma.
+extern "C" __global__ void __launch_bounds__(256, 1)
+linear_wgmma(const u16* __restrict__ a, const u16* __restrict__ b, const float* __restrict__ bias,
+             float* __restrict__ c, int M, int N, int R, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
+    const int tid = threadIdx.x, i0 = blockIdx.y * MM, j0 = blockIdx.x * MM;
+    const WgmmaTile tile{wgmma_smem(), 0, R, i0, j0, (R + WK - 1) / WK, false};
+    const CpAsyncStages st{a, (u64)R, M, b, (u64)R, N};
+    float acc[64];
+    wgmma_tile_product<DT_BF16>(st, tile, acc);
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int h = 0; h < 4; h += 2) {
+            const int gi = i0 + wgmma_acc_row(tid, h), gj = j0 + wgmma_acc_col(tid, j, h);
+            if (gi >= M || gj >= N) continue;
+            float2* p = (float2*)(c + (u64)gi * N + gj);
+            float2 v = make_float2(acc[4 * j + h], acc[4 * j + h + 1]);
+            if (accumulate) {
+                const float2 o = *p;
+                v.x += o.x;
+                v.y += o.y;
+            } else if (bias) {
+                v.x += bias[gj];
+                v.y += bias[gj + 1];
+            }
+            *p = v;
+        }
+#else
+    __trap();  // sm_90a only: the host launches it on no other device
+#endif
+}
+
+// to_bf16_*: from x (rows × cols, row-major; f32, or bf16 bits), y = x as bf16 in the same layout (null:
+// not wanted) and yt = xᵀ as bf16, cols rows of ldt values (ldt ≥ rows; zeros in columns rows .. ldt;
+// null: not wanted). 32 × 32 tiles through shared memory, 256 threads (8 rows of 32): reads and both
+// writes run along rows (coalesced). f32 rounds to nearest even, as the *_bf16 kernels' staging does.
+// Grid (⌈cols/32⌉, ⌈max(rows, ldt)/32⌉).
+#define TB 32
+__device__ __forceinline__ u16 bf16_of(float v) { return (u16)(pack_bf16x2(v, 0.0f) & 0xFFFFu); }
+__device__ __forceinline__ u16 bf16_of(u16 v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ void to_bf16(const T* __restrict__ x, int rows, int cols, u16* __restrict__ y,
+                                        u16* __restrict__ yt, int ldt) {
+    __shared__ u16 tile[TB][TB + 2];  // rows 17 words apart: the transposed reads hit 32 banks
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int c0 = blockIdx.x * TB, r0 = blockIdx.y * TB;
+#pragma unroll
+    for (int q = ty; q < TB; q += 8) {
+        const int r = r0 + q, c = c0 + tx;
+        const bool in = r < rows && c < cols;
+        const u16 v = in ? bf16_of(x[(u64)r * cols + c]) : (u16)0;
+        if (y && in) y[(u64)r * cols + c] = v;
+        tile[q][tx] = v;
+    }
+    if (!yt) return;  // the same for the whole block
+    __syncthreads();
+#pragma unroll
+    for (int q = ty; q < TB; q += 8) {
+        const int c = c0 + q, r = r0 + tx;  // yt[c][r] = x[r][c]
+        if (c < cols && r < ldt) yt[(u64)c * ldt + r] = tile[tx][q];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+to_bf16_f32(const float* __restrict__ x, int rows, int cols, u16* __restrict__ y, u16* __restrict__ yt, int ldt) {
+    to_bf16(x, rows, cols, y, yt, ldt);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+to_bf16_bf16(const u16* __restrict__ x, int rows, int cols, u16* __restrict__ y, u16* __restrict__ yt, int ldt) {
+    to_bf16(x, rows, cols, y, yt, ldt);
 }

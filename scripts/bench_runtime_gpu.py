@@ -10,7 +10,8 @@ seed (the GPU machine has PyTorch and transformers but no network), saved as bf1
                  otherwise);
   engine         `sglp-engine --matmul bf16|f32 gradnorm --device cuda --timing` on the same tokens (its
                  per-batch forward + backward wall times; activations in f32, the linear products on
-                 tensor cores from bf16-rounded operands, or in f32 throughout);
+                 tensor cores from bf16-rounded operands, or in f32 throughout); engine_bf16_wgmma: the
+                 bf16 products by the Hopper candidate (SGLP_LINEAR_KERNEL=wgmma);
   agreement      engine loss, per-layer gradient norms and hidden states (`capture`, 2 sequences) against
                  PyTorch's, computed in float32 by PyTorch on the same weights (relative differences
                  reported, not asserted: the f32 mode should be within 1e-4, bf16 within about 1e-2);
@@ -206,13 +207,18 @@ def main():
             tok = os.path.join(d, "tokens.npy")
             np.save(tok, np.tile(ids_np, (a.reps + 1, 1)))
             os.sync()
-            for matmul in ("bf16", "f32"):  # tensor cores (the default), then f32 SIMT products
-                out = os.path.join(d, f"g-{matmul}.json")
-                key = f"engine_{matmul}"
+            # Tensor cores (the default, mma.sync), the Hopper candidate (wgmma on bf16 copies of the
+            # operands; on other GPUs the engine runs mma.sync), then f32 SIMT products.
+            variants = [("bf16", "bf16", {}), ("f32", "f32", {})]
+            if DEVICE == "cuda":
+                variants.insert(1, ("bf16_wgmma", "bf16", {"SGLP_LINEAR_KERNEL": "wgmma"}))
+            for variant, matmul, env in variants:
+                out = os.path.join(d, f"g-{variant}.json")
+                key = f"engine_{variant}"
                 t0 = time.perf_counter()
                 p = subprocess.run([exe, "--matmul", matmul, "gradnorm", "--device", DEVICE, "--model", d,
                                     "--tokens", tok, "--batch", str(a.seqs), "--timing", "--out", out],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, env={**os.environ, **env})
                 entry[f"{key}_process_s"] = time.perf_counter() - t0
                 if p.returncode != 0:
                     entry[f"{key}_error"] = p.stderr[-2000:]
@@ -233,10 +239,10 @@ def main():
                 # Hidden states: `capture` on the same 2 sequences, max |engine − torch| / max |torch| per layer.
                 tok2 = os.path.join(d, "tokens2.npy")
                 np.save(tok2, ids_np[:2])
-                hfile = os.path.join(d, f"h-{matmul}.safetensors")
+                hfile = os.path.join(d, f"h-{variant}.safetensors")
                 p = subprocess.run([exe, "--matmul", matmul, "capture", "--device", DEVICE, "--model", d,
                                     "--tokens", tok2, "--batch", "2", "--out", hfile],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, env={**os.environ, **env})
                 if p.returncode != 0:
                     entry[f"{key}_capture_error"] = p.stderr[-2000:]
                 elif torch_hidden is not None:

@@ -11,7 +11,7 @@
 # bench_gpu.json only), bench_gpu.json and bench.log
 # (engine vs PyTorch, same GPU; the runtime's bench_runtime_gpu.py appended).
 #
-# `bash scripts/gpu_checks.sh first` is the call to make first (≤ 560 s): the GPU test targets, the CKA
+# `bash scripts/gpu_checks.sh first` is the call to make first (≤ 560 s: steps capped 160 + 40 + 100 + 60 + 200): the GPU test targets, the CKA
 # kernels one by one, the Python CUDA path and the CKA benchmark against PyTorch; it leaves room in the
 # device tool's 15 minutes for one more call. `... tests` runs every test executable, `... bench` every
 # benchmark (two calls that each stay inside the 600 s per command); no argument runs both. `... 8b` runs
@@ -63,10 +63,11 @@ if [ "$part" = first ]; then
   rc=0
   # The wgmma kernels have never run: their tests go in a process of their own after the others, since a
   # fault can leave the CUDA context unusable for the rest of a process.
-  ONLY_TESTS="cuda_backend runtime_cuda runtime_cli" SGLP_SKIP_WGMMA=1 SGLP_REQUIRE_GPU=1 timeout 170 \
+  ONLY_TESTS="cuda_backend runtime_cuda runtime_cli" SGLP_SKIP_WGMMA=1 SGLP_REQUIRE_GPU=1 timeout 160 \
     bash .device/run-all.sh 2>&1 | tee "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-  echo "=== gram_wgmma, gram_wgmma_tma (Hopper candidates)" | tee -a "$out/tests.log"
-  ONLY_TESTS="cuda_backend" SGLP_REQUIRE_GPU=1 timeout 30 bash .device/run-all.sh candidate split_k every_stage \
+  echo "=== gram_wgmma, gram_wgmma_tma, linear_wgmma (Hopper candidates)" | tee -a "$out/tests.log"
+  ONLY_TESTS="cuda_backend runtime_cuda" SGLP_REQUIRE_GPU=1 timeout 40 bash .device/run-all.sh candidate split_k \
+    every_stage linear_on_tensor_cores \
     2>&1 | tee -a "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   timeout 100 bash .device/run-bench.sh cka_kernels 2>&1 | tee -a "$out/tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1

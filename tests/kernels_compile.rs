@@ -98,11 +98,11 @@ fn every_compiled_kernel_takes_the_declared_parameters() {
     eprintln!("{checked} kernels: PTX parameters as declared");
 }
 
-/// gram_wgmma and gram_wgmma_tma are warpgroup MMA on sm_90a (the 128-wide product, the fences and waits
-/// around it; stages filled by cp.async, or by TMA copies on mbarriers) and a trap on any other
-/// architecture, where the host never launches them.
+/// gram_wgmma, gram_wgmma_tma and the runtime's linear_wgmma are warpgroup MMA on sm_90a (the 128-wide
+/// product, the fences and waits around it; stages filled by cp.async, or by TMA copies on mbarriers)
+/// and a trap on any other architecture, where the host never launches them.
 #[test]
-fn the_wgmma_grams_are_built_for_sm90a_only() {
+fn the_wgmma_kernels_are_built_for_sm90a_only() {
     if !nvrtc_or_skip() {
         return;
     }
@@ -115,15 +115,13 @@ fn the_wgmma_grams_are_built_for_sm90a_only() {
         let end = rest[1..].find(".entry").map_or(rest.len(), |e| e + 1);
         rest[..end].to_string()
     };
-    let hopper = nvrtc::compile_ptx("gram_linear.cu", "compute_90a").unwrap();
-    let plain = nvrtc::compile_ptx("gram_linear.cu", "compute_90").unwrap();
     let wgmma = [
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
         "wgmma.fence.sync.aligned",
         "wgmma.commit_group.sync.aligned",
         "wgmma.wait_group.sync.aligned",
     ];
+    let f16 = ["wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16"];
     let cp_async = ["fence.proxy.async.shared::cta", "cp.async.cg.shared.global"];
     let tma = [
         "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
@@ -131,7 +129,15 @@ fn the_wgmma_grams_are_built_for_sm90a_only() {
         "mbarrier.arrive.expect_tx.shared::cta.b64",
         "mbarrier.try_wait.parity.shared::cta.b64",
     ];
-    for (name, own) in [("gram_wgmma", &cp_async[..]), ("gram_wgmma_tma", &tma[..])] {
+    let gram_cp: Vec<&str> = f16.iter().chain(&cp_async).copied().collect();
+    let gram_tma: Vec<&str> = f16.iter().chain(&tma).copied().collect();
+    for (file, name, own) in [
+        ("gram_linear.cu", "gram_wgmma", &gram_cp[..]),
+        ("gram_linear.cu", "gram_wgmma_tma", &gram_tma[..]),
+        ("runtime_linear.cu", "linear_wgmma", &cp_async[..]),
+    ] {
+        let hopper = nvrtc::compile_ptx(file, "compute_90a").unwrap();
+        let plain = nvrtc::compile_ptx(file, "compute_90").unwrap();
         let h = entry(&hopper, name);
         for needle in wgmma.iter().chain(own) {
             assert!(h.contains(needle), "sm_90a {name} lacks {needle}");

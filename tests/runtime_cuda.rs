@@ -19,10 +19,11 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight};
+use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight, LinearKernel};
 use sglp_engine::runtime::ops::{cpu, round_to_bf16, AttnShape, Device, Matmul, RopeTable};
 use sglp_engine::runtime::tape::{Cpu, Pool};
 use sglp_engine::runtime::{Model, Tokens};
+use sglp_engine::similarity::cuda::kernels::kernel_times;
 use std::collections::HashMap;
 
 /// The device in f32 mode (the CPU twins' precision), or None (and why) without a GPU.
@@ -478,72 +479,107 @@ fn product_f64(
     c
 }
 
+/// The linear kernel choices this run tests (`SGLP_SKIP_WGMMA=1`: not the Hopper one, which
+/// scripts/gpu_checks.sh runs in a process of its own).
+fn linear_kernels() -> Vec<LinearKernel> {
+    let skip = std::env::var("SGLP_SKIP_WGMMA").as_deref() == Ok("1");
+    LinearKernel::ALL
+        .into_iter()
+        .filter(|&k| !(skip && k == LinearKernel::Wgmma))
+        .collect()
+}
+
 #[test]
 fn linear_on_tensor_cores_matches_f64_products_of_bf16_operands() {
     let Some(dev) = gpu_bf16_or_skip() else {
         return;
     };
-    let mut rng = StdRng::seed_from_u64(16);
-    // Off the 128 × 128 × 32 tiles everywhere; one row; several reduction steps and tiles each way.
-    for (n, k, m) in [
-        (130usize, 45usize, 140usize),
-        (1, 32, 128),
-        (300, 520, 257),
-        (33, 17, 700),
-    ] {
-        let x = rand_vec(&mut rng, n * k, 1.0);
-        let w = rand_vec(&mut rng, m * k, 1.0);
-        let b = rand_vec(&mut rng, m, 1.0);
-        let dy = rand_vec(&mut rng, n * m, 1.0);
-        let (dx0, dw0) = (
-            rand_vec(&mut rng, n * k, 1.0),
-            rand_vec(&mut rng, m * k, 1.0),
-        );
-        let (xr, wr, dyr) = (round_to_bf16(&x), round_to_bf16(&w), round_to_bf16(&dy));
-        let what = format!("bf16 linear n{n} k{k} m{m}");
-        let (xd, wd, bd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &b), up(&dev, &dy));
-        let wd = dev.weight_from(&wd).unwrap();
-        assert!(
-            matches!(wd, CudaWeight::Bf16(_)),
-            "bf16 mode holds weights as bf16"
-        );
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    for kernel in linear_kernels() {
+        dev.set_linear_kernel(kernel);
+        let in_use = dev.linear_kernel_in_use();
+        eprintln!("{kernel:?} chosen, {in_use:?} in use");
+        // Off the 128 × 128 tiles everywhere; one row; several reduction steps and tiles each way. With k
+        // and m multiples of 8 the wgmma path takes them (n padded to 8 for dw's reduction), the others
+        // fall back to the mma kernels.
+        for (n, k, m) in [
+            (130usize, 45usize, 140usize),
+            (1, 32, 128),
+            (300, 520, 264),
+            (33, 17, 700),
+            (37, 72, 136),
+            (130, 200, 8),
+        ] {
+            let x = rand_vec(&mut rng, n * k, 1.0);
+            let w = rand_vec(&mut rng, m * k, 1.0);
+            let b = rand_vec(&mut rng, m, 1.0);
+            let dy = rand_vec(&mut rng, n * m, 1.0);
+            let (dx0, dw0) = (
+                rand_vec(&mut rng, n * k, 1.0),
+                rand_vec(&mut rng, m * k, 1.0),
+            );
+            let (xr, wr, dyr) = (round_to_bf16(&x), round_to_bf16(&w), round_to_bf16(&dy));
+            let what = format!("bf16 linear ({kernel:?}) n{n} k{k} m{m}");
+            let (xd, wd, bd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &b), up(&dev, &dy));
+            let wd = dev.weight_from(&wd).unwrap();
+            assert!(
+                matches!(wd, CudaWeight::Bf16(_)),
+                "bf16 mode holds weights as bf16"
+            );
 
-        let mut y = dev.alloc_zeroed(n * m).unwrap();
-        dev.linear_forward(&xd, &wd, Some(&*bd), n, k, m, &mut y)
-            .unwrap();
-        let mut want = product_f64(&xr, true, &wr, true, n, m, k);
-        for (i, v) in want.iter_mut().enumerate() {
-            *v += b[i % m] as f64;
+            let mut y = dev.alloc_zeroed(n * m).unwrap();
+            let ((), launched) =
+                kernel_times::record(|| dev.linear_forward(&xd, &wd, Some(&*bd), n, k, m, &mut y))
+                    .unwrap();
+            let wgmma_ran = launched.iter().any(|t| t.kernel == "linear_wgmma");
+            let wgmma_expected =
+                in_use == LinearKernel::Wgmma && k.is_multiple_of(8) && m.is_multiple_of(8);
+            assert_eq!(wgmma_ran, wgmma_expected, "{what}: kernels {launched:?}");
+            let mut want = product_f64(&xr, true, &wr, true, n, m, k);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += b[i % m] as f64;
+            }
+            let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+            let got = down(&dev, &y);
+            assert_close(&format!("{what} forward"), &got, &want, 1e-5);
+            // The rounding happened: the f32 product of the unrounded operands is measurably different.
+            let mut exact = vec![0f32; n * m];
+            cpu::linear_forward(&x, &w, Some(&b), n, k, m, &mut exact);
+            let off = scale_rel(&got, &exact);
+            eprintln!("{what}: bf16 vs f32 product {off:.2e}");
+            assert!(
+                off > 1e-5 && off < 2e-2,
+                "{what}: bf16 vs f32 product {off:.2e}"
+            );
+
+            let (mut dx, mut dw) = (up(&dev, &dx0), up(&dev, &dw0));
+            dev.linear_backward(&xd, &wd, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
+                .unwrap();
+            let wdx: Vec<f32> = product_f64(&dyr, true, &wr, false, n, k, m)
+                .iter()
+                .zip(&dx0)
+                .map(|(&p, &d0)| (p + d0 as f64) as f32)
+                .collect();
+            let wdw: Vec<f32> = product_f64(&dyr, false, &xr, false, m, k, n)
+                .iter()
+                .zip(&dw0)
+                .map(|(&p, &d0)| (p + d0 as f64) as f32)
+                .collect();
+            assert_close(&format!("{what} dx"), &down(&dev, &dx), &wdx, 1e-5);
+            assert_close(&format!("{what} dw"), &down(&dev, &dw), &wdw, 1e-5);
+            // Without dx (a first layer): dw alone, the same values.
+            let mut dw_only = up(&dev, &dw0);
+            dev.linear_backward(&xd, &wd, &dyd, n, k, m, None, &mut dw_only, None)
+                .unwrap();
+            assert_close(
+                &format!("{what} dw alone"),
+                &down(&dev, &dw_only),
+                &wdw,
+                1e-5,
+            );
         }
-        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
-        let got = down(&dev, &y);
-        assert_close(&format!("{what} forward"), &got, &want, 1e-5);
-        // The rounding happened: the f32 product of the unrounded operands is measurably different.
-        let mut exact = vec![0f32; n * m];
-        cpu::linear_forward(&x, &w, Some(&b), n, k, m, &mut exact);
-        let off = scale_rel(&got, &exact);
-        eprintln!("{what}: bf16 vs f32 product {off:.2e}");
-        assert!(
-            off > 1e-5 && off < 2e-2,
-            "{what}: bf16 vs f32 product {off:.2e}"
-        );
-
-        let (mut dx, mut dw) = (up(&dev, &dx0), up(&dev, &dw0));
-        dev.linear_backward(&xd, &wd, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
-            .unwrap();
-        let wdx: Vec<f32> = product_f64(&dyr, true, &wr, false, n, k, m)
-            .iter()
-            .zip(&dx0)
-            .map(|(&p, &d0)| (p + d0 as f64) as f32)
-            .collect();
-        let wdw: Vec<f32> = product_f64(&dyr, false, &xr, false, m, k, n)
-            .iter()
-            .zip(&dw0)
-            .map(|(&p, &d0)| (p + d0 as f64) as f32)
-            .collect();
-        assert_close(&format!("{what} dx"), &down(&dev, &dx), &wdx, 1e-5);
-        assert_close(&format!("{what} dw"), &down(&dev, &dw), &wdw, 1e-5);
     }
+    dev.set_linear_kernel(LinearKernel::Mma);
     // The mode switch takes effect at once: f32 products again.
     dev.set_matmul(Matmul::F32);
     let (n, k, m) = (70, 40, 50);

@@ -13,7 +13,9 @@
 //!   backward; one warp per row, deterministic; in [`Matmul::Bf16`] mode with head dimension 64 or 128
 //!   forward and backward run on tensor cores, runtime_attention_mma.cu) and the linear layer's three
 //!   products: on tensor cores with bf16 operands and f32 accumulation ([`Matmul::Bf16`], the default),
-//!   or as f32 tiled SIMT GEMMs ([`Matmul::F32`], [`CudaDevice::set_matmul`]).
+//!   or as f32 tiled SIMT GEMMs ([`Matmul::F32`], [`CudaDevice::set_matmul`]). On Hopper the bf16
+//!   products have a candidate second form, [`LinearKernel::Wgmma`]: the operands converted (and
+//!   transposed where needed) to bf16 copies in scratch buffers, then warpgroup MMA.
 //! * Weights: [`Device::param`] converts the host parameter to f32 and uploads it once; a linear layer's
 //!   weight ([`Device::weight`], a [`CudaWeight`]) is that f32 copy in [`Matmul::F32`] mode and a bf16
 //!   copy in [`Matmul::Bf16`] mode (half the device memory and the upload: a bf16 checkpoint's bits as
@@ -33,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::kernels::{Binary, Embedding, Kernel, RuntimeKernels};
 use crate::similarity::cuda::nvrtc::fnv1a;
-use crate::similarity::cuda::{open_gpu, CuResult, OpenGpu};
+use crate::similarity::cuda::{open_gpu, CuResult, OpenGpu, WGMMA_SHARED};
 use cudarc::driver::{
     result as cu, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig,
     PinnedHostSlice,
@@ -270,6 +272,40 @@ impl CudaWeight {
     }
 }
 
+/// Which kernels compute a linear layer's products for a weight held as bf16 ([`Matmul::Bf16`]):
+/// * `Mma`: `linear_*_bf16` (kernels/runtime_linear.cu), mma.sync with the f32 operands rounded to bf16
+///   as they are staged through registers; any shape, any GPU from sm_80.
+/// * `Wgmma`: `linear_wgmma`, Hopper's warpgroup MMA (kernels/wgmma.cuh) on bf16 copies of the operands
+///   that `to_bf16_*` writes into scratch buffers (transposed where a product needs its reduction index
+///   contiguous); for k and m multiples of 8 on a sm_90a device, other shapes and devices run `Mma`.
+///
+/// The same numbers (operands rounded once to bf16, f32 accumulation), another order of the sums.
+/// Neither has been timed on a GPU yet: the default stays `Mma` until the benchmark says otherwise;
+/// `SGLP_LINEAR_KERNEL=wgmma` or [`CudaDevice::set_linear_kernel`] selects the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearKernel {
+    Mma,
+    Wgmma,
+}
+
+impl LinearKernel {
+    /// Every kernel choice of the bf16 products.
+    pub const ALL: [LinearKernel; 2] = [LinearKernel::Mma, LinearKernel::Wgmma];
+
+    fn from_env() -> Self {
+        match std::env::var("SGLP_LINEAR_KERNEL").as_deref() {
+            Ok("wgmma") => LinearKernel::Wgmma,
+            _ => LinearKernel::Mma,
+        }
+    }
+}
+
+/// Where `to_bf16_*` reads: f32 values (activations, gradients) or a weight's bf16 bits.
+enum Bf16Source<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<u16>),
+}
+
 /// How a parameter is held on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Repr {
@@ -322,6 +358,13 @@ struct Inner {
     k: RuntimeKernels,
     /// `true`: the linear products run on tensor cores ([`Matmul::Bf16`]).
     bf16_matmul: AtomicBool,
+    /// `true`: [`LinearKernel::Wgmma`] was chosen.
+    wgmma_linear: AtomicBool,
+    /// Whether the device has wgmma (its kernels are built for sm_90a).
+    has_wgmma: bool,
+    /// `linear_wgmma`'s bf16 operand copies (4 slots, grown as needed, reused by every layer: one
+    /// stream orders their uses).
+    bf16_scratch: Mutex<Vec<CudaSlice<u16>>>,
     sms: usize,
     weights: Mutex<Weights>,
     rope: Mutex<HashMap<RopeKey, RopeDev>>,
@@ -401,6 +444,10 @@ impl CudaDevice {
             sms,
         } = open_gpu(ordinal)?;
         let k = RuntimeKernels::load(&ctx, &arch)?;
+        let has_wgmma = arch == "sm_90a";
+        if has_wgmma {
+            k.linear_wgmma.allow_dynamic_shared(WGMMA_SHARED)?;
+        }
         let (free, _) = ctx.mem_get_info().cu("cuMemGetInfo")?;
         Ok(CudaDevice {
             inner: Arc::new(Inner {
@@ -411,6 +458,9 @@ impl CudaDevice {
                 copy,
                 k,
                 bf16_matmul: AtomicBool::new(Matmul::default() == Matmul::Bf16),
+                wgmma_linear: AtomicBool::new(LinearKernel::from_env() == LinearKernel::Wgmma),
+                has_wgmma,
+                bf16_scratch: Mutex::new(Vec::new()),
                 sms,
                 weights: Mutex::new(Weights {
                     window: WeightWindow::new(free / 2),
@@ -431,6 +481,112 @@ impl CudaDevice {
         self.inner
             .bf16_matmul
             .store(m == Matmul::Bf16, Ordering::Relaxed);
+    }
+
+    /// Which kernels compute the bf16 products from now on ([`LinearKernel`]; `Wgmma` on a device
+    /// without wgmma runs `Mma`).
+    pub fn set_linear_kernel(&self, k: LinearKernel) {
+        self.inner
+            .wgmma_linear
+            .store(k == LinearKernel::Wgmma, Ordering::Relaxed);
+    }
+
+    /// The kernels the bf16 products of shapes that allow both use: the chosen ones, or `Mma` for
+    /// `Wgmma` on a device without wgmma.
+    pub fn linear_kernel_in_use(&self) -> LinearKernel {
+        if self.inner.has_wgmma && self.inner.wgmma_linear.load(Ordering::Relaxed) {
+            LinearKernel::Wgmma
+        } else {
+            LinearKernel::Mma
+        }
+    }
+
+    /// The bf16 weight when `linear_wgmma` computes this layer's products (k × m weight, both
+    /// multiples of 8: 16-byte rows of every operand copy).
+    fn wgmma_weight<'w>(
+        &self,
+        w: &'w CudaWeight,
+        k: usize,
+        m: usize,
+    ) -> Option<&'w CudaSlice<u16>> {
+        match w {
+            CudaWeight::Bf16(w)
+                if self.linear_kernel_in_use() == LinearKernel::Wgmma
+                    && k > 0
+                    && m > 0
+                    && k.is_multiple_of(8)
+                    && m.is_multiple_of(8) =>
+            {
+                Some(w)
+            }
+            _ => None,
+        }
+    }
+
+    /// The 4 scratch slots of `linear_wgmma`'s operand copies, slot i holding at least `lens[i]` values.
+    fn bf16_scratch(&self, lens: [usize; 4]) -> Result<MutexGuard<'_, Vec<CudaSlice<u16>>>> {
+        let mut slots = lock(&self.inner.bf16_scratch)?;
+        for (i, &len) in lens.iter().enumerate() {
+            if slots.get(i).is_none_or(|b| b.len() < len) {
+                let b = self
+                    .s()
+                    .alloc_zeros::<u16>(len.max(1))
+                    .cu("allocating a bf16 operand buffer")?;
+                match slots.get_mut(i) {
+                    Some(slot) => *slot = b,
+                    None => slots.push(b),
+                }
+            }
+        }
+        Ok(slots)
+    }
+
+    /// `to_bf16_*`: `x` (rows × cols) as bf16 into `y` and/or transposed into `yt` (cols rows of `ldt`
+    /// values, zeros past `rows`).
+    fn to_bf16(
+        &self,
+        x: Bf16Source<'_>,
+        rows: usize,
+        cols: usize,
+        y: Option<&mut CudaSlice<u16>>,
+        yt: Option<&mut CudaSlice<u16>>,
+        ldt: usize,
+    ) -> Result<()> {
+        let c = cfg((blocks(cols, 32), blocks(rows.max(ldt), 32)), THREADS)?;
+        let (r, co, l) = (int(rows, "rows")?, int(cols, "cols")?, int(ldt, "ldt")?);
+        let (s, kern) = (self.s(), self.k());
+        // SAFETY: x holds rows·cols values; y (when given) as many, yt (when given) cols·ldt (the
+        // callers' scratch slots are sized so).
+        unsafe {
+            match x {
+                Bf16Source::F32(x) => kern.to_bf16_f32.launch(s, c, x, r, co, y, yt, l),
+                Bf16Source::Bf16(x) => kern.to_bf16_bf16.launch(s, c, x, r, co, y, yt, l),
+            }
+        }
+    }
+
+    /// `linear_wgmma`: c[m, n] (+)= a[m, r] · b[n, r]ᵀ (+ bias) on bf16 copies (r % 8 == 0).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_wgmma(
+        &self,
+        a: &CudaSlice<u16>,
+        b: &CudaSlice<u16>,
+        bias: Option<&CudaSlice<f32>>,
+        c: &mut CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        r: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let mut lc = cfg((blocks(n, LIN_MMA_TILE), blocks(m, LIN_MMA_TILE)), THREADS)?;
+        lc.shared_mem_bytes = WGMMA_SHARED as u32;
+        let (mi, ni, ri) = (int(m, "m")?, int(n, "n")?, int(r, "r")?);
+        // SAFETY: a holds m·r, b n·r, c m·n values, the bias n (or is null).
+        unsafe {
+            self.k()
+                .linear_wgmma
+                .launch(self.s(), lc, a, b, bias, c, mi, ni, ri, accumulate as i32)
+        }
     }
 
     /// The output tile of the linear kernels for a weight held as `w` (bf16: the tensor-core kernels).
@@ -998,6 +1154,12 @@ impl Device for CudaDevice {
         if n == 0 || m == 0 {
             return Ok(());
         }
+        if let Some(w16) = self.wgmma_weight(w, k, m) {
+            let mut slots = self.bf16_scratch([n * k, 0, 0, 0])?;
+            let xb = &mut slots[0];
+            self.to_bf16(Bf16Source::F32(x), n, k, Some(&mut *xb), None, n)?;
+            return self.linear_wgmma(xb, w16, b, y, n, m, k, false);
+        }
         let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
         let tile = Self::linear_tile(w);
         let c = cfg((blocks(m, tile), blocks(n, tile)), THREADS)?;
@@ -1034,31 +1196,50 @@ impl Device for CudaDevice {
         let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
         let tile = Self::linear_tile(w);
         let (s, kern) = (self.s(), self.k());
-        if let Some(dx) = dx {
-            check_len(dx.len(), n * k, "linear input gradient")?;
-            if k > 0 && m > 0 {
-                let c = cfg((blocks(k, tile), blocks(n, tile)), THREADS)?;
-                // SAFETY: dy holds n·m, w m·k, dx n·k values.
-                unsafe {
-                    match w {
-                        CudaWeight::F32(w) => kern
-                            .linear_backward_input
-                            .launch(s, c, dy, &**w, dx, ni, ki, mi),
-                        CudaWeight::Bf16(w) => kern
-                            .linear_backward_input_bf16
-                            .launch(s, c, dy, &**w, dx, ni, ki, mi),
-                    }?;
+        if let Some(w16) = self.wgmma_weight(w, k, m) {
+            // kernels/runtime_linear.cu's table: dx += bf16(dy)·(Wᵀ)ᵀ, dw += bf16(dy)ᵀ·(bf16(x)ᵀ)ᵀ, the
+            // transposes' rows padded to n8 with zeros.
+            let n8 = n.next_multiple_of(8);
+            let mut slots = self.bf16_scratch([n * m, m * n8, k * n8, k * m])?;
+            let [dyb, dyt, xt, wt] = &mut slots[..4] else {
+                unreachable!("bf16_scratch keeps 4 slots")
+            };
+            let dyb_wanted = dx.is_some().then_some(&mut *dyb);
+            self.to_bf16(Bf16Source::F32(dy), n, m, dyb_wanted, Some(&mut *dyt), n8)?;
+            if let Some(dx) = dx {
+                check_len(dx.len(), n * k, "linear input gradient")?;
+                self.to_bf16(Bf16Source::Bf16(w16), m, k, None, Some(&mut *wt), m)?;
+                self.linear_wgmma(dyb, wt, None, dx, n, k, m, true)?;
+            }
+            self.to_bf16(Bf16Source::F32(x), n, k, None, Some(&mut *xt), n8)?;
+            self.linear_wgmma(dyt, xt, None, dw, m, k, n8, true)?;
+        } else {
+            if let Some(dx) = dx {
+                check_len(dx.len(), n * k, "linear input gradient")?;
+                if k > 0 && m > 0 {
+                    let c = cfg((blocks(k, tile), blocks(n, tile)), THREADS)?;
+                    // SAFETY: dy holds n·m, w m·k, dx n·k values.
+                    unsafe {
+                        match w {
+                            CudaWeight::F32(w) => kern
+                                .linear_backward_input
+                                .launch(s, c, dy, &**w, dx, ni, ki, mi),
+                            CudaWeight::Bf16(w) => kern
+                                .linear_backward_input_bf16
+                                .launch(s, c, dy, &**w, dx, ni, ki, mi),
+                        }?;
+                    }
                 }
             }
-        }
-        if k > 0 && m > 0 {
-            let f = match w {
-                CudaWeight::F32(_) => &kern.linear_backward_weight,
-                CudaWeight::Bf16(_) => &kern.linear_backward_weight_bf16,
-            };
-            let c = cfg((blocks(k, tile), blocks(m, tile)), THREADS)?;
-            // SAFETY: dy holds n·m, x n·k, dw m·k values.
-            unsafe { f.launch(s, c, dy, x, &mut *dw, ni, ki, mi)? };
+            if k > 0 && m > 0 {
+                let f = match w {
+                    CudaWeight::F32(_) => &kern.linear_backward_weight,
+                    CudaWeight::Bf16(_) => &kern.linear_backward_weight_bf16,
+                };
+                let c = cfg((blocks(k, tile), blocks(m, tile)), THREADS)?;
+                // SAFETY: dy holds n·m, x n·k, dw m·k values.
+                unsafe { f.launch(s, c, dy, x, &mut *dw, ni, ki, mi)? };
+            }
         }
         if let Some(db) = db {
             check_len(db.len(), m, "linear bias gradient")?;

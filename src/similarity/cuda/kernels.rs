@@ -31,7 +31,7 @@ pub trait In<'a, T> {
         'a: 'b;
 }
 
-/// A device buffer a kernel writes (`T*`): a mutable slice or view of `T`.
+/// A device buffer a kernel writes (`T*`): a mutable slice or view of `T`, or `None` for a null pointer.
 pub trait Out<'a, T> {
     /// Push this pointer onto `args`.
     fn push<'b>(self, args: &mut LaunchArgs<'b>)
@@ -67,6 +67,19 @@ impl<'a, 'c: 'a, T> In<'a, T> for &'a CudaView<'c, T> {
     }
 }
 impl<'a, T, P: In<'a, T>> In<'a, T> for Option<P> {
+    fn push<'b>(self, args: &mut LaunchArgs<'b>)
+    where
+        'a: 'b,
+    {
+        match self {
+            Some(p) => p.push(args),
+            None => {
+                args.arg(&NULL);
+            }
+        }
+    }
+}
+impl<'a, T, P: Out<'a, T>> Out<'a, T> for Option<P> {
     fn push<'b>(self, args: &mut LaunchArgs<'b>)
     where
         'a: 'b,
@@ -513,6 +526,13 @@ signatures! {
     LinearBackwardWeight(dy: In<f32>, x: In<f32>, dw: Out<f32>, n: i32, k: i32, m: i32);
     /// linear_backward_bias
     LinearBackwardBias(dy: In<f32>, db: Out<f32>, n: i32, m: i32);
+    /// linear_wgmma: c (+)= a bᵀ (+ bias) on Hopper, a [m, r] and b [n, r] bf16 (K-major)
+    LinearWgmma(a: In<u16>, b: In<u16>, bias: In<f32>, c: Out<f32>, m: i32, n: i32, r: i32,
+                accumulate: i32);
+    /// to_bf16_f32: x as bf16 (y) and its transpose (yt, ldt values a row); `None` = not wanted
+    ToBf16F32(x: In<f32>, rows: i32, cols: i32, y: Out<u16>, yt: Out<u16>, ldt: i32);
+    /// to_bf16_bf16: the same from bf16 bits (a transposed weight)
+    ToBf16Bf16(x: In<u16>, rows: i32, cols: i32, y: Out<u16>, yt: Out<u16>, ldt: i32);
 }
 
 kernel_table! {
@@ -594,6 +614,9 @@ kernel_table! {
             linear_forward_bf16: LinearForwardBf16,
             linear_backward_input_bf16: LinearBackwardInputBf16,
             linear_backward_weight_bf16: LinearBackwardWeight,
+            linear_wgmma: LinearWgmma,
+            to_bf16_f32: ToBf16F32,
+            to_bf16_bf16: ToBf16Bf16,
         }
     }
 }

@@ -446,10 +446,10 @@ impl GramKernel {
     }
 }
 
-/// Dynamic shared memory of a `gram_wgmma(_tma)` block: 3 stages of 2 × 128 rows × 128 bytes, 1 KiB to
-/// align the swizzle atoms and 64 bytes for the stages' mbarriers (`GRAM_WGMMA_SHARED` in
-/// kernels/gram_linear.cu, which asserts the sum).
-const GRAM_WGMMA_SHARED: usize = 99392;
+/// Dynamic shared memory of a wgmma block (`gram_wgmma(_tma)`, the runtime's `linear_wgmma`): 3 stages
+/// of 2 × 128 rows × 128 bytes, 1 KiB to align the swizzle atoms and 64 bytes for the stages' mbarriers
+/// (`WGMMA_SHARED` in kernels/wgmma.cuh, which asserts the sum).
+pub(crate) const WGMMA_SHARED: usize = 99392;
 
 /// Bytes of one CUtensorMap (the driver's opaque 128-byte, 64-aligned object).
 const TENSOR_MAP_BYTES: usize = 128;
@@ -569,8 +569,8 @@ impl CudaBackend {
         let k = CkaKernels::load(&ctx, &arch)?;
         let wgmma = arch == "sm_90a";
         if wgmma {
-            k.gram_wgmma.allow_dynamic_shared(GRAM_WGMMA_SHARED)?;
-            k.gram_wgmma_tma.allow_dynamic_shared(GRAM_WGMMA_SHARED)?;
+            k.gram_wgmma.allow_dynamic_shared(WGMMA_SHARED)?;
+            k.gram_wgmma_tma.allow_dynamic_shared(WGMMA_SHARED)?;
         }
         Ok(CudaBackend {
             wgmma,
@@ -1234,7 +1234,7 @@ impl CudaBackend {
                 let mut cfg = grid(tri(n.div_ceil(128)), n_mma, splits, 256);
                 let kernel = self.gram_kernel_in_use();
                 if kernel.is_wgmma() {
-                    cfg.shared_mem_bytes = GRAM_WGMMA_SHARED as u32;
+                    cfg.shared_mem_bytes = WGMMA_SHARED as u32;
                 }
                 match kernel {
                     GramKernel::WgmmaTma => {
