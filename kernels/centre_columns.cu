@@ -8,10 +8,13 @@
 // column mean (centring removes exactly the terms a shift adds), so the Gram kernels work on X − 1μᵀ.
 //
 // μ is summed in f64. f32 layers store (float)(x − μ) (one rounding), f64 layers x − μ. A 16-bit layer is
+// centred by μ rounded to its own dtype (centre_of: exact differences near the mean) and
 // rewritten as f16 scaled by a per-layer power of two, 2^e, chosen from the layer's largest column range
 // so that every value fits f16 (max |x − μ| ≤ 2^14): f16's 11-bit significand keeps the centred values to
-// ~2.4e-4 relative each (bf16 would keep 8 bits; re-rounding in bf16 gave CKA errors up to 7e-6 on the
-// large-mean family, f16 1e-8, see src/similarity/cuda/emulate_kernels.py), and the power of two is exact.
+// ~2.4e-4 relative each at worst (bf16 would keep 8 bits; re-rounding in bf16 gave CKA errors up to 7e-6
+// on the large-mean family, see src/similarity/cuda/emulate_kernels.py), and the power of two is exact.
+// With the centre on the bf16 grid, the values near the mean lose nothing: on the large-mean family
+// (tests/cuda_backend.rs, emulated) |ΔCKA| fell from up to 7.6e-6 to 2.6e-8 against the f64 reference.
 // gram_mma then reads the layer as f16 (`as_f16`), and centre_pack multiplies the linear Gram by 2^(−2e)
 // (the RBF kernel matrix is invariant to the scale: its distances and their median scale together).
 //
@@ -45,6 +48,22 @@ __device__ double column_mean(const unsigned char* x, int dtype, int n, int d, i
     return s / (double)n;
 }
 
+// What a column's values are centred by: its mean μ, or for a 16-bit layer μ rounded to the layer's own
+// dtype. Any per-column constant leaves HSIC and the RBF distances unchanged; one on the values' grid
+// makes x − μ exact for every x in μ's binade (both are multiples of its ulp), so for the usual LLM
+// column (a large mean, a small spread around it) the f16 rewrite below is exact too, where x minus the
+// exact mean would round in f16 (~2.4e-4 relative a value).
+__device__ double centre_of(double mu, int dtype) {
+    if (!isfinite(mu)) return mu;
+    const float f = (float)mu;
+    if (dtype == DT_BF16) {
+        const u32 u = __float_as_uint(f);
+        return (double)__uint_as_float(((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16);  // nearest even
+    }
+    if (dtype == DT_F16) return (double)f16_bits_to_f32(f32_to_f16_bits(f));
+    return mu;
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 column_centre(unsigned char* __restrict__ in, const LayerDesc* __restrict__ layers, int n,
               u32* __restrict__ col_scale, u64* __restrict__ nonfinite, u64 first_sample, int layer0) {
@@ -53,7 +72,7 @@ column_centre(unsigned char* __restrict__ in, const LayerDesc* __restrict__ laye
     if (c >= L.cols) return;
     unsigned char* x = in + L.in_off;
     const int d = L.cols;
-    const double mu = column_mean(x, L.dtype, n, d, c);
+    const double mu = centre_of(column_mean(x, L.dtype, n, d, c), L.dtype);
     int bad = n;  // the first row of this column holding a NaN or Inf
     if (L.dtype == DT_F32) {
         float* v = (float*)x;
@@ -109,7 +128,7 @@ column_to_f16(unsigned char* __restrict__ in, const LayerDesc* __restrict__ laye
     if (c >= L.cols) return;
     unsigned char* x = in + L.in_off;
     const int d = L.cols;
-    const double mu = column_mean(x, L.dtype, n, d, c);
+    const double mu = centre_of(column_mean(x, L.dtype, n, d, c), L.dtype);
     u16* v = (u16*)x;
     for (int i = 0; i < n; ++i) {
         const u64 idx = (u64)i * d + c;

@@ -8,10 +8,13 @@
 // 256 threads = 2 warpgroups; warpgroup w computes rows 64w .. 64w + 63 of the tile against all 128
 // columns with wgmma.mma_async.m64n128k16 (A and B read from shared memory through matrix descriptors,
 // f32 accumulators in registers, 64 a thread). The reduction goes in steps of WK = 64 (one 128-byte row
-// per operand row) through WSTAGES = 3 stages of 2 sides × 128 rows × 128 bytes = 32 KiB: 96 KiB of
+// per operand row) through WSTAGES = 4 stages of 2 sides × 128 rows × 128 bytes = 32 KiB: 128 KiB of
 // dynamic shared memory, plus 1 KiB to align and the stages' mbarriers (WGMMA_SHARED, the host's
-// launches). Two loaders fill a stage:
-// - CpAsyncStages: every thread's cp.async (16 bytes each, 8 a thread a step), two steps ahead;
+// launches). A step's products are left running (wgmma.wait_group W_IN_FLIGHT = 1) while the next step
+// waits for its data and issues its own, so the tensor cores do not idle through the barrier and the
+// issue; a stage is refilled only once the products that read it are done, two steps later. Two loaders
+// fill a stage:
+// - CpAsyncStages: every thread's cp.async (16 bytes each, 8 a thread a step), W_AHEAD = 2 steps ahead;
 // - TmaStages: one thread's TMA copies (cp.async.bulk.tensor, one 128 × 64 box a side, through a tensor
 //   map the host encoded), completing on the stage's mbarrier, three steps ahead (the Gram's only).
 //
@@ -24,12 +27,15 @@
 #include "mma.cuh"
 
 #define WK 64
-#define WSTAGES 3
+#define WSTAGES 4
+#define W_IN_FLIGHT 1                        // steps whose products may still run as the next one starts
+#define W_AHEAD (WSTAGES - 1 - W_IN_FLIGHT)  // steps cp.async loads ahead of the one computed
 #define W_SIDE_BYTES (MM * WK * 2)
 #define W_STAGE_BYTES (2 * W_SIDE_BYTES)
-#define WGMMA_SHARED 99392  // the host's WGMMA_SHARED (src/similarity/cuda/mod.rs)
+#define WGMMA_SHARED 132160  // the host's WGMMA_SHARED (src/similarity/cuda/mod.rs)
 static_assert(WGMMA_SHARED == WSTAGES * W_STAGE_BYTES + 1024 + 64,
-              "3 stages of 32 KiB, 1 KiB to align them, 64 bytes for their mbarriers");
+              "4 stages of 32 KiB, 1 KiB to align them, 64 bytes for their mbarriers");
+static_assert(W_AHEAD >= 1 && WSTAGES * 8 <= 64, "a step loads ahead; the mbarriers fit their 64 bytes");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(SGLP_HOST_EMULATION)
 #if !defined(SGLP_HOST_EMULATION)  // host twins: tests/gpu_emulator/cuda_host.h
@@ -156,9 +162,10 @@ __device__ __forceinline__ unsigned char* wgmma_stage(const WgmmaTile& t, int s)
     return t.smem + (s % WSTAGES) * W_STAGE_BYTES;
 }
 
-// Stages filled by every thread's cp.async, two steps ahead. A step's copies land, then the fence makes
-// them visible to the tensor cores (the async proxy), then the barrier makes everyone's visible and says
-// every warpgroup is done with step s − 1, whose stage is refilled next.
+// Stages filled by every thread's cp.async, W_AHEAD steps ahead. A step's copies land, then the fence
+// makes them visible to the tensor cores (the async proxy), then the barrier makes everyone's visible and
+// says every warpgroup has waited for the products of step s − 1 − W_IN_FLIGHT, whose stage is refilled
+// next (with step s + W_AHEAD).
 struct CpAsyncStages {
     const u16* a;  // A's rows (i), lda apart, rows_a of them; B's likewise (the same rows for a Gram)
     u64 lda;
@@ -174,23 +181,24 @@ __device__ __forceinline__ void stages_issue(const CpAsyncStages& c, const Wgmma
 }
 __device__ __forceinline__ void stages_prologue(const CpAsyncStages& c, const WgmmaTile& t, int tid) {
 #pragma unroll
-    for (int s = 0; s < WSTAGES - 1; ++s) {
+    for (int s = 0; s < W_AHEAD; ++s) {
         if (s < t.steps) stages_issue(c, t, s, tid);
         cp_async_commit();  // a group per step, empty or not: the wait below counts them
     }
 }
 __device__ __forceinline__ void stages_before_step(const CpAsyncStages& c, const WgmmaTile& t, int s, int tid) {
-    cp_async_wait<WSTAGES - 2>();  // this thread's copies of step s have landed
+    cp_async_wait<W_AHEAD - 1>();  // this thread's copies of step s have landed
     fence_proxy_async();
     __syncthreads();
-    if (s + WSTAGES - 1 < t.steps) stages_issue(c, t, s + WSTAGES - 1, tid);
+    if (s + W_AHEAD < t.steps) stages_issue(c, t, s + W_AHEAD, tid);
     cp_async_commit();
 }
 __device__ __forceinline__ void stages_after_step(const CpAsyncStages&, const WgmmaTile&, int, int) {}
 
-// Stages filled by thread 0's TMA copies, three steps ahead: stage s % 3 completes on its mbarrier
-// (phase (s / 3) % 2) when its bytes have landed; after a barrier that says every warpgroup is done with
-// step s, its stage is refilled with step s + 3. The tensor map zero-fills rows past n and features past
+// Stages filled by thread 0's TMA copies: the prologue fills all WSTAGES; stage s % WSTAGES completes on
+// its mbarrier (phase (s / WSTAGES) % 2) when its bytes have landed; after step s a barrier says every
+// warpgroup has waited for the products of step r = s − W_IN_FLIGHT, whose stage is refilled with step
+// r + WSTAGES. The tensor map zero-fills rows past n and features past
 // d; ke is d or a multiple of 64, so no box crosses into the next split's features.
 struct TmaStages {
     const void* map;
@@ -217,7 +225,8 @@ __device__ __forceinline__ void stages_before_step(const TmaStages& m, const Wgm
 }
 __device__ __forceinline__ void stages_after_step(const TmaStages& m, const WgmmaTile& t, int s, int tid) {
     __syncthreads();
-    if (tid == 0 && s + WSTAGES < t.steps) stages_issue(m, t, s + WSTAGES);
+    const int r = s - W_IN_FLIGHT;
+    if (tid == 0 && r >= 0 && r + WSTAGES < t.steps) stages_issue(m, t, r + WSTAGES);
 }
 
 // This block's dynamic shared memory (WGMMA_SHARED bytes at launch), 1024-aligned for the swizzle atoms.
@@ -243,10 +252,12 @@ __device__ __forceinline__ void wgmma_tile_product(const Stages& stages, const W
 #pragma unroll
         for (int kk = 0; kk < WK / 16; ++kk) wgmma_m64n128k16<DT>(acc, da + 2 * kk, db + 2 * kk);  // +32 bytes
         wgmma_commit();
-        wgmma_wait<0>();  // the stage may be refilled once everyone is past the next barrier
+        wgmma_wait<W_IN_FLIGHT>();  // step s − W_IN_FLIGHT's products are done: its stage may be refilled
         wgmma_fence_operand(acc);
         stages_after_step(stages, tile, s, tid);
     }
+    wgmma_wait<0>();
+    wgmma_fence_operand(acc);
 }
 
 // Row and column in the tile of accumulator acc[4j + h] of thread `tid` (warp w of warpgroup wg, lane

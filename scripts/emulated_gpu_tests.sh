@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU test suites on the GPU emulator (tests/gpu_emulator: a fake libcuda.so that runs the kernel
 # sources on the CPU), so that the CUDA path runs end to end on a machine without a GPU. Two schedules:
-# warps forward, cp.async landing at its wait, streams running work at once; then warps reversed, cp.async
-# landing at once, streams running work as late as CUDA allows (tests/gpu_emulator/README.md says what
+# warps forward, cp.async landing at its wait, wgmma products at their instruction, streams running work
+# at once; then warps reversed, cp.async landing at once, wgmma products at their wait, streams running
+# work as late as CUDA allows (tests/gpu_emulator/README.md says what
 # each exposes). Needs g++ and NVRTC on LD_LIBRARY_PATH (.ci/run
 # puts the wheel's there). Usage: scripts/emulated_gpu_tests.sh [cargo test filter...]
 set -euo pipefail
@@ -23,9 +24,9 @@ fi
 emu=$(tests/gpu_emulator/build.sh)
 export LD_LIBRARY_PATH="$(dirname "$emu")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export SGLP_REQUIRE_GPU=1
-for schedule in "forward lazy eager" "reverse eager lazy"; do
-  read -r order copies streams <<<"$schedule"
-  echo "== emulated GPU: warps $order, cp.async $copies, streams $streams"
-  SGLP_EMU_ORDER=$order SGLP_EMU_CP_ASYNC=$copies SGLP_EMU_STREAMS=$streams \
+for schedule in "forward lazy eager eager" "reverse eager lazy lazy"; do
+  read -r order copies products streams <<<"$schedule"
+  echo "== emulated GPU: warps $order, cp.async/TMA $copies, wgmma $products, streams $streams"
+  SGLP_EMU_ORDER=$order SGLP_EMU_CP_ASYNC=$copies SGLP_EMU_WGMMA=$products SGLP_EMU_STREAMS=$streams \
     cargo test --test cuda_backend --test runtime_cuda -- "$@"
 done

@@ -13,9 +13,10 @@
 // - Dynamic shared memory (`DYNAMIC_SHARED`, kernels/common.cuh) is one window per launch, 1024-aligned,
 //   NaN-filled before each block, with a guard page after it; `smem_addr` gives offsets in it.
 // - `wgmma.mma_async` (Hopper) reads its operands through the matrix descriptors (128-byte swizzle) and
-//   lands its results at the `wgmma.wait_group` that must wait for it, or with SGLP_EMU_CP_ASYNC=eager at
-//   once (as cp.async: a read of the accumulators before the wait, or a refill of a stage a product in
-//   flight still reads, shows in one mode or the other).
+//   lands its results at the `wgmma.wait_group` that must wait for it, or with SGLP_EMU_WGMMA=eager at
+//   once (unset: as SGLP_EMU_CP_ASYNC). Lazy products show a read of the accumulators before the wait, and
+//   with eager copies a refill of a stage a product in flight still reads; eager products with lazy
+//   copies show a product issued before its operands landed.
 // - The PTX wrappers of kernels/common.cuh and kernels/mma.cuh get host twins here; their fragment
 //   layouts follow the PTX ISA (mma.m16n8k16, ldmatrix.m8n8.x4, wgmma.m64nNk16).
 #pragma once

@@ -336,6 +336,18 @@ bool eager_copies() {
     return eager;
 }
 
+// SGLP_EMU_WGMMA=eager runs a wgmma.mma_async at its instruction, =lazy at the wait_group that must see
+// it; unset, as SGLP_EMU_CP_ASYNC says. The mixed schedules search hardest: lazy copies with eager
+// products show a product issued before its operands landed, eager copies with lazy products a stage
+// refilled while a product in flight still reads it.
+bool eager_products() {
+    static const bool eager = [] {
+        const char* env = getenv("SGLP_EMU_WGMMA");
+        return env ? strcmp(env, "eager") == 0 : eager_copies();
+    }();
+    return eager;
+}
+
 void cp_async(void* dst, const void* src, int bytes) {
     if (bytes < 0 || bytes > 16 || ((uintptr_t)dst | (uintptr_t)src) % 16 != 0) {
         // cp.async.cg moves 16 bytes between 16-byte-aligned addresses (a misaligned one faults on a GPU)
@@ -542,7 +554,7 @@ unsigned shared_offset(const void* p) {
 void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b) {
     if (block_dim.x % 128 != 0)
         async_fault("a block of " + std::to_string(block_dim.x) + " threads has partial warpgroups");
-    current->mmas.issue({dt, d, desc_a, desc_b}, eager_copies(), run_mma);
+    current->mmas.issue({dt, d, desc_a, desc_b}, eager_products(), run_mma);
 }
 
 void wgmma_commit() { current->mmas.commit(); }

@@ -196,8 +196,11 @@ def radix_median(v):
 
 def column_centre_to_f16(Xbits_f32):
     """column_centre + column_to_f16 (centre_columns.cu) on one 16-bit layer given as its values in f32:
-    f64 column means, the largest column range → e, f16((x − μ)·2^e). Returns (the f16 values as f64, e)."""
+    f64 column means rounded to bf16 through f32 (centre_of: on the values' grid), the largest column range
+    → e, f16((x − μ)·2^e). Returns (the f16 values as f64, e)."""
     mu = Xbits_f32.astype(np.float64).mean(0)
+    bits = mu.astype(np.float32).view(np.uint32).astype(np.uint64)
+    mu = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
     dev = (Xbits_f32.astype(np.float64) - mu).astype(np.float32)
     rng_ = max(float(np.maximum(dev.max(0), -dev.min(0)).max()), 0.0)
     if rng_ > 0:

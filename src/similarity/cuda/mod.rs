@@ -399,7 +399,7 @@ pub(crate) fn block_holding<T: PageLocked>(blocks: &[Weak<T>], bytes: &[u8]) -> 
 
 /// The kernel of the 16-bit (tensor-core) Grams: `gram_mma` (registers staging, 32-bit fragment loads),
 /// the candidate `gram_mma_pipelined` (cp.async double buffering, ldmatrix) or, on Hopper (sm_90a), the
-/// candidates `gram_wgmma` (warpgroup MMA from 128-byte-swizzled shared memory, 3 stages filled by
+/// candidates `gram_wgmma` (warpgroup MMA from 128-byte-swizzled shared memory, 4 stages filled by
 /// cp.async) and `gram_wgmma_tma` (the same, the stages filled by TMA copies through tensor maps). None
 /// has been timed on a GPU yet: the default stays `gram_mma` until the benchmark says otherwise;
 /// `SGLP_GRAM_KERNEL=pipelined`, `=wgmma` or `=wgmma_tma` (or [`CudaBackend::set_gram_kernel`]) selects
@@ -446,10 +446,10 @@ impl GramKernel {
     }
 }
 
-/// Dynamic shared memory of a wgmma block (`gram_wgmma(_tma)`, the runtime's `linear_wgmma`): 3 stages
+/// Dynamic shared memory of a wgmma block (`gram_wgmma(_tma)`, the runtime's `linear_wgmma`): 4 stages
 /// of 2 × 128 rows × 128 bytes, 1 KiB to align the swizzle atoms and 64 bytes for the stages' mbarriers
 /// (`WGMMA_SHARED` in kernels/wgmma.cuh, which asserts the sum).
-pub(crate) const WGMMA_SHARED: usize = 99392;
+pub(crate) const WGMMA_SHARED: usize = 132_160;
 
 /// Bytes of one CUtensorMap (the driver's opaque 128-byte, 64-aligned object).
 const TENSOR_MAP_BYTES: usize = 128;

@@ -8,7 +8,7 @@
 //!
 //! | stage | kernels | twin |
 //! |---|---|---|
-//! | centre | column_centre, column_to_f16 | (x − μ)·2^e, μ the f64 column mean |
+//! | centre | column_centre, column_to_f16 | (x − μ)·2^e, μ the f64 column mean (16-bit: rounded to the dtype) |
 //! | gram | gram_fma, gram_mma(_pipelined) | C·Cᵀ in f64 of the centred values |
 //! | rbf | rbf_* | [`cpu::rbf_from_linear`] of the device Gram |
 //! | centre_pack | gram_row_sums, centre_offsets, centre_pack | [`cpu::double_centre`] / [`cpu::u_centre`], packed |
@@ -155,15 +155,23 @@ fn decode(bytes: &[u8], dtype: DType, count: usize) -> Vec<f64> {
     out
 }
 
-/// Twin of column_centre (and column_to_f16): `x − μ` per column, μ the f64 mean, times 2^e.
-pub fn centre_twin(x: &[f64], n: usize, cols: usize, e: i32) -> Vec<f64> {
+/// Twin of column_centre (and column_to_f16): `x − μ` per column, μ the f64 mean (for a 16-bit `dtype`
+/// rounded to it through f32, as centre_columns.cu's `centre_of`), times 2^e.
+pub fn centre_twin(x: &[f64], n: usize, cols: usize, dtype: DType, e: i32) -> Vec<f64> {
     let mut mu = vec![0.0; cols];
     for row in x.chunks_exact(cols) {
         for (m, v) in mu.iter_mut().zip(row) {
             *m += v;
         }
     }
-    mu.iter_mut().for_each(|m| *m /= n as f64);
+    mu.iter_mut().for_each(|m| {
+        *m /= n as f64;
+        *m = match dtype {
+            DType::BF16 if m.is_finite() => half::bf16::from_f32(*m as f32).to_f64(),
+            DType::F16 if m.is_finite() => f16::from_f32(*m as f32).to_f64(),
+            _ => *m,
+        }
+    });
     let s = 2f64.powi(e);
     x.chunks_exact(cols)
         .flat_map(|row| row.iter().zip(&mu).map(move |(v, m)| (v - m) * s))
@@ -284,7 +292,7 @@ pub fn check_stages(
                 let e = if sixteen { out.exponent[y] } else { 0 };
                 rel_err(
                     out.centred[y].iter().copied(),
-                    &centre_twin(&x, n, s.cols, e),
+                    &centre_twin(&x, n, s.cols, s.dtype, e),
                 )
             })),
             tol: if sixteen { 1e-3 } else { 1e-6 },
@@ -369,7 +377,7 @@ pub fn reference_with(
     let mut packed = Vec::new();
     for (y, s) in batch.layers.iter().enumerate() {
         let x = decode(s.bytes, s.dtype, n * s.cols);
-        let c = centre_twin(&x, n, s.cols, 0);
+        let c = centre_twin(&x, n, s.cols, s.dtype, 0);
         let (mut c, e): (Vec<f64>, i32) = match s.dtype {
             DType::F16 | DType::BF16 => {
                 let e = scale_exponent(&c);
