@@ -67,7 +67,7 @@ if [ "$part" = first ]; then
     bash .device/run-all.sh 2>&1 | tee "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   echo "=== gram_wgmma, gram_wgmma_tma, linear_wgmma (Hopper candidates)" | tee -a "$out/tests.log"
   ONLY_TESTS="cuda_backend runtime_cuda" SGLP_REQUIRE_GPU=1 timeout 40 bash .device/run-all.sh candidate split_k \
-    every_stage linear_on_tensor_cores \
+    every_stage linear_on_tensor_cores a_decoder_with_bf16 \
     2>&1 | tee -a "$out/tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   timeout 100 bash .device/run-bench.sh cka_kernels 2>&1 | tee -a "$out/tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1

@@ -885,7 +885,23 @@ fn a_decoder_with_bf16_products_stays_within_bf16_tolerances_and_is_repeatable()
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_sliding");
     let model = Model::load(&dir).unwrap();
     let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
-    check_model_against_cpu(&dev, &model, &tokens, "bf16 products");
+    // Every linear of this model (widths 16 to 128, q/k/v biases) has k and m multiples of 8: with
+    // LinearKernel::Wgmma on Hopper all its products go through linear_wgmma.
+    for kernel in linear_kernels() {
+        dev.set_linear_kernel(kernel);
+        let what = format!("bf16 products ({:?})", dev.linear_kernel_in_use());
+        check_model_against_cpu(&dev, &model, &tokens, &what);
+        // Deterministic kernels: the same step twice gives the same bits (all but the embedding's
+        // norm, whose backward adds repeated tokens' rows with atomics).
+        let (l1, h1, mut g1) = run_model(&dev, &model, &tokens);
+        let (l2, h2, mut g2) = run_model(&dev, &model, &tokens);
+        assert_eq!(l1.to_bits(), l2.to_bits(), "{what}");
+        assert_eq!(h1, h2, "{what}");
+        g1.remove(model.num_layers());
+        g2.remove(model.num_layers());
+        assert_eq!(g1, g2, "{what}");
+    }
+    dev.set_linear_kernel(LinearKernel::Mma);
     // Linear weights are held once, as bf16 (2 bytes); norms, biases and the embedding as f32.
     let expected: usize = linear_weight_shapes(&dir)
         .iter()
@@ -894,15 +910,6 @@ fn a_decoder_with_bf16_products_stays_within_bf16_tolerances_and_is_repeatable()
     let (resident, bytes, _) = dev.weight_stats().unwrap();
     assert_eq!(resident, linear_weight_shapes(&dir).len());
     assert_eq!(bytes, expected, "bf16 linear weights, f32 values");
-    // Deterministic kernels: the same step twice gives the same bits (all but the embedding's norm,
-    // whose backward adds repeated tokens' rows with atomics).
-    let (l1, h1, mut g1) = run_model(&dev, &model, &tokens);
-    let (l2, h2, mut g2) = run_model(&dev, &model, &tokens);
-    assert_eq!(l1.to_bits(), l2.to_bits());
-    assert_eq!(h1, h2);
-    g1.remove(model.num_layers());
-    g2.remove(model.num_layers());
-    assert_eq!(g1, g2);
 }
 
 #[test]
