@@ -18,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::{CudaDevice, LinearKernel};
 use sglp_engine::runtime::ops::{round_to_bf16, AttnShape, Device, Matmul};
+use sglp_engine::similarity::cuda::kernels::kernel_times;
 use std::time::Instant;
 
 type Buf = <CudaDevice as Device>::Buf;
@@ -46,6 +47,21 @@ fn time(dev: &CudaDevice, reps: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     t.sort_by(f64::total_cmp);
     t[reps / 2]
+}
+
+/// One more call of `f` with its launches timed by CUDA events, as "kernel ms" pairs: where a product's time
+/// goes when it is more than one kernel (the wgmma path's conversions and its GEMM).
+fn kernel_split(mut f: impl FnMut()) -> String {
+    let ((), times) = kernel_times::record(|| {
+        f();
+        Ok(())
+    })
+    .expect("kernel timing");
+    times
+        .iter()
+        .map(|t| format!("{} {:.3} ms", t.kernel, t.total_ms))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// max over sampled rows of |got − ref| / max |ref|, where ref row i = Σ_r a(i, r) b(r, ·) in f64.
@@ -156,6 +172,13 @@ fn main() {
                 flops / t / 1e12,
                 err
             );
+            if kernel == LinearKernel::Wgmma {
+                let split = kernel_split(|| {
+                    dev.linear_forward(&xd, &wv, None, n, k, m, &mut y)
+                        .expect("forward")
+                });
+                println!("{:<28} {:>11} of which {split}", "", "");
+            }
             // Backward: dx += dy w and dW += dyᵀ x (timed together; dx validated on sampled rows).
             dev.zero(&mut dx).expect("zero");
             dev.linear_backward(&xd, &wv, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
@@ -192,6 +215,13 @@ fn main() {
                 2.0 * flops / t / 1e12,
                 err
             );
+            if kernel == LinearKernel::Wgmma {
+                let split = kernel_split(|| {
+                    dev.linear_backward(&xd, &wv, &dyd, n, k, m, Some(&mut dx), &mut dw, None)
+                        .expect("backward")
+                });
+                println!("{:<28} {:>11} of which {split}", "", "");
+            }
         }
     }
 

@@ -12,6 +12,8 @@ seed (the GPU machine has PyTorch and transformers but no network), saved as bf1
                  per-batch forward + backward wall times; activations in f32, the linear products on
                  tensor cores from bf16-rounded operands, or in f32 throughout); engine_bf16_wgmma: the
                  bf16 products by the Hopper candidate (SGLP_LINEAR_KERNEL=wgmma);
+  torch_gemm     cuBLAS (bf16, through PyTorch) on the linear shapes of benches/runtime_gpu.rs, the reference
+                 rate for the engine's linear kernels (forward, and dx + dW together);
   agreement      engine loss, per-layer gradient norms and hidden states (`capture`, 2 sequences) against
                  PyTorch's, computed in float32 by PyTorch on the same weights (relative differences
                  reported, not asserted: the f32 mode should be within 1e-4, bf16 within about 1e-2);
@@ -85,6 +87,32 @@ def cuda_time(fn, reps):
     return sorted(times)[len(times) // 2], times
 
 
+# The linear shapes of benches/runtime_gpu.rs (a LLaMA-3-8B layer and its lm_head, 8 x 512 tokens): (what, k, m).
+GEMM_SHAPES = [("q/o proj 4096->4096", 4096, 4096), ("mlp up 4096->14336", 4096, 14336),
+               ("mlp down 14336->4096", 14336, 4096), ("lm_head 4096->128256", 4096, 128256)]
+
+
+def torch_gemms(n, reps):
+    """cuBLAS through PyTorch on the linear shapes of benches/runtime_gpu.rs, bf16 operands: the forward
+    y = x W^T and the backward dx = dy W plus dW = dy^T x (timed together, as the engine's bench does), in
+    ms and TFLOP/s. The engine's `linear` lines (bench.log) divide by these for the ratio against cuBLAS."""
+    import torch
+    out = {}
+    for what, k, m in GEMM_SHAPES:
+        x = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        dy = torch.randn(n, m, device=DEVICE, dtype=torch.bfloat16)
+        flops = 2.0 * n * k * m
+        t_f, _ = cuda_time(lambda: x @ w.t(), reps)
+        t_b, _ = cuda_time(lambda: (dy @ w, dy.t() @ x), reps)
+        out[what] = dict(forward_ms=t_f * 1e3, forward_tflops=flops / t_f / 1e12,
+                         backward_ms=t_b * 1e3, backward_tflops=2 * flops / t_b / 1e12)
+        del x, w, dy
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1b")
@@ -111,6 +139,9 @@ def main():
     exe = engine_exe(a.engine)
     report = dict(device=torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", torch=torch.__version__,
                   transformers=transformers.__version__, seqs=a.seqs, tokens=a.tokens, engine=exe, shapes={})
+    if DEVICE == "cuda":
+        report["torch_gemm_bf16"] = torch_gemms(a.seqs * a.tokens, a.reps)
+        print("torch bf16 GEMMs (cuBLAS):", json.dumps(report["torch_gemm_bf16"]), flush=True)
     for name in a.shapes.split(","):
         cfg = transformers.LlamaConfig(**SHAPES[name], rms_norm_eps=1e-5, max_position_embeddings=4096,
                                        tie_word_embeddings=False, torch_dtype="bfloat16")

@@ -607,8 +607,9 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Drop every cached weight (the next op uploads again).
+    /// Drop every cached weight (the next op uploads again) and the wgmma path's bf16 operand copies.
     pub fn clear_weights(&self) -> Result<()> {
+        lock(&self.inner.bf16_scratch)?.clear();
         let mut w = lock(&self.inner.weights)?;
         let budget = w.window.budget();
         w.window = WeightWindow::new(budget);

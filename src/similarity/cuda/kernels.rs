@@ -66,32 +66,26 @@ impl<'a, 'c: 'a, T> In<'a, T> for &'a CudaView<'c, T> {
         args.arg(self);
     }
 }
-impl<'a, T, P: In<'a, T>> In<'a, T> for Option<P> {
-    fn push<'b>(self, args: &mut LaunchArgs<'b>)
-    where
-        'a: 'b,
-    {
-        match self {
-            Some(p) => p.push(args),
-            None => {
-                args.arg(&NULL);
+/// `Option<P>` for a pointer argument of either kind: `None` passes a null pointer.
+macro_rules! nullable {
+    ($kind:ident) => {
+        impl<'a, T, P: $kind<'a, T>> $kind<'a, T> for Option<P> {
+            fn push<'b>(self, args: &mut LaunchArgs<'b>)
+            where
+                'a: 'b,
+            {
+                match self {
+                    Some(p) => p.push(args),
+                    None => {
+                        args.arg(&NULL);
+                    }
+                }
             }
         }
-    }
+    };
 }
-impl<'a, T, P: Out<'a, T>> Out<'a, T> for Option<P> {
-    fn push<'b>(self, args: &mut LaunchArgs<'b>)
-    where
-        'a: 'b,
-    {
-        match self {
-            Some(p) => p.push(args),
-            None => {
-                args.arg(&NULL);
-            }
-        }
-    }
-}
+nullable!(In);
+nullable!(Out);
 impl<'a, T> Out<'a, T> for &'a mut CudaSlice<T> {
     fn push<'b>(self, args: &mut LaunchArgs<'b>)
     where
