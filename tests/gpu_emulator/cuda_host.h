@@ -82,6 +82,8 @@ unsigned shared_offset(const void* p);
 void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b);
 void wgmma_commit();
 void wgmma_wait(int pending);
+// fence.proxy.async.shared::cta: this thread's landed cp.async writes become visible to wgmma.
+void fence_proxy_async();
 // mbarriers and TMA (cp.async.bulk.tensor.2d), by shared offset.
 void mbar_init(unsigned off, unsigned count);
 void mbar_arrive_expect_tx(unsigned off, unsigned bytes);
@@ -238,10 +240,11 @@ static inline void cp_async_wait() {
     emu::cp_async_wait(N);
 }
 
-// wgmma (sm_90a): the fences order nothing the emulator reorders; the product, commit and wait are
+// wgmma (sm_90a): wgmma.fence orders nothing the emulator reorders; fence.proxy.async makes this thread's
+// cp.async writes visible to wgmma (runtime.cpp checks each wgmma's operands); the product, commit and wait are
 // runtime.cpp's (descriptors decoded there).
 static inline void wgmma_fence() {}
-static inline void fence_proxy_async() {}
+static inline void fence_proxy_async() { emu::fence_proxy_async(); }
 static inline void wgmma_fence_operand(float*) {}
 static inline void wgmma_commit() { emu::wgmma_commit(); }
 template <int N>

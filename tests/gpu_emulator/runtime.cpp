@@ -158,6 +158,8 @@ struct Thread {
 Thread* current = nullptr;
 dim3 grid_dim, block_dim, block_idx;
 void reset_mbarriers();
+void reset_proxy_view(int threads);
+void note_generic_write(const void* dst);
 
 namespace {
 
@@ -198,10 +200,12 @@ void yield(State s) {
     switch_to(&current->ctx, &scheduler);
 }
 
-// One cp.async: `bytes` copied, the rest of the 16 zeroed.
+// One cp.async: `bytes` copied, the rest of the 16 zeroed; a write of the generic proxy, which wgmma does
+// not see before the writer's fence.proxy.async.
 void run_copy(const Copy& c) {
     memcpy(c.dst, c.src, (size_t)c.bytes);
     memset((char*)c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+    note_generic_write(c.dst);
 }
 
 // Lanes in warp `w` of the running block (the last warp may be partial).
@@ -230,6 +234,7 @@ bool run_block(const std::vector<int>& warp_order, const std::vector<int>& lane_
     last_progress = ~0ull;
     stalled_rounds = 0;
     reset_mbarriers();
+    reset_proxy_view(n);
     for (Thread& t : threads) {
         start_context(&t.ctx, t.stack, STACK_BYTES, thread_main);
         t.state = RUNNABLE;
@@ -398,11 +403,19 @@ bool prepare_window(size_t bytes, std::string& error) {
     abort();
 }
 
-// The 16-bit element (row, k) of a K-major operand in shared memory, as the PTX ISA's canonical layout
+// ---- what the async proxy (wgmma) sees of dynamic shared memory. A 16-byte chunk that a cp.async (the
+// generic proxy) wrote is unseen by wgmma until the writing thread has run fence.proxy.async after the
+// write landed (then a barrier passes it on); a wgmma issued on such a chunk is a fault here, where on a
+// GPU it may read stale bytes. Plain stores are not tracked (the emulator cannot see them); TMA writes
+// through the async proxy itself and needs no fence.
+std::vector<int> unfenced_writer;                 // per chunk of the window: the writer, or −1
+std::vector<std::vector<unsigned>> unfenced_of;  // per thread: chunks it wrote and has not fenced
+
+// The shared offset of the 16-bit element (row, k) of a K-major operand, as the PTX ISA's canonical layout
 // with 128-byte swizzling places it: 8-row groups `stride` (SBO) bytes apart, rows 128 bytes apart in a
 // group, and the 16-byte chunk index (address bits 4–6) XORed with the row in the 1024-byte atom
 // (bits 7–9). Only that mode is emulated (the engine's kernels use no other).
-unsigned short operand(unsigned long long desc, int row, int k) {
+size_t operand_offset(unsigned long long desc, int row, int k) {
     const unsigned mode = (unsigned)(desc >> 62), base_offset = (unsigned)(desc >> 49) & 7;
     if (mode != 1 || base_offset != 0)
         async_fault("descriptor with swizzle mode " + std::to_string(mode) + ", base offset " +
@@ -414,9 +427,29 @@ unsigned short operand(unsigned long long desc, int row, int k) {
         async_fault("operand element (" + std::to_string(row) + ", " + std::to_string(k) + ") at shared offset " +
                     std::to_string(off) + ", outside the " + std::to_string(window_bytes) +
                     " bytes of dynamic shared memory");
+    return off;
+}
+
+// The 16-bit element (row, k) of a K-major operand (operand_offset).
+unsigned short operand(unsigned long long desc, int row, int k) {
     unsigned short v;
-    memcpy(&v, window + off, 2);
+    memcpy(&v, window + operand_offset(desc, row, k), 2);
     return v;
+}
+
+// At a warpgroup's wgmma issue: every chunk of its operands (A 64 rows, B 128 rows, 16 values = 2
+// chunks a row) must be visible to the async proxy.
+void check_operands_fenced(unsigned long long desc_a, unsigned long long desc_b) {
+    for (int side = 0; side < 2; ++side)
+        for (int row = 0; row < (side ? 128 : 64); ++row)
+            for (int k = 0; k < 16; k += 8) {
+                const size_t off = operand_offset(side ? desc_b : desc_a, row, k);
+                const int writer = unfenced_writer[off / 16];
+                if (writer >= 0)
+                    async_fault("wgmma reads shared offset " + std::to_string(off) + " (" + (side ? "B" : "A") +
+                                " row " + std::to_string(row) + "), which thread " + std::to_string(writer) +
+                                "'s cp.async wrote with no fence.proxy.async by that thread since");
+            }
 }
 
 // This thread's share of D += A·Bᵀ, m64n128k16: warp w of the warpgroup holds rows 16w..16w+15; lane
@@ -436,6 +469,19 @@ void run_mma(const Mma& m) {
         }
 }
 }  // namespace
+
+void reset_proxy_view(int threads) {
+    unfenced_writer.assign(SHARED_WINDOW / 16, -1);
+    unfenced_of.assign((size_t)threads, {});
+}
+
+void note_generic_write(const void* dst) {
+    const unsigned char* p = (const unsigned char*)dst;
+    if (!window || p < window || p >= window + SHARED_WINDOW) return;  // static shared or global memory
+    const unsigned chunk = (unsigned)((p - window) / 16);
+    unfenced_writer[chunk] = current->linear;
+    unfenced_of[(size_t)current->linear].push_back(chunk);
+}
 
 // ---- mbarriers and TMA copies. A barrier is known by its shared offset; its phase completes when its
 // pending arrivals reach zero and every byte announced with expect_tx has landed. TMA copies land at the
@@ -554,7 +600,14 @@ unsigned shared_offset(const void* p) {
 void wgmma_issue(int dt, float* d, unsigned long long desc_a, unsigned long long desc_b) {
     if (block_dim.x % 128 != 0)
         async_fault("a block of " + std::to_string(block_dim.x) + " threads has partial warpgroups");
+    if ((current->linear & 127) == 0) check_operands_fenced(desc_a, desc_b);  // one check a warpgroup
     current->mmas.issue({dt, d, desc_a, desc_b}, eager_products(), run_mma);
+}
+
+void fence_proxy_async() {
+    for (unsigned chunk : unfenced_of[(size_t)current->linear])
+        if (unfenced_writer[chunk] == current->linear) unfenced_writer[chunk] = -1;
+    unfenced_of[(size_t)current->linear].clear();
 }
 
 void wgmma_commit() { current->mmas.commit(); }
