@@ -121,6 +121,37 @@ extern "C" __global__ void one_wgmma(const unsigned short* a, const unsigned sho
     if (!wait) wgmma_wait<0>();
 }
 
+// As one_wgmma, the operands staged by cp.async (16 bytes a copy: chunks 0 and 1 of each swizzled row,
+// the descriptors at the row starts) and waited for; `fence`: whether each thread runs fence.proxy.async
+// before the barrier. Without it the emulator stops the kernel at the wgmma (on a GPU the product may
+// read stale bytes: cp.async writes through the generic proxy, wgmma reads through the async one).
+extern "C" __global__ void wgmma_after_cp_async(const unsigned short* a, const unsigned short* b, int fence,
+                                                float* d_out) {
+    unsigned char* smem = emu::dynamic_shared();
+    for (int q = threadIdx.x; q < 2 * (64 + 128); q += 128) {
+        const bool in_a = q < 128;
+        const int row = (in_a ? q : q - 128) / 2, c = q % 2;
+        const unsigned short* src = (in_a ? a : b) + row * 16 + c * 8;
+        cp_async_16(smem + (in_a ? 0 : 8192) + row * 128 + ((c ^ (row & 7)) << 4), src, 16);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    if (fence) fence_proxy_async();
+    __syncthreads();
+    auto desc = [](unsigned start) {
+        return (unsigned long long)(start >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+    };
+    float d[64];
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+    wgmma_fence();
+    wgmma_m64n128k16<3>(d, desc(0), desc(8192));
+    wgmma_commit();
+    wgmma_wait<0>();
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    for (int j = 0; j < 16; ++j)
+        for (int h = 0; h < 4; ++h) d_out[(16 * w + g + 8 * (h >> 1)) * 128 + 8 * j + 2 * t + (h & 1)] = d[4 * j + h];
+}
+
 // One TMA box (64 × 128 16-bit values at column c0, row c1 of the map's tensor) into dynamic shared
 // memory, completing on an mbarrier; every thread then reads back its rows, unswizzling, waiting on the
 // barrier first or not. out[r·64 + e] = element (c0 + e, c1 + r) as the box holds it.
@@ -171,6 +202,7 @@ SGLP_EMU_REGISTER(shuffle_after_exit)
 SGLP_EMU_REGISTER(warp_sum)
 SGLP_EMU_REGISTER(one_mma)
 SGLP_EMU_REGISTER(one_wgmma)
+SGLP_EMU_REGISTER(wgmma_after_cp_async)
 SGLP_EMU_REGISTER(one_tma)
 SGLP_EMU_REGISTER(read_unwritten)
 SGLP_EMU_REGISTER(write_past_end)
@@ -383,6 +415,25 @@ int main() {
         });
         check(!(WIFEXITED(status) && WEXITSTATUS(status) == 0),
               "a misaligned 16-byte vector load stops the kernel (UBSan alignment)");
+        // wgmma on cp.async data: right with the writers' fence.proxy.async, a fault without it.
+        std::vector<unsigned short> a(64 * 16), b(128 * 16);
+        for (auto& v : a) v = (unsigned short)(0x3f00 + rand() % 0x100 - 0x80);  // bf16 near ±1
+        for (auto& v : b) v = (unsigned short)(0xbf00 + rand() % 0x100 - 0x80);
+        std::vector<float> d(64 * 128);
+        const unsigned short *ap = a.data(), *bp = b.data();
+        float* dp = d.data();
+        for (int fence = 1; fence >= 0; --fence) {
+            status = child([&] {
+                run("wgmma_after_cp_async", 128, {&ap, &bp, &fence, &dp}, "forward", "lazy", nullptr, 24576);
+                return worst_vs_abt(a, b, d, 64, 128) < 1e-5 ? 0 : 1;
+            });
+            if (fence)
+                check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                      "wgmma reads cp.async data after the writers' fence.proxy.async");
+            else
+                check(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT,
+                      "wgmma on cp.async data with no fence.proxy.async stops the kernel");
+        }
     }
     {  // lazy streams: a copy from page-locked memory reads it when it runs, not when it is enqueued
         auto refill_before_sync = [](const char* mode) {
