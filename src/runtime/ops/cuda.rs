@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::kernels::{Binary, Embedding, Kernel, RuntimeKernels};
 use crate::similarity::cuda::nvrtc::fnv1a;
-use crate::similarity::cuda::{open_gpu, CuResult, OpenGpu, WGMMA_SHARED};
+use crate::similarity::cuda::{env_choice, open_gpu, CuResult, OpenGpu, WGMMA_SHARED};
 use cudarc::driver::{
     result as cu, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig,
     PinnedHostSlice,
@@ -281,7 +281,8 @@ impl CudaWeight {
 ///
 /// The same numbers (operands rounded once to bf16, f32 accumulation), another order of the sums.
 /// Neither has been timed on a GPU yet: the default stays `Mma` until the benchmark says otherwise;
-/// `SGLP_LINEAR_KERNEL=wgmma` or [`CudaDevice::set_linear_kernel`] selects the other.
+/// `SGLP_LINEAR_KERNEL=wgmma` or [`CudaDevice::set_linear_kernel`] selects the other (`=mma` the
+/// default; any other value fails the device's opening).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinearKernel {
     Mma,
@@ -292,11 +293,12 @@ impl LinearKernel {
     /// Every kernel choice of the bf16 products.
     pub const ALL: [LinearKernel; 2] = [LinearKernel::Mma, LinearKernel::Wgmma];
 
-    fn from_env() -> Self {
-        match std::env::var("SGLP_LINEAR_KERNEL").as_deref() {
-            Ok("wgmma") => LinearKernel::Wgmma,
-            _ => LinearKernel::Mma,
-        }
+    fn from_env() -> Result<Self> {
+        env_choice(
+            "SGLP_LINEAR_KERNEL",
+            &[("mma", LinearKernel::Mma), ("wgmma", LinearKernel::Wgmma)],
+            LinearKernel::Mma,
+        )
     }
 }
 
@@ -458,7 +460,7 @@ impl CudaDevice {
                 copy,
                 k,
                 bf16_matmul: AtomicBool::new(Matmul::default() == Matmul::Bf16),
-                wgmma_linear: AtomicBool::new(LinearKernel::from_env() == LinearKernel::Wgmma),
+                wgmma_linear: AtomicBool::new(LinearKernel::from_env()? == LinearKernel::Wgmma),
                 has_wgmma,
                 bf16_scratch: Mutex::new(Vec::new()),
                 sms,

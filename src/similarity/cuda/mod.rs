@@ -403,7 +403,7 @@ pub(crate) fn block_holding<T: PageLocked>(blocks: &[Weak<T>], bytes: &[u8]) -> 
 /// cp.async) and `gram_wgmma_tma` (the same, the stages filled by TMA copies through tensor maps). None
 /// has been timed on a GPU yet: the default stays `gram_mma` until the benchmark says otherwise;
 /// `SGLP_GRAM_KERNEL=pipelined`, `=wgmma` or `=wgmma_tma` (or [`CudaBackend::set_gram_kernel`]) selects
-/// another. The wgmma kernels on a device without wgmma run `gram_mma`.
+/// another (`=mma` the default; any other value fails the backend's opening). The wgmma kernels on a device without wgmma run `gram_mma`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GramKernel {
     Mma,
@@ -421,13 +421,17 @@ impl GramKernel {
         GramKernel::WgmmaTma,
     ];
 
-    fn from_env() -> Self {
-        match std::env::var("SGLP_GRAM_KERNEL").as_deref() {
-            Ok("pipelined") => GramKernel::MmaPipelined,
-            Ok("wgmma") => GramKernel::Wgmma,
-            Ok("wgmma_tma") => GramKernel::WgmmaTma,
-            _ => GramKernel::Mma,
-        }
+    fn from_env() -> Result<Self> {
+        env_choice(
+            "SGLP_GRAM_KERNEL",
+            &[
+                ("mma", GramKernel::Mma),
+                ("pipelined", GramKernel::MmaPipelined),
+                ("wgmma", GramKernel::Wgmma),
+                ("wgmma_tma", GramKernel::WgmmaTma),
+            ],
+            GramKernel::Mma,
+        )
     }
 
     /// Whether this is one of the Hopper (wgmma) kernels.
@@ -443,6 +447,45 @@ impl GramKernel {
             GramKernel::Wgmma => "gram_wgmma",
             GramKernel::WgmmaTma => "gram_wgmma_tma",
         }
+    }
+}
+
+/// The value of `var` among `choices` (its spelling, then what it selects); `default` when the variable
+/// is unset or empty. Anything else is an error naming the variable and the values it takes: a typo must
+/// not quietly run another kernel than the one being measured.
+pub(crate) fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)], default: T) -> Result<T> {
+    choice_of(var, std::env::var(var).ok().as_deref(), choices, default)
+}
+
+fn choice_of<T: Copy>(
+    var: &str,
+    value: Option<&str>,
+    choices: &[(&str, T)],
+    default: T,
+) -> Result<T> {
+    match value {
+        None | Some("") => Ok(default),
+        Some(v) => choices
+            .iter()
+            .find(|(name, _)| *name == v)
+            .map(|&(_, t)| t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+                Error::cuda(format!("{var}={v}: expected one of {}", names.join(", ")))
+            }),
+    }
+}
+
+/// `SGLP_GRAM_SPLITS`: a fixed split-K factor (≥ 1), or none when unset or empty.
+fn env_gram_splits() -> Result<Option<usize>> {
+    match std::env::var("SGLP_GRAM_SPLITS").ok().as_deref() {
+        None | Some("") => Ok(None),
+        Some(v) => match v.parse::<usize>() {
+            Ok(s) if s >= 1 => Ok(Some(s)),
+            _ => Err(Error::cuda(format!(
+                "SGLP_GRAM_SPLITS={v}: expected a whole number of at least 1"
+            ))),
+        },
     }
 }
 
@@ -584,11 +627,8 @@ impl CudaBackend {
             ws: None,
             budget_cap: None,
             next_slot: 0,
-            gram_kernel: GramKernel::from_env(),
-            gram_splits: std::env::var("SGLP_GRAM_SPLITS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&s: &usize| s >= 1),
+            gram_kernel: GramKernel::from_env()?,
+            gram_splits: env_gram_splits()?,
             sums: Vec::new(),
             nonfinite: None,
             locked: Vec::new(),
@@ -1854,6 +1894,23 @@ mod tests {
         fn send<T: Send>() {}
         send::<CudaBackend>();
         send::<crate::similarity::cpu::CpuBackend>();
+    }
+
+    /// SGLP_GRAM_KERNEL / SGLP_LINEAR_KERNEL: unset or empty gives the default, a listed spelling its
+    /// choice, anything else an error naming the variable, the value and the spellings.
+    #[test]
+    fn a_misspelt_kernel_choice_is_an_error() {
+        let choices = [("mma", GramKernel::Mma), ("wgmma", GramKernel::Wgmma)];
+        let pick = |v| choice_of("SGLP_GRAM_KERNEL", v, &choices, GramKernel::Mma);
+        assert_eq!(pick(None).unwrap(), GramKernel::Mma);
+        assert_eq!(pick(Some("")).unwrap(), GramKernel::Mma);
+        assert_eq!(pick(Some("wgmma")).unwrap(), GramKernel::Wgmma);
+        assert_eq!(pick(Some("mma")).unwrap(), GramKernel::Mma);
+        let e = pick(Some("wgma")).unwrap_err().to_string();
+        assert!(
+            e.contains("SGLP_GRAM_KERNEL=wgma") && e.contains("mma, wgmma"),
+            "{e}"
+        );
     }
 
     #[test]
