@@ -295,7 +295,7 @@ gram_mma_pipelined(const unsigned char* __restrict__ in, const LayerDesc* __rest
 
 // ---------------------------------------------------------------- gram_wgmma, gram_wgmma_tma (Hopper)
 // Candidates: sm_90a's warpgroup MMA on the same 128 × 128 tiles (wgmma.cuh: 2 warpgroups, 64-feature
-// steps through 3 swizzled stages in dynamic shared memory). The two differ in who fills a stage:
+// steps through 4 swizzled stages in dynamic shared memory). The two differ in who fills a stage:
 // gram_wgmma every thread's cp.async (CpAsyncStages, A = B = the layer's rows), gram_wgmma_tma one
 // thread's TMA copies through the layer's tensor map (TmaStages). A diagonal tile (bi = bj) loads one
 // side and points both descriptors at it. Rows must be 16-byte aligned with d % 8 == 0 (the `vec` case,

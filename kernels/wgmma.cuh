@@ -198,8 +198,8 @@ __device__ __forceinline__ void stages_after_step(const CpAsyncStages&, const Wg
 // Stages filled by thread 0's TMA copies: the prologue fills all WSTAGES; stage s % WSTAGES completes on
 // its mbarrier (phase (s / WSTAGES) % 2) when its bytes have landed; after step s a barrier says every
 // warpgroup has waited for the products of step r = s − W_IN_FLIGHT, whose stage is refilled with step
-// r + WSTAGES. The tensor map zero-fills rows past n and features past
-// d; ke is d or a multiple of 64, so no box crosses into the next split's features.
+// r + WSTAGES. The tensor map zero-fills rows past n and features past d; ke is d or a multiple of 64,
+// so no box crosses into the next split's features.
 struct TmaStages {
     const void* map;
     u64* full;  // WSTAGES mbarriers, in shared memory

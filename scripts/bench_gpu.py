@@ -311,31 +311,29 @@ def engine_entries(e, spec, others):
     # CUDA context excluded, as torch's peak excludes its context); else this process's.
     base = e.get("device_bytes_used_at_open", others)
     used_all = e["device_bytes_used_after_all_batches"] - base
+
+    def path(total_s, **memory):  # one input path's run over the workload's batches
+        return dict(total_s=total_s, batch_ms_median=total_s * 1e3 / spec["batches"], **memory)
+
     if "device_resident_total_s" in e:
         # Activations already on the GPU (submit_device): comparable to torch_batch (b). Memory: the
         # workspace (measured before the upload) plus its two resident batches, as (b) counts.
         itemsize = 4 if spec["dtype"] == "float32" else 2
-        out["engine_on_device"] = dict(
-            total_s=e["device_resident_total_s"],
-            batch_ms_median=e["device_resident_total_s"] * 1e3 / spec["batches"],
+        out["engine_on_device"] = path(
+            e["device_resident_total_s"],
             peak_mem_bytes=used_all + 2 * spec["rows"] * sum(spec["widths"]) * itemsize,
         )
     if "streamed_total_s" in e:
         # The accumulator's path: submit every batch into a device-resident sum, one download.
-        out["engine_streamed"] = dict(
-            total_s=e["streamed_total_s"],
-            batch_ms_median=e["streamed_total_s"] * 1e3 / spec["batches"],
+        out["engine_streamed"] = path(
+            e["streamed_total_s"],
             peak_mem_bytes=used_all,
             mem_after_16_batches=e["device_bytes_used_after_16_batches"] - base,
         )
     if e.get("page_locked_total_s"):
         # The file reader's path: batches written into page-locked buffers, uploaded in place (the copy
         # into the buffer timed too: an upper bound).
-        out["engine_page_locked"] = dict(
-            total_s=e["page_locked_total_s"],
-            batch_ms_median=e["page_locked_total_s"] * 1e3 / spec["batches"],
-            peak_mem_bytes=used_all,
-        )
+        out["engine_page_locked"] = path(e["page_locked_total_s"], peak_mem_bytes=used_all)
     return out
 
 

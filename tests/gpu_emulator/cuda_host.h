@@ -240,9 +240,9 @@ static inline void cp_async_wait() {
     emu::cp_async_wait(N);
 }
 
-// wgmma (sm_90a): wgmma.fence orders nothing the emulator reorders; fence.proxy.async makes this thread's
-// cp.async writes visible to wgmma (runtime.cpp checks each wgmma's operands); the product, commit and wait are
-// runtime.cpp's (descriptors decoded there).
+// wgmma (sm_90a): wgmma.fence orders nothing the emulator reorders; fence.proxy.async makes this
+// thread's cp.async writes visible to wgmma (runtime.cpp checks each wgmma's operands); the product,
+// commit and wait are runtime.cpp's (descriptors decoded there).
 static inline void wgmma_fence() {}
 static inline void fence_proxy_async() { emu::fence_proxy_async(); }
 static inline void wgmma_fence_operand(float*) {}

@@ -403,6 +403,11 @@ bool prepare_window(size_t bytes, std::string& error) {
     abort();
 }
 
+// Where 128-byte swizzling puts the byte at unswizzled shared offset `off` (wgmma's descriptors read it
+// so, TMA's SWIZZLE_128B writes it so): the 16-byte chunk index (bits 4–6) XORed with the row in the
+// 1024-byte atom (bits 7–9).
+size_t swizzled_128(size_t off) { return off ^ (((off >> 7) & 7) << 4); }
+
 // ---- what the async proxy (wgmma) sees of dynamic shared memory. A 16-byte chunk that a cp.async (the
 // generic proxy) wrote is unseen by wgmma until the writing thread has run fence.proxy.async after the
 // write landed (then a barrier passes it on); a wgmma issued on such a chunk is a fault here, where on a
@@ -413,16 +418,14 @@ std::vector<std::vector<unsigned>> unfenced_of;  // per thread: chunks it wrote 
 
 // The shared offset of the 16-bit element (row, k) of a K-major operand, as the PTX ISA's canonical layout
 // with 128-byte swizzling places it: 8-row groups `stride` (SBO) bytes apart, rows 128 bytes apart in a
-// group, and the 16-byte chunk index (address bits 4–6) XORed with the row in the 1024-byte atom
-// (bits 7–9). Only that mode is emulated (the engine's kernels use no other).
+// group, then swizzled_128. Only that mode is emulated (the engine's kernels use no other).
 size_t operand_offset(unsigned long long desc, int row, int k) {
     const unsigned mode = (unsigned)(desc >> 62), base_offset = (unsigned)(desc >> 49) & 7;
     if (mode != 1 || base_offset != 0)
         async_fault("descriptor with swizzle mode " + std::to_string(mode) + ", base offset " +
                     std::to_string(base_offset) + " (only 128-byte swizzling from 1024-byte atoms is emulated)");
     const size_t start = (size_t)(desc & 0x3fff) << 4, stride = (size_t)((desc >> 32) & 0x3fff) << 4;
-    size_t off = start + (size_t)(row >> 3) * stride + (size_t)(row & 7) * 128 + (size_t)k * 2;
-    off ^= ((off >> 7) & 7) << 4;
+    const size_t off = swizzled_128(start + (size_t)(row >> 3) * stride + (size_t)(row & 7) * 128 + (size_t)k * 2);
     if (off + 2 > window_bytes)
         async_fault("operand element (" + std::to_string(row) + ", " + std::to_string(k) + ") at shared offset " +
                     std::to_string(off) + ", outside the " + std::to_string(window_bytes) +
@@ -535,9 +538,7 @@ void run_tma(Mbarrier& b, const TmaCopy& c) {
             unsigned char v[8] = {0};
             if (x >= 0 && y >= 0 && (unsigned long long)x < m.dims[0] && (unsigned long long)y < m.dims[1])
                 memcpy(v, (const unsigned char*)m.address + (size_t)y * m.stride + (size_t)x * m.elem_bytes, m.elem_bytes);
-            size_t off = c.dst + r * row_bytes + e * m.elem_bytes;
-            off ^= ((off >> 7) & 7) << 4;
-            memcpy(window + off, v, m.elem_bytes);
+            memcpy(window + swizzled_128(c.dst + r * row_bytes + e * m.elem_bytes), v, m.elem_bytes);
         }
     b.tx -= (long long)bytes;
     complete_if_done(b);

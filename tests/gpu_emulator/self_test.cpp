@@ -92,6 +92,26 @@ extern "C" __global__ void one_mma(const unsigned short* a, const unsigned short
     for (int h = 0; h < 4; ++h) c[(g + (h >> 1) * 8) * 8 + 2 * t + (h & 1)] = acc[h];
 }
 
+// One wgmma.m64n128k16 (bf16) by the warpgroup, A and B K-major and 128-byte swizzled at shared offsets
+// `a_at` and `b_at` (descriptors with stride byte offset 1024, as the PTX ISA's canonical layout has
+// them); D goes out as 64 × 128, row-major, read back through the accumulator layout; `wait`: whether D
+// is read after the product's wait (else before it, then waited for).
+static void wgmma_into(unsigned a_at, unsigned b_at, int wait, float* d_out) {
+    auto desc = [](unsigned start) {
+        return (unsigned long long)(start >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+    };
+    float d[64];
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+    wgmma_fence();
+    wgmma_m64n128k16<3>(d, desc(a_at), desc(b_at));
+    wgmma_commit();
+    if (wait) wgmma_wait<0>();
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    for (int j = 0; j < 16; ++j)
+        for (int h = 0; h < 4; ++h) d_out[(16 * w + g + 8 * (h >> 1)) * 128 + 8 * j + 2 * t + (h & 1)] = d[4 * j + h];
+    if (!wait) wgmma_wait<0>();
+}
+
 // One wgmma.m64n128k16 (bf16) by one warpgroup: A (64 × 16) and B (128 × 16), K-major, stored by plain
 // stores in the 128-byte-swizzled layout (16-byte chunk c of row r at r·128 + (c ^ (r % 8))·16) as the
 // second 16 features of their rows (chunks 2 and 3: the descriptors start 32 bytes in, as a kernel's
@@ -106,19 +126,7 @@ extern "C" __global__ void one_wgmma(const unsigned short* a, const unsigned sho
     for (int e = threadIdx.x; e < 64 * 16; e += 128) put(0, e / 16, e % 16, a[e]);
     for (int e = threadIdx.x; e < 128 * 16; e += 128) put(8192, e / 16, e % 16, b[e]);
     __syncthreads();
-    auto desc = [](unsigned start) {
-        return (unsigned long long)(start >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-    };
-    float d[64];
-    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
-    wgmma_fence();
-    wgmma_m64n128k16<3>(d, desc(0 + 32), desc(8192 + 32));
-    wgmma_commit();
-    if (wait) wgmma_wait<0>();
-    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    for (int j = 0; j < 16; ++j)
-        for (int h = 0; h < 4; ++h) d_out[(16 * w + g + 8 * (h >> 1)) * 128 + 8 * j + 2 * t + (h & 1)] = d[4 * j + h];
-    if (!wait) wgmma_wait<0>();
+    wgmma_into(0 + 32, 8192 + 32, wait, d_out);
 }
 
 // As one_wgmma, the operands staged by cp.async (16 bytes a copy: chunks 0 and 1 of each swizzled row,
@@ -138,18 +146,7 @@ extern "C" __global__ void wgmma_after_cp_async(const unsigned short* a, const u
     cp_async_wait<0>();
     if (fence) fence_proxy_async();
     __syncthreads();
-    auto desc = [](unsigned start) {
-        return (unsigned long long)(start >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-    };
-    float d[64];
-    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
-    wgmma_fence();
-    wgmma_m64n128k16<3>(d, desc(0), desc(8192));
-    wgmma_commit();
-    wgmma_wait<0>();
-    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    for (int j = 0; j < 16; ++j)
-        for (int h = 0; h < 4; ++h) d_out[(16 * w + g + 8 * (h >> 1)) * 128 + 8 * j + 2 * t + (h & 1)] = d[4 * j + h];
+    wgmma_into(0, 8192, 1, d_out);
 }
 
 // One TMA box (64 × 128 16-bit values at column c0, row c1 of the map's tensor) into dynamic shared

@@ -442,11 +442,11 @@ impl CudaDevice {
             compute: stream,
             copy,
             arch,
+            wgmma: has_wgmma,
             name,
             sms,
         } = open_gpu(ordinal)?;
         let k = RuntimeKernels::load(&ctx, &arch)?;
-        let has_wgmma = arch == "sm_90a";
         if has_wgmma {
             k.linear_wgmma.allow_dynamic_shared(WGMMA_SHARED)?;
         }
@@ -1196,21 +1196,25 @@ impl Device for CudaDevice {
         if n == 0 {
             return Ok(());
         }
+        if let Some(dx) = dx.as_deref() {
+            check_len(dx.len(), n * k, "linear input gradient")?;
+        }
         let (ni, ki, mi) = (int(n, "n")?, int(k, "k")?, int(m, "m")?);
         let tile = Self::linear_tile(w);
         let (s, kern) = (self.s(), self.k());
         if let Some(w16) = self.wgmma_weight(w, k, m) {
             // kernels/runtime_linear.cu's table: dx += bf16(dy)·(Wᵀ)ᵀ, dw += bf16(dy)ᵀ·(bf16(x)ᵀ)ᵀ, the
-            // transposes' rows padded to n8 with zeros.
+            // transposes' rows padded to n8 with zeros. Without dx, no bf16(dy) and no Wᵀ.
             let n8 = n.next_multiple_of(8);
-            let mut slots = self.bf16_scratch([n * m, m * n8, k * n8, k * m])?;
+            let with_dx = dx.is_some() as usize;
+            let mut slots =
+                self.bf16_scratch([with_dx * n * m, m * n8, k * n8, with_dx * k * m])?;
             let [dyb, dyt, xt, wt] = &mut slots[..4] else {
                 unreachable!("bf16_scratch keeps 4 slots")
             };
             let dyb_wanted = dx.is_some().then_some(&mut *dyb);
             self.to_bf16(Bf16Source::F32(dy), n, m, dyb_wanted, Some(&mut *dyt), n8)?;
             if let Some(dx) = dx {
-                check_len(dx.len(), n * k, "linear input gradient")?;
                 self.to_bf16(Bf16Source::Bf16(w16), m, k, None, Some(&mut *wt), m)?;
                 self.linear_wgmma(dyb, wt, None, dx, n, k, m, true)?;
             }
@@ -1218,7 +1222,6 @@ impl Device for CudaDevice {
             self.linear_wgmma(dyt, xt, None, dw, m, k, n8, true)?;
         } else {
             if let Some(dx) = dx {
-                check_len(dx.len(), n * k, "linear input gradient")?;
                 if k > 0 && m > 0 {
                     let c = cfg((blocks(k, tile), blocks(n, tile)), THREADS)?;
                     // SAFETY: dy holds n·m, w m·k, dx n·k values.

@@ -176,6 +176,8 @@ pub(crate) struct OpenGpu {
     pub compute: Arc<CudaStream>,
     pub copy: Arc<CudaStream>,
     pub arch: String,
+    /// Whether the kernels are built for sm_90a, which has wgmma ([`kernel_arch`]).
+    pub wgmma: bool,
     pub name: String,
     pub sms: usize,
 }
@@ -194,11 +196,13 @@ pub(crate) fn open_gpu(ordinal: usize) -> Result<OpenGpu> {
         info.name,
         info.total_mem as f64 / (1u64 << 30) as f64
     );
+    let arch = kernel_arch(major, minor, nvrtc::nvrtc_version().ok());
     Ok(OpenGpu {
         ctx,
         compute,
         copy,
-        arch: kernel_arch(major, minor, nvrtc::nvrtc_version().ok()),
+        wgmma: arch == "sm_90a",
+        arch,
         name,
         sms,
     })
@@ -553,10 +557,10 @@ impl StageTimes {
         let mut t = StageTimes::default();
         for k in times {
             let stage = match k.kernel {
-                "column_centre" | "column_to_f16" | "gram_fma" | "gram_mma"
-                | "gram_mma_pipelined" | "gram_wgmma" | "gram_wgmma_tma" | "gram_reduce_splits" => {
+                "column_centre" | "column_to_f16" | "gram_fma" | "gram_reduce_splits" => {
                     &mut t.gram_ms
                 }
+                g if GramKernel::ALL.iter().any(|k| k.kernel_name() == g) => &mut t.gram_ms,
                 "hsic_pairs" | "hsic_reduce_splits" => &mut t.pairs_ms,
                 // RBF and the centring.
                 _ => &mut t.centre_ms,
@@ -606,11 +610,11 @@ impl CudaBackend {
             compute,
             copy,
             arch,
+            wgmma,
             name,
             sms,
         } = open_gpu(ordinal)?;
         let k = CkaKernels::load(&ctx, &arch)?;
-        let wgmma = arch == "sm_90a";
         if wgmma {
             k.gram_wgmma.allow_dynamic_shared(WGMMA_SHARED)?;
             k.gram_wgmma_tma.allow_dynamic_shared(WGMMA_SHARED)?;

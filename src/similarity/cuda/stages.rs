@@ -9,7 +9,7 @@
 //! | stage | kernels | twin |
 //! |---|---|---|
 //! | centre | column_centre, column_to_f16 | (x − μ)·2^e, μ the f64 column mean (16-bit: rounded to the dtype) |
-//! | gram | gram_fma, gram_mma(_pipelined) | C·Cᵀ in f64 of the centred values |
+//! | gram | gram_fma, the 16-bit Gram kernel in use ([`super::GramKernel`]) | C·Cᵀ in f64 of the centred values |
 //! | rbf | rbf_* | [`cpu::rbf_from_linear`] of the device Gram |
 //! | centre_pack | gram_row_sums, centre_offsets, centre_pack | [`cpu::double_centre`] / [`cpu::u_centre`], packed |
 //! | pairs | hsic_pairs, hsic_reduce_splits | Σₚ G_a(p)·G_b(p) in f64 |
