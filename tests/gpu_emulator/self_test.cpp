@@ -222,6 +222,13 @@ static double worst_vs_abt(const std::vector<unsigned short>& a, const std::vect
     return worst;
 }
 
+// `n` bf16 values near +1 (`sign` 0x3f00) or −1 (0xbf00), from rand(): operands of the matrix-unit twins.
+static std::vector<unsigned short> bf16_near_one(size_t n, unsigned short sign) {
+    std::vector<unsigned short> v(n);
+    for (auto& x : v) x = (unsigned short)(sign + rand() % 0x100 - 0x80);
+    return v;
+}
+
 static void check(bool ok, const char* what) {
     printf("%s  %s\n", ok ? "ok  " : "FAIL", what);
     if (!ok) ++failures;
@@ -290,10 +297,8 @@ int main() {
         check(right, "__shfl_xor_sync butterfly sums a warp");
     }
     {  // the mma.m16n8k16 twin with mma.cuh's fragment loads gives A·B
-        std::vector<unsigned short> a(256), bt(128);
         srand(7);
-        for (auto& v : a) v = (unsigned short)(0x3f00 + rand() % 0x100 - 0x80);  // bf16 near ±1
-        for (auto& v : bt) v = (unsigned short)(0xbf00 + rand() % 0x100 - 0x80);
+        const std::vector<unsigned short> a = bf16_near_one(256, 0x3f00), bt = bf16_near_one(128, 0xbf00);
         std::vector<float> c(128);
         const unsigned short *ap = a.data(), *bp = bt.data();
         float* cp = c.data();
@@ -302,9 +307,7 @@ int main() {
               "mma.m16n8k16 (bf16) with mma.cuh's fragment layout computes A·B");
     }
     {  // the wgmma.m64n128k16 twin: descriptors, swizzle, accumulator layout; lazy results land at the wait
-        std::vector<unsigned short> a(64 * 16), b(128 * 16);
-        for (auto& v : a) v = (unsigned short)(0x3f00 + rand() % 0x100 - 0x80);  // bf16 near ±1
-        for (auto& v : b) v = (unsigned short)(0xbf00 + rand() % 0x100 - 0x80);
+        const std::vector<unsigned short> a = bf16_near_one(64 * 16, 0x3f00), b = bf16_near_one(128 * 16, 0xbf00);
         std::vector<float> d(64 * 128);
         const unsigned short *ap = a.data(), *bp = b.data();
         float* dp = d.data();
@@ -413,9 +416,7 @@ int main() {
         check(!(WIFEXITED(status) && WEXITSTATUS(status) == 0),
               "a misaligned 16-byte vector load stops the kernel (UBSan alignment)");
         // wgmma on cp.async data: right with the writers' fence.proxy.async, a fault without it.
-        std::vector<unsigned short> a(64 * 16), b(128 * 16);
-        for (auto& v : a) v = (unsigned short)(0x3f00 + rand() % 0x100 - 0x80);  // bf16 near ±1
-        for (auto& v : b) v = (unsigned short)(0xbf00 + rand() % 0x100 - 0x80);
+        const std::vector<unsigned short> a = bf16_near_one(64 * 16, 0x3f00), b = bf16_near_one(128 * 16, 0xbf00);
         std::vector<float> d(64 * 128);
         const unsigned short *ap = a.data(), *bp = b.data();
         float* dp = d.data();
