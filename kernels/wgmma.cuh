@@ -110,6 +110,13 @@ __device__ __forceinline__ bool mbar_try_wait(u64* bar, u32 parity) {
         : "memory");
     return done != 0;
 }
+// Makes the tensor map at `map` (global memory, written by a host copy before the launch) visible to this
+// thread's TMA copies: without it the TMA unit may use a stale or half-written map (the CUDA programming
+// guide, "Using TMA to transfer multi-dimensional arrays": scope .sys, as the host wrote it). Once per
+// block and map, by the thread that issues the copies.
+__device__ __forceinline__ void fence_tensormap_acquire(const void* map) {
+    asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;\n" ::"l"(map) : "memory");
+}
 // The box at (c0: innermost, c1) of the 2-D tensor `map` describes (a CUtensorMap in global memory) into
 // shared memory at `dst`, completing its bytes on `bar`.
 __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, int c1, u64* bar) {
@@ -215,6 +222,7 @@ __device__ __forceinline__ void stages_prologue(const TmaStages& m, const WgmmaT
     if (tid == 0) {
         for (int s = 0; s < WSTAGES; ++s) mbar_init(&m.full[s], 1);
         fence_mbar_init();
+        fence_tensormap_acquire(m.map);  // thread 0 issues every copy of the block
     }
     __syncthreads();
     if (tid == 0)

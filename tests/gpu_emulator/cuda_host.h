@@ -89,6 +89,8 @@ void mbar_init(unsigned off, unsigned count);
 void mbar_arrive_expect_tx(unsigned off, unsigned bytes);
 bool mbar_try_wait(unsigned off, unsigned parity);
 void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar);
+// fence.proxy.tensormap::generic.acquire: this thread's TMA copies may use the tensor map at `map`.
+void fence_tensormap_acquire(const void* map);
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx())
@@ -263,6 +265,7 @@ static inline void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes
 static inline bool mbar_try_wait(unsigned long long* bar, unsigned parity) {
     return emu::mbar_try_wait(smem_addr(bar), parity);
 }
+static inline void fence_tensormap_acquire(const void* map) { emu::fence_tensormap_acquire(map); }
 static inline void tma_load_2d(void* dst, const void* map, int c0, int c1, unsigned long long* bar) {
     emu::tma_load_2d(smem_addr(dst), map, c0, c1, smem_addr(bar));
 }

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <set>
 #include <vector>
 
 namespace emu {
@@ -545,7 +546,19 @@ void run_tma(Mbarrier& b, const TmaCopy& c) {
 }
 }  // namespace
 
-void reset_mbarriers() { mbarriers().clear(); }
+// The tensor maps each thread of the running block has acquired (fence.proxy.tensormap::generic.acquire):
+// a TMA copy through any other map is a fault here, where on a GPU it may use a stale copy of the map.
+std::map<int, std::set<const void*>>& acquired_maps() {
+    static auto& m = *new std::map<int, std::set<const void*>>();
+    return m;
+}
+
+void reset_mbarriers() {
+    mbarriers().clear();
+    acquired_maps().clear();
+}
+
+void fence_tensormap_acquire(const void* map) { acquired_maps()[current->linear].insert(map); }
 
 void mbar_init(unsigned off, unsigned count) {
     if (off % 8 != 0) async_fault("mbarrier not 8-byte aligned");
@@ -562,6 +575,9 @@ void mbar_arrive_expect_tx(unsigned off, unsigned bytes) {
 
 void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar) {
     Mbarrier& b = barrier_at(bar, "cp.async.bulk.tensor");
+    if (!acquired_maps()[current->linear].count(map))
+        async_fault("cp.async.bulk.tensor through a tensor map this thread has not acquired "
+                    "(fence.proxy.tensormap::generic.acquire) since its block started");
     const TmaCopy c{dst, (const unsigned char*)map, c0, c1};
     if (eager_copies())
         run_tma(b, c);

@@ -151,11 +151,13 @@ extern "C" __global__ void wgmma_after_cp_async(const unsigned short* a, const u
 
 // One TMA box (64 × 128 16-bit values at column c0, row c1 of the map's tensor) into dynamic shared
 // memory, completing on an mbarrier; every thread then reads back its rows, unswizzling, waiting on the
-// barrier first or not. out[r·64 + e] = element (c0 + e, c1 + r) as the box holds it.
-extern "C" __global__ void one_tma(const void* map, int c0, int c1, int wait, unsigned short* out) {
+// barrier first or not. out[r·64 + e] = element (c0 + e, c1 + r) as the box holds it. `acquire`: whether
+// the issuing thread acquires the map first (without, the emulator stops the kernel at the copy).
+extern "C" __global__ void one_tma(const void* map, int c0, int c1, int wait, int acquire, unsigned short* out) {
     unsigned char* smem = emu::dynamic_shared();
     unsigned long long* bar = (unsigned long long*)(smem + 16384);
     if (threadIdx.x == 0) {
+        if (acquire) fence_tensormap_acquire(map);
         mbar_init(bar, 1);
         mbar_arrive_expect_tx(bar, 16384);
         tma_load_2d(smem, map, c0, c1, bar);
@@ -348,8 +350,8 @@ int main() {
         std::vector<unsigned short> out(128 * 64);
         const void* mp = map;
         unsigned short* op = out.data();
-        int c0 = 40, c1 = 30, wait = 1, no_wait = 0;
-        run("one_tma", 64, {&mp, &c0, &c1, &wait, &op}, "forward", "lazy", nullptr, 16384 + 64);
+        int c0 = 40, c1 = 30, wait = 1, no_wait = 0, acquire = 1, no_acquire = 0;
+        run("one_tma", 64, {&mp, &c0, &c1, &wait, &acquire, &op}, "forward", "lazy", nullptr, 16384 + 64);
         bool right = encoded == 0;
         for (int r = 0; r < 128; ++r)
             for (int e = 0; e < 64; ++e) {
@@ -358,12 +360,22 @@ int main() {
                 right &= out[r * 64 + e] == want;
             }
         check(right, "a TMA box lands 128-byte swizzled, zeros past the tensor's edges, at the mbarrier wait");
-        run("one_tma", 64, {&mp, &c0, &c1, &no_wait, &op}, "forward", "lazy", nullptr, 16384 + 64);
+        run("one_tma", 64, {&mp, &c0, &c1, &no_wait, &acquire, &op}, "forward", "lazy", nullptr, 16384 + 64);
         // Thread 0 reads its rows (0 and 64) before any thread has waited: shared memory's NaN fill. (The
         // lanes after it run once thread 0's wait has landed the box.)
         bool stale = true;
         for (int e = 0; e < 64; ++e) stale &= out[e] == 0xffff && out[64 * 64 + e] == 0xffff;
         check(stale, "a read of a TMA stage before its mbarrier wait sees stale data (lazy copies)");
+        fflush(stdout);
+        const pid_t pid = fork();
+        if (pid == 0) {
+            run("one_tma", 64, {&mp, &c0, &c1, &wait, &no_acquire, &op}, "forward", "lazy", nullptr, 16384 + 64);
+            _exit(0);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        check(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT,
+              "a TMA copy through a map its thread has not acquired (fence.proxy.tensormap) stops the kernel");
     }
     {  // in a child (the eager mode is read once; a fault kills the process)
         std::vector<float> in(512);
