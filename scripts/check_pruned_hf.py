@@ -40,6 +40,8 @@ CASES = {
                         "--selection", "subset"] + PINNED,
     "qwen2_f16_bias": ["--remove", "1", "--batch", "3", "--cka-batch", "16",
                        "--selection", "gradnorm"] + PINNED,
+    "qwen3_qk_norm": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
+                      "--selection", "gradnorm"] + PINNED,
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 checkpoints made with Hugging Face
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 checkpoints made with Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
 
@@ -66,6 +66,14 @@ FIXTURES = [
                   use_sliding_window=True, sliding_window=5, max_window_layers=1,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          drop_layer_types=True, full_attention_loss=True, seed=5),
+    # Qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before the rotary embedding; head_dim 16
+    # with hidden 32 and 4 heads (q_proj 32 → 64), attention_bias on q/k/v/o, bf16, tied embeddings.
+    dict(name="qwen3_qk_norm", model_type="qwen3", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-6,
+                  attention_bias=True, tie_word_embeddings=True, use_sliding_window=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         seed=6),
 ]
 
 

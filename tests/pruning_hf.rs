@@ -179,3 +179,8 @@ fn mistral_sharded_subset_selection_matches_transformers() {
 fn qwen2_f16_bias_matches_transformers() {
     check_case("qwen2_f16_bias");
 }
+
+#[test]
+fn qwen3_qk_norm_matches_transformers() {
+    check_case("qwen3_qk_norm");
+}

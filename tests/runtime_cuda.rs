@@ -1,8 +1,9 @@
 //! The runtime's CUDA device (`runtime::ops::cuda::CudaDevice`) against its CPU twins (the free functions
 //! of `runtime::ops::cpu`) on fresh random inputs of awkward shapes, op by op, then a whole
 //! decoder's forward + backward (`Model::grad_norms_on`, the fixture `qwen2_sliding`: GQA, q/k/v biases,
-//! sliding-window layers) on the GPU against the CPU, with the whole model resident and with a weight budget small enough that the
-//! device keeps only a window of layers (prefetched one group ahead).
+//! sliding-window layers; and `qwen3_qk_norm`: per-head q/k RMSNorm) on the GPU against the CPU, with the
+//! whole model resident and with a weight budget small enough that the device keeps only a window of
+//! layers (prefetched one group ahead).
 //!
 //! Without a usable GPU every test prints why and passes, unless `SGLP_REQUIRE_GPU=1`, where a missing GPU
 //! is a failure.
@@ -937,6 +938,19 @@ fn a_tied_decoder_with_bf16_products_holds_the_embedding_twice() {
         + embed * 2;
     assert_eq!(dev.weight_stats().unwrap().0, shapes.len() + 1);
     assert_eq!(dev.weight_stats().unwrap().1, expected);
+}
+
+#[test]
+fn a_qwen3_decoder_with_per_head_q_k_norms_matches_the_cpu() {
+    let Some(dev) = gpu_or_skip() else { return };
+    // Qwen3: RMSNorm over each 16-wide head of q and k (rows of head_dim inside the projections' rows),
+    // head_dim ≠ hidden / heads, biases on q/k/v/o, tied embeddings; f32 products, then bf16.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3_qk_norm");
+    let model = Model::load(&dir).unwrap();
+    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    check_model_against_cpu(&dev, &model, &tokens, "qwen3, f32 products");
+    dev.set_matmul(Matmul::Bf16);
+    check_model_against_cpu(&dev, &model, &tokens, "qwen3, bf16 products");
 }
 
 /// The qwen2_sliding fixture with its passes on GPU 0 (f32 products), or None without a GPU.

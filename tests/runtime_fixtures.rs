@@ -2,7 +2,8 @@
 //! float64 reference). Loss and hidden states within 1e-5 relative, gradient norms within 1e-4 relative.
 //! Fixtures cover llama (llama3 rope scaling, 4.x config), llama bf16 with tied embeddings and int32 tokens,
 //! mistral sharded with an index file and single-kv-head GQA, qwen2 f16 with q/k/v biases and head_dim,
-//! qwen2 with sliding-window attention (window 5 < 16 tokens) on the layers from max_window_layers on.
+//! qwen2 with sliding-window attention (window 5 < 16 tokens) on the layers from max_window_layers on,
+//! qwen3 bf16 with per-head q/k RMSNorm, head_dim ≠ hidden / heads, biases on q/k/v/o and tied embeddings.
 
 mod common;
 
@@ -10,12 +11,13 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 5] = [
+const FIXTURES: [&str; 6] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
     "qwen2_f16_bias",
     "qwen2_sliding",
+    "qwen3_qk_norm",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {

@@ -126,9 +126,12 @@ pub fn pruned_config(
             }
         }
     }
-    // Qwen2 windows layer l when l ≥ max_window_layers (without `layer_types`). Kept layers stay in
-    // order, so counting the kept layers below the old bound keeps every layer's own attention kind.
-    if obj.get("model_type").and_then(|v| v.as_str()) == Some("qwen2") {
+    // Qwen2 and Qwen3 window layer l when l ≥ max_window_layers (without `layer_types`). Kept layers stay
+    // in order, so counting the kept layers below the old bound keeps every layer's own attention kind.
+    if matches!(
+        obj.get("model_type").and_then(|v| v.as_str()),
+        Some("qwen2" | "qwen3")
+    ) {
         let bound = obj
             .get("max_window_layers")
             .and_then(|v| v.as_u64())
@@ -371,6 +374,23 @@ mod tests {
         assert_eq!(p["num_hidden_layers"], 2);
         assert_eq!(p["layer_types"], serde_json::json!(["a", "d"]));
         assert_eq!(p["architectures"], c["architectures"]);
+    }
+
+    #[test]
+    fn qwen_max_window_layers_counts_the_kept_layers_below_it() {
+        // Layers 0–2 full attention, 3–5 windowed (max_window_layers 3, no layer_types); keeping 1, 2, 4
+        // must keep 1, 2 full and 4 windowed: the bound becomes 2. A llama config's field means nothing
+        // and is left as it was.
+        for (model_type, want) in [("qwen2", 2), ("qwen3", 2), ("llama", 3)] {
+            let c = serde_json::json!({
+                "model_type": model_type,
+                "num_hidden_layers": 6,
+                "max_window_layers": 3,
+            });
+            let p = pruned_config(&c, &[1, 2, 4], Path::new("config.json")).unwrap();
+            assert_eq!(p["num_hidden_layers"], 3);
+            assert_eq!(p["max_window_layers"], want, "{model_type}");
+        }
     }
 
     /// A 3-layer sharded checkpoint: shard 1 holds the embedding and layer 0 (bf16), shard 2 layers 1-2

@@ -1,4 +1,4 @@
-//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2), both config
+//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
 
 use crate::error::{Error, Result};
@@ -34,10 +34,13 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
-    /// q/k/v projections carry a bias (qwen2 always; llama with `attention_bias`).
+    /// q/k/v projections carry a bias (qwen2 always; llama and qwen3 with `attention_bias`).
     pub qkv_bias: bool,
-    /// o_proj carries a bias (llama with `attention_bias`).
+    /// o_proj carries a bias (llama and qwen3 with `attention_bias`).
     pub o_bias: bool,
+    /// Each head of q and of k is RMS-normalised (weights `self_attn.q_norm` / `k_norm`, `head_dim`
+    /// long) before the rotary embedding (qwen3).
+    pub qk_norm: bool,
     /// gate/up/down carry a bias (llama with `mlp_bias`).
     pub mlp_bias: bool,
     /// Sliding-window attention span w, when the config enables one: in a windowed layer query i sees the
@@ -138,10 +141,12 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
-        if !["llama", "mistral", "qwen2"].contains(&model_type.as_str()) {
+        if !["llama", "mistral", "qwen2", "qwen3"].contains(&model_type.as_str()) {
             return Err(model_err(
                 path,
-                format!("model_type '{model_type}' is not supported (llama, mistral, qwen2)"),
+                format!(
+                    "model_type '{model_type}' is not supported (llama, mistral, qwen2, qwen3)"
+                ),
             ));
         }
         let act = v
@@ -205,12 +210,13 @@ impl ModelConfig {
         let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
-            "llama" => (attention_bias, attention_bias),
+            "llama" | "qwen3" => (attention_bias, attention_bias),
             _ => (false, false),
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
+        let qk_norm = model_type == "qwen3";
         Ok(ModelConfig {
             vocab_size: get_size(v, "vocab_size", MAX_SIZE, path)?,
             intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
@@ -227,6 +233,7 @@ impl ModelConfig {
             rope_scaling,
             qkv_bias,
             o_bias,
+            qk_norm,
             sliding_window,
             sliding_layers,
         })
@@ -312,7 +319,8 @@ fn parse_sliding_window(
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
         }
-        "qwen2" => {
+        // Qwen3 windows its layers as Qwen2 does (use_sliding_window, max_window_layers, layer_types).
+        "qwen2" | "qwen3" => {
             let w = if opt_bool(v, "use_sliding_window", path)?.unwrap_or(false) {
                 window()?
             } else {
@@ -435,6 +443,26 @@ mod tests {
         assert!(matches!(c4.rope_scaling, RopeScaling::Llama3 { .. }));
     }
 
+    /// Which projections carry biases and whether q and k are normalised per head, per model type (as
+    /// transformers' modelling files build them).
+    #[test]
+    fn biases_and_qk_norms_per_model_type() {
+        let p = Path::new("config.json");
+        let parts = |model_type: &str, attention_bias: bool| {
+            let mut v = base();
+            v["model_type"] = model_type.into();
+            v["attention_bias"] = attention_bias.into();
+            let c = ModelConfig::from_json(&v, p).unwrap();
+            (c.qkv_bias, c.o_bias, c.qk_norm)
+        };
+        assert_eq!(parts("llama", false), (false, false, false));
+        assert_eq!(parts("llama", true), (true, true, false));
+        assert_eq!(parts("mistral", true), (false, false, false));
+        assert_eq!(parts("qwen2", false), (true, false, false));
+        assert_eq!(parts("qwen3", false), (false, false, true));
+        assert_eq!(parts("qwen3", true), (true, true, true));
+    }
+
     /// Expected values from transformers 5.23's MistralConfig / Qwen2Config (`sliding_window`,
     /// `layer_types`) on the same 4-layer configs.
     #[test]
@@ -497,6 +525,18 @@ mod tests {
                     "max_window_layers": 1, "layer_types": ["full_attention",
                     "sliding_attention", "attention", "sliding_attention"]}),
                 vec![f, s, f, s],
+            ),
+            // Qwen3Config (transformers 5.25) derives its layer kinds exactly as Qwen2Config does.
+            (
+                "qwen3",
+                serde_json::json!({"sliding_window": 5, "max_window_layers": 2}),
+                vec![f; 4],
+            ),
+            (
+                "qwen3",
+                serde_json::json!({"use_sliding_window": true, "sliding_window": 5,
+                    "max_window_layers": 2}),
+                vec![f, f, s, s],
             ),
         ];
         for (mt, extra, want) in cases {

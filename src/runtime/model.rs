@@ -1,5 +1,5 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2) as a tape: embedding → per layer
-//! [RMSNorm → q/k/v → RoPE → causal GQA attention (sliding-window where the config says) → o → residual
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3) as a tape: embedding → per layer
+//! [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3) → RoPE → causal GQA attention (sliding-window where the config says) → o → residual
 //! → RMSNorm → SwiGLU MLP → residual] → final RMSNorm → lm_head → cross-entropy.
 
 use super::config::ModelConfig;
@@ -270,6 +270,12 @@ impl Model {
             lin("self_attn.k_proj", kvd, h, c.qkv_bias)?;
             lin("self_attn.v_proj", kvd, h, c.qkv_bias)?;
             lin("self_attn.o_proj", h, qd, c.o_bias)?;
+            if c.qk_norm {
+                self.weights
+                    .expect(&p("self_attn.q_norm.weight"), &[c.head_dim])?;
+                self.weights
+                    .expect(&p("self_attn.k_norm.weight"), &[c.head_dim])?;
+            }
             lin("mlp.gate_proj", i, h, c.mlp_bias)?;
             lin("mlp.up_proj", i, h, c.mlp_bias)?;
             lin("mlp.down_proj", h, i, c.mlp_bias)?;
@@ -524,6 +530,7 @@ impl Model {
         tape.push(op::RmsNorm {
             x,
             w: norm,
+            d: h,
             eps: c.rms_norm_eps,
             out: xn,
         });
@@ -576,22 +583,29 @@ impl Model {
                 tape.push(op::Linear { x, w, b, out: y });
                 y
             };
-        let rms = |tape: &mut Tape<D>, x: BufId, name: &str| {
-            let w = tape.param(format!("{pre}.{name}.weight"), l, h);
-            let y = tape.buffer(format!("{pre}.{name}"), n, h);
+        // RMSNorm of the rows of `d` values of x (`width` a buffer row: d = width, or d = head_dim for
+        // Qwen3's per-head q_norm / k_norm).
+        let rms = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
+            let w = tape.param(format!("{pre}.{name}.weight"), l, d);
+            let y = tape.buffer(format!("{pre}.{name}"), n, width);
             tape.push(op::RmsNorm {
                 x,
                 w,
+                d,
                 eps: c.rms_norm_eps,
                 out: y,
             });
             y
         };
 
-        let a = rms(tape, x, "input_layernorm");
-        let q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
-        let k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
+        let a = rms(tape, x, "input_layernorm", h, h);
+        let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
+        let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
         let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
+        if c.qk_norm {
+            q = rms(tape, q, "self_attn.q_norm", qd, shape.head_dim);
+            k = rms(tape, k, "self_attn.k_norm", kvd, shape.head_dim);
+        }
         let qr = tape.buffer(format!("{pre}.q_rope"), n, qd);
         tape.push(op::Rope {
             x: q,
@@ -628,7 +642,7 @@ impl Model {
             out: x1,
         });
 
-        let b = rms(tape, x1, "post_attention_layernorm");
+        let b = rms(tape, x1, "post_attention_layernorm", h, h);
         let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
         let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
         let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);

@@ -1297,8 +1297,11 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
-        let chunks = blocks(rows, RMS_ROWS_PER_CHUNK);
-        let (ci, per) = (int(chunks, "chunks")?, RMS_ROWS_PER_CHUNK as i32);
+        // Chunks of at least RMS_ROWS_PER_CHUNK rows, and few enough for the grid's y dimension (per-head
+        // norms, Qwen3's q_norm / k_norm, have tokens × heads rows).
+        let per = RMS_ROWS_PER_CHUNK.max(rows.div_ceil(65_535));
+        let chunks = blocks(rows, per);
+        let (ci, per) = (int(chunks, "chunks")?, int(per, "rows per chunk")?);
         let s = self.s();
         let mut inv = s.alloc_zeros::<f64>(rows).cu("allocating row scales")?;
         let mut partials = s

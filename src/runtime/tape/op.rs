@@ -133,11 +133,13 @@ impl<D: Device> TapeOp<D> for Linear {
     }
 }
 
-/// out = w ⊙ x / sqrt(mean(x²) + eps), per row.
+/// out = w ⊙ x / sqrt(mean(x²) + eps), per row of `d` values: a buffer row when `d` is its width, each
+/// head of a row when `d` is the head size (Qwen3's q_norm / k_norm; `w` is `d` long either way).
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     pub x: BufId,
     pub w: ParamId,
+    pub d: usize,
     pub eps: f64,
     pub out: BufId,
 }
@@ -153,12 +155,9 @@ impl<D: Device> TapeOp<D> for RmsNorm {
         }
     }
     fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
-        let RmsNorm { x, w, eps, out } = *self;
+        let RmsNorm { x, w, d, eps, out } = *self;
         let wv = t.p(store, w)?;
-        t.write_output(out, |t, y| {
-            t.dev
-                .rmsnorm_forward(t.data(x), &wv, t.bufs[x].cols, eps, y)
-        })
+        t.write_output(out, |t, y| t.dev.rmsnorm_forward(t.data(x), &wv, d, eps, y))
     }
     fn backward(
         &self,
@@ -166,14 +165,13 @@ impl<D: Device> TapeOp<D> for RmsNorm {
         store: &dyn ParamStore,
         pg: &mut ParamGrads<D>,
     ) -> Result<()> {
-        let RmsNorm { x, w, eps, out } = *self;
+        let RmsNorm { x, w, d, eps, out } = *self;
         if !t.has_grad(out) {
             return Ok(());
         }
         let wv = t.p(store, w)?;
         let dw = pg.get_mut(w);
         t.write_grad(x, |t, dx| {
-            let d = t.bufs[x].cols;
             t.dev
                 .rmsnorm_backward(t.data(x), &wv, t.grad(out), d, eps, dx, dw)
         })
