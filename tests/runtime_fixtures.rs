@@ -202,6 +202,41 @@ fn bad_inputs_give_clear_errors() {
     );
 }
 
+/// Every fixture's checkpoint is read whole; the same Qwen3 weights declared as Qwen2 load (every tensor
+/// Qwen2 needs is there) but leave the q/k norms and the o_proj biases unread, which `unused_tensors`
+/// lists and the CLI warns of.
+#[test]
+fn tensors_the_decoder_does_not_read_are_listed() {
+    for name in FIXTURES {
+        let (model, _) = load(name);
+        assert_eq!(model.unused_tensors(), Vec::<String>::new(), "{name}");
+    }
+    let tmp = edited_copy("qwen3_qk_norm", |c| c["model_type"] = "qwen2".into());
+    let model = Model::load(tmp.path()).unwrap();
+    let unused = model.unused_tensors();
+    let mut want: Vec<String> = (0..3)
+        .flat_map(|l| {
+            [
+                "self_attn.k_norm.weight",
+                "self_attn.o_proj.bias",
+                "self_attn.q_norm.weight",
+            ]
+            .map(|t| format!("model.layers.{l}.{t}"))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(unused, want);
+    let out = common::engine_ok(&["info", "--model", tmp.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning:")
+            && err.contains("9 tensor(s)")
+            && err.contains("qwen2 decoder")
+            && err.contains("model.layers.0.self_attn.k_norm.weight"),
+        "{err}"
+    );
+}
+
 /// The window is exercised: the same weights with full attention give PyTorch's full-attention loss,
 /// measurably different from the windowed one; a Mistral window shorter than the sequences changes the
 /// loss and the gradients too.

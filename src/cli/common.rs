@@ -302,6 +302,7 @@ fn matmul() -> Matmul {
 /// a fallback from `auto` to the CPU is noted once per machine.
 pub fn load_decoder(dir: &std::path::Path, device: DeviceChoice) -> Result<Model> {
     let mut model = Model::load(dir)?;
+    warn_unused_tensors(&model, dir);
     if device != DeviceChoice::Cpu {
         let (runner, note) = crate::runtime::device::open_runtime(device, matmul())?;
         if let Some(n) = note {
@@ -310,6 +311,21 @@ pub fn load_decoder(dir: &std::path::Path, device: DeviceChoice) -> Result<Model
         model.set_device(runner);
     }
     Ok(model)
+}
+
+/// A warning when the checkpoint holds tensors the decoder does not read ([`Model::unused_tensors`]): the
+/// results would silently ignore part of the model.
+pub fn warn_unused_tensors(model: &Model, dir: &std::path::Path) {
+    let unused = model.unused_tensors();
+    if let Some(first) = unused.first() {
+        notes::warn(&format!(
+            "{}: {} tensor(s) of the checkpoint are not read by the {} decoder (first: '{first}'), so \
+             every result ignores them; does config.json's model_type describe these weights?",
+            dir.display(),
+            unused.len(),
+            model.config.model_type
+        ));
+    }
 }
 
 /// `--device cuda[:N]` with `--arch`: refused (the CNN runtime runs on the CPU; `auto` means the CPU).

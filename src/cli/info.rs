@@ -117,6 +117,7 @@ fn describe_activations(a: &InfoArgs) -> Result<()> {
 
 fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
     let model = Model::load(dir)?;
+    super::common::warn_unused_tensors(&model, dir);
     let c = &model.config;
     let (other, per_layer) = parameter_counts(dir, model.num_layers())?;
     let total = other + per_layer.iter().sum::<usize>();

@@ -235,52 +235,84 @@ impl Model {
         Ok(model)
     }
 
-    fn check_weights(&self) -> Result<()> {
+    /// Every tensor the decoder reads, with its shape, in checkpoint order of kind: embedding, final
+    /// norm, lm_head (untied), then per layer its norms, attention and MLP.
+    fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let c = &self.config;
         let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
         let (qd, kvd) = (
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
-        self.weights.expect("model.embed_tokens.weight", &[v, h])?;
-        self.weights.expect("model.norm.weight", &[h])?;
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), vec![v, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
         if !c.tie_word_embeddings {
-            if !self.weights.contains("lm_head.weight") {
-                return Err(Error::Model(format!(
-                    "{}: checkpoint has no 'lm_head.weight' and config.json has tie_word_embeddings false",
-                    self.dir.display()
-                )));
-            }
-            self.weights.expect("lm_head.weight", &[v, h])?;
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
         }
         for l in 0..c.num_hidden_layers {
-            let p = |s: &str| format!("model.layers.{l}.{s}");
-            let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<()> {
-                self.weights
-                    .expect(&p(&format!("{name}.weight")), &[out, inp])?;
-                if bias {
-                    self.weights.expect(&p(&format!("{name}.bias")), &[out])?;
-                }
-                Ok(())
+            let mut t = |name: &str, shape: Vec<usize>| {
+                out.push((format!("model.layers.{l}.{name}"), shape))
             };
-            self.weights.expect(&p("input_layernorm.weight"), &[h])?;
-            self.weights
-                .expect(&p("post_attention_layernorm.weight"), &[h])?;
-            lin("self_attn.q_proj", qd, h, c.qkv_bias)?;
-            lin("self_attn.k_proj", kvd, h, c.qkv_bias)?;
-            lin("self_attn.v_proj", kvd, h, c.qkv_bias)?;
-            lin("self_attn.o_proj", h, qd, c.o_bias)?;
-            if c.qk_norm {
-                self.weights
-                    .expect(&p("self_attn.q_norm.weight"), &[c.head_dim])?;
-                self.weights
-                    .expect(&p("self_attn.k_norm.weight"), &[c.head_dim])?;
+            t("input_layernorm.weight", vec![h]);
+            t("post_attention_layernorm.weight", vec![h]);
+            let linears = [
+                ("self_attn.q_proj", qd, h, c.qkv_bias),
+                ("self_attn.k_proj", kvd, h, c.qkv_bias),
+                ("self_attn.v_proj", kvd, h, c.qkv_bias),
+                ("self_attn.o_proj", h, qd, c.o_bias),
+                ("mlp.gate_proj", i, h, c.mlp_bias),
+                ("mlp.up_proj", i, h, c.mlp_bias),
+                ("mlp.down_proj", h, i, c.mlp_bias),
+            ];
+            for (name, rows, cols, bias) in linears {
+                t(&format!("{name}.weight"), vec![rows, cols]);
+                if bias {
+                    t(&format!("{name}.bias"), vec![rows]);
+                }
             }
-            lin("mlp.gate_proj", i, h, c.mlp_bias)?;
-            lin("mlp.up_proj", i, h, c.mlp_bias)?;
-            lin("mlp.down_proj", h, i, c.mlp_bias)?;
+            if c.qk_norm {
+                t("self_attn.q_norm.weight", vec![c.head_dim]);
+                t("self_attn.k_norm.weight", vec![c.head_dim]);
+            }
+        }
+        out
+    }
+
+    fn check_weights(&self) -> Result<()> {
+        if !self.config.tie_word_embeddings && !self.weights.contains("lm_head.weight") {
+            return Err(Error::Model(format!(
+                "{}: checkpoint has no 'lm_head.weight' and config.json has tie_word_embeddings false",
+                self.dir.display()
+            )));
+        }
+        for (name, shape) in self.expected_tensors() {
+            self.weights.expect(&name, &shape)?;
         }
         Ok(())
+    }
+
+    /// Tensors of the checkpoint the decoder does not read, sorted: a sign that config.json's
+    /// `model_type` or flags do not describe the weights (e.g. Qwen3 q/k norms under `qwen2`), since
+    /// the results then ignore part of the model. Not listed: rotary `inv_freq` buffers that older
+    /// checkpoints saved, and a tied checkpoint's `lm_head.weight` (transformers ties it away too).
+    pub fn unused_tensors(&self) -> Vec<String> {
+        let read: std::collections::HashSet<String> = self
+            .expected_tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        let mut unused: Vec<String> = self
+            .weights
+            .names()
+            .filter(|n| !read.contains(*n))
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .filter(|n| !(self.config.tie_word_embeddings && *n == "lm_head.weight"))
+            .map(str::to_string)
+            .collect();
+        unused.sort();
+        unused
     }
 
     pub fn num_layers(&self) -> usize {
