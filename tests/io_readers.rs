@@ -142,12 +142,18 @@ fn open_with<P: AsRef<Path>>(
     ActivationSet::open(&paths(inputs), &opts)
 }
 
-/// Stream the whole set with `max_rows`; per layer, every row converted to f64, and the chunk sizes.
+/// Stream the whole set with `max_rows` (checking each chunk is read in place); per layer, every row
+/// converted to f64, and the chunk sizes.
 fn read_all(set: &mut ActivationSet, max_rows: usize) -> (Vec<Vec<f64>>, Vec<usize>) {
     let mut per_layer = vec![Vec::new(); set.layers().len()];
     let mut sizes = Vec::new();
     while let Some(b) = set.next_chunk(max_rows).unwrap() {
         assert!(b.rows >= 1 && b.rows <= max_rows);
+        // Files are read in place: each layer's rows are a range of the shard's map, not a copy.
+        assert!(
+            b.layers.iter().all(|l| l.data.is_mapped()),
+            "a copied chunk"
+        );
         sizes.push(b.rows);
         let r = b.as_ref();
         for (dst, l) in per_layer.iter_mut().zip(&r.layers) {

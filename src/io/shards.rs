@@ -1,15 +1,18 @@
 //! A calibration set spread over one or more files (shards), streamed chunk by chunk.
 //!
-//! `open` reads and cross-checks only headers. `next_chunk` memory-maps one shard at a time (the maps of
-//! the previous shard are dropped when the next one starts), copies up to `max_rows` rows of every layer
-//! out of the maps, and checks them for NaN/Inf. So memory is one shard's pages (reclaimable, they are
-//! file-backed) plus the current chunk, however many shards there are.
+//! `open` reads and cross-checks only headers. `next_chunk` memory-maps one shard at a time (the reader
+//! lets go of the previous shard's maps when the next one starts), hands out up to `max_rows` rows of
+//! every layer as ranges of the maps, read in place ([`HostBytes::mapped`]; copied only into a GPU
+//! backend's page-locked buffers), and checks them for NaN/Inf. A chunk keeps its shard's maps alive while
+//! it lives, so memory is at most the pages of the shards of the chunks in flight (two with the read-ahead
+//! thread; reclaimable, they are file-backed), however many shards there are.
 
-use super::{check_finite, ActivationSource, Batch, LayerMeta, StoredTensor};
+use super::{check_finite, ActivationSource, Batch, HostBytes, LayerMeta, StoredTensor};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// How a 3-D tensor `[sequences, tokens, hidden]` becomes a matrix.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -64,9 +67,10 @@ struct Cursor {
     mapped: Option<MappedShard>,
 }
 
-/// The memory maps of one shard, and per layer the index of the map that holds it.
+/// The memory maps of one shard, and per layer the index of the map that holds it. Shared: a chunk read
+/// in place holds its map ([`HostBytes::mapped`]) for as long as it lives, past the next shard.
 struct MappedShard {
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
     map_of_layer: Vec<usize>,
 }
 
@@ -130,14 +134,14 @@ impl ActivationSet {
     /// Map the files of shard `s`, checking that they still have the sizes their headers were read with
     /// (touching a mapped page past the end of a file that shrank would kill the process).
     fn map_shard(&self, s: usize) -> Result<MappedShard> {
-        let mut maps: Vec<Mmap> = Vec::new();
+        let mut maps: Vec<Arc<Mmap>> = Vec::new();
         let mut files: Vec<&Path> = Vec::new();
         let mut map_of_layer = Vec::with_capacity(self.tensors[s].len());
         for t in &self.tensors[s] {
             let idx = match files.iter().position(|&f| f == t.file) {
                 Some(i) => i,
                 None => {
-                    maps.push(map_file(&t.file, t.file_len)?);
+                    maps.push(Arc::new(map_file(&t.file, t.file_len)?));
                     files.push(&t.file);
                     maps.len() - 1
                 }
@@ -197,13 +201,18 @@ impl ActivationSource for ActivationSet {
         {
             let row_bytes = meta.cols * meta.dtype.size();
             let from = t.offset as usize + start * row_bytes;
+            let range = from..from + rows * row_bytes;
             block.dtype = meta.dtype;
             block.cols = meta.cols;
-            // Into the buffer's existing capacity: no allocation once it has grown to a chunk.
-            block.data.clear();
-            block
-                .data
-                .extend_from_slice(&mapped.maps[m][from..from + rows * row_bytes]);
+            if block.data.locked().is_some() {
+                // A GPU backend's page-locked buffer, which it uploads from without staging: copy into it
+                // (its existing capacity: no allocation once it has grown to a chunk).
+                block.data.clear();
+                block.data.extend_from_slice(&mapped.maps[m][range]);
+            } else {
+                // Read in place: the rows are contiguous in the file (stored row-major, little-endian).
+                block.data = HostBytes::mapped(mapped.maps[m].clone(), range);
+            }
         }
         out.rows = rows;
         check_finite(
