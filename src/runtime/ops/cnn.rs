@@ -134,10 +134,30 @@ fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32]) {
                     d[..jlo].fill(0.0);
                     d[jhi..].fill(0.0);
                     let from = x0 + jlo - s.pad;
-                    d[jlo..jhi].copy_from_slice(&src[from..from + (jhi - jlo)]);
+                    copy_short(&mut d[jlo..jhi], &src[from..from + (jhi - jlo)]);
                 }
             }
         }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for the few values of one kernel row (`kw`, 1–7): a copy of a length known
+/// at compile time is a few moves, where a `memmove` call per 3 values cost im2row most of its time (a
+/// sixth of a ResNet-56 training step, measured with perf).
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
+        let s: &[f32; N] = src.try_into().expect("same length");
+        let d: &mut [f32; N] = dst.try_into().expect("same length");
+        *d = *s;
+    }
+    match dst.len() {
+        1 => fixed::<1>(dst, src),
+        2 => fixed::<2>(dst, src),
+        3 => fixed::<3>(dst, src),
+        5 => fixed::<5>(dst, src),
+        7 => fixed::<7>(dst, src),
+        _ => dst.copy_from_slice(src),
     }
 }
 
@@ -366,15 +386,28 @@ pub fn batch_norm_backward(
     let sums: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
         .map(|k| {
-            let (mut g, mut bsum) = (0f64, 0f64);
+            // Eight independent f64 partial sums a quantity: a single running sum is a dependency
+            // chain the compiler may not reorder, so it would stay scalar; eight lanes vectorise.
+            const LANES: usize = 8;
+            let (mut g, mut bsum) = ([0f64; LANES], [0f64; LANES]);
+            let m = mean[k] as f64;
             for img in 0..s.n {
                 let off = (img * s.c + k) * s.hw;
-                for (&d, &v) in dy[off..off + s.hw].iter().zip(&x[off..off + s.hw]) {
-                    g += d as f64 * (v as f64 - mean[k] as f64);
-                    bsum += d as f64;
+                let (dp, xp) = (&dy[off..off + s.hw], &x[off..off + s.hw]);
+                let (dc, xc) = (dp.chunks_exact(LANES), xp.chunks_exact(LANES));
+                let (dr, xr) = (dc.remainder(), xc.remainder());
+                for (d8, x8) in dc.zip(xc) {
+                    for l in 0..LANES {
+                        g[l] += d8[l] as f64 * (x8[l] as f64 - m);
+                        bsum[l] += d8[l] as f64;
+                    }
+                }
+                for (l, (&d, &v)) in dr.iter().zip(xr).enumerate() {
+                    g[l] += d as f64 * (v as f64 - m);
+                    bsum[l] += d as f64;
                 }
             }
-            (g * inv[k], bsum)
+            (g.iter().sum::<f64>() * inv[k], bsum.iter().sum::<f64>())
         })
         .collect();
     for (k, (g, b)) in sums.into_iter().enumerate() {
@@ -411,10 +444,10 @@ pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dc, (yc, gc))| {
+            // A select, not a branch: random signs mispredict half the branches, and the select
+            // vectorises.
             for ((d, &v), &g) in dc.iter_mut().zip(yc).zip(gc) {
-                if v > 0.0 {
-                    *d += g;
-                }
+                *d += if v > 0.0 { g } else { 0.0 };
             }
         });
 }
