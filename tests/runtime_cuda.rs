@@ -811,6 +811,16 @@ fn check_model_against_cpu(dev: &CudaDevice, model: &Model, tokens: &Tokens, wha
     }
 }
 
+/// Fixture `name`'s directory, its model (on the CPU) and its calibration tokens.
+fn fixture_model(name: &str) -> (std::path::PathBuf, Model, Tokens) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let model = Model::load(&dir).unwrap();
+    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    (dir, model, tokens)
+}
+
 /// (name, elements, read as a linear weight) of each tensor of a fixture's checkpoint.
 fn linear_weight_shapes(dir: &std::path::Path) -> Vec<(String, usize, bool)> {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -839,9 +849,7 @@ fn a_decoder_on_the_gpu_matches_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     // Qwen2, 3 layers, 4 query heads over 2 KV heads, q/k/v biases, sliding windows of 5 on layers 1–2
     // over 16-token sequences: the decoder as Model builds it, on both devices.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_sliding");
-    let model = Model::load(&dir).unwrap();
-    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    let (dir, model, tokens) = fixture_model("qwen2_sliding");
     let sizes = tensor_bytes(&dir);
     check_model_against_cpu(&dev, &model, &tokens, "resident weights");
     let (resident, bytes, uploads) = dev.weight_stats().unwrap();
@@ -883,9 +891,7 @@ fn a_decoder_with_bf16_products_stays_within_bf16_tolerances_and_is_repeatable()
     let Some(dev) = gpu_bf16_or_skip() else {
         return;
     };
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_sliding");
-    let model = Model::load(&dir).unwrap();
-    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    let (dir, model, tokens) = fixture_model("qwen2_sliding");
     // Every linear of this model (widths 16 to 128, q/k/v biases) has k and m multiples of 8: with
     // LinearKernel::Wgmma on Hopper all its products go through linear_wgmma.
     for kernel in linear_kernels() {
@@ -920,10 +926,7 @@ fn a_tied_decoder_with_bf16_products_holds_the_embedding_twice() {
     };
     // Tied embeddings: the table is read as f32 values by the embedding and as a bf16 weight by the
     // lm_head; both copies are cached, under the same parameter name.
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_bf16_tied");
-    let model = Model::load(&dir).unwrap();
-    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    let (dir, model, tokens) = fixture_model("llama_bf16_tied");
     check_model_against_cpu(&dev, &model, &tokens, "tied, bf16 products");
     let shapes = linear_weight_shapes(&dir);
     let embed = shapes
@@ -945,9 +948,7 @@ fn a_qwen3_decoder_with_per_head_q_k_norms_matches_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     // Qwen3: RMSNorm over each 16-wide head of q and k (rows of head_dim inside the projections' rows),
     // head_dim ≠ hidden / heads, biases on q/k/v/o, tied embeddings; f32 products, then bf16.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3_qk_norm");
-    let model = Model::load(&dir).unwrap();
-    let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
+    let (_, model, tokens) = fixture_model("qwen3_qk_norm");
     check_model_against_cpu(&dev, &model, &tokens, "qwen3, f32 products");
     dev.set_matmul(Matmul::Bf16);
     check_model_against_cpu(&dev, &model, &tokens, "qwen3, bf16 products");
