@@ -1,5 +1,6 @@
-//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3), both config
-//! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
+//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3), both
+//! config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+//! (`rope_parameters`).
 
 use crate::error::{Error, Result};
 use serde_json::Value;

@@ -1,6 +1,7 @@
 //! A LLaMA-family decoder (llama, mistral, qwen2, qwen3) as a tape: embedding → per layer
-//! [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3) → RoPE → causal GQA attention (sliding-window where the config says) → o → residual
-//! → RMSNorm → SwiGLU MLP → residual] → final RMSNorm → lm_head → cross-entropy.
+//! [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3) → RoPE → causal GQA attention (sliding-window
+//! where the config says) → o → residual → RMSNorm → SwiGLU MLP → residual] → final RMSNorm → lm_head →
+//! cross-entropy.
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -235,8 +236,8 @@ impl Model {
         Ok(model)
     }
 
-    /// Every tensor the decoder reads, with its shape, in checkpoint order of kind: embedding, final
-    /// norm, lm_head (untied), then per layer its norms, attention and MLP.
+    /// Every tensor the decoder reads, with the shape the config implies: the embedding, the final norm,
+    /// the lm_head (untied), then per layer its norms, attention and MLP weights.
     fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let c = &self.config;
         let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
