@@ -115,9 +115,26 @@ fn im2col(x: &[f32], s: &ConvShape, col: &mut [f32]) {
 /// each position's `c·kh·kw` values contiguous, each kernel row's `kw` inputs one slice copy.
 fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32]) {
     let (ho, wo, ck) = (s.ho(), s.wo(), s.ck());
+    // Output positions whose whole kernel window lies inside the image: most of them, copied by
+    // `window_rows` without the edge tests.
+    let (rows_in, cols_in) = (
+        valid_window(ho, s.kh, s.stride, s.pad, s.h),
+        valid_window(wo, s.kw, s.stride, s.pad, s.w),
+    );
     for oy in 0..ho {
         for ox in 0..wo {
             let dst = &mut row[(oy * wo + ox) * ck..][..ck];
+            if rows_in.contains(&oy) && cols_in.contains(&ox) {
+                let top_left = (oy * s.stride - s.pad) * s.w + ox * s.stride - s.pad;
+                match s.kw {
+                    1 => window_rows::<1>(x, s, top_left, dst),
+                    3 => window_rows::<3>(x, s, top_left, dst),
+                    5 => window_rows::<5>(x, s, top_left, dst),
+                    7 => window_rows::<7>(x, s, top_left, dst),
+                    _ => window_rows_any(x, s, top_left, dst),
+                }
+                continue;
+            }
             // Kernel columns j whose input ox·stride + j − pad lies inside the row.
             let x0 = ox * s.stride;
             let jlo = s.pad.saturating_sub(x0).min(s.kw);
@@ -137,6 +154,51 @@ fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32]) {
                     copy_short(&mut d[jlo..jhi], &src[from..from + (jhi - jlo)]);
                 }
             }
+        }
+    }
+}
+
+/// The output positions `o` (of `out`) whose whole window `o·stride − pad + 0..k` lies inside `0..size`.
+fn valid_window(
+    out: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    size: usize,
+) -> std::ops::Range<usize> {
+    let first = valid(out, 0, stride, pad, size);
+    let last = valid(out, k - 1, stride, pad, size);
+    first.start.max(last.start)..first.end.min(last.end).max(first.start.max(last.start))
+}
+
+/// One position's im2row entries when its window is inside the image: for each channel and kernel row,
+/// the `KW` inputs from `top_left` (the window's first input in a channel plane), a copy of a length
+/// known at compile time.
+#[inline(always)]
+fn window_rows<const KW: usize>(x: &[f32], s: &ConvShape, top_left: usize, dst: &mut [f32]) {
+    let mut chunks = dst.chunks_exact_mut(KW);
+    for plane in x.chunks_exact(s.h * s.w).take(s.c) {
+        for i in 0..s.kh {
+            let src: &[f32; KW] = plane[top_left + i * s.w..][..KW]
+                .try_into()
+                .expect("KW values");
+            let d: &mut [f32; KW] = chunks
+                .next()
+                .expect("c·kh rows")
+                .try_into()
+                .expect("KW values");
+            *d = *src;
+        }
+    }
+}
+
+/// [`window_rows`] for a kernel width without its own instance.
+fn window_rows_any(x: &[f32], s: &ConvShape, top_left: usize, dst: &mut [f32]) {
+    let mut chunks = dst.chunks_exact_mut(s.kw);
+    for plane in x.chunks_exact(s.h * s.w).take(s.c) {
+        for i in 0..s.kh {
+            let d = chunks.next().expect("c·kh rows");
+            d.copy_from_slice(&plane[top_left + i * s.w..][..s.kw]);
         }
     }
 }
@@ -788,6 +850,30 @@ mod tests {
             let r = conv_reference(&x, &w, Some(&b), s);
             for (a, e) in y.iter().zip(&r) {
                 assert!((*a as f64 - e).abs() < 1e-5, "{s:?}: {a} vs {e}");
+            }
+        }
+    }
+
+    /// im2row (edge positions tested element by element, inner ones copied whole by `window_rows`) is
+    /// exactly the transpose of im2col, on every shape (kernel widths 1, 2, 3, 7; strides 1, 2; pads 0,
+    /// 1, 3).
+    #[test]
+    fn im2row_is_the_transpose_of_im2col() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for s in conv_shapes() {
+            let x = rand_vec(&mut rng, s.in_len());
+            let (ck, hw) = (s.ck(), s.ho() * s.wo());
+            let (mut col, mut row) = (vec![f32::NAN; ck * hw], vec![f32::NAN; ck * hw]);
+            im2col(&x, &s, &mut col);
+            im2row(&x, &s, &mut row);
+            for r in 0..ck {
+                for p in 0..hw {
+                    assert_eq!(
+                        row[p * ck + r].to_bits(),
+                        col[r * hw + p].to_bits(),
+                        "{s:?}"
+                    );
+                }
             }
         }
     }
