@@ -448,9 +448,10 @@ pub fn batch_norm_backward(
     let sums: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
         .map(|k| {
-            // Eight independent f64 partial sums a quantity: a single running sum is a dependency
-            // chain the compiler may not reorder, so it would stay scalar; eight lanes vectorise.
-            const LANES: usize = 8;
+            // 32 independent f64 partial sums a quantity: a single running sum is a dependency chain
+            // the compiler may not reorder, so it would stay scalar; lanes vectorise, and four vectors
+            // of them keep several additions in flight.
+            const LANES: usize = 32;
             let (mut g, mut bsum) = ([0f64; LANES], [0f64; LANES]);
             let m = mean[k] as f64;
             for img in 0..s.n {
