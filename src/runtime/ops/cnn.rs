@@ -131,7 +131,7 @@ fn im2row(x: &[f32], s: &ConvShape, row: &mut [f32]) {
                     3 => window_rows::<3>(x, s, top_left, dst),
                     5 => window_rows::<5>(x, s, top_left, dst),
                     7 => window_rows::<7>(x, s, top_left, dst),
-                    _ => window_rows_any(x, s, top_left, dst),
+                    _ => window_rows::<0>(x, s, top_left, dst),
                 }
                 continue;
             }
@@ -172,33 +172,25 @@ fn valid_window(
 }
 
 /// One position's im2row entries when its window is inside the image: for each channel and kernel row,
-/// the `KW` inputs from `top_left` (the window's first input in a channel plane), a copy of a length
-/// known at compile time.
+/// the `kw` inputs from `top_left` (the window's first input in a channel plane). `KW` is `kw` known at
+/// compile time (fixed-length copies: 8% of a ResNet-56 step against a length tested per copy), or 0
+/// for a width without its own instance.
 #[inline(always)]
 fn window_rows<const KW: usize>(x: &[f32], s: &ConvShape, top_left: usize, dst: &mut [f32]) {
-    let mut chunks = dst.chunks_exact_mut(KW);
+    let kw = if KW == 0 { s.kw } else { KW };
+    let mut rows = dst.chunks_exact_mut(kw);
     for plane in x.chunks_exact(s.h * s.w).take(s.c) {
         for i in 0..s.kh {
-            let src: &[f32; KW] = plane[top_left + i * s.w..][..KW]
-                .try_into()
-                .expect("KW values");
-            let d: &mut [f32; KW] = chunks
-                .next()
-                .expect("c·kh rows")
-                .try_into()
-                .expect("KW values");
-            *d = *src;
-        }
-    }
-}
-
-/// [`window_rows`] for a kernel width without its own instance.
-fn window_rows_any(x: &[f32], s: &ConvShape, top_left: usize, dst: &mut [f32]) {
-    let mut chunks = dst.chunks_exact_mut(s.kw);
-    for plane in x.chunks_exact(s.h * s.w).take(s.c) {
-        for i in 0..s.kh {
-            let d = chunks.next().expect("c·kh rows");
-            d.copy_from_slice(&plane[top_left + i * s.w..][..s.kw]);
+            let (d, src) = (
+                rows.next().expect("c·kh rows"),
+                &plane[top_left + i * s.w..][..kw],
+            );
+            if KW == 0 {
+                d.copy_from_slice(src);
+            } else {
+                let d: &mut [f32; KW] = d.try_into().expect("KW values");
+                *d = *<&[f32; KW]>::try_from(src).expect("KW values");
+            }
         }
     }
 }
