@@ -56,10 +56,7 @@ __device__ double column_mean(const unsigned char* x, int dtype, int n, int d, i
 __device__ double centre_of(double mu, int dtype) {
     if (!isfinite(mu)) return mu;
     const float f = (float)mu;
-    if (dtype == DT_BF16) {
-        const u32 u = __float_as_uint(f);
-        return (double)__uint_as_float(((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16);  // nearest even
-    }
+    if (dtype == DT_BF16) return (double)bf16_bits_to_f32(f32_to_bf16_bits(f));
     if (dtype == DT_F16) return (double)f16_bits_to_f32(f32_to_f16_bits(f));
     return mu;
 }

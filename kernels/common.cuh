@@ -40,6 +40,13 @@ __device__ __forceinline__ u16 f32_to_f16_bits(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+
+// f32 → bf16 bits, round to nearest even (sm_80+), without cuda_bf16.h.
+__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
 #endif
 
 // bf16 → f32: the bf16 bits are the high half of the f32 bits.

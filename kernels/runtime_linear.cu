@@ -276,7 +276,7 @@ linear_wgmma(const u16* __restrict__ a, const u16* __restrict__ b, const float* 
 // writes run along rows (coalesced). f32 rounds to nearest even, as the *_bf16 kernels' staging does.
 // Grid (⌈cols/32⌉, ⌈max(rows, ldt)/32⌉).
 #define TB 32
-__device__ __forceinline__ u16 bf16_of(float v) { return (u16)(pack_bf16x2(v, 0.0f) & 0xFFFFu); }
+__device__ __forceinline__ u16 bf16_of(float v) { return f32_to_bf16_bits(v); }
 __device__ __forceinline__ u16 bf16_of(u16 v) { return v; }
 
 template <typename T>

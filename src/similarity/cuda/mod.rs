@@ -407,7 +407,8 @@ pub(crate) fn block_holding<T: PageLocked>(blocks: &[Weak<T>], bytes: &[u8]) -> 
 /// cp.async) and `gram_wgmma_tma` (the same, the stages filled by TMA copies through tensor maps). None
 /// has been timed on a GPU yet: the default stays `gram_mma` until the benchmark says otherwise;
 /// `SGLP_GRAM_KERNEL=pipelined`, `=wgmma` or `=wgmma_tma` (or [`CudaBackend::set_gram_kernel`]) selects
-/// another (`=mma` the default; any other value fails the backend's opening). The wgmma kernels on a device without wgmma run `gram_mma`.
+/// another (`=mma` the default; any other value fails the backend's opening). The wgmma kernels on a
+/// device without wgmma run `gram_mma`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GramKernel {
     Mma,
