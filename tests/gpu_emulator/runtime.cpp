@@ -15,7 +15,6 @@
 #include <cstring>
 #include <map>
 #include <random>
-#include <set>
 #include <vector>
 
 namespace emu {
@@ -413,9 +412,13 @@ size_t swizzled_128(size_t off) { return off ^ (((off >> 7) & 7) << 4); }
 // generic proxy) wrote is unseen by wgmma until the writing thread has run fence.proxy.async after the
 // write landed (then a barrier passes it on); a wgmma issued on such a chunk is a fault here, where on a
 // GPU it may read stale bytes. Plain stores are not tracked (the emulator cannot see them); TMA writes
-// through the async proxy itself and needs no fence.
+// through the async proxy itself and needs no fence. Likewise a tensor map in global memory (written by a
+// host copy) is seen by a thread's TMA copies only after that thread's
+// fence.proxy.tensormap::generic.acquire on it; a copy through any other map is a fault here, where on a
+// GPU it may use a stale copy of the map.
 std::vector<int> unfenced_writer;                 // per chunk of the window: the writer, or −1
 std::vector<std::vector<unsigned>> unfenced_of;  // per thread: chunks it wrote and has not fenced
+std::vector<std::vector<const void*>> acquired_maps_of;  // per thread: the tensor maps it acquired
 
 // The shared offset of the 16-bit element (row, k) of a K-major operand, as the PTX ISA's canonical layout
 // with 128-byte swizzling places it: 8-row groups `stride` (SBO) bytes apart, rows 128 bytes apart in a
@@ -477,6 +480,7 @@ void run_mma(const Mma& m) {
 void reset_proxy_view(int threads) {
     unfenced_writer.assign(SHARED_WINDOW / 16, -1);
     unfenced_of.assign((size_t)threads, {});
+    acquired_maps_of.assign((size_t)threads, {});
 }
 
 void note_generic_write(const void* dst) {
@@ -546,19 +550,9 @@ void run_tma(Mbarrier& b, const TmaCopy& c) {
 }
 }  // namespace
 
-// The tensor maps each thread of the running block has acquired (fence.proxy.tensormap::generic.acquire):
-// a TMA copy through any other map is a fault here, where on a GPU it may use a stale copy of the map.
-std::map<int, std::set<const void*>>& acquired_maps() {
-    static auto& m = *new std::map<int, std::set<const void*>>();
-    return m;
-}
+void reset_mbarriers() { mbarriers().clear(); }
 
-void reset_mbarriers() {
-    mbarriers().clear();
-    acquired_maps().clear();
-}
-
-void fence_tensormap_acquire(const void* map) { acquired_maps()[current->linear].insert(map); }
+void fence_tensormap_acquire(const void* map) { acquired_maps_of[(size_t)current->linear].push_back(map); }
 
 void mbar_init(unsigned off, unsigned count) {
     if (off % 8 != 0) async_fault("mbarrier not 8-byte aligned");
@@ -575,7 +569,8 @@ void mbar_arrive_expect_tx(unsigned off, unsigned bytes) {
 
 void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned bar) {
     Mbarrier& b = barrier_at(bar, "cp.async.bulk.tensor");
-    if (!acquired_maps()[current->linear].count(map))
+    const std::vector<const void*>& acquired = acquired_maps_of[(size_t)current->linear];
+    if (std::find(acquired.begin(), acquired.end(), map) == acquired.end())
         async_fault("cp.async.bulk.tensor through a tensor map this thread has not acquired "
                     "(fence.proxy.tensormap::generic.acquire) since its block started");
     const TmaCopy c{dst, (const unsigned char*)map, c0, c1};
