@@ -7,7 +7,7 @@
 //! third of a CPU CKA run's time. A mapped chunk is read in place (and is read-only: a write first moves
 //! the bytes to the heap).
 //!
-//! Why: a reader that writes a chunk straight into page-locked memory lets the CUDA backend copy it to
+//! Why page-locked: a reader that writes a chunk straight into page-locked memory lets the CUDA backend copy it to
 //! the device asynchronously from where it lies, instead of first copying it into a staging buffer of
 //! its own (issue 9: disk → pinned → device, one host copy fewer per batch). The backend then marks the
 //! memory as being read by the device; every write through a [`HostBytes`] first waits until that read

@@ -188,29 +188,32 @@ fn window_rows<const KW: usize>(x: &[f32], s: &ConvShape, top_left: usize, dst: 
             if KW == 0 {
                 d.copy_from_slice(src);
             } else {
-                let d: &mut [f32; KW] = d.try_into().expect("KW values");
-                *d = *<&[f32; KW]>::try_from(src).expect("KW values");
+                copy_fixed::<KW>(d, src);
             }
         }
     }
 }
 
-/// `dst.copy_from_slice(src)` for the few values of one kernel row (`kw`, 1–7): a copy of a length known
-/// at compile time is a few moves, where a `memmove` call per 3 values cost im2row most of its time (a
-/// sixth of a ResNet-56 training step, measured with perf).
+/// `dst.copy_from_slice(src)`, both `N` long: a copy of a length known at compile time is a few moves,
+/// where a `memmove` call per 3 values cost im2row most of its time (a sixth of a ResNet-56 training step,
+/// measured with perf).
+#[inline(always)]
+fn copy_fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
+    let s: &[f32; N] = src.try_into().expect("same length");
+    let d: &mut [f32; N] = dst.try_into().expect("same length");
+    *d = *s;
+}
+
+/// `dst.copy_from_slice(src)` for the few values of one kernel row (`kw`, 1–7), by [`copy_fixed`] for
+/// the usual lengths (the length tested per copy: for the edge positions, where it varies).
 #[inline(always)]
 fn copy_short(dst: &mut [f32], src: &[f32]) {
-    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
-        let s: &[f32; N] = src.try_into().expect("same length");
-        let d: &mut [f32; N] = dst.try_into().expect("same length");
-        *d = *s;
-    }
     match dst.len() {
-        1 => fixed::<1>(dst, src),
-        2 => fixed::<2>(dst, src),
-        3 => fixed::<3>(dst, src),
-        5 => fixed::<5>(dst, src),
-        7 => fixed::<7>(dst, src),
+        1 => copy_fixed::<1>(dst, src),
+        2 => copy_fixed::<2>(dst, src),
+        3 => copy_fixed::<3>(dst, src),
+        5 => copy_fixed::<5>(dst, src),
+        7 => copy_fixed::<7>(dst, src),
         _ => dst.copy_from_slice(src),
     }
 }
