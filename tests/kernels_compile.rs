@@ -128,6 +128,7 @@ fn the_wgmma_kernels_are_built_for_sm90a_only() {
         "mbarrier.init.shared::cta.b64",
         "mbarrier.arrive.expect_tx.shared::cta.b64",
         "mbarrier.try_wait.parity.shared::cta.b64",
+        "fence.proxy.tensormap::generic.acquire.sys",
     ];
     let gram_cp: Vec<&str> = f16.iter().chain(&cp_async).copied().collect();
     let gram_tma: Vec<&str> = f16.iter().chain(&tma).copied().collect();
