@@ -231,6 +231,22 @@ static std::vector<unsigned short> bf16_near_one(size_t n, unsigned short sign) 
     return v;
 }
 
+// `body` in a forked child (a kernel fault or a once-read mode setting stays there); the child's wait
+// status. The child writes no core file (the guard-page check dies of SIGSEGV).
+template <class F>
+static int in_child(F body) {
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+        const struct rlimit no_core = {0, 0};
+        setrlimit(RLIMIT_CORE, &no_core);
+        _exit(body());
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return status;
+}
+
 static void check(bool ok, const char* what) {
     printf("%s  %s\n", ok ? "ok  " : "FAIL", what);
     if (!ok) ++failures;
@@ -323,19 +339,15 @@ int main() {
         check(stale, "accumulators read before wgmma.wait_group hold the old values (lazy products)");
         // Over 48 KiB of dynamic shared memory needs the kernel's attribute raised first, as on a GPU. In
         // a child: the driver reads its stream mode once, and the lazy-streams check below sets it.
-        fflush(stdout);
-        const pid_t pid = fork();
-        if (pid == 0) {
+        const int status = in_child([&] {
             void* f = nullptr;
             cuModuleGetFunction(&f, nullptr, "one_wgmma");
             void* params[] = {&ap, &bp, &wait, &dp};
             const CUresult refused = cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 65536, nullptr, params, nullptr);
             cuFuncSetAttribute(f, 8, 65536);
             const CUresult allowed = cuLaunchKernel(f, 1, 1, 1, 128, 1, 1, 65536, nullptr, params, nullptr);
-            _exit(refused != 0 && allowed == 0 ? 0 : 1);
-        }
-        int status = 0;
-        waitpid(pid, &status, 0);
+            return refused != 0 && allowed == 0 ? 0 : 1;
+        });
         check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
               "a launch with 64 KiB of dynamic shared memory fails until the kernel's limit is raised");
     }
@@ -366,14 +378,10 @@ int main() {
         bool stale = true;
         for (int e = 0; e < 64; ++e) stale &= out[e] == 0xffff && out[64 * 64 + e] == 0xffff;
         check(stale, "a read of a TMA stage before its mbarrier wait sees stale data (lazy copies)");
-        fflush(stdout);
-        const pid_t pid = fork();
-        if (pid == 0) {
+        const int status = in_child([&] {
             run("one_tma", 64, {&mp, &c0, &c1, &wait, &no_acquire, &op}, "forward", "lazy", nullptr, 16384 + 64);
-            _exit(0);
-        }
-        int status = 0;
-        waitpid(pid, &status, 0);
+            return 0;
+        });
         check(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT,
               "a TMA copy through a map its thread has not acquired (fence.proxy.tensormap) stops the kernel");
     }
@@ -381,19 +389,7 @@ int main() {
         std::vector<float> in(512);
         for (int i = 0; i < 512; ++i) in[i] = (float)i;
         const float* ip = in.data();
-        auto child = [&](auto body) {
-            fflush(stdout);
-            pid_t pid = fork();
-            if (pid == 0) {
-                const struct rlimit no_core = {0, 0};  // the guard-page check dies of SIGSEGV: no core file
-                setrlimit(RLIMIT_CORE, &no_core);
-                _exit(body());
-            }
-            int status = 0;
-            waitpid(pid, &status, 0);
-            return status;
-        };
-        int status = child([&] {
+        int status = in_child([&] {
             int with = 1;
             run("refill_while_read", 64, {&ip, &with, &o}, "forward", "eager");
             for (int i = 0; i < 64; ++i)
@@ -402,7 +398,7 @@ int main() {
         });
         check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
               "a refill after the barrier leaves other warps' reads intact (eager copies)");
-        status = child([&] {
+        status = in_child([&] {
             int without = 0;
             run("refill_while_read", 64, {&ip, &without, &o}, "forward", "eager");
             for (int i = 0; i < 64; ++i)
@@ -411,7 +407,7 @@ int main() {
         });
         check(WIFEXITED(status) && WEXITSTATUS(status) == 0,
               "a refill without the barrier overwrites what another warp still reads (eager copies)");
-        status = child([&] {
+        status = in_child([&] {
             unsigned long long p = 0;
             if (cuMemAlloc_v2(&p, 100 * sizeof(float)) != 0) return 2;
             float* buf = (float*)p;
@@ -421,7 +417,7 @@ int main() {
         });
         check(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV,
               "a kernel writing past the end of an allocation faults (guard page)");
-        status = child([&] {
+        status = in_child([&] {
             run("misaligned_vector_load", 1, {&ip, &o}, "forward", "lazy");
             return 0;
         });
@@ -433,7 +429,7 @@ int main() {
         const unsigned short *ap = a.data(), *bp = b.data();
         float* dp = d.data();
         for (int fence = 1; fence >= 0; --fence) {
-            status = child([&] {
+            status = in_child([&] {
                 run("wgmma_after_cp_async", 128, {&ap, &bp, &fence, &dp}, "forward", "lazy", nullptr, 24576);
                 return worst_vs_abt(a, b, d, 64, 128) < 1e-5 ? 0 : 1;
             });
@@ -459,15 +455,11 @@ int main() {
             cuMemcpyDtoHAsync_v2(&back, dev, 4, stream);  // pageable: returns once done
             return back == 2.0f ? 1 : 0;                  // 1: the device got the refilled bytes
         };
-        auto in_child = [&](const char* mode) {
-            fflush(stdout);
-            pid_t pid = fork();
-            if (pid == 0) _exit(refill_before_sync(mode));
-            int status = 0;
-            waitpid(pid, &status, 0);
+        auto exit_code = [&](const char* mode) {
+            const int status = in_child([&] { return refill_before_sync(mode); });
             return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
         };
-        check(in_child("lazy") == 1 && in_child("eager") == 0,
+        check(exit_code("lazy") == 1 && exit_code("eager") == 0,
               "lazy streams: refilling page-locked memory before its copy has run changes what is copied");
     }
     printf("%s\n", failures ? "gpu emulator self-test: FAILED" : "gpu emulator self-test: ALL OK");
