@@ -15,12 +15,12 @@ extern "C" __global__ void embedding_forward(const long long* __restrict__ ids,
     for (int c = threadIdx.x; c < dim; c += blockDim.x) dst[c] = src[c];
 }
 
-// dtable[ids[r]] += dout[r]
+// dtable[ids[r]] += dout[r], but for rows whose id is `skip` (nn.Embedding's padding_idx; -1: none)
 extern "C" __global__ void embedding_backward(const long long* __restrict__ ids,
                                               const float* __restrict__ dout, int dim,
-                                              float* __restrict__ dtable, int rows) {
+                                              float* __restrict__ dtable, int rows, int skip) {
     int r = blockIdx.x;
-    if (r >= rows) return;
+    if (r >= rows || ids[r] == (long long)skip) return;
     float* dst = dtable + (u64)ids[r] * dim;
     const float* src = dout + (u64)r * dim;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) atomicAdd(dst + c, src[c]);

@@ -42,6 +42,8 @@ CASES = {
                        "--selection", "gradnorm"] + PINNED,
     "qwen3_qk_norm": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
                       "--selection", "gradnorm"] + PINNED,
+    "phi3_longrope": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
+                      "--selection", "gradnorm"] + PINNED,
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 checkpoints made with Hugging Face
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 checkpoints made with Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
 
@@ -15,6 +15,9 @@ Each fixture directory holds a checkpoint (config.json + safetensors), tokens.np
   loss_skip1        f64 [1]: loss of the whole token set with decoder layer 1 removed
   loss_full_attention  f64 [1] (sliding-window fixtures only): loss of the whole token set, same weights,
                     every layer with plain causal attention (shows the window changes the result)
+  loss_short        f64 [1] (LongRoPE fixtures only): loss of the first SHORT tokens of every sequence,
+                    no longer than original_max_position_embeddings, so the short factors apply (the whole
+                    sequences use the long ones)
 The reference runs in float64 (model.double()) on the checkpoint's stored values (bf16/f16 weights are
 rounded first, then computed in f64).
 """
@@ -74,6 +77,18 @@ FIXTURES = [
                   attention_bias=True, tie_word_embeddings=True, use_sliding_window=False,
                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
          seed=6),
+    # Phi-3: fused qkv_proj and gate_up_proj, partial rotary (12 of 16 values per head), LongRoPE with
+    # original_max_position_embeddings 8 < 16 tokens (the long factors; `loss_short` checks the short
+    # ones on 8 tokens; attention_factor √(1 + ln 8 / ln 8)), a sliding window of 5 on every layer.
+    dict(name="phi3_longrope", model_type="phi3", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, sliding_window=5,
+                  max_position_embeddings=64, original_max_position_embeddings=8,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                       short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                       long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0])),
+         full_attention_loss=True, short_loss=8, seed=7),
 ]
 
 
@@ -122,12 +137,15 @@ def drop_layer_types(path):
 
 def full_attention_loss(spec, model, ids):
     """Loss of the same weights with every layer on plain causal attention (no sliding window)."""
-    cfg = dict(spec["cfg"], use_sliding_window=False, sliding_window=None)
+    cfg = dict(spec["cfg"], sliding_window=None)
+    if spec["model_type"] != "phi3":
+        cfg["use_sliding_window"] = False
     cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
     full = transformers.AutoModelForCausalLM.from_config(cfg_cls(**cfg, attn_implementation="eager"))
     full.load_state_dict(model.state_dict())
     full = full.double().eval()
-    assert all(t == "full_attention" for t in full.config.layer_types)
+    assert full.config.sliding_window is None
+    assert all(t == "full_attention" for t in getattr(full.config, "layer_types", None) or [])
     with torch.no_grad():
         logits = full(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(
@@ -226,6 +244,13 @@ def build(spec, out_root):
         ref[f"gradnorm.b{k}"] = torch.tensor(per_layer, dtype=torch.float64)
         ref[f"extra.b{k}"] = torch.tensor(extra, dtype=torch.float64)
     ref["loss_skip1"] = torch.tensor([loss_without_layer(model, ids, 1)], dtype=torch.float64)
+    if spec.get("short_loss"):
+        short = ids[:, :spec["short_loss"]]
+        with torch.no_grad():
+            logits = model(input_ids=short, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), short[:, 1:].reshape(-1))
+        ref["loss_short"] = torch.tensor([float(loss)], dtype=torch.float64)
     if spec.get("full_attention_loss"):
         ref["loss_full_attention"] = torch.tensor([full_attention_loss(spec, model, ids)],
                                                   dtype=torch.float64)

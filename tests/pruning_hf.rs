@@ -184,3 +184,8 @@ fn qwen2_f16_bias_matches_transformers() {
 fn qwen3_qk_norm_matches_transformers() {
     check_case("qwen3_qk_norm");
 }
+
+#[test]
+fn phi3_longrope_fused_projections_match_transformers() {
+    check_case("phi3_longrope");
+}

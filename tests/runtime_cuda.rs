@@ -198,11 +198,16 @@ fn embedding_matches_the_cpu_with_repeated_ids() {
     dev.embedding_forward(&dids, &td, dim, &mut out).unwrap();
     assert_eq!(down(&dev, &out), want, "a gather is exact");
 
-    let mut want = dt0.clone();
-    cpu::embedding_backward(&ids, &dout, dim, &mut want);
-    let mut dt = up(&dev, &dt0);
-    dev.embedding_backward(&dids, &dd, dim, &mut dt).unwrap();
-    assert_close("embedding backward", &down(&dev, &dt), &want, 1e-5);
+    // Without and with a padding row (the hot token: every third row skips its scatter).
+    for padding in [None, Some(5)] {
+        let mut want = dt0.clone();
+        cpu::embedding_backward(&ids, &dout, dim, padding, &mut want);
+        let mut dt = up(&dev, &dt0);
+        dev.embedding_backward(&dids, &dd, dim, padding, &mut dt)
+            .unwrap();
+        let what = format!("embedding backward, padding {padding:?}");
+        assert_close(&what, &down(&dev, &dt), &want, 1e-5);
+    }
 
     // An id outside the table is an error, not an out-of-bounds read.
     let bad = dev.ids(&[0, vocab as i64]).unwrap();
@@ -268,13 +273,16 @@ fn inv_freq(hd: usize) -> Vec<f64> {
 fn rope_matches_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(4);
-    // Two tables of the same head_dim and different lengths, and one of another head_dim, share the cache.
-    for (seqs, tokens, heads, hd) in [
-        (3usize, 11usize, 3usize, 10usize),
-        (2, 7, 3, 10),
-        (1, 5, 2, 64),
+    // Two tables of the same head_dim and different lengths, and one of another head_dim, share the cache;
+    // `rot` < head_dim: partial rotary (Phi-3), the last values pass through; a scale (LongRoPE).
+    for (seqs, tokens, heads, hd, rot, scale) in [
+        (3usize, 11usize, 3usize, 10usize, 10usize, 1.0),
+        (2, 7, 3, 10, 10, 1.0),
+        (1, 5, 2, 64, 64, 1.0),
+        (2, 7, 3, 10, 6, 1.0),
+        (2, 9, 2, 16, 12, 1.19),
     ] {
-        let table = RopeTable::new(&inv_freq(hd), tokens, 1.0);
+        let table = RopeTable::new(&inv_freq(rot), hd, tokens, scale);
         let n = seqs * tokens * heads * hd;
         let x = rand_vec(&mut rng, n, 2.0);
         let dx0 = rand_vec(&mut rng, n, 1.0);
@@ -283,21 +291,22 @@ fn rope_matches_the_cpu() {
         cpu::rope_forward(&x, heads, &table, &mut want);
         let mut y = dev.alloc_zeroed(n).unwrap();
         dev.rope_forward(&xd, heads, &table, &mut y).unwrap();
-        let what = format!("rope forward s{seqs} t{tokens} h{heads} d{hd}");
+        let what = format!("rope forward s{seqs} t{tokens} h{heads} d{hd} rot{rot}");
         assert_close(&what, &down(&dev, &y), &want, 1e-5);
 
         let mut want = dx0.clone();
         cpu::rope_backward(&x, heads, &table, &mut want);
         let mut dx = up(&dev, &dx0);
         dev.rope_backward(&xd, heads, &table, &mut dx).unwrap();
-        let what = format!("rope backward s{seqs} t{tokens} h{heads} d{hd}");
+        let what = format!("rope backward s{seqs} t{tokens} h{heads} d{hd} rot{rot}");
         assert_close(&what, &down(&dev, &dx), &want, 1e-5);
     }
     // A table of the same (tokens, head_dim) with other frequencies is not served from the cache.
     let (tokens, heads, hd) = (6, 1, 8);
-    let a = RopeTable::new(&inv_freq(hd), tokens, 1.0);
+    let a = RopeTable::new(&inv_freq(hd), hd, tokens, 1.0);
     let b = RopeTable::new(
         &inv_freq(hd).iter().map(|f| f / 4.0).collect::<Vec<_>>(),
+        hd,
         tokens,
         1.0,
     );
@@ -1104,4 +1113,16 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
     // Runs everywhere: without a driver or GPU, `open` returns an error; with one, a missing ordinal does.
     let e = CudaDevice::open(1 << 20).expect_err("no GPU 1048576");
     assert!(!e.to_string().is_empty());
+}
+
+#[test]
+fn a_phi3_decoder_with_fused_projections_and_partial_longrope_matches_the_cpu() {
+    let Some(dev) = gpu_or_skip() else { return };
+    // Phi-3: q/k/v and gate/up read as row blocks of the fused tensors (each uploaded under its own
+    // name), 12 of 16 values of each head rotated with LongRoPE's long factors and attention factor,
+    // a window of 5 on every layer, a padding row in the embedding's backward; f32 products, then bf16.
+    let (_, model, tokens) = fixture_model("phi3_longrope");
+    check_model_against_cpu(&dev, &model, &tokens, "phi3, f32 products");
+    dev.set_matmul(Matmul::Bf16);
+    check_model_against_cpu(&dev, &model, &tokens, "phi3, bf16 products");
 }

@@ -3,7 +3,8 @@
 //! Fixtures cover llama (llama3 rope scaling, 4.x config), llama bf16 with tied embeddings and int32 tokens,
 //! mistral sharded with an index file and single-kv-head GQA, qwen2 f16 with q/k/v biases and head_dim,
 //! qwen2 with sliding-window attention (window 5 < 16 tokens) on the layers from max_window_layers on,
-//! qwen3 bf16 with per-head q/k RMSNorm, head_dim ≠ hidden / heads, biases on q/k/v/o and tied embeddings.
+//! qwen3 bf16 with per-head q/k RMSNorm, head_dim ≠ hidden / heads, biases on q/k/v/o and tied embeddings,
+//! phi3 with fused qkv / gate_up projections, partial rotary, LongRoPE and a sliding window on every layer.
 
 mod common;
 
@@ -11,13 +12,14 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 6] = [
+const FIXTURES: [&str; 7] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
     "qwen2_f16_bias",
     "qwen2_sliding",
     "qwen3_qk_norm",
+    "phi3_longrope",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -291,5 +293,55 @@ fn sliding_window_changes_the_result() {
         "mistral window 5: loss rel err {:.2e}, layer gradient norm max rel err {:.2e}",
         rel(b.loss, want_loss),
         (0..3).fold(0f64, |m, l| m.max(rel(b.per_layer[l], want_norms[l])))
+    );
+}
+
+/// Phi-3's rotary settings and window are exercised: 16-token sequences use LongRoPE's long factors (the
+/// fixture's whole-set references), 8-token prefixes (≤ original_max_position_embeddings) the short ones,
+/// against PyTorch's loss on those prefixes; without the window the loss is PyTorch's full-attention one,
+/// and the window moves it.
+#[test]
+fn phi3_longrope_factors_and_window_match_pytorch() {
+    let (model, tokens) = load("phi3_longrope");
+    let (refs, _) = reference("phi3_longrope");
+    assert_eq!(model.config.rotary_dim, 12);
+    let short_len = 8;
+    let short = Tokens {
+        data: (0..tokens.sequences)
+            .flat_map(|s| tokens.data[s * tokens.len..s * tokens.len + short_len].to_vec())
+            .collect(),
+        sequences: tokens.sequences,
+        len: short_len,
+    };
+    let got = model.forward(&short, &[], None).unwrap();
+    let want = refs["loss_short"][0];
+    assert!(rel(got, want) < 1e-5, "short factors: {got} vs {want}");
+    // The same prefixes with the long factors (original_max_position_embeddings 4 < 8) differ.
+    let tmp = edited_copy("phi3_longrope", |c| {
+        c["rope_parameters"]["original_max_position_embeddings"] = 4.into();
+        c["rope_parameters"]["attention_factor"] = std::f64::consts::SQRT_2.into();
+    });
+    let long = Model::load(tmp.path())
+        .unwrap()
+        .forward(&short, &[], None)
+        .unwrap();
+    assert!(
+        rel(long, got) > 1e-3,
+        "long vs short factors: {long} vs {got}"
+    );
+
+    let windowed = model.forward(&tokens, &[], None).unwrap();
+    let tmp = edited_copy("phi3_longrope", |c| {
+        c["sliding_window"] = serde_json::Value::Null
+    });
+    let full = Model::load(tmp.path())
+        .unwrap()
+        .forward(&tokens, &[], None)
+        .unwrap();
+    let want = refs["loss_full_attention"][0];
+    assert!(rel(full, want) < 1e-5, "full attention: {full} vs {want}");
+    assert!(
+        rel(windowed, full) > 1e-3,
+        "window changes nothing: {windowed} vs {full}"
     );
 }

@@ -157,7 +157,7 @@ impl SglpArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("budget").required(true).args(["remove", "target_layers"])))]
 pub struct PruneArgs {
-    /// Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3), or with --arch a CNN's `state_dict`
+    /// Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, phi3), or with --arch a CNN's `state_dict`
     /// (safetensors).
     #[arg(long)]
     pub model: PathBuf,

@@ -1,5 +1,5 @@
-//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3), both
-//! config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3),
+//! both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
 //! (`rope_parameters`).
 
 use crate::error::{Error, Result};
@@ -19,6 +19,16 @@ pub enum RopeScaling {
     },
     /// Positions divided by `factor` (equivalently, frequencies).
     Linear { factor: f64 },
+    /// LongRoPE (Phi-3 128k, Phi-3.5): each frequency divided by its own factor, `short_factor` for
+    /// sequences up to `original_max_position_embeddings` tokens and `long_factor` beyond, cos and sin
+    /// multiplied by `attention_factor` (transformers' `_compute_longrope_parameters` and its
+    /// `longrope_frequency_update`).
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -31,10 +41,16 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// The values of each head the rotary embedding turns: `head_dim` but for Phi-3's
+    /// `partial_rotary_factor` (e.g. 0.75 in Phi-4-mini); the rest pass through.
+    pub rotary_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
+    /// `pad_token_id`: the embedding row that takes no gradient from the lookup (transformers builds
+    /// `nn.Embedding(vocab, hidden, padding_idx=pad_token_id)`); its lm_head gradient is kept.
+    pub pad_token_id: Option<usize>,
     /// q/k/v projections carry a bias (qwen2 always; llama and qwen3 with `attention_bias`).
     pub qkv_bias: bool,
     /// o_proj carries a bias (llama and qwen3 with `attention_bias`).
@@ -44,6 +60,9 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// gate/up/down carry a bias (llama with `mlp_bias`).
     pub mlp_bias: bool,
+    /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up as one `mlp.gate_up_proj`
+    /// (phi3); the runtime reads their rows as the separate projections (`Weights::split_rows`).
+    pub fused_projections: bool,
     /// Sliding-window attention span w, when the config enables one: in a windowed layer query i sees the
     /// keys j with i − w < j ≤ i (transformers' `sliding_window_overlay` on the causal mask).
     pub sliding_window: Option<usize>,
@@ -142,11 +161,11 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
-        if !["llama", "mistral", "qwen2", "qwen3"].contains(&model_type.as_str()) {
+        if !["llama", "mistral", "qwen2", "qwen3", "phi3"].contains(&model_type.as_str()) {
             return Err(model_err(
                 path,
                 format!(
-                    "model_type '{model_type}' is not supported (llama, mistral, qwen2, qwen3)"
+                    "model_type '{model_type}' is not supported (llama, mistral, qwen2, qwen3, phi3)"
                 ),
             ));
         }
@@ -206,30 +225,58 @@ impl ModelConfig {
                 v.get("rope_scaling").filter(|s| !s.is_null()),
             ),
         };
-        let rope_scaling = parse_rope_scaling(scaling, path)?;
+        // partial_rotary_factor: in rope_parameters (5.x) or at the top level (4.x); only Phi-3's attention
+        // rotates part of a head (the others' rotate_half would not broadcast).
+        let partial = match scaling.map(|s| opt_f64(s, "partial_rotary_factor", path)) {
+            Some(Ok(Some(f))) => f,
+            Some(Err(e)) => return Err(e),
+            _ => opt_f64(v, "partial_rotary_factor", path)?.unwrap_or(1.0),
+        };
+        // transformers: dim = int(head_dim * partial_rotary_factor), frequencies for arange(0, dim, 2).
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if partial != 1.0
+            && (model_type != "phi3"
+                || !(partial > 0.0 && partial <= 1.0)
+                || !rotary_dim.is_multiple_of(2)
+                || rotary_dim == 0)
+        {
+            return Err(model_err(
+                path,
+                format!(
+                    "partial_rotary_factor {partial} is not supported for {model_type} with head_dim \
+                     {head_dim} (phi3 only, and head_dim × factor must be a positive even number)"
+                ),
+            ));
+        }
+        let rope_scaling = parse_rope_scaling(scaling, v, &model_type, rotary_dim, path)?;
         let attention_bias = opt_bool(v, "attention_bias", path)?.unwrap_or(false);
         let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
             "llama" | "qwen3" => (attention_bias, attention_bias),
-            _ => (false, false),
+            _ => (false, false), // mistral, phi3
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = model_type == "qwen3";
+        let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
+        let pad_token_id = parse_pad_token_id(v, vocab_size, path)?;
         Ok(ModelConfig {
-            vocab_size: get_size(v, "vocab_size", MAX_SIZE, path)?,
+            vocab_size,
+            pad_token_id,
             intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
             num_hidden_layers,
             rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(false),
             mlp_bias: model_type == "llama" && mlp_bias,
+            fused_projections: model_type == "phi3",
             model_type,
             hidden_size,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
+            rotary_dim,
             rope_theta,
             rope_scaling,
             qkv_bias,
@@ -246,20 +293,34 @@ impl ModelConfig {
             .filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
     }
 
-    /// Inverse RoPE frequencies (`head_dim / 2`), after the configured scaling (HF's
-    /// `_compute_default_rope_parameters` / `_compute_llama3_parameters`).
-    pub fn inv_freq(&self) -> Vec<f64> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| {
-                // HF computes this in f32; round the same way.
-                (1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32)) as f64
-            })
-            .collect();
-        match self.rope_scaling {
-            RopeScaling::Default => base,
-            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
+    /// The rotary embedding of a sequence of `tokens` tokens: the inverse frequencies (`rotary_dim / 2`),
+    /// after the configured scaling (HF's `_compute_default_rope_parameters`, `_compute_llama3_parameters`,
+    /// `_compute_longrope_parameters`), and the factor on cos and sin (HF's `attention_scaling`).
+    pub fn rope_frequencies(&self, tokens: usize) -> (Vec<f64>, f64) {
+        let d = self.rotary_dim;
+        // HF computes these in f32; round the same way. `ext` divides a frequency (LongRoPE's factors).
+        let freq = |i: usize, ext: f32| -> f64 {
+            (1.0 / (ext * (self.rope_theta as f32).powf((2 * i) as f32 / d as f32))) as f64
+        };
+        let base = || (0..d / 2).map(|i| freq(i, 1.0)).collect::<Vec<f64>>();
+        match &self.rope_scaling {
+            RopeScaling::Default => (base(), 1.0),
+            RopeScaling::Linear { factor } => (base().iter().map(|f| f / factor).collect(), 1.0),
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let ext = if tokens > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
+                let f = (0..d / 2).map(|i| freq(i, ext[i] as f32)).collect();
+                (f, *attention_factor)
+            }
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
@@ -267,7 +328,8 @@ impl ModelConfig {
             } => {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
-                base.iter()
+                let f = base()
+                    .iter()
                     .map(|&f| {
                         let wavelen = 2.0 * std::f64::consts::PI / f;
                         if wavelen > low_wavelen {
@@ -280,7 +342,8 @@ impl ModelConfig {
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
-                    .collect()
+                    .collect();
+                (f, 1.0)
             }
         }
     }
@@ -290,6 +353,7 @@ impl ModelConfig {
 /// `modeling_*.py` and `masking_utils.create_sliding_window_causal_mask`):
 /// * mistral: `sliding_window` (absent → the class default 4096, null → none) applies to every layer;
 ///   MistralModel builds one mask for all layers and ignores any `layer_types`.
+/// * phi3: as mistral (Phi3Model is MistralModel's), but the class default is no window.
 /// * qwen2: the window is `sliding_window` (absent → 4096) only with `use_sliding_window` true. Layer l is
 ///   windowed when `layer_types[l]` is "sliding_attention" or, without `layer_types`, when the window is on
 ///   and l ≥ `max_window_layers` (absent → 28). A sliding layer without a window is an error there too.
@@ -304,6 +368,7 @@ fn parse_sliding_window(
     const CLASS_DEFAULT_MAX_WINDOW_LAYERS: usize = 28;
     let window = || -> Result<Option<usize>> {
         let w = match v.get("sliding_window") {
+            None if model_type == "phi3" => None,
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -316,7 +381,7 @@ fn parse_sliding_window(
         Ok(w)
     };
     match model_type {
-        "mistral" => {
+        "mistral" | "phi3" => {
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
         }
@@ -382,15 +447,46 @@ fn parse_layer_types(lt: &Value, layers: usize, path: &Path) -> Result<Vec<bool>
         .collect()
 }
 
-fn parse_rope_scaling(s: Option<&Value>, path: &Path) -> Result<RopeScaling> {
+/// `pad_token_id` as nn.Embedding takes its `padding_idx`: null or absent → none, negative → counted
+/// from the end of the vocabulary, outside it → an error (PyTorch refuses it too).
+fn parse_pad_token_id(v: &Value, vocab: usize, path: &Path) -> Result<Option<usize>> {
+    let id = match v.get("pad_token_id") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(x) => x
+            .as_i64()
+            .ok_or_else(|| model_err(path, "field 'pad_token_id' is not an integer"))?,
+    };
+    let resolved = if id < 0 { vocab as i64 + id } else { id };
+    if resolved < 0 || resolved >= vocab as i64 {
+        return Err(model_err(
+            path,
+            format!("field 'pad_token_id' is {id}, outside the vocabulary of {vocab}"),
+        ));
+    }
+    Ok(Some(resolved as usize))
+}
+
+/// The rope scaling object (`rope_parameters` or `rope_scaling`) of config `v`; `rotary_dim` sizes
+/// LongRoPE's factor lists.
+fn parse_rope_scaling(
+    s: Option<&Value>,
+    v: &Value,
+    model_type: &str,
+    rotary_dim: usize,
+    path: &Path,
+) -> Result<RopeScaling> {
     let Some(s) = s else {
         return Ok(RopeScaling::Default);
     };
-    let kind = s
+    let mut kind = s
         .get("rope_type")
         .or_else(|| s.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
+    // Phi3Config reads the older names of LongRoPE as LongRoPE.
+    if model_type == "phi3" && matches!(kind, "su" | "yarn") {
+        kind = "longrope";
+    }
     let need = |key: &str| -> Result<f64> {
         opt_f64(s, key, path)?
             .ok_or_else(|| model_err(path, format!("rope scaling field '{key}' is missing")))
@@ -406,11 +502,75 @@ fn parse_rope_scaling(s: Option<&Value>, path: &Path) -> Result<RopeScaling> {
             high_freq_factor: need("high_freq_factor")?,
             original_max_position_embeddings: need("original_max_position_embeddings")?,
         }),
+        "longrope" => parse_longrope(s, v, rotary_dim, path),
         other => Err(model_err(
             path,
-            format!("rope_scaling rope_type '{other}' is not supported (default, linear, llama3)"),
+            format!(
+                "rope_scaling rope_type '{other}' is not supported (default, linear, llama3, longrope)"
+            ),
         )),
     }
+}
+
+/// LongRoPE's settings as `_compute_longrope_parameters` (transformers 5.x) reads them: the factor lists
+/// (`rotary_dim / 2` each); `original_max_position_embeddings` from the rope object, else the config's
+/// top level (4.x), else `max_position_embeddings`; `factor` (absent: `max_position_embeddings /
+/// original_max_position_embeddings`) sets the default `attention_factor`, √(1 + ln factor / ln original)
+/// (1 when factor ≤ 1).
+fn parse_longrope(s: &Value, v: &Value, rotary_dim: usize, path: &Path) -> Result<RopeScaling> {
+    let factors = |key: &str| -> Result<Vec<f64>> {
+        let list = s.get(key).and_then(Value::as_array).ok_or_else(|| {
+            model_err(
+                path,
+                format!("rope scaling field '{key}' is missing or not a list"),
+            )
+        })?;
+        let f: Option<Vec<f64>> = list.iter().map(Value::as_f64).collect();
+        match f {
+            Some(f) if f.len() == rotary_dim / 2 && f.iter().all(|x| x.is_finite() && *x > 0.0) => {
+                Ok(f)
+            }
+            _ => Err(model_err(
+                path,
+                format!(
+                    "rope scaling field '{key}' must hold {} positive numbers (one per rotary \
+                     frequency), it has {} entries",
+                    rotary_dim / 2,
+                    list.len()
+                ),
+            )),
+        }
+    };
+    let (short_factor, long_factor) = (factors("short_factor")?, factors("long_factor")?);
+    let max_pos = opt_usize(v, "max_position_embeddings", path)?;
+    let original = match opt_usize(s, "original_max_position_embeddings", path)? {
+        Some(o) => Some(o),
+        None => opt_usize(v, "original_max_position_embeddings", path)?,
+    }
+    .or(max_pos)
+    .filter(|&o| o >= 2)
+    .ok_or_else(|| {
+        model_err(
+            path,
+            "LongRoPE needs 'original_max_position_embeddings' (or 'max_position_embeddings') of at \
+             least 2",
+        )
+    })?;
+    let factor = match opt_f64(s, "factor", path)? {
+        Some(f) => f,
+        None => max_pos.unwrap_or(original) as f64 / original as f64,
+    };
+    let attention_factor = match opt_f64(s, "attention_factor", path)? {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
 }
 
 #[cfg(test)]
@@ -570,6 +730,69 @@ mod tests {
             let e = cfg("qwen2", extra).unwrap_err().to_string();
             assert!(e.contains(field) && e.starts_with("config.json"), "{e}");
         }
+    }
+
+    /// Phi-3.5-mini's LongRoPE as both config generations spell it: short factors up to 4096 tokens, long
+    /// beyond, attention factor √(1 + ln 32 / ln 4096) = √(17/12) from max_position_embeddings 131072;
+    /// partial rotary; the window's class default (none); pad_token_id as nn.Embedding takes it.
+    #[test]
+    fn phi3_longrope_partial_rotary_and_padding() {
+        let p = Path::new("config.json");
+        let short: Vec<f64> = (0..6).map(|i| 1.0 + 0.1 * i as f64).collect();
+        let long: Vec<f64> = (0..6).map(|i| 2.0 + i as f64).collect();
+        let mut v4 = base();
+        v4["model_type"] = "phi3".into();
+        v4["hidden_size"] = 64.into(); // head_dim 16
+        v4["partial_rotary_factor"] = 0.75.into(); // 12 rotary values, 6 frequencies
+        v4["max_position_embeddings"] = 131072.into();
+        v4["original_max_position_embeddings"] = 4096.into();
+        v4["rope_scaling"] =
+            serde_json::json!({"type": "su", "short_factor": short, "long_factor": long});
+        let mut v5 = v4.clone();
+        for k in ["rope_scaling", "rope_theta", "partial_rotary_factor"] {
+            v5.as_object_mut().unwrap().remove(k);
+        }
+        v5["rope_parameters"] = serde_json::json!({"rope_type": "longrope", "rope_theta": 500000.0,
+            "partial_rotary_factor": 0.75, "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": 4096});
+        for v in [&v4, &v5] {
+            let c = ModelConfig::from_json(v, p).unwrap();
+            assert!(c.fused_projections);
+            assert_eq!((c.head_dim, c.rotary_dim), (16, 12));
+            assert_eq!(c.layer_window(0), None, "phi3 has no default window");
+            let (f_short, a) = c.rope_frequencies(4096);
+            let (f_long, a_long) = c.rope_frequencies(4097);
+            assert_eq!(a, a_long);
+            assert!((a - (17.0f64 / 12.0).sqrt()).abs() < 1e-12, "{a}");
+            for i in 0..6 {
+                let plain = 1.0 / 500000f64.powf(2.0 * i as f64 / 12.0);
+                assert!((f_short[i] * short[i] / plain - 1.0).abs() < 1e-6);
+                assert!((f_long[i] * long[i] / plain - 1.0).abs() < 1e-6);
+            }
+        }
+        // Factor lists of the wrong length; partial rotary on a model whose attention has none.
+        let mut v = v5.clone();
+        v["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]);
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(
+            e.contains("long_factor") && e.contains("6 positive numbers"),
+            "{e}"
+        );
+        let mut v = base();
+        v["partial_rotary_factor"] = 0.5.into();
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("partial_rotary_factor"), "{e}");
+        // pad_token_id: absent, in range, counted from the end, outside.
+        let pad = |id: Value| {
+            let mut v = base();
+            v["pad_token_id"] = id;
+            ModelConfig::from_json(&v, p).map(|c| c.pad_token_id)
+        };
+        assert_eq!(pad(Value::Null).unwrap(), None);
+        assert_eq!(pad(7.into()).unwrap(), Some(7));
+        assert_eq!(pad((-1).into()).unwrap(), Some(99));
+        let e = pad(100.into()).unwrap_err().to_string();
+        assert!(e.contains("pad_token_id") && e.contains("100"), "{e}");
     }
 
     /// A size no checkpoint has is refused by name before anything is sized from it (a mistral config

@@ -1,7 +1,8 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3) as a tape: embedding → per layer
-//! [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3) → RoPE → causal GQA attention (sliding-window
-//! where the config says) → o → residual → RMSNorm → SwiGLU MLP → residual] → final RMSNorm → lm_head →
-//! cross-entropy.
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3) as a tape: embedding → per layer
+//! [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3) → RoPE (partial: phi3) → causal GQA attention
+//! (sliding-window where the config says) → o → residual → RMSNorm → SwiGLU MLP → residual] → final
+//! RMSNorm → lm_head → cross-entropy. Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate
+//! projections (row blocks of the stored matrices, [`Weights::split_rows`]).
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -226,18 +227,49 @@ impl Model {
     pub fn load(dir: &Path) -> Result<Model> {
         let config = ModelConfig::load(&dir.join("config.json"))?;
         let weights = Weights::open(dir)?;
-        let model = Model {
+        let mut model = Model {
             config,
             dir: dir.to_path_buf(),
             weights,
             runner: Box::new(OnDevice::new(Cpu)),
         };
         model.check_weights()?;
+        if model.config.fused_projections {
+            model.split_fused_projections()?;
+        }
         Ok(model)
     }
 
+    /// Phi-3: name the row blocks of each layer's `qkv_proj` (q, k, v) and `gate_up_proj` (gate, up:
+    /// Phi3MLP's `chunk(2)` takes the gate first) as the projections the decoder reads.
+    fn split_fused_projections(&mut self) -> Result<()> {
+        let c = &self.config;
+        let (qd, kvd, i) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        for l in 0..c.num_hidden_layers {
+            let name = |n: &str| format!("model.layers.{l}.{n}.weight");
+            self.weights.split_rows(
+                &name("self_attn.qkv_proj"),
+                &[
+                    (name("self_attn.q_proj"), qd),
+                    (name("self_attn.k_proj"), kvd),
+                    (name("self_attn.v_proj"), kvd),
+                ],
+            )?;
+            self.weights.split_rows(
+                &name("mlp.gate_up_proj"),
+                &[(name("mlp.gate_proj"), i), (name("mlp.up_proj"), i)],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Every tensor the decoder reads, with the shape the config implies: the embedding, the final norm,
-    /// the lm_head (untied), then per layer its norms, attention and MLP weights.
+    /// the lm_head (untied), then per layer its norms, attention and MLP weights (as stored: fused
+    /// q/k/v and gate/up for phi3).
     fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let c = &self.config;
         let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
@@ -258,15 +290,24 @@ impl Model {
             };
             t("input_layernorm.weight", vec![h]);
             t("post_attention_layernorm.weight", vec![h]);
-            let linears = [
-                ("self_attn.q_proj", qd, h, c.qkv_bias),
-                ("self_attn.k_proj", kvd, h, c.qkv_bias),
-                ("self_attn.v_proj", kvd, h, c.qkv_bias),
-                ("self_attn.o_proj", h, qd, c.o_bias),
-                ("mlp.gate_proj", i, h, c.mlp_bias),
-                ("mlp.up_proj", i, h, c.mlp_bias),
-                ("mlp.down_proj", h, i, c.mlp_bias),
-            ];
+            let linears = if c.fused_projections {
+                vec![
+                    ("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias),
+                    ("self_attn.o_proj", h, qd, c.o_bias),
+                    ("mlp.gate_up_proj", 2 * i, h, c.mlp_bias),
+                    ("mlp.down_proj", h, i, c.mlp_bias),
+                ]
+            } else {
+                vec![
+                    ("self_attn.q_proj", qd, h, c.qkv_bias),
+                    ("self_attn.k_proj", kvd, h, c.qkv_bias),
+                    ("self_attn.v_proj", kvd, h, c.qkv_bias),
+                    ("self_attn.o_proj", h, qd, c.o_bias),
+                    ("mlp.gate_proj", i, h, c.mlp_bias),
+                    ("mlp.up_proj", i, h, c.mlp_bias),
+                    ("mlp.down_proj", h, i, c.mlp_bias),
+                ]
+            };
             for (name, rows, cols, bias) in linears {
                 t(&format!("{name}.weight"), vec![rows, cols]);
                 if bias {
@@ -529,7 +570,8 @@ impl Model {
             })
             .collect();
         let mut tape = Tape::on(dev.clone(), tokens.data.clone(), targets, pool);
-        let rope = Arc::new(RopeTable::new(&c.inv_freq(), t, 1.0));
+        let (inv_freq, rope_scale) = c.rope_frequencies(t);
+        let rope = Arc::new(RopeTable::new(&inv_freq, hd, t, rope_scale));
         let shape = AttnShape {
             seqs,
             tokens: t,
@@ -545,6 +587,7 @@ impl Model {
         match start {
             None => tape.push(op::Embedding {
                 table: embed,
+                padding: c.pad_token_id,
                 out: x,
             }),
             Some((_, data)) => tape.push(op::HiddenInput { data, out: x }),

@@ -92,7 +92,10 @@ struct TensorLoc {
 
 pub struct Weights {
     files: Vec<(PathBuf, Mmap)>,
+    /// Every tensor by name: those stored in the files, and the row blocks of fused ones
+    /// ([`Weights::split_rows`]), named in `parts`.
     tensors: HashMap<String, TensorLoc>,
+    parts: std::collections::HashSet<String>,
     /// [`ParamStore::id`]: from a process-wide counter.
     id: u64,
 }
@@ -135,7 +138,64 @@ impl Weights {
         }
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Weights { files, tensors, id })
+        Ok(Weights {
+            files,
+            tensors,
+            parts: Default::default(),
+            id,
+        })
+    }
+
+    /// Name consecutive row blocks of the stored 2-D tensor `fused` as tensors of their own, read in place
+    /// (rows of a row-major matrix are contiguous bytes): `parts` lists each block's name and row count, in
+    /// order, and their rows must add up to the fused tensor's. For checkpoints that store projections
+    /// fused (Phi-3's `qkv_proj`, `gate_up_proj`) while the runtime reads them one by one. The parts are
+    /// not listed by [`Weights::names`] (it lists what the files store).
+    pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<()> {
+        let loc = self
+            .tensors
+            .get(fused)
+            .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{fused}'")))?;
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let (rows, cols) = match loc.shape[..] {
+            [r, c] if r == total => (r, c),
+            _ => {
+                return Err(Error::layer(
+                    &self.files[loc.file].0,
+                    fused,
+                    format!(
+                        "shape {:?} cannot be split into row blocks of {:?}",
+                        loc.shape,
+                        parts.iter().map(|p| p.1).collect::<Vec<_>>()
+                    ),
+                ))
+            }
+        };
+        let row_bytes = cols * loc.dtype.bitsize() / 8;
+        if rows * row_bytes != loc.end - loc.start {
+            return Err(Error::layer(
+                &self.files[loc.file].0,
+                fused,
+                "data offsets do not match the shape and dtype",
+            ));
+        }
+        let (file, dtype, mut start) = (loc.file, loc.dtype, loc.start);
+        for (name, r) in parts {
+            let end = start + r * row_bytes;
+            self.tensors.insert(
+                name.clone(),
+                TensorLoc {
+                    file,
+                    dtype,
+                    shape: vec![*r, cols],
+                    start,
+                    end,
+                },
+            );
+            self.parts.insert(name.clone());
+            start = end;
+        }
+        Ok(())
     }
 
     /// The stored shape of `name`.
@@ -222,9 +282,12 @@ impl Weights {
         })
     }
 
-    /// Names of every tensor (unordered).
+    /// Names of every tensor the files store (unordered; not the parts of [`Weights::split_rows`]).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        self.tensors
+            .keys()
+            .filter(|n| !self.parts.contains(*n))
+            .map(String::as_str)
     }
 }
 

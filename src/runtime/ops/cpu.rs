@@ -28,10 +28,20 @@ pub fn embedding_forward(ids: &[i64], table: &[f32], dim: usize, out: &mut [f32]
         });
 }
 
-/// `dtable[ids[r]] += dout[r]`. Serial over rows (repeated ids would race), parallel over the dimension.
-pub fn embedding_backward(ids: &[i64], dout: &[f32], dim: usize, dtable: &mut [f32]) {
+/// `dtable[ids[r]] += dout[r]`, but for rows whose id is `padding` (nn.Embedding's `padding_idx`: that
+/// row of the table takes no gradient from the lookup). Serial over rows (repeated ids would race).
+pub fn embedding_backward(
+    ids: &[i64],
+    dout: &[f32],
+    dim: usize,
+    padding: Option<usize>,
+    dtable: &mut [f32],
+) {
     for (r, &id) in ids.iter().enumerate() {
         let id = id as usize;
+        if Some(id) == padding {
+            continue;
+        }
         let d = &mut dtable[id * dim..(id + 1) * dim];
         for (a, &g) in d.iter_mut().zip(&dout[r * dim..(r + 1) * dim]) {
             *a += g;
@@ -237,10 +247,11 @@ fn add_parts(dst: &mut [f32], parts: &[Vec<f64>]) {
 // ---------------------------------------------------------------------------------------------------------
 
 /// `x` is `[seqs * tokens, heads * head_dim]`; row `s * tokens + t` uses position `t`. `sign` = +1 applies
-/// the rotation, −1 its inverse (the transpose), which is the backward.
+/// the rotation, −1 its inverse (the transpose), which is the backward. Values past `rot_dim` pass
+/// through (their table entries are cos 1, sin 0, and they pair with nothing).
 fn rope_apply(x: &[f32], heads: usize, table: &RopeTable, sign: f32, y: &mut [f32], add: bool) {
     let hd = table.head_dim;
-    let half = hd / 2;
+    let (rot_dim, half) = (table.rot_dim, table.rot_dim / 2);
     let width = heads * hd;
     y.par_chunks_mut(width)
         .zip(x.par_chunks(width))
@@ -255,8 +266,10 @@ fn rope_apply(x: &[f32], heads: usize, table: &RopeTable, sign: f32, y: &mut [f3
                 for i in 0..hd {
                     let rot = if i < half {
                         -xs[i + half]
-                    } else {
+                    } else if i < rot_dim {
                         xs[i - half]
+                    } else {
+                        0.0
                     };
                     let v = xs[i] * cos[i] + sign * rot * sin[i];
                     if add {
@@ -834,9 +847,10 @@ impl super::Device for Cpu {
         ids: &Vec<i64>,
         dout: &[f32],
         dim: usize,
+        padding: Option<usize>,
         dtable: &mut [f32],
     ) -> Result<()> {
-        embedding_backward(ids, dout, dim, dtable);
+        embedding_backward(ids, dout, dim, padding, dtable);
         Ok(())
     }
     fn linear_forward(
@@ -1134,11 +1148,19 @@ mod tests {
             },
             &|_, c| {
                 let mut d = vec![0.0; vocab * dim];
-                embedding_backward(&ids, c, dim, &mut d);
+                embedding_backward(&ids, c, dim, None, &mut d);
                 vec![d]
             },
             1e-3,
         );
+        // A padding row takes nothing from the lookup (nn.Embedding's padding_idx); the others do.
+        let dout = rand_vec(&mut rng, ids.len() * dim);
+        let (mut all, mut padded) = (vec![0.0; vocab * dim], vec![0.0; vocab * dim]);
+        embedding_backward(&ids, &dout, dim, None, &mut all);
+        embedding_backward(&ids, &dout, dim, Some(1), &mut padded);
+        assert!(all[dim..2 * dim].iter().all(|&g| g != 0.0));
+        assert!(padded[dim..2 * dim].iter().all(|&g| g == 0.0));
+        assert_eq!(all[4 * dim..], padded[4 * dim..]);
     }
 
     #[test]
@@ -1163,39 +1185,57 @@ mod tests {
         );
     }
 
+    /// Full and partial rotary (Phi-3's `partial_rotary_factor`: 6 of 8 values rotate, pairs (i, i + 3),
+    /// the last 2 pass through), against HF's formula and finite differences.
     #[test]
     fn rope_gradients_and_rotate_half_convention() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let (seqs, tokens, heads, hd) = (2, 5, 3, 8);
-        let inv: Vec<f64> = (0..hd / 2)
-            .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / hd as f64))
-            .collect();
-        let table = RopeTable::new(&inv, tokens, 1.0);
-        let n = seqs * tokens * heads * hd;
-        let x = rand_vec(&mut rng, n);
-        // Direct check of one element against the HF formula.
-        let mut y = vec![0.0; n];
-        rope_forward(&x, heads, &table, &mut y);
-        let (s, t, h, i) = (1, 3, 2, 1);
-        let base = (s * tokens + t) * heads * hd + h * hd;
-        let ang = t as f64 * inv[i];
-        let want = x[base + i] as f64 * ang.cos() - x[base + i + hd / 2] as f64 * ang.sin();
-        assert!((want - y[base + i] as f64).abs() < 1e-5);
-        check_grads(
-            vec![x],
-            n,
-            &|i| {
-                let mut y = vec![0.0; n];
-                rope_forward(&i[0], heads, &table, &mut y);
-                y
-            },
-            &|_, c| {
-                let mut dx = vec![0.0; n];
-                rope_backward(c, heads, &table, &mut dx);
-                vec![dx]
-            },
-            1e-3,
-        );
+        for rot in [hd, 6] {
+            let inv: Vec<f64> = (0..rot / 2)
+                .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / rot as f64))
+                .collect();
+            let table = RopeTable::new(&inv, hd, tokens, 1.0);
+            let n = seqs * tokens * heads * hd;
+            let x = rand_vec(&mut rng, n);
+            // Direct check of elements against the HF formula.
+            let mut y = vec![0.0; n];
+            rope_forward(&x, heads, &table, &mut y);
+            let (s, t, h) = (1, 3, 2);
+            let base = (s * tokens + t) * heads * hd + h * hd;
+            for i in [1, rot / 2 + 1] {
+                let ang = t as f64 * inv[i % (rot / 2)];
+                let partner = if i < rot / 2 {
+                    -x[base + i + rot / 2]
+                } else {
+                    x[base + i - rot / 2]
+                };
+                let want = x[base + i] as f64 * ang.cos() + partner as f64 * ang.sin();
+                assert!((want - y[base + i] as f64).abs() < 1e-5, "rot {rot} i {i}");
+            }
+            for i in rot..hd {
+                assert_eq!(
+                    y[base + i],
+                    x[base + i],
+                    "rot {rot}: value {i} passes through"
+                );
+            }
+            check_grads(
+                vec![x],
+                n,
+                &|i| {
+                    let mut y = vec![0.0; n];
+                    rope_forward(&i[0], heads, &table, &mut y);
+                    y
+                },
+                &|_, c| {
+                    let mut dx = vec![0.0; n];
+                    rope_backward(c, heads, &table, &mut dx);
+                    vec![dx]
+                },
+                1e-3,
+            );
+        }
     }
 
     /// Finite-difference check of attention over q, k, v, and the mask: output row i must not move when

@@ -33,7 +33,7 @@
 use super::{AttnShape, Device, Matmul, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
-use crate::similarity::cuda::kernels::{Binary, Embedding, Kernel, RuntimeKernels};
+use crate::similarity::cuda::kernels::{Binary, Kernel, RuntimeKernels};
 use crate::similarity::cuda::nvrtc::fnv1a;
 use crate::similarity::cuda::{env_choice, open_gpu, CuResult, OpenGpu, WGMMA_SHARED};
 use cudarc::driver::{
@@ -346,8 +346,8 @@ enum Logits<'a> {
     Grad(&'a mut CudaSlice<f32>),
 }
 
-/// Rotary tables on the device, by (tokens, head_dim, fingerprint of the last position's values).
-type RopeKey = (usize, usize, u64);
+/// Rotary tables on the device, by (tokens, head_dim, rot_dim, fingerprint of the last position's values).
+type RopeKey = (usize, usize, usize, u64);
 /// The cos and sin tables of one [`RopeKey`].
 type RopeDev = Arc<(CudaSlice<f32>, CudaSlice<f32>)>;
 
@@ -775,7 +775,7 @@ impl CudaDevice {
             bytemuck::cast_slice(&table.cos[last.clone()]),
             bytemuck::cast_slice(&table.sin[last]),
         ]);
-        let key = (table.tokens, hd, fp);
+        let key = (table.tokens, hd, table.rot_dim, fp);
         let mut cache = lock(&self.inner.rope)?;
         if let Some(t) = cache.get(&key) {
             return Ok(t.clone());
@@ -800,21 +800,24 @@ impl CudaDevice {
         if width == 0
             || !x.len().is_multiple_of(width)
             || table.tokens == 0
-            || !table.head_dim.is_multiple_of(2)
+            || !table.rot_dim.is_multiple_of(2)
+            || table.rot_dim > table.head_dim
         {
             return Err(Error::cuda(format!(
-                "rope: {} values are not rows of {heads} heads of {} (tokens {})",
+                "rope: {} values are not rows of {heads} heads of {} (rotated {}, tokens {})",
                 x.len(),
                 table.head_dim,
+                table.rot_dim,
                 table.tokens
             )));
         }
         check_len(y.len(), x.len(), "rope output")?;
         let tabs = self.rope_tables(table)?;
         let rows = int(x.len() / width, "rope rows")?;
-        let (h, hd, t) = (
+        let (h, hd, rot, t) = (
             int(heads, "heads")?,
             int(table.head_dim, "head_dim")?,
+            int(table.rot_dim, "rot_dim")?,
             int(table.tokens, "tokens")?,
         );
         let add = add as i32;
@@ -831,6 +834,7 @@ impl CudaDevice {
                 rows,
                 h,
                 hd,
+                rot,
                 t,
                 sign,
                 add,
@@ -854,23 +858,6 @@ impl CudaDevice {
     }
 
     /// An embedding kernel `f(ids, src, dim, dst, rows)`: one block per id (sizes checked by the caller).
-    fn embedding(
-        &self,
-        f: &Kernel<Embedding>,
-        ids: &Ids,
-        src: &CudaSlice<f32>,
-        dim: usize,
-        dst: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
-        let c = cfg((ids.len(), 1), THREADS)?;
-        // SAFETY: ids < vocab and the table and rows hold vocab·dim and rows·dim values (embedding_checks).
-        unsafe { f.launch(self.s(), c, &ids.dev, src, d, dst, r) }
-    }
-
     /// The cross-entropy kernels; returns (Σ loss over rows in row order, predicted rows).
     fn cross_entropy(
         &self,
@@ -1126,17 +1113,40 @@ impl Device for CudaDevice {
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         embedding_checks(ids, table.len(), dim, out.len())?;
-        self.embedding(&self.k().embedding_forward, ids, table, dim, out)
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
+        let c = cfg((ids.len(), 1), THREADS)?;
+        // SAFETY: ids < vocab and the table and rows hold vocab·dim and rows·dim values (embedding_checks).
+        unsafe {
+            self.k()
+                .embedding_forward
+                .launch(self.s(), c, &ids.dev, table, d, out, r)
+        }
     }
     fn embedding_backward(
         &self,
         ids: &Ids,
         dout: &CudaSlice<f32>,
         dim: usize,
+        padding: Option<usize>,
         dtable: &mut CudaSlice<f32>,
     ) -> Result<()> {
         embedding_checks(ids, dtable.len(), dim, dout.len())?;
-        self.embedding(&self.k().embedding_backward, ids, dout, dim, dtable)
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (d, r) = (int(dim, "dim")?, int(ids.len(), "rows")?);
+        // Ids are below the vocabulary (embedding_checks), itself below 2^31.
+        let skip = padding.map_or(Ok(-1), |p| int(p, "padding id"))?;
+        let c = cfg((ids.len(), 1), THREADS)?;
+        // SAFETY: ids < vocab and the table and rows hold vocab·dim and rows·dim values (embedding_checks).
+        unsafe {
+            self.k()
+                .embedding_backward
+                .launch(self.s(), c, &ids.dev, dout, d, dtable, r, skip)
+        }
     }
     fn linear_forward(
         &self,

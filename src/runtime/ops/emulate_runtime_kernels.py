@@ -515,17 +515,24 @@ def check_attention_backward_mma():
 
 # ---- runtime_rope.cu ---------------------------------------------------------------------------------
 def check_rope():
-    rows, heads, hd, tokens = 14, 3, 10, 7
-    x = rng.standard_normal(rows * heads * hd); cos = rng.standard_normal(tokens * hd); sin = rng.standard_normal(tokens * hd)
-    y = np.zeros_like(x); width = heads * hd; half = hd // 2
-    for e in range(x.size):
-        row = e // width; i = (e - row * width) % hd; head0 = e - i; t = row % tokens
-        rot = -x[head0 + i + half] if i < half else x[head0 + i - half]
-        y[e] = x[e] * cos[t * hd + i] + rot * sin[t * hd + i]
-    X = x.reshape(rows, heads, hd); C = cos.reshape(tokens, hd)[np.arange(rows) % tokens][:, None]
-    Sn = sin.reshape(tokens, hd)[np.arange(rows) % tokens][:, None]
-    rot = np.concatenate([-X[..., half:], X[..., :half]], -1)
-    assert np.allclose(y.reshape(rows, heads, hd), X * C + rot * Sn)
+    # rot_dim < head_dim: partial rotary (the last head_dim - rot_dim values pass through, their table
+    # entries cos 1, sin 0, as RopeTable writes them).
+    for rows, heads, hd, rot_dim, tokens in [(14, 3, 10, 10, 7), (9, 2, 10, 6, 4)]:
+        x = rng.standard_normal(rows * heads * hd)
+        cos = rng.standard_normal((tokens, hd)); sin = rng.standard_normal((tokens, hd))
+        cos[:, rot_dim:] = 1.0; sin[:, rot_dim:] = 0.0
+        cos = cos.ravel(); sin = sin.ravel()
+        y = np.zeros_like(x); width = heads * hd; half = rot_dim // 2
+        for e in range(x.size):
+            row = e // width; i = (e - row * width) % hd; head0 = e - i; t = row % tokens
+            rot = -x[head0 + i + half] if i < half else (x[head0 + i - half] if i < rot_dim else 0.0)
+            y[e] = x[e] * cos[t * hd + i] + rot * sin[t * hd + i]
+        X = x.reshape(rows, heads, hd); C = cos.reshape(tokens, hd)[np.arange(rows) % tokens][:, None]
+        Sn = sin.reshape(tokens, hd)[np.arange(rows) % tokens][:, None]
+        Xr = X[..., :rot_dim]
+        rot = np.concatenate([-Xr[..., half:], Xr[..., :half]], -1)
+        want = np.concatenate([Xr * C[..., :rot_dim] + rot * Sn[..., :rot_dim], X[..., rot_dim:]], -1)
+        assert np.allclose(y.reshape(rows, heads, hd), want)
     print("rope ok")
 
 # ---- runtime_rmsnorm.cu: the weight gradient's row chunks --------------------------------------------

@@ -19,22 +19,31 @@ use crate::runtime::tape::ParamStore;
 pub use cpu::AttnShape;
 
 /// Precomputed rotary tables for one sequence length: `cos`/`sin` are `[tokens, head_dim]` row-major, in
-/// the Hugging Face layout (each frequency repeated in both halves, for `rotate_half`).
+/// the Hugging Face layout (each frequency repeated in both halves of the rotated part, for `rotate_half`).
+/// Partial rotary (Phi-3's `partial_rotary_factor`): only the first `rot_dim` values of a head rotate,
+/// pairs `(i, i + rot_dim / 2)`; the others pass through (their table entries are cos 1, sin 0).
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     pub tokens: usize,
     pub head_dim: usize,
+    /// The rotated values of a head (`2 · inv_freq.len()`, even, ≤ `head_dim`).
+    pub rot_dim: usize,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
 }
 
 impl RopeTable {
-    /// Tables for positions `0..tokens` from the inverse frequencies (`head_dim / 2` of them), computed in
-    /// f64 and rounded once. `scale` multiplies cos and sin (HF's `attention_scaling`, 1 for llama3).
-    pub fn new(inv_freq: &[f64], tokens: usize, scale: f64) -> Self {
+    /// Tables for positions `0..tokens` of heads of `head_dim` from the inverse frequencies (`rot_dim / 2`
+    /// of them), computed in f64 and rounded once. `scale` multiplies cos and sin of the rotated part
+    /// (HF's `attention_scaling`: 1 but for LongRoPE).
+    pub fn new(inv_freq: &[f64], head_dim: usize, tokens: usize, scale: f64) -> Self {
         let half = inv_freq.len();
-        let head_dim = 2 * half;
-        let mut cos = vec![0f32; tokens * head_dim];
+        let rot_dim = 2 * half;
+        assert!(
+            rot_dim <= head_dim,
+            "{half} rotary frequencies for heads of {head_dim}"
+        );
+        let mut cos = vec![1f32; tokens * head_dim];
         let mut sin = vec![0f32; tokens * head_dim];
         for t in 0..tokens {
             for (i, &f) in inv_freq.iter().enumerate() {
@@ -50,6 +59,7 @@ impl RopeTable {
         RopeTable {
             tokens,
             head_dim,
+            rot_dim,
             cos,
             sin,
         }
@@ -167,12 +177,14 @@ pub trait Device: Clone + Send + Sync + 'static {
         dim: usize,
         out: &mut Self::Slice,
     ) -> Result<()>;
-    /// `dtable[ids[r]] += dout[r]`.
+    /// `dtable[ids[r]] += dout[r]`, skipping the rows whose id is `padding` (nn.Embedding's
+    /// `padding_idx`).
     fn embedding_backward(
         &self,
         ids: &Self::Ids,
         dout: &Self::Slice,
         dim: usize,
+        padding: Option<usize>,
         dtable: &mut Self::Slice,
     ) -> Result<()>;
     /// `y = x Wᵀ (+ b)`: x `[n, k]`, W `[m, k]`, y `[n, m]`.
@@ -381,7 +393,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
     let inv_freq: Vec<f64> = (0..shape.head_dim / 2)
         .map(|i| 10000f64.powf(-(2.0 * i as f64) / shape.head_dim as f64))
         .collect();
-    let table = RopeTable::new(&inv_freq, shape.tokens, 1.0);
+    let table = RopeTable::new(&inv_freq, shape.head_dim, shape.tokens, 1.0);
     let mut qr = vec![0f32; rows * qd];
     cpu.rope_forward(&q, shape.heads, &table, &mut qr)?;
     let mut qrd = dev.alloc_zeroed(rows * qd)?;

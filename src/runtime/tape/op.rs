@@ -13,10 +13,12 @@ use crate::error::Result;
 use crate::runtime::ops::{AttnShape, RopeTable};
 use std::sync::Arc;
 
-/// `out[r] = table[ids[r]]` (ids: the tape's token ids).
+/// `out[r] = table[ids[r]]` (ids: the tape's token ids). `padding`: the table row that takes no gradient
+/// (the config's `pad_token_id`, nn.Embedding's `padding_idx`).
 #[derive(Clone, Debug)]
 pub struct Embedding {
     pub table: ParamId,
+    pub padding: Option<usize>,
     pub out: BufId,
 }
 
@@ -42,7 +44,7 @@ impl<D: Device> TapeOp<D> for Embedding {
         if t.has_grad(self.out) {
             let (ids, dy, dim) = (&t.dev_ids().0, t.grad(self.out), t.bufs[self.out].cols);
             t.dev
-                .embedding_backward(ids, dy, dim, pg.get_mut(self.table))?;
+                .embedding_backward(ids, dy, dim, self.padding, pg.get_mut(self.table))?;
         }
         Ok(())
     }

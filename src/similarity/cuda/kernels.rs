@@ -465,11 +465,13 @@ signatures! {
     Accumulate(dst: Out<f32>, src: In<f32>, n: u64);
     /// sum_sq_partials
     SumSqPartials(g: In<f32>, n: u64, partials: Out<f64>);
-    /// embedding_forward, embedding_backward
+    /// embedding_forward
     Embedding(ids: In<i64>, src: In<f32>, dim: i32, dst: Out<f32>, rows: i32);
+    /// embedding_backward
+    EmbeddingBackward(ids: In<i64>, src: In<f32>, dim: i32, dst: Out<f32>, rows: i32, skip: i32);
     /// rope_apply
     RopeApply(x: In<f32>, cos: In<f32>, sin: In<f32>, y: Out<f32>, rows: i32, heads: i32,
-              head_dim: i32, tokens: i32, sign: f32, add: i32);
+              head_dim: i32, rot_dim: i32, tokens: i32, sign: f32, add: i32);
     /// rmsnorm_forward
     RmsnormForward(x: In<f32>, w: In<f32>, d: i32, eps: f64, y: Out<f32>, rows: i32);
     /// rmsnorm_backward
@@ -575,7 +577,7 @@ kernel_table! {
             accumulate: Accumulate,
             sum_sq_partials: SumSqPartials,
         }
-        "runtime_embedding.cu" => { embedding_forward: Embedding, embedding_backward: Embedding }
+        "runtime_embedding.cu" => { embedding_forward: Embedding, embedding_backward: EmbeddingBackward }
         "runtime_rope.cu" => { rope_apply: RopeApply }
         "runtime_rmsnorm.cu" => {
             rmsnorm_forward: RmsnormForward,
