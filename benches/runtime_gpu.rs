@@ -234,6 +234,7 @@ fn main() {
             kv_heads: 2,
             head_dim: 64,
             window: None,
+            scale: None,
         }
     } else {
         AttnShape {
@@ -243,6 +244,7 @@ fn main() {
             kv_heads: 8,
             head_dim: 128,
             window: None,
+            scale: None,
         }
     };
     let rows = sh.seqs * sh.tokens;

@@ -1,4 +1,5 @@
-// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, multiply, add, accumulate) and the sum of
+// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, tanh-approximated GELU, multiply, add,
+// accumulate) and the sum of
 // squares of a gradient, forward and backward side by side. Buffers are flat f32 of `n` elements; every
 // kernel is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the CPU
 // (src/runtime/ops/cpu.rs).
@@ -22,6 +23,30 @@ extern "C" __global__ void silu_backward(const float* __restrict__ x, const floa
         float v = x[i];
         float s = rt_sigmoid(v);
         dx[i] += dy[i] * s * (1.0f + v * (1.0f - s));
+    }
+}
+
+// GELU, tanh approximation (PyTorch's approximate="tanh", Gemma's GeGLU): x/2 (1 + tanh u),
+// u = √(2/π) (x + 0.044715 x³), computed as x σ(2u) (the same value, no cancellation near 0).
+#define GELU_K 0.7978846f
+#define GELU_C 0.044715f
+
+// y = x σ(2u)
+extern "C" __global__ void gelu_tanh_forward(const float* __restrict__ x, float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = v * rt_sigmoid(2.0f * GELU_K * (v + GELU_C * v * v * v));
+    }
+}
+
+// dx += dy (s + x s (1 − s) 2u'), s = σ(2u), u' = √(2/π) (1 + 3 · 0.044715 x²)
+extern "C" __global__ void gelu_tanh_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                              float* __restrict__ dx, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        float s = rt_sigmoid(2.0f * GELU_K * (v + GELU_C * v * v * v));
+        float du = GELU_K * (1.0f + 3.0f * GELU_C * v * v);
+        dx[i] += dy[i] * (s + v * s * (1.0f - s) * 2.0f * du);
     }
 }
 

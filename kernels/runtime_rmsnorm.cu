@@ -1,5 +1,5 @@
-// runtime_rmsnorm.cu — RMSNorm (HF LlamaRMSNorm): y = w ⊙ x / sqrt(mean(x²) + eps) per row of d, and its
-// backward. Per-row reductions in f64 (as the CPU). The weight gradient is reduced deterministically, no
+// runtime_rmsnorm.cu — RMSNorm (HF LlamaRMSNorm): y = g ⊙ x / sqrt(mean(x²) + eps) per row of d, gain
+// g = offset + w (offset 1: GemmaRMSNorm's 1 + w, summed in f32 as transformers does), and its backward. Per-row reductions in f64 (as the CPU). The weight gradient is reduced deterministically, no
 // atomics: rmsnorm_backward writes each row's 1/rms into `inv`, rmsnorm_backward_weight sums
 // dy ⊙ x · inv over a chunk of rows per (column, chunk) into f64 partials, and rmsnorm_reduce_weight adds
 // the chunks in order into dw. One block of 256 threads per row for the row kernels.
@@ -7,7 +7,8 @@
 #include "common.cuh"
 
 extern "C" __global__ void rmsnorm_forward(const float* __restrict__ x, const float* __restrict__ w,
-                                           int d, double eps, float* __restrict__ y, int rows) {
+                                           float offset, int d, double eps, float* __restrict__ y,
+                                           int rows) {
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (u64)r * d;
@@ -16,12 +17,12 @@ extern "C" __global__ void rmsnorm_forward(const float* __restrict__ x, const fl
     ss = block_sum_f64(ss);
     double inv = 1.0 / sqrt(ss / d + eps);
     float* yr = y + (u64)r * d;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = (float)((double)xr[j] * inv) * w[j];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = (float)((double)xr[j] * inv) * (offset + w[j]);
 }
 
-// dx += inv (w⊙dy) − x inv³/d Σ(w⊙dy⊙x); inv[r] = 1/rms of row r (read by the weight kernel).
+// dx += inv (g⊙dy) − x inv³/d Σ(g⊙dy⊙x); inv[r] = 1/rms of row r (read by the weight kernel).
 extern "C" __global__ void rmsnorm_backward(const float* __restrict__ x, const float* __restrict__ w,
-                                            const float* __restrict__ dy, int d, double eps,
+                                            float offset, const float* __restrict__ dy, int d, double eps,
                                             float* __restrict__ dx, double* __restrict__ inv_out, int rows) {
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -31,7 +32,7 @@ extern "C" __global__ void rmsnorm_backward(const float* __restrict__ x, const f
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         double xv = (double)xr[j];
         ss += xv * xv;
-        dot += (double)w[j] * (double)gr[j] * xv;
+        dot += (double)(offset + w[j]) * (double)gr[j] * xv;
     }
     ss = block_sum_f64(ss);
     dot = block_sum_f64(dot);
@@ -39,7 +40,7 @@ extern "C" __global__ void rmsnorm_backward(const float* __restrict__ x, const f
     double c = inv * inv * inv * dot / d;
     float* dxr = dx + (u64)r * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x)
-        dxr[j] += (float)(inv * (double)w[j] * (double)gr[j] - (double)xr[j] * c);
+        dxr[j] += (float)(inv * (double)(offset + w[j]) * (double)gr[j] - (double)xr[j] * c);
     if (threadIdx.x == 0) inv_out[r] = inv;
 }
 

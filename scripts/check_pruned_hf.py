@@ -44,6 +44,10 @@ CASES = {
                       "--selection", "gradnorm"] + PINNED,
     "phi3_longrope": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
                       "--selection", "gradnorm"] + PINNED,
+    "gemma_geglu": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
+                    "--selection", "gradnorm"] + PINNED,
+    "gemma3_sandwich": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
+                        "--selection", "gradnorm"] + PINNED,
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 checkpoints made with Hugging Face
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma / Gemma 3 checkpoints made with Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
 
@@ -89,6 +89,27 @@ FIXTURES = [
                                        short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                        long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0])),
          full_attention_loss=True, short_loss=8, seed=7),
+    # Gemma: embedding × √hidden, RMSNorm gains 1 + w, tanh-GELU gate, head_dim 16 ≠ 32 / 4, one KV head,
+    # tied embeddings, pad_token_id 0 (its embedding row takes no gradient), bf16.
+    dict(name="gemma_geglu", model_type="gemma", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16, vocab_size=128, rms_norm_eps=1e-6,
+                  hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=8),
+    # Gemma 3: sandwich norms (post-attention, pre/post-feedforward), per-head q/k norms (1 + w), scores
+    # scaled by 1/√query_pre_attn_scalar (24 ≠ head_dim 16), sliding window 5 on the layers of
+    # sliding_window_pattern 3 (layer_types dropped from config.json, as in 4.x-era checkpoints: layers
+    # 0, 1, 3 sliding), their rotary base 10⁴, the full layer's 10⁶ with linear scaling ×4.
+    dict(name="gemma3_sandwich", model_type="gemma3_text", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-6,
+                  query_pre_attn_scalar=24, sliding_window=5, sliding_window_pattern=3,
+                  tie_word_embeddings=True, pad_token_id=0,
+                  rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                          rope_theta=1000000.0),
+                                   "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
+         drop_layer_types=dict(sliding_window_pattern=3), full_attention_loss=True, seed=9),
 ]
 
 
@@ -111,6 +132,11 @@ def make_model(spec):
         # Round to the stored dtype so the f64 reference sees exactly the checkpoint's values.
         for p in model.parameters():
             p.copy_(p.to(spec["dtype"]).to(torch.float32))
+        # Gemma's √hidden embedding factor, as transformers uses it on the checkpoint: cast to the
+        # weights' dtype (`embed_scale.to(self.weight.dtype)`; a bf16 checkpoint loads in bf16).
+        emb = model.model.embed_tokens
+        if hasattr(emb, "embed_scale"):
+            emb.embed_scale.copy_(emb.embed_scale.to(spec["dtype"]).to(torch.float32))
     model.eval()
     return model
 
@@ -126,11 +152,14 @@ def to_old_config(path):
         json.dump(c, f, indent=2)
 
 
-def drop_layer_types(path):
-    """Remove `layer_types` from config.json (transformers derives it again from max_window_layers)."""
+def drop_layer_types(path, extra):
+    """Remove `layer_types` from config.json (transformers derives it again from max_window_layers, or
+    Gemma 3 from `sliding_window_pattern`, which `extra` adds)."""
     with open(path) as f:
         c = json.load(f)
     del c["layer_types"]
+    if isinstance(extra, dict):
+        c.update(extra)
     with open(path, "w") as f:
         json.dump(c, f, indent=2)
 
@@ -138,14 +167,21 @@ def drop_layer_types(path):
 def full_attention_loss(spec, model, ids):
     """Loss of the same weights with every layer on plain causal attention (no sliding window)."""
     cfg = dict(spec["cfg"], sliding_window=None)
-    if spec["model_type"] != "phi3":
+    if spec["model_type"] in ("qwen2", "qwen3"):
         cfg["use_sliding_window"] = False
+    if spec["model_type"] == "gemma3_text":
+        # The same layer kinds (so the same rotary embedding per layer), a window longer than the
+        # sequences: nothing is masked beyond the causal mask.
+        cfg["sliding_window"] = 4096
     cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
     full = transformers.AutoModelForCausalLM.from_config(cfg_cls(**cfg, attn_implementation="eager"))
     full.load_state_dict(model.state_dict())
     full = full.double().eval()
-    assert full.config.sliding_window is None
-    assert all(t == "full_attention" for t in getattr(full.config, "layer_types", None) or [])
+    if spec["model_type"] == "gemma3_text":
+        assert full.config.sliding_window == 4096
+    else:
+        assert full.config.sliding_window is None
+        assert all(t == "full_attention" for t in getattr(full.config, "layer_types", None) or [])
     with torch.no_grad():
         logits = full(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(
@@ -196,14 +232,21 @@ def hidden_states(model, ids):
 
 
 def loss_without_layer(model, ids, skip):
+    """The loss with decoder layer `skip` removed; every other layer keeps its attention kind (Gemma 3
+    picks a layer's mask and rotary embedding by its position in config.layer_types)."""
     layers = decoder_layers(model)
     kept = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != skip])
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types is not None:
+        model.config.layer_types = [t for i, t in enumerate(layer_types) if i != skip]
     model.model.layers = kept
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     model.model.layers = layers
+    if layer_types is not None:
+        model.config.layer_types = layer_types
     return float(loss)
 
 
@@ -225,7 +268,7 @@ def build(spec, out_root):
     if spec.get("old_config"):
         to_old_config(os.path.join(d, "config.json"))
     if spec.get("drop_layer_types"):
-        drop_layer_types(os.path.join(d, "config.json"))
+        drop_layer_types(os.path.join(d, "config.json"), spec["drop_layer_types"])
 
     rng = np.random.default_rng(spec["seed"])
     vocab = spec["cfg"]["vocab_size"]

@@ -247,8 +247,8 @@ pub fn npy(data: &[u8]) {
 pub fn config(data: &[u8]) {
     with_cap(data.len(), || {
         if let Some(c) = checked(ModelConfig::parse(data, Path::new("config.json"))) {
-            let _ = c.rope_frequencies(16);
-            let _ = c.rope_frequencies(1 << 20);
+            let _ = c.rope_frequencies(false, 16);
+            let _ = c.rope_frequencies(true, 1 << 20);
             for l in 0..c.num_hidden_layers.min(64) {
                 let _ = c.layer_window(l);
             }

@@ -37,7 +37,8 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
         let ms = row.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / d as f64;
         let inv = 1.0 / (ms + c.rms_norm_eps).sqrt();
         for ((xi, &a), &gi) in x.iter_mut().zip(row).zip(g.iter()) {
-            *xi = a as f64 * inv * gi as f64;
+            // Gemma's final norm multiplies by 1 + w.
+            *xi = a as f64 * inv * (c.norm_offset + gi) as f64;
         }
         for r in 0..v {
             let wr = &head[r * d..(r + 1) * d];
@@ -188,4 +189,14 @@ fn qwen3_qk_norm_matches_transformers() {
 #[test]
 fn phi3_longrope_fused_projections_match_transformers() {
     check_case("phi3_longrope");
+}
+
+#[test]
+fn gemma_geglu_matches_transformers() {
+    check_case("gemma_geglu");
+}
+
+#[test]
+fn gemma3_sandwich_pattern_layer_kinds_match_transformers() {
+    check_case("gemma3_sandwich");
 }

@@ -21,7 +21,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight, LinearKernel};
-use sglp_engine::runtime::ops::{cpu, round_to_bf16, AttnShape, Device, Matmul, RopeTable};
+use sglp_engine::runtime::ops::{
+    cpu, round_to_bf16, Activation, AttnShape, Device, Matmul, RopeTable,
+};
 use sglp_engine::runtime::tape::{Cpu, Pool};
 use sglp_engine::runtime::{Model, Tokens};
 use sglp_engine::similarity::cuda::kernels::kernel_times;
@@ -110,24 +112,24 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
         let (dx0, db0) = (rand_vec(&mut rng, n, 1.0), rand_vec(&mut rng, n, 1.0));
         let (xd, bd, gd) = (up(&dev, &x), up(&dev, &b), up(&dev, &g));
 
-        let mut want = vec![0f32; n];
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let mut want = vec![0f32; n];
+            let mut y = dev.alloc_zeroed(n).unwrap();
+            cpu::activation_forward(act, &x, &mut want);
+            dev.activation_forward(act, &xd, &mut y).unwrap();
+            let what = format!("{act:?} forward n={n}");
+            assert_close(&what, &down(&dev, &y), &want, 1e-5);
+
+            // Backwards accumulate: start from non-zero gradients.
+            let mut want = dx0.clone();
+            let mut dx = up(&dev, &dx0);
+            cpu::activation_backward(act, &x, &g, &mut want);
+            dev.activation_backward(act, &xd, &gd, &mut dx).unwrap();
+            let what = format!("{act:?} backward n={n}");
+            assert_close(&what, &down(&dev, &dx), &want, 1e-5);
+        }
+
         let mut y = dev.alloc_zeroed(n).unwrap();
-        cpu::silu_forward(&x, &mut want);
-        dev.silu_forward(&xd, &mut y).unwrap();
-        assert_close(&format!("silu forward n={n}"), &down(&dev, &y), &want, 1e-5);
-
-        // Backwards accumulate: start from non-zero gradients.
-        let mut want = dx0.clone();
-        let mut dx = up(&dev, &dx0);
-        cpu::silu_backward(&x, &g, &mut want);
-        dev.silu_backward(&xd, &gd, &mut dx).unwrap();
-        assert_close(
-            &format!("silu backward n={n}"),
-            &down(&dev, &dx),
-            &want,
-            1e-5,
-        );
-
         let mut want = vec![0f32; n];
         cpu::mul_forward(&x, &b, &mut want);
         dev.mul_forward(&xd, &bd, &mut y).unwrap();
@@ -192,34 +194,46 @@ fn embedding_matches_the_cpu_with_repeated_ids() {
     let dids = dev.ids(&ids).unwrap();
     let (td, dd) = (up(&dev, &table), up(&dev, &dout));
 
-    let mut want = vec![0f32; rows * dim];
-    cpu::embedding_forward(&ids, &table, dim, &mut want);
-    let mut out = dev.alloc_zeroed(rows * dim).unwrap();
-    dev.embedding_forward(&dids, &td, dim, &mut out).unwrap();
-    assert_eq!(down(&dev, &out), want, "a gather is exact");
-
-    // Without and with a padding row (the hot token: every third row skips its scatter).
-    for padding in [None, Some(5)] {
-        let mut want = dt0.clone();
-        cpu::embedding_backward(&ids, &dout, dim, padding, &mut want);
-        let mut dt = up(&dev, &dt0);
-        dev.embedding_backward(&dids, &dd, dim, padding, &mut dt)
+    // Plain, and scaled by √hidden as Gemma's embedding is.
+    for scale in [1.0f32, 33.941] {
+        let mut want = vec![0f32; rows * dim];
+        cpu::embedding_forward(&ids, &table, dim, scale, &mut want);
+        let mut out = dev.alloc_zeroed(rows * dim).unwrap();
+        dev.embedding_forward(&dids, &td, dim, scale, &mut out)
             .unwrap();
-        let what = format!("embedding backward, padding {padding:?}");
+        assert_eq!(down(&dev, &out), want, "a (scaled) gather is exact");
+    }
+
+    // Without and with a padding row (the hot token: every third row skips its scatter), and scaled.
+    for (padding, scale) in [(None, 1.0), (Some(5), 1.0), (None, 33.941)] {
+        let mut want = dt0.clone();
+        cpu::embedding_backward(&ids, &dout, dim, scale, padding, &mut want);
+        let mut dt = up(&dev, &dt0);
+        dev.embedding_backward(&dids, &dd, dim, scale, padding, &mut dt)
+            .unwrap();
+        let what = format!("embedding backward, padding {padding:?}, scale {scale}");
         assert_close(&what, &down(&dev, &dt), &want, 1e-5);
     }
 
     // An id outside the table is an error, not an out-of-bounds read.
     let bad = dev.ids(&[0, vocab as i64]).unwrap();
     let mut out2 = dev.alloc_zeroed(2 * dim).unwrap();
-    assert!(dev.embedding_forward(&bad, &td, dim, &mut out2).is_err());
+    assert!(dev
+        .embedding_forward(&bad, &td, dim, 1.0, &mut out2)
+        .is_err());
 }
 
 #[test]
 fn rmsnorm_matches_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(3);
-    for (rows, d) in [(133usize, 300usize), (1, 7), (70, 1029)] {
+    // The last shape with Gemma's gain 1 + w.
+    for (rows, d, offset) in [
+        (133usize, 300usize, 0.0),
+        (1, 7, 0.0),
+        (70, 1029, 0.0),
+        (33, 64, 1.0),
+    ] {
         let x: Vec<f32> = rand_vec(&mut rng, rows * d, 3.0);
         let w = rand_vec(&mut rng, d, 1.5);
         let dy = rand_vec(&mut rng, rows * d, 1.0);
@@ -231,9 +245,10 @@ fn rmsnorm_matches_the_cpu() {
         let (xd, wd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &dy));
 
         let mut want = vec![0f32; rows * d];
-        cpu::rmsnorm_forward(&x, &w, d, eps, &mut want);
+        cpu::rmsnorm_forward(&x, &w, offset, d, eps, &mut want);
         let mut y = dev.alloc_zeroed(rows * d).unwrap();
-        dev.rmsnorm_forward(&xd, &wd, d, eps, &mut y).unwrap();
+        dev.rmsnorm_forward(&xd, &wd, offset, d, eps, &mut y)
+            .unwrap();
         assert_close(
             &format!("rmsnorm forward {rows}x{d}"),
             &down(&dev, &y),
@@ -242,9 +257,9 @@ fn rmsnorm_matches_the_cpu() {
         );
 
         let (mut wdx, mut wdw) = (dx0.clone(), dw0.clone());
-        cpu::rmsnorm_backward(&x, &w, &dy, d, eps, &mut wdx, &mut wdw);
+        cpu::rmsnorm_backward(&x, &w, offset, &dy, d, eps, &mut wdx, &mut wdw);
         let (mut dx, mut dw) = (up(&dev, &dx0), up(&dev, &dw0));
-        dev.rmsnorm_backward(&xd, &wd, &dyd, d, eps, &mut dx, &mut dw)
+        dev.rmsnorm_backward(&xd, &wd, offset, &dyd, d, eps, &mut dx, &mut dw)
             .unwrap();
         assert_close(
             &format!("rmsnorm dx {rows}x{d}"),
@@ -257,7 +272,7 @@ fn rmsnorm_matches_the_cpu() {
         // The weight gradient is reduced without atomics: the same input gives the same bits.
         let mut dw2 = up(&dev, &dw0);
         let mut dx2 = up(&dev, &dx0);
-        dev.rmsnorm_backward(&xd, &wd, &dyd, d, eps, &mut dx2, &mut dw2)
+        dev.rmsnorm_backward(&xd, &wd, offset, &dyd, d, eps, &mut dx2, &mut dw2)
             .unwrap();
         assert_eq!(down(&dev, &dw2), dw_got, "rmsnorm dw is deterministic");
     }
@@ -671,6 +686,8 @@ fn attention_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
             kv_heads,
             head_dim,
             window,
+            // Gemma 3's 1/√query_pre_attn_scalar on one shape, 1/√head_dim on the others.
+            scale: (tokens == 17).then_some(0.0625),
         };
         let rows = seqs * tokens;
         let (qn, kn, ln) = (
@@ -748,6 +765,8 @@ fn attention_matches_the_cpu_causal_windowed_and_gqa() {
         kv_heads,
         head_dim,
         window,
+        // A scale other than 1/√head_dim (Gemma 3's query_pre_attn_scalar) on the windowed shapes.
+        scale: window.map(|_| 0.1),
     };
     for (i, sh) in [
         shape(2, 37, 4, 2, 24, None),             // GQA, head_dim below a warp
@@ -1125,4 +1144,19 @@ fn a_phi3_decoder_with_fused_projections_and_partial_longrope_matches_the_cpu() 
     check_model_against_cpu(&dev, &model, &tokens, "phi3, f32 products");
     dev.set_matmul(Matmul::Bf16);
     check_model_against_cpu(&dev, &model, &tokens, "phi3, bf16 products");
+}
+
+#[test]
+fn gemma_decoders_match_the_cpu() {
+    let Some(dev) = gpu_or_skip() else { return };
+    // Gemma: the embedding scaled by √hidden (rounded to bf16), norms × (1 + w), the tanh-GELU gate, a
+    // padding row; Gemma 3 adds sandwich norms, per-head q/k norms, 1/√query_pre_attn_scalar on the
+    // scores, two rotary tables (by layer kind) and windows; f32 products, then bf16.
+    for name in ["gemma_geglu", "gemma3_sandwich"] {
+        let (_, model, tokens) = fixture_model(name);
+        dev.set_matmul(Matmul::F32);
+        check_model_against_cpu(&dev, &model, &tokens, &format!("{name}, f32 products"));
+        dev.set_matmul(Matmul::Bf16);
+        check_model_against_cpu(&dev, &model, &tokens, &format!("{name}, bf16 products"));
+    }
 }

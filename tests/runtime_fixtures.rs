@@ -4,7 +4,9 @@
 //! mistral sharded with an index file and single-kv-head GQA, qwen2 f16 with q/k/v biases and head_dim,
 //! qwen2 with sliding-window attention (window 5 < 16 tokens) on the layers from max_window_layers on,
 //! qwen3 bf16 with per-head q/k RMSNorm, head_dim ≠ hidden / heads, biases on q/k/v/o and tied embeddings,
-//! phi3 with fused qkv / gate_up projections, partial rotary, LongRoPE and a sliding window on every layer.
+//! phi3 with fused qkv / gate_up projections, partial rotary, LongRoPE and a sliding window on every layer,
+//! gemma bf16 (embedding × √hidden, norms × (1 + w), tanh-GELU, pad_token_id 0), gemma3_text (sandwich
+//! norms, q/k norms, query_pre_attn_scalar, per-kind rotary, sliding_window_pattern).
 
 mod common;
 
@@ -12,7 +14,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 7] = [
+const FIXTURES: [&str; 9] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -20,6 +22,8 @@ const FIXTURES: [&str; 7] = [
     "qwen2_sliding",
     "qwen3_qk_norm",
     "phi3_longrope",
+    "gemma_geglu",
+    "gemma3_sandwich",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -343,5 +347,27 @@ fn phi3_longrope_factors_and_window_match_pytorch() {
     assert!(
         rel(windowed, full) > 1e-3,
         "window changes nothing: {windowed} vs {full}"
+    );
+}
+
+/// Gemma 3's windows follow `sliding_window_pattern` (config.json has no `layer_types`): with a window
+/// longer than the sequences the loss is PyTorch's, and the window of 5 moves it.
+#[test]
+fn gemma3_pattern_windows_match_pytorch() {
+    let (model, tokens) = load("gemma3_sandwich");
+    let (refs, _) = reference("gemma3_sandwich");
+    let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
+    assert_eq!(windows, [Some(5), Some(5), None, Some(5)]);
+    let windowed = model.forward(&tokens, &[], None).unwrap();
+    let tmp = edited_copy("gemma3_sandwich", |c| c["sliding_window"] = 4096.into());
+    let wide = Model::load(tmp.path())
+        .unwrap()
+        .forward(&tokens, &[], None)
+        .unwrap();
+    let want = refs["loss_full_attention"][0];
+    assert!(rel(wide, want) < 1e-5, "window 4096: {wide} vs {want}");
+    assert!(
+        rel(windowed, wide) > 1e-3,
+        "window changes nothing: {windowed} vs {wide}"
     );
 }

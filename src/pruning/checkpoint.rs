@@ -119,6 +119,28 @@ pub fn pruned_config(
         .and_then(|v| v.as_u64())
         .ok_or_else(|| Error::format(path, "no integer \"num_hidden_layers\""))?
         as usize;
+    // Gemma 3 without `layer_types` derives each layer's kind from its position (every
+    // `sliding_window_pattern`-th full): write the kinds out, so that the kept layers keep theirs.
+    if obj.get("model_type").and_then(|v| v.as_str()) == Some("gemma3_text")
+        && obj.get("layer_types").is_none_or(|v| v.is_null())
+    {
+        let pattern = obj
+            .get("sliding_window_pattern")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(6)
+            .max(1) as usize;
+        let kinds: Vec<serde_json::Value> = (0..old)
+            .map(|l| {
+                if (l + 1) % pattern != 0 {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+                .into()
+            })
+            .collect();
+        obj.insert("layer_types".into(), kinds.into());
+    }
     for (key, v) in obj.iter_mut() {
         if let serde_json::Value::Array(items) = v {
             if key.contains("layer") && items.len() == old {
@@ -391,6 +413,30 @@ mod tests {
             assert_eq!(p["num_hidden_layers"], 3);
             assert_eq!(p["max_window_layers"], want, "{model_type}");
         }
+    }
+
+    #[test]
+    fn gemma3_layer_kinds_derived_from_the_pattern_are_written_out() {
+        // Pattern 3: layers 0, 1 sliding, 2 full, 3, 4 sliding, 5 full. Keeping 0, 2, 3 must keep their
+        // kinds, which the pattern alone would no longer give (it would make the new layer 2 full).
+        let c = serde_json::json!({
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 6,
+            "sliding_window_pattern": 3,
+        });
+        let p = pruned_config(&c, &[0, 2, 3], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["layer_types"],
+            serde_json::json!(["sliding_attention", "full_attention", "sliding_attention"])
+        );
+        // Given kinds are sliced as they are.
+        let mut c = c;
+        c["layer_types"] = serde_json::json!(vec!["full_attention"; 6]);
+        let p = pruned_config(&c, &[0, 2, 3], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["layer_types"],
+            serde_json::json!(vec!["full_attention"; 3])
+        );
     }
 
     /// A 3-layer sharded checkpoint: shard 1 holds the embedding and layer 0 (bf16), shard 2 layers 1-2

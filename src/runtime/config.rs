@@ -1,8 +1,9 @@
-//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3),
-//! both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3,
+//! gemma, gemma3_text), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
 //! (`rope_parameters`).
 
 use crate::error::{Error, Result};
+use crate::runtime::ops::Activation;
 use serde_json::Value;
 use std::path::Path;
 
@@ -63,6 +64,22 @@ pub struct ModelConfig {
     /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up as one `mlp.gate_up_proj`
     /// (phi3); the runtime reads their rows as the separate projections (`Weights::split_rows`).
     pub fused_projections: bool,
+    /// The MLP's gate activation (`hidden_act`; Gemma 3's `hidden_activation`).
+    pub activation: Activation,
+    /// Added to every RMSNorm weight to make its gain: 1 for Gemma (`x̂ (1 + w)`), else 0.
+    pub norm_offset: f32,
+    /// The embedding's output factor: √hidden_size (as an f32) for Gemma, else 1; `Model::load` rounds it
+    /// to the embedding's stored dtype, as transformers does.
+    pub embed_scale: f32,
+    /// The factor on the attention scores: Gemma 3's 1/√query_pre_attn_scalar; `None` is 1/√head_dim.
+    pub attn_scale: Option<f32>,
+    /// Gemma 3's sandwich norms: the attention and MLP outputs are normalised before their residual
+    /// adds (`post_attention_layernorm`, `post_feedforward_layernorm`), and the MLP's input norm is
+    /// `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// The rotary embedding of the sliding-window layers when it differs from the others' (Gemma 3:
+    /// `rope_local_base_freq`, no scaling): (theta, scaling).
+    pub sliding_rope: Option<(f64, RopeScaling)>,
     /// Sliding-window attention span w, when the config enables one: in a windowed layer query i sees the
     /// keys j with i − w < j ≤ i (transformers' `sliding_window_overlay` on the causal mask).
     pub sliding_window: Option<usize>,
@@ -161,23 +178,18 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
-        if !["llama", "mistral", "qwen2", "qwen3", "phi3"].contains(&model_type.as_str()) {
+        const TYPES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma3_text";
+        if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
-                format!(
-                    "model_type '{model_type}' is not supported (llama, mistral, qwen2, qwen3, phi3)"
-                ),
+                format!("model_type '{model_type}' is not supported ({TYPES})"),
             ));
         }
-        let act = v
-            .get("hidden_act")
-            .and_then(Value::as_str)
-            .unwrap_or("silu");
-        if act != "silu" {
-            return Err(model_err(
-                path,
-                format!("hidden_act '{act}' is not supported (silu)"),
-            ));
+        let gemma = model_type.starts_with("gemma");
+        let gemma3 = model_type == "gemma3_text";
+        let activation = parse_activation(v, &model_type, path)?;
+        if gemma3 {
+            refuse_gemma3_features(v, path)?;
         }
         let hidden_size = get_size(v, "hidden_size", MAX_SIZE, path)?;
         let num_attention_heads = get_size(v, "num_attention_heads", MAX_SIZE, path)?;
@@ -199,8 +211,14 @@ impl ModelConfig {
                 ),
             ));
         }
+        // Gemma's config classes default head_dim to 256, the others derive it.
+        let default_head_dim = if gemma {
+            256
+        } else {
+            hidden_size / num_attention_heads
+        };
         let head_dim = check_size(
-            opt_usize(v, "head_dim", path)?.unwrap_or(hidden_size / num_attention_heads),
+            opt_usize(v, "head_dim", path)?.unwrap_or(default_head_dim),
             "head_dim",
             MAX_HEAD_DIM,
             path,
@@ -212,65 +230,60 @@ impl ModelConfig {
             ));
         }
         // transformers 5.x nests the rope settings in `rope_parameters` (theta included); 4.x has
-        // top-level `rope_theta` and an optional `rope_scaling` object.
-        let (rope_theta, scaling) = match v.get("rope_parameters") {
-            Some(rp @ Value::Object(_)) => (
-                opt_f64(rp, "rope_theta", path)?
-                    .or(opt_f64(v, "rope_theta", path)?)
-                    .unwrap_or(10000.0),
-                Some(rp),
-            ),
-            _ => (
-                opt_f64(v, "rope_theta", path)?.unwrap_or(10000.0),
-                v.get("rope_scaling").filter(|s| !s.is_null()),
-            ),
+        // top-level `rope_theta` and an optional `rope_scaling` object. Gemma 3 has one per layer kind.
+        let (rope_theta, rope_scaling, rotary_dim, sliding_rope) = if gemma3 {
+            let (global, local) = parse_gemma3_rope(v, head_dim, path)?;
+            (global.0, global.1, head_dim, Some(local))
+        } else {
+            let (theta, scaling, rotary_dim) = parse_rope(v, &model_type, head_dim, path)?;
+            (theta, scaling, rotary_dim, None)
         };
-        // partial_rotary_factor: in rope_parameters (5.x) or at the top level (4.x); only Phi-3's attention
-        // rotates part of a head (the others' rotate_half would not broadcast).
-        let partial = match scaling.map(|s| opt_f64(s, "partial_rotary_factor", path)) {
-            Some(Ok(Some(f))) => f,
-            Some(Err(e)) => return Err(e),
-            _ => opt_f64(v, "partial_rotary_factor", path)?.unwrap_or(1.0),
-        };
-        // transformers: dim = int(head_dim * partial_rotary_factor), frequencies for arange(0, dim, 2).
-        let rotary_dim = (head_dim as f64 * partial) as usize;
-        if partial != 1.0
-            && (model_type != "phi3"
-                || !(partial > 0.0 && partial <= 1.0)
-                || !rotary_dim.is_multiple_of(2)
-                || rotary_dim == 0)
-        {
-            return Err(model_err(
-                path,
-                format!(
-                    "partial_rotary_factor {partial} is not supported for {model_type} with head_dim \
-                     {head_dim} (phi3 only, and head_dim × factor must be a positive even number)"
-                ),
-            ));
-        }
-        let rope_scaling = parse_rope_scaling(scaling, v, &model_type, rotary_dim, path)?;
         let attention_bias = opt_bool(v, "attention_bias", path)?.unwrap_or(false);
         let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
-            "llama" | "qwen3" => (attention_bias, attention_bias),
+            "llama" | "qwen3" | "gemma" | "gemma3_text" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
-        let qk_norm = model_type == "qwen3";
+        let qk_norm = model_type == "qwen3" || gemma3;
+        // Gemma 3 scales the scores by 1/√query_pre_attn_scalar (class default 256).
+        let attn_scale = if gemma3 {
+            let s = opt_f64(v, "query_pre_attn_scalar", path)?.unwrap_or(256.0);
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(model_err(
+                    path,
+                    format!("field 'query_pre_attn_scalar' is {s}, not a positive number"),
+                ));
+            }
+            Some(s.powf(-0.5) as f32)
+        } else {
+            None
+        };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
-        let pad_token_id = parse_pad_token_id(v, vocab_size, path)?;
+        let pad_token_id = parse_pad_token_id(v, vocab_size, gemma, path)?;
         Ok(ModelConfig {
             vocab_size,
             pad_token_id,
             intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
             num_hidden_layers,
             rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
-            tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(false),
+            // Gemma's config class ties by default.
+            tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(gemma),
             mlp_bias: model_type == "llama" && mlp_bias,
             fused_projections: model_type == "phi3",
+            activation,
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            embed_scale: if gemma {
+                (hidden_size as f64).sqrt() as f32
+            } else {
+                1.0
+            },
+            attn_scale,
+            sandwich_norms: gemma3,
+            sliding_rope,
             model_type,
             hidden_size,
             num_attention_heads,
@@ -293,17 +306,22 @@ impl ModelConfig {
             .filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
     }
 
-    /// The rotary embedding of a sequence of `tokens` tokens: the inverse frequencies (`rotary_dim / 2`),
+    /// The rotary embedding of a sequence of `tokens` tokens in a sliding-window layer (`sliding`) or a
+    /// full-attention one (they differ in Gemma 3 only): the inverse frequencies (`rotary_dim / 2`),
     /// after the configured scaling (HF's `_compute_default_rope_parameters`, `_compute_llama3_parameters`,
     /// `_compute_longrope_parameters`), and the factor on cos and sin (HF's `attention_scaling`).
-    pub fn rope_frequencies(&self, tokens: usize) -> (Vec<f64>, f64) {
+    pub fn rope_frequencies(&self, sliding: bool, tokens: usize) -> (Vec<f64>, f64) {
+        let (theta, scaling) = match &self.sliding_rope {
+            Some((theta, scaling)) if sliding => (*theta, scaling),
+            _ => (self.rope_theta, &self.rope_scaling),
+        };
         let d = self.rotary_dim;
         // HF computes these in f32; round the same way. `ext` divides a frequency (LongRoPE's factors).
         let freq = |i: usize, ext: f32| -> f64 {
-            (1.0 / (ext * (self.rope_theta as f32).powf((2 * i) as f32 / d as f32))) as f64
+            (1.0 / (ext * (theta as f32).powf((2 * i) as f32 / d as f32))) as f64
         };
         let base = || (0..d / 2).map(|i| freq(i, 1.0)).collect::<Vec<f64>>();
-        match &self.rope_scaling {
+        match scaling {
             RopeScaling::Default => (base(), 1.0),
             RopeScaling::Linear { factor } => (base().iter().map(|f| f / factor).collect(), 1.0),
             RopeScaling::LongRope {
@@ -354,6 +372,8 @@ impl ModelConfig {
 /// * mistral: `sliding_window` (absent → the class default 4096, null → none) applies to every layer;
 ///   MistralModel builds one mask for all layers and ignores any `layer_types`.
 /// * phi3: as mistral (Phi3Model is MistralModel's), but the class default is no window.
+/// * gemma3_text: `sliding_window` (absent → 4096) on the layers `layer_types` names "sliding_attention";
+///   without `layer_types`, every layer but each `sliding_window_pattern`-th (absent → 6).
 /// * qwen2: the window is `sliding_window` (absent → 4096) only with `use_sliding_window` true. Layer l is
 ///   windowed when `layer_types[l]` is "sliding_attention" or, without `layer_types`, when the window is on
 ///   and l ≥ `max_window_layers` (absent → 28). A sliding layer without a window is an error there too.
@@ -381,6 +401,26 @@ fn parse_sliding_window(
         Ok(w)
     };
     match model_type {
+        "gemma3_text" => {
+            let w = window()?;
+            let sliding = match v.get("layer_types") {
+                None | Some(Value::Null) => {
+                    let pattern = opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6);
+                    if pattern == 0 {
+                        return Err(model_err(path, "field 'sliding_window_pattern' is 0"));
+                    }
+                    (0..layers).map(|l| (l + 1) % pattern != 0).collect()
+                }
+                Some(lt) => parse_layer_types(lt, layers, path)?,
+            };
+            if w.is_none() && sliding.contains(&true) {
+                return Err(model_err(
+                    path,
+                    "sliding_attention layers but no 'sliding_window'",
+                ));
+            }
+            Ok((w, sliding))
+        }
         "mistral" | "phi3" => {
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
@@ -447,10 +487,141 @@ fn parse_layer_types(lt: &Value, layers: usize, path: &Path) -> Result<Vec<bool>
         .collect()
 }
 
-/// `pad_token_id` as nn.Embedding takes its `padding_idx`: null or absent → none, negative → counted
-/// from the end of the vocabulary, outside it → an error (PyTorch refuses it too).
-fn parse_pad_token_id(v: &Value, vocab: usize, path: &Path) -> Result<Option<usize>> {
+/// The rotary settings of a config with one rotary embedding: (theta, scaling, rotary_dim).
+/// transformers 5.x nests them in `rope_parameters` (theta included); 4.x has top-level `rope_theta` and
+/// an optional `rope_scaling` object.
+fn parse_rope(
+    v: &Value,
+    model_type: &str,
+    head_dim: usize,
+    path: &Path,
+) -> Result<(f64, RopeScaling, usize)> {
+    let (rope_theta, scaling) = match v.get("rope_parameters") {
+        Some(rp @ Value::Object(_)) => (
+            opt_f64(rp, "rope_theta", path)?
+                .or(opt_f64(v, "rope_theta", path)?)
+                .unwrap_or(10000.0),
+            Some(rp),
+        ),
+        _ => (
+            opt_f64(v, "rope_theta", path)?.unwrap_or(10000.0),
+            v.get("rope_scaling").filter(|s| !s.is_null()),
+        ),
+    };
+    // partial_rotary_factor: in rope_parameters (5.x) or at the top level (4.x); only Phi-3's attention
+    // rotates part of a head (the others' rotate_half would not broadcast).
+    let partial = match scaling.map(|s| opt_f64(s, "partial_rotary_factor", path)) {
+        Some(Ok(Some(f))) => f,
+        Some(Err(e)) => return Err(e),
+        _ => opt_f64(v, "partial_rotary_factor", path)?.unwrap_or(1.0),
+    };
+    // transformers: dim = int(head_dim * partial_rotary_factor), frequencies for arange(0, dim, 2).
+    let rotary_dim = (head_dim as f64 * partial) as usize;
+    if partial != 1.0
+        && (model_type != "phi3"
+            || !(partial > 0.0 && partial <= 1.0)
+            || !rotary_dim.is_multiple_of(2)
+            || rotary_dim == 0)
+    {
+        return Err(model_err(
+            path,
+            format!(
+                "partial_rotary_factor {partial} is not supported for {model_type} with head_dim \
+                 {head_dim} (phi3 only, and head_dim × factor must be a positive even number)"
+            ),
+        ));
+    }
+    let rope_scaling = parse_rope_scaling(scaling, v, model_type, rotary_dim, path)?;
+    Ok((rope_theta, rope_scaling, rotary_dim))
+}
+
+/// Gemma 3's two rotary embeddings, ((theta, scaling) of the full-attention layers, that of the
+/// sliding-window layers), as `Gemma3TextConfig.convert_rope_params_to_dict` reads them: 5.x
+/// `rope_parameters` keyed by layer kind; 4.x top-level `rope_theta` (default 10⁶) with `rope_scaling`
+/// for the full-attention layers and `rope_local_base_freq` (default 10⁴, unscaled) for the others.
+#[allow(clippy::type_complexity)]
+fn parse_gemma3_rope(
+    v: &Value,
+    head_dim: usize,
+    path: &Path,
+) -> Result<((f64, RopeScaling), (f64, RopeScaling))> {
+    let per_kind = v
+        .get("rope_parameters")
+        .filter(|rp| rp.get("full_attention").is_some() || rp.get("sliding_attention").is_some());
+    let one = |rp: Option<&Value>, default_theta: f64| -> Result<(f64, RopeScaling)> {
+        let rp = rp.filter(|r| !r.is_null());
+        let theta = match rp {
+            Some(r) => opt_f64(r, "rope_theta", path)?,
+            None => None,
+        };
+        let scaling = parse_rope_scaling(rp, v, "gemma3_text", head_dim, path)?;
+        Ok((theta.unwrap_or(default_theta), scaling))
+    };
+    match per_kind {
+        Some(rp) => Ok((
+            one(rp.get("full_attention"), 1e6)?,
+            one(rp.get("sliding_attention"), 1e4)?,
+        )),
+        None => {
+            let full = one(v.get("rope_scaling"), 1e6)?;
+            let global = opt_f64(v, "rope_theta", path)?.unwrap_or(1e6);
+            let local = opt_f64(v, "rope_local_base_freq", path)?.unwrap_or(1e4);
+            Ok(((global, full.1), (local, RopeScaling::Default)))
+        }
+    }
+}
+
+/// The MLP's gate activation. LLaMA-family types: `hidden_act` silu. Gemma: `hidden_act`, where "gelu" is
+/// the legacy name of the tanh approximation (GemmaConfig rewrites it); Gemma 3: `hidden_activation`.
+fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activation> {
+    let (key, default) = match model_type {
+        "gemma" => ("hidden_act", "gelu_pytorch_tanh"),
+        "gemma3_text" => ("hidden_activation", "gelu_pytorch_tanh"),
+        _ => ("hidden_act", "silu"),
+    };
+    let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
+    match name {
+        "silu" if !model_type.starts_with("gemma") => Ok(Activation::Silu),
+        "gelu_pytorch_tanh" | "gelu_new" if model_type.starts_with("gemma") => {
+            Ok(Activation::GeluTanh)
+        }
+        "gelu" if model_type == "gemma" => Ok(Activation::GeluTanh),
+        _ => Err(model_err(
+            path,
+            format!(
+                "{key} '{name}' is not supported for {model_type} (llama family: silu; gemma: \
+                 gelu_pytorch_tanh)"
+            ),
+        )),
+    }
+}
+
+/// Gemma 3 options the runtime does not implement, refused by name: tanh soft-capping of the attention
+/// scores or the logits (Gemma 2's; off in Gemma 3), bidirectional attention (EmbeddingGemma).
+fn refuse_gemma3_features(v: &Value, path: &Path) -> Result<()> {
+    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if opt_f64(v, key, path)?.is_some() {
+            return Err(model_err(
+                path,
+                format!("field '{key}' is set: soft-capping is not supported"),
+            ));
+        }
+    }
+    if opt_bool(v, "use_bidirectional_attention", path)? == Some(true) {
+        return Err(model_err(
+            path,
+            "field 'use_bidirectional_attention' is true: only causal decoders are supported",
+        ));
+    }
+    Ok(())
+}
+
+/// `pad_token_id` as nn.Embedding takes its `padding_idx`: null → none, absent → the config class's
+/// default (0 for Gemma, none for the others), negative → counted from the end of the vocabulary,
+/// outside it → an error (PyTorch refuses it too).
+fn parse_pad_token_id(v: &Value, vocab: usize, gemma: bool, path: &Path) -> Result<Option<usize>> {
     let id = match v.get("pad_token_id") {
+        None if gemma => 0,
         None | Some(Value::Null) => return Ok(None),
         Some(x) => x
             .as_i64()
@@ -760,8 +931,8 @@ mod tests {
             assert!(c.fused_projections);
             assert_eq!((c.head_dim, c.rotary_dim), (16, 12));
             assert_eq!(c.layer_window(0), None, "phi3 has no default window");
-            let (f_short, a) = c.rope_frequencies(4096);
-            let (f_long, a_long) = c.rope_frequencies(4097);
+            let (f_short, a) = c.rope_frequencies(false, 4096);
+            let (f_long, a_long) = c.rope_frequencies(false, 4097);
             assert_eq!(a, a_long);
             assert!((a - (17.0f64 / 12.0).sqrt()).abs() < 1e-12, "{a}");
             for i in 0..6 {
@@ -793,6 +964,90 @@ mod tests {
         assert_eq!(pad((-1).into()).unwrap(), Some(99));
         let e = pad(100.into()).unwrap_err().to_string();
         assert!(e.contains("pad_token_id") && e.contains("100"), "{e}");
+    }
+
+    /// Gemma and Gemma 3 as their config classes read them (transformers 5.25): class defaults (head_dim
+    /// 256, tied embeddings, pad 0), the activation names, Gemma 3's two rotary embeddings in both config
+    /// generations, its pattern of windowed layers, its score scale, and the options it refuses.
+    #[test]
+    fn gemma_configs() {
+        let p = Path::new("config.json");
+        let mut g = base();
+        g["model_type"] = "gemma".into();
+        g["hidden_act"] = "gelu".into(); // the legacy name of the tanh approximation
+        let c = ModelConfig::from_json(&g, p).unwrap();
+        assert_eq!(
+            (c.head_dim, c.tie_word_embeddings, c.pad_token_id),
+            (256, true, Some(0))
+        );
+        assert_eq!((c.activation, c.norm_offset), (Activation::GeluTanh, 1.0));
+        assert_eq!(c.embed_scale, 32f32.sqrt());
+        assert!(!c.qk_norm && !c.sandwich_norms && c.attn_scale.is_none());
+        g["hidden_act"] = "silu".into();
+        let e = ModelConfig::from_json(&g, p).unwrap_err().to_string();
+        assert!(e.contains("hidden_act 'silu'"), "{e}");
+        let mut l = base();
+        l["hidden_act"] = "gelu_pytorch_tanh".into();
+        assert!(ModelConfig::from_json(&l, p).is_err());
+
+        // Gemma 3, 4.x form: rope_theta + rope_scaling for the full layers, rope_local_base_freq for
+        // the sliding ones, sliding_window_pattern.
+        let mut v4 = base();
+        v4["model_type"] = "gemma3_text".into();
+        v4["num_hidden_layers"] = 7.into();
+        v4["head_dim"] = 16.into();
+        v4["query_pre_attn_scalar"] = 64.into();
+        v4["sliding_window_pattern"] = 3.into();
+        v4["sliding_window"] = 512.into();
+        v4["rope_local_base_freq"] = 10000.0.into();
+        v4["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 8.0});
+        let mut v5 = v4.clone();
+        for k in [
+            "rope_theta",
+            "rope_scaling",
+            "rope_local_base_freq",
+            "sliding_window_pattern",
+        ] {
+            v5.as_object_mut().unwrap().remove(k);
+        }
+        v5["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 500000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}});
+        v5["layer_types"] = serde_json::json!([
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention"
+        ]);
+        for v in [&v4, &v5] {
+            let c = ModelConfig::from_json(v, p).unwrap();
+            assert!(c.qk_norm && c.sandwich_norms);
+            assert_eq!(c.attn_scale, Some(0.125));
+            let w: Vec<_> = (0..7).map(|l| c.layer_window(l).is_some()).collect();
+            assert_eq!(w, [true, true, false, true, true, false, true]);
+            let (full, a) = c.rope_frequencies(false, 16);
+            let (local, b) = c.rope_frequencies(true, 16);
+            assert_eq!((a, b), (1.0, 1.0));
+            for i in 0..8 {
+                let plain = |theta: f64| 1.0 / theta.powf(2.0 * i as f64 / 16.0);
+                assert!((full[i] * 8.0 / plain(500000.0) - 1.0).abs() < 1e-6);
+                assert!((local[i] / plain(10000.0) - 1.0).abs() < 1e-6);
+            }
+        }
+        // Soft-capping and bidirectional attention are refused by name.
+        for (key, value) in [
+            ("final_logit_softcapping", serde_json::json!(30.0)),
+            ("attn_logit_softcapping", serde_json::json!(50.0)),
+            ("use_bidirectional_attention", serde_json::json!(true)),
+        ] {
+            let mut v = v5.clone();
+            v[key] = value;
+            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     /// A size no checkpoint has is refused by name before anything is sized from it (a mistral config

@@ -1,8 +1,10 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3) as a tape: embedding → per layer
-//! [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3) → RoPE (partial: phi3) → causal GQA attention
-//! (sliding-window where the config says) → o → residual → RMSNorm → SwiGLU MLP → residual] → final
-//! RMSNorm → lm_head → cross-entropy. Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate
-//! projections (row blocks of the stored matrices, [`Weights::split_rows`]).
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma3_text) as a tape: embedding
+//! (× √hidden: gemma) → per layer [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3, gemma3) → RoPE
+//! (partial: phi3; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says)
+//! → o (→ RMSNorm: gemma3) → residual → RMSNorm → gated MLP (SiLU, or tanh-GELU: gemma) (→ RMSNorm:
+//! gemma3) → residual] → final RMSNorm → lm_head → cross-entropy. Gemma's norms multiply by 1 + w.
+//! Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate projections (row blocks of the
+//! stored matrices, [`Weights::split_rows`]).
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -225,8 +227,16 @@ impl Model {
     /// Read `config.json`, map the weights and check that every tensor the config implies is there with
     /// its shape.
     pub fn load(dir: &Path) -> Result<Model> {
-        let config = ModelConfig::load(&dir.join("config.json"))?;
+        let mut config = ModelConfig::load(&dir.join("config.json"))?;
         let weights = Weights::open(dir)?;
+        // Gemma multiplies the embedding by √hidden cast to the weights' dtype (transformers'
+        // `embed_scale.to(self.weight.dtype)`, as the original JAX code casts it to the activations'):
+        // a bf16 checkpoint's factor is √hidden rounded to bf16 (√3072 = 55.43 → 55.5).
+        config.embed_scale = match weights.dtype("model.embed_tokens.weight") {
+            Some(safetensors::Dtype::BF16) => half::bf16::from_f32(config.embed_scale).to_f32(),
+            Some(safetensors::Dtype::F16) => half::f16::from_f32(config.embed_scale).to_f32(),
+            _ => config.embed_scale,
+        };
         let mut model = Model {
             config,
             dir: dir.to_path_buf(),
@@ -290,6 +300,10 @@ impl Model {
             };
             t("input_layernorm.weight", vec![h]);
             t("post_attention_layernorm.weight", vec![h]);
+            if c.sandwich_norms {
+                t("pre_feedforward_layernorm.weight", vec![h]);
+                t("post_feedforward_layernorm.weight", vec![h]);
+            }
             let linears = if c.fused_projections {
                 vec![
                     ("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias),
@@ -570,8 +584,11 @@ impl Model {
             })
             .collect();
         let mut tape = Tape::on(dev.clone(), tokens.data.clone(), targets, pool);
-        let (inv_freq, rope_scale) = c.rope_frequencies(t);
-        let rope = Arc::new(RopeTable::new(&inv_freq, hd, t, rope_scale));
+        // The full-attention layers' rotary table and the sliding-window layers' (the same but for Gemma 3).
+        let ropes = [false, true].map(|sliding| {
+            let (inv_freq, rope_scale) = c.rope_frequencies(sliding, t);
+            Arc::new(RopeTable::new(&inv_freq, hd, t, rope_scale))
+        });
         let shape = AttnShape {
             seqs,
             tokens: t,
@@ -579,6 +596,7 @@ impl Model {
             kv_heads: kv,
             head_dim: hd,
             window: None,
+            scale: c.attn_scale,
         };
 
         let embed = tape.param("model.embed_tokens.weight", g_embed, vocab * h);
@@ -587,6 +605,7 @@ impl Model {
         match start {
             None => tape.push(op::Embedding {
                 table: embed,
+                scale: c.embed_scale,
                 padding: c.pad_token_id,
                 out: x,
             }),
@@ -596,7 +615,7 @@ impl Model {
 
         for l in first..nl {
             if !skip.contains(&l) {
-                x = self.push_layer(&mut tape, l, x, n, shape, &rope, inter);
+                x = self.push_layer(&mut tape, l, x, n, shape, &ropes, inter);
             }
             tape.mark(l + 1, x);
         }
@@ -606,6 +625,7 @@ impl Model {
         tape.push(op::RmsNorm {
             x,
             w: norm,
+            offset: c.norm_offset,
             d: h,
             eps: c.rms_norm_eps,
             out: xn,
@@ -636,11 +656,12 @@ impl Model {
         x: BufId,
         n: usize,
         shape: AttnShape,
-        rope: &Arc<RopeTable>,
+        ropes: &[Arc<RopeTable>; 2],
         inter: usize,
     ) -> BufId {
         let c = &self.config;
         let h = c.hidden_size;
+        let rope = &ropes[c.sliding_layers.get(l).copied().unwrap_or(false) as usize];
         // A window spanning the whole sequence masks nothing: run such a layer as plain causal attention.
         let shape = AttnShape {
             window: c.layer_window(l).filter(|&w| w < shape.tokens),
@@ -667,6 +688,7 @@ impl Model {
             tape.push(op::RmsNorm {
                 x,
                 w,
+                offset: c.norm_offset,
                 d,
                 eps: c.rms_norm_eps,
                 out: y,
@@ -710,7 +732,12 @@ impl Model {
             out: att,
             lse,
         });
-        let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
+        let mut o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
+        // Gemma 3's sandwich: each sublayer's output is normalised before its residual add, and the MLP's
+        // input norm has its own name.
+        if c.sandwich_norms {
+            o = rms(tape, o, "post_attention_layernorm", h, h);
+        }
         let x1 = tape.buffer(format!("{pre}.resid_attn"), n, h);
         tape.push(op::Add {
             a: x,
@@ -718,18 +745,30 @@ impl Model {
             out: x1,
         });
 
-        let b = rms(tape, x1, "post_attention_layernorm", h, h);
+        let mlp_norm = if c.sandwich_norms {
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        };
+        let b = rms(tape, x1, mlp_norm, h, h);
         let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
         let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
         let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
-        tape.push(op::Silu { x: gate, out: act });
+        tape.push(op::Activate {
+            x: gate,
+            act: c.activation,
+            out: act,
+        });
         let m = tape.buffer(format!("{pre}.mlp.mul"), n, inter);
         tape.push(op::Mul {
             a: act,
             b: up,
             out: m,
         });
-        let d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
+        let mut d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
+        if c.sandwich_norms {
+            d = rms(tape, d, "post_feedforward_layernorm", h, h);
+        }
         let x2 = tape.buffer(format!("{pre}.out"), n, h);
         tape.push(op::Add {
             a: x1,

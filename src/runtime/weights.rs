@@ -198,6 +198,11 @@ impl Weights {
         Ok(())
     }
 
+    /// The stored dtype of `name`.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.tensors.get(name).map(|t| t.dtype)
+    }
+
     /// The stored shape of `name`.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(name).map(|t| &t.shape[..])

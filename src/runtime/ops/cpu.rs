@@ -2,7 +2,7 @@
 //! row-wise ops parallelised over rows with rayon. Conventions in [`super`]: forwards write, backwards
 //! accumulate into every gradient they are given.
 
-use super::{vmath, RopeTable};
+use super::{vmath, Activation, RopeTable};
 use crate::error::Result;
 use crate::linalg::{matmul, MatRef, Parallelism};
 use crate::runtime::tape::ParamStore;
@@ -17,23 +17,30 @@ fn rows_per_task(cols: usize) -> usize {
 // Embedding
 // ---------------------------------------------------------------------------------------------------------
 
-/// `out[r] = table[ids[r]]`; `table` is `[vocab, dim]`, `out` is `[ids.len(), dim]`. Ids were checked
-/// against the vocabulary when the tokens were loaded.
-pub fn embedding_forward(ids: &[i64], table: &[f32], dim: usize, out: &mut [f32]) {
+/// `out[r] = scale · table[ids[r]]`; `table` is `[vocab, dim]`, `out` is `[ids.len(), dim]`. Ids were
+/// checked against the vocabulary when the tokens were loaded.
+pub fn embedding_forward(ids: &[i64], table: &[f32], dim: usize, scale: f32, out: &mut [f32]) {
     out.par_chunks_mut(dim)
         .zip(ids.par_iter())
         .for_each(|(o, &id)| {
             let id = id as usize;
-            o.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+            let row = &table[id * dim..(id + 1) * dim];
+            if scale == 1.0 {
+                o.copy_from_slice(row);
+            } else {
+                o.iter_mut().zip(row).for_each(|(o, &t)| *o = t * scale);
+            }
         });
 }
 
-/// `dtable[ids[r]] += dout[r]`, but for rows whose id is `padding` (nn.Embedding's `padding_idx`: that
-/// row of the table takes no gradient from the lookup). Serial over rows (repeated ids would race).
+/// `dtable[ids[r]] += scale · dout[r]`, but for rows whose id is `padding` (nn.Embedding's
+/// `padding_idx`: that row of the table takes no gradient from the lookup). Serial over rows (repeated
+/// ids would race).
 pub fn embedding_backward(
     ids: &[i64],
     dout: &[f32],
     dim: usize,
+    scale: f32,
     padding: Option<usize>,
     dtable: &mut [f32],
 ) {
@@ -44,7 +51,7 @@ pub fn embedding_backward(
         }
         let d = &mut dtable[id * dim..(id + 1) * dim];
         for (a, &g) in d.iter_mut().zip(&dout[r * dim..(r + 1) * dim]) {
-            *a += g;
+            *a += g * scale;
         }
     }
 }
@@ -191,21 +198,24 @@ fn inv_rms(x: &[f32], eps: f64) -> f64 {
     1.0 / (ss / x.len() as f64 + eps).sqrt()
 }
 
-pub fn rmsnorm_forward(x: &[f32], w: &[f32], d: usize, eps: f64, y: &mut [f32]) {
+/// With `offset` 1 the gain is `1 + w` (Gemma's RMSNorm, the sum in f32 as transformers computes it).
+pub fn rmsnorm_forward(x: &[f32], w: &[f32], offset: f32, d: usize, eps: f64, y: &mut [f32]) {
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(yr, xr)| {
             let r = inv_rms(xr, eps);
             for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = ((v as f64 * r) as f32) * g;
+                *o = ((v as f64 * r) as f32) * (offset + g);
             }
         });
 }
 
-/// `dx += r (w⊙dy) − x r³/d Σ(w⊙dy⊙x)`, `dw += Σ_rows dy ⊙ x r`.
+/// With gain `g = offset + w`: `dx += r (g⊙dy) − x r³/d Σ(g⊙dy⊙x)`, `dw += Σ_rows dy ⊙ x r`.
+#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     x: &[f32],
     w: &[f32],
+    offset: f32,
     dy: &[f32],
     d: usize,
     eps: f64,
@@ -220,13 +230,12 @@ pub fn rmsnorm_backward(
             let mut dwp = vec![0f64; d];
             for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
                 let r = inv_rms(xr, eps);
-                let dot: f64 = (0..d)
-                    .map(|j| w[j] as f64 * dyr[j] as f64 * xr[j] as f64)
-                    .sum();
+                let gain = |j: usize| (offset + w[j]) as f64;
+                let dot: f64 = (0..d).map(|j| gain(j) * dyr[j] as f64 * xr[j] as f64).sum();
                 let c = r * r * r * dot / d as f64;
                 for j in 0..d {
                     let (xv, gv) = (xr[j] as f64, dyr[j] as f64);
-                    dxr[j] += (r * w[j] as f64 * gv - xv * c) as f32;
+                    dxr[j] += (r * gain(j) * gv - xv * c) as f32;
                     dwp[j] += gv * xv * r;
                 }
             }
@@ -299,7 +308,8 @@ pub fn rope_backward(dy: &[f32], heads: usize, table: &RopeTable, dx: &mut [f32]
 /// Shapes of one attention call. q/out are `[seqs * tokens, heads * head_dim]`, k/v are
 /// `[seqs * tokens, kv_heads * head_dim]`; query head h reads kv head `h / (heads / kv_heads)`.
 /// `window`: with `Some(w)` query i sees keys i − w < j ≤ i (sliding-window attention, transformers'
-/// convention), with `None` all j ≤ i.
+/// convention), with `None` all j ≤ i. `scale` multiplies the scores q·k: `None` is 1/√head_dim, Gemma 3
+/// sets 1/√query_pre_attn_scalar.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub seqs: usize,
@@ -308,6 +318,7 @@ pub struct AttnShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub window: Option<usize>,
+    pub scale: Option<f32>,
 }
 
 impl AttnShape {
@@ -335,8 +346,10 @@ impl AttnShape {
             cs: 1,
         }
     }
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
+    /// The factor on the scores q·k.
+    pub fn scale(&self) -> f32 {
+        self.scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
     }
 }
 
@@ -643,17 +656,26 @@ fn attention_backward_blocked(
 
 const CHUNK: usize = 16_384;
 
-pub fn silu_forward(x: &[f32], y: &mut [f32]) {
+/// `y = act(x)` (the kernels in [`vmath`]).
+pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
+    let f = match act {
+        Activation::Silu => vmath::silu,
+        Activation::GeluTanh => vmath::gelu_tanh,
+    };
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| vmath::silu(xc, yc));
+        .for_each(|(yc, xc)| f(xc, yc));
 }
 
-/// d/dx x σ(x) = σ(x) (1 + x (1 − σ(x))).
-pub fn silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+/// `dx += act'(x) dy`; SiLU: σ(x) (1 + x (1 − σ(x))).
+pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let f = match act {
+        Activation::Silu => vmath::silu_backward,
+        Activation::GeluTanh => vmath::gelu_tanh_backward,
+    };
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| vmath::silu_backward(xc, gc, dc));
+        .for_each(|(dc, (xc, gc))| f(xc, gc, dc));
 }
 
 pub fn mul_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
@@ -837,9 +859,10 @@ impl super::Device for Cpu {
         ids: &Vec<i64>,
         table: &[f32],
         dim: usize,
+        scale: f32,
         out: &mut [f32],
     ) -> Result<()> {
-        embedding_forward(ids, table, dim, out);
+        embedding_forward(ids, table, dim, scale, out);
         Ok(())
     }
     fn embedding_backward(
@@ -847,10 +870,11 @@ impl super::Device for Cpu {
         ids: &Vec<i64>,
         dout: &[f32],
         dim: usize,
+        scale: f32,
         padding: Option<usize>,
         dtable: &mut [f32],
     ) -> Result<()> {
-        embedding_backward(ids, dout, dim, padding, dtable);
+        embedding_backward(ids, dout, dim, scale, padding, dtable);
         Ok(())
     }
     fn linear_forward(
@@ -885,24 +909,26 @@ impl super::Device for Cpu {
         &self,
         x: &[f32],
         w: &[f32],
+        offset: f32,
         d: usize,
         eps: f64,
         y: &mut [f32],
     ) -> Result<()> {
-        rmsnorm_forward(x, w, d, eps, y);
+        rmsnorm_forward(x, w, offset, d, eps, y);
         Ok(())
     }
     fn rmsnorm_backward(
         &self,
         x: &[f32],
         w: &[f32],
+        offset: f32,
         dy: &[f32],
         d: usize,
         eps: f64,
         dx: &mut [f32],
         dw: &mut [f32],
     ) -> Result<()> {
-        rmsnorm_backward(x, w, dy, d, eps, dx, dw);
+        rmsnorm_backward(x, w, offset, dy, d, eps, dx, dw);
         Ok(())
     }
     fn rope_forward(
@@ -952,12 +978,18 @@ impl super::Device for Cpu {
         attention_backward(q, k, v, lse, dout, shape, dq, dk, dv);
         Ok(())
     }
-    fn silu_forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
-        silu_forward(x, y);
+    fn activation_forward(&self, act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
+        activation_forward(act, x, y);
         Ok(())
     }
-    fn silu_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
-        silu_backward(x, dy, dx);
+    fn activation_backward(
+        &self,
+        act: Activation,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+    ) -> Result<()> {
+        activation_backward(act, x, dy, dx);
         Ok(())
     }
     fn mul_forward(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
@@ -1133,56 +1165,62 @@ mod tests {
         assert!(worst < 1e-5, "max abs error {worst:.3e}");
     }
 
+    /// Plain and scaled (Gemma's √hidden) lookups; a padding row.
     #[test]
     fn embedding_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let (vocab, dim) = (6, 4);
         let ids = [1i64, 4, 1, 0, 5];
-        check_grads(
-            vec![rand_vec(&mut rng, vocab * dim)],
-            ids.len() * dim,
-            &|i| {
-                let mut y = vec![0.0; ids.len() * dim];
-                embedding_forward(&ids, &i[0], dim, &mut y);
-                y
-            },
-            &|_, c| {
-                let mut d = vec![0.0; vocab * dim];
-                embedding_backward(&ids, c, dim, None, &mut d);
-                vec![d]
-            },
-            1e-3,
-        );
+        for scale in [1.0, 2.5] {
+            check_grads(
+                vec![rand_vec(&mut rng, vocab * dim)],
+                ids.len() * dim,
+                &|i| {
+                    let mut y = vec![0.0; ids.len() * dim];
+                    embedding_forward(&ids, &i[0], dim, scale, &mut y);
+                    y
+                },
+                &|_, c| {
+                    let mut d = vec![0.0; vocab * dim];
+                    embedding_backward(&ids, c, dim, scale, None, &mut d);
+                    vec![d]
+                },
+                1e-3,
+            );
+        }
         // A padding row takes nothing from the lookup (nn.Embedding's padding_idx); the others do.
         let dout = rand_vec(&mut rng, ids.len() * dim);
         let (mut all, mut padded) = (vec![0.0; vocab * dim], vec![0.0; vocab * dim]);
-        embedding_backward(&ids, &dout, dim, None, &mut all);
-        embedding_backward(&ids, &dout, dim, Some(1), &mut padded);
+        embedding_backward(&ids, &dout, dim, 1.0, None, &mut all);
+        embedding_backward(&ids, &dout, dim, 1.0, Some(1), &mut padded);
         assert!(all[dim..2 * dim].iter().all(|&g| g != 0.0));
         assert!(padded[dim..2 * dim].iter().all(|&g| g == 0.0));
         assert_eq!(all[4 * dim..], padded[4 * dim..]);
     }
 
+    /// LLaMA's gain `w` and Gemma's `1 + w`.
     #[test]
     fn rmsnorm_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         let (n, d) = (3, 8);
-        let ins = vec![rand_vec(&mut rng, n * d), rand_vec(&mut rng, d)];
-        check_grads(
-            ins,
-            n * d,
-            &|i| {
-                let mut y = vec![0.0; n * d];
-                rmsnorm_forward(&i[0], &i[1], d, 1e-5, &mut y);
-                y
-            },
-            &|i, c| {
-                let (mut dx, mut dw) = (vec![0.0; n * d], vec![0.0; d]);
-                rmsnorm_backward(&i[0], &i[1], c, d, 1e-5, &mut dx, &mut dw);
-                vec![dx, dw]
-            },
-            2e-3,
-        );
+        for offset in [0.0, 1.0] {
+            let ins = vec![rand_vec(&mut rng, n * d), rand_vec(&mut rng, d)];
+            check_grads(
+                ins,
+                n * d,
+                &|i| {
+                    let mut y = vec![0.0; n * d];
+                    rmsnorm_forward(&i[0], &i[1], offset, d, 1e-5, &mut y);
+                    y
+                },
+                &|i, c| {
+                    let (mut dx, mut dw) = (vec![0.0; n * d], vec![0.0; d]);
+                    rmsnorm_backward(&i[0], &i[1], offset, c, d, 1e-5, &mut dx, &mut dw);
+                    vec![dx, dw]
+                },
+                2e-3,
+            );
+        }
     }
 
     /// Full and partial rotary (Phi-3's `partial_rotary_factor`: 6 of 8 values rotate, pairs (i, i + 3),
@@ -1306,8 +1344,29 @@ mod tests {
             kv_heads: 2,
             head_dim: 3,
             window: None,
+            scale: None,
         };
         check_attention(sh, 8);
+        // A scale other than 1/√head_dim (Gemma 3): its gradients, and it acts as scaling q would.
+        let scaled = AttnShape {
+            scale: Some(0.8),
+            ..sh
+        };
+        check_attention(scaled, 9);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+        let (nq, nk) = (2 * 4 * 4 * 3, 2 * 4 * 2 * 3);
+        let (q, k, v) = (
+            rand_vec(&mut rng, nq),
+            rand_vec(&mut rng, nk),
+            rand_vec(&mut rng, nk),
+        );
+        let q_scaled: Vec<f32> = q.iter().map(|x| x * 0.8 * 3f32.sqrt()).collect();
+        let (mut a, mut b, mut lse) = (vec![0.0; nq], vec![0.0; nq], vec![0.0; 2 * 4 * 4]);
+        attention_forward(&q, &k, &v, scaled, &mut a, &mut lse);
+        attention_forward(&q_scaled, &k, &v, sh, &mut b, &mut lse);
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
+        attention_forward(&q, &k, &v, sh, &mut b, &mut lse);
+        assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
     }
 
     #[test]
@@ -1319,6 +1378,7 @@ mod tests {
             kv_heads: 2,
             head_dim: 3,
             window: Some(3),
+            scale: None,
         };
         assert_eq!(sh.visible(0), 0..1);
         assert_eq!(sh.visible(2), 0..3);
@@ -1333,25 +1393,27 @@ mod tests {
     }
 
     #[test]
-    fn silu_gradients() {
+    fn activation_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let n = 40;
-        let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
-        check_grads(
-            vec![x],
-            n,
-            &|i| {
-                let mut y = vec![0.0; n];
-                silu_forward(&i[0], &mut y);
-                y
-            },
-            &|i, c| {
-                let mut dx = vec![0.0; n];
-                silu_backward(&i[0], c, &mut dx);
-                vec![dx]
-            },
-            2e-3,
-        );
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
+            check_grads(
+                vec![x],
+                n,
+                &|i| {
+                    let mut y = vec![0.0; n];
+                    activation_forward(act, &i[0], &mut y);
+                    y
+                },
+                &|i, c| {
+                    let mut dx = vec![0.0; n];
+                    activation_backward(act, &i[0], c, &mut dx);
+                    vec![dx]
+                },
+                2e-3,
+            );
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@
 //! Every op returns a [`Result`]; nothing here calls into CUDA before [`CudaDevice::open`] has found a
 //! driver, a GPU and NVRTC (cudarc panics on a missing library).
 
-use super::{AttnShape, Device, Matmul, ParamUse, RopeTable};
+use super::{Activation, AttnShape, Device, Matmul, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::kernels::{Binary, Kernel, RuntimeKernels};
@@ -857,7 +857,6 @@ impl CudaDevice {
         unsafe { f.launch(self.s(), c, a, b, y, a.len() as u64) }
     }
 
-    /// An embedding kernel `f(ids, src, dim, dst, rows)`: one block per id (sizes checked by the caller).
     /// The cross-entropy kernels; returns (Σ loss over rows in row order, predicted rows).
     fn cross_entropy(
         &self,
@@ -955,7 +954,7 @@ impl CudaDevice {
             // A window of at least `tokens` masks nothing: 0 (none), so that the kernels' `j + window`
             // cannot overflow an int.
             int(sh.window.filter(|&w| w < sh.tokens).unwrap_or(0), "window")?,
-            1.0 / (sh.head_dim as f32).sqrt(),
+            sh.scale(),
         ))
     }
 }
@@ -1110,6 +1109,7 @@ impl Device for CudaDevice {
         ids: &Ids,
         table: &CudaSlice<f32>,
         dim: usize,
+        scale: f32,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         embedding_checks(ids, table.len(), dim, out.len())?;
@@ -1122,7 +1122,7 @@ impl Device for CudaDevice {
         unsafe {
             self.k()
                 .embedding_forward
-                .launch(self.s(), c, &ids.dev, table, d, out, r)
+                .launch(self.s(), c, &ids.dev, table, d, scale, out, r)
         }
     }
     fn embedding_backward(
@@ -1130,6 +1130,7 @@ impl Device for CudaDevice {
         ids: &Ids,
         dout: &CudaSlice<f32>,
         dim: usize,
+        scale: f32,
         padding: Option<usize>,
         dtable: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -1143,9 +1144,17 @@ impl Device for CudaDevice {
         let c = cfg((ids.len(), 1), THREADS)?;
         // SAFETY: ids < vocab and the table and rows hold vocab·dim and rows·dim values (embedding_checks).
         unsafe {
-            self.k()
-                .embedding_backward
-                .launch(self.s(), c, &ids.dev, dout, d, dtable, r, skip)
+            self.k().embedding_backward.launch(
+                self.s(),
+                c,
+                &ids.dev,
+                dout,
+                d,
+                scale,
+                dtable,
+                r,
+                skip,
+            )
         }
     }
     fn linear_forward(
@@ -1271,6 +1280,7 @@ impl Device for CudaDevice {
         &self,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
+        offset: f32,
         d: usize,
         eps: f64,
         y: &mut CudaSlice<f32>,
@@ -1286,13 +1296,14 @@ impl Device for CudaDevice {
         unsafe {
             self.k()
                 .rmsnorm_forward
-                .launch(self.s(), c, x, w, di, eps, y, ri)
+                .launch(self.s(), c, x, w, offset, di, eps, y, ri)
         }
     }
     fn rmsnorm_backward(
         &self,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
+        offset: f32,
         dy: &CudaSlice<f32>,
         d: usize,
         eps: f64,
@@ -1324,7 +1335,7 @@ impl Device for CudaDevice {
         // SAFETY: x, dy, dx hold rows·d values, w and dw d; inv holds rows, partials chunks·d values.
         unsafe {
             kern.rmsnorm_backward
-                .launch(s, per_row, x, w, dy, di, eps, dx, &mut inv, ri)?;
+                .launch(s, per_row, x, w, offset, dy, di, eps, dx, &mut inv, ri)?;
             kern.rmsnorm_backward_weight.launch(
                 s,
                 per_chunk,
@@ -1493,23 +1504,35 @@ impl Device for CudaDevice {
             )
         }
     }
-    fn silu_forward(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
-        check_len(y.len(), x.len(), "silu output")?;
-        let c = self.ew_cfg(x.len())?;
-        // SAFETY: x and y hold n values.
-        unsafe {
-            self.k()
-                .silu_forward
-                .launch(self.s(), c, x, y, x.len() as u64)
-        }
-    }
-    fn silu_backward(
+    fn activation_forward(
         &self,
+        act: Activation,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len(y.len(), x.len(), "activation output")?;
+        let c = self.ew_cfg(x.len())?;
+        let kern = self.k();
+        let f = match act {
+            Activation::Silu => &kern.silu_forward,
+            Activation::GeluTanh => &kern.gelu_tanh_forward,
+        };
+        // SAFETY: x and y hold n values.
+        unsafe { f.launch(self.s(), c, x, y, x.len() as u64) }
+    }
+    fn activation_backward(
+        &self,
+        act: Activation,
         x: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.binary(&self.k().silu_backward, x, dy, dx)
+        let kern = self.k();
+        let f = match act {
+            Activation::Silu => &kern.silu_backward,
+            Activation::GeluTanh => &kern.gelu_tanh_backward,
+        };
+        self.binary(f, x, dy, dx)
     }
     fn mul_forward(
         &self,

@@ -66,6 +66,17 @@ impl RopeTable {
     }
 }
 
+/// The gate activation of a gated MLP (`act(gate) ⊙ up`): the config's `hidden_act` /
+/// `hidden_activation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x σ(x)` (LLaMA's SwiGLU).
+    Silu,
+    /// `x/2 (1 + tanh(√(2/π) (x + 0.044715 x³)))` (PyTorch's `gelu(approximate="tanh")`, Gemma's
+    /// GeGLU).
+    GeluTanh,
+}
+
 /// How a device computes the linear layers' matrix products (`--matmul`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -169,21 +180,24 @@ pub trait Device: Clone + Send + Sync + 'static {
         )))
     }
 
-    /// `out[r] = table[ids[r]]`; `table` is `[vocab, dim]`.
+    /// `out[r] = scale · table[ids[r]]`; `table` is `[vocab, dim]` (Gemma scales by √hidden).
     fn embedding_forward(
         &self,
         ids: &Self::Ids,
         table: &Self::Slice,
         dim: usize,
+        scale: f32,
         out: &mut Self::Slice,
     ) -> Result<()>;
-    /// `dtable[ids[r]] += dout[r]`, skipping the rows whose id is `padding` (nn.Embedding's
+    /// `dtable[ids[r]] += scale · dout[r]`, skipping the rows whose id is `padding` (nn.Embedding's
     /// `padding_idx`).
+    #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
         ids: &Self::Ids,
         dout: &Self::Slice,
         dim: usize,
+        scale: f32,
         padding: Option<usize>,
         dtable: &mut Self::Slice,
     ) -> Result<()>;
@@ -213,11 +227,13 @@ pub trait Device: Clone + Send + Sync + 'static {
         dw: &mut Self::Slice,
         db: Option<&mut Self::Slice>,
     ) -> Result<()>;
-    /// `y = w ⊙ x / sqrt(mean(x²) + eps)` per row of `d`.
+    /// `y = (offset + w) ⊙ x / sqrt(mean(x²) + eps)` per row of `d` (offset 1: Gemma's norms).
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_forward(
         &self,
         x: &Self::Slice,
         w: &Self::Slice,
+        offset: f32,
         d: usize,
         eps: f64,
         y: &mut Self::Slice,
@@ -227,6 +243,7 @@ pub trait Device: Clone + Send + Sync + 'static {
         &self,
         x: &Self::Slice,
         w: &Self::Slice,
+        offset: f32,
         dy: &Self::Slice,
         d: usize,
         eps: f64,
@@ -273,8 +290,21 @@ pub trait Device: Clone + Send + Sync + 'static {
         dk: &mut Self::Slice,
         dv: &mut Self::Slice,
     ) -> Result<()>;
-    fn silu_forward(&self, x: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
-    fn silu_backward(&self, x: &Self::Slice, dy: &Self::Slice, dx: &mut Self::Slice) -> Result<()>;
+    /// `y = act(x)`.
+    fn activation_forward(
+        &self,
+        act: Activation,
+        x: &Self::Slice,
+        y: &mut Self::Slice,
+    ) -> Result<()>;
+    /// `dx += act'(x) ⊙ dy`.
+    fn activation_backward(
+        &self,
+        act: Activation,
+        x: &Self::Slice,
+        dy: &Self::Slice,
+        dx: &mut Self::Slice,
+    ) -> Result<()>;
     fn mul_forward(&self, a: &Self::Slice, b: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
     fn mul_backward(
         &self,
@@ -365,10 +395,10 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
     // RMSNorm over rows of 29.
     let g = rand_vec(k);
     let mut r = vec![0f32; n * k];
-    cpu.rmsnorm_forward(&x, &g, k, 1e-6, &mut r)?;
+    cpu.rmsnorm_forward(&x, &g, 0.0, k, 1e-6, &mut r)?;
     let mut rd = dev.alloc_zeroed(n * k)?;
     let gd = up(&g)?;
-    dev.rmsnorm_forward(&xd, &gd, k, 1e-6, &mut rd)?;
+    dev.rmsnorm_forward(&xd, &gd, 0.0, k, 1e-6, &mut rd)?;
     compare(&r, &rd, dev)?;
 
     // Attention: 2 sequences of 19 tokens, 4 heads over 2 KV heads of 8, a window of 5; rotary first.
@@ -379,6 +409,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
         kv_heads: 2,
         head_dim: 8,
         window: Some(5),
+        scale: None,
     };
     let rows = shape.seqs * shape.tokens;
     let (qd, kvd) = (
@@ -422,6 +453,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
             kv_heads: 1,
             head_dim: 64,
             window: None,
+            scale: None,
         };
         let (qn, kn) = (70 * 2 * 64, 70 * 64);
         let (q, kk, v) = (rand_vec(qn), rand_vec(kn), rand_vec(kn));

@@ -1,6 +1,6 @@
 //! Vectorisable f32 kernels for the row-wise ops: an exponential as a branch-free polynomial (so the
 //! compiler turns a loop of it into SIMD code, where `f32::exp` is a scalar libm call per element), and
-//! the loops built on it (softmax pieces, SiLU). Each public kernel is compiled twice, for the baseline
+//! the loops built on it (softmax pieces, SiLU, tanh-approximated GELU). Each public kernel is compiled twice, for the baseline
 //! target and with AVX2 + FMA, and picks the second at run time when the CPU has it.
 
 /// Defines `$name` with body `$body`, plus an AVX2 + FMA copy chosen at run time where the CPU has both.
@@ -158,6 +158,33 @@ simd_kernel! {
     }
 }
 
+/// √(2/π) and the cubic coefficient of the tanh-approximated GELU.
+const GELU_K: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+simd_kernel! {
+    /// `y = x/2 (1 + tanh(u))`, u = √(2/π) (x + 0.044715 x³), computed as `x σ(2u)` (the same value:
+    /// (1 + tanh u)/2 = σ(2u)), which has no cancellation near 0.
+    pub fn gelu_tanh(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            let u = GELU_K * (v + GELU_C * v * v * v);
+            *o = v * sigmoid(2.0 * u);
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dx += dy (s + x s (1 − s) 2u')`, s = σ(2u), u' = √(2/π) (1 + 3 · 0.044715 x²).
+    pub fn gelu_tanh_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let u = GELU_K * (v + GELU_C * v * v * v);
+            let s = sigmoid(2.0 * u);
+            let du = GELU_K * (1.0 + 3.0 * GELU_C * v * v);
+            *d += g * (s + v * s * (1.0 - s) * 2.0 * du);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +239,17 @@ mod tests {
         for (&a, &v) in y.iter().zip(&xs) {
             let r = v as f64 / (1.0 + (-v as f64).exp());
             assert!((a as f64 - r).abs() < 1e-6 * (1.0 + r.abs()));
+        }
+        // PyTorch's formula in f64: x/2 (1 + tanh(√(2/π) (x + 0.044715 x³))).
+        gelu_tanh(&xs, &mut y);
+        for (&a, &v) in y.iter().zip(&xs) {
+            let v = v as f64;
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v);
+            let r = 0.5 * v * (1.0 + u.tanh());
+            assert!(
+                (a as f64 - r).abs() < 1e-6 * (1.0 + r.abs()),
+                "gelu({v}): {a} vs {r}"
+            );
         }
     }
 }

@@ -10,14 +10,16 @@
 
 use super::{BufId, Device, OpIo, ParamGrads, ParamId, ParamStore, Tape, TapeOp};
 use crate::error::Result;
-use crate::runtime::ops::{AttnShape, RopeTable};
+use crate::runtime::ops::{Activation, AttnShape, RopeTable};
 use std::sync::Arc;
 
-/// `out[r] = table[ids[r]]` (ids: the tape's token ids). `padding`: the table row that takes no gradient
-/// (the config's `pad_token_id`, nn.Embedding's `padding_idx`).
+/// `out[r] = scale · table[ids[r]]` (ids: the tape's token ids; `scale` 1, or √hidden for Gemma).
+/// `padding`: the table row that takes no gradient (the config's `pad_token_id`, nn.Embedding's
+/// `padding_idx`).
 #[derive(Clone, Debug)]
 pub struct Embedding {
     pub table: ParamId,
+    pub scale: f32,
     pub padding: Option<usize>,
     pub out: BufId,
 }
@@ -37,14 +39,20 @@ impl<D: Device> TapeOp<D> for Embedding {
         t.write_output(self.out, |t, y| {
             let ids = &t.dev_ids().0;
             t.dev
-                .embedding_forward(ids, &table, t.bufs[self.out].cols, y)
+                .embedding_forward(ids, &table, t.bufs[self.out].cols, self.scale, y)
         })
     }
     fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, pg: &mut ParamGrads<D>) -> Result<()> {
         if t.has_grad(self.out) {
             let (ids, dy, dim) = (&t.dev_ids().0, t.grad(self.out), t.bufs[self.out].cols);
-            t.dev
-                .embedding_backward(ids, dy, dim, self.padding, pg.get_mut(self.table))?;
+            t.dev.embedding_backward(
+                ids,
+                dy,
+                dim,
+                self.scale,
+                self.padding,
+                pg.get_mut(self.table),
+            )?;
         }
         Ok(())
     }
@@ -135,12 +143,14 @@ impl<D: Device> TapeOp<D> for Linear {
     }
 }
 
-/// out = w ⊙ x / sqrt(mean(x²) + eps), per row of `d` values: a buffer row when `d` is its width, each
+/// out = (offset + w) ⊙ x / sqrt(mean(x²) + eps), per row of `d` values: a buffer row when `d` is its width, each
 /// head of a row when `d` is the head size (Qwen3's q_norm / k_norm; `w` is `d` long either way).
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     pub x: BufId,
     pub w: ParamId,
+    /// Added to `w` to make the gain: 0, or 1 for Gemma's norms (`x̂ (1 + w)`).
+    pub offset: f32,
     pub d: usize,
     pub eps: f64,
     pub out: BufId,
@@ -157,9 +167,18 @@ impl<D: Device> TapeOp<D> for RmsNorm {
         }
     }
     fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
-        let RmsNorm { x, w, d, eps, out } = *self;
+        let RmsNorm {
+            x,
+            w,
+            offset,
+            d,
+            eps,
+            out,
+        } = *self;
         let wv = t.p(store, w)?;
-        t.write_output(out, |t, y| t.dev.rmsnorm_forward(t.data(x), &wv, d, eps, y))
+        t.write_output(out, |t, y| {
+            t.dev.rmsnorm_forward(t.data(x), &wv, offset, d, eps, y)
+        })
     }
     fn backward(
         &self,
@@ -167,7 +186,14 @@ impl<D: Device> TapeOp<D> for RmsNorm {
         store: &dyn ParamStore,
         pg: &mut ParamGrads<D>,
     ) -> Result<()> {
-        let RmsNorm { x, w, d, eps, out } = *self;
+        let RmsNorm {
+            x,
+            w,
+            offset,
+            d,
+            eps,
+            out,
+        } = *self;
         if !t.has_grad(out) {
             return Ok(());
         }
@@ -175,7 +201,7 @@ impl<D: Device> TapeOp<D> for RmsNorm {
         let dw = pg.get_mut(w);
         t.write_grad(x, |t, dx| {
             t.dev
-                .rmsnorm_backward(t.data(x), &wv, t.grad(out), d, eps, dx, dw)
+                .rmsnorm_backward(t.data(x), &wv, offset, t.grad(out), d, eps, dx, dw)
         })
     }
 }
@@ -289,17 +315,21 @@ impl<D: Device> TapeOp<D> for Attention {
     }
 }
 
-/// out = x · sigmoid(x).
+/// out = act(x): the gate of a gated MLP (SiLU, or Gemma's tanh-approximated GELU).
 #[derive(Clone, Debug)]
-pub struct Silu {
+pub struct Activate {
     pub x: BufId,
+    pub act: Activation,
     pub out: BufId,
 }
 
-impl<D: Device> TapeOp<D> for Silu {
+impl<D: Device> TapeOp<D> for Activate {
     fn io(&self) -> OpIo {
         OpIo {
-            kind: "silu",
+            kind: match self.act {
+                Activation::Silu => "silu",
+                Activation::GeluTanh => "gelu_tanh",
+            },
             inputs: vec![self.x],
             outputs: vec![self.out],
             saved: vec![self.x],
@@ -307,14 +337,17 @@ impl<D: Device> TapeOp<D> for Silu {
         }
     }
     fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
-        t.write_output(self.out, |t, y| t.dev.silu_forward(t.data(self.x), y))
+        t.write_output(self.out, |t, y| {
+            t.dev.activation_forward(self.act, t.data(self.x), y)
+        })
     }
     fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
         if !t.has_grad(self.out) {
             return Ok(());
         }
         t.write_grad(self.x, |t, dx| {
-            t.dev.silu_backward(t.data(self.x), t.grad(self.out), dx)
+            t.dev
+                .activation_backward(self.act, t.data(self.x), t.grad(self.out), dx)
         })
     }
 }

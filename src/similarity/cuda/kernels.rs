@@ -455,9 +455,9 @@ signatures! {
     RbfExp(k: Out<f32>, nn: u64, state: In<u32>, threshold: f64);
 
     // The runtime (kernels/runtime_*.cu).
-    /// silu_forward
+    /// silu_forward, gelu_tanh_forward
     Unary(x: In<f32>, y: Out<f32>, n: u64);
-    /// silu_backward, mul_forward, add_forward
+    /// silu_backward, gelu_tanh_backward, mul_forward, add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
     /// mul_backward
     MulBackward(a: In<f32>, b: In<f32>, dy: In<f32>, da: Out<f32>, db: Out<f32>, n: u64);
@@ -466,17 +466,18 @@ signatures! {
     /// sum_sq_partials
     SumSqPartials(g: In<f32>, n: u64, partials: Out<f64>);
     /// embedding_forward
-    Embedding(ids: In<i64>, src: In<f32>, dim: i32, dst: Out<f32>, rows: i32);
+    Embedding(ids: In<i64>, src: In<f32>, dim: i32, scale: f32, dst: Out<f32>, rows: i32);
     /// embedding_backward
-    EmbeddingBackward(ids: In<i64>, src: In<f32>, dim: i32, dst: Out<f32>, rows: i32, skip: i32);
+    EmbeddingBackward(ids: In<i64>, src: In<f32>, dim: i32, scale: f32, dst: Out<f32>, rows: i32,
+                      skip: i32);
     /// rope_apply
     RopeApply(x: In<f32>, cos: In<f32>, sin: In<f32>, y: Out<f32>, rows: i32, heads: i32,
               head_dim: i32, rot_dim: i32, tokens: i32, sign: f32, add: i32);
     /// rmsnorm_forward
-    RmsnormForward(x: In<f32>, w: In<f32>, d: i32, eps: f64, y: Out<f32>, rows: i32);
+    RmsnormForward(x: In<f32>, w: In<f32>, offset: f32, d: i32, eps: f64, y: Out<f32>, rows: i32);
     /// rmsnorm_backward
-    RmsnormBackward(x: In<f32>, w: In<f32>, dy: In<f32>, d: i32, eps: f64, dx: Out<f32>,
-                    inv: Out<f64>, rows: i32);
+    RmsnormBackward(x: In<f32>, w: In<f32>, offset: f32, dy: In<f32>, d: i32, eps: f64,
+                    dx: Out<f32>, inv: Out<f64>, rows: i32);
     /// rmsnorm_backward_weight
     RmsnormBackwardWeight(x: In<f32>, dy: In<f32>, inv: In<f64>, d: i32, rows: i32,
                           rows_per_chunk: i32, partials: Out<f64>);
@@ -571,6 +572,8 @@ kernel_table! {
         "runtime_elementwise.cu" => {
             silu_forward: Unary,
             silu_backward: Binary,
+            gelu_tanh_forward: Unary,
+            gelu_tanh_backward: Binary,
             mul_forward: Binary,
             mul_backward: MulBackward,
             add_forward: Binary,
