@@ -31,23 +31,19 @@ import transformers
 # The published chain's choices are pinned (column-sum features, proportional allocation, gradient-norm or
 # subset selection), so the removed layers do not move when the default method changes.
 PINNED = ["--features", "colsum", "--allocation", "proportional"]
+# One layer out, chosen by gradient norm, batches of 2 sequences.
+ONE_BY_GRADNORM = ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED
 CASES = {
-    "llama_llama3_rope": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
-                          "--selection", "gradnorm"] + PINNED,
-    "llama_bf16_tied": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
-                        "--selection", "gradnorm"] + PINNED,
+    "llama_llama3_rope": ONE_BY_GRADNORM,
+    "llama_bf16_tied": ONE_BY_GRADNORM,
     "mistral_sharded": ["--target-layers", "2", "--batch", "2", "--cka-batch", "16",
                         "--selection", "subset"] + PINNED,
     "qwen2_f16_bias": ["--remove", "1", "--batch", "3", "--cka-batch", "16",
                        "--selection", "gradnorm"] + PINNED,
-    "qwen3_qk_norm": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
-                      "--selection", "gradnorm"] + PINNED,
-    "phi3_longrope": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
-                      "--selection", "gradnorm"] + PINNED,
-    "gemma_geglu": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
-                    "--selection", "gradnorm"] + PINNED,
-    "gemma3_sandwich": ["--remove", "1", "--batch", "2", "--cka-batch", "16",
-                        "--selection", "gradnorm"] + PINNED,
+    "qwen3_qk_norm": ONE_BY_GRADNORM,
+    "phi3_longrope": ONE_BY_GRADNORM,
+    "gemma_geglu": ONE_BY_GRADNORM,
+    "gemma3_sandwich": ONE_BY_GRADNORM,
 }
 
 

@@ -971,17 +971,6 @@ fn a_tied_decoder_with_bf16_products_holds_the_embedding_twice() {
     assert_eq!(dev.weight_stats().unwrap().1, expected);
 }
 
-#[test]
-fn a_qwen3_decoder_with_per_head_q_k_norms_matches_the_cpu() {
-    let Some(dev) = gpu_or_skip() else { return };
-    // Qwen3: RMSNorm over each 16-wide head of q and k (rows of head_dim inside the projections' rows),
-    // head_dim ≠ hidden / heads, biases on q/k/v/o, tied embeddings; f32 products, then bf16.
-    let (_, model, tokens) = fixture_model("qwen3_qk_norm");
-    check_model_against_cpu(&dev, &model, &tokens, "qwen3, f32 products");
-    dev.set_matmul(Matmul::Bf16);
-    check_model_against_cpu(&dev, &model, &tokens, "qwen3, bf16 products");
-}
-
 /// The qwen2_sliding fixture with its passes on GPU 0 (f32 products), or None without a GPU.
 fn fixture_on_gpu() -> Option<(Model, Model, Tokens)> {
     gpu_or_skip()?;
@@ -1134,29 +1123,33 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
     assert!(!e.to_string().is_empty());
 }
 
+/// The decoder families beyond LLaMA's block, each with f32 products, then bf16:
+/// * qwen3: RMSNorm over each 16-wide head of q and k (rows of head_dim inside the projections' rows),
+///   head_dim ≠ hidden / heads, biases on q/k/v/o, tied embeddings;
+/// * phi3: q/k/v and gate/up read as row blocks of the fused tensors (each uploaded under its own name),
+///   12 of 16 values of each head rotated with LongRoPE's long factors and attention factor, a window
+///   of 5 on every layer, a padding row in the embedding's backward;
+/// * gemma: the embedding scaled by √hidden (rounded to bf16), norms × (1 + w), the tanh-GELU gate;
+/// * gemma3_text: sandwich norms, per-head q/k norms, 1/√query_pre_attn_scalar on the scores, two
+///   rotary tables (by layer kind), windows by sliding_window_pattern.
 #[test]
-fn a_phi3_decoder_with_fused_projections_and_partial_longrope_matches_the_cpu() {
+fn decoder_families_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
-    // Phi-3: q/k/v and gate/up read as row blocks of the fused tensors (each uploaded under its own
-    // name), 12 of 16 values of each head rotated with LongRoPE's long factors and attention factor,
-    // a window of 5 on every layer, a padding row in the embedding's backward; f32 products, then bf16.
-    let (_, model, tokens) = fixture_model("phi3_longrope");
-    check_model_against_cpu(&dev, &model, &tokens, "phi3, f32 products");
-    dev.set_matmul(Matmul::Bf16);
-    check_model_against_cpu(&dev, &model, &tokens, "phi3, bf16 products");
-}
-
-#[test]
-fn gemma_decoders_match_the_cpu() {
-    let Some(dev) = gpu_or_skip() else { return };
-    // Gemma: the embedding scaled by √hidden (rounded to bf16), norms × (1 + w), the tanh-GELU gate, a
-    // padding row; Gemma 3 adds sandwich norms, per-head q/k norms, 1/√query_pre_attn_scalar on the
-    // scores, two rotary tables (by layer kind) and windows; f32 products, then bf16.
-    for name in ["gemma_geglu", "gemma3_sandwich"] {
+    for name in [
+        "qwen3_qk_norm",
+        "phi3_longrope",
+        "gemma_geglu",
+        "gemma3_sandwich",
+    ] {
         let (_, model, tokens) = fixture_model(name);
-        dev.set_matmul(Matmul::F32);
-        check_model_against_cpu(&dev, &model, &tokens, &format!("{name}, f32 products"));
-        dev.set_matmul(Matmul::Bf16);
-        check_model_against_cpu(&dev, &model, &tokens, &format!("{name}, bf16 products"));
+        for matmul in [Matmul::F32, Matmul::Bf16] {
+            dev.set_matmul(matmul);
+            check_model_against_cpu(
+                &dev,
+                &model,
+                &tokens,
+                &format!("{name}, {matmul:?} products"),
+            );
+        }
     }
 }

@@ -49,6 +49,33 @@ fn edited_copy(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfil
     tmp
 }
 
+/// Fixture `name`'s windows are exercised: with its config edited by `unwindow` (no window, or one longer
+/// than the sequences) the loss is PyTorch's `loss_full_attention`, measurably different from the
+/// windowed loss. Returns the unwindowed model.
+fn window_matters(name: &str, unwindow: impl FnOnce(&mut serde_json::Value)) -> Model {
+    let (model, tokens) = load(name);
+    let (refs, _) = reference(name);
+    let windowed = model.forward(&tokens, &[], None).unwrap();
+    let tmp = edited_copy(name, unwindow);
+    let full_model = Model::load(tmp.path()).unwrap();
+    let full = full_model.forward(&tokens, &[], None).unwrap();
+    let want = refs["loss_full_attention"][0];
+    assert!(
+        rel(full, want) < 1e-5,
+        "{name} without the window: {full} vs {want}"
+    );
+    eprintln!(
+        "{name} without the window: loss rel err {:.2e}; the window moves the loss by {:.2e}",
+        rel(full, want),
+        rel(windowed, full)
+    );
+    assert!(
+        rel(windowed, full) > 1e-3,
+        "{name}: the window changes nothing: {windowed} vs {full}"
+    );
+    full_model
+}
+
 #[test]
 fn hidden_states_and_loss_match_pytorch() {
     for name in FIXTURES {
@@ -248,24 +275,8 @@ fn tensors_the_decoder_does_not_read_are_listed() {
 /// loss and the gradients too.
 #[test]
 fn sliding_window_changes_the_result() {
-    let (model, tokens) = load("qwen2_sliding");
-    let (refs, _) = reference("qwen2_sliding");
-    let windowed = model.forward(&tokens, &[], None).unwrap();
-    let tmp = edited_copy("qwen2_sliding", |c| c["use_sliding_window"] = false.into());
-    let full_model = Model::load(tmp.path()).unwrap();
+    let full_model = window_matters("qwen2_sliding", |c| c["use_sliding_window"] = false.into());
     assert!((0..3).all(|l| full_model.config.layer_window(l).is_none()));
-    let full = full_model.forward(&tokens, &[], None).unwrap();
-    let want = refs["loss_full_attention"][0];
-    assert!(rel(full, want) < 1e-5, "full attention: {full} vs {want}");
-    eprintln!(
-        "qwen2_sliding without the window: loss rel err {:.2e}; window moves the loss by {:.2e}",
-        rel(full, want),
-        rel(windowed, full)
-    );
-    assert!(
-        rel(windowed, full) > 1e-3,
-        "window changes nothing: {windowed} vs {full}"
-    );
 
     // Mistral windows every layer. PyTorch's numbers for the first two sequences with sliding_window 5,
     // from transformers 5.23 (eager, float64):
@@ -334,40 +345,17 @@ fn phi3_longrope_factors_and_window_match_pytorch() {
         "long vs short factors: {long} vs {got}"
     );
 
-    let windowed = model.forward(&tokens, &[], None).unwrap();
-    let tmp = edited_copy("phi3_longrope", |c| {
+    window_matters("phi3_longrope", |c| {
         c["sliding_window"] = serde_json::Value::Null
     });
-    let full = Model::load(tmp.path())
-        .unwrap()
-        .forward(&tokens, &[], None)
-        .unwrap();
-    let want = refs["loss_full_attention"][0];
-    assert!(rel(full, want) < 1e-5, "full attention: {full} vs {want}");
-    assert!(
-        rel(windowed, full) > 1e-3,
-        "window changes nothing: {windowed} vs {full}"
-    );
 }
 
 /// Gemma 3's windows follow `sliding_window_pattern` (config.json has no `layer_types`): with a window
 /// longer than the sequences the loss is PyTorch's, and the window of 5 moves it.
 #[test]
 fn gemma3_pattern_windows_match_pytorch() {
-    let (model, tokens) = load("gemma3_sandwich");
-    let (refs, _) = reference("gemma3_sandwich");
+    let (model, _) = load("gemma3_sandwich");
     let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
     assert_eq!(windows, [Some(5), Some(5), None, Some(5)]);
-    let windowed = model.forward(&tokens, &[], None).unwrap();
-    let tmp = edited_copy("gemma3_sandwich", |c| c["sliding_window"] = 4096.into());
-    let wide = Model::load(tmp.path())
-        .unwrap()
-        .forward(&tokens, &[], None)
-        .unwrap();
-    let want = refs["loss_full_attention"][0];
-    assert!(rel(wide, want) < 1e-5, "window 4096: {wide} vs {want}");
-    assert!(
-        rel(windowed, wide) > 1e-3,
-        "window changes nothing: {windowed} vs {wide}"
-    );
+    window_matters("gemma3_sandwich", |c| c["sliding_window"] = 4096.into());
 }
