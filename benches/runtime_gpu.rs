@@ -235,6 +235,7 @@ fn main() {
             head_dim: 64,
             window: None,
             scale: None,
+            softcap: None,
         }
     } else {
         AttnShape {
@@ -245,6 +246,7 @@ fn main() {
             head_dim: 128,
             window: None,
             scale: None,
+            softcap: None,
         }
     };
     let rows = sh.seqs * sh.tokens;

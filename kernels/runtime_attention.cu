@@ -4,13 +4,14 @@
 // src/runtime/ops/cpu.rs) has the same conventions:
 //   q/out [seqs·tokens, heads·hd], k/v [seqs·tokens, kv_heads·hd], query head h reads kv head
 //   h / (heads / kv_heads); query i sees keys i − w < j ≤ i with a window w (window > 0), else j ≤ i;
-//   S = scale · q kᵀ with scale = 1/sqrt(hd) (f32), P = exp(S − lse).
+//   S = scale · q kᵀ with scale = 1/sqrt(hd) (f32; Gemma: 1/sqrt(query_pre_attn_scalar)), soft-capped
+//   to softcap · tanh(S / softcap) when softcap > 0 (Gemma 2), P = exp(S − lse).
 // One warp per query row (forward, dq) or per key row (dk, dv): lane l holds dimensions l, l + 32, ...
 // (head_dim ≤ ATT_MAXD). Each warp owns its output row, so there are no atomics and the result is
 // deterministic. This is the correct baseline, not a tensor-core kernel: K/V rows come through L1/L2
 // (the forward on tensor cores, bf16, head dims 64 / 128: runtime_attention_mma.cu).
 
-typedef unsigned long long u64;
+#include "common.cuh"
 
 #define ATT_MAXD 256
 #define ATT_PER_LANE (ATT_MAXD / 32)
@@ -29,7 +30,8 @@ __device__ __forceinline__ int att_first_key(int i, int window) {
 extern "C" __global__ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, float* __restrict__ out,
                                              float* __restrict__ lse, int seqs, int tokens, int heads,
-                                             int kv_heads, int hd, int window, float scale) {
+                                             int kv_heads, int hd, int window, float scale,
+                                             float softcap) {
     int warp = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (warp >= seqs * heads * tokens) return;
@@ -56,7 +58,7 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
             int d = lane + 32 * c;
             if (d < hd) dot += qr[c] * kj[d];
         }
-        float sc = att_warp_sum(dot) * scale;
+        float sc = att_softcap<false>(att_warp_sum(dot) * scale, softcap);
         float mn = fmaxf(m, sc);
         float corr = expf(m - mn);  // 0 on the first key (m = −inf)
         float e = expf(sc - mn);
@@ -97,12 +99,14 @@ __device__ __forceinline__ void att_dots(const float* ra, const float* __restric
 }
 
 // Per query row: delta_i = Σ_j P_ij dP_ij (dP = dO Vᵀ) into `delta`, then
-// dq_i += scale Σ_j P_ij (dP_ij − delta_i) k_j. Same warp ↦ (s, h, i) map as the forward.
+// dq_i += scale Σ_j P_ij (dP_ij − delta_i) c'_ij k_j (c' the soft-cap's slope, 1 without). Same warp ↦
+// (s, h, i) map as the forward.
 extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, const float* __restrict__ k,
                                                  const float* __restrict__ v, const float* __restrict__ lse,
                                                  const float* __restrict__ dout, float* __restrict__ dq,
                                                  float* __restrict__ delta, int seqs, int tokens, int heads,
-                                                 int kv_heads, int hd, int window, float scale) {
+                                                 int kv_heads, int hd, int window, float scale,
+                                                 float softcap) {
     int warp = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (warp >= seqs * heads * tokens) return;
@@ -129,7 +133,7 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
         const float* vj = vb + (u64)j * kw;
         float a, dp;
         att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
-        float p = expf(a * scale - L);
+        float p = expf(att_softcap<false>(a * scale, softcap) - L);
         dsum += (double)p * (double)dp;
     }
     float D = (float)dsum;  // as stored for the dk/dv kernel, so both use the same value
@@ -139,8 +143,9 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
         const float* vj = vb + (u64)j * kw;
         float a, dp;
         att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
-        float p = expf(a * scale - L);
-        float ds = (float)((double)p * ((double)dp - (double)D));
+        float slope;
+        float p = expf(att_softcap_slope<false>(a * scale, softcap, &slope) - L);
+        float ds = (float)((double)p * ((double)dp - (double)D)) * slope;
 #pragma unroll
         for (int c = 0; c < ATT_PER_LANE; ++c) {
             int d = lane + 32 * c;
@@ -156,14 +161,15 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
 }
 
 // Per key row j of kv head g, over the query heads of its group and the query rows that see j
-// (j ≤ i < j + w, or j ≤ i): dv_j += Σ P_ij dO_i, dk_j += scale Σ P_ij (dP_ij − delta_i) q_i.
+// (j ≤ i < j + w, or j ≤ i): dv_j += Σ P_ij dO_i, dk_j += scale Σ P_ij (dP_ij − delta_i) c'_ij q_i.
 // Warp w ↦ (s, g, j) with w = (s·kv_heads + g)·tokens + j. Runs after attention_backward_dq (delta).
 extern "C" __global__ void attention_backward_dkv(const float* __restrict__ q, const float* __restrict__ k,
                                                   const float* __restrict__ v, const float* __restrict__ lse,
                                                   const float* __restrict__ dout,
                                                   const float* __restrict__ delta, float* __restrict__ dk,
                                                   float* __restrict__ dv, int seqs, int tokens, int heads,
-                                                  int kv_heads, int hd, int window, float scale) {
+                                                  int kv_heads, int hd, int window, float scale,
+                                                  float softcap) {
     int warp = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (warp >= seqs * kv_heads * tokens) return;
@@ -190,8 +196,9 @@ extern "C" __global__ void attention_backward_dkv(const float* __restrict__ q, c
             const float* doi = db + (u64)i * qw;
             float a, dp;
             att_dots(kr, qi, vr, doi, lane, hd, &a, &dp);
-            float p = expf(a * scale - lse[row0 + i]);
-            float ds = (float)((double)p * ((double)dp - (double)delta[row0 + i]));
+            float slope;
+            float p = expf(att_softcap_slope<false>(a * scale, softcap, &slope) - lse[row0 + i]);
+            float ds = (float)((double)p * ((double)dp - (double)delta[row0 + i])) * slope;
 #pragma unroll
             for (int c = 0; c < ATT_PER_LANE; ++c) {
                 int d = lane + 32 * c;

@@ -116,7 +116,8 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
                                                       const float* __restrict__ k,
                                                       const float* __restrict__ v, float* __restrict__ out,
                                                       float* __restrict__ lse, int tokens, int heads,
-                                                      int kv_heads, int window, float scale) {
+                                                      int kv_heads, int window, float scale,
+                                                      float softcap) {
     __shared__ __align__(16) u16 Ks[FA_K][HD + FA_PAD];
     __shared__ __align__(16) u16 Vt[HD][FA_K + FA_PAD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -158,7 +159,7 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
             for (int e = 0; e < 4; ++e) {
                 const int row = (e >> 1) ? r_hi : r_lo, j = j0 + nt * 8 + 2 * t + (e & 1);
                 const bool ok = j <= row && j >= fa_first_key(row, window) && j < tokens;
-                sc[nt][e] = ok ? sc[nt][e] * scale : NEG_INF;
+                sc[nt][e] = ok ? att_softcap<true>(sc[nt][e] * scale, softcap) : NEG_INF;
                 mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
             }
         float corr[2], mu[2];
@@ -209,15 +210,15 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
 extern "C" __global__ void __launch_bounds__(128)
 attention_forward_mma64(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                         float* __restrict__ out, float* __restrict__ lse, int tokens, int heads, int kv_heads,
-                        int window, float scale) {
-    attention_forward_mma<64>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale);
+                        int window, float scale, float softcap) {
+    attention_forward_mma<64>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale, softcap);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
 attention_forward_mma128(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                          float* __restrict__ out, float* __restrict__ lse, int tokens, int heads, int kv_heads,
-                         int window, float scale) {
-    attention_forward_mma<128>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale);
+                         int window, float scale, float softcap) {
+    attention_forward_mma<128>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale, softcap);
 }
 
 // ------------------------------------------------------------------ backward on tensor cores
@@ -233,6 +234,8 @@ attention_forward_mma128(const float* __restrict__ q, const float* __restrict__ 
 //   as rows, Sᵀ = K Qᵀ, Pᵀ = exp(scale·Sᵀ − lse), dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta),
 //   dv += Pᵀ dO, dk += scale · dSᵀ Q (Pᵀ and dSᵀ reused as A fragments; Q and dO staged as rows and
 //   transposed); each block writes 64 of the HD dims of dk and dv (FB_DIMS).
+// With Gemma 2's soft-capping (softcap > 0) the scores are capped before the exp and dS is multiplied by
+// the cap's slope (att_softcap_slope<true> in common.cuh), as in the SIMT kernels.
 // Index arithmetic emulated in src/runtime/ops/emulate_runtime_kernels.py (`attention_backward_mma`).
 
 #define FB_STEP 32  // keys (dq kernel) or queries (dkv kernel) per step
@@ -245,7 +248,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
                                                           const float* __restrict__ lse,
                                                           const float* __restrict__ dout, float* __restrict__ dq,
                                                           float* __restrict__ delta, int tokens, int heads,
-                                                          int kv_heads, int window, float scale) {
+                                                          int kv_heads, int window, float scale, float softcap) {
     __shared__ __align__(16) u16 Ks[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Vs[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Kt[HD][FB_STEP + FA_PAD];
@@ -291,9 +294,11 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
                 for (int e = 0; e < 4; ++e) {
                     const int r = e >> 1, row = rows[r], j = j0 + nt * 8 + 2 * t + (e & 1);
                     const bool ok = j <= row && j >= fa_first_key(row, window) && j < tokens && row < tokens;
-                    const float p = ok ? expf(sc[nt][e] * scale - L[r]) : 0.0f;
+                    float slope;
+                    const float s = att_softcap_slope<true>(sc[nt][e] * scale, softcap, &slope);
+                    const float p = ok ? expf(s - L[r]) : 0.0f;
                     if (pass == 0) dsum[r] += (double)p * (double)dp[nt][e];
-                    else sc[nt][e] = p * (dp[nt][e] - D[r]);  // dS
+                    else sc[nt][e] = p * (dp[nt][e] - D[r]) * slope;  // dS
                 }
             if (pass == 1) fa_acc_times_cols<HD, FB_STEP>(sc, Kt, g, t, acc);
         }
@@ -323,7 +328,7 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
                                                            const float* __restrict__ dout,
                                                            const float* __restrict__ delta, float* __restrict__ dk,
                                                            float* __restrict__ dv, int tokens, int heads,
-                                                           int kv_heads, int window, float scale) {
+                                                           int kv_heads, int window, float scale, float softcap) {
     __shared__ __align__(16) u16 Qs[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Ds[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Qt[FB_DIMS][FB_STEP + FA_PAD];
@@ -368,9 +373,11 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
                 for (int e = 0; e < 4; ++e) {
                     const int j = cols[e >> 1], i = i0 + nt * 8 + 2 * t + (e & 1);
                     const bool ok = j <= i && j >= fa_first_key(i, window) && i < tokens && j < tokens;
-                    const float p = ok ? expf(sc[nt][e] * scale - lse[lrow + i]) : 0.0f;
-                    sc[nt][e] = p;                                         // Pᵀ
-                    dp[nt][e] = ok ? p * (dp[nt][e] - delta[lrow + i]) : 0.0f;  // dSᵀ
+                    float slope;
+                    const float s = att_softcap_slope<true>(sc[nt][e] * scale, softcap, &slope);
+                    const float p = ok ? expf(s - lse[lrow + i]) : 0.0f;
+                    sc[nt][e] = p;                                                      // Pᵀ
+                    dp[nt][e] = ok ? p * (dp[nt][e] - delta[lrow + i]) * slope : 0.0f;  // dSᵀ
                 }
             fa_acc_times_cols<FB_DIMS, FB_STEP>(sc, Dt, g, t, dva);
             fa_acc_times_cols<FB_DIMS, FB_STEP>(dp, Qt, g, t, dka);
@@ -394,16 +401,18 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
     extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma##HD(                            \
         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                  \
         const float* __restrict__ lse, const float* __restrict__ dout, float* __restrict__ dq,                  \
-        float* __restrict__ delta, int tokens, int heads, int kv_heads, int window, float scale) {              \
-        attention_backward_dq_mma<HD>(q, k, v, lse, dout, dq, delta, tokens, heads, kv_heads, window, scale);  \
+        float* __restrict__ delta, int tokens, int heads, int kv_heads, int window, float scale,                \
+        float softcap) {                                                                                         \
+        attention_backward_dq_mma<HD>(q, k, v, lse, dout, dq, delta, tokens, heads, kv_heads, window, scale,   \
+                                      softcap);                                                                  \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_backward_dkv_mma##HD(                           \
         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                  \
         const float* __restrict__ lse, const float* __restrict__ dout, const float* __restrict__ delta,         \
         float* __restrict__ dk, float* __restrict__ dv, int tokens, int heads, int kv_heads, int window,        \
-        float scale) {                                                                                           \
+        float scale, float softcap) {                                                                            \
         attention_backward_dkv_mma<HD>(q, k, v, lse, dout, delta, dk, dv, tokens, heads, kv_heads, window,     \
-                                       scale);                                                                   \
+                                       scale, softcap);                                                          \
     }
 FA_BACKWARD(64)
 FA_BACKWARD(128)

@@ -1,5 +1,5 @@
-// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, tanh-approximated GELU, multiply, add,
-// accumulate) and the sum of
+// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, tanh-approximated GELU, soft-capping,
+// multiply, add, accumulate) and the sum of
 // squares of a gradient, forward and backward side by side. Buffers are flat f32 of `n` elements; every
 // kernel is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the CPU
 // (src/runtime/ops/cpu.rs).
@@ -47,6 +47,21 @@ extern "C" __global__ void gelu_tanh_backward(const float* __restrict__ x, const
         float s = rt_sigmoid(2.0f * GELU_K * (v + GELU_C * v * v * v));
         float du = GELU_K * (1.0f + 3.0f * GELU_C * v * v);
         dx[i] += dy[i] * (s + v * s * (1.0f - s) * 2.0f * du);
+    }
+}
+
+// y = c · tanh(x / c) (Gemma 2's final_logit_softcapping)
+extern "C" __global__ void softcap_forward(const float* __restrict__ x, float* __restrict__ y, u64 n, float c) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = c * tanhf(x[i] / c);
+}
+
+// dx += dy (1 − tanh²(x / c))
+extern "C" __global__ void softcap_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                            float* __restrict__ dx, u64 n, float c) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float t = tanhf(x[i] / c);
+        dx[i] += dy[i] * (1.0f - t * t);
     }
 }
 

@@ -44,6 +44,7 @@ CASES = {
     "phi3_longrope": ONE_BY_GRADNORM,
     "gemma_geglu": ONE_BY_GRADNORM,
     "gemma3_sandwich": ONE_BY_GRADNORM,
+    "gemma2_softcap": ONE_BY_GRADNORM,
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma / Gemma 3 checkpoints made with Hugging Face
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 checkpoints made with Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
 
@@ -110,6 +110,16 @@ FIXTURES = [
                                                           rope_theta=1000000.0),
                                    "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
          drop_layer_types=dict(sliding_window_pattern=3), full_attention_loss=True, seed=9),
+    # Gemma 2: soft-capped attention scores (2.0) and logits (5.0), small enough to bite on random weights;
+    # sandwich norms, 1/√query_pre_attn_scalar, a window of 5 on the even layers (layer_types dropped:
+    # Gemma2Config alternates), bf16.
+    dict(name="gemma2_softcap", model_type="gemma2", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-6,
+                  query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=2.0,
+                  final_logit_softcapping=5.0, tie_word_embeddings=True, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_layer_types=True, full_attention_loss=True, seed=10),
 ]
 
 
@@ -132,13 +142,19 @@ def make_model(spec):
         # Round to the stored dtype so the f64 reference sees exactly the checkpoint's values.
         for p in model.parameters():
             p.copy_(p.to(spec["dtype"]).to(torch.float32))
-        # Gemma's √hidden embedding factor, as transformers uses it on the checkpoint: cast to the
-        # weights' dtype (`embed_scale.to(self.weight.dtype)`; a bf16 checkpoint loads in bf16).
-        emb = model.model.embed_tokens
-        if hasattr(emb, "embed_scale"):
-            emb.embed_scale.copy_(emb.embed_scale.to(spec["dtype"]).to(torch.float32))
+        round_embed_scale(model, spec["dtype"])
     model.eval()
     return model
+
+
+def round_embed_scale(model, dtype):
+    """Gemma's √hidden embedding factor as transformers uses it on the checkpoint: cast to the weights'
+    dtype (`embed_scale.to(self.weight.dtype)`; a bf16 checkpoint loads in bf16). A non-persistent buffer:
+    a model given the state_dict needs this too."""
+    emb = model.model.embed_tokens
+    if hasattr(emb, "embed_scale"):
+        with torch.no_grad():
+            emb.embed_scale.copy_(emb.embed_scale.to(dtype).to(torch.float32))
 
 
 def to_old_config(path):
@@ -169,15 +185,16 @@ def full_attention_loss(spec, model, ids):
     cfg = dict(spec["cfg"], sliding_window=None)
     if spec["model_type"] in ("qwen2", "qwen3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] == "gemma3_text":
+    if spec["model_type"] in ("gemma2", "gemma3_text"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
     cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
     full = transformers.AutoModelForCausalLM.from_config(cfg_cls(**cfg, attn_implementation="eager"))
     full.load_state_dict(model.state_dict())
+    round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] == "gemma3_text":
+    if spec["model_type"] in ("gemma2", "gemma3_text"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None

@@ -3,7 +3,8 @@
 //!
 //! * `prune` with the stored arguments removes the same layers;
 //! * the pruned checkpoint, loaded by the engine's runtime, gives PyTorch's float64 logits of the same
-//!   checkpoint (logits = lm_head(RMSNorm(h_L)) from the runtime's last hidden state), and its loss;
+//!   checkpoint (logits = lm_head(RMSNorm(h_L)), soft-capped for Gemma 2, from the runtime's last hidden
+//!   state), and its loss;
 //! * `eval` gives PyTorch's perplexity before and after within 1e-4 relative.
 
 mod common;
@@ -42,7 +43,12 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
         }
         for r in 0..v {
             let wr = &head[r * d..(r + 1) * d];
-            out.push(x.iter().zip(wr).map(|(a, &b)| a * b as f64).sum());
+            let logit: f64 = x.iter().zip(wr).map(|(a, &b)| a * b as f64).sum();
+            // Gemma 2 soft-caps the logits.
+            out.push(match c.final_softcap {
+                Some(cap) => cap as f64 * (logit / cap as f64).tanh(),
+                None => logit,
+            });
         }
     }
     out
@@ -199,4 +205,9 @@ fn gemma_geglu_matches_transformers() {
 #[test]
 fn gemma3_sandwich_pattern_layer_kinds_match_transformers() {
     check_case("gemma3_sandwich");
+}
+
+#[test]
+fn gemma2_softcap_matches_transformers() {
+    check_case("gemma2_softcap");
 }

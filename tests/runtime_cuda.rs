@@ -112,7 +112,11 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
         let (dx0, db0) = (rand_vec(&mut rng, n, 1.0), rand_vec(&mut rng, n, 1.0));
         let (xd, bd, gd) = (up(&dev, &x), up(&dev, &b), up(&dev, &g));
 
-        for act in [Activation::Silu, Activation::GeluTanh] {
+        for act in [
+            Activation::Silu,
+            Activation::GeluTanh,
+            Activation::Softcap(1.7),
+        ] {
             let mut want = vec![0f32; n];
             let mut y = dev.alloc_zeroed(n).unwrap();
             cpu::activation_forward(act, &x, &mut want);
@@ -686,8 +690,10 @@ fn attention_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
             kv_heads,
             head_dim,
             window,
-            // Gemma 3's 1/√query_pre_attn_scalar on one shape, 1/√head_dim on the others.
+            // Gemma 3's 1/√query_pre_attn_scalar on one shape, 1/√head_dim on the others; Gemma 2's
+            // soft-capped scores on two.
             scale: (tokens == 17).then_some(0.0625),
+            softcap: (heads == 2).then_some(1.5),
         };
         let rows = seqs * tokens;
         let (qn, kn, ln) = (
@@ -765,8 +771,10 @@ fn attention_matches_the_cpu_causal_windowed_and_gqa() {
         kv_heads,
         head_dim,
         window,
-        // A scale other than 1/√head_dim (Gemma 3's query_pre_attn_scalar) on the windowed shapes.
+        // A scale other than 1/√head_dim (Gemma 3's query_pre_attn_scalar) on the windowed shapes, Gemma
+        // 2's soft-capping on the odd-length ones.
         scale: window.map(|_| 0.1),
+        softcap: (tokens % 2 == 1).then_some(1.5),
     };
     for (i, sh) in [
         shape(2, 37, 4, 2, 24, None),             // GQA, head_dim below a warp
@@ -1131,7 +1139,8 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
 ///   of 5 on every layer, a padding row in the embedding's backward;
 /// * gemma: the embedding scaled by √hidden (rounded to bf16), norms × (1 + w), the tanh-GELU gate;
 /// * gemma3_text: sandwich norms, per-head q/k norms, 1/√query_pre_attn_scalar on the scores, two
-///   rotary tables (by layer kind), windows by sliding_window_pattern.
+///   rotary tables (by layer kind), windows by sliding_window_pattern;
+/// * gemma2: soft-capped attention scores and logits, windows on the even layers.
 #[test]
 fn decoder_families_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
@@ -1140,6 +1149,7 @@ fn decoder_families_match_the_cpu() {
         "phi3_longrope",
         "gemma_geglu",
         "gemma3_sandwich",
+        "gemma2_softcap",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

@@ -6,7 +6,8 @@
 //! qwen3 bf16 with per-head q/k RMSNorm, head_dim ≠ hidden / heads, biases on q/k/v/o and tied embeddings,
 //! phi3 with fused qkv / gate_up projections, partial rotary, LongRoPE and a sliding window on every layer,
 //! gemma bf16 (embedding × √hidden, norms × (1 + w), tanh-GELU, pad_token_id 0), gemma3_text (sandwich
-//! norms, q/k norms, query_pre_attn_scalar, per-kind rotary, sliding_window_pattern).
+//! norms, q/k norms, query_pre_attn_scalar, per-kind rotary, sliding_window_pattern), gemma2 bf16
+//! (soft-capped attention scores and logits, windows on the even layers).
 
 mod common;
 
@@ -14,7 +15,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 9] = [
+const FIXTURES: [&str; 10] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -24,6 +25,7 @@ const FIXTURES: [&str; 9] = [
     "phi3_longrope",
     "gemma_geglu",
     "gemma3_sandwich",
+    "gemma2_softcap",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -358,4 +360,27 @@ fn gemma3_pattern_windows_match_pytorch() {
     let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
     assert_eq!(windows, [Some(5), Some(5), None, Some(5)]);
     window_matters("gemma3_sandwich", |c| c["sliding_window"] = 4096.into());
+}
+
+/// Gemma 2 windows its even layers (config.json has no `layer_types`); soft-capping bites: the same
+/// weights with the caps lifted far above the scores give another loss.
+#[test]
+fn gemma2_windows_and_soft_caps_match_pytorch() {
+    let (model, tokens) = load("gemma2_softcap");
+    let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
+    assert_eq!(windows, [Some(5), None, Some(5), None]);
+    assert_eq!(
+        (model.config.attn_softcap, model.config.final_softcap),
+        (Some(2.0), Some(5.0))
+    );
+    window_matters("gemma2_softcap", |c| c["sliding_window"] = 4096.into());
+    let capped = model.forward(&tokens, &[], None).unwrap();
+    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        let tmp = edited_copy("gemma2_softcap", |c| c[key] = 1e6.into());
+        let loose = Model::load(tmp.path())
+            .unwrap()
+            .forward(&tokens, &[], None)
+            .unwrap();
+        assert!(rel(loose, capped) > 1e-3, "{key}: {loose} vs {capped}");
+    }
 }

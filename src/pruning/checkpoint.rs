@@ -119,16 +119,20 @@ pub fn pruned_config(
         .and_then(|v| v.as_u64())
         .ok_or_else(|| Error::format(path, "no integer \"num_hidden_layers\""))?
         as usize;
-    // Gemma 3 without `layer_types` derives each layer's kind from its position (every
-    // `sliding_window_pattern`-th full): write the kinds out, so that the kept layers keep theirs.
-    if obj.get("model_type").and_then(|v| v.as_str()) == Some("gemma3_text")
+    // Gemma 2 and 3 without `layer_types` derive each layer's kind from its position (every second, or
+    // every `sliding_window_pattern`-th, full): write the kinds out, so that the kept layers keep theirs.
+    let model_type = obj.get("model_type").and_then(|v| v.as_str());
+    if matches!(model_type, Some("gemma2" | "gemma3_text"))
         && obj.get("layer_types").is_none_or(|v| v.is_null())
     {
-        let pattern = obj
-            .get("sliding_window_pattern")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(6)
-            .max(1) as usize;
+        let pattern = match model_type {
+            Some("gemma2") => 2,
+            _ => obj
+                .get("sliding_window_pattern")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(6)
+                .max(1) as usize,
+        };
         let kinds: Vec<serde_json::Value> = (0..old)
             .map(|l| {
                 if (l + 1) % pattern != 0 {
@@ -428,6 +432,13 @@ mod tests {
         assert_eq!(
             p["layer_types"],
             serde_json::json!(["sliding_attention", "full_attention", "sliding_attention"])
+        );
+        // Gemma 2 alternates, the first layer windowed.
+        let g2 = serde_json::json!({"model_type": "gemma2", "num_hidden_layers": 4});
+        let p = pruned_config(&g2, &[1, 2], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["layer_types"],
+            serde_json::json!(["full_attention", "sliding_attention"])
         );
         // Given kinds are sliced as they are.
         let mut c = c;

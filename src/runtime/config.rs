@@ -1,5 +1,5 @@
 //! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3,
-//! gemma, gemma3_text), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+//! gemma, gemma2, gemma3_text), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
 //! (`rope_parameters`).
 
 use crate::error::{Error, Result};
@@ -71,9 +71,14 @@ pub struct ModelConfig {
     /// The embedding's output factor: √hidden_size (as an f32) for Gemma, else 1; `Model::load` rounds it
     /// to the embedding's stored dtype, as transformers does.
     pub embed_scale: f32,
-    /// The factor on the attention scores: Gemma 3's 1/√query_pre_attn_scalar; `None` is 1/√head_dim.
+    /// The factor on the attention scores: Gemma 2 and 3's 1/√query_pre_attn_scalar; `None` is
+    /// 1/√head_dim.
     pub attn_scale: Option<f32>,
-    /// Gemma 3's sandwich norms: the attention and MLP outputs are normalised before their residual
+    /// Gemma 2's soft-capping of the attention scores (`attn_logit_softcapping`): s ↦ c · tanh(s / c).
+    pub attn_softcap: Option<f32>,
+    /// Gemma 2's soft-capping of the logits (`final_logit_softcapping`).
+    pub final_softcap: Option<f32>,
+    /// Gemma 2 and 3's sandwich norms: the attention and MLP outputs are normalised before their residual
     /// adds (`post_attention_layernorm`, `post_feedforward_layernorm`), and the MLP's input norm is
     /// `pre_feedforward_layernorm`.
     pub sandwich_norms: bool,
@@ -178,7 +183,7 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
-        const TYPES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma3_text";
+        const TYPES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -187,10 +192,10 @@ impl ModelConfig {
         }
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
+        // Gemma 2 and 3 share the sandwich norms and the score scale.
+        let gemma23 = gemma3 || model_type == "gemma2";
         let activation = parse_activation(v, &model_type, path)?;
-        if gemma3 {
-            refuse_gemma3_features(v, path)?;
-        }
+        let (attn_softcap, final_softcap) = parse_softcaps(v, &model_type, path)?;
         let hidden_size = get_size(v, "hidden_size", MAX_SIZE, path)?;
         let num_attention_heads = get_size(v, "num_attention_heads", MAX_SIZE, path)?;
         let num_key_value_heads = check_size(
@@ -242,15 +247,17 @@ impl ModelConfig {
         let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
-            "llama" | "qwen3" | "gemma" | "gemma3_text" => (attention_bias, attention_bias),
+            "llama" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" => {
+                (attention_bias, attention_bias)
+            }
             _ => (false, false), // mistral, phi3
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = model_type == "qwen3" || gemma3;
-        // Gemma 3 scales the scores by 1/√query_pre_attn_scalar (class default 256).
-        let attn_scale = if gemma3 {
+        // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
+        let attn_scale = if gemma23 {
             let s = opt_f64(v, "query_pre_attn_scalar", path)?.unwrap_or(256.0);
             if !(s > 0.0 && s.is_finite()) {
                 return Err(model_err(
@@ -282,7 +289,9 @@ impl ModelConfig {
                 1.0
             },
             attn_scale,
-            sandwich_norms: gemma3,
+            attn_softcap,
+            final_softcap,
+            sandwich_norms: gemma23,
             sliding_rope,
             model_type,
             hidden_size,
@@ -374,6 +383,7 @@ impl ModelConfig {
 /// * phi3: as mistral (Phi3Model is MistralModel's), but the class default is no window.
 /// * gemma3_text: `sliding_window` (absent → 4096) on the layers `layer_types` names "sliding_attention";
 ///   without `layer_types`, every layer but each `sliding_window_pattern`-th (absent → 6).
+/// * gemma2: as gemma3_text with a pattern of 2 (the even layers windowed).
 /// * qwen2: the window is `sliding_window` (absent → 4096) only with `use_sliding_window` true. Layer l is
 ///   windowed when `layer_types[l]` is "sliding_attention" or, without `layer_types`, when the window is on
 ///   and l ≥ `max_window_layers` (absent → 28). A sliding layer without a window is an error there too.
@@ -401,11 +411,15 @@ fn parse_sliding_window(
         Ok(w)
     };
     match model_type {
-        "gemma3_text" => {
+        "gemma2" | "gemma3_text" => {
             let w = window()?;
             let sliding = match v.get("layer_types") {
                 None | Some(Value::Null) => {
-                    let pattern = opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6);
+                    let pattern = if model_type == "gemma2" {
+                        2
+                    } else {
+                        opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6)
+                    };
                     if pattern == 0 {
                         return Err(model_err(path, "field 'sliding_window_pattern' is 0"));
                     }
@@ -572,11 +586,12 @@ fn parse_gemma3_rope(
 }
 
 /// The MLP's gate activation. LLaMA-family types: `hidden_act` silu. Gemma: `hidden_act`, where "gelu" is
-/// the legacy name of the tanh approximation (GemmaConfig rewrites it); Gemma 3: `hidden_activation`.
+/// the legacy name of the tanh approximation (GemmaConfig rewrites it); Gemma 2 and 3:
+/// `hidden_activation`.
 fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activation> {
     let (key, default) = match model_type {
         "gemma" => ("hidden_act", "gelu_pytorch_tanh"),
-        "gemma3_text" => ("hidden_activation", "gelu_pytorch_tanh"),
+        "gemma2" | "gemma3_text" => ("hidden_activation", "gelu_pytorch_tanh"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -596,16 +611,12 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
     }
 }
 
-/// Gemma 3 options the runtime does not implement, refused by name: tanh soft-capping of the attention
-/// scores or the logits (Gemma 2's; off in Gemma 3), bidirectional attention (EmbeddingGemma).
-fn refuse_gemma3_features(v: &Value, path: &Path) -> Result<()> {
-    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
-        if opt_f64(v, key, path)?.is_some() {
-            return Err(model_err(
-                path,
-                format!("field '{key}' is set: soft-capping is not supported"),
-            ));
-        }
+/// Gemma 2 and 3's soft-capping of the attention scores and of the logits: (attn, final), `None` when
+/// off. The config classes' defaults: Gemma 2 50 and 30, Gemma 3 none; null turns one off. Other types
+/// have none. Bidirectional attention (EmbeddingGemma) is refused by name.
+fn parse_softcaps(v: &Value, model_type: &str, path: &Path) -> Result<(Option<f32>, Option<f32>)> {
+    if !matches!(model_type, "gemma2" | "gemma3_text") {
+        return Ok((None, None));
     }
     if opt_bool(v, "use_bidirectional_attention", path)? == Some(true) {
         return Err(model_err(
@@ -613,7 +624,24 @@ fn refuse_gemma3_features(v: &Value, path: &Path) -> Result<()> {
             "field 'use_bidirectional_attention' is true: only causal decoders are supported",
         ));
     }
-    Ok(())
+    let cap = |key: &str, class_default: Option<f64>| -> Result<Option<f32>> {
+        let c = match v.get(key) {
+            None => class_default,
+            Some(_) => opt_f64(v, key, path)?,
+        };
+        match c {
+            Some(c) if !(c > 0.0 && c.is_finite()) => Err(model_err(
+                path,
+                format!("field '{key}' is {c}, not a positive number"),
+            )),
+            c => Ok(c.map(|c| c as f32)),
+        }
+    };
+    let gemma2 = model_type == "gemma2";
+    Ok((
+        cap("attn_logit_softcapping", gemma2.then_some(50.0))?,
+        cap("final_logit_softcapping", gemma2.then_some(30.0))?,
+    ))
 }
 
 /// `pad_token_id` as nn.Embedding takes its `padding_idx`: null → none, absent → the config class's
@@ -1037,17 +1065,37 @@ mod tests {
                 assert!((local[i] / plain(10000.0) - 1.0).abs() < 1e-6);
             }
         }
-        // Soft-capping and bidirectional attention are refused by name.
+        // Soft-capping: none in Gemma 3 unless set; Gemma 2's class defaults 50 and 30, null turns one
+        // off, a non-positive cap is refused. Bidirectional attention is refused by name.
+        let caps = |model_type: &str, extra: Value| {
+            let mut v = v5.clone();
+            v["model_type"] = model_type.into();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            ModelConfig::from_json(&v, p).map(|c| (c.attn_softcap, c.final_softcap))
+        };
+        let none = serde_json::json!({});
+        assert_eq!(caps("gemma3_text", none.clone()).unwrap(), (None, None));
+        assert_eq!(caps("gemma2", none).unwrap(), (Some(50.0), Some(30.0)));
+        let some = serde_json::json!({"attn_logit_softcapping": 20.0,
+            "final_logit_softcapping": null});
+        assert_eq!(caps("gemma2", some).unwrap(), (Some(20.0), None));
         for (key, value) in [
-            ("final_logit_softcapping", serde_json::json!(30.0)),
-            ("attn_logit_softcapping", serde_json::json!(50.0)),
+            ("final_logit_softcapping", serde_json::json!(0.0)),
             ("use_bidirectional_attention", serde_json::json!(true)),
         ] {
-            let mut v = v5.clone();
-            v[key] = value;
-            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            let e = caps("gemma2", serde_json::json!({ key: value }))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{e}");
         }
+        // Gemma 2 windows every second layer, starting with the first (v4 has no layer_types).
+        let mut g2 = v4.clone();
+        g2["model_type"] = "gemma2".into();
+        let c = ModelConfig::from_json(&g2, p).unwrap();
+        let w: Vec<_> = (0..7).map(|l| c.layer_window(l).is_some()).collect();
+        assert_eq!(w, [true, false, true, false, true, false, true]);
     }
 
     /// A size no checkpoint has is refused by name before anything is sized from it (a mistral config

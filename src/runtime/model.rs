@@ -1,14 +1,15 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma3_text) as a tape: embedding
-//! (× √hidden: gemma) → per layer [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3, gemma3) → RoPE
-//! (partial: phi3; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says)
-//! → o (→ RMSNorm: gemma3) → residual → RMSNorm → gated MLP (SiLU, or tanh-GELU: gemma) (→ RMSNorm:
-//! gemma3) → residual] → final RMSNorm → lm_head → cross-entropy. Gemma's norms multiply by 1 + w.
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text) as a tape:
+//! embedding (× √hidden: gemma) → per layer [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3,
+//! gemma3) → RoPE (partial: phi3; per layer kind: gemma3) → causal GQA attention (sliding-window where
+//! the config says; scores soft-capped: gemma2) → o (→ RMSNorm: gemma2/3) → residual → RMSNorm → gated
+//! MLP (SiLU, or tanh-GELU: gemma) (→ RMSNorm: gemma2/3) → residual] → final RMSNorm → lm_head
+//! (→ soft-cap: gemma2) → cross-entropy. Gemma's norms multiply by 1 + w.
 //! Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate projections (row blocks of the
 //! stored matrices, [`Weights::split_rows`]).
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
-use super::ops::{cpu::Cpu, Device};
+use super::ops::{cpu::Cpu, Activation, Device};
 use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, OnHidden, Tokens};
@@ -597,6 +598,7 @@ impl Model {
             head_dim: hd,
             window: None,
             scale: c.attn_scale,
+            softcap: c.attn_softcap,
         };
 
         let embed = tape.param("model.embed_tokens.weight", g_embed, vocab * h);
@@ -635,13 +637,23 @@ impl Model {
         } else {
             tape.param("lm_head.weight", g_head, vocab * h)
         };
-        let logits = tape.buffer("logits", n, vocab);
+        let mut logits = tape.buffer("logits", n, vocab);
         tape.push(op::Linear {
             x: xn,
             w: head,
             b: None,
             out: logits,
         });
+        // Gemma 2 soft-caps the logits (the backward keeps the uncapped ones: one more [n, vocab] buffer).
+        if let Some(cap) = c.final_softcap {
+            let capped = tape.buffer("logits_capped", n, vocab);
+            tape.push(op::Activate {
+                x: logits,
+                act: Activation::Softcap(cap),
+                out: capped,
+            });
+            logits = capped;
+        }
         let lse = tape.buffer("logits_lse", n, 1);
         tape.push(op::CrossEntropy { logits, lse });
         Ok(tape)

@@ -308,8 +308,9 @@ pub fn rope_backward(dy: &[f32], heads: usize, table: &RopeTable, dx: &mut [f32]
 /// Shapes of one attention call. q/out are `[seqs * tokens, heads * head_dim]`, k/v are
 /// `[seqs * tokens, kv_heads * head_dim]`; query head h reads kv head `h / (heads / kv_heads)`.
 /// `window`: with `Some(w)` query i sees keys i − w < j ≤ i (sliding-window attention, transformers'
-/// convention), with `None` all j ≤ i. `scale` multiplies the scores q·k: `None` is 1/√head_dim, Gemma 3
-/// sets 1/√query_pre_attn_scalar.
+/// convention), with `None` all j ≤ i. `scale` multiplies the scores q·k: `None` is 1/√head_dim, Gemma 2
+/// and 3 set 1/√query_pre_attn_scalar. `softcap`: Gemma 2's soft-capping of the scaled scores,
+/// s ↦ c · tanh(s / c), before the mask and the softmax.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub seqs: usize,
@@ -319,6 +320,7 @@ pub struct AttnShape {
     pub head_dim: usize,
     pub window: Option<usize>,
     pub scale: Option<f32>,
+    pub softcap: Option<f32>,
 }
 
 impl AttnShape {
@@ -424,8 +426,13 @@ fn attention_forward_blocked(
                 for i in rows.clone() {
                     let row = &mut p[i * t + cols.start..i * t + cols.end];
                     let vis = sh.visible(i);
-                    lse_rows[i] =
-                        masked_softmax_row(row, vis.start - cols.start..vis.end - cols.start);
+                    let live = vis.start - cols.start..vis.end - cols.start;
+                    if let Some(c) = sh.softcap {
+                        row[live.clone()]
+                            .iter_mut()
+                            .for_each(|x| *x = c * (*x / c).tanh());
+                    }
+                    lse_rows[i] = masked_softmax_row(row, live);
                 }
                 matmul(
                     &mut tile[rows.start * d..],
@@ -556,6 +563,8 @@ fn attention_backward_blocked(
             let mut dv_t = vec![0f32; t * d];
             let mut dp = vec![0f32; t * t];
             let mut p = vec![0f32; t * t];
+            // With soft-capping, d(capped)/d(score) = 1 − tanh² per visible score.
+            let mut cap_slope = vec![0f32; if sh.softcap.is_some() { t * t } else { 0 }];
             let mut dq_tiles = Vec::with_capacity(grp);
             for h in g * grp..(g + 1) * grp {
                 let lse_rows = &lse[(s * sh.heads + h) * t..(s * sh.heads + h + 1) * t];
@@ -568,6 +577,15 @@ fn attention_backward_blocked(
                         let row = &mut p[i * t + cols.start..i * t + cols.end];
                         let vis = sh.visible(i);
                         let (a, b) = (vis.start - cols.start, vis.end - cols.start);
+                        if let Some(c) = sh.softcap {
+                            let o = i * t + cols.start;
+                            let slope = &mut cap_slope[o + a..o + b];
+                            for (x, sl) in row[a..b].iter_mut().zip(slope) {
+                                let th = (*x / c).tanh();
+                                *sl = 1.0 - th * th;
+                                *x = c * th;
+                            }
+                        }
                         row[..a].fill(0.0);
                         vmath::exp_in_place_scaled(&mut row[a..b], lse_rows[i], 1.0);
                         row[b..].fill(0.0);
@@ -602,6 +620,10 @@ fn attention_backward_blocked(
                         let (live, after) = rest.split_at_mut(b - a);
                         for (x, &pj) in live.iter_mut().zip(&pr[a..b]) {
                             *x = (pj as f64 * (*x as f64 - dot)) as f32;
+                        }
+                        if sh.softcap.is_some() {
+                            let slope = &cap_slope[o + a..o + b];
+                            live.iter_mut().zip(slope).for_each(|(x, &sl)| *x *= sl);
                         }
                         before.fill(0.0);
                         after.fill(0.0);
@@ -658,24 +680,24 @@ const CHUNK: usize = 16_384;
 
 /// `y = act(x)` (the kernels in [`vmath`]).
 pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
-    let f = match act {
-        Activation::Silu => vmath::silu,
-        Activation::GeluTanh => vmath::gelu_tanh,
-    };
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| f(xc, yc));
+        .for_each(|(yc, xc)| match act {
+            Activation::Silu => vmath::silu(xc, yc),
+            Activation::GeluTanh => vmath::gelu_tanh(xc, yc),
+            Activation::Softcap(c) => vmath::softcap(xc, yc, c),
+        });
 }
 
 /// `dx += act'(x) dy`; SiLU: σ(x) (1 + x (1 − σ(x))).
 pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    let f = match act {
-        Activation::Silu => vmath::silu_backward,
-        Activation::GeluTanh => vmath::gelu_tanh_backward,
-    };
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| f(xc, gc, dc));
+        .for_each(|(dc, (xc, gc))| match act {
+            Activation::Silu => vmath::silu_backward(xc, gc, dc),
+            Activation::GeluTanh => vmath::gelu_tanh_backward(xc, gc, dc),
+            Activation::Softcap(c) => vmath::softcap_backward(xc, gc, dc, c),
+        });
 }
 
 pub fn mul_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
@@ -1345,6 +1367,7 @@ mod tests {
             head_dim: 3,
             window: None,
             scale: None,
+            softcap: None,
         };
         check_attention(sh, 8);
         // A scale other than 1/√head_dim (Gemma 3): its gradients, and it acts as scaling q would.
@@ -1379,6 +1402,7 @@ mod tests {
             head_dim: 3,
             window: Some(3),
             scale: None,
+            softcap: None,
         };
         assert_eq!(sh.visible(0), 0..1);
         assert_eq!(sh.visible(2), 0..3);
@@ -1392,11 +1416,64 @@ mod tests {
         assert!((0..7).all(|i| long.visible(i) == (AttnShape { window: None, ..sh }).visible(i)));
     }
 
+    /// Gemma 2's soft-capped scores, c · tanh(s / c): gradients (windowed, GQA), and one output row
+    /// against the formula written out.
+    #[test]
+    fn attention_gradients_soft_capped() {
+        let sh = AttnShape {
+            seqs: 2,
+            tokens: 7,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 3,
+            window: Some(4),
+            scale: None,
+            softcap: Some(0.7),
+        };
+        check_attention(sh, 12);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let (nq, nk) = (2 * 7 * 4 * 3, 2 * 7 * 2 * 3);
+        let (q, k, v) = (
+            rand_vec(&mut rng, nq)
+                .iter()
+                .map(|x| 3.0 * x)
+                .collect::<Vec<_>>(),
+            rand_vec(&mut rng, nk),
+            rand_vec(&mut rng, nk),
+        );
+        let (mut o, mut lse) = (vec![0.0; nq], vec![0.0; 2 * 4 * 7]);
+        attention_forward(&q, &k, &v, sh, &mut o, &mut lse);
+        // Sequence 1, query head 3 (kv head 1), row 5: keys 2..=5.
+        let (s, h, g, i) = (1usize, 3usize, 1usize, 5usize);
+        let qi = &q[(s * 7 + i) * 12 + h * 3..][..3];
+        let scores: Vec<f64> = (2..=5)
+            .map(|j| {
+                let kj = &k[(s * 7 + j) * 6 + g * 3..][..3];
+                let dot: f64 = qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let sc = dot / 3f64.sqrt();
+                0.7 * (sc / 0.7).tanh()
+            })
+            .collect();
+        let z: f64 = scores.iter().map(|x| x.exp()).sum();
+        for d in 0..3 {
+            let want: f64 = (2..=5)
+                .zip(&scores)
+                .map(|(j, sc)| sc.exp() / z * v[(s * 7 + j) * 6 + g * 3 + d] as f64)
+                .sum();
+            let got = o[(s * 7 + i) * 12 + h * 3 + d] as f64;
+            assert!((got - want).abs() < 1e-5, "value {d}: {got} vs {want}");
+        }
+    }
+
     #[test]
     fn activation_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let n = 40;
-        for act in [Activation::Silu, Activation::GeluTanh] {
+        for act in [
+            Activation::Silu,
+            Activation::GeluTanh,
+            Activation::Softcap(1.7),
+        ] {
             let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
             check_grads(
                 vec![x],

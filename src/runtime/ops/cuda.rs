@@ -924,8 +924,10 @@ impl CudaDevice {
         Ok((host.iter().sum(), count))
     }
 
-    /// The attention kernels' scalar arguments: (seqs, tokens, heads, kv_heads, head_dim, window, scale).
-    fn attn_args(&self, sh: &AttnShape) -> Result<(i32, i32, i32, i32, i32, i32, f32)> {
+    /// The attention kernels' scalar arguments: (seqs, tokens, heads, kv_heads, head_dim, window, scale,
+    /// softcap; 0 = none).
+    #[allow(clippy::type_complexity)]
+    fn attn_args(&self, sh: &AttnShape) -> Result<(i32, i32, i32, i32, i32, i32, f32, f32)> {
         if sh.head_dim == 0 || sh.head_dim > MAX_HEAD_DIM {
             return Err(Error::cuda(format!(
                 "attention: head_dim {} outside 1..={MAX_HEAD_DIM}",
@@ -955,6 +957,15 @@ impl CudaDevice {
             // cannot overflow an int.
             int(sh.window.filter(|&w| w < sh.tokens).unwrap_or(0), "window")?,
             sh.scale(),
+            match sh.softcap {
+                Some(c) if c > 0.0 && c.is_finite() => c,
+                None => 0.0,
+                Some(c) => {
+                    return Err(Error::invalid(format!(
+                        "attention: soft-cap {c} is not a positive number"
+                    )))
+                }
+            },
         ))
     }
 }
@@ -1378,7 +1389,7 @@ impl Device for CudaDevice {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (seqs, tokens, heads, kv, hd, window, scale) = self.attn_args(&shape)?;
+        let (seqs, tokens, heads, kv, hd, window, scale, softcap) = self.attn_args(&shape)?;
         check_attn(&shape, q.len(), k.len(), v.len(), out.len(), lse.len())?;
         let warps = shape.seqs * shape.heads * shape.tokens;
         if warps == 0 {
@@ -1410,6 +1421,7 @@ impl Device for CudaDevice {
                     kv,
                     window,
                     scale,
+                    softcap,
                 )
             };
         }
@@ -1431,6 +1443,7 @@ impl Device for CudaDevice {
                 hd,
                 window,
                 scale,
+                softcap,
             )
         }
     }
@@ -1446,7 +1459,7 @@ impl Device for CudaDevice {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (seqs, tokens, heads, kv, hd, window, scale) = self.attn_args(&shape)?;
+        let (seqs, tokens, heads, kv, hd, window, scale, softcap) = self.attn_args(&shape)?;
         check_attn(&shape, q.len(), k.len(), v.len(), dout.len(), lse.len())?;
         check_len(dq.len(), q.len(), "attention dq")?;
         check_len(dk.len(), k.len(), "attention dk")?;
@@ -1481,11 +1494,12 @@ impl Device for CudaDevice {
             // SAFETY: sizes checked above, delta as lse; the kernels' head dimension is the shape's.
             return unsafe {
                 fdq.launch(
-                    s, dq_cfg, q, k, v, lse, dout, dq, &mut delta, tokens, heads, kv, window, scale,
+                    s, dq_cfg, q, k, v, lse, dout, dq, &mut delta, tokens, heads, kv, window,
+                    scale, softcap,
                 )?;
                 fdkv.launch(
                     s, dkv_cfg, q, k, v, lse, dout, &delta, dk, dv, tokens, heads, kv, window,
-                    scale,
+                    scale, softcap,
                 )
             };
         }
@@ -1496,11 +1510,11 @@ impl Device for CudaDevice {
         unsafe {
             kern.attention_backward_dq.launch(
                 s, dq_cfg, q, k, v, lse, dout, dq, &mut delta, seqs, tokens, heads, kv, hd, window,
-                scale,
+                scale, softcap,
             )?;
             kern.attention_backward_dkv.launch(
                 s, dkv_cfg, q, k, v, lse, dout, &delta, dk, dv, seqs, tokens, heads, kv, hd,
-                window, scale,
+                window, scale, softcap,
             )
         }
     }
@@ -1511,14 +1525,16 @@ impl Device for CudaDevice {
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         check_len(y.len(), x.len(), "activation output")?;
-        let c = self.ew_cfg(x.len())?;
+        let (c, n, s) = (self.ew_cfg(x.len())?, x.len() as u64, self.s());
         let kern = self.k();
-        let f = match act {
-            Activation::Silu => &kern.silu_forward,
-            Activation::GeluTanh => &kern.gelu_tanh_forward,
-        };
         // SAFETY: x and y hold n values.
-        unsafe { f.launch(self.s(), c, x, y, x.len() as u64) }
+        unsafe {
+            match act {
+                Activation::Silu => kern.silu_forward.launch(s, c, x, y, n),
+                Activation::GeluTanh => kern.gelu_tanh_forward.launch(s, c, x, y, n),
+                Activation::Softcap(cap) => kern.softcap_forward.launch(s, c, x, y, n, cap),
+            }
+        }
     }
     fn activation_backward(
         &self,
@@ -1528,11 +1544,20 @@ impl Device for CudaDevice {
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let kern = self.k();
-        let f = match act {
-            Activation::Silu => &kern.silu_backward,
-            Activation::GeluTanh => &kern.gelu_tanh_backward,
-        };
-        self.binary(f, x, dy, dx)
+        match act {
+            Activation::Silu => self.binary(&kern.silu_backward, x, dy, dx),
+            Activation::GeluTanh => self.binary(&kern.gelu_tanh_backward, x, dy, dx),
+            Activation::Softcap(cap) => {
+                check_len(dy.len(), x.len(), "softcap output gradient")?;
+                check_len(dx.len(), x.len(), "softcap input gradient")?;
+                let c = self.ew_cfg(x.len())?;
+                // SAFETY: x, dy and dx hold n values.
+                unsafe {
+                    kern.softcap_backward
+                        .launch(self.s(), c, x, dy, dx, x.len() as u64, cap)
+                }
+            }
+        }
     }
     fn mul_forward(
         &self,

@@ -66,15 +66,18 @@ impl RopeTable {
     }
 }
 
-/// The gate activation of a gated MLP (`act(gate) ⊙ up`): the config's `hidden_act` /
-/// `hidden_activation`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An elementwise function of the tape ([`crate::runtime::tape::op::Activate`]): the gate activation of a
+/// gated MLP (`act(gate) ⊙ up`, the config's `hidden_act` / `hidden_activation`), or Gemma 2's
+/// soft-capping of the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     /// `x σ(x)` (LLaMA's SwiGLU).
     Silu,
     /// `x/2 (1 + tanh(√(2/π) (x + 0.044715 x³)))` (PyTorch's `gelu(approximate="tanh")`, Gemma's
     /// GeGLU).
     GeluTanh,
+    /// `c · tanh(x / c)` (Gemma 2's `final_logit_softcapping`).
+    Softcap(f32),
 }
 
 /// How a device computes the linear layers' matrix products (`--matmul`).
@@ -410,6 +413,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
         head_dim: 8,
         window: Some(5),
         scale: None,
+        softcap: None,
     };
     let rows = shape.seqs * shape.tokens;
     let (qd, kvd) = (
@@ -454,6 +458,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
             head_dim: 64,
             window: None,
             scale: None,
+            softcap: None,
         };
         let (qn, kn) = (70 * 2 * 64, 70 * 64);
         let (q, kk, v) = (rand_vec(qn), rand_vec(kn), rand_vec(kn));

@@ -185,6 +185,22 @@ simd_kernel! {
     }
 }
 
+/// `y = c · tanh(x / c)` (scalar `tanh`: it runs once per logit, where the MLP's activations run on
+/// every intermediate value).
+pub fn softcap(x: &[f32], y: &mut [f32], c: f32) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = c * (v / c).tanh();
+    }
+}
+
+/// `dx += dy (1 − tanh²(x / c))`.
+pub fn softcap_backward(x: &[f32], dy: &[f32], dx: &mut [f32], c: f32) {
+    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+        let t = (v / c).tanh();
+        *d += g * (1.0 - t * t);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

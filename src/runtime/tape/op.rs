@@ -315,7 +315,8 @@ impl<D: Device> TapeOp<D> for Attention {
     }
 }
 
-/// out = act(x): the gate of a gated MLP (SiLU, or Gemma's tanh-approximated GELU).
+/// out = act(x): the gate of a gated MLP (SiLU, or Gemma's tanh-approximated GELU), or Gemma 2's
+/// soft-capped logits.
 #[derive(Clone, Debug)]
 pub struct Activate {
     pub x: BufId,
@@ -329,6 +330,7 @@ impl<D: Device> TapeOp<D> for Activate {
             kind: match self.act {
                 Activation::Silu => "silu",
                 Activation::GeluTanh => "gelu_tanh",
+                Activation::Softcap(_) => "softcap",
             },
             inputs: vec![self.x],
             outputs: vec![self.out],

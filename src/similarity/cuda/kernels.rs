@@ -459,6 +459,10 @@ signatures! {
     Unary(x: In<f32>, y: Out<f32>, n: u64);
     /// silu_backward, gelu_tanh_backward, mul_forward, add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
+    /// softcap_forward
+    SoftcapForward(x: In<f32>, y: Out<f32>, n: u64, c: f32);
+    /// softcap_backward
+    SoftcapBackward(x: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, c: f32);
     /// mul_backward
     MulBackward(a: In<f32>, b: In<f32>, dy: In<f32>, da: Out<f32>, db: Out<f32>, n: u64);
     /// accumulate
@@ -491,26 +495,26 @@ signatures! {
                             lse: Out<f32>, row_loss: Out<f64>);
     /// attention_forward (SIMT, any head dimension)
     AttentionForward(q: In<f32>, k: In<f32>, v: In<f32>, out: Out<f32>, lse: Out<f32>, seqs: i32,
-                     tokens: i32, heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32);
+                     tokens: i32, heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32);
     /// attention_backward_dq
     AttentionBackwardDq(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                         dq: Out<f32>, delta: Out<f32>, seqs: i32, tokens: i32, heads: i32,
-                        kv_heads: i32, head_dim: i32, window: i32, scale: f32);
+                        kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32);
     /// attention_backward_dkv
     AttentionBackwardDkv(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                          delta: In<f32>, dk: Out<f32>, dv: Out<f32>, seqs: i32, tokens: i32,
-                         heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32);
+                         heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32);
     /// attention_forward_mma64, attention_forward_mma128 (tensor cores; the head dimension is the kernel's)
     AttentionForwardMma(q: In<f32>, k: In<f32>, v: In<f32>, out: Out<f32>, lse: Out<f32>,
-                        tokens: i32, heads: i32, kv_heads: i32, window: i32, scale: f32);
+                        tokens: i32, heads: i32, kv_heads: i32, window: i32, scale: f32, softcap: f32);
     /// attention_backward_dq_mma64, attention_backward_dq_mma128
     AttentionBackwardDqMma(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                            dq: Out<f32>, delta: Out<f32>, tokens: i32, heads: i32, kv_heads: i32,
-                           window: i32, scale: f32);
+                           window: i32, scale: f32, softcap: f32);
     /// attention_backward_dkv_mma64, attention_backward_dkv_mma128
     AttentionBackwardDkvMma(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                             delta: In<f32>, dk: Out<f32>, dv: Out<f32>, tokens: i32, heads: i32,
-                            kv_heads: i32, window: i32, scale: f32);
+                            kv_heads: i32, window: i32, scale: f32, softcap: f32);
     /// linear_forward: y = x wᵀ (+ b; `None` = no bias), f32 weights
     LinearForward(x: In<f32>, w: In<f32>, b: In<f32>, y: Out<f32>, n: i32, k: i32, m: i32);
     /// linear_forward_bf16: the same with bf16 weights (their bits as u16)
@@ -574,6 +578,8 @@ kernel_table! {
             silu_backward: Binary,
             gelu_tanh_forward: Unary,
             gelu_tanh_backward: Binary,
+            softcap_forward: SoftcapForward,
+            softcap_backward: SoftcapBackward,
             mul_forward: Binary,
             mul_backward: MulBackward,
             add_forward: Binary,
