@@ -45,6 +45,7 @@ CASES = {
     "gemma_geglu": ONE_BY_GRADNORM,
     "gemma3_sandwich": ONE_BY_GRADNORM,
     "gemma2_softcap": ONE_BY_GRADNORM,
+    "olmo2_post_norm": ONE_BY_GRADNORM,
 }
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 checkpoints made with Hugging Face
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2
+checkpoints made with Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
 
@@ -120,6 +121,13 @@ FIXTURES = [
                   final_logit_softcapping=5.0, tie_word_embeddings=True, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          drop_layer_types=True, full_attention_loss=True, seed=10),
+    # OLMo 2: norms after the attention and the MLP only (no input norms), q and k RMS-normalised over
+    # the whole projection (64 and 32 wide), untied, pad_token_id left to the class default (1).
+    dict(name="olmo2_post_norm", model_type="olmo2", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6,
+                  rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+         seed=11),
 ]
 
 

@@ -211,3 +211,8 @@ fn gemma3_sandwich_pattern_layer_kinds_match_transformers() {
 fn gemma2_softcap_matches_transformers() {
     check_case("gemma2_softcap");
 }
+
+#[test]
+fn olmo2_post_norm_matches_transformers() {
+    check_case("olmo2_post_norm");
+}

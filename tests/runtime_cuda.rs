@@ -1140,7 +1140,8 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
 /// * gemma: the embedding scaled by √hidden (rounded to bf16), norms × (1 + w), the tanh-GELU gate;
 /// * gemma3_text: sandwich norms, per-head q/k norms, 1/√query_pre_attn_scalar on the scores, two
 ///   rotary tables (by layer kind), windows by sliding_window_pattern;
-/// * gemma2: soft-capped attention scores and logits, windows on the even layers.
+/// * gemma2: soft-capped attention scores and logits, windows on the even layers;
+/// * olmo2: norms after the attention and the MLP only, q/k norms over the whole projections.
 #[test]
 fn decoder_families_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
@@ -1150,6 +1151,7 @@ fn decoder_families_match_the_cpu() {
         "gemma_geglu",
         "gemma3_sandwich",
         "gemma2_softcap",
+        "olmo2_post_norm",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

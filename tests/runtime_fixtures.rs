@@ -7,7 +7,8 @@
 //! phi3 with fused qkv / gate_up projections, partial rotary, LongRoPE and a sliding window on every layer,
 //! gemma bf16 (embedding × √hidden, norms × (1 + w), tanh-GELU, pad_token_id 0), gemma3_text (sandwich
 //! norms, q/k norms, query_pre_attn_scalar, per-kind rotary, sliding_window_pattern), gemma2 bf16
-//! (soft-capped attention scores and logits, windows on the even layers).
+//! (soft-capped attention scores and logits, windows on the even layers), olmo2 (norms after the attention
+//! and the MLP only, q/k norms over the whole projections).
 
 mod common;
 
@@ -15,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 10] = [
+const FIXTURES: [&str; 11] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -26,6 +27,7 @@ const FIXTURES: [&str; 10] = [
     "gemma_geglu",
     "gemma3_sandwich",
     "gemma2_softcap",
+    "olmo2_post_norm",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {

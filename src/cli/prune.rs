@@ -157,8 +157,8 @@ impl SglpArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("budget").required(true).args(["remove", "target_layers"])))]
 pub struct PruneArgs {
-    /// Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text),
-    /// or with --arch a CNN's `state_dict` (safetensors).
+    /// Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2,
+    /// gemma3_text, olmo2), or with --arch a CNN's `state_dict` (safetensors).
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]

@@ -1,5 +1,5 @@
 //! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3,
-//! gemma, gemma2, gemma3_text), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+//! gemma, gemma2, gemma3_text, olmo2), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
 //! (`rope_parameters`).
 
 use crate::error::{Error, Result};
@@ -32,6 +32,58 @@ pub enum RopeScaling {
     },
 }
 
+/// Where a decoder block's RMSNorms sit, by their checkpoint names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockNorms {
+    /// LLaMA: `input_layernorm` before the attention, `post_attention_layernorm` before the MLP.
+    Pre,
+    /// Gemma 2 and 3: `input_layernorm` before the attention, `post_attention_layernorm` on its output
+    /// (before the residual add), `pre_feedforward_layernorm` before the MLP, `post_feedforward_layernorm`
+    /// on its output.
+    Sandwich,
+    /// OLMo 2: the inputs unnormalised, `post_attention_layernorm` and `post_feedforward_layernorm` on the
+    /// two outputs.
+    Post,
+}
+
+impl BlockNorms {
+    /// The norms' names: [before the attention, before the MLP, on the attention's output, on the MLP's
+    /// output]; `None` where there is none.
+    pub fn names(self) -> [Option<&'static str>; 4] {
+        match self {
+            BlockNorms::Pre => [
+                Some("input_layernorm"),
+                Some("post_attention_layernorm"),
+                None,
+                None,
+            ],
+            BlockNorms::Sandwich => [
+                Some("input_layernorm"),
+                Some("pre_feedforward_layernorm"),
+                Some("post_attention_layernorm"),
+                Some("post_feedforward_layernorm"),
+            ],
+            BlockNorms::Post => [
+                None,
+                None,
+                Some("post_attention_layernorm"),
+                Some("post_feedforward_layernorm"),
+            ],
+        }
+    }
+}
+
+/// RMSNorm of the queries and keys (weights `self_attn.q_norm` / `k_norm`), after the projections and
+/// before the rotary embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    Off,
+    /// Over each head, `head_dim` long (Qwen3, Gemma 3).
+    PerHead,
+    /// Over the whole projection, `heads · head_dim` long (OLMo 2).
+    Whole,
+}
+
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     pub model_type: String,
@@ -56,9 +108,8 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// o_proj carries a bias (llama and qwen3 with `attention_bias`).
     pub o_bias: bool,
-    /// Each head of q and of k is RMS-normalised (weights `self_attn.q_norm` / `k_norm`, `head_dim`
-    /// long) before the rotary embedding (qwen3).
-    pub qk_norm: bool,
+    /// The RMSNorm of q and k, if any.
+    pub qk_norm: QkNorm,
     /// gate/up/down carry a bias (llama with `mlp_bias`).
     pub mlp_bias: bool,
     /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up as one `mlp.gate_up_proj`
@@ -78,10 +129,8 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f32>,
     /// Gemma 2's soft-capping of the logits (`final_logit_softcapping`).
     pub final_softcap: Option<f32>,
-    /// Gemma 2 and 3's sandwich norms: the attention and MLP outputs are normalised before their residual
-    /// adds (`post_attention_layernorm`, `post_feedforward_layernorm`), and the MLP's input norm is
-    /// `pre_feedforward_layernorm`.
-    pub sandwich_norms: bool,
+    /// Where the block's norms sit.
+    pub block_norms: BlockNorms,
     /// The rotary embedding of the sliding-window layers when it differs from the others' (Gemma 3:
     /// `rope_local_base_freq`, no scaling): (theta, scaling).
     pub sliding_rope: Option<(f64, RopeScaling)>,
@@ -183,7 +232,7 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
-        const TYPES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text";
+        const TYPES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -247,7 +296,7 @@ impl ModelConfig {
         let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
-            "llama" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" => {
+            "llama" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2" => {
                 (attention_bias, attention_bias)
             }
             _ => (false, false), // mistral, phi3
@@ -255,7 +304,11 @@ impl ModelConfig {
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
-        let qk_norm = model_type == "qwen3" || gemma3;
+        let qk_norm = match model_type.as_str() {
+            "qwen3" | "gemma3_text" => QkNorm::PerHead,
+            "olmo2" => QkNorm::Whole,
+            _ => QkNorm::Off,
+        };
         // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
         let attn_scale = if gemma23 {
             let s = opt_f64(v, "query_pre_attn_scalar", path)?.unwrap_or(256.0);
@@ -270,13 +323,20 @@ impl ModelConfig {
             None
         };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
-        let pad_token_id = parse_pad_token_id(v, vocab_size, gemma, path)?;
+        let pad_token_id = parse_pad_token_id(v, vocab_size, &model_type, path)?;
         Ok(ModelConfig {
             vocab_size,
             pad_token_id,
             intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
             num_hidden_layers,
-            rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
+            // The config classes' defaults: 1e-5 for Phi-3 and OLMo 2, 1e-6 for the others.
+            rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(
+                if matches!(model_type.as_str(), "phi3" | "olmo2") {
+                    1e-5
+                } else {
+                    1e-6
+                },
+            ),
             // Gemma's config class ties by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(gemma),
             mlp_bias: model_type == "llama" && mlp_bias,
@@ -291,7 +351,11 @@ impl ModelConfig {
             attn_scale,
             attn_softcap,
             final_softcap,
-            sandwich_norms: gemma23,
+            block_norms: match model_type.as_str() {
+                "olmo2" => BlockNorms::Post,
+                _ if gemma23 => BlockNorms::Sandwich,
+                _ => BlockNorms::Pre,
+            },
             sliding_rope,
             model_type,
             hidden_size,
@@ -645,11 +709,17 @@ fn parse_softcaps(v: &Value, model_type: &str, path: &Path) -> Result<(Option<f3
 }
 
 /// `pad_token_id` as nn.Embedding takes its `padding_idx`: null → none, absent → the config class's
-/// default (0 for Gemma, none for the others), negative → counted from the end of the vocabulary,
-/// outside it → an error (PyTorch refuses it too).
-fn parse_pad_token_id(v: &Value, vocab: usize, gemma: bool, path: &Path) -> Result<Option<usize>> {
+/// default (0 for Gemma, 1 for OLMo 2, none for the others), negative → counted from the end of the
+/// vocabulary, outside it → an error (PyTorch refuses it too).
+fn parse_pad_token_id(
+    v: &Value,
+    vocab: usize,
+    model_type: &str,
+    path: &Path,
+) -> Result<Option<usize>> {
     let id = match v.get("pad_token_id") {
-        None if gemma => 0,
+        None if model_type.starts_with("gemma") => 0,
+        None if model_type == "olmo2" => 1,
         None | Some(Value::Null) => return Ok(None),
         Some(x) => x
             .as_i64()
@@ -813,14 +883,17 @@ mod tests {
             v["model_type"] = model_type.into();
             v["attention_bias"] = attention_bias.into();
             let c = ModelConfig::from_json(&v, p).unwrap();
-            (c.qkv_bias, c.o_bias, c.qk_norm)
+            (c.qkv_bias, c.o_bias, c.qk_norm, c.block_norms)
         };
-        assert_eq!(parts("llama", false), (false, false, false));
-        assert_eq!(parts("llama", true), (true, true, false));
-        assert_eq!(parts("mistral", true), (false, false, false));
-        assert_eq!(parts("qwen2", false), (true, false, false));
-        assert_eq!(parts("qwen3", false), (false, false, true));
-        assert_eq!(parts("qwen3", true), (true, true, true));
+        use {BlockNorms::*, QkNorm::*};
+        assert_eq!(parts("llama", false), (false, false, Off, Pre));
+        assert_eq!(parts("llama", true), (true, true, Off, Pre));
+        assert_eq!(parts("mistral", true), (false, false, Off, Pre));
+        assert_eq!(parts("qwen2", false), (true, false, Off, Pre));
+        assert_eq!(parts("qwen3", false), (false, false, PerHead, Pre));
+        assert_eq!(parts("qwen3", true), (true, true, PerHead, Pre));
+        assert_eq!(parts("olmo2", false), (false, false, Whole, Post));
+        assert_eq!(parts("gemma2", true), (true, true, Off, Sandwich));
     }
 
     /// Expected values from transformers 5.23's MistralConfig / Qwen2Config (`sliding_window`,
@@ -992,6 +1065,12 @@ mod tests {
         assert_eq!(pad((-1).into()).unwrap(), Some(99));
         let e = pad(100.into()).unwrap_err().to_string();
         assert!(e.contains("pad_token_id") && e.contains("100"), "{e}");
+        // Absent: the config class's default (OLMo 2: 1, and its rms_norm_eps 1e-5).
+        let mut v = base();
+        v["model_type"] = "olmo2".into();
+        v.as_object_mut().unwrap().remove("rms_norm_eps");
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!((c.pad_token_id, c.rms_norm_eps), (Some(1), 1e-5));
     }
 
     /// Gemma and Gemma 3 as their config classes read them (transformers 5.25): class defaults (head_dim
@@ -1010,7 +1089,8 @@ mod tests {
         );
         assert_eq!((c.activation, c.norm_offset), (Activation::GeluTanh, 1.0));
         assert_eq!(c.embed_scale, 32f32.sqrt());
-        assert!(!c.qk_norm && !c.sandwich_norms && c.attn_scale.is_none());
+        assert_eq!((c.qk_norm, c.block_norms), (QkNorm::Off, BlockNorms::Pre));
+        assert!(c.attn_scale.is_none());
         g["hidden_act"] = "silu".into();
         let e = ModelConfig::from_json(&g, p).unwrap_err().to_string();
         assert!(e.contains("hidden_act 'silu'"), "{e}");
@@ -1052,7 +1132,10 @@ mod tests {
         ]);
         for v in [&v4, &v5] {
             let c = ModelConfig::from_json(v, p).unwrap();
-            assert!(c.qk_norm && c.sandwich_norms);
+            assert_eq!(
+                (c.qk_norm, c.block_norms),
+                (QkNorm::PerHead, BlockNorms::Sandwich)
+            );
             assert_eq!(c.attn_scale, Some(0.125));
             let w: Vec<_> = (0..7).map(|l| c.layer_window(l).is_some()).collect();
             assert_eq!(w, [true, true, false, true, true, false, true]);

@@ -1,13 +1,14 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text) as a tape:
-//! embedding (× √hidden: gemma) → per layer [RMSNorm → q/k/v (→ per-head RMSNorm of q and k: qwen3,
-//! gemma3) → RoPE (partial: phi3; per layer kind: gemma3) → causal GQA attention (sliding-window where
-//! the config says; scores soft-capped: gemma2) → o (→ RMSNorm: gemma2/3) → residual → RMSNorm → gated
-//! MLP (SiLU, or tanh-GELU: gemma) (→ RMSNorm: gemma2/3) → residual] → final RMSNorm → lm_head
-//! (→ soft-cap: gemma2) → cross-entropy. Gemma's norms multiply by 1 + w.
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2) as a
+//! tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) → q/k/v (→ RMSNorm of q and k:
+//! per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3; per layer kind: gemma3) →
+//! causal GQA attention (sliding-window where the config says; scores soft-capped: gemma2) → o (→ RMSNorm:
+//! gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP (SiLU, or tanh-GELU: gemma) (→ RMSNorm:
+//! gemma2/3, olmo2) → residual] → final RMSNorm → lm_head (→ soft-cap: gemma2) → cross-entropy. Gemma's
+//! norms multiply by 1 + w. Where the norms sit: `BlockNorms`.
 //! Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate projections (row blocks of the
 //! stored matrices, [`Weights::split_rows`]).
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, QkNorm};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, Device};
 use super::tape::{op, BufId, Pool, Tape};
@@ -299,11 +300,8 @@ impl Model {
             let mut t = |name: &str, shape: Vec<usize>| {
                 out.push((format!("model.layers.{l}.{name}"), shape))
             };
-            t("input_layernorm.weight", vec![h]);
-            t("post_attention_layernorm.weight", vec![h]);
-            if c.sandwich_norms {
-                t("pre_feedforward_layernorm.weight", vec![h]);
-                t("post_feedforward_layernorm.weight", vec![h]);
+            for norm in c.block_norms.names().into_iter().flatten() {
+                t(&format!("{norm}.weight"), vec![h]);
             }
             let linears = if c.fused_projections {
                 vec![
@@ -329,9 +327,16 @@ impl Model {
                     t(&format!("{name}.bias"), vec![rows]);
                 }
             }
-            if c.qk_norm {
-                t("self_attn.q_norm.weight", vec![c.head_dim]);
-                t("self_attn.k_norm.weight", vec![c.head_dim]);
+            match c.qk_norm {
+                QkNorm::Off => {}
+                QkNorm::PerHead => {
+                    t("self_attn.q_norm.weight", vec![c.head_dim]);
+                    t("self_attn.k_norm.weight", vec![c.head_dim]);
+                }
+                QkNorm::Whole => {
+                    t("self_attn.q_norm.weight", vec![qd]);
+                    t("self_attn.k_norm.weight", vec![kvd]);
+                }
             }
         }
         out
@@ -708,13 +713,24 @@ impl Model {
             y
         };
 
-        let a = rms(tape, x, "input_layernorm", h, h);
+        // [before the attention, before the MLP, on the attention's output, on the MLP's output].
+        let [norm_in, norm_mlp_in, norm_attn_out, norm_mlp_out] = c.block_norms.names();
+        let maybe_rms = |tape: &mut Tape<D>, x: BufId, norm: Option<&str>| match norm {
+            Some(name) => rms(tape, x, name, h, h),
+            None => x,
+        };
+        let a = maybe_rms(tape, x, norm_in);
         let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
         let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
         let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
-        if c.qk_norm {
-            q = rms(tape, q, "self_attn.q_norm", qd, shape.head_dim);
-            k = rms(tape, k, "self_attn.k_norm", kvd, shape.head_dim);
+        let qk_rows = match c.qk_norm {
+            QkNorm::Off => None,
+            QkNorm::PerHead => Some((shape.head_dim, shape.head_dim)),
+            QkNorm::Whole => Some((qd, kvd)),
+        };
+        if let Some((dq, dk)) = qk_rows {
+            q = rms(tape, q, "self_attn.q_norm", qd, dq);
+            k = rms(tape, k, "self_attn.k_norm", kvd, dk);
         }
         let qr = tape.buffer(format!("{pre}.q_rope"), n, qd);
         tape.push(op::Rope {
@@ -744,12 +760,8 @@ impl Model {
             out: att,
             lse,
         });
-        let mut o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
-        // Gemma 3's sandwich: each sublayer's output is normalised before its residual add, and the MLP's
-        // input norm has its own name.
-        if c.sandwich_norms {
-            o = rms(tape, o, "post_attention_layernorm", h, h);
-        }
+        let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
+        let o = maybe_rms(tape, o, norm_attn_out);
         let x1 = tape.buffer(format!("{pre}.resid_attn"), n, h);
         tape.push(op::Add {
             a: x,
@@ -757,12 +769,7 @@ impl Model {
             out: x1,
         });
 
-        let mlp_norm = if c.sandwich_norms {
-            "pre_feedforward_layernorm"
-        } else {
-            "post_attention_layernorm"
-        };
-        let b = rms(tape, x1, mlp_norm, h, h);
+        let b = maybe_rms(tape, x1, norm_mlp_in);
         let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
         let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
         let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
@@ -777,10 +784,8 @@ impl Model {
             b: up,
             out: m,
         });
-        let mut d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
-        if c.sandwich_norms {
-            d = rms(tape, d, "post_feedforward_layernorm", h, h);
-        }
+        let d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
+        let d = maybe_rms(tape, d, norm_mlp_out);
         let x2 = tape.buffer(format!("{pre}.out"), n, h);
         tape.push(op::Add {
             a: x1,
