@@ -386,3 +386,29 @@ fn gemma2_windows_and_soft_caps_match_pytorch() {
         assert!(rel(loose, capped) > 1e-3, "{key}: {loose} vs {capped}");
     }
 }
+
+/// `info` names a decoder's attention particulars: which layers are windowed, the score scale, the caps,
+/// the rotary embeddings.
+#[test]
+fn info_describes_windows_caps_and_rotary() {
+    for (name, want) in [
+        (
+            "gemma2_softcap",
+            "attention: window 5 on 2 of 4 layers (0, 2); scores × 0.204124; scores soft-capped at 2; \
+             logits soft-capped at 5; rotary θ 10000, default on 16 of 16 values",
+        ),
+        (
+            "phi3_longrope",
+            "attention: window 5 on 3 of 3 layers (0, 1, 2); rotary θ 10000, longrope (long factors \
+             past 8 tokens) on 12 of 16 values",
+        ),
+        (
+            "gemma3_sandwich",
+            "windowed layers' rotary θ 10000, default",
+        ),
+    ] {
+        let out = common::engine_ok(&["info", "--model", dir(name).to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(want), "{name}: {text}");
+    }
+}

@@ -6,6 +6,7 @@ use super::common::{TextCut, TokenArgs};
 use crate::error::{Error, Result};
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
 use crate::pruning::checkpoint::parameter_counts;
+use crate::runtime::config::{ModelConfig, RopeScaling};
 use crate::runtime::Model;
 use crate::similarity::device::describe_devices;
 use clap::ValueEnum;
@@ -115,6 +116,57 @@ fn describe_activations(a: &InfoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The attention particulars of a decoder: windows, score scale and caps, rotary embedding(s).
+fn describe_attention(c: &ModelConfig) -> String {
+    let windowed: Vec<usize> = (0..c.num_hidden_layers)
+        .filter(|&l| c.layer_window(l).is_some())
+        .collect();
+    let mut parts = vec![match c.sliding_window {
+        Some(w) if !windowed.is_empty() => {
+            let shown: Vec<String> = windowed.iter().take(8).map(|l| l.to_string()).collect();
+            let more = if windowed.len() > 8 { ", …" } else { "" };
+            format!(
+                "window {w} on {} of {} layers ({}{more})",
+                windowed.len(),
+                c.num_hidden_layers,
+                shown.join(", ")
+            )
+        }
+        _ => "causal, no window".to_string(),
+    }];
+    if let Some(s) = c.attn_scale {
+        parts.push(format!("scores × {s:.6}"));
+    }
+    if let Some(cap) = c.attn_softcap {
+        parts.push(format!("scores soft-capped at {cap}"));
+    }
+    if let Some(cap) = c.final_softcap {
+        parts.push(format!("logits soft-capped at {cap}"));
+    }
+    let rope = |theta: f64, scaling: &RopeScaling| {
+        let kind = match scaling {
+            RopeScaling::Default => "default".to_string(),
+            RopeScaling::Linear { factor } => format!("linear ×{factor}"),
+            RopeScaling::Llama3 { factor, .. } => format!("llama3 ×{factor}"),
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            } => format!("longrope (long factors past {original_max_position_embeddings} tokens)"),
+        };
+        format!("θ {theta}, {kind}")
+    };
+    parts.push(format!(
+        "rotary {} on {} of {} values",
+        rope(c.rope_theta, &c.rope_scaling),
+        c.rotary_dim,
+        c.head_dim
+    ));
+    if let Some((theta, scaling)) = &c.sliding_rope {
+        parts.push(format!("windowed layers' rotary {}", rope(*theta, scaling)));
+    }
+    parts.join("; ")
+}
+
 fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
     let model = Model::load(dir)?;
     super::common::warn_unused_tensors(&model, dir);
@@ -142,6 +194,7 @@ fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
         "parameters: {total} ({} per decoder layer, {other} outside them)",
         per_layer.first().copied().unwrap_or(0)
     );
+    println!("attention: {}", describe_attention(c));
     let tokenizer = dir.join("tokenizer.json");
     println!(
         "tokenizer.json: {}",
