@@ -14,6 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
+use crate::runtime::config::pattern_layer_kinds;
 use crate::runtime::weights::{weight_files, WeightFiles, INDEX_FILE};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
@@ -119,31 +120,24 @@ pub fn pruned_config(
         .and_then(|v| v.as_u64())
         .ok_or_else(|| Error::format(path, "no integer \"num_hidden_layers\""))?
         as usize;
-    // Gemma 2 and 3 without `layer_types` derive each layer's kind from its position (every second, or
-    // every `sliding_window_pattern`-th, full): write the kinds out, so that the kept layers keep theirs.
-    let model_type = obj.get("model_type").and_then(|v| v.as_str());
-    if matches!(model_type, Some("gemma2" | "gemma3_text"))
-        && obj.get("layer_types").is_none_or(|v| v.is_null())
-    {
-        let pattern = match model_type {
-            Some("gemma2") => 2,
-            _ => obj
-                .get("sliding_window_pattern")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(6)
-                .max(1) as usize,
-        };
-        let kinds: Vec<serde_json::Value> = (0..old)
-            .map(|l| {
-                if (l + 1) % pattern != 0 {
-                    "sliding_attention"
-                } else {
-                    "full_attention"
-                }
-                .into()
-            })
-            .collect();
-        obj.insert("layer_types".into(), kinds.into());
+    // Gemma 2 and 3 without `layer_types` derive each layer's kind from its position: write the kinds
+    // out, so that the kept layers keep theirs.
+    let model_type = config.get("model_type").and_then(|v| v.as_str());
+    if obj.get("layer_types").is_none_or(|v| v.is_null()) {
+        if let Some(kinds) = pattern_layer_kinds(config, model_type.unwrap_or(""), old, path)? {
+            let names: Vec<serde_json::Value> = kinds
+                .iter()
+                .map(|&sliding| {
+                    if sliding {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                    .into()
+                })
+                .collect();
+            obj.insert("layer_types".into(), names.into());
+        }
     }
     for (key, v) in obj.iter_mut() {
         if let serde_json::Value::Array(items) = v {

@@ -1,6 +1,6 @@
 //! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3,
-//! gemma, gemma2, gemma3_text, olmo2), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
-//! (`rope_parameters`).
+//! gemma, gemma2, gemma3_text, olmo2), both config generations: transformers 4.x (top-level `rope_theta`,
+//! `rope_scaling`) and 5.x (`rope_parameters`).
 
 use crate::error::{Error, Result};
 use crate::runtime::ops::Activation;
@@ -373,6 +373,18 @@ impl ModelConfig {
         })
     }
 
+    /// The row lengths of the q norm and the k norm (their weights' lengths), `None` without them.
+    pub fn qk_norm_lens(&self) -> Option<(usize, usize)> {
+        match self.qk_norm {
+            QkNorm::Off => None,
+            QkNorm::PerHead => Some((self.head_dim, self.head_dim)),
+            QkNorm::Whole => Some((
+                self.num_attention_heads * self.head_dim,
+                self.num_key_value_heads * self.head_dim,
+            )),
+        }
+    }
+
     /// The attention window of decoder layer `layer`, `None` for full causal attention.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
         self.sliding_window
@@ -477,27 +489,11 @@ fn parse_sliding_window(
     match model_type {
         "gemma2" | "gemma3_text" => {
             let w = window()?;
-            let sliding = match v.get("layer_types") {
-                None | Some(Value::Null) => {
-                    let pattern = if model_type == "gemma2" {
-                        2
-                    } else {
-                        opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6)
-                    };
-                    if pattern == 0 {
-                        return Err(model_err(path, "field 'sliding_window_pattern' is 0"));
-                    }
-                    (0..layers).map(|l| (l + 1) % pattern != 0).collect()
-                }
-                Some(lt) => parse_layer_types(lt, layers, path)?,
+            let derived = || {
+                Ok(pattern_layer_kinds(v, model_type, layers, path)?
+                    .expect("Gemma 2 and 3 have a layer pattern"))
             };
-            if w.is_none() && sliding.contains(&true) {
-                return Err(model_err(
-                    path,
-                    "sliding_attention layers but no 'sliding_window'",
-                ));
-            }
-            Ok((w, sliding))
+            Ok((w, layer_kinds(v, layers, w, derived, "", path)?))
         }
         "mistral" | "phi3" => {
             let w = window()?;
@@ -510,27 +506,66 @@ fn parse_sliding_window(
             } else {
                 None
             };
-            let sliding = match v.get("layer_types") {
-                None | Some(Value::Null) => {
-                    let first = match v.get("max_window_layers") {
-                        None => CLASS_DEFAULT_MAX_WINDOW_LAYERS,
-                        Some(_) => get_usize(v, "max_window_layers", path)?,
-                    };
-                    (0..layers).map(|l| w.is_some() && l >= first).collect()
-                }
-                Some(lt) => parse_layer_types(lt, layers, path)?,
+            let derived = || {
+                let first = match v.get("max_window_layers") {
+                    None => CLASS_DEFAULT_MAX_WINDOW_LAYERS,
+                    Some(_) => get_usize(v, "max_window_layers", path)?,
+                };
+                Ok((0..layers).map(|l| w.is_some() && l >= first).collect())
             };
-            if w.is_none() && sliding.contains(&true) {
-                return Err(model_err(
-                    path,
-                    "field 'layer_types' names sliding_attention layers but there is no \
-                     'sliding_window' (or 'use_sliding_window' is false)",
-                ));
-            }
-            Ok((w, sliding))
+            let off = " (or 'use_sliding_window' is false)";
+            Ok((w, layer_kinds(v, layers, w, derived, off, path)?))
         }
         _ => Ok((None, vec![false; layers])),
     }
+}
+
+/// Which layers of config `v` use the window `w`: the kinds `layer_types` names, else the `derived` ones
+/// (computed only then). A windowed layer without a window is an error (`off`: what else can turn the
+/// window off).
+fn layer_kinds(
+    v: &Value,
+    layers: usize,
+    w: Option<usize>,
+    derived: impl FnOnce() -> Result<Vec<bool>>,
+    off: &str,
+    path: &Path,
+) -> Result<Vec<bool>> {
+    let (sliding, source) = match v.get("layer_types") {
+        None | Some(Value::Null) => (derived()?, "the layer pattern makes"),
+        Some(lt) => (
+            parse_layer_types(lt, layers, path)?,
+            "field 'layer_types' names",
+        ),
+    };
+    if w.is_none() && sliding.contains(&true) {
+        return Err(model_err(
+            path,
+            format!("{source} sliding_attention layers but there is no 'sliding_window'{off}"),
+        ));
+    }
+    Ok(sliding)
+}
+
+/// Gemma 2 and 3's layer kinds when config `v` has no `layer_types` (true: sliding window): every layer
+/// but each `pattern`-th, the pattern 2 for Gemma 2 and `sliding_window_pattern` (absent → 6) for
+/// Gemma 3, as their config classes derive them. `None` for the other types. Read here and by the
+/// pruned checkpoint's config, which writes them out.
+pub fn pattern_layer_kinds(
+    v: &Value,
+    model_type: &str,
+    layers: usize,
+    path: &Path,
+) -> Result<Option<Vec<bool>>> {
+    let pattern = match model_type {
+        "gemma2" => 2,
+        "gemma3_text" => opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6),
+        _ => return Ok(None),
+    };
+    if pattern == 0 {
+        return Err(model_err(path, "field 'sliding_window_pattern' is 0"));
+    }
+    Ok(Some((0..layers).map(|l| (l + 1) % pattern != 0).collect()))
 }
 
 /// `layer_types` as a per-layer "is sliding" list; "attention" is transformers' legacy name of

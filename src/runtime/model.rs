@@ -8,7 +8,7 @@
 //! Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate projections (row blocks of the
 //! stored matrices, [`Weights::split_rows`]).
 
-use super::config::{ModelConfig, QkNorm};
+use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, Device};
 use super::tape::{op, BufId, Pool, Tape};
@@ -327,16 +327,9 @@ impl Model {
                     t(&format!("{name}.bias"), vec![rows]);
                 }
             }
-            match c.qk_norm {
-                QkNorm::Off => {}
-                QkNorm::PerHead => {
-                    t("self_attn.q_norm.weight", vec![c.head_dim]);
-                    t("self_attn.k_norm.weight", vec![c.head_dim]);
-                }
-                QkNorm::Whole => {
-                    t("self_attn.q_norm.weight", vec![qd]);
-                    t("self_attn.k_norm.weight", vec![kvd]);
-                }
+            if let Some((dq, dk)) = c.qk_norm_lens() {
+                t("self_attn.q_norm.weight", vec![dq]);
+                t("self_attn.k_norm.weight", vec![dk]);
             }
         }
         out
@@ -723,12 +716,7 @@ impl Model {
         let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
         let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
         let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
-        let qk_rows = match c.qk_norm {
-            QkNorm::Off => None,
-            QkNorm::PerHead => Some((shape.head_dim, shape.head_dim)),
-            QkNorm::Whole => Some((qd, kvd)),
-        };
-        if let Some((dq, dk)) = qk_rows {
+        if let Some((dq, dk)) = c.qk_norm_lens() {
             q = rms(tape, q, "self_attn.q_norm", qd, dq);
             k = rms(tape, k, "self_attn.k_norm", kvd, dk);
         }
