@@ -15,13 +15,14 @@ typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-// Gemma 2's soft-capping of an attention score, cap · tanh(s / cap) (cap 0: none), and its slope
-// 1 − tanh², the factor on the score's gradient. The runtime's attention kernels: the SIMT ones (f32,
-// FAST = false) use tanhf; the tensor-core ones (bf16 operands, FAST = true) use 1 − 2 / (e^{2x} + 1) with
-// the fast exp and divide (±1 at the ends, a few 1e-7 absolute), which needs far fewer registers inside
-// their unrolled tiles, where tanhf made the sm_80 forward spill.
+// Gemma 2's soft-capping of an attention score or a logit, cap · tanh(s / cap) (cap 0: none), and its
+// slope 1 − tanh², the factor on its gradient. The SIMT attention kernels and the logits' soft-cap
+// (runtime_elementwise.cu) use tanhf (FAST = false); the tensor-core attention (bf16 operands,
+// FAST = true) uses 1 − 2 / (e^{2x} + 1) with the fast exp and divide (±1 at the ends, a few 1e-7
+// absolute), which needs far fewer registers inside its unrolled tiles, where tanhf made the sm_80
+// forward spill.
 template <bool FAST>
-__device__ __forceinline__ float att_softcap_slope(float s, float cap, float* slope) {
+__device__ __forceinline__ float tanh_cap_slope(float s, float cap, float* slope) {
     if (cap == 0.0f) {
         *slope = 1.0f;
         return s;
@@ -32,9 +33,9 @@ __device__ __forceinline__ float att_softcap_slope(float s, float cap, float* sl
     return cap * th;
 }
 template <bool FAST>
-__device__ __forceinline__ float att_softcap(float s, float cap) {
+__device__ __forceinline__ float tanh_cap(float s, float cap) {
     float slope;
-    return att_softcap_slope<FAST>(s, cap, &slope);
+    return tanh_cap_slope<FAST>(s, cap, &slope);
 }
 
 // One layer of a launch: the 3 little-endian u64 words per layer (24 bytes) that `layer_tables` in

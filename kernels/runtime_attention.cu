@@ -58,7 +58,7 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
             int d = lane + 32 * c;
             if (d < hd) dot += qr[c] * kj[d];
         }
-        float sc = att_softcap<false>(att_warp_sum(dot) * scale, softcap);
+        float sc = tanh_cap<false>(att_warp_sum(dot) * scale, softcap);
         float mn = fmaxf(m, sc);
         float corr = expf(m - mn);  // 0 on the first key (m = −inf)
         float e = expf(sc - mn);
@@ -133,7 +133,7 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
         const float* vj = vb + (u64)j * kw;
         float a, dp;
         att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
-        float p = expf(att_softcap<false>(a * scale, softcap) - L);
+        float p = expf(tanh_cap<false>(a * scale, softcap) - L);
         dsum += (double)p * (double)dp;
     }
     float D = (float)dsum;  // as stored for the dk/dv kernel, so both use the same value
@@ -144,7 +144,7 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
         float a, dp;
         att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
         float slope;
-        float p = expf(att_softcap_slope<false>(a * scale, softcap, &slope) - L);
+        float p = expf(tanh_cap_slope<false>(a * scale, softcap, &slope) - L);
         float ds = (float)((double)p * ((double)dp - (double)D)) * slope;
 #pragma unroll
         for (int c = 0; c < ATT_PER_LANE; ++c) {
@@ -197,7 +197,7 @@ extern "C" __global__ void attention_backward_dkv(const float* __restrict__ q, c
             float a, dp;
             att_dots(kr, qi, vr, doi, lane, hd, &a, &dp);
             float slope;
-            float p = expf(att_softcap_slope<false>(a * scale, softcap, &slope) - lse[row0 + i]);
+            float p = expf(tanh_cap_slope<false>(a * scale, softcap, &slope) - lse[row0 + i]);
             float ds = (float)((double)p * ((double)dp - (double)delta[row0 + i])) * slope;
 #pragma unroll
             for (int c = 0; c < ATT_PER_LANE; ++c) {

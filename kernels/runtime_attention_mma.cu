@@ -159,7 +159,7 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
             for (int e = 0; e < 4; ++e) {
                 const int row = (e >> 1) ? r_hi : r_lo, j = j0 + nt * 8 + 2 * t + (e & 1);
                 const bool ok = j <= row && j >= fa_first_key(row, window) && j < tokens;
-                sc[nt][e] = ok ? att_softcap<true>(sc[nt][e] * scale, softcap) : NEG_INF;
+                sc[nt][e] = ok ? tanh_cap<true>(sc[nt][e] * scale, softcap) : NEG_INF;
                 mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
             }
         float corr[2], mu[2];
@@ -235,7 +235,7 @@ attention_forward_mma128(const float* __restrict__ q, const float* __restrict__ 
 //   dv += Pᵀ dO, dk += scale · dSᵀ Q (Pᵀ and dSᵀ reused as A fragments; Q and dO staged as rows and
 //   transposed); each block writes 64 of the HD dims of dk and dv (FB_DIMS).
 // With Gemma 2's soft-capping (softcap > 0) the scores are capped before the exp and dS is multiplied by
-// the cap's slope (att_softcap_slope<true> in common.cuh), as in the SIMT kernels.
+// the cap's slope (tanh_cap_slope<true> in common.cuh), as in the SIMT kernels.
 // Index arithmetic emulated in src/runtime/ops/emulate_runtime_kernels.py (`attention_backward_mma`).
 
 #define FB_STEP 32  // keys (dq kernel) or queries (dkv kernel) per step
@@ -295,7 +295,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
                     const int r = e >> 1, row = rows[r], j = j0 + nt * 8 + 2 * t + (e & 1);
                     const bool ok = j <= row && j >= fa_first_key(row, window) && j < tokens && row < tokens;
                     float slope;
-                    const float s = att_softcap_slope<true>(sc[nt][e] * scale, softcap, &slope);
+                    const float s = tanh_cap_slope<true>(sc[nt][e] * scale, softcap, &slope);
                     const float p = ok ? expf(s - L[r]) : 0.0f;
                     if (pass == 0) dsum[r] += (double)p * (double)dp[nt][e];
                     else sc[nt][e] = p * (dp[nt][e] - D[r]) * slope;  // dS
@@ -374,7 +374,7 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
                     const int j = cols[e >> 1], i = i0 + nt * 8 + 2 * t + (e & 1);
                     const bool ok = j <= i && j >= fa_first_key(i, window) && i < tokens && j < tokens;
                     float slope;
-                    const float s = att_softcap_slope<true>(sc[nt][e] * scale, softcap, &slope);
+                    const float s = tanh_cap_slope<true>(sc[nt][e] * scale, softcap, &slope);
                     const float p = ok ? expf(s - lse[lrow + i]) : 0.0f;
                     sc[nt][e] = p;                                                      // Pᵀ
                     dp[nt][e] = ok ? p * (dp[nt][e] - delta[lrow + i]) * slope : 0.0f;  // dSᵀ

@@ -4,7 +4,7 @@
 // kernel is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the CPU
 // (src/runtime/ops/cpu.rs).
 
-typedef unsigned long long u64;
+#include "common.cuh"
 
 __device__ __forceinline__ float rt_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -53,15 +53,16 @@ extern "C" __global__ void gelu_tanh_backward(const float* __restrict__ x, const
 // y = c · tanh(x / c) (Gemma 2's final_logit_softcapping)
 extern "C" __global__ void softcap_forward(const float* __restrict__ x, float* __restrict__ y, u64 n, float c) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        y[i] = c * tanhf(x[i] / c);
+        y[i] = tanh_cap<false>(x[i], c);
 }
 
 // dx += dy (1 − tanh²(x / c))
 extern "C" __global__ void softcap_backward(const float* __restrict__ x, const float* __restrict__ dy,
                                             float* __restrict__ dx, u64 n, float c) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float t = tanhf(x[i] / c);
-        dx[i] += dy[i] * (1.0f - t * t);
+        float slope;
+        tanh_cap_slope<false>(x[i], c, &slope);
+        dx[i] += dy[i] * slope;
     }
 }
 

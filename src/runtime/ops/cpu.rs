@@ -430,7 +430,7 @@ fn attention_forward_blocked(
                     if let Some(c) = sh.softcap {
                         row[live.clone()]
                             .iter_mut()
-                            .for_each(|x| *x = c * (*x / c).tanh());
+                            .for_each(|x| *x = vmath::softcap_slope(*x, c).0);
                     }
                     lse_rows[i] = masked_softmax_row(row, live);
                 }
@@ -581,9 +581,7 @@ fn attention_backward_blocked(
                             let o = i * t + cols.start;
                             let slope = &mut cap_slope[o + a..o + b];
                             for (x, sl) in row[a..b].iter_mut().zip(slope) {
-                                let th = (*x / c).tanh();
-                                *sl = 1.0 - th * th;
-                                *x = c * th;
+                                (*x, *sl) = vmath::softcap_slope(*x, c);
                             }
                         }
                         row[..a].fill(0.0);

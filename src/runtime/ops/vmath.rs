@@ -185,19 +185,26 @@ simd_kernel! {
     }
 }
 
-/// `y = c · tanh(x / c)` (scalar `tanh`: it runs once per logit, where the MLP's activations run on
-/// every intermediate value).
+/// Gemma 2's soft-capping of one value, `c · tanh(x / c)`, and its slope `1 − tanh²(x / c)` (scalar
+/// `tanh`: it runs once per logit or attention score, where the MLP's activations run on every
+/// intermediate value). The logits' `softcap` below and the attention's scores share it.
+#[inline(always)]
+pub fn softcap_slope(x: f32, c: f32) -> (f32, f32) {
+    let t = (x / c).tanh();
+    (c * t, 1.0 - t * t)
+}
+
+/// `y = c · tanh(x / c)`.
 pub fn softcap(x: &[f32], y: &mut [f32], c: f32) {
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = c * (v / c).tanh();
+        *o = softcap_slope(v, c).0;
     }
 }
 
 /// `dx += dy (1 − tanh²(x / c))`.
 pub fn softcap_backward(x: &[f32], dy: &[f32], dx: &mut [f32], c: f32) {
     for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-        let t = (v / c).tanh();
-        *d += g * (1.0 - t * t);
+        *d += g * softcap_slope(v, c).1;
     }
 }
 
