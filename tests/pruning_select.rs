@@ -157,7 +157,14 @@ fn pruned_sliding_window_checkpoint_keeps_each_layers_window() {
     for removed in [0usize, 1] {
         let kept: Vec<usize> = (0..model.num_layers()).filter(|&i| i != removed).collect();
         let out = tempfile::tempdir().unwrap();
-        write_pruned_checkpoint(&dir, out.path(), model.num_layers(), &kept).unwrap();
+        write_pruned_checkpoint(
+            &dir,
+            out.path(),
+            &model.names.layers_prefix(),
+            model.num_layers(),
+            &kept,
+        )
+        .unwrap();
         let pruned = Model::load(out.path()).unwrap();
         let want = model.forward(&tokens, &[removed], None).unwrap();
         let got = pruned.forward(&tokens, &[], None).unwrap();

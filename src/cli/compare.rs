@@ -118,7 +118,7 @@ fn run_llm(a: &CompareArgs, spec: &CompareSpec) -> Result<CompareReport> {
     let model = super::common::load_decoder(&a.model, a.sglp.est.device)?;
     let tokens = model.load_token_input(&calib)?;
     let held = model.load_token_input(&held_input)?;
-    let params = param_counts(&a.model, model.num_layers())?;
+    let params = param_counts(&model)?;
     let mut backend = a.sglp.est.backend()?;
     let mut held_out = TokenHeldOut::new(&model, &held, spec.sglp.forward_batch)?;
     compare(

@@ -171,7 +171,8 @@ fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
     let model = Model::load(dir)?;
     super::common::warn_unused_tensors(&model, dir);
     let c = &model.config;
-    let (other, per_layer) = parameter_counts(dir, model.num_layers())?;
+    let (other, per_layer) =
+        parameter_counts(dir, &model.names.layers_prefix(), model.num_layers())?;
     let total = other + per_layer.iter().sum::<usize>();
     println!(
         "{} ({}): {} decoder layers, hidden {}, intermediate {}, {} heads ({} key/value) of {}, vocabulary {}{}",
@@ -195,6 +196,15 @@ fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
         per_layer.first().copied().unwrap_or(0)
     );
     println!("attention: {}", describe_attention(c));
+    if let Some(wrapper) = &c.multimodal {
+        println!(
+            "vision-language checkpoint ({wrapper}): its language model is the decoder (tensors \
+             '{}…'); {} other tensors (vision tower, projector) are not read and are copied unchanged \
+             into a pruned checkpoint",
+            model.names.decoder,
+            model.other_modality_tensors()
+        );
+    }
     let tokenizer = dir.join("tokenizer.json");
     println!(
         "tokenizer.json: {}",

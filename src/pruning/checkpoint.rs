@@ -1,9 +1,12 @@
 //! Writing the pruned model as a Hugging Face checkpoint directory.
 //!
 //! * `config.json`: `num_hidden_layers` set to the kept count; every per-layer list (an array whose key
-//!   names layers and whose length is the old layer count, e.g. `layer_types`) keeps the kept entries.
+//!   names layers and whose length is the old layer count, e.g. `layer_types`) keeps the kept entries. In
+//!   a vision-language checkpoint's config, this happens in its `text_config` only.
 //! * weights: each input safetensors file becomes one output file of the same name holding its surviving
-//!   tensors, `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order),
+//!   tensors, `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order;
+//!   the prefix is the decoder's, [`crate::runtime::TensorNames::layers_prefix`]; other tensors, a vision
+//!   tower's included, are kept as they are),
 //!   dtype, shape and bytes unchanged, the file's `__metadata__` kept. A sharded checkpoint keeps its
 //!   sharding (a shard left empty is dropped) and gets a rewritten `model.safetensors.index.json`.
 //! * the tokenizer and generation files (tokenizer*, special_tokens_map, generation_config, chat
@@ -14,7 +17,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
-use crate::runtime::config::pattern_layer_kinds;
+use crate::runtime::config::{pattern_layer_kinds, text_config};
 use crate::runtime::weights::{weight_files, WeightFiles, INDEX_FILE};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
@@ -105,26 +108,36 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, s).map_err(|e| Error::io(path, e))
 }
 
-/// The config with the layer count and per-layer lists updated. `kept`: old layer indices, sorted.
+/// The config with the decoder's layer count and per-layer lists updated: the config's own or, for a
+/// vision-language checkpoint, its `text_config`'s (where a field the class defaults, such as
+/// `num_hidden_layers`, may be absent; it is written). `kept`: old layer indices, sorted.
 pub fn pruned_config(
     config: &serde_json::Value,
     kept: &[usize],
     path: &Path,
 ) -> Result<serde_json::Value> {
+    let resolved = text_config(config, path)?;
+    // The decoder's settings, class defaults filled in, read; the file's own section edited.
+    let decoder = resolved.as_ref().map_or(config, |(_, text)| text);
     let mut c = config.clone();
-    let obj = c
-        .as_object_mut()
+    let section = if resolved.is_some() {
+        c.get_mut("text_config")
+    } else {
+        Some(&mut c)
+    };
+    let obj = section
+        .and_then(|s| s.as_object_mut())
         .ok_or_else(|| Error::format(path, "config is not a JSON object"))?;
-    let old = obj
+    let old = decoder
         .get("num_hidden_layers")
         .and_then(|v| v.as_u64())
         .ok_or_else(|| Error::format(path, "no integer \"num_hidden_layers\""))?
         as usize;
     // Gemma 2 and 3 without `layer_types` derive each layer's kind from its position: write the kinds
     // out, so that the kept layers keep theirs.
-    let model_type = config.get("model_type").and_then(|v| v.as_str());
+    let model_type = decoder.get("model_type").and_then(|v| v.as_str());
     if obj.get("layer_types").is_none_or(|v| v.is_null()) {
-        if let Some(kinds) = pattern_layer_kinds(config, model_type.unwrap_or(""), old, path)? {
+        if let Some(kinds) = pattern_layer_kinds(decoder, model_type.unwrap_or(""), old, path)? {
             let names: Vec<serde_json::Value> = kinds
                 .iter()
                 .map(|&sliding| {
@@ -148,10 +161,7 @@ pub fn pruned_config(
     }
     // Qwen2 and Qwen3 window layer l when l ≥ max_window_layers (without `layer_types`). Kept layers stay
     // in order, so counting the kept layers below the old bound keeps every layer's own attention kind.
-    if matches!(
-        obj.get("model_type").and_then(|v| v.as_str()),
-        Some("qwen2" | "qwen3")
-    ) {
+    if matches!(model_type, Some("qwen2" | "qwen3")) {
         let bound = obj
             .get("max_window_layers")
             .and_then(|v| v.as_u64())
@@ -163,9 +173,10 @@ pub fn pruned_config(
     Ok(c)
 }
 
-/// The new name of a tensor: `None` when it belongs to a removed layer. `renumber[old] = Some(new)`.
-pub fn renamed_tensor(name: &str, renumber: &[Option<usize>]) -> Option<String> {
-    let Some(rest) = name.strip_prefix("model.layers.") else {
+/// The new name of a tensor: `None` when it belongs to a removed layer. `layers`: the decoder layers'
+/// prefix (`model.layers.`); `renumber[old] = Some(new)`.
+pub fn renamed_tensor(name: &str, layers: &str, renumber: &[Option<usize>]) -> Option<String> {
+    let Some(rest) = name.strip_prefix(layers) else {
         return Some(name.to_string());
     };
     let (num, tail) = rest.split_once('.').unwrap_or((rest, ""));
@@ -173,17 +184,22 @@ pub fn renamed_tensor(name: &str, renumber: &[Option<usize>]) -> Option<String> 
         Ok(old) => {
             let new = (*renumber.get(old)?)?;
             Some(if tail.is_empty() {
-                format!("model.layers.{new}")
+                format!("{layers}{new}")
             } else {
-                format!("model.layers.{new}.{tail}")
+                format!("{layers}{new}.{tail}")
             })
         }
         Err(_) => Some(name.to_string()),
     }
 }
 
-/// Parameter count of a checkpoint, split into decoder layers and the rest; from the headers only.
-pub fn parameter_counts(model_dir: &Path, num_layers: usize) -> Result<(usize, Vec<usize>)> {
+/// Parameter count of a checkpoint, split into decoder layers (tensors under `layers`, the decoder
+/// layers' prefix) and the rest; from the headers only.
+pub fn parameter_counts(
+    model_dir: &Path,
+    layers: &str,
+    num_layers: usize,
+) -> Result<(usize, Vec<usize>)> {
     let mut per_layer = vec![0usize; num_layers];
     let mut other = 0usize;
     for f in weight_files(model_dir)?.files {
@@ -195,7 +211,7 @@ pub fn parameter_counts(model_dir: &Path, num_layers: usize) -> Result<(usize, V
             SafeTensors::read_metadata(&map).map_err(|e| Error::format(&path, e.to_string()))?;
         for (name, info) in meta.tensors() {
             let n: usize = info.shape.iter().product();
-            match layer_of(&name).filter(|&l| l < num_layers) {
+            match layer_of(&name, layers).filter(|&l| l < num_layers) {
                 Some(l) => per_layer[l] += n,
                 None => other += n,
             }
@@ -204,9 +220,9 @@ pub fn parameter_counts(model_dir: &Path, num_layers: usize) -> Result<(usize, V
     Ok((other, per_layer))
 }
 
-/// The decoder layer a tensor name belongs to.
-pub fn layer_of(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("model.layers.")?;
+/// The decoder layer a tensor name belongs to (`layers`: the decoder layers' prefix).
+pub fn layer_of(name: &str, layers: &str) -> Option<usize> {
+    let rest = name.strip_prefix(layers)?;
     rest.split('.').next()?.parse().ok()
 }
 
@@ -219,10 +235,12 @@ pub struct WrittenCheckpoint {
 }
 
 /// Write the pruned checkpoint of `model_dir` into `out` (an existing, empty directory: the staging
-/// directory). `kept`: old layer indices to keep, sorted; `num_layers`: the old count.
+/// directory). `layers`: the decoder layers' prefix ([`crate::runtime::TensorNames::layers_prefix`]);
+/// `kept`: old layer indices to keep, sorted; `num_layers`: the old count.
 pub fn write_pruned_checkpoint(
     model_dir: &Path,
     out: &Path,
+    layers: &str,
     num_layers: usize,
     kept: &[usize],
 ) -> Result<WrittenCheckpoint> {
@@ -260,7 +278,7 @@ pub fn write_pruned_checkpoint(
             SafeTensors::read_metadata(&map).map_err(|e| Error::format(&src, e.to_string()))?;
         let mut keep = Vec::new();
         for (name, view) in st.tensors() {
-            if let Some(new) = renamed_tensor(&name, &renumber) {
+            if let Some(new) = renamed_tensor(&name, layers, &renumber) {
                 total_size += view.data().len() as u64;
                 weight_map.insert(new.clone(), f.clone());
                 keep.push((new, view));
@@ -308,7 +326,7 @@ pub fn write_pruned_checkpoint(
 
 /// Whether a file of a checkpoint directory is a tokenizer or generation file to copy as is.
 fn is_companion_file(name: &str) -> bool {
-    const PREFIXES: [&str; 9] = [
+    const PREFIXES: [&str; 10] = [
         "tokenizer",
         "special_tokens_map",
         "added_tokens",
@@ -318,6 +336,7 @@ fn is_companion_file(name: &str) -> bool {
         "merges",
         "spiece",
         "preprocessor_config",
+        "processor_config",
     ];
     PREFIXES.iter().any(|p| name.starts_with(p)) || name.ends_with(".tiktoken")
 }
@@ -363,23 +382,59 @@ fn set_public_modes(_dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A plain decoder's layers prefix.
+    const L: &str = "model.layers.";
+
     #[test]
     fn tensor_renaming() {
         let ren = vec![Some(0), None, Some(1), None];
         assert_eq!(
-            renamed_tensor("model.layers.2.mlp.up_proj.weight", &ren).as_deref(),
+            renamed_tensor("model.layers.2.mlp.up_proj.weight", L, &ren).as_deref(),
             Some("model.layers.1.mlp.up_proj.weight")
         );
         assert_eq!(
-            renamed_tensor("model.layers.1.self_attn.q_proj.weight", &ren),
+            renamed_tensor("model.layers.1.self_attn.q_proj.weight", L, &ren),
             None
         );
         assert_eq!(
-            renamed_tensor("model.embed_tokens.weight", &ren).as_deref(),
+            renamed_tensor("model.embed_tokens.weight", L, &ren).as_deref(),
             Some("model.embed_tokens.weight")
         );
         // "model.layers.12" must not be read as layer 1.
-        assert_eq!(renamed_tensor("model.layers.12.x", &ren), None);
+        assert_eq!(renamed_tensor("model.layers.12.x", L, &ren), None);
+        // A vision-language checkpoint: the language model's layers renumbered, the vision tower's kept.
+        let lm = "language_model.model.layers.";
+        assert_eq!(
+            renamed_tensor("language_model.model.layers.2.mlp.up_proj.weight", lm, &ren).as_deref(),
+            Some("language_model.model.layers.1.mlp.up_proj.weight")
+        );
+        let vision = "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight";
+        assert_eq!(renamed_tensor(vision, lm, &ren).as_deref(), Some(vision));
+        assert_eq!(layer_of(vision, lm), None);
+        assert_eq!(layer_of("language_model.model.layers.3.x", lm), Some(3));
+    }
+
+    /// A hub-style Gemma 3 vision-language config: `text_config` omits what the class defaults
+    /// (`num_hidden_layers` 26, the layer pattern 6); the pruned one states the kept count and kinds there
+    /// and leaves the vision config's layers alone.
+    #[test]
+    fn multimodal_config_prunes_the_text_config() {
+        let c = serde_json::json!({
+            "model_type": "gemma3",
+            "text_config": {"hidden_size": 2560, "model_type": "gemma3_text"},
+            "vision_config": {"num_hidden_layers": 27, "model_type": "siglip_vision_model"},
+        });
+        let kept: Vec<usize> = (0..26).filter(|&i| i != 5 && i != 7).collect();
+        let p = pruned_config(&c, &kept, Path::new("config.json")).unwrap();
+        assert_eq!(p["text_config"]["num_hidden_layers"], 24);
+        assert_eq!(p["vision_config"]["num_hidden_layers"], 27);
+        assert!(p.get("num_hidden_layers").is_none() && p.get("layer_types").is_none());
+        let kinds = p["text_config"]["layer_types"].as_array().unwrap();
+        let full: Vec<usize> = (0..kinds.len())
+            .filter(|&i| kinds[i] == "full_attention")
+            .collect();
+        // Old full layers 5, 11, 17, 23: 5 removed; 11, 17, 23 are now 9, 15, 21.
+        assert_eq!(full, [9, 15, 21]);
     }
 
     #[test]
@@ -507,7 +562,7 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         fake_sharded_model(src.path());
         let out = tempfile::tempdir().unwrap();
-        let w = write_pruned_checkpoint(src.path(), out.path(), 3, &[1, 2]).unwrap();
+        let w = write_pruned_checkpoint(src.path(), out.path(), L, 3, &[1, 2]).unwrap();
         // Shard 1 still holds the embedding; layer 0 is gone.
         assert_eq!(w.tensors, 4);
         let read = |f: &str| std::fs::read(out.path().join(f)).unwrap();
@@ -535,7 +590,7 @@ mod tests {
         let cfg = read_json(&out.path().join("config.json")).unwrap();
         assert_eq!(cfg["num_hidden_layers"], 2);
         assert!(out.path().join("tokenizer.json").exists());
-        let (other, per_layer) = parameter_counts(out.path(), 2).unwrap();
+        let (other, per_layer) = parameter_counts(out.path(), L, 2).unwrap();
         assert_eq!((other, per_layer), (8 + 2, vec![4, 4]));
     }
 

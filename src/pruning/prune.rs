@@ -35,9 +35,10 @@ pub struct PruneSpec {
     pub options: SglpOptions,
 }
 
-/// The parameter counts of a checkpoint directory of `num_layers` decoder layers.
-pub fn param_counts(model_dir: &Path, num_layers: usize) -> Result<ParamCounts> {
-    let (other, per_layer) = parameter_counts(model_dir, num_layers)?;
+/// The parameter counts of a model's checkpoint: per decoder layer, and the rest.
+pub fn param_counts(model: &Model) -> Result<ParamCounts> {
+    let (other, per_layer) =
+        parameter_counts(&model.dir, &model.names.layers_prefix(), model.num_layers())?;
     Ok(ParamCounts { other, per_layer })
 }
 
@@ -96,9 +97,15 @@ pub fn prune(
     let eval_s = t_eval.elapsed().as_secs_f64();
 
     let t_write = Instant::now();
-    let params = param_counts(&spec.model, l)?;
+    let params = param_counts(&model)?;
     let staged = StagedDir::new(&spec.out, spec.force)?;
-    write_pruned_checkpoint(&spec.model, staged.path(), l, &kept)?;
+    write_pruned_checkpoint(
+        &spec.model,
+        staged.path(),
+        &model.names.layers_prefix(),
+        l,
+        &kept,
+    )?;
     let report = decision_report(
         d,
         opts,

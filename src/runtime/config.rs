@@ -1,6 +1,7 @@
 //! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3,
 //! gemma, gemma2, gemma3_text, olmo2), both config generations: transformers 4.x (top-level `rope_theta`,
-//! `rope_scaling`) and 5.x (`rope_parameters`).
+//! `rope_scaling`) and 5.x (`rope_parameters`). A vision-language checkpoint whose language model is one
+//! of these (gemma3, mistral3, llava: [`MULTIMODAL`]) is read through its `text_config`.
 
 use crate::error::{Error, Result};
 use crate::runtime::ops::Activation;
@@ -140,6 +141,93 @@ pub struct ModelConfig {
     /// Per decoder layer: whether it uses the window (transformers' `layer_types` "sliding_attention").
     /// All false when `sliding_window` is `None`.
     pub sliding_layers: Vec<bool>,
+    /// The wrapper's `model_type` when the decoder is the language model of a vision-language checkpoint
+    /// (read from its `text_config`; `model_type` is then the decoder's).
+    pub multimodal: Option<String>,
+}
+
+/// Vision-language checkpoints whose language model the runtime reads: (the wrapper's `model_type`, the
+/// decoder's `model_type` when `text_config` omits it, the text config class's defaults of the fields a
+/// hub `text_config` often omits). transformers' `to_diff_dict` once wrote nested configs as their
+/// difference from the class defaults (e.g. Gemma 3 4B's `text_config` has no `vocab_size`, llava-1.5's no
+/// `hidden_size`), so the defaults are part of the format. Values: `Gemma3TextConfig`, `MistralConfig`,
+/// `LlamaConfig` (4.50 – 5.25).
+pub const MULTIMODAL: [(&str, &str, &[(&str, u64)]); 3] = [
+    (
+        "gemma3",
+        "gemma3_text",
+        &[
+            ("vocab_size", 262_208),
+            ("hidden_size", 2304),
+            ("intermediate_size", 9216),
+            ("num_hidden_layers", 26),
+            ("num_attention_heads", 8),
+            ("num_key_value_heads", 4),
+        ],
+    ),
+    (
+        "mistral3",
+        "mistral",
+        &[
+            ("vocab_size", 32_000),
+            ("hidden_size", 4096),
+            ("intermediate_size", 14_336),
+            ("num_hidden_layers", 32),
+            ("num_attention_heads", 32),
+            ("num_key_value_heads", 8),
+        ],
+    ),
+    (
+        "llava",
+        "llama",
+        &[
+            ("vocab_size", 32_000),
+            ("hidden_size", 4096),
+            ("intermediate_size", 11_008),
+            ("num_hidden_layers", 32),
+            ("num_attention_heads", 32),
+        ],
+    ),
+];
+
+/// The language model's section of config `v` when `v` is a vision-language wrapper ([`MULTIMODAL`]):
+/// `text_config` with the decoder's `model_type` and the class defaults filled in where it omits them,
+/// and the wrapper's top-level `tie_word_embeddings` where only the top level has one. `Ok(None)` for a
+/// plain decoder config.
+pub fn text_config(v: &Value, path: &Path) -> Result<Option<(&'static str, Value)>> {
+    let Some(ty) = v.get("model_type").and_then(Value::as_str) else {
+        return Ok(None);
+    };
+    let Some(&(wrapper, text_type, defaults)) = MULTIMODAL.iter().find(|m| m.0 == ty) else {
+        return Ok(None);
+    };
+    let mut text = v
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .cloned()
+        .ok_or_else(|| {
+            model_err(
+                path,
+                format!("model_type '{wrapper}' (vision-language) has no 'text_config' object"),
+            )
+        })?;
+    let obj = text.as_object_mut().expect("checked above");
+    let decoder = obj
+        .entry("model_type")
+        .or_insert_with(|| text_type.into())
+        .clone();
+    // The defaults belong to the default decoder's class; another decoder inside the wrapper (llava
+    // around a Mistral) states its own.
+    if decoder.as_str() == Some(text_type) {
+        for &(key, value) in defaults {
+            obj.entry(key).or_insert_with(|| value.into());
+        }
+    }
+    if let Some(tie) = v.get("tie_word_embeddings") {
+        obj.entry("tie_word_embeddings")
+            .or_insert_with(|| tie.clone());
+    }
+    Ok(Some((wrapper, text)))
 }
 
 /// Upper bounds on a config's sizes, far above any released checkpoint (the largest have ~128 layers,
@@ -227,6 +315,17 @@ impl ModelConfig {
     }
 
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        if let Some((wrapper, text)) = text_config(v, path)? {
+            if text_config(&text, path)?.is_some() {
+                return Err(model_err(
+                    path,
+                    "'text_config' is itself a vision-language config",
+                ));
+            }
+            let mut c = Self::from_json(&text, path)?;
+            c.multimodal = Some(wrapper.to_string());
+            return Ok(c);
+        }
         let model_type = v
             .get("model_type")
             .and_then(Value::as_str)
@@ -236,7 +335,10 @@ impl ModelConfig {
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
-                format!("model_type '{model_type}' is not supported ({TYPES})"),
+                format!(
+                    "model_type '{model_type}' is not supported ({TYPES}; vision-language: {})",
+                    MULTIMODAL.map(|m| m.0).join(", ")
+                ),
             ));
         }
         let gemma = model_type.starts_with("gemma");
@@ -370,6 +472,7 @@ impl ModelConfig {
             qk_norm,
             sliding_window,
             sliding_layers,
+            multimodal: None,
         })
     }
 
@@ -1250,5 +1353,76 @@ mod tests {
         v.as_object_mut().unwrap().remove("hidden_size");
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
+    }
+
+    /// Vision-language wrappers: the decoder is the `text_config`, with the text config class's
+    /// defaults where a hub config omits them, the wrapper named.
+    #[test]
+    fn multimodal_wrappers_read_their_text_config() {
+        let p = Path::new("config.json");
+        // google/gemma-3-4b-it's text_config (4.50): no vocab_size, head_dim, rope_theta, pattern.
+        let gemma3 = serde_json::json!({
+            "model_type": "gemma3",
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                "num_attention_heads": 8, "num_hidden_layers": 34, "num_key_value_heads": 4,
+                "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+            "vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": 27}
+        });
+        let c = ModelConfig::from_json(&gemma3, p).unwrap();
+        assert_eq!(c.multimodal.as_deref(), Some("gemma3"));
+        assert_eq!(c.model_type, "gemma3_text");
+        assert_eq!(
+            (c.vocab_size, c.head_dim, c.num_hidden_layers),
+            (262_208, 256, 34)
+        );
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(c.sliding_rope, Some((1e4, RopeScaling::Default)));
+        assert_eq!(c.sliding_window, Some(1024));
+        let full: Vec<usize> = (0..34).filter(|&l| !c.sliding_layers[l]).collect();
+        assert_eq!(full, [5, 11, 17, 23, 29]);
+        assert_eq!(c.attn_scale, Some(1.0 / 16.0));
+        assert!(c.tie_word_embeddings);
+
+        // llava-1.5's text_config: only what differs from LlamaConfig; no num_key_value_heads (= heads).
+        let llava = serde_json::json!({
+            "model_type": "llava", "tie_word_embeddings": false,
+            "text_config": {"model_type": "llama", "rms_norm_eps": 1e-5, "vocab_size": 32064}
+        });
+        let c = ModelConfig::from_json(&llava, p).unwrap();
+        assert_eq!(
+            (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+            (4096, 11008, 32)
+        );
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
+        assert_eq!((c.vocab_size, c.rms_norm_eps), (32064, 1e-5));
+        assert!(!c.tie_word_embeddings);
+
+        // Mistral 3 without the text model_type: mistral, and MistralConfig's 8 key/value heads.
+        let mistral3 =
+            serde_json::json!({"model_type": "mistral3", "text_config": {"head_dim": 128}});
+        let c = ModelConfig::from_json(&mistral3, p).unwrap();
+        assert_eq!(c.model_type, "mistral");
+        assert_eq!((c.num_key_value_heads, c.intermediate_size), (8, 14336));
+
+        // Another decoder inside llava states its own sizes: the llama defaults do not apply to it.
+        let mut other = llava.clone();
+        other["text_config"] = serde_json::json!({"model_type": "mistral", "vocab_size": 32064});
+        let e = ModelConfig::from_json(&other, p).unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+
+        let no_text = serde_json::json!({"model_type": "gemma3"});
+        let e = ModelConfig::from_json(&no_text, p).unwrap_err().to_string();
+        assert!(e.contains("no 'text_config'"), "{e}");
+        let nested = serde_json::json!({"model_type": "llava", "text_config": gemma3});
+        let e = ModelConfig::from_json(&nested, p).unwrap_err().to_string();
+        assert!(e.contains("itself a vision-language"), "{e}");
+        let e = ModelConfig::from_json(&serde_json::json!({"model_type": "qwen2_vl"}), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vision-language: gemma3, mistral3, llava"),
+            "{e}"
+        );
     }
 }

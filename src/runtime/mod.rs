@@ -20,7 +20,7 @@ pub mod text;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling};
-pub use model::Model;
+pub use model::{Model, TensorNames};
 pub use prunable::{CalibrationData, PrunableModel, UnitGrads};
 pub use text::{TextSpec, TokenInput};
 

@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex};
 pub struct Model {
     pub config: ModelConfig,
     pub dir: PathBuf,
+    /// Where the decoder's tensors are in the checkpoint.
+    pub names: TensorNames,
     weights: Weights,
     /// The device the passes run on (the CPU unless [`Model::set_device`] says otherwise), with the
     /// activation and gradient buffers it recycles from one batch to the next (see [`Pool`]).
@@ -225,16 +227,107 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
     }
 }
 
+/// Where the decoder's tensors are in a checkpoint: `{decoder}embed_tokens.weight`,
+/// `{decoder}layers.{l}.…`, `{decoder}norm.weight` and, untied, `lm_head`. A plain decoder: `model.` and
+/// `lm_head.weight`. The language model of a vision-language checkpoint ([`ModelConfig::multimodal`]):
+/// `language_model.model.` and `language_model.lm_head.weight` (the hub's layout, which transformers 5
+/// writes back on saving), or `model.language_model.` and `lm_head.weight` (saved by transformers 4.52 –
+/// 4.57).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorNames {
+    pub decoder: String,
+    pub lm_head: String,
+}
+
+impl TensorNames {
+    /// The plain decoder's names.
+    pub fn decoder_only() -> Self {
+        TensorNames {
+            decoder: "model.".into(),
+            lm_head: "lm_head.weight".into(),
+        }
+    }
+
+    /// The layouts a vision-language checkpoint's language model may have, in the order tried.
+    pub fn multimodal_layouts() -> [Self; 2] {
+        [
+            TensorNames {
+                decoder: "language_model.model.".into(),
+                lm_head: "language_model.lm_head.weight".into(),
+            },
+            TensorNames {
+                decoder: "model.language_model.".into(),
+                lm_head: "lm_head.weight".into(),
+            },
+        ]
+    }
+
+    pub fn embed(&self) -> String {
+        format!("{}embed_tokens.weight", self.decoder)
+    }
+
+    pub fn norm(&self) -> String {
+        format!("{}norm.weight", self.decoder)
+    }
+
+    /// Decoder layer `l`'s module name (its tensors are `{layer}.…`).
+    pub fn layer(&self, l: usize) -> String {
+        format!("{}layers.{l}", self.decoder)
+    }
+
+    /// What every decoder layer's tensor name starts with, before the layer's number.
+    pub fn layers_prefix(&self) -> String {
+        format!("{}layers.", self.decoder)
+    }
+
+    /// Whether a tensor belongs to the decoder (its layers, embedding, final norm or lm_head); a
+    /// vision-language checkpoint's other tensors (vision tower, projector) do not.
+    pub fn is_decoder(&self, name: &str) -> bool {
+        name.starts_with(&self.decoder) || name == self.lm_head
+    }
+
+    /// The names of the checkpoint `weights` (in `dir`, for errors) under `config`: a vision-language
+    /// checkpoint's layout is the first whose embedding is there.
+    fn find(config: &ModelConfig, weights: &Weights, dir: &Path) -> Result<Self> {
+        if config.multimodal.is_none() {
+            return Ok(Self::decoder_only());
+        }
+        let layouts = Self::multimodal_layouts();
+        layouts
+            .iter()
+            .find(|n| weights.contains(&n.embed()))
+            .cloned()
+            .ok_or_else(|| {
+                Error::Model(format!(
+                    "{}: a vision-language checkpoint ({}) without its language model's embedding \
+                     ('{}' or '{}')",
+                    dir.display(),
+                    config.multimodal.as_deref().unwrap_or_default(),
+                    layouts[0].embed(),
+                    layouts[1].embed()
+                ))
+            })
+    }
+}
+
 impl Model {
     /// Read `config.json`, map the weights and check that every tensor the config implies is there with
     /// its shape.
     pub fn load(dir: &Path) -> Result<Model> {
         let mut config = ModelConfig::load(&dir.join("config.json"))?;
         let weights = Weights::open(dir)?;
+        let names = TensorNames::find(&config, &weights, dir)?;
+        // A vision-language wrapper's lm_head is tied as the checkpoint shows: transformers 5 ties by the
+        // wrapper's `tie_word_embeddings` (often absent, then true: Mistral3ForConditionalGeneration
+        // saves no lm_head though its text_config says false) unless the file holds an lm_head that
+        // differs, 4.x by the text_config's.
+        if config.multimodal.is_some() {
+            config.tie_word_embeddings = !weights.contains(&names.lm_head);
+        }
         // Gemma multiplies the embedding by √hidden cast to the weights' dtype (transformers'
         // `embed_scale.to(self.weight.dtype)`, as the original JAX code casts it to the activations'):
         // a bf16 checkpoint's factor is √hidden rounded to bf16 (√3072 = 55.43 → 55.5).
-        config.embed_scale = match weights.dtype("model.embed_tokens.weight") {
+        config.embed_scale = match weights.dtype(&names.embed()) {
             Some(safetensors::Dtype::BF16) => half::bf16::from_f32(config.embed_scale).to_f32(),
             Some(safetensors::Dtype::F16) => half::f16::from_f32(config.embed_scale).to_f32(),
             _ => config.embed_scale,
@@ -242,6 +335,7 @@ impl Model {
         let mut model = Model {
             config,
             dir: dir.to_path_buf(),
+            names,
             weights,
             runner: Box::new(OnDevice::new(Cpu)),
         };
@@ -262,7 +356,8 @@ impl Model {
             c.intermediate_size,
         );
         for l in 0..c.num_hidden_layers {
-            let name = |n: &str| format!("model.layers.{l}.{n}.weight");
+            let layer = self.names.layer(l);
+            let name = |n: &str| format!("{layer}.{n}.weight");
             self.weights.split_rows(
                 &name("self_attn.qkv_proj"),
                 &[
@@ -290,16 +385,16 @@ impl Model {
             c.num_key_value_heads * c.head_dim,
         );
         let mut out = vec![
-            ("model.embed_tokens.weight".to_string(), vec![v, h]),
-            ("model.norm.weight".to_string(), vec![h]),
+            (self.names.embed(), vec![v, h]),
+            (self.names.norm(), vec![h]),
         ];
         if !c.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![v, h]));
+            out.push((self.names.lm_head.clone(), vec![v, h]));
         }
         for l in 0..c.num_hidden_layers {
-            let mut t = |name: &str, shape: Vec<usize>| {
-                out.push((format!("model.layers.{l}.{name}"), shape))
-            };
+            let layer = self.names.layer(l);
+            let mut t =
+                |name: &str, shape: Vec<usize>| out.push((format!("{layer}.{name}"), shape));
             for norm in c.block_norms.names().into_iter().flatten() {
                 t(&format!("{norm}.weight"), vec![h]);
             }
@@ -336,10 +431,11 @@ impl Model {
     }
 
     fn check_weights(&self) -> Result<()> {
-        if !self.config.tie_word_embeddings && !self.weights.contains("lm_head.weight") {
+        if !self.config.tie_word_embeddings && !self.weights.contains(&self.names.lm_head) {
             return Err(Error::Model(format!(
-                "{}: checkpoint has no 'lm_head.weight' and config.json has tie_word_embeddings false",
-                self.dir.display()
+                "{}: checkpoint has no '{}' and config.json has tie_word_embeddings false",
+                self.dir.display(),
+                self.names.lm_head
             )));
         }
         for (name, shape) in self.expected_tensors() {
@@ -351,7 +447,8 @@ impl Model {
     /// Tensors of the checkpoint the decoder does not read, sorted: a sign that config.json's
     /// `model_type` or flags do not describe the weights (e.g. Qwen3 q/k norms under `qwen2`), since
     /// the results then ignore part of the model. Not listed: rotary `inv_freq` buffers that older
-    /// checkpoints saved, and a tied checkpoint's `lm_head.weight` (transformers ties it away too).
+    /// checkpoints saved, a tied checkpoint's `lm_head.weight` (transformers ties it away too), and a
+    /// vision-language checkpoint's other modalities ([`Model::other_modality_tensors`]).
     pub fn unused_tensors(&self) -> Vec<String> {
         let read: std::collections::HashSet<String> = self
             .expected_tensors()
@@ -361,13 +458,22 @@ impl Model {
         let mut unused: Vec<String> = self
             .weights
             .names()
-            .filter(|n| !read.contains(*n))
+            .filter(|n| !read.contains(*n) && self.names.is_decoder(n))
             .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
-            .filter(|n| !(self.config.tie_word_embeddings && *n == "lm_head.weight"))
+            .filter(|n| !(self.config.tie_word_embeddings && *n == self.names.lm_head))
             .map(str::to_string)
             .collect();
         unused.sort();
         unused
+    }
+
+    /// The number of tensors of a vision-language checkpoint outside its language model (vision tower,
+    /// projector): not read, copied unchanged into a pruned checkpoint. 0 for a plain decoder.
+    pub fn other_modality_tensors(&self) -> usize {
+        self.weights
+            .names()
+            .filter(|n| !self.names.is_decoder(n))
+            .count()
     }
 
     pub fn num_layers(&self) -> usize {
@@ -376,7 +482,7 @@ impl Model {
 
     pub fn layer_names(&self) -> Vec<String> {
         (0..self.num_layers())
-            .map(|i| format!("model.layers.{i}"))
+            .map(|i| self.names.layer(i))
             .collect()
     }
 
@@ -599,7 +705,7 @@ impl Model {
             softcap: c.attn_softcap,
         };
 
-        let embed = tape.param("model.embed_tokens.weight", g_embed, vocab * h);
+        let embed = tape.param(self.names.embed(), g_embed, vocab * h);
         let first = start.as_ref().map_or(0, |s| s.0);
         let mut x = tape.buffer("embed", n, h);
         match start {
@@ -620,7 +726,7 @@ impl Model {
             tape.mark(l + 1, x);
         }
 
-        let norm = tape.param("model.norm.weight", g_norm, h);
+        let norm = tape.param(self.names.norm(), g_norm, h);
         let xn = tape.buffer("norm", n, h);
         tape.push(op::RmsNorm {
             x,
@@ -633,7 +739,7 @@ impl Model {
         let head = if c.tie_word_embeddings {
             embed
         } else {
-            tape.param("lm_head.weight", g_head, vocab * h)
+            tape.param(self.names.lm_head.clone(), g_head, vocab * h)
         };
         let mut logits = tape.buffer("logits", n, vocab);
         tape.push(op::Linear {
@@ -681,7 +787,7 @@ impl Model {
             shape.heads * shape.head_dim,
             shape.kv_heads * shape.head_dim,
         );
-        let pre = format!("model.layers.{l}");
+        let pre = self.names.layer(l);
         let linear =
             |tape: &mut Tape<D>, x: BufId, name: &str, inp: usize, out: usize, bias: bool| {
                 let w = tape.param(format!("{pre}.{name}.weight"), l, out * inp);
