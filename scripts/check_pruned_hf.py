@@ -3,9 +3,11 @@
 
 For each fixture model (tests/fixtures/<name>/, made by scripts/make_fixtures.py):
   1. run `sglp-engine prune` on it (calibration = evaluation = the fixture's tokens.npy);
-  2. load the pruned checkpoint with transformers (AutoModelForCausalLM, float64) and run it on the tokens;
+  2. load the pruned checkpoint with transformers (AutoModelForCausalLM, or AutoModelForImageTextToText for a
+     vision-language one, float64; every tensor read, none missing) and run it on the tokens;
   3. build the same pruned model by surgery on the original in PyTorch (drop the removed decoder layers) and
-     check both give the same logits: the checkpoint writer renamed, kept and renumbered the right tensors;
+     check both give the same logits: the checkpoint writer renamed, kept and renumbered the right tensors
+     (and left a vision tower's alone);
   4. compare the engine's perplexity before/after (from sglp-report.json, and from `sglp-engine eval`)
      with PyTorch's;
   5. write tests/fixtures/pruned_reference/<name>.json (the prune arguments, removed layers, PyTorch's losses
@@ -46,6 +48,8 @@ CASES = {
     "gemma3_sandwich": ONE_BY_GRADNORM,
     "gemma2_softcap": ONE_BY_GRADNORM,
     "olmo2_post_norm": ONE_BY_GRADNORM,
+    "gemma3_vision": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
+    "mistral3_vision": ONE_BY_GRADNORM,
 }
 
 
@@ -57,19 +61,41 @@ def next_token_loss(logits, ids):
 
 
 def load_f64(path):
-    m = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    """The checkpoint in float64; every tensor of the file read and every parameter found in it."""
+    with open(os.path.join(path, "config.json")) as f:
+        vision_language = "text_config" in json.load(f)
+    cls = transformers.AutoModelForImageTextToText if vision_language else transformers.AutoModelForCausalLM
+    m, info = cls.from_pretrained(path, attn_implementation="eager", output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, f"{path}: {bad}"
     return m.double().eval()
+
+
+def text_model(model):
+    """The decoder: a vision-language wrapper's language model."""
+    return getattr(model.model, "language_model", model.model)
 
 
 def surgery(model, kept):
     """The original model with only the `kept` decoder layers (reference for the checkpoint writer)."""
-    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in kept])
-    for new, layer in enumerate(model.model.layers):
+    text = text_model(model)
+    text.layers = torch.nn.ModuleList([text.layers[i] for i in kept])
+    for new, layer in enumerate(text.layers):
         layer.self_attn.layer_idx = new
-    model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None) is not None:
-        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    config = model.config.get_text_config()
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in kept]
     return model
+
+
+def other_modalities_diff(pruned, original):
+    """Max |difference| of the parameters outside the language model (a vision tower, a projector), and
+    their count (0 for a plain decoder)."""
+    text = {id(p) for p in text_model(pruned).parameters()} | {id(pruned.lm_head.weight)}
+    theirs = dict(original.named_parameters())
+    diffs = [(p - theirs[n]).abs().max().item() for n, p in pruned.named_parameters() if id(p) not in text]
+    return max(diffs, default=0.0), len(diffs)
 
 
 def rel(a, b):
@@ -103,10 +129,11 @@ def main():
 
             with torch.no_grad():
                 pruned = load_f64(out)
-                assert pruned.config.num_hidden_layers == len(kept)
+                assert pruned.config.get_text_config().num_hidden_layers == len(kept)
                 logits = pruned(ids).logits
                 loss_after = next_token_loss(logits, ids)
                 original = load_f64(model_dir)
+                vision_diff, vision_tensors = other_modalities_diff(pruned, original)
                 loss_before = next_token_loss(original(ids).logits, ids)
                 ref_logits = surgery(original, kept)(ids).logits
             surgery_diff = (logits - ref_logits).abs().max().item()
@@ -114,6 +141,8 @@ def main():
         ppl_before, ppl_after = math.exp(loss_before), math.exp(loss_after)
         checks = {
             "checkpoint == surgery (max |Δlogit|)": (surgery_diff, surgery_diff < 1e-10),
+            f"other modalities unchanged ({vision_tensors} tensors, max |Δ|)": (vision_diff,
+                                                                                vision_diff == 0.0),
             "engine ppl before (report)": (rel(report["perplexity_before"], ppl_before),
                                            rel(report["perplexity_before"], ppl_before) < 1e-4),
             "engine ppl after (report)": (rel(report["perplexity_after"], ppl_after),

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2
-checkpoints made with Hugging Face
+checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
 
@@ -128,18 +129,65 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6,
                   rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
          seed=11),
+    # Gemma 3 4B-style vision-language checkpoint (Gemma3ForConditionalGeneration, tiny SigLIP tower):
+    # transformers 5 saves the hub layout (language_model.model.…, tied: no lm_head); config.json's
+    # text_config cut to what google/gemma-3-4b-it's states (4.x rope_scaling, no vocab_size... but the
+    # tiny sizes), so 8 heads, 4 key/value heads, query_pre_attn_scalar 256, rope θ 10⁶ / 10⁴ and the layer
+    # pattern 6 come from the class defaults (7 layers: layer 5 full attention, linear rope ×8), bf16.
+    dict(name="gemma3_vision", model_type="gemma3", dtype=torch.bfloat16, token_dtype=np.int64,
+         cls="Gemma3ForConditionalGeneration",
+         cfg=dict(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=7,
+                                   num_attention_heads=8, num_key_value_heads=4, head_dim=16, vocab_size=128,
+                                   sliding_window=5,
+                                   rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0,
+                                                                           rope_theta=1000000.0),
+                                                    "sliding_attention": dict(rope_type="default",
+                                                                              rope_theta=10000.0)}),
+                  vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=28, patch_size=14),
+                  mm_tokens_per_image=4, boi_token_index=125, eoi_token_index=126, image_token_index=127),
+         sparse_text_config=dict(keep=["hidden_size", "intermediate_size", "model_type", "num_hidden_layers",
+                                       "sliding_window", "head_dim", "vocab_size"],
+                                 add={"rope_scaling": {"factor": 8.0, "rope_type": "linear"}}),
+         token_max=125, seed=12),
+    # Mistral 3 (Mistral Small 3.1-style: Mistral3ForConditionalGeneration, tiny Pixtral tower), untied,
+    # stored in the layout transformers 4.52-4.57 saved (model.language_model.…, lm_head.weight).
+    dict(name="mistral3_vision", model_type="mistral3", dtype=torch.float32, token_dtype=np.int64,
+         cls="Mistral3ForConditionalGeneration",
+         cfg=dict(text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=128, sliding_window=None,
+                                   rope_parameters=dict(rope_type="default", rope_theta=1000000000.0)),
+                  vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+                                     head_dim=8),
+                  image_token_index=127, spatial_merge_size=1, tie_word_embeddings=False),
+         relayout=True, token_max=127, seed=13),
 ]
+
+
+def model_class(spec):
+    """The model class: the spec's (a vision-language wrapper), else the causal LM of the model type."""
+    if "cls" in spec:
+        return getattr(transformers, spec["cls"])
+    return transformers.AutoModelForCausalLM
+
+
+def text_model(model):
+    """The decoder (embed_tokens, layers, norm): a vision-language wrapper's language model."""
+    return getattr(model.model, "language_model", model.model)
 
 
 def make_model(spec):
     cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
     config = cfg_cls(**spec["cfg"], attn_implementation="eager")
     torch.manual_seed(spec["seed"])
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    cls = model_class(spec)
+    model = cls(config) if "cls" in spec else cls.from_config(config)
     # Random, non-trivial values everywhere (HF's init leaves norms at 1 and biases at 0).
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or p.dim() == 1 and not name.endswith("bias"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
@@ -159,7 +207,7 @@ def round_embed_scale(model, dtype):
     """Gemma's √hidden embedding factor as transformers uses it on the checkpoint: cast to the weights'
     dtype (`embed_scale.to(self.weight.dtype)`; a bf16 checkpoint loads in bf16). A non-persistent buffer:
     a model given the state_dict needs this too."""
-    emb = model.model.embed_tokens
+    emb = text_model(model).embed_tokens
     if hasattr(emb, "embed_scale"):
         with torch.no_grad():
             emb.embed_scale.copy_(emb.embed_scale.to(dtype).to(torch.float32))
@@ -186,6 +234,50 @@ def drop_layer_types(path, extra):
         c.update(extra)
     with open(path, "w") as f:
         json.dump(c, f, indent=2)
+
+
+def sparsify_text_config(path, keep, add):
+    """Cut config.json's text_config to the `keep` fields plus `add`, and drop the wrapper's
+    tie_word_embeddings, as hub vision-language configs written by transformers 4.x are: the rest comes
+    from the text config class's defaults."""
+    with open(path) as f:
+        c = json.load(f)
+    c["text_config"] = dict({k: c["text_config"][k] for k in keep}, **add)
+    c.pop("tie_word_embeddings", None)
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def relayout(d):
+    """Rename a vision-language checkpoint's tensors from the hub layout transformers 5 saves
+    (language_model.model.…, language_model.lm_head, vision_tower, multi_modal_projector) to the one 4.52-4.57
+    saved (model.language_model.…, lm_head, model.vision_tower, model.multi_modal_projector)."""
+    from safetensors.torch import load_file
+    path = os.path.join(d, "model.safetensors")
+    sd = load_file(path)
+
+    def name(k):
+        for old, new in [("language_model.model.", "model.language_model."),
+                         ("language_model.lm_head.", "lm_head."),
+                         ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")]:
+            if k.startswith(old):
+                return new + k[len(old):]
+        raise ValueError(k)
+    save_file({name(k): v for k, v in sd.items()}, path, metadata={"format": "pt"})
+
+
+def check_reload(spec, d, model, ids):
+    """transformers reads the rewritten checkpoint (cut config, other layout) as the model it came from:
+    every tensor found, the same logits."""
+    loaded, info = model_class(spec).from_pretrained(d, attn_implementation="eager", dtype=torch.float32,
+                                                     output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k != "mismatched_keys" or k == "mismatched_keys" and v}
+    assert not bad, f"{spec['name']}: reloading: {bad}"
+    round_embed_scale(loaded, spec["dtype"])
+    with torch.no_grad():
+        diff = (loaded.eval()(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5, f"{spec['name']}: the reloaded checkpoint's logits differ by {diff}"
 
 
 def full_attention_loss(spec, model, ids):
@@ -215,7 +307,7 @@ def full_attention_loss(spec, model, ids):
 
 
 def decoder_layers(model):
-    return model.model.layers
+    return text_model(model).layers
 
 
 def reference(model, ids, tied):
@@ -231,8 +323,8 @@ def reference(model, ids, tied):
         return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)))
 
     per_layer = [norm(list(layer.parameters())) for layer in decoder_layers(model)]
-    embed = norm([model.model.embed_tokens.weight])
-    fnorm = norm([model.model.norm.weight])
+    embed = norm([text_model(model).embed_tokens.weight])
+    fnorm = norm([text_model(model).norm.weight])
     head = -1.0 if tied else norm([model.lm_head.weight])
     return float(loss.detach()), per_layer, [embed, fnorm, head]
 
@@ -246,7 +338,7 @@ def hidden_states(model, ids):
             hs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
         return f
 
-    handles = [model.model.embed_tokens.register_forward_hook(hook(0))]
+    handles = [text_model(model).embed_tokens.register_forward_hook(hook(0))]
     for l, layer in enumerate(decoder_layers(model)):
         handles.append(layer.register_forward_hook(hook(l + 1)))
     with torch.no_grad():
@@ -261,17 +353,18 @@ def loss_without_layer(model, ids, skip):
     picks a layer's mask and rotary embedding by its position in config.layer_types)."""
     layers = decoder_layers(model)
     kept = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != skip])
-    layer_types = getattr(model.config, "layer_types", None)
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        model.config.layer_types = [t for i, t in enumerate(layer_types) if i != skip]
-    model.model.layers = kept
+        config.layer_types = [t for i, t in enumerate(layer_types) if i != skip]
+    text_model(model).layers = kept
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    model.model.layers = layers
+    text_model(model).layers = layers
     if layer_types is not None:
-        model.config.layer_types = layer_types
+        config.layer_types = layer_types
     return float(loss)
 
 
@@ -280,7 +373,7 @@ def build(spec, out_root):
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     model = make_model(spec)
-    tied = bool(spec["cfg"].get("tie_word_embeddings", False))
+    tied = model.lm_head.weight.data_ptr() == text_model(model).embed_tokens.weight.data_ptr()
     kw = dict(safe_serialization=True)
     if "shard" in spec:
         kw["max_shard_size"] = spec["shard"]
@@ -294,11 +387,18 @@ def build(spec, out_root):
         to_old_config(os.path.join(d, "config.json"))
     if spec.get("drop_layer_types"):
         drop_layer_types(os.path.join(d, "config.json"), spec["drop_layer_types"])
+    if spec.get("sparse_text_config"):
+        sparsify_text_config(os.path.join(d, "config.json"), **spec["sparse_text_config"])
+    if spec.get("relayout"):
+        relayout(d)
 
     rng = np.random.default_rng(spec["seed"])
-    vocab = spec["cfg"]["vocab_size"]
+    # Vision-language fixtures keep their image tokens out of the text.
+    vocab = spec.get("token_max", model.config.get_text_config().vocab_size)
     tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
     np.save(os.path.join(d, "tokens.npy"), tokens)
+    if "cls" in spec:
+        check_reload(spec, d, model, torch.from_numpy(tokens.astype(np.int64)))
 
     model = model.double()
     ids = torch.from_numpy(tokens.astype(np.int64))

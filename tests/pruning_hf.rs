@@ -26,11 +26,12 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
     let c = &model.config;
     let (d, v) = (c.hidden_size, c.vocab_size);
     let w = Weights::open(model_dir).unwrap();
-    let g = w.get_f32("model.norm.weight").unwrap();
+    let names = &model.names;
+    let g = w.get_f32(&names.norm()).unwrap();
     let head = if c.tie_word_embeddings {
-        w.get_f32("model.embed_tokens.weight").unwrap()
+        w.get_f32(&names.embed()).unwrap()
     } else {
-        w.get_f32("lm_head.weight").unwrap()
+        w.get_f32(&names.lm_head).unwrap()
     };
     let mut out = Vec::with_capacity(h.len() / d * v);
     let mut x = vec![0f64; d];
@@ -215,4 +216,59 @@ fn gemma2_softcap_matches_transformers() {
 #[test]
 fn olmo2_post_norm_matches_transformers() {
     check_case("olmo2_post_norm");
+}
+
+/// A Gemma 3 vision-language checkpoint (hub layout, hub-style sparse text_config, tied): the language
+/// model pruned, the vision tower and projector copied byte for byte.
+#[test]
+fn gemma3_vision_language_model_pruned_matches_transformers() {
+    check_case("gemma3_vision");
+    vision_tower_is_copied("gemma3_vision");
+}
+
+/// A Mistral 3 vision-language checkpoint in the transformers 4.52-4.57 layout, untied.
+#[test]
+fn mistral3_vision_language_model_pruned_matches_transformers() {
+    check_case("mistral3_vision");
+    vision_tower_is_copied("mistral3_vision");
+}
+
+/// Prune fixture `name` by one layer: every tensor outside the language model is in the pruned checkpoint
+/// with the same name and bytes; the vision config is unchanged.
+fn vision_tower_is_copied(name: &str) {
+    let model_dir = fixtures().join(name);
+    let model = Model::load(&model_dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path();
+    let kept: Vec<usize> = (1..model.num_layers()).collect();
+    sglp_engine::pruning::checkpoint::write_pruned_checkpoint(
+        &model_dir,
+        out,
+        &model.names.layers_prefix(),
+        model.num_layers(),
+        &kept,
+    )
+    .unwrap();
+    let (a, b) = (
+        Weights::open(&model_dir).unwrap(),
+        Weights::open(out).unwrap(),
+    );
+    let others: Vec<&str> = a.names().filter(|n| !model.names.is_decoder(n)).collect();
+    assert!(others.len() > 10, "{name}: {} other tensors", others.len());
+    for n in &others {
+        assert_eq!(a.get_f32(n).unwrap(), b.get_f32(n).unwrap(), "{name}: {n}");
+    }
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+    };
+    let (ca, cb) = (read(&model_dir), read(out));
+    assert_eq!(ca["vision_config"], cb["vision_config"]);
+    assert_eq!(
+        cb["text_config"]["num_hidden_layers"],
+        model.num_layers() - 1
+    );
+    let pruned = Model::load(out).unwrap();
+    assert_eq!(pruned.num_layers(), model.num_layers() - 1);
+    assert_eq!(pruned.names, model.names);
+    assert_eq!(pruned.other_modality_tensors(), others.len());
 }

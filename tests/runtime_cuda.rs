@@ -1152,6 +1152,7 @@ fn decoder_families_match_the_cpu() {
         "gemma3_sandwich",
         "gemma2_softcap",
         "olmo2_post_norm",
+        "gemma3_vision",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

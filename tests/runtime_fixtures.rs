@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 11] = [
+const FIXTURES: [&str; 13] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -28,6 +28,8 @@ const FIXTURES: [&str; 11] = [
     "gemma3_sandwich",
     "gemma2_softcap",
     "olmo2_post_norm",
+    "gemma3_vision",
+    "mistral3_vision",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -405,6 +407,19 @@ fn info_describes_windows_caps_and_rotary() {
         (
             "gemma3_sandwich",
             "windowed layers' rotary θ 10000, default",
+        ),
+        // The hub-style sparse text_config's class defaults: pattern 6, 1/√256, θ 10⁶ and 10⁴.
+        (
+            "gemma3_vision",
+            "attention: window 5 on 6 of 7 layers (0, 1, 2, 3, 4, 6); scores × 0.062500; rotary θ \
+             1000000, linear ×8 on 16 of 16 values; windowed layers' rotary θ 10000, default\n\
+             vision-language checkpoint (gemma3): its language model is the decoder (tensors \
+             'language_model.model.…'); 50 other tensors",
+        ),
+        (
+            "mistral3_vision",
+            "vision-language checkpoint (mistral3): its language model is the decoder (tensors \
+             'model.language_model.…'); 15 other tensors",
         ),
     ] {
         let out = common::engine_ok(&["info", "--model", dir(name).to_str().unwrap()]);

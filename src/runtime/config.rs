@@ -146,17 +146,25 @@ pub struct ModelConfig {
     pub multimodal: Option<String>,
 }
 
-/// Vision-language checkpoints whose language model the runtime reads: (the wrapper's `model_type`, the
-/// decoder's `model_type` when `text_config` omits it, the text config class's defaults of the fields a
-/// hub `text_config` often omits). transformers' `to_diff_dict` once wrote nested configs as their
+/// A vision-language checkpoint kind whose language model the runtime reads.
+pub struct Multimodal {
+    /// The wrapper's `model_type`.
+    pub wrapper: &'static str,
+    /// The decoder's `model_type` when `text_config` omits it.
+    pub decoder: &'static str,
+    /// The text config class's defaults of the fields a hub `text_config` often omits.
+    pub defaults: &'static [(&'static str, u64)],
+}
+
+/// The vision-language checkpoints whose language model the runtime reads. transformers' `to_diff_dict` once wrote nested configs as their
 /// difference from the class defaults (e.g. Gemma 3 4B's `text_config` has no `vocab_size`, llava-1.5's no
 /// `hidden_size`), so the defaults are part of the format. Values: `Gemma3TextConfig`, `MistralConfig`,
 /// `LlamaConfig` (4.50 – 5.25).
-pub const MULTIMODAL: [(&str, &str, &[(&str, u64)]); 3] = [
-    (
-        "gemma3",
-        "gemma3_text",
-        &[
+pub const MULTIMODAL: [Multimodal; 3] = [
+    Multimodal {
+        wrapper: "gemma3",
+        decoder: "gemma3_text",
+        defaults: &[
             ("vocab_size", 262_208),
             ("hidden_size", 2304),
             ("intermediate_size", 9216),
@@ -164,11 +172,11 @@ pub const MULTIMODAL: [(&str, &str, &[(&str, u64)]); 3] = [
             ("num_attention_heads", 8),
             ("num_key_value_heads", 4),
         ],
-    ),
-    (
-        "mistral3",
-        "mistral",
-        &[
+    },
+    Multimodal {
+        wrapper: "mistral3",
+        decoder: "mistral",
+        defaults: &[
             ("vocab_size", 32_000),
             ("hidden_size", 4096),
             ("intermediate_size", 14_336),
@@ -176,18 +184,18 @@ pub const MULTIMODAL: [(&str, &str, &[(&str, u64)]); 3] = [
             ("num_attention_heads", 32),
             ("num_key_value_heads", 8),
         ],
-    ),
-    (
-        "llava",
-        "llama",
-        &[
+    },
+    Multimodal {
+        wrapper: "llava",
+        decoder: "llama",
+        defaults: &[
             ("vocab_size", 32_000),
             ("hidden_size", 4096),
             ("intermediate_size", 11_008),
             ("num_hidden_layers", 32),
             ("num_attention_heads", 32),
         ],
-    ),
+    },
 ];
 
 /// The language model's section of config `v` when `v` is a vision-language wrapper ([`MULTIMODAL`]):
@@ -198,7 +206,12 @@ pub fn text_config(v: &Value, path: &Path) -> Result<Option<(&'static str, Value
     let Some(ty) = v.get("model_type").and_then(Value::as_str) else {
         return Ok(None);
     };
-    let Some(&(wrapper, text_type, defaults)) = MULTIMODAL.iter().find(|m| m.0 == ty) else {
+    let Some(&Multimodal {
+        wrapper,
+        decoder: text_type,
+        defaults,
+    }) = MULTIMODAL.iter().find(|m| m.wrapper == ty)
+    else {
         return Ok(None);
     };
     let mut text = v
@@ -337,7 +350,7 @@ impl ModelConfig {
                 path,
                 format!(
                     "model_type '{model_type}' is not supported ({TYPES}; vision-language: {})",
-                    MULTIMODAL.map(|m| m.0).join(", ")
+                    MULTIMODAL.map(|m| m.wrapper).join(", ")
                 ),
             ));
         }

@@ -6,7 +6,8 @@
 //! gemma2/3, olmo2) → residual] → final RMSNorm → lm_head (→ soft-cap: gemma2) → cross-entropy. Gemma's
 //! norms multiply by 1 + w. Where the norms sit: `BlockNorms`.
 //! Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate projections (row blocks of the
-//! stored matrices, [`Weights::split_rows`]).
+//! stored matrices, [`Weights::split_rows`]). A vision-language checkpoint's language model is read
+//! where [`TensorNames`] finds it.
 
 use super::config::ModelConfig;
 use super::ops::{cpu::AttnShape, RopeTable};
