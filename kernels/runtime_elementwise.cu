@@ -1,6 +1,6 @@
-// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, tanh-approximated GELU, soft-capping,
-// multiply, add, accumulate) and the sum of
-// squares of a gradient, forward and backward side by side. Buffers are flat f32 of `n` elements; every
+// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, GELU exact and tanh-approximated,
+// soft-capping, multiply, add, accumulate, the column-block gather of GPT-NeoX's fused q/k/v) and the sum
+// of squares of a gradient, forward and backward side by side. Buffers are flat f32 of `n` elements; every
 // kernel is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the CPU
 // (src/runtime/ops/cpu.rs).
 
@@ -47,6 +47,25 @@ extern "C" __global__ void gelu_tanh_backward(const float* __restrict__ x, const
         float s = rt_sigmoid(2.0f * GELU_K * (v + GELU_C * v * v * v));
         float du = GELU_K * (1.0f + 3.0f * GELU_C * v * v);
         dx[i] += dy[i] * (s + v * s * (1.0f - s) * 2.0f * du);
+    }
+}
+
+// GELU, exact (PyTorch's gelu, GPT-NeoX's MLP): x Φ(x) = x/2 (1 + erf(x / √2)).
+extern "C" __global__ void gelu_forward(const float* __restrict__ x, float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678f));
+    }
+}
+
+// dx += dy (Φ(x) + x φ(x)), φ(x) = e^(−x²/2) / √(2π)
+extern "C" __global__ void gelu_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                         float* __restrict__ dx, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        float cdf = 0.5f * (1.0f + erff(v * 0.70710678f));
+        float pdf = 0.39894228f * expf(-0.5f * v * v);
+        dx[i] += dy[i] * (cdf + v * pdf);
     }
 }
 
@@ -114,5 +133,26 @@ extern "C" __global__ void sum_sq_partials(const float* __restrict__ g, u64 n, d
         double t = 0.0;
         for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += warp_sums[w];
         partials[blockIdx.x] = t;
+    }
+}
+
+// Column blocks: y[r, g·block + i] = x[r, g·stride + offset + i], rows of `width` = groups · stride in x;
+// one thread per value of y (consecutive threads, consecutive columns of a block: coalesced).
+extern "C" __global__ void column_blocks_forward(const float* __restrict__ x, float* __restrict__ y, u64 rows,
+                                                 int width, int block, int stride, int offset) {
+    u64 out_w = (u64)(width / stride) * block, n = rows * out_w;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 r = i / out_w, c = i % out_w;
+        y[i] = x[r * width + (c / block) * stride + offset + c % block];
+    }
+}
+
+// The scatter back: dx[r, g·stride + offset + i] += dy[r, g·block + i] (each dx value from one thread).
+extern "C" __global__ void column_blocks_backward(const float* __restrict__ dy, float* __restrict__ dx,
+                                                  u64 rows, int width, int block, int stride, int offset) {
+    u64 out_w = (u64)(width / stride) * block, n = rows * out_w;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 r = i / out_w, c = i % out_w;
+        dx[r * width + (c / block) * stride + offset + c % block] += dy[i];
     }
 }

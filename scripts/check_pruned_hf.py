@@ -50,6 +50,8 @@ CASES = {
     "olmo2_post_norm": ONE_BY_GRADNORM,
     "gemma3_vision": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "mistral3_vision": ONE_BY_GRADNORM,
+    "neox_parallel": ONE_BY_GRADNORM,
+    "neox_sequential": ONE_BY_GRADNORM,
 }
 
 
@@ -72,8 +74,14 @@ def load_f64(path):
 
 
 def text_model(model):
-    """The decoder: a vision-language wrapper's language model."""
+    """The decoder: a vision-language wrapper's language model; GPT-NeoX's `gpt_neox`."""
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox
     return getattr(model.model, "language_model", model.model)
+
+
+def lm_head(model):
+    return model.embed_out if hasattr(model, "embed_out") else model.lm_head
 
 
 def surgery(model, kept):
@@ -81,7 +89,7 @@ def surgery(model, kept):
     text = text_model(model)
     text.layers = torch.nn.ModuleList([text.layers[i] for i in kept])
     for new, layer in enumerate(text.layers):
-        layer.self_attn.layer_idx = new
+        (layer.self_attn if hasattr(layer, "self_attn") else layer.attention).layer_idx = new
     config = model.config.get_text_config()
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:
@@ -92,7 +100,7 @@ def surgery(model, kept):
 def other_modalities_diff(pruned, original):
     """Max |difference| of the parameters outside the language model (a vision tower, a projector), and
     their count (0 for a plain decoder)."""
-    text = {id(p) for p in text_model(pruned).parameters()} | {id(pruned.lm_head.weight)}
+    text = {id(p) for p in text_model(pruned).parameters()} | {id(lm_head(pruned).weight)}
     theirs = dict(original.named_parameters())
     diffs = [(p - theirs[n]).abs().max().item() for n, p in pruned.named_parameters() if id(p) not in text]
     return max(diffs, default=0.0), len(diffs)

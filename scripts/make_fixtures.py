@@ -129,6 +129,21 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6,
                   rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
          seed=11),
+    # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
+    # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
+    # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,
+    # rotary_emb_base).
+    dict(name="neox_parallel", model_type="gpt_neox", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+                  vocab_size=128, layer_norm_eps=1e-5, use_parallel_residual=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+         neox_old_config=True, seed=14),
+    # GPT-NeoX with the sequential residual (use_parallel_residual false), half the head rotary, bf16.
+    dict(name="neox_sequential", model_type="gpt_neox", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  vocab_size=128, layer_norm_eps=1e-5, use_parallel_residual=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=500.0, partial_rotary_factor=0.5)),
+         seed=15),
     # Gemma 3 4B-style vision-language checkpoint (Gemma3ForConditionalGeneration, tiny SigLIP tower):
     # transformers 5 saves the hub layout (language_model.model.…, tied: no lm_head); config.json's
     # text_config cut to what google/gemma-3-4b-it's states (4.x rope_scaling, no vocab_size... but the
@@ -174,8 +189,25 @@ def model_class(spec):
 
 
 def text_model(model):
-    """The decoder (embed_tokens, layers, norm): a vision-language wrapper's language model."""
+    """The decoder (embed_tokens, layers, norm): a vision-language wrapper's language model; GPT-NeoX's
+    under other names."""
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox
     return getattr(model.model, "language_model", model.model)
+
+
+def embedding(model):
+    text = text_model(model)
+    return text.embed_in if hasattr(text, "embed_in") else text.embed_tokens
+
+
+def final_norm(model):
+    text = text_model(model)
+    return text.final_layer_norm if hasattr(text, "final_layer_norm") else text.norm
+
+
+def lm_head(model):
+    return model.embed_out if hasattr(model, "embed_out") else model.lm_head
 
 
 def make_model(spec):
@@ -207,7 +239,7 @@ def round_embed_scale(model, dtype):
     """Gemma's √hidden embedding factor as transformers uses it on the checkpoint: cast to the weights'
     dtype (`embed_scale.to(self.weight.dtype)`; a bf16 checkpoint loads in bf16). A non-persistent buffer:
     a model given the state_dict needs this too."""
-    emb = text_model(model).embed_tokens
+    emb = embedding(model)
     if hasattr(emb, "embed_scale"):
         with torch.no_grad():
             emb.embed_scale.copy_(emb.embed_scale.to(dtype).to(torch.float32))
@@ -220,6 +252,19 @@ def to_old_config(path):
     rp = c.pop("rope_parameters")
     c["rope_theta"] = rp.pop("rope_theta")
     c["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def to_neox_old_config(path):
+    """Rewrite a GPT-NeoX config.json in the form Pythia's hub configs have: rotary_pct and
+    rotary_emb_base."""
+    with open(path) as f:
+        c = json.load(f)
+    rp = c.pop("rope_parameters")
+    c["rotary_pct"] = rp["partial_rotary_factor"]
+    c["rotary_emb_base"] = rp["rope_theta"]
+    c["rope_scaling"] = None
     with open(path, "w") as f:
         json.dump(c, f, indent=2)
 
@@ -323,9 +368,9 @@ def reference(model, ids, tied):
         return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)))
 
     per_layer = [norm(list(layer.parameters())) for layer in decoder_layers(model)]
-    embed = norm([text_model(model).embed_tokens.weight])
-    fnorm = norm([text_model(model).norm.weight])
-    head = -1.0 if tied else norm([model.lm_head.weight])
+    embed = norm([embedding(model).weight])
+    fnorm = norm(list(final_norm(model).parameters()))
+    head = -1.0 if tied else norm([lm_head(model).weight])
     return float(loss.detach()), per_layer, [embed, fnorm, head]
 
 
@@ -338,7 +383,7 @@ def hidden_states(model, ids):
             hs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
         return f
 
-    handles = [text_model(model).embed_tokens.register_forward_hook(hook(0))]
+    handles = [embedding(model).register_forward_hook(hook(0))]
     for l, layer in enumerate(decoder_layers(model)):
         handles.append(layer.register_forward_hook(hook(l + 1)))
     with torch.no_grad():
@@ -373,7 +418,7 @@ def build(spec, out_root):
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     model = make_model(spec)
-    tied = model.lm_head.weight.data_ptr() == text_model(model).embed_tokens.weight.data_ptr()
+    tied = lm_head(model).weight.data_ptr() == embedding(model).weight.data_ptr()
     kw = dict(safe_serialization=True)
     if "shard" in spec:
         kw["max_shard_size"] = spec["shard"]
@@ -385,6 +430,8 @@ def build(spec, out_root):
             os.remove(os.path.join(d, extra))
     if spec.get("old_config"):
         to_old_config(os.path.join(d, "config.json"))
+    if spec.get("neox_old_config"):
+        to_neox_old_config(os.path.join(d, "config.json"))
     if spec.get("drop_layer_types"):
         drop_layer_types(os.path.join(d, "config.json"), spec["drop_layer_types"])
     if spec.get("sparse_text_config"):
@@ -397,7 +444,7 @@ def build(spec, out_root):
     vocab = spec.get("token_max", model.config.get_text_config().vocab_size)
     tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
     np.save(os.path.join(d, "tokens.npy"), tokens)
-    if "cls" in spec:
+    if "cls" in spec or spec.get("neox_old_config"):
         check_reload(spec, d, model, torch.from_numpy(tokens.astype(np.int64)))
 
     model = model.double()

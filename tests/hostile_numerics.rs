@@ -209,7 +209,15 @@ fn a_layer_with_zero_variance_in_one_batch_only() {
         let (h, want) = reference(&data, spec.estimator, spec.kernel, 8);
         assert!(h[1][1] > 0.0, "{h:?}");
         assert_cka(&got, &want, TOL, &format!("{spec:?}"));
-        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        // The unbiased estimate of two weakly related layers over few batches can come out below 0 (for
+        // some fresh draws): then, and only then, the engine says so.
+        let negative = want.iter().flatten().any(|&v| v < TOL);
+        let unexpected: Vec<&String> = got
+            .warnings
+            .iter()
+            .filter(|w| !(negative && w.contains("negative CKA estimate")))
+            .collect();
+        assert!(unexpected.is_empty(), "{:?}", got.warnings);
     }
 }
 

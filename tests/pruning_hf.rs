@@ -10,6 +10,7 @@
 mod common;
 
 use common::{engine, fixtures, rel};
+use sglp_engine::runtime::config::BlockLayout;
 use sglp_engine::runtime::weights::Weights;
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
@@ -21,13 +22,16 @@ fn read_npy_f64(path: &Path) -> (Vec<u64>, Vec<f64>) {
     (shape, npy.into_vec::<f64>().unwrap())
 }
 
-/// logits[t] = W · (h_t / rms(h_t) · g), in f64 from the runtime's f32 last hidden state.
+/// logits[t] = W · (h_t / rms(h_t) · g), in f64 from the runtime's f32 last hidden state (GPT-NeoX:
+/// W · ((h_t − mean) / std · g + b)).
 fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
     let c = &model.config;
     let (d, v) = (c.hidden_size, c.vocab_size);
     let w = Weights::open(model_dir).unwrap();
     let names = &model.names;
     let g = w.get_f32(&names.norm()).unwrap();
+    let layer_norm = matches!(c.layout, BlockLayout::NeoX { .. });
+    let bias = layer_norm.then(|| w.get_f32(&format!("{}.bias", names.norm)).unwrap());
     let head = if c.tie_word_embeddings {
         w.get_f32(&names.embed()).unwrap()
     } else {
@@ -36,11 +40,16 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
     let mut out = Vec::with_capacity(h.len() / d * v);
     let mut x = vec![0f64; d];
     for row in h.chunks_exact(d) {
-        let ms = row.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / d as f64;
+        let mean = match layer_norm {
+            true => row.iter().map(|&a| a as f64).sum::<f64>() / d as f64,
+            false => 0.0,
+        };
+        let ms = row.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / d as f64;
         let inv = 1.0 / (ms + c.rms_norm_eps).sqrt();
-        for ((xi, &a), &gi) in x.iter_mut().zip(row).zip(g.iter()) {
+        for (j, (xi, &a)) in x.iter_mut().zip(row).enumerate() {
             // Gemma's final norm multiplies by 1 + w.
-            *xi = a as f64 * inv * (c.norm_offset + gi) as f64;
+            *xi = (a as f64 - mean) * inv * (c.norm_offset + g[j]) as f64
+                + bias.as_ref().map_or(0.0, |b| b[j] as f64);
         }
         for r in 0..v {
             let wr = &head[r * d..(r + 1) * d];
@@ -216,6 +225,18 @@ fn gemma2_softcap_matches_transformers() {
 #[test]
 fn olmo2_post_norm_matches_transformers() {
     check_case("olmo2_post_norm");
+}
+
+/// GPT-NeoX (Pythia) with the parallel residual, the 4.x config names (rotary_pct, rotary_emb_base).
+#[test]
+fn neox_parallel_matches_transformers() {
+    check_case("neox_parallel");
+}
+
+/// GPT-NeoX with the sequential residual, bf16.
+#[test]
+fn neox_sequential_matches_transformers() {
+    check_case("neox_sequential");
 }
 
 /// A Gemma 3 vision-language checkpoint (hub layout, hub-style sparse text_config, tied): the language

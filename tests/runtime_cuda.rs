@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight, LinearKernel};
 use sglp_engine::runtime::ops::{
-    cpu, round_to_bf16, Activation, AttnShape, Device, Matmul, RopeTable,
+    cpu, round_to_bf16, Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, RopeTable,
 };
 use sglp_engine::runtime::tape::{Cpu, Pool};
 use sglp_engine::runtime::{Model, Tokens};
@@ -116,6 +116,7 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
             Activation::Silu,
             Activation::GeluTanh,
             Activation::Softcap(1.7),
+            Activation::Gelu,
         ] {
             let mut want = vec![0f32; n];
             let mut y = dev.alloc_zeroed(n).unwrap();
@@ -228,57 +229,118 @@ fn embedding_matches_the_cpu_with_repeated_ids() {
 }
 
 #[test]
-fn rmsnorm_matches_the_cpu() {
+fn norms_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(3);
-    // The last shape with Gemma's gain 1 + w.
-    for (rows, d, offset) in [
-        (133usize, 300usize, 0.0),
-        (1, 7, 0.0),
-        (70, 1029, 0.0),
-        (33, 64, 1.0),
+    // RMSNorms; one with Gemma's gain 1 + w; LayerNorms (GPT-NeoX's, with a bias) on inputs of mean 40.
+    for (rows, d, offset, centre) in [
+        (133usize, 300usize, 0.0, false),
+        (1, 7, 0.0, false),
+        (70, 1029, 0.0, false),
+        (33, 64, 1.0, false),
+        (133, 300, 0.0, true),
+        (2, 5, 0.0, true),
     ] {
-        let x: Vec<f32> = rand_vec(&mut rng, rows * d, 3.0);
+        let shift = if centre { 40.0 } else { 0.0 };
+        let x: Vec<f32> = rand_vec(&mut rng, rows * d, 3.0)
+            .iter()
+            .map(|v| v + shift)
+            .collect();
         let w = rand_vec(&mut rng, d, 1.5);
+        let bias = rand_vec(&mut rng, d, 1.0);
         let dy = rand_vec(&mut rng, rows * d, 1.0);
-        let (dx0, dw0) = (
+        let (dx0, dw0, db0) = (
             rand_vec(&mut rng, rows * d, 1.0),
             rand_vec(&mut rng, d, 1.0),
+            rand_vec(&mut rng, d, 1.0),
         );
-        let eps = 1e-6;
-        let (xd, wd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &dy));
+        let norm = NormShape {
+            d,
+            eps: 1e-6,
+            offset,
+            centre,
+        };
+        let (xd, wd, bd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &bias), up(&dev, &dy));
+        let what = |part: &str| format!("norm {part} {rows}x{d} centre={centre}");
 
         let mut want = vec![0f32; rows * d];
-        cpu::rmsnorm_forward(&x, &w, offset, d, eps, &mut want);
+        cpu::norm_forward(&x, &w, centre.then_some(&bias[..]), norm, &mut want);
         let mut y = dev.alloc_zeroed(rows * d).unwrap();
-        dev.rmsnorm_forward(&xd, &wd, offset, d, eps, &mut y)
+        dev.norm_forward(&xd, &wd, centre.then_some(&bd), norm, &mut y)
             .unwrap();
-        assert_close(
-            &format!("rmsnorm forward {rows}x{d}"),
-            &down(&dev, &y),
-            &want,
-            1e-5,
-        );
+        assert_close(&what("forward"), &down(&dev, &y), &want, 1e-5);
 
-        let (mut wdx, mut wdw) = (dx0.clone(), dw0.clone());
-        cpu::rmsnorm_backward(&x, &w, offset, &dy, d, eps, &mut wdx, &mut wdw);
-        let (mut dx, mut dw) = (up(&dev, &dx0), up(&dev, &dw0));
-        dev.rmsnorm_backward(&xd, &wd, offset, &dyd, d, eps, &mut dx, &mut dw)
-            .unwrap();
-        assert_close(
-            &format!("rmsnorm dx {rows}x{d}"),
-            &down(&dev, &dx),
-            &wdx,
-            1e-5,
+        let (mut wdx, mut wdw, mut wdb) = (dx0.clone(), dw0.clone(), db0.clone());
+        cpu::norm_backward(
+            &x,
+            &w,
+            norm,
+            &dy,
+            &mut wdx,
+            &mut wdw,
+            centre.then_some(&mut wdb[..]),
         );
+        let (mut dx, mut dw, mut db) = (up(&dev, &dx0), up(&dev, &dw0), up(&dev, &db0));
+        dev.norm_backward(
+            &xd,
+            &wd,
+            norm,
+            &dyd,
+            &mut dx,
+            &mut dw,
+            centre.then_some(&mut db),
+        )
+        .unwrap();
+        assert_close(&what("dx"), &down(&dev, &dx), &wdx, 1e-5);
         let dw_got = down(&dev, &dw);
-        assert_close(&format!("rmsnorm dw {rows}x{d}"), &dw_got, &wdw, 1e-5);
+        assert_close(&what("dw"), &dw_got, &wdw, 1e-5);
+        assert_close(&what("db"), &down(&dev, &db), &wdb, 1e-5);
         // The weight gradient is reduced without atomics: the same input gives the same bits.
         let mut dw2 = up(&dev, &dw0);
         let mut dx2 = up(&dev, &dx0);
-        dev.rmsnorm_backward(&xd, &wd, offset, &dyd, d, eps, &mut dx2, &mut dw2)
+        dev.norm_backward(&xd, &wd, norm, &dyd, &mut dx2, &mut dw2, None)
             .unwrap();
-        assert_eq!(down(&dev, &dw2), dw_got, "rmsnorm dw is deterministic");
+        assert_eq!(down(&dev, &dw2), dw_got, "norm dw is deterministic");
+    }
+}
+
+/// GPT-NeoX's q, k and v gathered out of the fused projection, and scattered back (accumulating).
+#[test]
+fn column_blocks_match_the_cpu() {
+    let Some(dev) = gpu_or_skip() else { return };
+    let mut rng = StdRng::seed_from_u64(21);
+    for (rows, heads, hd) in [(7usize, 3usize, 8usize), (1, 1, 2), (130, 4, 64)] {
+        let width = heads * 3 * hd;
+        let x = rand_vec(&mut rng, rows * width, 1.0);
+        let dy = rand_vec(&mut rng, rows * heads * hd, 1.0);
+        let dx0 = rand_vec(&mut rng, rows * width, 1.0);
+        let (xd, dyd) = (up(&dev, &x), up(&dev, &dy));
+        for part in 0..3 {
+            let cb = ColumnBlocks {
+                block: hd,
+                stride: 3 * hd,
+                offset: part * hd,
+            };
+            let mut want = vec![0f32; rows * heads * hd];
+            cpu::column_blocks_forward(&x, width, cb, &mut want);
+            let mut y = dev.alloc_zeroed(rows * heads * hd).unwrap();
+            dev.column_blocks_forward(&xd, width, cb, &mut y).unwrap();
+            assert_eq!(
+                down(&dev, &y),
+                want,
+                "gather {rows}x{heads}x{hd} part {part}"
+            );
+            let mut want = dx0.clone();
+            cpu::column_blocks_backward(&dy, width, cb, &mut want);
+            let mut dx = up(&dev, &dx0);
+            dev.column_blocks_backward(&dyd, width, cb, &mut dx)
+                .unwrap();
+            assert_eq!(
+                down(&dev, &dx),
+                want,
+                "scatter {rows}x{heads}x{hd} part {part}"
+            );
+        }
     }
 }
 
@@ -1153,6 +1215,8 @@ fn decoder_families_match_the_cpu() {
         "gemma2_softcap",
         "olmo2_post_norm",
         "gemma3_vision",
+        "neox_parallel",
+        "neox_sequential",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

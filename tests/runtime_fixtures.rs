@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 13] = [
+const FIXTURES: [&str; 15] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -30,6 +30,8 @@ const FIXTURES: [&str; 13] = [
     "olmo2_post_norm",
     "gemma3_vision",
     "mistral3_vision",
+    "neox_parallel",
+    "neox_sequential",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -224,11 +226,14 @@ fn bad_inputs_give_clear_errors() {
     let cfg = std::fs::read_to_string(dir("llama_llama3_rope").join("config.json")).unwrap();
     std::fs::write(
         tmp.path().join("config.json"),
-        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\""),
+        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"falcon\""),
     )
     .unwrap();
     let e = Model::load(tmp.path()).err().unwrap().to_string();
-    assert!(e.contains("model_type") && e.contains("gpt_neox"), "{e}");
+    assert!(
+        e.contains("model_type 'falcon' is not supported") && e.contains("gpt_neox"),
+        "{e}"
+    );
     // Attention kinds Qwen2Model has no mask for.
     let tmp = edited_copy("qwen2_sliding", |c| {
         c["layer_types"] =
@@ -415,6 +420,16 @@ fn info_describes_windows_caps_and_rotary() {
              1000000, linear ×8 on 16 of 16 values; windowed layers' rotary θ 10000, default\n\
              vision-language checkpoint (gemma3): its language model is the decoder (tensors \
              'language_model.model.…'); 50 other tensors",
+        ),
+        (
+            "neox_parallel",
+            "block: LayerNorms with biases; q/k/v fused per head; MLP up → GELU → down; attention \
+             and MLP in parallel (x + attn(ln₁ x) + mlp(ln₂ x))\nattention: causal, no window; rotary \
+             θ 10000, default on 4 of 16 values",
+        ),
+        (
+            "neox_sequential",
+            "attention and MLP one after the other",
         ),
         (
             "mistral3_vision",

@@ -6,7 +6,8 @@ use super::common::{TextCut, TokenArgs};
 use crate::error::{Error, Result};
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
 use crate::pruning::checkpoint::parameter_counts;
-use crate::runtime::config::{ModelConfig, RopeScaling};
+use crate::runtime::config::{BlockLayout, ModelConfig, RopeScaling};
+use crate::runtime::ops::Activation;
 use crate::runtime::Model;
 use crate::similarity::device::describe_devices;
 use clap::ValueEnum;
@@ -116,6 +117,33 @@ fn describe_activations(a: &InfoArgs) -> Result<()> {
     Ok(())
 }
 
+/// A decoder block's layout: its norms, its MLP, how the residual stream runs through it.
+fn describe_block(c: &ModelConfig) -> String {
+    let act = match c.activation {
+        Activation::Silu => "SiLU",
+        Activation::GeluTanh => "tanh-GELU",
+        Activation::Gelu => "GELU",
+        Activation::Softcap(_) => "soft-cap",
+    };
+    match c.layout {
+        BlockLayout::NeoX { parallel_residual } => format!(
+            "LayerNorms with biases; q/k/v fused per head; MLP up → {act} → down; attention and MLP {}",
+            if parallel_residual {
+                "in parallel (x + attn(ln₁ x) + mlp(ln₂ x))"
+            } else {
+                "one after the other"
+            }
+        ),
+        BlockLayout::Llama => {
+            let norms = c.block_norms.names().into_iter().flatten().count();
+            format!(
+                "{norms} RMSNorms{}; gated MLP ({act} gate)",
+                if c.norm_offset != 0.0 { " (gain 1 + w)" } else { "" }
+            )
+        }
+    }
+}
+
 /// The attention particulars of a decoder: windows, score scale and caps, rotary embedding(s).
 fn describe_attention(c: &ModelConfig) -> String {
     let windowed: Vec<usize> = (0..c.num_hidden_layers)
@@ -195,6 +223,7 @@ fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
         "parameters: {total} ({} per decoder layer, {other} outside them)",
         per_layer.first().copied().unwrap_or(0)
     );
+    println!("block: {}", describe_block(c));
     println!("attention: {}", describe_attention(c));
     if let Some(wrapper) = &c.multimodal {
         println!(

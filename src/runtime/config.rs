@@ -1,5 +1,5 @@
 //! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3,
-//! gemma, gemma2, gemma3_text, olmo2), both config generations: transformers 4.x (top-level `rope_theta`,
+//! gemma, gemma2, gemma3_text, olmo2) or a GPT-NeoX one (gpt_neox: Pythia), both config generations: transformers 4.x (top-level `rope_theta`,
 //! `rope_scaling`) and 5.x (`rope_parameters`). A vision-language checkpoint whose language model is one
 //! of these (gemma3, mistral3, llava: [`MULTIMODAL`]) is read through its `text_config`.
 
@@ -74,6 +74,19 @@ impl BlockNorms {
     }
 }
 
+/// A decoder block's layout: its tensors' names and how its parts connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockLayout {
+    /// LLaMA and kin: `self_attn.{q,k,v,o}_proj`, a gated MLP `mlp.{gate,up,down}_proj`, RMSNorms (where
+    /// [`BlockNorms`] puts them), the attention and the MLP one after the other.
+    Llama,
+    /// GPT-NeoX (Pythia): `attention.query_key_value` (q, k and v of each head side by side, with a
+    /// bias), `attention.dense`, an MLP `mlp.dense_h_to_4h` → GELU → `mlp.dense_4h_to_h` (biases),
+    /// LayerNorms with biases; with `parallel_residual` (`use_parallel_residual`, the default) the
+    /// attention and the MLP both read the block's input: x + attn(ln₁(x)) + mlp(ln₂(x)).
+    NeoX { parallel_residual: bool },
+}
+
 /// RMSNorm of the queries and keys (weights `self_attn.q_norm` / `k_norm`), after the projections and
 /// before the rotary embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,9 +108,11 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
-    /// The values of each head the rotary embedding turns: `head_dim` but for Phi-3's
-    /// `partial_rotary_factor` (e.g. 0.75 in Phi-4-mini); the rest pass through.
+    /// The values of each head the rotary embedding turns: `head_dim` but for Phi-3's and GPT-NeoX's
+    /// `partial_rotary_factor` (e.g. 0.75 in Phi-4-mini, Pythia's `rotary_pct` 0.25); the rest pass
+    /// through.
     pub rotary_dim: usize,
+    /// The norms' eps (`rms_norm_eps`; GPT-NeoX's LayerNorms: `layer_norm_eps`).
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
@@ -144,6 +159,8 @@ pub struct ModelConfig {
     /// The wrapper's `model_type` when the decoder is the language model of a vision-language checkpoint
     /// (read from its `text_config`; `model_type` is then the decoder's).
     pub multimodal: Option<String>,
+    /// The block's layout (LLaMA's, or GPT-NeoX's).
+    pub layout: BlockLayout,
 }
 
 /// A vision-language checkpoint kind whose language model the runtime reads.
@@ -344,7 +361,8 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
-        const TYPES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2";
+        const TYPES: &str =
+            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, gpt_neox";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -356,6 +374,7 @@ impl ModelConfig {
         }
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
+        let neox = model_type == "gpt_neox";
         // Gemma 2 and 3 share the sandwich norms and the score scale.
         let gemma23 = gemma3 || model_type == "gemma2";
         let activation = parse_activation(v, &model_type, path)?;
@@ -407,10 +426,12 @@ impl ModelConfig {
             let (theta, scaling, rotary_dim) = parse_rope(v, &model_type, head_dim, path)?;
             (theta, scaling, rotary_dim, None)
         };
-        let attention_bias = opt_bool(v, "attention_bias", path)?.unwrap_or(false);
+        // GPTNeoXConfig defaults attention_bias to true (its MLP always has biases).
+        let attention_bias = opt_bool(v, "attention_bias", path)?.unwrap_or(neox);
         let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
+            "gpt_neox" => (attention_bias, attention_bias),
             "llama" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2" => {
                 (attention_bias, attention_bias)
             }
@@ -438,15 +459,29 @@ impl ModelConfig {
             None
         };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
-        let pad_token_id = parse_pad_token_id(v, vocab_size, &model_type, path)?;
+        // GPT-NeoX's embedding has no padding_idx: every row takes its gradient.
+        let pad_token_id = match neox {
+            true => None,
+            false => parse_pad_token_id(v, vocab_size, &model_type, path)?,
+        };
         Ok(ModelConfig {
             vocab_size,
             pad_token_id,
             intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
             num_hidden_layers,
-            // The config classes' defaults: 1e-5 for Phi-3 and OLMo 2, 1e-6 for the others.
-            rms_norm_eps: opt_f64(v, "rms_norm_eps", path)?.unwrap_or(
-                if matches!(model_type.as_str(), "phi3" | "olmo2") {
+            // The config classes' defaults: 1e-5 for Phi-3, OLMo 2 and GPT-NeoX (`layer_norm_eps`), 1e-6
+            // for the others.
+            rms_norm_eps: opt_f64(
+                v,
+                if neox {
+                    "layer_norm_eps"
+                } else {
+                    "rms_norm_eps"
+                },
+                path,
+            )?
+            .unwrap_or(
+                if matches!(model_type.as_str(), "phi3" | "olmo2" | "gpt_neox") {
                     1e-5
                 } else {
                     1e-6
@@ -454,7 +489,7 @@ impl ModelConfig {
             ),
             // Gemma's config class ties by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(gemma),
-            mlp_bias: model_type == "llama" && mlp_bias,
+            mlp_bias: model_type == "llama" && mlp_bias || neox,
             fused_projections: model_type == "phi3",
             activation,
             norm_offset: if gemma { 1.0 } else { 0.0 },
@@ -486,6 +521,12 @@ impl ModelConfig {
             sliding_window,
             sliding_layers,
             multimodal: None,
+            layout: match neox {
+                true => BlockLayout::NeoX {
+                    parallel_residual: opt_bool(v, "use_parallel_residual", path)?.unwrap_or(true),
+                },
+                false => BlockLayout::Llama,
+            },
         })
     }
 
@@ -725,38 +766,49 @@ fn parse_rope(
     head_dim: usize,
     path: &Path,
 ) -> Result<(f64, RopeScaling, usize)> {
+    // GPT-NeoX's 4.x names: `rotary_emb_base` for rope_theta, `rotary_pct` (default 0.25) for
+    // partial_rotary_factor.
+    let neox = model_type == "gpt_neox";
+    let (theta_key, partial_key) = match neox {
+        true => ("rotary_emb_base", "rotary_pct"),
+        false => ("rope_theta", "partial_rotary_factor"),
+    };
+    let top_theta = || -> Result<Option<f64>> {
+        Ok(opt_f64(v, "rope_theta", path)?.or(opt_f64(v, theta_key, path)?))
+    };
     let (rope_theta, scaling) = match v.get("rope_parameters") {
         Some(rp @ Value::Object(_)) => (
             opt_f64(rp, "rope_theta", path)?
-                .or(opt_f64(v, "rope_theta", path)?)
+                .or(top_theta()?)
                 .unwrap_or(10000.0),
             Some(rp),
         ),
         _ => (
-            opt_f64(v, "rope_theta", path)?.unwrap_or(10000.0),
+            top_theta()?.unwrap_or(10000.0),
             v.get("rope_scaling").filter(|s| !s.is_null()),
         ),
     };
-    // partial_rotary_factor: in rope_parameters (5.x) or at the top level (4.x); only Phi-3's attention
-    // rotates part of a head (the others' rotate_half would not broadcast).
+    // partial_rotary_factor: in rope_parameters (5.x) or at the top level (4.x); only Phi-3's and
+    // GPT-NeoX's attention rotates part of a head (the others' rotate_half would not broadcast).
     let partial = match scaling.map(|s| opt_f64(s, "partial_rotary_factor", path)) {
         Some(Ok(Some(f))) => f,
         Some(Err(e)) => return Err(e),
-        _ => opt_f64(v, "partial_rotary_factor", path)?.unwrap_or(1.0),
+        _ => opt_f64(v, partial_key, path)?.unwrap_or(if neox { 0.25 } else { 1.0 }),
     };
     // transformers: dim = int(head_dim * partial_rotary_factor), frequencies for arange(0, dim, 2).
     let rotary_dim = (head_dim as f64 * partial) as usize;
-    if partial != 1.0
-        && (model_type != "phi3"
-            || !(partial > 0.0 && partial <= 1.0)
-            || !rotary_dim.is_multiple_of(2)
-            || rotary_dim == 0)
-    {
+    let partial_ok = matches!(model_type, "phi3" | "gpt_neox")
+        && partial > 0.0
+        && partial <= 1.0
+        && rotary_dim.is_multiple_of(2)
+        && rotary_dim > 0;
+    if partial != 1.0 && !partial_ok {
         return Err(model_err(
             path,
             format!(
                 "partial_rotary_factor {partial} is not supported for {model_type} with head_dim \
-                 {head_dim} (phi3 only, and head_dim × factor must be a positive even number)"
+                 {head_dim} (phi3 and gpt_neox only, and head_dim × factor must be a positive even \
+                 number)"
             ),
         ));
     }
@@ -807,6 +859,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
     let (key, default) = match model_type {
         "gemma" => ("hidden_act", "gelu_pytorch_tanh"),
         "gemma2" | "gemma3_text" => ("hidden_activation", "gelu_pytorch_tanh"),
+        "gpt_neox" => ("hidden_act", "gelu"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -816,11 +869,15 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
             Ok(Activation::GeluTanh)
         }
         "gelu" if model_type == "gemma" => Ok(Activation::GeluTanh),
+        "gelu" if model_type == "gpt_neox" => Ok(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" if model_type == "gpt_neox" => {
+            Ok(Activation::GeluTanh)
+        }
         _ => Err(model_err(
             path,
             format!(
                 "{key} '{name}' is not supported for {model_type} (llama family: silu; gemma: \
-                 gelu_pytorch_tanh)"
+                 gelu_pytorch_tanh; gpt_neox: gelu, gelu_new)"
             ),
         )),
     }
@@ -1437,5 +1494,87 @@ mod tests {
             e.contains("vision-language: gemma3, mistral3, llava"),
             "{e}"
         );
+    }
+
+    /// GPT-NeoX in both config generations: Pythia's 4.x names (`rotary_pct`, `rotary_emb_base`,
+    /// `layer_norm_eps`) and 5.x's `rope_parameters`; the class defaults (a quarter of each head rotated,
+    /// biases, the parallel residual); no padding row.
+    #[test]
+    fn gpt_neox_configs() {
+        let p = Path::new("config.json");
+        let pythia = serde_json::json!({
+            "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 512, "intermediate_size": 2048,
+            "num_hidden_layers": 6, "num_attention_heads": 8, "rotary_pct": 0.25,
+            "rotary_emb_base": 10000, "layer_norm_eps": 1e-5, "use_parallel_residual": true,
+            "hidden_act": "gelu", "tie_word_embeddings": false, "pad_token_id": 1
+        });
+        let c = ModelConfig::from_json(&pythia, p).unwrap();
+        assert_eq!(
+            c.layout,
+            BlockLayout::NeoX {
+                parallel_residual: true
+            }
+        );
+        assert_eq!(
+            (c.head_dim, c.rotary_dim, c.num_key_value_heads),
+            (64, 16, 8)
+        );
+        assert_eq!((c.rope_theta, c.rms_norm_eps), (10000.0, 1e-5));
+        assert_eq!(c.activation, Activation::Gelu);
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias && !c.tie_word_embeddings);
+        assert_eq!(c.pad_token_id, None);
+        // Omitted: rotary_pct 0.25, the parallel residual, biases.
+        let mut bare = pythia.clone();
+        for k in [
+            "rotary_pct",
+            "use_parallel_residual",
+            "hidden_act",
+            "layer_norm_eps",
+        ] {
+            bare.as_object_mut().unwrap().remove(k);
+        }
+        let c = ModelConfig::from_json(&bare, p).unwrap();
+        assert_eq!(c.rotary_dim, 16);
+        assert!(matches!(
+            c.layout,
+            BlockLayout::NeoX {
+                parallel_residual: true
+            }
+        ));
+        // 5.x: rope_parameters with the partial factor.
+        let mut v5 = pythia.clone();
+        let o = v5.as_object_mut().unwrap();
+        o.remove("rotary_pct");
+        o.remove("rotary_emb_base");
+        o.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}),
+        );
+        o.insert("use_parallel_residual".into(), false.into());
+        o.insert("hidden_act".into(), "gelu_new".into());
+        let c = ModelConfig::from_json(&v5, p).unwrap();
+        assert_eq!((c.rope_theta, c.rotary_dim), (500.0, 32));
+        assert_eq!(
+            c.layout,
+            BlockLayout::NeoX {
+                parallel_residual: false
+            }
+        );
+        assert_eq!(c.activation, Activation::GeluTanh);
+        let mut relu = pythia.clone();
+        relu["hidden_act"] = "relu".into();
+        let e = ModelConfig::from_json(&relu, p).unwrap_err().to_string();
+        assert!(
+            e.contains("hidden_act 'relu'") && e.contains("gpt_neox: gelu"),
+            "{e}"
+        );
+        // The LLaMA family keeps its layout and refuses a partial rotary.
+        let mut llama = base();
+        assert_eq!(
+            ModelConfig::from_json(&llama, p).unwrap().layout,
+            BlockLayout::Llama
+        );
+        llama["partial_rotary_factor"] = 0.5.into();
+        assert!(ModelConfig::from_json(&llama, p).is_err());
     }
 }

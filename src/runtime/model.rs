@@ -1,17 +1,20 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2) as a
-//! tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) → q/k/v (→ RMSNorm of q and k:
-//! per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3; per layer kind: gemma3) →
-//! causal GQA attention (sliding-window where the config says; scores soft-capped: gemma2) → o (→ RMSNorm:
-//! gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP (SiLU, or tanh-GELU: gemma) (→ RMSNorm:
-//! gemma2/3, olmo2) → residual] → final RMSNorm → lm_head (→ soft-cap: gemma2) → cross-entropy. Gemma's
-//! norms multiply by 1 + w. Where the norms sit: `BlockNorms`.
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2) or a
+//! GPT-NeoX one (gpt_neox) as a tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) →
+//! q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
+//! gpt_neox; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says; scores
+//! soft-capped: gemma2) → o (→ RMSNorm: gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP
+//! (SiLU, or tanh-GELU: gemma) (→ RMSNorm: gemma2/3, olmo2) → residual] → final RMSNorm → lm_head
+//! (→ soft-cap: gemma2) → cross-entropy. Gemma's norms multiply by 1 + w. Where the norms sit:
+//! `BlockNorms`.
 //! Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate projections (row blocks of the
-//! stored matrices, [`Weights::split_rows`]). A vision-language checkpoint's language model is read
+//! stored matrices, [`Weights::split_rows`]). GPT-NeoX ([`BlockLayout::NeoX`]): LayerNorms with biases,
+//! one `query_key_value` projection whose output holds q, k and v of each head side by side (gathered by
+//! `Columns` ops), a GELU MLP with biases, and the attention and the MLP reading the same input (the
+//! parallel residual) or one after the other. A vision-language checkpoint's language model is read
 //! where [`TensorNames`] finds it.
-
-use super::config::ModelConfig;
+use super::config::{BlockLayout, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
-use super::ops::{cpu::Cpu, Activation, Device};
+use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
 use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, OnHidden, Tokens};
@@ -228,47 +231,62 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
     }
 }
 
-/// Where the decoder's tensors are in a checkpoint: `{decoder}embed_tokens.weight`,
-/// `{decoder}layers.{l}.…`, `{decoder}norm.weight` and, untied, `lm_head`. A plain decoder: `model.` and
-/// `lm_head.weight`. The language model of a vision-language checkpoint ([`ModelConfig::multimodal`]):
-/// `language_model.model.` and `language_model.lm_head.weight` (the hub's layout, which transformers 5
-/// writes back on saving), or `model.language_model.` and `lm_head.weight` (saved by transformers 4.52 –
-/// 4.57).
+/// Where the decoder's tensors are in a checkpoint: its layers `{decoder}layers.{l}.…`, its embedding,
+/// final norm and, untied, lm_head. A LLaMA-family decoder: `model.`, `model.embed_tokens.weight`,
+/// `model.norm` and `lm_head.weight`; GPT-NeoX: `gpt_neox.`, `gpt_neox.embed_in.weight`,
+/// `gpt_neox.final_layer_norm` and `embed_out.weight`. The language model of a vision-language checkpoint
+/// ([`ModelConfig::multimodal`]): `language_model.model.` and `language_model.lm_head.weight` (the hub's
+/// layout, which transformers 5 writes back on saving), or `model.language_model.` and `lm_head.weight`
+/// (saved by transformers 4.52 – 4.57).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorNames {
     pub decoder: String,
+    /// The embedding table.
+    pub embed: String,
+    /// The final norm's module (its `.weight`; a LayerNorm's `.bias` too).
+    pub norm: String,
     pub lm_head: String,
 }
 
 impl TensorNames {
-    /// The plain decoder's names.
-    pub fn decoder_only() -> Self {
+    /// A LLaMA-family decoder's names under `decoder`, with `lm_head`.
+    fn llama(decoder: &str, lm_head: &str) -> Self {
         TensorNames {
-            decoder: "model.".into(),
-            lm_head: "lm_head.weight".into(),
+            decoder: decoder.into(),
+            embed: format!("{decoder}embed_tokens.weight"),
+            norm: format!("{decoder}norm"),
+            lm_head: lm_head.into(),
+        }
+    }
+
+    /// The names of a decoder-only checkpoint of `layout`.
+    pub fn decoder_only(layout: BlockLayout) -> Self {
+        match layout {
+            BlockLayout::Llama => Self::llama("model.", "lm_head.weight"),
+            BlockLayout::NeoX { .. } => TensorNames {
+                decoder: "gpt_neox.".into(),
+                embed: "gpt_neox.embed_in.weight".into(),
+                norm: "gpt_neox.final_layer_norm".into(),
+                lm_head: "embed_out.weight".into(),
+            },
         }
     }
 
     /// The layouts a vision-language checkpoint's language model may have, in the order tried.
     pub fn multimodal_layouts() -> [Self; 2] {
         [
-            TensorNames {
-                decoder: "language_model.model.".into(),
-                lm_head: "language_model.lm_head.weight".into(),
-            },
-            TensorNames {
-                decoder: "model.language_model.".into(),
-                lm_head: "lm_head.weight".into(),
-            },
+            Self::llama("language_model.model.", "language_model.lm_head.weight"),
+            Self::llama("model.language_model.", "lm_head.weight"),
         ]
     }
 
     pub fn embed(&self) -> String {
-        format!("{}embed_tokens.weight", self.decoder)
+        self.embed.clone()
     }
 
+    /// The final norm's weight.
     pub fn norm(&self) -> String {
-        format!("{}norm.weight", self.decoder)
+        format!("{}.weight", self.norm)
     }
 
     /// Decoder layer `l`'s module name (its tensors are `{layer}.…`).
@@ -291,7 +309,7 @@ impl TensorNames {
     /// checkpoint's layout is the first whose embedding is there.
     fn find(config: &ModelConfig, weights: &Weights, dir: &Path) -> Result<Self> {
         if config.multimodal.is_none() {
-            return Ok(Self::decoder_only());
+            return Ok(Self::decoder_only(config.layout));
         }
         let layouts = Self::multimodal_layouts();
         layouts
@@ -385,10 +403,14 @@ impl Model {
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
+        let neox = matches!(c.layout, BlockLayout::NeoX { .. });
         let mut out = vec![
             (self.names.embed(), vec![v, h]),
             (self.names.norm(), vec![h]),
         ];
+        if neox {
+            out.push((format!("{}.bias", self.names.norm), vec![h]));
+        }
         if !c.tie_word_embeddings {
             out.push((self.names.lm_head.clone(), vec![v, h]));
         }
@@ -398,8 +420,18 @@ impl Model {
                 |name: &str, shape: Vec<usize>| out.push((format!("{layer}.{name}"), shape));
             for norm in c.block_norms.names().into_iter().flatten() {
                 t(&format!("{norm}.weight"), vec![h]);
+                if neox {
+                    t(&format!("{norm}.bias"), vec![h]);
+                }
             }
-            let linears = if c.fused_projections {
+            let linears = if neox {
+                vec![
+                    ("attention.query_key_value", 3 * qd, h, c.qkv_bias),
+                    ("attention.dense", h, qd, c.o_bias),
+                    ("mlp.dense_h_to_4h", i, h, true),
+                    ("mlp.dense_4h_to_h", h, i, true),
+                ]
+            } else if c.fused_projections {
                 vec![
                     ("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias),
                     ("self_attn.o_proj", h, qd, c.o_bias),
@@ -728,13 +760,15 @@ impl Model {
         }
 
         let norm = tape.param(self.names.norm(), g_norm, h);
+        let norm_bias = self
+            .layer_norm()
+            .then(|| tape.param(format!("{}.bias", self.names.norm), g_norm, h));
         let xn = tape.buffer("norm", n, h);
-        tape.push(op::RmsNorm {
+        tape.push(op::Norm {
             x,
             w: norm,
-            offset: c.norm_offset,
-            d: h,
-            eps: c.rms_norm_eps,
+            b: norm_bias,
+            shape: self.norm_shape(h),
             out: xn,
         });
         let head = if c.tie_word_embeddings {
@@ -764,6 +798,21 @@ impl Model {
         Ok(tape)
     }
 
+    /// GPT-NeoX's norms are LayerNorms with biases; the others RMSNorms.
+    fn layer_norm(&self) -> bool {
+        matches!(self.config.layout, BlockLayout::NeoX { .. })
+    }
+
+    /// A norm of rows of `d` values under this config.
+    fn norm_shape(&self, d: usize) -> NormShape {
+        NormShape {
+            d,
+            eps: self.config.rms_norm_eps,
+            offset: self.config.norm_offset,
+            centre: self.layer_norm(),
+        }
+    }
+
     /// Push decoder layer `l` reading the residual stream `x`; returns the layer's output buffer.
     #[allow(clippy::too_many_arguments)]
     fn push_layer<D: Device>(
@@ -784,7 +833,8 @@ impl Model {
             window: c.layer_window(l).filter(|&w| w < shape.tokens),
             ..shape
         };
-        let (qd, kvd) = (
+        let (hd, qd, kvd) = (
+            shape.head_dim,
             shape.heads * shape.head_dim,
             shape.kv_heads * shape.head_dim,
         );
@@ -797,36 +847,67 @@ impl Model {
                 tape.push(op::Linear { x, w, b, out: y });
                 y
             };
-        // RMSNorm of the rows of `d` values of x (`width` a buffer row: d = width, or d = head_dim for
-        // Qwen3's per-head q_norm / k_norm).
-        let rms = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
+        // The norm of the rows of `d` values of x (`width` a buffer row: d = width, or d = head_dim for
+        // Qwen3's per-head q_norm / k_norm): RMSNorm, or GPT-NeoX's LayerNorm with its bias.
+        let norm = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
             let w = tape.param(format!("{pre}.{name}.weight"), l, d);
+            let b = self
+                .layer_norm()
+                .then(|| tape.param(format!("{pre}.{name}.bias"), l, d));
             let y = tape.buffer(format!("{pre}.{name}"), n, width);
-            tape.push(op::RmsNorm {
+            tape.push(op::Norm {
                 x,
                 w,
-                offset: c.norm_offset,
-                d,
-                eps: c.rms_norm_eps,
+                b,
+                shape: self.norm_shape(d),
                 out: y,
             });
             y
         };
+        let add = |tape: &mut Tape<D>, a: BufId, b: BufId, name: &str| {
+            let out = tape.buffer(format!("{pre}.{name}"), n, h);
+            tape.push(op::Add { a, b, out });
+            out
+        };
 
         // [before the attention, before the MLP, on the attention's output, on the MLP's output].
         let [norm_in, norm_mlp_in, norm_attn_out, norm_mlp_out] = c.block_norms.names();
-        let maybe_rms = |tape: &mut Tape<D>, x: BufId, norm: Option<&str>| match norm {
-            Some(name) => rms(tape, x, name, h, h),
+        let maybe_norm = |tape: &mut Tape<D>, x: BufId, name: Option<&str>| match name {
+            Some(name) => norm(tape, x, name, h, h),
             None => x,
         };
-        let a = maybe_rms(tape, x, norm_in);
-        let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
-        let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
-        let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
-        if let Some((dq, dk)) = c.qk_norm_lens() {
-            q = rms(tape, q, "self_attn.q_norm", qd, dq);
-            k = rms(tape, k, "self_attn.k_norm", kvd, dk);
-        }
+        let a = maybe_norm(tape, x, norm_in);
+        let (q, k, v) = match c.layout {
+            // q, k and v of each head side by side in one projection: gather each.
+            BlockLayout::NeoX { .. } => {
+                let qkv = linear(tape, a, "attention.query_key_value", h, 3 * qd, c.qkv_bias);
+                let [q, k, v] = [(0, "q"), (1, "k"), (2, "v")].map(|(i, name)| {
+                    let out = tape.buffer(format!("{pre}.attention.{name}"), n, qd);
+                    let blocks = ColumnBlocks {
+                        block: hd,
+                        stride: 3 * hd,
+                        offset: i * hd,
+                    };
+                    tape.push(op::Columns {
+                        x: qkv,
+                        blocks,
+                        out,
+                    });
+                    out
+                });
+                (q, k, v)
+            }
+            BlockLayout::Llama => {
+                let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
+                let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
+                let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
+                if let Some((dq, dk)) = c.qk_norm_lens() {
+                    q = norm(tape, q, "self_attn.q_norm", qd, dq);
+                    k = norm(tape, k, "self_attn.k_norm", kvd, dk);
+                }
+                (q, k, v)
+            }
+        };
         let qr = tape.buffer(format!("{pre}.q_rope"), n, qd);
         tape.push(op::Rope {
             x: q,
@@ -855,39 +936,56 @@ impl Model {
             out: att,
             lse,
         });
-        let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
-        let o = maybe_rms(tape, o, norm_attn_out);
-        let x1 = tape.buffer(format!("{pre}.resid_attn"), n, h);
-        tape.push(op::Add {
-            a: x,
-            b: o,
-            out: x1,
-        });
 
-        let b = maybe_rms(tape, x1, norm_mlp_in);
-        let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
-        let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
-        let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
-        tape.push(op::Activate {
-            x: gate,
-            act: c.activation,
-            out: act,
-        });
-        let m = tape.buffer(format!("{pre}.mlp.mul"), n, inter);
-        tape.push(op::Mul {
-            a: act,
-            b: up,
-            out: m,
-        });
-        let d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
-        let d = maybe_rms(tape, d, norm_mlp_out);
-        let x2 = tape.buffer(format!("{pre}.out"), n, h);
-        tape.push(op::Add {
-            a: x1,
-            b: d,
-            out: x2,
-        });
-        x2
+        // The MLP of its (normed) input `b`: gated (LLaMA), or GPT-NeoX's up → act → down.
+        let mlp = |tape: &mut Tape<D>, b: BufId| match c.layout {
+            BlockLayout::NeoX { .. } => {
+                let up = linear(tape, b, "mlp.dense_h_to_4h", h, inter, true);
+                let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
+                tape.push(op::Activate {
+                    x: up,
+                    act: c.activation,
+                    out: act,
+                });
+                linear(tape, act, "mlp.dense_4h_to_h", inter, h, true)
+            }
+            BlockLayout::Llama => {
+                let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
+                let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
+                let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
+                tape.push(op::Activate {
+                    x: gate,
+                    act: c.activation,
+                    out: act,
+                });
+                let m = tape.buffer(format!("{pre}.mlp.mul"), n, inter);
+                tape.push(op::Mul {
+                    a: act,
+                    b: up,
+                    out: m,
+                });
+                let d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
+                maybe_norm(tape, d, norm_mlp_out)
+            }
+        };
+        match c.layout {
+            BlockLayout::NeoX { parallel_residual } => {
+                let o = linear(tape, att, "attention.dense", qd, h, c.o_bias);
+                // Parallel: the MLP reads the block's input, x + attn + mlp; else it reads x + attn.
+                let x1 = add(tape, x, o, "resid_attn");
+                let b = maybe_norm(tape, if parallel_residual { x } else { x1 }, norm_mlp_in);
+                let m = mlp(tape, b);
+                add(tape, x1, m, "out")
+            }
+            BlockLayout::Llama => {
+                let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
+                let o = maybe_norm(tape, o, norm_attn_out);
+                let x1 = add(tape, x, o, "resid_attn");
+                let b = maybe_norm(tape, x1, norm_mlp_in);
+                let d = mlp(tape, b);
+                add(tape, x1, d, "out")
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! row-wise ops parallelised over rows with rayon. Conventions in [`super`]: forwards write, backwards
 //! accumulate into every gradient they are given.
 
-use super::{vmath, Activation, RopeTable};
+use super::{vmath, Activation, ColumnBlocks, NormShape, RopeTable};
 use crate::error::Result;
 use crate::linalg::{matmul, MatRef, Parallelism};
 use crate::runtime::tape::ParamStore;
@@ -190,59 +190,82 @@ fn weight_grad(x: &[f32], dy: &[f32], n: usize, k: usize, m: usize, dw: &mut [f3
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// RMSNorm (HF LlamaRMSNorm): y = w ⊙ x / sqrt(mean(x²) + eps), rows of length d
+// Norms, rows of length d: RMSNorm (HF LlamaRMSNorm) y = g ⊙ x / sqrt(mean(x²) + eps); LayerNorm (PyTorch's
+// layer_norm) y = g ⊙ (x − μ) / sqrt(mean((x − μ)²) + eps) + b. Gain g = offset + w.
 // ---------------------------------------------------------------------------------------------------------
 
-fn inv_rms(x: &[f32], eps: f64) -> f64 {
-    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-    1.0 / (ss / x.len() as f64 + eps).sqrt()
+/// A row's (mean subtracted, 1/σ): (0, 1/rms) for RMSNorm, (μ, 1/std) for LayerNorm; in f64.
+fn norm_stats(x: &[f32], norm: NormShape) -> (f64, f64) {
+    let d = x.len() as f64;
+    let mean = if norm.centre {
+        x.iter().map(|&v| v as f64).sum::<f64>() / d
+    } else {
+        0.0
+    };
+    let ss: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
+    (mean, 1.0 / (ss / d + norm.eps).sqrt())
 }
 
 /// With `offset` 1 the gain is `1 + w` (Gemma's RMSNorm, the sum in f32 as transformers computes it).
-pub fn rmsnorm_forward(x: &[f32], w: &[f32], offset: f32, d: usize, eps: f64, y: &mut [f32]) {
+pub fn norm_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, norm: NormShape, y: &mut [f32]) {
+    let d = norm.d;
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(yr, xr)| {
-            let r = inv_rms(xr, eps);
-            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = ((v as f64 * r) as f32) * (offset + g);
+            let (mean, r) = norm_stats(xr, norm);
+            for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                *o = (((v as f64 - mean) * r) as f32) * (norm.offset + w[j])
+                    + b.map_or(0.0, |b| b[j]);
             }
         });
 }
 
-/// With gain `g = offset + w`: `dx += r (g⊙dy) − x r³/d Σ(g⊙dy⊙x)`, `dw += Σ_rows dy ⊙ x r`.
+/// With gain `g = offset + w`, `x̃ = x − μ` (x for RMSNorm) and `r = 1/σ`:
+/// `dx += r (g⊙dy) − x̃ r³/d Σ(g⊙dy⊙x̃)` (LayerNorm: `− r/d Σ(g⊙dy)` too), `dw += Σ_rows dy ⊙ x̃ r`,
+/// `db += Σ_rows dy`.
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_backward(
+pub fn norm_backward(
     x: &[f32],
     w: &[f32],
-    offset: f32,
+    norm: NormShape,
     dy: &[f32],
-    d: usize,
-    eps: f64,
     dx: &mut [f32],
     dw: &mut [f32],
+    db: Option<&mut [f32]>,
 ) {
+    let d = norm.d;
     let chunk = rows_per_task(d);
-    let dw_parts: Vec<Vec<f64>> = dx
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
         .par_chunks_mut(d * chunk)
         .zip(x.par_chunks(d * chunk).zip(dy.par_chunks(d * chunk)))
         .map(|(dxc, (xc, dyc))| {
-            let mut dwp = vec![0f64; d];
+            let (mut dwp, mut dbp) = (vec![0f64; d], vec![0f64; d]);
             for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
-                let r = inv_rms(xr, eps);
-                let gain = |j: usize| (offset + w[j]) as f64;
-                let dot: f64 = (0..d).map(|j| gain(j) * dyr[j] as f64 * xr[j] as f64).sum();
-                let c = r * r * r * dot / d as f64;
+                let (mean, r) = norm_stats(xr, norm);
+                let gain = |j: usize| (norm.offset + w[j]) as f64;
+                let (mut dot, mut sum) = (0f64, 0f64);
                 for j in 0..d {
-                    let (xv, gv) = (xr[j] as f64, dyr[j] as f64);
-                    dxr[j] += (r * gain(j) * gv - xv * c) as f32;
+                    let gdy = gain(j) * dyr[j] as f64;
+                    dot += gdy * (xr[j] as f64 - mean);
+                    sum += gdy;
+                }
+                let c = r * r * r * dot / d as f64;
+                let shift = if norm.centre { r * sum / d as f64 } else { 0.0 };
+                for j in 0..d {
+                    let (xv, gv) = (xr[j] as f64 - mean, dyr[j] as f64);
+                    dxr[j] += (r * gain(j) * gv - xv * c - shift) as f32;
                     dwp[j] += gv * xv * r;
+                    dbp[j] += gv;
                 }
             }
-            dwp
+            (dwp, dbp)
         })
         .collect();
+    let (dw_parts, db_parts): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
     add_parts(dw, &dw_parts);
+    if let Some(db) = db {
+        add_parts(db, &db_parts);
+    }
 }
 
 fn add_parts(dst: &mut [f32], parts: &[Vec<f64>]) {
@@ -684,6 +707,7 @@ pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
             Activation::Silu => vmath::silu(xc, yc),
             Activation::GeluTanh => vmath::gelu_tanh(xc, yc),
             Activation::Softcap(c) => vmath::softcap(xc, yc, c),
+            Activation::Gelu => vmath::gelu(xc, yc),
         });
 }
 
@@ -695,6 +719,35 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
             Activation::Silu => vmath::silu_backward(xc, gc, dc),
             Activation::GeluTanh => vmath::gelu_tanh_backward(xc, gc, dc),
             Activation::Softcap(c) => vmath::softcap_backward(xc, gc, dc, c),
+            Activation::Gelu => vmath::gelu_backward(xc, gc, dc),
+        });
+}
+
+/// See [`super::Device::column_blocks_forward`].
+pub fn column_blocks_forward(x: &[f32], width: usize, cb: ColumnBlocks, y: &mut [f32]) {
+    let groups = width / cb.stride;
+    y.par_chunks_mut(groups * cb.block)
+        .zip(x.par_chunks(width))
+        .for_each(|(yr, xr)| {
+            for (g, yb) in yr.chunks_mut(cb.block).enumerate() {
+                let start = g * cb.stride + cb.offset;
+                yb.copy_from_slice(&xr[start..start + cb.block]);
+            }
+        });
+}
+
+/// See [`super::Device::column_blocks_backward`].
+pub fn column_blocks_backward(dy: &[f32], width: usize, cb: ColumnBlocks, dx: &mut [f32]) {
+    let groups = width / cb.stride;
+    dx.par_chunks_mut(width)
+        .zip(dy.par_chunks(groups * cb.block))
+        .for_each(|(dxr, dyr)| {
+            for (g, gb) in dyr.chunks(cb.block).enumerate() {
+                let start = g * cb.stride + cb.offset;
+                for (d, &v) in dxr[start..start + cb.block].iter_mut().zip(gb) {
+                    *d += v;
+                }
+            }
         });
 }
 
@@ -925,30 +978,28 @@ impl super::Device for Cpu {
         linear_backward(x, w, dy, n, k, m, dx, dw, db);
         Ok(())
     }
-    fn rmsnorm_forward(
+    fn norm_forward(
         &self,
         x: &[f32],
         w: &[f32],
-        offset: f32,
-        d: usize,
-        eps: f64,
+        b: Option<&[f32]>,
+        norm: NormShape,
         y: &mut [f32],
     ) -> Result<()> {
-        rmsnorm_forward(x, w, offset, d, eps, y);
+        norm_forward(x, w, b, norm, y);
         Ok(())
     }
-    fn rmsnorm_backward(
+    fn norm_backward(
         &self,
         x: &[f32],
         w: &[f32],
-        offset: f32,
+        norm: NormShape,
         dy: &[f32],
-        d: usize,
-        eps: f64,
         dx: &mut [f32],
         dw: &mut [f32],
+        db: Option<&mut [f32]>,
     ) -> Result<()> {
-        rmsnorm_backward(x, w, offset, dy, d, eps, dx, dw);
+        norm_backward(x, w, norm, dy, dx, dw, db);
         Ok(())
     }
     fn rope_forward(
@@ -1029,6 +1080,28 @@ impl super::Device for Cpu {
     }
     fn add_forward(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
         add_forward(a, b, y);
+        Ok(())
+    }
+    fn column_blocks_forward(
+        &self,
+        x: &[f32],
+        width: usize,
+        blocks: ColumnBlocks,
+        y: &mut [f32],
+    ) -> Result<()> {
+        blocks.rows(x.len(), width, y.len())?;
+        column_blocks_forward(x, width, blocks, y);
+        Ok(())
+    }
+    fn column_blocks_backward(
+        &self,
+        dy: &[f32],
+        width: usize,
+        blocks: ColumnBlocks,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        blocks.rows(dx.len(), width, dy.len())?;
+        column_blocks_backward(dy, width, blocks, dx);
         Ok(())
     }
     fn accumulate(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
@@ -1218,29 +1291,108 @@ mod tests {
         assert_eq!(all[4 * dim..], padded[4 * dim..]);
     }
 
-    /// LLaMA's gain `w` and Gemma's `1 + w`.
+    /// RMSNorm with LLaMA's gain `w` and Gemma's `1 + w`; LayerNorm (GPT-NeoX's) with a bias.
     #[test]
-    fn rmsnorm_gradients() {
+    fn norm_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         let (n, d) = (3, 8);
-        for offset in [0.0, 1.0] {
-            let ins = vec![rand_vec(&mut rng, n * d), rand_vec(&mut rng, d)];
+        for (offset, centre) in [(0.0, false), (1.0, false), (0.0, true)] {
+            let norm = NormShape {
+                d,
+                eps: 1e-5,
+                offset,
+                centre,
+            };
+            // A LayerNorm's input with a large mean: the centring must cancel it.
+            let shift = if centre { 30.0 } else { 0.0 };
+            let x = rand_vec(&mut rng, n * d)
+                .iter()
+                .map(|v| v + shift)
+                .collect();
+            let ins = vec![x, rand_vec(&mut rng, d), rand_vec(&mut rng, d)];
             check_grads(
                 ins,
                 n * d,
                 &|i| {
                     let mut y = vec![0.0; n * d];
-                    rmsnorm_forward(&i[0], &i[1], offset, d, 1e-5, &mut y);
+                    norm_forward(&i[0], &i[1], centre.then_some(&i[2][..]), norm, &mut y);
                     y
                 },
                 &|i, c| {
-                    let (mut dx, mut dw) = (vec![0.0; n * d], vec![0.0; d]);
-                    rmsnorm_backward(&i[0], &i[1], offset, c, d, 1e-5, &mut dx, &mut dw);
-                    vec![dx, dw]
+                    let (mut dx, mut dw, mut db) = (vec![0.0; n * d], vec![0.0; d], vec![0.0; d]);
+                    let dbo = centre.then_some(&mut db[..]);
+                    norm_backward(&i[0], &i[1], norm, c, &mut dx, &mut dw, dbo);
+                    vec![dx, dw, db]
                 },
                 2e-3,
             );
         }
+        // LayerNorm against its definition in f64: zero mean, unit variance before the gain and bias.
+        let norm = NormShape {
+            d,
+            eps: 0.0,
+            offset: 0.0,
+            centre: true,
+        };
+        let x: Vec<f32> = rand_vec(&mut rng, d)
+            .iter()
+            .map(|v| 5.0 * v + 7.0)
+            .collect();
+        let mut y = vec![0.0; d];
+        norm_forward(&x, &[1.0; 8], Some(&[0.5; 8]), norm, &mut y);
+        let mean = y.iter().map(|&v| v as f64 - 0.5).sum::<f64>() / d as f64;
+        let var = y.iter().map(|&v| (v as f64 - 0.5).powi(2)).sum::<f64>() / d as f64;
+        assert!(
+            mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5,
+            "{mean} {var}"
+        );
+    }
+
+    /// GPT-NeoX's q, k, v out of the per-head interleaved projection, and the scatter back.
+    #[test]
+    fn column_blocks_gather_and_scatter() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (rows, heads, hd) = (3, 2, 4);
+        let width = heads * 3 * hd;
+        for part in 0..3 {
+            let cb = ColumnBlocks {
+                block: hd,
+                stride: 3 * hd,
+                offset: part * hd,
+            };
+            let x = rand_vec(&mut rng, rows * width);
+            let mut y = vec![0.0; rows * heads * hd];
+            column_blocks_forward(&x, width, cb, &mut y);
+            for r in 0..rows {
+                for h in 0..heads {
+                    for i in 0..hd {
+                        let want = x[r * width + h * 3 * hd + part * hd + i];
+                        assert_eq!(y[(r * heads + h) * hd + i], want);
+                    }
+                }
+            }
+            check_grads(
+                vec![x],
+                rows * heads * hd,
+                &|i| {
+                    let mut y = vec![0.0; rows * heads * hd];
+                    column_blocks_forward(&i[0], width, cb, &mut y);
+                    y
+                },
+                &|_, c| {
+                    let mut dx = vec![0.0; rows * width];
+                    column_blocks_backward(c, width, cb, &mut dx);
+                    vec![dx]
+                },
+                1e-3,
+            );
+        }
+        let bad = ColumnBlocks {
+            block: 4,
+            stride: 6,
+            offset: 3,
+        };
+        assert!(bad.rows(24, 12, 8).is_err());
     }
 
     /// Full and partial rotary (Phi-3's `partial_rotary_factor`: 6 of 8 values rotate, pairs (i, i + 3),
@@ -1471,6 +1623,7 @@ mod tests {
             Activation::Silu,
             Activation::GeluTanh,
             Activation::Softcap(1.7),
+            Activation::Gelu,
         ] {
             let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
             check_grads(

@@ -30,10 +30,10 @@
 //! Every op returns a [`Result`]; nothing here calls into CUDA before [`CudaDevice::open`] has found a
 //! driver, a GPU and NVRTC (cudarc panics on a missing library).
 
-use super::{Activation, AttnShape, Device, Matmul, ParamUse, RopeTable};
+use super::{Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, ParamUse, RopeTable};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
-use crate::similarity::cuda::kernels::{Binary, Kernel, RuntimeKernels};
+use crate::similarity::cuda::kernels::{self, Binary, Kernel, RuntimeKernels};
 use crate::similarity::cuda::nvrtc::fnv1a;
 use crate::similarity::cuda::{env_choice, open_gpu, CuResult, OpenGpu, WGMMA_SHARED};
 use cudarc::driver::{
@@ -857,6 +857,32 @@ impl CudaDevice {
         unsafe { f.launch(self.s(), c, a, b, y, a.len() as u64) }
     }
 
+    /// A column-block gather (`f` the forward) or scatter (the backward) between `src` and `dst`, the
+    /// lengths checked by the caller ([`ColumnBlocks::rows`]).
+    fn column_blocks(
+        &self,
+        f: &Kernel<kernels::ColumnBlocks>,
+        src: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+        cb: ColumnBlocks,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = rows * (width / cb.stride) * cb.block;
+        if n == 0 {
+            return Ok(());
+        }
+        let c = self.ew_cfg(n)?;
+        let (w, b, st, o) = (
+            int(width, "width")?,
+            int(cb.block, "block")?,
+            int(cb.stride, "stride")?,
+            int(cb.offset, "offset")?,
+        );
+        // SAFETY: the lengths were checked against rows, width and the blocks (ColumnBlocks::rows).
+        unsafe { f.launch(self.s(), c, src, dst, rows as u64, w, b, st, o) }
+    }
+
     /// The cross-entropy kernels; returns (Σ loss over rows in row order, predicted rows).
     fn cross_entropy(
         &self,
@@ -1287,54 +1313,63 @@ impl Device for CudaDevice {
         }
         Ok(())
     }
-    fn rmsnorm_forward(
+    fn norm_forward(
         &self,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
-        offset: f32,
-        d: usize,
-        eps: f64,
+        b: Option<&CudaSlice<f32>>,
+        norm: NormShape,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let rows = rms_rows(x.len(), w.len(), d)?;
-        check_len(y.len(), x.len(), "rmsnorm output")?;
+        let d = norm.d;
+        let rows = norm_rows(x.len(), w.len(), d)?;
+        check_len(y.len(), x.len(), "norm output")?;
+        if let Some(b) = b {
+            check_len(b.len(), d, "norm bias")?;
+        }
         if rows == 0 {
             return Ok(());
         }
         let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
         let c = cfg((rows, 1), THREADS)?;
-        // SAFETY: x and y hold rows·d values, w d.
+        let (offset, eps, centre) = (norm.offset, norm.eps, norm.centre as i32);
+        // SAFETY: x and y hold rows·d values, w and b (or null) d.
         unsafe {
             self.k()
-                .rmsnorm_forward
-                .launch(self.s(), c, x, w, offset, di, eps, y, ri)
+                .norm_forward
+                .launch(self.s(), c, x, w, b, offset, di, eps, centre, y, ri)
         }
     }
-    fn rmsnorm_backward(
+    fn norm_backward(
         &self,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
-        offset: f32,
+        norm: NormShape,
         dy: &CudaSlice<f32>,
-        d: usize,
-        eps: f64,
         dx: &mut CudaSlice<f32>,
         dw: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
-        let rows = rms_rows(x.len(), w.len(), d)?;
-        check_len(dy.len(), x.len(), "rmsnorm output gradient")?;
-        check_len(dx.len(), x.len(), "rmsnorm input gradient")?;
-        check_len(dw.len(), d, "rmsnorm weight gradient")?;
+        let d = norm.d;
+        let rows = norm_rows(x.len(), w.len(), d)?;
+        check_len(dy.len(), x.len(), "norm output gradient")?;
+        check_len(dx.len(), x.len(), "norm input gradient")?;
+        check_len(dw.len(), d, "norm weight gradient")?;
+        if let Some(db) = &db {
+            check_len(db.len(), d, "norm bias gradient")?;
+        }
         if rows == 0 {
             return Ok(());
         }
         let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
+        let (offset, eps, centre) = (norm.offset, norm.eps, norm.centre as i32);
         // Chunks of at least RMS_ROWS_PER_CHUNK rows, and few enough for the grid's y dimension (per-head
         // norms, Qwen3's q_norm / k_norm, have tokens × heads rows).
         let per = RMS_ROWS_PER_CHUNK.max(rows.div_ceil(65_535));
         let chunks = blocks(rows, per);
         let (ci, per) = (int(chunks, "chunks")?, int(per, "rows per chunk")?);
         let s = self.s();
+        let mut mean = s.alloc_zeros::<f64>(rows).cu("allocating row means")?;
         let mut inv = s.alloc_zeros::<f64>(rows).cu("allocating row scales")?;
         let mut partials = s
             .alloc_zeros::<f64>(chunks * d)
@@ -1343,24 +1378,31 @@ impl Device for CudaDevice {
         let per_row = cfg((rows, 1), THREADS)?;
         let per_chunk = cfg((blocks(d, THREADS as usize), chunks), THREADS)?;
         let per_feature = cfg((blocks(d, THREADS as usize), 1), THREADS)?;
-        // SAFETY: x, dy, dx hold rows·d values, w and dw d; inv holds rows, partials chunks·d values.
+        // SAFETY: x, dy, dx hold rows·d values, w, dw and db d; mean and inv rows, partials chunks·d.
         unsafe {
-            kern.rmsnorm_backward
-                .launch(s, per_row, x, w, offset, dy, di, eps, dx, &mut inv, ri)?;
-            kern.rmsnorm_backward_weight.launch(
+            kern.norm_backward.launch(
+                s, per_row, x, w, offset, dy, di, eps, centre, dx, &mut mean, &mut inv, ri,
+            )?;
+            kern.norm_backward_weight.launch(
                 s,
                 per_chunk,
                 x,
                 dy,
+                &mean,
                 &inv,
                 di,
                 ri,
                 per,
                 &mut partials,
             )?;
-            kern.rmsnorm_reduce_weight
-                .launch(s, per_feature, &partials, di, ci, dw)
+            kern.norm_reduce_weight
+                .launch(s, per_feature, &partials, di, ci, dw)?;
+            if let Some(db) = db {
+                kern.linear_backward_bias
+                    .launch(s, per_feature, dy, db, ri, di)?;
+            }
         }
+        Ok(())
     }
     fn rope_forward(
         &self,
@@ -1533,6 +1575,7 @@ impl Device for CudaDevice {
                 Activation::Silu => kern.silu_forward.launch(s, c, x, y, n),
                 Activation::GeluTanh => kern.gelu_tanh_forward.launch(s, c, x, y, n),
                 Activation::Softcap(cap) => kern.softcap_forward.launch(s, c, x, y, n, cap),
+                Activation::Gelu => kern.gelu_forward.launch(s, c, x, y, n),
             }
         }
     }
@@ -1547,6 +1590,7 @@ impl Device for CudaDevice {
         match act {
             Activation::Silu => self.binary(&kern.silu_backward, x, dy, dx),
             Activation::GeluTanh => self.binary(&kern.gelu_tanh_backward, x, dy, dx),
+            Activation::Gelu => self.binary(&kern.gelu_backward, x, dy, dx),
             Activation::Softcap(cap) => {
                 check_len(dy.len(), x.len(), "softcap output gradient")?;
                 check_len(dx.len(), x.len(), "softcap input gradient")?;
@@ -1599,6 +1643,26 @@ impl Device for CudaDevice {
     ) -> Result<()> {
         self.binary(&self.k().add_forward, a, b, y)
     }
+    fn column_blocks_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        width: usize,
+        cb: ColumnBlocks,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = cb.rows(x.len(), width, y.len())?;
+        self.column_blocks(&self.k().column_blocks_forward, x, rows, width, cb, y)
+    }
+    fn column_blocks_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        width: usize,
+        cb: ColumnBlocks,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = cb.rows(dx.len(), width, dy.len())?;
+        self.column_blocks(&self.k().column_blocks_backward, dy, rows, width, cb, dx)
+    }
     fn accumulate(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
         check_len(src.len(), dst.len(), "accumulate")?;
         let n = dst.len() as u64;
@@ -1642,11 +1706,11 @@ fn embedding_checks(ids: &Ids, table: usize, dim: usize, out: usize) -> Result<(
     Ok(())
 }
 
-fn rms_rows(x: usize, w: usize, d: usize) -> Result<usize> {
-    check_len(w, d, "rmsnorm weight")?;
+fn norm_rows(x: usize, w: usize, d: usize) -> Result<usize> {
+    check_len(w, d, "norm weight")?;
     if d == 0 || !x.is_multiple_of(d) {
         return Err(Error::invalid(format!(
-            "rmsnorm: {x} values are not rows of {d}"
+            "norm: {x} values are not rows of {d}"
         )));
     }
     Ok(x / d)

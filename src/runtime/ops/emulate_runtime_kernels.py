@@ -535,17 +535,18 @@ def check_rope():
         assert np.allclose(y.reshape(rows, heads, hd), want)
     print("rope ok")
 
-# ---- runtime_rmsnorm.cu: the weight gradient's row chunks --------------------------------------------
+# ---- runtime_norm.cu: the weight gradient's row chunks (x − μ: 0 for RMSNorm) -----------------------
 def check_rms_chunks():
     for rows, d in [(133, 300), (1, 7), (64, 5), (65, 5)]:
         per = 64; chunks = -(-rows // per)
         x = rng.standard_normal((rows, d)); dy = rng.standard_normal((rows, d)); inv = rng.random(rows)
+        mean = rng.standard_normal(rows)
         parts = np.zeros((chunks, d))
         for cy in range(chunks):
             r0 = cy * per; r1 = min(rows, r0 + per)
-            parts[cy] = (dy[r0:r1] * x[r0:r1] * inv[r0:r1, None]).sum(0)
-        assert np.allclose(parts.sum(0), (dy * x * inv[:, None]).sum(0))
-    print("rmsnorm chunks ok")
+            parts[cy] = (dy[r0:r1] * (x[r0:r1] - mean[r0:r1, None]) * inv[r0:r1, None]).sum(0)
+        assert np.allclose(parts.sum(0), (dy * (x - mean[:, None]) * inv[:, None]).sum(0))
+    print("norm chunks ok")
 
 check_linear(); check_linear_mma(); check_attention(); check_attention_mma(); check_attention_backward_mma(); check_rope(); check_rms_chunks()
 print("ALL OK")

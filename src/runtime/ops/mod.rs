@@ -78,6 +78,52 @@ pub enum Activation {
     GeluTanh,
     /// `c · tanh(x / c)` (Gemma 2's `final_logit_softcapping`).
     Softcap(f32),
+    /// `x Φ(x) = x/2 (1 + erf(x / √2))` (PyTorch's exact `gelu`, GPT-NeoX's MLP).
+    Gelu,
+}
+
+/// A normalisation of rows of `d` values ([`Device::norm_forward`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormShape {
+    pub d: usize,
+    pub eps: f64,
+    /// Added to the weight to make the gain: 0, or 1 for Gemma's norms (`x̂ (1 + w)`).
+    pub offset: f32,
+    /// LayerNorm: subtract each row's mean first (and divide by the standard deviation); else RMSNorm.
+    pub centre: bool,
+}
+
+/// Which columns [`Device::column_blocks_forward`] gathers: in each group of `stride` columns, the `block`
+/// starting at `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnBlocks {
+    pub block: usize,
+    pub stride: usize,
+    pub offset: usize,
+}
+
+impl ColumnBlocks {
+    /// The rows of a gather from `x_len` values in rows `width` wide into `y_len` values; an error unless
+    /// the rows hold whole groups, the block lies inside its group and the lengths agree.
+    pub fn rows(self, x_len: usize, width: usize, y_len: usize) -> Result<usize> {
+        let ColumnBlocks {
+            block,
+            stride,
+            offset,
+        } = self;
+        if block == 0 || offset + block > stride || width == 0 || !width.is_multiple_of(stride) {
+            return Err(crate::Error::invalid(format!(
+                "column blocks: block {block} at {offset} of groups of {stride} in rows of {width}"
+            )));
+        }
+        let rows = x_len / width;
+        if x_len != rows * width || y_len != rows * (width / stride) * block {
+            return Err(crate::Error::invalid(format!(
+                "column blocks: {x_len} values in rows of {width} do not give {y_len}"
+            )));
+        }
+        Ok(rows)
+    }
 }
 
 /// How a device computes the linear layers' matrix products (`--matmul`).
@@ -230,28 +276,27 @@ pub trait Device: Clone + Send + Sync + 'static {
         dw: &mut Self::Slice,
         db: Option<&mut Self::Slice>,
     ) -> Result<()>;
-    /// `y = (offset + w) ⊙ x / sqrt(mean(x²) + eps)` per row of `d` (offset 1: Gemma's norms).
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_forward(
+    /// `y = (offset + w) ⊙ x̂ (+ b)` per row of `norm.d` values, x̂ = x / sqrt(mean(x²) + eps) (RMSNorm)
+    /// or, `norm.centre`, (x − mean) / sqrt(var + eps) (LayerNorm); offset 1: Gemma's norms.
+    fn norm_forward(
         &self,
         x: &Self::Slice,
         w: &Self::Slice,
-        offset: f32,
-        d: usize,
-        eps: f64,
+        b: Option<&Self::Slice>,
+        norm: NormShape,
         y: &mut Self::Slice,
     ) -> Result<()>;
+    /// `dx`, `dw` and (with a bias) `db` accumulate the gradients of [`Device::norm_forward`].
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_backward(
+    fn norm_backward(
         &self,
         x: &Self::Slice,
         w: &Self::Slice,
-        offset: f32,
+        norm: NormShape,
         dy: &Self::Slice,
-        d: usize,
-        eps: f64,
         dx: &mut Self::Slice,
         dw: &mut Self::Slice,
+        db: Option<&mut Self::Slice>,
     ) -> Result<()>;
     /// Rotary embedding of `heads` heads per row (rows are `tokens`-long sequences, `table.tokens` each).
     fn rope_forward(
@@ -318,6 +363,24 @@ pub trait Device: Clone + Send + Sync + 'static {
         db: &mut Self::Slice,
     ) -> Result<()>;
     fn add_forward(&self, a: &Self::Slice, b: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
+    /// Gather column blocks: `y[r, g·block + i] = x[r, g·stride + offset + i]` for every group g of
+    /// `x`'s rows (`x` rows `width = groups · stride` wide, `y` rows `groups · block`). GPT-NeoX's fused
+    /// `query_key_value` output holds q, k and v of each head side by side: each is one such gather.
+    fn column_blocks_forward(
+        &self,
+        x: &Self::Slice,
+        width: usize,
+        blocks: ColumnBlocks,
+        y: &mut Self::Slice,
+    ) -> Result<()>;
+    /// The scatter back: `dx[r, g·stride + offset + i] += dy[r, g·block + i]`.
+    fn column_blocks_backward(
+        &self,
+        dy: &Self::Slice,
+        width: usize,
+        blocks: ColumnBlocks,
+        dx: &mut Self::Slice,
+    ) -> Result<()>;
     /// `dst += src`.
     fn accumulate(&self, dst: &mut Self::Slice, src: &Self::Slice) -> Result<()>;
     /// Per row of `vocab` logits: its log-sum-exp into `lse`; returns (Σ −log p(target), rows with a
@@ -395,14 +458,23 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
     dev.linear_forward(&xd, &dev.weight_from(&wd)?, Some(&bd), n, k, m, &mut yd)?;
     compare(&y, &yd, dev)?;
 
-    // RMSNorm over rows of 29.
-    let g = rand_vec(k);
-    let mut r = vec![0f32; n * k];
-    cpu.rmsnorm_forward(&x, &g, 0.0, k, 1e-6, &mut r)?;
-    let mut rd = dev.alloc_zeroed(n * k)?;
-    let gd = up(&g)?;
-    dev.rmsnorm_forward(&xd, &gd, 0.0, k, 1e-6, &mut rd)?;
-    compare(&r, &rd, dev)?;
+    // RMSNorm and LayerNorm (with a bias) over rows of 29.
+    let (g, nb) = (rand_vec(k), rand_vec(k));
+    let (gd, nbd) = (up(&g)?, up(&nb)?);
+    for centre in [false, true] {
+        let norm = NormShape {
+            d: k,
+            eps: 1e-6,
+            offset: 0.0,
+            centre,
+        };
+        let b = centre.then_some(&nb[..]);
+        let mut r = vec![0f32; n * k];
+        cpu.norm_forward(&x, &g, b, norm, &mut r)?;
+        let mut rd = dev.alloc_zeroed(n * k)?;
+        dev.norm_forward(&xd, &gd, centre.then_some(&*nbd), norm, &mut rd)?;
+        compare(&r, &rd, dev)?;
+    }
 
     // Attention: 2 sequences of 19 tokens, 4 heads over 2 KV heads of 8, a window of 5; rotary first.
     let shape = AttnShape {

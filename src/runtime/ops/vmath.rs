@@ -185,6 +185,26 @@ simd_kernel! {
     }
 }
 
+/// `y = x Φ(x) = x/2 (1 + erf(x / √2))`, PyTorch's exact GELU (GPT-NeoX's MLP). A scalar `erf` (libm's,
+/// in f64) per value: only the GPT-NeoX family uses it, and its MLP's products dominate anyway.
+pub fn gelu(x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        let v = v as f64;
+        *o = (0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+    }
+}
+
+/// `dx += dy (Φ(x) + x φ(x))`, φ(x) = e^(−x²/2) / √(2π).
+pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+        let v = v as f64;
+        let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
+        let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+        *d += (g as f64 * (cdf + v * pdf)) as f32;
+    }
+}
+
 /// Gemma 2's soft-capping of one value, `c · tanh(x / c)`, and its slope `1 − tanh²(x / c)` (scalar
 /// `tanh`: it runs once per logit or attention score, where the MLP's activations run on every
 /// intermediate value). The logits' `softcap` below and the attention's scores share it.
@@ -273,6 +293,25 @@ mod tests {
                 (a as f64 - r).abs() < 1e-6 * (1.0 + r.abs()),
                 "gelu({v}): {a} vs {r}"
             );
+        }
+    }
+
+    /// The exact GELU against PyTorch's values (`torch.nn.functional.gelu`, float64).
+    #[test]
+    fn gelu_matches_pytorch() {
+        let xs = [-3.0f32, -1.0, -0.25, 0.0, 0.5, 2.0];
+        let want = [
+            -0.004049694094890,
+            -0.158655253931457,
+            -0.100323418579269,
+            0.0,
+            0.345731230637007,
+            1.954499736103642,
+        ];
+        let mut y = [0f32; 6];
+        gelu(&xs, &mut y);
+        for ((&a, &w), &v) in y.iter().zip(&want).zip(&xs) {
+            assert!((a as f64 - w).abs() < 1e-7, "gelu({v}): {a} vs {w}");
         }
     }
 }

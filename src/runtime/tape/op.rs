@@ -10,7 +10,7 @@
 
 use super::{BufId, Device, OpIo, ParamGrads, ParamId, ParamStore, Tape, TapeOp};
 use crate::error::Result;
-use crate::runtime::ops::{Activation, AttnShape, RopeTable};
+use crate::runtime::ops::{Activation, AttnShape, ColumnBlocks, NormShape, RopeTable};
 use std::sync::Arc;
 
 /// `out[r] = scale · table[ids[r]]` (ids: the tape's token ids; `scale` 1, or √hidden for Gemma).
@@ -143,41 +143,44 @@ impl<D: Device> TapeOp<D> for Linear {
     }
 }
 
-/// out = (offset + w) ⊙ x / sqrt(mean(x²) + eps), per row of `d` values: a buffer row when `d` is its width, each
-/// head of a row when `d` is the head size (Qwen3's q_norm / k_norm; `w` is `d` long either way).
+/// out = (offset + w) ⊙ x̂ (+ b), per row of `shape.d` values: RMSNorm (x̂ = x / sqrt(mean(x²) + eps)) or
+/// LayerNorm (`shape.centre`: x̂ = (x − mean) / sqrt(var + eps), GPT-NeoX's, with a bias). A row is a buffer
+/// row when `d` is its width, each head of a row when `d` is the head size (Qwen3's q_norm / k_norm; `w`
+/// is `d` long either way).
 #[derive(Clone, Debug)]
-pub struct RmsNorm {
+pub struct Norm {
     pub x: BufId,
     pub w: ParamId,
-    /// Added to `w` to make the gain: 0, or 1 for Gemma's norms (`x̂ (1 + w)`).
-    pub offset: f32,
-    pub d: usize,
-    pub eps: f64,
+    pub b: Option<ParamId>,
+    pub shape: NormShape,
     pub out: BufId,
 }
 
-impl<D: Device> TapeOp<D> for RmsNorm {
+impl<D: Device> TapeOp<D> for Norm {
     fn io(&self) -> OpIo {
         OpIo {
-            kind: "rmsnorm",
+            kind: if self.shape.centre {
+                "layernorm"
+            } else {
+                "rmsnorm"
+            },
             inputs: vec![self.x],
             outputs: vec![self.out],
             saved: vec![self.x],
-            params: vec![self.w],
+            params: std::iter::once(self.w).chain(self.b).collect(),
         }
     }
     fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
-        let RmsNorm {
+        let Norm {
             x,
             w,
-            offset,
-            d,
-            eps,
+            b,
+            shape,
             out,
         } = *self;
-        let wv = t.p(store, w)?;
+        let (wv, bv) = (t.p(store, w)?, b.map(|b| t.p(store, b)).transpose()?);
         t.write_output(out, |t, y| {
-            t.dev.rmsnorm_forward(t.data(x), &wv, offset, d, eps, y)
+            t.dev.norm_forward(t.data(x), &wv, bv.as_deref(), shape, y)
         })
     }
     fn backward(
@@ -186,23 +189,29 @@ impl<D: Device> TapeOp<D> for RmsNorm {
         store: &dyn ParamStore,
         pg: &mut ParamGrads<D>,
     ) -> Result<()> {
-        let RmsNorm {
+        let Norm {
             x,
             w,
-            offset,
-            d,
-            eps,
+            b,
+            shape,
             out,
         } = *self;
         if !t.has_grad(out) {
             return Ok(());
         }
         let wv = t.p(store, w)?;
-        let dw = pg.get_mut(w);
-        t.write_grad(x, |t, dx| {
+        let mut dw = pg.take(w);
+        let mut db = b.map(|b| pg.take(b));
+        let r = t.write_grad(x, |t, dx| {
+            let db = db.as_deref_mut();
             t.dev
-                .rmsnorm_backward(t.data(x), &wv, offset, t.grad(out), d, eps, dx, dw)
-        })
+                .norm_backward(t.data(x), &wv, shape, t.grad(out), dx, &mut dw, db)
+        });
+        pg.put(w, dw);
+        if let (Some(b), Some(db)) = (b, db) {
+            pg.put(b, db);
+        }
+        r
     }
 }
 
@@ -331,6 +340,7 @@ impl<D: Device> TapeOp<D> for Activate {
                 Activation::Silu => "silu",
                 Activation::GeluTanh => "gelu_tanh",
                 Activation::Softcap(_) => "softcap",
+                Activation::Gelu => "gelu",
             },
             inputs: vec![self.x],
             outputs: vec![self.out],
@@ -388,6 +398,44 @@ impl<D: Device> TapeOp<D> for Mul {
         });
         t.put_grad(b, db);
         r
+    }
+}
+
+/// out = the column blocks of x that `blocks` names ([`Device::column_blocks_forward`]): q, k or v out of
+/// GPT-NeoX's fused, per-head interleaved `query_key_value` output. The backward keeps nothing.
+#[derive(Clone, Debug)]
+pub struct Columns {
+    pub x: BufId,
+    pub blocks: ColumnBlocks,
+    pub out: BufId,
+}
+
+impl<D: Device> TapeOp<D> for Columns {
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "columns",
+            inputs: vec![self.x],
+            outputs: vec![self.out],
+            saved: vec![],
+            params: vec![],
+        }
+    }
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
+        let Columns { x, blocks, out } = *self;
+        let width = t.bufs[x].cols;
+        t.write_output(out, |t, y| {
+            t.dev.column_blocks_forward(t.data(x), width, blocks, y)
+        })
+    }
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
+        let Columns { x, blocks, out } = *self;
+        if !t.has_grad(out) {
+            return Ok(());
+        }
+        let width = t.bufs[x].cols;
+        t.write_grad(x, |t, dx| {
+            t.dev.column_blocks_backward(t.grad(out), width, blocks, dx)
+        })
     }
 }
 

@@ -455,14 +455,16 @@ signatures! {
     RbfExp(k: Out<f32>, nn: u64, state: In<u32>, threshold: f64);
 
     // The runtime (kernels/runtime_*.cu).
-    /// silu_forward, gelu_tanh_forward
+    /// silu_forward, gelu_tanh_forward, gelu_forward
     Unary(x: In<f32>, y: Out<f32>, n: u64);
-    /// silu_backward, gelu_tanh_backward, mul_forward, add_forward
+    /// silu_backward, gelu_tanh_backward, gelu_backward, mul_forward, add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
     /// softcap_forward
     SoftcapForward(x: In<f32>, y: Out<f32>, n: u64, c: f32);
     /// softcap_backward
     SoftcapBackward(x: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, c: f32);
+    /// column_blocks_forward (x → y), column_blocks_backward (dy → dx, accumulated)
+    ColumnBlocks(x: In<f32>, y: Out<f32>, rows: u64, width: i32, block: i32, stride: i32, offset: i32);
     /// mul_backward
     MulBackward(a: In<f32>, b: In<f32>, dy: In<f32>, da: Out<f32>, db: Out<f32>, n: u64);
     /// accumulate
@@ -477,16 +479,17 @@ signatures! {
     /// rope_apply
     RopeApply(x: In<f32>, cos: In<f32>, sin: In<f32>, y: Out<f32>, rows: i32, heads: i32,
               head_dim: i32, rot_dim: i32, tokens: i32, sign: f32, add: i32);
-    /// rmsnorm_forward
-    RmsnormForward(x: In<f32>, w: In<f32>, offset: f32, d: i32, eps: f64, y: Out<f32>, rows: i32);
-    /// rmsnorm_backward
-    RmsnormBackward(x: In<f32>, w: In<f32>, offset: f32, dy: In<f32>, d: i32, eps: f64,
-                    dx: Out<f32>, inv: Out<f64>, rows: i32);
-    /// rmsnorm_backward_weight
-    RmsnormBackwardWeight(x: In<f32>, dy: In<f32>, inv: In<f64>, d: i32, rows: i32,
-                          rows_per_chunk: i32, partials: Out<f64>);
-    /// rmsnorm_reduce_weight
-    RmsnormReduceWeight(partials: In<f64>, d: i32, chunks: i32, dw: Out<f32>);
+    /// norm_forward (b: `None` = no bias)
+    NormForward(x: In<f32>, w: In<f32>, b: In<f32>, offset: f32, d: i32, eps: f64, centre: i32,
+                y: Out<f32>, rows: i32);
+    /// norm_backward
+    NormBackward(x: In<f32>, w: In<f32>, offset: f32, dy: In<f32>, d: i32, eps: f64, centre: i32,
+                 dx: Out<f32>, mean: Out<f64>, inv: Out<f64>, rows: i32);
+    /// norm_backward_weight
+    NormBackwardWeight(x: In<f32>, dy: In<f32>, mean: In<f64>, inv: In<f64>, d: i32, rows: i32,
+                       rows_per_chunk: i32, partials: Out<f64>);
+    /// norm_reduce_weight
+    NormReduceWeight(partials: In<f64>, d: i32, chunks: i32, dw: Out<f32>);
     /// cross_entropy_forward
     CrossEntropyForward(logits: In<f32>, vocab: i32, targets: In<i64>, rows: i32, lse: Out<f32>,
                         row_loss: Out<f64>);
@@ -578,6 +581,8 @@ kernel_table! {
             silu_backward: Binary,
             gelu_tanh_forward: Unary,
             gelu_tanh_backward: Binary,
+            gelu_forward: Unary,
+            gelu_backward: Binary,
             softcap_forward: SoftcapForward,
             softcap_backward: SoftcapBackward,
             mul_forward: Binary,
@@ -585,14 +590,16 @@ kernel_table! {
             add_forward: Binary,
             accumulate: Accumulate,
             sum_sq_partials: SumSqPartials,
+            column_blocks_forward: ColumnBlocks,
+            column_blocks_backward: ColumnBlocks,
         }
         "runtime_embedding.cu" => { embedding_forward: Embedding, embedding_backward: EmbeddingBackward }
         "runtime_rope.cu" => { rope_apply: RopeApply }
-        "runtime_rmsnorm.cu" => {
-            rmsnorm_forward: RmsnormForward,
-            rmsnorm_backward: RmsnormBackward,
-            rmsnorm_backward_weight: RmsnormBackwardWeight,
-            rmsnorm_reduce_weight: RmsnormReduceWeight,
+        "runtime_norm.cu" => {
+            norm_forward: NormForward,
+            norm_backward: NormBackward,
+            norm_backward_weight: NormBackwardWeight,
+            norm_reduce_weight: NormReduceWeight,
         }
         "runtime_cross_entropy.cu" => {
             cross_entropy_forward: CrossEntropyForward,
