@@ -1,5 +1,5 @@
 // runtime_elementwise.cu — the runtime's elementwise ops (SiLU, GELU exact and tanh-approximated,
-// soft-capping, multiply, add, accumulate, the column-block gather of GPT-NeoX's fused q/k/v) and the sum
+// soft-capping, a constant factor, multiply, add, accumulate, the column-block gather of GPT-NeoX's fused q/k/v) and the sum
 // of squares of a gradient, forward and backward side by side. Buffers are flat f32 of `n` elements; every
 // kernel is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the CPU
 // (src/runtime/ops/cpu.rs).
@@ -85,6 +85,18 @@ extern "C" __global__ void softcap_backward(const float* __restrict__ x, const f
     }
 }
 
+// y = s · x (Granite's residual_multiplier and logits_scaling)
+extern "C" __global__ void scale_forward(const float* __restrict__ x, float* __restrict__ y, u64 n, float s) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = s * x[i];
+}
+
+// dx += s · dy (x unread: the signature is softcap_backward's)
+extern "C" __global__ void scale_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                          float* __restrict__ dx, u64 n, float s) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dx[i] += s * dy[i];
+}
 // y = a ⊙ b
 extern "C" __global__ void mul_forward(const float* __restrict__ a, const float* __restrict__ b,
                                        float* __restrict__ y, u64 n) {

@@ -50,6 +50,7 @@ CASES = {
     "olmo2_post_norm": ONE_BY_GRADNORM,
     "gemma3_vision": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "mistral3_vision": ONE_BY_GRADNORM,
+    "granite_multipliers": ONE_BY_GRADNORM,
     "neox_parallel": ONE_BY_GRADNORM,
     "neox_sequential": ONE_BY_GRADNORM,
 }

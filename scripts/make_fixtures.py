@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2
-checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2 /
+Granite / GPT-NeoX checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -8,7 +8,8 @@ numbers (loss, per-layer gradient norms, per-layer hidden states).
     /work/venvs/torch/bin/python scripts/make_fixtures.py [--out tests/fixtures] [--only NAME ...]
 
 Each fixture directory holds a checkpoint (config.json + safetensors), tokens.npy and reference.safetensors:
-  hidden.{i}        f64 [sequences, tokens, hidden]: i = 0 embedding output, i = l + 1 output of decoder
+  hidden.{i}        f64 [sequences, tokens, hidden]: i = 0 embedding output (× Granite's embedding_multiplier:
+                    what decoder layer 0 reads), i = l + 1 output of decoder
                     layer l (before the final norm), whole token set in one forward
   loss.b{k}         f64 [1]: mean next-token cross-entropy of batch k (batches of BATCH sequences)
   gradnorm.b{k}     f64 [layers]: sqrt(sum of squared gradients of the layer's parameters), batch k
@@ -129,6 +130,15 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6,
                   rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
          seed=11),
+    # Granite 3: LLaMA with multipliers: embeddings × 3, scores × 0.3 (not 1/√head_dim), each block's
+    # attention and MLP outputs × 0.4 before the residual adds, logits / 2.5; tied, GQA, bf16.
+    dict(name="granite_multipliers", model_type="granite", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                  embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.4,
+                  logits_scaling=2.5, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=16),
     # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
     # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
     # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,
@@ -375,7 +385,8 @@ def reference(model, ids, tied):
 
 
 def hidden_states(model, ids):
-    """Embedding output and every decoder layer's output (before the final norm), via hooks."""
+    """Decoder layer 0's input (the embedding output; Granite's × embedding_multiplier) and every decoder
+    layer's output (before the final norm), via hooks."""
     hs = {}
 
     def hook(i):
@@ -383,7 +394,13 @@ def hidden_states(model, ids):
             hs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
         return f
 
-    handles = [embedding(model).register_forward_hook(hook(0))]
+    if hasattr(text_model(model), "embedding_multiplier"):
+        # Granite scales the embedding outside its module: state 0 is what decoder layer 0 reads.
+        def pre(_mod, args, kwargs):
+            hs[0] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        handles = [decoder_layers(model)[0].register_forward_pre_hook(pre, with_kwargs=True)]
+    else:
+        handles = [embedding(model).register_forward_hook(hook(0))]
     for l, layer in enumerate(decoder_layers(model)):
         handles.append(layer.register_forward_hook(hook(l + 1)))
     with torch.no_grad():

@@ -54,7 +54,8 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
         for r in 0..v {
             let wr = &head[r * d..(r + 1) * d];
             let logit: f64 = x.iter().zip(wr).map(|(a, &b)| a * b as f64).sum();
-            // Gemma 2 soft-caps the logits.
+            // Granite divides the logits by logits_scaling; Gemma 2 soft-caps them.
+            let logit = logit * c.logits_scale.unwrap_or(1.0) as f64;
             out.push(match c.final_softcap {
                 Some(cap) => cap as f64 * (logit / cap as f64).tanh(),
                 None => logit,
@@ -225,6 +226,12 @@ fn gemma2_softcap_matches_transformers() {
 #[test]
 fn olmo2_post_norm_matches_transformers() {
     check_case("olmo2_post_norm");
+}
+
+/// Granite's multipliers (embeddings, scores, residual branches, logits).
+#[test]
+fn granite_multipliers_match_transformers() {
+    check_case("granite_multipliers");
 }
 
 /// GPT-NeoX (Pythia) with the parallel residual, the 4.x config names (rotary_pct, rotary_emb_base).

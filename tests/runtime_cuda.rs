@@ -117,6 +117,7 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
             Activation::GeluTanh,
             Activation::Softcap(1.7),
             Activation::Gelu,
+            Activation::Scale(-0.3),
         ] {
             let mut want = vec![0f32; n];
             let mut y = dev.alloc_zeroed(n).unwrap();
@@ -1217,6 +1218,7 @@ fn decoder_families_match_the_cpu() {
         "gemma3_vision",
         "neox_parallel",
         "neox_sequential",
+        "granite_multipliers",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

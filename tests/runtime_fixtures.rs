@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 15] = [
+const FIXTURES: [&str; 16] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -32,6 +32,7 @@ const FIXTURES: [&str; 15] = [
     "mistral3_vision",
     "neox_parallel",
     "neox_sequential",
+    "granite_multipliers",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -426,6 +427,11 @@ fn info_describes_windows_caps_and_rotary() {
             "block: LayerNorms with biases; q/k/v fused per head; MLP up → GELU → down; attention \
              and MLP in parallel (x + attn(ln₁ x) + mlp(ln₂ x))\nattention: causal, no window; rotary \
              θ 10000, default on 4 of 16 values",
+        ),
+        (
+            "granite_multipliers",
+            "block: 2 RMSNorms; gated MLP (SiLU gate); embeddings × 3; attention and MLP outputs × 0.4 \
+             before the residual adds; logits × 0.4\nattention: causal, no window; scores × 0.300000",
         ),
         (
             "neox_sequential",

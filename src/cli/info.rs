@@ -124,6 +124,7 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::GeluTanh => "tanh-GELU",
         Activation::Gelu => "GELU",
         Activation::Softcap(_) => "soft-cap",
+        Activation::Scale(_) => "scale",
     };
     match c.layout {
         BlockLayout::NeoX { parallel_residual } => format!(
@@ -136,10 +137,21 @@ fn describe_block(c: &ModelConfig) -> String {
         ),
         BlockLayout::Llama => {
             let norms = c.block_norms.names().into_iter().flatten().count();
-            format!(
+            let mut s = format!(
                 "{norms} RMSNorms{}; gated MLP ({act} gate)",
                 if c.norm_offset != 0.0 { " (gain 1 + w)" } else { "" }
-            )
+            );
+            // Granite's multipliers (Gemma's √hidden is implied by its type).
+            if c.embed_scale != 1.0 && !c.model_type.starts_with("gemma") {
+                s += &format!("; embeddings × {}", c.embed_scale);
+            }
+            if let Some(r) = c.residual_scale {
+                s += &format!("; attention and MLP outputs × {r} before the residual adds");
+            }
+            if let Some(f) = c.logits_scale {
+                s += &format!("; logits × {f}");
+            }
+            s
         }
     }
 }

@@ -145,6 +145,11 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f32>,
     /// Gemma 2's soft-capping of the logits (`final_logit_softcapping`).
     pub final_softcap: Option<f32>,
+    /// Granite's factor on each block's attention and MLP outputs before their residual adds
+    /// (`residual_multiplier`); `None` is 1.
+    pub residual_scale: Option<f32>,
+    /// Granite's factor on the logits, 1 / `logits_scaling`; `None` is 1.
+    pub logits_scale: Option<f32>,
     /// Where the block's norms sit.
     pub block_norms: BlockNorms,
     /// The rotary embedding of the sliding-window layers when it differs from the others' (Gemma 3:
@@ -362,7 +367,7 @@ impl ModelConfig {
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
         const TYPES: &str =
-            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, gpt_neox";
+            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, gpt_neox";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -375,6 +380,29 @@ impl ModelConfig {
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
         let neox = model_type == "gpt_neox";
+        let granite = model_type == "granite";
+        // Granite's multipliers (GraniteConfig's defaults 1; attention_multiplier replaces 1/√head_dim).
+        let multiplier = |key: &str| -> Result<Option<f32>> {
+            if !granite {
+                return Ok(None);
+            }
+            let m = opt_f64(v, key, path)?.unwrap_or(1.0);
+            if !(m > 0.0 && m.is_finite()) {
+                return Err(model_err(
+                    path,
+                    format!("field '{key}' is {m}, not a positive number"),
+                ));
+            }
+            Ok(Some(m as f32))
+        };
+        let (embedding_multiplier, attention_multiplier) = (
+            multiplier("embedding_multiplier")?,
+            multiplier("attention_multiplier")?,
+        );
+        let residual_scale = multiplier("residual_multiplier")?.filter(|&m| m != 1.0);
+        let logits_scale = multiplier("logits_scaling")?
+            .filter(|&m| m != 1.0)
+            .map(|m| 1.0 / m);
         // Gemma 2 and 3 share the sandwich norms and the score scale.
         let gemma23 = gemma3 || model_type == "gemma2";
         let activation = parse_activation(v, &model_type, path)?;
@@ -432,7 +460,7 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
             "gpt_neox" => (attention_bias, attention_bias),
-            "llama" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2" => {
+            "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2" => {
                 (attention_bias, attention_bias)
             }
             _ => (false, false), // mistral, phi3
@@ -489,16 +517,18 @@ impl ModelConfig {
             ),
             // Gemma's config class ties by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(gemma),
-            mlp_bias: model_type == "llama" && mlp_bias || neox,
+            mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias || neox,
             fused_projections: model_type == "phi3",
             activation,
             norm_offset: if gemma { 1.0 } else { 0.0 },
             embed_scale: if gemma {
                 (hidden_size as f64).sqrt() as f32
             } else {
-                1.0
+                embedding_multiplier.unwrap_or(1.0)
             },
-            attn_scale,
+            attn_scale: attn_scale.or(attention_multiplier),
+            residual_scale,
+            logits_scale,
             attn_softcap,
             final_softcap,
             block_norms: match model_type.as_str() {
@@ -1576,5 +1606,37 @@ mod tests {
         );
         llama["partial_rotary_factor"] = 0.5.into();
         assert!(ModelConfig::from_json(&llama, p).is_err());
+    }
+
+    /// Granite's multipliers: class defaults 1 (then no extra op), the attention's replacing
+    /// 1/√head_dim, the logits' stored as 1 / logits_scaling; a non-positive one refused.
+    #[test]
+    fn granite_multipliers() {
+        let p = Path::new("config.json");
+        let mut v = base();
+        v["model_type"] = "granite".into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!((c.embed_scale, c.attn_scale), (1.0, Some(1.0)));
+        assert_eq!((c.residual_scale, c.logits_scale), (None, None));
+        v["embedding_multiplier"] = 12.0.into();
+        v["attention_multiplier"] = 0.0078125.into();
+        v["residual_multiplier"] = 0.22.into();
+        v["logits_scaling"] = 16.0.into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!((c.embed_scale, c.attn_scale), (12.0, Some(0.0078125)));
+        assert_eq!(
+            (c.residual_scale, c.logits_scale),
+            (Some(0.22), Some(0.0625))
+        );
+        v["logits_scaling"] = 0.0.into();
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("'logits_scaling' is 0"), "{e}");
+        // The LLaMA family ignores the fields.
+        v["model_type"] = "llama".into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.embed_scale, c.attn_scale, c.logits_scale),
+            (1.0, None, None)
+        );
     }
 }

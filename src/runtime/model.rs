@@ -346,7 +346,9 @@ impl Model {
         // Gemma multiplies the embedding by √hidden cast to the weights' dtype (transformers'
         // `embed_scale.to(self.weight.dtype)`, as the original JAX code casts it to the activations'):
         // a bf16 checkpoint's factor is √hidden rounded to bf16 (√3072 = 55.43 → 55.5).
+        // (Granite's embedding_multiplier is a Python float: the product is rounded, not the factor.)
         config.embed_scale = match weights.dtype(&names.embed()) {
+            _ if !config.model_type.starts_with("gemma") => config.embed_scale,
             Some(safetensors::Dtype::BF16) => half::bf16::from_f32(config.embed_scale).to_f32(),
             Some(safetensors::Dtype::F16) => half::f16::from_f32(config.embed_scale).to_f32(),
             _ => config.embed_scale,
@@ -783,15 +785,22 @@ impl Model {
             b: None,
             out: logits,
         });
-        // Gemma 2 soft-caps the logits (the backward keeps the uncapped ones: one more [n, vocab] buffer).
-        if let Some(cap) = c.final_softcap {
-            let capped = tape.buffer("logits_capped", n, vocab);
+        // Granite divides the logits by logits_scaling; Gemma 2 soft-caps them (the backward of a cap
+        // keeps the uncapped logits: one more [n, vocab] buffer).
+        let post = [
+            c.logits_scale
+                .map(|f| ("logits_scaled", Activation::Scale(f))),
+            c.final_softcap
+                .map(|cap| ("logits_capped", Activation::Softcap(cap))),
+        ];
+        for (name, act) in post.into_iter().flatten() {
+            let out = tape.buffer(name, n, vocab);
             tape.push(op::Activate {
                 x: logits,
-                act: Activation::Softcap(cap),
-                out: capped,
+                act,
+                out,
             });
-            logits = capped;
+            logits = out;
         }
         let lse = tape.buffer("logits_lse", n, 1);
         tape.push(op::CrossEntropy { logits, lse });
@@ -864,7 +873,17 @@ impl Model {
             });
             y
         };
-        let add = |tape: &mut Tape<D>, a: BufId, b: BufId, name: &str| {
+        // x + branch, the branch × Granite's residual_multiplier first.
+        let add = |tape: &mut Tape<D>, a: BufId, mut b: BufId, name: &str| {
+            if let Some(f) = c.residual_scale {
+                let scaled = tape.buffer(format!("{pre}.{name}.scaled"), n, h);
+                tape.push(op::Activate {
+                    x: b,
+                    act: Activation::Scale(f),
+                    out: scaled,
+                });
+                b = scaled;
+            }
             let out = tape.buffer(format!("{pre}.{name}"), n, h);
             tape.push(op::Add { a, b, out });
             out

@@ -708,6 +708,7 @@ pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
             Activation::GeluTanh => vmath::gelu_tanh(xc, yc),
             Activation::Softcap(c) => vmath::softcap(xc, yc, c),
             Activation::Gelu => vmath::gelu(xc, yc),
+            Activation::Scale(s) => vmath::mul_scalar(xc, yc, s),
         });
 }
 
@@ -720,6 +721,7 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
             Activation::GeluTanh => vmath::gelu_tanh_backward(xc, gc, dc),
             Activation::Softcap(c) => vmath::softcap_backward(xc, gc, dc, c),
             Activation::Gelu => vmath::gelu_backward(xc, gc, dc),
+            Activation::Scale(s) => vmath::mul_scalar_backward(gc, dc, s),
         });
 }
 
@@ -1624,6 +1626,7 @@ mod tests {
             Activation::GeluTanh,
             Activation::Softcap(1.7),
             Activation::Gelu,
+            Activation::Scale(-0.3),
         ] {
             let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
             check_grads(

@@ -1576,6 +1576,7 @@ impl Device for CudaDevice {
                 Activation::GeluTanh => kern.gelu_tanh_forward.launch(s, c, x, y, n),
                 Activation::Softcap(cap) => kern.softcap_forward.launch(s, c, x, y, n, cap),
                 Activation::Gelu => kern.gelu_forward.launch(s, c, x, y, n),
+                Activation::Scale(f) => kern.scale_forward.launch(s, c, x, y, n, f),
             }
         }
     }
@@ -1591,15 +1592,16 @@ impl Device for CudaDevice {
             Activation::Silu => self.binary(&kern.silu_backward, x, dy, dx),
             Activation::GeluTanh => self.binary(&kern.gelu_tanh_backward, x, dy, dx),
             Activation::Gelu => self.binary(&kern.gelu_backward, x, dy, dx),
-            Activation::Softcap(cap) => {
-                check_len(dy.len(), x.len(), "softcap output gradient")?;
-                check_len(dx.len(), x.len(), "softcap input gradient")?;
+            Activation::Softcap(f) | Activation::Scale(f) => {
+                let kernel = match act {
+                    Activation::Softcap(_) => &kern.softcap_backward,
+                    _ => &kern.scale_backward,
+                };
+                check_len(dy.len(), x.len(), "activation output gradient")?;
+                check_len(dx.len(), x.len(), "activation input gradient")?;
                 let c = self.ew_cfg(x.len())?;
                 // SAFETY: x, dy and dx hold n values.
-                unsafe {
-                    kern.softcap_backward
-                        .launch(self.s(), c, x, dy, dx, x.len() as u64, cap)
-                }
+                unsafe { kernel.launch(self.s(), c, x, dy, dx, x.len() as u64, f) }
             }
         }
     }

@@ -67,8 +67,8 @@ impl RopeTable {
 }
 
 /// An elementwise function of the tape ([`crate::runtime::tape::op::Activate`]): the gate activation of a
-/// gated MLP (`act(gate) ⊙ up`, the config's `hidden_act` / `hidden_activation`), or Gemma 2's
-/// soft-capping of the logits.
+/// gated MLP (`act(gate) ⊙ up`, the config's `hidden_act` / `hidden_activation`), an MLP's activation
+/// (GPT-NeoX), Gemma 2's soft-capping of the logits, or a constant factor (Granite).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     /// `x σ(x)` (LLaMA's SwiGLU).
@@ -80,6 +80,9 @@ pub enum Activation {
     Softcap(f32),
     /// `x Φ(x) = x/2 (1 + erf(x / √2))` (PyTorch's exact `gelu`, GPT-NeoX's MLP).
     Gelu,
+    /// `s · x` (Granite's `residual_multiplier` on each block's branches, 1 / `logits_scaling` on the
+    /// logits).
+    Scale(f32),
 }
 
 /// A normalisation of rows of `d` values ([`Device::norm_forward`]).

@@ -228,6 +228,20 @@ pub fn softcap_backward(x: &[f32], dy: &[f32], dx: &mut [f32], c: f32) {
     }
 }
 
+/// `y = s · x` (the out-of-place [`scale`]).
+pub fn mul_scalar(x: &[f32], y: &mut [f32], s: f32) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = s * v;
+    }
+}
+
+/// `dx += s · dy`.
+pub fn mul_scalar_backward(dy: &[f32], dx: &mut [f32], s: f32) {
+    for (d, &g) in dx.iter_mut().zip(dy) {
+        *d += s * g;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

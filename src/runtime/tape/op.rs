@@ -341,10 +341,15 @@ impl<D: Device> TapeOp<D> for Activate {
                 Activation::GeluTanh => "gelu_tanh",
                 Activation::Softcap(_) => "softcap",
                 Activation::Gelu => "gelu",
+                Activation::Scale(_) => "scale",
             },
             inputs: vec![self.x],
             outputs: vec![self.out],
-            saved: vec![self.x],
+            // A constant factor's backward does not read x.
+            saved: match self.act {
+                Activation::Scale(_) => vec![],
+                _ => vec![self.x],
+            },
             params: vec![],
         }
     }
@@ -358,8 +363,13 @@ impl<D: Device> TapeOp<D> for Activate {
             return Ok(());
         }
         t.write_grad(self.x, |t, dx| {
-            t.dev
-                .activation_backward(self.act, t.data(self.x), t.grad(self.out), dx)
+            let dy = t.grad(self.out);
+            // A constant factor's x was not kept (and is not read): dy stands in for it.
+            let x = match self.act {
+                Activation::Scale(_) => dy,
+                _ => t.data(self.x),
+            };
+            t.dev.activation_backward(self.act, x, dy, dx)
         })
     }
 }

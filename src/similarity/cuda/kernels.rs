@@ -459,9 +459,9 @@ signatures! {
     Unary(x: In<f32>, y: Out<f32>, n: u64);
     /// silu_backward, gelu_tanh_backward, gelu_backward, mul_forward, add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
-    /// softcap_forward
+    /// softcap_forward, scale_forward
     SoftcapForward(x: In<f32>, y: Out<f32>, n: u64, c: f32);
-    /// softcap_backward
+    /// softcap_backward, scale_backward
     SoftcapBackward(x: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, c: f32);
     /// column_blocks_forward (x → y), column_blocks_backward (dy → dx, accumulated)
     ColumnBlocks(x: In<f32>, y: Out<f32>, rows: u64, width: i32, block: i32, stride: i32, offset: i32);
@@ -585,6 +585,8 @@ kernel_table! {
             gelu_backward: Binary,
             softcap_forward: SoftcapForward,
             softcap_backward: SoftcapBackward,
+            scale_forward: SoftcapForward,
+            scale_backward: SoftcapBackward,
             mul_forward: Binary,
             mul_backward: MulBackward,
             add_forward: Binary,
