@@ -51,6 +51,7 @@ CASES = {
     "gemma3_vision": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "mistral3_vision": ONE_BY_GRADNORM,
     "granite_multipliers": ONE_BY_GRADNORM,
+    "qwen2_5_vl_flat": ONE_BY_GRADNORM,
     "neox_parallel": ONE_BY_GRADNORM,
     "neox_sequential": ONE_BY_GRADNORM,
 }
@@ -66,7 +67,8 @@ def next_token_loss(logits, ids):
 def load_f64(path):
     """The checkpoint in float64; every tensor of the file read and every parameter found in it."""
     with open(os.path.join(path, "config.json")) as f:
-        vision_language = "text_config" in json.load(f)
+        c = json.load(f)
+        vision_language = "text_config" in c or "vision_config" in c
     cls = transformers.AutoModelForImageTextToText if vision_language else transformers.AutoModelForCausalLM
     m, info = cls.from_pretrained(path, attn_implementation="eager", output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}

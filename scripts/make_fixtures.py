@@ -139,6 +139,22 @@ FIXTURES = [
                   logits_scaling=2.5, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=16),
+    # Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, tiny vision tower): the hub layout (model.…, visual.…,
+    # lm_head), config.json rewritten flat as the hub's 4.x configs are (text fields at the top level,
+    # rope_scaling {"type": "mrope"}); untied; on text alone its language model is Qwen2's.
+    dict(name="qwen2_5_vl_flat", model_type="qwen2_5_vl", dtype=torch.float32, token_dtype=np.int64,
+         cls="Qwen2_5_VLForConditionalGeneration",
+         cfg=dict(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=160,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                   rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                    "rope_theta": 10000.0}),
+                  vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                     out_hidden_size=32, patch_size=14, spatial_merge_size=2,
+                                     temporal_patch_size=2, fullatt_block_indexes=[0], window_size=56),
+                  image_token_id=151, video_token_id=152, vision_start_token_id=153,
+                  tie_word_embeddings=False),
+         flat_config=True, token_max=150, seed=17),
     # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
     # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
     # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,
@@ -303,6 +319,21 @@ def sparsify_text_config(path, keep, add):
         json.dump(c, f, indent=2)
 
 
+def flatten_config(path):
+    """Rewrite a Qwen2.5-VL config.json in the hub's 4.x form: the text fields at the top level beside
+    vision_config, rope_scaling {"type": "mrope", "mrope_section": …} and a top-level rope_theta."""
+    with open(path) as f:
+        c = json.load(f)
+    text = c.pop("text_config")
+    text.pop("model_type")
+    rp = text.pop("rope_parameters")
+    text["rope_theta"] = rp["rope_theta"]
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": rp["mrope_section"]}
+    c.update(text)
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
 def relayout(d):
     """Rename a vision-language checkpoint's tensors from the hub layout transformers 5 saves
     (language_model.model.…, language_model.lm_head, vision_tower, multi_modal_projector) to the one 4.52-4.57
@@ -455,6 +486,8 @@ def build(spec, out_root):
         sparsify_text_config(os.path.join(d, "config.json"), **spec["sparse_text_config"])
     if spec.get("relayout"):
         relayout(d)
+    if spec.get("flat_config"):
+        flatten_config(os.path.join(d, "config.json"))
 
     rng = np.random.default_rng(spec["seed"])
     # Vision-language fixtures keep their image tokens out of the text.

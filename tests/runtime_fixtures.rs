@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 16] = [
+const FIXTURES: [&str; 17] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -33,6 +33,7 @@ const FIXTURES: [&str; 16] = [
     "neox_parallel",
     "neox_sequential",
     "granite_multipliers",
+    "qwen2_5_vl_flat",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -432,6 +433,11 @@ fn info_describes_windows_caps_and_rotary() {
             "granite_multipliers",
             "block: 2 RMSNorms; gated MLP (SiLU gate); embeddings × 3; attention and MLP outputs × 0.4 \
              before the residual adds; logits × 0.4\nattention: causal, no window; scores × 0.300000",
+        ),
+        (
+            "qwen2_5_vl_flat",
+            "vision-language checkpoint (qwen2_5_vl): its language model is the decoder (tensors \
+             'model.…'); 18 other tensors",
         ),
         (
             "neox_sequential",

@@ -110,7 +110,8 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 
 /// The config with the decoder's layer count and per-layer lists updated: the config's own or, for a
 /// vision-language checkpoint, its `text_config`'s (where a field the class defaults, such as
-/// `num_hidden_layers`, may be absent; it is written). `kept`: old layer indices, sorted.
+/// `num_hidden_layers`, may be absent; it is written) or, for a flat 4.x Qwen-VL config, the top level's
+/// (the vision config's layers are another count). `kept`: old layer indices, sorted.
 pub fn pruned_config(
     config: &serde_json::Value,
     kept: &[usize],
@@ -118,12 +119,11 @@ pub fn pruned_config(
 ) -> Result<serde_json::Value> {
     let resolved = text_config(config, path)?;
     // The decoder's settings, class defaults filled in, read; the file's own section edited.
-    let decoder = resolved.as_ref().map_or(config, |(_, text)| text);
+    let decoder = resolved.as_ref().map_or(config, |t| &t.text);
     let mut c = config.clone();
-    let section = if resolved.is_some() {
-        c.get_mut("text_config")
-    } else {
-        Some(&mut c)
+    let section = match &resolved {
+        Some(t) if t.nested => c.get_mut("text_config"),
+        _ => Some(&mut c),
     };
     let obj = section
         .and_then(|s| s.as_object_mut())
@@ -435,6 +435,23 @@ mod tests {
             .collect();
         // Old full layers 5, 11, 17, 23: 5 removed; 11, 17, 23 are now 9, 15, 21.
         assert_eq!(full, [9, 15, 21]);
+
+        // A flat 4.x Qwen2.5-VL config: the top level is the language model's; its window bound counts
+        // the kept layers below it; the vision config keeps its depth.
+        let flat = serde_json::json!({
+            "model_type": "qwen2_5_vl", "num_hidden_layers": 4, "max_window_layers": 2,
+            "vision_config": {"depth": 32, "fullatt_block_indexes": [7, 15, 23, 31]}
+        });
+        let p = pruned_config(&flat, &[0, 2, 3], Path::new("config.json")).unwrap();
+        assert_eq!(
+            (
+                p["num_hidden_layers"].as_u64(),
+                p["max_window_layers"].as_u64()
+            ),
+            (Some(3), Some(1))
+        );
+        assert_eq!(p["vision_config"], flat["vision_config"]);
+        assert!(p.get("text_config").is_none());
     }
 
     #[test]

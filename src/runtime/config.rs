@@ -172,97 +172,152 @@ pub struct ModelConfig {
 pub struct Multimodal {
     /// The wrapper's `model_type`.
     pub wrapper: &'static str,
-    /// The decoder's `model_type` when `text_config` omits it.
+    /// The decoder's `model_type` (when `text_config` omits it, or names the text class below).
     pub decoder: &'static str,
-    /// The text config class's defaults of the fields a hub `text_config` often omits.
-    pub defaults: &'static [(&'static str, u64)],
+    /// The text config class's own `model_type`, read as `decoder` (Qwen2.5-VL's "qwen2_5_vl_text").
+    pub text_type: Option<&'static str>,
+    /// The text config class's defaults (a JSON object) of the fields a hub `text_config` may omit.
+    pub defaults: &'static str,
+    /// 4.x configs keep the text fields at the top level, beside `vision_config` (Qwen2-VL, Qwen2.5-VL).
+    pub flat: bool,
 }
 
-/// The vision-language checkpoints whose language model the runtime reads. transformers' `to_diff_dict` once wrote nested configs as their
-/// difference from the class defaults (e.g. Gemma 3 4B's `text_config` has no `vocab_size`, llava-1.5's no
-/// `hidden_size`), so the defaults are part of the format. Values: `Gemma3TextConfig`, `MistralConfig`,
-/// `LlamaConfig` (4.50 – 5.25).
-pub const MULTIMODAL: [Multimodal; 3] = [
+/// The vision-language checkpoints whose language model the runtime reads. transformers' `to_diff_dict`
+/// once wrote nested configs as their difference from the class defaults (e.g. Gemma 3 4B's `text_config`
+/// has no `vocab_size`, llava-1.5's no `hidden_size`), so the defaults are part of the format. Values:
+/// `Gemma3TextConfig`, `MistralConfig`, `LlamaConfig`, `Qwen2VLTextConfig`, `Qwen2_5_VLTextConfig`,
+/// `Qwen3VLTextConfig` (4.50 – 5.25). With text-only input the Qwen-VL models' M-RoPE is the plain rotary
+/// embedding (every position's three components are equal) and their language model is Qwen2's or
+/// Qwen3's.
+pub const MULTIMODAL: [Multimodal; 6] = [
     Multimodal {
         wrapper: "gemma3",
         decoder: "gemma3_text",
-        defaults: &[
-            ("vocab_size", 262_208),
-            ("hidden_size", 2304),
-            ("intermediate_size", 9216),
-            ("num_hidden_layers", 26),
-            ("num_attention_heads", 8),
-            ("num_key_value_heads", 4),
-        ],
+        text_type: None,
+        defaults: r#"{"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4}"#,
+        flat: false,
     },
     Multimodal {
         wrapper: "mistral3",
         decoder: "mistral",
-        defaults: &[
-            ("vocab_size", 32_000),
-            ("hidden_size", 4096),
-            ("intermediate_size", 14_336),
-            ("num_hidden_layers", 32),
-            ("num_attention_heads", 32),
-            ("num_key_value_heads", 8),
-        ],
+        text_type: None,
+        defaults: r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}"#,
+        flat: false,
     },
     Multimodal {
         wrapper: "llava",
         decoder: "llama",
-        defaults: &[
-            ("vocab_size", 32_000),
-            ("hidden_size", 4096),
-            ("intermediate_size", 11_008),
-            ("num_hidden_layers", 32),
-            ("num_attention_heads", 32),
-        ],
+        text_type: None,
+        defaults: r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32}"#,
+        flat: false,
+    },
+    Multimodal {
+        wrapper: "qwen2_vl",
+        decoder: "qwen2",
+        text_type: Some("qwen2_vl_text"),
+        defaults: QWEN2_VL_TEXT_DEFAULTS,
+        flat: true,
+    },
+    Multimodal {
+        wrapper: "qwen2_5_vl",
+        decoder: "qwen2",
+        text_type: Some("qwen2_5_vl_text"),
+        defaults: QWEN2_VL_TEXT_DEFAULTS,
+        flat: true,
+    },
+    Multimodal {
+        wrapper: "qwen3_vl",
+        decoder: "qwen3",
+        text_type: Some("qwen3_vl_text"),
+        defaults: r#"{"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 500000.0}"#,
+        flat: false,
     },
 ];
 
-/// The language model's section of config `v` when `v` is a vision-language wrapper ([`MULTIMODAL`]):
-/// `text_config` with the decoder's `model_type` and the class defaults filled in where it omits them,
-/// and the wrapper's top-level `tie_word_embeddings` where only the top level has one. `Ok(None)` for a
-/// plain decoder config.
-pub fn text_config(v: &Value, path: &Path) -> Result<Option<(&'static str, Value)>> {
+/// `Qwen2VLTextConfig`'s and `Qwen2_5_VLTextConfig`'s defaults (eps, θ and the window layers differ from
+/// `Qwen2Config`'s).
+const QWEN2_VL_TEXT_DEFAULTS: &str = r#"{"vocab_size": 152064, "hidden_size": 8192,
+    "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "max_window_layers": 80}"#;
+
+/// The language model's section of a vision-language config ([`text_config`]).
+pub struct TextSection {
+    /// The wrapper's `model_type`.
+    pub wrapper: &'static str,
+    /// The decoder's config: its `model_type` a supported decoder's, the class defaults filled in where
+    /// the file omits them, the wrapper's `tie_word_embeddings` where only the wrapper has one.
+    pub text: Value,
+    /// Where the file keeps it: in `text_config`, or at the top level (a flat 4.x Qwen-VL config).
+    pub nested: bool,
+}
+
+/// The language model's section of config `v` when `v` is a vision-language wrapper ([`MULTIMODAL`]);
+/// `Ok(None)` for a plain decoder config.
+pub fn text_config(v: &Value, path: &Path) -> Result<Option<TextSection>> {
     let Some(ty) = v.get("model_type").and_then(Value::as_str) else {
         return Ok(None);
     };
-    let Some(&Multimodal {
-        wrapper,
-        decoder: text_type,
-        defaults,
-    }) = MULTIMODAL.iter().find(|m| m.wrapper == ty)
-    else {
+    let Some(m) = MULTIMODAL.iter().find(|m| m.wrapper == ty) else {
         return Ok(None);
     };
-    let mut text = v
-        .get("text_config")
-        .filter(|t| t.is_object())
-        .cloned()
-        .ok_or_else(|| {
-            model_err(
+    let nested = v.get("text_config").is_some_and(Value::is_object);
+    let mut text = match (nested, m.flat) {
+        (true, _) => v["text_config"].clone(),
+        (false, true) => {
+            let mut top = v.clone();
+            let obj = top
+                .as_object_mut()
+                .expect("a config with a model_type is an object");
+            obj.remove("vision_config");
+            obj.remove("model_type");
+            top
+        }
+        (false, false) => {
+            return Err(model_err(
                 path,
-                format!("model_type '{wrapper}' (vision-language) has no 'text_config' object"),
-            )
-        })?;
+                format!(
+                    "model_type '{}' (vision-language) has no 'text_config' object",
+                    m.wrapper
+                ),
+            ))
+        }
+    };
     let obj = text.as_object_mut().expect("checked above");
-    let decoder = obj
-        .entry("model_type")
-        .or_insert_with(|| text_type.into())
-        .clone();
+    let stated = obj.get("model_type").and_then(Value::as_str);
     // The defaults belong to the default decoder's class; another decoder inside the wrapper (llava
     // around a Mistral) states its own.
-    if decoder.as_str() == Some(text_type) {
-        for &(key, value) in defaults {
-            obj.entry(key).or_insert_with(|| value.into());
+    if stated.is_none_or(|t| t == m.decoder || Some(t) == m.text_type) {
+        obj.insert("model_type".into(), m.decoder.into());
+        let defaults: Value = serde_json::from_str(m.defaults).expect("valid defaults");
+        for (key, value) in defaults.as_object().expect("an object") {
+            obj.entry(key).or_insert_with(|| value.clone());
+        }
+    }
+    // Qwen-VL's 4.x `rope_scaling` {"type": "mrope", "mrope_section": …}: on text alone the three
+    // position components are equal, which makes M-RoPE the plain rotary embedding.
+    if m.text_type.is_some() {
+        if let Some(rs) = obj.get_mut("rope_scaling").and_then(Value::as_object_mut) {
+            let kind = rs.get("rope_type").or_else(|| rs.get("type"));
+            if kind.and_then(Value::as_str) == Some("mrope") {
+                rs.remove("type");
+                rs.insert("rope_type".into(), "default".into());
+            }
         }
     }
     if let Some(tie) = v.get("tie_word_embeddings") {
         obj.entry("tie_word_embeddings")
             .or_insert_with(|| tie.clone());
     }
-    Ok(Some((wrapper, text)))
+    Ok(Some(TextSection {
+        wrapper: m.wrapper,
+        text,
+        nested,
+    }))
 }
 
 /// Upper bounds on a config's sizes, far above any released checkpoint (the largest have ~128 layers,
@@ -350,15 +405,15 @@ impl ModelConfig {
     }
 
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
-        if let Some((wrapper, text)) = text_config(v, path)? {
-            if text_config(&text, path)?.is_some() {
+        if let Some(section) = text_config(v, path)? {
+            if text_config(&section.text, path)?.is_some() {
                 return Err(model_err(
                     path,
                     "'text_config' is itself a vision-language config",
                 ));
             }
-            let mut c = Self::from_json(&text, path)?;
-            c.multimodal = Some(wrapper.to_string());
+            let mut c = Self::from_json(&section.text, path)?;
+            c.multimodal = Some(section.wrapper.to_string());
             return Ok(c);
         }
         let model_type = v
@@ -1517,13 +1572,52 @@ mod tests {
         let nested = serde_json::json!({"model_type": "llava", "text_config": gemma3});
         let e = ModelConfig::from_json(&nested, p).unwrap_err().to_string();
         assert!(e.contains("itself a vision-language"), "{e}");
-        let e = ModelConfig::from_json(&serde_json::json!({"model_type": "qwen2_vl"}), p)
+        let e = ModelConfig::from_json(&serde_json::json!({"model_type": "idefics3"}), p)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("vision-language: gemma3, mistral3, llava"),
+            e.contains("vision-language: gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl"),
             "{e}"
         );
+
+        // Qwen2.5-VL-7B's flat 4.x config: the text fields at the top level, M-RoPE.
+        let flat = serde_json::json!({
+            "model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944,
+            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 32768,
+            "use_sliding_window": false, "max_window_layers": 28, "vocab_size": 152064,
+            "tie_word_embeddings": false,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+            "vision_config": {"depth": 32, "hidden_size": 1280, "model_type": "qwen2_5_vl"}
+        });
+        let c = ModelConfig::from_json(&flat, p).unwrap();
+        assert_eq!(c.multimodal.as_deref(), Some("qwen2_5_vl"));
+        assert_eq!((c.model_type.as_str(), c.num_hidden_layers), ("qwen2", 28));
+        assert_eq!(
+            (c.rope_scaling.clone(), c.rope_theta),
+            (RopeScaling::Default, 1e6)
+        );
+        assert!(c.qkv_bias && !c.o_bias && c.sliding_window.is_none());
+        // 5.x: nested, the text class's own model_type and defaults (eps 1e-5, not Qwen2Config's 1e-6).
+        let nested = serde_json::json!({
+            "model_type": "qwen2_5_vl",
+            "text_config": {"model_type": "qwen2_5_vl_text", "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 160,
+                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1],
+                    "rope_theta": 10000.0}}
+        });
+        let c = ModelConfig::from_json(&nested, p).unwrap();
+        assert_eq!((c.model_type.as_str(), c.rms_norm_eps), ("qwen2", 1e-5));
+        let qwen3_vl = serde_json::json!({
+            "model_type": "qwen3_vl", "text_config": {"model_type": "qwen3_vl_text"}
+        });
+        let c = ModelConfig::from_json(&qwen3_vl, p).unwrap();
+        assert_eq!(
+            (c.model_type.as_str(), c.qk_norm),
+            ("qwen3", QkNorm::PerHead)
+        );
+        assert_eq!((c.head_dim, c.rope_theta), (128, 500000.0));
     }
 
     /// GPT-NeoX in both config generations: Pythia's 4.x names (`rotary_pct`, `rotary_emb_base`,

@@ -235,9 +235,7 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
 /// final norm and, untied, lm_head. A LLaMA-family decoder: `model.`, `model.embed_tokens.weight`,
 /// `model.norm` and `lm_head.weight`; GPT-NeoX: `gpt_neox.`, `gpt_neox.embed_in.weight`,
 /// `gpt_neox.final_layer_norm` and `embed_out.weight`. The language model of a vision-language checkpoint
-/// ([`ModelConfig::multimodal`]): `language_model.model.` and `language_model.lm_head.weight` (the hub's
-/// layout, which transformers 5 writes back on saving), or `model.language_model.` and `lm_head.weight`
-/// (saved by transformers 4.52 – 4.57).
+/// ([`ModelConfig::multimodal`]): one of [`TensorNames::multimodal_layouts`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorNames {
     pub decoder: String,
@@ -272,11 +270,14 @@ impl TensorNames {
         }
     }
 
-    /// The layouts a vision-language checkpoint's language model may have, in the order tried.
-    pub fn multimodal_layouts() -> [Self; 2] {
+    /// The layouts a vision-language checkpoint's language model may have, in the order tried: the
+    /// hub's for Gemma 3, Mistral 3 and llava (which transformers 5 writes back), 4.52 – 4.57's and
+    /// Qwen3-VL's, the hub's for Qwen2-VL and Qwen2.5-VL (the decoder's own names, the tower `visual.`).
+    pub fn multimodal_layouts() -> [Self; 3] {
         [
             Self::llama("language_model.model.", "language_model.lm_head.weight"),
             Self::llama("model.language_model.", "lm_head.weight"),
+            Self::llama("model.", "lm_head.weight"),
         ]
     }
 
@@ -319,11 +320,10 @@ impl TensorNames {
             .ok_or_else(|| {
                 Error::Model(format!(
                     "{}: a vision-language checkpoint ({}) without its language model's embedding \
-                     ('{}' or '{}')",
+                     ({})",
                     dir.display(),
                     config.multimodal.as_deref().unwrap_or_default(),
-                    layouts[0].embed(),
-                    layouts[1].embed()
+                    layouts.map(|n| format!("'{}'", n.embed)).join(", ")
                 ))
             })
     }
