@@ -52,6 +52,7 @@ CASES = {
     "mistral3_vision": ONE_BY_GRADNORM,
     "granite_multipliers": ONE_BY_GRADNORM,
     "qwen2_5_vl_flat": ONE_BY_GRADNORM,
+    "phi_parallel": ONE_BY_GRADNORM,
     "neox_parallel": ONE_BY_GRADNORM,
     "neox_sequential": ONE_BY_GRADNORM,
 }
@@ -103,7 +104,7 @@ def surgery(model, kept):
 def other_modalities_diff(pruned, original):
     """Max |difference| of the parameters outside the language model (a vision tower, a projector), and
     their count (0 for a plain decoder)."""
-    text = {id(p) for p in text_model(pruned).parameters()} | {id(lm_head(pruned).weight)}
+    text = {id(p) for m in (text_model(pruned), lm_head(pruned)) for p in m.parameters()}
     theirs = dict(original.named_parameters())
     diffs = [(p - theirs[n]).abs().max().item() for n, p in pruned.named_parameters() if id(p) not in text]
     return max(diffs, default=0.0), len(diffs)

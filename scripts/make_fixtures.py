@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2 /
-Granite / GPT-NeoX checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+Granite / GPT-NeoX / Phi checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -155,6 +155,14 @@ FIXTURES = [
                   image_token_id=151, video_token_id=152, vision_start_token_id=153,
                   tie_word_embeddings=False),
          flat_config=True, token_max=150, seed=17),
+    # Phi-2: one LayerNorm (with a bias) shared by the attention and the MLP in parallel, q/k/v and dense
+    # with biases, fc1 → tanh-GELU → fc2, rotary on 0.4 of each head (int(16 · 0.4) = 6 of 16 values),
+    # final_layernorm, an lm_head with a bias; untied.
+    dict(name="phi_parallel", model_type="phi", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+                  vocab_size=128, layer_norm_eps=1e-5, hidden_act="gelu_new",
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.4)),
+         seed=18),
     # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
     # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
     # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,
@@ -227,13 +235,16 @@ def embedding(model):
     return text.embed_in if hasattr(text, "embed_in") else text.embed_tokens
 
 
-def final_norm(model):
-    text = text_model(model)
-    return text.final_layer_norm if hasattr(text, "final_layer_norm") else text.norm
-
-
 def lm_head(model):
     return model.embed_out if hasattr(model, "embed_out") else model.lm_head
+
+
+def final_norm(model):
+    text = text_model(model)
+    for name in ("final_layer_norm", "final_layernorm", "norm"):
+        if hasattr(text, name):
+            return getattr(text, name)
+    raise AttributeError("no final norm")
 
 
 def make_model(spec):
@@ -411,7 +422,7 @@ def reference(model, ids, tied):
     per_layer = [norm(list(layer.parameters())) for layer in decoder_layers(model)]
     embed = norm([embedding(model).weight])
     fnorm = norm(list(final_norm(model).parameters()))
-    head = -1.0 if tied else norm([lm_head(model).weight])
+    head = -1.0 if tied else norm(list(lm_head(model).parameters()))
     return float(loss.detach()), per_layer, [embed, fnorm, head]
 
 

@@ -10,7 +10,6 @@
 mod common;
 
 use common::{engine, fixtures, rel};
-use sglp_engine::runtime::config::BlockLayout;
 use sglp_engine::runtime::weights::Weights;
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
@@ -30,13 +29,18 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
     let w = Weights::open(model_dir).unwrap();
     let names = &model.names;
     let g = w.get_f32(&names.norm()).unwrap();
-    let layer_norm = matches!(c.layout, BlockLayout::NeoX { .. });
+    let layer_norm = c.layout.layer_norm();
     let bias = layer_norm.then(|| w.get_f32(&format!("{}.bias", names.norm)).unwrap());
     let head = if c.tie_word_embeddings {
         w.get_f32(&names.embed()).unwrap()
     } else {
         w.get_f32(&names.lm_head).unwrap()
     };
+    // Phi's lm_head has a bias.
+    let head_bias = c.lm_head_bias.then(|| {
+        let module = names.lm_head.strip_suffix(".weight").unwrap();
+        w.get_f32(&format!("{module}.bias")).unwrap()
+    });
     let mut out = Vec::with_capacity(h.len() / d * v);
     let mut x = vec![0f64; d];
     for row in h.chunks_exact(d) {
@@ -53,7 +57,8 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
         }
         for r in 0..v {
             let wr = &head[r * d..(r + 1) * d];
-            let logit: f64 = x.iter().zip(wr).map(|(a, &b)| a * b as f64).sum();
+            let logit: f64 = x.iter().zip(wr).map(|(a, &b)| a * b as f64).sum::<f64>()
+                + head_bias.as_ref().map_or(0.0, |b| b[r] as f64);
             // Granite divides the logits by logits_scaling; Gemma 2 soft-caps them.
             let logit = logit * c.logits_scale.unwrap_or(1.0) as f64;
             out.push(match c.final_softcap {
@@ -232,6 +237,12 @@ fn olmo2_post_norm_matches_transformers() {
 #[test]
 fn granite_multipliers_match_transformers() {
     check_case("granite_multipliers");
+}
+
+/// Phi-2's block (one shared LayerNorm, parallel attention and MLP) and its lm_head bias.
+#[test]
+fn phi_parallel_matches_transformers() {
+    check_case("phi_parallel");
 }
 
 /// GPT-NeoX (Pythia) with the parallel residual, the 4.x config names (rotary_pct, rotary_emb_base).

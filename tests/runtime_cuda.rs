@@ -1219,6 +1219,7 @@ fn decoder_families_match_the_cpu() {
         "neox_parallel",
         "neox_sequential",
         "granite_multipliers",
+        "phi_parallel",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 17] = [
+const FIXTURES: [&str; 18] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -34,6 +34,7 @@ const FIXTURES: [&str; 17] = [
     "neox_sequential",
     "granite_multipliers",
     "qwen2_5_vl_flat",
+    "phi_parallel",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -438,6 +439,12 @@ fn info_describes_windows_caps_and_rotary() {
             "qwen2_5_vl_flat",
             "vision-language checkpoint (qwen2_5_vl): its language model is the decoder (tensors \
              'model.…'); 18 other tensors",
+        ),
+        (
+            "phi_parallel",
+            "block: one LayerNorm (with a bias) shared by the attention and the MLP, in parallel (x + \
+             attn(ln x) + mlp(ln x)); MLP fc1 → tanh-GELU → fc2; lm_head with a bias\nattention: \
+             causal, no window; rotary θ 10000, default on 6 of 16 values",
         ),
         (
             "neox_sequential",

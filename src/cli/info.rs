@@ -127,6 +127,10 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Scale(_) => "scale",
     };
     match c.layout {
+        BlockLayout::Phi => format!(
+            "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
+             (x + attn(ln x) + mlp(ln x)); MLP fc1 → {act} → fc2; lm_head with a bias"
+        ),
         BlockLayout::NeoX { parallel_residual } => format!(
             "LayerNorms with biases; q/k/v fused per head; MLP up → {act} → down; attention and MLP {}",
             if parallel_residual {

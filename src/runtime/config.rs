@@ -45,6 +45,8 @@ pub enum BlockNorms {
     /// OLMo 2: the inputs unnormalised, `post_attention_layernorm` and `post_feedforward_layernorm` on the
     /// two outputs.
     Post,
+    /// Phi: one `input_layernorm` whose output both the attention and the MLP read.
+    Shared,
 }
 
 impl BlockNorms {
@@ -70,6 +72,7 @@ impl BlockNorms {
                 Some("post_attention_layernorm"),
                 Some("post_feedforward_layernorm"),
             ],
+            BlockNorms::Shared => [Some("input_layernorm"), None, None, None],
         }
     }
 }
@@ -85,6 +88,35 @@ pub enum BlockLayout {
     /// LayerNorms with biases; with `parallel_residual` (`use_parallel_residual`, the default) the
     /// attention and the MLP both read the block's input: x + attn(ln₁(x)) + mlp(ln₂(x)).
     NeoX { parallel_residual: bool },
+    /// Phi-1, Phi-1.5, Phi-2: one LayerNorm (with a bias) shared by the attention and the MLP, which run
+    /// in parallel (x + attn(ln x) + mlp(ln x)); `self_attn.{q,k,v}_proj` and `self_attn.dense` with
+    /// biases, an MLP `mlp.fc1` → GELU → `mlp.fc2`, `model.final_layernorm`, an lm_head with a bias.
+    Phi,
+}
+
+impl BlockLayout {
+    /// The norms are LayerNorms with biases (GPT-NeoX, Phi), not RMSNorms.
+    pub fn layer_norm(self) -> bool {
+        !matches!(self, BlockLayout::Llama)
+    }
+
+    /// The attention's output projection.
+    pub fn o_proj(self) -> &'static str {
+        match self {
+            BlockLayout::Llama => "self_attn.o_proj",
+            BlockLayout::NeoX { .. } => "attention.dense",
+            BlockLayout::Phi => "self_attn.dense",
+        }
+    }
+
+    /// A plain (ungated) MLP's two projections, up and down; `None` for the gated MLP.
+    pub fn plain_mlp(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            BlockLayout::Llama => None,
+            BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+            BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
+        }
+    }
 }
 
 /// RMSNorm of the queries and keys (weights `self_attn.q_norm` / `k_norm`), after the projections and
@@ -164,8 +196,10 @@ pub struct ModelConfig {
     /// The wrapper's `model_type` when the decoder is the language model of a vision-language checkpoint
     /// (read from its `text_config`; `model_type` is then the decoder's).
     pub multimodal: Option<String>,
-    /// The block's layout (LLaMA's, or GPT-NeoX's).
+    /// The block's layout (LLaMA's, GPT-NeoX's, Phi's).
     pub layout: BlockLayout,
+    /// The lm_head has a bias (Phi).
+    pub lm_head_bias: bool,
 }
 
 /// A vision-language checkpoint kind whose language model the runtime reads.
@@ -422,7 +456,7 @@ impl ModelConfig {
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
         const TYPES: &str =
-            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, gpt_neox";
+            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, gpt_neox, phi";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -435,6 +469,13 @@ impl ModelConfig {
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
         let neox = model_type == "gpt_neox";
+        let phi = model_type == "phi";
+        if phi && opt_bool(v, "qk_layernorm", path)? == Some(true) {
+            return Err(model_err(
+                path,
+                "field 'qk_layernorm' is true: Phi's q/k LayerNorms are not supported",
+            ));
+        }
         let granite = model_type == "granite";
         // Granite's multipliers (GraniteConfig's defaults 1; attention_multiplier replaces 1/√head_dim).
         let multiplier = |key: &str| -> Result<Option<f32>> {
@@ -515,6 +556,7 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
             "gpt_neox" => (attention_bias, attention_bias),
+            "phi" => (true, true),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2" => {
                 (attention_bias, attention_bias)
             }
@@ -541,6 +583,13 @@ impl ModelConfig {
         } else {
             None
         };
+        let layout = match model_type.as_str() {
+            "gpt_neox" => BlockLayout::NeoX {
+                parallel_residual: opt_bool(v, "use_parallel_residual", path)?.unwrap_or(true),
+            },
+            "phi" => BlockLayout::Phi,
+            _ => BlockLayout::Llama,
+        };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
         // GPT-NeoX's embedding has no padding_idx: every row takes its gradient.
         let pad_token_id = match neox {
@@ -552,11 +601,11 @@ impl ModelConfig {
             pad_token_id,
             intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
             num_hidden_layers,
-            // The config classes' defaults: 1e-5 for Phi-3, OLMo 2 and GPT-NeoX (`layer_norm_eps`), 1e-6
-            // for the others.
+            // The config classes' defaults: 1e-5 for Phi-3, OLMo 2, GPT-NeoX and Phi (`layer_norm_eps`),
+            // 1e-6 for the others.
             rms_norm_eps: opt_f64(
                 v,
-                if neox {
+                if neox || phi {
                     "layer_norm_eps"
                 } else {
                     "rms_norm_eps"
@@ -564,7 +613,7 @@ impl ModelConfig {
                 path,
             )?
             .unwrap_or(
-                if matches!(model_type.as_str(), "phi3" | "olmo2" | "gpt_neox") {
+                if matches!(model_type.as_str(), "phi3" | "olmo2" | "gpt_neox" | "phi") {
                     1e-5
                 } else {
                     1e-6
@@ -572,7 +621,7 @@ impl ModelConfig {
             ),
             // Gemma's config class ties by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(gemma),
-            mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias || neox,
+            mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias || neox || phi,
             fused_projections: model_type == "phi3",
             activation,
             norm_offset: if gemma { 1.0 } else { 0.0 },
@@ -588,6 +637,7 @@ impl ModelConfig {
             final_softcap,
             block_norms: match model_type.as_str() {
                 "olmo2" => BlockNorms::Post,
+                "phi" => BlockNorms::Shared,
                 _ if gemma23 => BlockNorms::Sandwich,
                 _ => BlockNorms::Pre,
             },
@@ -606,12 +656,8 @@ impl ModelConfig {
             sliding_window,
             sliding_layers,
             multimodal: None,
-            layout: match neox {
-                true => BlockLayout::NeoX {
-                    parallel_residual: opt_bool(v, "use_parallel_residual", path)?.unwrap_or(true),
-                },
-                false => BlockLayout::Llama,
-            },
+            layout,
+            lm_head_bias: phi,
         })
     }
 
@@ -854,6 +900,12 @@ fn parse_rope(
     // GPT-NeoX's 4.x names: `rotary_emb_base` for rope_theta, `rotary_pct` (default 0.25) for
     // partial_rotary_factor.
     let neox = model_type == "gpt_neox";
+    // PhiConfig rotates half of each head by default.
+    let default_partial = match model_type {
+        "gpt_neox" => 0.25,
+        "phi" => 0.5,
+        _ => 1.0,
+    };
     let (theta_key, partial_key) = match neox {
         true => ("rotary_emb_base", "rotary_pct"),
         false => ("rope_theta", "partial_rotary_factor"),
@@ -878,11 +930,11 @@ fn parse_rope(
     let partial = match scaling.map(|s| opt_f64(s, "partial_rotary_factor", path)) {
         Some(Ok(Some(f))) => f,
         Some(Err(e)) => return Err(e),
-        _ => opt_f64(v, partial_key, path)?.unwrap_or(if neox { 0.25 } else { 1.0 }),
+        _ => opt_f64(v, partial_key, path)?.unwrap_or(default_partial),
     };
     // transformers: dim = int(head_dim * partial_rotary_factor), frequencies for arange(0, dim, 2).
     let rotary_dim = (head_dim as f64 * partial) as usize;
-    let partial_ok = matches!(model_type, "phi3" | "gpt_neox")
+    let partial_ok = matches!(model_type, "phi3" | "gpt_neox" | "phi")
         && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -892,8 +944,8 @@ fn parse_rope(
             path,
             format!(
                 "partial_rotary_factor {partial} is not supported for {model_type} with head_dim \
-                 {head_dim} (phi3 and gpt_neox only, and head_dim × factor must be a positive even \
-                 number)"
+                 {head_dim} (phi3, phi and gpt_neox only, and head_dim × factor must be a positive \
+                 even number)"
             ),
         ));
     }
@@ -945,6 +997,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gemma" => ("hidden_act", "gelu_pytorch_tanh"),
         "gemma2" | "gemma3_text" => ("hidden_activation", "gelu_pytorch_tanh"),
         "gpt_neox" => ("hidden_act", "gelu"),
+        "phi" => ("hidden_act", "gelu_new"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -955,14 +1008,17 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         }
         "gelu" if model_type == "gemma" => Ok(Activation::GeluTanh),
         "gelu" if model_type == "gpt_neox" => Ok(Activation::Gelu),
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" if model_type == "gpt_neox" => {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
+            if matches!(model_type, "gpt_neox" | "phi") =>
+        {
             Ok(Activation::GeluTanh)
         }
+        "gelu" if model_type == "phi" => Ok(Activation::Gelu),
         _ => Err(model_err(
             path,
             format!(
                 "{key} '{name}' is not supported for {model_type} (llama family: silu; gemma: \
-                 gelu_pytorch_tanh; gpt_neox: gelu, gelu_new)"
+                 gelu_pytorch_tanh; gpt_neox, phi: gelu, gelu_new)"
             ),
         )),
     }
@@ -1689,7 +1745,7 @@ mod tests {
         relu["hidden_act"] = "relu".into();
         let e = ModelConfig::from_json(&relu, p).unwrap_err().to_string();
         assert!(
-            e.contains("hidden_act 'relu'") && e.contains("gpt_neox: gelu"),
+            e.contains("hidden_act 'relu'") && e.contains("gpt_neox, phi: gelu"),
             "{e}"
         );
         // The LLaMA family keeps its layout and refuses a partial rotary.
@@ -1732,5 +1788,35 @@ mod tests {
             (c.embed_scale, c.attn_scale, c.logits_scale),
             (1.0, None, None)
         );
+    }
+
+    /// Phi-2's config: LayerNorm eps, half the head rotated by default (0.4 stated), biases everywhere
+    /// and on the lm_head, one shared norm; q/k LayerNorms refused by name.
+    #[test]
+    fn phi_configs() {
+        let p = Path::new("config.json");
+        let phi2 = serde_json::json!({
+            "model_type": "phi", "vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "layer_norm_eps": 1e-5,
+            "partial_rotary_factor": 0.4, "rope_theta": 10000.0, "hidden_act": "gelu_new",
+            "qk_layernorm": false, "tie_word_embeddings": false
+        });
+        let c = ModelConfig::from_json(&phi2, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::Phi, BlockNorms::Shared)
+        );
+        assert_eq!((c.head_dim, c.rotary_dim, c.rms_norm_eps), (80, 32, 1e-5));
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias && c.lm_head_bias);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        let mut bare = phi2.clone();
+        bare.as_object_mut()
+            .unwrap()
+            .remove("partial_rotary_factor");
+        assert_eq!(ModelConfig::from_json(&bare, p).unwrap().rotary_dim, 40);
+        let mut qk = phi2.clone();
+        qk["qk_layernorm"] = true.into();
+        let e = ModelConfig::from_json(&qk, p).unwrap_err().to_string();
+        assert!(e.contains("qk_layernorm"), "{e}");
     }
 }

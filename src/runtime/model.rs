@@ -1,5 +1,5 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2) or a
-//! GPT-NeoX one (gpt_neox) as a tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) →
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2,
+//! granite), a GPT-NeoX one (gpt_neox) or a Phi one (phi) as a tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) →
 //! q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
 //! gpt_neox; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says; scores
 //! soft-capped: gemma2) → o (→ RMSNorm: gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP
@@ -10,7 +10,9 @@
 //! stored matrices, [`Weights::split_rows`]). GPT-NeoX ([`BlockLayout::NeoX`]): LayerNorms with biases,
 //! one `query_key_value` projection whose output holds q, k and v of each head side by side (gathered by
 //! `Columns` ops), a GELU MLP with biases, and the attention and the MLP reading the same input (the
-//! parallel residual) or one after the other. A vision-language checkpoint's language model is read
+//! parallel residual) or one after the other. Phi ([`BlockLayout::Phi`]): one LayerNorm whose output both
+//! the attention and the MLP read, an lm_head with a bias. Granite multiplies the embeddings, the scores,
+//! each branch before its residual add and the logits by constants (`Activation::Scale`). A vision-language checkpoint's language model is read
 //! where [`TensorNames`] finds it.
 use super::config::{BlockLayout, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -261,6 +263,10 @@ impl TensorNames {
     pub fn decoder_only(layout: BlockLayout) -> Self {
         match layout {
             BlockLayout::Llama => Self::llama("model.", "lm_head.weight"),
+            BlockLayout::Phi => TensorNames {
+                norm: "model.final_layernorm".into(),
+                ..Self::llama("model.", "lm_head.weight")
+            },
             BlockLayout::NeoX { .. } => TensorNames {
                 decoder: "gpt_neox.".into(),
                 embed: "gpt_neox.embed_in.weight".into(),
@@ -405,16 +411,19 @@ impl Model {
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
-        let neox = matches!(c.layout, BlockLayout::NeoX { .. });
+        let layer_norm = c.layout.layer_norm();
         let mut out = vec![
             (self.names.embed(), vec![v, h]),
             (self.names.norm(), vec![h]),
         ];
-        if neox {
+        if layer_norm {
             out.push((format!("{}.bias", self.names.norm), vec![h]));
         }
         if !c.tie_word_embeddings {
             out.push((self.names.lm_head.clone(), vec![v, h]));
+        }
+        if c.lm_head_bias {
+            out.push((self.lm_head_bias(), vec![v]));
         }
         for l in 0..c.num_hidden_layers {
             let layer = self.names.layer(l);
@@ -422,17 +431,27 @@ impl Model {
                 |name: &str, shape: Vec<usize>| out.push((format!("{layer}.{name}"), shape));
             for norm in c.block_norms.names().into_iter().flatten() {
                 t(&format!("{norm}.weight"), vec![h]);
-                if neox {
+                if layer_norm {
                     t(&format!("{norm}.bias"), vec![h]);
                 }
             }
-            let linears = if neox {
-                vec![
-                    ("attention.query_key_value", 3 * qd, h, c.qkv_bias),
-                    ("attention.dense", h, qd, c.o_bias),
-                    ("mlp.dense_h_to_4h", i, h, true),
-                    ("mlp.dense_4h_to_h", h, i, true),
-                ]
+            let linears = if let Some((up, down)) = c.layout.plain_mlp() {
+                let mut l = match c.layout {
+                    BlockLayout::NeoX { .. } => {
+                        vec![("attention.query_key_value", 3 * qd, h, c.qkv_bias)]
+                    }
+                    _ => vec![
+                        ("self_attn.q_proj", qd, h, c.qkv_bias),
+                        ("self_attn.k_proj", kvd, h, c.qkv_bias),
+                        ("self_attn.v_proj", kvd, h, c.qkv_bias),
+                    ],
+                };
+                l.extend([
+                    (c.layout.o_proj(), h, qd, c.o_bias),
+                    (up, i, h, c.mlp_bias),
+                    (down, h, i, c.mlp_bias),
+                ]);
+                l
             } else if c.fused_projections {
                 vec![
                     ("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias),
@@ -778,11 +797,14 @@ impl Model {
         } else {
             tape.param(self.names.lm_head.clone(), g_head, vocab * h)
         };
+        let head_bias = c
+            .lm_head_bias
+            .then(|| tape.param(self.lm_head_bias(), g_head, vocab));
         let mut logits = tape.buffer("logits", n, vocab);
         tape.push(op::Linear {
             x: xn,
             w: head,
-            b: None,
+            b: head_bias,
             out: logits,
         });
         // Granite divides the logits by logits_scaling; Gemma 2 soft-caps them (the backward of a cap
@@ -807,9 +829,17 @@ impl Model {
         Ok(tape)
     }
 
-    /// GPT-NeoX's norms are LayerNorms with biases; the others RMSNorms.
+    /// GPT-NeoX's and Phi's norms are LayerNorms with biases; the others RMSNorms.
     fn layer_norm(&self) -> bool {
-        matches!(self.config.layout, BlockLayout::NeoX { .. })
+        self.config.layout.layer_norm()
+    }
+
+    /// The lm_head's bias (Phi), beside its weight.
+    fn lm_head_bias(&self) -> String {
+        match self.names.lm_head.strip_suffix(".weight") {
+            Some(module) => format!("{module}.bias"),
+            None => format!("{}.bias", self.names.lm_head),
+        }
     }
 
     /// A norm of rows of `d` values under this config.
@@ -916,7 +946,7 @@ impl Model {
                 });
                 (q, k, v)
             }
-            BlockLayout::Llama => {
+            BlockLayout::Llama | BlockLayout::Phi => {
                 let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
                 let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
                 let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
@@ -956,19 +986,19 @@ impl Model {
             lse,
         });
 
-        // The MLP of its (normed) input `b`: gated (LLaMA), or GPT-NeoX's up → act → down.
-        let mlp = |tape: &mut Tape<D>, b: BufId| match c.layout {
-            BlockLayout::NeoX { .. } => {
-                let up = linear(tape, b, "mlp.dense_h_to_4h", h, inter, true);
+        // The MLP of its (normed) input `b`: gated (LLaMA), or up → act → down (GPT-NeoX, Phi).
+        let mlp = |tape: &mut Tape<D>, b: BufId| match c.layout.plain_mlp() {
+            Some((up, down)) => {
+                let up = linear(tape, b, up, h, inter, c.mlp_bias);
                 let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
                 tape.push(op::Activate {
                     x: up,
                     act: c.activation,
                     out: act,
                 });
-                linear(tape, act, "mlp.dense_4h_to_h", inter, h, true)
+                linear(tape, act, down, inter, h, c.mlp_bias)
             }
-            BlockLayout::Llama => {
+            None => {
                 let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
                 let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
                 let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
@@ -987,24 +1017,20 @@ impl Model {
                 maybe_norm(tape, d, norm_mlp_out)
             }
         };
-        match c.layout {
-            BlockLayout::NeoX { parallel_residual } => {
-                let o = linear(tape, att, "attention.dense", qd, h, c.o_bias);
-                // Parallel: the MLP reads the block's input, x + attn + mlp; else it reads x + attn.
-                let x1 = add(tape, x, o, "resid_attn");
-                let b = maybe_norm(tape, if parallel_residual { x } else { x1 }, norm_mlp_in);
-                let m = mlp(tape, b);
-                add(tape, x1, m, "out")
-            }
-            BlockLayout::Llama => {
-                let o = linear(tape, att, "self_attn.o_proj", qd, h, c.o_bias);
-                let o = maybe_norm(tape, o, norm_attn_out);
-                let x1 = add(tape, x, o, "resid_attn");
-                let b = maybe_norm(tape, x1, norm_mlp_in);
-                let d = mlp(tape, b);
-                add(tape, x1, d, "out")
-            }
-        }
+        let o = linear(tape, att, c.layout.o_proj(), qd, h, c.o_bias);
+        let o = maybe_norm(tape, o, norm_attn_out);
+        let x1 = add(tape, x, o, "resid_attn");
+        // The MLP's input: the attention's normed input (Phi's shared norm), the block's input normed
+        // (GPT-NeoX's parallel residual), or x + attn normed.
+        let b = match c.layout {
+            BlockLayout::Phi => a,
+            BlockLayout::NeoX {
+                parallel_residual: true,
+            } => maybe_norm(tape, x, norm_mlp_in),
+            _ => maybe_norm(tape, x1, norm_mlp_in),
+        };
+        let m = mlp(tape, b);
+        add(tape, x1, m, "out")
     }
 }
 
