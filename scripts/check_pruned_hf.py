@@ -53,6 +53,7 @@ CASES = {
     "granite_multipliers": ONE_BY_GRADNORM,
     "qwen2_5_vl_flat": ONE_BY_GRADNORM,
     "phi_parallel": ONE_BY_GRADNORM,
+    "starcoder2_window": ONE_BY_GRADNORM,
     "neox_parallel": ONE_BY_GRADNORM,
     "neox_sequential": ONE_BY_GRADNORM,
 }

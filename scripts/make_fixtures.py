@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2 /
-Granite / GPT-NeoX / Phi checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+Granite / StarCoder2 / GPT-NeoX / Phi checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -163,6 +163,13 @@ FIXTURES = [
                   vocab_size=128, layer_norm_eps=1e-5, hidden_act="gelu_new",
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.4)),
          seed=18),
+    # StarCoder2: LLaMA's attention with biases (use_bias), LayerNorms with biases, c_fc → tanh-GELU →
+    # c_proj, a window of 6 on every layer, GQA, tied (the class default), bf16.
+    dict(name="starcoder2_window", model_type="starcoder2", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, norm_epsilon=1e-5, sliding_window=6,
+                  rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
+         full_attention_loss=True, seed=19),
     # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
     # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
     # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,

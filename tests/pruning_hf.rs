@@ -245,6 +245,12 @@ fn phi_parallel_matches_transformers() {
     check_case("phi_parallel");
 }
 
+/// StarCoder2: LayerNorms and biases, a window on every layer, tied, bf16.
+#[test]
+fn starcoder2_window_matches_transformers() {
+    check_case("starcoder2_window");
+}
+
 /// GPT-NeoX (Pythia) with the parallel residual, the 4.x config names (rotary_pct, rotary_emb_base).
 #[test]
 fn neox_parallel_matches_transformers() {

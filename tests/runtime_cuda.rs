@@ -1220,6 +1220,7 @@ fn decoder_families_match_the_cpu() {
         "neox_sequential",
         "granite_multipliers",
         "phi_parallel",
+        "starcoder2_window",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 18] = [
+const FIXTURES: [&str; 19] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -35,6 +35,7 @@ const FIXTURES: [&str; 18] = [
     "granite_multipliers",
     "qwen2_5_vl_flat",
     "phi_parallel",
+    "starcoder2_window",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -291,6 +292,13 @@ fn tensors_the_decoder_does_not_read_are_listed() {
 fn sliding_window_changes_the_result() {
     let full_model = window_matters("qwen2_sliding", |c| c["use_sliding_window"] = false.into());
     assert!((0..3).all(|l| full_model.config.layer_window(l).is_none()));
+    // StarCoder2 windows every layer when sliding_window is set (null: none, the class default).
+    let (sc2, _) = load("starcoder2_window");
+    assert!((0..3).all(|l| sc2.config.layer_window(l) == Some(6)));
+    let full_model = window_matters("starcoder2_window", |c| {
+        c["sliding_window"] = serde_json::Value::Null
+    });
+    assert!((0..3).all(|l| full_model.config.layer_window(l).is_none()));
 
     // Mistral windows every layer. PyTorch's numbers for the first two sequences with sliding_window 5,
     // from transformers 5.23 (eager, float64):
@@ -445,6 +453,11 @@ fn info_describes_windows_caps_and_rotary() {
             "block: one LayerNorm (with a bias) shared by the attention and the MLP, in parallel (x + \
              attn(ln x) + mlp(ln x)); MLP fc1 → tanh-GELU → fc2; lm_head with a bias\nattention: \
              causal, no window; rotary θ 10000, default on 6 of 16 values",
+        ),
+        (
+            "starcoder2_window",
+            "block: LayerNorms with biases; MLP c_fc → tanh-GELU → c_proj; attention and MLP one \
+             after the other\nattention: window 6 on 3 of 3 layers",
         ),
         (
             "neox_sequential",

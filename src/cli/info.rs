@@ -127,6 +127,9 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Scale(_) => "scale",
     };
     match c.layout {
+        BlockLayout::Starcoder2 => format!(
+            "LayerNorms with biases; MLP c_fc → {act} → c_proj; attention and MLP one after the other"
+        ),
         BlockLayout::Phi => format!(
             "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
              (x + attn(ln x) + mlp(ln x)); MLP fc1 → {act} → fc2; lm_head with a bias"

@@ -92,6 +92,9 @@ pub enum BlockLayout {
     /// in parallel (x + attn(ln x) + mlp(ln x)); `self_attn.{q,k,v}_proj` and `self_attn.dense` with
     /// biases, an MLP `mlp.fc1` → GELU → `mlp.fc2`, `model.final_layernorm`, an lm_head with a bias.
     Phi,
+    /// StarCoder2: LLaMA's attention names and sequential residual with LayerNorms (with biases), an MLP
+    /// `mlp.c_fc` → GELU → `mlp.c_proj`, biases on every projection (`use_bias`).
+    Starcoder2,
 }
 
 impl BlockLayout {
@@ -106,6 +109,7 @@ impl BlockLayout {
             BlockLayout::Llama => "self_attn.o_proj",
             BlockLayout::NeoX { .. } => "attention.dense",
             BlockLayout::Phi => "self_attn.dense",
+            BlockLayout::Starcoder2 => "self_attn.o_proj",
         }
     }
 
@@ -115,6 +119,7 @@ impl BlockLayout {
             BlockLayout::Llama => None,
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
+            BlockLayout::Starcoder2 => Some(("mlp.c_fc", "mlp.c_proj")),
         }
     }
 }
@@ -180,7 +185,7 @@ pub struct ModelConfig {
     /// Granite's factor on each block's attention and MLP outputs before their residual adds
     /// (`residual_multiplier`); `None` is 1.
     pub residual_scale: Option<f32>,
-    /// Granite's factor on the logits, 1 / `logits_scaling`; `None` is 1.
+    /// Granite's factor on the logits, 1 / `logits_scaling` (applied to the lm_head's input); `None` is 1.
     pub logits_scale: Option<f32>,
     /// Where the block's norms sit.
     pub block_norms: BlockNorms,
@@ -456,7 +461,8 @@ impl ModelConfig {
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
         const TYPES: &str =
-            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, gpt_neox, phi";
+            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2, \
+             gpt_neox, phi";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -470,6 +476,9 @@ impl ModelConfig {
         let gemma3 = model_type == "gemma3_text";
         let neox = model_type == "gpt_neox";
         let phi = model_type == "phi";
+        let starcoder2 = model_type == "starcoder2";
+        // Starcoder2Config's `use_bias` (default true) puts a bias on every projection.
+        let use_bias = starcoder2 && opt_bool(v, "use_bias", path)?.unwrap_or(true);
         if phi && opt_bool(v, "qk_layernorm", path)? == Some(true) {
             return Err(model_err(
                 path,
@@ -557,6 +566,7 @@ impl ModelConfig {
             "qwen2" => (true, false),
             "gpt_neox" => (attention_bias, attention_bias),
             "phi" => (true, true),
+            "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2" => {
                 (attention_bias, attention_bias)
             }
@@ -588,6 +598,7 @@ impl ModelConfig {
                 parallel_residual: opt_bool(v, "use_parallel_residual", path)?.unwrap_or(true),
             },
             "phi" => BlockLayout::Phi,
+            "starcoder2" => BlockLayout::Starcoder2,
             _ => BlockLayout::Llama,
         };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
@@ -602,26 +613,33 @@ impl ModelConfig {
             intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
             num_hidden_layers,
             // The config classes' defaults: 1e-5 for Phi-3, OLMo 2, GPT-NeoX and Phi (`layer_norm_eps`),
-            // 1e-6 for the others.
+            // StarCoder2 (`norm_epsilon`), 1e-6 for the others.
             rms_norm_eps: opt_f64(
                 v,
-                if neox || phi {
-                    "layer_norm_eps"
-                } else {
-                    "rms_norm_eps"
+                match model_type.as_str() {
+                    "gpt_neox" | "phi" => "layer_norm_eps",
+                    "starcoder2" => "norm_epsilon",
+                    _ => "rms_norm_eps",
                 },
                 path,
             )?
             .unwrap_or(
-                if matches!(model_type.as_str(), "phi3" | "olmo2" | "gpt_neox" | "phi") {
+                if matches!(
+                    model_type.as_str(),
+                    "phi3" | "olmo2" | "gpt_neox" | "phi" | "starcoder2"
+                ) {
                     1e-5
                 } else {
                     1e-6
                 },
             ),
-            // Gemma's config class ties by default.
-            tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(gemma),
-            mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias || neox || phi,
+            // Gemma's and StarCoder2's config classes tie by default.
+            tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?
+                .unwrap_or(gemma || starcoder2),
+            mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias
+                || neox
+                || phi
+                || use_bias,
             fused_projections: model_type == "phi3",
             activation,
             norm_offset: if gemma { 1.0 } else { 0.0 },
@@ -744,7 +762,8 @@ impl ModelConfig {
 /// `modeling_*.py` and `masking_utils.create_sliding_window_causal_mask`):
 /// * mistral: `sliding_window` (absent → the class default 4096, null → none) applies to every layer;
 ///   MistralModel builds one mask for all layers and ignores any `layer_types`.
-/// * phi3: as mistral (Phi3Model is MistralModel's), but the class default is no window.
+/// * phi3, starcoder2: as mistral (Phi3Model is MistralModel's; StarCoder2 picks the sliding-window mask
+///   for every layer when `sliding_window` is set), but the class default is no window.
 /// * gemma3_text: `sliding_window` (absent → 4096) on the layers `layer_types` names "sliding_attention";
 ///   without `layer_types`, every layer but each `sliding_window_pattern`-th (absent → 6).
 /// * gemma2: as gemma3_text with a pattern of 2 (the even layers windowed).
@@ -762,7 +781,7 @@ fn parse_sliding_window(
     const CLASS_DEFAULT_MAX_WINDOW_LAYERS: usize = 28;
     let window = || -> Result<Option<usize>> {
         let w = match v.get("sliding_window") {
-            None if model_type == "phi3" => None,
+            None if matches!(model_type, "phi3" | "starcoder2") => None,
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -783,7 +802,7 @@ fn parse_sliding_window(
             };
             Ok((w, layer_kinds(v, layers, w, derived, "", path)?))
         }
-        "mistral" | "phi3" => {
+        "mistral" | "phi3" | "starcoder2" => {
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
         }
@@ -998,6 +1017,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gemma2" | "gemma3_text" => ("hidden_activation", "gelu_pytorch_tanh"),
         "gpt_neox" => ("hidden_act", "gelu"),
         "phi" => ("hidden_act", "gelu_new"),
+        "starcoder2" => ("hidden_act", "gelu_pytorch_tanh"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -1014,11 +1034,12 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
             Ok(Activation::GeluTanh)
         }
         "gelu" if model_type == "phi" => Ok(Activation::Gelu),
+        "gelu_pytorch_tanh" | "gelu_new" if model_type == "starcoder2" => Ok(Activation::GeluTanh),
         _ => Err(model_err(
             path,
             format!(
                 "{key} '{name}' is not supported for {model_type} (llama family: silu; gemma: \
-                 gelu_pytorch_tanh; gpt_neox, phi: gelu, gelu_new)"
+                 gelu_pytorch_tanh; gpt_neox, phi: gelu, gelu_new; starcoder2: gelu_pytorch_tanh)"
             ),
         )),
     }
@@ -1818,5 +1839,29 @@ mod tests {
         qk["qk_layernorm"] = true.into();
         let e = ModelConfig::from_json(&qk, p).unwrap_err().to_string();
         assert!(e.contains("qk_layernorm"), "{e}");
+    }
+
+    /// StarCoder2's config: `norm_epsilon`, `use_bias` on every projection, tied and unwindowed by
+    /// default, a window on every layer when stated.
+    #[test]
+    fn starcoder2_configs() {
+        let p = Path::new("config.json");
+        let sc2 = serde_json::json!({
+            "model_type": "starcoder2", "vocab_size": 49152, "hidden_size": 3072,
+            "intermediate_size": 12288, "num_hidden_layers": 30, "num_attention_heads": 24,
+            "num_key_value_heads": 2, "norm_epsilon": 1e-5, "sliding_window": 4096,
+            "rope_theta": 999999.4420358813, "hidden_act": "gelu_pytorch_tanh"
+        });
+        let c = ModelConfig::from_json(&sc2, p).unwrap();
+        assert_eq!((c.layout, c.rms_norm_eps), (BlockLayout::Starcoder2, 1e-5));
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias && c.tie_word_embeddings);
+        assert_eq!(c.sliding_layers, vec![true; 30]);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        let mut plain = sc2.clone();
+        let o = plain.as_object_mut().unwrap();
+        o.remove("sliding_window");
+        o.insert("use_bias".into(), false.into());
+        let c = ModelConfig::from_json(&plain, p).unwrap();
+        assert!(c.sliding_window.is_none() && !c.qkv_bias && !c.mlp_bias);
     }
 }

@@ -1,5 +1,5 @@
 //! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2,
-//! granite), a GPT-NeoX one (gpt_neox) or a Phi one (phi) as a tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) →
+//! granite, starcoder2), a GPT-NeoX one (gpt_neox) or a Phi one (phi) as a tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) →
 //! q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
 //! gpt_neox; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says; scores
 //! soft-capped: gemma2) → o (→ RMSNorm: gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP
@@ -262,7 +262,7 @@ impl TensorNames {
     /// The names of a decoder-only checkpoint of `layout`.
     pub fn decoder_only(layout: BlockLayout) -> Self {
         match layout {
-            BlockLayout::Llama => Self::llama("model.", "lm_head.weight"),
+            BlockLayout::Llama | BlockLayout::Starcoder2 => Self::llama("model.", "lm_head.weight"),
             BlockLayout::Phi => TensorNames {
                 norm: "model.final_layernorm".into(),
                 ..Self::llama("model.", "lm_head.weight")
@@ -784,7 +784,7 @@ impl Model {
         let norm_bias = self
             .layer_norm()
             .then(|| tape.param(format!("{}.bias", self.names.norm), g_norm, h));
-        let xn = tape.buffer("norm", n, h);
+        let mut xn = tape.buffer("norm", n, h);
         tape.push(op::Norm {
             x,
             w: norm,
@@ -792,6 +792,19 @@ impl Model {
             shape: self.norm_shape(h),
             out: xn,
         });
+        // Granite divides the logits by logits_scaling: scale the lm_head's input instead, the same
+        // logits and gradients (it has no lm_head bias) for a buffer `hidden` wide, not `vocab`.
+        if let Some(f) = c.logits_scale {
+            debug_assert!(!c.lm_head_bias);
+            xn = push_activate(
+                &mut tape,
+                xn,
+                Activation::Scale(f),
+                "norm_scaled".into(),
+                n,
+                h,
+            );
+        }
         let head = if c.tie_word_embeddings {
             embed
         } else {
@@ -807,22 +820,10 @@ impl Model {
             b: head_bias,
             out: logits,
         });
-        // Granite divides the logits by logits_scaling; Gemma 2 soft-caps them (the backward of a cap
-        // keeps the uncapped logits: one more [n, vocab] buffer).
-        let post = [
-            c.logits_scale
-                .map(|f| ("logits_scaled", Activation::Scale(f))),
-            c.final_softcap
-                .map(|cap| ("logits_capped", Activation::Softcap(cap))),
-        ];
-        for (name, act) in post.into_iter().flatten() {
-            let out = tape.buffer(name, n, vocab);
-            tape.push(op::Activate {
-                x: logits,
-                act,
-                out,
-            });
-            logits = out;
+        // Gemma 2 soft-caps the logits (the backward keeps the uncapped ones: one more [n, vocab] buffer).
+        if let Some(cap) = c.final_softcap {
+            let act = Activation::Softcap(cap);
+            logits = push_activate(&mut tape, logits, act, "logits_capped".into(), n, vocab);
         }
         let lse = tape.buffer("logits_lse", n, 1);
         tape.push(op::CrossEntropy { logits, lse });
@@ -906,13 +907,8 @@ impl Model {
         // x + branch, the branch × Granite's residual_multiplier first.
         let add = |tape: &mut Tape<D>, a: BufId, mut b: BufId, name: &str| {
             if let Some(f) = c.residual_scale {
-                let scaled = tape.buffer(format!("{pre}.{name}.scaled"), n, h);
-                tape.push(op::Activate {
-                    x: b,
-                    act: Activation::Scale(f),
-                    out: scaled,
-                });
-                b = scaled;
+                let scaled = format!("{pre}.{name}.scaled");
+                b = push_activate(tape, b, Activation::Scale(f), scaled, n, h);
             }
             let out = tape.buffer(format!("{pre}.{name}"), n, h);
             tape.push(op::Add { a, b, out });
@@ -946,7 +942,7 @@ impl Model {
                 });
                 (q, k, v)
             }
-            BlockLayout::Llama | BlockLayout::Phi => {
+            BlockLayout::Llama | BlockLayout::Phi | BlockLayout::Starcoder2 => {
                 let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
                 let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
                 let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
@@ -990,23 +986,14 @@ impl Model {
         let mlp = |tape: &mut Tape<D>, b: BufId| match c.layout.plain_mlp() {
             Some((up, down)) => {
                 let up = linear(tape, b, up, h, inter, c.mlp_bias);
-                let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
-                tape.push(op::Activate {
-                    x: up,
-                    act: c.activation,
-                    out: act,
-                });
+                let act = push_activate(tape, up, c.activation, format!("{pre}.mlp.act"), n, inter);
                 linear(tape, act, down, inter, h, c.mlp_bias)
             }
             None => {
                 let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
                 let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
-                let act = tape.buffer(format!("{pre}.mlp.act"), n, inter);
-                tape.push(op::Activate {
-                    x: gate,
-                    act: c.activation,
-                    out: act,
-                });
+                let act =
+                    push_activate(tape, gate, c.activation, format!("{pre}.mlp.act"), n, inter);
                 let m = tape.buffer(format!("{pre}.mlp.mul"), n, inter);
                 tape.push(op::Mul {
                     a: act,
@@ -1032,6 +1019,20 @@ impl Model {
         let m = mlp(tape, b);
         add(tape, x1, m, "out")
     }
+}
+
+/// Push `act(x)` into a new buffer `name` of `rows × cols`; returns the buffer.
+fn push_activate<D: Device>(
+    tape: &mut Tape<D>,
+    x: BufId,
+    act: Activation,
+    name: String,
+    rows: usize,
+    cols: usize,
+) -> BufId {
+    let out = tape.buffer(name, rows, cols);
+    tape.push(op::Activate { x, act, out });
+    out
 }
 
 #[cfg(test)]
