@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import transformers
 
+from make_fixtures import lm_head, text_model  # the decoder's modules, by family (same folder)
+
 # name → prune arguments (kept in the reference so the Rust test prunes the same way).
 # The published chain's choices are pinned (column-sum features, proportional allocation, gradient-norm or
 # subset selection), so the removed layers do not move when the default method changes.
@@ -78,15 +80,6 @@ def load_f64(path):
     return m.double().eval()
 
 
-def text_model(model):
-    """The decoder: a vision-language wrapper's language model; GPT-NeoX's `gpt_neox`."""
-    if hasattr(model, "gpt_neox"):
-        return model.gpt_neox
-    return getattr(model.model, "language_model", model.model)
-
-
-def lm_head(model):
-    return model.embed_out if hasattr(model, "embed_out") else model.lm_head
 
 
 def surgery(model, kept):

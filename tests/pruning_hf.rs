@@ -30,17 +30,16 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
     let names = &model.names;
     let g = w.get_f32(&names.norm()).unwrap();
     let layer_norm = c.layout.layer_norm();
-    let bias = layer_norm.then(|| w.get_f32(&format!("{}.bias", names.norm)).unwrap());
+    let bias = layer_norm.then(|| w.get_f32(&names.norm_bias()).unwrap());
     let head = if c.tie_word_embeddings {
-        w.get_f32(&names.embed()).unwrap()
+        w.get_f32(&names.embed).unwrap()
     } else {
         w.get_f32(&names.lm_head).unwrap()
     };
     // Phi's lm_head has a bias.
-    let head_bias = c.lm_head_bias.then(|| {
-        let module = names.lm_head.strip_suffix(".weight").unwrap();
-        w.get_f32(&format!("{module}.bias")).unwrap()
-    });
+    let head_bias = c
+        .lm_head_bias
+        .then(|| w.get_f32(&names.lm_head_bias()).unwrap());
     let mut out = Vec::with_capacity(h.len() / d * v);
     let mut x = vec![0f64; d];
     for row in h.chunks_exact(d) {

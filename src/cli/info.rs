@@ -5,7 +5,8 @@
 use super::common::{TextCut, TokenArgs};
 use crate::error::{Error, Result};
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
-use crate::pruning::checkpoint::parameter_counts;
+use crate::pruning::compare::ParamCounts;
+use crate::pruning::prune::param_counts;
 use crate::runtime::config::{BlockLayout, ModelConfig, RopeScaling};
 use crate::runtime::ops::Activation;
 use crate::runtime::Model;
@@ -218,8 +219,7 @@ fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
     let model = Model::load(dir)?;
     super::common::warn_unused_tensors(&model, dir);
     let c = &model.config;
-    let (other, per_layer) =
-        parameter_counts(dir, &model.names.layers_prefix(), model.num_layers())?;
+    let ParamCounts { other, per_layer } = param_counts(&model)?;
     let total = other + per_layer.iter().sum::<usize>();
     println!(
         "{} ({}): {} decoder layers, hidden {}, intermediate {}, {} heads ({} key/value) of {}, vocabulary {}{}",

@@ -1,7 +1,9 @@
-//! `config.json` of a Hugging Face LLaMA-family checkpoint (model_type llama, mistral, qwen2, qwen3, phi3,
-//! gemma, gemma2, gemma3_text, olmo2) or a GPT-NeoX one (gpt_neox: Pythia), both config generations: transformers 4.x (top-level `rope_theta`,
-//! `rope_scaling`) and 5.x (`rope_parameters`). A vision-language checkpoint whose language model is one
-//! of these (gemma3, mistral3, llava: [`MULTIMODAL`]) is read through its `text_config`.
+//! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
+//! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2), GPT-NeoX (gpt_neox: Pythia) and
+//! Phi (phi), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+//! (`rope_parameters`). A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]:
+//! gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat
+//! Qwen-VL config's top level).
 
 use crate::error::{Error, Result};
 use crate::runtime::ops::Activation;

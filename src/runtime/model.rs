@@ -1,6 +1,6 @@
 //! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2,
-//! granite, starcoder2), a GPT-NeoX one (gpt_neox) or a Phi one (phi) as a tape: embedding (× √hidden: gemma) → per layer [RMSNorm (not olmo2) →
-//! q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
+//! granite, starcoder2), a GPT-NeoX one (gpt_neox) or a Phi one (phi) as a tape: embedding (× √hidden:
+//! gemma) → per layer [RMSNorm (not olmo2) → q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
 //! gpt_neox; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says; scores
 //! soft-capped: gemma2) → o (→ RMSNorm: gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP
 //! (SiLU, or tanh-GELU: gemma) (→ RMSNorm: gemma2/3, olmo2) → residual] → final RMSNorm → lm_head
@@ -12,8 +12,9 @@
 //! `Columns` ops), a GELU MLP with biases, and the attention and the MLP reading the same input (the
 //! parallel residual) or one after the other. Phi ([`BlockLayout::Phi`]): one LayerNorm whose output both
 //! the attention and the MLP read, an lm_head with a bias. Granite multiplies the embeddings, the scores,
-//! each branch before its residual add and the logits by constants (`Activation::Scale`). A vision-language checkpoint's language model is read
-//! where [`TensorNames`] finds it.
+//! each branch before its residual add and the logits by constants (`Activation::Scale`). A
+//! vision-language checkpoint's language model is read where [`TensorNames`] finds it.
+
 use super::config::{BlockLayout, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
@@ -287,13 +288,23 @@ impl TensorNames {
         ]
     }
 
-    pub fn embed(&self) -> String {
-        self.embed.clone()
-    }
-
     /// The final norm's weight.
     pub fn norm(&self) -> String {
         format!("{}.weight", self.norm)
+    }
+
+    /// The final norm's bias (a LayerNorm's).
+    pub fn norm_bias(&self) -> String {
+        format!("{}.bias", self.norm)
+    }
+
+    /// The lm_head's bias (Phi's), beside its weight.
+    pub fn lm_head_bias(&self) -> String {
+        let module = self
+            .lm_head
+            .strip_suffix(".weight")
+            .unwrap_or(&self.lm_head);
+        format!("{module}.bias")
     }
 
     /// Decoder layer `l`'s module name (its tensors are `{layer}.…`).
@@ -321,7 +332,7 @@ impl TensorNames {
         let layouts = Self::multimodal_layouts();
         layouts
             .iter()
-            .find(|n| weights.contains(&n.embed()))
+            .find(|n| weights.contains(&n.embed))
             .cloned()
             .ok_or_else(|| {
                 Error::Model(format!(
@@ -353,7 +364,7 @@ impl Model {
         // `embed_scale.to(self.weight.dtype)`, as the original JAX code casts it to the activations'):
         // a bf16 checkpoint's factor is √hidden rounded to bf16 (√3072 = 55.43 → 55.5).
         // (Granite's embedding_multiplier is a Python float: the product is rounded, not the factor.)
-        config.embed_scale = match weights.dtype(&names.embed()) {
+        config.embed_scale = match weights.dtype(&names.embed) {
             _ if !config.model_type.starts_with("gemma") => config.embed_scale,
             Some(safetensors::Dtype::BF16) => half::bf16::from_f32(config.embed_scale).to_f32(),
             Some(safetensors::Dtype::F16) => half::f16::from_f32(config.embed_scale).to_f32(),
@@ -413,17 +424,17 @@ impl Model {
         );
         let layer_norm = c.layout.layer_norm();
         let mut out = vec![
-            (self.names.embed(), vec![v, h]),
+            (self.names.embed.clone(), vec![v, h]),
             (self.names.norm(), vec![h]),
         ];
         if layer_norm {
-            out.push((format!("{}.bias", self.names.norm), vec![h]));
+            out.push((self.names.norm_bias(), vec![h]));
         }
         if !c.tie_word_embeddings {
             out.push((self.names.lm_head.clone(), vec![v, h]));
         }
         if c.lm_head_bias {
-            out.push((self.lm_head_bias(), vec![v]));
+            out.push((self.names.lm_head_bias(), vec![v]));
         }
         for l in 0..c.num_hidden_layers {
             let layer = self.names.layer(l);
@@ -435,41 +446,36 @@ impl Model {
                     t(&format!("{norm}.bias"), vec![h]);
                 }
             }
-            let linears = if let Some((up, down)) = c.layout.plain_mlp() {
-                let mut l = match c.layout {
-                    BlockLayout::NeoX { .. } => {
-                        vec![("attention.query_key_value", 3 * qd, h, c.qkv_bias)]
-                    }
-                    _ => vec![
-                        ("self_attn.q_proj", qd, h, c.qkv_bias),
-                        ("self_attn.k_proj", kvd, h, c.qkv_bias),
-                        ("self_attn.v_proj", kvd, h, c.qkv_bias),
-                    ],
-                };
-                l.extend([
-                    (c.layout.o_proj(), h, qd, c.o_bias),
-                    (up, i, h, c.mlp_bias),
-                    (down, h, i, c.mlp_bias),
-                ]);
-                l
-            } else if c.fused_projections {
-                vec![
-                    ("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias),
-                    ("self_attn.o_proj", h, qd, c.o_bias),
-                    ("mlp.gate_up_proj", 2 * i, h, c.mlp_bias),
-                    ("mlp.down_proj", h, i, c.mlp_bias),
-                ]
-            } else {
-                vec![
+            // The attention's input projections (as stored: fused for GPT-NeoX and Phi-3), its output
+            // projection, the MLP's projections (as stored: Phi-3's gate/up fused).
+            let mut linears = match c.layout {
+                BlockLayout::NeoX { .. } => {
+                    vec![("attention.query_key_value", 3 * qd, h, c.qkv_bias)]
+                }
+                _ if c.fused_projections => {
+                    vec![("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias)]
+                }
+                _ => vec![
                     ("self_attn.q_proj", qd, h, c.qkv_bias),
                     ("self_attn.k_proj", kvd, h, c.qkv_bias),
                     ("self_attn.v_proj", kvd, h, c.qkv_bias),
-                    ("self_attn.o_proj", h, qd, c.o_bias),
+                ],
+            };
+            linears.push((c.layout.o_proj(), h, qd, c.o_bias));
+            match (c.layout.plain_mlp(), c.fused_projections) {
+                (Some((up, down)), _) => {
+                    linears.extend([(up, i, h, c.mlp_bias), (down, h, i, c.mlp_bias)])
+                }
+                (None, true) => linears.extend([
+                    ("mlp.gate_up_proj", 2 * i, h, c.mlp_bias),
+                    ("mlp.down_proj", h, i, c.mlp_bias),
+                ]),
+                (None, false) => linears.extend([
                     ("mlp.gate_proj", i, h, c.mlp_bias),
                     ("mlp.up_proj", i, h, c.mlp_bias),
                     ("mlp.down_proj", h, i, c.mlp_bias),
-                ]
-            };
+                ]),
+            }
             for (name, rows, cols, bias) in linears {
                 t(&format!("{name}.weight"), vec![rows, cols]);
                 if bias {
@@ -759,7 +765,7 @@ impl Model {
             softcap: c.attn_softcap,
         };
 
-        let embed = tape.param(self.names.embed(), g_embed, vocab * h);
+        let embed = tape.param(self.names.embed.clone(), g_embed, vocab * h);
         let first = start.as_ref().map_or(0, |s| s.0);
         let mut x = tape.buffer("embed", n, h);
         match start {
@@ -781,9 +787,10 @@ impl Model {
         }
 
         let norm = tape.param(self.names.norm(), g_norm, h);
-        let norm_bias = self
+        let norm_bias = c
+            .layout
             .layer_norm()
-            .then(|| tape.param(format!("{}.bias", self.names.norm), g_norm, h));
+            .then(|| tape.param(self.names.norm_bias(), g_norm, h));
         let mut xn = tape.buffer("norm", n, h);
         tape.push(op::Norm {
             x,
@@ -812,7 +819,7 @@ impl Model {
         };
         let head_bias = c
             .lm_head_bias
-            .then(|| tape.param(self.lm_head_bias(), g_head, vocab));
+            .then(|| tape.param(self.names.lm_head_bias(), g_head, vocab));
         let mut logits = tape.buffer("logits", n, vocab);
         tape.push(op::Linear {
             x: xn,
@@ -830,26 +837,13 @@ impl Model {
         Ok(tape)
     }
 
-    /// GPT-NeoX's and Phi's norms are LayerNorms with biases; the others RMSNorms.
-    fn layer_norm(&self) -> bool {
-        self.config.layout.layer_norm()
-    }
-
-    /// The lm_head's bias (Phi), beside its weight.
-    fn lm_head_bias(&self) -> String {
-        match self.names.lm_head.strip_suffix(".weight") {
-            Some(module) => format!("{module}.bias"),
-            None => format!("{}.bias", self.names.lm_head),
-        }
-    }
-
     /// A norm of rows of `d` values under this config.
     fn norm_shape(&self, d: usize) -> NormShape {
         NormShape {
             d,
             eps: self.config.rms_norm_eps,
             offset: self.config.norm_offset,
-            centre: self.layer_norm(),
+            centre: self.config.layout.layer_norm(),
         }
     }
 
@@ -891,7 +885,8 @@ impl Model {
         // Qwen3's per-head q_norm / k_norm): RMSNorm, or GPT-NeoX's LayerNorm with its bias.
         let norm = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
             let w = tape.param(format!("{pre}.{name}.weight"), l, d);
-            let b = self
+            let b = c
+                .layout
                 .layer_norm()
                 .then(|| tape.param(format!("{pre}.{name}.bias"), l, d));
             let y = tape.buffer(format!("{pre}.{name}"), n, width);
