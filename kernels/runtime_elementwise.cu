@@ -1,8 +1,9 @@
-// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, GELU exact and tanh-approximated,
-// soft-capping, a constant factor, multiply, add, accumulate, the column-block gather of GPT-NeoX's fused q/k/v) and the sum
-// of squares of a gradient, forward and backward side by side. Buffers are flat f32 of `n` elements; every
-// kernel is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the CPU
-// (src/runtime/ops/cpu.rs).
+// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, the logistic sigmoid, GELU exact and
+// tanh-approximated, soft-capping, a constant factor, multiply, add, accumulate, the column-block gather
+// of GPT-NeoX's fused q/k/v, rows scaled by one value each) and the sum of squares of a gradient, forward
+// and backward side by side. Buffers are flat f32 of `n` elements; every kernel but row_scale_backward
+// (one block per row) is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the
+// CPU (src/runtime/ops/cpu.rs).
 
 #include "common.cuh"
 
@@ -23,6 +24,21 @@ extern "C" __global__ void silu_backward(const float* __restrict__ x, const floa
         float v = x[i];
         float s = rt_sigmoid(v);
         dx[i] += dy[i] * s * (1.0f + v * (1.0f - s));
+    }
+}
+
+// y = σ(x) (Qwen2-MoE's shared-expert gate)
+extern "C" __global__ void sigmoid_forward(const float* __restrict__ x, float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = rt_sigmoid(x[i]);
+}
+
+// dx += dy σ(x) (1 − σ(x))
+extern "C" __global__ void sigmoid_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                            float* __restrict__ dx, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float s = rt_sigmoid(x[i]);
+        dx[i] += dy[i] * s * (1.0f - s);
     }
 }
 
@@ -167,4 +183,33 @@ extern "C" __global__ void column_blocks_backward(const float* __restrict__ dy, 
         u64 r = i / out_w, c = i % out_w;
         dx[r * width + (c / block) * stride + offset + c % block] += dy[i];
     }
+}
+
+// Rows of d values scaled by one value each (a mixture-of-experts expert's output by its routing weight):
+// y[r, j] = s[r] · x[r, j], n = rows · d.
+extern "C" __global__ void row_scale_forward(const float* __restrict__ x, const float* __restrict__ s,
+                                             float* __restrict__ y, u64 d, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = s[i / d] * x[i];
+}
+
+// dx[r] += s[r] · dy[r], ds[r] += Σ_j dy[r, j] x[r, j]: one block per row (blockDim.x a multiple of 32),
+// the dot product summed in f64 (as the CPU twin).
+extern "C" __global__ void row_scale_backward(const float* __restrict__ x, const float* __restrict__ s,
+                                              const float* __restrict__ dy, float* __restrict__ dx,
+                                              float* __restrict__ ds, int d, int rows) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (u64)r * d;
+    const float* gr = dy + (u64)r * d;
+    float* dxr = dx + (u64)r * d;
+    const float f = s[r];
+    double dot = 0.0;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float g = gr[j];
+        dxr[j] += f * g;
+        dot += (double)g * (double)xr[j];
+    }
+    dot = block_sum_f64(dot);
+    if (threadIdx.x == 0) ds[r] += (float)dot;
 }

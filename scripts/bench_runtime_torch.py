@@ -9,6 +9,10 @@ vocab 32000: ~125M parameters), saves it as an f32 safetensors checkpoint, times
 backward (loss = mean next-token cross-entropy, f32) on 4 sequences of 256 tokens, then runs the engine on
 the same checkpoint and tokens and reports the median times and their ratio. The first step of each is a
 warm-up and is not counted; PyTorch's timed steps are split before and after the engine's run.
+
+With `--experts N --top-k K` the model is a Mixtral (MixtralForCausalLM) instead: every MLP a mixture of N
+experts of `--intermediate` each, K per token (PyTorch runs transformers' default experts implementation,
+named in the report; `--experts-impl eager` picks its per-expert loop).
 """
 import argparse
 import json
@@ -38,17 +42,30 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--attn", default="sdpa", help="PyTorch attention implementation (sdpa or eager)")
     ap.add_argument("--workdir", default=None, help="where to save the checkpoint (default: a temp dir)")
+    ap.add_argument("--experts", type=int, default=0, help="a Mixtral with this many experts per layer")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
+    ap.add_argument("--experts-impl", default=None, help="transformers' experts implementation")
     args = ap.parse_args()
 
     threads = torch.get_num_threads()
-    config = transformers.LlamaConfig(
+    shape = dict(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
         rms_norm_eps=1e-5, max_position_embeddings=4096,
         tie_word_embeddings=False)
-    config._attn_implementation = args.attn
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float()
+    if args.experts:
+        config = transformers.MixtralConfig(**shape, num_local_experts=args.experts,
+                                            num_experts_per_tok=args.top_k, sliding_window=None)
+        kw = {} if args.experts_impl is None else dict(experts_implementation=args.experts_impl)
+        model = transformers.MixtralForCausalLM._from_config(config, attn_implementation=args.attn, **kw)
+        family = f"Mixtral ({args.experts} experts, top {args.top_k})"
+    else:
+        config = transformers.LlamaConfig(**shape)
+        config._attn_implementation = args.attn
+        model = transformers.LlamaForCausalLM(config)
+        family = "LLaMA"
+    model = model.float()
     n_params = sum(p.numel() for p in model.parameters())
 
     rng = np.random.default_rng(0)
@@ -98,13 +115,14 @@ def main():
 
     tm, em = statistics.median(torch_times), statistics.median(engine_times)
     report = {
-        "workload": f"LLaMA {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
+        "workload": f"{family} {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
                     f"inter {args.intermediate}, {args.heads} heads / {args.kv_heads} kv, vocab {args.vocab}), "
                     f"{args.seqs}x{args.tokens} tokens, f32, forward+backward",
         "cpu_threads_torch": threads,
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,
         "torch_attn": args.attn,
+        "torch_experts_impl": getattr(model.config, "_experts_implementation", None) if args.experts else None,
         "torch_s": torch_times,
         "engine_s": engine_times,
         "torch_median_s": tm,

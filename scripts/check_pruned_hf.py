@@ -58,6 +58,10 @@ CASES = {
     "starcoder2_window": ONE_BY_GRADNORM,
     "neox_parallel": ONE_BY_GRADNORM,
     "neox_sequential": ONE_BY_GRADNORM,
+    "mixtral_moe": ONE_BY_GRADNORM,
+    "qwen2_moe_shared": ONE_BY_GRADNORM,
+    "qwen3_moe_step": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
+    "olmoe_experts": ONE_BY_GRADNORM,
 }
 
 
@@ -74,7 +78,9 @@ def load_f64(path):
         c = json.load(f)
         vision_language = "text_config" in c or "vision_config" in c
     cls = transformers.AutoModelForImageTextToText if vision_language else transformers.AutoModelForCausalLM
-    m, info = cls.from_pretrained(path, attn_implementation="eager", output_loading_info=True)
+    # Eager experts for a mixture of experts: the default grouped_mm refuses float64.
+    m, info = cls.from_pretrained(path, attn_implementation="eager", experts_implementation="eager",
+                                  output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}
     assert not bad, f"{path}: {bad}"
     return m.double().eval()

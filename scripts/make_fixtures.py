@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2 /
-Granite / StarCoder2 / GPT-NeoX / Phi checkpoints, and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+Granite / StarCoder2 / GPT-NeoX / Phi checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -170,6 +170,38 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, norm_epsilon=1e-5, sliding_window=6,
                   rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
          full_attention_loss=True, seed=19),
+    # Mixtral: every MLP a sparse mixture of 4 experts (block_sparse_moe, w1/w3/w2), each token to its top 2
+    # with renormalised weights; a window of 6 on every layer, GQA, untied.
+    dict(name="mixtral_moe", model_type="mixtral", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, sliding_window=6,
+                  num_local_experts=4, num_experts_per_tok=2,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         full_attention_loss=True, seed=20),
+    # Qwen2-MoE (Qwen1.5-MoE-style): 5 experts, top 2, probabilities not renormalised, a shared expert
+    # gated by σ(shared_expert_gate · x), q/k/v biases; layer 1 dense (mlp_only_layers), bf16.
+    dict(name="qwen2_moe_shared", model_type="qwen2_moe", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6, num_experts=5,
+                  num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                  norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         seed=21),
+    # Qwen3-MoE: per-head q/k norms, 6 experts, top 3 renormalised (norm_topk_prob), decoder_sparse_step 2
+    # (layers 1 and 3 sparse, 0 and 2 dense).
+    dict(name="qwen3_moe_step", model_type="qwen3_moe", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-6, num_experts=6,
+                  num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=True,
+                  decoder_sparse_step=2, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         seed=22),
+    # OLMoE: q and k RMS-normalised over the whole projection, 4 experts, top 2 not renormalised,
+    # pad_token_id left to the class default (1), untied.
+    dict(name="olmoe_experts", model_type="olmoe", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-5, num_experts=4,
+                  num_experts_per_tok=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=23),
     # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
     # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
     # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,
@@ -259,7 +291,8 @@ def make_model(spec):
     config = cfg_cls(**spec["cfg"], attn_implementation="eager")
     torch.manual_seed(spec["seed"])
     cls = model_class(spec)
-    model = cls(config) if "cls" in spec else cls.from_config(config)
+    # Eager experts for the mixtures of experts (the default grouped_mm refuses float64).
+    model = cls(config) if "cls" in spec else cls.from_config(config, experts_implementation="eager")
     # Random, non-trivial values everywhere (HF's init leaves norms at 1 and biases at 0).
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -394,7 +427,8 @@ def full_attention_loss(spec, model, ids):
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
     cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
-    full = transformers.AutoModelForCausalLM.from_config(cfg_cls(**cfg, attn_implementation="eager"))
+    full = transformers.AutoModelForCausalLM.from_config(cfg_cls(**cfg, attn_implementation="eager"),
+                                                         experts_implementation="eager")
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()

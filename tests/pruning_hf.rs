@@ -262,6 +262,32 @@ fn neox_sequential_matches_transformers() {
     check_case("neox_sequential");
 }
 
+/// Mixtral: every MLP a sparse mixture of experts (block_sparse_moe, w1/w3/w2), a window on every layer.
+#[test]
+fn mixtral_moe_matches_transformers() {
+    check_case("mixtral_moe");
+}
+
+/// Qwen2-MoE: experts with a sigmoid-gated shared expert, a dense layer among the sparse ones, bf16.
+#[test]
+fn qwen2_moe_shared_expert_matches_transformers() {
+    check_case("qwen2_moe_shared");
+}
+
+/// Qwen3-MoE with decoder_sparse_step 2: both sparse layers removed, so the pruned config lists the two
+/// kept dense layers by their new indices (mlp_only_layers [0, 1], step 1), or transformers would build
+/// experts the checkpoint lacks.
+#[test]
+fn qwen3_moe_sparse_step_matches_transformers() {
+    check_case("qwen3_moe_step");
+}
+
+/// OLMoE: whole-projection q/k norms, experts not renormalised.
+#[test]
+fn olmoe_experts_match_transformers() {
+    check_case("olmoe_experts");
+}
+
 /// A Gemma 3 vision-language checkpoint (hub layout, hub-style sparse text_config, tied): the language
 /// model pruned, the vision tower and projector copied byte for byte.
 #[test]

@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 19] = [
+const FIXTURES: [&str; 23] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -36,6 +36,10 @@ const FIXTURES: [&str; 19] = [
     "qwen2_5_vl_flat",
     "phi_parallel",
     "starcoder2_window",
+    "mixtral_moe",
+    "qwen2_moe_shared",
+    "qwen3_moe_step",
+    "olmoe_experts",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -248,6 +252,41 @@ fn bad_inputs_give_clear_errors() {
         e.contains("layer_types") && e.contains("chunked_attention"),
         "{e}"
     );
+    // Mixture-of-experts settings the runtime does not read, or that cannot route.
+    for (name, key, value, want) in [
+        (
+            "olmoe_experts",
+            "clip_qkv",
+            serde_json::json!(8.0),
+            "'clip_qkv' is set",
+        ),
+        (
+            "qwen2_moe_shared",
+            "use_sliding_window",
+            serde_json::json!(true),
+            "'use_sliding_window' is true",
+        ),
+        (
+            "mixtral_moe",
+            "num_experts_per_tok",
+            serde_json::json!(5),
+            "num_experts_per_tok (5) must be between 1 and the number of experts (4)",
+        ),
+        (
+            "qwen3_moe_step",
+            "decoder_sparse_step",
+            serde_json::json!(0),
+            "'decoder_sparse_step' is 0",
+        ),
+    ] {
+        let tmp = edited_copy(name, |c| c[key] = value);
+        let e = Model::load(tmp.path()).err().unwrap().to_string();
+        assert!(e.contains(want), "{name}, {key}: {e}");
+    }
+    // Experts the config names but the checkpoint lacks.
+    let tmp = edited_copy("mixtral_moe", |c| c["num_local_experts"] = 5.into());
+    let e = Model::load(tmp.path()).err().unwrap().to_string();
+    assert!(e.contains("block_sparse_moe"), "{e}");
 }
 
 /// Every fixture's checkpoint is read whole; the same Qwen3 weights declared as Qwen2 load (every tensor
@@ -410,6 +449,17 @@ fn gemma2_windows_and_soft_caps_match_pytorch() {
 #[test]
 fn info_describes_windows_caps_and_rotary() {
     for (name, want) in [
+        (
+            "qwen2_moe_shared",
+            "mixture of experts: 5 experts of intermediate size 24, top 2 per token, a shared expert \
+             of 40 gated by σ on 2 of 3 layers (the others a dense MLP)",
+        ),
+        (
+            "qwen3_moe_step",
+            "parameters: 73504 (12384–20256 per decoder layer, 8224 outside them)\nblock: 2 RMSNorms; \
+             gated MLP (SiLU gate)\nmixture of experts: 6 experts of intermediate size 24, top 3 per \
+             token (weights renormalised) on 2 of 4 layers (the others a dense MLP)",
+        ),
         (
             "gemma2_softcap",
             "attention: window 5 on 2 of 4 layers (0, 2); scores × 0.204124; scores soft-capped at 2; \

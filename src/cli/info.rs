@@ -126,6 +126,7 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Gelu => "GELU",
         Activation::Softcap(_) => "soft-cap",
         Activation::Scale(_) => "scale",
+        Activation::Sigmoid => "sigmoid",
     };
     match c.layout {
         BlockLayout::Starcoder2 => format!(
@@ -158,6 +159,27 @@ fn describe_block(c: &ModelConfig) -> String {
             }
             if let Some(f) = c.logits_scale {
                 s += &format!("; logits × {f}");
+            }
+            if let Some(m) = &c.moe {
+                let sparse = m.sparse_layers.iter().filter(|&&x| x).count();
+                s += &format!(
+                    "\nmixture of experts: {} experts of intermediate size {}, top {} per token{}{} \
+                     on {sparse} of {} layers{}",
+                    m.experts,
+                    m.inter,
+                    m.top_k,
+                    if m.normalise { " (weights renormalised)" } else { "" },
+                    match m.shared_inter {
+                        Some(si) => format!(", a shared expert of {si} gated by σ"),
+                        None => String::new(),
+                    },
+                    c.num_hidden_layers,
+                    if sparse < c.num_hidden_layers {
+                        " (the others a dense MLP)"
+                    } else {
+                        ""
+                    }
+                );
             }
             s
         }
@@ -238,10 +260,17 @@ fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
             ""
         }
     );
-    println!(
-        "parameters: {total} ({} per decoder layer, {other} outside them)",
-        per_layer.first().copied().unwrap_or(0)
+    // Layers may differ (Qwen-MoE's dense layers among sparse ones): the range.
+    let (lo, hi) = (
+        per_layer.iter().copied().min().unwrap_or(0),
+        per_layer.iter().copied().max().unwrap_or(0),
     );
+    let each = if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}–{hi}")
+    };
+    println!("parameters: {total} ({each} per decoder layer, {other} outside them)");
     println!("block: {}", describe_block(c));
     println!("attention: {}", describe_attention(c));
     if let Some(wrapper) = &c.multimodal {

@@ -169,6 +169,26 @@ pub fn pruned_config(
         let below = kept.iter().filter(|&&i| i < bound).count();
         obj.insert("max_window_layers".into(), below.into());
     }
+    // Qwen2-MoE and Qwen3-MoE make layer l dense when it is in `mlp_only_layers` or (l + 1) is not a
+    // multiple of `decoder_sparse_step`: list the kept dense layers by their new indices, step 1, so
+    // that every kept layer keeps its kind.
+    if matches!(model_type, Some("qwen2_moe" | "qwen3_moe")) {
+        let step = decoder
+            .get("decoder_sparse_step")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(1)
+            .max(1) as usize;
+        let listed: Vec<usize> = decoder
+            .get("mlp_only_layers")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        let dense: Vec<usize> = (kept.iter().enumerate())
+            .filter(|&(_, &l)| listed.contains(&l) || (l + 1) % step != 0)
+            .map(|(new, _)| new)
+            .collect();
+        obj.insert("decoder_sparse_step".into(), 1.into());
+        obj.insert("mlp_only_layers".into(), dense.into());
+    }
     obj.insert("num_hidden_layers".into(), kept.len().into());
     Ok(c)
 }
@@ -482,6 +502,28 @@ mod tests {
             let p = pruned_config(&c, &[1, 2, 4], Path::new("config.json")).unwrap();
             assert_eq!(p["num_hidden_layers"], 3);
             assert_eq!(p["max_window_layers"], want, "{model_type}");
+        }
+    }
+
+    #[test]
+    fn qwen_moe_dense_layers_are_listed_by_their_new_indices() {
+        // Step 2: layers 1, 3, 5 sparse, 0, 2, 4 dense, and 3 listed dense too. Keeping 0, 1, 3, 5 keeps
+        // dense, sparse, dense, sparse: dense layers 0 and 2 of 4, under step 1. 6 layers listed dense
+        // (as long as the layer count) must not be taken for a per-layer list.
+        for (listed, kept, want) in [
+            (vec![3], vec![0, 1, 3, 5], vec![0, 2]),
+            (vec![0, 1, 2, 3, 4, 5], vec![1, 2], vec![0, 1]),
+        ] {
+            let c = serde_json::json!({
+                "model_type": "qwen3_moe",
+                "num_hidden_layers": 6,
+                "decoder_sparse_step": if listed.len() == 6 { 1 } else { 2 },
+                "mlp_only_layers": listed,
+            });
+            let p = pruned_config(&c, &kept, Path::new("config.json")).unwrap();
+            assert_eq!(p["num_hidden_layers"], kept.len());
+            assert_eq!(p["decoder_sparse_step"], 1);
+            assert_eq!(p["mlp_only_layers"], serde_json::json!(want));
         }
     }
 

@@ -1,6 +1,7 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2), GPT-NeoX (gpt_neox: Pythia) and
-//! Phi (phi), both config generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+//! Phi (phi), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
+//! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
 //! (`rope_parameters`). A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]:
 //! gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat
 //! Qwen-VL config's top level).
@@ -137,6 +138,38 @@ pub enum QkNorm {
     Whole,
 }
 
+/// A sparse mixture-of-experts MLP in place of the dense one (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a
+/// router (`{prefix}.gate`, `[experts, hidden]`) scores the experts, softmax over all of them, the `top_k`
+/// most probable run on the token (each a gated MLP `{prefix}.experts.{e}.{gate,up,down}`), their outputs
+/// weighted by those probabilities (renormalised to sum to 1 with `normalise`) and summed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moe {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Divide the top-k probabilities by their sum (Mixtral always; the others' `norm_topk_prob`).
+    pub normalise: bool,
+    /// An expert's intermediate size (`moe_intermediate_size`; Mixtral's and OLMoE's
+    /// `intermediate_size`).
+    pub inter: usize,
+    /// Qwen2-MoE's shared expert: a gated MLP `mlp.shared_expert` of this intermediate size on every
+    /// token, its output × σ(`mlp.shared_expert_gate` · x), added to the experts'.
+    pub shared_inter: Option<usize>,
+    /// Per decoder layer: sparse, or a dense MLP of `intermediate_size` (Qwen's `mlp_only_layers` and
+    /// `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+    /// The MLP's module (`block_sparse_moe` for Mixtral, else `mlp`).
+    pub prefix: &'static str,
+    /// An expert's gate, up and down projections (Mixtral: `w1`, `w3`, `w2`).
+    pub projections: [&'static str; 3],
+}
+
+impl Moe {
+    /// Whether decoder layer `l` has the sparse MLP.
+    pub fn is_sparse(&self, l: usize) -> bool {
+        self.sparse_layers.get(l).copied().unwrap_or(false)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     pub model_type: String,
@@ -207,6 +240,8 @@ pub struct ModelConfig {
     pub layout: BlockLayout,
     /// The lm_head has a bias (Phi).
     pub lm_head_bias: bool,
+    /// The sparse mixture-of-experts MLP, if the model has one.
+    pub moe: Option<Moe>,
 }
 
 /// A vision-language checkpoint kind whose language model the runtime reads.
@@ -464,7 +499,7 @@ impl ModelConfig {
             .to_string();
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2, \
-             gpt_neox, phi";
+             gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -488,6 +523,12 @@ impl ModelConfig {
             ));
         }
         let granite = model_type == "granite";
+        if model_type == "olmoe" && v.get("clip_qkv").is_some_and(|c| !c.is_null()) {
+            return Err(model_err(
+                path,
+                "field 'clip_qkv' is set: OLMoE's clamping of q, k and v is not supported",
+            ));
+        }
         // Granite's multipliers (GraniteConfig's defaults 1; attention_multiplier replaces 1/√head_dim).
         let multiplier = |key: &str| -> Result<Option<f32>> {
             if !granite {
@@ -566,20 +607,21 @@ impl ModelConfig {
         let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
+            // Qwen2MoeConfig's `qkv_bias` (default true; absent from 4.x configs).
+            "qwen2_moe" => (opt_bool(v, "qkv_bias", path)?.unwrap_or(true), false),
             "gpt_neox" => (attention_bias, attention_bias),
             "phi" => (true, true),
             "starcoder2" => (use_bias, use_bias),
-            "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2" => {
-                (attention_bias, attention_bias)
-            }
-            _ => (false, false), // mistral, phi3
+            "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2"
+            | "qwen3_moe" | "olmoe" => (attention_bias, attention_bias),
+            _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = match model_type.as_str() {
-            "qwen3" | "gemma3_text" => QkNorm::PerHead,
-            "olmo2" => QkNorm::Whole,
+            "qwen3" | "gemma3_text" | "qwen3_moe" => QkNorm::PerHead,
+            "olmo2" | "olmoe" => QkNorm::Whole,
             _ => QkNorm::Off,
         };
         // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
@@ -604,6 +646,8 @@ impl ModelConfig {
             _ => BlockLayout::Llama,
         };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
+        let intermediate_size = get_size(v, "intermediate_size", MAX_SIZE, path)?;
+        let moe = parse_moe(v, &model_type, num_hidden_layers, intermediate_size, path)?;
         // GPT-NeoX's embedding has no padding_idx: every row takes its gradient.
         let pad_token_id = match neox {
             true => None,
@@ -612,10 +656,10 @@ impl ModelConfig {
         Ok(ModelConfig {
             vocab_size,
             pad_token_id,
-            intermediate_size: get_size(v, "intermediate_size", MAX_SIZE, path)?,
+            intermediate_size,
             num_hidden_layers,
             // The config classes' defaults: 1e-5 for Phi-3, OLMo 2, GPT-NeoX and Phi (`layer_norm_eps`),
-            // StarCoder2 (`norm_epsilon`), 1e-6 for the others.
+            // StarCoder2 (`norm_epsilon`), Mixtral and OLMoE, 1e-6 for the others.
             rms_norm_eps: opt_f64(
                 v,
                 match model_type.as_str() {
@@ -628,7 +672,7 @@ impl ModelConfig {
             .unwrap_or(
                 if matches!(
                     model_type.as_str(),
-                    "phi3" | "olmo2" | "gpt_neox" | "phi" | "starcoder2"
+                    "phi3" | "olmo2" | "gpt_neox" | "phi" | "starcoder2" | "mixtral" | "olmoe"
                 ) {
                     1e-5
                 } else {
@@ -678,6 +722,7 @@ impl ModelConfig {
             multimodal: None,
             layout,
             lm_head_bias: phi,
+            moe,
         })
     }
 
@@ -783,7 +828,7 @@ fn parse_sliding_window(
     const CLASS_DEFAULT_MAX_WINDOW_LAYERS: usize = 28;
     let window = || -> Result<Option<usize>> {
         let w = match v.get("sliding_window") {
-            None if matches!(model_type, "phi3" | "starcoder2") => None,
+            None if matches!(model_type, "phi3" | "starcoder2" | "mixtral") => None,
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -804,7 +849,7 @@ fn parse_sliding_window(
             };
             Ok((w, layer_kinds(v, layers, w, derived, "", path)?))
         }
-        "mistral" | "phi3" | "starcoder2" => {
+        "mistral" | "phi3" | "starcoder2" | "mixtral" => {
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
         }
@@ -825,8 +870,94 @@ fn parse_sliding_window(
             let off = " (or 'use_sliding_window' is false)";
             Ok((w, layer_kinds(v, layers, w, derived, off, path)?))
         }
+        // Qwen2-MoE's and Qwen3-MoE's windows (Qwen2-MoE's on the odd layers below max_window_layers)
+        // are off in every released checkpoint and not read here.
+        "qwen2_moe" | "qwen3_moe" if opt_bool(v, "use_sliding_window", path)? == Some(true) => {
+            Err(model_err(
+                path,
+                format!("field 'use_sliding_window' is true: {model_type}'s sliding window is not supported"),
+            ))
+        }
         _ => Ok((None, vec![false; layers])),
     }
+}
+
+/// The sparse MLP of a mixture-of-experts `model_type` (`None` for the others), from the config
+/// classes' fields and defaults: the number of experts (`num_local_experts`, or `num_experts`: Qwen's
+/// and OLMoE's 4.x name), `num_experts_per_tok`, `norm_topk_prob` (Mixtral renormalises always, the
+/// others' classes default to false), the experts' `moe_intermediate_size` (Qwen; Mixtral and OLMoE
+/// use `intermediate_size`), Qwen2-MoE's `shared_expert_intermediate_size`, and which layers are sparse:
+/// with Qwen's `decoder_sparse_step` s and `mlp_only_layers`, layer l is sparse unless it is listed or
+/// (l + 1) is not a multiple of s.
+fn parse_moe(
+    v: &Value,
+    model_type: &str,
+    layers: usize,
+    intermediate_size: usize,
+    path: &Path,
+) -> Result<Option<Moe>> {
+    let (prefix, projections) = match model_type {
+        "mixtral" => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        "qwen2_moe" | "qwen3_moe" | "olmoe" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        _ => return Ok(None),
+    };
+    let qwen = model_type.starts_with("qwen");
+    let experts = match (v.get("num_local_experts"), v.get("num_experts")) {
+        (Some(x), _) if !x.is_null() => get_size(v, "num_local_experts", MAX_SIZE, path)?,
+        _ => get_size(v, "num_experts", MAX_SIZE, path)?,
+    };
+    let top_k = get_size(v, "num_experts_per_tok", MAX_SIZE, path)?;
+    if experts == 0 || top_k == 0 || top_k > experts {
+        return Err(model_err(
+            path,
+            format!("num_experts_per_tok ({top_k}) must be between 1 and the number of experts ({experts})"),
+        ));
+    }
+    let normalise =
+        model_type == "mixtral" || opt_bool(v, "norm_topk_prob", path)?.unwrap_or(false);
+    let inter = match qwen {
+        true => get_size(v, "moe_intermediate_size", MAX_SIZE, path)?,
+        false => intermediate_size,
+    };
+    let shared_inter = match model_type {
+        "qwen2_moe" => Some(get_size(
+            v,
+            "shared_expert_intermediate_size",
+            MAX_SIZE,
+            path,
+        )?),
+        _ => None,
+    };
+    let sparse_layers = if qwen {
+        let step = opt_usize(v, "decoder_sparse_step", path)?.unwrap_or(1);
+        if step == 0 {
+            return Err(model_err(path, "field 'decoder_sparse_step' is 0"));
+        }
+        let dense: Vec<usize> = match v.get("mlp_only_layers") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(x) => serde_json::from_value(x.clone()).map_err(|_| {
+                model_err(
+                    path,
+                    "field 'mlp_only_layers' is not a list of layer indices",
+                )
+            })?,
+        };
+        (0..layers)
+            .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+            .collect()
+    } else {
+        vec![true; layers]
+    };
+    Ok(Some(Moe {
+        experts,
+        top_k,
+        normalise,
+        inter,
+        shared_inter,
+        sparse_layers,
+        prefix,
+        projections,
+    }))
 }
 
 /// Which layers of config `v` use the window `w`: the kinds `layer_types` names, else the `derived` ones

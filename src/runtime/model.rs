@@ -13,11 +13,15 @@
 //! parallel residual) or one after the other. Phi ([`BlockLayout::Phi`]): one LayerNorm whose output both
 //! the attention and the MLP read, an lm_head with a bias. Granite multiplies the embeddings, the scores,
 //! each branch before its residual add and the logits by constants (`Activation::Scale`). A
-//! vision-language checkpoint's language model is read where [`TensorNames`] finds it.
+//! vision-language checkpoint's language model is read where [`TensorNames`] finds it. A mixture of
+//! experts (mixtral, qwen2_moe, qwen3_moe, olmoe: the config's `Moe`) replaces a layer's gated MLP with
+//! its router (a `Linear` to the experts' logits) and one [`SparseMoe`] op (`tape/moe.rs`), plus
+//! Qwen2-MoE's shared expert × σ(gate) (`RowScale`).
 
 use super::config::{BlockLayout, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
+use super::tape::moe::{Expert, SparseMoe};
 use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, OnHidden, Tokens};
@@ -462,7 +466,30 @@ impl Model {
                 ],
             };
             linears.push((c.layout.o_proj(), h, qd, c.o_bias));
+            let moe = c.moe.as_ref().filter(|m| m.is_sparse(l));
+            let mut moe_linears = Vec::new();
+            if let Some(m) = moe {
+                moe_linears.push((format!("{}.gate", m.prefix), m.experts, h));
+                for e in 0..m.experts {
+                    let [gate, up, down] = m.projections;
+                    let name = |p: &str| format!("{}.experts.{e}.{p}", m.prefix);
+                    moe_linears.extend([
+                        (name(gate), m.inter, h),
+                        (name(up), m.inter, h),
+                        (name(down), h, m.inter),
+                    ]);
+                }
+                if let Some(si) = m.shared_inter {
+                    moe_linears.extend([
+                        ("mlp.shared_expert.gate_proj".into(), si, h),
+                        ("mlp.shared_expert.up_proj".into(), si, h),
+                        ("mlp.shared_expert.down_proj".into(), h, si),
+                        ("mlp.shared_expert_gate".into(), 1, h),
+                    ]);
+                }
+            }
             match (c.layout.plain_mlp(), c.fused_projections) {
+                _ if moe.is_some() => {}
                 (Some((up, down)), _) => {
                     linears.extend([(up, i, h, c.mlp_bias), (down, h, i, c.mlp_bias)])
                 }
@@ -481,6 +508,9 @@ impl Model {
                 if bias {
                     t(&format!("{name}.bias"), vec![rows]);
                 }
+            }
+            for (name, rows, cols) in moe_linears {
+                t(&format!("{name}.weight"), vec![rows, cols]);
             }
             if let Some((dq, dk)) = c.qk_norm_lens() {
                 t("self_attn.q_norm.weight", vec![dq]);
@@ -977,27 +1007,90 @@ impl Model {
             lse,
         });
 
-        // The MLP of its (normed) input `b`: gated (LLaMA), or up → act → down (GPT-NeoX, Phi).
-        let mlp = |tape: &mut Tape<D>, b: BufId| match c.layout.plain_mlp() {
-            Some((up, down)) => {
-                let up = linear(tape, b, up, h, inter, c.mlp_bias);
-                let act = push_activate(tape, up, c.activation, format!("{pre}.mlp.act"), n, inter);
-                linear(tape, act, down, inter, h, c.mlp_bias)
-            }
-            None => {
-                let gate = linear(tape, b, "mlp.gate_proj", h, inter, c.mlp_bias);
-                let up = linear(tape, b, "mlp.up_proj", h, inter, c.mlp_bias);
-                let act =
-                    push_activate(tape, gate, c.activation, format!("{pre}.mlp.act"), n, inter);
-                let m = tape.buffer(format!("{pre}.mlp.mul"), n, inter);
-                tape.push(op::Mul {
-                    a: act,
-                    b: up,
-                    out: m,
-                });
-                let d = linear(tape, m, "mlp.down_proj", inter, h, c.mlp_bias);
-                maybe_norm(tape, d, norm_mlp_out)
-            }
+        // A gated MLP `module` of intermediate size `inter` on `b`: down(act(gate b) ⊙ up b).
+        let gated = |tape: &mut Tape<D>, b: BufId, module: &str, inter: usize| {
+            let proj = |p: &str| format!("{module}.{p}");
+            let gate = linear(tape, b, &proj("gate_proj"), h, inter, c.mlp_bias);
+            let up = linear(tape, b, &proj("up_proj"), h, inter, c.mlp_bias);
+            let act = push_activate(tape, gate, c.activation, proj("act"), n, inter);
+            let m = tape.buffer(format!("{pre}.{module}.mul"), n, inter);
+            tape.push(op::Mul {
+                a: act,
+                b: up,
+                out: m,
+            });
+            linear(tape, m, &proj("down_proj"), inter, h, c.mlp_bias)
+        };
+        // The MLP of its (normed) input `b`: gated (LLaMA), up → act → down (GPT-NeoX, Phi), or the
+        // sparse mixture of experts (+ Qwen2-MoE's gated shared expert).
+        let mlp = |tape: &mut Tape<D>, b: BufId| {
+            let out = match (
+                c.layout.plain_mlp(),
+                c.moe.as_ref().filter(|m| m.is_sparse(l)),
+            ) {
+                (Some((up, down)), _) => {
+                    let up = linear(tape, b, up, h, inter, c.mlp_bias);
+                    let act =
+                        push_activate(tape, up, c.activation, format!("{pre}.mlp.act"), n, inter);
+                    linear(tape, act, down, inter, h, c.mlp_bias)
+                }
+                (None, Some(moe)) => {
+                    let module = format!("{pre}.{}", moe.prefix);
+                    let logits = linear(
+                        tape,
+                        b,
+                        &format!("{}.gate", moe.prefix),
+                        h,
+                        moe.experts,
+                        false,
+                    );
+                    let experts = (0..moe.experts)
+                        .map(|e| {
+                            let [gate, up, down] = moe.projections.map(|p| {
+                                let name = format!("{module}.experts.{e}.{p}.weight");
+                                tape.param(name, l, moe.inter * h)
+                            });
+                            Expert { gate, up, down }
+                        })
+                        .collect();
+                    let out = tape.buffer(format!("{module}.experts"), n, h);
+                    tape.push(SparseMoe {
+                        x: b,
+                        logits,
+                        experts,
+                        top_k: moe.top_k,
+                        normalise: moe.normalise,
+                        act: c.activation,
+                        inter: moe.inter,
+                        out,
+                    });
+                    match moe.shared_inter {
+                        None => out,
+                        Some(si) => {
+                            let shared = gated(tape, b, "mlp.shared_expert", si);
+                            let g = linear(tape, b, "mlp.shared_expert_gate", h, 1, false);
+                            let name = format!("{pre}.mlp.shared_expert_gate.sigmoid");
+                            let g = push_activate(tape, g, Activation::Sigmoid, name, n, 1);
+                            let gated_shared =
+                                tape.buffer(format!("{pre}.mlp.shared_expert.gated"), n, h);
+                            tape.push(op::RowScale {
+                                x: shared,
+                                s: g,
+                                out: gated_shared,
+                            });
+                            let sum = tape.buffer(format!("{module}.out"), n, h);
+                            tape.push(op::Add {
+                                a: out,
+                                b: gated_shared,
+                                out: sum,
+                            });
+                            sum
+                        }
+                    }
+                }
+                (None, None) => gated(tape, b, "mlp", inter),
+            };
+            maybe_norm(tape, out, norm_mlp_out)
         };
         let o = linear(tape, att, c.layout.o_proj(), qd, h, c.o_bias);
         let o = maybe_norm(tape, o, norm_attn_out);

@@ -13,6 +13,7 @@
 //! holds only a window of the weights can upload the next layer while the current one computes.
 
 pub mod cnn;
+pub mod moe;
 pub mod op;
 
 use crate::error::Result;

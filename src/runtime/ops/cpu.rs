@@ -694,7 +694,7 @@ fn attention_backward_blocked(
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Elementwise: SiLU, multiply, add
+// Elementwise: activations, multiply, add, row scaling
 // ---------------------------------------------------------------------------------------------------------
 
 const CHUNK: usize = 16_384;
@@ -709,10 +709,11 @@ pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
             Activation::Softcap(c) => vmath::softcap(xc, yc, c),
             Activation::Gelu => vmath::gelu(xc, yc),
             Activation::Scale(s) => vmath::mul_scalar(xc, yc, s),
+            Activation::Sigmoid => vmath::sigmoid(xc, yc),
         });
 }
 
-/// `dx += act'(x) dy`; SiLU: σ(x) (1 + x (1 − σ(x))).
+/// `dx += act'(x) dy`; SiLU: σ(x) (1 + x (1 − σ(x))); sigmoid: σ(x) (1 − σ(x)).
 pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
@@ -722,6 +723,7 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
             Activation::Softcap(c) => vmath::softcap_backward(xc, gc, dc, c),
             Activation::Gelu => vmath::gelu_backward(xc, gc, dc),
             Activation::Scale(s) => vmath::mul_scalar_backward(gc, dc, s),
+            Activation::Sigmoid => vmath::sigmoid_backward(xc, gc, dc),
         });
 }
 
@@ -792,6 +794,58 @@ pub fn accumulate(dst: &mut [f32], src: &[f32]) {
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
         .for_each(|(dc, sc)| dc.iter_mut().zip(sc).for_each(|(d, &s)| *d += s));
+}
+
+/// `y[r] = s[r] · x[r]` for rows of `d` values, `s` one value per row (see
+/// [`super::Device::row_scale_forward`]); lengths checked by the caller ([`super::row_scale_rows`]).
+pub fn row_scale_forward(x: &[f32], s: &[f32], d: usize, y: &mut [f32]) {
+    if d == 0 {
+        return;
+    }
+    let chunk = rows_per_task(d);
+    y.par_chunks_mut(d * chunk)
+        .zip(x.par_chunks(d * chunk).zip(s.par_chunks(chunk)))
+        .for_each(|(yc, (xc, sc))| {
+            for ((yr, xr), &f) in yc.chunks_mut(d).zip(xc.chunks(d)).zip(sc) {
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = f * v;
+                }
+            }
+        });
+}
+
+/// `dx[r] += s[r] · dy[r]`, `ds[r] += dy[r] · x[r]` (each row's dot product summed in f64).
+pub fn row_scale_backward(
+    x: &[f32],
+    s: &[f32],
+    dy: &[f32],
+    d: usize,
+    dx: &mut [f32],
+    ds: &mut [f32],
+) {
+    if d == 0 {
+        return;
+    }
+    let chunk = rows_per_task(d);
+    dx.par_chunks_mut(d * chunk)
+        .zip(ds.par_chunks_mut(chunk))
+        .zip(x.par_chunks(d * chunk).zip(dy.par_chunks(d * chunk)))
+        .zip(s.par_chunks(chunk))
+        .for_each(|(((dxc, dsc), (xc, gc)), sc)| {
+            for (((dxr, dsr), (xr, gr)), &f) in dxc
+                .chunks_mut(d)
+                .zip(dsc)
+                .zip(xc.chunks(d).zip(gc.chunks(d)))
+                .zip(sc)
+            {
+                let mut dot = 0f64;
+                for ((o, &v), &g) in dxr.iter_mut().zip(xr).zip(gr) {
+                    *o += f * g;
+                    dot += g as f64 * v as f64;
+                }
+                *dsr += dot as f32;
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1082,6 +1136,33 @@ impl super::Device for Cpu {
     }
     fn add_forward(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
         add_forward(a, b, y);
+        Ok(())
+    }
+    fn row_scale_forward(&self, x: &[f32], s: &[f32], d: usize, y: &mut [f32]) -> Result<()> {
+        super::row_scale_rows(s.len(), d, &[(x.len(), "x"), (y.len(), "output")], &[])?;
+        row_scale_forward(x, s, d, y);
+        Ok(())
+    }
+    fn row_scale_backward(
+        &self,
+        x: &[f32],
+        s: &[f32],
+        dy: &[f32],
+        d: usize,
+        dx: &mut [f32],
+        ds: &mut [f32],
+    ) -> Result<()> {
+        super::row_scale_rows(
+            s.len(),
+            d,
+            &[
+                (x.len(), "x"),
+                (dy.len(), "output gradient"),
+                (dx.len(), "input gradient"),
+            ],
+            &[(ds.len(), "scale gradient")],
+        )?;
+        row_scale_backward(x, s, dy, d, dx, ds);
         Ok(())
     }
     fn column_blocks_forward(
@@ -1627,6 +1708,7 @@ mod tests {
             Activation::Softcap(1.7),
             Activation::Gelu,
             Activation::Scale(-0.3),
+            Activation::Sigmoid,
         ] {
             let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
             check_grads(
@@ -1683,6 +1765,58 @@ mod tests {
             },
             1e-3,
         );
+    }
+
+    /// Rows scaled by one value each (a routing weight), the gradients of x and of the scales; rows of
+    /// one value, and the empty cases.
+    #[test]
+    fn row_scale_gradients() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for (rows, d) in [(5, 7), (3, 1), (1, 33)] {
+            let ins = vec![rand_vec(&mut rng, rows * d), rand_vec(&mut rng, rows)];
+            let mut y = vec![0.0; rows * d];
+            row_scale_forward(&ins[0], &ins[1], d, &mut y);
+            for r in 0..rows {
+                for j in 0..d {
+                    assert_eq!(y[r * d + j], ins[1][r] * ins[0][r * d + j]);
+                }
+            }
+            check_grads(
+                ins,
+                rows * d,
+                &|i| {
+                    let mut y = vec![0.0; rows * d];
+                    row_scale_forward(&i[0], &i[1], d, &mut y);
+                    y
+                },
+                &|i, c| {
+                    let (mut dx, mut ds) = (vec![0.0; rows * d], vec![0.0; rows]);
+                    row_scale_backward(&i[0], &i[1], c, d, &mut dx, &mut ds);
+                    vec![dx, ds]
+                },
+                1e-3,
+            );
+        }
+        // Through the device: no rows, rows of no values, and lengths that disagree.
+        use super::super::Device;
+        let mut none: Vec<f32> = vec![];
+        Cpu.row_scale_forward(&[], &[], 4, &mut none).unwrap();
+        let mut ds = vec![1.0; 3];
+        Cpu.row_scale_backward(&[], &[1.0; 3], &[], 0, &mut none, &mut ds)
+            .unwrap();
+        assert_eq!(ds, [1.0; 3]);
+        let mut y = vec![0.0; 6];
+        assert!(Cpu
+            .row_scale_forward(&[1.0; 6], &[1.0; 2], 4, &mut y)
+            .is_err());
+        assert!(Cpu
+            .row_scale_forward(&[1.0; 8], &[1.0; 2], 4, &mut y)
+            .is_err());
+        let mut ds = vec![0.0; 3];
+        let mut dx = vec![0.0; 8];
+        assert!(Cpu
+            .row_scale_backward(&[1.0; 8], &[1.0; 2], &[1.0; 8], 4, &mut dx, &mut ds)
+            .is_err());
     }
 
     #[test]

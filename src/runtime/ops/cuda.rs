@@ -30,7 +30,10 @@
 //! Every op returns a [`Result`]; nothing here calls into CUDA before [`CudaDevice::open`] has found a
 //! driver, a GPU and NVRTC (cudarc panics on a missing library).
 
-use super::{Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, ParamUse, RopeTable};
+use super::{
+    row_scale_rows, Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, ParamUse,
+    RopeTable,
+};
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
 use crate::similarity::cuda::kernels::{self, Binary, Kernel, RuntimeKernels};
@@ -1577,6 +1580,7 @@ impl Device for CudaDevice {
                 Activation::Softcap(cap) => kern.softcap_forward.launch(s, c, x, y, n, cap),
                 Activation::Gelu => kern.gelu_forward.launch(s, c, x, y, n),
                 Activation::Scale(f) => kern.scale_forward.launch(s, c, x, y, n, f),
+                Activation::Sigmoid => kern.sigmoid_forward.launch(s, c, x, y, n),
             }
         }
     }
@@ -1592,6 +1596,7 @@ impl Device for CudaDevice {
             Activation::Silu => self.binary(&kern.silu_backward, x, dy, dx),
             Activation::GeluTanh => self.binary(&kern.gelu_tanh_backward, x, dy, dx),
             Activation::Gelu => self.binary(&kern.gelu_backward, x, dy, dx),
+            Activation::Sigmoid => self.binary(&kern.sigmoid_backward, x, dy, dx),
             Activation::Softcap(f) | Activation::Scale(f) => {
                 let kernel = match act {
                     Activation::Softcap(_) => &kern.softcap_backward,
@@ -1644,6 +1649,57 @@ impl Device for CudaDevice {
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         self.binary(&self.k().add_forward, a, b, y)
+    }
+    fn row_scale_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        s: &CudaSlice<f32>,
+        d: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = row_scale_rows(s.len(), d, &[(x.len(), "x"), (y.len(), "output")], &[])?;
+        let n = rows * d;
+        if n == 0 {
+            return Ok(());
+        }
+        let c = self.ew_cfg(n)?;
+        // SAFETY: x and y hold n = rows·d values, s rows.
+        unsafe {
+            self.k()
+                .row_scale_forward
+                .launch(self.s(), c, x, s, y, d as u64, n as u64)
+        }
+    }
+    fn row_scale_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        s: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        d: usize,
+        dx: &mut CudaSlice<f32>,
+        ds: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = row_scale_rows(
+            s.len(),
+            d,
+            &[
+                (x.len(), "x"),
+                (dy.len(), "output gradient"),
+                (dx.len(), "input gradient"),
+            ],
+            &[(ds.len(), "scale gradient")],
+        )?;
+        if rows * d == 0 {
+            return Ok(());
+        }
+        let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
+        let c = cfg((rows, 1), THREADS)?;
+        // SAFETY: x, dy and dx hold rows·d values, s and ds rows.
+        unsafe {
+            self.k()
+                .row_scale_backward
+                .launch(self.s(), c, x, s, dy, dx, ds, di, ri)
+        }
     }
     fn column_blocks_forward(
         &self,

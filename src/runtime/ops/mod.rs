@@ -68,7 +68,8 @@ impl RopeTable {
 
 /// An elementwise function of the tape ([`crate::runtime::tape::op::Activate`]): the gate activation of a
 /// gated MLP (`act(gate) ⊙ up`, the config's `hidden_act` / `hidden_activation`), an MLP's activation
-/// (GPT-NeoX), Gemma 2's soft-capping of the logits, or a constant factor (Granite).
+/// (GPT-NeoX), Gemma 2's soft-capping of the logits, a constant factor (Granite), or the logistic
+/// function of Qwen2-MoE's shared-expert gate.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     /// `x σ(x)` (LLaMA's SwiGLU).
@@ -83,6 +84,8 @@ pub enum Activation {
     /// `s · x` (Granite's `residual_multiplier` on each block's branches, 1 / `logits_scaling` on the
     /// logits).
     Scale(f32),
+    /// `σ(x) = 1 / (1 + e^{−x})` (Qwen2-MoE's shared-expert gate, `sigmoid(shared_expert_gate(x))`).
+    Sigmoid,
 }
 
 /// A normalisation of rows of `d` values ([`Device::norm_forward`]).
@@ -127,6 +130,32 @@ impl ColumnBlocks {
         }
         Ok(rows)
     }
+}
+
+/// The rows of a [`Device::row_scale_forward`] or [`Device::row_scale_backward`], `s_len` (one scale per
+/// row): an error unless each buffer of `values` (its length and its name) holds rows·d values and each
+/// of `per_row` one per row.
+pub fn row_scale_rows(
+    s_len: usize,
+    d: usize,
+    values: &[(usize, &str)],
+    per_row: &[(usize, &str)],
+) -> Result<usize> {
+    let n = s_len.checked_mul(d).ok_or_else(|| {
+        crate::Error::invalid(format!("row scale: {s_len} rows of {d} values overflow"))
+    })?;
+    let wanted = values
+        .iter()
+        .map(|&v| (v, n))
+        .chain(per_row.iter().map(|&v| (v, s_len)));
+    for ((len, what), want) in wanted {
+        if len != want {
+            return Err(crate::Error::invalid(format!(
+                "row scale: {what} holds {len} values where {want} are expected ({s_len} rows of {d})"
+            )));
+        }
+    }
+    Ok(s_len)
 }
 
 /// How a device computes the linear layers' matrix products (`--matmul`).
@@ -366,6 +395,26 @@ pub trait Device: Clone + Send + Sync + 'static {
         db: &mut Self::Slice,
     ) -> Result<()>;
     fn add_forward(&self, a: &Self::Slice, b: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
+    /// `y[r] = s[r] · x[r]` for rows of `d` values (`s` one value per row): a mixture-of-experts
+    /// expert's output weighted by its routing weight, Qwen2-MoE's gated shared expert.
+    fn row_scale_forward(
+        &self,
+        x: &Self::Slice,
+        s: &Self::Slice,
+        d: usize,
+        y: &mut Self::Slice,
+    ) -> Result<()>;
+    /// `dx[r] += s[r] · dy[r]`, `ds[r] += dy[r] · x[r]` (a dot product per row).
+    #[allow(clippy::too_many_arguments)]
+    fn row_scale_backward(
+        &self,
+        x: &Self::Slice,
+        s: &Self::Slice,
+        dy: &Self::Slice,
+        d: usize,
+        dx: &mut Self::Slice,
+        ds: &mut Self::Slice,
+    ) -> Result<()>;
     /// Gather column blocks: `y[r, g·block + i] = x[r, g·stride + offset + i]` for every group g of
     /// `x`'s rows (`x` rows `width = groups · stride` wide, `y` rows `groups · block`). GPT-NeoX's fused
     /// `query_key_value` output holds q, k and v of each head side by side: each is one such gather.

@@ -1,7 +1,8 @@
 //! Vectorisable f32 kernels for the row-wise ops: an exponential as a branch-free polynomial (so the
 //! compiler turns a loop of it into SIMD code, where `f32::exp` is a scalar libm call per element), and
-//! the loops built on it (softmax pieces, SiLU, tanh-approximated GELU). Each public kernel is compiled twice, for the baseline
-//! target and with AVX2 + FMA, and picks the second at run time when the CPU has it.
+//! the loops built on it (softmax pieces, SiLU, the logistic sigmoid, tanh-approximated GELU). Each
+//! public kernel is compiled twice, for the baseline target and with AVX2 + FMA, and picks the second at
+//! run time when the CPU has it.
 
 /// Defines `$name` with body `$body`, plus an AVX2 + FMA copy chosen at run time where the CPU has both.
 macro_rules! simd_kernel {
@@ -133,17 +134,36 @@ simd_kernel! {
     }
 }
 
-/// σ(x) = 1 / (1 + e^−x).
+/// σ(x) = 1 / (1 + e^−x), the logistic function of one value.
 #[inline(always)]
-fn sigmoid(x: f32) -> f32 {
+fn logistic(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
+}
+
+simd_kernel! {
+    /// `y = σ(x)`.
+    pub fn sigmoid(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = logistic(v);
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dx += dy σ(x) (1 − σ(x))`.
+    pub fn sigmoid_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let s = logistic(v);
+            *d += g * s * (1.0 - s);
+        }
+    }
 }
 
 simd_kernel! {
     /// `y = x σ(x)`.
     pub fn silu(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = v * sigmoid(v);
+            *o = v * logistic(v);
         }
     }
 }
@@ -152,7 +172,7 @@ simd_kernel! {
     /// `dx += dy σ(x) (1 + x (1 − σ(x)))`.
     pub fn silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-            let s = sigmoid(v);
+            let s = logistic(v);
             *d += g * s * (1.0 + v * (1.0 - s));
         }
     }
@@ -168,7 +188,7 @@ simd_kernel! {
     pub fn gelu_tanh(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
             let u = GELU_K * (v + GELU_C * v * v * v);
-            *o = v * sigmoid(2.0 * u);
+            *o = v * logistic(2.0 * u);
         }
     }
 }
@@ -178,7 +198,7 @@ simd_kernel! {
     pub fn gelu_tanh_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
             let u = GELU_K * (v + GELU_C * v * v * v);
-            let s = sigmoid(2.0 * u);
+            let s = logistic(2.0 * u);
             let du = GELU_K * (1.0 + 3.0 * GELU_C * v * v);
             *d += g * (s + v * s * (1.0 - s) * 2.0 * du);
         }
@@ -296,6 +316,11 @@ mod tests {
         for (&a, &v) in y.iter().zip(&xs) {
             let r = v as f64 / (1.0 + (-v as f64).exp());
             assert!((a as f64 - r).abs() < 1e-6 * (1.0 + r.abs()));
+        }
+        sigmoid(&xs, &mut y);
+        for (&a, &v) in y.iter().zip(&xs) {
+            let r = 1.0 / (1.0 + (-v as f64).exp());
+            assert!((a as f64 - r).abs() < 1e-6 * r, "sigmoid({v}): {a} vs {r}");
         }
         // PyTorch's formula in f64: x/2 (1 + tanh(√(2/π) (x + 0.044715 x³))).
         gelu_tanh(&xs, &mut y);

@@ -342,6 +342,7 @@ impl<D: Device> TapeOp<D> for Activate {
                 Activation::Softcap(_) => "softcap",
                 Activation::Gelu => "gelu",
                 Activation::Scale(_) => "scale",
+                Activation::Sigmoid => "sigmoid",
             },
             inputs: vec![self.x],
             outputs: vec![self.out],
@@ -407,6 +408,47 @@ impl<D: Device> TapeOp<D> for Mul {
                 .mul_backward(t.data(a), t.data(b), t.grad(out), da, &mut db)
         });
         t.put_grad(b, db);
+        r
+    }
+}
+
+/// `out[r] = s[r] · x[r]`, `s` one value per row (Qwen2-MoE's shared expert × its sigmoid gate).
+#[derive(Clone, Debug)]
+pub struct RowScale {
+    pub x: BufId,
+    pub s: BufId,
+    pub out: BufId,
+}
+
+impl<D: Device> TapeOp<D> for RowScale {
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "row_scale",
+            inputs: vec![self.x, self.s],
+            outputs: vec![self.out],
+            saved: vec![self.x, self.s],
+            params: vec![],
+        }
+    }
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
+        let RowScale { x, s, out } = *self;
+        t.write_output(out, |t, y| {
+            t.dev
+                .row_scale_forward(t.data(x), t.data(s), t.bufs[x].cols, y)
+        })
+    }
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
+        let RowScale { x, s, out } = *self;
+        if !t.has_grad(out) {
+            return Ok(());
+        }
+        let mut ds = t.take_grad(s)?;
+        let r = t.write_grad(x, |t, dx| {
+            let d = t.bufs[x].cols;
+            t.dev
+                .row_scale_backward(t.data(x), t.data(s), t.grad(out), d, dx, &mut ds)
+        });
+        t.put_grad(s, ds);
         r
     }
 }

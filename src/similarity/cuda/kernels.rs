@@ -455,9 +455,9 @@ signatures! {
     RbfExp(k: Out<f32>, nn: u64, state: In<u32>, threshold: f64);
 
     // The runtime (kernels/runtime_*.cu).
-    /// silu_forward, gelu_tanh_forward, gelu_forward
+    /// silu_forward, sigmoid_forward, gelu_tanh_forward, gelu_forward
     Unary(x: In<f32>, y: Out<f32>, n: u64);
-    /// silu_backward, gelu_tanh_backward, gelu_backward, mul_forward, add_forward
+    /// silu_backward, sigmoid_backward, gelu_tanh_backward, gelu_backward, mul_forward, add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
     /// softcap_forward, scale_forward
     SoftcapForward(x: In<f32>, y: Out<f32>, n: u64, c: f32);
@@ -467,6 +467,11 @@ signatures! {
     ColumnBlocks(x: In<f32>, y: Out<f32>, rows: u64, width: i32, block: i32, stride: i32, offset: i32);
     /// mul_backward
     MulBackward(a: In<f32>, b: In<f32>, dy: In<f32>, da: Out<f32>, db: Out<f32>, n: u64);
+    /// row_scale_forward (n = rows · d values, s one per row)
+    RowScaleForward(x: In<f32>, s: In<f32>, y: Out<f32>, d: u64, n: u64);
+    /// row_scale_backward (one block per row)
+    RowScaleBackward(x: In<f32>, s: In<f32>, dy: In<f32>, dx: Out<f32>, ds: Out<f32>, d: i32,
+                     rows: i32);
     /// accumulate
     Accumulate(dst: Out<f32>, src: In<f32>, n: u64);
     /// sum_sq_partials
@@ -579,6 +584,8 @@ kernel_table! {
         "runtime_elementwise.cu" => {
             silu_forward: Unary,
             silu_backward: Binary,
+            sigmoid_forward: Unary,
+            sigmoid_backward: Binary,
             gelu_tanh_forward: Unary,
             gelu_tanh_backward: Binary,
             gelu_forward: Unary,
@@ -594,6 +601,8 @@ kernel_table! {
             sum_sq_partials: SumSqPartials,
             column_blocks_forward: ColumnBlocks,
             column_blocks_backward: ColumnBlocks,
+            row_scale_forward: RowScaleForward,
+            row_scale_backward: RowScaleBackward,
         }
         "runtime_embedding.cu" => { embedding_forward: Embedding, embedding_backward: EmbeddingBackward }
         "runtime_rope.cu" => { rope_apply: RopeApply }

@@ -1,0 +1,397 @@
+//! The sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as one tape op,
+//! [`SparseMoe`], written once for every [`Device`] from the device's ops: the rows routed to an expert
+//! are gathered (the embedding lookup, with the input as the table), run through the expert's gated MLP
+//! (linear, activation, multiply, linear), weighted by their routing weights ([`Device::row_scale_forward`])
+//! and scattered back into the output (the embedding's backward, which adds).
+//!
+//! Which rows go where is data: it is known only once the router's logits are, so the routing is done on
+//! the host ([`Routing`]: softmax, top-k, renormalisation, in f64, and their backward), from the logits
+//! the router's `Linear` op wrote (a download on a GPU: `[rows, experts]` values, small beside an
+//! expert's matrices). Each expert's buffers are sized to its rows and taken from the tape's pool. The
+//! backward keeps nothing but the op's input and the logits: it routes again and recomputes each
+//! expert's intermediate values (what activation checkpointing does), so the tape's memory does not
+//! depend on how the tokens were routed.
+
+use super::{BufId, Device, OpIo, ParamGrads, ParamId, ParamStore, Pool, Tape, TapeOp};
+use crate::error::Result;
+use crate::runtime::ops::Activation;
+
+/// The routing of one batch: for every row (token), the `top_k` most probable experts under the softmax
+/// of its router logits, with the weights their outputs are summed with: the probabilities, or with
+/// `normalise` the probabilities divided by their sum over the chosen experts. Ties go to the lower
+/// expert index (random weights never tie).
+#[derive(Clone, Debug)]
+pub struct Routing {
+    experts: usize,
+    top_k: usize,
+    normalise: bool,
+    /// `[rows, experts]`: the softmax probabilities.
+    probs: Vec<f64>,
+    /// `[rows, top_k]`: the chosen experts, most probable first.
+    chosen: Vec<usize>,
+    /// Per expert: the rows routed to it (ascending) and their weights.
+    pub rows: Vec<Vec<i64>>,
+    pub weights: Vec<Vec<f32>>,
+}
+
+impl Routing {
+    /// Route the rows of `logits` (`[rows, experts]`, row-major).
+    pub fn new(logits: &[f32], experts: usize, top_k: usize, normalise: bool) -> Routing {
+        assert!(
+            experts > 0 && (1..=experts).contains(&top_k) && logits.len().is_multiple_of(experts),
+            "routing {} logits to the top {top_k} of {experts} experts",
+            logits.len()
+        );
+        let n = logits.len() / experts;
+        let mut probs = vec![0f64; n * experts];
+        let mut chosen = Vec::with_capacity(n * top_k);
+        let mut rows = vec![Vec::new(); experts];
+        let mut weights = vec![Vec::new(); experts];
+        let mut order: Vec<usize> = Vec::with_capacity(experts);
+        for r in 0..n {
+            let z = &logits[r * experts..(r + 1) * experts];
+            let p = &mut probs[r * experts..(r + 1) * experts];
+            let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let mut sum = 0.0;
+            for (p, &v) in p.iter_mut().zip(z) {
+                *p = (v as f64 - max).exp();
+                sum += *p;
+            }
+            p.iter_mut().for_each(|p| *p /= sum);
+            order.clear();
+            order.extend(0..experts);
+            // Descending probability, ascending index among equals (a stable sort by key).
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            let top = &order[..top_k];
+            let total: f64 = top.iter().map(|&e| p[e]).sum();
+            let scale = if normalise { 1.0 / total } else { 1.0 };
+            for &e in top {
+                chosen.push(e);
+                rows[e].push(r as i64);
+                weights[e].push((p[e] * scale) as f32);
+            }
+        }
+        Routing {
+            experts,
+            top_k,
+            normalise,
+            probs,
+            chosen,
+            rows,
+            weights,
+        }
+    }
+
+    /// The gradient of the logits (`[rows, experts]`, f32) from `dweights`, the gradient of each
+    /// expert's weights (as [`Routing::weights`]). Through the renormalisation (w = p / P, P the chosen
+    /// probabilities' sum: dp_j = (dw_j − Σ_s dw_s w_s) / P for the chosen j, 0 for the others) and the
+    /// softmax (dz_i = p_i (dp_i − Σ_j p_j dp_j)); the choice itself has no gradient.
+    pub fn backward(&self, dweights: &[Vec<f32>]) -> Vec<f32> {
+        let (e_n, k) = (self.experts, self.top_k);
+        let n = self.probs.len() / e_n;
+        // Each row's slot in its experts' lists: the rows are pushed in order, so a cursor per expert.
+        let mut cursor = vec![0usize; e_n];
+        let mut dz = vec![0f32; n * e_n];
+        let mut dp = vec![0f64; e_n];
+        for r in 0..n {
+            let p = &self.probs[r * e_n..(r + 1) * e_n];
+            let top = &self.chosen[r * k..(r + 1) * k];
+            let total: f64 = top.iter().map(|&e| p[e]).sum();
+            dp.iter_mut().for_each(|v| *v = 0.0);
+            let mut dot_w = 0.0;
+            for &e in top {
+                let dw = dweights[e][cursor[e]] as f64;
+                let w = if self.normalise { p[e] / total } else { p[e] };
+                dp[e] = dw;
+                dot_w += dw * w;
+                cursor[e] += 1;
+            }
+            if self.normalise {
+                for &e in top {
+                    dp[e] = (dp[e] - dot_w) / total;
+                }
+            }
+            let dot_p: f64 = top.iter().map(|&e| p[e] * dp[e]).sum();
+            for (i, d) in dz[r * e_n..(r + 1) * e_n].iter_mut().enumerate() {
+                *d = (p[i] * (dp[i] - dot_p)) as f32;
+            }
+        }
+        dz
+    }
+}
+
+/// One expert's gated MLP: `down(act(gate x) ⊙ up x)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Expert {
+    pub gate: ParamId,
+    pub up: ParamId,
+    pub down: ParamId,
+}
+
+/// out = Σ over each row's chosen experts of weight · expert(x) (see the module doc). `x` is the MLP's
+/// input `[rows, hidden]`, `logits` the router's output `[rows, experts]`; `inter` is an expert's
+/// intermediate size, `act` its gate activation.
+#[derive(Clone, Debug)]
+pub struct SparseMoe {
+    pub x: BufId,
+    pub logits: BufId,
+    pub experts: Vec<Expert>,
+    pub top_k: usize,
+    pub normalise: bool,
+    pub act: Activation,
+    pub inter: usize,
+    pub out: BufId,
+}
+
+/// An expert's forward on its rows, kept for its backward: the row ids on the device, the gathered
+/// input, gate and up projections, activation, product and output.
+struct ExpertPass<D: Device> {
+    ids: D::Ids,
+    bufs: [D::Buf; 6],
+}
+
+impl SparseMoe {
+    /// Every expert's projections (all read as linear weights).
+    fn params(&self) -> Vec<ParamId> {
+        self.experts
+            .iter()
+            .flat_map(|e| [e.gate, e.up, e.down])
+            .collect()
+    }
+
+    fn routing<D: Device>(&self, t: &Tape<D>) -> Result<Routing> {
+        let mut scratch = Vec::new();
+        let logits = t.dev.host_view(t.data(self.logits), &mut scratch)?;
+        Ok(Routing::new(
+            logits,
+            self.experts.len(),
+            self.top_k,
+            self.normalise,
+        ))
+    }
+
+    /// Expert `e`'s forward on `rows` of `x`: gather, gate and up, activation, product, down.
+    fn expert_forward<D: Device>(
+        &self,
+        t: &Tape<D>,
+        store: &dyn ParamStore,
+        pool: &mut Pool<D>,
+        e: usize,
+        rows: &[i64],
+    ) -> Result<ExpertPass<D>> {
+        let (dev, ex) = (&t.dev, self.experts[e]);
+        let (c, h, i) = (rows.len(), t.bufs[self.x].cols, self.inter);
+        let ids = dev.ids(rows)?;
+        let mut xe = pool.alloc(dev, c * h)?;
+        dev.embedding_forward(&ids, t.data(self.x), h, 1.0, &mut xe)?;
+        let mut g = pool.alloc(dev, c * i)?;
+        dev.linear_forward(&xe, &t.w(store, ex.gate)?, None, c, h, i, &mut g)?;
+        let mut u = pool.alloc(dev, c * i)?;
+        dev.linear_forward(&xe, &t.w(store, ex.up)?, None, c, h, i, &mut u)?;
+        let mut a = pool.alloc(dev, c * i)?;
+        dev.activation_forward(self.act, &g, &mut a)?;
+        let mut m = pool.alloc(dev, c * i)?;
+        dev.mul_forward(&a, &u, &mut m)?;
+        let mut ye = pool.alloc(dev, c * h)?;
+        dev.linear_forward(&m, &t.w(store, ex.down)?, None, c, i, h, &mut ye)?;
+        Ok(ExpertPass {
+            ids,
+            bufs: [xe, g, u, a, m, ye],
+        })
+    }
+
+    /// Upload an expert's routing weights (one per row).
+    fn weights<D: Device>(dev: &D, pool: &mut Pool<D>, w: &[f32]) -> Result<D::Buf> {
+        let mut s = pool.alloc(dev, w.len())?;
+        dev.upload(w, &mut s)?;
+        Ok(s)
+    }
+}
+
+impl<D: Device> TapeOp<D> for SparseMoe {
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "sparse_moe",
+            inputs: vec![self.x, self.logits],
+            outputs: vec![self.out],
+            saved: vec![self.x, self.logits],
+            params: self.params(),
+        }
+    }
+    fn weights(&self) -> Vec<ParamId> {
+        self.params()
+    }
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
+        let routing = self.routing(t)?;
+        let h = t.bufs[self.x].cols;
+        let mut pool = std::mem::take(&mut t.pool);
+        let r = t.write_output(self.out, |t, y| {
+            for (e, rows) in routing.rows.iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let pass = self.expert_forward(t, store, &mut pool, e, rows)?;
+                let s = Self::weights(&t.dev, &mut pool, &routing.weights[e])?;
+                let mut z = pool.alloc(&t.dev, rows.len() * h)?;
+                t.dev.row_scale_forward(&pass.bufs[5], &s, h, &mut z)?;
+                t.dev.embedding_backward(&pass.ids, &z, h, 1.0, None, y)?;
+                for b in pass.bufs.into_iter().chain([s, z]) {
+                    pool.release(&t.dev, b);
+                }
+            }
+            Ok(())
+        });
+        t.pool = pool;
+        r
+    }
+    fn backward(
+        &self,
+        t: &mut Tape<D>,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<D>,
+    ) -> Result<()> {
+        if !t.has_grad(self.out) {
+            return Ok(());
+        }
+        let routing = self.routing(t)?;
+        let (h, i) = (t.bufs[self.x].cols, self.inter);
+        let mut pool = std::mem::take(&mut t.pool);
+        // Each expert's d(routing weights), downloaded once every expert has been queued (a GPU then
+        // waits once, not once per expert).
+        let mut dweight_bufs: Vec<(usize, D::Buf)> = Vec::new();
+        let r = t.write_grad(self.x, |t, dx| {
+            let dev = &t.dev;
+            for (e, rows) in routing.rows.iter().enumerate() {
+                let c = rows.len();
+                if c == 0 {
+                    continue;
+                }
+                let ex = self.experts[e];
+                let pass = self.expert_forward(t, store, &mut pool, e, rows)?;
+                let [xe, g, u, a, m, ye] = &pass.bufs;
+                let s = Self::weights(dev, &mut pool, &routing.weights[e])?;
+                // d(weighted output), gathered from the output's gradient.
+                let mut dz = pool.alloc(dev, c * h)?;
+                dev.embedding_forward(&pass.ids, t.grad(self.out), h, 1.0, &mut dz)?;
+                let (mut dye, mut ds) = (pool.alloc(dev, c * h)?, pool.alloc(dev, c)?);
+                dev.row_scale_backward(ye, &s, &dz, h, &mut dye, &mut ds)?;
+                dweight_bufs.push((e, ds));
+                let mut dm = pool.alloc(dev, c * i)?;
+                let mut dw = pg.take(ex.down);
+                let w = t.w(store, ex.down)?;
+                let r = dev.linear_backward(m, &w, &dye, c, i, h, Some(&mut dm), &mut dw, None);
+                pg.put(ex.down, dw);
+                r?;
+                let (mut da, mut du) = (pool.alloc(dev, c * i)?, pool.alloc(dev, c * i)?);
+                dev.mul_backward(a, u, &dm, &mut da, &mut du)?;
+                let mut dg = pool.alloc(dev, c * i)?;
+                dev.activation_backward(self.act, g, &da, &mut dg)?;
+                let mut dxe = pool.alloc(dev, c * h)?;
+                for (p, d) in [(ex.gate, &dg), (ex.up, &du)] {
+                    let mut dw = pg.take(p);
+                    let w = t.w(store, p)?;
+                    let r = dev.linear_backward(xe, &w, d, c, h, i, Some(&mut dxe), &mut dw, None);
+                    pg.put(p, dw);
+                    r?;
+                }
+                dev.embedding_backward(&pass.ids, &dxe, h, 1.0, None, dx)?;
+                for b in pass
+                    .bufs
+                    .into_iter()
+                    .chain([s, dz, dye, dm, da, du, dg, dxe])
+                {
+                    pool.release(dev, b);
+                }
+            }
+            Ok(())
+        });
+        let r = r.and_then(|()| {
+            let mut dweights: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
+            for (e, ds) in dweight_bufs.drain(..) {
+                t.dev.download(&ds, &mut dweights[e])?;
+                pool.release(&t.dev, ds);
+            }
+            let dz = routing.backward(&dweights);
+            let mut up = pool.alloc(&t.dev, dz.len())?;
+            t.dev.upload(&dz, &mut up)?;
+            let r = t.write_grad(self.logits, |t, dl| t.dev.accumulate(dl, &up));
+            pool.release(&t.dev, up);
+            r
+        });
+        t.pool = pool;
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Routing's backward against central differences of a loss Σ c · w over the chosen experts' weights
+    /// (the choice held fixed: the logits move too little to change it), with and without the
+    /// renormalisation.
+    #[test]
+    fn routing_backward_matches_finite_differences() {
+        let (n, e, k) = (5, 7, 3);
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+        };
+        let logits: Vec<f32> = (0..n * e).map(|_| rnd() as f32).collect();
+        for normalise in [false, true] {
+            let routing = Routing::new(&logits, e, k, normalise);
+            let coef: Vec<Vec<f32>> = routing
+                .weights
+                .iter()
+                .map(|w| w.iter().map(|_| rnd() as f32).collect())
+                .collect();
+            let loss = |z: &[f32]| -> f64 {
+                let r = Routing::new(z, e, k, normalise);
+                assert_eq!(r.rows, routing.rows, "the choice moved");
+                r.weights
+                    .iter()
+                    .zip(&coef)
+                    .flat_map(|(w, c)| w.iter().zip(c))
+                    .map(|(&w, &c)| w as f64 * c as f64)
+                    .sum()
+            };
+            let grad = routing.backward(&coef);
+            for j in 0..n * e {
+                let step = 1e-2f32;
+                let (mut zp, mut zm) = (logits.clone(), logits.clone());
+                zp[j] += step;
+                zm[j] -= step;
+                let fd = (loss(&zp) - loss(&zm)) / (2.0 * step as f64);
+                assert!(
+                    (fd - grad[j] as f64).abs() < 2e-4,
+                    "normalise {normalise}, logit {j}: finite difference {fd}, backward {}",
+                    grad[j]
+                );
+            }
+        }
+    }
+
+    /// Each row goes to its `top_k` most probable experts, with the softmax probabilities as weights
+    /// (summing to 1 per row when renormalised), and every expert's rows ascend.
+    #[test]
+    fn routing_picks_the_most_probable_experts() {
+        let logits = [0.5f32, 2.0, -1.0, 1.0, /* row 1 */ 3.0, 0.0, 0.1, 2.9];
+        let r = Routing::new(&logits, 4, 2, false);
+        assert_eq!(r.rows, vec![vec![1], vec![0], vec![], vec![0, 1]]);
+        let p = |z: &[f32], i: usize| {
+            let s: f64 = z.iter().map(|&v| (v as f64).exp()).sum();
+            (z[i] as f64).exp() / s
+        };
+        assert!((r.weights[1][0] as f64 - p(&logits[..4], 1)).abs() < 1e-7);
+        assert!((r.weights[0][0] as f64 - p(&logits[4..], 0)).abs() < 1e-7);
+        let r = Routing::new(&logits, 4, 2, true);
+        let row0 = r.weights[1][0] + r.weights[3][0];
+        assert!(
+            (row0 - 1.0).abs() < 1e-6,
+            "renormalised weights sum to {row0}"
+        );
+    }
+}
