@@ -83,7 +83,7 @@ impl Routing {
     }
 
     /// The gradient of the logits (`[rows, experts]`, f32) from `dweights`, the gradient of each
-    /// expert's weights (as [`Routing::weights`]). Through the renormalisation (w = p / P, P the chosen
+    /// expert's weights (as [`Routing::weights`]; entries past those, a padding's, are not read). Through the renormalisation (w = p / P, P the chosen
     /// probabilities' sum: dp_j = (dw_j − Σ_s dw_s w_s) / P for the chosen j, 0 for the others) and the
     /// softmax (dz_i = p_i (dp_i − Σ_j p_j dp_j)); the choice itself has no gradient.
     pub fn backward(&self, dweights: &[Vec<f32>]) -> Vec<f32> {
@@ -118,6 +118,23 @@ impl Routing {
         }
         dz
     }
+}
+
+/// An expert's rows are padded to a multiple of this many with copies of its first row weighted 0 (they
+/// add exactly 0 to the output, and take exactly 0 gradient): its buffers then come in few sizes, which
+/// the tape's pool reuses (a fresh buffer costs page faults on the CPU, an allocation on a GPU), for at
+/// most `ROW_PAD - 1` rows of extra work per expert.
+const ROW_PAD: usize = 32;
+
+/// Expert `e`'s rows and weights, padded (see [`ROW_PAD`]); empty when no row goes to it.
+fn padded_rows(routing: &Routing, e: usize) -> (Vec<i64>, Vec<f32>) {
+    let (mut rows, mut weights) = (routing.rows[e].clone(), routing.weights[e].clone());
+    if let Some(&first) = rows.first() {
+        let len = rows.len().next_multiple_of(ROW_PAD);
+        rows.resize(len, first);
+        weights.resize(len, 0.0);
+    }
+    (rows, weights)
 }
 
 /// One expert's gated MLP: `down(act(gate x) ⊙ up x)`.
@@ -226,12 +243,13 @@ impl<D: Device> TapeOp<D> for SparseMoe {
         let h = t.bufs[self.x].cols;
         let mut pool = std::mem::take(&mut t.pool);
         let r = t.write_output(self.out, |t, y| {
-            for (e, rows) in routing.rows.iter().enumerate() {
+            for e in 0..self.experts.len() {
+                let (rows, weights) = padded_rows(&routing, e);
                 if rows.is_empty() {
                     continue;
                 }
-                let pass = self.expert_forward(t, store, &mut pool, e, rows)?;
-                let s = Self::weights(&t.dev, &mut pool, &routing.weights[e])?;
+                let pass = self.expert_forward(t, store, &mut pool, e, &rows)?;
+                let s = Self::weights(&t.dev, &mut pool, &weights)?;
                 let mut z = pool.alloc(&t.dev, rows.len() * h)?;
                 t.dev.row_scale_forward(&pass.bufs[5], &s, h, &mut z)?;
                 t.dev.embedding_backward(&pass.ids, &z, h, 1.0, None, y)?;
@@ -261,15 +279,16 @@ impl<D: Device> TapeOp<D> for SparseMoe {
         let mut dweight_bufs: Vec<(usize, D::Buf)> = Vec::new();
         let r = t.write_grad(self.x, |t, dx| {
             let dev = &t.dev;
-            for (e, rows) in routing.rows.iter().enumerate() {
+            for e in 0..self.experts.len() {
+                let (rows, weights) = padded_rows(&routing, e);
                 let c = rows.len();
                 if c == 0 {
                     continue;
                 }
                 let ex = self.experts[e];
-                let pass = self.expert_forward(t, store, &mut pool, e, rows)?;
+                let pass = self.expert_forward(t, store, &mut pool, e, &rows)?;
                 let [xe, g, u, a, m, ye] = &pass.bufs;
-                let s = Self::weights(dev, &mut pool, &routing.weights[e])?;
+                let s = Self::weights(dev, &mut pool, &weights)?;
                 // d(weighted output), gathered from the output's gradient.
                 let mut dz = pool.alloc(dev, c * h)?;
                 dev.embedding_forward(&pass.ids, t.grad(self.out), h, 1.0, &mut dz)?;
