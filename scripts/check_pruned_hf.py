@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import transformers
 
-from make_fixtures import lm_head, text_model  # the decoder's modules, by family (same folder)
+from make_fixtures import layers_name, lm_head, text_model  # the decoder's modules, by family (same folder)
 
 # name → prune arguments (kept in the reference so the Rust test prunes the same way).
 # The published chain's choices are pinned (column-sum features, proportional allocation, gradient-norm or
@@ -62,6 +62,7 @@ CASES = {
     "qwen2_moe_shared": ONE_BY_GRADNORM,
     "qwen3_moe_step": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "olmoe_experts": ONE_BY_GRADNORM,
+    "gpt2_hub_layout": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
 }
 
 
@@ -91,9 +92,13 @@ def load_f64(path):
 def surgery(model, kept):
     """The original model with only the `kept` decoder layers (reference for the checkpoint writer)."""
     text = text_model(model)
-    text.layers = torch.nn.ModuleList([text.layers[i] for i in kept])
-    for new, layer in enumerate(text.layers):
-        (layer.self_attn if hasattr(layer, "self_attn") else layer.attention).layer_idx = new
+    layers = getattr(text, layers_name(text))
+    setattr(text, layers_name(text), torch.nn.ModuleList([layers[i] for i in kept]))
+    for new, layer in enumerate(getattr(text, layers_name(text))):
+        for attn in ("self_attn", "attention", "attn"):
+            if hasattr(layer, attn):
+                getattr(layer, attn).layer_idx = new
+                break
     config = model.config.get_text_config()
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2 /
-Granite / StarCoder2 / GPT-NeoX / Phi checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -202,6 +202,13 @@ FIXTURES = [
                   num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-5, num_experts=4,
                   num_experts_per_tok=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=23),
+    # GPT-2: learned positions (no rotary), Conv1D projections stored [in, out] (q, k, v fused by columns
+    # in c_attn), LayerNorms with biases, tanh-GELU MLP, tied; stored in the hub's original layout (no
+    # `transformer.` prefix, the causal-mask buffers `h.{l}.attn.bias`), as the `gpt2` checkpoints are.
+    dict(name="gpt2_hub_layout", model_type="gpt2", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(n_embd=32, n_layer=3, n_head=4, n_positions=24, vocab_size=128,
+                  layer_norm_epsilon=1e-5, activation_function="gelu_new"),
+         gpt2_hub_layout=True, seed=24),
     # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
     # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
     # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,
@@ -263,15 +270,25 @@ def model_class(spec):
 
 def text_model(model):
     """The decoder (embed_tokens, layers, norm): a vision-language wrapper's language model; GPT-NeoX's
-    under other names."""
+    and GPT-2's under other names."""
     if hasattr(model, "gpt_neox"):
         return model.gpt_neox
+    if hasattr(model, "transformer"):
+        return model.transformer
     return getattr(model.model, "language_model", model.model)
+
+
+def layers_name(text):
+    """The attribute holding the decoder's layers: GPT-2's `h`, else `layers`."""
+    return "h" if hasattr(text, "h") else "layers"
 
 
 def embedding(model):
     text = text_model(model)
-    return text.embed_in if hasattr(text, "embed_in") else text.embed_tokens
+    for name in ("embed_in", "wte", "embed_tokens"):
+        if hasattr(text, name):
+            return getattr(text, name)
+    raise AttributeError("no embedding")
 
 
 def lm_head(model):
@@ -280,7 +297,7 @@ def lm_head(model):
 
 def final_norm(model):
     text = text_model(model)
-    for name in ("final_layer_norm", "final_layernorm", "norm"):
+    for name in ("final_layer_norm", "final_layernorm", "ln_f", "norm"):
         if hasattr(text, name):
             return getattr(text, name)
     raise AttributeError("no final norm")
@@ -404,6 +421,20 @@ def relayout(d):
     save_file({name(k): v for k, v in sd.items()}, path, metadata={"format": "pt"})
 
 
+def gpt2_hub_layout(d, config):
+    """Rewrite a GPT-2 checkpoint as the hub's `gpt2` ones are stored: tensor names without the
+    `transformer.` prefix, and each layer's causal-mask buffer `h.{l}.attn.bias` [1, 1, n_positions,
+    n_positions] that older transformers saved."""
+    from safetensors.torch import load_file
+    path = os.path.join(d, "model.safetensors")
+    sd = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    n = config.n_positions
+    mask = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n).to(torch.float32)
+    for l in range(config.n_layer):
+        sd[f"h.{l}.attn.bias"] = mask.clone()
+    save_file(sd, path, metadata={"format": "pt"})
+
+
 def check_reload(spec, d, model, ids):
     """transformers reads the rewritten checkpoint (cut config, other layout) as the model it came from:
     every tensor found, the same logits."""
@@ -445,7 +476,8 @@ def full_attention_loss(spec, model, ids):
 
 
 def decoder_layers(model):
-    return text_model(model).layers
+    text = text_model(model)
+    return getattr(text, layers_name(text))
 
 
 def reference(model, ids, tied):
@@ -477,8 +509,9 @@ def hidden_states(model, ids):
             hs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
         return f
 
-    if hasattr(text_model(model), "embedding_multiplier"):
-        # Granite scales the embedding outside its module: state 0 is what decoder layer 0 reads.
+    if hasattr(text_model(model), "embedding_multiplier") or hasattr(text_model(model), "wpe"):
+        # Granite scales the embedding outside its module, GPT-2 adds its positions: state 0 is what
+        # decoder layer 0 reads.
         def pre(_mod, args, kwargs):
             hs[0] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         handles = [decoder_layers(model)[0].register_forward_pre_hook(pre, with_kwargs=True)]
@@ -502,12 +535,12 @@ def loss_without_layer(model, ids, skip):
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         config.layer_types = [t for i, t in enumerate(layer_types) if i != skip]
-    text_model(model).layers = kept
+    setattr(text_model(model), layers_name(text_model(model)), kept)
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    text_model(model).layers = layers
+    setattr(text_model(model), layers_name(text_model(model)), layers)
     if layer_types is not None:
         config.layer_types = layer_types
     return float(loss)
@@ -540,13 +573,15 @@ def build(spec, out_root):
         relayout(d)
     if spec.get("flat_config"):
         flatten_config(os.path.join(d, "config.json"))
+    if spec.get("gpt2_hub_layout"):
+        gpt2_hub_layout(d, model.config)
 
     rng = np.random.default_rng(spec["seed"])
     # Vision-language fixtures keep their image tokens out of the text.
     vocab = spec.get("token_max", model.config.get_text_config().vocab_size)
     tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
     np.save(os.path.join(d, "tokens.npy"), tokens)
-    if "cls" in spec or spec.get("neox_old_config"):
+    if "cls" in spec or spec.get("neox_old_config") or spec.get("gpt2_hub_layout"):
         check_reload(spec, d, model, torch.from_numpy(tokens.astype(np.int64)))
 
     model = model.double()

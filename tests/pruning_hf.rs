@@ -288,6 +288,13 @@ fn olmoe_experts_match_transformers() {
     check_case("olmoe_experts");
 }
 
+/// GPT-2 in the hub's original layout (`h.{l}.…`, no `transformer.` prefix, causal-mask buffers):
+/// its Conv1D tensors and buffers copied as stored, `n_layer` updated.
+#[test]
+fn gpt2_hub_layout_matches_transformers() {
+    check_case("gpt2_hub_layout");
+}
+
 /// A Gemma 3 vision-language checkpoint (hub layout, hub-style sparse text_config, tied): the language
 /// model pruned, the vision tower and projector copied byte for byte.
 #[test]

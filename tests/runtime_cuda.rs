@@ -1283,7 +1283,9 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
 /// * olmo2: norms after the attention and the MLP only, q/k norms over the whole projections;
 /// * mixtral, qwen2_moe, qwen3_moe, olmoe: sparse mixtures of experts (rows gathered per expert by the
 ///   embedding kernels, weighted by `row_scale`, scattered back; Qwen2-MoE's sigmoid-gated shared
-///   expert), dense layers among sparse ones.
+///   expert), dense layers among sparse ones;
+/// * gpt2: learned positions (the embedding kernels on position ids), no rotary, Conv1D weights read
+///   transposed.
 #[test]
 fn decoder_families_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
@@ -1304,6 +1306,7 @@ fn decoder_families_match_the_cpu() {
         "qwen2_moe_shared",
         "qwen3_moe_step",
         "olmoe_experts",
+        "gpt2_hub_layout",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 23] = [
+const FIXTURES: [&str; 24] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -40,6 +40,7 @@ const FIXTURES: [&str; 23] = [
     "qwen2_moe_shared",
     "qwen3_moe_step",
     "olmoe_experts",
+    "gpt2_hub_layout",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -283,6 +284,23 @@ fn bad_inputs_give_clear_errors() {
         let e = Model::load(tmp.path()).err().unwrap().to_string();
         assert!(e.contains(want), "{name}, {key}: {e}");
     }
+    // GPT-2 on sequences longer than its learned positions; its inverse-layer-index score scaling.
+    let (gpt2, tokens) = load("gpt2_hub_layout");
+    let long = Tokens {
+        data: tokens.data.clone(),
+        sequences: 1,
+        len: tokens.data.len(),
+    };
+    let e = gpt2.forward(&long, &[], None).unwrap_err().to_string();
+    assert!(
+        e.contains("48 tokens") && e.contains("24 learned positions"),
+        "{e}"
+    );
+    let tmp = edited_copy("gpt2_hub_layout", |c| {
+        c["scale_attn_by_inverse_layer_idx"] = true.into()
+    });
+    let e = Model::load(tmp.path()).err().unwrap().to_string();
+    assert!(e.contains("scale_attn_by_inverse_layer_idx"), "{e}");
     // Experts the config names but the checkpoint lacks.
     let tmp = edited_copy("mixtral_moe", |c| c["num_local_experts"] = 5.into());
     let e = Model::load(tmp.path()).err().unwrap().to_string();
@@ -449,6 +467,13 @@ fn gemma2_windows_and_soft_caps_match_pytorch() {
 #[test]
 fn info_describes_windows_caps_and_rotary() {
     for (name, want) in [
+        (
+            "gpt2_hub_layout",
+            "parameters: 43040 (12704 per decoder layer, 4928 outside them)\nblock: LayerNorms with \
+             biases; Conv1D projections (read transposed), q/k/v fused; MLP c_fc → tanh-GELU → c_proj; \
+             learned positions, no rotary embedding\nattention: causal, no window; learned positions \
+             (up to 24 tokens), no rotary",
+        ),
         (
             "qwen2_moe_shared",
             "mixture of experts: 5 experts of intermediate size 24, top 2 per token, a shared expert \

@@ -129,6 +129,10 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Sigmoid => "sigmoid",
     };
     match c.layout {
+        BlockLayout::Gpt2 => format!(
+            "LayerNorms with biases; Conv1D projections (read transposed), q/k/v fused; MLP c_fc → \
+             {act} → c_proj; learned positions, no rotary embedding"
+        ),
         BlockLayout::Starcoder2 => format!(
             "LayerNorms with biases; MLP c_fc → {act} → c_proj; attention and MLP one after the other"
         ),
@@ -225,6 +229,12 @@ fn describe_attention(c: &ModelConfig) -> String {
         };
         format!("θ {theta}, {kind}")
     };
+    if let Some(rows) = c.learned_positions {
+        parts.push(format!(
+            "learned positions (up to {rows} tokens), no rotary"
+        ));
+        return parts.join("; ");
+    }
     parts.push(format!(
         "rotary {} on {} of {} values",
         rope(c.rope_theta, &c.rope_scaling),

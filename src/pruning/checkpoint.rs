@@ -1,7 +1,8 @@
 //! Writing the pruned model as a Hugging Face checkpoint directory.
 //!
-//! * `config.json`: `num_hidden_layers` set to the kept count; every per-layer list (an array whose key
-//!   names layers and whose length is the old layer count, e.g. `layer_types`) keeps the kept entries. In
+//! * `config.json`: `num_hidden_layers` (GPT-2: `n_layer`) set to the kept count; every per-layer list
+//!   (an array whose key names layers and whose length is the old layer count, e.g. `layer_types`) keeps
+//!   the kept entries; Qwen-MoE's dense layers (`mlp_only_layers`) listed by their new indices. In
 //!   a vision-language checkpoint's config, this happens in its `text_config` only.
 //! * weights: each input safetensors file becomes one output file of the same name holding its surviving
 //!   tensors, `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order;
@@ -128,14 +129,19 @@ pub fn pruned_config(
     let obj = section
         .and_then(|s| s.as_object_mut())
         .ok_or_else(|| Error::format(path, "config is not a JSON object"))?;
+    let model_type = decoder.get("model_type").and_then(|v| v.as_str());
+    // GPT2Config names its layer count `n_layer`.
+    let count_key = match model_type {
+        Some("gpt2") => "n_layer",
+        _ => "num_hidden_layers",
+    };
     let old = decoder
-        .get("num_hidden_layers")
+        .get(count_key)
         .and_then(|v| v.as_u64())
-        .ok_or_else(|| Error::format(path, "no integer \"num_hidden_layers\""))?
+        .ok_or_else(|| Error::format(path, format!("no integer \"{count_key}\"")))?
         as usize;
     // Gemma 2 and 3 without `layer_types` derive each layer's kind from its position: write the kinds
     // out, so that the kept layers keep theirs.
-    let model_type = decoder.get("model_type").and_then(|v| v.as_str());
     if obj.get("layer_types").is_none_or(|v| v.is_null()) {
         if let Some(kinds) = pattern_layer_kinds(decoder, model_type.unwrap_or(""), old, path)? {
             let names: Vec<serde_json::Value> = kinds
@@ -189,7 +195,7 @@ pub fn pruned_config(
         obj.insert("decoder_sparse_step".into(), 1.into());
         obj.insert("mlp_only_layers".into(), dense.into());
     }
-    obj.insert("num_hidden_layers".into(), kept.len().into());
+    obj.insert(count_key.into(), kept.len().into());
     Ok(c)
 }
 
@@ -229,7 +235,7 @@ pub fn parameter_counts(
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let (_, meta) =
             SafeTensors::read_metadata(&map).map_err(|e| Error::format(&path, e.to_string()))?;
-        for (name, info) in meta.tensors() {
+        for (name, info) in meta.tensors().into_iter().filter(|(n, _)| !is_buffer(n)) {
             let n: usize = info.shape.iter().product();
             match layer_of(&name, layers).filter(|&l| l < num_layers) {
                 Some(l) => per_layer[l] += n,
@@ -238,6 +244,14 @@ pub fn parameter_counts(
         }
     }
     Ok((other, per_layer))
+}
+
+/// Whether a stored tensor is a buffer some checkpoints carry, not a parameter: a rotary embedding's
+/// `inv_freq`, GPT-2's causal masks (`h.{l}.attn.bias`, `attn.masked_bias`). Not counted, not read.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
 }
 
 /// The decoder layer a tensor name belongs to (`layers`: the decoder layers' prefix).
@@ -432,6 +446,22 @@ mod tests {
         assert_eq!(renamed_tensor(vision, lm, &ren).as_deref(), Some(vision));
         assert_eq!(layer_of(vision, lm), None);
         assert_eq!(layer_of("language_model.model.layers.3.x", lm), Some(3));
+        // GPT-2 as the hub stores it: layers `h.{l}.`, no prefix; its mask buffers move with their layer.
+        assert_eq!(
+            renamed_tensor("h.2.attn.c_attn.weight", "h.", &ren).as_deref(),
+            Some("h.1.attn.c_attn.weight")
+        );
+        assert_eq!(
+            renamed_tensor("h.0.attn.bias", "h.", &ren).as_deref(),
+            Some("h.0.attn.bias")
+        );
+        assert_eq!(renamed_tensor("h.3.ln_1.weight", "h.", &ren), None);
+        assert_eq!(
+            renamed_tensor("wte.weight", "h.", &ren).as_deref(),
+            Some("wte.weight")
+        );
+        assert!(is_buffer("h.0.attn.bias") && is_buffer("transformer.h.0.attn.masked_bias"));
+        assert!(!is_buffer("h.0.attn.c_attn.bias"));
     }
 
     /// A hub-style Gemma 3 vision-language config: `text_config` omits what the class defaults

@@ -1,6 +1,7 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2), GPT-NeoX (gpt_neox: Pythia) and
-//! Phi (phi), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
+//! Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others'), the mixtures of experts (mixtral,
+//! qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
 //! (`rope_parameters`). A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]:
 //! gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat
@@ -98,6 +99,11 @@ pub enum BlockLayout {
     /// StarCoder2: LLaMA's attention names and sequential residual with LayerNorms (with biases), an MLP
     /// `mlp.c_fc` → GELU → `mlp.c_proj`, biases on every projection (`use_bias`).
     Starcoder2,
+    /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
+    /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
+    /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
+    /// (`Model::load`); learned positions (`wpe`), no rotary embedding; `transformer.ln_f`.
+    Gpt2,
 }
 
 impl BlockLayout {
@@ -106,13 +112,22 @@ impl BlockLayout {
         !matches!(self, BlockLayout::Llama)
     }
 
-    /// The attention's output projection.
+    /// The attention's output projection (as the runtime reads it: GPT-2's is a transposed view).
     pub fn o_proj(self) -> &'static str {
         match self {
             BlockLayout::Llama => "self_attn.o_proj",
             BlockLayout::NeoX { .. } => "attention.dense",
             BlockLayout::Phi => "self_attn.dense",
             BlockLayout::Starcoder2 => "self_attn.o_proj",
+            BlockLayout::Gpt2 => "attn.o_proj",
+        }
+    }
+
+    /// The attention's q, k and v projections as the runtime reads them (GPT-NeoX reads its fused one).
+    pub fn qkv_proj(self) -> [&'static str; 3] {
+        match self {
+            BlockLayout::Gpt2 => ["attn.q_proj", "attn.k_proj", "attn.v_proj"],
+            _ => ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         }
     }
 
@@ -123,6 +138,15 @@ impl BlockLayout {
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
             BlockLayout::Starcoder2 => Some(("mlp.c_fc", "mlp.c_proj")),
+            BlockLayout::Gpt2 => Some(("mlp.up_proj", "mlp.down_proj")),
+        }
+    }
+
+    /// The block's norms' names where `norms` places them (GPT-2 names its two `ln_1`, `ln_2`).
+    pub fn norm_names(self, norms: BlockNorms) -> [Option<&'static str>; 4] {
+        match self {
+            BlockLayout::Gpt2 => [Some("ln_1"), Some("ln_2"), None, None],
+            _ => norms.names(),
         }
     }
 }
@@ -242,6 +266,9 @@ pub struct ModelConfig {
     pub lm_head_bias: bool,
     /// The sparse mixture-of-experts MLP, if the model has one.
     pub moe: Option<Moe>,
+    /// Learned absolute position embeddings (GPT-2's `wpe`, this many rows: the longest sequence) added
+    /// to the token embeddings, in place of the rotary embedding.
+    pub learned_positions: Option<usize>,
 }
 
 /// A vision-language checkpoint kind whose language model the runtime reads.
@@ -499,7 +526,7 @@ impl ModelConfig {
             .to_string();
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2, \
-             gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe";
+             gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -509,6 +536,14 @@ impl ModelConfig {
                 ),
             ));
         }
+        let gpt2 = model_type == "gpt2";
+        let aliased;
+        let v = if gpt2 {
+            aliased = gpt2_config(v, path)?;
+            &aliased
+        } else {
+            v
+        };
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
         let neox = model_type == "gpt_neox";
@@ -610,7 +645,7 @@ impl ModelConfig {
             // Qwen2MoeConfig's `qkv_bias` (default true; absent from 4.x configs).
             "qwen2_moe" => (opt_bool(v, "qkv_bias", path)?.unwrap_or(true), false),
             "gpt_neox" => (attention_bias, attention_bias),
-            "phi" => (true, true),
+            "phi" | "gpt2" => (true, true),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2"
             | "qwen3_moe" | "olmoe" => (attention_bias, attention_bias),
@@ -634,6 +669,8 @@ impl ModelConfig {
                 ));
             }
             Some(s.powf(-0.5) as f32)
+        } else if gpt2 && opt_bool(v, "scale_attn_weights", path)? == Some(false) {
+            Some(1.0)
         } else {
             None
         };
@@ -643,13 +680,14 @@ impl ModelConfig {
             },
             "phi" => BlockLayout::Phi,
             "starcoder2" => BlockLayout::Starcoder2,
+            "gpt2" => BlockLayout::Gpt2,
             _ => BlockLayout::Llama,
         };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
         let intermediate_size = get_size(v, "intermediate_size", MAX_SIZE, path)?;
         let moe = parse_moe(v, &model_type, num_hidden_layers, intermediate_size, path)?;
-        // GPT-NeoX's embedding has no padding_idx: every row takes its gradient.
-        let pad_token_id = match neox {
+        // GPT-NeoX's and GPT-2's embeddings have no padding_idx: every row takes its gradient.
+        let pad_token_id = match neox || gpt2 {
             true => None,
             false => parse_pad_token_id(v, vocab_size, &model_type, path)?,
         };
@@ -672,19 +710,27 @@ impl ModelConfig {
             .unwrap_or(
                 if matches!(
                     model_type.as_str(),
-                    "phi3" | "olmo2" | "gpt_neox" | "phi" | "starcoder2" | "mixtral" | "olmoe"
+                    "phi3"
+                        | "olmo2"
+                        | "gpt_neox"
+                        | "phi"
+                        | "starcoder2"
+                        | "mixtral"
+                        | "olmoe"
+                        | "gpt2"
                 ) {
                     1e-5
                 } else {
                     1e-6
                 },
             ),
-            // Gemma's and StarCoder2's config classes tie by default.
+            // Gemma's, StarCoder2's and GPT-2's config classes tie by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?
-                .unwrap_or(gemma || starcoder2),
+                .unwrap_or(gemma || starcoder2 || gpt2),
             mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias
                 || neox
                 || phi
+                || gpt2
                 || use_bias,
             fused_projections: model_type == "phi3",
             activation,
@@ -723,6 +769,10 @@ impl ModelConfig {
             layout,
             lm_head_bias: phi,
             moe,
+            learned_positions: match gpt2 {
+                true => Some(get_size(v, "n_positions", MAX_SIZE, path)?),
+                false => None,
+            },
         })
     }
 
@@ -880,6 +930,47 @@ fn parse_sliding_window(
         }
         _ => Ok((None, vec![false; layers])),
     }
+}
+
+/// GPT-2's config (GPT2Config's names: `n_embd`, `n_layer`, `n_head`, `n_inner`, `n_positions`,
+/// `layer_norm_epsilon`) read under the names the rest of the parser uses, its class defaults filled
+/// in (GPT-2 small's sizes; `n_inner` absent or null is 4 × `n_embd`). Refused: the attention scaled by
+/// its layer's inverse index (`scale_attn_by_inverse_layer_idx`); `scale_attn_weights` false (unscaled
+/// scores) is read as a score scale of 1.
+fn gpt2_config(v: &Value, path: &Path) -> Result<Value> {
+    let mut c = v.clone();
+    let obj = c
+        .as_object_mut()
+        .expect("a config with a model_type is an object");
+    let get = |key: &str, default: u64| -> Result<u64> {
+        Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
+    };
+    let hidden = get("n_embd", 768)?;
+    let inner = get("n_inner", 4 * hidden)?;
+    for (key, value) in [
+        ("hidden_size", hidden),
+        ("num_hidden_layers", get("n_layer", 12)?),
+        ("num_attention_heads", get("n_head", 12)?),
+        ("intermediate_size", inner),
+        ("n_positions", get("n_positions", 1024)?),
+        ("vocab_size", get("vocab_size", 50257)?),
+    ] {
+        obj.insert(key.into(), value.into());
+    }
+    obj.insert(
+        "rms_norm_eps".into(),
+        opt_f64(v, "layer_norm_epsilon", path)?
+            .unwrap_or(1e-5)
+            .into(),
+    );
+    if opt_bool(v, "scale_attn_by_inverse_layer_idx", path)? == Some(true) {
+        return Err(model_err(
+            path,
+            "field 'scale_attn_by_inverse_layer_idx' is true: scores scaled by the layer's index are not \
+             supported",
+        ));
+    }
+    Ok(c)
 }
 
 /// The sparse MLP of a mixture-of-experts `model_type` (`None` for the others), from the config
@@ -1151,6 +1242,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gpt_neox" => ("hidden_act", "gelu"),
         "phi" => ("hidden_act", "gelu_new"),
         "starcoder2" => ("hidden_act", "gelu_pytorch_tanh"),
+        "gpt2" => ("activation_function", "gelu_new"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -1168,6 +1260,10 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         }
         "gelu" if model_type == "phi" => Ok(Activation::Gelu),
         "gelu_pytorch_tanh" | "gelu_new" if model_type == "starcoder2" => Ok(Activation::GeluTanh),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" if model_type == "gpt2" => {
+            Ok(Activation::GeluTanh)
+        }
+        "gelu" if model_type == "gpt2" => Ok(Activation::Gelu),
         _ => Err(model_err(
             path,
             format!(
@@ -1703,11 +1799,98 @@ mod tests {
         }
     }
 
+    /// The experts of each mixture-of-experts type: the expert count under either name, Mixtral always
+    /// renormalising, the experts' intermediate size, Qwen's dense layers.
+    #[test]
+    fn moe_configs() {
+        let p = Path::new("config.json");
+        let with = |ty: &str, extra: serde_json::Value| {
+            let mut v = base();
+            v["model_type"] = ty.into();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            ModelConfig::from_json(&v, p).unwrap().moe.unwrap()
+        };
+        let m = with(
+            "mixtral",
+            serde_json::json!({"num_local_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": false}),
+        );
+        assert_eq!(
+            (m.experts, m.top_k, m.normalise, m.prefix),
+            (8, 2, true, "block_sparse_moe")
+        );
+        assert_eq!((m.projections, m.shared_inter), (["w1", "w3", "w2"], None));
+        let m = with(
+            "qwen3_moe",
+            serde_json::json!({"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 24,
+                               "decoder_sparse_step": 2, "mlp_only_layers": [3]}),
+        );
+        assert_eq!((m.experts, m.inter, m.normalise), (6, 24, false));
+        let layers = base()["num_hidden_layers"].as_u64().unwrap() as usize;
+        let want: Vec<bool> = (0..layers).map(|l| l != 3 && l % 2 == 1).collect();
+        assert_eq!(m.sparse_layers, want);
+        let m = with(
+            "qwen2_moe",
+            serde_json::json!({"num_experts": 4, "num_experts_per_tok": 4, "moe_intermediate_size": 8,
+                               "shared_expert_intermediate_size": 40, "norm_topk_prob": true}),
+        );
+        assert_eq!((m.shared_inter, m.normalise, m.top_k), (Some(40), true, 4));
+        assert!(m.sparse_layers.iter().all(|&s| s));
+        let mut v = base();
+        v["model_type"] = "llama".into();
+        assert!(ModelConfig::from_json(&v, p).unwrap().moe.is_none());
+    }
+
+    /// GPT2Config's names and defaults: a bare `{"model_type": "gpt2"}` is GPT-2 small.
+    #[test]
+    fn gpt2_config_names_and_defaults() {
+        let p = Path::new("config.json");
+        let c = ModelConfig::from_json(&serde_json::json!({"model_type": "gpt2"}), p).unwrap();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.head_dim
+            ),
+            (768, 12, 12, 64)
+        );
+        assert_eq!((c.intermediate_size, c.vocab_size), (3072, 50257));
+        assert_eq!(c.learned_positions, Some(1024));
+        assert_eq!(
+            (c.layout, c.activation, c.rms_norm_eps),
+            (BlockLayout::Gpt2, Activation::GeluTanh, 1e-5)
+        );
+        assert!(c.tie_word_embeddings && c.qkv_bias && c.o_bias && c.mlp_bias);
+        assert_eq!((c.attn_scale, c.pad_token_id), (None, None));
+        let v = serde_json::json!({
+            "model_type": "gpt2", "n_embd": 48, "n_layer": 2, "n_head": 3, "n_inner": 100,
+            "n_positions": 64, "layer_norm_epsilon": 1e-6, "activation_function": "gelu",
+            "scale_attn_weights": false, "pad_token_id": 0,
+        });
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.head_dim,
+                c.intermediate_size
+            ),
+            (48, 2, 16, 100)
+        );
+        assert_eq!((c.learned_positions, c.rms_norm_eps), (Some(64), 1e-6));
+        assert_eq!(
+            (c.activation, c.attn_scale, c.pad_token_id),
+            (Activation::Gelu, Some(1.0), None)
+        );
+    }
+
     #[test]
     fn unsupported_fields_are_named() {
         let p = Path::new("config.json");
         let mut v = base();
-        v["model_type"] = "gpt2".into();
+        v["model_type"] = "falcon".into();
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("model_type"), "{e}");
         let mut v = base();

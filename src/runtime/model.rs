@@ -16,7 +16,9 @@
 //! vision-language checkpoint's language model is read where [`TensorNames`] finds it. A mixture of
 //! experts (mixtral, qwen2_moe, qwen3_moe, olmoe: the config's `Moe`) replaces a layer's gated MLP with
 //! its router (a `Linear` to the experts' logits) and one [`SparseMoe`] op (`tape/moe.rs`), plus
-//! Qwen2-MoE's shared expert × σ(gate) (`RowScale`).
+//! Qwen2-MoE's shared expert × σ(gate) (`RowScale`). GPT-2 ([`BlockLayout::Gpt2`]) adds learned
+//! position embeddings to the token embeddings (`Positions`) and rotates nothing; its `Conv1D` weights
+//! are read transposed ([`Weights::transposed_columns`]).
 
 use super::config::{BlockLayout, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -238,14 +240,18 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
     }
 }
 
-/// Where the decoder's tensors are in a checkpoint: its layers `{decoder}layers.{l}.…`, its embedding,
-/// final norm and, untied, lm_head. A LLaMA-family decoder: `model.`, `model.embed_tokens.weight`,
-/// `model.norm` and `lm_head.weight`; GPT-NeoX: `gpt_neox.`, `gpt_neox.embed_in.weight`,
-/// `gpt_neox.final_layer_norm` and `embed_out.weight`. The language model of a vision-language checkpoint
+/// Where the decoder's tensors are in a checkpoint: its layers `{layers}{l}.…`, its embedding, final
+/// norm and, untied, lm_head. A LLaMA-family decoder: `model.`, `model.layers.`,
+/// `model.embed_tokens.weight`, `model.norm` and `lm_head.weight`; GPT-NeoX: `gpt_neox.`,
+/// `gpt_neox.layers.`, `gpt_neox.embed_in.weight`, `gpt_neox.final_layer_norm` and `embed_out.weight`;
+/// GPT-2: `transformer.` (or nothing, as the hub's original checkpoints), `transformer.h.`,
+/// `transformer.wte.weight`, `transformer.ln_f`. The language model of a vision-language checkpoint
 /// ([`ModelConfig::multimodal`]): one of [`TensorNames::multimodal_layouts`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorNames {
     pub decoder: String,
+    /// What every decoder layer's tensor name starts with, before the layer's number.
+    pub layers: String,
     /// The embedding table.
     pub embed: String,
     /// The final norm's module (its `.weight`; a LayerNorm's `.bias` too).
@@ -258,6 +264,7 @@ impl TensorNames {
     fn llama(decoder: &str, lm_head: &str) -> Self {
         TensorNames {
             decoder: decoder.into(),
+            layers: format!("{decoder}layers."),
             embed: format!("{decoder}embed_tokens.weight"),
             norm: format!("{decoder}norm"),
             lm_head: lm_head.into(),
@@ -274,11 +281,30 @@ impl TensorNames {
             },
             BlockLayout::NeoX { .. } => TensorNames {
                 decoder: "gpt_neox.".into(),
+                layers: "gpt_neox.layers.".into(),
                 embed: "gpt_neox.embed_in.weight".into(),
                 norm: "gpt_neox.final_layer_norm".into(),
                 lm_head: "embed_out.weight".into(),
             },
+            BlockLayout::Gpt2 => Self::gpt2("transformer."),
         }
+    }
+
+    /// GPT-2's names under `decoder`: `transformer.` as transformers saves it, or nothing (the hub's
+    /// original `gpt2` checkpoints: `h.0.…`, `wte.weight`).
+    fn gpt2(decoder: &str) -> Self {
+        TensorNames {
+            decoder: decoder.into(),
+            layers: format!("{decoder}h."),
+            embed: format!("{decoder}wte.weight"),
+            norm: format!("{decoder}ln_f"),
+            lm_head: "lm_head.weight".into(),
+        }
+    }
+
+    /// GPT-2's learned position embeddings.
+    pub fn positions(&self) -> String {
+        format!("{}wpe.weight", self.decoder)
     }
 
     /// The layouts a vision-language checkpoint's language model may have, in the order tried: the
@@ -313,12 +339,12 @@ impl TensorNames {
 
     /// Decoder layer `l`'s module name (its tensors are `{layer}.…`).
     pub fn layer(&self, l: usize) -> String {
-        format!("{}layers.{l}", self.decoder)
+        format!("{}{l}", self.layers)
     }
 
     /// What every decoder layer's tensor name starts with, before the layer's number.
     pub fn layers_prefix(&self) -> String {
-        format!("{}layers.", self.decoder)
+        self.layers.clone()
     }
 
     /// Whether a tensor belongs to the decoder (its layers, embedding, final norm or lm_head); a
@@ -330,21 +356,30 @@ impl TensorNames {
     /// The names of the checkpoint `weights` (in `dir`, for errors) under `config`: a vision-language
     /// checkpoint's layout is the first whose embedding is there.
     fn find(config: &ModelConfig, weights: &Weights, dir: &Path) -> Result<Self> {
-        if config.multimodal.is_none() {
-            return Ok(Self::decoder_only(config.layout));
-        }
-        let layouts = Self::multimodal_layouts();
+        let (layouts, what) = match (&config.multimodal, config.layout) {
+            (Some(wrapper), _) => (
+                Self::multimodal_layouts().to_vec(),
+                format!("a vision-language checkpoint ({wrapper}) without its language model's"),
+            ),
+            (None, BlockLayout::Gpt2) => (
+                vec![Self::gpt2("transformer."), Self::gpt2("")],
+                "a GPT-2 checkpoint without its".to_string(),
+            ),
+            (None, layout) => return Ok(Self::decoder_only(layout)),
+        };
         layouts
             .iter()
             .find(|n| weights.contains(&n.embed))
             .cloned()
             .ok_or_else(|| {
                 Error::Model(format!(
-                    "{}: a vision-language checkpoint ({}) without its language model's embedding \
-                     ({})",
+                    "{}: {what} embedding ({})",
                     dir.display(),
-                    config.multimodal.as_deref().unwrap_or_default(),
-                    layouts.map(|n| format!("'{}'", n.embed)).join(", ")
+                    layouts
+                        .iter()
+                        .map(|n| format!("'{}'", n.embed))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })
     }
@@ -385,7 +420,43 @@ impl Model {
         if model.config.fused_projections {
             model.split_fused_projections()?;
         }
+        if model.config.layout == BlockLayout::Gpt2 {
+            model.transpose_conv1d()?;
+        }
         Ok(model)
+    }
+
+    /// GPT-2: name each layer's `Conv1D` weights (`[in, out]`) transposed as the projections the decoder
+    /// reads (`c_attn`'s three column blocks as q, k and v), and their biases' blocks likewise.
+    fn transpose_conv1d(&mut self) -> Result<()> {
+        let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
+        let [q, k, v] = self.config.layout.qkv_proj();
+        let o = self.config.layout.o_proj();
+        let (up, down) = self
+            .config
+            .layout
+            .plain_mlp()
+            .expect("GPT-2's MLP is plain");
+        for l in 0..self.config.num_hidden_layers {
+            let layer = self.names.layer(l);
+            for (stored, parts) in [
+                ("attn.c_attn", vec![(q, h), (k, h), (v, h)]),
+                ("attn.c_proj", vec![(o, h)]),
+                ("mlp.c_fc", vec![(up, i)]),
+                ("mlp.c_proj", vec![(down, h)]),
+            ] {
+                let named = |suffix: &str| -> Vec<(String, usize)> {
+                    (parts.iter())
+                        .map(|&(p, n)| (format!("{layer}.{p}.{suffix}"), n))
+                        .collect()
+                };
+                let w = format!("{layer}.{stored}.weight");
+                self.weights.transposed_columns(&w, &named("weight"))?;
+                let b = format!("{layer}.{stored}.bias");
+                self.weights.split_rows(&b, &named("bias"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Phi-3: name the row blocks of each layer's `qkv_proj` (q, k, v) and `gate_up_proj` (gate, up:
@@ -440,11 +511,14 @@ impl Model {
         if c.lm_head_bias {
             out.push((self.names.lm_head_bias(), vec![v]));
         }
+        if let Some(rows) = c.learned_positions {
+            out.push((self.names.positions(), vec![rows, h]));
+        }
         for l in 0..c.num_hidden_layers {
             let layer = self.names.layer(l);
             let mut t =
                 |name: &str, shape: Vec<usize>| out.push((format!("{layer}.{name}"), shape));
-            for norm in c.block_norms.names().into_iter().flatten() {
+            for norm in c.layout.norm_names(c.block_norms).into_iter().flatten() {
                 t(&format!("{norm}.weight"), vec![h]);
                 if layer_norm {
                     t(&format!("{norm}.bias"), vec![h]);
@@ -455,6 +529,19 @@ impl Model {
             let mut linears = match c.layout {
                 BlockLayout::NeoX { .. } => {
                     vec![("attention.query_key_value", 3 * qd, h, c.qkv_bias)]
+                }
+                // Conv1D: [in, out] as stored (read transposed), every one with a bias.
+                BlockLayout::Gpt2 => {
+                    for (name, rows, cols) in [
+                        ("attn.c_attn", h, 3 * qd),
+                        ("attn.c_proj", qd, h),
+                        ("mlp.c_fc", h, i),
+                        ("mlp.c_proj", i, h),
+                    ] {
+                        t(&format!("{name}.weight"), vec![rows, cols]);
+                        t(&format!("{name}.bias"), vec![cols]);
+                    }
+                    continue;
                 }
                 _ if c.fused_projections => {
                     vec![("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias)]
@@ -536,8 +623,8 @@ impl Model {
 
     /// Tensors of the checkpoint the decoder does not read, sorted: a sign that config.json's
     /// `model_type` or flags do not describe the weights (e.g. Qwen3 q/k norms under `qwen2`), since
-    /// the results then ignore part of the model. Not listed: rotary `inv_freq` buffers that older
-    /// checkpoints saved, a tied checkpoint's `lm_head.weight` (transformers ties it away too), and a
+    /// the results then ignore part of the model. Not listed: buffers that older checkpoints saved
+    /// (rotary `inv_freq`, GPT-2's causal masks: [`crate::pruning::checkpoint::is_buffer`]), a tied checkpoint's `lm_head.weight` (transformers ties it away too), and a
     /// vision-language checkpoint's other modalities ([`Model::other_modality_tensors`]).
     pub fn unused_tensors(&self) -> Vec<String> {
         let read: std::collections::HashSet<String> = self
@@ -549,7 +636,7 @@ impl Model {
             .weights
             .names()
             .filter(|n| !read.contains(*n) && self.names.is_decoder(n))
-            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .filter(|n| !crate::pruning::checkpoint::is_buffer(n))
             .filter(|n| !(self.config.tie_word_embeddings && *n == self.names.lm_head))
             .map(str::to_string)
             .collect();
@@ -725,7 +812,7 @@ impl Model {
         let mut tape = self.build_tape(dev, std::mem::take(pool), tokens, skip, None)?;
         let mut run = |tape: &mut Tape<D>| -> Result<(f64, Vec<f64>)> {
             let loss = tape.forward(&self.weights, true, on_hidden)?;
-            Ok((loss, tape.backward(&self.weights, self.num_layers() + 3)?))
+            Ok((loss, tape.backward(&self.weights, self.num_layers() + 4)?))
         };
         let result = run(&mut tape);
         *pool = tape.into_pool();
@@ -740,7 +827,7 @@ impl Model {
         })
     }
 
-    /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2.
+    /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2, GPT-2's positions → L+3.
     /// `start`: resume at that decoder layer from the given hidden state instead of embedding the tokens.
     fn build_tape<D: Device>(
         &self,
@@ -767,7 +854,7 @@ impl Model {
         let (h, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (heads, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let nl = self.num_layers();
-        let (g_embed, g_norm, g_head) = (nl, nl + 1, nl + 2);
+        let (g_embed, g_norm, g_head, g_positions) = (nl, nl + 1, nl + 2, nl + 3);
 
         let targets = (0..n)
             .map(|r| {
@@ -796,7 +883,7 @@ impl Model {
         };
 
         let embed = tape.param(self.names.embed.clone(), g_embed, vocab * h);
-        let first = start.as_ref().map_or(0, |s| s.0);
+        let (first, resumed) = (start.as_ref().map_or(0, |s| s.0), start.is_some());
         let mut x = tape.buffer("embed", n, h);
         match start {
             None => tape.push(op::Embedding {
@@ -806,6 +893,30 @@ impl Model {
                 out: x,
             }),
             Some((_, data)) => tape.push(op::HiddenInput { data, out: x }),
+        }
+        // GPT-2 adds the learned embedding of each token's position (its gradient in a group of its own,
+        // which no norm reports, like PyTorch's separate `wpe`).
+        if let (Some(rows), false) = (c.learned_positions, resumed) {
+            if t > rows {
+                return Err(Error::invalid(format!(
+                    "sequences of {t} tokens are longer than the model's {rows} learned positions \
+                     (n_positions)"
+                )));
+            }
+            let table = tape.param(self.names.positions(), g_positions, rows * h);
+            let pos = tape.buffer("positions", n, h);
+            tape.push(op::Positions {
+                table,
+                tokens: t,
+                out: pos,
+            });
+            let sum = tape.buffer("embed_positions", n, h);
+            tape.push(op::Add {
+                a: x,
+                b: pos,
+                out: sum,
+            });
+            x = sum;
         }
         tape.mark(first, x);
 
@@ -941,7 +1052,8 @@ impl Model {
         };
 
         // [before the attention, before the MLP, on the attention's output, on the MLP's output].
-        let [norm_in, norm_mlp_in, norm_attn_out, norm_mlp_out] = c.block_norms.names();
+        let [norm_in, norm_mlp_in, norm_attn_out, norm_mlp_out] =
+            c.layout.norm_names(c.block_norms);
         let maybe_norm = |tape: &mut Tape<D>, x: BufId, name: Option<&str>| match name {
             Some(name) => norm(tape, x, name, h, h),
             None => x,
@@ -967,10 +1079,11 @@ impl Model {
                 });
                 (q, k, v)
             }
-            BlockLayout::Llama | BlockLayout::Phi | BlockLayout::Starcoder2 => {
-                let mut q = linear(tape, a, "self_attn.q_proj", h, qd, c.qkv_bias);
-                let mut k = linear(tape, a, "self_attn.k_proj", h, kvd, c.qkv_bias);
-                let v = linear(tape, a, "self_attn.v_proj", h, kvd, c.qkv_bias);
+            BlockLayout::Llama | BlockLayout::Phi | BlockLayout::Starcoder2 | BlockLayout::Gpt2 => {
+                let [qn, kn, vn] = c.layout.qkv_proj();
+                let mut q = linear(tape, a, qn, h, qd, c.qkv_bias);
+                let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);
+                let v = linear(tape, a, vn, h, kvd, c.qkv_bias);
                 if let Some((dq, dk)) = c.qk_norm_lens() {
                     q = norm(tape, q, "self_attn.q_norm", qd, dq);
                     k = norm(tape, k, "self_attn.k_norm", kvd, dk);
@@ -978,20 +1091,22 @@ impl Model {
                 (q, k, v)
             }
         };
-        let qr = tape.buffer(format!("{pre}.q_rope"), n, qd);
-        tape.push(op::Rope {
-            x: q,
-            heads: shape.heads,
-            table: rope.clone(),
-            out: qr,
-        });
-        let kr = tape.buffer(format!("{pre}.k_rope"), n, kvd);
-        tape.push(op::Rope {
-            x: k,
-            heads: shape.kv_heads,
-            table: rope.clone(),
-            out: kr,
-        });
+        // The rotary embedding of q and k (none with learned positions: GPT-2).
+        let rotate = |tape: &mut Tape<D>, x: BufId, heads: usize, name: &str, width: usize| {
+            if c.learned_positions.is_some() {
+                return x;
+            }
+            let out = tape.buffer(format!("{pre}.{name}"), n, width);
+            tape.push(op::Rope {
+                x,
+                heads,
+                table: rope.clone(),
+                out,
+            });
+            out
+        };
+        let qr = rotate(tape, q, shape.heads, "q_rope", qd);
+        let kr = rotate(tape, k, shape.kv_heads, "k_rope", kvd);
         let att = tape.buffer(format!("{pre}.attn"), n, qd);
         let lse = tape.buffer(
             format!("{pre}.attn_lse"),

@@ -88,6 +88,15 @@ struct TensorLoc {
     /// Absolute byte range in the file.
     start: usize,
     end: usize,
+    /// A transposed column block of a stored `[rows, stored_cols]` matrix ([`Weights::transposed_columns`]):
+    /// `shape` is `[cols, rows]`, `start..end` the whole stored matrix.
+    columns: Option<Columns>,
+}
+
+#[derive(Clone, Copy)]
+struct Columns {
+    stored_cols: usize,
+    first: usize,
 }
 
 pub struct Weights {
@@ -131,6 +140,7 @@ impl Weights {
                         shape: info.shape.clone(),
                         start: base + info.data_offsets.0,
                         end: base + info.data_offsets.1,
+                        columns: None,
                     },
                 );
             }
@@ -157,8 +167,10 @@ impl Weights {
             .get(fused)
             .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{fused}'")))?;
         let total: usize = parts.iter().map(|p| p.1).sum();
+        // A 1-D tensor (a fused bias) splits into 1-D parts: rows of one value.
         let (rows, cols) = match loc.shape[..] {
-            [r, c] if r == total => (r, c),
+            [r, c] if r == total && loc.columns.is_none() => (r, c),
+            [r] if r == total => (r, 1),
             _ => {
                 return Err(Error::layer(
                     &self.files[loc.file].0,
@@ -171,6 +183,7 @@ impl Weights {
                 ))
             }
         };
+        let one_d = loc.shape.len() == 1;
         let row_bytes = cols * loc.dtype.bitsize() / 8;
         if rows * row_bytes != loc.end - loc.start {
             return Err(Error::layer(
@@ -187,13 +200,62 @@ impl Weights {
                 TensorLoc {
                     file,
                     dtype,
-                    shape: vec![*r, cols],
+                    shape: if one_d { vec![*r] } else { vec![*r, cols] },
                     start,
                     end,
+                    columns: None,
                 },
             );
             self.parts.insert(name.clone());
             start = end;
+        }
+        Ok(())
+    }
+
+    /// Name consecutive column blocks of the stored 2-D tensor `stored` (`[rows, cols]`), transposed, as
+    /// tensors of their own: `parts` lists each block's name and column count, in order, adding up to
+    /// `cols`; part i is `[its columns, rows]`, copied out when read. For GPT-2's `Conv1D` layers, which
+    /// store `[in, out]` (y = x W + b) where the runtime reads `[out, in]`, and its fused `c_attn`,
+    /// whose q, k and v are column blocks. Not listed by [`Weights::names`]; never read as bf16 bits.
+    pub fn transposed_columns(&mut self, stored: &str, parts: &[(String, usize)]) -> Result<()> {
+        let loc = self
+            .tensors
+            .get(stored)
+            .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{stored}'")))?;
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let rows = match loc.shape[..] {
+            [r, c] if c == total && loc.columns.is_none() => r,
+            _ => {
+                return Err(Error::layer(
+                    &self.files[loc.file].0,
+                    stored,
+                    format!(
+                        "shape {:?} cannot be split into column blocks of {:?}",
+                        loc.shape,
+                        parts.iter().map(|p| p.1).collect::<Vec<_>>()
+                    ),
+                ))
+            }
+        };
+        let (file, dtype, start, end) = (loc.file, loc.dtype, loc.start, loc.end);
+        let mut first = 0;
+        for (name, c) in parts {
+            self.tensors.insert(
+                name.clone(),
+                TensorLoc {
+                    file,
+                    dtype,
+                    shape: vec![*c, rows],
+                    start,
+                    end,
+                    columns: Some(Columns {
+                        stored_cols: total,
+                        first,
+                    }),
+                },
+            );
+            self.parts.insert(name.clone());
+            first += c;
         }
         Ok(())
     }
@@ -256,6 +318,9 @@ impl Weights {
             .get(name)
             .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{name}'")))?;
         let bytes = self.stored_bytes(name, loc)?;
+        if let Some(cols) = loc.columns {
+            return self.transposed_f32(name, loc, cols, bytes).map(Cow::Owned);
+        }
         let conv = |size: usize, f: &(dyn Fn(&[u8]) -> f32 + Sync)| -> Vec<f32> {
             let mut out = vec![0f32; bytes.len() / size];
             out.par_chunks_mut(8192)
@@ -287,6 +352,55 @@ impl Weights {
         })
     }
 
+    /// A transposed column block as f32 (`[cols, rows]` from the stored `[rows, stored_cols]`).
+    fn transposed_f32(
+        &self,
+        name: &str,
+        loc: &TensorLoc,
+        cols: Columns,
+        bytes: &[u8],
+    ) -> Result<Vec<f32>> {
+        let (width, rows) = (loc.shape[0], loc.shape[1]);
+        let size = loc.dtype.bitsize() / 8;
+        if bytes.len() != rows * cols.stored_cols * size {
+            return Err(Error::layer(
+                &self.files[loc.file].0,
+                name,
+                "data offsets do not match the shape and dtype",
+            ));
+        }
+        let value = |c: &[u8]| -> f32 {
+            match loc.dtype {
+                Dtype::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                Dtype::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                Dtype::F64 => f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
+                _ => f32::from_le_bytes(c.try_into().expect("4 bytes")),
+            }
+        };
+        if !matches!(
+            loc.dtype,
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+        ) {
+            return Err(Error::layer(
+                &self.files[loc.file].0,
+                name,
+                format!(
+                    "dtype {:?} is not supported (f32, f16, bf16, f64)",
+                    loc.dtype
+                ),
+            ));
+        }
+        let mut out = vec![0f32; width * rows];
+        out.par_chunks_mut(rows).enumerate().for_each(|(j, o)| {
+            let col = cols.first + j;
+            for (i, o) in o.iter_mut().enumerate() {
+                let at = (i * cols.stored_cols + col) * size;
+                *o = value(&bytes[at..at + size]);
+            }
+        });
+        Ok(out)
+    }
+
     /// Names of every tensor the files store (unordered; not the parts of [`Weights::split_rows`]).
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors
@@ -307,7 +421,8 @@ impl ParamStore for Weights {
         let Some(loc) = self.tensors.get(name) else {
             return Ok(None);
         };
-        if loc.dtype != Dtype::BF16 {
+        // A transposed view is no run of stored bits: read it through `param`.
+        if loc.dtype != Dtype::BF16 || loc.columns.is_some() {
             return Ok(None);
         }
         let bytes = self.stored_bytes(name, loc)?;

@@ -58,6 +58,52 @@ impl<D: Device> TapeOp<D> for Embedding {
     }
 }
 
+/// `out[r] = table[r mod tokens]`: the learned embedding of each row's position in its sequence (GPT-2's
+/// `wpe`; rows are sequences of `tokens` one after the other).
+#[derive(Clone, Debug)]
+pub struct Positions {
+    pub table: ParamId,
+    pub tokens: usize,
+    pub out: BufId,
+}
+
+impl Positions {
+    fn ids<D: Device>(&self, t: &Tape<D>) -> Result<D::Ids> {
+        let rows = t.bufs[self.out].rows;
+        let pos: Vec<i64> = (0..rows).map(|r| (r % self.tokens) as i64).collect();
+        t.dev.ids(&pos)
+    }
+}
+
+impl<D: Device> TapeOp<D> for Positions {
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "positions",
+            inputs: vec![],
+            outputs: vec![self.out],
+            saved: vec![],
+            params: vec![self.table],
+        }
+    }
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
+        let table = t.p(store, self.table)?;
+        let ids = self.ids(t)?;
+        t.write_output(self.out, |t, y| {
+            t.dev
+                .embedding_forward(&ids, &table, t.bufs[self.out].cols, 1.0, y)
+        })
+    }
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, pg: &mut ParamGrads<D>) -> Result<()> {
+        if t.has_grad(self.out) {
+            let ids = self.ids(t)?;
+            let (dy, dim) = (t.grad(self.out), t.bufs[self.out].cols);
+            t.dev
+                .embedding_backward(&ids, dy, dim, 1.0, None, pg.get_mut(self.table))?;
+        }
+        Ok(())
+    }
+}
+
 /// out = a given hidden state: the start of a forward that resumes at a decoder layer, the layers before
 /// it having run already (the loss of a network with layers skipped, from the shared prefix). Forward
 /// only: nothing upstream takes a gradient.
