@@ -1,9 +1,9 @@
-// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, the logistic sigmoid, GELU exact and
-// tanh-approximated, soft-capping, a constant factor, multiply, add, accumulate, the column-block gather
-// of GPT-NeoX's fused q/k/v, rows scaled by one value each) and the sum of squares of a gradient, forward
-// and backward side by side. Buffers are flat f32 of `n` elements; every kernel but row_scale_backward
-// (one block per row) is a grid-stride loop (any grid covers any n). Backwards accumulate (+=), as on the
-// CPU (src/runtime/ops/cpu.rs).
+// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, the logistic sigmoid, ReLU, GELU exact
+// and tanh-approximated, soft-capping, a constant factor, multiply, add, accumulate, the column-block
+// gather of GPT-NeoX's fused q/k/v, rows scaled by one value each) and the sum of squares of a gradient,
+// forward and backward side by side. Buffers are flat f32 of `n` elements; every kernel but
+// row_scale_backward (one block per row) is a grid-stride loop (any grid covers any n). Backwards
+// accumulate (+=), as on the CPU (src/runtime/ops/cpu.rs).
 
 #include "common.cuh"
 
@@ -40,6 +40,21 @@ extern "C" __global__ void sigmoid_backward(const float* __restrict__ x, const f
         float s = rt_sigmoid(x[i]);
         dx[i] += dy[i] * s * (1.0f - s);
     }
+}
+
+// y = max(x, 0) (OPT's MLP; NaN stays NaN, as in PyTorch)
+extern "C" __global__ void relu_forward(const float* __restrict__ x, float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = v < 0.0f ? 0.0f : v;
+    }
+}
+
+// dx += dy where x > 0 (the slope at 0 is 0, as in PyTorch)
+extern "C" __global__ void relu_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                         float* __restrict__ dx, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        if (x[i] > 0.0f) dx[i] += dy[i];
 }
 
 // GELU, tanh approximation (PyTorch's approximate="tanh", Gemma's GeGLU): x/2 (1 + tanh u),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2 /
-Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -209,6 +209,15 @@ FIXTURES = [
          cfg=dict(n_embd=32, n_layer=3, n_head=4, n_positions=24, vocab_size=128,
                   layer_norm_epsilon=1e-5, activation_function="gelu_new"),
          gpt2_hub_layout=True, seed=24),
+    # OPT: learned positions from row 2 (no rotary), LayerNorms with biases before the attention and the
+    # MLP, fc1 → ReLU → fc2, biases everywhere, tied, pad_token_id 1 (its embedding row takes no
+    # gradient); stored as the hub's facebook/opt-* checkpoints are (`decoder.…`, saved from the base
+    # model), bf16.
+    dict(name="opt_hub_layout", model_type="opt", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, num_hidden_layers=4, ffn_dim=64, num_attention_heads=4,
+                  max_position_embeddings=20, vocab_size=128, word_embed_proj_dim=32, pad_token_id=1,
+                  do_layer_norm_before=True, enable_bias=True),
+         opt_hub_layout=True, seed=25),
     # GPT-NeoX (Pythia): LayerNorms with biases, q/k/v interleaved per head in one biased projection,
     # rotary on a quarter of each head (rotary_pct 0.25 → 4 of 16 values), exact-GELU MLP with biases,
     # parallel residual; untied embed_out. Written in the 4.x form Pythia's hub configs have (rotary_pct,
@@ -275,6 +284,8 @@ def text_model(model):
         return model.gpt_neox
     if hasattr(model, "transformer"):
         return model.transformer
+    if hasattr(model.model, "decoder"):
+        return model.model.decoder  # OPT
     return getattr(model.model, "language_model", model.model)
 
 
@@ -435,6 +446,14 @@ def gpt2_hub_layout(d, config):
     save_file(sd, path, metadata={"format": "pt"})
 
 
+def strip_prefix(d, prefix):
+    """Drop `prefix` from every tensor name of the checkpoint (the names of a base model's state_dict)."""
+    from safetensors.torch import load_file
+    path = os.path.join(d, "model.safetensors")
+    sd = {k.removeprefix(prefix): v for k, v in load_file(path).items()}
+    save_file(sd, path, metadata={"format": "pt"})
+
+
 def check_reload(spec, d, model, ids):
     """transformers reads the rewritten checkpoint (cut config, other layout) as the model it came from:
     every tensor found, the same logits."""
@@ -509,9 +528,9 @@ def hidden_states(model, ids):
             hs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
         return f
 
-    if hasattr(text_model(model), "embedding_multiplier") or hasattr(text_model(model), "wpe"):
-        # Granite scales the embedding outside its module, GPT-2 adds its positions: state 0 is what
-        # decoder layer 0 reads.
+    if any(hasattr(text_model(model), a) for a in ("embedding_multiplier", "wpe", "embed_positions")):
+        # Granite scales the embedding outside its module, GPT-2 and OPT add their positions: state 0 is
+        # what decoder layer 0 reads.
         def pre(_mod, args, kwargs):
             hs[0] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         handles = [decoder_layers(model)[0].register_forward_pre_hook(pre, with_kwargs=True)]
@@ -575,13 +594,15 @@ def build(spec, out_root):
         flatten_config(os.path.join(d, "config.json"))
     if spec.get("gpt2_hub_layout"):
         gpt2_hub_layout(d, model.config)
+    if spec.get("opt_hub_layout"):
+        strip_prefix(d, "model.")
 
     rng = np.random.default_rng(spec["seed"])
     # Vision-language fixtures keep their image tokens out of the text.
     vocab = spec.get("token_max", model.config.get_text_config().vocab_size)
     tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
     np.save(os.path.join(d, "tokens.npy"), tokens)
-    if "cls" in spec or spec.get("neox_old_config") or spec.get("gpt2_hub_layout"):
+    if "cls" in spec or any(spec.get(k) for k in ("neox_old_config", "gpt2_hub_layout", "opt_hub_layout")):
         check_reload(spec, d, model, torch.from_numpy(tokens.astype(np.int64)))
 
     model = model.double()

@@ -288,6 +288,13 @@ fn olmoe_experts_match_transformers() {
     check_case("olmoe_experts");
 }
 
+/// OPT as the hub's facebook/opt-* checkpoints are stored (`decoder.…`, no `model.` prefix, tied), bf16:
+/// a kept layer renumbered under that prefix.
+#[test]
+fn opt_hub_layout_matches_transformers() {
+    check_case("opt_hub_layout");
+}
+
 /// GPT-2 in the hub's original layout (`h.{l}.…`, no `transformer.` prefix, causal-mask buffers):
 /// its Conv1D tensors and buffers copied as stored, `n_layer` updated.
 #[test]

@@ -119,6 +119,7 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
             Activation::Gelu,
             Activation::Scale(-0.3),
             Activation::Sigmoid,
+            Activation::Relu,
         ] {
             let mut want = vec![0f32; n];
             let mut y = dev.alloc_zeroed(n).unwrap();
@@ -1285,7 +1286,7 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
 ///   embedding kernels, weighted by `row_scale`, scattered back; Qwen2-MoE's sigmoid-gated shared
 ///   expert), dense layers among sparse ones;
 /// * gpt2: learned positions (the embedding kernels on position ids), no rotary, Conv1D weights read
-///   transposed.
+///   transposed; opt: learned positions from row 2, the ReLU MLP, a padding row.
 #[test]
 fn decoder_families_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
@@ -1307,6 +1308,7 @@ fn decoder_families_match_the_cpu() {
         "qwen3_moe_step",
         "olmoe_experts",
         "gpt2_hub_layout",
+        "opt_hub_layout",
     ] {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {

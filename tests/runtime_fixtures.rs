@@ -16,7 +16,7 @@ use common::{fixture as dir, reference, rel};
 use sglp_engine::runtime::{Model, Tokens};
 use std::path::Path;
 
-const FIXTURES: [&str; 24] = [
+const FIXTURES: [&str; 25] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -41,6 +41,7 @@ const FIXTURES: [&str; 24] = [
     "qwen3_moe_step",
     "olmoe_experts",
     "gpt2_hub_layout",
+    "opt_hub_layout",
 ];
 
 fn load(name: &str) -> (Model, Tokens) {
@@ -467,6 +468,12 @@ fn gemma2_windows_and_soft_caps_match_pytorch() {
 #[test]
 fn info_describes_windows_caps_and_rotary() {
     for (name, want) in [
+        (
+            "opt_hub_layout",
+            "block: LayerNorms with biases; MLP fc1 → ReLU → fc2; learned positions, no rotary \
+             embedding\nattention: causal, no window; learned positions (up to 20 tokens, from row 2), \
+             no rotary",
+        ),
         (
             "gpt2_hub_layout",
             "parameters: 43040 (12704 per decoder layer, 4928 outside them)\nblock: LayerNorms with \

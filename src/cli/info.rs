@@ -127,8 +127,12 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Softcap(_) => "soft-cap",
         Activation::Scale(_) => "scale",
         Activation::Sigmoid => "sigmoid",
+        Activation::Relu => "ReLU",
     };
     match c.layout {
+        BlockLayout::Opt => format!(
+            "LayerNorms with biases; MLP fc1 → {act} → fc2; learned positions, no rotary embedding"
+        ),
         BlockLayout::Gpt2 => format!(
             "LayerNorms with biases; Conv1D projections (read transposed), q/k/v fused; MLP c_fc → \
              {act} → c_proj; learned positions, no rotary embedding"
@@ -229,9 +233,14 @@ fn describe_attention(c: &ModelConfig) -> String {
         };
         format!("θ {theta}, {kind}")
     };
-    if let Some(rows) = c.learned_positions {
+    if let Some(p) = c.learned_positions {
+        let offset = match p.offset {
+            0 => String::new(),
+            o => format!(", from row {o}"),
+        };
         parts.push(format!(
-            "learned positions (up to {rows} tokens), no rotary"
+            "learned positions (up to {} tokens{offset}), no rotary",
+            p.max_tokens
         ));
         return parts.join("; ");
     }

@@ -1,7 +1,7 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
-//! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2), GPT-NeoX (gpt_neox: Pythia) and
-//! Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others'), the mixtures of experts (mixtral,
-//! qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
+//! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2), GPT-NeoX (gpt_neox: Pythia),
+//! Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the mixtures of experts
+//! (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
 //! (`rope_parameters`). A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]:
 //! gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat
@@ -99,6 +99,10 @@ pub enum BlockLayout {
     /// StarCoder2: LLaMA's attention names and sequential residual with LayerNorms (with biases), an MLP
     /// `mlp.c_fc` → GELU → `mlp.c_proj`, biases on every projection (`use_bias`).
     Starcoder2,
+    /// OPT: LLaMA's attention names but `self_attn.out_proj`, LayerNorms `self_attn_layer_norm`,
+    /// `final_layer_norm` (with biases) before the attention and the MLP, `fc1` → ReLU → `fc2`, biases
+    /// (`enable_bias`), learned positions (offset 2), no rotary embedding, `model.decoder.final_layer_norm`.
+    Opt,
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
@@ -120,6 +124,7 @@ impl BlockLayout {
             BlockLayout::Phi => "self_attn.dense",
             BlockLayout::Starcoder2 => "self_attn.o_proj",
             BlockLayout::Gpt2 => "attn.o_proj",
+            BlockLayout::Opt => "self_attn.out_proj",
         }
     }
 
@@ -139,6 +144,7 @@ impl BlockLayout {
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
             BlockLayout::Starcoder2 => Some(("mlp.c_fc", "mlp.c_proj")),
             BlockLayout::Gpt2 => Some(("mlp.up_proj", "mlp.down_proj")),
+            BlockLayout::Opt => Some(("fc1", "fc2")),
         }
     }
 
@@ -146,6 +152,12 @@ impl BlockLayout {
     pub fn norm_names(self, norms: BlockNorms) -> [Option<&'static str>; 4] {
         match self {
             BlockLayout::Gpt2 => [Some("ln_1"), Some("ln_2"), None, None],
+            BlockLayout::Opt => [
+                Some("self_attn_layer_norm"),
+                Some("final_layer_norm"),
+                None,
+                None,
+            ],
             _ => norms.names(),
         }
     }
@@ -266,9 +278,18 @@ pub struct ModelConfig {
     pub lm_head_bias: bool,
     /// The sparse mixture-of-experts MLP, if the model has one.
     pub moe: Option<Moe>,
-    /// Learned absolute position embeddings (GPT-2's `wpe`, this many rows: the longest sequence) added
-    /// to the token embeddings, in place of the rotary embedding.
-    pub learned_positions: Option<usize>,
+    /// Learned absolute position embeddings added to the token embeddings in place of the rotary
+    /// embedding (GPT-2's `wpe`, OPT's `embed_positions`).
+    pub learned_positions: Option<LearnedPositions>,
+}
+
+/// A table of learned position embeddings: position p (from 0 in each sequence) reads row `p + offset`
+/// (OPT's offset 2), for sequences of up to `max_tokens` tokens (the table has `max_tokens + offset`
+/// rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearnedPositions {
+    pub max_tokens: usize,
+    pub offset: usize,
 }
 
 /// A vision-language checkpoint kind whose language model the runtime reads.
@@ -526,7 +547,7 @@ impl ModelConfig {
             .to_string();
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2, \
-             gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2";
+             gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -536,14 +557,17 @@ impl ModelConfig {
                 ),
             ));
         }
-        let gpt2 = model_type == "gpt2";
+        let (gpt2, opt) = (model_type == "gpt2", model_type == "opt");
         let aliased;
-        let v = if gpt2 {
-            aliased = gpt2_config(v, path)?;
-            &aliased
-        } else {
-            v
+        let v = match model_type.as_str() {
+            "gpt2" | "opt" => {
+                aliased = aliased_config(v, &model_type, path)?;
+                &aliased
+            }
+            _ => v,
         };
+        // OPTConfig's `enable_bias` (default true) puts a bias on every projection.
+        let enable_bias = opt && opt_bool(v, "enable_bias", path)?.unwrap_or(true);
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
         let neox = model_type == "gpt_neox";
@@ -646,6 +670,7 @@ impl ModelConfig {
             "qwen2_moe" => (opt_bool(v, "qkv_bias", path)?.unwrap_or(true), false),
             "gpt_neox" => (attention_bias, attention_bias),
             "phi" | "gpt2" => (true, true),
+            "opt" => (enable_bias, enable_bias),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2"
             | "qwen3_moe" | "olmoe" => (attention_bias, attention_bias),
@@ -681,7 +706,19 @@ impl ModelConfig {
             "phi" => BlockLayout::Phi,
             "starcoder2" => BlockLayout::Starcoder2,
             "gpt2" => BlockLayout::Gpt2,
+            "opt" => BlockLayout::Opt,
             _ => BlockLayout::Llama,
+        };
+        let learned_positions = match model_type.as_str() {
+            "gpt2" => Some(LearnedPositions {
+                max_tokens: get_size(v, "n_positions", MAX_SIZE, path)?,
+                offset: 0,
+            }),
+            "opt" => Some(LearnedPositions {
+                max_tokens: get_size(v, "max_position_embeddings", MAX_SIZE, path)?,
+                offset: 2,
+            }),
+            _ => None,
         };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
         let intermediate_size = get_size(v, "intermediate_size", MAX_SIZE, path)?;
@@ -718,6 +755,7 @@ impl ModelConfig {
                         | "mixtral"
                         | "olmoe"
                         | "gpt2"
+                        | "opt"
                 ) {
                     1e-5
                 } else {
@@ -726,12 +764,13 @@ impl ModelConfig {
             ),
             // Gemma's, StarCoder2's and GPT-2's config classes tie by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?
-                .unwrap_or(gemma || starcoder2 || gpt2),
+                .unwrap_or(gemma || starcoder2 || gpt2 || opt),
             mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias
                 || neox
                 || phi
                 || gpt2
-                || use_bias,
+                || use_bias
+                || enable_bias,
             fused_projections: model_type == "phi3",
             activation,
             norm_offset: if gemma { 1.0 } else { 0.0 },
@@ -769,10 +808,7 @@ impl ModelConfig {
             layout,
             lm_head_bias: phi,
             moe,
-            learned_positions: match gpt2 {
-                true => Some(get_size(v, "n_positions", MAX_SIZE, path)?),
-                false => None,
-            },
+            learned_positions,
         })
     }
 
@@ -932,12 +968,18 @@ fn parse_sliding_window(
     }
 }
 
-/// GPT-2's config (GPT2Config's names: `n_embd`, `n_layer`, `n_head`, `n_inner`, `n_positions`,
-/// `layer_norm_epsilon`) read under the names the rest of the parser uses, its class defaults filled
-/// in (GPT-2 small's sizes; `n_inner` absent or null is 4 × `n_embd`). Refused: the attention scaled by
-/// its layer's inverse index (`scale_attn_by_inverse_layer_idx`); `scale_attn_weights` false (unscaled
-/// scores) is read as a score scale of 1.
-fn gpt2_config(v: &Value, path: &Path) -> Result<Value> {
+/// GPT-2's and OPT's configs read under the names the rest of the parser uses, their class defaults
+/// filled in (the smallest model's sizes).
+///
+/// * gpt2: GPT2Config's `n_embd`, `n_layer`, `n_head`, `n_inner` (absent or null: 4 × `n_embd`),
+///   `n_positions`, `layer_norm_epsilon`. Refused: scores scaled by the layer's inverse index
+///   (`scale_attn_by_inverse_layer_idx`); `scale_attn_weights` false (unscaled scores) is read as a
+///   score scale of 1.
+/// * opt: OPTConfig's `ffn_dim`, `max_position_embeddings` (default 2048), `pad_token_id` (default 1),
+///   its LayerNorms' eps (PyTorch's 1e-5). Refused: OPT-350m's post-norm blocks
+///   (`do_layer_norm_before` false) and its `word_embed_proj_dim` ≠ `hidden_size` projections, norms
+///   without weights (`layer_norm_elementwise_affine` false, `_remove_final_layer_norm`).
+fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     let mut c = v.clone();
     let obj = c
         .as_object_mut()
@@ -945,6 +987,43 @@ fn gpt2_config(v: &Value, path: &Path) -> Result<Value> {
     let get = |key: &str, default: u64| -> Result<u64> {
         Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
     };
+    if model_type == "opt" {
+        let hidden = get("hidden_size", 768)?;
+        for (key, value) in [
+            ("hidden_size", hidden),
+            ("num_hidden_layers", get("num_hidden_layers", 12)?),
+            ("num_attention_heads", get("num_attention_heads", 12)?),
+            ("intermediate_size", get("ffn_dim", 3072)?),
+            (
+                "max_position_embeddings",
+                get("max_position_embeddings", 2048)?,
+            ),
+            ("vocab_size", get("vocab_size", 50272)?),
+        ] {
+            obj.insert(key.into(), value.into());
+        }
+        obj.insert("rms_norm_eps".into(), 1e-5.into());
+        if !obj.contains_key("pad_token_id") {
+            obj.insert("pad_token_id".into(), 1.into());
+        }
+        let refuse = |what: &str| Err(model_err(path, format!("{what}: not supported")));
+        if opt_bool(v, "do_layer_norm_before", path)? == Some(false) {
+            return refuse(
+                "field 'do_layer_norm_before' is false (OPT-350m's norms after the blocks)",
+            );
+        }
+        if opt_usize(v, "word_embed_proj_dim", path)?.is_some_and(|d| d as u64 != hidden) {
+            return refuse(
+                "field 'word_embed_proj_dim' differs from 'hidden_size' (OPT-350m's projections)",
+            );
+        }
+        if opt_bool(v, "layer_norm_elementwise_affine", path)? == Some(false)
+            || opt_bool(v, "_remove_final_layer_norm", path)? == Some(true)
+        {
+            return refuse("LayerNorms without weights, or no final LayerNorm");
+        }
+        return Ok(c);
+    }
     let hidden = get("n_embd", 768)?;
     let inner = get("n_inner", 4 * hidden)?;
     for (key, value) in [
@@ -1243,6 +1322,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "phi" => ("hidden_act", "gelu_new"),
         "starcoder2" => ("hidden_act", "gelu_pytorch_tanh"),
         "gpt2" => ("activation_function", "gelu_new"),
+        "opt" => ("activation_function", "relu"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -1263,7 +1343,8 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" if model_type == "gpt2" => {
             Ok(Activation::GeluTanh)
         }
-        "gelu" if model_type == "gpt2" => Ok(Activation::Gelu),
+        "gelu" if model_type == "gpt2" || model_type == "opt" => Ok(Activation::Gelu),
+        "relu" if model_type == "opt" => Ok(Activation::Relu),
         _ => Err(model_err(
             path,
             format!(
@@ -1857,7 +1938,8 @@ mod tests {
             (768, 12, 12, 64)
         );
         assert_eq!((c.intermediate_size, c.vocab_size), (3072, 50257));
-        assert_eq!(c.learned_positions, Some(1024));
+        let positions = |max_tokens, offset| Some(LearnedPositions { max_tokens, offset });
+        assert_eq!(c.learned_positions, positions(1024, 0));
         assert_eq!(
             (c.layout, c.activation, c.rms_norm_eps),
             (BlockLayout::Gpt2, Activation::GeluTanh, 1e-5)
@@ -1879,11 +1961,69 @@ mod tests {
             ),
             (48, 2, 16, 100)
         );
-        assert_eq!((c.learned_positions, c.rms_norm_eps), (Some(64), 1e-6));
+        assert_eq!(
+            (c.learned_positions, c.rms_norm_eps),
+            (positions(64, 0), 1e-6)
+        );
         assert_eq!(
             (c.activation, c.attn_scale, c.pad_token_id),
             (Activation::Gelu, Some(1.0), None)
         );
+    }
+
+    /// OPTConfig's names and defaults (OPT-125m), and OPT-350m's particulars refused by name.
+    #[test]
+    fn opt_config_names_and_defaults() {
+        let p = Path::new("config.json");
+        let c = ModelConfig::from_json(&serde_json::json!({"model_type": "opt"}), p).unwrap();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.intermediate_size,
+                c.vocab_size
+            ),
+            (768, 12, 3072, 50272)
+        );
+        let positions = Some(LearnedPositions {
+            max_tokens: 2048,
+            offset: 2,
+        });
+        assert_eq!((c.learned_positions, c.pad_token_id), (positions, Some(1)));
+        assert_eq!(
+            (c.layout, c.activation, c.rms_norm_eps),
+            (BlockLayout::Opt, Activation::Relu, 1e-5)
+        );
+        assert!(c.tie_word_embeddings && c.qkv_bias && c.o_bias && c.mlp_bias);
+        let c = ModelConfig::from_json(
+            &serde_json::json!({"model_type": "opt", "enable_bias": false, "pad_token_id": null}),
+            p,
+        )
+        .unwrap();
+        assert!(!(c.qkv_bias || c.o_bias || c.mlp_bias));
+        assert_eq!(c.pad_token_id, None);
+        for (key, value, want) in [
+            (
+                "do_layer_norm_before",
+                serde_json::json!(false),
+                "do_layer_norm_before",
+            ),
+            (
+                "word_embed_proj_dim",
+                serde_json::json!(512),
+                "word_embed_proj_dim",
+            ),
+            (
+                "layer_norm_elementwise_affine",
+                serde_json::json!(false),
+                "without weights",
+            ),
+        ] {
+            let mut v = serde_json::json!({"model_type": "opt", "hidden_size": 1024});
+            v[key] = value;
+            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("not supported"), "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2,
-//! granite, starcoder2), a GPT-NeoX one (gpt_neox) or a Phi one (phi) as a tape: embedding (× √hidden:
+//! granite, starcoder2; mixtral, qwen2_moe, qwen3_moe, olmoe with experts), a GPT-NeoX one (gpt_neox), a
+//! Phi one (phi), a GPT-2 one (gpt2) or an OPT one (opt) as a tape: embedding (× √hidden:
 //! gemma) → per layer [RMSNorm (not olmo2) → q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
 //! gpt_neox; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says; scores
 //! soft-capped: gemma2) → o (→ RMSNorm: gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP
@@ -16,9 +17,9 @@
 //! vision-language checkpoint's language model is read where [`TensorNames`] finds it. A mixture of
 //! experts (mixtral, qwen2_moe, qwen3_moe, olmoe: the config's `Moe`) replaces a layer's gated MLP with
 //! its router (a `Linear` to the experts' logits) and one [`SparseMoe`] op (`tape/moe.rs`), plus
-//! Qwen2-MoE's shared expert × σ(gate) (`RowScale`). GPT-2 ([`BlockLayout::Gpt2`]) adds learned
-//! position embeddings to the token embeddings (`Positions`) and rotates nothing; its `Conv1D` weights
-//! are read transposed ([`Weights::transposed_columns`]).
+//! Qwen2-MoE's shared expert × σ(gate) (`RowScale`). GPT-2 ([`BlockLayout::Gpt2`]) and OPT
+//! ([`BlockLayout::Opt`]) add learned position embeddings to the token embeddings (`Positions`) and
+//! rotate nothing; GPT-2's `Conv1D` weights are read transposed ([`Weights::transposed_columns`]).
 
 use super::config::{BlockLayout, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -245,13 +246,16 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
 /// `model.embed_tokens.weight`, `model.norm` and `lm_head.weight`; GPT-NeoX: `gpt_neox.`,
 /// `gpt_neox.layers.`, `gpt_neox.embed_in.weight`, `gpt_neox.final_layer_norm` and `embed_out.weight`;
 /// GPT-2: `transformer.` (or nothing, as the hub's original checkpoints), `transformer.h.`,
-/// `transformer.wte.weight`, `transformer.ln_f`. The language model of a vision-language checkpoint
+/// `transformer.wte.weight`, `transformer.ln_f`; OPT: `model.decoder.` (or `decoder.`),
+/// `model.decoder.layers.`, `model.decoder.final_layer_norm`. The language model of a vision-language checkpoint
 /// ([`ModelConfig::multimodal`]): one of [`TensorNames::multimodal_layouts`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorNames {
     pub decoder: String,
     /// What every decoder layer's tensor name starts with, before the layer's number.
     pub layers: String,
+    /// The learned position embeddings' table (GPT-2, OPT).
+    pub positions: Option<String>,
     /// The embedding table.
     pub embed: String,
     /// The final norm's module (its `.weight`; a LayerNorm's `.bias` too).
@@ -265,6 +269,7 @@ impl TensorNames {
         TensorNames {
             decoder: decoder.into(),
             layers: format!("{decoder}layers."),
+            positions: None,
             embed: format!("{decoder}embed_tokens.weight"),
             norm: format!("{decoder}norm"),
             lm_head: lm_head.into(),
@@ -282,11 +287,23 @@ impl TensorNames {
             BlockLayout::NeoX { .. } => TensorNames {
                 decoder: "gpt_neox.".into(),
                 layers: "gpt_neox.layers.".into(),
+                positions: None,
                 embed: "gpt_neox.embed_in.weight".into(),
                 norm: "gpt_neox.final_layer_norm".into(),
                 lm_head: "embed_out.weight".into(),
             },
             BlockLayout::Gpt2 => Self::gpt2("transformer."),
+            BlockLayout::Opt => Self::opt("model.decoder."),
+        }
+    }
+
+    /// OPT's names under `decoder`: `model.decoder.` as OPTForCausalLM saves it, or `decoder.` (the
+    /// hub's `facebook/opt-*` checkpoints, saved from the base model).
+    fn opt(decoder: &str) -> Self {
+        TensorNames {
+            positions: Some(format!("{decoder}embed_positions.weight")),
+            norm: format!("{decoder}final_layer_norm"),
+            ..Self::llama(decoder, "lm_head.weight")
         }
     }
 
@@ -296,15 +313,16 @@ impl TensorNames {
         TensorNames {
             decoder: decoder.into(),
             layers: format!("{decoder}h."),
+            positions: Some(format!("{decoder}wpe.weight")),
             embed: format!("{decoder}wte.weight"),
             norm: format!("{decoder}ln_f"),
             lm_head: "lm_head.weight".into(),
         }
     }
 
-    /// GPT-2's learned position embeddings.
-    pub fn positions(&self) -> String {
-        format!("{}wpe.weight", self.decoder)
+    /// The learned position embeddings' table, if the decoder has one.
+    pub fn positions(&self) -> Option<String> {
+        self.positions.clone()
     }
 
     /// The layouts a vision-language checkpoint's language model may have, in the order tried: the
@@ -364,6 +382,10 @@ impl TensorNames {
             (None, BlockLayout::Gpt2) => (
                 vec![Self::gpt2("transformer."), Self::gpt2("")],
                 "a GPT-2 checkpoint without its".to_string(),
+            ),
+            (None, BlockLayout::Opt) => (
+                vec![Self::opt("model.decoder."), Self::opt("decoder.")],
+                "an OPT checkpoint without its".to_string(),
             ),
             (None, layout) => return Ok(Self::decoder_only(layout)),
         };
@@ -511,8 +533,8 @@ impl Model {
         if c.lm_head_bias {
             out.push((self.names.lm_head_bias(), vec![v]));
         }
-        if let Some(rows) = c.learned_positions {
-            out.push((self.names.positions(), vec![rows, h]));
+        if let (Some(p), Some(name)) = (c.learned_positions, self.names.positions()) {
+            out.push((name, vec![p.max_tokens + p.offset, h]));
         }
         for l in 0..c.num_hidden_layers {
             let layer = self.names.layer(l);
@@ -894,20 +916,22 @@ impl Model {
             }),
             Some((_, data)) => tape.push(op::HiddenInput { data, out: x }),
         }
-        // GPT-2 adds the learned embedding of each token's position (its gradient in a group of its own,
-        // which no norm reports, like PyTorch's separate `wpe`).
-        if let (Some(rows), false) = (c.learned_positions, resumed) {
-            if t > rows {
+        // GPT-2 and OPT add the learned embedding of each token's position (its gradient in a group of its
+        // own, which no norm reports).
+        if let (Some(p), Some(name), false) = (c.learned_positions, self.names.positions(), resumed)
+        {
+            if t > p.max_tokens {
                 return Err(Error::invalid(format!(
-                    "sequences of {t} tokens are longer than the model's {rows} learned positions \
-                     (n_positions)"
+                    "sequences of {t} tokens are longer than the model's {} learned positions",
+                    p.max_tokens
                 )));
             }
-            let table = tape.param(self.names.positions(), g_positions, rows * h);
+            let table = tape.param(name, g_positions, (p.max_tokens + p.offset) * h);
             let pos = tape.buffer("positions", n, h);
             tape.push(op::Positions {
                 table,
                 tokens: t,
+                offset: p.offset,
                 out: pos,
             });
             let sum = tape.buffer("embed_positions", n, h);
@@ -1079,7 +1103,11 @@ impl Model {
                 });
                 (q, k, v)
             }
-            BlockLayout::Llama | BlockLayout::Phi | BlockLayout::Starcoder2 | BlockLayout::Gpt2 => {
+            BlockLayout::Llama
+            | BlockLayout::Phi
+            | BlockLayout::Starcoder2
+            | BlockLayout::Gpt2
+            | BlockLayout::Opt => {
                 let [qn, kn, vn] = c.layout.qkv_proj();
                 let mut q = linear(tape, a, qn, h, qd, c.qkv_bias);
                 let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);

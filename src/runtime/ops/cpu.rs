@@ -710,10 +710,12 @@ pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
             Activation::Gelu => vmath::gelu(xc, yc),
             Activation::Scale(s) => vmath::mul_scalar(xc, yc, s),
             Activation::Sigmoid => vmath::sigmoid(xc, yc),
+            Activation::Relu => vmath::relu(xc, yc),
         });
 }
 
-/// `dx += act'(x) dy`; SiLU: σ(x) (1 + x (1 − σ(x))); sigmoid: σ(x) (1 − σ(x)).
+/// `dx += act'(x) dy`; SiLU: σ(x) (1 + x (1 − σ(x))); sigmoid: σ(x) (1 − σ(x)); ReLU: 1 where x > 0,
+/// else 0.
 pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
@@ -724,6 +726,7 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
             Activation::Gelu => vmath::gelu_backward(xc, gc, dc),
             Activation::Scale(s) => vmath::mul_scalar_backward(gc, dc, s),
             Activation::Sigmoid => vmath::sigmoid_backward(xc, gc, dc),
+            Activation::Relu => vmath::relu_backward(xc, gc, dc),
         });
 }
 
@@ -1709,8 +1712,15 @@ mod tests {
             Activation::Gelu,
             Activation::Scale(-0.3),
             Activation::Sigmoid,
+            Activation::Relu,
         ] {
-            let x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
+            let mut x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
+            if act == Activation::Relu {
+                // ReLU has no derivative at 0: keep the inputs (and the ±1e-2 steps) clear of it.
+                for v in &mut x {
+                    *v = v.signum() * v.abs().max(0.1);
+                }
+            }
             check_grads(
                 vec![x],
                 n,

@@ -1581,6 +1581,7 @@ impl Device for CudaDevice {
                 Activation::Gelu => kern.gelu_forward.launch(s, c, x, y, n),
                 Activation::Scale(f) => kern.scale_forward.launch(s, c, x, y, n, f),
                 Activation::Sigmoid => kern.sigmoid_forward.launch(s, c, x, y, n),
+                Activation::Relu => kern.relu_forward.launch(s, c, x, y, n),
             }
         }
     }
@@ -1597,6 +1598,7 @@ impl Device for CudaDevice {
             Activation::GeluTanh => self.binary(&kern.gelu_tanh_backward, x, dy, dx),
             Activation::Gelu => self.binary(&kern.gelu_backward, x, dy, dx),
             Activation::Sigmoid => self.binary(&kern.sigmoid_backward, x, dy, dx),
+            Activation::Relu => self.binary(&kern.relu_backward, x, dy, dx),
             Activation::Softcap(f) | Activation::Scale(f) => {
                 let kernel = match act {
                     Activation::Softcap(_) => &kern.softcap_backward,

@@ -68,8 +68,8 @@ impl RopeTable {
 
 /// An elementwise function of the tape ([`crate::runtime::tape::op::Activate`]): the gate activation of a
 /// gated MLP (`act(gate) ⊙ up`, the config's `hidden_act` / `hidden_activation`), an MLP's activation
-/// (GPT-NeoX), Gemma 2's soft-capping of the logits, a constant factor (Granite), or the logistic
-/// function of Qwen2-MoE's shared-expert gate.
+/// (GPT-NeoX's GELU, OPT's ReLU), Gemma 2's soft-capping of the logits, a constant factor (Granite), or
+/// the logistic function of Qwen2-MoE's shared-expert gate.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     /// `x σ(x)` (LLaMA's SwiGLU).
@@ -86,6 +86,9 @@ pub enum Activation {
     Scale(f32),
     /// `σ(x) = 1 / (1 + e^{−x})` (Qwen2-MoE's shared-expert gate, `sigmoid(shared_expert_gate(x))`).
     Sigmoid,
+    /// `max(x, 0)` (OPT's MLP, fc1 → ReLU → fc2); its slope is 1 where x > 0, else 0 (0 at x = 0 as in
+    /// PyTorch).
+    Relu,
 }
 
 /// A normalisation of rows of `d` values ([`Device::norm_forward`]).

@@ -1,8 +1,8 @@
 //! Vectorisable f32 kernels for the row-wise ops: an exponential as a branch-free polynomial (so the
 //! compiler turns a loop of it into SIMD code, where `f32::exp` is a scalar libm call per element), and
-//! the loops built on it (softmax pieces, SiLU, the logistic sigmoid, tanh-approximated GELU). Each
-//! public kernel is compiled twice, for the baseline target and with AVX2 + FMA, and picks the second at
-//! run time when the CPU has it.
+//! the loops built on it (softmax pieces, SiLU, the logistic sigmoid, tanh-approximated GELU), plus
+//! ReLU. Each public kernel is compiled twice, for the baseline target and with AVX2 + FMA, and picks
+//! the second at run time when the CPU has it.
 
 /// Defines `$name` with body `$body`, plus an AVX2 + FMA copy chosen at run time where the CPU has both.
 macro_rules! simd_kernel {
@@ -155,6 +155,24 @@ simd_kernel! {
         for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
             let s = logistic(v);
             *d += g * s * (1.0 - s);
+        }
+    }
+}
+
+simd_kernel! {
+    /// `y = max(x, 0)` (NaN stays NaN, as in PyTorch).
+    pub fn relu(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = if v < 0.0 { 0.0 } else { v };
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dx += dy` where x > 0 (the slope at 0 is 0, as in PyTorch).
+    pub fn relu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            *d += if v > 0.0 { g } else { 0.0 };
         }
     }
 }
@@ -322,6 +340,22 @@ mod tests {
             let r = 1.0 / (1.0 + (-v as f64).exp());
             assert!((a as f64 - r).abs() < 1e-6 * r, "sigmoid({v}): {a} vs {r}");
         }
+        relu(&xs, &mut y);
+        for (&a, &v) in y.iter().zip(&xs) {
+            assert_eq!(a, v.max(0.0), "relu({v})");
+        }
+        let dy: Vec<f32> = (0..xs.len()).map(|i| 1.0 + i as f32 * 1e-3).collect();
+        let mut dx = vec![0.5f32; xs.len()];
+        relu_backward(&xs, &dy, &mut dx);
+        for ((&d, &v), &g) in dx.iter().zip(&xs).zip(&dy) {
+            let want = if v > 0.0 { 0.5 + g } else { 0.5 };
+            assert_eq!(d, want, "relu_backward({v})");
+        }
+        let mut z = [1f32; 3];
+        relu_backward(&[0.0, -0.0, f32::NAN], &[2.0; 3], &mut z);
+        assert_eq!(z, [1.0; 3], "ReLU's slope at 0 (and at NaN) is 0");
+        relu(&[f32::NAN], &mut z[..1]);
+        assert!(z[0].is_nan(), "relu(NaN) is NaN");
         // PyTorch's formula in f64: x/2 (1 + tanh(√(2/π) (x + 0.044715 x³))).
         gelu_tanh(&xs, &mut y);
         for (&a, &v) in y.iter().zip(&xs) {

@@ -58,19 +58,23 @@ impl<D: Device> TapeOp<D> for Embedding {
     }
 }
 
-/// `out[r] = table[r mod tokens]`: the learned embedding of each row's position in its sequence (GPT-2's
-/// `wpe`; rows are sequences of `tokens` one after the other).
+/// `out[r] = table[r mod tokens + offset]`: the learned embedding of each row's position in its sequence
+/// (GPT-2's `wpe`; OPT's `embed_positions`, offset 2; rows are sequences of `tokens` one after the
+/// other).
 #[derive(Clone, Debug)]
 pub struct Positions {
     pub table: ParamId,
     pub tokens: usize,
+    pub offset: usize,
     pub out: BufId,
 }
 
 impl Positions {
     fn ids<D: Device>(&self, t: &Tape<D>) -> Result<D::Ids> {
         let rows = t.bufs[self.out].rows;
-        let pos: Vec<i64> = (0..rows).map(|r| (r % self.tokens) as i64).collect();
+        let pos: Vec<i64> = (0..rows)
+            .map(|r| (r % self.tokens + self.offset) as i64)
+            .collect();
         t.dev.ids(&pos)
     }
 }
@@ -389,6 +393,7 @@ impl<D: Device> TapeOp<D> for Activate {
                 Activation::Gelu => "gelu",
                 Activation::Scale(_) => "scale",
                 Activation::Sigmoid => "sigmoid",
+                Activation::Relu => "relu",
             },
             inputs: vec![self.x],
             outputs: vec![self.out],
