@@ -18,7 +18,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
-use crate::runtime::config::{pattern_layer_kinds, text_config};
+use crate::runtime::config::{pattern_layer_kinds, qwen_moe_sparse_layers, text_config};
 use crate::runtime::weights::{weight_files, WeightFiles, INDEX_FILE};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
@@ -179,17 +179,9 @@ pub fn pruned_config(
     // multiple of `decoder_sparse_step`: list the kept dense layers by their new indices, step 1, so
     // that every kept layer keeps its kind.
     if matches!(model_type, Some("qwen2_moe" | "qwen3_moe")) {
-        let step = decoder
-            .get("decoder_sparse_step")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(1)
-            .max(1) as usize;
-        let listed: Vec<usize> = decoder
-            .get("mlp_only_layers")
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or_default();
+        let sparse = qwen_moe_sparse_layers(decoder, old, path)?;
         let dense: Vec<usize> = (kept.iter().enumerate())
-            .filter(|&(_, &l)| listed.contains(&l) || (l + 1) % step != 0)
+            .filter(|&(_, &l)| !sparse[l])
             .map(|(new, _)| new)
             .collect();
         obj.insert("decoder_sparse_step".into(), 1.into());

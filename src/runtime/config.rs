@@ -1,11 +1,10 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2), GPT-NeoX (gpt_neox: Pythia),
 //! Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the mixtures of experts
-//! (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
-//! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
-//! (`rope_parameters`). A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]:
-//! gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat
-//! Qwen-VL config's top level).
+//! (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations: transformers 4.x (top-level
+//! `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`). A vision-language checkpoint whose language
+//! model is one of these ([`MULTIMODAL`]: gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read
+//! through its `text_config` (or a flat Qwen-VL config's top level).
 
 use crate::error::{Error, Result};
 use crate::runtime::ops::Activation;
@@ -101,7 +100,8 @@ pub enum BlockLayout {
     Starcoder2,
     /// OPT: LLaMA's attention names but `self_attn.out_proj`, LayerNorms `self_attn_layer_norm`,
     /// `final_layer_norm` (with biases) before the attention and the MLP, `fc1` → ReLU → `fc2`, biases
-    /// (`enable_bias`), learned positions (offset 2), no rotary embedding, `model.decoder.final_layer_norm`.
+    /// (`enable_bias`), learned positions (offset 2), no rotary embedding,
+    /// `model.decoder.final_layer_norm`.
     Opt,
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
@@ -1052,6 +1052,28 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     Ok(c)
 }
 
+/// Which of the `layers` decoder layers of a Qwen2-MoE / Qwen3-MoE config `v` are sparse: layer l is,
+/// unless `mlp_only_layers` lists it or (l + 1) is not a multiple of `decoder_sparse_step` (absent: 1).
+/// Read here and by the pruned checkpoint's config, which lists the kept dense layers.
+pub fn qwen_moe_sparse_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let step = opt_usize(v, "decoder_sparse_step", path)?.unwrap_or(1);
+    if step == 0 {
+        return Err(model_err(path, "field 'decoder_sparse_step' is 0"));
+    }
+    let dense: Vec<usize> = match v.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(x) => serde_json::from_value(x.clone()).map_err(|_| {
+            model_err(
+                path,
+                "field 'mlp_only_layers' is not a list of layer indices",
+            )
+        })?,
+    };
+    Ok((0..layers)
+        .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+        .collect())
+}
+
 /// The sparse MLP of a mixture-of-experts `model_type` (`None` for the others), from the config
 /// classes' fields and defaults: the number of experts (`num_local_experts`, or `num_experts`: Qwen's
 /// and OLMoE's 4.x name), `num_experts_per_tok`, `norm_topk_prob` (Mixtral renormalises always, the
@@ -1098,25 +1120,9 @@ fn parse_moe(
         )?),
         _ => None,
     };
-    let sparse_layers = if qwen {
-        let step = opt_usize(v, "decoder_sparse_step", path)?.unwrap_or(1);
-        if step == 0 {
-            return Err(model_err(path, "field 'decoder_sparse_step' is 0"));
-        }
-        let dense: Vec<usize> = match v.get("mlp_only_layers") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(x) => serde_json::from_value(x.clone()).map_err(|_| {
-                model_err(
-                    path,
-                    "field 'mlp_only_layers' is not a list of layer indices",
-                )
-            })?,
-        };
-        (0..layers)
-            .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
-            .collect()
-    } else {
-        vec![true; layers]
+    let sparse_layers = match qwen {
+        true => qwen_moe_sparse_layers(v, layers, path)?,
+        false => vec![true; layers],
     };
     Ok(Some(Moe {
         experts,

@@ -247,8 +247,8 @@ impl<D: Device> DecoderRunner for OnDevice<D> {
 /// `gpt_neox.layers.`, `gpt_neox.embed_in.weight`, `gpt_neox.final_layer_norm` and `embed_out.weight`;
 /// GPT-2: `transformer.` (or nothing, as the hub's original checkpoints), `transformer.h.`,
 /// `transformer.wte.weight`, `transformer.ln_f`; OPT: `model.decoder.` (or `decoder.`),
-/// `model.decoder.layers.`, `model.decoder.final_layer_norm`. The language model of a vision-language checkpoint
-/// ([`ModelConfig::multimodal`]): one of [`TensorNames::multimodal_layouts`].
+/// `model.decoder.layers.`, `model.decoder.final_layer_norm`. The language model of a vision-language
+/// checkpoint ([`ModelConfig::multimodal`]): one of [`TensorNames::multimodal_layouts`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorNames {
     pub decoder: String,
@@ -318,11 +318,6 @@ impl TensorNames {
             norm: format!("{decoder}ln_f"),
             lm_head: "lm_head.weight".into(),
         }
-    }
-
-    /// The learned position embeddings' table, if the decoder has one.
-    pub fn positions(&self) -> Option<String> {
-        self.positions.clone()
     }
 
     /// The layouts a vision-language checkpoint's language model may have, in the order tried: the
@@ -533,8 +528,8 @@ impl Model {
         if c.lm_head_bias {
             out.push((self.names.lm_head_bias(), vec![v]));
         }
-        if let (Some(p), Some(name)) = (c.learned_positions, self.names.positions()) {
-            out.push((name, vec![p.max_tokens + p.offset, h]));
+        if let (Some(p), Some(name)) = (c.learned_positions, &self.names.positions) {
+            out.push((name.clone(), vec![p.max_tokens + p.offset, h]));
         }
         for l in 0..c.num_hidden_layers {
             let layer = self.names.layer(l);
@@ -646,8 +641,9 @@ impl Model {
     /// Tensors of the checkpoint the decoder does not read, sorted: a sign that config.json's
     /// `model_type` or flags do not describe the weights (e.g. Qwen3 q/k norms under `qwen2`), since
     /// the results then ignore part of the model. Not listed: buffers that older checkpoints saved
-    /// (rotary `inv_freq`, GPT-2's causal masks: [`crate::pruning::checkpoint::is_buffer`]), a tied checkpoint's `lm_head.weight` (transformers ties it away too), and a
-    /// vision-language checkpoint's other modalities ([`Model::other_modality_tensors`]).
+    /// (rotary `inv_freq`, GPT-2's causal masks: [`crate::pruning::checkpoint::is_buffer`]), a tied
+    /// checkpoint's `lm_head.weight` (transformers ties it away too), and a vision-language
+    /// checkpoint's other modalities ([`Model::other_modality_tensors`]).
     pub fn unused_tensors(&self) -> Vec<String> {
         let read: std::collections::HashSet<String> = self
             .expected_tensors()
@@ -849,7 +845,8 @@ impl Model {
         })
     }
 
-    /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2, GPT-2's positions → L+3.
+    /// The tape for one batch. Parameter groups: layer l → l, embed_tokens → L, norm → L+1, lm_head → L+2,
+    /// learned positions (GPT-2, OPT) → L+3.
     /// `start`: resume at that decoder layer from the given hidden state instead of embedding the tokens.
     fn build_tape<D: Device>(
         &self,
@@ -918,7 +915,7 @@ impl Model {
         }
         // GPT-2 and OPT add the learned embedding of each token's position (its gradient in a group of its
         // own, which no norm reports).
-        if let (Some(p), Some(name), false) = (c.learned_positions, self.names.positions(), resumed)
+        if let (Some(p), Some(name), false) = (c.learned_positions, &self.names.positions, resumed)
         {
             if t > p.max_tokens {
                 return Err(Error::invalid(format!(
@@ -926,7 +923,7 @@ impl Model {
                     p.max_tokens
                 )));
             }
-            let table = tape.param(name, g_positions, (p.max_tokens + p.offset) * h);
+            let table = tape.param(name.clone(), g_positions, (p.max_tokens + p.offset) * h);
             let pos = tape.buffer("positions", n, h);
             tape.push(op::Positions {
                 table,
@@ -1119,7 +1116,7 @@ impl Model {
                 (q, k, v)
             }
         };
-        // The rotary embedding of q and k (none with learned positions: GPT-2).
+        // The rotary embedding of q and k (none with learned positions: GPT-2, OPT).
         let rotate = |tape: &mut Tape<D>, x: BufId, heads: usize, name: &str, width: usize| {
             if c.learned_positions.is_some() {
                 return x;
@@ -1155,7 +1152,14 @@ impl Model {
             let proj = |p: &str| format!("{module}.{p}");
             let gate = linear(tape, b, &proj("gate_proj"), h, inter, c.mlp_bias);
             let up = linear(tape, b, &proj("up_proj"), h, inter, c.mlp_bias);
-            let act = push_activate(tape, gate, c.activation, proj("act"), n, inter);
+            let act = push_activate(
+                tape,
+                gate,
+                c.activation,
+                format!("{pre}.{module}.act"),
+                n,
+                inter,
+            );
             let m = tape.buffer(format!("{pre}.{module}.mul"), n, inter);
             tape.push(op::Mul {
                 a: act,

@@ -81,6 +81,9 @@ pub fn parse_index(bytes: &[u8], index: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
+/// One stored value (its little-endian bytes) as f32.
+type Decode = fn(&[u8]) -> f32;
+
 struct TensorLoc {
     file: usize,
     dtype: Dtype,
@@ -288,20 +291,26 @@ impl Weights {
                 format!("shape {:?}, the config implies {:?}", loc.shape, shape),
             ));
         }
-        if !matches!(
-            loc.dtype,
-            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
-        ) {
-            return Err(Error::layer(
-                path,
-                name,
-                format!(
-                    "dtype {:?} is not supported (f32, f16, bf16, f64)",
-                    loc.dtype
-                ),
-            ));
-        }
-        Ok(())
+        self.decoder(name, loc).map(|_| ())
+    }
+
+    /// How tensor `name`'s stored values read as f32: their size in bytes and the conversion of one;
+    /// an error naming the tensor for a dtype the runtime does not read.
+    fn decoder(&self, name: &str, loc: &TensorLoc) -> Result<(usize, Decode)> {
+        let f: Decode = match loc.dtype {
+            Dtype::F32 => |c| f32::from_le_bytes(c.try_into().expect("4-byte chunk")),
+            Dtype::BF16 => |c| bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+            Dtype::F16 => |c| f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            Dtype::F64 => |c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32,
+            other => {
+                return Err(Error::layer(
+                    &self.files[loc.file].0,
+                    name,
+                    format!("dtype {other:?} is not supported (f32, f16, bf16, f64)"),
+                ))
+            }
+        };
+        Ok((loc.dtype.bitsize() / 8, f))
     }
 
     /// The stored bytes of tensor `name` at `loc` in its mapped file.
@@ -321,35 +330,21 @@ impl Weights {
         if let Some(cols) = loc.columns {
             return self.transposed_f32(name, loc, cols, bytes).map(Cow::Owned);
         }
-        let conv = |size: usize, f: &(dyn Fn(&[u8]) -> f32 + Sync)| -> Vec<f32> {
-            let mut out = vec![0f32; bytes.len() / size];
-            out.par_chunks_mut(8192)
-                .zip(bytes.par_chunks(8192 * size))
-                .for_each(|(o, b)| {
-                    o.iter_mut()
-                        .zip(b.chunks_exact(size))
-                        .for_each(|(o, c)| *o = f(c))
-                });
-            out
-        };
-        Ok(match loc.dtype {
-            Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-                Ok(s) if cfg!(target_endian = "little") => Cow::Borrowed(s),
-                _ => Cow::Owned(conv(4, &|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-            },
-            Dtype::BF16 => Cow::Owned(conv(2, &|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-            Dtype::F16 => Cow::Owned(conv(2, &|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-            Dtype::F64 => Cow::Owned(conv(8, &|c| {
-                f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32
-            })),
-            other => {
-                return Err(Error::layer(
-                    &self.files[loc.file].0,
-                    name,
-                    format!("dtype {other:?} is not supported (f32, f16, bf16, f64)"),
-                ))
+        let (size, value) = self.decoder(name, loc)?;
+        if loc.dtype == Dtype::F32 && cfg!(target_endian = "little") {
+            if let Ok(s) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                return Ok(Cow::Borrowed(s));
             }
-        })
+        }
+        let mut out = vec![0f32; bytes.len() / size];
+        out.par_chunks_mut(8192)
+            .zip(bytes.par_chunks(8192 * size))
+            .for_each(|(o, b)| {
+                o.iter_mut()
+                    .zip(b.chunks_exact(size))
+                    .for_each(|(o, c)| *o = value(c))
+            });
+        Ok(Cow::Owned(out))
     }
 
     /// A transposed column block as f32 (`[cols, rows]` from the stored `[rows, stored_cols]`).
@@ -361,33 +356,12 @@ impl Weights {
         bytes: &[u8],
     ) -> Result<Vec<f32>> {
         let (width, rows) = (loc.shape[0], loc.shape[1]);
-        let size = loc.dtype.bitsize() / 8;
+        let (size, value) = self.decoder(name, loc)?;
         if bytes.len() != rows * cols.stored_cols * size {
             return Err(Error::layer(
                 &self.files[loc.file].0,
                 name,
                 "data offsets do not match the shape and dtype",
-            ));
-        }
-        let value = |c: &[u8]| -> f32 {
-            match loc.dtype {
-                Dtype::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-                Dtype::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
-                Dtype::F64 => f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
-                _ => f32::from_le_bytes(c.try_into().expect("4 bytes")),
-            }
-        };
-        if !matches!(
-            loc.dtype,
-            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
-        ) {
-            return Err(Error::layer(
-                &self.files[loc.file].0,
-                name,
-                format!(
-                    "dtype {:?} is not supported (f32, f16, bf16, f64)",
-                    loc.dtype
-                ),
             ));
         }
         let mut out = vec![0f32; width * rows];

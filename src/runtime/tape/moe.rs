@@ -160,8 +160,9 @@ pub struct SparseMoe {
     pub out: BufId,
 }
 
-/// An expert's forward on its rows, kept for its backward: the row ids on the device, the gathered
-/// input, gate and up projections, activation, product and output.
+/// An expert's forward on its rows (the forward adds its output and drops it; the backward recomputes
+/// it and reads every buffer): the row ids on the device, the gathered input, gate and up projections,
+/// activation, product and output.
 struct ExpertPass<D: Device> {
     ids: D::Ids,
     bufs: [D::Buf; 6],
@@ -330,9 +331,9 @@ impl<D: Device> TapeOp<D> for SparseMoe {
                 t.dev.download(&ds, &mut dweights[e])?;
                 pool.release(&t.dev, ds);
             }
-            let dz = routing.backward(&dweights);
-            let mut up = pool.alloc(&t.dev, dz.len())?;
-            t.dev.upload(&dz, &mut up)?;
+            let dlogits = routing.backward(&dweights);
+            let mut up = pool.alloc(&t.dev, dlogits.len())?;
+            t.dev.upload(&dlogits, &mut up)?;
             let r = t.write_grad(self.logits, |t, dl| t.dev.accumulate(dl, &up));
             pool.release(&t.dev, up);
             r
