@@ -64,6 +64,14 @@ CASES = {
     "olmoe_experts": ONE_BY_GRADNORM,
     "opt_hub_layout": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "gpt2_hub_layout": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
+    # Layers 1 and 2 out: the full-attention layer 3 (YaRN) becomes layer 1 of 2.
+    "olmo3_yarn_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "subset"] + PINNED,
+    # Layer 1 out: the NoPE, windowed layer 3 becomes layer 2 of 3 (the derived no_rope_layers written out).
+    "smollm3_nope": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "stablelm_sequential": ONE_BY_GRADNORM,
+    "stablelm_parallel": ONE_BY_GRADNORM,
+    "cohere_interleaved": ONE_BY_GRADNORM,
+    "cohere2_nope_window": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
 }
 
 

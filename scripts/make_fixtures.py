@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 / OLMo 2 /
-Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+"""Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
+OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -139,6 +139,65 @@ FIXTURES = [
                   logits_scaling=2.5, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=16),
+    # OLMo 3: OLMo 2's post-norms and whole-projection q/k norms, a window of 5 on every layer but each
+    # 4th (layer_types dropped from config.json: OlmoConfig's pattern, layers 0-2 sliding, 3 full); YaRN
+    # (×4 from 64 tokens, head_dim 16, θ 5·10⁵: the ramp between frequency indices 0 and 2, cos/sin ×
+    # 1.139) on the full-attention layer only. Written in the 4.x form the hub's Olmo-3 configs have: top-level
+    # rope_theta for both kinds, rope_scaling for the full-attention layers. bf16, untied.
+    dict(name="olmo3_yarn_window", model_type="olmo3", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-6, sliding_window=5,
+                  max_position_embeddings=256,
+                  rope_parameters={"full_attention": dict(rope_type="yarn", rope_theta=500000.0, factor=4.0,
+                                                          original_max_position_embeddings=64),
+                                   "sliding_attention": dict(rope_type="default", rope_theta=500000.0)}),
+         per_kind_old_config=True, drop_layer_types=True, full_attention_loss=True, reload=True, seed=26),
+    # SmolLM3: LLaMA with no rotary embedding on each 2nd layer (no_rope_layer_interval 2; no_rope_layers
+    # dropped from config.json, so it is derived: layers 1 and 3 NoPE), a window of 5 on those layers
+    # (use_sliding_window, layer_types dropped too), dynamic NTK rope (×2 past max_position_embeddings 8
+    # < 16 tokens: θ grows), tied (the class default), pad_token_id 0.
+    dict(name="smollm3_nope", model_type="smollm3", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6, pad_token_id=0,
+                  no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5,
+                  max_position_embeddings=8,
+                  rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+         drop_layer_types=True, drop_keys=["no_rope_layers"], full_attention_loss=True, reload=True,
+         seed=27),
+    # StableLM 2 (1.6B-style): LLaMA's names and gated SiLU MLP with LayerNorms (biases), q/k/v biases
+    # (use_qkv_bias), rotary on a quarter of each head (4 of 16 values), the attention and the MLP one
+    # after the other; the 4.x config form (top-level partial_rotary_factor), bf16, untied.
+    dict(name="stablelm_sequential", model_type="stablelm", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, use_qkv_bias=True,
+                  use_parallel_residual=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+         old_config=True, reload=True, seed=28),
+    # StableLM with the parallel residual: one LayerNorm shared by the attention and the MLP
+    # (x + attn(ln x) + mlp(ln x)), no q/k/v biases, half of each head rotary.
+    dict(name="stablelm_parallel", model_type="stablelm", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, use_parallel_residual=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
+         seed=29),
+    # Cohere (Command R, Aya Expanse): one LayerNorm without a bias shared by the attention and the MLP
+    # in parallel, the rotary embedding on interleaved pairs (2i, 2i + 1), logits × logit_scale 0.25,
+    # tied (the class default), pad_token_id 0 (the default); the 4.x config form, bf16.
+    dict(name="cohere_interleaved", model_type="cohere", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, logit_scale=0.25,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         old_config=True, reload=True, seed=30),
+    # Cohere 2 (Command R7B): Cohere's block, a window of 5 on the sliding layers and the rotary
+    # embedding on those only (the full-attention layers are NoPE); layer_types dropped from config.json
+    # and sliding_window_pattern 2 stated instead (layers 0, 2 sliding), logit_scale 0.5, f32.
+    dict(name="cohere2_nope_window", model_type="cohere2", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, logit_scale=0.5,
+                  sliding_window=5, sliding_window_pattern=2,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_layer_types=dict(sliding_window_pattern=2), full_attention_loss=True, reload=True,
+         seed=31),
     # Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, tiny vision tower): the hub layout (model.…, visual.…,
     # lm_head), config.json rewritten flat as the hub's 4.x configs are (text fields at the top level,
     # rope_scaling {"type": "mrope"}); untied; on text alone its language model is Qwen2's.
@@ -351,12 +410,39 @@ def round_embed_scale(model, dtype):
 
 
 def to_old_config(path):
-    """Rewrite config.json in the transformers 4.x form: top-level rope_theta and rope_scaling."""
+    """Rewrite config.json in the transformers 4.x form: top-level rope_theta, partial_rotary_factor and
+    rope_scaling."""
     with open(path) as f:
         c = json.load(f)
     rp = c.pop("rope_parameters")
     c["rope_theta"] = rp.pop("rope_theta")
+    if "partial_rotary_factor" in rp:
+        c["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
     c["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def to_per_kind_old_config(path):
+    """Rewrite a config.json whose rope_parameters are keyed by layer kind (OLMo 3) in the 4.x form:
+    top-level rope_theta (both kinds) and rope_scaling (the full-attention layers')."""
+    with open(path) as f:
+        c = json.load(f)
+    rp = c.pop("rope_parameters")
+    full, sliding = rp["full_attention"], rp["sliding_attention"]
+    assert full["rope_theta"] == sliding["rope_theta"] and sliding["rope_type"] == "default"
+    c["rope_theta"] = full.pop("rope_theta")
+    c["rope_scaling"] = full
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def drop_keys(path, keys):
+    """Remove `keys` from config.json (the config class derives them again)."""
+    with open(path) as f:
+        c = json.load(f)
+    for k in keys:
+        del c[k]
     with open(path, "w") as f:
         json.dump(c, f, indent=2)
 
@@ -470,9 +556,9 @@ def check_reload(spec, d, model, ids):
 def full_attention_loss(spec, model, ids):
     """Loss of the same weights with every layer on plain causal attention (no sliding window)."""
     cfg = dict(spec["cfg"], sliding_window=None)
-    if spec["model_type"] in ("qwen2", "qwen3"):
+    if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] in ("gemma2", "gemma3_text"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -482,7 +568,7 @@ def full_attention_loss(spec, model, ids):
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] in ("gemma2", "gemma3_text"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None
@@ -584,6 +670,10 @@ def build(spec, out_root):
         to_old_config(os.path.join(d, "config.json"))
     if spec.get("neox_old_config"):
         to_neox_old_config(os.path.join(d, "config.json"))
+    if spec.get("per_kind_old_config"):
+        to_per_kind_old_config(os.path.join(d, "config.json"))
+    if spec.get("drop_keys"):
+        drop_keys(os.path.join(d, "config.json"), spec["drop_keys"])
     if spec.get("drop_layer_types"):
         drop_layer_types(os.path.join(d, "config.json"), spec["drop_layer_types"])
     if spec.get("sparse_text_config"):
@@ -602,7 +692,8 @@ def build(spec, out_root):
     vocab = spec.get("token_max", model.config.get_text_config().vocab_size)
     tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
     np.save(os.path.join(d, "tokens.npy"), tokens)
-    if "cls" in spec or any(spec.get(k) for k in ("neox_old_config", "gpt2_hub_layout", "opt_hub_layout")):
+    if "cls" in spec or any(spec.get(k) for k in ("neox_old_config", "gpt2_hub_layout", "opt_hub_layout",
+                                                   "reload")):
         check_reload(spec, d, model, torch.from_numpy(tokens.astype(np.int64)))
 
     model = model.double()

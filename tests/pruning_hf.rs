@@ -30,7 +30,10 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
     let names = &model.names;
     let g = w.get_f32(&names.norm()).unwrap();
     let layer_norm = c.layout.layer_norm();
-    let bias = layer_norm.then(|| w.get_f32(&names.norm_bias()).unwrap());
+    let bias = c
+        .layout
+        .norm_bias()
+        .then(|| w.get_f32(&names.norm_bias()).unwrap());
     let head = if c.tie_word_embeddings {
         w.get_f32(&names.embed).unwrap()
     } else {
@@ -286,6 +289,35 @@ fn qwen3_moe_sparse_step_matches_transformers() {
 #[test]
 fn olmoe_experts_match_transformers() {
     check_case("olmoe_experts");
+}
+
+/// OLMo 3 with its 4.x-form config (YaRN on the full-attention layers, no `layer_types`): the derived
+/// layer kinds written out, the full-attention layer renumbered from 3 to 1.
+#[test]
+fn olmo3_yarn_window_matches_transformers() {
+    check_case("olmo3_yarn_window");
+}
+
+/// SmolLM3 without `no_rope_layers` (derived from the interval): written out, so that the NoPE,
+/// windowed layer 3 stays NoPE as layer 2.
+#[test]
+fn smollm3_nope_matches_transformers() {
+    check_case("smollm3_nope");
+}
+
+/// StableLM: LayerNorms with biases, partial rotary; sequential (4.x config) and parallel residual.
+#[test]
+fn stablelm_matches_transformers() {
+    check_case("stablelm_sequential");
+    check_case("stablelm_parallel");
+}
+
+/// Cohere (interleaved rotary, the shared bias-free LayerNorm, logit_scale) and Cohere 2 (its derived
+/// layer pattern written out, so kept layers keep their window and their rotary embedding).
+#[test]
+fn cohere_matches_transformers() {
+    check_case("cohere_interleaved");
+    check_case("cohere2_nope_window");
 }
 
 /// OPT as the hub's facebook/opt-* checkpoints are stored (`decoder.…`, no `model.` prefix, tied), bf16:

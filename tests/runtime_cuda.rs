@@ -18,11 +18,14 @@
 //! the whole decoder in bf16 to the CPU's f32 within bf16 tolerances (loss 1e-2, hidden states 5e-2,
 //! gradient norms 5e-2 relative: every product's operands carry a relative rounding of up to 2⁻⁹).
 
+mod common;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight, LinearKernel};
 use sglp_engine::runtime::ops::{
-    cpu, round_to_bf16, Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, RopeTable,
+    cpu, round_to_bf16, Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, RopePairs,
+    RopeTable,
 };
 use sglp_engine::runtime::tape::{Cpu, Pool};
 use sglp_engine::runtime::{Model, Tokens};
@@ -419,15 +422,19 @@ fn rope_matches_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(4);
     // Two tables of the same head_dim and different lengths, and one of another head_dim, share the cache;
-    // `rot` < head_dim: partial rotary (Phi-3), the last values pass through; a scale (LongRoPE).
-    for (seqs, tokens, heads, hd, rot, scale) in [
-        (3usize, 11usize, 3usize, 10usize, 10usize, 1.0),
-        (2, 7, 3, 10, 10, 1.0),
-        (1, 5, 2, 64, 64, 1.0),
-        (2, 7, 3, 10, 6, 1.0),
-        (2, 9, 2, 16, 12, 1.19),
+    // `rot` < head_dim: partial rotary (Phi-3), the last values pass through; a scale (LongRoPE);
+    // Cohere's interleaved pairs, full and partial.
+    use RopePairs::{Halves, Interleaved};
+    for (seqs, tokens, heads, hd, rot, scale, pairs) in [
+        (3usize, 11usize, 3usize, 10usize, 10usize, 1.0, Halves),
+        (2, 7, 3, 10, 10, 1.0, Halves),
+        (1, 5, 2, 64, 64, 1.0, Halves),
+        (2, 7, 3, 10, 6, 1.0, Halves),
+        (2, 9, 2, 16, 12, 1.19, Halves),
+        (2, 7, 3, 10, 10, 1.0, Interleaved),
+        (2, 9, 2, 16, 12, 1.19, Interleaved),
     ] {
-        let table = RopeTable::new(&inv_freq(rot), hd, tokens, scale);
+        let table = RopeTable::with_pairs(&inv_freq(rot), hd, tokens, scale, pairs);
         let n = seqs * tokens * heads * hd;
         let x = rand_vec(&mut rng, n, 2.0);
         let dx0 = rand_vec(&mut rng, n, 1.0);
@@ -436,14 +443,14 @@ fn rope_matches_the_cpu() {
         cpu::rope_forward(&x, heads, &table, &mut want);
         let mut y = dev.alloc_zeroed(n).unwrap();
         dev.rope_forward(&xd, heads, &table, &mut y).unwrap();
-        let what = format!("rope forward s{seqs} t{tokens} h{heads} d{hd} rot{rot}");
+        let what = format!("rope forward s{seqs} t{tokens} h{heads} d{hd} rot{rot} {pairs:?}");
         assert_close(&what, &down(&dev, &y), &want, 1e-5);
 
         let mut want = dx0.clone();
         cpu::rope_backward(&x, heads, &table, &mut want);
         let mut dx = up(&dev, &dx0);
         dev.rope_backward(&xd, heads, &table, &mut dx).unwrap();
-        let what = format!("rope backward s{seqs} t{tokens} h{heads} d{hd} rot{rot}");
+        let what = format!("rope backward s{seqs} t{tokens} h{heads} d{hd} rot{rot} {pairs:?}");
         assert_close(&what, &down(&dev, &dx), &want, 1e-5);
     }
     // A table of the same (tokens, head_dim) with other frequencies is not served from the cache.
@@ -989,9 +996,7 @@ fn check_model_against_cpu_with(
 
 /// Fixture `name`'s directory, its model (on the CPU) and its calibration tokens.
 fn fixture_model(name: &str) -> (std::path::PathBuf, Model, Tokens) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
+    let dir = common::fixture(name);
     let model = Model::load(&dir).unwrap();
     let tokens = Tokens::load_npy(&dir.join("tokens.npy")).unwrap();
     (dir, model, tokens)
@@ -1271,7 +1276,7 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
     assert!(!e.to_string().is_empty());
 }
 
-/// The decoder families beyond LLaMA's block, each with f32 products, then bf16:
+/// Every decoder fixture (`common::DECODER_FIXTURES`), each with f32 products, then bf16; among them:
 /// * qwen3: RMSNorm over each 16-wide head of q and k (rows of head_dim inside the projections' rows),
 ///   head_dim ≠ hidden / heads, biases on q/k/v/o, tied embeddings;
 /// * phi3: q/k/v and gate/up read as row blocks of the fused tensors (each uploaded under its own name),
@@ -1286,30 +1291,14 @@ fn opening_without_a_gpu_is_an_error_not_a_panic() {
 ///   embedding kernels, weighted by `row_scale`, scattered back; Qwen2-MoE's sigmoid-gated shared
 ///   expert), dense layers among sparse ones;
 /// * gpt2: learned positions (the embedding kernels on position ids), no rotary, Conv1D weights read
-///   transposed; opt: learned positions from row 2, the ReLU MLP, a padding row.
+///   transposed; opt: learned positions from row 2, the ReLU MLP, a padding row;
+/// * olmo3: YaRN on the full-attention layer only; smollm3: NoPE layers, dynamic NTK; stablelm:
+///   LayerNorms, partial rotary, the parallel residual; cohere, cohere2: interleaved rotary pairs, the
+///   bias-free shared LayerNorm, logit_scale, rotary on the windowed layers only.
 #[test]
 fn decoder_families_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
-    for name in [
-        "qwen3_qk_norm",
-        "phi3_longrope",
-        "gemma_geglu",
-        "gemma3_sandwich",
-        "gemma2_softcap",
-        "olmo2_post_norm",
-        "gemma3_vision",
-        "neox_parallel",
-        "neox_sequential",
-        "granite_multipliers",
-        "phi_parallel",
-        "starcoder2_window",
-        "mixtral_moe",
-        "qwen2_moe_shared",
-        "qwen3_moe_step",
-        "olmoe_experts",
-        "gpt2_hub_layout",
-        "opt_hub_layout",
-    ] {
+    for name in common::DECODER_FIXTURES {
         let (_, model, tokens) = fixture_model(name);
         for matmul in [Matmul::F32, Matmul::Bf16] {
             dev.set_matmul(matmul);

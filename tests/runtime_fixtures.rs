@@ -12,37 +12,9 @@
 
 mod common;
 
-use common::{fixture as dir, reference, rel};
-use sglp_engine::runtime::{Model, Tokens};
+use common::{fixture as dir, reference, rel, DECODER_FIXTURES as FIXTURES};
+use sglp_engine::runtime::{Model, RopeScaling, Tokens};
 use std::path::Path;
-
-const FIXTURES: [&str; 25] = [
-    "llama_llama3_rope",
-    "llama_bf16_tied",
-    "mistral_sharded",
-    "qwen2_f16_bias",
-    "qwen2_sliding",
-    "qwen3_qk_norm",
-    "phi3_longrope",
-    "gemma_geglu",
-    "gemma3_sandwich",
-    "gemma2_softcap",
-    "olmo2_post_norm",
-    "gemma3_vision",
-    "mistral3_vision",
-    "neox_parallel",
-    "neox_sequential",
-    "granite_multipliers",
-    "qwen2_5_vl_flat",
-    "phi_parallel",
-    "starcoder2_window",
-    "mixtral_moe",
-    "qwen2_moe_shared",
-    "qwen3_moe_step",
-    "olmoe_experts",
-    "gpt2_hub_layout",
-    "opt_hub_layout",
-];
 
 fn load(name: &str) -> (Model, Tokens) {
     let model = Model::load(&dir(name)).unwrap();
@@ -440,6 +412,78 @@ fn gemma3_pattern_windows_match_pytorch() {
     window_matters("gemma3_sandwich", |c| c["sliding_window"] = 4096.into());
 }
 
+/// The loss of fixture `name` with its config edited by `edit`, and the unedited loss.
+fn loss_edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> (f64, f64) {
+    let (model, tokens) = load(name);
+    let tmp = edited_copy(name, edit);
+    let edited = Model::load(tmp.path()).unwrap();
+    (
+        edited.forward(&tokens, &[], None).unwrap(),
+        model.forward(&tokens, &[], None).unwrap(),
+    )
+}
+
+/// OLMo 3 windows every layer but each 4th (config.json has no `layer_types`) and puts YaRN on the
+/// full-attention layer only (the 4.x form: top-level rope_scaling); both bite. SmolLM3 derives its NoPE
+/// layers from `no_rope_layer_interval` and windows exactly those; dynamic NTK grows θ past
+/// max_position_embeddings; all three bite.
+#[test]
+fn olmo3_and_smollm3_layer_patterns_match_pytorch() {
+    let (olmo3, _) = load("olmo3_yarn_window");
+    let windows: Vec<_> = (0..4).map(|l| olmo3.config.layer_window(l)).collect();
+    assert_eq!(windows, [Some(5), Some(5), Some(5), None]);
+    assert!(matches!(
+        olmo3.config.rope_scaling,
+        RopeScaling::Yarn { factor: 4.0, .. }
+    ));
+    assert_eq!(
+        olmo3.config.sliding_rope,
+        Some((500000.0, RopeScaling::Default))
+    );
+    window_matters("olmo3_yarn_window", |c| c["sliding_window"] = 4096.into());
+    let (plain, yarn) = loss_edited("olmo3_yarn_window", |c| {
+        c["rope_scaling"] = serde_json::Value::Null
+    });
+    // One layer of four has it: it moves the loss by ~5e-4, where the engine agrees with PyTorch to 1e-8.
+    assert!(
+        rel(plain, yarn) > 1e-4,
+        "YaRN changes nothing: {plain} vs {yarn}"
+    );
+
+    let (smollm3, _) = load("smollm3_nope");
+    assert_eq!(smollm3.config.rotary_layers, [true, false, true, false]);
+    let windows: Vec<_> = (0..4).map(|l| smollm3.config.layer_window(l)).collect();
+    assert_eq!(windows, [None, Some(5), None, Some(5)]);
+    window_matters("smollm3_nope", |c| c["use_sliding_window"] = false.into());
+    let (plain, dynamic) = loss_edited("smollm3_nope", |c| {
+        c["rope_parameters"]["rope_type"] = "default".into()
+    });
+    assert!(
+        rel(plain, dynamic) > 1e-3,
+        "dynamic NTK changes nothing: {plain} vs {dynamic}"
+    );
+    let (rotated, nope) = loss_edited("smollm3_nope", |c| {
+        c["no_rope_layers"] = serde_json::json!([1, 1, 1, 1]);
+        c["use_sliding_window"] = false.into();
+    });
+    let (unwindowed, _) = loss_edited("smollm3_nope", |c| c["use_sliding_window"] = false.into());
+    assert!(
+        rel(rotated, unwindowed) > 1e-3,
+        "the NoPE layers change nothing: {rotated} vs {unwindowed} ({nope} windowed)"
+    );
+}
+
+/// Cohere 2 windows the layers of its pattern (`sliding_window_pattern` 2, no `layer_types`) and
+/// rotates only those: with a window longer than the sequences the loss is PyTorch's.
+#[test]
+fn cohere2_windows_and_nope_layers_match_pytorch() {
+    let (model, _) = load("cohere2_nope_window");
+    let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
+    assert_eq!(windows, [Some(5), None, Some(5), None]);
+    assert_eq!(model.config.rotary_layers, [true, false, true, false]);
+    window_matters("cohere2_nope_window", |c| c["sliding_window"] = 4096.into());
+}
+
 /// Gemma 2 windows its even layers (config.json has no `layer_types`); soft-capping bites: the same
 /// weights with the caps lifted far above the scores give another loss.
 #[test]
@@ -505,6 +549,37 @@ fn info_describes_windows_caps_and_rotary() {
         (
             "gemma3_sandwich",
             "windowed layers' rotary θ 10000, default",
+        ),
+        (
+            "olmo3_yarn_window",
+            "attention: window 5 on 3 of 4 layers (0, 1, 2); rotary θ 500000, yarn ×4 from 64 tokens, \
+             cos/sin × 1.138629 on 16 of 16 values; windowed layers' rotary θ 500000, default",
+        ),
+        (
+            "stablelm_sequential",
+            "block: 2 LayerNorms with biases; gated MLP (SiLU gate)\nattention: causal, no window; \
+             rotary θ 10000, default on 4 of 16 values",
+        ),
+        (
+            "stablelm_parallel",
+            "block: one LayerNorm (with a bias) shared by the attention and the MLP, in parallel (x + \
+             attn(ln x) + mlp(ln x)); gated MLP (SiLU gate)",
+        ),
+        (
+            "cohere_interleaved",
+            "block: one LayerNorm (no bias) shared by the attention and the MLP, in parallel (x + \
+             attn(ln x) + mlp(ln x)); gated MLP (SiLU gate); logits × 0.25\nattention: causal, no \
+             window; rotary θ 10000, default on 8 of 8 values (interleaved pairs)",
+        ),
+        (
+            "cohere2_nope_window",
+            "attention: window 5 on 2 of 4 layers (0, 2); rotary θ 10000, default on 8 of 8 values \
+             (interleaved pairs); no rotary embedding on 2 of 4 layers (1, 3)",
+        ),
+        (
+            "smollm3_nope",
+            "attention: window 5 on 2 of 4 layers (1, 3); rotary θ 10000, dynamic NTK ×2 past 8 tokens \
+             on 8 of 8 values; no rotary embedding on 2 of 4 layers (1, 3)",
         ),
         // The hub-style sparse text_config's class defaults: pattern 6, 1/√256, θ 10⁶ and 10⁴.
         (

@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
 use crate::pruning::compare::ParamCounts;
 use crate::pruning::prune::param_counts;
-use crate::runtime::config::{BlockLayout, ModelConfig, RopeScaling};
-use crate::runtime::ops::Activation;
+use crate::runtime::config::{BlockLayout, BlockNorms, ModelConfig, RopeScaling};
+use crate::runtime::ops::{Activation, RopePairs};
 use crate::runtime::Model;
 use crate::similarity::device::describe_devices;
 use clap::ValueEnum;
@@ -144,6 +144,16 @@ fn describe_block(c: &ModelConfig) -> String {
             "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
              (x + attn(ln x) + mlp(ln x)); MLP fc1 → {act} → fc2; lm_head with a bias"
         ),
+        BlockLayout::StableLm if c.block_norms == BlockNorms::Shared => format!(
+            "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
+             (x + attn(ln x) + mlp(ln x)); gated MLP ({act} gate)"
+        ),
+        BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
+        BlockLayout::Cohere => format!(
+            "one LayerNorm (no bias) shared by the attention and the MLP, in parallel \
+             (x + attn(ln x) + mlp(ln x)); gated MLP ({act} gate); logits × {}",
+            c.logits_scale.unwrap_or(1.0)
+        ),
         BlockLayout::NeoX { parallel_residual } => format!(
             "LayerNorms with biases; q/k/v fused per head; MLP up → {act} → down; attention and MLP {}",
             if parallel_residual {
@@ -199,17 +209,19 @@ fn describe_attention(c: &ModelConfig) -> String {
     let windowed: Vec<usize> = (0..c.num_hidden_layers)
         .filter(|&l| c.layer_window(l).is_some())
         .collect();
+    // "k of L layers (l₀, l₁, …)", at most 8 listed.
+    let layers = |which: &[usize]| {
+        let shown: Vec<String> = which.iter().take(8).map(|l| l.to_string()).collect();
+        let more = if which.len() > 8 { ", …" } else { "" };
+        format!(
+            "{} of {} layers ({}{more})",
+            which.len(),
+            c.num_hidden_layers,
+            shown.join(", ")
+        )
+    };
     let mut parts = vec![match c.sliding_window {
-        Some(w) if !windowed.is_empty() => {
-            let shown: Vec<String> = windowed.iter().take(8).map(|l| l.to_string()).collect();
-            let more = if windowed.len() > 8 { ", …" } else { "" };
-            format!(
-                "window {w} on {} of {} layers ({}{more})",
-                windowed.len(),
-                c.num_hidden_layers,
-                shown.join(", ")
-            )
-        }
+        Some(w) if !windowed.is_empty() => format!("window {w} on {}", layers(&windowed)),
         _ => "causal, no window".to_string(),
     }];
     if let Some(s) = c.attn_scale {
@@ -230,6 +242,19 @@ fn describe_attention(c: &ModelConfig) -> String {
                 original_max_position_embeddings,
                 ..
             } => format!("longrope (long factors past {original_max_position_embeddings} tokens)"),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            } => format!(
+                "yarn ×{factor} from {original_max_position_embeddings} tokens, cos/sin × \
+                 {attention_factor:.6}"
+            ),
+            RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            } => format!("dynamic NTK ×{factor} past {max_position_embeddings} tokens"),
         };
         format!("θ {theta}, {kind}")
     };
@@ -245,13 +270,23 @@ fn describe_attention(c: &ModelConfig) -> String {
         return parts.join("; ");
     }
     parts.push(format!(
-        "rotary {} on {} of {} values",
+        "rotary {} on {} of {} values{}",
         rope(c.rope_theta, &c.rope_scaling),
         c.rotary_dim,
-        c.head_dim
+        c.head_dim,
+        match c.rope_pairs {
+            RopePairs::Halves => "",
+            RopePairs::Interleaved => " (interleaved pairs)",
+        }
     ));
     if let Some((theta, scaling)) = &c.sliding_rope {
         parts.push(format!("windowed layers' rotary {}", rope(*theta, scaling)));
+    }
+    let unrotated: Vec<usize> = (0..c.num_hidden_layers)
+        .filter(|&l| !c.rotary_layers[l])
+        .collect();
+    if !unrotated.is_empty() {
+        parts.push(format!("no rotary embedding on {}", layers(&unrotated)));
     }
     parts.join("; ")
 }

@@ -2,8 +2,10 @@
 //!
 //! * `config.json`: `num_hidden_layers` (GPT-2: `n_layer`) set to the kept count; every per-layer list
 //!   (an array whose key names layers and whose length is the old layer count, e.g. `layer_types`) keeps
-//!   the kept entries; Qwen-MoE's dense layers (`mlp_only_layers`) listed by their new indices. In
-//!   a vision-language checkpoint's config, this happens in its `text_config` only.
+//!   the kept entries (a layer pattern the config only implies, Gemma's and OLMo 3's `layer_types`,
+//!   SmolLM3's `no_rope_layers`, written out first); Qwen-MoE's dense layers (`mlp_only_layers`) listed
+//!   by their new indices. In a vision-language checkpoint's config, this happens in its `text_config`
+//!   only.
 //! * weights: each input safetensors file becomes one output file of the same name holding its surviving
 //!   tensors, `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order;
 //!   the prefix is the decoder's, [`crate::runtime::TensorNames::layers_prefix`]; other tensors, a vision
@@ -18,7 +20,9 @@
 
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
-use crate::runtime::config::{pattern_layer_kinds, qwen_moe_sparse_layers, text_config};
+use crate::runtime::config::{
+    pattern_layer_kinds, qwen_moe_sparse_layers, smollm3_rotary_layers, text_config,
+};
 use crate::runtime::weights::{weight_files, WeightFiles, INDEX_FILE};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
@@ -157,6 +161,13 @@ pub fn pruned_config(
                 .collect();
             obj.insert("layer_types".into(), names.into());
         }
+    }
+    // SmolLM3 without `no_rope_layers` derives each layer's rotary embedding from its position: write
+    // them out too.
+    if model_type == Some("smollm3") && obj.get("no_rope_layers").is_none_or(|v| v.is_null()) {
+        let rotary = smollm3_rotary_layers(decoder, old, path)?;
+        let flags: Vec<serde_json::Value> = rotary.iter().map(|&r| u8::from(r).into()).collect();
+        obj.insert("no_rope_layers".into(), flags.into());
     }
     for (key, v) in obj.iter_mut() {
         if let serde_json::Value::Array(items) = v {

@@ -1,13 +1,14 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
-//! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2), GPT-NeoX (gpt_neox: Pythia),
-//! Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the mixtures of experts
-//! (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations: transformers 4.x (top-level
-//! `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`). A vision-language checkpoint whose language
-//! model is one of these ([`MULTIMODAL`]: gemma3, mistral3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read
-//! through its `text_config` (or a flat Qwen-VL config's top level).
+//! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3), GPT-NeoX
+//! (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the
+//! mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations:
+//! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`). A
+//! vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
+//! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
+//! top level).
 
 use crate::error::{Error, Result};
-use crate::runtime::ops::Activation;
+use crate::runtime::ops::{Activation, RopePairs};
 use serde_json::Value;
 use std::path::Path;
 
@@ -34,6 +35,26 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
         attention_factor: f64,
     },
+    /// YaRN (Qwen2.5/Qwen3 long context, OLMo 3, DeepSeek): each frequency blended between itself
+    /// (extrapolation) and itself / `factor` (interpolation) by a linear ramp over the frequency index
+    /// between the correction dimensions of `beta_fast` and `beta_slow` rotations in
+    /// `original_max_position_embeddings` tokens (floored and ceiled with `truncate`), cos and sin
+    /// multiplied by `attention_factor` (transformers' `_compute_yarn_parameters`).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+        attention_factor: f64,
+    },
+    /// Dynamic NTK: plain RoPE for sequences of up to `max_position_embeddings` tokens; beyond, the base
+    /// θ grows to θ · (factor · tokens / max − (factor − 1))^(d / (d − 2)) (transformers'
+    /// `_compute_dynamic_ntk_parameters` as `dynamic_rope_update` applies it to a fresh model).
+    Dynamic {
+        factor: f64,
+        max_position_embeddings: usize,
+    },
 }
 
 /// Where a decoder block's RMSNorms sit, by their checkpoint names.
@@ -48,7 +69,8 @@ pub enum BlockNorms {
     /// OLMo 2: the inputs unnormalised, `post_attention_layernorm` and `post_feedforward_layernorm` on the
     /// two outputs.
     Post,
-    /// Phi: one `input_layernorm` whose output both the attention and the MLP read.
+    /// Phi (and StableLM's parallel residual): one `input_layernorm` whose output both the attention
+    /// and the MLP read, their outputs both added to the block's input.
     Shared,
 }
 
@@ -103,6 +125,15 @@ pub enum BlockLayout {
     /// (`enable_bias`), learned positions (offset 2), no rotary embedding,
     /// `model.decoder.final_layer_norm`.
     Opt,
+    /// StableLM (StableLM 2, StableLM-3B-4E1T): LLaMA's names and gated MLP with LayerNorms (with
+    /// biases); with `use_parallel_residual` one LayerNorm shared by the attention and the MLP, in
+    /// parallel ([`BlockNorms::Shared`]).
+    StableLm,
+    /// Cohere (Command R, Aya Expanse) and Cohere 2 (Command R7B): LLaMA's names and gated MLP, one
+    /// LayerNorm without a bias (`input_layernorm`, `model.norm`) shared by the attention and the MLP in
+    /// parallel ([`BlockNorms::Shared`]), the rotary embedding on interleaved pairs
+    /// ([`RopePairs::Interleaved`]).
+    Cohere,
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
@@ -111,15 +142,20 @@ pub enum BlockLayout {
 }
 
 impl BlockLayout {
-    /// The norms are LayerNorms with biases (GPT-NeoX, Phi), not RMSNorms.
+    /// The norms are LayerNorms (all but LLaMA's), not RMSNorms.
     pub fn layer_norm(self) -> bool {
         !matches!(self, BlockLayout::Llama)
+    }
+
+    /// The LayerNorms have biases (all but Cohere's).
+    pub fn norm_bias(self) -> bool {
+        self.layer_norm() && self != BlockLayout::Cohere
     }
 
     /// The attention's output projection (as the runtime reads it: GPT-2's is a transposed view).
     pub fn o_proj(self) -> &'static str {
         match self {
-            BlockLayout::Llama => "self_attn.o_proj",
+            BlockLayout::Llama | BlockLayout::StableLm | BlockLayout::Cohere => "self_attn.o_proj",
             BlockLayout::NeoX { .. } => "attention.dense",
             BlockLayout::Phi => "self_attn.dense",
             BlockLayout::Starcoder2 => "self_attn.o_proj",
@@ -139,7 +175,7 @@ impl BlockLayout {
     /// A plain (ungated) MLP's two projections, up and down; `None` for the gated MLP.
     pub fn plain_mlp(self) -> Option<(&'static str, &'static str)> {
         match self {
-            BlockLayout::Llama => None,
+            BlockLayout::Llama | BlockLayout::StableLm | BlockLayout::Cohere => None,
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
             BlockLayout::Starcoder2 => Some(("mlp.c_fc", "mlp.c_proj")),
@@ -281,6 +317,12 @@ pub struct ModelConfig {
     /// Learned absolute position embeddings added to the token embeddings in place of the rotary
     /// embedding (GPT-2's `wpe`, OPT's `embed_positions`).
     pub learned_positions: Option<LearnedPositions>,
+    /// Per decoder layer: whether its q and k get the rotary embedding (all true but for SmolLM3's NoPE
+    /// layers, `no_rope_layers`, and Cohere 2's full-attention layers; none is rotated with
+    /// `learned_positions`).
+    pub rotary_layers: Vec<bool>,
+    /// Which values of a head turn together (Cohere's interleaved pairs; the others' halves).
+    pub rope_pairs: RopePairs,
 }
 
 /// A table of learned position embeddings: position p (from 0 in each sequence) reads row `p + offset`
@@ -546,8 +588,9 @@ impl ModelConfig {
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
         const TYPES: &str =
-            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, starcoder2, \
-             gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt";
+            "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
+             starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
+             stablelm, cohere, cohere2";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -570,18 +613,34 @@ impl ModelConfig {
         let enable_bias = opt && opt_bool(v, "enable_bias", path)?.unwrap_or(true);
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
+        let olmo3 = model_type == "olmo3";
+        let smollm3 = model_type == "smollm3";
         let neox = model_type == "gpt_neox";
         let phi = model_type == "phi";
         let starcoder2 = model_type == "starcoder2";
         // Starcoder2Config's `use_bias` (default true) puts a bias on every projection.
         let use_bias = starcoder2 && opt_bool(v, "use_bias", path)?.unwrap_or(true);
-        if phi && opt_bool(v, "qk_layernorm", path)? == Some(true) {
+        let stablelm = model_type == "stablelm";
+        let cohere = model_type.starts_with("cohere");
+        if cohere && opt_bool(v, "use_qk_norm", path)? == Some(true) {
             return Err(model_err(
                 path,
-                "field 'qk_layernorm' is true: Phi's q/k LayerNorms are not supported",
+                "field 'use_qk_norm' is true: Cohere's per-head q/k LayerNorms (Command R+) are not \
+                 supported",
+            ));
+        }
+        // Phi's q/k LayerNorms, and StableLM 2 12B's (one per head, each with its own weights).
+        if (phi || stablelm) && opt_bool(v, "qk_layernorm", path)? == Some(true) {
+            return Err(model_err(
+                path,
+                format!(
+                    "field 'qk_layernorm' is true: {model_type}'s q/k LayerNorms are not supported"
+                ),
             ));
         }
         let granite = model_type == "granite";
+        let stablelm_parallel =
+            stablelm && opt_bool(v, "use_parallel_residual", path)?.unwrap_or(false);
         if model_type == "olmoe" && v.get("clip_qkv").is_some_and(|c| !c.is_null()) {
             return Err(model_err(
                 path,
@@ -607,9 +666,12 @@ impl ModelConfig {
             multiplier("attention_multiplier")?,
         );
         let residual_scale = multiplier("residual_multiplier")?.filter(|&m| m != 1.0);
-        let logits_scale = multiplier("logits_scaling")?
-            .filter(|&m| m != 1.0)
-            .map(|m| 1.0 / m);
+        let logits_scale = match cohere {
+            // CohereConfig's `logit_scale` (default 0.0625) multiplies the logits.
+            true => Some(opt_f64(v, "logit_scale", path)?.unwrap_or(0.0625) as f32),
+            false => multiplier("logits_scaling")?.map(|m| 1.0 / m),
+        }
+        .filter(|&m| m != 1.0);
         // Gemma 2 and 3 share the sandwich norms and the score scale.
         let gemma23 = gemma3 || model_type == "gemma2";
         let activation = parse_activation(v, &model_type, path)?;
@@ -654,8 +716,8 @@ impl ModelConfig {
         }
         // transformers 5.x nests the rope settings in `rope_parameters` (theta included); 4.x has
         // top-level `rope_theta` and an optional `rope_scaling` object. Gemma 3 has one per layer kind.
-        let (rope_theta, rope_scaling, rotary_dim, sliding_rope) = if gemma3 {
-            let (global, local) = parse_gemma3_rope(v, head_dim, path)?;
+        let (rope_theta, rope_scaling, rotary_dim, sliding_rope) = if gemma3 || olmo3 {
+            let (global, local) = parse_per_kind_rope(v, &model_type, head_dim, path)?;
             (global.0, global.1, head_dim, Some(local))
         } else {
             let (theta, scaling, rotary_dim) = parse_rope(v, &model_type, head_dim, path)?;
@@ -671,9 +733,11 @@ impl ModelConfig {
             "gpt_neox" => (attention_bias, attention_bias),
             "phi" | "gpt2" => (true, true),
             "opt" => (enable_bias, enable_bias),
+            "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
+            "cohere" | "cohere2" => (attention_bias, attention_bias),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2"
-            | "qwen3_moe" | "olmoe" => (attention_bias, attention_bias),
+            | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -681,7 +745,7 @@ impl ModelConfig {
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" => QkNorm::PerHead,
-            "olmo2" | "olmoe" => QkNorm::Whole,
+            "olmo2" | "olmo3" | "olmoe" => QkNorm::Whole,
             _ => QkNorm::Off,
         };
         // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
@@ -707,6 +771,8 @@ impl ModelConfig {
             "starcoder2" => BlockLayout::Starcoder2,
             "gpt2" => BlockLayout::Gpt2,
             "opt" => BlockLayout::Opt,
+            "stablelm" => BlockLayout::StableLm,
+            "cohere" | "cohere2" => BlockLayout::Cohere,
             _ => BlockLayout::Llama,
         };
         let learned_positions = match model_type.as_str() {
@@ -728,6 +794,12 @@ impl ModelConfig {
             true => None,
             false => parse_pad_token_id(v, vocab_size, &model_type, path)?,
         };
+        let rotary_layers = match model_type.as_str() {
+            "smollm3" => smollm3_rotary_layers(v, num_hidden_layers, path)?,
+            // Cohere 2 rotates in its sliding-window layers only.
+            "cohere2" => sliding_layers.clone(),
+            _ => vec![learned_positions.is_none(); num_hidden_layers],
+        };
         Ok(ModelConfig {
             vocab_size,
             pad_token_id,
@@ -738,7 +810,7 @@ impl ModelConfig {
             rms_norm_eps: opt_f64(
                 v,
                 match model_type.as_str() {
-                    "gpt_neox" | "phi" => "layer_norm_eps",
+                    "gpt_neox" | "phi" | "stablelm" | "cohere" | "cohere2" => "layer_norm_eps",
                     "starcoder2" => "norm_epsilon",
                     _ => "rms_norm_eps",
                 },
@@ -749,6 +821,7 @@ impl ModelConfig {
                     model_type.as_str(),
                     "phi3"
                         | "olmo2"
+                        | "olmo3"
                         | "gpt_neox"
                         | "phi"
                         | "starcoder2"
@@ -756,15 +829,18 @@ impl ModelConfig {
                         | "olmoe"
                         | "gpt2"
                         | "opt"
+                        | "stablelm"
+                        | "cohere"
+                        | "cohere2"
                 ) {
                     1e-5
                 } else {
                     1e-6
                 },
             ),
-            // Gemma's, StarCoder2's and GPT-2's config classes tie by default.
+            // Gemma's, StarCoder2's, GPT-2's, OPT's and SmolLM3's config classes tie by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?
-                .unwrap_or(gemma || starcoder2 || gpt2 || opt),
+                .unwrap_or(gemma || starcoder2 || gpt2 || opt || smollm3 || cohere),
             mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias
                 || neox
                 || phi
@@ -785,8 +861,10 @@ impl ModelConfig {
             attn_softcap,
             final_softcap,
             block_norms: match model_type.as_str() {
-                "olmo2" => BlockNorms::Post,
+                "olmo2" | "olmo3" => BlockNorms::Post,
                 "phi" => BlockNorms::Shared,
+                "stablelm" if stablelm_parallel => BlockNorms::Shared,
+                "cohere" | "cohere2" => BlockNorms::Shared,
                 _ if gemma23 => BlockNorms::Sandwich,
                 _ => BlockNorms::Pre,
             },
@@ -808,6 +886,11 @@ impl ModelConfig {
             layout,
             lm_head_bias: phi,
             moe,
+            rotary_layers,
+            rope_pairs: match cohere {
+                true => RopePairs::Interleaved,
+                false => RopePairs::Halves,
+            },
             learned_positions,
         })
     }
@@ -847,6 +930,55 @@ impl ModelConfig {
         let base = || (0..d / 2).map(|i| freq(i, 1.0)).collect::<Vec<f64>>();
         match scaling {
             RopeScaling::Default => (base(), 1.0),
+            &RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings: max,
+            } => {
+                if tokens <= max {
+                    return (base(), 1.0);
+                }
+                let grown = theta
+                    * (factor * tokens as f64 / max as f64 - (factor - 1.0))
+                        .powf(d as f64 / (d as f64 - 2.0));
+                let f = (0..d / 2)
+                    .map(|i| (1.0 / (grown as f32).powf((2 * i) as f32 / d as f32)) as f64)
+                    .collect();
+                (f, 1.0)
+            }
+            &RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: old,
+                beta_fast,
+                beta_slow,
+                truncate,
+                attention_factor,
+            } => {
+                // The dimension (of d) at which a frequency turns `rotations` times in `old` tokens.
+                let correction = |rotations: f64| {
+                    d as f64 * (old / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(d as f64 - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let f = (0..d / 2)
+                    .map(|i| {
+                        // HF: float32 throughout but for the correction range.
+                        let pos = (theta as f32).powf((2 * i) as f32 / d as f32);
+                        let (extrapolated, interpolated) = (1.0 / pos, 1.0 / (factor as f32 * pos));
+                        let ramp =
+                            ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        let keep = 1.0 - ramp;
+                        (interpolated * (1.0 - keep) + extrapolated * keep) as f64
+                    })
+                    .collect();
+                (f, attention_factor)
+            }
             RopeScaling::Linear { factor } => (base().iter().map(|f| f / factor).collect(), 1.0),
             RopeScaling::LongRope {
                 short_factor,
@@ -914,7 +1046,7 @@ fn parse_sliding_window(
     const CLASS_DEFAULT_MAX_WINDOW_LAYERS: usize = 28;
     let window = || -> Result<Option<usize>> {
         let w = match v.get("sliding_window") {
-            None if matches!(model_type, "phi3" | "starcoder2" | "mixtral") => None,
+            None if matches!(model_type, "phi3" | "starcoder2" | "mixtral" | "smollm3") => None,
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -927,11 +1059,11 @@ fn parse_sliding_window(
         Ok(w)
     };
     match model_type {
-        "gemma2" | "gemma3_text" => {
+        "gemma2" | "gemma3_text" | "olmo3" | "cohere2" => {
             let w = window()?;
             let derived = || {
                 Ok(pattern_layer_kinds(v, model_type, layers, path)?
-                    .expect("Gemma 2 and 3 have a layer pattern"))
+                    .expect("Gemma 2 and 3, OLMo 3 and Cohere 2 have a layer pattern"))
             };
             Ok((w, layer_kinds(v, layers, w, derived, "", path)?))
         }
@@ -952,6 +1084,21 @@ fn parse_sliding_window(
                     Some(_) => get_usize(v, "max_window_layers", path)?,
                 };
                 Ok((0..layers).map(|l| w.is_some() && l >= first).collect())
+            };
+            let off = " (or 'use_sliding_window' is false)";
+            Ok((w, layer_kinds(v, layers, w, derived, off, path)?))
+        }
+        // SmolLM3 windows as Qwen2 does, but its layer pattern puts the window on the layers without a
+        // rotary embedding (and the class has no default window).
+        "smollm3" => {
+            let w = if opt_bool(v, "use_sliding_window", path)?.unwrap_or(false) {
+                window()?
+            } else {
+                None
+            };
+            let derived = || {
+                let rotary = smollm3_rotary_layers(v, layers, path)?;
+                Ok(rotary.iter().map(|&r| w.is_some() && !r).collect())
             };
             let off = " (or 'use_sliding_window' is false)";
             Ok((w, layer_kinds(v, layers, w, derived, off, path)?))
@@ -1163,9 +1310,10 @@ fn layer_kinds(
     Ok(sliding)
 }
 
-/// Gemma 2 and 3's layer kinds when config `v` has no `layer_types` (true: sliding window): every layer
-/// but each `pattern`-th, the pattern 2 for Gemma 2 and `sliding_window_pattern` (absent → 6) for
-/// Gemma 3, as their config classes derive them. `None` for the other types. Read here and by the
+/// Gemma 2 and 3's, OLMo 3's and Cohere 2's layer kinds when config `v` has no `layer_types` (true:
+/// sliding window): every layer but each `pattern`-th, the pattern 2 for Gemma 2,
+/// `sliding_window_pattern` (absent → 6) for Gemma 3 and (absent → 4) Cohere 2, 4 for OLMo 3, as their
+/// config classes derive them. `None` for the other types. Read here and by the
 /// pruned checkpoint's config, which writes them out.
 pub fn pattern_layer_kinds(
     v: &Value,
@@ -1176,12 +1324,50 @@ pub fn pattern_layer_kinds(
     let pattern = match model_type {
         "gemma2" => 2,
         "gemma3_text" => opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6),
+        "olmo3" => 4,
+        // Cohere2Config reads `sliding_window_pattern` (default 4) as a keyword argument only.
+        "cohere2" => opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(4),
         _ => return Ok(None),
     };
     if pattern == 0 {
         return Err(model_err(path, "field 'sliding_window_pattern' is 0"));
     }
     Ok(Some((0..layers).map(|l| (l + 1) % pattern != 0).collect()))
+}
+
+/// SmolLM3's layers with a rotary embedding (true) and without ("NoPE", false): `no_rope_layers` (1:
+/// rotary, 0: none) or, without it, every layer but each `no_rope_layer_interval`-th (absent → 4), as
+/// SmolLM3Config derives them. Read here and by the pruned checkpoint's config, which writes them out.
+pub fn smollm3_rotary_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    match v.get("no_rope_layers") {
+        None | Some(Value::Null) => {
+            let interval = opt_usize(v, "no_rope_layer_interval", path)?.unwrap_or(4);
+            if interval == 0 {
+                return Err(model_err(path, "field 'no_rope_layer_interval' is 0"));
+            }
+            Ok((0..layers).map(|l| (l + 1) % interval != 0).collect())
+        }
+        Some(list) => {
+            let flags: Option<Vec<bool>> = list.as_array().and_then(|a| {
+                a.iter()
+                    .map(|x| match x.as_i64() {
+                        Some(0) => Some(false),
+                        Some(1) => Some(true),
+                        _ => x.as_bool(),
+                    })
+                    .collect()
+            });
+            match flags {
+                Some(f) if f.len() == layers => Ok(f),
+                _ => Err(model_err(
+                    path,
+                    format!(
+                        "field 'no_rope_layers' must list {layers} entries of 0 or 1 (one per layer)"
+                    ),
+                )),
+            }
+        }
+    }
 }
 
 /// `layer_types` as a per-layer "is sliding" list; "attention" is transformers' legacy name of
@@ -1230,7 +1416,7 @@ fn parse_rope(
     let neox = model_type == "gpt_neox";
     // PhiConfig rotates half of each head by default.
     let default_partial = match model_type {
-        "gpt_neox" => 0.25,
+        "gpt_neox" | "stablelm" => 0.25,
         "phi" => 0.5,
         _ => 1.0,
     };
@@ -1262,7 +1448,7 @@ fn parse_rope(
     };
     // transformers: dim = int(head_dim * partial_rotary_factor), frequencies for arange(0, dim, 2).
     let rotary_dim = (head_dim as f64 * partial) as usize;
-    let partial_ok = matches!(model_type, "phi3" | "gpt_neox" | "phi")
+    let partial_ok = matches!(model_type, "phi3" | "gpt_neox" | "phi" | "stablelm")
         && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -1272,8 +1458,8 @@ fn parse_rope(
             path,
             format!(
                 "partial_rotary_factor {partial} is not supported for {model_type} with head_dim \
-                 {head_dim} (phi3, phi and gpt_neox only, and head_dim × factor must be a positive \
-                 even number)"
+                 {head_dim} (phi3, phi, gpt_neox and stablelm only, and head_dim × factor must be a \
+                 positive even number)"
             ),
         ));
     }
@@ -1281,16 +1467,26 @@ fn parse_rope(
     Ok((rope_theta, rope_scaling, rotary_dim))
 }
 
-/// Gemma 3's two rotary embeddings, ((theta, scaling) of the full-attention layers, that of the
-/// sliding-window layers), as `Gemma3TextConfig.convert_rope_params_to_dict` reads them: 5.x
-/// `rope_parameters` keyed by layer kind; 4.x top-level `rope_theta` (default 10⁶) with `rope_scaling`
-/// for the full-attention layers and `rope_local_base_freq` (default 10⁴, unscaled) for the others.
+/// The two rotary embeddings of Gemma 3 and OLMo 3, ((theta, scaling) of the full-attention layers, that
+/// of the sliding-window layers), as their `convert_rope_params_to_dict` read them: 5.x `rope_parameters`
+/// keyed by layer kind; 4.x top-level `rope_theta` with `rope_scaling` for the full-attention layers
+/// only and, for the others, Gemma 3's `rope_local_base_freq` (unscaled). The class defaults: Gemma 3's
+/// θ 10⁶ (full) and 10⁴ (sliding), OLMo 3's 5·10⁵ for both. OLMo 3's sliding layers take the class
+/// default in the 4.x form whatever `rope_theta` says: Olmo3Config pops `rope_theta` from its keyword
+/// arguments for the full-attention layers, and the second pop finds the default (transformers 5.25;
+/// the hub's Olmo 3 checkpoints say 5·10⁵ anyway).
 #[allow(clippy::type_complexity)]
-fn parse_gemma3_rope(
+fn parse_per_kind_rope(
     v: &Value,
+    model_type: &str,
     head_dim: usize,
     path: &Path,
 ) -> Result<((f64, RopeScaling), (f64, RopeScaling))> {
+    let top_theta = opt_f64(v, "rope_theta", path)?;
+    let (full_default, local_key, local_default) = match model_type {
+        "gemma3_text" => (1e6, "rope_local_base_freq", 1e4),
+        _ => (top_theta.unwrap_or(5e5), "", 5e5),
+    };
     let per_kind = v
         .get("rope_parameters")
         .filter(|rp| rp.get("full_attention").is_some() || rp.get("sliding_attention").is_some());
@@ -1300,18 +1496,22 @@ fn parse_gemma3_rope(
             Some(r) => opt_f64(r, "rope_theta", path)?,
             None => None,
         };
-        let scaling = parse_rope_scaling(rp, v, "gemma3_text", head_dim, path)?;
+        let scaling = parse_rope_scaling(rp, v, model_type, head_dim, path)?;
         Ok((theta.unwrap_or(default_theta), scaling))
     };
     match per_kind {
         Some(rp) => Ok((
-            one(rp.get("full_attention"), 1e6)?,
-            one(rp.get("sliding_attention"), 1e4)?,
+            one(rp.get("full_attention"), full_default)?,
+            one(rp.get("sliding_attention"), local_default)?,
         )),
         None => {
-            let full = one(v.get("rope_scaling"), 1e6)?;
-            let global = opt_f64(v, "rope_theta", path)?.unwrap_or(1e6);
-            let local = opt_f64(v, "rope_local_base_freq", path)?.unwrap_or(1e4);
+            let full = one(v.get("rope_scaling"), full_default)?;
+            let global = top_theta.unwrap_or(full_default);
+            let local = match local_key {
+                "" => None,
+                key => opt_f64(v, key, path)?,
+            };
+            let local = local.unwrap_or(local_default);
             Ok(((global, full.1), (local, RopeScaling::Default)))
         }
     }
@@ -1395,7 +1595,7 @@ fn parse_softcaps(v: &Value, model_type: &str, path: &Path) -> Result<(Option<f3
 }
 
 /// `pad_token_id` as nn.Embedding takes its `padding_idx`: null → none, absent → the config class's
-/// default (0 for Gemma, 1 for OLMo 2, none for the others), negative → counted from the end of the
+/// default (0 for Gemma and Cohere, 1 for OLMo 2 and 3, 128004 for SmolLM3, none for the others), negative → counted from the end of the
 /// vocabulary, outside it → an error (PyTorch refuses it too).
 fn parse_pad_token_id(
     v: &Value,
@@ -1405,7 +1605,9 @@ fn parse_pad_token_id(
 ) -> Result<Option<usize>> {
     let id = match v.get("pad_token_id") {
         None if model_type.starts_with("gemma") => 0,
-        None if model_type == "olmo2" => 1,
+        None if matches!(model_type, "olmo2" | "olmo3") => 1,
+        None if model_type.starts_with("cohere") => 0,
+        None if model_type == "smollm3" => 128004,
         None | Some(Value::Null) => return Ok(None),
         Some(x) => x
             .as_i64()
@@ -1458,13 +1660,97 @@ fn parse_rope_scaling(
             original_max_position_embeddings: need("original_max_position_embeddings")?,
         }),
         "longrope" => parse_longrope(s, v, rotary_dim, path),
+        "yarn" => parse_yarn(s, v, path),
+        "dynamic" => {
+            if rotary_dim <= 2 {
+                return Err(model_err(
+                    path,
+                    "dynamic rope scaling needs more than 2 rotary dimensions",
+                ));
+            }
+            Ok(RopeScaling::Dynamic {
+                factor: positive(need("factor")?, "factor", path)?,
+                max_position_embeddings: opt_usize(v, "max_position_embeddings", path)?
+                    .filter(|&m| m > 0)
+                    .ok_or_else(|| {
+                        model_err(
+                            path,
+                            "dynamic rope scaling needs a positive 'max_position_embeddings'",
+                        )
+                    })?,
+            })
+        }
         other => Err(model_err(
             path,
             format!(
-                "rope_scaling rope_type '{other}' is not supported (default, linear, llama3, longrope)"
+                "rope_scaling rope_type '{other}' is not supported (default, linear, llama3, longrope, \
+                 yarn, dynamic)"
             ),
         )),
     }
+}
+
+/// `x` when it is a positive finite number, else an error naming the rope scaling field `key`.
+fn positive(x: f64, key: &str, path: &Path) -> Result<f64> {
+    if x > 0.0 && x.is_finite() {
+        Ok(x)
+    } else {
+        Err(model_err(
+            path,
+            format!("rope scaling field '{key}' is {x}, not a positive number"),
+        ))
+    }
+}
+
+/// YaRN's settings as `_compute_yarn_parameters` (transformers 5.x) reads them:
+/// `original_max_position_embeddings` from the rope object, else the config's top level, else
+/// `max_position_embeddings`; `factor` (absent: `max_position_embeddings / original`); `beta_fast`,
+/// `beta_slow` (absent or 0: 32 and 1); `truncate` (default true); `attention_factor` (absent:
+/// mscale(factor, `mscale`) / mscale(factor, `mscale_all_dim`) when both are set and non-zero, else
+/// mscale(factor), where mscale(s, m) = 0.1 m ln s + 1 for s > 1, else 1).
+fn parse_yarn(s: &Value, v: &Value, path: &Path) -> Result<RopeScaling> {
+    let max_pos = opt_f64(v, "max_position_embeddings", path)?;
+    let original = match opt_f64(s, "original_max_position_embeddings", path)? {
+        Some(o) => Some(o),
+        None => opt_f64(v, "original_max_position_embeddings", path)?,
+    }
+    .or(max_pos)
+    .ok_or_else(|| {
+        model_err(
+            path,
+            "YaRN needs 'original_max_position_embeddings' (or 'max_position_embeddings')",
+        )
+    })?;
+    let original = positive(original, "original_max_position_embeddings", path)?;
+    let factor = match opt_f64(s, "factor", path)? {
+        Some(f) => f,
+        None => max_pos.unwrap_or(original) / original,
+    };
+    let factor = positive(factor, "factor", path)?;
+    let mscale = |m: f64| match factor > 1.0 {
+        true => 0.1 * m * factor.ln() + 1.0,
+        false => 1.0,
+    };
+    let nonzero =
+        |key: &str| -> Result<Option<f64>> { Ok(opt_f64(s, key, path)?.filter(|&x| x != 0.0)) };
+    let attention_factor = match opt_f64(s, "attention_factor", path)? {
+        Some(a) => a,
+        None => match (nonzero("mscale")?, nonzero("mscale_all_dim")?) {
+            (Some(m), Some(all)) => mscale(m) / mscale(all),
+            _ => mscale(1.0),
+        },
+    };
+    let beta = |key: &str, default: f64| -> Result<f64> {
+        positive(nonzero(key)?.unwrap_or(default), key, path)
+    };
+    Ok(RopeScaling::Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: beta("beta_fast", 32.0)?,
+        beta_slow: beta("beta_slow", 1.0)?,
+        truncate: opt_bool(s, "truncate", path)?.unwrap_or(true),
+        attention_factor: positive(attention_factor, "attention_factor", path)?,
+    })
 }
 
 /// LongRoPE's settings as `_compute_longrope_parameters` (transformers 5.x) reads them: the factor lists
@@ -1538,6 +1824,112 @@ mod tests {
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "rms_norm_eps": 1e-5, "rope_theta": 500000.0
         })
+    }
+
+    /// YaRN's and dynamic NTK's frequencies and cos/sin factor are transformers 5.25's
+    /// (`ROPE_INIT_FUNCTIONS["yarn"]`, `["dynamic"](config, seq_len=16)` on these settings), to f32
+    /// rounding; dynamic NTK is plain RoPE up to max_position_embeddings tokens.
+    #[test]
+    fn yarn_and_dynamic_ntk_frequencies_match_transformers() {
+        let p = Path::new("config.json");
+        let config = |rope: Value, head_dim: usize, max_pos: usize| {
+            let mut v = base();
+            v["hidden_size"] = (4 * head_dim).into();
+            v["head_dim"] = head_dim.into();
+            v["max_position_embeddings"] = max_pos.into();
+            v["rope_parameters"] = rope;
+            ModelConfig::from_json(&v, p).unwrap()
+        };
+        let close = |got: &[f64], want: &[f64]| {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-6 * w.abs(), "{got:?} vs {want:?}");
+            }
+        };
+        // (rope parameters, head_dim, max_position_embeddings, frequencies, cos/sin factor) at 16 tokens.
+        let cases = [
+            (
+                serde_json::json!({"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                    "original_max_position_embeddings": 64}),
+                16,
+                256,
+                vec![
+                    1.0,
+                    0.12120172381401062,
+                    0.009401507675647736,
+                    0.001823166268877685,
+                    0.0003535533614922315,
+                    6.856204709038138e-05,
+                    1.3295739336172119e-05,
+                    2.578346311565838e-06,
+                ],
+                1.138629436111989,
+            ),
+            // Untruncated correction range, other betas, the factor from mscale / mscale_all_dim.
+            (
+                serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                    "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2,
+                    "mscale": 1.0, "mscale_all_dim": 0.8, "truncate": false}),
+                16,
+                256,
+                vec![
+                    1.0,
+                    0.03952847048640251,
+                    0.012500000186264515,
+                    0.0039528473280370235,
+                    0.0012499999720603228,
+                    0.00039528473280370235,
+                    0.0001250000059371814,
+                    3.9528473280370235e-05,
+                ],
+                1.0356570849393496,
+            ),
+            (
+                serde_json::json!({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+                8,
+                8,
+                vec![
+                    1.0,
+                    0.06933612376451492,
+                    0.0048074983060359955,
+                    0.00033333332976326346,
+                ],
+                1.0,
+            ),
+        ];
+        for (rope, head_dim, max_pos, want, want_factor) in cases {
+            let (f, a) = config(rope, head_dim, max_pos).rope_frequencies(false, 16);
+            close(&f, &want);
+            assert!((a - want_factor).abs() < 1e-12, "{a} vs {want_factor}");
+        }
+        let dynamic = config(
+            serde_json::json!({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+            8,
+            8,
+        );
+        let (short, _) = dynamic.rope_frequencies(false, 8);
+        close(&short, &[1.0, 0.1, 0.01, 0.001]);
+        // A factor that is no number, and dynamic scaling without a maximum length, are named.
+        for (rope, max_pos, want) in [
+            (
+                serde_json::json!({"rope_type": "yarn", "factor": -1.0}),
+                Some(64),
+                "'factor' is -1",
+            ),
+            (
+                serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+                None,
+                "positive 'max_position_embeddings'",
+            ),
+        ] {
+            let mut v = base();
+            v["rope_scaling"] = rope;
+            if let Some(m) = max_pos {
+                v["max_position_embeddings"] = m.into();
+            }
+            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]
@@ -2040,9 +2432,9 @@ mod tests {
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("model_type"), "{e}");
         let mut v = base();
-        v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0});
+        v["rope_scaling"] = serde_json::json!({"rope_type": "su", "factor": 2.0});
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
-        assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+        assert!(e.contains("rope_scaling") && e.contains("'su'"), "{e}");
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
@@ -2301,6 +2693,124 @@ mod tests {
         qk["qk_layernorm"] = true.into();
         let e = ModelConfig::from_json(&qk, p).unwrap_err().to_string();
         assert!(e.contains("qk_layernorm"), "{e}");
+    }
+
+    /// StableLM 2 1.6B's hub config (4.x): LayerNorms, q/k/v biases, a quarter of each head rotary (the
+    /// class default too); the parallel residual is Phi's shared norm; 12B's per-head q/k LayerNorms
+    /// are refused by name. SmolLM3 3B's and OLMo 3 7B's hub configs read with their layer patterns.
+    #[test]
+    fn stablelm_smollm3_and_olmo3_hub_configs() {
+        let p = Path::new("config.json");
+        let stablelm2 = serde_json::json!({
+            "model_type": "stablelm", "vocab_size": 100352, "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "layer_norm_eps": 1e-5, "partial_rotary_factor": 0.25,
+            "rope_theta": 10000, "use_qkv_bias": true, "qk_layernorm": false,
+            "use_parallel_residual": false, "tie_word_embeddings": false, "hidden_act": "silu"
+        });
+        let c = ModelConfig::from_json(&stablelm2, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::StableLm, BlockNorms::Pre)
+        );
+        assert_eq!((c.head_dim, c.rotary_dim, c.rms_norm_eps), (64, 16, 1e-5));
+        assert!(c.qkv_bias && !c.o_bias && !c.mlp_bias && c.layout.layer_norm());
+        let mut bare = stablelm2.clone();
+        bare.as_object_mut()
+            .unwrap()
+            .remove("partial_rotary_factor");
+        assert_eq!(ModelConfig::from_json(&bare, p).unwrap().rotary_dim, 16);
+        let mut parallel = stablelm2.clone();
+        parallel["use_parallel_residual"] = true.into();
+        let c = ModelConfig::from_json(&parallel, p).unwrap();
+        assert_eq!(c.block_norms, BlockNorms::Shared);
+        parallel["qk_layernorm"] = true.into();
+        let e = ModelConfig::from_json(&parallel, p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("qk_layernorm") && e.contains("stablelm"), "{e}");
+
+        // SmolLM3-3B: every 4th layer NoPE, no window, tied, θ 5·10⁶.
+        let mut smollm3 = serde_json::json!({
+            "model_type": "smollm3", "vocab_size": 128256, "hidden_size": 2048,
+            "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+            "num_key_value_heads": 4, "rope_theta": 5000000.0, "use_sliding_window": false,
+            "sliding_window": null, "pad_token_id": 128004
+        });
+        let c = ModelConfig::from_json(&smollm3, p).unwrap();
+        let nope: Vec<usize> = (0..36).filter(|&l| !c.rotary_layers[l]).collect();
+        assert_eq!(nope, (3..36).step_by(4).collect::<Vec<_>>());
+        assert!(c.tie_word_embeddings && c.sliding_layers.iter().all(|s| !s));
+        smollm3["no_rope_layers"] = serde_json::json!([1, 0]);
+        let e = ModelConfig::from_json(&smollm3, p).unwrap_err().to_string();
+        assert!(
+            e.contains("no_rope_layers") && e.contains("36 entries"),
+            "{e}"
+        );
+
+        // Olmo-3-7B (4.x): every 4th layer full attention, YaRN there only, θ 5·10⁵ on both kinds.
+        let olmo3 = serde_json::json!({
+            "model_type": "olmo3", "vocab_size": 100278, "hidden_size": 4096,
+            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "rope_theta": 500000, "sliding_window": 4096,
+            "max_position_embeddings": 65536, "rope_scaling": {"rope_type": "yarn", "factor": 8.0,
+                "original_max_position_embeddings": 8192, "attention_factor": 1.2079441541679836,
+                "beta_fast": 32, "beta_slow": 1}
+        });
+        let c = ModelConfig::from_json(&olmo3, p).unwrap();
+        let full: Vec<usize> = (0..32).filter(|&l| c.layer_window(l).is_none()).collect();
+        assert_eq!(full, (3..32).step_by(4).collect::<Vec<_>>());
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn { factor: 8.0, attention_factor, .. } if attention_factor == 1.2079441541679836
+        ));
+        assert_eq!(c.sliding_rope, Some((500000.0, RopeScaling::Default)));
+        assert_eq!(
+            (c.qk_norm, c.block_norms, c.pad_token_id),
+            (QkNorm::Whole, BlockNorms::Post, Some(1))
+        );
+    }
+
+    /// Aya Expanse 8B's hub config (cohere): interleaved rotary, the shared norm, logit_scale, tied and
+    /// pad 0 by default; Command R+'s per-head q/k norms refused by name. Command R7B's (cohere2):
+    /// every 4th layer full attention without rotary (the class's pattern), the others windowed.
+    #[test]
+    fn cohere_hub_configs() {
+        let p = Path::new("config.json");
+        let aya = serde_json::json!({
+            "model_type": "cohere", "vocab_size": 256000, "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "layer_norm_eps": 1e-5, "logit_scale": 0.125,
+            "rope_theta": 10000, "use_qk_norm": false, "attention_bias": false
+        });
+        let c = ModelConfig::from_json(&aya, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms, c.rope_pairs),
+            (
+                BlockLayout::Cohere,
+                BlockNorms::Shared,
+                RopePairs::Interleaved
+            )
+        );
+        assert!(c.layout.layer_norm() && !c.layout.norm_bias());
+        assert_eq!(
+            (c.logits_scale, c.tie_word_embeddings, c.pad_token_id),
+            (Some(0.125), true, Some(0))
+        );
+        let mut plus = aya.clone();
+        plus["use_qk_norm"] = true.into();
+        let e = ModelConfig::from_json(&plus, p).unwrap_err().to_string();
+        assert!(e.contains("use_qk_norm"), "{e}");
+        let r7b = serde_json::json!({
+            "model_type": "cohere2", "vocab_size": 256000, "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "sliding_window": 4096, "rope_theta": 50000
+        });
+        let c = ModelConfig::from_json(&r7b, p).unwrap();
+        let full: Vec<usize> = (0..32).filter(|&l| c.layer_window(l).is_none()).collect();
+        assert_eq!(full, (3..32).step_by(4).collect::<Vec<_>>());
+        assert_eq!(c.rotary_layers, c.sliding_layers);
+        assert_eq!(c.logits_scale, Some(0.0625));
     }
 
     /// StarCoder2's config: `norm_epsilon`, `use_bias` on every projection, tied and unwindowed by

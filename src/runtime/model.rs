@@ -1,5 +1,5 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2,
-//! granite, starcoder2; mixtral, qwen2_moe, qwen3_moe, olmoe with experts), a GPT-NeoX one (gpt_neox), a
+//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3,
+//! granite, starcoder2, smollm3, stablelm, cohere, cohere2; mixtral, qwen2_moe, qwen3_moe, olmoe with experts), a GPT-NeoX one (gpt_neox), a
 //! Phi one (phi), a GPT-2 one (gpt2) or an OPT one (opt) as a tape: embedding (× √hidden:
 //! gemma) → per layer [RMSNorm (not olmo2) → q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
 //! gpt_neox; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says; scores
@@ -20,8 +20,13 @@
 //! Qwen2-MoE's shared expert × σ(gate) (`RowScale`). GPT-2 ([`BlockLayout::Gpt2`]) and OPT
 //! ([`BlockLayout::Opt`]) add learned position embeddings to the token embeddings (`Positions`) and
 //! rotate nothing; GPT-2's `Conv1D` weights are read transposed ([`Weights::transposed_columns`]).
+//! OLMo 3 is OLMo 2's block with Gemma 3's two rotary tables; SmolLM3 rotates nothing in its NoPE layers
+//! (`ModelConfig::rotary_layers`); StableLM ([`BlockLayout::StableLm`]) is LLaMA's block with
+//! LayerNorms and partial rotary, its parallel residual Phi's shared norm; Cohere
+//! ([`BlockLayout::Cohere`]) always has that shared norm, without a bias, and rotates interleaved pairs
+//! (`RopePairs`); Cohere 2 rotates in its sliding-window layers only.
 
-use super::config::{BlockLayout, ModelConfig};
+use super::config::{BlockLayout, BlockNorms, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
 use super::tape::moe::{Expert, SparseMoe};
@@ -279,7 +284,10 @@ impl TensorNames {
     /// The names of a decoder-only checkpoint of `layout`.
     pub fn decoder_only(layout: BlockLayout) -> Self {
         match layout {
-            BlockLayout::Llama | BlockLayout::Starcoder2 => Self::llama("model.", "lm_head.weight"),
+            BlockLayout::Llama
+            | BlockLayout::Starcoder2
+            | BlockLayout::StableLm
+            | BlockLayout::Cohere => Self::llama("model.", "lm_head.weight"),
             BlockLayout::Phi => TensorNames {
                 norm: "model.final_layernorm".into(),
                 ..Self::llama("model.", "lm_head.weight")
@@ -514,12 +522,12 @@ impl Model {
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
-        let layer_norm = c.layout.layer_norm();
+        let norm_bias = c.layout.norm_bias();
         let mut out = vec![
             (self.names.embed.clone(), vec![v, h]),
             (self.names.norm(), vec![h]),
         ];
-        if layer_norm {
+        if norm_bias {
             out.push((self.names.norm_bias(), vec![h]));
         }
         if !c.tie_word_embeddings {
@@ -537,7 +545,7 @@ impl Model {
                 |name: &str, shape: Vec<usize>| out.push((format!("{layer}.{name}"), shape));
             for norm in c.layout.norm_names(c.block_norms).into_iter().flatten() {
                 t(&format!("{norm}.weight"), vec![h]);
-                if layer_norm {
+                if norm_bias {
                     t(&format!("{norm}.bias"), vec![h]);
                 }
             }
@@ -888,7 +896,13 @@ impl Model {
         // The full-attention layers' rotary table and the sliding-window layers' (the same but for Gemma 3).
         let ropes = [false, true].map(|sliding| {
             let (inv_freq, rope_scale) = c.rope_frequencies(sliding, t);
-            Arc::new(RopeTable::new(&inv_freq, hd, t, rope_scale))
+            Arc::new(RopeTable::with_pairs(
+                &inv_freq,
+                hd,
+                t,
+                rope_scale,
+                c.rope_pairs,
+            ))
         });
         let shape = AttnShape {
             seqs,
@@ -951,7 +965,7 @@ impl Model {
         let norm = tape.param(self.names.norm(), g_norm, h);
         let norm_bias = c
             .layout
-            .layer_norm()
+            .norm_bias()
             .then(|| tape.param(self.names.norm_bias(), g_norm, h));
         let mut xn = tape.buffer("norm", n, h);
         tape.push(op::Norm {
@@ -1049,7 +1063,7 @@ impl Model {
             let w = tape.param(format!("{pre}.{name}.weight"), l, d);
             let b = c
                 .layout
-                .layer_norm()
+                .norm_bias()
                 .then(|| tape.param(format!("{pre}.{name}.bias"), l, d));
             let y = tape.buffer(format!("{pre}.{name}"), n, width);
             tape.push(op::Norm {
@@ -1101,6 +1115,8 @@ impl Model {
                 (q, k, v)
             }
             BlockLayout::Llama
+            | BlockLayout::StableLm
+            | BlockLayout::Cohere
             | BlockLayout::Phi
             | BlockLayout::Starcoder2
             | BlockLayout::Gpt2
@@ -1116,9 +1132,10 @@ impl Model {
                 (q, k, v)
             }
         };
-        // The rotary embedding of q and k (none with learned positions: GPT-2, OPT).
+        // The rotary embedding of q and k (none with learned positions, GPT-2's and OPT's, nor in
+        // SmolLM3's NoPE layers).
         let rotate = |tape: &mut Tape<D>, x: BufId, heads: usize, name: &str, width: usize| {
-            if c.learned_positions.is_some() {
+            if !c.rotary_layers[l] {
                 return x;
             }
             let out = tape.buffer(format!("{pre}.{name}"), n, width);
@@ -1242,10 +1259,10 @@ impl Model {
         let o = linear(tape, att, c.layout.o_proj(), qd, h, c.o_bias);
         let o = maybe_norm(tape, o, norm_attn_out);
         let x1 = add(tape, x, o, "resid_attn");
-        // The MLP's input: the attention's normed input (Phi's shared norm), the block's input normed
-        // (GPT-NeoX's parallel residual), or x + attn normed.
+        // The MLP's input: the attention's normed input (Phi's and StableLM's shared norm), the block's
+        // input normed (GPT-NeoX's parallel residual), or x + attn normed.
         let b = match c.layout {
-            BlockLayout::Phi => a,
+            _ if c.block_norms == BlockNorms::Shared => a,
             BlockLayout::NeoX {
                 parallel_residual: true,
             } => maybe_norm(tape, x, norm_mlp_in),

@@ -9,6 +9,43 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
+/// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
+/// emulator) against the CPU by `tests/runtime_cuda.rs`.
+pub const DECODER_FIXTURES: [&str; 31] = [
+    "llama_llama3_rope",
+    "llama_bf16_tied",
+    "mistral_sharded",
+    "qwen2_f16_bias",
+    "qwen2_sliding",
+    "qwen3_qk_norm",
+    "phi3_longrope",
+    "gemma_geglu",
+    "gemma3_sandwich",
+    "gemma2_softcap",
+    "olmo2_post_norm",
+    "gemma3_vision",
+    "mistral3_vision",
+    "neox_parallel",
+    "neox_sequential",
+    "granite_multipliers",
+    "qwen2_5_vl_flat",
+    "phi_parallel",
+    "starcoder2_window",
+    "mixtral_moe",
+    "qwen2_moe_shared",
+    "qwen3_moe_step",
+    "olmoe_experts",
+    "gpt2_hub_layout",
+    "opt_hub_layout",
+    "olmo3_yarn_window",
+    "smollm3_nope",
+    "stablelm_sequential",
+    "stablelm_parallel",
+    "cohere_interleaved",
+    "cohere2_nope_window",
+];
+
 /// Run the `sglp-engine` binary with `args`.
 pub fn engine(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sglp-engine"))

@@ -283,7 +283,7 @@ fn add_parts(dst: &mut [f32], parts: &[Vec<f64>]) {
 /// through (their table entries are cos 1, sin 0, and they pair with nothing).
 fn rope_apply(x: &[f32], heads: usize, table: &RopeTable, sign: f32, y: &mut [f32], add: bool) {
     let hd = table.head_dim;
-    let (rot_dim, half) = (table.rot_dim, table.rot_dim / 2);
+    let (rot_dim, pairs) = (table.rot_dim, table.pairs);
     let width = heads * hd;
     y.par_chunks_mut(width)
         .zip(x.par_chunks(width))
@@ -296,13 +296,7 @@ fn rope_apply(x: &[f32], heads: usize, table: &RopeTable, sign: f32, y: &mut [f3
                 let xs = &xr[h * hd..(h + 1) * hd];
                 let ys = &mut yr[h * hd..(h + 1) * hd];
                 for i in 0..hd {
-                    let rot = if i < half {
-                        -xs[i + half]
-                    } else if i < rot_dim {
-                        xs[i - half]
-                    } else {
-                        0.0
-                    };
+                    let rot = pairs.partner(i, rot_dim).map_or(0.0, |(j, s)| s * xs[j]);
                     let v = xs[i] * cos[i] + sign * rot * sin[i];
                     if add {
                         ys[i] += v;
@@ -1217,6 +1211,7 @@ impl super::Device for Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::ops::RopePairs;
     use rand::{Rng, SeedableRng};
 
     fn lse0_of(row: &[f32]) -> f64 {
@@ -1482,16 +1477,22 @@ mod tests {
     }
 
     /// Full and partial rotary (Phi-3's `partial_rotary_factor`: 6 of 8 values rotate, pairs (i, i + 3),
-    /// the last 2 pass through), against HF's formula and finite differences.
+    /// the last 2 pass through), in the `rotate_half` layout and Cohere's interleaved one (pairs
+    /// (2i, 2i + 1)), against HF's formulas and finite differences.
     #[test]
     fn rope_gradients_and_rotate_half_convention() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let (seqs, tokens, heads, hd) = (2, 5, 3, 8);
-        for rot in [hd, 6] {
+        for (rot, pairs) in [
+            (hd, RopePairs::Halves),
+            (6, RopePairs::Halves),
+            (hd, RopePairs::Interleaved),
+            (6, RopePairs::Interleaved),
+        ] {
             let inv: Vec<f64> = (0..rot / 2)
                 .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / rot as f64))
                 .collect();
-            let table = RopeTable::new(&inv, hd, tokens, 1.0);
+            let table = RopeTable::with_pairs(&inv, hd, tokens, 1.0, pairs);
             let n = seqs * tokens * heads * hd;
             let x = rand_vec(&mut rng, n);
             // Direct check of elements against the HF formula.
@@ -1499,15 +1500,20 @@ mod tests {
             rope_forward(&x, heads, &table, &mut y);
             let (s, t, h) = (1, 3, 2);
             let base = (s * tokens + t) * heads * hd + h * hd;
-            for i in [1, rot / 2 + 1] {
-                let ang = t as f64 * inv[i % (rot / 2)];
-                let partner = if i < rot / 2 {
-                    -x[base + i + rot / 2]
-                } else {
-                    x[base + i - rot / 2]
+            for i in [1, rot / 2, rot / 2 + 1] {
+                // HF: rotate_half(x) = [−x₂, x₁]; Cohere's rotate_half(x) = stack([−x[1::2], x[::2]]).
+                let (freq, partner) = match pairs {
+                    RopePairs::Halves if i < rot / 2 => (i, -x[base + i + rot / 2]),
+                    RopePairs::Halves => (i - rot / 2, x[base + i - rot / 2]),
+                    RopePairs::Interleaved if i.is_multiple_of(2) => (i / 2, -x[base + i + 1]),
+                    RopePairs::Interleaved => (i / 2, x[base + i - 1]),
                 };
+                let ang = t as f64 * inv[freq];
                 let want = x[base + i] as f64 * ang.cos() + partner as f64 * ang.sin();
-                assert!((want - y[base + i] as f64).abs() < 1e-5, "rot {rot} i {i}");
+                assert!(
+                    (want - y[base + i] as f64).abs() < 1e-5,
+                    "{pairs:?} rot {rot} i {i}"
+                );
             }
             for i in rot..hd {
                 assert_eq!(

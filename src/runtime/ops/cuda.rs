@@ -32,7 +32,7 @@
 
 use super::{
     row_scale_rows, Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, ParamUse,
-    RopeTable,
+    RopePairs, RopeTable,
 };
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
@@ -350,7 +350,7 @@ enum Logits<'a> {
 }
 
 /// Rotary tables on the device, by (tokens, head_dim, rot_dim, fingerprint of the last position's values).
-type RopeKey = (usize, usize, usize, u64);
+type RopeKey = (usize, usize, usize, RopePairs, u64);
 /// The cos and sin tables of one [`RopeKey`].
 type RopeDev = Arc<(CudaSlice<f32>, CudaSlice<f32>)>;
 
@@ -768,7 +768,7 @@ impl CudaDevice {
         Ok(p)
     }
 
-    /// The rotary tables on the device, uploaded once per (tokens, head_dim, values).
+    /// The rotary tables on the device, uploaded once per (tokens, head_dim, pairing, values).
     fn rope_tables(&self, table: &RopeTable) -> Result<RopeDev> {
         let hd = table.head_dim;
         check_len(table.cos.len(), table.tokens * hd, "rope cos table")?;
@@ -778,7 +778,7 @@ impl CudaDevice {
             bytemuck::cast_slice(&table.cos[last.clone()]),
             bytemuck::cast_slice(&table.sin[last]),
         ]);
-        let key = (table.tokens, hd, table.rot_dim, fp);
+        let key = (table.tokens, hd, table.rot_dim, table.pairs, fp);
         let mut cache = lock(&self.inner.rope)?;
         if let Some(t) = cache.get(&key) {
             return Ok(t.clone());
@@ -838,6 +838,7 @@ impl CudaDevice {
                 h,
                 hd,
                 rot,
+                (table.pairs == RopePairs::Interleaved) as i32,
                 t,
                 sign,
                 add,

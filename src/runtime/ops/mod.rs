@@ -18,25 +18,70 @@ use crate::error::Result;
 use crate::runtime::tape::ParamStore;
 pub use cpu::AttnShape;
 
-/// Precomputed rotary tables for one sequence length: `cos`/`sin` are `[tokens, head_dim]` row-major, in
-/// the Hugging Face layout (each frequency repeated in both halves of the rotated part, for `rotate_half`).
-/// Partial rotary (Phi-3's `partial_rotary_factor`): only the first `rot_dim` values of a head rotate,
-/// pairs `(i, i + rot_dim / 2)`; the others pass through (their table entries are cos 1, sin 0).
+/// Which values of a head's rotated part turn together: Hugging Face's `rotate_half` layout (LLaMA and
+/// most others) pairs `(i, i + rot_dim / 2)`; Cohere's (and GLM's, GPT-J's) `rotate_every_two` pairs
+/// `(2i, 2i + 1)`. Frequency i turns pair i either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RopePairs {
+    Halves,
+    Interleaved,
+}
+
+impl RopePairs {
+    /// The two values (of a head) frequency `i` turns, with `rot_dim` values rotated.
+    pub fn pair(self, i: usize, rot_dim: usize) -> [usize; 2] {
+        match self {
+            RopePairs::Halves => [i, i + rot_dim / 2],
+            RopePairs::Interleaved => [2 * i, 2 * i + 1],
+        }
+    }
+
+    /// Value `i`'s partner in its pair and the sign it enters `rotate_half(x)[i]` with (y = x cos +
+    /// rotate_half(x) sin): the first of a pair reads −(second), the second +(first); `None` past
+    /// `rot_dim` (partial rotary: the value passes through).
+    pub fn partner(self, i: usize, rot_dim: usize) -> Option<(usize, f32)> {
+        let half = rot_dim / 2;
+        match self {
+            _ if i >= rot_dim => None,
+            RopePairs::Halves if i < half => Some((i + half, -1.0)),
+            RopePairs::Halves => Some((i - half, 1.0)),
+            RopePairs::Interleaved if i.is_multiple_of(2) => Some((i + 1, -1.0)),
+            RopePairs::Interleaved => Some((i - 1, 1.0)),
+        }
+    }
+}
+
+/// Precomputed rotary tables for one sequence length: `cos`/`sin` are `[tokens, head_dim]` row-major,
+/// each frequency at both values of its pair ([`RopePairs`]). Partial rotary (Phi-3's
+/// `partial_rotary_factor`): only the first `rot_dim` values of a head rotate; the others pass through
+/// (their table entries are cos 1, sin 0).
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     pub tokens: usize,
     pub head_dim: usize,
     /// The rotated values of a head (`2 · inv_freq.len()`, even, ≤ `head_dim`).
     pub rot_dim: usize,
+    pub pairs: RopePairs,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
 }
 
 impl RopeTable {
     /// Tables for positions `0..tokens` of heads of `head_dim` from the inverse frequencies (`rot_dim / 2`
-    /// of them), computed in f64 and rounded once. `scale` multiplies cos and sin of the rotated part
-    /// (HF's `attention_scaling`: 1 but for LongRoPE).
+    /// of them), computed in f64 and rounded once, in the `rotate_half` layout. `scale` multiplies cos
+    /// and sin of the rotated part (HF's `attention_scaling`: 1 but for LongRoPE and YaRN).
     pub fn new(inv_freq: &[f64], head_dim: usize, tokens: usize, scale: f64) -> Self {
+        Self::with_pairs(inv_freq, head_dim, tokens, scale, RopePairs::Halves)
+    }
+
+    /// [`RopeTable::new`] with the given pairing.
+    pub fn with_pairs(
+        inv_freq: &[f64],
+        head_dim: usize,
+        tokens: usize,
+        scale: f64,
+        pairs: RopePairs,
+    ) -> Self {
         let half = inv_freq.len();
         let rot_dim = 2 * half;
         assert!(
@@ -50,7 +95,7 @@ impl RopeTable {
                 // HF computes the angle in f32 (position * inv_freq); round the same way so the tables match.
                 let angle = (t as f32 * f as f32) as f64;
                 let (s, c) = angle.sin_cos();
-                for j in [i, i + half] {
+                for j in pairs.pair(i, rot_dim) {
                     cos[t * head_dim + j] = (c * scale) as f32;
                     sin[t * head_dim + j] = (s * scale) as f32;
                 }
@@ -60,6 +105,7 @@ impl RopeTable {
             tokens,
             head_dim,
             rot_dim,
+            pairs,
             cos,
             sin,
         }

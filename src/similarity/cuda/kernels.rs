@@ -484,7 +484,7 @@ signatures! {
                       skip: i32);
     /// rope_apply
     RopeApply(x: In<f32>, cos: In<f32>, sin: In<f32>, y: Out<f32>, rows: i32, heads: i32,
-              head_dim: i32, rot_dim: i32, tokens: i32, sign: f32, add: i32);
+              head_dim: i32, rot_dim: i32, interleaved: i32, tokens: i32, sign: f32, add: i32);
     /// norm_forward (b: `None` = no bias)
     NormForward(x: In<f32>, w: In<f32>, b: In<f32>, offset: f32, d: i32, eps: f64, centre: i32,
                 y: Out<f32>, rows: i32);
