@@ -71,6 +71,11 @@ CASES = {
     "stablelm_sequential": ONE_BY_GRADNORM,
     "stablelm_parallel": ONE_BY_GRADNORM,
     "cohere_interleaved": ONE_BY_GRADNORM,
+    "internlm3_dynamic": ONE_BY_GRADNORM,
+    "glm_interleaved": ONE_BY_GRADNORM,
+    "glm4_sandwich": ONE_BY_GRADNORM,
+    # Layers 0 and 3 out: the NoPE full-attention layer 1 becomes layer 0 (the pattern written out).
+    "exaone4_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "subset"] + PINNED,
     "cohere2_nope_window": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
-OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
+EXAONE 4 / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -198,6 +199,43 @@ FIXTURES = [
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          drop_layer_types=dict(sliding_window_pattern=2), full_attention_loss=True, reload=True,
          seed=31),
+    # InternLM3 (LlamaForCausalLM in transformers): head_dim 16 ≠ 32 / 4, biases on every projection
+    # under the hub's names (qkv_bias, bias: InternLM3Config's attribute_map), dynamic NTK as the hub's
+    # InternLM3-8B config has it (×6 past max_position_embeddings 8 < 16 tokens); the 4.x form, bf16.
+    dict(name="internlm3_dynamic", model_type="internlm3", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-5,
+                  attention_bias=True, mlp_bias=True, max_position_embeddings=8,
+                  rope_parameters=dict(rope_type="dynamic", rope_theta=50000000.0, factor=6.0)),
+         old_config=True, rename_keys=dict(attention_bias="qkv_bias", mlp_bias="bias"), reload=True,
+         seed=32),
+    # GLM (GLM-4-9B-chat-hf): the rotary embedding on interleaved pairs of the first half of each head
+    # (partial_rotary_factor's default 0.5: 8 of 16 values), q/k/v biases (attention_bias's default
+    # true) but none on o_proj, gate and up fused in mlp.gate_up_proj, head_dim 16 ≠ 32 / 4, untied.
+    dict(name="glm_interleaved", model_type="glm", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1.5625e-07,
+                  pad_token_id=0, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=33),
+    # GLM-4 (GLM-4-9B-0414, GLM-4-32B-0414): GLM's attention and MLP with sandwich norms under its own
+    # names (post_self_attn_layernorm, post_attention_layernorm before the MLP, post_mlp_layernorm),
+    # no attention biases, bf16.
+    dict(name="glm4_sandwich", model_type="glm4", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-5, pad_token_id=0,
+                  attention_bias=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=34),
+    # EXAONE 4: OLMo 2's post-norms, per-head q/k RMSNorms, a window of 5 on the layers of
+    # sliding_window_pattern 2 (layer_types dropped: layers 0 and 2) and the rotary embedding on those
+    # only (the full-attention layers are NoPE), untied.
+    dict(name="exaone4_window", model_type="exaone4", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, sliding_window=5,
+                  sliding_window_pattern=2,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         drop_layer_types=dict(sliding_window_pattern=2), full_attention_loss=True, reload=True,
+         seed=35),
     # Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, tiny vision tower): the hub layout (model.…, visual.…,
     # lm_head), config.json rewritten flat as the hub's 4.x configs are (text fields at the top level,
     # rope_scaling {"type": "mrope"}); untied; on text alone its language model is Qwen2's.
@@ -437,6 +475,16 @@ def to_per_kind_old_config(path):
         json.dump(c, f, indent=2)
 
 
+def rename_keys(path, names):
+    """Rename config.json's keys (old → new: the names a hub config uses for a class attribute)."""
+    with open(path) as f:
+        c = json.load(f)
+    for old, new in names.items():
+        c[new] = c.pop(old)
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
 def drop_keys(path, keys):
     """Remove `keys` from config.json (the config class derives them again)."""
     with open(path) as f:
@@ -558,7 +606,7 @@ def full_attention_loss(spec, model, ids):
     cfg = dict(spec["cfg"], sliding_window=None)
     if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -568,7 +616,7 @@ def full_attention_loss(spec, model, ids):
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None
@@ -672,6 +720,8 @@ def build(spec, out_root):
         to_neox_old_config(os.path.join(d, "config.json"))
     if spec.get("per_kind_old_config"):
         to_per_kind_old_config(os.path.join(d, "config.json"))
+    if spec.get("rename_keys"):
+        rename_keys(os.path.join(d, "config.json"), spec["rename_keys"])
     if spec.get("drop_keys"):
         drop_keys(os.path.join(d, "config.json"), spec["drop_keys"])
     if spec.get("drop_layer_types"):

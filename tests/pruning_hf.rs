@@ -320,6 +320,20 @@ fn cohere_matches_transformers() {
     check_case("cohere2_nope_window");
 }
 
+/// InternLM3 (the hub's bias names kept), GLM and GLM-4 (a fused gate/up copied as stored), EXAONE 4
+/// (its derived layer pattern written out).
+#[test]
+fn internlm3_glm_and_exaone4_match_transformers() {
+    for name in [
+        "internlm3_dynamic",
+        "glm_interleaved",
+        "glm4_sandwich",
+        "exaone4_window",
+    ] {
+        check_case(name);
+    }
+}
+
 /// OPT as the hub's facebook/opt-* checkpoints are stored (`decoder.…`, no `model.` prefix, tied), bf16:
 /// a kept layer renumbered under that prefix.
 #[test]

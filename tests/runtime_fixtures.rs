@@ -484,6 +484,26 @@ fn cohere2_windows_and_nope_layers_match_pytorch() {
     window_matters("cohere2_nope_window", |c| c["sliding_window"] = 4096.into());
 }
 
+/// EXAONE 4 windows the layers of its pattern (`sliding_window_pattern` 2, no `layer_types`) and rotates
+/// only those; InternLM3's dynamic NTK (as its hub config has it) bites past max_position_embeddings.
+#[test]
+fn exaone4_and_internlm3_match_pytorch() {
+    let (model, _) = load("exaone4_window");
+    let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
+    assert_eq!(windows, [Some(5), None, Some(5), None]);
+    assert_eq!(model.config.rotary_layers, [true, false, true, false]);
+    window_matters("exaone4_window", |c| c["sliding_window"] = 4096.into());
+    let (plain, dynamic) = loss_edited("internlm3_dynamic", |c| {
+        c["rope_scaling"] = serde_json::Value::Null
+    });
+    // θ is 5·10⁷ already: growing it moves the loss by ~5e-4, where the engine agrees with PyTorch to
+    // 1e-8.
+    assert!(
+        rel(plain, dynamic) > 1e-4,
+        "dynamic NTK changes nothing: {plain} vs {dynamic}"
+    );
+}
+
 /// Gemma 2 windows its even layers (config.json has no `layer_types`); soft-capping bites: the same
 /// weights with the caps lifted far above the scores give another loss.
 #[test]
@@ -575,6 +595,16 @@ fn info_describes_windows_caps_and_rotary() {
             "cohere2_nope_window",
             "attention: window 5 on 2 of 4 layers (0, 2); rotary θ 10000, default on 8 of 8 values \
              (interleaved pairs); no rotary embedding on 2 of 4 layers (1, 3)",
+        ),
+        (
+            "glm4_sandwich",
+            "block: 4 RMSNorms; gated MLP (SiLU gate)\nattention: causal, no window; rotary θ 10000, \
+             default on 8 of 16 values (interleaved pairs)",
+        ),
+        (
+            "exaone4_window",
+            "attention: window 5 on 2 of 4 layers (0, 2); rotary θ 1000000, default on 8 of 8 values; \
+             no rotary embedding on 2 of 4 layers (1, 3)",
         ),
         (
             "smollm3_nope",

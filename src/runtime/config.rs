@@ -1,5 +1,6 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
-//! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3), GPT-NeoX
+//! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
+//! glm4, exaone4; with LayerNorms stablelm, cohere, cohere2), GPT-NeoX
 //! (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the
 //! mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations:
 //! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`). A
@@ -69,6 +70,10 @@ pub enum BlockNorms {
     /// OLMo 2: the inputs unnormalised, `post_attention_layernorm` and `post_feedforward_layernorm` on the
     /// two outputs.
     Post,
+    /// GLM-4: as [`BlockNorms::Sandwich`] under other names: `input_layernorm` before the attention,
+    /// `post_self_attn_layernorm` on its output, `post_attention_layernorm` before the MLP,
+    /// `post_mlp_layernorm` on its output.
+    Glm4,
     /// Phi (and StableLM's parallel residual): one `input_layernorm` whose output both the attention
     /// and the MLP read, their outputs both added to the block's input.
     Shared,
@@ -96,6 +101,12 @@ impl BlockNorms {
                 None,
                 Some("post_attention_layernorm"),
                 Some("post_feedforward_layernorm"),
+            ],
+            BlockNorms::Glm4 => [
+                Some("input_layernorm"),
+                Some("post_attention_layernorm"),
+                Some("post_self_attn_layernorm"),
+                Some("post_mlp_layernorm"),
             ],
             BlockNorms::Shared => [Some("input_layernorm"), None, None, None],
         }
@@ -272,9 +283,11 @@ pub struct ModelConfig {
     pub qk_norm: QkNorm,
     /// gate/up/down carry a bias (llama with `mlp_bias`).
     pub mlp_bias: bool,
-    /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up as one `mlp.gate_up_proj`
-    /// (phi3); the runtime reads their rows as the separate projections (`Weights::split_rows`).
-    pub fused_projections: bool,
+    /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` (phi3); the runtime reads its rows as
+    /// the separate projections (`Weights::split_rows`).
+    pub fused_qkv: bool,
+    /// The checkpoint stores gate/up as one `mlp.gate_up_proj` (phi3, glm, glm4), read the same way.
+    pub fused_gate_up: bool,
     /// The MLP's gate activation (`hidden_act`; Gemma 3's `hidden_activation`).
     pub activation: Activation,
     /// Added to every RMSNorm weight to make its gain: 1 for Gemma (`x̂ (1 + w)`), else 0.
@@ -590,7 +603,7 @@ impl ModelConfig {
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
-             stablelm, cohere, cohere2";
+             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -696,11 +709,12 @@ impl ModelConfig {
                 ),
             ));
         }
-        // Gemma's config classes default head_dim to 256, the others derive it.
-        let default_head_dim = if gemma {
-            256
-        } else {
-            hidden_size / num_attention_heads
+        // Gemma's config classes default head_dim to 256, InternLM3's and GLM's to 128, the others
+        // derive it.
+        let default_head_dim = match model_type.as_str() {
+            _ if gemma => 256,
+            "internlm3" | "glm" | "glm4" => 128,
+            _ => hidden_size / num_attention_heads,
         };
         let head_dim = check_size(
             opt_usize(v, "head_dim", path)?.unwrap_or(default_head_dim),
@@ -724,8 +738,18 @@ impl ModelConfig {
             (theta, scaling, rotary_dim, None)
         };
         // GPTNeoXConfig defaults attention_bias to true (its MLP always has biases).
-        let attention_bias = opt_bool(v, "attention_bias", path)?.unwrap_or(neox);
-        let mlp_bias = opt_bool(v, "mlp_bias", path)?.unwrap_or(false);
+        // GLM's config classes default attention_bias to true (q, k and v only); InternLM3's hub configs
+        // name the two `qkv_bias` and `bias` (InternLM3Config's attribute_map).
+        let internlm3 = model_type == "internlm3";
+        let alias = |key: &str, old: &str| -> Result<Option<bool>> {
+            match (opt_bool(v, key, path)?, internlm3) {
+                (None, true) => opt_bool(v, old, path),
+                (b, _) => Ok(b),
+            }
+        };
+        let glm = matches!(model_type.as_str(), "glm" | "glm4");
+        let attention_bias = alias("attention_bias", "qkv_bias")?.unwrap_or(neox || glm);
+        let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
             // Qwen2MoeConfig's `qkv_bias` (default true; absent from 4.x configs).
@@ -734,7 +758,8 @@ impl ModelConfig {
             "phi" | "gpt2" => (true, true),
             "opt" => (enable_bias, enable_bias),
             "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
-            "cohere" | "cohere2" => (attention_bias, attention_bias),
+            "cohere" | "cohere2" | "internlm3" => (attention_bias, attention_bias),
+            "glm" | "glm4" => (attention_bias, false),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2"
             | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" => (attention_bias, attention_bias),
@@ -746,6 +771,7 @@ impl ModelConfig {
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" => QkNorm::Whole,
+            "exaone4" => QkNorm::PerHead,
             _ => QkNorm::Off,
         };
         // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
@@ -798,6 +824,8 @@ impl ModelConfig {
             "smollm3" => smollm3_rotary_layers(v, num_hidden_layers, path)?,
             // Cohere 2 rotates in its sliding-window layers only.
             "cohere2" => sliding_layers.clone(),
+            // EXAONE 4 too, when it has a window.
+            "exaone4" if sliding_window.is_some() => sliding_layers.clone(),
             _ => vec![learned_positions.is_none(); num_hidden_layers],
         };
         Ok(ModelConfig {
@@ -832,8 +860,12 @@ impl ModelConfig {
                         | "stablelm"
                         | "cohere"
                         | "cohere2"
+                        | "internlm3"
+                        | "exaone4"
                 ) {
                     1e-5
+                } else if matches!(model_type.as_str(), "glm" | "glm4") {
+                    1.5625e-7
                 } else {
                     1e-6
                 },
@@ -841,13 +873,14 @@ impl ModelConfig {
             // Gemma's, StarCoder2's, GPT-2's, OPT's and SmolLM3's config classes tie by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?
                 .unwrap_or(gemma || starcoder2 || gpt2 || opt || smollm3 || cohere),
-            mlp_bias: matches!(model_type.as_str(), "llama" | "granite") && mlp_bias
+            mlp_bias: matches!(model_type.as_str(), "llama" | "granite" | "internlm3") && mlp_bias
                 || neox
                 || phi
                 || gpt2
                 || use_bias
                 || enable_bias,
-            fused_projections: model_type == "phi3",
+            fused_qkv: model_type == "phi3",
+            fused_gate_up: matches!(model_type.as_str(), "phi3" | "glm" | "glm4"),
             activation,
             norm_offset: if gemma { 1.0 } else { 0.0 },
             embed_scale: if gemma {
@@ -861,7 +894,8 @@ impl ModelConfig {
             attn_softcap,
             final_softcap,
             block_norms: match model_type.as_str() {
-                "olmo2" | "olmo3" => BlockNorms::Post,
+                "olmo2" | "olmo3" | "exaone4" => BlockNorms::Post,
+                "glm4" => BlockNorms::Glm4,
                 "phi" => BlockNorms::Shared,
                 "stablelm" if stablelm_parallel => BlockNorms::Shared,
                 "cohere" | "cohere2" => BlockNorms::Shared,
@@ -887,7 +921,7 @@ impl ModelConfig {
             lm_head_bias: phi,
             moe,
             rotary_layers,
-            rope_pairs: match cohere {
+            rope_pairs: match cohere || glm {
                 true => RopePairs::Interleaved,
                 false => RopePairs::Halves,
             },
@@ -1059,11 +1093,11 @@ fn parse_sliding_window(
         Ok(w)
     };
     match model_type {
-        "gemma2" | "gemma3_text" | "olmo3" | "cohere2" => {
+        "gemma2" | "gemma3_text" | "olmo3" | "cohere2" | "exaone4" => {
             let w = window()?;
             let derived = || {
                 Ok(pattern_layer_kinds(v, model_type, layers, path)?
-                    .expect("Gemma 2 and 3, OLMo 3 and Cohere 2 have a layer pattern"))
+                    .expect("Gemma 2 and 3, OLMo 3, Cohere 2 and EXAONE 4 have a layer pattern"))
             };
             Ok((w, layer_kinds(v, layers, w, derived, "", path)?))
         }
@@ -1312,8 +1346,8 @@ fn layer_kinds(
 
 /// Gemma 2 and 3's, OLMo 3's and Cohere 2's layer kinds when config `v` has no `layer_types` (true:
 /// sliding window): every layer but each `pattern`-th, the pattern 2 for Gemma 2,
-/// `sliding_window_pattern` (absent → 6) for Gemma 3 and (absent → 4) Cohere 2, 4 for OLMo 3, as their
-/// config classes derive them. `None` for the other types. Read here and by the
+/// `sliding_window_pattern` (absent → 6) for Gemma 3 and (absent → 4) Cohere 2 and EXAONE 4 (none
+/// without a window), 4 for OLMo 3, as their config classes derive them. `None` for the other types. Read here and by the
 /// pruned checkpoint's config, which writes them out.
 pub fn pattern_layer_kinds(
     v: &Value,
@@ -1327,6 +1361,24 @@ pub fn pattern_layer_kinds(
         "olmo3" => 4,
         // Cohere2Config reads `sliding_window_pattern` (default 4) as a keyword argument only.
         "cohere2" => opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(4),
+        // Exaone4Config: no window, no sliding layers; its pattern may be a string ("LLLG"), which the
+        // class cannot expand itself (hub configs with one list `layer_types`).
+        "exaone4" if v.get("sliding_window").is_some_and(Value::is_null) => {
+            return Ok(Some(vec![false; layers]))
+        }
+        "exaone4" => match v.get("sliding_window_pattern") {
+            None | Some(Value::Null) => 4,
+            Some(Value::String(p)) => {
+                return Err(model_err(
+                    path,
+                    format!(
+                    "field 'sliding_window_pattern' is \"{p}\" and there is no 'layer_types' to \
+                         say which layers are windowed"
+                ),
+                ))
+            }
+            Some(_) => get_usize(v, "sliding_window_pattern", path)?,
+        },
         _ => return Ok(None),
     };
     if pattern == 0 {
@@ -1417,6 +1469,7 @@ fn parse_rope(
     // PhiConfig rotates half of each head by default.
     let default_partial = match model_type {
         "gpt_neox" | "stablelm" => 0.25,
+        "glm" | "glm4" => 0.5,
         "phi" => 0.5,
         _ => 1.0,
     };
@@ -1448,8 +1501,10 @@ fn parse_rope(
     };
     // transformers: dim = int(head_dim * partial_rotary_factor), frequencies for arange(0, dim, 2).
     let rotary_dim = (head_dim as f64 * partial) as usize;
-    let partial_ok = matches!(model_type, "phi3" | "gpt_neox" | "phi" | "stablelm")
-        && partial > 0.0
+    let partial_ok = matches!(
+        model_type,
+        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4"
+    ) && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
         && rotary_dim > 0;
@@ -1458,8 +1513,8 @@ fn parse_rope(
             path,
             format!(
                 "partial_rotary_factor {partial} is not supported for {model_type} with head_dim \
-                 {head_dim} (phi3, phi, gpt_neox and stablelm only, and head_dim × factor must be a \
-                 positive even number)"
+                 {head_dim} (phi3, phi, gpt_neox, stablelm, glm and glm4 only, and head_dim × factor \
+                 must be a positive even number)"
             ),
         ));
     }
@@ -1607,6 +1662,8 @@ fn parse_pad_token_id(
         None if model_type.starts_with("gemma") => 0,
         None if matches!(model_type, "olmo2" | "olmo3") => 1,
         None if model_type.starts_with("cohere") => 0,
+        None if model_type == "internlm3" => 2,
+        None if matches!(model_type, "glm" | "glm4") => 151329,
         None if model_type == "smollm3" => 128004,
         None | Some(Value::Null) => return Ok(None),
         Some(x) => x
@@ -2107,7 +2164,7 @@ mod tests {
             "original_max_position_embeddings": 4096});
         for v in [&v4, &v5] {
             let c = ModelConfig::from_json(v, p).unwrap();
-            assert!(c.fused_projections);
+            assert!(c.fused_qkv && c.fused_gate_up);
             assert_eq!((c.head_dim, c.rotary_dim), (16, 12));
             assert_eq!(c.layer_window(0), None, "phi3 has no default window");
             let (f_short, a) = c.rope_frequencies(false, 4096);
@@ -2811,6 +2868,85 @@ mod tests {
         assert_eq!(full, (3..32).step_by(4).collect::<Vec<_>>());
         assert_eq!(c.rotary_layers, c.sliding_layers);
         assert_eq!(c.logits_scale, Some(0.0625));
+    }
+
+    /// InternLM3-8B's hub config (`qkv_bias` / `bias` names, head_dim 128, dynamic NTK); GLM-4-9B's
+    /// (glm: interleaved half-head rotary, q/k/v biases by default, fused gate/up) and GLM-4-0414's
+    /// (glm4: its sandwich norms); EXAONE 4.0 32B's (a "LLLG" pattern with `layer_types`, rotary on the
+    /// windowed layers only), and the same pattern without `layer_types` refused.
+    #[test]
+    fn internlm3_glm_and_exaone4_hub_configs() {
+        let p = Path::new("config.json");
+        let internlm3 = serde_json::json!({
+            "model_type": "internlm3", "vocab_size": 128512, "hidden_size": 4096,
+            "intermediate_size": 10240, "num_hidden_layers": 48, "num_attention_heads": 32,
+            "num_key_value_heads": 2, "qkv_bias": false, "bias": false, "rms_norm_eps": 1e-5,
+            "rope_theta": 50000000, "max_position_embeddings": 32768,
+            "rope_scaling": {"factor": 6.0, "rope_type": "dynamic"}
+        });
+        let c = ModelConfig::from_json(&internlm3, p).unwrap();
+        assert_eq!((c.head_dim, c.pad_token_id), (128, Some(2)));
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Dynamic {
+                factor: 6.0,
+                max_position_embeddings: 32768
+            }
+        );
+        let mut biased = internlm3.clone();
+        (biased["qkv_bias"], biased["bias"]) = (true.into(), true.into());
+        let c = ModelConfig::from_json(&biased, p).unwrap();
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+
+        let glm = serde_json::json!({
+            "model_type": "glm", "vocab_size": 151552, "hidden_size": 4096,
+            "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 32,
+            "num_key_value_heads": 2, "head_dim": 128, "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5, "pad_token_id": 151329
+        });
+        let c = ModelConfig::from_json(&glm, p).unwrap();
+        assert_eq!(
+            (c.rotary_dim, c.rope_pairs, c.rms_norm_eps),
+            (64, RopePairs::Interleaved, 1.5625e-7)
+        );
+        assert!(c.qkv_bias && !c.o_bias && c.fused_gate_up && !c.fused_qkv);
+        let mut glm4 = glm.clone();
+        glm4["model_type"] = "glm4".into();
+        glm4.as_object_mut()
+            .unwrap()
+            .remove("partial_rotary_factor");
+        let c = ModelConfig::from_json(&glm4, p).unwrap();
+        assert_eq!((c.block_norms, c.rotary_dim), (BlockNorms::Glm4, 64));
+
+        let lllg: Vec<&str> = (0..8)
+            .map(|l| match (l + 1) % 4 {
+                0 => "full_attention",
+                _ => "sliding_attention",
+            })
+            .collect();
+        let mut exaone4 = serde_json::json!({
+            "model_type": "exaone4", "vocab_size": 102400, "hidden_size": 5120,
+            "intermediate_size": 27392, "num_hidden_layers": 8, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "head_dim": 128, "sliding_window": 4096,
+            "sliding_window_pattern": "LLLG", "layer_types": lllg, "rope_theta": 1000000.0
+        });
+        let c = ModelConfig::from_json(&exaone4, p).unwrap();
+        assert_eq!(c.rotary_layers, c.sliding_layers);
+        assert_eq!(c.sliding_layers.iter().filter(|&&s| !s).count(), 2);
+        assert_eq!(
+            (c.qk_norm, c.block_norms),
+            (QkNorm::PerHead, BlockNorms::Post)
+        );
+        // Without a window every layer is full attention and rotated.
+        let mut unwindowed = exaone4.clone();
+        unwindowed["sliding_window"] = serde_json::Value::Null;
+        unwindowed.as_object_mut().unwrap().remove("layer_types");
+        let c = ModelConfig::from_json(&unwindowed, p).unwrap();
+        assert!(c.rotary_layers.iter().all(|&r| r) && c.sliding_layers.iter().all(|&s| !s));
+        exaone4.as_object_mut().unwrap().remove("layer_types");
+        let e = ModelConfig::from_json(&exaone4, p).unwrap_err().to_string();
+        assert!(e.contains("LLLG") && e.contains("layer_types"), "{e}");
     }
 
     /// StarCoder2's config: `norm_epsilon`, `use_bias` on every projection, tied and unwindowed by

@@ -442,7 +442,7 @@ impl Model {
             runner: Box::new(OnDevice::new(Cpu)),
         };
         model.check_weights()?;
-        if model.config.fused_projections {
+        if model.config.fused_qkv || model.config.fused_gate_up {
             model.split_fused_projections()?;
         }
         if model.config.layout == BlockLayout::Gpt2 {
@@ -484,8 +484,9 @@ impl Model {
         Ok(())
     }
 
-    /// Phi-3: name the row blocks of each layer's `qkv_proj` (q, k, v) and `gate_up_proj` (gate, up:
-    /// Phi3MLP's `chunk(2)` takes the gate first) as the projections the decoder reads.
+    /// Phi-3 (and GLM's gate/up): name the row blocks of each layer's `qkv_proj` (q, k, v) and
+    /// `gate_up_proj` (gate, up: Phi3MLP's `chunk(2)` takes the gate first) as the projections the
+    /// decoder reads.
     fn split_fused_projections(&mut self) -> Result<()> {
         let c = &self.config;
         let (qd, kvd, i) = (
@@ -496,18 +497,22 @@ impl Model {
         for l in 0..c.num_hidden_layers {
             let layer = self.names.layer(l);
             let name = |n: &str| format!("{layer}.{n}.weight");
-            self.weights.split_rows(
-                &name("self_attn.qkv_proj"),
-                &[
-                    (name("self_attn.q_proj"), qd),
-                    (name("self_attn.k_proj"), kvd),
-                    (name("self_attn.v_proj"), kvd),
-                ],
-            )?;
-            self.weights.split_rows(
-                &name("mlp.gate_up_proj"),
-                &[(name("mlp.gate_proj"), i), (name("mlp.up_proj"), i)],
-            )?;
+            if c.fused_qkv {
+                self.weights.split_rows(
+                    &name("self_attn.qkv_proj"),
+                    &[
+                        (name("self_attn.q_proj"), qd),
+                        (name("self_attn.k_proj"), kvd),
+                        (name("self_attn.v_proj"), kvd),
+                    ],
+                )?;
+            }
+            if c.fused_gate_up {
+                self.weights.split_rows(
+                    &name("mlp.gate_up_proj"),
+                    &[(name("mlp.gate_proj"), i), (name("mlp.up_proj"), i)],
+                )?;
+            }
         }
         Ok(())
     }
@@ -568,7 +573,7 @@ impl Model {
                     }
                     continue;
                 }
-                _ if c.fused_projections => {
+                _ if c.fused_qkv => {
                     vec![("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias)]
                 }
                 _ => vec![
@@ -600,7 +605,7 @@ impl Model {
                     ]);
                 }
             }
-            match (c.layout.plain_mlp(), c.fused_projections) {
+            match (c.layout.plain_mlp(), c.fused_gate_up) {
                 _ if moe.is_some() => {}
                 (Some((up, down)), _) => {
                     linears.extend([(up, i, h, c.mlp_bias), (down, h, i, c.mlp_bias)])

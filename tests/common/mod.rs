@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 31] = [
+pub const DECODER_FIXTURES: [&str; 35] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -44,6 +44,10 @@ pub const DECODER_FIXTURES: [&str; 31] = [
     "stablelm_parallel",
     "cohere_interleaved",
     "cohere2_nope_window",
+    "internlm3_dynamic",
+    "glm_interleaved",
+    "glm4_sandwich",
+    "exaone4_window",
 ];
 
 /// Run the `sglp-engine` binary with `args`.
