@@ -1,5 +1,5 @@
 // runtime_elementwise.cu — the runtime's elementwise ops (SiLU, the logistic sigmoid, ReLU, GELU exact
-// and tanh-approximated, soft-capping, a constant factor, multiply, add, accumulate, the column-block
+// and tanh-approximated, soft-capping, a constant factor, clamping, multiply, add, accumulate, the column-block
 // gather of GPT-NeoX's fused q/k/v, rows scaled by one value each) and the sum of squares of a gradient,
 // forward and backward side by side. Buffers are flat f32 of `n` elements; every kernel but
 // row_scale_backward (one block per row) is a grid-stride loop (any grid covers any n). Backwards
@@ -128,6 +128,19 @@ extern "C" __global__ void scale_backward(const float* __restrict__ x, const flo
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         dx[i] += s * dy[i];
 }
+// y = clamp(x, −c, c) (OLMo's clip_qkv)
+extern "C" __global__ void clamp_forward(const float* __restrict__ x, float* __restrict__ y, u64 n, float c) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = fminf(fmaxf(x[i], -c), c);
+}
+
+// dx += dy where |x| ≤ c (PyTorch's clamp passes the gradient at the bounds)
+extern "C" __global__ void clamp_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                          float* __restrict__ dx, u64 n, float c) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        if (fabsf(x[i]) <= c) dx[i] += dy[i];
+}
+
 // y = a ⊙ b
 extern "C" __global__ void mul_forward(const float* __restrict__ a, const float* __restrict__ b,
                                        float* __restrict__ y, u64 n) {

@@ -38,7 +38,7 @@ extern "C" __global__ void norm_forward(const float* __restrict__ x, const float
     norm_row_stats(xr, d, eps, centre, &mean, &inv);
     float* yr = y + (u64)r * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x)
-        yr[j] = (float)(((double)xr[j] - mean) * inv) * (offset + w[j]) + (b ? b[j] : 0.0f);
+        yr[j] = (float)(((double)xr[j] - mean) * inv) * (offset + (w ? w[j] : 0.0f)) + (b ? b[j] : 0.0f);
 }
 
 // With x̃ = x − μ: dx += inv (g⊙dy) − x̃ inv³/d Σ(g⊙dy⊙x̃) (LayerNorm: − inv/d Σ(g⊙dy) too);
@@ -55,7 +55,7 @@ extern "C" __global__ void norm_backward(const float* __restrict__ x, const floa
     norm_row_stats(xr, d, eps, centre, &mean, &inv);
     double dot = 0.0, sum = 0.0;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        double gdy = (double)(offset + w[j]) * (double)gr[j];
+        double gdy = (double)(offset + (w ? w[j] : 0.0f)) * (double)gr[j];
         dot += gdy * ((double)xr[j] - mean);
         sum += gdy;
     }
@@ -65,7 +65,8 @@ extern "C" __global__ void norm_backward(const float* __restrict__ x, const floa
     double shift = inv * sum / d;
     float* dxr = dx + (u64)r * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x)
-        dxr[j] += (float)(inv * (double)(offset + w[j]) * (double)gr[j] - ((double)xr[j] - mean) * c - shift);
+        dxr[j] += (float)(inv * (double)(offset + (w ? w[j] : 0.0f)) * (double)gr[j] - ((double)xr[j] - mean) * c
+                          - shift);
     if (threadIdx.x == 0) {
         mean_out[r] = mean;
         inv_out[r] = inv;

@@ -72,6 +72,11 @@ CASES = {
     "stablelm_parallel": ONE_BY_GRADNORM,
     "cohere_interleaved": ONE_BY_GRADNORM,
     "internlm3_dynamic": ONE_BY_GRADNORM,
+    "falcon_multi_query": ONE_BY_GRADNORM,
+    "olmo_clip_qkv": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    # Layer 1 out: layer 2 renumbered under transformer.h.
+    "falcon_new_arch": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "falcon_sequential": ONE_BY_GRADNORM,
     "glm_interleaved": ONE_BY_GRADNORM,
     "glm4_sandwich": ONE_BY_GRADNORM,
     # Layers 0 and 3 out: the NoPE full-attention layer 1 becomes layer 0 (the pattern written out).
@@ -109,7 +114,7 @@ def surgery(model, kept):
     layers = getattr(text, layers_name(text))
     setattr(text, layers_name(text), torch.nn.ModuleList([layers[i] for i in kept]))
     for new, layer in enumerate(getattr(text, layers_name(text))):
-        for attn in ("self_attn", "attention", "attn"):
+        for attn in ("self_attn", "self_attention", "attention", "attn"):
             if hasattr(layer, attn):
                 getattr(layer, attn).layer_idx = new
                 break

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -236,6 +236,55 @@ FIXTURES = [
                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
          drop_layer_types=dict(sliding_window_pattern=2), full_attention_loss=True, reload=True,
          seed=35),
+    # Falcon-7B-style: multi-query (one key/value head: q of every head, then k, then v in
+    # query_key_value), the attention and the MLP in parallel on one input_layernorm, exact-GELU MLP, no
+    # biases, tied (the class defaults), bf16.
+    dict(name="falcon_multi_query", model_type="falcon", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=128,
+                  layer_norm_epsilon=1e-5, multi_query=True, parallel_attn=True,
+                  new_decoder_architecture=False, bias=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=36),
+    # Falcon-40B/180B-style "new decoder architecture": 2 key/value groups of 2 query heads each
+    # (query_key_value per group: q, q, k, v), the attention and the MLP on their own norms (ln_attn,
+    # ln_mlp) in parallel, ffn_hidden_size 48, untied.
+    dict(name="falcon_new_arch", model_type="falcon", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_kv_heads=2,
+                  vocab_size=128, layer_norm_epsilon=1e-5, new_decoder_architecture=True,
+                  ffn_hidden_size=48, bias=False, tie_word_embeddings=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=37),
+    # Falcon's oldest block: q, k and v interleaved per head (multi_query false), the attention and the
+    # MLP one after the other (parallel_attn false: input_layernorm, post_attention_layernorm), biases
+    # on every projection.
+    dict(name="falcon_sequential", model_type="falcon", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=128,
+                  layer_norm_epsilon=1e-5, multi_query=False, parallel_attn=False,
+                  new_decoder_architecture=False, bias=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=38),
+    # OLMo (1): LayerNorms without weights or biases (eps 1e-5), q, k and v clamped to ±1.5
+    # (clip_qkv, as OLMo-7B-0424's 8 on real weights: small enough to bite here), untied, pad 1.
+    dict(name="olmo_clip_qkv", model_type="olmo", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  vocab_size=128, clip_qkv=1.5,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=39),
+    # ERNIE 4.5 (0.3B): LLaMA's block with the rotary embedding on interleaved pairs (GLM's
+    # rotate_half, the whole head), biases on every projection (use_bias), head_dim 16 ≠ 32 / 4, tied and
+    # pad 0 (the class defaults), bf16.
+    dict(name="ernie4_5_bias", model_type="ernie4_5", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-5, use_bias=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+         seed=40),
+    # Helium (Kyutai's Helium-1): LLaMA's block with interleaved rotary pairs, q/k/v biases
+    # (attention_bias) but none on o_proj, RMSNorm eps 1e-8 (the class default), pad 3, untied.
+    dict(name="helium_interleaved", model_type="helium", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, attention_bias=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
+         seed=41),
     # Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, tiny vision tower): the hub layout (model.…, visual.…,
     # lm_head), config.json rewritten flat as the hub's 4.x configs are (text fields at the top level,
     # rope_scaling {"type": "mrope"}); untied; on text alone its language model is Qwen2's.
@@ -292,11 +341,12 @@ FIXTURES = [
                   num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=True,
                   decoder_sparse_step=2, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
          seed=22),
-    # OLMoE: q and k RMS-normalised over the whole projection, 4 experts, top 2 not renormalised,
-    # pad_token_id left to the class default (1), untied.
+    # OLMoE: q and k RMS-normalised over the whole projection, then q, k and v clamped to ±1.5
+    # (clip_qkv, small enough to bite), 4 experts, top 2 not renormalised, pad_token_id left to the
+    # class default (1), untied.
     dict(name="olmoe_experts", model_type="olmoe", dtype=torch.float32, token_dtype=np.int64,
          cfg=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-5, num_experts=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-5, clip_qkv=1.5, num_experts=4,
                   num_experts_per_tok=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=23),
     # GPT-2: learned positions (no rotary), Conv1D projections stored [in, out] (q, k, v fused by columns
@@ -393,7 +443,7 @@ def layers_name(text):
 
 def embedding(model):
     text = text_model(model)
-    for name in ("embed_in", "wte", "embed_tokens"):
+    for name in ("embed_in", "wte", "word_embeddings", "embed_tokens"):
         if hasattr(text, name):
             return getattr(text, name)
     raise AttributeError("no embedding")
@@ -643,7 +693,9 @@ def reference(model, ids, tied):
     loss.backward()
 
     def norm(params):
-        return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)))
+        # OLMo's final LayerNorm has no parameters: 0.
+        sq = sum(((p.grad.double() ** 2).sum() for p in params), torch.zeros((), dtype=torch.float64))
+        return float(torch.sqrt(sq))
 
     per_layer = [norm(list(layer.parameters())) for layer in decoder_layers(model)]
     embed = norm([embedding(model).weight])

@@ -28,7 +28,11 @@ fn logits_from_hidden(model_dir: &Path, model: &Model, h: &[f32]) -> Vec<f64> {
     let (d, v) = (c.hidden_size, c.vocab_size);
     let w = Weights::open(model_dir).unwrap();
     let names = &model.names;
-    let g = w.get_f32(&names.norm()).unwrap();
+    // OLMo's final LayerNorm has no weight: the gain is norm_offset (1) alone.
+    let g = match c.layout.norm_weight() {
+        true => w.get_f32(&names.norm()).unwrap().into_owned(),
+        false => vec![0.0; d],
+    };
     let layer_norm = c.layout.layer_norm();
     let bias = c
         .layout
@@ -332,6 +336,21 @@ fn internlm3_glm_and_exaone4_match_transformers() {
     ] {
         check_case(name);
     }
+}
+
+/// Falcon's three blocks (multi-query on one norm, the new architecture's key/value groups on two,
+/// the oldest per-head q/k/v one after the other), under `transformer.h.`.
+#[test]
+fn falcon_matches_transformers() {
+    for name in ["falcon_multi_query", "falcon_new_arch", "falcon_sequential"] {
+        check_case(name);
+    }
+}
+
+/// OLMo (1): no norm tensors at all (LayerNorms without parameters), clip_qkv kept in the config.
+#[test]
+fn olmo_clip_qkv_matches_transformers() {
+    check_case("olmo_clip_qkv");
 }
 
 /// OPT as the hub's facebook/opt-* checkpoints are stored (`decoder.…`, no `model.` prefix, tied), bf16:

@@ -123,6 +123,7 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
             Activation::Scale(-0.3),
             Activation::Sigmoid,
             Activation::Relu,
+            Activation::Clamp(0.6),
         ] {
             let mut want = vec![0f32; n];
             let mut y = dev.alloc_zeroed(n).unwrap();
@@ -238,14 +239,16 @@ fn embedding_matches_the_cpu_with_repeated_ids() {
 fn norms_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(3);
-    // RMSNorms; one with Gemma's gain 1 + w; LayerNorms (GPT-NeoX's, with a bias) on inputs of mean 40.
-    for (rows, d, offset, centre) in [
-        (133usize, 300usize, 0.0, false),
-        (1, 7, 0.0, false),
-        (70, 1029, 0.0, false),
-        (33, 64, 1.0, false),
-        (133, 300, 0.0, true),
-        (2, 5, 0.0, true),
+    // RMSNorms; one with Gemma's gain 1 + w; LayerNorms (GPT-NeoX's, with a bias) on inputs of mean 40;
+    // OLMo's LayerNorms without parameters (gain 1, no weight gradient).
+    for (rows, d, offset, centre, weighted) in [
+        (133usize, 300usize, 0.0, false, true),
+        (1, 7, 0.0, false, true),
+        (70, 1029, 0.0, false, true),
+        (33, 64, 1.0, false, true),
+        (133, 300, 0.0, true, true),
+        (2, 5, 0.0, true, true),
+        (70, 300, 1.0, true, false),
     ] {
         let shift = if centre { 40.0 } else { 0.0 };
         let x: Vec<f32> = rand_vec(&mut rng, rows * d, 3.0)
@@ -267,44 +270,51 @@ fn norms_match_the_cpu() {
             centre,
         };
         let (xd, wd, bd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &bias), up(&dev, &dy));
-        let what = |part: &str| format!("norm {part} {rows}x{d} centre={centre}");
+        let what =
+            |part: &str| format!("norm {part} {rows}x{d} centre={centre} weighted={weighted}");
+        let biased = centre && weighted;
+        let (w_h, w_d) = (weighted.then_some(&w[..]), weighted.then_some(&*wd));
 
         let mut want = vec![0f32; rows * d];
-        cpu::norm_forward(&x, &w, centre.then_some(&bias[..]), norm, &mut want);
+        cpu::norm_forward(&x, w_h, biased.then_some(&bias[..]), norm, &mut want);
         let mut y = dev.alloc_zeroed(rows * d).unwrap();
-        dev.norm_forward(&xd, &wd, centre.then_some(&bd), norm, &mut y)
+        dev.norm_forward(&xd, w_d, biased.then_some(&bd), norm, &mut y)
             .unwrap();
         assert_close(&what("forward"), &down(&dev, &y), &want, 1e-5);
 
         let (mut wdx, mut wdw, mut wdb) = (dx0.clone(), dw0.clone(), db0.clone());
         cpu::norm_backward(
             &x,
-            &w,
+            w_h,
             norm,
             &dy,
             &mut wdx,
-            &mut wdw,
-            centre.then_some(&mut wdb[..]),
+            weighted.then_some(&mut wdw[..]),
+            biased.then_some(&mut wdb[..]),
         );
         let (mut dx, mut dw, mut db) = (up(&dev, &dx0), up(&dev, &dw0), up(&dev, &db0));
         dev.norm_backward(
             &xd,
-            &wd,
+            w_d,
             norm,
             &dyd,
             &mut dx,
-            &mut dw,
-            centre.then_some(&mut db),
+            weighted.then_some(&mut dw),
+            biased.then_some(&mut db),
         )
         .unwrap();
         assert_close(&what("dx"), &down(&dev, &dx), &wdx, 1e-5);
         let dw_got = down(&dev, &dw);
         assert_close(&what("dw"), &dw_got, &wdw, 1e-5);
         assert_close(&what("db"), &down(&dev, &db), &wdb, 1e-5);
+        if !weighted {
+            assert_eq!(dw_got, dw0, "no weight: its gradient buffer is untouched");
+            continue;
+        }
         // The weight gradient is reduced without atomics: the same input gives the same bits.
         let mut dw2 = up(&dev, &dw0);
         let mut dx2 = up(&dev, &dx0);
-        dev.norm_backward(&xd, &wd, norm, &dyd, &mut dx2, &mut dw2, None)
+        dev.norm_backward(&xd, w_d, norm, &dyd, &mut dx2, Some(&mut dw2), None)
             .unwrap();
         assert_eq!(down(&dev, &dw2), dw_got, "norm dw is deterministic");
     }

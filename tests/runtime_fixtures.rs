@@ -208,12 +208,12 @@ fn bad_inputs_give_clear_errors() {
     let cfg = std::fs::read_to_string(dir("llama_llama3_rope").join("config.json")).unwrap();
     std::fs::write(
         tmp.path().join("config.json"),
-        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"falcon\""),
+        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mpt\""),
     )
     .unwrap();
     let e = Model::load(tmp.path()).err().unwrap().to_string();
     assert!(
-        e.contains("model_type 'falcon' is not supported") && e.contains("gpt_neox"),
+        e.contains("model_type 'mpt' is not supported") && e.contains("gpt_neox"),
         "{e}"
     );
     // Attention kinds Qwen2Model has no mask for.
@@ -231,8 +231,8 @@ fn bad_inputs_give_clear_errors() {
         (
             "olmoe_experts",
             "clip_qkv",
-            serde_json::json!(8.0),
-            "'clip_qkv' is set",
+            serde_json::json!(-1.0),
+            "'clip_qkv' is -1, not a positive number",
         ),
         (
             "qwen2_moe_shared",
@@ -504,6 +504,19 @@ fn exaone4_and_internlm3_match_pytorch() {
     );
 }
 
+/// OLMo's and OLMoE's clip_qkv bite: the same weights unclamped give another loss (PyTorch's numbers
+/// are the clamped ones).
+#[test]
+fn clip_qkv_changes_the_result() {
+    for name in ["olmo_clip_qkv", "olmoe_experts"] {
+        let (unclamped, clamped) = loss_edited(name, |c| c["clip_qkv"] = serde_json::Value::Null);
+        assert!(
+            rel(unclamped, clamped) > 1e-3,
+            "{name}: clip_qkv changes nothing: {unclamped} vs {clamped}"
+        );
+    }
+}
+
 /// Gemma 2 windows its even layers (config.json has no `layer_types`); soft-capping bites: the same
 /// weights with the caps lifted far above the scores give another loss.
 #[test]
@@ -605,6 +618,19 @@ fn info_describes_windows_caps_and_rotary() {
             "exaone4_window",
             "attention: window 5 on 2 of 4 layers (0, 2); rotary θ 1000000, default on 8 of 8 values; \
              no rotary embedding on 2 of 4 layers (1, 3)",
+        ),
+        (
+            "falcon_multi_query",
+            "block: LayerNorms with biases; q/k/v fused per key/value group; MLP dense_h_to_4h → GELU \
+             → dense_4h_to_h; attention and MLP in parallel on one norm (x + attn(ln x) + mlp(ln x))",
+        ),
+        (
+            "falcon_new_arch",
+            "4 heads (2 key/value) of 8",
+        ),
+        (
+            "olmo_clip_qkv",
+            "block: 2 LayerNorms without parameters; gated MLP (SiLU gate); q, k, v clamped to ±1.5",
         ),
         (
             "smollm3_nope",

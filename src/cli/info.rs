@@ -128,6 +128,7 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Scale(_) => "scale",
         Activation::Sigmoid => "sigmoid",
         Activation::Relu => "ReLU",
+        Activation::Clamp(_) => "clamp",
     };
     match c.layout {
         BlockLayout::Opt => format!(
@@ -149,10 +150,25 @@ fn describe_block(c: &ModelConfig) -> String {
              (x + attn(ln x) + mlp(ln x)); gated MLP ({act} gate)"
         ),
         BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
+        BlockLayout::Olmo => format!(
+            "2 LayerNorms without parameters; gated MLP ({act} gate){}",
+            c.clip_qkv
+                .map(|q| format!("; q, k, v clamped to ±{q}"))
+                .unwrap_or_default()
+        ),
         BlockLayout::Cohere => format!(
             "one LayerNorm (no bias) shared by the attention and the MLP, in parallel \
              (x + attn(ln x) + mlp(ln x)); gated MLP ({act} gate); logits × {}",
             c.logits_scale.unwrap_or(1.0)
+        ),
+        BlockLayout::Falcon { ln_pair } => format!(
+            "LayerNorms with biases; q/k/v fused per key/value group; MLP dense_h_to_4h → {act} → \
+             dense_4h_to_h; attention and MLP {}",
+            match (ln_pair, c.block_norms) {
+                (true, _) => "in parallel, each on its own norm (x + attn(ln_attn x) + mlp(ln_mlp x))",
+                (false, BlockNorms::Shared) => "in parallel on one norm (x + attn(ln x) + mlp(ln x))",
+                _ => "one after the other",
+            }
         ),
         BlockLayout::NeoX { parallel_residual } => format!(
             "LayerNorms with biases; q/k/v fused per head; MLP up → {act} → down; attention and MLP {}",

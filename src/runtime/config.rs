@@ -136,6 +136,9 @@ pub enum BlockLayout {
     /// (`enable_bias`), learned positions (offset 2), no rotary embedding,
     /// `model.decoder.final_layer_norm`.
     Opt,
+    /// OLMo (1): LLaMA's names and gated MLP with LayerNorms without parameters (no weight, no bias:
+    /// the gain is `norm_offset`, 1).
+    Olmo,
     /// StableLM (StableLM 2, StableLM-3B-4E1T): LLaMA's names and gated MLP with LayerNorms (with
     /// biases); with `use_parallel_residual` one LayerNorm shared by the attention and the MLP, in
     /// parallel ([`BlockNorms::Shared`]).
@@ -145,6 +148,13 @@ pub enum BlockLayout {
     /// parallel ([`BlockNorms::Shared`]), the rotary embedding on interleaved pairs
     /// ([`RopePairs::Interleaved`]).
     Cohere,
+    /// Falcon: `self_attention.query_key_value` (per key/value group: its queries, its key, its value;
+    /// Falcon-7B's multi-query one group, the 40B/180B "new decoder architecture" `num_kv_heads`,
+    /// the oldest one head per group), `self_attention.dense`, an MLP `mlp.dense_h_to_4h` → GELU →
+    /// `mlp.dense_4h_to_h`, LayerNorms with biases, biases on the projections with `bias`; the
+    /// attention and the MLP in parallel on one shared norm ([`BlockNorms::Shared`]), on two
+    /// (`ln_pair`: `ln_attn`, `ln_mlp`, both reading the block's input), or one after the other.
+    Falcon { ln_pair: bool },
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
@@ -158,21 +168,51 @@ impl BlockLayout {
         !matches!(self, BlockLayout::Llama)
     }
 
-    /// The LayerNorms have biases (all but Cohere's).
+    /// The LayerNorms have biases (all but Cohere's and OLMo's).
     pub fn norm_bias(self) -> bool {
-        self.layer_norm() && self != BlockLayout::Cohere
+        self.layer_norm() && !matches!(self, BlockLayout::Cohere | BlockLayout::Olmo)
+    }
+
+    /// The norms have weights (all but OLMo's).
+    pub fn norm_weight(self) -> bool {
+        self != BlockLayout::Olmo
     }
 
     /// The attention's output projection (as the runtime reads it: GPT-2's is a transposed view).
     pub fn o_proj(self) -> &'static str {
         match self {
-            BlockLayout::Llama | BlockLayout::StableLm | BlockLayout::Cohere => "self_attn.o_proj",
+            BlockLayout::Llama
+            | BlockLayout::Olmo
+            | BlockLayout::StableLm
+            | BlockLayout::Cohere => "self_attn.o_proj",
             BlockLayout::NeoX { .. } => "attention.dense",
             BlockLayout::Phi => "self_attn.dense",
             BlockLayout::Starcoder2 => "self_attn.o_proj",
             BlockLayout::Gpt2 => "attn.o_proj",
+            BlockLayout::Falcon { .. } => "self_attention.dense",
             BlockLayout::Opt => "self_attn.out_proj",
         }
+    }
+
+    /// The projection holding q, k and v of each key/value group side by side (GPT-NeoX, Falcon), which
+    /// the runtime reads as one `Linear` and gathers columns from.
+    pub fn grouped_qkv(self) -> Option<&'static str> {
+        match self {
+            BlockLayout::NeoX { .. } => Some("attention.query_key_value"),
+            BlockLayout::Falcon { .. } => Some("self_attention.query_key_value"),
+            _ => None,
+        }
+    }
+
+    /// The MLP reads the block's input through its own norm, in parallel with the attention (GPT-NeoX's
+    /// parallel residual, Falcon's `ln_mlp`).
+    pub fn mlp_reads_input(self) -> bool {
+        matches!(
+            self,
+            BlockLayout::NeoX {
+                parallel_residual: true
+            } | BlockLayout::Falcon { ln_pair: true }
+        )
     }
 
     /// The attention's q, k and v projections as the runtime reads them (GPT-NeoX reads its fused one).
@@ -186,18 +226,23 @@ impl BlockLayout {
     /// A plain (ungated) MLP's two projections, up and down; `None` for the gated MLP.
     pub fn plain_mlp(self) -> Option<(&'static str, &'static str)> {
         match self {
-            BlockLayout::Llama | BlockLayout::StableLm | BlockLayout::Cohere => None,
+            BlockLayout::Llama
+            | BlockLayout::Olmo
+            | BlockLayout::StableLm
+            | BlockLayout::Cohere => None,
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
             BlockLayout::Starcoder2 => Some(("mlp.c_fc", "mlp.c_proj")),
             BlockLayout::Gpt2 => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::Opt => Some(("fc1", "fc2")),
+            BlockLayout::Falcon { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
         }
     }
 
     /// The block's norms' names where `norms` places them (GPT-2 names its two `ln_1`, `ln_2`).
     pub fn norm_names(self, norms: BlockNorms) -> [Option<&'static str>; 4] {
         match self {
+            BlockLayout::Falcon { ln_pair: true } => [Some("ln_attn"), Some("ln_mlp"), None, None],
             BlockLayout::Gpt2 => [Some("ln_1"), Some("ln_2"), None, None],
             BlockLayout::Opt => [
                 Some("self_attn_layer_norm"),
@@ -336,6 +381,8 @@ pub struct ModelConfig {
     pub rotary_layers: Vec<bool>,
     /// Which values of a head turn together (Cohere's interleaved pairs; the others' halves).
     pub rope_pairs: RopePairs,
+    /// q, k and v clamped to ±this after their projections (OLMo's and OLMoE's `clip_qkv`).
+    pub clip_qkv: Option<f32>,
 }
 
 /// A table of learned position embeddings: position p (from 0 in each sequence) reads row `p + offset`
@@ -603,7 +650,7 @@ impl ModelConfig {
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
-             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4";
+             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4, falcon, olmo";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -614,16 +661,19 @@ impl ModelConfig {
             ));
         }
         let (gpt2, opt) = (model_type == "gpt2", model_type == "opt");
+        let falcon = model_type == "falcon";
         let aliased;
         let v = match model_type.as_str() {
-            "gpt2" | "opt" => {
+            "gpt2" | "opt" | "falcon" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
             _ => v,
         };
-        // OPTConfig's `enable_bias` (default true) puts a bias on every projection.
-        let enable_bias = opt && opt_bool(v, "enable_bias", path)?.unwrap_or(true);
+        // OPTConfig's `enable_bias` (default true) and FalconConfig's `bias` (default false) put a bias
+        // on every projection.
+        let enable_bias = opt && opt_bool(v, "enable_bias", path)?.unwrap_or(true)
+            || falcon && opt_bool(v, "bias", path)?.unwrap_or(false);
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
         let olmo3 = model_type == "olmo3";
@@ -654,12 +704,18 @@ impl ModelConfig {
         let granite = model_type == "granite";
         let stablelm_parallel =
             stablelm && opt_bool(v, "use_parallel_residual", path)?.unwrap_or(false);
-        if model_type == "olmoe" && v.get("clip_qkv").is_some_and(|c| !c.is_null()) {
+        // OLMo's and OLMoE's clamping of q, k and v (after OLMoE's q/k norms).
+        let clip_qkv = match model_type.as_str() {
+            "olmo" | "olmoe" => opt_f64(v, "clip_qkv", path)?,
+            _ => None,
+        };
+        if let Some(c) = clip_qkv.filter(|c| !(*c > 0.0 && c.is_finite())) {
             return Err(model_err(
                 path,
-                "field 'clip_qkv' is set: OLMoE's clamping of q, k and v is not supported",
+                format!("field 'clip_qkv' is {c}, not a positive number"),
             ));
         }
+        let olmo = model_type == "olmo";
         // Granite's multipliers (GraniteConfig's defaults 1; attention_multiplier replaces 1/√head_dim).
         let multiplier = |key: &str| -> Result<Option<f32>> {
             if !granite {
@@ -756,13 +812,15 @@ impl ModelConfig {
             "qwen2_moe" => (opt_bool(v, "qkv_bias", path)?.unwrap_or(true), false),
             "gpt_neox" => (attention_bias, attention_bias),
             "phi" | "gpt2" => (true, true),
-            "opt" => (enable_bias, enable_bias),
+            "opt" | "falcon" => (enable_bias, enable_bias),
             "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
             "cohere" | "cohere2" | "internlm3" => (attention_bias, attention_bias),
             "glm" | "glm4" => (attention_bias, false),
             "starcoder2" => (use_bias, use_bias),
-            "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo2"
-            | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" => (attention_bias, attention_bias),
+            "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
+            | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" => {
+                (attention_bias, attention_bias)
+            }
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -798,6 +856,10 @@ impl ModelConfig {
             "gpt2" => BlockLayout::Gpt2,
             "opt" => BlockLayout::Opt,
             "stablelm" => BlockLayout::StableLm,
+            "olmo" => BlockLayout::Olmo,
+            "falcon" => BlockLayout::Falcon {
+                ln_pair: falcon_block(v, path)? == FalconBlock::LnPair,
+            },
             "cohere" | "cohere2" => BlockLayout::Cohere,
             _ => BlockLayout::Llama,
         };
@@ -828,14 +890,12 @@ impl ModelConfig {
             "exaone4" if sliding_window.is_some() => sliding_layers.clone(),
             _ => vec![learned_positions.is_none(); num_hidden_layers],
         };
-        Ok(ModelConfig {
-            vocab_size,
-            pad_token_id,
-            intermediate_size,
-            num_hidden_layers,
-            // The config classes' defaults: 1e-5 for Phi-3, OLMo 2, GPT-NeoX and Phi (`layer_norm_eps`),
-            // StarCoder2 (`norm_epsilon`), Mixtral and OLMoE, 1e-6 for the others.
-            rms_norm_eps: opt_f64(
+        // The config classes' defaults: 1e-5 for Phi-3, OLMo 2, GPT-NeoX and Phi (`layer_norm_eps`),
+        // StarCoder2 (`norm_epsilon`), Mixtral and OLMoE, 1e-6 for the others.
+        let rms_norm_eps = match olmo {
+            // OlmoLayerNorm's eps is 1e-5 whatever the config says (OlmoConfig has none).
+            true => 1e-5,
+            false => opt_f64(
                 v,
                 match model_type.as_str() {
                     "gpt_neox" | "phi" | "stablelm" | "cohere" | "cohere2" => "layer_norm_eps",
@@ -870,9 +930,16 @@ impl ModelConfig {
                     1e-6
                 },
             ),
+        };
+        Ok(ModelConfig {
+            vocab_size,
+            pad_token_id,
+            intermediate_size,
+            num_hidden_layers,
+            rms_norm_eps,
             // Gemma's, StarCoder2's, GPT-2's, OPT's and SmolLM3's config classes tie by default.
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?
-                .unwrap_or(gemma || starcoder2 || gpt2 || opt || smollm3 || cohere),
+                .unwrap_or(gemma || starcoder2 || gpt2 || opt || smollm3 || cohere || falcon),
             mlp_bias: matches!(model_type.as_str(), "llama" | "granite" | "internlm3") && mlp_bias
                 || neox
                 || phi
@@ -882,7 +949,8 @@ impl ModelConfig {
             fused_qkv: model_type == "phi3",
             fused_gate_up: matches!(model_type.as_str(), "phi3" | "glm" | "glm4"),
             activation,
-            norm_offset: if gemma { 1.0 } else { 0.0 },
+            // Gemma's gain is 1 + w; OLMo's LayerNorms have no weight: a gain of 1.
+            norm_offset: if gemma || olmo { 1.0 } else { 0.0 },
             embed_scale: if gemma {
                 (hidden_size as f64).sqrt() as f32
             } else {
@@ -899,6 +967,7 @@ impl ModelConfig {
                 "phi" => BlockNorms::Shared,
                 "stablelm" if stablelm_parallel => BlockNorms::Shared,
                 "cohere" | "cohere2" => BlockNorms::Shared,
+                "falcon" if falcon_block(v, path)? == FalconBlock::SharedNorm => BlockNorms::Shared,
                 _ if gemma23 => BlockNorms::Sandwich,
                 _ => BlockNorms::Pre,
             },
@@ -921,6 +990,7 @@ impl ModelConfig {
             lm_head_bias: phi,
             moe,
             rotary_layers,
+            clip_qkv: clip_qkv.map(|c| c as f32),
             rope_pairs: match cohere || glm {
                 true => RopePairs::Interleaved,
                 false => RopePairs::Halves,
@@ -1168,9 +1238,12 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     let get = |key: &str, default: u64| -> Result<u64> {
         Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
     };
+    if model_type == "falcon" {
+        return falcon_config(v, c, path);
+    }
     if model_type == "opt" {
         let hidden = get("hidden_size", 768)?;
-        for (key, value) in [
+        let sizes = [
             ("hidden_size", hidden),
             ("num_hidden_layers", get("num_hidden_layers", 12)?),
             ("num_attention_heads", get("num_attention_heads", 12)?),
@@ -1180,10 +1253,8 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
                 get("max_position_embeddings", 2048)?,
             ),
             ("vocab_size", get("vocab_size", 50272)?),
-        ] {
-            obj.insert(key.into(), value.into());
-        }
-        obj.insert("rms_norm_eps".into(), 1e-5.into());
+        ];
+        set_aliases(obj, &sizes, 1e-5);
         if !obj.contains_key("pad_token_id") {
             obj.insert("pad_token_id".into(), 1.into());
         }
@@ -1207,22 +1278,16 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     }
     let hidden = get("n_embd", 768)?;
     let inner = get("n_inner", 4 * hidden)?;
-    for (key, value) in [
+    let sizes = [
         ("hidden_size", hidden),
         ("num_hidden_layers", get("n_layer", 12)?),
         ("num_attention_heads", get("n_head", 12)?),
         ("intermediate_size", inner),
         ("n_positions", get("n_positions", 1024)?),
         ("vocab_size", get("vocab_size", 50257)?),
-    ] {
-        obj.insert(key.into(), value.into());
-    }
-    obj.insert(
-        "rms_norm_eps".into(),
-        opt_f64(v, "layer_norm_epsilon", path)?
-            .unwrap_or(1e-5)
-            .into(),
-    );
+    ];
+    let eps = opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5);
+    set_aliases(obj, &sizes, eps);
     if opt_bool(v, "scale_attn_by_inverse_layer_idx", path)? == Some(true) {
         return Err(model_err(
             path,
@@ -1230,6 +1295,91 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
              supported",
         ));
     }
+    Ok(c)
+}
+
+/// Write the sizes a config states under its own names, and its LayerNorms' eps, into the config
+/// object `obj` under the names the parser reads.
+fn set_aliases(obj: &mut serde_json::Map<String, Value>, sizes: &[(&str, u64)], eps: f64) {
+    for &(key, value) in sizes {
+        obj.insert(key.into(), value.into());
+    }
+    obj.insert("rms_norm_eps".into(), eps.into());
+}
+
+/// How a Falcon block runs its attention and MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FalconBlock {
+    /// In parallel on one `input_layernorm` (`parallel_attn`; the new architecture with
+    /// `num_ln_in_parallel_attn` 1, Falcon 2 11B).
+    SharedNorm,
+    /// In parallel, each on its own norm (`ln_attn`, `ln_mlp`: the new architecture, 40B and 180B).
+    LnPair,
+    /// One after the other (`input_layernorm`, `post_attention_layernorm`).
+    Sequential,
+}
+
+/// Falcon's block as FalconDecoderLayer builds it from `new_decoder_architecture`, `parallel_attn`
+/// (default true) and `num_ln_in_parallel_attn` (default 2 with the new architecture).
+fn falcon_block(v: &Value, path: &Path) -> Result<FalconBlock> {
+    let new = opt_bool(v, "new_decoder_architecture", path)?.unwrap_or(false);
+    let parallel = opt_bool(v, "parallel_attn", path)?.unwrap_or(true);
+    match (new, opt_usize(v, "num_ln_in_parallel_attn", path)?.unwrap_or(2)) {
+        (true, 2) => Ok(FalconBlock::LnPair),
+        (true, 1) if parallel => Ok(FalconBlock::SharedNorm),
+        (true, n) => Err(model_err(
+            path,
+            format!(
+                "field 'num_ln_in_parallel_attn' is {n} with 'parallel_attn' {parallel}: Falcon has no \
+                 such block"
+            ),
+        )),
+        (false, _) if parallel => Ok(FalconBlock::SharedNorm),
+        (false, _) => Ok(FalconBlock::Sequential),
+    }
+}
+
+/// Falcon's config read under the parser's names, FalconConfig's defaults (Falcon-7B's) filled in: the
+/// key/value heads (`num_kv_heads` with the new architecture or without `multi_query`, else 1),
+/// `ffn_hidden_size` (default 4 × hidden), `layer_norm_epsilon`, `activation` (GELU). Refused: ALiBi
+/// (`alibi`: Falcon-RW), which has no rotary embedding.
+fn falcon_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
+    if opt_bool(v, "alibi", path)? == Some(true) {
+        return Err(model_err(
+            path,
+            "field 'alibi' is true: Falcon's ALiBi position biases (Falcon-RW) are not supported",
+        ));
+    }
+    falcon_block(v, path)?;
+    let get = |key: &str, default: u64| -> Result<u64> {
+        Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
+    };
+    let hidden = get("hidden_size", 4544)?;
+    let heads = get("num_attention_heads", 71)?;
+    let grouped = opt_bool(v, "new_decoder_architecture", path)?.unwrap_or(false)
+        || !opt_bool(v, "multi_query", path)?.unwrap_or(true);
+    let kv_heads = match grouped {
+        true => get("num_kv_heads", heads)?,
+        false => 1,
+    };
+    let obj = c
+        .as_object_mut()
+        .expect("a config with a model_type is an object");
+    let sizes = [
+        ("hidden_size", hidden),
+        ("num_hidden_layers", get("num_hidden_layers", 32)?),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", kv_heads),
+        ("intermediate_size", get("ffn_hidden_size", 4 * hidden)?),
+        ("vocab_size", get("vocab_size", 65024)?),
+    ];
+    set_aliases(
+        obj,
+        &sizes,
+        opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5),
+    );
+    // FalconConfig has no head_dim: hidden / heads.
+    obj.remove("head_dim");
     Ok(c)
 }
 
@@ -1584,6 +1734,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "starcoder2" => ("hidden_act", "gelu_pytorch_tanh"),
         "gpt2" => ("activation_function", "gelu_new"),
         "opt" => ("activation_function", "relu"),
+        "falcon" => ("activation", "gelu"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -1606,6 +1757,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         }
         "gelu" if model_type == "gpt2" || model_type == "opt" => Ok(Activation::Gelu),
         "relu" if model_type == "opt" => Ok(Activation::Relu),
+        "gelu" if model_type == "falcon" => Ok(Activation::Gelu),
         _ => Err(model_err(
             path,
             format!(
@@ -1660,7 +1812,7 @@ fn parse_pad_token_id(
 ) -> Result<Option<usize>> {
     let id = match v.get("pad_token_id") {
         None if model_type.starts_with("gemma") => 0,
-        None if matches!(model_type, "olmo2" | "olmo3") => 1,
+        None if matches!(model_type, "olmo" | "olmo2" | "olmo3") => 1,
         None if model_type.starts_with("cohere") => 0,
         None if model_type == "internlm3" => 2,
         None if matches!(model_type, "glm" | "glm4") => 151329,
@@ -2485,9 +2637,9 @@ mod tests {
     fn unsupported_fields_are_named() {
         let p = Path::new("config.json");
         let mut v = base();
-        v["model_type"] = "falcon".into();
+        v["model_type"] = "mpt".into();
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
-        assert!(e.contains("model_type"), "{e}");
+        assert!(e.contains("model_type 'mpt'"), "{e}");
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "su", "factor": 2.0});
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
@@ -2947,6 +3099,80 @@ mod tests {
         exaone4.as_object_mut().unwrap().remove("layer_types");
         let e = ModelConfig::from_json(&exaone4, p).unwrap_err().to_string();
         assert!(e.contains("LLLG") && e.contains("layer_types"), "{e}");
+    }
+
+    /// Falcon's hub configs: 7B (multi-query, one shared norm), 40B (the new architecture: 8 key/value
+    /// groups, ln_attn / ln_mlp), Falcon 2 11B (new architecture on one norm); Falcon-RW's ALiBi and a
+    /// block Falcon has not are refused by name.
+    #[test]
+    fn falcon_hub_configs() {
+        let p = Path::new("config.json");
+        let f7b = serde_json::json!({
+            "model_type": "falcon", "alibi": false, "bias": false, "hidden_size": 4544,
+            "layer_norm_epsilon": 1e-5, "multi_query": true, "new_decoder_architecture": false,
+            "num_attention_heads": 71, "num_hidden_layers": 32, "parallel_attn": true,
+            "vocab_size": 65024
+        });
+        let c = ModelConfig::from_json(&f7b, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::Falcon { ln_pair: false }, BlockNorms::Shared)
+        );
+        assert_eq!(
+            (c.num_key_value_heads, c.head_dim, c.intermediate_size),
+            (1, 64, 4 * 4544)
+        );
+        assert!(c.tie_word_embeddings && !c.qkv_bias && !c.mlp_bias);
+        assert_eq!(c.activation, Activation::Gelu);
+        let f40b = serde_json::json!({
+            "model_type": "falcon", "alibi": false, "bias": false, "hidden_size": 8192,
+            "new_decoder_architecture": true, "num_attention_heads": 128, "num_kv_heads": 8,
+            "num_hidden_layers": 60, "parallel_attn": true, "vocab_size": 65024
+        });
+        let c = ModelConfig::from_json(&f40b, p).unwrap();
+        assert_eq!(c.layout, BlockLayout::Falcon { ln_pair: true });
+        assert_eq!(
+            c.layout.norm_names(c.block_norms)[..2],
+            [Some("ln_attn"), Some("ln_mlp")]
+        );
+        assert_eq!((c.num_key_value_heads, c.head_dim), (8, 64));
+        let mut f11b = f40b.clone();
+        f11b["num_ln_in_parallel_attn"] = 1.into();
+        let c = ModelConfig::from_json(&f11b, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::Falcon { ln_pair: false }, BlockNorms::Shared)
+        );
+        f11b["parallel_attn"] = false.into();
+        let e = ModelConfig::from_json(&f11b, p).unwrap_err().to_string();
+        assert!(e.contains("num_ln_in_parallel_attn"), "{e}");
+        let mut rw = f7b.clone();
+        rw["alibi"] = true.into();
+        let e = ModelConfig::from_json(&rw, p).unwrap_err().to_string();
+        assert!(e.contains("alibi") && e.contains("not supported"), "{e}");
+    }
+
+    /// OLMo-7B-0424-hf's config: LayerNorms without parameters (eps 1e-5 whatever the config says,
+    /// gain 1), clip_qkv 8; pad 1 by default.
+    #[test]
+    fn olmo_hub_config() {
+        let p = Path::new("config.json");
+        let mut olmo = serde_json::json!({
+            "model_type": "olmo", "vocab_size": 50304, "hidden_size": 4096,
+            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "clip_qkv": 8.0, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-3, "attention_bias": false
+        });
+        let c = ModelConfig::from_json(&olmo, p).unwrap();
+        assert_eq!(c.layout, BlockLayout::Olmo);
+        assert!(c.layout.layer_norm() && !c.layout.norm_weight() && !c.layout.norm_bias());
+        assert_eq!(
+            (c.rms_norm_eps, c.norm_offset, c.clip_qkv, c.pad_token_id),
+            (1e-5, 1.0, Some(8.0), Some(1))
+        );
+        olmo["clip_qkv"] = 0.into();
+        let e = ModelConfig::from_json(&olmo, p).unwrap_err().to_string();
+        assert!(e.contains("clip_qkv"), "{e}");
     }
 
     /// StarCoder2's config: `norm_epsilon`, `use_bias` on every projection, tied and unwindowed by

@@ -285,6 +285,7 @@ impl TensorNames {
     pub fn decoder_only(layout: BlockLayout) -> Self {
         match layout {
             BlockLayout::Llama
+            | BlockLayout::Olmo
             | BlockLayout::Starcoder2
             | BlockLayout::StableLm
             | BlockLayout::Cohere => Self::llama("model.", "lm_head.weight"),
@@ -302,6 +303,14 @@ impl TensorNames {
             },
             BlockLayout::Gpt2 => Self::gpt2("transformer."),
             BlockLayout::Opt => Self::opt("model.decoder."),
+            BlockLayout::Falcon { .. } => TensorNames {
+                decoder: "transformer.".into(),
+                layers: "transformer.h.".into(),
+                positions: None,
+                embed: "transformer.word_embeddings.weight".into(),
+                norm: "transformer.ln_f".into(),
+                lm_head: "lm_head.weight".into(),
+            },
         }
     }
 
@@ -528,10 +537,10 @@ impl Model {
             c.num_key_value_heads * c.head_dim,
         );
         let norm_bias = c.layout.norm_bias();
-        let mut out = vec![
-            (self.names.embed.clone(), vec![v, h]),
-            (self.names.norm(), vec![h]),
-        ];
+        let mut out = vec![(self.names.embed.clone(), vec![v, h])];
+        if c.layout.norm_weight() {
+            out.push((self.names.norm(), vec![h]));
+        }
         if norm_bias {
             out.push((self.names.norm_bias(), vec![h]));
         }
@@ -549,19 +558,19 @@ impl Model {
             let mut t =
                 |name: &str, shape: Vec<usize>| out.push((format!("{layer}.{name}"), shape));
             for norm in c.layout.norm_names(c.block_norms).into_iter().flatten() {
-                t(&format!("{norm}.weight"), vec![h]);
+                if c.layout.norm_weight() {
+                    t(&format!("{norm}.weight"), vec![h]);
+                }
                 if norm_bias {
                     t(&format!("{norm}.bias"), vec![h]);
                 }
             }
             // The attention's input projections (as stored: fused for GPT-NeoX and Phi-3), its output
             // projection, the MLP's projections (as stored: Phi-3's gate/up fused).
-            let mut linears = match c.layout {
-                BlockLayout::NeoX { .. } => {
-                    vec![("attention.query_key_value", 3 * qd, h, c.qkv_bias)]
-                }
+            let mut linears = match (c.layout.grouped_qkv(), c.layout) {
+                (Some(name), _) => vec![(name, qd + 2 * kvd, h, c.qkv_bias)],
                 // Conv1D: [in, out] as stored (read transposed), every one with a bias.
-                BlockLayout::Gpt2 => {
+                (None, BlockLayout::Gpt2) => {
                     for (name, rows, cols) in [
                         ("attn.c_attn", h, 3 * qd),
                         ("attn.c_proj", qd, h),
@@ -967,7 +976,10 @@ impl Model {
             tape.mark(l + 1, x);
         }
 
-        let norm = tape.param(self.names.norm(), g_norm, h);
+        let norm = c
+            .layout
+            .norm_weight()
+            .then(|| tape.param(self.names.norm(), g_norm, h));
         let norm_bias = c
             .layout
             .norm_bias()
@@ -1065,7 +1077,8 @@ impl Model {
         // The norm of the rows of `d` values of x (`width` a buffer row: d = width, or d = head_dim for
         // Qwen3's per-head q_norm / k_norm): RMSNorm, or GPT-NeoX's LayerNorm with its bias.
         let norm = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
-            let w = tape.param(format!("{pre}.{name}.weight"), l, d);
+            let w =
+                (c.layout.norm_weight()).then(|| tape.param(format!("{pre}.{name}.weight"), l, d));
             let b = c
                 .layout
                 .norm_bias()
@@ -1099,33 +1112,32 @@ impl Model {
             None => x,
         };
         let a = maybe_norm(tape, x, norm_in);
-        let (q, k, v) = match c.layout {
-            // q, k and v of each head side by side in one projection: gather each.
-            BlockLayout::NeoX { .. } => {
-                let qkv = linear(tape, a, "attention.query_key_value", h, 3 * qd, c.qkv_bias);
-                let [q, k, v] = [(0, "q"), (1, "k"), (2, "v")].map(|(i, name)| {
-                    let out = tape.buffer(format!("{pre}.attention.{name}"), n, qd);
-                    let blocks = ColumnBlocks {
-                        block: hd,
-                        stride: 3 * hd,
-                        offset: i * hd,
-                    };
-                    tape.push(op::Columns {
-                        x: qkv,
-                        blocks,
-                        out,
-                    });
-                    out
-                });
+        let (q, k, v) = match c.layout.grouped_qkv() {
+            // Per key/value group, its g = heads / kv_heads queries, its key and its value side by side in
+            // one projection (GPT-NeoX: g = 1; Falcon-7B: one group): gather each.
+            Some(fused) => {
+                let qkv = linear(tape, a, fused, h, qd + 2 * kvd, c.qkv_bias);
+                let g = shape.heads / shape.kv_heads;
+                let module = fused.rsplit_once('.').map_or(fused, |m| m.0);
+                let [q, k, v] = [("q", g, 0, qd), ("k", 1, g, kvd), ("v", 1, g + 1, kvd)].map(
+                    |(name, heads, at, width)| {
+                        let out = tape.buffer(format!("{pre}.{module}.{name}"), n, width);
+                        let blocks = ColumnBlocks {
+                            block: heads * hd,
+                            stride: (g + 2) * hd,
+                            offset: at * hd,
+                        };
+                        tape.push(op::Columns {
+                            x: qkv,
+                            blocks,
+                            out,
+                        });
+                        out
+                    },
+                );
                 (q, k, v)
             }
-            BlockLayout::Llama
-            | BlockLayout::StableLm
-            | BlockLayout::Cohere
-            | BlockLayout::Phi
-            | BlockLayout::Starcoder2
-            | BlockLayout::Gpt2
-            | BlockLayout::Opt => {
+            None => {
                 let [qn, kn, vn] = c.layout.qkv_proj();
                 let mut q = linear(tape, a, qn, h, qd, c.qkv_bias);
                 let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);
@@ -1135,6 +1147,21 @@ impl Model {
                     k = norm(tape, k, "self_attn.k_norm", kvd, dk);
                 }
                 (q, k, v)
+            }
+        };
+        // OLMo's and OLMoE's clip_qkv: q, k and v clamped (after OLMoE's q/k norms).
+        let (q, k, v) = match c.clip_qkv {
+            None => (q, k, v),
+            Some(clip) => {
+                let clamp = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize| {
+                    let name = format!("{pre}.self_attn.{name}_clipped");
+                    push_activate(tape, x, Activation::Clamp(clip), name, n, width)
+                };
+                (
+                    clamp(tape, q, "q", qd),
+                    clamp(tape, k, "k", kvd),
+                    clamp(tape, v, "v", kvd),
+                )
             }
         };
         // The rotary embedding of q and k (none with learned positions, GPT-2's and OPT's, nor in
@@ -1264,14 +1291,15 @@ impl Model {
         let o = linear(tape, att, c.layout.o_proj(), qd, h, c.o_bias);
         let o = maybe_norm(tape, o, norm_attn_out);
         let x1 = add(tape, x, o, "resid_attn");
-        // The MLP's input: the attention's normed input (Phi's and StableLM's shared norm), the block's
-        // input normed (GPT-NeoX's parallel residual), or x + attn normed.
-        let b = match c.layout {
-            _ if c.block_norms == BlockNorms::Shared => a,
-            BlockLayout::NeoX {
-                parallel_residual: true,
-            } => maybe_norm(tape, x, norm_mlp_in),
-            _ => maybe_norm(tape, x1, norm_mlp_in),
+        // The MLP's input: the attention's normed input (the shared norm of Phi, StableLM, Cohere,
+        // Falcon-7B), the block's input normed (GPT-NeoX's parallel residual, Falcon's ln_mlp), or x +
+        // attn normed.
+        let b = if c.block_norms == BlockNorms::Shared {
+            a
+        } else if c.layout.mlp_reads_input() {
+            maybe_norm(tape, x, norm_mlp_in)
+        } else {
+            maybe_norm(tape, x1, norm_mlp_in)
         };
         let m = mlp(tape, b);
         add(tape, x1, m, "out")

@@ -191,7 +191,8 @@ fn weight_grad(x: &[f32], dy: &[f32], n: usize, k: usize, m: usize, dw: &mut [f3
 
 // ---------------------------------------------------------------------------------------------------------
 // Norms, rows of length d: RMSNorm (HF LlamaRMSNorm) y = g ⊙ x / sqrt(mean(x²) + eps); LayerNorm (PyTorch's
-// layer_norm) y = g ⊙ (x − μ) / sqrt(mean((x − μ)²) + eps) + b. Gain g = offset + w.
+// layer_norm) y = g ⊙ (x − μ) / sqrt(mean((x − μ)²) + eps) + b. Gain g = offset + w (offset alone
+// without w: OLMo's LayerNorms without parameters).
 // ---------------------------------------------------------------------------------------------------------
 
 /// A row's (mean subtracted, 1/σ): (0, 1/rms) for RMSNorm, (μ, 1/std) for LayerNorm; in f64.
@@ -207,17 +208,27 @@ fn norm_stats(x: &[f32], norm: NormShape) -> (f64, f64) {
 }
 
 /// With `offset` 1 the gain is `1 + w` (Gemma's RMSNorm, the sum in f32 as transformers computes it).
-pub fn norm_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, norm: NormShape, y: &mut [f32]) {
+pub fn norm_forward(
+    x: &[f32],
+    w: Option<&[f32]>,
+    b: Option<&[f32]>,
+    norm: NormShape,
+    y: &mut [f32],
+) {
     let d = norm.d;
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(yr, xr)| {
             let (mean, r) = norm_stats(xr, norm);
             for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                *o = (((v as f64 - mean) * r) as f32) * (norm.offset + w[j])
-                    + b.map_or(0.0, |b| b[j]);
+                *o = (((v as f64 - mean) * r) as f32) * gain(norm, w, j) + b.map_or(0.0, |b| b[j]);
             }
         });
+}
+
+/// The gain of value `j`: `offset + w[j]`, or `offset` without a weight.
+fn gain(norm: NormShape, w: Option<&[f32]>, j: usize) -> f32 {
+    norm.offset + w.map_or(0.0, |w| w[j])
 }
 
 /// With gain `g = offset + w`, `x̃ = x − μ` (x for RMSNorm) and `r = 1/σ`:
@@ -226,11 +237,11 @@ pub fn norm_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, norm: NormShape, y:
 #[allow(clippy::too_many_arguments)]
 pub fn norm_backward(
     x: &[f32],
-    w: &[f32],
+    w: Option<&[f32]>,
     norm: NormShape,
     dy: &[f32],
     dx: &mut [f32],
-    dw: &mut [f32],
+    dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
 ) {
     let d = norm.d;
@@ -242,7 +253,7 @@ pub fn norm_backward(
             let (mut dwp, mut dbp) = (vec![0f64; d], vec![0f64; d]);
             for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
                 let (mean, r) = norm_stats(xr, norm);
-                let gain = |j: usize| (norm.offset + w[j]) as f64;
+                let gain = |j: usize| gain(norm, w, j) as f64;
                 let (mut dot, mut sum) = (0f64, 0f64);
                 for j in 0..d {
                     let gdy = gain(j) * dyr[j] as f64;
@@ -262,7 +273,9 @@ pub fn norm_backward(
         })
         .collect();
     let (dw_parts, db_parts): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    add_parts(dw, &dw_parts);
+    if let Some(dw) = dw {
+        add_parts(dw, &dw_parts);
+    }
     if let Some(db) = db {
         add_parts(db, &db_parts);
     }
@@ -705,6 +718,7 @@ pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
             Activation::Scale(s) => vmath::mul_scalar(xc, yc, s),
             Activation::Sigmoid => vmath::sigmoid(xc, yc),
             Activation::Relu => vmath::relu(xc, yc),
+            Activation::Clamp(c) => vmath::clamp(xc, yc, c),
         });
 }
 
@@ -721,6 +735,7 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
             Activation::Scale(s) => vmath::mul_scalar_backward(gc, dc, s),
             Activation::Sigmoid => vmath::sigmoid_backward(xc, gc, dc),
             Activation::Relu => vmath::relu_backward(xc, gc, dc),
+            Activation::Clamp(c) => vmath::clamp_backward(xc, gc, dc, c),
         });
 }
 
@@ -1034,7 +1049,7 @@ impl super::Device for Cpu {
     fn norm_forward(
         &self,
         x: &[f32],
-        w: &[f32],
+        w: Option<&[f32]>,
         b: Option<&[f32]>,
         norm: NormShape,
         y: &mut [f32],
@@ -1045,11 +1060,11 @@ impl super::Device for Cpu {
     fn norm_backward(
         &self,
         x: &[f32],
-        w: &[f32],
+        w: Option<&[f32]>,
         norm: NormShape,
         dy: &[f32],
         dx: &mut [f32],
-        dw: &mut [f32],
+        dw: Option<&mut [f32]>,
         db: Option<&mut [f32]>,
     ) -> Result<()> {
         norm_backward(x, w, norm, dy, dx, dw, db);
@@ -1372,12 +1387,18 @@ mod tests {
         assert_eq!(all[4 * dim..], padded[4 * dim..]);
     }
 
-    /// RMSNorm with LLaMA's gain `w` and Gemma's `1 + w`; LayerNorm (GPT-NeoX's) with a bias.
+    /// RMSNorm with LLaMA's gain `w` and Gemma's `1 + w`; LayerNorm (GPT-NeoX's) with a bias, and
+    /// OLMo's without parameters (gain 1: its `w` unread, its gradient 0).
     #[test]
     fn norm_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         let (n, d) = (3, 8);
-        for (offset, centre) in [(0.0, false), (1.0, false), (0.0, true)] {
+        for (offset, centre, weighted) in [
+            (0.0, false, true),
+            (1.0, false, true),
+            (0.0, true, true),
+            (1.0, true, false),
+        ] {
             let norm = NormShape {
                 d,
                 eps: 1e-5,
@@ -1396,13 +1417,18 @@ mod tests {
                 n * d,
                 &|i| {
                     let mut y = vec![0.0; n * d];
-                    norm_forward(&i[0], &i[1], centre.then_some(&i[2][..]), norm, &mut y);
+                    let (w, b) = (weighted.then_some(&i[1][..]), weighted && centre);
+                    norm_forward(&i[0], w, b.then_some(&i[2][..]), norm, &mut y);
                     y
                 },
                 &|i, c| {
                     let (mut dx, mut dw, mut db) = (vec![0.0; n * d], vec![0.0; d], vec![0.0; d]);
-                    let dbo = centre.then_some(&mut db[..]);
-                    norm_backward(&i[0], &i[1], norm, c, &mut dx, &mut dw, dbo);
+                    let dbo = (weighted && centre).then_some(&mut db[..]);
+                    let (w, dwo) = match weighted {
+                        true => (Some(&i[1][..]), Some(&mut dw[..])),
+                        false => (None, None),
+                    };
+                    norm_backward(&i[0], w, norm, c, &mut dx, dwo, dbo);
                     vec![dx, dw, db]
                 },
                 2e-3,
@@ -1420,7 +1446,7 @@ mod tests {
             .map(|v| 5.0 * v + 7.0)
             .collect();
         let mut y = vec![0.0; d];
-        norm_forward(&x, &[1.0; 8], Some(&[0.5; 8]), norm, &mut y);
+        norm_forward(&x, Some(&[1.0; 8]), Some(&[0.5; 8]), norm, &mut y);
         let mean = y.iter().map(|&v| v as f64 - 0.5).sum::<f64>() / d as f64;
         let var = y.iter().map(|&v| (v as f64 - 0.5).powi(2)).sum::<f64>() / d as f64;
         assert!(
@@ -1719,13 +1745,25 @@ mod tests {
             Activation::Scale(-0.3),
             Activation::Sigmoid,
             Activation::Relu,
+            Activation::Clamp(1.5),
         ] {
             let mut x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
-            if act == Activation::Relu {
-                // ReLU has no derivative at 0: keep the inputs (and the ±1e-2 steps) clear of it.
+            // ReLU has no derivative at 0, the clamp none at ±1.5: keep the inputs (and the ±1e-2
+            // steps) clear of them.
+            let kink = match act {
+                Activation::Relu => Some(0.0),
+                Activation::Clamp(c) => Some(c),
+                _ => None,
+            };
+            if let Some(k) = kink {
                 for v in &mut x {
-                    *v = v.signum() * v.abs().max(0.1);
+                    if (v.abs() - k).abs() < 0.1 {
+                        *v += 0.2 * v.signum();
+                    }
                 }
+            }
+            if let Activation::Clamp(c) = act {
+                assert!(x.iter().any(|v| v.abs() > c) && x.iter().any(|v| v.abs() < c));
             }
             check_grads(
                 vec![x],

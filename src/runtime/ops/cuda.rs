@@ -1320,13 +1320,13 @@ impl Device for CudaDevice {
     fn norm_forward(
         &self,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        w: Option<&CudaSlice<f32>>,
         b: Option<&CudaSlice<f32>>,
         norm: NormShape,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let d = norm.d;
-        let rows = norm_rows(x.len(), w.len(), d)?;
+        let rows = norm_rows(x.len(), w.map(|w| w.len()), d)?;
         check_len(y.len(), x.len(), "norm output")?;
         if let Some(b) = b {
             check_len(b.len(), d, "norm bias")?;
@@ -1337,7 +1337,7 @@ impl Device for CudaDevice {
         let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
         let c = cfg((rows, 1), THREADS)?;
         let (offset, eps, centre) = (norm.offset, norm.eps, norm.centre as i32);
-        // SAFETY: x and y hold rows·d values, w and b (or null) d.
+        // SAFETY: x and y hold rows·d values, w and b (each or null) d.
         unsafe {
             self.k()
                 .norm_forward
@@ -1347,18 +1347,20 @@ impl Device for CudaDevice {
     fn norm_backward(
         &self,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        w: Option<&CudaSlice<f32>>,
         norm: NormShape,
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
+        dw: Option<&mut CudaSlice<f32>>,
         db: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         let d = norm.d;
-        let rows = norm_rows(x.len(), w.len(), d)?;
+        let rows = norm_rows(x.len(), w.map(|w| w.len()), d)?;
         check_len(dy.len(), x.len(), "norm output gradient")?;
         check_len(dx.len(), x.len(), "norm input gradient")?;
-        check_len(dw.len(), d, "norm weight gradient")?;
+        if let Some(dw) = &dw {
+            check_len(dw.len(), d, "norm weight gradient")?;
+        }
         if let Some(db) = &db {
             check_len(db.len(), d, "norm bias gradient")?;
         }
@@ -1387,20 +1389,22 @@ impl Device for CudaDevice {
             kern.norm_backward.launch(
                 s, per_row, x, w, offset, dy, di, eps, centre, dx, &mut mean, &mut inv, ri,
             )?;
-            kern.norm_backward_weight.launch(
-                s,
-                per_chunk,
-                x,
-                dy,
-                &mean,
-                &inv,
-                di,
-                ri,
-                per,
-                &mut partials,
-            )?;
-            kern.norm_reduce_weight
-                .launch(s, per_feature, &partials, di, ci, dw)?;
+            if let Some(dw) = dw {
+                kern.norm_backward_weight.launch(
+                    s,
+                    per_chunk,
+                    x,
+                    dy,
+                    &mean,
+                    &inv,
+                    di,
+                    ri,
+                    per,
+                    &mut partials,
+                )?;
+                kern.norm_reduce_weight
+                    .launch(s, per_feature, &partials, di, ci, dw)?;
+            }
             if let Some(db) = db {
                 kern.linear_backward_bias
                     .launch(s, per_feature, dy, db, ri, di)?;
@@ -1583,6 +1587,7 @@ impl Device for CudaDevice {
                 Activation::Scale(f) => kern.scale_forward.launch(s, c, x, y, n, f),
                 Activation::Sigmoid => kern.sigmoid_forward.launch(s, c, x, y, n),
                 Activation::Relu => kern.relu_forward.launch(s, c, x, y, n),
+                Activation::Clamp(cap) => kern.clamp_forward.launch(s, c, x, y, n, cap),
             }
         }
     }
@@ -1600,9 +1605,10 @@ impl Device for CudaDevice {
             Activation::Gelu => self.binary(&kern.gelu_backward, x, dy, dx),
             Activation::Sigmoid => self.binary(&kern.sigmoid_backward, x, dy, dx),
             Activation::Relu => self.binary(&kern.relu_backward, x, dy, dx),
-            Activation::Softcap(f) | Activation::Scale(f) => {
+            Activation::Softcap(f) | Activation::Scale(f) | Activation::Clamp(f) => {
                 let kernel = match act {
                     Activation::Softcap(_) => &kern.softcap_backward,
+                    Activation::Clamp(_) => &kern.clamp_backward,
                     _ => &kern.scale_backward,
                 };
                 check_len(dy.len(), x.len(), "activation output gradient")?;
@@ -1767,8 +1773,10 @@ fn embedding_checks(ids: &Ids, table: usize, dim: usize, out: usize) -> Result<(
     Ok(())
 }
 
-fn norm_rows(x: usize, w: usize, d: usize) -> Result<usize> {
-    check_len(w, d, "norm weight")?;
+fn norm_rows(x: usize, w: Option<usize>, d: usize) -> Result<usize> {
+    if let Some(w) = w {
+        check_len(w, d, "norm weight")?;
+    }
     if d == 0 || !x.is_multiple_of(d) {
         return Err(Error::invalid(format!(
             "norm: {x} values are not rows of {d}"

@@ -135,6 +135,9 @@ pub enum Activation {
     /// `max(x, 0)` (OPT's MLP, fc1 → ReLU → fc2); its slope is 1 where x > 0, else 0 (0 at x = 0 as in
     /// PyTorch).
     Relu,
+    /// `clamp(x, −c, c)` (OLMo's `clip_qkv` on q, k and v); its slope is 1 where |x| ≤ c, else 0 (as
+    /// PyTorch's clamp: the bounds themselves pass the gradient).
+    Clamp(f32),
 }
 
 /// A normalisation of rows of `d` values ([`Device::norm_forward`]).
@@ -358,25 +361,27 @@ pub trait Device: Clone + Send + Sync + 'static {
         db: Option<&mut Self::Slice>,
     ) -> Result<()>;
     /// `y = (offset + w) ⊙ x̂ (+ b)` per row of `norm.d` values, x̂ = x / sqrt(mean(x²) + eps) (RMSNorm)
-    /// or, `norm.centre`, (x − mean) / sqrt(var + eps) (LayerNorm); offset 1: Gemma's norms.
+    /// or, `norm.centre`, (x − mean) / sqrt(var + eps) (LayerNorm); offset 1: Gemma's norms. Without `w`
+    /// the gain is `offset` alone (OLMo's LayerNorms without parameters: offset 1).
     fn norm_forward(
         &self,
         x: &Self::Slice,
-        w: &Self::Slice,
+        w: Option<&Self::Slice>,
         b: Option<&Self::Slice>,
         norm: NormShape,
         y: &mut Self::Slice,
     ) -> Result<()>;
-    /// `dx`, `dw` and (with a bias) `db` accumulate the gradients of [`Device::norm_forward`].
+    /// `dx`, (with a weight) `dw` and (with a bias) `db` accumulate the gradients of
+    /// [`Device::norm_forward`].
     #[allow(clippy::too_many_arguments)]
     fn norm_backward(
         &self,
         x: &Self::Slice,
-        w: &Self::Slice,
+        w: Option<&Self::Slice>,
         norm: NormShape,
         dy: &Self::Slice,
         dx: &mut Self::Slice,
-        dw: &mut Self::Slice,
+        dw: Option<&mut Self::Slice>,
         db: Option<&mut Self::Slice>,
     ) -> Result<()>;
     /// Rotary embedding of `heads` heads per row (rows are `tokens`-long sequences, `table.tokens` each).
@@ -559,21 +564,22 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
     dev.linear_forward(&xd, &dev.weight_from(&wd)?, Some(&bd), n, k, m, &mut yd)?;
     compare(&y, &yd, dev)?;
 
-    // RMSNorm and LayerNorm (with a bias) over rows of 29.
+    // RMSNorm and LayerNorm (with a bias; without parameters: OLMo's) over rows of 29.
     let (g, nb) = (rand_vec(k), rand_vec(k));
     let (gd, nbd) = (up(&g)?, up(&nb)?);
-    for centre in [false, true] {
+    for (centre, weighted) in [(false, true), (true, true), (true, false)] {
         let norm = NormShape {
             d: k,
             eps: 1e-6,
-            offset: 0.0,
+            offset: if weighted { 0.0 } else { 1.0 },
             centre,
         };
-        let b = centre.then_some(&nb[..]);
+        let b = (centre && weighted).then_some(&nb[..]);
         let mut r = vec![0f32; n * k];
-        cpu.norm_forward(&x, &g, b, norm, &mut r)?;
+        cpu.norm_forward(&x, weighted.then_some(&g[..]), b, norm, &mut r)?;
         let mut rd = dev.alloc_zeroed(n * k)?;
-        dev.norm_forward(&xd, &gd, centre.then_some(&*nbd), norm, &mut rd)?;
+        let bd = (centre && weighted).then_some(&*nbd);
+        dev.norm_forward(&xd, weighted.then_some(&*gd), bd, norm, &mut rd)?;
         compare(&r, &rd, dev)?;
     }
 

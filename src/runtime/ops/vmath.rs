@@ -252,6 +252,20 @@ pub fn softcap_slope(x: f32, c: f32) -> (f32, f32) {
     (c * t, 1.0 - t * t)
 }
 
+/// `y = clamp(x, −c, c)`.
+pub fn clamp(x: &[f32], y: &mut [f32], c: f32) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = v.clamp(-c, c);
+    }
+}
+
+/// `dx += dy` where |x| ≤ c.
+pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], c: f32) {
+    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+        *d += if v.abs() <= c { g } else { 0.0 };
+    }
+}
+
 /// `y = c · tanh(x / c)`.
 pub fn softcap(x: &[f32], y: &mut [f32], c: f32) {
     for (o, &v) in y.iter_mut().zip(x) {

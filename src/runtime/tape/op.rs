@@ -193,14 +193,15 @@ impl<D: Device> TapeOp<D> for Linear {
     }
 }
 
-/// out = (offset + w) ⊙ x̂ (+ b), per row of `shape.d` values: RMSNorm (x̂ = x / sqrt(mean(x²) + eps)) or
+/// out = (offset + w) ⊙ x̂ (+ b), per row of `shape.d` values (without `w`, OLMo's LayerNorms: offset ⊙ x̂):
+/// RMSNorm (x̂ = x / sqrt(mean(x²) + eps)) or
 /// LayerNorm (`shape.centre`: x̂ = (x − mean) / sqrt(var + eps), GPT-NeoX's, with a bias). A row is a buffer
 /// row when `d` is its width, each head of a row when `d` is the head size (Qwen3's q_norm / k_norm; `w`
 /// is `d` long either way).
 #[derive(Clone, Debug)]
 pub struct Norm {
     pub x: BufId,
-    pub w: ParamId,
+    pub w: Option<ParamId>,
     pub b: Option<ParamId>,
     pub shape: NormShape,
     pub out: BufId,
@@ -217,7 +218,7 @@ impl<D: Device> TapeOp<D> for Norm {
             inputs: vec![self.x],
             outputs: vec![self.out],
             saved: vec![self.x],
-            params: std::iter::once(self.w).chain(self.b).collect(),
+            params: self.w.into_iter().chain(self.b).collect(),
         }
     }
     fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
@@ -228,9 +229,11 @@ impl<D: Device> TapeOp<D> for Norm {
             shape,
             out,
         } = *self;
-        let (wv, bv) = (t.p(store, w)?, b.map(|b| t.p(store, b)).transpose()?);
+        let wv = w.map(|w| t.p(store, w)).transpose()?;
+        let bv = b.map(|b| t.p(store, b)).transpose()?;
         t.write_output(out, |t, y| {
-            t.dev.norm_forward(t.data(x), &wv, bv.as_deref(), shape, y)
+            t.dev
+                .norm_forward(t.data(x), wv.as_deref(), bv.as_deref(), shape, y)
         })
     }
     fn backward(
@@ -249,15 +252,17 @@ impl<D: Device> TapeOp<D> for Norm {
         if !t.has_grad(out) {
             return Ok(());
         }
-        let wv = t.p(store, w)?;
-        let mut dw = pg.take(w);
+        let wv = w.map(|w| t.p(store, w)).transpose()?;
+        let mut dw = w.map(|w| pg.take(w));
         let mut db = b.map(|b| pg.take(b));
         let r = t.write_grad(x, |t, dx| {
-            let db = db.as_deref_mut();
+            let (dw, db) = (dw.as_deref_mut(), db.as_deref_mut());
             t.dev
-                .norm_backward(t.data(x), &wv, shape, t.grad(out), dx, &mut dw, db)
+                .norm_backward(t.data(x), wv.as_deref(), shape, t.grad(out), dx, dw, db)
         });
-        pg.put(w, dw);
+        if let (Some(w), Some(dw)) = (w, dw) {
+            pg.put(w, dw);
+        }
         if let (Some(b), Some(db)) = (b, db) {
             pg.put(b, db);
         }
@@ -394,6 +399,7 @@ impl<D: Device> TapeOp<D> for Activate {
                 Activation::Scale(_) => "scale",
                 Activation::Sigmoid => "sigmoid",
                 Activation::Relu => "relu",
+                Activation::Clamp(_) => "clamp",
             },
             inputs: vec![self.x],
             outputs: vec![self.out],

@@ -460,9 +460,9 @@ signatures! {
     /// silu_backward, sigmoid_backward, relu_backward, gelu_tanh_backward, gelu_backward, mul_forward,
     /// add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
-    /// softcap_forward, scale_forward
+    /// softcap_forward, scale_forward, clamp_forward
     SoftcapForward(x: In<f32>, y: Out<f32>, n: u64, c: f32);
-    /// softcap_backward, scale_backward
+    /// softcap_backward, scale_backward, clamp_backward
     SoftcapBackward(x: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, c: f32);
     /// column_blocks_forward (x → y), column_blocks_backward (dy → dx, accumulated)
     ColumnBlocks(x: In<f32>, y: Out<f32>, rows: u64, width: i32, block: i32, stride: i32, offset: i32);
@@ -597,6 +597,8 @@ kernel_table! {
             softcap_backward: SoftcapBackward,
             scale_forward: SoftcapForward,
             scale_backward: SoftcapBackward,
+            clamp_forward: SoftcapForward,
+            clamp_backward: SoftcapBackward,
             mul_forward: Binary,
             mul_backward: MulBackward,
             add_forward: Binary,
