@@ -353,6 +353,14 @@ fn olmo_clip_qkv_matches_transformers() {
     check_case("olmo_clip_qkv");
 }
 
+/// ERNIE 4.5 (biases everywhere, tied) and Helium (q/k/v biases, untied), both rotating interleaved
+/// pairs.
+#[test]
+fn ernie4_5_and_helium_match_transformers() {
+    check_case("ernie4_5_bias");
+    check_case("helium_interleaved");
+}
+
 /// OPT as the hub's facebook/opt-* checkpoints are stored (`decoder.…`, no `model.` prefix, tied), bf16:
 /// a kept layer renumbered under that prefix.
 #[test]

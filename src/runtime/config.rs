@@ -1,6 +1,6 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
-//! glm4, exaone4; with LayerNorms stablelm, cohere, cohere2), GPT-NeoX
+//! glm4, exaone4, ernie4_5, helium; with LayerNorms stablelm, cohere, cohere2, olmo, falcon), GPT-NeoX
 //! (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the
 //! mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations:
 //! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`). A
@@ -650,7 +650,7 @@ impl ModelConfig {
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
-             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4, falcon, olmo";
+             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, helium";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -769,7 +769,7 @@ impl ModelConfig {
         // derive it.
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
-            "internlm3" | "glm" | "glm4" => 128,
+            "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" => 128,
             _ => hidden_size / num_attention_heads,
         };
         let head_dim = check_size(
@@ -804,6 +804,10 @@ impl ModelConfig {
             }
         };
         let glm = matches!(model_type.as_str(), "glm" | "glm4");
+        let ernie_bias =
+            model_type == "ernie4_5" && opt_bool(v, "use_bias", path)?.unwrap_or(false);
+        // GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half), as Cohere does.
+        let interleaved = glm || matches!(model_type.as_str(), "ernie4_5" | "helium");
         let attention_bias = alias("attention_bias", "qkv_bias")?.unwrap_or(neox || glm);
         let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
@@ -815,7 +819,9 @@ impl ModelConfig {
             "opt" | "falcon" => (enable_bias, enable_bias),
             "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
             "cohere" | "cohere2" | "internlm3" => (attention_bias, attention_bias),
-            "glm" | "glm4" => (attention_bias, false),
+            "glm" | "glm4" | "helium" => (attention_bias, false),
+            // Ernie4_5Config's `use_bias` puts a bias on every projection.
+            "ernie4_5" => (ernie_bias, ernie_bias),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" => {
@@ -922,8 +928,11 @@ impl ModelConfig {
                         | "cohere2"
                         | "internlm3"
                         | "exaone4"
+                        | "ernie4_5"
                 ) {
                     1e-5
+                } else if model_type == "helium" {
+                    1e-8
                 } else if matches!(model_type.as_str(), "glm" | "glm4") {
                     1.5625e-7
                 } else {
@@ -937,10 +946,23 @@ impl ModelConfig {
             intermediate_size,
             num_hidden_layers,
             rms_norm_eps,
-            // Gemma's, StarCoder2's, GPT-2's, OPT's and SmolLM3's config classes tie by default.
-            tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?
-                .unwrap_or(gemma || starcoder2 || gpt2 || opt || smollm3 || cohere || falcon),
-            mlp_bias: matches!(model_type.as_str(), "llama" | "granite" | "internlm3") && mlp_bias
+            // Gemma's, StarCoder2's, GPT-2's, OPT's, SmolLM3's, Cohere's, Falcon's and ERNIE 4.5's config
+            // classes tie by default.
+            tie_word_embeddings: opt_bool(v, "tie_word_embeddings", path)?.unwrap_or(
+                gemma
+                    || starcoder2
+                    || gpt2
+                    || opt
+                    || smollm3
+                    || cohere
+                    || falcon
+                    || model_type == "ernie4_5",
+            ),
+            mlp_bias: matches!(
+                model_type.as_str(),
+                "llama" | "granite" | "internlm3" | "helium"
+            ) && mlp_bias
+                || ernie_bias
                 || neox
                 || phi
                 || gpt2
@@ -991,7 +1013,7 @@ impl ModelConfig {
             moe,
             rotary_layers,
             clip_qkv: clip_qkv.map(|c| c as f32),
-            rope_pairs: match cohere || glm {
+            rope_pairs: match cohere || interleaved {
                 true => RopePairs::Interleaved,
                 false => RopePairs::Halves,
             },
@@ -1815,6 +1837,8 @@ fn parse_pad_token_id(
         None if matches!(model_type, "olmo" | "olmo2" | "olmo3") => 1,
         None if model_type.starts_with("cohere") => 0,
         None if model_type == "internlm3" => 2,
+        None if model_type == "ernie4_5" => 0,
+        None if model_type == "helium" => 3,
         None if matches!(model_type, "glm" | "glm4") => 151329,
         None if model_type == "smollm3" => 128004,
         None | Some(Value::Null) => return Ok(None),
@@ -3150,6 +3174,44 @@ mod tests {
         rw["alibi"] = true.into();
         let e = ModelConfig::from_json(&rw, p).unwrap_err().to_string();
         assert!(e.contains("alibi") && e.contains("not supported"), "{e}");
+    }
+
+    /// ERNIE-4.5-0.3B's and Helium-1-2B's hub configs: interleaved rotary pairs, their class defaults
+    /// (head_dim 128; ERNIE tied, pad 0, `use_bias` on every projection; Helium eps 1e-8, pad 3, no
+    /// o_proj bias).
+    #[test]
+    fn ernie4_5_and_helium_hub_configs() {
+        let p = Path::new("config.json");
+        let mut ernie = serde_json::json!({
+            "model_type": "ernie4_5", "vocab_size": 103424, "hidden_size": 1024,
+            "intermediate_size": 3072, "num_hidden_layers": 18, "num_attention_heads": 16,
+            "num_key_value_heads": 2, "rope_theta": 500000, "use_bias": false
+        });
+        let c = ModelConfig::from_json(&ernie, p).unwrap();
+        assert_eq!(
+            (
+                c.head_dim,
+                c.rope_pairs,
+                c.pad_token_id,
+                c.tie_word_embeddings
+            ),
+            (128, RopePairs::Interleaved, Some(0), true)
+        );
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        ernie["use_bias"] = true.into();
+        let c = ModelConfig::from_json(&ernie, p).unwrap();
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+        let helium = serde_json::json!({
+            "model_type": "helium", "vocab_size": 48000, "hidden_size": 2560,
+            "intermediate_size": 7040, "num_hidden_layers": 24, "num_attention_heads": 20,
+            "num_key_value_heads": 20, "rope_theta": 100000.0, "attention_bias": true
+        });
+        let c = ModelConfig::from_json(&helium, p).unwrap();
+        assert_eq!(
+            (c.rms_norm_eps, c.pad_token_id, c.rope_pairs),
+            (1e-8, Some(3), RopePairs::Interleaved)
+        );
+        assert!(c.qkv_bias && !c.o_bias && !c.tie_word_embeddings);
     }
 
     /// OLMo-7B-0424-hf's config: LayerNorms without parameters (eps 1e-5 whatever the config says,
