@@ -75,6 +75,7 @@ CASES = {
     "falcon_multi_query": ONE_BY_GRADNORM,
     "ernie4_5_bias": ONE_BY_GRADNORM,
     "helium_interleaved": ONE_BY_GRADNORM,
+    "seed_oss_bias": ONE_BY_GRADNORM,
     "olmo_clip_qkv": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
     # Layer 1 out: layer 2 renumbered under transformer.h.
     "falcon_new_arch": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,

@@ -361,6 +361,12 @@ fn ernie4_5_and_helium_match_transformers() {
     check_case("helium_interleaved");
 }
 
+/// Seed-OSS: q/k/v biases, o_proj without (`attention_out_bias`).
+#[test]
+fn seed_oss_matches_transformers() {
+    check_case("seed_oss_bias");
+}
+
 /// OPT as the hub's facebook/opt-* checkpoints are stored (`decoder.…`, no `model.` prefix, tied), bf16:
 /// a kept layer renumbered under that prefix.
 #[test]

@@ -1,6 +1,6 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
-//! glm4, exaone4, ernie4_5, helium; with LayerNorms stablelm, cohere, cohere2, olmo, falcon), GPT-NeoX
+//! glm4, exaone4, ernie4_5, helium, seed_oss; with LayerNorms stablelm, cohere, cohere2, olmo, falcon), GPT-NeoX
 //! (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the
 //! mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations:
 //! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`). A
@@ -650,7 +650,8 @@ impl ModelConfig {
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
-             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, helium";
+             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, helium, \
+             seed_oss";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -769,7 +770,7 @@ impl ModelConfig {
         // derive it.
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
-            "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" => 128,
+            "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" => 128,
             _ => hidden_size / num_attention_heads,
         };
         let head_dim = check_size(
@@ -808,7 +809,8 @@ impl ModelConfig {
             model_type == "ernie4_5" && opt_bool(v, "use_bias", path)?.unwrap_or(false);
         // GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half), as Cohere does.
         let interleaved = glm || matches!(model_type.as_str(), "ernie4_5" | "helium");
-        let attention_bias = alias("attention_bias", "qkv_bias")?.unwrap_or(neox || glm);
+        let attention_bias =
+            alias("attention_bias", "qkv_bias")?.unwrap_or(neox || glm || model_type == "seed_oss");
         let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
@@ -822,6 +824,11 @@ impl ModelConfig {
             "glm" | "glm4" | "helium" => (attention_bias, false),
             // Ernie4_5Config's `use_bias` puts a bias on every projection.
             "ernie4_5" => (ernie_bias, ernie_bias),
+            // SeedOssConfig: q/k/v biases by default, o_proj's its own `attention_out_bias`.
+            "seed_oss" => (
+                attention_bias,
+                opt_bool(v, "attention_out_bias", path)?.unwrap_or(false),
+            ),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" => {
@@ -960,7 +967,7 @@ impl ModelConfig {
             ),
             mlp_bias: matches!(
                 model_type.as_str(),
-                "llama" | "granite" | "internlm3" | "helium"
+                "llama" | "granite" | "internlm3" | "helium" | "seed_oss"
             ) && mlp_bias
                 || ernie_bias
                 || neox
@@ -1839,6 +1846,7 @@ fn parse_pad_token_id(
         None if model_type == "internlm3" => 2,
         None if model_type == "ernie4_5" => 0,
         None if model_type == "helium" => 3,
+        None if model_type == "seed_oss" => 1,
         None if matches!(model_type, "glm" | "glm4") => 151329,
         None if model_type == "smollm3" => 128004,
         None | Some(Value::Null) => return Ok(None),
@@ -3176,11 +3184,11 @@ mod tests {
         assert!(e.contains("alibi") && e.contains("not supported"), "{e}");
     }
 
-    /// ERNIE-4.5-0.3B's and Helium-1-2B's hub configs: interleaved rotary pairs, their class defaults
-    /// (head_dim 128; ERNIE tied, pad 0, `use_bias` on every projection; Helium eps 1e-8, pad 3, no
-    /// o_proj bias).
+    /// ERNIE-4.5-0.3B's and Helium-1-2B's hub configs (interleaved rotary pairs) and Seed-OSS-36B's,
+    /// with their class defaults: head_dim 128; ERNIE tied, pad 0, `use_bias` on every projection;
+    /// Helium eps 1e-8, pad 3, no o_proj bias; Seed-OSS q/k/v biases, pad 1.
     #[test]
-    fn ernie4_5_and_helium_hub_configs() {
+    fn ernie4_5_helium_and_seed_oss_hub_configs() {
         let p = Path::new("config.json");
         let mut ernie = serde_json::json!({
             "model_type": "ernie4_5", "vocab_size": 103424, "hidden_size": 1024,
@@ -3212,6 +3220,17 @@ mod tests {
             (1e-8, Some(3), RopePairs::Interleaved)
         );
         assert!(c.qkv_bias && !c.o_bias && !c.tie_word_embeddings);
+        // Seed-OSS-36B: q/k/v biases by default, o_proj's by attention_out_bias.
+        let mut seed = serde_json::json!({
+            "model_type": "seed_oss", "vocab_size": 155136, "hidden_size": 5120,
+            "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 80,
+            "num_key_value_heads": 8, "rope_theta": 10000000.0
+        });
+        let c = ModelConfig::from_json(&seed, p).unwrap();
+        assert_eq!((c.head_dim, c.pad_token_id), (128, Some(1)));
+        assert!(c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        seed["attention_out_bias"] = true.into();
+        assert!(ModelConfig::from_json(&seed, p).unwrap().o_bias);
     }
 
     /// OLMo-7B-0424-hf's config: LayerNorms without parameters (eps 1e-5 whatever the config says,
