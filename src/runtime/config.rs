@@ -1,10 +1,10 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
-//! glm4, exaone4, ernie4_5, helium, seed_oss; with LayerNorms stablelm, cohere, cohere2, olmo, falcon), GPT-NeoX
-//! (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others') and OPT (opt), the
-//! mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations:
-//! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`). A
-//! vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
+//! glm4, exaone4, ernie4_5, helium, seed_oss; with LayerNorms stablelm, cohere, cohere2, olmo), Falcon
+//! (falcon), GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others')
+//! and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
+//! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
+//! A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
 //! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
 //! top level).
 

@@ -1,30 +1,31 @@
-//! A LLaMA-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3,
-//! granite, starcoder2, smollm3, stablelm, cohere, cohere2; mixtral, qwen2_moe, qwen3_moe, olmoe with experts), a GPT-NeoX one (gpt_neox), a
-//! Phi one (phi), a GPT-2 one (gpt2) or an OPT one (opt) as a tape: embedding (× √hidden:
-//! gemma) → per layer [RMSNorm (not olmo2) → q/k/v (→ RMSNorm of q and k: per head for qwen3 and gemma3, whole for olmo2) → RoPE (partial: phi3,
-//! gpt_neox; per layer kind: gemma3) → causal GQA attention (sliding-window where the config says; scores
-//! soft-capped: gemma2) → o (→ RMSNorm: gemma2/3, olmo2) → residual → RMSNorm (not olmo2) → gated MLP
-//! (SiLU, or tanh-GELU: gemma) (→ RMSNorm: gemma2/3, olmo2) → residual] → final RMSNorm → lm_head
-//! (→ soft-cap: gemma2) → cross-entropy. Gemma's norms multiply by 1 + w. Where the norms sit:
-//! `BlockNorms`.
-//! Phi-3's fused `qkv_proj` / `gate_up_proj` are read as the separate projections (row blocks of the
-//! stored matrices, [`Weights::split_rows`]). GPT-NeoX ([`BlockLayout::NeoX`]): LayerNorms with biases,
-//! one `query_key_value` projection whose output holds q, k and v of each head side by side (gathered by
-//! `Columns` ops), a GELU MLP with biases, and the attention and the MLP reading the same input (the
-//! parallel residual) or one after the other. Phi ([`BlockLayout::Phi`]): one LayerNorm whose output both
-//! the attention and the MLP read, an lm_head with a bias. Granite multiplies the embeddings, the scores,
-//! each branch before its residual add and the logits by constants (`Activation::Scale`). A
-//! vision-language checkpoint's language model is read where [`TensorNames`] finds it. A mixture of
-//! experts (mixtral, qwen2_moe, qwen3_moe, olmoe: the config's `Moe`) replaces a layer's gated MLP with
-//! its router (a `Linear` to the experts' logits) and one [`SparseMoe`] op (`tape/moe.rs`), plus
-//! Qwen2-MoE's shared expert × σ(gate) (`RowScale`). GPT-2 ([`BlockLayout::Gpt2`]) and OPT
-//! ([`BlockLayout::Opt`]) add learned position embeddings to the token embeddings (`Positions`) and
-//! rotate nothing; GPT-2's `Conv1D` weights are read transposed ([`Weights::transposed_columns`]).
-//! OLMo 3 is OLMo 2's block with Gemma 3's two rotary tables; SmolLM3 rotates nothing in its NoPE layers
-//! (`ModelConfig::rotary_layers`); StableLM ([`BlockLayout::StableLm`]) is LLaMA's block with
-//! LayerNorms and partial rotary, its parallel residual Phi's shared norm; Cohere
-//! ([`BlockLayout::Cohere`]) always has that shared norm, without a bias, and rotates interleaved pairs
-//! (`RopePairs`); Cohere 2 rotates in its sliding-window layers only.
+//! A decoder checkpoint (every `model_type` of [`ModelConfig`]) as a tape. The LLaMA block: embedding
+//! → per layer [norm → q/k/v (→ q/k norms) → RoPE → causal GQA attention → o → residual → norm → gated
+//! MLP → residual] → final norm → lm_head → cross-entropy. The families vary it through the config:
+//!
+//! * where the norms sit and what they are ([`BlockNorms`]; RMSNorm, or LayerNorm with a bias, without
+//!   one (Cohere) or without parameters (OLMo 1): [`BlockLayout::layer_norm`], `norm_bias`,
+//!   `norm_weight`; Gemma's gain 1 + w); q/k norms per head or over the projection (`QkNorm`);
+//! * the rotary embedding: its frequencies and scaling (`ModelConfig::rope_frequencies`), the part of a
+//!   head it turns, its pairing (`RopePairs`: Cohere's, GLM's interleaved), a second table by layer kind
+//!   (Gemma 3, OLMo 3), none in some layers (`rotary_layers`: SmolLM3, Cohere 2, EXAONE 4) or at all
+//!   (learned positions, `Positions`: GPT-2, OPT);
+//! * the attention: sliding windows per layer, the score scale and soft-cap (Gemma 2), `clip_qkv`
+//!   (OLMo, OLMoE: `Activation::Clamp`);
+//! * the projections' names and fusion ([`BlockLayout`]): Phi-3's `qkv_proj` and Phi-3's / GLM's
+//!   `gate_up_proj` read as row blocks of the stored matrices ([`Weights::split_rows`]); GPT-NeoX's and
+//!   Falcon's q, k and v per key/value group in one projection, gathered by `Columns` ops
+//!   (`BlockLayout::grouped_qkv`); GPT-2's `Conv1D` weights read transposed
+//!   ([`Weights::transposed_columns`]);
+//! * the MLP: gated, plain (up → act → down), or a mixture of experts (the config's `Moe`: a router
+//!   `Linear` and one [`SparseMoe`] op, `tape/moe.rs`, plus Qwen2-MoE's shared expert × σ(gate),
+//!   `RowScale`);
+//! * the residual: sequential, or the attention and the MLP in parallel on one shared norm (Phi,
+//!   StableLM, Cohere, Falcon-7B) or each on its own (GPT-NeoX, Falcon's `ln_attn` / `ln_mlp`:
+//!   `BlockLayout::mlp_reads_input`);
+//! * constant factors (`Activation::Scale`): Gemma's √hidden on the embeddings, Granite's multipliers,
+//!   Cohere's `logit_scale`; Gemma 2's soft-capped logits.
+//!
+//! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
 use super::config::{BlockLayout, BlockNorms, ModelConfig};
 use super::ops::{cpu::AttnShape, RopeTable};
@@ -565,8 +566,8 @@ impl Model {
                     t(&format!("{norm}.bias"), vec![h]);
                 }
             }
-            // The attention's input projections (as stored: fused for GPT-NeoX and Phi-3), its output
-            // projection, the MLP's projections (as stored: Phi-3's gate/up fused).
+            // The attention's input projections (as stored: fused for GPT-NeoX, Falcon and Phi-3), its
+            // output projection, the MLP's projections (as stored: Phi-3's and GLM's gate/up fused).
             let mut linears = match (c.layout.grouped_qkv(), c.layout) {
                 (Some(name), _) => vec![(name, qd + 2 * kvd, h, c.qkv_bias)],
                 // Conv1D: [in, out] as stored (read transposed), every one with a bias.
