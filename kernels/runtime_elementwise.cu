@@ -1,6 +1,6 @@
-// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, the logistic sigmoid, ReLU, GELU exact
-// and tanh-approximated, soft-capping, a constant factor, clamping, multiply, add, accumulate, the column-block
-// gather of GPT-NeoX's fused q/k/v, rows scaled by one value each) and the sum of squares of a gradient,
+// runtime_elementwise.cu — the runtime's elementwise ops (SiLU, the logistic sigmoid, ReLU, ReLU², GELU
+// exact and tanh-approximated, soft-capping, a constant factor, clamping, multiply, add, accumulate, the
+// column-block gather of GPT-NeoX's fused q/k/v, rows scaled by one value each) and the sum of squares of a gradient,
 // forward and backward side by side. Buffers are flat f32 of `n` elements; every kernel but
 // row_scale_backward (one block per row) is a grid-stride loop (any grid covers any n). Backwards
 // accumulate (+=), as on the CPU (src/runtime/ops/cpu.rs).
@@ -55,6 +55,21 @@ extern "C" __global__ void relu_backward(const float* __restrict__ x, const floa
                                          float* __restrict__ dx, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         if (x[i] > 0.0f) dx[i] += dy[i];
+}
+
+// y = max(x, 0)² (Arcee's MLP, transformers' "relu2")
+extern "C" __global__ void relu2_forward(const float* __restrict__ x, float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float r = x[i] < 0.0f ? 0.0f : x[i];
+        y[i] = r * r;
+    }
+}
+
+// dx += 2 max(x, 0) dy
+extern "C" __global__ void relu2_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                          float* __restrict__ dx, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        if (x[i] > 0.0f) dx[i] += 2.0f * x[i] * dy[i];
 }
 
 // GELU, tanh approximation (PyTorch's approximate="tanh", Gemma's GeGLU): x/2 (1 + tanh u),

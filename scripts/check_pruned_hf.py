@@ -76,6 +76,7 @@ CASES = {
     "ernie4_5_bias": ONE_BY_GRADNORM,
     "helium_interleaved": ONE_BY_GRADNORM,
     "seed_oss_bias": ONE_BY_GRADNORM,
+    "arcee_relu2": ONE_BY_GRADNORM,
     "olmo_clip_qkv": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
     # Layer 1 out: layer 2 renumbered under transformer.h.
     "falcon_new_arch": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,

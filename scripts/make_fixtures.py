@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -292,6 +292,14 @@ FIXTURES = [
                   num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-6,
                   rope_parameters=dict(rope_type="default", rope_theta=10000000.0)),
          seed=42),
+    # Arcee (AFM-4.5B): LLaMA's attention and RMSNorms with a plain MLP up_proj → ReLU² → down_proj;
+    # YaRN on every layer (×4 from 8 tokens, head_dim 8: the ramp over every frequency), GQA, untied.
+    dict(name="arcee_relu2", model_type="arcee", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=32,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                       original_max_position_embeddings=8)),
+         seed=43),
     # Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, tiny vision tower): the hub layout (model.…, visual.…,
     # lm_head), config.json rewritten flat as the hub's 4.x configs are (text fields at the top level,
     # rope_scaling {"type": "mrope"}); untied; on text alone its language model is Qwen2's.

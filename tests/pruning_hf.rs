@@ -361,10 +361,11 @@ fn ernie4_5_and_helium_match_transformers() {
     check_case("helium_interleaved");
 }
 
-/// Seed-OSS: q/k/v biases, o_proj without (`attention_out_bias`).
+/// Seed-OSS: q/k/v biases, o_proj without (`attention_out_bias`); Arcee: the ReLU² MLP, YaRN.
 #[test]
-fn seed_oss_matches_transformers() {
+fn seed_oss_and_arcee_match_transformers() {
     check_case("seed_oss_bias");
+    check_case("arcee_relu2");
 }
 
 /// OPT as the hub's facebook/opt-* checkpoints are stored (`decoder.…`, no `model.` prefix, tied), bf16:

@@ -123,6 +123,7 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
             Activation::Scale(-0.3),
             Activation::Sigmoid,
             Activation::Relu,
+            Activation::Relu2,
             Activation::Clamp(0.6),
         ] {
             let mut want = vec![0f32; n];

@@ -13,6 +13,7 @@
 mod common;
 
 use common::{fixture as dir, reference, rel, DECODER_FIXTURES as FIXTURES};
+use sglp_engine::runtime::ops::Activation;
 use sglp_engine::runtime::{Model, RopeScaling, Tokens};
 use std::path::Path;
 
@@ -501,6 +502,21 @@ fn exaone4_and_internlm3_match_pytorch() {
     assert!(
         rel(plain, dynamic) > 1e-4,
         "dynamic NTK changes nothing: {plain} vs {dynamic}"
+    );
+}
+
+/// Arcee's YaRN (on every layer) bites: plain RoPE gives another loss (PyTorch's is YaRN's); its MLP
+/// is up → ReLU² → down.
+#[test]
+fn arcee_relu2_and_yarn_match_pytorch() {
+    let (model, _) = load("arcee_relu2");
+    assert_eq!(model.config.activation, Activation::Relu2);
+    let (plain, yarn) = loss_edited("arcee_relu2", |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0})
+    });
+    assert!(
+        rel(plain, yarn) > 1e-3,
+        "YaRN changes nothing: {plain} vs {yarn}"
     );
 }
 

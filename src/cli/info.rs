@@ -128,6 +128,7 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Scale(_) => "scale",
         Activation::Sigmoid => "sigmoid",
         Activation::Relu => "ReLU",
+        Activation::Relu2 => "ReLU²",
         Activation::Clamp(_) => "clamp",
     };
     match c.layout {
@@ -150,6 +151,7 @@ fn describe_block(c: &ModelConfig) -> String {
              (x + attn(ln x) + mlp(ln x)); gated MLP ({act} gate)"
         ),
         BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
+        BlockLayout::Arcee => format!("2 RMSNorms; MLP up → {act} → down"),
         BlockLayout::Olmo => format!(
             "2 LayerNorms without parameters; gated MLP ({act} gate){}",
             c.clip_qkv

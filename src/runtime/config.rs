@@ -1,6 +1,6 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
-//! glm4, exaone4, ernie4_5, helium, seed_oss; with LayerNorms stablelm, cohere, cohere2, olmo), Falcon
+//! glm4, exaone4, ernie4_5, helium, seed_oss, arcee; with LayerNorms stablelm, cohere, cohere2, olmo), Falcon
 //! (falcon), GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others')
 //! and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
@@ -136,6 +136,8 @@ pub enum BlockLayout {
     /// (`enable_bias`), learned positions (offset 2), no rotary embedding,
     /// `model.decoder.final_layer_norm`.
     Opt,
+    /// Arcee (AFM): LLaMA's names and norms with a plain MLP `mlp.up_proj` → ReLU² → `mlp.down_proj`.
+    Arcee,
     /// OLMo (1): LLaMA's names and gated MLP with LayerNorms without parameters (no weight, no bias:
     /// the gain is `norm_offset`, 1).
     Olmo,
@@ -163,9 +165,9 @@ pub enum BlockLayout {
 }
 
 impl BlockLayout {
-    /// The norms are LayerNorms (all but LLaMA's), not RMSNorms.
+    /// The norms are LayerNorms (all but LLaMA's and Arcee's), not RMSNorms.
     pub fn layer_norm(self) -> bool {
-        !matches!(self, BlockLayout::Llama)
+        !matches!(self, BlockLayout::Llama | BlockLayout::Arcee)
     }
 
     /// The LayerNorms have biases (all but Cohere's and OLMo's).
@@ -182,6 +184,7 @@ impl BlockLayout {
     pub fn o_proj(self) -> &'static str {
         match self {
             BlockLayout::Llama
+            | BlockLayout::Arcee
             | BlockLayout::Olmo
             | BlockLayout::StableLm
             | BlockLayout::Cohere => "self_attn.o_proj",
@@ -230,6 +233,7 @@ impl BlockLayout {
             | BlockLayout::Olmo
             | BlockLayout::StableLm
             | BlockLayout::Cohere => None,
+            BlockLayout::Arcee => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
             BlockLayout::Starcoder2 => Some(("mlp.c_fc", "mlp.c_proj")),
@@ -651,7 +655,7 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, helium, \
-             seed_oss";
+             seed_oss, arcee";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -831,7 +835,7 @@ impl ModelConfig {
             ),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
-            | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" => {
+            | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" => {
                 (attention_bias, attention_bias)
             }
             _ => (false, false), // mistral, phi3, mixtral
@@ -870,6 +874,7 @@ impl ModelConfig {
             "opt" => BlockLayout::Opt,
             "stablelm" => BlockLayout::StableLm,
             "olmo" => BlockLayout::Olmo,
+            "arcee" => BlockLayout::Arcee,
             "falcon" => BlockLayout::Falcon {
                 ln_pair: falcon_block(v, path)? == FalconBlock::LnPair,
             },
@@ -936,6 +941,7 @@ impl ModelConfig {
                         | "internlm3"
                         | "exaone4"
                         | "ernie4_5"
+                        | "arcee"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -967,7 +973,7 @@ impl ModelConfig {
             ),
             mlp_bias: matches!(
                 model_type.as_str(),
-                "llama" | "granite" | "internlm3" | "helium" | "seed_oss"
+                "llama" | "granite" | "internlm3" | "helium" | "seed_oss" | "arcee"
             ) && mlp_bias
                 || ernie_bias
                 || neox
@@ -1764,6 +1770,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gpt2" => ("activation_function", "gelu_new"),
         "opt" => ("activation_function", "relu"),
         "falcon" => ("activation", "gelu"),
+        "arcee" => ("hidden_act", "relu2"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -1787,6 +1794,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu" if model_type == "gpt2" || model_type == "opt" => Ok(Activation::Gelu),
         "relu" if model_type == "opt" => Ok(Activation::Relu),
         "gelu" if model_type == "falcon" => Ok(Activation::Gelu),
+        "relu2" if model_type == "arcee" => Ok(Activation::Relu2),
         _ => Err(model_err(
             path,
             format!(
@@ -3231,6 +3239,24 @@ mod tests {
         assert!(c.qkv_bias && !c.o_bias && !c.mlp_bias);
         seed["attention_out_bias"] = true.into();
         assert!(ModelConfig::from_json(&seed, p).unwrap().o_bias);
+    }
+
+    /// Arcee AFM-4.5B's config: the plain ReLU² MLP with LLaMA's RMSNorms.
+    #[test]
+    fn arcee_hub_config() {
+        let p = Path::new("config.json");
+        let afm = serde_json::json!({
+            "model_type": "arcee", "vocab_size": 128004, "hidden_size": 2560,
+            "intermediate_size": 18432, "num_hidden_layers": 36, "num_attention_heads": 20,
+            "num_key_value_heads": 4, "hidden_act": "relu2", "rope_theta": 10000.0
+        });
+        let c = ModelConfig::from_json(&afm, p).unwrap();
+        assert_eq!(
+            (c.layout, c.activation),
+            (BlockLayout::Arcee, Activation::Relu2)
+        );
+        assert_eq!(c.layout.plain_mlp(), Some(("mlp.up_proj", "mlp.down_proj")));
+        assert!(!c.layout.layer_norm() && c.rms_norm_eps == 1e-5);
     }
 
     /// OLMo-7B-0424-hf's config: LayerNorms without parameters (eps 1e-5 whatever the config says,

@@ -286,6 +286,7 @@ impl TensorNames {
     pub fn decoder_only(layout: BlockLayout) -> Self {
         match layout {
             BlockLayout::Llama
+            | BlockLayout::Arcee
             | BlockLayout::Olmo
             | BlockLayout::Starcoder2
             | BlockLayout::StableLm

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 42] = [
+pub const DECODER_FIXTURES: [&str; 43] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -55,6 +55,7 @@ pub const DECODER_FIXTURES: [&str; 42] = [
     "ernie4_5_bias",
     "helium_interleaved",
     "seed_oss_bias",
+    "arcee_relu2",
 ];
 
 /// Run the `sglp-engine` binary with `args`.

@@ -718,6 +718,7 @@ pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
             Activation::Scale(s) => vmath::mul_scalar(xc, yc, s),
             Activation::Sigmoid => vmath::sigmoid(xc, yc),
             Activation::Relu => vmath::relu(xc, yc),
+            Activation::Relu2 => vmath::relu2(xc, yc),
             Activation::Clamp(c) => vmath::clamp(xc, yc, c),
         });
 }
@@ -735,6 +736,7 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
             Activation::Scale(s) => vmath::mul_scalar_backward(gc, dc, s),
             Activation::Sigmoid => vmath::sigmoid_backward(xc, gc, dc),
             Activation::Relu => vmath::relu_backward(xc, gc, dc),
+            Activation::Relu2 => vmath::relu2_backward(xc, gc, dc),
             Activation::Clamp(c) => vmath::clamp_backward(xc, gc, dc, c),
         });
 }
@@ -1745,13 +1747,14 @@ mod tests {
             Activation::Scale(-0.3),
             Activation::Sigmoid,
             Activation::Relu,
+            Activation::Relu2,
             Activation::Clamp(1.5),
         ] {
             let mut x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
             // ReLU has no derivative at 0, the clamp none at ±1.5: keep the inputs (and the ±1e-2
             // steps) clear of them.
             let kink = match act {
-                Activation::Relu => Some(0.0),
+                Activation::Relu | Activation::Relu2 => Some(0.0),
                 Activation::Clamp(c) => Some(c),
                 _ => None,
             };

@@ -1587,6 +1587,7 @@ impl Device for CudaDevice {
                 Activation::Scale(f) => kern.scale_forward.launch(s, c, x, y, n, f),
                 Activation::Sigmoid => kern.sigmoid_forward.launch(s, c, x, y, n),
                 Activation::Relu => kern.relu_forward.launch(s, c, x, y, n),
+                Activation::Relu2 => kern.relu2_forward.launch(s, c, x, y, n),
                 Activation::Clamp(cap) => kern.clamp_forward.launch(s, c, x, y, n, cap),
             }
         }
@@ -1605,6 +1606,7 @@ impl Device for CudaDevice {
             Activation::Gelu => self.binary(&kern.gelu_backward, x, dy, dx),
             Activation::Sigmoid => self.binary(&kern.sigmoid_backward, x, dy, dx),
             Activation::Relu => self.binary(&kern.relu_backward, x, dy, dx),
+            Activation::Relu2 => self.binary(&kern.relu2_backward, x, dy, dx),
             Activation::Softcap(f) | Activation::Scale(f) | Activation::Clamp(f) => {
                 let kernel = match act {
                     Activation::Softcap(_) => &kern.softcap_backward,

@@ -135,6 +135,8 @@ pub enum Activation {
     /// `max(x, 0)` (OPT's MLP, fc1 → ReLU → fc2); its slope is 1 where x > 0, else 0 (0 at x = 0 as in
     /// PyTorch).
     Relu,
+    /// `max(x, 0)²` (Arcee's MLP, up → ReLU² → down; transformers' "relu2"); its slope is 2 max(x, 0).
+    Relu2,
     /// `clamp(x, −c, c)` (OLMo's `clip_qkv` on q, k and v); its slope is 1 where |x| ≤ c, else 0 (as
     /// PyTorch's clamp: the bounds themselves pass the gradient).
     Clamp(f32),

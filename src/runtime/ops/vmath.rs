@@ -178,6 +178,25 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// `y = max(x, 0)²` (PyTorch's `relu(x).square()`).
+    pub fn relu2(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            let r = if v < 0.0 { 0.0 } else { v };
+            *o = r * r;
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dx += 2 max(x, 0) dy`.
+    pub fn relu2_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            *d += if v > 0.0 { 2.0 * v * g } else { 0.0 };
+        }
+    }
+}
+
+simd_kernel! {
     /// `y = x σ(x)`.
     pub fn silu(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {

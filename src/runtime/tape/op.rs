@@ -399,6 +399,7 @@ impl<D: Device> TapeOp<D> for Activate {
                 Activation::Scale(_) => "scale",
                 Activation::Sigmoid => "sigmoid",
                 Activation::Relu => "relu",
+                Activation::Relu2 => "relu2",
                 Activation::Clamp(_) => "clamp",
             },
             inputs: vec![self.x],

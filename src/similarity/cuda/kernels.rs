@@ -455,10 +455,10 @@ signatures! {
     RbfExp(k: Out<f32>, nn: u64, state: In<u32>, threshold: f64);
 
     // The runtime (kernels/runtime_*.cu).
-    /// silu_forward, sigmoid_forward, relu_forward, gelu_tanh_forward, gelu_forward
+    /// silu_forward, sigmoid_forward, relu_forward, relu2_forward, gelu_tanh_forward, gelu_forward
     Unary(x: In<f32>, y: Out<f32>, n: u64);
-    /// silu_backward, sigmoid_backward, relu_backward, gelu_tanh_backward, gelu_backward, mul_forward,
-    /// add_forward
+    /// silu_backward, sigmoid_backward, relu_backward, relu2_backward, gelu_tanh_backward,
+    /// gelu_backward, mul_forward, add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
     /// softcap_forward, scale_forward, clamp_forward
     SoftcapForward(x: In<f32>, y: Out<f32>, n: u64, c: f32);
@@ -589,6 +589,8 @@ kernel_table! {
             sigmoid_backward: Binary,
             relu_forward: Unary,
             relu_backward: Binary,
+            relu2_forward: Unary,
+            relu2_backward: Binary,
             gelu_tanh_forward: Unary,
             gelu_tanh_backward: Binary,
             gelu_forward: Unary,
