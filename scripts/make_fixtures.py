@@ -27,6 +27,7 @@ rounded first, then computed in f64).
 """
 import argparse
 import copy
+import functools
 import json
 import os
 import shutil
@@ -512,104 +513,93 @@ def round_embed_scale(model, dtype):
             emb.embed_scale.copy_(emb.embed_scale.to(dtype).to(torch.float32))
 
 
-def to_old_config(path):
+def config_rewrite(edit):
+    """`edit(c, ...)` as a rewrite of the config.json at `path` in place: `f(path, ...)` loads it into the
+    dict `c`, edits it and writes it back."""
+    @functools.wraps(edit)
+    def rewrite(path, *args, **kwargs):
+        with open(path) as f:
+            c = json.load(f)
+        edit(c, *args, **kwargs)
+        with open(path, "w") as f:
+            json.dump(c, f, indent=2)
+    return rewrite
+
+
+@config_rewrite
+def to_old_config(c):
     """Rewrite config.json in the transformers 4.x form: top-level rope_theta, partial_rotary_factor and
     rope_scaling."""
-    with open(path) as f:
-        c = json.load(f)
     rp = c.pop("rope_parameters")
     c["rope_theta"] = rp.pop("rope_theta")
     if "partial_rotary_factor" in rp:
         c["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
     c["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
-def to_per_kind_old_config(path):
+@config_rewrite
+def to_per_kind_old_config(c):
     """Rewrite a config.json whose rope_parameters are keyed by layer kind (OLMo 3) in the 4.x form:
     top-level rope_theta (both kinds) and rope_scaling (the full-attention layers')."""
-    with open(path) as f:
-        c = json.load(f)
     rp = c.pop("rope_parameters")
     full, sliding = rp["full_attention"], rp["sliding_attention"]
     assert full["rope_theta"] == sliding["rope_theta"] and sliding["rope_type"] == "default"
     c["rope_theta"] = full.pop("rope_theta")
     c["rope_scaling"] = full
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
-def rename_keys(path, names):
+@config_rewrite
+def rename_keys(c, names):
     """Rename config.json's keys (old → new: the names a hub config uses for a class attribute)."""
-    with open(path) as f:
-        c = json.load(f)
     for old, new in names.items():
         c[new] = c.pop(old)
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
-def drop_keys(path, keys):
+@config_rewrite
+def drop_keys(c, keys):
     """Remove `keys` from config.json (the config class derives them again)."""
-    with open(path) as f:
-        c = json.load(f)
     for k in keys:
         del c[k]
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
-def to_neox_old_config(path):
+@config_rewrite
+def to_neox_old_config(c):
     """Rewrite a GPT-NeoX config.json in the form Pythia's hub configs have: rotary_pct and
     rotary_emb_base."""
-    with open(path) as f:
-        c = json.load(f)
     rp = c.pop("rope_parameters")
     c["rotary_pct"] = rp["partial_rotary_factor"]
     c["rotary_emb_base"] = rp["rope_theta"]
     c["rope_scaling"] = None
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
-def drop_layer_types(path, extra):
+@config_rewrite
+def drop_layer_types(c, extra):
     """Remove `layer_types` from config.json (transformers derives it again from max_window_layers, or
     Gemma 3 from `sliding_window_pattern`, which `extra` adds)."""
-    with open(path) as f:
-        c = json.load(f)
     del c["layer_types"]
     if isinstance(extra, dict):
         c.update(extra)
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
-def sparsify_text_config(path, keep, add):
+@config_rewrite
+def sparsify_text_config(c, keep, add):
     """Cut config.json's text_config to the `keep` fields plus `add`, and drop the wrapper's
     tie_word_embeddings, as hub vision-language configs written by transformers 4.x are: the rest comes
     from the text config class's defaults."""
-    with open(path) as f:
-        c = json.load(f)
     c["text_config"] = dict({k: c["text_config"][k] for k in keep}, **add)
     c.pop("tie_word_embeddings", None)
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
-def flatten_config(path):
+@config_rewrite
+def flatten_config(c):
     """Rewrite a Qwen2.5-VL config.json in the hub's 4.x form: the text fields at the top level beside
     vision_config, rope_scaling {"type": "mrope", "mrope_section": …} and a top-level rope_theta."""
-    with open(path) as f:
-        c = json.load(f)
     text = c.pop("text_config")
     text.pop("model_type")
     rp = text.pop("rope_parameters")
     text["rope_theta"] = rp["rope_theta"]
     text["rope_scaling"] = {"type": "mrope", "mrope_section": rp["mrope_section"]}
     c.update(text)
-    with open(path, "w") as f:
-        json.dump(c, f, indent=2)
 
 
 def relayout(d):

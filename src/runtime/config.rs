@@ -811,8 +811,10 @@ impl ModelConfig {
         let glm = matches!(model_type.as_str(), "glm" | "glm4");
         let ernie_bias =
             model_type == "ernie4_5" && opt_bool(v, "use_bias", path)?.unwrap_or(false);
-        // GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half), as Cohere does.
-        let interleaved = glm || matches!(model_type.as_str(), "ernie4_5" | "helium");
+        // Cohere, GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half).
+        let interleaved = cohere || glm || matches!(model_type.as_str(), "ernie4_5" | "helium");
+        // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
+        let falcon_block = falcon.then(|| falcon_block(v, path)).transpose()?;
         let attention_bias =
             alias("attention_bias", "qkv_bias")?.unwrap_or(neox || glm || model_type == "seed_oss");
         let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(false);
@@ -876,7 +878,7 @@ impl ModelConfig {
             "olmo" => BlockLayout::Olmo,
             "arcee" => BlockLayout::Arcee,
             "falcon" => BlockLayout::Falcon {
-                ln_pair: falcon_block(v, path)? == FalconBlock::LnPair,
+                ln_pair: falcon_block == Some(FalconBlock::LnPair),
             },
             "cohere" | "cohere2" => BlockLayout::Cohere,
             _ => BlockLayout::Llama,
@@ -1002,7 +1004,7 @@ impl ModelConfig {
                 "phi" => BlockNorms::Shared,
                 "stablelm" if stablelm_parallel => BlockNorms::Shared,
                 "cohere" | "cohere2" => BlockNorms::Shared,
-                "falcon" if falcon_block(v, path)? == FalconBlock::SharedNorm => BlockNorms::Shared,
+                _ if falcon_block == Some(FalconBlock::SharedNorm) => BlockNorms::Shared,
                 _ if gemma23 => BlockNorms::Sandwich,
                 _ => BlockNorms::Pre,
             },
@@ -1026,7 +1028,7 @@ impl ModelConfig {
             moe,
             rotary_layers,
             clip_qkv: clip_qkv.map(|c| c as f32),
-            rope_pairs: match cohere || interleaved {
+            rope_pairs: match interleaved {
                 true => RopePairs::Interleaved,
                 false => RopePairs::Halves,
             },
@@ -1385,7 +1387,6 @@ fn falcon_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
             "field 'alibi' is true: Falcon's ALiBi position biases (Falcon-RW) are not supported",
         ));
     }
-    falcon_block(v, path)?;
     let get = |key: &str, default: u64| -> Result<u64> {
         Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
     };
