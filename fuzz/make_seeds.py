@@ -11,6 +11,7 @@ import os
 import random
 import struct
 import sys
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "fuzz", "corpus")
@@ -139,6 +140,15 @@ def main():
     save("tokenizer", "wordlevel", b"\x00" + json.dumps(wordlevel).encode())
     save("tokenizer", "text", bytes([1 | 2 << 1]) + read("tokenizer", "sample.txt"))
     save("tokenizer", "jsonl", bytes([1 | 3 << 1 | 0x80 | 0x40 | 1 << 4]) + read("tokenizer", "sample.jsonl"))
+    # torch.save files (scripts/make_torch_save_fixtures.py; a zip starts with "PK"), and the pickle of one
+    # alone (selector byte 0).
+    for f in ["acts.pt", "acts_list.pt", "acts_proto4.pt", "bad_view.pt", "bad_legacy.pt"]:
+        save("torch", f[:-3], read("torch_save", f))
+    save("torch", "checkpoint", read("llama_torch_bin", "pytorch_model.bin"))
+    with zipfile.ZipFile(os.path.join(FIX, "torch_save", "acts.pt")) as z:
+        save("torch", "pickle", b"\x00" + z.read("acts/data.pkl"))
+    with zipfile.ZipFile(os.path.join(FIX, "torch_save", "acts_proto4.pt")) as z:
+        save("torch", "pickle4", b"\x00" + z.read("acts_proto4/data.pkl"))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ CASES = {
     "llama_bf16_tied": ONE_BY_GRADNORM,
     "mistral_sharded": ["--target-layers", "2", "--batch", "2", "--cka-batch", "16",
                         "--selection", "subset"] + PINNED,
+    # torch.save checkpoints: pruned into safetensors (shards and index for the sharded one).
+    "llama_torch_bin": ONE_BY_GRADNORM,
+    "mistral_torch_sharded": ["--target-layers", "2", "--batch", "2", "--cka-batch", "16",
+                              "--selection", "subset"] + PINNED,
     "qwen2_f16_bias": ["--remove", "1", "--batch", "3", "--cka-batch", "16",
                        "--selection", "gradnorm"] + PINNED,
     "qwen3_qk_norm": ONE_BY_GRADNORM,

@@ -59,6 +59,18 @@ FIXTURES = [
                   num_key_value_heads=1, vocab_size=160, rms_norm_eps=1e-5, sliding_window=4096,
                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
          shard="40KB", seed=3),
+    # The two above as torch.save files: one pytorch_model.bin (bf16, the tied lm_head saved on the
+    # embedding's storage, a rotary inv_freq buffer per layer), and four .bin shards with their index.
+    dict(name="llama_torch_bin", model_type="llama", dtype=torch.bfloat16, token_dtype=np.int32,
+         cfg=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=100, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         torch_save=True, inv_freq=True, seed=2),
+    dict(name="mistral_torch_sharded", model_type="mistral", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=160, rms_norm_eps=1e-5, sliding_window=4096,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         shard="40KB", torch_save=True, seed=3),
     dict(name="qwen2_f16_bias", model_type="qwen2", dtype=torch.float16, token_dtype=np.int64,
          cfg=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=150, rms_norm_eps=1e-6, head_dim=8,
@@ -643,6 +655,36 @@ def strip_prefix(d, prefix):
     save_file(sd, path, metadata={"format": "pt"})
 
 
+def to_torch_save(d, tied, inv_freq=None):
+    """Rewrite the checkpoint in `d` as older ones are published: `torch.save` files (`pytorch_model.bin`,
+    or `pytorch_model-0000i-of-0000n.bin` shards listed in `pytorch_model.bin.index.json`). A tied
+    `lm_head.weight` is saved beside the embedding, sharing its storage, and with `inv_freq` each layer
+    carries the rotary buffer `…rotary_emb.inv_freq`, as LLaMA checkpoints of 2023 did."""
+    from safetensors.torch import load_file
+    names = {}
+    for f in sorted(os.listdir(d)):
+        if not f.endswith(".safetensors"):
+            continue
+        sd = load_file(os.path.join(d, f))
+        g = "pytorch_model" + f[len("model"):-len(".safetensors")] + ".bin"
+        if tied and "model.embed_tokens.weight" in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        if inv_freq is not None:
+            for k in [k for k in sd if k.endswith("self_attn.q_proj.weight")]:
+                sd[k.replace("q_proj.weight", "rotary_emb.inv_freq")] = inv_freq.clone()
+        torch.save(sd, os.path.join(d, g))
+        names.update({k: g for k in sd})
+        os.remove(os.path.join(d, f))
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            idx = json.load(fh)
+        idx["weight_map"] = dict(sorted(names.items()))
+        with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as fh:
+            json.dump(idx, fh, indent=2)
+        os.remove(index)
+
+
 def check_reload(spec, d, model, ids):
     """transformers reads the rewritten checkpoint (cut config, other layout) as the model it came from:
     every tensor found, the same logits."""
@@ -793,6 +835,9 @@ def build(spec, out_root):
         gpt2_hub_layout(d, model.config)
     if spec.get("opt_hub_layout"):
         strip_prefix(d, "model.")
+    if spec.get("torch_save"):
+        rotary = model.model.rotary_emb.inv_freq if spec.get("inv_freq") else None
+        to_torch_save(d, tied, rotary)
 
     rng = np.random.default_rng(spec["seed"])
     # Vision-language fixtures keep their image tokens out of the text.
@@ -800,7 +845,7 @@ def build(spec, out_root):
     tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
     np.save(os.path.join(d, "tokens.npy"), tokens)
     if "cls" in spec or any(spec.get(k) for k in ("neox_old_config", "gpt2_hub_layout", "opt_hub_layout",
-                                                   "reload")):
+                                                   "reload", "torch_save")):
         check_reload(spec, d, model, torch.from_numpy(tokens.astype(np.int64)))
 
     model = model.double()

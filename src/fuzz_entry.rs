@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Entry)] = &[
     ("images", images),
     ("matrix", matrix),
     ("tokenizer", tokenizer),
+    ("torch", torch),
 ];
 
 /// A fuzz entry point.
@@ -214,6 +215,41 @@ pub fn safetensors(data: &[u8]) {
                 if checked(w.expect(&name, &shape)).is_some() {
                     checked(w.get_f32(&name));
                 }
+            }
+        }
+    });
+}
+
+/// A `torch.save` file, read as activations (streamed) and as checkpoint weights (every tensor as f32).
+/// A first byte 0 instead hands the rest to the pickle interpreter alone, which the fuzzer could
+/// otherwise barely reach (a zip entry's checksum catches most changes to a pickle).
+pub fn torch(data: &[u8]) {
+    if let Some((&0, pickle)) = data.split_first() {
+        with_cap(data.len(), || {
+            let _ = crate::io::torch::pickle_tensor_count(pickle);
+        });
+        return;
+    }
+    let dir = tempdir();
+    let path = dir.path().join("acts.pt");
+    write(&path, data);
+    with_cap(data.len(), || {
+        if let Some(ts) = checked(crate::io::torch::read_tensors(data, &path)) {
+            for t in ts.iter().filter(|t| t.contiguous) {
+                let bytes = t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64;
+                assert!(
+                    t.offset + bytes <= data.len() as u64,
+                    "{}: located past the end of the file",
+                    t.name
+                );
+            }
+        }
+        stream(std::slice::from_ref(&path), TokenMode::Samples);
+        if let Some(w) = checked(Weights::open_file(&path)) {
+            let mut names: Vec<String> = w.names().map(str::to_string).collect();
+            names.sort();
+            for name in names {
+                checked(w.get_f32(&name));
             }
         }
     });

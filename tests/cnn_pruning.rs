@@ -10,7 +10,7 @@ use sglp_engine::pruning::cnn::{accuracy, prune_cnn, CnnPruneSpec, ImageFiles};
 use sglp_engine::pruning::pipeline::{Budget, Method, SglpOptions};
 use sglp_engine::runtime::cnn::{CnnModel, Images};
 use sglp_engine::similarity::{cpu::CpuBackend, Backend};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn digits() -> PathBuf {
     fixtures().join("cnn/trained_digits")
@@ -355,4 +355,43 @@ fn capture_and_cka_of_a_cnn_agree() {
     }
     // Neighbouring blocks are more alike than the first and the last.
     assert!(a[1] > a[8], "CKA(0,1) {} vs CKA(0,8) {}", a[1], a[8]);
+}
+
+/// A state_dict saved with `torch.save` (tests/fixtures/torch_save/resnet20.pt, made by
+/// scripts/make_torch_save_fixtures.py from cifar_resnet20_a's safetensors) prunes exactly as the
+/// safetensors file: the same layers removed, the same bytes written (as safetensors).
+#[test]
+fn prune_arch_reads_a_torch_save_state_dict() {
+    let d = fixtures().join("cnn/cifar_resnet20_a");
+    let out = tempfile::tempdir().unwrap();
+    let prune = |model: &Path, dest: &str| {
+        let dest = out.path().join(dest);
+        let o = engine(&[
+            "-q",
+            "prune",
+            "--model",
+            model.to_str().unwrap(),
+            "--arch",
+            "cifar-resnet20",
+            "--images",
+            d.join("images.npy").to_str().unwrap(),
+            "--labels",
+            d.join("labels.npy").to_str().unwrap(),
+            "--remove",
+            "2",
+            "--out",
+            dest.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let report = read_json(&dest.join("sglp-report.json"));
+        (
+            report["removed"].clone(),
+            std::fs::read(dest.join("model.safetensors")).unwrap(),
+        )
+    };
+    let (removed_st, bytes_st) = prune(&d.join("model.safetensors"), "st");
+    let (removed_pt, bytes_pt) = prune(&fixtures().join("torch_save/resnet20.pt"), "pt");
+    assert_eq!(removed_st.as_array().map(Vec::len), Some(2));
+    assert_eq!(removed_pt, removed_st);
+    assert!(bytes_pt == bytes_st, "the pruned state_dicts differ");
 }

@@ -448,7 +448,8 @@ fn missing_and_wrong_kind_of_input() {
     std::fs::write(&txt, "hello").unwrap();
     let e = err_of(open(&[&txt]));
     assert!(
-        e.contains(&path_str(&txt)) && e.contains("not a .safetensors file or a directory"),
+        e.contains(&path_str(&txt))
+            && e.contains("not a .safetensors file, a torch.save file (.pt, .bin) or a directory"),
         "{e}"
     );
 
@@ -865,4 +866,120 @@ fn damaged_files_never_panic() {
         }
         std::fs::write(target, &good).unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// torch.save files (tests/fixtures/torch_save, written by scripts/make_torch_save_fixtures.py with PyTorch)
+
+fn torch_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/torch_save")
+        .join(name)
+}
+
+/// Every layer of a torch.save file reads as exactly the values of its safetensors twin (same bytes
+/// from PyTorch), in the order the saved dict holds them; non-tensor entries are skipped; a list is
+/// `layer0..`, a slice with a storage offset and an `nn.Parameter` read like any tensor; pickle
+/// protocols 2 (torch.save's default) and 4 alike.
+#[test]
+fn torch_save_files_read_as_their_safetensors_twins() {
+    for (pt, twin, layers) in [
+        (
+            "acts.pt",
+            "acts.safetensors",
+            &["blocks.1", "blocks.0", "embed", "head"][..],
+        ),
+        (
+            "acts_proto4.pt",
+            "acts.safetensors",
+            &["blocks.1", "blocks.0", "embed", "head"][..],
+        ),
+        (
+            "acts_list.pt",
+            "acts_list.safetensors",
+            &["layer0", "layer1", "layer2"][..],
+        ),
+    ] {
+        let mut set = open(&[torch_fixture(pt)]).unwrap();
+        let mut reference = open(&[torch_fixture(twin)]).unwrap();
+        assert_eq!(names(&set), layers, "{pt}");
+        assert_eq!(names(&reference), layers, "{twin}");
+        assert_eq!(set.layers(), reference.layers(), "{pt}: dtypes and shapes");
+        assert_eq!(set.n_samples_hint(), Some(20));
+        let (got, sizes) = read_all(&mut set, 7);
+        assert_eq!(sizes, [7, 7, 6]);
+        let (want, _) = read_all(&mut reference, 7);
+        assert_eq!(got, want, "{pt}");
+        assert!(got.iter().all(|l| l.iter().any(|&v| v != 0.0)), "{pt}");
+    }
+    let set = open(&[torch_fixture("acts.pt")]).unwrap();
+    assert_eq!(set.layers()[1].shape, [20, 3, 2, 1]);
+    assert_eq!(set.layers()[1].dtype, DType::F16);
+    // --layers filters torch files as any other.
+    let set = open_with(
+        &[torch_fixture("acts.pt")],
+        TokenMode::Samples,
+        Some("^blocks"),
+    )
+    .unwrap();
+    assert_eq!(names(&set), ["blocks.1", "blocks.0"]);
+}
+
+#[test]
+fn torch_save_files_are_refused_with_their_reason() {
+    for (file, want) in [
+        ("bad_view.pt", "layer 'b': a view that is not contiguous"),
+        ("bad_int.pt", "layer 'b': unsupported dtype I64"),
+        ("bad_single.pt", "holds a single tensor"),
+        ("bad_legacy.pt", "legacy format (PyTorch < 1.6)"),
+    ] {
+        let path = torch_fixture(file);
+        let e = err_of(open(&[&path]));
+        assert!(
+            e.contains(want) && e.contains(&path_str(&path)),
+            "{file}: {e}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("acts.pt");
+    std::fs::write(&other, b"plain text, no tensors").unwrap();
+    let e = err_of(open(&[&other]));
+    assert!(
+        e.contains("not a .safetensors file, a torch.save file"),
+        "{e}"
+    );
+}
+
+/// Random corruption of a torch.save file (its pickle, its zip directory, its data) gives an error or a
+/// readable set, never a panic.
+#[test]
+fn corrupt_torch_files_give_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("acts.pt");
+    let good = std::fs::read(torch_fixture("acts.pt")).unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut errors = 0;
+    for trial in 0..600 {
+        let mut bytes = good.clone();
+        if trial % 4 == 0 {
+            bytes.truncate(rng.random_range(0..good.len()));
+        } else {
+            for _ in 0..rng.random_range(1..6) {
+                let i = rng.random_range(0..good.len());
+                bytes[i] = rng.random();
+            }
+        }
+        std::fs::write(&target, &bytes).unwrap();
+        match open(&[&target]) {
+            Ok(mut set) => while let Ok(Some(_)) = set.next_chunk(3) {},
+            Err(e) => {
+                assert!(!e.to_string().contains('\n'));
+                errors += 1;
+            }
+        }
+    }
+    assert!(
+        errors > 100,
+        "only {errors} of 600 corrupted files were refused"
+    );
 }

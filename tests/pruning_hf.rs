@@ -204,6 +204,14 @@ fn mistral_sharded_subset_selection_matches_transformers() {
     check_case("mistral_sharded");
 }
 
+/// The same two models saved with torch.save (`pytorch_model.bin`; `.bin` shards and their index),
+/// pruned into safetensors.
+#[test]
+fn torch_save_checkpoints_match_transformers() {
+    check_case("llama_torch_bin");
+    check_case("mistral_torch_sharded");
+}
+
 #[test]
 fn qwen2_f16_bias_matches_transformers() {
     check_case("qwen2_f16_bias");

@@ -11,6 +11,7 @@ pub mod npy;
 pub mod output;
 pub mod safetensors;
 pub mod shards;
+pub mod torch;
 
 pub use host_bytes::{HostBytes, PageLocked};
 pub use shards::{ActivationSet, ReadOptions, TokenMode};

@@ -11,6 +11,7 @@ use super::{check_finite, ActivationSource, Batch, HostBytes, LayerMeta, StoredT
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -249,10 +250,20 @@ fn open_shard(path: &Path, opts: &ReadOptions) -> Result<(ShardInfo, Vec<StoredT
             super::safetensors::read_header(path, opts.layers.as_ref())?,
         )
     } else {
-        return Err(Error::format(
-            path,
-            "not a .safetensors file or a directory of .npy files",
-        ));
+        let head = file_head(path)?;
+        if super::torch::is_torch_zip(&head) {
+            (
+                "torch",
+                super::torch::activation_tensors(path, opts.layers.as_ref())?,
+            )
+        } else if super::torch::is_legacy_torch(&head) {
+            return Err(Error::format(path, super::torch::LEGACY_FORMAT));
+        } else {
+            return Err(Error::format(
+                path,
+                "not a .safetensors file, a torch.save file (.pt, .bin) or a directory of .npy files",
+            ));
+        }
     };
 
     if kept.is_empty() {
@@ -293,6 +304,15 @@ fn open_shard(path: &Path, opts: &ReadOptions) -> Result<(ShardInfo, Vec<StoredT
         layers,
     };
     Ok((info, kept))
+}
+
+/// The first bytes of the file at `path` (fewer when it is shorter): enough to tell its format.
+fn file_head(path: &Path) -> Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(16);
+    File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(head)
 }
 
 /// `(rows, cols)` of the matrix a stored tensor is read as: axis 0 is samples, the other axes features,

@@ -7,11 +7,12 @@
 //!   by their new indices. In a vision-language checkpoint's config, this happens in its `text_config`
 //!   only.
 //! * weights: each input safetensors file becomes one output file of the same name holding its surviving
-//!   tensors, `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order;
+//!   tensors (a `torch.save` file, `pytorch_model….bin`, becomes `model….safetensors`), `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order;
 //!   the prefix is the decoder's, [`crate::runtime::TensorNames::layers_prefix`]; other tensors, a vision
 //!   tower's included, are kept as they are),
 //!   dtype, shape and bytes unchanged, the file's `__metadata__` kept. A sharded checkpoint keeps its
-//!   sharding (a shard left empty is dropped) and gets a rewritten `model.safetensors.index.json`.
+//!   sharding (a shard left empty is dropped) and gets a rewritten `model.safetensors.index.json`
+//!   (`total_size`, and `total_parameters` where the original recorded it).
 //! * the tokenizer and generation files (tokenizer*, special_tokens_map, generation_config, chat
 //!   template, vocab/merges, …) are copied as is.
 //!
@@ -23,9 +24,10 @@ use crate::io::output::{rename_dir, Staging};
 use crate::runtime::config::{
     pattern_layer_kinds, qwen_moe_sparse_layers, smollm3_rotary_layers, text_config,
 };
-use crate::runtime::weights::{weight_files, WeightFiles, INDEX_FILE};
-use safetensors::SafeTensors;
-use std::collections::{BTreeMap, HashMap};
+use crate::runtime::weights::{
+    file_metadata, map_weights, stored_weights, tensor_view, weight_files, WeightFormat, INDEX_FILE,
+};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// An output directory being built: a staging directory beside the destination (registered with
@@ -233,14 +235,15 @@ pub fn parameter_counts(
     let mut other = 0usize;
     for f in weight_files(model_dir)?.files {
         let path = model_dir.join(&f);
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: read-only map of a file we do not modify; a concurrent writer is the user's problem.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let (_, meta) =
-            SafeTensors::read_metadata(&map).map_err(|e| Error::format(&path, e.to_string()))?;
-        for (name, info) in meta.tensors().into_iter().filter(|(n, _)| !is_buffer(n)) {
-            let n: usize = info.shape.iter().product();
-            match layer_of(&name, layers).filter(|&l| l < num_layers) {
+        let map = map_weights(&path)?;
+        // torch.save stores a tied tensor once, under both names: count it once.
+        let mut seen = std::collections::HashSet::new();
+        for t in stored_weights(&map, &path)?
+            .into_iter()
+            .filter(|t| !is_buffer(&t.name) && seen.insert((t.start, t.end)))
+        {
+            let n: usize = t.shape.iter().product();
+            match layer_of(&t.name, layers).filter(|&l| l < num_layers) {
                 Some(l) => per_layer[l] += n,
                 None => other += n,
             }
@@ -297,7 +300,7 @@ pub fn write_pruned_checkpoint(
         &pruned_config(&config, kept, &config_path)?,
     )?;
 
-    let WeightFiles { files, sharded } = weight_files(model_dir)?;
+    let weights = weight_files(model_dir)?;
     let mut written = WrittenCheckpoint {
         files: Vec::new(),
         tensors: 0,
@@ -305,39 +308,47 @@ pub fn write_pruned_checkpoint(
     };
     let mut weight_map = BTreeMap::new();
     let mut total_size: u64 = 0;
-    for f in &files {
+    // Parameters written, a tied tensor (stored once by torch.save, under two names) counted once.
+    let mut total_parameters = 0usize;
+    for f in &weights.files {
         let src = model_dir.join(f);
-        let file = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
-        // SAFETY: read-only map of a file we do not modify.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&src, e))?;
-        let st = SafeTensors::deserialize(&map).map_err(|e| Error::format(&src, e.to_string()))?;
-        let (_, meta) =
-            SafeTensors::read_metadata(&map).map_err(|e| Error::format(&src, e.to_string()))?;
+        let map = map_weights(&src)?;
+        // A torch.save checkpoint is written as safetensors: the format transformers prefers, and the
+        // only one this writer produces.
+        let dst_name = match weights.format {
+            WeightFormat::Safetensors => f.clone(),
+            WeightFormat::Torch => safetensors_name(f),
+        };
+        let mut info = file_metadata(&map, &src)?;
         let mut keep = Vec::new();
-        for (name, view) in st.tensors() {
-            if let Some(new) = renamed_tensor(&name, layers, &renumber) {
+        let mut seen = std::collections::HashSet::new();
+        for t in stored_weights(&map, &src)? {
+            if let Some(new) = renamed_tensor(&t.name, layers, &renumber) {
+                if !is_buffer(&t.name) && seen.insert((t.start, t.end)) {
+                    total_parameters += t.shape.iter().product::<usize>();
+                }
+                let view = tensor_view(&map, &t, &src)?;
                 total_size += view.data().len() as u64;
-                weight_map.insert(new.clone(), f.clone());
+                weight_map.insert(new.clone(), dst_name.clone());
                 keep.push((new, view));
             }
         }
-        if keep.is_empty() && sharded {
+        if keep.is_empty() && weights.sharded {
             continue;
         }
-        let mut info: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
         // transformers refuses safetensors files without a "format" entry.
         info.entry("format".into()).or_insert_with(|| "pt".into());
-        let dst = out.join(f);
+        let dst = out.join(&dst_name);
         written.tensors += keep.len();
         safetensors::serialize_to_file(keep, Some(info), &dst)
             .map_err(|e| Error::format(&dst, e.to_string()))?;
         written.bytes += std::fs::metadata(&dst)
             .map_err(|e| Error::io(&dst, e))?
             .len();
-        written.files.push(f.clone());
+        written.files.push(dst_name);
     }
-    if sharded {
-        let index_path = model_dir.join(INDEX_FILE);
+    if weights.sharded {
+        let index_path = model_dir.join(weights.index_file());
         let mut index = read_json(&index_path)?;
         let obj = index
             .as_object_mut()
@@ -348,6 +359,10 @@ pub fn write_pruned_checkpoint(
             .unwrap_or_else(|| serde_json::json!({}));
         if let Some(m) = metadata.as_object_mut() {
             m.insert("total_size".into(), total_size.into());
+            // transformers ≥ 4.56 records it; a stale count would describe the unpruned model.
+            if m.contains_key("total_parameters") {
+                m.insert("total_parameters".into(), total_parameters.into());
+            }
         }
         obj.insert("metadata".into(), metadata);
         obj.insert(
@@ -359,6 +374,16 @@ pub fn write_pruned_checkpoint(
     }
     copy_other_files(model_dir, out)?;
     Ok(written)
+}
+
+/// The safetensors file a `torch.save` weights file is written as: `pytorch_model.bin` →
+/// `model.safetensors`, `pytorch_model-00001-of-00004.bin` → `model-00001-of-00004.safetensors`.
+fn safetensors_name(torch_file: &str) -> String {
+    let stem = torch_file.strip_suffix(".bin").unwrap_or(torch_file);
+    match stem.strip_prefix("pytorch_model") {
+        Some(rest) => format!("model{rest}.safetensors"),
+        None => format!("{stem}.safetensors"),
+    }
 }
 
 /// Whether a file of a checkpoint directory is a tokenizer or generation file to copy as is.
@@ -418,6 +443,8 @@ fn set_public_modes(_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::SafeTensors;
+    use std::collections::HashMap;
 
     /// A plain decoder's layers prefix.
     const L: &str = "model.layers.";
@@ -684,6 +711,67 @@ mod tests {
         assert!(out.path().join("tokenizer.json").exists());
         let (other, per_layer) = parameter_counts(out.path(), L, 2).unwrap();
         assert_eq!((other, per_layer), (8 + 2, vec![4, 4]));
+    }
+
+    /// A torch.save checkpoint (the fixtures made by scripts/make_fixtures.py from the same models as
+    /// their safetensors twins) is pruned into safetensors: the same tensors, bytes and index as pruning
+    /// the twin, but for the tied lm_head and the inv_freq buffers the torch files also carry.
+    #[test]
+    fn torch_checkpoints_are_pruned_into_safetensors() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let prefix = "model.layers.";
+        for (torch, twin, layers, kept) in [
+            ("llama_torch_bin", "llama_bf16_tied", 2, &[1][..]),
+            ("mistral_torch_sharded", "mistral_sharded", 3, &[0, 2][..]),
+        ] {
+            let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let wa = write_pruned_checkpoint(&fixtures.join(torch), a.path(), prefix, layers, kept)
+                .unwrap();
+            let wb = write_pruned_checkpoint(&fixtures.join(twin), b.path(), prefix, layers, kept)
+                .unwrap();
+            assert_eq!(wa.files, wb.files, "{torch}");
+            let extra = |n: &str| n == "lm_head.weight" || n.ends_with("rotary_emb.inv_freq");
+            for f in wa.files.iter().filter(|f| f.ends_with(".safetensors")) {
+                let (fa, fb) = (
+                    std::fs::read(a.path().join(f)).unwrap(),
+                    std::fs::read(b.path().join(f)).unwrap(),
+                );
+                let (sa, sb) = (
+                    SafeTensors::deserialize(&fa).unwrap(),
+                    SafeTensors::deserialize(&fb).unwrap(),
+                );
+                for (name, t) in sb.tensors() {
+                    let u = sa.tensor(&name).unwrap();
+                    assert_eq!(
+                        (u.dtype(), u.shape(), u.data()),
+                        (t.dtype(), t.shape(), t.data())
+                    );
+                }
+                for name in sa.names() {
+                    assert!(sb.tensor(name).is_ok() || extra(name), "{torch}: {name}");
+                }
+            }
+            let (pa, pb) = (
+                parameter_counts(a.path(), prefix, kept.len()).unwrap(),
+                parameter_counts(b.path(), prefix, kept.len()).unwrap(),
+            );
+            if torch == "llama_torch_bin" {
+                // Written as safetensors, the tied lm_head is a tensor of its own.
+                assert_eq!(pa.0, pb.0 + 100 * 48);
+                let original = parameter_counts(&fixtures.join(torch), prefix, layers).unwrap();
+                let twin_original = parameter_counts(&fixtures.join(twin), prefix, layers).unwrap();
+                assert_eq!(original, twin_original, "a tied tensor is counted once");
+            } else {
+                assert_eq!(pa, pb);
+                let (ia, ib) = (
+                    read_json(&a.path().join(INDEX_FILE)).unwrap(),
+                    read_json(&b.path().join(INDEX_FILE)).unwrap(),
+                );
+                assert_eq!(ia, ib);
+                let kept_params = pb.0 + pb.1.iter().sum::<usize>();
+                assert_eq!(ia["metadata"]["total_parameters"], kept_params);
+            }
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@ use super::prune::{
 use crate::error::{Error, Result};
 use crate::report::PruneReport;
 use crate::runtime::cnn::{arch::Shortcut, CnnModel, Family, Images, Stem, UnitKind};
+use crate::runtime::weights::{file_metadata, map_weights, stored_weights, tensor_view};
 use crate::similarity::Backend;
-use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -213,31 +213,26 @@ pub fn write_pruned_state_dict(model: &CnnModel, removed: &[usize], dst: &Path) 
         .iter()
         .flat_map(|&u| model.units()[u].prefixes.iter().map(String::as_str))
         .collect();
-    let file = std::fs::File::open(src).map_err(|e| Error::io(src, e))?;
-    // SAFETY: read-only map of a file we do not modify.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(src, e))?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| Error::format(src, e.to_string()))?;
-    let (_, meta) =
-        SafeTensors::read_metadata(&map).map_err(|e| Error::format(src, e.to_string()))?;
+    let map = map_weights(src)?;
     let under = |name: &str, prefix: &str| {
         name.strip_prefix(prefix)
             .is_some_and(|rest| rest.starts_with('.'))
     };
     let mut keep = Vec::new();
-    for (name, view) in st.tensors() {
-        if dropped.iter().any(|p| under(&name, p)) {
+    for t in stored_weights(&map, src)? {
+        if dropped.iter().any(|p| under(&t.name, p)) {
             continue;
         }
         // The longest matching prefix: `features.1` must not catch `features.10`.
         let new = renamed
             .iter()
-            .filter(|(old, _)| under(&name, old))
+            .filter(|(old, _)| under(&t.name, old))
             .max_by_key(|(old, _)| old.len())
-            .map(|(old, new)| format!("{new}{}", &name[old.len()..]))
-            .unwrap_or_else(|| name.clone());
-        keep.push((new, view));
+            .map(|(old, new)| format!("{new}{}", &t.name[old.len()..]))
+            .unwrap_or_else(|| t.name.clone());
+        keep.push((new, tensor_view(&map, &t, src)?));
     }
-    let mut info: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
+    let mut info = file_metadata(&map, src)?;
     info.entry("format".into()).or_insert_with(|| "pt".into());
     safetensors::serialize_to_file(keep, Some(info), dst)
         .map_err(|e| Error::format(dst, e.to_string()))

@@ -1,7 +1,9 @@
-//! Memory-mapped safetensors weights (`model.safetensors`, or shards listed in
-//! `model.safetensors.index.json`). Nothing is copied at load: a tensor is read when an op asks for it,
-//! borrowed straight from the map when it is f32 and aligned, otherwise converted to f32 for that op
-//! (bf16/f16 → f32, rayon-parallel) and dropped when the op is done.
+//! Memory-mapped checkpoint weights: safetensors (`model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`) or, for older checkpoints, `torch.save` files (`pytorch_model.bin`, or
+//! shards listed in `pytorch_model.bin.index.json`; read by [`crate::io::torch`] without running the
+//! pickle). Nothing is copied at load: a tensor is read when an op asks for it, borrowed straight from the
+//! map when it is f32 and aligned, otherwise converted to f32 for that op (bf16/f16 → f32,
+//! rayon-parallel) and dropped when the op is done.
 
 use super::tape::ParamStore;
 use crate::error::{Error, Result};
@@ -17,42 +19,72 @@ use std::path::{Path, PathBuf};
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint: `weight_map` maps each tensor to its shard's file name.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The same two of a checkpoint saved with `torch.save` (transformers' format before safetensors).
+pub const TORCH_SINGLE_FILE: &str = "pytorch_model.bin";
+pub const TORCH_INDEX_FILE: &str = "pytorch_model.bin.index.json";
 
-/// The safetensors files of a checkpoint directory.
+/// How a checkpoint's weight files are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    Safetensors,
+    /// `torch.save` zip archives.
+    Torch,
+}
+
+/// The weight files of a checkpoint directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightFiles {
     /// File names (in the directory), in natural order, each once.
     pub files: Vec<String>,
-    /// Whether they are the shards named by [`INDEX_FILE`] (else the one [`SINGLE_FILE`]).
+    /// Whether they are the shards named by an index (else the one single file).
     pub sharded: bool,
+    pub format: WeightFormat,
 }
 
-/// The safetensors files of the checkpoint in `dir`: `model.safetensors` when present (as transformers
-/// loads it), else the shards named by `model.safetensors.index.json`. The one reader of the index, for
-/// the runtime and for writing pruned checkpoints, so both see the same files.
+impl WeightFiles {
+    /// The index file of a sharded checkpoint of this format.
+    pub fn index_file(&self) -> &'static str {
+        match self.format {
+            WeightFormat::Safetensors => INDEX_FILE,
+            WeightFormat::Torch => TORCH_INDEX_FILE,
+        }
+    }
+}
+
+/// The weight files of the checkpoint in `dir`, in the order transformers looks for them:
+/// `model.safetensors`, the shards named by `model.safetensors.index.json`, `pytorch_model.bin`, the
+/// shards named by `pytorch_model.bin.index.json`. The one reader of the indexes, for the runtime and
+/// for writing pruned checkpoints, so both see the same files.
 pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
-    if dir.join(SINGLE_FILE).exists() {
-        return Ok(WeightFiles {
-            files: vec![SINGLE_FILE.to_string()],
-            sharded: false,
-        });
+    for (single, index, format) in [
+        (SINGLE_FILE, INDEX_FILE, WeightFormat::Safetensors),
+        (TORCH_SINGLE_FILE, TORCH_INDEX_FILE, WeightFormat::Torch),
+    ] {
+        if dir.join(single).exists() {
+            return Ok(WeightFiles {
+                files: vec![single.to_string()],
+                sharded: false,
+                format,
+            });
+        }
+        let index = dir.join(index);
+        if index.exists() {
+            let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
+            return Ok(WeightFiles {
+                files: parse_index(&bytes, &index)?,
+                sharded: true,
+                format,
+            });
+        }
     }
-    let index = dir.join(INDEX_FILE);
-    if !index.exists() {
-        return Err(Error::Model(format!(
-            "{}: no {SINGLE_FILE} or {INDEX_FILE}",
-            dir.display()
-        )));
-    }
-    let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
-    Ok(WeightFiles {
-        files: parse_index(&bytes, &index)?,
-        sharded: true,
-    })
+    Err(Error::Model(format!(
+        "{}: no {SINGLE_FILE}, {INDEX_FILE}, {TORCH_SINGLE_FILE} or {TORCH_INDEX_FILE}",
+        dir.display()
+    )))
 }
 
-/// The shard file names of a `model.safetensors.index.json` (its bytes; `index` names it in errors), in
-/// natural order, each once.
+/// The shard file names of an index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`;
+/// its bytes; `index` names it in errors), in natural order, each once.
 pub fn parse_index(bytes: &[u8], index: &Path) -> Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
@@ -81,6 +113,101 @@ pub fn parse_index(bytes: &[u8], index: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
+/// One tensor of a checkpoint file, located.
+#[derive(Clone, Debug)]
+pub struct StoredWeight {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file (of the elements, when `contiguous`).
+    pub start: usize,
+    pub end: usize,
+    /// False for a view `torch.save` kept with other strides (never in safetensors): such a tensor
+    /// cannot be read in place, and is refused when read.
+    pub contiguous: bool,
+}
+
+/// The tensors of one checkpoint file (its mapped bytes; `path` names it in errors): a safetensors file,
+/// or a `torch.save` zip archive.
+pub fn stored_weights(map: &[u8], path: &Path) -> Result<Vec<StoredWeight>> {
+    if crate::io::torch::is_torch_zip(map) {
+        let tensors = crate::io::torch::read_tensors(map, path)?;
+        return Ok(tensors
+            .into_iter()
+            .map(|t| {
+                let start = t.offset as usize;
+                let len = t.shape.iter().product::<usize>() * t.dtype.size();
+                StoredWeight {
+                    name: t.name,
+                    dtype: t.dtype.safetensors(),
+                    shape: t.shape,
+                    start,
+                    end: start + len,
+                    contiguous: t.contiguous,
+                }
+            })
+            .collect());
+    }
+    if crate::io::torch::is_legacy_torch(map) {
+        return Err(Error::format(path, crate::io::torch::LEGACY_FORMAT));
+    }
+    let (n, meta) = SafeTensors::read_metadata(map)
+        .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+    let base = 8 + n;
+    Ok(meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| StoredWeight {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: base + info.data_offsets.0,
+            end: base + info.data_offsets.1,
+            contiguous: true,
+        })
+        .collect())
+}
+
+/// Tensor `t` of the mapped checkpoint file `map` as a safetensors view of its bytes, for writing it out
+/// unchanged; an error for a view [`StoredWeight::contiguous`] is false for.
+pub fn tensor_view<'a>(
+    map: &'a [u8],
+    t: &StoredWeight,
+    path: &Path,
+) -> Result<safetensors::tensor::TensorView<'a>> {
+    if !t.contiguous {
+        return Err(Error::layer(path, &t.name, NOT_CONTIGUOUS));
+    }
+    let bytes = map
+        .get(t.start..t.end)
+        .ok_or_else(|| Error::layer(path, &t.name, "data offsets run past the end of the file"))?;
+    safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), bytes)
+        .map_err(|e| Error::layer(path, &t.name, e.to_string()))
+}
+
+/// The `__metadata__` of a mapped checkpoint file: a safetensors file's, none for a `torch.save` file.
+pub fn file_metadata(map: &[u8], path: &Path) -> Result<HashMap<String, String>> {
+    if crate::io::torch::is_torch_zip(map) {
+        return Ok(HashMap::new());
+    }
+    let (_, meta) = SafeTensors::read_metadata(map)
+        .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Memory-map a checkpoint file (read-only).
+pub fn map_weights(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the checkpoint is opened read-only; like every mmap-based loader we assume the file is not
+    // truncated by another process while it is mapped.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// What is said of a tensor [`StoredWeight::contiguous`] is false for.
+pub const NOT_CONTIGUOUS: &str =
+    "saved by torch.save as a view with other strides, which cannot be \
+     read in place; save the state_dict with contiguous tensors, or as safetensors";
+
 /// One stored value (its little-endian bytes) as f32.
 type Decode = fn(&[u8]) -> f32;
 
@@ -91,6 +218,8 @@ struct TensorLoc {
     /// Absolute byte range in the file.
     start: usize,
     end: usize,
+    /// See [`StoredWeight::contiguous`].
+    contiguous: bool,
     /// A transposed column block of a stored `[rows, stored_cols]` matrix ([`Weights::transposed_columns`]):
     /// `shape` is `[cols, rows]`, `start..end` the whole stored matrix.
     columns: Option<Columns>,
@@ -113,12 +242,13 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Open the checkpoint directory's safetensors file(s) and index their tensors.
+    /// Open the checkpoint directory's weight file(s) ([`weight_files`]) and index their tensors.
     pub fn open(dir: &Path) -> Result<Self> {
         Self::open_paths(weight_files(dir)?.files.into_iter().map(|f| dir.join(f)))
     }
 
-    /// Open one safetensors file (a PyTorch `state_dict` saved with `safetensors.torch.save_file`).
+    /// Open one weights file (a PyTorch `state_dict` saved with `safetensors.torch.save_file`, or with
+    /// `torch.save`).
     pub fn open_file(path: &Path) -> Result<Self> {
         Self::open_paths(std::iter::once(path.to_path_buf()))
     }
@@ -127,22 +257,17 @@ impl Weights {
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for path in names {
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            // SAFETY: the checkpoint is opened read-only; like every mmap-based loader we assume the file
-            // is not truncated by another process while it is mapped.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let (n, meta) = SafeTensors::read_metadata(&map)
-                .map_err(|e| Error::format(&path, format!("not a safetensors file: {e}")))?;
-            let base = 8 + n;
-            for (name, info) in meta.tensors() {
+            let map = map_weights(&path)?;
+            for t in stored_weights(&map, &path)? {
                 tensors.insert(
-                    name,
+                    t.name,
                     TensorLoc {
                         file: files.len(),
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        start: base + info.data_offsets.0,
-                        end: base + info.data_offsets.1,
+                        dtype: t.dtype,
+                        shape: t.shape,
+                        start: t.start,
+                        end: t.end,
+                        contiguous: t.contiguous,
                         columns: None,
                     },
                 );
@@ -195,7 +320,7 @@ impl Weights {
                 "data offsets do not match the shape and dtype",
             ));
         }
-        let (file, dtype, mut start) = (loc.file, loc.dtype, loc.start);
+        let (file, dtype, mut start, contiguous) = (loc.file, loc.dtype, loc.start, loc.contiguous);
         for (name, r) in parts {
             let end = start + r * row_bytes;
             self.tensors.insert(
@@ -206,6 +331,7 @@ impl Weights {
                     shape: if one_d { vec![*r] } else { vec![*r, cols] },
                     start,
                     end,
+                    contiguous,
                     columns: None,
                 },
             );
@@ -240,7 +366,8 @@ impl Weights {
                 ))
             }
         };
-        let (file, dtype, start, end) = (loc.file, loc.dtype, loc.start, loc.end);
+        let (file, dtype, start, end, contiguous) =
+            (loc.file, loc.dtype, loc.start, loc.end, loc.contiguous);
         let mut first = 0;
         for (name, c) in parts {
             self.tensors.insert(
@@ -251,6 +378,7 @@ impl Weights {
                     shape: vec![*c, rows],
                     start,
                     end,
+                    contiguous,
                     columns: Some(Columns {
                         stored_cols: total,
                         first,
@@ -316,6 +444,9 @@ impl Weights {
     /// The stored bytes of tensor `name` at `loc` in its mapped file.
     fn stored_bytes(&self, name: &str, loc: &TensorLoc) -> Result<&[u8]> {
         let (path, map) = &self.files[loc.file];
+        if !loc.contiguous {
+            return Err(Error::layer(path, name, NOT_CONTIGUOUS));
+        }
         map.get(loc.start..loc.end)
             .ok_or_else(|| Error::layer(path, name, "data offsets run past the end of the file"))
     }
