@@ -313,6 +313,16 @@ FIXTURES = [
                   rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                        original_max_position_embeddings=8)),
          seed=43),
+    # InternLM2 / InternLM2.5 (remote code: transformers has no class for it, so the model is LLaMA, the
+    # same network, and the checkpoint is rewritten in InternLM2's names, its per-group fused wqkv and its
+    # 4.x config): GQA (2 queries per key/value head), biases on wqkv and wo (`bias`), dynamic NTK from
+    # 8 positions (the sequences are 16), bf16, untied, pad_token_id 2.
+    dict(name="internlm2_wqkv", model_type="llama", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=8,
+                  attention_bias=True, pad_token_id=2,
+                  rope_parameters=dict(rope_type="dynamic", rope_theta=1000000.0, factor=2.0)),
+         internlm2=True, seed=44),
     # Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, tiny vision tower): the hub layout (model.…, visual.…,
     # lm_head), config.json rewritten flat as the hub's 4.x configs are (text fields at the top level,
     # rope_scaling {"type": "mrope"}); untied; on text alone its language model is Qwen2's.
@@ -685,6 +695,56 @@ def to_torch_save(d, tied, inv_freq=None):
         os.remove(index)
 
 
+def to_internlm2(d, cfg):
+    """Rewrite the LLaMA checkpoint in `d` as InternLM2's remote code saves it: `model.tok_embeddings`,
+    `attention_norm`, `attention.wqkv` (per key/value head: its queries, its key, its value, weights and
+    biases), `attention.wo`, `ffn_norm`, `feed_forward.w1/w3/w2` (gate, up, down), `output`; config.json in
+    InternLM2Config's form (`bias`, top-level `rope_theta`, 4.x `rope_scaling` with "type")."""
+    from safetensors.torch import load_file
+    path = os.path.join(d, "model.safetensors")
+    sd = load_file(path)
+    heads, kv, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    hd, g = hidden // heads, heads // kv
+    out = {}
+    for l in range(cfg.num_hidden_layers):
+        p = f"model.layers.{l}."
+        for kind in ["weight", "bias"]:
+            if p + f"self_attn.q_proj.{kind}" not in sd:
+                continue
+            rest = (hidden,) if kind == "weight" else ()
+            q = sd.pop(p + f"self_attn.q_proj.{kind}").reshape(kv, g, hd, *rest)
+            k = sd.pop(p + f"self_attn.k_proj.{kind}").reshape(kv, 1, hd, *rest)
+            v = sd.pop(p + f"self_attn.v_proj.{kind}").reshape(kv, 1, hd, *rest)
+            out[p + f"attention.wqkv.{kind}"] = torch.cat([q, k, v], dim=1).reshape(-1, *rest).contiguous()
+    names = [("model.embed_tokens.", "model.tok_embeddings."), ("self_attn.o_proj.", "attention.wo."),
+             ("mlp.gate_proj.", "feed_forward.w1."), ("mlp.up_proj.", "feed_forward.w3."),
+             ("mlp.down_proj.", "feed_forward.w2."), ("input_layernorm.", "attention_norm."),
+             ("post_attention_layernorm.", "ffn_norm."), ("lm_head.", "output.")]
+    for key, t in sd.items():
+        for old, new in names:
+            key = key.replace(old, new)
+        out[key] = t
+    os.remove(path)
+    save_file(out, path, metadata={"format": "pt"})
+    rp = cfg.rope_parameters
+    config = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "model_type": "internlm2", "attn_implementation": "eager", "bias": cfg.attention_bias,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": cfg.pad_token_id, "hidden_act": "silu",
+        "hidden_size": hidden, "intermediate_size": cfg.intermediate_size, "initializer_range": 0.02,
+        "max_position_embeddings": cfg.max_position_embeddings, "num_attention_heads": heads,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": kv,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": rp["rope_theta"],
+        "rope_scaling": {"type": rp["rope_type"], "factor": rp["factor"]},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def check_reload(spec, d, model, ids):
     """transformers reads the rewritten checkpoint (cut config, other layout) as the model it came from:
     every tensor found, the same logits."""
@@ -835,6 +895,8 @@ def build(spec, out_root):
         gpt2_hub_layout(d, model.config)
     if spec.get("opt_hub_layout"):
         strip_prefix(d, "model.")
+    if spec.get("internlm2"):
+        to_internlm2(d, model.config)
     if spec.get("torch_save"):
         rotary = model.model.rotary_emb.inv_freq if spec.get("inv_freq") else None
         to_torch_save(d, tied, rotary)

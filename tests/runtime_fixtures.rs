@@ -703,3 +703,38 @@ fn info_describes_windows_caps_and_rotary() {
         assert!(text.contains(want), "{name}: {text}");
     }
 }
+
+/// InternLM2 (its names, its per-group wqkv, its 4.x config; made from a LLaMA whose PyTorch numbers
+/// are the reference): dynamic NTK bites, and the pruned checkpoint (layer 1 removed, written in
+/// InternLM2's names) gives PyTorch's loss without layer 1.
+#[test]
+fn internlm2_matches_pytorch_and_prunes() {
+    let name = "internlm2_wqkv";
+    let (model, tokens) = load(name);
+    assert_eq!(model.names.embed, "model.tok_embeddings.weight");
+    assert_eq!(model.names.lm_head, "output.weight");
+    assert!(matches!(
+        model.config.rope_scaling,
+        RopeScaling::Dynamic { .. }
+    ));
+    let (plain, dynamic) = loss_edited(name, |c| c["rope_scaling"] = serde_json::Value::Null);
+    assert!(
+        rel(plain, dynamic) > 1e-4,
+        "dynamic NTK changes nothing: {plain} vs {dynamic}"
+    );
+    let out = tempfile::tempdir().unwrap();
+    sglp_engine::pruning::checkpoint::write_pruned_checkpoint(
+        &dir(name),
+        out.path(),
+        &model.names.layers_prefix(),
+        3,
+        &[0, 2],
+    )
+    .unwrap();
+    let pruned = Model::load(out.path()).unwrap();
+    assert_eq!(pruned.config.num_hidden_layers, 2);
+    let (refs, _) = reference(name);
+    let want = refs["loss_skip1"][0];
+    let loss = pruned.forward(&tokens, &[], None).unwrap();
+    assert!(rel(loss, want) < 1e-5, "pruned loss {loss} vs {want}");
+}

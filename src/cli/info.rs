@@ -152,6 +152,9 @@ fn describe_block(c: &ModelConfig) -> String {
         ),
         BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
         BlockLayout::Arcee => format!("2 RMSNorms; MLP up → {act} → down"),
+        BlockLayout::InternLm2 => format!(
+            "2 RMSNorms; q/k/v fused per key/value group (wqkv); gated MLP w1/w3/w2 ({act} gate)"
+        ),
         BlockLayout::Olmo => format!(
             "2 LayerNorms without parameters; gated MLP ({act} gate){}",
             c.clip_qkv

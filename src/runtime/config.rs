@@ -1,6 +1,7 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
-//! glm4, exaone4, ernie4_5, helium, seed_oss, arcee; with LayerNorms stablelm, cohere, cohere2, olmo), Falcon
+//! glm4, exaone4, ernie4_5, helium, seed_oss, arcee, internlm2 under its own names; with LayerNorms
+//! stablelm, cohere, cohere2, olmo), Falcon
 //! (falcon), GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others')
 //! and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
@@ -157,6 +158,11 @@ pub enum BlockLayout {
     /// attention and the MLP in parallel on one shared norm ([`BlockNorms::Shared`]), on two
     /// (`ln_pair`: `ln_attn`, `ln_mlp`, both reading the block's input), or one after the other.
     Falcon { ln_pair: bool },
+    /// InternLM2 and InternLM2.5 (remote code, `InternLM2ForCausalLM`): LLaMA's block under other names:
+    /// `attention_norm`, `attention.wqkv` (per key/value group: its queries, its key, its value, as
+    /// Falcon's), `attention.wo`, `ffn_norm`, a gated MLP `feed_forward.{w1,w3,w2}` (gate, up, down);
+    /// `model.tok_embeddings`, `output`.
+    InternLm2,
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
@@ -167,7 +173,10 @@ pub enum BlockLayout {
 impl BlockLayout {
     /// The norms are LayerNorms (all but LLaMA's and Arcee's), not RMSNorms.
     pub fn layer_norm(self) -> bool {
-        !matches!(self, BlockLayout::Llama | BlockLayout::Arcee)
+        !matches!(
+            self,
+            BlockLayout::Llama | BlockLayout::Arcee | BlockLayout::InternLm2
+        )
     }
 
     /// The LayerNorms have biases (all but Cohere's and OLMo's).
@@ -193,6 +202,7 @@ impl BlockLayout {
             BlockLayout::Starcoder2 => "self_attn.o_proj",
             BlockLayout::Gpt2 => "attn.o_proj",
             BlockLayout::Falcon { .. } => "self_attention.dense",
+            BlockLayout::InternLm2 => "attention.wo",
             BlockLayout::Opt => "self_attn.out_proj",
         }
     }
@@ -203,6 +213,7 @@ impl BlockLayout {
         match self {
             BlockLayout::NeoX { .. } => Some("attention.query_key_value"),
             BlockLayout::Falcon { .. } => Some("self_attention.query_key_value"),
+            BlockLayout::InternLm2 => Some("attention.wqkv"),
             _ => None,
         }
     }
@@ -232,7 +243,8 @@ impl BlockLayout {
             BlockLayout::Llama
             | BlockLayout::Olmo
             | BlockLayout::StableLm
-            | BlockLayout::Cohere => None,
+            | BlockLayout::Cohere
+            | BlockLayout::InternLm2 => None,
             BlockLayout::Arcee => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
@@ -243,11 +255,20 @@ impl BlockLayout {
         }
     }
 
+    /// A gated MLP's module and its gate, up and down projections.
+    pub fn gated_mlp(self) -> (&'static str, [&'static str; 3]) {
+        match self {
+            BlockLayout::InternLm2 => ("feed_forward", ["w1", "w3", "w2"]),
+            _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        }
+    }
+
     /// The block's norms' names where `norms` places them (GPT-2 names its two `ln_1`, `ln_2`).
     pub fn norm_names(self, norms: BlockNorms) -> [Option<&'static str>; 4] {
         match self {
             BlockLayout::Falcon { ln_pair: true } => [Some("ln_attn"), Some("ln_mlp"), None, None],
             BlockLayout::Gpt2 => [Some("ln_1"), Some("ln_2"), None, None],
+            BlockLayout::InternLm2 => [Some("attention_norm"), Some("ffn_norm"), None, None],
             BlockLayout::Opt => [
                 Some("self_attn_layer_norm"),
                 Some("final_layer_norm"),
@@ -654,8 +675,8 @@ impl ModelConfig {
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
-             stablelm, cohere, cohere2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, helium, \
-             seed_oss, arcee";
+             stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
+             helium, seed_oss, arcee";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -827,6 +848,11 @@ impl ModelConfig {
             "opt" | "falcon" => (enable_bias, enable_bias),
             "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
             "cohere" | "cohere2" | "internlm3" => (attention_bias, attention_bias),
+            // InternLM2Config's `bias` (default true) is on wqkv and wo; its MLP has none.
+            "internlm2" => {
+                let b = opt_bool(v, "bias", path)?.unwrap_or(true);
+                (b, b)
+            }
             "glm" | "glm4" | "helium" => (attention_bias, false),
             // Ernie4_5Config's `use_bias` puts a bias on every projection.
             "ernie4_5" => (ernie_bias, ernie_bias),
@@ -881,6 +907,7 @@ impl ModelConfig {
                 ln_pair: falcon_block == Some(FalconBlock::LnPair),
             },
             "cohere" | "cohere2" => BlockLayout::Cohere,
+            "internlm2" => BlockLayout::InternLm2,
             _ => BlockLayout::Llama,
         };
         let learned_positions = match model_type.as_str() {
@@ -1853,7 +1880,8 @@ fn parse_pad_token_id(
         None if matches!(model_type, "olmo" | "olmo2" | "olmo3") => 1,
         None if model_type.starts_with("cohere") => 0,
         None if model_type == "internlm3" => 2,
-        None if model_type == "ernie4_5" => 0,
+        // InternLM2Config (remote code) defaults it to 0; its embedding takes it as padding_idx.
+        None if matches!(model_type, "ernie4_5" | "internlm2") => 0,
         None if model_type == "helium" => 3,
         None if model_type == "seed_oss" => 1,
         None if matches!(model_type, "glm" | "glm4") => 151329,
@@ -3061,6 +3089,41 @@ mod tests {
         assert_eq!(full, (3..32).step_by(4).collect::<Vec<_>>());
         assert_eq!(c.rotary_layers, c.sliding_layers);
         assert_eq!(c.logits_scale, Some(0.0625));
+    }
+
+    /// InternLM2.5-7B's hub config (remote code: `bias` on wqkv and wo, true by default; 4.x dynamic
+    /// NTK; pad 2) and the class defaults.
+    #[test]
+    fn internlm2_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": false,
+            "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "num_attention_heads": 32, "num_hidden_layers": 32,
+            "num_key_value_heads": 8, "pad_token_id": 2, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 2.0, "type": "dynamic"}, "rope_theta": 1000000,
+            "tie_word_embeddings": false, "vocab_size": 92544
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(c.layout, BlockLayout::InternLm2);
+        assert_eq!((c.head_dim, c.pad_token_id), (128, Some(2)));
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.tie_word_embeddings);
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Dynamic {
+                factor: 2.0,
+                max_position_embeddings: 32768
+            }
+        );
+        let mut defaults = hub.clone();
+        let o = defaults.as_object_mut().unwrap();
+        for key in ["bias", "pad_token_id", "rms_norm_eps"] {
+            o.remove(key);
+        }
+        let c = ModelConfig::from_json(&defaults, p).unwrap();
+        assert!(c.qkv_bias && c.o_bias && !c.mlp_bias);
+        assert_eq!((c.pad_token_id, c.rms_norm_eps), (Some(0), 1e-6));
     }
 
     /// InternLM3-8B's hub config (`qkv_bias` / `bias` names, head_dim 128, dynamic NTK); GLM-4-9B's

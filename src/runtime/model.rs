@@ -291,6 +291,10 @@ impl TensorNames {
             | BlockLayout::Starcoder2
             | BlockLayout::StableLm
             | BlockLayout::Cohere => Self::llama("model.", "lm_head.weight"),
+            BlockLayout::InternLm2 => TensorNames {
+                embed: "model.tok_embeddings.weight".into(),
+                ..Self::llama("model.", "output.weight")
+            },
             BlockLayout::Phi => TensorNames {
                 norm: "model.final_layernorm".into(),
                 ..Self::llama("model.", "lm_head.weight")
@@ -625,11 +629,15 @@ impl Model {
                     ("mlp.gate_up_proj", 2 * i, h, c.mlp_bias),
                     ("mlp.down_proj", h, i, c.mlp_bias),
                 ]),
-                (None, false) => linears.extend([
-                    ("mlp.gate_proj", i, h, c.mlp_bias),
-                    ("mlp.up_proj", i, h, c.mlp_bias),
-                    ("mlp.down_proj", h, i, c.mlp_bias),
-                ]),
+                (None, false) => {
+                    let (module, [gate, up, down]) = c.layout.gated_mlp();
+                    for (p, rows, cols) in [(gate, i, h), (up, i, h), (down, h, i)] {
+                        t(&format!("{module}.{p}.weight"), vec![rows, cols]);
+                        if c.mlp_bias {
+                            t(&format!("{module}.{p}.bias"), vec![rows]);
+                        }
+                    }
+                }
             }
             for (name, rows, cols, bias) in linears {
                 t(&format!("{name}.weight"), vec![rows, cols]);
@@ -1199,10 +1207,15 @@ impl Model {
         });
 
         // A gated MLP `module` of intermediate size `inter` on `b`: down(act(gate b) ⊙ up b).
-        let gated = |tape: &mut Tape<D>, b: BufId, module: &str, inter: usize| {
+        // A gated MLP's projections under `module` (LLaMA's names; InternLM2's dense MLP has its own).
+        let gated = |tape: &mut Tape<D>,
+                     b: BufId,
+                     module: &str,
+                     [gate, up, down]: [&str; 3],
+                     inter: usize| {
             let proj = |p: &str| format!("{module}.{p}");
-            let gate = linear(tape, b, &proj("gate_proj"), h, inter, c.mlp_bias);
-            let up = linear(tape, b, &proj("up_proj"), h, inter, c.mlp_bias);
+            let gate = linear(tape, b, &proj(gate), h, inter, c.mlp_bias);
+            let up = linear(tape, b, &proj(up), h, inter, c.mlp_bias);
             let act = push_activate(
                 tape,
                 gate,
@@ -1217,8 +1230,9 @@ impl Model {
                 b: up,
                 out: m,
             });
-            linear(tape, m, &proj("down_proj"), inter, h, c.mlp_bias)
+            linear(tape, m, &proj(down), inter, h, c.mlp_bias)
         };
+        const LLAMA_GATED: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
         // The MLP of its (normed) input `b`: gated (LLaMA), up → act → down (GPT-NeoX, Phi), or the
         // sparse mixture of experts (+ Qwen2-MoE's gated shared expert).
         let mlp = |tape: &mut Tape<D>, b: BufId| {
@@ -1265,7 +1279,7 @@ impl Model {
                     match moe.shared_inter {
                         None => out,
                         Some(si) => {
-                            let shared = gated(tape, b, "mlp.shared_expert", si);
+                            let shared = gated(tape, b, "mlp.shared_expert", LLAMA_GATED, si);
                             let g = linear(tape, b, "mlp.shared_expert_gate", h, 1, false);
                             let name = format!("{pre}.mlp.shared_expert_gate.sigmoid");
                             let g = push_activate(tape, g, Activation::Sigmoid, name, n, 1);
@@ -1286,7 +1300,10 @@ impl Model {
                         }
                     }
                 }
-                (None, None) => gated(tape, b, "mlp", inter),
+                (None, None) => {
+                    let (module, projections) = c.layout.gated_mlp();
+                    gated(tape, b, module, projections, inter)
+                }
             };
             maybe_norm(tape, out, norm_mlp_out)
         };
