@@ -236,6 +236,7 @@ fn main() {
             window: None,
             scale: None,
             softcap: None,
+            alibi: None,
         }
     } else {
         AttnShape {
@@ -247,6 +248,7 @@ fn main() {
             window: None,
             scale: None,
             softcap: None,
+            alibi: None,
         }
     };
     let rows = sh.seqs * sh.tokens;

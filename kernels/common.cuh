@@ -38,6 +38,22 @@ __device__ __forceinline__ float tanh_cap(float s, float cap) {
     return tanh_cap_slope<FAST>(s, cap, &slope);
 }
 
+// ALiBi (BLOOM, MPT, Falcon-RW): the attention adds slope_h · (j − i) to the scaled score of query i and
+// key j (relative, so the bias is 0 on the diagonal; BLOOM's slope_h · j differs by a constant per row,
+// which the softmax ignores). slope_h is BLOOM's and MPT's geometric sequence for `heads` heads: with p
+// the largest power of two ≤ heads, 2^(−max_bias (h + 1) / p) for h < p, then the odd terms of the
+// sequence for 2p heads, 2^(−max_bias (2 (h − p) + 1) / (2p)); times `factor` (Falcon adds the bias
+// before scaling the scores, so its factor is the scale). factor 0: no ALiBi. The CPU twin is
+// `Alibi::slope` (src/runtime/ops/cpu.rs).
+__device__ __forceinline__ float alibi_slope(int h, int heads, float max_bias, float factor) {
+    if (factor == 0.0f) return 0.0f;
+    int p = 1;
+    while (p * 2 <= heads) p *= 2;
+    const float e = h < p ? max_bias * (float)(h + 1) / (float)p
+                          : max_bias * (float)(2 * (h - p) + 1) / (float)(2 * p);
+    return factor * exp2f(-e);
+}
+
 // One layer of a launch: the 3 little-endian u64 words per layer (24 bytes) that `layer_tables` in
 // src/similarity/cuda/mod.rs writes, the third being `cols | dtype << 32`.
 struct LayerDesc {

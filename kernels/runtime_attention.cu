@@ -5,7 +5,8 @@
 //   q/out [seqs·tokens, heads·hd], k/v [seqs·tokens, kv_heads·hd], query head h reads kv head
 //   h / (heads / kv_heads); query i sees keys i − w < j ≤ i with a window w (window > 0), else j ≤ i;
 //   S = scale · q kᵀ with scale = 1/sqrt(hd) (f32; Gemma: 1/sqrt(query_pre_attn_scalar)), soft-capped
-//   to softcap · tanh(S / softcap) when softcap > 0 (Gemma 2), P = exp(S − lse).
+//   to softcap · tanh(S / softcap) when softcap > 0 (Gemma 2), with ALiBi's slope_h · (j − i) added to S
+//   first when alibi_factor ≠ 0 (alibi_slope in common.cuh), P = exp(S − lse).
 // One warp per query row (forward, dq) or per key row (dk, dv): lane l holds dimensions l, l + 32, ...
 // (head_dim ≤ ATT_MAXD). Each warp owns its output row, so there are no atomics and the result is
 // deterministic. This is the correct baseline, not a tensor-core kernel: K/V rows come through L1/L2
@@ -31,7 +32,7 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
                                              const float* __restrict__ v, float* __restrict__ out,
                                              float* __restrict__ lse, int seqs, int tokens, int heads,
                                              int kv_heads, int hd, int window, float scale,
-                                             float softcap) {
+                                             float softcap, float alibi_max_bias, float alibi_factor) {
     int warp = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (warp >= seqs * heads * tokens) return;
@@ -48,6 +49,7 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
         qr[c] = d < hd ? qi[d] : 0.0f;
         acc[c] = 0.0f;
     }
+    const float slope = alibi_slope(h, heads, alibi_max_bias, alibi_factor);
     float m = -__int_as_float(0x7f800000), l = 0.0f;
     for (int j = att_first_key(i, window); j <= i; ++j) {
         const float* kj = kb + (u64)j * kw;
@@ -58,7 +60,7 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
             int d = lane + 32 * c;
             if (d < hd) dot += qr[c] * kj[d];
         }
-        float sc = tanh_cap<false>(att_warp_sum(dot) * scale, softcap);
+        float sc = tanh_cap<false>(att_warp_sum(dot) * scale + slope * (float)(j - i), softcap);
         float mn = fmaxf(m, sc);
         float corr = expf(m - mn);  // 0 on the first key (m = −inf)
         float e = expf(sc - mn);
@@ -106,7 +108,7 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
                                                  const float* __restrict__ dout, float* __restrict__ dq,
                                                  float* __restrict__ delta, int seqs, int tokens, int heads,
                                                  int kv_heads, int hd, int window, float scale,
-                                                 float softcap) {
+                                                 float softcap, float alibi_max_bias, float alibi_factor) {
     int warp = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (warp >= seqs * heads * tokens) return;
@@ -127,13 +129,14 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
     u64 row = ((u64)s * heads + h) * tokens + i;
     float L = lse[row];
     int j0 = att_first_key(i, window);
+    const float bias_slope = alibi_slope(h, heads, alibi_max_bias, alibi_factor);
     double dsum = 0.0;
     for (int j = j0; j <= i; ++j) {
         const float* kj = kb + (u64)j * kw;
         const float* vj = vb + (u64)j * kw;
         float a, dp;
         att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
-        float p = expf(tanh_cap<false>(a * scale, softcap) - L);
+        float p = expf(tanh_cap<false>(a * scale + bias_slope * (float)(j - i), softcap) - L);
         dsum += (double)p * (double)dp;
     }
     float D = (float)dsum;  // as stored for the dk/dv kernel, so both use the same value
@@ -144,7 +147,7 @@ extern "C" __global__ void attention_backward_dq(const float* __restrict__ q, co
         float a, dp;
         att_dots(qr, kj, dor, vj, lane, hd, &a, &dp);
         float slope;
-        float p = expf(tanh_cap_slope<false>(a * scale, softcap, &slope) - L);
+        float p = expf(tanh_cap_slope<false>(a * scale + bias_slope * (float)(j - i), softcap, &slope) - L);
         float ds = (float)((double)p * ((double)dp - (double)D)) * slope;
 #pragma unroll
         for (int c = 0; c < ATT_PER_LANE; ++c) {
@@ -169,7 +172,7 @@ extern "C" __global__ void attention_backward_dkv(const float* __restrict__ q, c
                                                   const float* __restrict__ delta, float* __restrict__ dk,
                                                   float* __restrict__ dv, int seqs, int tokens, int heads,
                                                   int kv_heads, int hd, int window, float scale,
-                                                  float softcap) {
+                                                  float softcap, float alibi_max_bias, float alibi_factor) {
     int warp = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (warp >= seqs * kv_heads * tokens) return;
@@ -191,13 +194,15 @@ extern "C" __global__ void attention_backward_dkv(const float* __restrict__ q, c
         const float* qb = q + (u64)s * tokens * qw + (u64)h * hd;
         const float* db = dout + (u64)s * tokens * qw + (u64)h * hd;
         u64 row0 = ((u64)s * heads + h) * tokens;
+        const float bias_slope = alibi_slope(h, heads, alibi_max_bias, alibi_factor);
         for (int i = j; i < i1; ++i) {
             const float* qi = qb + (u64)i * qw;
             const float* doi = db + (u64)i * qw;
             float a, dp;
             att_dots(kr, qi, vr, doi, lane, hd, &a, &dp);
             float slope;
-            float p = expf(tanh_cap_slope<false>(a * scale, softcap, &slope) - lse[row0 + i]);
+            float p = expf(tanh_cap_slope<false>(a * scale + bias_slope * (float)(j - i), softcap, &slope) -
+                           lse[row0 + i]);
             float ds = (float)((double)p * ((double)dp - (double)delta[row0 + i])) * slope;
 #pragma unroll
             for (int c = 0; c < ATT_PER_LANE; ++c) {

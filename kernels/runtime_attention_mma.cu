@@ -117,7 +117,8 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
                                                       const float* __restrict__ v, float* __restrict__ out,
                                                       float* __restrict__ lse, int tokens, int heads,
                                                       int kv_heads, int window, float scale,
-                                                      float softcap) {
+                                                      float softcap, float alibi_max_bias,
+                                                      float alibi_factor) {
     __shared__ __align__(16) u16 Ks[FA_K][HD + FA_PAD];
     __shared__ __align__(16) u16 Vt[HD][FA_K + FA_PAD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -137,6 +138,7 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
     const float NEG_INF = -__int_as_float(0x7f800000);
+    const float bias_slope = alibi_slope(h, heads, alibi_max_bias, alibi_factor);
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
     const int q_last = min(q0 + FA_Q, tokens) - 1;
@@ -159,7 +161,8 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
             for (int e = 0; e < 4; ++e) {
                 const int row = (e >> 1) ? r_hi : r_lo, j = j0 + nt * 8 + 2 * t + (e & 1);
                 const bool ok = j <= row && j >= fa_first_key(row, window) && j < tokens;
-                sc[nt][e] = ok ? tanh_cap<true>(sc[nt][e] * scale, softcap) : NEG_INF;
+                sc[nt][e] =
+                    ok ? tanh_cap<true>(sc[nt][e] * scale + bias_slope * (float)(j - row), softcap) : NEG_INF;
                 mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
             }
         float corr[2], mu[2];
@@ -210,15 +213,17 @@ __device__ __forceinline__ void attention_forward_mma(const float* __restrict__ 
 extern "C" __global__ void __launch_bounds__(128)
 attention_forward_mma64(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                         float* __restrict__ out, float* __restrict__ lse, int tokens, int heads, int kv_heads,
-                        int window, float scale, float softcap) {
-    attention_forward_mma<64>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale, softcap);
+                        int window, float scale, float softcap, float alibi_max_bias, float alibi_factor) {
+    attention_forward_mma<64>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale, softcap, alibi_max_bias,
+                              alibi_factor);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
 attention_forward_mma128(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                          float* __restrict__ out, float* __restrict__ lse, int tokens, int heads, int kv_heads,
-                         int window, float scale, float softcap) {
-    attention_forward_mma<128>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale, softcap);
+                         int window, float scale, float softcap, float alibi_max_bias, float alibi_factor) {
+    attention_forward_mma<128>(q, k, v, out, lse, tokens, heads, kv_heads, window, scale, softcap, alibi_max_bias,
+                               alibi_factor);
 }
 
 // ------------------------------------------------------------------ backward on tensor cores
@@ -248,7 +253,8 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
                                                           const float* __restrict__ lse,
                                                           const float* __restrict__ dout, float* __restrict__ dq,
                                                           float* __restrict__ delta, int tokens, int heads,
-                                                          int kv_heads, int window, float scale, float softcap) {
+                                                          int kv_heads, int window, float scale, float softcap,
+                                                          float alibi_max_bias, float alibi_factor) {
     __shared__ __align__(16) u16 Ks[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Vs[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Kt[HD][FB_STEP + FA_PAD];
@@ -261,6 +267,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
     const float* vb = v + (u64)s * tokens * kw + (u64)kvh * HD;
     const int r_lo = q0 + warp * 16 + g, rows[2] = {r_lo, r_lo + 8};
     const u64 lrow = ((u64)s * heads + h) * tokens;
+    const float bias_slope = alibi_slope(h, heads, alibi_max_bias, alibi_factor);
     float L[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) L[r] = rows[r] < tokens ? lse[lrow + rows[r]] : 0.0f;
@@ -295,7 +302,8 @@ __device__ __forceinline__ void attention_backward_dq_mma(const float* __restric
                     const int r = e >> 1, row = rows[r], j = j0 + nt * 8 + 2 * t + (e & 1);
                     const bool ok = j <= row && j >= fa_first_key(row, window) && j < tokens && row < tokens;
                     float slope;
-                    const float s = tanh_cap_slope<true>(sc[nt][e] * scale, softcap, &slope);
+                    const float s =
+                        tanh_cap_slope<true>(sc[nt][e] * scale + bias_slope * (float)(j - row), softcap, &slope);
                     const float p = ok ? expf(s - L[r]) : 0.0f;
                     if (pass == 0) dsum[r] += (double)p * (double)dp[nt][e];
                     else sc[nt][e] = p * (dp[nt][e] - D[r]) * slope;  // dS
@@ -328,7 +336,8 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
                                                            const float* __restrict__ dout,
                                                            const float* __restrict__ delta, float* __restrict__ dk,
                                                            float* __restrict__ dv, int tokens, int heads,
-                                                           int kv_heads, int window, float scale, float softcap) {
+                                                           int kv_heads, int window, float scale, float softcap,
+                                                           float alibi_max_bias, float alibi_factor) {
     __shared__ __align__(16) u16 Qs[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Ds[FB_STEP][HD + FA_PAD];
     __shared__ __align__(16) u16 Qt[FB_DIMS][FB_STEP + FA_PAD];
@@ -356,6 +365,7 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
         const float* qb = q + (u64)s * tokens * qw + (u64)h * HD;
         const float* db = dout + (u64)s * tokens * qw + (u64)h * HD;
         const u64 lrow = ((u64)s * heads + h) * tokens;
+        const float bias_slope = alibi_slope(h, heads, alibi_max_bias, alibi_factor);
         for (int ib = k0 / FB_STEP; ib <= i_last / FB_STEP; ++ib) {
             const int i0 = ib * FB_STEP;
             __syncthreads();
@@ -374,7 +384,8 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
                     const int j = cols[e >> 1], i = i0 + nt * 8 + 2 * t + (e & 1);
                     const bool ok = j <= i && j >= fa_first_key(i, window) && i < tokens && j < tokens;
                     float slope;
-                    const float s = tanh_cap_slope<true>(sc[nt][e] * scale, softcap, &slope);
+                    const float s =
+                        tanh_cap_slope<true>(sc[nt][e] * scale + bias_slope * (float)(j - i), softcap, &slope);
                     const float p = ok ? expf(s - lse[lrow + i]) : 0.0f;
                     sc[nt][e] = p;                                                      // Pᵀ
                     dp[nt][e] = ok ? p * (dp[nt][e] - delta[lrow + i]) * slope : 0.0f;  // dSᵀ
@@ -398,21 +409,21 @@ __device__ __forceinline__ void attention_backward_dkv_mma(const float* __restri
 // Grid (ceil(tokens / 64), heads, seqs), 128 threads; writes delta ([seqs, heads, tokens]) for the dkv
 // kernel, which runs after it: grid (ceil(tokens / 64) · HD / 64, kv_heads, seqs), 128 threads.
 #define FA_BACKWARD(HD)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma##HD(                            \
-        const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                  \
-        const float* __restrict__ lse, const float* __restrict__ dout, float* __restrict__ dq,                  \
-        float* __restrict__ delta, int tokens, int heads, int kv_heads, int window, float scale,                \
-        float softcap) {                                                                                         \
-        attention_backward_dq_mma<HD>(q, k, v, lse, dout, dq, delta, tokens, heads, kv_heads, window, scale,   \
-                                      softcap);                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma##HD(                             \
+        const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                   \
+        const float* __restrict__ lse, const float* __restrict__ dout, float* __restrict__ dq,                   \
+        float* __restrict__ delta, int tokens, int heads, int kv_heads, int window, float scale,                 \
+        float softcap, float alibi_max_bias, float alibi_factor) {                                               \
+        attention_backward_dq_mma<HD>(q, k, v, lse, dout, dq, delta, tokens, heads, kv_heads, window, scale,     \
+                                      softcap, alibi_max_bias, alibi_factor);                                    \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dkv_mma##HD(                           \
-        const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                  \
-        const float* __restrict__ lse, const float* __restrict__ dout, const float* __restrict__ delta,         \
-        float* __restrict__ dk, float* __restrict__ dv, int tokens, int heads, int kv_heads, int window,        \
-        float scale, float softcap) {                                                                            \
-        attention_backward_dkv_mma<HD>(q, k, v, lse, dout, delta, dk, dv, tokens, heads, kv_heads, window,     \
-                                       scale, softcap);                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attention_backward_dkv_mma##HD(                            \
+        const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                   \
+        const float* __restrict__ lse, const float* __restrict__ dout, const float* __restrict__ delta,          \
+        float* __restrict__ dk, float* __restrict__ dv, int tokens, int heads, int kv_heads, int window,         \
+        float scale, float softcap, float alibi_max_bias, float alibi_factor) {                                  \
+        attention_backward_dkv_mma<HD>(q, k, v, lse, dout, delta, dk, dv, tokens, heads, kv_heads, window,       \
+                                       scale, softcap, alibi_max_bias, alibi_factor);                            \
     }
 FA_BACKWARD(64)
 FA_BACKWARD(128)

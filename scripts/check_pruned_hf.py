@@ -46,6 +46,10 @@ CASES = {
     "llama_torch_bin": ONE_BY_GRADNORM,
     "mistral_torch_sharded": ["--target-layers", "2", "--batch", "2", "--cka-batch", "16",
                               "--selection", "subset"] + PINNED,
+    # ALiBi: Falcon-RW (bf16), BLOOM (the hub's layout, without `transformer.`) and MPT (`n_layers`).
+    "falcon_rw_alibi": ONE_BY_GRADNORM,
+    "bloom_alibi": ONE_BY_GRADNORM,
+    "mpt_alibi_clip": ONE_BY_GRADNORM,
     "qwen2_f16_bias": ["--remove", "1", "--batch", "3", "--cka-batch", "16",
                        "--selection", "gradnorm"] + PINNED,
     "qwen3_qk_norm": ONE_BY_GRADNORM,

@@ -276,6 +276,25 @@ FIXTURES = [
                   new_decoder_architecture=False, bias=True,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=38),
+    # Falcon-RW: the oldest block with ALiBi in place of the rotary embedding; 6 heads, so the slopes run
+    # over 4 (a power of two) and then the odd terms of the sequence for 8; bf16.
+    dict(name="falcon_rw_alibi", model_type="falcon", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, vocab_size=128,
+                  layer_norm_epsilon=1e-5, multi_query=False, parallel_attn=False,
+                  new_decoder_architecture=False, bias=True, alibi=True),
+         seed=45),
+    # BLOOM: Falcon-RW's block (q, k and v per head, sequential, biases) with the tanh GELU, ALiBi on the
+    # scaled scores (6 heads), a LayerNorm on the embeddings, tied; in the hub's layout (bigscience's
+    # checkpoints were saved from BloomModel: `h.0.…`, `word_embeddings.weight`, no `transformer.`).
+    dict(name="bloom_alibi", model_type="bloom", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=48, n_layer=3, n_head=6, vocab_size=128, layer_norm_epsilon=1e-5),
+         bloom_hub_layout=True, seed=46),
+    # MPT: LayerNorms without biases, q, k and v stacked in Wqkv and clamped to ±0.5 (clip_qkv: small
+    # enough to bite on random weights), ALiBi over 6 heads, an exact-GELU MLP, no biases, tied.
+    dict(name="mpt_alibi_clip", model_type="mpt", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(d_model=48, n_heads=6, n_layers=3, vocab_size=128, layer_norm_epsilon=1e-5,
+                  attn_config=dict(alibi=True, clip_qkv=0.5)),
+         reload=True, seed=47),
     # OLMo (1): LayerNorms without weights or biases (eps 1e-5), q, k and v clamped to ±1.5
     # (clip_qkv, as OLMo-7B-0424's 8 on real weights: small enough to bite here), untied, pad 1.
     dict(name="olmo_clip_qkv", model_type="olmo", dtype=torch.float32, token_dtype=np.int64,
@@ -475,8 +494,11 @@ def text_model(model):
 
 
 def layers_name(text):
-    """The attribute holding the decoder's layers: GPT-2's `h`, else `layers`."""
-    return "h" if hasattr(text, "h") else "layers"
+    """The attribute holding the decoder's layers: GPT-2's `h`, MPT's `blocks`, else `layers`."""
+    for name in ("h", "blocks"):
+        if hasattr(text, name):
+            return name
+    return "layers"
 
 
 def embedding(model):
@@ -493,7 +515,7 @@ def lm_head(model):
 
 def final_norm(model):
     text = text_model(model)
-    for name in ("final_layer_norm", "final_layernorm", "ln_f", "norm"):
+    for name in ("final_layer_norm", "final_layernorm", "ln_f", "norm_f", "norm"):
         if hasattr(text, name):
             return getattr(text, name)
     raise AttributeError("no final norm")
@@ -821,9 +843,10 @@ def hidden_states(model, ids):
             hs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
         return f
 
-    if any(hasattr(text_model(model), a) for a in ("embedding_multiplier", "wpe", "embed_positions")):
-        # Granite scales the embedding outside its module, GPT-2 and OPT add their positions: state 0 is
-        # what decoder layer 0 reads.
+    if any(hasattr(text_model(model), a) for a in ("embedding_multiplier", "wpe", "embed_positions",
+                                                   "word_embeddings_layernorm")):
+        # Granite scales the embedding outside its module, GPT-2 and OPT add their positions, BLOOM
+        # normalises it: state 0 is what decoder layer 0 reads.
         def pre(_mod, args, kwargs):
             hs[0] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         handles = [decoder_layers(model)[0].register_forward_pre_hook(pre, with_kwargs=True)]
@@ -895,6 +918,8 @@ def build(spec, out_root):
         gpt2_hub_layout(d, model.config)
     if spec.get("opt_hub_layout"):
         strip_prefix(d, "model.")
+    if spec.get("bloom_hub_layout"):
+        strip_prefix(d, "transformer.")
     if spec.get("internlm2"):
         to_internlm2(d, model.config)
     if spec.get("torch_save"):
@@ -907,7 +932,7 @@ def build(spec, out_root):
     tokens = rng.integers(0, vocab, size=(SEQS, TOKENS)).astype(spec["token_dtype"])
     np.save(os.path.join(d, "tokens.npy"), tokens)
     if "cls" in spec or any(spec.get(k) for k in ("neox_old_config", "gpt2_hub_layout", "opt_hub_layout",
-                                                   "reload", "torch_save")):
+                                                   "bloom_hub_layout", "reload", "torch_save")):
         check_reload(spec, d, model, torch.from_numpy(tokens.astype(np.int64)))
 
     model = model.double()

@@ -212,6 +212,14 @@ fn torch_save_checkpoints_match_transformers() {
     check_case("mistral_torch_sharded");
 }
 
+/// ALiBi: Falcon-RW (bf16), BLOOM (the hub's layout, its `n_layer` rewritten) and MPT (`n_layers`).
+#[test]
+fn alibi_models_match_transformers() {
+    check_case("falcon_rw_alibi");
+    check_case("bloom_alibi");
+    check_case("mpt_alibi_clip");
+}
+
 #[test]
 fn qwen2_f16_bias_matches_transformers() {
     check_case("qwen2_f16_bias");

@@ -24,8 +24,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight, LinearKernel};
 use sglp_engine::runtime::ops::{
-    cpu, round_to_bf16, Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, RopePairs,
-    RopeTable,
+    cpu, round_to_bf16, Activation, Alibi, AttnShape, ColumnBlocks, Device, Matmul, NormShape,
+    RopePairs, RopeTable,
 };
 use sglp_engine::runtime::tape::{Cpu, Pool};
 use sglp_engine::runtime::{Model, Tokens};
@@ -835,9 +835,13 @@ fn attention_on_tensor_cores_is_the_cpus_on_bf16_inputs() {
             head_dim,
             window,
             // Gemma 3's 1/√query_pre_attn_scalar on one shape, 1/√head_dim on the others; Gemma 2's
-            // soft-capped scores on two.
+            // soft-capped scores on two; ALiBi on the 4- and 8-head ones (Falcon-RW's scaled slopes).
             scale: (tokens == 17).then_some(0.0625),
             softcap: (heads == 2).then_some(1.5),
+            alibi: (heads >= 4).then_some(Alibi {
+                max_bias: 8.0,
+                factor: 0.5,
+            }),
         };
         let rows = seqs * tokens;
         let (qn, kn, ln) = (
@@ -916,9 +920,14 @@ fn attention_matches_the_cpu_causal_windowed_and_gqa() {
         head_dim,
         window,
         // A scale other than 1/√head_dim (Gemma 3's query_pre_attn_scalar) on the windowed shapes, Gemma
-        // 2's soft-capping on the odd-length ones.
+        // 2's soft-capping on the odd-length ones, ALiBi on the 3- and 6-head ones (slopes past the
+        // largest power of two).
         scale: window.map(|_| 0.1),
         softcap: (tokens % 2 == 1).then_some(1.5),
+        alibi: (heads % 3 == 0).then_some(Alibi {
+            max_bias: 8.0,
+            factor: 1.0,
+        }),
     };
     for (i, sh) in [
         shape(2, 37, 4, 2, 24, None),             // GQA, head_dim below a warp

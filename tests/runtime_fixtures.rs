@@ -209,12 +209,12 @@ fn bad_inputs_give_clear_errors() {
     let cfg = std::fs::read_to_string(dir("llama_llama3_rope").join("config.json")).unwrap();
     std::fs::write(
         tmp.path().join("config.json"),
-        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mpt\""),
+        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"t5\""),
     )
     .unwrap();
     let e = Model::load(tmp.path()).err().unwrap().to_string();
     assert!(
-        e.contains("model_type 'mpt' is not supported") && e.contains("gpt_neox"),
+        e.contains("model_type 't5' is not supported") && e.contains("gpt_neox"),
         "{e}"
     );
     // Attention kinds Qwen2Model has no mask for.
@@ -520,12 +520,17 @@ fn arcee_relu2_and_yarn_match_pytorch() {
     );
 }
 
-/// OLMo's and OLMoE's clip_qkv bite: the same weights unclamped give another loss (PyTorch's numbers
-/// are the clamped ones).
+/// OLMo's, OLMoE's and MPT's clip_qkv bite: the same weights unclamped give another loss (PyTorch's
+/// numbers are the clamped ones).
 #[test]
 fn clip_qkv_changes_the_result() {
-    for name in ["olmo_clip_qkv", "olmoe_experts"] {
-        let (unclamped, clamped) = loss_edited(name, |c| c["clip_qkv"] = serde_json::Value::Null);
+    for name in ["olmo_clip_qkv", "olmoe_experts", "mpt_alibi_clip"] {
+        let (unclamped, clamped) = loss_edited(name, |c| {
+            c["clip_qkv"] = serde_json::Value::Null;
+            if let Some(a) = c.get_mut("attn_config") {
+                a["clip_qkv"] = serde_json::Value::Null;
+            }
+        });
         assert!(
             rel(unclamped, clamped) > 1e-3,
             "{name}: clip_qkv changes nothing: {unclamped} vs {clamped}"
@@ -737,4 +742,22 @@ fn internlm2_matches_pytorch_and_prunes() {
     let want = refs["loss_skip1"][0];
     let loss = pruned.forward(&tokens, &[], None).unwrap();
     assert!(rel(loss, want) < 1e-5, "pruned loss {loss} vs {want}");
+}
+
+/// ALiBi bites: Falcon-RW without it (the rotary embedding instead) gives another loss; the slopes
+/// differ per head (6 heads: past the largest power of two too).
+#[test]
+fn alibi_bites() {
+    for name in ["falcon_rw_alibi", "bloom_alibi", "mpt_alibi_clip"] {
+        let (model, _) = load(name);
+        let a = model.config.alibi.expect("ALiBi");
+        let heads = model.config.num_attention_heads;
+        let slopes: Vec<f32> = (0..heads).map(|h| a.slope(h, heads)).collect();
+        assert!(
+            slopes.windows(2).all(|w| w[0] != w[1]),
+            "{name}: {slopes:?}"
+        );
+    }
+    let (rotary, alibi) = loss_edited("falcon_rw_alibi", |c| c["alibi"] = false.into());
+    assert!(rel(rotary, alibi) > 1e-4, "{rotary} vs {alibi}");
 }

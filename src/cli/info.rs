@@ -152,6 +152,12 @@ fn describe_block(c: &ModelConfig) -> String {
         ),
         BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
         BlockLayout::Arcee => format!("2 RMSNorms; MLP up → {act} → down"),
+        BlockLayout::Mpt => format!(
+            "2 LayerNorms without biases; q/k/v stacked in Wqkv{}; MLP up → {act} → down; no biases",
+            c.clip_qkv
+                .map(|q| format!(", clamped to ±{q}"))
+                .unwrap_or_default()
+        ),
         BlockLayout::InternLm2 => format!(
             "2 RMSNorms; q/k/v fused per key/value group (wqkv); gated MLP w1/w3/w2 ({act} gate)"
         ),
@@ -168,11 +174,16 @@ fn describe_block(c: &ModelConfig) -> String {
         ),
         BlockLayout::Falcon { ln_pair } => format!(
             "LayerNorms with biases; q/k/v fused per key/value group; MLP dense_h_to_4h → {act} → \
-             dense_4h_to_h; attention and MLP {}",
+             dense_4h_to_h; attention and MLP {}{}",
             match (ln_pair, c.block_norms) {
                 (true, _) => "in parallel, each on its own norm (x + attn(ln_attn x) + mlp(ln_mlp x))",
                 (false, BlockNorms::Shared) => "in parallel on one norm (x + attn(ln x) + mlp(ln x))",
                 _ => "one after the other",
+            },
+            if c.embed_norm {
+                "; a LayerNorm on the embeddings"
+            } else {
+                ""
             }
         ),
         BlockLayout::NeoX { parallel_residual } => format!(
@@ -288,6 +299,14 @@ fn describe_attention(c: &ModelConfig) -> String {
             "learned positions (up to {} tokens{offset}), no rotary",
             p.max_tokens
         ));
+        return parts.join("; ");
+    }
+    if let Some(a) = c.alibi {
+        let slopes = (0..c.num_attention_heads.min(3))
+            .map(|h| format!("{:.4}", a.slope(h, c.num_attention_heads)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        parts.push(format!("ALiBi (slopes {slopes}, …), no rotary embedding"));
         return parts.join("; ");
     }
     parts.push(format!(

@@ -136,9 +136,12 @@ pub fn pruned_config(
         .and_then(|s| s.as_object_mut())
         .ok_or_else(|| Error::format(path, "config is not a JSON object"))?;
     let model_type = decoder.get("model_type").and_then(|v| v.as_str());
-    // GPT2Config names its layer count `n_layer`.
+    // GPT2Config and BloomConfig name the layer count `n_layer`, as Falcon's hub configs (RWConfig's
+    // names, which FalconConfig maps) do; MptConfig `n_layers`.
     let count_key = match model_type {
-        Some("gpt2") => "n_layer",
+        Some("gpt2" | "bloom") => "n_layer",
+        Some("mpt") => "n_layers",
+        Some("falcon") if decoder.get("num_hidden_layers").is_none() => "n_layer",
         _ => "num_hidden_layers",
     };
     let old = decoder
@@ -546,6 +549,18 @@ mod tests {
         assert_eq!(p["num_hidden_layers"], 2);
         assert_eq!(p["layer_types"], serde_json::json!(["a", "d"]));
         assert_eq!(p["architectures"], c["architectures"]);
+        // BLOOM's, GPT-2's and the hub's Falcon configs count layers in `n_layer`; transformers'
+        // FalconConfig saves `num_hidden_layers`.
+        for (model_type, key) in [
+            ("bloom", "n_layer"),
+            ("gpt2", "n_layer"),
+            ("falcon", "n_layer"),
+            ("falcon", "num_hidden_layers"),
+        ] {
+            let c = serde_json::json!({"model_type": model_type, key: 4});
+            let p = pruned_config(&c, &[0, 3], Path::new("config.json")).unwrap();
+            assert_eq!(p[key], 2, "{model_type} {key}");
+        }
     }
 
     #[test]

@@ -1,16 +1,16 @@
 //! `config.json` of a Hugging Face decoder checkpoint: the LLaMA family (model_type llama, mistral, qwen2,
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
 //! glm4, exaone4, ernie4_5, helium, seed_oss, arcee, internlm2 under its own names; with LayerNorms
-//! stablelm, cohere, cohere2, olmo), Falcon
-//! (falcon), GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the others')
-//! and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
+//! stablelm, cohere, cohere2, olmo), Falcon (falcon; Falcon-RW with ALiBi), BLOOM (bloom) and MPT (mpt)
+//! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the
+//! others') and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
 //! A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
 //! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
 //! top level).
 
 use crate::error::{Error, Result};
-use crate::runtime::ops::{Activation, RopePairs};
+use crate::runtime::ops::{Activation, Alibi, RopePairs};
 use serde_json::Value;
 use std::path::Path;
 
@@ -163,6 +163,11 @@ pub enum BlockLayout {
     /// Falcon's), `attention.wo`, `ffn_norm`, a gated MLP `feed_forward.{w1,w3,w2}` (gate, up, down);
     /// `model.tok_embeddings`, `output`.
     InternLm2,
+    /// MPT (MosaicML): LayerNorms without biases `norm_1`, `norm_2`, q, k and v stacked in one
+    /// `attn.Wqkv` (read as row blocks, the runtime's `attn.{q,k,v}_proj`), `attn.out_proj`, an MLP
+    /// `ffn.up_proj` → GELU → `ffn.down_proj`, no biases; `transformer.blocks.`, `transformer.wte`,
+    /// `transformer.norm_f`; ALiBi.
+    Mpt,
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
@@ -179,9 +184,13 @@ impl BlockLayout {
         )
     }
 
-    /// The LayerNorms have biases (all but Cohere's and OLMo's).
+    /// The LayerNorms have biases (all but Cohere's, OLMo's and MPT's).
     pub fn norm_bias(self) -> bool {
-        self.layer_norm() && !matches!(self, BlockLayout::Cohere | BlockLayout::Olmo)
+        self.layer_norm()
+            && !matches!(
+                self,
+                BlockLayout::Cohere | BlockLayout::Olmo | BlockLayout::Mpt
+            )
     }
 
     /// The norms have weights (all but OLMo's).
@@ -203,6 +212,7 @@ impl BlockLayout {
             BlockLayout::Gpt2 => "attn.o_proj",
             BlockLayout::Falcon { .. } => "self_attention.dense",
             BlockLayout::InternLm2 => "attention.wo",
+            BlockLayout::Mpt => "attn.out_proj",
             BlockLayout::Opt => "self_attn.out_proj",
         }
     }
@@ -232,8 +242,16 @@ impl BlockLayout {
     /// The attention's q, k and v projections as the runtime reads them (GPT-NeoX reads its fused one).
     pub fn qkv_proj(self) -> [&'static str; 3] {
         match self {
-            BlockLayout::Gpt2 => ["attn.q_proj", "attn.k_proj", "attn.v_proj"],
+            BlockLayout::Gpt2 | BlockLayout::Mpt => ["attn.q_proj", "attn.k_proj", "attn.v_proj"],
             _ => ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        }
+    }
+
+    /// The stored projection of q, k and v one after the other, when `fused_qkv` (Phi-3, MPT).
+    pub fn fused_qkv(self) -> &'static str {
+        match self {
+            BlockLayout::Mpt => "attn.Wqkv",
+            _ => "self_attn.qkv_proj",
         }
     }
 
@@ -252,6 +270,7 @@ impl BlockLayout {
             BlockLayout::Gpt2 => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::Opt => Some(("fc1", "fc2")),
             BlockLayout::Falcon { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+            BlockLayout::Mpt => Some(("ffn.up_proj", "ffn.down_proj")),
         }
     }
 
@@ -269,6 +288,7 @@ impl BlockLayout {
             BlockLayout::Falcon { ln_pair: true } => [Some("ln_attn"), Some("ln_mlp"), None, None],
             BlockLayout::Gpt2 => [Some("ln_1"), Some("ln_2"), None, None],
             BlockLayout::InternLm2 => [Some("attention_norm"), Some("ffn_norm"), None, None],
+            BlockLayout::Mpt => [Some("norm_1"), Some("norm_2"), None, None],
             BlockLayout::Opt => [
                 Some("self_attn_layer_norm"),
                 Some("final_layer_norm"),
@@ -408,6 +428,11 @@ pub struct ModelConfig {
     pub rope_pairs: RopePairs,
     /// q, k and v clamped to ±this after their projections (OLMo's and OLMoE's `clip_qkv`).
     pub clip_qkv: Option<f32>,
+    /// ALiBi's position biases in place of a rotary embedding (Falcon-RW's `alibi`, BLOOM's).
+    pub alibi: Option<Alibi>,
+    /// A LayerNorm (with a bias) on the embeddings before the first layer (BLOOM's
+    /// `word_embeddings_layernorm`).
+    pub embed_norm: bool,
 }
 
 /// A table of learned position embeddings: position p (from 0 in each sequence) reads row `p + offset`
@@ -676,7 +701,7 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
-             helium, seed_oss, arcee";
+             helium, seed_oss, arcee, bloom, mpt";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -688,9 +713,11 @@ impl ModelConfig {
         }
         let (gpt2, opt) = (model_type == "gpt2", model_type == "opt");
         let falcon = model_type == "falcon";
+        let bloom = model_type == "bloom";
+        let mpt = model_type == "mpt";
         let aliased;
         let v = match model_type.as_str() {
-            "gpt2" | "opt" | "falcon" => {
+            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -699,7 +726,8 @@ impl ModelConfig {
         // OPTConfig's `enable_bias` (default true) and FalconConfig's `bias` (default false) put a bias
         // on every projection.
         let enable_bias = opt && opt_bool(v, "enable_bias", path)?.unwrap_or(true)
-            || falcon && opt_bool(v, "bias", path)?.unwrap_or(false);
+            || falcon && opt_bool(v, "bias", path)?.unwrap_or(false)
+            || bloom;
         let gemma = model_type.starts_with("gemma");
         let gemma3 = model_type == "gemma3_text";
         let olmo3 = model_type == "olmo3";
@@ -730,9 +758,9 @@ impl ModelConfig {
         let granite = model_type == "granite";
         let stablelm_parallel =
             stablelm && opt_bool(v, "use_parallel_residual", path)?.unwrap_or(false);
-        // OLMo's and OLMoE's clamping of q, k and v (after OLMoE's q/k norms).
+        // OLMo's, OLMoE's and MPT's clamping of q, k and v (after OLMoE's q/k norms).
         let clip_qkv = match model_type.as_str() {
-            "olmo" | "olmoe" => opt_f64(v, "clip_qkv", path)?,
+            "olmo" | "olmoe" | "mpt" => opt_f64(v, "clip_qkv", path)?,
             _ => None,
         };
         if let Some(c) = clip_qkv.filter(|c| !(*c > 0.0 && c.is_finite())) {
@@ -835,7 +863,11 @@ impl ModelConfig {
         // Cohere, GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half).
         let interleaved = cohere || glm || matches!(model_type.as_str(), "ernie4_5" | "helium");
         // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
-        let falcon_block = falcon.then(|| falcon_block(v, path)).transpose()?;
+        let falcon_block = match bloom {
+            // BLOOM's block is Falcon's oldest one (Falcon-RW was trained with BLOOM's code).
+            true => Some(FalconBlock::Sequential),
+            false => falcon.then(|| falcon_block(v, path)).transpose()?,
+        };
         let attention_bias =
             alias("attention_bias", "qkv_bias")?.unwrap_or(neox || glm || model_type == "seed_oss");
         let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(false);
@@ -845,7 +877,7 @@ impl ModelConfig {
             "qwen2_moe" => (opt_bool(v, "qkv_bias", path)?.unwrap_or(true), false),
             "gpt_neox" => (attention_bias, attention_bias),
             "phi" | "gpt2" => (true, true),
-            "opt" | "falcon" => (enable_bias, enable_bias),
+            "opt" | "falcon" | "bloom" => (enable_bias, enable_bias),
             "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
             "cohere" | "cohere2" | "internlm3" => (attention_bias, attention_bias),
             // InternLM2Config's `bias` (default true) is on wqkv and wo; its MLP has none.
@@ -889,6 +921,15 @@ impl ModelConfig {
             Some(s.powf(-0.5) as f32)
         } else if gpt2 && opt_bool(v, "scale_attn_weights", path)? == Some(false) {
             Some(1.0)
+        } else if let Some(s) = opt_f64(v, "mpt_softmax_scale", path)?.filter(|_| mpt) {
+            // MPT's attn_config.softmax_scale (None: 1/√head_dim).
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(model_err(
+                    path,
+                    format!("attn_config.softmax_scale is {s}, not a positive number"),
+                ));
+            }
+            Some(s as f32)
         } else {
             None
         };
@@ -903,11 +944,12 @@ impl ModelConfig {
             "stablelm" => BlockLayout::StableLm,
             "olmo" => BlockLayout::Olmo,
             "arcee" => BlockLayout::Arcee,
-            "falcon" => BlockLayout::Falcon {
+            "falcon" | "bloom" => BlockLayout::Falcon {
                 ln_pair: falcon_block == Some(FalconBlock::LnPair),
             },
             "cohere" | "cohere2" => BlockLayout::Cohere,
             "internlm2" => BlockLayout::InternLm2,
+            "mpt" => BlockLayout::Mpt,
             _ => BlockLayout::Llama,
         };
         let learned_positions = match model_type.as_str() {
@@ -924,12 +966,28 @@ impl ModelConfig {
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
         let intermediate_size = get_size(v, "intermediate_size", MAX_SIZE, path)?;
         let moe = parse_moe(v, &model_type, num_hidden_layers, intermediate_size, path)?;
-        // GPT-NeoX's and GPT-2's embeddings have no padding_idx: every row takes its gradient.
-        let pad_token_id = match neox || gpt2 {
+        // GPT-NeoX's, GPT-2's, BLOOM's and MPT's embeddings have no padding_idx: every row takes its
+        // gradient.
+        let pad_token_id = match neox || gpt2 || bloom || mpt {
             true => None,
             false => parse_pad_token_id(v, vocab_size, &model_type, path)?,
         };
+        // Falcon-RW: ALiBi, BLOOM's slopes, added to the scores before Falcon scales them by 1/√head_dim
+        // (so the slopes are scaled too), and no rotary embedding.
+        // BLOOM and MPT: the same slopes added to the scaled scores (MPT's interleaving of the slopes for
+        // the next power of two is BLOOM's sequence).
+        let alibi = match bloom || mpt {
+            true => Some(Alibi {
+                max_bias: 8.0,
+                factor: 1.0,
+            }),
+            false => (falcon && opt_bool(v, "alibi", path)? == Some(true)).then(|| Alibi {
+                max_bias: 8.0,
+                factor: 1.0 / (head_dim as f32).sqrt(),
+            }),
+        };
         let rotary_layers = match model_type.as_str() {
+            _ if alibi.is_some() => vec![false; num_hidden_layers],
             "smollm3" => smollm3_rotary_layers(v, num_hidden_layers, path)?,
             // Cohere 2 rotates in its sliding-window layers only.
             "cohere2" => sliding_layers.clone(),
@@ -998,6 +1056,8 @@ impl ModelConfig {
                     || smollm3
                     || cohere
                     || falcon
+                    || bloom
+                    || mpt
                     || model_type == "ernie4_5",
             ),
             mlp_bias: matches!(
@@ -1010,7 +1070,7 @@ impl ModelConfig {
                 || gpt2
                 || use_bias
                 || enable_bias,
-            fused_qkv: model_type == "phi3",
+            fused_qkv: matches!(model_type.as_str(), "phi3" | "mpt"),
             fused_gate_up: matches!(model_type.as_str(), "phi3" | "glm" | "glm4"),
             activation,
             // Gemma's gain is 1 + w; OLMo's LayerNorms have no weight: a gain of 1.
@@ -1054,6 +1114,8 @@ impl ModelConfig {
             lm_head_bias: phi,
             moe,
             rotary_layers,
+            alibi,
+            embed_norm: bloom,
             clip_qkv: clip_qkv.map(|c| c as f32),
             rope_pairs: match interleaved {
                 true => RopePairs::Interleaved,
@@ -1305,6 +1367,35 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     if model_type == "falcon" {
         return falcon_config(v, c, path);
     }
+    if model_type == "mpt" {
+        return mpt_config(v, c, path);
+    }
+    if model_type == "bloom" {
+        // BloomConfig: `n_layer`, `n_head` (attribute_map), `n_embed` an old name of hidden_size, an MLP
+        // of 4 × hidden, `layer_norm_epsilon`; its class defaults (bloom-560m's shape but 2 layers).
+        if opt_bool(v, "apply_residual_connection_post_layernorm", path)? == Some(true) {
+            return Err(model_err(
+                path,
+                "field 'apply_residual_connection_post_layernorm' is true (residuals taken after the \
+                 norms): not supported",
+            ));
+        }
+        let hidden = opt_usize(v, "hidden_size", path)?
+            .or(opt_usize(v, "n_embed", path)?)
+            .unwrap_or(64) as u64;
+        let heads = get("n_head", 8)?;
+        let sizes = [
+            ("hidden_size", hidden),
+            ("num_hidden_layers", get("n_layer", 2)?),
+            ("num_attention_heads", heads),
+            ("num_key_value_heads", heads),
+            ("intermediate_size", 4 * hidden),
+            ("vocab_size", get("vocab_size", 250880)?),
+        ];
+        let eps = opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5);
+        set_aliases(obj, &sizes, eps);
+        return Ok(c);
+    }
     if model_type == "opt" {
         let hidden = get("hidden_size", 768)?;
         let sizes = [
@@ -1371,6 +1462,59 @@ fn set_aliases(obj: &mut serde_json::Map<String, Value>, sizes: &[(&str, u64)], 
     obj.insert("rms_norm_eps".into(), eps.into());
 }
 
+/// MPT's config (MptConfig; `d_model`, `n_heads`, `n_layers`, `expansion_ratio`, `layer_norm_epsilon`,
+/// and its `attn_config`: `softmax_scale`, `clip_qkv`) under the parser's names. Refused by name: what
+/// transformers' MptForCausalLM does not run either (learned positions without ALiBi, q/k LayerNorms,
+/// prefix-LM masks, biases, slopes for another `alibi_bias_max` than 8).
+fn mpt_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
+    let attn = v.get("attn_config").cloned().unwrap_or(Value::Null);
+    let refuse = |what: &str| Err(model_err(path, format!("{what}: not supported")));
+    if opt_bool(&attn, "alibi", path)? == Some(false) {
+        return refuse("attn_config.alibi is false (learned positions)");
+    }
+    if opt_bool(&attn, "qk_ln", path)? == Some(true) {
+        return refuse("attn_config.qk_ln is true (q/k LayerNorms)");
+    }
+    if opt_bool(&attn, "prefix_lm", path)? == Some(true) {
+        return refuse("attn_config.prefix_lm is true (prefix-LM masks)");
+    }
+    if opt_bool(v, "no_bias", path)? == Some(false) {
+        return refuse("field 'no_bias' is false (biases on the projections and norms)");
+    }
+    // transformers builds MPT's slopes for 8 whatever the config says (the released models' value).
+    if let Some(b) = opt_f64(&attn, "alibi_bias_max", path)?.filter(|&b| b != 8.0) {
+        return refuse(&format!(
+            "attn_config.alibi_bias_max is {b} (transformers' MptForCausalLM uses 8)"
+        ));
+    }
+    let get = |key: &str, default: u64| -> Result<u64> {
+        Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
+    };
+    let hidden = get("d_model", 2048)?;
+    let heads = get("n_heads", 16)?;
+    let sizes = [
+        ("hidden_size", hidden),
+        ("num_hidden_layers", get("n_layers", 24)?),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", heads),
+        ("intermediate_size", get("expansion_ratio", 4)? * hidden),
+        ("vocab_size", get("vocab_size", 50368)?),
+    ];
+    let eps = opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5);
+    let obj = c
+        .as_object_mut()
+        .expect("a config with a model_type is an object");
+    set_aliases(obj, &sizes, eps);
+    // The attention's settings, where the generic parser reads them.
+    if let Some(x) = attn.get("clip_qkv").filter(|x| !x.is_null()) {
+        obj.insert("clip_qkv".into(), x.clone());
+    }
+    if let Some(s) = attn.get("softmax_scale").filter(|x| !x.is_null()) {
+        obj.insert("mpt_softmax_scale".into(), s.clone());
+    }
+    Ok(c)
+}
+
 /// How a Falcon block runs its attention and MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FalconBlock {
@@ -1405,15 +1549,9 @@ fn falcon_block(v: &Value, path: &Path) -> Result<FalconBlock> {
 
 /// Falcon's config read under the parser's names, FalconConfig's defaults (Falcon-7B's) filled in: the
 /// key/value heads (`num_kv_heads` with the new architecture or without `multi_query`, else 1),
-/// `ffn_hidden_size` (default 4 × hidden), `layer_norm_epsilon`, `activation` (GELU). Refused: ALiBi
-/// (`alibi`: Falcon-RW), which has no rotary embedding.
+/// `ffn_hidden_size` (default 4 × hidden), `layer_norm_epsilon`, `activation` (GELU). (`alibi`, Falcon-RW's
+/// position biases in place of the rotary embedding, is read by [`ModelConfig::from_json`].)
 fn falcon_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
-    if opt_bool(v, "alibi", path)? == Some(true) {
-        return Err(model_err(
-            path,
-            "field 'alibi' is true: Falcon's ALiBi position biases (Falcon-RW) are not supported",
-        ));
-    }
     let get = |key: &str, default: u64| -> Result<u64> {
         Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
     };
@@ -1798,6 +1936,9 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gpt2" => ("activation_function", "gelu_new"),
         "opt" => ("activation_function", "relu"),
         "falcon" => ("activation", "gelu"),
+        // MptMLP's exact GELU and BloomGelu, the tanh approximation, has no config key.
+        "bloom" => ("", "gelu_new"),
+        "mpt" => ("", "gelu"),
         "arcee" => ("hidden_act", "relu2"),
         _ => ("hidden_act", "silu"),
     };
@@ -1816,12 +1957,14 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         }
         "gelu" if model_type == "phi" => Ok(Activation::Gelu),
         "gelu_pytorch_tanh" | "gelu_new" if model_type == "starcoder2" => Ok(Activation::GeluTanh),
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" if model_type == "gpt2" => {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
+            if matches!(model_type, "gpt2" | "bloom") =>
+        {
             Ok(Activation::GeluTanh)
         }
         "gelu" if model_type == "gpt2" || model_type == "opt" => Ok(Activation::Gelu),
         "relu" if model_type == "opt" => Ok(Activation::Relu),
-        "gelu" if model_type == "falcon" => Ok(Activation::Gelu),
+        "gelu" if matches!(model_type, "falcon" | "mpt") => Ok(Activation::Gelu),
         "relu2" if model_type == "arcee" => Ok(Activation::Relu2),
         _ => Err(model_err(
             path,
@@ -2706,9 +2849,9 @@ mod tests {
     fn unsupported_fields_are_named() {
         let p = Path::new("config.json");
         let mut v = base();
-        v["model_type"] = "mpt".into();
+        v["model_type"] = "t5".into();
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
-        assert!(e.contains("model_type 'mpt'"), "{e}");
+        assert!(e.contains("model_type 't5'"), "{e}");
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "su", "factor": 2.0});
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
@@ -3206,8 +3349,8 @@ mod tests {
     }
 
     /// Falcon's hub configs: 7B (multi-query, one shared norm), 40B (the new architecture: 8 key/value
-    /// groups, ln_attn / ln_mlp), Falcon 2 11B (new architecture on one norm); Falcon-RW's ALiBi and a
-    /// block Falcon has not are refused by name.
+    /// groups, ln_attn / ln_mlp), Falcon 2 11B (new architecture on one norm), Falcon-RW (ALiBi); a block
+    /// Falcon has not is refused by name.
     #[test]
     fn falcon_hub_configs() {
         let p = Path::new("config.json");
@@ -3250,10 +3393,120 @@ mod tests {
         f11b["parallel_attn"] = false.into();
         let e = ModelConfig::from_json(&f11b, p).unwrap_err().to_string();
         assert!(e.contains("num_ln_in_parallel_attn"), "{e}");
-        let mut rw = f7b.clone();
-        rw["alibi"] = true.into();
-        let e = ModelConfig::from_json(&rw, p).unwrap_err().to_string();
-        assert!(e.contains("alibi") && e.contains("not supported"), "{e}");
+        // Falcon-RW-1B: ALiBi (its slopes scaled as Falcon scales the scores), no rotary embedding.
+        let rw = serde_json::json!({
+            "model_type": "falcon", "alibi": true, "bias": true, "hidden_size": 2048,
+            "multi_query": false, "new_decoder_architecture": false, "num_attention_heads": 32,
+            "num_hidden_layers": 24, "parallel_attn": false, "vocab_size": 50304
+        });
+        let c = ModelConfig::from_json(&rw, p).unwrap();
+        assert_eq!((c.num_key_value_heads, c.head_dim), (32, 64));
+        assert_eq!(
+            c.alibi,
+            Some(Alibi {
+                max_bias: 8.0,
+                factor: 0.125
+            })
+        );
+        assert!(c.rotary_layers.iter().all(|&r| !r));
+        assert!(ModelConfig::from_json(&f7b, p).unwrap().alibi.is_none());
+    }
+
+    /// bigscience/bloom-560m's hub config: Falcon's oldest block with ALiBi (unscaled slopes), the tanh
+    /// GELU, a LayerNorm on the embeddings, no padding row, tied; residuals after the norms refused.
+    #[test]
+    fn bloom_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "apply_residual_connection_post_layernorm": false, "architectures": ["BloomForCausalLM"],
+            "attention_dropout": 0.0, "attention_softmax_in_fp32": true, "bos_token_id": 1,
+            "eos_token_id": 2, "hidden_dropout": 0.0, "hidden_size": 1024, "layer_norm_epsilon": 1e-05,
+            "model_type": "bloom", "n_head": 16, "n_inner": null, "n_layer": 24, "offset_alibi": 100,
+            "pad_token_id": 3, "pretraining_tp": 1, "slow_but_exact": false, "vocab_size": 250880
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::Falcon { ln_pair: false }, BlockNorms::Pre)
+        );
+        assert_eq!(
+            (
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.num_key_value_heads
+            ),
+            (24, 16, 16)
+        );
+        assert_eq!((c.head_dim, c.intermediate_size), (64, 4096));
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!(
+            c.alibi,
+            Some(Alibi {
+                max_bias: 8.0,
+                factor: 1.0
+            })
+        );
+        assert!(c.embed_norm && c.tie_word_embeddings && c.qkv_bias && c.o_bias && c.mlp_bias);
+        assert_eq!((c.pad_token_id, c.rms_norm_eps), (None, 1e-5));
+        assert!(c.rotary_layers.iter().all(|&r| !r));
+        let mut post = hub.clone();
+        post["apply_residual_connection_post_layernorm"] = true.into();
+        let e = ModelConfig::from_json(&post, p).unwrap_err().to_string();
+        assert!(
+            e.contains("apply_residual_connection_post_layernorm"),
+            "{e}"
+        );
+    }
+
+    /// mosaicml/mpt-7b's hub config (`d_model`, `n_heads`, `n_layers`, `attn_config`), clip_qkv and a
+    /// softmax_scale read from attn_config; what transformers does not run refused by name.
+    #[test]
+    fn mpt_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "architectures": ["MPTForCausalLM"], "model_type": "mpt", "d_model": 4096,
+            "expansion_ratio": 4, "max_seq_len": 2048, "n_heads": 32, "n_layers": 32,
+            "no_bias": true, "norm_type": "low_precision_layernorm", "vocab_size": 50432,
+            "logit_scale": null, "learned_pos_emb": true,
+            "attn_config": {"alibi": true, "alibi_bias_max": 8, "attn_impl": "torch",
+                            "attn_pdrop": 0, "attn_type": "multihead_attention", "clip_qkv": null,
+                            "prefix_lm": false, "qk_ln": false, "softmax_scale": null}
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::Mpt, BlockNorms::Pre)
+        );
+        assert_eq!((c.num_hidden_layers, c.num_key_value_heads), (32, 32));
+        assert_eq!((c.head_dim, c.intermediate_size), (128, 16384));
+        assert!(c.fused_qkv && c.tie_word_embeddings && !c.qkv_bias && !c.mlp_bias);
+        assert!(!c.layout.norm_bias());
+        assert_eq!(c.activation, Activation::Gelu);
+        assert_eq!(
+            (c.clip_qkv, c.attn_scale, c.pad_token_id),
+            (None, None, None)
+        );
+        assert_eq!(c.alibi.map(|a| a.max_bias), Some(8.0));
+        let mut tuned = hub.clone();
+        tuned["attn_config"]["clip_qkv"] = 6.into();
+        tuned["attn_config"]["softmax_scale"] = 0.125.into();
+        let c = ModelConfig::from_json(&tuned, p).unwrap();
+        assert_eq!((c.clip_qkv, c.attn_scale), (Some(6.0), Some(0.125)));
+        for (key, value, want) in [
+            ("qk_ln", true.into(), "qk_ln"),
+            ("prefix_lm", true.into(), "prefix_lm"),
+            ("alibi", false.into(), "alibi is false"),
+            ("alibi_bias_max", 16.into(), "alibi_bias_max is 16"),
+        ] {
+            let mut bad = hub.clone();
+            bad["attn_config"][key] = value;
+            let e = ModelConfig::from_json(&bad, p).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("not supported"), "{e}");
+        }
+        let mut biased = hub.clone();
+        biased["no_bias"] = false.into();
+        let e = ModelConfig::from_json(&biased, p).unwrap_err().to_string();
+        assert!(e.contains("no_bias"), "{e}");
     }
 
     /// ERNIE-4.5-0.3B's and Helium-1-2B's hub configs (interleaved rotary pairs) and Seed-OSS-36B's,

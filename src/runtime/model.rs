@@ -8,12 +8,13 @@
 //! * the rotary embedding: its frequencies and scaling (`ModelConfig::rope_frequencies`), the part of a
 //!   head it turns, its pairing (`RopePairs`: Cohere's, GLM's interleaved), a second table by layer kind
 //!   (Gemma 3, OLMo 3), none in some layers (`rotary_layers`: SmolLM3, Cohere 2, EXAONE 4) or at all
-//!   (learned positions, `Positions`: GPT-2, OPT);
-//! * the attention: sliding windows per layer, the score scale and soft-cap (Gemma 2), `clip_qkv`
-//!   (OLMo, OLMoE: `Activation::Clamp`);
+//!   (learned positions, `Positions`: GPT-2, OPT; ALiBi: BLOOM, Falcon-RW, MPT);
+//! * the attention: sliding windows per layer, the score scale and soft-cap (Gemma 2), ALiBi's biases
+//!   (`AttnShape::alibi`), `clip_qkv` (OLMo, OLMoE: `Activation::Clamp`);
 //! * the projections' names and fusion ([`BlockLayout`]): Phi-3's `qkv_proj` and Phi-3's / GLM's
-//!   `gate_up_proj` read as row blocks of the stored matrices ([`Weights::split_rows`]); GPT-NeoX's and
-//!   Falcon's q, k and v per key/value group in one projection, gathered by `Columns` ops
+//!   `gate_up_proj` read as row blocks of the stored matrices ([`Weights::split_rows`]); GPT-NeoX's,
+//!   Falcon's (BLOOM's) and InternLM2's q, k and v per key/value group in one projection, gathered by
+//!   `Columns` ops
 //!   (`BlockLayout::grouped_qkv`); GPT-2's `Conv1D` weights read transposed
 //!   ([`Weights::transposed_columns`]);
 //! * the MLP: gated, plain (up → act → down), or a mixture of experts (the config's `Moe`: a router
@@ -23,7 +24,7 @@
 //!   StableLM, Cohere, Falcon-7B) or each on its own (GPT-NeoX, Falcon's `ln_attn` / `ln_mlp`:
 //!   `BlockLayout::mlp_reads_input`);
 //! * constant factors (`Activation::Scale`): Gemma's √hidden on the embeddings, Granite's multipliers,
-//!   Cohere's `logit_scale`; Gemma 2's soft-capped logits.
+//!   Cohere's `logit_scale`; Gemma 2's soft-capped logits; BLOOM's LayerNorm on the embeddings.
 //!
 //! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
@@ -264,6 +265,8 @@ pub struct TensorNames {
     pub positions: Option<String>,
     /// The embedding table.
     pub embed: String,
+    /// The LayerNorm on the embeddings (BLOOM's `word_embeddings_layernorm`; its `.weight` and `.bias`).
+    pub embed_norm: Option<String>,
     /// The final norm's module (its `.weight`; a LayerNorm's `.bias` too).
     pub norm: String,
     pub lm_head: String,
@@ -277,6 +280,7 @@ impl TensorNames {
             layers: format!("{decoder}layers."),
             positions: None,
             embed: format!("{decoder}embed_tokens.weight"),
+            embed_norm: None,
             norm: format!("{decoder}norm"),
             lm_head: lm_head.into(),
         }
@@ -304,19 +308,36 @@ impl TensorNames {
                 layers: "gpt_neox.layers.".into(),
                 positions: None,
                 embed: "gpt_neox.embed_in.weight".into(),
+                embed_norm: None,
                 norm: "gpt_neox.final_layer_norm".into(),
                 lm_head: "embed_out.weight".into(),
             },
             BlockLayout::Gpt2 => Self::gpt2("transformer."),
             BlockLayout::Opt => Self::opt("model.decoder."),
-            BlockLayout::Falcon { .. } => TensorNames {
+            BlockLayout::Falcon { .. } => Self::falcon("transformer.", false),
+            BlockLayout::Mpt => TensorNames {
                 decoder: "transformer.".into(),
-                layers: "transformer.h.".into(),
+                layers: "transformer.blocks.".into(),
                 positions: None,
-                embed: "transformer.word_embeddings.weight".into(),
-                norm: "transformer.ln_f".into(),
+                embed: "transformer.wte.weight".into(),
+                embed_norm: None,
+                norm: "transformer.norm_f".into(),
                 lm_head: "lm_head.weight".into(),
             },
+        }
+    }
+
+    /// Falcon's (and BLOOM's, with `embed_norm`) names under `decoder`: `transformer.` as the ForCausalLM
+    /// classes save them, or nothing (the hub's `bigscience/bloom*` checkpoints, saved from BloomModel).
+    fn falcon(decoder: &str, embed_norm: bool) -> Self {
+        TensorNames {
+            decoder: decoder.into(),
+            layers: format!("{decoder}h."),
+            positions: None,
+            embed: format!("{decoder}word_embeddings.weight"),
+            embed_norm: embed_norm.then(|| format!("{decoder}word_embeddings_layernorm")),
+            norm: format!("{decoder}ln_f"),
+            lm_head: "lm_head.weight".into(),
         }
     }
 
@@ -338,6 +359,7 @@ impl TensorNames {
             layers: format!("{decoder}h."),
             positions: Some(format!("{decoder}wpe.weight")),
             embed: format!("{decoder}wte.weight"),
+            embed_norm: None,
             norm: format!("{decoder}ln_f"),
             lm_head: "lm_head.weight".into(),
         }
@@ -404,6 +426,10 @@ impl TensorNames {
             (None, BlockLayout::Opt) => (
                 vec![Self::opt("model.decoder."), Self::opt("decoder.")],
                 "an OPT checkpoint without its".to_string(),
+            ),
+            (None, BlockLayout::Falcon { .. }) if config.embed_norm => (
+                vec![Self::falcon("transformer.", true), Self::falcon("", true)],
+                "a BLOOM checkpoint without its".to_string(),
             ),
             (None, layout) => return Ok(Self::decoder_only(layout)),
         };
@@ -513,13 +539,10 @@ impl Model {
             let layer = self.names.layer(l);
             let name = |n: &str| format!("{layer}.{n}.weight");
             if c.fused_qkv {
+                let [q, k, v] = c.layout.qkv_proj();
                 self.weights.split_rows(
-                    &name("self_attn.qkv_proj"),
-                    &[
-                        (name("self_attn.q_proj"), qd),
-                        (name("self_attn.k_proj"), kvd),
-                        (name("self_attn.v_proj"), kvd),
-                    ],
+                    &name(c.layout.fused_qkv()),
+                    &[(name(q), qd), (name(k), kvd), (name(v), kvd)],
                 )?;
             }
             if c.fused_gate_up {
@@ -544,6 +567,10 @@ impl Model {
         );
         let norm_bias = c.layout.norm_bias();
         let mut out = vec![(self.names.embed.clone(), vec![v, h])];
+        if let Some(norm) = &self.names.embed_norm {
+            out.push((format!("{norm}.weight"), vec![h]));
+            out.push((format!("{norm}.bias"), vec![h]));
+        }
         if c.layout.norm_weight() {
             out.push((self.names.norm(), vec![h]));
         }
@@ -589,7 +616,7 @@ impl Model {
                     continue;
                 }
                 _ if c.fused_qkv => {
-                    vec![("self_attn.qkv_proj", qd + 2 * kvd, h, c.qkv_bias)]
+                    vec![(c.layout.fused_qkv(), qd + 2 * kvd, h, c.qkv_bias)]
                 }
                 _ => vec![
                     ("self_attn.q_proj", qd, h, c.qkv_bias),
@@ -937,6 +964,7 @@ impl Model {
             window: None,
             scale: c.attn_scale,
             softcap: c.attn_softcap,
+            alibi: c.alibi,
         };
 
         let embed = tape.param(self.names.embed.clone(), g_embed, vocab * h);
@@ -950,6 +978,21 @@ impl Model {
                 out: x,
             }),
             Some((_, data)) => tape.push(op::HiddenInput { data, out: x }),
+        }
+        // BLOOM normalises the embeddings (a LayerNorm with its bias, in the group of the learned
+        // positions, which no norm reports).
+        if let (Some(name), false) = (&self.names.embed_norm, resumed) {
+            let w = tape.param(format!("{name}.weight"), g_positions, h);
+            let b = tape.param(format!("{name}.bias"), g_positions, h);
+            let y = tape.buffer("embed_norm", n, h);
+            tape.push(op::Norm {
+                x,
+                w: Some(w),
+                b: Some(b),
+                shape: self.norm_shape(h),
+                out: y,
+            });
+            x = y;
         }
         // GPT-2 and OPT add the learned embedding of each token's position (its gradient in a group of its
         // own, which no norm reports).

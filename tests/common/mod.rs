@@ -12,13 +12,16 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 46] = [
+pub const DECODER_FIXTURES: [&str; 49] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
     "llama_torch_bin",
     "mistral_torch_sharded",
     "internlm2_wqkv",
+    "falcon_rw_alibi",
+    "bloom_alibi",
+    "mpt_alibi_clip",
     "qwen2_f16_bias",
     "qwen2_sliding",
     "qwen3_qk_norm",

@@ -340,7 +340,8 @@ pub fn rope_backward(dy: &[f32], heads: usize, table: &RopeTable, dx: &mut [f32]
 /// `window`: with `Some(w)` query i sees keys i − w < j ≤ i (sliding-window attention, transformers'
 /// convention), with `None` all j ≤ i. `scale` multiplies the scores q·k: `None` is 1/√head_dim, Gemma 2
 /// and 3 set 1/√query_pre_attn_scalar. `softcap`: Gemma 2's soft-capping of the scaled scores,
-/// s ↦ c · tanh(s / c), before the mask and the softmax.
+/// s ↦ c · tanh(s / c), before the mask and the softmax. `alibi`: ALiBi's bias on the scaled scores
+/// (BLOOM, MPT, Falcon-RW), added before the soft-cap.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub seqs: usize,
@@ -351,6 +352,44 @@ pub struct AttnShape {
     pub window: Option<usize>,
     pub scale: Option<f32>,
     pub softcap: Option<f32>,
+    pub alibi: Option<Alibi>,
+}
+
+/// ALiBi (BLOOM, MPT, Falcon-RW): no rotary embedding; the attention adds `slope(h) · (j − i)` to the
+/// scaled score of query i and key j (BLOOM adds `slope(h) · j`, which differs by a constant per row: the
+/// same softmax). The slopes are BLOOM's and MPT's geometric sequence ([`Alibi::slope`]) times `factor`:
+/// 1, or Falcon's 1/√head_dim (it adds the bias before scaling the scores). The CUDA kernels' twin is
+/// `alibi_slope` in kernels/common.cuh.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Alibi {
+    /// MPT's `alibi_bias_max`; BLOOM's and Falcon's sequence is 8's.
+    pub max_bias: f32,
+    pub factor: f32,
+}
+
+impl Alibi {
+    /// Head `h`'s slope of `heads`: with p the largest power of two ≤ heads, 2^(−max_bias (h + 1) / p)
+    /// for h < p, then the odd terms of the sequence for 2p heads, 2^(−max_bias (2 (h − p) + 1) / (2p))
+    /// (transformers' `build_alibi_tensor`, and MPT's interleaving of the 2p sequence, which is the same).
+    pub fn slope(&self, h: usize, heads: usize) -> f32 {
+        let mut p = 1;
+        while p * 2 <= heads {
+            p *= 2;
+        }
+        let e = if h < p {
+            self.max_bias * (h + 1) as f32 / p as f32
+        } else {
+            self.max_bias * (2 * (h - p) + 1) as f32 / (2 * p) as f32
+        };
+        self.factor * (-e).exp2()
+    }
+}
+
+/// Add ALiBi's `slope · (j − i)` to the scores `row` of query `i` over keys `first..`.
+fn add_alibi(row: &mut [f32], first: usize, i: usize, slope: f32) {
+    for (j, x) in (first..).zip(row.iter_mut()) {
+        *x += slope * (j as f32 - i as f32);
+    }
 }
 
 impl AttnShape {
@@ -451,12 +490,16 @@ fn attention_forward_blocked(
             let mut p = vec![0f32; t * t];
             let mut tile = vec![0f32; t * d];
             let vh = sh.head(v, sh.kv_heads, s, g);
+            let slope = sh.alibi.map(|a| a.slope(h, sh.heads));
             for (rows, cols) in sh.blocks(block) {
                 scaled_scores(q, k, sh, s, h, g, rows.clone(), cols.clone(), &mut p);
                 for i in rows.clone() {
                     let row = &mut p[i * t + cols.start..i * t + cols.end];
                     let vis = sh.visible(i);
                     let live = vis.start - cols.start..vis.end - cols.start;
+                    if let Some(slope) = slope {
+                        add_alibi(&mut row[live.clone()], vis.start, i, slope);
+                    }
                     if let Some(c) = sh.softcap {
                         row[live.clone()]
                             .iter_mut()
@@ -601,12 +644,16 @@ fn attention_backward_blocked(
                 let doh = sh.head(dout, sh.heads, s, h);
                 let qh = sh.head(q, sh.heads, s, h);
                 let mut dq_t = vec![0f32; t * d];
+                let slope = sh.alibi.map(|a| a.slope(h, sh.heads));
                 for (rows, cols) in sh.blocks(block) {
                     scaled_scores(q, k, sh, s, h, g, rows.clone(), cols.clone(), &mut p);
                     for i in rows.clone() {
                         let row = &mut p[i * t + cols.start..i * t + cols.end];
                         let vis = sh.visible(i);
                         let (a, b) = (vis.start - cols.start, vis.end - cols.start);
+                        if let Some(slope) = slope {
+                            add_alibi(&mut row[a..b], vis.start, i, slope);
+                        }
                         if let Some(c) = sh.softcap {
                             let o = i * t + cols.start;
                             let slope = &mut cap_slope[o + a..o + b];
@@ -1638,6 +1685,7 @@ mod tests {
             window: None,
             scale: None,
             softcap: None,
+            alibi: None,
         };
         check_attention(sh, 8);
         // A scale other than 1/√head_dim (Gemma 3): its gradients, and it acts as scaling q would.
@@ -1673,6 +1721,7 @@ mod tests {
             window: Some(3),
             scale: None,
             softcap: None,
+            alibi: None,
         };
         assert_eq!(sh.visible(0), 0..1);
         assert_eq!(sh.visible(2), 0..3);
@@ -1684,6 +1733,82 @@ mod tests {
             ..sh
         };
         assert!((0..7).all(|i| long.visible(i) == (AttnShape { window: None, ..sh }).visible(i)));
+    }
+
+    /// ALiBi's slopes are transformers' `build_alibi_tensor`'s (6 heads: 4, then the odd terms for 8;
+    /// 8 heads) and MPT's for 8 heads with `alibi_bias_max` 16; the attention's gradients with it
+    /// (windowed, GQA, 6 heads); one output row against the formula written out; and it bites.
+    #[test]
+    fn attention_with_alibi() {
+        let bloom = Alibi {
+            max_bias: 8.0,
+            factor: 1.0,
+        };
+        let six: Vec<f32> = (0..6).map(|h| bloom.slope(h, 6)).collect();
+        assert_eq!(six, [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]);
+        let eight: Vec<f32> = (0..8).map(|h| bloom.slope(h, 8)).collect();
+        let want: Vec<f32> = (1..=8).map(|k| 0.5f32.powi(k)).collect();
+        assert_eq!(eight, want);
+        let mpt16 = Alibi {
+            max_bias: 16.0,
+            factor: 1.0,
+        };
+        assert_eq!(mpt16.slope(0, 8), 0.25);
+        assert_eq!(mpt16.slope(7, 8), 2f32.powi(-16));
+        let sh = AttnShape {
+            seqs: 2,
+            tokens: 7,
+            heads: 6,
+            kv_heads: 3,
+            head_dim: 3,
+            window: Some(5),
+            scale: None,
+            softcap: None,
+            alibi: Some(Alibi {
+                max_bias: 8.0,
+                factor: 2.0,
+            }),
+        };
+        check_attention(sh, 14);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        let (nq, nk) = (2 * 7 * 6 * 3, 2 * 7 * 3 * 3);
+        let (q, k, v) = (
+            rand_vec(&mut rng, nq),
+            rand_vec(&mut rng, nk),
+            rand_vec(&mut rng, nk),
+        );
+        let (mut o, mut lse) = (vec![0.0; nq], vec![0.0; 2 * 6 * 7]);
+        attention_forward(&q, &k, &v, sh, &mut o, &mut lse);
+        // Sequence 0, query head 4 (kv head 2, slope 2 · 0.5), row 6: keys 2..=6.
+        let (s, h, g, i) = (0usize, 4usize, 2usize, 6usize);
+        let qi = &q[(s * 7 + i) * 18 + h * 3..][..3];
+        let scores: Vec<f64> = (2..=6)
+            .map(|j| {
+                let kj = &k[(s * 7 + j) * 9 + g * 3..][..3];
+                let dot: f64 = qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                dot / 3f64.sqrt() + 1.0 * (j as f64 - i as f64)
+            })
+            .collect();
+        let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+        for dim in 0..3 {
+            let want: f64 = (2..=6)
+                .zip(&scores)
+                .map(|(j, sc)| (sc - m).exp() / z * v[(s * 7 + j) * 9 + g * 3 + dim] as f64)
+                .sum();
+            let got = o[(s * 7 + i) * 18 + h * 3 + dim] as f64;
+            assert!((got - want).abs() < 1e-5, "dim {dim}: {got} vs {want}");
+        }
+        let mut plain = vec![0.0; nq];
+        attention_forward(
+            &q,
+            &k,
+            &v,
+            AttnShape { alibi: None, ..sh },
+            &mut plain,
+            &mut lse,
+        );
+        assert!(o.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-2));
     }
 
     /// Gemma 2's soft-capped scores, c · tanh(s / c): gradients (windowed, GQA), and one output row
@@ -1699,6 +1824,7 @@ mod tests {
             window: Some(4),
             scale: None,
             softcap: Some(0.7),
+            alibi: None,
         };
         check_attention(sh, 12);
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);

@@ -1440,6 +1440,7 @@ impl Device for CudaDevice {
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let (seqs, tokens, heads, kv, hd, window, scale, softcap) = self.attn_args(&shape)?;
+        let (alibi_bias, alibi_factor) = shape.alibi.map_or((0.0, 0.0), |a| (a.max_bias, a.factor));
         check_attn(&shape, q.len(), k.len(), v.len(), out.len(), lse.len())?;
         let warps = shape.seqs * shape.heads * shape.tokens;
         if warps == 0 {
@@ -1472,6 +1473,8 @@ impl Device for CudaDevice {
                     window,
                     scale,
                     softcap,
+                    alibi_bias,
+                    alibi_factor,
                 )
             };
         }
@@ -1494,6 +1497,8 @@ impl Device for CudaDevice {
                 window,
                 scale,
                 softcap,
+                alibi_bias,
+                alibi_factor,
             )
         }
     }
@@ -1510,6 +1515,7 @@ impl Device for CudaDevice {
         dv: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let (seqs, tokens, heads, kv, hd, window, scale, softcap) = self.attn_args(&shape)?;
+        let (alibi_bias, alibi_factor) = shape.alibi.map_or((0.0, 0.0), |a| (a.max_bias, a.factor));
         check_attn(&shape, q.len(), k.len(), v.len(), dout.len(), lse.len())?;
         check_len(dq.len(), q.len(), "attention dq")?;
         check_len(dk.len(), k.len(), "attention dk")?;
@@ -1544,12 +1550,43 @@ impl Device for CudaDevice {
             // SAFETY: sizes checked above, delta as lse; the kernels' head dimension is the shape's.
             return unsafe {
                 fdq.launch(
-                    s, dq_cfg, q, k, v, lse, dout, dq, &mut delta, tokens, heads, kv, window,
-                    scale, softcap,
+                    s,
+                    dq_cfg,
+                    q,
+                    k,
+                    v,
+                    lse,
+                    dout,
+                    dq,
+                    &mut delta,
+                    tokens,
+                    heads,
+                    kv,
+                    window,
+                    scale,
+                    softcap,
+                    alibi_bias,
+                    alibi_factor,
                 )?;
                 fdkv.launch(
-                    s, dkv_cfg, q, k, v, lse, dout, &delta, dk, dv, tokens, heads, kv, window,
-                    scale, softcap,
+                    s,
+                    dkv_cfg,
+                    q,
+                    k,
+                    v,
+                    lse,
+                    dout,
+                    &delta,
+                    dk,
+                    dv,
+                    tokens,
+                    heads,
+                    kv,
+                    window,
+                    scale,
+                    softcap,
+                    alibi_bias,
+                    alibi_factor,
                 )
             };
         }
@@ -1559,12 +1596,47 @@ impl Device for CudaDevice {
         // SAFETY: sizes checked above, delta as lse.
         unsafe {
             kern.attention_backward_dq.launch(
-                s, dq_cfg, q, k, v, lse, dout, dq, &mut delta, seqs, tokens, heads, kv, hd, window,
-                scale, softcap,
+                s,
+                dq_cfg,
+                q,
+                k,
+                v,
+                lse,
+                dout,
+                dq,
+                &mut delta,
+                seqs,
+                tokens,
+                heads,
+                kv,
+                hd,
+                window,
+                scale,
+                softcap,
+                alibi_bias,
+                alibi_factor,
             )?;
             kern.attention_backward_dkv.launch(
-                s, dkv_cfg, q, k, v, lse, dout, &delta, dk, dv, seqs, tokens, heads, kv, hd,
-                window, scale, softcap,
+                s,
+                dkv_cfg,
+                q,
+                k,
+                v,
+                lse,
+                dout,
+                &delta,
+                dk,
+                dv,
+                seqs,
+                tokens,
+                heads,
+                kv,
+                hd,
+                window,
+                scale,
+                softcap,
+                alibi_bias,
+                alibi_factor,
             )
         }
     }

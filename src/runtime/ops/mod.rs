@@ -16,7 +16,7 @@ pub mod vmath;
 
 use crate::error::Result;
 use crate::runtime::tape::ParamStore;
-pub use cpu::AttnShape;
+pub use cpu::{Alibi, AttnShape};
 
 /// Which values of a head's rotated part turn together: Hugging Face's `rotate_half` layout (LLaMA and
 /// most others) pairs `(i, i + rot_dim / 2)`; Cohere's (and GLM's, GPT-J's) `rotate_every_two` pairs
@@ -595,6 +595,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
         window: Some(5),
         scale: None,
         softcap: None,
+        alibi: None,
     };
     let rows = shape.seqs * shape.tokens;
     let (qd, kvd) = (
@@ -640,6 +641,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
             window: None,
             scale: None,
             softcap: None,
+            alibi: None,
         };
         let (qn, kn) = (70 * 2 * 64, 70 * 64);
         let (q, kk, v) = (rand_vec(qn), rand_vec(kn), rand_vec(kn));

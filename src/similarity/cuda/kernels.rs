@@ -504,26 +504,32 @@ signatures! {
                             lse: Out<f32>, row_loss: Out<f64>);
     /// attention_forward (SIMT, any head dimension)
     AttentionForward(q: In<f32>, k: In<f32>, v: In<f32>, out: Out<f32>, lse: Out<f32>, seqs: i32,
-                     tokens: i32, heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32);
+                     tokens: i32, heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32,
+        alibi_max_bias: f32, alibi_factor: f32);
     /// attention_backward_dq
     AttentionBackwardDq(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                         dq: Out<f32>, delta: Out<f32>, seqs: i32, tokens: i32, heads: i32,
-                        kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32);
+                        kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32,
+        alibi_max_bias: f32, alibi_factor: f32);
     /// attention_backward_dkv
     AttentionBackwardDkv(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                          delta: In<f32>, dk: Out<f32>, dv: Out<f32>, seqs: i32, tokens: i32,
-                         heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32);
+                         heads: i32, kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32,
+        alibi_max_bias: f32, alibi_factor: f32);
     /// attention_forward_mma64, attention_forward_mma128 (tensor cores; the head dimension is the kernel's)
     AttentionForwardMma(q: In<f32>, k: In<f32>, v: In<f32>, out: Out<f32>, lse: Out<f32>,
-                        tokens: i32, heads: i32, kv_heads: i32, window: i32, scale: f32, softcap: f32);
+                        tokens: i32, heads: i32, kv_heads: i32, window: i32, scale: f32, softcap: f32,
+        alibi_max_bias: f32, alibi_factor: f32);
     /// attention_backward_dq_mma64, attention_backward_dq_mma128
     AttentionBackwardDqMma(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                            dq: Out<f32>, delta: Out<f32>, tokens: i32, heads: i32, kv_heads: i32,
-                           window: i32, scale: f32, softcap: f32);
+                           window: i32, scale: f32, softcap: f32,
+        alibi_max_bias: f32, alibi_factor: f32);
     /// attention_backward_dkv_mma64, attention_backward_dkv_mma128
     AttentionBackwardDkvMma(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                             delta: In<f32>, dk: Out<f32>, dv: Out<f32>, tokens: i32, heads: i32,
-                            kv_heads: i32, window: i32, scale: f32, softcap: f32);
+                            kv_heads: i32, window: i32, scale: f32, softcap: f32,
+        alibi_max_bias: f32, alibi_factor: f32);
     /// linear_forward: y = x wᵀ (+ b; `None` = no bias), f32 weights
     LinearForward(x: In<f32>, w: In<f32>, b: In<f32>, y: Out<f32>, n: i32, k: i32, m: i32);
     /// linear_forward_bf16: the same with bf16 weights (their bits as u16)
