@@ -50,6 +50,7 @@ CASES = {
     "falcon_rw_alibi": ONE_BY_GRADNORM,
     "bloom_alibi": ONE_BY_GRADNORM,
     "mpt_alibi_clip": ONE_BY_GRADNORM,
+    "gptj_rotary_dim": ONE_BY_GRADNORM,
     "qwen2_f16_bias": ["--remove", "1", "--batch", "3", "--cka-batch", "16",
                        "--selection", "gradnorm"] + PINNED,
     "qwen3_qk_norm": ONE_BY_GRADNORM,

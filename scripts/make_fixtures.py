@@ -295,6 +295,13 @@ FIXTURES = [
          cfg=dict(d_model=48, n_heads=6, n_layers=3, vocab_size=128, layer_norm_epsilon=1e-5,
                   attn_config=dict(alibi=True, clip_qkv=0.5)),
          reload=True, seed=47),
+    # GPT-J: one LayerNorm shared by the attention and the MLP in parallel, the rotary embedding on
+    # interleaved pairs of the first 8 of 12 values per head (rotary_dim), q/k/v/out without biases, an
+    # MLP and lm_head with biases, untied; f16.
+    dict(name="gptj_rotary_dim", model_type="gptj", dtype=torch.float16, token_dtype=np.int64,
+         cfg=dict(n_embd=48, n_head=4, n_layer=3, vocab_size=128, rotary_dim=8, n_positions=64,
+                  layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2),
+         seed=48),
     # OLMo (1): LayerNorms without weights or biases (eps 1e-5), q, k and v clamped to ±1.5
     # (clip_qkv, as OLMo-7B-0424's 8 on real weights: small enough to bite here), untied, pad 1.
     dict(name="olmo_clip_qkv", model_type="olmo", dtype=torch.float32, token_dtype=np.int64,

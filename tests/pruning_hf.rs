@@ -220,6 +220,12 @@ fn alibi_models_match_transformers() {
     check_case("mpt_alibi_clip");
 }
 
+/// GPT-J (its `n_layer` rewritten; interleaved partial rotary, parallel block, lm_head bias).
+#[test]
+fn gptj_matches_transformers() {
+    check_case("gptj_rotary_dim");
+}
+
 #[test]
 fn qwen2_f16_bias_matches_transformers() {
     check_case("qwen2_f16_bias");

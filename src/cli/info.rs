@@ -152,6 +152,10 @@ fn describe_block(c: &ModelConfig) -> String {
         ),
         BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
         BlockLayout::Arcee => format!("2 RMSNorms; MLP up → {act} → down"),
+        BlockLayout::GptJ => format!(
+            "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
+             (x + attn(ln x) + mlp(ln x)); MLP fc_in → {act} → fc_out; lm_head with a bias"
+        ),
         BlockLayout::Mpt => format!(
             "2 LayerNorms without biases; q/k/v stacked in Wqkv{}; MLP up → {act} → down; no biases",
             c.clip_qkv

@@ -2,8 +2,8 @@
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
 //! glm4, exaone4, ernie4_5, helium, seed_oss, arcee, internlm2 under its own names; with LayerNorms
 //! stablelm, cohere, cohere2, olmo), Falcon (falcon; Falcon-RW with ALiBi), BLOOM (bloom) and MPT (mpt)
-//! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-2 (gpt2, its `n_*` names read as the
-//! others') and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
+//! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-J (gptj), GPT-2 (gpt2, its `n_*` names read
+//! as the others') and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
 //! A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
 //! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
@@ -168,6 +168,11 @@ pub enum BlockLayout {
     /// `ffn.up_proj` → GELU → `ffn.down_proj`, no biases; `transformer.blocks.`, `transformer.wte`,
     /// `transformer.norm_f`; ALiBi.
     Mpt,
+    /// GPT-J: one LayerNorm `ln_1` (with a bias) shared by the attention and the MLP in parallel
+    /// ([`BlockNorms::Shared`]), `attn.{q,k,v,out}_proj` without biases, an MLP `mlp.fc_in` → GELU →
+    /// `mlp.fc_out` (biases), the rotary embedding on interleaved pairs of the first `rotary_dim` values;
+    /// `transformer.h.`, `transformer.wte`, `transformer.ln_f`, an lm_head with a bias.
+    GptJ,
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
@@ -212,7 +217,7 @@ impl BlockLayout {
             BlockLayout::Gpt2 => "attn.o_proj",
             BlockLayout::Falcon { .. } => "self_attention.dense",
             BlockLayout::InternLm2 => "attention.wo",
-            BlockLayout::Mpt => "attn.out_proj",
+            BlockLayout::Mpt | BlockLayout::GptJ => "attn.out_proj",
             BlockLayout::Opt => "self_attn.out_proj",
         }
     }
@@ -242,7 +247,9 @@ impl BlockLayout {
     /// The attention's q, k and v projections as the runtime reads them (GPT-NeoX reads its fused one).
     pub fn qkv_proj(self) -> [&'static str; 3] {
         match self {
-            BlockLayout::Gpt2 | BlockLayout::Mpt => ["attn.q_proj", "attn.k_proj", "attn.v_proj"],
+            BlockLayout::Gpt2 | BlockLayout::Mpt | BlockLayout::GptJ => {
+                ["attn.q_proj", "attn.k_proj", "attn.v_proj"]
+            }
             _ => ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         }
     }
@@ -271,6 +278,7 @@ impl BlockLayout {
             BlockLayout::Opt => Some(("fc1", "fc2")),
             BlockLayout::Falcon { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Mpt => Some(("ffn.up_proj", "ffn.down_proj")),
+            BlockLayout::GptJ => Some(("mlp.fc_in", "mlp.fc_out")),
         }
     }
 
@@ -289,6 +297,7 @@ impl BlockLayout {
             BlockLayout::Gpt2 => [Some("ln_1"), Some("ln_2"), None, None],
             BlockLayout::InternLm2 => [Some("attention_norm"), Some("ffn_norm"), None, None],
             BlockLayout::Mpt => [Some("norm_1"), Some("norm_2"), None, None],
+            BlockLayout::GptJ => [Some("ln_1"), None, None, None],
             BlockLayout::Opt => [
                 Some("self_attn_layer_norm"),
                 Some("final_layer_norm"),
@@ -701,7 +710,7 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
-             helium, seed_oss, arcee, bloom, mpt";
+             helium, seed_oss, arcee, bloom, mpt, gptj";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -715,9 +724,10 @@ impl ModelConfig {
         let falcon = model_type == "falcon";
         let bloom = model_type == "bloom";
         let mpt = model_type == "mpt";
+        let gptj = model_type == "gptj";
         let aliased;
         let v = match model_type.as_str() {
-            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" => {
+            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -861,7 +871,8 @@ impl ModelConfig {
         let ernie_bias =
             model_type == "ernie4_5" && opt_bool(v, "use_bias", path)?.unwrap_or(false);
         // Cohere, GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half).
-        let interleaved = cohere || glm || matches!(model_type.as_str(), "ernie4_5" | "helium");
+        let interleaved =
+            cohere || glm || matches!(model_type.as_str(), "ernie4_5" | "helium" | "gptj");
         // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
         let falcon_block = match bloom {
             // BLOOM's block is Falcon's oldest one (Falcon-RW was trained with BLOOM's code).
@@ -950,6 +961,7 @@ impl ModelConfig {
             "cohere" | "cohere2" => BlockLayout::Cohere,
             "internlm2" => BlockLayout::InternLm2,
             "mpt" => BlockLayout::Mpt,
+            "gptj" => BlockLayout::GptJ,
             _ => BlockLayout::Llama,
         };
         let learned_positions = match model_type.as_str() {
@@ -968,7 +980,7 @@ impl ModelConfig {
         let moe = parse_moe(v, &model_type, num_hidden_layers, intermediate_size, path)?;
         // GPT-NeoX's, GPT-2's, BLOOM's and MPT's embeddings have no padding_idx: every row takes its
         // gradient.
-        let pad_token_id = match neox || gpt2 || bloom || mpt {
+        let pad_token_id = match neox || gpt2 || bloom || mpt || gptj {
             true => None,
             false => parse_pad_token_id(v, vocab_size, &model_type, path)?,
         };
@@ -1069,7 +1081,8 @@ impl ModelConfig {
                 || phi
                 || gpt2
                 || use_bias
-                || enable_bias,
+                || enable_bias
+                || gptj,
             fused_qkv: matches!(model_type.as_str(), "phi3" | "mpt"),
             fused_gate_up: matches!(model_type.as_str(), "phi3" | "glm" | "glm4"),
             activation,
@@ -1088,7 +1101,7 @@ impl ModelConfig {
             block_norms: match model_type.as_str() {
                 "olmo2" | "olmo3" | "exaone4" => BlockNorms::Post,
                 "glm4" => BlockNorms::Glm4,
-                "phi" => BlockNorms::Shared,
+                "phi" | "gptj" => BlockNorms::Shared,
                 "stablelm" if stablelm_parallel => BlockNorms::Shared,
                 "cohere" | "cohere2" => BlockNorms::Shared,
                 _ if falcon_block == Some(FalconBlock::SharedNorm) => BlockNorms::Shared,
@@ -1111,7 +1124,7 @@ impl ModelConfig {
             sliding_layers,
             multimodal: None,
             layout,
-            lm_head_bias: phi,
+            lm_head_bias: phi || gptj,
             moe,
             rotary_layers,
             alibi,
@@ -1369,6 +1382,41 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     }
     if model_type == "mpt" {
         return mpt_config(v, c, path);
+    }
+    if model_type == "gptj" {
+        // GPTJConfig: `n_embd`, `n_layer`, `n_head`, `n_inner` (null: 4 × n_embd), `n_positions`, and
+        // `rotary_dim` values of each head rotated (null: all), as a partial_rotary_factor.
+        let hidden = get("n_embd", 4096)?;
+        let heads = get("n_head", 16)?;
+        let inner = match opt_usize(v, "n_inner", path)? {
+            Some(n) => n as u64,
+            None => 4 * hidden,
+        };
+        let sizes = [
+            ("hidden_size", hidden),
+            ("num_hidden_layers", get("n_layer", 28)?),
+            ("num_attention_heads", heads),
+            ("num_key_value_heads", heads),
+            ("intermediate_size", inner),
+            ("vocab_size", get("vocab_size", 50400)?),
+            ("max_position_embeddings", get("n_positions", 2048)?),
+        ];
+        let eps = opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5);
+        set_aliases(obj, &sizes, eps);
+        let head_dim = hidden / heads.max(1);
+        // GPTJConfig's default 64; null rotates whole heads.
+        let rotary_dim = match v.get("rotary_dim") {
+            None => 64,
+            Some(Value::Null) => head_dim,
+            Some(_) => get("rotary_dim", 64)?,
+        };
+        if head_dim > 0 {
+            obj.insert(
+                "partial_rotary_factor".into(),
+                (rotary_dim as f64 / head_dim as f64).into(),
+            );
+        }
+        return Ok(c);
     }
     if model_type == "bloom" {
         // BloomConfig: `n_layer`, `n_head` (attribute_map), `n_embed` an old name of hidden_size, an MLP
@@ -1854,7 +1902,7 @@ fn parse_rope(
     let rotary_dim = (head_dim as f64 * partial) as usize;
     let partial_ok = matches!(
         model_type,
-        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4"
+        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4" | "gptj"
     ) && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -1938,6 +1986,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "falcon" => ("activation", "gelu"),
         // MptMLP's exact GELU and BloomGelu, the tanh approximation, has no config key.
         "bloom" => ("", "gelu_new"),
+        "gptj" => ("activation_function", "gelu_new"),
         "mpt" => ("", "gelu"),
         "arcee" => ("hidden_act", "relu2"),
         _ => ("hidden_act", "silu"),
@@ -1958,7 +2007,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu" if model_type == "phi" => Ok(Activation::Gelu),
         "gelu_pytorch_tanh" | "gelu_new" if model_type == "starcoder2" => Ok(Activation::GeluTanh),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
-            if matches!(model_type, "gpt2" | "bloom") =>
+            if matches!(model_type, "gpt2" | "bloom" | "gptj") =>
         {
             Ok(Activation::GeluTanh)
         }
@@ -3456,6 +3505,36 @@ mod tests {
             e.contains("apply_residual_connection_post_layernorm"),
             "{e}"
         );
+    }
+
+    /// EleutherAI/gpt-j-6b's hub config: `n_*` names, rotary_dim 64 of 256 on interleaved pairs, one
+    /// shared LayerNorm, biases on the MLP and the lm_head only, untied; `rotary_dim` null rotates all.
+    #[test]
+    fn gptj_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"],
+            "bos_token_id": 50256, "eos_token_id": 50256, "layer_norm_epsilon": 1e-05,
+            "model_type": "gptj", "n_embd": 4096, "n_head": 16, "n_inner": null, "n_layer": 28,
+            "n_positions": 2048, "rotary": true, "rotary_dim": 64, "scale_attn_weights": true,
+            "tie_word_embeddings": false, "vocab_size": 50400
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::GptJ, BlockNorms::Shared)
+        );
+        assert_eq!(
+            (c.num_hidden_layers, c.head_dim, c.intermediate_size),
+            (28, 256, 16384)
+        );
+        assert_eq!((c.rotary_dim, c.rope_pairs), (64, RopePairs::Interleaved));
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert!(!c.qkv_bias && !c.o_bias && c.mlp_bias && c.lm_head_bias);
+        assert!(!c.tie_word_embeddings && c.pad_token_id.is_none());
+        let mut full = hub.clone();
+        full["rotary_dim"] = serde_json::Value::Null;
+        assert_eq!(ModelConfig::from_json(&full, p).unwrap().rotary_dim, 256);
     }
 
     /// mosaicml/mpt-7b's hub config (`d_model`, `n_heads`, `n_layers`, `attn_config`), clip_qkv and a

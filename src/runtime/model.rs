@@ -315,6 +315,10 @@ impl TensorNames {
             BlockLayout::Gpt2 => Self::gpt2("transformer."),
             BlockLayout::Opt => Self::opt("model.decoder."),
             BlockLayout::Falcon { .. } => Self::falcon("transformer.", false),
+            BlockLayout::GptJ => TensorNames {
+                positions: None,
+                ..Self::gpt2("transformer.")
+            },
             BlockLayout::Mpt => TensorNames {
                 decoder: "transformer.".into(),
                 layers: "transformer.blocks.".into(),
@@ -618,11 +622,14 @@ impl Model {
                 _ if c.fused_qkv => {
                     vec![(c.layout.fused_qkv(), qd + 2 * kvd, h, c.qkv_bias)]
                 }
-                _ => vec![
-                    ("self_attn.q_proj", qd, h, c.qkv_bias),
-                    ("self_attn.k_proj", kvd, h, c.qkv_bias),
-                    ("self_attn.v_proj", kvd, h, c.qkv_bias),
-                ],
+                _ => {
+                    let [q, k, v] = c.layout.qkv_proj();
+                    vec![
+                        (q, qd, h, c.qkv_bias),
+                        (k, kvd, h, c.qkv_bias),
+                        (v, kvd, h, c.qkv_bias),
+                    ]
+                }
             };
             linears.push((c.layout.o_proj(), h, qd, c.o_bias));
             let moe = c.moe.as_ref().filter(|m| m.is_sparse(l));
