@@ -223,15 +223,22 @@ pub fn read_tensors(bytes: &[u8], path: &Path) -> Result<Vec<TorchTensor>> {
             }
         };
         let elem = dtype.size() as u64;
-        let numel: u64 = t.size.iter().map(|&s| s as u64).product();
-        // The furthest element the view reads, in elements from the storage's start.
-        let last = t.offset as u64
-            + t.size
-                .iter()
-                .zip(&t.stride)
-                .map(|(&s, &st)| (s as u64).saturating_sub(1) * st as u64)
-                .sum::<u64>();
-        if numel > 0 && (last + 1) * elem > len {
+        // The furthest element the view reads, in elements from the storage's start (checked: the sizes
+        // come from the file).
+        let mut numel = Some(1u64);
+        let mut last = Some(t.offset as u64);
+        for (&s, &st) in t.size.iter().zip(&t.stride) {
+            numel = numel.and_then(|n| n.checked_mul(s as u64));
+            let reach = (s as u64).saturating_sub(1).checked_mul(st as u64);
+            last = last.zip(reach).and_then(|(a, b)| a.checked_add(b));
+        }
+        let extent = last.and_then(|l| l.checked_add(1)?.checked_mul(elem));
+        let fits = match (numel, extent) {
+            (Some(0), _) => true,
+            (Some(_), Some(e)) => e <= len,
+            _ => false,
+        };
+        if !fits {
             return Err(Error::layer(
                 path,
                 &name,
@@ -253,7 +260,11 @@ pub fn read_tensors(bytes: &[u8], path: &Path) -> Result<Vec<TorchTensor>> {
             name,
             dtype,
             shape: t.size,
-            offset: start + t.offset as u64 * elem,
+            // An empty tensor's offset is never read (and not checked above): its storage's start.
+            offset: match numel {
+                Some(0) => start,
+                _ => start + t.offset as u64 * elem,
+            },
             contiguous,
         });
     }

@@ -136,7 +136,12 @@ pub fn stored_weights(map: &[u8], path: &Path) -> Result<Vec<StoredWeight>> {
             .into_iter()
             .map(|t| {
                 let start = t.offset as usize;
-                let len = t.shape.iter().product::<usize>() * t.dtype.size();
+                // Checked against the storage's bytes by `read_tensors` when contiguous; a strided
+                // view's (refused when read) is left empty.
+                let len = match t.contiguous {
+                    true => t.shape.iter().product::<usize>() * t.dtype.size(),
+                    false => 0,
+                };
                 StoredWeight {
                     name: t.name,
                     dtype: t.dtype.safetensors(),
