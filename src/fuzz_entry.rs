@@ -207,17 +207,22 @@ pub fn safetensors(data: &[u8]) {
         }
         stream(&paths, TokenMode::Samples);
         stream(&paths, TokenMode::Features);
-        if let Some(w) = checked(Weights::open_file(&paths[0])) {
-            let mut names: Vec<String> = w.names().map(str::to_string).collect();
-            names.sort();
-            for name in names {
-                let shape = w.shape(&name).expect("a listed tensor").to_vec();
-                if checked(w.expect(&name, &shape)).is_some() {
-                    checked(w.get_f32(&name));
-                }
+        read_every_weight(&paths[0]);
+    });
+}
+
+/// The runtime's weight reader on `path`: every tensor it lists checked and converted to f32.
+fn read_every_weight(path: &Path) {
+    if let Some(w) = checked(Weights::open_file(path)) {
+        let mut names: Vec<String> = w.names().map(str::to_string).collect();
+        names.sort();
+        for name in names {
+            let shape = w.shape(&name).expect("a listed tensor").to_vec();
+            if checked(w.expect(&name, &shape)).is_some() {
+                checked(w.get_f32(&name));
             }
         }
-    });
+    }
 }
 
 /// A `torch.save` file, read as activations (streamed) and as checkpoint weights (every tensor as f32).
@@ -245,13 +250,7 @@ pub fn torch(data: &[u8]) {
             }
         }
         stream(std::slice::from_ref(&path), TokenMode::Samples);
-        if let Some(w) = checked(Weights::open_file(&path)) {
-            let mut names: Vec<String> = w.names().map(str::to_string).collect();
-            names.sort();
-            for name in names {
-                checked(w.get_f32(&name));
-            }
-        }
+        read_every_weight(&path);
     });
 }
 

@@ -251,13 +251,12 @@ fn open_shard(path: &Path, opts: &ReadOptions) -> Result<(ShardInfo, Vec<StoredT
         )
     } else {
         let head = file_head(path)?;
-        if super::torch::is_torch_zip(&head) {
+        // The legacy torch.save format goes to the torch reader too, which names it.
+        if super::torch::is_torch_zip(&head) || super::torch::is_legacy_torch(&head) {
             (
                 "torch",
                 super::torch::activation_tensors(path, opts.layers.as_ref())?,
             )
-        } else if super::torch::is_legacy_torch(&head) {
-            return Err(Error::format(path, super::torch::LEGACY_FORMAT));
         } else {
             return Err(Error::format(
                 path,

@@ -104,7 +104,7 @@ pub fn is_torch_zip(head: &[u8]) -> bool {
 }
 
 /// What is said of a file in the legacy format.
-pub const LEGACY_FORMAT: &str =
+const LEGACY_FORMAT: &str =
     "saved in torch.save's legacy format (PyTorch < 1.6); load it and save \
      it again with a recent PyTorch, or as safetensors";
 

@@ -25,9 +25,10 @@ use crate::runtime::config::{
     pattern_layer_kinds, qwen_moe_sparse_layers, smollm3_rotary_layers, text_config,
 };
 use crate::runtime::weights::{
-    file_metadata, map_weights, stored_weights, tensor_view, weight_files, WeightFormat, INDEX_FILE,
+    file_metadata, map_weights, stored_weights, tensor_view, weight_files, StoredWeight,
+    WeightFormat, INDEX_FILE,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// An output directory being built: a staging directory beside the destination (registered with
@@ -239,11 +240,10 @@ pub fn parameter_counts(
     for f in weight_files(model_dir)?.files {
         let path = model_dir.join(&f);
         let map = map_weights(&path)?;
-        // torch.save stores a tied tensor once, under both names: count it once.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for t in stored_weights(&map, &path)?
             .into_iter()
-            .filter(|t| !is_buffer(&t.name) && seen.insert((t.start, t.end)))
+            .filter(|t| is_new_parameter(t, &mut seen))
         {
             let n: usize = t.shape.iter().product();
             match layer_of(&t.name, layers).filter(|&l| l < num_layers) {
@@ -261,6 +261,12 @@ pub fn is_buffer(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
         || name.ends_with(".attn.bias")
         || name.ends_with(".attn.masked_bias")
+}
+
+/// Whether stored tensor `t` of one file counts as parameters not yet counted (`seen`: the byte ranges of
+/// those counted): not a buffer, and not a tied tensor `torch.save` stored once under two names.
+fn is_new_parameter(t: &StoredWeight, seen: &mut HashSet<(usize, usize)>) -> bool {
+    !is_buffer(&t.name) && seen.insert((t.start, t.end))
 }
 
 /// The decoder layer a tensor name belongs to (`layers`: the decoder layers' prefix).
@@ -311,7 +317,7 @@ pub fn write_pruned_checkpoint(
     };
     let mut weight_map = BTreeMap::new();
     let mut total_size: u64 = 0;
-    // Parameters written, a tied tensor (stored once by torch.save, under two names) counted once.
+    // Parameters written (see `is_new_parameter`).
     let mut total_parameters = 0usize;
     for f in &weights.files {
         let src = model_dir.join(f);
@@ -324,10 +330,10 @@ pub fn write_pruned_checkpoint(
         };
         let mut info = file_metadata(&map, &src)?;
         let mut keep = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for t in stored_weights(&map, &src)? {
             if let Some(new) = renamed_tensor(&t.name, layers, &renumber) {
-                if !is_buffer(&t.name) && seen.insert((t.start, t.end)) {
+                if is_new_parameter(&t, &mut seen) {
                     total_parameters += t.shape.iter().product::<usize>();
                 }
                 let view = tensor_view(&map, &t, &src)?;

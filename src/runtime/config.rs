@@ -1374,9 +1374,7 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     let obj = c
         .as_object_mut()
         .expect("a config with a model_type is an object");
-    let get = |key: &str, default: u64| -> Result<u64> {
-        Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
-    };
+    let get = |key: &str, default: u64| size_or(v, key, default, path);
     if model_type == "falcon" {
         return falcon_config(v, c, path);
     }
@@ -1388,10 +1386,7 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
         // `rotary_dim` values of each head rotated (null: all), as a partial_rotary_factor.
         let hidden = get("n_embd", 4096)?;
         let heads = get("n_head", 16)?;
-        let inner = match opt_usize(v, "n_inner", path)? {
-            Some(n) => n as u64,
-            None => 4 * hidden,
-        };
+        let inner = get("n_inner", 4 * hidden)?;
         let sizes = [
             ("hidden_size", hidden),
             ("num_hidden_layers", get("n_layer", 28)?),
@@ -1510,6 +1505,11 @@ fn set_aliases(obj: &mut serde_json::Map<String, Value>, sizes: &[(&str, u64)], 
     obj.insert("rms_norm_eps".into(), eps.into());
 }
 
+/// Field `key` of `v` as a size, `default` when absent or null (the config classes' defaults).
+fn size_or(v: &Value, key: &str, default: u64, path: &Path) -> Result<u64> {
+    Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
+}
+
 /// MPT's config (MptConfig; `d_model`, `n_heads`, `n_layers`, `expansion_ratio`, `layer_norm_epsilon`,
 /// and its `attn_config`: `softmax_scale`, `clip_qkv`) under the parser's names. Refused by name: what
 /// transformers' MptForCausalLM does not run either (learned positions without ALiBi, q/k LayerNorms,
@@ -1535,9 +1535,7 @@ fn mpt_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
             "attn_config.alibi_bias_max is {b} (transformers' MptForCausalLM uses 8)"
         ));
     }
-    let get = |key: &str, default: u64| -> Result<u64> {
-        Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
-    };
+    let get = |key: &str, default: u64| size_or(v, key, default, path);
     let hidden = get("d_model", 2048)?;
     let heads = get("n_heads", 16)?;
     let sizes = [
@@ -1600,9 +1598,7 @@ fn falcon_block(v: &Value, path: &Path) -> Result<FalconBlock> {
 /// `ffn_hidden_size` (default 4 × hidden), `layer_norm_epsilon`, `activation` (GELU). (`alibi`, Falcon-RW's
 /// position biases in place of the rotary embedding, is read by [`ModelConfig::from_json`].)
 fn falcon_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
-    let get = |key: &str, default: u64| -> Result<u64> {
-        Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
-    };
+    let get = |key: &str, default: u64| size_or(v, key, default, path);
     let hidden = get("hidden_size", 4544)?;
     let heads = get("num_attention_heads", 71)?;
     let grouped = opt_bool(v, "new_decoder_architecture", path)?.unwrap_or(false)

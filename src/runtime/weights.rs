@@ -128,9 +128,9 @@ pub struct StoredWeight {
 }
 
 /// The tensors of one checkpoint file (its mapped bytes; `path` names it in errors): a safetensors file,
-/// or a `torch.save` zip archive.
+/// or a `torch.save` zip archive (the legacy `torch.save` format is refused by the torch reader, by name).
 pub fn stored_weights(map: &[u8], path: &Path) -> Result<Vec<StoredWeight>> {
-    if crate::io::torch::is_torch_zip(map) {
+    if crate::io::torch::is_torch_zip(map) || crate::io::torch::is_legacy_torch(map) {
         let tensors = crate::io::torch::read_tensors(map, path)?;
         return Ok(tensors
             .into_iter()
@@ -152,9 +152,6 @@ pub fn stored_weights(map: &[u8], path: &Path) -> Result<Vec<StoredWeight>> {
                 }
             })
             .collect());
-    }
-    if crate::io::torch::is_legacy_torch(map) {
-        return Err(Error::format(path, crate::io::torch::LEGACY_FORMAT));
     }
     let (n, meta) = SafeTensors::read_metadata(map)
         .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;

@@ -955,9 +955,12 @@ impl CudaDevice {
     }
 
     /// The attention kernels' scalar arguments: (seqs, tokens, heads, kv_heads, head_dim, window, scale,
-    /// softcap; 0 = none).
+    /// softcap, ALiBi's max_bias and factor; 0 = none).
     #[allow(clippy::type_complexity)]
-    fn attn_args(&self, sh: &AttnShape) -> Result<(i32, i32, i32, i32, i32, i32, f32, f32)> {
+    fn attn_args(
+        &self,
+        sh: &AttnShape,
+    ) -> Result<(i32, i32, i32, i32, i32, i32, f32, f32, f32, f32)> {
         if sh.head_dim == 0 || sh.head_dim > MAX_HEAD_DIM {
             return Err(Error::cuda(format!(
                 "attention: head_dim {} outside 1..={MAX_HEAD_DIM}",
@@ -996,6 +999,8 @@ impl CudaDevice {
                     )))
                 }
             },
+            sh.alibi.map_or(0.0, |a| a.max_bias),
+            sh.alibi.map_or(0.0, |a| a.factor),
         ))
     }
 }
@@ -1439,8 +1444,8 @@ impl Device for CudaDevice {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (seqs, tokens, heads, kv, hd, window, scale, softcap) = self.attn_args(&shape)?;
-        let (alibi_bias, alibi_factor) = shape.alibi.map_or((0.0, 0.0), |a| (a.max_bias, a.factor));
+        let (seqs, tokens, heads, kv, hd, window, scale, softcap, alibi_bias, alibi_factor) =
+            self.attn_args(&shape)?;
         check_attn(&shape, q.len(), k.len(), v.len(), out.len(), lse.len())?;
         let warps = shape.seqs * shape.heads * shape.tokens;
         if warps == 0 {
@@ -1514,8 +1519,8 @@ impl Device for CudaDevice {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (seqs, tokens, heads, kv, hd, window, scale, softcap) = self.attn_args(&shape)?;
-        let (alibi_bias, alibi_factor) = shape.alibi.map_or((0.0, 0.0), |a| (a.max_bias, a.factor));
+        let (seqs, tokens, heads, kv, hd, window, scale, softcap, alibi_bias, alibi_factor) =
+            self.attn_args(&shape)?;
         check_attn(&shape, q.len(), k.len(), v.len(), dout.len(), lse.len())?;
         check_len(dq.len(), q.len(), "attention dq")?;
         check_len(dk.len(), k.len(), "attention dk")?;
