@@ -51,6 +51,9 @@ CASES = {
     "bloom_alibi": ONE_BY_GRADNORM,
     "mpt_alibi_clip": ONE_BY_GRADNORM,
     "gptj_rotary_dim": ONE_BY_GRADNORM,
+    # GPT-BigCode: multi-query (bf16, tied) and per-head (untied); `n_layer` rewritten.
+    "gpt_bigcode_mqa": ONE_BY_GRADNORM,
+    "gpt_bigcode_mha": ONE_BY_GRADNORM,
     "qwen2_f16_bias": ["--remove", "1", "--batch", "3", "--cka-batch", "16",
                        "--selection", "gradnorm"] + PINNED,
     "qwen3_qk_norm": ONE_BY_GRADNORM,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -302,6 +302,21 @@ FIXTURES = [
          cfg=dict(n_embd=48, n_head=4, n_layer=3, vocab_size=128, rotary_dim=8, n_positions=64,
                   layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2),
          seed=48),
+    # GPT-BigCode (StarCoder 1, SantaCoder): GPT-2's block and names with Linear projections ([out, in]),
+    # multi-query (multi_query's default: c_attn holds every query, then the one key and value), the
+    # tanh GELU (the class default), tied; bf16.
+    dict(name="gpt_bigcode_mqa", model_type="gpt_bigcode", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(n_embd=48, n_head=4, n_layer=3, n_positions=64, vocab_size=128,
+                  layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2),
+         seed=49),
+    # GPT-BigCode without multi_query: c_attn holds q, k and v per head; the exact GELU, unscaled scores
+    # (scale_attn_weights false), an MLP of 40, untied; f32.
+    dict(name="gpt_bigcode_mha", model_type="gpt_bigcode", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(n_embd=32, n_head=4, n_layer=3, n_inner=40, n_positions=64, vocab_size=128,
+                  layer_norm_epsilon=1e-5, multi_query=False, activation_function="gelu",
+                  scale_attn_weights=False, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2),
+         seed=50),
     # OLMo (1): LayerNorms without weights or biases (eps 1e-5), q, k and v clamped to ±1.5
     # (clip_qkv, as OLMo-7B-0424's 8 on real weights: small enough to bite here), untied, pad 1.
     dict(name="olmo_clip_qkv", model_type="olmo", dtype=torch.float32, token_dtype=np.int64,

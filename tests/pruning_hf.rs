@@ -226,6 +226,13 @@ fn gptj_matches_transformers() {
     check_case("gptj_rotary_dim");
 }
 
+/// GPT-BigCode, multi-query and per-head (its `n_layer` rewritten; learned positions kept whole).
+#[test]
+fn gpt_bigcode_matches_transformers() {
+    check_case("gpt_bigcode_mqa");
+    check_case("gpt_bigcode_mha");
+}
+
 #[test]
 fn qwen2_f16_bias_matches_transformers() {
     check_case("qwen2_f16_bias");

@@ -139,6 +139,14 @@ fn describe_block(c: &ModelConfig) -> String {
             "LayerNorms with biases; Conv1D projections (read transposed), q/k/v fused; MLP c_fc → \
              {act} → c_proj; learned positions, no rotary embedding"
         ),
+        BlockLayout::GptBigCode => format!(
+            "LayerNorms with biases; q/k/v fused per key/value group{}; MLP c_fc → {act} → c_proj; \
+             learned positions, no rotary embedding",
+            match c.num_key_value_heads {
+                1 => " (multi-query)",
+                _ => "",
+            }
+        ),
         BlockLayout::Starcoder2 => format!(
             "LayerNorms with biases; MLP c_fc → {act} → c_proj; attention and MLP one after the other"
         ),

@@ -3,7 +3,7 @@
 //! glm4, exaone4, ernie4_5, helium, seed_oss, arcee, internlm2 under its own names; with LayerNorms
 //! stablelm, cohere, cohere2, olmo), Falcon (falcon; Falcon-RW with ALiBi), BLOOM (bloom) and MPT (mpt)
 //! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-J (gptj), GPT-2 (gpt2, its `n_*` names read
-//! as the others') and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
+//! as the others'), GPT-BigCode (gpt_bigcode: StarCoder 1) and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
 //! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
 //! A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
 //! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
@@ -178,6 +178,10 @@ pub enum BlockLayout {
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
     /// (`Model::load`); learned positions (`wpe`), no rotary embedding; `transformer.ln_f`.
     Gpt2,
+    /// GPT-BigCode (StarCoder 1, SantaCoder): GPT-2's block and names with `Linear` projections stored
+    /// `[out, in]`; `attn.c_attn` holds q, k and v per key/value group (multi-query: every query, then
+    /// the one key and value; else per head), read as Falcon's.
+    GptBigCode,
 }
 
 impl BlockLayout {
@@ -215,6 +219,7 @@ impl BlockLayout {
             BlockLayout::Phi => "self_attn.dense",
             BlockLayout::Starcoder2 => "self_attn.o_proj",
             BlockLayout::Gpt2 => "attn.o_proj",
+            BlockLayout::GptBigCode => "attn.c_proj",
             BlockLayout::Falcon { .. } => "self_attention.dense",
             BlockLayout::InternLm2 => "attention.wo",
             BlockLayout::Mpt | BlockLayout::GptJ => "attn.out_proj",
@@ -229,6 +234,7 @@ impl BlockLayout {
             BlockLayout::NeoX { .. } => Some("attention.query_key_value"),
             BlockLayout::Falcon { .. } => Some("self_attention.query_key_value"),
             BlockLayout::InternLm2 => Some("attention.wqkv"),
+            BlockLayout::GptBigCode => Some("attn.c_attn"),
             _ => None,
         }
     }
@@ -273,7 +279,7 @@ impl BlockLayout {
             BlockLayout::Arcee => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
-            BlockLayout::Starcoder2 => Some(("mlp.c_fc", "mlp.c_proj")),
+            BlockLayout::Starcoder2 | BlockLayout::GptBigCode => Some(("mlp.c_fc", "mlp.c_proj")),
             BlockLayout::Gpt2 => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::Opt => Some(("fc1", "fc2")),
             BlockLayout::Falcon { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
@@ -294,7 +300,7 @@ impl BlockLayout {
     pub fn norm_names(self, norms: BlockNorms) -> [Option<&'static str>; 4] {
         match self {
             BlockLayout::Falcon { ln_pair: true } => [Some("ln_attn"), Some("ln_mlp"), None, None],
-            BlockLayout::Gpt2 => [Some("ln_1"), Some("ln_2"), None, None],
+            BlockLayout::Gpt2 | BlockLayout::GptBigCode => [Some("ln_1"), Some("ln_2"), None, None],
             BlockLayout::InternLm2 => [Some("attention_norm"), Some("ffn_norm"), None, None],
             BlockLayout::Mpt => [Some("norm_1"), Some("norm_2"), None, None],
             BlockLayout::GptJ => [Some("ln_1"), None, None, None],
@@ -710,7 +716,7 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
-             helium, seed_oss, arcee, bloom, mpt, gptj";
+             helium, seed_oss, arcee, bloom, mpt, gptj, gpt_bigcode";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -721,13 +727,14 @@ impl ModelConfig {
             ));
         }
         let (gpt2, opt) = (model_type == "gpt2", model_type == "opt");
+        let bigcode = model_type == "gpt_bigcode";
         let falcon = model_type == "falcon";
         let bloom = model_type == "bloom";
         let mpt = model_type == "mpt";
         let gptj = model_type == "gptj";
         let aliased;
         let v = match model_type.as_str() {
-            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" => {
+            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "gpt_bigcode" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -887,7 +894,7 @@ impl ModelConfig {
             // Qwen2MoeConfig's `qkv_bias` (default true; absent from 4.x configs).
             "qwen2_moe" => (opt_bool(v, "qkv_bias", path)?.unwrap_or(true), false),
             "gpt_neox" => (attention_bias, attention_bias),
-            "phi" | "gpt2" => (true, true),
+            "phi" | "gpt2" | "gpt_bigcode" => (true, true),
             "opt" | "falcon" | "bloom" => (enable_bias, enable_bias),
             "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
             "cohere" | "cohere2" | "internlm3" => (attention_bias, attention_bias),
@@ -930,7 +937,7 @@ impl ModelConfig {
                 ));
             }
             Some(s.powf(-0.5) as f32)
-        } else if gpt2 && opt_bool(v, "scale_attn_weights", path)? == Some(false) {
+        } else if (gpt2 || bigcode) && opt_bool(v, "scale_attn_weights", path)? == Some(false) {
             Some(1.0)
         } else if let Some(s) = opt_f64(v, "mpt_softmax_scale", path)?.filter(|_| mpt) {
             // MPT's attn_config.softmax_scale (None: 1/√head_dim).
@@ -962,10 +969,11 @@ impl ModelConfig {
             "internlm2" => BlockLayout::InternLm2,
             "mpt" => BlockLayout::Mpt,
             "gptj" => BlockLayout::GptJ,
+            "gpt_bigcode" => BlockLayout::GptBigCode,
             _ => BlockLayout::Llama,
         };
         let learned_positions = match model_type.as_str() {
-            "gpt2" => Some(LearnedPositions {
+            "gpt2" | "gpt_bigcode" => Some(LearnedPositions {
                 max_tokens: get_size(v, "n_positions", MAX_SIZE, path)?,
                 offset: 0,
             }),
@@ -978,9 +986,9 @@ impl ModelConfig {
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
         let intermediate_size = get_size(v, "intermediate_size", MAX_SIZE, path)?;
         let moe = parse_moe(v, &model_type, num_hidden_layers, intermediate_size, path)?;
-        // GPT-NeoX's, GPT-2's, BLOOM's and MPT's embeddings have no padding_idx: every row takes its
-        // gradient.
-        let pad_token_id = match neox || gpt2 || bloom || mpt || gptj {
+        // GPT-NeoX's, GPT-2's, GPT-BigCode's, BLOOM's, MPT's and GPT-J's embeddings have no padding_idx:
+        // every row takes its gradient.
+        let pad_token_id = match neox || gpt2 || bigcode || bloom || mpt || gptj {
             true => None,
             false => parse_pad_token_id(v, vocab_size, &model_type, path)?,
         };
@@ -1064,6 +1072,7 @@ impl ModelConfig {
                 gemma
                     || starcoder2
                     || gpt2
+                    || bigcode
                     || opt
                     || smollm3
                     || cohere
@@ -1080,6 +1089,7 @@ impl ModelConfig {
                 || neox
                 || phi
                 || gpt2
+                || bigcode
                 || use_bias
                 || enable_bias
                 || gptj,
@@ -1365,6 +1375,8 @@ fn parse_sliding_window(
 ///   `n_positions`, `layer_norm_epsilon`. Refused: scores scaled by the layer's inverse index
 ///   (`scale_attn_by_inverse_layer_idx`); `scale_attn_weights` false (unscaled scores) is read as a
 ///   score scale of 1.
+/// * gpt_bigcode: GPTBigCodeConfig's, the same, and `multi_query` (default true: one key/value head);
+///   `add_cross_attention` refused.
 /// * opt: OPTConfig's `ffn_dim`, `max_position_embeddings` (default 2048), `pad_token_id` (default 1),
 ///   its LayerNorms' eps (PyTorch's 1e-5). Refused: OPT-350m's post-norm blocks
 ///   (`do_layer_norm_before` false) and its `word_embed_proj_dim` ≠ `hidden_size` projections, norms
@@ -1474,18 +1486,33 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
         }
         return Ok(c);
     }
+    // GPT2Config and GPTBigCodeConfig share their names and defaults; GPT-BigCode's `multi_query`
+    // (default true) gives every query head one key/value head.
     let hidden = get("n_embd", 768)?;
     let inner = get("n_inner", 4 * hidden)?;
+    let heads = get("n_head", 12)?;
+    let bigcode = model_type == "gpt_bigcode";
+    let kv_heads = match bigcode && opt_bool(v, "multi_query", path)?.unwrap_or(true) {
+        true => 1,
+        false => heads,
+    };
     let sizes = [
         ("hidden_size", hidden),
         ("num_hidden_layers", get("n_layer", 12)?),
-        ("num_attention_heads", get("n_head", 12)?),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", kv_heads),
         ("intermediate_size", inner),
         ("n_positions", get("n_positions", 1024)?),
         ("vocab_size", get("vocab_size", 50257)?),
     ];
     let eps = opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5);
     set_aliases(obj, &sizes, eps);
+    if bigcode && opt_bool(v, "add_cross_attention", path)? == Some(true) {
+        return Err(model_err(
+            path,
+            "field 'add_cross_attention' is true: cross-attention to an encoder is not supported",
+        ));
+    }
     if opt_bool(v, "scale_attn_by_inverse_layer_idx", path)? == Some(true) {
         return Err(model_err(
             path,
@@ -1983,6 +2010,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         // MptMLP's exact GELU and BloomGelu, the tanh approximation, has no config key.
         "bloom" => ("", "gelu_new"),
         "gptj" => ("activation_function", "gelu_new"),
+        "gpt_bigcode" => ("activation_function", "gelu_pytorch_tanh"),
         "mpt" => ("", "gelu"),
         "arcee" => ("hidden_act", "relu2"),
         _ => ("hidden_act", "silu"),
@@ -2003,11 +2031,11 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu" if model_type == "phi" => Ok(Activation::Gelu),
         "gelu_pytorch_tanh" | "gelu_new" if model_type == "starcoder2" => Ok(Activation::GeluTanh),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
-            if matches!(model_type, "gpt2" | "bloom" | "gptj") =>
+            if matches!(model_type, "gpt2" | "bloom" | "gptj" | "gpt_bigcode") =>
         {
             Ok(Activation::GeluTanh)
         }
-        "gelu" if model_type == "gpt2" || model_type == "opt" => Ok(Activation::Gelu),
+        "gelu" if matches!(model_type, "gpt2" | "opt" | "gpt_bigcode") => Ok(Activation::Gelu),
         "relu" if model_type == "opt" => Ok(Activation::Relu),
         "gelu" if matches!(model_type, "falcon" | "mpt") => Ok(Activation::Gelu),
         "relu2" if model_type == "arcee" => Ok(Activation::Relu2),
@@ -2785,6 +2813,62 @@ mod tests {
         let mut v = base();
         v["model_type"] = "llama".into();
         assert!(ModelConfig::from_json(&v, p).unwrap().moe.is_none());
+    }
+
+    /// GPTBigCodeConfig: GPT-2's names and defaults, multi-query unless `multi_query` is false; the hub's
+    /// StarCoder (15.5B) config; cross-attention refused by name.
+    #[test]
+    fn gpt_bigcode_configs() {
+        let p = Path::new("config.json");
+        let c =
+            ModelConfig::from_json(&serde_json::json!({"model_type": "gpt_bigcode"}), p).unwrap();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.intermediate_size
+            ),
+            (768, 12, 12, 1, 3072)
+        );
+        assert_eq!(
+            (c.layout, c.activation, c.attn_scale, c.pad_token_id),
+            (BlockLayout::GptBigCode, Activation::GeluTanh, None, None)
+        );
+        assert!(c.tie_word_embeddings && c.qkv_bias && c.o_bias && c.mlp_bias);
+        assert_eq!(c.layout.grouped_qkv(), Some("attn.c_attn"));
+        let starcoder = serde_json::json!({
+            "model_type": "gpt_bigcode", "architectures": ["GPTBigCodeForCausalLM"],
+            "activation_function": "gelu_pytorch_tanh", "attention_softmax_in_fp32": true,
+            "multi_query": true, "n_embd": 6144, "n_head": 48, "n_inner": 24576, "n_layer": 40,
+            "n_positions": 8192, "scale_attention_softmax_in_fp32": true, "vocab_size": 49152,
+            "layer_norm_epsilon": 1e-5, "bos_token_id": 0, "eos_token_id": 0,
+        });
+        let c = ModelConfig::from_json(&starcoder, p).unwrap();
+        assert_eq!(
+            (c.num_hidden_layers, c.head_dim, c.num_key_value_heads),
+            (40, 128, 1)
+        );
+        assert_eq!(
+            c.learned_positions,
+            Some(LearnedPositions {
+                max_tokens: 8192,
+                offset: 0
+            })
+        );
+        let mut v = starcoder.clone();
+        v["multi_query"] = false.into();
+        v["scale_attn_weights"] = false.into();
+        v["activation_function"] = "gelu".into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.num_key_value_heads, c.attn_scale, c.activation),
+            (48, Some(1.0), Activation::Gelu)
+        );
+        v["add_cross_attention"] = true.into();
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("add_cross_attention"), "{e}");
     }
 
     /// GPT2Config's names and defaults: a bare `{"model_type": "gpt2"}` is GPT-2 small.
