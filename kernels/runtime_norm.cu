@@ -6,6 +6,8 @@
 // norm_backward_weight sums dy ⊙ (x − μ) / σ over a chunk of rows per (column, chunk) into f64 partials,
 // and norm_reduce_weight adds the chunks in order into dw. (The bias gradient is the column sums of dy:
 // runtime_linear.cu's linear_backward_bias.) One block of 256 threads per row for the row kernels.
+// The weight and bias hold `groups` rows of d and row r takes row r mod groups (1: one shared row; the
+// heads: Cohere's per-head q/k norms); the weight kernels then see x and dy as wide rows of groups·d.
 
 #include "common.cuh"
 
@@ -29,33 +31,37 @@ __device__ __forceinline__ void norm_row_stats(const float* __restrict__ xr, int
 }
 
 extern "C" __global__ void norm_forward(const float* __restrict__ x, const float* __restrict__ w,
-                                        const float* __restrict__ b, float offset, int d, double eps,
-                                        int centre, float* __restrict__ y, int rows) {
+                                        const float* __restrict__ b, float offset, int d, int groups,
+                                        double eps, int centre, float* __restrict__ y, int rows) {
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (u64)r * d;
+    u64 at = (u64)(r % groups) * d;
     double mean, inv;
     norm_row_stats(xr, d, eps, centre, &mean, &inv);
     float* yr = y + (u64)r * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x)
-        yr[j] = (float)(((double)xr[j] - mean) * inv) * (offset + (w ? w[j] : 0.0f)) + (b ? b[j] : 0.0f);
+        yr[j] = (float)(((double)xr[j] - mean) * inv) * (offset + (w ? w[at + j] : 0.0f)) +
+                (b ? b[at + j] : 0.0f);
 }
 
 // With x̃ = x − μ: dx += inv (g⊙dy) − x̃ inv³/d Σ(g⊙dy⊙x̃) (LayerNorm: − inv/d Σ(g⊙dy) too);
 // mean_out[r], inv_out[r] = μ and 1/σ of row r (read by the weight kernel).
 extern "C" __global__ void norm_backward(const float* __restrict__ x, const float* __restrict__ w,
-                                         float offset, const float* __restrict__ dy, int d, double eps,
-                                         int centre, float* __restrict__ dx, double* __restrict__ mean_out,
-                                         double* __restrict__ inv_out, int rows) {
+                                         float offset, const float* __restrict__ dy, int d, int groups,
+                                         double eps, int centre, float* __restrict__ dx,
+                                         double* __restrict__ mean_out, double* __restrict__ inv_out,
+                                         int rows) {
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (u64)r * d;
+    const float* wr = w ? w + (u64)(r % groups) * d : nullptr;
     const float* gr = dy + (u64)r * d;
     double mean, inv;
     norm_row_stats(xr, d, eps, centre, &mean, &inv);
     double dot = 0.0, sum = 0.0;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        double gdy = (double)(offset + (w ? w[j] : 0.0f)) * (double)gr[j];
+        double gdy = (double)(offset + (wr ? wr[j] : 0.0f)) * (double)gr[j];
         dot += gdy * ((double)xr[j] - mean);
         sum += gdy;
     }
@@ -65,7 +71,7 @@ extern "C" __global__ void norm_backward(const float* __restrict__ x, const floa
     double shift = inv * sum / d;
     float* dxr = dx + (u64)r * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x)
-        dxr[j] += (float)(inv * (double)(offset + (w ? w[j] : 0.0f)) * (double)gr[j] - ((double)xr[j] - mean) * c
+        dxr[j] += (float)(inv * (double)(offset + (wr ? wr[j] : 0.0f)) * (double)gr[j] - ((double)xr[j] - mean) * c
                           - shift);
     if (threadIdx.x == 0) {
         mean_out[r] = mean;
@@ -73,20 +79,24 @@ extern "C" __global__ void norm_backward(const float* __restrict__ x, const floa
     }
 }
 
-// partials[chunk, j] = Σ_{rows of chunk} dy[r, j] (x[r, j] − mean[r]) inv[r]; grid (ceil(d / blockDim.x),
-// chunks).
+// partials[chunk, j] = Σ_{wide rows R of chunk} dy[R, j] (x[R, j] − mean[r]) inv[r] over the weight's
+// wd = groups·d values j, wide rows of wd (R of `wide` in all), r = R·groups + j / d the row of d that
+// value j of wide row R sits in; grid (ceil(wd / blockDim.x), chunks).
 extern "C" __global__ void norm_backward_weight(const float* __restrict__ x, const float* __restrict__ dy,
                                                 const double* __restrict__ mean, const double* __restrict__ inv,
-                                                int d, int rows, int rows_per_chunk,
+                                                int d, int groups, int wide, int rows_per_chunk,
                                                 double* __restrict__ partials) {
+    int wd = groups * d;
     int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= d) return;
+    if (j >= wd) return;
     int r0 = blockIdx.y * rows_per_chunk;
-    int r1 = min(rows, r0 + rows_per_chunk);
+    int r1 = min(wide, r0 + rows_per_chunk);
     double s = 0.0;
-    for (int r = r0; r < r1; ++r)
-        s += (double)dy[(u64)r * d + j] * ((double)x[(u64)r * d + j] - mean[r]) * inv[r];
-    partials[(u64)blockIdx.y * d + j] = s;
+    for (int R = r0; R < r1; ++R) {
+        u64 r = (u64)R * groups + j / d;
+        s += (double)dy[(u64)R * wd + j] * ((double)x[(u64)R * wd + j] - mean[r]) * inv[r];
+    }
+    partials[(u64)blockIdx.y * wd + j] = s;
 }
 
 // dw[j] += Σ_chunks partials[chunk, j], chunks in order.

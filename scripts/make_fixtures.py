@@ -202,6 +202,13 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, logit_scale=0.25,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          old_config=True, reload=True, seed=30),
+    # Cohere with use_qk_norm (Command R+): q and k LayerNorms (no bias) over each head, each head with
+    # weights of its own ([heads, head_dim]: 4 for q, 2 for k), before the rotary embedding; f32.
+    dict(name="cohere_qk_norm", model_type="cohere", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, logit_scale=0.5,
+                  use_qk_norm=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=51),
     # Cohere 2 (Command R7B): Cohere's block, a window of 5 on the sliding layers and the rotary
     # embedding on those only (the full-attention layers are NoPE); layer_types dropped from config.json
     # and sliding_window_pattern 2 stated instead (layers 0, 2 sliding), logit_scale 0.5, f32.

@@ -226,6 +226,12 @@ fn gptj_matches_transformers() {
     check_case("gptj_rotary_dim");
 }
 
+/// Cohere with q/k norms whose weights are per head (Command R+).
+#[test]
+fn cohere_qk_norm_matches_transformers() {
+    check_case("cohere_qk_norm");
+}
+
 /// GPT-BigCode, multi-query and per-head (its `n_layer` rewritten; learned positions kept whole).
 #[test]
 fn gpt_bigcode_matches_transformers() {

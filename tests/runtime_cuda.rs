@@ -241,38 +241,45 @@ fn norms_match_the_cpu() {
     let Some(dev) = gpu_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(3);
     // RMSNorms; one with Gemma's gain 1 + w; LayerNorms (GPT-NeoX's, with a bias) on inputs of mean 40;
-    // OLMo's LayerNorms without parameters (gain 1, no weight gradient).
-    for (rows, d, offset, centre, weighted) in [
-        (133usize, 300usize, 0.0, false, true),
-        (1, 7, 0.0, false, true),
-        (70, 1029, 0.0, false, true),
-        (33, 64, 1.0, false, true),
-        (133, 300, 0.0, true, true),
-        (2, 5, 0.0, true, true),
-        (70, 300, 1.0, true, false),
+    // OLMo's LayerNorms without parameters (gain 1, no weight gradient); weights (and biases) per group of
+    // rows, as Cohere's per-head q/k norms (rows tokens × heads, row r taking row r mod heads), over
+    // enough rows for several weight-gradient chunks.
+    for (rows, d, offset, centre, weighted, groups) in [
+        (133usize, 300usize, 0.0, false, true, 1usize),
+        (1, 7, 0.0, false, true, 1),
+        (70, 1029, 0.0, false, true, 1),
+        (33, 64, 1.0, false, true, 1),
+        (133, 300, 0.0, true, true, 1),
+        (2, 5, 0.0, true, true, 1),
+        (70, 300, 1.0, true, false, 1),
+        (6 * 45, 64, 0.0, true, true, 6),
+        (4 * 35, 16, 0.0, false, true, 4),
+        (3 * 700, 24, 0.0, true, true, 3),
     ] {
         let shift = if centre { 40.0 } else { 0.0 };
         let x: Vec<f32> = rand_vec(&mut rng, rows * d, 3.0)
             .iter()
             .map(|v| v + shift)
             .collect();
-        let w = rand_vec(&mut rng, d, 1.5);
-        let bias = rand_vec(&mut rng, d, 1.0);
+        let w = rand_vec(&mut rng, groups * d, 1.5);
+        let bias = rand_vec(&mut rng, groups * d, 1.0);
         let dy = rand_vec(&mut rng, rows * d, 1.0);
         let (dx0, dw0, db0) = (
             rand_vec(&mut rng, rows * d, 1.0),
-            rand_vec(&mut rng, d, 1.0),
-            rand_vec(&mut rng, d, 1.0),
+            rand_vec(&mut rng, groups * d, 1.0),
+            rand_vec(&mut rng, groups * d, 1.0),
         );
         let norm = NormShape {
             d,
             eps: 1e-6,
             offset,
             centre,
+            groups,
         };
         let (xd, wd, bd, dyd) = (up(&dev, &x), up(&dev, &w), up(&dev, &bias), up(&dev, &dy));
-        let what =
-            |part: &str| format!("norm {part} {rows}x{d} centre={centre} weighted={weighted}");
+        let what = |part: &str| {
+            format!("norm {part} {rows}x{d}/{groups} centre={centre} weighted={weighted}")
+        };
         let biased = centre && weighted;
         let (w_h, w_d) = (weighted.then_some(&w[..]), weighted.then_some(&*wd));
 

@@ -8,7 +8,8 @@
 //! gemma bf16 (embedding × √hidden, norms × (1 + w), tanh-GELU, pad_token_id 0), gemma3_text (sandwich
 //! norms, q/k norms, query_pre_attn_scalar, per-kind rotary, sliding_window_pattern), gemma2 bf16
 //! (soft-capped attention scores and logits, windows on the even layers), olmo2 (norms after the attention
-//! and the MLP only, q/k norms over the whole projections).
+//! and the MLP only, q/k norms over the whole projections); the others are listed in
+//! `common::DECODER_FIXTURES` and described in scripts/make_fixtures.py.
 
 mod common;
 
@@ -760,4 +761,25 @@ fn alibi_bites() {
     }
     let (rotary, alibi) = loss_edited("falcon_rw_alibi", |c| c["alibi"] = false.into());
     assert!(rel(rotary, alibi) > 1e-4, "{rotary} vs {alibi}");
+}
+
+/// Command R+'s q/k norms: LayerNorms over each head with weights of its own (`[heads, head_dim]`),
+/// which differ between heads in the fixture (so that reading one row for all of them would not match
+/// PyTorch above); without them (`use_qk_norm` false) the loss moves.
+#[test]
+fn cohere_qk_norms_have_weights_per_head() {
+    let (model, _) = load("cohere_qk_norm");
+    let (hd, heads) = (model.config.head_dim, model.config.num_attention_heads);
+    assert_eq!(
+        model.config.qk_norm_rows(),
+        Some([(hd, heads), (hd, model.config.num_key_value_heads)])
+    );
+    let bytes = std::fs::read(dir("cohere_qk_norm").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let q = st.tensor("model.layers.0.self_attn.q_norm.weight").unwrap();
+    assert_eq!(q.shape(), [heads, hd]);
+    let w: Vec<f32> = bytemuck::pod_collect_to_vec(q.data());
+    assert!((1..heads).all(|h| w[h * hd..(h + 1) * hd] != w[..hd]));
+    let (without, with) = loss_edited("cohere_qk_norm", |c| c["use_qk_norm"] = false.into());
+    assert!(rel(without, with) > 1e-4, "{without} vs {with}");
 }

@@ -315,8 +315,8 @@ impl BlockLayout {
     }
 }
 
-/// RMSNorm of the queries and keys (weights `self_attn.q_norm` / `k_norm`), after the projections and
-/// before the rotary embedding.
+/// The norm of the queries and keys (weights `self_attn.q_norm` / `k_norm`; the block's kind of norm:
+/// RMSNorm, or Cohere's LayerNorm), after the projections and before the rotary embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QkNorm {
     Off,
@@ -324,6 +324,9 @@ pub enum QkNorm {
     PerHead,
     /// Over the whole projection, `heads · head_dim` long (OLMo 2).
     Whole,
+    /// Over each head, each head with weights of its own, `[heads, head_dim]` (Cohere's `use_qk_norm`:
+    /// Command R+).
+    HeadWeights,
 }
 
 /// A sparse mixture-of-experts MLP in place of the dense one (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a
@@ -756,13 +759,6 @@ impl ModelConfig {
         let use_bias = starcoder2 && opt_bool(v, "use_bias", path)?.unwrap_or(true);
         let stablelm = model_type == "stablelm";
         let cohere = model_type.starts_with("cohere");
-        if cohere && opt_bool(v, "use_qk_norm", path)? == Some(true) {
-            return Err(model_err(
-                path,
-                "field 'use_qk_norm' is true: Cohere's per-head q/k LayerNorms (Command R+) are not \
-                 supported",
-            ));
-        }
         // Phi's q/k LayerNorms, and StableLM 2 12B's (one per head, each with its own weights).
         if (phi || stablelm) && opt_bool(v, "qk_layernorm", path)? == Some(true) {
             return Err(model_err(
@@ -925,6 +921,8 @@ impl ModelConfig {
             "qwen3" | "gemma3_text" | "qwen3_moe" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" => QkNorm::Whole,
             "exaone4" => QkNorm::PerHead,
+            // CohereConfig's `use_qk_norm` (Command R+): LayerNorms of `[heads, head_dim]`.
+            "cohere" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::HeadWeights,
             _ => QkNorm::Off,
         };
         // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
@@ -1148,15 +1146,19 @@ impl ModelConfig {
         })
     }
 
-    /// The row lengths of the q norm and the k norm (their weights' lengths), `None` without them.
-    pub fn qk_norm_lens(&self) -> Option<(usize, usize)> {
+    /// The q norm's and the k norm's rows: (the values a row normalises, the rows of weights: 1, shared
+    /// by every row, or one per head), `None` without them.
+    pub fn qk_norm_rows(&self) -> Option<[(usize, usize); 2]> {
+        let (hd, heads, kv_heads) = (
+            self.head_dim,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+        );
         match self.qk_norm {
             QkNorm::Off => None,
-            QkNorm::PerHead => Some((self.head_dim, self.head_dim)),
-            QkNorm::Whole => Some((
-                self.num_attention_heads * self.head_dim,
-                self.num_key_value_heads * self.head_dim,
-            )),
+            QkNorm::PerHead => Some([(hd, 1), (hd, 1)]),
+            QkNorm::Whole => Some([(heads * hd, 1), (kv_heads * hd, 1)]),
+            QkNorm::HeadWeights => Some([(hd, heads), (hd, kv_heads)]),
         }
     }
 
@@ -3322,7 +3324,7 @@ mod tests {
     }
 
     /// Aya Expanse 8B's hub config (cohere): interleaved rotary, the shared norm, logit_scale, tied and
-    /// pad 0 by default; Command R+'s per-head q/k norms refused by name. Command R7B's (cohere2):
+    /// pad 0 by default; Command R+'s (104B) q/k LayerNorms with weights per head. Command R7B's (cohere2):
     /// every 4th layer full attention without rotary (the class's pattern), the others windowed.
     #[test]
     fn cohere_hub_configs() {
@@ -3347,10 +3349,18 @@ mod tests {
             (c.logits_scale, c.tie_word_embeddings, c.pad_token_id),
             (Some(0.125), true, Some(0))
         );
-        let mut plus = aya.clone();
-        plus["use_qk_norm"] = true.into();
-        let e = ModelConfig::from_json(&plus, p).unwrap_err().to_string();
-        assert!(e.contains("use_qk_norm"), "{e}");
+        assert_eq!((c.qk_norm, c.qk_norm_rows()), (QkNorm::Off, None));
+        let plus = serde_json::json!({
+            "model_type": "cohere", "vocab_size": 256000, "hidden_size": 12288,
+            "intermediate_size": 33792, "num_hidden_layers": 64, "num_attention_heads": 96,
+            "num_key_value_heads": 8, "layer_norm_eps": 1e-5, "logit_scale": 0.8333333333333334,
+            "rope_theta": 75000000.0, "use_qk_norm": true, "attention_bias": false
+        });
+        let c = ModelConfig::from_json(&plus, p).unwrap();
+        assert_eq!(
+            (c.qk_norm, c.qk_norm_rows()),
+            (QkNorm::HeadWeights, Some([(128, 96), (128, 8)]))
+        );
         let r7b = serde_json::json!({
             "model_type": "cohere2", "vocab_size": 256000, "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,

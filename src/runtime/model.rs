@@ -682,9 +682,15 @@ impl Model {
             for (name, rows, cols) in moe_linears {
                 t(&format!("{name}.weight"), vec![rows, cols]);
             }
-            if let Some((dq, dk)) = c.qk_norm_lens() {
-                t("self_attn.q_norm.weight", vec![dq]);
-                t("self_attn.k_norm.weight", vec![dk]);
+            if let Some(rows) = c.qk_norm_rows() {
+                for (name, (d, groups)) in ["self_attn.q_norm", "self_attn.k_norm"].iter().zip(rows)
+                {
+                    let shape = match groups {
+                        1 => vec![d],
+                        _ => vec![groups, d],
+                    };
+                    t(&format!("{name}.weight"), shape);
+                }
             }
         }
         out
@@ -1097,6 +1103,7 @@ impl Model {
             eps: self.config.rms_norm_eps,
             offset: self.config.norm_offset,
             centre: self.config.layout.layer_norm(),
+            groups: 1,
         }
     }
 
@@ -1135,23 +1142,30 @@ impl Model {
                 y
             };
         // The norm of the rows of `d` values of x (`width` a buffer row: d = width, or d = head_dim for
-        // Qwen3's per-head q_norm / k_norm): RMSNorm, or GPT-NeoX's LayerNorm with its bias.
-        let norm = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
-            let w =
-                (c.layout.norm_weight()).then(|| tape.param(format!("{pre}.{name}.weight"), l, d));
-            let b = c
-                .layout
-                .norm_bias()
-                .then(|| tape.param(format!("{pre}.{name}.bias"), l, d));
+        // Qwen3's per-head q_norm / k_norm), with `groups` rows of weights (one per head: Cohere's q/k
+        // norms; else 1): RMSNorm, or GPT-NeoX's LayerNorm with its bias.
+        let norm_rows = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, rows| {
+            let (d, groups) = rows;
+            let param = |tape: &mut Tape<D>, what| {
+                tape.param(format!("{pre}.{name}.{what}"), l, groups * d)
+            };
+            let w = (c.layout.norm_weight()).then(|| param(tape, "weight"));
+            let b = c.layout.norm_bias().then(|| param(tape, "bias"));
             let y = tape.buffer(format!("{pre}.{name}"), n, width);
             tape.push(op::Norm {
                 x,
                 w,
                 b,
-                shape: self.norm_shape(d),
+                shape: NormShape {
+                    groups,
+                    ..self.norm_shape(d)
+                },
                 out: y,
             });
             y
+        };
+        let norm = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
+            norm_rows(tape, x, name, width, (d, 1))
         };
         // x + branch, the branch × Granite's residual_multiplier first.
         let add = |tape: &mut Tape<D>, a: BufId, mut b: BufId, name: &str| {
@@ -1202,9 +1216,9 @@ impl Model {
                 let mut q = linear(tape, a, qn, h, qd, c.qkv_bias);
                 let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);
                 let v = linear(tape, a, vn, h, kvd, c.qkv_bias);
-                if let Some((dq, dk)) = c.qk_norm_lens() {
-                    q = norm(tape, q, "self_attn.q_norm", qd, dq);
-                    k = norm(tape, k, "self_attn.k_norm", kvd, dk);
+                if let Some([q_rows, k_rows]) = c.qk_norm_rows() {
+                    q = norm_rows(tape, q, "self_attn.q_norm", qd, q_rows);
+                    k = norm_rows(tape, k, "self_attn.k_norm", kvd, k_rows);
                 }
                 (q, k, v)
             }

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 52] = [
+pub const DECODER_FIXTURES: [&str; 53] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -52,6 +52,7 @@ pub const DECODER_FIXTURES: [&str; 52] = [
     "stablelm_sequential",
     "stablelm_parallel",
     "cohere_interleaved",
+    "cohere_qk_norm",
     "cohere2_nope_window",
     "internlm3_dynamic",
     "glm_interleaved",

@@ -218,15 +218,18 @@ pub fn norm_forward(
     let d = norm.d;
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
-        .for_each(|(yr, xr)| {
+        .enumerate()
+        .for_each(|(row, (yr, xr))| {
             let (mean, r) = norm_stats(xr, norm);
+            let at = (row % norm.groups) * d;
             for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                *o = (((v as f64 - mean) * r) as f32) * gain(norm, w, j) + b.map_or(0.0, |b| b[j]);
+                let bias = b.map_or(0.0, |b| b[at + j]);
+                *o = (((v as f64 - mean) * r) as f32) * gain(norm, w, at + j) + bias;
             }
         });
 }
 
-/// The gain of value `j`: `offset + w[j]`, or `offset` without a weight.
+/// The gain of weight value `j`: `offset + w[j]`, or `offset` without a weight.
 fn gain(norm: NormShape, w: Option<&[f32]>, j: usize) -> f32 {
     norm.offset + w.map_or(0.0, |w| w[j])
 }
@@ -249,11 +252,17 @@ pub fn norm_backward(
     let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
         .par_chunks_mut(d * chunk)
         .zip(x.par_chunks(d * chunk).zip(dy.par_chunks(d * chunk)))
-        .map(|(dxc, (xc, dyc))| {
-            let (mut dwp, mut dbp) = (vec![0f64; d], vec![0f64; d]);
-            for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
+        .enumerate()
+        .map(|(c, (dxc, (xc, dyc)))| {
+            // The weight rows' partial gradients (one row unless per-head weights).
+            let (mut dw_rows, mut db_rows) =
+                (vec![0f64; norm.groups * d], vec![0f64; norm.groups * d]);
+            let rows = dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d));
+            for (i, ((dxr, xr), dyr)) in rows.enumerate() {
+                let at = ((c * chunk + i) % norm.groups) * d;
+                let (dwp, dbp) = (&mut dw_rows[at..at + d], &mut db_rows[at..at + d]);
                 let (mean, r) = norm_stats(xr, norm);
-                let gain = |j: usize| gain(norm, w, j) as f64;
+                let gain = |j: usize| gain(norm, w, at + j) as f64;
                 let (mut dot, mut sum) = (0f64, 0f64);
                 for j in 0..d {
                     let gdy = gain(j) * dyr[j] as f64;
@@ -269,7 +278,7 @@ pub fn norm_backward(
                     dbp[j] += gv;
                 }
             }
-            (dwp, dbp)
+            (dw_rows, db_rows)
         })
         .collect();
     let (dw_parts, db_parts): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
@@ -1437,41 +1446,59 @@ mod tests {
     }
 
     /// RMSNorm with LLaMA's gain `w` and Gemma's `1 + w`; LayerNorm (GPT-NeoX's) with a bias, and
-    /// OLMo's without parameters (gain 1: its `w` unread, its gradient 0).
+    /// OLMo's without parameters (gain 1: its `w` unread, its gradient 0); LayerNorm with a weight and
+    /// bias per group of rows (Cohere's per-head q/k norms: row r takes row r mod 3).
     #[test]
     fn norm_gradients() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        let (n, d) = (3, 8);
-        for (offset, centre, weighted) in [
-            (0.0, false, true),
-            (1.0, false, true),
-            (0.0, true, true),
-            (1.0, true, false),
+        let (n, d) = (6, 8);
+        for (offset, centre, weighted, groups) in [
+            (0.0, false, true, 1),
+            (1.0, false, true, 1),
+            (0.0, true, true, 1),
+            (1.0, true, false, 1),
+            (0.0, true, true, 3),
         ] {
             let norm = NormShape {
                 d,
                 eps: 1e-5,
                 offset,
                 centre,
+                groups,
             };
+            let wd = groups * d;
             // A LayerNorm's input with a large mean: the centring must cancel it.
             let shift = if centre { 30.0 } else { 0.0 };
             let x = rand_vec(&mut rng, n * d)
                 .iter()
                 .map(|v| v + shift)
                 .collect();
-            let ins = vec![x, rand_vec(&mut rng, d), rand_vec(&mut rng, d)];
+            let ins = vec![x, rand_vec(&mut rng, wd), rand_vec(&mut rng, wd)];
+            let forward = |i: &[Vec<f32>], norm: NormShape, rows: std::ops::Range<usize>| {
+                let mut y = vec![0.0; rows.len() * d];
+                let (w, b) = (weighted.then_some(&i[1][..]), weighted && centre);
+                let x = &i[0][rows.start * d..rows.end * d];
+                norm_forward(x, w, b.then_some(&i[2][..]), norm, &mut y);
+                y
+            };
+            // Per group: row r normalised alone with the weight and bias of its group.
+            let whole = forward(&ins, norm, 0..n);
+            for r in 0..n {
+                let at = (r % groups) * d;
+                let alone = [
+                    ins[0].clone(),
+                    ins[1][at..at + d].to_vec(),
+                    ins[2][at..at + d].to_vec(),
+                ];
+                let shared = NormShape { groups: 1, ..norm };
+                assert_eq!(forward(&alone, shared, r..r + 1), whole[r * d..(r + 1) * d]);
+            }
             check_grads(
                 ins,
                 n * d,
-                &|i| {
-                    let mut y = vec![0.0; n * d];
-                    let (w, b) = (weighted.then_some(&i[1][..]), weighted && centre);
-                    norm_forward(&i[0], w, b.then_some(&i[2][..]), norm, &mut y);
-                    y
-                },
+                &|i| forward(i, norm, 0..n),
                 &|i, c| {
-                    let (mut dx, mut dw, mut db) = (vec![0.0; n * d], vec![0.0; d], vec![0.0; d]);
+                    let (mut dx, mut dw, mut db) = (vec![0.0; n * d], vec![0.0; wd], vec![0.0; wd]);
                     let dbo = (weighted && centre).then_some(&mut db[..]);
                     let (w, dwo) = match weighted {
                         true => (Some(&i[1][..]), Some(&mut dw[..])),
@@ -1489,6 +1516,7 @@ mod tests {
             eps: 0.0,
             offset: 0.0,
             centre: true,
+            groups: 1,
         };
         let x: Vec<f32> = rand_vec(&mut rng, d)
             .iter()

@@ -1331,22 +1331,26 @@ impl Device for CudaDevice {
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let d = norm.d;
-        let rows = norm_rows(x.len(), w.map(|w| w.len()), d)?;
+        let rows = norm_rows(x.len(), w.map(|w| w.len()), norm)?;
         check_len(y.len(), x.len(), "norm output")?;
         if let Some(b) = b {
-            check_len(b.len(), d, "norm bias")?;
+            check_len(b.len(), norm.groups * d, "norm bias")?;
         }
         if rows == 0 {
             return Ok(());
         }
-        let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
+        let (di, gi, ri) = (
+            int(d, "d")?,
+            int(norm.groups, "groups")?,
+            int(rows, "rows")?,
+        );
         let c = cfg((rows, 1), THREADS)?;
         let (offset, eps, centre) = (norm.offset, norm.eps, norm.centre as i32);
-        // SAFETY: x and y hold rows·d values, w and b (each or null) d.
+        // SAFETY: x and y hold rows·d values, w and b (each or null) groups·d.
         unsafe {
             self.k()
                 .norm_forward
-                .launch(self.s(), c, x, w, b, offset, di, eps, centre, y, ri)
+                .launch(self.s(), c, x, w, b, offset, di, gi, eps, centre, y, ri)
         }
     }
     fn norm_backward(
@@ -1359,40 +1363,44 @@ impl Device for CudaDevice {
         dw: Option<&mut CudaSlice<f32>>,
         db: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
-        let d = norm.d;
-        let rows = norm_rows(x.len(), w.map(|w| w.len()), d)?;
+        let (d, groups) = (norm.d, norm.groups);
+        let rows = norm_rows(x.len(), w.map(|w| w.len()), norm)?;
         check_len(dy.len(), x.len(), "norm output gradient")?;
         check_len(dx.len(), x.len(), "norm input gradient")?;
+        // The weight's values: rows of x sharing a weight row are summed over wide rows of wd.
+        let (wd, wide) = (groups * d, rows / groups);
         if let Some(dw) = &dw {
-            check_len(dw.len(), d, "norm weight gradient")?;
+            check_len(dw.len(), wd, "norm weight gradient")?;
         }
         if let Some(db) = &db {
-            check_len(db.len(), d, "norm bias gradient")?;
+            check_len(db.len(), wd, "norm bias gradient")?;
         }
         if rows == 0 {
             return Ok(());
         }
-        let (di, ri) = (int(d, "d")?, int(rows, "rows")?);
+        let (di, gi, ri) = (int(d, "d")?, int(groups, "groups")?, int(rows, "rows")?);
+        let (wdi, widei) = (int(wd, "weight length")?, int(wide, "wide rows")?);
         let (offset, eps, centre) = (norm.offset, norm.eps, norm.centre as i32);
-        // Chunks of at least RMS_ROWS_PER_CHUNK rows, and few enough for the grid's y dimension (per-head
-        // norms, Qwen3's q_norm / k_norm, have tokens × heads rows).
-        let per = RMS_ROWS_PER_CHUNK.max(rows.div_ceil(65_535));
-        let chunks = blocks(rows, per);
+        // Chunks of at least RMS_ROWS_PER_CHUNK wide rows, and few enough for the grid's y dimension
+        // (per-head norms, Qwen3's q_norm / k_norm, have tokens × heads rows).
+        let per = RMS_ROWS_PER_CHUNK.max(wide.div_ceil(65_535));
+        let chunks = blocks(wide, per);
         let (ci, per) = (int(chunks, "chunks")?, int(per, "rows per chunk")?);
         let s = self.s();
         let mut mean = s.alloc_zeros::<f64>(rows).cu("allocating row means")?;
         let mut inv = s.alloc_zeros::<f64>(rows).cu("allocating row scales")?;
         let mut partials = s
-            .alloc_zeros::<f64>(chunks * d)
+            .alloc_zeros::<f64>(chunks * wd)
             .cu("allocating partial sums")?;
         let kern = self.k();
         let per_row = cfg((rows, 1), THREADS)?;
-        let per_chunk = cfg((blocks(d, THREADS as usize), chunks), THREADS)?;
-        let per_feature = cfg((blocks(d, THREADS as usize), 1), THREADS)?;
-        // SAFETY: x, dy, dx hold rows·d values, w, dw and db d; mean and inv rows, partials chunks·d.
+        let per_chunk = cfg((blocks(wd, THREADS as usize), chunks), THREADS)?;
+        let per_feature = cfg((blocks(wd, THREADS as usize), 1), THREADS)?;
+        // SAFETY: x, dy, dx hold rows·d values (wide·wd), w, dw and db wd; mean and inv rows, partials
+        // chunks·wd.
         unsafe {
             kern.norm_backward.launch(
-                s, per_row, x, w, offset, dy, di, eps, centre, dx, &mut mean, &mut inv, ri,
+                s, per_row, x, w, offset, dy, di, gi, eps, centre, dx, &mut mean, &mut inv, ri,
             )?;
             if let Some(dw) = dw {
                 kern.norm_backward_weight.launch(
@@ -1403,16 +1411,17 @@ impl Device for CudaDevice {
                     &mean,
                     &inv,
                     di,
-                    ri,
+                    gi,
+                    widei,
                     per,
                     &mut partials,
                 )?;
                 kern.norm_reduce_weight
-                    .launch(s, per_feature, &partials, di, ci, dw)?;
+                    .launch(s, per_feature, &partials, wdi, ci, dw)?;
             }
             if let Some(db) = db {
                 kern.linear_backward_bias
-                    .launch(s, per_feature, dy, db, ri, di)?;
+                    .launch(s, per_feature, dy, db, widei, wdi)?;
             }
         }
         Ok(())
@@ -1852,13 +1861,16 @@ fn embedding_checks(ids: &Ids, table: usize, dim: usize, out: usize) -> Result<(
     Ok(())
 }
 
-fn norm_rows(x: usize, w: Option<usize>, d: usize) -> Result<usize> {
+/// The rows of a norm of `x` values (`w` the weight's length): an error unless they are whole rows of
+/// `norm.d`, in whole groups of `norm.groups` rows, and the weight is `groups · d` long.
+fn norm_rows(x: usize, w: Option<usize>, norm: NormShape) -> Result<usize> {
+    let (d, groups) = (norm.d, norm.groups);
     if let Some(w) = w {
-        check_len(w, d, "norm weight")?;
+        check_len(w, groups * d, "norm weight")?;
     }
-    if d == 0 || !x.is_multiple_of(d) {
+    if d == 0 || groups == 0 || !x.is_multiple_of(d * groups) {
         return Err(Error::invalid(format!(
-            "norm: {x} values are not rows of {d}"
+            "norm: {x} values are not rows of {d} in groups of {groups}"
         )));
     }
     Ok(x / d)

@@ -151,6 +151,10 @@ pub struct NormShape {
     pub offset: f32,
     /// LayerNorm: subtract each row's mean first (and divide by the standard deviation); else RMSNorm.
     pub centre: bool,
+    /// The weight (and bias) hold `groups` rows of `d` values, and row r of the input takes row
+    /// `r mod groups`: 1 for one row shared by all (every norm but one), the heads for per-head norms
+    /// with weights of their own (Cohere's q/k norms, `[heads, head_dim]`).
+    pub groups: usize,
 }
 
 /// Which columns [`Device::column_blocks_forward`] gathers: in each group of `stride` columns, the `block`
@@ -575,6 +579,7 @@ pub fn self_check<D: Device>(dev: &D) -> Result<f64> {
             eps: 1e-6,
             offset: if weighted { 0.0 } else { 1.0 },
             centre,
+            groups: 1,
         };
         let b = (centre && weighted).then_some(&nb[..]);
         let mut r = vec![0f32; n * k];

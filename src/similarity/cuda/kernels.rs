@@ -486,14 +486,14 @@ signatures! {
     RopeApply(x: In<f32>, cos: In<f32>, sin: In<f32>, y: Out<f32>, rows: i32, heads: i32,
               head_dim: i32, rot_dim: i32, interleaved: i32, tokens: i32, sign: f32, add: i32);
     /// norm_forward (b: `None` = no bias)
-    NormForward(x: In<f32>, w: In<f32>, b: In<f32>, offset: f32, d: i32, eps: f64, centre: i32,
-                y: Out<f32>, rows: i32);
+    NormForward(x: In<f32>, w: In<f32>, b: In<f32>, offset: f32, d: i32, groups: i32, eps: f64,
+                centre: i32, y: Out<f32>, rows: i32);
     /// norm_backward
-    NormBackward(x: In<f32>, w: In<f32>, offset: f32, dy: In<f32>, d: i32, eps: f64, centre: i32,
-                 dx: Out<f32>, mean: Out<f64>, inv: Out<f64>, rows: i32);
+    NormBackward(x: In<f32>, w: In<f32>, offset: f32, dy: In<f32>, d: i32, groups: i32, eps: f64,
+                 centre: i32, dx: Out<f32>, mean: Out<f64>, inv: Out<f64>, rows: i32);
     /// norm_backward_weight
-    NormBackwardWeight(x: In<f32>, dy: In<f32>, mean: In<f64>, inv: In<f64>, d: i32, rows: i32,
-                       rows_per_chunk: i32, partials: Out<f64>);
+    NormBackwardWeight(x: In<f32>, dy: In<f32>, mean: In<f64>, inv: In<f64>, d: i32, groups: i32,
+                       wide: i32, rows_per_chunk: i32, partials: Out<f64>);
     /// norm_reduce_weight
     NormReduceWeight(partials: In<f64>, d: i32, chunks: i32, dw: Out<f32>);
     /// cross_entropy_forward
