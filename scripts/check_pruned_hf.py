@@ -51,8 +51,9 @@ CASES = {
     "bloom_alibi": ONE_BY_GRADNORM,
     "mpt_alibi_clip": ONE_BY_GRADNORM,
     "gptj_rotary_dim": ONE_BY_GRADNORM,
-    # Cohere with per-head q/k norm weights (Command R+).
+    # Per-head q/k norm weights: Cohere's (Command R+) and StableLM 2 12B's (a module per head).
     "cohere_qk_norm": ONE_BY_GRADNORM,
+    "stablelm_qk_layernorm": ONE_BY_GRADNORM,
     # GPT-BigCode: multi-query (bf16, tied) and per-head (untied); `n_layer` rewritten.
     "gpt_bigcode_mqa": ONE_BY_GRADNORM,
     "gpt_bigcode_mha": ONE_BY_GRADNORM,

@@ -194,6 +194,15 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, use_parallel_residual=True,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
          seed=29),
+    # StableLM 2 12B: the parallel residual, q and k LayerNorms (no bias) over each head, a module of its
+    # own per head (self_attn.q_layernorm.norms.{h}: 4 for q, 2 for k), GQA, a quarter of each head
+    # rotary; bf16.
+    dict(name="stablelm_qk_layernorm", model_type="stablelm", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5, use_parallel_residual=True,
+                  qk_layernorm=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+         seed=52),
     # Cohere (Command R, Aya Expanse): one LayerNorm without a bias shared by the attention and the MLP
     # in parallel, the rotary embedding on interleaved pairs (2i, 2i + 1), logits × logit_scale 0.25,
     # tied (the class default), pad_token_id 0 (the default); the 4.x config form, bf16.

@@ -226,10 +226,12 @@ fn gptj_matches_transformers() {
     check_case("gptj_rotary_dim");
 }
 
-/// Cohere with q/k norms whose weights are per head (Command R+).
+/// q/k norms whose weights are per head: Cohere's (Command R+), StableLM 2 12B's (a module per head,
+/// renumbered with its layer).
 #[test]
-fn cohere_qk_norm_matches_transformers() {
+fn per_head_qk_norms_match_transformers() {
     check_case("cohere_qk_norm");
+    check_case("stablelm_qk_layernorm");
 }
 
 /// GPT-BigCode, multi-query and per-head (its `n_layer` rewritten; learned positions kept whole).

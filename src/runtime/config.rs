@@ -759,13 +759,11 @@ impl ModelConfig {
         let use_bias = starcoder2 && opt_bool(v, "use_bias", path)?.unwrap_or(true);
         let stablelm = model_type == "stablelm";
         let cohere = model_type.starts_with("cohere");
-        // Phi's q/k LayerNorms, and StableLM 2 12B's (one per head, each with its own weights).
-        if (phi || stablelm) && opt_bool(v, "qk_layernorm", path)? == Some(true) {
+        // Phi's q/k LayerNorms (shared by the heads, with biases; no published checkpoint has them).
+        if phi && opt_bool(v, "qk_layernorm", path)? == Some(true) {
             return Err(model_err(
                 path,
-                format!(
-                    "field 'qk_layernorm' is true: {model_type}'s q/k LayerNorms are not supported"
-                ),
+                "field 'qk_layernorm' is true: phi's q/k LayerNorms are not supported",
             ));
         }
         let granite = model_type == "granite";
@@ -923,6 +921,8 @@ impl ModelConfig {
             "exaone4" => QkNorm::PerHead,
             // CohereConfig's `use_qk_norm` (Command R+): LayerNorms of `[heads, head_dim]`.
             "cohere" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::HeadWeights,
+            // StableLmConfig's `qk_layernorm` (StableLM 2 12B): a LayerNorm module per head.
+            "stablelm" if opt_bool(v, "qk_layernorm", path)? == Some(true) => QkNorm::HeadWeights,
             _ => QkNorm::Off,
         };
         // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
@@ -3248,8 +3248,8 @@ mod tests {
     }
 
     /// StableLM 2 1.6B's hub config (4.x): LayerNorms, q/k/v biases, a quarter of each head rotary (the
-    /// class default too); the parallel residual is Phi's shared norm; 12B's per-head q/k LayerNorms
-    /// are refused by name. SmolLM3 3B's and OLMo 3 7B's hub configs read with their layer patterns.
+    /// class default too); the parallel residual is Phi's shared norm; 12B's q/k LayerNorms, one per
+    /// head. SmolLM3 3B's and OLMo 3 7B's hub configs read with their layer patterns.
     #[test]
     fn stablelm_smollm3_and_olmo3_hub_configs() {
         let p = Path::new("config.json");
@@ -3276,11 +3276,23 @@ mod tests {
         parallel["use_parallel_residual"] = true.into();
         let c = ModelConfig::from_json(&parallel, p).unwrap();
         assert_eq!(c.block_norms, BlockNorms::Shared);
-        parallel["qk_layernorm"] = true.into();
-        let e = ModelConfig::from_json(&parallel, p)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("qk_layernorm") && e.contains("stablelm"), "{e}");
+        assert_eq!(c.qk_norm, QkNorm::Off);
+        let twelve_b = serde_json::json!({
+            "model_type": "stablelm", "vocab_size": 100352, "hidden_size": 5120,
+            "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "layer_norm_eps": 1e-5, "partial_rotary_factor": 0.25,
+            "rope_theta": 10000, "use_qkv_bias": false, "qk_layernorm": true,
+            "use_parallel_residual": true, "tie_word_embeddings": false, "hidden_act": "silu"
+        });
+        let c = ModelConfig::from_json(&twelve_b, p).unwrap();
+        assert_eq!(
+            (c.block_norms, c.qk_norm, c.qk_norm_rows()),
+            (
+                BlockNorms::Shared,
+                QkNorm::HeadWeights,
+                Some([(160, 32), (160, 8)])
+            )
+        );
 
         // SmolLM3-3B: every 4th layer NoPE, no window, tied, θ 5·10⁶.
         let mut smollm3 = serde_json::json!({

@@ -28,7 +28,7 @@
 //!
 //! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
-use super::config::{BlockLayout, BlockNorms, ModelConfig};
+use super::config::{BlockLayout, BlockNorms, ModelConfig, QkNorm};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
 use super::tape::moe::{Expert, SparseMoe};
@@ -493,6 +493,21 @@ impl Model {
         if model.config.layout == BlockLayout::Gpt2 {
             model.transpose_conv1d()?;
         }
+        if let Some(stored) = per_head_qk_norms(&model.config) {
+            let c = &model.config;
+            for l in 0..c.num_hidden_layers {
+                let layer = model.names.layer(l);
+                let heads = [c.num_attention_heads, c.num_key_value_heads];
+                for ((name, stored), heads) in QK_NORMS.iter().zip(stored).zip(heads) {
+                    let parts: Vec<String> = (0..heads)
+                        .map(|h| format!("{layer}.{stored}.{h}.weight"))
+                        .collect();
+                    model
+                        .weights
+                        .stack(&format!("{layer}.{name}.weight"), &parts)?;
+                }
+            }
+        }
         Ok(model)
     }
 
@@ -683,13 +698,17 @@ impl Model {
                 t(&format!("{name}.weight"), vec![rows, cols]);
             }
             if let Some(rows) = c.qk_norm_rows() {
-                for (name, (d, groups)) in ["self_attn.q_norm", "self_attn.k_norm"].iter().zip(rows)
-                {
-                    let shape = match groups {
-                        1 => vec![d],
-                        _ => vec![groups, d],
-                    };
-                    t(&format!("{name}.weight"), shape);
+                let per_head = per_head_qk_norms(c);
+                for (i, (name, (d, groups))) in QK_NORMS.iter().zip(rows).enumerate() {
+                    match (per_head, groups) {
+                        (Some(stored), _) => {
+                            for h in 0..groups {
+                                t(&format!("{}.{h}.weight", stored[i]), vec![d]);
+                            }
+                        }
+                        (None, 1) => t(&format!("{name}.weight"), vec![d]),
+                        (None, _) => t(&format!("{name}.weight"), vec![groups, d]),
+                    }
                 }
             }
         }
@@ -1143,29 +1162,30 @@ impl Model {
             };
         // The norm of the rows of `d` values of x (`width` a buffer row: d = width, or d = head_dim for
         // Qwen3's per-head q_norm / k_norm), with `groups` rows of weights (one per head: Cohere's q/k
-        // norms; else 1): RMSNorm, or GPT-NeoX's LayerNorm with its bias.
-        let norm_rows = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, rows| {
-            let (d, groups) = rows;
-            let param = |tape: &mut Tape<D>, what| {
-                tape.param(format!("{pre}.{name}.{what}"), l, groups * d)
+        // norms; else 1): RMSNorm, or GPT-NeoX's LayerNorm (with its bias where `bias`).
+        let norm_rows =
+            |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, rows, bias: bool| {
+                let (d, groups) = rows;
+                let param = |tape: &mut Tape<D>, what| {
+                    tape.param(format!("{pre}.{name}.{what}"), l, groups * d)
+                };
+                let w = (c.layout.norm_weight()).then(|| param(tape, "weight"));
+                let b = bias.then(|| param(tape, "bias"));
+                let y = tape.buffer(format!("{pre}.{name}"), n, width);
+                tape.push(op::Norm {
+                    x,
+                    w,
+                    b,
+                    shape: NormShape {
+                        groups,
+                        ..self.norm_shape(d)
+                    },
+                    out: y,
+                });
+                y
             };
-            let w = (c.layout.norm_weight()).then(|| param(tape, "weight"));
-            let b = c.layout.norm_bias().then(|| param(tape, "bias"));
-            let y = tape.buffer(format!("{pre}.{name}"), n, width);
-            tape.push(op::Norm {
-                x,
-                w,
-                b,
-                shape: NormShape {
-                    groups,
-                    ..self.norm_shape(d)
-                },
-                out: y,
-            });
-            y
-        };
         let norm = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
-            norm_rows(tape, x, name, width, (d, 1))
+            norm_rows(tape, x, name, width, (d, 1), c.layout.norm_bias())
         };
         // x + branch, the branch × Granite's residual_multiplier first.
         let add = |tape: &mut Tape<D>, a: BufId, mut b: BufId, name: &str| {
@@ -1216,9 +1236,10 @@ impl Model {
                 let mut q = linear(tape, a, qn, h, qd, c.qkv_bias);
                 let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);
                 let v = linear(tape, a, vn, h, kvd, c.qkv_bias);
+                // No family's q/k norms have a bias (Cohere's and StableLM's LayerNorms included).
                 if let Some([q_rows, k_rows]) = c.qk_norm_rows() {
-                    q = norm_rows(tape, q, "self_attn.q_norm", qd, q_rows);
-                    k = norm_rows(tape, k, "self_attn.k_norm", kvd, k_rows);
+                    q = norm_rows(tape, q, QK_NORMS[0], qd, q_rows, false);
+                    k = norm_rows(tape, k, QK_NORMS[1], kvd, k_rows, false);
                 }
                 (q, k, v)
             }
@@ -1387,6 +1408,17 @@ impl Model {
         let m = mlp(tape, b);
         add(tape, x1, m, "out")
     }
+}
+
+/// The q and k norms as the decoder reads them (`self_attn.q_norm`, `self_attn.k_norm`).
+const QK_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
+
+/// StableLM 2 12B stores its q/k norms as a LayerNorm module per head
+/// (`self_attn.{q,k}_layernorm.norms.{h}`): their modules' names, which `Model::load` stacks as
+/// [`QK_NORMS`] (`[heads, head_dim]`, Cohere's form); `None` for the others.
+fn per_head_qk_norms(c: &ModelConfig) -> Option<[&'static str; 2]> {
+    (c.layout == BlockLayout::StableLm && c.qk_norm == QkNorm::HeadWeights)
+        .then_some(["self_attn.q_layernorm.norms", "self_attn.k_layernorm.norms"])
 }
 
 /// Push `act(x)` into a new buffer `name` of `rows × cols`; returns the buffer.

@@ -222,9 +222,19 @@ struct TensorLoc {
     end: usize,
     /// See [`StoredWeight::contiguous`].
     contiguous: bool,
+    /// What the name reads: the stored bytes, or a view made at load.
+    view: View,
+}
+
+enum View {
+    /// The bytes `start..end` as stored (or a row block of a stored tensor: [`Weights::split_rows`]).
+    Stored,
     /// A transposed column block of a stored `[rows, stored_cols]` matrix ([`Weights::transposed_columns`]):
     /// `shape` is `[cols, rows]`, `start..end` the whole stored matrix.
-    columns: Option<Columns>,
+    Columns(Columns),
+    /// Tensors of one shape stacked ([`Weights::stack`]): `shape` is `[parts, their shape…]`, the
+    /// location fields the first part's.
+    Stack(Vec<String>),
 }
 
 #[derive(Clone, Copy)]
@@ -270,7 +280,7 @@ impl Weights {
                         start: t.start,
                         end: t.end,
                         contiguous: t.contiguous,
-                        columns: None,
+                        view: View::Stored,
                     },
                 );
             }
@@ -299,7 +309,7 @@ impl Weights {
         let total: usize = parts.iter().map(|p| p.1).sum();
         // A 1-D tensor (a fused bias) splits into 1-D parts: rows of one value.
         let (rows, cols) = match loc.shape[..] {
-            [r, c] if r == total && loc.columns.is_none() => (r, c),
+            [r, c] if r == total && matches!(loc.view, View::Stored) => (r, c),
             [r] if r == total => (r, 1),
             _ => {
                 return Err(Error::layer(
@@ -334,7 +344,7 @@ impl Weights {
                     start,
                     end,
                     contiguous,
-                    columns: None,
+                    view: View::Stored,
                 },
             );
             self.parts.insert(name.clone());
@@ -355,7 +365,7 @@ impl Weights {
             .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{stored}'")))?;
         let total: usize = parts.iter().map(|p| p.1).sum();
         let rows = match loc.shape[..] {
-            [r, c] if c == total && loc.columns.is_none() => r,
+            [r, c] if c == total && matches!(loc.view, View::Stored) => r,
             _ => {
                 return Err(Error::layer(
                     &self.files[loc.file].0,
@@ -381,7 +391,7 @@ impl Weights {
                     start,
                     end,
                     contiguous,
-                    columns: Some(Columns {
+                    view: View::Columns(Columns {
                         stored_cols: total,
                         first,
                     }),
@@ -390,6 +400,59 @@ impl Weights {
             self.parts.insert(name.clone());
             first += c;
         }
+        Ok(())
+    }
+
+    /// Name the stored tensors `parts` (all of one shape and dtype), stacked in order, as `name`:
+    /// `[parts, their shape…]`, copied out when read. For StableLM 2 12B's per-head q/k LayerNorms, one
+    /// module (and weight) per head, which the runtime reads as one norm with a weight row per head.
+    /// Not listed by [`Weights::names`]; never read as bf16 bits.
+    pub fn stack(&mut self, name: &str, parts: &[String]) -> Result<()> {
+        let Some(first) = parts.first() else {
+            return Err(Error::Model(format!("'{name}': no tensors to stack")));
+        };
+        let loc = self
+            .tensors
+            .get(first)
+            .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{first}'")))?;
+        let (file, dtype, part_shape, start, end, contiguous) = (
+            loc.file,
+            loc.dtype,
+            loc.shape.clone(),
+            loc.start,
+            loc.end,
+            loc.contiguous,
+        );
+        for p in parts {
+            let loc = self
+                .tensors
+                .get(p)
+                .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{p}'")))?;
+            if loc.shape != part_shape || loc.dtype != dtype || !matches!(loc.view, View::Stored) {
+                return Err(Error::layer(
+                    &self.files[loc.file].0,
+                    p,
+                    format!(
+                        "{:?} {:?} cannot be stacked with '{first}' ({dtype:?} {part_shape:?})",
+                        loc.dtype, loc.shape
+                    ),
+                ));
+            }
+        }
+        let shape = std::iter::once(parts.len()).chain(part_shape).collect();
+        self.tensors.insert(
+            name.into(),
+            TensorLoc {
+                file,
+                dtype,
+                shape,
+                start,
+                end,
+                contiguous,
+                view: View::Stack(parts.to_vec()),
+            },
+        );
+        self.parts.insert(name.into());
         Ok(())
     }
 
@@ -459,8 +522,19 @@ impl Weights {
             .tensors
             .get(name)
             .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{name}'")))?;
+        let cols = match &loc.view {
+            View::Stored => None,
+            View::Columns(cols) => Some(*cols),
+            View::Stack(parts) => {
+                let mut out = Vec::new();
+                for p in parts {
+                    out.extend_from_slice(&self.get_f32(p)?);
+                }
+                return Ok(Cow::Owned(out));
+            }
+        };
         let bytes = self.stored_bytes(name, loc)?;
-        if let Some(cols) = loc.columns {
+        if let Some(cols) = cols {
             return self.transposed_f32(name, loc, cols, bytes).map(Cow::Owned);
         }
         let (size, value) = self.decoder(name, loc)?;
@@ -528,8 +602,8 @@ impl ParamStore for Weights {
         let Some(loc) = self.tensors.get(name) else {
             return Ok(None);
         };
-        // A transposed view is no run of stored bits: read it through `param`.
-        if loc.dtype != Dtype::BF16 || loc.columns.is_some() {
+        // A transposed or stacked view is no run of stored bits: read it through `param`.
+        if loc.dtype != Dtype::BF16 || !matches!(loc.view, View::Stored) {
             return Ok(None);
         }
         let bytes = self.stored_bytes(name, loc)?;
@@ -568,5 +642,35 @@ mod tests {
         let name = "model.layers.0.mlp.up_proj.weight";
         assert!(f32_model.shape(name).is_some());
         assert!(f32_model.param_bf16(name).unwrap().is_none());
+    }
+
+    /// Tensors stacked under a name of their own read as their concatenation, in order, and are not
+    /// listed as stored (nor read as bf16 bits, a bf16 checkpoint's though they are); parts of other
+    /// shapes, or missing, are errors naming them.
+    #[test]
+    fn stacked_tensors_read_as_their_concatenation() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut w = Weights::open(&fixtures.join("stablelm_qk_layernorm")).unwrap();
+        let part = |h: usize| format!("model.layers.1.self_attn.q_layernorm.norms.{h}.weight");
+        let parts: Vec<String> = [2, 0, 3].map(part).to_vec();
+        w.stack("stacked", &parts).unwrap();
+        assert_eq!(w.shape("stacked"), Some(&[3, 16][..]));
+        let want: Vec<f32> = (parts.iter())
+            .flat_map(|p| w.get_f32(p).unwrap().into_owned())
+            .collect();
+        assert!(want[..16] != want[16..32]);
+        assert_eq!(w.get_f32("stacked").unwrap(), want);
+        assert!(w.param_bf16("stacked").unwrap().is_none());
+        assert!(w.param_bf16(&parts[0]).unwrap().is_some());
+        assert!(w.names().all(|n| n != "stacked"));
+        let other = "model.layers.1.self_attn.k_proj.weight".to_string();
+        let e = w.stack("bad", &[part(0), other]).unwrap_err().to_string();
+        assert!(
+            e.contains("k_proj") && e.contains("cannot be stacked"),
+            "{e}"
+        );
+        let e = w.stack("bad", &[part(0), part(9)]).unwrap_err().to_string();
+        assert!(e.contains("norms.9"), "{e}");
+        assert!(!w.contains("bad"));
     }
 }

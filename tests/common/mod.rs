@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 53] = [
+pub const DECODER_FIXTURES: [&str; 54] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -51,6 +51,7 @@ pub const DECODER_FIXTURES: [&str; 53] = [
     "smollm3_nope",
     "stablelm_sequential",
     "stablelm_parallel",
+    "stablelm_qk_layernorm",
     "cohere_interleaved",
     "cohere_qk_norm",
     "cohere2_nope_window",
