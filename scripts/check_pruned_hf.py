@@ -54,6 +54,7 @@ CASES = {
     # Per-head q/k norm weights: Cohere's (Command R+) and StableLM 2 12B's (a module per head).
     "cohere_qk_norm": ONE_BY_GRADNORM,
     "stablelm_qk_layernorm": ONE_BY_GRADNORM,
+    "codegen_shards": ONE_BY_GRADNORM,
     # GPT-BigCode: multi-query (bf16, tied) and per-head (untied); `n_layer` rewritten.
     "gpt_bigcode_mqa": ONE_BY_GRADNORM,
     "gpt_bigcode_mha": ONE_BY_GRADNORM,

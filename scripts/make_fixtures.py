@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -318,6 +318,13 @@ FIXTURES = [
          cfg=dict(n_embd=48, n_head=4, n_layer=3, vocab_size=128, rotary_dim=8, n_positions=64,
                   layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2),
          seed=48),
+    # CodeGen: GPT-J's block with q, k and v fused in qkv_proj across 4 shards (each a quarter of the
+    # queries, of the values, then of the keys: 2 of the 8 heads each), the rotary embedding on
+    # interleaved pairs of the first 4 of 8 values per head, an MLP of 96, untied (the class default); f32.
+    dict(name="codegen_shards", model_type="codegen", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(n_embd=64, n_head=8, n_layer=3, n_inner=96, vocab_size=128, rotary_dim=4,
+                  n_positions=64, n_ctx=64, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2),
+         seed=53),
     # GPT-BigCode (StarCoder 1, SantaCoder): GPT-2's block and names with Linear projections ([out, in]),
     # multi-query (multi_query's default: c_attn holds every query, then the one key and value), the
     # tanh GELU (the class default), tied; bf16.

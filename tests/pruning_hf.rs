@@ -220,10 +220,12 @@ fn alibi_models_match_transformers() {
     check_case("mpt_alibi_clip");
 }
 
-/// GPT-J (its `n_layer` rewritten; interleaved partial rotary, parallel block, lm_head bias).
+/// GPT-J (its `n_layer` rewritten; interleaved partial rotary, parallel block, lm_head bias), and
+/// CodeGen (GPT-J's block, q/k/v fused in 4 shards).
 #[test]
-fn gptj_matches_transformers() {
+fn gptj_and_codegen_match_transformers() {
     check_case("gptj_rotary_dim");
+    check_case("codegen_shards");
 }
 
 /// q/k norms whose weights are per head: Cohere's (Command R+), StableLM 2 12B's (a module per head,

@@ -164,6 +164,10 @@ fn describe_block(c: &ModelConfig) -> String {
             "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
              (x + attn(ln x) + mlp(ln x)); MLP fc_in → {act} → fc_out; lm_head with a bias"
         ),
+        BlockLayout::CodeGen => format!(
+            "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
+             (x + attn(ln x) + mlp(ln x)); q/k/v fused in 4 shards (q, v, k each); MLP fc_in → {act} → fc_out; lm_head with a bias"
+        ),
         BlockLayout::Mpt => format!(
             "2 LayerNorms without biases; q/k/v stacked in Wqkv{}; MLP up → {act} → down; no biases",
             c.clip_qkv

@@ -137,10 +137,10 @@ pub fn pruned_config(
         .and_then(|s| s.as_object_mut())
         .ok_or_else(|| Error::format(path, "config is not a JSON object"))?;
     let model_type = decoder.get("model_type").and_then(|v| v.as_str());
-    // GPT2Config, GPTBigCodeConfig, BloomConfig and GPTJConfig name the layer count `n_layer`, as Falcon's hub configs
+    // GPT2Config, GPTBigCodeConfig, BloomConfig, GPTJConfig and CodeGenConfig name the layer count `n_layer`, as Falcon's hub configs
     // (RWConfig's names, which FalconConfig maps) do; MptConfig `n_layers`.
     let count_key = match model_type {
-        Some("gpt2" | "gpt_bigcode" | "bloom" | "gptj") => "n_layer",
+        Some("gpt2" | "gpt_bigcode" | "bloom" | "gptj" | "codegen") => "n_layer",
         Some("mpt") => "n_layers",
         Some("falcon") if decoder.get("num_hidden_layers").is_none() => "n_layer",
         _ => "num_hidden_layers",
@@ -561,6 +561,7 @@ mod tests {
             ("bloom", "n_layer"),
             ("gpt2", "n_layer"),
             ("gpt_bigcode", "n_layer"),
+            ("codegen", "n_layer"),
             ("falcon", "n_layer"),
             ("falcon", "num_hidden_layers"),
         ] {

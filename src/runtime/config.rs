@@ -2,9 +2,10 @@
 //! qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, starcoder2, smollm3, internlm3, glm,
 //! glm4, exaone4, ernie4_5, helium, seed_oss, arcee, internlm2 under its own names; with LayerNorms
 //! stablelm, cohere, cohere2, olmo), Falcon (falcon; Falcon-RW with ALiBi), BLOOM (bloom) and MPT (mpt)
-//! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-J (gptj), GPT-2 (gpt2, its `n_*` names read
-//! as the others'), GPT-BigCode (gpt_bigcode: StarCoder 1) and OPT (opt), the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config
-//! generations: transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
+//! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-J (gptj) and CodeGen (codegen), GPT-2
+//! (gpt2, its `n_*` names read as the others'), GPT-BigCode (gpt_bigcode: StarCoder 1) and OPT (opt),
+//! the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations:
+//! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
 //! A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
 //! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
 //! top level).
@@ -173,6 +174,10 @@ pub enum BlockLayout {
     /// `mlp.fc_out` (biases), the rotary embedding on interleaved pairs of the first `rotary_dim` values;
     /// `transformer.h.`, `transformer.wte`, `transformer.ln_f`, an lm_head with a bias.
     GptJ,
+    /// CodeGen: GPT-J's block with q, k and v fused in `attn.qkv_proj` across the 4 model-parallel shards
+    /// it was trained with: 4 groups side by side, each its quarter of the queries, of the values, then
+    /// of the keys (read as one projection and gathered: [`BlockLayout::qkv_groups`]).
+    CodeGen,
     /// GPT-2: LayerNorms `ln_1`, `ln_2` (with biases), `Conv1D` projections storing `[in, out]`
     /// (`attn.c_attn` fused q, k, v by columns; `attn.c_proj`; `mlp.c_fc` → GELU → `mlp.c_proj`, all with
     /// biases), read as the transposed views `attn.{q,k,v,o}_proj`, `mlp.up_proj`, `mlp.down_proj`
@@ -222,20 +227,32 @@ impl BlockLayout {
             BlockLayout::GptBigCode => "attn.c_proj",
             BlockLayout::Falcon { .. } => "self_attention.dense",
             BlockLayout::InternLm2 => "attention.wo",
-            BlockLayout::Mpt | BlockLayout::GptJ => "attn.out_proj",
+            BlockLayout::Mpt | BlockLayout::GptJ | BlockLayout::CodeGen => "attn.out_proj",
             BlockLayout::Opt => "self_attn.out_proj",
         }
     }
 
-    /// The projection holding q, k and v of each key/value group side by side (GPT-NeoX, Falcon), which
-    /// the runtime reads as one `Linear` and gathers columns from.
+    /// The projection holding q, k and v in groups side by side (GPT-NeoX, Falcon: one group per
+    /// key/value head; CodeGen: 4), which the runtime reads as one `Linear` and gathers columns from.
     pub fn grouped_qkv(self) -> Option<&'static str> {
         match self {
             BlockLayout::NeoX { .. } => Some("attention.query_key_value"),
             BlockLayout::Falcon { .. } => Some("self_attention.query_key_value"),
             BlockLayout::InternLm2 => Some("attention.wqkv"),
             BlockLayout::GptBigCode => Some("attn.c_attn"),
+            BlockLayout::CodeGen => Some("attn.qkv_proj"),
             _ => None,
+        }
+    }
+
+    /// How [`BlockLayout::grouped_qkv`] lays out q, k and v: the groups (each holding an equal share of
+    /// the queries, keys and values) and the order of the three within a group (indices into q, k, v).
+    /// One group per key/value head in the order q, k, v (its queries, its key, its value), but
+    /// CodeGen's 4 shards of q, v, k.
+    pub fn qkv_groups(self, kv_heads: usize) -> (usize, [usize; 3]) {
+        match self {
+            BlockLayout::CodeGen => (4, [0, 2, 1]),
+            _ => (kv_heads, [0, 1, 2]),
         }
     }
 
@@ -284,7 +301,7 @@ impl BlockLayout {
             BlockLayout::Opt => Some(("fc1", "fc2")),
             BlockLayout::Falcon { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Mpt => Some(("ffn.up_proj", "ffn.down_proj")),
-            BlockLayout::GptJ => Some(("mlp.fc_in", "mlp.fc_out")),
+            BlockLayout::GptJ | BlockLayout::CodeGen => Some(("mlp.fc_in", "mlp.fc_out")),
         }
     }
 
@@ -303,7 +320,7 @@ impl BlockLayout {
             BlockLayout::Gpt2 | BlockLayout::GptBigCode => [Some("ln_1"), Some("ln_2"), None, None],
             BlockLayout::InternLm2 => [Some("attention_norm"), Some("ffn_norm"), None, None],
             BlockLayout::Mpt => [Some("norm_1"), Some("norm_2"), None, None],
-            BlockLayout::GptJ => [Some("ln_1"), None, None, None],
+            BlockLayout::GptJ | BlockLayout::CodeGen => [Some("ln_1"), None, None, None],
             BlockLayout::Opt => [
                 Some("self_attn_layer_norm"),
                 Some("final_layer_norm"),
@@ -719,7 +736,7 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
-             helium, seed_oss, arcee, bloom, mpt, gptj, gpt_bigcode";
+             helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -734,10 +751,11 @@ impl ModelConfig {
         let falcon = model_type == "falcon";
         let bloom = model_type == "bloom";
         let mpt = model_type == "mpt";
-        let gptj = model_type == "gptj";
+        // CodeGen is GPT-J with a fused, sharded q/k/v projection (and GPT-J's config names).
+        let gptj = matches!(model_type.as_str(), "gptj" | "codegen");
         let aliased;
         let v = match model_type.as_str() {
-            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "gpt_bigcode" => {
+            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -873,7 +891,7 @@ impl ModelConfig {
             model_type == "ernie4_5" && opt_bool(v, "use_bias", path)?.unwrap_or(false);
         // Cohere, GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half).
         let interleaved =
-            cohere || glm || matches!(model_type.as_str(), "ernie4_5" | "helium" | "gptj");
+            cohere || glm || gptj || matches!(model_type.as_str(), "ernie4_5" | "helium");
         // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
         let falcon_block = match bloom {
             // BLOOM's block is Falcon's oldest one (Falcon-RW was trained with BLOOM's code).
@@ -967,6 +985,7 @@ impl ModelConfig {
             "internlm2" => BlockLayout::InternLm2,
             "mpt" => BlockLayout::Mpt,
             "gptj" => BlockLayout::GptJ,
+            "codegen" => BlockLayout::CodeGen,
             "gpt_bigcode" => BlockLayout::GptBigCode,
             _ => BlockLayout::Llama,
         };
@@ -1109,7 +1128,8 @@ impl ModelConfig {
             block_norms: match model_type.as_str() {
                 "olmo2" | "olmo3" | "exaone4" => BlockNorms::Post,
                 "glm4" => BlockNorms::Glm4,
-                "phi" | "gptj" => BlockNorms::Shared,
+                "phi" => BlockNorms::Shared,
+                _ if gptj => BlockNorms::Shared,
                 "stablelm" if stablelm_parallel => BlockNorms::Shared,
                 "cohere" | "cohere2" => BlockNorms::Shared,
                 _ if falcon_block == Some(FalconBlock::SharedNorm) => BlockNorms::Shared,
@@ -1395,9 +1415,10 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     if model_type == "mpt" {
         return mpt_config(v, c, path);
     }
-    if model_type == "gptj" {
-        // GPTJConfig: `n_embd`, `n_layer`, `n_head`, `n_inner` (null: 4 × n_embd), `n_positions`, and
-        // `rotary_dim` values of each head rotated (null: all), as a partial_rotary_factor.
+    if matches!(model_type, "gptj" | "codegen") {
+        // GPTJConfig (and CodeGenConfig, the same names and defaults): `n_embd`, `n_layer`, `n_head`,
+        // `n_inner` (null: 4 × n_embd), `n_positions`, and `rotary_dim` values of each head rotated
+        // (null: all), as a partial_rotary_factor.
         let hidden = get("n_embd", 4096)?;
         let heads = get("n_head", 16)?;
         let inner = get("n_inner", 4 * hidden)?;
@@ -1412,6 +1433,14 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
         ];
         let eps = opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5);
         set_aliases(obj, &sizes, eps);
+        if model_type == "codegen" && hidden % 4 != 0 {
+            return Err(model_err(
+                path,
+                format!(
+                    "n_embd {hidden} is not a multiple of 4 (CodeGen's fused q/k/v in 4 shards)"
+                ),
+            ));
+        }
         let head_dim = hidden / heads.max(1);
         // GPTJConfig's default 64; null rotates whole heads.
         let rotary_dim = match v.get("rotary_dim") {
@@ -1927,7 +1956,7 @@ fn parse_rope(
     let rotary_dim = (head_dim as f64 * partial) as usize;
     let partial_ok = matches!(
         model_type,
-        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4" | "gptj"
+        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4" | "gptj" | "codegen"
     ) && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -2011,7 +2040,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "falcon" => ("activation", "gelu"),
         // MptMLP's exact GELU and BloomGelu, the tanh approximation, has no config key.
         "bloom" => ("", "gelu_new"),
-        "gptj" => ("activation_function", "gelu_new"),
+        "gptj" | "codegen" => ("activation_function", "gelu_new"),
         "gpt_bigcode" => ("activation_function", "gelu_pytorch_tanh"),
         "mpt" => ("", "gelu"),
         "arcee" => ("hidden_act", "relu2"),
@@ -2033,7 +2062,10 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu" if model_type == "phi" => Ok(Activation::Gelu),
         "gelu_pytorch_tanh" | "gelu_new" if model_type == "starcoder2" => Ok(Activation::GeluTanh),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
-            if matches!(model_type, "gpt2" | "bloom" | "gptj" | "gpt_bigcode") =>
+            if matches!(
+                model_type,
+                "gpt2" | "bloom" | "gptj" | "codegen" | "gpt_bigcode"
+            ) =>
         {
             Ok(Activation::GeluTanh)
         }
@@ -3637,6 +3669,38 @@ mod tests {
         let mut full = hub.clone();
         full["rotary_dim"] = serde_json::Value::Null;
         assert_eq!(ModelConfig::from_json(&full, p).unwrap().rotary_dim, 256);
+    }
+
+    /// Salesforce/codegen-350M-mono's hub config: GPT-J's names and block, q/k/v in 4 shards of
+    /// q, v, k; an n_embd that does not split into the 4 shards refused.
+    #[test]
+    fn codegen_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "activation_function": "gelu_new", "architectures": ["CodeGenForCausalLM"],
+            "bos_token_id": 1, "eos_token_id": 50256, "layer_norm_epsilon": 1e-05,
+            "model_type": "codegen", "n_ctx": 2048, "n_embd": 1024, "n_head": 16, "n_inner": null,
+            "n_layer": 20, "n_positions": 2048, "rotary_dim": 32, "scale_attn_weights": true,
+            "tie_word_embeddings": false, "vocab_size": 51200
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(
+            (c.layout, c.block_norms),
+            (BlockLayout::CodeGen, BlockNorms::Shared)
+        );
+        assert_eq!(
+            (c.num_hidden_layers, c.head_dim, c.intermediate_size),
+            (20, 64, 4096)
+        );
+        assert_eq!((c.rotary_dim, c.rope_pairs), (32, RopePairs::Interleaved));
+        assert_eq!(c.layout.grouped_qkv(), Some("attn.qkv_proj"));
+        assert_eq!(c.layout.qkv_groups(16), (4, [0, 2, 1]));
+        assert!(!c.qkv_bias && !c.o_bias && c.mlp_bias && c.lm_head_bias);
+        assert!(!c.tie_word_embeddings && c.pad_token_id.is_none());
+        let mut odd = hub.clone();
+        (odd["n_embd"], odd["n_head"]) = (1026.into(), 19.into());
+        let e = ModelConfig::from_json(&odd, p).unwrap_err().to_string();
+        assert!(e.contains("multiple of 4"), "{e}");
     }
 
     /// mosaicml/mpt-7b's hub config (`d_model`, `n_heads`, `n_layers`, `attn_config`), clip_qkv and a

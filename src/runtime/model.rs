@@ -315,7 +315,7 @@ impl TensorNames {
             BlockLayout::Gpt2 | BlockLayout::GptBigCode => Self::gpt2("transformer."),
             BlockLayout::Opt => Self::opt("model.decoder."),
             BlockLayout::Falcon { .. } => Self::falcon("transformer.", false),
-            BlockLayout::GptJ => TensorNames {
+            BlockLayout::GptJ | BlockLayout::CodeGen => TensorNames {
                 positions: None,
                 ..Self::gpt2("transformer.")
             },
@@ -1146,8 +1146,7 @@ impl Model {
             window: c.layer_window(l).filter(|&w| w < shape.tokens),
             ..shape
         };
-        let (hd, qd, kvd) = (
-            shape.head_dim,
+        let (qd, kvd) = (
             shape.heads * shape.head_dim,
             shape.kv_heads * shape.head_dim,
         );
@@ -1207,19 +1206,23 @@ impl Model {
         };
         let a = maybe_norm(tape, x, norm_in);
         let (q, k, v) = match c.layout.grouped_qkv() {
-            // Per key/value group, its g = heads / kv_heads queries, its key and its value side by side in
-            // one projection (GPT-NeoX: g = 1; Falcon-7B: one group): gather each.
+            // Groups side by side in one projection, each its share of q, k and v (per key/value group,
+            // its heads / kv_heads queries, its key and its value: GPT-NeoX one query each, Falcon-7B
+            // one group; CodeGen's 4 shards of q, v, k): gather each.
             Some(fused) => {
                 let qkv = linear(tape, a, fused, h, qd + 2 * kvd, c.qkv_bias);
-                let g = shape.heads / shape.kv_heads;
+                let (groups, order) = c.layout.qkv_groups(shape.kv_heads);
+                let widths = [qd / groups, kvd / groups, kvd / groups];
+                let stride = widths.iter().sum();
                 let module = fused.rsplit_once('.').map_or(fused, |m| m.0);
-                let [q, k, v] = [("q", g, 0, qd), ("k", 1, g, kvd), ("v", 1, g + 1, kvd)].map(
-                    |(name, heads, at, width)| {
+                let [q, k, v] =
+                    [("q", 0, qd), ("k", 1, kvd), ("v", 2, kvd)].map(|(name, part, width)| {
                         let out = tape.buffer(format!("{pre}.{module}.{name}"), n, width);
+                        let before = order.iter().take_while(|&&p| p != part);
                         let blocks = ColumnBlocks {
-                            block: heads * hd,
-                            stride: (g + 2) * hd,
-                            offset: at * hd,
+                            block: widths[part],
+                            stride,
+                            offset: before.map(|&p| widths[p]).sum(),
                         };
                         tape.push(op::Columns {
                             x: qkv,
@@ -1227,8 +1230,7 @@ impl Model {
                             out,
                         });
                         out
-                    },
-                );
+                    });
                 (q, k, v)
             }
             None => {

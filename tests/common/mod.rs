@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 54] = [
+pub const DECODER_FIXTURES: [&str; 55] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -23,6 +23,7 @@ pub const DECODER_FIXTURES: [&str; 54] = [
     "bloom_alibi",
     "mpt_alibi_clip",
     "gptj_rotary_dim",
+    "codegen_shards",
     "gpt_bigcode_mqa",
     "gpt_bigcode_mha",
     "qwen2_f16_bias",
