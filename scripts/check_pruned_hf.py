@@ -75,6 +75,9 @@ CASES = {
     "neox_parallel": ONE_BY_GRADNORM,
     "neox_sequential": ONE_BY_GRADNORM,
     "mixtral_moe": ONE_BY_GRADNORM,
+    # GLM-4.5: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).
+    "glm4_moe_sigmoid": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
+    + PINNED,
     "qwen2_moe_shared": ONE_BY_GRADNORM,
     "qwen3_moe_step": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "olmoe_experts": ONE_BY_GRADNORM,

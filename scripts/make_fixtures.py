@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -418,6 +418,18 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, norm_epsilon=1e-5, sliding_window=6,
                   rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
          full_attention_loss=True, seed=19),
+    # GLM-4.5 (glm4_moe): σ routing with a random correction bias, 8 experts in 4 groups of which the
+    # best 2 are searched, top 3 renormalised and × 2.5 (routed_scaling_factor), one shared expert, layer
+    # 0 dense (first_k_dense_replace), q/k/v biases, per-head q/k RMSNorms, half of each head rotary
+    # (rotate_half), untied.
+    dict(name="glm4_moe_sigmoid", model_type="glm4_moe", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, n_routed_experts=8,
+                  num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=1, n_group=4,
+                  topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
+                  use_qk_norm=True, attention_bias=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
+         seed=54),
     # Mixtral: every MLP a sparse mixture of 4 experts (block_sparse_moe, w1/w3/w2), each token to its top 2
     # with renormalised weights; a window of 6 on every layer, GQA, untied.
     dict(name="mixtral_moe", model_type="mixtral", dtype=torch.float32, token_dtype=np.int64,
@@ -584,6 +596,10 @@ def make_model(spec):
                 p.copy_(0.5 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+        # GLM-4.5's router correction bias (a buffer, zero at init): random, so that the choice reads it.
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
         # Round to the stored dtype so the f64 reference sees exactly the checkpoint's values.
         for p in model.parameters():
             p.copy_(p.to(spec["dtype"]).to(torch.float32))

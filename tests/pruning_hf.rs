@@ -314,6 +314,12 @@ fn mixtral_moe_matches_transformers() {
     check_case("mixtral_moe");
 }
 
+/// GLM-4.5's σ routing with a correction bias, groups and a scale, and its shared expert.
+#[test]
+fn glm4_moe_matches_transformers() {
+    check_case("glm4_moe_sigmoid");
+}
+
 /// Qwen2-MoE: experts with a sigmoid-gated shared expert, a dense layer among the sparse ones, bf16.
 #[test]
 fn qwen2_moe_shared_expert_matches_transformers() {

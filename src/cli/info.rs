@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
 use crate::pruning::compare::ParamCounts;
 use crate::pruning::prune::param_counts;
-use crate::runtime::config::{BlockLayout, BlockNorms, ModelConfig, RopeScaling};
+use crate::runtime::config::{BlockLayout, BlockNorms, ModelConfig, MoeRouter, RopeScaling};
 use crate::runtime::ops::{Activation, RopePairs};
 use crate::runtime::Model;
 use crate::similarity::device::describe_devices;
@@ -229,14 +229,26 @@ fn describe_block(c: &ModelConfig) -> String {
             if let Some(m) = &c.moe {
                 let sparse = m.sparse_layers.iter().filter(|&&x| x).count();
                 s += &format!(
-                    "\nmixture of experts: {} experts of intermediate size {}, top {} per token{}{} \
+                    "\nmixture of experts: {} experts of intermediate size {}, top {} per token{}{}{} \
                      on {sparse} of {} layers{}",
                     m.experts,
                     m.inter,
                     m.top_k,
                     if m.normalise { " (weights renormalised)" } else { "" },
-                    match m.shared_inter {
-                        Some(si) => format!(", a shared expert of {si} gated by σ"),
+                    match m.router {
+                        MoeRouter::Softmax => String::new(),
+                        MoeRouter::Sigmoid {
+                            groups,
+                            topk_group,
+                            scale,
+                        } => format!(
+                            " by σ + a correction bias (from {topk_group} of {groups} groups, \
+                             weights × {scale})"
+                        ),
+                    },
+                    match &m.shared {
+                        Some(s) if s.gated => format!(", a shared expert of {} gated by σ", s.inter),
+                        Some(s) => format!(", a shared expert of {}", s.inter),
                         None => String::new(),
                     },
                     c.num_hidden_layers,

@@ -182,15 +182,18 @@ pub fn pruned_config(
             }
         }
     }
-    // Qwen2 and Qwen3 window layer l when l ≥ max_window_layers (without `layer_types`). Kept layers stay
-    // in order, so counting the kept layers below the old bound keeps every layer's own attention kind.
-    if matches!(model_type, Some("qwen2" | "qwen3")) {
-        let bound = obj
-            .get("max_window_layers")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(28) as usize;
+    // Qwen2 and Qwen3 window layer l when l ≥ max_window_layers (without `layer_types`); GLM-4.5 makes
+    // layer l sparse when l ≥ first_k_dense_replace. Kept layers stay in order, so counting the kept
+    // layers below the old bound keeps every layer's own kind.
+    let bound = match model_type {
+        Some("qwen2" | "qwen3") => Some(("max_window_layers", 28)),
+        Some("glm4_moe") => Some(("first_k_dense_replace", 1)),
+        _ => None,
+    };
+    if let Some((key, default)) = bound {
+        let bound = obj.get(key).and_then(|v| v.as_u64()).unwrap_or(default) as usize;
         let below = kept.iter().filter(|&&i| i < bound).count();
-        obj.insert("max_window_layers".into(), below.into());
+        obj.insert(key.into(), below.into());
     }
     // Qwen2-MoE and Qwen3-MoE make layer l dense when it is in `mlp_only_layers` or (l + 1) is not a
     // multiple of `decoder_sparse_step`: list the kept dense layers by their new indices, step 1, so
@@ -209,7 +212,9 @@ pub fn pruned_config(
 }
 
 /// The new name of a tensor: `None` when it belongs to a removed layer. `layers`: the decoder layers'
-/// prefix (`model.layers.`); `renumber[old] = Some(new)`.
+/// prefix (`model.layers.`); `renumber[old] = Some(new)`. A layer past the decoder's (GLM-4.5's and
+/// DeepSeek-V3's multi-token-prediction layer, `model.layers.{num_hidden_layers}`, which transformers
+/// does not load and vLLM finds after the last decoder layer) follows the kept layers.
 pub fn renamed_tensor(name: &str, layers: &str, renumber: &[Option<usize>]) -> Option<String> {
     let Some(rest) = name.strip_prefix(layers) else {
         return Some(name.to_string());
@@ -217,7 +222,10 @@ pub fn renamed_tensor(name: &str, layers: &str, renumber: &[Option<usize>]) -> O
     let (num, tail) = rest.split_once('.').unwrap_or((rest, ""));
     match num.parse::<usize>() {
         Ok(old) => {
-            let new = (*renumber.get(old)?)?;
+            let new = match renumber.get(old) {
+                Some(new) => (*new)?,
+                None => renumber.iter().flatten().count() + (old - renumber.len()),
+            };
             Some(if tail.is_empty() {
                 format!("{layers}{new}")
             } else {
@@ -473,8 +481,16 @@ mod tests {
             renamed_tensor("model.embed_tokens.weight", L, &ren).as_deref(),
             Some("model.embed_tokens.weight")
         );
-        // "model.layers.12" must not be read as layer 1.
-        assert_eq!(renamed_tensor("model.layers.12.x", L, &ren), None);
+        // "model.layers.12" must not be read as layer 1; past the 4 decoder layers (a multi-token
+        // prediction layer), it follows the 2 kept.
+        assert_eq!(
+            renamed_tensor("model.layers.12.x", L, &ren).as_deref(),
+            Some("model.layers.10.x")
+        );
+        assert_eq!(
+            renamed_tensor("model.layers.4.eh_proj.weight", L, &ren).as_deref(),
+            Some("model.layers.2.eh_proj.weight")
+        );
         // A vision-language checkpoint: the language model's layers renumbered, the vision tower's kept.
         let lm = "language_model.model.layers.";
         assert_eq!(
@@ -557,6 +573,19 @@ mod tests {
         assert_eq!(p["architectures"], c["architectures"]);
         // BLOOM's, GPT-2's and the hub's Falcon configs count layers in `n_layer`; transformers'
         // FalconConfig saves `num_hidden_layers`.
+        // GLM-4.5's dense layers are the first first_k_dense_replace: those kept stay first.
+        let glm = serde_json::json!({"model_type": "glm4_moe", "num_hidden_layers": 5,
+                                     "first_k_dense_replace": 2});
+        for (kept, dense) in [(&[0, 3][..], 1), (&[2, 3, 4], 0), (&[0, 1, 4], 2)] {
+            let p = pruned_config(&glm, kept, Path::new("config.json")).unwrap();
+            assert_eq!(p["first_k_dense_replace"], dense, "{kept:?}");
+        }
+        let bare = serde_json::json!({"model_type": "glm4_moe", "num_hidden_layers": 5});
+        let p = pruned_config(&bare, &[1, 2], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["first_k_dense_replace"], 0,
+            "the class default 1: layer 0 removed"
+        );
         for (model_type, key) in [
             ("bloom", "n_layer"),
             ("gpt2", "n_layer"),

@@ -359,9 +359,10 @@ pub struct Moe {
     /// An expert's intermediate size (`moe_intermediate_size`; Mixtral's and OLMoE's
     /// `intermediate_size`).
     pub inter: usize,
-    /// Qwen2-MoE's shared expert: a gated MLP `mlp.shared_expert` of this intermediate size on every
-    /// token, its output × σ(`mlp.shared_expert_gate` · x), added to the experts'.
-    pub shared_inter: Option<usize>,
+    /// The shared expert(s) run on every token, added to the routed experts' output.
+    pub shared: Option<SharedExpert>,
+    /// How the router scores and picks the experts.
+    pub router: MoeRouter,
     /// Per decoder layer: sparse, or a dense MLP of `intermediate_size` (Qwen's `mlp_only_layers` and
     /// `decoder_sparse_step`).
     pub sparse_layers: Vec<bool>,
@@ -369,6 +370,32 @@ pub struct Moe {
     pub prefix: &'static str,
     /// An expert's gate, up and down projections (Mixtral: `w1`, `w3`, `w2`).
     pub projections: [&'static str; 3],
+}
+
+/// A mixture's shared expert: a gated MLP (`gate_proj`, `up_proj`, `down_proj`) on every token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedExpert {
+    /// Its module: Qwen2-MoE's `mlp.shared_expert`, GLM-4.5's `mlp.shared_experts` (all of
+    /// `n_shared_experts` in one MLP of their summed size).
+    pub module: &'static str,
+    pub inter: usize,
+    /// Qwen2-MoE's output × σ(`mlp.shared_expert_gate` · x).
+    pub gated: bool,
+}
+
+/// A router's scoring and choice (as `tape::moe::Router`, whose σ router also reads each layer's
+/// `{prefix}.gate.e_score_correction_bias`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum MoeRouter {
+    /// Softmax over all the experts (Mixtral, Qwen-MoE, OLMoE).
+    Softmax,
+    /// GLM-4.5's (DeepSeek-V3's) σ: the choice among the experts of the best `topk_group` of `groups`
+    /// groups (`n_group`, `topk_group`), the weights × `scale` (`routed_scaling_factor`).
+    Sigmoid {
+        groups: usize,
+        topk_group: usize,
+        scale: f64,
+    },
 }
 
 impl Moe {
@@ -736,7 +763,7 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
-             helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode";
+             helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -915,7 +942,7 @@ impl ModelConfig {
                 let b = opt_bool(v, "bias", path)?.unwrap_or(true);
                 (b, b)
             }
-            "glm" | "glm4" | "helium" => (attention_bias, false),
+            "glm" | "glm4" | "glm4_moe" | "helium" => (attention_bias, false),
             // Ernie4_5Config's `use_bias` puts a bias on every projection.
             "ernie4_5" => (ernie_bias, ernie_bias),
             // SeedOssConfig: q/k/v biases by default, o_proj's its own `attention_out_bias`.
@@ -937,6 +964,8 @@ impl ModelConfig {
             "qwen3" | "gemma3_text" | "qwen3_moe" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" => QkNorm::Whole,
             "exaone4" => QkNorm::PerHead,
+            // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
+            "glm4_moe" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::PerHead,
             // CohereConfig's `use_qk_norm` (Command R+): LayerNorms of `[heads, head_dim]`.
             "cohere" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::HeadWeights,
             // StableLmConfig's `qk_layernorm` (StableLM 2 12B): a LayerNorm module per head.
@@ -1066,6 +1095,7 @@ impl ModelConfig {
                         | "exaone4"
                         | "ernie4_5"
                         | "arcee"
+                        | "glm4_moe"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1724,9 +1754,20 @@ fn parse_moe(
 ) -> Result<Option<Moe>> {
     let (prefix, projections) = match model_type {
         "mixtral" => ("block_sparse_moe", ["w1", "w3", "w2"]),
-        "qwen2_moe" | "qwen3_moe" | "olmoe" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" => {
+            ("mlp", ["gate_proj", "up_proj", "down_proj"])
+        }
         _ => return Ok(None),
     };
+    if model_type == "glm4_moe" {
+        return glm4_moe(v, layers, path).map(|m| {
+            Some(Moe {
+                prefix,
+                projections,
+                ..m
+            })
+        });
+    }
     let qwen = model_type.starts_with("qwen");
     let experts = match (v.get("num_local_experts"), v.get("num_experts")) {
         (Some(x), _) if !x.is_null() => get_size(v, "num_local_experts", MAX_SIZE, path)?,
@@ -1745,13 +1786,12 @@ fn parse_moe(
         true => get_size(v, "moe_intermediate_size", MAX_SIZE, path)?,
         false => intermediate_size,
     };
-    let shared_inter = match model_type {
-        "qwen2_moe" => Some(get_size(
-            v,
-            "shared_expert_intermediate_size",
-            MAX_SIZE,
-            path,
-        )?),
+    let shared = match model_type {
+        "qwen2_moe" => Some(SharedExpert {
+            module: "mlp.shared_expert",
+            inter: get_size(v, "shared_expert_intermediate_size", MAX_SIZE, path)?,
+            gated: true,
+        }),
         _ => None,
     };
     let sparse_layers = match qwen {
@@ -1763,11 +1803,68 @@ fn parse_moe(
         top_k,
         normalise,
         inter,
-        shared_inter,
+        shared,
+        router: MoeRouter::Softmax,
         sparse_layers,
         prefix,
         projections,
     }))
+}
+
+/// GLM-4.5's (and GLM-4.5-Air's) mixture, from Glm4MoeConfig's fields and defaults: `n_routed_experts`
+/// (128) of `moe_intermediate_size` (1408), `num_experts_per_tok` (8) renormalised unless
+/// `norm_topk_prob` is false, `n_shared_experts` (1) in one shared MLP, σ routing in `n_group` groups
+/// (1) keeping `topk_group` (1), × `routed_scaling_factor` (1), sparse from layer
+/// `first_k_dense_replace` (1) on. Names and prefix are the caller's.
+fn glm4_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+    let size = |key: &str, default: usize| -> Result<usize> {
+        check_size(
+            opt_usize(v, key, path)?.unwrap_or(default),
+            key,
+            MAX_SIZE,
+            path,
+        )
+    };
+    let (experts, top_k, inter) = (
+        size("n_routed_experts", 128)?,
+        size("num_experts_per_tok", 8)?,
+        size("moe_intermediate_size", 1408)?,
+    );
+    let (groups, topk_group, dense) = (
+        size("n_group", 1)?,
+        size("topk_group", 1)?,
+        size("first_k_dense_replace", 1)?,
+    );
+    let scale = opt_f64(v, "routed_scaling_factor", path)?.unwrap_or(1.0);
+    let fits = groups > 0 && experts.is_multiple_of(groups) && (1..=groups).contains(&topk_group);
+    if !fits || top_k == 0 || top_k > topk_group * (experts / groups) || !scale.is_finite() {
+        return Err(model_err(
+            path,
+            format!(
+                "{top_k} experts per token from {topk_group} of {groups} groups of {experts} experts,                  × {scale}: not a routing"
+            ),
+        ));
+    }
+    let shared = size("n_shared_experts", 1)?;
+    Ok(Moe {
+        experts,
+        top_k,
+        normalise: opt_bool(v, "norm_topk_prob", path)?.unwrap_or(true),
+        inter,
+        shared: (shared > 0).then_some(SharedExpert {
+            module: "mlp.shared_experts",
+            inter: inter * shared,
+            gated: false,
+        }),
+        router: MoeRouter::Sigmoid {
+            groups,
+            topk_group,
+            scale,
+        },
+        sparse_layers: (0..layers).map(|l| l >= dense).collect(),
+        prefix: "",
+        projections: ["", "", ""],
+    })
 }
 
 /// Which layers of config `v` use the window `w`: the kinds `layer_types` names, else the `derived` ones
@@ -1922,7 +2019,7 @@ fn parse_rope(
     // PhiConfig rotates half of each head by default.
     let default_partial = match model_type {
         "gpt_neox" | "stablelm" => 0.25,
-        "glm" | "glm4" => 0.5,
+        "glm" | "glm4" | "glm4_moe" => 0.5,
         "phi" => 0.5,
         _ => 1.0,
     };
@@ -1956,7 +2053,7 @@ fn parse_rope(
     let rotary_dim = (head_dim as f64 * partial) as usize;
     let partial_ok = matches!(
         model_type,
-        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4" | "gptj" | "codegen"
+        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4" | "glm4_moe" | "gptj" | "codegen"
     ) && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -2806,6 +2903,55 @@ mod tests {
         }
     }
 
+    /// GLM-4.5-Air's hub config (glm4_moe): 128 experts of 1408, top 8 by σ, one shared expert, layer 0
+    /// dense, q/k/v biases, half of each head rotary (rotate_half); impossible routings refused.
+    #[test]
+    fn glm4_moe_hub_config() {
+        let p = Path::new("config.json");
+        let air = serde_json::json!({
+            "architectures": ["Glm4MoeForCausalLM"], "attention_bias": true, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 10944,
+            "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408,
+            "n_group": 1, "n_routed_experts": 128, "n_shared_experts": 1, "norm_topk_prob": true,
+            "num_attention_heads": 96, "num_experts_per_tok": 8, "num_hidden_layers": 46,
+            "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5,
+            "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 1000000,
+            "routed_scaling_factor": 1.0, "tie_word_embeddings": false, "topk_group": 1,
+            "first_k_dense_replace": 1, "use_qk_norm": false, "vocab_size": 151552
+        });
+        let c = ModelConfig::from_json(&air, p).unwrap();
+        assert_eq!(
+            (c.head_dim, c.rotary_dim, c.rope_pairs),
+            (128, 64, RopePairs::Halves)
+        );
+        assert!(c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.fused_gate_up);
+        assert_eq!((c.qk_norm, c.block_norms), (QkNorm::Off, BlockNorms::Pre));
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise, m.prefix),
+            (128, 8, 1408, true, "mlp")
+        );
+        let shared = m.shared.unwrap();
+        assert_eq!(
+            (shared.module, shared.inter, shared.gated),
+            ("mlp.shared_experts", 1408, false)
+        );
+        assert_eq!(
+            m.router,
+            MoeRouter::Sigmoid {
+                groups: 1,
+                topk_group: 1,
+                scale: 1.0
+            }
+        );
+        assert_eq!(m.sparse_layers.iter().position(|&s| s), Some(1));
+        let mut bad = air.clone();
+        (bad["n_group"], bad["topk_group"]) = (8.into(), 1.into());
+        bad["num_experts_per_tok"] = 20.into();
+        let e = ModelConfig::from_json(&bad, p).unwrap_err().to_string();
+        assert!(e.contains("not a routing"), "{e}");
+    }
+
     /// The experts of each mixture-of-experts type: the expert count under either name, Mixtral always
     /// renormalising, the experts' intermediate size, Qwen's dense layers.
     #[test]
@@ -2827,7 +2973,8 @@ mod tests {
             (m.experts, m.top_k, m.normalise, m.prefix),
             (8, 2, true, "block_sparse_moe")
         );
-        assert_eq!((m.projections, m.shared_inter), (["w1", "w3", "w2"], None));
+        assert_eq!((m.projections, &m.shared), (["w1", "w3", "w2"], &None));
+        assert_eq!(m.router, MoeRouter::Softmax);
         let m = with(
             "qwen3_moe",
             serde_json::json!({"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 24,
@@ -2842,7 +2989,14 @@ mod tests {
             serde_json::json!({"num_experts": 4, "num_experts_per_tok": 4, "moe_intermediate_size": 8,
                                "shared_expert_intermediate_size": 40, "norm_topk_prob": true}),
         );
-        assert_eq!((m.shared_inter, m.normalise, m.top_k), (Some(40), true, 4));
+        assert_eq!(
+            (
+                m.shared.as_ref().map(|s| (s.inter, s.gated)),
+                m.normalise,
+                m.top_k
+            ),
+            (Some((40, true)), true, 4)
+        );
         assert!(m.sparse_layers.iter().all(|&s| s));
         let mut v = base();
         v["model_type"] = "llama".into();

@@ -28,10 +28,10 @@
 //!
 //! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
-use super::config::{BlockLayout, BlockNorms, ModelConfig, QkNorm};
+use super::config::{BlockLayout, BlockNorms, ModelConfig, Moe, MoeRouter, QkNorm};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
-use super::tape::moe::{Expert, SparseMoe};
+use super::tape::moe::{Expert, Router, SparseMoe};
 use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
 use super::{GradNorms, OnHidden, Tokens};
@@ -50,6 +50,9 @@ pub struct Model {
     /// The device the passes run on (the CPU unless [`Model::set_device`] says otherwise), with the
     /// activation and gradient buffers it recycles from one batch to the next (see [`Pool`]).
     runner: Box<dyn DecoderRunner>,
+    /// Each decoder layer's router (softmax, or σ with the layer's correction bias read at load; the
+    /// softmax's for the dense layers, which have none).
+    routers: Vec<Router>,
 }
 
 /// The decoder's passes on one device, behind an object-safe interface (so that a [`Model`] can hold any
@@ -485,8 +488,10 @@ impl Model {
             names,
             weights,
             runner: Box::new(OnDevice::new(Cpu)),
+            routers: Vec::new(),
         };
         model.check_weights()?;
+        model.routers = model.read_routers()?;
         if model.config.fused_qkv || model.config.fused_gate_up {
             model.split_fused_projections()?;
         }
@@ -509,6 +514,35 @@ impl Model {
             }
         }
         Ok(model)
+    }
+
+    /// Each layer's [`Router`]: σ routers carry their layer's `e_score_correction_bias`.
+    fn read_routers(&self) -> Result<Vec<Router>> {
+        let c = &self.config;
+        (0..c.num_hidden_layers)
+            .map(|l| match c.moe.as_ref().filter(|m| m.is_sparse(l)) {
+                Some(
+                    m @ Moe {
+                        router:
+                            MoeRouter::Sigmoid {
+                                groups,
+                                topk_group,
+                                scale,
+                            },
+                        ..
+                    },
+                ) => {
+                    let name = format!("{}.{}", self.names.layer(l), router_bias(m));
+                    Ok(Router::Sigmoid {
+                        bias: self.weights.get_f32(&name)?.into_owned().into(),
+                        groups: *groups,
+                        topk_group: *topk_group,
+                        scale: *scale,
+                    })
+                }
+                _ => Ok(Router::Softmax),
+            })
+            .collect()
     }
 
     /// GPT-2: name each layer's `Conv1D` weights (`[in, out]`) transposed as the projections the decoder
@@ -660,13 +694,19 @@ impl Model {
                         (name(down), h, m.inter),
                     ]);
                 }
-                if let Some(si) = m.shared_inter {
+                if let Some(s) = &m.shared {
+                    let name = |p: &str| format!("{}.{p}", s.module);
                     moe_linears.extend([
-                        ("mlp.shared_expert.gate_proj".into(), si, h),
-                        ("mlp.shared_expert.up_proj".into(), si, h),
-                        ("mlp.shared_expert.down_proj".into(), h, si),
-                        ("mlp.shared_expert_gate".into(), 1, h),
+                        (name("gate_proj"), s.inter, h),
+                        (name("up_proj"), s.inter, h),
+                        (name("down_proj"), h, s.inter),
                     ]);
+                    if s.gated {
+                        moe_linears.push((format!("{}_gate", s.module), 1, h));
+                    }
+                }
+                if let MoeRouter::Sigmoid { .. } = m.router {
+                    t(&router_bias(m), vec![m.experts]);
                 }
             }
             match (c.layout.plain_mlp(), c.fused_gate_up) {
@@ -1359,33 +1399,36 @@ impl Model {
                         experts,
                         top_k: moe.top_k,
                         normalise: moe.normalise,
+                        router: self.routers[l].clone(),
                         act: c.activation,
                         inter: moe.inter,
                         out,
                     });
-                    match moe.shared_inter {
-                        None => out,
-                        Some(si) => {
-                            let shared = gated(tape, b, "mlp.shared_expert", LLAMA_GATED, si);
-                            let g = linear(tape, b, "mlp.shared_expert_gate", h, 1, false);
-                            let name = format!("{pre}.mlp.shared_expert_gate.sigmoid");
-                            let g = push_activate(tape, g, Activation::Sigmoid, name, n, 1);
-                            let gated_shared =
-                                tape.buffer(format!("{pre}.mlp.shared_expert.gated"), n, h);
-                            tape.push(op::RowScale {
-                                x: shared,
-                                s: g,
-                                out: gated_shared,
-                            });
-                            let sum = tape.buffer(format!("{module}.out"), n, h);
-                            tape.push(op::Add {
-                                a: out,
-                                b: gated_shared,
-                                out: sum,
-                            });
-                            sum
-                        }
+                    let Some(s) = &moe.shared else {
+                        return maybe_norm(tape, out, norm_mlp_out);
+                    };
+                    let mut shared = gated(tape, b, s.module, LLAMA_GATED, s.inter);
+                    // Qwen2-MoE's gate on the shared expert: × σ(shared_expert_gate · x).
+                    if s.gated {
+                        let gate = format!("{}_gate", s.module);
+                        let g = linear(tape, b, &gate, h, 1, false);
+                        let name = format!("{pre}.{gate}.sigmoid");
+                        let g = push_activate(tape, g, Activation::Sigmoid, name, n, 1);
+                        let gated_shared = tape.buffer(format!("{pre}.{}.gated", s.module), n, h);
+                        tape.push(op::RowScale {
+                            x: shared,
+                            s: g,
+                            out: gated_shared,
+                        });
+                        shared = gated_shared;
                     }
+                    let sum = tape.buffer(format!("{module}.out"), n, h);
+                    tape.push(op::Add {
+                        a: out,
+                        b: shared,
+                        out: sum,
+                    });
+                    sum
                 }
                 (None, None) => {
                     let (module, projections) = c.layout.gated_mlp();
@@ -1410,6 +1453,11 @@ impl Model {
         let m = mlp(tape, b);
         add(tape, x1, m, "out")
     }
+}
+
+/// A σ router's correction bias, under its layer (`{prefix}.gate.e_score_correction_bias`).
+fn router_bias(m: &Moe) -> String {
+    format!("{}.gate.e_score_correction_bias", m.prefix)
 }
 
 /// The q and k norms as the decoder reads them (`self_attn.q_norm`, `self_attn.k_norm`).

@@ -16,16 +16,35 @@ use super::{BufId, Device, OpIo, ParamGrads, ParamId, ParamStore, Pool, Tape, Ta
 use crate::error::Result;
 use crate::runtime::ops::Activation;
 
-/// The routing of one batch: for every row (token), the `top_k` most probable experts under the softmax
-/// of its router logits, with the weights their outputs are summed with: the probabilities, or with
-/// `normalise` the probabilities divided by their sum over the chosen experts. Ties go to the lower
+/// How a router scores the experts from its logits and picks among them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Router {
+    /// The softmax over all the experts; the `top_k` most probable (Mixtral, Qwen-MoE, OLMoE).
+    Softmax,
+    /// DeepSeek-V3's (GLM-4.5's) σ of each logit. The choice reads σ + `bias` (the router's
+    /// `e_score_correction_bias`, a buffer: no gradient), among the experts of the `topk_group` of
+    /// `groups` equal groups whose two best biased scores sum highest; the weights are the unbiased σ
+    /// (renormalised with `normalise`, over their sum + 1e-20), × `scale` (`routed_scaling_factor`).
+    Sigmoid {
+        bias: std::sync::Arc<[f32]>,
+        groups: usize,
+        topk_group: usize,
+        scale: f64,
+    },
+}
+
+/// The routing of one batch: for every row (token), the `top_k` experts the [`Router`] picks from its
+/// logits, with the weights their outputs are summed with: the scores (softmax probabilities or σ), or
+/// with `normalise` the scores divided by their sum over the chosen experts. Ties go to the lower
 /// expert index (random weights never tie).
 #[derive(Clone, Debug)]
 pub struct Routing {
     experts: usize,
     top_k: usize,
     normalise: bool,
-    /// `[rows, experts]`: the softmax probabilities.
+    /// σ's (`Some`: its scale) or the softmax's.
+    sigmoid: Option<f64>,
+    /// `[rows, experts]`: the scores.
     probs: Vec<f64>,
     /// `[rows, top_k]`: the chosen experts, most probable first.
     chosen: Vec<usize>,
@@ -35,8 +54,19 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Route the rows of `logits` (`[rows, experts]`, row-major).
+    /// Route the rows of `logits` (`[rows, experts]`, row-major) by the softmax (see [`Routing::with`]).
     pub fn new(logits: &[f32], experts: usize, top_k: usize, normalise: bool) -> Routing {
+        Self::with(logits, experts, top_k, normalise, &Router::Softmax)
+    }
+
+    /// Route the rows of `logits` (`[rows, experts]`, row-major) by `router`.
+    pub fn with(
+        logits: &[f32],
+        experts: usize,
+        top_k: usize,
+        normalise: bool,
+        router: &Router,
+    ) -> Routing {
         assert!(
             experts > 0 && (1..=experts).contains(&top_k) && logits.len().is_multiple_of(experts),
             "routing {} logits to the top {top_k} of {experts} experts",
@@ -48,23 +78,44 @@ impl Routing {
         let mut rows = vec![Vec::new(); experts];
         let mut weights = vec![Vec::new(); experts];
         let mut order: Vec<usize> = Vec::with_capacity(experts);
+        let mut key = vec![0f64; experts];
         for r in 0..n {
             let z = &logits[r * experts..(r + 1) * experts];
             let p = &mut probs[r * experts..(r + 1) * experts];
-            let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let mut sum = 0.0;
-            for (p, &v) in p.iter_mut().zip(z) {
-                *p = (v as f64 - max).exp();
-                sum += *p;
-            }
-            p.iter_mut().for_each(|p| *p /= sum);
+            let (eps, factor) = match router {
+                Router::Softmax => {
+                    let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                    let mut sum = 0.0;
+                    for (p, &v) in p.iter_mut().zip(z) {
+                        *p = (v as f64 - max).exp();
+                        sum += *p;
+                    }
+                    p.iter_mut().for_each(|p| *p /= sum);
+                    key.copy_from_slice(p);
+                    (0.0, 1.0)
+                }
+                Router::Sigmoid {
+                    bias,
+                    groups,
+                    topk_group,
+                    scale,
+                } => {
+                    for ((p, k), (&v, &b)) in p.iter_mut().zip(&mut key).zip(z.iter().zip(&**bias))
+                    {
+                        *p = 1.0 / (1.0 + (-(v as f64)).exp());
+                        *k = *p + b as f64;
+                    }
+                    mask_groups(&mut key, *groups, *topk_group);
+                    (1e-20, *scale)
+                }
+            };
             order.clear();
             order.extend(0..experts);
-            // Descending probability, ascending index among equals (a stable sort by key).
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            // Descending key, ascending index among equals (a stable sort by key).
+            order.sort_by(|&a, &b| key[b].total_cmp(&key[a]));
             let top = &order[..top_k];
-            let total: f64 = top.iter().map(|&e| p[e]).sum();
-            let scale = if normalise { 1.0 / total } else { 1.0 };
+            let total: f64 = top.iter().map(|&e| p[e]).sum::<f64>() + eps;
+            let scale = factor * if normalise { 1.0 / total } else { 1.0 };
             for &e in top {
                 chosen.push(e);
                 rows[e].push(r as i64);
@@ -75,6 +126,10 @@ impl Routing {
             experts,
             top_k,
             normalise,
+            sigmoid: match router {
+                Router::Softmax => None,
+                Router::Sigmoid { scale, .. } => Some(*scale),
+            },
             probs,
             chosen,
             rows,
@@ -83,12 +138,18 @@ impl Routing {
     }
 
     /// The gradient of the logits (`[rows, experts]`, f32) from `dweights`, the gradient of each
-    /// expert's weights (as [`Routing::weights`]; entries past those, a padding's, are not read). Through the renormalisation (w = p / P, P the chosen
-    /// probabilities' sum: dp_j = (dw_j − Σ_s dw_s w_s) / P for the chosen j, 0 for the others) and the
-    /// softmax (dz_i = p_i (dp_i − Σ_j p_j dp_j)); the choice itself has no gradient.
+    /// expert's weights (as [`Routing::weights`]; entries past those, a padding's, are not read).
+    /// Through the scale c and the renormalisation (w = c p / P, P the chosen scores' sum:
+    /// dp_j = c (dw_j − Σ_s dw_s w_s / c) / P for the chosen j, 0 for the others), then the softmax
+    /// (dz_i = p_i (dp_i − Σ_j p_j dp_j)) or σ (dz_i = p_i (1 − p_i) dp_i); the choice itself has no
+    /// gradient.
     pub fn backward(&self, dweights: &[Vec<f32>]) -> Vec<f32> {
         let (e_n, k) = (self.experts, self.top_k);
         let n = self.probs.len() / e_n;
+        let (eps, c) = match self.sigmoid {
+            Some(scale) => (1e-20, scale),
+            None => (0.0, 1.0),
+        };
         // Each row's slot in its experts' lists: the rows are pushed in order, so a cursor per expert.
         let mut cursor = vec![0usize; e_n];
         let mut dz = vec![0f32; n * e_n];
@@ -96,14 +157,14 @@ impl Routing {
         for r in 0..n {
             let p = &self.probs[r * e_n..(r + 1) * e_n];
             let top = &self.chosen[r * k..(r + 1) * k];
-            let total: f64 = top.iter().map(|&e| p[e]).sum();
+            let total: f64 = top.iter().map(|&e| p[e]).sum::<f64>() + eps;
             dp.iter_mut().for_each(|v| *v = 0.0);
             let mut dot_w = 0.0;
             for &e in top {
                 let dw = dweights[e][cursor[e]] as f64;
                 let w = if self.normalise { p[e] / total } else { p[e] };
-                dp[e] = dw;
-                dot_w += dw * w;
+                dp[e] = c * dw;
+                dot_w += c * dw * w;
                 cursor[e] += 1;
             }
             if self.normalise {
@@ -111,12 +172,53 @@ impl Routing {
                     dp[e] = (dp[e] - dot_w) / total;
                 }
             }
-            let dot_p: f64 = top.iter().map(|&e| p[e] * dp[e]).sum();
-            for (i, d) in dz[r * e_n..(r + 1) * e_n].iter_mut().enumerate() {
-                *d = (p[i] * (dp[i] - dot_p)) as f32;
+            let d = &mut dz[r * e_n..(r + 1) * e_n];
+            match self.sigmoid {
+                Some(_) => {
+                    for ((d, &p), &dp) in d.iter_mut().zip(p).zip(&dp) {
+                        *d = (p * (1.0 - p) * dp) as f32;
+                    }
+                }
+                None => {
+                    let dot_p: f64 = top.iter().map(|&e| p[e] * dp[e]).sum();
+                    for ((d, &p), &dp) in d.iter_mut().zip(p).zip(&dp) {
+                        *d = (p * (dp - dot_p)) as f32;
+                    }
+                }
             }
         }
         dz
+    }
+}
+
+/// Keep the experts of the `keep` of `groups` equal groups whose two highest keys sum highest (one
+/// expert to a group: its key), setting the others' keys to −∞ (DeepSeek-V3's group-limited choice;
+/// ties to the lower group).
+fn mask_groups(key: &mut [f64], groups: usize, keep: usize) {
+    if keep >= groups {
+        return;
+    }
+    let size = key.len() / groups;
+    let score = |g: &[f64]| {
+        let (mut a, mut b) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+        for &v in g {
+            if v > a {
+                (a, b) = (v, a);
+            } else if v > b {
+                b = v;
+            }
+        }
+        if size == 1 {
+            a
+        } else {
+            a + b
+        }
+    };
+    let scores: Vec<f64> = key.chunks(size).map(score).collect();
+    let mut order: Vec<usize> = (0..groups).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    for &g in &order[keep..] {
+        key[g * size..(g + 1) * size].fill(f64::NEG_INFINITY);
     }
 }
 
@@ -155,6 +257,7 @@ pub struct SparseMoe {
     pub experts: Vec<Expert>,
     pub top_k: usize,
     pub normalise: bool,
+    pub router: Router,
     pub act: Activation,
     pub inter: usize,
     pub out: BufId,
@@ -180,11 +283,12 @@ impl SparseMoe {
     fn routing<D: Device>(&self, t: &Tape<D>) -> Result<Routing> {
         let mut scratch = Vec::new();
         let logits = t.dev.host_view(t.data(self.logits), &mut scratch)?;
-        Ok(Routing::new(
+        Ok(Routing::with(
             logits,
             self.experts.len(),
             self.top_k,
             self.normalise,
+            &self.router,
         ))
     }
 
@@ -349,10 +453,10 @@ mod tests {
 
     /// Routing's backward against central differences of a loss Σ c · w over the chosen experts' weights
     /// (the choice held fixed: the logits move too little to change it), with and without the
-    /// renormalisation.
+    /// renormalisation, for the softmax and for σ with a bias, groups and a scale.
     #[test]
     fn routing_backward_matches_finite_differences() {
-        let (n, e, k) = (5, 7, 3);
+        let (n, e, k) = (5, 8, 3);
         let mut seed = 0x9e3779b97f4a7c15u64;
         let mut rnd = || {
             seed ^= seed << 13;
@@ -361,36 +465,60 @@ mod tests {
             (seed >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
         };
         let logits: Vec<f32> = (0..n * e).map(|_| rnd() as f32).collect();
-        for normalise in [false, true] {
-            let routing = Routing::new(&logits, e, k, normalise);
+        let sigmoid = Router::Sigmoid {
+            bias: (0..e).map(|_| 0.1 * rnd() as f32).collect(),
+            groups: 4,
+            topk_group: 2,
+            scale: 2.5,
+        };
+        for (normalise, router) in [
+            (false, Router::Softmax),
+            (true, Router::Softmax),
+            (false, sigmoid.clone()),
+            (true, sigmoid),
+        ] {
+            let routing = Routing::with(&logits, e, k, normalise, &router);
             let coef: Vec<Vec<f32>> = routing
                 .weights
                 .iter()
                 .map(|w| w.iter().map(|_| rnd() as f32).collect())
                 .collect();
-            let loss = |z: &[f32]| -> f64 {
-                let r = Routing::new(z, e, k, normalise);
-                assert_eq!(r.rows, routing.rows, "the choice moved");
-                r.weights
-                    .iter()
-                    .zip(&coef)
-                    .flat_map(|(w, c)| w.iter().zip(c))
-                    .map(|(&w, &c)| w as f64 * c as f64)
-                    .sum()
+            // The loss, `None` where the step moved the choice (σ's biased scores come closer together
+            // than the softmax's probabilities: there the difference quotient is no derivative).
+            let loss = |z: &[f32]| -> Option<f64> {
+                let r = Routing::with(z, e, k, normalise, &router);
+                (r.rows == routing.rows).then(|| {
+                    r.weights
+                        .iter()
+                        .zip(&coef)
+                        .flat_map(|(w, c)| w.iter().zip(c))
+                        .map(|(&w, &c)| w as f64 * c as f64)
+                        .sum()
+                })
             };
             let grad = routing.backward(&coef);
+            let mut checked = 0;
             for j in 0..n * e {
                 let step = 1e-2f32;
                 let (mut zp, mut zm) = (logits.clone(), logits.clone());
                 zp[j] += step;
                 zm[j] -= step;
-                let fd = (loss(&zp) - loss(&zm)) / (2.0 * step as f64);
+                let (Some(lp), Some(lm)) = (loss(&zp), loss(&zm)) else {
+                    continue;
+                };
+                checked += 1;
+                let fd = (lp - lm) / (2.0 * step as f64);
                 assert!(
                     (fd - grad[j] as f64).abs() < 2e-4,
-                    "normalise {normalise}, logit {j}: finite difference {fd}, backward {}",
+                    "{router:?} normalise {normalise}, logit {j}: finite difference {fd}, backward {}",
                     grad[j]
                 );
             }
+            assert!(
+                checked >= n * e * 9 / 10,
+                "{router:?}: {checked} of {}",
+                n * e
+            );
         }
     }
 
@@ -413,5 +541,33 @@ mod tests {
             (row0 - 1.0).abs() < 1e-6,
             "renormalised weights sum to {row0}"
         );
+    }
+
+    /// σ routing as GLM-4.5 / DeepSeek-V3 route: the choice by σ + bias inside the best groups (by their
+    /// two best biased scores), the weights the unbiased σ renormalised and scaled.
+    #[test]
+    fn sigmoid_routing_picks_inside_the_best_groups() {
+        let s = |v: f64| 1.0 / (1.0 + (-v).exp());
+        // Groups {0, 1}, {2, 3}, {4, 5}: biased scores make group 2 best, then group 0, though expert 2
+        // alone has the highest logit; the bias moves expert 1 above expert 0.
+        let logits = [1.0f32, 0.9, 3.0, -3.0, 2.0, 1.9];
+        let bias: std::sync::Arc<[f32]> = vec![0.0, 0.1, 0.0, 0.0, 0.0, 0.0].into();
+        let router = Router::Sigmoid {
+            bias,
+            groups: 3,
+            topk_group: 2,
+            scale: 2.0,
+        };
+        let r = Routing::with(&logits, 6, 2, true, &router);
+        assert_eq!(r.chosen, vec![4, 5], "the two of the best group");
+        let (a, b) = (s(2.0), s(1.9));
+        assert!((r.weights[4][0] as f64 - 2.0 * a / (a + b)).abs() < 1e-6);
+        let r = Routing::with(&logits, 6, 3, false, &router);
+        assert_eq!(
+            r.chosen,
+            vec![4, 5, 1],
+            "then the biased best of the second group"
+        );
+        assert!((r.weights[1][0] as f64 - 2.0 * s(0.9)).abs() < 1e-6);
     }
 }
