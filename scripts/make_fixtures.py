@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, MiniMax-M2), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -430,6 +430,15 @@ FIXTURES = [
                   use_qk_norm=True, attention_bias=True,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
          seed=54),
+    # MiniMax-M2: every MLP a mixture of 6 experts (Mixtral's names, block_sparse_moe.experts.{e}.w1/w3/w2)
+    # routed by σ + a random correction bias (block_sparse_moe.e_score_correction_bias), top 2
+    # renormalised; q/k RMSNorms over the whole projections, the rotary embedding on 4 of 8 values
+    # (the hub's legacy rotary_dim), θ the class default 5·10⁶, untied.
+    dict(name="minimax_m2_sigmoid", model_type="minimax_m2", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-6,
+                  num_local_experts=6, num_experts_per_tok=2, rotary_dim=4),
+         seed=55),
     # Mixtral: every MLP a sparse mixture of 4 experts (block_sparse_moe, w1/w3/w2), each token to its top 2
     # with renormalised weights; a window of 6 on every layer, GQA, untied.
     dict(name="mixtral_moe", model_type="mixtral", dtype=torch.float32, token_dtype=np.int64,

@@ -314,10 +314,11 @@ fn mixtral_moe_matches_transformers() {
     check_case("mixtral_moe");
 }
 
-/// GLM-4.5's σ routing with a correction bias, groups and a scale, and its shared expert.
+/// σ routing with a correction bias: GLM-4.5's (groups, a scale, a shared expert) and MiniMax-M2's.
 #[test]
-fn glm4_moe_matches_transformers() {
+fn sigmoid_routed_moe_match_transformers() {
     check_case("glm4_moe_sigmoid");
+    check_case("minimax_m2_sigmoid");
 }
 
 /// Qwen2-MoE: experts with a sigmoid-gated shared expert, a dense layer among the sparse ones, bf16.

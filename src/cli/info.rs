@@ -241,6 +241,7 @@ fn describe_block(c: &ModelConfig) -> String {
                             groups,
                             topk_group,
                             scale,
+                            ..
                         } => format!(
                             " by σ + a correction bias (from {topk_group} of {groups} groups, \
                              weights × {scale})"

@@ -390,11 +390,14 @@ pub enum MoeRouter {
     /// Softmax over all the experts (Mixtral, Qwen-MoE, OLMoE).
     Softmax,
     /// GLM-4.5's (DeepSeek-V3's) σ: the choice among the experts of the best `topk_group` of `groups`
-    /// groups (`n_group`, `topk_group`), the weights × `scale` (`routed_scaling_factor`).
+    /// groups (`n_group`, `topk_group`), the weights × `scale` (`routed_scaling_factor`); the
+    /// correction bias under its layer at `bias` (GLM's `mlp.gate.e_score_correction_bias`,
+    /// MiniMax-M2's `block_sparse_moe.e_score_correction_bias`). MiniMax-M2's: one group, scale 1.
     Sigmoid {
         groups: usize,
         topk_group: usize,
         scale: f64,
+        bias: &'static str,
     },
 }
 
@@ -763,7 +766,7 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
-             helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe";
+             helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -782,7 +785,8 @@ impl ModelConfig {
         let gptj = matches!(model_type.as_str(), "gptj" | "codegen");
         let aliased;
         let v = match model_type.as_str() {
-            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode" => {
+            "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
+            | "minimax_m2" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -879,7 +883,7 @@ impl ModelConfig {
         // derive it.
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
-            "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" => 128,
+            "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2" => 128,
             _ => hidden_size / num_attention_heads,
         };
         let head_dim = check_size(
@@ -962,7 +966,7 @@ impl ModelConfig {
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" => QkNorm::PerHead,
-            "olmo2" | "olmo3" | "olmoe" => QkNorm::Whole,
+            "olmo2" | "olmo3" | "olmoe" | "minimax_m2" => QkNorm::Whole,
             "exaone4" => QkNorm::PerHead,
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
             "glm4_moe" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::PerHead,
@@ -1445,6 +1449,9 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     if model_type == "mpt" {
         return mpt_config(v, c, path);
     }
+    if model_type == "minimax_m2" {
+        return minimax_m2_config(v, c, path);
+    }
     if matches!(model_type, "gptj" | "codegen") {
         // GPTJConfig (and CodeGenConfig, the same names and defaults): `n_embd`, `n_layer`, `n_head`,
         // `n_inner` (null: 4 × n_embd), `n_positions`, and `rotary_dim` values of each head rotated
@@ -1580,6 +1587,61 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
             "field 'scale_attn_by_inverse_layer_idx' is true: scores scaled by the layer's index are not \
              supported",
         ));
+    }
+    Ok(c)
+}
+
+/// MiniMax-M2's config (MiniMaxM2Config): its hub configs' legacy `rotary_dim` as the
+/// partial_rotary_factor (of `head_dim`, default 128) and the class's θ default 5·10⁶. Refused by name:
+/// MiniMax-01's linear-attention layers (`attn_type_list` with a 0) and shared experts
+/// (`shared_intermediate_size`).
+fn minimax_m2_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
+    if let Some(Value::Array(kinds)) = v.get("attn_type_list") {
+        if kinds.iter().any(|k| k.as_u64() == Some(0)) {
+            return Err(model_err(
+                path,
+                "field 'attn_type_list' names linear-attention layers (0): not supported",
+            ));
+        }
+    }
+    let scoring = v.get("scoring_func").and_then(Value::as_str);
+    if scoring.is_some_and(|f| f != "sigmoid")
+        || opt_bool(v, "use_routing_bias", path)? == Some(false)
+    {
+        return Err(model_err(
+            path,
+            "fields 'scoring_func' / 'use_routing_bias': only the σ router with its correction bias \
+             (what transformers runs) is supported",
+        ));
+    }
+    if opt_usize(v, "shared_intermediate_size", path)?.is_some_and(|s| s > 0) {
+        return Err(model_err(
+            path,
+            "field 'shared_intermediate_size' is not 0: shared experts are not supported",
+        ));
+    }
+    let head_dim = opt_usize(v, "head_dim", path)?.unwrap_or(128);
+    let obj = c
+        .as_object_mut()
+        .expect("a config with a model_type is an object");
+    let in_params = |key: &str| {
+        v.get("rope_parameters")
+            .and_then(|rp| rp.get(key))
+            .is_some_and(|x| !x.is_null())
+    };
+    let stated = |key: &str| in_params(key) || v.get(key).is_some_and(|x| !x.is_null());
+    if let (Some(rotary), false) = (
+        opt_usize(v, "rotary_dim", path)?,
+        stated("partial_rotary_factor"),
+    ) {
+        let partial = rotary as f64 / head_dim.max(1) as f64;
+        match obj.get_mut("rope_parameters") {
+            Some(Value::Object(rp)) => rp.insert("partial_rotary_factor".into(), partial.into()),
+            _ => obj.insert("partial_rotary_factor".into(), partial.into()),
+        };
+    }
+    if !stated("rope_theta") {
+        obj.insert("rope_theta".into(), 5_000_000.0.into());
     }
     Ok(c)
 }
@@ -1753,7 +1815,7 @@ fn parse_moe(
     path: &Path,
 ) -> Result<Option<Moe>> {
     let (prefix, projections) = match model_type {
-        "mixtral" => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
         }
@@ -1780,8 +1842,9 @@ fn parse_moe(
             format!("num_experts_per_tok ({top_k}) must be between 1 and the number of experts ({experts})"),
         ));
     }
-    let normalise =
-        model_type == "mixtral" || opt_bool(v, "norm_topk_prob", path)?.unwrap_or(false);
+    // Mixtral and MiniMax-M2 renormalise always.
+    let mixtral = matches!(model_type, "mixtral" | "minimax_m2");
+    let normalise = mixtral || opt_bool(v, "norm_topk_prob", path)?.unwrap_or(false);
     let inter = match qwen {
         true => get_size(v, "moe_intermediate_size", MAX_SIZE, path)?,
         false => intermediate_size,
@@ -1804,7 +1867,16 @@ fn parse_moe(
         normalise,
         inter,
         shared,
-        router: MoeRouter::Softmax,
+        router: match model_type {
+            // MiniMax-M2: σ + a correction bias, one group, no scale.
+            "minimax_m2" => MoeRouter::Sigmoid {
+                groups: 1,
+                topk_group: 1,
+                scale: 1.0,
+                bias: "block_sparse_moe.e_score_correction_bias",
+            },
+            _ => MoeRouter::Softmax,
+        },
         sparse_layers,
         prefix,
         projections,
@@ -1860,6 +1932,7 @@ fn glm4_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
             groups,
             topk_group,
             scale,
+            bias: "mlp.gate.e_score_correction_bias",
         },
         sparse_layers: (0..layers).map(|l| l >= dense).collect(),
         prefix: "",
@@ -2053,7 +2126,16 @@ fn parse_rope(
     let rotary_dim = (head_dim as f64 * partial) as usize;
     let partial_ok = matches!(
         model_type,
-        "phi3" | "gpt_neox" | "phi" | "stablelm" | "glm" | "glm4" | "glm4_moe" | "gptj" | "codegen"
+        "phi3"
+            | "gpt_neox"
+            | "phi"
+            | "stablelm"
+            | "glm"
+            | "glm4"
+            | "glm4_moe"
+            | "minimax_m2"
+            | "gptj"
+            | "codegen"
     ) && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -2903,6 +2985,56 @@ mod tests {
         }
     }
 
+    /// MiniMax-M2's hub config (4.x form): 256 experts of 1536 (intermediate_size), top 8 by σ + the
+    /// correction bias, q/k norms over the whole projections, the legacy rotary_dim 64 of 128, θ 5·10⁶
+    /// (also when absent: the class default); linear attention and shared experts refused.
+    #[test]
+    fn minimax_m2_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "architectures": ["MiniMaxM2ForCausalLM"], "attn_type_list": [1, 1, 1, 1],
+            "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 1536,
+            "max_position_embeddings": 196608, "model_type": "minimax_m2", "num_attention_heads": 48,
+            "num_experts_per_tok": 8, "num_hidden_layers": 4, "num_key_value_heads": 8,
+            "num_local_experts": 256, "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64,
+            "scoring_func": "sigmoid", "shared_intermediate_size": 0, "tie_word_embeddings": false,
+            "use_qk_norm": true, "use_routing_bias": true, "vocab_size": 200064
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(
+            (c.head_dim, c.rotary_dim, c.rope_theta, c.qk_norm),
+            (128, 64, 5e6, QkNorm::Whole)
+        );
+        assert!(!c.qkv_bias && !c.o_bias && !c.tie_word_embeddings);
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise, m.prefix, m.shared),
+            (256, 8, 1536, true, "block_sparse_moe", None)
+        );
+        assert_eq!(
+            m.router,
+            MoeRouter::Sigmoid {
+                groups: 1,
+                topk_group: 1,
+                scale: 1.0,
+                bias: "block_sparse_moe.e_score_correction_bias"
+            }
+        );
+        let mut bare = hub.clone();
+        bare.as_object_mut().unwrap().remove("rope_theta");
+        assert_eq!(ModelConfig::from_json(&bare, p).unwrap().rope_theta, 5e6);
+        for (key, value) in [
+            ("attn_type_list", serde_json::json!([0, 1, 1, 1])),
+            ("shared_intermediate_size", 512.into()),
+            ("scoring_func", "softmax".into()),
+        ] {
+            let mut bad = hub.clone();
+            bad[key] = value;
+            let e = ModelConfig::from_json(&bad, p).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+
     /// GLM-4.5-Air's hub config (glm4_moe): 128 experts of 1408, top 8 by σ, one shared expert, layer 0
     /// dense, q/k/v biases, half of each head rotary (rotate_half); impossible routings refused.
     #[test]
@@ -2941,7 +3073,8 @@ mod tests {
             MoeRouter::Sigmoid {
                 groups: 1,
                 topk_group: 1,
-                scale: 1.0
+                scale: 1.0,
+                bias: "mlp.gate.e_score_correction_bias"
             }
         );
         assert_eq!(m.sparse_layers.iter().position(|&s| s), Some(1));

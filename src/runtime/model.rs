@@ -521,18 +521,17 @@ impl Model {
         let c = &self.config;
         (0..c.num_hidden_layers)
             .map(|l| match c.moe.as_ref().filter(|m| m.is_sparse(l)) {
-                Some(
-                    m @ Moe {
-                        router:
-                            MoeRouter::Sigmoid {
-                                groups,
-                                topk_group,
-                                scale,
-                            },
-                        ..
-                    },
-                ) => {
-                    let name = format!("{}.{}", self.names.layer(l), router_bias(m));
+                Some(Moe {
+                    router:
+                        MoeRouter::Sigmoid {
+                            groups,
+                            topk_group,
+                            scale,
+                            bias,
+                        },
+                    ..
+                }) => {
+                    let name = format!("{}.{bias}", self.names.layer(l));
                     Ok(Router::Sigmoid {
                         bias: self.weights.get_f32(&name)?.into_owned().into(),
                         groups: *groups,
@@ -705,8 +704,8 @@ impl Model {
                         moe_linears.push((format!("{}_gate", s.module), 1, h));
                     }
                 }
-                if let MoeRouter::Sigmoid { .. } = m.router {
-                    t(&router_bias(m), vec![m.experts]);
+                if let Some(bias) = router_bias(m) {
+                    t(bias, vec![m.experts]);
                 }
             }
             match (c.layout.plain_mlp(), c.fused_gate_up) {
@@ -1455,9 +1454,12 @@ impl Model {
     }
 }
 
-/// A σ router's correction bias, under its layer (`{prefix}.gate.e_score_correction_bias`).
-fn router_bias(m: &Moe) -> String {
-    format!("{}.gate.e_score_correction_bias", m.prefix)
+/// A σ router's correction bias, under its layer (`None` for the softmax router).
+fn router_bias(m: &Moe) -> Option<&'static str> {
+    match m.router {
+        MoeRouter::Sigmoid { bias, .. } => Some(bias),
+        MoeRouter::Softmax => None,
+    }
 }
 
 /// The q and k norms as the decoder reads them (`self_attn.q_norm`, `self_attn.k_norm`).
