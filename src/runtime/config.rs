@@ -1592,7 +1592,7 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
 }
 
 /// MiniMax-M2's config (MiniMaxM2Config): its hub configs' legacy `rotary_dim` as the
-/// partial_rotary_factor (of `head_dim`, default 128) and the class's θ default 5·10⁶. Refused by name:
+/// partial_rotary_factor (of `head_dim`, default 128). Refused by name:
 /// MiniMax-01's linear-attention layers (`attn_type_list` with a 0) and shared experts
 /// (`shared_intermediate_size`).
 fn minimax_m2_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
@@ -1639,9 +1639,6 @@ fn minimax_m2_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
             Some(Value::Object(rp)) => rp.insert("partial_rotary_factor".into(), partial.into()),
             _ => obj.insert("partial_rotary_factor".into(), partial.into()),
         };
-    }
-    if !stated("rope_theta") {
-        obj.insert("rope_theta".into(), 5_000_000.0.into());
     }
     Ok(c)
 }
@@ -2107,11 +2104,11 @@ fn parse_rope(
         Some(rp @ Value::Object(_)) => (
             opt_f64(rp, "rope_theta", path)?
                 .or(top_theta()?)
-                .unwrap_or(10000.0),
+                .unwrap_or(class_rope_theta(model_type)),
             Some(rp),
         ),
         _ => (
-            top_theta()?.unwrap_or(10000.0),
+            top_theta()?.unwrap_or(class_rope_theta(model_type)),
             v.get("rope_scaling").filter(|s| !s.is_null()),
         ),
     };
@@ -2152,6 +2149,19 @@ fn parse_rope(
     }
     let rope_scaling = parse_rope_scaling(scaling, v, model_type, rotary_dim, path)?;
     Ok((rope_theta, rope_scaling, rotary_dim))
+}
+
+/// The rotary θ a config class takes when a config states none (its `default_theta`, transformers 5.25;
+/// 10⁴ where the class has none).
+fn class_rope_theta(model_type: &str) -> f64 {
+    match model_type {
+        "cohere" | "ernie4_5" | "ernie4_5_moe" => 500_000.0,
+        "helium" => 100_000.0,
+        "mixtral" => 1_000_000.0,
+        "smollm3" => 2_000_000.0,
+        "minimax_m2" => 5_000_000.0,
+        _ => 10_000.0,
+    }
 }
 
 /// The two rotary embeddings of Gemma 3 and OLMo 3, ((theta, scaling) of the full-attention layers, that
@@ -2982,6 +2992,32 @@ mod tests {
             v[key] = value.into();
             let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains("more than"), "{e}");
+        }
+    }
+
+    /// A config without θ takes its class's `default_theta` (not 10⁴ for all).
+    #[test]
+    fn rope_theta_defaults_are_the_classes() {
+        let p = Path::new("config.json");
+        for (model_type, theta) in [
+            ("llama", 1e4),
+            ("cohere", 5e5),
+            ("ernie4_5", 5e5),
+            ("helium", 1e5),
+            ("mixtral", 1e6),
+            ("smollm3", 2e6),
+        ] {
+            let mut v = serde_json::json!({
+                "model_type": model_type, "vocab_size": 200000, "hidden_size": 32,
+                "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 8, "num_local_experts": 2,
+                "num_experts_per_tok": 1
+            });
+            let c = ModelConfig::from_json(&v, p).unwrap();
+            assert_eq!(c.rope_theta, theta, "{model_type}");
+            v["rope_parameters"] = serde_json::json!({"rope_type": "default"});
+            let c = ModelConfig::from_json(&v, p).unwrap();
+            assert_eq!(c.rope_theta, theta, "{model_type}, 5.x form");
         }
     }
 
