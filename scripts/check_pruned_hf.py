@@ -76,6 +76,8 @@ CASES = {
     "neox_sequential": ONE_BY_GRADNORM,
     "mixtral_moe": ONE_BY_GRADNORM,
     "minimax_m2_sigmoid": ONE_BY_GRADNORM,
+    "ernie4_5_moe_biased": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
+    + PINNED,
     # GLM-4.5: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).
     "glm4_moe_sigmoid": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
     + PINNED,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, MiniMax-M2), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, MiniMax-M2, ERNIE 4.5), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -439,6 +439,17 @@ FIXTURES = [
                   num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-6,
                   num_local_experts=6, num_experts_per_tok=2, rotary_dim=4),
          seed=55),
+    # ERNIE 4.5 MoE (21B-A3B-style): ERNIE 4.5's attention (interleaved rotary pairs), layer 0 dense
+    # (moe_layer_start_index 1), 6 experts chosen by softmax probability + a random correction bias
+    # (mlp.moe_statics.e_score_correction_bias, [1, 6]), top 2 renormalised, one shared expert, tied,
+    # pad 0.
+    dict(name="ernie4_5_moe_biased", model_type="ernie4_5_moe", dtype=torch.float32,
+         token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, moe_num_experts=6, moe_k=2,
+                  moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1,
+                  rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+         seed=56),
     # Mixtral: every MLP a sparse mixture of 4 experts (block_sparse_moe, w1/w3/w2), each token to its top 2
     # with renormalised weights; a window of 6 on every layer, GQA, untied.
     dict(name="mixtral_moe", model_type="mixtral", dtype=torch.float32, token_dtype=np.int64,
@@ -893,7 +904,9 @@ def reference(model, ids, tied):
 
     def norm(params):
         # OLMo's final LayerNorm has no parameters: 0.
-        sq = sum(((p.grad.double() ** 2).sum() for p in params), torch.zeros((), dtype=torch.float64))
+        # A parameter that takes no gradient (ERNIE 4.5's router bias, requires_grad False) counts 0.
+        sq = sum(((p.grad.double() ** 2).sum() for p in params if p.requires_grad),
+                 torch.zeros((), dtype=torch.float64))
         return float(torch.sqrt(sq))
 
     per_layer = [norm(list(layer.parameters())) for layer in decoder_layers(model)]

@@ -321,6 +321,12 @@ fn sigmoid_routed_moe_match_transformers() {
     check_case("minimax_m2_sigmoid");
 }
 
+/// ERNIE 4.5 MoE's softmax routing with a correction bias on the choice, its sparse layers restated.
+#[test]
+fn ernie4_5_moe_matches_transformers() {
+    check_case("ernie4_5_moe_biased");
+}
+
 /// Qwen2-MoE: experts with a sigmoid-gated shared expert, a dense layer among the sparse ones, bf16.
 #[test]
 fn qwen2_moe_shared_expert_matches_transformers() {

@@ -237,6 +237,7 @@ fn describe_block(c: &ModelConfig) -> String {
                     if m.normalise { " (weights renormalised)" } else { "" },
                     match m.router {
                         MoeRouter::Softmax => String::new(),
+                        MoeRouter::SoftmaxBiased { .. } => " by probability + a correction bias".into(),
                         MoeRouter::Sigmoid {
                             groups,
                             topk_group,

@@ -22,7 +22,8 @@
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
 use crate::runtime::config::{
-    pattern_layer_kinds, qwen_moe_sparse_layers, smollm3_rotary_layers, text_config,
+    ernie_moe_sparse_layers, pattern_layer_kinds, qwen_moe_sparse_layers, smollm3_rotary_layers,
+    text_config,
 };
 use crate::runtime::weights::{
     file_metadata, map_weights, stored_weights, tensor_view, weight_files, StoredWeight,
@@ -206,6 +207,31 @@ pub fn pruned_config(
             .collect();
         obj.insert("decoder_sparse_step".into(), 1.into());
         obj.insert("mlp_only_layers".into(), dense.into());
+    }
+    // ERNIE 4.5 MoE places its sparse layers by a start, an end and an interval: restate them for the
+    // kept layers (a run, interval 1; none: a start past the last layer).
+    if model_type == Some("ernie4_5_moe") {
+        let sparse = ernie_moe_sparse_layers(decoder, old, path)?;
+        let new: Vec<usize> = (kept.iter().enumerate())
+            .filter(|&(_, &l)| sparse[l])
+            .map(|(new, _)| new)
+            .collect();
+        let (start, end) = match (new.first(), new.last()) {
+            (Some(&a), Some(&b)) => (a, b),
+            _ => (kept.len(), kept.len()),
+        };
+        if !new.is_empty() && new.len() != end - start + 1 {
+            return Err(Error::format(
+                path,
+                format!(
+                    "the kept layers' mixtures of experts (new layers {new:?}) are not one run: \
+                     moe_layer_start_index / moe_layer_end_index cannot state them"
+                ),
+            ));
+        }
+        obj.insert("moe_layer_start_index".into(), start.into());
+        obj.insert("moe_layer_end_index".into(), end.into());
+        obj.insert("moe_layer_interval".into(), 1.into());
     }
     obj.insert(count_key.into(), kept.len().into());
     Ok(c)
@@ -573,6 +599,26 @@ mod tests {
         assert_eq!(p["architectures"], c["architectures"]);
         // BLOOM's, GPT-2's and the hub's Falcon configs count layers in `n_layer`; transformers'
         // FalconConfig saves `num_hidden_layers`.
+        // ERNIE 4.5 MoE's sparse layers restated as a run of the new indices, or refused.
+        let ernie = serde_json::json!({"model_type": "ernie4_5_moe", "num_hidden_layers": 6,
+                                       "moe_layer_start_index": 2, "moe_layer_end_index": -1});
+        for (kept, run) in [
+            (&[0, 2, 5][..], (1, 2)),
+            (&[0, 1][..], (2, 2)),
+            (&[3, 4][..], (0, 1)),
+        ] {
+            let p = pruned_config(&ernie, kept, Path::new("config.json")).unwrap();
+            let got = (
+                p["moe_layer_start_index"].as_u64(),
+                p["moe_layer_end_index"].as_u64(),
+            );
+            assert_eq!(got, (Some(run.0), Some(run.1)), "{kept:?}");
+            assert_eq!(p["moe_layer_interval"], 1);
+        }
+        let every_other = serde_json::json!({"model_type": "ernie4_5_moe", "num_hidden_layers": 6,
+                                             "moe_layer_interval": 2});
+        let e = pruned_config(&every_other, &[1, 2, 3], Path::new("config.json")).unwrap_err();
+        assert!(e.to_string().contains("not one run"), "{e}");
         // GLM-4.5's dense layers are the first first_k_dense_replace: those kept stay first.
         let glm = serde_json::json!({"model_type": "glm4_moe", "num_hidden_layers": 5,
                                      "first_k_dense_replace": 2});

@@ -389,6 +389,9 @@ pub struct SharedExpert {
 pub enum MoeRouter {
     /// Softmax over all the experts (Mixtral, Qwen-MoE, OLMoE).
     Softmax,
+    /// ERNIE 4.5's softmax, the choice by probability + the correction bias `bias` (under the layer:
+    /// `mlp.moe_statics.e_score_correction_bias`, `[1, experts]`).
+    SoftmaxBiased { bias: &'static str },
     /// GLM-4.5's (DeepSeek-V3's) σ: the choice among the experts of the best `topk_group` of `groups`
     /// groups (`n_group`, `topk_group`), the weights × `scale` (`routed_scaling_factor`); the
     /// correction bias under its layer at `bias` (GLM's `mlp.gate.e_score_correction_bias`,
@@ -766,7 +769,8 @@ impl ModelConfig {
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
-             helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2";
+             helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
+             ernie4_5_moe";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -918,11 +922,11 @@ impl ModelConfig {
             }
         };
         let glm = matches!(model_type.as_str(), "glm" | "glm4");
-        let ernie_bias =
-            model_type == "ernie4_5" && opt_bool(v, "use_bias", path)?.unwrap_or(false);
+        // ERNIE 4.5 MoE: ERNIE 4.5's attention and dense MLP.
+        let ernie = matches!(model_type.as_str(), "ernie4_5" | "ernie4_5_moe");
+        let ernie_bias = ernie && opt_bool(v, "use_bias", path)?.unwrap_or(false);
         // Cohere, GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half).
-        let interleaved =
-            cohere || glm || gptj || matches!(model_type.as_str(), "ernie4_5" | "helium");
+        let interleaved = cohere || glm || gptj || ernie || model_type == "helium";
         // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
         let falcon_block = match bloom {
             // BLOOM's block is Falcon's oldest one (Falcon-RW was trained with BLOOM's code).
@@ -948,7 +952,7 @@ impl ModelConfig {
             }
             "glm" | "glm4" | "glm4_moe" | "helium" => (attention_bias, false),
             // Ernie4_5Config's `use_bias` puts a bias on every projection.
-            "ernie4_5" => (ernie_bias, ernie_bias),
+            "ernie4_5" | "ernie4_5_moe" => (ernie_bias, ernie_bias),
             // SeedOssConfig: q/k/v biases by default, o_proj's its own `attention_out_bias`.
             "seed_oss" => (
                 attention_bias,
@@ -1098,6 +1102,7 @@ impl ModelConfig {
                         | "internlm3"
                         | "exaone4"
                         | "ernie4_5"
+                        | "ernie4_5_moe"
                         | "arcee"
                         | "glm4_moe"
                 ) {
@@ -1130,7 +1135,7 @@ impl ModelConfig {
                     || falcon
                     || bloom
                     || mpt
-                    || model_type == "ernie4_5",
+                    || ernie,
             ),
             mlp_bias: matches!(
                 model_type.as_str(),
@@ -1652,6 +1657,16 @@ fn set_aliases(obj: &mut serde_json::Map<String, Value>, sizes: &[(&str, u64)], 
     obj.insert("rms_norm_eps".into(), eps.into());
 }
 
+/// Field `key` of `v` as a size up to `MAX_SIZE`, `default` when absent or null.
+fn size_within(v: &Value, key: &str, default: usize, path: &Path) -> Result<usize> {
+    check_size(
+        opt_usize(v, key, path)?.unwrap_or(default),
+        key,
+        MAX_SIZE,
+        path,
+    )
+}
+
 /// Field `key` of `v` as a size, `default` when absent or null (the config classes' defaults).
 fn size_or(v: &Value, key: &str, default: u64, path: &Path) -> Result<u64> {
     Ok(opt_usize(v, key, path)?.map_or(default, |x| x as u64))
@@ -1813,11 +1828,20 @@ fn parse_moe(
 ) -> Result<Option<Moe>> {
     let (prefix, projections) = match model_type {
         "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
-        "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" => {
+        "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
         }
         _ => return Ok(None),
     };
+    if model_type == "ernie4_5_moe" {
+        return ernie4_5_moe(v, layers, path).map(|m| {
+            Some(Moe {
+                prefix,
+                projections,
+                ..m
+            })
+        });
+    }
     if model_type == "glm4_moe" {
         return glm4_moe(v, layers, path).map(|m| {
             Some(Moe {
@@ -1880,20 +1904,80 @@ fn parse_moe(
     }))
 }
 
+/// ERNIE 4.5's mixture (Ernie4_5_MoeConfig's fields and defaults): `moe_num_experts` (64) of
+/// `moe_intermediate_size` (1536), the top `moe_k` (6) by probability + the correction bias,
+/// renormalised, `moe_num_shared_experts` (2) in one shared MLP, sparse on layer l when
+/// (l + 1) is a multiple of `moe_layer_interval` (1) and `moe_layer_start_index` (1) ≤ l ≤
+/// `moe_layer_end_index` (−1: the last layer). Names and prefix are the caller's.
+fn ernie4_5_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let (experts, top_k, inter) = (
+        size("moe_num_experts", 64)?,
+        size("moe_k", 6)?,
+        size("moe_intermediate_size", 1536)?,
+    );
+    if top_k == 0 || top_k > experts {
+        return Err(model_err(
+            path,
+            format!("moe_k ({top_k}) must be between 1 and the number of experts ({experts})"),
+        ));
+    }
+    if opt_bool(v, "use_bias", path)? == Some(true) {
+        // transformers' experts have no biases while its use_bias puts them on every other MLP.
+        return Err(model_err(
+            path,
+            "field 'use_bias' is true in a mixture of experts: not supported",
+        ));
+    }
+    let shared = size("moe_num_shared_experts", 2)?;
+    Ok(Moe {
+        experts,
+        top_k,
+        normalise: true,
+        inter,
+        shared: (shared > 0).then_some(SharedExpert {
+            module: "mlp.shared_experts",
+            inter: inter * shared,
+            gated: false,
+        }),
+        router: MoeRouter::SoftmaxBiased {
+            bias: "mlp.moe_statics.e_score_correction_bias",
+        },
+        sparse_layers: ernie_moe_sparse_layers(v, layers, path)?,
+        prefix: "",
+        projections: ["", "", ""],
+    })
+}
+
+/// ERNIE 4.5 MoE's sparse layers: l is sparse when (l + 1) is a multiple of `moe_layer_interval` (1)
+/// and `moe_layer_start_index` (1) ≤ l ≤ `moe_layer_end_index` (−1: the last layer). Read here and by
+/// the pruned checkpoint's config, which restates them.
+pub fn ernie_moe_sparse_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let (interval, start) = (
+        size("moe_layer_interval", 1)?,
+        size("moe_layer_start_index", 1)?,
+    );
+    if interval == 0 {
+        return Err(model_err(path, "field 'moe_layer_interval' is 0"));
+    }
+    let end = match v.get("moe_layer_end_index").and_then(Value::as_i64) {
+        None | Some(-1) => layers.saturating_sub(1),
+        Some(e) => usize::try_from(e)
+            .map_err(|_| model_err(path, format!("field 'moe_layer_end_index' is {e}")))?,
+    };
+    Ok((0..layers)
+        .map(|l| (l + 1) % interval == 0 && (start..=end).contains(&l))
+        .collect())
+}
+
 /// GLM-4.5's (and GLM-4.5-Air's) mixture, from Glm4MoeConfig's fields and defaults: `n_routed_experts`
 /// (128) of `moe_intermediate_size` (1408), `num_experts_per_tok` (8) renormalised unless
 /// `norm_topk_prob` is false, `n_shared_experts` (1) in one shared MLP, σ routing in `n_group` groups
 /// (1) keeping `topk_group` (1), × `routed_scaling_factor` (1), sparse from layer
 /// `first_k_dense_replace` (1) on. Names and prefix are the caller's.
 fn glm4_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
-    let size = |key: &str, default: usize| -> Result<usize> {
-        check_size(
-            opt_usize(v, key, path)?.unwrap_or(default),
-            key,
-            MAX_SIZE,
-            path,
-        )
-    };
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
     let (experts, top_k, inter) = (
         size("n_routed_experts", 128)?,
         size("num_experts_per_tok", 8)?,
@@ -2320,7 +2404,7 @@ fn parse_pad_token_id(
         None if model_type.starts_with("cohere") => 0,
         None if model_type == "internlm3" => 2,
         // InternLM2Config (remote code) defaults it to 0; its embedding takes it as padding_idx.
-        None if matches!(model_type, "ernie4_5" | "internlm2") => 0,
+        None if matches!(model_type, "ernie4_5" | "ernie4_5_moe" | "internlm2") => 0,
         None if model_type == "helium" => 3,
         None if model_type == "seed_oss" => 1,
         None if matches!(model_type, "glm" | "glm4") => 151329,
@@ -2993,6 +3077,52 @@ mod tests {
             let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains("more than"), "{e}");
         }
+    }
+
+    /// ERNIE-4.5-21B-A3B's hub config (ernie4_5_moe): 64 experts of 1536, top 6 by probability + the
+    /// correction bias, two shared experts in one MLP of 3072, layer 0 dense, interleaved rotary pairs,
+    /// tied, pad 0.
+    #[test]
+    fn ernie4_5_moe_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "architectures": ["Ernie4_5_MoeForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+            "hidden_act": "silu", "hidden_size": 2560, "intermediate_size": 12288,
+            "max_position_embeddings": 131072, "model_type": "ernie4_5_moe",
+            "num_attention_heads": 20, "num_key_value_heads": 4, "num_hidden_layers": 28,
+            "pad_token_id": 0, "rms_norm_eps": 1e-05, "vocab_size": 103424, "rope_theta": 500000,
+            "use_bias": false, "tie_word_embeddings": true, "moe_num_experts": 64,
+            "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_intermediate_size": 1536,
+            "moe_capacity": [64, 64, 64], "moe_gate": "topk", "moe_k": 6, "moe_layer_interval": 1,
+            "moe_use_aux_free": true, "num_nextn_predict_layers": 1
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(
+            (c.head_dim, c.rope_pairs, c.rope_theta),
+            (128, RopePairs::Interleaved, 5e5)
+        );
+        assert!(c.tie_word_embeddings && !c.qkv_bias && c.pad_token_id == Some(0));
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (64, 6, 1536, true)
+        );
+        assert_eq!(
+            m.shared.map(|s| (s.module, s.inter)),
+            Some(("mlp.shared_experts", 3072))
+        );
+        assert_eq!(
+            m.router,
+            MoeRouter::SoftmaxBiased {
+                bias: "mlp.moe_statics.e_score_correction_bias"
+            }
+        );
+        assert_eq!(m.sparse_layers.iter().filter(|&&s| s).count(), 27);
+        assert!(!m.sparse_layers[0]);
+        let mut biased = hub.clone();
+        biased["use_bias"] = true.into();
+        let e = ModelConfig::from_json(&biased, p).unwrap_err().to_string();
+        assert!(e.contains("use_bias"), "{e}");
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

@@ -539,6 +539,15 @@ impl Model {
                         scale: *scale,
                     })
                 }
+                Some(Moe {
+                    router: MoeRouter::SoftmaxBiased { bias },
+                    ..
+                }) => {
+                    let name = format!("{}.{bias}", self.names.layer(l));
+                    Ok(Router::SoftmaxBiased {
+                        bias: self.weights.get_f32(&name)?.into_owned().into(),
+                    })
+                }
                 _ => Ok(Router::Softmax),
             })
             .collect()
@@ -704,8 +713,8 @@ impl Model {
                         moe_linears.push((format!("{}_gate", s.module), 1, h));
                     }
                 }
-                if let Some(bias) = router_bias(m) {
-                    t(bias, vec![m.experts]);
+                if let Some((bias, shape)) = router_bias(m) {
+                    t(bias, shape);
                 }
             }
             match (c.layout.plain_mlp(), c.fused_gate_up) {
@@ -1454,10 +1463,11 @@ impl Model {
     }
 }
 
-/// A σ router's correction bias, under its layer (`None` for the softmax router).
-fn router_bias(m: &Moe) -> Option<&'static str> {
+/// A router's correction bias, under its layer, and its shape (`None` for the plain softmax).
+fn router_bias(m: &Moe) -> Option<(&'static str, Vec<usize>)> {
     match m.router {
-        MoeRouter::Sigmoid { bias, .. } => Some(bias),
+        MoeRouter::Sigmoid { bias, .. } => Some((bias, vec![m.experts])),
+        MoeRouter::SoftmaxBiased { bias } => Some((bias, vec![1, m.experts])),
         MoeRouter::Softmax => None,
     }
 }

@@ -21,6 +21,9 @@ use crate::runtime::ops::Activation;
 pub enum Router {
     /// The softmax over all the experts; the `top_k` most probable (Mixtral, Qwen-MoE, OLMoE).
     Softmax,
+    /// ERNIE 4.5's: the softmax, the choice by probability + `bias` (its `e_score_correction_bias`, no
+    /// gradient), the weights the probabilities.
+    SoftmaxBiased { bias: std::sync::Arc<[f32]> },
     /// DeepSeek-V3's (GLM-4.5's) σ of each logit. The choice reads σ + `bias` (the router's
     /// `e_score_correction_bias`, a buffer: no gradient), among the experts of the `topk_group` of
     /// `groups` equal groups whose two best biased scores sum highest; the weights are the unbiased σ
@@ -83,7 +86,7 @@ impl Routing {
             let z = &logits[r * experts..(r + 1) * experts];
             let p = &mut probs[r * experts..(r + 1) * experts];
             let (eps, factor) = match router {
-                Router::Softmax => {
+                Router::Softmax | Router::SoftmaxBiased { .. } => {
                     let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
                     let mut sum = 0.0;
                     for (p, &v) in p.iter_mut().zip(z) {
@@ -92,6 +95,11 @@ impl Routing {
                     }
                     p.iter_mut().for_each(|p| *p /= sum);
                     key.copy_from_slice(p);
+                    if let Router::SoftmaxBiased { bias } = router {
+                        key.iter_mut()
+                            .zip(&**bias)
+                            .for_each(|(k, &b)| *k += b as f64);
+                    }
                     (0.0, 1.0)
                 }
                 Router::Sigmoid {
@@ -127,7 +135,7 @@ impl Routing {
             top_k,
             normalise,
             sigmoid: match router {
-                Router::Softmax => None,
+                Router::Softmax | Router::SoftmaxBiased { .. } => None,
                 Router::Sigmoid { scale, .. } => Some(*scale),
             },
             probs,
@@ -471,9 +479,13 @@ mod tests {
             topk_group: 2,
             scale: 2.5,
         };
+        let biased = Router::SoftmaxBiased {
+            bias: (0..e).map(|_| 0.1 * rnd() as f32).collect(),
+        };
         for (normalise, router) in [
             (false, Router::Softmax),
             (true, Router::Softmax),
+            (true, biased),
             (false, sigmoid.clone()),
             (true, sigmoid),
         ] {
