@@ -516,39 +516,35 @@ impl Model {
         Ok(model)
     }
 
-    /// Each layer's [`Router`]: σ routers carry their layer's `e_score_correction_bias`.
+    /// Each layer's [`Router`], with its layer's correction bias where the router has one.
     fn read_routers(&self) -> Result<Vec<Router>> {
         let c = &self.config;
         (0..c.num_hidden_layers)
-            .map(|l| match c.moe.as_ref().filter(|m| m.is_sparse(l)) {
-                Some(Moe {
-                    router:
-                        MoeRouter::Sigmoid {
-                            groups,
-                            topk_group,
-                            scale,
-                            bias,
-                        },
-                    ..
-                }) => {
-                    let name = format!("{}.{bias}", self.names.layer(l));
-                    Ok(Router::Sigmoid {
-                        bias: self.weights.get_f32(&name)?.into_owned().into(),
-                        groups: *groups,
-                        topk_group: *topk_group,
-                        scale: *scale,
-                    })
-                }
-                Some(Moe {
-                    router: MoeRouter::SoftmaxBiased { bias },
-                    ..
-                }) => {
-                    let name = format!("{}.{bias}", self.names.layer(l));
-                    Ok(Router::SoftmaxBiased {
-                        bias: self.weights.get_f32(&name)?.into_owned().into(),
-                    })
-                }
-                _ => Ok(Router::Softmax),
+            .map(|l| {
+                let Some(m) = c.moe.as_ref().filter(|m| m.is_sparse(l)) else {
+                    return Ok(Router::Softmax);
+                };
+                let read = |name: &str| -> Result<Arc<[f32]>> {
+                    let name = format!("{}.{name}", self.names.layer(l));
+                    Ok(self.weights.get_f32(&name)?.into_owned().into())
+                };
+                Ok(match m.router {
+                    MoeRouter::Softmax => Router::Softmax,
+                    MoeRouter::SoftmaxBiased { bias } => {
+                        Router::SoftmaxBiased { bias: read(bias)? }
+                    }
+                    MoeRouter::Sigmoid {
+                        groups,
+                        topk_group,
+                        scale,
+                        bias,
+                    } => Router::Sigmoid {
+                        bias: read(bias)?,
+                        groups,
+                        topk_group,
+                        scale,
+                    },
+                })
             })
             .collect()
     }

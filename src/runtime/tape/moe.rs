@@ -1,11 +1,13 @@
-//! The sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as one tape op,
+//! The sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, MiniMax-M2,
+//! ERNIE 4.5) as one tape op,
 //! [`SparseMoe`], written once for every [`Device`] from the device's ops: the rows routed to an expert
 //! are gathered (the embedding lookup, with the input as the table), run through the expert's gated MLP
 //! (linear, activation, multiply, linear), weighted by their routing weights ([`Device::row_scale_forward`])
 //! and scattered back into the output (the embedding's backward, which adds).
 //!
 //! Which rows go where is data: it is known only once the router's logits are, so the routing is done on
-//! the host ([`Routing`]: softmax, top-k, renormalisation, in f64, and their backward), from the logits
+//! the host ([`Routing`]: softmax or σ, a correction bias on the choice, top-k, renormalisation, in f64,
+//! and their backward), from the logits
 //! the router's `Linear` op wrote (a download on a GPU: `[rows, experts]` values, small beside an
 //! expert's matrices). Each expert's buffers are sized to its rows and taken from the tape's pool. The
 //! backward keeps nothing but the op's input and the logits: it routes again and recomputes each
