@@ -1833,23 +1833,10 @@ fn parse_moe(
         }
         _ => return Ok(None),
     };
-    if model_type == "ernie4_5_moe" {
-        return ernie4_5_moe(v, layers, path).map(|m| {
-            Some(Moe {
-                prefix,
-                projections,
-                ..m
-            })
-        });
-    }
-    if model_type == "glm4_moe" {
-        return glm4_moe(v, layers, path).map(|m| {
-            Some(Moe {
-                prefix,
-                projections,
-                ..m
-            })
-        });
+    match model_type {
+        "ernie4_5_moe" => return ernie4_5_moe(v, layers, (prefix, projections), path).map(Some),
+        "glm4_moe" => return glm4_moe(v, layers, (prefix, projections), path).map(Some),
+        _ => {}
     }
     let qwen = model_type.starts_with("qwen");
     let experts = match (v.get("num_local_experts"), v.get("num_experts")) {
@@ -1857,12 +1844,7 @@ fn parse_moe(
         _ => get_size(v, "num_experts", MAX_SIZE, path)?,
     };
     let top_k = get_size(v, "num_experts_per_tok", MAX_SIZE, path)?;
-    if experts == 0 || top_k == 0 || top_k > experts {
-        return Err(model_err(
-            path,
-            format!("num_experts_per_tok ({top_k}) must be between 1 and the number of experts ({experts})"),
-        ));
-    }
+    check_top_k("num_experts_per_tok", top_k, experts, path)?;
     // Mixtral and MiniMax-M2 renormalise always.
     let mixtral = matches!(model_type, "mixtral" | "minimax_m2");
     let normalise = mixtral || opt_bool(v, "norm_topk_prob", path)?.unwrap_or(false);
@@ -1904,24 +1886,35 @@ fn parse_moe(
     }))
 }
 
+/// A mixture's MLP module and an expert's gate, up and down projections ([`Moe::prefix`],
+/// [`Moe::projections`]).
+type MoeNames = (&'static str, [&'static str; 3]);
+
+/// The experts per token (`key`) must be 1 to `experts`.
+fn check_top_k(key: &str, top_k: usize, experts: usize, path: &Path) -> Result<()> {
+    if top_k == 0 || top_k > experts {
+        return Err(model_err(
+            path,
+            format!("{key} ({top_k}) must be between 1 and the number of experts ({experts})"),
+        ));
+    }
+    Ok(())
+}
+
 /// ERNIE 4.5's mixture (Ernie4_5_MoeConfig's fields and defaults): `moe_num_experts` (64) of
 /// `moe_intermediate_size` (1536), the top `moe_k` (6) by probability + the correction bias,
 /// renormalised, `moe_num_shared_experts` (2) in one shared MLP, sparse on layer l when
 /// (l + 1) is a multiple of `moe_layer_interval` (1) and `moe_layer_start_index` (1) ≤ l ≤
-/// `moe_layer_end_index` (−1: the last layer). Names and prefix are the caller's.
-fn ernie4_5_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+/// `moe_layer_end_index` (−1: the last layer); `names`: the MLP's module and an expert's projections.
+fn ernie4_5_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Result<Moe> {
+    let (prefix, projections) = names;
     let size = |key: &str, default: usize| size_within(v, key, default, path);
     let (experts, top_k, inter) = (
         size("moe_num_experts", 64)?,
         size("moe_k", 6)?,
         size("moe_intermediate_size", 1536)?,
     );
-    if top_k == 0 || top_k > experts {
-        return Err(model_err(
-            path,
-            format!("moe_k ({top_k}) must be between 1 and the number of experts ({experts})"),
-        ));
-    }
+    check_top_k("moe_k", top_k, experts, path)?;
     if opt_bool(v, "use_bias", path)? == Some(true) {
         // transformers' experts have no biases while its use_bias puts them on every other MLP.
         return Err(model_err(
@@ -1944,8 +1937,8 @@ fn ernie4_5_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
             bias: "mlp.moe_statics.e_score_correction_bias",
         },
         sparse_layers: ernie_moe_sparse_layers(v, layers, path)?,
-        prefix: "",
-        projections: ["", "", ""],
+        prefix,
+        projections,
     })
 }
 
@@ -1975,8 +1968,9 @@ pub fn ernie_moe_sparse_layers(v: &Value, layers: usize, path: &Path) -> Result<
 /// (128) of `moe_intermediate_size` (1408), `num_experts_per_tok` (8) renormalised unless
 /// `norm_topk_prob` is false, `n_shared_experts` (1) in one shared MLP, σ routing in `n_group` groups
 /// (1) keeping `topk_group` (1), × `routed_scaling_factor` (1), sparse from layer
-/// `first_k_dense_replace` (1) on. Names and prefix are the caller's.
-fn glm4_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+/// `first_k_dense_replace` (1) on; `names`: the MLP's module and an expert's projections.
+fn glm4_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Result<Moe> {
+    let (prefix, projections) = names;
     let size = |key: &str, default: usize| size_within(v, key, default, path);
     let (experts, top_k, inter) = (
         size("n_routed_experts", 128)?,
@@ -2016,8 +2010,8 @@ fn glm4_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
             bias: "mlp.gate.e_score_correction_bias",
         },
         sparse_layers: (0..layers).map(|l| l >= dense).collect(),
-        prefix: "",
-        projections: ["", "", ""],
+        prefix,
+        projections,
     })
 }
 
