@@ -78,6 +78,11 @@ CASES = {
     "minimax_m2_sigmoid": ONE_BY_GRADNORM,
     "ernie4_5_moe_biased": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
     + PINNED,
+    # DeepSeek-V3: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).
+    "deepseek_v3_mla": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
+    + PINNED,
+    "deepseek_v3_q_proj": ONE_BY_GRADNORM,
+    "deepseek_v2_grouped": ONE_BY_GRADNORM,
     # GLM-4.5: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).
     "glm4_moe_sigmoid": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
     + PINNED,

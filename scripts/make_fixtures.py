@@ -430,6 +430,50 @@ FIXTURES = [
                   use_qk_norm=True, attention_bias=True,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
          seed=54),
+    # DeepSeek-V3 (Kimi K2, Moonlight): multi-head latent attention (q through a rank-16 bottleneck with
+    # its RMSNorm, keys and values out of a 12-value latent + one shared 4-value rotary key, heads of
+    # 8 + 4 query values and 6 values), interleaved rotary pairs (rope_interleave), YaRN × 4 with
+    # mscale_all_dim (the softmax scale × mscale²); GLM-4.5's σ routing (8 experts in 4 groups, best 2
+    # searched, top 3 renormalised × 2.5, one shared expert), layer 0 dense, untied.
+    dict(name="deepseek_v3_mla", model_type="deepseek_v3", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-6, q_lora_rank=16,
+                  kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                  n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=1,
+                  n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                  norm_topk_prob=True, rope_interleave=True, max_position_embeddings=64,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                       original_max_position_embeddings=16, mscale=1.0,
+                                       mscale_all_dim=1.0, beta_fast=32, beta_slow=1)),
+         seed=57),
+    # DeepSeek-V2: MLA (the query's bottleneck of 16, a 12-value latent, heads of 8 + 4 query values and 6
+    # values, interleaved rotary pairs, YaRN × 4 with mscale = mscale_all_dim = 0.707) and the softmax
+    # router's group_limited_greedy choice (top 3 inside the 2 of 4 groups with the most probable
+    # experts), weights × 16 not renormalised, 2 shared experts, layer 0 dense, untied.
+    dict(name="deepseek_v2_grouped", model_type="deepseek_v2", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-6, q_lora_rank=16,
+                  kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                  n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+                  n_group=4, topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=16.0,
+                  first_k_dense_replace=1, max_position_embeddings=64,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                       original_max_position_embeddings=16, mscale=0.707,
+                                       mscale_all_dim=0.707, beta_fast=32, beta_slow=1)),
+         seed=59),
+    # DeepSeek-V3's MLA without the query's bottleneck (q_lora_rank null: one q_proj, Moonlight's form),
+    # rotate_half pairs (rope_interleave false), values as wide as queries (12), no rope scaling; every
+    # MLP a mixture (first_k_dense_replace 0), one group, 2 shared experts, not renormalised, bf16.
+    dict(name="deepseek_v3_q_proj", model_type="deepseek_v3", dtype=torch.bfloat16,
+         token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, q_lora_rank=None,
+                  kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                  n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                  n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=0,
+                  norm_topk_prob=False, rope_interleave=False,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=58),
     # MiniMax-M2: every MLP a mixture of 6 experts (Mixtral's names, block_sparse_moe.experts.{e}.w1/w3/w2)
     # routed by σ + a random correction bias (block_sparse_moe.e_score_correction_bias), top 2
     # renormalised; q/k RMSNorms over the whole projections, the rotary embedding on 4 of 8 values

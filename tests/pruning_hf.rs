@@ -321,6 +321,15 @@ fn sigmoid_routed_moe_match_transformers() {
     check_case("minimax_m2_sigmoid");
 }
 
+/// DeepSeek-V3's latent attention, with the query's bottleneck and without; DeepSeek-V2's with its
+/// group-limited softmax router.
+#[test]
+fn deepseek_mla_matches_transformers() {
+    check_case("deepseek_v3_mla");
+    check_case("deepseek_v3_q_proj");
+    check_case("deepseek_v2_grouped");
+}
+
 /// ERNIE 4.5 MoE's softmax routing with a correction bias on the choice, its sparse layers restated.
 #[test]
 fn ernie4_5_moe_matches_transformers() {

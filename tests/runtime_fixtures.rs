@@ -523,6 +523,32 @@ fn arcee_relu2_and_yarn_match_pytorch() {
 
 /// OLMo's, OLMoE's and MPT's clip_qkv bite: the same weights unclamped give another loss (PyTorch's
 /// numbers are the clamped ones).
+/// What the DeepSeek fixtures check against PyTorch bites: DeepSeek-V2's group-limited choice (greedy
+/// over every expert routes otherwise), the softmax scale's mscale² (`mscale_all_dim`), V3's
+/// interleaved rotary pairs.
+#[test]
+fn deepseek_groups_scale_and_pairs_change_the_result() {
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, &str, Edit); 3] = [
+        ("deepseek_v2_grouped", "topk_method", |c| {
+            c["topk_method"] = "greedy".into()
+        }),
+        ("deepseek_v2_grouped", "mscale_all_dim", |c| {
+            c["rope_parameters"]["mscale_all_dim"] = 0.into()
+        }),
+        ("deepseek_v3_mla", "rope_interleave", |c| {
+            c["rope_interleave"] = false.into()
+        }),
+    ];
+    for (name, what, edit) in edits {
+        let (edited, original) = loss_edited(name, edit);
+        assert!(
+            rel(edited, original) > 1e-4,
+            "{name}: {what} changes nothing: {edited} vs {original}"
+        );
+    }
+}
+
 #[test]
 fn clip_qkv_changes_the_result() {
     for name in ["olmo_clip_qkv", "olmoe_experts", "mpt_alibi_clip"] {

@@ -238,6 +238,17 @@ fn describe_block(c: &ModelConfig) -> String {
                     match m.router {
                         MoeRouter::Softmax => String::new(),
                         MoeRouter::SoftmaxBiased { .. } => " by probability + a correction bias".into(),
+                        MoeRouter::SoftmaxGroups {
+                            groups,
+                            topk_group,
+                            scale,
+                        } => {
+                            let within = match groups {
+                                1 => String::new(),
+                                _ => format!("from {topk_group} of {groups} groups, "),
+                            };
+                            format!(" by probability ({within}weights × {scale})")
+                        }
                         MoeRouter::Sigmoid {
                             groups,
                             topk_group,
@@ -286,6 +297,17 @@ fn describe_attention(c: &ModelConfig) -> String {
         Some(w) if !windowed.is_empty() => format!("window {w} on {}", layers(&windowed)),
         _ => "causal, no window".to_string(),
     }];
+    if let Some(m) = c.mla {
+        let query = match m.q_lora_rank {
+            Some(r) => format!("the query through rank {r}"),
+            None => "one query projection".to_string(),
+        };
+        parts.push(format!(
+            "multi-head latent attention ({query}; keys and values out of a {}-value latent and one \
+             shared {}-value rotary key; heads of {} + {} query values and {} values)",
+            m.kv_lora_rank, m.rope, m.nope, m.rope, m.v
+        ));
+    }
     if let Some(s) = c.attn_scale {
         parts.push(format!("scores × {s:.6}"));
     }

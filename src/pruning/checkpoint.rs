@@ -183,12 +183,14 @@ pub fn pruned_config(
             }
         }
     }
-    // Qwen2 and Qwen3 window layer l when l ≥ max_window_layers (without `layer_types`); GLM-4.5 makes
-    // layer l sparse when l ≥ first_k_dense_replace. Kept layers stay in order, so counting the kept
-    // layers below the old bound keeps every layer's own kind.
+    // Qwen2 and Qwen3 window layer l when l ≥ max_window_layers (without `layer_types`); GLM-4.5 and
+    // DeepSeek-V2 and V3 make layer l sparse when l ≥ first_k_dense_replace. Kept layers stay in order, so
+    // counting the kept layers below the old bound keeps every layer's own kind.
     let bound = match model_type {
         Some("qwen2" | "qwen3") => Some(("max_window_layers", 28)),
         Some("glm4_moe") => Some(("first_k_dense_replace", 1)),
+        Some("deepseek_v3") => Some(("first_k_dense_replace", 3)),
+        Some("deepseek_v2") => Some(("first_k_dense_replace", 0)),
         _ => None,
     };
     if let Some((key, default)) = bound {
@@ -631,6 +633,13 @@ mod tests {
         assert_eq!(
             p["first_k_dense_replace"], 0,
             "the class default 1: layer 0 removed"
+        );
+        // DeepSeek-V3's class default is 3.
+        let bare = serde_json::json!({"model_type": "deepseek_v3", "num_hidden_layers": 6});
+        let p = pruned_config(&bare, &[0, 2, 3, 5], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["first_k_dense_replace"], 2,
+            "layers 0 and 2 of the first 3"
         );
         for (model_type, key) in [
             ("bloom", "n_layer"),

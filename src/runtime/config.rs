@@ -392,6 +392,14 @@ pub enum MoeRouter {
     /// ERNIE 4.5's softmax, the choice by probability + the correction bias `bias` (under the layer:
     /// `mlp.moe_statics.e_score_correction_bias`, `[1, experts]`).
     SoftmaxBiased { bias: &'static str },
+    /// DeepSeek-V2's softmax: the choice among the experts of the best `topk_group` of `groups` groups
+    /// by their best probability (`group_limited_greedy`; `greedy`: one group), the weights × `scale`
+    /// (`routed_scaling_factor`).
+    SoftmaxGroups {
+        groups: usize,
+        topk_group: usize,
+        scale: f64,
+    },
     /// GLM-4.5's (DeepSeek-V3's) σ: the choice among the experts of the best `topk_group` of `groups`
     /// groups (`n_group`, `topk_group`), the weights × `scale` (`routed_scaling_factor`); the
     /// correction bias under its layer at `bias` (GLM's `mlp.gate.e_score_correction_bias`,
@@ -501,7 +509,29 @@ pub struct ModelConfig {
     /// A LayerNorm (with a bias) on the embeddings before the first layer (BLOOM's
     /// `word_embeddings_layernorm`).
     pub embed_norm: bool,
+    /// DeepSeek's multi-head latent attention in place of q/k/v projections (`head_dim` is then a query's
+    /// and a key's width, `nope + rope`).
+    pub mla: Option<Mla>,
 }
+
+/// DeepSeek's multi-head latent attention (MLA): the query through an optional low-rank bottleneck
+/// (`q_a_proj` → RMSNorm `q_a_layernorm` → `q_b_proj`, else one `q_proj`); keys and values out of one
+/// latent per token (`kv_a_proj_with_mqa`: `kv_lora_rank` values, RMSNorm `kv_a_layernorm`, then
+/// `kv_b_proj` → per head `nope` key values and `v` values) and one rotary key of `rope` values shared
+/// by every head. A head's query and key are [`nope` values | `rope` rotated values]; its value is `v`
+/// wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mla {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+}
+
+/// The eps of MLA's two latent RMSNorms: DeepseekV3RMSNorm's default (the attention builds them without
+/// the config's `rms_norm_eps`).
+pub const MLA_NORM_EPS: f64 = 1e-6;
 
 /// A table of learned position embeddings: position p (from 0 in each sequence) reads row `p + offset`
 /// (OPT's offset 2), for sequences of up to `max_tokens` tokens (the table has `max_tokens + offset`
@@ -765,12 +795,23 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
+        // FP8 (DeepSeek-V3's, Kimi K2's), GPTQ, AWQ, bitsandbytes: weights the runtime cannot read.
+        if let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) {
+            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+            return Err(model_err(
+                path,
+                format!(
+                    "the checkpoint is quantized (quantization_config, quant_method '{method}'); \
+                     the runtime reads f32, f16 and bf16 weights: dequantize it to bf16 first"
+                ),
+            ));
+        }
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
-             ernie4_5_moe";
+             ernie4_5_moe, deepseek_v2, deepseek_v3";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -890,13 +931,27 @@ impl ModelConfig {
             "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2" => 128,
             _ => hidden_size / num_attention_heads,
         };
-        let head_dim = check_size(
-            opt_usize(v, "head_dim", path)?.unwrap_or(default_head_dim),
-            "head_dim",
-            MAX_HEAD_DIM,
-            path,
-        )?;
-        if head_dim == 0 || head_dim % 2 != 0 {
+        // DeepSeek-V2's and V3's heads are MLA's (their configs' `head_dim` is the rotary part's width).
+        let deepseek = matches!(model_type.as_str(), "deepseek_v2" | "deepseek_v3");
+        let mla = match deepseek {
+            true => Some(parse_mla(
+                v,
+                num_attention_heads,
+                num_key_value_heads,
+                path,
+            )?),
+            false => None,
+        };
+        let head_dim = match mla {
+            Some(m) => m.nope + m.rope,
+            None => check_size(
+                opt_usize(v, "head_dim", path)?.unwrap_or(default_head_dim),
+                "head_dim",
+                MAX_HEAD_DIM,
+                path,
+            )?,
+        };
+        if mla.is_none() && (head_dim == 0 || head_dim % 2 != 0) {
             return Err(model_err(
                 path,
                 format!("head_dim {head_dim} must be even and positive"),
@@ -908,7 +963,8 @@ impl ModelConfig {
             let (global, local) = parse_per_kind_rope(v, &model_type, head_dim, path)?;
             (global.0, global.1, head_dim, Some(local))
         } else {
-            let (theta, scaling, rotary_dim) = parse_rope(v, &model_type, head_dim, path)?;
+            let rotated = mla.map_or(head_dim, |m| m.rope);
+            let (theta, scaling, rotary_dim) = parse_rope(v, &model_type, rotated, path)?;
             (theta, scaling, rotary_dim, None)
         };
         // GPTNeoXConfig defaults attention_bias to true (its MLP always has biases).
@@ -926,7 +982,15 @@ impl ModelConfig {
         let ernie = matches!(model_type.as_str(), "ernie4_5" | "ernie4_5_moe");
         let ernie_bias = ernie && opt_bool(v, "use_bias", path)?.unwrap_or(false);
         // Cohere, GLM, ERNIE 4.5 and Helium rotate interleaved pairs (GLM's rotate_half).
-        let interleaved = cohere || glm || gptj || ernie || model_type == "helium";
+        // DeepSeek-V2 too, and V3 unless `rope_interleave` is false (its de-interleaving permutes q and k
+        // alike: the same scores).
+        let interleaved = cohere
+            || glm
+            || gptj
+            || ernie
+            || model_type == "helium"
+            || model_type == "deepseek_v2"
+            || model_type == "deepseek_v3" && opt_bool(v, "rope_interleave", path)?.unwrap_or(true);
         // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
         let falcon_block = match bloom {
             // BLOOM's block is Falcon's oldest one (Falcon-RW was trained with BLOOM's code).
@@ -960,9 +1024,8 @@ impl ModelConfig {
             ),
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
-            | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" => {
-                (attention_bias, attention_bias)
-            }
+            | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
+            | "deepseek_v3" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1001,6 +1064,8 @@ impl ModelConfig {
                 ));
             }
             Some(s as f32)
+        } else if deepseek {
+            mla_softmax_scale(v, head_dim, path)?
         } else {
             None
         };
@@ -1202,6 +1267,7 @@ impl ModelConfig {
                 false => RopePairs::Halves,
             },
             learned_positions,
+            mla,
         })
     }
 
@@ -1219,6 +1285,12 @@ impl ModelConfig {
             QkNorm::Whole => Some([(heads * hd, 1), (kv_heads * hd, 1)]),
             QkNorm::HeadWeights => Some([(hd, heads), (hd, kv_heads)]),
         }
+    }
+
+    /// The width of the attention's output, the input of its output projection: `heads × head_dim`, or
+    /// `heads × v` under MLA.
+    pub fn attention_width(&self) -> usize {
+        self.num_attention_heads * self.mla.map_or(self.head_dim, |m| m.v)
     }
 
     /// The attention window of decoder layer `layer`, `None` for full causal attention.
@@ -1828,14 +1900,32 @@ fn parse_moe(
 ) -> Result<Option<Moe>> {
     let (prefix, projections) = match model_type {
         "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
-        "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" => {
-            ("mlp", ["gate_proj", "up_proj", "down_proj"])
-        }
+        "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" | "deepseek_v2"
+        | "deepseek_v3" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         _ => return Ok(None),
     };
     match model_type {
         "ernie4_5_moe" => return ernie4_5_moe(v, layers, (prefix, projections), path).map(Some),
-        "glm4_moe" => return glm4_moe(v, layers, (prefix, projections), path).map(Some),
+        "deepseek_v2" => return deepseek_v2_moe(v, layers, (prefix, projections), path).map(Some),
+        "glm4_moe" | "deepseek_v3" => {
+            // The hub's DeepSeek-V3 configs name the router transformers' DeepseekV3 always runs;
+            // another would be the original code's and not this one's.
+            if model_type == "deepseek_v3" {
+                expect_router(
+                    v,
+                    &[
+                        ("scoring_func", &["sigmoid"]),
+                        ("topk_method", &["noaux_tc"]),
+                    ],
+                    path,
+                )?;
+            }
+            let defaults = match model_type {
+                "glm4_moe" => &GLM4_MOE_DEFAULTS,
+                _ => &DEEPSEEK_V3_MOE_DEFAULTS,
+            };
+            return grouped_sigmoid_moe(v, layers, (prefix, projections), defaults, path).map(Some);
+        }
         _ => {}
     }
     let qwen = model_type.starts_with("qwen");
@@ -1964,34 +2054,170 @@ pub fn ernie_moe_sparse_layers(v: &Value, layers: usize, path: &Path) -> Result<
         .collect())
 }
 
-/// GLM-4.5's (and GLM-4.5-Air's) mixture, from Glm4MoeConfig's fields and defaults: `n_routed_experts`
-/// (128) of `moe_intermediate_size` (1408), `num_experts_per_tok` (8) renormalised unless
-/// `norm_topk_prob` is false, `n_shared_experts` (1) in one shared MLP, σ routing in `n_group` groups
-/// (1) keeping `topk_group` (1), × `routed_scaling_factor` (1), sparse from layer
-/// `first_k_dense_replace` (1) on; `names`: the MLP's module and an expert's projections.
-fn glm4_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Result<Moe> {
-    let (prefix, projections) = names;
-    let size = |key: &str, default: usize| size_within(v, key, default, path);
-    let (experts, top_k, inter) = (
-        size("n_routed_experts", 128)?,
-        size("num_experts_per_tok", 8)?,
-        size("moe_intermediate_size", 1408)?,
-    );
-    let (groups, topk_group, dense) = (
-        size("n_group", 1)?,
-        size("topk_group", 1)?,
-        size("first_k_dense_replace", 1)?,
-    );
-    let scale = opt_f64(v, "routed_scaling_factor", path)?.unwrap_or(1.0);
+/// An error unless `top_k` experts can be chosen from `topk_group` of `groups` equal groups of `experts`
+/// and `scale` is finite.
+fn check_groups(
+    top_k: usize,
+    [topk_group, groups, experts]: [usize; 3],
+    scale: f64,
+    path: &Path,
+) -> Result<()> {
     let fits = groups > 0 && experts.is_multiple_of(groups) && (1..=groups).contains(&topk_group);
     if !fits || top_k == 0 || top_k > topk_group * (experts / groups) || !scale.is_finite() {
         return Err(model_err(
             path,
             format!(
-                "{top_k} experts per token from {topk_group} of {groups} groups of {experts} experts,                  × {scale}: not a routing"
+                "{top_k} experts per token from {topk_group} of {groups} groups of {experts} experts, \
+                 × {scale}: not a routing"
             ),
         ));
     }
+    Ok(())
+}
+
+/// An error unless each `(key, values)`'s field, where present, is one of `values`: the routers
+/// transformers runs for the type.
+fn expect_router(v: &Value, fields: &[(&str, &[&str])], path: &Path) -> Result<()> {
+    for &(key, runs) in fields {
+        match v.get(key).and_then(Value::as_str) {
+            Some(other) if !runs.contains(&other) => {
+                return Err(model_err(
+                    path,
+                    format!(
+                    "field '{key}' is '{other}': transformers routes this model_type with {} only",
+                    runs.join(" or ")
+                ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// DeepSeek-V2's mixture (DeepseekV2Config, DeepSeek-V2, V2-Lite, V2.5, DeepSeek-Coder-V2):
+/// `n_routed_experts` (64) of `moe_intermediate_size` (1407), the softmax's `num_experts_per_tok` most
+/// probable by `topk_method` (`greedy`, the default: among all; `group_limited_greedy`: inside the
+/// `topk_group` of `n_group` groups whose best expert is most probable), the weights the probabilities ×
+/// `routed_scaling_factor` (1), `n_shared_experts` (2) in one shared MLP, sparse from layer
+/// `first_k_dense_replace` (0) on. Refused: `norm_topk_prob` true (the original code renormalises,
+/// transformers does not) and `mlp_bias`.
+fn deepseek_v2_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Result<Moe> {
+    let (prefix, projections) = names;
+    expect_router(
+        v,
+        &[
+            ("scoring_func", &["softmax"]),
+            ("topk_method", &["greedy", "group_limited_greedy"]),
+        ],
+        path,
+    )?;
+    for key in ["norm_topk_prob", "mlp_bias"] {
+        if opt_bool(v, key, path)? == Some(true) {
+            return Err(model_err(
+                path,
+                format!("field '{key}' is true: not supported for deepseek_v2"),
+            ));
+        }
+    }
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let (experts, inter) = (
+        size("n_routed_experts", 64)?,
+        size("moe_intermediate_size", 1407)?,
+    );
+    let top_k = get_size(v, "num_experts_per_tok", MAX_SIZE, path)?;
+    let (groups, topk_group) = match v.get("topk_method").and_then(Value::as_str) {
+        Some("group_limited_greedy") => (
+            get_size(v, "n_group", MAX_SIZE, path)?,
+            get_size(v, "topk_group", MAX_SIZE, path)?,
+        ),
+        _ => (1, 1),
+    };
+    let scale = opt_f64(v, "routed_scaling_factor", path)?.unwrap_or(1.0);
+    check_groups(top_k, [topk_group, groups, experts], scale, path)?;
+    let shared = size("n_shared_experts", 2)?;
+    let dense = size("first_k_dense_replace", 0)?;
+    Ok(Moe {
+        experts,
+        top_k,
+        normalise: false,
+        inter,
+        shared: (shared > 0).then_some(SharedExpert {
+            module: "mlp.shared_experts",
+            inter: inter * shared,
+            gated: false,
+        }),
+        router: MoeRouter::SoftmaxGroups {
+            groups,
+            topk_group,
+            scale,
+        },
+        sparse_layers: (0..layers).map(|l| l >= dense).collect(),
+        prefix,
+        projections,
+    })
+}
+
+/// The config class's defaults [`grouped_sigmoid_moe`] falls back on.
+struct GroupedMoeDefaults {
+    experts: usize,
+    top_k: usize,
+    inter: usize,
+    groups: usize,
+    topk_group: usize,
+    dense: usize,
+    scale: f64,
+}
+
+/// Glm4MoeConfig's.
+const GLM4_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: 128,
+    top_k: 8,
+    inter: 1408,
+    groups: 1,
+    topk_group: 1,
+    dense: 1,
+    scale: 1.0,
+};
+
+/// DeepseekV3Config's.
+const DEEPSEEK_V3_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: 256,
+    top_k: 8,
+    inter: 2048,
+    groups: 8,
+    topk_group: 4,
+    dense: 3,
+    scale: 2.5,
+};
+
+/// DeepSeek-V3's mixture (GLM-4.5's too), from the config's fields, absent ones the config class's
+/// defaults (`defaults`, in the order below; DeepseekV3Config's or Glm4MoeConfig's): `n_routed_experts`
+/// of `moe_intermediate_size`, `num_experts_per_tok` renormalised unless `norm_topk_prob` is false,
+/// `n_shared_experts` in one shared MLP, σ routing in `n_group` groups keeping `topk_group`,
+/// × `routed_scaling_factor`, sparse from layer `first_k_dense_replace` on; `names`: the MLP's module and
+/// an expert's projections.
+fn grouped_sigmoid_moe(
+    v: &Value,
+    layers: usize,
+    names: MoeNames,
+    defaults: &GroupedMoeDefaults,
+    path: &Path,
+) -> Result<Moe> {
+    let (prefix, projections) = names;
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let (experts, top_k, inter) = (
+        size("n_routed_experts", defaults.experts)?,
+        size("num_experts_per_tok", defaults.top_k)?,
+        size("moe_intermediate_size", defaults.inter)?,
+    );
+    let (groups, topk_group, dense) = (
+        size("n_group", defaults.groups)?,
+        size("topk_group", defaults.topk_group)?,
+        size("first_k_dense_replace", defaults.dense)?,
+    );
+    let scale = opt_f64(v, "routed_scaling_factor", path)?.unwrap_or(defaults.scale);
+    check_groups(top_k, [topk_group, groups, experts], scale, path)?;
     let shared = size("n_shared_experts", 1)?;
     Ok(Moe {
         experts,
@@ -2178,18 +2404,14 @@ fn parse_rope(
     let top_theta = || -> Result<Option<f64>> {
         Ok(opt_f64(v, "rope_theta", path)?.or(opt_f64(v, theta_key, path)?))
     };
-    let (rope_theta, scaling) = match v.get("rope_parameters") {
-        Some(rp @ Value::Object(_)) => (
-            opt_f64(rp, "rope_theta", path)?
-                .or(top_theta()?)
-                .unwrap_or(class_rope_theta(model_type)),
-            Some(rp),
-        ),
-        _ => (
-            top_theta()?.unwrap_or(class_rope_theta(model_type)),
-            v.get("rope_scaling").filter(|s| !s.is_null()),
-        ),
+    let scaling = rope_object(v);
+    let stated_theta = match v.get("rope_parameters") {
+        Some(rp @ Value::Object(_)) => opt_f64(rp, "rope_theta", path)?,
+        _ => None,
     };
+    let rope_theta = stated_theta
+        .or(top_theta()?)
+        .unwrap_or(class_rope_theta(model_type));
     // partial_rotary_factor: in rope_parameters (5.x) or at the top level (4.x); only Phi-3's and
     // GPT-NeoX's attention rotates part of a head (the others' rotate_half would not broadcast).
     let partial = match scaling.map(|s| opt_f64(s, "partial_rotary_factor", path)) {
@@ -2227,6 +2449,98 @@ fn parse_rope(
     }
     let rope_scaling = parse_rope_scaling(scaling, v, model_type, rotary_dim, path)?;
     Ok((rope_theta, rope_scaling, rotary_dim))
+}
+
+/// The rope settings of config `v`: its `rope_parameters` object (5.x), else its `rope_scaling` (4.x).
+fn rope_object(v: &Value) -> Option<&Value> {
+    match v.get("rope_parameters") {
+        Some(rp @ Value::Object(_)) => Some(rp),
+        _ => v.get("rope_scaling").filter(|s| !s.is_null()),
+    }
+}
+
+/// DeepSeek's softmax scale as transformers' `yarn_apply_mscale` folds it: 1/√head_dim ×
+/// mscale(factor, `mscale_all_dim`)² (mscale(s, m) = 0.1 m ln s + 1 for s > 1, else 1) when the rope
+/// settings are not the default and name a non-zero `mscale_all_dim`; else `None` (1/√head_dim).
+fn mla_softmax_scale(v: &Value, head_dim: usize, path: &Path) -> Result<Option<f32>> {
+    let Some(s) = rope_object(v) else {
+        return Ok(None);
+    };
+    let kind = s.get("rope_type").or_else(|| s.get("type"));
+    let all = opt_f64(s, "mscale_all_dim", path)?.filter(|&m| m != 0.0);
+    let (Some(all), false) = (
+        all,
+        kind.and_then(Value::as_str).unwrap_or("default") == "default",
+    ) else {
+        return Ok(None);
+    };
+    let factor = opt_f64(s, "factor", path)?
+        .ok_or_else(|| model_err(path, "rope scaling field 'factor' is missing"))?;
+    let mscale = match factor > 1.0 {
+        true => 0.1 * all * factor.ln() + 1.0,
+        false => 1.0,
+    };
+    Ok(Some(
+        ((head_dim as f64).powf(-0.5) * mscale * mscale) as f32,
+    ))
+}
+
+/// DeepSeek-V2's and V3's multi-head latent attention from their config classes' fields and defaults: `q_lora_rank`
+/// (1536; null: one `q_proj`), `kv_lora_rank` (512), `qk_nope_head_dim` (128), `qk_rope_head_dim`
+/// (64), `v_head_dim` (128). Refused: `num_key_value_heads` other than `num_attention_heads` (the
+/// latent gives every head its key and value; transformers' attention would not run it either), and a
+/// value wider than a query.
+fn parse_mla(v: &Value, heads: usize, kv_heads: usize, path: &Path) -> Result<Mla> {
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let q_lora_rank = match v.get("q_lora_rank") {
+        Some(Value::Null) => None,
+        _ => Some(size("q_lora_rank", 1536)?),
+    };
+    let mla = Mla {
+        q_lora_rank,
+        kv_lora_rank: size("kv_lora_rank", 512)?,
+        nope: size("qk_nope_head_dim", 128)?,
+        rope: size("qk_rope_head_dim", 64)?,
+        v: size("v_head_dim", 128)?,
+    };
+    if kv_heads != heads {
+        return Err(model_err(
+            path,
+            format!(
+                "num_key_value_heads ({kv_heads}) differs from num_attention_heads ({heads}): not an \
+                 MLA attention"
+            ),
+        ));
+    }
+    let Mla {
+        kv_lora_rank,
+        nope,
+        rope,
+        v: v_dim,
+        ..
+    } = mla;
+    if q_lora_rank == Some(0) || kv_lora_rank == 0 || nope == 0 || v_dim == 0 {
+        return Err(model_err(
+            path,
+            "q_lora_rank, kv_lora_rank, qk_nope_head_dim and v_head_dim must be positive",
+        ));
+    }
+    if rope == 0 || rope % 2 != 0 {
+        return Err(model_err(
+            path,
+            format!("qk_rope_head_dim {rope} must be even and positive"),
+        ));
+    }
+    if nope + rope > MAX_HEAD_DIM || v_dim > nope + rope {
+        return Err(model_err(
+            path,
+            format!(
+                "heads of {nope} + {rope} query values and {v_dim} values: not supported (values at \
+                 most as wide as queries)"
+            ),
+        ));
+    }
+    Ok(mla)
 }
 
 /// The rotary θ a config class takes when a config states none (its `default_theta`, transformers 5.25;
@@ -3117,6 +3431,215 @@ mod tests {
         biased["use_bias"] = true.into();
         let e = ModelConfig::from_json(&biased, p).unwrap_err().to_string();
         assert!(e.contains("use_bias"), "{e}");
+    }
+
+    /// DeepSeek-V3's hub config (4.x form, its FP8 quantization_config dropped): MLA with the query's
+    /// bottleneck, YaRN × 40 with mscale_all_dim 1 (the scores × mscale² / √192), 256 experts in 8
+    /// groups, σ routing, layers 0–2 dense; Moonlight's (no q bottleneck, 64 experts in one group, two
+    /// shared). Refused: the FP8 checkpoint itself, another router, GQA, values wider than queries.
+    #[test]
+    fn deepseek_v3_hub_configs() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1,
+            "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
+            "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+            "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+            "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+            "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": true,
+            "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+            "num_key_value_heads": 128
+        });
+        let rest = serde_json::json!({
+            "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+            "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+            "type": "yarn"}, "rope_theta": 10000, "routed_scaling_factor": 2.5,
+            "scoring_func": "sigmoid", "seq_aux": true, "tie_word_embeddings": false,
+            "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+            "transformers_version": "4.33.1", "use_cache": true, "v_head_dim": 128,
+            "vocab_size": 129280
+        });
+        let mut hub = hub;
+        hub.as_object_mut()
+            .unwrap()
+            .extend(rest.as_object().unwrap().clone());
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        let mla = Mla {
+            q_lora_rank: Some(1536),
+            kv_lora_rank: 512,
+            nope: 128,
+            rope: 64,
+            v: 128,
+        };
+        assert_eq!(c.mla, Some(mla));
+        assert_eq!(
+            (c.head_dim, c.rotary_dim, c.attention_width()),
+            (192, 64, 16384)
+        );
+        assert_eq!(c.rope_pairs, RopePairs::Interleaved);
+        let mscale = 0.1 * 40f64.ln() + 1.0;
+        assert_eq!(c.attn_scale, Some((mscale * mscale / 192f64.sqrt()) as f32));
+        assert!(
+            matches!(c.rope_scaling, RopeScaling::Yarn { factor: 40.0, attention_factor, .. }
+                         if attention_factor == 1.0)
+        );
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (256, 8, 2048, true)
+        );
+        assert_eq!(
+            m.router,
+            MoeRouter::Sigmoid {
+                groups: 8,
+                topk_group: 4,
+                scale: 2.5,
+                bias: "mlp.gate.e_score_correction_bias"
+            }
+        );
+        assert_eq!(m.sparse_layers.iter().position(|&s| s), Some(3));
+        assert_eq!(m.shared.as_ref().map(|s| s.inter), Some(2048));
+
+        let mut moonlight = hub.clone();
+        for (key, value) in [
+            ("q_lora_rank", Value::Null),
+            ("n_group", 1.into()),
+            ("topk_group", 1.into()),
+            ("n_routed_experts", 64.into()),
+            ("num_experts_per_tok", 6.into()),
+            ("n_shared_experts", 2.into()),
+            ("moe_intermediate_size", 1408.into()),
+            ("first_k_dense_replace", 1.into()),
+            ("rope_scaling", Value::Null),
+            ("rope_theta", 50000.into()),
+        ] {
+            moonlight[key] = value;
+        }
+        let c = ModelConfig::from_json(&moonlight, p).unwrap();
+        assert_eq!(c.mla.map(|m| m.q_lora_rank), Some(None));
+        assert_eq!((c.attn_scale, c.rope_theta), (None, 50000.0));
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(m.shared.as_ref().map(|s| s.inter), Some(2816));
+        assert_eq!(m.sparse_layers.iter().position(|&s| s), Some(1));
+
+        let refused = |edit: &dyn Fn(&mut Value), what: &str| {
+            let mut v = hub.clone();
+            edit(&mut v);
+            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        };
+        refused(
+            &|v| {
+                v["quantization_config"] = serde_json::json!({"quant_method": "fp8",
+                    "fmt": "e4m3", "weight_block_size": [128, 128]})
+            },
+            "quant_method 'fp8'",
+        );
+        refused(&|v| v["scoring_func"] = "softmax".into(), "scoring_func");
+        refused(&|v| v["topk_method"] = "greedy".into(), "topk_method");
+        refused(
+            &|v| v["num_key_value_heads"] = 16.into(),
+            "num_key_value_heads",
+        );
+        refused(&|v| v["v_head_dim"] = 256.into(), "values at most as wide");
+        refused(
+            &|v| v["qk_rope_head_dim"] = 63.into(),
+            "qk_rope_head_dim 63",
+        );
+    }
+
+    /// DeepSeek-V2-Lite's hub config: MLA without the query's bottleneck, YaRN × 40 with mscale =
+    /// mscale_all_dim = 0.707, 64 experts of 1408 by greedy softmax, two shared, layer 0 dense;
+    /// DeepSeek-V2's: the query's bottleneck, 160 experts in 8 groups (group_limited_greedy, 3 kept),
+    /// weights × 16. Refused: renormalisation (transformers' DeepseekV2 ignores it), σ scores, V3's
+    /// noaux_tc, group-limited routing without groups.
+    #[test]
+    fn deepseek_v2_hub_configs() {
+        let p = Path::new("config.json");
+        let lite = serde_json::json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 100000,
+            "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+            "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+            "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+            "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1,
+            "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": false,
+            "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27
+        });
+        let rest = serde_json::json!({
+            "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": null,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+            "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+            "seq_aux": true, "tie_word_embeddings": false, "topk_group": 1, "topk_method": "greedy",
+            "torch_dtype": "bfloat16", "transformers_version": "4.39.3", "use_cache": true,
+            "v_head_dim": 128, "vocab_size": 102400
+        });
+        let mut lite = lite;
+        lite.as_object_mut()
+            .unwrap()
+            .extend(rest.as_object().unwrap().clone());
+        let c = ModelConfig::from_json(&lite, p).unwrap();
+        assert_eq!(c.mla.map(|m| (m.q_lora_rank, m.v)), Some((None, 128)));
+        assert_eq!((c.head_dim, c.rope_pairs), (192, RopePairs::Interleaved));
+        let mscale = 0.1 * 0.707 * 40f64.ln() + 1.0;
+        assert_eq!(c.attn_scale, Some((mscale * mscale / 192f64.sqrt()) as f32));
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (64, 6, 1408, false)
+        );
+        assert_eq!(
+            m.router,
+            MoeRouter::SoftmaxGroups {
+                groups: 1,
+                topk_group: 1,
+                scale: 1.0
+            }
+        );
+        assert_eq!(m.shared.as_ref().map(|s| s.inter), Some(2816));
+        assert_eq!(m.sparse_layers.iter().position(|&s| s), Some(1));
+
+        let mut full = lite.clone();
+        for (key, value) in [
+            ("q_lora_rank", 1536.into()),
+            ("n_group", 8.into()),
+            ("topk_group", 3.into()),
+            ("topk_method", "group_limited_greedy".into()),
+            ("routed_scaling_factor", 16.0.into()),
+            ("n_routed_experts", 160.into()),
+            ("num_attention_heads", 128.into()),
+            ("num_key_value_heads", 128.into()),
+            ("hidden_size", 5120.into()),
+        ] {
+            full[key] = value;
+        }
+        let c = ModelConfig::from_json(&full, p).unwrap();
+        assert_eq!(c.mla.map(|m| m.q_lora_rank), Some(Some(1536)));
+        assert_eq!(
+            c.moe.unwrap().router,
+            MoeRouter::SoftmaxGroups {
+                groups: 8,
+                topk_group: 3,
+                scale: 16.0
+            }
+        );
+
+        for (key, value, what) in [
+            ("norm_topk_prob", Value::Bool(true), "norm_topk_prob"),
+            ("scoring_func", "sigmoid".into(), "scoring_func"),
+            ("topk_method", "noaux_tc".into(), "topk_method"),
+            ("n_group", 7.into(), "not a routing"),
+        ] {
+            let mut v = full.clone();
+            v[key] = value;
+            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            assert!(e.contains(what), "{key}: {e}");
+        }
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

@@ -28,7 +28,7 @@
 //!
 //! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
-use super::config::{BlockLayout, BlockNorms, ModelConfig, Moe, MoeRouter, QkNorm};
+use super::config::{BlockLayout, BlockNorms, ModelConfig, Moe, MoeRouter, QkNorm, MLA_NORM_EPS};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
 use super::tape::moe::{Expert, Router, SparseMoe};
@@ -530,6 +530,15 @@ impl Model {
                 };
                 Ok(match m.router {
                     MoeRouter::Softmax => Router::Softmax,
+                    MoeRouter::SoftmaxGroups {
+                        groups,
+                        topk_group,
+                        scale,
+                    } => Router::SoftmaxGroups {
+                        groups,
+                        topk_group,
+                        scale,
+                    },
                     MoeRouter::SoftmaxBiased { bias } => {
                         Router::SoftmaxBiased { bias: read(bias)? }
                     }
@@ -658,6 +667,14 @@ impl Model {
             // The attention's input projections (as stored: fused for GPT-NeoX, Falcon and Phi-3), its
             // output projection, the MLP's projections (as stored: Phi-3's and GLM's gate/up fused).
             let mut linears = match (c.layout.grouped_qkv(), c.layout) {
+                // MLA's projections and its two latent norms.
+                _ if c.mla.is_some() => {
+                    let (linears, norms) = mla_tensors(c);
+                    for (norm, d) in norms {
+                        t(&format!("{norm}.weight"), vec![d]);
+                    }
+                    linears
+                }
                 (Some(name), _) => vec![(name, qd + 2 * kvd, h, c.qkv_bias)],
                 // Conv1D: [in, out] as stored (read transposed), every one with a bias.
                 (None, BlockLayout::Gpt2) => {
@@ -684,7 +701,7 @@ impl Model {
                     ]
                 }
             };
-            linears.push((c.layout.o_proj(), h, qd, c.o_bias));
+            linears.push((c.layout.o_proj(), h, c.attention_width(), c.o_bias));
             let moe = c.moe.as_ref().filter(|m| m.is_sparse(l));
             let mut moe_linears = Vec::new();
             if let Some(m) = moe {
@@ -1021,11 +1038,13 @@ impl Model {
             .collect();
         let mut tape = Tape::on(dev.clone(), tokens.data.clone(), targets, pool);
         // The full-attention layers' rotary table and the sliding-window layers' (the same but for Gemma 3).
+        // MLA rotates a part of `rope` values per head on its own.
+        let rotated_head = c.mla.map_or(hd, |m| m.rope);
         let ropes = [false, true].map(|sliding| {
             let (inv_freq, rope_scale) = c.rope_frequencies(sliding, t);
             Arc::new(RopeTable::with_pairs(
                 &inv_freq,
-                hd,
+                rotated_head,
                 t,
                 rope_scale,
                 c.rope_pairs,
@@ -1203,32 +1222,44 @@ impl Model {
                 tape.push(op::Linear { x, w, b, out: y });
                 y
             };
-        // The norm of the rows of `d` values of x (`width` a buffer row: d = width, or d = head_dim for
-        // Qwen3's per-head q_norm / k_norm), with `groups` rows of weights (one per head: Cohere's q/k
-        // norms; else 1): RMSNorm, or GPT-NeoX's LayerNorm (with its bias where `bias`).
-        let norm_rows =
-            |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, rows, bias: bool| {
-                let (d, groups) = rows;
-                let param = |tape: &mut Tape<D>, what| {
-                    tape.param(format!("{pre}.{name}.{what}"), l, groups * d)
-                };
-                let w = (c.layout.norm_weight()).then(|| param(tape, "weight"));
-                let b = bias.then(|| param(tape, "bias"));
-                let y = tape.buffer(format!("{pre}.{name}"), n, width);
-                tape.push(op::Norm {
-                    x,
-                    w,
-                    b,
-                    shape: NormShape {
-                        groups,
-                        ..self.norm_shape(d)
-                    },
-                    out: y,
-                });
-                y
+        // The norm `shape` of the rows of x (`width` a buffer row: shape.d = width, or head_dim for
+        // Qwen3's per-head q_norm / k_norm; shape.groups rows of weights, one per head for Cohere's q/k
+        // norms): RMSNorm, or GPT-NeoX's LayerNorm (with its bias where `bias`).
+        let norm_rows = |tape: &mut Tape<D>,
+                         x: BufId,
+                         name: &str,
+                         width: usize,
+                         shape: NormShape,
+                         bias: bool| {
+            let param = |tape: &mut Tape<D>, what| {
+                tape.param(format!("{pre}.{name}.{what}"), l, shape.groups * shape.d)
             };
+            let w = (c.layout.norm_weight()).then(|| param(tape, "weight"));
+            let b = bias.then(|| param(tape, "bias"));
+            let y = tape.buffer(format!("{pre}.{name}"), n, width);
+            tape.push(op::Norm {
+                x,
+                w,
+                b,
+                shape,
+                out: y,
+            });
+            y
+        };
+        // With `groups` rows of weights.
+        let grouped_shape = |(d, groups)| NormShape {
+            groups,
+            ..self.norm_shape(d)
+        };
         let norm = |tape: &mut Tape<D>, x: BufId, name: &str, width: usize, d: usize| {
-            norm_rows(tape, x, name, width, (d, 1), c.layout.norm_bias())
+            norm_rows(
+                tape,
+                x,
+                name,
+                width,
+                self.norm_shape(d),
+                c.layout.norm_bias(),
+            )
         };
         // x + branch, the branch × Granite's residual_multiplier first.
         let add = |tape: &mut Tape<D>, a: BufId, mut b: BufId, name: &str| {
@@ -1249,7 +1280,91 @@ impl Model {
             None => x,
         };
         let a = maybe_norm(tape, x, norm_in);
+        // Column blocks of x gathered into a buffer `width` wide.
+        let gather = |tape: &mut Tape<D>, x: BufId, name: &str, blocks, width| {
+            let out = tape.buffer(format!("{pre}.{name}"), n, width);
+            tape.push(op::Columns { x, blocks, out });
+            out
+        };
+        // The rotary embedding of `heads` heads of x (none with learned positions, GPT-2's and OPT's,
+        // nor in SmolLM3's NoPE layers).
+        let rotate = |tape: &mut Tape<D>, x: BufId, heads: usize, name: &str, width: usize| {
+            if !c.rotary_layers[l] {
+                return x;
+            }
+            let out = tape.buffer(format!("{pre}.{name}"), n, width);
+            tape.push(op::Rope {
+                x,
+                heads,
+                table: rope.clone(),
+                out,
+            });
+            out
+        };
         let (q, k, v) = match c.layout.grouped_qkv() {
+            // DeepSeek's latent attention: q, k rotated, v padded to the query's width.
+            _ if c.mla.is_some() => {
+                let mla = c.mla.expect("checked");
+                let (heads, dq) = (shape.heads, shape.head_dim);
+                let (nope, r, kl) = (mla.nope, mla.rope, mla.kv_lora_rank);
+                let latent_norm = |tape: &mut Tape<D>, x: BufId, name: &str, d: usize| {
+                    let shape = NormShape {
+                        eps: MLA_NORM_EPS,
+                        ..self.norm_shape(d)
+                    };
+                    norm_rows(tape, x, name, d, shape, false)
+                };
+                let q = match mla.q_lora_rank {
+                    Some(ql) => {
+                        let qa = linear(tape, a, "self_attn.q_a_proj", h, ql, c.qkv_bias);
+                        let qa = latent_norm(tape, qa, "self_attn.q_a_layernorm", ql);
+                        linear(tape, qa, "self_attn.q_b_proj", ql, qd, false)
+                    }
+                    None => linear(tape, a, "self_attn.q_proj", h, qd, false),
+                };
+                let kv_a = "self_attn.kv_a_proj_with_mqa";
+                let kv_a = linear(tape, a, kv_a, h, kl + r, c.qkv_bias);
+                let blocks = |block, stride, offset| ColumnBlocks {
+                    block,
+                    stride,
+                    offset,
+                };
+                let latent = gather(tape, kv_a, "self_attn.kv_latent", blocks(kl, kl + r, 0), kl);
+                let latent = latent_norm(tape, latent, "self_attn.kv_a_layernorm", kl);
+                let kv_width = heads * (nope + mla.v);
+                let kv = linear(tape, latent, "self_attn.kv_b_proj", kl, kv_width, false);
+                let k_nope = blocks(nope, nope + mla.v, 0);
+                let k_nope = gather(tape, kv, "self_attn.k_nope", k_nope, heads * nope);
+                let v = blocks(mla.v, nope + mla.v, nope);
+                let v = gather(tape, kv, "self_attn.v", v, heads * mla.v);
+                let q_nope = gather(
+                    tape,
+                    q,
+                    "self_attn.q_nope",
+                    blocks(nope, dq, 0),
+                    heads * nope,
+                );
+                let q_rot = gather(tape, q, "self_attn.q_pe", blocks(r, dq, nope), heads * r);
+                let k_rot = gather(tape, kv_a, "self_attn.k_pe", blocks(r, kl + r, kl), r);
+                let q_rot = rotate(tape, q_rot, heads, "self_attn.q_pe_rope", heads * r);
+                let k_rot = rotate(tape, k_rot, 1, "self_attn.k_pe_rope", r);
+                let place = |tape: &mut Tape<D>, parts, name: &str| {
+                    let out = tape.buffer(format!("{pre}.{name}"), n, qd);
+                    tape.push(op::Place { parts, out });
+                    out
+                };
+                let q = vec![(q_nope, blocks(nope, dq, 0)), (q_rot, blocks(r, dq, nope))];
+                let q = place(tape, q, "self_attn.q");
+                // The shared rotary key, once per head.
+                let k_rot = (0..heads).map(|g| (k_rot, blocks(r, qd, g * dq + nope)));
+                let k = std::iter::once((k_nope, blocks(nope, dq, 0)));
+                let k = place(tape, k.chain(k_rot).collect(), "self_attn.k");
+                let v = match mla.v == dq {
+                    true => v,
+                    false => place(tape, vec![(v, blocks(mla.v, dq, 0))], "self_attn.v_padded"),
+                };
+                (q, k, v)
+            }
             // Groups side by side in one projection, each its share of q, k and v (per key/value group,
             // its heads / kv_heads queries, its key and its value: GPT-NeoX one query each, Falcon-7B
             // one group; CodeGen's 4 shards of q, v, k): gather each.
@@ -1284,8 +1399,8 @@ impl Model {
                 let v = linear(tape, a, vn, h, kvd, c.qkv_bias);
                 // No family's q/k norms have a bias (Cohere's and StableLM's LayerNorms included).
                 if let Some([q_rows, k_rows]) = c.qk_norm_rows() {
-                    q = norm_rows(tape, q, QK_NORMS[0], qd, q_rows, false);
-                    k = norm_rows(tape, k, QK_NORMS[1], kvd, k_rows, false);
+                    q = norm_rows(tape, q, QK_NORMS[0], qd, grouped_shape(q_rows), false);
+                    k = norm_rows(tape, k, QK_NORMS[1], kvd, grouped_shape(k_rows), false);
                 }
                 (q, k, v)
             }
@@ -1305,23 +1420,14 @@ impl Model {
                 )
             }
         };
-        // The rotary embedding of q and k (none with learned positions, GPT-2's and OPT's, nor in
-        // SmolLM3's NoPE layers).
-        let rotate = |tape: &mut Tape<D>, x: BufId, heads: usize, name: &str, width: usize| {
-            if !c.rotary_layers[l] {
-                return x;
-            }
-            let out = tape.buffer(format!("{pre}.{name}"), n, width);
-            tape.push(op::Rope {
-                x,
-                heads,
-                table: rope.clone(),
-                out,
-            });
-            out
+        // The rotary embedding of q and k (MLA's are rotated).
+        let (qr, kr) = match c.mla {
+            Some(_) => (q, k),
+            None => (
+                rotate(tape, q, shape.heads, "q_rope", qd),
+                rotate(tape, k, shape.kv_heads, "k_rope", kvd),
+            ),
         };
-        let qr = rotate(tape, q, shape.heads, "q_rope", qd);
-        let kr = rotate(tape, k, shape.kv_heads, "k_rope", kvd);
         let att = tape.buffer(format!("{pre}.attn"), n, qd);
         let lse = tape.buffer(
             format!("{pre}.attn_lse"),
@@ -1441,7 +1547,26 @@ impl Model {
             };
             maybe_norm(tape, out, norm_mlp_out)
         };
-        let o = linear(tape, att, c.layout.o_proj(), qd, h, c.o_bias);
+        // MLA's values padded to a query's width: their heads' first `v` values.
+        let att = match c.mla.filter(|m| m.v != shape.head_dim) {
+            Some(m) => {
+                let blocks = ColumnBlocks {
+                    block: m.v,
+                    stride: shape.head_dim,
+                    offset: 0,
+                };
+                gather(tape, att, "attn_values", blocks, c.attention_width())
+            }
+            None => att,
+        };
+        let o = linear(
+            tape,
+            att,
+            c.layout.o_proj(),
+            c.attention_width(),
+            h,
+            c.o_bias,
+        );
         let o = maybe_norm(tape, o, norm_attn_out);
         let x1 = add(tape, x, o, "resid_attn");
         // The MLP's input: the attention's normed input (the shared norm of Phi, StableLM, Cohere,
@@ -1464,7 +1589,7 @@ fn router_bias(m: &Moe) -> Option<(&'static str, Vec<usize>)> {
     match m.router {
         MoeRouter::Sigmoid { bias, .. } => Some((bias, vec![m.experts])),
         MoeRouter::SoftmaxBiased { bias } => Some((bias, vec![1, m.experts])),
-        MoeRouter::Softmax => None,
+        MoeRouter::Softmax | MoeRouter::SoftmaxGroups { .. } => None,
     }
 }
 
@@ -1474,6 +1599,38 @@ const QK_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
 /// StableLM 2 12B stores its q/k norms as a LayerNorm module per head
 /// (`self_attn.{q,k}_layernorm.norms.{h}`): their modules' names, which `Model::load` stacks as
 /// [`QK_NORMS`] (`[heads, head_dim]`, Cohere's form); `None` for the others.
+/// MLA's linear layers (name, rows, columns, bias) and its latent norms (name, width): the query's
+/// (low-rank through `q_a_proj`, `q_a_layernorm`, `q_b_proj`, else `q_proj`), the latent's
+/// (`kv_a_proj_with_mqa`, `kv_a_layernorm`) and the heads' keys and values out of it (`kv_b_proj`).
+#[allow(clippy::type_complexity)]
+fn mla_tensors(
+    c: &ModelConfig,
+) -> (
+    Vec<(&'static str, usize, usize, bool)>,
+    Vec<(&'static str, usize)>,
+) {
+    let m = c.mla.expect("an MLA config");
+    let (h, heads) = (c.hidden_size, c.num_attention_heads);
+    let qd = heads * c.head_dim;
+    let (mut linears, mut norms) = match m.q_lora_rank {
+        Some(ql) => (
+            vec![
+                ("self_attn.q_a_proj", ql, h, c.qkv_bias),
+                ("self_attn.q_b_proj", qd, ql, false),
+            ],
+            vec![("self_attn.q_a_layernorm", ql)],
+        ),
+        None => (vec![("self_attn.q_proj", qd, h, false)], vec![]),
+    };
+    let kl = m.kv_lora_rank;
+    linears.extend([
+        ("self_attn.kv_a_proj_with_mqa", kl + m.rope, h, c.qkv_bias),
+        ("self_attn.kv_b_proj", heads * (m.nope + m.v), kl, false),
+    ]);
+    norms.push(("self_attn.kv_a_layernorm", kl));
+    (linears, norms)
+}
+
 fn per_head_qk_norms(c: &ModelConfig) -> Option<[&'static str; 2]> {
     (c.layout == BlockLayout::StableLm && c.qk_norm == QkNorm::HeadWeights)
         .then_some(["self_attn.q_layernorm.norms", "self_attn.k_layernorm.norms"])

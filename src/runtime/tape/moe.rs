@@ -1,5 +1,5 @@
 //! The sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, MiniMax-M2,
-//! ERNIE 4.5) as one tape op,
+//! ERNIE 4.5, DeepSeek-V2 and V3) as one tape op,
 //! [`SparseMoe`], written once for every [`Device`] from the device's ops: the rows routed to an expert
 //! are gathered (the embedding lookup, with the input as the table), run through the expert's gated MLP
 //! (linear, activation, multiply, linear), weighted by their routing weights ([`Device::row_scale_forward`])
@@ -26,6 +26,14 @@ pub enum Router {
     /// ERNIE 4.5's: the softmax, the choice by probability + `bias` (its `e_score_correction_bias`, no
     /// gradient), the weights the probabilities.
     SoftmaxBiased { bias: std::sync::Arc<[f32]> },
+    /// DeepSeek-V2's: the softmax; the choice among the experts of the `topk_group` of `groups` equal
+    /// groups whose best probability is highest (`group_limited_greedy`; one group: every expert), the
+    /// weights the probabilities × `scale` (`routed_scaling_factor`).
+    SoftmaxGroups {
+        groups: usize,
+        topk_group: usize,
+        scale: f64,
+    },
     /// DeepSeek-V3's (GLM-4.5's) σ of each logit. The choice reads σ + `bias` (the router's
     /// `e_score_correction_bias`, a buffer: no gradient), among the experts of the `topk_group` of
     /// `groups` equal groups whose two best biased scores sum highest; the weights are the unbiased σ
@@ -47,8 +55,10 @@ pub struct Routing {
     experts: usize,
     top_k: usize,
     normalise: bool,
-    /// σ's (`Some`: its scale) or the softmax's.
-    sigmoid: Option<f64>,
+    /// σ's scores, else the softmax's.
+    sigmoid: bool,
+    /// The weights' factor (`routed_scaling_factor`; 1 for the others).
+    scale: f64,
     /// `[rows, experts]`: the scores.
     probs: Vec<f64>,
     /// `[rows, top_k]`: the chosen experts, most probable first.
@@ -88,7 +98,7 @@ impl Routing {
             let z = &logits[r * experts..(r + 1) * experts];
             let p = &mut probs[r * experts..(r + 1) * experts];
             let (eps, factor) = match router {
-                Router::Softmax | Router::SoftmaxBiased { .. } => {
+                Router::Softmax | Router::SoftmaxBiased { .. } | Router::SoftmaxGroups { .. } => {
                     let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
                     let mut sum = 0.0;
                     for (p, &v) in p.iter_mut().zip(z) {
@@ -97,12 +107,23 @@ impl Routing {
                     }
                     p.iter_mut().for_each(|p| *p /= sum);
                     key.copy_from_slice(p);
-                    if let Router::SoftmaxBiased { bias } = router {
-                        key.iter_mut()
-                            .zip(&**bias)
-                            .for_each(|(k, &b)| *k += b as f64);
+                    match router {
+                        Router::SoftmaxBiased { bias } => {
+                            key.iter_mut()
+                                .zip(&**bias)
+                                .for_each(|(k, &b)| *k += b as f64);
+                            (0.0, 1.0)
+                        }
+                        &Router::SoftmaxGroups {
+                            groups,
+                            topk_group,
+                            scale,
+                        } => {
+                            mask_groups(&mut key, groups, topk_group, 1);
+                            (0.0, scale)
+                        }
+                        _ => (0.0, 1.0),
                     }
-                    (0.0, 1.0)
                 }
                 Router::Sigmoid {
                     bias,
@@ -115,7 +136,7 @@ impl Routing {
                         *p = 1.0 / (1.0 + (-(v as f64)).exp());
                         *k = *p + b as f64;
                     }
-                    mask_groups(&mut key, *groups, *topk_group);
+                    mask_groups(&mut key, *groups, *topk_group, 2);
                     (1e-20, *scale)
                 }
             };
@@ -136,9 +157,10 @@ impl Routing {
             experts,
             top_k,
             normalise,
-            sigmoid: match router {
-                Router::Softmax | Router::SoftmaxBiased { .. } => None,
-                Router::Sigmoid { scale, .. } => Some(*scale),
+            sigmoid: matches!(router, Router::Sigmoid { .. }),
+            scale: match router {
+                Router::Softmax | Router::SoftmaxBiased { .. } => 1.0,
+                Router::SoftmaxGroups { scale, .. } | Router::Sigmoid { scale, .. } => *scale,
             },
             probs,
             chosen,
@@ -157,8 +179,8 @@ impl Routing {
         let (e_n, k) = (self.experts, self.top_k);
         let n = self.probs.len() / e_n;
         let (eps, c) = match self.sigmoid {
-            Some(scale) => (1e-20, scale),
-            None => (0.0, 1.0),
+            true => (1e-20, self.scale),
+            false => (0.0, self.scale),
         };
         // Each row's slot in its experts' lists: the rows are pushed in order, so a cursor per expert.
         let mut cursor = vec![0usize; e_n];
@@ -184,12 +206,12 @@ impl Routing {
             }
             let d = &mut dz[r * e_n..(r + 1) * e_n];
             match self.sigmoid {
-                Some(_) => {
+                true => {
                     for ((d, &p), &dp) in d.iter_mut().zip(p).zip(&dp) {
                         *d = (p * (1.0 - p) * dp) as f32;
                     }
                 }
-                None => {
+                false => {
                     let dot_p: f64 = top.iter().map(|&e| p[e] * dp[e]).sum();
                     for ((d, &p), &dp) in d.iter_mut().zip(p).zip(&dp) {
                         *d = (p * (dp - dot_p)) as f32;
@@ -201,28 +223,18 @@ impl Routing {
     }
 }
 
-/// Keep the experts of the `keep` of `groups` equal groups whose two highest keys sum highest (one
-/// expert to a group: its key), setting the others' keys to −∞ (DeepSeek-V3's group-limited choice;
-/// ties to the lower group).
-fn mask_groups(key: &mut [f64], groups: usize, keep: usize) {
+/// Keep the experts of the `keep` of `groups` equal groups whose `best` highest keys sum highest (all of
+/// a smaller group's), setting the others' keys to −∞ (the group-limited choice: DeepSeek-V3's by the
+/// two best, DeepSeek-V2's by the best; ties to the lower group).
+fn mask_groups(key: &mut [f64], groups: usize, keep: usize, best: usize) {
     if keep >= groups {
         return;
     }
     let size = key.len() / groups;
     let score = |g: &[f64]| {
-        let (mut a, mut b) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-        for &v in g {
-            if v > a {
-                (a, b) = (v, a);
-            } else if v > b {
-                b = v;
-            }
-        }
-        if size == 1 {
-            a
-        } else {
-            a + b
-        }
+        let mut sorted = g.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        sorted.iter().take(best).sum::<f64>()
     };
     let scores: Vec<f64> = key.chunks(size).map(score).collect();
     let mut order: Vec<usize> = (0..groups).collect();
@@ -484,10 +496,16 @@ mod tests {
         let biased = Router::SoftmaxBiased {
             bias: (0..e).map(|_| 0.1 * rnd() as f32).collect(),
         };
+        let grouped = Router::SoftmaxGroups {
+            groups: 4,
+            topk_group: 2,
+            scale: 16.0,
+        };
         for (normalise, router) in [
             (false, Router::Softmax),
             (true, Router::Softmax),
             (true, biased),
+            (false, grouped),
             (false, sigmoid.clone()),
             (true, sigmoid),
         ] {
@@ -555,6 +573,26 @@ mod tests {
             (row0 - 1.0).abs() < 1e-6,
             "renormalised weights sum to {row0}"
         );
+    }
+
+    /// DeepSeek-V2's group-limited greedy choice: the groups by their best probability (not their best
+    /// two), the weights the probabilities (not renormalised) × the scale.
+    #[test]
+    fn grouped_softmax_routing_picks_inside_the_groups_with_the_best_expert() {
+        // Groups {0, 1}, {2, 3}, {4, 5}: by best probability group 1 (expert 2) then group 2 (expert 4);
+        // by the best two, group 2 (4 and 5) would lead and group 0 (0 and 1) come before group 1.
+        let logits = [1.0f32, 0.9, 3.0, -3.0, 2.0, 1.9];
+        let router = Router::SoftmaxGroups {
+            groups: 3,
+            topk_group: 2,
+            scale: 16.0,
+        };
+        let r = Routing::with(&logits, 6, 3, false, &router);
+        assert_eq!(r.chosen, vec![2, 4, 5]);
+        let sum: f64 = logits.iter().map(|&z| (z as f64).exp()).sum();
+        let p = |i: usize| (logits[i] as f64).exp() / sum;
+        assert!((r.weights[2][0] as f64 - 16.0 * p(2)).abs() < 1e-5);
+        assert!((r.weights[5][0] as f64 - 16.0 * p(5)).abs() < 1e-5);
     }
 
     /// σ routing as GLM-4.5 / DeepSeek-V3 route: the choice by σ + bias inside the best groups (by their

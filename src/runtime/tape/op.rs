@@ -549,6 +549,57 @@ impl<D: Device> TapeOp<D> for Columns {
     }
 }
 
+/// out = the parts' column blocks placed in its rows: part `x`'s row of blocks goes, block `g` at column
+/// `g · stride + offset` of out's row ([`Device::column_blocks_backward`] into the zeroed output); the
+/// inverse of [`Columns`]. Columns no part covers stay zero. A part may be placed more than once (one
+/// block per row, `stride` the whole row: DeepSeek's rotary key shared by every head). The backward
+/// gathers each part's gradient back ([`Device::column_blocks_forward`]) and keeps nothing.
+#[derive(Clone, Debug)]
+pub struct Place {
+    pub parts: Vec<(BufId, ColumnBlocks)>,
+    pub out: BufId,
+}
+
+impl<D: Device> TapeOp<D> for Place {
+    fn io(&self) -> OpIo {
+        let mut inputs: Vec<BufId> = self.parts.iter().map(|p| p.0).collect();
+        inputs.sort_unstable();
+        inputs.dedup();
+        OpIo {
+            kind: "place",
+            inputs,
+            outputs: vec![self.out],
+            saved: vec![],
+            params: vec![],
+        }
+    }
+    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
+        let width = t.bufs[self.out].cols;
+        t.write_output(self.out, |t, y| {
+            for &(x, blocks) in &self.parts {
+                t.dev.column_blocks_backward(t.data(x), width, blocks, y)?;
+            }
+            Ok(())
+        })
+    }
+    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
+        if !t.has_grad(self.out) {
+            return Ok(());
+        }
+        let width = t.bufs[self.out].cols;
+        for &(x, blocks) in &self.parts {
+            let mut part = t.pool.alloc(&t.dev, t.len_of(x))?;
+            let r = t
+                .dev
+                .column_blocks_forward(t.grad(self.out), width, blocks, &mut part)
+                .and_then(|()| t.write_grad(x, |t, dx| t.dev.accumulate(dx, &part)));
+            t.pool.release(&t.dev, part);
+            r?;
+        }
+        Ok(())
+    }
+}
+
 /// out = a + b (the residual connections). The backward keeps nothing.
 #[derive(Clone, Debug)]
 pub struct Add {
