@@ -83,6 +83,14 @@ CASES = {
     + PINNED,
     "deepseek_v3_q_proj": ONE_BY_GRADNORM,
     "deepseek_v2_grouped": ONE_BY_GRADNORM,
+    "nemotron_layernorm1p": ONE_BY_GRADNORM,
+    # GLM-4.7-Flash and dots1: two of three layers out (mlp_layer_types sliced; first_k_dense_replace
+    # and max_window_layers rewritten).
+    "glm4_moe_lite_mla": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
+    + PINNED,
+    "youtu_mla": ONE_BY_GRADNORM,
+    "dots1_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
+    + PINNED,
     # GLM-4.5: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).
     "glm4_moe_sigmoid": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
     + PINNED,

@@ -418,6 +418,15 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, norm_epsilon=1e-5, sliding_window=6,
                   rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
          full_attention_loss=True, seed=19),
+    # Nemotron (Minitron, Nemotron-Mini): LayerNorm1P (LayerNorms with biases, gains 1 + w), a plain MLP
+    # up_proj → ReLU² → down_proj, the rotary embedding on half of each head (the class default), heads
+    # of 12 (head_dim ≠ hidden / heads), GQA, biases on the attention and the MLP, untied.
+    dict(name="nemotron_layernorm1p", model_type="nemotron", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=12, vocab_size=128, norm_eps=1e-5,
+                  attention_bias=True, mlp_bias=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=60),
     # GLM-4.5 (glm4_moe): σ routing with a random correction bias, 8 experts in 4 groups of which the
     # best 2 are searched, top 3 renormalised and × 2.5 (routed_scaling_factor), one shared expert, layer
     # 0 dense (first_k_dense_replace), q/k/v biases, per-head q/k RMSNorms, half of each head rotary
@@ -461,6 +470,36 @@ FIXTURES = [
                                        original_max_position_embeddings=16, mscale=0.707,
                                        mscale_all_dim=0.707, beta_fast=32, beta_slow=1)),
          seed=59),
+    # GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's MLA (values as wide as queries: 8 + 4) with GLM-4.5's
+    # σ routing (6 experts, top 2 renormalised × 1.8, one shared expert), the sparse layers by
+    # mlp_layer_types (layers 0 and 2 dense), untied.
+    dict(name="glm4_moe_lite_mla", model_type="glm4_moe_lite", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-5, q_lora_rank=16,
+                  kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                  n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                  routed_scaling_factor=1.8, mlp_layer_types=["dense", "sparse", "dense"],
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=61),
+    # Youtu-LLM: DeepSeek-V3's MLA (query bottleneck, values 6 of 12) with a dense LLaMA MLP, tied (the
+    # class default).
+    dict(name="youtu_mla", model_type="youtu", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-6, q_lora_rank=16,
+                  kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=62),
+    # dots.llm1 (dots1): Qwen3's attention (per-head q/k norms) with a window of 6 from layer 1 on
+    # (max_window_layers; config.json without layer_types, as the hub's), DeepSeek-V3's σ routing (8 experts in 2 groups, the best one searched, top 2
+    # renormalised × 2.5, 2 shared experts), layer 0 dense, untied.
+    dict(name="dots1_window", model_type="dots1", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-6,
+                  n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                  n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                  first_k_dense_replace=1, sliding_window=6, max_window_layers=1,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_layer_types=True, full_attention_loss=True, seed=63),
     # DeepSeek-V3's MLA without the query's bottleneck (q_lora_rank null: one q_proj, Moonlight's form),
     # rotate_half pairs (rope_interleave false), values as wide as queries (12), no rope scaling; every
     # MLP a mixture (first_k_dense_replace 0), one group, 2 shared experts, not renormalised, bf16.

@@ -321,6 +321,12 @@ fn sigmoid_routed_moe_match_transformers() {
     check_case("minimax_m2_sigmoid");
 }
 
+/// Nemotron's LayerNorm1P and ReLU² MLP.
+#[test]
+fn nemotron_matches_transformers() {
+    check_case("nemotron_layernorm1p");
+}
+
 /// DeepSeek-V3's latent attention, with the query's bottleneck and without; DeepSeek-V2's with its
 /// group-limited softmax router.
 #[test]
@@ -328,6 +334,14 @@ fn deepseek_mla_matches_transformers() {
     check_case("deepseek_v3_mla");
     check_case("deepseek_v3_q_proj");
     check_case("deepseek_v2_grouped");
+    check_case("glm4_moe_lite_mla");
+    check_case("youtu_mla");
+}
+
+/// dots.llm1: Qwen3's attention with windows past max_window_layers and DeepSeek-V3's router.
+#[test]
+fn dots1_matches_transformers() {
+    check_case("dots1_window");
 }
 
 /// ERNIE 4.5 MoE's softmax routing with a correction bias on the choice, its sparse layers restated.

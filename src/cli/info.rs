@@ -160,6 +160,9 @@ fn describe_block(c: &ModelConfig) -> String {
         ),
         BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
         BlockLayout::Arcee => format!("2 RMSNorms; MLP up → {act} → down"),
+        BlockLayout::Nemotron => {
+            format!("2 LayerNorms with biases, gains 1 + w; MLP up → {act} → down")
+        }
         BlockLayout::GptJ => format!(
             "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
              (x + attn(ln x) + mlp(ln x)); MLP fc_in → {act} → fc_out; lm_head with a bias"

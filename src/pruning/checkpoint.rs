@@ -22,8 +22,8 @@
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
 use crate::runtime::config::{
-    ernie_moe_sparse_layers, pattern_layer_kinds, qwen_moe_sparse_layers, smollm3_rotary_layers,
-    text_config,
+    ernie_moe_sparse_layers, mlp_layer_types, pattern_layer_kinds, qwen_moe_sparse_layers,
+    smollm3_rotary_layers, text_config,
 };
 use crate::runtime::weights::{
     file_metadata, map_weights, stored_weights, tensor_view, weight_files, StoredWeight,
@@ -169,6 +169,16 @@ pub fn pruned_config(
             obj.insert("layer_types".into(), names.into());
         }
     }
+    // GLM-4.7-Flash without `mlp_layer_types` makes every layer but the first sparse: write the kinds out.
+    if model_type == Some("glm4_moe_lite") && obj.get("mlp_layer_types").is_none_or(|v| v.is_null())
+    {
+        let sparse = mlp_layer_types(decoder, old, path)?;
+        let kinds: Vec<serde_json::Value> = sparse
+            .iter()
+            .map(|&s| if s { "sparse" } else { "dense" }.into())
+            .collect();
+        obj.insert("mlp_layer_types".into(), kinds.into());
+    }
     // SmolLM3 without `no_rope_layers` derives each layer's rotary embedding from its position: write
     // them out too.
     if model_type == Some("smollm3") && obj.get("no_rope_layers").is_none_or(|v| v.is_null()) {
@@ -186,14 +196,15 @@ pub fn pruned_config(
     // Qwen2 and Qwen3 window layer l when l ≥ max_window_layers (without `layer_types`); GLM-4.5 and
     // DeepSeek-V2 and V3 make layer l sparse when l ≥ first_k_dense_replace. Kept layers stay in order, so
     // counting the kept layers below the old bound keeps every layer's own kind.
-    let bound = match model_type {
-        Some("qwen2" | "qwen3") => Some(("max_window_layers", 28)),
-        Some("glm4_moe") => Some(("first_k_dense_replace", 1)),
-        Some("deepseek_v3") => Some(("first_k_dense_replace", 3)),
-        Some("deepseek_v2") => Some(("first_k_dense_replace", 0)),
-        _ => None,
+    let bounds: &[(&str, u64)] = match model_type {
+        Some("qwen2" | "qwen3") => &[("max_window_layers", 28)],
+        Some("dots1") => &[("max_window_layers", 62), ("first_k_dense_replace", 0)],
+        Some("glm4_moe") => &[("first_k_dense_replace", 1)],
+        Some("deepseek_v3") => &[("first_k_dense_replace", 3)],
+        Some("deepseek_v2") => &[("first_k_dense_replace", 0)],
+        _ => &[],
     };
-    if let Some((key, default)) = bound {
+    for &(key, default) in bounds {
         let bound = obj.get(key).and_then(|v| v.as_u64()).unwrap_or(default) as usize;
         let below = kept.iter().filter(|&&i| i < bound).count();
         obj.insert(key.into(), below.into());
@@ -633,6 +644,23 @@ mod tests {
         assert_eq!(
             p["first_k_dense_replace"], 0,
             "the class default 1: layer 0 removed"
+        );
+        // GLM-4.7-Flash without mlp_layer_types: the kinds written out (layer 0 dense), then sliced.
+        let flash = serde_json::json!({"model_type": "glm4_moe_lite", "num_hidden_layers": 4});
+        let p = pruned_config(&flash, &[1, 2], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["mlp_layer_types"],
+            serde_json::json!(["sparse", "sparse"])
+        );
+        let p = pruned_config(&flash, &[0, 3], Path::new("config.json")).unwrap();
+        assert_eq!(p["mlp_layer_types"], serde_json::json!(["dense", "sparse"]));
+        // dots1: both bounds.
+        let dots = serde_json::json!({"model_type": "dots1", "num_hidden_layers": 4,
+                                      "first_k_dense_replace": 1, "max_window_layers": 2});
+        let p = pruned_config(&dots, &[0, 3], Path::new("config.json")).unwrap();
+        assert_eq!(
+            (&p["first_k_dense_replace"], &p["max_window_layers"]),
+            (&1.into(), &1.into())
         );
         // DeepSeek-V3's class default is 3.
         let bare = serde_json::json!({"model_type": "deepseek_v3", "num_hidden_layers": 6});

@@ -140,6 +140,9 @@ pub enum BlockLayout {
     Opt,
     /// Arcee (AFM): LLaMA's names and norms with a plain MLP `mlp.up_proj` → ReLU² → `mlp.down_proj`.
     Arcee,
+    /// Nemotron (Nemotron-4, Minitron, Nemotron-Mini): Arcee's names and plain MLP with LayerNorms
+    /// with biases whose gain is `1 + w` (LayerNorm1P, `norm_offset` 1).
+    Nemotron,
     /// OLMo (1): LLaMA's names and gated MLP with LayerNorms without parameters (no weight, no bias:
     /// the gain is `norm_offset`, 1).
     Olmo,
@@ -217,6 +220,7 @@ impl BlockLayout {
         match self {
             BlockLayout::Llama
             | BlockLayout::Arcee
+            | BlockLayout::Nemotron
             | BlockLayout::Olmo
             | BlockLayout::StableLm
             | BlockLayout::Cohere => "self_attn.o_proj",
@@ -293,7 +297,7 @@ impl BlockLayout {
             | BlockLayout::StableLm
             | BlockLayout::Cohere
             | BlockLayout::InternLm2 => None,
-            BlockLayout::Arcee => Some(("mlp.up_proj", "mlp.down_proj")),
+            BlockLayout::Arcee | BlockLayout::Nemotron => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
             BlockLayout::Starcoder2 | BlockLayout::GptBigCode => Some(("mlp.c_fc", "mlp.c_proj")),
@@ -811,7 +815,7 @@ impl ModelConfig {
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
-             ernie4_5_moe, deepseek_v2, deepseek_v3";
+             ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -931,15 +935,25 @@ impl ModelConfig {
             "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2" => 128,
             _ => hidden_size / num_attention_heads,
         };
-        // DeepSeek-V2's and V3's heads are MLA's (their configs' `head_dim` is the rotary part's width).
-        let deepseek = matches!(model_type.as_str(), "deepseek_v2" | "deepseek_v3");
+        // DeepSeek-V2's and V3's heads are MLA's, GLM-4.7-Flash's and Youtu's too (their configs'
+        // `head_dim` is the rotary part's width).
+        let deepseek = matches!(
+            model_type.as_str(),
+            "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "youtu"
+        );
         let mla = match deepseek {
-            true => Some(parse_mla(
-                v,
-                num_attention_heads,
-                num_key_value_heads,
-                path,
-            )?),
+            true => {
+                let defaults = match model_type.as_str() {
+                    "glm4_moe_lite" => GLM4_MOE_LITE_MLA,
+                    _ => DEEPSEEK_MLA,
+                };
+                Some(parse_mla(
+                    v,
+                    [num_attention_heads, num_key_value_heads],
+                    defaults,
+                    path,
+                )?)
+            }
             false => None,
         };
         let head_dim = match mla {
@@ -990,7 +1004,10 @@ impl ModelConfig {
             || ernie
             || model_type == "helium"
             || model_type == "deepseek_v2"
-            || model_type == "deepseek_v3" && opt_bool(v, "rope_interleave", path)?.unwrap_or(true);
+            || matches!(
+                model_type.as_str(),
+                "deepseek_v3" | "glm4_moe_lite" | "youtu"
+            ) && opt_bool(v, "rope_interleave", path)?.unwrap_or(true);
         // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
         let falcon_block = match bloom {
             // BLOOM's block is Falcon's oldest one (Falcon-RW was trained with BLOOM's code).
@@ -1025,14 +1042,16 @@ impl ModelConfig {
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
-            | "deepseek_v3" => (attention_bias, attention_bias),
+            | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" => {
+                (attention_bias, attention_bias)
+            }
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = match model_type.as_str() {
-            "qwen3" | "gemma3_text" | "qwen3_moe" => QkNorm::PerHead,
+            "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" => QkNorm::Whole,
             "exaone4" => QkNorm::PerHead,
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
@@ -1080,6 +1099,7 @@ impl ModelConfig {
             "stablelm" => BlockLayout::StableLm,
             "olmo" => BlockLayout::Olmo,
             "arcee" => BlockLayout::Arcee,
+            "nemotron" => BlockLayout::Nemotron,
             "falcon" | "bloom" => BlockLayout::Falcon {
                 ln_pair: falcon_block == Some(FalconBlock::LnPair),
             },
@@ -1144,6 +1164,7 @@ impl ModelConfig {
                 match model_type.as_str() {
                     "gpt_neox" | "phi" | "stablelm" | "cohere" | "cohere2" => "layer_norm_eps",
                     "starcoder2" => "norm_epsilon",
+                    "nemotron" => "norm_eps",
                     _ => "rms_norm_eps",
                 },
                 path,
@@ -1170,6 +1191,8 @@ impl ModelConfig {
                         | "ernie4_5_moe"
                         | "arcee"
                         | "glm4_moe"
+                        | "nemotron"
+                        | "glm4_moe_lite"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1200,11 +1223,12 @@ impl ModelConfig {
                     || falcon
                     || bloom
                     || mpt
-                    || ernie,
+                    || ernie
+                    || model_type == "youtu",
             ),
             mlp_bias: matches!(
                 model_type.as_str(),
-                "llama" | "granite" | "internlm3" | "helium" | "seed_oss" | "arcee"
+                "llama" | "granite" | "internlm3" | "helium" | "seed_oss" | "arcee" | "nemotron"
             ) && mlp_bias
                 || ernie_bias
                 || neox
@@ -1217,8 +1241,12 @@ impl ModelConfig {
             fused_qkv: matches!(model_type.as_str(), "phi3" | "mpt"),
             fused_gate_up: matches!(model_type.as_str(), "phi3" | "glm" | "glm4"),
             activation,
-            // Gemma's gain is 1 + w; OLMo's LayerNorms have no weight: a gain of 1.
-            norm_offset: if gemma || olmo { 1.0 } else { 0.0 },
+            // Gemma's and Nemotron's gain is 1 + w; OLMo's LayerNorms have no weight: a gain of 1.
+            norm_offset: if gemma || olmo || model_type == "nemotron" {
+                1.0
+            } else {
+                0.0
+            },
             embed_scale: if gemma {
                 (hidden_size as f64).sqrt() as f32
             } else {
@@ -1457,15 +1485,19 @@ fn parse_sliding_window(
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
         }
-        // Qwen3 windows its layers as Qwen2 does (use_sliding_window, max_window_layers, layer_types).
-        "qwen2" | "qwen3" => {
-            let w = if opt_bool(v, "use_sliding_window", path)?.unwrap_or(false) {
+        // Qwen3 windows its layers as Qwen2 does (use_sliding_window, max_window_layers, layer_types);
+        // dots1 too, without the switch (a window is on where `sliding_window` is not null) and with
+        // max_window_layers 62 by default.
+        "qwen2" | "qwen3" | "dots1" => {
+            let dots1 = model_type == "dots1";
+            let w = if dots1 || opt_bool(v, "use_sliding_window", path)?.unwrap_or(false) {
                 window()?
             } else {
                 None
             };
             let derived = || {
                 let first = match v.get("max_window_layers") {
+                    None if dots1 => 62,
                     None => CLASS_DEFAULT_MAX_WINDOW_LAYERS,
                     Some(_) => get_usize(v, "max_window_layers", path)?,
                 };
@@ -1901,13 +1933,15 @@ fn parse_moe(
     let (prefix, projections) = match model_type {
         "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" | "deepseek_v2"
-        | "deepseek_v3" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        | "deepseek_v3" | "glm4_moe_lite" | "dots1" => {
+            ("mlp", ["gate_proj", "up_proj", "down_proj"])
+        }
         _ => return Ok(None),
     };
     match model_type {
         "ernie4_5_moe" => return ernie4_5_moe(v, layers, (prefix, projections), path).map(Some),
         "deepseek_v2" => return deepseek_v2_moe(v, layers, (prefix, projections), path).map(Some),
-        "glm4_moe" | "deepseek_v3" => {
+        "glm4_moe" | "deepseek_v3" | "glm4_moe_lite" | "dots1" => {
             // The hub's DeepSeek-V3 configs name the router transformers' DeepseekV3 always runs;
             // another would be the original code's and not this one's.
             if model_type == "deepseek_v3" {
@@ -1922,6 +1956,8 @@ fn parse_moe(
             }
             let defaults = match model_type {
                 "glm4_moe" => &GLM4_MOE_DEFAULTS,
+                "glm4_moe_lite" => &GLM4_MOE_LITE_DEFAULTS,
+                "dots1" => &DOTS1_DEFAULTS,
                 _ => &DEEPSEEK_V3_MOE_DEFAULTS,
             };
             return grouped_sigmoid_moe(v, layers, (prefix, projections), defaults, path).map(Some);
@@ -2159,36 +2195,70 @@ fn deepseek_v2_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Re
 }
 
 /// The config class's defaults [`grouped_sigmoid_moe`] falls back on.
+/// `None` where the class has no usable default (the config must state the field).
 struct GroupedMoeDefaults {
-    experts: usize,
-    top_k: usize,
+    experts: Option<usize>,
+    top_k: Option<usize>,
     inter: usize,
     groups: usize,
     topk_group: usize,
-    dense: usize,
+    /// `first_k_dense_replace`'s; `None`: the class reads `mlp_layer_types` instead.
+    dense: Option<usize>,
     scale: f64,
+    shared: Option<usize>,
+    normalise: bool,
 }
 
 /// Glm4MoeConfig's.
 const GLM4_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
-    experts: 128,
-    top_k: 8,
+    experts: Some(128),
+    top_k: Some(8),
     inter: 1408,
     groups: 1,
     topk_group: 1,
-    dense: 1,
+    dense: Some(1),
     scale: 1.0,
+    shared: Some(1),
+    normalise: true,
+};
+
+/// Glm4MoeLiteConfig's (GLM-4.7-Flash).
+const GLM4_MOE_LITE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: Some(64),
+    top_k: Some(4),
+    inter: 1536,
+    groups: 1,
+    topk_group: 1,
+    dense: None,
+    scale: 1.8,
+    shared: Some(1),
+    normalise: true,
 };
 
 /// DeepseekV3Config's.
 const DEEPSEEK_V3_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
-    experts: 256,
-    top_k: 8,
+    experts: Some(256),
+    top_k: Some(8),
     inter: 2048,
     groups: 8,
     topk_group: 4,
-    dense: 3,
+    dense: Some(3),
     scale: 2.5,
+    shared: Some(1),
+    normalise: true,
+};
+
+/// Dots1Config's (dots.llm1).
+const DOTS1_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: None,
+    top_k: None,
+    inter: 1408,
+    groups: 1,
+    topk_group: 1,
+    dense: Some(0),
+    scale: 1.0,
+    shared: None,
+    normalise: false,
 };
 
 /// DeepSeek-V3's mixture (GLM-4.5's too), from the config's fields, absent ones the config class's
@@ -2205,24 +2275,33 @@ fn grouped_sigmoid_moe(
     path: &Path,
 ) -> Result<Moe> {
     let (prefix, projections) = names;
-    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let size = |key: &str, default: Option<usize>| match default {
+        Some(d) => size_within(v, key, d, path),
+        None => get_size(v, key, MAX_SIZE, path),
+    };
     let (experts, top_k, inter) = (
         size("n_routed_experts", defaults.experts)?,
         size("num_experts_per_tok", defaults.top_k)?,
-        size("moe_intermediate_size", defaults.inter)?,
+        size("moe_intermediate_size", Some(defaults.inter))?,
     );
-    let (groups, topk_group, dense) = (
-        size("n_group", defaults.groups)?,
-        size("topk_group", defaults.topk_group)?,
-        size("first_k_dense_replace", defaults.dense)?,
+    let (groups, topk_group) = (
+        size("n_group", Some(defaults.groups))?,
+        size("topk_group", Some(defaults.topk_group))?,
     );
     let scale = opt_f64(v, "routed_scaling_factor", path)?.unwrap_or(defaults.scale);
     check_groups(top_k, [topk_group, groups, experts], scale, path)?;
-    let shared = size("n_shared_experts", 1)?;
+    let shared = size("n_shared_experts", defaults.shared)?;
+    let sparse_layers = match defaults.dense {
+        Some(dense) => {
+            let dense = size("first_k_dense_replace", Some(dense))?;
+            (0..layers).map(|l| l >= dense).collect()
+        }
+        None => mlp_layer_types(v, layers, path)?,
+    };
     Ok(Moe {
         experts,
         top_k,
-        normalise: opt_bool(v, "norm_topk_prob", path)?.unwrap_or(true),
+        normalise: opt_bool(v, "norm_topk_prob", path)?.unwrap_or(defaults.normalise),
         inter,
         shared: (shared > 0).then_some(SharedExpert {
             module: "mlp.shared_experts",
@@ -2235,10 +2314,48 @@ fn grouped_sigmoid_moe(
             scale,
             bias: "mlp.gate.e_score_correction_bias",
         },
-        sparse_layers: (0..layers).map(|l| l >= dense).collect(),
+        sparse_layers,
         prefix,
         projections,
     })
+}
+
+/// GLM-4.7-Flash's sparse layers (true: the mixture), as Glm4MoeLiteConfig reads them: `mlp_layer_types`
+/// ("dense" or "sparse" per layer), absent: every layer but the first. A `first_k_dense_replace` other
+/// than 1 without them is refused: transformers ignores it, the checkpoint's layers would not.
+pub fn mlp_layer_types(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let Some(types) = v.get("mlp_layer_types").filter(|t| !t.is_null()) else {
+        if let Some(k) = opt_usize(v, "first_k_dense_replace", path)?.filter(|&k| k != 1) {
+            return Err(model_err(
+                path,
+                format!(
+                    "field 'first_k_dense_replace' is {k} and there is no 'mlp_layer_types' (which \
+                     transformers reads: only the first layer dense); state 'mlp_layer_types'"
+                ),
+            ));
+        }
+        return Ok((0..layers).map(|l| l > 0).collect());
+    };
+    let kinds = types
+        .as_array()
+        .filter(|a| a.len() == layers)
+        .ok_or_else(|| {
+            model_err(
+                path,
+                format!("field 'mlp_layer_types' is not a list of {layers} layer kinds"),
+            )
+        })?;
+    kinds
+        .iter()
+        .map(|k| match k.as_str() {
+            Some("sparse") => Ok(true),
+            Some("dense") => Ok(false),
+            _ => Err(model_err(
+                path,
+                format!("field 'mlp_layer_types' holds {k}, not \"dense\" or \"sparse\""),
+            )),
+        })
+        .collect()
 }
 
 /// Which layers of config `v` use the window `w`: the kinds `layer_types` names, else the `derived` ones
@@ -2394,7 +2511,8 @@ fn parse_rope(
     let default_partial = match model_type {
         "gpt_neox" | "stablelm" => 0.25,
         "glm" | "glm4" | "glm4_moe" => 0.5,
-        "phi" => 0.5,
+        // NemotronConfig's default.
+        "phi" | "nemotron" => 0.5,
         _ => 1.0,
     };
     let (theta_key, partial_key) = match neox {
@@ -2433,6 +2551,7 @@ fn parse_rope(
             | "minimax_m2"
             | "gptj"
             | "codegen"
+            | "nemotron"
     ) && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -2485,23 +2604,41 @@ fn mla_softmax_scale(v: &Value, head_dim: usize, path: &Path) -> Result<Option<f
     ))
 }
 
-/// DeepSeek-V2's and V3's multi-head latent attention from their config classes' fields and defaults: `q_lora_rank`
-/// (1536; null: one `q_proj`), `kv_lora_rank` (512), `qk_nope_head_dim` (128), `qk_rope_head_dim`
-/// (64), `v_head_dim` (128). Refused: `num_key_value_heads` other than `num_attention_heads` (the
+/// DeepSeek-V2's and V3's MLA config classes' defaults (Youtu's too).
+const DEEPSEEK_MLA: Mla = Mla {
+    q_lora_rank: Some(1536),
+    kv_lora_rank: 512,
+    nope: 128,
+    rope: 64,
+    v: 128,
+};
+
+/// Glm4MoeLiteConfig's (GLM-4.7-Flash).
+const GLM4_MOE_LITE_MLA: Mla = Mla {
+    q_lora_rank: Some(768),
+    kv_lora_rank: 512,
+    nope: 192,
+    rope: 64,
+    v: 256,
+};
+
+/// Multi-head latent attention from the config's fields, absent ones the config class's `defaults`
+/// ([`DEEPSEEK_MLA`]: `q_lora_rank` 1536 (null: one `q_proj`), `kv_lora_rank` 512,
+/// `qk_nope_head_dim` 128, `qk_rope_head_dim` 64, `v_head_dim` 128). Refused: `num_key_value_heads` other than `num_attention_heads` (the
 /// latent gives every head its key and value; transformers' attention would not run it either), and a
 /// value wider than a query.
-fn parse_mla(v: &Value, heads: usize, kv_heads: usize, path: &Path) -> Result<Mla> {
+fn parse_mla(v: &Value, [heads, kv_heads]: [usize; 2], defaults: Mla, path: &Path) -> Result<Mla> {
     let size = |key: &str, default: usize| size_within(v, key, default, path);
-    let q_lora_rank = match v.get("q_lora_rank") {
-        Some(Value::Null) => None,
-        _ => Some(size("q_lora_rank", 1536)?),
+    let q_lora_rank = match (v.get("q_lora_rank"), defaults.q_lora_rank) {
+        (Some(Value::Null), _) | (None, None) => None,
+        (_, default) => Some(size("q_lora_rank", default.unwrap_or(0))?),
     };
     let mla = Mla {
         q_lora_rank,
-        kv_lora_rank: size("kv_lora_rank", 512)?,
-        nope: size("qk_nope_head_dim", 128)?,
-        rope: size("qk_rope_head_dim", 64)?,
-        v: size("v_head_dim", 128)?,
+        kv_lora_rank: size("kv_lora_rank", defaults.kv_lora_rank)?,
+        nope: size("qk_nope_head_dim", defaults.nope)?,
+        rope: size("qk_rope_head_dim", defaults.rope)?,
+        v: size("v_head_dim", defaults.v)?,
     };
     if kv_heads != heads {
         return Err(model_err(
@@ -2624,7 +2761,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gptj" | "codegen" => ("activation_function", "gelu_new"),
         "gpt_bigcode" => ("activation_function", "gelu_pytorch_tanh"),
         "mpt" => ("", "gelu"),
-        "arcee" => ("hidden_act", "relu2"),
+        "arcee" | "nemotron" => ("hidden_act", "relu2"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -2653,7 +2790,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu" if matches!(model_type, "gpt2" | "opt" | "gpt_bigcode") => Ok(Activation::Gelu),
         "relu" if model_type == "opt" => Ok(Activation::Relu),
         "gelu" if matches!(model_type, "falcon" | "mpt") => Ok(Activation::Gelu),
-        "relu2" if model_type == "arcee" => Ok(Activation::Relu2),
+        "relu2" if matches!(model_type, "arcee" | "nemotron") => Ok(Activation::Relu2),
         _ => Err(model_err(
             path,
             format!(
@@ -3640,6 +3777,132 @@ mod tests {
             let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
             assert!(e.contains(what), "{key}: {e}");
         }
+    }
+
+    /// Minitron-4B's hub config (nemotron, 4.x form): LayerNorm1P, ReLU², half of each 128-value head
+    /// rotary, no biases; the class defaults (ReLU², half rotary, eps 1e-5) when the config is silent.
+    #[test]
+    fn nemotron_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "architectures": ["NemotronForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 2, "eos_token_id": 3, "head_dim": 128,
+            "hidden_act": "relu2", "hidden_size": 3072, "initializer_range": 0.0134,
+            "intermediate_size": 9216, "max_position_embeddings": 4096, "mlp_bias": false,
+            "model_type": "nemotron", "norm_eps": 1e-05, "num_attention_heads": 24,
+            "num_hidden_layers": 32, "num_key_value_heads": 8, "partial_rotary_factor": 0.5,
+            "rope_theta": 10000, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+            "vocab_size": 256000
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(c.layout, BlockLayout::Nemotron);
+        assert!(c.layout.layer_norm() && c.layout.norm_bias());
+        assert_eq!(
+            (c.head_dim, c.rotary_dim, c.norm_offset, c.rms_norm_eps),
+            (128, 64, 1.0, 1e-5)
+        );
+        assert_eq!(c.activation, Activation::Relu2);
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.tie_word_embeddings);
+        let mut bare = hub.clone();
+        for key in [
+            "hidden_act",
+            "partial_rotary_factor",
+            "norm_eps",
+            "head_dim",
+        ] {
+            bare.as_object_mut().unwrap().remove(key);
+        }
+        let c = ModelConfig::from_json(&bare, p).unwrap();
+        assert_eq!(
+            (c.head_dim, c.rotary_dim, c.rms_norm_eps, c.activation),
+            (128, 64, 1e-5, Activation::Relu2)
+        );
+    }
+
+    /// GLM-4.7-Flash (glm4_moe_lite), Youtu-LLM and dots.llm1 configs stating little: their config
+    /// classes' defaults (GLM-4.7-Flash's MLA and router, every layer but the first sparse; Youtu's
+    /// DeepSeek MLA, dense, tied; dots1's required expert counts, windows past max_window_layers).
+    #[test]
+    fn glm4_moe_lite_youtu_and_dots1_defaults() {
+        let p = Path::new("config.json");
+        let base = |model_type: &str| {
+            serde_json::json!({"model_type": model_type, "vocab_size": 1000, "hidden_size": 64,
+                               "intermediate_size": 128, "num_hidden_layers": 4,
+                               "num_attention_heads": 4, "num_key_value_heads": 4})
+        };
+        let c = ModelConfig::from_json(&base("glm4_moe_lite"), p).unwrap();
+        assert_eq!(c.mla, Some(GLM4_MOE_LITE_MLA));
+        assert_eq!(
+            (c.head_dim, c.attention_width(), c.rms_norm_eps),
+            (256, 1024, 1e-5)
+        );
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (64, 4, 1536, true)
+        );
+        assert!(matches!(m.router, MoeRouter::Sigmoid { groups: 1, scale, .. } if scale == 1.8));
+        assert_eq!(m.sparse_layers, [false, true, true, true]);
+        let mut listed = base("glm4_moe_lite");
+        listed["mlp_layer_types"] = serde_json::json!(["sparse", "dense", "sparse", "dense"]);
+        let c = ModelConfig::from_json(&listed, p).unwrap();
+        assert_eq!(c.moe.unwrap().sparse_layers, [true, false, true, false]);
+        for (key, value, what) in [
+            (
+                "first_k_dense_replace",
+                serde_json::json!(3),
+                "state 'mlp_layer_types'",
+            ),
+            (
+                "mlp_layer_types",
+                serde_json::json!(["dense"]),
+                "not a list of 4",
+            ),
+            (
+                "mlp_layer_types",
+                serde_json::json!(["dense", "moe", "dense", "dense"]),
+                "\"moe\"",
+            ),
+        ] {
+            let mut v = base("glm4_moe_lite");
+            v[key] = value;
+            let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+            assert!(e.contains(what), "{key}: {e}");
+        }
+
+        let c = ModelConfig::from_json(&base("youtu"), p).unwrap();
+        assert_eq!(c.mla, Some(DEEPSEEK_MLA));
+        assert!(c.moe.is_none() && c.tie_word_embeddings);
+        assert_eq!(c.rope_pairs, RopePairs::Interleaved);
+
+        let e = ModelConfig::from_json(&base("dots1"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("n_routed_experts"), "{e}");
+        let mut dots = base("dots1");
+        for (key, value) in [
+            ("n_routed_experts", 8),
+            ("num_experts_per_tok", 2),
+            ("n_shared_experts", 2),
+            ("first_k_dense_replace", 1),
+            ("max_window_layers", 2),
+            ("head_dim", 16),
+        ] {
+            dots[key] = value.into();
+        }
+        let c = ModelConfig::from_json(&dots, p).unwrap();
+        assert_eq!(c.qk_norm, QkNorm::PerHead);
+        assert_eq!(c.sliding_window, Some(4096), "the class default window");
+        assert_eq!(c.sliding_layers, [false, false, true, true]);
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(
+            (m.normalise, m.sparse_layers.as_slice()),
+            (false, &[false, true, true, true][..])
+        );
+        assert_eq!(m.shared.as_ref().map(|s| s.inter), Some(2816));
+        dots["sliding_window"] = Value::Null;
+        let c = ModelConfig::from_json(&dots, p).unwrap();
+        assert_eq!((c.sliding_window, c.sliding_layers), (None, vec![false; 4]));
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

@@ -294,6 +294,7 @@ impl TensorNames {
         match layout {
             BlockLayout::Llama
             | BlockLayout::Arcee
+            | BlockLayout::Nemotron
             | BlockLayout::Olmo
             | BlockLayout::Starcoder2
             | BlockLayout::StableLm
