@@ -89,6 +89,9 @@ CASES = {
     "glm4_moe_lite_mla": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
     + PINNED,
     "youtu_mla": ONE_BY_GRADNORM,
+    # MiniCPM3: scale_depth rewritten so that each kept layer's residual scale (scale_depth / √layers)
+    # stays the same.
+    "minicpm3_scaled": ONE_BY_GRADNORM,
     "dots1_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
     + PINNED,
     # GLM-4.5: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).

@@ -500,6 +500,19 @@ FIXTURES = [
                   first_k_dense_replace=1, sliding_window=6, max_window_layers=1,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          drop_layer_types=True, full_attention_loss=True, seed=63),
+    # MiniCPM3: DeepSeek-V2's MLA with rotate_half pairs (values hidden / heads = 8 wide, queries 8 + 4),
+    # LongRoPE on the 4 rotary values (long factors past 8 tokens), the embeddings × scale_emb 12, each
+    # residual branch × scale_depth 1.4 / √3, the lm_head's input × dim_model_base 8 / hidden 32, a
+    # LLaMA MLP, tied.
+    dict(name="minicpm3_scaled", model_type="minicpm3", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-5, q_lora_rank=16,
+                  kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=None,
+                  scale_emb=12, scale_depth=1.4, dim_model_base=8, max_position_embeddings=64,
+                  rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                       short_factor=[1.0, 1.25], long_factor=[1.5, 2.0],
+                                       original_max_position_embeddings=8)),
+         seed=64),
     # DeepSeek-V3's MLA without the query's bottleneck (q_lora_rank null: one q_proj, Moonlight's form),
     # rotate_half pairs (rope_interleave false), values as wide as queries (12), no rope scaling; every
     # MLP a mixture (first_k_dense_replace 0), one group, 2 shared experts, not renormalised, bf16.

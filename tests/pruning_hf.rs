@@ -336,6 +336,7 @@ fn deepseek_mla_matches_transformers() {
     check_case("deepseek_v2_grouped");
     check_case("glm4_moe_lite_mla");
     check_case("youtu_mla");
+    check_case("minicpm3_scaled");
 }
 
 /// dots.llm1: Qwen3's attention with windows past max_window_layers and DeepSeek-V3's router.

@@ -169,6 +169,17 @@ pub fn pruned_config(
             obj.insert("layer_types".into(), names.into());
         }
     }
+    // MiniCPM3 scales each residual branch by scale_depth / √layers: keep the kept layers' scale.
+    if model_type == Some("minicpm3") {
+        match obj.get("scale_depth") {
+            Some(serde_json::Value::Null) => {}
+            depth => {
+                let depth = depth.and_then(|d| d.as_f64()).unwrap_or(1.4);
+                let kept_depth = depth * (kept.len() as f64 / old as f64).sqrt();
+                obj.insert("scale_depth".into(), kept_depth.into());
+            }
+        }
+    }
     // GLM-4.7-Flash without `mlp_layer_types` makes every layer but the first sparse: write the kinds out.
     if model_type == Some("glm4_moe_lite") && obj.get("mlp_layer_types").is_none_or(|v| v.is_null())
     {
@@ -662,6 +673,18 @@ mod tests {
             (&p["first_k_dense_replace"], &p["max_window_layers"]),
             (&1.into(), &1.into())
         );
+        // MiniCPM3: scale_depth / √layers kept (absent: the class default 1.4); null stays null.
+        let minicpm = serde_json::json!({"model_type": "minicpm3", "num_hidden_layers": 8});
+        let p = pruned_config(&minicpm, &[0, 2, 5, 7], Path::new("config.json")).unwrap();
+        let kept_scale = p["scale_depth"].as_f64().unwrap() / 4f64.sqrt();
+        assert!(
+            (kept_scale - 1.4 / 8f64.sqrt()).abs() < 1e-15,
+            "{kept_scale}"
+        );
+        let null = serde_json::json!({"model_type": "minicpm3", "num_hidden_layers": 8,
+                                      "scale_depth": null});
+        let p = pruned_config(&null, &[0, 2], Path::new("config.json")).unwrap();
+        assert!(p["scale_depth"].is_null());
         // DeepSeek-V3's class default is 3.
         let bare = serde_json::json!({"model_type": "deepseek_v3", "num_hidden_layers": 6});
         let p = pruned_config(&bare, &[0, 2, 3, 5], Path::new("config.json")).unwrap();

@@ -815,7 +815,7 @@ impl ModelConfig {
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
-             ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1";
+             ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -939,12 +939,16 @@ impl ModelConfig {
         // `head_dim` is the rotary part's width).
         let deepseek = matches!(
             model_type.as_str(),
-            "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "youtu"
+            "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "youtu" | "minicpm3"
         );
         let mla = match deepseek {
             true => {
                 let defaults = match model_type.as_str() {
                     "glm4_moe_lite" => GLM4_MOE_LITE_MLA,
+                    "minicpm3" => Mla {
+                        v: hidden_size / num_attention_heads,
+                        ..MINICPM3_MLA
+                    },
                     _ => DEEPSEEK_MLA,
                 };
                 Some(parse_mla(
@@ -1042,12 +1046,16 @@ impl ModelConfig {
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
-            | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" => {
+            | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3" => {
                 (attention_bias, attention_bias)
             }
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
+        let minicpm = match model_type.as_str() {
+            "minicpm3" => Some(minicpm3_scales(v, hidden_size, num_hidden_layers, path)?),
+            _ => None,
+        };
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = match model_type.as_str() {
@@ -1193,6 +1201,7 @@ impl ModelConfig {
                         | "glm4_moe"
                         | "nemotron"
                         | "glm4_moe_lite"
+                        | "minicpm3"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1224,7 +1233,7 @@ impl ModelConfig {
                     || bloom
                     || mpt
                     || ernie
-                    || model_type == "youtu",
+                    || matches!(model_type.as_str(), "youtu" | "minicpm3"),
             ),
             mlp_bias: matches!(
                 model_type.as_str(),
@@ -1247,14 +1256,14 @@ impl ModelConfig {
             } else {
                 0.0
             },
-            embed_scale: if gemma {
-                (hidden_size as f64).sqrt() as f32
-            } else {
-                embedding_multiplier.unwrap_or(1.0)
+            embed_scale: match minicpm {
+                _ if gemma => (hidden_size as f64).sqrt() as f32,
+                Some([scale_emb, ..]) => scale_emb,
+                None => embedding_multiplier.unwrap_or(1.0),
             },
             attn_scale: attn_scale.or(attention_multiplier),
-            residual_scale,
-            logits_scale,
+            residual_scale: residual_scale.or(minicpm.map(|m| m[1]).filter(|&m| m != 1.0)),
+            logits_scale: logits_scale.or(minicpm.map(|m| m[2]).filter(|&m| m != 1.0)),
             attn_softcap,
             final_softcap,
             block_norms: match model_type.as_str() {
@@ -2622,6 +2631,41 @@ const GLM4_MOE_LITE_MLA: Mla = Mla {
     v: 256,
 };
 
+/// MiniCPM3Config's (MiniCPM3-4B; `v_head_dim`'s default, hidden / heads, filled in by the caller).
+const MINICPM3_MLA: Mla = Mla {
+    q_lora_rank: Some(768),
+    kv_lora_rank: 256,
+    nope: 64,
+    rope: 32,
+    v: 0,
+};
+
+/// MiniCPM3's three scalings as MiniCPM3Config derives them: the embeddings × `scale_emb` (12), each
+/// residual branch × `scale_depth` (1.4; null: √layers) / √layers, the lm_head's input ×
+/// `dim_model_base` (256; null: hidden) / hidden.
+fn minicpm3_scales(v: &Value, hidden: usize, layers: usize, path: &Path) -> Result<[f32; 3]> {
+    let field = |key: &str, default: f64, null: f64| -> Result<f64> {
+        let x = match v.get(key) {
+            None => default,
+            Some(Value::Null) => null,
+            Some(_) => opt_f64(v, key, path)?.unwrap_or(default),
+        };
+        if !(x > 0.0 && x.is_finite()) {
+            return Err(model_err(
+                path,
+                format!("field '{key}' is {x}, not a positive number"),
+            ));
+        }
+        Ok(x)
+    };
+    let depth = (layers as f64).sqrt();
+    Ok([
+        field("scale_emb", 12.0, 1.0)? as f32,
+        (field("scale_depth", 1.4, depth)? / depth) as f32,
+        (field("dim_model_base", 256.0, hidden as f64)? / hidden as f64) as f32,
+    ])
+}
+
 /// Multi-head latent attention from the config's fields, absent ones the config class's `defaults`
 /// ([`DEEPSEEK_MLA`]: `q_lora_rank` 1536 (null: one `q_proj`), `kv_lora_rank` 512,
 /// `qk_nope_head_dim` 128, `qk_rope_head_dim` 64, `v_head_dim` 128). Refused: `num_key_value_heads` other than `num_attention_heads` (the
@@ -3903,6 +3947,53 @@ mod tests {
         dots["sliding_window"] = Value::Null;
         let c = ModelConfig::from_json(&dots, p).unwrap();
         assert_eq!((c.sliding_window, c.sliding_layers), (None, vec![false; 4]));
+    }
+
+    /// MiniCPM3-4B's shape (MiniCPM3Config's defaults, the hub's LongRoPE): MLA with rotate_half pairs on
+    /// 32 of 96 query values, values 2560 / 40 = 64 wide, LongRoPE's 16 factors, the embeddings × 12,
+    /// residual branches × 1.4 / √62, the lm_head's input × 256 / 2560; null scalings are the identity.
+    #[test]
+    fn minicpm3_config() {
+        let p = Path::new("config.json");
+        let factors: Vec<f64> = (0..16).map(|i| 1.0 + i as f64 / 8.0).collect();
+        let hub = serde_json::json!({
+            "model_type": "minicpm3", "vocab_size": 73448, "hidden_size": 2560,
+            "intermediate_size": 6400, "num_hidden_layers": 62, "num_attention_heads": 40,
+            "num_key_value_heads": 40, "max_position_embeddings": 32768, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "longrope", "long_factor": factors, "short_factor": factors,
+                             "original_max_position_embeddings": 32768}
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(
+            c.mla,
+            Some(Mla {
+                q_lora_rank: Some(768),
+                kv_lora_rank: 256,
+                nope: 64,
+                rope: 32,
+                v: 64
+            })
+        );
+        assert_eq!((c.head_dim, c.rotary_dim), (96, 32));
+        assert_eq!(c.rope_pairs, RopePairs::Halves);
+        assert!(matches!(c.rope_scaling, RopeScaling::LongRope { .. }));
+        assert_eq!(c.embed_scale, 12.0);
+        assert_eq!(c.residual_scale, Some((1.4 / 62f64.sqrt()) as f32));
+        assert_eq!(c.logits_scale, Some(0.1));
+        assert!(c.tie_word_embeddings && c.attn_scale.is_none());
+        let mut identity = hub.clone();
+        for key in ["scale_emb", "scale_depth", "dim_model_base"] {
+            identity[key] = Value::Null;
+        }
+        let c = ModelConfig::from_json(&identity, p).unwrap();
+        assert_eq!(
+            (c.embed_scale, c.residual_scale, c.logits_scale),
+            (1.0, None, None)
+        );
+        let mut bad = hub.clone();
+        bad["scale_depth"] = (-1.0).into();
+        let e = ModelConfig::from_json(&bad, p).unwrap_err().to_string();
+        assert!(e.contains("scale_depth"), "{e}");
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

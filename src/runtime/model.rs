@@ -476,9 +476,12 @@ impl Model {
         // Gemma multiplies the embedding by √hidden cast to the weights' dtype (transformers'
         // `embed_scale.to(self.weight.dtype)`, as the original JAX code casts it to the activations'):
         // a bf16 checkpoint's factor is √hidden rounded to bf16 (√3072 = 55.43 → 55.5).
-        // (Granite's embedding_multiplier is a Python float: the product is rounded, not the factor.)
+        // MiniCPM3's scale_emb likewise (its embedding is Gemma 3's). (Granite's embedding_multiplier is a
+        // Python float: the product is rounded, not the factor.)
         config.embed_scale = match weights.dtype(&names.embed) {
-            _ if !config.model_type.starts_with("gemma") => config.embed_scale,
+            _ if !config.model_type.starts_with("gemma") && config.model_type != "minicpm3" => {
+                config.embed_scale
+            }
             Some(safetensors::Dtype::BF16) => half::bf16::from_f32(config.embed_scale).to_f32(),
             Some(safetensors::Dtype::F16) => half::f16::from_f32(config.embed_scale).to_f32(),
             _ => config.embed_scale,
