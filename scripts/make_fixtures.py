@@ -418,6 +418,20 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, norm_epsilon=1e-5, sliding_window=6,
                   rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
          full_attention_loss=True, seed=19),
+    # EXAONE 3.5: LLaMA's block under the hub's names (transformer.h.{i}.attn.attention.*, ln_1, ln_2,
+    # mlp.c_fc_0 / c_fc_1 / c_proj, transformer.wte, transformer.ln_f; as transformers saves it), the
+    # hub's config names (num_layers, layer_norm_epsilon, activation_function, 4.x rope_theta and
+    # llama3 rope_scaling), GQA, tied.
+    dict(name="exaone_hub_names", model_type="exaone", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=1000000.0, factor=8.0,
+                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8)),
+         old_config=True,
+         rename_keys=dict(num_hidden_layers="num_layers", rms_norm_eps="layer_norm_epsilon",
+                          hidden_act="activation_function"),
+         reload=True, seed=65),
     # Nemotron (Minitron, Nemotron-Mini): LayerNorm1P (LayerNorms with biases, gains 1 + w), a plain MLP
     # up_proj → ReLU² → down_proj, the rotary embedding on half of each head (the class default), heads
     # of 12 (head_dim ≠ hidden / heads), GQA, biases on the attention and the MLP, untied.

@@ -321,6 +321,12 @@ fn sigmoid_routed_moe_match_transformers() {
     check_case("minimax_m2_sigmoid");
 }
 
+/// EXAONE 3.5 under the hub's tensor and config names.
+#[test]
+fn exaone_matches_transformers() {
+    check_case("exaone_hub_names");
+}
+
 /// Nemotron's LayerNorm1P and ReLU² MLP.
 #[test]
 fn nemotron_matches_transformers() {

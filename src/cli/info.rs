@@ -160,6 +160,10 @@ fn describe_block(c: &ModelConfig) -> String {
         ),
         BlockLayout::StableLm => format!("2 LayerNorms with biases; gated MLP ({act} gate)"),
         BlockLayout::Arcee => format!("2 RMSNorms; MLP up → {act} → down"),
+        BlockLayout::Exaone => format!(
+            "2 RMSNorms (ln_1, ln_2); gated MLP c_fc_0/c_fc_1/c_proj ({act} gate); LLaMA's block under \
+             EXAONE's names"
+        ),
         BlockLayout::Nemotron => {
             format!("2 LayerNorms with biases, gains 1 + w; MLP up → {act} → down")
         }

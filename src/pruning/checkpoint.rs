@@ -144,6 +144,8 @@ pub fn pruned_config(
         Some("gpt2" | "gpt_bigcode" | "bloom" | "gptj" | "codegen") => "n_layer",
         Some("mpt") => "n_layers",
         Some("falcon") if decoder.get("num_hidden_layers").is_none() => "n_layer",
+        // EXAONE's hub configs name it `num_layers` (ExaoneConfig's attribute_map).
+        Some("exaone") if decoder.get("num_hidden_layers").is_none() => "num_layers",
         _ => "num_hidden_layers",
     };
     let old = decoder
@@ -685,6 +687,13 @@ mod tests {
                                       "scale_depth": null});
         let p = pruned_config(&null, &[0, 2], Path::new("config.json")).unwrap();
         assert!(p["scale_depth"].is_null());
+        // EXAONE's hub configs count the layers as num_layers.
+        let exaone = serde_json::json!({"model_type": "exaone", "num_layers": 30});
+        let p = pruned_config(&exaone, &[0, 1, 2], Path::new("config.json")).unwrap();
+        assert_eq!(
+            (&p["num_layers"], p.get("num_hidden_layers")),
+            (&3.into(), None)
+        );
         // DeepSeek-V3's class default is 3.
         let bare = serde_json::json!({"model_type": "deepseek_v3", "num_hidden_layers": 6});
         let p = pruned_config(&bare, &[0, 2, 3, 5], Path::new("config.json")).unwrap();

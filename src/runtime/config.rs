@@ -140,6 +140,10 @@ pub enum BlockLayout {
     Opt,
     /// Arcee (AFM): LLaMA's names and norms with a plain MLP `mlp.up_proj` → ReLU² → `mlp.down_proj`.
     Arcee,
+    /// EXAONE 3.0 / 3.5: LLaMA's block under the hub's names, `attn.attention.{q,k,v,out}_proj`, RMSNorms
+    /// `ln_1`, `ln_2`, the gated MLP `mlp.c_fc_0` (gate), `mlp.c_fc_1` (up), `mlp.c_proj` (down), in
+    /// `transformer.h.…` (transformers renames them at load and back at save).
+    Exaone,
     /// Nemotron (Nemotron-4, Minitron, Nemotron-Mini): Arcee's names and plain MLP with LayerNorms
     /// with biases whose gain is `1 + w` (LayerNorm1P, `norm_offset` 1).
     Nemotron,
@@ -197,7 +201,7 @@ impl BlockLayout {
     pub fn layer_norm(self) -> bool {
         !matches!(
             self,
-            BlockLayout::Llama | BlockLayout::Arcee | BlockLayout::InternLm2
+            BlockLayout::Llama | BlockLayout::Arcee | BlockLayout::InternLm2 | BlockLayout::Exaone
         )
     }
 
@@ -232,6 +236,7 @@ impl BlockLayout {
             BlockLayout::Falcon { .. } => "self_attention.dense",
             BlockLayout::InternLm2 => "attention.wo",
             BlockLayout::Mpt | BlockLayout::GptJ | BlockLayout::CodeGen => "attn.out_proj",
+            BlockLayout::Exaone => "attn.attention.out_proj",
             BlockLayout::Opt => "self_attn.out_proj",
         }
     }
@@ -277,6 +282,11 @@ impl BlockLayout {
             BlockLayout::Gpt2 | BlockLayout::Mpt | BlockLayout::GptJ => {
                 ["attn.q_proj", "attn.k_proj", "attn.v_proj"]
             }
+            BlockLayout::Exaone => [
+                "attn.attention.q_proj",
+                "attn.attention.k_proj",
+                "attn.attention.v_proj",
+            ],
             _ => ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         }
     }
@@ -296,7 +306,8 @@ impl BlockLayout {
             | BlockLayout::Olmo
             | BlockLayout::StableLm
             | BlockLayout::Cohere
-            | BlockLayout::InternLm2 => None,
+            | BlockLayout::InternLm2
+            | BlockLayout::Exaone => None,
             BlockLayout::Arcee | BlockLayout::Nemotron => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
@@ -313,6 +324,7 @@ impl BlockLayout {
     pub fn gated_mlp(self) -> (&'static str, [&'static str; 3]) {
         match self {
             BlockLayout::InternLm2 => ("feed_forward", ["w1", "w3", "w2"]),
+            BlockLayout::Exaone => ("mlp", ["c_fc_0", "c_fc_1", "c_proj"]),
             _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         }
     }
@@ -321,7 +333,9 @@ impl BlockLayout {
     pub fn norm_names(self, norms: BlockNorms) -> [Option<&'static str>; 4] {
         match self {
             BlockLayout::Falcon { ln_pair: true } => [Some("ln_attn"), Some("ln_mlp"), None, None],
-            BlockLayout::Gpt2 | BlockLayout::GptBigCode => [Some("ln_1"), Some("ln_2"), None, None],
+            BlockLayout::Gpt2 | BlockLayout::GptBigCode | BlockLayout::Exaone => {
+                [Some("ln_1"), Some("ln_2"), None, None]
+            }
             BlockLayout::InternLm2 => [Some("attention_norm"), Some("ffn_norm"), None, None],
             BlockLayout::Mpt => [Some("norm_1"), Some("norm_2"), None, None],
             BlockLayout::GptJ | BlockLayout::CodeGen => [Some("ln_1"), None, None, None],
@@ -815,7 +829,8 @@ impl ModelConfig {
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
-             ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3";
+             ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
+             exaone";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -835,7 +850,7 @@ impl ModelConfig {
         let aliased;
         let v = match model_type.as_str() {
             "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
-            | "minimax_m2" => {
+            | "minimax_m2" | "exaone" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -1046,9 +1061,8 @@ impl ModelConfig {
             "starcoder2" => (use_bias, use_bias),
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
-            | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3" => {
-                (attention_bias, attention_bias)
-            }
+            | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
+            | "exaone" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1107,6 +1121,7 @@ impl ModelConfig {
             "stablelm" => BlockLayout::StableLm,
             "olmo" => BlockLayout::Olmo,
             "arcee" => BlockLayout::Arcee,
+            "exaone" => BlockLayout::Exaone,
             "nemotron" => BlockLayout::Nemotron,
             "falcon" | "bloom" => BlockLayout::Falcon {
                 ln_pair: falcon_block == Some(FalconBlock::LnPair),
@@ -1202,6 +1217,7 @@ impl ModelConfig {
                         | "nemotron"
                         | "glm4_moe_lite"
                         | "minicpm3"
+                        | "exaone"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1237,7 +1253,14 @@ impl ModelConfig {
             ),
             mlp_bias: matches!(
                 model_type.as_str(),
-                "llama" | "granite" | "internlm3" | "helium" | "seed_oss" | "arcee" | "nemotron"
+                "llama"
+                    | "granite"
+                    | "internlm3"
+                    | "helium"
+                    | "seed_oss"
+                    | "arcee"
+                    | "nemotron"
+                    | "exaone"
             ) && mlp_bias
                 || ernie_bias
                 || neox
@@ -1569,6 +1592,19 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     }
     if model_type == "minimax_m2" {
         return minimax_m2_config(v, c, path);
+    }
+    if model_type == "exaone" {
+        // ExaoneConfig's attribute_map: the hub's names of three of LLaMA's fields.
+        for (hub, name) in [
+            ("num_layers", "num_hidden_layers"),
+            ("layer_norm_epsilon", "rms_norm_eps"),
+            ("activation_function", "hidden_act"),
+        ] {
+            if let (Some(x), false) = (v.get(hub), obj.contains_key(name)) {
+                obj.insert(name.into(), x.clone());
+            }
+        }
+        return Ok(c);
     }
     if matches!(model_type, "gptj" | "codegen") {
         // GPTJConfig (and CodeGenConfig, the same names and defaults): `n_embd`, `n_layer`, `n_head`,
@@ -2728,7 +2764,7 @@ fn parse_mla(v: &Value, [heads, kv_heads]: [usize; 2], defaults: Mla, path: &Pat
 /// 10⁴ where the class has none).
 fn class_rope_theta(model_type: &str) -> f64 {
     match model_type {
-        "cohere" | "ernie4_5" | "ernie4_5_moe" => 500_000.0,
+        "cohere" | "ernie4_5" | "ernie4_5_moe" | "exaone" => 500_000.0,
         "helium" => 100_000.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
@@ -2890,7 +2926,7 @@ fn parse_pad_token_id(
     let id = match v.get("pad_token_id") {
         None if model_type.starts_with("gemma") => 0,
         None if matches!(model_type, "olmo" | "olmo2" | "olmo3") => 1,
-        None if model_type.starts_with("cohere") => 0,
+        None if model_type.starts_with("cohere") || model_type == "exaone" => 0,
         None if model_type == "internlm3" => 2,
         // InternLM2Config (remote code) defaults it to 0; its embedding takes it as padding_idx.
         None if matches!(model_type, "ernie4_5" | "ernie4_5_moe" | "internlm2") => 0,
@@ -3994,6 +4030,49 @@ mod tests {
         bad["scale_depth"] = (-1.0).into();
         let e = ModelConfig::from_json(&bad, p).unwrap_err().to_string();
         assert!(e.contains("scale_depth"), "{e}");
+    }
+
+    /// EXAONE-3.5-2.4B-Instruct's hub config (remote-code names: num_layers, layer_norm_epsilon,
+    /// activation_function): LLaMA's block under EXAONE's names, llama3 rope scaling, tied, pad 0.
+    #[test]
+    fn exaone_hub_config() {
+        let p = Path::new("config.json");
+        let hub = serde_json::json!({
+            "activation_function": "silu", "architectures": ["ExaoneForCausalLM"],
+            "attention_dropout": 0.0, "bos_token_id": 1, "embed_dropout": 0.0, "eos_token_id": 361,
+            "head_dim": 80, "hidden_size": 2560, "initializer_range": 0.02,
+            "intermediate_size": 7168, "layer_norm_epsilon": 1e-05,
+            "max_position_embeddings": 32768, "model_type": "exaone", "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_layers": 30, "pad_token_id": 0,
+            "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 1000000.0, "tie_word_embeddings": true, "vocab_size": 102400
+        });
+        let c = ModelConfig::from_json(&hub, p).unwrap();
+        assert_eq!(c.layout, BlockLayout::Exaone);
+        assert_eq!(
+            (
+                c.num_hidden_layers,
+                c.head_dim,
+                c.rms_norm_eps,
+                c.pad_token_id
+            ),
+            (30, 80, 1e-5, Some(0))
+        );
+        assert!(c.tie_word_embeddings && !c.layout.layer_norm());
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Llama3 { factor: 8.0, .. }
+        ));
+        assert_eq!(c.layout.qkv_proj()[0], "attn.attention.q_proj");
+        assert_eq!(
+            c.layout.gated_mlp(),
+            ("mlp", ["c_fc_0", "c_fc_1", "c_proj"])
+        );
+        let mut gelu = hub.clone();
+        gelu["activation_function"] = "gelu".into();
+        let e = ModelConfig::from_json(&gelu, p).unwrap_err().to_string();
+        assert!(e.contains("'gelu' is not supported"), "{e}");
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

@@ -319,7 +319,7 @@ impl TensorNames {
             BlockLayout::Gpt2 | BlockLayout::GptBigCode => Self::gpt2("transformer."),
             BlockLayout::Opt => Self::opt("model.decoder."),
             BlockLayout::Falcon { .. } => Self::falcon("transformer.", false),
-            BlockLayout::GptJ | BlockLayout::CodeGen => TensorNames {
+            BlockLayout::GptJ | BlockLayout::CodeGen | BlockLayout::Exaone => TensorNames {
                 positions: None,
                 ..Self::gpt2("transformer.")
             },
