@@ -84,6 +84,8 @@ CASES = {
     "deepseek_v3_q_proj": ONE_BY_GRADNORM,
     "deepseek_v2_grouped": ONE_BY_GRADNORM,
     "nemotron_layernorm1p": ONE_BY_GRADNORM,
+    "ministral_layer_types": ONE_BY_GRADNORM,
+    "ministral3_yarn": ONE_BY_GRADNORM,
     # EXAONE: the hub's num_layers rewritten, the hub's tensor names kept.
     "exaone_hub_names": ONE_BY_GRADNORM,
     # GLM-4.7-Flash and dots1: two of three layers out (mlp_layer_types sliced; first_k_dense_replace

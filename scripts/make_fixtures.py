@@ -418,6 +418,26 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, norm_epsilon=1e-5, sliding_window=6,
                   rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
          full_attention_loss=True, seed=19),
+    # Ministral (8B): Mistral's block with the window of 6 on the layers layer_types names (0 and 2), GQA
+    # (head_dim stated: MinistralModel does not derive it).
+    dict(name="ministral_layer_types", model_type="ministral", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-6, sliding_window=6,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters=dict(rope_type="default", rope_theta=100000000.0)),
+         full_attention_loss=True, seed=66),
+    # Ministral 3: Mistral's block with YaRN × 16 and Llama 4's query scaling (llama_4_scaling_beta, 1
+    # within original_max_position_embeddings 4096: every fixture position), head_dim 16 ≠ 32 / 4, pad
+    # 11 (the class default), bf16.
+    dict(name="ministral3_yarn", model_type="ministral3", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, rms_norm_eps=1e-5,
+                  max_position_embeddings=65536,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=16.0,
+                                       original_max_position_embeddings=4096, beta_fast=32.0,
+                                       beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                       llama_4_scaling_beta=0.1)),
+         seed=67),
     # EXAONE 3.5: LLaMA's block under the hub's names (transformer.h.{i}.attn.attention.*, ln_1, ln_2,
     # mlp.c_fc_0 / c_fc_1 / c_proj, transformer.wte, transformer.ln_f; as transformers saves it), the
     # hub's config names (num_layers, layer_norm_epsilon, activation_function, 4.x rope_theta and
@@ -976,7 +996,7 @@ def full_attention_loss(spec, model, ids):
     cfg = dict(spec["cfg"], sliding_window=None)
     if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -986,7 +1006,7 @@ def full_attention_loss(spec, model, ids):
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None

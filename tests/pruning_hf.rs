@@ -321,6 +321,13 @@ fn sigmoid_routed_moe_match_transformers() {
     check_case("minimax_m2_sigmoid");
 }
 
+/// Ministral's windows by layer_types (sliced), Ministral 3's YaRN and query scaling settings.
+#[test]
+fn ministral_matches_transformers() {
+    check_case("ministral_layer_types");
+    check_case("ministral3_yarn");
+}
+
 /// EXAONE 3.5 under the hub's tensor and config names.
 #[test]
 fn exaone_matches_transformers() {

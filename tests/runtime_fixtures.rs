@@ -365,6 +365,35 @@ fn sliding_window_changes_the_result() {
     );
 }
 
+/// Ministral windows the layers `layer_types` names, dots1 those from `max_window_layers` on (its
+/// config.json has no `layer_types`); without the windows the loss is PyTorch's full-attention one.
+/// Ministral 3 refuses sequences past the positions its queries are not scaled at.
+#[test]
+fn ministral_dots1_windows_and_ministral3_scaling() {
+    let (m, _) = load("ministral_layer_types");
+    let windows: Vec<_> = (0..3).map(|l| m.config.layer_window(l)).collect();
+    assert_eq!(windows, [Some(6), None, Some(6)]);
+    window_matters("ministral_layer_types", |c| {
+        c["sliding_window"] = 4096.into()
+    });
+    let (d, _) = load("dots1_window");
+    let windows: Vec<_> = (0..3).map(|l| d.config.layer_window(l)).collect();
+    assert_eq!(windows, [None, Some(6), Some(6)]);
+    window_matters("dots1_window", |c| {
+        c["sliding_window"] = serde_json::Value::Null
+    });
+    let (_, tokens) = load("ministral3_yarn");
+    let tmp = edited_copy("ministral3_yarn", |c| {
+        c["rope_parameters"]["original_max_position_embeddings"] = 4.into()
+    });
+    let e = Model::load(tmp.path())
+        .unwrap()
+        .forward(&tokens, &[], None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("llama_4_scaling_beta"), "{e}");
+}
+
 /// Phi-3's rotary settings and window are exercised: 16-token sequences use LongRoPE's long factors (the
 /// fixture's whole-set references), 8-token prefixes (≤ original_max_position_embeddings) the short ones,
 /// against PyTorch's loss on those prefixes; without the window the loss is PyTorch's full-attention one,

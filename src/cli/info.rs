@@ -318,6 +318,12 @@ fn describe_attention(c: &ModelConfig) -> String {
     if let Some(s) = c.attn_scale {
         parts.push(format!("scores × {s:.6}"));
     }
+    if let Some((beta, unscaled)) = c.query_scaling {
+        parts.push(format!(
+            "queries × 1 + {beta} ln(1 + ⌊position / {unscaled}⌋) (Llama 4's scaling: sequences of at \
+             most {unscaled} tokens, where it is 1)"
+        ));
+    }
     if let Some(cap) = c.attn_softcap {
         parts.push(format!("scores soft-capped at {cap}"));
     }

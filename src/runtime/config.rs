@@ -530,6 +530,11 @@ pub struct ModelConfig {
     /// DeepSeek's multi-head latent attention in place of q/k/v projections (`head_dim` is then a query's
     /// and a key's width, `nope + rope`).
     pub mla: Option<Mla>,
+    /// Ministral 3's Llama 4 attention scaling (`llama_4_scaling_beta`, the rope settings'
+    /// `original_max_position_embeddings`): queries × 1 + beta ln(1 + ⌊position / original⌋), which is
+    /// 1 for the first `original` positions, the only ones the runtime runs (longer sequences are
+    /// refused).
+    pub query_scaling: Option<(f64, usize)>,
 }
 
 /// DeepSeek's multi-head latent attention (MLA): the query through an optional low-rank bottleneck
@@ -830,7 +835,7 @@ impl ModelConfig {
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
-             exaone";
+             exaone, ministral, ministral3";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -850,7 +855,7 @@ impl ModelConfig {
         let aliased;
         let v = match model_type.as_str() {
             "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
-            | "minimax_m2" | "exaone" => {
+            | "minimax_m2" | "exaone" | "ministral3" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -947,7 +952,8 @@ impl ModelConfig {
         // derive it.
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
-            "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2" => 128,
+            "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2"
+            | "ministral3" => 128,
             _ => hidden_size / num_attention_heads,
         };
         // DeepSeek-V2's and V3's heads are MLA's, GLM-4.7-Flash's and Youtu's too (their configs'
@@ -1066,6 +1072,10 @@ impl ModelConfig {
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
+        let query_scaling = match model_type.as_str() {
+            "ministral3" => llama4_query_scaling(v, path)?,
+            _ => None,
+        };
         let minicpm = match model_type.as_str() {
             "minicpm3" => Some(minicpm3_scales(v, hidden_size, num_hidden_layers, path)?),
             _ => None,
@@ -1218,6 +1228,7 @@ impl ModelConfig {
                         | "glm4_moe_lite"
                         | "minicpm3"
                         | "exaone"
+                        | "ministral3"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1328,6 +1339,7 @@ impl ModelConfig {
             },
             learned_positions,
             mla,
+            query_scaling,
         })
     }
 
@@ -1492,7 +1504,13 @@ fn parse_sliding_window(
     const CLASS_DEFAULT_MAX_WINDOW_LAYERS: usize = 28;
     let window = || -> Result<Option<usize>> {
         let w = match v.get("sliding_window") {
-            None if matches!(model_type, "phi3" | "starcoder2" | "mixtral" | "smollm3") => None,
+            None if matches!(
+                model_type,
+                "phi3" | "starcoder2" | "mixtral" | "smollm3" | "ministral3"
+            ) =>
+            {
+                None
+            }
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -1513,9 +1531,15 @@ fn parse_sliding_window(
             };
             Ok((w, layer_kinds(v, layers, w, derived, "", path)?))
         }
-        "mistral" | "phi3" | "starcoder2" | "mixtral" => {
+        "mistral" | "phi3" | "starcoder2" | "mixtral" | "ministral3" => {
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
+        }
+        // Ministral (8B): the window on the layers `layer_types` names, else on every layer.
+        "ministral" => {
+            let w = window()?;
+            let every = || Ok(vec![w.is_some(); layers]);
+            Ok((w, layer_kinds(v, layers, w, every, "", path)?))
         }
         // Qwen3 windows its layers as Qwen2 does (use_sliding_window, max_window_layers, layer_types);
         // dots1 too, without the switch (a window is on where `sliding_window` is not null) and with
@@ -1592,6 +1616,24 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     }
     if model_type == "minimax_m2" {
         return minimax_m2_config(v, c, path);
+    }
+    if model_type == "ministral3" {
+        // Ministral3Config's rope settings when a config states none: YaRN × 16 past 16384 tokens with
+        // Llama 4's attention scaling (whose beta the runtime reads from them).
+        if rope_object(v).is_none() {
+            let max = v
+                .get("max_position_embeddings")
+                .cloned()
+                .unwrap_or(262144.into());
+            obj.insert(
+                "rope_parameters".into(),
+                serde_json::json!({"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                    "original_max_position_embeddings": 16384, "max_position_embeddings": max,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                    "llama_4_scaling_beta": 0.1}),
+            );
+        }
+        return Ok(c);
     }
     if model_type == "exaone" {
         // ExaoneConfig's attribute_map: the hub's names of three of LLaMA's fields.
@@ -2760,6 +2802,26 @@ fn parse_mla(v: &Value, [heads, kv_heads]: [usize; 2], defaults: Mla, path: &Pat
     Ok(mla)
 }
 
+/// Ministral 3's `llama_4_scaling_beta` and the positions it leaves unscaled (the rope settings'
+/// `original_max_position_embeddings`); `None` without a beta or with 0.
+fn llama4_query_scaling(v: &Value, path: &Path) -> Result<Option<(f64, usize)>> {
+    let Some(s) = rope_object(v) else {
+        return Ok(None);
+    };
+    let Some(beta) = opt_f64(s, "llama_4_scaling_beta", path)?.filter(|&b| b != 0.0) else {
+        return Ok(None);
+    };
+    let original = opt_usize(s, "original_max_position_embeddings", path)?
+        .filter(|&o| o > 0)
+        .ok_or_else(|| {
+            model_err(
+                path,
+                "llama_4_scaling_beta needs a positive 'original_max_position_embeddings'",
+            )
+        })?;
+    Ok(Some((beta, original)))
+}
+
 /// The rotary θ a config class takes when a config states none (its `default_theta`, transformers 5.25;
 /// 10⁴ where the class has none).
 fn class_rope_theta(model_type: &str) -> f64 {
@@ -2932,6 +2994,7 @@ fn parse_pad_token_id(
         None if matches!(model_type, "ernie4_5" | "ernie4_5_moe" | "internlm2") => 0,
         None if model_type == "helium" => 3,
         None if model_type == "seed_oss" => 1,
+        None if model_type == "ministral3" => 11,
         None if matches!(model_type, "glm" | "glm4") => 151329,
         None if model_type == "smollm3" => 128004,
         None | Some(Value::Null) => return Ok(None),
@@ -4073,6 +4136,58 @@ mod tests {
         gelu["activation_function"] = "gelu".into();
         let e = ModelConfig::from_json(&gelu, p).unwrap_err().to_string();
         assert!(e.contains("'gelu' is not supported"), "{e}");
+    }
+
+    /// Ministral 3 inside Mistral 3's vision-language wrapper (the hub's form): Mistral's block with
+    /// YaRN and Llama 4's query scaling settings, and Ministral3Config's rope settings where the text
+    /// config states none; Ministral (8B) windows every layer unless `layer_types` says otherwise.
+    #[test]
+    fn ministral_configs() {
+        let p = Path::new("config.json");
+        let wrapped = serde_json::json!({"model_type": "mistral3", "text_config": {
+            "model_type": "ministral3", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 34, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "vocab_size": 131072, "max_position_embeddings": 262144,
+            "rope_parameters": {"type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                "original_max_position_embeddings": 16384, "max_position_embeddings": 262144,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                "llama_4_scaling_beta": 0.1}}});
+        let c = ModelConfig::from_json(&wrapped, p).unwrap();
+        assert_eq!(
+            (c.model_type.as_str(), c.multimodal.as_deref()),
+            ("ministral3", Some("mistral3"))
+        );
+        assert_eq!(c.query_scaling, Some((0.1, 16384)));
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn { factor: 16.0, .. }
+        ));
+        assert_eq!(
+            (c.rope_theta, c.pad_token_id, c.sliding_window),
+            (1e6, Some(11), None)
+        );
+        let mut bare = wrapped["text_config"].clone();
+        bare.as_object_mut().unwrap().remove("rope_parameters");
+        let c = ModelConfig::from_json(&bare, p).unwrap();
+        assert_eq!(
+            c.query_scaling,
+            Some((0.1, 16384)),
+            "Ministral3Config's default"
+        );
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn { factor: 16.0, .. }
+        ));
+
+        let ministral = serde_json::json!({"model_type": "ministral", "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "sliding_window": 32});
+        let c = ModelConfig::from_json(&ministral, p).unwrap();
+        assert_eq!(
+            (c.sliding_window, c.sliding_layers.clone()),
+            (Some(32), vec![true; 3])
+        );
+        assert!(c.query_scaling.is_none());
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

@@ -1019,6 +1019,13 @@ impl Model {
                 "a batch needs at least one sequence of at least 2 tokens",
             ));
         }
+        if let Some((_, unscaled)) = c.query_scaling.filter(|&(_, u)| t > u) {
+            return Err(Error::invalid(format!(
+                "sequences of {t} tokens: past {unscaled} tokens Ministral 3 scales its queries \
+                 (llama_4_scaling_beta), which the runtime does not; use sequences of at most \
+                 {unscaled} tokens"
+            )));
+        }
         if let Some(&l) = skip.iter().find(|&&l| l >= self.num_layers()) {
             return Err(Error::invalid(format!(
                 "skip: layer {l} does not exist (the model has {} layers)",
