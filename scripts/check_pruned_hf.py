@@ -86,6 +86,8 @@ CASES = {
     "nemotron_layernorm1p": ONE_BY_GRADNORM,
     "ministral_layer_types": ONE_BY_GRADNORM,
     "ministral3_yarn": ONE_BY_GRADNORM,
+    # Mistral 4: the kept mixture's experts fused as transformers 5 saves them, copied whole.
+    "mistral4_mla": ONE_BY_GRADNORM,
     # EXAONE: the hub's num_layers rewritten, the hub's tensor names kept.
     "exaone_hub_names": ONE_BY_GRADNORM,
     # GLM-4.7-Flash and dots1: two of three layers out (mlp_layer_types sliced; first_k_dense_replace
@@ -144,6 +146,9 @@ def load_f64(path):
         c = json.load(f)
         vision_language = "text_config" in c or "vision_config" in c
     cls = transformers.AutoModelForImageTextToText if vision_language else transformers.AutoModelForCausalLM
+    # A causal LM the auto classes know only inside a vision-language wrapper: its config's class.
+    if not vision_language and c.get("architectures") == ["Mistral4ForCausalLM"]:
+        cls = transformers.Mistral4ForCausalLM
     # Eager experts for a mixture of experts: the default grouped_mm refuses float64.
     m, info = cls.from_pretrained(path, attn_implementation="eager", experts_implementation="eager",
                                   output_loading_info=True)

@@ -547,6 +547,23 @@ FIXTURES = [
                                        short_factor=[1.0, 1.25], long_factor=[1.5, 2.0],
                                        original_max_position_embeddings=8)),
          seed=64),
+    # Mistral Small 4 (mistral4): DeepSeek-V3's MLA (interleaved pairs, heads of 4 + 4 query values and 6
+    # values) with YaRN × 128 (mscale_all_dim: the softmax scale × mscale²) and Llama 4's query scaling
+    # (1 within 4096 positions), the softmax router choosing inside the 2 of 4 groups whose two best
+    # probabilities sum highest, top 3 renormalised × 2, one shared expert, layer 0 dense, pad 11
+    # (Mistral4ForCausalLM: transformers' auto classes run it inside Mistral 3's wrapper only).
+    dict(name="mistral4_mla", model_type="mistral4", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-6, q_lora_rank=16,
+                  kv_lora_rank=12, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6,
+                  n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=1,
+                  n_group=4, topk_group=2, routed_scaling_factor=2.0, first_k_dense_replace=1,
+                  norm_topk_prob=True, max_position_embeddings=65536,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=128.0,
+                                       original_max_position_embeddings=4096, beta_fast=32.0,
+                                       beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                       llama_4_scaling_beta=0.1, partial_rotary_factor=0.5)),
+         cls="Mistral4ForCausalLM", eager_experts=True, seed=68),
     # DeepSeek-V3's MLA without the query's bottleneck (q_lora_rank null: one q_proj, Moonlight's form),
     # rotate_half pairs (rope_interleave false), values as wide as queries (12), no rope scaling; every
     # MLP a mixture (first_k_dense_replace 0), one group, 2 shared experts, not renormalised, bf16.
@@ -734,7 +751,12 @@ def make_model(spec):
     torch.manual_seed(spec["seed"])
     cls = model_class(spec)
     # Eager experts for the mixtures of experts (the default grouped_mm refuses float64).
-    model = cls(config) if "cls" in spec else cls.from_config(config, experts_implementation="eager")
+    if "cls" not in spec:
+        model = cls.from_config(config, experts_implementation="eager")
+    elif spec.get("eager_experts"):
+        model = cls._from_config(config, experts_implementation="eager")
+    else:
+        model = cls(config)
     # Random, non-trivial values everywhere (HF's init leaves norms at 1 and biases at 0).
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -328,6 +328,12 @@ fn ministral_matches_transformers() {
     check_case("ministral3_yarn");
 }
 
+/// Mistral Small 4: MLA, Llama 4's query scaling, the softmax router inside groups, experts fused.
+#[test]
+fn mistral4_matches_transformers() {
+    check_case("mistral4_mla");
+}
+
 /// EXAONE 3.5 under the hub's tensor and config names.
 #[test]
 fn exaone_matches_transformers() {

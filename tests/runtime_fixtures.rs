@@ -558,7 +558,7 @@ fn arcee_relu2_and_yarn_match_pytorch() {
 #[test]
 fn deepseek_groups_scale_and_pairs_change_the_result() {
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, &str, Edit); 3] = [
+    let edits: [(&str, &str, Edit); 4] = [
         ("deepseek_v2_grouped", "topk_method", |c| {
             c["topk_method"] = "greedy".into()
         }),
@@ -567,6 +567,10 @@ fn deepseek_groups_scale_and_pairs_change_the_result() {
         }),
         ("deepseek_v3_mla", "rope_interleave", |c| {
             c["rope_interleave"] = false.into()
+        }),
+        ("mistral4_mla", "n_group", |c| {
+            c["n_group"] = 1.into();
+            c["topk_group"] = 1.into()
         }),
     ];
     for (name, what, edit) in edits {

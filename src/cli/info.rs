@@ -248,11 +248,14 @@ fn describe_block(c: &ModelConfig) -> String {
                         MoeRouter::SoftmaxGroups {
                             groups,
                             topk_group,
+                            best,
                             scale,
                         } => {
                             let within = match groups {
                                 1 => String::new(),
-                                _ => format!("from {topk_group} of {groups} groups, "),
+                                _ => format!(
+                                    "from {topk_group} of {groups} groups by their best {best}, "
+                                ),
                             };
                             format!(" by probability ({within}weights × {scale})")
                         }

@@ -214,7 +214,7 @@ pub fn pruned_config(
         Some("dots1") => &[("max_window_layers", 62), ("first_k_dense_replace", 0)],
         Some("glm4_moe") => &[("first_k_dense_replace", 1)],
         Some("deepseek_v3") => &[("first_k_dense_replace", 3)],
-        Some("deepseek_v2") => &[("first_k_dense_replace", 0)],
+        Some("deepseek_v2" | "mistral4") => &[("first_k_dense_replace", 0)],
         _ => &[],
     };
     for &(key, default) in bounds {

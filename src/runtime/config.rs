@@ -410,12 +410,14 @@ pub enum MoeRouter {
     /// ERNIE 4.5's softmax, the choice by probability + the correction bias `bias` (under the layer:
     /// `mlp.moe_statics.e_score_correction_bias`, `[1, experts]`).
     SoftmaxBiased { bias: &'static str },
-    /// DeepSeek-V2's softmax: the choice among the experts of the best `topk_group` of `groups` groups
-    /// by their best probability (`group_limited_greedy`; `greedy`: one group), the weights × `scale`
+    /// DeepSeek-V2's and Mistral 4's softmax: the choice among the experts of the best `topk_group` of
+    /// `groups` groups by the sum of their `best` highest probabilities (DeepSeek-V2's
+    /// `group_limited_greedy` 1, `greedy` one group; Mistral 4's 2), the weights × `scale`
     /// (`routed_scaling_factor`).
     SoftmaxGroups {
         groups: usize,
         topk_group: usize,
+        best: usize,
         scale: f64,
     },
     /// GLM-4.5's (DeepSeek-V3's) σ: the choice among the experts of the best `topk_group` of `groups`
@@ -835,7 +837,7 @@ impl ModelConfig {
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
-             exaone, ministral, ministral3";
+             exaone, ministral, ministral3, mistral4";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -855,7 +857,7 @@ impl ModelConfig {
         let aliased;
         let v = match model_type.as_str() {
             "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
-            | "minimax_m2" | "exaone" | "ministral3" => {
+            | "minimax_m2" | "exaone" | "ministral3" | "mistral4" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -960,12 +962,13 @@ impl ModelConfig {
         // `head_dim` is the rotary part's width).
         let deepseek = matches!(
             model_type.as_str(),
-            "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "youtu" | "minicpm3"
+            "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "youtu" | "minicpm3" | "mistral4"
         );
         let mla = match deepseek {
             true => {
                 let defaults = match model_type.as_str() {
                     "glm4_moe_lite" => GLM4_MOE_LITE_MLA,
+                    "mistral4" => MISTRAL4_MLA,
                     "minicpm3" => Mla {
                         v: hidden_size / num_attention_heads,
                         ..MINICPM3_MLA
@@ -1002,7 +1005,11 @@ impl ModelConfig {
             let (global, local) = parse_per_kind_rope(v, &model_type, head_dim, path)?;
             (global.0, global.1, head_dim, Some(local))
         } else {
-            let rotated = mla.map_or(head_dim, |m| m.rope);
+            // Mistral 4 rotates `partial_rotary_factor` (rope / head_dim) of the whole head.
+            let rotated = match mla {
+                Some(m) if model_type != "mistral4" => m.rope,
+                _ => head_dim,
+            };
             let (theta, scaling, rotary_dim) = parse_rope(v, &model_type, rotated, path)?;
             (theta, scaling, rotary_dim, None)
         };
@@ -1031,7 +1038,7 @@ impl ModelConfig {
             || model_type == "deepseek_v2"
             || matches!(
                 model_type.as_str(),
-                "deepseek_v3" | "glm4_moe_lite" | "youtu"
+                "deepseek_v3" | "glm4_moe_lite" | "youtu" | "mistral4"
             ) && opt_bool(v, "rope_interleave", path)?.unwrap_or(true);
         // How a Falcon block runs its attention and MLP (read once; `None` for the other types).
         let falcon_block = match bloom {
@@ -1068,12 +1075,12 @@ impl ModelConfig {
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
-            | "exaone" => (attention_bias, attention_bias),
+            | "exaone" | "mistral4" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let query_scaling = match model_type.as_str() {
-            "ministral3" => llama4_query_scaling(v, path)?,
+            "ministral3" | "mistral4" => llama4_query_scaling(v, path)?,
             _ => None,
         };
         let minicpm = match model_type.as_str() {
@@ -1635,6 +1642,26 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
         }
         return Ok(c);
     }
+    if model_type == "mistral4" {
+        // Mistral4Config's rope settings when a config states none: YaRN × 128 past 8192 tokens on the
+        // rotary part of each head, with Llama 4's attention scaling.
+        if rope_object(v).is_none() {
+            let (nope, rope) = (get("qk_nope_head_dim", 64)?, get("qk_rope_head_dim", 64)?);
+            let max = v
+                .get("max_position_embeddings")
+                .cloned()
+                .unwrap_or(1048576.into());
+            obj.insert(
+                "rope_parameters".into(),
+                serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
+                    "original_max_position_embeddings": 8192, "max_position_embeddings": max,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                    "llama_4_scaling_beta": 0.1,
+                    "partial_rotary_factor": rope as f64 / (nope + rope).max(1) as f64}),
+            );
+        }
+        return Ok(c);
+    }
     if model_type == "exaone" {
         // ExaoneConfig's attribute_map: the hub's names of three of LLaMA's fields.
         for (hub, name) in [
@@ -2020,7 +2047,7 @@ fn parse_moe(
     let (prefix, projections) = match model_type {
         "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" | "deepseek_v2"
-        | "deepseek_v3" | "glm4_moe_lite" | "dots1" => {
+        | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
         }
         _ => return Ok(None),
@@ -2028,7 +2055,7 @@ fn parse_moe(
     match model_type {
         "ernie4_5_moe" => return ernie4_5_moe(v, layers, (prefix, projections), path).map(Some),
         "deepseek_v2" => return deepseek_v2_moe(v, layers, (prefix, projections), path).map(Some),
-        "glm4_moe" | "deepseek_v3" | "glm4_moe_lite" | "dots1" => {
+        "glm4_moe" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             // The hub's DeepSeek-V3 configs name the router transformers' DeepseekV3 always runs;
             // another would be the original code's and not this one's.
             if model_type == "deepseek_v3" {
@@ -2045,9 +2072,10 @@ fn parse_moe(
                 "glm4_moe" => &GLM4_MOE_DEFAULTS,
                 "glm4_moe_lite" => &GLM4_MOE_LITE_DEFAULTS,
                 "dots1" => &DOTS1_DEFAULTS,
+                "mistral4" => &MISTRAL4_MOE_DEFAULTS,
                 _ => &DEEPSEEK_V3_MOE_DEFAULTS,
             };
-            return grouped_sigmoid_moe(v, layers, (prefix, projections), defaults, path).map(Some);
+            return grouped_moe(v, layers, (prefix, projections), defaults, path).map(Some);
         }
         _ => {}
     }
@@ -2273,6 +2301,7 @@ fn deepseek_v2_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Re
         router: MoeRouter::SoftmaxGroups {
             groups,
             topk_group,
+            best: 1,
             scale,
         },
         sparse_layers: (0..layers).map(|l| l >= dense).collect(),
@@ -2281,7 +2310,7 @@ fn deepseek_v2_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Re
     })
 }
 
-/// The config class's defaults [`grouped_sigmoid_moe`] falls back on.
+/// The config class's defaults [`grouped_moe`] falls back on.
 /// `None` where the class has no usable default (the config must state the field).
 struct GroupedMoeDefaults {
     experts: Option<usize>,
@@ -2294,6 +2323,8 @@ struct GroupedMoeDefaults {
     scale: f64,
     shared: Option<usize>,
     normalise: bool,
+    /// Mistral 4's softmax router in place of the σ one.
+    softmax: bool,
 }
 
 /// Glm4MoeConfig's.
@@ -2307,6 +2338,7 @@ const GLM4_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     scale: 1.0,
     shared: Some(1),
     normalise: true,
+    softmax: false,
 };
 
 /// Glm4MoeLiteConfig's (GLM-4.7-Flash).
@@ -2320,6 +2352,7 @@ const GLM4_MOE_LITE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     scale: 1.8,
     shared: Some(1),
     normalise: true,
+    softmax: false,
 };
 
 /// DeepseekV3Config's.
@@ -2333,6 +2366,21 @@ const DEEPSEEK_V3_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     scale: 2.5,
     shared: Some(1),
     normalise: true,
+    softmax: false,
+};
+
+/// Mistral4Config's (Mistral Small 4).
+const MISTRAL4_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: Some(128),
+    top_k: Some(4),
+    inter: 2048,
+    groups: 1,
+    topk_group: 1,
+    dense: Some(0),
+    scale: 1.0,
+    shared: Some(1),
+    normalise: true,
+    softmax: true,
 };
 
 /// Dots1Config's (dots.llm1).
@@ -2346,6 +2394,7 @@ const DOTS1_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     scale: 1.0,
     shared: None,
     normalise: false,
+    softmax: false,
 };
 
 /// DeepSeek-V3's mixture (GLM-4.5's too), from the config's fields, absent ones the config class's
@@ -2354,7 +2403,7 @@ const DOTS1_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
 /// `n_shared_experts` in one shared MLP, σ routing in `n_group` groups keeping `topk_group`,
 /// × `routed_scaling_factor`, sparse from layer `first_k_dense_replace` on; `names`: the MLP's module and
 /// an expert's projections.
-fn grouped_sigmoid_moe(
+fn grouped_moe(
     v: &Value,
     layers: usize,
     names: MoeNames,
@@ -2395,11 +2444,19 @@ fn grouped_sigmoid_moe(
             inter: inter * shared,
             gated: false,
         }),
-        router: MoeRouter::Sigmoid {
-            groups,
-            topk_group,
-            scale,
-            bias: "mlp.gate.e_score_correction_bias",
+        router: match defaults.softmax {
+            true => MoeRouter::SoftmaxGroups {
+                groups,
+                topk_group,
+                best: 2,
+                scale,
+            },
+            false => MoeRouter::Sigmoid {
+                groups,
+                topk_group,
+                scale,
+                bias: "mlp.gate.e_score_correction_bias",
+            },
         },
         sparse_layers,
         prefix,
@@ -2639,6 +2696,7 @@ fn parse_rope(
             | "gptj"
             | "codegen"
             | "nemotron"
+            | "mistral4"
     ) && partial > 0.0
         && partial <= 1.0
         && rotary_dim.is_multiple_of(2)
@@ -2696,6 +2754,15 @@ const DEEPSEEK_MLA: Mla = Mla {
     q_lora_rank: Some(1536),
     kv_lora_rank: 512,
     nope: 128,
+    rope: 64,
+    v: 128,
+};
+
+/// Mistral4Config's (Mistral Small 4).
+const MISTRAL4_MLA: Mla = Mla {
+    q_lora_rank: Some(1024),
+    kv_lora_rank: 256,
+    nope: 64,
     rope: 64,
     v: 128,
 };
@@ -2994,7 +3061,7 @@ fn parse_pad_token_id(
         None if matches!(model_type, "ernie4_5" | "ernie4_5_moe" | "internlm2") => 0,
         None if model_type == "helium" => 3,
         None if model_type == "seed_oss" => 1,
-        None if model_type == "ministral3" => 11,
+        None if matches!(model_type, "ministral3" | "mistral4") => 11,
         None if matches!(model_type, "glm" | "glm4") => 151329,
         None if model_type == "smollm3" => 128004,
         None | Some(Value::Null) => return Ok(None),
@@ -3878,6 +3945,7 @@ mod tests {
             MoeRouter::SoftmaxGroups {
                 groups: 1,
                 topk_group: 1,
+                best: 1,
                 scale: 1.0
             }
         );
@@ -3905,6 +3973,7 @@ mod tests {
             MoeRouter::SoftmaxGroups {
                 groups: 8,
                 topk_group: 3,
+                best: 1,
                 scale: 16.0
             }
         );
@@ -4188,6 +4257,51 @@ mod tests {
             (Some(32), vec![true; 3])
         );
         assert!(c.query_scaling.is_none());
+    }
+
+    /// Mistral Small 4 (mistral4) in Mistral 3's wrapper, stating little: Mistral4Config's MLA (heads of
+    /// 64 + 64 query values, 128 values), its rope settings (YaRN × 128 on half of each head, Llama 4's
+    /// query scaling, the softmax scale × mscale²), the softmax router inside groups by their best two,
+    /// renormalised; pad 11.
+    #[test]
+    fn mistral4_config() {
+        let p = Path::new("config.json");
+        let wrapped = serde_json::json!({"model_type": "mistral3", "text_config": {
+            "model_type": "mistral4", "hidden_size": 4096, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "vocab_size": 131072, "intermediate_size": 12288,
+            "n_group": 4, "topk_group": 2}});
+        let c = ModelConfig::from_json(&wrapped, p).unwrap();
+        assert_eq!(c.mla, Some(MISTRAL4_MLA));
+        assert_eq!((c.head_dim, c.rotary_dim), (128, 64));
+        assert_eq!(c.rope_pairs, RopePairs::Interleaved);
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn { factor: 128.0, .. }
+        ));
+        assert_eq!(
+            (c.query_scaling, c.pad_token_id),
+            (Some((0.1, 8192)), Some(11))
+        );
+        let mscale = 0.1 * 128f64.ln() + 1.0;
+        assert_eq!(c.attn_scale, Some((mscale * mscale / 128f64.sqrt()) as f32));
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (128, 4, 2048, true)
+        );
+        assert_eq!(
+            m.router,
+            MoeRouter::SoftmaxGroups {
+                groups: 4,
+                topk_group: 2,
+                best: 2,
+                scale: 1.0
+            }
+        );
+        assert!(
+            m.sparse_layers.iter().all(|&s| s),
+            "first_k_dense_replace 0"
+        );
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

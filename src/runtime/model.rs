@@ -496,7 +496,8 @@ impl Model {
         };
         model.check_weights()?;
         model.routers = model.read_routers()?;
-        if model.config.fused_qkv || model.config.fused_gate_up {
+        let fused_experts = (0..model.num_layers()).any(|l| model.fused_experts(l).is_some());
+        if model.config.fused_qkv || model.config.fused_gate_up || fused_experts {
             model.split_fused_projections()?;
         }
         if model.config.layout == BlockLayout::Gpt2 {
@@ -537,10 +538,12 @@ impl Model {
                     MoeRouter::SoftmaxGroups {
                         groups,
                         topk_group,
+                        best,
                         scale,
                     } => Router::SoftmaxGroups {
                         groups,
                         topk_group,
+                        best,
                         scale,
                     },
                     MoeRouter::SoftmaxBiased { bias } => {
@@ -621,8 +624,34 @@ impl Model {
                     &[(name("mlp.gate_proj"), i), (name("mlp.up_proj"), i)],
                 )?;
             }
+            // transformers 5's own layout of a mixture's experts (Mistral 4 saves it): each expert's
+            // gate and up stacked in `experts.gate_up_proj` `[experts, 2 inter, hidden]`, its down in
+            // `experts.down_proj` `[experts, hidden, inter]`.
+            if let Some(m) = self.fused_experts(l) {
+                let experts = |p: &str| format!("{layer}.{}.experts.{p}", m.prefix);
+                let [gate, up, down] = m.projections;
+                let expert =
+                    |e: usize, p: &str| format!("{layer}.{}.experts.{e}.{p}.weight", m.prefix);
+                let gate_up: Vec<(String, usize)> = (0..m.experts)
+                    .flat_map(|e| [(expert(e, gate), m.inter), (expert(e, up), m.inter)])
+                    .collect();
+                self.weights
+                    .split_rows(&experts("gate_up_proj"), &gate_up)?;
+                let downs: Vec<(String, usize)> = (0..m.experts)
+                    .map(|e| (expert(e, down), c.hidden_size))
+                    .collect();
+                self.weights.split_rows(&experts("down_proj"), &downs)?;
+            }
         }
         Ok(())
+    }
+
+    /// Layer `l`'s mixture when the checkpoint stores its experts fused (`experts.gate_up_proj`,
+    /// `experts.down_proj`), as transformers 5 does for the types it has no hub layout for.
+    fn fused_experts(&self, l: usize) -> Option<Moe> {
+        let m = self.config.moe.as_ref().filter(|m| m.is_sparse(l))?;
+        let fused = format!("{}.{}.experts.gate_up_proj", self.names.layer(l), m.prefix);
+        self.weights.contains(&fused).then(|| m.clone())
     }
 
     /// Every tensor the decoder reads, with the shape the config implies: the embedding, the final norm,
@@ -708,9 +737,15 @@ impl Model {
             linears.push((c.layout.o_proj(), h, c.attention_width(), c.o_bias));
             let moe = c.moe.as_ref().filter(|m| m.is_sparse(l));
             let mut moe_linears = Vec::new();
+            let fused_experts = self.fused_experts(l).is_some();
             if let Some(m) = moe {
                 moe_linears.push((format!("{}.gate", m.prefix), m.experts, h));
-                for e in 0..m.experts {
+                if fused_experts {
+                    let name = |p: &str| format!("{}.experts.{p}", m.prefix);
+                    t(&name("gate_up_proj"), vec![m.experts, 2 * m.inter, h]);
+                    t(&name("down_proj"), vec![m.experts, h, m.inter]);
+                }
+                for e in (0..m.experts).filter(|_| !fused_experts) {
                     let [gate, up, down] = m.projections;
                     let name = |p: &str| format!("{}.experts.{e}.{p}", m.prefix);
                     moe_linears.extend([

@@ -300,7 +300,8 @@ impl Weights {
     /// (rows of a row-major matrix are contiguous bytes): `parts` lists each block's name and row count, in
     /// order, and their rows must add up to the fused tensor's. For checkpoints that store projections
     /// fused (Phi-3's `qkv_proj`, `gate_up_proj`) while the runtime reads them one by one. The parts are
-    /// not listed by [`Weights::names`] (it lists what the files store).
+    /// not listed by [`Weights::names`] (it lists what the files store). A 3-D tensor splits as the
+    /// stack of its matrices' rows (transformers 5's fused experts).
     pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<()> {
         let loc = self
             .tensors
@@ -308,8 +309,12 @@ impl Weights {
             .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{fused}'")))?;
         let total: usize = parts.iter().map(|p| p.1).sum();
         // A 1-D tensor (a fused bias) splits into 1-D parts: rows of one value.
+        let stored = matches!(loc.view, View::Stored);
         let (rows, cols) = match loc.shape[..] {
-            [r, c] if r == total && matches!(loc.view, View::Stored) => (r, c),
+            [r, c] if r == total && stored => (r, c),
+            // A stack of matrices (a mixture's experts fused, `[experts, rows, cols]`): their rows one
+            // after the other.
+            [e, r, c] if e * r == total && stored => (e * r, c),
             [r] if r == total => (r, 1),
             _ => {
                 return Err(Error::layer(

@@ -26,12 +26,14 @@ pub enum Router {
     /// ERNIE 4.5's: the softmax, the choice by probability + `bias` (its `e_score_correction_bias`, no
     /// gradient), the weights the probabilities.
     SoftmaxBiased { bias: std::sync::Arc<[f32]> },
-    /// DeepSeek-V2's: the softmax; the choice among the experts of the `topk_group` of `groups` equal
-    /// groups whose best probability is highest (`group_limited_greedy`; one group: every expert), the
-    /// weights the probabilities × `scale` (`routed_scaling_factor`).
+    /// DeepSeek-V2's and Mistral 4's: the softmax; the choice among the experts of the `topk_group` of
+    /// `groups` equal groups whose `best` highest probabilities sum highest (DeepSeek-V2's
+    /// `group_limited_greedy` 1; one group: every expert), the weights the probabilities (renormalised
+    /// with `normalise`) × `scale` (`routed_scaling_factor`).
     SoftmaxGroups {
         groups: usize,
         topk_group: usize,
+        best: usize,
         scale: f64,
     },
     /// DeepSeek-V3's (GLM-4.5's) σ of each logit. The choice reads σ + `bias` (the router's
@@ -117,9 +119,10 @@ impl Routing {
                         &Router::SoftmaxGroups {
                             groups,
                             topk_group,
+                            best,
                             scale,
                         } => {
-                            mask_groups(&mut key, groups, topk_group, 1);
+                            mask_groups(&mut key, groups, topk_group, best);
                             (0.0, scale)
                         }
                         _ => (0.0, 1.0),
@@ -499,6 +502,7 @@ mod tests {
         let grouped = Router::SoftmaxGroups {
             groups: 4,
             topk_group: 2,
+            best: 1,
             scale: 16.0,
         };
         for (normalise, router) in [
@@ -585,6 +589,7 @@ mod tests {
         let router = Router::SoftmaxGroups {
             groups: 3,
             topk_group: 2,
+            best: 1,
             scale: 16.0,
         };
         let r = Routing::with(&logits, 6, 3, false, &router);
