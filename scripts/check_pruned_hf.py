@@ -106,6 +106,7 @@ CASES = {
     "qwen2_moe_shared": ONE_BY_GRADNORM,
     "qwen3_moe_step": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "olmoe_experts": ONE_BY_GRADNORM,
+    "flex_olmo_post_norms": ONE_BY_GRADNORM,
     "opt_hub_layout": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     "gpt2_hub_layout": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
     # Layers 1 and 2 out: the full-attention layer 3 (YaRN) becomes layer 1 of 2.

@@ -605,6 +605,14 @@ FIXTURES = [
                   num_local_experts=4, num_experts_per_tok=2,
                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
          full_attention_loss=True, seed=20),
+    # FlexOlmo: OLMo 2's block (norms after the attention and the MLP, whole-projection q/k norms) with
+    # OLMoE's mixture (5 experts of intermediate_size, top 2 not renormalised), GQA, pad 1.
+    dict(name="flex_olmo_post_norms", model_type="flex_olmo", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6, num_experts=5,
+                  num_experts_per_tok=2, pad_token_id=1,
+                  rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+         seed=69),
     # Qwen2-MoE (Qwen1.5-MoE-style): 5 experts, top 2, probabilities not renormalised, a shared expert
     # gated by σ(shared_expert_gate · x), q/k/v biases; layer 1 dense (mlp_only_layers), bf16.
     dict(name="qwen2_moe_shared", model_type="qwen2_moe", dtype=torch.bfloat16, token_dtype=np.int64,

@@ -384,10 +384,11 @@ fn qwen3_moe_sparse_step_matches_transformers() {
     check_case("qwen3_moe_step");
 }
 
-/// OLMoE: whole-projection q/k norms, experts not renormalised.
+/// OLMoE: whole-projection q/k norms, experts not renormalised; FlexOlmo: the same mixture in OLMo 2's block.
 #[test]
 fn olmoe_experts_match_transformers() {
     check_case("olmoe_experts");
+    check_case("flex_olmo_post_norms");
 }
 
 /// OLMo 3 with its 4.x-form config (YaRN on the full-attention layers, no `layer_types`): the derived

@@ -837,7 +837,7 @@ impl ModelConfig {
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
-             exaone, ministral, ministral3, mistral4";
+             exaone, ministral, ministral3, mistral4, flex_olmo";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -1075,7 +1075,7 @@ impl ModelConfig {
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
-            | "exaone" | "mistral4" => (attention_bias, attention_bias),
+            | "exaone" | "mistral4" | "flex_olmo" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1091,7 +1091,7 @@ impl ModelConfig {
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
-            "olmo2" | "olmo3" | "olmoe" | "minimax_m2" => QkNorm::Whole,
+            "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
             "exaone4" => QkNorm::PerHead,
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
             "glm4_moe" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::PerHead,
@@ -1308,7 +1308,7 @@ impl ModelConfig {
             attn_softcap,
             final_softcap,
             block_norms: match model_type.as_str() {
-                "olmo2" | "olmo3" | "exaone4" => BlockNorms::Post,
+                "olmo2" | "olmo3" | "exaone4" | "flex_olmo" => BlockNorms::Post,
                 "glm4" => BlockNorms::Glm4,
                 "phi" => BlockNorms::Shared,
                 _ if gptj => BlockNorms::Shared,
@@ -2046,8 +2046,8 @@ fn parse_moe(
 ) -> Result<Option<Moe>> {
     let (prefix, projections) = match model_type {
         "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
-        "qwen2_moe" | "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" | "deepseek_v2"
-        | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
+        "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
+        | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
         }
         _ => return Ok(None),
@@ -2080,11 +2080,17 @@ fn parse_moe(
         _ => {}
     }
     let qwen = model_type.starts_with("qwen");
+    // FlexOlmoConfig's defaults: 7 experts, top 5 (the others' classes have none worth taking).
+    let flex = model_type == "flex_olmo";
     let experts = match (v.get("num_local_experts"), v.get("num_experts")) {
         (Some(x), _) if !x.is_null() => get_size(v, "num_local_experts", MAX_SIZE, path)?,
+        _ if flex => size_within(v, "num_experts", 7, path)?,
         _ => get_size(v, "num_experts", MAX_SIZE, path)?,
     };
-    let top_k = get_size(v, "num_experts_per_tok", MAX_SIZE, path)?;
+    let top_k = match flex {
+        true => size_within(v, "num_experts_per_tok", 5, path)?,
+        false => get_size(v, "num_experts_per_tok", MAX_SIZE, path)?,
+    };
     check_top_k("num_experts_per_tok", top_k, experts, path)?;
     // Mixtral and MiniMax-M2 renormalise always.
     let mixtral = matches!(model_type, "mixtral" | "minimax_m2");
@@ -2893,7 +2899,7 @@ fn llama4_query_scaling(v: &Value, path: &Path) -> Result<Option<(f64, usize)>> 
 /// 10⁴ where the class has none).
 fn class_rope_theta(model_type: &str) -> f64 {
     match model_type {
-        "cohere" | "ernie4_5" | "ernie4_5_moe" | "exaone" => 500_000.0,
+        "cohere" | "ernie4_5" | "ernie4_5_moe" | "exaone" | "flex_olmo" => 500_000.0,
         "helium" => 100_000.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
@@ -3055,6 +3061,7 @@ fn parse_pad_token_id(
     let id = match v.get("pad_token_id") {
         None if model_type.starts_with("gemma") => 0,
         None if matches!(model_type, "olmo" | "olmo2" | "olmo3") => 1,
+        None if model_type == "flex_olmo" => 100277,
         None if model_type.starts_with("cohere") || model_type == "exaone" => 0,
         None if model_type == "internlm3" => 2,
         // InternLM2Config (remote code) defaults it to 0; its embedding takes it as padding_idx.
@@ -4302,6 +4309,32 @@ mod tests {
             m.sparse_layers.iter().all(|&s| s),
             "first_k_dense_replace 0"
         );
+    }
+
+    /// FlexOlmo-7x7B-1T's shape (FlexOlmoConfig's defaults): OLMo 2's norms after the attention and the
+    /// MLP and whole-projection q/k norms, 7 experts of intermediate_size, top 5 not renormalised,
+    /// θ 5·10⁵, pad 100277.
+    #[test]
+    fn flex_olmo_defaults() {
+        let p = Path::new("config.json");
+        let v = serde_json::json!({"model_type": "flex_olmo", "vocab_size": 100352,
+            "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.block_norms, c.qk_norm),
+            (BlockNorms::Post, QkNorm::Whole)
+        );
+        assert_eq!(
+            (c.rope_theta, c.pad_token_id, c.rms_norm_eps),
+            (5e5, Some(100277), 1e-6)
+        );
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (7, 5, 11008, false)
+        );
+        assert_eq!(m.router, MoeRouter::Softmax);
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).
