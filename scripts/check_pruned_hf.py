@@ -84,6 +84,7 @@ CASES = {
     "deepseek_v3_q_proj": ONE_BY_GRADNORM,
     "deepseek_v2_grouped": ONE_BY_GRADNORM,
     "nemotron_layernorm1p": ONE_BY_GRADNORM,
+    "jais2_layernorm": ONE_BY_GRADNORM,
     "ministral_layer_types": ONE_BY_GRADNORM,
     "ministral3_yarn": ONE_BY_GRADNORM,
     # Mistral 4: the kept mixture's experts fused as transformers 5 saves them, copied whole.

@@ -438,6 +438,13 @@ FIXTURES = [
                                        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
                                        llama_4_scaling_beta=0.1)),
          seed=67),
+    # Jais 2: LLaMA's attention with LayerNorms (with biases, gains w), Nemotron's plain MLP up_proj →
+    # ReLU² → down_proj, biases on every projection (the class defaults), GQA, untied.
+    dict(name="jais2_layernorm", model_type="jais2", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, layer_norm_eps=1e-5,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=70),
     # EXAONE 3.5: LLaMA's block under the hub's names (transformer.h.{i}.attn.attention.*, ln_1, ln_2,
     # mlp.c_fc_0 / c_fc_1 / c_proj, transformer.wte, transformer.ln_f; as transformers saves it), the
     # hub's config names (num_layers, layer_norm_epsilon, activation_function, 4.x rope_theta and

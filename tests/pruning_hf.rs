@@ -340,10 +340,11 @@ fn exaone_matches_transformers() {
     check_case("exaone_hub_names");
 }
 
-/// Nemotron's LayerNorm1P and ReLU² MLP.
+/// Nemotron's LayerNorm1P and ReLU² MLP; Jais 2's plain LayerNorms with the same MLP.
 #[test]
 fn nemotron_matches_transformers() {
     check_case("nemotron_layernorm1p");
+    check_case("jais2_layernorm");
 }
 
 /// DeepSeek-V3's latent attention, with the query's bottleneck and without; DeepSeek-V2's with its

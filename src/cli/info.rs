@@ -164,9 +164,14 @@ fn describe_block(c: &ModelConfig) -> String {
             "2 RMSNorms (ln_1, ln_2); gated MLP c_fc_0/c_fc_1/c_proj ({act} gate); LLaMA's block under \
              EXAONE's names"
         ),
-        BlockLayout::Nemotron => {
-            format!("2 LayerNorms with biases, gains 1 + w; MLP up → {act} → down")
-        }
+        BlockLayout::Nemotron => format!(
+            "2 LayerNorms with biases{}; MLP up → {act} → down",
+            if c.norm_offset == 1.0 {
+                ", gains 1 + w"
+            } else {
+                ""
+            }
+        ),
         BlockLayout::GptJ => format!(
             "one LayerNorm (with a bias) shared by the attention and the MLP, in parallel \
              (x + attn(ln x) + mlp(ln x)); MLP fc_in → {act} → fc_out; lm_head with a bias"

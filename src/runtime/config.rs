@@ -144,8 +144,8 @@ pub enum BlockLayout {
     /// `ln_1`, `ln_2`, the gated MLP `mlp.c_fc_0` (gate), `mlp.c_fc_1` (up), `mlp.c_proj` (down), in
     /// `transformer.h.…` (transformers renames them at load and back at save).
     Exaone,
-    /// Nemotron (Nemotron-4, Minitron, Nemotron-Mini): Arcee's names and plain MLP with LayerNorms
-    /// with biases whose gain is `1 + w` (LayerNorm1P, `norm_offset` 1).
+    /// Nemotron (Nemotron-4, Minitron, Nemotron-Mini) and Jais 2: Arcee's names and plain MLP with
+    /// LayerNorms with biases (Nemotron's gain `1 + w`: LayerNorm1P, `norm_offset` 1).
     Nemotron,
     /// OLMo (1): LLaMA's names and gated MLP with LayerNorms without parameters (no weight, no bias:
     /// the gain is `norm_offset`, 1).
@@ -837,7 +837,7 @@ impl ModelConfig {
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
-             exaone, ministral, ministral3, mistral4, flex_olmo";
+             exaone, ministral, ministral3, mistral4, flex_olmo, jais2";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -1046,9 +1046,11 @@ impl ModelConfig {
             true => Some(FalconBlock::Sequential),
             false => falcon.then(|| falcon_block(v, path)).transpose()?,
         };
-        let attention_bias =
-            alias("attention_bias", "qkv_bias")?.unwrap_or(neox || glm || model_type == "seed_oss");
-        let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(false);
+        // Jais2Config puts biases on every projection by default.
+        let jais2 = model_type == "jais2";
+        let attention_bias = alias("attention_bias", "qkv_bias")?
+            .unwrap_or(neox || glm || model_type == "seed_oss" || jais2);
+        let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(jais2);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
             // Qwen2MoeConfig's `qkv_bias` (default true; absent from 4.x configs).
@@ -1075,7 +1077,7 @@ impl ModelConfig {
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
-            | "exaone" | "mistral4" | "flex_olmo" => (attention_bias, attention_bias),
+            | "exaone" | "mistral4" | "flex_olmo" | "jais2" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1139,7 +1141,7 @@ impl ModelConfig {
             "olmo" => BlockLayout::Olmo,
             "arcee" => BlockLayout::Arcee,
             "exaone" => BlockLayout::Exaone,
-            "nemotron" => BlockLayout::Nemotron,
+            "nemotron" | "jais2" => BlockLayout::Nemotron,
             "falcon" | "bloom" => BlockLayout::Falcon {
                 ln_pair: falcon_block == Some(FalconBlock::LnPair),
             },
@@ -1202,7 +1204,9 @@ impl ModelConfig {
             false => opt_f64(
                 v,
                 match model_type.as_str() {
-                    "gpt_neox" | "phi" | "stablelm" | "cohere" | "cohere2" => "layer_norm_eps",
+                    "gpt_neox" | "phi" | "stablelm" | "cohere" | "cohere2" | "jais2" => {
+                        "layer_norm_eps"
+                    }
                     "starcoder2" => "norm_epsilon",
                     "nemotron" => "norm_eps",
                     _ => "rms_norm_eps",
@@ -1236,6 +1240,7 @@ impl ModelConfig {
                         | "minicpm3"
                         | "exaone"
                         | "ministral3"
+                        | "jais2"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1279,6 +1284,7 @@ impl ModelConfig {
                     | "arcee"
                     | "nemotron"
                     | "exaone"
+                    | "jais2"
             ) && mlp_bias
                 || ernie_bias
                 || neox
@@ -2976,7 +2982,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gptj" | "codegen" => ("activation_function", "gelu_new"),
         "gpt_bigcode" => ("activation_function", "gelu_pytorch_tanh"),
         "mpt" => ("", "gelu"),
-        "arcee" | "nemotron" => ("hidden_act", "relu2"),
+        "arcee" | "nemotron" | "jais2" => ("hidden_act", "relu2"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -3005,7 +3011,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu" if matches!(model_type, "gpt2" | "opt" | "gpt_bigcode") => Ok(Activation::Gelu),
         "relu" if model_type == "opt" => Ok(Activation::Relu),
         "gelu" if matches!(model_type, "falcon" | "mpt") => Ok(Activation::Gelu),
-        "relu2" if matches!(model_type, "arcee" | "nemotron") => Ok(Activation::Relu2),
+        "relu2" if matches!(model_type, "arcee" | "nemotron" | "jais2") => Ok(Activation::Relu2),
         _ => Err(model_err(
             path,
             format!(
@@ -4335,6 +4341,28 @@ mod tests {
             (7, 5, 11008, false)
         );
         assert_eq!(m.router, MoeRouter::Softmax);
+    }
+
+    /// Jais-2-8B's shape (Jais2Config's defaults): Nemotron's layout with plain LayerNorms (gains w),
+    /// ReLU², biases on every projection, eps `layer_norm_eps`; a partial rotary embedding refused
+    /// (Jais 2's attention rotates whole heads).
+    #[test]
+    fn jais2_defaults() {
+        let p = Path::new("config.json");
+        let v = serde_json::json!({"model_type": "jais2", "vocab_size": 150272,
+            "hidden_size": 3328, "intermediate_size": 26624, "num_hidden_layers": 32,
+            "num_attention_heads": 26});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(c.layout, BlockLayout::Nemotron);
+        assert_eq!(
+            (c.norm_offset, c.rms_norm_eps, c.activation),
+            (0.0, 1e-5, Activation::Relu2)
+        );
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+        assert_eq!((c.head_dim, c.rotary_dim), (128, 128));
+        let mut partial = v.clone();
+        partial["partial_rotary_factor"] = 0.5.into();
+        assert!(ModelConfig::from_json(&partial, p).is_err());
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

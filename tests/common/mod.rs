@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 71] = [
+pub const DECODER_FIXTURES: [&str; 72] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -53,6 +53,7 @@ pub const DECODER_FIXTURES: [&str; 71] = [
     "ministral3_yarn",
     "exaone_hub_names",
     "nemotron_layernorm1p",
+    "jais2_layernorm",
     "deepseek_v2_grouped",
     "glm4_moe_lite_mla",
     "youtu_mla",
