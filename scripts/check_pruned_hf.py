@@ -86,6 +86,9 @@ CASES = {
     "nemotron_layernorm1p": ONE_BY_GRADNORM,
     "jais2_layernorm": ONE_BY_GRADNORM,
     "ministral_layer_types": ONE_BY_GRADNORM,
+    # CWM: the layer kinds its config only implies written out, so that each kept layer keeps its own.
+    "cwm_layer_pattern": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
+    + PINNED,
     "ministral3_yarn": ONE_BY_GRADNORM,
     # Mistral 4: the kept mixture's experts fused as transformers 5 saves them, copied whole.
     "mistral4_mla": ONE_BY_GRADNORM,

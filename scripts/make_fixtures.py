@@ -418,6 +418,15 @@ FIXTURES = [
                   num_key_value_heads=2, vocab_size=128, norm_epsilon=1e-5, sliding_window=6,
                   rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
          full_attention_loss=True, seed=19),
+    # CWM (Code World Model): LLaMA's block with a window of 6 on all but every 4th layer from the first
+    # (config.json without layer_types: the class's pattern), llama3 rope scaling, GQA, untied.
+    dict(name="cwm_layer_pattern", model_type="cwm", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-5, sliding_window=6,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=1000000.0, factor=16.0,
+                                       high_freq_factor=4.0, low_freq_factor=1.0,
+                                       original_max_position_embeddings=8)),
+         drop_layer_types=True, full_attention_loss=True, seed=71),
     # Ministral (8B): Mistral's block with the window of 6 on the layers layer_types names (0 and 2), GQA
     # (head_dim stated: MinistralModel does not derive it).
     dict(name="ministral_layer_types", model_type="ministral", dtype=torch.float32, token_dtype=np.int64,
@@ -1033,7 +1042,7 @@ def full_attention_loss(spec, model, ids):
     cfg = dict(spec["cfg"], sliding_window=None)
     if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -1043,7 +1052,7 @@ def full_attention_loss(spec, model, ids):
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None

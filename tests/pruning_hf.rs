@@ -326,6 +326,7 @@ fn sigmoid_routed_moe_match_transformers() {
 fn ministral_matches_transformers() {
     check_case("ministral_layer_types");
     check_case("ministral3_yarn");
+    check_case("cwm_layer_pattern");
 }
 
 /// Mistral Small 4: MLA, Llama 4's query scaling, the softmax router inside groups, experts fused.

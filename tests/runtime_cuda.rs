@@ -993,7 +993,9 @@ fn check_model_against_cpu(dev: &CudaDevice, model: &Model, tokens: &Tokens, wha
 /// As [`check_model_against_cpu`]; `hidden` false skips the hidden states' comparison (a mixture of
 /// experts with bf16 products: a token whose router logits are closer than bf16's rounding may go to
 /// another expert than on the CPU, as it would in PyTorch, which moves that token's hidden state by
-/// more than the rounding; the loss and the gradient norms average it out).
+/// more than the rounding; the loss averages it out, a layer's gradient norm less so on a fixture of
+/// 32-wide tokens: up to 6% measured on FlexOlmo's, whose norm after the mixture rescales the flipped
+/// tokens' outputs, so 10% there).
 fn check_model_against_cpu_with(
     dev: &CudaDevice,
     model: &Model,
@@ -1002,6 +1004,7 @@ fn check_model_against_cpu_with(
     hidden: bool,
 ) {
     let (tol_loss, tol_hidden, tol_norm) = model_tolerances(dev);
+    let tol_norm = if hidden { tol_norm } else { tol_norm.max(0.1) };
     let (loss_c, hid_c, gn_c) = run_model(&Cpu, model, tokens);
     let (loss_g, hid_g, gn_g) = run_model(dev, model, tokens);
     eprintln!("{what}: loss {loss_g} vs {loss_c}");

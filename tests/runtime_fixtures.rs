@@ -365,17 +365,21 @@ fn sliding_window_changes_the_result() {
     );
 }
 
-/// Ministral windows the layers `layer_types` names, dots1 those from `max_window_layers` on (its
-/// config.json has no `layer_types`); without the windows the loss is PyTorch's full-attention one.
+/// Ministral windows the layers `layer_types` names, CWM all but every 4th from the first, dots1 those
+/// from `max_window_layers` on (CWM's and dots1's config.json have no `layer_types`); without the windows the loss is PyTorch's full-attention one.
 /// Ministral 3 refuses sequences past the positions its queries are not scaled at.
 #[test]
-fn ministral_dots1_windows_and_ministral3_scaling() {
+fn ministral_cwm_dots1_windows_and_ministral3_scaling() {
     let (m, _) = load("ministral_layer_types");
     let windows: Vec<_> = (0..3).map(|l| m.config.layer_window(l)).collect();
     assert_eq!(windows, [Some(6), None, Some(6)]);
     window_matters("ministral_layer_types", |c| {
         c["sliding_window"] = 4096.into()
     });
+    let (w, _) = load("cwm_layer_pattern");
+    let windows: Vec<_> = (0..4).map(|l| w.config.layer_window(l)).collect();
+    assert_eq!(windows, [None, Some(6), Some(6), Some(6)]);
+    window_matters("cwm_layer_pattern", |c| c["sliding_window"] = 4096.into());
     let (d, _) = load("dots1_window");
     let windows: Vec<_> = (0..3).map(|l| d.config.layer_window(l)).collect();
     assert_eq!(windows, [None, Some(6), Some(6)]);

@@ -687,6 +687,13 @@ mod tests {
                                       "scale_depth": null});
         let p = pruned_config(&null, &[0, 2], Path::new("config.json")).unwrap();
         assert!(p["scale_depth"].is_null());
+        // CWM without layer_types: the class's kinds written out (layer 0 full), then sliced.
+        let cwm = serde_json::json!({"model_type": "cwm", "num_hidden_layers": 8});
+        let p = pruned_config(&cwm, &[1, 2, 4], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["layer_types"],
+            serde_json::json!(["sliding_attention", "sliding_attention", "full_attention"])
+        );
         // EXAONE's hub configs count the layers as num_layers.
         let exaone = serde_json::json!({"model_type": "exaone", "num_layers": 30});
         let p = pruned_config(&exaone, &[0, 1, 2], Path::new("config.json")).unwrap();

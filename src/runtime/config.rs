@@ -837,7 +837,7 @@ impl ModelConfig {
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
-             exaone, ministral, ministral3, mistral4, flex_olmo, jais2";
+             exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -857,7 +857,7 @@ impl ModelConfig {
         let aliased;
         let v = match model_type.as_str() {
             "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
-            | "minimax_m2" | "exaone" | "ministral3" | "mistral4" => {
+            | "minimax_m2" | "exaone" | "ministral3" | "mistral4" | "cwm" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -955,7 +955,7 @@ impl ModelConfig {
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
             "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2"
-            | "ministral3" => 128,
+            | "ministral3" | "cwm" => 128,
             _ => hidden_size / num_attention_heads,
         };
         // DeepSeek-V2's and V3's heads are MLA's, GLM-4.7-Flash's and Youtu's too (their configs'
@@ -1241,6 +1241,7 @@ impl ModelConfig {
                         | "exaone"
                         | "ministral3"
                         | "jais2"
+                        | "cwm"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1524,6 +1525,7 @@ fn parse_sliding_window(
             {
                 None
             }
+            None if model_type == "cwm" => Some(8192),
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -1536,7 +1538,7 @@ fn parse_sliding_window(
         Ok(w)
     };
     match model_type {
-        "gemma2" | "gemma3_text" | "olmo3" | "cohere2" | "exaone4" => {
+        "gemma2" | "gemma3_text" | "olmo3" | "cohere2" | "exaone4" | "cwm" => {
             let w = window()?;
             let derived = || {
                 Ok(pattern_layer_kinds(v, model_type, layers, path)?
@@ -1664,6 +1666,18 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
                     "llama_4_scaling_beta": 0.1,
                     "partial_rotary_factor": rope as f64 / (nope + rope).max(1) as f64}),
+            );
+        }
+        return Ok(c);
+    }
+    if model_type == "cwm" {
+        // CwmConfig's rope settings when a config states none.
+        if rope_object(v).is_none() {
+            obj.insert(
+                "rope_parameters".into(),
+                serde_json::json!({"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0,
+                    "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192}),
             );
         }
         return Ok(c);
@@ -2576,6 +2590,8 @@ pub fn pattern_layer_kinds(
             }
             Some(_) => get_usize(v, "sliding_window_pattern", path)?,
         },
+        // CwmConfig: every 4th layer from the first full, the others windowed.
+        "cwm" => return Ok(Some((0..layers).map(|l| l % 4 != 0).collect())),
         _ => return Ok(None),
     };
     if pattern == 0 {
@@ -2906,6 +2922,7 @@ fn llama4_query_scaling(v: &Value, path: &Path) -> Result<Option<(f64, usize)>> 
 fn class_rope_theta(model_type: &str) -> f64 {
     match model_type {
         "cohere" | "ernie4_5" | "ernie4_5_moe" | "exaone" | "flex_olmo" => 500_000.0,
+        "cwm" => 1_000_000.0,
         "helium" => 100_000.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
@@ -4363,6 +4380,30 @@ mod tests {
         let mut partial = v.clone();
         partial["partial_rotary_factor"] = 0.5.into();
         assert!(ModelConfig::from_json(&partial, p).is_err());
+    }
+
+    /// CWM's shape (CwmConfig's defaults): a window of 8192 on all but every 4th layer from the first,
+    /// llama3 rope scaling ×16 past 8192 tokens at θ 10⁶, heads of 128, no biases.
+    #[test]
+    fn cwm_defaults() {
+        let p = Path::new("config.json");
+        let v = serde_json::json!({"model_type": "cwm", "vocab_size": 128256, "hidden_size": 6144,
+            "intermediate_size": 21504, "num_hidden_layers": 8, "num_attention_heads": 48,
+            "num_key_value_heads": 8});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.sliding_window, c.head_dim, c.rope_theta),
+            (Some(8192), 128, 1e6)
+        );
+        assert_eq!(
+            c.sliding_layers,
+            [false, true, true, true, false, true, true, true]
+        );
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Llama3 { factor: 16.0, .. }
+        ));
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

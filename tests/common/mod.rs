@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 72] = [
+pub const DECODER_FIXTURES: [&str; 73] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -49,6 +49,7 @@ pub const DECODER_FIXTURES: [&str; 72] = [
     "glm4_moe_sigmoid",
     "minimax_m2_sigmoid",
     "ernie4_5_moe_biased",
+    "cwm_layer_pattern",
     "ministral_layer_types",
     "ministral3_yarn",
     "exaone_hub_names",
