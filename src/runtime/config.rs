@@ -3000,6 +3000,9 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gpt_bigcode" => ("activation_function", "gelu_pytorch_tanh"),
         "mpt" => ("", "gelu"),
         "arcee" | "nemotron" | "jais2" => ("hidden_act", "relu2"),
+        // EXAONE's hub configs name it activation_function (ExaoneConfig's attribute_map; read under
+        // that name so that an error names the field the file has).
+        "exaone" if v.get("activation_function").is_some() => ("activation_function", "silu"),
         _ => ("hidden_act", "silu"),
     };
     let name = v.get(key).and_then(Value::as_str).unwrap_or(default);
@@ -4234,7 +4237,7 @@ mod tests {
         let mut gelu = hub.clone();
         gelu["activation_function"] = "gelu".into();
         let e = ModelConfig::from_json(&gelu, p).unwrap_err().to_string();
-        assert!(e.contains("'gelu' is not supported"), "{e}");
+        assert!(e.contains("activation_function 'gelu'"), "{e}");
     }
 
     /// Ministral 3 inside Mistral 3's vision-language wrapper (the hub's form): Mistral's block with
