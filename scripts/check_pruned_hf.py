@@ -37,6 +37,8 @@ from make_fixtures import layers_name, lm_head, text_model  # the decoder's modu
 PINNED = ["--features", "colsum", "--allocation", "proportional"]
 # One layer out, chosen by gradient norm, batches of 2 sequences.
 ONE_BY_GRADNORM = ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED
+# Two layers out, likewise (dense layers, layer bounds and layer kinds rewritten in more cases).
+TWO_BY_GRADNORM = ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED
 CASES = {
     "llama_llama3_rope": ONE_BY_GRADNORM,
     "llama_bf16_tied": ONE_BY_GRADNORM,
@@ -66,7 +68,7 @@ CASES = {
     "gemma3_sandwich": ONE_BY_GRADNORM,
     "gemma2_softcap": ONE_BY_GRADNORM,
     "olmo2_post_norm": ONE_BY_GRADNORM,
-    "gemma3_vision": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
+    "gemma3_vision": TWO_BY_GRADNORM,
     "mistral3_vision": ONE_BY_GRADNORM,
     "granite_multipliers": ONE_BY_GRADNORM,
     "qwen2_5_vl_flat": ONE_BY_GRADNORM,
@@ -76,19 +78,16 @@ CASES = {
     "neox_sequential": ONE_BY_GRADNORM,
     "mixtral_moe": ONE_BY_GRADNORM,
     "minimax_m2_sigmoid": ONE_BY_GRADNORM,
-    "ernie4_5_moe_biased": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
-    + PINNED,
+    "ernie4_5_moe_biased": TWO_BY_GRADNORM,
     # DeepSeek-V3: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).
-    "deepseek_v3_mla": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
-    + PINNED,
+    "deepseek_v3_mla": TWO_BY_GRADNORM,
     "deepseek_v3_q_proj": ONE_BY_GRADNORM,
     "deepseek_v2_grouped": ONE_BY_GRADNORM,
     "nemotron_layernorm1p": ONE_BY_GRADNORM,
     "jais2_layernorm": ONE_BY_GRADNORM,
     "ministral_layer_types": ONE_BY_GRADNORM,
     # CWM: the layer kinds its config only implies written out, so that each kept layer keeps its own.
-    "cwm_layer_pattern": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
-    + PINNED,
+    "cwm_layer_pattern": TWO_BY_GRADNORM,
     "ministral3_yarn": ONE_BY_GRADNORM,
     # Mistral 4: the kept mixture's experts fused as transformers 5 saves them, copied whole.
     "mistral4_mla": ONE_BY_GRADNORM,
@@ -96,23 +95,20 @@ CASES = {
     "exaone_hub_names": ONE_BY_GRADNORM,
     # GLM-4.7-Flash and dots1: two of three layers out (mlp_layer_types sliced; first_k_dense_replace
     # and max_window_layers rewritten).
-    "glm4_moe_lite_mla": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
-    + PINNED,
+    "glm4_moe_lite_mla": TWO_BY_GRADNORM,
     "youtu_mla": ONE_BY_GRADNORM,
     # MiniCPM3: scale_depth rewritten so that each kept layer's residual scale (scale_depth / √layers)
     # stays the same.
     "minicpm3_scaled": ONE_BY_GRADNORM,
-    "dots1_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
-    + PINNED,
+    "dots1_window": TWO_BY_GRADNORM,
     # GLM-4.5: two of three layers out (first_k_dense_replace rewritten when the dense layer 0 goes).
-    "glm4_moe_sigmoid": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"]
-    + PINNED,
+    "glm4_moe_sigmoid": TWO_BY_GRADNORM,
     "qwen2_moe_shared": ONE_BY_GRADNORM,
-    "qwen3_moe_step": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
+    "qwen3_moe_step": TWO_BY_GRADNORM,
     "olmoe_experts": ONE_BY_GRADNORM,
     "flex_olmo_post_norms": ONE_BY_GRADNORM,
-    "opt_hub_layout": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
-    "gpt2_hub_layout": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED,
+    "opt_hub_layout": TWO_BY_GRADNORM,
+    "gpt2_hub_layout": TWO_BY_GRADNORM,
     # Layers 1 and 2 out: the full-attention layer 3 (YaRN) becomes layer 1 of 2.
     "olmo3_yarn_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "subset"] + PINNED,
     # Layer 1 out: the NoPE, windowed layer 3 becomes layer 2 of 3 (the derived no_rope_layers written out).

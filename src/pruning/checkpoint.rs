@@ -117,6 +117,21 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, s).map_err(|e| Error::io(path, e))
 }
 
+/// Write per-layer flags into `obj[key]` as the config class names the two kinds (`[true, false]`): a
+/// list the config only implied, made explicit so that the kept layers keep their kinds once it is sliced.
+fn insert_layer_kinds(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    flags: &[bool],
+    [yes, no]: [&str; 2],
+) {
+    let kinds: Vec<serde_json::Value> = flags
+        .iter()
+        .map(|&f| if f { yes } else { no }.into())
+        .collect();
+    obj.insert(key.into(), kinds.into());
+}
+
 /// The config with the decoder's layer count and per-layer lists updated: the config's own or, for a
 /// vision-language checkpoint, its `text_config`'s (where a field the class defaults, such as
 /// `num_hidden_layers`, may be absent; it is written) or, for a flat 4.x Qwen-VL config, the top level's
@@ -157,18 +172,8 @@ pub fn pruned_config(
     // out, so that the kept layers keep theirs.
     if obj.get("layer_types").is_none_or(|v| v.is_null()) {
         if let Some(kinds) = pattern_layer_kinds(decoder, model_type.unwrap_or(""), old, path)? {
-            let names: Vec<serde_json::Value> = kinds
-                .iter()
-                .map(|&sliding| {
-                    if sliding {
-                        "sliding_attention"
-                    } else {
-                        "full_attention"
-                    }
-                    .into()
-                })
-                .collect();
-            obj.insert("layer_types".into(), names.into());
+            let names = ["sliding_attention", "full_attention"];
+            insert_layer_kinds(obj, "layer_types", &kinds, names);
         }
     }
     // MiniCPM3 scales each residual branch by scale_depth / √layers: keep the kept layers' scale.
@@ -186,11 +191,7 @@ pub fn pruned_config(
     if model_type == Some("glm4_moe_lite") && obj.get("mlp_layer_types").is_none_or(|v| v.is_null())
     {
         let sparse = mlp_layer_types(decoder, old, path)?;
-        let kinds: Vec<serde_json::Value> = sparse
-            .iter()
-            .map(|&s| if s { "sparse" } else { "dense" }.into())
-            .collect();
-        obj.insert("mlp_layer_types".into(), kinds.into());
+        insert_layer_kinds(obj, "mlp_layer_types", &sparse, ["sparse", "dense"]);
     }
     // SmolLM3 without `no_rope_layers` derives each layer's rotary embedding from its position: write
     // them out too.

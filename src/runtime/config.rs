@@ -958,13 +958,13 @@ impl ModelConfig {
             | "ministral3" | "cwm" => 128,
             _ => hidden_size / num_attention_heads,
         };
-        // DeepSeek-V2's and V3's heads are MLA's, GLM-4.7-Flash's and Youtu's too (their configs'
-        // `head_dim` is the rotary part's width).
-        let deepseek = matches!(
+        // DeepSeek's multi-head latent attention: DeepSeek-V2's and V3's heads, and those of the families
+        // built on them (their configs' `head_dim` is the rotary part's width, or Mistral 4's whole head).
+        let latent_attention = matches!(
             model_type.as_str(),
             "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "youtu" | "minicpm3" | "mistral4"
         );
-        let mla = match deepseek {
+        let mla = match latent_attention {
             true => {
                 let defaults = match model_type.as_str() {
                     "glm4_moe_lite" => GLM4_MOE_LITE_MLA,
@@ -1124,7 +1124,7 @@ impl ModelConfig {
                 ));
             }
             Some(s as f32)
-        } else if deepseek {
+        } else if latent_attention {
             mla_softmax_scale(v, head_dim, path)?
         } else {
             None
@@ -1632,52 +1632,11 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     if model_type == "minimax_m2" {
         return minimax_m2_config(v, c, path);
     }
-    if model_type == "ministral3" {
-        // Ministral3Config's rope settings when a config states none: YaRN × 16 past 16384 tokens with
-        // Llama 4's attention scaling (whose beta the runtime reads from them).
-        if rope_object(v).is_none() {
-            let max = v
-                .get("max_position_embeddings")
-                .cloned()
-                .unwrap_or(262144.into());
-            obj.insert(
-                "rope_parameters".into(),
-                serde_json::json!({"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
-                    "original_max_position_embeddings": 16384, "max_position_embeddings": max,
-                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
-                    "llama_4_scaling_beta": 0.1}),
-            );
-        }
-        return Ok(c);
-    }
-    if model_type == "mistral4" {
-        // Mistral4Config's rope settings when a config states none: YaRN × 128 past 8192 tokens on the
-        // rotary part of each head, with Llama 4's attention scaling.
-        if rope_object(v).is_none() {
-            let (nope, rope) = (get("qk_nope_head_dim", 64)?, get("qk_rope_head_dim", 64)?);
-            let max = v
-                .get("max_position_embeddings")
-                .cloned()
-                .unwrap_or(1048576.into());
-            obj.insert(
-                "rope_parameters".into(),
-                serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
-                    "original_max_position_embeddings": 8192, "max_position_embeddings": max,
-                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
-                    "llama_4_scaling_beta": 0.1,
-                    "partial_rotary_factor": rope as f64 / (nope + rope).max(1) as f64}),
-            );
-        }
-        return Ok(c);
-    }
-    if model_type == "cwm" {
-        // CwmConfig's rope settings when a config states none.
+    if matches!(model_type, "ministral3" | "mistral4" | "cwm") {
         if rope_object(v).is_none() {
             obj.insert(
                 "rope_parameters".into(),
-                serde_json::json!({"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0,
-                    "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                    "original_max_position_embeddings": 8192}),
+                class_rope_parameters(v, model_type, path)?,
             );
         }
         return Ok(c);
@@ -2741,6 +2700,36 @@ fn parse_rope(
     }
     let rope_scaling = parse_rope_scaling(scaling, v, model_type, rotary_dim, path)?;
     Ok((rope_theta, rope_scaling, rotary_dim))
+}
+
+/// The rope settings the config class of Ministral 3, Mistral 4 or CWM takes when config `v` states
+/// none: Ministral 3's YaRN × 16 past 16384 tokens and Mistral 4's × 128 past 8192 (on the rotary part
+/// of each head), both with Llama 4's attention scaling (whose beta the runtime reads from them);
+/// CWM's llama3 scaling × 16 past 8192.
+fn class_rope_parameters(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
+    let max = |default: u64| {
+        v.get("max_position_embeddings")
+            .cloned()
+            .unwrap_or(default.into())
+    };
+    Ok(match model_type {
+        "ministral3" => serde_json::json!({"rope_type": "yarn", "rope_theta": 1000000.0,
+            "factor": 16.0, "original_max_position_embeddings": 16384,
+            "max_position_embeddings": max(262144), "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}),
+        "mistral4" => {
+            let size = |key: &str| size_or(v, key, 64, path);
+            let (nope, rope) = (size("qk_nope_head_dim")?, size("qk_rope_head_dim")?);
+            serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
+                "original_max_position_embeddings": 8192, "max_position_embeddings": max(1048576),
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                "llama_4_scaling_beta": 0.1,
+                "partial_rotary_factor": rope as f64 / (nope + rope).max(1) as f64})
+        }
+        _ => serde_json::json!({"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0,
+            "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192}),
+    })
 }
 
 /// The rope settings of config `v`: its `rope_parameters` object (5.x), else its `rope_scaling` (4.x).

@@ -496,7 +496,7 @@ impl Model {
         };
         model.check_weights()?;
         model.routers = model.read_routers()?;
-        let fused_experts = (0..model.num_layers()).any(|l| model.fused_experts(l).is_some());
+        let fused_experts = (0..model.num_layers()).any(|l| model.has_fused_experts(l));
         if model.config.fused_qkv || model.config.fused_gate_up || fused_experts {
             model.split_fused_projections()?;
         }
@@ -627,7 +627,8 @@ impl Model {
             // transformers 5's own layout of a mixture's experts (Mistral 4 saves it): each expert's
             // gate and up stacked in `experts.gate_up_proj` `[experts, 2 inter, hidden]`, its down in
             // `experts.down_proj` `[experts, hidden, inter]`.
-            if let Some(m) = self.fused_experts(l) {
+            if self.has_fused_experts(l) {
+                let m = c.moe.as_ref().expect("fused experts belong to a mixture");
                 let experts = |p: &str| format!("{layer}.{}.experts.{p}", m.prefix);
                 let [gate, up, down] = m.projections;
                 let expert =
@@ -646,12 +647,17 @@ impl Model {
         Ok(())
     }
 
-    /// Layer `l`'s mixture when the checkpoint stores its experts fused (`experts.gate_up_proj`,
+    /// Whether layer `l` is a mixture whose experts the checkpoint stores fused (`experts.gate_up_proj`,
     /// `experts.down_proj`), as transformers 5 does for the types it has no hub layout for.
-    fn fused_experts(&self, l: usize) -> Option<Moe> {
-        let m = self.config.moe.as_ref().filter(|m| m.is_sparse(l))?;
-        let fused = format!("{}.{}.experts.gate_up_proj", self.names.layer(l), m.prefix);
-        self.weights.contains(&fused).then(|| m.clone())
+    fn has_fused_experts(&self, l: usize) -> bool {
+        self.config
+            .moe
+            .as_ref()
+            .filter(|m| m.is_sparse(l))
+            .is_some_and(|m| {
+                let fused = format!("{}.{}.experts.gate_up_proj", self.names.layer(l), m.prefix);
+                self.weights.contains(&fused)
+            })
     }
 
     /// Every tensor the decoder reads, with the shape the config implies: the embedding, the final norm,
@@ -737,7 +743,7 @@ impl Model {
             linears.push((c.layout.o_proj(), h, c.attention_width(), c.o_bias));
             let moe = c.moe.as_ref().filter(|m| m.is_sparse(l));
             let mut moe_linears = Vec::new();
-            let fused_experts = self.fused_experts(l).is_some();
+            let fused_experts = self.has_fused_experts(l);
             if let Some(m) = moe {
                 moe_linears.push((format!("{}.gate", m.prefix), m.experts, h));
                 if fused_experts {
@@ -1422,19 +1428,13 @@ impl Model {
                 let module = fused.rsplit_once('.').map_or(fused, |m| m.0);
                 let [q, k, v] =
                     [("q", 0, qd), ("k", 1, kvd), ("v", 2, kvd)].map(|(name, part, width)| {
-                        let out = tape.buffer(format!("{pre}.{module}.{name}"), n, width);
                         let before = order.iter().take_while(|&&p| p != part);
                         let blocks = ColumnBlocks {
                             block: widths[part],
                             stride,
                             offset: before.map(|&p| widths[p]).sum(),
                         };
-                        tape.push(op::Columns {
-                            x: qkv,
-                            blocks,
-                            out,
-                        });
-                        out
+                        gather(tape, qkv, &format!("{module}.{name}"), blocks, width)
                     });
                 (q, k, v)
             }

@@ -230,14 +230,25 @@ impl Routing {
 /// a smaller group's), setting the others' keys to −∞ (the group-limited choice: DeepSeek-V3's by the
 /// two best, DeepSeek-V2's by the best; ties to the lower group).
 fn mask_groups(key: &mut [f64], groups: usize, keep: usize, best: usize) {
+    assert!(
+        (1..=MAX_GROUP_BEST).contains(&best),
+        "a group scored by its {best} best keys"
+    );
     if keep >= groups {
         return;
     }
     let size = key.len() / groups;
+    // The group's `best` highest keys, kept in descending order as they are met (no allocation: this
+    // runs per token and group).
     let score = |g: &[f64]| {
-        let mut sorted = g.to_vec();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        sorted.iter().take(best).sum::<f64>()
+        let mut top = [f64::NEG_INFINITY; MAX_GROUP_BEST];
+        for &v in g {
+            if let Some(i) = top[..best].iter().position(|t| v.total_cmp(t).is_gt()) {
+                top.copy_within(i..best - 1, i + 1);
+                top[i] = v;
+            }
+        }
+        top[..best.min(g.len())].iter().sum::<f64>()
     };
     let scores: Vec<f64> = key.chunks(size).map(score).collect();
     let mut order: Vec<usize> = (0..groups).collect();
@@ -246,6 +257,9 @@ fn mask_groups(key: &mut [f64], groups: usize, keep: usize, best: usize) {
         key[g * size..(g + 1) * size].fill(f64::NEG_INFINITY);
     }
 }
+
+/// The most keys a group's score sums ([`mask_groups`]: DeepSeek-V3's and Mistral 4's two).
+const MAX_GROUP_BEST: usize = 2;
 
 /// An expert's rows are padded to a multiple of this many with copies of its first row weighted 0 (they
 /// add exactly 0 to the output, and take exactly 0 gradient): its buffers then come in few sizes, which
