@@ -107,6 +107,8 @@ CASES = {
     "qwen3_moe_step": TWO_BY_GRADNORM,
     "olmoe_experts": ONE_BY_GRADNORM,
     "flex_olmo_post_norms": ONE_BY_GRADNORM,
+    "granitemoe_experts": ONE_BY_GRADNORM,
+    "granitemoeshared_shared_mlp": ONE_BY_GRADNORM,
     "opt_hub_layout": TWO_BY_GRADNORM,
     "gpt2_hub_layout": TWO_BY_GRADNORM,
     # Layers 1 and 2 out: the full-attention layer 3 (YaRN) becomes layer 1 of 2.

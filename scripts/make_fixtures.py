@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, MiniMax-M2, ERNIE 4.5), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE, GLM-4.5, MiniMax-M2, ERNIE 4.5), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -153,6 +153,29 @@ FIXTURES = [
                   logits_scaling=2.5, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=16),
+    # Granite 3 MoE (granitemoe): Granite's multipliers (embeddings × 2, scores × 0.25, residual branches
+    # × 0.5, logits / 1.5) with a mixture of 5 experts on every layer, the top 2 softmaxed among
+    # themselves (renormalised), stored as the hub's block_sparse_moe.input_linear [experts, 2 inter,
+    # hidden] (gate then up), output_linear and router.layer; untied, f32.
+    dict(name="granitemoe_experts", model_type="granitemoe", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6, num_local_experts=5,
+                  num_experts_per_tok=2, embedding_multiplier=2.0, attention_multiplier=0.25,
+                  residual_multiplier=0.5, logits_scaling=1.5, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=70),
+    # Granite 4 MoE's shared expert (granitemoeshared): as above with a shared MLP of 40
+    # (shared_mlp.input_linear [2 × 40, hidden], output_linear) added to the mixture's output; 4 experts,
+    # top 2, q/k/v/o biases, tied, bf16.
+    dict(name="granitemoeshared_shared_mlp", model_type="granitemoeshared", dtype=torch.bfloat16,
+         token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, rms_norm_eps=1e-5, num_local_experts=4,
+                  num_experts_per_tok=2, shared_intermediate_size=40, attention_bias=True,
+                  tie_word_embeddings=True, embedding_multiplier=4.0, attention_multiplier=0.2,
+                  residual_multiplier=0.3, logits_scaling=2.0, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=71),
     # OLMo 3: OLMo 2's post-norms and whole-projection q/k norms, a window of 5 on every layer but each
     # 4th (layer_types dropped from config.json: OlmoConfig's pattern, layers 0-2 sliding, 3 full); YaRN
     # (×4 from 64 tokens, head_dim 16, θ 5·10⁵: the ramp between frequency indices 0 and 2, cos/sin ×

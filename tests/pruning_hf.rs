@@ -386,6 +386,14 @@ fn qwen3_moe_sparse_step_matches_transformers() {
     check_case("qwen3_moe_step");
 }
 
+/// Granite MoE: the hub's fused experts (`input_linear`, `output_linear`, `router.layer`) kept under
+/// their names, Granite's multipliers; GraniteMoeShared's fused shared MLP.
+#[test]
+fn granitemoe_experts_match_transformers() {
+    check_case("granitemoe_experts");
+    check_case("granitemoeshared_shared_mlp");
+}
+
 /// OLMoE: whole-projection q/k norms, experts not renormalised; FlexOlmo: the same mixture in OLMo 2's block.
 #[test]
 fn olmoe_experts_match_transformers() {

@@ -4,7 +4,8 @@
 //! stablelm, cohere, cohere2, olmo), Falcon (falcon; Falcon-RW with ALiBi), BLOOM (bloom) and MPT (mpt)
 //! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-J (gptj) and CodeGen (codegen), GPT-2
 //! (gpt2, its `n_*` names read as the others'), GPT-BigCode (gpt_bigcode: StarCoder 1) and OPT (opt),
-//! the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe: [`Moe`]), both config generations:
+//! the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared and
+//! others: [`Moe`]), both config generations:
 //! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
 //! A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
 //! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
@@ -837,7 +838,8 @@ impl ModelConfig {
              stablelm, cohere, cohere2, internlm2, internlm3, glm, glm4, exaone4, falcon, olmo, ernie4_5, \
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
-             exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm";
+             exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
+             granitemoeshared";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -886,7 +888,10 @@ impl ModelConfig {
                 "field 'qk_layernorm' is true: phi's q/k LayerNorms are not supported",
             ));
         }
-        let granite = model_type == "granite";
+        let granite = matches!(
+            model_type.as_str(),
+            "granite" | "granitemoe" | "granitemoeshared"
+        );
         let stablelm_parallel =
             stablelm && opt_bool(v, "use_parallel_residual", path)?.unwrap_or(false);
         // OLMo's, OLMoE's and MPT's clamping of q, k and v (after OLMoE's q/k norms).
@@ -1077,7 +1082,9 @@ impl ModelConfig {
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
-            | "exaone" | "mistral4" | "flex_olmo" | "jais2" => (attention_bias, attention_bias),
+            | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared" => {
+                (attention_bias, attention_bias)
+            }
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -2025,6 +2032,11 @@ fn parse_moe(
 ) -> Result<Option<Moe>> {
     let (prefix, projections) = match model_type {
         "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        // Granite MoE's experts are stored fused (`input_linear`, renamed at load); these name their
+        // row blocks.
+        "granitemoe" | "granitemoeshared" => {
+            ("block_sparse_moe", ["gate_proj", "up_proj", "down_proj"])
+        }
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
         | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
@@ -2071,8 +2083,12 @@ fn parse_moe(
         false => get_size(v, "num_experts_per_tok", MAX_SIZE, path)?,
     };
     check_top_k("num_experts_per_tok", top_k, experts, path)?;
-    // Mixtral and MiniMax-M2 renormalise always.
-    let mixtral = matches!(model_type, "mixtral" | "minimax_m2");
+    // Mixtral and MiniMax-M2 renormalise always; Granite MoE's softmax over the top k logits is the
+    // same.
+    let mixtral = matches!(
+        model_type,
+        "mixtral" | "minimax_m2" | "granitemoe" | "granitemoeshared"
+    );
     let normalise = mixtral || opt_bool(v, "norm_topk_prob", path)?.unwrap_or(false);
     let inter = match qwen {
         true => get_size(v, "moe_intermediate_size", MAX_SIZE, path)?,
@@ -2084,6 +2100,15 @@ fn parse_moe(
             inter: get_size(v, "shared_expert_intermediate_size", MAX_SIZE, path)?,
             gated: true,
         }),
+        // GraniteMoeSharedConfig's `shared_intermediate_size` (default 0: none).
+        "granitemoeshared" => match size_within(v, "shared_intermediate_size", 0, path)? {
+            0 => None,
+            inter => Some(SharedExpert {
+                module: "shared_mlp",
+                inter,
+                gated: false,
+            }),
+        },
         _ => None,
     };
     let sparse_layers = match qwen {
@@ -4350,6 +4375,60 @@ mod tests {
             (7, 5, 11008, false)
         );
         assert_eq!(m.router, MoeRouter::Softmax);
+    }
+
+    /// Granite 3.0 1B-A400M's config.json (granitemoe, 4.x form): Granite's multipliers, 32 experts of
+    /// `intermediate_size`, top 8 renormalised; GraniteMoeShared's `shared_intermediate_size` gives the
+    /// shared MLP, 0 none.
+    #[test]
+    fn granitemoe_hub_configs() {
+        let p = Path::new("config.json");
+        let v = serde_json::json!({"architectures": ["GraniteMoeForCausalLM"],
+            "attention_bias": false, "attention_dropout": 0.1, "attention_multiplier": 0.015625,
+            "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0, "hidden_act": "silu",
+            "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 512,
+            "logits_scaling": 6.0, "max_position_embeddings": 4096, "model_type": "granitemoe",
+            "num_attention_heads": 16, "num_experts_per_tok": 8, "num_hidden_layers": 24,
+            "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": false,
+            "pad_token_id": 0, "residual_multiplier": 0.22, "rms_norm_eps": 1e-06,
+            "rope_scaling": null, "rope_theta": 10000, "router_aux_loss_coef": 0.01,
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16", "vocab_size": 49155});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.attn_scale, c.residual_scale, c.logits_scale),
+            (Some(0.015625), Some(0.22), Some(1.0 / 6.0))
+        );
+        assert_eq!((c.embed_scale, c.head_dim, c.rope_theta), (12.0, 64, 1e4));
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise, m.prefix),
+            (32, 8, 512, true, "block_sparse_moe")
+        );
+        assert_eq!((m.router, m.shared), (MoeRouter::Softmax, None));
+        assert!(m.sparse_layers.iter().all(|&s| s));
+        let mut shared = v.clone();
+        shared["model_type"] = "granitemoeshared".into();
+        shared["shared_intermediate_size"] = 1024.into();
+        let s = ModelConfig::from_json(&shared, p)
+            .unwrap()
+            .moe
+            .unwrap()
+            .shared;
+        assert_eq!(
+            s,
+            Some(SharedExpert {
+                module: "shared_mlp",
+                inter: 1024,
+                gated: false
+            })
+        );
+        shared["shared_intermediate_size"] = 0.into();
+        let none = ModelConfig::from_json(&shared, p)
+            .unwrap()
+            .moe
+            .unwrap()
+            .shared;
+        assert_eq!(none, None);
     }
 
     /// Jais-2-8B's shape (Jais2Config's defaults): Nemotron's layout with plain LayerNorms (gains w),

@@ -28,7 +28,9 @@
 //!
 //! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
-use super::config::{BlockLayout, BlockNorms, ModelConfig, Moe, MoeRouter, QkNorm, MLA_NORM_EPS};
+use super::config::{
+    BlockLayout, BlockNorms, ModelConfig, Moe, MoeRouter, QkNorm, SharedExpert, MLA_NORM_EPS,
+};
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
 use super::tape::moe::{Expert, Router, SparseMoe};
@@ -464,8 +466,14 @@ impl Model {
     /// its shape.
     pub fn load(dir: &Path) -> Result<Model> {
         let mut config = ModelConfig::load(&dir.join("config.json"))?;
-        let weights = Weights::open(dir)?;
+        let mut weights = Weights::open(dir)?;
         let names = TensorNames::find(&config, &weights, dir)?;
+        for l in 0..config.num_hidden_layers {
+            for (stored, name) in renamed_tensors(&config.model_type) {
+                let layer = names.layer(l);
+                weights.rename(&format!("{layer}.{stored}"), &format!("{layer}.{name}"));
+            }
+        }
         // A vision-language wrapper's lm_head is tied as the checkpoint shows: transformers 5 ties by the
         // wrapper's `tie_word_embeddings` (often absent, then true: Mistral3ForConditionalGeneration
         // saves no lm_head though its text_config says false) unless the file holds an lm_head that
@@ -496,7 +504,8 @@ impl Model {
         };
         model.check_weights()?;
         model.routers = model.read_routers()?;
-        let fused_experts = (0..model.num_layers()).any(|l| model.has_fused_experts(l));
+        let fused_experts = (0..model.num_layers())
+            .any(|l| model.has_fused_experts(l) || model.fused_shared_expert(l).is_some());
         if model.config.fused_qkv || model.config.fused_gate_up || fused_experts {
             model.split_fused_projections()?;
         }
@@ -624,6 +633,13 @@ impl Model {
                     &[(name("mlp.gate_proj"), i), (name("mlp.up_proj"), i)],
                 )?;
             }
+            if let Some(s) = self.fused_shared_expert(l) {
+                let name = |p: &str| format!("{layer}.{}.{p}.weight", s.module);
+                self.weights.split_rows(
+                    &name("gate_up_proj"),
+                    &[(name("gate_proj"), s.inter), (name("up_proj"), s.inter)],
+                )?;
+            }
             // transformers 5's own layout of a mixture's experts (Mistral 4 saves it): each expert's
             // gate and up stacked in `experts.gate_up_proj` `[experts, 2 inter, hidden]`, its down in
             // `experts.down_proj` `[experts, hidden, inter]`.
@@ -658,6 +674,15 @@ impl Model {
                 let fused = format!("{}.{}.experts.gate_up_proj", self.names.layer(l), m.prefix);
                 self.weights.contains(&fused)
             })
+    }
+
+    /// Layer `l`'s shared expert where the checkpoint stores its gate and up fused (`gate_up_proj`,
+    /// gate first: Granite MoE's `shared_mlp.input_linear`, renamed at load).
+    fn fused_shared_expert(&self, l: usize) -> Option<&SharedExpert> {
+        let m = self.config.moe.as_ref().filter(|m| m.is_sparse(l))?;
+        let s = m.shared.as_ref()?;
+        let fused = format!("{}.{}.gate_up_proj.weight", self.names.layer(l), s.module);
+        self.weights.contains(&fused).then_some(s)
     }
 
     /// Every tensor the decoder reads, with the shape the config implies: the embedding, the final norm,
@@ -762,11 +787,14 @@ impl Model {
                 }
                 if let Some(s) = &m.shared {
                     let name = |p: &str| format!("{}.{p}", s.module);
-                    moe_linears.extend([
-                        (name("gate_proj"), s.inter, h),
-                        (name("up_proj"), s.inter, h),
-                        (name("down_proj"), h, s.inter),
-                    ]);
+                    match self.fused_shared_expert(l).is_some() {
+                        true => moe_linears.push((name("gate_up_proj"), 2 * s.inter, h)),
+                        false => moe_linears.extend([
+                            (name("gate_proj"), s.inter, h),
+                            (name("up_proj"), s.inter, h),
+                        ]),
+                    }
+                    moe_linears.push((name("down_proj"), h, s.inter));
                     if s.gated {
                         moe_linears.push((format!("{}_gate", s.module), 1, h));
                     }
@@ -1627,6 +1655,38 @@ impl Model {
         };
         let m = mlp(tape, b);
         add(tape, x1, m, "out")
+    }
+}
+
+/// Tensors (under a layer) a `model_type`'s checkpoints store under other names than the runtime
+/// reads, as (stored, read): Granite MoE's hub names, as transformers' own conversion renames them
+/// (the experts `[experts, 2 inter, hidden]` gate then up, the router, the shared MLP gate then up).
+/// A pruned checkpoint keeps the stored names (it copies the files' tensors).
+fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] {
+    match model_type {
+        "granitemoe" | "granitemoeshared" => &[
+            (
+                "block_sparse_moe.input_linear.weight",
+                "block_sparse_moe.experts.gate_up_proj",
+            ),
+            (
+                "block_sparse_moe.output_linear.weight",
+                "block_sparse_moe.experts.down_proj",
+            ),
+            (
+                "block_sparse_moe.router.layer.weight",
+                "block_sparse_moe.gate.weight",
+            ),
+            (
+                "shared_mlp.input_linear.weight",
+                "shared_mlp.gate_up_proj.weight",
+            ),
+            (
+                "shared_mlp.output_linear.weight",
+                "shared_mlp.down_proj.weight",
+            ),
+        ],
+        _ => &[],
     }
 }
 

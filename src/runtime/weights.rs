@@ -461,6 +461,15 @@ impl Weights {
         Ok(())
     }
 
+    /// Read the stored tensor `stored` as `name` from now on (the other name is gone): for checkpoints
+    /// whose modules the runtime knows under other names (Granite MoE's `input_linear`, transformers'
+    /// `experts.gate_up_proj`). [`Weights::names`] lists it as `name`. Nothing if `stored` is absent.
+    pub fn rename(&mut self, stored: &str, name: &str) {
+        if let Some(loc) = self.tensors.remove(stored) {
+            self.tensors.insert(name.to_string(), loc);
+        }
+    }
+
     /// The stored dtype of `name`.
     pub fn dtype(&self, name: &str) -> Option<Dtype> {
         self.tensors.get(name).map(|t| t.dtype)
