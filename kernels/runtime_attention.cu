@@ -223,3 +223,51 @@ extern "C" __global__ void attention_backward_dkv(const float* __restrict__ q, c
         }
     }
 }
+
+// Attention sinks (GPT-OSS, Granite SWA): a learned logit sinks[h] per head joins each query row's
+// softmax without a value. Applied to attention_forward's (or the mma kernel's) out and lse in place:
+// out ×= σ(lse − sinks[h]), lse ← log(e^lse + e^sinks[h]); the backward kernels, reading that lse,
+// recompute the probabilities the sink shares in, unchanged (its dP is 0). CPU twin:
+// attention_sinks_forward in src/runtime/ops/cpu.rs. Warp w ↦ (s, h, i) as attention_forward's.
+extern "C" __global__ void attention_sinks_forward(const float* __restrict__ sinks, float* __restrict__ out,
+                                                   float* __restrict__ lse, int seqs, int tokens, int heads,
+                                                   int head_dim) {
+    u64 w = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (w >= (u64)seqs * heads * tokens) return;
+    int i = (int)(w % tokens), h = (int)((w / tokens) % heads);
+    u64 s = w / ((u64)tokens * heads);
+    // Lane 0 reads the row's lse and writes it back last; the others get it by shuffle (a lane reading
+    // lse[w] itself could see lane 0's write: lanes of a warp are not ordered without a barrier).
+    float L = __shfl_sync(0xffffffffu, lane == 0 ? lse[w] : 0.0f, 0), sink = sinks[h];
+    float x = sink - L;
+    float keep = 1.0f / (1.0f + expf(x));
+    float* o = out + ((s * tokens + i) * heads + h) * (u64)head_dim;
+    for (int d = lane; d < head_dim; d += 32) o[d] *= keep;
+    // log(e^L + e^s) = max + log(1 + e^(−|L − s|)).
+    if (lane == 0) lse[w] = fmaxf(L, sink) + log1pf(expf(-fabsf(x)));
+}
+
+// dsinks[h] += −Σ_rows exp(sinks[h] − lse) (dout · out) over head h's seqs·tokens query rows, out and lse
+// as attention_sinks_forward left them. One block per head (blockDim.x a multiple of 32), a warp per row,
+// summed in f64 (as the CPU twin), so the result does not depend on the order.
+extern "C" __global__ void attention_sinks_backward(const float* __restrict__ out, const float* __restrict__ dout,
+                                                    const float* __restrict__ lse,
+                                                    const float* __restrict__ sinks, float* __restrict__ dsinks,
+                                                    int seqs, int tokens, int heads, int head_dim) {
+    int h = blockIdx.x;
+    if (h >= heads) return;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    double acc = 0.0;
+    for (u64 r = warp; r < (u64)seqs * tokens; r += warps) {
+        u64 s = r / tokens, i = r % tokens;
+        u64 base = (r * heads + h) * (u64)head_dim;
+        double dot = 0.0;
+        for (int d = lane; d < head_dim; d += 32) dot += (double)out[base + d] * (double)dout[base + d];
+        dot = warp_sum_f64(dot);
+        double p = exp((double)sinks[h] - (double)lse[(s * heads + h) * tokens + i]);
+        if (lane == 0) acc -= p * dot;
+    }
+    acc = block_sum_f64(acc);
+    if (threadIdx.x == 0) dsinks[h] += (float)acc;
+}

@@ -109,6 +109,10 @@ CASES = {
     "flex_olmo_post_norms": ONE_BY_GRADNORM,
     "granitemoe_experts": ONE_BY_GRADNORM,
     "granitemoeshared_shared_mlp": ONE_BY_GRADNORM,
+    # Layer 1 out (the layer without a rotary embedding): the later layers' θs and kinds move up a place.
+    "granite_swa_sinks": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss",
+                          "--features", "rows", "--allocation", "adaptive"],
+    "granitemoe_swa_sinks": ONE_BY_GRADNORM,
     "opt_hub_layout": TWO_BY_GRADNORM,
     "gpt2_hub_layout": TWO_BY_GRADNORM,
     # Layers 1 and 2 out: the full-attention layer 3 (YaRN) becomes layer 1 of 2.
@@ -174,8 +178,10 @@ def surgery(model, kept):
                 break
     config = model.config.get_text_config()
     config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in kept]
+    # Per-layer settings read by position (Gemma 3's kinds, Granite SWA's rotary θs) follow their layers.
+    for key in ("layer_types", "layer_rope_theta"):
+        if getattr(config, key, None) is not None:
+            setattr(config, key, [getattr(config, key)[i] for i in kept])
     return model
 
 

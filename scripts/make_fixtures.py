@@ -176,6 +176,30 @@ FIXTURES = [
                   residual_multiplier=0.3, logits_scaling=2.0, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=71),
+    # Granite SWA (granite_swa): Granite's multipliers, a learned sink logit per head in every softmax
+    # (self_attn.sinks), a window of 5 on every layer but each 4th (layer_types dropped from config.json:
+    # the class's pattern, layer 0 full), the rotary θ per layer (layer_rope_theta: 10⁴ on the full layer,
+    # none on layer 1, 5·10⁵ on the other windowed ones); GQA, MLP biases, tied (the class default), f32.
+    dict(name="granite_swa_sinks", model_type="granite_swa", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, sliding_window=5,
+                  mlp_bias=True, embedding_multiplier=2.0, attention_multiplier=0.3,
+                  residual_multiplier=0.6, logits_scaling=1.5, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, layer_rope_theta=[10000.0, 0.0, 500000.0, 500000.0],
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_layer_types=True, full_attention_loss=True, seed=72),
+    # Granite MoE SWA (granitemoe_swa): GraniteMoeShared's mixture (4 experts, top 2, a shared MLP of 24)
+    # with Granite SWA's sinks and windows (6, on layers 0 and 2 by layer_types); bf16, untied.
+    dict(name="granitemoe_swa_sinks", model_type="granitemoe_swa", dtype=torch.bfloat16,
+         token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6, num_local_experts=4,
+                  num_experts_per_tok=2, shared_intermediate_size=24, sliding_window=6,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  embedding_multiplier=3.0, attention_multiplier=0.25, residual_multiplier=0.5,
+                  logits_scaling=2.0, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         seed=73),
     # OLMo 3: OLMo 2's post-norms and whole-projection q/k norms, a window of 5 on every layer but each
     # 4th (layer_types dropped from config.json: OlmoConfig's pattern, layers 0-2 sliding, 3 full); YaRN
     # (×4 from 64 tokens, head_dim 16, θ 5·10⁵: the ramp between frequency indices 0 and 2, cos/sin ×
@@ -1065,7 +1089,7 @@ def full_attention_loss(spec, model, ids):
     cfg = dict(spec["cfg"], sliding_window=None)
     if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -1075,7 +1099,7 @@ def full_attention_loss(spec, model, ids):
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None
@@ -1144,22 +1168,24 @@ def hidden_states(model, ids):
 
 
 def loss_without_layer(model, ids, skip):
-    """The loss with decoder layer `skip` removed; every other layer keeps its attention kind (Gemma 3
-    picks a layer's mask and rotary embedding by its position in config.layer_types)."""
+    """The loss with decoder layer `skip` removed; every other layer keeps its attention kind and rotary
+    θ (Gemma 3 picks a layer's mask and rotary embedding by its position in config.layer_types, Granite
+    SWA its θ by its position in config.layer_rope_theta)."""
     layers = decoder_layers(model)
     kept = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != skip])
     config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        config.layer_types = [t for i, t in enumerate(layer_types) if i != skip]
+    per_layer = {key: getattr(config, key, None) for key in ("layer_types", "layer_rope_theta")}
+    per_layer = {key: v for key, v in per_layer.items() if v is not None}
+    for key, v in per_layer.items():
+        setattr(config, key, [t for i, t in enumerate(v) if i != skip])
     setattr(text_model(model), layers_name(text_model(model)), kept)
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     setattr(text_model(model), layers_name(text_model(model)), layers)
-    if layer_types is not None:
-        config.layer_types = layer_types
+    for key, v in per_layer.items():
+        setattr(config, key, v)
     return float(loss)
 
 

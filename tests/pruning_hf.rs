@@ -394,6 +394,15 @@ fn granitemoe_experts_match_transformers() {
     check_case("granitemoeshared_shared_mlp");
 }
 
+/// Granite SWA: attention sinks, the class's window pattern written out and the rotary θs per layer
+/// kept with their layers (layer 1, without a rotary embedding, removed); Granite MoE SWA: sinks with
+/// GraniteMoeShared's mixture under transformers 5's names.
+#[test]
+fn granite_swa_sinks_match_transformers() {
+    check_case("granite_swa_sinks");
+    check_case("granitemoe_swa_sinks");
+}
+
 /// OLMoE: whole-projection q/k norms, experts not renormalised; FlexOlmo: the same mixture in OLMo 2's block.
 #[test]
 fn olmoe_experts_match_transformers() {

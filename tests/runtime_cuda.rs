@@ -959,6 +959,66 @@ fn attention_matches_the_cpu_causal_windowed_and_gqa() {
         .is_err());
 }
 
+/// Attention sinks (GPT-OSS, Granite SWA) on an attention's out and lse: the forward (out scaled, lse
+/// with the sink's term) and the sinks' gradient (accumulated into non-zero values, f64 sums on both
+/// sides), 1e-5; rows across several warps of the backward's block, a head_dim across lanes; lengths
+/// that disagree, an error.
+#[test]
+fn attention_sinks_match_the_cpu() {
+    let Some(dev) = gpu_or_skip() else { return };
+    let mut rng = StdRng::seed_from_u64(41);
+    for (seqs, tokens, heads, head_dim) in [(2, 37, 4, 24), (1, 300, 3, 72), (3, 5, 8, 128)] {
+        let sh = AttnShape {
+            seqs,
+            tokens,
+            heads,
+            kv_heads: 1,
+            head_dim,
+            window: None,
+            scale: None,
+            softcap: None,
+            alibi: None,
+        };
+        let (n, rows) = (seqs * tokens * heads * head_dim, seqs * heads * tokens);
+        let (out, dout) = (rand_vec(&mut rng, n, 1.0), rand_vec(&mut rng, n, 1.0));
+        // Log-sum-exps around those of a few keys, sinks on either side of them.
+        let lse: Vec<f32> = rand_vec(&mut rng, rows, 1.0)
+            .iter()
+            .map(|x| x + 1.5)
+            .collect();
+        let (sinks, ds0) = (
+            rand_vec(&mut rng, heads, 2.0),
+            rand_vec(&mut rng, heads, 1.0),
+        );
+        let what = |part: &str| format!("sinks {part} {seqs}x{tokens}x{heads}x{head_dim}");
+
+        let (mut want_out, mut want_lse) = (out.clone(), lse.clone());
+        cpu::attention_sinks_forward(&sinks, sh, &mut want_out, &mut want_lse);
+        let (mut od, mut ld, sd) = (up(&dev, &out), up(&dev, &lse), up(&dev, &sinks));
+        dev.attention_sinks_forward(&sd, sh, &mut od, &mut ld)
+            .unwrap();
+        assert_close(&what("out"), &down(&dev, &od), &want_out, 1e-5);
+        assert_close(&what("lse"), &down(&dev, &ld), &want_lse, 1e-5);
+
+        let mut want_ds = ds0.clone();
+        cpu::attention_sinks_backward(&want_out, &dout, &want_lse, &sinks, sh, &mut want_ds);
+        let (dod, mut ds) = (up(&dev, &dout), up(&dev, &ds0));
+        dev.attention_sinks_backward(&od, &dod, &ld, &sd, sh, &mut ds)
+            .unwrap();
+        assert_close(&what("dsinks"), &down(&dev, &ds), &want_ds, 1e-5);
+        assert!(
+            scale_rel(&down(&dev, &ds), &ds0) > 1e-3,
+            "the gradient moved"
+        );
+
+        // A sink count that is not the head count is an error, not a launch.
+        let short = up(&dev, &sinks[..heads - 1]);
+        assert!(dev
+            .attention_sinks_forward(&short, sh, &mut od, &mut ld)
+            .is_err());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // A whole decoder (Model, the fixture qwen2_sliding) on the GPU against the CPU
 // ---------------------------------------------------------------------------------------------------------

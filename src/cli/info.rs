@@ -326,6 +326,9 @@ fn describe_attention(c: &ModelConfig) -> String {
     if let Some(s) = c.attn_scale {
         parts.push(format!("scores × {s:.6}"));
     }
+    if c.attention_sinks {
+        parts.push("a learned sink logit per head in each softmax".to_string());
+    }
     if let Some((beta, unscaled)) = c.query_scaling {
         parts.push(format!(
             "queries × 1 + {beta} ln(1 + ⌊position / {unscaled}⌋) (Llama 4's scaling: sequences of at \

@@ -525,6 +525,9 @@ pub struct ModelConfig {
     pub rope_pairs: RopePairs,
     /// q, k and v clamped to ±this after their projections (OLMo's and OLMoE's `clip_qkv`).
     pub clip_qkv: Option<f32>,
+    /// A learned logit per head (`self_attn.sinks`, `[heads]`) in each query row's softmax, with no
+    /// value (Granite SWA; GPT-OSS's).
+    pub attention_sinks: bool,
     /// ALiBi's position biases in place of a rotary embedding (Falcon-RW's `alibi`, BLOOM's).
     pub alibi: Option<Alibi>,
     /// A LayerNorm (with a bias) on the embeddings before the first layer (BLOOM's
@@ -839,7 +842,7 @@ impl ModelConfig {
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
-             granitemoeshared";
+             granitemoeshared, granite_swa, granitemoe_swa";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -890,8 +893,10 @@ impl ModelConfig {
         }
         let granite = matches!(
             model_type.as_str(),
-            "granite" | "granitemoe" | "granitemoeshared"
+            "granite" | "granitemoe" | "granitemoeshared" | "granite_swa" | "granitemoe_swa"
         );
+        // Granite SWA's windows, rotary θ per layer and attention sinks.
+        let granite_swa = matches!(model_type.as_str(), "granite_swa" | "granitemoe_swa");
         let stablelm_parallel =
             stablelm && opt_bool(v, "use_parallel_residual", path)?.unwrap_or(false);
         // OLMo's, OLMoE's and MPT's clamping of q, k and v (after OLMoE's q/k norms).
@@ -1082,9 +1087,8 @@ impl ModelConfig {
             "llama" | "granite" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "olmo"
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
-            | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared" => {
-                (attention_bias, attention_bias)
-            }
+            | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
+            | "granite_swa" | "granitemoe_swa" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1098,6 +1102,14 @@ impl ModelConfig {
         };
         let (sliding_window, sliding_layers) =
             parse_sliding_window(v, &model_type, num_hidden_layers, path)?;
+        let (rope_theta, sliding_rope, layer_rotary) = match granite_swa {
+            true => {
+                let (theta, sliding, rotary) =
+                    layer_rope_theta(v, &sliding_layers, rope_theta, &rope_scaling, path)?;
+                (theta, sliding, Some(rotary))
+            }
+            false => (rope_theta, sliding_rope, None),
+        };
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
@@ -1197,6 +1209,7 @@ impl ModelConfig {
         let rotary_layers = match model_type.as_str() {
             _ if alibi.is_some() => vec![false; num_hidden_layers],
             "smollm3" => smollm3_rotary_layers(v, num_hidden_layers, path)?,
+            _ if layer_rotary.is_some() => layer_rotary.expect("checked"),
             // Cohere 2 rotates in its sliding-window layers only.
             "cohere2" => sliding_layers.clone(),
             // EXAONE 4 too, when it has a window.
@@ -1249,6 +1262,7 @@ impl ModelConfig {
                         | "ministral3"
                         | "jais2"
                         | "cwm"
+                        | "granite_swa"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1280,12 +1294,13 @@ impl ModelConfig {
                     || bloom
                     || mpt
                     || ernie
-                    || matches!(model_type.as_str(), "youtu" | "minicpm3"),
+                    || matches!(model_type.as_str(), "youtu" | "minicpm3" | "granite_swa"),
             ),
             mlp_bias: matches!(
                 model_type.as_str(),
                 "llama"
                     | "granite"
+                    | "granite_swa"
                     | "internlm3"
                     | "helium"
                     | "seed_oss"
@@ -1354,6 +1369,7 @@ impl ModelConfig {
             alibi,
             embed_norm: bloom,
             clip_qkv: clip_qkv.map(|c| c as f32),
+            attention_sinks: granite_swa,
             rope_pairs: match interleaved {
                 true => RopePairs::Interleaved,
                 false => RopePairs::Halves,
@@ -1533,6 +1549,7 @@ fn parse_sliding_window(
                 None
             }
             None if model_type == "cwm" => Some(8192),
+            None if matches!(model_type, "granite_swa" | "granitemoe_swa") => Some(128),
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -1545,7 +1562,8 @@ fn parse_sliding_window(
         Ok(w)
     };
     match model_type {
-        "gemma2" | "gemma3_text" | "olmo3" | "cohere2" | "exaone4" | "cwm" => {
+        "gemma2" | "gemma3_text" | "olmo3" | "cohere2" | "exaone4" | "cwm" | "granite_swa"
+        | "granitemoe_swa" => {
             let w = window()?;
             let derived = || {
                 Ok(pattern_layer_kinds(v, model_type, layers, path)?
@@ -2034,7 +2052,7 @@ fn parse_moe(
         "mixtral" | "minimax_m2" => ("block_sparse_moe", ["w1", "w3", "w2"]),
         // Granite MoE's experts are stored fused (`input_linear`, renamed at load); these name their
         // row blocks.
-        "granitemoe" | "granitemoeshared" => {
+        "granitemoe" | "granitemoeshared" | "granitemoe_swa" => {
             ("block_sparse_moe", ["gate_proj", "up_proj", "down_proj"])
         }
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
@@ -2087,7 +2105,7 @@ fn parse_moe(
     // same.
     let mixtral = matches!(
         model_type,
-        "mixtral" | "minimax_m2" | "granitemoe" | "granitemoeshared"
+        "mixtral" | "minimax_m2" | "granitemoe" | "granitemoeshared" | "granitemoe_swa"
     );
     let normalise = mixtral || opt_bool(v, "norm_topk_prob", path)?.unwrap_or(false);
     let inter = match qwen {
@@ -2101,14 +2119,16 @@ fn parse_moe(
             gated: true,
         }),
         // GraniteMoeSharedConfig's `shared_intermediate_size` (default 0: none).
-        "granitemoeshared" => match size_within(v, "shared_intermediate_size", 0, path)? {
-            0 => None,
-            inter => Some(SharedExpert {
-                module: "shared_mlp",
-                inter,
-                gated: false,
-            }),
-        },
+        "granitemoeshared" | "granitemoe_swa" => {
+            match size_within(v, "shared_intermediate_size", 0, path)? {
+                0 => None,
+                inter => Some(SharedExpert {
+                    module: "shared_mlp",
+                    inter,
+                    gated: false,
+                }),
+            }
+        }
         _ => None,
     };
     let sparse_layers = match qwen {
@@ -2574,14 +2594,80 @@ pub fn pattern_layer_kinds(
             }
             Some(_) => get_usize(v, "sliding_window_pattern", path)?,
         },
-        // CwmConfig: every 4th layer from the first full, the others windowed.
-        "cwm" => return Ok(Some((0..layers).map(|l| l % 4 != 0).collect())),
+        // CwmConfig and GraniteSWAConfig: every 4th layer from the first full, the others windowed.
+        "cwm" | "granite_swa" | "granitemoe_swa" => {
+            return Ok(Some((0..layers).map(|l| l % 4 != 0).collect()))
+        }
         _ => return Ok(None),
     };
     if pattern == 0 {
         return Err(model_err(path, "field 'sliding_window_pattern' is 0"));
     }
     Ok(Some((0..layers).map(|l| (l + 1) % pattern != 0).collect()))
+}
+
+/// A layer kind's rotary embedding: (θ, scaling).
+type KindRope = (f64, RopeScaling);
+
+/// Granite SWA's rotary θ per layer (`layer_rope_theta`; absent: `theta` on every layer; 0: no rotary
+/// embedding on that layer) as the runtime's rotary settings: the θ of the full-attention layers, the
+/// sliding-window layers' where it differs (with the same `scaling`), and which layers rotate. Refused:
+/// two θs among the layers of one kind.
+fn layer_rope_theta(
+    v: &Value,
+    sliding: &[bool],
+    theta: f64,
+    scaling: &RopeScaling,
+    path: &Path,
+) -> Result<(f64, Option<KindRope>, Vec<bool>)> {
+    let layers = sliding.len();
+    let thetas: Vec<f64> = match v.get("layer_rope_theta") {
+        None | Some(Value::Null) => vec![theta; layers],
+        Some(x) => serde_json::from_value(x.clone())
+            .ok()
+            .filter(|t: &Vec<f64>| {
+                t.len() == layers && t.iter().all(|t| t.is_finite() && *t >= 0.0)
+            })
+            .ok_or_else(|| {
+                model_err(
+                    path,
+                    format!(
+                        "field 'layer_rope_theta' is not a list of {layers} non-negative numbers"
+                    ),
+                )
+            })?,
+    };
+    let kind_theta = |window: bool| -> Result<Option<f64>> {
+        let mut found = None;
+        for (&t, _) in (thetas.iter().zip(sliding)).filter(|&(&t, &s)| s == window && t != 0.0) {
+            match found {
+                Some(f) if f != t => {
+                    let kind = if window {
+                        "sliding-window"
+                    } else {
+                        "full-attention"
+                    };
+                    return Err(model_err(
+                        path,
+                        format!(
+                            "field 'layer_rope_theta' gives the {kind} layers two rotary θs ({f} and \
+                             {t}); one per layer kind is supported"
+                        ),
+                    ));
+                }
+                _ => found = Some(t),
+            }
+        }
+        Ok(found)
+    };
+    let (full, window) = (kind_theta(false)?, kind_theta(true)?);
+    let full = full.or(window).unwrap_or(theta);
+    let sliding_rope = window.filter(|&w| w != full).map(|w| (w, scaling.clone()));
+    Ok((
+        full,
+        sliding_rope,
+        thetas.iter().map(|&t| t != 0.0).collect(),
+    ))
 }
 
 /// SmolLM3's layers with a rotary embedding (true) and without ("NoPE", false): `no_rope_layers` (1:
@@ -4475,6 +4561,64 @@ mod tests {
             RopeScaling::Llama3 { factor: 16.0, .. }
         ));
         assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
+    }
+
+    /// Granite SWA (GraniteSWAConfig's defaults): a window of 128 on every layer but each 4th, attention
+    /// sinks, MLP biases by `mlp_bias`, tied, eps 1e-5; `layer_rope_theta` as the θ of each layer kind
+    /// and the layers without a rotary embedding (0), refused where one kind has two θs. Granite MoE
+    /// SWA: the same attention, GraniteMoeShared's mixture, untied.
+    #[test]
+    fn granite_swa_defaults_and_layer_thetas() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"model_type": "granite_swa", "vocab_size": 100352,
+            "hidden_size": 2560, "intermediate_size": 8192, "num_hidden_layers": 8,
+            "num_attention_heads": 20, "num_key_value_heads": 4, "mlp_bias": true});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.sliding_window, c.rms_norm_eps, c.tie_word_embeddings),
+            (Some(128), 1e-5, true)
+        );
+        assert_eq!(
+            c.sliding_layers,
+            [false, true, true, true, false, true, true, true]
+        );
+        assert!(c.attention_sinks && c.mlp_bias && c.rotary_layers.iter().all(|&r| r));
+        assert_eq!((c.rope_theta, &c.sliding_rope), (1e4, &None));
+        v["layer_rope_theta"] = serde_json::json!([1e6, 0, 1e4, 1e4, 1e6, 1e4, 0, 1e4]);
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.sliding_rope, Some((1e4, RopeScaling::Default)));
+        assert_eq!(
+            c.rotary_layers,
+            [true, false, true, true, true, true, false, true]
+        );
+        let (global, local) = (
+            c.rope_frequencies(false, 16).0,
+            c.rope_frequencies(true, 16).0,
+        );
+        assert!(global[1] < local[1], "the full layers' θ is the larger");
+        v["layer_rope_theta"] = serde_json::json!([1e6, 5e5, 1e4, 1e4, 1e6, 1e4, 0, 1e4]);
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("sliding-window layers two rotary θs"), "{e}");
+        v["layer_rope_theta"] = serde_json::json!([1e6, 0]);
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("not a list of 8 non-negative numbers"), "{e}");
+        let moe = serde_json::json!({"model_type": "granitemoe_swa", "vocab_size": 100352,
+            "hidden_size": 1536, "intermediate_size": 512, "num_hidden_layers": 4,
+            "num_attention_heads": 12, "num_key_value_heads": 4, "num_local_experts": 40,
+            "num_experts_per_tok": 8, "shared_intermediate_size": 1024});
+        let c = ModelConfig::from_json(&moe, p).unwrap();
+        assert!(c.attention_sinks && !c.tie_word_embeddings);
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (40, 8, 512, true)
+        );
+        assert_eq!(
+            m.shared.map(|s| (s.module, s.inter)),
+            Some(("shared_mlp", 1024))
+        );
+        assert_eq!(c.sliding_layers, [false, true, true, true]);
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

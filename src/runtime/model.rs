@@ -766,6 +766,9 @@ impl Model {
                 }
             };
             linears.push((c.layout.o_proj(), h, c.attention_width(), c.o_bias));
+            if c.attention_sinks {
+                t("self_attn.sinks", vec![c.num_attention_heads]);
+            }
             let moe = c.moe.as_ref().filter(|m| m.is_sparse(l));
             let mut moe_linears = Vec::new();
             let fused_experts = self.has_fused_experts(l);
@@ -1508,11 +1511,16 @@ impl Model {
             shape.seqs * shape.heads,
             shape.tokens,
         );
+        let sinks = c.attention_sinks.then(|| {
+            let name = format!("{}.self_attn.sinks", self.names.layer(l));
+            tape.param(name, l, shape.heads)
+        });
         tape.push(op::Attention {
             q: qr,
             k: kr,
             v,
             shape,
+            sinks,
             out: att,
             lse,
         });
@@ -1660,11 +1668,12 @@ impl Model {
 
 /// Tensors (under a layer) a `model_type`'s checkpoints store under other names than the runtime
 /// reads, as (stored, read): Granite MoE's hub names, as transformers' own conversion renames them
-/// (the experts `[experts, 2 inter, hidden]` gate then up, the router, the shared MLP gate then up).
+/// (the experts `[experts, 2 inter, hidden]` gate then up, the router, the shared MLP gate then up), and
+/// the router as transformers 5 saves it. Absent names are skipped.
 /// A pruned checkpoint keeps the stored names (it copies the files' tensors).
 fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] {
     match model_type {
-        "granitemoe" | "granitemoeshared" => &[
+        "granitemoe" | "granitemoeshared" | "granitemoe_swa" => &[
             (
                 "block_sparse_moe.input_linear.weight",
                 "block_sparse_moe.experts.gate_up_proj",
@@ -1675,6 +1684,11 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
             ),
             (
                 "block_sparse_moe.router.layer.weight",
+                "block_sparse_moe.gate.weight",
+            ),
+            // transformers 5's name (Granite MoE SWA has no hub layout of its own).
+            (
+                "block_sparse_moe.router.weight",
                 "block_sparse_moe.gate.weight",
             ),
             (

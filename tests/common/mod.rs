@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 75] = [
+pub const DECODER_FIXTURES: [&str; 77] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -63,6 +63,8 @@ pub const DECODER_FIXTURES: [&str; 75] = [
     "flex_olmo_post_norms",
     "granitemoe_experts",
     "granitemoeshared_shared_mlp",
+    "granite_swa_sinks",
+    "granitemoe_swa_sinks",
     "dots1_window",
     "deepseek_v3_mla",
     "deepseek_v3_q_proj",

@@ -600,6 +600,78 @@ fn scatter_heads(tiles: &[Vec<f32>], sh: AttnShape, n_heads: usize, dst: &mut [f
         });
 }
 
+/// [`super::Device::attention_sinks_forward`]: per sequence (one rayon task), each row and head's output
+/// × σ(lse − s_h) and its lse ← log(eˡˢᵉ + eˢʰ).
+pub fn attention_sinks_forward(sinks: &[f32], sh: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+    let (t, d, heads) = (sh.tokens, sh.head_dim, sh.heads);
+    (out.par_chunks_mut(t * heads * d))
+        .zip(lse.par_chunks_mut(heads * t))
+        .for_each(|(out, lse)| {
+            for (h, &s) in sinks.iter().enumerate() {
+                for i in 0..t {
+                    let l = &mut lse[h * t + i];
+                    let x = (s - *l) as f64;
+                    let keep = 1.0 / (1.0 + x.exp());
+                    let o = &mut out[(i * heads + h) * d..(i * heads + h + 1) * d];
+                    o.iter_mut().for_each(|v| *v = (*v as f64 * keep) as f32);
+                    // log(eᴸ + eˢ) = max + log(1 + e^(−|L − s|)), exact for either far larger.
+                    *l = (l.max(s) as f64 + (-x.abs()).exp().ln_1p()) as f32;
+                }
+            }
+        });
+}
+
+/// [`super::Device::attention_sinks_backward`]: per sequence the heads' sums (in f64), then added up.
+pub fn attention_sinks_backward(
+    out: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    sinks: &[f32],
+    sh: AttnShape,
+    dsinks: &mut [f32],
+) {
+    let (t, d, heads) = (sh.tokens, sh.head_dim, sh.heads);
+    let per_seq = |s: usize| -> Vec<f64> {
+        (0..heads)
+            .map(|h| {
+                (0..t)
+                    .map(|i| {
+                        let r = ((s * t + i) * heads + h) * d;
+                        let dot: f64 = (out[r..r + d].iter().zip(&dout[r..r + d]))
+                            .map(|(&o, &g)| o as f64 * g as f64)
+                            .sum();
+                        let p = (sinks[h] as f64 - lse[(s * heads + h) * t + i] as f64).exp();
+                        -p * dot
+                    })
+                    .sum()
+            })
+            .collect()
+    };
+    let sums = (0..sh.seqs).into_par_iter().map(per_seq).reduce(
+        || vec![0.0; heads],
+        |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+    );
+    dsinks
+        .iter_mut()
+        .zip(sums)
+        .for_each(|(g, s)| *g += s as f32);
+}
+
+/// The buffers of an attention with sinks: `sinks` one per head, `out` and `lse` the attention's.
+pub fn check_sinks(sh: AttnShape, sinks: usize, out: usize, lse: usize) -> Result<()> {
+    let rows = sh.seqs * sh.tokens * sh.heads;
+    if sinks != sh.heads || out != rows * sh.head_dim || lse != rows {
+        return Err(crate::Error::invalid(format!(
+            "attention sinks: {sinks} sinks, {out} outputs and {lse} log-sum-exps for {} heads of \
+             {} rows of {} values",
+            sh.heads,
+            sh.seqs * sh.tokens,
+            sh.head_dim
+        )));
+    }
+    Ok(())
+}
+
 /// Per kv head g (one rayon task), over the query heads h of its group, with P the probabilities
 /// recomputed from the scores and the forward's log-sum-exp (P = exp(S − lse) where visible, 0 elsewhere):
 /// dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ_h = scale dS K, dK += scale dSᵀ Q_h, dV += Pᵀ dO. Each
@@ -1173,6 +1245,31 @@ impl super::Device for Cpu {
         dv: &mut [f32],
     ) -> Result<()> {
         attention_backward(q, k, v, lse, dout, shape, dq, dk, dv);
+        Ok(())
+    }
+    fn attention_sinks_forward(
+        &self,
+        sinks: &[f32],
+        shape: AttnShape,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        check_sinks(shape, sinks.len(), out.len(), lse.len())?;
+        attention_sinks_forward(sinks, shape, out, lse);
+        Ok(())
+    }
+    fn attention_sinks_backward(
+        &self,
+        out: &[f32],
+        dout: &[f32],
+        lse: &[f32],
+        sinks: &[f32],
+        shape: AttnShape,
+        dsinks: &mut [f32],
+    ) -> Result<()> {
+        check_sinks(shape, sinks.len(), out.len(), lse.len())?;
+        check_sinks(shape, dsinks.len(), dout.len(), lse.len())?;
+        attention_sinks_backward(out, dout, lse, sinks, shape, dsinks);
         Ok(())
     }
     fn activation_forward(&self, act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
@@ -1761,6 +1858,76 @@ mod tests {
             ..sh
         };
         assert!((0..7).all(|i| long.visible(i) == (AttnShape { window: None, ..sh }).visible(i)));
+    }
+
+    /// Attention sinks: each output row against the softmax with the sink's logit written out in f64
+    /// (windowed, GQA), the sink bites, and the gradients of q, k, v and the sinks (the attention's
+    /// backward reading the lse the sinks updated) against finite differences.
+    #[test]
+    fn attention_sinks_match_the_formula_and_their_gradients() {
+        let sh = AttnShape {
+            seqs: 2,
+            tokens: 5,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 3,
+            window: Some(3),
+            scale: Some(0.7),
+            softcap: None,
+            alibi: None,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        let (nq, nk, np) = (2 * 5 * 4 * 3, 2 * 5 * 2 * 3, 2 * 4 * 5);
+        let ins = vec![
+            rand_vec(&mut rng, nq),
+            rand_vec(&mut rng, nk),
+            rand_vec(&mut rng, nk),
+            rand_vec(&mut rng, sh.heads),
+        ];
+        let fwd = |i: &[Vec<f32>]| {
+            let (mut o, mut lse) = (vec![0.0; nq], vec![0.0; np]);
+            attention_forward(&i[0], &i[1], &i[2], sh, &mut o, &mut lse);
+            let plain = o.clone();
+            attention_sinks_forward(&i[3], sh, &mut o, &mut lse);
+            (o, lse, plain)
+        };
+        let (o, lse, plain) = fwd(&ins);
+        let (q, k, v, sinks) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+        for (s, h, i) in [(0, 0, 0), (0, 3, 4), (1, 1, 2), (1, 2, 4)] {
+            let g = h / sh.group();
+            let qr = &q[((s * 5 + i) * 4 + h) * 3..][..3];
+            let score = |j: usize| -> f64 {
+                let kr = &k[((s * 5 + j) * 2 + g) * 3..][..3];
+                0.7 * (qr.iter().zip(kr))
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            };
+            let vis = sh.visible(i);
+            let z: f64 = vis.clone().map(|j| score(j).exp()).sum::<f64>() + (sinks[h] as f64).exp();
+            assert!((lse[(s * 4 + h) * 5 + i] as f64 - z.ln()).abs() < 1e-5);
+            for d in 0..3 {
+                let want: f64 = (vis.clone())
+                    .map(|j| score(j).exp() / z * v[((s * 5 + j) * 2 + g) * 3 + d] as f64)
+                    .sum();
+                let r = ((s * 5 + i) * 4 + h) * 3 + d;
+                assert!((o[r] as f64 - want).abs() < 1e-5, "({s}, {h}, {i}, {d})");
+                assert!((plain[r] - o[r]).abs() > 1e-4, "the sink bites");
+            }
+        }
+        check_grads(
+            ins,
+            nq,
+            &|i| fwd(i).0,
+            &|i, c| {
+                let (o, lse, _) = fwd(i);
+                let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+                attention_backward(&i[0], &i[1], &i[2], &lse, c, sh, &mut dq, &mut dk, &mut dv);
+                let mut ds = vec![0.0; sh.heads];
+                attention_sinks_backward(&o, c, &lse, &i[3], sh, &mut ds);
+                vec![dq, dk, dv, ds]
+            },
+            2e-3,
+        );
     }
 
     /// ALiBi's slopes are transformers' `build_alibi_tensor`'s (6 heads: 4, then the odd terms for 8;

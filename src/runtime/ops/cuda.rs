@@ -1654,6 +1654,69 @@ impl Device for CudaDevice {
             )
         }
     }
+    fn attention_sinks_forward(
+        &self,
+        sinks: &CudaSlice<f32>,
+        shape: AttnShape,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        super::cpu::check_sinks(shape, sinks.len(), out.len(), lse.len())?;
+        let (seqs, tokens, heads, _, hd, ..) = self.attn_args(&shape)?;
+        let warps = shape.seqs * shape.heads * shape.tokens;
+        if warps == 0 {
+            return Ok(());
+        }
+        let threads = (ATT_WARPS * 32) as u32;
+        let c = cfg((blocks(warps, ATT_WARPS), 1), threads)?;
+        // SAFETY: sinks holds heads values, out seqs·tokens·heads·head_dim, lse seqs·heads·tokens (checked).
+        unsafe {
+            (self.k().attention_sinks_forward).launch(
+                self.s(),
+                c,
+                sinks,
+                out,
+                lse,
+                seqs,
+                tokens,
+                heads,
+                hd,
+            )
+        }
+    }
+    fn attention_sinks_backward(
+        &self,
+        out: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        sinks: &CudaSlice<f32>,
+        shape: AttnShape,
+        dsinks: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        super::cpu::check_sinks(shape, sinks.len(), out.len(), lse.len())?;
+        super::cpu::check_sinks(shape, dsinks.len(), dout.len(), lse.len())?;
+        let (seqs, tokens, heads, _, hd, ..) = self.attn_args(&shape)?;
+        if shape.seqs * shape.tokens * shape.heads == 0 {
+            return Ok(());
+        }
+        let c = cfg((shape.heads, 1), THREADS)?;
+        // SAFETY: as attention_sinks_forward; dsinks holds heads values (checked).
+        unsafe {
+            (self.k().attention_sinks_backward).launch(
+                self.s(),
+                c,
+                out,
+                dout,
+                lse,
+                sinks,
+                dsinks,
+                seqs,
+                tokens,
+                heads,
+                hd,
+            )
+        }
+    }
     fn activation_forward(
         &self,
         act: Activation,

@@ -430,6 +430,31 @@ pub trait Device: Clone + Send + Sync + 'static {
         dk: &mut Self::Slice,
         dv: &mut Self::Slice,
     ) -> Result<()>;
+    /// Attention sinks (GPT-OSS, Granite SWA): a learned logit `sinks[h]` (`[heads]`) joins the softmax of
+    /// each of head h's query rows without a value. Applied to [`Device::attention_forward`]'s results:
+    /// `out ×= σ(lse − sinks[h])` per row and head, `lse ← log(exp(lse) + exp(sinks[h]))`. With that `lse`,
+    /// [`Device::attention_backward`] recomputes the probabilities the sink shares in, and its formulas
+    /// hold unchanged (the sink carries no value: its dP is 0).
+    fn attention_sinks_forward(
+        &self,
+        sinks: &Self::Slice,
+        shape: AttnShape,
+        out: &mut Self::Slice,
+        lse: &mut Self::Slice,
+    ) -> Result<()>;
+    /// `dsinks[h] += −Σ_rows exp(sinks[h] − lse) (dout · out)` over head h's query rows, with `out` and
+    /// `lse` as [`Device::attention_sinks_forward`] left them: the gradient of a softmax logit whose
+    /// value is 0.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_sinks_backward(
+        &self,
+        out: &Self::Slice,
+        dout: &Self::Slice,
+        lse: &Self::Slice,
+        sinks: &Self::Slice,
+        shape: AttnShape,
+        dsinks: &mut Self::Slice,
+    ) -> Result<()>;
     /// `y = act(x)`.
     fn activation_forward(
         &self,

@@ -308,13 +308,15 @@ impl<D: Device> TapeOp<D> for Rope {
 }
 
 /// Causal (optionally windowed) grouped-query attention; `lse` keeps each query row's log-sum-exp for
-/// the backward.
+/// the backward. With `sinks` (`[heads]`: GPT-OSS, Granite SWA) a learned logit per head joins each
+/// row's softmax ([`Device::attention_sinks_forward`]); `lse` then counts it.
 #[derive(Clone, Debug)]
 pub struct Attention {
     pub q: BufId,
     pub k: BufId,
     pub v: BufId,
     pub shape: AttnShape,
+    pub sinks: Option<ParamId>,
     pub out: BufId,
     pub lse: BufId,
 }
@@ -325,40 +327,70 @@ impl<D: Device> TapeOp<D> for Attention {
             kind: "attention",
             inputs: vec![self.q, self.k, self.v],
             outputs: vec![self.out, self.lse],
-            saved: vec![self.q, self.k, self.v, self.lse],
-            params: vec![],
+            // The sinks' gradient reads the output.
+            saved: [self.q, self.k, self.v, self.lse]
+                .into_iter()
+                .chain(self.sinks.map(|_| self.out))
+                .collect(),
+            params: self.sinks.into_iter().collect(),
         }
     }
-    fn forward(&self, t: &mut Tape<D>, _: &dyn ParamStore) -> Result<()> {
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
         let Attention {
             q,
             k,
             v,
             shape,
+            sinks,
             out,
             lse,
         } = *self;
+        let sinks = sinks.map(|s| t.p(store, s)).transpose()?;
         let mut p = t.data[lse]
             .take()
             .expect("the tape allocates an op's outputs");
         let r = t.write_output(out, |t, y| {
             let (q, k, v) = (t.data(q), t.data(k), t.data(v));
-            t.dev.attention_forward(q, k, v, shape, y, &mut p)
+            t.dev.attention_forward(q, k, v, shape, y, &mut p)?;
+            match &sinks {
+                Some(s) => t.dev.attention_sinks_forward(s, shape, y, &mut p),
+                None => Ok(()),
+            }
         });
         t.data[lse] = Some(p);
         r
     }
-    fn backward(&self, t: &mut Tape<D>, _: &dyn ParamStore, _: &mut ParamGrads<D>) -> Result<()> {
+    fn backward(
+        &self,
+        t: &mut Tape<D>,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<D>,
+    ) -> Result<()> {
         let Attention {
             q,
             k,
             v,
             shape,
+            sinks,
             out,
             lse,
         } = *self;
         if !t.has_grad(out) {
             return Ok(());
+        }
+        if let Some(s) = sinks {
+            let sv = t.p(store, s)?;
+            let mut ds = pg.take(s);
+            let r = (t.dev).attention_sinks_backward(
+                t.data(out),
+                t.grad(out),
+                t.data(lse),
+                &sv,
+                shape,
+                &mut ds,
+            );
+            pg.put(s, ds);
+            r?;
         }
         let (mut dq, mut dk, mut dv) = (t.take_grad(q)?, t.take_grad(k)?, t.take_grad(v)?);
         let r = t.dev.attention_backward(

@@ -511,6 +511,12 @@ signatures! {
                         dq: Out<f32>, delta: Out<f32>, seqs: i32, tokens: i32, heads: i32,
                         kv_heads: i32, head_dim: i32, window: i32, scale: f32, softcap: f32,
         alibi_max_bias: f32, alibi_factor: f32);
+    /// attention_sinks_forward
+    AttentionSinksForward(sinks: In<f32>, out: Out<f32>, lse: Out<f32>, seqs: i32, tokens: i32,
+                          heads: i32, head_dim: i32);
+    /// attention_sinks_backward
+    AttentionSinksBackward(out: In<f32>, dout: In<f32>, lse: In<f32>, sinks: In<f32>,
+                           dsinks: Out<f32>, seqs: i32, tokens: i32, heads: i32, head_dim: i32);
     /// attention_backward_dkv
     AttentionBackwardDkv(q: In<f32>, k: In<f32>, v: In<f32>, lse: In<f32>, dout: In<f32>,
                          delta: In<f32>, dk: Out<f32>, dv: Out<f32>, seqs: i32, tokens: i32,
@@ -633,6 +639,8 @@ kernel_table! {
             attention_forward: AttentionForward,
             attention_backward_dq: AttentionBackwardDq,
             attention_backward_dkv: AttentionBackwardDkv,
+            attention_sinks_forward: AttentionSinksForward,
+            attention_sinks_backward: AttentionSinksBackward,
         }
         "runtime_attention_mma.cu" => {
             attention_forward_mma64: AttentionForwardMma,
