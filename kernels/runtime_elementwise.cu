@@ -156,6 +156,34 @@ extern "C" __global__ void clamp_backward(const float* __restrict__ x, const flo
         if (fabsf(x[i]) <= c) dx[i] += dy[i];
 }
 
+// y = clamp(x, −c, c) + 1 (GPT-OSS's expert up projection; its backward is clamp_backward)
+extern "C" __global__ void clamp_plus_one_forward(const float* __restrict__ x, float* __restrict__ y, u64 n,
+                                                  float c) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = fminf(fmaxf(x[i], -c), c) + 1.0f;
+}
+
+// y = m σ(alpha m), m = min(x, limit) (GPT-OSS's expert gate)
+extern "C" __global__ void oss_gate_forward(const float* __restrict__ x, float* __restrict__ y, u64 n,
+                                            float alpha, float limit) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float m = fminf(x[i], limit);
+        y[i] = m / (1.0f + expf(-alpha * m));
+    }
+}
+
+// dx += dy σ(αx) (1 + αx (1 − σ(αx))) where x ≤ limit (PyTorch's clamp passes the gradient at the bound)
+extern "C" __global__ void oss_gate_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                             float* __restrict__ dx, u64 n, float alpha, float limit) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        if (v <= limit) {
+            float s = 1.0f / (1.0f + expf(-alpha * v));
+            dx[i] += dy[i] * s * (1.0f + alpha * v * (1.0f - s));
+        }
+    }
+}
+
 // y = a ⊙ b
 extern "C" __global__ void mul_forward(const float* __restrict__ a, const float* __restrict__ b,
                                        float* __restrict__ y, u64 n) {

@@ -113,6 +113,9 @@ CASES = {
     "granite_swa_sinks": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss",
                           "--features", "rows", "--allocation", "adaptive"],
     "granitemoe_swa_sinks": ONE_BY_GRADNORM,
+    # Layer 0 out (windowed): the kept layers' kinds, full then windowed, written out.
+    "gpt_oss_sinks": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss",
+                      "--features", "rows", "--allocation", "adaptive"],
     "opt_hub_layout": TWO_BY_GRADNORM,
     "gpt2_hub_layout": TWO_BY_GRADNORM,
     # Layers 1 and 2 out: the full-attention layer 3 (YaRN) becomes layer 1 of 2.

@@ -200,6 +200,18 @@ FIXTURES = [
                   logits_scaling=2.0, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          seed=73),
+    # GPT-OSS (gpt_oss): a learned sink logit per head, a window of 5 on the even layers (layer_types
+    # dropped: the class's pattern), YaRN × 32 with truncate false and θ 1.5·10⁵ (rope_parameters dropped:
+    # the class's), q/k/v/o biases; every MLP a mixture of 4 experts stored fused and inputs first
+    # (mlp.experts.gate_up_proj [experts, hidden, 2 inter], gate and up interleaved, with biases), the
+    # router with a bias, top 2 softmaxed among themselves, the clamped SwiGLU with a limit of 1.5 (so
+    # that the clamps bite on random weights); untied, f32.
+    dict(name="gpt_oss_sinks", model_type="gpt_oss", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-5,
+                  num_local_experts=4, num_experts_per_tok=2, sliding_window=5, swiglu_limit=1.5,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+         drop_layer_types=True, drop_keys=["rope_parameters"], full_attention_loss=True, seed=74),
     # OLMo 3: OLMo 2's post-norms and whole-projection q/k norms, a window of 5 on every layer but each
     # 4th (layer_types dropped from config.json: OlmoConfig's pattern, layers 0-2 sliding, 3 full); YaRN
     # (×4 from 64 tokens, head_dim 16, θ 5·10⁵: the ramp between frequency indices 0 and 2, cos/sin ×
@@ -1089,7 +1101,8 @@ def full_attention_loss(spec, model, ids):
     cfg = dict(spec["cfg"], sliding_window=None)
     if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
+                               "gpt_oss"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -1099,7 +1112,8 @@ def full_attention_loss(spec, model, ids):
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa"):
+    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
+                               "gpt_oss"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None

@@ -403,6 +403,13 @@ fn granite_swa_sinks_match_transformers() {
     check_case("granitemoe_swa_sinks");
 }
 
+/// GPT-OSS: attention sinks, the fused experts stored inputs first with biases kept as stored, the
+/// router's bias; layer 0 (windowed) removed, the kept layers' kinds written out.
+#[test]
+fn gpt_oss_sinks_match_transformers() {
+    check_case("gpt_oss_sinks");
+}
+
 /// OLMoE: whole-projection q/k norms, experts not renormalised; FlexOlmo: the same mixture in OLMo 2's block.
 #[test]
 fn olmoe_experts_match_transformers() {

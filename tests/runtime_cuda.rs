@@ -125,6 +125,12 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
             Activation::Relu,
             Activation::Relu2,
             Activation::Clamp(0.6),
+            Activation::ClampPlusOne(0.6),
+            // x spans ±4: some values past the limit.
+            Activation::OssGate {
+                alpha: 1.702,
+                limit: 2.5,
+            },
         ] {
             let mut want = vec![0f32; n];
             let mut y = dev.alloc_zeroed(n).unwrap();

@@ -130,6 +130,8 @@ fn describe_block(c: &ModelConfig) -> String {
         Activation::Relu => "ReLU",
         Activation::Relu2 => "ReLU²",
         Activation::Clamp(_) => "clamp",
+        Activation::ClampPlusOne(_) => "clamp + 1",
+        Activation::OssGate { .. } => "GPT-OSS's clamped SwiGLU",
     };
     match c.layout {
         BlockLayout::Opt => format!(
@@ -286,6 +288,14 @@ fn describe_block(c: &ModelConfig) -> String {
                         ""
                     }
                 );
+                if let Some(o) = m.oss {
+                    s += &format!(
+                        "; GPT-OSS's experts: (clamp(up, ±{l}) + 1) ⊙ m σ({a} m), m = min(gate, {l}), \
+                         biases on the router and every projection",
+                        l = o.limit,
+                        a = o.alpha
+                    );
+                }
             }
             s
         }

@@ -389,6 +389,18 @@ pub struct Moe {
     pub prefix: &'static str,
     /// An expert's gate, up and down projections (Mixtral: `w1`, `w3`, `w2`).
     pub projections: [&'static str; 3],
+    /// GPT-OSS's experts: its clamped SwiGLU, biases on the router and on every expert projection,
+    /// and the experts stored inputs first, gate and up interleaved (`mlp.experts.gate_up_proj`
+    /// `[experts, hidden, 2 inter]`, `down_proj` `[experts, inter, hidden]`, their `_bias`es).
+    pub oss: Option<OssSwiglu>,
+}
+
+/// GPT-OSS's expert MLP: `down((clamp(up, −limit, limit) + 1) ⊙ m σ(alpha m))`, `m = min(gate, limit)`
+/// (`swiglu_alpha`, `swiglu_limit`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OssSwiglu {
+    pub alpha: f32,
+    pub limit: f32,
 }
 
 /// A mixture's shared expert: a gated MLP (`gate_proj`, `up_proj`, `down_proj`) on every token.
@@ -842,7 +854,7 @@ impl ModelConfig {
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
-             granitemoeshared, granite_swa, granitemoe_swa";
+             granitemoeshared, granite_swa, granitemoe_swa, gpt_oss";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -862,7 +874,7 @@ impl ModelConfig {
         let aliased;
         let v = match model_type.as_str() {
             "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
-            | "minimax_m2" | "exaone" | "ministral3" | "mistral4" | "cwm" => {
+            | "minimax_m2" | "exaone" | "ministral3" | "mistral4" | "cwm" | "gpt_oss" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -897,6 +909,7 @@ impl ModelConfig {
         );
         // Granite SWA's windows, rotary θ per layer and attention sinks.
         let granite_swa = matches!(model_type.as_str(), "granite_swa" | "granitemoe_swa");
+        let gpt_oss = model_type == "gpt_oss";
         let stablelm_parallel =
             stablelm && opt_bool(v, "use_parallel_residual", path)?.unwrap_or(false);
         // OLMo's, OLMoE's and MPT's clamping of q, k and v (after OLMoE's q/k norms).
@@ -966,6 +979,7 @@ impl ModelConfig {
             _ if gemma => 256,
             "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2"
             | "ministral3" | "cwm" => 128,
+            "gpt_oss" => 64,
             _ => hidden_size / num_attention_heads,
         };
         // DeepSeek's multi-head latent attention: DeepSeek-V2's and V3's heads, and those of the families
@@ -1058,8 +1072,9 @@ impl ModelConfig {
         };
         // Jais2Config puts biases on every projection by default.
         let jais2 = model_type == "jais2";
-        let attention_bias = alias("attention_bias", "qkv_bias")?
-            .unwrap_or(neox || glm || model_type == "seed_oss" || jais2);
+        let attention_bias = alias("attention_bias", "qkv_bias")?.unwrap_or(
+            neox || glm || jais2 || matches!(model_type.as_str(), "seed_oss" | "gpt_oss"),
+        );
         let mlp_bias = alias("mlp_bias", "bias")?.unwrap_or(jais2);
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
@@ -1088,7 +1103,7 @@ impl ModelConfig {
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
-            | "granite_swa" | "granitemoe_swa" => (attention_bias, attention_bias),
+            | "granite_swa" | "granitemoe_swa" | "gpt_oss" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1263,6 +1278,7 @@ impl ModelConfig {
                         | "jais2"
                         | "cwm"
                         | "granite_swa"
+                        | "gpt_oss"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1369,7 +1385,7 @@ impl ModelConfig {
             alibi,
             embed_norm: bloom,
             clip_qkv: clip_qkv.map(|c| c as f32),
-            attention_sinks: granite_swa,
+            attention_sinks: granite_swa || gpt_oss,
             rope_pairs: match interleaved {
                 true => RopePairs::Interleaved,
                 false => RopePairs::Halves,
@@ -1549,7 +1565,7 @@ fn parse_sliding_window(
                 None
             }
             None if model_type == "cwm" => Some(8192),
-            None if matches!(model_type, "granite_swa" | "granitemoe_swa") => Some(128),
+            None if matches!(model_type, "granite_swa" | "granitemoe_swa" | "gpt_oss") => Some(128),
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -1563,7 +1579,7 @@ fn parse_sliding_window(
     };
     match model_type {
         "gemma2" | "gemma3_text" | "olmo3" | "cohere2" | "exaone4" | "cwm" | "granite_swa"
-        | "granitemoe_swa" => {
+        | "granitemoe_swa" | "gpt_oss" => {
             let w = window()?;
             let derived = || {
                 Ok(pattern_layer_kinds(v, model_type, layers, path)?
@@ -1657,7 +1673,7 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     if model_type == "minimax_m2" {
         return minimax_m2_config(v, c, path);
     }
-    if matches!(model_type, "ministral3" | "mistral4" | "cwm") {
+    if matches!(model_type, "ministral3" | "mistral4" | "cwm" | "gpt_oss") {
         if rope_object(v).is_none() {
             obj.insert(
                 "rope_parameters".into(),
@@ -2055,6 +2071,9 @@ fn parse_moe(
         "granitemoe" | "granitemoeshared" | "granitemoe_swa" => {
             ("block_sparse_moe", ["gate_proj", "up_proj", "down_proj"])
         }
+        // GPT-OSS's experts are stored fused and transposed (read by `Weights::strided_columns`);
+        // these name their parts.
+        "gpt_oss" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
         | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
@@ -2105,7 +2124,7 @@ fn parse_moe(
     // same.
     let mixtral = matches!(
         model_type,
-        "mixtral" | "minimax_m2" | "granitemoe" | "granitemoeshared" | "granitemoe_swa"
+        "mixtral" | "minimax_m2" | "granitemoe" | "granitemoeshared" | "granitemoe_swa" | "gpt_oss"
     );
     let normalise = mixtral || opt_bool(v, "norm_topk_prob", path)?.unwrap_or(false);
     let inter = match qwen {
@@ -2154,6 +2173,25 @@ fn parse_moe(
         sparse_layers,
         prefix,
         projections,
+        oss: match model_type {
+            // GptOssConfig's defaults: α 1.702, limit 7.
+            "gpt_oss" => {
+                let field = |key: &str, default: f64| -> Result<f32> {
+                    match opt_f64(v, key, path)?.unwrap_or(default) {
+                        x if x > 0.0 && x.is_finite() => Ok(x as f32),
+                        x => Err(model_err(
+                            path,
+                            format!("field '{key}' is {x}, not a positive number"),
+                        )),
+                    }
+                };
+                Some(OssSwiglu {
+                    alpha: field("swiglu_alpha", 1.702)?,
+                    limit: field("swiglu_limit", 7.0)?,
+                })
+            }
+            _ => None,
+        },
     }))
 }
 
@@ -2210,6 +2248,7 @@ fn ernie4_5_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Resul
         sparse_layers: ernie_moe_sparse_layers(v, layers, path)?,
         prefix,
         projections,
+        oss: None,
     })
 }
 
@@ -2337,6 +2376,7 @@ fn deepseek_v2_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Re
         sparse_layers: (0..layers).map(|l| l >= dense).collect(),
         prefix,
         projections,
+        oss: None,
     })
 }
 
@@ -2491,6 +2531,7 @@ fn grouped_moe(
         sparse_layers,
         prefix,
         projections,
+        oss: None,
     })
 }
 
@@ -2571,7 +2612,8 @@ pub fn pattern_layer_kinds(
     path: &Path,
 ) -> Result<Option<Vec<bool>>> {
     let pattern = match model_type {
-        "gemma2" => 2,
+        // GptOssConfig: the even layers windowed.
+        "gemma2" | "gpt_oss" => 2,
         "gemma3_text" => opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6),
         "olmo3" => 4,
         // Cohere2Config reads `sliding_window_pattern` (default 4) as a keyword argument only.
@@ -2828,6 +2870,11 @@ fn class_rope_parameters(v: &Value, model_type: &str, path: &Path) -> Result<Val
             "factor": 16.0, "original_max_position_embeddings": 16384,
             "max_position_embeddings": max(262144), "beta_fast": 32.0, "beta_slow": 1.0,
             "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}),
+        "gpt_oss" => {
+            serde_json::json!({"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false,
+            "original_max_position_embeddings": 4096})
+        }
         "mistral4" => {
             let size = |key: &str| size_or(v, key, 64, path);
             let (nope, rope) = (size("qk_nope_head_dim")?, size("qk_rope_head_dim")?);
@@ -3024,6 +3071,7 @@ fn class_rope_theta(model_type: &str) -> f64 {
         "cohere" | "ernie4_5" | "ernie4_5_moe" | "exaone" | "flex_olmo" => 500_000.0,
         "cwm" => 1_000_000.0,
         "helium" => 100_000.0,
+        "gpt_oss" => 150_000.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
         "minimax_m2" => 5_000_000.0,
@@ -4619,6 +4667,65 @@ mod tests {
             Some(("shared_mlp", 1024))
         );
         assert_eq!(c.sliding_layers, [false, true, true, true]);
+    }
+
+    /// gpt-oss-20b's config.json (a bf16 copy: the hub's own is MXFP4, refused): attention sinks, q/k/v/o
+    /// biases, heads of 64, windows of 128 on the even layers, YaRN × 32 without truncation at θ
+    /// 1.5·10⁵; 32 experts, top 4 renormalised, GPT-OSS's clamped SwiGLU (α the class's 1.702).
+    #[test]
+    fn gpt_oss_hub_config() {
+        let p = Path::new("config.json");
+        let kinds: Vec<&str> = (0..24)
+            .map(|l| ["sliding_attention", "full_attention"][l % 2])
+            .collect();
+        let mut v = serde_json::json!({"architectures": ["GptOssForCausalLM"],
+            "attention_bias": true, "attention_dropout": 0.0, "eos_token_id": 200002,
+            "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+            "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+            "layer_types": kinds, "max_position_embeddings": 131072, "model_type": "gpt_oss",
+            "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+            "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": false,
+            "pad_token_id": 199999, "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0,
+            "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+            "rope_type": "yarn", "truncate": false}, "rope_theta": 150000,
+            "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
+            "vocab_size": 201088});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert!(c.attention_sinks && c.qkv_bias && c.o_bias && !c.tie_word_embeddings);
+        assert_eq!(
+            (c.head_dim, c.sliding_window, c.rope_theta),
+            (64, Some(128), 1.5e5)
+        );
+        assert!((0..24).all(|l| c.sliding_layers[l] == (l % 2 == 0)));
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn {
+                factor: 32.0,
+                truncate: false,
+                ..
+            }
+        ));
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (32, 4, 2880, true)
+        );
+        assert_eq!(
+            m.oss,
+            Some(OssSwiglu {
+                alpha: 1.702,
+                limit: 7.0
+            })
+        );
+        // The hub's MXFP4 checkpoint: refused, with what to do.
+        v["quantization_config"] = serde_json::json!({"quant_method": "mxfp4"});
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("'mxfp4'") && e.contains("dequantize"), "{e}");
+        v.as_object_mut().unwrap().remove("quantization_config");
+        v["swiglu_limit"] = (-1.0).into();
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("'swiglu_limit' is -1"), "{e}");
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

@@ -643,7 +643,10 @@ impl Model {
             // transformers 5's own layout of a mixture's experts (Mistral 4 saves it): each expert's
             // gate and up stacked in `experts.gate_up_proj` `[experts, 2 inter, hidden]`, its down in
             // `experts.down_proj` `[experts, hidden, inter]`.
-            if self.has_fused_experts(l) {
+            let oss = c.moe.as_ref().filter(|m| m.oss.is_some());
+            if let Some(m) = oss.filter(|_| self.has_fused_experts(l)) {
+                split_oss_experts(&mut self.weights, m, c.hidden_size, &layer)?;
+            } else if self.has_fused_experts(l) {
                 let m = c.moe.as_ref().expect("fused experts belong to a mixture");
                 let experts = |p: &str| format!("{layer}.{}.experts.{p}", m.prefix);
                 let [gate, up, down] = m.projections;
@@ -774,10 +777,23 @@ impl Model {
             let fused_experts = self.has_fused_experts(l);
             if let Some(m) = moe {
                 moe_linears.push((format!("{}.gate", m.prefix), m.experts, h));
-                if fused_experts {
-                    let name = |p: &str| format!("{}.experts.{p}", m.prefix);
-                    t(&name("gate_up_proj"), vec![m.experts, 2 * m.inter, h]);
-                    t(&name("down_proj"), vec![m.experts, h, m.inter]);
+                let name = |p: &str| format!("{}.experts.{p}", m.prefix);
+                match (fused_experts, m.oss.is_some()) {
+                    // GPT-OSS: inputs first, with biases; and the router's bias.
+                    (true, true) => {
+                        t(&name("gate_up_proj"), vec![m.experts, h, 2 * m.inter]);
+                        t(&name("gate_up_proj_bias"), vec![m.experts, 2 * m.inter]);
+                        t(&name("down_proj"), vec![m.experts, m.inter, h]);
+                        t(&name("down_proj_bias"), vec![m.experts, h]);
+                    }
+                    (true, false) => {
+                        t(&name("gate_up_proj"), vec![m.experts, 2 * m.inter, h]);
+                        t(&name("down_proj"), vec![m.experts, h, m.inter]);
+                    }
+                    (false, _) => {}
+                }
+                if m.oss.is_some() {
+                    t(&format!("{}.gate.bias", m.prefix), vec![m.experts]);
                 }
                 for e in (0..m.experts).filter(|_| !fused_experts) {
                     let [gate, up, down] = m.projections;
@@ -1567,13 +1583,15 @@ impl Model {
                 }
                 (None, Some(moe)) => {
                     let module = format!("{pre}.{}", moe.prefix);
+                    // GPT-OSS's router and experts have biases.
+                    let oss = moe.oss;
                     let logits = linear(
                         tape,
                         b,
                         &format!("{}.gate", moe.prefix),
                         h,
                         moe.experts,
-                        false,
+                        oss.is_some(),
                     );
                     let experts = (0..moe.experts)
                         .map(|e| {
@@ -1581,7 +1599,24 @@ impl Model {
                                 let name = format!("{module}.experts.{e}.{p}.weight");
                                 tape.param(name, l, moe.inter * h)
                             });
-                            Expert { gate, up, down }
+                            let [inter, hidden] = [moe.inter, h];
+                            let bias = oss.map(|_| {
+                                let sizes = [inter, inter, hidden];
+                                let names = moe
+                                    .projections
+                                    .map(|p| format!("{module}.experts.{e}.{p}.bias"));
+                                let mut ids = names
+                                    .into_iter()
+                                    .zip(sizes)
+                                    .map(|(n, len)| tape.param(n, l, len));
+                                [(); 3].map(|()| ids.next().expect("three biases"))
+                            });
+                            Expert {
+                                gate,
+                                up,
+                                down,
+                                bias,
+                            }
                         })
                         .collect();
                     let out = tape.buffer(format!("{module}.experts"), n, h);
@@ -1592,7 +1627,14 @@ impl Model {
                         top_k: moe.top_k,
                         normalise: moe.normalise,
                         router: self.routers[l].clone(),
-                        act: c.activation,
+                        act: match oss {
+                            Some(o) => Activation::OssGate {
+                                alpha: o.alpha,
+                                limit: o.limit,
+                            },
+                            None => c.activation,
+                        },
+                        up_act: oss.map(|o| Activation::ClampPlusOne(o.limit)),
                         inter: moe.inter,
                         out,
                     });
@@ -1666,6 +1708,26 @@ impl Model {
     }
 }
 
+/// GPT-OSS: name each expert's projections and biases in a layer's fused experts (`layer` its prefix),
+/// stored inputs first (`gate_up_proj` `[experts, hidden, 2 inter]`, gate and up interleaved: columns
+/// 0, 2, … and 1, 3, …; `down_proj` `[experts, inter, hidden]`; the biases `[experts, …]` alike), as
+/// the `[out, in]` weights the decoder reads ([`Weights::strided_columns`]).
+fn split_oss_experts(weights: &mut Weights, m: &Moe, hidden: usize, layer: &str) -> Result<()> {
+    let stored = |p: &str| format!("{layer}.{}.experts.{p}", m.prefix);
+    let [gate, up, down] = m.projections;
+    for e in 0..m.experts {
+        let part = |p: &str, what: &str| format!("{layer}.{}.experts.{e}.{p}.{what}", m.prefix);
+        for (what, suffix) in [("weight", ""), ("bias", "_bias")] {
+            let gate_up = stored(&format!("gate_up_proj{suffix}"));
+            let down_all = stored(&format!("down_proj{suffix}"));
+            weights.strided_columns(&gate_up, e, (0, 2, m.inter), &part(gate, what))?;
+            weights.strided_columns(&gate_up, e, (1, 2, m.inter), &part(up, what))?;
+            weights.strided_columns(&down_all, e, (0, 1, hidden), &part(down, what))?;
+        }
+    }
+    Ok(())
+}
+
 /// Tensors (under a layer) a `model_type`'s checkpoints store under other names than the runtime
 /// reads, as (stored, read): Granite MoE's hub names, as transformers' own conversion renames them
 /// (the experts `[experts, 2 inter, hidden]` gate then up, the router, the shared MLP gate then up), and
@@ -1699,6 +1761,10 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
                 "shared_mlp.output_linear.weight",
                 "shared_mlp.down_proj.weight",
             ),
+        ],
+        "gpt_oss" => &[
+            ("mlp.router.weight", "mlp.gate.weight"),
+            ("mlp.router.bias", "mlp.gate.bias"),
         ],
         _ => &[],
     }

@@ -229,18 +229,21 @@ struct TensorLoc {
 enum View {
     /// The bytes `start..end` as stored (or a row block of a stored tensor: [`Weights::split_rows`]).
     Stored,
-    /// A transposed column block of a stored `[rows, stored_cols]` matrix ([`Weights::transposed_columns`]):
-    /// `shape` is `[cols, rows]`, `start..end` the whole stored matrix.
+    /// Columns of a stored `[rows, stored_cols]` matrix, transposed ([`Weights::transposed_columns`],
+    /// [`Weights::strided_columns`]): `shape` is `[cols, rows]` (or `[cols]` of a one-row matrix),
+    /// `start..end` the whole stored matrix.
     Columns(Columns),
     /// Tensors of one shape stacked ([`Weights::stack`]): `shape` is `[parts, their shape…]`, the
     /// location fields the first part's.
     Stack(Vec<String>),
 }
 
+/// Columns `first`, `first + step`, … of a matrix of `stored_cols` columns.
 #[derive(Clone, Copy)]
 struct Columns {
     stored_cols: usize,
     first: usize,
+    step: usize,
 }
 
 pub struct Weights {
@@ -399,12 +402,66 @@ impl Weights {
                     view: View::Columns(Columns {
                         stored_cols: total,
                         first,
+                        step: 1,
                     }),
                 },
             );
             self.parts.insert(name.clone());
             first += c;
         }
+        Ok(())
+    }
+
+    /// Name the columns `first`, `first + step`, … (`count` of them) of matrix `m` of the stored tensor
+    /// `stored`, transposed, as `name`: of a stack of matrices `[n, rows, cols]` a `[count, rows]`
+    /// tensor, of a stack of rows `[n, cols]` (row `m`) a `[count]` one; copied out when read. For
+    /// GPT-OSS's experts, stored inputs first with the gate and up columns interleaved
+    /// (`gate_up_proj` `[experts, hidden, 2 inter]`: the gate is columns 0, 2, …, of each expert's
+    /// matrix; its biases `[experts, 2 inter]` likewise). Not listed by [`Weights::names`]; never read as
+    /// bf16 bits.
+    pub fn strided_columns(
+        &mut self,
+        stored: &str,
+        m: usize,
+        (first, step, count): (usize, usize, usize),
+        name: &str,
+    ) -> Result<()> {
+        let loc = self
+            .tensors
+            .get(stored)
+            .ok_or_else(|| Error::Model(format!("checkpoint has no tensor '{stored}'")))?;
+        let (n, rows, cols, shape) = match loc.shape[..] {
+            [n, r, c] => (n, r, c, vec![count, r]),
+            [n, c] => (n, 1, c, vec![count]),
+            _ => (0, 0, 0, vec![]),
+        };
+        let fits = count > 0 && step > 0 && first + (count - 1) * step < cols;
+        if m >= n || !fits || !matches!(loc.view, View::Stored) {
+            return Err(Error::layer(
+                &self.files[loc.file].0,
+                stored,
+                format!(
+                    "shape {:?} has no matrix {m} with {count} columns from {first} in steps of {step}",
+                    loc.shape
+                ),
+            ));
+        }
+        let bytes = rows * cols * loc.dtype.bitsize() / 8;
+        let start = loc.start + m * bytes;
+        let view = View::Columns(Columns {
+            stored_cols: cols,
+            first,
+            step,
+        });
+        let part = TensorLoc {
+            shape,
+            start,
+            end: start + bytes,
+            view,
+            ..*loc
+        };
+        self.tensors.insert(name.to_string(), part);
+        self.parts.insert(name.to_string());
         Ok(())
     }
 
@@ -576,7 +633,7 @@ impl Weights {
         cols: Columns,
         bytes: &[u8],
     ) -> Result<Vec<f32>> {
-        let (width, rows) = (loc.shape[0], loc.shape[1]);
+        let (width, rows) = (loc.shape[0], loc.shape.get(1).copied().unwrap_or(1));
         let (size, value) = self.decoder(name, loc)?;
         if bytes.len() != rows * cols.stored_cols * size {
             return Err(Error::layer(
@@ -587,7 +644,7 @@ impl Weights {
         }
         let mut out = vec![0f32; width * rows];
         out.par_chunks_mut(rows).enumerate().for_each(|(j, o)| {
-            let col = cols.first + j;
+            let col = cols.first + j * cols.step;
             for (i, o) in o.iter_mut().enumerate() {
                 let at = (i * cols.stored_cols + col) * size;
                 *o = value(&bytes[at..at + size]);

@@ -848,6 +848,8 @@ pub fn activation_forward(act: Activation, x: &[f32], y: &mut [f32]) {
             Activation::Relu => vmath::relu(xc, yc),
             Activation::Relu2 => vmath::relu2(xc, yc),
             Activation::Clamp(c) => vmath::clamp(xc, yc, c),
+            Activation::ClampPlusOne(c) => vmath::clamp_plus_one(xc, yc, c),
+            Activation::OssGate { alpha, limit } => vmath::oss_gate(xc, yc, alpha, limit),
         });
 }
 
@@ -865,7 +867,12 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
             Activation::Sigmoid => vmath::sigmoid_backward(xc, gc, dc),
             Activation::Relu => vmath::relu_backward(xc, gc, dc),
             Activation::Relu2 => vmath::relu2_backward(xc, gc, dc),
-            Activation::Clamp(c) => vmath::clamp_backward(xc, gc, dc, c),
+            Activation::Clamp(c) | Activation::ClampPlusOne(c) => {
+                vmath::clamp_backward(xc, gc, dc, c)
+            }
+            Activation::OssGate { alpha, limit } => {
+                vmath::oss_gate_backward(xc, gc, dc, alpha, limit)
+            }
         });
 }
 
@@ -2070,13 +2077,19 @@ mod tests {
             Activation::Relu,
             Activation::Relu2,
             Activation::Clamp(1.5),
+            Activation::ClampPlusOne(1.5),
+            Activation::OssGate {
+                alpha: 1.702,
+                limit: 1.5,
+            },
         ] {
             let mut x: Vec<f32> = rand_vec(&mut rng, n).iter().map(|v| 3.0 * v).collect();
             // ReLU has no derivative at 0, the clamp none at ±1.5: keep the inputs (and the ±1e-2
             // steps) clear of them.
             let kink = match act {
                 Activation::Relu | Activation::Relu2 => Some(0.0),
-                Activation::Clamp(c) => Some(c),
+                Activation::Clamp(c) | Activation::ClampPlusOne(c) => Some(c),
+                Activation::OssGate { limit, .. } => Some(limit),
                 _ => None,
             };
             if let Some(k) = kink {

@@ -1738,6 +1738,12 @@ impl Device for CudaDevice {
                 Activation::Relu => kern.relu_forward.launch(s, c, x, y, n),
                 Activation::Relu2 => kern.relu2_forward.launch(s, c, x, y, n),
                 Activation::Clamp(cap) => kern.clamp_forward.launch(s, c, x, y, n, cap),
+                Activation::ClampPlusOne(cap) => {
+                    kern.clamp_plus_one_forward.launch(s, c, x, y, n, cap)
+                }
+                Activation::OssGate { alpha, limit } => {
+                    kern.oss_gate_forward.launch(s, c, x, y, n, alpha, limit)
+                }
             }
         }
     }
@@ -1756,10 +1762,13 @@ impl Device for CudaDevice {
             Activation::Sigmoid => self.binary(&kern.sigmoid_backward, x, dy, dx),
             Activation::Relu => self.binary(&kern.relu_backward, x, dy, dx),
             Activation::Relu2 => self.binary(&kern.relu2_backward, x, dy, dx),
-            Activation::Softcap(f) | Activation::Scale(f) | Activation::Clamp(f) => {
+            Activation::Softcap(f)
+            | Activation::Scale(f)
+            | Activation::Clamp(f)
+            | Activation::ClampPlusOne(f) => {
                 let kernel = match act {
                     Activation::Softcap(_) => &kern.softcap_backward,
-                    Activation::Clamp(_) => &kern.clamp_backward,
+                    Activation::Clamp(_) | Activation::ClampPlusOne(_) => &kern.clamp_backward,
                     _ => &kern.scale_backward,
                 };
                 check_len(dy.len(), x.len(), "activation output gradient")?;
@@ -1767,6 +1776,13 @@ impl Device for CudaDevice {
                 let c = self.ew_cfg(x.len())?;
                 // SAFETY: x, dy and dx hold n values.
                 unsafe { kernel.launch(self.s(), c, x, dy, dx, x.len() as u64, f) }
+            }
+            Activation::OssGate { alpha, limit } => {
+                check_len(dy.len(), x.len(), "activation output gradient")?;
+                check_len(dx.len(), x.len(), "activation input gradient")?;
+                let (c, n) = (self.ew_cfg(x.len())?, x.len() as u64);
+                // SAFETY: x, dy and dx hold n values.
+                unsafe { (kern.oss_gate_backward).launch(self.s(), c, x, dy, dx, n, alpha, limit) }
             }
         }
     }

@@ -140,6 +140,12 @@ pub enum Activation {
     /// `clamp(x, −c, c)` (OLMo's `clip_qkv` on q, k and v); its slope is 1 where |x| ≤ c, else 0 (as
     /// PyTorch's clamp: the bounds themselves pass the gradient).
     Clamp(f32),
+    /// `clamp(x, −c, c) + 1` (GPT-OSS's expert up projection, `swiglu_limit` c); its slope is
+    /// [`Activation::Clamp`]'s.
+    ClampPlusOne(f32),
+    /// `m σ(alpha m)` with `m = min(x, limit)` (GPT-OSS's expert gate, `swiglu_alpha`, `swiglu_limit`);
+    /// its slope is σ(αx) (1 + αx (1 − σ(αx))) where x ≤ limit, else 0.
+    OssGate { alpha: f32, limit: f32 },
 }
 
 /// A normalisation of rows of `d` values ([`Device::norm_forward`]).

@@ -285,6 +285,33 @@ pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], c: f32) {
     }
 }
 
+/// `y = clamp(x, −c, c) + 1` (its backward is [`clamp_backward`]).
+pub fn clamp_plus_one(x: &[f32], y: &mut [f32], c: f32) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = v.clamp(-c, c) + 1.0;
+    }
+}
+
+/// `y = m σ(α m)`, `m = min(x, limit)` (GPT-OSS's expert gate; scalar: it runs on the experts'
+/// intermediate values of one model family).
+pub fn oss_gate(x: &[f32], y: &mut [f32], alpha: f32, limit: f32) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        let m = v.min(limit);
+        *o = m * logistic(alpha * m);
+    }
+}
+
+/// `dx += dy σ(αx) (1 + αx (1 − σ(αx)))` where x ≤ limit (PyTorch's clamp passes the gradient at the
+/// bound), else nothing.
+pub fn oss_gate_backward(x: &[f32], dy: &[f32], dx: &mut [f32], alpha: f32, limit: f32) {
+    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+        if v <= limit {
+            let s = logistic(alpha * v);
+            *d += g * s * (1.0 + alpha * v * (1.0 - s));
+        }
+    }
+}
+
 /// `y = c · tanh(x / c)`.
 pub fn softcap(x: &[f32], y: &mut [f32], c: f32) {
     for (o, &v) in y.iter_mut().zip(x) {

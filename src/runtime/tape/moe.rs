@@ -1,5 +1,6 @@
 //! The sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, MiniMax-M2,
-//! ERNIE 4.5, DeepSeek-V2 and V3) as one tape op,
+//! ERNIE 4.5, DeepSeek-V2 and V3, Granite MoE; GPT-OSS's with biases and an activation on the up
+//! projection too) as one tape op,
 //! [`SparseMoe`], written once for every [`Device`] from the device's ops: the rows routed to an expert
 //! are gathered (the embedding lookup, with the input as the table), run through the expert's gated MLP
 //! (linear, activation, multiply, linear), weighted by their routing weights ([`Device::row_scale_forward`])
@@ -278,17 +279,20 @@ fn padded_rows(routing: &Routing, e: usize) -> (Vec<i64>, Vec<f32>) {
     (rows, weights)
 }
 
-/// One expert's gated MLP: `down(act(gate x) ⊙ up x)`.
+/// One expert's gated MLP: `down(act(gate x) ⊙ up x)`, with `bias` the three projections' biases
+/// (GPT-OSS).
 #[derive(Clone, Copy, Debug)]
 pub struct Expert {
     pub gate: ParamId,
     pub up: ParamId,
     pub down: ParamId,
+    pub bias: Option<[ParamId; 3]>,
 }
 
 /// out = Σ over each row's chosen experts of weight · expert(x) (see the module doc). `x` is the MLP's
 /// input `[rows, hidden]`, `logits` the router's output `[rows, experts]`; `inter` is an expert's
-/// intermediate size, `act` its gate activation.
+/// intermediate size, `act` its gate activation, `up_act` one on its up projection (GPT-OSS's
+/// `clamp(up) + 1`).
 #[derive(Clone, Debug)]
 pub struct SparseMoe {
     pub x: BufId,
@@ -298,25 +302,36 @@ pub struct SparseMoe {
     pub normalise: bool,
     pub router: Router,
     pub act: Activation,
+    pub up_act: Option<Activation>,
     pub inter: usize,
     pub out: BufId,
 }
 
 /// An expert's forward on its rows (the forward adds its output and drops it; the backward recomputes
 /// it and reads every buffer): the row ids on the device, the gathered input, gate and up projections,
-/// activation, product and output.
+/// activation, product and output; `up_act`'s output where there is one.
 struct ExpertPass<D: Device> {
     ids: D::Ids,
     bufs: [D::Buf; 6],
+    up_act: Option<D::Buf>,
 }
 
 impl SparseMoe {
     /// Every expert's projections (all read as linear weights).
-    fn params(&self) -> Vec<ParamId> {
+    fn projections(&self) -> Vec<ParamId> {
         self.experts
             .iter()
             .flat_map(|e| [e.gate, e.up, e.down])
             .collect()
+    }
+
+    /// The projections and their biases.
+    fn params(&self) -> Vec<ParamId> {
+        let biases = self
+            .experts
+            .iter()
+            .flat_map(|e| e.bias.into_iter().flatten());
+        self.projections().into_iter().chain(biases).collect()
     }
 
     fn routing<D: Device>(&self, t: &Tape<D>) -> Result<Routing> {
@@ -345,19 +360,30 @@ impl SparseMoe {
         let ids = dev.ids(rows)?;
         let mut xe = pool.alloc(dev, c * h)?;
         dev.embedding_forward(&ids, t.data(self.x), h, 1.0, &mut xe)?;
+        let bias = |k: usize| ex.bias.map(|b| t.p(store, b[k])).transpose();
+        let [bg, bu, bd] = [bias(0)?, bias(1)?, bias(2)?];
         let mut g = pool.alloc(dev, c * i)?;
-        dev.linear_forward(&xe, &t.w(store, ex.gate)?, None, c, h, i, &mut g)?;
+        dev.linear_forward(&xe, &t.w(store, ex.gate)?, bg.as_deref(), c, h, i, &mut g)?;
         let mut u = pool.alloc(dev, c * i)?;
-        dev.linear_forward(&xe, &t.w(store, ex.up)?, None, c, h, i, &mut u)?;
+        dev.linear_forward(&xe, &t.w(store, ex.up)?, bu.as_deref(), c, h, i, &mut u)?;
         let mut a = pool.alloc(dev, c * i)?;
         dev.activation_forward(self.act, &g, &mut a)?;
+        let up_act = match self.up_act {
+            Some(act) => {
+                let mut v = pool.alloc(dev, c * i)?;
+                dev.activation_forward(act, &u, &mut v)?;
+                Some(v)
+            }
+            None => None,
+        };
         let mut m = pool.alloc(dev, c * i)?;
-        dev.mul_forward(&a, &u, &mut m)?;
+        dev.mul_forward(&a, up_act.as_ref().unwrap_or(&u), &mut m)?;
         let mut ye = pool.alloc(dev, c * h)?;
-        dev.linear_forward(&m, &t.w(store, ex.down)?, None, c, i, h, &mut ye)?;
+        dev.linear_forward(&m, &t.w(store, ex.down)?, bd.as_deref(), c, i, h, &mut ye)?;
         Ok(ExpertPass {
             ids,
             bufs: [xe, g, u, a, m, ye],
+            up_act,
         })
     }
 
@@ -380,7 +406,7 @@ impl<D: Device> TapeOp<D> for SparseMoe {
         }
     }
     fn weights(&self) -> Vec<ParamId> {
-        self.params()
+        self.projections()
     }
     fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
         let routing = self.routing(t)?;
@@ -397,7 +423,7 @@ impl<D: Device> TapeOp<D> for SparseMoe {
                 let mut z = pool.alloc(&t.dev, rows.len() * h)?;
                 t.dev.row_scale_forward(&pass.bufs[5], &s, h, &mut z)?;
                 t.dev.embedding_backward(&pass.ids, &z, h, 1.0, None, y)?;
-                for b in pass.bufs.into_iter().chain([s, z]) {
+                for b in pass.bufs.into_iter().chain(pass.up_act).chain([s, z]) {
                     pool.release(&t.dev, b);
                 }
             }
@@ -432,6 +458,8 @@ impl<D: Device> TapeOp<D> for SparseMoe {
                 let ex = self.experts[e];
                 let pass = self.expert_forward(t, store, &mut pool, e, &rows)?;
                 let [xe, g, u, a, m, ye] = &pass.bufs;
+                // The biases' gradients beside their weights'.
+                let mut db = ex.bias.map(|b| b.map(|p| pg.take(p)));
                 let s = Self::weights(dev, &mut pool, &weights)?;
                 // d(weighted output), gathered from the output's gradient.
                 let mut dz = pool.alloc(dev, c * h)?;
@@ -442,25 +470,35 @@ impl<D: Device> TapeOp<D> for SparseMoe {
                 let mut dm = pool.alloc(dev, c * i)?;
                 let mut dw = pg.take(ex.down);
                 let w = t.w(store, ex.down)?;
-                let r = dev.linear_backward(m, &w, &dye, c, i, h, Some(&mut dm), &mut dw, None);
+                let ddb = db.as_mut().map(|d| &mut *d[2]);
+                let r = dev.linear_backward(m, &w, &dye, c, i, h, Some(&mut dm), &mut dw, ddb);
                 pg.put(ex.down, dw);
                 r?;
                 let (mut da, mut du) = (pool.alloc(dev, c * i)?, pool.alloc(dev, c * i)?);
-                dev.mul_backward(a, u, &dm, &mut da, &mut du)?;
+                let up_act = pass.up_act.as_ref();
+                dev.mul_backward(a, up_act.unwrap_or(u), &dm, &mut da, &mut du)?;
+                // Through the up projection's activation: du is then d(its output).
+                if let Some(act) = self.up_act {
+                    let mut d = pool.alloc(dev, c * i)?;
+                    dev.activation_backward(act, u, &du, &mut d)?;
+                    pool.release(dev, std::mem::replace(&mut du, d));
+                }
                 let mut dg = pool.alloc(dev, c * i)?;
                 dev.activation_backward(self.act, g, &da, &mut dg)?;
                 let mut dxe = pool.alloc(dev, c * h)?;
-                for (p, d) in [(ex.gate, &dg), (ex.up, &du)] {
+                for (k, p, d) in [(0, ex.gate, &dg), (1, ex.up, &du)] {
                     let mut dw = pg.take(p);
                     let w = t.w(store, p)?;
-                    let r = dev.linear_backward(xe, &w, d, c, h, i, Some(&mut dxe), &mut dw, None);
+                    let ddb = db.as_mut().map(|d| &mut *d[k]);
+                    let r = dev.linear_backward(xe, &w, d, c, h, i, Some(&mut dxe), &mut dw, ddb);
                     pg.put(p, dw);
                     r?;
                 }
+                if let (Some(b), Some(db)) = (ex.bias, db) {
+                    b.into_iter().zip(db).for_each(|(p, d)| pg.put(p, d));
+                }
                 dev.embedding_backward(&pass.ids, &dxe, h, 1.0, None, dx)?;
-                for b in pass
-                    .bufs
-                    .into_iter()
+                for b in (pass.bufs.into_iter().chain(pass.up_act))
                     .chain([s, dz, dye, dm, da, du, dg, dxe])
                 {
                     pool.release(dev, b);

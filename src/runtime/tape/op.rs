@@ -433,6 +433,8 @@ impl<D: Device> TapeOp<D> for Activate {
                 Activation::Relu => "relu",
                 Activation::Relu2 => "relu2",
                 Activation::Clamp(_) => "clamp",
+                Activation::ClampPlusOne(_) => "clamp_plus_one",
+                Activation::OssGate { .. } => "oss_gate",
             },
             inputs: vec![self.x],
             outputs: vec![self.out],

@@ -460,10 +460,14 @@ signatures! {
     /// silu_backward, sigmoid_backward, relu_backward, relu2_backward, gelu_tanh_backward,
     /// gelu_backward, mul_forward, add_forward
     Binary(a: In<f32>, b: In<f32>, y: Out<f32>, n: u64);
-    /// softcap_forward, scale_forward, clamp_forward
+    /// softcap_forward, scale_forward, clamp_forward, clamp_plus_one_forward
     SoftcapForward(x: In<f32>, y: Out<f32>, n: u64, c: f32);
     /// softcap_backward, scale_backward, clamp_backward
     SoftcapBackward(x: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, c: f32);
+    /// oss_gate_forward
+    OssGateForward(x: In<f32>, y: Out<f32>, n: u64, alpha: f32, limit: f32);
+    /// oss_gate_backward
+    OssGateBackward(x: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, alpha: f32, limit: f32);
     /// column_blocks_forward (x → y), column_blocks_backward (dy → dx, accumulated)
     ColumnBlocks(x: In<f32>, y: Out<f32>, rows: u64, width: i32, block: i32, stride: i32, offset: i32);
     /// mul_backward
@@ -613,6 +617,9 @@ kernel_table! {
             scale_backward: SoftcapBackward,
             clamp_forward: SoftcapForward,
             clamp_backward: SoftcapBackward,
+            clamp_plus_one_forward: SoftcapForward,
+            oss_gate_forward: OssGateForward,
+            oss_gate_backward: OssGateBackward,
             mul_forward: Binary,
             mul_backward: MulBackward,
             add_forward: Binary,
