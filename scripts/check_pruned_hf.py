@@ -114,6 +114,9 @@ CASES = {
                           "--features", "rows", "--allocation", "adaptive"],
     "granitemoe_swa_sinks": ONE_BY_GRADNORM,
     # Layer 0 out (windowed): the kept layers' kinds, full then windowed, written out.
+    "hunyuan_dense_ntk_alpha": ONE_BY_GRADNORM,
+    # FP8 blocks kept as stored (e4m3 + scales), quantization_config kept.
+    "qwen3_fp8_blocks": ONE_BY_GRADNORM,
     "gpt_oss_sinks": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss",
                       "--features", "rows", "--allocation", "adaptive"],
     "opt_hub_layout": TWO_BY_GRADNORM,
@@ -160,8 +163,11 @@ def load_f64(path):
     if not vision_language and c.get("architectures") == ["Mistral4ForCausalLM"]:
         cls = transformers.Mistral4ForCausalLM
     # Eager experts for a mixture of experts: the default grouped_mm refuses float64.
+    # FP8 checkpoints: dequantised straight into float64 (q × scale in f32, as the engine reads them);
+    # on a machine without a GPU transformers' default would round them to bf16.
+    kw = dict(dtype=torch.float64) if c.get("quantization_config") else {}
     m, info = cls.from_pretrained(path, attn_implementation="eager", experts_implementation="eager",
-                                  output_loading_info=True)
+                                  output_loading_info=True, **kw)
     bad = {k: v for k, v in info.items() if v}
     assert not bad, f"{path}: {bad}"
     return m.double().eval()

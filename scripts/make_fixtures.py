@@ -212,6 +212,25 @@ FIXTURES = [
                   num_local_experts=4, num_experts_per_tok=2, sliding_window=5, swiglu_limit=1.5,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
          drop_layer_types=True, drop_keys=["rope_parameters"], full_attention_loss=True, seed=74),
+    # Qwen3 with block-scaled FP8 projections (transformers' fine-grained FP8, DeepSeek-V3's and Qwen3-FP8's
+    # format): every q/k/v/o and gate/up/down weight e4m3 with a `_scale_inv` per block of 16 × 16 (f32),
+    # quantization_config quant_method fp8; the rest bf16, tied.
+    dict(name="qwen3_fp8_blocks", model_type="qwen3", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         fp8_block=(16, 16), seed=75),
+    # HunYuan dense (hunyuan_v1_dense: Hunyuan 0.5B–7B): LLaMA with per-head q/k RMSNorms on the rotated
+    # q and k (self_attn.query_layernorm / key_layernorm), NTK-alpha rope ("dynamic" with alpha 50: a
+    # fixed θ × 50^(d/(d−2))), q/k/v/o biases, pad 0 (the class default), untied.
+    dict(name="hunyuan_dense_ntk_alpha", model_type="hunyuan_v1_dense", dtype=torch.float32,
+         token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-5,
+                  attention_bias=True,
+                  rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=50.0, factor=1.0)),
+         seed=76),
     # OLMo 3: OLMo 2's post-norms and whole-projection q/k norms, a window of 5 on every layer but each
     # 4th (layer_types dropped from config.json: OlmoConfig's pattern, layers 0-2 sliding, 3 full); YaRN
     # (×4 from 64 tokens, head_dim 16, θ 5·10⁵: the ramp between frequency indices 0 and 2, cos/sin ×
@@ -1181,6 +1200,49 @@ def hidden_states(model, ids):
     return hs
 
 
+def fp8_quantize(model, block):
+    """Transformers' fine-grained FP8 (DeepSeek-V3's format) on every decoder projection: per block of
+    block[0] × block[1] values, scale = absmax / 448, q = e4m3(w / scale); the model's weight becomes
+    q × scale (in f32, as transformers dequantises), so the reference runs on what the checkpoint
+    holds. Returns {name: (q, scale)}."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." not in name or not name.endswith("proj.weight") or p.dim() != 2:
+                continue
+            rows, cols = p.shape
+            br, bc = block
+            assert rows % br == 0 and cols % bc == 0, (name, p.shape, block)
+            w = p.detach().float().reshape(rows // br, br, cols // bc, bc)
+            scale = (w.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+            q = (w / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+            deq = (q.float() * scale[:, None, :, None]).reshape(rows, cols)
+            p.copy_(deq.to(p.dtype))
+            assert torch.equal(p.float(), deq), name
+            out[name] = (q.reshape(rows, cols).contiguous(), scale.contiguous())
+    return out
+
+
+def write_fp8(d, quantized, block):
+    """Replace the checkpoint's projections by their FP8 values and `_scale_inv` block scales (f32), and
+    state the quantization in config.json (quant_method fp8, e4m3, the block)."""
+    from safetensors.torch import load_file
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    for name, (q, scale) in quantized.items():
+        assert name in tensors, name
+        tensors[name] = q
+        tensors[name + "_scale_inv"] = scale
+    save_file(tensors, path, metadata={"format": "pt"})
+    cfg_path = os.path.join(d, "config.json")
+    with open(cfg_path) as f:
+        c = json.load(f)
+    c["quantization_config"] = dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                                    weight_block_size=list(block))
+    with open(cfg_path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
 def loss_without_layer(model, ids, skip):
     """The loss with decoder layer `skip` removed; every other layer keeps its attention kind and rotary
     θ (Gemma 3 picks a layer's mask and rotary embedding by its position in config.layer_types, Granite
@@ -1208,6 +1270,7 @@ def build(spec, out_root):
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     model = make_model(spec)
+    fp8 = fp8_quantize(model, spec["fp8_block"]) if spec.get("fp8_block") else None
     tied = lm_head(model).weight.data_ptr() == embedding(model).weight.data_ptr()
     kw = dict(safe_serialization=True)
     if "shard" in spec:
@@ -1247,6 +1310,8 @@ def build(spec, out_root):
     if spec.get("torch_save"):
         rotary = model.model.rotary_emb.inv_freq if spec.get("inv_freq") else None
         to_torch_save(d, tied, rotary)
+    if fp8 is not None:
+        write_fp8(d, fp8, spec["fp8_block"])
 
     rng = np.random.default_rng(spec["seed"])
     # Vision-language fixtures keep their image tokens out of the text.

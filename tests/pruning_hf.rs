@@ -403,6 +403,19 @@ fn granite_swa_sinks_match_transformers() {
     check_case("granitemoe_swa_sinks");
 }
 
+/// HunYuan dense: q/k norms after the rotary embedding (under their own names), NTK-alpha rope.
+#[test]
+fn hunyuan_dense_matches_transformers() {
+    check_case("hunyuan_dense_ntk_alpha");
+}
+
+/// Block-scaled FP8 (Qwen3 with e4m3 projections and `_scale_inv` blocks): the pruned checkpoint keeps
+/// them and the quantization_config as stored; transformers dequantises it into f64 as the engine reads it.
+#[test]
+fn qwen3_fp8_blocks_match_transformers() {
+    check_case("qwen3_fp8_blocks");
+}
+
 /// GPT-OSS: attention sinks, the fused experts stored inputs first with biases kept as stored, the
 /// router's bias; layer 0 (windowed) removed, the kept layers' kinds written out.
 #[test]

@@ -451,6 +451,12 @@ fn describe_model(dir: &std::path::Path, a: &InfoArgs) -> Result<()> {
         format!("{lo}–{hi}")
     };
     println!("parameters: {total} ({each} per decoder layer, {other} outside them)");
+    if let Some([r, c]) = c.fp8_block {
+        println!(
+            "weights: FP8 (e4m3) matrices with a scale per block of {r} × {c} (read as value × scale \
+             in f32; a pruned checkpoint keeps them as stored)"
+        );
+    }
     println!("block: {}", describe_block(c));
     println!("attention: {}", describe_attention(c));
     if let Some(wrapper) = &c.multimodal {

@@ -260,6 +260,30 @@ pub fn pruned_config(
         obj.insert("moe_layer_end_index".into(), end.into());
         obj.insert("moe_layer_interval".into(), 1.into());
     }
+    // FP8 checkpoints may name modules left unquantized by layer (`model.layers.3.mlp.gate`): renumber
+    // the kept layers' and drop the removed ones'.
+    if let Some(list) = obj
+        .get_mut("quantization_config")
+        .and_then(|q| q.get_mut("modules_to_not_convert"))
+        .and_then(|m| m.as_array_mut())
+    {
+        let layer = regex::Regex::new(r"(^|\.)layers\.(\d+)(\.|$)").expect("a valid pattern");
+        list.retain_mut(|m| {
+            let Some(name) = m.as_str() else { return true };
+            let Some(c) = layer.captures(name) else {
+                return true;
+            };
+            let old: usize = c[2].parse().unwrap_or(usize::MAX);
+            match kept.iter().position(|&k| k == old) {
+                Some(new) => {
+                    let at = c.get(2).expect("the layer index");
+                    *m = format!("{}{new}{}", &name[..at.start()], &name[at.end()..]).into();
+                    true
+                }
+                None => false,
+            }
+        });
+    }
     obj.insert(count_key.into(), kept.len().into());
     Ok(c)
 }
@@ -610,6 +634,27 @@ mod tests {
         );
         assert_eq!(p["vision_config"], flat["vision_config"]);
         assert!(p.get("text_config").is_none());
+    }
+
+    #[test]
+    fn fp8_modules_left_unquantized_follow_their_layers() {
+        let c = serde_json::json!({"model_type": "qwen3", "num_hidden_layers": 4,
+            "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate",
+            "model.layers.2.mlp.gate", "model.layers.3.self_attn", "layers.10.x"]}});
+        let p = pruned_config(&c, &[0, 3], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["quantization_config"]["modules_to_not_convert"],
+            serde_json::json!([
+                "lm_head",
+                "model.layers.0.mlp.gate",
+                "model.layers.1.self_attn"
+            ])
+        );
+        assert_eq!(
+            p["quantization_config"]["weight_block_size"],
+            serde_json::json!([128, 128])
+        );
     }
 
     #[test]

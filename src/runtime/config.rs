@@ -480,6 +480,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// The RMSNorm of q and k, if any.
     pub qk_norm: QkNorm,
+    /// The q/k norms run on the rotated q and k (HunYuan), not before the rotary embedding.
+    pub qk_norm_after_rope: bool,
     /// gate/up/down carry a bias (llama with `mlp_bias`).
     pub mlp_bias: bool,
     /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` (phi3); the runtime reads its rows as
@@ -540,6 +542,10 @@ pub struct ModelConfig {
     /// A learned logit per head (`self_attn.sinks`, `[heads]`) in each query row's softmax, with no
     /// value (Granite SWA; GPT-OSS's).
     pub attention_sinks: bool,
+    /// Block-scaled FP8 weights (`quantization_config`, quant_method `fp8`: DeepSeek-V3, Kimi K2,
+    /// MiniMax-M2, Qwen3's FP8 releases): the `weight_block_size` [rows, columns] of one scale. Each
+    /// e4m3 weight `W` with a `W_scale_inv` reads as its values × their block's scale.
+    pub fp8_block: Option<[usize; 2]>,
     /// ALiBi's position biases in place of a rotary embedding (Falcon-RW's `alibi`, BLOOM's).
     pub alibi: Option<Alibi>,
     /// A LayerNorm (with a bias) on the embeddings before the first layer (BLOOM's
@@ -836,17 +842,7 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
-        // FP8 (DeepSeek-V3's, Kimi K2's), GPTQ, AWQ, bitsandbytes: weights the runtime cannot read.
-        if let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) {
-            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
-            return Err(model_err(
-                path,
-                format!(
-                    "the checkpoint is quantized (quantization_config, quant_method '{method}'); \
-                     the runtime reads f32, f16 and bf16 weights: dequantize it to bf16 first"
-                ),
-            ));
-        }
+        let fp8_block = parse_quantization(v, path)?;
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
              starcoder2, gpt_neox, phi, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2, opt, smollm3, \
@@ -854,7 +850,7 @@ impl ModelConfig {
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
-             granitemoeshared, granite_swa, granitemoe_swa, gpt_oss";
+             granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -1103,7 +1099,9 @@ impl ModelConfig {
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
-            | "granite_swa" | "granitemoe_swa" | "gpt_oss" => (attention_bias, attention_bias),
+            | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense" => {
+                (attention_bias, attention_bias)
+            }
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1125,10 +1123,11 @@ impl ModelConfig {
             }
             false => (rope_theta, sliding_rope, None),
         };
+        let qk_norm_after_rope = model_type == "hunyuan_v1_dense";
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
-            "exaone4" => QkNorm::PerHead,
+            "exaone4" | "hunyuan_v1_dense" => QkNorm::PerHead,
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
             "glm4_moe" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::PerHead,
             // CohereConfig's `use_qk_norm` (Command R+): LayerNorms of `[heads, head_dim]`.
@@ -1279,6 +1278,7 @@ impl ModelConfig {
                         | "cwm"
                         | "granite_swa"
                         | "gpt_oss"
+                        | "hunyuan_v1_dense"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1375,6 +1375,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             qk_norm,
+            qk_norm_after_rope,
             sliding_window,
             sliding_layers,
             multimodal: None,
@@ -1386,6 +1387,7 @@ impl ModelConfig {
             embed_norm: bloom,
             clip_qkv: clip_qkv.map(|c| c as f32),
             attention_sinks: granite_swa || gpt_oss,
+            fp8_block,
             rope_pairs: match interleaved {
                 true => RopePairs::Interleaved,
                 false => RopePairs::Halves,
@@ -2648,6 +2650,39 @@ pub fn pattern_layer_kinds(
     Ok(Some((0..layers).map(|l| (l + 1) % pattern != 0).collect()))
 }
 
+/// The checkpoint's `quantization_config`: none, or transformers' fine-grained FP8 (`quant_method`
+/// `fp8`, `fmt` e4m3, a `weight_block_size` of two sizes: the block of one scale). Other methods
+/// (GPTQ, AWQ, bitsandbytes, MXFP4, compressed-tensors) are refused.
+fn parse_quantization(v: &Value, path: &Path) -> Result<Option<[usize; 2]>> {
+    let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else {
+        return Ok(None);
+    };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+    let fmt = q.get("fmt").and_then(Value::as_str).unwrap_or("e4m3");
+    if method != "fp8" || fmt != "e4m3" {
+        return Err(model_err(
+            path,
+            format!(
+                "the checkpoint is quantized (quantization_config, quant_method '{method}'); the \
+                 runtime reads f32, f16 and bf16 weights, and block-scaled FP8 (quant_method 'fp8', \
+                 fmt 'e4m3'): dequantize it to bf16 first"
+            ),
+        ));
+    }
+    let block: Option<[usize; 2]> = q
+        .get("weight_block_size")
+        .and_then(|b| serde_json::from_value(b.clone()).ok())
+        .filter(|b: &[usize; 2]| b[0] > 0 && b[1] > 0);
+    match block {
+        Some(b) => Ok(Some(b)),
+        None => Err(model_err(
+            path,
+            "quantization_config (fp8): 'weight_block_size' is not two positive sizes (per-tensor \
+             FP8 scales are not supported)",
+        )),
+    }
+}
+
 /// A layer kind's rotary embedding: (θ, scaling).
 type KindRope = (f64, RopeScaling);
 
@@ -2850,6 +2885,26 @@ fn parse_rope(
                  must be a positive even number)"
             ),
         ));
+    }
+    // HunYuan's "dynamic" with an `alpha` is NTK-alpha: a fixed θ × alpha^(d / (d − 2)) whatever the
+    // sequence length (HunYuanDenseV1RotaryEmbedding's `ntk_alpha`).
+    if model_type == "hunyuan_v1_dense" {
+        let kind = scaling
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(Value::as_str);
+        let alpha = match scaling.filter(|_| kind == Some("dynamic")) {
+            Some(s) => opt_f64(s, "alpha", path)?,
+            None => None,
+        };
+        if let Some(alpha) = alpha {
+            let alpha = positive(alpha, "alpha", path)?;
+            let d = rotary_dim as f64;
+            return Ok((
+                rope_theta * alpha.powf(d / (d - 2.0)),
+                RopeScaling::Default,
+                rotary_dim,
+            ));
+        }
     }
     let rope_scaling = parse_rope_scaling(scaling, v, model_type, rotary_dim, path)?;
     Ok((rope_theta, rope_scaling, rotary_dim))
@@ -3239,7 +3294,13 @@ fn parse_pad_token_id(
         None if model_type.starts_with("cohere") || model_type == "exaone" => 0,
         None if model_type == "internlm3" => 2,
         // InternLM2Config (remote code) defaults it to 0; its embedding takes it as padding_idx.
-        None if matches!(model_type, "ernie4_5" | "ernie4_5_moe" | "internlm2") => 0,
+        None if matches!(
+            model_type,
+            "ernie4_5" | "ernie4_5_moe" | "internlm2" | "hunyuan_v1_dense"
+        ) =>
+        {
+            0
+        }
         None if model_type == "helium" => 3,
         None if model_type == "seed_oss" => 1,
         None if matches!(model_type, "ministral3" | "mistral4") => 11,
@@ -4059,11 +4120,18 @@ mod tests {
             let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
             assert!(e.contains(what), "{what}: {e}");
         };
+        // DeepSeek-V3's hub FP8: read (its blocks of 128 × 128); per-tensor scales refused.
+        let mut fp8 = hub.clone();
+        fp8["quantization_config"] = serde_json::json!({"activation_scheme": "dynamic",
+            "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]});
+        let c = ModelConfig::from_json(&fp8, p).unwrap();
+        assert_eq!(c.fp8_block, Some([128, 128]));
         refused(
-            &|v| {
-                v["quantization_config"] = serde_json::json!({"quant_method": "fp8",
-                    "fmt": "e4m3", "weight_block_size": [128, 128]})
-            },
+            &|v| v["quantization_config"] = serde_json::json!({"quant_method": "fp8"}),
+            "per-tensor FP8 scales are not supported",
+        );
+        refused(
+            &|v| v["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}),
             "quant_method 'fp8'",
         );
         refused(&|v| v["scoring_func"] = "softmax".into(), "scoring_func");
@@ -4726,6 +4794,41 @@ mod tests {
         v["swiglu_limit"] = (-1.0).into();
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("'swiglu_limit' is -1"), "{e}");
+    }
+
+    /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,
+    /// NTK-alpha rope (θ 10⁴ × 1000^(128/126), no scaling left), GQA; a "dynamic" rope without `alpha`
+    /// stays dynamic NTK.
+    #[test]
+    fn hunyuan_dense_hub_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"architectures": ["HunYuanDenseV1ForCausalLM"],
+            "attention_bias": false, "attention_head_dim": 128, "bos_token_id": 1,
+            "cla_share_factor": 2, "eod_token_id": 127967, "eos_token_id": 127960, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "mlp_bias": false, "model_type": "hunyuan_v1_dense",
+            "norm_type": "rms", "num_attention_heads": 32, "num_hidden_layers": 32,
+            "num_key_value_heads": 8, "pad_token_id": 127961, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"alpha": 1000.0, "beta_fast": 32, "beta_slow": 1, "factor": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "type": "dynamic"}, "rope_theta": 10000.0,
+            "tie_word_embeddings": true, "use_cla": false, "use_qk_norm": true,
+            "use_rotary_pos_emb": true, "vocab_size": 128167});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!((c.qk_norm, c.qk_norm_after_rope), (QkNorm::PerHead, true));
+        assert_eq!(c.rope_scaling, RopeScaling::Default);
+        assert!((c.rope_theta / (1e4 * 1000f64.powf(128.0 / 126.0)) - 1.0).abs() < 1e-12);
+        assert_eq!(
+            (c.head_dim, c.pad_token_id, c.rms_norm_eps),
+            (128, Some(127961), 1e-5)
+        );
+        assert!(!c.qkv_bias && !c.mlp_bias && c.tie_word_embeddings);
+        v["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 2.0});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Dynamic { factor: 2.0, .. }
+        ));
+        assert_eq!(c.rope_theta, 1e4);
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

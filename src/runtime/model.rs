@@ -474,6 +474,16 @@ impl Model {
                 weights.rename(&format!("{layer}.{stored}"), &format!("{layer}.{name}"));
             }
         }
+        // Block-scaled FP8: every e4m3 matrix reads as its values × its blocks' scales.
+        if let Some(block) = config.fp8_block {
+            let fp8: Vec<String> = (weights.names())
+                .filter(|n| weights.dtype(n) == Some(safetensors::Dtype::F8_E4M3))
+                .map(str::to_string)
+                .collect();
+            for name in fp8 {
+                weights.block_scaled(&name, &format!("{name}_scale_inv"), block)?;
+            }
+        }
         // A vision-language wrapper's lm_head is tied as the checkpoint shows: transformers 5 ties by the
         // wrapper's `tie_word_embeddings` (often absent, then true: Mistral3ForConditionalGeneration
         // saves no lm_head though its text_config says false) unless the file holds an lm_head that
@@ -898,6 +908,11 @@ impl Model {
             .weights
             .names()
             .filter(|n| !read.contains(*n) && self.names.is_decoder(n))
+            // An FP8 weight's block scales are read with it.
+            .filter(|n| {
+                !n.strip_suffix("_scale_inv")
+                    .is_some_and(|w| read.contains(w))
+            })
             .filter(|n| !crate::pruning::checkpoint::is_buffer(n))
             .filter(|n| !(self.config.tie_word_embeddings && *n == self.names.lm_head))
             .map(str::to_string)
@@ -1491,7 +1506,7 @@ impl Model {
                 let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);
                 let v = linear(tape, a, vn, h, kvd, c.qkv_bias);
                 // No family's q/k norms have a bias (Cohere's and StableLM's LayerNorms included).
-                if let Some([q_rows, k_rows]) = c.qk_norm_rows() {
+                if let Some([q_rows, k_rows]) = c.qk_norm_rows().filter(|_| !c.qk_norm_after_rope) {
                     q = norm_rows(tape, q, QK_NORMS[0], qd, grouped_shape(q_rows), false);
                     k = norm_rows(tape, k, QK_NORMS[1], kvd, grouped_shape(k_rows), false);
                 }
@@ -1514,13 +1529,18 @@ impl Model {
             }
         };
         // The rotary embedding of q and k (MLA's are rotated).
-        let (qr, kr) = match c.mla {
+        let (mut qr, mut kr) = match c.mla {
             Some(_) => (q, k),
             None => (
                 rotate(tape, q, shape.heads, "q_rope", qd),
                 rotate(tape, k, shape.kv_heads, "k_rope", kvd),
             ),
         };
+        // HunYuan normalises the rotated q and k.
+        if let Some([q_rows, k_rows]) = c.qk_norm_rows().filter(|_| c.qk_norm_after_rope) {
+            qr = norm_rows(tape, qr, QK_NORMS[0], qd, grouped_shape(q_rows), false);
+            kr = norm_rows(tape, kr, QK_NORMS[1], kvd, grouped_shape(k_rows), false);
+        }
         let att = tape.buffer(format!("{pre}.attn"), n, qd);
         let lse = tape.buffer(
             format!("{pre}.attn_lse"),
@@ -1761,6 +1781,13 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
                 "shared_mlp.output_linear.weight",
                 "shared_mlp.down_proj.weight",
             ),
+        ],
+        "hunyuan_v1_dense" => &[
+            (
+                "self_attn.query_layernorm.weight",
+                "self_attn.q_norm.weight",
+            ),
+            ("self_attn.key_layernorm.weight", "self_attn.k_norm.weight"),
         ],
         "gpt_oss" => &[
             ("mlp.router.weight", "mlp.gate.weight"),

@@ -236,6 +236,9 @@ enum View {
     /// Tensors of one shape stacked ([`Weights::stack`]): `shape` is `[parts, their shape…]`, the
     /// location fields the first part's.
     Stack(Vec<String>),
+    /// FP8 e4m3 values, each × the scale of its block ([`Weights::block_scaled`]): the scales' tensor
+    /// and the block's rows and columns.
+    BlockScaled { scale: String, block: [usize; 2] },
 }
 
 /// Columns `first`, `first + step`, … of a matrix of `stored_cols` columns.
@@ -244,6 +247,17 @@ struct Columns {
     stored_cols: usize,
     first: usize,
     step: usize,
+}
+
+/// An FP8 e4m3 value (`float8_e4m3fn`: bias 7, no infinities, S.1111.111 NaN), exactly, as f32.
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (exp, man) = (((b >> 3) & 0xF) as i32, (b & 7) as f32);
+    sign * match (exp, man) {
+        (15, 7.0) => f32::NAN,
+        (0, _) => man / 8.0 * (-6f32).exp2(),
+        _ => (1.0 + man / 8.0) * ((exp - 7) as f32).exp2(),
+    }
 }
 
 pub struct Weights {
@@ -465,6 +479,48 @@ impl Weights {
         Ok(())
     }
 
+    /// Read the stored FP8 (e4m3) matrix `weight` `[rows, cols]` as its values × the scale of their
+    /// block: `scale` `[⌈rows / block[0]⌉, ⌈cols / block[1]⌉]` (transformers' fine-grained FP8,
+    /// DeepSeek-V3's `weight_scale_inv`: despite the name, a factor). Converted when read; never read
+    /// as bf16 bits.
+    pub fn block_scaled(&mut self, weight: &str, scale: &str, block: [usize; 2]) -> Result<()> {
+        let (Some(w), Some(s)) = (self.tensors.get(weight), self.tensors.get(scale)) else {
+            return Err(Error::Model(format!(
+                "FP8 tensor '{weight}' has no block scales '{scale}'"
+            )));
+        };
+        let path = &self.files[w.file].0;
+        let [rows, cols] = match w.shape[..] {
+            [r, c] if w.dtype == Dtype::F8_E4M3 && matches!(w.view, View::Stored) => [r, c],
+            _ => {
+                return Err(Error::layer(
+                    path,
+                    weight,
+                    format!(
+                        "{:?} {:?} is not an FP8 (e4m3) matrix as stored",
+                        w.dtype, w.shape
+                    ),
+                ))
+            }
+        };
+        let want = [rows.div_ceil(block[0]), cols.div_ceil(block[1])];
+        if s.shape != want || !matches!(s.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(Error::layer(
+                path,
+                scale,
+                format!(
+                    "{:?} {:?}: the scales of {rows} × {cols} in blocks of {} × {} are {want:?} \
+                     floats",
+                    s.dtype, s.shape, block[0], block[1]
+                ),
+            ));
+        }
+        let scale = scale.to_string();
+        self.tensors.get_mut(weight).expect("checked above").view =
+            View::BlockScaled { scale, block };
+        Ok(())
+    }
+
     /// Name the stored tensors `parts` (all of one shape and dtype), stacked in order, as `name`:
     /// `[parts, their shape…]`, copied out when read. For StableLM 2 12B's per-head q/k LayerNorms, one
     /// module (and weight) per head, which the runtime reads as one norm with a weight row per head.
@@ -562,6 +618,17 @@ impl Weights {
     /// an error naming the tensor for a dtype the runtime does not read.
     fn decoder(&self, name: &str, loc: &TensorLoc) -> Result<(usize, Decode)> {
         let f: Decode = match loc.dtype {
+            Dtype::F8_E4M3 if matches!(loc.view, View::BlockScaled { .. }) => |c| e4m3_to_f32(c[0]),
+            Dtype::F8_E4M3 => {
+                return Err(Error::layer(
+                    &self.files[loc.file].0,
+                    name,
+                    format!(
+                        "dtype F8_E4M3 without block scales ('{name}_scale_inv' and a \
+                         quantization_config with quant_method 'fp8' and a weight_block_size)"
+                    ),
+                ))
+            }
             Dtype::F32 => |c| f32::from_le_bytes(c.try_into().expect("4-byte chunk")),
             Dtype::BF16 => |c| bf16::from_le_bytes([c[0], c[1]]).to_f32(),
             Dtype::F16 => |c| f16::from_le_bytes([c[0], c[1]]).to_f32(),
@@ -603,6 +670,11 @@ impl Weights {
                 }
                 return Ok(Cow::Owned(out));
             }
+            View::BlockScaled { scale, block } => {
+                return self
+                    .block_scaled_f32(name, loc, scale, *block)
+                    .map(Cow::Owned)
+            }
         };
         let bytes = self.stored_bytes(name, loc)?;
         if let Some(cols) = cols {
@@ -623,6 +695,38 @@ impl Weights {
                     .for_each(|(o, c)| *o = value(c))
             });
         Ok(Cow::Owned(out))
+    }
+
+    /// An FP8 matrix × its block scales, as f32 (each product rounded once, as transformers'
+    /// dequantisation in f32).
+    fn block_scaled_f32(
+        &self,
+        name: &str,
+        loc: &TensorLoc,
+        scale: &str,
+        block: [usize; 2],
+    ) -> Result<Vec<f32>> {
+        let bytes = self.stored_bytes(name, loc)?;
+        let cols = loc.shape[1];
+        let scales = self.get_f32(scale)?;
+        let per_row = cols.div_ceil(block[1]);
+        if bytes.len() != loc.shape[0] * cols {
+            return Err(Error::layer(
+                &self.files[loc.file].0,
+                name,
+                "data offsets do not match the shape and dtype",
+            ));
+        }
+        let mut out = vec![0f32; bytes.len()];
+        (out.par_chunks_mut(cols).zip(bytes.par_chunks(cols)))
+            .enumerate()
+            .for_each(|(r, (o, b))| {
+                let s = &scales[(r / block[0]) * per_row..][..per_row];
+                for (c, (o, &b)) in o.iter_mut().zip(b).enumerate() {
+                    *o = e4m3_to_f32(b) * s[c / block[1]];
+                }
+            });
+        Ok(out)
     }
 
     /// A transposed column block as f32 (`[cols, rows]` from the stored `[rows, stored_cols]`).
@@ -696,6 +800,26 @@ mod tests {
 
     /// A bf16 checkpoint's tensors come back as their stored bits, the same values `param` converts to
     /// f32; an f32 checkpoint has no bf16 bits to give.
+    #[test]
+    fn e4m3_values_are_float8_e4m3fn() {
+        // 1, −2, the largest (448), the smallest subnormal (2⁻⁹) and normal (2⁻⁶), 0, −0, NaN.
+        for (b, want) in [
+            (0x38, 1.0),
+            (0xC0, -2.0),
+            (0x7E, 448.0),
+            (0x01, 2f32.powi(-9)),
+            (0x08, 2f32.powi(-6)),
+            (0x00, 0.0),
+        ] {
+            assert_eq!(e4m3_to_f32(b), want, "{b:#x}");
+        }
+        assert!(e4m3_to_f32(0x80) == 0.0 && e4m3_to_f32(0x80).is_sign_negative());
+        assert!(e4m3_to_f32(0x7F).is_nan() && e4m3_to_f32(0xFF).is_nan());
+        // Monotone over the positive codes: each a distinct, larger value.
+        let pos: Vec<f32> = (0..0x7F).map(e4m3_to_f32).collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]));
+    }
+
     #[test]
     fn bf16_bits_are_read_as_stored() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 78] = [
+pub const DECODER_FIXTURES: [&str; 80] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -66,6 +66,8 @@ pub const DECODER_FIXTURES: [&str; 78] = [
     "granite_swa_sinks",
     "granitemoe_swa_sinks",
     "gpt_oss_sinks",
+    "qwen3_fp8_blocks",
+    "hunyuan_dense_ntk_alpha",
     "dots1_window",
     "deepseek_v3_mla",
     "deepseek_v3_q_proj",
