@@ -231,6 +231,15 @@ FIXTURES = [
                   attention_bias=True,
                   rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=50.0, factor=1.0)),
          seed=76),
+    # VaultGemma: Gemma 2's attention (soft-capped scores and logits, query_pre_attn_scalar 16, a window
+    # of 5 on the even layers: layer_types dropped, the class's pattern) in LLaMA's pre-norm block, the
+    # MLP's norm named pre_feedforward_layernorm; GeGLU, gains 1 + w, tied, bf16.
+    dict(name="vaultgemma_pre_norms", model_type="vaultgemma", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-6, sliding_window=5,
+                  query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_layer_types=True, full_attention_loss=True, seed=77),
     # OLMo 3: OLMo 2's post-norms and whole-projection q/k norms, a window of 5 on every layer but each
     # 4th (layer_types dropped from config.json: OlmoConfig's pattern, layers 0-2 sliding, 3 full); YaRN
     # (×4 from 64 tokens, head_dim 16, θ 5·10⁵: the ramp between frequency indices 0 and 2, cos/sin ×
@@ -1121,7 +1130,7 @@ def full_attention_loss(spec, model, ids):
     if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
     if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
-                               "gpt_oss"):
+                               "gpt_oss", "vaultgemma"):
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -1132,7 +1141,7 @@ def full_attention_loss(spec, model, ids):
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
     if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
-                               "gpt_oss"):
+                               "gpt_oss", "vaultgemma"):
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None

@@ -403,6 +403,12 @@ fn granite_swa_sinks_match_transformers() {
     check_case("granitemoe_swa_sinks");
 }
 
+/// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
+#[test]
+fn vaultgemma_matches_transformers() {
+    check_case("vaultgemma_pre_norms");
+}
+
 /// HunYuan dense: q/k norms after the rotary embedding (under their own names), NTK-alpha rope.
 #[test]
 fn hunyuan_dense_matches_transformers() {

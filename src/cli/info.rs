@@ -231,7 +231,9 @@ fn describe_block(c: &ModelConfig) -> String {
                 if c.norm_offset != 0.0 { " (gain 1 + w)" } else { "" }
             );
             // Granite's multipliers (Gemma's √hidden is implied by its type).
-            if c.embed_scale != 1.0 && !c.model_type.starts_with("gemma") {
+            if c.embed_scale != 1.0
+                && !(c.model_type.starts_with("gemma") || c.model_type == "vaultgemma")
+            {
                 s += &format!("; embeddings × {}", c.embed_scale);
             }
             if let Some(r) = c.residual_scale {

@@ -842,6 +842,17 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| model_err(path, "field 'model_type' is missing"))?
             .to_string();
+        // VaultGemma is Gemma 2 (its fields and class defaults) with LLaMA's pre-norm block: no norms after
+        // the attention and the MLP, the MLP's input norm `pre_feedforward_layernorm` (read as LLaMA's
+        // second norm: `model::renamed_tensors`).
+        if model_type == "vaultgemma" {
+            let mut gemma2 = v.clone();
+            gemma2["model_type"] = "gemma2".into();
+            let mut c = Self::from_json(&gemma2, path)?;
+            c.model_type = model_type;
+            c.block_norms = BlockNorms::Pre;
+            return Ok(c);
+        }
         let fp8_block = parse_quantization(v, path)?;
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
@@ -850,7 +861,7 @@ impl ModelConfig {
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
-             granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense";
+             granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, vaultgemma";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -2615,7 +2626,7 @@ pub fn pattern_layer_kinds(
 ) -> Result<Option<Vec<bool>>> {
     let pattern = match model_type {
         // GptOssConfig: the even layers windowed.
-        "gemma2" | "gpt_oss" => 2,
+        "gemma2" | "gpt_oss" | "vaultgemma" => 2,
         "gemma3_text" => opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(6),
         "olmo3" => 4,
         // Cohere2Config reads `sliding_window_pattern` (default 4) as a keyword argument only.
@@ -4829,6 +4840,38 @@ mod tests {
             RopeScaling::Dynamic { factor: 2.0, .. }
         ));
         assert_eq!(c.rope_theta, 1e4);
+    }
+
+    /// VaultGemma (a 1B-shaped config, VaultGemmaConfig's defaults otherwise): Gemma 2's attention, scale,
+    /// soft-caps, window pattern and embedding scale, in LLaMA's pre-norm block.
+    #[test]
+    fn vaultgemma_is_gemma2_with_pre_norms() {
+        let p = Path::new("config.json");
+        let v = serde_json::json!({"model_type": "vaultgemma", "hidden_size": 1152,
+            "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        let mut g2 = v.clone();
+        g2["model_type"] = "gemma2".into();
+        let g = ModelConfig::from_json(&g2, p).unwrap();
+        assert_eq!(
+            (c.model_type.as_str(), c.block_norms),
+            ("vaultgemma", BlockNorms::Pre)
+        );
+        assert_eq!(g.block_norms, BlockNorms::Sandwich);
+        assert_eq!(
+            (c.attn_scale, c.attn_softcap, c.final_softcap, c.norm_offset),
+            (g.attn_scale, Some(50.0), Some(30.0), 1.0)
+        );
+        assert_eq!(
+            (c.sliding_window, &c.sliding_layers),
+            (Some(4096), &g.sliding_layers)
+        );
+        assert!(c.sliding_layers[0] && !c.sliding_layers[1] && c.tie_word_embeddings);
+        assert_eq!(
+            (c.embed_scale, c.activation),
+            (g.embed_scale, Activation::GeluTanh)
+        );
     }
 
     /// A config without θ takes its class's `default_theta` (not 10⁴ for all).

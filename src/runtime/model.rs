@@ -497,7 +497,9 @@ impl Model {
         // MiniCPM3's scale_emb likewise (its embedding is Gemma 3's). (Granite's embedding_multiplier is a
         // Python float: the product is rounded, not the factor.)
         config.embed_scale = match weights.dtype(&names.embed) {
-            _ if !config.model_type.starts_with("gemma") && config.model_type != "minicpm3" => {
+            _ if !(config.model_type.starts_with("gemma") || config.model_type == "vaultgemma")
+                && config.model_type != "minicpm3" =>
+            {
                 config.embed_scale
             }
             Some(safetensors::Dtype::BF16) => half::bf16::from_f32(config.embed_scale).to_f32(),
@@ -1782,6 +1784,10 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
                 "shared_mlp.down_proj.weight",
             ),
         ],
+        "vaultgemma" => &[(
+            "pre_feedforward_layernorm.weight",
+            "post_attention_layernorm.weight",
+        )],
         "hunyuan_v1_dense" => &[
             (
                 "self_attn.query_layernorm.weight",
