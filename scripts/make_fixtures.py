@@ -231,6 +231,17 @@ FIXTURES = [
                   attention_bias=True,
                   rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=50.0, factor=1.0)),
          seed=76),
+    # HunYuan MoE (hunyuan_v1_moe: Hunyuan-A13B): HunYuan's attention (q/k norms after the rotary
+    # embedding, NTK-alpha rope), every MLP a mixture of 4 experts of intermediate_size (hub names per
+    # expert), the softmax's top 2 renormalised (moe_topk as a per-layer list of one value), a shared
+    # MLP (mlp.shared_mlp) on every token, the router mlp.gate.wg; bf16, untied.
+    dict(name="hunyuan_moe_shared", model_type="hunyuan_v1_moe", dtype=torch.bfloat16,
+         token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-5, num_experts=4,
+                  moe_topk=[2, 2, 2],
+                  rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=20.0, factor=1.0)),
+         seed=78),
     # VaultGemma: Gemma 2's attention (soft-capped scores and logits, query_pre_attn_scalar 16, a window
     # of 5 on the even layers: layer_types dropped, the class's pattern) in LLaMA's pre-norm block, the
     # MLP's norm named pre_feedforward_layernorm; GeGLU, gains 1 + w, tied, bf16.

@@ -409,10 +409,12 @@ fn vaultgemma_matches_transformers() {
     check_case("vaultgemma_pre_norms");
 }
 
-/// HunYuan dense: q/k norms after the rotary embedding (under their own names), NTK-alpha rope.
+/// HunYuan dense: q/k norms after the rotary embedding (under their own names), NTK-alpha rope;
+/// HunYuan MoE: with the mixture (router `mlp.gate.wg`, a shared MLP) and its per-layer lists trimmed.
 #[test]
-fn hunyuan_dense_matches_transformers() {
+fn hunyuan_matches_transformers() {
     check_case("hunyuan_dense_ntk_alpha");
+    check_case("hunyuan_moe_shared");
 }
 
 /// Block-scaled FP8 (Qwen3 with e4m3 projections and `_scale_inv` blocks): the pruned checkpoint keeps

@@ -1,7 +1,8 @@
 //! Writing the pruned model as a Hugging Face checkpoint directory.
 //!
 //! * `config.json`: `num_hidden_layers` (GPT-2: `n_layer`) set to the kept count; every per-layer list
-//!   (an array whose key names layers and whose length is the old layer count, e.g. `layer_types`) keeps
+//!   (an array whose key names layers, or HunYuan MoE's `moe_topk` and kin, and whose length is the old
+//!   layer count, e.g. `layer_types`) keeps
 //!   the kept entries (a layer pattern the config only implies, Gemma's and OLMo 3's `layer_types`,
 //!   SmolLM3's `no_rope_layers`, written out first); Qwen-MoE's dense layers (`mlp_only_layers`) listed
 //!   by their new indices. In a vision-language checkpoint's config, this happens in its `text_config`
@@ -200,9 +201,17 @@ pub fn pruned_config(
         let flags: Vec<serde_json::Value> = rotary.iter().map(|&r| u8::from(r).into()).collect();
         obj.insert("no_rope_layers".into(), flags.into());
     }
+    // HunYuan MoE's per-layer lists do not say "layer" in their names.
+    const PER_LAYER: [&str; 4] = [
+        "moe_topk",
+        "num_experts",
+        "moe_intermediate_size",
+        "num_shared_expert",
+    ];
     for (key, v) in obj.iter_mut() {
         if let serde_json::Value::Array(items) = v {
-            if key.contains("layer") && items.len() == old {
+            let per_layer = key.contains("layer") || PER_LAYER.contains(&key.as_str());
+            if per_layer && items.len() == old {
                 *items = kept.iter().map(|&i| items[i].clone()).collect();
             }
         }
@@ -634,6 +643,16 @@ mod tests {
         );
         assert_eq!(p["vision_config"], flat["vision_config"]);
         assert!(p.get("text_config").is_none());
+    }
+
+    #[test]
+    fn hunyuan_moe_lists_keep_the_kept_layers() {
+        let c = serde_json::json!({"model_type": "hunyuan_v1_moe", "num_hidden_layers": 3,
+            "moe_topk": [8, 8, 8], "num_shared_expert": [1, 1, 2], "num_experts": 64});
+        let p = pruned_config(&c, &[0, 2], Path::new("config.json")).unwrap();
+        assert_eq!(p["moe_topk"], serde_json::json!([8, 8]));
+        assert_eq!(p["num_shared_expert"], serde_json::json!([1, 2]));
+        assert_eq!(p["num_experts"], serde_json::json!(64));
     }
 
     #[test]

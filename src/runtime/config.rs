@@ -861,7 +861,8 @@ impl ModelConfig {
              helium, seed_oss, arcee, bloom, mpt, gptj, codegen, gpt_bigcode, glm4_moe, minimax_m2, \
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
-             granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, vaultgemma";
+             granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
+             vaultgemma";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -1110,9 +1111,8 @@ impl ModelConfig {
             | "olmo2" | "olmo3" | "qwen3_moe" | "olmoe" | "smollm3" | "arcee" | "deepseek_v2"
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
-            | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense" => {
-                (attention_bias, attention_bias)
-            }
+            | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense"
+            | "hunyuan_v1_moe" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1134,11 +1134,11 @@ impl ModelConfig {
             }
             false => (rope_theta, sliding_rope, None),
         };
-        let qk_norm_after_rope = model_type == "hunyuan_v1_dense";
+        let qk_norm_after_rope = model_type.starts_with("hunyuan");
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
-            "exaone4" | "hunyuan_v1_dense" => QkNorm::PerHead,
+            "exaone4" | "hunyuan_v1_dense" | "hunyuan_v1_moe" => QkNorm::PerHead,
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
             "glm4_moe" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::PerHead,
             // CohereConfig's `use_qk_norm` (Command R+): LayerNorms of `[heads, head_dim]`.
@@ -1290,6 +1290,7 @@ impl ModelConfig {
                         | "granite_swa"
                         | "gpt_oss"
                         | "hunyuan_v1_dense"
+                        | "hunyuan_v1_moe"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -2087,6 +2088,7 @@ fn parse_moe(
         // GPT-OSS's experts are stored fused and transposed (read by `Weights::strided_columns`);
         // these name their parts.
         "gpt_oss" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        "hunyuan_v1_moe" => return hunyuan_moe(v, layers, intermediate_size, path).map(Some),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
         | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
@@ -2206,6 +2208,54 @@ fn parse_moe(
             _ => None,
         },
     }))
+}
+
+/// HunYuan MoE (HunYuanMoEV1Config; Hunyuan-A13B): `num_experts` experts of `intermediate_size` (as
+/// transformers builds them), the softmax's top `moe_topk` renormalised, one shared MLP of
+/// `intermediate_size` (`mlp.shared_mlp`) on every layer; the router `mlp.gate.wg` (renamed at load).
+/// Per-layer lists of `num_experts` or `moe_topk` are read when all their entries agree.
+fn hunyuan_moe(v: &Value, layers: usize, inter: usize, path: &Path) -> Result<Moe> {
+    let uniform = |key: &str, default: usize| -> Result<usize> {
+        match v.get(key) {
+            Some(Value::Array(items)) => {
+                let sizes: Option<Vec<usize>> = items
+                    .iter()
+                    .map(|x| x.as_u64().map(|x| x as usize))
+                    .collect();
+                match sizes.as_deref() {
+                    Some([first, rest @ ..]) if rest.iter().all(|x| x == first) => {
+                        check_size(*first, key, MAX_SIZE, path)
+                    }
+                    _ => Err(model_err(
+                        path,
+                        format!(
+                            "field '{key}' is not one size for every layer (per-layer mixtures \
+                             are not supported)"
+                        ),
+                    )),
+                }
+            }
+            _ => size_within(v, key, default, path),
+        }
+    };
+    let (experts, top_k) = (uniform("num_experts", 1)?, uniform("moe_topk", 1)?);
+    check_top_k("moe_topk", top_k, experts, path)?;
+    Ok(Moe {
+        experts,
+        top_k,
+        normalise: true,
+        inter,
+        shared: Some(SharedExpert {
+            module: "mlp.shared_mlp",
+            inter,
+            gated: false,
+        }),
+        router: MoeRouter::Softmax,
+        sparse_layers: vec![true; layers],
+        prefix: "mlp",
+        projections: ["gate_proj", "up_proj", "down_proj"],
+        oss: None,
+    })
 }
 
 /// A mixture's MLP module and an expert's gate, up and down projections ([`Moe::prefix`],
@@ -2899,7 +2949,7 @@ fn parse_rope(
     }
     // HunYuan's "dynamic" with an `alpha` is NTK-alpha: a fixed θ × alpha^(d / (d − 2)) whatever the
     // sequence length (HunYuanDenseV1RotaryEmbedding's `ntk_alpha`).
-    if model_type == "hunyuan_v1_dense" {
+    if model_type.starts_with("hunyuan") {
         let kind = scaling
             .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
             .and_then(Value::as_str);
@@ -3307,7 +3357,7 @@ fn parse_pad_token_id(
         // InternLM2Config (remote code) defaults it to 0; its embedding takes it as padding_idx.
         None if matches!(
             model_type,
-            "ernie4_5" | "ernie4_5_moe" | "internlm2" | "hunyuan_v1_dense"
+            "ernie4_5" | "ernie4_5_moe" | "internlm2" | "hunyuan_v1_dense" | "hunyuan_v1_moe"
         ) =>
         {
             0
@@ -4840,6 +4890,39 @@ mod tests {
             RopeScaling::Dynamic { factor: 2.0, .. }
         ));
         assert_eq!(c.rope_theta, 1e4);
+    }
+
+    /// Hunyuan-A13B's shape (4.x form, per-layer lists of one value): 64 experts, top 8 renormalised, a
+    /// shared MLP of `intermediate_size`, HunYuan's attention; lists that differ by layer are refused.
+    #[test]
+    fn hunyuan_moe_a13b_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"architectures": ["HunYuanMoEV1ForCausalLM"],
+            "head_dim": 128, "hidden_size": 4096, "intermediate_size": 3072,
+            "model_type": "hunyuan_v1_moe", "moe_intermediate_size": vec![3072; 32],
+            "moe_topk": vec![8; 32], "num_attention_heads": 32, "num_experts": 64,
+            "num_hidden_layers": 32, "num_key_value_heads": 8, "num_shared_expert": vec![1; 32],
+            "rms_norm_eps": 1e-05, "rope_scaling": {"alpha": 1000.0, "factor": 1.0,
+            "type": "dynamic"}, "rope_theta": 10000.0, "tie_word_embeddings": true,
+            "vocab_size": 128167});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert!(c.qk_norm_after_rope && c.qk_norm == QkNorm::PerHead);
+        assert!((c.rope_theta / (1e4 * 1000f64.powf(128.0 / 126.0)) - 1.0).abs() < 1e-12);
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise, m.router),
+            (64, 8, 3072, true, MoeRouter::Softmax)
+        );
+        assert_eq!(
+            m.shared.map(|s| (s.module, s.inter)),
+            Some(("mlp.shared_mlp", 3072))
+        );
+        v["moe_topk"][3] = 4.into();
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(
+            e.contains("'moe_topk' is not one size for every layer"),
+            "{e}"
+        );
     }
 
     /// VaultGemma (a 1B-shaped config, VaultGemmaConfig's defaults otherwise): Gemma 2's attention, scale,

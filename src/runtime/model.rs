@@ -1750,6 +1750,15 @@ fn split_oss_experts(weights: &mut Weights, m: &Moe, hidden: usize, layer: &str)
     Ok(())
 }
 
+/// HunYuan's q/k norms, stored under their own names.
+const HUNYUAN_QK_NORMS: [(&str, &str); 2] = [
+    (
+        "self_attn.query_layernorm.weight",
+        "self_attn.q_norm.weight",
+    ),
+    ("self_attn.key_layernorm.weight", "self_attn.k_norm.weight"),
+];
+
 /// Tensors (under a layer) a `model_type`'s checkpoints store under other names than the runtime
 /// reads, as (stored, read): Granite MoE's hub names, as transformers' own conversion renames them
 /// (the experts `[experts, 2 inter, hidden]` gate then up, the router, the shared MLP gate then up), and
@@ -1788,12 +1797,11 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
             "pre_feedforward_layernorm.weight",
             "post_attention_layernorm.weight",
         )],
-        "hunyuan_v1_dense" => &[
-            (
-                "self_attn.query_layernorm.weight",
-                "self_attn.q_norm.weight",
-            ),
-            ("self_attn.key_layernorm.weight", "self_attn.k_norm.weight"),
+        "hunyuan_v1_dense" => &HUNYUAN_QK_NORMS,
+        "hunyuan_v1_moe" => &[
+            HUNYUAN_QK_NORMS[0],
+            HUNYUAN_QK_NORMS[1],
+            ("mlp.gate.wg.weight", "mlp.gate.weight"),
         ],
         "gpt_oss" => &[
             ("mlp.router.weight", "mlp.gate.weight"),

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 81] = [
+pub const DECODER_FIXTURES: [&str; 82] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -69,6 +69,7 @@ pub const DECODER_FIXTURES: [&str; 81] = [
     "qwen3_fp8_blocks",
     "hunyuan_dense_ntk_alpha",
     "vaultgemma_pre_norms",
+    "hunyuan_moe_shared",
     "dots1_window",
     "deepseek_v3_mla",
     "deepseek_v3_q_proj",
