@@ -117,6 +117,7 @@ CASES = {
     "hunyuan_dense_ntk_alpha": ONE_BY_GRADNORM,
     "vaultgemma_pre_norms": ONE_BY_GRADNORM,
     "hunyuan_moe_shared": ONE_BY_GRADNORM,
+    "gpt_neo_local": ONE_BY_GRADNORM,
     # FP8 blocks kept as stored (e4m3 + scales), quantization_config kept.
     "qwen3_fp8_blocks": ONE_BY_GRADNORM,
     "gpt_oss_sinks": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss",

@@ -242,6 +242,14 @@ FIXTURES = [
                   moe_topk=[2, 2, 2],
                   rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=20.0, factor=1.0)),
          seed=78),
+    # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
+    # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
+    # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).
+    dict(name="gpt_neo_local", model_type="gpt_neo", dtype=torch.float32, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, vocab_size=128,
+                  max_position_embeddings=32, window_size=5, layer_norm_epsilon=1e-5,
+                  attention_types=[[["global", "local"], 1], [["global"], 1]], bos_token_id=1, eos_token_id=2),
+         seed=79),
     # VaultGemma: Gemma 2's attention (soft-capped scores and logits, query_pre_attn_scalar 16, a window
     # of 5 on the even layers: layer_types dropped, the class's pattern) in LLaMA's pre-norm block, the
     # MLP's norm named pre_feedforward_layernorm; GeGLU, gains 1 + w, tied, bf16.

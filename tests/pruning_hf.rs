@@ -403,6 +403,13 @@ fn granite_swa_sinks_match_transformers() {
     check_case("granitemoe_swa_sinks");
 }
 
+/// GPT-Neo: unscaled scores, local windows by attention_types (restated for the kept layers),
+/// GPT-2's norms and positions under its own names.
+#[test]
+fn gpt_neo_matches_transformers() {
+    check_case("gpt_neo_local");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

@@ -149,6 +149,10 @@ fn describe_block(c: &ModelConfig) -> String {
                 _ => "",
             }
         ),
+        BlockLayout::GptNeo => format!(
+            "LayerNorms with biases; separate q/k/v without biases, unscaled scores; MLP c_fc → {act} \
+             → c_proj; learned positions, no rotary embedding"
+        ),
         BlockLayout::Starcoder2 => format!(
             "LayerNorms with biases; MLP c_fc → {act} → c_proj; attention and MLP one after the other"
         ),

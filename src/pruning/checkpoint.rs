@@ -23,8 +23,8 @@
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
 use crate::runtime::config::{
-    ernie_moe_sparse_layers, mlp_layer_types, pattern_layer_kinds, qwen_moe_sparse_layers,
-    smollm3_rotary_layers, text_config,
+    ernie_moe_sparse_layers, gpt_neo_attention_layers, mlp_layer_types, pattern_layer_kinds,
+    qwen_moe_sparse_layers, smollm3_rotary_layers, text_config,
 };
 use crate::runtime::weights::{
     file_metadata, map_weights, stored_weights, tensor_view, weight_files, StoredWeight,
@@ -159,6 +159,8 @@ pub fn pruned_config(
     let count_key = match model_type {
         Some("gpt2" | "gpt_bigcode" | "bloom" | "gptj" | "codegen") => "n_layer",
         Some("mpt") => "n_layers",
+        // GPTNeoConfig's name.
+        Some("gpt_neo") => "num_layers",
         Some("falcon") if decoder.get("num_hidden_layers").is_none() => "n_layer",
         // EXAONE's hub configs name it `num_layers` (ExaoneConfig's attribute_map).
         Some("exaone") if decoder.get("num_hidden_layers").is_none() => "num_layers",
@@ -176,6 +178,14 @@ pub fn pruned_config(
             let names = ["sliding_attention", "full_attention"];
             insert_layer_kinds(obj, "layer_types", &kinds, names);
         }
+    }
+    // GPT-Neo states its layers' kinds as runs (`attention_types`): restate the kept layers', one run.
+    if model_type == Some("gpt_neo") {
+        let local = gpt_neo_attention_layers(decoder, path)?;
+        let kinds: Vec<&str> = (kept.iter())
+            .map(|&l| ["global", "local"][local.get(l).copied().unwrap_or(false) as usize])
+            .collect();
+        obj.insert("attention_types".into(), serde_json::json!([[kinds, 1]]));
     }
     // MiniCPM3 scales each residual branch by scale_depth / √layers: keep the kept layers' scale.
     if model_type == Some("minicpm3") {
@@ -643,6 +653,30 @@ mod tests {
         );
         assert_eq!(p["vision_config"], flat["vision_config"]);
         assert!(p.get("text_config").is_none());
+    }
+
+    #[test]
+    fn gpt_neo_attention_types_are_restated() {
+        let c = serde_json::json!({"model_type": "gpt_neo", "num_layers": 3,
+            "attention_types": [[["global", "local"], 1], [["global"], 1]],
+            "attention_layers": ["global", "local", "global"]});
+        let p = pruned_config(&c, &[1, 2], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["attention_types"],
+            serde_json::json!([[["local", "global"], 1]])
+        );
+        assert_eq!(
+            p["attention_layers"],
+            serde_json::json!(["local", "global"])
+        );
+        assert_eq!(p["num_layers"], 2);
+        // Without attention_types, GPTNeoConfig's default pattern (global, local, …).
+        let d = serde_json::json!({"model_type": "gpt_neo", "num_layers": 24});
+        let p = pruned_config(&d, &[1, 3, 4], Path::new("config.json")).unwrap();
+        assert_eq!(
+            p["attention_types"],
+            serde_json::json!([[["local", "local", "global"], 1]])
+        );
     }
 
     #[test]

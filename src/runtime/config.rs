@@ -3,7 +3,8 @@
 //! glm4, exaone4, ernie4_5, helium, seed_oss, arcee, internlm2 under its own names; with LayerNorms
 //! stablelm, cohere, cohere2, olmo), Falcon (falcon; Falcon-RW with ALiBi), BLOOM (bloom) and MPT (mpt)
 //! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-J (gptj) and CodeGen (codegen), GPT-2
-//! (gpt2, its `n_*` names read as the others'), GPT-BigCode (gpt_bigcode: StarCoder 1) and OPT (opt),
+//! (gpt2, its `n_*` names read as the others'), GPT-BigCode (gpt_bigcode: StarCoder 1), GPT-Neo (gpt_neo) and
+//! OPT (opt),
 //! the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared and
 //! others: [`Moe`]), both config generations:
 //! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
@@ -195,6 +196,10 @@ pub enum BlockLayout {
     /// `[out, in]`; `attn.c_attn` holds q, k and v per key/value group (multi-query: every query, then
     /// the one key and value; else per head), read as Falcon's.
     GptBigCode,
+    /// GPT-Neo: GPT-2's norms (`ln_1`, `ln_2`, LayerNorms with biases) and positions, separate
+    /// `attn.attention.{q,k,v}_proj` without biases, `attn.attention.out_proj` with one, `Linear`
+    /// `mlp.c_fc` → act → `mlp.c_proj`.
+    GptNeo,
 }
 
 impl BlockLayout {
@@ -237,7 +242,7 @@ impl BlockLayout {
             BlockLayout::Falcon { .. } => "self_attention.dense",
             BlockLayout::InternLm2 => "attention.wo",
             BlockLayout::Mpt | BlockLayout::GptJ | BlockLayout::CodeGen => "attn.out_proj",
-            BlockLayout::Exaone => "attn.attention.out_proj",
+            BlockLayout::Exaone | BlockLayout::GptNeo => "attn.attention.out_proj",
             BlockLayout::Opt => "self_attn.out_proj",
         }
     }
@@ -283,7 +288,7 @@ impl BlockLayout {
             BlockLayout::Gpt2 | BlockLayout::Mpt | BlockLayout::GptJ => {
                 ["attn.q_proj", "attn.k_proj", "attn.v_proj"]
             }
-            BlockLayout::Exaone => [
+            BlockLayout::Exaone | BlockLayout::GptNeo => [
                 "attn.attention.q_proj",
                 "attn.attention.k_proj",
                 "attn.attention.v_proj",
@@ -312,7 +317,9 @@ impl BlockLayout {
             BlockLayout::Arcee | BlockLayout::Nemotron => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::NeoX { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
             BlockLayout::Phi => Some(("mlp.fc1", "mlp.fc2")),
-            BlockLayout::Starcoder2 | BlockLayout::GptBigCode => Some(("mlp.c_fc", "mlp.c_proj")),
+            BlockLayout::Starcoder2 | BlockLayout::GptBigCode | BlockLayout::GptNeo => {
+                Some(("mlp.c_fc", "mlp.c_proj"))
+            }
             BlockLayout::Gpt2 => Some(("mlp.up_proj", "mlp.down_proj")),
             BlockLayout::Opt => Some(("fc1", "fc2")),
             BlockLayout::Falcon { .. } => Some(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
@@ -334,9 +341,10 @@ impl BlockLayout {
     pub fn norm_names(self, norms: BlockNorms) -> [Option<&'static str>; 4] {
         match self {
             BlockLayout::Falcon { ln_pair: true } => [Some("ln_attn"), Some("ln_mlp"), None, None],
-            BlockLayout::Gpt2 | BlockLayout::GptBigCode | BlockLayout::Exaone => {
-                [Some("ln_1"), Some("ln_2"), None, None]
-            }
+            BlockLayout::Gpt2
+            | BlockLayout::GptBigCode
+            | BlockLayout::Exaone
+            | BlockLayout::GptNeo => [Some("ln_1"), Some("ln_2"), None, None],
             BlockLayout::InternLm2 => [Some("attention_norm"), Some("ffn_norm"), None, None],
             BlockLayout::Mpt => [Some("norm_1"), Some("norm_2"), None, None],
             BlockLayout::GptJ | BlockLayout::CodeGen => [Some("ln_1"), None, None, None],
@@ -862,7 +870,7 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma";
+             vaultgemma, gpt_neo";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -873,7 +881,8 @@ impl ModelConfig {
             ));
         }
         let (gpt2, opt) = (model_type == "gpt2", model_type == "opt");
-        let bigcode = model_type == "gpt_bigcode";
+        // GPT-Neo's embedding, MLP biases and positions are GPT-BigCode's.
+        let bigcode = matches!(model_type.as_str(), "gpt_bigcode" | "gpt_neo");
         let falcon = model_type == "falcon";
         let bloom = model_type == "bloom";
         let mpt = model_type == "mpt";
@@ -882,7 +891,8 @@ impl ModelConfig {
         let aliased;
         let v = match model_type.as_str() {
             "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
-            | "minimax_m2" | "exaone" | "ministral3" | "mistral4" | "cwm" | "gpt_oss" => {
+            | "minimax_m2" | "exaone" | "ministral3" | "mistral4" | "cwm" | "gpt_oss"
+            | "gpt_neo" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -1090,6 +1100,8 @@ impl ModelConfig {
             "qwen2_moe" => (opt_bool(v, "qkv_bias", path)?.unwrap_or(true), false),
             "gpt_neox" => (attention_bias, attention_bias),
             "phi" | "gpt2" | "gpt_bigcode" => (true, true),
+            // GPT-Neo: q/k/v without biases, out_proj with one.
+            "gpt_neo" => (false, true),
             "opt" | "falcon" | "bloom" => (enable_bias, enable_bias),
             "stablelm" => (opt_bool(v, "use_qkv_bias", path)?.unwrap_or(false), false),
             "cohere" | "cohere2" | "internlm3" => (attention_bias, attention_bias),
@@ -1157,7 +1169,10 @@ impl ModelConfig {
                 ));
             }
             Some(s.powf(-0.5) as f32)
-        } else if (gpt2 || bigcode) && opt_bool(v, "scale_attn_weights", path)? == Some(false) {
+        } else if (gpt2 || bigcode) && opt_bool(v, "scale_attn_weights", path)? == Some(false)
+            || model_type == "gpt_neo"
+        {
+            // GPT-Neo never scales its scores.
             Some(1.0)
         } else if let Some(s) = opt_f64(v, "mpt_softmax_scale", path)?.filter(|_| mpt) {
             // MPT's attn_config.softmax_scale (None: 1/√head_dim).
@@ -1195,11 +1210,16 @@ impl ModelConfig {
             "gptj" => BlockLayout::GptJ,
             "codegen" => BlockLayout::CodeGen,
             "gpt_bigcode" => BlockLayout::GptBigCode,
+            "gpt_neo" => BlockLayout::GptNeo,
             _ => BlockLayout::Llama,
         };
         let learned_positions = match model_type.as_str() {
             "gpt2" | "gpt_bigcode" => Some(LearnedPositions {
                 max_tokens: get_size(v, "n_positions", MAX_SIZE, path)?,
+                offset: 0,
+            }),
+            "gpt_neo" => Some(LearnedPositions {
+                max_tokens: get_size(v, "max_position_embeddings", MAX_SIZE, path)?,
                 offset: 0,
             }),
             "opt" => Some(LearnedPositions {
@@ -1605,8 +1625,9 @@ fn parse_sliding_window(
             let w = window()?;
             Ok((w, vec![w.is_some(); layers]))
         }
-        // Ministral (8B): the window on the layers `layer_types` names, else on every layer.
-        "ministral" => {
+        // Ministral (8B): the window on the layers `layer_types` names, else on every layer (GPT-Neo's
+        // are always written, from its `attention_types`).
+        "ministral" | "gpt_neo" => {
             let w = window()?;
             let every = || Ok(vec![w.is_some(); layers]);
             Ok((w, layer_kinds(v, layers, w, every, "", path)?))
@@ -1695,6 +1716,9 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
             );
         }
         return Ok(c);
+    }
+    if model_type == "gpt_neo" {
+        return gpt_neo_config(v, c, path);
     }
     if model_type == "exaone" {
         // ExaoneConfig's attribute_map: the hub's names of three of LLaMA's fields.
@@ -1907,6 +1931,88 @@ fn set_aliases(obj: &mut serde_json::Map<String, Value>, sizes: &[(&str, u64)], 
         obj.insert(key.into(), value.into());
     }
     obj.insert("rms_norm_eps".into(), eps.into());
+}
+
+/// GPT-Neo's config (GPTNeoConfig: `num_layers`, `num_heads`, `intermediate_size` null → 4 × hidden,
+/// `max_position_embeddings`, `layer_norm_epsilon`) under the parser's names, its `attention_types`
+/// ([[kinds, repeat], …]: "global" or "local", the local ones windowed by `window_size`) as
+/// `layer_types` and `sliding_window`.
+fn gpt_neo_config(v: &Value, mut c: Value, path: &Path) -> Result<Value> {
+    let obj = c
+        .as_object_mut()
+        .expect("a config with a model_type is an object");
+    let get = |key: &str, default: u64| size_or(v, key, default, path);
+    let hidden = get("hidden_size", 2048)?;
+    let heads = get("num_heads", 16)?;
+    let layers = get("num_layers", 24)?;
+    let sizes = [
+        ("hidden_size", hidden),
+        ("num_hidden_layers", layers),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", heads),
+        ("intermediate_size", get("intermediate_size", 4 * hidden)?),
+        (
+            "max_position_embeddings",
+            get("max_position_embeddings", 2048)?,
+        ),
+        ("vocab_size", get("vocab_size", 50257)?),
+    ];
+    let eps = opt_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-5);
+    set_aliases(obj, &sizes, eps);
+    let kinds = gpt_neo_attention_layers(v, path)?;
+    if kinds.len() as u64 != layers {
+        return Err(model_err(
+            path,
+            format!(
+                "field 'attention_types' gives {} layers, num_layers is {layers}",
+                kinds.len()
+            ),
+        ));
+    }
+    let names: Vec<Value> = (kinds.iter())
+        .map(|&local| Value::from(["full_attention", "sliding_attention"][local as usize]))
+        .collect();
+    obj.insert("layer_types".into(), names.into());
+    obj.insert("sliding_window".into(), get("window_size", 256)?.into());
+    Ok(c)
+}
+
+/// GPT-Neo's layers, true where local (windowed): GPTNeoConfig's `attention_types` expanded (default
+/// [[["global", "local"], 12]]). Read here and by the pruned checkpoint's config, which restates them.
+pub fn gpt_neo_attention_layers(v: &Value, path: &Path) -> Result<Vec<bool>> {
+    let default = serde_json::json!([[["global", "local"], 12]]);
+    let types = match v.get("attention_types") {
+        None | Some(Value::Null) => &default,
+        Some(t) => t,
+    };
+    let bad = || {
+        model_err(
+            path,
+            "field 'attention_types' is not a list of [[kinds], repeat]",
+        )
+    };
+    let mut out = Vec::new();
+    for item in types.as_array().ok_or_else(bad)? {
+        let (kinds, repeat) = match item.as_array().map(Vec::as_slice) {
+            Some([k, r]) => (k.as_array().ok_or_else(bad)?, r.as_u64().ok_or_else(bad)?),
+            _ => return Err(bad()),
+        };
+        for _ in 0..repeat.min(MAX_LAYERS as u64) {
+            for k in kinds {
+                out.push(match k.as_str() {
+                    Some("global") => false,
+                    Some("local") => true,
+                    _ => {
+                        return Err(model_err(
+                            path,
+                            format!("attention type {k} is neither \"global\" nor \"local\""),
+                        ))
+                    }
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Field `key` of `v` as a size up to `MAX_SIZE`, `default` when absent or null.
@@ -3260,7 +3366,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "falcon" => ("activation", "gelu"),
         // MptMLP's exact GELU and BloomGelu, the tanh approximation, has no config key.
         "bloom" => ("", "gelu_new"),
-        "gptj" | "codegen" => ("activation_function", "gelu_new"),
+        "gptj" | "codegen" | "gpt_neo" => ("activation_function", "gelu_new"),
         "gpt_bigcode" => ("activation_function", "gelu_pytorch_tanh"),
         "mpt" => ("", "gelu"),
         "arcee" | "nemotron" | "jais2" => ("hidden_act", "relu2"),
@@ -3287,7 +3393,7 @@ fn parse_activation(v: &Value, model_type: &str, path: &Path) -> Result<Activati
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
             if matches!(
                 model_type,
-                "gpt2" | "bloom" | "gptj" | "codegen" | "gpt_bigcode"
+                "gpt2" | "bloom" | "gptj" | "codegen" | "gpt_bigcode" | "gpt_neo"
             ) =>
         {
             Ok(Activation::GeluTanh)
@@ -4923,6 +5029,38 @@ mod tests {
             e.contains("'moe_topk' is not one size for every layer"),
             "{e}"
         );
+    }
+
+    /// gpt-neo-125M's config.json: GPTNeoConfig's names, unscaled scores, a window of 256 on the odd
+    /// layers (attention_types), learned positions, intermediate_size null (4 × hidden), tied; an
+    /// attention_types that does not cover num_layers, or an unknown kind, refused.
+    #[test]
+    fn gpt_neo_hub_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"activation_function": "gelu_new",
+            "architectures": ["GPTNeoForCausalLM"], "attention_dropout": 0,
+            "attention_types": [[["global", "local"], 6]], "bos_token_id": 50256,
+            "embed_dropout": 0, "eos_token_id": 50256, "hidden_size": 768,
+            "initializer_range": 0.02, "intermediate_size": null, "layer_norm_epsilon": 1e-05,
+            "max_position_embeddings": 2048, "model_type": "gpt_neo", "num_heads": 12,
+            "num_layers": 12, "resid_dropout": 0, "vocab_size": 50257, "window_size": 256});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(c.layout, BlockLayout::GptNeo);
+        assert_eq!(
+            (c.num_hidden_layers, c.head_dim, c.intermediate_size),
+            (12, 64, 3072)
+        );
+        assert_eq!((c.attn_scale, c.sliding_window), (Some(1.0), Some(256)));
+        assert!((0..12).all(|l| c.sliding_layers[l] == (l % 2 == 1)));
+        assert_eq!(c.learned_positions.map(|p| p.max_tokens), Some(2048));
+        assert!(!c.qkv_bias && c.o_bias && c.mlp_bias && c.tie_word_embeddings);
+        assert_eq!((c.activation, c.pad_token_id), (Activation::GeluTanh, None));
+        v["attention_types"] = serde_json::json!([[["global", "local"], 5]]);
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("gives 10 layers, num_layers is 12"), "{e}");
+        v["attention_types"] = serde_json::json!([[["global", "sparse"], 6]]);
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("neither \"global\" nor \"local\""), "{e}");
     }
 
     /// VaultGemma (a 1B-shaped config, VaultGemmaConfig's defaults otherwise): Gemma 2's attention, scale,

@@ -318,7 +318,9 @@ impl TensorNames {
                 norm: "gpt_neox.final_layer_norm".into(),
                 lm_head: "embed_out.weight".into(),
             },
-            BlockLayout::Gpt2 | BlockLayout::GptBigCode => Self::gpt2("transformer."),
+            BlockLayout::Gpt2 | BlockLayout::GptBigCode | BlockLayout::GptNeo => {
+                Self::gpt2("transformer.")
+            }
             BlockLayout::Opt => Self::opt("model.decoder."),
             BlockLayout::Falcon { .. } => Self::falcon("transformer.", false),
             BlockLayout::GptJ | BlockLayout::CodeGen | BlockLayout::Exaone => TensorNames {
