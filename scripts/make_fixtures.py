@@ -1143,13 +1143,18 @@ def check_reload(spec, d, model, ids):
     assert diff < 1e-5, f"{spec['name']}: the reloaded checkpoint's logits differ by {diff}"
 
 
+# Types whose layer kinds also pick each layer's rotary embedding or mask pattern: their full-attention
+# loss keeps the kinds and lengthens the window instead of dropping it.
+KIND_PATTERN_TYPES = ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
+                      "gpt_oss", "vaultgemma")
+
+
 def full_attention_loss(spec, model, ids):
     """Loss of the same weights with every layer on plain causal attention (no sliding window)."""
     cfg = dict(spec["cfg"], sliding_window=None)
     if spec["model_type"] in ("qwen2", "qwen3", "smollm3"):
         cfg["use_sliding_window"] = False
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
-                               "gpt_oss", "vaultgemma"):
+    if spec["model_type"] in KIND_PATTERN_TYPES:
         # The same layer kinds (so the same rotary embedding per layer), a window longer than the
         # sequences: nothing is masked beyond the causal mask.
         cfg["sliding_window"] = 4096
@@ -1159,8 +1164,7 @@ def full_attention_loss(spec, model, ids):
     full.load_state_dict(model.state_dict())
     round_embed_scale(full, spec["dtype"])
     full = full.double().eval()
-    if spec["model_type"] in ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
-                               "gpt_oss", "vaultgemma"):
+    if spec["model_type"] in KIND_PATTERN_TYPES:
         assert full.config.sliding_window == 4096
     else:
         assert full.config.sliding_window is None

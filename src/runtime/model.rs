@@ -471,8 +471,8 @@ impl Model {
         let mut weights = Weights::open(dir)?;
         let names = TensorNames::find(&config, &weights, dir)?;
         for l in 0..config.num_hidden_layers {
+            let layer = names.layer(l);
             for (stored, name) in renamed_tensors(&config.model_type) {
-                let layer = names.layer(l);
                 weights.rename(&format!("{layer}.{stored}"), &format!("{layer}.{name}"));
             }
         }
@@ -657,11 +657,10 @@ impl Model {
             // transformers 5's own layout of a mixture's experts (Mistral 4 saves it): each expert's
             // gate and up stacked in `experts.gate_up_proj` `[experts, 2 inter, hidden]`, its down in
             // `experts.down_proj` `[experts, hidden, inter]`.
-            let oss = c.moe.as_ref().filter(|m| m.oss.is_some());
-            if let Some(m) = oss.filter(|_| self.has_fused_experts(l)) {
+            let m = c.moe.as_ref().filter(|_| self.has_fused_experts(l));
+            if let Some(m) = m.filter(|m| m.oss.is_some()) {
                 split_oss_experts(&mut self.weights, m, c.hidden_size, &layer)?;
-            } else if self.has_fused_experts(l) {
-                let m = c.moe.as_ref().expect("fused experts belong to a mixture");
+            } else if let Some(m) = m {
                 let experts = |p: &str| format!("{layer}.{}.experts.{p}", m.prefix);
                 let [gate, up, down] = m.projections;
                 let expert =
@@ -1623,17 +1622,13 @@ impl Model {
                                 let name = format!("{module}.experts.{e}.{p}.weight");
                                 tape.param(name, l, moe.inter * h)
                             });
-                            let [inter, hidden] = [moe.inter, h];
+                            // Gate, up and down: biases of inter, inter and hidden values.
                             let bias = oss.map(|_| {
-                                let sizes = [inter, inter, hidden];
-                                let names = moe
-                                    .projections
-                                    .map(|p| format!("{module}.experts.{e}.{p}.bias"));
-                                let mut ids = names
-                                    .into_iter()
-                                    .zip(sizes)
-                                    .map(|(n, len)| tape.param(n, l, len));
-                                [(); 3].map(|()| ids.next().expect("three biases"))
+                                std::array::from_fn(|k| {
+                                    let p = moe.projections[k];
+                                    let name = format!("{module}.experts.{e}.{p}.bias");
+                                    tape.param(name, l, [moe.inter, moe.inter, h][k])
+                                })
                             });
                             Expert {
                                 gate,
