@@ -242,6 +242,23 @@ FIXTURES = [
                   moe_topk=[2, 2, 2],
                   rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=20.0, factor=1.0)),
          seed=78),
+    # Llama 4 (llama4_text: Llama 4 Scout's and Maverick's language model): MLPs named feed_forward, a
+    # mixture on the odd layers (interleave_moe_layer_step 2, as Maverick's) of 4 experts stored fused and
+    # inputs first (gate_up_proj [experts, hidden, 2 inter], gate and up in halves), the top 2 logits each
+    # weighting its token's input to the expert by σ, a shared expert of intermediate_size; dense layers
+    # of intermediate_size_mlp; interleaved rotary pairs, llama3 scaling, no rotary embedding on layer 2
+    # (no_rope_layer_interval 3), q and k RMS-normalised without weights after the rotation on the rotary
+    # layers; no_rope_layers, moe_layers and layer_types dropped (the class derives them); bf16, untied.
+    dict(name="llama4_moe_nope", model_type="llama4_text", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=24, intermediate_size_mlp=40, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
+                  rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2,
+                  interleave_moe_layer_step=2, no_rope_layer_interval=3, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=16)),
+         drop_keys=["no_rope_layers", "moe_layers", "layer_types"], seed=80),
     # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
     # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
     # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).

@@ -398,6 +398,31 @@ fn ministral_cwm_dots1_windows_and_ministral3_scaling() {
     assert!(e.contains("llama_4_scaling_beta"), "{e}");
 }
 
+/// Llama 4: past its chunk (`attention_chunk_size`) or where its NoPE layers' query temperature
+/// (`floor_scale`) departs from 1, the runtime refuses the sequences by name; both off, it runs them.
+#[test]
+fn llama4_refuses_sequences_past_its_chunks_and_temperature() {
+    let (_, tokens) = load("llama4_moe_nope");
+    let error = |edit: fn(&mut serde_json::Value)| {
+        let tmp = edited_copy("llama4_moe_nope", edit);
+        let m = Model::load(tmp.path()).unwrap();
+        m.forward(&tokens, &[], None).err().map(|e| e.to_string())
+    };
+    let e = error(|c| c["attention_chunk_size"] = 4.into()).expect("refused");
+    assert!(e.contains("chunks of 4 tokens"), "{e}");
+    let e = error(|c| c["floor_scale"] = 8.into()).expect("refused");
+    assert!(
+        e.contains("attn_temperature_tuning") && e.contains("at most 7"),
+        "{e}"
+    );
+    let off = error(|c| {
+        c["attention_chunk_size"] = serde_json::Value::Null;
+        c["floor_scale"] = 8.into();
+        c["attn_temperature_tuning"] = false.into();
+    });
+    assert_eq!(off, None);
+}
+
 /// Phi-3's rotary settings and window are exercised: 16-token sequences use LongRoPE's long factors (the
 /// fixture's whole-set references), 8-token prefixes (≤ original_max_position_embeddings) the short ones,
 /// against PyTorch's loss on those prefixes; without the window the loss is PyTorch's full-attention one,

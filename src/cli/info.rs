@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
 use crate::pruning::compare::ParamCounts;
 use crate::pruning::prune::param_counts;
-use crate::runtime::config::{BlockLayout, BlockNorms, ModelConfig, MoeRouter, RopeScaling};
+use crate::runtime::config::{
+    BlockLayout, BlockNorms, ModelConfig, MoeRouter, QkNorm, RopeScaling,
+};
 use crate::runtime::ops::{Activation, RopePairs};
 use crate::runtime::Model;
 use crate::similarity::device::describe_devices;
@@ -281,6 +283,7 @@ fn describe_block(c: &ModelConfig) -> String {
                             " by σ + a correction bias (from {topk_group} of {groups} groups, \
                              weights × {scale})"
                         ),
+                        MoeRouter::SigmoidTopK => " by logit, weighted by its σ".into(),
                     },
                     match &m.shared {
                         Some(s) if s.gated => format!(", a shared expert of {} gated by σ", s.inter),
@@ -294,6 +297,9 @@ fn describe_block(c: &ModelConfig) -> String {
                         ""
                     }
                 );
+                if m.input_scaled {
+                    s += "; each token × its weight goes into the expert (Llama 4's)";
+                }
                 if let Some(o) = m.oss {
                     s += &format!(
                         "; GPT-OSS's experts: (clamp(up, ±{l}) + 1) ⊙ m σ({a} m), m = min(gate, {l}), \
@@ -347,9 +353,15 @@ fn describe_attention(c: &ModelConfig) -> String {
     }
     if let Some((beta, unscaled)) = c.query_scaling {
         parts.push(format!(
-            "queries × 1 + {beta} ln(1 + ⌊position / {unscaled}⌋) (Llama 4's scaling: sequences of at \
-             most {unscaled} tokens, where it is 1)"
+            "queries × 1 + {beta} ln(1 + ⌊position / {unscaled}⌋) (Llama 4's scaling, 1 in the first \
+             {unscaled} tokens)"
         ));
+    }
+    if c.qk_norm == QkNorm::Weightless {
+        parts.push("q and k RMS-normalised per head, without weights, after the rotation".into());
+    }
+    if let Some((most, why)) = &c.max_tokens {
+        parts.push(format!("sequences of at most {most} tokens ({why})"));
     }
     if let Some(cap) = c.attn_softcap {
         parts.push(format!("scores soft-capped at {cap}"));

@@ -4,8 +4,8 @@
 //!   (an array whose key names layers, or HunYuan MoE's `moe_topk` and kin, and whose length is the old
 //!   layer count, e.g. `layer_types`) keeps
 //!   the kept entries (a layer pattern the config only implies, Gemma's and OLMo 3's `layer_types`,
-//!   SmolLM3's `no_rope_layers`, written out first); Qwen-MoE's dense layers (`mlp_only_layers`) listed
-//!   by their new indices. In a vision-language checkpoint's config, this happens in its `text_config`
+//!   SmolLM3's and Llama 4's `no_rope_layers`, written out first); Qwen-MoE's dense layers
+//!   (`mlp_only_layers`) and Llama 4's sparse ones (`moe_layers`) listed by their new indices. In a vision-language checkpoint's config, this happens in its `text_config`
 //!   only.
 //! * weights: each input safetensors file becomes one output file of the same name holding its surviving
 //!   tensors (a `torch.save` file, `pytorch_model….bin`, becomes `model….safetensors`), `model.layers.{old}.…` renamed to `model.layers.{new}.…` (kept layers renumbered in order;
@@ -23,8 +23,8 @@
 use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
 use crate::runtime::config::{
-    ernie_moe_sparse_layers, gpt_neo_attention_layers, mlp_layer_types, pattern_layer_kinds,
-    qwen_moe_sparse_layers, smollm3_rotary_layers, text_config,
+    ernie_moe_sparse_layers, gpt_neo_attention_layers, llama4_moe_layers, mlp_layer_types,
+    nope_rotary_layers, pattern_layer_kinds, qwen_moe_sparse_layers, text_config,
 };
 use crate::runtime::weights::{
     file_metadata, map_weights, stored_weights, tensor_view, weight_files, StoredWeight,
@@ -204,10 +204,13 @@ pub fn pruned_config(
         let sparse = mlp_layer_types(decoder, old, path)?;
         insert_layer_kinds(obj, "mlp_layer_types", &sparse, ["sparse", "dense"]);
     }
-    // SmolLM3 without `no_rope_layers` derives each layer's rotary embedding from its position: write
-    // them out too.
-    if model_type == Some("smollm3") && obj.get("no_rope_layers").is_none_or(|v| v.is_null()) {
-        let rotary = smollm3_rotary_layers(decoder, old, path)?;
+    // SmolLM3 and Llama 4 without `no_rope_layers` (Llama 4: or with an empty one) derive each layer's
+    // rotary embedding from its position: write them out too.
+    let stated = |v: &serde_json::Value| v.as_array().is_some_and(|a| !a.is_empty());
+    if matches!(model_type, Some("smollm3" | "llama4_text"))
+        && !obj.get("no_rope_layers").is_some_and(stated)
+    {
+        let rotary = nope_rotary_layers(decoder, old, path)?;
         let flags: Vec<serde_json::Value> = rotary.iter().map(|&r| u8::from(r).into()).collect();
         obj.insert("no_rope_layers".into(), flags.into());
     }
@@ -241,6 +244,17 @@ pub fn pruned_config(
         let bound = obj.get(key).and_then(|v| v.as_u64()).unwrap_or(default) as usize;
         let below = kept.iter().filter(|&&i| i < bound).count();
         obj.insert(key.into(), below.into());
+    }
+    // Llama 4's sparse layers (`moe_layers`, or every `interleave_moe_layer_step`-th): list the kept
+    // ones by their new indices (after the per-layer lists: `moe_layers` may be as long as the old
+    // layer count, and is no per-layer list).
+    if model_type == Some("llama4_text") {
+        let sparse = llama4_moe_layers(decoder, old, path)?;
+        let new: Vec<usize> = (kept.iter().enumerate())
+            .filter(|&(_, &l)| sparse[l])
+            .map(|(new, _)| new)
+            .collect();
+        obj.insert("moe_layers".into(), new.into());
     }
     // Qwen2-MoE and Qwen3-MoE make layer l dense when it is in `mlp_only_layers` or (l + 1) is not a
     // multiple of `decoder_sparse_step`: list the kept dense layers by their new indices, step 1, so

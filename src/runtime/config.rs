@@ -5,11 +5,11 @@
 //! with ALiBi, GPT-NeoX (gpt_neox: Pythia), Phi (phi), GPT-J (gptj) and CodeGen (codegen), GPT-2
 //! (gpt2, its `n_*` names read as the others'), GPT-BigCode (gpt_bigcode: StarCoder 1), GPT-Neo (gpt_neo) and
 //! OPT (opt),
-//! the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared and
-//! others: [`Moe`]), both config generations:
+//! the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared,
+//! llama4_text and others: [`Moe`]), both config generations:
 //! transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`).
 //! A vision-language checkpoint whose language model is one of these ([`MULTIMODAL`]: gemma3, mistral3,
-//! llava, qwen2_vl, qwen2_5_vl, qwen3_vl) is read through its `text_config` (or a flat Qwen-VL config's
+//! llava, qwen2_vl, qwen2_5_vl, qwen3_vl, llama4) is read through its `text_config` (or a flat Qwen-VL config's
 //! top level).
 
 use crate::error::{Error, Result};
@@ -371,6 +371,9 @@ pub enum QkNorm {
     /// Over each head, each head with weights of its own, `[heads, head_dim]` (Cohere's `use_qk_norm`:
     /// Command R+).
     HeadWeights,
+    /// Over each head, without weights, in the layers with a rotary embedding only (Llama 4's
+    /// `use_qk_norm`, after the rotation).
+    Weightless,
 }
 
 /// A sparse mixture-of-experts MLP in place of the dense one (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a
@@ -401,6 +404,24 @@ pub struct Moe {
     /// and the experts stored inputs first, gate and up interleaved (`mlp.experts.gate_up_proj`
     /// `[experts, hidden, 2 inter]`, `down_proj` `[experts, inter, hidden]`, their `_bias`es).
     pub oss: Option<OssSwiglu>,
+    /// Llama 4's: each routed token × its routing weight goes into the expert, whose output is summed
+    /// unweighted (the others weight the experts' outputs).
+    pub input_scaled: bool,
+    /// How a checkpoint that stores the experts fused (`experts.gate_up_proj`, `experts.down_proj`)
+    /// lays them out.
+    pub fused: FusedExperts,
+}
+
+/// The layout of a mixture's experts stored fused, all of a layer's in two tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedExperts {
+    /// transformers 5's own (Mistral 4, Granite MoE once renamed): `gate_up_proj`
+    /// `[experts, 2 inter, hidden]` (each expert's gate rows, then its up rows), `down_proj`
+    /// `[experts, hidden, inter]`.
+    OutputsFirst,
+    /// Inputs first: `gate_up_proj` `[experts, hidden, 2 inter]`, `down_proj` `[experts, inter, hidden]`;
+    /// the gate and up columns interleaved (GPT-OSS: 0, 2, … and 1, 3, …) or in halves (Llama 4).
+    InputsFirst { interleaved: bool },
 }
 
 /// GPT-OSS's expert MLP: `down((clamp(up, −limit, limit) + 1) ⊙ m σ(alpha m))`, `m = min(gate, limit)`
@@ -451,6 +472,8 @@ pub enum MoeRouter {
         scale: f64,
         bias: &'static str,
     },
+    /// Llama 4's: the top k logits, weighted by their σ (no bias, no groups, no renormalisation).
+    SigmoidTopK,
 }
 
 impl Moe {
@@ -567,6 +590,10 @@ pub struct ModelConfig {
     /// 1 for the first `original` positions, the only ones the runtime runs (longer sequences are
     /// refused).
     pub query_scaling: Option<(f64, usize)>,
+    /// The longest sequence the runtime runs, and what happens past it that it does not compute
+    /// (Llama 4's chunked attention and its NoPE layers' query temperature, Ministral 3's query
+    /// scaling); `None`: no limit.
+    pub max_tokens: Option<(usize, String)>,
 }
 
 /// DeepSeek's multi-head latent attention (MLA): the query through an optional low-rank bottleneck
@@ -615,10 +642,10 @@ pub struct Multimodal {
 /// once wrote nested configs as their difference from the class defaults (e.g. Gemma 3 4B's `text_config`
 /// has no `vocab_size`, llava-1.5's no `hidden_size`), so the defaults are part of the format. Values:
 /// `Gemma3TextConfig`, `MistralConfig`, `LlamaConfig`, `Qwen2VLTextConfig`, `Qwen2_5_VLTextConfig`,
-/// `Qwen3VLTextConfig` (4.50 – 5.25). With text-only input the Qwen-VL models' M-RoPE is the plain rotary
+/// `Qwen3VLTextConfig`, `Llama4TextConfig` (4.50 – 5.25). With text-only input the Qwen-VL models' M-RoPE is the plain rotary
 /// embedding (every position's three components are equal) and their language model is Qwen2's or
 /// Qwen3's.
-pub const MULTIMODAL: [Multimodal; 6] = [
+pub const MULTIMODAL: [Multimodal; 7] = [
     Multimodal {
         wrapper: "gemma3",
         decoder: "gemma3_text",
@@ -664,6 +691,15 @@ pub const MULTIMODAL: [Multimodal; 6] = [
         defaults: r#"{"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
             "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 500000.0}"#,
+        flat: false,
+    },
+    Multimodal {
+        wrapper: "llama4",
+        decoder: "llama4_text",
+        text_type: None,
+        defaults: r#"{"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "head_dim": 128}"#,
         flat: false,
     },
 ];
@@ -870,7 +906,7 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma, gpt_neo";
+             vaultgemma, gpt_neo, llama4_text";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -996,7 +1032,7 @@ impl ModelConfig {
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
             "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2"
-            | "ministral3" | "cwm" => 128,
+            | "ministral3" | "cwm" | "llama4_text" => 128,
             "gpt_oss" => 64,
             _ => hidden_size / num_attention_heads,
         };
@@ -1076,7 +1112,7 @@ impl ModelConfig {
             || glm
             || gptj
             || ernie
-            || model_type == "helium"
+            || matches!(model_type.as_str(), "helium" | "llama4_text")
             || model_type == "deepseek_v2"
             || matches!(
                 model_type.as_str(),
@@ -1124,13 +1160,23 @@ impl ModelConfig {
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
             | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense"
-            | "hunyuan_v1_moe" => (attention_bias, attention_bias),
+            | "hunyuan_v1_moe" | "llama4_text" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
         let query_scaling = match model_type.as_str() {
             "ministral3" | "mistral4" => llama4_query_scaling(v, path)?,
             _ => None,
+        };
+        let max_tokens = match query_scaling {
+            Some((_, unscaled)) => Some((
+                unscaled,
+                format!(
+                    "past {unscaled} tokens {model_type} scales its queries (llama_4_scaling_beta)"
+                ),
+            )),
+            None if model_type == "llama4_text" => llama4_max_tokens(v, num_hidden_layers, path)?,
+            None => None,
         };
         let minicpm = match model_type.as_str() {
             "minicpm3" => Some(minicpm3_scales(v, hidden_size, num_hidden_layers, path)?),
@@ -1146,7 +1192,7 @@ impl ModelConfig {
             }
             false => (rope_theta, sliding_rope, None),
         };
-        let qk_norm_after_rope = model_type.starts_with("hunyuan");
+        let qk_norm_after_rope = model_type.starts_with("hunyuan") || model_type == "llama4_text";
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
@@ -1157,6 +1203,8 @@ impl ModelConfig {
             "cohere" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::HeadWeights,
             // StableLmConfig's `qk_layernorm` (StableLM 2 12B): a LayerNorm module per head.
             "stablelm" if opt_bool(v, "qk_layernorm", path)? == Some(true) => QkNorm::HeadWeights,
+            // Llama4TextConfig's `use_qk_norm` (default true).
+            "llama4_text" if opt_bool(v, "use_qk_norm", path)? != Some(false) => QkNorm::Weightless,
             _ => QkNorm::Off,
         };
         // Gemma 2 and 3 scale the scores by 1/√query_pre_attn_scalar (class default 256).
@@ -1229,7 +1277,11 @@ impl ModelConfig {
             _ => None,
         };
         let vocab_size = get_size(v, "vocab_size", MAX_SIZE, path)?;
-        let intermediate_size = get_size(v, "intermediate_size", MAX_SIZE, path)?;
+        // Llama 4's dense layers' MLP is `intermediate_size_mlp` wide, its experts `intermediate_size`.
+        let intermediate_size = match model_type.as_str() {
+            "llama4_text" => size_within(v, "intermediate_size_mlp", 16384, path)?,
+            _ => get_size(v, "intermediate_size", MAX_SIZE, path)?,
+        };
         let moe = parse_moe(v, &model_type, num_hidden_layers, intermediate_size, path)?;
         // GPT-NeoX's, GPT-2's, GPT-BigCode's, BLOOM's, MPT's and GPT-J's embeddings have no padding_idx:
         // every row takes its gradient.
@@ -1253,7 +1305,7 @@ impl ModelConfig {
         };
         let rotary_layers = match model_type.as_str() {
             _ if alibi.is_some() => vec![false; num_hidden_layers],
-            "smollm3" => smollm3_rotary_layers(v, num_hidden_layers, path)?,
+            "smollm3" | "llama4_text" => nope_rotary_layers(v, num_hidden_layers, path)?,
             _ if layer_rotary.is_some() => layer_rotary.expect("checked"),
             // Cohere 2 rotates in its sliding-window layers only.
             "cohere2" => sliding_layers.clone(),
@@ -1311,6 +1363,7 @@ impl ModelConfig {
                         | "gpt_oss"
                         | "hunyuan_v1_dense"
                         | "hunyuan_v1_moe"
+                        | "llama4_text"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1427,6 +1480,7 @@ impl ModelConfig {
             learned_positions,
             mla,
             query_scaling,
+            max_tokens,
         })
     }
 
@@ -1440,7 +1494,7 @@ impl ModelConfig {
         );
         match self.qk_norm {
             QkNorm::Off => None,
-            QkNorm::PerHead => Some([(hd, 1), (hd, 1)]),
+            QkNorm::PerHead | QkNorm::Weightless => Some([(hd, 1), (hd, 1)]),
             QkNorm::Whole => Some([(heads * hd, 1), (kv_heads * hd, 1)]),
             QkNorm::HeadWeights => Some([(hd, heads), (hd, kv_heads)]),
         }
@@ -1662,7 +1716,7 @@ fn parse_sliding_window(
                 None
             };
             let derived = || {
-                let rotary = smollm3_rotary_layers(v, layers, path)?;
+                let rotary = nope_rotary_layers(v, layers, path)?;
                 Ok(rotary.iter().map(|&r| w.is_some() && !r).collect())
             };
             let off = " (or 'use_sliding_window' is false)";
@@ -2195,6 +2249,7 @@ fn parse_moe(
         // these name their parts.
         "gpt_oss" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         "hunyuan_v1_moe" => return hunyuan_moe(v, layers, intermediate_size, path).map(Some),
+        "llama4_text" => return llama4_moe(v, layers, path).map(Some),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
         | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
@@ -2313,6 +2368,11 @@ fn parse_moe(
             }
             _ => None,
         },
+        input_scaled: false,
+        fused: match model_type {
+            "gpt_oss" => FusedExperts::InputsFirst { interleaved: true },
+            _ => FusedExperts::OutputsFirst,
+        },
     }))
 }
 
@@ -2361,7 +2421,137 @@ fn hunyuan_moe(v: &Value, layers: usize, inter: usize, path: &Path) -> Result<Mo
         prefix: "mlp",
         projections: ["gate_proj", "up_proj", "down_proj"],
         oss: None,
+        input_scaled: false,
+        fused: FusedExperts::OutputsFirst,
     })
+}
+
+/// Llama 4's mixture (Llama4TextConfig's fields and defaults): `num_local_experts` (16) of
+/// `intermediate_size` (8192), the top `num_experts_per_tok` (1) logits each weighting its token's
+/// input to the expert by their σ, a shared MLP of `intermediate_size` (`feed_forward.shared_expert`,
+/// read as `mlp.shared_expert`), on the layers of [`llama4_moe_layers`] (the others a dense MLP of
+/// `intermediate_size_mlp`). The experts are stored fused, inputs first, gate and up in halves.
+fn llama4_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let (experts, top_k, inter) = (
+        size("num_local_experts", 16)?,
+        size("num_experts_per_tok", 1)?,
+        size("intermediate_size", 8192)?,
+    );
+    check_top_k("num_experts_per_tok", top_k, experts, path)?;
+    Ok(Moe {
+        experts,
+        top_k,
+        normalise: false,
+        inter,
+        shared: Some(SharedExpert {
+            module: "mlp.shared_expert",
+            inter,
+            gated: false,
+        }),
+        router: MoeRouter::SigmoidTopK,
+        sparse_layers: llama4_moe_layers(v, layers, path)?,
+        prefix: "mlp",
+        projections: ["gate_proj", "up_proj", "down_proj"],
+        oss: None,
+        input_scaled: true,
+        fused: FusedExperts::InputsFirst { interleaved: false },
+    })
+}
+
+/// Llama 4's sparse layers: those `moe_layers` lists, or without it every
+/// `interleave_moe_layer_step`-th (default 1: all), from layer step − 1, as Llama4TextConfig derives
+/// them. Read here and by the pruned checkpoint's config, which restates them for the kept layers.
+pub fn llama4_moe_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let listed: Vec<usize> = match v.get("moe_layers") {
+        None | Some(Value::Null) => {
+            let step = size_within(v, "interleave_moe_layer_step", 1, path)?;
+            if step == 0 {
+                return Err(model_err(path, "field 'interleave_moe_layer_step' is 0"));
+            }
+            (step - 1..layers).step_by(step).collect()
+        }
+        Some(x) => serde_json::from_value(x.clone())
+            .ok()
+            .filter(|l: &Vec<usize>| l.iter().all(|&l| l < layers))
+            .ok_or_else(|| {
+                model_err(
+                    path,
+                    format!("field 'moe_layers' is not a list of layer indices below {layers}"),
+                )
+            })?,
+    };
+    Ok((0..layers).map(|l| listed.contains(&l)).collect())
+}
+
+/// The longest sequence Llama 4 runs as the runtime computes it: its rotary layers' attention is
+/// chunked (`layer_types` "chunked_attention", or derived: the rotary layers when
+/// `attention_chunk_size`, default 8192, is not null), a query seeing the keys of its own chunk only,
+/// which is plain causal attention up to the chunk's length; its NoPE layers scale the queries at
+/// position p by 1 + `attn_scale` ln(1 + ⌊(p + 1) / `floor_scale`⌋) (`attn_temperature_tuning`,
+/// defaults true, 0.1, 8192), which is 1 below `floor_scale` − 1.
+fn llama4_max_tokens(v: &Value, layers: usize, path: &Path) -> Result<Option<(usize, String)>> {
+    let rotary = nope_rotary_layers(v, layers, path)?;
+    let chunk = match v.get("attention_chunk_size") {
+        Some(Value::Null) => None,
+        _ => Some(size_within(v, "attention_chunk_size", 8192, path)?).filter(|&c| c > 0),
+    };
+    let chunked: Vec<bool> = match v.get("layer_types") {
+        None | Some(Value::Null) => rotary.iter().map(|&r| r && chunk.is_some()).collect(),
+        Some(lt) => {
+            let kinds: Option<Vec<bool>> = lt.as_array().and_then(|a| {
+                a.iter()
+                    .map(|k| match k.as_str() {
+                        Some("chunked_attention") => Some(true),
+                        Some("full_attention") => Some(false),
+                        _ => None,
+                    })
+                    .collect()
+            });
+            kinds.filter(|k| k.len() == layers).ok_or_else(|| {
+                model_err(
+                    path,
+                    format!(
+                        "field 'layer_types' must list {layers} entries of \"chunked_attention\" \
+                         or \"full_attention\""
+                    ),
+                )
+            })?
+        }
+    };
+    let mut limits = Vec::new();
+    if chunked.iter().any(|&c| c) {
+        let chunk = chunk.ok_or_else(|| {
+            model_err(
+                path,
+                "layer_types names chunked layers but 'attention_chunk_size' is null",
+            )
+        })?;
+        limits.push((
+            chunk,
+            format!("Llama 4 attends within chunks of {chunk} tokens"),
+        ));
+    }
+    let tuning = opt_bool(v, "attn_temperature_tuning", path)?.unwrap_or(true)
+        && opt_f64(v, "attn_scale", path)?.unwrap_or(0.1) != 0.0;
+    if tuning && rotary.iter().any(|&r| !r) {
+        let floor = size_within(v, "floor_scale", 8192, path)?;
+        if floor < 2 {
+            return Err(model_err(
+                path,
+                format!("field 'floor_scale' is {floor}, below 2"),
+            ));
+        }
+        limits.push((
+            floor - 1,
+            format!(
+                "past {} tokens Llama 4 scales the queries of its layers without a rotary \
+                 embedding (attn_temperature_tuning)",
+                floor - 1
+            ),
+        ));
+    }
+    Ok(limits.into_iter().min_by_key(|&(t, _)| t))
 }
 
 /// A mixture's MLP module and an expert's gate, up and down projections ([`Moe::prefix`],
@@ -2418,6 +2608,8 @@ fn ernie4_5_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Resul
         prefix,
         projections,
         oss: None,
+        input_scaled: false,
+        fused: FusedExperts::OutputsFirst,
     })
 }
 
@@ -2546,6 +2738,8 @@ fn deepseek_v2_moe(v: &Value, layers: usize, names: MoeNames, path: &Path) -> Re
         prefix,
         projections,
         oss: None,
+        input_scaled: false,
+        fused: FusedExperts::OutputsFirst,
     })
 }
 
@@ -2701,6 +2895,8 @@ fn grouped_moe(
         prefix,
         projections,
         oss: None,
+        input_scaled: false,
+        fused: FusedExperts::OutputsFirst,
     })
 }
 
@@ -2914,10 +3110,12 @@ fn layer_rope_theta(
     ))
 }
 
-/// SmolLM3's layers with a rotary embedding (true) and without ("NoPE", false): `no_rope_layers` (1:
-/// rotary, 0: none) or, without it, every layer but each `no_rope_layer_interval`-th (absent → 4), as
-/// SmolLM3Config derives them. Read here and by the pruned checkpoint's config, which writes them out.
-pub fn smollm3_rotary_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+/// SmolLM3's and Llama 4's layers with a rotary embedding (true) and without ("NoPE", false):
+/// `no_rope_layers` (1: rotary, 0: none) or, without it, every layer but each
+/// `no_rope_layer_interval`-th (absent → 4), as SmolLM3Config and Llama4TextConfig derive them (the
+/// latter from an empty list too). Read here and by the pruned checkpoint's config, which writes them
+/// out.
+pub fn nope_rotary_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
     match v.get("no_rope_layers") {
         None | Some(Value::Null) => {
             let interval = opt_usize(v, "no_rope_layer_interval", path)?.unwrap_or(4);
@@ -2925,6 +3123,11 @@ pub fn smollm3_rotary_layers(v: &Value, layers: usize, path: &Path) -> Result<Ve
                 return Err(model_err(path, "field 'no_rope_layer_interval' is 0"));
             }
             Ok((0..layers).map(|l| (l + 1) % interval != 0).collect())
+        }
+        Some(Value::Array(a)) if a.is_empty() && layers > 0 => {
+            let mut derived = v.clone();
+            derived["no_rope_layers"] = Value::Null;
+            nope_rotary_layers(&derived, layers, path)
         }
         Some(list) => {
             let flags: Option<Vec<bool>> = list.as_array().and_then(|a| {
@@ -3294,6 +3497,7 @@ fn class_rope_theta(model_type: &str) -> f64 {
         "cwm" => 1_000_000.0,
         "helium" => 100_000.0,
         "gpt_oss" => 150_000.0,
+        "llama4_text" => 500_000.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
         "minimax_m2" => 5_000_000.0,

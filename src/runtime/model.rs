@@ -29,7 +29,8 @@
 //! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
 use super::config::{
-    BlockLayout, BlockNorms, ModelConfig, Moe, MoeRouter, QkNorm, SharedExpert, MLA_NORM_EPS,
+    BlockLayout, BlockNorms, FusedExperts, ModelConfig, Moe, MoeRouter, QkNorm, SharedExpert,
+    MLA_NORM_EPS,
 };
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
@@ -583,6 +584,13 @@ impl Model {
                         topk_group,
                         scale,
                     },
+                    // σ's top k are the logits' top k: σ with no bias, one group, no scale.
+                    MoeRouter::SigmoidTopK => Router::Sigmoid {
+                        bias: vec![0.0; m.experts].into(),
+                        groups: 1,
+                        topk_group: 1,
+                        scale: 1.0,
+                    },
                 })
             })
             .collect()
@@ -658,8 +666,8 @@ impl Model {
             // gate and up stacked in `experts.gate_up_proj` `[experts, 2 inter, hidden]`, its down in
             // `experts.down_proj` `[experts, hidden, inter]`.
             let m = c.moe.as_ref().filter(|_| self.has_fused_experts(l));
-            if let Some(m) = m.filter(|m| m.oss.is_some()) {
-                split_oss_experts(&mut self.weights, m, c.hidden_size, &layer)?;
+            if let Some(m) = m.filter(|m| m.fused != FusedExperts::OutputsFirst) {
+                split_inputs_first_experts(&mut self.weights, m, c.hidden_size, &layer)?;
             } else if let Some(m) = m {
                 let experts = |p: &str| format!("{layer}.{}.experts.{p}", m.prefix);
                 let [gate, up, down] = m.projections;
@@ -791,15 +799,17 @@ impl Model {
             if let Some(m) = moe {
                 moe_linears.push((format!("{}.gate", m.prefix), m.experts, h));
                 let name = |p: &str| format!("{}.experts.{p}", m.prefix);
-                match (fused_experts, m.oss.is_some()) {
-                    // GPT-OSS: inputs first, with biases; and the router's bias.
-                    (true, true) => {
+                match (fused_experts, m.fused) {
+                    // GPT-OSS's and Llama 4's: inputs first (GPT-OSS's with biases).
+                    (true, FusedExperts::InputsFirst { .. }) => {
                         t(&name("gate_up_proj"), vec![m.experts, h, 2 * m.inter]);
-                        t(&name("gate_up_proj_bias"), vec![m.experts, 2 * m.inter]);
                         t(&name("down_proj"), vec![m.experts, m.inter, h]);
-                        t(&name("down_proj_bias"), vec![m.experts, h]);
+                        if m.oss.is_some() {
+                            t(&name("gate_up_proj_bias"), vec![m.experts, 2 * m.inter]);
+                            t(&name("down_proj_bias"), vec![m.experts, h]);
+                        }
                     }
-                    (true, false) => {
+                    (true, FusedExperts::OutputsFirst) => {
                         t(&name("gate_up_proj"), vec![m.experts, 2 * m.inter, h]);
                         t(&name("down_proj"), vec![m.experts, h, m.inter]);
                     }
@@ -863,7 +873,7 @@ impl Model {
             for (name, rows, cols) in moe_linears {
                 t(&format!("{name}.weight"), vec![rows, cols]);
             }
-            if let Some(rows) = c.qk_norm_rows() {
+            if let Some(rows) = c.qk_norm_rows().filter(|_| c.qk_norm != QkNorm::Weightless) {
                 let per_head = per_head_qk_norms(c);
                 for (i, (name, (d, groups))) in QK_NORMS.iter().zip(rows).enumerate() {
                     match (per_head, groups) {
@@ -1125,11 +1135,10 @@ impl Model {
                 "a batch needs at least one sequence of at least 2 tokens",
             ));
         }
-        if let Some((_, unscaled)) = c.query_scaling.filter(|&(_, u)| t > u) {
+        if let Some((most, why)) = c.max_tokens.as_ref().filter(|&&(most, _)| t > most) {
             return Err(Error::invalid(format!(
-                "sequences of {t} tokens: past {unscaled} tokens Ministral 3 scales its queries \
-                 (llama_4_scaling_beta), which the runtime does not; use sequences of at most \
-                 {unscaled} tokens"
+                "sequences of {t} tokens: {why}, which the runtime does not compute; use sequences \
+                 of at most {most} tokens"
             )));
         }
         if let Some(&l) = skip.iter().find(|&&l| l >= self.num_layers()) {
@@ -1341,17 +1350,26 @@ impl Model {
             };
         // The norm `shape` of the rows of x (`width` a buffer row: shape.d = width, or head_dim for
         // Qwen3's per-head q_norm / k_norm; shape.groups rows of weights, one per head for Cohere's q/k
-        // norms): RMSNorm, or GPT-NeoX's LayerNorm (with its bias where `bias`).
+        // norms): RMSNorm, or GPT-NeoX's LayerNorm (with its bias where `bias`); with weights where the
+        // layout's norms have them, but for Llama 4's q/k norms (`weight` false).
         let norm_rows = |tape: &mut Tape<D>,
                          x: BufId,
                          name: &str,
                          width: usize,
                          shape: NormShape,
-                         bias: bool| {
+                         (weight, bias): (bool, bool)| {
             let param = |tape: &mut Tape<D>, what| {
                 tape.param(format!("{pre}.{name}.{what}"), l, shape.groups * shape.d)
             };
-            let w = (c.layout.norm_weight()).then(|| param(tape, "weight"));
+            let w = (weight && c.layout.norm_weight()).then(|| param(tape, "weight"));
+            // A norm asked for without weights has a gain of 1.
+            let shape = match weight {
+                true => shape,
+                false => NormShape {
+                    offset: 1.0,
+                    ..shape
+                },
+            };
             let b = bias.then(|| param(tape, "bias"));
             let y = tape.buffer(format!("{pre}.{name}"), n, width);
             tape.push(op::Norm {
@@ -1363,6 +1381,12 @@ impl Model {
             });
             y
         };
+        // The q/k norms' rows (Llama 4's only where the layer rotates) and their (weight, bias).
+        let weightless = c.qk_norm == QkNorm::Weightless;
+        let qk_rows = c
+            .qk_norm_rows()
+            .filter(|_| !weightless || c.rotary_layers[l]);
+        let qk_params = (!weightless, false);
         // With `groups` rows of weights.
         let grouped_shape = |(d, groups)| NormShape {
             groups,
@@ -1375,7 +1399,7 @@ impl Model {
                 name,
                 width,
                 self.norm_shape(d),
-                c.layout.norm_bias(),
+                (true, c.layout.norm_bias()),
             )
         };
         // x + branch, the branch × Granite's residual_multiplier first.
@@ -1429,7 +1453,7 @@ impl Model {
                         eps: MLA_NORM_EPS,
                         ..self.norm_shape(d)
                     };
-                    norm_rows(tape, x, name, d, shape, false)
+                    norm_rows(tape, x, name, d, shape, (true, false))
                 };
                 let q = match mla.q_lora_rank {
                     Some(ql) => {
@@ -1509,9 +1533,9 @@ impl Model {
                 let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);
                 let v = linear(tape, a, vn, h, kvd, c.qkv_bias);
                 // No family's q/k norms have a bias (Cohere's and StableLM's LayerNorms included).
-                if let Some([q_rows, k_rows]) = c.qk_norm_rows().filter(|_| !c.qk_norm_after_rope) {
-                    q = norm_rows(tape, q, QK_NORMS[0], qd, grouped_shape(q_rows), false);
-                    k = norm_rows(tape, k, QK_NORMS[1], kvd, grouped_shape(k_rows), false);
+                if let Some([q_rows, k_rows]) = qk_rows.filter(|_| !c.qk_norm_after_rope) {
+                    q = norm_rows(tape, q, QK_NORMS[0], qd, grouped_shape(q_rows), qk_params);
+                    k = norm_rows(tape, k, QK_NORMS[1], kvd, grouped_shape(k_rows), qk_params);
                 }
                 (q, k, v)
             }
@@ -1540,9 +1564,9 @@ impl Model {
             ),
         };
         // HunYuan normalises the rotated q and k.
-        if let Some([q_rows, k_rows]) = c.qk_norm_rows().filter(|_| c.qk_norm_after_rope) {
-            qr = norm_rows(tape, qr, QK_NORMS[0], qd, grouped_shape(q_rows), false);
-            kr = norm_rows(tape, kr, QK_NORMS[1], kvd, grouped_shape(k_rows), false);
+        if let Some([q_rows, k_rows]) = qk_rows.filter(|_| c.qk_norm_after_rope) {
+            qr = norm_rows(tape, qr, QK_NORMS[0], qd, grouped_shape(q_rows), qk_params);
+            kr = norm_rows(tape, kr, QK_NORMS[1], kvd, grouped_shape(k_rows), qk_params);
         }
         let att = tape.buffer(format!("{pre}.attn"), n, qd);
         let lse = tape.buffer(
@@ -1655,6 +1679,7 @@ impl Model {
                         },
                         up_act: oss.map(|o| Activation::ClampPlusOne(o.limit)),
                         inter: moe.inter,
+                        input_scaled: moe.input_scaled,
                         out,
                     });
                     let Some(s) = &moe.shared else {
@@ -1727,20 +1752,34 @@ impl Model {
     }
 }
 
-/// GPT-OSS: name each expert's projections and biases in a layer's fused experts (`layer` its prefix),
-/// stored inputs first (`gate_up_proj` `[experts, hidden, 2 inter]`, gate and up interleaved: columns
-/// 0, 2, … and 1, 3, …; `down_proj` `[experts, inter, hidden]`; the biases `[experts, …]` alike), as
-/// the `[out, in]` weights the decoder reads ([`Weights::strided_columns`]).
-fn split_oss_experts(weights: &mut Weights, m: &Moe, hidden: usize, layer: &str) -> Result<()> {
+/// GPT-OSS and Llama 4: name each expert's projections (and GPT-OSS's biases) in a layer's fused
+/// experts (`layer` its prefix), stored inputs first (`gate_up_proj` `[experts, hidden, 2 inter]`, gate
+/// and up interleaved, GPT-OSS's columns 0, 2, … and 1, 3, …, or in halves, Llama 4's; `down_proj`
+/// `[experts, inter, hidden]`; the biases `[experts, …]` alike), as the `[out, in]` weights the decoder
+/// reads ([`Weights::strided_columns`]).
+fn split_inputs_first_experts(
+    weights: &mut Weights,
+    m: &Moe,
+    hidden: usize,
+    layer: &str,
+) -> Result<()> {
     let stored = |p: &str| format!("{layer}.{}.experts.{p}", m.prefix);
     let [gate, up, down] = m.projections;
+    let (gate_cols, up_cols) = match m.fused {
+        FusedExperts::InputsFirst { interleaved: true } => ((0, 2, m.inter), (1, 2, m.inter)),
+        _ => ((0, 1, m.inter), (m.inter, 1, m.inter)),
+    };
+    let parts: &[(&str, &str)] = match m.oss {
+        Some(_) => &[("weight", ""), ("bias", "_bias")],
+        None => &[("weight", "")],
+    };
     for e in 0..m.experts {
         let part = |p: &str, what: &str| format!("{layer}.{}.experts.{e}.{p}.{what}", m.prefix);
-        for (what, suffix) in [("weight", ""), ("bias", "_bias")] {
+        for &(what, suffix) in parts {
             let gate_up = stored(&format!("gate_up_proj{suffix}"));
             let down_all = stored(&format!("down_proj{suffix}"));
-            weights.strided_columns(&gate_up, e, (0, 2, m.inter), &part(gate, what))?;
-            weights.strided_columns(&gate_up, e, (1, 2, m.inter), &part(up, what))?;
+            weights.strided_columns(&gate_up, e, gate_cols, &part(gate, what))?;
+            weights.strided_columns(&gate_up, e, up_cols, &part(up, what))?;
             weights.strided_columns(&down_all, e, (0, 1, hidden), &part(down, what))?;
         }
     }
@@ -1804,6 +1843,30 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
             ("mlp.router.weight", "mlp.gate.weight"),
             ("mlp.router.bias", "mlp.gate.bias"),
         ],
+        // Llama 4's MLP module (dense or a mixture) is `feed_forward`, its router `router`.
+        "llama4_text" => &[
+            ("feed_forward.router.weight", "mlp.gate.weight"),
+            (
+                "feed_forward.experts.gate_up_proj",
+                "mlp.experts.gate_up_proj",
+            ),
+            ("feed_forward.experts.down_proj", "mlp.experts.down_proj"),
+            (
+                "feed_forward.shared_expert.gate_proj.weight",
+                "mlp.shared_expert.gate_proj.weight",
+            ),
+            (
+                "feed_forward.shared_expert.up_proj.weight",
+                "mlp.shared_expert.up_proj.weight",
+            ),
+            (
+                "feed_forward.shared_expert.down_proj.weight",
+                "mlp.shared_expert.down_proj.weight",
+            ),
+            ("feed_forward.gate_proj.weight", "mlp.gate_proj.weight"),
+            ("feed_forward.up_proj.weight", "mlp.up_proj.weight"),
+            ("feed_forward.down_proj.weight", "mlp.down_proj.weight"),
+        ],
         _ => &[],
     }
 }
@@ -1813,7 +1876,7 @@ fn router_bias(m: &Moe) -> Option<(&'static str, Vec<usize>)> {
     match m.router {
         MoeRouter::Sigmoid { bias, .. } => Some((bias, vec![m.experts])),
         MoeRouter::SoftmaxBiased { bias } => Some((bias, vec![1, m.experts])),
-        MoeRouter::Softmax | MoeRouter::SoftmaxGroups { .. } => None,
+        MoeRouter::Softmax | MoeRouter::SoftmaxGroups { .. } | MoeRouter::SigmoidTopK => None,
     }
 }
 

@@ -4,7 +4,8 @@
 //! [`SparseMoe`], written once for every [`Device`] from the device's ops: the rows routed to an expert
 //! are gathered (the embedding lookup, with the input as the table), run through the expert's gated MLP
 //! (linear, activation, multiply, linear), weighted by their routing weights ([`Device::row_scale_forward`])
-//! and scattered back into the output (the embedding's backward, which adds).
+//! and scattered back into the output (the embedding's backward, which adds). Llama 4 weights the
+//! gathered rows instead, before the expert ([`SparseMoe::input_scaled`]).
 //!
 //! Which rows go where is data: it is known only once the router's logits are, so the routing is done on
 //! the host ([`Routing`]: softmax or σ, a correction bias on the choice, top-k, renormalisation, in f64,
@@ -289,10 +290,10 @@ pub struct Expert {
     pub bias: Option<[ParamId; 3]>,
 }
 
-/// out = Σ over each row's chosen experts of weight · expert(x) (see the module doc). `x` is the MLP's
-/// input `[rows, hidden]`, `logits` the router's output `[rows, experts]`; `inter` is an expert's
-/// intermediate size, `act` its gate activation, `up_act` one on its up projection (GPT-OSS's
-/// `clamp(up) + 1`).
+/// out = Σ over each row's chosen experts of weight · expert(x), or with `input_scaled` of
+/// expert(weight · x) (see the module doc). `x` is the MLP's input `[rows, hidden]`, `logits` the
+/// router's output `[rows, experts]`; `inter` is an expert's intermediate size, `act` its gate
+/// activation, `up_act` one on its up projection (GPT-OSS's `clamp(up) + 1`).
 #[derive(Clone, Debug)]
 pub struct SparseMoe {
     pub x: BufId,
@@ -304,16 +305,22 @@ pub struct SparseMoe {
     pub act: Activation,
     pub up_act: Option<Activation>,
     pub inter: usize,
+    /// Llama 4's: each routed row × its weight goes into the expert, whose output is summed unweighted.
+    /// The padding rows (weight 0) then run the expert on zeros, which gives exactly 0 only without
+    /// biases: the two are not combined.
+    pub input_scaled: bool,
     pub out: BufId,
 }
 
 /// An expert's forward on its rows (the forward adds its output and drops it; the backward recomputes
-/// it and reads every buffer): the row ids on the device, the gathered input, gate and up projections,
-/// activation, product and output; `up_act`'s output where there is one.
+/// it and reads every buffer): the row ids on the device, the expert's input (the gathered rows, × their
+/// weights with [`SparseMoe::input_scaled`]), gate and up projections, activation, product and output;
+/// `up_act`'s output where there is one; the gathered rows before their weights where they were scaled.
 struct ExpertPass<D: Device> {
     ids: D::Ids,
     bufs: [D::Buf; 6],
     up_act: Option<D::Buf>,
+    unscaled: Option<D::Buf>,
 }
 
 impl SparseMoe {
@@ -346,7 +353,9 @@ impl SparseMoe {
         ))
     }
 
-    /// Expert `e`'s forward on `rows` of `x`: gather, gate and up, activation, product, down.
+    /// Expert `e`'s forward on `rows` of `x`: gather (× the rows' weights `s` with `input_scaled`), gate
+    /// and up, activation, product, down.
+    #[allow(clippy::too_many_arguments)]
     fn expert_forward<D: Device>(
         &self,
         t: &Tape<D>,
@@ -354,12 +363,21 @@ impl SparseMoe {
         pool: &mut Pool<D>,
         e: usize,
         rows: &[i64],
+        s: &D::Buf,
     ) -> Result<ExpertPass<D>> {
         let (dev, ex) = (&t.dev, self.experts[e]);
         let (c, h, i) = (rows.len(), t.bufs[self.x].cols, self.inter);
         let ids = dev.ids(rows)?;
         let mut xe = pool.alloc(dev, c * h)?;
         dev.embedding_forward(&ids, t.data(self.x), h, 1.0, &mut xe)?;
+        let unscaled = match self.input_scaled {
+            true => {
+                let mut scaled = pool.alloc(dev, c * h)?;
+                dev.row_scale_forward(&xe, s, h, &mut scaled)?;
+                Some(std::mem::replace(&mut xe, scaled))
+            }
+            false => None,
+        };
         let bias = |k: usize| ex.bias.map(|b| t.p(store, b[k])).transpose();
         let [bg, bu, bd] = [bias(0)?, bias(1)?, bias(2)?];
         let mut g = pool.alloc(dev, c * i)?;
@@ -384,6 +402,7 @@ impl SparseMoe {
             ids,
             bufs: [xe, g, u, a, m, ye],
             up_act,
+            unscaled,
         })
     }
 
@@ -418,12 +437,21 @@ impl<D: Device> TapeOp<D> for SparseMoe {
                 if rows.is_empty() {
                     continue;
                 }
-                let pass = self.expert_forward(t, store, &mut pool, e, &rows)?;
                 let s = Self::weights(&t.dev, &mut pool, &weights)?;
-                let mut z = pool.alloc(&t.dev, rows.len() * h)?;
-                t.dev.row_scale_forward(&pass.bufs[5], &s, h, &mut z)?;
-                t.dev.embedding_backward(&pass.ids, &z, h, 1.0, None, y)?;
-                for b in pass.bufs.into_iter().chain(pass.up_act).chain([s, z]) {
+                let pass = self.expert_forward(t, store, &mut pool, e, &rows, &s)?;
+                // The weighted output (the output itself where the input was weighted).
+                let z = match self.input_scaled {
+                    true => None,
+                    false => {
+                        let mut z = pool.alloc(&t.dev, rows.len() * h)?;
+                        t.dev.row_scale_forward(&pass.bufs[5], &s, h, &mut z)?;
+                        Some(z)
+                    }
+                };
+                let out = z.as_ref().unwrap_or(&pass.bufs[5]);
+                t.dev.embedding_backward(&pass.ids, out, h, 1.0, None, y)?;
+                let rest = [pass.up_act, pass.unscaled, z].into_iter().flatten();
+                for b in pass.bufs.into_iter().chain(rest).chain([s]) {
                     pool.release(&t.dev, b);
                 }
             }
@@ -456,22 +484,30 @@ impl<D: Device> TapeOp<D> for SparseMoe {
                     continue;
                 }
                 let ex = self.experts[e];
-                let pass = self.expert_forward(t, store, &mut pool, e, &rows)?;
+                let s = Self::weights(dev, &mut pool, &weights)?;
+                let pass = self.expert_forward(t, store, &mut pool, e, &rows, &s)?;
                 let [xe, g, u, a, m, ye] = &pass.bufs;
                 // The biases' gradients beside their weights'.
                 let mut db = ex.bias.map(|b| b.map(|p| pg.take(p)));
-                let s = Self::weights(dev, &mut pool, &weights)?;
-                // d(weighted output), gathered from the output's gradient.
+                // d(weighted output), gathered from the output's gradient: d(output) itself where the
+                // input was weighted.
                 let mut dz = pool.alloc(dev, c * h)?;
                 dev.embedding_forward(&pass.ids, t.grad(self.out), h, 1.0, &mut dz)?;
-                let (mut dye, mut ds) = (pool.alloc(dev, c * h)?, pool.alloc(dev, c)?);
-                dev.row_scale_backward(ye, &s, &dz, h, &mut dye, &mut ds)?;
-                dweight_bufs.push((e, ds));
+                let mut ds = pool.alloc(dev, c)?;
+                let dye = match self.input_scaled {
+                    true => None,
+                    false => {
+                        let mut dye = pool.alloc(dev, c * h)?;
+                        dev.row_scale_backward(ye, &s, &dz, h, &mut dye, &mut ds)?;
+                        Some(dye)
+                    }
+                };
                 let mut dm = pool.alloc(dev, c * i)?;
                 let mut dw = pg.take(ex.down);
                 let w = t.w(store, ex.down)?;
                 let ddb = db.as_mut().map(|d| &mut *d[2]);
-                let r = dev.linear_backward(m, &w, &dye, c, i, h, Some(&mut dm), &mut dw, ddb);
+                let dout = dye.as_ref().unwrap_or(&dz);
+                let r = dev.linear_backward(m, &w, dout, c, i, h, Some(&mut dm), &mut dw, ddb);
                 pg.put(ex.down, dw);
                 r?;
                 let (mut da, mut du) = (pool.alloc(dev, c * i)?, pool.alloc(dev, c * i)?);
@@ -497,10 +533,19 @@ impl<D: Device> TapeOp<D> for SparseMoe {
                 if let (Some(b), Some(db)) = (ex.bias, db) {
                     b.into_iter().zip(db).for_each(|(p, d)| pg.put(p, d));
                 }
-                dev.embedding_backward(&pass.ids, &dxe, h, 1.0, None, dx)?;
-                for b in (pass.bufs.into_iter().chain(pass.up_act))
-                    .chain([s, dz, dye, dm, da, du, dg, dxe])
-                {
+                // Through the input's weights: d(gathered rows) and d(weights).
+                let dxg = match &pass.unscaled {
+                    Some(xg) => {
+                        let mut dxg = pool.alloc(dev, c * h)?;
+                        dev.row_scale_backward(xg, &s, &dxe, h, &mut dxg, &mut ds)?;
+                        Some(dxg)
+                    }
+                    None => None,
+                };
+                dweight_bufs.push((e, ds));
+                dev.embedding_backward(&pass.ids, dxg.as_ref().unwrap_or(&dxe), h, 1.0, None, dx)?;
+                let rest = [pass.up_act, pass.unscaled, dye, dxg].into_iter().flatten();
+                for b in (pass.bufs.into_iter().chain(rest)).chain([s, dz, dm, da, du, dg, dxe]) {
                     pool.release(dev, b);
                 }
             }
