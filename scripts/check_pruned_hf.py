@@ -118,6 +118,13 @@ CASES = {
     "vaultgemma_pre_norms": ONE_BY_GRADNORM,
     "hunyuan_moe_shared": ONE_BY_GRADNORM,
     "gpt_neo_local": ONE_BY_GRADNORM,
+    # Llama 4: layer 1 (a mixture) out: the NoPE layer 2 and the mixture on layer 3 move up a place (the
+    # derived no_rope_layers written out, moe_layers restated by the new indices, the fused experts
+    # copied whole).
+    "llama4_moe_nope": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    # Llama 4's wrapper: its text_config's moe_layers (as long as the layer count) restated, the vision tower
+    # and projector copied.
+    "llama4_vision": ONE_BY_GRADNORM,
     # FP8 blocks kept as stored (e4m3 + scales), quantization_config kept.
     "qwen3_fp8_blocks": ONE_BY_GRADNORM,
     "gpt_oss_sinks": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the runtime's test fixtures: tiny random LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-3 /
 OLMo 2 and 3 / SmolLM3 / StableLM / Cohere 1-2 / InternLM3 / GLM / GLM-4 /
-EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE, GLM-4.5, MiniMax-M2, ERNIE 4.5), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
+EXAONE 4 / Falcon / OLMo 1 / ERNIE 4.5 / Helium / Seed-OSS / Arcee / Granite / StarCoder2 / GPT-NeoX / Phi / GPT-2 / GPT-BigCode / GPT-J / CodeGen / OPT checkpoints, mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE, GLM-4.5, MiniMax-M2, ERNIE 4.5, Llama 4), and two vision-language ones (Gemma 3, Mistral 3) whose language model the runtime reads, made with
 Hugging Face
 `transformers` from a config and a seed (no downloads), calibration tokens, and PyTorch's float64 reference
 numbers (loss, per-layer gradient norms, per-layer hidden states).
@@ -842,6 +842,25 @@ FIXTURES = [
                                      head_dim=8),
                   image_token_index=127, spatial_merge_size=1, tie_word_embeddings=False),
          relayout=True, token_max=127, seed=13),
+    # Llama 4 Scout's wrapper (llama4): the language model (language_model.model.…,
+    # language_model.lm_head) beside a one-layer vision tower and projector; a mixture on every layer
+    # (moe_layers stated, as long as the layer count), the top 1 of 4 experts, no_rope_layers stated,
+    # f32.
+    dict(name="llama4_vision", model_type="llama4", dtype=torch.float32, token_dtype=np.int64,
+         cls="Llama4ForConditionalGeneration",
+         cfg=dict(text_config=dict(model_type="llama4_text", hidden_size=32, intermediate_size=24,
+                                   intermediate_size_mlp=40, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-5,
+                                   num_local_experts=4, num_experts_per_tok=1, no_rope_layers=[1, 0, 1],
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                   rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+                  vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=28, patch_size=14,
+                                     vision_output_dim=16, projector_input_dim=16, projector_output_dim=16,
+                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+                  image_token_index=127, boi_token_index=125, eoi_token_index=126,
+                  tie_word_embeddings=False),
+         eager_experts=True, token_max=125, seed=81),
 ]
 
 
@@ -859,6 +878,8 @@ def text_model(model):
         return model.gpt_neox
     if hasattr(model, "transformer"):
         return model.transformer
+    if not hasattr(model, "model"):
+        return model.language_model.model  # Llama 4's wrapper: the causal LM inside
     if hasattr(model.model, "decoder"):
         return model.model.decoder  # OPT
     return getattr(model.model, "language_model", model.model)
@@ -881,7 +902,9 @@ def embedding(model):
 
 
 def lm_head(model):
-    return model.embed_out if hasattr(model, "embed_out") else model.lm_head
+    if hasattr(model, "embed_out"):
+        return model.embed_out
+    return model.lm_head if hasattr(model, "lm_head") else model.language_model.lm_head
 
 
 def final_norm(model):

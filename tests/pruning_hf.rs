@@ -410,6 +410,15 @@ fn gpt_neo_matches_transformers() {
     check_case("gpt_neo_local");
 }
 
+/// Llama 4: a mixture's layer out; the NoPE layer and the next mixture move up a place (no_rope_layers
+/// written out, moe_layers restated), the fused experts copied whole, the MLPs under `feed_forward`;
+/// Scout's wrapper: its text_config's stated moe_layers restated, the vision tower copied.
+#[test]
+fn llama4_matches_transformers() {
+    check_case("llama4_moe_nope");
+    check_case("llama4_vision");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

@@ -250,32 +250,24 @@ pub fn pruned_config(
     // layer count, and is no per-layer list).
     if model_type == Some("llama4_text") {
         let sparse = llama4_moe_layers(decoder, old, path)?;
-        let new: Vec<usize> = (kept.iter().enumerate())
-            .filter(|&(_, &l)| sparse[l])
-            .map(|(new, _)| new)
-            .collect();
-        obj.insert("moe_layers".into(), new.into());
+        obj.insert("moe_layers".into(), new_indices(kept, &sparse, true).into());
     }
     // Qwen2-MoE and Qwen3-MoE make layer l dense when it is in `mlp_only_layers` or (l + 1) is not a
     // multiple of `decoder_sparse_step`: list the kept dense layers by their new indices, step 1, so
     // that every kept layer keeps its kind.
     if matches!(model_type, Some("qwen2_moe" | "qwen3_moe")) {
         let sparse = qwen_moe_sparse_layers(decoder, old, path)?;
-        let dense: Vec<usize> = (kept.iter().enumerate())
-            .filter(|&(_, &l)| !sparse[l])
-            .map(|(new, _)| new)
-            .collect();
         obj.insert("decoder_sparse_step".into(), 1.into());
-        obj.insert("mlp_only_layers".into(), dense.into());
+        obj.insert(
+            "mlp_only_layers".into(),
+            new_indices(kept, &sparse, false).into(),
+        );
     }
     // ERNIE 4.5 MoE places its sparse layers by a start, an end and an interval: restate them for the
     // kept layers (a run, interval 1; none: a start past the last layer).
     if model_type == Some("ernie4_5_moe") {
         let sparse = ernie_moe_sparse_layers(decoder, old, path)?;
-        let new: Vec<usize> = (kept.iter().enumerate())
-            .filter(|&(_, &l)| sparse[l])
-            .map(|(new, _)| new)
-            .collect();
+        let new = new_indices(kept, &sparse, true);
         let (start, end) = match (new.first(), new.last()) {
             (Some(&a), Some(&b)) => (a, b),
             _ => (kept.len(), kept.len()),
@@ -319,6 +311,14 @@ pub fn pruned_config(
     }
     obj.insert(count_key.into(), kept.len().into());
     Ok(c)
+}
+
+/// The new indices of the kept layers (`kept`: old indices, in order) whose flag (by old index) is `want`.
+fn new_indices(kept: &[usize], flags: &[bool], want: bool) -> Vec<usize> {
+    (kept.iter().enumerate())
+        .filter(|&(_, &l)| flags[l] == want)
+        .map(|(new, _)| new)
+        .collect()
 }
 
 /// The new name of a tensor: `None` when it belongs to a removed layer. `layers`: the decoder layers'
@@ -871,6 +871,34 @@ mod tests {
             assert_eq!(p["num_hidden_layers"], kept.len());
             assert_eq!(p["decoder_sparse_step"], 1);
             assert_eq!(p["mlp_only_layers"], serde_json::json!(want));
+        }
+    }
+
+    #[test]
+    fn llama4_sparse_and_nope_layers_are_restated_for_the_kept_layers() {
+        // Scout: every layer sparse (moe_layers as long as the layer count, not a per-layer list), its
+        // no_rope_layers an empty list (derived: layer 3 without a rotary embedding). Keeping 1, 3, 5:
+        // sparse 0, 1, 2; rotary, NoPE, rotary. Maverick's step 2 (odd layers sparse): sparse 0, 1, 2
+        // again, from layers 1, 3, 5.
+        for (moe, step) in [
+            (serde_json::json!([0, 1, 2, 3, 4, 5]), 1),
+            (serde_json::Value::Null, 2),
+        ] {
+            let c = serde_json::json!({
+                "model_type": "llama4",
+                "text_config": {
+                    "model_type": "llama4_text",
+                    "num_hidden_layers": 6,
+                    "moe_layers": moe,
+                    "interleave_moe_layer_step": step,
+                    "no_rope_layers": [],
+                },
+            });
+            let p = pruned_config(&c, &[1, 3, 5], Path::new("config.json")).unwrap();
+            let t = &p["text_config"];
+            assert_eq!(t["num_hidden_layers"], 3);
+            assert_eq!(t["moe_layers"], serde_json::json!([0, 1, 2]));
+            assert_eq!(t["no_rope_layers"], serde_json::json!([1, 0, 1]));
         }
     }
 

@@ -2532,8 +2532,12 @@ fn llama4_max_tokens(v: &Value, layers: usize, path: &Path) -> Result<Option<(us
             format!("Llama 4 attends within chunks of {chunk} tokens"),
         ));
     }
-    let tuning = opt_bool(v, "attn_temperature_tuning", path)?.unwrap_or(true)
-        && opt_f64(v, "attn_scale", path)?.unwrap_or(0.1) != 0.0;
+    // Scout's hub config states the switch as a number (4): Python reads it as true.
+    let switch = match v.get("attn_temperature_tuning") {
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        _ => opt_bool(v, "attn_temperature_tuning", path)?.unwrap_or(true),
+    };
+    let tuning = switch && opt_f64(v, "attn_scale", path)?.unwrap_or(0.1) != 0.0;
     if tuning && rotary.iter().any(|&r| !r) {
         let floor = size_within(v, "floor_scale", 8192, path)?;
         if floor < 2 {
@@ -5165,6 +5169,84 @@ mod tests {
         v["swiglu_limit"] = (-1.0).into();
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("'swiglu_limit' is -1"), "{e}");
+    }
+
+    /// Llama 4 Scout's config.json (the vision-language wrapper, 4.51's text_config; the vision tower's
+    /// section cut): a mixture on every layer of 16 experts of 8192, the top 1, a shared expert; dense
+    /// MLPs of 16384 where there are any; interleaved llama3 × 16 rope, no rotary embedding on every
+    /// 4th layer, weightless q/k norms on the others; sequences up to 8191 tokens (the NoPE layers'
+    /// temperature, stated as 4, departs from 1 at 8192). Maverick's: a mixture on the odd layers of
+    /// 128 experts, no q/k norms.
+    #[test]
+    fn llama4_hub_config() {
+        let p = Path::new("config.json");
+        let nope: Vec<u8> = (0..48).map(|l| u8::from((l + 1) % 4 != 0)).collect();
+        let text = serde_json::json!({"attention_bias": false, "attention_chunk_size": 8192,
+            "attention_dropout": 0.0, "attn_scale": 0.1, "attn_temperature_tuning": 4,
+            "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008], "floor_scale": 8192,
+            "for_llm_compressor": false, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+            "initializer_range": 0.02, "interleave_moe_layer_step": 1, "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384, "max_position_embeddings": 10485760,
+            "model_type": "llama4_text", "moe_layers": (0..48).collect::<Vec<_>>(),
+            "no_rope_layers": nope, "num_attention_heads": 40, "num_experts_per_tok": 1,
+            "num_hidden_layers": 48, "num_key_value_heads": 8, "num_local_experts": 16,
+            "output_router_logits": false, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+            "torch_dtype": "bfloat16", "use_cache": true, "use_qk_norm": true, "vocab_size": 202048});
+        let mut v = serde_json::json!({"architectures": ["Llama4ForConditionalGeneration"],
+            "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
+            "model_type": "llama4", "text_config": text, "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16", "vision_config": {"model_type": "llama4_vision_model"}});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(c.multimodal.as_deref(), Some("llama4"));
+        assert_eq!(
+            (c.head_dim, c.intermediate_size, c.rope_theta, c.rope_pairs),
+            (128, 16384, 5e5, RopePairs::Interleaved)
+        );
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 16.0));
+        assert!((0..48).all(|l| c.rotary_layers[l] == ((l + 1) % 4 != 0)));
+        assert_eq!(
+            (c.qk_norm, c.qk_norm_after_rope, c.qkv_bias),
+            (QkNorm::Weightless, true, false)
+        );
+        assert_eq!(c.max_tokens.as_ref().map(|m| m.0), Some(8191));
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise, m.input_scaled),
+            (16, 1, 8192, false, true)
+        );
+        assert_eq!((m.router, m.prefix), (MoeRouter::SigmoidTopK, "mlp"));
+        assert_eq!(m.fused, FusedExperts::InputsFirst { interleaved: false });
+        assert_eq!(m.shared.map(|s| s.inter), Some(8192));
+        assert!(m.sparse_layers.iter().all(|&s| s));
+        // Maverick's text_config: 128 experts on the odd layers (moe_layers derived from the step), no
+        // rope scaling, no q/k norms; the chunks and the temperature off, no limit.
+        let t = &mut v["text_config"];
+        let obj = t.as_object_mut().unwrap();
+        obj.remove("moe_layers");
+        obj.remove("rope_scaling");
+        t["interleave_moe_layer_step"] = 2.into();
+        t["num_local_experts"] = 128.into();
+        t["use_qk_norm"] = false.into();
+        t["no_rope_layers"] = serde_json::json!([]);
+        t["attention_chunk_size"] = serde_json::Value::Null;
+        t["attn_temperature_tuning"] = false.into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!((c.qk_norm, c.max_tokens.is_none()), (QkNorm::Off, true));
+        assert!((0..48).all(|l| c.rotary_layers[l] == ((l + 1) % 4 != 0)));
+        let m = c.moe.unwrap();
+        assert!((0..48).all(|l| m.is_sparse(l) == (l % 2 == 1)));
+        assert_eq!(m.experts, 128);
+        // Chunks of 4096 again (on the rotary layers, as the class derives the kinds): they bound the
+        // sequences.
+        v["text_config"]["attention_chunk_size"] = 4096.into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(c.max_tokens.as_ref().map(|m| m.0), Some(4096));
+        v["text_config"]["moe_layers"] = serde_json::json!([1, 48]);
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("'moe_layers'") && e.contains("below 48"), "{e}");
     }
 
     /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,
