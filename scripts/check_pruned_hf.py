@@ -118,6 +118,8 @@ CASES = {
     "vaultgemma_pre_norms": ONE_BY_GRADNORM,
     "hunyuan_moe_shared": ONE_BY_GRADNORM,
     "gpt_neo_local": ONE_BY_GRADNORM,
+    # HyperCLOVA X: the output norms kept under their own names (post_norm1, post_norm2).
+    "hyperclovax_peri_norms": ONE_BY_GRADNORM,
     # Llama 4: layer 1 (a mixture) out: the NoPE layer 2 and the mixture on layer 3 move up a place (the
     # derived no_rope_layers written out, moe_layers restated by the new indices, the fused experts
     # copied whole).

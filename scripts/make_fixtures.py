@@ -259,6 +259,16 @@ FIXTURES = [
                                        low_freq_factor=1.0, high_freq_factor=4.0,
                                        original_max_position_embeddings=16)),
          drop_keys=["no_rope_layers", "moe_layers", "layer_types"], seed=80),
+    # HyperCLOVA X (hyperclovax: HyperCLOVAX-SEED-Think-14B): Granite's multipliers (the logits × logits_scaling,
+    # not ÷) with RMSNorms on the attention's and the MLP's outputs (post_norm1, post_norm2: use_post_norm),
+    # attention_multiplier dropped (the class's 1/√head_dim); bf16, untied.
+    dict(name="hyperclovax_peri_norms", model_type="hyperclovax", dtype=torch.bfloat16,
+         token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-6,
+                  embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=0.25, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_keys=["attention_multiplier"], seed=82),
     # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
     # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
     # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).

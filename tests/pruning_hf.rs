@@ -419,6 +419,12 @@ fn llama4_matches_transformers() {
     check_case("llama4_vision");
 }
 
+/// HyperCLOVA X: Granite's multipliers with output norms, kept under their own names.
+#[test]
+fn hyperclovax_matches_transformers() {
+    check_case("hyperclovax_peri_norms");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

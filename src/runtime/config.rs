@@ -906,7 +906,7 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma, gpt_neo, llama4_text";
+             vaultgemma, gpt_neo, llama4_text, hyperclovax";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -957,10 +957,13 @@ impl ModelConfig {
                 "field 'qk_layernorm' is true: phi's q/k LayerNorms are not supported",
             ));
         }
-        let granite = matches!(
-            model_type.as_str(),
-            "granite" | "granitemoe" | "granitemoeshared" | "granite_swa" | "granitemoe_swa"
-        );
+        // HyperCLOVA X is Granite with norms on the attention's and the MLP's outputs.
+        let hyperclovax = model_type == "hyperclovax";
+        let granite = hyperclovax
+            || matches!(
+                model_type.as_str(),
+                "granite" | "granitemoe" | "granitemoeshared" | "granite_swa" | "granitemoe_swa"
+            );
         // Granite SWA's windows, rotary θ per layer and attention sinks.
         let granite_swa = matches!(model_type.as_str(), "granite_swa" | "granitemoe_swa");
         let gpt_oss = model_type == "gpt_oss";
@@ -992,14 +995,19 @@ impl ModelConfig {
             }
             Ok(Some(m as f32))
         };
-        let (embedding_multiplier, attention_multiplier) = (
-            multiplier("embedding_multiplier")?,
-            multiplier("attention_multiplier")?,
-        );
+        // HyperCLOVAXConfig's attention_multiplier defaults to 1/√head_dim (the usual scale), Granite's
+        // to 1.
+        let attention_multiplier = match v.get("attention_multiplier") {
+            None | Some(Value::Null) if hyperclovax => None,
+            _ => multiplier("attention_multiplier")?,
+        };
+        let embedding_multiplier = multiplier("embedding_multiplier")?;
         let residual_scale = multiplier("residual_multiplier")?.filter(|&m| m != 1.0);
         let logits_scale = match cohere {
             // CohereConfig's `logit_scale` (default 0.0625) multiplies the logits.
             true => Some(opt_f64(v, "logit_scale", path)?.unwrap_or(0.0625) as f32),
+            // Granite divides the logits by `logits_scaling`, HyperCLOVA X multiplies them.
+            false if hyperclovax => multiplier("logits_scaling")?,
             false => multiplier("logits_scaling")?.map(|m| 1.0 / m),
         }
         .filter(|&m| m != 1.0);
@@ -1160,7 +1168,7 @@ impl ModelConfig {
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
             | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense"
-            | "hunyuan_v1_moe" | "llama4_text" => (attention_bias, attention_bias),
+            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1401,6 +1409,7 @@ impl ModelConfig {
                 model_type.as_str(),
                 "llama"
                     | "granite"
+                    | "hyperclovax"
                     | "granite_swa"
                     | "internlm3"
                     | "helium"
@@ -1440,6 +1449,11 @@ impl ModelConfig {
             block_norms: match model_type.as_str() {
                 "olmo2" | "olmo3" | "exaone4" | "flex_olmo" => BlockNorms::Post,
                 "glm4" => BlockNorms::Glm4,
+                // HyperCLOVAXConfig's `use_post_norm` (default true): GLM-4's four norms (the two
+                // output norms `post_norm1`, `post_norm2` renamed at load).
+                "hyperclovax" if opt_bool(v, "use_post_norm", path)? != Some(false) => {
+                    BlockNorms::Glm4
+                }
                 "phi" => BlockNorms::Shared,
                 _ if gptj => BlockNorms::Shared,
                 "stablelm" if stablelm_parallel => BlockNorms::Shared,
@@ -5247,6 +5261,37 @@ mod tests {
         v["text_config"]["moe_layers"] = serde_json::json!([1, 48]);
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("'moe_layers'") && e.contains("below 48"), "{e}");
+    }
+
+    /// A HyperCLOVA X config (HyperCLOVAXConfig's fields; the sizes illustrative): Granite's
+    /// multipliers but the logits × logits_scaling, the scores × 1/√head_dim where attention_multiplier
+    /// is absent, GLM-4's four norms; `use_post_norm` false leaves Granite's two.
+    #[test]
+    fn hyperclovax_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"architectures": ["HyperCLOVAXForCausalLM"],
+            "model_type": "hyperclovax", "hidden_size": 5120, "intermediate_size": 13824,
+            "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 8,
+            "head_dim": 128, "vocab_size": 110592, "embedding_multiplier": 1.0,
+            "logits_scaling": 0.5, "residual_multiplier": 1.0, "rms_norm_eps": 1e-5,
+            "rope_theta": 50000000, "tie_word_embeddings": false, "use_post_norm": true});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (
+                c.block_norms,
+                c.attn_scale,
+                c.logits_scale,
+                c.residual_scale
+            ),
+            (BlockNorms::Glm4, None, Some(0.5), None)
+        );
+        v["use_post_norm"] = false.into();
+        v["attention_multiplier"] = 0.0625.into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.block_norms, c.attn_scale),
+            (BlockNorms::Pre, Some(0.0625))
+        );
     }
 
     /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,

@@ -1843,6 +1843,11 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
             ("mlp.router.weight", "mlp.gate.weight"),
             ("mlp.router.bias", "mlp.gate.bias"),
         ],
+        // HyperCLOVA X's output norms, read as GLM-4's.
+        "hyperclovax" => &[
+            ("post_norm1.weight", "post_self_attn_layernorm.weight"),
+            ("post_norm2.weight", "post_mlp_layernorm.weight"),
+        ],
         // Llama 4's MLP module (dense or a mixture) is `feed_forward`, its router `router`.
         "llama4_text" => &[
             ("feed_forward.router.weight", "mlp.gate.weight"),
