@@ -269,6 +269,19 @@ FIXTURES = [
                   embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=0.25, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          drop_keys=["attention_multiplier"], seed=82),
+    # EXAONE MoE (exaone_moe: K-EXAONE): EXAONE 4's attention (per-head q/k norms before the rotary
+    # embedding, a window of 6 on the even layers with the rotary embedding on those only) in a pre-norm
+    # block, DeepSeek-V3's mixture from layer 2 on (first_k_dense_replace 2; mlp_layer_types and
+    # layer_types dropped: the class derives them): 8 experts in 2 groups keeping 1, σ + the correction
+    # bias, the top 2 renormalised × 2.5, one shared expert; bf16, untied.
+    dict(name="exaone_moe_window", model_type="exaone_moe", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=128, rms_norm_eps=1e-5,
+                  moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  routed_scaling_factor=2.5, num_shared_experts=1, first_k_dense_replace=2,
+                  sliding_window=6, sliding_window_pattern=2, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+         drop_keys=["mlp_layer_types", "layer_types"], full_attention_loss=True, seed=83),
     # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
     # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
     # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).
@@ -1196,7 +1209,7 @@ def check_reload(spec, d, model, ids):
 # Types whose layer kinds also pick each layer's rotary embedding or mask pattern: their full-attention
 # loss keeps the kinds and lengthens the window instead of dropping it.
 KIND_PATTERN_TYPES = ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
-                      "gpt_oss", "vaultgemma")
+                      "gpt_oss", "vaultgemma", "exaone_moe")
 
 
 def full_attention_loss(spec, model, ids):

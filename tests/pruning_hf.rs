@@ -425,6 +425,13 @@ fn hyperclovax_matches_transformers() {
     check_case("hyperclovax_peri_norms");
 }
 
+/// EXAONE MoE: a windowed layer out, the kept layers' kinds written out, the router bias kept under
+/// the hub's name beside the router.
+#[test]
+fn exaone_moe_matches_transformers() {
+    check_case("exaone_moe_window");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

@@ -545,7 +545,8 @@ fn cohere2_windows_and_nope_layers_match_pytorch() {
 }
 
 /// EXAONE 4 windows the layers of its pattern (`sliding_window_pattern` 2, no `layer_types`) and rotates
-/// only those; InternLM3's dynamic NTK (as its hub config has it) bites past max_position_embeddings.
+/// only those, and so does EXAONE MoE (its mixture from `first_k_dense_replace` on); InternLM3's dynamic
+/// NTK (as its hub config has it) bites past max_position_embeddings.
 #[test]
 fn exaone4_and_internlm3_match_pytorch() {
     let (model, _) = load("exaone4_window");
@@ -553,6 +554,13 @@ fn exaone4_and_internlm3_match_pytorch() {
     assert_eq!(windows, [Some(5), None, Some(5), None]);
     assert_eq!(model.config.rotary_layers, [true, false, true, false]);
     window_matters("exaone4_window", |c| c["sliding_window"] = 4096.into());
+    let (moe, _) = load("exaone_moe_window");
+    let windows: Vec<_> = (0..4).map(|l| moe.config.layer_window(l)).collect();
+    assert_eq!(windows, [Some(6), None, Some(6), None]);
+    assert_eq!(moe.config.rotary_layers, [true, false, true, false]);
+    let sparse = &moe.config.moe.as_ref().unwrap().sparse_layers;
+    assert_eq!(sparse, &[false, false, true, true]);
+    window_matters("exaone_moe_window", |c| c["sliding_window"] = 4096.into());
     let (plain, dynamic) = loss_edited("internlm3_dynamic", |c| {
         c["rope_scaling"] = serde_json::Value::Null
     });

@@ -235,7 +235,7 @@ pub fn pruned_config(
     let bounds: &[(&str, u64)] = match model_type {
         Some("qwen2" | "qwen3") => &[("max_window_layers", 28)],
         Some("dots1") => &[("max_window_layers", 62), ("first_k_dense_replace", 0)],
-        Some("glm4_moe") => &[("first_k_dense_replace", 1)],
+        Some("glm4_moe" | "exaone_moe") => &[("first_k_dense_replace", 1)],
         Some("deepseek_v3") => &[("first_k_dense_replace", 3)],
         Some("deepseek_v2" | "mistral4") => &[("first_k_dense_replace", 0)],
         _ => &[],

@@ -897,6 +897,17 @@ impl ModelConfig {
             c.block_norms = BlockNorms::Pre;
             return Ok(c);
         }
+        // EXAONE MoE (K-EXAONE) is EXAONE 4's attention (and config) in a pre-norm block, with DeepSeek-V3's
+        // mixture.
+        if model_type == "exaone_moe" {
+            let mut exaone4 = v.clone();
+            exaone4["model_type"] = "exaone4".into();
+            let mut c = Self::from_json(&exaone4, path)?;
+            c.moe = Some(exaone_moe(v, c.num_hidden_layers, path)?);
+            c.model_type = model_type;
+            c.block_norms = BlockNorms::Pre;
+            return Ok(c);
+        }
         let fp8_block = parse_quantization(v, path)?;
         const TYPES: &str =
             "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, granite, \
@@ -906,7 +917,7 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma, gpt_neo, llama4_text, hyperclovax";
+             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -2834,6 +2845,41 @@ const MISTRAL4_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     softmax: true,
 };
 
+/// ExaoneMoeConfig's (K-EXAONE), under DeepSeek-V3's names.
+const EXAONE_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: Some(64),
+    top_k: Some(8),
+    inter: 1024,
+    groups: 1,
+    topk_group: 1,
+    dense: Some(1),
+    scale: 2.5,
+    shared: Some(1),
+    normalise: true,
+    softmax: false,
+};
+
+/// EXAONE MoE's mixture: DeepSeek-V3's ([`grouped_moe`]) with ExaoneMoeConfig's names (`num_experts`,
+/// `num_shared_experts`) and defaults, sparse on the layers `mlp_layer_types` names, else from
+/// `first_k_dense_replace` (default 1) on.
+fn exaone_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+    let mut aliased = v.clone();
+    for (theirs, ours) in [
+        ("num_experts", "n_routed_experts"),
+        ("num_shared_experts", "n_shared_experts"),
+    ] {
+        if let Some(x) = v.get(theirs) {
+            aliased[ours] = x.clone();
+        }
+    }
+    let names = ("mlp", ["gate_proj", "up_proj", "down_proj"]);
+    let mut m = grouped_moe(&aliased, layers, names, &EXAONE_MOE_DEFAULTS, path)?;
+    if v.get("mlp_layer_types").is_some_and(|t| !t.is_null()) {
+        m.sparse_layers = mlp_layer_types(v, layers, path)?;
+    }
+    Ok(m)
+}
+
 /// Dots1Config's (dots.llm1).
 const DOTS1_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     experts: None,
@@ -3003,10 +3049,10 @@ pub fn pattern_layer_kinds(
         "cohere2" => opt_usize(v, "sliding_window_pattern", path)?.unwrap_or(4),
         // Exaone4Config: no window, no sliding layers; its pattern may be a string ("LLLG"), which the
         // class cannot expand itself (hub configs with one list `layer_types`).
-        "exaone4" if v.get("sliding_window").is_some_and(Value::is_null) => {
+        "exaone4" | "exaone_moe" if v.get("sliding_window").is_some_and(Value::is_null) => {
             return Ok(Some(vec![false; layers]))
         }
-        "exaone4" => match v.get("sliding_window_pattern") {
+        "exaone4" | "exaone_moe" => match v.get("sliding_window_pattern") {
             None | Some(Value::Null) => 4,
             Some(Value::String(p)) => {
                 return Err(model_err(
@@ -5292,6 +5338,43 @@ mod tests {
             (c.block_norms, c.attn_scale),
             (BlockNorms::Pre, Some(0.0625))
         );
+    }
+
+    /// An EXAONE MoE config (ExaoneMoeConfig's fields, its class defaults for the mixture): EXAONE 4's
+    /// attention in a pre-norm block; 64 experts of 1024, top 8 renormalised × 2.5 by σ + the
+    /// correction bias, one shared expert, sparse from layer 1; `mlp_layer_types` wins over
+    /// `first_k_dense_replace` where both are stated.
+    #[test]
+    fn exaone_moe_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"architectures": ["ExaoneMoeForCausalLM"],
+            "model_type": "exaone_moe", "hidden_size": 512, "intermediate_size": 1024,
+            "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "head_dim": 64, "vocab_size": 1000, "sliding_window": 128,
+            "rope_theta": 1000000.0, "first_k_dense_replace": 1});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.model_type.as_str(), c.block_norms, c.qk_norm),
+            ("exaone_moe", BlockNorms::Pre, QkNorm::PerHead)
+        );
+        assert_eq!(c.rotary_layers, [true, true, true, false]);
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (64, 8, 1024, true)
+        );
+        assert!(matches!(
+            m.router,
+            MoeRouter::Sigmoid { groups: 1, scale, .. } if scale == 2.5
+        ));
+        assert_eq!(m.shared.map(|s| s.inter), Some(1024));
+        assert_eq!(m.sparse_layers, [false, true, true, true]);
+        v["mlp_layer_types"] = serde_json::json!(["dense", "dense", "sparse", "dense"]);
+        v["num_experts"] = 16.into();
+        v["num_shared_experts"] = 2.into();
+        let m = ModelConfig::from_json(&v, p).unwrap().moe.unwrap();
+        assert_eq!(m.sparse_layers, [false, false, true, false]);
+        assert_eq!((m.experts, m.shared.map(|s| s.inter)), (16, Some(2048)));
     }
 
     /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,

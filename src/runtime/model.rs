@@ -1843,6 +1843,11 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
             ("mlp.router.weight", "mlp.gate.weight"),
             ("mlp.router.bias", "mlp.gate.bias"),
         ],
+        // K-EXAONE's router bias sits beside the router (transformers' conversion moves it into it).
+        "exaone_moe" => &[(
+            "mlp.e_score_correction_bias",
+            "mlp.gate.e_score_correction_bias",
+        )],
         // HyperCLOVA X's output norms, read as GLM-4's.
         "hyperclovax" => &[
             ("post_norm1.weight", "post_self_attn_layernorm.weight"),
