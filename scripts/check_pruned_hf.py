@@ -123,6 +123,10 @@ CASES = {
     # EXAONE MoE: the windowed layer 2 out, so that the full layer 3 follows the full layer 1 (layer_types
     # written out: the pattern would window it), the router bias kept under the hub's name.
     "exaone_moe_window": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    # AFMoE: the dense layer 0 and the windowed layer 2 out: two full layers left (layer_types written out:
+    # the pattern would window the first), num_dense_layers 0, the four norms and the router kept under
+    # their own names.
+    "afmoe_gated_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
     # Llama 4: layer 1 (a mixture) out: the NoPE layer 2 and the mixture on layer 3 move up a place (the
     # derived no_rope_layers written out, moe_layers restated by the new indices, the fused experts
     # copied whole).

@@ -282,6 +282,19 @@ FIXTURES = [
                   sliding_window=6, sliding_window_pattern=2, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
          drop_keys=["mlp_layer_types", "layer_types"], full_attention_loss=True, seed=83),
+    # AFMoE (afmoe: Arcee Trinity): q/k norms per head, the rotary embedding and a window of 6 on the
+    # sliding layers only (every 2nd layer full: global_attn_every_n_layers 2; layer_types dropped), the
+    # attention's output × σ(gate_proj x), four norms (post_attention_layernorm on the attention's output,
+    # pre_mlp_layernorm before the MLP), embeddings × √hidden (mup_enabled); layer 0 dense, then a mixture
+    # of 8 experts: σ + mlp.expert_bias choosing the top 2, their σ renormalised × 2, one shared expert;
+    # bf16, untied.
+    dict(name="afmoe_gated_window", model_type="afmoe", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+                  num_dense_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
+                  rms_norm_eps=1e-5, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                  route_scale=2.0, global_attn_every_n_layers=2, sliding_window=6, mup_enabled=True,
+                  pad_token_id=0, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_keys=["layer_types"], full_attention_loss=True, seed=84),
     # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
     # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
     # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).
@@ -1209,7 +1222,7 @@ def check_reload(spec, d, model, ids):
 # Types whose layer kinds also pick each layer's rotary embedding or mask pattern: their full-attention
 # loss keeps the kinds and lengthens the window instead of dropping it.
 KIND_PATTERN_TYPES = ("gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4", "ministral", "cwm", "granite_swa",
-                      "gpt_oss", "vaultgemma", "exaone_moe")
+                      "gpt_oss", "vaultgemma", "exaone_moe", "afmoe")
 
 
 def full_attention_loss(spec, model, ids):
@@ -1278,9 +1291,10 @@ def hidden_states(model, ids):
         return f
 
     if any(hasattr(text_model(model), a) for a in ("embedding_multiplier", "wpe", "embed_positions",
-                                                   "word_embeddings_layernorm")):
-        # Granite scales the embedding outside its module, GPT-2 and OPT add their positions, BLOOM
-        # normalises it: state 0 is what decoder layer 0 reads.
+                                                   "word_embeddings_layernorm")) \
+            or getattr(model.config, "mup_enabled", False):
+        # Granite and AFMoE (mup_enabled) scale the embedding outside its module, GPT-2 and OPT add their
+        # positions, BLOOM normalises it: state 0 is what decoder layer 0 reads.
         def pre(_mod, args, kwargs):
             hs[0] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         handles = [decoder_layers(model)[0].register_forward_pre_hook(pre, with_kwargs=True)]

@@ -432,6 +432,13 @@ fn exaone_moe_matches_transformers() {
     check_case("exaone_moe_window");
 }
 
+/// AFMoE: the dense layer and a windowed one out (num_dense_layers and the kinds restated), its
+/// norms, router and attention gate kept under their own names.
+#[test]
+fn afmoe_matches_transformers() {
+    check_case("afmoe_gated_window");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

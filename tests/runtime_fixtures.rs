@@ -534,14 +534,24 @@ fn olmo3_and_smollm3_layer_patterns_match_pytorch() {
 }
 
 /// Cohere 2 windows the layers of its pattern (`sliding_window_pattern` 2, no `layer_types`) and
-/// rotates only those: with a window longer than the sequences the loss is PyTorch's.
+/// rotates only those: with a window longer than the sequences the loss is PyTorch's. AFMoE likewise
+/// (`global_attn_every_n_layers` 2), and its gate on the attention's output bites.
 #[test]
 fn cohere2_windows_and_nope_layers_match_pytorch() {
-    let (model, _) = load("cohere2_nope_window");
-    let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
-    assert_eq!(windows, [Some(5), None, Some(5), None]);
-    assert_eq!(model.config.rotary_layers, [true, false, true, false]);
-    window_matters("cohere2_nope_window", |c| c["sliding_window"] = 4096.into());
+    for (name, w) in [("cohere2_nope_window", 5), ("afmoe_gated_window", 6)] {
+        let (model, _) = load(name);
+        let windows: Vec<_> = (0..4).map(|l| model.config.layer_window(l)).collect();
+        assert_eq!(windows, [Some(w), None, Some(w), None], "{name}");
+        assert_eq!(model.config.rotary_layers, [true, false, true, false]);
+        window_matters(name, |c| c["sliding_window"] = 4096.into());
+    }
+    let (mut model, tokens) = load("afmoe_gated_window");
+    let gated = model.forward(&tokens, &[], None).unwrap();
+    model.config.attention_output_gate = false;
+    let ungated = model.forward(&tokens, &[], None).unwrap();
+    // The gate halves the attention's output on average: ~7e-4 of the loss here, where the engine and
+    // PyTorch agree to 1e-9.
+    assert!(rel(gated, ungated) > 1e-4, "{gated} vs {ungated}");
 }
 
 /// EXAONE 4 windows the layers of its pattern (`sliding_window_pattern` 2, no `layer_types`) and rotates

@@ -357,6 +357,9 @@ fn describe_attention(c: &ModelConfig) -> String {
              {unscaled} tokens)"
         ));
     }
+    if c.attention_output_gate {
+        parts.push("the output × σ(self_attn.gate_proj · x) per value".into());
+    }
     if c.qk_norm == QkNorm::Weightless {
         parts.push("q and k RMS-normalised per head, without weights, after the rotation".into());
     }

@@ -236,6 +236,7 @@ pub fn pruned_config(
         Some("qwen2" | "qwen3") => &[("max_window_layers", 28)],
         Some("dots1") => &[("max_window_layers", 62), ("first_k_dense_replace", 0)],
         Some("glm4_moe" | "exaone_moe") => &[("first_k_dense_replace", 1)],
+        Some("afmoe") => &[("num_dense_layers", 1)],
         Some("deepseek_v3") => &[("first_k_dense_replace", 3)],
         Some("deepseek_v2" | "mistral4") => &[("first_k_dense_replace", 0)],
         _ => &[],

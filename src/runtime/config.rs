@@ -594,6 +594,8 @@ pub struct ModelConfig {
     /// (Llama 4's chunked attention and its NoPE layers' query temperature, Ministral 3's query
     /// scaling); `None`: no limit.
     pub max_tokens: Option<(usize, String)>,
+    /// AFMoE's gate on the attention's output: × σ(`self_attn.gate_proj` · x) per value, before o_proj.
+    pub attention_output_gate: bool,
 }
 
 /// DeepSeek's multi-head latent attention (MLA): the query through an optional low-rank bottleneck
@@ -917,7 +919,7 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe";
+             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe, afmoe";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -978,6 +980,9 @@ impl ModelConfig {
         // Granite SWA's windows, rotary θ per layer and attention sinks.
         let granite_swa = matches!(model_type.as_str(), "granite_swa" | "granitemoe_swa");
         let gpt_oss = model_type == "gpt_oss";
+        let afmoe = model_type == "afmoe";
+        // AfmoeConfig's `mup_enabled`: the embeddings × √hidden.
+        let mup = afmoe && opt_bool(v, "mup_enabled", path)? == Some(true);
         let stablelm_parallel =
             stablelm && opt_bool(v, "use_parallel_residual", path)?.unwrap_or(false);
         // OLMo's, OLMoE's and MPT's clamping of q, k and v (after OLMoE's q/k norms).
@@ -1179,7 +1184,9 @@ impl ModelConfig {
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
             | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense"
-            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" => (attention_bias, attention_bias),
+            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" | "afmoe" => {
+                (attention_bias, attention_bias)
+            }
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1215,7 +1222,7 @@ impl ModelConfig {
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
-            "exaone4" | "hunyuan_v1_dense" | "hunyuan_v1_moe" => QkNorm::PerHead,
+            "exaone4" | "hunyuan_v1_dense" | "hunyuan_v1_moe" | "afmoe" => QkNorm::PerHead,
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
             "glm4_moe" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::PerHead,
             // CohereConfig's `use_qk_norm` (Command R+): LayerNorms of `[heads, head_dim]`.
@@ -1326,8 +1333,8 @@ impl ModelConfig {
             _ if alibi.is_some() => vec![false; num_hidden_layers],
             "smollm3" | "llama4_text" => nope_rotary_layers(v, num_hidden_layers, path)?,
             _ if layer_rotary.is_some() => layer_rotary.expect("checked"),
-            // Cohere 2 rotates in its sliding-window layers only.
-            "cohere2" => sliding_layers.clone(),
+            // Cohere 2 and AFMoE rotate in their sliding-window layers only.
+            "cohere2" | "afmoe" => sliding_layers.clone(),
             // EXAONE 4 too, when it has a window.
             "exaone4" if sliding_window.is_some() => sliding_layers.clone(),
             _ => vec![learned_positions.is_none(); num_hidden_layers],
@@ -1383,6 +1390,7 @@ impl ModelConfig {
                         | "hunyuan_v1_dense"
                         | "hunyuan_v1_moe"
                         | "llama4_text"
+                        | "afmoe"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1448,7 +1456,7 @@ impl ModelConfig {
                 0.0
             },
             embed_scale: match minicpm {
-                _ if gemma => (hidden_size as f64).sqrt() as f32,
+                _ if gemma || mup => (hidden_size as f64).sqrt() as f32,
                 Some([scale_emb, ..]) => scale_emb,
                 None => embedding_multiplier.unwrap_or(1.0),
             },
@@ -1459,7 +1467,8 @@ impl ModelConfig {
             final_softcap,
             block_norms: match model_type.as_str() {
                 "olmo2" | "olmo3" | "exaone4" | "flex_olmo" => BlockNorms::Post,
-                "glm4" => BlockNorms::Glm4,
+                // AFMoE's four norms, renamed at load as GLM-4's.
+                "glm4" | "afmoe" => BlockNorms::Glm4,
                 // HyperCLOVAXConfig's `use_post_norm` (default true): GLM-4's four norms (the two
                 // output norms `post_norm1`, `post_norm2` renamed at load).
                 "hyperclovax" if opt_bool(v, "use_post_norm", path)? != Some(false) => {
@@ -1506,6 +1515,7 @@ impl ModelConfig {
             mla,
             query_scaling,
             max_tokens,
+            attention_output_gate: afmoe,
         })
     }
 
@@ -1679,6 +1689,7 @@ fn parse_sliding_window(
             }
             None if model_type == "cwm" => Some(8192),
             None if matches!(model_type, "granite_swa" | "granitemoe_swa" | "gpt_oss") => Some(128),
+            None if model_type == "afmoe" => Some(1024),
             None => Some(CLASS_DEFAULT_WINDOW),
             Some(_) => opt_usize(v, "sliding_window", path)?,
         };
@@ -1692,7 +1703,7 @@ fn parse_sliding_window(
     };
     match model_type {
         "gemma2" | "gemma3_text" | "olmo3" | "cohere2" | "exaone4" | "cwm" | "granite_swa"
-        | "granitemoe_swa" | "gpt_oss" => {
+        | "granitemoe_swa" | "gpt_oss" | "afmoe" => {
             let w = window()?;
             let derived = || {
                 Ok(pattern_layer_kinds(v, model_type, layers, path)?
@@ -2275,6 +2286,7 @@ fn parse_moe(
         "gpt_oss" => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         "hunyuan_v1_moe" => return hunyuan_moe(v, layers, intermediate_size, path).map(Some),
         "llama4_text" => return llama4_moe(v, layers, path).map(Some),
+        "afmoe" => return afmoe_moe(v, layers, path).map(Some),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
         | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
@@ -2481,6 +2493,45 @@ fn llama4_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
         oss: None,
         input_scaled: true,
         fused: FusedExperts::InputsFirst { interleaved: false },
+    })
+}
+
+/// AFMoE's mixture (AfmoeConfig's fields and defaults): `num_experts` (64) of `moe_intermediate_size`
+/// (1408), σ + the layer's `mlp.expert_bias` choosing the top `num_experts_per_tok` (6), weighted by
+/// their σ renormalised × `route_scale` (1), `num_shared_experts` (2) in one shared MLP, sparse from layer
+/// `num_dense_layers` (1) on; the router `mlp.router.gate` (renamed at load).
+fn afmoe_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+    let size = |key: &str, default: usize| size_within(v, key, default, path);
+    let (experts, top_k, inter) = (
+        size("num_experts", 64)?,
+        size("num_experts_per_tok", 6)?,
+        size("moe_intermediate_size", 1408)?,
+    );
+    let scale = opt_f64(v, "route_scale", path)?.unwrap_or(1.0);
+    check_groups(top_k, [1, 1, experts], scale, path)?;
+    let (shared, dense) = (size("num_shared_experts", 2)?, size("num_dense_layers", 1)?);
+    Ok(Moe {
+        experts,
+        top_k,
+        normalise: true,
+        inter,
+        shared: (shared > 0).then_some(SharedExpert {
+            module: "mlp.shared_experts",
+            inter: inter * shared,
+            gated: false,
+        }),
+        router: MoeRouter::Sigmoid {
+            groups: 1,
+            topk_group: 1,
+            scale,
+            bias: "mlp.expert_bias",
+        },
+        sparse_layers: (0..layers).map(|l| l >= dense).collect(),
+        prefix: "mlp",
+        projections: ["gate_proj", "up_proj", "down_proj"],
+        oss: None,
+        input_scaled: false,
+        fused: FusedExperts::OutputsFirst,
     })
 }
 
@@ -3065,6 +3116,8 @@ pub fn pattern_layer_kinds(
             }
             Some(_) => get_usize(v, "sliding_window_pattern", path)?,
         },
+        // AfmoeConfig: every `global_attn_every_n_layers`-th layer full (default 4).
+        "afmoe" => opt_usize(v, "global_attn_every_n_layers", path)?.unwrap_or(4),
         // CwmConfig and GraniteSWAConfig: every 4th layer from the first full, the others windowed.
         "cwm" | "granite_swa" | "granitemoe_swa" => {
             return Ok(Some((0..layers).map(|l| l % 4 != 0).collect()))
@@ -5375,6 +5428,49 @@ mod tests {
         let m = ModelConfig::from_json(&v, p).unwrap().moe.unwrap();
         assert_eq!(m.sparse_layers, [false, false, true, false]);
         assert_eq!((m.experts, m.shared.map(|s| s.inter)), (16, Some(2048)));
+    }
+
+    /// An AFMoE config of AfmoeConfig's defaults (Arcee Trinity's layout): windows of 1024 on all but
+    /// every 4th layer, the rotary embedding on those only, per-head q/k norms, the gate on the
+    /// attention's output, GLM-4's four norms; 64 experts of 1408, σ + `mlp.expert_bias` choosing the
+    /// top 6, renormalised × `route_scale`, two shared experts, layer 0 dense; `mup_enabled` scales the
+    /// embeddings by √hidden; a null window with sliding layers is refused.
+    #[test]
+    fn afmoe_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"architectures": ["AfmoeForCausalLM"], "model_type": "afmoe",
+            "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 8,
+            "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 200192,
+            "route_scale": 2.826, "rope_theta": 10000.0});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.head_dim, c.qk_norm, c.block_norms),
+            (128, QkNorm::PerHead, BlockNorms::Glm4)
+        );
+        assert!(c.attention_output_gate && c.embed_scale == 1.0);
+        let windowed: Vec<bool> = (0..8).map(|l| (l + 1) % 4 != 0).collect();
+        assert_eq!(
+            (c.sliding_window, &c.sliding_layers),
+            (Some(1024), &windowed)
+        );
+        assert_eq!(c.rotary_layers, windowed);
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (64, 6, 1408, true)
+        );
+        assert!(matches!(
+            m.router,
+            MoeRouter::Sigmoid { groups: 1, scale, bias: "mlp.expert_bias", .. } if scale == 2.826
+        ));
+        assert_eq!(m.shared.as_ref().map(|s| s.inter), Some(2816));
+        assert!((0..8).all(|l| m.is_sparse(l) == (l >= 1)));
+        v["mup_enabled"] = true.into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(c.embed_scale, (2048f64).sqrt() as f32);
+        v["sliding_window"] = serde_json::Value::Null;
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("no 'sliding_window'"), "{e}");
     }
 
     /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,

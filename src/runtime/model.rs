@@ -790,6 +790,9 @@ impl Model {
                 }
             };
             linears.push((c.layout.o_proj(), h, c.attention_width(), c.o_bias));
+            if c.attention_output_gate {
+                linears.push(("self_attn.gate_proj", c.attention_width(), h, false));
+            }
             if c.attention_sinks {
                 t("self_attn.sinks", vec![c.num_attention_heads]);
             }
@@ -1727,6 +1730,23 @@ impl Model {
             }
             None => att,
         };
+        // AFMoE's gate on the attention's output: × σ(gate_proj a), per value.
+        let att = match c.attention_output_gate {
+            true => {
+                let width = c.attention_width();
+                let g = linear(tape, a, "self_attn.gate_proj", h, width, false);
+                let name = format!("{pre}.self_attn.gate_proj.sigmoid");
+                let g = push_activate(tape, g, Activation::Sigmoid, name, n, width);
+                let gated = tape.buffer(format!("{pre}.attn_gated"), n, width);
+                tape.push(op::Mul {
+                    a: att,
+                    b: g,
+                    out: gated,
+                });
+                gated
+            }
+            false => att,
+        };
         let o = linear(
             tape,
             att,
@@ -1842,6 +1862,19 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
         "gpt_oss" => &[
             ("mlp.router.weight", "mlp.gate.weight"),
             ("mlp.router.bias", "mlp.gate.bias"),
+        ],
+        // AFMoE's router and its four norms (read as GLM-4's: the attention's output norm first, then the
+        // MLP's input norm takes its name).
+        "afmoe" => &[
+            ("mlp.router.gate.weight", "mlp.gate.weight"),
+            (
+                "post_attention_layernorm.weight",
+                "post_self_attn_layernorm.weight",
+            ),
+            (
+                "pre_mlp_layernorm.weight",
+                "post_attention_layernorm.weight",
+            ),
         ],
         // K-EXAONE's router bias sits beside the router (transformers' conversion moves it into it).
         "exaone_moe" => &[(
