@@ -1,5 +1,5 @@
 // runtime_elementwise.cu — the runtime's elementwise ops (SiLU, the logistic sigmoid, ReLU, ReLU², GELU
-// exact and tanh-approximated, soft-capping, a constant factor, clamping, multiply, add, accumulate, the
+// exact and tanh-approximated, xIELU with its two learned parameters, soft-capping, a constant factor, clamping, multiply, add, accumulate, the
 // column-block gather of GPT-NeoX's fused q/k/v, rows scaled by one value each) and the sum of squares of a gradient,
 // forward and backward side by side. Buffers are flat f32 of `n` elements; every kernel but
 // row_scale_backward (one block per row) is a grid-stride loop (any grid covers any n). Backwards
@@ -182,6 +182,61 @@ extern "C" __global__ void oss_gate_backward(const float* __restrict__ x, const 
             dx[i] += dy[i] * s * (1.0f + alpha * v * (1.0f - s));
         }
     }
+}
+
+// xIELU (Apertus): y = αp x² + β x for x > 0, else αn (expm1(min(x, eps)) − x) + β x, with αp = softplus(ap[0])
+// and αn = β + softplus(an[0]) from the layer's two raw parameters (one value each, on the device).
+__device__ __forceinline__ float rt_softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+
+extern "C" __global__ void xielu_forward(const float* __restrict__ x, const float* __restrict__ ap,
+                                         const float* __restrict__ an, float* __restrict__ y, u64 n, float beta,
+                                         float eps) {
+    float alpha_p = rt_softplus(ap[0]), alpha_n = beta + rt_softplus(an[0]);
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = v > 0.0f ? alpha_p * v * v + beta * v : alpha_n * (expm1f(fminf(v, eps)) - v) + beta * v;
+    }
+}
+
+// dx += y'(x) dy; per block, the sums over its elements of dy x² (x > 0) and dy (expm1(min(x, eps)) − x)
+// (x ≤ 0) into partials[2 b], partials[2 b + 1]: xielu_reduce_params adds them in order.
+extern "C" __global__ void xielu_backward(const float* __restrict__ x, const float* __restrict__ ap,
+                                          const float* __restrict__ an, const float* __restrict__ dy,
+                                          float* __restrict__ dx, u64 n, float beta, float eps,
+                                          double* __restrict__ partials) {
+    float alpha_p = rt_softplus(ap[0]), alpha_n = beta + rt_softplus(an[0]);
+    double sp = 0.0, sn = 0.0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i], g = dy[i];
+        if (v > 0.0f) {
+            dx[i] += g * (2.0f * alpha_p * v + beta);
+            sp += (double)g * v * v;
+        } else {
+            float m = fminf(v, eps);
+            dx[i] += g * (alpha_n * ((v < eps ? expf(m) : 0.0f) - 1.0f) + beta);
+            sn += (double)g * ((double)expm1f(m) - v);
+        }
+    }
+    sp = block_sum_f64(sp);
+    sn = block_sum_f64(sn);
+    if (threadIdx.x == 0) {
+        partials[2 * blockIdx.x] = sp;
+        partials[2 * blockIdx.x + 1] = sn;
+    }
+}
+
+// dap[0] += σ(ap[0]) Σ_b partials[2 b], dan[0] += σ(an[0]) Σ_b partials[2 b + 1] (softplus' = σ); one thread.
+extern "C" __global__ void xielu_reduce_params(const double* __restrict__ partials, int blocks,
+                                               const float* __restrict__ ap, const float* __restrict__ an,
+                                               float* __restrict__ dap, float* __restrict__ dan) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double sp = 0.0, sn = 0.0;
+    for (int b = 0; b < blocks; ++b) {
+        sp += partials[2 * b];
+        sn += partials[2 * b + 1];
+    }
+    dap[0] += (float)(sp * (double)rt_sigmoid(ap[0]));
+    dan[0] += (float)(sn * (double)rt_sigmoid(an[0]));
 }
 
 // y = a ⊙ b

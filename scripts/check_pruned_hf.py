@@ -120,6 +120,8 @@ CASES = {
     "gpt_neo_local": ONE_BY_GRADNORM,
     # HyperCLOVA X: the output norms kept under their own names (post_norm1, post_norm2).
     "hyperclovax_peri_norms": ONE_BY_GRADNORM,
+    # Apertus: xIELU's parameters and buffers renumbered with their layers.
+    "apertus_xielu": ONE_BY_GRADNORM,
     # EXAONE MoE: the windowed layer 2 out, so that the full layer 3 follows the full layer 1 (layer_types
     # written out: the pattern would window it), the router bias kept under the hub's name.
     "exaone_moe_window": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,

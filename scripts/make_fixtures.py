@@ -295,6 +295,14 @@ FIXTURES = [
                   route_scale=2.0, global_attn_every_n_layers=2, sliding_window=6, mup_enabled=True,
                   pad_token_id=0, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          drop_keys=["layer_types"], full_attention_loss=True, seed=84),
+    # Apertus (apertus: Apertus 8B / 70B): per-head q/k norms, the MLP up → xIELU → down with xIELU's two
+    # learned scalars per layer (mlp.act_fn.alpha_p, alpha_n; random here, so that their gradients are
+    # checked) and its beta and eps buffers, its norms named attention_layernorm and feedforward_layernorm,
+    # llama3 rope (the class's default: rope_parameters dropped), pad 3 (the class's); bf16, untied.
+    dict(name="apertus_xielu", model_type="apertus", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=64),
+         drop_keys=["rope_parameters"], seed=85),
     # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
     # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
     # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).

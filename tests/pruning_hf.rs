@@ -439,6 +439,13 @@ fn afmoe_matches_transformers() {
     check_case("afmoe_gated_window");
 }
 
+/// Apertus: xIELU's learned scalars and buffers kept with their layers, the norms under their own
+/// names.
+#[test]
+fn apertus_matches_transformers() {
+    check_case("apertus_xielu");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

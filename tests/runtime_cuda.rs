@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use sglp_engine::runtime::ops::cuda::{CudaDevice, CudaWeight, LinearKernel};
 use sglp_engine::runtime::ops::{
     cpu, round_to_bf16, Activation, Alibi, AttnShape, ColumnBlocks, Device, Matmul, NormShape,
-    RopePairs, RopeTable,
+    RopePairs, RopeTable, Xielu,
 };
 use sglp_engine::runtime::tape::{Cpu, Pool};
 use sglp_engine::runtime::{Model, Tokens};
@@ -146,6 +146,42 @@ fn elementwise_ops_and_sum_of_squares_match_the_cpu() {
             dev.activation_backward(act, &xd, &gd, &mut dx).unwrap();
             let what = format!("{act:?} backward n={n}");
             assert_close(&what, &down(&dev, &dx), &want, 1e-5);
+        }
+
+        // xIELU (x spans ±4: both branches) with its two raw parameters, their gradients accumulated.
+        let k = Xielu {
+            beta: 0.5,
+            eps: -1e-6,
+        };
+        let raw = [0.3f32, -0.4];
+        let (apd, and) = (up(&dev, &raw[..1]), up(&dev, &raw[1..]));
+        let mut want = vec![0f32; n];
+        let mut y = dev.alloc_zeroed(n).unwrap();
+        cpu::xielu_forward(&x, raw, k, &mut want);
+        dev.xielu_forward(&xd, [&apd, &and], k, &mut y).unwrap();
+        assert_close(
+            &format!("xielu forward n={n}"),
+            &down(&dev, &y),
+            &want,
+            1e-5,
+        );
+        let mut want = dx0.clone();
+        let mut dx = up(&dev, &dx0);
+        let [wp, wn] = cpu::xielu_backward(&x, raw, k, &g, &mut want);
+        let (mut dap, mut dan) = (up(&dev, &[0.25]), up(&dev, &[-0.5]));
+        (dev.xielu_backward(&xd, [&apd, &and], k, &gd, &mut dx, &mut dap, &mut dan)).unwrap();
+        assert_close(
+            &format!("xielu backward n={n}"),
+            &down(&dev, &dx),
+            &want,
+            1e-5,
+        );
+        let got = [down(&dev, &dap)[0] - 0.25, down(&dev, &dan)[0] + 0.5];
+        for (what, g, w) in [("alpha_p", got[0], wp), ("alpha_n", got[1], wn)] {
+            assert!(
+                rel(g as f64, w as f64) < 1e-4,
+                "xielu d{what} n={n}: {g} vs {w}"
+            );
         }
 
         let mut y = dev.alloc_zeroed(n).unwrap();

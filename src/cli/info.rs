@@ -123,6 +123,7 @@ fn describe_activations(a: &InfoArgs) -> Result<()> {
 /// A decoder block's layout: its norms, its MLP, how the residual stream runs through it.
 fn describe_block(c: &ModelConfig) -> String {
     let act = match c.activation {
+        _ if c.mlp_xielu => "xIELU (two learned scalars per layer)",
         Activation::Silu => "SiLU",
         Activation::GeluTanh => "tanh-GELU",
         Activation::Gelu => "GELU",

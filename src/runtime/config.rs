@@ -596,6 +596,9 @@ pub struct ModelConfig {
     pub max_tokens: Option<(usize, String)>,
     /// AFMoE's gate on the attention's output: × σ(`self_attn.gate_proj` · x) per value, before o_proj.
     pub attention_output_gate: bool,
+    /// Apertus's MLP activation: xIELU with two learned scalars per layer (`mlp.act_fn.alpha_p`,
+    /// `alpha_n`) and its `beta` and `eps` buffers, in place of `activation`.
+    pub mlp_xielu: bool,
 }
 
 /// DeepSeek's multi-head latent attention (MLA): the query through an optional low-rank bottleneck
@@ -904,6 +907,10 @@ impl ModelConfig {
         if model_type == "exaone_moe" {
             let mut exaone4 = v.clone();
             exaone4["model_type"] = "exaone4".into();
+            // ExaoneMoeConfig pads with 0 by default, Exaone4Config with nothing.
+            if v.get("pad_token_id").is_none() {
+                exaone4["pad_token_id"] = 0.into();
+            }
             let mut c = Self::from_json(&exaone4, path)?;
             c.moe = Some(exaone_moe(v, c.num_hidden_layers, path)?);
             c.model_type = model_type;
@@ -919,7 +926,7 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe, afmoe";
+             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe, afmoe, apertus";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -941,7 +948,7 @@ impl ModelConfig {
         let v = match model_type.as_str() {
             "gpt2" | "opt" | "falcon" | "bloom" | "mpt" | "gptj" | "codegen" | "gpt_bigcode"
             | "minimax_m2" | "exaone" | "ministral3" | "mistral4" | "cwm" | "gpt_oss"
-            | "gpt_neo" => {
+            | "gpt_neo" | "apertus" => {
                 aliased = aliased_config(v, &model_type, path)?;
                 &aliased
             }
@@ -1029,7 +1036,17 @@ impl ModelConfig {
         .filter(|&m| m != 1.0);
         // Gemma 2 and 3 share the sandwich norms and the score scale.
         let gemma23 = gemma3 || model_type == "gemma2";
-        let activation = parse_activation(v, &model_type, path)?;
+        // ApertusConfig's hidden_act (default xielu): xIELU's learned parameters make it an op of its own.
+        let mlp_xielu = model_type == "apertus"
+            && v.get("hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or("xielu")
+                == "xielu";
+        let activation = match mlp_xielu {
+            // Not read: the MLP runs op::Xielu.
+            true => Activation::Silu,
+            false => parse_activation(v, &model_type, path)?,
+        };
         let (attn_softcap, final_softcap) = parse_softcaps(v, &model_type, path)?;
         let hidden_size = get_size(v, "hidden_size", MAX_SIZE, path)?;
         let num_attention_heads = get_size(v, "num_attention_heads", MAX_SIZE, path)?;
@@ -1184,7 +1201,7 @@ impl ModelConfig {
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
             | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense"
-            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" | "afmoe" => {
+            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" | "afmoe" | "apertus" => {
                 (attention_bias, attention_bias)
             }
             _ => (false, false), // mistral, phi3, mixtral
@@ -1222,7 +1239,9 @@ impl ModelConfig {
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
-            "exaone4" | "hunyuan_v1_dense" | "hunyuan_v1_moe" | "afmoe" => QkNorm::PerHead,
+            "exaone4" | "hunyuan_v1_dense" | "hunyuan_v1_moe" | "afmoe" | "apertus" => {
+                QkNorm::PerHead
+            }
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
             "glm4_moe" if opt_bool(v, "use_qk_norm", path)? == Some(true) => QkNorm::PerHead,
             // CohereConfig's `use_qk_norm` (Command R+): LayerNorms of `[heads, head_dim]`.
@@ -1272,7 +1291,8 @@ impl ModelConfig {
             "opt" => BlockLayout::Opt,
             "stablelm" => BlockLayout::StableLm,
             "olmo" => BlockLayout::Olmo,
-            "arcee" => BlockLayout::Arcee,
+            // Apertus: Arcee's up → act → down MLP (xIELU), its norms renamed at load.
+            "arcee" | "apertus" => BlockLayout::Arcee,
             "exaone" => BlockLayout::Exaone,
             "nemotron" | "jais2" => BlockLayout::Nemotron,
             "falcon" | "bloom" => BlockLayout::Falcon {
@@ -1391,6 +1411,7 @@ impl ModelConfig {
                         | "hunyuan_v1_moe"
                         | "llama4_text"
                         | "afmoe"
+                        | "apertus"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -1516,6 +1537,7 @@ impl ModelConfig {
             query_scaling,
             max_tokens,
             attention_output_gate: afmoe,
+            mlp_xielu,
         })
     }
 
@@ -1798,7 +1820,10 @@ fn aliased_config(v: &Value, model_type: &str, path: &Path) -> Result<Value> {
     if model_type == "minimax_m2" {
         return minimax_m2_config(v, c, path);
     }
-    if matches!(model_type, "ministral3" | "mistral4" | "cwm" | "gpt_oss") {
+    if matches!(
+        model_type,
+        "ministral3" | "mistral4" | "cwm" | "gpt_oss" | "apertus"
+    ) {
         if rope_object(v).is_none() {
             obj.insert(
                 "rope_parameters".into(),
@@ -3426,6 +3451,9 @@ fn class_rope_parameters(v: &Value, model_type: &str, path: &Path) -> Result<Val
                 "llama_4_scaling_beta": 0.1,
                 "partial_rotary_factor": rope as f64 / (nope + rope).max(1) as f64})
         }
+        "apertus" => serde_json::json!({"rope_type": "llama3", "rope_theta": 12000000.0,
+            "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192}),
         _ => serde_json::json!({"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0,
             "high_freq_factor": 4.0, "low_freq_factor": 1.0,
             "original_max_position_embeddings": 8192}),
@@ -3615,6 +3643,7 @@ fn class_rope_theta(model_type: &str) -> f64 {
         "helium" => 100_000.0,
         "gpt_oss" => 150_000.0,
         "llama4_text" => 500_000.0,
+        "apertus" => 12_000_000.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
         "minimax_m2" => 5_000_000.0,
@@ -3789,7 +3818,7 @@ fn parse_pad_token_id(
         {
             0
         }
-        None if model_type == "helium" => 3,
+        None if matches!(model_type, "helium" | "apertus") => 3,
         None if model_type == "seed_oss" => 1,
         None if matches!(model_type, "ministral3" | "mistral4") => 11,
         None if matches!(model_type, "glm" | "glm4") => 151329,
@@ -5471,6 +5500,39 @@ mod tests {
         v["sliding_window"] = serde_json::Value::Null;
         let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("no 'sliding_window'"), "{e}");
+    }
+
+    /// An Apertus config in the 4.x form of the hub's (swiss-ai/Apertus-8B-2509's sizes as published,
+    /// from memory: the test rests on the fields, not the sizes): xIELU in Arcee's up → act → down MLP,
+    /// per-head q/k norms, llama3 rope × 8 at θ 1.2·10⁷; without rope settings, the class's (the same);
+    /// another hidden_act is read as the usual activations are.
+    #[test]
+    fn apertus_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"architectures": ["ApertusForCausalLM"],
+            "model_type": "apertus", "hidden_size": 4096, "intermediate_size": 21504,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 131072, "hidden_act": "xielu", "max_position_embeddings": 65536,
+            "rms_norm_eps": 1e-5, "rope_theta": 12000000, "rope_scaling": {"factor": 8.0,
+            "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "tie_word_embeddings": false});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert!(c.mlp_xielu && c.layout == BlockLayout::Arcee);
+        assert_eq!(
+            (c.qk_norm, c.head_dim, c.rope_theta, c.pad_token_id),
+            (QkNorm::PerHead, 128, 1.2e7, Some(3))
+        );
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("rope_scaling");
+        obj.remove("rope_theta");
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(c.rope_theta, 1.2e7);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        v["hidden_act"] = "silu".into();
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert!(!c.mlp_xielu && c.activation == Activation::Silu);
     }
 
     /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,

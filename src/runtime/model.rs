@@ -33,7 +33,7 @@ use super::config::{
     MLA_NORM_EPS,
 };
 use super::ops::{cpu::AttnShape, RopeTable};
-use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape};
+use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape, Xielu};
 use super::tape::moe::{Expert, Router, SparseMoe};
 use super::tape::{op, BufId, Pool, Tape};
 use super::weights::Weights;
@@ -56,6 +56,9 @@ pub struct Model {
     /// Each decoder layer's router (softmax, or σ with the layer's correction bias read at load; the
     /// softmax's for the dense layers, which have none).
     routers: Vec<Router>,
+    /// Each decoder layer's xIELU constants (Apertus's `mlp.act_fn.beta`, `eps`, read at load); empty
+    /// without [`ModelConfig::mlp_xielu`].
+    xielu: Vec<Xielu>,
 }
 
 /// The decoder's passes on one device, behind an object-safe interface (so that a [`Model`] can hold any
@@ -516,9 +519,11 @@ impl Model {
             weights,
             runner: Box::new(OnDevice::new(Cpu)),
             routers: Vec::new(),
+            xielu: Vec::new(),
         };
         model.check_weights()?;
         model.routers = model.read_routers()?;
+        model.xielu = model.read_xielu()?;
         let fused_experts = (0..model.num_layers())
             .any(|l| model.has_fused_experts(l) || model.fused_shared_expert(l).is_some());
         if model.config.fused_qkv || model.config.fused_gate_up || fused_experts {
@@ -543,6 +548,25 @@ impl Model {
             }
         }
         Ok(model)
+    }
+
+    /// Each layer's xIELU constants (one value each, `mlp.act_fn.beta` and `eps`) where the MLP has xIELU.
+    fn read_xielu(&self) -> Result<Vec<Xielu>> {
+        if !self.config.mlp_xielu {
+            return Ok(Vec::new());
+        }
+        (0..self.config.num_hidden_layers)
+            .map(|l| {
+                let read = |name: &str| -> Result<f32> {
+                    let name = format!("{}.mlp.act_fn.{name}", self.names.layer(l));
+                    Ok(self.weights.get_f32(&name)?[0])
+                };
+                Ok(Xielu {
+                    beta: read("beta")?,
+                    eps: read("eps")?,
+                })
+            })
+            .collect()
     }
 
     /// Each layer's [`Router`], with its layer's correction bias where the router has one.
@@ -851,7 +875,16 @@ impl Model {
             match (c.layout.plain_mlp(), c.fused_gate_up) {
                 _ if moe.is_some() => {}
                 (Some((up, down)), _) => {
-                    linears.extend([(up, i, h, c.mlp_bias), (down, h, i, c.mlp_bias)])
+                    linears.extend([(up, i, h, c.mlp_bias), (down, h, i, c.mlp_bias)]);
+                    // xIELU's two learned scalars and its two constants (0-d buffers).
+                    if c.mlp_xielu {
+                        for (p, shape) in [("alpha_p", vec![1]), ("alpha_n", vec![1])] {
+                            t(&format!("mlp.act_fn.{p}"), shape);
+                        }
+                        for p in ["beta", "eps"] {
+                            t(&format!("mlp.act_fn.{p}"), vec![]);
+                        }
+                    }
                 }
                 (None, true) => linears.extend([
                     ("mlp.gate_up_proj", 2 * i, h, c.mlp_bias),
@@ -1627,8 +1660,26 @@ impl Model {
             ) {
                 (Some((up, down)), _) => {
                     let up = linear(tape, b, up, h, inter, c.mlp_bias);
-                    let act =
-                        push_activate(tape, up, c.activation, format!("{pre}.mlp.act"), n, inter);
+                    let name = format!("{pre}.mlp.act");
+                    let act = match c.mlp_xielu {
+                        true => {
+                            let out = tape.buffer(name, n, inter);
+                            let scalar = |tape: &mut Tape<D>, p: &str| {
+                                tape.param(format!("{pre}.mlp.act_fn.{p}"), l, 1)
+                            };
+                            let alpha_p = scalar(tape, "alpha_p");
+                            let alpha_n = scalar(tape, "alpha_n");
+                            tape.push(op::Xielu {
+                                x: up,
+                                alpha_p,
+                                alpha_n,
+                                consts: self.xielu[l],
+                                out,
+                            });
+                            out
+                        }
+                        false => push_activate(tape, up, c.activation, name, n, inter),
+                    };
                     linear(tape, act, down, inter, h, c.mlp_bias)
                 }
                 (None, Some(moe)) => {
@@ -1881,6 +1932,14 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
             "mlp.e_score_correction_bias",
             "mlp.gate.e_score_correction_bias",
         )],
+        // Apertus's two norms.
+        "apertus" => &[
+            ("attention_layernorm.weight", "input_layernorm.weight"),
+            (
+                "feedforward_layernorm.weight",
+                "post_attention_layernorm.weight",
+            ),
+        ],
         // HyperCLOVA X's output norms, read as GLM-4's.
         "hyperclovax" => &[
             ("post_norm1.weight", "post_self_attn_layernorm.weight"),

@@ -2,7 +2,7 @@
 //! row-wise ops parallelised over rows with rayon. Conventions in [`super`]: forwards write, backwards
 //! accumulate into every gradient they are given.
 
-use super::{vmath, Activation, ColumnBlocks, NormShape, RopeTable};
+use super::{vmath, Activation, ColumnBlocks, NormShape, RopeTable, Xielu};
 use crate::error::Result;
 use crate::linalg::{matmul, MatRef, Parallelism};
 use crate::runtime::tape::ParamStore;
@@ -876,6 +876,59 @@ pub fn activation_backward(act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32
         });
 }
 
+/// softplus(v) = ln(1 + eᵛ), and its slope σ(v).
+fn softplus(v: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-v).exp());
+    (if v > 20.0 { v } else { v.exp().ln_1p() }, s)
+}
+
+/// See [`super::Device::xielu_forward`]; `ap`, `an` the raw parameters.
+pub fn xielu_forward(x: &[f32], [ap, an]: [f32; 2], k: Xielu, y: &mut [f32]) {
+    let (alpha_p, alpha_n) = (softplus(ap).0, k.beta + softplus(an).0);
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(yc, xc)| {
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                *o = match v > 0.0 {
+                    true => alpha_p * v * v + k.beta * v,
+                    false => alpha_n * (v.min(k.eps).exp_m1() - v) + k.beta * v,
+                };
+            }
+        });
+}
+
+/// See [`super::Device::xielu_backward`]: `dx += y'(x) dy`, and the raw parameters' gradients, returned.
+pub fn xielu_backward(
+    x: &[f32],
+    [ap, an]: [f32; 2],
+    k: Xielu,
+    dy: &[f32],
+    dx: &mut [f32],
+) -> [f32; 2] {
+    let ((alpha_p, sp), (soft_n, sn)) = (softplus(ap), softplus(an));
+    let alpha_n = k.beta + soft_n;
+    let [pos, neg] = dx
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .map(|(dc, (xc, gc))| {
+            let (mut pos, mut neg) = (0f64, 0f64);
+            for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                if v > 0.0 {
+                    *d += g * (2.0 * alpha_p * v + k.beta);
+                    pos += g as f64 * (v as f64) * (v as f64);
+                } else {
+                    let m = v.min(k.eps);
+                    let slope = if v < k.eps { m.exp() } else { 0.0 };
+                    *d += g * (alpha_n * (slope - 1.0) + k.beta);
+                    neg += g as f64 * (m.exp_m1() as f64 - v as f64);
+                }
+            }
+            [pos, neg]
+        })
+        .reduce(|| [0.0; 2], |a, b| [a[0] + b[0], a[1] + b[1]]);
+    [(pos * sp as f64) as f32, (neg * sn as f64) as f32]
+}
+
 /// See [`super::Device::column_blocks_forward`].
 pub fn column_blocks_forward(x: &[f32], width: usize, cb: ColumnBlocks, y: &mut [f32]) {
     let groups = width / cb.stride;
@@ -1293,6 +1346,31 @@ impl super::Device for Cpu {
         activation_backward(act, x, dy, dx);
         Ok(())
     }
+    fn xielu_forward(
+        &self,
+        x: &[f32],
+        [ap, an]: [&[f32]; 2],
+        k: Xielu,
+        y: &mut [f32],
+    ) -> Result<()> {
+        xielu_forward(x, [ap[0], an[0]], k, y);
+        Ok(())
+    }
+    fn xielu_backward(
+        &self,
+        x: &[f32],
+        [ap, an]: [&[f32]; 2],
+        k: Xielu,
+        dy: &[f32],
+        dx: &mut [f32],
+        dap: &mut [f32],
+        dan: &mut [f32],
+    ) -> Result<()> {
+        let [gp, gn] = xielu_backward(x, [ap[0], an[0]], k, dy, dx);
+        dap[0] += gp;
+        dan[0] += gn;
+        Ok(())
+    }
     fn mul_forward(&self, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
         mul_forward(a, b, y);
         Ok(())
@@ -1437,6 +1515,43 @@ mod tests {
             }
             assert!(worst < tol, "input {which}: max rel error {worst:.3e}");
         }
+    }
+
+    /// xIELU's backward against central differences, for x (both branches: values on either side of 0,
+    /// none within a step of it or of eps) and for its two raw parameters.
+    #[test]
+    fn xielu_gradients() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let n = 40;
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                let v = rng.random_range(0.05f32..2.0);
+                if i % 2 == 0 {
+                    v
+                } else {
+                    -v
+                }
+            })
+            .collect();
+        let k = Xielu {
+            beta: 0.5,
+            eps: -1e-6,
+        };
+        check_grads(
+            vec![x, vec![0.3], vec![-0.4]],
+            n,
+            &|i| {
+                let mut y = vec![0.0; n];
+                xielu_forward(&i[0], [i[1][0], i[2][0]], k, &mut y);
+                y
+            },
+            &|i, c| {
+                let mut dx = vec![0.0; n];
+                let [dp, dn] = xielu_backward(&i[0], [i[1][0], i[2][0]], k, c, &mut dx);
+                vec![dx, vec![dp], vec![dn]]
+            },
+            2e-3,
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@
 
 use super::{
     row_scale_rows, Activation, AttnShape, ColumnBlocks, Device, Matmul, NormShape, ParamUse,
-    RopePairs, RopeTable,
+    RopePairs, RopeTable, Xielu,
 };
 use crate::error::{Error, Result};
 use crate::runtime::tape::ParamStore;
@@ -1784,6 +1784,65 @@ impl Device for CudaDevice {
                 // SAFETY: x, dy and dx hold n values.
                 unsafe { (kern.oss_gate_backward).launch(self.s(), c, x, dy, dx, n, alpha, limit) }
             }
+        }
+    }
+    fn xielu_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        [ap, an]: [&CudaSlice<f32>; 2],
+        k: Xielu,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len(y.len(), x.len(), "xIELU output")?;
+        check_len(ap.len(), 1, "xIELU alpha_p")?;
+        check_len(an.len(), 1, "xIELU alpha_n")?;
+        let (c, n) = (self.ew_cfg(x.len())?, x.len() as u64);
+        // SAFETY: x and y hold n values, ap and an one each (checked).
+        unsafe { (self.k().xielu_forward).launch(self.s(), c, x, ap, an, y, n, k.beta, k.eps) }
+    }
+    fn xielu_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        [ap, an]: [&CudaSlice<f32>; 2],
+        k: Xielu,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dap: &mut CudaSlice<f32>,
+        dan: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len(dy.len(), x.len(), "xIELU output gradient")?;
+        check_len(dx.len(), x.len(), "xIELU input gradient")?;
+        check_len(ap.len(), 1, "xIELU alpha_p")?;
+        check_len(an.len(), 1, "xIELU alpha_n")?;
+        check_len(dap.len(), 1, "xIELU alpha_p gradient")?;
+        check_len(dan.len(), 1, "xIELU alpha_n gradient")?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        // Few enough blocks that one thread adds their partial sums in order.
+        let nb = blocks(x.len(), THREADS as usize).min(1024);
+        let s = self.s();
+        let mut partials = s.alloc_zeros::<f64>(2 * nb).cu("allocating partial sums")?;
+        let (n, nbi) = (x.len() as u64, int(nb, "blocks")?);
+        // SAFETY: x, dy and dx hold n values, ap, an, dap and dan one each (checked), partials two per
+        // block.
+        unsafe {
+            let kern = self.k();
+            kern.xielu_backward.launch(
+                s,
+                cfg((nb, 1), THREADS)?,
+                x,
+                ap,
+                an,
+                dy,
+                dx,
+                n,
+                k.beta,
+                k.eps,
+                &mut partials,
+            )?;
+            kern.xielu_reduce_params
+                .launch(s, cfg((1, 1), 32)?, &partials, nbi, ap, an, dap, dan)
         }
     }
     fn mul_forward(

@@ -112,6 +112,13 @@ impl RopeTable {
     }
 }
 
+/// xIELU's constants (its `beta` and `eps` buffers; the two learned parameters are the device's).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Xielu {
+    pub beta: f32,
+    pub eps: f32,
+}
+
 /// An elementwise function of the tape ([`crate::runtime::tape::op::Activate`]): the gate activation of a
 /// gated MLP (`act(gate) ⊙ up`, the config's `hidden_act` / `hidden_activation`), an MLP's activation
 /// (GPT-NeoX's GELU, OPT's ReLU), Gemma 2's soft-capping of the logits, a constant factor (Granite), or
@@ -475,6 +482,29 @@ pub trait Device: Clone + Send + Sync + 'static {
         x: &Self::Slice,
         dy: &Self::Slice,
         dx: &mut Self::Slice,
+    ) -> Result<()>;
+    /// xIELU (Apertus's MLP activation, [`Xielu`]): `y = αp x² + β x` for x > 0, else
+    /// `αn (expm1(min(x, eps)) − x) + β x`, αp = softplus(ap), αn = β + softplus(an) from `params` =
+    /// [ap, an], the layer's two learned raw parameters (one value each).
+    fn xielu_forward(
+        &self,
+        x: &Self::Slice,
+        params: [&Self::Slice; 2],
+        k: Xielu,
+        y: &mut Self::Slice,
+    ) -> Result<()>;
+    /// `dx += y'(x) dy`; `dap += σ(ap) Σ_{x>0} dy x²`, `dan += σ(an) Σ_{x≤0} dy (expm1(min(x, eps)) − x)`
+    /// (softplus' = σ), with `params` = [ap, an].
+    #[allow(clippy::too_many_arguments)]
+    fn xielu_backward(
+        &self,
+        x: &Self::Slice,
+        params: [&Self::Slice; 2],
+        k: Xielu,
+        dy: &Self::Slice,
+        dx: &mut Self::Slice,
+        dap: &mut Self::Slice,
+        dan: &mut Self::Slice,
     ) -> Result<()>;
     fn mul_forward(&self, a: &Self::Slice, b: &Self::Slice, y: &mut Self::Slice) -> Result<()>;
     fn mul_backward(

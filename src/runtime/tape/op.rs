@@ -10,7 +10,9 @@
 
 use super::{BufId, Device, OpIo, ParamGrads, ParamId, ParamStore, Tape, TapeOp};
 use crate::error::Result;
-use crate::runtime::ops::{Activation, AttnShape, ColumnBlocks, NormShape, RopeTable};
+use crate::runtime::ops::{
+    Activation, AttnShape, ColumnBlocks, NormShape, RopeTable, Xielu as XieluConsts,
+};
 use std::sync::Arc;
 
 /// `out[r] = scale · table[ids[r]]` (ids: the tape's token ids; `scale` 1, or √hidden for Gemma).
@@ -464,6 +466,54 @@ impl<D: Device> TapeOp<D> for Activate {
             };
             t.dev.activation_backward(self.act, x, dy, dx)
         })
+    }
+}
+
+/// Apertus's xIELU with its two learned scalars per layer (`alpha_p`, `alpha_n`, raw: the function
+/// reads their softplus) and its constants ([`Device::xielu_forward`]).
+#[derive(Clone, Debug)]
+pub struct Xielu {
+    pub x: BufId,
+    pub alpha_p: ParamId,
+    pub alpha_n: ParamId,
+    pub consts: XieluConsts,
+    pub out: BufId,
+}
+
+impl<D: Device> TapeOp<D> for Xielu {
+    fn io(&self) -> OpIo {
+        OpIo {
+            kind: "xielu",
+            inputs: vec![self.x],
+            outputs: vec![self.out],
+            saved: vec![self.x],
+            params: vec![self.alpha_p, self.alpha_n],
+        }
+    }
+    fn forward(&self, t: &mut Tape<D>, store: &dyn ParamStore) -> Result<()> {
+        let (ap, an) = (t.p(store, self.alpha_p)?, t.p(store, self.alpha_n)?);
+        t.write_output(self.out, |t, y| {
+            (t.dev).xielu_forward(t.data(self.x), [&ap, &an], self.consts, y)
+        })
+    }
+    fn backward(
+        &self,
+        t: &mut Tape<D>,
+        store: &dyn ParamStore,
+        pg: &mut ParamGrads<D>,
+    ) -> Result<()> {
+        if !t.has_grad(self.out) {
+            return Ok(());
+        }
+        let (ap, an) = (t.p(store, self.alpha_p)?, t.p(store, self.alpha_n)?);
+        let (mut dap, mut dan) = (pg.take(self.alpha_p), pg.take(self.alpha_n));
+        let r = t.write_grad(self.x, |t, dx| {
+            let (x, dy) = (t.data(self.x), t.grad(self.out));
+            (t.dev).xielu_backward(x, [&ap, &an], self.consts, dy, dx, &mut dap, &mut dan)
+        });
+        pg.put(self.alpha_p, dap);
+        pg.put(self.alpha_n, dan);
+        r
     }
 }
 

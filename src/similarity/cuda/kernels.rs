@@ -468,6 +468,14 @@ signatures! {
     OssGateForward(x: In<f32>, y: Out<f32>, n: u64, alpha: f32, limit: f32);
     /// oss_gate_backward
     OssGateBackward(x: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, alpha: f32, limit: f32);
+    /// xielu_forward
+    XieluForward(x: In<f32>, ap: In<f32>, an: In<f32>, y: Out<f32>, n: u64, beta: f32, eps: f32);
+    /// xielu_backward (two partial sums per block)
+    XieluBackward(x: In<f32>, ap: In<f32>, an: In<f32>, dy: In<f32>, dx: Out<f32>, n: u64, beta: f32,
+                  eps: f32, partials: Out<f64>);
+    /// xielu_reduce_params (one thread)
+    XieluReduceParams(partials: In<f64>, blocks: i32, ap: In<f32>, an: In<f32>, dap: Out<f32>,
+                      dan: Out<f32>);
     /// column_blocks_forward (x → y), column_blocks_backward (dy → dx, accumulated)
     ColumnBlocks(x: In<f32>, y: Out<f32>, rows: u64, width: i32, block: i32, stride: i32, offset: i32);
     /// mul_backward
@@ -620,6 +628,9 @@ kernel_table! {
             clamp_plus_one_forward: SoftcapForward,
             oss_gate_forward: OssGateForward,
             oss_gate_backward: OssGateBackward,
+            xielu_forward: XieluForward,
+            xielu_backward: XieluBackward,
+            xielu_reduce_params: XieluReduceParams,
             mul_forward: Binary,
             mul_backward: MulBackward,
             add_forward: Binary,
