@@ -303,6 +303,17 @@ FIXTURES = [
          cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=64),
          drop_keys=["rope_parameters"], seed=85),
+    # HY V3 (hy_v3): Apertus's attention (per-head q/k norms) in LLaMA's block, layer 0 dense (the class's
+    # mlp_layer_types), then a mixture of 8 experts: σ + the correction bias choosing the top 2, σ
+    # renormalised × router_scaling_factor, one shared expert; saved under the hub's names
+    # (mlp.router.gate, mlp.expert_bias, mlp.shared_mlp); bf16, untied.
+    dict(name="hy_v3_moe", model_type="hy_v3", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
+                  rms_norm_eps=1e-5, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                  router_scaling_factor=2.5, pad_token_id=0,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+         drop_keys=["mlp_layer_types"], seed=86),
     # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
     # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
     # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).

@@ -446,6 +446,12 @@ fn apertus_matches_transformers() {
     check_case("apertus_xielu");
 }
 
+/// HY V3: the dense first layer out, the kept layers' kinds written out, the hub's names kept.
+#[test]
+fn hy_v3_matches_transformers() {
+    check_case("hy_v3_moe");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

@@ -198,8 +198,10 @@ pub fn pruned_config(
             }
         }
     }
-    // GLM-4.7-Flash without `mlp_layer_types` makes every layer but the first sparse: write the kinds out.
-    if model_type == Some("glm4_moe_lite") && obj.get("mlp_layer_types").is_none_or(|v| v.is_null())
+    // GLM-4.7-Flash and HY V3 without `mlp_layer_types` make every layer but the first sparse: write the
+    // kinds out.
+    if matches!(model_type, Some("glm4_moe_lite" | "hy_v3"))
+        && obj.get("mlp_layer_types").is_none_or(|v| v.is_null())
     {
         let sparse = mlp_layer_types(decoder, old, path)?;
         insert_layer_kinds(obj, "mlp_layer_types", &sparse, ["sparse", "dense"]);

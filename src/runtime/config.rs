@@ -912,7 +912,12 @@ impl ModelConfig {
                 exaone4["pad_token_id"] = 0.into();
             }
             let mut c = Self::from_json(&exaone4, path)?;
-            c.moe = Some(exaone_moe(v, c.num_hidden_layers, path)?);
+            c.moe = Some(renamed_grouped_moe(
+                v,
+                &model_type,
+                c.num_hidden_layers,
+                path,
+            )?);
             c.model_type = model_type;
             c.block_norms = BlockNorms::Pre;
             return Ok(c);
@@ -926,7 +931,7 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe, afmoe, apertus";
+             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe, afmoe, apertus, hy_v3";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -1073,7 +1078,7 @@ impl ModelConfig {
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
             "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2"
-            | "ministral3" | "cwm" | "llama4_text" => 128,
+            | "ministral3" | "cwm" | "llama4_text" | "hy_v3" => 128,
             "gpt_oss" => 64,
             _ => hidden_size / num_attention_heads,
         };
@@ -1201,7 +1206,7 @@ impl ModelConfig {
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
             | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense"
-            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" | "afmoe" | "apertus" => {
+            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" | "afmoe" | "apertus" | "hy_v3" => {
                 (attention_bias, attention_bias)
             }
             _ => (false, false), // mistral, phi3, mixtral
@@ -1239,7 +1244,7 @@ impl ModelConfig {
         let qk_norm = match model_type.as_str() {
             "qwen3" | "gemma3_text" | "qwen3_moe" | "dots1" => QkNorm::PerHead,
             "olmo2" | "olmo3" | "olmoe" | "minimax_m2" | "flex_olmo" => QkNorm::Whole,
-            "exaone4" | "hunyuan_v1_dense" | "hunyuan_v1_moe" | "afmoe" | "apertus" => {
+            "exaone4" | "hunyuan_v1_dense" | "hunyuan_v1_moe" | "afmoe" | "apertus" | "hy_v3" => {
                 QkNorm::PerHead
             }
             // Glm4MoeConfig's `use_qk_norm`: RMSNorms over each head.
@@ -1412,6 +1417,7 @@ impl ModelConfig {
                         | "llama4_text"
                         | "afmoe"
                         | "apertus"
+                        | "hy_v3"
                 ) {
                     1e-5
                 } else if model_type == "helium" {
@@ -2312,6 +2318,7 @@ fn parse_moe(
         "hunyuan_v1_moe" => return hunyuan_moe(v, layers, intermediate_size, path).map(Some),
         "llama4_text" => return llama4_moe(v, layers, path).map(Some),
         "afmoe" => return afmoe_moe(v, layers, path).map(Some),
+        "hy_v3" => return renamed_grouped_moe(v, model_type, layers, path).map(Some),
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
         | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
@@ -2935,21 +2942,41 @@ const EXAONE_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     softmax: false,
 };
 
-/// EXAONE MoE's mixture: DeepSeek-V3's ([`grouped_moe`]) with ExaoneMoeConfig's names (`num_experts`,
-/// `num_shared_experts`) and defaults, sparse on the layers `mlp_layer_types` names, else from
-/// `first_k_dense_replace` (default 1) on.
-fn exaone_moe(v: &Value, layers: usize, path: &Path) -> Result<Moe> {
+/// HYV3Config's.
+const HY_V3_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: Some(192),
+    top_k: Some(8),
+    inter: 1536,
+    groups: 1,
+    topk_group: 1,
+    dense: None,
+    scale: 2.826,
+    shared: Some(1),
+    normalise: true,
+    softmax: false,
+};
+
+/// EXAONE MoE's and HY V3's mixtures: DeepSeek-V3's ([`grouped_moe`]) under their configs' names
+/// (`num_experts`, `num_shared_experts`; HY V3's `router_scaling_factor`) and defaults, sparse on the
+/// layers `mlp_layer_types` names, else (EXAONE MoE) from `first_k_dense_replace` (default 1) on or
+/// (HY V3) from layer 1 on.
+fn renamed_grouped_moe(v: &Value, model_type: &str, layers: usize, path: &Path) -> Result<Moe> {
     let mut aliased = v.clone();
     for (theirs, ours) in [
         ("num_experts", "n_routed_experts"),
         ("num_shared_experts", "n_shared_experts"),
+        ("router_scaling_factor", "routed_scaling_factor"),
     ] {
         if let Some(x) = v.get(theirs) {
             aliased[ours] = x.clone();
         }
     }
+    let defaults = match model_type {
+        "hy_v3" => &HY_V3_MOE_DEFAULTS,
+        _ => &EXAONE_MOE_DEFAULTS,
+    };
     let names = ("mlp", ["gate_proj", "up_proj", "down_proj"]);
-    let mut m = grouped_moe(&aliased, layers, names, &EXAONE_MOE_DEFAULTS, path)?;
+    let mut m = grouped_moe(&aliased, layers, names, defaults, path)?;
     if v.get("mlp_layer_types").is_some_and(|t| !t.is_null()) {
         m.sparse_layers = mlp_layer_types(v, layers, path)?;
     }
@@ -3644,6 +3671,7 @@ fn class_rope_theta(model_type: &str) -> f64 {
         "gpt_oss" => 150_000.0,
         "llama4_text" => 500_000.0,
         "apertus" => 12_000_000.0,
+        "hy_v3" => 11_158_840.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
         "minimax_m2" => 5_000_000.0,
@@ -5533,6 +5561,35 @@ mod tests {
         v["hidden_act"] = "silu".into();
         let c = ModelConfig::from_json(&v, p).unwrap();
         assert!(!c.mlp_xielu && c.activation == Activation::Silu);
+    }
+
+    /// A HY V3 config of HYV3Config's defaults (its fields; the sizes the class's): per-head q/k norms,
+    /// 192 experts of 1536, σ + the correction bias choosing the top 8, renormalised × 2.826, one shared
+    /// expert, the first layer dense; `num_local_experts` is not read (the class maps it to
+    /// `num_experts`, which hub configs state).
+    #[test]
+    fn hy_v3_config() {
+        let p = Path::new("config.json");
+        let v = serde_json::json!({"architectures": ["HYV3ForCausalLM"], "model_type": "hy_v3",
+            "hidden_size": 4096, "intermediate_size": 13312, "num_hidden_layers": 4,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 120832});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (c.head_dim, c.qk_norm, c.rope_theta, c.rms_norm_eps),
+            (128, QkNorm::PerHead, 11_158_840.0, 1e-5)
+        );
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.inter, m.normalise),
+            (192, 8, 1536, true)
+        );
+        assert!(matches!(
+            m.router,
+            MoeRouter::Sigmoid { groups: 1, scale, bias: "mlp.gate.e_score_correction_bias", .. }
+                if scale == 2.826
+        ));
+        assert_eq!(m.shared.as_ref().map(|s| s.inter), Some(1536));
+        assert_eq!(m.sparse_layers, [false, true, true, true]);
     }
 
     /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,

@@ -1927,6 +1927,27 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
                 "post_attention_layernorm.weight",
             ),
         ],
+        // HY V3's hub names, as transformers' conversion renames them.
+        "hy_v3" => &[
+            ("mlp.router.gate.weight", "mlp.gate.weight"),
+            ("mlp.expert_bias", "mlp.e_score_correction_bias"),
+            (
+                "mlp.shared_mlp.gate_proj.weight",
+                "mlp.shared_experts.gate_proj.weight",
+            ),
+            (
+                "mlp.shared_mlp.up_proj.weight",
+                "mlp.shared_experts.up_proj.weight",
+            ),
+            (
+                "mlp.shared_mlp.down_proj.weight",
+                "mlp.shared_experts.down_proj.weight",
+            ),
+            (
+                "mlp.e_score_correction_bias",
+                "mlp.gate.e_score_correction_bias",
+            ),
+        ],
         // K-EXAONE's router bias sits beside the router (transformers' conversion moves it into it).
         "exaone_moe" => &[(
             "mlp.e_score_correction_bias",

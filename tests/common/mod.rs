@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 89] = [
+pub const DECODER_FIXTURES: [&str; 90] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -77,6 +77,7 @@ pub const DECODER_FIXTURES: [&str; 89] = [
     "exaone_moe_window",
     "afmoe_gated_window",
     "apertus_xielu",
+    "hy_v3_moe",
     "dots1_window",
     "deepseek_v3_mla",
     "deepseek_v3_q_proj",
