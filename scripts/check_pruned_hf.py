@@ -125,6 +125,9 @@ CASES = {
     # HY V3: the dense layer 0 out, so that both kept layers are mixtures (mlp_layer_types written out: the
     # class would make the first dense), the hub's names kept.
     "hy_v3_moe": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    # MiniCPM 5 MoE: the dense layer 0 out (mlp_layer_types written out: the class would make the first kept
+    # layer dense), the fused query and gate kept under the hub's name.
+    "minicpm5_moe_gated": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
     # EXAONE MoE: the windowed layer 2 out, so that the full layer 3 follows the full layer 1 (layer_types
     # written out: the pattern would window it), the router bias kept under the hub's name.
     "exaone_moe_window": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,

@@ -314,6 +314,17 @@ FIXTURES = [
                   router_scaling_factor=2.5, pad_token_id=0,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
          drop_keys=["mlp_layer_types"], seed=86),
+    # MiniCPM 5 MoE (minicpm5_moe): LLaMA's attention whose query projection (the hub's q_proj, transformers'
+    # q_gate_proj) also gives each head a gate, the output × σ(gate) before o_proj; layer 0 dense
+    # (mlp_layer_types dropped: the class's first_k_dense_replace 1), then DeepSeek-V3's mixture of 8
+    # experts in 2 groups keeping 1, σ + the correction bias, the top 2 renormalised × 3.66, one shared
+    # expert; 2 key/value heads (the class's); bf16, untied.
+    dict(name="minicpm5_moe_gated", model_type="minicpm5_moe", dtype=torch.bfloat16, token_dtype=np.int64,
+         cfg=dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+                  num_attention_heads=4, head_dim=8, vocab_size=128, rms_norm_eps=1e-6,
+                  n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  rope_parameters=dict(rope_type="default", rope_theta=5000000.0)),
+         drop_keys=["mlp_layer_types", "num_key_value_heads"], seed=87),
     # GPT-Neo: GPT-2's block (LayerNorms with biases, learned positions, tied) with unscaled attention
     # scores, separate q/k/v without biases and an out_proj with one (attn.attention.*), Linear
     # c_fc/c_proj, tanh-GELU; a local window of 5 on layer 1 (attention_types: global, local, global).

@@ -452,6 +452,13 @@ fn hy_v3_matches_transformers() {
     check_case("hy_v3_moe");
 }
 
+/// MiniCPM 5 MoE: the dense first layer out, the kept layers' kinds written out, the fused query and
+/// gate kept under the hub's name.
+#[test]
+fn minicpm5_moe_matches_transformers() {
+    check_case("minicpm5_moe_gated");
+}
+
 /// VaultGemma: Gemma 2's attention in LLaMA's pre-norm block, its MLP norm kept under its own name.
 #[test]
 fn vaultgemma_matches_transformers() {

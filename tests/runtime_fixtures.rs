@@ -547,7 +547,7 @@ fn cohere2_windows_and_nope_layers_match_pytorch() {
     }
     let (mut model, tokens) = load("afmoe_gated_window");
     let gated = model.forward(&tokens, &[], None).unwrap();
-    model.config.attention_output_gate = false;
+    model.config.attention_output_gate = None;
     let ungated = model.forward(&tokens, &[], None).unwrap();
     // The gate halves the attention's output on average: ~7e-4 of the loss here, where the engine and
     // PyTorch agree to 1e-9.

@@ -8,7 +8,7 @@ use crate::io::{ActivationSet, ActivationSource, ReadOptions, TokenMode};
 use crate::pruning::compare::ParamCounts;
 use crate::pruning::prune::param_counts;
 use crate::runtime::config::{
-    BlockLayout, BlockNorms, ModelConfig, MoeRouter, QkNorm, RopeScaling,
+    BlockLayout, BlockNorms, ModelConfig, MoeRouter, OutputGate, QkNorm, RopeScaling,
 };
 use crate::runtime::ops::{Activation, RopePairs};
 use crate::runtime::Model;
@@ -358,8 +358,15 @@ fn describe_attention(c: &ModelConfig) -> String {
              {unscaled} tokens)"
         ));
     }
-    if c.attention_output_gate {
-        parts.push("the output × σ(self_attn.gate_proj · x) per value".into());
+    match c.attention_output_gate {
+        Some(OutputGate::Projection) => {
+            parts.push("the output × σ(self_attn.gate_proj · x) per value".into())
+        }
+        Some(OutputGate::WithQuery) => parts.push(
+            "the output × σ(gate) per value, each head's gate beside its query in q_gate_proj"
+                .into(),
+        ),
+        None => {}
     }
     if c.qk_norm == QkNorm::Weightless {
         parts.push("q and k RMS-normalised per head, without weights, after the rotation".into());

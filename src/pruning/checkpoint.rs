@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::io::output::{rename_dir, Staging};
 use crate::runtime::config::{
     ernie_moe_sparse_layers, gpt_neo_attention_layers, llama4_moe_layers, mlp_layer_types,
-    nope_rotary_layers, pattern_layer_kinds, qwen_moe_sparse_layers, text_config,
+    nope_rotary_layers, pattern_layer_kinds, qwen_moe_sparse_layers, text_config, ModelConfig,
 };
 use crate::runtime::weights::{
     file_metadata, map_weights, stored_weights, tensor_view, weight_files, StoredWeight,
@@ -204,6 +204,14 @@ pub fn pruned_config(
         && obj.get("mlp_layer_types").is_none_or(|v| v.is_null())
     {
         let sparse = mlp_layer_types(decoder, old, path)?;
+        insert_layer_kinds(obj, "mlp_layer_types", &sparse, ["sparse", "dense"]);
+    }
+    // MiniCPM 5 MoE without `mlp_layer_types` takes them from `first_k_dense_replace` (a keyword its
+    // class drops): write them out.
+    if model_type == Some("minicpm5_moe") && obj.get("mlp_layer_types").is_none_or(|v| v.is_null())
+    {
+        let c = ModelConfig::from_json(decoder, path)?;
+        let sparse = c.moe.map(|m| m.sparse_layers).unwrap_or_default();
         insert_layer_kinds(obj, "mlp_layer_types", &sparse, ["sparse", "dense"]);
     }
     // SmolLM3 and Llama 4 without `no_rope_layers` (Llama 4: or with an empty one) derive each layer's

@@ -594,11 +594,21 @@ pub struct ModelConfig {
     /// (Llama 4's chunked attention and its NoPE layers' query temperature, Ministral 3's query
     /// scaling); `None`: no limit.
     pub max_tokens: Option<(usize, String)>,
-    /// AFMoE's gate on the attention's output: × σ(`self_attn.gate_proj` · x) per value, before o_proj.
-    pub attention_output_gate: bool,
+    /// A gate on the attention's output: × σ(g) per value, before o_proj (AFMoE's, MiniCPM 5 MoE's).
+    pub attention_output_gate: Option<OutputGate>,
     /// Apertus's MLP activation: xIELU with two learned scalars per layer (`mlp.act_fn.alpha_p`,
     /// `alpha_n`) and its `beta` and `eps` buffers, in place of `activation`.
     pub mlp_xielu: bool,
+}
+
+/// Where an attention's output gate ([`ModelConfig::attention_output_gate`]) comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputGate {
+    /// A projection of its own, `self_attn.gate_proj` (AFMoE).
+    Projection,
+    /// The query's projection, `self_attn.q_gate_proj` `[heads · 2 head_dim, hidden]`: each head's query
+    /// rows, then its gate's (MiniCPM 5 MoE; the hub names it `q_proj`, renamed at load).
+    WithQuery,
 }
 
 /// DeepSeek's multi-head latent attention (MLA): the query through an optional low-rank bottleneck
@@ -931,7 +941,8 @@ impl ModelConfig {
              ernie4_5_moe, deepseek_v2, deepseek_v3, nemotron, glm4_moe_lite, youtu, dots1, minicpm3, \
              exaone, ministral, ministral3, mistral4, flex_olmo, jais2, cwm, granitemoe, \
              granitemoeshared, granite_swa, granitemoe_swa, gpt_oss, hunyuan_v1_dense, hunyuan_v1_moe, \
-             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe, afmoe, apertus, hy_v3";
+             vaultgemma, gpt_neo, llama4_text, hyperclovax, exaone_moe, afmoe, apertus, hy_v3, \
+             minicpm5_moe";
         if !TYPES.split(", ").any(|t| t == model_type) {
             return Err(model_err(
                 path,
@@ -993,6 +1004,19 @@ impl ModelConfig {
         let granite_swa = matches!(model_type.as_str(), "granite_swa" | "granitemoe_swa");
         let gpt_oss = model_type == "gpt_oss";
         let afmoe = model_type == "afmoe";
+        let attention_output_gate = match model_type.as_str() {
+            "afmoe" => Some(OutputGate::Projection),
+            // MiniCPM5MoeConfig refuses `use_gated_attention` false: its gate is part of the checkpoint.
+            "minicpm5_moe" if opt_bool(v, "use_gated_attention", path)? == Some(false) => {
+                return Err(model_err(
+                    path,
+                    "field 'use_gated_attention' is false: minicpm5_moe without its gate is not \
+                     supported (transformers refuses it too)",
+                ))
+            }
+            "minicpm5_moe" => Some(OutputGate::WithQuery),
+            _ => None,
+        };
         // AfmoeConfig's `mup_enabled`: the embeddings × √hidden.
         let mup = afmoe && opt_bool(v, "mup_enabled", path)? == Some(true);
         let stablelm_parallel =
@@ -1055,8 +1079,13 @@ impl ModelConfig {
         let (attn_softcap, final_softcap) = parse_softcaps(v, &model_type, path)?;
         let hidden_size = get_size(v, "hidden_size", MAX_SIZE, path)?;
         let num_attention_heads = get_size(v, "num_attention_heads", MAX_SIZE, path)?;
+        // MiniCPM5MoeConfig's default is 2 key/value heads (null: one per query head).
+        let kv_default = match (model_type.as_str(), v.get("num_key_value_heads")) {
+            ("minicpm5_moe", None) => 2,
+            _ => num_attention_heads,
+        };
         let num_key_value_heads = check_size(
-            opt_usize(v, "num_key_value_heads", path)?.unwrap_or(num_attention_heads),
+            opt_usize(v, "num_key_value_heads", path)?.unwrap_or(kv_default),
             "num_key_value_heads",
             MAX_SIZE,
             path,
@@ -1078,7 +1107,7 @@ impl ModelConfig {
         let default_head_dim = match model_type.as_str() {
             _ if gemma => 256,
             "internlm3" | "glm" | "glm4" | "ernie4_5" | "helium" | "seed_oss" | "minimax_m2"
-            | "ministral3" | "cwm" | "llama4_text" | "hy_v3" => 128,
+            | "ministral3" | "cwm" | "llama4_text" | "hy_v3" | "minicpm5_moe" => 128,
             "gpt_oss" => 64,
             _ => hidden_size / num_attention_heads,
         };
@@ -1206,9 +1235,8 @@ impl ModelConfig {
             | "deepseek_v3" | "nemotron" | "glm4_moe_lite" | "youtu" | "dots1" | "minicpm3"
             | "exaone" | "mistral4" | "flex_olmo" | "jais2" | "granitemoe" | "granitemoeshared"
             | "granite_swa" | "granitemoe_swa" | "gpt_oss" | "hunyuan_v1_dense"
-            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" | "afmoe" | "apertus" | "hy_v3" => {
-                (attention_bias, attention_bias)
-            }
+            | "hunyuan_v1_moe" | "llama4_text" | "hyperclovax" | "afmoe" | "apertus" | "hy_v3"
+            | "minicpm5_moe" => (attention_bias, attention_bias),
             _ => (false, false), // mistral, phi3, mixtral
         };
         let num_hidden_layers = get_size(v, "num_hidden_layers", MAX_LAYERS, path)?;
@@ -1542,7 +1570,7 @@ impl ModelConfig {
             mla,
             query_scaling,
             max_tokens,
-            attention_output_gate: afmoe,
+            attention_output_gate,
             mlp_xielu,
         })
     }
@@ -2318,7 +2346,9 @@ fn parse_moe(
         "hunyuan_v1_moe" => return hunyuan_moe(v, layers, intermediate_size, path).map(Some),
         "llama4_text" => return llama4_moe(v, layers, path).map(Some),
         "afmoe" => return afmoe_moe(v, layers, path).map(Some),
-        "hy_v3" => return renamed_grouped_moe(v, model_type, layers, path).map(Some),
+        "hy_v3" | "minicpm5_moe" => {
+            return renamed_grouped_moe(v, model_type, layers, path).map(Some)
+        }
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" | "glm4_moe" | "ernie4_5_moe"
         | "deepseek_v2" | "deepseek_v3" | "glm4_moe_lite" | "dots1" | "mistral4" => {
             ("mlp", ["gate_proj", "up_proj", "down_proj"])
@@ -2942,6 +2972,20 @@ const EXAONE_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     softmax: false,
 };
 
+/// MiniCPM5MoeConfig's.
+const MINICPM5_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
+    experts: Some(160),
+    top_k: Some(16),
+    inter: 512,
+    groups: 1,
+    topk_group: 1,
+    dense: Some(1),
+    scale: 3.66,
+    shared: Some(1),
+    normalise: true,
+    softmax: false,
+};
+
 /// HYV3Config's.
 const HY_V3_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     experts: Some(192),
@@ -2956,10 +3000,10 @@ const HY_V3_MOE_DEFAULTS: GroupedMoeDefaults = GroupedMoeDefaults {
     softmax: false,
 };
 
-/// EXAONE MoE's and HY V3's mixtures: DeepSeek-V3's ([`grouped_moe`]) under their configs' names
-/// (`num_experts`, `num_shared_experts`; HY V3's `router_scaling_factor`) and defaults, sparse on the
-/// layers `mlp_layer_types` names, else (EXAONE MoE) from `first_k_dense_replace` (default 1) on or
-/// (HY V3) from layer 1 on.
+/// EXAONE MoE's, HY V3's and MiniCPM 5 MoE's mixtures: DeepSeek-V3's ([`grouped_moe`]) under their
+/// configs' names (`num_experts`, `num_shared_experts`; HY V3's `router_scaling_factor`) and defaults,
+/// sparse on the layers `mlp_layer_types` names, else (EXAONE MoE, MiniCPM 5 MoE) from
+/// `first_k_dense_replace` (default 1) on or (HY V3) from layer 1 on.
 fn renamed_grouped_moe(v: &Value, model_type: &str, layers: usize, path: &Path) -> Result<Moe> {
     let mut aliased = v.clone();
     for (theirs, ours) in [
@@ -2973,6 +3017,7 @@ fn renamed_grouped_moe(v: &Value, model_type: &str, layers: usize, path: &Path) 
     }
     let defaults = match model_type {
         "hy_v3" => &HY_V3_MOE_DEFAULTS,
+        "minicpm5_moe" => &MINICPM5_MOE_DEFAULTS,
         _ => &EXAONE_MOE_DEFAULTS,
     };
     let names = ("mlp", ["gate_proj", "up_proj", "down_proj"]);
@@ -3672,6 +3717,7 @@ fn class_rope_theta(model_type: &str) -> f64 {
         "llama4_text" => 500_000.0,
         "apertus" => 12_000_000.0,
         "hy_v3" => 11_158_840.0,
+        "minicpm5_moe" => 5_000_000.0,
         "mixtral" => 1_000_000.0,
         "smollm3" => 2_000_000.0,
         "minimax_m2" => 5_000_000.0,
@@ -3847,7 +3893,7 @@ fn parse_pad_token_id(
             0
         }
         None if matches!(model_type, "helium" | "apertus") => 3,
-        None if model_type == "seed_oss" => 1,
+        None if matches!(model_type, "seed_oss" | "minicpm5_moe") => 1,
         None if matches!(model_type, "ministral3" | "mistral4") => 11,
         None if matches!(model_type, "glm" | "glm4") => 151329,
         None if model_type == "smollm3" => 128004,
@@ -5504,7 +5550,10 @@ mod tests {
             (c.head_dim, c.qk_norm, c.block_norms),
             (128, QkNorm::PerHead, BlockNorms::Glm4)
         );
-        assert!(c.attention_output_gate && c.embed_scale == 1.0);
+        assert_eq!(
+            (c.attention_output_gate, c.embed_scale),
+            (Some(OutputGate::Projection), 1.0)
+        );
         let windowed: Vec<bool> = (0..8).map(|l| (l + 1) % 4 != 0).collect();
         assert_eq!(
             (c.sliding_window, &c.sliding_layers),
@@ -5590,6 +5639,37 @@ mod tests {
         ));
         assert_eq!(m.shared.as_ref().map(|s| s.inter), Some(1536));
         assert_eq!(m.sparse_layers, [false, true, true, true]);
+    }
+
+    /// A MiniCPM 5 MoE config of MiniCPM5MoeConfig's defaults (the sizes the class's): the query's
+    /// projection gives each head's gate too, 2 key/value heads, θ 5·10⁶; 160 experts of 512, σ + the
+    /// correction bias choosing the top 16, renormalised × 3.66, one shared expert, sparse from
+    /// `first_k_dense_replace` (1) on; `use_gated_attention` false is refused.
+    #[test]
+    fn minicpm5_moe_config() {
+        let p = Path::new("config.json");
+        let mut v = serde_json::json!({"architectures": ["MiniCPM5MoeForCausalLM"],
+            "model_type": "minicpm5_moe", "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 4, "num_attention_heads": 32, "vocab_size": 130560,
+            "first_k_dense_replace": 2});
+        let c = ModelConfig::from_json(&v, p).unwrap();
+        assert_eq!(
+            (
+                c.num_key_value_heads,
+                c.head_dim,
+                c.rope_theta,
+                c.pad_token_id
+            ),
+            (2, 128, 5e6, Some(1))
+        );
+        assert_eq!(c.attention_output_gate, Some(OutputGate::WithQuery));
+        let m = c.moe.unwrap();
+        assert_eq!((m.experts, m.top_k, m.inter), (160, 16, 512));
+        assert!(matches!(m.router, MoeRouter::Sigmoid { scale, .. } if scale == 3.66));
+        assert_eq!(m.sparse_layers, [false, false, true, true]);
+        v["use_gated_attention"] = false.into();
+        let e = ModelConfig::from_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("'use_gated_attention' is false"), "{e}");
     }
 
     /// Hunyuan-7B-Instruct's config.json (4.x form): per-head q/k norms after the rotary embedding,

@@ -29,8 +29,8 @@
 //! A vision-language checkpoint's language model is read where [`TensorNames`] finds it.
 
 use super::config::{
-    BlockLayout, BlockNorms, FusedExperts, ModelConfig, Moe, MoeRouter, QkNorm, SharedExpert,
-    MLA_NORM_EPS,
+    BlockLayout, BlockNorms, FusedExperts, ModelConfig, Moe, MoeRouter, OutputGate, QkNorm,
+    SharedExpert, MLA_NORM_EPS,
 };
 use super::ops::{cpu::AttnShape, RopeTable};
 use super::ops::{cpu::Cpu, Activation, ColumnBlocks, Device, NormShape, Xielu};
@@ -806,15 +806,20 @@ impl Model {
                 }
                 _ => {
                     let [q, k, v] = c.layout.qkv_proj();
+                    // MiniCPM 5 MoE's query projection gives each head's gate too.
+                    let q = match c.attention_output_gate {
+                        Some(OutputGate::WithQuery) => ("self_attn.q_gate_proj", 2 * qd),
+                        _ => (q, qd),
+                    };
                     vec![
-                        (q, qd, h, c.qkv_bias),
+                        (q.0, q.1, h, c.qkv_bias),
                         (k, kvd, h, c.qkv_bias),
                         (v, kvd, h, c.qkv_bias),
                     ]
                 }
             };
             linears.push((c.layout.o_proj(), h, c.attention_width(), c.o_bias));
-            if c.attention_output_gate {
+            if c.attention_output_gate == Some(OutputGate::Projection) {
                 linears.push(("self_attn.gate_proj", c.attention_width(), h, false));
             }
             if c.attention_sinks {
@@ -1478,6 +1483,9 @@ impl Model {
             });
             out
         };
+        // MiniCPM 5 MoE's query and gate come out of one projection, each head's query then its gate.
+        let q_gate = (c.attention_output_gate == Some(OutputGate::WithQuery))
+            .then(|| linear(tape, a, "self_attn.q_gate_proj", h, 2 * qd, c.qkv_bias));
         let (q, k, v) = match c.layout.grouped_qkv() {
             // DeepSeek's latent attention: q, k rotated, v padded to the query's width.
             _ if c.mla.is_some() => {
@@ -1565,7 +1573,16 @@ impl Model {
             }
             None => {
                 let [qn, kn, vn] = c.layout.qkv_proj();
-                let mut q = linear(tape, a, qn, h, qd, c.qkv_bias);
+                let mut q = match q_gate {
+                    Some(qg) => gather(
+                        tape,
+                        qg,
+                        "self_attn.q",
+                        query_gate_blocks(shape.head_dim, false),
+                        qd,
+                    ),
+                    None => linear(tape, a, qn, h, qd, c.qkv_bias),
+                };
                 let mut k = linear(tape, a, kn, h, kvd, c.qkv_bias);
                 let v = linear(tape, a, vn, h, kvd, c.qkv_bias);
                 // No family's q/k norms have a bias (Cohere's and StableLM's LayerNorms included).
@@ -1781,12 +1798,22 @@ impl Model {
             }
             None => att,
         };
-        // AFMoE's gate on the attention's output: × σ(gate_proj a), per value.
+        // The gate on the attention's output: × σ(g), per value; g AFMoE's gate_proj a or MiniCPM 5
+        // MoE's gate columns of q_gate_proj a.
         let att = match c.attention_output_gate {
-            true => {
+            Some(kind) => {
                 let width = c.attention_width();
-                let g = linear(tape, a, "self_attn.gate_proj", h, width, false);
-                let name = format!("{pre}.self_attn.gate_proj.sigmoid");
+                let g = match (kind, q_gate) {
+                    (OutputGate::WithQuery, Some(qg)) => gather(
+                        tape,
+                        qg,
+                        "self_attn.gate",
+                        query_gate_blocks(shape.head_dim, true),
+                        qd,
+                    ),
+                    _ => linear(tape, a, "self_attn.gate_proj", h, width, false),
+                };
+                let name = format!("{pre}.self_attn.gate.sigmoid");
                 let g = push_activate(tape, g, Activation::Sigmoid, name, n, width);
                 let gated = tape.buffer(format!("{pre}.attn_gated"), n, width);
                 tape.push(op::Mul {
@@ -1796,7 +1823,7 @@ impl Model {
                 });
                 gated
             }
-            false => att,
+            None => att,
         };
         let o = linear(
             tape,
@@ -1855,6 +1882,16 @@ fn split_inputs_first_experts(
         }
     }
     Ok(())
+}
+
+/// The query's columns (`gate` false) or the gate's of MiniCPM 5 MoE's `q_gate_proj` output: each head's
+/// `head_dim` query values, then its `head_dim` gate values.
+fn query_gate_blocks(head_dim: usize, gate: bool) -> ColumnBlocks {
+    ColumnBlocks {
+        block: head_dim,
+        stride: 2 * head_dim,
+        offset: if gate { head_dim } else { 0 },
+    }
 }
 
 /// HunYuan's q/k norms, stored under their own names.
@@ -1927,6 +1964,8 @@ fn renamed_tensors(model_type: &str) -> &'static [(&'static str, &'static str)] 
                 "post_attention_layernorm.weight",
             ),
         ],
+        // MiniCPM 5 MoE's fused query and gate (the hub's name).
+        "minicpm5_moe" => &[("self_attn.q_proj.weight", "self_attn.q_gate_proj.weight")],
         // HY V3's hub names, as transformers' conversion renames them.
         "hy_v3" => &[
             ("mlp.router.gate.weight", "mlp.gate.weight"),

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// The decoder fixtures of `scripts/make_fixtures.py` (`tests/fixtures/NAME`, each with PyTorch's
 /// float64 reference): checked against it by `tests/runtime_fixtures.rs`, and on the GPU (or the
 /// emulator) against the CPU by `tests/runtime_cuda.rs`.
-pub const DECODER_FIXTURES: [&str; 90] = [
+pub const DECODER_FIXTURES: [&str; 91] = [
     "llama_llama3_rope",
     "llama_bf16_tied",
     "mistral_sharded",
@@ -78,6 +78,7 @@ pub const DECODER_FIXTURES: [&str; 90] = [
     "afmoe_gated_window",
     "apertus_xielu",
     "hy_v3_moe",
+    "minicpm5_moe_gated",
     "dots1_window",
     "deepseek_v3_mla",
     "deepseek_v3_q_proj",
