@@ -39,6 +39,9 @@ PINNED = ["--features", "colsum", "--allocation", "proportional"]
 ONE_BY_GRADNORM = ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED
 # Two layers out, likewise (dense layers, layer bounds and layer kinds rewritten in more cases).
 TWO_BY_GRADNORM = ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "gradnorm"] + PINNED
+# One layer out, chosen by the calibration loss without it (where that picks the layer whose removal
+# moves the kept layers' kinds).
+ONE_BY_LOSS = ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED
 CASES = {
     "llama_llama3_rope": ONE_BY_GRADNORM,
     "llama_bf16_tied": ONE_BY_GRADNORM,
@@ -124,13 +127,13 @@ CASES = {
     "apertus_xielu": ONE_BY_GRADNORM,
     # HY V3: the dense layer 0 out, so that both kept layers are mixtures (mlp_layer_types written out: the
     # class would make the first dense), the hub's names kept.
-    "hy_v3_moe": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "hy_v3_moe": ONE_BY_LOSS,
     # MiniCPM 5 MoE: the dense layer 0 out (mlp_layer_types written out: the class would make the first kept
     # layer dense), the fused query and gate kept under the hub's name.
-    "minicpm5_moe_gated": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "minicpm5_moe_gated": ONE_BY_LOSS,
     # EXAONE MoE: the windowed layer 2 out, so that the full layer 3 follows the full layer 1 (layer_types
     # written out: the pattern would window it), the router bias kept under the hub's name.
-    "exaone_moe_window": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "exaone_moe_window": ONE_BY_LOSS,
     # AFMoE: the dense layer 0 and the windowed layer 2 out: two full layers left (layer_types written out:
     # the pattern would window the first), num_dense_layers 0, the four norms and the router kept under
     # their own names.
@@ -138,7 +141,7 @@ CASES = {
     # Llama 4: layer 1 (a mixture) out: the NoPE layer 2 and the mixture on layer 3 move up a place (the
     # derived no_rope_layers written out, moe_layers restated by the new indices, the fused experts
     # copied whole).
-    "llama4_moe_nope": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "llama4_moe_nope": ONE_BY_LOSS,
     # Llama 4's wrapper: its text_config's moe_layers (as long as the layer count) restated, the vision tower
     # and projector copied.
     "llama4_vision": ONE_BY_GRADNORM,
@@ -151,7 +154,7 @@ CASES = {
     # Layers 1 and 2 out: the full-attention layer 3 (YaRN) becomes layer 1 of 2.
     "olmo3_yarn_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "subset"] + PINNED,
     # Layer 1 out: the NoPE, windowed layer 3 becomes layer 2 of 3 (the derived no_rope_layers written out).
-    "smollm3_nope": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "smollm3_nope": ONE_BY_LOSS,
     "stablelm_sequential": ONE_BY_GRADNORM,
     "stablelm_parallel": ONE_BY_GRADNORM,
     "cohere_interleaved": ONE_BY_GRADNORM,
@@ -161,15 +164,15 @@ CASES = {
     "helium_interleaved": ONE_BY_GRADNORM,
     "seed_oss_bias": ONE_BY_GRADNORM,
     "arcee_relu2": ONE_BY_GRADNORM,
-    "olmo_clip_qkv": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "olmo_clip_qkv": ONE_BY_LOSS,
     # Layer 1 out: layer 2 renumbered under transformer.h.
-    "falcon_new_arch": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "falcon_new_arch": ONE_BY_LOSS,
     "falcon_sequential": ONE_BY_GRADNORM,
     "glm_interleaved": ONE_BY_GRADNORM,
     "glm4_sandwich": ONE_BY_GRADNORM,
     # Layers 0 and 3 out: the NoPE full-attention layer 1 becomes layer 0 (the pattern written out).
     "exaone4_window": ["--remove", "2", "--batch", "2", "--cka-batch", "16", "--selection", "subset"] + PINNED,
-    "cohere2_nope_window": ["--remove", "1", "--batch", "2", "--cka-batch", "16", "--selection", "loss"] + PINNED,
+    "cohere2_nope_window": ONE_BY_LOSS,
 }
 
 

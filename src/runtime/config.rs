@@ -3330,18 +3330,15 @@ fn layer_rope_theta(
 /// latter from an empty list too). Read here and by the pruned checkpoint's config, which writes them
 /// out.
 pub fn nope_rotary_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
-    match v.get("no_rope_layers") {
-        None | Some(Value::Null) => {
+    // Null, or (with layers) an empty list, states nothing.
+    let empty = |x: &Value| x.is_null() || layers > 0 && x.as_array().is_some_and(Vec::is_empty);
+    match v.get("no_rope_layers").filter(|x| !empty(x)) {
+        None => {
             let interval = opt_usize(v, "no_rope_layer_interval", path)?.unwrap_or(4);
             if interval == 0 {
                 return Err(model_err(path, "field 'no_rope_layer_interval' is 0"));
             }
             Ok((0..layers).map(|l| (l + 1) % interval != 0).collect())
-        }
-        Some(Value::Array(a)) if a.is_empty() && layers > 0 => {
-            let mut derived = v.clone();
-            derived["no_rope_layers"] = Value::Null;
-            nope_rotary_layers(&derived, layers, path)
         }
         Some(list) => {
             let flags: Option<Vec<bool>> = list.as_array().and_then(|a| {
